@@ -1,0 +1,670 @@
+// Convolution kernels in the CHWN layout: forward (filterActs), input gradient (imgActs), filter gradient
+// (weightActs), the split-reduction of the filter gradient, and the bias gradient. See conv.h for the API.
+//
+// All three convolutions are the same implicit GEMM, C[M x Ncols] = A[K x M]^T * B[K x Ncols], whose operands are
+// gathered on the fly from the CHWN tensors (implicit zero padding = a predicated load that yields 0):
+//
+//   op       M (rows)            Ncols (columns)               K (reduction)             A           B
+//   forward  filters f of group  j = (oy, ox, n): OH*OW*N      (c, ky, kx): Cg*KH*KW     w[k][f]     x patch
+//   dgrad    channels c          j = (a, b, n) of one stride   (t, u, f): taps of this   w[c,ky,kx,f] dy
+//            of group            phase class (see below)       phase x Fg
+//   wgrad    (c, ky, kx)         filters f of group            j = (oy, ox, n), split    x patch     dy[f][j]
+//                                                              into chunks over blocks
+//
+// Why this works well in CHWN: the output columns j run over (pixel, image) with the image index fastest, so the
+// C tile is a plain row-major block of y / dx / dw (16-byte stores), and for B the 4 consecutive columns a thread
+// loads are 4 consecutive images of one pixel (one bounds check, one 16-byte load) whenever N % 4 == 0.
+//
+// Stride phases (dgrad): for stride s > 1 an input row iy receives taps only from ky = (iy + pad) mod s (+ s*t).
+// Input pixels are therefore split into s_h*s_w classes (ry, rx) = ((iy+pad) mod s_h, (ix+pad) mod s_w); within a
+// class every column has the same set of taps ky = ry + s_h*t, kx = rx + s_w*u, and the output row feeding tap t is
+// oy = qy + a - t (a = class-local row). So each class is a dense stride-1 GEMM with K = ceil((KH-ry)/s_h) *
+// ceil((KW-rx)/s_w) * Fg: no multiply-by-zero work for stride 4 (AlexNet conv1), no atomics, every dx element is
+// written by exactly one thread. One grid z-slice per (group, class).
+//
+// Split reduction (wgrad): K = OH*OW*N is long (93k for conv2 at batch 128) while M x Ncols is small, so grid.z
+// also splits K into chunks; each chunk writes its own partial dw into a workspace, and conv_wgrad_reduce sums the
+// partials in a fixed order. Deterministic: no float atomics anywhere, bit-identical across runs/schedules.
+//
+// Kernel conv_igemm<Op, BM, BN, BK, TM, TN, V>:
+//   block: (BM/TM)*(BN/TN) threads, 1-D. Thread t computes a TM x TN register tile: rows
+//          (i/4)*(BM/(TM/4)) + ty*4 + i%4 and columns (j/4)*(BN/(TN/4)) + tx*4 + j%4, tx = t % (BN/TN), ty = t /
+//          (BN/TN). The 4-row / 4-column groups are read from shared memory as float4: a warp reads at most two
+//          distinct A vectors (broadcast) and 16 consecutive B vectors (conflict-free).
+//   grid:  x = column tiles (fastest, so neighbouring blocks share the A tile in L2), y = row tiles, z = Op slice.
+//   shared: As[2][BK][BM+4], Bs[2][BK][BN+4] (double buffered; +4 floats of row padding keeps float4 alignment
+//          and breaks the 2-way bank conflict of the transposed stores of K-contiguous operands).
+//   main loop: one __syncthreads per BK step: the next tile is loaded into registers (global latency overlaps the
+//          FMAs of the current tile), then stored to the other shared buffer.
+//   loads: operand tiles are loaded as V-wide vectors (V = 4: 16 bytes; V = 1: scalar path) along the operand's
+//          contiguous dimension (columns of A/B for "M-contiguous" operands, K for "K-contiguous" ones); each
+//          thread's index along the other dimension is fixed for the whole loop, so its address part is computed
+//          once (the Fix structs below).
+//   requirements (checked by the host): V == 4 needs N % 4 == 0, (F/groups) % 4 == 0 and 16-byte aligned
+//          pointers; 32-bit indexing (every tensor < 2^31 elements).
+#include "kernels/conv.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#if defined(__CUDACC__)
+#define CONV_LAUNCH_BOUNDS(n) __launch_bounds__(n)
+#else
+#define CONV_LAUNCH_BOUNDS(n)
+#endif
+
+namespace convnet {
+namespace {
+
+// ------------------------------------------------------------------------------------------------------------
+// Parameters shared by the three ops (passed by value to the kernel).
+struct ConvParams {
+  const float* A;     // forward: w   dgrad: w    wgrad: x
+  const float* B;     // forward: x   dgrad: dy   wgrad: dy
+  const float* bias;  // forward only (may be null)
+  float* out;         // forward: y   dgrad: dx   wgrad: dw, or the partial-sum workspace when splits > 1
+  int C, H, W, N, F, KH, KW, sh, sw, ph, pw, G, OH, OW;
+  int Cg, Fg;
+  int J;       // OH*OW*N
+  int HWN;     // H*W*N
+  int splits;  // wgrad: number of K chunks
+  int chunk;   // wgrad: K chunk length (multiple of BK)
+  float alpha, beta;
+};
+
+// What one grid z-slice computes: rows [0, M), columns [0, Nc), reduction [k_lo, k_hi).
+struct Slice {
+  int g;
+  int M, Nc, k_lo, k_hi;
+  // dgrad phase class
+  int ry, rx, iyf, ixf, qy, qx, Tx, Wc;
+  // wgrad split index
+  int s;
+};
+
+__device__ __forceinline__ void zero4(float* v, int n) {
+  for (int i = 0; i < n; ++i) v[i] = 0.f;
+}
+
+template <int V>
+__device__ __forceinline__ void gload(const float* ptr, float* v) {
+  if (V == 4) {
+    const float4 t = __ldg(reinterpret_cast<const float4*>(ptr));
+    v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+  } else {
+    v[0] = __ldg(ptr);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Forward: C[f][j] = sum_k w[k][g*Fg + f] * xpatch[k][j],  k = (c, ky, kx), j = (oy, ox, n).
+struct FwdOp {
+  static constexpr bool A_KCONTIG = false;  // w rows are contiguous along f (= M)
+  static constexpr bool B_KCONTIG = false;  // x patches are contiguous along n (= columns)
+
+  static __device__ __forceinline__ void setup(const ConvParams& p, int z, Slice& s) {
+    s.g = z;
+    s.M = p.Fg;
+    s.Nc = p.J;
+    s.k_lo = 0;
+    s.k_hi = p.Cg * p.KH * p.KW;
+  }
+  struct AFix { int m; };
+  static __device__ __forceinline__ AFix a_fix(const ConvParams&, const Slice&, int m) { return {m}; }
+  template <int V>
+  static __device__ __forceinline__ void load_a(const ConvParams& p, const Slice& s, const AFix& a, int k, float* v) {
+    if (a.m < s.M && k < s.k_hi) gload<V>(p.A + k * p.F + s.g * p.Fg + a.m, v);
+    else zero4(v, V);
+  }
+  struct BFix { int iyb, ixb, off; bool ok; };
+  static __device__ __forceinline__ BFix b_fix(const ConvParams& p, const Slice& s, int j) {
+    BFix b;
+    b.ok = j < s.Nc;
+    const int n = j % p.N, pix = j / p.N, oy = pix / p.OW, ox = pix - oy * p.OW;
+    b.iyb = oy * p.sh - p.ph;
+    b.ixb = ox * p.sw - p.pw;
+    b.off = s.g * p.Cg * p.HWN + n;
+    return b;
+  }
+  template <int V>
+  static __device__ __forceinline__ void load_b(const ConvParams& p, const Slice& s, const BFix& b, int k, float* v) {
+    const int khw = p.KH * p.KW;
+    const int c = k / khw, r = k - c * khw, ky = r / p.KW, kx = r - ky * p.KW;
+    const int iy = b.iyb + ky, ix = b.ixb + kx;
+    if (b.ok && k < s.k_hi && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W)
+      gload<V>(p.B + b.off + c * p.HWN + (iy * p.W + ix) * p.N, v);
+    else zero4(v, V);
+  }
+  static __device__ __forceinline__ int row_off(const ConvParams& p, const Slice& s, int m) {
+    return (s.g * p.Fg + m) * p.J;
+  }
+  static __device__ __forceinline__ int col_off(const ConvParams&, const Slice&, int j) { return j; }
+  static __device__ __forceinline__ float row_bias(const ConvParams& p, const Slice& s, int m) {
+    return p.bias ? p.bias[s.g * p.Fg + m] : 0.f;
+  }
+};
+
+// ------------------------------------------------------------------------------------------------------------
+// Input gradient, one (group, phase class) per z: C[c][j] = sum_{t,u,f} w[c, ry+sh*t, rx+sw*u, f] *
+// dy[f, qy+a-t, qx+b-u, n], j = (a, b, n) with iy = iyf + sh*a, ix = ixf + sw*b.
+struct DgradOp {
+  static constexpr bool A_KCONTIG = true;   // w[c, ky, kx, :] is contiguous along f (part of K)
+  static constexpr bool B_KCONTIG = false;  // dy contiguous along n (columns)
+
+  static __device__ __forceinline__ void setup(const ConvParams& p, int z, Slice& s) {
+    const int phases = p.sh * p.sw;
+    s.g = z / phases;
+    const int ph_idx = z - s.g * phases;
+    s.ry = ph_idx / p.sw;
+    s.rx = ph_idx - s.ry * p.sw;
+    s.iyf = ((s.ry - p.ph) % p.sh + p.sh) % p.sh;
+    s.ixf = ((s.rx - p.pw) % p.sw + p.sw) % p.sw;
+    const int Hc = s.iyf < p.H ? (p.H - 1 - s.iyf) / p.sh + 1 : 0;
+    s.Wc = s.ixf < p.W ? (p.W - 1 - s.ixf) / p.sw + 1 : 0;
+    s.qy = (s.iyf + p.ph - s.ry) / p.sh;
+    s.qx = (s.ixf + p.pw - s.rx) / p.sw;
+    const int Ty = s.ry < p.KH ? (p.KH - 1 - s.ry) / p.sh + 1 : 0;
+    s.Tx = s.rx < p.KW ? (p.KW - 1 - s.rx) / p.sw + 1 : 0;
+    s.M = p.Cg;
+    s.Nc = Hc * s.Wc * p.N;
+    s.k_lo = 0;
+    s.k_hi = Ty * s.Tx * p.Fg;
+  }
+  struct AFix { int off; bool ok; };
+  static __device__ __forceinline__ AFix a_fix(const ConvParams& p, const Slice& s, int m) {
+    return {m * p.KH * p.KW * p.F + s.g * p.Fg, m < s.M};
+  }
+  template <int V>
+  static __device__ __forceinline__ void load_a(const ConvParams& p, const Slice& s, const AFix& a, int k, float* v) {
+    if (a.ok && k < s.k_hi) {
+      const int tu = k / p.Fg, f = k - tu * p.Fg, t = tu / s.Tx, u = tu - t * s.Tx;
+      const int ky = s.ry + p.sh * t, kx = s.rx + p.sw * u;
+      gload<V>(p.A + a.off + (ky * p.KW + kx) * p.F + f, v);
+    } else {
+      zero4(v, V);
+    }
+  }
+  struct BFix { int ya, xb, off; bool ok; };
+  static __device__ __forceinline__ BFix b_fix(const ConvParams& p, const Slice& s, int j) {
+    BFix b;
+    b.ok = j < s.Nc;
+    const int n = j % p.N, pix = j / p.N, a = pix / s.Wc, bb = pix - a * s.Wc;
+    b.ya = s.qy + a;
+    b.xb = s.qx + bb;
+    b.off = s.g * p.Fg * p.J + n;
+    return b;
+  }
+  template <int V>
+  static __device__ __forceinline__ void load_b(const ConvParams& p, const Slice& s, const BFix& b, int k, float* v) {
+    const int tu = k / p.Fg, f = k - tu * p.Fg, t = tu / s.Tx, u = tu - t * s.Tx;
+    const int oy = b.ya - t, ox = b.xb - u;
+    if (b.ok && k < s.k_hi && oy >= 0 && oy < p.OH && ox >= 0 && ox < p.OW)
+      gload<V>(p.B + b.off + f * p.J + (oy * p.OW + ox) * p.N, v);
+    else zero4(v, V);
+  }
+  static __device__ __forceinline__ int row_off(const ConvParams& p, const Slice& s, int m) {
+    return (s.g * p.Cg + m) * p.HWN;
+  }
+  static __device__ __forceinline__ int col_off(const ConvParams& p, const Slice& s, int j) {
+    const int n = j % p.N, pix = j / p.N, a = pix / s.Wc, bb = pix - a * s.Wc;
+    return ((s.iyf + p.sh * a) * p.W + s.ixf + p.sw * bb) * p.N + n;
+  }
+  static __device__ __forceinline__ float row_bias(const ConvParams&, const Slice&, int) { return 0.f; }
+};
+
+// ------------------------------------------------------------------------------------------------------------
+// Filter gradient, one (group, K chunk) per z: C[k][f] = sum_{j in chunk} xpatch[k][j] * dy[g*Fg + f][j],
+// k = (c, ky, kx) (the rows of dw viewed as (Cg*KH*KW, F)), j = (oy, ox, n).
+struct WgradOp {
+  static constexpr bool A_KCONTIG = true;  // x patch rows are contiguous along n (part of K = j)
+  static constexpr bool B_KCONTIG = true;  // dy[f][:] contiguous along j
+
+  static __device__ __forceinline__ void setup(const ConvParams& p, int z, Slice& s) {
+    s.g = z / p.splits;
+    s.s = z - s.g * p.splits;
+    s.M = p.Cg * p.KH * p.KW;
+    s.Nc = p.Fg;
+    s.k_lo = s.s * p.chunk;
+    s.k_hi = min(p.J, s.k_lo + p.chunk);
+  }
+  struct AFix { int off, ky, kx; bool ok; };
+  static __device__ __forceinline__ AFix a_fix(const ConvParams& p, const Slice& s, int m) {
+    AFix a;
+    a.ok = m < s.M;
+    const int khw = p.KH * p.KW;
+    const int c = m / khw, r = m - c * khw;
+    a.ky = r / p.KW;
+    a.kx = r - a.ky * p.KW;
+    a.off = (s.g * p.Cg + c) * p.HWN;
+    return a;
+  }
+  template <int V>
+  static __device__ __forceinline__ void load_a(const ConvParams& p, const Slice& s, const AFix& a, int j, float* v) {
+    const int n = j % p.N, pix = j / p.N, oy = pix / p.OW, ox = pix - oy * p.OW;
+    const int iy = oy * p.sh - p.ph + a.ky, ix = ox * p.sw - p.pw + a.kx;
+    if (a.ok && j < s.k_hi && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W)
+      gload<V>(p.A + a.off + (iy * p.W + ix) * p.N + n, v);
+    else zero4(v, V);
+  }
+  struct BFix { int off; bool ok; };
+  static __device__ __forceinline__ BFix b_fix(const ConvParams& p, const Slice& s, int f) {
+    return {(s.g * p.Fg + f) * p.J, f < s.Nc};
+  }
+  template <int V>
+  static __device__ __forceinline__ void load_b(const ConvParams& p, const Slice& s, const BFix& b, int j, float* v) {
+    if (b.ok && j < s.k_hi) gload<V>(p.B + b.off + j, v);
+    else zero4(v, V);
+  }
+  static __device__ __forceinline__ int row_off(const ConvParams& p, const Slice& s, int m) {
+    return (s.s * s.M + m) * p.F;
+  }
+  static __device__ __forceinline__ int col_off(const ConvParams& p, const Slice& s, int f) { return s.g * p.Fg + f; }
+  static __device__ __forceinline__ float row_bias(const ConvParams&, const Slice&, int) { return 0.f; }
+};
+
+// ------------------------------------------------------------------------------------------------------------
+// Which element of a BK x E operand tile a thread's load slot i covers. Vectors of V run along the operand's
+// contiguous dimension: along E (M-contiguous) or along BK (K-contiguous).
+template <int E, int BK, int NT, int V, bool KC>
+struct Slots {
+  static constexpr int VECS = E * BK / V;
+  static constexpr int PER = (VECS + NT - 1) / NT;
+  static_assert(E % V == 0 && BK % V == 0, "tile sizes must be multiples of the vector width");
+  static __device__ __forceinline__ bool active(int tid, int i) { return PER * NT == VECS || tid + i * NT < VECS; }
+  static __device__ __forceinline__ int mm(int tid, int i) {
+    const int e = tid + i * NT;
+    return KC ? e / (BK / V) : (e % (E / V)) * V;
+  }
+  static __device__ __forceinline__ int kk(int tid, int i) {
+    const int e = tid + i * NT;
+    return KC ? (e % (BK / V)) * V : e / (E / V);
+  }
+};
+
+template <class Op, int BM, int BN, int BK, int TM, int TN, int V>
+__global__ void CONV_LAUNCH_BOUNDS((BM / TM) * (BN / TN)) conv_igemm(ConvParams p) {
+  constexpr int NT = (BM / TM) * (BN / TN);
+  constexpr int PA = BM + 4, PB = BN + 4;
+  static_assert(TM % 4 == 0 && TN % 4 == 0, "register tiles are made of 4x4 float4 groups");
+  using SA = Slots<BM, BK, NT, V, Op::A_KCONTIG>;
+  using SB = Slots<BN, BK, NT, V, Op::B_KCONTIG>;
+
+  SHARED(float4, As4, [2][BK][PA / 4]);
+  SHARED(float4, Bs4, [2][BK][PB / 4]);
+  float(*As)[BK][PA] = reinterpret_cast<float(*)[BK][PA]>(&As4[0][0][0]);
+  float(*Bs)[BK][PB] = reinterpret_cast<float(*)[BK][PB]>(&Bs4[0][0][0]);
+
+  Slice s;
+  Op::setup(p, blockIdx.z, s);
+  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  if (m0 >= s.M || n0 >= s.Nc) return;  // whole block (uniform): grid sized for the largest slice
+
+  const int tid = threadIdx.x;
+  typename Op::AFix afix[SA::PER];
+  typename Op::BFix bfix[SB::PER];
+#pragma unroll
+  for (int i = 0; i < SA::PER; ++i) afix[i] = Op::a_fix(p, s, m0 + SA::mm(tid, i));
+#pragma unroll
+  for (int i = 0; i < SB::PER; ++i) bfix[i] = Op::b_fix(p, s, n0 + SB::mm(tid, i));
+
+  float ra[SA::PER][V], rb[SB::PER][V];
+  auto load_tile = [&](int k0) {
+#pragma unroll
+    for (int i = 0; i < SA::PER; ++i)
+      if (SA::active(tid, i)) Op::template load_a<V>(p, s, afix[i], k0 + SA::kk(tid, i), ra[i]);
+#pragma unroll
+    for (int i = 0; i < SB::PER; ++i)
+      if (SB::active(tid, i)) Op::template load_b<V>(p, s, bfix[i], k0 + SB::kk(tid, i), rb[i]);
+  };
+  auto store_tile = [&](int buf) {
+#pragma unroll
+    for (int i = 0; i < SA::PER; ++i) {
+      if (!SA::active(tid, i)) continue;
+      const int m = SA::mm(tid, i), k = SA::kk(tid, i);
+      if (Op::A_KCONTIG) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) As[buf][k + v][m] = ra[i][v];
+      } else if (V == 4) {
+        *reinterpret_cast<float4*>(&As[buf][k][m]) = make_float4(ra[i][0], ra[i][1], ra[i][2], ra[i][3]);
+      } else {
+        As[buf][k][m] = ra[i][0];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < SB::PER; ++i) {
+      if (!SB::active(tid, i)) continue;
+      const int n = SB::mm(tid, i), k = SB::kk(tid, i);
+      if (Op::B_KCONTIG) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) Bs[buf][k + v][n] = rb[i][v];
+      } else if (V == 4) {
+        *reinterpret_cast<float4*>(&Bs[buf][k][n]) = make_float4(rb[i][0], rb[i][1], rb[i][2], rb[i][3]);
+      } else {
+        Bs[buf][k][n] = rb[i][0];
+      }
+    }
+  };
+
+  const int tx = tid % (BN / TN), ty = tid / (BN / TN);
+  constexpr int RS = BM / (TM / 4), CS = BN / (TN / 4);  // distance between a thread's 4-row / 4-column groups
+  float acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+
+  const int nk = s.k_hi > s.k_lo ? (s.k_hi - s.k_lo + BK - 1) / BK : 0;
+  if (nk > 0) {
+    load_tile(s.k_lo);
+    store_tile(0);
+    __syncthreads();
+    for (int t = 0; t < nk; ++t) {
+      const int cur = t & 1;
+      if (t + 1 < nk) load_tile(s.k_lo + (t + 1) * BK);
+#pragma unroll
+      for (int kk = 0; kk < BK; ++kk) {
+        float a[TM], b[TN];
+#pragma unroll
+        for (int q = 0; q < TM / 4; ++q) {
+          const float4 v = *reinterpret_cast<const float4*>(&As[cur][kk][q * RS + ty * 4]);
+          a[q * 4 + 0] = v.x; a[q * 4 + 1] = v.y; a[q * 4 + 2] = v.z; a[q * 4 + 3] = v.w;
+        }
+#pragma unroll
+        for (int q = 0; q < TN / 4; ++q) {
+          const float4 v = *reinterpret_cast<const float4*>(&Bs[cur][kk][q * CS + tx * 4]);
+          b[q * 4 + 0] = v.x; b[q * 4 + 1] = v.y; b[q * 4 + 2] = v.z; b[q * 4 + 3] = v.w;
+        }
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+          for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
+      }
+      if (t + 1 < nk) store_tile(cur ^ 1);
+      __syncthreads();
+    }
+  }
+
+  // Epilogue: out = alpha * (acc + bias) + beta * out (beta == 0: out is not read).
+  int coff[TN / 4][4];
+#pragma unroll
+  for (int q = 0; q < TN / 4; ++q)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int n = n0 + q * CS + tx * 4 + r;
+      coff[q][r] = (V == 4 && r > 0) ? coff[q][0] + r : (n < s.Nc ? Op::col_off(p, s, n) : 0);
+    }
+  const float alpha = p.alpha, beta = p.beta;
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int m = m0 + (i / 4) * RS + ty * 4 + (i % 4);
+    if (m >= s.M) continue;
+    float* row = p.out + Op::row_off(p, s, m);
+    const float bias = Op::row_bias(p, s, m);
+#pragma unroll
+    for (int q = 0; q < TN / 4; ++q) {
+      const int n = n0 + q * CS + tx * 4;
+      if (V == 4) {
+        if (n >= s.Nc) continue;  // Nc % 4 == 0 on this path: the group is all in or all out
+        float4* dst = reinterpret_cast<float4*>(row + coff[q][0]);
+        float4 o = make_float4(alpha * (acc[i][q * 4 + 0] + bias), alpha * (acc[i][q * 4 + 1] + bias),
+                               alpha * (acc[i][q * 4 + 2] + bias), alpha * (acc[i][q * 4 + 3] + bias));
+        if (beta != 0.f) {
+          const float4 old = *dst;
+          o.x += beta * old.x; o.y += beta * old.y; o.z += beta * old.z; o.w += beta * old.w;
+        }
+        *dst = o;
+      } else {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          if (n + r >= s.Nc) continue;
+          float* dst = row + coff[q][r];
+          float o = alpha * (acc[i][q * 4 + r] + bias);
+          if (beta != 0.f) o += beta * *dst;
+          *dst = o;
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// dw = alpha * sum_s ws[s] + beta * dw, summed in split order (deterministic).
+// block: 256 threads, grid-stride over the K*F elements of dw; V = 4 when total % 4 == 0 and aligned.
+template <int V>
+__global__ void CONV_LAUNCH_BOUNDS(256) conv_wgrad_reduce(const float* ws, float* dw, int total, int splits,
+                                                          float alpha, float beta) {
+  const int nvec = total / V;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < nvec; i += gridDim.x * blockDim.x) {
+    float acc[V];
+    for (int v = 0; v < V; ++v) acc[v] = 0.f;
+    for (int sp = 0; sp < splits; ++sp) {
+      float t[V];
+      gload<V>(ws + static_cast<std::int64_t>(sp) * total + i * V, t);
+      for (int v = 0; v < V; ++v) acc[v] += t[v];
+    }
+    for (int v = 0; v < V; ++v) {
+      float o = alpha * acc[v];
+      if (beta != 0.f) o += beta * dw[i * V + v];
+      dw[i * V + v] = o;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// db[f] = alpha * sum(dy[f, :]) + beta * db[f], dy viewed as (F, L), L = OH*OW*N.
+// block: 256 threads per filter f = blockIdx.x; each thread sums a strided subset (float4 when L % 4 == 0 and
+// aligned), then warp shuffles and a 8-entry shared array finish the sum in a fixed order (deterministic).
+template <int V>
+__global__ void CONV_LAUNCH_BOUNDS(256) conv_bias_grad(const float* dy, float* db, std::int64_t L, float alpha,
+                                                       float beta) {
+  SHARED(float, warp_sums, [8]);
+  const float* row = dy + static_cast<std::int64_t>(blockIdx.x) * L;
+  float sum = 0.f;
+  for (std::int64_t i = threadIdx.x; i < L / V; i += 256) {
+    float t[V];
+    gload<V>(row + i * V, t);
+    for (int v = 0; v < V; ++v) sum += t[v];
+  }
+  for (int off = 16; off > 0; off >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, off);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+    for (int w = 0; w < 8; ++w) total += warp_sums[w];
+    float o = alpha * total;
+    if (beta != 0.f) o += beta * db[blockIdx.x];
+    db[blockIdx.x] = o;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Host side: the dispatch table.
+constexpr int kBK = 8;
+constexpr int kTargetBlocks = 132;  // one wave on an H100 SXM (fixed, not queried: plans are device-independent)
+
+using KernelFn = void (*)(ConvParams);
+
+struct TileCfg {
+  int BM, BN, TM, TN;
+  float efficiency;  // relative FMA throughput per tile (bigger register tiles reuse shared loads more)
+  KernelFn vec[3];   // [op] V = 4 path: forward, dgrad, wgrad
+  KernelFn scalar[3];
+};
+
+template <int BM, int BN, int TM, int TN>
+constexpr TileCfg make_cfg(float eff) {
+  return TileCfg{BM, BN, TM, TN, eff,
+                 {conv_igemm<FwdOp, BM, BN, kBK, TM, TN, 4>, conv_igemm<DgradOp, BM, BN, kBK, TM, TN, 4>,
+                  conv_igemm<WgradOp, BM, BN, kBK, TM, TN, 4>},
+                 {conv_igemm<FwdOp, BM, BN, kBK, TM, TN, 1>, conv_igemm<DgradOp, BM, BN, kBK, TM, TN, 1>,
+                  conv_igemm<WgradOp, BM, BN, kBK, TM, TN, 1>}};
+}
+
+// The whole dispatch table. All rows use 256 threads and BK = 8.
+//        BM   BN  TM  TN   efficiency  (per-thread outputs / shared loads per k: 64/4, 32/3, 16/2)
+const TileCfg kTiles[] = {
+    make_cfg<128, 128, 8, 8>(1.00f),  // large GEMMs: AlexNet conv1-5 at batch 128
+    make_cfg<64, 128, 4, 8>(0.85f),   // few rows (M <= 64, or M = 192 = 3 x 64)
+    make_cfg<64, 64, 4, 4>(0.65f),    // small problems: tiny batches, few filters
+};
+constexpr int kNumTiles = sizeof(kTiles) / sizeof(kTiles[0]);
+
+// Pick the row minimising (padded work / efficiency), with a penalty when the grid cannot fill the GPU.
+int pick_tile(std::int64_t M, std::int64_t Nc, std::int64_t slices, std::int64_t extra_split = 1) {
+  int best = 0;
+  double best_cost = std::numeric_limits<double>::infinity();
+  for (int i = 0; i < kNumTiles; ++i) {
+    const TileCfg& t = kTiles[i];
+    const std::int64_t bm = (M + t.BM - 1) / t.BM, bn = (Nc + t.BN - 1) / t.BN;
+    const std::int64_t blocks = bm * bn * slices * extra_split;
+    double cost = double(bm * t.BM) * double(bn * t.BN) / t.efficiency;
+    if (blocks < kTargetBlocks) cost *= double(kTargetBlocks) / double(blocks);  // idle SMs
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = i;
+    }
+  }
+  return best;
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<std::uintptr_t>(ptr) & 15u) == 0; }
+
+ConvParams make_params(const ConvGeometry& g) {
+  ConvParams p{};
+  p.C = g.C; p.H = g.H; p.W = g.W; p.N = g.N; p.F = g.F; p.KH = g.KH; p.KW = g.KW;
+  p.sh = g.stride_h; p.sw = g.stride_w; p.ph = g.pad_h; p.pw = g.pad_w; p.G = g.groups;
+  p.OH = g.OH; p.OW = g.OW;
+  p.Cg = g.C / g.groups;
+  p.Fg = g.F / g.groups;
+  p.J = g.OH * g.OW * g.N;
+  p.HWN = g.H * g.W * g.N;
+  p.splits = 1;
+  p.chunk = 0;
+  return p;
+}
+
+void launch_igemm(const TileCfg& t, int op, bool vec, const ConvParams& p, std::int64_t M, std::int64_t Nc,
+                  std::int64_t slices, cudaStream_t stream) {
+  const std::int64_t gx = (Nc + t.BN - 1) / t.BN, gy = (M + t.BM - 1) / t.BM;
+  CONVNET_REQUIRE(gx <= 0x7fffffff && gy <= 65535 && slices <= 65535, "grid too large for this geometry");
+  if (gx == 0 || gy == 0 || slices == 0) return;
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(slices));
+  const dim3 block(static_cast<unsigned>((t.BM / t.TM) * (t.BN / t.TN)));
+  launch(vec ? t.vec[op] : t.scalar[op], grid, block, 0, stream, p);
+}
+
+struct WgradPlan {
+  int tile, splits, chunk;
+};
+
+WgradPlan wgrad_plan(const ConvGeometry& g) {
+  const std::int64_t M = std::int64_t(g.C / g.groups) * g.KH * g.KW, Nc = g.F / g.groups;
+  const std::int64_t J = std::int64_t(g.OH) * g.OW * g.N;
+  const int tile = pick_tile(M, Nc, g.groups);
+  const TileCfg& t = kTiles[tile];
+  const std::int64_t blocks = ((M + t.BM - 1) / t.BM) * ((Nc + t.BN - 1) / t.BN) * g.groups;
+  // Enough chunks for two waves, each chunk at least kMinChunk long (so the partial sums stay cheap to reduce).
+  constexpr std::int64_t kMinChunk = 256, kMaxSplits = 256;
+  std::int64_t splits = std::max<std::int64_t>(1, (2 * kTargetBlocks + blocks - 1) / blocks);
+  splits = std::min<std::int64_t>({splits, std::max<std::int64_t>(1, J / kMinChunk), kMaxSplits});
+  std::int64_t chunk = (J + splits - 1) / splits;
+  chunk = (chunk + kBK - 1) / kBK * kBK;
+  splits = (J + chunk - 1) / chunk;
+  return {tile, int(splits), int(chunk)};
+}
+
+constexpr std::int64_t kMaxElems = std::numeric_limits<int>::max();
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------------------
+ConvGeometry conv_geometry(int C, int H, int W, int N, int F, int KH, int KW, int stride_h, int stride_w, int pad_h,
+                           int pad_w, int groups) {
+  CONVNET_REQUIRE(C >= 1 && H >= 1 && W >= 1 && N >= 1, "input sizes C, H, W, N must be >= 1");
+  CONVNET_REQUIRE(F >= 1 && KH >= 1 && KW >= 1, "filter sizes F, KH, KW must be >= 1");
+  CONVNET_REQUIRE(stride_h >= 1 && stride_w >= 1, "stride must be >= 1");
+  CONVNET_REQUIRE(pad_h >= 0 && pad_w >= 0, "padding must be >= 0");
+  CONVNET_REQUIRE(groups >= 1 && C % groups == 0 && F % groups == 0,
+                  "groups (" + std::to_string(groups) + ") must divide channels (" + std::to_string(C) +
+                      ") and filters (" + std::to_string(F) + ")");
+  CONVNET_REQUIRE(H + 2 * std::int64_t(pad_h) >= KH && W + 2 * std::int64_t(pad_w) >= KW,
+                  "filter larger than the padded input");
+  ConvGeometry g{C, H, W, N, F, KH, KW, stride_h, stride_w, pad_h, pad_w, groups, 0, 0};
+  g.OH = static_cast<int>((H + 2 * std::int64_t(pad_h) - KH) / stride_h + 1);
+  g.OW = static_cast<int>((W + 2 * std::int64_t(pad_w) - KW) / stride_w + 1);
+  CONVNET_REQUIRE(std::int64_t(C) * H * W * N <= kMaxElems, "input has 2^31 or more elements (unsupported)");
+  CONVNET_REQUIRE(std::int64_t(F) * g.OH * g.OW * N <= kMaxElems, "output has 2^31 or more elements (unsupported)");
+  CONVNET_REQUIRE(std::int64_t(C / groups) * KH * KW * F <= kMaxElems, "filters have 2^31 or more elements");
+  return g;
+}
+
+void conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y, float alpha,
+                  float beta, cudaStream_t stream) {
+  CONVNET_REQUIRE(x && w && y, "null pointer");
+  ConvParams p = make_params(g);
+  p.A = w; p.B = x; p.bias = bias; p.out = y; p.alpha = alpha; p.beta = beta;
+  const bool vec = g.N % 4 == 0 && p.Fg % 4 == 0 && aligned16(x) && aligned16(w) && aligned16(y);
+  const int tile = pick_tile(p.Fg, p.J, g.groups);
+  launch_igemm(kTiles[tile], 0, vec, p, p.Fg, p.J, g.groups, stream);
+}
+
+void conv_backward_data(const ConvGeometry& g, const float* dy, const float* w, float* dx, float alpha, float beta,
+                        cudaStream_t stream) {
+  CONVNET_REQUIRE(dy && w && dx, "null pointer");
+  ConvParams p = make_params(g);
+  p.A = w; p.B = dy; p.out = dx; p.alpha = alpha; p.beta = beta;
+  const bool vec = g.N % 4 == 0 && p.Fg % 4 == 0 && aligned16(dy) && aligned16(w) && aligned16(dx);
+  const std::int64_t phases = std::int64_t(g.stride_h) * g.stride_w;
+  // Largest phase class (the one containing iy = 0 has the most rows): ceil(H / sh) x ceil(W / sw) pixels.
+  const std::int64_t Nc = std::int64_t((g.H + g.stride_h - 1) / g.stride_h) * ((g.W + g.stride_w - 1) / g.stride_w) * g.N;
+  const int tile = pick_tile(p.Cg, Nc, g.groups * phases);
+  launch_igemm(kTiles[tile], 1, vec, p, p.Cg, Nc, g.groups * phases, stream);
+}
+
+std::int64_t conv_backward_filter_workspace(const ConvGeometry& g) {
+  const WgradPlan plan = wgrad_plan(g);
+  if (plan.splits <= 1) return 0;
+  return std::int64_t(plan.splits) * (g.C / g.groups) * g.KH * g.KW * g.F;
+}
+
+void conv_backward_filter(const ConvGeometry& g, const float* x, const float* dy, float* dw, float* workspace,
+                          std::int64_t workspace_floats, float alpha, float beta, cudaStream_t stream) {
+  CONVNET_REQUIRE(x && dy && dw, "null pointer");
+  const WgradPlan plan = wgrad_plan(g);
+  ConvParams p = make_params(g);
+  const std::int64_t M = std::int64_t(p.Cg) * g.KH * g.KW, total = M * g.F;
+  p.A = x; p.B = dy; p.splits = plan.splits; p.chunk = plan.chunk;
+  const bool split = plan.splits > 1;
+  if (split) {
+    CONVNET_REQUIRE(workspace != nullptr && workspace_floats >= plan.splits * total,
+                    "workspace too small: need " + std::to_string(plan.splits * total) + " floats");
+    CONVNET_REQUIRE(plan.splits * total <= kMaxElems, "workspace has 2^31 or more elements (unsupported)");
+    p.out = workspace; p.alpha = 1.f; p.beta = 0.f;
+  } else {
+    p.out = dw; p.alpha = alpha; p.beta = beta;
+  }
+  const bool vec = g.N % 4 == 0 && p.Fg % 4 == 0 && aligned16(x) && aligned16(dy) && aligned16(p.out);
+  launch_igemm(kTiles[plan.tile], 2, vec, p, M, p.Fg, std::int64_t(g.groups) * plan.splits, stream);
+  if (split) {
+    const bool rvec = total % 4 == 0 && aligned16(workspace) && aligned16(dw);
+    const std::int64_t nvec = rvec ? total / 4 : total;
+    const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>((nvec + 255) / 256, 4 * kTargetBlocks));
+    if (rvec) launch(conv_wgrad_reduce<4>, dim3(blocks), dim3(256), 0, stream, workspace, dw, int(total), plan.splits, alpha, beta);
+    else launch(conv_wgrad_reduce<1>, dim3(blocks), dim3(256), 0, stream, workspace, dw, int(total), plan.splits, alpha, beta);
+  }
+}
+
+void conv_backward_bias(const float* dy, float* db, int F, std::int64_t per_filter, float alpha, float beta,
+                        cudaStream_t stream) {
+  CONVNET_REQUIRE(dy && db, "null pointer");
+  CONVNET_REQUIRE(F >= 1 && per_filter >= 1, "F and per_filter must be >= 1");
+  CONVNET_REQUIRE(F <= 0x7fffffff, "too many filters");
+  if (per_filter % 4 == 0 && aligned16(dy))
+    launch(conv_bias_grad<4>, dim3(F), dim3(256), 0, stream, dy, db, per_filter, alpha, beta);
+  else
+    launch(conv_bias_grad<1>, dim3(F), dim3(256), 0, stream, dy, db, per_filter, alpha, beta);
+}
+
+}  // namespace convnet
