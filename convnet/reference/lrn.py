@@ -38,11 +38,11 @@ def lrn_scale(alpha: float, size: int, convention: str) -> float:
 def _window_sum(v, before: int, after: int):
     """s_i = sum_{j=i-before}^{i+after} v_j over axis 0, clipped at the ends."""
     C = v.shape[0]
-    vp = np.zeros((C + before + after,) + v.shape[1:], dtype=v.dtype)
-    vp[before:before + C] = v
-    s = vp[0:C].copy()
-    for o in range(1, before + after + 1):
-        s += vp[o:o + C]
+    s = v.copy()
+    for o in range(1, min(before, C - 1) + 1):       # s_i += v_{i-o}
+        s[o:] += v[:C - o]
+    for o in range(1, min(after, C - 1) + 1):        # s_i += v_{i+o}
+        s[:C - o] += v[o:]
     return s
 
 
@@ -57,7 +57,9 @@ def lrn_forward(x, *, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="sum"):
     x = np.asarray(x)
     a = lrn_scale(alpha, size, convention)
     dt = x.dtype
-    denom = _window_sum(x * x, size // 2, (size - 1) // 2)
+    sq = x * x
+    denom = _window_sum(sq, size // 2, (size - 1) // 2)
+    del sq
     denom *= dt.type(a)
     denom += dt.type(k)
     y = x * np.power(denom, dt.type(-beta))
@@ -68,6 +70,13 @@ def lrn_backward(x, y, denom, dy, *, size=5, alpha=1e-4, beta=0.75, k=2.0, conve
     _check(size)
     a = lrn_scale(alpha, size, convention)
     dt = np.result_type(x.dtype, dy.dtype)
-    t = dy * y / denom
+    t = dy * y
+    t /= denom
     s = _window_sum(t, (size - 1) // 2, size // 2)
-    return dy * np.power(denom, dt.type(-beta)) - dt.type(2.0 * a * beta) * x * s
+    del t
+    s *= x
+    s *= dt.type(2.0 * a * beta)
+    g = np.power(denom, dt.type(-beta), dtype=dt)
+    g *= dy
+    g -= s
+    return g
