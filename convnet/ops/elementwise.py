@@ -1,0 +1,83 @@
+"""ReLU and inverted dropout: the op API (kernels in csrc/kernels/elementwise.cu, reference in
+convnet/reference/elementwise.py).
+
+Dropout is keyed on (seed, offset, element index) through Philox4x32-10, so numpy, emu and cuda draw
+bit-identical masks, and the backward pass regenerates the mask instead of storing it. Use a different
+``offset`` (e.g. the training step) or ``seed`` (e.g. per layer) for each call that needs a fresh mask.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from convnet.ops._checks import as_device, check_array, check_same_dtype, launch, output, scalar, uint64
+from convnet.reference import elementwise as ref
+
+__all__ = ["relu_forward", "relu_backward", "dropout_forward", "dropout_backward", "dropout_mask"]
+
+
+def relu_forward(device, x, out=None, stream=None):
+    """y = max(x, 0) (NaN -> 0). ``out`` may be ``x`` (in place)."""
+    dev = as_device(device)
+    check_array("x", x, dev)
+    y = output("out", out, dev, x.shape, x.dtype)
+    if dev.kind == "numpy":
+        y[...] = ref.relu_forward(x)
+    else:
+        launch(dev, "relu_forward", x, y, x.size, stream=stream)
+    return y
+
+
+def relu_backward(device, y, dy, out=None, stream=None):
+    """dx = dy where y > 0 else 0, from ReLU's *output* y. ``out`` may be ``dy``."""
+    dev = as_device(device)
+    check_array("y", y, dev)
+    check_array("dy", dy, dev, shape=y.shape)
+    check_same_dtype(y=y, dy=dy)
+    dx = output("out", out, dev, y.shape, y.dtype)
+    if dev.kind == "numpy":
+        dx[...] = ref.relu_backward(y, dy)
+    else:
+        launch(dev, "relu_backward", y, dy, dx, y.size, stream=stream)
+    return dx
+
+
+def _dropout_params(keep, seed, offset):
+    keep = scalar("keep", keep, low=0.0, high=1.0, low_open=True)
+    return keep, uint64("seed", seed), uint64("offset", offset)
+
+
+def _dropout(dev, name, a, keep, seed, offset, out, stream):
+    keep, seed, offset = _dropout_params(keep, seed, offset)
+    check_array(name, a, dev)
+    b = output("out", out, dev, a.shape, a.dtype)
+    if dev.kind == "numpy":
+        b[...] = ref.dropout_forward(a, keep, seed, offset)
+    else:
+        launch(dev, "dropout_apply", a, b, a.size, ref.keep_threshold(keep), float(ref.dropout_scale(keep)),
+               seed, offset, stream=stream)
+    return b
+
+
+def dropout_forward(device, x, keep, seed, offset=0, out=None, stream=None):
+    """Inverted dropout: y = x * mask / keep, each element kept with probability ``keep`` in (0, 1]."""
+    return _dropout(as_device(device), "x", x, keep, seed, offset, out, stream)
+
+
+def dropout_backward(device, dy, keep, seed, offset=0, out=None, stream=None):
+    """dx = dy * mask / keep with the mask of the forward call that had the same (keep, seed, offset)."""
+    return _dropout(as_device(device), "dy", dy, keep, seed, offset, out, stream)
+
+
+def dropout_mask(device, shape, keep, seed, offset=0, stream=None):
+    """The boolean keep-mask a dropout call with these parameters uses, as an array on the device."""
+    dev = as_device(device)
+    keep, seed, offset = _dropout_params(keep, seed, offset)
+    shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape must be non-negative, got {shape}")
+    n = int(np.prod(shape, dtype=np.int64))
+    if dev.kind == "numpy":
+        return ref.dropout_mask(n, keep, seed, offset).reshape(shape)
+    mask = dev.empty(shape, np.uint8)
+    launch(dev, "dropout_mask", mask, n, ref.keep_threshold(keep), seed, offset, stream=stream)
+    return mask.astype(bool)

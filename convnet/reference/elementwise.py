@@ -1,0 +1,59 @@
+"""NumPy reference for ReLU and inverted dropout (with the Philox4x32-10 counter-based RNG)."""
+from __future__ import annotations
+
+import numpy as np
+
+_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_W0, _W1 = np.uint32(0x9E3779B9), np.uint32(0xBB67AE85)
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint32 arrays (counter c0..c3, key k0, k1) -> four uint32 arrays."""
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint32) for c in (c0, c1, c2, c3))
+    k0, k1 = np.uint32(k0), np.uint32(k1)
+    with np.errstate(over="ignore"):
+        for _ in range(10):
+            p0 = _M0 * c0.astype(np.uint64)
+            p1 = _M1 * c2.astype(np.uint64)
+            hi0, lo0 = (p0 >> np.uint64(32)).astype(np.uint32), (p0 & _LOW32).astype(np.uint32)
+            hi1, lo1 = (p1 >> np.uint64(32)).astype(np.uint32), (p1 & _LOW32).astype(np.uint32)
+            c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+            k0, k1 = k0 + _W0, k1 + _W1
+    return c0, c1, c2, c3
+
+
+def keep_threshold(keep: float) -> int:
+    """An element is kept iff its 32-bit random word is < round(keep * 2**32)."""
+    return int(round(float(keep) * 2.0**32))
+
+
+def dropout_scale(keep: float, dtype=np.float32):
+    """The factor kept elements are multiplied by: 1/keep rounded once to the working precision."""
+    return np.dtype(dtype).type(1.0 / float(keep))
+
+
+def dropout_mask(n: int, keep: float, seed: int, offset: int = 0) -> np.ndarray:
+    """Boolean keep-mask of n elements: element i uses word i % 4 of philox((i // 4, offset), seed)."""
+    groups = np.arange((n + 3) // 4, dtype=np.uint64)
+    words = philox4x32_10(groups & _LOW32, groups >> np.uint64(32), offset & 0xFFFFFFFF, offset >> 32,
+                          seed & 0xFFFFFFFF, seed >> 32)
+    bits = np.stack(words, axis=1).reshape(-1)[:n]
+    return bits.astype(np.uint64) < np.uint64(keep_threshold(keep)) if keep < 1 else np.ones(n, dtype=bool)
+
+
+def relu_forward(x):
+    return np.where(x > 0, x, np.zeros((), x.dtype))  # NaN -> 0 and -0 -> +0, exactly as the kernel
+
+
+def relu_backward(y, dy):
+    return np.where(y > 0, dy, np.zeros((), dy.dtype))
+
+
+def dropout_forward(x, keep: float, seed: int, offset: int = 0):
+    mask = dropout_mask(x.size, keep, seed, offset).reshape(x.shape)
+    return np.where(mask, x * dropout_scale(keep, x.dtype), np.zeros((), x.dtype))
+
+
+def dropout_backward(dy, keep: float, seed: int, offset: int = 0):
+    return dropout_forward(dy, keep, seed, offset)  # the same mask and scale: d(x * m / keep)/dx = m / keep

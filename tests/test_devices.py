@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+
+import convnet
+from convnet.devices import Device, DeviceUnavailable, device_report, get_device
+
+
+def test_device_values_parse_and_print():
+    assert get_device("numpy") == Device("numpy")
+    assert get_device("emu") == Device("emu", 0)
+    assert str(Device("cuda", 1)) == "cuda:1" and str(Device("cuda")) == "cuda:0"
+    assert str(Device("emu", 1)) == "emu:1"  # a virtual second device
+    assert get_device(Device("numpy")) is not None
+    assert len({Device("cuda", 0), Device("cuda", 0), Device("cuda", 1)}) == 2  # hashable values
+
+
+@pytest.mark.parametrize("spec, exc, match", [
+    ("tpu", ValueError, "unknown device"), ("cuda:x", ValueError, "bad device"), ("cuda:-1", ValueError, "bad device"),
+    (3, TypeError, "device must be"),
+])
+def test_bad_device_specs(spec, exc, match):
+    with pytest.raises(exc, match=match):
+        get_device(spec)
+
+
+def test_report_lists_every_kind_with_a_reason():
+    report = device_report()
+    kinds = {entry["device"].split(":")[0] for entry in report}
+    assert kinds == {"numpy", "emu", "cuda"}
+    assert all(entry["detail"] for entry in report)
+    assert next(e for e in report if e["device"] == "emu")["usable"]
+
+
+def test_best_device_and_unavailable_cuda():
+    usable_gpu = any(e["usable"] for e in device_report() if e["device"].startswith("cuda"))
+    assert get_device(None) == (Device("cuda", 0) if usable_gpu else Device("numpy"))
+    if not usable_gpu:
+        with pytest.raises(DeviceUnavailable, match="not usable"):
+            get_device("cuda")
+    with pytest.raises(DeviceUnavailable, match="cuda:64 is not usable"):
+        get_device("cuda:64")
+
+
+def test_cuda_module_was_built_by_nvcc():
+    """The nvcc-compiled module must import even without a GPU (static runtime)."""
+    import importlib
+    import os
+
+    try:
+        _cuda = importlib.import_module("convnet._cuda")
+    except ImportError as exc:
+        if os.environ.get("CONVNET_REQUIRE_CUDA_MODULE") == "1":  # set by .ci/run: nvcc is there, so it must exist
+            raise AssertionError(f"convnet._cuda was not built: {exc}") from None
+        pytest.skip(f"convnet._cuda not built in this tree ({exc})")
+
+    assert _cuda.IS_EMULATOR is False
+    count, message = _cuda.device_count()
+    assert count >= 0 and (count > 0 or message)
+
+
+def test_arrays_round_trip_on_host_devices():
+    for dev in (Device("numpy"), Device("emu")):
+        a = dev.asarray([[1, 2], [3, 4]], np.float32)
+        assert dev.is_array(a) and a.flags.c_contiguous and dev.to_numpy(a).sum() == 10
+        assert dev.zeros((2, 3)).dtype == np.float32
+    assert convnet.EmulatorError.__mro__[1] is RuntimeError

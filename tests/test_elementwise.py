@@ -1,0 +1,175 @@
+"""ReLU and dropout: kernels (emu, cuda) against the NumPy reference; dropout masks bit-identical everywhere."""
+import numpy as np
+import pytest
+
+from convnet import ops
+from convnet.devices import Device
+from convnet.reference import elementwise as ref
+from helpers import SCHEDULES, assert_close, assert_identical, rand, schedule
+
+NUMPY = Device("numpy")
+# Sizes that are not multiples of 4, of a warp or of a block, plus ones spanning several blocks.
+SIZES = [1, 3, 4, 5, 31, 33, 255, 257, 1000, 4099, 70001]
+
+
+def _on(dev, a):
+    return dev.asarray(a)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_relu_forward_backward_match_reference(kernel_device, n):
+    rng = np.random.default_rng(n)
+    x = rand(rng, n)
+    dy = rand(rng, n)
+    y = ops.relu_forward(kernel_device, _on(kernel_device, x))
+    assert_identical("relu y", y, ref.relu_forward(x))
+    dx = ops.relu_backward(kernel_device, y, _on(kernel_device, dy))
+    assert_identical("relu dx", dx, ref.relu_backward(ref.relu_forward(x), dy))
+
+
+def test_relu_nd_unaligned_and_in_place(kernel_device):
+    rng = np.random.default_rng(1)
+    x = rand(rng, (3, 5, 7, 11))
+    # A view starting one float into a buffer: contiguous but not 16-byte aligned (the scalar path).
+    buf = _on(kernel_device, rand(rng, x.size + 1))
+    view = buf[1:].reshape(x.shape)
+    view[...] = _on(kernel_device, x)
+    y = ops.relu_forward(kernel_device, view)
+    assert_identical("relu unaligned", y, ref.relu_forward(x))
+    ops.relu_forward(kernel_device, view, out=view)  # in place
+    assert_identical("relu in place", view, ref.relu_forward(x))
+
+
+def test_relu_special_values(kernel_device):
+    x = np.array([np.nan, -0.0, 0.0, -np.inf, np.inf, 1e-38, -1e-38, 3.0], np.float32)
+    y = ops.relu_forward(kernel_device, _on(kernel_device, x))
+    assert_identical("relu specials", y, ref.relu_forward(x))
+    assert np.signbit(kernel_device.to_numpy(y)).sum() == 0  # -0 becomes +0, NaN becomes 0
+
+
+@pytest.mark.parametrize("order", SCHEDULES)
+def test_every_schedule_gives_identical_results(kernel_device, order):
+    rng = np.random.default_rng(7)
+    x = _on(kernel_device, rand(rng, 5003))
+    with schedule(kernel_device, order, seed=3):
+        y = ops.relu_forward(kernel_device, x)
+        d = ops.dropout_forward(kernel_device, x, 0.6, seed=11, offset=2)
+    assert_identical("relu", y, ref.relu_forward(kernel_device.to_numpy(x)))
+    assert_identical("dropout", d, ref.dropout_forward(kernel_device.to_numpy(x), 0.6, 11, 2))
+
+
+def test_relu_gradient_finite_difference():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, 50)
+    x[np.abs(x) < 0.05] = 0.5  # stay away from the kink at 0
+    dy = rng.standard_normal(50)
+    dx = ops.relu_backward(NUMPY, ops.relu_forward(NUMPY, x), dy)
+    eps = 1e-6
+    numeric = np.array([(np.dot(dy, ref.relu_forward(x + eps * e)) - np.dot(dy, ref.relu_forward(x - eps * e)))
+                        / (2 * eps) for e in np.eye(50)])
+    np.testing.assert_allclose(dx, numeric, rtol=1e-7, atol=1e-9)
+
+
+# ---- dropout ----------------------------------------------------------------------------------------------
+def test_philox_known_answers():
+    # Known-answer vectors of Random123's philox4x32-10 (counter, key) -> output.
+    cases = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for counter, key, want in cases:
+        got = ref.philox4x32_10(*[[c] for c in counter], *key)
+        assert tuple(int(g[0]) for g in got) == want
+
+
+@pytest.mark.parametrize("n", [1, 5, 1023, 4097])
+@pytest.mark.parametrize("keep", [0.5, 0.9])
+def test_dropout_masks_and_outputs_bit_identical_across_devices(kernel_device, n, keep):
+    rng = np.random.default_rng(n)
+    x = rand(rng, n)
+    seed, offset = 2**40 + 12345, 2**33 + 7  # exercise the high words of seed and offset
+    mask = ops.dropout_mask(kernel_device, n, keep, seed, offset)
+    want_mask = ops.dropout_mask(NUMPY, n, keep, seed, offset)
+    assert_identical("mask", mask, want_mask)
+    y = ops.dropout_forward(kernel_device, _on(kernel_device, x), keep, seed, offset)
+    assert_identical("dropout y", y, ops.dropout_forward(NUMPY, x, keep, seed, offset))
+    dx = ops.dropout_backward(kernel_device, _on(kernel_device, x), keep, seed, offset)
+    assert_identical("dropout dx", dx, y)  # same mask and scale, regenerated
+    # The kept values are x / keep rounded once; the others exactly 0.
+    host = kernel_device.to_numpy(y)
+    assert np.array_equal(host[want_mask], x[want_mask] * np.float32(1 / keep))
+    assert not host[~want_mask].any()
+
+
+def test_dropout_unaligned_matches(kernel_device):
+    rng = np.random.default_rng(5)
+    x = rand(rng, 1001)
+    buf = _on(kernel_device, rand(rng, 1002))
+    view = buf[1:]
+    view[...] = _on(kernel_device, x)
+    y = ops.dropout_forward(kernel_device, view, 0.7, seed=9)
+    assert_identical("dropout unaligned", y, ops.dropout_forward(NUMPY, x, 0.7, seed=9))
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.8])
+def test_dropout_keep_rate_statistics(kernel_device, keep):
+    n = 200_003
+    mask = kernel_device.to_numpy(ops.dropout_mask(kernel_device, n, keep, seed=2024))
+    rate = mask.mean()
+    sigma = np.sqrt(keep * (1 - keep) / n)
+    assert abs(rate - keep) < 5 * sigma, f"keep rate {rate:.5f} vs {keep} (5 sigma = {5 * sigma:.5f})"
+    # No structure in the mask: each of the four Philox words and consecutive pairs behave independently.
+    for lane in range(4):
+        assert abs(mask[lane::4].mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / (n / 4))
+    both = (mask[:-1] & mask[1:]).mean()
+    assert abs(both - keep * keep) < 6 * np.sqrt(keep * keep * (1 - keep * keep) / n)
+
+
+def test_dropout_seeds_and_offsets_give_different_masks():
+    a = ops.dropout_mask(NUMPY, 4096, 0.5, seed=1, offset=0)
+    for other in (ops.dropout_mask(NUMPY, 4096, 0.5, seed=2, offset=0),
+                  ops.dropout_mask(NUMPY, 4096, 0.5, seed=1, offset=1)):
+        agreement = (a == other).mean()
+        assert 0.45 < agreement < 0.55  # independent masks agree about half the time
+
+
+def test_dropout_keep_one_is_identity(kernel_device):
+    x = rand(np.random.default_rng(3), 999)
+    y = ops.dropout_forward(kernel_device, _on(kernel_device, x), 1.0, seed=5)
+    assert_identical("keep=1", y, x)
+
+
+def test_dropout_float64_reference_matches_float32_mask():
+    x = np.random.default_rng(4).uniform(0.5, 1.0, 1000)  # no zeros, so the mask is visible in the output
+    y64 = ops.dropout_forward(NUMPY, x, 0.5, seed=3)
+    y32 = ops.dropout_forward(NUMPY, x.astype(np.float32), 0.5, seed=3)
+    assert np.array_equal(y64 != 0, y32 != 0)
+    np.testing.assert_allclose(y64[y64 != 0], 2 * x[y64 != 0], rtol=1e-15)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors(kernel_device):
+    good = _on(kernel_device, np.ones(8, np.float32))
+    with pytest.raises(TypeError, match="dtype float32"):
+        ops.relu_forward(kernel_device, _on(kernel_device, np.ones(8, np.float64)))
+    with pytest.raises(TypeError, match="x must be a"):
+        ops.relu_forward(kernel_device, [1.0, 2.0])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ops.relu_forward(kernel_device, _on(kernel_device, np.ones((4, 4), np.float32))[:, ::2])
+    with pytest.raises(ValueError, match="dy must have shape"):
+        ops.relu_backward(kernel_device, good, _on(kernel_device, np.ones(9, np.float32)))
+    with pytest.raises(ValueError, match="out must have shape"):
+        ops.relu_forward(kernel_device, good, out=_on(kernel_device, np.ones(7, np.float32)))
+    with pytest.raises(ValueError, match="keep must be > 0"):
+        ops.dropout_forward(kernel_device, good, 0.0, seed=1)
+    with pytest.raises(ValueError, match="keep must be <= 1"):
+        ops.dropout_forward(kernel_device, good, 1.5, seed=1)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        ops.dropout_forward(kernel_device, good, 0.5, seed=-1)
+    with pytest.raises(TypeError, match="keep must be a finite"):
+        ops.dropout_forward(kernel_device, good, float("nan"), seed=1)
+
+
+def test_numpy_array_on_cuda_device_is_rejected():
+    with pytest.raises(TypeError, match="cupy.ndarray"):
+        ops.relu_forward(Device("cuda"), np.ones(4, np.float32))
