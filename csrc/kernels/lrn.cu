@@ -12,8 +12,8 @@
 // Summation orders follow the reference (centre, then maps below, then maps above), so the emu matches the NumPy
 // float32 reference closely; __powf (exp2/log2 intrinsics) is used for denom^-beta.
 #include "cuda_compat.h"
-#include "lrn.h"
-#include "pool_vec.h"
+#include "kernels/lrn.h"
+#include "kernels/pool_vec.h"
 
 #include <cmath>
 #include <stdexcept>

@@ -9,8 +9,8 @@
 // windows that cover it, in the same order as the reference's accumulation (oh, ow descending), and for max adds
 // dy[o] where x == y[o] (recomputed, nothing stored by the forward pass).
 #include "cuda_compat.h"
-#include "pool.h"
-#include "pool_vec.h"
+#include "kernels/pool.h"
+#include "kernels/pool_vec.h"
 
 #include <stdexcept>
 #include <string>
