@@ -36,13 +36,15 @@ class Net:
     with labels it also keeps the summed loss (``net.loss``, a 0-d device array) for ``backward()``.
     """
 
-    def __init__(self, layers, *, device=None, dtype=np.float32, seed=0, name="net", source=None):
+    def __init__(self, layers, *, device=None, dtype=np.float32, seed=0, name="net", source=None,
+                 init_params=True):
         self.device = get_device(device)
         self.dtype = np.dtype(dtype)
         self.seed = int(seed)
         self.name = name
         self.source = source  # model-file text, when built from one (stored in checkpoints)
         self.layers = {}
+        self._init_params = init_params
         for layer in layers:
             self._add(layer)
         self._build()
@@ -91,7 +93,7 @@ class Net:
             l.out_shape = tuple(int(s) for s in l.output_shape(l.in_shape))
             # no gradient is needed into the data layer
             l.needs_input_grad = not all(isinstance(self.layers[i], Data) for i in l.inputs)
-            if l.learnable:
+            if l.learnable and self._init_params:
                 host = l.init_params(rng, self.dtype)
                 l.params = {k: l.device.asarray(v, self.dtype) for k, v in host.items()}
                 l.grads = {}

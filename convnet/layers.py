@@ -300,7 +300,7 @@ class FC(_Learnable):
         dy = self._neuron_backward(dy, ctx)
         x = ctx["x"]
         self.grads["w"] = ops.fc_backward_weights(self.device, x, dy)
-        self.grads["b"] = dy.sum(axis=1)
+        self.grads["b"] = ops.fc_backward_bias(self.device, dy)
         if not self.needs_input_grad:
             return None
         return ops.fc_backward_data(self.device, dy, self.params["w"])

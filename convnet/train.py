@@ -378,7 +378,8 @@ def run(argv=None, log=print):
     else:
         cfg = make_config(args)
     if args.summary:
-        net, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device="numpy", dtype=cfg.dtype)
+        net, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device="numpy", dtype=cfg.dtype,
+                           init_params=False)
         log(net.summary())
         return {"status": "summary"}
     trainer = Trainer(cfg, resume_state=resume_state, log=log)

@@ -176,18 +176,20 @@ def resolve_model(name_or_path):
     return q.read_text(), q.name
 
 
-def build_net(text, source="<model>", *, device=None, dtype="float32", seed=0):
+def build_net(text, source="<model>", *, device=None, dtype="float32", seed=0, init_params=True):
     from ..graph import Net
     specs, train = parse_model_text(text, source)
     layers = build_layers(specs, source)
     try:
-        net = Net(layers, device=device, dtype=dtype, seed=seed, name=Path(source).stem, source=text)
+        net = Net(layers, device=device, dtype=dtype, seed=seed, name=Path(source).stem, source=text,
+                  init_params=init_params)
     except LayerError as e:
         raise ModelFileError(f"{source}: {e}") from None
     return net, train
 
 
-def load_model(name_or_path, *, device=None, dtype="float32", seed=0):
-    """Build a Net from a shipped model name or a model-file path. Returns (net, train_defaults)."""
+def load_model(name_or_path, *, device=None, dtype="float32", seed=0, init_params=True):
+    """Build a Net from a shipped model name or a model-file path. Returns (net, train_defaults).
+    ``init_params=False`` builds shapes only (for summaries of big models)."""
     text, source = resolve_model(name_or_path)
-    return build_net(text, source, device=device, dtype=dtype, seed=seed)
+    return build_net(text, source, device=device, dtype=dtype, seed=seed, init_params=init_params)
