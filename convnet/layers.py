@@ -348,6 +348,9 @@ class Pool(Layer):
         if len(in_shape) != 3:
             raise LayerError(f"layer '{self.name}': pool needs an image input (C, H, W), got shape {in_shape}")
         c, h, w = in_shape
+        if any(p > k // 2 for p, k in zip(self.padding, self.size)):
+            raise LayerError(f"layer '{self.name}': pool padding {self.padding} must be at most half the window "
+                             f"{self.size}")
         oh = _conv_out(h, self.size[0], self.stride[0], self.padding[0])
         ow = _conv_out(w, self.size[1], self.stride[1], self.padding[1])
         if oh <= 0 or ow <= 0:
