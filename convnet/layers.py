@@ -106,6 +106,13 @@ class Layer:
         return f"<{type(self).__name__} {self.name} {self.describe()}>"
 
 
+def _gaussian(rng, shape, std, dtype):
+    dtype = np.dtype(dtype)
+    g = rng.standard_normal(shape, dtype=dtype if dtype in (np.float32, np.float64) else np.float64)
+    g *= g.dtype.type(std)
+    return g.astype(dtype, copy=False)
+
+
 def _conv_out(h, k, s, p):
     return (h + 2 * p - k) // s + 1
 
@@ -229,7 +236,7 @@ class Conv(_Learnable):
         c = self.in_shape[0] // self.groups
         fan_in = c * self.size[0] * self.size[1]
         std = self._std(fan_in, self.filters // self.groups * self.size[0] * self.size[1])
-        w = (rng.standard_normal(self.param_shapes()["w"]) * std).astype(dtype)
+        w = _gaussian(rng, self.param_shapes()["w"], std, dtype)
         b = np.full((self.filters,), self.init_b, dtype)
         return {"w": w, "b": b}
 
@@ -284,7 +291,7 @@ class FC(_Learnable):
     def init_params(self, rng, dtype):
         fan_in = int(np.prod(self.in_shape))
         std = self._std(fan_in, self.outputs)
-        w = (rng.standard_normal((self.outputs, fan_in)) * std).astype(dtype)
+        w = _gaussian(rng, (self.outputs, fan_in), std, dtype)
         return {"w": w, "b": np.full((self.outputs,), self.init_b, dtype)}
 
     def flops(self):
