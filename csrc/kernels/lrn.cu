@@ -52,6 +52,8 @@ __global__ void lrn_fwd_kernel(const float* __restrict__ x, float* __restrict__ 
     const int cj = c0 - B + j - 1;
     win[j] = (cj >= 0 && cj < g.C) ? vload<VEC>(x + cj * cs + base) : vfill<VEC>(0.0f);
   }
+  // unrolled by 2 so the next map's load is issued before this one's math (two 16-byte loads in flight)
+#pragma unroll 2
   for (int c = c0; c < c1; ++c) {
 #pragma unroll
     for (int j = 0; j < SIZE - 1; ++j) win[j] = win[j + 1];
