@@ -213,3 +213,37 @@ def test_launcher_rejects_bad_params():
         k.lrn_backward(p, p, p, p, p, 2, 2, 2, 2, 5, 1e-4, 0.75, 2.0, 3, 0)
     with pytest.raises(ValueError, match="null pointer .the reuse variant"):
         k.lrn_backward(p, 0, p, p, p, 2, 2, 2, 2, 5, 1e-4, 0.75, 2.0, 1, 0)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=50, deadline=None)
+@given(C=st.integers(1, 40), P=st.integers(1, 6), N=st.sampled_from([1, 3, 4, 8, 9, 36]), size=st.integers(1, 11),
+       convention=st.sampled_from(["sum", "mean"]), method=st.sampled_from(["recompute", "reuse"]))
+def test_emu_random_shapes(C, P, N, size, convention, method):
+    rng = np.random.default_rng(C * 1000 + P * 100 + N + size)
+    x = rng.uniform(-2, 2, (C, P, 1, N)).astype(np.float32)
+    dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    kw = dict(size=size, alpha=0.4, beta=0.75, k=1.5, convention=convention)
+    y, d, dx = run_lrn(Device("emu"), x, dy, method, **kw)
+    yr, dr = ref.lrn_forward(x, **kw)
+    assert_close("denom", d, dr, rtol=2e-7)
+    assert_close("y", y, yr, rtol=2e-6, atol=1e-7)
+    assert_close("dx", dx, ref.lrn_backward(x, yr, dr, dy, **kw), rtol=1e-5, atol=2e-6)
+
+
+def test_emu_misaligned_pointers():
+    from test_pool import misaligned
+
+    dev = Device("emu")
+    rng = np.random.default_rng(24)
+    x = misaligned(rng.uniform(-2, 2, (9, 3, 3, 8)).astype(np.float32))
+    dy = misaligned(rng.uniform(-1, 1, x.shape).astype(np.float32))
+    kw = dict(size=5, alpha=0.5, beta=0.75, k=2.0, convention="sum")
+    for method in ("recompute", "reuse"):
+        y, d = ops.lrn_forward(dev, x, **kw)
+        dx = ops.lrn_backward(dev, x, y, d, dy, method=method, **kw)
+        yr, dr = ref.lrn_forward(x, **kw)
+        assert_close("y", y, yr, rtol=2e-6)
+        assert_close("dx", dx, ref.lrn_backward(x, yr, dr, dy, **kw), rtol=1e-5, atol=2e-6)
