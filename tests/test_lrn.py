@@ -78,10 +78,10 @@ from helpers import SCHEDULES, assert_close, assert_identical, schedule, to_host
 NUMPY = Device("numpy")
 
 
-def run_lrn(dev, x, dy, **kw):
+def run_lrn(dev, x, dy, method="recompute", **kw):
     xd = dev.asarray(x)
     y, d = ops.lrn_forward(dev, xd, **kw)
-    dx = ops.lrn_backward(dev, xd, y, d, dev.asarray(dy), **kw)
+    dx = ops.lrn_backward(dev, xd, y, d, dev.asarray(dy), method=method, **kw)
     return to_host(y), to_host(d), to_host(dx)
 
 
@@ -131,6 +131,16 @@ def test_kernel_matches_reference(kernel_device, case, convention):
     assert_close("denom", d, dr, rtol=2e-7 if kernel_device.kind == "emu" else 1e-6)
     assert_close("y", y, yr, rtol=2e-6, atol=1e-7)
     assert_close("dx", dx, dxr, rtol=1e-5, atol=2e-6)
+    # the reuse variant (reads y, denom) and the denom-free forward give the same answers
+    _, _, dx_reuse = run_lrn(kernel_device, x, dy, method="reuse", **kw)
+    assert_close("dx (reuse)", dx_reuse, dxr, rtol=1e-5, atol=2e-6)
+    xd = kernel_device.asarray(x)
+    y2, none = ops.lrn_forward(kernel_device, xd, with_denom=False, **kw)
+    assert none is None
+    if kernel_device.kind == "emu":
+        assert_identical("y (no denom)", to_host(y2), y)
+        dx2 = ops.lrn_backward(kernel_device, xd, None, None, kernel_device.asarray(dy), **kw)
+        assert_identical("dx (no y, denom)", to_host(dx2), dx)
 
 
 def test_kernel_gradient_float64_reference(kernel_device):
@@ -150,13 +160,14 @@ def test_schedules_identical():
     rng = np.random.default_rng(23)
     x = rng.uniform(-2, 2, (20, 3, 3, 8)).astype(np.float32)
     dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
-    outs = []
-    for order in SCHEDULES:
-        with schedule(dev, order, seed=5):
-            outs.append(run_lrn(dev, x, dy, size=5, alpha=0.1, beta=0.75, k=2.0, convention="sum"))
-    for o in outs[1:]:
-        for a, b, name in zip(o, outs[0], ("y", "denom", "dx")):
-            assert_identical(name, a, b)
+    for method in ("recompute", "reuse"):
+        outs = []
+        for order in SCHEDULES:
+            with schedule(dev, order, seed=5):
+                outs.append(run_lrn(dev, x, dy, method, size=5, alpha=0.1, beta=0.75, k=2.0, convention="sum"))
+        for o in outs[1:]:
+            for a, b, name in zip(o, outs[0], ("y", "denom", "dx")):
+                assert_identical(name, a, b)
 
 
 def test_bad_inputs(kernel_device):
@@ -184,6 +195,10 @@ def test_bad_inputs(kernel_device):
         ops.lrn_backward(dev, x, y, d, y, out=y, **kw)
     with pytest.raises(TypeError):
         ops.lrn_backward(dev, x, y, d, y)  # the parameters are required (keyword-only) in backward
+    with pytest.raises(ValueError, match="method"):
+        ops.lrn_backward(dev, x, y, d, y, method="cache", **kw)
+    with pytest.raises(ValueError, match="needs y and denom"):
+        ops.lrn_backward(dev, x, y, None, y, method="reuse", **kw)
 
 
 def test_launcher_rejects_bad_params():
@@ -193,4 +208,42 @@ def test_launcher_rejects_bad_params():
     with pytest.raises(ValueError, match="k must be"):
         k.lrn_forward(p, p, p, 2, 2, 2, 2, 5, 1e-4, 0.75, 0.0, 0)
     with pytest.raises(ValueError, match="size"):
-        k.lrn_backward(p, p, p, p, p, 2, 2, 2, 2, 0, 1e-4, 0.75, 2.0, 0)
+        k.lrn_backward(p, p, p, p, p, 2, 2, 2, 2, 0, 1e-4, 0.75, 2.0, 0, 0)
+    with pytest.raises(ValueError, match="variant"):
+        k.lrn_backward(p, p, p, p, p, 2, 2, 2, 2, 5, 1e-4, 0.75, 2.0, 3, 0)
+    with pytest.raises(ValueError, match="null pointer .the reuse variant"):
+        k.lrn_backward(p, 0, p, p, p, 2, 2, 2, 2, 5, 1e-4, 0.75, 2.0, 1, 0)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=50, deadline=None)
+@given(C=st.integers(1, 40), P=st.integers(1, 6), N=st.sampled_from([1, 3, 4, 8, 9, 36]), size=st.integers(1, 11),
+       convention=st.sampled_from(["sum", "mean"]), method=st.sampled_from(["recompute", "reuse"]))
+def test_emu_random_shapes(C, P, N, size, convention, method):
+    rng = np.random.default_rng(C * 1000 + P * 100 + N + size)
+    x = rng.uniform(-2, 2, (C, P, 1, N)).astype(np.float32)
+    dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    kw = dict(size=size, alpha=0.4, beta=0.75, k=1.5, convention=convention)
+    y, d, dx = run_lrn(Device("emu"), x, dy, method, **kw)
+    yr, dr = ref.lrn_forward(x, **kw)
+    assert_close("denom", d, dr, rtol=2e-7)
+    assert_close("y", y, yr, rtol=2e-6, atol=1e-7)
+    assert_close("dx", dx, ref.lrn_backward(x, yr, dr, dy, **kw), rtol=1e-5, atol=2e-6)
+
+
+def test_emu_misaligned_pointers():
+    from test_pool import misaligned
+
+    dev = Device("emu")
+    rng = np.random.default_rng(24)
+    x = misaligned(rng.uniform(-2, 2, (9, 3, 3, 8)).astype(np.float32))
+    dy = misaligned(rng.uniform(-1, 1, x.shape).astype(np.float32))
+    kw = dict(size=5, alpha=0.5, beta=0.75, k=2.0, convention="sum")
+    for method in ("recompute", "reuse"):
+        y, d = ops.lrn_forward(dev, x, **kw)
+        dx = ops.lrn_backward(dev, x, y, d, dy, method=method, **kw)
+        yr, dr = ref.lrn_forward(x, **kw)
+        assert_close("y", y, yr, rtol=2e-6)
+        assert_close("dx", dx, ref.lrn_backward(x, yr, dr, dy, **kw), rtol=1e-5, atol=2e-6)

@@ -246,3 +246,70 @@ def test_launcher_rejects_bad_geometry():
         k.pool_forward(p, p, 0, 4, 4, 1, 3, 3, 1, 1, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="null"):
         k.pool_backward(p, 0, p, p, 1, 4, 4, 1, 3, 3, 1, 1, 0, 0, 0, 0)
+
+
+def misaligned(a):
+    """A C-contiguous copy of ``a`` whose data pointer is 4 bytes past a 16-byte boundary (forces the scalar path)."""
+    buf = np.empty(a.size + 8, a.dtype)
+    off = (-(buf.ctypes.data // 4) % 4 + 1) % 4 or 1
+    out = buf[off:off + a.size].reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % 16 != 0 and out.flags.c_contiguous
+    return out
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_emu_misaligned_pointers(mode):
+    """N % 4 == 0 but a pointer off a 16-byte boundary: the launcher must take the scalar path (and be right)."""
+    dev = Device("emu")
+    rng = np.random.default_rng(14)
+    x = misaligned(rng.uniform(-1, 1, (3, 11, 11, 8)).astype(np.float32))
+    kw = dict(mode=mode, window=3, stride=2, padding=1)
+    y = ops.pool_forward(dev, x, **kw)
+    dy = misaligned(rng.uniform(-1, 1, y.shape).astype(np.float32))
+    dx = ops.pool_backward(dev, x, y, dy, out=misaligned(np.zeros(x.shape, np.float32)), **kw)
+    assert_identical("y", y, ref.pool_forward(x, **kw))
+    assert_identical("dx", dx, ref.pool_backward(x, y, dy, **kw))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@st.composite
+def pool_geometries(draw):
+    wh, ww = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    sh, sw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    ph, pw = draw(st.integers(0, wh // 2)), draw(st.integers(0, ww // 2))
+    H = draw(st.integers(max(1, wh - 2 * ph), 14))
+    W = draw(st.integers(max(1, ww - 2 * pw), 14))
+    C, N = draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3, 4, 5, 8, 12, 33]))
+    ties = draw(st.booleans())
+    return (C, H, W, N), (wh, ww), (sh, sw), (ph, pw), ties
+
+
+@settings(max_examples=60, deadline=None)
+@given(g=pool_geometries(), mode=st.sampled_from(["max", "avg"]))
+def test_emu_random_geometry(g, mode):
+    shape, win, stride, pad, ties = g
+    rng = np.random.default_rng(abs(hash((shape, win, stride, pad))) % 2**32)
+    x = (rng.integers(0, 3, shape) if ties else rng.uniform(-1, 1, shape)).astype(np.float32)
+    yshape = ops.pool_output_shape(shape, window=win, stride=stride, padding=pad)
+    dy = rng.uniform(-1, 1, yshape).astype(np.float32)
+    y, dx = run_pool(Device("emu"), x, mode, (win, stride, pad), dy)
+    kw = dict(mode=mode, window=win, stride=stride, padding=pad)
+    assert_identical("y", y, ref.pool_forward(x, **kw))
+    assert_identical("dx", dx, ref.pool_backward(x, y, dy, **kw))
+
+
+def test_benchmark_smoke_on_emu(capsys):
+    """benchmarks/memory_bound_bench.py runs end to end on the emulator (and says it is not a speed figure)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "memory_bound_bench.py"
+    spec = importlib.util.spec_from_file_location("memory_bound_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--device", "emu", "--cases", "pool5,lrn2", "--batch", "4", "--no-write"])
+    out = capsys.readouterr().out
+    assert "NOT speed figures" in out and "pool backward" in out and "lrn backward" in out

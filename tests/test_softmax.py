@@ -94,7 +94,7 @@ def test_kernel_matches_reference(kernel_device, K, N):
     assert_close("dlogits", d, dr, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("scale", [1e4, 3e38])
+@pytest.mark.parametrize("scale", [1e4, 1e30])
 def test_kernel_huge_logits(kernel_device, scale):
     rng = np.random.default_rng(32)
     K, N = 20, 9

@@ -2,6 +2,8 @@
 #include "bindings/common.h"
 #include "kernels/softmax.h"
 
+#include <pybind11/stl.h>
+
 #include <vector>
 
 using namespace convnet::bind;

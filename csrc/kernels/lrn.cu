@@ -52,6 +52,8 @@ __global__ void lrn_fwd_kernel(const float* __restrict__ x, float* __restrict__ 
     const int cj = c0 - B + j - 1;
     win[j] = (cj >= 0 && cj < g.C) ? vload<VEC>(x + cj * cs + base) : vfill<VEC>(0.0f);
   }
+  // unrolled by 2 so the next map's load is issued before this one's math (two 16-byte loads in flight)
+#pragma unroll 2
   for (int c = c0; c < c1; ++c) {
 #pragma unroll
     for (int j = 0; j < SIZE - 1; ++j) win[j] = win[j + 1];
@@ -70,7 +72,79 @@ __global__ void lrn_fwd_kernel(const float* __restrict__ x, float* __restrict__ 
       yv.v[k] = win[B].v[k] * lrn_pow(d, g.beta);
     }
     vstore<VEC>(y + c * cs + base, yv);
-    vstore<VEC>(denom + c * cs + base, dv);
+    if (denom) vstore<VEC>(denom + c * cs + base, dv);
+  }
+}
+
+// Backward from x and dy only: denom_j is recomputed in registers (the same operations in the same order as the
+// forward pass, so bit-identical to the denom it wrote), y_j = x_j denom_j^-beta likewise.  Memory traffic: read x
+// and dy, write dx (3 streams) instead of read x, y, denom, dy, write dx (5 streams) for the reuse variant below.
+// L walks the leading map of the reversed window (L = c + B for centre c): ring xr holds x[L-B .. L+A] (the
+// forward window of L), rings t/dyr/pr hold dy_j y_j / denom_j, dy_j and denom_j^-beta for j in [c-A, c+B].
+template <int VEC, int SIZE>
+__global__ void __launch_bounds__(kThreads) lrn_bwd_recompute_kernel(const float* __restrict__ x, const float* __restrict__ dy,
+                                         float* __restrict__ dx, LrnGeom g, int seg) {
+  constexpr int B = SIZE / 2;
+  constexpr int A = (SIZE - 1) / 2;
+  const unsigned NV = static_cast<unsigned>(g.N) / VEC;
+  const unsigned items = static_cast<unsigned>(g.P) * NV;
+  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= items) return;
+  const int c0 = blockIdx.y * seg;
+  const int c1 = min(g.C, c0 + seg);
+  const size_t cs = static_cast<size_t>(g.P) * g.N;
+  const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
+  const float coef = 2.0f * g.a * g.beta;
+  const int L0 = c0 - A;                        // first leading map: fills the reversed window of c0
+  VecF<VEC> xr[SIZE], t[SIZE], dyr[SIZE], pr[SIZE];
+#pragma unroll
+  for (int j = 1; j < SIZE; ++j) {              // xr = x[L0-1-B .. L0-1+A] (shifted before use)
+    const int cj = L0 - B + j - 1;
+    xr[j] = (cj >= 0 && cj < g.C) ? vload<VEC>(x + cj * cs + base) : vfill<VEC>(0.0f);
+  }
+#pragma unroll
+  for (int j = 0; j < SIZE; ++j) { t[j] = vfill<VEC>(0.0f); dyr[j] = t[j]; pr[j] = t[j]; }
+  for (int L = L0; L < c1 + B; ++L) {
+#pragma unroll
+    for (int j = 0; j < SIZE - 1; ++j) { xr[j] = xr[j + 1]; t[j] = t[j + 1]; dyr[j] = dyr[j + 1]; pr[j] = pr[j + 1]; }
+    const int cn = L + A;
+    xr[SIZE - 1] = (cn >= 0 && cn < g.C) ? vload<VEC>(x + cn * cs + base) : vfill<VEC>(0.0f);
+    if (L >= 0 && L < g.C) {
+      const VecF<VEC> dyv = vload<VEC>(dy + L * cs + base);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        float s = xr[B].v[k] * xr[B].v[k];
+#pragma unroll
+        for (int o = 1; o <= B; ++o) s += xr[B - o].v[k] * xr[B - o].v[k];
+#pragma unroll
+        for (int o = 1; o <= A; ++o) s += xr[B + o].v[k] * xr[B + o].v[k];
+        const float d = g.k + g.a * s;
+        const float p = lrn_pow(d, g.beta);
+        const float yv = xr[B].v[k] * p;
+        t[SIZE - 1].v[k] = dyv.v[k] * yv / d;
+        dyr[SIZE - 1].v[k] = dyv.v[k];
+        pr[SIZE - 1].v[k] = p;
+      }
+    } else {
+      t[SIZE - 1] = vfill<VEC>(0.0f);
+      dyr[SIZE - 1] = t[SIZE - 1];
+      pr[SIZE - 1] = t[SIZE - 1];
+    }
+    const int c = L - B;                          // centre whose reversed window [c-A, c+B] is now complete
+    if (c >= c0) {
+      VecF<VEC> out;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        float s = t[A].v[k];
+#pragma unroll
+        for (int o = 1; o <= A; ++o) s += t[A - o].v[k];
+#pragma unroll
+        for (int o = 1; o <= B; ++o) s += t[A + o].v[k];
+        s = s * xr[0].v[k] * coef;                 // xr[0] = x[L - B] = x[c]
+        out.v[k] = pr[A].v[k] * dyr[A].v[k] - s;
+      }
+      vstore<VEC>(dx + c * cs + base, out);
+    }
   }
 }
 
@@ -160,7 +234,68 @@ __global__ void lrn_fwd_generic(const float* __restrict__ x, float* __restrict__
       yv.v[k] = xc.v[k] * lrn_pow(dv.v[k], g.beta);
     }
     vstore<VEC>(y + c * cs + base, yv);
-    vstore<VEC>(denom + c * cs + base, dv);
+    if (denom) vstore<VEC>(denom + c * cs + base, dv);
+  }
+}
+
+// Generic-size backward without denom/y: recomputes denom_j over each map's window (O(size^2) L1-resident reads).
+template <int VEC>
+__global__ void lrn_bwd_recompute_generic(const float* __restrict__ x, const float* __restrict__ dy,
+                                          float* __restrict__ dx, LrnGeom g, int seg) {
+  const int A = (g.size - 1) / 2, B = g.size / 2;
+  const unsigned NV = static_cast<unsigned>(g.N) / VEC;
+  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<unsigned>(g.P) * NV) return;
+  const int c0 = blockIdx.y * seg, c1 = min(g.C, c0 + seg);
+  const size_t cs = static_cast<size_t>(g.P) * g.N;
+  const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
+  const float coef = 2.0f * g.a * g.beta;
+  // denom_j and its power, the forward's operations in the forward's order
+  auto denom_at = [&](int j, VecF<VEC>& d, VecF<VEC>& xj) {
+    xj = vload<VEC>(x + j * cs + base);
+    VecF<VEC> s;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s.v[k] = xj.v[k] * xj.v[k];
+    for (int o = 1; o <= B && j - o >= 0; ++o) {
+      const VecF<VEC> v = vload<VEC>(x + (j - o) * cs + base);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s.v[k] += v.v[k] * v.v[k];
+    }
+    for (int o = 1; o <= A && j + o < g.C; ++o) {
+      const VecF<VEC> v = vload<VEC>(x + (j + o) * cs + base);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s.v[k] += v.v[k] * v.v[k];
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) d.v[k] = g.k + g.a * s.v[k];
+  };
+  auto tval = [&](int j, VecF<VEC>& tv) {
+    VecF<VEC> d, xj;
+    denom_at(j, d, xj);
+    const VecF<VEC> dyj = vload<VEC>(dy + j * cs + base);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) tv.v[k] = dyj.v[k] * (xj.v[k] * lrn_pow(d.v[k], g.beta)) / d.v[k];
+  };
+  for (int c = c0; c < c1; ++c) {
+    VecF<VEC> s, tv;
+    tval(c, s);
+    for (int o = 1; o <= A && c - o >= 0; ++o) {
+      tval(c - o, tv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s.v[k] += tv.v[k];
+    }
+    for (int o = 1; o <= B && c + o < g.C; ++o) {
+      tval(c + o, tv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s.v[k] += tv.v[k];
+    }
+    VecF<VEC> d, xv;
+    denom_at(c, d, xv);
+    const VecF<VEC> dyv = vload<VEC>(dy + c * cs + base);
+    VecF<VEC> out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out.v[k] = lrn_pow(d.v[k], g.beta) * dyv.v[k] - s.v[k] * xv.v[k] * coef;
+    vstore<VEC>(dx + c * cs + base, out);
   }
 }
 
@@ -229,10 +364,16 @@ void fwd_dispatch(const float* x, float* y, float* d, const LrnGeom& g, cudaStre
 
 template <int VEC>
 void bwd_dispatch(const float* x, const float* y, const float* d, const float* dy, float* dx, const LrnGeom& g,
-                  cudaStream_t s) {
+                  bool reuse, cudaStream_t s) {
   const int seg = segment_length(g, VEC);
   const unsigned items = static_cast<unsigned>(g.P) * (g.N / VEC);
   const dim3 grid((items + kThreads - 1) / kThreads, (g.C + seg - 1) / seg), block(kThreads);
+  if (!reuse) {
+    if (g.size == 5) launch(lrn_bwd_recompute_kernel<VEC, 5>, grid, block, 0, s, x, dy, dx, g, seg);
+    else if (g.size == 3) launch(lrn_bwd_recompute_kernel<VEC, 3>, grid, block, 0, s, x, dy, dx, g, seg);
+    else launch(lrn_bwd_recompute_generic<VEC>, grid, block, 0, s, x, dy, dx, g, seg);
+    return;
+  }
   if (g.size == 5) launch(lrn_bwd_kernel<VEC, 5>, grid, block, 0, s, x, y, d, dy, dx, g, seg);
   else if (g.size == 3) launch(lrn_bwd_kernel<VEC, 3>, grid, block, 0, s, x, y, d, dy, dx, g, seg);
   else launch(lrn_bwd_generic<VEC>, grid, block, 0, s, x, y, d, dy, dx, g, seg);
@@ -253,18 +394,24 @@ LrnGeom lrn_geometry(int C, int H, int W, int N, int size, float a, float beta, 
 
 void lrn_forward(const float* x, float* y, float* denom, const LrnGeom& gin, cudaStream_t stream) {
   const LrnGeom g = lrn_geometry(gin.C, gin.P, 1, gin.N, gin.size, gin.a, gin.beta, gin.k);
-  if (!x || !y || !denom) throw std::invalid_argument("lrn_forward: null pointer");
-  const bool v4 = g.N % 4 == 0 && memb::aligned16(x) && memb::aligned16(y) && memb::aligned16(denom);
+  if (!x || !y) throw std::invalid_argument("lrn_forward: null pointer");
+  const bool v4 = g.N % 4 == 0 && memb::aligned16(x) && memb::aligned16(y) && (!denom || memb::aligned16(denom));
   v4 ? fwd_dispatch<4>(x, y, denom, g, stream) : fwd_dispatch<1>(x, y, denom, g, stream);
 }
 
 void lrn_backward(const float* x, const float* y, const float* denom, const float* dy, float* dx, const LrnGeom& gin,
-                  cudaStream_t stream) {
+                  int variant, cudaStream_t stream) {
   const LrnGeom g = lrn_geometry(gin.C, gin.P, 1, gin.N, gin.size, gin.a, gin.beta, gin.k);
-  if (!x || !y || !denom || !dy || !dx) throw std::invalid_argument("lrn_backward: null pointer");
-  const bool v4 = g.N % 4 == 0 && memb::aligned16(x) && memb::aligned16(y) && memb::aligned16(denom) &&
-                  memb::aligned16(dy) && memb::aligned16(dx);
-  v4 ? bwd_dispatch<4>(x, y, denom, dy, dx, g, stream) : bwd_dispatch<1>(x, y, denom, dy, dx, g, stream);
+  if (variant != LRN_BWD_RECOMPUTE && variant != LRN_BWD_REUSE)
+    throw std::invalid_argument("lrn_backward: variant must be 0 (recompute) or 1 (reuse), got " +
+                                std::to_string(variant));
+  const bool reuse = variant == LRN_BWD_REUSE;
+  if (!x || !dy || !dx || (reuse && (!y || !denom)))
+    throw std::invalid_argument(reuse ? "lrn_backward: null pointer (the reuse variant needs x, y, denom, dy, dx)"
+                                      : "lrn_backward: null pointer (needs x, dy, dx)");
+  bool v4 = g.N % 4 == 0 && memb::aligned16(x) && memb::aligned16(dy) && memb::aligned16(dx);
+  if (reuse) v4 = v4 && memb::aligned16(y) && memb::aligned16(denom);
+  v4 ? bwd_dispatch<4>(x, y, denom, dy, dx, g, reuse, stream) : bwd_dispatch<1>(x, y, denom, dy, dx, g, reuse, stream);
 }
 
 }  // namespace convnet

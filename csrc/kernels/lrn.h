@@ -16,8 +16,14 @@ struct LrnGeom {
 
 LrnGeom lrn_geometry(int C, int H, int W, int N, int size, float a, float beta, float k);  // validates
 
+// denom may be null: then only y is written (2 memory streams instead of 3).
 void lrn_forward(const float* x, float* y, float* denom, const LrnGeom& g, cudaStream_t stream);
+
+// LRN_BWD_RECOMPUTE (default): reads x and dy only; denom_j and y_j are recomputed in registers with the forward's
+//   operations in the forward's order (bit-identical), y and denom may be null.  3 memory streams.
+// LRN_BWD_REUSE: reads x, y, denom, dy (what the forward wrote).  5 memory streams.
+enum LrnBackwardVariant : int { LRN_BWD_RECOMPUTE = 0, LRN_BWD_REUSE = 1 };
 void lrn_backward(const float* x, const float* y, const float* denom, const float* dy, float* dx, const LrnGeom& g,
-                  cudaStream_t stream);
+                  int variant, cudaStream_t stream);
 
 }  // namespace convnet

@@ -4,6 +4,7 @@
 // every load/store is a coalesced 128- (VEC=1) or 512-byte (VEC=4) row.  Overlapping windows re-read inputs
 // through L1/L2 (each input is fetched from DRAM about once; consecutive blocks walk neighbouring pixels).
 // Common windows (3x3, 2x2) are template-unrolled so all window loads are in flight before the first max.
+// Max 3x3/2 (AlexNet) takes a strip kernel that also reuses the shared window rows in registers (see below).
 //
 // Backward is a gather (no atomics, deterministic): one thread per input (c, h, w, VEC images) visits the output
 // windows that cover it, in the same order as the reference's accumulation (oh, ow descending), and for max adds
@@ -65,6 +66,61 @@ __global__ void pool_fwd_kernel(const float* __restrict__ x, float* __restrict__
   }
 }
 
+// Max pooling with overlapping rows (3x3/2, AlexNet): a thread walks a strip of T output rows of one output column,
+// keeping the window's per-row maxima in registers, so the rows shared by vertically adjacent windows are loaded
+// once: (T*SH + WH - SH) * WW loads per T outputs instead of T*WH*WW (3x3/2, T=4: 27 instead of 36; the
+// horizontal overlap is served by L1, since a block holds 8 adjacent output columns of the same rows).
+template <int VEC, int WH, int WW, int SH, int SW>
+__global__ void pool_fwd_max_strip_kernel(const float* __restrict__ x, float* __restrict__ y, PoolGeom g, int T) {
+  static_assert(SH < WH, "the strip kernel is for overlapping windows");
+  const unsigned NV = static_cast<unsigned>(g.N) / VEC;
+  const unsigned strips = (g.OH + T - 1) / T;
+  const unsigned total = static_cast<unsigned>(g.C) * strips * g.OW * NV;
+  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    const unsigned nv = i % NV;
+    unsigned t = i / NV;
+    const int ow = t % g.OW; t /= g.OW;
+    const int strip = t % strips;
+    const unsigned c = t / strips;
+    const int oh0 = strip * T, oh1 = min(g.OH, oh0 + T);
+    const int w0 = ow * SW - g.pw;
+    const float* xc = x + static_cast<size_t>(c) * g.H * g.W * g.N + nv * VEC;
+    float* yc = y + (static_cast<size_t>(c) * g.OH * g.OW + ow) * g.N + nv * VEC;
+    auto rowmax = [&](int h) {
+      VecF<VEC> acc = vfill<VEC>(-INFINITY);
+      if (h >= 0 && h < g.H) {
+#pragma unroll
+        for (int dw = 0; dw < WW; ++dw) {
+          const int w = w0 + dw;
+          if (w < 0 || w >= g.W) continue;
+          const VecF<VEC> v = vload<VEC>(xc + (static_cast<size_t>(h) * g.W + w) * g.N);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) acc.v[k] = v.v[k] > acc.v[k] ? v.v[k] : acc.v[k];
+        }
+      }
+      return acc;
+    };
+    int h0 = oh0 * SH - g.ph;
+    VecF<VEC> r[WH];
+#pragma unroll
+    for (int j = 0; j < WH; ++j) r[j] = rowmax(h0 + j);
+    for (int oh = oh0;;) {
+      VecF<VEC> out = r[0];
+#pragma unroll
+      for (int j = 1; j < WH; ++j)
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) out.v[k] = r[j].v[k] > out.v[k] ? r[j].v[k] : out.v[k];
+      vstore<VEC>(yc + static_cast<size_t>(oh) * g.OW * g.N, out);
+      if (++oh >= oh1) break;
+      h0 += SH;
+#pragma unroll
+      for (int j = 0; j < WH - SH; ++j) r[j] = r[j + SH];
+#pragma unroll
+      for (int j = WH - SH; j < WH; ++j) r[j] = rowmax(h0 + j);
+    }
+  }
+}
+
 template <int MODE, int VEC>
 __global__ void pool_bwd_kernel(const float* __restrict__ x, const float* __restrict__ y,
                                 const float* __restrict__ dy, float* __restrict__ dx, PoolGeom g) {
@@ -108,11 +164,28 @@ __global__ void pool_bwd_kernel(const float* __restrict__ x, const float* __rest
   }
 }
 
+// Output rows per thread for the strip kernel: long strips share more rows, but keep >= ~4 waves of threads
+// (132 SMs x 2048 threads) in flight.
+int strip_rows(const PoolGeom& g, int vec) {
+  const long long columns = 1ll * g.C * g.OW * (g.N / vec);
+  const long long want = 4ll * 132 * 2048;
+  long long T = columns * g.OH / want;
+  if (T < 2) T = 2;
+  if (T > 8) T = 8;
+  if (T > g.OH) T = g.OH;
+  return static_cast<int>(T);
+}
+
 template <int MODE, int VEC>
 void fwd_dispatch(const float* x, float* y, const PoolGeom& g, cudaStream_t s) {
   const long long items = static_cast<long long>(g.C) * g.OH * g.OW * (g.N / VEC);
   const dim3 grid(memb::grid_for(items, kThreads)), block(kThreads);
-  if (g.wh == 3 && g.ww == 3) launch(pool_fwd_kernel<MODE, VEC, 3, 3>, grid, block, 0, s, x, y, g);
+  if (MODE == POOL_MAX && g.wh == 3 && g.ww == 3 && g.sh == 2 && g.sw == 2 && g.OH > 1) {
+    const int T = strip_rows(g, VEC);
+    const long long threads = 1ll * g.C * ((g.OH + T - 1) / T) * g.OW * (g.N / VEC);
+    launch(pool_fwd_max_strip_kernel<VEC, 3, 3, 2, 2>, dim3(memb::grid_for(threads, kThreads)), block, 0, s, x, y,
+           g, T);
+  } else if (g.wh == 3 && g.ww == 3) launch(pool_fwd_kernel<MODE, VEC, 3, 3>, grid, block, 0, s, x, y, g);
   else if (g.wh == 2 && g.ww == 2) launch(pool_fwd_kernel<MODE, VEC, 2, 2>, grid, block, 0, s, x, y, g);
   else launch(pool_fwd_kernel<MODE, VEC, 0, 0>, grid, block, 0, s, x, y, g);
 }
