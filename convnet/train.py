@@ -57,6 +57,7 @@ class Config:
     seed: int = 0
     dtype: str = "float32"
     prefetch: int = 3
+    threads: int = 1  # BLAS threads on the CPU devices (0 = leave the BLAS default)
     progress: bool = True
     plots: bool = True
     synthetic_train: int = 1280
@@ -99,6 +100,8 @@ def parse_args(argv=None):
       help="evaluate the checkpoint given by --resume (or <out>/checkpoint.npz) on the test set")
     a("--dtype", choices=("float32", "float64"))
     a("--prefetch", type=int, help="batches prepared ahead by the loader thread (0 = no thread)")
+    a("--threads", type=int, help="BLAS threads for numpy/emu (default 1: robust on a shared machine, and the "
+                                  "loader thread gets the other core; 0 = the BLAS library's default)")
     a("--no-progress", action="store_false", dest="progress", default=None)
     a("--no-plots", action="store_false", dest="plots", default=None)
     a("--synthetic-train", type=int, dest="synthetic_train", help="images in the synthetic training set")
@@ -382,6 +385,34 @@ def run(argv=None, log=print):
                            init_params=False)
         log(net.summary())
         return {"status": "summary"}
+    with blas_threads(cfg.threads, log):
+        return _run(args, cfg, resume_state, log)
+
+
+class blas_threads:
+    """Limit the BLAS thread pool (threadpoolctl) while training on a CPU device."""
+
+    def __init__(self, n, log=print):
+        self.n, self.log, self.ctl = int(n or 0), log, None
+
+    def __enter__(self):
+        if self.n > 0:
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:
+                self.log("note: threadpoolctl is not installed; BLAS threads left at the library default "
+                         "(pip install threadpoolctl, or set OPENBLAS_NUM_THREADS)")
+                return self
+            self.ctl = threadpool_limits(limits=self.n, user_api="blas")
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctl is not None:
+            self.ctl.restore_original_limits()
+        return False
+
+
+def _run(args, cfg, resume_state, log):
     trainer = Trainer(cfg, resume_state=resume_state, log=log)
     if args.eval_only:
         loss, e1, e5, kept = trainer.evaluate(keep_probs=16)
