@@ -256,39 +256,79 @@ class Loader:
         return np.random.default_rng([self.seed, epoch, 7]).permutation(len(self.images))
 
     def make_batch(self, epoch, b, order=None):
-        """Batch ``b`` of ``epoch`` as host arrays (x (C,H,W,N), y (N,))."""
+        """Batch ``b`` of ``epoch``: (x (C,H,W,N) float32, y (N,) int32) on the loader's device (host if None)."""
+        return self._finish(*self._host_part(epoch, b, order))
+
+    def _host_part(self, epoch, b, order=None):
+        """Geometry on the host, in uint8: crops and flips of the images, and the index arrays that apply the
+        same crops/flips to the mean image (x - mean commutes with zero padding, cropping and flipping), so
+        only uint8 data crosses to the device and the float work happens there."""
         order = self.order(epoch) if order is None else order
         idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-        x = self.images[idx].astype(np.float32)
-        x -= self.mean
-        n, h, w, c = x.shape
+        img = self.images[idx]
+        n, h, w, c = img.shape
         oh, ow = self.out_hw
+        p = self.crop_pad if self.train else 0
         rng = np.random.default_rng([self.seed, epoch, b, 11]) if self.train else None
-        if (h, w) != (oh, ow):  # crop a larger image down to the model's size
+        if (h, w) != (oh, ow):  # crop a larger image down to the model's size: random in training, else centre
             if self.train:
                 oy = rng.integers(0, h - oh + 1, size=n)
                 ox = rng.integers(0, w - ow + 1, size=n)
-                x = _crop(x, oy, ox, oh, ow)
             else:
-                y0, x0 = (h - oh) // 2, (w - ow) // 2
-                x = x[:, y0:y0 + oh, x0:x0 + ow]
-        if self.train and self.crop_pad > 0:  # pad with zeros (= the mean) and crop back to the same size
-            p = self.crop_pad
-            x = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-            x = _crop(x, rng.integers(0, 2 * p + 1, size=n), rng.integers(0, 2 * p + 1, size=n), oh, ow)
+                oy = np.full(n, (h - oh) // 2)
+                ox = np.full(n, (w - ow) // 2)
+        else:
+            oy = np.zeros(n, np.int64)
+            ox = np.zeros(n, np.int64)
+        rows = oy[:, None] + np.arange(oh)  # image row of each output row, per image
+        cols = ox[:, None] + np.arange(ow)
+        if p > 0:  # zero-pad by p (zero = the mean after subtraction) and crop back to the same size
+            rows = rows + rng.integers(-p, p + 1, size=n)[:, None]
+            cols = cols + rng.integers(-p, p + 1, size=n)[:, None]
+        flipped = False
         if self.train and self.flip:
             f = rng.random(n) < 0.5
-            x[f] = x[f, :, ::-1]
-        if self.scale != 1.0:
-            x *= self.scale
-        xb = np.ascontiguousarray(x.transpose(3, 1, 2, 0), dtype=self.dtype)
-        return xb, self.labels[idx].astype(np.int32)
+            cols[f] = cols[f, ::-1]
+            flipped = bool(f.any())
+        if p == 0 and (h, w) == (oh, ow) and not flipped:
+            return img, None, None, self.labels[idx]
+        rc, cc = np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)
+        out = img[np.arange(n)[:, None, None], rc[:, :, None], cc[:, None, :]]
+        valid = None
+        if p > 0:
+            valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+            out[~valid] = 0
+        return out, (rc, cc), valid, self.labels[idx]
 
-    def _to_device(self, x, y):
-        if self.device is None:
-            return x, y
-        with self.device.activate():
-            return self.device.asarray(x, self.dtype), self.device.asarray(y, np.int32)
+    def _finish(self, img, geom, valid, labels):
+        """Device part: to float, subtract the identically transformed mean, scale, transpose to CHWN."""
+        dev = self.device
+        if dev is None:
+            xp, put = np, (lambda a, dt=None: np.ascontiguousarray(a, dtype=dt))
+        else:
+            xp, put = dev.xp, dev.asarray
+        with (dev.activate() if dev is not None else _null()):
+            mean = self._mean_on(dev)
+            x = put(img).astype(np.float32)
+            if geom is None:
+                x -= mean
+            else:
+                rc, cc = put(geom[0]), put(geom[1])
+                m = mean[rc[:, :, None], cc[:, None, :]]
+                if valid is not None:
+                    m *= put(valid)[..., None]
+                x -= m
+            if self.scale != 1.0:
+                x *= self.scale
+            xb = xp.ascontiguousarray(x.transpose(3, 1, 2, 0), dtype=self.dtype)
+            return xb, put(np.asarray(labels, np.int32))
+
+    def _mean_on(self, dev):
+        key = str(dev)
+        cached = getattr(self, "_mean_dev", None)
+        if cached is None or cached[0] != key:
+            self._mean_dev = (key, self.mean if dev is None else dev.asarray(self.mean, np.float32))
+        return self._mean_dev[1]
 
     def epoch(self, epoch, start=0):
         """Iterate over batches ``start..`` of ``epoch`` (a generator; batches made in a background thread)."""
@@ -296,7 +336,7 @@ class Loader:
         nb = len(self)
         if self.prefetch <= 0:
             for b in range(start, nb):
-                yield self._to_device(*self.make_batch(epoch, b, order))
+                yield self.make_batch(epoch, b, order)
             return
         q = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
@@ -304,7 +344,7 @@ class Loader:
         def work():
             try:
                 for b in range(start, nb):
-                    item = ("ok", self._to_device(*self.make_batch(epoch, b, order)))
+                    item = ("ok", self.make_batch(epoch, b, order))
                     while not stop.is_set():
                         try:
                             q.put(item, timeout=0.1)
@@ -332,8 +372,6 @@ class Loader:
             t.join(timeout=5)
 
 
-def _crop(x, oy, ox, oh, ow):
-    n = x.shape[0]
-    rows = oy[:, None] + np.arange(oh)
-    cols = ox[:, None] + np.arange(ow)
-    return x[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+def _null():
+    import contextlib
+    return contextlib.nullcontext()

@@ -170,3 +170,23 @@ def test_loader_propagates_worker_errors():
     ld = Loader(ds.train_x, ds.train_y, 8, train=True, out_hw=(8, 8), mean=np.zeros((9, 9, 1)), prefetch=2)
     with pytest.raises(ValueError):
         list(ld.epoch(0))
+
+
+def test_pad_crop_flip_is_a_window_of_the_padded_mean_subtracted_image():
+    ds = synthetic((2, 6, 6), 3, n_train=24, n_test=4)
+    mean = ds.mean_image()
+    ld = Loader(ds.train_x, ds.train_y, 24, train=True, out_hw=(6, 6), mean=mean, crop_pad=2, flip=True, seed=1,
+                prefetch=0, scale=0.5)
+    x, y = next(ld.epoch(0))
+    order = ld.order(0)
+    ref = np.pad(ds.train_x[order].astype(np.float32) - mean, ((0, 0), (2, 2), (2, 2), (0, 0))) * np.float32(0.5)
+    shifts, flips = set(), 0
+    for i in range(24):
+        got = x[..., i].transpose(1, 2, 0)
+        hits = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)
+                if np.array_equal(got, (ref[i, dy:dy + 6, dx:dx + 6, :][:, ::-1] if f else
+                                        ref[i, dy:dy + 6, dx:dx + 6, :]))]
+        assert hits, f"image {i} is not a (flipped) window of the padded image"
+        shifts.add(hits[0][:2])
+        flips += hits[0][2]
+    assert len(shifts) > 5 and 3 < flips < 21

@@ -120,6 +120,7 @@ def test_emu_and_numpy_agree_on_one_step(tiny):
         np.testing.assert_allclose(lb.grads[p], la.grads[p], rtol=1e-3, atol=1e-5, err_msg=k)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_divergence_stops_with_a_clear_message(tiny, tmp_path, capsys):
     with pytest.raises(TrainingError, match=r"the loss became (nan|inf).*Lower the learning rate"):
         run(_args(tiny, tmp_path / "nan", "--device", "numpy", "--lr", "1e6", "--no-plots"), log=lambda s: None)
