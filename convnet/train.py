@@ -181,6 +181,7 @@ class Trainer:
             self._restore(resume_state)
         self.out = Path(cfg.out)
         self._interrupted = False
+        self._bar = None
 
     # --- state -----------------------------------------------------------------------------------------------
     def _restore(self, st):
@@ -245,8 +246,11 @@ class Trainer:
         except ValueError:  # not the main thread
             pass
         try:
-            return self._loop(logf)
+            with np.errstate(over="ignore", invalid="ignore"):  # a non-finite loss is detected and reported
+                return self._loop(logf)
         finally:
+            if self._bar is not None:
+                self._bar.close()
             logf.close()
             if old is not None:
                 signal.signal(signal.SIGINT, old)
@@ -269,6 +273,7 @@ class Trainer:
                 from tqdm import tqdm
                 bar = tqdm(total=nb, initial=self.batch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                            unit="batch", leave=True, dynamic_ncols=True, file=sys.stderr)
+                self._bar = bar
             loss_acc = xp.zeros((), np.float64)
             err_acc = xp.zeros((), np.int64)
             t0 = time.perf_counter()
@@ -304,6 +309,7 @@ class Trainer:
                 self._fold(loss_acc, err_acc, self.batch - b_last, bs, time.perf_counter() - t_last)
             if bar is not None:
                 bar.close()
+                self._bar = None
             if stop:
                 path = self.save()
                 msg = "interrupted (Ctrl-C)" if stop == "interrupted" else f"stopped after {steps_this_run} steps"
