@@ -50,7 +50,7 @@ inputs = fc3
 [train]
 dataset = synthetic
 batch_size = 16
-lr = 0.05
+lr = 0.1
 epochs = 3
 """
 
