@@ -61,13 +61,15 @@ class Schedule:
     * ``step``: lr = base * gamma ** (number of entries of ``steps`` (epochs) <= epoch).
     * ``plateau``: divide by 10 (``gamma``) when the test error has not improved (by more than ``threshold``,
       relative) for ``patience`` epochs; at most ``max_drops`` times (the paper: three times).
+    * ``linear``: from the base rate down to zero at the end of ``total_epochs``, updated every step (the
+      budgeted-training schedule: good when the number of epochs is fixed and small).
     * ``constant``.
     """
 
-    KINDS = ("step", "plateau", "constant")
+    KINDS = ("step", "plateau", "linear", "constant")
 
     def __init__(self, kind="step", base_lr=0.01, *, steps=(), gamma=0.1, patience=3, max_drops=3,
-                 threshold=1e-3):
+                 threshold=1e-3, total_epochs=None):
         if kind not in self.KINDS:
             raise ValueError(f"unknown schedule '{kind}' (known: {', '.join(self.KINDS)})")
         self.kind = kind
@@ -77,12 +79,17 @@ class Schedule:
         self.patience = int(patience)
         self.max_drops = int(max_drops)
         self.threshold = float(threshold)
+        self.total_epochs = total_epochs
+        if kind == "linear" and not total_epochs:
+            raise ValueError("the linear schedule needs the number of epochs")
         self.best = math.inf
         self.bad_epochs = 0
         self.drops = 0
 
-    def lr_at(self, epoch):
-        """Learning rate for (0-based) ``epoch``."""
+    def lr_at(self, epoch, frac=0.0):
+        """Learning rate for (0-based) ``epoch``, ``frac`` of the way through it."""
+        if self.kind == "linear":
+            return self.base_lr * max(0.0, 1.0 - (epoch + frac) / self.total_epochs)
         if self.kind == "step":
             return self.base_lr * self.gamma ** sum(1 for s in self.steps if s <= epoch)
         if self.kind == "plateau":

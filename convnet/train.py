@@ -84,7 +84,7 @@ def parse_args(argv=None):
     a("--lr", type=float, help="base learning rate")
     a("--momentum", type=float)
     a("--weight-decay", type=float, dest="weight_decay")
-    a("--schedule", choices=Schedule.KINDS, help="step | plateau | constant")
+    a("--schedule", choices=Schedule.KINDS, help="step | plateau | linear | constant")
     a("--lr-steps", dest="lr_steps", help="epochs at which 'step' multiplies the lr by --lr-gamma, e.g. 8,11")
     a("--lr-gamma", type=float, dest="lr_gamma")
     a("--patience", type=int, help="plateau: epochs without improvement before dividing the lr by 10")
@@ -172,7 +172,7 @@ class Trainer:
                             f"({cfg.batch_size})")
         steps = [int(s) for s in str(cfg.lr_steps).replace(" ", "").split(",") if s]
         self.schedule = Schedule(cfg.schedule, cfg.lr, steps=steps, gamma=cfg.lr_gamma, patience=cfg.patience,
-                                 max_drops=cfg.max_drops)
+                                 max_drops=cfg.max_drops, total_epochs=cfg.epochs)
         self.opt = SGD(self.net, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.epoch, self.batch, self.step = 0, 0, 0
         self.history = []
@@ -266,7 +266,8 @@ class Trainer:
                  f"{cfg.epochs} epochs of {nb} batches of {bs}; output in {self.out}")
         sync_every = 1 if dev.kind in ("numpy", "emu") else 20
         while self.epoch < cfg.epochs:
-            lr = max(self.schedule.lr_at(self.epoch), cfg.min_lr)
+            lr = max(self.schedule.lr_at(self.epoch, self.batch / nb), cfg.min_lr)
+            lr_start = max(self.schedule.lr_at(self.epoch), cfg.min_lr)  # logged: the rate at the epoch's start
             self.opt.lr = lr
             bar = None
             if cfg.progress:
@@ -279,7 +280,11 @@ class Trainer:
             t0 = time.perf_counter()
             t_last, b_last = t0, self.batch
             stop = None
+            per_step = self.schedule.kind == "linear"
             for x, y in self.train_loader.epoch(self.epoch, self.batch):
+                if per_step:
+                    lr = max(self.schedule.lr_at(self.epoch, self.batch / nb), cfg.min_lr)
+                    self.opt.lr = lr
                 probs = net.forward(x, y, train=True, step=self.step)
                 net.backward()
                 self.opt.step()
@@ -319,7 +324,7 @@ class Trainer:
             # end of epoch
             p = self.partial
             te_loss, te1, te5, kept = self.evaluate(keep_probs=16)
-            rec = {"epoch": self.epoch + 1, "step": self.step, "lr": lr, "train_loss": p["loss"] / p["n"],
+            rec = {"epoch": self.epoch + 1, "step": self.step, "lr": lr_start, "train_loss": p["loss"] / p["n"],
                    "train_error": p["err"] / p["n"], "test_loss": te_loss, "test_error": te1,
                    "test_top5_error": te5, "train_time_s": p["time"],
                    "images_per_s": p["n"] / p["time"] if p["time"] > 0 else None, "device": str(dev)}
@@ -329,7 +334,7 @@ class Trainer:
             t5 = f", top-5 {te5:.2%}" if te5 is not None else ""
             self.log(f"epoch {self.epoch + 1}: train loss {rec['train_loss']:.4f} error {rec['train_error']:.2%}; "
                      f"test loss {te_loss:.4f} error {te1:.2%}{t5} (accuracy {1 - te1:.2%}); "
-                     f"{rec['images_per_s']:.0f} images/s, lr {lr:g}")
+                     f"{rec['images_per_s']:.0f} images/s, lr {lr_start:g}")
             self.schedule.observe(te1)
             self.epoch += 1
             self.batch = 0

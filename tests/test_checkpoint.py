@@ -118,3 +118,11 @@ def test_bad_checkpoints(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="not a convnet-checkpoint"):
         ckpt.load(tmp_path / "other.npz")
     assert main(["--resume", str(tmp_path / "nope.npz")]) == 2
+
+
+def test_resume_mid_epoch_with_the_linear_schedule_is_bit_exact(tiny, tmp_path):
+    ref, out = tmp_path / "lin-ref", tmp_path / "lin"
+    run(_args(tiny, ref, "--schedule", "linear"), log=lambda s: None)
+    run(_args(tiny, out, "--schedule", "linear", "--max-steps", "8"), log=lambda s: None)
+    run(["--resume", str(out)], log=lambda s: None)
+    _assert_same(ckpt.load(out), ckpt.load(ref))

@@ -53,7 +53,7 @@ def test_step_schedule():
     assert [round(s.lr_at(e), 6) for e in range(7)] == [0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
     assert Schedule("constant", 0.3).lr_at(50) == 0.3
     with pytest.raises(ValueError, match="unknown schedule"):
-        Schedule("cosine")
+        Schedule("cosine", 0.1)
 
 
 def test_plateau_schedule_divides_by_ten_at_most_max_drops_times():
@@ -70,3 +70,11 @@ def test_plateau_schedule_divides_by_ten_at_most_max_drops_times():
     t = Schedule("plateau", 0.01, patience=2, max_drops=2)
     t.load_state_dict(st)
     assert t.lr_at(0) == s.lr_at(0) and t.best == s.best
+
+
+def test_linear_schedule():
+    s = Schedule("linear", 0.1, total_epochs=4)
+    assert s.lr_at(0) == 0.1 and s.lr_at(2) == pytest.approx(0.05) and s.lr_at(3, 0.5) == pytest.approx(0.0125)
+    assert s.lr_at(4) == 0.0
+    with pytest.raises(ValueError, match="number of epochs"):
+        Schedule("linear", 0.1)
