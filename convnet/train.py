@@ -257,6 +257,9 @@ class Trainer:
 
     def _loop(self, logf):
         cfg, net, dev = self.cfg, self.net, self.device
+        last = self.history[-1] if self.history else {}
+        wall0 = time.perf_counter() - last.get("elapsed_s", 0.0)
+        cpu0 = time.process_time() - last.get("cpu_s", 0.0)
         xp = dev.xp
         nb = len(self.train_loader)
         bs = cfg.batch_size
@@ -327,6 +330,7 @@ class Trainer:
             rec = {"epoch": self.epoch + 1, "step": self.step, "lr": lr_start, "train_loss": p["loss"] / p["n"],
                    "train_error": p["err"] / p["n"], "test_loss": te_loss, "test_error": te1,
                    "test_top5_error": te5, "train_time_s": p["time"],
+                   "elapsed_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0,
                    "images_per_s": p["n"] / p["time"] if p["time"] > 0 else None, "device": str(dev)}
             self.history.append(rec)
             logf.write(json.dumps(rec) + "\n")
@@ -334,7 +338,7 @@ class Trainer:
             t5 = f", top-5 {te5:.2%}" if te5 is not None else ""
             self.log(f"epoch {self.epoch + 1}: train loss {rec['train_loss']:.4f} error {rec['train_error']:.2%}; "
                      f"test loss {te_loss:.4f} error {te1:.2%}{t5} (accuracy {1 - te1:.2%}); "
-                     f"{rec['images_per_s']:.0f} images/s, lr {lr_start:g}")
+                     f"{rec['images_per_s']:.0f} images/s, lr {lr_start:g}, {rec['elapsed_s']:.0f} s")
             self.schedule.observe(te1)
             self.epoch += 1
             self.batch = 0
