@@ -106,6 +106,7 @@ struct Context {
 // First switch into the fiber "returns" into the trampoline, which calls entry(arg) on an aligned stack.
 void make_context(Context& c, char* stack_lo, size_t size, void (*entry)(void*), void* arg) {
   uintptr_t top = reinterpret_cast<uintptr_t>(stack_lo + size) & ~uintptr_t(15);
+  (void)stack_lo;
   uint64_t* sp = reinterpret_cast<uint64_t*>(top - 72);
   uint16_t fcw;
   uint32_t mxcsr;
@@ -240,10 +241,26 @@ Stack new_stack() {
 // Fibers, blocks, workers
 enum class FState : uint8_t { Runnable, Barrier, Warp, Done };
 
-struct Fiber {
+struct Fiber;
+
+// A carrier is a stack plus a context that runs CUDA threads. A thread that returns without ever blocking
+// hands its carrier straight to the next not-yet-started thread of the round (no context switch), so
+// barrier-free kernels cost one switch per block rather than two per thread. A thread that blocks keeps
+// its carrier until it finishes. Carriers persist across blocks and launches.
+struct Carrier {
   Context ctx;
   char* stack_lo = nullptr;
-  size_t stack_size = 0;
+  size_t stack_size = 0;  // usable bytes below the (colored) top
+  Fiber* fiber = nullptr;
+  bool fresh = true;  // context must be (re)made before the next resume
+#ifdef CUEMU_ASAN
+  void* fake_stack = nullptr;
+#endif
+};
+
+// One CUDA thread of the running block.
+struct Fiber {
+  Carrier* carrier = nullptr;
   uint3 tid{0, 0, 0};
   uint32_t linear = 0;
   FState state = FState::Done;
@@ -258,9 +275,6 @@ struct Fiber {
   uint64_t value = 0;
   uint64_t result = 0;
   int reduce_pred = 0;
-#ifdef CUEMU_ASAN
-  void* fake_stack = nullptr;
-#endif
 };
 
 struct SharedAlloc {
@@ -271,9 +285,12 @@ struct SharedAlloc {
 };
 
 struct Worker {
-  std::vector<Stack> stacks;
+  std::vector<std::unique_ptr<Carrier>> carriers;
+  std::vector<Carrier*> free_carriers;
+  std::thread::id owner;  // OS thread that last ran this worker (worker 0 runs on the launching thread)
   std::vector<Fiber> fibers;
   std::vector<uint32_t> order;
+  size_t pos = 0;  // position of the scheduler in `order` (carriers advance it when they chain)
   Context sched;
   Fiber* current = nullptr;
   // the running block
@@ -349,59 +366,116 @@ std::string lane_list(uint32_t m) {
   return s;
 }
 
-inline void yield_to_scheduler(Worker& w, Fiber& f) {
+inline void carrier_to_scheduler(Worker& w, Carrier& c) {
 #ifdef CUEMU_ASAN
-  __sanitizer_start_switch_fiber(&f.fake_stack, w.sched_bottom, w.sched_size);
+  __sanitizer_start_switch_fiber(&c.fake_stack, w.sched_bottom, w.sched_size);
 #endif
-  jump(f.ctx, w.sched);
+  jump(c.ctx, w.sched);
 #ifdef CUEMU_ASAN
-  __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
+  __sanitizer_finish_switch_fiber(c.fake_stack, &w.sched_bottom, &w.sched_size);
 #endif
+}
+inline void yield_to_scheduler(Worker& w, Fiber& f) { carrier_to_scheduler(w, *f.carrier); }
+
+void carrier_main(void* arg);
+
+Carrier* take_carrier(Worker& w) {
+  if (w.free_carriers.empty()) {
+    install_segv_handler();
+    const Stack s = new_stack();
+    auto c = std::make_unique<Carrier>();
+    // Color the stack tops (64-byte steps within a page) so that the hot top frames of many carriers do
+    // not all map to the same cache sets.
+    const size_t color = (w.carriers.size() % 64) * 64;
+    c->stack_lo = s.lo;
+    c->stack_size = s.size - color;
+    w.free_carriers.push_back(c.get());
+    w.carriers.push_back(std::move(c));
+  }
+  Carrier* c = w.free_carriers.back();
+  w.free_carriers.pop_back();
+  return c;
 }
 
 inline void resume(Worker& w, Fiber& f) {
+  if (!f.started) {
+    Carrier* c = take_carrier(w);
+    c->fiber = &f;
+    f.carrier = c;
+    f.started = true;
+  }
+  Carrier& c = *f.carrier;
+  if (c.fresh) {
+#ifdef CUEMU_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(c.stack_lo, c.stack_size);  // frames of an abandoned thread may be left
+    c.fake_stack = nullptr;
+#endif
+    make_context(c.ctx, c.stack_lo, c.stack_size, &carrier_main, &c);
+    c.fresh = false;
+  }
   w.current = &f;
   threadIdx = f.tid;
-  f.started = true;
   ++w.switches;
 #ifdef CUEMU_ASAN
-  __sanitizer_start_switch_fiber(&w.sched_fake, f.stack_lo, f.stack_size);
+  __sanitizer_start_switch_fiber(&w.sched_fake, c.stack_lo, c.stack_size);
 #endif
-  jump(w.sched, f.ctx);
+  jump(w.sched, c.ctx);
 #ifdef CUEMU_ASAN
   __sanitizer_finish_switch_fiber(w.sched_fake, nullptr, nullptr);
 #endif
   w.current = nullptr;
 }
 
+// The next entry of this round's order, if it is a thread that has not started: run it on this carrier.
+inline Fiber* next_unstarted(Worker& w) {
+  if (w.failed) return nullptr;
+  const size_t p = w.pos + 1;
+  if (p >= w.order.size()) return nullptr;
+  Fiber& g = w.fibers[w.order[p]];
+  if (g.state != FState::Runnable || g.started) return nullptr;
+  w.pos = p;
+  return &g;
+}
+
 void record_fiber_error(Worker& w, const Fiber& f, const std::string& what) {
   if (w.failed) return;
   w.failed = true;
+  const std::string msg = what.rfind("cuemu: ", 0) == 0 ? what.substr(7) : what;
   w.error = format("cuemu: kernel error in block %s, thread %s: ", coords(w.bidx).c_str(), coords(f.tid).c_str()) +
-            what;
+            msg;
 }
 
-// Every fiber starts here (via the trampoline). Errors are caught on the fiber's own stack: nothing unwinds
-// across a context switch.
-void fiber_main(void* arg) {
-  Fiber* f = static_cast<Fiber*>(arg);
-  Worker* w = tl_worker;
+// Every carrier runs this loop (entered via the trampoline). Errors are caught on the carrier's own stack:
+// nothing unwinds across a context switch.
+void carrier_main(void* arg) {
+  Carrier* c = static_cast<Carrier*>(arg);
+  Worker* w = tl_worker;  // a carrier never changes OS thread (see run_job)
 #ifdef CUEMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &w->sched_bottom, &w->sched_size);
 #endif
-  try {
-    w->spec->invoke(w->spec->kernel, w->spec->args);
-  } catch (const std::exception& e) {
-    record_fiber_error(*w, *f, e.what());
-  } catch (...) {
-    record_fiber_error(*w, *f, "unknown C++ exception");
+  for (;;) {
+    Fiber* f = c->fiber;
+    try {
+      w->spec->invoke(w->spec->kernel, w->spec->args);
+    } catch (const std::exception& e) {
+      record_fiber_error(*w, *f, e.what());
+    } catch (...) {
+      record_fiber_error(*w, *f, "unknown C++ exception");
+    }
+    f->state = FState::Done;
+    f->carrier = nullptr;
+    if (Fiber* next = next_unstarted(*w)) {  // chain: no switch
+      c->fiber = next;
+      next->carrier = c;
+      next->started = true;
+      w->current = next;
+      threadIdx = next->tid;
+      continue;
+    }
+    c->fiber = nullptr;
+    w->free_carriers.push_back(c);
+    carrier_to_scheduler(*w, *c);  // resumed later with a new thread in c->fiber
   }
-  f->state = FState::Done;
-#ifdef CUEMU_ASAN
-  __sanitizer_start_switch_fiber(nullptr, w->sched_bottom, w->sched_size);  // this fiber's frames are gone
-#endif
-  jump(f->ctx, w->sched);
-  __builtin_unreachable();
 }
 
 inline uint64_t splitmix(uint64_t& s) {
@@ -528,17 +602,7 @@ void free_block_memory(Worker& w) {
 }
 
 void ensure_fibers(Worker& w, uint32_t n) {
-  if (w.stacks.size() < n) {
-    install_segv_handler();
-    while (w.stacks.size() < n) w.stacks.push_back(new_stack());
-  }
-  if (w.fibers.size() < n) {
-    w.fibers.resize(n);
-    for (uint32_t i = 0; i < n; ++i) {
-      w.fibers[i].stack_lo = w.stacks[i].lo;
-      w.fibers[i].stack_size = w.stacks[i].size;
-    }
-  }
+  if (w.fibers.size() < n) w.fibers.resize(n);
   if (w.order.capacity() < n) w.order.reserve(n);
 }
 
@@ -568,12 +632,8 @@ void run_block(Worker& w, uint64_t linear_block, Schedule order, uint64_t seed) 
     f.linear = i;
     f.state = FState::Runnable;
     f.started = false;
+    f.carrier = nullptr;
     f.reduce_pred = 0;
-#ifdef CUEMU_ASAN
-    ASAN_UNPOISON_MEMORY_REGION(f.stack_lo, f.stack_size);  // frames of an abandoned fiber may be left
-    f.fake_stack = nullptr;
-#endif
-    make_context(f.ctx, f.stack_lo, f.stack_size, &fiber_main, &f);
   }
   try {
     for (;;) {
@@ -592,8 +652,8 @@ void run_block(Worker& w, uint64_t linear_block, Schedule order, uint64_t seed) 
           std::swap(w.order[i], w.order[j]);
         }
       }
-      for (uint32_t idx : w.order) {
-        Fiber& f = w.fibers[idx];
+      for (w.pos = 0; w.pos < w.order.size(); ++w.pos) {
+        Fiber& f = w.fibers[w.order[w.pos]];
         if (f.state != FState::Runnable) continue;
         resume(w, f);
         if (w.failed) break;
@@ -606,7 +666,16 @@ void run_block(Worker& w, uint64_t linear_block, Schedule order, uint64_t seed) 
       w.error = std::string("cuemu: ") + e.what();
     }
   }
-  for (uint32_t i = 0; i < n; ++i) w.threads_run += w.fibers[i].started;
+  for (uint32_t i = 0; i < n; ++i) {
+    Fiber& f = w.fibers[i];
+    w.threads_run += f.started;
+    if (f.carrier) {  // abandoned mid-kernel after an error: its stack holds dead frames, start it afresh
+      f.carrier->fiber = nullptr;
+      f.carrier->fresh = true;
+      w.free_carriers.push_back(f.carrier);
+      f.carrier = nullptr;
+    }
+  }
   free_block_memory(w);
 }
 
@@ -627,6 +696,12 @@ struct Job {
 
 void work(Worker& w, Job& job) {
   ensure_altstack();
+  // A suspended carrier may hold thread-local addresses of the OS thread it ran on: when worker 0 moves to
+  // another launching thread, restart all its carriers (they are all idle between blocks).
+  if (w.owner != std::this_thread::get_id()) {
+    w.owner = std::this_thread::get_id();
+    for (auto& c : w.carriers) c->fresh = true;
+  }
   tl_worker = &w;
   w.spec = job.spec;
   w.shared_limit = job.shared_limit;
@@ -669,7 +744,8 @@ class Pool {
     workers_.clear();
     for (int i = 0; i < n; ++i) workers_.push_back(std::make_unique<Worker>());
     quit_ = false;
-    for (int i = 1; i < n; ++i) threads_.emplace_back([this, i] { helper_loop(i); });
+    // New helpers must not take the previous generation for a new job.
+    for (int i = 1; i < n; ++i) threads_.emplace_back([this, i, g = generation_] { helper_loop(i, g); });
   }
   // Requires launch_mu.
   void run(Job& job) {
@@ -703,8 +779,7 @@ class Pool {
   }
 
  private:
-  void helper_loop(int i) {
-    uint64_t seen = 0;
+  void helper_loop(int i, uint64_t seen) {
     for (;;) {
       Job* job;
       {

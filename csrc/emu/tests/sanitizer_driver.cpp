@@ -3,7 +3,8 @@
 //       csrc/emu/tests/sanitizer_driver.cpp csrc/emu/cuemu.cpp csrc/emu/selftest_kernels.cu(as C++)
 // Usage: sanitizer_driver CASE. Clean cases run correct kernels (under every schedule) and must exit 0 with no
 // sanitizer report; oob_* cases contain deliberate out-of-bounds accesses that ASan/UBSan must report
-// (non-zero exit). Exit 3 = a clean case computed a wrong result; 4 = an emulator error where none was expected.
+// (non-zero exit); stack_overflow must die with the emulator's message. Exit 3 = a clean case computed a wrong
+// result; 4 = an emulator error where none was expected.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -54,6 +55,12 @@ __global__ void stack_kernel_clean(float* out) {
   float s = 0;
   for (int i = 0; i < 64; ++i) s += local[i];
   out[threadIdx.x] = s;
+}
+
+__global__ void stack_overflow_kernel(float* out) {
+  volatile char big[512 * 1024];  // far more than a fiber stack; touched top-down so the guard page is hit
+  for (long i = long(sizeof big) - 1; i >= 0; i -= 512) big[i] = char(i);
+  out[threadIdx.x] = big[threadIdx.x];
 }
 
 void clean_selftests() {
@@ -150,6 +157,11 @@ int run(const std::string& name) {
   if (name == "oob_dynamic_shared") {
     float out[1];
     cuemu::launch(dynamic_past_end_kernel, dim3(1), dim3(32), 32 * sizeof(float), nullptr, out, 32);
+    return 0;
+  }
+  if (name == "stack_overflow") {  // must die with a message, never corrupt memory silently
+    float out[32];
+    cuemu::launch(stack_overflow_kernel, dim3(1), dim3(32), 0, nullptr, out);
     return 0;
   }
   std::fprintf(stderr, "unknown case %s\n", name.c_str());
