@@ -21,7 +21,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 SOURCES = ["-x", "c++", str(CSRC / "emu" / "selftest_kernels.cu"), "-x", "none", str(CSRC / "emu" / "cuemu.cpp"),
            str(CSRC / "emu" / "tests" / "sanitizer_driver.cpp")]
-BASE_FLAGS = ["-std=c++20", "-g", "-Wno-unknown-pragmas", f"-I{CSRC}", "-pthread"]
+# -fstack-clash-protection: large frames probe every page, so an overflow always hits the guard page.
+BASE_FLAGS = ["-std=c++20", "-g", "-Wno-unknown-pragmas", "-fstack-clash-protection", f"-I{CSRC}", "-pthread"]
 SANITIZE = ["-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
 CXX = os.environ.get("CXX", "g++")
 
