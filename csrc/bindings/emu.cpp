@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <string>
 
 #include "bindings/common.h"
@@ -21,12 +22,6 @@ cuemu::Schedule parse_schedule(const std::string& name) {
 template <class T>
 using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
-template <class T>
-void require_size(const carray<T>& a, py::ssize_t n, const char* what) {
-  if (a.size() != n)
-    throw py::value_error(std::string(what) + ": expected " + std::to_string(n) + " elements, got " +
-                          std::to_string(a.size()));
-}
 
 }  // namespace
 
@@ -183,6 +178,16 @@ void bind_emulator(py::module_& m) {
     }
     return y;
   });
-  (void)&require_size<float>;
+  t.attr("THREAD_IDS_FIELDS") = cuemu_selftest::kThreadIdsFields;
+  t.def("thread_ids", [](std::array<unsigned, 3> grid, std::array<unsigned, 3> block) {
+    const py::ssize_t threads = py::ssize_t(grid[0]) * grid[1] * grid[2] * block[0] * block[1] * block[2];
+    carray<int> out({threads, py::ssize_t(cuemu_selftest::kThreadIdsFields)});
+    int* o = out.mutable_data();
+    {
+      py::gil_scoped_release nogil;
+      cuemu_selftest::thread_ids(grid.data(), block.data(), o);
+    }
+    return out;
+  });
 }
 #endif  // CONVNET_EMU

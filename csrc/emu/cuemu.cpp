@@ -267,14 +267,20 @@ struct Fiber {
   bool started = false;
   const char* file = nullptr;  // where it waits (barrier or warp collective)
   int line = 0;
-  // warp collective deposit
-  WarpOp op = WarpOp::Sync;
+  WarpOp op = WarpOp::Sync;  // the warp collective it waits at (for error messages)
   uint32_t mask = 0;
-  int param = 0;
-  int width = 32;
-  uint64_t value = 0;
-  uint64_t result = 0;
   int reduce_pred = 0;
+};
+
+// Deposits of the lanes of one warp, kept compact so an arriving lane checks the waiting ones cheaply.
+struct WarpState {
+  uint32_t waiting = 0;  // lanes blocked in a collective
+  uint32_t mask[32];
+  WarpOp op[32];
+  int32_t param[32];
+  int32_t width[32];
+  uint64_t value[32];
+  uint64_t result[32];
 };
 
 struct SharedAlloc {
@@ -284,11 +290,12 @@ struct SharedAlloc {
   size_t align;
 };
 
-struct Worker {
+struct alignas(64) Worker {  // aligned: workers of different OS threads share no cache line
   std::vector<std::unique_ptr<Carrier>> carriers;
   std::vector<Carrier*> free_carriers;
   std::thread::id owner;  // OS thread that last ran this worker (worker 0 runs on the launching thread)
   std::vector<Fiber> fibers;
+  std::vector<WarpState> warps;
   std::vector<uint32_t> order;
   size_t pos = 0;  // position of the scheduler in `order` (carriers advance it when they chain)
   Context sched;
@@ -555,7 +562,8 @@ bool resolve_stuck(Worker& w, Schedule order) {
     const Fiber& f = w.fibers[i];
     if (f.state != FState::Barrier) continue;
     if (!first) first = &f;
-    else if (f.line != first->line || std::strcmp(f.file, first->file) != 0) same = false;
+    else if (f.line != first->line || (f.file != first->file && std::strcmp(f.file, first->file) != 0))
+      same = false;
   }
   if (!same) {
     std::vector<std::pair<const Fiber*, uint32_t>> sites;
@@ -603,6 +611,8 @@ void free_block_memory(Worker& w) {
 
 void ensure_fibers(Worker& w, uint32_t n) {
   if (w.fibers.size() < n) w.fibers.resize(n);
+  if (w.warps.size() < (n + 31) / 32) w.warps.resize((n + 31) / 32);
+  for (uint32_t i = 0; i < (n + 31) / 32; ++i) w.warps[i].waiting = 0;
   if (w.order.capacity() < n) w.order.reserve(n);
 }
 
@@ -626,9 +636,14 @@ void run_block(Worker& w, uint64_t linear_block, Schedule order, uint64_t seed) 
   w.rng = seed ^ ((linear_block + 1) * 0xD1B54A32D192ED03ull);
   w.reduce_count = w.reduce_live = 0;
   ++w.blocks_run;
+  uint3 tid{0, 0, 0};
   for (uint32_t i = 0; i < n; ++i) {
     Fiber& f = w.fibers[i];
-    f.tid = uint3{i % bx, (i / bx) % by, i / (bx * by)};
+    f.tid = tid;
+    if (++tid.x == bx) {
+      tid.x = 0;
+      if (++tid.y == by) tid.y = 0, ++tid.z;
+    }
     f.linear = i;
     f.state = FState::Runnable;
     f.started = false;
@@ -961,27 +976,31 @@ uint64_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int param, in
                                width));
   f->op = op;
   f->mask = mask;
-  f->value = value;
-  f->param = param;
-  f->width = width;
   f->file = file;
   f->line = line;
+  WarpState& ws = w.warps[base / 32];
   Fiber* lanes = &w.fibers[base];
   uint32_t arrived = 1u << lane;
-  for (uint32_t l = 0; l < nlanes; ++l) {
-    const Fiber& g = lanes[l];
-    if (l == lane || g.state != FState::Warp || !(g.mask & mask)) continue;
-    if (g.mask != mask || g.op != op)
+  for (uint32_t rest = ws.waiting; rest; rest &= rest - 1) {
+    const uint32_t l = static_cast<uint32_t>(__builtin_ctz(rest));
+    if (!(ws.mask[l] & mask)) continue;  // a disjoint group of the same warp: fine
+    if (ws.mask[l] != mask || ws.op[l] != op)
       throw EmulatorError(format("mismatched warp collectives in warp %u: lane %u at %s %s:%d with mask 0x%08x, "
                                  "lane %u at %s %s:%d with mask 0x%08x",
-                                 base / 32, l, op_name(g.op), g.file, g.line, g.mask, lane, op_name(op), file, line,
-                                 mask));
+                                 base / 32, l, op_name(ws.op[l]), lanes[l].file, lanes[l].line, ws.mask[l], lane,
+                                 op_name(op), file, line, mask));
     arrived |= 1u << l;
   }
+  ws.mask[lane] = mask;
+  ws.op[lane] = op;
+  ws.value[lane] = value;
+  ws.param[lane] = param;
+  ws.width[lane] = width;
   if (arrived != mask) {
+    ws.waiting |= 1u << lane;
     f->state = FState::Warp;
     yield_to_scheduler(w, *f);
-    return f->result;
+    return ws.result[lane];
   }
   // Last lane of the group: compute every lane's result at once, then release the others.
   switch (op) {
@@ -992,12 +1011,11 @@ uint64_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int param, in
     case WarpOp::Xor:
       for (uint32_t l = 0; l < 32; ++l) {
         if (!(mask >> l & 1)) continue;
-        Fiber& g = lanes[l];
         // PTX shfl.sync semantics: segment [minLane, maxLane]; out-of-segment sources read the own value.
-        const int64_t segmask = (32 - g.width) & 31;
+        const int64_t segmask = (32 - ws.width[l]) & 31;
         const int64_t cval = op == WarpOp::Up ? 0 : 31;
         const int64_t maxl = (int64_t(l) & segmask) | (cval & ~segmask), minl = int64_t(l) & segmask;
-        const int64_t b = static_cast<uint32_t>(g.param);
+        const int64_t b = static_cast<uint32_t>(ws.param[l]);
         int64_t j;
         bool ok;
         if (op == WarpOp::Up) {
@@ -1017,8 +1035,8 @@ uint64_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int param, in
         if (!(mask >> j & 1))
           throw EmulatorError(format("%s at %s:%d: lane %u reads lane %lld, which is not in mask 0x%08x (undefined "
                                      "on the GPU)",
-                                     op_name(op), g.file, g.line, l, static_cast<long long>(j), mask));
-        g.result = lanes[j].value;
+                                     op_name(op), lanes[l].file, lanes[l].line, l, static_cast<long long>(j), mask));
+        ws.result[l] = ws.value[j];
       }
       break;
     case WarpOp::Ballot:
@@ -1026,10 +1044,9 @@ uint64_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int param, in
     case WarpOp::All: {
       uint32_t bal = 0;
       for (uint32_t l = 0; l < 32; ++l)
-        if ((mask >> l & 1) && lanes[l].value) bal |= 1u << l;
+        if ((mask >> l & 1) && ws.value[l]) bal |= 1u << l;
       const uint64_t r = op == WarpOp::Ballot ? bal : op == WarpOp::Any ? (bal != 0) : (bal == mask);
-      for (uint32_t l = 0; l < 32; ++l)
-        if (mask >> l & 1) lanes[l].result = r;
+      for (uint32_t l = 0; l < 32; ++l) ws.result[l] = r;
       break;
     }
     case WarpOp::MatchAny:
@@ -1037,23 +1054,22 @@ uint64_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int param, in
         if (!(mask >> l & 1)) continue;
         uint32_t m = 0;
         for (uint32_t k = 0; k < 32; ++k)
-          if ((mask >> k & 1) && lanes[k].value == lanes[l].value) m |= 1u << k;
-        lanes[l].result = m;
+          if ((mask >> k & 1) && ws.value[k] == ws.value[l]) m |= 1u << k;
+        ws.result[l] = m;
       }
       break;
     case WarpOp::MatchAll: {
       bool all = true;
       for (uint32_t l = 0; l < 32; ++l)
-        if ((mask >> l & 1) && lanes[l].value != value) all = false;
-      for (uint32_t l = 0; l < 32; ++l)
-        if (mask >> l & 1) lanes[l].result = all ? (uint64_t(1) << 32 | mask) : 0;
+        if ((mask >> l & 1) && ws.value[l] != value) all = false;
+      for (uint32_t l = 0; l < 32; ++l) ws.result[l] = all ? (uint64_t(1) << 32 | mask) : 0;
       break;
     }
     default: {
       uint32_t acc = static_cast<uint32_t>(value);
       for (uint32_t l = 0; l < 32; ++l) {
         if (!(mask >> l & 1) || l == lane) continue;
-        const uint32_t v = static_cast<uint32_t>(lanes[l].value);
+        const uint32_t v = static_cast<uint32_t>(ws.value[l]);
         switch (op) {
           case WarpOp::ReduceAddU: acc += v; break;
           case WarpOp::ReduceMinU: acc = std::min(acc, v); break;
@@ -1070,14 +1086,14 @@ uint64_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int param, in
           default: break;
         }
       }
-      for (uint32_t l = 0; l < 32; ++l)
-        if (mask >> l & 1) lanes[l].result = acc;
+      for (uint32_t l = 0; l < 32; ++l) ws.result[l] = acc;
       break;
     }
   }
-  for (uint32_t l = 0; l < 32; ++l)
-    if ((mask >> l & 1) && l != lane) lanes[l].state = FState::Runnable;
-  return f->result;
+  ws.waiting &= ~mask;
+  for (uint32_t rest = mask & ~(1u << lane); rest; rest &= rest - 1)
+    lanes[__builtin_ctz(rest)].state = FState::Runnable;
+  return ws.result[lane];
 }
 
 unsigned activemask() {

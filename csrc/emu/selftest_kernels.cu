@@ -212,6 +212,22 @@ __global__ void scale_kernel(const float* x, float* y, std::int64_t n, float alp
   if (i < n) y[i] = alpha * x[i];
 }
 
+__global__ void thread_ids_kernel(int* out) {
+  const unsigned block_linear = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  const unsigned per_block = blockDim.x * blockDim.y * blockDim.z;
+  const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  int* o = out + (std::size_t(block_linear) * per_block + t) * kThreadIdsFields;
+  const int fields[kThreadIdsFields - 2] = {int(threadIdx.x), int(threadIdx.y), int(threadIdx.z), int(blockIdx.x),
+                                            int(blockIdx.y),  int(blockIdx.z),  int(blockDim.x),  int(blockDim.y),
+                                            int(blockDim.z),  int(gridDim.x),   int(gridDim.y),   int(gridDim.z)};
+  for (int i = 0; i < kThreadIdsFields - 2; ++i) o[i] = fields[i];
+  // Warps are formed from the linear thread index: lane 0 of my warp is thread t & ~31, and the last warp
+  // of a block whose size is not a multiple of 32 is partial.
+  const unsigned active = __activemask();
+  o[kThreadIdsFields - 2] = __shfl_sync(active, int(t), 0);
+  o[kThreadIdsFields - 1] = int(active);
+}
+
 // ---- broken kernels -------------------------------------------------------------------------------------
 __global__ void divergent_barrier_kernel() {
   if (threadIdx.x < 16) __syncthreads();  // CASE divergent_barrier
@@ -344,6 +360,11 @@ void sgemm(const float* a, const float* b, float* c, int m, int n, int k) {
 
 void scale(const float* x, float* y, std::int64_t n, float alpha) {
   convnet::launch(scale_kernel, dim3(unsigned((n + 255) / 256)), dim3(256), 0, nullptr, x, y, n, alpha);
+}
+
+void thread_ids(const unsigned grid[3], const unsigned block[3], int* out) {
+  convnet::launch(thread_ids_kernel, dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]), 0, nullptr,
+                  out);
 }
 
 std::vector<std::string> case_names() {

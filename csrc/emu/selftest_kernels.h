@@ -35,6 +35,11 @@ void atomics(int blocks, double* out);
 void sgemm(const float* a, const float* b, float* c, int m, int n, int k);
 // y = alpha * x, blocks of 256 threads, one element per thread.
 void scale(const float* x, float* y, std::int64_t n, float alpha);
+// Built-in variables in a 3-D grid of 3-D blocks: for every thread (in x-fastest global order) writes
+// threadIdx.xyz, blockIdx.xyz, blockDim.xyz, gridDim.xyz, the linear index of lane 0 of its warp (via
+// __shfl_sync) and __activemask(): 14 ints. grid and block are (x, y, z).
+constexpr int kThreadIdsFields = 14;
+void thread_ids(const unsigned grid[3], const unsigned block[3], int* out);
 // Runs one of the named misbehaving kernels / launches (see case_names()); throws the emulator's error.
 void run_case(const std::string& name);
 std::vector<std::string> case_names();

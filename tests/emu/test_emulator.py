@@ -178,6 +178,22 @@ def test_warp_collectives_match_numpy():
             np.testing.assert_array_equal(out[row], expected[row], err_msg=f"{name} under {setting}")
 
 
+@pytest.mark.parametrize("grid, block", [((2, 3, 2), (4, 3, 5)), ((3, 1, 1), (40, 1, 1)), ((1, 2, 1), (7, 7, 1))])
+def test_builtin_variables_and_warp_formation(grid, block):
+    out = st.thread_ids(grid, block)
+    gx, gy, gz = grid
+    bx, by, bz = block
+    per_block = bx * by * bz
+    rows = []
+    for z, y, x in np.ndindex(gz, gy, gx):
+        for k, j, i in np.ndindex(bz, by, bx):
+            t = i + bx * (j + by * k)
+            warp_size = min(32, per_block - (t & ~31))
+            active = (1 << warp_size) - 1
+            rows.append([i, j, k, x, y, z, bx, by, bz, gx, gy, gz, t & ~31, np.int32(np.uint32(active))])
+    np.testing.assert_array_equal(out, np.array(rows, dtype=np.int64).astype(np.int32))
+
+
 def test_unwritten_shared_memory_is_poisoned():
     out = st.uninit_shared(64)
     assert out.dtype == np.uint32
