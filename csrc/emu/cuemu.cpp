@@ -1096,6 +1096,26 @@ uint64_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int param, in
   return ws.result[lane];
 }
 
+// Kernel code that (re)included <assert.h> after cuemu.h uses glibc's assert, which calls this noexcept,
+// noreturn function: it cannot throw, so inside a kernel it records the error and leaves the thread's carrier
+// suspended for good (the block is abandoned and the carrier restarted). Hidden, so it only binds the
+// emulator's own module; outside a kernel it behaves like glibc's.
+extern "C" __attribute__((visibility("hidden"), noreturn)) void __assert_fail(const char* assertion, const char* file,
+                                                                              unsigned int line,
+                                                                              const char* function) noexcept {
+  Worker* w = tl_worker;
+  if (w && w->current) {
+    Fiber& f = *w->current;
+    try {
+      record_fiber_error(*w, f, format("assertion `%s` failed at %s:%u in %s", assertion, file, line, function));
+    } catch (...) {
+    }
+    for (;;) yield_to_scheduler(*w, f);
+  }
+  std::fprintf(stderr, "%s:%u: %s: Assertion `%s' failed.\n", file, line, function, assertion);
+  std::abort();
+}
+
 unsigned activemask() {
   Fiber* f = current_fiber("__activemask", "?", 0);
   Worker& w = *tl_worker;

@@ -7,6 +7,8 @@
 #include <stdexcept>
 
 namespace cuemu_selftest {
+void run_glibc_assert();  // at the end of this file, after <assert.h> is re-included
+
 namespace {
 
 // ---- correct kernels ------------------------------------------------------------------------------------
@@ -371,6 +373,7 @@ std::vector<std::string> case_names() {
   return {"divergent_barrier", "two_barriers",     "early_return",   "assert",          "throw",
           "shfl_op_mismatch",  "shfl_mask_mismatch", "partial_warp", "lane_not_in_mask", "warp_deadlock",
           "warp_vs_barrier",   "shfl_bad_source",  "static_shared_too_big", "nested_launch", "many_blocks_assert",
+          "glibc_assert",
           "block_too_big",     "block_z_too_big",  "grid_y_too_big", "zero_grid",       "zero_block",
           "dyn_shared_too_big", "dyn_shared_over_max"};
 }
@@ -391,6 +394,7 @@ void run_case(const std::string& name) {
   else if (name == "shfl_bad_source") convnet::launch(shfl_bad_source_kernel, 1, 32, 0, nullptr);
   else if (name == "static_shared_too_big") convnet::launch(static_shared_too_big_kernel, 1, 32, 0, nullptr, buf);
   else if (name == "nested_launch") convnet::launch(nested_launch_kernel, 1, 1, 0, nullptr);
+  else if (name == "glibc_assert") run_glibc_assert();
   else if (name == "many_blocks_assert") convnet::launch(many_blocks_assert_kernel, 20000, 32, 0, nullptr);
   else if (name == "block_too_big") convnet::launch(empty_kernel, 1, dim3(1025), 0, nullptr);
   else if (name == "block_z_too_big") convnet::launch(empty_kernel, 1, dim3(1, 1, 65), 0, nullptr);
@@ -402,4 +406,17 @@ void run_case(const std::string& name) {
   else throw std::invalid_argument("unknown self-test case: " + name);
 }
 
+}  // namespace cuemu_selftest
+
+// ---- glibc's own assert: a header included <assert.h> again after cuda_compat.h --------------------------
+#undef NDEBUG
+#include <assert.h>
+
+namespace cuemu_selftest {
+namespace {
+__global__ void glibc_assert_kernel(int limit) {
+  assert(int(threadIdx.x) < limit);  // CASE glibc_assert
+}
+}  // namespace
+void run_glibc_assert() { convnet::launch(glibc_assert_kernel, 1, 64, 0, nullptr, 40); }
 }  // namespace cuemu_selftest

@@ -301,6 +301,9 @@ ERROR_CASES = {
     "assert": lambda: [
         r"block \(0,0,0\), thread \((4\d|5\d|6[0-3]),0,0\): assertion `int\(threadIdx.x\) < limit` failed at .*"
         + site("assert") + r" in .*assert_kernel"],
+    "glibc_assert": lambda: [
+        r"block \(0,0,0\), thread \((4\d|5\d|6[0-3]),0,0\): assertion `int\(threadIdx.x\) < limit` failed at .*"
+        + site("glibc_assert") + r" in .*glibc_assert_kernel"],
     "throw": lambda: [r"block \(1,0,0\), thread \(3,0,0\): boom from a kernel"],
     "shfl_op_mismatch": lambda: [
         r"mismatched warp collectives in warp 0: lane \d+ at __\w+_sync .* with mask 0xffffffff, lane \d+ at",
