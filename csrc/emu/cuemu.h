@@ -307,6 +307,19 @@ inline cudaError_t cudaMemcpyToSymbol(T& symbol, const void* src, size_t count, 
   return cudaSuccess;
 }
 
+template <class T>
+inline cudaError_t cudaMemcpyToSymbolAsync(T& symbol, const void* src, size_t count, size_t offset = 0,
+                                           cudaMemcpyKind kind = cudaMemcpyHostToDevice, cudaStream_t = nullptr) {
+  return cudaMemcpyToSymbol(symbol, src, count, offset, kind);
+}
+template <class T>
+inline cudaError_t cudaMemcpyFromSymbol(void* dst, const T& symbol, size_t count, size_t offset = 0,
+                                        cudaMemcpyKind = cudaMemcpyDeviceToHost) {
+  if (offset + count > sizeof(T)) return cudaErrorInvalidValue;
+  std::memcpy(dst, reinterpret_cast<const char*>(&symbol) + offset, count);
+  return cudaSuccess;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Shared memory. SHARED(float, tile, [32][33]) declares `float (&tile)[32][33]` bound to this block's copy.
 // The static local gives each declaration site (and each template instantiation) a distinct key.
@@ -601,6 +614,12 @@ template <class T>
 inline void __stcg(T* p, T v) { *p = v; }
 template <class T>
 inline void __stwt(T* p, T v) { *p = v; }
+
+// CUDA declares the classification functions in the global namespace; <cmath> only puts them in std.
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+using std::signbit;
 
 // CUDA's global min/max overloads. Non-templates, so they win over std::min/std::max on equal arguments.
 inline int min(int a, int b) { return a < b ? a : b; }
