@@ -174,23 +174,15 @@ struct Stack {
   size_t size = 0;
 };
 
-// Guard ranges, for the SIGSEGV handler that turns an overflow into a readable message.
-std::mutex g_guard_mu;
-std::vector<std::pair<uintptr_t, uintptr_t>> g_guards;
+// SIGSEGV handler that turns a fault in the guard page of the running fiber's stack into a readable message.
 std::atomic<bool> g_handler_installed{false};
 struct sigaction g_prev_segv;
+bool describe_overflow(uintptr_t addr, char* buf, size_t n);  // after Worker, below
 
 void segv_handler(int sig, siginfo_t* info, void* uctx) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(info->si_addr);
-  bool in_guard = false;
-  // No lock: the vector only grows under the mutex while no fiber of this thread runs; a torn read here
-  // only risks a missing message, never a wrong action.
-  for (const auto& g : g_guards) in_guard |= (a >= g.first && a < g.second);
-  if (in_guard) {
-    static const char msg[] =
-        "\ncuemu: stack overflow in an emulated CUDA thread (fiber stack exhausted). Reduce the kernel's local "
-        "arrays or raise CONVNET_EMU_STACK_KB.\n";
-    ssize_t r = write(2, msg, sizeof msg - 1);
+  char msg[512];
+  if (describe_overflow(reinterpret_cast<uintptr_t>(info->si_addr), msg, sizeof msg)) {
+    ssize_t r = write(2, msg, strlen(msg));
     (void)r;
   }
   // Hand over to whoever handled SIGSEGV before (Python's faulthandler, ASan, or the default action).
@@ -230,10 +222,6 @@ Stack new_stack() {
   s.base = static_cast<char*>(m);
   s.lo = s.base + p;
   s.size = sz;
-  {
-    std::lock_guard<std::mutex> lk(g_guard_mu);
-    g_guards.emplace_back(reinterpret_cast<uintptr_t>(s.base), reinterpret_cast<uintptr_t>(s.lo));
-  }
   return s;
 }
 
@@ -324,6 +312,19 @@ struct alignas(64) Worker {  // aligned: workers of different OS threads share n
 };
 
 thread_local Worker* tl_worker = nullptr;
+
+bool describe_overflow(uintptr_t addr, char* buf, size_t n) {
+  const Worker* w = tl_worker;  // already initialized on this thread: safe to read in the handler
+  if (!w || !w->current || !w->current->carrier) return false;
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(w->current->carrier->stack_lo);
+  if (addr >= lo || addr + page_size() < lo) return false;
+  const uint3 t = w->current->tid, b = w->bidx;
+  snprintf(buf, n,
+           "\ncuemu: stack overflow in emulated CUDA thread (%u,%u,%u) of block (%u,%u,%u): its %zu KB fiber stack "
+           "is exhausted. Reduce the kernel's local arrays or raise CONVNET_EMU_STACK_KB.\n",
+           t.x, t.y, t.z, b.x, b.y, b.z, stack_bytes() / 1024);
+  return true;
+}
 
 inline Fiber* current_fiber(const char* what, const char* file, int line) {
   Worker* w = tl_worker;

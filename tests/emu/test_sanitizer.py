@@ -103,4 +103,4 @@ def test_context_switch_variants(drivers, variant, case):
 def test_stack_overflow_dies_with_a_message(drivers):
     r = run(drivers["plain"], "stack_overflow")
     assert r.returncode != 0
-    assert "cuemu: stack overflow in an emulated CUDA thread" in r.stderr, r.stderr
+    assert "cuemu: stack overflow in emulated CUDA thread (0,0,0) of block (0,0,0)" in r.stderr, r.stderr
