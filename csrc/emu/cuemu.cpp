@@ -23,6 +23,14 @@
 #include <sanitizer/common_interface_defs.h>
 #endif
 
+// ThreadSanitizer: every carrier is a TSan fiber, and switches synchronize (flag 0), so the fibers of a block
+// never race with each other in TSan's eyes (the scheduler orders them); what TSan reports are races between
+// blocks running on different workers, e.g. two blocks writing the same global element without atomics.
+#if defined(__SANITIZE_THREAD__)
+#define CUEMU_TSAN 1
+#include <sanitizer/tsan_interface.h>
+#endif
+
 #if !defined(__x86_64__) || defined(CUEMU_USE_UCONTEXT)
 #define CUEMU_UCONTEXT 1
 #include <ucontext.h>
@@ -244,6 +252,9 @@ struct Carrier {
 #ifdef CUEMU_ASAN
   void* fake_stack = nullptr;
 #endif
+#ifdef CUEMU_TSAN
+  void* tsan_fiber = nullptr;
+#endif
 };
 
 // One CUDA thread of the running block.
@@ -308,6 +319,9 @@ struct alignas(64) Worker {  // aligned: workers of different OS threads share n
   void* sched_fake = nullptr;
   const void* sched_bottom = nullptr;
   size_t sched_size = 0;
+#endif
+#ifdef CUEMU_TSAN
+  void* tsan_sched = nullptr;
 #endif
 };
 
@@ -375,6 +389,9 @@ std::string lane_list(uint32_t m) {
 }
 
 inline void carrier_to_scheduler(Worker& w, Carrier& c) {
+#ifdef CUEMU_TSAN
+  __tsan_switch_to_fiber(w.tsan_sched, 0);
+#endif
 #ifdef CUEMU_ASAN
   __sanitizer_start_switch_fiber(&c.fake_stack, w.sched_bottom, w.sched_size);
 #endif
@@ -397,6 +414,9 @@ Carrier* take_carrier(Worker& w) {
     const size_t color = (w.carriers.size() % 64) * 64;
     c->stack_lo = s.lo;
     c->stack_size = s.size - color;
+#ifdef CUEMU_TSAN
+    c->tsan_fiber = __tsan_create_fiber(0);
+#endif
     w.free_carriers.push_back(c.get());
     w.carriers.push_back(std::move(c));
   }
@@ -424,6 +444,10 @@ inline void resume(Worker& w, Fiber& f) {
   w.current = &f;
   threadIdx = f.tid;
   ++w.switches;
+#ifdef CUEMU_TSAN
+  w.tsan_sched = __tsan_get_current_fiber();
+  __tsan_switch_to_fiber(c.tsan_fiber, 0);
+#endif
 #ifdef CUEMU_ASAN
   __sanitizer_start_switch_fiber(&w.sched_fake, c.stack_lo, c.stack_size);
 #endif

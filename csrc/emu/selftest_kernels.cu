@@ -174,13 +174,13 @@ __global__ void atomics_kernel(AtomicState* st) {
   atomicMin(&st->imin, 1000 - gid);
   atomicMax(&st->umax, unsigned(gid) * 3u);
   atomicMin(&st->umin, unsigned(gid) + 7u);
-  int old = st->cas, assumed;
+  int old = atomicAdd(&st->cas, 0), assumed;  // an atomic first read: a plain one would race with the CASes
   do {
     assumed = old;
     old = atomicCAS(&st->cas, assumed, assumed + 1);
   } while (old != assumed);
   atomicAdd(&st->exch_olds, static_cast<unsigned long long>(atomicExch(&st->exch, unsigned(gid) + 1)));
-  unsigned long long o2 = st->cas_ull, a2;
+  unsigned long long o2 = atomicAdd(&st->cas_ull, 0ull), a2;
   do {
     a2 = o2;
     o2 = atomicCAS(&st->cas_ull, a2, a2 + 1);
