@@ -282,6 +282,25 @@ struct WarpState {
   uint64_t result[32];
 };
 
+// Watchdog: a fiber is never preempted, so a thread spinning on a value that another thread of its block
+// (or a block that is not running) must write hangs the launch. Each worker publishes its progress here; a
+// watchdog thread prints what is stuck after set_watchdog_seconds (default 120 s, env CONVNET_EMU_WATCHDOG_S).
+struct WatchSlot {
+  std::atomic<uint64_t> progress{0};
+  std::atomic<uint64_t> block{0};   // x | y << 32 | z << 48
+  std::atomic<uint32_t> thread{0};  // x | y << 10 | z << 20
+  std::atomic<bool> busy{false};
+};
+constexpr int kMaxWorkers = 256;
+WatchSlot g_watch[kMaxWorkers];
+std::atomic<double> g_watchdog_seconds{-1};  // < 0: not yet read from the environment
+
+inline void watch_progress(WatchSlot* slot, uint3 tid) {
+  if (!slot) return;
+  slot->progress.store(slot->progress.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  slot->thread.store(tid.x | tid.y << 10 | tid.z << 20, std::memory_order_relaxed);
+}
+
 struct SharedAlloc {
   const void* key;
   void* ptr;
@@ -293,6 +312,7 @@ struct alignas(64) Worker {  // aligned: workers of different OS threads share n
   std::vector<std::unique_ptr<Carrier>> carriers;
   std::vector<Carrier*> free_carriers;
   std::thread::id owner;  // OS thread that last ran this worker (worker 0 runs on the launching thread)
+  WatchSlot* watch = nullptr;
   std::vector<Fiber> fibers;
   std::vector<WarpState> warps;
   std::vector<uint32_t> order;
@@ -444,6 +464,7 @@ inline void resume(Worker& w, Fiber& f) {
   w.current = &f;
   threadIdx = f.tid;
   ++w.switches;
+  watch_progress(w.watch, f.tid);
 #ifdef CUEMU_TSAN
   w.tsan_sched = __tsan_get_current_fiber();
   __tsan_switch_to_fiber(c.tsan_fiber, 0);
@@ -502,6 +523,7 @@ void carrier_main(void* arg) {
       next->started = true;
       w->current = next;
       threadIdx = next->tid;
+      watch_progress(w->watch, next->tid);
       continue;
     }
     c->fiber = nullptr;
@@ -648,6 +670,8 @@ void run_block(Worker& w, uint64_t linear_block, Schedule order, uint64_t seed) 
   w.bidx = uint3{static_cast<unsigned>(linear_block % gx), static_cast<unsigned>((linear_block / gx) % gy),
                  static_cast<unsigned>(linear_block / (gx * gy))};
   blockIdx = w.bidx;
+  if (w.watch)
+    w.watch->block.store(w.bidx.x | uint64_t(w.bidx.y) << 32 | uint64_t(w.bidx.z) << 48, std::memory_order_relaxed);
   blockDim = spec.block;
   gridDim = spec.grid;
   const uint32_t bx = spec.block.x, by = spec.block.y;
@@ -745,6 +769,7 @@ void work(Worker& w, Job& job) {
   tl_worker = &w;
   w.spec = job.spec;
   w.shared_limit = job.shared_limit;
+  if (w.watch) w.watch->busy.store(true, std::memory_order_relaxed);
   while (!job.stop.load(std::memory_order_relaxed)) {
     const uint64_t b = job.next.fetch_add(1, std::memory_order_relaxed);
     if (b >= job.total) break;
@@ -761,6 +786,55 @@ void work(Worker& w, Job& job) {
   }
   w.current = nullptr;
   tl_worker = nullptr;
+  if (w.watch) w.watch->busy.store(false, std::memory_order_relaxed);
+}
+
+double watchdog_seconds() {
+  double s = g_watchdog_seconds.load();
+  if (s < 0) {
+    s = 120;
+    if (const char* e = std::getenv("CONVNET_EMU_WATCHDOG_S")) s = std::max(0.0, std::atof(e));
+    double expected = -1;
+    g_watchdog_seconds.compare_exchange_strong(expected, s);
+    s = g_watchdog_seconds.load();
+  }
+  return s;
+}
+
+// Runs for the life of the process (detached; it only touches the static watch slots).
+void watchdog_loop() {
+  uint64_t last[kMaxWorkers] = {};
+  double stalled[kMaxWorkers] = {};
+  bool reported[kMaxWorkers] = {};
+  const double tick = 0.25;
+  for (;;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    const double limit = watchdog_seconds();
+    for (int i = 0; i < kMaxWorkers; ++i) {
+      WatchSlot& s = g_watch[i];
+      const uint64_t p = s.progress.load(std::memory_order_relaxed);
+      if (!s.busy.load(std::memory_order_relaxed) || p != last[i]) {
+        last[i] = p;
+        stalled[i] = 0;
+        reported[i] = false;
+        continue;
+      }
+      stalled[i] += tick;
+      if (limit > 0 && stalled[i] >= limit && !reported[i]) {
+        reported[i] = true;
+        const uint64_t b = s.block.load(std::memory_order_relaxed);
+        const uint32_t t = s.thread.load(std::memory_order_relaxed);
+        std::fprintf(stderr,
+                     "cuemu watchdog: no progress for %.0f s in block (%u,%u,%u), thread (%u,%u,%u) running. The "
+                     "emulator switches threads only at __syncthreads and warp collectives, so a thread spinning on "
+                     "a value that another thread of its block (or a block not yet running) must write never "
+                     "finishes.\n",
+                     stalled[i], unsigned(b & 0xffffffffu), unsigned((b >> 32) & 0xffff), unsigned(b >> 48),
+                     t & 1023u, (t >> 10) & 1023u, t >> 20);
+        std::fflush(stderr);
+      }
+    }
+  }
 }
 
 class Pool {
@@ -778,11 +852,14 @@ class Pool {
       if (const char* e = std::getenv("CONVNET_EMU_THREADS")) n = std::atoi(e);
       if (n <= 0) n = 1;
     }
-    n = std::min(n, 256);
+    n = std::min(n, kMaxWorkers);
     if (!workers_.empty() && static_cast<int>(workers_.size()) == n) return;
     stop_helpers();
     workers_.clear();
-    for (int i = 0; i < n; ++i) workers_.push_back(std::make_unique<Worker>());
+    for (int i = 0; i < n; ++i) {
+      workers_.push_back(std::make_unique<Worker>());
+      workers_.back()->watch = &g_watch[i];
+    }
     quit_ = false;
     // New helpers must not take the previous generation for a new job.
     for (int i = 1; i < n; ++i) threads_.emplace_back([this, i, g = generation_] { helper_loop(i, g); });
@@ -790,6 +867,10 @@ class Pool {
   // Requires launch_mu.
   void run(Job& job) {
     size();
+    if (!watchdog_started_) {
+      watchdog_started_ = true;
+      std::thread(&watchdog_loop).detach();
+    }
     const int helpers = static_cast<int>(std::min<uint64_t>(workers_.size(), job.total)) - 1;
     if (helpers > 0) {
       std::lock_guard<std::mutex> lk(mu_);
@@ -852,6 +933,7 @@ class Pool {
   int wanted_ = 0;
   int active_ = 0;
   bool quit_ = false;
+  bool watchdog_started_ = false;
   Job* job_ = nullptr;
 };
 
@@ -1180,6 +1262,8 @@ int num_workers() {
   std::lock_guard<std::mutex> lk(p.launch_mu);
   return p.size();
 }
+void set_watchdog_seconds(double seconds) { detail::g_watchdog_seconds.store(std::max(0.0, seconds)); }
+
 LaunchStats last_launch_stats() {
   auto& p = detail::pool();
   std::lock_guard<std::mutex> lk(p.launch_mu);

@@ -206,6 +206,11 @@ const char* schedule_name(Schedule s);
 void set_num_workers(int n);  // n >= 1; 0 = default (env CONVNET_EMU_THREADS or hardware_concurrency)
 int num_workers();
 
+// A launch that makes no progress for this long (a thread spinning on a value another thread must write:
+// threads switch only at barriers and warp collectives) gets a message on stderr naming block and thread.
+// Default 120 s or env CONVNET_EMU_WATCHDOG_S; 0 disables.
+void set_watchdog_seconds(double seconds);
+
 // Counters of the last completed launch (for benchmarks and tests).
 struct LaunchStats {
   uint64_t blocks_run = 0;       // blocks that started

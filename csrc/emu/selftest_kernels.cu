@@ -230,6 +230,12 @@ __global__ void thread_ids_kernel(int* out) {
   o[kThreadIdsFields - 1] = int(active);
 }
 
+__global__ void spin_kernel(double seconds) {
+  const long long t0 = clock64();
+  while (double(clock64() - t0) < seconds * 1e9) {
+  }
+}
+
 // ---- broken kernels -------------------------------------------------------------------------------------
 __global__ void divergent_barrier_kernel() {
   if (threadIdx.x < 16) __syncthreads();  // CASE divergent_barrier
@@ -368,6 +374,8 @@ void thread_ids(const unsigned grid[3], const unsigned block[3], int* out) {
   convnet::launch(thread_ids_kernel, dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]), 0, nullptr,
                   out);
 }
+
+void spin(double seconds) { convnet::launch(spin_kernel, 1, 1, 0, nullptr, seconds); }
 
 std::vector<std::string> case_names() {
   return {"divergent_barrier", "two_barriers",     "early_return",   "assert",          "throw",

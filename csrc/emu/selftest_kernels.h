@@ -40,6 +40,8 @@ void scale(const float* x, float* y, std::int64_t n, float alpha);
 // __shfl_sync) and __activemask(): 14 ints. grid and block are (x, y, z).
 constexpr int kThreadIdsFields = 14;
 void thread_ids(const unsigned grid[3], const unsigned block[3], int* out);
+// One block of one thread that busy-waits for `seconds` (watchdog test).
+void spin(double seconds);
 // Runs one of the named misbehaving kernels / launches (see case_names()); throws the emulator's error.
 void run_case(const std::string& name);
 std::vector<std::string> case_names();

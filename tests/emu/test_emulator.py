@@ -75,6 +75,24 @@ def test_schedule_controls_round_trip():
     assert _emu.get_schedule() == ("forward", 0)
 
 
+def test_negative_and_huge_seeds_are_taken_modulo_2_64():
+    _emu.set_schedule("random", -1)
+    assert _emu.get_schedule() == ("random", 2**64 - 1)
+    _emu.set_schedule("random", 2**64 + 3)
+    assert _emu.get_schedule() == ("random", 3)
+
+
+def test_watchdog_names_a_spinning_thread(capfd):
+    _emu.set_watchdog(0.5)
+    try:
+        st.spin(1.3)
+    finally:
+        _emu.set_watchdog(120)
+    err = capfd.readouterr().err
+    assert "cuemu watchdog: no progress for" in err
+    assert "in block (0,0,0), thread (0,0,0) running" in err
+
+
 def test_worker_controls():
     _emu.set_num_workers(3)
     assert _emu.num_workers() == 3
