@@ -158,11 +158,12 @@ def bench_case(dev, name, op, chw, p, N, cud, copy_gbps, rows, check):
                  MB=nbytes / 1e6, GBps=nbytes / (ms * 1e-3) / 1e9)
         if copy_gbps:
             r["pct_copy"] = 100.0 * r["GBps"] / copy_gbps
-        if cudnn_nchw is not None:
+        best = min((t for t in (cudnn_nchw, cudnn_chwn) if t is not None), default=None)
+        if best is not None:
             r["cudnn_nchw_ms"] = cudnn_nchw
             r["cudnn_chwn_ms"] = cudnn_chwn
-            r["cudnn_GBps"] = (cudnn_bytes or nbytes) / (min(cudnn_nchw, cudnn_chwn) * 1e-3) / 1e9
-            r["speedup_vs_cudnn"] = min(cudnn_nchw, cudnn_chwn) / ms
+            r["cudnn_GBps"] = (cudnn_bytes or nbytes) / (best * 1e-3) / 1e9
+            r["speedup_vs_cudnn"] = best / ms
         if err is not None:
             r["max_rel_diff_vs_cudnn"] = err
         rows.append(r)
@@ -194,8 +195,12 @@ def bench_case(dev, name, op, chw, p, N, cud, copy_gbps, rows, check):
                         xp.empty((N, C, H, W), np.float32)
                 else:
                     xa, ya, dya, dxa = x, dev.empty(y.shape, np.float32), dy, dev.empty(x.shape, np.float32)
-                cf[layout] = time_ms(lambda: cud.pool_forward(pd, xd, xa, yd, ya), dev)
-                cb[layout] = time_ms(lambda: cud.pool_backward(pd, yd, ya, dya, xd, xa, dxa), dev)
+                try:
+                    cf[layout] = time_ms(lambda: cud.pool_forward(pd, xd, xa, yd, ya), dev)
+                    cb[layout] = time_ms(lambda: cud.pool_backward(pd, yd, ya, dya, xd, xa, dxa), dev)
+                except RuntimeError as exc:  # e.g. a layout this cuDNN does not support
+                    print(f"cuDNN {layout} {name}: {exc}")
+                    continue
                 if layout == "CHWN":
                     ef = rel(y, ya)
                     ops.pool_backward(dev, x, y, dy, out=dx, **kw)
@@ -224,8 +229,12 @@ def bench_case(dev, name, op, chw, p, N, cud, copy_gbps, rows, check):
                         xp.empty((N, C, H, W), np.float32)
                 else:
                     xa, ya, dya, dxa = x, dev.empty(x.shape, np.float32), dy, dev.empty(x.shape, np.float32)
-                cf[layout] = time_ms(lambda: cud.lrn_forward(ld, xd, xa, ya), dev)
-                cb[layout] = time_ms(lambda: cud.lrn_backward(ld, xd, ya, dya, xa, dxa), dev)
+                try:
+                    cf[layout] = time_ms(lambda: cud.lrn_forward(ld, xd, xa, ya), dev)
+                    cb[layout] = time_ms(lambda: cud.lrn_backward(ld, xd, ya, dya, xa, dxa), dev)
+                except RuntimeError as exc:
+                    print(f"cuDNN {layout} {name}: {exc}")
+                    continue
                 if layout == "CHWN":
                     ef = rel(y, ya)
                     ops.lrn_backward(dev, x, None, None, dy, out=dx, **kw)
