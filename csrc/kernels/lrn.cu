@@ -39,9 +39,10 @@ __global__ void lrn_fwd_kernel(const float* __restrict__ x, float* __restrict__ 
   constexpr int A = (SIZE - 1) / 2;    // maps above
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
   const unsigned items = static_cast<unsigned>(g.P) * NV;
-  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
   if (idx >= items) return;
-  const int c0 = blockIdx.y * seg;
+  const int c0 = (blockIdx.x % nseg) * seg;
   const int c1 = min(g.C, c0 + seg);
   const size_t cs = static_cast<size_t>(g.P) * g.N;                 // channel stride
   const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
@@ -88,9 +89,10 @@ __global__ void __launch_bounds__(kThreads) lrn_bwd_recompute_kernel(const float
   constexpr int A = (SIZE - 1) / 2;
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
   const unsigned items = static_cast<unsigned>(g.P) * NV;
-  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
   if (idx >= items) return;
-  const int c0 = blockIdx.y * seg;
+  const int c0 = (blockIdx.x % nseg) * seg;
   const int c1 = min(g.C, c0 + seg);
   const size_t cs = static_cast<size_t>(g.P) * g.N;
   const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
@@ -156,9 +158,10 @@ __global__ void lrn_bwd_kernel(const float* __restrict__ x, const float* __restr
   constexpr int B = SIZE / 2;
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
   const unsigned items = static_cast<unsigned>(g.P) * NV;
-  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
   if (idx >= items) return;
-  const int c0 = blockIdx.y * seg;
+  const int c0 = (blockIdx.x % nseg) * seg;
   const int c1 = min(g.C, c0 + seg);
   const size_t cs = static_cast<size_t>(g.P) * g.N;
   const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
@@ -207,9 +210,10 @@ __global__ void lrn_fwd_generic(const float* __restrict__ x, float* __restrict__
                                 LrnGeom g, int seg) {
   const int B = g.size / 2, A = (g.size - 1) / 2;
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
-  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
   if (idx >= static_cast<unsigned>(g.P) * NV) return;
-  const int c0 = blockIdx.y * seg, c1 = min(g.C, c0 + seg);
+  const int c0 = (blockIdx.x % nseg) * seg, c1 = min(g.C, c0 + seg);
   const size_t cs = static_cast<size_t>(g.P) * g.N;
   const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
   for (int c = c0; c < c1; ++c) {
@@ -244,9 +248,10 @@ __global__ void lrn_bwd_recompute_generic(const float* __restrict__ x, const flo
                                           float* __restrict__ dx, LrnGeom g, int seg) {
   const int A = (g.size - 1) / 2, B = g.size / 2;
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
-  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
   if (idx >= static_cast<unsigned>(g.P) * NV) return;
-  const int c0 = blockIdx.y * seg, c1 = min(g.C, c0 + seg);
+  const int c0 = (blockIdx.x % nseg) * seg, c1 = min(g.C, c0 + seg);
   const size_t cs = static_cast<size_t>(g.P) * g.N;
   const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
   const float coef = 2.0f * g.a * g.beta;
@@ -305,9 +310,10 @@ __global__ void lrn_bwd_generic(const float* __restrict__ x, const float* __rest
                                 LrnGeom g, int seg) {
   const int A = (g.size - 1) / 2, B = g.size / 2;
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
-  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
   if (idx >= static_cast<unsigned>(g.P) * NV) return;
-  const int c0 = blockIdx.y * seg, c1 = min(g.C, c0 + seg);
+  const int c0 = (blockIdx.x % nseg) * seg, c1 = min(g.C, c0 + seg);
   const size_t cs = static_cast<size_t>(g.P) * g.N;
   const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
   const float coef = 2.0f * g.a * g.beta;
@@ -348,7 +354,6 @@ int segment_length(const LrnGeom& g, int vec) {
   const long long max_seg = (g.C + 15) / 16;
   if (nseg > max_seg) nseg = max_seg;
   if (nseg < 1) nseg = 1;
-  if (nseg > 65535) nseg = 65535;
   return static_cast<int>((g.C + nseg - 1) / nseg);
 }
 
@@ -356,7 +361,7 @@ template <int VEC>
 void fwd_dispatch(const float* x, float* y, float* d, const LrnGeom& g, cudaStream_t s) {
   const int seg = segment_length(g, VEC);
   const unsigned items = static_cast<unsigned>(g.P) * (g.N / VEC);
-  const dim3 grid((items + kThreads - 1) / kThreads, (g.C + seg - 1) / seg), block(kThreads);
+  const dim3 grid(ceil_div(items, kThreads) * ceil_div(g.C, seg)), block(kThreads);
   if (g.size == 5) launch(lrn_fwd_kernel<VEC, 5>, grid, block, 0, s, x, y, d, g, seg);
   else if (g.size == 3) launch(lrn_fwd_kernel<VEC, 3>, grid, block, 0, s, x, y, d, g, seg);
   else launch(lrn_fwd_generic<VEC>, grid, block, 0, s, x, y, d, g, seg);
@@ -367,7 +372,7 @@ void bwd_dispatch(const float* x, const float* y, const float* d, const float* d
                   bool reuse, cudaStream_t s) {
   const int seg = segment_length(g, VEC);
   const unsigned items = static_cast<unsigned>(g.P) * (g.N / VEC);
-  const dim3 grid((items + kThreads - 1) / kThreads, (g.C + seg - 1) / seg), block(kThreads);
+  const dim3 grid(ceil_div(items, kThreads) * ceil_div(g.C, seg)), block(kThreads);
   if (!reuse) {
     if (g.size == 5) launch(lrn_bwd_recompute_kernel<VEC, 5>, grid, block, 0, s, x, dy, dx, g, seg);
     else if (g.size == 3) launch(lrn_bwd_recompute_kernel<VEC, 3>, grid, block, 0, s, x, dy, dx, g, seg);
