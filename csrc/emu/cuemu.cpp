@@ -1,6 +1,7 @@
 // cuemu.cpp — scheduler, fibers, worker pool and runtime API of the CUDA CPU emulation (see cuemu.h).
 #include "cuemu.h"
 
+#include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -937,10 +938,16 @@ class Pool {
   Job* job_ = nullptr;
 };
 
-// Never destroyed: helper threads may still wait on it while the process exits.
+// Never destroyed: helper threads may still wait on it while the process exits. A forked child has none of
+// the parent's helper threads (and maybe a locked mutex): it starts over with a new pool, leaking the old one.
+Pool* g_pool = nullptr;
 Pool& pool() {
-  static Pool* p = new Pool;
-  return *p;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    g_pool = new Pool;
+    pthread_atfork(nullptr, nullptr, [] { g_pool = new Pool; });
+  });
+  return *g_pool;
 }
 LaunchStats g_last_stats;
 

@@ -6,6 +6,7 @@ must raise convnet.EmulatorError naming the problem and the source line.
 """
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import threading
@@ -301,6 +302,30 @@ def test_concurrent_launches_from_python_threads():
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_can_launch():
+    _emu.set_num_workers(2)
+    x = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    np.testing.assert_array_equal(st.transpose(x), x.T)  # parent: helper threads exist now
+    pid = os.fork()
+    if pid == 0:  # child: the parent's helper threads are gone; launches must still complete
+        code = 1
+        try:
+            code = 0 if np.array_equal(st.transpose(x), x.T) and _emu.num_workers() == 2 else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("a launch in a forked child hung")
 
 
 # ---- broken kernels: precise errors -----------------------------------------------------------------------
