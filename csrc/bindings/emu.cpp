@@ -61,6 +61,8 @@ void bind_emulator(py::module_& m) {
   // ---- self-test kernels (tests/emu) -------------------------------------------------------------------
   py::module_ t = m.def_submodule("selftest", "Kernels that exercise the CPU emulator itself");
   t.def("case_names", &cuemu_selftest::case_names);
+  t.def("last_error", []() { return static_cast<int>(cudaGetLastError()); },
+        "cudaGetLastError() as an int (the emulator throws instead of leaving sticky errors: always 0)");
   t.def("spin", &cuemu_selftest::spin, py::arg("seconds"), py::call_guard<py::gil_scoped_release>());
   t.def("run_case", &cuemu_selftest::run_case, py::arg("name"), py::call_guard<py::gil_scoped_release>());
   t.def(

@@ -956,8 +956,10 @@ LaunchStats g_last_stats;
 // ---------------------------------------------------------------------------------------------------------
 // Entry points used by the header
 void run_launch(const LaunchSpec& spec) {
+  // Errors are thrown, not left in cudaGetLastError(): a later, unrelated CUDA_CHECK(cudaGetLastError()) must
+  // not fail because an earlier test provoked an emulator error on purpose.
   auto fail = [](cudaError_t code, const std::string& msg) {
-    tl_last_error = code;
+    (void)code;
     throw EmulatorError("cuemu: invalid launch configuration: " + msg);
   };
   if (tl_worker && tl_worker->current)
@@ -1002,10 +1004,7 @@ void run_launch(const LaunchSpec& spec) {
   job.shared_limit = raised ? kMaxSharedPerBlock : kStaticSharedLimit;
   p.run(job);
   g_last_stats = p.collect();
-  if (job.err_block != UINT64_MAX) {
-    tl_last_error = cudaErrorLaunchFailure;
-    throw EmulatorError(job.err);
-  }
+  if (job.err_block != UINT64_MAX) throw EmulatorError(job.err);
 }
 
 void set_func_max_dynamic_shared(AnyFn kernel, int bytes) {

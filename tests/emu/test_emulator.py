@@ -398,6 +398,8 @@ def test_error_cases_raise_precise_errors(name, order):
     message = str(info.value)
     for pattern in ERROR_CASES[name]():
         assert re.search(pattern, message), f"{pattern!r} not found in {message!r}"
+    # The error was thrown, not left behind for a later CUDA_CHECK(cudaGetLastError()) of another launcher.
+    assert st.last_error() == 0
     # The emulator is usable again right after an error (abandoned fibers are reset).
     x = np.arange(35 * 40, dtype=np.float32).reshape(35, 40)
     np.testing.assert_array_equal(st.transpose(x), x.T)
