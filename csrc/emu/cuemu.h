@@ -327,11 +327,12 @@ inline cudaError_t cudaMemcpyFromSymbol(void* dst, const T& symbol, size_t count
 
 // ---------------------------------------------------------------------------------------------------------
 // Shared memory. SHARED(float, tile, [32][33]) declares `float (&tile)[32][33]` bound to this block's copy.
-// The static local gives each declaration site (and each template instantiation) a distinct key.
+// The static local gives each declaration site (and each template instantiation) a distinct key; it is a
+// writable char, because identical read-only constants may legally be merged to one address.
 #define SHARED(T, name, dims)                                                                              \
   using cuemu_shared_type_##name = T dims;                                                                  \
   static_assert(std::is_trivially_destructible_v<cuemu_shared_type_##name>, "shared arrays hold plain data"); \
-  static const char cuemu_shared_key_##name = 0;                                                            \
+  static char cuemu_shared_key_##name;                                                                      \
   cuemu_shared_type_##name& name = *static_cast<cuemu_shared_type_##name*>(::cuemu::detail::shared_alloc(    \
       &cuemu_shared_key_##name, sizeof(cuemu_shared_type_##name), alignof(cuemu_shared_type_##name), #name,  \
       __FILE__, __LINE__))
