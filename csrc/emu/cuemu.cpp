@@ -540,9 +540,29 @@ inline uint64_t splitmix(uint64_t& s) {
   return z ^ (z >> 31);
 }
 
-// Global settings
+// Global settings. The initial schedule comes from CONVNET_EMU_SCHEDULE ("forward", "reverse", "random" or
+// "random:SEED"), so a whole test run can be repeated under another order without code changes.
 std::atomic<int> g_order{static_cast<int>(Schedule::Forward)};
 std::atomic<uint64_t> g_seed{0};
+const bool g_schedule_from_env = [] {
+  const char* e = std::getenv("CONVNET_EMU_SCHEDULE");
+  if (!e || !*e) return false;
+  const std::string v = e;
+  const std::string name = v.substr(0, v.find(':'));
+  uint64_t seed = 0;
+  if (v.find(':') != std::string::npos) seed = std::strtoull(v.c_str() + v.find(':') + 1, nullptr, 0);
+  Schedule s;
+  if (name == "forward") s = Schedule::Forward;
+  else if (name == "reverse") s = Schedule::Reverse;
+  else if (name == "random") s = Schedule::Random;
+  else {
+    std::fprintf(stderr, "cuemu: ignoring CONVNET_EMU_SCHEDULE=%s (expected forward, reverse, random or random:SEED)\n", e);
+    return false;
+  }
+  g_order.store(static_cast<int>(s));
+  g_seed.store(seed);
+  return true;
+}();
 std::mutex g_attr_mu;
 std::unordered_map<AnyFn, int> g_max_dyn;
 thread_local cudaError_t tl_last_error = cudaSuccess;

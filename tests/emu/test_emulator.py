@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -92,6 +94,18 @@ def test_watchdog_names_a_spinning_thread(capfd):
     err = capfd.readouterr().err
     assert "cuemu watchdog: no progress for" in err
     assert "in block (0,0,0), thread (0,0,0) running" in err
+
+
+@pytest.mark.parametrize("value, expected", [("reverse", "('reverse', 0)"), ("random:77", "('random', 77)"),
+                                             ("sideways", "('forward', 0)")])
+def test_initial_schedule_from_environment(value, expected):
+    code = "import convnet._emu as e; print(e.get_schedule())"
+    env = dict(os.environ, CONVNET_EMU_SCHEDULE=value, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == expected
+    if value == "sideways":
+        assert "ignoring CONVNET_EMU_SCHEDULE=sideways" in r.stderr
 
 
 def test_worker_controls():
