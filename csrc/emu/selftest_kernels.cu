@@ -96,6 +96,12 @@ __global__ void warp_ops_kernel(const int* x, int n, int* out) {
   }
   put(14, s[threadIdx.x]);
   put(15, __shfl_sync(full, v, 3, 16));
+  put(16, __reduce_max_sync(full, v));
+  put(17, __reduce_min_sync(full, v));
+  int pred_same = -1, pred_v = -1;
+  put(18, static_cast<int>(__match_all_sync(full, blockIdx.x, &pred_same)) ^ (pred_same << 4));
+  put(19, static_cast<int>(__match_all_sync(full, v, &pred_v)) + 2 * pred_v);
+  put(20, static_cast<int>(__reduce_or_sync(full, static_cast<unsigned>(v) & 0xF0u)));
 }
 
 __global__ void uninit_shared_kernel(unsigned* out, int n) {

@@ -16,7 +16,7 @@ void reduce_sum(const float* x, std::int64_t n, float* out);
 // bins[v] += count of v in x (values in [0, nbins)), via shared atomics then global atomics. nbins <= 1024.
 void histogram(const int* x, std::int64_t n, unsigned* bins, int nbins);
 // Warp collectives on n ints (n multiple of 64, blocks of 64 threads); out has kWarpOpsRows * n ints.
-constexpr int kWarpOpsRows = 16;
+constexpr int kWarpOpsRows = 21;
 void warp_ops(const int* x, int n, int* out);
 // Bit patterns of never-written static (first n) and dynamic (next n) shared memory; n <= 256.
 void uninit_shared(unsigned* out, int n);

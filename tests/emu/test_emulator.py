@@ -193,6 +193,12 @@ def expected_warp_ops(x: np.ndarray) -> np.ndarray:
     out[13] = w[:, 31:32]
     out[14] = w.sum(axis=1, keepdims=True)
     out[15] = w[:, (lanes // 16) * 16 + 3]
+    out[16] = w.max(axis=1, keepdims=True)
+    out[17] = w.min(axis=1, keepdims=True)
+    out[18] = np.int32(-1) ^ (1 << 4)  # full mask, predicate 1
+    all_same = (w == w[:, :1]).all(axis=1, keepdims=True)
+    out[19] = np.where(all_same, -1 + 2, 0)
+    out[20] = np.bitwise_or.reduce(w.astype(np.uint32) & 0xF0, axis=1, keepdims=True)
     del seg
     return out.reshape(st.WARP_OPS_ROWS, n).astype(np.int32)
 
@@ -202,10 +208,12 @@ def test_warp_collectives_match_numpy():
     x = rng.integers(-60, 60, size=256).astype(np.int32)
     x[:32] = np.abs(x[:32]) + 1  # warp 0: all positive (ballot all ones, all_sync true)
     x[32] = 150  # warp 1: any_sync true
+    x[64:96] = 7  # warp 2: uniform (match_all predicate true)
     expected = expected_warp_ops(x)
     names = ["shfl_down sum", "shfl_up scan", "shfl_xor max", "ballot", "any", "all", "xor width 8",
              "shfl rotate", "reduce_add", "match_any", "shfl_down width 8", "shfl_up width 8", "xor double",
-             "shfl long long", "syncwarp shared tree", "shfl width 16"]
+             "shfl long long", "syncwarp shared tree", "shfl width 16", "reduce_max", "reduce_min",
+             "match_all uniform", "match_all varying", "reduce_or"]
     for setting, out in run_all_settings(lambda: st.warp_ops(x)):
         for row, name in enumerate(names):
             np.testing.assert_array_equal(out[row], expected[row], err_msg=f"{name} under {setting}")
