@@ -418,10 +418,22 @@ inline void carrier_to_scheduler(Worker& w, Carrier& c) {
 #endif
   jump(c.ctx, w.sched);
 #ifdef CUEMU_ASAN
-  __sanitizer_finish_switch_fiber(c.fake_stack, &w.sched_bottom, &w.sched_size);
+  __sanitizer_finish_switch_fiber(c.fake_stack, nullptr, nullptr);
 #endif
 }
-inline void yield_to_scheduler(Worker& w, Fiber& f) { carrier_to_scheduler(w, *f.carrier); }
+
+inline void carrier_to_carrier(Carrier& from, Carrier& to) {
+#ifdef CUEMU_TSAN
+  __tsan_switch_to_fiber(to.tsan_fiber, 0);
+#endif
+#ifdef CUEMU_ASAN
+  __sanitizer_start_switch_fiber(&from.fake_stack, to.stack_lo, to.stack_size);
+#endif
+  jump(from.ctx, to.ctx);
+#ifdef CUEMU_ASAN
+  __sanitizer_finish_switch_fiber(from.fake_stack, nullptr, nullptr);
+#endif
+}
 
 void carrier_main(void* arg);
 
@@ -446,7 +458,8 @@ Carrier* take_carrier(Worker& w) {
   return c;
 }
 
-inline void resume(Worker& w, Fiber& f) {
+// Gives f a carrier (and a fresh context if needed) and makes it the current thread. Returns its carrier.
+inline Carrier& prepare(Worker& w, Fiber& f) {
   if (!f.started) {
     Carrier* c = take_carrier(w);
     c->fiber = &f;
@@ -466,6 +479,12 @@ inline void resume(Worker& w, Fiber& f) {
   threadIdx = f.tid;
   ++w.switches;
   watch_progress(w.watch, f.tid);
+  return c;
+}
+
+// Scheduler side: run f (and whatever its carrier switches to) until control comes back.
+inline void resume(Worker& w, Fiber& f) {
+  Carrier& c = prepare(w, f);
 #ifdef CUEMU_TSAN
   w.tsan_sched = __tsan_get_current_fiber();
   __tsan_switch_to_fiber(c.tsan_fiber, 0);
@@ -480,15 +499,28 @@ inline void resume(Worker& w, Fiber& f) {
   w.current = nullptr;
 }
 
-// The next entry of this round's order, if it is a thread that has not started: run it on this carrier.
-inline Fiber* next_unstarted(Worker& w) {
+// The next runnable entry of this round's order (w.pos moves to it), or null at the end of the round.
+inline Fiber* next_runnable(Worker& w) {
   if (w.failed) return nullptr;
-  const size_t p = w.pos + 1;
-  if (p >= w.order.size()) return nullptr;
-  Fiber& g = w.fibers[w.order[p]];
-  if (g.state != FState::Runnable || g.started) return nullptr;
-  w.pos = p;
-  return &g;
+  for (size_t p = w.pos + 1; p < w.order.size(); ++p) {
+    Fiber& g = w.fibers[w.order[p]];
+    if (g.state == FState::Runnable) {
+      w.pos = p;
+      return &g;
+    }
+  }
+  w.pos = w.order.size() - 1;
+  return nullptr;
+}
+
+// A thread blocked (barrier, warp collective): switch straight to the next runnable thread of the round, or
+// back to the scheduler when the round is over. One switch per resume instead of two.
+inline void block_current(Worker& w, Fiber& f) {
+  Carrier& from = *f.carrier;
+  if (Fiber* next = next_runnable(w))
+    carrier_to_carrier(from, prepare(w, *next));
+  else
+    carrier_to_scheduler(w, from);
 }
 
 void record_fiber_error(Worker& w, const Fiber& f, const std::string& what) {
@@ -503,9 +535,9 @@ void record_fiber_error(Worker& w, const Fiber& f, const std::string& what) {
 // nothing unwinds across a context switch.
 void carrier_main(void* arg) {
   Carrier* c = static_cast<Carrier*>(arg);
-  Worker* w = tl_worker;  // a carrier never changes OS thread (see run_job)
+  Worker* w = tl_worker;  // a carrier never changes OS thread (see work())
 #ifdef CUEMU_ASAN
-  __sanitizer_finish_switch_fiber(nullptr, &w->sched_bottom, &w->sched_size);
+  __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
 #endif
   for (;;) {
     Fiber* f = c->fiber;
@@ -518,7 +550,8 @@ void carrier_main(void* arg) {
     }
     f->state = FState::Done;
     f->carrier = nullptr;
-    if (Fiber* next = next_unstarted(*w)) {  // chain: no switch
+    Fiber* next = next_runnable(*w);
+    if (next && !next->started) {  // chain: run it on this carrier, no switch
       c->fiber = next;
       next->carrier = c;
       next->started = true;
@@ -529,7 +562,11 @@ void carrier_main(void* arg) {
     }
     c->fiber = nullptr;
     w->free_carriers.push_back(c);
-    carrier_to_scheduler(*w, *c);  // resumed later with a new thread in c->fiber
+    // Resumed later with a new thread in c->fiber.
+    if (next)
+      carrier_to_carrier(*c, prepare(*w, *next));
+    else
+      carrier_to_scheduler(*w, *c);
   }
 }
 
@@ -787,6 +824,19 @@ void work(Worker& w, Job& job) {
     w.owner = std::this_thread::get_id();
     for (auto& c : w.carriers) c->fresh = true;
   }
+#ifdef CUEMU_ASAN
+  {  // the scheduler runs on this OS thread's own stack; carriers switch back to it
+    pthread_attr_t attr;
+    void* addr = nullptr;
+    size_t size = 0;
+    if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+      pthread_attr_getstack(&attr, &addr, &size);
+      pthread_attr_destroy(&attr);
+    }
+    w.sched_bottom = addr;
+    w.sched_size = size;
+  }
+#endif
   tl_worker = &w;
   w.spec = job.spec;
   w.shared_limit = job.shared_limit;
@@ -1042,7 +1092,7 @@ void syncthreads(const char* file, int line) {
   f->state = FState::Barrier;
   f->file = file;
   f->line = line;
-  yield_to_scheduler(w, *f);
+  block_current(w, *f);
   f->reduce_pred = 0;
 }
 
@@ -1053,7 +1103,7 @@ int syncthreads_reduce(int pred, int op, const char* file, int line) {
   f->state = FState::Barrier;
   f->file = file;
   f->line = line;
-  yield_to_scheduler(w, *f);
+  block_current(w, *f);
   f->reduce_pred = 0;
   if (op == 0) return w.reduce_count;
   if (op == 1) return w.reduce_count == w.reduce_live;
@@ -1132,7 +1182,7 @@ uint64_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int param, in
   if (arrived != mask) {
     ws.waiting |= 1u << lane;
     f->state = FState::Warp;
-    yield_to_scheduler(w, *f);
+    block_current(w, *f);
     return ws.result[lane];
   }
   // Last lane of the group: compute every lane's result at once, then release the others.
@@ -1243,7 +1293,7 @@ extern "C" __attribute__((visibility("hidden"), noreturn)) void __assert_fail(co
       record_fiber_error(*w, f, format("assertion `%s` failed at %s:%u in %s", assertion, file, line, function));
     } catch (...) {
     }
-    for (;;) yield_to_scheduler(*w, f);
+    for (;;) carrier_to_scheduler(*w, *f.carrier);
   }
   std::fprintf(stderr, "%s:%u: %s: Assertion `%s' failed.\n", file, line, function, assertion);
   std::abort();

@@ -81,7 +81,7 @@ def asan_driver(drivers):
 def test_correct_kernels_and_error_paths_run_clean_under_asan_ubsan(asan_driver, case):
     r = run(asan_driver, case)
     assert r.returncode == 0, r.stderr
-    assert "AddressSanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr
+    assert r.stderr.strip() == "", r.stderr  # not even "ASan is ignoring ..." stack-switch warnings
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -123,7 +123,7 @@ def test_correct_kernels_run_clean_under_tsan(tsan_driver, case):
     if "ThreadSanitizer: unexpected memory mapping" in r.stderr:
         pytest.skip("this kernel's address-space layout is not supported by TSan")
     assert r.returncode == 0, r.stderr
-    assert "ThreadSanitizer" not in r.stderr, r.stderr
+    assert r.stderr.strip() == "", r.stderr
 
 
 def test_interblock_race_is_reported_by_tsan(tsan_driver):
