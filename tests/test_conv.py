@@ -301,3 +301,44 @@ def test_kernel_launchers_reject_bad_geometry():
         dw = np.zeros((8, 3, 3, 16), np.float32)
         k.conv_backward_filter(x.ctypes.data, dy.ctypes.data, dw.ctypes.data, 0, 0,
                                (8, 16, 16, 8, 16, 3, 3, 1, 1, 1, 1, 1), 1.0, 0.0, 0)
+
+
+# ------------------------------------------------------------------------------------------ dispatch table
+TILE_CASES = [
+    SMALL[0],  # groups 2, stride 2, N = 5: scalar path
+    SMALL[2],  # 3 channels, F = 20, N = 8: 16-byte path
+    SMALL[8],  # split filter gradient
+    ("ragged-vec", 6, 11, 9, 4, 12, 3, 3, 1, 1, 2),
+]
+
+
+def _geom_tuple(g):
+    _, c, h, w, n, f, kh, kw, s, p, groups = g
+    s = s if isinstance(s, tuple) else (s, s)
+    p = p if isinstance(p, tuple) else (p, p)
+    return (c, h, w, n, f, kh, kw, *s, *p, groups)
+
+
+@pytest.mark.parametrize("row", range(4))
+def test_every_tile_row(kernel_device, row):
+    """Force each row of the dispatch table (both load paths) on ragged geometries."""
+    k = kernel_device.kernels
+    assert k.conv_tile_count() == 4, "update this test's range when the dispatch table changes"
+    k.conv_set_tile_override(row)
+    try:
+        for g in TILE_CASES:
+            _run_and_check(kernel_device, g, seed=row, which=("fwd", "dgrad", "wgrad"))
+    finally:
+        k.conv_set_tile_override(-1)
+
+
+def test_alexnet_batch128_plans_use_fast_paths():
+    """At batch 128 every AlexNet layer takes the 16-byte path with a big tile (the plan is device-independent)."""
+    k = Device("emu").kernels
+    for name, c, h, w, _, f, kh, kw, s, p, groups in ALEXNET_2012:
+        geo = (c, h, w, 128, f, kh, kw, s, s, p, p, groups)
+        for op in range(3):
+            plan = k.conv_plan(op, geo)
+            assert "16-byte path" in plan, f"{name}: {plan}"
+            if name != "conv1":
+                assert "tile 128x128" in plan or "tile 64x128" in plan, f"{name}: {plan}"

@@ -45,6 +45,7 @@
 #include "kernels/conv.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -493,32 +494,48 @@ struct TileCfg {
   KernelFn scalar[3];
 };
 
-template <int BM, int BN, int TM, int TN>
+template <class Op, int BM, int BN, int TM, int TN, int V, bool kOn>
+constexpr KernelFn kernel_or_null() {
+  if constexpr (kOn) return conv_igemm<Op, BM, BN, kBK, TM, TN, V>;
+  else return nullptr;  // not instantiated at all
+}
+
+template <int BM, int BN, int TM, int TN, bool kWithScalar = true>
 constexpr TileCfg make_cfg(float eff) {
   return TileCfg{BM, BN, TM, TN, eff,
                  {conv_igemm<FwdOp, BM, BN, kBK, TM, TN, 4>, conv_igemm<DgradOp, BM, BN, kBK, TM, TN, 4>,
                   conv_igemm<WgradOp, BM, BN, kBK, TM, TN, 4>},
-                 {conv_igemm<FwdOp, BM, BN, kBK, TM, TN, 1>, conv_igemm<DgradOp, BM, BN, kBK, TM, TN, 1>,
-                  conv_igemm<WgradOp, BM, BN, kBK, TM, TN, 1>}};
+                 {kernel_or_null<FwdOp, BM, BN, TM, TN, 1, kWithScalar>(),
+                  kernel_or_null<DgradOp, BM, BN, TM, TN, 1, kWithScalar>(),
+                  kernel_or_null<WgradOp, BM, BN, TM, TN, 1, kWithScalar>()}};
 }
 
-// The whole dispatch table. All rows use 256 threads and BK = 8.
-//        BM   BN  TM  TN   efficiency  (per-thread outputs / shared loads per k: 64/4, 32/3, 16/2)
+// The whole dispatch table (BK = 8 everywhere). "efficiency" is a guess at relative FMA throughput, from the
+// per-thread outputs per shared-memory load per k step (64/4, 32/3, 16/2, 16/2): to be calibrated on a GPU.
+//        BM   BN  TM  TN   threads  efficiency
 const TileCfg kTiles[] = {
-    make_cfg<128, 128, 8, 8>(1.00f),  // large GEMMs: AlexNet conv1-5 at batch 128
-    make_cfg<64, 128, 4, 8>(0.85f),   // few rows (M <= 64, or M = 192 = 3 x 64)
-    make_cfg<64, 64, 4, 4>(0.65f),    // small problems: tiny batches, few filters
+    make_cfg<128, 128, 8, 8>(1.00f),  // 256  large GEMMs: AlexNet conv1-5 at batch 128
+    make_cfg<64, 128, 4, 8>(0.85f),   // 256  few rows (M <= 64, or M = 192 = 3 x 64)
+    make_cfg<64, 64, 4, 4>(0.65f),    // 256  small problems: tiny batches, few filters
+    make_cfg<4, 512, 4, 4, false>(0.50f),  // 128  skinny: M <= 4 (input gradient of 1- and 3-channel images);
+                                           //      16-byte path only (the scalar one would need 32 load slots)
 };
 constexpr int kNumTiles = sizeof(kTiles) / sizeof(kTiles[0]);
 
+std::atomic<int> g_tile_override{-1};  // tests and tuning: force one row of the table (-1: automatic)
+
 // Pick the row minimising (padded work / efficiency), with a penalty when the grid cannot fill the GPU.
-int pick_tile(std::int64_t M, std::int64_t Nc, std::int64_t slices, std::int64_t extra_split = 1) {
+int pick_tile(int op, bool vec, std::int64_t M, std::int64_t Nc, std::int64_t slices) {
+  const int forced = g_tile_override.load();
+  if (forced >= 0 && forced < kNumTiles && (vec ? kTiles[forced].vec : kTiles[forced].scalar)[op] != nullptr)
+    return forced;
   int best = 0;
   double best_cost = std::numeric_limits<double>::infinity();
   for (int i = 0; i < kNumTiles; ++i) {
     const TileCfg& t = kTiles[i];
+    if ((vec ? t.vec : t.scalar)[op] == nullptr) continue;
     const std::int64_t bm = (M + t.BM - 1) / t.BM, bn = (Nc + t.BN - 1) / t.BN;
-    const std::int64_t blocks = bm * bn * slices * extra_split;
+    const std::int64_t blocks = bm * bn * slices;
     double cost = double(bm * t.BM) * double(bn * t.BN) / t.efficiency;
     if (blocks < kTargetBlocks) cost *= double(kTargetBlocks) / double(blocks);  // idle SMs
     if (cost < best_cost) {
@@ -545,34 +562,58 @@ ConvParams make_params(const ConvGeometry& g) {
   return p;
 }
 
-void launch_igemm(const TileCfg& t, int op, bool vec, const ConvParams& p, std::int64_t M, std::int64_t Nc,
-                  std::int64_t slices, cudaStream_t stream) {
-  const std::int64_t gx = (Nc + t.BN - 1) / t.BN, gy = (M + t.BM - 1) / t.BM;
-  CONVNET_REQUIRE(gx <= 0x7fffffff && gy <= 65535 && slices <= 65535, "grid too large for this geometry");
-  if (gx == 0 || gy == 0 || slices == 0) return;
-  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(slices));
-  const dim3 block(static_cast<unsigned>((t.BM / t.TM) * (t.BN / t.TN)));
-  launch(vec ? t.vec[op] : t.scalar[op], grid, block, 0, stream, p);
-}
-
-struct WgradPlan {
-  int tile, splits, chunk;
+// What one call launches: the op (0 forward, 1 dgrad, 2 wgrad), the table row, the GEMM extents and z slices.
+struct Plan {
+  int op, tile;
+  bool vec;
+  std::int64_t M, Nc, slices;
+  int splits, chunk;  // wgrad only
 };
 
-WgradPlan wgrad_plan(const ConvGeometry& g) {
-  const std::int64_t M = std::int64_t(g.C / g.groups) * g.KH * g.KW, Nc = g.F / g.groups;
+Plan make_plan(int op, const ConvGeometry& g, bool aligned) {
+  const std::int64_t Cg = g.C / g.groups, Fg = g.F / g.groups;
   const std::int64_t J = std::int64_t(g.OH) * g.OW * g.N;
-  const int tile = pick_tile(M, Nc, g.groups);
-  const TileCfg& t = kTiles[tile];
-  const std::int64_t blocks = ((M + t.BM - 1) / t.BM) * ((Nc + t.BN - 1) / t.BN) * g.groups;
-  // Enough chunks for two waves, each chunk at least kMinChunk long (so the partial sums stay cheap to reduce).
+  Plan pl{op, 0, aligned && g.N % 4 == 0 && Fg % 4 == 0, 0, 0, g.groups, 1, 0};
+  if (op == 0) {
+    pl.M = Fg;
+    pl.Nc = J;
+  } else if (op == 1) {
+    // One z slice per (group, stride phase); columns sized for the largest phase class (the one with iy = 0).
+    pl.M = Cg;
+    pl.Nc = std::int64_t((g.H + g.stride_h - 1) / g.stride_h) * ((g.W + g.stride_w - 1) / g.stride_w) * g.N;
+    pl.slices = std::int64_t(g.groups) * g.stride_h * g.stride_w;
+  } else {
+    pl.M = Cg * g.KH * g.KW;
+    pl.Nc = Fg;
+  }
+  // Split the wgrad reduction (OH*OW*N) into chunks: enough blocks for two waves, chunks at least kMinChunk
+  // long (so the partial sums stay cheap to reduce), at most kMaxSplits of them. The tile is picked knowing
+  // that splitting can supply the parallelism.
   constexpr std::int64_t kMinChunk = 256, kMaxSplits = 256;
-  std::int64_t splits = std::max<std::int64_t>(1, (2 * kTargetBlocks + blocks - 1) / blocks);
-  splits = std::min<std::int64_t>({splits, std::max<std::int64_t>(1, J / kMinChunk), kMaxSplits});
-  std::int64_t chunk = (J + splits - 1) / splits;
-  chunk = (chunk + kBK - 1) / kBK * kBK;
-  splits = (J + chunk - 1) / chunk;
-  return {tile, int(splits), int(chunk)};
+  const std::int64_t max_splits = std::min<std::int64_t>(std::max<std::int64_t>(1, J / kMinChunk), kMaxSplits);
+  pl.tile = pick_tile(op, pl.vec, pl.M, pl.Nc, op == 2 ? pl.slices * max_splits : pl.slices);
+  if (op == 2) {
+    const TileCfg& t = kTiles[pl.tile];
+    const std::int64_t blocks = ((pl.M + t.BM - 1) / t.BM) * ((pl.Nc + t.BN - 1) / t.BN) * g.groups;
+    std::int64_t splits = std::max<std::int64_t>(1, (2 * kTargetBlocks + blocks - 1) / blocks);
+    splits = std::min<std::int64_t>(splits, max_splits);
+    std::int64_t chunk = (J + splits - 1) / splits;
+    chunk = (chunk + kBK - 1) / kBK * kBK;
+    pl.splits = int((J + chunk - 1) / chunk);
+    pl.chunk = int(chunk);
+    pl.slices = std::int64_t(g.groups) * pl.splits;
+  }
+  return pl;
+}
+
+void launch_igemm(const Plan& pl, const ConvParams& p, cudaStream_t stream) {
+  const TileCfg& t = kTiles[pl.tile];
+  const std::int64_t gx = (pl.Nc + t.BN - 1) / t.BN, gy = (pl.M + t.BM - 1) / t.BM;
+  CONVNET_REQUIRE(gx <= 0x7fffffff && gy <= 65535 && pl.slices <= 65535, "grid too large for this geometry");
+  if (gx == 0 || gy == 0 || pl.slices == 0) return;
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(pl.slices));
+  const dim3 block(static_cast<unsigned>((t.BM / t.TM) * (t.BN / t.TN)));
+  launch(pl.vec ? t.vec[pl.op] : t.scalar[pl.op], grid, block, 0, stream, p);
 }
 
 constexpr std::int64_t kMaxElems = std::numeric_limits<int>::max();
@@ -600,14 +641,34 @@ ConvGeometry conv_geometry(int C, int H, int W, int N, int F, int KH, int KW, in
   return g;
 }
 
+int conv_tile_count() { return kNumTiles; }
+
+void conv_set_tile_override(int row) {
+  CONVNET_REQUIRE(row >= -1 && row < kNumTiles, "tile row must be -1 (automatic) or in [0, " +
+                                                    std::to_string(kNumTiles) + ")");
+  g_tile_override.store(row);
+}
+
+std::string conv_plan(int op, const ConvGeometry& g) {
+  CONVNET_REQUIRE(op >= 0 && op <= 2, "op must be 0 (forward), 1 (backward_data) or 2 (backward_filter)");
+  const Plan pl = make_plan(op, g, true);
+  const TileCfg& t = kTiles[pl.tile];
+  std::string s = std::string(op == 0 ? "forward" : op == 1 ? "backward_data" : "backward_filter") + ": tile " +
+                  std::to_string(t.BM) + "x" + std::to_string(t.BN) + "x" + std::to_string(kBK) + " (" +
+                  std::to_string(t.TM) + "x" + std::to_string(t.TN) + " per thread, " +
+                  std::to_string((t.BM / t.TM) * (t.BN / t.TN)) + " threads), " +
+                  (pl.vec ? "16-byte" : "scalar") + " path, grid " + std::to_string((pl.Nc + t.BN - 1) / t.BN) + "x" +
+                  std::to_string((pl.M + t.BM - 1) / t.BM) + "x" + std::to_string(pl.slices);
+  if (op == 2) s += ", " + std::to_string(pl.splits) + " split(s) of " + std::to_string(pl.chunk);
+  return s;
+}
+
 void conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y, float alpha,
                   float beta, cudaStream_t stream) {
   CONVNET_REQUIRE(x && w && y, "null pointer");
   ConvParams p = make_params(g);
   p.A = w; p.B = x; p.bias = bias; p.out = y; p.alpha = alpha; p.beta = beta;
-  const bool vec = g.N % 4 == 0 && p.Fg % 4 == 0 && aligned16(x) && aligned16(w) && aligned16(y);
-  const int tile = pick_tile(p.Fg, p.J, g.groups);
-  launch_igemm(kTiles[tile], 0, vec, p, p.Fg, p.J, g.groups, stream);
+  launch_igemm(make_plan(0, g, aligned16(x) && aligned16(w) && aligned16(y)), p, stream);
 }
 
 void conv_backward_data(const ConvGeometry& g, const float* dy, const float* w, float* dx, float alpha, float beta,
@@ -615,44 +676,46 @@ void conv_backward_data(const ConvGeometry& g, const float* dy, const float* w, 
   CONVNET_REQUIRE(dy && w && dx, "null pointer");
   ConvParams p = make_params(g);
   p.A = w; p.B = dy; p.out = dx; p.alpha = alpha; p.beta = beta;
-  const bool vec = g.N % 4 == 0 && p.Fg % 4 == 0 && aligned16(dy) && aligned16(w) && aligned16(dx);
-  const std::int64_t phases = std::int64_t(g.stride_h) * g.stride_w;
-  // Largest phase class (the one containing iy = 0 has the most rows): ceil(H / sh) x ceil(W / sw) pixels.
-  const std::int64_t Nc = std::int64_t((g.H + g.stride_h - 1) / g.stride_h) * ((g.W + g.stride_w - 1) / g.stride_w) * g.N;
-  const int tile = pick_tile(p.Cg, Nc, g.groups * phases);
-  launch_igemm(kTiles[tile], 1, vec, p, p.Cg, Nc, g.groups * phases, stream);
+  launch_igemm(make_plan(1, g, aligned16(dy) && aligned16(w) && aligned16(dx)), p, stream);
 }
 
 std::int64_t conv_backward_filter_workspace(const ConvGeometry& g) {
-  const WgradPlan plan = wgrad_plan(g);
-  if (plan.splits <= 1) return 0;
-  return std::int64_t(plan.splits) * (g.C / g.groups) * g.KH * g.KW * g.F;
+  const Plan pl = make_plan(2, g, true);
+  if (pl.splits <= 1) return 0;
+  return std::int64_t(pl.splits) * (g.C / g.groups) * g.KH * g.KW * g.F;
 }
 
 void conv_backward_filter(const ConvGeometry& g, const float* x, const float* dy, float* dw, float* workspace,
                           std::int64_t workspace_floats, float alpha, float beta, cudaStream_t stream) {
   CONVNET_REQUIRE(x && dy && dw, "null pointer");
-  const WgradPlan plan = wgrad_plan(g);
   ConvParams p = make_params(g);
-  const std::int64_t M = std::int64_t(p.Cg) * g.KH * g.KW, total = M * g.F;
-  p.A = x; p.B = dy; p.splits = plan.splits; p.chunk = plan.chunk;
-  const bool split = plan.splits > 1;
+  const std::int64_t total = std::int64_t(p.Cg) * g.KH * g.KW * g.F;
+  Plan pl = make_plan(2, g, true);
+  const bool split = pl.splits > 1;
   if (split) {
-    CONVNET_REQUIRE(workspace != nullptr && workspace_floats >= plan.splits * total,
-                    "workspace too small: need " + std::to_string(plan.splits * total) + " floats");
-    CONVNET_REQUIRE(plan.splits * total <= kMaxElems, "workspace has 2^31 or more elements (unsupported)");
-    p.out = workspace; p.alpha = 1.f; p.beta = 0.f;
-  } else {
-    p.out = dw; p.alpha = alpha; p.beta = beta;
+    CONVNET_REQUIRE(workspace != nullptr && workspace_floats >= pl.splits * total,
+                    "workspace too small: need " + std::to_string(pl.splits * total) + " floats");
+    CONVNET_REQUIRE(pl.splits * total <= kMaxElems, "workspace has 2^31 or more elements (unsupported)");
   }
-  const bool vec = g.N % 4 == 0 && p.Fg % 4 == 0 && aligned16(x) && aligned16(dy) && aligned16(p.out);
-  launch_igemm(kTiles[plan.tile], 2, vec, p, M, p.Fg, std::int64_t(g.groups) * plan.splits, stream);
+  float* out = split ? workspace : dw;
+  if (pl.vec && !(aligned16(x) && aligned16(dy) && aligned16(out))) {
+    pl.vec = false;  // same splits (they depend on the geometry only), a row that has a scalar path
+    pl.tile = pick_tile(2, false, pl.M, pl.Nc, pl.slices);
+  }
+  p.A = x; p.B = dy; p.out = out; p.splits = pl.splits; p.chunk = pl.chunk;
+  p.alpha = split ? 1.f : alpha;
+  p.beta = split ? 0.f : beta;
+  launch_igemm(pl, p, stream);
   if (split) {
     const bool rvec = total % 4 == 0 && aligned16(workspace) && aligned16(dw);
     const std::int64_t nvec = rvec ? total / 4 : total;
     const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>((nvec + 255) / 256, 4 * kTargetBlocks));
-    if (rvec) launch(conv_wgrad_reduce<4>, dim3(blocks), dim3(256), 0, stream, workspace, dw, int(total), plan.splits, alpha, beta);
-    else launch(conv_wgrad_reduce<1>, dim3(blocks), dim3(256), 0, stream, workspace, dw, int(total), plan.splits, alpha, beta);
+    if (rvec)
+      launch(conv_wgrad_reduce<4>, dim3(blocks), dim3(256), 0, stream, workspace, dw, int(total), pl.splits, alpha,
+             beta);
+    else
+      launch(conv_wgrad_reduce<1>, dim3(blocks), dim3(256), 0, stream, workspace, dw, int(total), pl.splits, alpha,
+             beta);
   }
 }
 
