@@ -19,7 +19,7 @@ def _cuda_param():
         if entry["device"] == "cuda:0" and entry["usable"]:
             return pytest.param(Device("cuda", 0), id="cuda")
     reason = next((e["detail"] for e in device_report() if e["device"].startswith("cuda")), "no GPU")
-    return pytest.param(Device("cuda", 0), id="cuda", marks=pytest.mark.skip(reason=f"no usable GPU: {reason}"))
+    return pytest.param(Device("cuda", 0), id="cuda", marks=pytest.mark.skip(reason=reason))
 
 
 def _emu_param():

@@ -1,0 +1,1119 @@
+// cuemu.cpp — scheduler, fibers, worker pool and runtime API of the CUDA CPU emulation (see cuemu.h).
+#include "cuemu.h"
+
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define CUEMU_ASAN 1
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+#if !defined(__x86_64__) || defined(CUEMU_USE_UCONTEXT)
+#define CUEMU_UCONTEXT 1
+#include <ucontext.h>
+#endif
+
+namespace cuemu {
+namespace detail {
+namespace {
+
+std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+std::string format(const char* fmt, ...) {
+  char buf[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  return buf;
+}
+
+std::string coords(uint3 v) { return format("(%u,%u,%u)", v.x, v.y, v.z); }
+std::string coords(dim3 v) { return format("(%u,%u,%u)", v.x, v.y, v.z); }
+
+constexpr size_t kStaticSharedLimit = 48 * 1024;
+constexpr size_t kDefaultDynamicLimit = 48 * 1024;
+constexpr size_t kMaxSharedPerBlock = 227 * 1024;
+
+// ---------------------------------------------------------------------------------------------------------
+// Context switch. x86-64: save the callee-saved registers, MXCSR and the x87 control word on the current
+// stack, store the stack pointer, load the other one, restore. No syscall (glibc swapcontext saves the
+// signal mask with one and is ~10x slower).
+#if !defined(CUEMU_UCONTEXT)
+extern "C" void cuemu_switch_context(void** save_sp, void* new_sp);
+extern "C" void cuemu_fiber_trampoline();
+asm(R"(
+  .text
+  .p2align 4
+  .globl cuemu_switch_context
+  .hidden cuemu_switch_context
+  .type cuemu_switch_context,@function
+cuemu_switch_context:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $16, %rsp
+  stmxcsr 8(%rsp)
+  fnstcw (%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr 8(%rsp)
+  fldcw (%rsp)
+  addq $16, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cuemu_switch_context,.-cuemu_switch_context
+
+  .p2align 4
+  .globl cuemu_fiber_trampoline
+  .hidden cuemu_fiber_trampoline
+  .type cuemu_fiber_trampoline,@function
+cuemu_fiber_trampoline:
+  .cfi_startproc
+  .cfi_undefined rip
+  movq %r12, %rdi
+  callq *%r13
+  ud2
+  .cfi_endproc
+  .size cuemu_fiber_trampoline,.-cuemu_fiber_trampoline
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+// First switch into the fiber "returns" into the trampoline, which calls entry(arg) on an aligned stack.
+void make_context(Context& c, char* stack_lo, size_t size, void (*entry)(void*), void* arg) {
+  uintptr_t top = reinterpret_cast<uintptr_t>(stack_lo + size) & ~uintptr_t(15);
+  uint64_t* sp = reinterpret_cast<uint64_t*>(top - 72);
+  uint16_t fcw;
+  uint32_t mxcsr;
+  asm volatile("fnstcw %0" : "=m"(fcw));
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  sp[0] = fcw;
+  sp[1] = mxcsr;
+  sp[2] = 0;                                       // r15
+  sp[3] = 0;                                       // r14
+  sp[4] = reinterpret_cast<uint64_t>(entry);       // r13
+  sp[5] = reinterpret_cast<uint64_t>(arg);         // r12
+  sp[6] = 0;                                       // rbx
+  sp[7] = 0;                                       // rbp = 0 ends frame-pointer backtraces
+  sp[8] = reinterpret_cast<uint64_t>(&cuemu_fiber_trampoline);
+  c.sp = sp;
+}
+inline void jump(Context& from, Context& to) { cuemu_switch_context(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+void (*g_uc_entry)(void*);
+void uc_trampoline(unsigned hi, unsigned lo, unsigned ehi, unsigned elo) {
+  auto entry = reinterpret_cast<void (*)(void*)>((static_cast<uintptr_t>(ehi) << 32) | elo);
+  entry(reinterpret_cast<void*>((static_cast<uintptr_t>(hi) << 32) | lo));
+}
+void make_context(Context& c, char* stack_lo, size_t size, void (*entry)(void*), void* arg) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack_lo;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(arg), e = reinterpret_cast<uintptr_t>(entry);
+  makecontext(&c.uc, reinterpret_cast<void (*)()>(&uc_trampoline), 4, static_cast<unsigned>(a >> 32),
+              static_cast<unsigned>(a), static_cast<unsigned>(e >> 32), static_cast<unsigned>(e));
+}
+inline void jump(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+// ---------------------------------------------------------------------------------------------------------
+// Stacks: mmap'ed, with a PROT_NONE guard page below, so an overflow faults instead of corrupting memory.
+size_t page_size() {
+  static const size_t p = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  return p;
+}
+size_t stack_bytes() {
+  static const size_t s = [] {
+#ifdef CUEMU_ASAN
+    size_t kb = 256;  // ASan frames are several times larger
+#else
+    size_t kb = 64;
+#endif
+    if (const char* e = std::getenv("CONVNET_EMU_STACK_KB")) {
+      long v = std::atol(e);
+      if (v >= 16) kb = static_cast<size_t>(v);
+    }
+    const size_t p = page_size();
+    return (kb * 1024 + p - 1) / p * p;
+  }();
+  return s;
+}
+
+struct Stack {
+  char* base = nullptr;  // start of the mapping (guard page)
+  char* lo = nullptr;    // usable stack [lo, lo + size)
+  size_t size = 0;
+};
+
+// Guard ranges, for the SIGSEGV handler that turns an overflow into a readable message.
+std::mutex g_guard_mu;
+std::vector<std::pair<uintptr_t, uintptr_t>> g_guards;
+std::atomic<bool> g_handler_installed{false};
+struct sigaction g_prev_segv;
+
+void segv_handler(int sig, siginfo_t* info, void* uctx) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(info->si_addr);
+  bool in_guard = false;
+  // No lock: the vector only grows under the mutex while no fiber of this thread runs; a torn read here
+  // only risks a missing message, never a wrong action.
+  for (const auto& g : g_guards) in_guard |= (a >= g.first && a < g.second);
+  if (in_guard) {
+    static const char msg[] =
+        "\ncuemu: stack overflow in an emulated CUDA thread (fiber stack exhausted). Reduce the kernel's local "
+        "arrays or raise CONVNET_EMU_STACK_KB.\n";
+    ssize_t r = write(2, msg, sizeof msg - 1);
+    (void)r;
+  }
+  // Hand over to whoever handled SIGSEGV before (Python's faulthandler, ASan, or the default action).
+  sigaction(sig, &g_prev_segv, nullptr);
+  (void)uctx;
+}
+
+void install_segv_handler() {
+  if (g_handler_installed.exchange(true)) return;
+  struct sigaction sa {};
+  sa.sa_sigaction = &segv_handler;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESETHAND;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &g_prev_segv);
+}
+
+// An alternate signal stack for the current OS thread (the handler cannot run on an exhausted fiber stack).
+void ensure_altstack() {
+  thread_local bool done = false;
+  if (done) return;
+  done = true;
+  stack_t cur{};
+  if (sigaltstack(nullptr, &cur) == 0 && !(cur.ss_flags & SS_DISABLE)) return;  // someone installed one
+  static thread_local std::unique_ptr<char[]> mem(new char[64 * 1024]);
+  stack_t st{};
+  st.ss_sp = mem.get();
+  st.ss_size = 64 * 1024;
+  sigaltstack(&st, nullptr);
+}
+
+Stack new_stack() {
+  const size_t p = page_size(), sz = stack_bytes();
+  void* m = mmap(nullptr, sz + p, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (m == MAP_FAILED) throw EmulatorError("cuemu: cannot allocate a fiber stack (mmap failed)");
+  if (mprotect(m, p, PROT_NONE) != 0) throw EmulatorError("cuemu: mprotect of a stack guard page failed");
+  Stack s;
+  s.base = static_cast<char*>(m);
+  s.lo = s.base + p;
+  s.size = sz;
+  {
+    std::lock_guard<std::mutex> lk(g_guard_mu);
+    g_guards.emplace_back(reinterpret_cast<uintptr_t>(s.base), reinterpret_cast<uintptr_t>(s.lo));
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Fibers, blocks, workers
+enum class FState : uint8_t { Runnable, Barrier, Warp, Done };
+
+struct Fiber {
+  Context ctx;
+  char* stack_lo = nullptr;
+  size_t stack_size = 0;
+  uint3 tid{0, 0, 0};
+  uint32_t linear = 0;
+  FState state = FState::Done;
+  bool started = false;
+  const char* file = nullptr;  // where it waits (barrier or warp collective)
+  int line = 0;
+  // warp collective deposit
+  WarpOp op = WarpOp::Sync;
+  uint32_t mask = 0;
+  int param = 0;
+  int width = 32;
+  uint64_t value = 0;
+  uint64_t result = 0;
+  int reduce_pred = 0;
+#ifdef CUEMU_ASAN
+  void* fake_stack = nullptr;
+#endif
+};
+
+struct SharedAlloc {
+  const void* key;
+  void* ptr;
+  size_t bytes;
+  size_t align;
+};
+
+struct Worker {
+  std::vector<Stack> stacks;
+  std::vector<Fiber> fibers;
+  std::vector<uint32_t> order;
+  Context sched;
+  Fiber* current = nullptr;
+  // the running block
+  const LaunchSpec* spec = nullptr;
+  uint3 bidx{0, 0, 0};
+  uint32_t nthreads = 0;
+  std::vector<SharedAlloc> shared;
+  size_t static_shared = 0;
+  size_t shared_limit = kDefaultDynamicLimit;  // static + dynamic limit for this launch
+  void* dyn = nullptr;
+  size_t dyn_bytes = 0;
+  bool failed = false;
+  std::string error;
+  uint64_t rng = 0;
+  int reduce_count = 0;
+  int reduce_live = 0;
+  // counters
+  uint64_t blocks_run = 0, threads_run = 0, switches = 0, barrier_rounds = 0;
+#ifdef CUEMU_ASAN
+  void* sched_fake = nullptr;
+  const void* sched_bottom = nullptr;
+  size_t sched_size = 0;
+#endif
+};
+
+thread_local Worker* tl_worker = nullptr;
+
+inline Fiber* current_fiber(const char* what, const char* file, int line) {
+  Worker* w = tl_worker;
+  if (!w || !w->current)
+    throw EmulatorError(format("cuemu: %s called outside an emulated kernel at %s:%d", what, file, line));
+  return w->current;
+}
+
+const char* op_name(WarpOp op) {
+  switch (op) {
+    case WarpOp::Sync: return "__syncwarp";
+    case WarpOp::Idx: return "__shfl_sync";
+    case WarpOp::Up: return "__shfl_up_sync";
+    case WarpOp::Down: return "__shfl_down_sync";
+    case WarpOp::Xor: return "__shfl_xor_sync";
+    case WarpOp::Ballot: return "__ballot_sync";
+    case WarpOp::Any: return "__any_sync";
+    case WarpOp::All: return "__all_sync";
+    case WarpOp::MatchAny: return "__match_any_sync";
+    case WarpOp::MatchAll: return "__match_all_sync";
+    case WarpOp::ReduceAddU: return "__reduce_add_sync";
+    case WarpOp::ReduceMinU:
+    case WarpOp::ReduceMinI: return "__reduce_min_sync";
+    case WarpOp::ReduceMaxU:
+    case WarpOp::ReduceMaxI: return "__reduce_max_sync";
+    case WarpOp::ReduceAnd: return "__reduce_and_sync";
+    case WarpOp::ReduceOr: return "__reduce_or_sync";
+    case WarpOp::ReduceXor: return "__reduce_xor_sync";
+  }
+  return "?";
+}
+
+// "0-15,17,20-31"
+std::string lane_list(uint32_t m) {
+  std::string s;
+  for (int i = 0; i < 32;) {
+    if (!(m >> i & 1)) {
+      ++i;
+      continue;
+    }
+    int j = i;
+    while (j + 1 < 32 && (m >> (j + 1) & 1)) ++j;
+    if (!s.empty()) s += ",";
+    s += (i == j) ? format("%d", i) : format("%d-%d", i, j);
+    i = j + 1;
+  }
+  return s;
+}
+
+inline void yield_to_scheduler(Worker& w, Fiber& f) {
+#ifdef CUEMU_ASAN
+  __sanitizer_start_switch_fiber(&f.fake_stack, w.sched_bottom, w.sched_size);
+#endif
+  jump(f.ctx, w.sched);
+#ifdef CUEMU_ASAN
+  __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
+#endif
+}
+
+inline void resume(Worker& w, Fiber& f) {
+  w.current = &f;
+  threadIdx = f.tid;
+  f.started = true;
+  ++w.switches;
+#ifdef CUEMU_ASAN
+  __sanitizer_start_switch_fiber(&w.sched_fake, f.stack_lo, f.stack_size);
+#endif
+  jump(w.sched, f.ctx);
+#ifdef CUEMU_ASAN
+  __sanitizer_finish_switch_fiber(w.sched_fake, nullptr, nullptr);
+#endif
+  w.current = nullptr;
+}
+
+void record_fiber_error(Worker& w, const Fiber& f, const std::string& what) {
+  if (w.failed) return;
+  w.failed = true;
+  w.error = format("cuemu: kernel error in block %s, thread %s: ", coords(w.bidx).c_str(), coords(f.tid).c_str()) +
+            what;
+}
+
+// Every fiber starts here (via the trampoline). Errors are caught on the fiber's own stack: nothing unwinds
+// across a context switch.
+void fiber_main(void* arg) {
+  Fiber* f = static_cast<Fiber*>(arg);
+  Worker* w = tl_worker;
+#ifdef CUEMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &w->sched_bottom, &w->sched_size);
+#endif
+  try {
+    w->spec->invoke(w->spec->kernel, w->spec->args);
+  } catch (const std::exception& e) {
+    record_fiber_error(*w, *f, e.what());
+  } catch (...) {
+    record_fiber_error(*w, *f, "unknown C++ exception");
+  }
+  f->state = FState::Done;
+#ifdef CUEMU_ASAN
+  __sanitizer_start_switch_fiber(nullptr, w->sched_bottom, w->sched_size);  // this fiber's frames are gone
+#endif
+  jump(f->ctx, w->sched);
+  __builtin_unreachable();
+}
+
+inline uint64_t splitmix(uint64_t& s) {
+  uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Global settings
+std::atomic<int> g_order{static_cast<int>(Schedule::Forward)};
+std::atomic<uint64_t> g_seed{0};
+std::mutex g_attr_mu;
+std::unordered_map<AnyFn, int> g_max_dyn;
+thread_local cudaError_t tl_last_error = cudaSuccess;
+
+std::string describe_wait(const Fiber& g) {
+  switch (g.state) {
+    case FState::Done: return "exited";
+    case FState::Runnable: return "running";
+    case FState::Barrier: return format("at __syncthreads %s:%d", g.file, g.line);
+    case FState::Warp:
+      return format("waiting at %s %s:%d with mask 0x%08x", op_name(g.op), g.file, g.line, g.mask);
+  }
+  return "?";
+}
+
+// No fiber can run. Release a barrier if every live thread waits at the same one; otherwise throw an error
+// describing the deadlock. Returns false when the block is finished.
+bool resolve_stuck(Worker& w, Schedule order) {
+  const uint32_t n = w.nthreads;
+  uint32_t done = 0, barrier = 0, warp = 0;
+  for (uint32_t i = 0; i < n; ++i) {
+    switch (w.fibers[i].state) {
+      case FState::Done: ++done; break;
+      case FState::Barrier: ++barrier; break;
+      case FState::Warp: ++warp; break;
+      case FState::Runnable: break;
+    }
+  }
+  if (done == n) return false;
+  const std::string where = format("block %s", coords(w.bidx).c_str());
+  if (warp > 0) {
+    for (uint32_t i = 0; i < n; ++i) {
+      const Fiber& f = w.fibers[i];
+      if (f.state != FState::Warp) continue;
+      const uint32_t base = i & ~31u;
+      uint32_t arrived = 0;
+      for (uint32_t l = 0; l < 32 && base + l < n; ++l) {
+        const Fiber& g = w.fibers[base + l];
+        if (g.state == FState::Warp && g.mask == f.mask && g.op == f.op) arrived |= 1u << l;
+      }
+      std::string msg = format("%s: warp collective deadlock in warp %u: lanes %s wait at %s %s:%d with mask 0x%08x;",
+                               where.c_str(), base / 32, lane_list(arrived).c_str(), op_name(f.op), f.file, f.line,
+                               f.mask);
+      // Group the missing lanes by what they are doing.
+      uint32_t missing = f.mask & ~arrived;
+      std::vector<std::pair<std::string, uint32_t>> groups;
+      for (uint32_t l = 0; l < 32; ++l) {
+        if (!(missing >> l & 1)) continue;
+        std::string d = describe_wait(w.fibers[base + l]);
+        bool found = false;
+        for (auto& g : groups)
+          if (g.first == d) { g.second |= 1u << l; found = true; }
+        if (!found) groups.emplace_back(d, 1u << l);
+      }
+      for (size_t k = 0; k < groups.size(); ++k)
+        msg += format("%s missing lanes %s %s", k ? "," : "", lane_list(groups[k].second).c_str(),
+                      groups[k].first.c_str());
+      throw EmulatorError(msg);
+    }
+  }
+  // Everyone alive waits at a __syncthreads.
+  const Fiber* first = nullptr;
+  bool same = true;
+  for (uint32_t i = 0; i < n; ++i) {
+    const Fiber& f = w.fibers[i];
+    if (f.state != FState::Barrier) continue;
+    if (!first) first = &f;
+    else if (f.line != first->line || std::strcmp(f.file, first->file) != 0) same = false;
+  }
+  if (!same) {
+    std::vector<std::pair<const Fiber*, uint32_t>> sites;
+    for (uint32_t i = 0; i < n; ++i) {
+      const Fiber& f = w.fibers[i];
+      if (f.state != FState::Barrier) continue;
+      bool found = false;
+      for (auto& s : sites)
+        if (s.first->line == f.line && std::strcmp(s.first->file, f.file) == 0) { ++s.second; found = true; }
+      if (!found) sites.emplace_back(&f, 1);
+    }
+    std::string msg = where + ": divergent __syncthreads:";
+    for (size_t k = 0; k < sites.size(); ++k)
+      msg += format("%s %u threads at %s:%d", k ? "," : "", sites[k].second, sites[k].first->file,
+                    sites[k].first->line);
+    if (done) msg += format(", %u threads exited", done);
+    throw EmulatorError(msg);
+  }
+  if (done) {
+    const Fiber* ex = nullptr;
+    for (uint32_t i = 0; i < n && !ex; ++i)
+      if (w.fibers[i].state == FState::Done) ex = &w.fibers[i];
+    throw EmulatorError(format("thread %s of block %s exited while %u threads wait at __syncthreads at %s:%d%s",
+                               coords(ex->tid).c_str(), coords(w.bidx).c_str(), barrier, first->file, first->line,
+                               done > 1 ? format(" (%u threads exited)", done).c_str() : ""));
+  }
+  int count = 0;
+  for (uint32_t i = 0; i < n; ++i) {
+    count += w.fibers[i].reduce_pred;
+    w.fibers[i].state = FState::Runnable;
+  }
+  w.reduce_count = count;
+  w.reduce_live = static_cast<int>(n);
+  ++w.barrier_rounds;
+  (void)order;
+  return true;
+}
+
+void free_block_memory(Worker& w) {
+  for (auto& s : w.shared) ::operator delete(s.ptr, std::align_val_t(s.align));
+  w.shared.clear();
+  if (w.dyn) ::operator delete(w.dyn, std::align_val_t(16));
+  w.dyn = nullptr;
+}
+
+void ensure_fibers(Worker& w, uint32_t n) {
+  if (w.stacks.size() < n) {
+    install_segv_handler();
+    while (w.stacks.size() < n) w.stacks.push_back(new_stack());
+  }
+  if (w.fibers.size() < n) {
+    w.fibers.resize(n);
+    for (uint32_t i = 0; i < n; ++i) {
+      w.fibers[i].stack_lo = w.stacks[i].lo;
+      w.fibers[i].stack_size = w.stacks[i].size;
+    }
+  }
+  if (w.order.capacity() < n) w.order.reserve(n);
+}
+
+// Runs one block to completion or to its first error (then w.failed and w.error are set).
+void run_block(Worker& w, uint64_t linear_block, Schedule order, uint64_t seed) {
+  const LaunchSpec& spec = *w.spec;
+  const uint64_t gx = spec.grid.x, gy = spec.grid.y;
+  w.bidx = uint3{static_cast<unsigned>(linear_block % gx), static_cast<unsigned>((linear_block / gx) % gy),
+                 static_cast<unsigned>(linear_block / (gx * gy))};
+  blockIdx = w.bidx;
+  blockDim = spec.block;
+  gridDim = spec.grid;
+  const uint32_t bx = spec.block.x, by = spec.block.y;
+  const uint32_t n = bx * by * spec.block.z;
+  w.nthreads = n;
+  ensure_fibers(w, n);
+  w.static_shared = 0;
+  w.dyn_bytes = spec.dyn_shmem;
+  w.dyn = ::operator new(spec.dyn_shmem, std::align_val_t(16));
+  std::memset(w.dyn, 0xFF, spec.dyn_shmem);
+  w.rng = seed ^ ((linear_block + 1) * 0xD1B54A32D192ED03ull);
+  w.reduce_count = w.reduce_live = 0;
+  ++w.blocks_run;
+  for (uint32_t i = 0; i < n; ++i) {
+    Fiber& f = w.fibers[i];
+    f.tid = uint3{i % bx, (i / bx) % by, i / (bx * by)};
+    f.linear = i;
+    f.state = FState::Runnable;
+    f.started = false;
+    f.reduce_pred = 0;
+#ifdef CUEMU_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(f.stack_lo, f.stack_size);  // frames of an abandoned fiber may be left
+    f.fake_stack = nullptr;
+#endif
+    make_context(f.ctx, f.stack_lo, f.stack_size, &fiber_main, &f);
+  }
+  try {
+    for (;;) {
+      w.order.clear();
+      for (uint32_t i = 0; i < n; ++i)
+        if (w.fibers[i].state == FState::Runnable) w.order.push_back(i);
+      if (w.order.empty()) {
+        if (!resolve_stuck(w, order)) break;
+        continue;
+      }
+      if (order == Schedule::Reverse) {
+        std::reverse(w.order.begin(), w.order.end());
+      } else if (order == Schedule::Random) {
+        for (size_t i = w.order.size() - 1; i > 0; --i) {
+          const size_t j = static_cast<size_t>((splitmix(w.rng) >> 32) * (i + 1) >> 32);
+          std::swap(w.order[i], w.order[j]);
+        }
+      }
+      for (uint32_t idx : w.order) {
+        Fiber& f = w.fibers[idx];
+        if (f.state != FState::Runnable) continue;
+        resume(w, f);
+        if (w.failed) break;
+      }
+      if (w.failed) break;
+    }
+  } catch (const std::exception& e) {
+    if (!w.failed) {
+      w.failed = true;
+      w.error = std::string("cuemu: ") + e.what();
+    }
+  }
+  for (uint32_t i = 0; i < n; ++i) w.threads_run += w.fibers[i].started;
+  free_block_memory(w);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Worker pool. The launching thread is worker 0; helpers are persistent threads woken per launch.
+struct Job {
+  const LaunchSpec* spec = nullptr;
+  uint64_t total = 0;
+  Schedule order = Schedule::Forward;
+  uint64_t seed = 0;
+  size_t shared_limit = 0;
+  std::atomic<uint64_t> next{0};
+  std::atomic<bool> stop{false};
+  std::mutex mu;
+  uint64_t err_block = UINT64_MAX;
+  std::string err;
+};
+
+void work(Worker& w, Job& job) {
+  ensure_altstack();
+  tl_worker = &w;
+  w.spec = job.spec;
+  w.shared_limit = job.shared_limit;
+  while (!job.stop.load(std::memory_order_relaxed)) {
+    const uint64_t b = job.next.fetch_add(1, std::memory_order_relaxed);
+    if (b >= job.total) break;
+    w.failed = false;
+    run_block(w, b, job.order, job.seed);
+    if (w.failed) {
+      std::lock_guard<std::mutex> lk(job.mu);
+      if (b < job.err_block) {  // report the lowest failing block: deterministic across worker counts
+        job.err_block = b;
+        job.err = w.error;
+      }
+      job.stop.store(true, std::memory_order_relaxed);
+    }
+  }
+  w.current = nullptr;
+  tl_worker = nullptr;
+}
+
+class Pool {
+ public:
+  std::mutex launch_mu;  // one launch at a time (Python may call from several threads without the GIL)
+
+  int size() {
+    if (workers_.empty()) resize(0);
+    return static_cast<int>(workers_.size());
+  }
+  // Requires launch_mu.
+  void resize(int n) {
+    if (n <= 0) {
+      n = static_cast<int>(std::thread::hardware_concurrency());
+      if (const char* e = std::getenv("CONVNET_EMU_THREADS")) n = std::atoi(e);
+      if (n <= 0) n = 1;
+    }
+    n = std::min(n, 256);
+    if (!workers_.empty() && static_cast<int>(workers_.size()) == n) return;
+    stop_helpers();
+    workers_.clear();
+    for (int i = 0; i < n; ++i) workers_.push_back(std::make_unique<Worker>());
+    quit_ = false;
+    for (int i = 1; i < n; ++i) threads_.emplace_back([this, i] { helper_loop(i); });
+  }
+  // Requires launch_mu.
+  void run(Job& job) {
+    size();
+    const int helpers = static_cast<int>(std::min<uint64_t>(workers_.size(), job.total)) - 1;
+    if (helpers > 0) {
+      std::lock_guard<std::mutex> lk(mu_);
+      job_ = &job;
+      wanted_ = helpers;
+      active_ = helpers;
+      ++generation_;
+      cv_work_.notify_all();
+    }
+    work(*workers_[0], job);
+    if (helpers > 0) {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_done_.wait(lk, [&] { return active_ == 0; });
+      job_ = nullptr;
+    }
+  }
+  LaunchStats collect() {
+    LaunchStats s;
+    for (auto& w : workers_) {
+      s.blocks_run += w->blocks_run;
+      s.threads_run += w->threads_run;
+      s.switches += w->switches;
+      s.barrier_rounds += w->barrier_rounds;
+      w->blocks_run = w->threads_run = w->switches = w->barrier_rounds = 0;
+    }
+    return s;
+  }
+
+ private:
+  void helper_loop(int i) {
+    uint64_t seen = 0;
+    for (;;) {
+      Job* job;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_work_.wait(lk, [&] { return quit_ || (generation_ != seen && i <= wanted_); });
+        if (quit_) return;
+        seen = generation_;
+        job = job_;
+      }
+      work(*workers_[i], *job);
+      std::lock_guard<std::mutex> lk(mu_);
+      if (--active_ == 0) cv_done_.notify_all();
+    }
+  }
+  void stop_helpers() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      quit_ = true;
+      cv_work_.notify_all();
+    }
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+  }
+
+  std::vector<std::unique_ptr<Worker>> workers_;
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable cv_work_, cv_done_;
+  uint64_t generation_ = 0;
+  int wanted_ = 0;
+  int active_ = 0;
+  bool quit_ = false;
+  Job* job_ = nullptr;
+};
+
+// Never destroyed: helper threads may still wait on it while the process exits.
+Pool& pool() {
+  static Pool* p = new Pool;
+  return *p;
+}
+LaunchStats g_last_stats;
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------
+// Entry points used by the header
+void run_launch(const LaunchSpec& spec) {
+  auto fail = [](cudaError_t code, const std::string& msg) {
+    tl_last_error = code;
+    throw EmulatorError("cuemu: invalid launch configuration: " + msg);
+  };
+  if (tl_worker && tl_worker->current)
+    throw EmulatorError("cuemu: kernel launch from inside a kernel (dynamic parallelism) is not supported");
+  const dim3 g = spec.grid, b = spec.block;
+  if (!g.x || !g.y || !g.z) fail(cudaErrorInvalidConfiguration, "grid " + coords(g) + " has a zero dimension");
+  if (!b.x || !b.y || !b.z) fail(cudaErrorInvalidConfiguration, "block " + coords(b) + " has a zero dimension");
+  if (b.x > 1024 || b.y > 1024 || b.z > 64)
+    fail(cudaErrorInvalidConfiguration, "block " + coords(b) + " exceeds the per-dimension limits (1024,1024,64)");
+  const uint64_t threads = uint64_t(b.x) * b.y * b.z;
+  if (threads > 1024)
+    fail(cudaErrorInvalidConfiguration,
+         "block " + coords(b) + format(" has %llu threads (at most 1024)", (unsigned long long)threads));
+  if (g.x > 2147483647u || g.y > 65535 || g.z > 65535)
+    fail(cudaErrorInvalidConfiguration, "grid " + coords(g) + " exceeds the limits (2147483647,65535,65535)");
+  size_t dyn_limit = kDefaultDynamicLimit;
+  bool raised = false;
+  {
+    std::lock_guard<std::mutex> lk(g_attr_mu);
+    auto it = g_max_dyn.find(spec.kernel);
+    if (it != g_max_dyn.end()) {
+      dyn_limit = static_cast<size_t>(it->second);
+      raised = true;
+    }
+  }
+  if (spec.dyn_shmem > kMaxSharedPerBlock)
+    fail(cudaErrorInvalidValue, format("%zu bytes of dynamic shared memory (at most %zu per block)", spec.dyn_shmem,
+                                       kMaxSharedPerBlock));
+  if (spec.dyn_shmem > dyn_limit)
+    fail(cudaErrorInvalidValue,
+         format("%zu bytes of dynamic shared memory exceed this kernel's limit of %zu; raise it with "
+                "cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)",
+                spec.dyn_shmem, dyn_limit));
+
+  Pool& p = pool();
+  std::lock_guard<std::mutex> lk(p.launch_mu);
+  Job job;
+  job.spec = &spec;
+  job.total = uint64_t(g.x) * g.y * g.z;
+  job.order = static_cast<Schedule>(g_order.load());
+  job.seed = g_seed.load();
+  job.shared_limit = raised ? kMaxSharedPerBlock : kStaticSharedLimit;
+  p.run(job);
+  g_last_stats = p.collect();
+  if (job.err_block != UINT64_MAX) {
+    tl_last_error = cudaErrorLaunchFailure;
+    throw EmulatorError(job.err);
+  }
+}
+
+void set_func_max_dynamic_shared(AnyFn kernel, int bytes) {
+  std::lock_guard<std::mutex> lk(g_attr_mu);
+  g_max_dyn[kernel] = bytes;
+}
+
+void assert_fail(const char* expr, const char* file, int line, const char* func) {
+  throw EmulatorError(format("assertion `%s` failed at %s:%d in %s", expr, file, line, func));
+}
+
+void syncthreads(const char* file, int line) {
+  Fiber* f = current_fiber("__syncthreads()", file, line);
+  Worker& w = *tl_worker;
+  f->state = FState::Barrier;
+  f->file = file;
+  f->line = line;
+  yield_to_scheduler(w, *f);
+  f->reduce_pred = 0;
+}
+
+int syncthreads_reduce(int pred, int op, const char* file, int line) {
+  Fiber* f = current_fiber("__syncthreads_count/and/or", file, line);
+  Worker& w = *tl_worker;
+  f->reduce_pred = pred;
+  f->state = FState::Barrier;
+  f->file = file;
+  f->line = line;
+  yield_to_scheduler(w, *f);
+  f->reduce_pred = 0;
+  if (op == 0) return w.reduce_count;
+  if (op == 1) return w.reduce_count == w.reduce_live;
+  return w.reduce_count > 0;
+}
+
+void* shared_alloc(const void* key, size_t bytes, size_t align, const char* name, const char* file, int line) {
+  Fiber* f = current_fiber("SHARED", file, line);
+  (void)f;
+  Worker& w = *tl_worker;
+  for (const auto& s : w.shared)
+    if (s.key == key) return s.ptr;
+  const size_t total = w.static_shared + bytes;
+  if (total > kStaticSharedLimit)
+    throw EmulatorError(format("static shared memory exceeds 48 KB per block: SHARED %s (%zu bytes) at %s:%d "
+                               "brings the block's total to %zu bytes",
+                               name, bytes, file, line, total));
+  if (total + w.dyn_bytes > w.shared_limit)
+    throw EmulatorError(format("shared memory exceeds %zu bytes per block: SHARED %s (%zu bytes) at %s:%d plus "
+                               "%zu bytes of dynamic shared memory",
+                               w.shared_limit, name, bytes, file, line, w.dyn_bytes));
+  align = std::max<size_t>(align, 16);
+  void* p = ::operator new(bytes, std::align_val_t(align));
+  std::memset(p, 0xFF, bytes);  // poison: reads of unwritten shared memory give NaN / -1
+  w.shared.push_back(SharedAlloc{key, p, bytes, align});
+  w.static_shared = total;
+  return p;
+}
+
+void* dynamic_shared(size_t align) {
+  current_fiber("DYNAMIC_SHARED", "?", 0);
+  if (align > 16) throw EmulatorError("cuemu: DYNAMIC_SHARED of a type aligned to more than 16 bytes");
+  return tl_worker->dyn;
+}
+
+uint64_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int param, int width, const char* file,
+                         int line) {
+  Fiber* f = current_fiber(op_name(op), file, line);
+  Worker& w = *tl_worker;
+  const uint32_t lane = f->linear & 31u, base = f->linear & ~31u;
+  const uint32_t nlanes = std::min<uint32_t>(32, w.nthreads - base);
+  const uint32_t exists = nlanes == 32 ? 0xffffffffu : ((1u << nlanes) - 1);
+  if (!(mask >> lane & 1))
+    throw EmulatorError(format("%s at %s:%d: mask 0x%08x does not include the calling lane %u", op_name(op), file,
+                               line, mask, lane));
+  if (mask & ~exists)
+    throw EmulatorError(format("%s at %s:%d: mask 0x%08x names lanes %s, which do not exist (warp %u of this "
+                               "block has %u threads)",
+                               op_name(op), file, line, mask, lane_list(mask & ~exists).c_str(), base / 32, nlanes));
+  if ((op == WarpOp::Idx || op == WarpOp::Up || op == WarpOp::Down || op == WarpOp::Xor) &&
+      (width < 1 || width > 32 || (width & (width - 1))))
+    throw EmulatorError(format("%s at %s:%d: width %d is not a power of two in [1, 32]", op_name(op), file, line,
+                               width));
+  f->op = op;
+  f->mask = mask;
+  f->value = value;
+  f->param = param;
+  f->width = width;
+  f->file = file;
+  f->line = line;
+  Fiber* lanes = &w.fibers[base];
+  uint32_t arrived = 1u << lane;
+  for (uint32_t l = 0; l < nlanes; ++l) {
+    const Fiber& g = lanes[l];
+    if (l == lane || g.state != FState::Warp || !(g.mask & mask)) continue;
+    if (g.mask != mask || g.op != op)
+      throw EmulatorError(format("mismatched warp collectives in warp %u: lane %u at %s %s:%d with mask 0x%08x, "
+                                 "lane %u at %s %s:%d with mask 0x%08x",
+                                 base / 32, l, op_name(g.op), g.file, g.line, g.mask, lane, op_name(op), file, line,
+                                 mask));
+    arrived |= 1u << l;
+  }
+  if (arrived != mask) {
+    f->state = FState::Warp;
+    yield_to_scheduler(w, *f);
+    return f->result;
+  }
+  // Last lane of the group: compute every lane's result at once, then release the others.
+  switch (op) {
+    case WarpOp::Sync: break;
+    case WarpOp::Idx:
+    case WarpOp::Up:
+    case WarpOp::Down:
+    case WarpOp::Xor:
+      for (uint32_t l = 0; l < 32; ++l) {
+        if (!(mask >> l & 1)) continue;
+        Fiber& g = lanes[l];
+        // PTX shfl.sync semantics: segment [minLane, maxLane]; out-of-segment sources read the own value.
+        const int64_t segmask = (32 - g.width) & 31;
+        const int64_t cval = op == WarpOp::Up ? 0 : 31;
+        const int64_t maxl = (int64_t(l) & segmask) | (cval & ~segmask), minl = int64_t(l) & segmask;
+        const int64_t b = static_cast<uint32_t>(g.param);
+        int64_t j;
+        bool ok;
+        if (op == WarpOp::Up) {
+          j = int64_t(l) - b;
+          ok = j >= maxl;
+        } else if (op == WarpOp::Down) {
+          j = int64_t(l) + b;
+          ok = j <= maxl;
+        } else if (op == WarpOp::Xor) {
+          j = int64_t(l) ^ b;
+          ok = j <= maxl;
+        } else {
+          j = minl | (b & 31 & ~segmask);
+          ok = j <= maxl;
+        }
+        if (!ok) j = l;
+        if (!(mask >> j & 1))
+          throw EmulatorError(format("%s at %s:%d: lane %u reads lane %lld, which is not in mask 0x%08x (undefined "
+                                     "on the GPU)",
+                                     op_name(op), g.file, g.line, l, static_cast<long long>(j), mask));
+        g.result = lanes[j].value;
+      }
+      break;
+    case WarpOp::Ballot:
+    case WarpOp::Any:
+    case WarpOp::All: {
+      uint32_t bal = 0;
+      for (uint32_t l = 0; l < 32; ++l)
+        if ((mask >> l & 1) && lanes[l].value) bal |= 1u << l;
+      const uint64_t r = op == WarpOp::Ballot ? bal : op == WarpOp::Any ? (bal != 0) : (bal == mask);
+      for (uint32_t l = 0; l < 32; ++l)
+        if (mask >> l & 1) lanes[l].result = r;
+      break;
+    }
+    case WarpOp::MatchAny:
+      for (uint32_t l = 0; l < 32; ++l) {
+        if (!(mask >> l & 1)) continue;
+        uint32_t m = 0;
+        for (uint32_t k = 0; k < 32; ++k)
+          if ((mask >> k & 1) && lanes[k].value == lanes[l].value) m |= 1u << k;
+        lanes[l].result = m;
+      }
+      break;
+    case WarpOp::MatchAll: {
+      bool all = true;
+      for (uint32_t l = 0; l < 32; ++l)
+        if ((mask >> l & 1) && lanes[l].value != value) all = false;
+      for (uint32_t l = 0; l < 32; ++l)
+        if (mask >> l & 1) lanes[l].result = all ? (uint64_t(1) << 32 | mask) : 0;
+      break;
+    }
+    default: {
+      uint32_t acc = static_cast<uint32_t>(value);
+      for (uint32_t l = 0; l < 32; ++l) {
+        if (!(mask >> l & 1) || l == lane) continue;
+        const uint32_t v = static_cast<uint32_t>(lanes[l].value);
+        switch (op) {
+          case WarpOp::ReduceAddU: acc += v; break;
+          case WarpOp::ReduceMinU: acc = std::min(acc, v); break;
+          case WarpOp::ReduceMaxU: acc = std::max(acc, v); break;
+          case WarpOp::ReduceMinI:
+            acc = static_cast<uint32_t>(std::min(static_cast<int32_t>(acc), static_cast<int32_t>(v)));
+            break;
+          case WarpOp::ReduceMaxI:
+            acc = static_cast<uint32_t>(std::max(static_cast<int32_t>(acc), static_cast<int32_t>(v)));
+            break;
+          case WarpOp::ReduceAnd: acc &= v; break;
+          case WarpOp::ReduceOr: acc |= v; break;
+          case WarpOp::ReduceXor: acc ^= v; break;
+          default: break;
+        }
+      }
+      for (uint32_t l = 0; l < 32; ++l)
+        if (mask >> l & 1) lanes[l].result = acc;
+      break;
+    }
+  }
+  for (uint32_t l = 0; l < 32; ++l)
+    if ((mask >> l & 1) && l != lane) lanes[l].state = FState::Runnable;
+  return f->result;
+}
+
+unsigned activemask() {
+  Fiber* f = current_fiber("__activemask", "?", 0);
+  Worker& w = *tl_worker;
+  const uint32_t base = f->linear & ~31u;
+  const uint32_t nlanes = std::min<uint32_t>(32, w.nthreads - base);
+  unsigned m = 0;
+  for (uint32_t l = 0; l < nlanes; ++l)
+    if (w.fibers[base + l].state != FState::Done) m |= 1u << l;
+  return m;
+}
+
+}  // namespace detail
+
+void set_schedule(Schedule s, uint64_t seed) {
+  detail::g_order.store(static_cast<int>(s));
+  detail::g_seed.store(seed);
+}
+ScheduleSetting schedule() {
+  return ScheduleSetting{static_cast<Schedule>(detail::g_order.load()), detail::g_seed.load()};
+}
+const char* schedule_name(Schedule s) {
+  switch (s) {
+    case Schedule::Forward: return "forward";
+    case Schedule::Reverse: return "reverse";
+    case Schedule::Random: return "random";
+  }
+  return "?";
+}
+void set_num_workers(int n) {
+  if (n < 0) throw EmulatorError("cuemu: set_num_workers needs n >= 1 (or 0 for the default)");
+  auto& p = detail::pool();
+  std::lock_guard<std::mutex> lk(p.launch_mu);
+  p.resize(n);
+}
+int num_workers() {
+  auto& p = detail::pool();
+  std::lock_guard<std::mutex> lk(p.launch_mu);
+  return p.size();
+}
+LaunchStats last_launch_stats() {
+  auto& p = detail::pool();
+  std::lock_guard<std::mutex> lk(p.launch_mu);
+  return detail::g_last_stats;
+}
+
+}  // namespace cuemu
+
+long long clock64() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Runtime API
+const char* cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidDeviceFunction: return "cudaErrorInvalidDeviceFunction";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+  }
+  return "cudaErrorUnknown";
+}
+const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInvalidDeviceFunction: return "invalid device function";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+  }
+  return "unknown error";
+}
+cudaError_t cudaGetLastError() {
+  cudaError_t e = cuemu::detail::tl_last_error;
+  cuemu::detail::tl_last_error = cudaSuccess;
+  return e;
+}
+cudaError_t cudaPeekAtLastError() { return cuemu::detail::tl_last_error; }
+cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }  // launches are synchronous
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  switch (attr) {
+    case cudaDevAttrMaxThreadsPerBlock: *value = 1024; break;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = 48 * 1024; break;
+    case cudaDevAttrWarpSize: *value = 32; break;
+    case cudaDevAttrMultiProcessorCount: *value = cuemu::num_workers(); break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 * 1024; break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
+  std::memset(p, value, bytes);
+  return cudaSuccess;
+}
+cudaError_t cudaMemset(void* p, int value, size_t bytes) { return cudaMemsetAsync(p, value, bytes, nullptr); }
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind, cudaStream_t) {
+  std::memmove(dst, src, bytes);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  return cudaMemcpyAsync(dst, src, bytes, kind, nullptr);
+}
