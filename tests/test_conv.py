@@ -31,12 +31,12 @@ ALEXNET_2012 = [  # the two-tower model, batch 4 (vector path); conv1 at its tru
     ("conv4", 384, 13, 13, 4, 384, 3, 3, 1, 1, 2),
     ("conv5", 384, 13, 13, 4, 256, 3, 3, 1, 1, 2),
 ]
-ALEXNET_ONE_TOWER = [  # one-tower variant (64/192/384/256/256), channel counts reduced by 4 for time
-    ("conv1", 3, 224, 224, 1, 16, 11, 11, 4, 2, 1),
-    ("conv2", 16, 27, 27, 2, 48, 5, 5, 1, 2, 1),
-    ("conv3", 48, 13, 13, 3, 96, 3, 3, 1, 1, 1),
-    ("conv4", 96, 13, 13, 4, 64, 3, 3, 1, 1, 1),
-    ("conv5", 64, 13, 13, 1, 64, 3, 3, 1, 1, 1),
+ALEXNET_ONE_TOWER = [  # one-tower variant (64/192/384/256/256, no groups), true channel counts
+    ("conv1", 3, 224, 224, 1, 64, 11, 11, 4, 2, 1),  # batch 1: scalar path
+    ("conv2", 64, 27, 27, 2, 192, 5, 5, 1, 2, 1),
+    ("conv3", 192, 13, 13, 3, 384, 3, 3, 1, 1, 1),
+    ("conv4", 384, 13, 13, 4, 256, 3, 3, 1, 1, 1),
+    ("conv5", 256, 13, 13, 1, 256, 3, 3, 1, 1, 1),
 ]
 SMALL = [
     ("stride2-pad1-groups2", 4, 9, 7, 5, 6, 3, 3, 2, 1, 2),
@@ -135,7 +135,7 @@ def geometries(draw):
     return ("random", c, h, w, n, f, kh, kw, (sh, sw), (ph, pw), groups)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(g=geometries(), seed=st.integers(0, 2**31 - 1))
 def test_random_geometries_emu(g, seed):
     _run_and_check(Device("emu"), g, seed)
