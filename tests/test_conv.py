@@ -11,6 +11,8 @@ Schedules: every fiber order gives bit-identical results (no atomics, fixed redu
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -319,11 +321,14 @@ def _geom_tuple(g):
     return (c, h, w, n, f, kh, kw, *s, *p, groups)
 
 
-@pytest.mark.parametrize("row", range(4))
+N_TILE_ROWS = 7
+
+
+@pytest.mark.parametrize("row", range(N_TILE_ROWS))
 def test_every_tile_row(kernel_device, row):
     """Force each row of the dispatch table (both load paths) on ragged geometries."""
     k = kernel_device.kernels
-    assert k.conv_tile_count() == 4, "update this test's range when the dispatch table changes"
+    assert k.conv_tile_count() == N_TILE_ROWS, "update N_TILE_ROWS when the dispatch table changes"
     k.conv_set_tile_override(row)
     try:
         for g in TILE_CASES:
@@ -340,5 +345,6 @@ def test_alexnet_batch128_plans_use_fast_paths():
         for op in range(3):
             plan = k.conv_plan(op, geo)
             assert "16-byte path" in plan, f"{name}: {plan}"
-            if name != "conv1":
-                assert "tile 128x128" in plan or "tile 64x128" in plan, f"{name}: {plan}"
+            tm, tn = (int(v) for v in re.search(r"\((\d+)x(\d+) per thread", plan).groups())
+            if name != "conv1":  # conv2-5: register tiles of at least 8x8 (no shared-memory-bound 4xN tiles)
+                assert tm >= 8 and tn >= 8, f"{name}: {plan}"

@@ -510,15 +510,22 @@ constexpr TileCfg make_cfg(float eff) {
                   kernel_or_null<WgradOp, BM, BN, TM, TN, 1, kWithScalar>()}};
 }
 
-// The whole dispatch table (BK = 8 everywhere). "efficiency" is a guess at relative FMA throughput, from the
-// per-thread outputs per shared-memory load per k step (64/4, 32/3, 16/2, 16/2): to be calibrated on a GPU.
-//        BM   BN  TM  TN   threads  efficiency
+// The whole dispatch table (BK = 8 everywhere). "efficiency" models shared-memory bandwidth, the limit of FP32
+// FMA tiles on sm_80/90: per k step a thread issues TM*TN FFMA and (TM+TN)/4 LDS.128, each LDS.128 taking a
+// warp 4 shared-memory cycles; an SM sub-partition issues one warp FFMA per cycle, 4 sub-partitions share the
+// shared memory, so efficiency = min(1, (TM*TN/4) / ((TM+TN)/4 * 4)) (8x8: 1, 12x8: 1, 4x8: 0.67, 4x4: 0.5),
+// lowered to 0.9 for 12x8 tiles (about 150 registers: fewer resident warps to hide latency). To be calibrated
+// on a GPU with conv_set_tile_override + benchmarks/conv_bench.py.
+//        BM   BN  TM  TN          threads  efficiency  use
 const TileCfg kTiles[] = {
-    make_cfg<128, 128, 8, 8>(1.00f),  // 256  large GEMMs: AlexNet conv1-5 at batch 128
-    make_cfg<64, 128, 4, 8>(0.85f),   // 256  few rows (M <= 64, or M = 192 = 3 x 64)
-    make_cfg<64, 64, 4, 4>(0.65f),    // 256  small problems: tiny batches, few filters
-    make_cfg<4, 512, 4, 4, false>(0.50f),  // 128  skinny: M <= 4 (input gradient of 1- and 3-channel images);
-                                           //      16-byte path only (the scalar one would need 32 load slots)
+    make_cfg<128, 128, 8, 8>(1.00f),        // 256  large GEMMs: AlexNet at batch 128
+    make_cfg<192, 128, 12, 8>(0.90f),       // 256  M = 192 (conv4 forward, conv4/5 input gradient)
+    make_cfg<96, 128, 12, 8>(0.90f),        // 128  M = 96 (conv1 forward)
+    make_cfg<48, 256, 12, 8>(0.90f),        // 128  M = 48 (conv2 input gradient, 48 channels per tower)
+    make_cfg<64, 128, 4, 8>(0.67f),         // 256  M <= 64
+    make_cfg<64, 64, 4, 4>(0.50f),          // 256  small problems: tiny batches, few filters
+    make_cfg<4, 512, 4, 4, false>(0.50f),   // 128  skinny: M <= 4 (input gradient of 1- and 3-channel images);
+                                            //      16-byte path only (the scalar one would need 32 load slots)
 };
 constexpr int kNumTiles = sizeof(kTiles) / sizeof(kTiles[0]);
 
