@@ -39,7 +39,8 @@
 //   loads: operand tiles are loaded as V-wide vectors (V = 4: 16 bytes; V = 1: scalar path) along the operand's
 //          contiguous dimension (columns of A/B for "M-contiguous" operands, K for "K-contiguous" ones); each
 //          thread's index along the other dimension is fixed for the whole loop, so its address part is computed
-//          once (the Fix structs below).
+//          once (the Fix structs below), and its k index is a cursor advanced by BK per step (no integer
+//          division in the main loop).
 //   requirements (checked by the host): V == 4 needs N % 4 == 0, (F/groups) % 4 == 0 and 16-byte aligned
 //          pointers; 32-bit indexing (every tensor < 2^31 elements).
 #include "kernels/conv.h"
@@ -52,8 +53,10 @@
 
 #if defined(__CUDACC__)
 #define CONV_LAUNCH_BOUNDS(n) __launch_bounds__(n)
+#define CONV_LAUNCH_BOUNDS2(n, min_blocks) __launch_bounds__(n, min_blocks)
 #else
 #define CONV_LAUNCH_BOUNDS(n)
+#define CONV_LAUNCH_BOUNDS2(n, min_blocks)
 #endif
 
 namespace convnet {
@@ -80,7 +83,7 @@ struct Slice {
   int g;
   int M, Nc, k_lo, k_hi;
   // dgrad phase class
-  int ry, rx, iyf, ixf, qy, qx, Tx, Wc;
+  int ry, rx, iyf, ixf, qy, qx, Ty, Tx, Wc;
   // wgrad split index
   int s;
 };
@@ -99,7 +102,13 @@ __device__ __forceinline__ void gload(const float* ptr, float* v) {
   }
 }
 
-// ------------------------------------------------------------------------------------------------------------
+// Op interface. Each operand (A, B) has
+//   Fix  : the part of a thread's load address fixed for the whole main loop (its row m / column j), a_fix/b_fix;
+//   Cur  : a cursor over the reduction index k, created once per block (a_cur/b_cur: the only divisions) and
+//          advanced by BK every step (a_next/b_next: compares and adds, no integer division in the main loop);
+//   load : V consecutive elements along the operand's contiguous dimension, 0 where out of range or padding.
+// The stores go to out + row_off(m) + col_off(j).
+
 // Forward: C[f][j] = sum_k w[k][g*Fg + f] * xpatch[k][j],  k = (c, ky, kx), j = (oy, ox, n).
 struct FwdOp {
   static constexpr bool A_KCONTIG = false;  // w rows are contiguous along f (= M)
@@ -114,9 +123,13 @@ struct FwdOp {
   }
   struct AFix { int m; };
   static __device__ __forceinline__ AFix a_fix(const ConvParams&, const Slice&, int m) { return {m}; }
+  struct ACur { int k; };
+  static __device__ __forceinline__ ACur a_cur(const ConvParams&, const Slice&, int k) { return {k}; }
+  static __device__ __forceinline__ void a_next(const ConvParams&, const Slice&, ACur& c, int step) { c.k += step; }
   template <int V>
-  static __device__ __forceinline__ void load_a(const ConvParams& p, const Slice& s, const AFix& a, int k, float* v) {
-    if (a.m < s.M && k < s.k_hi) gload<V>(p.A + k * p.F + s.g * p.Fg + a.m, v);
+  static __device__ __forceinline__ void load_a(const ConvParams& p, const Slice& s, const AFix& a, const ACur& c,
+                                                float* v) {
+    if (a.m < s.M && c.k < s.k_hi) gload<V>(p.A + c.k * p.F + s.g * p.Fg + a.m, v);
     else zero4(v, V);
   }
   struct BFix { int iyb, ixb, off; bool ok; };
@@ -129,13 +142,29 @@ struct FwdOp {
     b.off = s.g * p.Cg * p.HWN + n;
     return b;
   }
-  template <int V>
-  static __device__ __forceinline__ void load_b(const ConvParams& p, const Slice& s, const BFix& b, int k, float* v) {
+  // k = (c*KH + ky)*KW + kx with kx < KW, ky < KH, so k < k_hi <=> c < Cg.
+  struct BCur { int c, ky, kx; };
+  static __device__ __forceinline__ BCur b_cur(const ConvParams& p, const Slice&, int k) {
     const int khw = p.KH * p.KW;
-    const int c = k / khw, r = k - c * khw, ky = r / p.KW, kx = r - ky * p.KW;
-    const int iy = b.iyb + ky, ix = b.ixb + kx;
-    if (b.ok && k < s.k_hi && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W)
-      gload<V>(p.B + b.off + c * p.HWN + (iy * p.W + ix) * p.N, v);
+    const int c = k / khw, r = k - c * khw, ky = r / p.KW;
+    return {c, ky, r - ky * p.KW};
+  }
+  static __device__ __forceinline__ void b_next(const ConvParams& p, const Slice&, BCur& c, int step) {
+    c.kx += step;
+    while (c.kx >= p.KW) {
+      c.kx -= p.KW;
+      if (++c.ky == p.KH) {
+        c.ky = 0;
+        ++c.c;
+      }
+    }
+  }
+  template <int V>
+  static __device__ __forceinline__ void load_b(const ConvParams& p, const Slice& s, const BFix& b, const BCur& c,
+                                                float* v) {
+    const int iy = b.iyb + c.ky, ix = b.ixb + c.kx;
+    if (b.ok && c.c < p.Cg && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W)
+      gload<V>(p.B + b.off + (c.c * p.H + iy) * p.W * p.N + ix * p.N, v);
     else zero4(v, V);
   }
   static __device__ __forceinline__ int row_off(const ConvParams& p, const Slice& s, int m) {
@@ -149,7 +178,7 @@ struct FwdOp {
 
 // ------------------------------------------------------------------------------------------------------------
 // Input gradient, one (group, phase class) per z: C[c][j] = sum_{t,u,f} w[c, ry+sh*t, rx+sw*u, f] *
-// dy[f, qy+a-t, qx+b-u, n], j = (a, b, n) with iy = iyf + sh*a, ix = ixf + sw*b.
+// dy[f, qy+a-t, qx+b-u, n], j = (a, b, n) with iy = iyf + sh*a, ix = ixf + sw*b; k = (t, u, f), f fastest.
 struct DgradOp {
   static constexpr bool A_KCONTIG = true;   // w[c, ky, kx, :] is contiguous along f (part of K)
   static constexpr bool B_KCONTIG = false;  // dy contiguous along n (columns)
@@ -166,23 +195,44 @@ struct DgradOp {
     s.Wc = s.ixf < p.W ? (p.W - 1 - s.ixf) / p.sw + 1 : 0;
     s.qy = (s.iyf + p.ph - s.ry) / p.sh;
     s.qx = (s.ixf + p.pw - s.rx) / p.sw;
-    const int Ty = s.ry < p.KH ? (p.KH - 1 - s.ry) / p.sh + 1 : 0;
+    s.Ty = s.ry < p.KH ? (p.KH - 1 - s.ry) / p.sh + 1 : 0;
     s.Tx = s.rx < p.KW ? (p.KW - 1 - s.rx) / p.sw + 1 : 0;
     s.M = p.Cg;
     s.Nc = Hc * s.Wc * p.N;
     s.k_lo = 0;
-    s.k_hi = Ty * s.Tx * p.Fg;
+    s.k_hi = s.Ty * s.Tx * p.Fg;
+  }
+  // The k cursor of both operands: k = (t*Tx + u)*Fg + f with f < Fg, u < Tx, so k < k_hi <=> t < Ty.
+  struct KCur { int f, u, t; };
+  static __device__ __forceinline__ KCur k_cur(const ConvParams& p, const Slice& s, int k) {
+    const int tu = k / p.Fg, t = s.Tx > 0 ? tu / s.Tx : 0;
+    return {k - tu * p.Fg, tu - t * s.Tx, t};
+  }
+  static __device__ __forceinline__ void k_next(const ConvParams& p, const Slice& s, KCur& c, int step) {
+    c.f += step;
+    while (c.f >= p.Fg) {
+      c.f -= p.Fg;
+      if (++c.u == s.Tx) {
+        c.u = 0;
+        ++c.t;
+      }
+    }
   }
   struct AFix { int off; bool ok; };
   static __device__ __forceinline__ AFix a_fix(const ConvParams& p, const Slice& s, int m) {
     return {m * p.KH * p.KW * p.F + s.g * p.Fg, m < s.M};
   }
+  using ACur = KCur;
+  static __device__ __forceinline__ ACur a_cur(const ConvParams& p, const Slice& s, int k) { return k_cur(p, s, k); }
+  static __device__ __forceinline__ void a_next(const ConvParams& p, const Slice& s, ACur& c, int step) {
+    k_next(p, s, c, step);
+  }
   template <int V>
-  static __device__ __forceinline__ void load_a(const ConvParams& p, const Slice& s, const AFix& a, int k, float* v) {
-    if (a.ok && k < s.k_hi) {
-      const int tu = k / p.Fg, f = k - tu * p.Fg, t = tu / s.Tx, u = tu - t * s.Tx;
-      const int ky = s.ry + p.sh * t, kx = s.rx + p.sw * u;
-      gload<V>(p.A + a.off + (ky * p.KW + kx) * p.F + f, v);
+  static __device__ __forceinline__ void load_a(const ConvParams& p, const Slice& s, const AFix& a, const ACur& c,
+                                                float* v) {
+    if (a.ok && c.t < s.Ty) {
+      const int ky = s.ry + p.sh * c.t, kx = s.rx + p.sw * c.u;
+      gload<V>(p.A + a.off + (ky * p.KW + kx) * p.F + c.f, v);
     } else {
       zero4(v, V);
     }
@@ -197,12 +247,17 @@ struct DgradOp {
     b.off = s.g * p.Fg * p.J + n;
     return b;
   }
+  using BCur = KCur;
+  static __device__ __forceinline__ BCur b_cur(const ConvParams& p, const Slice& s, int k) { return k_cur(p, s, k); }
+  static __device__ __forceinline__ void b_next(const ConvParams& p, const Slice& s, BCur& c, int step) {
+    k_next(p, s, c, step);
+  }
   template <int V>
-  static __device__ __forceinline__ void load_b(const ConvParams& p, const Slice& s, const BFix& b, int k, float* v) {
-    const int tu = k / p.Fg, f = k - tu * p.Fg, t = tu / s.Tx, u = tu - t * s.Tx;
-    const int oy = b.ya - t, ox = b.xb - u;
-    if (b.ok && k < s.k_hi && oy >= 0 && oy < p.OH && ox >= 0 && ox < p.OW)
-      gload<V>(p.B + b.off + f * p.J + (oy * p.OW + ox) * p.N, v);
+  static __device__ __forceinline__ void load_b(const ConvParams& p, const Slice& s, const BFix& b, const BCur& c,
+                                                float* v) {
+    const int oy = b.ya - c.t, ox = b.xb - c.u;
+    if (b.ok && c.t < s.Ty && oy >= 0 && oy < p.OH && ox >= 0 && ox < p.OW)
+      gload<V>(p.B + b.off + c.f * p.J + (oy * p.OW + ox) * p.N, v);
     else zero4(v, V);
   }
   static __device__ __forceinline__ int row_off(const ConvParams& p, const Slice& s, int m) {
@@ -217,7 +272,7 @@ struct DgradOp {
 
 // ------------------------------------------------------------------------------------------------------------
 // Filter gradient, one (group, K chunk) per z: C[k][f] = sum_{j in chunk} xpatch[k][j] * dy[g*Fg + f][j],
-// k = (c, ky, kx) (the rows of dw viewed as (Cg*KH*KW, F)), j = (oy, ox, n).
+// k = (c, ky, kx) (the rows of dw viewed as (Cg*KH*KW, F)), j = (oy, ox, n) (the reduction index here).
 struct WgradOp {
   static constexpr bool A_KCONTIG = true;  // x patch rows are contiguous along n (part of K = j)
   static constexpr bool B_KCONTIG = true;  // dy[f][:] contiguous along j
@@ -241,21 +296,41 @@ struct WgradOp {
     a.off = (s.g * p.Cg + c) * p.HWN;
     return a;
   }
+  struct ACur { int j, n, ox, oy; };
+  static __device__ __forceinline__ ACur a_cur(const ConvParams& p, const Slice&, int j) {
+    const int pix = j / p.N, oy = pix / p.OW;
+    return {j, j - pix * p.N, pix - oy * p.OW, oy};
+  }
+  static __device__ __forceinline__ void a_next(const ConvParams& p, const Slice&, ACur& c, int step) {
+    c.j += step;
+    c.n += step;
+    while (c.n >= p.N) {
+      c.n -= p.N;
+      if (++c.ox == p.OW) {
+        c.ox = 0;
+        ++c.oy;
+      }
+    }
+  }
   template <int V>
-  static __device__ __forceinline__ void load_a(const ConvParams& p, const Slice& s, const AFix& a, int j, float* v) {
-    const int n = j % p.N, pix = j / p.N, oy = pix / p.OW, ox = pix - oy * p.OW;
-    const int iy = oy * p.sh - p.ph + a.ky, ix = ox * p.sw - p.pw + a.kx;
-    if (a.ok && j < s.k_hi && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W)
-      gload<V>(p.A + a.off + (iy * p.W + ix) * p.N + n, v);
+  static __device__ __forceinline__ void load_a(const ConvParams& p, const Slice& s, const AFix& a, const ACur& c,
+                                                float* v) {
+    const int iy = c.oy * p.sh - p.ph + a.ky, ix = c.ox * p.sw - p.pw + a.kx;
+    if (a.ok && c.j < s.k_hi && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W)
+      gload<V>(p.A + a.off + (iy * p.W + ix) * p.N + c.n, v);
     else zero4(v, V);
   }
   struct BFix { int off; bool ok; };
   static __device__ __forceinline__ BFix b_fix(const ConvParams& p, const Slice& s, int f) {
     return {(s.g * p.Fg + f) * p.J, f < s.Nc};
   }
+  struct BCur { int j; };
+  static __device__ __forceinline__ BCur b_cur(const ConvParams&, const Slice&, int j) { return {j}; }
+  static __device__ __forceinline__ void b_next(const ConvParams&, const Slice&, BCur& c, int step) { c.j += step; }
   template <int V>
-  static __device__ __forceinline__ void load_b(const ConvParams& p, const Slice& s, const BFix& b, int j, float* v) {
-    if (b.ok && j < s.k_hi) gload<V>(p.B + b.off + j, v);
+  static __device__ __forceinline__ void load_b(const ConvParams& p, const Slice& s, const BFix& b, const BCur& c,
+                                                float* v) {
+    if (b.ok && c.j < s.k_hi) gload<V>(p.B + b.off + c.j, v);
     else zero4(v, V);
   }
   static __device__ __forceinline__ int row_off(const ConvParams& p, const Slice& s, int m) {
@@ -284,8 +359,14 @@ struct Slots {
   }
 };
 
+// Two resident blocks per SM for the 16-byte-path 256-thread tiles of up to 8x8 outputs per thread (caps them
+// at 128 registers: 16 warps per SM); the 12x8 tiles and the scalar fallbacks get what they need.
+template <int NT, int TM, int TN, int V>
+constexpr int min_blocks() { return (V == 4 && NT == 256 && TM * TN <= 64) ? 2 : 1; }
+
 template <class Op, int BM, int BN, int BK, int TM, int TN, int V>
-__global__ void CONV_LAUNCH_BOUNDS((BM / TM) * (BN / TN)) conv_igemm(ConvParams p) {
+__global__ void CONV_LAUNCH_BOUNDS2((BM / TM) * (BN / TN), (min_blocks<(BM / TM) * (BN / TN), TM, TN, V>()))
+    conv_igemm(ConvParams p) {
   constexpr int NT = (BM / TM) * (BN / TN);
   constexpr int PA = BM + 4, PB = BN + 4;
   static_assert(TM % 4 == 0 && TN % 4 == 0, "register tiles are made of 4x4 float4 groups");
@@ -310,14 +391,28 @@ __global__ void CONV_LAUNCH_BOUNDS((BM / TM) * (BN / TN)) conv_igemm(ConvParams 
 #pragma unroll
   for (int i = 0; i < SB::PER; ++i) bfix[i] = Op::b_fix(p, s, n0 + SB::mm(tid, i));
 
+  typename Op::ACur acur[SA::PER];
+  typename Op::BCur bcur[SB::PER];
+#pragma unroll
+  for (int i = 0; i < SA::PER; ++i) acur[i] = Op::a_cur(p, s, s.k_lo + SA::kk(tid, i));
+#pragma unroll
+  for (int i = 0; i < SB::PER; ++i) bcur[i] = Op::b_cur(p, s, s.k_lo + SB::kk(tid, i));
+
+  // Loads the tile the cursors point at into registers, then moves the cursors on by BK.
   float ra[SA::PER][V], rb[SB::PER][V];
-  auto load_tile = [&](int k0) {
+  auto load_tile = [&]() {
 #pragma unroll
     for (int i = 0; i < SA::PER; ++i)
-      if (SA::active(tid, i)) Op::template load_a<V>(p, s, afix[i], k0 + SA::kk(tid, i), ra[i]);
+      if (SA::active(tid, i)) {
+        Op::template load_a<V>(p, s, afix[i], acur[i], ra[i]);
+        Op::a_next(p, s, acur[i], BK);
+      }
 #pragma unroll
     for (int i = 0; i < SB::PER; ++i)
-      if (SB::active(tid, i)) Op::template load_b<V>(p, s, bfix[i], k0 + SB::kk(tid, i), rb[i]);
+      if (SB::active(tid, i)) {
+        Op::template load_b<V>(p, s, bfix[i], bcur[i], rb[i]);
+        Op::b_next(p, s, bcur[i], BK);
+      }
   };
   auto store_tile = [&](int buf) {
 #pragma unroll
@@ -358,12 +453,12 @@ __global__ void CONV_LAUNCH_BOUNDS((BM / TM) * (BN / TN)) conv_igemm(ConvParams 
 
   const int nk = s.k_hi > s.k_lo ? (s.k_hi - s.k_lo + BK - 1) / BK : 0;
   if (nk > 0) {
-    load_tile(s.k_lo);
+    load_tile();
     store_tile(0);
     __syncthreads();
     for (int t = 0; t < nk; ++t) {
       const int cur = t & 1;
-      if (t + 1 < nk) load_tile(s.k_lo + (t + 1) * BK);
+      if (t + 1 < nk) load_tile();
 #pragma unroll
       for (int kk = 0; kk < BK; ++kk) {
         float a[TM], b[TN];
@@ -521,11 +616,12 @@ const TileCfg kTiles[] = {
     make_cfg<128, 128, 8, 8>(1.00f),        // 256  large GEMMs: AlexNet at batch 128
     make_cfg<192, 128, 12, 8>(0.90f),       // 256  M = 192 (conv4 forward, conv4/5 input gradient)
     make_cfg<96, 128, 12, 8>(0.90f),        // 128  M = 96 (conv1 forward)
-    make_cfg<48, 256, 12, 8>(0.90f),        // 128  M = 48 (conv2 input gradient, 48 channels per tower)
+    make_cfg<48, 256, 12, 8, false>(0.90f), // 128  M = 48 (conv2 input gradient, 48 channels per tower)
     make_cfg<64, 128, 4, 8>(0.67f),         // 256  M <= 64
     make_cfg<64, 64, 4, 4>(0.50f),          // 256  small problems: tiny batches, few filters
     make_cfg<4, 512, 4, 4, false>(0.50f),   // 128  skinny: M <= 4 (input gradient of 1- and 3-channel images);
-                                            //      16-byte path only (the scalar one would need 32 load slots)
+                                            // (these two: 16-byte path only; their scalar paths would need
+                                            //  16-32 load slots per thread and spill)
 };
 constexpr int kNumTiles = sizeof(kTiles) / sizeof(kTiles[0]);
 
