@@ -11,6 +11,7 @@ tensor with 2**31 or more elements is rejected with a ValueError.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import numpy as np
@@ -177,8 +178,12 @@ def conv_backward_filter(device, x, dy, filter_hw, *, stride=1, padding=0, group
     dw = output("out", out, dev, shape, dtype)
     geom = _geom_tuple(c, h, wd, n, f, kh, kw, sh, sw, ph, pw, groups)
     ws_floats = int(dev.kernels.conv_backward_filter_workspace(geom))
-    with dev.activate():
-        ws = dev.empty((ws_floats,), np.float32) if ws_floats else None
+    ws = None
+    if ws_floats:
+        # Allocate the scratch on the stream that runs the kernels: CuPy's pool then cannot hand the memory to
+        # another stream's allocation while the kernels still use it.
+        with dev.activate(), (stream if stream is not None else contextlib.nullcontext()):
+            ws = dev.empty((ws_floats,), np.float32)
     launch(dev, "conv_backward_filter", x, dy, dw, ws if ws is not None else 0, ws_floats, geom, alpha, beta,
            stream=stream)
     return dw

@@ -359,6 +359,13 @@ struct Slots {
   }
 };
 
+// conv_igemm: the implicit-GEMM convolution kernel shared by forward, dgrad and wgrad (Op selects which).
+//   layouts: CHWN activations, (C/groups, KH, KW, F) filters (see the table at the top of this file);
+//   block:   (BM/TM)*(BN/TN) threads computing a BM x BN tile of C, TM x TN outputs per thread;
+//   grid:    (ceil(Nc/BN), ceil(M/BM), Op slices: groups [x stride phases | x K splits]);
+//   shared:  2 x (BK x (BM+4) + BK x (BN+4)) floats, static (16.9 KB for 128x128);
+//   requires: V == 4 only when N % 4 == 0, F/groups % 4 == 0 and 16-byte aligned pointers (host checks);
+//            tensors < 2^31 elements. Writes every element of its tile exactly once (no atomics).
 // Two resident blocks per SM for the 16-byte-path 256-thread tiles of up to 8x8 outputs per thread (caps them
 // at 128 registers: 16 warps per SM); the 12x8 tiles and the scalar fallbacks get what they need.
 template <int NT, int TM, int TN, int V>
