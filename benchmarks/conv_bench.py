@@ -166,6 +166,8 @@ def main(argv=None):
     ap.add_argument("--channel-divisor", type=int, default=None,
                     help="divide channel and filter counts (default 1 on cuda, 8 on emu)")
     ap.add_argument("--no-cudnn", action="store_true", help="skip the cuDNN columns")
+    ap.add_argument("--tile", type=int, default=-1,
+                    help="force row TILE of the kernels' dispatch table (calibration; default -1: automatic)")
     args = ap.parse_args(argv)
 
     if args.device is None:
@@ -189,6 +191,7 @@ def main(argv=None):
     peak = fp32_peak_tflops(device)
     sgemm = measured_sgemm_tflops(device)
     torch = common.cudnn(allow_tf32=False) if on_gpu and not args.no_cudnn else None
+    device.kernels.conv_set_tile_override(args.tile)
 
     rows = []
     for name in layers:
@@ -209,7 +212,8 @@ def main(argv=None):
                 torch.backends.cudnn.allow_tf32 = True
                 base_tf32[ps] = time_torch(torch, cf[ps], warmup, repeats)
             torch.backends.cudnn.allow_tf32 = False
-        for ps, err in zip(PASSES, errors):
+        geo12 = (c0, h, w, batch, f0, kh, kw, s, s, p, p, g)
+        for op, (ps, err) in enumerate(zip(PASSES, errors)):
             ms = common.time_ms(fns[ps], device, warmup=warmup, repeats=repeats)
             row = {"layer": name, "pass": ps, "shape": f"C{c0} {h}x{w} F{f0} {kh}x{kw}/{s} p{p} g{g} N{batch}",
                    "ms": ms, "GFLOP/s": flops / (ms * 1e-3) / 1e9}
@@ -221,9 +225,10 @@ def main(argv=None):
                 row["cuDNN TF32 ms"] = base_tf32[ps]
             if err is not None:
                 row["rel err vs ref"] = err
+            row["plan"] = device.kernels.conv_plan(op, geo12)  # JSON only: tile, path, grid, splits
             rows.append(row)
-            print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  flush=True)
+            print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                            if k != "plan"), flush=True)
 
     columns = ["layer", "pass", "shape", "ms", "GFLOP/s"]
     if peak:
@@ -235,7 +240,8 @@ def main(argv=None):
         bad = [r for r in rows if r["rel err vs ref"] > 1e-5]
         if bad:
             print(f"SMOKE FAILED: {len(bad)} passes exceed 1e-5 relative error", file=sys.stderr)
-    extra = {"model": args.model, "batch": batch, "repeats": repeats, "warmup": warmup, "channel_divisor": div,
+    device.kernels.conv_set_tile_override(-1)
+    extra = {"model": args.model, "tile_override": args.tile, "batch": batch, "repeats": repeats, "warmup": warmup, "channel_divisor": div,
              "fp32_peak_tflops": peak, "measured_sgemm_tflops": sgemm,
              "timing": "CUDA events, median of repeats" if on_gpu else "wall clock (emulator smoke, not a speed figure)",
              "ratio": "ours/cuDNN is a time ratio: < 1 means faster than cuDNN FP32 (TF32 off)"}
