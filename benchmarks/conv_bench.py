@@ -11,7 +11,7 @@ faster than cuDNN) and cuDNN with TF32 enabled for reference. cuDNN runs in NCHW
 ``cudnn.benchmark = True`` so it picks its fastest algorithm. Results go to benchmarks/results/ (JSON +
 markdown, with the device name, date and versions).
 
-Without a GPU (``--device emu``), the layers run on the emulator at a tiny size (batch 2, channels divided by
+Without a GPU (``--device emu``), the layers run on the emulator at a tiny size (batch 4, channels divided by
 8) and are compared with the NumPy reference: a correctness smoke, the times are not speed figures.
 """
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cuda, cuda:1 or emu (default: cuda:0 if usable, else emu)")
     ap.add_argument("--model", choices=sorted(MODELS), default="2012", help="AlexNet variant (default 2012)")
-    ap.add_argument("--batch", type=int, default=None, help="batch size (default 128 on cuda, 2 on emu)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default 128 on cuda, 4 on emu)")
     ap.add_argument("--layers", default="conv1,conv2,conv3,conv4,conv5", help="comma-separated layer names")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 20; 1 on emu)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls (default 3; 0 on emu)")
@@ -175,7 +175,7 @@ def main(argv=None):
         args.device = "cuda:0" if usable.get("cuda:0") else "emu"
     device = get_device(args.device)
     on_gpu = device.kind == "cuda"
-    batch = args.batch or (128 if on_gpu else 2)
+    batch = args.batch or (128 if on_gpu else 4)
     repeats = args.repeats or (20 if on_gpu else 1)
     warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 0)
     div = args.channel_divisor or (1 if on_gpu else 8)
