@@ -13,6 +13,7 @@ Schedules: every fiber order gives bit-identical results (no atomics, fixed redu
 """
 from __future__ import annotations
 
+import contextlib
 import re
 
 import numpy as np
@@ -51,8 +52,23 @@ SMALL = [
     ("odd-everything", 5, 7, 9, 3, 7, 3, 2, (2, 1), (1, 0), 1),
     ("batch1-groups3", 6, 8, 8, 1, 9, 3, 3, 1, 1, 3),
     ("pad-ge-filter", 2, 4, 5, 4, 4, 2, 3, 1, 3, 1),
-    ("wgrad-split", 8, 16, 16, 8, 16, 3, 3, 1, 1, 1),  # OH*OW*N = 2048: the filter gradient is split
+    ("wgrad-split", 8, 16, 16, 8, 16, 3, 3, 1, 1, 1),  # OH*OW*N = 2048: room for 8 chunks of 256
 ]
+SPLIT_CASES = [SMALL[8], ("split-scalar-groups", 6, 15, 13, 3, 9, 3, 3, 1, 1, 3)]
+
+
+@contextlib.contextmanager
+def forced(device, row=-1, wgrad_splits=0):
+    """Force a dispatch-table row and/or the filter-gradient split count (kernel devices only)."""
+    if device.kind == "numpy":
+        yield
+        return
+    k = device.kernels
+    k.conv_set_tile_override(row, wgrad_splits)
+    try:
+        yield
+    finally:
+        k.conv_set_tile_override(-1, 0)
 
 
 def _params(g):
@@ -125,6 +141,18 @@ def test_small_geometries(kernel_device, g):
     _run_and_check(kernel_device, g)
 
 
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("g", SPLIT_CASES, ids=[g[0] for g in SPLIT_CASES])
+def test_filter_gradient_split(kernel_device, g, splits):
+    """The filter gradient summed in chunks (partial sums + a reduction kernel), as the GPU plans do."""
+    _, c, h, w, n, f, kh, kw, s, p, groups = g
+    oh, ow = ref.conv_output_hw((h, w), (kh, kw), s, p)
+    with forced(kernel_device, wgrad_splits=splits):
+        plan = kernel_device.kernels.conv_plan(2, _geom_tuple(g))
+        assert int(re.search(r"(\d+) split", plan).group(1)) == min(splits, oh * ow * n // 256), plan
+        _run_and_check(kernel_device, g, seed=splits, which=("wgrad",))
+
+
 @st.composite
 def geometries(draw):
     groups = draw(st.sampled_from([1, 1, 2, 3]))
@@ -156,7 +184,7 @@ def test_schedules_bit_identical(g):
     x, wt, b, dy = _data(g, 7)
     results = {}
     for order in SCHEDULES:
-        with schedule(dev, order, seed=3):
+        with schedule(dev, order, seed=3), forced(dev, wgrad_splits=3):
             results[order] = (ops.conv_forward(dev, x, wt, b, **kwargs),
                               ops.conv_backward_data(dev, dy, wt, (h, w), **kwargs),
                               ops.conv_backward_filter(dev, x, dy, (kh, kw), **kwargs),
@@ -169,6 +197,11 @@ def test_schedules_bit_identical(g):
 
 @pytest.mark.parametrize("g", [SMALL[0], SMALL[5], SMALL[8]], ids=["vec", "scalar", "split"])
 def test_alpha_beta_accumulate(kernel_device, g):
+    with forced(kernel_device, wgrad_splits=3 if g is SMALL[8] else 0):
+        _alpha_beta_cases(kernel_device, g)
+
+
+def _alpha_beta_cases(kernel_device, g):
     dev = kernel_device
     kwargs = _params(g)
     _, c, h, w, n, f, kh, kw, *_ = g
@@ -331,12 +364,11 @@ def test_every_tile_row(kernel_device, row):
     """Force each row of the dispatch table (both load paths) on ragged geometries."""
     k = kernel_device.kernels
     assert k.conv_tile_count() == N_TILE_ROWS, "update N_TILE_ROWS when the dispatch table changes"
-    k.conv_set_tile_override(row)
-    try:
-        for g in TILE_CASES:
-            _run_and_check(kernel_device, g, seed=row, which=("fwd", "dgrad", "wgrad"))
-    finally:
-        k.conv_set_tile_override(-1)
+    for splits in (0, 2):
+        with forced(kernel_device, row, splits):
+            for g in TILE_CASES:
+                _run_and_check(kernel_device, g, seed=row, which=("fwd", "dgrad", "wgrad") if splits == 0 else
+                               ("wgrad",))
 
 
 def test_alexnet_batch128_plans_use_fast_paths():

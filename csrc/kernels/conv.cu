@@ -591,8 +591,9 @@ using KernelFn = void (*)(ConvParams);
 
 struct TileCfg {
   int BM, BN, TM, TN;
-  float efficiency;  // relative FMA throughput per tile (bigger register tiles reuse shared loads more)
-  KernelFn vec[3];   // [op] V = 4 path: forward, dgrad, wgrad
+  float efficiency;   // relative FMA throughput per tile (bigger register tiles reuse shared loads more)
+  int blocks_per_sm;  // resident blocks per SM on sm_90 (registers from ptxas -v; shared memory is not the limit)
+  KernelFn vec[3];    // [op] V = 4 path: forward, dgrad, wgrad
   KernelFn scalar[3];
 };
 
@@ -603,8 +604,8 @@ constexpr KernelFn kernel_or_null() {
 }
 
 template <int BM, int BN, int TM, int TN, bool kWithScalar = true>
-constexpr TileCfg make_cfg(float eff) {
-  return TileCfg{BM, BN, TM, TN, eff,
+constexpr TileCfg make_cfg(float eff, int blocks_per_sm) {
+  return TileCfg{BM, BN, TM, TN, eff, blocks_per_sm,
                  {conv_igemm<FwdOp, BM, BN, kBK, TM, TN, 4>, conv_igemm<DgradOp, BM, BN, kBK, TM, TN, 4>,
                   conv_igemm<WgradOp, BM, BN, kBK, TM, TN, 4>},
                  {kernel_or_null<FwdOp, BM, BN, TM, TN, 1, kWithScalar>(),
@@ -618,36 +619,51 @@ constexpr TileCfg make_cfg(float eff) {
 // shared memory, so efficiency = min(1, (TM*TN/4) / ((TM+TN)/4 * 4)) (8x8: 1, 12x8: 1, 4x8: 0.67, 4x4: 0.5),
 // lowered to 0.9 for 12x8 tiles (about 150 registers: fewer resident warps to hide latency). To be calibrated
 // on a GPU with conv_set_tile_override + benchmarks/conv_bench.py.
-//        BM   BN  TM  TN          threads  efficiency  use
+// blocks/SM: 65536 registers / (threads x registers per thread of the 16-byte path, from ptxas -v).
+//        BM   BN  TM  TN               threads  regs  blocks/SM  use
 const TileCfg kTiles[] = {
-    make_cfg<128, 128, 8, 8>(1.00f),        // 256  large GEMMs: AlexNet at batch 128
-    make_cfg<192, 128, 12, 8>(0.90f),       // 256  M = 192 (conv4 forward, conv4/5 input gradient)
-    make_cfg<96, 128, 12, 8>(0.90f),        // 128  M = 96 (conv1 forward)
-    make_cfg<48, 256, 12, 8, false>(0.90f), // 128  M = 48 (conv2 input gradient, 48 channels per tower)
-    make_cfg<64, 128, 4, 8>(0.67f),         // 256  M <= 64
-    make_cfg<64, 64, 4, 4>(0.50f),          // 256  small problems: tiny batches, few filters
-    make_cfg<4, 512, 4, 4, false>(0.50f),   // 128  skinny: M <= 4 (input gradient of 1- and 3-channel images);
-                                            // (these two: 16-byte path only; their scalar paths would need
-                                            //  16-32 load slots per thread and spill)
+    make_cfg<128, 128, 8, 8>(1.00f, 2),        // 256  <=128  2  large GEMMs: AlexNet at batch 128
+    make_cfg<192, 128, 12, 8>(0.90f, 1),       // 256  ~190   1  M = 192 (conv4 forward, conv4/5 input gradient)
+    make_cfg<96, 128, 12, 8>(0.90f, 2),        // 128  ~180   2  M = 96 (conv1 forward)
+    make_cfg<48, 256, 12, 8, false>(0.90f, 2), // 128  ~180   2  M = 48 (conv2 input gradient, 48 channels/tower)
+    make_cfg<64, 128, 4, 8>(0.67f, 2),         // 256  ~105   2  M <= 64
+    make_cfg<64, 64, 4, 4>(0.50f, 4),          // 256  ~64    4  small problems: tiny batches, few filters
+    make_cfg<4, 512, 4, 4, false>(0.50f, 3),   // 128  ~165   3  skinny: M <= 4 (input gradient of 1-3 channels)
+    // (rows with `false`: 16-byte path only; their scalar paths would need 16-32 load slots per thread and spill)
 };
 constexpr int kNumTiles = sizeof(kTiles) / sizeof(kTiles[0]);
 
 std::atomic<int> g_tile_override{-1};  // tests and tuning: force one row of the table (-1: automatic)
+std::atomic<int> g_split_override{0};  // tests and tuning: force the wgrad split count (0: automatic)
 
-// Pick the row minimising (padded work / efficiency), with a penalty when the grid cannot fill the GPU.
-int pick_tile(int op, bool vec, std::int64_t M, std::int64_t Nc, std::int64_t slices) {
+// The cost model behind the choice (in units of one SM's FMA time): blocks run in waves of kSMs x blocks_per_sm;
+// a wave takes as long as blocks_per_sm tiles of BM x BN x k_len FMAs at the row's efficiency. This counts the
+// padding waste of ragged tiles and the idle SMs of the last wave (wave quantisation), which dominate for the
+// 13x13 AlexNet layers. Calibrate `efficiency` on a GPU (conv_bench.py --tile).
+constexpr int kSMs = kTargetBlocks;
+
+bool has_path(const TileCfg& t, int op, bool vec) { return (vec ? t.vec : t.scalar)[op] != nullptr; }
+
+double tile_cost(const TileCfg& t, std::int64_t M, std::int64_t Nc, std::int64_t slices, std::int64_t k_len) {
+  const std::int64_t blocks = ((M + t.BM - 1) / t.BM) * ((Nc + t.BN - 1) / t.BN) * slices;
+  const std::int64_t slots = std::int64_t(kSMs) * t.blocks_per_sm;
+  const std::int64_t waves = (blocks + slots - 1) / slots;
+  return double(waves) * t.blocks_per_sm * t.BM * t.BN * double(k_len) / t.efficiency;
+}
+
+int forced_tile(int op, bool vec) {
   const int forced = g_tile_override.load();
-  if (forced >= 0 && forced < kNumTiles && (vec ? kTiles[forced].vec : kTiles[forced].scalar)[op] != nullptr)
-    return forced;
+  return (forced >= 0 && forced < kNumTiles && has_path(kTiles[forced], op, vec)) ? forced : -1;
+}
+
+// Forward and dgrad: the row of least modelled time (k_len is the same for every row).
+int pick_tile(int op, bool vec, std::int64_t M, std::int64_t Nc, std::int64_t slices) {
+  if (forced_tile(op, vec) >= 0) return forced_tile(op, vec);
   int best = 0;
   double best_cost = std::numeric_limits<double>::infinity();
   for (int i = 0; i < kNumTiles; ++i) {
-    const TileCfg& t = kTiles[i];
-    if ((vec ? t.vec : t.scalar)[op] == nullptr) continue;
-    const std::int64_t bm = (M + t.BM - 1) / t.BM, bn = (Nc + t.BN - 1) / t.BN;
-    const std::int64_t blocks = bm * bn * slices;
-    double cost = double(bm * t.BM) * double(bn * t.BN) / t.efficiency;
-    if (blocks < kTargetBlocks) cost *= double(kTargetBlocks) / double(blocks);  // idle SMs
+    if (!has_path(kTiles[i], op, vec)) continue;
+    const double cost = tile_cost(kTiles[i], M, Nc, slices, 1);
     if (cost < best_cost) {
       best_cost = cost;
       best = i;
@@ -696,23 +712,36 @@ Plan make_plan(int op, const ConvGeometry& g, bool aligned) {
     pl.M = Cg * g.KH * g.KW;
     pl.Nc = Fg;
   }
-  // Split the wgrad reduction (OH*OW*N) into chunks: enough blocks for two waves, chunks at least kMinChunk
-  // long (so the partial sums stay cheap to reduce), at most kMaxSplits of them. The tile is picked knowing
-  // that splitting can supply the parallelism.
+  if (op != 2) {
+    pl.tile = pick_tile(op, pl.vec, pl.M, pl.Nc, pl.slices);
+    return pl;
+  }
+  // wgrad: pick the row and the number of reduction chunks together. Each chunk (a multiple of BK, at least
+  // kMinChunk long) writes a partial dw that conv_wgrad_reduce sums: that costs a launch and 2 x splits x |dw|
+  // floats of memory traffic, converted to the model's units (about 0.07 SM-FMA-time per byte at 3 TB/s).
   constexpr std::int64_t kMinChunk = 256, kMaxSplits = 256;
   const std::int64_t max_splits = std::min<std::int64_t>(std::max<std::int64_t>(1, J / kMinChunk), kMaxSplits);
-  pl.tile = pick_tile(op, pl.vec, pl.M, pl.Nc, op == 2 ? pl.slices * max_splits : pl.slices);
-  if (op == 2) {
-    const TileCfg& t = kTiles[pl.tile];
-    const std::int64_t blocks = ((pl.M + t.BM - 1) / t.BM) * ((pl.Nc + t.BN - 1) / t.BN) * g.groups;
-    std::int64_t splits = std::max<std::int64_t>(1, (2 * kTargetBlocks + blocks - 1) / blocks);
-    splits = std::min<std::int64_t>(splits, max_splits);
-    std::int64_t chunk = (J + splits - 1) / splits;
-    chunk = (chunk + kBK - 1) / kBK * kBK;
-    pl.splits = int((J + chunk - 1) / chunk);
-    pl.chunk = int(chunk);
-    pl.slices = std::int64_t(g.groups) * pl.splits;
+  const int forced = forced_tile(op, pl.vec);
+  double best_cost = std::numeric_limits<double>::infinity();
+  for (int i = 0; i < kNumTiles; ++i) {
+    if (!has_path(kTiles[i], op, pl.vec) || (forced >= 0 && i != forced)) continue;
+    const std::int64_t forced_splits = std::min<std::int64_t>(g_split_override.load(), max_splits);
+    for (std::int64_t s = forced_splits > 0 ? forced_splits : 1; s <= (forced_splits > 0 ? forced_splits : max_splits);
+         ++s) {
+      const std::int64_t chunk = ((J + s - 1) / s + kBK - 1) / kBK * kBK;
+      const std::int64_t splits = (J + chunk - 1) / chunk;
+      if (splits != s && forced_splits <= 0) continue;  // same as a smaller s
+      double cost = tile_cost(kTiles[i], pl.M, pl.Nc, std::int64_t(g.groups) * splits, chunk);
+      if (splits > 1) cost += 650000.0 + 0.6 * double(splits) * double(pl.M) * double(g.F);
+      if (cost < best_cost) {
+        best_cost = cost;
+        pl.tile = i;
+        pl.splits = int(splits);
+        pl.chunk = int(chunk);
+      }
+    }
   }
+  pl.slices = std::int64_t(g.groups) * pl.splits;
   return pl;
 }
 
@@ -753,10 +782,12 @@ ConvGeometry conv_geometry(int C, int H, int W, int N, int F, int KH, int KW, in
 
 int conv_tile_count() { return kNumTiles; }
 
-void conv_set_tile_override(int row) {
+void conv_set_tile_override(int row, int wgrad_splits) {
   CONVNET_REQUIRE(row >= -1 && row < kNumTiles, "tile row must be -1 (automatic) or in [0, " +
                                                     std::to_string(kNumTiles) + ")");
+  CONVNET_REQUIRE(wgrad_splits >= 0, "wgrad_splits must be >= 0 (0: automatic)");
   g_tile_override.store(row);
+  g_split_override.store(wgrad_splits);
 }
 
 std::string conv_plan(int op, const ConvGeometry& g) {

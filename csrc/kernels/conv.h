@@ -39,9 +39,10 @@ ConvGeometry conv_geometry(int C, int H, int W, int N, int F, int KH, int KW, in
 std::string conv_plan(int op, const ConvGeometry& g);
 
 // Tests and tuning only: force row `row` of the dispatch table for every later launch whose path (16-byte or
-// scalar) that row has; -1 restores the automatic choice. Process-global, not thread-safe against launches.
+// scalar) that row has (-1: automatic), and the number of K chunks of the filter gradient (0: automatic; capped
+// so that chunks stay >= 256 long). Process-global, not thread-safe against concurrent launches.
 int conv_tile_count();
-void conv_set_tile_override(int row);
+void conv_set_tile_override(int row, int wgrad_splits = 0);
 
 // y = alpha * (conv(x, w) + bias) + beta * y. bias may be null.
 void conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y, float alpha,
