@@ -30,7 +30,7 @@
 //   block: (BM/TM)*(BN/TN) threads, 1-D. Thread t computes a TM x TN register tile: rows
 //          (i/4)*(BM/(TM/4)) + ty*4 + i%4 and columns (j/4)*(BN/(TN/4)) + tx*4 + j%4, tx = t % (BN/TN), ty = t /
 //          (BN/TN). The 4-row / 4-column groups are read from shared memory as float4: a warp reads at most two
-//          distinct A vectors (broadcast) and 16 consecutive B vectors (conflict-free).
+//          distinct A vectors (broadcast) and 16-32 consecutive B vectors (conflict-free).
 //   grid:  x = column tiles (fastest, so neighbouring blocks share the A tile in L2), y = row tiles, z = Op slice.
 //   shared: As[2][BK][BM+4], Bs[2][BK][BN+4] (double buffered; +4 floats of row padding keeps float4 alignment
 //          and breaks the 2-way bank conflict of the transposed stores of K-contiguous operands).
@@ -619,16 +619,16 @@ constexpr TileCfg make_cfg(float eff, int blocks_per_sm) {
 // shared memory, so efficiency = min(1, (TM*TN/4) / ((TM+TN)/4 * 4)) (8x8: 1, 12x8: 1, 4x8: 0.67, 4x4: 0.5),
 // lowered to 0.9 for 12x8 tiles (about 150 registers: fewer resident warps to hide latency). To be calibrated
 // on a GPU with conv_set_tile_override + benchmarks/conv_bench.py.
-// blocks/SM: 65536 registers / (threads x registers per thread of the 16-byte path, from ptxas -v).
-//        BM   BN  TM  TN               threads  regs  blocks/SM  use
+// blocks/SM: 65536 registers / (threads x registers per thread of the 16-byte path, from ptxas -v for sm_90).
+//        BM   BN  TM  TN               threads  regs     blocks/SM  use
 const TileCfg kTiles[] = {
-    make_cfg<128, 128, 8, 8>(1.00f, 2),        // 256  <=128  2  large GEMMs: AlexNet at batch 128
-    make_cfg<192, 128, 12, 8>(0.90f, 1),       // 256  ~190   1  M = 192 (conv4 forward, conv4/5 input gradient)
-    make_cfg<96, 128, 12, 8>(0.90f, 2),        // 128  ~180   2  M = 96 (conv1 forward)
-    make_cfg<48, 256, 12, 8, false>(0.90f, 2), // 128  ~180   2  M = 48 (conv2 input gradient, 48 channels/tower)
-    make_cfg<64, 128, 4, 8>(0.67f, 2),         // 256  ~105   2  M <= 64
-    make_cfg<64, 64, 4, 4>(0.50f, 4),          // 256  ~64    4  small problems: tiny batches, few filters
-    make_cfg<4, 512, 4, 4, false>(0.50f, 3),   // 128  ~165   3  skinny: M <= 4 (input gradient of 1-3 channels)
+    make_cfg<128, 128, 8, 8>(1.00f, 2),        // 256  <=128     2  large GEMMs: AlexNet at batch 128
+    make_cfg<192, 128, 12, 8>(0.90f, 1),       // 256  183-199   1  M = 192 (conv4 forward, conv4/5 input gradient)
+    make_cfg<96, 128, 12, 8>(0.90f, 2),        // 128  193-213   2  M = 96 (conv1 forward)
+    make_cfg<48, 256, 12, 8, false>(0.90f, 2), // 128  213-223   2  M = 48 (conv2 input gradient, 48 channels/tower)
+    make_cfg<64, 128, 4, 8>(0.67f, 2),         // 256  95-109    2  M <= 64
+    make_cfg<64, 64, 4, 4>(0.50f, 2),          // 256  79-95     2  small problems: tiny batches, few filters
+    make_cfg<4, 512, 4, 4, false>(0.50f, 2),   // 128  161-186   2  skinny: M <= 4 (input gradient of 1-3 channels)
     // (rows with `false`: 16-byte path only; their scalar paths would need 16-32 load slots per thread and spill)
 };
 constexpr int kNumTiles = sizeof(kTiles) / sizeof(kTiles[0]);
