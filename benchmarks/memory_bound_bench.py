@@ -1,0 +1,344 @@
+"""Pooling and LRN benchmark (memory-bound ops) at AlexNet's batch-128 shapes, side by side with cuDNN.
+
+    python benchmarks/memory_bound_bench.py                 # best device (cuda when usable)
+    python benchmarks/memory_bound_bench.py --device emu    # smoke run on the emulator: NOT a speed figure
+
+For each op the row reports our time, the compulsory bytes (every input read once, every output written once),
+the achieved GB/s, that as a percentage of the card's device-to-device copy bandwidth measured in the same run,
+and cuDNN's time for the same op on the same card (legacy cudnnPoolingForward/Backward and
+cudnnLRNCrossChannelForward/Backward through ctypes: CuPy 14 dropped its cuDNN bindings and torch does not use
+cuDNN for pooling or LRN).  cuDNN runs twice: on its preferred NCHW layout, and on our CHWN memory described by
+strides.  Targets (the issue's): >= 70% of copy bandwidth and faster than cuDNN.
+
+Byte counts (float32, compulsory):
+  pool forward  x + y              pool backward (max)  x + y + dy + dx     (avg: dy + dx)
+  lrn forward   x + y (+ denom)    lrn backward recompute: x + dy + dx;  reuse: x + y + denom + dy + dx
+  cuDNN's LRN backward reads x, y, dy and writes dx; its rows use cuDNN's own byte count.
+Results go to benchmarks/results/memory_bound-<card>-<date>.{json,md} (benchmarks/common.py's format).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import ctypes.util
+import glob
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+try:  # the installed package (pip install .), which carries convnet._cuda; else the source tree (dev builds)
+    import convnet  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import measure_copy_bandwidth, time_ms, write_results  # noqa: E402
+
+from convnet import ops  # noqa: E402
+from convnet.devices import get_device  # noqa: E402
+from convnet.reference import lrn as lrn_ref  # noqa: E402
+
+# name, op, (C, H, W), params — AlexNet (2012, two towers joined in memory): conv1 96 maps at 55x55, conv2 256 at 27x27,
+# conv5 256 at 13x13.
+CASES = [
+    ("lrn1", "lrn", (96, 55, 55), dict(size=5)),
+    ("pool1", "pool", (96, 55, 55), dict(mode="max", window=3, stride=2)),
+    ("lrn2", "lrn", (256, 27, 27), dict(size=5)),
+    ("pool2", "pool", (256, 27, 27), dict(mode="max", window=3, stride=2)),
+    ("pool5", "pool", (256, 13, 13), dict(mode="max", window=3, stride=2)),
+    ("pool1-avg", "pool", (96, 55, 55), dict(mode="avg", window=3, stride=2)),
+    ("pool-2x2", "pool", (96, 56, 56), dict(mode="max", window=2, stride=2)),
+]
+LRN = dict(alpha=1e-4, beta=0.75, k=2.0, convention="sum")
+
+
+# ---------------------------------------------------------------------------------------------------- cuDNN
+class CuDNN:
+    """Just enough of cuDNN's legacy API (cuDNN 8 or 9) through ctypes for pooling and LRN."""
+
+    FLOAT, POOL_MAX, POOL_AVG_EXCLUDE_PAD, NOT_PROPAGATE_NAN, LRN_CROSS_CHANNEL = 0, 0, 2, 0, 0
+
+    def __init__(self, stream_ptr: int):
+        self.lib = self._load()
+        self.handle = ctypes.c_void_p()
+        self._ok(self.lib.cudnnCreate(ctypes.byref(self.handle)), "cudnnCreate")
+        self._ok(self.lib.cudnnSetStream(self.handle, ctypes.c_void_p(stream_ptr)), "cudnnSetStream")
+        self.version = int(self.lib.cudnnGetVersion())
+        self.one, self.zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+    @staticmethod
+    def _load():
+        names = ["libcudnn.so.9", "libcudnn.so.8", "libcudnn.so", ctypes.util.find_library("cudnn")]
+        for base in sys.path:
+            names += sorted(glob.glob(os.path.join(base, "nvidia", "cudnn", "lib", "libcudnn.so*")))
+            names += sorted(glob.glob(os.path.join(base, "torch", "lib", "libcudnn.so*")))
+        errors = []
+        for name in names:
+            if not name:
+                continue
+            try:
+                return ctypes.CDLL(name)
+            except OSError as exc:
+                errors.append(f"{name}: {exc}")
+        raise OSError("cuDNN not found (" + "; ".join(errors[-3:]) + ")")
+
+    @staticmethod
+    def _ok(status, what):
+        if status != 0:
+            raise RuntimeError(f"{what} failed with cudnnStatus {status}")
+
+    def tensor(self, C, H, W, N, layout):
+        d = ctypes.c_void_p()
+        self._ok(self.lib.cudnnCreateTensorDescriptor(ctypes.byref(d)), "cudnnCreateTensorDescriptor")
+        if layout == "NCHW":
+            strides = (C * H * W, H * W, W, 1)
+        else:  # our CHWN memory: images fastest
+            strides = (1, H * W * N, W * N, N)
+        self._ok(self.lib.cudnnSetTensor4dDescriptorEx(d, self.FLOAT, N, C, H, W, *strides),
+                 "cudnnSetTensor4dDescriptorEx")
+        return d
+
+    def pooling(self, mode, window, stride, padding):
+        d = ctypes.c_void_p()
+        self._ok(self.lib.cudnnCreatePoolingDescriptor(ctypes.byref(d)), "cudnnCreatePoolingDescriptor")
+        m = self.POOL_MAX if mode == "max" else self.POOL_AVG_EXCLUDE_PAD
+        self._ok(self.lib.cudnnSetPooling2dDescriptor(d, m, self.NOT_PROPAGATE_NAN, window, window, padding, padding,
+                                                      stride, stride), "cudnnSetPooling2dDescriptor")
+        return d
+
+    def lrn(self, size, a, beta, k):
+        d = ctypes.c_void_p()
+        self._ok(self.lib.cudnnCreateLRNDescriptor(ctypes.byref(d)), "cudnnCreateLRNDescriptor")
+        # cuDNN divides its alpha by n (the "mean" convention): pass a * size to get coefficient a
+        self._ok(self.lib.cudnnSetLRNDescriptor(d, ctypes.c_uint(size), ctypes.c_double(a * size),
+                                                ctypes.c_double(beta), ctypes.c_double(k)), "cudnnSetLRNDescriptor")
+        return d
+
+    def pool_forward(self, pd, xd, x, yd, y):
+        self._ok(self.lib.cudnnPoolingForward(self.handle, pd, ctypes.byref(self.one), xd, ptr(x),
+                                              ctypes.byref(self.zero), yd, ptr(y)), "cudnnPoolingForward")
+
+    def pool_backward(self, pd, yd, y, dy, xd, x, dx):
+        self._ok(self.lib.cudnnPoolingBackward(self.handle, pd, ctypes.byref(self.one), yd, ptr(y), yd, ptr(dy), xd,
+                                               ptr(x), ctypes.byref(self.zero), xd, ptr(dx)), "cudnnPoolingBackward")
+
+    def lrn_forward(self, ld, xd, x, y):
+        self._ok(self.lib.cudnnLRNCrossChannelForward(self.handle, ld, self.LRN_CROSS_CHANNEL, ctypes.byref(self.one),
+                                                      xd, ptr(x), ctypes.byref(self.zero), xd, ptr(y)),
+                 "cudnnLRNCrossChannelForward")
+
+    def lrn_backward(self, ld, xd, y, dy, x, dx):
+        self._ok(self.lib.cudnnLRNCrossChannelBackward(self.handle, ld, self.LRN_CROSS_CHANNEL, ctypes.byref(self.one),
+                                                       xd, ptr(y), xd, ptr(dy), xd, ptr(x), ctypes.byref(self.zero),
+                                                       xd, ptr(dx)), "cudnnLRNCrossChannelBackward")
+
+
+def ptr(a):
+    return ctypes.c_void_p(int(a.data.ptr))
+
+
+def to_nchw(xp, a):
+    """(C, H, W, N) -> contiguous (N, C, H, W)."""
+    return xp.ascontiguousarray(a.transpose(3, 0, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+TIMING = {"method": None}
+
+
+def bench_ms(fn, dev, reps: int = 20) -> float:
+    """Milliseconds per call of ``fn``.
+
+    On cuda the calls are captured into a CUDA graph of ``reps`` launches on the current (non-default) stream and
+    the graph is timed with events, so Python/ctypes launch overhead (tens of microseconds for a validated op call,
+    comparable to the small pooling kernels) is not counted for either side.  If capture fails, ``reps`` calls are
+    timed back to back instead (TIMING["method"] says which).  Elsewhere: wall clock (a smoke figure only).
+    """
+    if dev.kind != "cuda":
+        return time_ms(fn, dev, warmup=1, repeats=5)
+    import cupy as cp
+
+    s = cp.cuda.get_current_stream()
+    fn()
+    s.synchronize()
+    try:
+        s.begin_capture()
+        try:
+            for _ in range(reps):
+                fn()
+        finally:
+            graph = s.end_capture()
+        graph.launch(s)
+        s.synchronize()
+        run = lambda: graph.launch(s)  # noqa: E731
+        TIMING["method"] = "cuda graph"
+    except Exception as exc:  # noqa: BLE001
+        print(f"(graph capture failed: {exc}; timing {reps} back-to-back calls)")
+        s.synchronize()
+        run = lambda: [fn() for _ in range(reps)]  # noqa: E731
+        TIMING["method"] = "back-to-back calls"
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(7):
+        start.record(s)
+        run()
+        stop.record(s)
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / reps)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+def bench_case(dev, name, op, chw, p, N, cud, copy_gbps, rows, check):
+    xp = dev.xp
+    C, H, W = chw
+    rng = np.random.default_rng(0)
+    with dev.activate():
+        x = dev.asarray(rng.uniform(0, 1, (C, H, W, N)).astype(np.float32))
+    fsz = 4
+    n_in = C * H * W * N
+
+    def row(direction, variant, ms, nbytes, cudnn_nchw=None, cudnn_chwn=None, cudnn_bytes=None, err=None):
+        r = dict(case=name, op=f"{op} {direction}", variant=variant, shape=f"{C}x{H}x{W}x{N}", ms=ms,
+                 MB=nbytes / 1e6, GBps=nbytes / (ms * 1e-3) / 1e9)
+        if copy_gbps:
+            r["pct_copy"] = 100.0 * r["GBps"] / copy_gbps
+        best = min((t for t in (cudnn_nchw, cudnn_chwn) if t is not None), default=None)
+        if best is not None:
+            r["cudnn_nchw_ms"] = cudnn_nchw
+            r["cudnn_chwn_ms"] = cudnn_chwn
+            r["cudnn_GBps"] = (cudnn_bytes or nbytes) / (best * 1e-3) / 1e9
+            r["speedup_vs_cudnn"] = best / ms
+        if err is not None:
+            r["max_rel_diff_vs_cudnn"] = err
+        rows.append(r)
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+
+    def rel(a, b):
+        a, b = dev.to_numpy(a).astype(np.float64), dev.to_numpy(b).astype(np.float64)
+        return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+    if op == "pool":
+        kw = dict(mode=p["mode"], window=p["window"], stride=p["stride"], padding=0)
+        y = ops.pool_forward(dev, x, **kw)
+        n_out = y.size
+        dy = dev.asarray(rng.uniform(-1, 1, y.shape).astype(np.float32))
+        dx = dev.empty(x.shape, np.float32)
+        t_f = bench_ms(lambda: ops.pool_forward(dev, x, out=y, **kw), dev)
+        t_b = bench_ms(lambda: ops.pool_backward(dev, x, y, dy, out=dx, **kw), dev)
+        bwd_bytes = (2 * n_in + 2 * n_out) * fsz if p["mode"] == "max" else (n_in + n_out) * fsz
+        cf = cb = {}
+        ef = eb = None
+        if cud is not None:
+            OH, OW = y.shape[1:3]
+            pd = cud.pooling(p["mode"], p["window"], p["stride"], 0)
+            cf, cb = {}, {}
+            for layout in ("NCHW", "CHWN"):
+                xd, yd = cud.tensor(C, H, W, N, layout), cud.tensor(C, OH, OW, N, layout)
+                if layout == "NCHW":
+                    xa, ya, dya, dxa = to_nchw(xp, x), xp.empty((N, C, OH, OW), np.float32), to_nchw(xp, dy), \
+                        xp.empty((N, C, H, W), np.float32)
+                else:
+                    xa, ya, dya, dxa = x, dev.empty(y.shape, np.float32), dy, dev.empty(x.shape, np.float32)
+                try:
+                    cf[layout] = bench_ms(lambda: cud.pool_forward(pd, xd, xa, yd, ya), dev)
+                    cb[layout] = bench_ms(lambda: cud.pool_backward(pd, yd, ya, dya, xd, xa, dxa), dev)
+                except RuntimeError as exc:  # e.g. a layout this cuDNN does not support
+                    print(f"cuDNN {layout} {name}: {exc}")
+                    continue
+                if layout == "CHWN":
+                    ef = rel(y, ya)
+                    ops.pool_backward(dev, x, y, dy, out=dx, **kw)
+                    eb = rel(dx, dxa)  # random inputs: no ties, so the tie rules do not matter
+        row("forward", "", t_f, (n_in + n_out) * fsz, cf.get("NCHW"), cf.get("CHWN"), err=ef)
+        row("backward", "", t_b, bwd_bytes, cb.get("NCHW"), cb.get("CHWN"), err=eb)
+        if check:
+            dev.synchronize()
+    else:
+        kw = dict(size=p["size"], **LRN)
+        y, d = ops.lrn_forward(dev, x, **kw)
+        dy = dev.asarray(rng.uniform(-1, 1, x.shape).astype(np.float32))
+        dx = dev.empty(x.shape, np.float32)
+        t_fd = bench_ms(lambda: ops.lrn_forward(dev, x, out=(y, d), **kw), dev)
+        t_f = bench_ms(lambda: ops.lrn_forward(dev, x, out=y, with_denom=False, **kw), dev)
+        t_br = bench_ms(lambda: ops.lrn_backward(dev, x, None, None, dy, out=dx, method="recompute", **kw), dev)
+        t_bu = bench_ms(lambda: ops.lrn_backward(dev, x, y, d, dy, out=dx, method="reuse", **kw), dev)
+        cf, cb, ef, eb = {}, {}, None, None
+        if cud is not None:
+            a = lrn_ref.lrn_scale(LRN["alpha"], p["size"], LRN["convention"])
+            ld = cud.lrn(p["size"], a, LRN["beta"], LRN["k"])
+            for layout in ("NCHW", "CHWN"):
+                xd = cud.tensor(C, H, W, N, layout)
+                if layout == "NCHW":
+                    xa, ya, dya, dxa = to_nchw(xp, x), xp.empty((N, C, H, W), np.float32), to_nchw(xp, dy), \
+                        xp.empty((N, C, H, W), np.float32)
+                else:
+                    xa, ya, dya, dxa = x, dev.empty(x.shape, np.float32), dy, dev.empty(x.shape, np.float32)
+                try:
+                    cf[layout] = bench_ms(lambda: cud.lrn_forward(ld, xd, xa, ya), dev)
+                    cb[layout] = bench_ms(lambda: cud.lrn_backward(ld, xd, ya, dya, xa, dxa), dev)
+                except RuntimeError as exc:
+                    print(f"cuDNN {layout} {name}: {exc}")
+                    continue
+                if layout == "CHWN":
+                    ef = rel(y, ya)
+                    ops.lrn_backward(dev, x, None, None, dy, out=dx, **kw)
+                    eb = rel(dx, dxa)
+        row("forward", "y only", t_f, 2 * n_in * fsz, cf.get("NCHW"), cf.get("CHWN"), err=ef)
+        row("forward", "y + denom", t_fd, 3 * n_in * fsz, cf.get("NCHW"), cf.get("CHWN"), cudnn_bytes=2 * n_in * fsz)
+        row("backward", "recompute", t_br, 3 * n_in * fsz, cb.get("NCHW"), cb.get("CHWN"), cudnn_bytes=4 * n_in * fsz,
+            err=eb)
+        row("backward", "reuse", t_bu, 5 * n_in * fsz, cb.get("NCHW"), cb.get("CHWN"), cudnn_bytes=4 * n_in * fsz)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default=None, help="cuda, cuda:N, emu or numpy (default: best available)")
+    ap.add_argument("--batch", type=int, default=None, help="images per batch (default 128 on cuda, 4 elsewhere)")
+    ap.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    ap.add_argument("--no-cudnn", action="store_true")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+    dev = get_device(args.device)
+    cases = CASES if not args.cases else [c for c in CASES if c[0] in args.cases.split(",")]
+    rows: list[dict] = []
+    extra = {}
+    if dev.kind == "cuda":
+        import cupy as cp
+
+        N = args.batch or 128
+        copy = measure_copy_bandwidth(dev)
+        extra["copy_GBps"] = copy
+        print(f"device-to-device copy bandwidth: {copy:.0f} GB/s (read + write)")
+        with dev.activate():
+            stream = cp.cuda.Stream(non_blocking=True)  # graph capture needs a non-default stream
+        cud = None
+        if not args.no_cudnn:
+            try:
+                with dev.activate():
+                    cud = CuDNN(int(stream.ptr))
+                extra["cudnn_version"] = cud.version
+            except Exception as exc:  # noqa: BLE001 - report and go on without the baseline
+                print(f"cuDNN baseline unavailable: {exc}")
+                extra["cudnn_unavailable"] = str(exc)
+        with dev.activate(), stream:
+            for name, op, chw, p in cases:
+                bench_case(dev, name, op, chw, p, N, cud, copy, rows, check=True)
+        extra["timing"] = TIMING["method"]
+    else:
+        N = args.batch or 4
+        print(f"*** {dev}: SMOKE RUN ONLY. The emulator/NumPy times below are NOT speed figures; channels are "
+              f"divided by 16 and the batch is {N} to keep it short. GPU measurement is owed. ***")
+        for name, op, (C, H, W), p in cases:
+            bench_case(dev, name, op, (max(1, C // 16), H, W), p, N, None, None, rows, check=False)
+    columns = ["case", "op", "variant", "shape", "ms", "MB", "GBps", "pct_copy", "cudnn_nchw_ms", "cudnn_chwn_ms",
+               "cudnn_GBps", "speedup_vs_cudnn", "max_rel_diff_vs_cudnn"]
+    if not args.no_write:
+        path = write_results("memory_bound", dev, rows, columns, extra)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

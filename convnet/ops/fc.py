@@ -1,0 +1,127 @@
+"""Fully-connected layers through GEMM: the op API (reference in convnet/reference/fc.py).
+
+Layout: activations ``(features, N)``, weights ``(out_features, in_features)``, bias ``(out_features,)``::
+
+    fc_forward:          out = alpha * (W @ x + b[:, None]) + beta * out
+    fc_backward_data:    out = alpha * (W.T @ dy) + beta * out
+    fc_backward_weights: out = alpha * (dy @ x.T) + beta * out
+    fc_backward_bias:    out = alpha * dy.sum(axis=1) + beta * out      (an addition to the contract's list)
+
+GEMM is the array module's: NumPy (BLAS) on numpy and emu, CuPy (cuBLAS) on cuda, on ``stream``.
+``beta == 0`` never reads ``out`` (NaN garbage in a fresh buffer is fine), as in BLAS.
+"""
+from __future__ import annotations
+
+import contextlib
+
+from convnet.ops._checks import as_device, check_array, check_same_dtype, output, scalar
+from convnet.ops.pool import check_disjoint
+
+__all__ = ["fc_forward", "fc_backward_data", "fc_backward_weights", "fc_backward_bias"]
+
+
+@contextlib.contextmanager
+def _on(dev, stream):
+    with dev.activate():
+        if dev.kind == "cuda" and stream is not None:
+            with stream:
+                yield
+        else:
+            yield
+
+
+def _finish(dev, out, given, result, alpha, beta):
+    """out = alpha * result + beta * out (result is a fresh temporary)."""
+    if beta == 0.0 or given is None:
+        if alpha != 1.0:
+            result *= alpha
+        out[...] = result
+    else:
+        if alpha != 1.0:
+            result *= alpha
+        out *= out.dtype.type(beta)
+        out += result
+    return out
+
+
+def _ab(alpha, beta):
+    return scalar("alpha", alpha), scalar("beta", beta)
+
+
+def fc_forward(device, x, w, bias=None, out=None, alpha=1.0, beta=0.0, stream=None):
+    dev = as_device(device)
+    alpha, beta = _ab(alpha, beta)
+    check_array("w", w, dev, ndim=2)
+    O, I = w.shape
+    check_array("x", x, dev, ndim=2)
+    if x.shape[0] != I:
+        raise ValueError(f"x must have shape ({I}, N) to match w of shape {tuple(w.shape)}, got {tuple(x.shape)}")
+    if bias is not None:
+        check_array("bias", bias, dev, shape=(O,))
+    check_same_dtype(x=x, w=w, bias=bias)
+    y = output("out", out, dev, (O, x.shape[1]), x.dtype)
+    check_disjoint(dev, "out", out, x=x, w=w, bias=bias)
+    xp = dev.xp
+    with _on(dev, stream):
+        if out is None or (alpha == 1.0 and beta == 0.0):
+            xp.matmul(w, x, out=y)
+            if bias is not None:
+                y += bias[:, None]
+            if alpha != 1.0:
+                y *= alpha
+            return y
+        r = xp.matmul(w, x)
+        if bias is not None:
+            r += bias[:, None]
+        return _finish(dev, y, out, r, alpha, beta)
+
+
+def fc_backward_data(device, dy, w, out=None, alpha=1.0, beta=0.0, stream=None):
+    dev = as_device(device)
+    alpha, beta = _ab(alpha, beta)
+    check_array("w", w, dev, ndim=2)
+    O, I = w.shape
+    check_array("dy", dy, dev, ndim=2)
+    if dy.shape[0] != O:
+        raise ValueError(f"dy must have shape ({O}, N) to match w of shape {tuple(w.shape)}, got {tuple(dy.shape)}")
+    check_same_dtype(dy=dy, w=w)
+    dx = output("out", out, dev, (I, dy.shape[1]), dy.dtype)
+    check_disjoint(dev, "out", out, dy=dy, w=w)
+    xp = dev.xp
+    with _on(dev, stream):
+        if out is None or (alpha == 1.0 and beta == 0.0):
+            xp.matmul(w.T, dy, out=dx)
+            if alpha != 1.0:
+                dx *= alpha
+            return dx
+        return _finish(dev, dx, out, xp.matmul(w.T, dy), alpha, beta)
+
+
+def fc_backward_weights(device, x, dy, out=None, alpha=1.0, beta=0.0, stream=None):
+    dev = as_device(device)
+    alpha, beta = _ab(alpha, beta)
+    check_array("x", x, dev, ndim=2)
+    check_array("dy", dy, dev, ndim=2)
+    if dy.shape[1] != x.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and dy {tuple(dy.shape)} must have the same number of images (axis 1)")
+    check_same_dtype(x=x, dy=dy)
+    dw = output("out", out, dev, (dy.shape[0], x.shape[0]), x.dtype)
+    check_disjoint(dev, "out", out, x=x, dy=dy)
+    xp = dev.xp
+    with _on(dev, stream):
+        if out is None or (alpha == 1.0 and beta == 0.0):
+            xp.matmul(dy, x.T, out=dw)
+            if alpha != 1.0:
+                dw *= alpha
+            return dw
+        return _finish(dev, dw, out, xp.matmul(dy, x.T), alpha, beta)
+
+
+def fc_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
+    dev = as_device(device)
+    alpha, beta = _ab(alpha, beta)
+    check_array("dy", dy, dev, ndim=2)
+    db = output("out", out, dev, (dy.shape[0],), dy.dtype)
+    check_disjoint(dev, "out", out, dy=dy)
+    with _on(dev, stream):
+        return _finish(dev, db, out, dy.sum(axis=1), alpha, beta)

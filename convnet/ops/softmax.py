@@ -1,0 +1,75 @@
+"""Softmax + cross-entropy (fused gradient) and top-k error counts: the op API. Kernels in
+csrc/kernels/softmax.cu, reference in convnet/reference/softmax.py.
+
+Layout: logits ``(classes, N)``, labels ``(N,)`` int32 in ``[0, classes)``.
+
+* ``softmax_cross_entropy`` -> ``(loss_sum, probs, dlogits)``: ``loss_sum`` a 0-d device array, the sum over the batch
+  of ``-log p[label]`` computed stably in log space (finite for logits of 1e4); ``dlogits = probs - onehot`` (not
+  divided by N; scale it by 1/N yourself for a mean loss).
+* ``topk_errors`` -> tuple of ints: image n is a top-k error when at least k classes score strictly higher than its
+  label (ties favour the label). Counted on the device; only the counts come back to the host.
+* Labels are range-checked on numpy and emu (host memory).  On cuda they are not (that would need a
+  device-to-host sync every step): an out-of-range label gives a NaN loss and counts as an error.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from convnet.ops._checks import as_device, check_array, launch
+from convnet.reference import softmax as ref
+
+__all__ = ["softmax_cross_entropy", "topk_errors"]
+
+MAX_KS = 8
+
+
+def _check_inputs(dev, name, logits, labels):
+    check_array(name, logits, dev, ndim=2)
+    K, N = logits.shape
+    if K < 1 or N < 1:
+        raise ValueError(f"{name} must have shape (classes, N) with classes >= 1 and N >= 1, got {tuple(logits.shape)}")
+    check_array("labels", labels, dev, shape=(N,), dtypes=(np.int32,))
+    if dev.kind != "cuda":
+        lab = np.asarray(labels)
+        if lab.size and (lab.min() < 0 or lab.max() >= K):
+            bad = int(lab[(lab < 0) | (lab >= K)][0])
+            raise ValueError(f"labels must be in [0, {K}) (the number of classes), found {bad}")
+    return K, N
+
+
+def softmax_cross_entropy(device, logits, labels, *, stream=None):
+    dev = as_device(device)
+    K, N = _check_inputs(dev, "logits", logits, labels)
+    if dev.kind == "numpy":
+        return ref.softmax_cross_entropy(logits, labels)
+    probs = dev.empty((K, N), logits.dtype)
+    dlogits = dev.empty((K, N), logits.dtype)
+    per_image = dev.empty((N,), logits.dtype)
+    loss = dev.empty((), logits.dtype)
+    launch(dev, "softmax_cross_entropy", logits, labels, probs, dlogits, per_image, loss, K, N, stream=stream)
+    return loss, probs, dlogits
+
+
+def _ks(ks):
+    if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
+        ks = (ks,)
+    if not isinstance(ks, (tuple, list)) or not 1 <= len(ks) <= MAX_KS or any(
+            isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
+        raise ValueError(f"ks must be 1 to {MAX_KS} positive ints, got {ks!r}")
+    return tuple(int(k) for k in ks)
+
+
+def topk_errors(device, logits_or_probs, labels, ks=(1, 5), *, stream=None):
+    """Number of images whose label is not among the top k scores, for each k in ks (a tuple of ints)."""
+    dev = as_device(device)
+    ks = _ks(ks)
+    K, N = _check_inputs(dev, "logits_or_probs", logits_or_probs, labels)
+    if dev.kind == "numpy":
+        return ref.topk_errors(logits_or_probs, labels, ks)
+    counts = dev.empty((len(ks),), np.int32)
+    launch(dev, "topk_errors", logits_or_probs, labels, counts, list(ks), K, N, stream=stream)
+    if dev.kind == "cuda" and stream is not None:
+        stream.synchronize()
+    return tuple(int(c) for c in dev.to_numpy(counts))

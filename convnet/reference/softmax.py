@@ -1,0 +1,54 @@
+"""NumPy reference for softmax + cross-entropy and top-k error counts (float32 and float64).
+
+Layout: logits ``(classes, N)``, labels ``(N,)`` integers in ``[0, classes)``.
+
+* Stable: ``p = exp(l - max_c l) / sum_c exp(l - max_c l)``; the per-image loss is computed in log space as
+  ``log(sum_c exp(l_c - m)) - (l_label - m)``, so logits of 1e4 give no inf/NaN.
+* ``softmax_cross_entropy`` returns ``(loss_sum, probs, dlogits)``: ``loss_sum`` is a 0-d array (sum over the batch,
+  not the mean), ``dlogits = probs - onehot(labels)`` (not divided by N).
+* Top-k rule: an image counts as a top-k error when at least ``k`` classes score *strictly higher* than the true
+  class (so ties with the true class count in its favour). Works on logits or probabilities alike.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["softmax", "softmax_cross_entropy", "per_image_loss", "topk_errors"]
+
+
+def softmax(logits):
+    l = np.asarray(logits)
+    e = np.exp(l - l.max(axis=0, keepdims=True))
+    return e / e.sum(axis=0, keepdims=True)
+
+
+def per_image_loss(logits, labels):
+    l = np.asarray(logits)
+    n = l.shape[1]
+    m = l.max(axis=0)
+    s = np.exp(l - m).sum(axis=0)
+    return np.log(s) - (l[labels, np.arange(n)] - m)
+
+
+def softmax_cross_entropy(logits, labels):
+    l = np.asarray(logits)
+    labels = np.asarray(labels)
+    n = l.shape[1]
+    m = l.max(axis=0, keepdims=True)
+    e = np.exp(l - m)
+    s = e.sum(axis=0, keepdims=True)
+    probs = e / s
+    cols = np.arange(n)
+    loss = np.log(s[0]) - (l[labels, cols] - m[0])
+    loss_sum = np.asarray(loss.sum(dtype=np.float64), dtype=l.dtype)
+    d = probs.copy()
+    d[labels, cols] -= 1
+    return loss_sum, probs, d
+
+
+def topk_errors(scores, labels, ks=(1, 5)):
+    s = np.asarray(scores)
+    labels = np.asarray(labels)
+    true = s[labels, np.arange(s.shape[1])]
+    rank = (s > true[None, :]).sum(axis=0)
+    return tuple(int((rank >= k).sum()) for k in ks)

@@ -1,0 +1,421 @@
+// Cross-map LRN, CHWN. See lrn.h / convnet/reference/lrn.py.
+//
+// One thread per (pixel, VEC images, channel segment): it walks its segment of channels keeping the window in
+// registers (a shift register, compile-time sizes 3 and 5, AlexNet's; other sizes take a generic path that re-reads
+// the window through L1), so each input is read from memory once per segment (plus a halo of size-1 maps) and
+// every access is a coalesced 16-byte-per-thread row along the images.  Channels are split into segments only to
+// put enough threads in flight (several waves on a 132-SM H100 at AlexNet shapes).
+//
+// Forward writes y and denom (the backward pass reuses both: no window sums of squares are recomputed).
+// Backward keeps three shift registers: t_j = dy_j y_j / denom_j over the reversed window, and dy, denom for the
+// centre map, so per channel it reads x, dy, y, denom once and writes dx once.
+// Summation orders follow the reference (centre, then maps below, then maps above), so the emu matches the NumPy
+// float32 reference closely; __powf (exp2/log2 intrinsics) is used for denom^-beta.
+#include "cuda_compat.h"
+#include "kernels/lrn.h"
+#include "kernels/pool_vec.h"
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace convnet {
+namespace {
+
+using memb::VecF;
+using memb::vload;
+using memb::vstore;
+using memb::vfill;
+
+constexpr int kThreads = 128;
+
+__device__ __forceinline__ float lrn_pow(float d, float beta) { return __powf(d, -beta); }
+
+// ---- compile-time window (register shift registers) -------------------------------------------------------------
+template <int VEC, int SIZE>
+__global__ void lrn_fwd_kernel(const float* __restrict__ x, float* __restrict__ y, float* __restrict__ denom,
+                               LrnGeom g, int seg) {
+  constexpr int B = SIZE / 2;          // maps below the centre
+  constexpr int A = (SIZE - 1) / 2;    // maps above
+  const unsigned NV = static_cast<unsigned>(g.N) / VEC;
+  const unsigned items = static_cast<unsigned>(g.P) * NV;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
+  if (idx >= items) return;
+  const int c0 = (blockIdx.x % nseg) * seg;
+  const int c1 = min(g.C, c0 + seg);
+  const size_t cs = static_cast<size_t>(g.P) * g.N;                 // channel stride
+  const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
+  // win[j] = x[c - B + j] (0 outside [0, C)), for the current centre c
+  VecF<VEC> win[SIZE];
+#pragma unroll
+  for (int j = 1; j < SIZE; ++j) {
+    const int cj = c0 - B + j - 1;
+    win[j] = (cj >= 0 && cj < g.C) ? vload<VEC>(x + cj * cs + base) : vfill<VEC>(0.0f);
+  }
+  // unrolled by 2 so the next map's load is issued before this one's math (two 16-byte loads in flight)
+#pragma unroll 2
+  for (int c = c0; c < c1; ++c) {
+#pragma unroll
+    for (int j = 0; j < SIZE - 1; ++j) win[j] = win[j + 1];
+    const int cn = c + A;
+    win[SIZE - 1] = cn < g.C ? vload<VEC>(x + cn * cs + base) : vfill<VEC>(0.0f);
+    VecF<VEC> yv, dv;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      float s = win[B].v[k] * win[B].v[k];
+#pragma unroll
+      for (int o = 1; o <= B; ++o) s += win[B - o].v[k] * win[B - o].v[k];
+#pragma unroll
+      for (int o = 1; o <= A; ++o) s += win[B + o].v[k] * win[B + o].v[k];
+      const float d = g.k + g.a * s;
+      dv.v[k] = d;
+      yv.v[k] = win[B].v[k] * lrn_pow(d, g.beta);
+    }
+    vstore<VEC>(y + c * cs + base, yv);
+    if (denom) vstore<VEC>(denom + c * cs + base, dv);
+  }
+}
+
+// Backward from x and dy only: denom_j is recomputed in registers (the same operations in the same order as the
+// forward pass, so bit-identical to the denom it wrote), y_j = x_j denom_j^-beta likewise.  Memory traffic: read x
+// and dy, write dx (3 streams) instead of read x, y, denom, dy, write dx (5 streams) for the reuse variant below.
+// L walks the leading map of the reversed window (L = c + B for centre c): ring xr holds x[L-B .. L+A] (the
+// forward window of L), rings t/q hold dy_j y_j / denom_j and denom_j^-beta dy_j for j in [c-A, c+B].
+template <int VEC, int SIZE>
+__global__ void __launch_bounds__(kThreads) lrn_bwd_recompute_kernel(const float* __restrict__ x,
+                                                                     const float* __restrict__ dy,
+                                                                     float* __restrict__ dx, LrnGeom g, int seg) {
+  constexpr int B = SIZE / 2;
+  constexpr int A = (SIZE - 1) / 2;
+  const unsigned NV = static_cast<unsigned>(g.N) / VEC;
+  const unsigned items = static_cast<unsigned>(g.P) * NV;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
+  if (idx >= items) return;
+  const int c0 = (blockIdx.x % nseg) * seg;
+  const int c1 = min(g.C, c0 + seg);
+  const size_t cs = static_cast<size_t>(g.P) * g.N;
+  const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
+  const float coef = 2.0f * g.a * g.beta;
+  const int L0 = c0 - A;                        // first leading map: fills the reversed window of c0
+  VecF<VEC> xr[SIZE], t[SIZE], q[SIZE];   // q_j = denom_j^-beta * dy_j (only q[A..] is ever live)
+#pragma unroll
+  for (int j = 1; j < SIZE; ++j) {              // xr = x[L0-1-B .. L0-1+A] (shifted before use)
+    const int cj = L0 - B + j - 1;
+    xr[j] = (cj >= 0 && cj < g.C) ? vload<VEC>(x + cj * cs + base) : vfill<VEC>(0.0f);
+  }
+#pragma unroll
+  for (int j = 0; j < SIZE; ++j) { t[j] = vfill<VEC>(0.0f); q[j] = t[j]; }
+  for (int L = L0; L < c1 + B; ++L) {
+#pragma unroll
+    for (int j = 0; j < SIZE - 1; ++j) { xr[j] = xr[j + 1]; t[j] = t[j + 1]; q[j] = q[j + 1]; }
+    const int cn = L + A;
+    xr[SIZE - 1] = (cn >= 0 && cn < g.C) ? vload<VEC>(x + cn * cs + base) : vfill<VEC>(0.0f);
+    if (L >= 0 && L < g.C) {
+      const VecF<VEC> dyv = vload<VEC>(dy + L * cs + base);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        float s = xr[B].v[k] * xr[B].v[k];
+#pragma unroll
+        for (int o = 1; o <= B; ++o) s += xr[B - o].v[k] * xr[B - o].v[k];
+#pragma unroll
+        for (int o = 1; o <= A; ++o) s += xr[B + o].v[k] * xr[B + o].v[k];
+        const float d = g.k + g.a * s;
+        const float p = lrn_pow(d, g.beta);
+        const float yv = xr[B].v[k] * p;
+        t[SIZE - 1].v[k] = dyv.v[k] * yv / d;
+        q[SIZE - 1].v[k] = p * dyv.v[k];
+      }
+    } else {
+      t[SIZE - 1] = vfill<VEC>(0.0f);
+      q[SIZE - 1] = t[SIZE - 1];
+    }
+    const int c = L - B;                          // centre whose reversed window [c-A, c+B] is now complete
+    if (c >= c0) {
+      VecF<VEC> out;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        float s = t[A].v[k];
+#pragma unroll
+        for (int o = 1; o <= A; ++o) s += t[A - o].v[k];
+#pragma unroll
+        for (int o = 1; o <= B; ++o) s += t[A + o].v[k];
+        s = s * xr[0].v[k] * coef;                 // xr[0] = x[L - B] = x[c]
+        out.v[k] = q[A].v[k] - s;
+      }
+      vstore<VEC>(dx + c * cs + base, out);
+    }
+  }
+}
+
+template <int VEC, int SIZE>
+__global__ void lrn_bwd_kernel(const float* __restrict__ x, const float* __restrict__ y,
+                               const float* __restrict__ denom, const float* __restrict__ dy, float* __restrict__ dx,
+                               LrnGeom g, int seg) {
+  constexpr int A = (SIZE - 1) / 2;    // reversed window: maps j in [c - A, c + B] contain c in their window
+  constexpr int B = SIZE / 2;
+  const unsigned NV = static_cast<unsigned>(g.N) / VEC;
+  const unsigned items = static_cast<unsigned>(g.P) * NV;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
+  if (idx >= items) return;
+  const int c0 = (blockIdx.x % nseg) * seg;
+  const int c1 = min(g.C, c0 + seg);
+  const size_t cs = static_cast<size_t>(g.P) * g.N;
+  const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
+  const float coef = 2.0f * g.a * g.beta;
+  // t[j] = dy y / denom and q[j] = denom^-beta dy at map c - A + j (centre = index A)
+  VecF<VEC> t[SIZE], q[SIZE];
+  auto fetch = [&](int cj, VecF<VEC>& tv, VecF<VEC>& qv) {
+    if (cj >= 0 && cj < g.C) {
+      const size_t o = cj * cs + base;
+      const VecF<VEC> dyv = vload<VEC>(dy + o), dv = vload<VEC>(denom + o), yv = vload<VEC>(y + o);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        tv.v[k] = dyv.v[k] * yv.v[k] / dv.v[k];
+        qv.v[k] = lrn_pow(dv.v[k], g.beta) * dyv.v[k];
+      }
+    } else {
+      tv = vfill<VEC>(0.0f);
+      qv = tv;
+    }
+  };
+#pragma unroll
+  for (int j = 1; j < SIZE; ++j) fetch(c0 - A + j - 1, t[j], q[j]);
+  for (int c = c0; c < c1; ++c) {
+#pragma unroll
+    for (int j = 0; j < SIZE - 1; ++j) { t[j] = t[j + 1]; q[j] = q[j + 1]; }
+    fetch(c + B, t[SIZE - 1], q[SIZE - 1]);
+    const VecF<VEC> xv = vload<VEC>(x + c * cs + base);
+    VecF<VEC> out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      float s = t[A].v[k];
+#pragma unroll
+      for (int o = 1; o <= A; ++o) s += t[A - o].v[k];
+#pragma unroll
+      for (int o = 1; o <= B; ++o) s += t[A + o].v[k];
+      s = s * xv.v[k] * coef;
+      out.v[k] = q[A].v[k] - s;
+    }
+    vstore<VEC>(dx + c * cs + base, out);
+  }
+}
+
+// ---- generic window size: re-reads the window (L1-resident) -----------------------------------------------------
+template <int VEC>
+__global__ void lrn_fwd_generic(const float* __restrict__ x, float* __restrict__ y, float* __restrict__ denom,
+                                LrnGeom g, int seg) {
+  const int B = g.size / 2, A = (g.size - 1) / 2;
+  const unsigned NV = static_cast<unsigned>(g.N) / VEC;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
+  if (idx >= static_cast<unsigned>(g.P) * NV) return;
+  const int c0 = (blockIdx.x % nseg) * seg, c1 = min(g.C, c0 + seg);
+  const size_t cs = static_cast<size_t>(g.P) * g.N;
+  const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
+  for (int c = c0; c < c1; ++c) {
+    const VecF<VEC> xc = vload<VEC>(x + c * cs + base);
+    VecF<VEC> s;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s.v[k] = xc.v[k] * xc.v[k];
+    for (int o = 1; o <= B && c - o >= 0; ++o) {
+      const VecF<VEC> v = vload<VEC>(x + (c - o) * cs + base);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s.v[k] += v.v[k] * v.v[k];
+    }
+    for (int o = 1; o <= A && c + o < g.C; ++o) {
+      const VecF<VEC> v = vload<VEC>(x + (c + o) * cs + base);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s.v[k] += v.v[k] * v.v[k];
+    }
+    VecF<VEC> yv, dv;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      dv.v[k] = g.k + g.a * s.v[k];
+      yv.v[k] = xc.v[k] * lrn_pow(dv.v[k], g.beta);
+    }
+    vstore<VEC>(y + c * cs + base, yv);
+    if (denom) vstore<VEC>(denom + c * cs + base, dv);
+  }
+}
+
+// Generic-size backward without denom/y: recomputes denom_j over each map's window (O(size^2) L1-resident reads).
+template <int VEC>
+__global__ void lrn_bwd_recompute_generic(const float* __restrict__ x, const float* __restrict__ dy,
+                                          float* __restrict__ dx, LrnGeom g, int seg) {
+  const int A = (g.size - 1) / 2, B = g.size / 2;
+  const unsigned NV = static_cast<unsigned>(g.N) / VEC;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
+  if (idx >= static_cast<unsigned>(g.P) * NV) return;
+  const int c0 = (blockIdx.x % nseg) * seg, c1 = min(g.C, c0 + seg);
+  const size_t cs = static_cast<size_t>(g.P) * g.N;
+  const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
+  const float coef = 2.0f * g.a * g.beta;
+  // denom_j and its power, the forward's operations in the forward's order
+  auto denom_at = [&](int j, VecF<VEC>& d, VecF<VEC>& xj) {
+    xj = vload<VEC>(x + j * cs + base);
+    VecF<VEC> s;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s.v[k] = xj.v[k] * xj.v[k];
+    for (int o = 1; o <= B && j - o >= 0; ++o) {
+      const VecF<VEC> v = vload<VEC>(x + (j - o) * cs + base);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s.v[k] += v.v[k] * v.v[k];
+    }
+    for (int o = 1; o <= A && j + o < g.C; ++o) {
+      const VecF<VEC> v = vload<VEC>(x + (j + o) * cs + base);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s.v[k] += v.v[k] * v.v[k];
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) d.v[k] = g.k + g.a * s.v[k];
+  };
+  auto tval = [&](int j, VecF<VEC>& tv) {
+    VecF<VEC> d, xj;
+    denom_at(j, d, xj);
+    const VecF<VEC> dyj = vload<VEC>(dy + j * cs + base);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) tv.v[k] = dyj.v[k] * (xj.v[k] * lrn_pow(d.v[k], g.beta)) / d.v[k];
+  };
+  for (int c = c0; c < c1; ++c) {
+    VecF<VEC> s, tv;
+    tval(c, s);
+    for (int o = 1; o <= A && c - o >= 0; ++o) {
+      tval(c - o, tv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s.v[k] += tv.v[k];
+    }
+    for (int o = 1; o <= B && c + o < g.C; ++o) {
+      tval(c + o, tv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s.v[k] += tv.v[k];
+    }
+    VecF<VEC> d, xv;
+    denom_at(c, d, xv);
+    const VecF<VEC> dyv = vload<VEC>(dy + c * cs + base);
+    VecF<VEC> out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out.v[k] = lrn_pow(d.v[k], g.beta) * dyv.v[k] - s.v[k] * xv.v[k] * coef;
+    vstore<VEC>(dx + c * cs + base, out);
+  }
+}
+
+template <int VEC>
+__global__ void lrn_bwd_generic(const float* __restrict__ x, const float* __restrict__ y,
+                                const float* __restrict__ denom, const float* __restrict__ dy, float* __restrict__ dx,
+                                LrnGeom g, int seg) {
+  const int A = (g.size - 1) / 2, B = g.size / 2;
+  const unsigned NV = static_cast<unsigned>(g.N) / VEC;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
+  if (idx >= static_cast<unsigned>(g.P) * NV) return;
+  const int c0 = (blockIdx.x % nseg) * seg, c1 = min(g.C, c0 + seg);
+  const size_t cs = static_cast<size_t>(g.P) * g.N;
+  const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
+  const float coef = 2.0f * g.a * g.beta;
+  auto tval = [&](int cj, VecF<VEC>& tv) {
+    const size_t o = cj * cs + base;
+    const VecF<VEC> d = vload<VEC>(dy + o), yv = vload<VEC>(y + o), dn = vload<VEC>(denom + o);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) tv.v[k] = d.v[k] * yv.v[k] / dn.v[k];
+  };
+  for (int c = c0; c < c1; ++c) {
+    VecF<VEC> s, tv;
+    tval(c, s);
+    for (int o = 1; o <= A && c - o >= 0; ++o) {
+      tval(c - o, tv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s.v[k] += tv.v[k];
+    }
+    for (int o = 1; o <= B && c + o < g.C; ++o) {
+      tval(c + o, tv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s.v[k] += tv.v[k];
+    }
+    const size_t oc = c * cs + base;
+    const VecF<VEC> xv = vload<VEC>(x + oc), dyv = vload<VEC>(dy + oc), dn = vload<VEC>(denom + oc);
+    VecF<VEC> out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out.v[k] = lrn_pow(dn.v[k], g.beta) * dyv.v[k] - s.v[k] * xv.v[k] * coef;
+    vstore<VEC>(dx + oc, out);
+  }
+}
+
+// Channel segment length: enough threads for ~4 waves of 2048 threads on 132 SMs, segments of >= 16 maps so the
+// halo (size-1 maps re-read per segment) stays small.
+int segment_length(const LrnGeom& g, int vec) {
+  const long long threads = 1ll * g.P * (g.N / vec);
+  const long long want = 4ll * 132 * 2048;
+  long long nseg = (want + threads - 1) / threads;
+  const long long max_seg = (g.C + 15) / 16;
+  if (nseg > max_seg) nseg = max_seg;
+  if (nseg < 1) nseg = 1;
+  return static_cast<int>((g.C + nseg - 1) / nseg);
+}
+
+template <int VEC>
+void fwd_dispatch(const float* x, float* y, float* d, const LrnGeom& g, cudaStream_t s) {
+  const int seg = segment_length(g, VEC);
+  const unsigned items = static_cast<unsigned>(g.P) * (g.N / VEC);
+  const dim3 grid(ceil_div(items, kThreads) * ceil_div(g.C, seg)), block(kThreads);
+  if (g.size == 5) launch(lrn_fwd_kernel<VEC, 5>, grid, block, 0, s, x, y, d, g, seg);
+  else if (g.size == 3) launch(lrn_fwd_kernel<VEC, 3>, grid, block, 0, s, x, y, d, g, seg);
+  else launch(lrn_fwd_generic<VEC>, grid, block, 0, s, x, y, d, g, seg);
+}
+
+template <int VEC>
+void bwd_dispatch(const float* x, const float* y, const float* d, const float* dy, float* dx, const LrnGeom& g,
+                  bool reuse, cudaStream_t s) {
+  const int seg = segment_length(g, VEC);
+  const unsigned items = static_cast<unsigned>(g.P) * (g.N / VEC);
+  const dim3 grid(ceil_div(items, kThreads) * ceil_div(g.C, seg)), block(kThreads);
+  if (!reuse) {
+    if (g.size == 5) launch(lrn_bwd_recompute_kernel<VEC, 5>, grid, block, 0, s, x, dy, dx, g, seg);
+    else if (g.size == 3) launch(lrn_bwd_recompute_kernel<VEC, 3>, grid, block, 0, s, x, dy, dx, g, seg);
+    else launch(lrn_bwd_recompute_generic<VEC>, grid, block, 0, s, x, dy, dx, g, seg);
+    return;
+  }
+  if (g.size == 5) launch(lrn_bwd_kernel<VEC, 5>, grid, block, 0, s, x, y, d, dy, dx, g, seg);
+  else if (g.size == 3) launch(lrn_bwd_kernel<VEC, 3>, grid, block, 0, s, x, y, d, dy, dx, g, seg);
+  else launch(lrn_bwd_generic<VEC>, grid, block, 0, s, x, y, d, dy, dx, g, seg);
+}
+
+}  // namespace
+
+LrnGeom lrn_geometry(int C, int H, int W, int N, int size, float a, float beta, float k) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("lrn: " + m); };
+  if (C < 1 || H < 1 || W < 1 || N < 1) fail("input shape (C, H, W, N) must be positive");
+  if (size < 1) fail("size must be >= 1, got " + std::to_string(size));
+  if (!(k > 0.0f) || !std::isfinite(k)) fail("k must be finite and > 0");
+  if (!(a >= 0.0f) || !std::isfinite(a)) fail("alpha must be finite and >= 0");
+  if (!(beta >= 0.0f) || !std::isfinite(beta)) fail("beta must be finite and >= 0");
+  if (1ll * C * H * W * N >= (1ll << 31)) fail("tensor has 2^31 or more elements (32-bit indexing)");
+  return LrnGeom{C, H * W, N, size, a, beta, k};
+}
+
+void lrn_forward(const float* x, float* y, float* denom, const LrnGeom& gin, cudaStream_t stream) {
+  const LrnGeom g = lrn_geometry(gin.C, gin.P, 1, gin.N, gin.size, gin.a, gin.beta, gin.k);
+  if (!x || !y) throw std::invalid_argument("lrn_forward: null pointer");
+  const bool v4 = g.N % 4 == 0 && memb::aligned16(x) && memb::aligned16(y) && (!denom || memb::aligned16(denom));
+  v4 ? fwd_dispatch<4>(x, y, denom, g, stream) : fwd_dispatch<1>(x, y, denom, g, stream);
+}
+
+void lrn_backward(const float* x, const float* y, const float* denom, const float* dy, float* dx, const LrnGeom& gin,
+                  int variant, cudaStream_t stream) {
+  const LrnGeom g = lrn_geometry(gin.C, gin.P, 1, gin.N, gin.size, gin.a, gin.beta, gin.k);
+  if (variant != LRN_BWD_RECOMPUTE && variant != LRN_BWD_REUSE)
+    throw std::invalid_argument("lrn_backward: variant must be 0 (recompute) or 1 (reuse), got " +
+                                std::to_string(variant));
+  const bool reuse = variant == LRN_BWD_REUSE;
+  if (!x || !dy || !dx || (reuse && (!y || !denom)))
+    throw std::invalid_argument(reuse ? "lrn_backward: null pointer (the reuse variant needs x, y, denom, dy, dx)"
+                                      : "lrn_backward: null pointer (needs x, dy, dx)");
+  bool v4 = g.N % 4 == 0 && memb::aligned16(x) && memb::aligned16(dy) && memb::aligned16(dx);
+  if (reuse) v4 = v4 && memb::aligned16(y) && memb::aligned16(denom);
+  v4 ? bwd_dispatch<4>(x, y, denom, dy, dx, g, reuse, stream) : bwd_dispatch<1>(x, y, denom, dy, dx, g, reuse, stream);
+}
+
+}  // namespace convnet

@@ -1,0 +1,145 @@
+// Softmax + cross-entropy (fused gradient, per-image loss, deterministic batch sum) and top-k error counts.
+// See softmax.h / convnet/reference/softmax.py.
+//
+// Mapping: a block of 32 x kLanes threads owns 32 consecutive images (threadIdx.x, coalesced along the image axis)
+// and splits the K classes among kLanes lanes (threadIdx.y); per-image max and sum are reduced across the lanes in
+// shared memory (fixed tree order: deterministic, schedule-independent).  Three passes over the logits (max, sum,
+// write): the logits of a block (K x 32 floats, 128 KB for K = 1000) stay in L1/L2 between passes.
+// The batch loss is summed by a second single-block kernel in a fixed order (no float atomics), in double.
+#include "cuda_compat.h"
+#include "kernels/softmax.h"
+
+#include <stdexcept>
+#include <string>
+
+namespace convnet {
+namespace {
+
+constexpr int kImgs = 32;
+constexpr int kLanes = 16;
+
+__device__ __forceinline__ bool valid_label(int lab, int K) { return lab >= 0 && lab < K; }
+
+__global__ void softmax_xent_kernel(const float* __restrict__ logits, const int* __restrict__ labels,
+                                    float* __restrict__ probs, float* __restrict__ dlogits,
+                                    float* __restrict__ loss, int K, int N) {
+  SHARED(float, red, [kLanes][kImgs + 1]);
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int n = blockIdx.x * kImgs + tx;
+  const bool active = n < N;
+  // pass 1: max
+  float m = -INFINITY;
+  if (active)
+    for (int c = ty; c < K; c += kLanes) m = fmaxf(m, logits[static_cast<size_t>(c) * N + n]);
+  red[ty][tx] = m;
+  __syncthreads();
+  for (int s = kLanes / 2; s > 0; s >>= 1) {
+    if (ty < s) red[ty][tx] = fmaxf(red[ty][tx], red[ty + s][tx]);
+    __syncthreads();
+  }
+  m = red[0][tx];
+  __syncthreads();
+  // pass 2: sum of exp(l - m)
+  float sum = 0.0f;
+  if (active)
+    for (int c = ty; c < K; c += kLanes) sum += expf(logits[static_cast<size_t>(c) * N + n] - m);
+  red[ty][tx] = sum;
+  __syncthreads();
+  for (int s = kLanes / 2; s > 0; s >>= 1) {
+    if (ty < s) red[ty][tx] += red[ty + s][tx];
+    __syncthreads();
+  }
+  sum = red[0][tx];
+  if (!active) return;  // no barrier follows
+  const int lab = labels[n];
+  const bool ok = valid_label(lab, K);
+  // pass 3: probabilities and the fused gradient
+  for (int c = ty; c < K; c += kLanes) {
+    const size_t o = static_cast<size_t>(c) * N + n;
+    const float p = expf(logits[o] - m) / sum;
+    if (probs) probs[o] = p;
+    if (dlogits) dlogits[o] = (ok && c == lab) ? p - 1.0f : p;
+  }
+  if (ty == 0) loss[n] = ok ? logf(sum) - (logits[static_cast<size_t>(lab) * N + n] - m) : NAN;
+}
+
+constexpr int kSumThreads = 256;
+
+__global__ void sum_kernel(const float* __restrict__ v, float* __restrict__ out, int n) {
+  SHARED(double, part, [kSumThreads]);
+  double s = 0.0;
+  for (int i = threadIdx.x; i < n; i += kSumThreads) s += v[i];
+  part[threadIdx.x] = s;
+  __syncthreads();
+  for (int w = kSumThreads / 2; w > 0; w >>= 1) {
+    if (static_cast<int>(threadIdx.x) < w) part[threadIdx.x] += part[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[0] = static_cast<float>(part[0]);
+}
+
+__global__ void zero_ints_kernel(int* p, int n) {
+  if (static_cast<int>(threadIdx.x) < n) p[threadIdx.x] = 0;
+}
+
+__global__ void topk_kernel(const float* __restrict__ scores, const int* __restrict__ labels, int* __restrict__ errors,
+                            TopKList ks, int K, int N) {
+  SHARED(int, red, [kLanes][kImgs + 1]);
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int n = blockIdx.x * kImgs + tx;
+  const bool active = n < N;
+  int higher = 0;
+  int lab = 0;
+  bool ok = false;
+  if (active) {
+    lab = labels[n];
+    ok = valid_label(lab, K);
+    if (ok) {
+      const float t = scores[static_cast<size_t>(lab) * N + n];
+      for (int c = ty; c < K; c += kLanes) higher += scores[static_cast<size_t>(c) * N + n] > t ? 1 : 0;
+    }
+  }
+  red[ty][tx] = higher;
+  __syncthreads();
+  for (int s = kLanes / 2; s > 0; s >>= 1) {
+    if (ty < s) red[ty][tx] += red[ty + s][tx];
+    __syncthreads();
+  }
+  if (!active || ty != 0) return;
+  higher = ok ? red[0][tx] : K;  // an invalid label is always an error
+  for (int i = 0; i < ks.count; ++i)
+    if (higher >= ks.ks[i]) atomicAdd(&errors[i], 1);
+}
+
+void check_kn(int K, int N, const char* who) {
+  if (K < 1 || N < 1)
+    throw std::invalid_argument(std::string(who) + ": need classes >= 1 and images >= 1, got K=" + std::to_string(K) +
+                                ", N=" + std::to_string(N));
+  if (1ll * K * N >= (1ll << 31)) throw std::invalid_argument(std::string(who) + ": K*N must be < 2^31");
+}
+
+}  // namespace
+
+void softmax_cross_entropy(const float* logits, const int* labels, float* probs, float* dlogits,
+                           float* loss_per_image, float* loss_sum, int K, int N, cudaStream_t stream) {
+  check_kn(K, N, "softmax_cross_entropy");
+  if (!logits || !labels || !loss_per_image || !loss_sum)
+    throw std::invalid_argument("softmax_cross_entropy: null pointer");
+  launch(softmax_xent_kernel, dim3(ceil_div(N, kImgs)), dim3(kImgs, kLanes), 0, stream, logits, labels, probs, dlogits,
+         loss_per_image, K, N);
+  launch(sum_kernel, dim3(1), dim3(kSumThreads), 0, stream, loss_per_image, loss_sum, N);
+}
+
+void topk_errors(const float* scores, const int* labels, int* errors, const TopKList& ks, int K, int N,
+                 cudaStream_t stream) {
+  check_kn(K, N, "topk_errors");
+  if (!scores || !labels || !errors) throw std::invalid_argument("topk_errors: null pointer");
+  if (ks.count < 1 || ks.count > kMaxTopK)
+    throw std::invalid_argument("topk_errors: between 1 and " + std::to_string(kMaxTopK) + " values of k");
+  for (int i = 0; i < ks.count; ++i)
+    if (ks.ks[i] < 1) throw std::invalid_argument("topk_errors: every k must be >= 1");
+  launch(zero_ints_kernel, dim3(1), dim3(32), 0, stream, errors, ks.count);
+  launch(topk_kernel, dim3(ceil_div(N, kImgs)), dim3(kImgs, kLanes), 0, stream, scores, labels, errors, ks, K, N);
+}
+
+}  // namespace convnet

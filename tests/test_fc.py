@@ -1,0 +1,83 @@
+"""Fully-connected layers: NumPy reference, then the op on every available device."""
+import numpy as np
+
+from convnet.reference import fc as ref
+from _fd import check_grad
+
+
+def test_reference_gradients():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((6, 4))
+    w = rng.standard_normal((5, 6))
+    b = rng.standard_normal(5)
+    r = rng.standard_normal((5, 4))
+    f = lambda xx, ww, bb: float((ref.fc_forward(xx, ww, bb) * r).sum())
+    check_grad(lambda z: f(z, w, b), x, ref.fc_backward_data(r, w))
+    check_grad(lambda z: f(x, z, b), w, ref.fc_backward_weights(x, r))
+    check_grad(lambda z: f(x, w, z), b, ref.fc_backward_bias(r))
+
+
+# ---------------------------------------------------------------------------------------------------- op layer
+import pytest  # noqa: E402
+
+from convnet import ops  # noqa: E402
+from convnet.devices import Device  # noqa: E402
+from helpers import KERNEL_DEVICES, assert_close, to_host  # noqa: E402
+
+ALL_DEVICES = [pytest.param(Device("numpy"), id="numpy")] + KERNEL_DEVICES
+
+
+@pytest.mark.parametrize("dev", ALL_DEVICES)
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.5, 0.0), (2.0, 1.0), (-1.0, 0.25)])
+def test_ops_match_reference(dev, alpha, beta):
+    rng = np.random.default_rng(40)
+    I, O, N = 33, 17, 12
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((I, N), (O, I), (O,)))
+    dy = rng.standard_normal((O, N)).astype(np.float32)
+    cases = [
+        (ops.fc_forward, (x, w, b), ref.fc_forward(x, w, b), (O, N)),
+        (ops.fc_forward, (x, w), ref.fc_forward(x, w), (O, N)),
+        (ops.fc_backward_data, (dy, w), ref.fc_backward_data(dy, w), (I, N)),
+        (ops.fc_backward_weights, (x, dy), ref.fc_backward_weights(x, dy), (O, I)),
+        (ops.fc_backward_bias, (dy,), ref.fc_backward_bias(dy), (O,)),
+    ]
+    for fn, args, want, shape in cases:
+        prior = rng.standard_normal(shape).astype(np.float32)
+        if beta == 0.0:
+            prior[...] = np.nan  # beta = 0 must not read out
+        out = dev.asarray(prior.copy())
+        got = fn(dev, *(dev.asarray(a) for a in args), out=out, alpha=alpha, beta=beta)
+        assert got is out
+        expect = alpha * want + (beta * prior if beta else 0)
+        assert_close(fn.__name__, got, expect, rtol=1e-5, atol=1e-5)
+        fresh = fn(dev, *(dev.asarray(a) for a in args))
+        assert_close(fn.__name__ + " (fresh)", fresh, want, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_on_numpy():
+    rng = np.random.default_rng(41)
+    x, w = rng.standard_normal((5, 3)), rng.standard_normal((4, 5))
+    y = ops.fc_forward("numpy", x, w)
+    assert y.dtype == np.float64
+    np.testing.assert_allclose(y, w @ x)
+
+
+@pytest.mark.parametrize("dev", ALL_DEVICES)
+def test_bad_inputs(dev):
+    x = dev.asarray(np.zeros((5, 3), np.float32))
+    w = dev.asarray(np.zeros((4, 5), np.float32))
+    with pytest.raises(ValueError, match=r"x must have shape \(5, N\)"):
+        ops.fc_forward(dev, dev.asarray(np.zeros((6, 3), np.float32)), w)
+    with pytest.raises(ValueError, match=r"bias must have shape \(4\)"):
+        ops.fc_forward(dev, x, w, dev.asarray(np.zeros(5, np.float32)))
+    with pytest.raises(ValueError, match="dy must have shape"):
+        ops.fc_backward_data(dev, x, w)
+    with pytest.raises(ValueError, match="same number of images"):
+        ops.fc_backward_weights(dev, x, dev.asarray(np.zeros((4, 2), np.float32)))
+    with pytest.raises(ValueError, match="out must have shape"):
+        ops.fc_forward(dev, x, w, out=dev.asarray(np.zeros((3, 4), np.float32)))
+    with pytest.raises(TypeError, match="alpha"):
+        ops.fc_forward(dev, x, w, alpha="1")
+    a = dev.asarray(np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        ops.fc_forward(dev, a, dev.asarray(np.zeros((4, 4), np.float32)), out=a)
