@@ -26,7 +26,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+try:  # the installed package (pip install .), which carries convnet._cuda; else the source tree (dev builds)
+    import convnet  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
 # The lead's memory-bound benchmark has the ctypes cuDNN loader and the CUDA-graph timer; reuse them.
