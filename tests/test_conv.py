@@ -318,6 +318,12 @@ def test_bad_inputs(devname):
         ops.conv_backward_filter(dev, x, dy, (5, 5), padding=1, groups=2)
     with pytest.raises(ValueError, match="at least 2-D"):
         ops.conv_backward_bias(dev, dy[0, 0, 0])
+    if devname == "emu":  # the kernels cannot run in place (the reference can)
+        sq = dev.asarray(np.zeros((6, 8, 8, 2), np.float32))
+        with pytest.raises(ValueError, match="overlaps x"):
+            fwd(dev, sq, dev.asarray(np.zeros((6, 3, 3, 6), np.float32)), padding=1, out=sq)
+        with pytest.raises(ValueError, match="overlaps dy"):
+            ops.conv_backward_bias(dev, dy, out=dy.reshape(-1)[:6])
 
 
 def test_kernel_launchers_reject_bad_geometry():
