@@ -220,7 +220,8 @@ struct DgradOp {
   }
   struct AFix { int off; bool ok; };
   static __device__ __forceinline__ AFix a_fix(const ConvParams& p, const Slice& s, int m) {
-    return {m * p.KH * p.KW * p.F + s.g * p.Fg, m < s.M};
+    const bool ok = m < s.M;  // (offsets of rows past the end are never formed: no int overflow)
+    return {ok ? m * p.KH * p.KW * p.F + s.g * p.Fg : 0, ok};
   }
   using ACur = KCur;
   static __device__ __forceinline__ ACur a_cur(const ConvParams& p, const Slice& s, int k) { return k_cur(p, s, k); }
@@ -289,6 +290,7 @@ struct WgradOp {
   static __device__ __forceinline__ AFix a_fix(const ConvParams& p, const Slice& s, int m) {
     AFix a;
     a.ok = m < s.M;
+    if (!a.ok) m = 0;  // rows past the end: any in-range decomposition (never loaded)
     const int khw = p.KH * p.KW;
     const int c = m / khw, r = m - c * khw;
     a.ky = r / p.KW;
@@ -322,7 +324,8 @@ struct WgradOp {
   }
   struct BFix { int off; bool ok; };
   static __device__ __forceinline__ BFix b_fix(const ConvParams& p, const Slice& s, int f) {
-    return {(s.g * p.Fg + f) * p.J, f < s.Nc};
+    const bool ok = f < s.Nc;
+    return {ok ? (s.g * p.Fg + f) * p.J : 0, ok};
   }
   struct BCur { int j; };
   static __device__ __forceinline__ BCur b_cur(const ConvParams&, const Slice&, int j) { return {j}; }
