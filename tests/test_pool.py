@@ -313,3 +313,20 @@ def test_benchmark_smoke_on_emu(capsys):
     bench.main(["--device", "emu", "--cases", "pool5,lrn2", "--batch", "4", "--no-write"])
     out = capsys.readouterr().out
     assert "NOT speed figures" in out and "pool backward" in out and "lrn backward" in out
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_emu_nan_propagates_like_reference(mode):
+    dev = Device("emu")
+    rng = np.random.default_rng(15)
+    for shape in ((2, 9, 9, 8), (2, 9, 9, 3)):    # 16-byte and scalar paths; 3x3/2 takes the strip kernel for max
+        x = rng.uniform(-1, 1, shape).astype(np.float32)
+        x[0, 4, 4, :] = np.nan
+        x[1, 0, 0, 1] = np.nan
+        kw = dict(mode=mode, window=3, stride=2, padding=1)
+        y = ops.pool_forward(dev, x, **kw)
+        y_ref = ref.pool_forward(x, **kw)
+        assert np.isnan(y_ref).any()
+        assert_identical("y", y, y_ref)
+        dy = rng.uniform(-1, 1, y.shape).astype(np.float32)
+        assert_identical("dx", ops.pool_backward(dev, x, y, dy, **kw), ref.pool_backward(x, y_ref, dy, **kw))

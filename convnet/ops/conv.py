@@ -11,6 +11,7 @@ tensor with 2**31 or more elements is rejected with a ValueError.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import numpy as np
@@ -79,6 +80,20 @@ def _geom_tuple(c, h, w, n, f, kh, kw, sh, sw, ph, pw, groups):
     return tuple(int(v) for v in (c, h, w, n, f, kh, kw, sh, sw, ph, pw, groups))
 
 
+def _no_overlap(dev, out, **inputs):
+    """The kernels read their inputs while writing out: out must not share memory with any of them."""
+    if dev.kind == "numpy":
+        return  # the reference computes the result before writing it
+    o0 = dev.pointer(out)
+    o1 = o0 + out.nbytes
+    for name, a in inputs.items():
+        if a is None:
+            continue
+        a0 = dev.pointer(a)
+        if a0 < o1 and o0 < a0 + a.nbytes:
+            raise ValueError(f"out overlaps {name} in memory; the convolution kernels cannot work in place")
+
+
 def _positive_shape(name, a):
     if any(s < 1 for s in a.shape):
         raise ValueError(f"{name} must have no empty dimension, got shape {tuple(a.shape)}")
@@ -110,6 +125,7 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
         y = output("out", out, dev, (f, oh, ow, n), dtype)
         return _accumulate(y, result, alpha, beta)
     y = output("out", out, dev, (f, oh, ow, n), dtype)
+    _no_overlap(dev, y, x=x, w=w, bias=bias)
     launch(dev, "conv_forward", x, w, bias if bias is not None else 0, y,
            _geom_tuple(c, h, wd, n, f, kh, kw, sh, sw, ph, pw, groups), alpha, beta, stream=stream)
     return y
@@ -143,6 +159,7 @@ def conv_backward_data(device, dy, w, input_hw, *, stride=1, padding=0, groups=1
         dx = output("out", out, dev, (c, h, wd, n), dtype)
         return _accumulate(dx, result, alpha, beta)
     dx = output("out", out, dev, (c, h, wd, n), dtype)
+    _no_overlap(dev, dx, dy=dy, w=w)
     launch(dev, "conv_backward_data", dy, w, dx, _geom_tuple(c, h, wd, n, f, kh, kw, sh, sw, ph, pw, groups),
            alpha, beta, stream=stream)
     return dx
@@ -175,10 +192,15 @@ def conv_backward_filter(device, x, dy, filter_hw, *, stride=1, padding=0, group
         dw = output("out", out, dev, shape, dtype)
         return _accumulate(dw, result, alpha, beta)
     dw = output("out", out, dev, shape, dtype)
+    _no_overlap(dev, dw, x=x, dy=dy)
     geom = _geom_tuple(c, h, wd, n, f, kh, kw, sh, sw, ph, pw, groups)
     ws_floats = int(dev.kernels.conv_backward_filter_workspace(geom))
-    with dev.activate():
-        ws = dev.empty((ws_floats,), np.float32) if ws_floats else None
+    ws = None
+    if ws_floats:
+        # Allocate the scratch on the stream that runs the kernels: CuPy's pool then cannot hand the memory to
+        # another stream's allocation while the kernels still use it.
+        with dev.activate(), (stream if stream is not None else contextlib.nullcontext()):
+            ws = dev.empty((ws_floats,), np.float32)
     launch(dev, "conv_backward_filter", x, dy, dw, ws if ws is not None else 0, ws_floats, geom, alpha, beta,
            stream=stream)
     return dw
@@ -200,6 +222,7 @@ def conv_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
         db = output("out", out, dev, (f,), dy.dtype)
         return _accumulate(db, result, alpha, beta)
     db = output("out", out, dev, (f,), dy.dtype)
+    _no_overlap(dev, db, dy=dy)
     per_filter = dy.size // f
     if f > _INT32_MAX:
         raise ValueError(f"dy has {f} filters; the kernel supports fewer than 2**31")

@@ -18,6 +18,8 @@ Conventions (the same in the CUDA kernels, ``csrc/kernels/pool.cu``):
   to its window's maximum receives that window's full gradient ``dy`` (nothing is split, no argmax is stored).
   With overlapping windows an input collects the gradient of every window it is a maximum of.  In AlexNet ties
   practically only occur between ReLU zeros, whose gradient the ReLU backward then discards.
+* NaN: a NaN input makes its windows' max NaN (NumPy's ``maximum``; the kernels do the same), and since
+  ``NaN == NaN`` is false no input of such a window receives gradient.
 """
 from __future__ import annotations
 

@@ -29,6 +29,9 @@ void bind_conv(py::module_& m) {
     convnet::conv_backward_data(geometry(g), ptr<const float>(dy), ptr<const float>(w), ptr(dx), alpha, beta,
                                 stream(s));
   }, nogil());
+  m.def("conv_plan", [](int op, Geom g) { return convnet::conv_plan(op, geometry(g)); });
+  m.def("conv_tile_count", &convnet::conv_tile_count);
+  m.def("conv_set_tile_override", &convnet::conv_set_tile_override, py::arg("row"), py::arg("wgrad_splits") = 0);
   m.def("conv_backward_filter_workspace", [](Geom g) {
     return convnet::conv_backward_filter_workspace(geometry(g));
   });

@@ -30,7 +30,7 @@
 //   block: (BM/TM)*(BN/TN) threads, 1-D. Thread t computes a TM x TN register tile: rows
 //          (i/4)*(BM/(TM/4)) + ty*4 + i%4 and columns (j/4)*(BN/(TN/4)) + tx*4 + j%4, tx = t % (BN/TN), ty = t /
 //          (BN/TN). The 4-row / 4-column groups are read from shared memory as float4: a warp reads at most two
-//          distinct A vectors (broadcast) and 16 consecutive B vectors (conflict-free).
+//          distinct A vectors (broadcast) and 16-32 consecutive B vectors (conflict-free).
 //   grid:  x = column tiles (fastest, so neighbouring blocks share the A tile in L2), y = row tiles, z = Op slice.
 //   shared: As[2][BK][BM+4], Bs[2][BK][BN+4] (double buffered; +4 floats of row padding keeps float4 alignment
 //          and breaks the 2-way bank conflict of the transposed stores of K-contiguous operands).
@@ -39,20 +39,24 @@
 //   loads: operand tiles are loaded as V-wide vectors (V = 4: 16 bytes; V = 1: scalar path) along the operand's
 //          contiguous dimension (columns of A/B for "M-contiguous" operands, K for "K-contiguous" ones); each
 //          thread's index along the other dimension is fixed for the whole loop, so its address part is computed
-//          once (the Fix structs below).
+//          once (the Fix structs below), and its k index is a cursor advanced by BK per step (no integer
+//          division in the main loop).
 //   requirements (checked by the host): V == 4 needs N % 4 == 0, (F/groups) % 4 == 0 and 16-byte aligned
 //          pointers; 32-bit indexing (every tensor < 2^31 elements).
 #include "kernels/conv.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <string>
 
 #if defined(__CUDACC__)
 #define CONV_LAUNCH_BOUNDS(n) __launch_bounds__(n)
+#define CONV_LAUNCH_BOUNDS2(n, min_blocks) __launch_bounds__(n, min_blocks)
 #else
 #define CONV_LAUNCH_BOUNDS(n)
+#define CONV_LAUNCH_BOUNDS2(n, min_blocks)
 #endif
 
 namespace convnet {
@@ -79,7 +83,7 @@ struct Slice {
   int g;
   int M, Nc, k_lo, k_hi;
   // dgrad phase class
-  int ry, rx, iyf, ixf, qy, qx, Tx, Wc;
+  int ry, rx, iyf, ixf, qy, qx, Ty, Tx, Wc;
   // wgrad split index
   int s;
 };
@@ -98,7 +102,13 @@ __device__ __forceinline__ void gload(const float* ptr, float* v) {
   }
 }
 
-// ------------------------------------------------------------------------------------------------------------
+// Op interface. Each operand (A, B) has
+//   Fix  : the part of a thread's load address fixed for the whole main loop (its row m / column j), a_fix/b_fix;
+//   Cur  : a cursor over the reduction index k, created once per block (a_cur/b_cur: the only divisions) and
+//          advanced by BK every step (a_next/b_next: compares and adds, no integer division in the main loop);
+//   load : V consecutive elements along the operand's contiguous dimension, 0 where out of range or padding.
+// The stores go to out + row_off(m) + col_off(j).
+
 // Forward: C[f][j] = sum_k w[k][g*Fg + f] * xpatch[k][j],  k = (c, ky, kx), j = (oy, ox, n).
 struct FwdOp {
   static constexpr bool A_KCONTIG = false;  // w rows are contiguous along f (= M)
@@ -113,9 +123,13 @@ struct FwdOp {
   }
   struct AFix { int m; };
   static __device__ __forceinline__ AFix a_fix(const ConvParams&, const Slice&, int m) { return {m}; }
+  struct ACur { int k; };
+  static __device__ __forceinline__ ACur a_cur(const ConvParams&, const Slice&, int k) { return {k}; }
+  static __device__ __forceinline__ void a_next(const ConvParams&, const Slice&, ACur& c, int step) { c.k += step; }
   template <int V>
-  static __device__ __forceinline__ void load_a(const ConvParams& p, const Slice& s, const AFix& a, int k, float* v) {
-    if (a.m < s.M && k < s.k_hi) gload<V>(p.A + k * p.F + s.g * p.Fg + a.m, v);
+  static __device__ __forceinline__ void load_a(const ConvParams& p, const Slice& s, const AFix& a, const ACur& c,
+                                                float* v) {
+    if (a.m < s.M && c.k < s.k_hi) gload<V>(p.A + c.k * p.F + s.g * p.Fg + a.m, v);
     else zero4(v, V);
   }
   struct BFix { int iyb, ixb, off; bool ok; };
@@ -128,13 +142,29 @@ struct FwdOp {
     b.off = s.g * p.Cg * p.HWN + n;
     return b;
   }
-  template <int V>
-  static __device__ __forceinline__ void load_b(const ConvParams& p, const Slice& s, const BFix& b, int k, float* v) {
+  // k = (c*KH + ky)*KW + kx with kx < KW, ky < KH, so k < k_hi <=> c < Cg.
+  struct BCur { int c, ky, kx; };
+  static __device__ __forceinline__ BCur b_cur(const ConvParams& p, const Slice&, int k) {
     const int khw = p.KH * p.KW;
-    const int c = k / khw, r = k - c * khw, ky = r / p.KW, kx = r - ky * p.KW;
-    const int iy = b.iyb + ky, ix = b.ixb + kx;
-    if (b.ok && k < s.k_hi && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W)
-      gload<V>(p.B + b.off + c * p.HWN + (iy * p.W + ix) * p.N, v);
+    const int c = k / khw, r = k - c * khw, ky = r / p.KW;
+    return {c, ky, r - ky * p.KW};
+  }
+  static __device__ __forceinline__ void b_next(const ConvParams& p, const Slice&, BCur& c, int step) {
+    c.kx += step;
+    while (c.kx >= p.KW) {
+      c.kx -= p.KW;
+      if (++c.ky == p.KH) {
+        c.ky = 0;
+        ++c.c;
+      }
+    }
+  }
+  template <int V>
+  static __device__ __forceinline__ void load_b(const ConvParams& p, const Slice& s, const BFix& b, const BCur& c,
+                                                float* v) {
+    const int iy = b.iyb + c.ky, ix = b.ixb + c.kx;
+    if (b.ok && c.c < p.Cg && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W)
+      gload<V>(p.B + b.off + (c.c * p.H + iy) * p.W * p.N + ix * p.N, v);
     else zero4(v, V);
   }
   static __device__ __forceinline__ int row_off(const ConvParams& p, const Slice& s, int m) {
@@ -148,7 +178,7 @@ struct FwdOp {
 
 // ------------------------------------------------------------------------------------------------------------
 // Input gradient, one (group, phase class) per z: C[c][j] = sum_{t,u,f} w[c, ry+sh*t, rx+sw*u, f] *
-// dy[f, qy+a-t, qx+b-u, n], j = (a, b, n) with iy = iyf + sh*a, ix = ixf + sw*b.
+// dy[f, qy+a-t, qx+b-u, n], j = (a, b, n) with iy = iyf + sh*a, ix = ixf + sw*b; k = (t, u, f), f fastest.
 struct DgradOp {
   static constexpr bool A_KCONTIG = true;   // w[c, ky, kx, :] is contiguous along f (part of K)
   static constexpr bool B_KCONTIG = false;  // dy contiguous along n (columns)
@@ -165,23 +195,45 @@ struct DgradOp {
     s.Wc = s.ixf < p.W ? (p.W - 1 - s.ixf) / p.sw + 1 : 0;
     s.qy = (s.iyf + p.ph - s.ry) / p.sh;
     s.qx = (s.ixf + p.pw - s.rx) / p.sw;
-    const int Ty = s.ry < p.KH ? (p.KH - 1 - s.ry) / p.sh + 1 : 0;
+    s.Ty = s.ry < p.KH ? (p.KH - 1 - s.ry) / p.sh + 1 : 0;
     s.Tx = s.rx < p.KW ? (p.KW - 1 - s.rx) / p.sw + 1 : 0;
     s.M = p.Cg;
     s.Nc = Hc * s.Wc * p.N;
     s.k_lo = 0;
-    s.k_hi = Ty * s.Tx * p.Fg;
+    s.k_hi = s.Ty * s.Tx * p.Fg;
+  }
+  // The k cursor of both operands: k = (t*Tx + u)*Fg + f with f < Fg, u < Tx, so k < k_hi <=> t < Ty.
+  struct KCur { int f, u, t; };
+  static __device__ __forceinline__ KCur k_cur(const ConvParams& p, const Slice& s, int k) {
+    const int tu = k / p.Fg, t = s.Tx > 0 ? tu / s.Tx : 0;
+    return {k - tu * p.Fg, tu - t * s.Tx, t};
+  }
+  static __device__ __forceinline__ void k_next(const ConvParams& p, const Slice& s, KCur& c, int step) {
+    c.f += step;
+    while (c.f >= p.Fg) {
+      c.f -= p.Fg;
+      if (++c.u == s.Tx) {
+        c.u = 0;
+        ++c.t;
+      }
+    }
   }
   struct AFix { int off; bool ok; };
   static __device__ __forceinline__ AFix a_fix(const ConvParams& p, const Slice& s, int m) {
-    return {m * p.KH * p.KW * p.F + s.g * p.Fg, m < s.M};
+    const bool ok = m < s.M;  // (offsets of rows past the end are never formed: no int overflow)
+    return {ok ? m * p.KH * p.KW * p.F + s.g * p.Fg : 0, ok};
+  }
+  using ACur = KCur;
+  static __device__ __forceinline__ ACur a_cur(const ConvParams& p, const Slice& s, int k) { return k_cur(p, s, k); }
+  static __device__ __forceinline__ void a_next(const ConvParams& p, const Slice& s, ACur& c, int step) {
+    k_next(p, s, c, step);
   }
   template <int V>
-  static __device__ __forceinline__ void load_a(const ConvParams& p, const Slice& s, const AFix& a, int k, float* v) {
-    if (a.ok && k < s.k_hi) {
-      const int tu = k / p.Fg, f = k - tu * p.Fg, t = tu / s.Tx, u = tu - t * s.Tx;
-      const int ky = s.ry + p.sh * t, kx = s.rx + p.sw * u;
-      gload<V>(p.A + a.off + (ky * p.KW + kx) * p.F + f, v);
+  static __device__ __forceinline__ void load_a(const ConvParams& p, const Slice& s, const AFix& a, const ACur& c,
+                                                float* v) {
+    if (a.ok && c.t < s.Ty) {
+      const int ky = s.ry + p.sh * c.t, kx = s.rx + p.sw * c.u;
+      gload<V>(p.A + a.off + (ky * p.KW + kx) * p.F + c.f, v);
     } else {
       zero4(v, V);
     }
@@ -196,12 +248,17 @@ struct DgradOp {
     b.off = s.g * p.Fg * p.J + n;
     return b;
   }
+  using BCur = KCur;
+  static __device__ __forceinline__ BCur b_cur(const ConvParams& p, const Slice& s, int k) { return k_cur(p, s, k); }
+  static __device__ __forceinline__ void b_next(const ConvParams& p, const Slice& s, BCur& c, int step) {
+    k_next(p, s, c, step);
+  }
   template <int V>
-  static __device__ __forceinline__ void load_b(const ConvParams& p, const Slice& s, const BFix& b, int k, float* v) {
-    const int tu = k / p.Fg, f = k - tu * p.Fg, t = tu / s.Tx, u = tu - t * s.Tx;
-    const int oy = b.ya - t, ox = b.xb - u;
-    if (b.ok && k < s.k_hi && oy >= 0 && oy < p.OH && ox >= 0 && ox < p.OW)
-      gload<V>(p.B + b.off + f * p.J + (oy * p.OW + ox) * p.N, v);
+  static __device__ __forceinline__ void load_b(const ConvParams& p, const Slice& s, const BFix& b, const BCur& c,
+                                                float* v) {
+    const int oy = b.ya - c.t, ox = b.xb - c.u;
+    if (b.ok && c.t < s.Ty && oy >= 0 && oy < p.OH && ox >= 0 && ox < p.OW)
+      gload<V>(p.B + b.off + c.f * p.J + (oy * p.OW + ox) * p.N, v);
     else zero4(v, V);
   }
   static __device__ __forceinline__ int row_off(const ConvParams& p, const Slice& s, int m) {
@@ -216,7 +273,7 @@ struct DgradOp {
 
 // ------------------------------------------------------------------------------------------------------------
 // Filter gradient, one (group, K chunk) per z: C[k][f] = sum_{j in chunk} xpatch[k][j] * dy[g*Fg + f][j],
-// k = (c, ky, kx) (the rows of dw viewed as (Cg*KH*KW, F)), j = (oy, ox, n).
+// k = (c, ky, kx) (the rows of dw viewed as (Cg*KH*KW, F)), j = (oy, ox, n) (the reduction index here).
 struct WgradOp {
   static constexpr bool A_KCONTIG = true;  // x patch rows are contiguous along n (part of K = j)
   static constexpr bool B_KCONTIG = true;  // dy[f][:] contiguous along j
@@ -233,6 +290,7 @@ struct WgradOp {
   static __device__ __forceinline__ AFix a_fix(const ConvParams& p, const Slice& s, int m) {
     AFix a;
     a.ok = m < s.M;
+    if (!a.ok) m = 0;  // rows past the end: any in-range decomposition (never loaded)
     const int khw = p.KH * p.KW;
     const int c = m / khw, r = m - c * khw;
     a.ky = r / p.KW;
@@ -240,21 +298,42 @@ struct WgradOp {
     a.off = (s.g * p.Cg + c) * p.HWN;
     return a;
   }
+  struct ACur { int j, n, ox, oy; };
+  static __device__ __forceinline__ ACur a_cur(const ConvParams& p, const Slice&, int j) {
+    const int pix = j / p.N, oy = pix / p.OW;
+    return {j, j - pix * p.N, pix - oy * p.OW, oy};
+  }
+  static __device__ __forceinline__ void a_next(const ConvParams& p, const Slice&, ACur& c, int step) {
+    c.j += step;
+    c.n += step;
+    while (c.n >= p.N) {
+      c.n -= p.N;
+      if (++c.ox == p.OW) {
+        c.ox = 0;
+        ++c.oy;
+      }
+    }
+  }
   template <int V>
-  static __device__ __forceinline__ void load_a(const ConvParams& p, const Slice& s, const AFix& a, int j, float* v) {
-    const int n = j % p.N, pix = j / p.N, oy = pix / p.OW, ox = pix - oy * p.OW;
-    const int iy = oy * p.sh - p.ph + a.ky, ix = ox * p.sw - p.pw + a.kx;
-    if (a.ok && j < s.k_hi && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W)
-      gload<V>(p.A + a.off + (iy * p.W + ix) * p.N + n, v);
+  static __device__ __forceinline__ void load_a(const ConvParams& p, const Slice& s, const AFix& a, const ACur& c,
+                                                float* v) {
+    const int iy = c.oy * p.sh - p.ph + a.ky, ix = c.ox * p.sw - p.pw + a.kx;
+    if (a.ok && c.j < s.k_hi && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W)
+      gload<V>(p.A + a.off + (iy * p.W + ix) * p.N + c.n, v);
     else zero4(v, V);
   }
   struct BFix { int off; bool ok; };
   static __device__ __forceinline__ BFix b_fix(const ConvParams& p, const Slice& s, int f) {
-    return {(s.g * p.Fg + f) * p.J, f < s.Nc};
+    const bool ok = f < s.Nc;
+    return {ok ? (s.g * p.Fg + f) * p.J : 0, ok};
   }
+  struct BCur { int j; };
+  static __device__ __forceinline__ BCur b_cur(const ConvParams&, const Slice&, int j) { return {j}; }
+  static __device__ __forceinline__ void b_next(const ConvParams&, const Slice&, BCur& c, int step) { c.j += step; }
   template <int V>
-  static __device__ __forceinline__ void load_b(const ConvParams& p, const Slice& s, const BFix& b, int j, float* v) {
-    if (b.ok && j < s.k_hi) gload<V>(p.B + b.off + j, v);
+  static __device__ __forceinline__ void load_b(const ConvParams& p, const Slice& s, const BFix& b, const BCur& c,
+                                                float* v) {
+    if (b.ok && c.j < s.k_hi) gload<V>(p.B + b.off + c.j, v);
     else zero4(v, V);
   }
   static __device__ __forceinline__ int row_off(const ConvParams& p, const Slice& s, int m) {
@@ -283,8 +362,21 @@ struct Slots {
   }
 };
 
+// conv_igemm: the implicit-GEMM convolution kernel shared by forward, dgrad and wgrad (Op selects which).
+//   layouts: CHWN activations, (C/groups, KH, KW, F) filters (see the table at the top of this file);
+//   block:   (BM/TM)*(BN/TN) threads computing a BM x BN tile of C, TM x TN outputs per thread;
+//   grid:    (ceil(Nc/BN), ceil(M/BM), Op slices: groups [x stride phases | x K splits]);
+//   shared:  2 x (BK x (BM+4) + BK x (BN+4)) floats, static (16.9 KB for 128x128);
+//   requires: V == 4 only when N % 4 == 0, F/groups % 4 == 0 and 16-byte aligned pointers (host checks);
+//            tensors < 2^31 elements. Writes every element of its tile exactly once (no atomics).
+// Two resident blocks per SM for the 16-byte-path 256-thread tiles of up to 8x8 outputs per thread (caps them
+// at 128 registers: 16 warps per SM); the 12x8 tiles and the scalar fallbacks get what they need.
+template <int NT, int TM, int TN, int V>
+constexpr int min_blocks() { return (V == 4 && NT == 256 && TM * TN <= 64) ? 2 : 1; }
+
 template <class Op, int BM, int BN, int BK, int TM, int TN, int V>
-__global__ void CONV_LAUNCH_BOUNDS((BM / TM) * (BN / TN)) conv_igemm(ConvParams p) {
+__global__ void CONV_LAUNCH_BOUNDS2((BM / TM) * (BN / TN), (min_blocks<(BM / TM) * (BN / TN), TM, TN, V>()))
+    conv_igemm(ConvParams p) {
   constexpr int NT = (BM / TM) * (BN / TN);
   constexpr int PA = BM + 4, PB = BN + 4;
   static_assert(TM % 4 == 0 && TN % 4 == 0, "register tiles are made of 4x4 float4 groups");
@@ -309,14 +401,28 @@ __global__ void CONV_LAUNCH_BOUNDS((BM / TM) * (BN / TN)) conv_igemm(ConvParams 
 #pragma unroll
   for (int i = 0; i < SB::PER; ++i) bfix[i] = Op::b_fix(p, s, n0 + SB::mm(tid, i));
 
+  typename Op::ACur acur[SA::PER];
+  typename Op::BCur bcur[SB::PER];
+#pragma unroll
+  for (int i = 0; i < SA::PER; ++i) acur[i] = Op::a_cur(p, s, s.k_lo + SA::kk(tid, i));
+#pragma unroll
+  for (int i = 0; i < SB::PER; ++i) bcur[i] = Op::b_cur(p, s, s.k_lo + SB::kk(tid, i));
+
+  // Loads the tile the cursors point at into registers, then moves the cursors on by BK.
   float ra[SA::PER][V], rb[SB::PER][V];
-  auto load_tile = [&](int k0) {
+  auto load_tile = [&]() {
 #pragma unroll
     for (int i = 0; i < SA::PER; ++i)
-      if (SA::active(tid, i)) Op::template load_a<V>(p, s, afix[i], k0 + SA::kk(tid, i), ra[i]);
+      if (SA::active(tid, i)) {
+        Op::template load_a<V>(p, s, afix[i], acur[i], ra[i]);
+        Op::a_next(p, s, acur[i], BK);
+      }
 #pragma unroll
     for (int i = 0; i < SB::PER; ++i)
-      if (SB::active(tid, i)) Op::template load_b<V>(p, s, bfix[i], k0 + SB::kk(tid, i), rb[i]);
+      if (SB::active(tid, i)) {
+        Op::template load_b<V>(p, s, bfix[i], bcur[i], rb[i]);
+        Op::b_next(p, s, bcur[i], BK);
+      }
   };
   auto store_tile = [&](int buf) {
 #pragma unroll
@@ -357,12 +463,12 @@ __global__ void CONV_LAUNCH_BOUNDS((BM / TM) * (BN / TN)) conv_igemm(ConvParams 
 
   const int nk = s.k_hi > s.k_lo ? (s.k_hi - s.k_lo + BK - 1) / BK : 0;
   if (nk > 0) {
-    load_tile(s.k_lo);
+    load_tile();
     store_tile(0);
     __syncthreads();
     for (int t = 0; t < nk; ++t) {
       const int cur = t & 1;
-      if (t + 1 < nk) load_tile(s.k_lo + (t + 1) * BK);
+      if (t + 1 < nk) load_tile();
 #pragma unroll
       for (int kk = 0; kk < BK; ++kk) {
         float a[TM], b[TN];
@@ -488,39 +594,79 @@ using KernelFn = void (*)(ConvParams);
 
 struct TileCfg {
   int BM, BN, TM, TN;
-  float efficiency;  // relative FMA throughput per tile (bigger register tiles reuse shared loads more)
-  KernelFn vec[3];   // [op] V = 4 path: forward, dgrad, wgrad
+  float efficiency;   // relative FMA throughput per tile (bigger register tiles reuse shared loads more)
+  int blocks_per_sm;  // resident blocks per SM on sm_90 (registers from ptxas -v; shared memory is not the limit)
+  KernelFn vec[3];    // [op] V = 4 path: forward, dgrad, wgrad
   KernelFn scalar[3];
 };
 
-template <int BM, int BN, int TM, int TN>
-constexpr TileCfg make_cfg(float eff) {
-  return TileCfg{BM, BN, TM, TN, eff,
-                 {conv_igemm<FwdOp, BM, BN, kBK, TM, TN, 4>, conv_igemm<DgradOp, BM, BN, kBK, TM, TN, 4>,
-                  conv_igemm<WgradOp, BM, BN, kBK, TM, TN, 4>},
-                 {conv_igemm<FwdOp, BM, BN, kBK, TM, TN, 1>, conv_igemm<DgradOp, BM, BN, kBK, TM, TN, 1>,
-                  conv_igemm<WgradOp, BM, BN, kBK, TM, TN, 1>}};
+template <class Op, int BM, int BN, int TM, int TN, int V, bool kOn>
+constexpr KernelFn kernel_or_null() {
+  if constexpr (kOn) return conv_igemm<Op, BM, BN, kBK, TM, TN, V>;
+  else return nullptr;  // not instantiated at all
 }
 
-// The whole dispatch table. All rows use 256 threads and BK = 8.
-//        BM   BN  TM  TN   efficiency  (per-thread outputs / shared loads per k: 64/4, 32/3, 16/2)
+template <int BM, int BN, int TM, int TN, bool kWithScalar = true>
+constexpr TileCfg make_cfg(float eff, int blocks_per_sm) {
+  return TileCfg{BM, BN, TM, TN, eff, blocks_per_sm,
+                 {conv_igemm<FwdOp, BM, BN, kBK, TM, TN, 4>, conv_igemm<DgradOp, BM, BN, kBK, TM, TN, 4>,
+                  conv_igemm<WgradOp, BM, BN, kBK, TM, TN, 4>},
+                 {kernel_or_null<FwdOp, BM, BN, TM, TN, 1, kWithScalar>(),
+                  kernel_or_null<DgradOp, BM, BN, TM, TN, 1, kWithScalar>(),
+                  kernel_or_null<WgradOp, BM, BN, TM, TN, 1, kWithScalar>()}};
+}
+
+// The whole dispatch table (BK = 8 everywhere). "efficiency" models shared-memory bandwidth, the limit of FP32
+// FMA tiles on sm_80/90: per k step a thread issues TM*TN FFMA and (TM+TN)/4 LDS.128, each LDS.128 taking a
+// warp 4 shared-memory cycles; an SM sub-partition issues one warp FFMA per cycle, 4 sub-partitions share the
+// shared memory, so efficiency = min(1, (TM*TN/4) / ((TM+TN)/4 * 4)) (8x8: 1, 12x8: 1, 4x8: 0.67, 4x4: 0.5),
+// lowered to 0.9 for 12x8 tiles (about 150 registers: fewer resident warps to hide latency). To be calibrated
+// on a GPU with conv_set_tile_override + benchmarks/conv_bench.py.
+// blocks/SM: 65536 registers / (threads x registers per thread of the 16-byte path, from ptxas -v for sm_90).
+//        BM   BN  TM  TN               threads  regs     blocks/SM  use
 const TileCfg kTiles[] = {
-    make_cfg<128, 128, 8, 8>(1.00f),  // large GEMMs: AlexNet conv1-5 at batch 128
-    make_cfg<64, 128, 4, 8>(0.85f),   // few rows (M <= 64, or M = 192 = 3 x 64)
-    make_cfg<64, 64, 4, 4>(0.65f),    // small problems: tiny batches, few filters
+    make_cfg<128, 128, 8, 8>(1.00f, 2),        // 256  <=128     2  large GEMMs: AlexNet at batch 128
+    make_cfg<192, 128, 12, 8>(0.90f, 1),       // 256  183-199   1  M = 192 (conv4 forward, conv4/5 input gradient)
+    make_cfg<96, 128, 12, 8>(0.90f, 2),        // 128  193-213   2  M = 96 (conv1 forward)
+    make_cfg<48, 256, 12, 8, false>(0.90f, 2), // 128  213-223   2  M = 48 (conv2 input gradient, 48 channels/tower)
+    make_cfg<64, 128, 4, 8>(0.67f, 2),         // 256  95-109    2  M <= 64
+    make_cfg<64, 64, 4, 4>(0.50f, 2),          // 256  79-95     2  small problems: tiny batches, few filters
+    make_cfg<4, 512, 4, 4, false>(0.50f, 2),   // 128  161-186   2  skinny: M <= 4 (input gradient of 1-3 channels)
+    // (rows with `false`: 16-byte path only; their scalar paths would need 16-32 load slots per thread and spill)
 };
 constexpr int kNumTiles = sizeof(kTiles) / sizeof(kTiles[0]);
 
-// Pick the row minimising (padded work / efficiency), with a penalty when the grid cannot fill the GPU.
-int pick_tile(std::int64_t M, std::int64_t Nc, std::int64_t slices, std::int64_t extra_split = 1) {
+std::atomic<int> g_tile_override{-1};  // tests and tuning: force one row of the table (-1: automatic)
+std::atomic<int> g_split_override{0};  // tests and tuning: force the wgrad split count (0: automatic)
+
+// The cost model behind the choice (in units of one SM's FMA time): blocks run in waves of kSMs x blocks_per_sm;
+// a wave takes as long as blocks_per_sm tiles of BM x BN x k_len FMAs at the row's efficiency. This counts the
+// padding waste of ragged tiles and the idle SMs of the last wave (wave quantisation), which dominate for the
+// 13x13 AlexNet layers. Calibrate `efficiency` on a GPU (conv_bench.py --tile).
+constexpr int kSMs = kTargetBlocks;
+
+bool has_path(const TileCfg& t, int op, bool vec) { return (vec ? t.vec : t.scalar)[op] != nullptr; }
+
+double tile_cost(const TileCfg& t, std::int64_t M, std::int64_t Nc, std::int64_t slices, std::int64_t k_len) {
+  const std::int64_t blocks = ((M + t.BM - 1) / t.BM) * ((Nc + t.BN - 1) / t.BN) * slices;
+  const std::int64_t slots = std::int64_t(kSMs) * t.blocks_per_sm;
+  const std::int64_t waves = (blocks + slots - 1) / slots;
+  return double(waves) * t.blocks_per_sm * t.BM * t.BN * double(k_len) / t.efficiency;
+}
+
+int forced_tile(int op, bool vec) {
+  const int forced = g_tile_override.load();
+  return (forced >= 0 && forced < kNumTiles && has_path(kTiles[forced], op, vec)) ? forced : -1;
+}
+
+// Forward and dgrad: the row of least modelled time (k_len is the same for every row).
+int pick_tile(int op, bool vec, std::int64_t M, std::int64_t Nc, std::int64_t slices) {
+  if (forced_tile(op, vec) >= 0) return forced_tile(op, vec);
   int best = 0;
   double best_cost = std::numeric_limits<double>::infinity();
   for (int i = 0; i < kNumTiles; ++i) {
-    const TileCfg& t = kTiles[i];
-    const std::int64_t bm = (M + t.BM - 1) / t.BM, bn = (Nc + t.BN - 1) / t.BN;
-    const std::int64_t blocks = bm * bn * slices * extra_split;
-    double cost = double(bm * t.BM) * double(bn * t.BN) / t.efficiency;
-    if (blocks < kTargetBlocks) cost *= double(kTargetBlocks) / double(blocks);  // idle SMs
+    if (!has_path(kTiles[i], op, vec)) continue;
+    const double cost = tile_cost(kTiles[i], M, Nc, slices, 1);
     if (cost < best_cost) {
       best_cost = cost;
       best = i;
@@ -545,34 +691,71 @@ ConvParams make_params(const ConvGeometry& g) {
   return p;
 }
 
-void launch_igemm(const TileCfg& t, int op, bool vec, const ConvParams& p, std::int64_t M, std::int64_t Nc,
-                  std::int64_t slices, cudaStream_t stream) {
-  const std::int64_t gx = (Nc + t.BN - 1) / t.BN, gy = (M + t.BM - 1) / t.BM;
-  CONVNET_REQUIRE(gx <= 0x7fffffff && gy <= 65535 && slices <= 65535, "grid too large for this geometry");
-  if (gx == 0 || gy == 0 || slices == 0) return;
-  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(slices));
-  const dim3 block(static_cast<unsigned>((t.BM / t.TM) * (t.BN / t.TN)));
-  launch(vec ? t.vec[op] : t.scalar[op], grid, block, 0, stream, p);
-}
-
-struct WgradPlan {
-  int tile, splits, chunk;
+// What one call launches: the op (0 forward, 1 dgrad, 2 wgrad), the table row, the GEMM extents and z slices.
+struct Plan {
+  int op, tile;
+  bool vec;
+  std::int64_t M, Nc, slices;
+  int splits, chunk;  // wgrad only
 };
 
-WgradPlan wgrad_plan(const ConvGeometry& g) {
-  const std::int64_t M = std::int64_t(g.C / g.groups) * g.KH * g.KW, Nc = g.F / g.groups;
+Plan make_plan(int op, const ConvGeometry& g, bool aligned) {
+  const std::int64_t Cg = g.C / g.groups, Fg = g.F / g.groups;
   const std::int64_t J = std::int64_t(g.OH) * g.OW * g.N;
-  const int tile = pick_tile(M, Nc, g.groups);
-  const TileCfg& t = kTiles[tile];
-  const std::int64_t blocks = ((M + t.BM - 1) / t.BM) * ((Nc + t.BN - 1) / t.BN) * g.groups;
-  // Enough chunks for two waves, each chunk at least kMinChunk long (so the partial sums stay cheap to reduce).
+  Plan pl{op, 0, aligned && g.N % 4 == 0 && Fg % 4 == 0, 0, 0, g.groups, 1, 0};
+  if (op == 0) {
+    pl.M = Fg;
+    pl.Nc = J;
+  } else if (op == 1) {
+    // One z slice per (group, stride phase); columns sized for the largest phase class (the one with iy = 0).
+    pl.M = Cg;
+    pl.Nc = std::int64_t((g.H + g.stride_h - 1) / g.stride_h) * ((g.W + g.stride_w - 1) / g.stride_w) * g.N;
+    pl.slices = std::int64_t(g.groups) * g.stride_h * g.stride_w;
+  } else {
+    pl.M = Cg * g.KH * g.KW;
+    pl.Nc = Fg;
+  }
+  if (op != 2) {
+    pl.tile = pick_tile(op, pl.vec, pl.M, pl.Nc, pl.slices);
+    return pl;
+  }
+  // wgrad: pick the row and the number of reduction chunks together. Each chunk (a multiple of BK, at least
+  // kMinChunk long) writes a partial dw that conv_wgrad_reduce sums: that costs a launch and 2 x splits x |dw|
+  // floats of memory traffic, converted to the model's units (about 0.07 SM-FMA-time per byte at 3 TB/s).
   constexpr std::int64_t kMinChunk = 256, kMaxSplits = 256;
-  std::int64_t splits = std::max<std::int64_t>(1, (2 * kTargetBlocks + blocks - 1) / blocks);
-  splits = std::min<std::int64_t>({splits, std::max<std::int64_t>(1, J / kMinChunk), kMaxSplits});
-  std::int64_t chunk = (J + splits - 1) / splits;
-  chunk = (chunk + kBK - 1) / kBK * kBK;
-  splits = (J + chunk - 1) / chunk;
-  return {tile, int(splits), int(chunk)};
+  const std::int64_t max_splits = std::min<std::int64_t>(std::max<std::int64_t>(1, J / kMinChunk), kMaxSplits);
+  const int forced = forced_tile(op, pl.vec);
+  double best_cost = std::numeric_limits<double>::infinity();
+  for (int i = 0; i < kNumTiles; ++i) {
+    if (!has_path(kTiles[i], op, pl.vec) || (forced >= 0 && i != forced)) continue;
+    const std::int64_t forced_splits = std::min<std::int64_t>(g_split_override.load(), max_splits);
+    for (std::int64_t s = forced_splits > 0 ? forced_splits : 1; s <= (forced_splits > 0 ? forced_splits : max_splits);
+         ++s) {
+      const std::int64_t chunk = ((J + s - 1) / s + kBK - 1) / kBK * kBK;
+      const std::int64_t splits = (J + chunk - 1) / chunk;
+      if (splits != s && forced_splits <= 0) continue;  // same as a smaller s
+      double cost = tile_cost(kTiles[i], pl.M, pl.Nc, std::int64_t(g.groups) * splits, chunk);
+      if (splits > 1) cost += 650000.0 + 0.6 * double(splits) * double(pl.M) * double(g.F);
+      if (cost < best_cost) {
+        best_cost = cost;
+        pl.tile = i;
+        pl.splits = int(splits);
+        pl.chunk = int(chunk);
+      }
+    }
+  }
+  pl.slices = std::int64_t(g.groups) * pl.splits;
+  return pl;
+}
+
+void launch_igemm(const Plan& pl, const ConvParams& p, cudaStream_t stream) {
+  const TileCfg& t = kTiles[pl.tile];
+  const std::int64_t gx = (pl.Nc + t.BN - 1) / t.BN, gy = (pl.M + t.BM - 1) / t.BM;
+  CONVNET_REQUIRE(gx <= 0x7fffffff && gy <= 65535 && pl.slices <= 65535, "grid too large for this geometry");
+  if (gx == 0 || gy == 0 || pl.slices == 0) return;
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(pl.slices));
+  const dim3 block(static_cast<unsigned>((t.BM / t.TM) * (t.BN / t.TN)));
+  launch(pl.vec ? t.vec[pl.op] : t.scalar[pl.op], grid, block, 0, stream, p);
 }
 
 constexpr std::int64_t kMaxElems = std::numeric_limits<int>::max();
@@ -600,14 +783,36 @@ ConvGeometry conv_geometry(int C, int H, int W, int N, int F, int KH, int KW, in
   return g;
 }
 
+int conv_tile_count() { return kNumTiles; }
+
+void conv_set_tile_override(int row, int wgrad_splits) {
+  CONVNET_REQUIRE(row >= -1 && row < kNumTiles, "tile row must be -1 (automatic) or in [0, " +
+                                                    std::to_string(kNumTiles) + ")");
+  CONVNET_REQUIRE(wgrad_splits >= 0, "wgrad_splits must be >= 0 (0: automatic)");
+  g_tile_override.store(row);
+  g_split_override.store(wgrad_splits);
+}
+
+std::string conv_plan(int op, const ConvGeometry& g) {
+  CONVNET_REQUIRE(op >= 0 && op <= 2, "op must be 0 (forward), 1 (backward_data) or 2 (backward_filter)");
+  const Plan pl = make_plan(op, g, true);
+  const TileCfg& t = kTiles[pl.tile];
+  std::string s = std::string(op == 0 ? "forward" : op == 1 ? "backward_data" : "backward_filter") + ": tile " +
+                  std::to_string(t.BM) + "x" + std::to_string(t.BN) + "x" + std::to_string(kBK) + " (" +
+                  std::to_string(t.TM) + "x" + std::to_string(t.TN) + " per thread, " +
+                  std::to_string((t.BM / t.TM) * (t.BN / t.TN)) + " threads), " +
+                  (pl.vec ? "16-byte" : "scalar") + " path, grid " + std::to_string((pl.Nc + t.BN - 1) / t.BN) + "x" +
+                  std::to_string((pl.M + t.BM - 1) / t.BM) + "x" + std::to_string(pl.slices);
+  if (op == 2) s += ", " + std::to_string(pl.splits) + " split(s) of " + std::to_string(pl.chunk);
+  return s;
+}
+
 void conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y, float alpha,
                   float beta, cudaStream_t stream) {
   CONVNET_REQUIRE(x && w && y, "null pointer");
   ConvParams p = make_params(g);
   p.A = w; p.B = x; p.bias = bias; p.out = y; p.alpha = alpha; p.beta = beta;
-  const bool vec = g.N % 4 == 0 && p.Fg % 4 == 0 && aligned16(x) && aligned16(w) && aligned16(y);
-  const int tile = pick_tile(p.Fg, p.J, g.groups);
-  launch_igemm(kTiles[tile], 0, vec, p, p.Fg, p.J, g.groups, stream);
+  launch_igemm(make_plan(0, g, aligned16(x) && aligned16(w) && aligned16(y)), p, stream);
 }
 
 void conv_backward_data(const ConvGeometry& g, const float* dy, const float* w, float* dx, float alpha, float beta,
@@ -615,44 +820,46 @@ void conv_backward_data(const ConvGeometry& g, const float* dy, const float* w, 
   CONVNET_REQUIRE(dy && w && dx, "null pointer");
   ConvParams p = make_params(g);
   p.A = w; p.B = dy; p.out = dx; p.alpha = alpha; p.beta = beta;
-  const bool vec = g.N % 4 == 0 && p.Fg % 4 == 0 && aligned16(dy) && aligned16(w) && aligned16(dx);
-  const std::int64_t phases = std::int64_t(g.stride_h) * g.stride_w;
-  // Largest phase class (the one containing iy = 0 has the most rows): ceil(H / sh) x ceil(W / sw) pixels.
-  const std::int64_t Nc = std::int64_t((g.H + g.stride_h - 1) / g.stride_h) * ((g.W + g.stride_w - 1) / g.stride_w) * g.N;
-  const int tile = pick_tile(p.Cg, Nc, g.groups * phases);
-  launch_igemm(kTiles[tile], 1, vec, p, p.Cg, Nc, g.groups * phases, stream);
+  launch_igemm(make_plan(1, g, aligned16(dy) && aligned16(w) && aligned16(dx)), p, stream);
 }
 
 std::int64_t conv_backward_filter_workspace(const ConvGeometry& g) {
-  const WgradPlan plan = wgrad_plan(g);
-  if (plan.splits <= 1) return 0;
-  return std::int64_t(plan.splits) * (g.C / g.groups) * g.KH * g.KW * g.F;
+  const Plan pl = make_plan(2, g, true);
+  if (pl.splits <= 1) return 0;
+  return std::int64_t(pl.splits) * (g.C / g.groups) * g.KH * g.KW * g.F;
 }
 
 void conv_backward_filter(const ConvGeometry& g, const float* x, const float* dy, float* dw, float* workspace,
                           std::int64_t workspace_floats, float alpha, float beta, cudaStream_t stream) {
   CONVNET_REQUIRE(x && dy && dw, "null pointer");
-  const WgradPlan plan = wgrad_plan(g);
   ConvParams p = make_params(g);
-  const std::int64_t M = std::int64_t(p.Cg) * g.KH * g.KW, total = M * g.F;
-  p.A = x; p.B = dy; p.splits = plan.splits; p.chunk = plan.chunk;
-  const bool split = plan.splits > 1;
+  const std::int64_t total = std::int64_t(p.Cg) * g.KH * g.KW * g.F;
+  Plan pl = make_plan(2, g, true);
+  const bool split = pl.splits > 1;
   if (split) {
-    CONVNET_REQUIRE(workspace != nullptr && workspace_floats >= plan.splits * total,
-                    "workspace too small: need " + std::to_string(plan.splits * total) + " floats");
-    CONVNET_REQUIRE(plan.splits * total <= kMaxElems, "workspace has 2^31 or more elements (unsupported)");
-    p.out = workspace; p.alpha = 1.f; p.beta = 0.f;
-  } else {
-    p.out = dw; p.alpha = alpha; p.beta = beta;
+    CONVNET_REQUIRE(workspace != nullptr && workspace_floats >= pl.splits * total,
+                    "workspace too small: need " + std::to_string(pl.splits * total) + " floats");
+    CONVNET_REQUIRE(pl.splits * total <= kMaxElems, "workspace has 2^31 or more elements (unsupported)");
   }
-  const bool vec = g.N % 4 == 0 && p.Fg % 4 == 0 && aligned16(x) && aligned16(dy) && aligned16(p.out);
-  launch_igemm(kTiles[plan.tile], 2, vec, p, M, p.Fg, std::int64_t(g.groups) * plan.splits, stream);
+  float* out = split ? workspace : dw;
+  if (pl.vec && !(aligned16(x) && aligned16(dy) && aligned16(out))) {
+    pl.vec = false;  // same splits (they depend on the geometry only), a row that has a scalar path
+    pl.tile = pick_tile(2, false, pl.M, pl.Nc, pl.slices);
+  }
+  p.A = x; p.B = dy; p.out = out; p.splits = pl.splits; p.chunk = pl.chunk;
+  p.alpha = split ? 1.f : alpha;
+  p.beta = split ? 0.f : beta;
+  launch_igemm(pl, p, stream);
   if (split) {
     const bool rvec = total % 4 == 0 && aligned16(workspace) && aligned16(dw);
     const std::int64_t nvec = rvec ? total / 4 : total;
     const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>((nvec + 255) / 256, 4 * kTargetBlocks));
-    if (rvec) launch(conv_wgrad_reduce<4>, dim3(blocks), dim3(256), 0, stream, workspace, dw, int(total), plan.splits, alpha, beta);
-    else launch(conv_wgrad_reduce<1>, dim3(blocks), dim3(256), 0, stream, workspace, dw, int(total), plan.splits, alpha, beta);
+    if (rvec)
+      launch(conv_wgrad_reduce<4>, dim3(blocks), dim3(256), 0, stream, workspace, dw, int(total), pl.splits, alpha,
+             beta);
+    else
+      launch(conv_wgrad_reduce<1>, dim3(blocks), dim3(256), 0, stream, workspace, dw, int(total), pl.splits, alpha,
+             beta);
   }
 }
 

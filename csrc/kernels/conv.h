@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "cuda_compat.h"
 
@@ -32,6 +33,16 @@ struct ConvGeometry {
 // Validates and fills OH/OW; throws std::invalid_argument naming the problem.
 ConvGeometry conv_geometry(int C, int H, int W, int N, int F, int KH, int KW, int stride_h, int stride_w,
                            int pad_h, int pad_w, int groups);
+
+// The launch the dispatch table picks for op 0 (forward), 1 (backward_data) or 2 (backward_filter), in words
+// (tile, vector path assuming aligned pointers, grid, splits): for tests, benchmarks and performance notes.
+std::string conv_plan(int op, const ConvGeometry& g);
+
+// Tests and tuning only: force row `row` of the dispatch table for every later launch whose path (16-byte or
+// scalar) that row has (-1: automatic), and the number of K chunks of the filter gradient (0: automatic; capped
+// so that chunks stay >= 256 long). Process-global, not thread-safe against concurrent launches.
+int conv_tile_count();
+void conv_set_tile_override(int row, int wgrad_splits = 0);
 
 // y = alpha * (conv(x, w) + bias) + beta * y. bias may be null.
 void conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y, float alpha,

@@ -39,9 +39,10 @@ __global__ void lrn_fwd_kernel(const float* __restrict__ x, float* __restrict__ 
   constexpr int A = (SIZE - 1) / 2;    // maps above
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
   const unsigned items = static_cast<unsigned>(g.P) * NV;
-  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
   if (idx >= items) return;
-  const int c0 = blockIdx.y * seg;
+  const int c0 = (blockIdx.x % nseg) * seg;
   const int c1 = min(g.C, c0 + seg);
   const size_t cs = static_cast<size_t>(g.P) * g.N;                 // channel stride
   const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
@@ -80,33 +81,35 @@ __global__ void lrn_fwd_kernel(const float* __restrict__ x, float* __restrict__ 
 // forward pass, so bit-identical to the denom it wrote), y_j = x_j denom_j^-beta likewise.  Memory traffic: read x
 // and dy, write dx (3 streams) instead of read x, y, denom, dy, write dx (5 streams) for the reuse variant below.
 // L walks the leading map of the reversed window (L = c + B for centre c): ring xr holds x[L-B .. L+A] (the
-// forward window of L), rings t/dyr/pr hold dy_j y_j / denom_j, dy_j and denom_j^-beta for j in [c-A, c+B].
+// forward window of L), rings t/q hold dy_j y_j / denom_j and denom_j^-beta dy_j for j in [c-A, c+B].
 template <int VEC, int SIZE>
-__global__ void __launch_bounds__(kThreads) lrn_bwd_recompute_kernel(const float* __restrict__ x, const float* __restrict__ dy,
-                                         float* __restrict__ dx, LrnGeom g, int seg) {
+__global__ void __launch_bounds__(kThreads) lrn_bwd_recompute_kernel(const float* __restrict__ x,
+                                                                     const float* __restrict__ dy,
+                                                                     float* __restrict__ dx, LrnGeom g, int seg) {
   constexpr int B = SIZE / 2;
   constexpr int A = (SIZE - 1) / 2;
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
   const unsigned items = static_cast<unsigned>(g.P) * NV;
-  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
   if (idx >= items) return;
-  const int c0 = blockIdx.y * seg;
+  const int c0 = (blockIdx.x % nseg) * seg;
   const int c1 = min(g.C, c0 + seg);
   const size_t cs = static_cast<size_t>(g.P) * g.N;
   const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
   const float coef = 2.0f * g.a * g.beta;
   const int L0 = c0 - A;                        // first leading map: fills the reversed window of c0
-  VecF<VEC> xr[SIZE], t[SIZE], dyr[SIZE], pr[SIZE];
+  VecF<VEC> xr[SIZE], t[SIZE], q[SIZE];   // q_j = denom_j^-beta * dy_j (only q[A..] is ever live)
 #pragma unroll
   for (int j = 1; j < SIZE; ++j) {              // xr = x[L0-1-B .. L0-1+A] (shifted before use)
     const int cj = L0 - B + j - 1;
     xr[j] = (cj >= 0 && cj < g.C) ? vload<VEC>(x + cj * cs + base) : vfill<VEC>(0.0f);
   }
 #pragma unroll
-  for (int j = 0; j < SIZE; ++j) { t[j] = vfill<VEC>(0.0f); dyr[j] = t[j]; pr[j] = t[j]; }
+  for (int j = 0; j < SIZE; ++j) { t[j] = vfill<VEC>(0.0f); q[j] = t[j]; }
   for (int L = L0; L < c1 + B; ++L) {
 #pragma unroll
-    for (int j = 0; j < SIZE - 1; ++j) { xr[j] = xr[j + 1]; t[j] = t[j + 1]; dyr[j] = dyr[j + 1]; pr[j] = pr[j + 1]; }
+    for (int j = 0; j < SIZE - 1; ++j) { xr[j] = xr[j + 1]; t[j] = t[j + 1]; q[j] = q[j + 1]; }
     const int cn = L + A;
     xr[SIZE - 1] = (cn >= 0 && cn < g.C) ? vload<VEC>(x + cn * cs + base) : vfill<VEC>(0.0f);
     if (L >= 0 && L < g.C) {
@@ -122,13 +125,11 @@ __global__ void __launch_bounds__(kThreads) lrn_bwd_recompute_kernel(const float
         const float p = lrn_pow(d, g.beta);
         const float yv = xr[B].v[k] * p;
         t[SIZE - 1].v[k] = dyv.v[k] * yv / d;
-        dyr[SIZE - 1].v[k] = dyv.v[k];
-        pr[SIZE - 1].v[k] = p;
+        q[SIZE - 1].v[k] = p * dyv.v[k];
       }
     } else {
       t[SIZE - 1] = vfill<VEC>(0.0f);
-      dyr[SIZE - 1] = t[SIZE - 1];
-      pr[SIZE - 1] = t[SIZE - 1];
+      q[SIZE - 1] = t[SIZE - 1];
     }
     const int c = L - B;                          // centre whose reversed window [c-A, c+B] is now complete
     if (c >= c0) {
@@ -141,7 +142,7 @@ __global__ void __launch_bounds__(kThreads) lrn_bwd_recompute_kernel(const float
 #pragma unroll
         for (int o = 1; o <= B; ++o) s += t[A + o].v[k];
         s = s * xr[0].v[k] * coef;                 // xr[0] = x[L - B] = x[c]
-        out.v[k] = pr[A].v[k] * dyr[A].v[k] - s;
+        out.v[k] = q[A].v[k] - s;
       }
       vstore<VEC>(dx + c * cs + base, out);
     }
@@ -156,35 +157,36 @@ __global__ void lrn_bwd_kernel(const float* __restrict__ x, const float* __restr
   constexpr int B = SIZE / 2;
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
   const unsigned items = static_cast<unsigned>(g.P) * NV;
-  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
   if (idx >= items) return;
-  const int c0 = blockIdx.y * seg;
+  const int c0 = (blockIdx.x % nseg) * seg;
   const int c1 = min(g.C, c0 + seg);
   const size_t cs = static_cast<size_t>(g.P) * g.N;
   const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
   const float coef = 2.0f * g.a * g.beta;
-  // t[j] = dy y / denom at map c - A + j;  dyr / dr hold dy and denom of the same maps (centre = index A)
-  VecF<VEC> t[SIZE], dyr[SIZE], dr[SIZE];
-  auto fetch = [&](int cj, VecF<VEC>& tv, VecF<VEC>& dyv, VecF<VEC>& dv) {
+  // t[j] = dy y / denom and q[j] = denom^-beta dy at map c - A + j (centre = index A)
+  VecF<VEC> t[SIZE], q[SIZE];
+  auto fetch = [&](int cj, VecF<VEC>& tv, VecF<VEC>& qv) {
     if (cj >= 0 && cj < g.C) {
       const size_t o = cj * cs + base;
-      dyv = vload<VEC>(dy + o);
-      dv = vload<VEC>(denom + o);
-      const VecF<VEC> yv = vload<VEC>(y + o);
+      const VecF<VEC> dyv = vload<VEC>(dy + o), dv = vload<VEC>(denom + o), yv = vload<VEC>(y + o);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) tv.v[k] = dyv.v[k] * yv.v[k] / dv.v[k];
+      for (int k = 0; k < VEC; ++k) {
+        tv.v[k] = dyv.v[k] * yv.v[k] / dv.v[k];
+        qv.v[k] = lrn_pow(dv.v[k], g.beta) * dyv.v[k];
+      }
     } else {
       tv = vfill<VEC>(0.0f);
-      dyv = vfill<VEC>(0.0f);
-      dv = vfill<VEC>(1.0f);
+      qv = tv;
     }
   };
 #pragma unroll
-  for (int j = 1; j < SIZE; ++j) fetch(c0 - A + j - 1, t[j], dyr[j], dr[j]);
+  for (int j = 1; j < SIZE; ++j) fetch(c0 - A + j - 1, t[j], q[j]);
   for (int c = c0; c < c1; ++c) {
 #pragma unroll
-    for (int j = 0; j < SIZE - 1; ++j) { t[j] = t[j + 1]; dyr[j] = dyr[j + 1]; dr[j] = dr[j + 1]; }
-    fetch(c + B, t[SIZE - 1], dyr[SIZE - 1], dr[SIZE - 1]);
+    for (int j = 0; j < SIZE - 1; ++j) { t[j] = t[j + 1]; q[j] = q[j + 1]; }
+    fetch(c + B, t[SIZE - 1], q[SIZE - 1]);
     const VecF<VEC> xv = vload<VEC>(x + c * cs + base);
     VecF<VEC> out;
 #pragma unroll
@@ -195,7 +197,7 @@ __global__ void lrn_bwd_kernel(const float* __restrict__ x, const float* __restr
 #pragma unroll
       for (int o = 1; o <= B; ++o) s += t[A + o].v[k];
       s = s * xv.v[k] * coef;
-      out.v[k] = lrn_pow(dr[A].v[k], g.beta) * dyr[A].v[k] - s;
+      out.v[k] = q[A].v[k] - s;
     }
     vstore<VEC>(dx + c * cs + base, out);
   }
@@ -207,9 +209,10 @@ __global__ void lrn_fwd_generic(const float* __restrict__ x, float* __restrict__
                                 LrnGeom g, int seg) {
   const int B = g.size / 2, A = (g.size - 1) / 2;
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
-  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
   if (idx >= static_cast<unsigned>(g.P) * NV) return;
-  const int c0 = blockIdx.y * seg, c1 = min(g.C, c0 + seg);
+  const int c0 = (blockIdx.x % nseg) * seg, c1 = min(g.C, c0 + seg);
   const size_t cs = static_cast<size_t>(g.P) * g.N;
   const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
   for (int c = c0; c < c1; ++c) {
@@ -244,9 +247,10 @@ __global__ void lrn_bwd_recompute_generic(const float* __restrict__ x, const flo
                                           float* __restrict__ dx, LrnGeom g, int seg) {
   const int A = (g.size - 1) / 2, B = g.size / 2;
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
-  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
   if (idx >= static_cast<unsigned>(g.P) * NV) return;
-  const int c0 = blockIdx.y * seg, c1 = min(g.C, c0 + seg);
+  const int c0 = (blockIdx.x % nseg) * seg, c1 = min(g.C, c0 + seg);
   const size_t cs = static_cast<size_t>(g.P) * g.N;
   const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
   const float coef = 2.0f * g.a * g.beta;
@@ -305,9 +309,10 @@ __global__ void lrn_bwd_generic(const float* __restrict__ x, const float* __rest
                                 LrnGeom g, int seg) {
   const int A = (g.size - 1) / 2, B = g.size / 2;
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
-  const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
   if (idx >= static_cast<unsigned>(g.P) * NV) return;
-  const int c0 = blockIdx.y * seg, c1 = min(g.C, c0 + seg);
+  const int c0 = (blockIdx.x % nseg) * seg, c1 = min(g.C, c0 + seg);
   const size_t cs = static_cast<size_t>(g.P) * g.N;
   const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
   const float coef = 2.0f * g.a * g.beta;
@@ -348,7 +353,6 @@ int segment_length(const LrnGeom& g, int vec) {
   const long long max_seg = (g.C + 15) / 16;
   if (nseg > max_seg) nseg = max_seg;
   if (nseg < 1) nseg = 1;
-  if (nseg > 65535) nseg = 65535;
   return static_cast<int>((g.C + nseg - 1) / nseg);
 }
 
@@ -356,7 +360,7 @@ template <int VEC>
 void fwd_dispatch(const float* x, float* y, float* d, const LrnGeom& g, cudaStream_t s) {
   const int seg = segment_length(g, VEC);
   const unsigned items = static_cast<unsigned>(g.P) * (g.N / VEC);
-  const dim3 grid((items + kThreads - 1) / kThreads, (g.C + seg - 1) / seg), block(kThreads);
+  const dim3 grid(ceil_div(items, kThreads) * ceil_div(g.C, seg)), block(kThreads);
   if (g.size == 5) launch(lrn_fwd_kernel<VEC, 5>, grid, block, 0, s, x, y, d, g, seg);
   else if (g.size == 3) launch(lrn_fwd_kernel<VEC, 3>, grid, block, 0, s, x, y, d, g, seg);
   else launch(lrn_fwd_generic<VEC>, grid, block, 0, s, x, y, d, g, seg);
@@ -367,7 +371,7 @@ void bwd_dispatch(const float* x, const float* y, const float* d, const float* d
                   bool reuse, cudaStream_t s) {
   const int seg = segment_length(g, VEC);
   const unsigned items = static_cast<unsigned>(g.P) * (g.N / VEC);
-  const dim3 grid((items + kThreads - 1) / kThreads, (g.C + seg - 1) / seg), block(kThreads);
+  const dim3 grid(ceil_div(items, kThreads) * ceil_div(g.C, seg)), block(kThreads);
   if (!reuse) {
     if (g.size == 5) launch(lrn_bwd_recompute_kernel<VEC, 5>, grid, block, 0, s, x, dy, dx, g, seg);
     else if (g.size == 3) launch(lrn_bwd_recompute_kernel<VEC, 3>, grid, block, 0, s, x, dy, dx, g, seg);

@@ -26,6 +26,9 @@ using memb::vfill;
 
 constexpr int kThreads = 256;
 
+// max that propagates NaN (as NumPy's maximum, the reference, does): a NaN in a window makes its output NaN.
+__device__ __forceinline__ float max_nan(float acc, float v) { return (v > acc || v != v) ? v : acc; }
+
 template <int MODE, int VEC, int WH, int WW>
 __global__ void pool_fwd_kernel(const float* __restrict__ x, float* __restrict__ y, PoolGeom g) {
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
@@ -52,7 +55,7 @@ __global__ void pool_fwd_kernel(const float* __restrict__ x, float* __restrict__
         const VecF<VEC> v = vload<VEC>(xc + (static_cast<size_t>(h) * g.W + w) * g.N);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          if (MODE == POOL_MAX) acc.v[k] = v.v[k] > acc.v[k] ? v.v[k] : acc.v[k];
+          if (MODE == POOL_MAX) acc.v[k] = max_nan(acc.v[k], v.v[k]);
           else acc.v[k] += v.v[k];
         }
       }
@@ -95,7 +98,7 @@ __global__ void pool_fwd_max_strip_kernel(const float* __restrict__ x, float* __
           if (w < 0 || w >= g.W) continue;
           const VecF<VEC> v = vload<VEC>(xc + (static_cast<size_t>(h) * g.W + w) * g.N);
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) acc.v[k] = v.v[k] > acc.v[k] ? v.v[k] : acc.v[k];
+          for (int k = 0; k < VEC; ++k) acc.v[k] = max_nan(acc.v[k], v.v[k]);
         }
       }
       return acc;
@@ -109,7 +112,7 @@ __global__ void pool_fwd_max_strip_kernel(const float* __restrict__ x, float* __
 #pragma unroll
       for (int j = 1; j < WH; ++j)
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) out.v[k] = r[j].v[k] > out.v[k] ? r[j].v[k] : out.v[k];
+        for (int k = 0; k < VEC; ++k) out.v[k] = max_nan(out.v[k], r[j].v[k]);
       vstore<VEC>(yc + static_cast<size_t>(oh) * g.OW * g.N, out);
       if (++oh >= oh1) break;
       h0 += SH;
