@@ -1,0 +1,385 @@
+"""Per-layer convolution benchmark: AlexNet conv1..conv5, forward / input gradient / filter gradient.
+
+    python benchmarks/conv_bench.py                       # cuda:0 if usable, batch 128, the 2012 two-tower model
+    python benchmarks/conv_bench.py --model one-tower --batch 64 --layers conv2,conv3 --repeats 50
+    python benchmarks/conv_bench.py --device emu          # correctness smoke on the CPU emulator (not a speed figure)
+
+On a GPU each row gives our time (warm-up, then ``repeats`` calls captured in a CUDA graph and timed with CUDA
+events, median of 7 replays, so Python launch overhead is not counted; back-to-back calls if capture fails), GFLOP/s (direct-convolution count
+2*N*F*OH*OW*Cg*KH*KW), % of the card's FP32 peak (SMs x FP32 lanes x 2 x boost clock), and, in the same run on
+the same GPU, cuDNN with TF32 disabled (the FP32 baseline), the ratio ours/cuDNN (time; < 1 is faster than
+cuDNN) and cuDNN with TF32 enabled for reference. cuDNN runs in NCHW (its native layout) on its fastest algorithm:
+through PyTorch (``cudnn.benchmark = True``) when torch is installed, else through ctypes (legacy API,
+cudnnFind* picks the algorithm; FP32 = CUDNN_FMA_MATH, TF32 = CUDNN_DEFAULT_MATH). Results go to benchmarks/results/ (JSON +
+markdown, with the device name, date and versions).
+
+Without a GPU (``--device emu``), the layers run on the emulator at a tiny size (batch 4, channels divided by
+8) and are compared with the NumPy reference: a correctness smoke, the times are not speed figures.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+try:  # the installed package (pip install .), which carries convnet._cuda; else the source tree (dev builds)
+    import convnet  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common  # noqa: E402
+# The lead's memory-bound benchmark has the ctypes cuDNN loader and the CUDA-graph timer; reuse them.
+from memory_bound_bench import CuDNN, TIMING, bench_ms, ptr  # noqa: E402
+
+from convnet import ops  # noqa: E402
+from convnet.devices import device_report, get_device  # noqa: E402
+from convnet.reference import conv as ref  # noqa: E402
+
+# name: (C, H, W, F, KH, KW, stride, pad, groups)
+MODELS = {
+    "2012": {
+        "conv1": (3, 224, 224, 96, 11, 11, 4, 2, 1),
+        "conv2": (96, 27, 27, 256, 5, 5, 1, 2, 2),
+        "conv3": (256, 13, 13, 384, 3, 3, 1, 1, 1),
+        "conv4": (384, 13, 13, 384, 3, 3, 1, 1, 2),
+        "conv5": (384, 13, 13, 256, 3, 3, 1, 1, 2),
+    },
+    "one-tower": {
+        "conv1": (3, 224, 224, 64, 11, 11, 4, 2, 1),
+        "conv2": (64, 27, 27, 192, 5, 5, 1, 2, 1),
+        "conv3": (192, 13, 13, 384, 3, 3, 1, 1, 1),
+        "conv4": (384, 13, 13, 256, 3, 3, 1, 1, 1),
+        "conv5": (256, 13, 13, 256, 3, 3, 1, 1, 1),
+    },
+}
+PASSES = ("forward", "input-grad", "filter-grad")
+
+
+def fp32_peak_tflops(device) -> float | None:
+    """SMs x FP32 lanes per SM x 2 (FMA) x clock. Lanes: 64 on sm_80 (A100), 128 on sm_86/89/90."""
+    if device.kind != "cuda":
+        return None
+    import cupy as cp
+
+    with device.activate():
+        props = cp.cuda.runtime.getDeviceProperties(device.index)
+    lanes = 64 if (props["major"], props["minor"]) == (8, 0) else 128
+    return props["multiProcessorCount"] * lanes * 2 * props["clockRate"] * 1e3 / 1e12
+
+
+def measured_sgemm_tflops(device) -> float | None:
+    """FP32 (no TF32) 8192^3 GEMM through CuPy/cuBLAS on the same card: a measured ceiling for FP32 FMA."""
+    if device.kind != "cuda":
+        return None
+    import cupy as cp
+
+    os.environ.setdefault("CUPY_TF32", "0")
+    with device.activate():
+        a = cp.random.rand(8192, 8192, dtype=cp.float32)
+        b = cp.random.rand(8192, 8192, dtype=cp.float32)
+        ms = common.time_ms(lambda: cp.matmul(a, b), device, warmup=2, repeats=5)
+    return 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
+
+
+def layer_flops(geom, n):
+    c, h, w, f, kh, kw, s, p, g = geom
+    oh, ow = ref.conv_output_hw((h, w), (kh, kw), s, p)
+    return 2.0 * n * f * oh * ow * (c // g) * kh * kw
+
+
+def make_inputs(device, geom, n, seed=0):
+    c, h, w, f, kh, kw, s, p, g = geom
+    rng = np.random.default_rng(seed)
+    oh, ow = ref.conv_output_hw((h, w), (kh, kw), s, p)
+    host = dict(x=rng.uniform(-1, 1, (c, h, w, n)).astype(np.float32),
+                w=rng.uniform(-1, 1, (c // g, kh, kw, f)).astype(np.float32) * 0.1,
+                dy=rng.uniform(-1, 1, (f, oh, ow, n)).astype(np.float32))
+    return host, {k: device.asarray(v) for k, v in host.items()}
+
+
+def our_fns(device, geom, arrs):
+    c, h, w, f, kh, kw, s, p, g = geom
+    kw_ = dict(stride=s, padding=p, groups=g)
+    x, wt, dy = arrs["x"], arrs["w"], arrs["dy"]
+    y = ops.conv_forward(device, x, wt, **kw_)
+    dx = ops.conv_backward_data(device, dy, wt, (h, w), **kw_)
+    dw = ops.conv_backward_filter(device, x, dy, (kh, kw), **kw_)
+    return {
+        "forward": lambda: ops.conv_forward(device, x, wt, out=y, **kw_),
+        "input-grad": lambda: ops.conv_backward_data(device, dy, wt, (h, w), out=dx, **kw_),
+        "filter-grad": lambda: ops.conv_backward_filter(device, x, dy, (kh, kw), out=dw, **kw_),
+    }, (y, dx, dw)
+
+
+class _AlgoPerf(ctypes.Structure):  # cudnnConvolution{Fwd,BwdData,BwdFilter}AlgoPerf_t (same layout)
+    _fields_ = [("algo", ctypes.c_int), ("status", ctypes.c_int), ("time", ctypes.c_float),
+                ("memory", ctypes.c_size_t), ("determinism", ctypes.c_int), ("mathType", ctypes.c_int),
+                ("reserved", ctypes.c_int * 3)]
+
+
+class ConvCuDNN(CuDNN):
+    """cuDNN's legacy convolution API through ctypes (cuDNN 8 or 9), NCHW tensors, best algorithm by cudnnFind*.
+
+    FP32 = CUDNN_FMA_MATH (no tensor cores); TF32 = CUDNN_DEFAULT_MATH (TF32 tensor cores allowed on sm_80+)."""
+
+    DEFAULT_MATH, FMA_MATH, CROSS_CORRELATION, NCHW = 0, 3, 1, 0
+
+    def conv_fns(self, xp, geom, host, tf32):
+        c, h, w, f, kh, kw, s, p, g = geom
+        n = host["x"].shape[3]
+        oh, ow = ref.conv_output_hw((h, w), (kh, kw), s, p)
+        x = xp.asarray(np.ascontiguousarray(host["x"].transpose(3, 0, 1, 2)))
+        wt = xp.asarray(np.ascontiguousarray(host["w"].transpose(3, 0, 1, 2)))  # (F, Cg, KH, KW)
+        dy = xp.asarray(np.ascontiguousarray(host["dy"].transpose(3, 0, 1, 2)))
+        y, dx, dw = xp.empty_like(dy), xp.empty_like(x), xp.empty_like(wt)
+        xd, yd = self.tensor(c, h, w, n, "NCHW"), self.tensor(f, oh, ow, n, "NCHW")
+        fd = ctypes.c_void_p()
+        self._ok(self.lib.cudnnCreateFilterDescriptor(ctypes.byref(fd)), "cudnnCreateFilterDescriptor")
+        self._ok(self.lib.cudnnSetFilter4dDescriptor(fd, self.FLOAT, self.NCHW, f, c // g, kh, kw),
+                 "cudnnSetFilter4dDescriptor")
+        cd = ctypes.c_void_p()
+        self._ok(self.lib.cudnnCreateConvolutionDescriptor(ctypes.byref(cd)), "cudnnCreateConvolutionDescriptor")
+        self._ok(self.lib.cudnnSetConvolution2dDescriptor(cd, p, p, s, s, 1, 1, self.CROSS_CORRELATION, self.FLOAT),
+                 "cudnnSetConvolution2dDescriptor")
+        self._ok(self.lib.cudnnSetConvolutionGroupCount(cd, g), "cudnnSetConvolutionGroupCount")
+        math = self.DEFAULT_MATH if tf32 else self.FMA_MATH
+        self._ok(self.lib.cudnnSetConvolutionMathType(cd, math), "cudnnSetConvolutionMathType")
+        one, zero = ctypes.byref(self.one), ctypes.byref(self.zero)
+
+        def best(find, *descs):
+            perf = (_AlgoPerf * 16)()
+            count = ctypes.c_int()
+            self._ok(find(self.handle, *descs, 16, ctypes.byref(count), perf), find.__name__)
+            ok = [r for r in perf[:count.value] if r.status == 0]
+            if not ok:
+                raise RuntimeError(f"{find.__name__}: no usable algorithm")
+            r = min(ok, key=lambda r: r.time)
+            # FP32 runs are always executed under CUDNN_FMA_MATH (no tensor cores, whatever Find reported).
+            return (r.algo, r.mathType if tf32 else self.FMA_MATH,
+                    xp.empty(max(1, (r.memory + 3) // 4), dtype=xp.float32), r.memory)
+
+        fwd = best(self.lib.cudnnFindConvolutionForwardAlgorithm, xd, fd, cd, yd)
+        bwd_data = best(self.lib.cudnnFindConvolutionBackwardDataAlgorithm, fd, yd, cd, xd)
+        bwd_filter = best(self.lib.cudnnFindConvolutionBackwardFilterAlgorithm, xd, yd, cd, fd)
+
+        def call(fn, algo, args_before, args_after, name):
+            a, m, ws, size = algo
+
+            def run():
+                self.lib.cudnnSetConvolutionMathType(cd, m)
+                self._ok(fn(self.handle, one, *args_before, cd, a, ptr(ws), ctypes.c_size_t(size), zero,
+                            *args_after), name)
+            return run
+
+        return {
+            "_keep": (x, wt, dy, y, dx, dw, fwd, bwd_data, bwd_filter),  # the buffers live as long as the calls
+            "forward": call(self.lib.cudnnConvolutionForward, fwd, (xd, ptr(x), fd, ptr(wt)), (yd, ptr(y)),
+                            "cudnnConvolutionForward"),
+            "input-grad": call(self.lib.cudnnConvolutionBackwardData, bwd_data, (fd, ptr(wt), yd, ptr(dy)),
+                               (xd, ptr(dx)), "cudnnConvolutionBackwardData"),
+            "filter-grad": call(self.lib.cudnnConvolutionBackwardFilter, bwd_filter, (xd, ptr(x), yd, ptr(dy)),
+                                (fd, ptr(dw)), "cudnnConvolutionBackwardFilter"),
+        }
+
+
+def torch_fns(torch, geom, host):
+    """The same three passes through PyTorch's cuDNN (NCHW), when torch is installed."""
+    c, h, w, f, kh, kw, s, p, g = geom
+    x = torch.from_numpy(np.ascontiguousarray(host["x"].transpose(3, 0, 1, 2))).cuda()
+    wt = torch.from_numpy(np.ascontiguousarray(host["w"].transpose(3, 0, 1, 2))).cuda()  # (F, Cg, KH, KW)
+    dy = torch.from_numpy(np.ascontiguousarray(host["dy"].transpose(3, 0, 1, 2))).cuda()
+    conv_bwd = torch.ops.aten.convolution_backward
+    args = dict(bias_sizes=None, stride=[s, s], padding=[p, p], dilation=[1, 1], transposed=False,
+                output_padding=[0, 0], groups=g)
+    return {
+        "forward": lambda: torch.nn.functional.conv2d(x, wt, None, s, p, 1, g),
+        "input-grad": lambda: conv_bwd(dy, x, wt, output_mask=[True, False, False], **args),
+        "filter-grad": lambda: conv_bwd(dy, x, wt, output_mask=[False, True, False], **args),
+    }
+
+
+def time_torch(torch, fn, warmup, repeats):
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def baselines(device, geom, host, warmup, repeats, backend):
+    """{pass: (FP32 ms, TF32 ms)} from cuDNN on the same GPU, or {} with a printed reason."""
+    out = {}
+    try:
+        if backend[0] == "torch":
+            torch = backend[1]
+            fns = torch_fns(torch, geom, host)
+            for ps in PASSES:
+                times = []
+                for tf32 in (False, True):
+                    torch.backends.cudnn.allow_tf32 = tf32
+                    times.append(time_torch(torch, fns[ps], warmup, repeats))
+                out[ps] = tuple(times)
+            torch.backends.cudnn.allow_tf32 = False
+        else:
+            cud = backend[1]
+            per_math = [cud.conv_fns(device.xp, geom, host, tf32) for tf32 in (False, True)]
+            for ps in PASSES:
+                out[ps] = tuple(bench_ms(fns[ps], device, reps=repeats) for fns in per_math)
+    except Exception as exc:  # noqa: BLE001 - report and go on without the baseline
+        print(f"cuDNN baseline failed for {geom}: {exc}")
+        return {}
+    return out
+
+
+def smoke_check(geom, host, outs):
+    """Max normwise error of each pass against the float64 reference (emu smoke)."""
+    c, h, w, f, kh, kw, s, p, g = geom
+    kw_ = dict(stride=s, padding=p, groups=g)
+    x, wt, dy = (host[k].astype(np.float64) for k in ("x", "w", "dy"))
+    wants = (ref.conv_forward(x, wt, **kw_), ref.conv_backward_data(dy, wt, (h, w), **kw_),
+             ref.conv_backward_filter(x, dy, (kh, kw), **kw_))
+    return [float(np.max(np.abs(common_to_host(o) - want)) / max(np.max(np.abs(want)), 1e-30))
+            for o, want in zip(outs, wants)]
+
+
+def common_to_host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None, help="cuda, cuda:1 or emu (default: cuda:0 if usable, else emu)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="2012", help="AlexNet variant (default 2012)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default 128 on cuda, 4 on emu)")
+    ap.add_argument("--layers", default="conv1,conv2,conv3,conv4,conv5", help="comma-separated layer names")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 20; 1 on emu)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls (default 3; 0 on emu)")
+    ap.add_argument("--channel-divisor", type=int, default=None,
+                    help="divide channel and filter counts (default 1 on cuda, 8 on emu)")
+    ap.add_argument("--no-cudnn", action="store_true", help="skip the cuDNN columns")
+    ap.add_argument("--tile", type=int, default=-1,
+                    help="force row TILE of the kernels' dispatch table (calibration; default -1: automatic)")
+    args = ap.parse_args(argv)
+
+    if args.device is None:
+        usable = {e["device"]: e["usable"] for e in device_report()}
+        args.device = "cuda:0" if usable.get("cuda:0") else "emu"
+    device = get_device(args.device)
+    on_gpu = device.kind == "cuda"
+    batch = args.batch or (128 if on_gpu else 4)
+    repeats = args.repeats or (20 if on_gpu else 1)
+    warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 0)
+    div = args.channel_divisor or (1 if on_gpu else 8)
+    model = MODELS[args.model]
+    layers = [name.strip() for name in args.layers.split(",") if name.strip()]
+    for name in layers:
+        if name not in model:
+            ap.error(f"unknown layer {name!r}; choose from {', '.join(model)}")
+
+    if not on_gpu:
+        print(f"NOTE: no GPU ({device}): running a CORRECTNESS SMOKE on the emulator at batch {batch} with channel "
+              f"counts divided by {div}. The times below are NOT speed figures.\n")
+    peak = fp32_peak_tflops(device)
+    sgemm = measured_sgemm_tflops(device)
+    backend = (None, None)
+    stream = None
+    if on_gpu:
+        import contextlib
+
+        import cupy as cp
+
+        with device.activate():
+            stream = cp.cuda.Stream(non_blocking=True)  # CUDA-graph capture needs a non-default stream
+        if not args.no_cudnn:
+            torch = common.cudnn(allow_tf32=False)
+            if torch is not None:
+                backend = ("torch", torch)
+            else:
+                try:
+                    with device.activate():
+                        backend = ("cudnn-ctypes", ConvCuDNN(int(stream.ptr)))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"cuDNN baseline unavailable (no torch, and ctypes cuDNN failed: {exc})")
+        ctx = contextlib.ExitStack()
+        ctx.enter_context(device.activate())
+        ctx.enter_context(stream)
+    device.kernels.conv_set_tile_override(args.tile)
+
+    rows = []
+    have_base = False
+    for name in layers:
+        c, h, w, f, kh, kw, s, p, g = model[name]
+        c0 = c if c <= 3 else max(g, c // div // g * g)
+        f0 = max(g, f // div // g * g)
+        geom = (c0, h, w, f0, kh, kw, s, p, g)
+        host, arrs = make_inputs(device, geom, batch)
+        fns, outs = our_fns(device, geom, arrs)
+        flops = layer_flops(geom, batch)
+        errors = smoke_check(geom, host, outs) if not on_gpu else [None] * 3
+        base = baselines(device, geom, host, warmup, repeats, backend) if backend[0] else {}
+        have_base = have_base or bool(base)
+        geo12 = (c0, h, w, batch, f0, kh, kw, s, s, p, p, g)
+        for op, (ps, err) in enumerate(zip(PASSES, errors)):
+            if on_gpu:
+                for _ in range(warmup):
+                    fns[ps]()
+                ms = bench_ms(fns[ps], device, reps=repeats)
+            else:
+                ms = common.time_ms(fns[ps], device, warmup=warmup, repeats=repeats)
+            row = {"layer": name, "pass": ps, "shape": f"C{c0} {h}x{w} F{f0} {kh}x{kw}/{s} p{p} g{g} N{batch}",
+                   "ms": ms, "GFLOP/s": flops / (ms * 1e-3) / 1e9}
+            if peak:
+                row["% FP32 peak"] = 100.0 * row["GFLOP/s"] / (peak * 1e3)
+            if ps in base:
+                row["cuDNN FP32 ms"] = base[ps][0]
+                row["ours/cuDNN"] = ms / base[ps][0]
+                row["cuDNN TF32 ms"] = base[ps][1]
+            if err is not None:
+                row["rel err vs ref"] = err
+            row["plan"] = device.kernels.conv_plan(op, geo12)  # JSON only: tile, path, grid, splits
+            rows.append(row)
+            print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                            if k != "plan"), flush=True)
+    if on_gpu:
+        ctx.close()
+
+    columns = ["layer", "pass", "shape", "ms", "GFLOP/s"]
+    if peak:
+        columns += ["% FP32 peak"]
+    if have_base:
+        columns += ["cuDNN FP32 ms", "ours/cuDNN", "cuDNN TF32 ms"]
+    if not on_gpu:
+        columns += ["rel err vs ref"]
+        bad = [r for r in rows if r["rel err vs ref"] > 1e-5]
+        if bad:
+            print(f"SMOKE FAILED: {len(bad)} passes exceed 1e-5 relative error", file=sys.stderr)
+    device.kernels.conv_set_tile_override(-1)
+    extra = {"model": args.model, "tile_override": args.tile, "batch": batch, "repeats": repeats, "warmup": warmup,
+             "channel_divisor": div, "fp32_peak_tflops": peak, "measured_sgemm_tflops": sgemm,
+             "cudnn_backend": backend[0],
+             "timing": (f"ours: {TIMING['method']} of {repeats} calls timed with CUDA events (median of 7), after "
+                        f"{warmup} warm-up calls; cuDNN: same method (ctypes) or CUDA events around each call, "
+                        f"median (torch)") if on_gpu else "wall clock (emulator smoke, not a speed figure)",
+             "ratio": "ours/cuDNN is a time ratio: < 1 means faster than cuDNN FP32 (TF32 off)"}
+    path = common.write_results(f"conv-{args.model}", device, rows, columns, extra)
+    print(f"\nwrote {path} and {path.with_suffix('.json')}")
+    if peak:
+        print(f"FP32 peak {peak:.1f} TFLOP/s (SMs x lanes x 2 x clock); measured SGEMM {sgemm:.1f} TFLOP/s")
+    return 1 if (not on_gpu and any(r["rel err vs ref"] > 1e-5 for r in rows)) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

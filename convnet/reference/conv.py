@@ -1,0 +1,212 @@
+"""NumPy reference for convolution in the CHWN layout (the oracle for the CUDA kernels).
+
+Layouts (docs/architecture.md):
+    x   (C, H, W, N)              images fastest
+    w   (C // groups, KH, KW, F)  filters fastest; group g uses input channels [g*Cg, (g+1)*Cg)
+                                  and filters [g*Fg, (g+1)*Fg)
+    y   (F, OH, OW, N)            OH = (H + 2*pad_h - KH) // stride_h + 1 (same for W)
+    b   (F,)
+
+Method: im2col through ``numpy.lib.stride_tricks.as_strided`` on a zero-padded copy of the input (the
+reference may copy; the kernels pad implicitly), then one BLAS matmul per group. Works in float32 and
+float64: the result has the dtype of the inputs (float64 if they are mixed). The op layer
+(``convnet.ops.conv``) adds alpha/beta accumulation and validation; these functions only check what they
+need to compute correctly.
+
+To bound memory on large batches (the numpy device trains with this), the column matrix is built for a
+chunk of images at a time, so peak extra memory is about ``_COL_BUDGET`` floats.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+__all__ = [
+    "pair",
+    "conv_output_hw",
+    "conv_forward",
+    "conv_backward_data",
+    "conv_backward_filter",
+    "conv_backward_bias",
+    "conv_forward_naive",
+]
+
+_COL_BUDGET = 1 << 25  # elements of the im2col matrix per chunk (128 MB in float32)
+
+
+def pair(v, name="value"):
+    """int or (h, w) -> (h, w) of Python ints."""
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"{name} must be an int or an (h, w) pair, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def conv_output_hw(input_hw, filter_hw, stride=1, padding=0):
+    (h, w), (kh, kw) = pair(input_hw), pair(filter_hw)
+    (sh, sw), (ph, pw) = pair(stride), pair(padding)
+    return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+
+
+def _result_dtype(*arrays):
+    return np.result_type(*[a.dtype for a in arrays if a is not None], np.float32)
+
+
+def _pad(x, ph, pw):
+    if ph == 0 and pw == 0:
+        return x
+    c, h, w, n = x.shape
+    xp = np.zeros((c, h + 2 * ph, w + 2 * pw, n), dtype=x.dtype)
+    xp[:, ph:ph + h, pw:pw + w, :] = x
+    return xp
+
+
+def _windows(xp, kh, kw, oh, ow, sh, sw):
+    """View of shape (C, KH, KW, OH, OW, N) over the padded input (no copy)."""
+    c, _, _, n = xp.shape
+    s0, s1, s2, s3 = xp.strides
+    return as_strided(xp, shape=(c, kh, kw, oh, ow, n),
+                      strides=(s0, s1, s2, s1 * sh, s2 * sw, s3), writeable=False)
+
+
+def _chunks(n, per_image):
+    step = max(1, min(n, _COL_BUDGET // max(1, per_image)))
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _geometry(x_shape, w_shape, stride, padding, groups):
+    c, h, wd, n = x_shape
+    cg, kh, kw, f = w_shape
+    sh, sw = pair(stride, "stride")
+    ph, pw = pair(padding, "padding")
+    groups = int(groups)
+    if groups < 1 or c % groups or f % groups or cg * groups != c:
+        raise ValueError(f"bad groups={groups} for C={c}, filters {w_shape}")
+    oh, ow = conv_output_hw((h, wd), (kh, kw), (sh, sw), (ph, pw))
+    if oh < 1 or ow < 1:
+        raise ValueError("filter larger than padded input")
+    return c, h, wd, n, cg, kh, kw, f, sh, sw, ph, pw, groups, oh, ow
+
+
+def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1):
+    """y[f, oy, ox, n] = sum_{c,ky,kx} w[c, ky, kx, f] * xpad[g*Cg + c, oy*sh + ky, ox*sw + kx, n] + b[f]."""
+    x = np.asarray(x)
+    w = np.asarray(w)
+    c, h, wd, n, cg, kh, kw, f, sh, sw, ph, pw, groups, oh, ow = _geometry(x.shape, w.shape, stride, padding, groups)
+    dt = _result_dtype(x, w, bias)
+    x = x.astype(dt, copy=False)
+    w = w.astype(dt, copy=False)
+    fg = f // groups
+    k = cg * kh * kw
+    y = np.empty((f, oh, ow, n), dtype=dt)
+    for g in range(groups):
+        wg = w[:, :, :, g * fg:(g + 1) * fg].reshape(k, fg)
+        for n0, n1 in _chunks(n, k * oh * ow):
+            xp = _pad(x[g * cg:(g + 1) * cg, :, :, n0:n1], ph, pw)
+            cols = _windows(xp, kh, kw, oh, ow, sh, sw).reshape(k, oh * ow * (n1 - n0))
+            y[g * fg:(g + 1) * fg, :, :, n0:n1] = (wg.T @ cols).reshape(fg, oh, ow, n1 - n0)
+    if bias is not None:
+        y += np.asarray(bias, dtype=dt).reshape(f, 1, 1, 1)
+    return y
+
+
+def conv_backward_data(dy, w, input_hw, stride=1, padding=0, groups=1):
+    """dx = d(sum y*dy)/dx for y = conv_forward(x, w): the transposed convolution (col2im of W dy)."""
+    dy = np.asarray(dy)
+    w = np.asarray(w)
+    h, wd = pair(input_hw, "input_hw")
+    f, oh_, ow_, n = dy.shape
+    cg, kh, kw, f2 = w.shape
+    if f2 != f:
+        raise ValueError(f"dy has {f} filters, w has {f2}")
+    c = cg * int(groups)
+    _, _, _, _, cg, kh, kw, f, sh, sw, ph, pw, groups, oh, ow = _geometry((c, h, wd, n), w.shape, stride, padding, groups)
+    if (oh, ow) != (oh_, ow_):
+        raise ValueError(f"dy spatial size {(oh_, ow_)} does not match the geometry's {(oh, ow)}")
+    dt = _result_dtype(dy, w)
+    dy = dy.astype(dt, copy=False)
+    w = w.astype(dt, copy=False)
+    fg = f // groups
+    k = cg * kh * kw
+    dx = np.empty((c, h, wd, n), dtype=dt)
+    hp, wp = h + 2 * ph, wd + 2 * pw
+    for g in range(groups):
+        wg = w[:, :, :, g * fg:(g + 1) * fg].reshape(k, fg)
+        for n0, n1 in _chunks(n, k * oh * ow):
+            nb = n1 - n0
+            dyg = dy[g * fg:(g + 1) * fg, :, :, n0:n1].reshape(fg, oh * ow * nb)
+            cols = (wg @ dyg).reshape(cg, kh, kw, oh, ow, nb)
+            dxp = np.zeros((cg, hp, wp, nb), dtype=dt)
+            for ky in range(kh):
+                for kx in range(kw):
+                    dxp[:, ky:ky + sh * (oh - 1) + 1:sh, kx:kx + sw * (ow - 1) + 1:sw, :] += cols[:, ky, kx]
+            dx[g * cg:(g + 1) * cg, :, :, n0:n1] = dxp[:, ph:ph + h, pw:pw + wd, :]
+    return dx
+
+
+def conv_backward_filter(x, dy, filter_hw, stride=1, padding=0, groups=1):
+    """dw[c, ky, kx, f] = sum_{oy,ox,n} xpad[g*Cg + c, oy*sh + ky, ox*sw + kx, n] * dy[f, oy, ox, n]."""
+    x = np.asarray(x)
+    dy = np.asarray(dy)
+    kh, kw = pair(filter_hw, "filter_hw")
+    c = x.shape[0]
+    groups = int(groups)
+    if groups < 1 or c % groups:
+        raise ValueError(f"bad groups={groups} for C={c}")
+    f = dy.shape[0]
+    _, h, wd, n, cg, kh, kw, f, sh, sw, ph, pw, groups, oh, ow = _geometry(
+        x.shape, (c // groups, kh, kw, f), stride, padding, groups)
+    if dy.shape != (f, oh, ow, n):
+        raise ValueError(f"dy shape {dy.shape} does not match the geometry's {(f, oh, ow, n)}")
+    dt = _result_dtype(x, dy)
+    x = x.astype(dt, copy=False)
+    dy = dy.astype(dt, copy=False)
+    fg = f // groups
+    k = cg * kh * kw
+    dw = np.zeros((cg, kh, kw, f), dtype=dt)
+    for g in range(groups):
+        acc = np.zeros((k, fg), dtype=dt)
+        for n0, n1 in _chunks(n, k * oh * ow):
+            nb = n1 - n0
+            xp = _pad(x[g * cg:(g + 1) * cg, :, :, n0:n1], ph, pw)
+            cols = _windows(xp, kh, kw, oh, ow, sh, sw).reshape(k, oh * ow * nb)
+            dyg = dy[g * fg:(g + 1) * fg, :, :, n0:n1].reshape(fg, oh * ow * nb)
+            acc += cols @ dyg.T
+        dw[:, :, :, g * fg:(g + 1) * fg] = acc.reshape(cg, kh, kw, fg)
+    return dw
+
+
+def conv_backward_bias(dy):
+    """db[f] = sum over (OH, OW, N) of dy[f]."""
+    dy = np.asarray(dy)
+    dt = _result_dtype(dy)
+    return dy.astype(dt, copy=False).reshape(dy.shape[0], -1).sum(axis=1)
+
+
+def conv_forward_naive(x, w, bias=None, stride=1, padding=0, groups=1):
+    """Direct loops (slow; tests only): the definition, independent of im2col."""
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    c, h, wd, n, cg, kh, kw, f, sh, sw, ph, pw, groups, oh, ow = _geometry(x.shape, w.shape, stride, padding, groups)
+    fg = f // groups
+    y = np.zeros((f, oh, ow, n))
+    for fi in range(f):
+        g = fi // fg
+        for oy in range(oh):
+            for ox in range(ow):
+                acc = np.zeros(n)
+                for ci in range(cg):
+                    for ky in range(kh):
+                        iy = oy * sh - ph + ky
+                        if iy < 0 or iy >= h:
+                            continue
+                        for kx in range(kw):
+                            ix = ox * sw - pw + kx
+                            if ix < 0 or ix >= wd:
+                                continue
+                            acc += w[ci, ky, kx, fi] * x[g * cg + ci, iy, ix, :]
+                y[fi, oy, ox, :] = acc
+        if bias is not None:
+            y[fi] += float(np.asarray(bias)[fi])
+    return y

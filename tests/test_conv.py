@@ -1,0 +1,390 @@
+"""Convolution kernels (emu always, cuda when a GPU is usable) against the float64 NumPy reference.
+
+Tolerances (float32 kernels vs the float64 reference, inputs uniform in [-1, 1)):
+- per element, the rigorous bound for a dot product of K terms summed in any order in float32:
+      |got - want| <= K * u * (|A| |B|)   with u = 2**-24 and (|A| |B|) the same convolution of absolute values,
+  which any correct summation order satisfies (with FMA or without) and any wrong or missing term violates
+  (a missing term of size ~0.1 is far above K * u * sum|terms| ~ 1e-4 * 0.25 for K = 3200);
+- normwise, max|got - want| <= 1e-5 * max(|A| |B|): the "about 1e-5 relative" of the issue, relative to the
+  magnitude of the summed terms (relative to max|want| it would be meaningless for sums that cancel, e.g. a
+  bias gradient of three numbers). Rounding errors of a K-term float32 sum grow like sqrt(K) * u * |partial
+  sums| in practice: about 1e-6 of max(|A| |B|) for K <= 3200.
+Schedules: every fiber order gives bit-identical results (no atomics, fixed reduction orders).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import SCHEDULES, assert_identical, rand, schedule, to_host
+from convnet import ops
+from convnet.devices import Device
+from convnet.reference import conv as ref
+
+U = 2.0 ** -24
+
+# (name, C, H, W, N, F, KH, KW, stride, pad, groups)
+ALEXNET_2012 = [  # the two-tower model, batch 4 (vector path); conv1 at its true geometry
+    ("conv1", 3, 224, 224, 4, 96, 11, 11, 4, 2, 1),
+    ("conv2", 96, 27, 27, 1, 256, 5, 5, 1, 2, 2),     # true channels, batch 1 (scalar path)
+    ("conv3", 256, 13, 13, 2, 384, 3, 3, 1, 1, 1),    # true channels, batch 2
+    ("conv4", 384, 13, 13, 4, 384, 3, 3, 1, 1, 2),
+    ("conv5", 384, 13, 13, 4, 256, 3, 3, 1, 1, 2),
+]
+ALEXNET_ONE_TOWER = [  # one-tower variant (64/192/384/256/256, no groups), true channel counts
+    ("conv1", 3, 224, 224, 1, 64, 11, 11, 4, 2, 1),  # batch 1: scalar path
+    ("conv2", 64, 27, 27, 2, 192, 5, 5, 1, 2, 1),
+    ("conv3", 192, 13, 13, 3, 384, 3, 3, 1, 1, 1),
+    ("conv4", 384, 13, 13, 4, 256, 3, 3, 1, 1, 1),
+    ("conv5", 256, 13, 13, 1, 256, 3, 3, 1, 1, 1),
+]
+SMALL = [
+    ("stride2-pad1-groups2", 4, 9, 7, 5, 6, 3, 3, 2, 1, 2),
+    ("stride4-pad2-1ch", 1, 19, 17, 3, 5, 5, 4, 4, 2, 1),
+    ("3ch-F-not-mult-16", 3, 10, 11, 8, 20, 3, 5, 1, (2, 1), 1),
+    ("stride-gt-filter", 2, 11, 10, 4, 8, 2, 2, 3, 0, 1),
+    ("1x1-filter", 8, 5, 6, 4, 12, 1, 1, 1, 0, 4),
+    ("odd-everything", 5, 7, 9, 3, 7, 3, 2, (2, 1), (1, 0), 1),
+    ("batch1-groups3", 6, 8, 8, 1, 9, 3, 3, 1, 1, 3),
+    ("pad-ge-filter", 2, 4, 5, 4, 4, 2, 3, 1, 3, 1),
+    ("wgrad-split", 8, 16, 16, 8, 16, 3, 3, 1, 1, 1),  # OH*OW*N = 2048: room for 8 chunks of 256
+]
+SPLIT_CASES = [SMALL[8], ("split-scalar-groups", 6, 15, 13, 3, 9, 3, 3, 1, 1, 3)]
+
+
+@contextlib.contextmanager
+def forced(device, row=-1, wgrad_splits=0):
+    """Force a dispatch-table row and/or the filter-gradient split count (kernel devices only)."""
+    if device.kind == "numpy":
+        yield
+        return
+    k = device.kernels
+    k.conv_set_tile_override(row, wgrad_splits)
+    try:
+        yield
+    finally:
+        k.conv_set_tile_override(-1, 0)
+
+
+def _params(g):
+    _, c, h, w, n, f, kh, kw, s, p, groups = g
+    return dict(stride=s, padding=p, groups=groups)
+
+
+def _data(g, seed):
+    _, c, h, w, n, f, kh, kw, s, p, groups = g
+    rng = np.random.default_rng(seed)
+    x = rand(rng, (c, h, w, n))
+    wt = rand(rng, (c // groups, kh, kw, f))
+    b = rand(rng, (f,))
+    oh, ow = ref.conv_output_hw((h, w), (kh, kw), s, p)
+    dy = rand(rng, (f, oh, ow, n))
+    return x, wt, b, dy
+
+
+def _check(name, got, want, bound_terms, k):
+    """Both tolerances of the module docstring. bound_terms = the reference applied to absolute values."""
+    got = to_host(got).astype(np.float64)
+    err = np.abs(got - want)
+    scale = max(np.max(bound_terms), 1e-30)
+    assert np.isfinite(got).all(), f"{name}: non-finite output"
+    assert err.max() <= 1e-5 * scale, f"{name}: normwise error {err.max() / scale:.3g} > 1e-5"
+    bound = k * U * bound_terms + 1e-30
+    bad = err > bound
+    assert not bad.any(), (f"{name}: {int(bad.sum())}/{bad.size} elements beyond the rigorous bound; worst "
+                           f"{np.max(err - bound):.3g} at {np.unravel_index(np.argmax(err - bound), err.shape)}")
+
+
+def _run_and_check(dev, g, seed=0, which=("fwd", "dgrad", "wgrad", "bias")):
+    _, c, h, w, n, f, kh, kw, s, p, groups = g
+    kwargs = _params(g)
+    x, wt, b, dy = _data(g, seed)
+    x64, w64, b64, dy64 = (a.astype(np.float64) for a in (x, wt, b, dy))
+    ax, aw, ab, ady = (np.abs(a) for a in (x64, w64, b64, dy64))
+    X, Wt, B, DY = (dev.asarray(a) for a in (x, wt, b, dy))
+    cg, fg = c // groups, f // groups
+    oh, ow = dy.shape[1:3]
+    if "fwd" in which:
+        y = ops.conv_forward(dev, X, Wt, B, **kwargs)
+        _check("forward", y, ref.conv_forward(x64, w64, b64, **kwargs),
+               ref.conv_forward(ax, aw, ab, **kwargs), cg * kh * kw + 1)
+    if "dgrad" in which:
+        dx = ops.conv_backward_data(dev, DY, Wt, (h, w), **kwargs)
+        _check("backward_data", dx, ref.conv_backward_data(dy64, w64, (h, w), **kwargs),
+               ref.conv_backward_data(ady, aw, (h, w), **kwargs), fg * kh * kw)
+    if "wgrad" in which:
+        dw = ops.conv_backward_filter(dev, X, DY, (kh, kw), **kwargs)
+        _check("backward_filter", dw, ref.conv_backward_filter(x64, dy64, (kh, kw), **kwargs),
+               ref.conv_backward_filter(ax, ady, (kh, kw), **kwargs), oh * ow * n)
+    if "bias" in which:
+        db = ops.conv_backward_bias(dev, DY)
+        _check("backward_bias", db, ref.conv_backward_bias(dy64), ref.conv_backward_bias(ady), oh * ow * n)
+
+
+@pytest.mark.parametrize("g", ALEXNET_2012, ids=[f"2012-{g[0]}" for g in ALEXNET_2012])
+def test_alexnet_2012_layers(kernel_device, g):
+    _run_and_check(kernel_device, g)
+
+
+@pytest.mark.parametrize("g", ALEXNET_ONE_TOWER, ids=[f"1tower-{g[0]}" for g in ALEXNET_ONE_TOWER])
+def test_alexnet_one_tower_layers(kernel_device, g):
+    _run_and_check(kernel_device, g)
+
+
+@pytest.mark.parametrize("g", SMALL, ids=[g[0] for g in SMALL])
+def test_small_geometries(kernel_device, g):
+    _run_and_check(kernel_device, g)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("g", SPLIT_CASES, ids=[g[0] for g in SPLIT_CASES])
+def test_filter_gradient_split(kernel_device, g, splits):
+    """The filter gradient summed in chunks (partial sums + a reduction kernel), as the GPU plans do."""
+    _, c, h, w, n, f, kh, kw, s, p, groups = g
+    oh, ow = ref.conv_output_hw((h, w), (kh, kw), s, p)
+    with forced(kernel_device, wgrad_splits=splits):
+        plan = kernel_device.kernels.conv_plan(2, _geom_tuple(g))
+        assert int(re.search(r"(\d+) split", plan).group(1)) == min(splits, oh * ow * n // 256), plan
+        _run_and_check(kernel_device, g, seed=splits, which=("wgrad",))
+
+
+@st.composite
+def geometries(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    c = groups * draw(st.integers(1, 4))
+    f = groups * draw(st.integers(1, 6))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    sh, sw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    h = draw(st.integers(max(1, kh - 2 * ph), 12))
+    w = draw(st.integers(max(1, kw - 2 * pw), 12))
+    n = draw(st.sampled_from([1, 2, 3, 4, 5, 8]))
+    return ("random", c, h, w, n, f, kh, kw, (sh, sw), (ph, pw), groups)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(g=geometries(), seed=st.integers(0, 2**31 - 1))
+def test_random_geometries_emu(g, seed):
+    _run_and_check(Device("emu"), g, seed)
+
+
+SCHEDULE_CASES = [SMALL[0], SMALL[1], SMALL[8], ("conv2-like", 8, 9, 9, 4, 8, 5, 5, 1, 2, 2)]
+
+
+@pytest.mark.parametrize("g", SCHEDULE_CASES, ids=[g[0] for g in SCHEDULE_CASES])
+def test_schedules_bit_identical(g):
+    dev = Device("emu")
+    kwargs = _params(g)
+    _, c, h, w, n, f, kh, kw, *_ = g
+    x, wt, b, dy = _data(g, 7)
+    results = {}
+    for order in SCHEDULES:
+        with schedule(dev, order, seed=3), forced(dev, wgrad_splits=3):
+            results[order] = (ops.conv_forward(dev, x, wt, b, **kwargs),
+                              ops.conv_backward_data(dev, dy, wt, (h, w), **kwargs),
+                              ops.conv_backward_filter(dev, x, dy, (kh, kw), **kwargs),
+                              ops.conv_backward_bias(dev, dy))
+    for order in SCHEDULES[1:]:
+        for name, got, want in zip(("forward", "backward_data", "backward_filter", "backward_bias"),
+                                   results[order], results[SCHEDULES[0]]):
+            assert_identical(f"{name} ({order} vs {SCHEDULES[0]})", got, want)
+
+
+@pytest.mark.parametrize("g", [SMALL[0], SMALL[5], SMALL[8]], ids=["vec", "scalar", "split"])
+def test_alpha_beta_accumulate(kernel_device, g):
+    with forced(kernel_device, wgrad_splits=3 if g is SMALL[8] else 0):
+        _alpha_beta_cases(kernel_device, g)
+
+
+def _alpha_beta_cases(kernel_device, g):
+    dev = kernel_device
+    kwargs = _params(g)
+    _, c, h, w, n, f, kh, kw, *_ = g
+    x, wt, b, dy = _data(g, 11)
+    X, Wt, B, DY = (dev.asarray(a) for a in (x, wt, b, dy))
+    rng = np.random.default_rng(5)
+    alpha, beta = 0.75, -1.25
+    cases = [
+        ("forward", lambda out, a, bt: ops.conv_forward(dev, X, Wt, B, out=out, alpha=a, beta=bt, **kwargs),
+         ops.conv_forward(dev, X, Wt, B, **kwargs)),
+        ("backward_data", lambda out, a, bt: ops.conv_backward_data(dev, DY, Wt, (h, w), out=out, alpha=a, beta=bt,
+                                                                    **kwargs),
+         ops.conv_backward_data(dev, DY, Wt, (h, w), **kwargs)),
+        ("backward_filter", lambda out, a, bt: ops.conv_backward_filter(dev, X, DY, (kh, kw), out=out, alpha=a,
+                                                                        beta=bt, **kwargs),
+         ops.conv_backward_filter(dev, X, DY, (kh, kw), **kwargs)),
+        ("backward_bias", lambda out, a, bt: ops.conv_backward_bias(dev, DY, out=out, alpha=a, beta=bt),
+         ops.conv_backward_bias(dev, DY)),
+    ]
+    for name, fn, plain in cases:
+        plain = to_host(plain).astype(np.float64)
+        old = rand(rng, plain.shape)
+        out = dev.asarray(old.copy())  # (on emu asarray may not copy)
+        res = fn(out, alpha, beta)
+        assert res is out
+        want = alpha * plain + beta * old.astype(np.float64)
+        err = np.max(np.abs(to_host(out) - want))
+        assert err <= 1e-6 * max(1.0, np.max(np.abs(want))), f"{name}: alpha/beta error {err}"
+        # beta == 0 never reads out: NaN there must not leak
+        out = dev.asarray(np.full(plain.shape, np.nan, np.float32))
+        fn(out, 2.0, 0.0)
+        assert np.isfinite(to_host(out)).all(), f"{name}: beta=0 read the old output"
+        np.testing.assert_allclose(to_host(out), 2.0 * plain, rtol=1e-6, atol=1e-6)
+
+
+def test_numpy_device_float64_and_accumulate():
+    g = SMALL[0]
+    kwargs = _params(g)
+    _, c, h, w, n, f, kh, kw, *_ = g
+    x, wt, b, dy = (a.astype(np.float64) for a in _data(g, 1))
+    y = ops.conv_forward("numpy", x, wt, b, **kwargs)
+    assert y.dtype == np.float64
+    np.testing.assert_allclose(y, ref.conv_forward_naive(x, wt, b, **kwargs), rtol=1e-12, atol=1e-12)
+    out = np.ones_like(y)
+    ops.conv_forward("numpy", x, wt, b, out=out, alpha=2.0, beta=0.5, **kwargs)
+    np.testing.assert_allclose(out, 2 * y + 0.5, rtol=1e-13)
+    dw = ops.conv_backward_filter("numpy", x, dy, (kh, kw), **kwargs)
+    np.testing.assert_allclose(dw, ref.conv_backward_filter(x, dy, (kh, kw), **kwargs))
+
+
+def test_bias_gradient_odd_sizes(kernel_device):
+    dev = kernel_device
+    rng = np.random.default_rng(2)
+    for shape in [(5, 3, 3, 1), (7, 1, 1, 3), (3, 13, 13, 8), (2, 5)]:
+        dy = rand(rng, shape)
+        db = ops.conv_backward_bias(dev, dev.asarray(dy))
+        want = dy.astype(np.float64).reshape(shape[0], -1).sum(axis=1)
+        k = dy.size // shape[0]
+        _check(f"bias {shape}", db, want, np.abs(dy.astype(np.float64)).reshape(shape[0], -1).sum(axis=1), k)
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+def _bad_call_cases(dev):
+    x = dev.asarray(np.zeros((4, 8, 8, 2), np.float32))
+    w = dev.asarray(np.zeros((2, 3, 3, 6), np.float32))
+    dy = dev.asarray(np.zeros((6, 8, 8, 2), np.float32))
+    return x, w, dy
+
+
+@pytest.mark.parametrize("devname", ["numpy", "emu"])
+def test_bad_inputs(devname):
+    dev = Device(devname)
+    x, w, dy = _bad_call_cases(dev)
+    fwd = ops.conv_forward
+    with pytest.raises(TypeError, match="x must"):
+        fwd(dev, [[1.0]], w, padding=1, groups=2)
+    if devname == "emu":
+        with pytest.raises(TypeError, match="dtype"):
+            fwd(dev, x.astype(np.float64), w.astype(np.float64), padding=1, groups=2)
+    with pytest.raises(TypeError, match="dtype"):
+        fwd(dev, x, w.astype(np.float64), padding=1, groups=2)
+    with pytest.raises(ValueError, match="4-D"):
+        fwd(dev, x[0], w, padding=1, groups=2)
+    with pytest.raises(ValueError, match="w must have shape"):
+        fwd(dev, x, w, padding=1, groups=1)
+    with pytest.raises(ValueError, match="groups=3 must divide"):
+        fwd(dev, x, w, padding=1, groups=3)
+    with pytest.raises(ValueError, match="groups must be >= 1"):
+        fwd(dev, x, w, groups=0)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        fwd(dev, x, w, stride=0, padding=1, groups=2)
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        fwd(dev, x, w, padding=-1, groups=2)
+    with pytest.raises(TypeError, match="stride must be an int"):
+        fwd(dev, x, w, stride=1.5, groups=2)
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        fwd(dev, dev.asarray(np.zeros((4, 2, 8, 2), np.float32)), w, groups=2)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        fwd(dev, x, w, dev.asarray(np.zeros(5, np.float32)), padding=1, groups=2)
+    with pytest.raises(ValueError, match="out must have shape"):
+        fwd(dev, x, w, padding=1, groups=2, out=dev.asarray(np.zeros((6, 8, 8, 3), np.float32)))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        fwd(dev, x, dev.asarray(np.zeros((2, 3, 3, 12), np.float32))[..., ::2], padding=1, groups=2)
+    with pytest.raises(TypeError, match="alpha"):
+        fwd(dev, x, w, padding=1, groups=2, alpha=float("nan"))
+    with pytest.raises(ValueError, match="spatial size"):
+        ops.conv_backward_data(dev, dy, w, (8, 8), padding=0, groups=2)
+    with pytest.raises(ValueError, match="filters"):
+        ops.conv_backward_data(dev, dy[:5], w, (8, 8), padding=1, groups=2)
+    with pytest.raises(ValueError, match="images"):
+        ops.conv_backward_filter(dev, x, dev.asarray(np.zeros((6, 8, 8, 1), np.float32)), (3, 3), padding=1,
+                                 groups=2)
+    with pytest.raises(ValueError, match="spatial size"):
+        ops.conv_backward_filter(dev, x, dy, (5, 5), padding=1, groups=2)
+    with pytest.raises(ValueError, match="at least 2-D"):
+        ops.conv_backward_bias(dev, dy[0, 0, 0])
+    if devname == "emu":  # the kernels cannot run in place (the reference can)
+        sq = dev.asarray(np.zeros((6, 8, 8, 2), np.float32))
+        with pytest.raises(ValueError, match="overlaps x"):
+            fwd(dev, sq, dev.asarray(np.zeros((6, 3, 3, 6), np.float32)), padding=1, out=sq)
+        with pytest.raises(ValueError, match="overlaps dy"):
+            ops.conv_backward_bias(dev, dy, out=dy.reshape(-1)[:6])
+
+
+def test_kernel_launchers_reject_bad_geometry():
+    """The C++ launchers re-check what the op layer checks (std::invalid_argument -> ValueError)."""
+    k = Device("emu").kernels
+    too_big = (3, 2**15, 2**15, 4, 8, 3, 3, 1, 1, 1, 1, 1)  # 2^32 input elements
+    with pytest.raises(ValueError, match="2\\^31"):
+        k.conv_backward_filter_workspace(too_big)
+    with pytest.raises(ValueError, match="groups"):
+        k.conv_backward_filter_workspace((4, 8, 8, 2, 6, 3, 3, 1, 1, 1, 1, 3))
+    with pytest.raises(ValueError, match="stride"):
+        k.conv_backward_filter_workspace((4, 8, 8, 2, 6, 3, 3, 0, 1, 1, 1, 1))
+    with pytest.raises(ValueError, match="larger than the padded"):
+        k.conv_backward_filter_workspace((4, 2, 8, 2, 6, 3, 3, 1, 1, 0, 0, 1))
+    with pytest.raises(ValueError, match="workspace too small"):
+        x = np.zeros((8, 16, 16, 8), np.float32)
+        dy = np.zeros((16, 16, 16, 8), np.float32)
+        dw = np.zeros((8, 3, 3, 16), np.float32)
+        k.conv_backward_filter(x.ctypes.data, dy.ctypes.data, dw.ctypes.data, 0, 0,
+                               (8, 16, 16, 8, 16, 3, 3, 1, 1, 1, 1, 1), 1.0, 0.0, 0)
+
+
+# ------------------------------------------------------------------------------------------ dispatch table
+TILE_CASES = [
+    SMALL[0],  # groups 2, stride 2, N = 5: scalar path
+    SMALL[2],  # 3 channels, F = 20, N = 8: 16-byte path
+    SMALL[8],  # split filter gradient
+    ("ragged-vec", 6, 11, 9, 4, 12, 3, 3, 1, 1, 2),
+]
+
+
+def _geom_tuple(g):
+    _, c, h, w, n, f, kh, kw, s, p, groups = g
+    s = s if isinstance(s, tuple) else (s, s)
+    p = p if isinstance(p, tuple) else (p, p)
+    return (c, h, w, n, f, kh, kw, *s, *p, groups)
+
+
+N_TILE_ROWS = 7
+
+
+@pytest.mark.parametrize("row", range(N_TILE_ROWS))
+def test_every_tile_row(kernel_device, row):
+    """Force each row of the dispatch table (both load paths) on ragged geometries."""
+    k = kernel_device.kernels
+    assert k.conv_tile_count() == N_TILE_ROWS, "update N_TILE_ROWS when the dispatch table changes"
+    for splits in (0, 2):
+        with forced(kernel_device, row, splits):
+            for g in TILE_CASES:
+                _run_and_check(kernel_device, g, seed=row, which=("fwd", "dgrad", "wgrad") if splits == 0 else
+                               ("wgrad",))
+
+
+def test_alexnet_batch128_plans_use_fast_paths():
+    """At batch 128 every AlexNet layer takes the 16-byte path with a big tile (the plan is device-independent)."""
+    k = Device("emu").kernels
+    for name, c, h, w, _, f, kh, kw, s, p, groups in ALEXNET_2012:
+        geo = (c, h, w, 128, f, kh, kw, s, s, p, p, groups)
+        for op in range(3):
+            plan = k.conv_plan(op, geo)
+            assert "16-byte path" in plan, f"{name}: {plan}"
+            tm, tn = (int(v) for v in re.search(r"\((\d+)x(\d+) per thread", plan).groups())
+            if name != "conv1":  # conv2-5: register tiles of at least 8x8 (no shared-memory-bound 4xN tiles)
+                assert tm >= 8 and tn >= 8, f"{name}: {plan}"
