@@ -240,10 +240,10 @@ enum class FState : uint8_t { Runnable, Barrier, Warp, Done };
 
 struct Fiber;
 
-// A carrier is a stack plus a context that runs CUDA threads. A thread that returns without ever blocking
-// hands its carrier straight to the next not-yet-started thread of the round (no context switch), so
-// barrier-free kernels cost one switch per block rather than two per thread. A thread that blocks keeps
-// its carrier until it finishes. Carriers persist across blocks and launches.
+// A carrier is a stack plus a context that runs CUDA threads. A thread that finishes hands its carrier
+// straight to the next thread of the round if that one has not started yet (no context switch), so
+// barrier-free kernels cost one switch per block rather than two per thread. A thread that blocks keeps its
+// carrier until it finishes. Carriers persist across blocks and launches.
 struct Carrier {
   Context ctx;
   char* stack_lo = nullptr;
@@ -617,7 +617,7 @@ std::string describe_wait(const Fiber& g) {
 
 // No fiber can run. Release a barrier if every live thread waits at the same one; otherwise throw an error
 // describing the deadlock. Returns false when the block is finished.
-bool resolve_stuck(Worker& w, Schedule order) {
+bool resolve_stuck(Worker& w) {
   const uint32_t n = w.nthreads;
   uint32_t done = 0, barrier = 0, warp = 0;
   for (uint32_t i = 0; i < n; ++i) {
@@ -703,7 +703,6 @@ bool resolve_stuck(Worker& w, Schedule order) {
   w.reduce_count = count;
   w.reduce_live = static_cast<int>(n);
   ++w.barrier_rounds;
-  (void)order;
   return true;
 }
 
@@ -763,7 +762,7 @@ void run_block(Worker& w, uint64_t linear_block, Schedule order, uint64_t seed) 
       for (uint32_t i = 0; i < n; ++i)
         if (w.fibers[i].state == FState::Runnable) w.order.push_back(i);
       if (w.order.empty()) {
-        if (!resolve_stuck(w, order)) break;
+        if (!resolve_stuck(w)) break;
         continue;
       }
       if (order == Schedule::Reverse) {

@@ -9,9 +9,10 @@
 // - Every CUDA thread of a block is a fiber. Fibers are cooperative: a fiber runs until it reaches
 //   __syncthreads, a warp collective (__shfl*_sync, __ballot_sync, __syncwarp, ...) or returns. Fibers run on
 //   pooled "carriers" (a stack of 64 KB, env CONVNET_EMU_STACK_KB, with a PROT_NONE guard page below it, and a
-//   context; x86-64 switches with a few instructions, elsewhere ucontext). A thread that finishes without
-//   blocking hands its carrier straight to the next unstarted thread, so barrier-free kernels cost about one
-//   switch per block. threadIdx/blockIdx/blockDim/gridDim are thread_local variables the scheduler sets before
+//   context; x86-64 switches with a few instructions, elsewhere ucontext). A thread that blocks switches
+//   straight to the next runnable thread of the round (one switch per resume); a thread that finishes without
+//   blocking hands its carrier to the next unstarted thread, so barrier-free kernels cost about one switch per
+//   block. threadIdx/blockIdx/blockDim/gridDim are thread_local variables the scheduler sets before
 //   resuming a fiber. A fiber stack overflow hits the guard page and dies with a message (build emulated kernels
 //   with -fstack-clash-protection so large frames cannot jump over it).
 // - The scheduler resumes the runnable fibers of a block in rounds, in forward, reverse or seeded random order
