@@ -32,6 +32,9 @@ def save(path, *, params, velocity, mean, meta):
     arrays["meta"] = np.array(json.dumps(meta))
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the checkpoint ordinary file permissions
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()

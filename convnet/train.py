@@ -305,7 +305,7 @@ class Trainer:
                         p = self.partial
                         bar.update(self.batch - b_last)
                         bar.set_postfix(loss=f"{p['loss'] / p['n']:.4f}", err=f"{p['err'] / p['n']:.4f}",
-                                        lr=f"{lr:g}", ips=f"{(self.batch - b_last) * bs / (now - t_last):.0f}")
+                                        lr=f"{lr:.4g}", ips=f"{(self.batch - b_last) * bs / (now - t_last):.0f}")
                     t_last, b_last = now, self.batch
                 if self._interrupted:
                     stop = "interrupted"
