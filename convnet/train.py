@@ -268,6 +268,9 @@ class Trainer:
                  f"{len(self.dataset.test_x)} test images), device {dev}, {net.num_params():,} parameters, "
                  f"{cfg.epochs} epochs of {nb} batches of {bs}; output in {self.out}")
         sync_every = 1 if dev.kind in ("numpy", "emu") else 20
+        if self.epoch >= cfg.epochs:
+            self.log(f"already trained for {self.epoch} epochs (--epochs {cfg.epochs}); pass a larger --epochs to "
+                     f"continue")
         while self.epoch < cfg.epochs:
             lr = max(self.schedule.lr_at(self.epoch, self.batch / nb), cfg.min_lr)
             lr_start = max(self.schedule.lr_at(self.epoch), cfg.min_lr)  # logged: the rate at the epoch's start
