@@ -171,3 +171,38 @@ def test_summary_flag(capsys):
     logs = []
     run(["--model", "alexnet", "--summary"], log=logs.append)
     assert "60,965,224" in logs[0]
+
+
+@pytest.mark.parametrize("model", ["fmnist", "cifar-18pct"])
+def test_shipped_model_step_on_emu_matches_numpy(model):
+    """One training step of a shipped model (its real shapes) on the emulated kernels vs the numpy device."""
+    from convnet.models import load_model
+    emu = get_device("emu")
+    a, _ = load_model(model, device="numpy", seed=2)
+    b, _ = load_model(model, device=emu, seed=2)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((*a.data_layer.out_shape, 4)).astype(np.float32)
+    y = rng.integers(0, 10, 4).astype(np.int32)
+    pa = a.forward(x, y, train=True, step=1)
+    a.backward()
+    pb = b.forward(x, y, train=True, step=1)
+    b.backward()
+    np.testing.assert_allclose(pb, pa, rtol=1e-3, atol=1e-6)
+    for (k, la, p), (_, lb, _) in zip(a.param_items(), b.param_items()):
+        g = la.grads[p]
+        np.testing.assert_allclose(lb.grads[p], g, rtol=2e-3, atol=2e-4 * float(np.abs(g).max()) + 1e-8,
+                                   err_msg=k)
+
+
+def test_module_entry_point():
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "convnet.train", "--model", "alexnet", "--summary"], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "60,965,224 parameters" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "convnet.train", "--model", "nonexistent"], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown model 'nonexistent'" in r.stderr
