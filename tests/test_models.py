@@ -122,3 +122,16 @@ def test_parse_aliases_and_comments():
     specs, _ = parse_model_text(text)
     fc = dict((n, kw) for n, t, kw in specs)["fc"]
     assert fc["outputs"] == 3 and fc["lr_w"] == 2.0
+
+
+def test_per_layer_devices_in_model_files():
+    specs, _ = parse_model_text(BASE.replace("outputs = 3", "outputs = 3\ngpu = 1"))
+    assert dict((n, kw) for n, t, kw in specs)["fc"]["device"] == "cuda:1"
+    net, _ = build_net(BASE.replace("outputs = 3", "outputs = 3\ndevice = numpy:1"), "base.cfg")
+    assert str(net.layers["fc"].device) == "numpy:1" and str(net.layers["probs"].device) == "numpy"
+    x = np.zeros((1, 8, 8, 2), np.float32)
+    y = np.array([0, 2], np.int32)
+    net.forward(x, y, train=True)
+    net.backward()
+    with pytest.raises(ModelFileError, match="expected a GPU index"):
+        build_net(BASE.replace("outputs = 3", "outputs = 3\ngpu = x"), "base.cfg")

@@ -128,7 +128,14 @@ def parse_model_text(text, source="<model>"):
                 raise ModelFileError(f"{where}: missing 'inputs' (the layer(s) feeding this {t} layer)")
         elif inputs.strip():
             raise ModelFileError(f"{where}: a data layer takes no inputs")
-        dev = items.pop("device", items.pop("gpu", None))
+        dev = items.pop("device", None)
+        gpu = items.pop("gpu", None)  # cuda-convnet2's gpu=N
+        if gpu is not None:
+            if dev is not None:
+                raise ModelFileError(f"{where}: give either device= or gpu=, not both")
+            if not gpu.strip().isdigit():
+                raise ModelFileError(f"{where} gpu: expected a GPU index, got {gpu!r}")
+            dev = f"cuda:{int(gpu)}"
         if dev is not None:
             kwargs["device"] = dev.strip()
         for k, v in items.items():
