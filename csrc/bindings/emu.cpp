@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <string>
 
 #include "bindings/common.h"
@@ -21,20 +22,21 @@ cuemu::Schedule parse_schedule(const std::string& name) {
 template <class T>
 using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
-template <class T>
-void require_size(const carray<T>& a, py::ssize_t n, const char* what) {
-  if (a.size() != n)
-    throw py::value_error(std::string(what) + ": expected " + std::to_string(n) + " elements, got " +
-                          std::to_string(a.size()));
-}
 
 }  // namespace
 
 void bind_emulator(py::module_& m) {
   py::register_exception<cuemu::EmulatorError>(m, "EmulatorError", PyExc_RuntimeError);
 
-  m.def("set_schedule", [](const std::string& name, std::uint64_t seed) { cuemu::set_schedule(parse_schedule(name), seed); },
-        py::arg("name"), py::arg("seed") = 0,
+  m.def(
+      "set_schedule",
+      [](const std::string& name, py::int_ seed) {
+        // Any Python int: the seed is taken modulo 2**64.
+        const unsigned long long s = PyLong_AsUnsignedLongLongMask(seed.ptr());
+        if (PyErr_Occurred()) throw py::error_already_set();
+        cuemu::set_schedule(parse_schedule(name), s);
+      },
+      py::arg("name"), py::arg("seed") = 0,
         "Order in which the fibers (CUDA threads) of a block resume between barriers: 'forward', 'reverse' or "
         "'random' (a permutation drawn per round from seed, block index and round).");
   m.def("get_schedule", []() {
@@ -44,6 +46,8 @@ void bind_emulator(py::module_& m) {
   m.def("set_num_workers", &cuemu::set_num_workers, py::arg("n"),
         "OS threads running blocks in parallel (0 = default: $CONVNET_EMU_THREADS or all cores).");
   m.def("num_workers", &cuemu::num_workers);
+  m.def("set_watchdog", &cuemu::set_watchdog_seconds, py::arg("seconds"),
+        "Print a message naming block and thread when a launch makes no progress for this long (0 = off).");
   m.def("last_launch_stats", []() {
     const auto s = cuemu::last_launch_stats();
     py::dict d;
@@ -57,6 +61,9 @@ void bind_emulator(py::module_& m) {
   // ---- self-test kernels (tests/emu) -------------------------------------------------------------------
   py::module_ t = m.def_submodule("selftest", "Kernels that exercise the CPU emulator itself");
   t.def("case_names", &cuemu_selftest::case_names);
+  t.def("last_error", []() { return static_cast<int>(cudaGetLastError()); },
+        "cudaGetLastError() as an int (the emulator throws instead of leaving sticky errors: always 0)");
+  t.def("spin", &cuemu_selftest::spin, py::arg("seconds"), py::call_guard<py::gil_scoped_release>());
   t.def("run_case", &cuemu_selftest::run_case, py::arg("name"), py::call_guard<py::gil_scoped_release>());
   t.def(
       "transpose",
@@ -183,6 +190,16 @@ void bind_emulator(py::module_& m) {
     }
     return y;
   });
-  (void)&require_size<float>;
+  t.attr("THREAD_IDS_FIELDS") = cuemu_selftest::kThreadIdsFields;
+  t.def("thread_ids", [](std::array<unsigned, 3> grid, std::array<unsigned, 3> block) {
+    const py::ssize_t threads = py::ssize_t(grid[0]) * grid[1] * grid[2] * block[0] * block[1] * block[2];
+    carray<int> out({threads, py::ssize_t(cuemu_selftest::kThreadIdsFields)});
+    int* o = out.mutable_data();
+    {
+      py::gil_scoped_release nogil;
+      cuemu_selftest::thread_ids(grid.data(), block.data(), o);
+    }
+    return out;
+  });
 }
 #endif  // CONVNET_EMU

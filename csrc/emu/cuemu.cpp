@@ -1,6 +1,7 @@
 // cuemu.cpp — scheduler, fibers, worker pool and runtime API of the CUDA CPU emulation (see cuemu.h).
 #include "cuemu.h"
 
+#include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -21,6 +22,14 @@
 #define CUEMU_ASAN 1
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
+#endif
+
+// ThreadSanitizer: every carrier is a TSan fiber, and switches synchronize (flag 0), so the fibers of a block
+// never race with each other in TSan's eyes (the scheduler orders them); what TSan reports are races between
+// blocks running on different workers, e.g. two blocks writing the same global element without atomics.
+#if defined(__SANITIZE_THREAD__)
+#define CUEMU_TSAN 1
+#include <sanitizer/tsan_interface.h>
 #endif
 
 #if !defined(__x86_64__) || defined(CUEMU_USE_UCONTEXT)
@@ -106,6 +115,7 @@ struct Context {
 // First switch into the fiber "returns" into the trampoline, which calls entry(arg) on an aligned stack.
 void make_context(Context& c, char* stack_lo, size_t size, void (*entry)(void*), void* arg) {
   uintptr_t top = reinterpret_cast<uintptr_t>(stack_lo + size) & ~uintptr_t(15);
+  (void)stack_lo;
   uint64_t* sp = reinterpret_cast<uint64_t*>(top - 72);
   uint16_t fcw;
   uint32_t mxcsr;
@@ -173,23 +183,15 @@ struct Stack {
   size_t size = 0;
 };
 
-// Guard ranges, for the SIGSEGV handler that turns an overflow into a readable message.
-std::mutex g_guard_mu;
-std::vector<std::pair<uintptr_t, uintptr_t>> g_guards;
+// SIGSEGV handler that turns a fault in the guard page of the running fiber's stack into a readable message.
 std::atomic<bool> g_handler_installed{false};
 struct sigaction g_prev_segv;
+bool describe_overflow(uintptr_t addr, char* buf, size_t n);  // after Worker, below
 
 void segv_handler(int sig, siginfo_t* info, void* uctx) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(info->si_addr);
-  bool in_guard = false;
-  // No lock: the vector only grows under the mutex while no fiber of this thread runs; a torn read here
-  // only risks a missing message, never a wrong action.
-  for (const auto& g : g_guards) in_guard |= (a >= g.first && a < g.second);
-  if (in_guard) {
-    static const char msg[] =
-        "\ncuemu: stack overflow in an emulated CUDA thread (fiber stack exhausted). Reduce the kernel's local "
-        "arrays or raise CONVNET_EMU_STACK_KB.\n";
-    ssize_t r = write(2, msg, sizeof msg - 1);
+  char msg[512];
+  if (describe_overflow(reinterpret_cast<uintptr_t>(info->si_addr), msg, sizeof msg)) {
+    ssize_t r = write(2, msg, strlen(msg));
     (void)r;
   }
   // Hand over to whoever handled SIGSEGV before (Python's faulthandler, ASan, or the default action).
@@ -229,10 +231,6 @@ Stack new_stack() {
   s.base = static_cast<char*>(m);
   s.lo = s.base + p;
   s.size = sz;
-  {
-    std::lock_guard<std::mutex> lk(g_guard_mu);
-    g_guards.emplace_back(reinterpret_cast<uintptr_t>(s.base), reinterpret_cast<uintptr_t>(s.lo));
-  }
   return s;
 }
 
@@ -240,28 +238,69 @@ Stack new_stack() {
 // Fibers, blocks, workers
 enum class FState : uint8_t { Runnable, Barrier, Warp, Done };
 
-struct Fiber {
+struct Fiber;
+
+// A carrier is a stack plus a context that runs CUDA threads. A thread that returns without ever blocking
+// hands its carrier straight to the next not-yet-started thread of the round (no context switch), so
+// barrier-free kernels cost one switch per block rather than two per thread. A thread that blocks keeps
+// its carrier until it finishes. Carriers persist across blocks and launches.
+struct Carrier {
   Context ctx;
   char* stack_lo = nullptr;
-  size_t stack_size = 0;
+  size_t stack_size = 0;  // usable bytes below the (colored) top
+  Fiber* fiber = nullptr;
+  bool fresh = true;  // context must be (re)made before the next resume
+#ifdef CUEMU_ASAN
+  void* fake_stack = nullptr;
+#endif
+#ifdef CUEMU_TSAN
+  void* tsan_fiber = nullptr;
+#endif
+};
+
+// One CUDA thread of the running block.
+struct Fiber {
+  Carrier* carrier = nullptr;
   uint3 tid{0, 0, 0};
   uint32_t linear = 0;
   FState state = FState::Done;
   bool started = false;
   const char* file = nullptr;  // where it waits (barrier or warp collective)
   int line = 0;
-  // warp collective deposit
-  WarpOp op = WarpOp::Sync;
+  WarpOp op = WarpOp::Sync;  // the warp collective it waits at (for error messages)
   uint32_t mask = 0;
-  int param = 0;
-  int width = 32;
-  uint64_t value = 0;
-  uint64_t result = 0;
   int reduce_pred = 0;
-#ifdef CUEMU_ASAN
-  void* fake_stack = nullptr;
-#endif
 };
+
+// Deposits of the lanes of one warp, kept compact so an arriving lane checks the waiting ones cheaply.
+struct WarpState {
+  uint32_t waiting = 0;  // lanes blocked in a collective
+  uint32_t mask[32];
+  WarpOp op[32];
+  int32_t param[32];
+  int32_t width[32];
+  uint64_t value[32];
+  uint64_t result[32];
+};
+
+// Watchdog: a fiber is never preempted, so a thread spinning on a value that another thread of its block
+// (or a block that is not running) must write hangs the launch. Each worker publishes its progress here; a
+// watchdog thread prints what is stuck after set_watchdog_seconds (default 120 s, env CONVNET_EMU_WATCHDOG_S).
+struct WatchSlot {
+  std::atomic<uint64_t> progress{0};
+  std::atomic<uint64_t> block{0};   // x | y << 32 | z << 48
+  std::atomic<uint32_t> thread{0};  // x | y << 10 | z << 20
+  std::atomic<bool> busy{false};
+};
+constexpr int kMaxWorkers = 256;
+WatchSlot g_watch[kMaxWorkers];
+std::atomic<double> g_watchdog_seconds{-1};  // < 0: not yet read from the environment
+
+inline void watch_progress(WatchSlot* slot, uint3 tid) {
+  if (!slot) return;
+  slot->progress.store(slot->progress.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  slot->thread.store(tid.x | tid.y << 10 | tid.z << 20, std::memory_order_relaxed);
+}
 
 struct SharedAlloc {
   const void* key;
@@ -270,10 +309,15 @@ struct SharedAlloc {
   size_t align;
 };
 
-struct Worker {
-  std::vector<Stack> stacks;
+struct alignas(64) Worker {  // aligned: workers of different OS threads share no cache line
+  std::vector<std::unique_ptr<Carrier>> carriers;
+  std::vector<Carrier*> free_carriers;
+  std::thread::id owner;  // OS thread that last ran this worker (worker 0 runs on the launching thread)
+  WatchSlot* watch = nullptr;
   std::vector<Fiber> fibers;
+  std::vector<WarpState> warps;
   std::vector<uint32_t> order;
+  size_t pos = 0;  // position of the scheduler in `order` (carriers advance it when they chain)
   Context sched;
   Fiber* current = nullptr;
   // the running block
@@ -297,9 +341,25 @@ struct Worker {
   const void* sched_bottom = nullptr;
   size_t sched_size = 0;
 #endif
+#ifdef CUEMU_TSAN
+  void* tsan_sched = nullptr;
+#endif
 };
 
 thread_local Worker* tl_worker = nullptr;
+
+bool describe_overflow(uintptr_t addr, char* buf, size_t n) {
+  const Worker* w = tl_worker;  // already initialized on this thread: safe to read in the handler
+  if (!w || !w->current || !w->current->carrier) return false;
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(w->current->carrier->stack_lo);
+  if (addr >= lo || addr + page_size() < lo) return false;
+  const uint3 t = w->current->tid, b = w->bidx;
+  snprintf(buf, n,
+           "\ncuemu: stack overflow in emulated CUDA thread (%u,%u,%u) of block (%u,%u,%u): its %zu KB fiber stack "
+           "is exhausted. Reduce the kernel's local arrays or raise CONVNET_EMU_STACK_KB.\n",
+           t.x, t.y, t.z, b.x, b.y, b.z, stack_bytes() / 1024);
+  return true;
+}
 
 inline Fiber* current_fiber(const char* what, const char* file, int line) {
   Worker* w = tl_worker;
@@ -349,59 +409,165 @@ std::string lane_list(uint32_t m) {
   return s;
 }
 
-inline void yield_to_scheduler(Worker& w, Fiber& f) {
-#ifdef CUEMU_ASAN
-  __sanitizer_start_switch_fiber(&f.fake_stack, w.sched_bottom, w.sched_size);
+inline void carrier_to_scheduler(Worker& w, Carrier& c) {
+#ifdef CUEMU_TSAN
+  __tsan_switch_to_fiber(w.tsan_sched, 0);
 #endif
-  jump(f.ctx, w.sched);
 #ifdef CUEMU_ASAN
-  __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
+  __sanitizer_start_switch_fiber(&c.fake_stack, w.sched_bottom, w.sched_size);
+#endif
+  jump(c.ctx, w.sched);
+#ifdef CUEMU_ASAN
+  __sanitizer_finish_switch_fiber(c.fake_stack, nullptr, nullptr);
 #endif
 }
 
-inline void resume(Worker& w, Fiber& f) {
+inline void carrier_to_carrier(Carrier& from, Carrier& to) {
+#ifdef CUEMU_TSAN
+  __tsan_switch_to_fiber(to.tsan_fiber, 0);
+#endif
+#ifdef CUEMU_ASAN
+  __sanitizer_start_switch_fiber(&from.fake_stack, to.stack_lo, to.stack_size);
+#endif
+  jump(from.ctx, to.ctx);
+#ifdef CUEMU_ASAN
+  __sanitizer_finish_switch_fiber(from.fake_stack, nullptr, nullptr);
+#endif
+}
+
+void carrier_main(void* arg);
+
+Carrier* take_carrier(Worker& w) {
+  if (w.free_carriers.empty()) {
+    install_segv_handler();
+    const Stack s = new_stack();
+    auto c = std::make_unique<Carrier>();
+    // Color the stack tops (64-byte steps within a page) so that the hot top frames of many carriers do
+    // not all map to the same cache sets.
+    const size_t color = (w.carriers.size() % 64) * 64;
+    c->stack_lo = s.lo;
+    c->stack_size = s.size - color;
+#ifdef CUEMU_TSAN
+    c->tsan_fiber = __tsan_create_fiber(0);
+#endif
+    w.free_carriers.push_back(c.get());
+    w.carriers.push_back(std::move(c));
+  }
+  Carrier* c = w.free_carriers.back();
+  w.free_carriers.pop_back();
+  return c;
+}
+
+// Gives f a carrier (and a fresh context if needed) and makes it the current thread. Returns its carrier.
+inline Carrier& prepare(Worker& w, Fiber& f) {
+  if (!f.started) {
+    Carrier* c = take_carrier(w);
+    c->fiber = &f;
+    f.carrier = c;
+    f.started = true;
+  }
+  Carrier& c = *f.carrier;
+  if (c.fresh) {
+#ifdef CUEMU_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(c.stack_lo, c.stack_size);  // frames of an abandoned thread may be left
+    c.fake_stack = nullptr;
+#endif
+    make_context(c.ctx, c.stack_lo, c.stack_size, &carrier_main, &c);
+    c.fresh = false;
+  }
   w.current = &f;
   threadIdx = f.tid;
-  f.started = true;
   ++w.switches;
-#ifdef CUEMU_ASAN
-  __sanitizer_start_switch_fiber(&w.sched_fake, f.stack_lo, f.stack_size);
+  watch_progress(w.watch, f.tid);
+  return c;
+}
+
+// Scheduler side: run f (and whatever its carrier switches to) until control comes back.
+inline void resume(Worker& w, Fiber& f) {
+  Carrier& c = prepare(w, f);
+#ifdef CUEMU_TSAN
+  w.tsan_sched = __tsan_get_current_fiber();
+  __tsan_switch_to_fiber(c.tsan_fiber, 0);
 #endif
-  jump(w.sched, f.ctx);
+#ifdef CUEMU_ASAN
+  __sanitizer_start_switch_fiber(&w.sched_fake, c.stack_lo, c.stack_size);
+#endif
+  jump(w.sched, c.ctx);
 #ifdef CUEMU_ASAN
   __sanitizer_finish_switch_fiber(w.sched_fake, nullptr, nullptr);
 #endif
   w.current = nullptr;
 }
 
+// The next runnable entry of this round's order (w.pos moves to it), or null at the end of the round.
+inline Fiber* next_runnable(Worker& w) {
+  if (w.failed) return nullptr;
+  for (size_t p = w.pos + 1; p < w.order.size(); ++p) {
+    Fiber& g = w.fibers[w.order[p]];
+    if (g.state == FState::Runnable) {
+      w.pos = p;
+      return &g;
+    }
+  }
+  w.pos = w.order.size() - 1;
+  return nullptr;
+}
+
+// A thread blocked (barrier, warp collective): switch straight to the next runnable thread of the round, or
+// back to the scheduler when the round is over. One switch per resume instead of two.
+inline void block_current(Worker& w, Fiber& f) {
+  Carrier& from = *f.carrier;
+  if (Fiber* next = next_runnable(w))
+    carrier_to_carrier(from, prepare(w, *next));
+  else
+    carrier_to_scheduler(w, from);
+}
+
 void record_fiber_error(Worker& w, const Fiber& f, const std::string& what) {
   if (w.failed) return;
   w.failed = true;
+  const std::string msg = what.rfind("cuemu: ", 0) == 0 ? what.substr(7) : what;
   w.error = format("cuemu: kernel error in block %s, thread %s: ", coords(w.bidx).c_str(), coords(f.tid).c_str()) +
-            what;
+            msg;
 }
 
-// Every fiber starts here (via the trampoline). Errors are caught on the fiber's own stack: nothing unwinds
-// across a context switch.
-void fiber_main(void* arg) {
-  Fiber* f = static_cast<Fiber*>(arg);
-  Worker* w = tl_worker;
+// Every carrier runs this loop (entered via the trampoline). Errors are caught on the carrier's own stack:
+// nothing unwinds across a context switch.
+void carrier_main(void* arg) {
+  Carrier* c = static_cast<Carrier*>(arg);
+  Worker* w = tl_worker;  // a carrier never changes OS thread (see work())
 #ifdef CUEMU_ASAN
-  __sanitizer_finish_switch_fiber(nullptr, &w->sched_bottom, &w->sched_size);
+  __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
 #endif
-  try {
-    w->spec->invoke(w->spec->kernel, w->spec->args);
-  } catch (const std::exception& e) {
-    record_fiber_error(*w, *f, e.what());
-  } catch (...) {
-    record_fiber_error(*w, *f, "unknown C++ exception");
+  for (;;) {
+    Fiber* f = c->fiber;
+    try {
+      w->spec->invoke(w->spec->kernel, w->spec->args);
+    } catch (const std::exception& e) {
+      record_fiber_error(*w, *f, e.what());
+    } catch (...) {
+      record_fiber_error(*w, *f, "unknown C++ exception");
+    }
+    f->state = FState::Done;
+    f->carrier = nullptr;
+    Fiber* next = next_runnable(*w);
+    if (next && !next->started) {  // chain: run it on this carrier, no switch
+      c->fiber = next;
+      next->carrier = c;
+      next->started = true;
+      w->current = next;
+      threadIdx = next->tid;
+      watch_progress(w->watch, next->tid);
+      continue;
+    }
+    c->fiber = nullptr;
+    w->free_carriers.push_back(c);
+    // Resumed later with a new thread in c->fiber.
+    if (next)
+      carrier_to_carrier(*c, prepare(*w, *next));
+    else
+      carrier_to_scheduler(*w, *c);
   }
-  f->state = FState::Done;
-#ifdef CUEMU_ASAN
-  __sanitizer_start_switch_fiber(nullptr, w->sched_bottom, w->sched_size);  // this fiber's frames are gone
-#endif
-  jump(f->ctx, w->sched);
-  __builtin_unreachable();
 }
 
 inline uint64_t splitmix(uint64_t& s) {
@@ -411,9 +577,29 @@ inline uint64_t splitmix(uint64_t& s) {
   return z ^ (z >> 31);
 }
 
-// Global settings
+// Global settings. The initial schedule comes from CONVNET_EMU_SCHEDULE ("forward", "reverse", "random" or
+// "random:SEED"), so a whole test run can be repeated under another order without code changes.
 std::atomic<int> g_order{static_cast<int>(Schedule::Forward)};
 std::atomic<uint64_t> g_seed{0};
+const bool g_schedule_from_env = [] {
+  const char* e = std::getenv("CONVNET_EMU_SCHEDULE");
+  if (!e || !*e) return false;
+  const std::string v = e;
+  const std::string name = v.substr(0, v.find(':'));
+  uint64_t seed = 0;
+  if (v.find(':') != std::string::npos) seed = std::strtoull(v.c_str() + v.find(':') + 1, nullptr, 0);
+  Schedule s;
+  if (name == "forward") s = Schedule::Forward;
+  else if (name == "reverse") s = Schedule::Reverse;
+  else if (name == "random") s = Schedule::Random;
+  else {
+    std::fprintf(stderr, "cuemu: ignoring CONVNET_EMU_SCHEDULE=%s (expected forward, reverse, random or random:SEED)\n", e);
+    return false;
+  }
+  g_order.store(static_cast<int>(s));
+  g_seed.store(seed);
+  return true;
+}();
 std::mutex g_attr_mu;
 std::unordered_map<AnyFn, int> g_max_dyn;
 thread_local cudaError_t tl_last_error = cudaSuccess;
@@ -481,7 +667,8 @@ bool resolve_stuck(Worker& w, Schedule order) {
     const Fiber& f = w.fibers[i];
     if (f.state != FState::Barrier) continue;
     if (!first) first = &f;
-    else if (f.line != first->line || std::strcmp(f.file, first->file) != 0) same = false;
+    else if (f.line != first->line || (f.file != first->file && std::strcmp(f.file, first->file) != 0))
+      same = false;
   }
   if (!same) {
     std::vector<std::pair<const Fiber*, uint32_t>> sites;
@@ -528,17 +715,9 @@ void free_block_memory(Worker& w) {
 }
 
 void ensure_fibers(Worker& w, uint32_t n) {
-  if (w.stacks.size() < n) {
-    install_segv_handler();
-    while (w.stacks.size() < n) w.stacks.push_back(new_stack());
-  }
-  if (w.fibers.size() < n) {
-    w.fibers.resize(n);
-    for (uint32_t i = 0; i < n; ++i) {
-      w.fibers[i].stack_lo = w.stacks[i].lo;
-      w.fibers[i].stack_size = w.stacks[i].size;
-    }
-  }
+  if (w.fibers.size() < n) w.fibers.resize(n);
+  if (w.warps.size() < (n + 31) / 32) w.warps.resize((n + 31) / 32);
+  for (uint32_t i = 0; i < (n + 31) / 32; ++i) w.warps[i].waiting = 0;
   if (w.order.capacity() < n) w.order.reserve(n);
 }
 
@@ -549,6 +728,8 @@ void run_block(Worker& w, uint64_t linear_block, Schedule order, uint64_t seed) 
   w.bidx = uint3{static_cast<unsigned>(linear_block % gx), static_cast<unsigned>((linear_block / gx) % gy),
                  static_cast<unsigned>(linear_block / (gx * gy))};
   blockIdx = w.bidx;
+  if (w.watch)
+    w.watch->block.store(w.bidx.x | uint64_t(w.bidx.y) << 32 | uint64_t(w.bidx.z) << 48, std::memory_order_relaxed);
   blockDim = spec.block;
   gridDim = spec.grid;
   const uint32_t bx = spec.block.x, by = spec.block.y;
@@ -562,18 +743,19 @@ void run_block(Worker& w, uint64_t linear_block, Schedule order, uint64_t seed) 
   w.rng = seed ^ ((linear_block + 1) * 0xD1B54A32D192ED03ull);
   w.reduce_count = w.reduce_live = 0;
   ++w.blocks_run;
+  uint3 tid{0, 0, 0};
   for (uint32_t i = 0; i < n; ++i) {
     Fiber& f = w.fibers[i];
-    f.tid = uint3{i % bx, (i / bx) % by, i / (bx * by)};
+    f.tid = tid;
+    if (++tid.x == bx) {
+      tid.x = 0;
+      if (++tid.y == by) tid.y = 0, ++tid.z;
+    }
     f.linear = i;
     f.state = FState::Runnable;
     f.started = false;
+    f.carrier = nullptr;
     f.reduce_pred = 0;
-#ifdef CUEMU_ASAN
-    ASAN_UNPOISON_MEMORY_REGION(f.stack_lo, f.stack_size);  // frames of an abandoned fiber may be left
-    f.fake_stack = nullptr;
-#endif
-    make_context(f.ctx, f.stack_lo, f.stack_size, &fiber_main, &f);
   }
   try {
     for (;;) {
@@ -592,8 +774,8 @@ void run_block(Worker& w, uint64_t linear_block, Schedule order, uint64_t seed) 
           std::swap(w.order[i], w.order[j]);
         }
       }
-      for (uint32_t idx : w.order) {
-        Fiber& f = w.fibers[idx];
+      for (w.pos = 0; w.pos < w.order.size(); ++w.pos) {
+        Fiber& f = w.fibers[w.order[w.pos]];
         if (f.state != FState::Runnable) continue;
         resume(w, f);
         if (w.failed) break;
@@ -606,7 +788,16 @@ void run_block(Worker& w, uint64_t linear_block, Schedule order, uint64_t seed) 
       w.error = std::string("cuemu: ") + e.what();
     }
   }
-  for (uint32_t i = 0; i < n; ++i) w.threads_run += w.fibers[i].started;
+  for (uint32_t i = 0; i < n; ++i) {
+    Fiber& f = w.fibers[i];
+    w.threads_run += f.started;
+    if (f.carrier) {  // abandoned mid-kernel after an error: its stack holds dead frames, start it afresh
+      f.carrier->fiber = nullptr;
+      f.carrier->fresh = true;
+      w.free_carriers.push_back(f.carrier);
+      f.carrier = nullptr;
+    }
+  }
   free_block_memory(w);
 }
 
@@ -627,9 +818,29 @@ struct Job {
 
 void work(Worker& w, Job& job) {
   ensure_altstack();
+  // A suspended carrier may hold thread-local addresses of the OS thread it ran on: when worker 0 moves to
+  // another launching thread, restart all its carriers (they are all idle between blocks).
+  if (w.owner != std::this_thread::get_id()) {
+    w.owner = std::this_thread::get_id();
+    for (auto& c : w.carriers) c->fresh = true;
+  }
+#ifdef CUEMU_ASAN
+  {  // the scheduler runs on this OS thread's own stack; carriers switch back to it
+    pthread_attr_t attr;
+    void* addr = nullptr;
+    size_t size = 0;
+    if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+      pthread_attr_getstack(&attr, &addr, &size);
+      pthread_attr_destroy(&attr);
+    }
+    w.sched_bottom = addr;
+    w.sched_size = size;
+  }
+#endif
   tl_worker = &w;
   w.spec = job.spec;
   w.shared_limit = job.shared_limit;
+  if (w.watch) w.watch->busy.store(true, std::memory_order_relaxed);
   while (!job.stop.load(std::memory_order_relaxed)) {
     const uint64_t b = job.next.fetch_add(1, std::memory_order_relaxed);
     if (b >= job.total) break;
@@ -646,6 +857,55 @@ void work(Worker& w, Job& job) {
   }
   w.current = nullptr;
   tl_worker = nullptr;
+  if (w.watch) w.watch->busy.store(false, std::memory_order_relaxed);
+}
+
+double watchdog_seconds() {
+  double s = g_watchdog_seconds.load();
+  if (s < 0) {
+    s = 120;
+    if (const char* e = std::getenv("CONVNET_EMU_WATCHDOG_S")) s = std::max(0.0, std::atof(e));
+    double expected = -1;
+    g_watchdog_seconds.compare_exchange_strong(expected, s);
+    s = g_watchdog_seconds.load();
+  }
+  return s;
+}
+
+// Runs for the life of the process (detached; it only touches the static watch slots).
+void watchdog_loop() {
+  uint64_t last[kMaxWorkers] = {};
+  double stalled[kMaxWorkers] = {};
+  bool reported[kMaxWorkers] = {};
+  const double tick = 0.25;
+  for (;;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    const double limit = watchdog_seconds();
+    for (int i = 0; i < kMaxWorkers; ++i) {
+      WatchSlot& s = g_watch[i];
+      const uint64_t p = s.progress.load(std::memory_order_relaxed);
+      if (!s.busy.load(std::memory_order_relaxed) || p != last[i]) {
+        last[i] = p;
+        stalled[i] = 0;
+        reported[i] = false;
+        continue;
+      }
+      stalled[i] += tick;
+      if (limit > 0 && stalled[i] >= limit && !reported[i]) {
+        reported[i] = true;
+        const uint64_t b = s.block.load(std::memory_order_relaxed);
+        const uint32_t t = s.thread.load(std::memory_order_relaxed);
+        std::fprintf(stderr,
+                     "cuemu watchdog: no progress for %.0f s in block (%u,%u,%u), thread (%u,%u,%u) running. The "
+                     "emulator switches threads only at __syncthreads and warp collectives, so a thread spinning on "
+                     "a value that another thread of its block (or a block not yet running) must write never "
+                     "finishes.\n",
+                     stalled[i], unsigned(b & 0xffffffffu), unsigned((b >> 32) & 0xffff), unsigned(b >> 48),
+                     t & 1023u, (t >> 10) & 1023u, t >> 20);
+        std::fflush(stderr);
+      }
+    }
+  }
 }
 
 class Pool {
@@ -663,17 +923,25 @@ class Pool {
       if (const char* e = std::getenv("CONVNET_EMU_THREADS")) n = std::atoi(e);
       if (n <= 0) n = 1;
     }
-    n = std::min(n, 256);
+    n = std::min(n, kMaxWorkers);
     if (!workers_.empty() && static_cast<int>(workers_.size()) == n) return;
     stop_helpers();
     workers_.clear();
-    for (int i = 0; i < n; ++i) workers_.push_back(std::make_unique<Worker>());
+    for (int i = 0; i < n; ++i) {
+      workers_.push_back(std::make_unique<Worker>());
+      workers_.back()->watch = &g_watch[i];
+    }
     quit_ = false;
-    for (int i = 1; i < n; ++i) threads_.emplace_back([this, i] { helper_loop(i); });
+    // New helpers must not take the previous generation for a new job.
+    for (int i = 1; i < n; ++i) threads_.emplace_back([this, i, g = generation_] { helper_loop(i, g); });
   }
   // Requires launch_mu.
   void run(Job& job) {
     size();
+    if (!watchdog_started_) {
+      watchdog_started_ = true;
+      std::thread(&watchdog_loop).detach();
+    }
     const int helpers = static_cast<int>(std::min<uint64_t>(workers_.size(), job.total)) - 1;
     if (helpers > 0) {
       std::lock_guard<std::mutex> lk(mu_);
@@ -703,8 +971,7 @@ class Pool {
   }
 
  private:
-  void helper_loop(int i) {
-    uint64_t seen = 0;
+  void helper_loop(int i, uint64_t seen) {
     for (;;) {
       Job* job;
       {
@@ -737,13 +1004,20 @@ class Pool {
   int wanted_ = 0;
   int active_ = 0;
   bool quit_ = false;
+  bool watchdog_started_ = false;
   Job* job_ = nullptr;
 };
 
-// Never destroyed: helper threads may still wait on it while the process exits.
+// Never destroyed: helper threads may still wait on it while the process exits. A forked child has none of
+// the parent's helper threads (and maybe a locked mutex): it starts over with a new pool, leaking the old one.
+Pool* g_pool = nullptr;
 Pool& pool() {
-  static Pool* p = new Pool;
-  return *p;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    g_pool = new Pool;
+    pthread_atfork(nullptr, nullptr, [] { g_pool = new Pool; });
+  });
+  return *g_pool;
 }
 LaunchStats g_last_stats;
 
@@ -752,8 +1026,10 @@ LaunchStats g_last_stats;
 // ---------------------------------------------------------------------------------------------------------
 // Entry points used by the header
 void run_launch(const LaunchSpec& spec) {
+  // Errors are thrown, not left in cudaGetLastError(): a later, unrelated CUDA_CHECK(cudaGetLastError()) must
+  // not fail because an earlier test provoked an emulator error on purpose.
   auto fail = [](cudaError_t code, const std::string& msg) {
-    tl_last_error = code;
+    (void)code;
     throw EmulatorError("cuemu: invalid launch configuration: " + msg);
   };
   if (tl_worker && tl_worker->current)
@@ -798,10 +1074,7 @@ void run_launch(const LaunchSpec& spec) {
   job.shared_limit = raised ? kMaxSharedPerBlock : kStaticSharedLimit;
   p.run(job);
   g_last_stats = p.collect();
-  if (job.err_block != UINT64_MAX) {
-    tl_last_error = cudaErrorLaunchFailure;
-    throw EmulatorError(job.err);
-  }
+  if (job.err_block != UINT64_MAX) throw EmulatorError(job.err);
 }
 
 void set_func_max_dynamic_shared(AnyFn kernel, int bytes) {
@@ -819,7 +1092,7 @@ void syncthreads(const char* file, int line) {
   f->state = FState::Barrier;
   f->file = file;
   f->line = line;
-  yield_to_scheduler(w, *f);
+  block_current(w, *f);
   f->reduce_pred = 0;
 }
 
@@ -830,7 +1103,7 @@ int syncthreads_reduce(int pred, int op, const char* file, int line) {
   f->state = FState::Barrier;
   f->file = file;
   f->line = line;
-  yield_to_scheduler(w, *f);
+  block_current(w, *f);
   f->reduce_pred = 0;
   if (op == 0) return w.reduce_count;
   if (op == 1) return w.reduce_count == w.reduce_live;
@@ -886,27 +1159,31 @@ uint64_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int param, in
                                width));
   f->op = op;
   f->mask = mask;
-  f->value = value;
-  f->param = param;
-  f->width = width;
   f->file = file;
   f->line = line;
+  WarpState& ws = w.warps[base / 32];
   Fiber* lanes = &w.fibers[base];
   uint32_t arrived = 1u << lane;
-  for (uint32_t l = 0; l < nlanes; ++l) {
-    const Fiber& g = lanes[l];
-    if (l == lane || g.state != FState::Warp || !(g.mask & mask)) continue;
-    if (g.mask != mask || g.op != op)
+  for (uint32_t rest = ws.waiting; rest; rest &= rest - 1) {
+    const uint32_t l = static_cast<uint32_t>(__builtin_ctz(rest));
+    if (!(ws.mask[l] & mask)) continue;  // a disjoint group of the same warp: fine
+    if (ws.mask[l] != mask || ws.op[l] != op)
       throw EmulatorError(format("mismatched warp collectives in warp %u: lane %u at %s %s:%d with mask 0x%08x, "
                                  "lane %u at %s %s:%d with mask 0x%08x",
-                                 base / 32, l, op_name(g.op), g.file, g.line, g.mask, lane, op_name(op), file, line,
-                                 mask));
+                                 base / 32, l, op_name(ws.op[l]), lanes[l].file, lanes[l].line, ws.mask[l], lane,
+                                 op_name(op), file, line, mask));
     arrived |= 1u << l;
   }
+  ws.mask[lane] = mask;
+  ws.op[lane] = op;
+  ws.value[lane] = value;
+  ws.param[lane] = param;
+  ws.width[lane] = width;
   if (arrived != mask) {
+    ws.waiting |= 1u << lane;
     f->state = FState::Warp;
-    yield_to_scheduler(w, *f);
-    return f->result;
+    block_current(w, *f);
+    return ws.result[lane];
   }
   // Last lane of the group: compute every lane's result at once, then release the others.
   switch (op) {
@@ -917,12 +1194,11 @@ uint64_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int param, in
     case WarpOp::Xor:
       for (uint32_t l = 0; l < 32; ++l) {
         if (!(mask >> l & 1)) continue;
-        Fiber& g = lanes[l];
         // PTX shfl.sync semantics: segment [minLane, maxLane]; out-of-segment sources read the own value.
-        const int64_t segmask = (32 - g.width) & 31;
+        const int64_t segmask = (32 - ws.width[l]) & 31;
         const int64_t cval = op == WarpOp::Up ? 0 : 31;
         const int64_t maxl = (int64_t(l) & segmask) | (cval & ~segmask), minl = int64_t(l) & segmask;
-        const int64_t b = static_cast<uint32_t>(g.param);
+        const int64_t b = static_cast<uint32_t>(ws.param[l]);
         int64_t j;
         bool ok;
         if (op == WarpOp::Up) {
@@ -942,8 +1218,8 @@ uint64_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int param, in
         if (!(mask >> j & 1))
           throw EmulatorError(format("%s at %s:%d: lane %u reads lane %lld, which is not in mask 0x%08x (undefined "
                                      "on the GPU)",
-                                     op_name(op), g.file, g.line, l, static_cast<long long>(j), mask));
-        g.result = lanes[j].value;
+                                     op_name(op), lanes[l].file, lanes[l].line, l, static_cast<long long>(j), mask));
+        ws.result[l] = ws.value[j];
       }
       break;
     case WarpOp::Ballot:
@@ -951,10 +1227,9 @@ uint64_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int param, in
     case WarpOp::All: {
       uint32_t bal = 0;
       for (uint32_t l = 0; l < 32; ++l)
-        if ((mask >> l & 1) && lanes[l].value) bal |= 1u << l;
+        if ((mask >> l & 1) && ws.value[l]) bal |= 1u << l;
       const uint64_t r = op == WarpOp::Ballot ? bal : op == WarpOp::Any ? (bal != 0) : (bal == mask);
-      for (uint32_t l = 0; l < 32; ++l)
-        if (mask >> l & 1) lanes[l].result = r;
+      for (uint32_t l = 0; l < 32; ++l) ws.result[l] = r;
       break;
     }
     case WarpOp::MatchAny:
@@ -962,23 +1237,22 @@ uint64_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int param, in
         if (!(mask >> l & 1)) continue;
         uint32_t m = 0;
         for (uint32_t k = 0; k < 32; ++k)
-          if ((mask >> k & 1) && lanes[k].value == lanes[l].value) m |= 1u << k;
-        lanes[l].result = m;
+          if ((mask >> k & 1) && ws.value[k] == ws.value[l]) m |= 1u << k;
+        ws.result[l] = m;
       }
       break;
     case WarpOp::MatchAll: {
       bool all = true;
       for (uint32_t l = 0; l < 32; ++l)
-        if ((mask >> l & 1) && lanes[l].value != value) all = false;
-      for (uint32_t l = 0; l < 32; ++l)
-        if (mask >> l & 1) lanes[l].result = all ? (uint64_t(1) << 32 | mask) : 0;
+        if ((mask >> l & 1) && ws.value[l] != value) all = false;
+      for (uint32_t l = 0; l < 32; ++l) ws.result[l] = all ? (uint64_t(1) << 32 | mask) : 0;
       break;
     }
     default: {
       uint32_t acc = static_cast<uint32_t>(value);
       for (uint32_t l = 0; l < 32; ++l) {
         if (!(mask >> l & 1) || l == lane) continue;
-        const uint32_t v = static_cast<uint32_t>(lanes[l].value);
+        const uint32_t v = static_cast<uint32_t>(ws.value[l]);
         switch (op) {
           case WarpOp::ReduceAddU: acc += v; break;
           case WarpOp::ReduceMinU: acc = std::min(acc, v); break;
@@ -995,14 +1269,34 @@ uint64_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int param, in
           default: break;
         }
       }
-      for (uint32_t l = 0; l < 32; ++l)
-        if (mask >> l & 1) lanes[l].result = acc;
+      for (uint32_t l = 0; l < 32; ++l) ws.result[l] = acc;
       break;
     }
   }
-  for (uint32_t l = 0; l < 32; ++l)
-    if ((mask >> l & 1) && l != lane) lanes[l].state = FState::Runnable;
-  return f->result;
+  ws.waiting &= ~mask;
+  for (uint32_t rest = mask & ~(1u << lane); rest; rest &= rest - 1)
+    lanes[__builtin_ctz(rest)].state = FState::Runnable;
+  return ws.result[lane];
+}
+
+// Kernel code that (re)included <assert.h> after cuemu.h uses glibc's assert, which calls this noexcept,
+// noreturn function: it cannot throw, so inside a kernel it records the error and leaves the thread's carrier
+// suspended for good (the block is abandoned and the carrier restarted). Hidden, so it only binds the
+// emulator's own module; outside a kernel it behaves like glibc's.
+extern "C" __attribute__((visibility("hidden"), noreturn)) void __assert_fail(const char* assertion, const char* file,
+                                                                              unsigned int line,
+                                                                              const char* function) noexcept {
+  Worker* w = tl_worker;
+  if (w && w->current) {
+    Fiber& f = *w->current;
+    try {
+      record_fiber_error(*w, f, format("assertion `%s` failed at %s:%u in %s", assertion, file, line, function));
+    } catch (...) {
+    }
+    for (;;) carrier_to_scheduler(*w, *f.carrier);
+  }
+  std::fprintf(stderr, "%s:%u: %s: Assertion `%s' failed.\n", file, line, function, assertion);
+  std::abort();
 }
 
 unsigned activemask() {
@@ -1044,6 +1338,8 @@ int num_workers() {
   std::lock_guard<std::mutex> lk(p.launch_mu);
   return p.size();
 }
+void set_watchdog_seconds(double seconds) { detail::g_watchdog_seconds.store(std::max(0.0, seconds)); }
+
 LaunchStats last_launch_stats() {
   auto& p = detail::pool();
   std::lock_guard<std::mutex> lk(p.launch_mu);

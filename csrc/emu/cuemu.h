@@ -2,44 +2,58 @@
 // with g++ and run on machines without a GPU. Included by csrc/cuda_compat.h when not compiling with nvcc.
 //
 // Execution model
-// - A launch runs the grid synchronously. Blocks are independent, so they are handed out (atomic counter)
-//   to a pool of worker OS threads (default hardware_concurrency, env CONVNET_EMU_THREADS,
-//   cuemu::set_num_workers). A block never moves between OS threads.
-// - Every CUDA thread of a block is a fiber with its own stack (pooled, 64 KB by default, env
-//   CONVNET_EMU_STACK_KB, with an mprotect'ed guard page below it). Fibers are cooperative: a fiber runs until
-//   it reaches __syncthreads, a warp collective (__shfl*_sync, __ballot_sync, __syncwarp, ...) or returns.
-//   threadIdx/blockIdx/blockDim/gridDim are thread_local variables the scheduler sets before resuming a fiber.
+// - A launch (cuemu::launch, reached through convnet::launch) validates the configuration like CUDA and runs
+//   the grid synchronously. Blocks are independent, so they are handed out (atomic counter) to a pool of OS
+//   threads: the launching thread plus helpers (default hardware_concurrency in all, env CONVNET_EMU_THREADS,
+//   cuemu::set_num_workers). A block never moves between OS threads; one launch runs at a time.
+// - Every CUDA thread of a block is a fiber. Fibers are cooperative: a fiber runs until it reaches
+//   __syncthreads, a warp collective (__shfl*_sync, __ballot_sync, __syncwarp, ...) or returns. Fibers run on
+//   pooled "carriers" (a stack of 64 KB, env CONVNET_EMU_STACK_KB, with a PROT_NONE guard page below it, and a
+//   context; x86-64 switches with a few instructions, elsewhere ucontext). A thread that finishes without
+//   blocking hands its carrier straight to the next unstarted thread, so barrier-free kernels cost about one
+//   switch per block. threadIdx/blockIdx/blockDim/gridDim are thread_local variables the scheduler sets before
+//   resuming a fiber. A fiber stack overflow hits the guard page and dies with a message (build emulated kernels
+//   with -fstack-clash-protection so large frames cannot jump over it).
 // - The scheduler resumes the runnable fibers of a block in rounds, in forward, reverse or seeded random order
 //   (cuemu::set_schedule; the random order is drawn fresh for each round and depends only on seed, block and
 //   round, not on which worker runs the block). Code that is correct only thanks to a lucky order (a missing
-//   barrier) gives different results under different schedules: run tests under several.
+//   barrier) gives different results under different schedules: test under several.
 // - When no fiber can run: if every live thread waits at the same __syncthreads (same file:line) they are all
-//   released; anything else (divergent barrier, a thread exited while others wait, a warp collective whose
-//   lanes never all arrive) is an error naming the sites. Warp collectives complete when all lanes of the mask
-//   arrived with the same operation and mask; mismatches and masks naming non-existent lanes are errors.
-// - Shared memory: each SHARED(T, name, dims) declaration site gets its own heap allocation per block (so
-//   AddressSanitizer's redzones catch overruns), and a reference to a sized array (so UBSan's bounds check
-//   catches row overruns). Static and dynamic shared memory are filled with 0xFF bytes (float NaN) at block
-//   start, so reads of never-written shared memory show up. Limits as on the GPU: static <= 48 KB, dynamic
-//   <= 48 KB unless raised with cudaFuncSetAttribute(..., cudaFuncAttributeMaxDynamicSharedMemorySize, n),
-//   everything <= 227 KB.
-// - Errors inside kernels (assert, cuemu::EmulatorError, any C++ exception) are caught at the fiber's entry,
-//   the other blocks stop, and cuemu::launch rethrows the error (of the lowest failing block) as
-//   cuemu::EmulatorError naming block and thread. The process never aborts. assert() is always checked in
-//   emulated kernels (also with NDEBUG) unless CUEMU_DISABLE_ASSERT is defined; include <cassert> before this
-//   header (or not at all), because a later #include <assert.h> restores the aborting macro.
-// - Atomics are real atomics (blocks run concurrently); the emulator is otherwise sequentially consistent.
+//   released; anything else is an error naming the sites: a divergent barrier, a thread that exited while
+//   others wait, a warp collective whose lanes never all arrive. Warp lanes are consecutive linear thread
+//   indices (x fastest). A warp collective completes when all lanes of its mask arrived with the same operation
+//   and mask; the last lane computes every result at once (shuffles follow PTX shfl.sync exactly, including
+//   `width` segments). Errors: mismatched op or mask, a mask without the calling lane or naming lanes that do not
+//   exist (partial last warp), a shuffle reading a lane outside the mask, deadlock.
+// - Shared memory: each SHARED(T, name, dims) declaration site (a static local in the macro, so every template
+//   instantiation has its own) gets its own heap allocation per block, so AddressSanitizer's redzones catch
+//   overruns; `name` is a reference to a sized array (float (&)[32][33]) so UBSan's bounds check catches row
+//   overruns. Static and dynamic shared memory are filled with 0xFF bytes (float NaN, int -1) at block start,
+//   so reads of never-written shared memory show up, and freed at block end. Limits as on the GPU: static
+//   <= 48 KB; dynamic <= 48 KB unless raised with cudaFuncSetAttribute(kernel,
+//   cudaFuncAttributeMaxDynamicSharedMemorySize, n); static + dynamic <= 48 KB (227 KB once raised).
+// - Errors inside kernels (assert, cuemu::EmulatorError, any C++ exception) are caught on the fiber's stack,
+//   the other blocks stop at their next block boundary, and cuemu::launch throws cuemu::EmulatorError for the
+//   lowest failing block, naming block and thread ("cuemu: kernel error in block (2,0,0), thread (5,0,0): ...").
+//   The process never aborts. assert() is always checked in emulated kernels (also with NDEBUG) unless
+//   CUEMU_DISABLE_ASSERT is defined; glibc's own assert (if a header re-includes <assert.h>) is caught too.
+// - Atomics are real atomics (blocks run concurrently); within a block execution is sequentially consistent.
+// - cuemu::last_launch_stats(): blocks and threads run, fiber resumes, barrier releases of the last launch.
 //
 // Limits (what this cannot emulate): inline PTX; code under __CUDA_ARCH__ (the emulated build compiles the host
-// branch); tensor cores (mma/wmma), cp.async/TMA, textures, grid-wide sync, dynamic parallelism; memory-model
-// bugs (missing __threadfence, relaxed-ordering races across blocks); performance and occupancy. Float
-// results differ in the last bits from the GPU (nvcc contracts a*b+c into FMAs, __expf etc. are exact here):
-// compare with tolerances. Warp-synchronous code without __syncwarp is undefined on modern GPUs and usually
-// gives wrong answers here — which is the point.
+// branch); tensor cores (mma/wmma), cp.async/TMA, textures, grid-wide sync, dynamic parallelism, streams as
+// concurrency (every launch is synchronous); memory-model bugs (missing __threadfence/volatile, relaxed
+// ordering across blocks); performance and occupancy (register spills, bank conflicts). Float results differ
+// in the last bits from the GPU (nvcc contracts a*b+c into FMAs; __expf etc. are exact here): compare with
+// tolerances. Warp-synchronous code without __syncwarp is undefined on modern GPUs and usually gives wrong
+// answers here, which is the point. Requires C++20 (std::source_location names warp-collective call sites).
 #pragma once
 
 #ifdef __CUDACC__
 #error "cuemu.h is the CPU emulation; nvcc must not include it"
+#endif
+#if __cplusplus < 202002L
+#error "cuemu.h needs C++20 (-std=c++20)"
 #endif
 
 #include <algorithm>
@@ -192,6 +206,11 @@ const char* schedule_name(Schedule s);
 void set_num_workers(int n);  // n >= 1; 0 = default (env CONVNET_EMU_THREADS or hardware_concurrency)
 int num_workers();
 
+// A launch that makes no progress for this long (a thread spinning on a value another thread must write:
+// threads switch only at barriers and warp collectives) gets a message on stderr naming block and thread.
+// Default 120 s or env CONVNET_EMU_WATCHDOG_S; 0 disables.
+void set_watchdog_seconds(double seconds);
+
 // Counters of the last completed launch (for benchmarks and tests).
 struct LaunchStats {
   uint64_t blocks_run = 0;       // blocks that started
@@ -293,13 +312,27 @@ inline cudaError_t cudaMemcpyToSymbol(T& symbol, const void* src, size_t count, 
   return cudaSuccess;
 }
 
+template <class T>
+inline cudaError_t cudaMemcpyToSymbolAsync(T& symbol, const void* src, size_t count, size_t offset = 0,
+                                           cudaMemcpyKind kind = cudaMemcpyHostToDevice, cudaStream_t = nullptr) {
+  return cudaMemcpyToSymbol(symbol, src, count, offset, kind);
+}
+template <class T>
+inline cudaError_t cudaMemcpyFromSymbol(void* dst, const T& symbol, size_t count, size_t offset = 0,
+                                        cudaMemcpyKind = cudaMemcpyDeviceToHost) {
+  if (offset + count > sizeof(T)) return cudaErrorInvalidValue;
+  std::memcpy(dst, reinterpret_cast<const char*>(&symbol) + offset, count);
+  return cudaSuccess;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Shared memory. SHARED(float, tile, [32][33]) declares `float (&tile)[32][33]` bound to this block's copy.
-// The static local gives each declaration site (and each template instantiation) a distinct key.
+// The static local gives each declaration site (and each template instantiation) a distinct key; it is a
+// writable char, because identical read-only constants may legally be merged to one address.
 #define SHARED(T, name, dims)                                                                              \
   using cuemu_shared_type_##name = T dims;                                                                  \
   static_assert(std::is_trivially_destructible_v<cuemu_shared_type_##name>, "shared arrays hold plain data"); \
-  static const char cuemu_shared_key_##name = 0;                                                            \
+  static char cuemu_shared_key_##name;                                                                      \
   cuemu_shared_type_##name& name = *static_cast<cuemu_shared_type_##name*>(::cuemu::detail::shared_alloc(    \
       &cuemu_shared_key_##name, sizeof(cuemu_shared_type_##name), alignof(cuemu_shared_type_##name), #name,  \
       __FILE__, __LINE__))
@@ -587,6 +620,12 @@ template <class T>
 inline void __stcg(T* p, T v) { *p = v; }
 template <class T>
 inline void __stwt(T* p, T v) { *p = v; }
+
+// CUDA declares the classification functions in the global namespace; <cmath> only puts them in std.
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+using std::signbit;
 
 // CUDA's global min/max overloads. Non-templates, so they win over std::min/std::max on equal arguments.
 inline int min(int a, int b) { return a < b ? a : b; }

@@ -7,6 +7,8 @@
 #include <stdexcept>
 
 namespace cuemu_selftest {
+void run_glibc_assert();  // at the end of this file, after <assert.h> is re-included
+
 namespace {
 
 // ---- correct kernels ------------------------------------------------------------------------------------
@@ -94,6 +96,12 @@ __global__ void warp_ops_kernel(const int* x, int n, int* out) {
   }
   put(14, s[threadIdx.x]);
   put(15, __shfl_sync(full, v, 3, 16));
+  put(16, __reduce_max_sync(full, v));
+  put(17, __reduce_min_sync(full, v));
+  int pred_same = -1, pred_v = -1;
+  put(18, static_cast<int>(__match_all_sync(full, blockIdx.x, &pred_same)) ^ (pred_same << 4));
+  put(19, static_cast<int>(__match_all_sync(full, v, &pred_v)) + 2 * pred_v);
+  put(20, static_cast<int>(__reduce_or_sync(full, static_cast<unsigned>(v) & 0xF0u)));
 }
 
 __global__ void uninit_shared_kernel(unsigned* out, int n) {
@@ -172,13 +180,13 @@ __global__ void atomics_kernel(AtomicState* st) {
   atomicMin(&st->imin, 1000 - gid);
   atomicMax(&st->umax, unsigned(gid) * 3u);
   atomicMin(&st->umin, unsigned(gid) + 7u);
-  int old = st->cas, assumed;
+  int old = atomicAdd(&st->cas, 0), assumed;  // an atomic first read: a plain one would race with the CASes
   do {
     assumed = old;
     old = atomicCAS(&st->cas, assumed, assumed + 1);
   } while (old != assumed);
   atomicAdd(&st->exch_olds, static_cast<unsigned long long>(atomicExch(&st->exch, unsigned(gid) + 1)));
-  unsigned long long o2 = st->cas_ull, a2;
+  unsigned long long o2 = atomicAdd(&st->cas_ull, 0ull), a2;
   do {
     a2 = o2;
     o2 = atomicCAS(&st->cas_ull, a2, a2 + 1);
@@ -210,6 +218,28 @@ __global__ void sgemm_kernel(const float* a, const float* b, float* c, int m, in
 __global__ void scale_kernel(const float* x, float* y, std::int64_t n, float alpha) {
   const std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) y[i] = alpha * x[i];
+}
+
+__global__ void thread_ids_kernel(int* out) {
+  const unsigned block_linear = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  const unsigned per_block = blockDim.x * blockDim.y * blockDim.z;
+  const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  int* o = out + (std::size_t(block_linear) * per_block + t) * kThreadIdsFields;
+  const int fields[kThreadIdsFields - 2] = {int(threadIdx.x), int(threadIdx.y), int(threadIdx.z), int(blockIdx.x),
+                                            int(blockIdx.y),  int(blockIdx.z),  int(blockDim.x),  int(blockDim.y),
+                                            int(blockDim.z),  int(gridDim.x),   int(gridDim.y),   int(gridDim.z)};
+  for (int i = 0; i < kThreadIdsFields - 2; ++i) o[i] = fields[i];
+  // Warps are formed from the linear thread index: lane 0 of my warp is thread t & ~31, and the last warp
+  // of a block whose size is not a multiple of 32 is partial.
+  const unsigned active = __activemask();
+  o[kThreadIdsFields - 2] = __shfl_sync(active, int(t), 0);
+  o[kThreadIdsFields - 1] = int(active);
+}
+
+__global__ void spin_kernel(double seconds) {
+  const long long t0 = clock64();
+  while (double(clock64() - t0) < seconds * 1e9) {
+  }
 }
 
 // ---- broken kernels -------------------------------------------------------------------------------------
@@ -346,10 +376,18 @@ void scale(const float* x, float* y, std::int64_t n, float alpha) {
   convnet::launch(scale_kernel, dim3(unsigned((n + 255) / 256)), dim3(256), 0, nullptr, x, y, n, alpha);
 }
 
+void thread_ids(const unsigned grid[3], const unsigned block[3], int* out) {
+  convnet::launch(thread_ids_kernel, dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]), 0, nullptr,
+                  out);
+}
+
+void spin(double seconds) { convnet::launch(spin_kernel, 1, 1, 0, nullptr, seconds); }
+
 std::vector<std::string> case_names() {
   return {"divergent_barrier", "two_barriers",     "early_return",   "assert",          "throw",
           "shfl_op_mismatch",  "shfl_mask_mismatch", "partial_warp", "lane_not_in_mask", "warp_deadlock",
           "warp_vs_barrier",   "shfl_bad_source",  "static_shared_too_big", "nested_launch", "many_blocks_assert",
+          "glibc_assert",
           "block_too_big",     "block_z_too_big",  "grid_y_too_big", "zero_grid",       "zero_block",
           "dyn_shared_too_big", "dyn_shared_over_max"};
 }
@@ -370,6 +408,7 @@ void run_case(const std::string& name) {
   else if (name == "shfl_bad_source") convnet::launch(shfl_bad_source_kernel, 1, 32, 0, nullptr);
   else if (name == "static_shared_too_big") convnet::launch(static_shared_too_big_kernel, 1, 32, 0, nullptr, buf);
   else if (name == "nested_launch") convnet::launch(nested_launch_kernel, 1, 1, 0, nullptr);
+  else if (name == "glibc_assert") run_glibc_assert();
   else if (name == "many_blocks_assert") convnet::launch(many_blocks_assert_kernel, 20000, 32, 0, nullptr);
   else if (name == "block_too_big") convnet::launch(empty_kernel, 1, dim3(1025), 0, nullptr);
   else if (name == "block_z_too_big") convnet::launch(empty_kernel, 1, dim3(1, 1, 65), 0, nullptr);
@@ -381,4 +420,17 @@ void run_case(const std::string& name) {
   else throw std::invalid_argument("unknown self-test case: " + name);
 }
 
+}  // namespace cuemu_selftest
+
+// ---- glibc's own assert: a header included <assert.h> again after cuda_compat.h --------------------------
+#undef NDEBUG
+#include <assert.h>
+
+namespace cuemu_selftest {
+namespace {
+__global__ void glibc_assert_kernel(int limit) {
+  assert(int(threadIdx.x) < limit);  // CASE glibc_assert
+}
+}  // namespace
+void run_glibc_assert() { convnet::launch(glibc_assert_kernel, 1, 64, 0, nullptr, 40); }
 }  // namespace cuemu_selftest

@@ -16,7 +16,7 @@ void reduce_sum(const float* x, std::int64_t n, float* out);
 // bins[v] += count of v in x (values in [0, nbins)), via shared atomics then global atomics. nbins <= 1024.
 void histogram(const int* x, std::int64_t n, unsigned* bins, int nbins);
 // Warp collectives on n ints (n multiple of 64, blocks of 64 threads); out has kWarpOpsRows * n ints.
-constexpr int kWarpOpsRows = 16;
+constexpr int kWarpOpsRows = 21;
 void warp_ops(const int* x, int n, int* out);
 // Bit patterns of never-written static (first n) and dynamic (next n) shared memory; n <= 256.
 void uninit_shared(unsigned* out, int n);
@@ -35,6 +35,13 @@ void atomics(int blocks, double* out);
 void sgemm(const float* a, const float* b, float* c, int m, int n, int k);
 // y = alpha * x, blocks of 256 threads, one element per thread.
 void scale(const float* x, float* y, std::int64_t n, float alpha);
+// Built-in variables in a 3-D grid of 3-D blocks: for every thread (in x-fastest global order) writes
+// threadIdx.xyz, blockIdx.xyz, blockDim.xyz, gridDim.xyz, the linear index of lane 0 of its warp (via
+// __shfl_sync) and __activemask(): 14 ints. grid and block are (x, y, z).
+constexpr int kThreadIdsFields = 14;
+void thread_ids(const unsigned grid[3], const unsigned block[3], int* out);
+// One block of one thread that busy-waits for `seconds` (watchdog test).
+void spin(double seconds);
 // Runs one of the named misbehaving kernels / launches (see case_names()); throws the emulator's error.
 void run_case(const std::string& name);
 std::vector<std::string> case_names();

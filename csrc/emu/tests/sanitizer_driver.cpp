@@ -3,7 +3,9 @@
 //       csrc/emu/tests/sanitizer_driver.cpp csrc/emu/cuemu.cpp csrc/emu/selftest_kernels.cu(as C++)
 // Usage: sanitizer_driver CASE. Clean cases run correct kernels (under every schedule) and must exit 0 with no
 // sanitizer report; oob_* cases contain deliberate out-of-bounds accesses that ASan/UBSan must report
-// (non-zero exit). Exit 3 = a clean case computed a wrong result; 4 = an emulator error where none was expected.
+// (non-zero exit); stack_overflow must die with the emulator's message. Exit 3 = a clean case computed a wrong
+// result; 4 = an emulator error where none was expected. Built with -fsanitize=thread instead, clean cases
+// must run clean and race_interblock (two blocks writing one global element) must be reported.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -47,6 +49,18 @@ __global__ void dynamic_past_end_kernel(float* out, int n) {
   s[threadIdx.x + (threadIdx.x == 0 ? n : 0)] = 1.f;
   out[0] = 0.f;
 }
+// Two blocks write the same global element without atomics. Block 0 waits until block 1 has started, so
+// with >= 2 workers they run concurrently; ThreadSanitizer must report the race on out[0].
+__global__ void interblock_race_kernel(float* out, int* started) {
+  if (blockIdx.x == 1) {
+    if (threadIdx.x == 0) atomicExch(started, 1);
+    out[0] = 1.f;
+  } else if (blockIdx.x == 0) {
+    while (atomicAdd(started, 0) == 0) {
+    }
+    out[0] = 2.f;
+  }
+}
 __global__ void stack_kernel_clean(float* out) {
   float local[64];
   for (int i = 0; i < 64; ++i) local[i] = float(i + threadIdx.x);
@@ -54,6 +68,12 @@ __global__ void stack_kernel_clean(float* out) {
   float s = 0;
   for (int i = 0; i < 64; ++i) s += local[i];
   out[threadIdx.x] = s;
+}
+
+__global__ void stack_overflow_kernel(float* out) {
+  volatile char big[512 * 1024];  // far more than a fiber stack; touched top-down so the guard page is hit
+  for (long i = long(sizeof big) - 1; i >= 0; i -= 512) big[i] = char(i);
+  out[threadIdx.x] = big[threadIdx.x];
 }
 
 void clean_selftests() {
@@ -150,6 +170,18 @@ int run(const std::string& name) {
   if (name == "oob_dynamic_shared") {
     float out[1];
     cuemu::launch(dynamic_past_end_kernel, dim3(1), dim3(32), 32 * sizeof(float), nullptr, out, 32);
+    return 0;
+  }
+  if (name == "race_interblock") {
+    cuemu::set_num_workers(2);
+    float out[1] = {0};
+    int started = 0;
+    cuemu::launch(interblock_race_kernel, dim3(2), dim3(1), 0, nullptr, out, &started);
+    return 0;
+  }
+  if (name == "stack_overflow") {  // must die with a message, never corrupt memory silently
+    float out[32];
+    cuemu::launch(stack_overflow_kernel, dim3(1), dim3(32), 0, nullptr, out);
     return 0;
   }
   std::fprintf(stderr, "unknown case %s\n", name.c_str());

@@ -1,0 +1,121 @@
+"""SGD exactly as in the AlexNet paper, and learning-rate schedules.
+
+Update (per parameter w with gradient g = mean over the batch of dL/dw, layer multipliers m_lr, m_wd):
+
+    v <- momentum * v - weight_decay * m_wd * (lr * m_lr) * w - (lr * m_lr) * g
+    w <- w + v
+
+(the paper: v <- 0.9 v - 0.0005 eps w - eps <dL/dw>, w <- w + v). The arithmetic is done in place on the
+parameter's device with the same sequence of operations every step, so a run is deterministic on numpy.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class SGD:
+    def __init__(self, net, *, lr=0.01, momentum=0.9, weight_decay=5e-4):
+        self.net = net
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.velocity = {}
+        for key, layer, p in net.param_items():
+            self.velocity[key] = layer.device.zeros(layer.params[p].shape, net.dtype)
+
+    def step(self):
+        mom = self.momentum
+        for key, layer, p in self.net.param_items():
+            w, g, v = layer.params[p], layer.grads[p], self.velocity[key]
+            lr = self.lr * layer.lr_mult.get(p, 1.0)
+            wd = self.weight_decay * layer.wd_mult.get(p, 0.0)
+            dt = w.dtype.type
+            v *= dt(mom)
+            if wd != 0.0:
+                v -= dt(wd * lr) * w
+            v -= dt(lr) * g
+            w += v
+
+    def state_dict(self):
+        return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
+                "velocity": {k: self.net.layers[k.split("/")[0]].device.to_numpy(v).copy()
+                             for k, v in self.velocity.items()}}
+
+    def load_state_dict(self, state):
+        self.lr = float(state["lr"])
+        self.momentum = float(state["momentum"])
+        self.weight_decay = float(state["weight_decay"])
+        for key, layer, p in self.net.param_items():
+            a = np.asarray(state["velocity"][key])
+            if a.shape != tuple(self.velocity[key].shape):
+                raise ValueError(f"optimizer state for '{key}' has shape {a.shape}, "
+                                 f"model has {tuple(self.velocity[key].shape)}")
+            self.velocity[key] = layer.device.asarray(a, self.net.dtype)
+
+
+class Schedule:
+    """Learning-rate schedule, consulted once per epoch.
+
+    * ``step``: lr = base * gamma ** (number of entries of ``steps`` (epochs) <= epoch).
+    * ``plateau``: divide by 10 (``gamma``) when the test error has not improved (by more than ``threshold``,
+      relative) for ``patience`` epochs; at most ``max_drops`` times (the paper: three times).
+    * ``linear``: from the base rate down to zero at the end of ``total_epochs``, updated every step (the
+      budgeted-training schedule: good when the number of epochs is fixed and small).
+    * ``constant``.
+    """
+
+    KINDS = ("step", "plateau", "linear", "constant")
+
+    def __init__(self, kind="step", base_lr=0.01, *, steps=(), gamma=0.1, patience=3, max_drops=3,
+                 threshold=1e-3, total_epochs=None):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown schedule '{kind}' (known: {', '.join(self.KINDS)})")
+        self.kind = kind
+        self.base_lr = float(base_lr)
+        self.steps = sorted(int(s) for s in steps)
+        self.gamma = float(gamma)
+        self.patience = int(patience)
+        self.max_drops = int(max_drops)
+        self.threshold = float(threshold)
+        self.total_epochs = total_epochs
+        if kind == "linear" and not total_epochs:
+            raise ValueError("the linear schedule needs the number of epochs")
+        self.best = math.inf
+        self.bad_epochs = 0
+        self.drops = 0
+
+    def lr_at(self, epoch, frac=0.0):
+        """Learning rate for (0-based) ``epoch``, ``frac`` of the way through it."""
+        if self.kind == "linear":
+            return self.base_lr * max(0.0, 1.0 - (epoch + frac) / self.total_epochs)
+        if self.kind == "step":
+            return self.base_lr * self.gamma ** sum(1 for s in self.steps if s <= epoch)
+        if self.kind == "plateau":
+            return self.base_lr * self.gamma ** self.drops
+        return self.base_lr
+
+    def observe(self, error):
+        """Tell the schedule the validation error at the end of an epoch."""
+        if self.kind != "plateau":
+            return
+        if error < self.best * (1 - self.threshold):
+            self.best = error
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+            if self.bad_epochs >= self.patience and self.drops < self.max_drops:
+                self.drops += 1
+                self.bad_epochs = 0
+
+    def state_dict(self):
+        return {"kind": self.kind, "base_lr": self.base_lr, "steps": self.steps, "gamma": self.gamma,
+                "patience": self.patience, "max_drops": self.max_drops, "threshold": self.threshold,
+                "best": self.best if math.isfinite(self.best) else None, "bad_epochs": self.bad_epochs,
+                "drops": self.drops}
+
+    def load_state_dict(self, s):
+        self.best = math.inf if s.get("best") is None else float(s["best"])
+        self.bad_epochs = int(s["bad_epochs"])
+        self.drops = int(s["drops"])

@@ -1,0 +1,124 @@
+"""Shipped model files, the summary (parameter counts), and clear errors for bad model files."""
+import numpy as np
+import pytest
+
+from convnet.models import ModelFileError, build_net, load_model, parse_model_text, shipped_models
+
+
+def test_shipped_models_are_there():
+    assert {"alexnet", "alexnet-owt", "cifar-18pct", "fmnist"} <= set(shipped_models())
+
+
+def _hand_count_alexnet():
+    # conv: F * (C/groups * K * K) + F ; fc: out * in + out
+    conv = [(96, 3, 11, 1), (256, 96, 5, 2), (384, 256, 3, 1), (384, 384, 3, 2), (256, 384, 3, 2)]
+    fc = [(4096, 256 * 6 * 6), (4096, 4096), (1000, 4096)]
+    return sum(f * (c // g) * k * k + f for f, c, k, g in conv) + sum(o * i + o for o, i in fc)
+
+
+def test_alexnet_two_tower_parameter_count():
+    assert _hand_count_alexnet() == 60_965_224
+    net, train = load_model("alexnet", init_params=False)
+    assert net.num_params() == 60_965_224
+    shapes = {n: l.out_shape for n, l in net.layers.items()}
+    assert shapes["conv1"] == (96, 55, 55)
+    assert shapes["pool1"] == (96, 27, 27)
+    assert shapes["conv2"] == (256, 27, 27)
+    assert shapes["pool2"] == (256, 13, 13)
+    assert shapes["conv5"] == (256, 13, 13)
+    assert shapes["pool5"] == (256, 6, 6)
+    assert net.layers["fc6"].in_shape == (256, 6, 6)
+    assert [net.layers[n].groups for n in ("conv1", "conv2", "conv3", "conv4", "conv5")] == [1, 2, 1, 2, 2]
+    s = net.summary()
+    assert "60,965,224" in s
+    # forward FLOPs (multiply-add = 2): about 1.45 G per image (docs/notes)
+    assert 1.40e9 < net.flops() < 1.50e9
+    assert train["lr"] == 0.01 and train["batch_size"] == 128
+
+
+def test_alexnet_owt_parameter_count():
+    net, _ = load_model("alexnet-owt", init_params=False)
+    assert net.num_params() == 61_100_840
+
+
+def test_alexnet_paper_initialisation():
+    net, _ = load_model("alexnet", init_params=True, seed=0)
+    for name, bias in [("conv1", 0), ("conv2", 1), ("conv3", 0), ("conv4", 1), ("conv5", 1), ("fc6", 1),
+                       ("fc7", 1), ("fc8", 0)]:
+        l = net.layers[name]
+        assert np.all(l.params["b"] == bias), name
+    w = net.layers["fc6"].params["w"]
+    assert abs(float(w.std()) - 0.01) < 1e-4 and abs(float(w.mean())) < 1e-4
+
+
+def test_small_models_summary_and_forward():
+    for name, shape in (("fmnist", (1, 28, 28)), ("cifar-18pct", (3, 32, 32))):
+        net, train = load_model(name)
+        assert net.data_layer.out_shape == shape
+        assert net.num_classes == 10
+        x = np.zeros((*shape, 4), np.float32)
+        p = net.forward(x)
+        assert p.shape == (10, 4)
+        assert "total" in net.summary()
+        assert train["dataset"] in ("fashion-mnist", "cifar10")
+
+
+BASE = """
+[data]
+type = data
+channels = 1
+size = 8
+[fc]
+type = fc
+inputs = data
+outputs = 3
+[probs]
+type = softmax
+inputs = fc
+"""
+
+
+def test_base_model_builds():
+    net, _ = build_net(BASE, "base.cfg")
+    assert net.num_params() == 3 * 64 + 3
+
+
+@pytest.mark.parametrize("text, match", [
+    (BASE.replace("type = fc", "type = fcc"), r"base.cfg \[fc\]: unknown layer type 'fcc'"),
+    (BASE.replace("outputs = 3", "outputs = three"), r"base.cfg \[fc\] outputs: expected an integer, got 'three'"),
+    (BASE.replace("outputs = 3", "outputz = 3"), r"unknown key 'outputz' for a fc layer"),
+    (BASE.replace("outputs = 3", ""), r"missing required key 'outputs'"),
+    (BASE.replace("inputs = data", "inputs = dta"), r"input 'dta' is not defined"),
+    (BASE.replace("inputs = fc", ""), r"\[probs\]: missing 'inputs'"),
+    (BASE.replace("type = softmax", ""), r"\[probs\]: missing 'type'"),
+    (BASE + "[fc]\ntype=fc\n", r"cannot parse"),
+    ("just text", r"cannot parse"),
+    ("", r"no layers"),
+    (BASE.replace("[probs]\ntype = softmax\ninputs = fc", ""), r"exactly one softmax"),
+    (BASE.replace("outputs = 3", "outputs = 3\ninitW = wide"), r"initW must be a number"),
+    (BASE.replace("outputs = 3", "outputs = -3"), r"outputs must be > 0"),
+    (BASE + "[train]\nepochz = 3\n", r"\[train\]: unknown key 'epochz'"),
+    (BASE + "[train]\nflip = maybe\n", r"expected true/false"),
+    (BASE.replace("size = 8", "size = 8\ninputs = fc"), r"data layer takes no inputs"),
+])
+def test_bad_model_files(text, match):
+    with pytest.raises(ModelFileError, match=match):
+        build_net(text, "base.cfg")
+
+
+def test_unknown_model_name_lists_the_shipped_ones(tmp_path):
+    with pytest.raises(ModelFileError, match="unknown model 'lenet'.*fmnist"):
+        load_model("lenet")
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(str(tmp_path / "nope.cfg"))
+    p = tmp_path / "m.cfg"
+    p.write_text(BASE)
+    net, _ = load_model(str(p))
+    assert net.num_classes == 3
+
+
+def test_parse_aliases_and_comments():
+    text = BASE.replace("outputs = 3", "neurons = 3   # cuda-convnet spelling\nepsW = 2 ; lr multiplier")
+    specs, _ = parse_model_text(text)
+    fc = dict((n, kw) for n, t, kw in specs)["fc"]
+    assert fc["outputs"] == 3 and fc["lr_w"] == 2.0

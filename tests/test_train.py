@@ -1,0 +1,173 @@
+"""Training smoke runs (numpy, emu), divergence detection, CLI errors, eval-only, plots and logs."""
+import json
+
+import numpy as np
+import pytest
+
+from convnet.data import DataError
+from convnet.devices import DeviceUnavailable, get_device
+from convnet.models import ModelFileError
+from convnet.train import TrainingError, main, run
+
+TINY = """
+[data]
+type = data
+channels = 1
+size = 8
+scale = 0.0039215686
+[conv1]
+type = conv
+inputs = data
+filters = 4
+size = 3
+padding = 1
+neuron = relu
+initW = he
+[pool1]
+type = pool
+inputs = conv1
+pool = max
+size = 2
+stride = 2
+[fc2]
+type = fc
+inputs = pool1
+outputs = 16
+neuron = relu
+initW = he
+[drop2]
+type = dropout
+inputs = fc2
+keep = 0.8
+[fc3]
+type = fc
+inputs = drop2
+outputs = 4
+initW = 0.01
+[probs]
+type = softmax
+inputs = fc3
+[train]
+dataset = synthetic
+batch_size = 16
+lr = 0.1
+epochs = 3
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    p = tmp_path / "tiny.cfg"
+    p.write_text(TINY)
+    return p
+
+
+def _args(model, out, *extra):
+    return ["--model", str(model), "--out", str(out), "--no-progress", "--synthetic-train", "128",
+            "--synthetic-test", "64", *extra]
+
+
+def test_numpy_smoke_loss_goes_down(tiny, tmp_path):
+    logs = []
+    res = run(_args(tiny, tmp_path / "run", "--device", "numpy"), log=logs.append)
+    h = res["history"]
+    assert res["status"] == "done" and len(h) == 3
+    assert h[-1]["train_loss"] < 0.7 * h[0]["train_loss"], [r["train_loss"] for r in h]
+    assert h[0]["train_loss"] < 1.45  # started near log(4) = 1.386 and is already learning
+    assert h[-1]["test_error"] < 0.25
+    assert h[-1]["test_top5_error"] is None  # 4 classes: no top-5
+    lines = [json.loads(s) for s in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert {"train_loss", "train_error", "test_error", "images_per_s", "lr"} <= set(lines[0])
+    for png in ("errors.png", "filters.png", "predictions.png"):
+        assert (tmp_path / "run" / png).stat().st_size > 1000, png
+    assert any("epoch 3" in s for s in logs)
+
+
+def test_emu_smoke_loss_goes_down(tmp_path):
+    try:
+        get_device("emu")
+    except DeviceUnavailable as e:
+        pytest.fail(f"emu must be built for the smoke test: {e}")
+    p = tmp_path / "micro.cfg"
+    p.write_text(TINY)
+    res = run(["--model", str(p), "--out", str(tmp_path / "emu"), "--no-progress", "--no-plots", "--device", "emu",
+               "--synthetic-train", "128", "--synthetic-test", "32"], log=lambda s: None)
+    h = res["history"]
+    assert h[0]["device"] == "emu" and len(h) == 3
+    assert h[-1]["train_loss"] < 0.7 * h[0]["train_loss"], [r["train_loss"] for r in h]
+    assert h[-1]["test_error"] < 0.25
+
+
+def test_emu_and_numpy_agree_on_one_step(tiny):
+    """The same net, weights and batch on emu and numpy give the same loss and gradients (float32 tolerance)."""
+    from convnet.models import build_net
+    try:
+        emu = get_device("emu")
+    except DeviceUnavailable as e:
+        pytest.fail(str(e))
+    a, _ = build_net(tiny.read_text(), "tiny", device="numpy", seed=1)
+    b, _ = build_net(tiny.read_text(), "tiny", device=emu, seed=1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 8, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 4, 8).astype(np.int32)
+    pa = a.forward(x, y, train=True, step=3)
+    a.backward()
+    pb = b.forward(x, y, train=True, step=3)
+    b.backward()
+    np.testing.assert_allclose(pb, pa, rtol=1e-4, atol=1e-6)
+    for (k, la, p), (_, lb, _) in zip(a.param_items(), b.param_items()):
+        np.testing.assert_allclose(lb.grads[p], la.grads[p], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_divergence_stops_with_a_clear_message(tiny, tmp_path, capsys):
+    with pytest.raises(TrainingError, match=r"the loss became (nan|inf).*Lower the learning rate"):
+        run(_args(tiny, tmp_path / "nan", "--device", "numpy", "--lr", "1e6", "--no-plots"), log=lambda s: None)
+    rc = main(_args(tiny, tmp_path / "nan2", "--device", "numpy", "--lr", "1e6", "--no-plots"))
+    assert rc == 1
+    assert "training diverged" in capsys.readouterr().err
+
+
+def test_missing_data_and_bad_model_messages(tmp_path, capsys):
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        run(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--no-progress", "--device", "numpy"],
+            log=lambda s: None)
+    assert main(["--dataset", "cifar10", "--model", "cifar-18pct", "--out", str(tmp_path / "c"),
+                 "--device", "numpy"]) == 2
+    assert "cifar-10-python.tar.gz" in capsys.readouterr().err
+    bad = tmp_path / "bad.cfg"
+    bad.write_text(TINY.replace("type = pool", "type = poool"))
+    with pytest.raises(ModelFileError, match=r"bad.cfg \[pool1\]: unknown layer type 'poool'"):
+        run(["--model", str(bad), "--out", str(tmp_path / "b"), "--device", "numpy"], log=lambda s: None)
+    assert main(["--model", str(bad), "--out", str(tmp_path / "b")]) == 2
+    # a model whose input does not match the data
+    with pytest.raises(DataError, match="1-channel images, the model's data layer expects 3"):
+        run(["--model", "cifar-18pct", "--dataset", "fashion-mnist", "--data", str(tmp_path / "fm"),
+             "--out", str(tmp_path / "x"), "--device", "numpy"], log=lambda s: None) if _fm(tmp_path) else None
+
+
+def _fm(tmp_path):
+    from test_data import make_fashion_dir
+    (tmp_path / "fm").mkdir()
+    make_fashion_dir(tmp_path / "fm")
+    return True
+
+
+def test_fashion_mnist_training_from_idx_files_and_eval_only(tmp_path):
+    """The default model on (tiny, random) Fashion-MNIST files through --data, then --eval-only."""
+    _fm(tmp_path)
+    out = tmp_path / "fm-run"
+    res = run(["--data", str(tmp_path / "fm"), "--out", str(out), "--epochs", "1", "--batch-size", "32",
+               "--no-progress", "--device", "numpy", "--no-plots"], log=lambda s: None)
+    assert res["history"][0]["test_top5_error"] is not None  # 10 classes: top-5 reported
+    logs = []
+    ev = run(["--eval-only", "--resume", str(out), "--no-plots", "--device", "numpy"], log=logs.append)
+    assert ev["status"] == "eval" and ev["test_error"] == pytest.approx(res["history"][0]["test_error"])
+    assert "top-5 error" in logs[-1]
+
+
+def test_summary_flag(capsys):
+    logs = []
+    run(["--model", "alexnet", "--summary"], log=logs.append)
+    assert "60,965,224" in logs[0]
