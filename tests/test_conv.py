@@ -53,6 +53,8 @@ SMALL = [
     ("batch1-groups3", 6, 8, 8, 1, 9, 3, 3, 1, 1, 3),
     ("pad-ge-filter", 2, 4, 5, 4, 4, 2, 3, 1, 3, 1),
     ("wgrad-split", 8, 16, 16, 8, 16, 3, 3, 1, 1, 1),  # OH*OW*N = 2048: room for 8 chunks of 256
+    ("direct-dgrad-N40", 3, 9, 10, 40, 6, 5, 5, 2, 2, 1),  # 3 channels: direct input-gradient kernel, 2 image groups
+    ("direct-dgrad-1ch-stride1", 2, 13, 11, 33, 4, 3, 4, 1, 1, 2),
 ]
 SPLIT_CASES = [SMALL[8], ("split-scalar-groups", 6, 15, 13, 3, 9, 3, 3, 1, 1, 3)]
 
@@ -384,7 +386,10 @@ def test_alexnet_batch128_plans_use_fast_paths():
         geo = (c, h, w, 128, f, kh, kw, s, s, p, p, groups)
         for op in range(3):
             plan = k.conv_plan(op, geo)
-            assert "16-byte path" in plan, f"{name}: {plan}"
+            assert "16-byte path" in plan or "direct kernel" in plan, f"{name}: {plan}"
+            if name == "conv1" and op == 1:  # 3 channels: the direct kernel, not the GEMM
+                assert "direct kernel" in plan, plan
+                continue
             tm, tn = (int(v) for v in re.search(r"\((\d+)x(\d+) per thread", plan).groups())
             if name != "conv1":  # conv2-5: register tiles of at least 8x8 (no shared-memory-bound 4xN tiles)
                 assert tm >= 8 and tn >= 8, f"{name}: {plan}"

@@ -22,6 +22,10 @@
 // ceil((KW-rx)/s_w) * Fg: no multiply-by-zero work for stride 4 (AlexNet conv1), no atomics, every dx element is
 // written by exactly one thread. One grid z-slice per (group, class).
 //
+// Few channels (dgrad with C/groups <= 4, e.g. AlexNet conv1's 3): M = Cg rows make the GEMM re-read dy from L2
+// once per tap, so conv_dgrad_direct (below) serves those geometries instead: a block keeps a window of dy in
+// shared memory and applies every tap of its stride phase to it.
+//
 // Split reduction (wgrad): K = OH*OW*N is long (93k for conv2 at batch 128) while M x Ncols is small, so grid.z
 // also splits K into chunks; each chunk writes its own partial dw into a workspace, and conv_wgrad_reduce sums the
 // partials in a fixed order. Deterministic: no float atomics anywhere, bit-identical across runs/schedules.
@@ -536,6 +540,115 @@ __global__ void CONV_LAUNCH_BOUNDS2((BM / TM) * (BN / TN), (min_blocks<(BM / TM)
 }
 
 // ------------------------------------------------------------------------------------------------------------
+// conv_dgrad_direct<CMAX>: input gradient for few channels per group (Cg <= CMAX: 1- and 3-channel images, AlexNet
+// conv1), where the implicit GEMM has only M = Cg rows and re-reads dy from L2 once per filter tap. Here a block
+// keeps a window of dy in shared memory and applies every tap of its stride phase to it (reuse Ty*Tx*Cg per load).
+//   layouts: dy (F, OH, OW, N), w (Cg, KH, KW, F), dx (C, H, W, N); phases (ry, rx), class-local pixels (a, b)
+//            with iy = iyf + sh*a, ix = ixf + sw*b and taps (t, u) exactly as DgradOp (Slice from DgradOp::setup).
+//   block:   256 threads = 8 warps; lane = image n0 + lane (32 consecutive images: 128-byte accesses). The block
+//            owns a kTA x kTB = 4 x 8 tile of class pixels; warp w owns row w/2, columns (w%2)*4 + [0, 4), so a
+//            thread accumulates CMAX channels x 4 pixels.
+//   grid:    x = tiles of the largest class (ceil(ceil(H/sh)/4) * ceil(ceil(W/sw)/8)), y = ceil(N/32),
+//            z = groups * stride phases.
+//   shared:  dys[kFC][kWin][32]: the dy window ((4+Ty-1) x (8+Tx-1) pixels x 32 images) of kFC = 4 filters,
+//            ws4[kTaps][kFC]: their weights, the 4 channels of a (tap, filter) as one float4 (a broadcast
+//            16-byte load); per tap and filter a thread does 4 dy loads + 1 weight load for 4*CMAX FMAs.
+//            Two barriers per 4 filters. 40 KB + 2 KB static.
+//   requires (host): Cg <= CMAX, (4+Ty-1)*(8+Tx-1) <= kWin = 80, Ty*Tx <= kTaps = 32 (Ty = ceil(KH/sh) ...).
+constexpr int kTA = 4, kTB = 8, kFC = 4, kWin = 80, kTaps = 32;
+
+template <int CMAX>
+__global__ void CONV_LAUNCH_BOUNDS2(256, 1) conv_dgrad_direct(ConvParams p) {
+  static_assert(CMAX >= 1 && CMAX <= 4, "channels of a tap travel as one float4");
+  SHARED(float, dys, [kFC][kWin][32]);
+  SHARED(float4, ws4, [kTaps][kFC]);  // w[c = 0..3 (zero past Cg)] of (tap, filter): one broadcast 16-byte load
+  Slice s;
+  DgradOp::setup(p, blockIdx.z, s);
+  const int Hc = s.iyf < p.H ? (p.H - 1 - s.iyf) / p.sh + 1 : 0;
+  const int tiles_b = ((p.W + p.sw - 1) / p.sw + kTB - 1) / kTB;
+  const int a0 = (blockIdx.x / tiles_b) * kTA, b0 = (blockIdx.x % tiles_b) * kTB;
+  if (a0 >= Hc || b0 >= s.Wc) return;  // whole block (uniform): the grid is sized for the largest class
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n = blockIdx.y * 32 + lane;
+  const int pa = warp >> 1, pb = (warp & 1) * 4;  // tile-local row and first column of this thread's pixels
+  const int Ty = s.Ty, Tx = s.Tx, WA = kTA + Ty - 1, WB = kTB + Tx - 1, taps = Ty * Tx;
+  const int oy0 = s.qy + a0 - (Ty - 1), ox0 = s.qx + b0 - (Tx - 1);  // dy pixel of window (0, 0)
+
+  float acc[CMAX][4];
+#pragma unroll
+  for (int c = 0; c < CMAX; ++c)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[c][q] = 0.f;
+
+  for (int f0 = 0; taps > 0 && f0 < p.Fg; f0 += kFC) {
+    __syncthreads();  // the previous step's reads are done
+    // dy window: row r = (f, wa, wb) of kFC*WA*WB rows of 32 images; warp w loads rows w, w+8, ...
+    {
+      int r = warp, f = r / (WA * WB), rem = r - f * (WA * WB), wa = rem / WB, wb = rem - wa * WB;
+      const int rows = kFC * WA * WB;
+      for (; r < rows; r += 8) {
+        const int fg = f0 + f, oy = oy0 + wa, ox = ox0 + wb;
+        float v = 0.f;
+        if (fg < p.Fg && oy >= 0 && oy < p.OH && ox >= 0 && ox < p.OW && n < p.N)
+          v = __ldg(p.B + (((s.g * p.Fg + fg) * p.OH + oy) * p.OW + ox) * p.N + n);
+        dys[f][wa * WB + wb][lane] = v;
+        wb += 8;  // next row of this warp: WB >= 8, so at most one wrap
+        if (wb >= WB) {
+          wb -= WB;
+          if (++wa == WA) {
+            wa = 0;
+            ++f;
+          }
+        }
+      }
+    }
+    float* wsf = reinterpret_cast<float*>(&ws4[0][0]);
+    for (int i = threadIdx.x; i < kTaps * kFC * 4; i += 256) {  // i = (tap * kFC + f) * 4 + c
+      const int c = i & 3, f = (i >> 2) % kFC, tap = (i >> 2) / kFC;
+      float v = 0.f;
+      if (tap < taps && c < p.Cg && f0 + f < p.Fg) {
+        const int t = tap / Tx, u = tap - t * Tx;
+        v = __ldg(p.A + ((c * p.KH + s.ry + p.sh * t) * p.KW + s.rx + p.sw * u) * p.F + s.g * p.Fg + f0 + f);
+      }
+      wsf[i] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int f = 0; f < kFC; ++f)
+      for (int t = 0; t < Ty; ++t)
+        for (int u = 0; u < Tx; ++u) {
+          const float* row = &dys[f][(pa + Ty - 1 - t) * WB + pb + Tx - 1 - u][lane];
+          float d[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) d[q] = row[q * 32];  // pixel columns pb+q: consecutive window columns
+          const float4 w4 = ws4[t * Tx + u][f];
+          const float wc[4] = {w4.x, w4.y, w4.z, w4.w};
+#pragma unroll
+          for (int c = 0; c < CMAX; ++c)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[c][q] += wc[c] * d[q];
+        }
+  }
+
+  // dx = alpha * acc + beta * dx (beta == 0: not read); every class pixel of the tile, every image < N.
+  const int a = a0 + pa;
+  if (a >= Hc || n >= p.N) return;
+  const int iy = s.iyf + p.sh * a;
+#pragma unroll
+  for (int c = 0; c < CMAX; ++c) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int b = b0 + pb + q;
+      if (c >= p.Cg || b >= s.Wc) continue;  // (no break: keeps the loops unrolled, acc in registers)
+      float* dst = p.out + (((s.g * p.Cg + c) * p.H + iy) * p.W + s.ixf + p.sw * b) * p.N + n;
+      float o = p.alpha * acc[c][q];
+      if (p.beta != 0.f) o += p.beta * *dst;
+      *dst = o;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
 // dw = alpha * sum_s ws[s] + beta * dw, summed in split order (deterministic).
 // block: 256 threads, grid-stride over the K*F elements of dw; V = 4 when total % 4 == 0 and aligned.
 template <int V>
@@ -758,6 +871,23 @@ void launch_igemm(const Plan& pl, const ConvParams& p, cudaStream_t stream) {
   launch(pl.vec ? t.vec[pl.op] : t.scalar[pl.op], grid, block, 0, stream, p);
 }
 
+// The direct input-gradient kernel serves few channels per group when its dy window fits (AlexNet conv1: Cg = 3,
+// 11x11 stride 4 -> 3x3 taps per phase, a 6x10 window). A forced table row (tests, tuning) selects the GEMM.
+bool use_dgrad_direct(const ConvGeometry& g) {
+  const int Cg = g.C / g.groups;
+  const int Ty = (g.KH + g.stride_h - 1) / g.stride_h, Tx = (g.KW + g.stride_w - 1) / g.stride_w;
+  return g_tile_override.load() < 0 && (Cg == 1 || Cg <= 4) && (kTA + Ty - 1) * (kTB + Tx - 1) <= kWin &&
+         Ty * Tx <= kTaps;
+}
+
+dim3 dgrad_direct_grid(const ConvGeometry& g) {
+  const std::int64_t hc = (g.H + g.stride_h - 1) / g.stride_h, wc = (g.W + g.stride_w - 1) / g.stride_w;
+  const std::int64_t tiles = ((hc + kTA - 1) / kTA) * ((wc + kTB - 1) / kTB);
+  CONVNET_REQUIRE(tiles <= 0x7fffffff, "grid too large for this geometry");
+  return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>((g.N + 31) / 32),
+              static_cast<unsigned>(std::int64_t(g.groups) * g.stride_h * g.stride_w));
+}
+
 constexpr std::int64_t kMaxElems = std::numeric_limits<int>::max();
 
 }  // namespace
@@ -795,6 +925,11 @@ void conv_set_tile_override(int row, int wgrad_splits) {
 
 std::string conv_plan(int op, const ConvGeometry& g) {
   CONVNET_REQUIRE(op >= 0 && op <= 2, "op must be 0 (forward), 1 (backward_data) or 2 (backward_filter)");
+  if (op == 1 && use_dgrad_direct(g)) {
+    const dim3 grid = dgrad_direct_grid(g);
+    return "backward_data: direct kernel (4x8 class pixels x 32 images, all taps from a shared-memory dy window), "
+           "grid " + std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" + std::to_string(grid.z);
+  }
   const Plan pl = make_plan(op, g, true);
   const TileCfg& t = kTiles[pl.tile];
   std::string s = std::string(op == 0 ? "forward" : op == 1 ? "backward_data" : "backward_filter") + ": tile " +
@@ -820,6 +955,13 @@ void conv_backward_data(const ConvGeometry& g, const float* dy, const float* w, 
   CONVNET_REQUIRE(dy && w && dx, "null pointer");
   ConvParams p = make_params(g);
   p.A = w; p.B = dy; p.out = dx; p.alpha = alpha; p.beta = beta;
+  if (use_dgrad_direct(g)) {
+    const dim3 grid = dgrad_direct_grid(g);
+    CONVNET_REQUIRE(grid.y <= 65535 && grid.z <= 65535, "grid too large for this geometry");
+    if (p.Cg == 1) launch(conv_dgrad_direct<1>, grid, dim3(256), 0, stream, p);
+    else launch(conv_dgrad_direct<4>, grid, dim3(256), 0, stream, p);
+    return;
+  }
   launch_igemm(make_plan(1, g, aligned16(dy) && aligned16(w) && aligned16(dx)), p, stream);
 }
 
