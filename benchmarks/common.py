@@ -8,11 +8,15 @@
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime as _dt
+import glob
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -112,11 +116,13 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_results(name: str, device, rows: list[dict], columns: list[str], extra: dict | None = None) -> Path:
-    """Write benchmarks/results/<name>-<device>-<date>.{json,md}; returns the markdown path."""
+    """Write benchmarks/results/<name>-<card>-<date>.{json,md} (smoke runs: results/smoke/); returns the .md path."""
     info = device_info(device)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    # Only GPU measurements are results; emu/numpy smoke runs go to an ignored folder.
+    out_dir = RESULTS_DIR if device.kind == "cuda" else RESULTS_DIR / "smoke"
+    out_dir.mkdir(parents=True, exist_ok=True)
     slug = "".join(ch if ch.isalnum() else "-" for ch in info.get("name", str(device))).strip("-").lower()
-    stem = RESULTS_DIR / f"{name}-{slug}-{_dt.date.today().isoformat()}"
+    stem = out_dir / f"{name}-{slug}-{_dt.date.today().isoformat()}"
     payload = {"benchmark": name, "info": info, "rows": rows, **(extra or {})}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
     header = f"# {name} on {info.get('name')} ({info['date']})\n\n"
@@ -125,3 +131,106 @@ def write_results(name: str, device, rows: list[dict], columns: list[str], extra
     md = header + markdown_table(rows, columns) + "\n"
     stem.with_suffix(".md").write_text(md)
     return stem.with_suffix(".md")
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA timing
+TIMING = {"method": None}
+
+
+def bench_ms(fn, dev, reps: int = 20) -> float:
+    """Milliseconds per call of ``fn``.
+
+    On cuda the calls are captured into a CUDA graph of ``reps`` launches on the current (non-default) stream and
+    the graph is timed with events, so Python/ctypes launch overhead (tens of microseconds for a validated op call,
+    comparable to the small pooling kernels) is not counted for either side.  If capture fails, ``reps`` calls are
+    timed back to back instead (TIMING["method"] says which).  Elsewhere: wall clock (a smoke figure only).
+    """
+    if dev.kind != "cuda":
+        return time_ms(fn, dev, warmup=1, repeats=5)
+    import cupy as cp
+
+    s = cp.cuda.get_current_stream()
+    fn()
+    s.synchronize()
+    try:
+        s.begin_capture()
+        try:
+            for _ in range(reps):
+                fn()
+        finally:
+            graph = s.end_capture()
+        graph.launch(s)
+        s.synchronize()
+        run = lambda: graph.launch(s)  # noqa: E731
+        TIMING["method"] = "cuda graph"
+    except Exception as exc:  # noqa: BLE001
+        print(f"(graph capture failed: {exc}; timing {reps} back-to-back calls)")
+        s.synchronize()
+        run = lambda: [fn() for _ in range(reps)]  # noqa: E731
+        TIMING["method"] = "back-to-back calls"
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(7):
+        start.record(s)
+        run()
+        stop.record(s)
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / reps)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------------- cuDNN
+def ptr(a):
+    return ctypes.c_void_p(int(a.data.ptr))
+
+
+
+class CuDNN:
+    """cuDNN (8 or 9) through ctypes: library loading, handle, status checks and tensor descriptors.
+
+    CuPy 14 dropped its cuDNN bindings, and torch does not expose cuDNN's pooling/LRN or a CHWN convolution, so
+    the benchmarks call cuDNN directly; subclasses add the ops they compare against.
+    """
+
+    FLOAT, POOL_MAX, POOL_AVG_EXCLUDE_PAD, NOT_PROPAGATE_NAN, LRN_CROSS_CHANNEL = 0, 0, 2, 0, 0
+
+    def __init__(self, stream_ptr: int):
+        self.lib = self._load()
+        self.handle = ctypes.c_void_p()
+        self._ok(self.lib.cudnnCreate(ctypes.byref(self.handle)), "cudnnCreate")
+        self._ok(self.lib.cudnnSetStream(self.handle, ctypes.c_void_p(stream_ptr)), "cudnnSetStream")
+        self.version = int(self.lib.cudnnGetVersion())
+        self.one, self.zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+    @staticmethod
+    def _load():
+        names = ["libcudnn.so.9", "libcudnn.so.8", "libcudnn.so", ctypes.util.find_library("cudnn")]
+        for base in sys.path:
+            names += sorted(glob.glob(os.path.join(base, "nvidia", "cudnn", "lib", "libcudnn.so*")))
+            names += sorted(glob.glob(os.path.join(base, "torch", "lib", "libcudnn.so*")))
+        errors = []
+        for name in names:
+            if not name:
+                continue
+            try:
+                return ctypes.CDLL(name)
+            except OSError as exc:
+                errors.append(f"{name}: {exc}")
+        raise OSError("cuDNN not found (" + "; ".join(errors[-3:]) + ")")
+
+    @staticmethod
+    def _ok(status, what):
+        if status != 0:
+            raise RuntimeError(f"{what} failed with cudnnStatus {status}")
+
+    def tensor(self, C, H, W, N, layout):
+        d = ctypes.c_void_p()
+        self._ok(self.lib.cudnnCreateTensorDescriptor(ctypes.byref(d)), "cudnnCreateTensorDescriptor")
+        if layout == "NCHW":
+            strides = (C * H * W, H * W, W, 1)
+        else:  # our CHWN memory: images fastest
+            strides = (1, H * W * N, W * N, N)
+        self._ok(self.lib.cudnnSetTensor4dDescriptorEx(d, self.FLOAT, N, C, H, W, *strides),
+                 "cudnnSetTensor4dDescriptorEx")
+        return d
+

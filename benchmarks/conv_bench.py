@@ -33,7 +33,7 @@ except ImportError:
 
 import common  # noqa: E402
 # The lead's memory-bound benchmark has the ctypes cuDNN loader and the CUDA-graph timer; reuse them.
-from memory_bound_bench import CuDNN, TIMING, bench_ms, ptr  # noqa: E402
+from common import TIMING, CuDNN, bench_ms, ptr  # noqa: E402
 
 from convnet import ops  # noqa: E402
 from convnet.devices import device_report, get_device  # noqa: E402

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import statistics
-import ctypes.util
-import glob
 import os
 import sys
 
@@ -34,7 +31,7 @@ try:  # the installed package (pip install .), which carries convnet._cuda; else
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import measure_copy_bandwidth, time_ms, write_results  # noqa: E402
+from common import TIMING, CuDNN, bench_ms, measure_copy_bandwidth, ptr, write_results  # noqa: E402
 
 from convnet import ops  # noqa: E402
 from convnet.devices import get_device  # noqa: E402
@@ -55,50 +52,8 @@ LRN = dict(alpha=1e-4, beta=0.75, k=2.0, convention="sum")
 
 
 # ---------------------------------------------------------------------------------------------------- cuDNN
-class CuDNN:
-    """Just enough of cuDNN's legacy API (cuDNN 8 or 9) through ctypes for pooling and LRN."""
-
-    FLOAT, POOL_MAX, POOL_AVG_EXCLUDE_PAD, NOT_PROPAGATE_NAN, LRN_CROSS_CHANNEL = 0, 0, 2, 0, 0
-
-    def __init__(self, stream_ptr: int):
-        self.lib = self._load()
-        self.handle = ctypes.c_void_p()
-        self._ok(self.lib.cudnnCreate(ctypes.byref(self.handle)), "cudnnCreate")
-        self._ok(self.lib.cudnnSetStream(self.handle, ctypes.c_void_p(stream_ptr)), "cudnnSetStream")
-        self.version = int(self.lib.cudnnGetVersion())
-        self.one, self.zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
-
-    @staticmethod
-    def _load():
-        names = ["libcudnn.so.9", "libcudnn.so.8", "libcudnn.so", ctypes.util.find_library("cudnn")]
-        for base in sys.path:
-            names += sorted(glob.glob(os.path.join(base, "nvidia", "cudnn", "lib", "libcudnn.so*")))
-            names += sorted(glob.glob(os.path.join(base, "torch", "lib", "libcudnn.so*")))
-        errors = []
-        for name in names:
-            if not name:
-                continue
-            try:
-                return ctypes.CDLL(name)
-            except OSError as exc:
-                errors.append(f"{name}: {exc}")
-        raise OSError("cuDNN not found (" + "; ".join(errors[-3:]) + ")")
-
-    @staticmethod
-    def _ok(status, what):
-        if status != 0:
-            raise RuntimeError(f"{what} failed with cudnnStatus {status}")
-
-    def tensor(self, C, H, W, N, layout):
-        d = ctypes.c_void_p()
-        self._ok(self.lib.cudnnCreateTensorDescriptor(ctypes.byref(d)), "cudnnCreateTensorDescriptor")
-        if layout == "NCHW":
-            strides = (C * H * W, H * W, W, 1)
-        else:  # our CHWN memory: images fastest
-            strides = (1, H * W * N, W * N, N)
-        self._ok(self.lib.cudnnSetTensor4dDescriptorEx(d, self.FLOAT, N, C, H, W, *strides),
-                 "cudnnSetTensor4dDescriptorEx")
-        return d
+class PoolLRNCuDNN(CuDNN):
+    """cuDNN's legacy pooling and cross-channel LRN."""
 
     def pooling(self, mode, window, stride, padding):
         d = ctypes.c_void_p()
@@ -135,59 +90,9 @@ class CuDNN:
                                                        xd, ptr(dx)), "cudnnLRNCrossChannelBackward")
 
 
-def ptr(a):
-    return ctypes.c_void_p(int(a.data.ptr))
-
-
 def to_nchw(xp, a):
     """(C, H, W, N) -> contiguous (N, C, H, W)."""
     return xp.ascontiguousarray(a.transpose(3, 0, 1, 2))
-
-
-# ---------------------------------------------------------------------------------------------------- timing
-TIMING = {"method": None}
-
-
-def bench_ms(fn, dev, reps: int = 20) -> float:
-    """Milliseconds per call of ``fn``.
-
-    On cuda the calls are captured into a CUDA graph of ``reps`` launches on the current (non-default) stream and
-    the graph is timed with events, so Python/ctypes launch overhead (tens of microseconds for a validated op call,
-    comparable to the small pooling kernels) is not counted for either side.  If capture fails, ``reps`` calls are
-    timed back to back instead (TIMING["method"] says which).  Elsewhere: wall clock (a smoke figure only).
-    """
-    if dev.kind != "cuda":
-        return time_ms(fn, dev, warmup=1, repeats=5)
-    import cupy as cp
-
-    s = cp.cuda.get_current_stream()
-    fn()
-    s.synchronize()
-    try:
-        s.begin_capture()
-        try:
-            for _ in range(reps):
-                fn()
-        finally:
-            graph = s.end_capture()
-        graph.launch(s)
-        s.synchronize()
-        run = lambda: graph.launch(s)  # noqa: E731
-        TIMING["method"] = "cuda graph"
-    except Exception as exc:  # noqa: BLE001
-        print(f"(graph capture failed: {exc}; timing {reps} back-to-back calls)")
-        s.synchronize()
-        run = lambda: [fn() for _ in range(reps)]  # noqa: E731
-        TIMING["method"] = "back-to-back calls"
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    times = []
-    for _ in range(7):
-        start.record(s)
-        run()
-        stop.record(s)
-        stop.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, stop) / reps)
-    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------------- runs
@@ -318,7 +223,7 @@ def main(argv=None):
         if not args.no_cudnn:
             try:
                 with dev.activate():
-                    cud = CuDNN(int(stream.ptr))
+                    cud = PoolLRNCuDNN(int(stream.ptr))
                 extra["cudnn_version"] = cud.version
             except Exception as exc:  # noqa: BLE001 - report and go on without the baseline
                 print(f"cuDNN baseline unavailable: {exc}")

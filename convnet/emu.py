@@ -43,3 +43,13 @@ def set_num_workers(n: int) -> None:
 
 def num_workers() -> int:
     return _module().num_workers()
+
+
+def set_watchdog(seconds: float) -> None:
+    """Fail a launch that makes no progress for this long (a thread spinning on another), naming the thread."""
+    _module().set_watchdog(float(seconds))
+
+
+def last_launch_stats() -> dict:
+    """Counters of the most recent emulated launch (blocks, fiber resumes, barriers, ...)."""
+    return dict(_module().last_launch_stats())

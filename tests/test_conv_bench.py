@@ -21,11 +21,11 @@ def test_conv_bench_emu_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
     rc = bench.main(["--device", "emu", "--layers", "conv2,conv5", "--batch", "4", "--model", "one-tower"])
     assert rc == 0
-    (js,) = tmp_path.glob("*.json")
+    (js,) = tmp_path.glob("smoke/*.json")
     data = json.loads(js.read_text())
     assert [r["pass"] for r in data["rows"]] == ["forward", "input-grad", "filter-grad"] * 2
     assert all(r["rel err vs ref"] <= 1e-5 and "16-byte path" in r["plan"] for r in data["rows"])
-    md = next(tmp_path.glob("*.md")).read_text()
+    md = next(tmp_path.glob("smoke/*.md")).read_text()
     assert "not speed figures" in md
 
 

@@ -551,14 +551,17 @@ __global__ void CONV_LAUNCH_BOUNDS2((BM / TM) * (BN / TN), (min_blocks<(BM / TM)
 //   grid:    x = tiles of the largest class (ceil(ceil(H/sh)/4) * ceil(ceil(W/sw)/8)), y = ceil(N/32),
 //            z = groups * stride phases.
 //   shared:  dys[kFC][kWin][32]: the dy window ((4+Ty-1) x (8+Tx-1) pixels x 32 images) of kFC = 4 filters,
-//            ws[CMAX][kTaps][kFC]: their weights; two barriers per 4 filters. 41 KB + 2 KB static.
+//            ws4[kTaps][kFC]: their weights, the 4 channels of a (tap, filter) as one float4 (a broadcast
+//            16-byte load); per tap and filter a thread does 4 dy loads + 1 weight load for 4*CMAX FMAs.
+//            Two barriers per 4 filters. 40 KB + 2 KB static.
 //   requires (host): Cg <= CMAX, (4+Ty-1)*(8+Tx-1) <= kWin = 80, Ty*Tx <= kTaps = 32 (Ty = ceil(KH/sh) ...).
 constexpr int kTA = 4, kTB = 8, kFC = 4, kWin = 80, kTaps = 32;
 
 template <int CMAX>
 __global__ void CONV_LAUNCH_BOUNDS2(256, 1) conv_dgrad_direct(ConvParams p) {
+  static_assert(CMAX >= 1 && CMAX <= 4, "channels of a tap travel as one float4");
   SHARED(float, dys, [kFC][kWin][32]);
-  SHARED(float, ws, [CMAX][kTaps][kFC]);
+  SHARED(float4, ws4, [kTaps][kFC]);  // w[c = 0..3 (zero past Cg)] of (tap, filter): one broadcast 16-byte load
   Slice s;
   DgradOp::setup(p, blockIdx.z, s);
   const int Hc = s.iyf < p.H ? (p.H - 1 - s.iyf) / p.sh + 1 : 0;
@@ -599,14 +602,15 @@ __global__ void CONV_LAUNCH_BOUNDS2(256, 1) conv_dgrad_direct(ConvParams p) {
         }
       }
     }
-    for (int i = threadIdx.x; i < CMAX * kTaps * kFC; i += 256) {
-      const int f = i % kFC, tap = (i / kFC) % kTaps, c = i / (kFC * kTaps);
+    float* wsf = reinterpret_cast<float*>(&ws4[0][0]);
+    for (int i = threadIdx.x; i < kTaps * kFC * 4; i += 256) {  // i = (tap * kFC + f) * 4 + c
+      const int c = i & 3, f = (i >> 2) % kFC, tap = (i >> 2) / kFC;
       float v = 0.f;
       if (tap < taps && c < p.Cg && f0 + f < p.Fg) {
         const int t = tap / Tx, u = tap - t * Tx;
         v = __ldg(p.A + ((c * p.KH + s.ry + p.sh * t) * p.KW + s.rx + p.sw * u) * p.F + s.g * p.Fg + f0 + f);
       }
-      ws[c][tap][f] = v;
+      wsf[i] = v;
     }
     __syncthreads();
 #pragma unroll
@@ -617,12 +621,12 @@ __global__ void CONV_LAUNCH_BOUNDS2(256, 1) conv_dgrad_direct(ConvParams p) {
           float d[4];
 #pragma unroll
           for (int q = 0; q < 4; ++q) d[q] = row[q * 32];  // pixel columns pb+q: consecutive window columns
+          const float4 w4 = ws4[t * Tx + u][f];
+          const float wc[4] = {w4.x, w4.y, w4.z, w4.w};
 #pragma unroll
-          for (int c = 0; c < CMAX; ++c) {
-            const float wv = ws[c][t * Tx + u][f];
+          for (int c = 0; c < CMAX; ++c)
 #pragma unroll
-            for (int q = 0; q < 4; ++q) acc[c][q] += wv * d[q];
-          }
+            for (int q = 0; q < 4; ++q) acc[c][q] += wc[c] * d[q];
         }
   }
 

@@ -101,7 +101,9 @@ def test_watchdog_names_a_spinning_thread(capfd):
 def test_initial_schedule_from_environment(value, expected):
     code = "import convnet._emu as e; print(e.get_schedule())"
     env = dict(os.environ, CONVNET_EMU_SCHEDULE=value, PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    # Run where the convnet under test lives: `python -c` puts the working directory first on sys.path.
+    here = os.path.dirname(os.path.dirname(os.path.abspath(convnet.__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, cwd=here)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == expected
     if value == "sideways":
