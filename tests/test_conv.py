@@ -322,9 +322,9 @@ def test_bad_inputs(devname):
         ops.conv_backward_bias(dev, dy[0, 0, 0])
     if devname == "emu":  # the kernels cannot run in place (the reference can)
         sq = dev.asarray(np.zeros((6, 8, 8, 2), np.float32))
-        with pytest.raises(ValueError, match="overlaps x"):
+        with pytest.raises(ValueError, match="must not overlap x"):
             fwd(dev, sq, dev.asarray(np.zeros((6, 3, 3, 6), np.float32)), padding=1, out=sq)
-        with pytest.raises(ValueError, match="overlaps dy"):
+        with pytest.raises(ValueError, match="must not overlap dy"):
             ops.conv_backward_bias(dev, dy, out=dy.reshape(-1)[:6])
 
 

@@ -4,20 +4,13 @@ See docs/architecture.md for layouts and the list of ops. Each family lives in i
 (``convnet/ops/<family>.py``) beside its kernel (``csrc/kernels/<family>.cu``) and its NumPy reference
 (``convnet/reference/<family>.py``).
 """
-from __future__ import annotations
+from convnet.ops import conv, elementwise, fc, lrn, pool, softmax
+from convnet.ops.conv import *  # noqa: F401,F403
+from convnet.ops.elementwise import *  # noqa: F401,F403
+from convnet.ops.fc import *  # noqa: F401,F403
+from convnet.ops.lrn import *  # noqa: F401,F403
+from convnet.ops.pool import *  # noqa: F401,F403
+from convnet.ops.softmax import *  # noqa: F401,F403
 
-import importlib
-
-FAMILIES = ("elementwise", "conv", "pool", "lrn", "softmax", "fc")
-
-__all__: list[str] = []
-for _family in FAMILIES:
-    try:
-        _module = importlib.import_module(f"convnet.ops.{_family}")
-    except ModuleNotFoundError as _exc:  # a family not written yet
-        if _exc.name != f"convnet.ops.{_family}":
-            raise
-        continue
-    for _name in _module.__all__:
-        globals()[_name] = getattr(_module, _name)
-    __all__ += list(_module.__all__)
+FAMILIES = (elementwise, conv, pool, lrn, softmax, fc)
+__all__ = [name for family in FAMILIES for name in family.__all__]

@@ -78,6 +78,24 @@ def output(name: str, out, device: Device, shape, dtype, *, zero: bool = False):
     return out
 
 
+def _span(dev, a):
+    start = dev.pointer(a)
+    return start, start + a.nbytes
+
+
+def check_disjoint(dev, out_name, out, **inputs):
+    """ValueError if ``out`` overlaps any of ``inputs`` (the kernels read and write different buffers)."""
+    if out is None:
+        return
+    o0, o1 = _span(dev, out)
+    for name, a in inputs.items():
+        if a is None or a.nbytes == 0:
+            continue
+        a0, a1 = _span(dev, a)
+        if o0 < a1 and a0 < o1:
+            raise ValueError(f"{out_name} must not overlap {name} (in-place is not supported by this op)")
+
+
 def pair(name: str, value, *, minimum: int = 0) -> tuple[int, int]:
     """An int or an (h, w) pair of ints, each >= minimum."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):

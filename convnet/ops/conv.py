@@ -16,7 +16,7 @@ import numbers
 
 import numpy as np
 
-from convnet.ops._checks import as_device, check_array, check_same_dtype, launch, output, pair, scalar
+from convnet.ops._checks import as_device, check_array, check_disjoint, check_same_dtype, launch, output, pair, scalar
 from convnet.reference import conv as ref
 
 __all__ = ["conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias", "conv_output_shape"]
@@ -80,20 +80,6 @@ def _geom_tuple(c, h, w, n, f, kh, kw, sh, sw, ph, pw, groups):
     return tuple(int(v) for v in (c, h, w, n, f, kh, kw, sh, sw, ph, pw, groups))
 
 
-def _no_overlap(dev, out, **inputs):
-    """The kernels read their inputs while writing out: out must not share memory with any of them."""
-    if dev.kind == "numpy":
-        return  # the reference computes the result before writing it
-    o0 = dev.pointer(out)
-    o1 = o0 + out.nbytes
-    for name, a in inputs.items():
-        if a is None:
-            continue
-        a0 = dev.pointer(a)
-        if a0 < o1 and o0 < a0 + a.nbytes:
-            raise ValueError(f"out overlaps {name} in memory; the convolution kernels cannot work in place")
-
-
 def _positive_shape(name, a):
     if any(s < 1 for s in a.shape):
         raise ValueError(f"{name} must have no empty dimension, got shape {tuple(a.shape)}")
@@ -125,7 +111,7 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
         y = output("out", out, dev, (f, oh, ow, n), dtype)
         return _accumulate(y, result, alpha, beta)
     y = output("out", out, dev, (f, oh, ow, n), dtype)
-    _no_overlap(dev, y, x=x, w=w, bias=bias)
+    check_disjoint(dev, "out", y, x=x, w=w, bias=bias)
     launch(dev, "conv_forward", x, w, bias if bias is not None else 0, y,
            _geom_tuple(c, h, wd, n, f, kh, kw, sh, sw, ph, pw, groups), alpha, beta, stream=stream)
     return y
@@ -159,7 +145,7 @@ def conv_backward_data(device, dy, w, input_hw, *, stride=1, padding=0, groups=1
         dx = output("out", out, dev, (c, h, wd, n), dtype)
         return _accumulate(dx, result, alpha, beta)
     dx = output("out", out, dev, (c, h, wd, n), dtype)
-    _no_overlap(dev, dx, dy=dy, w=w)
+    check_disjoint(dev, "out", dx, dy=dy, w=w)
     launch(dev, "conv_backward_data", dy, w, dx, _geom_tuple(c, h, wd, n, f, kh, kw, sh, sw, ph, pw, groups),
            alpha, beta, stream=stream)
     return dx
@@ -192,7 +178,7 @@ def conv_backward_filter(device, x, dy, filter_hw, *, stride=1, padding=0, group
         dw = output("out", out, dev, shape, dtype)
         return _accumulate(dw, result, alpha, beta)
     dw = output("out", out, dev, shape, dtype)
-    _no_overlap(dev, dw, x=x, dy=dy)
+    check_disjoint(dev, "out", dw, x=x, dy=dy)
     geom = _geom_tuple(c, h, wd, n, f, kh, kw, sh, sw, ph, pw, groups)
     ws_floats = int(dev.kernels.conv_backward_filter_workspace(geom))
     ws = None
@@ -222,7 +208,7 @@ def conv_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
         db = output("out", out, dev, (f,), dy.dtype)
         return _accumulate(db, result, alpha, beta)
     db = output("out", out, dev, (f,), dy.dtype)
-    _no_overlap(dev, db, dy=dy)
+    check_disjoint(dev, "out", db, dy=dy)
     per_filter = dy.size // f
     if f > _INT32_MAX:
         raise ValueError(f"dy has {f} filters; the kernel supports fewer than 2**31")

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import contextlib
 
-from convnet.ops._checks import as_device, check_array, check_same_dtype, output, scalar
-from convnet.ops.pool import check_disjoint
+from convnet.ops._checks import as_device, check_array, check_disjoint, check_same_dtype, output, scalar
 
 __all__ = ["fc_forward", "fc_backward_data", "fc_backward_weights", "fc_backward_bias"]
 

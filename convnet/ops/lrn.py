@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import numbers
 
-from convnet.ops._checks import as_device, check_array, check_same_dtype, launch, output, scalar
-from convnet.ops.pool import check_disjoint
+from convnet.ops._checks import as_device, check_array, check_disjoint, check_same_dtype, launch, output, scalar
 from convnet.reference import lrn as ref
 
 __all__ = ["lrn_forward", "lrn_backward"]

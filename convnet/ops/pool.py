@@ -10,30 +10,12 @@ Conventions (identical on numpy, emu and cuda):
 """
 from __future__ import annotations
 
-from convnet.ops._checks import as_device, check_array, check_same_dtype, launch, output, pair
+from convnet.ops._checks import as_device, check_array, check_disjoint, check_same_dtype, launch, output, pair
 from convnet.reference import pool as ref
 
 __all__ = ["pool_forward", "pool_backward", "pool_output_shape"]
 
 _MODES = {"max": 0, "avg": 1}
-
-
-def _span(dev, a):
-    start = dev.pointer(a)
-    return start, start + a.nbytes
-
-
-def check_disjoint(dev, out_name, out, **inputs):
-    """ValueError if ``out`` overlaps any of ``inputs`` (the kernels read and write different buffers)."""
-    if out is None:
-        return
-    o0, o1 = _span(dev, out)
-    for name, a in inputs.items():
-        if a is None or a.nbytes == 0:
-            continue
-        a0, a1 = _span(dev, a)
-        if o0 < a1 and a0 < o1:
-            raise ValueError(f"{out_name} must not overlap {name} (in-place is not supported by this op)")
 
 
 def _mode(mode):
