@@ -204,10 +204,34 @@ __global__ void lrn_bwd_kernel(const float* __restrict__ x, const float* __restr
 }
 
 // ---- generic window size: re-reads the window (L1-resident) -----------------------------------------------------
+
+// Sum of squares over map c's window, in the forward's order (centre, then below, then above). Both the forward
+// and the recomputing backward call this, so the backward's denom is bit-identical to the forward's by
+// construction. Also returns x at map c.
+template <int VEC>
+__device__ __forceinline__ VecF<VEC> window_sum_sq(const float* __restrict__ x, size_t cs, size_t base, int c,
+                                                   const LrnGeom& g, VecF<VEC>& xc) {
+  const int B = g.size / 2, A = (g.size - 1) / 2;
+  xc = vload<VEC>(x + c * cs + base);
+  VecF<VEC> s;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) s.v[k] = xc.v[k] * xc.v[k];
+  for (int o = 1; o <= B && c - o >= 0; ++o) {
+    const VecF<VEC> v = vload<VEC>(x + (c - o) * cs + base);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s.v[k] += v.v[k] * v.v[k];
+  }
+  for (int o = 1; o <= A && c + o < g.C; ++o) {
+    const VecF<VEC> v = vload<VEC>(x + (c + o) * cs + base);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s.v[k] += v.v[k] * v.v[k];
+  }
+  return s;
+}
+
 template <int VEC>
 __global__ void lrn_fwd_generic(const float* __restrict__ x, float* __restrict__ y, float* __restrict__ denom,
                                 LrnGeom g, int seg) {
-  const int B = g.size / 2, A = (g.size - 1) / 2;
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
   const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
   const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
@@ -216,20 +240,8 @@ __global__ void lrn_fwd_generic(const float* __restrict__ x, float* __restrict__
   const size_t cs = static_cast<size_t>(g.P) * g.N;
   const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
   for (int c = c0; c < c1; ++c) {
-    const VecF<VEC> xc = vload<VEC>(x + c * cs + base);
-    VecF<VEC> s;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) s.v[k] = xc.v[k] * xc.v[k];
-    for (int o = 1; o <= B && c - o >= 0; ++o) {
-      const VecF<VEC> v = vload<VEC>(x + (c - o) * cs + base);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) s.v[k] += v.v[k] * v.v[k];
-    }
-    for (int o = 1; o <= A && c + o < g.C; ++o) {
-      const VecF<VEC> v = vload<VEC>(x + (c + o) * cs + base);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) s.v[k] += v.v[k] * v.v[k];
-    }
+    VecF<VEC> xc;
+    const VecF<VEC> s = window_sum_sq<VEC>(x, cs, base, c, g, xc);
     VecF<VEC> yv, dv;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -256,20 +268,7 @@ __global__ void lrn_bwd_recompute_generic(const float* __restrict__ x, const flo
   const float coef = 2.0f * g.a * g.beta;
   // denom_j and its power, the forward's operations in the forward's order
   auto denom_at = [&](int j, VecF<VEC>& d, VecF<VEC>& xj) {
-    xj = vload<VEC>(x + j * cs + base);
-    VecF<VEC> s;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) s.v[k] = xj.v[k] * xj.v[k];
-    for (int o = 1; o <= B && j - o >= 0; ++o) {
-      const VecF<VEC> v = vload<VEC>(x + (j - o) * cs + base);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) s.v[k] += v.v[k] * v.v[k];
-    }
-    for (int o = 1; o <= A && j + o < g.C; ++o) {
-      const VecF<VEC> v = vload<VEC>(x + (j + o) * cs + base);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) s.v[k] += v.v[k] * v.v[k];
-    }
+    const VecF<VEC> s = window_sum_sq<VEC>(x, cs, base, j, g, xj);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) d.v[k] = g.k + g.a * s.v[k];
   };
