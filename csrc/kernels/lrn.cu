@@ -229,6 +229,26 @@ __device__ __forceinline__ VecF<VEC> window_sum_sq(const float* __restrict__ x, 
   return s;
 }
 
+// The backward's sum over the maps j whose window contains map c (j in [c - A, c + B]) of tval(j), in a fixed
+// order (c, then below, then above). tval(j, out) computes map j's term.
+template <int VEC, class Term>
+__device__ __forceinline__ VecF<VEC> adjoint_window_sum(int c, const LrnGeom& g, const Term& tval) {
+  const int A = (g.size - 1) / 2, B = g.size / 2;
+  VecF<VEC> s, tv;
+  tval(c, s);
+  for (int o = 1; o <= A && c - o >= 0; ++o) {
+    tval(c - o, tv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s.v[k] += tv.v[k];
+  }
+  for (int o = 1; o <= B && c + o < g.C; ++o) {
+    tval(c + o, tv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s.v[k] += tv.v[k];
+  }
+  return s;
+}
+
 template <int VEC>
 __global__ void lrn_fwd_generic(const float* __restrict__ x, float* __restrict__ y, float* __restrict__ denom,
                                 LrnGeom g, int seg) {
@@ -257,7 +277,6 @@ __global__ void lrn_fwd_generic(const float* __restrict__ x, float* __restrict__
 template <int VEC>
 __global__ void lrn_bwd_recompute_generic(const float* __restrict__ x, const float* __restrict__ dy,
                                           float* __restrict__ dx, LrnGeom g, int seg) {
-  const int A = (g.size - 1) / 2, B = g.size / 2;
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
   const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
   const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
@@ -280,18 +299,7 @@ __global__ void lrn_bwd_recompute_generic(const float* __restrict__ x, const flo
     for (int k = 0; k < VEC; ++k) tv.v[k] = dyj.v[k] * (xj.v[k] * lrn_pow(d.v[k], g.beta)) / d.v[k];
   };
   for (int c = c0; c < c1; ++c) {
-    VecF<VEC> s, tv;
-    tval(c, s);
-    for (int o = 1; o <= A && c - o >= 0; ++o) {
-      tval(c - o, tv);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) s.v[k] += tv.v[k];
-    }
-    for (int o = 1; o <= B && c + o < g.C; ++o) {
-      tval(c + o, tv);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) s.v[k] += tv.v[k];
-    }
+    const VecF<VEC> s = adjoint_window_sum<VEC>(c, g, tval);
     VecF<VEC> d, xv;
     denom_at(c, d, xv);
     const VecF<VEC> dyv = vload<VEC>(dy + c * cs + base);
@@ -306,7 +314,6 @@ template <int VEC>
 __global__ void lrn_bwd_generic(const float* __restrict__ x, const float* __restrict__ y,
                                 const float* __restrict__ denom, const float* __restrict__ dy, float* __restrict__ dx,
                                 LrnGeom g, int seg) {
-  const int A = (g.size - 1) / 2, B = g.size / 2;
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
   const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
   const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
@@ -322,18 +329,7 @@ __global__ void lrn_bwd_generic(const float* __restrict__ x, const float* __rest
     for (int k = 0; k < VEC; ++k) tv.v[k] = d.v[k] * yv.v[k] / dn.v[k];
   };
   for (int c = c0; c < c1; ++c) {
-    VecF<VEC> s, tv;
-    tval(c, s);
-    for (int o = 1; o <= A && c - o >= 0; ++o) {
-      tval(c - o, tv);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) s.v[k] += tv.v[k];
-    }
-    for (int o = 1; o <= B && c + o < g.C; ++o) {
-      tval(c + o, tv);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) s.v[k] += tv.v[k];
-    }
+    const VecF<VEC> s = adjoint_window_sum<VEC>(c, g, tval);
     const size_t oc = c * cs + base;
     const VecF<VEC> xv = vload<VEC>(x + oc), dyv = vload<VEC>(dy + oc), dn = vload<VEC>(denom + oc);
     VecF<VEC> out;
