@@ -81,3 +81,26 @@ def test_bad_inputs(dev):
     a = dev.asarray(np.zeros((4, 4), np.float32))
     with pytest.raises(ValueError, match="out must not overlap x"):
         ops.fc_forward(dev, a, dev.asarray(np.zeros((4, 4), np.float32)), out=a)
+
+
+def test_beta_without_out_does_not_read_a_new_buffer(kernel_device):
+    """beta scales the caller's ``out``; with no ``out`` there is nothing to accumulate into (regression: a freshly
+    allocated output's garbage used to be scaled in)."""
+    from convnet import ops
+
+    rng = np.random.default_rng(0)
+    host = {"x": rng.uniform(-1, 1, (2, 7, 6, 5)).astype(np.float32),
+            "w": rng.uniform(-1, 1, (2, 3, 3, 4)).astype(np.float32),
+            "a": rng.uniform(-1, 1, (6, 5)).astype(np.float32), "m": rng.uniform(-1, 1, (3, 6)).astype(np.float32)}
+    d = {k: kernel_device.asarray(v) for k, v in host.items()}
+    calls = [
+        (lambda dev, a, **k: ops.conv_forward(dev, a["x"], a["w"], padding=1, **k)),
+        (lambda dev, a, **k: ops.conv_backward_bias(dev, a["x"], **k)),
+        (lambda dev, a, **k: ops.fc_forward(dev, a["a"], a["m"], **k)),
+        (lambda dev, a, **k: ops.fc_backward_bias(dev, a["a"], **k)),
+    ]
+    for call in calls:
+        want = 2.0 * call("numpy", host)
+        for _ in range(2):  # a reused allocation would hold the previous result
+            got = call(kernel_device, d, alpha=2.0, beta=0.5)
+            np.testing.assert_allclose(kernel_device.to_numpy(got), want, rtol=1e-5, atol=1e-5)

@@ -121,6 +121,25 @@ def scalar(name: str, value, *, low=None, high=None, low_open=False) -> float:
     return value
 
 
+def alpha_beta(alpha, beta, out) -> tuple[float, float]:
+    """Validate the accumulate coefficients of ``out = alpha * op + beta * out``. Without a caller's ``out`` there
+    is nothing to accumulate into (a new output holds garbage), so beta is 0."""
+    alpha, beta = scalar("alpha", alpha), scalar("beta", beta)
+    return alpha, (beta if out is not None else 0.0)
+
+
+def accumulate(out, result, alpha: float, beta: float):
+    """out = alpha * result + beta * out, on NumPy or CuPy arrays; ``out`` is not read when beta == 0 (it may
+    hold garbage or NaN, as cuda-convnet's scaleTargets = 0 allowed)."""
+    scaled = result if alpha == 1.0 else result * out.dtype.type(alpha)
+    if beta == 0.0:
+        out[...] = scaled
+    else:
+        out *= out.dtype.type(beta)
+        out += scaled
+    return out
+
+
 def uint64(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) < 2**64:
         raise ValueError(f"{name} must be an integer in [0, 2**64), got {value!r}")

@@ -16,7 +16,7 @@ import numbers
 
 import numpy as np
 
-from convnet.ops._checks import as_device, check_array, check_disjoint, check_same_dtype, launch, output, pair, scalar
+from convnet.ops._checks import accumulate, alpha_beta, as_device, check_array, check_disjoint, check_same_dtype, launch, output, pair
 from convnet.reference import conv as ref
 
 __all__ = ["conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias", "conv_output_shape"]
@@ -30,10 +30,6 @@ def _groups(groups) -> int:
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
     return int(groups)
-
-
-def _alpha_beta(alpha, beta):
-    return scalar("alpha", alpha), scalar("beta", beta)
 
 
 def _geometry(c, h, w, n, f, kh, kw, stride, padding, groups):
@@ -63,19 +59,6 @@ def conv_output_shape(x_shape, w_shape, *, stride=1, padding=0, groups=1):
     return f, oh, ow, n
 
 
-def _accumulate(out, result, alpha, beta):
-    """out = alpha * result + beta * out (out not read when beta == 0)."""
-    if beta == 0.0:
-        if alpha == 1.0:
-            out[...] = result
-        else:
-            np.multiply(result, alpha, out=out, casting="unsafe")
-    else:
-        out *= beta
-        out += alpha * result if alpha != 1.0 else result
-    return out
-
-
 def _geom_tuple(c, h, w, n, f, kh, kw, sh, sw, ph, pw, groups):
     return tuple(int(v) for v in (c, h, w, n, f, kh, kw, sh, sw, ph, pw, groups))
 
@@ -103,13 +86,13 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
     if bias is not None:
         check_array("bias", bias, dev, shape=(f,))
         check_same_dtype(x=x, bias=bias)
-    alpha, beta = _alpha_beta(alpha, beta)
+    alpha, beta = alpha_beta(alpha, beta, out)
     if dev.kind == "numpy":
         result = ref.conv_forward(x, w, bias, stride=(sh, sw), padding=(ph, pw), groups=groups)
         if out is None and alpha == 1.0 and beta == 0.0:
             return result
         y = output("out", out, dev, (f, oh, ow, n), dtype)
-        return _accumulate(y, result, alpha, beta)
+        return accumulate(y, result, alpha, beta)
     y = output("out", out, dev, (f, oh, ow, n), dtype)
     check_disjoint(dev, "out", y, x=x, w=w, bias=bias)
     launch(dev, "conv_forward", x, w, bias if bias is not None else 0, y,
@@ -137,13 +120,13 @@ def conv_backward_data(device, dy, w, input_hw, *, stride=1, padding=0, groups=1
     if (oh, ow) != (oh_, ow_):
         raise ValueError(f"dy has spatial size {(oh_, ow_)} but input_hw={(h, wd)} with filter {kh}x{kw}, "
                          f"stride {(sh, sw)} and padding {(ph, pw)} gives {(oh, ow)}")
-    alpha, beta = _alpha_beta(alpha, beta)
+    alpha, beta = alpha_beta(alpha, beta, out)
     if dev.kind == "numpy":
         result = ref.conv_backward_data(dy, w, (h, wd), stride=(sh, sw), padding=(ph, pw), groups=groups)
         if out is None and alpha == 1.0 and beta == 0.0:
             return result
         dx = output("out", out, dev, (c, h, wd, n), dtype)
-        return _accumulate(dx, result, alpha, beta)
+        return accumulate(dx, result, alpha, beta)
     dx = output("out", out, dev, (c, h, wd, n), dtype)
     check_disjoint(dev, "out", dx, dy=dy, w=w)
     launch(dev, "conv_backward_data", dy, w, dx, _geom_tuple(c, h, wd, n, f, kh, kw, sh, sw, ph, pw, groups),
@@ -169,14 +152,14 @@ def conv_backward_filter(device, x, dy, filter_hw, *, stride=1, padding=0, group
     if (oh, ow) != (oh_, ow_):
         raise ValueError(f"dy has spatial size {(oh_, ow_)} but x {(h, wd)} with filter {kh}x{kw}, stride "
                          f"{(sh, sw)} and padding {(ph, pw)} gives {(oh, ow)}")
-    alpha, beta = _alpha_beta(alpha, beta)
+    alpha, beta = alpha_beta(alpha, beta, out)
     shape = (c // groups, kh, kw, f)
     if dev.kind == "numpy":
         result = ref.conv_backward_filter(x, dy, (kh, kw), stride=(sh, sw), padding=(ph, pw), groups=groups)
         if out is None and alpha == 1.0 and beta == 0.0:
             return result
         dw = output("out", out, dev, shape, dtype)
-        return _accumulate(dw, result, alpha, beta)
+        return accumulate(dw, result, alpha, beta)
     dw = output("out", out, dev, shape, dtype)
     check_disjoint(dev, "out", dw, x=x, dy=dy)
     geom = _geom_tuple(c, h, wd, n, f, kh, kw, sh, sw, ph, pw, groups)
@@ -199,14 +182,14 @@ def conv_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
     if dy.ndim < 2:
         raise ValueError(f"dy must be at least 2-D (F, ...), got shape {tuple(dy.shape)}")
     _positive_shape("dy", dy)
-    alpha, beta = _alpha_beta(alpha, beta)
+    alpha, beta = alpha_beta(alpha, beta, out)
     f = dy.shape[0]
     if dev.kind == "numpy":
         result = ref.conv_backward_bias(dy)
         if out is None and alpha == 1.0 and beta == 0.0:
             return result
         db = output("out", out, dev, (f,), dy.dtype)
-        return _accumulate(db, result, alpha, beta)
+        return accumulate(db, result, alpha, beta)
     db = output("out", out, dev, (f,), dy.dtype)
     check_disjoint(dev, "out", db, dy=dy)
     per_filter = dy.size // f

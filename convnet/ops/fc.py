@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 
-from convnet.ops._checks import as_device, check_array, check_disjoint, check_same_dtype, output, scalar
+from convnet.ops._checks import accumulate, alpha_beta, as_device, check_array, check_disjoint, check_same_dtype, output
 
 __all__ = ["fc_forward", "fc_backward_data", "fc_backward_weights", "fc_backward_bias"]
 
@@ -29,27 +29,9 @@ def _on(dev, stream):
             yield
 
 
-def _finish(dev, out, given, result, alpha, beta):
-    """out = alpha * result + beta * out (result is a fresh temporary)."""
-    if beta == 0.0 or given is None:
-        if alpha != 1.0:
-            result *= alpha
-        out[...] = result
-    else:
-        if alpha != 1.0:
-            result *= alpha
-        out *= out.dtype.type(beta)
-        out += result
-    return out
-
-
-def _ab(alpha, beta):
-    return scalar("alpha", alpha), scalar("beta", beta)
-
-
 def fc_forward(device, x, w, bias=None, out=None, alpha=1.0, beta=0.0, stream=None):
     dev = as_device(device)
-    alpha, beta = _ab(alpha, beta)
+    alpha, beta = alpha_beta(alpha, beta, out)
     check_array("w", w, dev, ndim=2)
     O, I = w.shape
     check_array("x", x, dev, ndim=2)
@@ -72,12 +54,12 @@ def fc_forward(device, x, w, bias=None, out=None, alpha=1.0, beta=0.0, stream=No
         r = xp.matmul(w, x)
         if bias is not None:
             r += bias[:, None]
-        return _finish(dev, y, out, r, alpha, beta)
+        return accumulate(y, r, alpha, beta)
 
 
 def fc_backward_data(device, dy, w, out=None, alpha=1.0, beta=0.0, stream=None):
     dev = as_device(device)
-    alpha, beta = _ab(alpha, beta)
+    alpha, beta = alpha_beta(alpha, beta, out)
     check_array("w", w, dev, ndim=2)
     O, I = w.shape
     check_array("dy", dy, dev, ndim=2)
@@ -93,12 +75,12 @@ def fc_backward_data(device, dy, w, out=None, alpha=1.0, beta=0.0, stream=None):
             if alpha != 1.0:
                 dx *= alpha
             return dx
-        return _finish(dev, dx, out, xp.matmul(w.T, dy), alpha, beta)
+        return accumulate(dx, xp.matmul(w.T, dy), alpha, beta)
 
 
 def fc_backward_weights(device, x, dy, out=None, alpha=1.0, beta=0.0, stream=None):
     dev = as_device(device)
-    alpha, beta = _ab(alpha, beta)
+    alpha, beta = alpha_beta(alpha, beta, out)
     check_array("x", x, dev, ndim=2)
     check_array("dy", dy, dev, ndim=2)
     if dy.shape[1] != x.shape[1]:
@@ -113,14 +95,14 @@ def fc_backward_weights(device, x, dy, out=None, alpha=1.0, beta=0.0, stream=Non
             if alpha != 1.0:
                 dw *= alpha
             return dw
-        return _finish(dev, dw, out, xp.matmul(dy, x.T), alpha, beta)
+        return accumulate(dw, xp.matmul(dy, x.T), alpha, beta)
 
 
 def fc_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
     dev = as_device(device)
-    alpha, beta = _ab(alpha, beta)
+    alpha, beta = alpha_beta(alpha, beta, out)
     check_array("dy", dy, dev, ndim=2)
     db = output("out", out, dev, (dy.shape[0],), dy.dtype)
     check_disjoint(dev, "out", out, dy=dy)
     with _on(dev, stream):
-        return _finish(dev, db, out, dy.sum(axis=1), alpha, beta)
+        return accumulate(db, dy.sum(axis=1), alpha, beta)
