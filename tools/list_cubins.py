@@ -1,7 +1,7 @@
 """List the GPU code embedded in a CUDA binary (what `cuobjdump --list-elf/--list-ptx` shows), without the CUDA
 toolkit's binutils: walks the fat binaries (magic 0xBA55ED50) and prints each entry's kind and SM version.
 
-    python tools/list_cubins.py convnet/_cuda*.so
+    python tools/list_cubins.py src/convnet/_cuda*.so
 """
 import struct
 import sys

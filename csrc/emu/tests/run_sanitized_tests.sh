@@ -25,9 +25,9 @@ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=None -DCONVNET_CUDA=OFF \
 cmake --build "$build" --target _emu -j"$(nproc)"
 
 # The Python package next to the sanitized module (no other compiled module: _cuda is not built here).
-(cd "$root" && find convnet -name '*.py' -o -name '*.cfg') | while read -r f; do
+(cd "$root/src" && find convnet -name '*.py' -o -name '*.cfg') | while read -r f; do
   mkdir -p "$pkg/$(dirname "$f")"
-  cp "$root/$f" "$pkg/$f"
+  cp "$root/src/$f" "$pkg/$f"
 done
 
 reports=$build/reports
