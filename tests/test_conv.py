@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 from helpers import SCHEDULES, assert_identical, rand, schedule, to_host
 from convnet import ops
 from convnet.devices import Device
+from convnet.geometry import ConvGeometry
 from convnet.reference import conv as ref
 
 U = 2.0 ** -24
@@ -331,21 +333,31 @@ def test_bad_inputs(devname):
 def test_kernel_launchers_reject_bad_geometry():
     """The C++ launchers re-check what the op layer checks (std::invalid_argument -> ValueError)."""
     k = Device("emu").kernels
-    too_big = (3, 2**15, 2**15, 4, 8, 3, 3, 1, 1, 1, 1, 1)  # 2^32 input elements
+
+    def raw(c, h, w, n, f, kh, kw, sh, sw, ph, pw, groups, oh=1, ow=1):
+        """Named fields as the bindings read them, without convnet.geometry's own validation."""
+        return SimpleNamespace(C=c, H=h, W=w, N=n, F=f, KH=kh, KW=kw, stride_h=sh, stride_w=sw, pad_h=ph, pad_w=pw,
+                               groups=groups, OH=oh, OW=ow)
+
     with pytest.raises(ValueError, match="2\\^31"):
-        k.conv_backward_filter_workspace(too_big)
+        k.conv_backward_filter_workspace(raw(3, 2**15, 2**15, 4, 8, 3, 3, 1, 1, 1, 1, 1))  # 2^32 input elements
     with pytest.raises(ValueError, match="groups"):
-        k.conv_backward_filter_workspace((4, 8, 8, 2, 6, 3, 3, 1, 1, 1, 1, 3))
+        k.conv_backward_filter_workspace(raw(4, 8, 8, 2, 6, 3, 3, 1, 1, 1, 1, 3))
     with pytest.raises(ValueError, match="stride"):
-        k.conv_backward_filter_workspace((4, 8, 8, 2, 6, 3, 3, 0, 1, 1, 1, 1))
+        k.conv_backward_filter_workspace(raw(4, 8, 8, 2, 6, 3, 3, 0, 1, 1, 1, 1))
     with pytest.raises(ValueError, match="larger than the padded"):
-        k.conv_backward_filter_workspace((4, 2, 8, 2, 6, 3, 3, 1, 1, 0, 0, 1))
+        k.conv_backward_filter_workspace(raw(4, 2, 8, 2, 6, 3, 3, 1, 1, 0, 0, 1))
+    with pytest.raises(ValueError, match="disagree on the output size"):
+        k.conv_backward_filter_workspace(raw(4, 8, 8, 2, 6, 3, 3, 1, 1, 1, 1, 1, oh=7, ow=8))
+    with pytest.raises(AttributeError, match="pad_w"):
+        k.conv_backward_filter_workspace(SimpleNamespace(C=4, H=8, W=8, N=2, F=6, KH=3, KW=3, stride_h=1,
+                                                         stride_w=1, pad_h=1, groups=1, OH=8, OW=8))
     with pytest.raises(ValueError, match="workspace too small"):
         x = np.zeros((8, 16, 16, 8), np.float32)
         dy = np.zeros((16, 16, 16, 8), np.float32)
         dw = np.zeros((8, 3, 3, 16), np.float32)
         k.conv_backward_filter(x.ctypes.data, dy.ctypes.data, dw.ctypes.data, 0, 0,
-                               (8, 16, 16, 8, 16, 3, 3, 1, 1, 1, 1, 1), 1.0, 0.0, 0)
+                               ConvGeometry(8, 16, 16, 8, 16, 3, 3, 1, 1, 1, 1, 1), 1.0, 0.0, 0)
 
 
 # ------------------------------------------------------------------------------------------ dispatch table
@@ -359,9 +371,7 @@ TILE_CASES = [
 
 def _geom_tuple(g):
     _, c, h, w, n, f, kh, kw, s, p, groups = g
-    s = s if isinstance(s, tuple) else (s, s)
-    p = p if isinstance(p, tuple) else (p, p)
-    return (c, h, w, n, f, kh, kw, *s, *p, groups)
+    return ConvGeometry.of((c, h, w, n), (c // groups, kh, kw, f), stride=s, padding=p, groups=groups)
 
 
 N_TILE_ROWS = 7
@@ -383,7 +393,7 @@ def test_alexnet_batch128_plans_use_fast_paths():
     """At batch 128 every AlexNet layer takes the 16-byte path with a big tile (the plan is device-independent)."""
     k = Device("emu").kernels
     for name, c, h, w, _, f, kh, kw, s, p, groups in ALEXNET_2012:
-        geo = (c, h, w, 128, f, kh, kw, s, s, p, p, groups)
+        geo = ConvGeometry.of((c, h, w, 128), (c // groups, kh, kw, f), stride=s, padding=p, groups=groups)
         for op in range(3):
             plan = k.conv_plan(op, geo)
             assert "16-byte path" in plan or "direct kernel" in plan, f"{name}: {plan}"

@@ -1,7 +1,10 @@
 """Cross-map LRN: NumPy reference (gradient checks, both alpha conventions) and, when built, the kernels."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
+from convnet.geometry import LrnGeometry
 from convnet.reference import lrn as ref
 from _fd import check_grad
 
@@ -205,14 +208,21 @@ def test_launcher_rejects_bad_params():
     k = Device("emu").kernels
     buf = np.zeros(64, np.float32)
     p = buf.ctypes.data
+
+    def raw(size=5, a=1e-4, beta=0.75, k=2.0, groups=1):
+        """Named fields as the bindings read them, without convnet.geometry's own validation."""
+        return SimpleNamespace(C=2, H=2, W=2, N=2, size=size, a=a, beta=beta, k=k, groups=groups)
+
     with pytest.raises(ValueError, match="k must be"):
-        k.lrn_forward(p, p, p, 2, 2, 2, 2, 5, 1e-4, 0.75, 0.0, 0)
+        k.lrn_forward(p, p, p, raw(k=0.0), 0)
     with pytest.raises(ValueError, match="size"):
-        k.lrn_backward(p, p, p, p, p, 2, 2, 2, 2, 0, 1e-4, 0.75, 2.0, 0, 0)
+        k.lrn_backward(p, p, p, p, p, raw(size=0), 0, 0)
+    with pytest.raises(ValueError, match="one group"):
+        k.lrn_forward(p, p, p, raw(groups=2), 0)
     with pytest.raises(ValueError, match="variant"):
-        k.lrn_backward(p, p, p, p, p, 2, 2, 2, 2, 5, 1e-4, 0.75, 2.0, 3, 0)
+        k.lrn_backward(p, p, p, p, p, raw(), 3, 0)
     with pytest.raises(ValueError, match="null pointer .the reuse variant"):
-        k.lrn_backward(p, 0, p, p, p, 2, 2, 2, 2, 5, 1e-4, 0.75, 2.0, 1, 0)
+        k.lrn_backward(p, 0, p, p, p, LrnGeometry.of((2, 2, 2, 2)), 1, 0)
 
 
 from hypothesis import given, settings, strategies as st  # noqa: E402

@@ -1,9 +1,11 @@
 """Pooling: NumPy reference (gradient checks, conventions) and, when built, the emu/cuda kernels against it."""
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from convnet.geometry import PoolGeometry
 from convnet.reference import pool as ref
 from _fd import check_grad
 
@@ -238,14 +240,22 @@ def test_launcher_rejects_bad_geometry():
     k = Device("emu").kernels
     buf = np.zeros(64, np.float32)
     p = buf.ctypes.data
+
+    def raw(c, h, w, n, wh, ww, sh, sw, ph, pw, oh=2, ow=2):
+        """Named fields as the bindings read them, without convnet.geometry's own validation."""
+        return SimpleNamespace(C=c, H=h, W=w, N=n, window_h=wh, window_w=ww, stride_h=sh, stride_w=sw, pad_h=ph,
+                               pad_w=pw, OH=oh, OW=ow)
+
     with pytest.raises(ValueError, match="padding"):
-        k.pool_forward(p, p, 1, 4, 4, 1, 3, 3, 1, 1, 2, 2, 0, 0)
+        k.pool_forward(p, p, raw(1, 4, 4, 1, 3, 3, 1, 1, 2, 2), 0, 0)
     with pytest.raises(ValueError, match="mode"):
-        k.pool_forward(p, p, 1, 4, 4, 1, 3, 3, 1, 1, 0, 0, 7, 0)
+        k.pool_forward(p, p, raw(1, 4, 4, 1, 3, 3, 1, 1, 0, 0), 7, 0)
     with pytest.raises(ValueError, match="positive"):
-        k.pool_forward(p, p, 0, 4, 4, 1, 3, 3, 1, 1, 0, 0, 0, 0)
+        k.pool_forward(p, p, raw(0, 4, 4, 1, 3, 3, 1, 1, 0, 0), 0, 0)
+    with pytest.raises(ValueError, match="disagree on the output size"):
+        k.pool_forward(p, p, raw(1, 4, 4, 1, 3, 3, 1, 1, 0, 0, oh=3), 0, 0)
     with pytest.raises(ValueError, match="null"):
-        k.pool_backward(p, 0, p, p, 1, 4, 4, 1, 3, 3, 1, 1, 0, 0, 0, 0)
+        k.pool_backward(p, 0, p, p, PoolGeometry.of((1, 4, 4, 1), window=3, stride=1), 0, 0)
 
 
 def misaligned(a):

@@ -1,20 +1,19 @@
-// Bindings for csrc/kernels/lrn.cu. Called from convnet/ops/lrn.py, which resolves the alpha convention into the
-// coefficient `a` (alpha, or alpha / size) before calling.
+// Bindings for csrc/kernels/lrn.cu. Called from src/convnet/ops/lrn.py once per channel group with
+// LrnGeometry.group(), whose `a` is alpha with the convention resolved (alpha, or alpha / size).
 #include "bindings/common.h"
+#include "bindings/geometry.h"
 #include "kernels/lrn.h"
 
 using namespace convnet::bind;
+using convnet::LrnGeom;
 
 void bind_lrn(py::module_& m) {
-  m.def("lrn_forward", [](std::uintptr_t x, std::uintptr_t y, std::uintptr_t denom, int C, int H, int W, int N,
-                          int size, float a, float beta, float k, std::uintptr_t s) {
-    const convnet::LrnGeom g = convnet::lrn_geometry(C, H, W, N, size, a, beta, k);
+  m.def("lrn_forward", [](std::uintptr_t x, std::uintptr_t y, std::uintptr_t denom, const LrnGeom& g,
+                          std::uintptr_t s) {
     convnet::lrn_forward(ptr<const float>(x), ptr(y), ptr(denom), g, stream(s));
   }, nogil());
   m.def("lrn_backward", [](std::uintptr_t x, std::uintptr_t y, std::uintptr_t denom, std::uintptr_t dy,
-                           std::uintptr_t dx, int C, int H, int W, int N, int size, float a, float beta, float k,
-                           int variant, std::uintptr_t s) {
-    const convnet::LrnGeom g = convnet::lrn_geometry(C, H, W, N, size, a, beta, k);
+                           std::uintptr_t dx, const LrnGeom& g, int variant, std::uintptr_t s) {
     convnet::lrn_backward(ptr<const float>(x), ptr<const float>(y), ptr<const float>(denom), ptr<const float>(dy),
                           ptr(dx), g, variant, stream(s));
   }, nogil());

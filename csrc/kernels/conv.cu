@@ -48,6 +48,7 @@
 //   requirements (checked by the host): V == 4 needs N % 4 == 0, (F/groups) % 4 == 0 and 16-byte aligned
 //          pointers; 32-bit indexing (every tensor < 2^31 elements).
 #include "kernels/conv.h"
+#include "kernels/geometry.h"
 
 #include <algorithm>
 #include <atomic>
@@ -905,8 +906,8 @@ ConvGeometry conv_geometry(int C, int H, int W, int N, int F, int KH, int KW, in
   CONVNET_REQUIRE(H + 2 * std::int64_t(pad_h) >= KH && W + 2 * std::int64_t(pad_w) >= KW,
                   "filter larger than the padded input");
   ConvGeometry g{C, H, W, N, F, KH, KW, stride_h, stride_w, pad_h, pad_w, groups, 0, 0};
-  g.OH = static_cast<int>((H + 2 * std::int64_t(pad_h) - KH) / stride_h + 1);
-  g.OW = static_cast<int>((W + 2 * std::int64_t(pad_w) - KW) / stride_w + 1);
+  g.OH = output_size(H, KH, stride_h, pad_h);
+  g.OW = output_size(W, KW, stride_w, pad_w);
   CONVNET_REQUIRE(std::int64_t(C) * H * W * N <= kMaxElems, "input has 2^31 or more elements (unsupported)");
   CONVNET_REQUIRE(std::int64_t(F) * g.OH * g.OW * N <= kMaxElems, "output has 2^31 or more elements (unsupported)");
   CONVNET_REQUIRE(std::int64_t(C / groups) * KH * KW * F <= kMaxElems, "filters have 2^31 or more elements");

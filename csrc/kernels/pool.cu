@@ -10,6 +10,7 @@
 // windows that cover it, in the same order as the reference's accumulation (oh, ow descending), and for max adds
 // dy[o] where x == y[o] (recomputed, nothing stored by the forward pass).
 #include "cuda_compat.h"
+#include "kernels/geometry.h"
 #include "kernels/pool.h"
 #include "kernels/pool_vec.h"
 
@@ -215,7 +216,7 @@ PoolGeom pool_geometry(int C, int H, int W, int N, int wh, int ww, int sh, int s
   if (sh < 1 || sw < 1) fail("stride must be >= 1");
   if (ph < 0 || pw < 0 || ph > wh / 2 || pw > ww / 2) fail("padding must be in [0, window / 2]");
   if (H + 2 * ph < wh || W + 2 * pw < ww) fail("window larger than the padded input");
-  PoolGeom g{C, H, W, N, (H + 2 * ph - wh) / sh + 1, (W + 2 * pw - ww) / sw + 1, wh, ww, sh, sw, ph, pw};
+  PoolGeom g{C, H, W, N, output_size(H, wh, sh, ph), output_size(W, ww, sw, pw), wh, ww, sh, sw, ph, pw};
   const long long in = 1ll * C * H * W * N, out = 1ll * C * g.OH * g.OW * N;
   if (in >= (1ll << 31) || out >= (1ll << 31)) fail("tensor has 2^31 or more elements (32-bit indexing)");
   return g;

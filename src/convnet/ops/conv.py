@@ -17,6 +17,7 @@ import numbers
 import numpy as np
 
 from convnet.ops._checks import accumulate, alpha_beta, as_device, check_array, check_disjoint, check_same_dtype, launch, output, pair
+from convnet.geometry import ConvGeometry
 from convnet.reference import conv as ref
 
 __all__ = ["conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias", "conv_output_shape"]
@@ -60,7 +61,7 @@ def conv_output_shape(x_shape, w_shape, *, stride=1, padding=0, groups=1):
 
 
 def _geom_tuple(c, h, w, n, f, kh, kw, sh, sw, ph, pw, groups):
-    return tuple(int(v) for v in (c, h, w, n, f, kh, kw, sh, sw, ph, pw, groups))
+    return ConvGeometry(*(int(v) for v in (c, h, w, n, f, kh, kw, sh, sw, ph, pw, groups)))
 
 
 def _positive_shape(name, a):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numbers
 
 from convnet.ops._checks import as_device, check_array, check_disjoint, check_same_dtype, launch, output, scalar
+from convnet.geometry import LrnGeometry
 from convnet.reference import lrn as ref
 
 __all__ = ["lrn_forward", "lrn_backward"]
@@ -68,8 +69,8 @@ def lrn_forward(device, x, *, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="
             denom[...] = dr
     else:
         a = ref.lrn_scale(alpha, size, convention)
-        launch(dev, "lrn_forward", x, y, denom if denom is not None else 0, *x.shape, size, a, beta, k,
-               stream=stream)
+        launch(dev, "lrn_forward", x, y, denom if denom is not None else 0,
+               LrnGeometry.of(x.shape, size=size, alpha=alpha, beta=beta, k=k, convention=convention), stream=stream)
     return y, denom
 
 
@@ -98,6 +99,7 @@ def lrn_backward(device, x, y, denom, dy, *, size, alpha, beta, k, convention, o
     else:
         a = ref.lrn_scale(alpha, size, convention)
         reuse = method == "reuse"
-        launch(dev, "lrn_backward", x, y if reuse else 0, denom if reuse else 0, dy, dx, *x.shape, size, a, beta, k,
-               1 if reuse else 0, stream=stream)
+        launch(dev, "lrn_backward", x, y if reuse else 0, denom if reuse else 0, dy, dx,
+               LrnGeometry.of(x.shape, size=size, alpha=alpha, beta=beta, k=k, convention=convention), 1 if reuse else 0,
+               stream=stream)
     return dx

@@ -11,6 +11,7 @@ Conventions (identical on numpy, emu and cuda):
 from __future__ import annotations
 
 from convnet.ops._checks import as_device, check_array, check_disjoint, check_same_dtype, launch, output, pair
+from convnet.geometry import PoolGeometry
 from convnet.reference import pool as ref
 
 __all__ = ["pool_forward", "pool_backward", "pool_output_shape"]
@@ -57,7 +58,7 @@ def pool_forward(device, x, *, mode="max", window=3, stride=2, padding=0, out=No
     if dev.kind == "numpy":
         y[...] = ref.pool_forward(x, mode=mode, window=win, stride=st, padding=pad)
     else:
-        launch(dev, "pool_forward", x, y, *x.shape, *win, *st, *pad, _MODES[mode], stream=stream)
+        launch(dev, "pool_forward", x, y, PoolGeometry.of(x.shape, window=win, stride=st, padding=pad), _MODES[mode], stream=stream)
     return y
 
 
@@ -78,6 +79,6 @@ def pool_backward(device, x, y, dy, *, mode, window, stride, padding, out=None, 
     if dev.kind == "numpy":
         dx[...] = ref.pool_backward(x, y, dy, mode=mode, window=win, stride=st, padding=pad)
     else:
-        launch(dev, "pool_backward", x, y if y is not None else 0, dy, dx, *x.shape, *win, *st, *pad, _MODES[mode],
+        launch(dev, "pool_backward", x, y if y is not None else 0, dy, dx, PoolGeometry.of(x.shape, window=win, stride=st, padding=pad), _MODES[mode],
                stream=stream)
     return dx
