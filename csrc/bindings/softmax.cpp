@@ -15,6 +15,9 @@ void bind_softmax(py::module_& m) {
     convnet::softmax_cross_entropy(ptr<const float>(logits), ptr<const int>(labels), ptr(probs), ptr(dlogits),
                                    ptr(loss_per_image), ptr(loss_sum), K, N, stream(s));
   }, nogil());
+  m.def("softmax_forward", [](std::uintptr_t logits, std::uintptr_t probs, int K, int N, std::uintptr_t s) {
+    convnet::softmax_forward(ptr<const float>(logits), ptr(probs), K, N, stream(s));
+  }, nogil());
   m.def("topk_errors", [](std::uintptr_t scores, std::uintptr_t labels, std::uintptr_t errors, std::vector<int> ks,
                           int K, int N, std::uintptr_t s) {
     if (ks.empty() || ks.size() > static_cast<size_t>(convnet::kMaxTopK))

@@ -51,8 +51,9 @@ __global__ void softmax_xent_kernel(const float* __restrict__ logits, const int*
   }
   sum = red[0][tx];
   if (!active) return;  // no barrier follows
-  const int lab = labels[n];
-  const bool ok = valid_label(lab, K);
+  // labels == null: softmax only (probs), no gradient and no loss.
+  const int lab = labels ? labels[n] : -1;
+  const bool ok = labels && valid_label(lab, K);
   // pass 3: probabilities and the fused gradient
   for (int c = ty; c < K; c += kLanes) {
     const size_t o = static_cast<size_t>(c) * N + n;
@@ -60,7 +61,7 @@ __global__ void softmax_xent_kernel(const float* __restrict__ logits, const int*
     if (probs) probs[o] = p;
     if (dlogits) dlogits[o] = (ok && c == lab) ? p - 1.0f : p;
   }
-  if (ty == 0) loss[n] = ok ? logf(sum) - (logits[static_cast<size_t>(lab) * N + n] - m) : NAN;
+  if (ty == 0 && loss) loss[n] = ok ? logf(sum) - (logits[static_cast<size_t>(lab) * N + n] - m) : NAN;
 }
 
 constexpr int kSumThreads = 256;
@@ -128,6 +129,13 @@ void softmax_cross_entropy(const float* logits, const int* labels, float* probs,
   launch(softmax_xent_kernel, dim3(ceil_div(N, kImgs)), dim3(kImgs, kLanes), 0, stream, logits, labels, probs, dlogits,
          loss_per_image, K, N);
   launch(sum_kernel, dim3(1), dim3(kSumThreads), 0, stream, loss_per_image, loss_sum, N);
+}
+
+void softmax_forward(const float* logits, float* probs, int K, int N, cudaStream_t stream) {
+  check_kn(K, N, "softmax_forward");
+  if (!logits || !probs) throw std::invalid_argument("softmax_forward: null pointer");
+  launch(softmax_xent_kernel, dim3(ceil_div(N, kImgs)), dim3(kImgs, kLanes), 0, stream, logits,
+         static_cast<const int*>(nullptr), probs, static_cast<float*>(nullptr), static_cast<float*>(nullptr), K, N);
 }
 
 void topk_errors(const float* scores, const int* labels, int* errors, const TopKList& ks, int K, int N,

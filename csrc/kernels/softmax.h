@@ -1,6 +1,6 @@
 // Softmax + cross-entropy (fused gradient) and top-k error counts. Conventions: convnet/reference/softmax.py.
 //   logits (K, N) classes outer, images fastest; labels (N,) int32.
-//   probs = softmax over classes (max-subtracted); dlogits = probs - onehot(label) (not divided by N);
+//   probs = softmax over classes (max-subtracted; softmax_forward computes only these); dlogits = probs - onehot(label) (not divided by N);
 //   loss_n = log(sum_c exp(l_c - m)) - (l_label - m);  loss_sum = sum_n loss_n (deterministic, fixed order).
 //   An out-of-range label cannot be rejected without a device->host sync: its loss is NaN (the Python layer checks
 //   labels on numpy/emu before launching) and it counts as a top-k error.
@@ -20,6 +20,9 @@ struct TopKList {
 // loss_per_image: (N,) scratch/output; loss_sum: one float. probs and dlogits: (K, N); either may be null.
 void softmax_cross_entropy(const float* logits, const int* labels, float* probs, float* dlogits,
                            float* loss_per_image, float* loss_sum, int K, int N, cudaStream_t stream);
+
+// probs = softmax(logits) over classes only (the same kernel and arithmetic as softmax_cross_entropy's probs).
+void softmax_forward(const float* logits, float* probs, int K, int N, cudaStream_t stream);
 
 // errors: `ks.count` ints, zeroed by the launcher (asynchronously) then accumulated.
 void topk_errors(const float* scores, const int* labels, int* errors, const TopKList& ks, int K, int N,

@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Error types live in the extension modules; expose them without importing the extensions eagerly.
     if name == "EmulatorError":
-        from convnet.devices import _load_extension
+        from convnet.devices.backend import load_extension
 
-        module, reason = _load_extension("_emu")
+        module, reason = load_extension("_emu")
         if module is None:
             raise AttributeError(f"convnet.EmulatorError needs convnet._emu: {reason}")
         return module.EmulatorError

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ConvGeometry", "PoolGeometry", "LrnGeometry", "pair", "output_size", "INT32_MAX", "LRN_CONVENTIONS"]
+__all__ = ["ConvGeometry", "PoolGeometry", "LrnGeometry", "pair", "output_size", "lrn_scale", "INT32_MAX",
+           "LRN_CONVENTIONS"]
 
 INT32_MAX = 2**31 - 1  # the kernels index with 32-bit ints: every tensor has fewer elements than this
 LRN_CONVENTIONS = ("sum", "mean")
@@ -30,6 +31,17 @@ LRN_CONVENTIONS = ("sum", "mean")
 def output_size(size: int, window: int, stride: int, pad: int) -> int:
     """The floor rule shared by convolution and pooling: ``(size + 2*pad - window) // stride + 1``."""
     return (size + 2 * pad - window) // stride + 1
+
+
+def lrn_scale(alpha: float, size: int, convention: str) -> float:
+    """LRN's coefficient ``a`` in front of the sum of squares: ``alpha`` (``"sum"``, the 2012 paper as printed) or
+    ``alpha / size`` (``"mean"``: Caffe, torch.nn.LocalResponseNorm, cuda-convnet's ``scale``)."""
+    if convention == "sum":
+        return float(alpha)
+    if convention == "mean":
+        return float(alpha) / size
+    raise ValueError(f"convention must be 'sum' (a = alpha, the paper) or 'mean' (a = alpha/size, Caffe/torch/"
+                     f"cuda-convnet), got {convention!r}")
 
 
 def _is_int(v) -> bool:
@@ -121,6 +133,37 @@ class ConvGeometry:
         if cg * g.groups != c:
             raise ValueError(f"w must have shape ({c // g.groups}, KH, KW, F) for {c} input channels and "
                              f"groups={g.groups}, got {tuple(w_shape)}")
+        return g
+
+    @classmethod
+    def of_backward_data(cls, dy_shape, w_shape, input_hw, *, stride=1, padding=0, groups=1) -> "ConvGeometry":
+        """The forward geometry whose input gradient is computed from dy ``(F, OH, OW, N)``, w and the input's
+        ``(H, W)`` (which the output size alone does not determine when stride > 1)."""
+        f, oh, ow, n = _shape4("dy", dy_shape)
+        cg, kh, kw, f2 = _shape4("w", w_shape)
+        h, w = pair("input_hw", input_hw, minimum=1)
+        if f2 != f:
+            raise ValueError(f"w has {f2} filters but dy has {f} (dy must be (F, OH, OW, N), w (C/groups, KH, KW, F))")
+        g = cls.of((cg * _count("groups", groups), h, w, n), (cg, kh, kw, f), stride=stride, padding=padding,
+                   groups=groups)
+        if (g.OH, g.OW) != (oh, ow):
+            raise ValueError(f"dy has spatial size {(oh, ow)} but input_hw={(h, w)} with filter {kh}x{kw}, "
+                             f"stride {g.stride} and padding {g.padding} gives {(g.OH, g.OW)}")
+        return g
+
+    @classmethod
+    def of_backward_filter(cls, x_shape, dy_shape, filter_hw, *, stride=1, padding=0, groups=1) -> "ConvGeometry":
+        """The forward geometry whose filter gradient is computed from x, dy ``(F, OH, OW, N)`` and ``(KH, KW)``."""
+        c, h, w, n = _shape4("x", x_shape)
+        f, oh, ow, n2 = _shape4("dy", dy_shape)
+        kh, kw = pair("filter_hw", filter_hw, minimum=1)
+        if n2 != n:
+            raise ValueError(f"dy has {n2} images but x has {n} (x is (C, H, W, N), dy (F, OH, OW, N))")
+        (sh, sw), (ph, pw) = pair("stride", stride, minimum=1), pair("padding", padding)
+        g = cls(c, h, w, n, f, kh, kw, sh, sw, ph, pw, _count("groups", groups))
+        if (g.OH, g.OW) != (oh, ow):
+            raise ValueError(f"dy has spatial size {(oh, ow)} but x {(h, w)} with filter {kh}x{kw}, stride "
+                             f"{g.stride} and padding {g.padding} gives {(g.OH, g.OW)}")
         return g
 
     @property
@@ -253,9 +296,7 @@ class LrnGeometry:
             _count(name, getattr(self, name))
         if not _is_int(self.size) or self.size < 1:
             raise ValueError(f"size must be a positive int, got {self.size!r}")
-        if self.convention not in LRN_CONVENTIONS:
-            raise ValueError(f"convention must be 'sum' (a = alpha, the paper) or 'mean' (a = alpha/size, Caffe/torch/"
-                             f"cuda-convnet), got {self.convention!r}")
+        lrn_scale(1.0, self.size, self.convention)  # validates the convention
         object.__setattr__(self, "alpha", _real("alpha", self.alpha, low=0.0))
         object.__setattr__(self, "beta", _real("beta", self.beta, low=0.0))
         object.__setattr__(self, "k", _real("k", self.k, low=0.0, low_open=True))
@@ -274,7 +315,7 @@ class LrnGeometry:
     @property
     def a(self) -> float:
         """The coefficient of the sum of squares, with the convention resolved (what the kernels take)."""
-        return self.alpha if self.convention == "sum" else self.alpha / self.size
+        return lrn_scale(self.alpha, self.size, self.convention)
 
     @property
     def Cg(self) -> int:

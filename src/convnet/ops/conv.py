@@ -11,62 +11,23 @@ tensor with 2**31 or more elements is rejected with a ValueError.
 """
 from __future__ import annotations
 
-import contextlib
-import numbers
-
 import numpy as np
 
-from convnet.ops._checks import accumulate, alpha_beta, as_device, check_array, check_disjoint, check_same_dtype, launch, output, pair
-from convnet.geometry import ConvGeometry
+from convnet.geometry import INT32_MAX, ConvGeometry
+from convnet.ops._checks import as_device, check_array, check_same_dtype
+from convnet.ops._dispatch import Output, alpha_beta, launch, produce
 from convnet.reference import conv as ref
 
 __all__ = ["conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias", "conv_output_shape"]
 
-_INT32_MAX = 2**31 - 1
-
-
-def _groups(groups) -> int:
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
-        raise TypeError(f"groups must be an int, got {groups!r}")
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
-    return int(groups)
-
-
-def _geometry(c, h, w, n, f, kh, kw, stride, padding, groups):
-    """Validate a full geometry; returns (sh, sw, ph, pw, groups, oh, ow)."""
-    sh, sw = pair("stride", stride, minimum=1)
-    ph, pw = pair("padding", padding, minimum=0)
-    groups = _groups(groups)
-    if c % groups:
-        raise ValueError(f"groups={groups} must divide the number of input channels {c}")
-    if f % groups:
-        raise ValueError(f"groups={groups} must divide the number of filters {f}")
-    if h + 2 * ph < kh or w + 2 * pw < kw:
-        raise ValueError(f"filter {kh}x{kw} is larger than the padded input {h + 2 * ph}x{w + 2 * pw} "
-                         f"(input {h}x{w}, padding {(ph, pw)})")
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    for name, size in (("input", c * h * w * n), ("output", f * oh * ow * n), ("w", (c // groups) * kh * kw * f)):
-        if size > _INT32_MAX:
-            raise ValueError(f"{name} would have {size} elements; the kernels support fewer than 2**31")
-    return sh, sw, ph, pw, groups, oh, ow
-
 
 def conv_output_shape(x_shape, w_shape, *, stride=1, padding=0, groups=1):
     """(F, OH, OW, N) of conv_forward for these shapes."""
-    c, h, w, n = x_shape
-    _, kh, kw, f = w_shape
-    *_, oh, ow = _geometry(c, h, w, n, f, kh, kw, stride, padding, groups)
-    return f, oh, ow, n
+    return ConvGeometry.of(x_shape, w_shape, stride=stride, padding=padding, groups=groups).y_shape
 
 
-def _geom_tuple(c, h, w, n, f, kh, kw, sh, sw, ph, pw, groups):
-    return ConvGeometry(*(int(v) for v in (c, h, w, n, f, kh, kw, sh, sw, ph, pw, groups)))
-
-
-def _positive_shape(name, a):
-    if any(s < 1 for s in a.shape):
-        raise ValueError(f"{name} must have no empty dimension, got shape {tuple(a.shape)}")
+def _params(g: ConvGeometry) -> dict:
+    return dict(stride=g.stride, padding=g.padding, groups=g.groups)
 
 
 def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=None, alpha=1.0, beta=0.0,
@@ -75,30 +36,18 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
     dev = as_device(device)
     check_array("x", x, dev, ndim=4)
     check_array("w", w, dev, ndim=4)
-    _positive_shape("x", x)
-    _positive_shape("w", w)
     dtype = check_same_dtype(x=x, w=w)
-    c, h, wd, n = x.shape
-    cg, kh, kw, f = w.shape
-    sh, sw, ph, pw, groups, oh, ow = _geometry(c, h, wd, n, f, kh, kw, stride, padding, groups)
-    if cg * groups != c:
-        raise ValueError(f"w must have shape ({c // groups}, KH, KW, F) for {c} input channels and groups={groups}, "
-                         f"got {tuple(w.shape)}")
+    g = ConvGeometry.of(x.shape, w.shape, stride=stride, padding=padding, groups=groups)
     if bias is not None:
-        check_array("bias", bias, dev, shape=(f,))
+        check_array("bias", bias, dev, shape=(g.F,))
         check_same_dtype(x=x, bias=bias)
     alpha, beta = alpha_beta(alpha, beta, out)
-    if dev.kind == "numpy":
-        result = ref.conv_forward(x, w, bias, stride=(sh, sw), padding=(ph, pw), groups=groups)
-        if out is None and alpha == 1.0 and beta == 0.0:
-            return result
-        y = output("out", out, dev, (f, oh, ow, n), dtype)
-        return accumulate(y, result, alpha, beta)
-    y = output("out", out, dev, (f, oh, ow, n), dtype)
-    check_disjoint(dev, "out", y, x=x, w=w, bias=bias)
-    launch(dev, "conv_forward", x, w, bias if bias is not None else 0, y,
-           _geom_tuple(c, h, wd, n, f, kh, kw, sh, sw, ph, pw, groups), alpha, beta, stream=stream)
-    return y
+    return produce(
+        dev, Output("out", out, g.y_shape, dtype), inputs=dict(x=x, w=w, bias=bias), alpha=alpha, beta=beta,
+        stream=stream, reference_in_place=True,
+        reference=lambda: ref.conv_forward(x, w, bias, **_params(g)),
+        kernel=lambda y: launch(dev, "conv_forward", x, w, bias if bias is not None else 0, y, g, alpha, beta,
+                                stream=stream))
 
 
 def conv_backward_data(device, dy, w, input_hw, *, stride=1, padding=0, groups=1, out=None, alpha=1.0, beta=0.0,
@@ -107,32 +56,14 @@ def conv_backward_data(device, dy, w, input_hw, *, stride=1, padding=0, groups=1
     dev = as_device(device)
     check_array("dy", dy, dev, ndim=4)
     check_array("w", w, dev, ndim=4)
-    _positive_shape("dy", dy)
-    _positive_shape("w", w)
     dtype = check_same_dtype(dy=dy, w=w)
-    h, wd = pair("input_hw", input_hw, minimum=1)
-    f, oh_, ow_, n = dy.shape
-    cg, kh, kw, f2 = w.shape
-    if f2 != f:
-        raise ValueError(f"w has {f2} filters but dy has {f} (dy must be (F, OH, OW, N), w (C/groups, KH, KW, F))")
-    groups = _groups(groups)
-    c = cg * groups
-    sh, sw, ph, pw, groups, oh, ow = _geometry(c, h, wd, n, f, kh, kw, stride, padding, groups)
-    if (oh, ow) != (oh_, ow_):
-        raise ValueError(f"dy has spatial size {(oh_, ow_)} but input_hw={(h, wd)} with filter {kh}x{kw}, "
-                         f"stride {(sh, sw)} and padding {(ph, pw)} gives {(oh, ow)}")
+    g = ConvGeometry.of_backward_data(dy.shape, w.shape, input_hw, stride=stride, padding=padding, groups=groups)
     alpha, beta = alpha_beta(alpha, beta, out)
-    if dev.kind == "numpy":
-        result = ref.conv_backward_data(dy, w, (h, wd), stride=(sh, sw), padding=(ph, pw), groups=groups)
-        if out is None and alpha == 1.0 and beta == 0.0:
-            return result
-        dx = output("out", out, dev, (c, h, wd, n), dtype)
-        return accumulate(dx, result, alpha, beta)
-    dx = output("out", out, dev, (c, h, wd, n), dtype)
-    check_disjoint(dev, "out", dx, dy=dy, w=w)
-    launch(dev, "conv_backward_data", dy, w, dx, _geom_tuple(c, h, wd, n, f, kh, kw, sh, sw, ph, pw, groups),
-           alpha, beta, stream=stream)
-    return dx
+    return produce(
+        dev, Output("out", out, g.x_shape, dtype), inputs=dict(dy=dy, w=w), alpha=alpha, beta=beta, stream=stream,
+        reference_in_place=True,
+        reference=lambda: ref.conv_backward_data(dy, w, (g.H, g.W), **_params(g)),
+        kernel=lambda dx: launch(dev, "conv_backward_data", dy, w, dx, g, alpha, beta, stream=stream))
 
 
 def conv_backward_filter(device, x, dy, filter_hw, *, stride=1, padding=0, groups=1, out=None, alpha=1.0, beta=0.0,
@@ -141,39 +72,22 @@ def conv_backward_filter(device, x, dy, filter_hw, *, stride=1, padding=0, group
     dev = as_device(device)
     check_array("x", x, dev, ndim=4)
     check_array("dy", dy, dev, ndim=4)
-    _positive_shape("x", x)
-    _positive_shape("dy", dy)
     dtype = check_same_dtype(x=x, dy=dy)
-    kh, kw = pair("filter_hw", filter_hw, minimum=1)
-    c, h, wd, n = x.shape
-    f, oh_, ow_, n2 = dy.shape
-    if n2 != n:
-        raise ValueError(f"dy has {n2} images but x has {n} (x is (C, H, W, N), dy (F, OH, OW, N))")
-    sh, sw, ph, pw, groups, oh, ow = _geometry(c, h, wd, n, f, kh, kw, stride, padding, groups)
-    if (oh, ow) != (oh_, ow_):
-        raise ValueError(f"dy has spatial size {(oh_, ow_)} but x {(h, wd)} with filter {kh}x{kw}, stride "
-                         f"{(sh, sw)} and padding {(ph, pw)} gives {(oh, ow)}")
+    g = ConvGeometry.of_backward_filter(x.shape, dy.shape, filter_hw, stride=stride, padding=padding, groups=groups)
     alpha, beta = alpha_beta(alpha, beta, out)
-    shape = (c // groups, kh, kw, f)
-    if dev.kind == "numpy":
-        result = ref.conv_backward_filter(x, dy, (kh, kw), stride=(sh, sw), padding=(ph, pw), groups=groups)
-        if out is None and alpha == 1.0 and beta == 0.0:
-            return result
-        dw = output("out", out, dev, shape, dtype)
-        return accumulate(dw, result, alpha, beta)
-    dw = output("out", out, dev, shape, dtype)
-    check_disjoint(dev, "out", dw, x=x, dy=dy)
-    geom = _geom_tuple(c, h, wd, n, f, kh, kw, sh, sw, ph, pw, groups)
-    ws_floats = int(dev.kernels.conv_backward_filter_workspace(geom))
-    ws = None
-    if ws_floats:
-        # Allocate the scratch on the stream that runs the kernels: CuPy's pool then cannot hand the memory to
-        # another stream's allocation while the kernels still use it.
-        with dev.activate(), (stream if stream is not None else contextlib.nullcontext()):
-            ws = dev.empty((ws_floats,), np.float32)
-    launch(dev, "conv_backward_filter", x, dy, dw, ws if ws is not None else 0, ws_floats, geom, alpha, beta,
-           stream=stream)
-    return dw
+
+    def kernel(dw):
+        # The split-K scratch is allocated on the stream that runs the kernels: CuPy's pool then cannot hand the
+        # memory to another stream's allocation while the kernels still use it.
+        ws_floats = int(dev.kernels.conv_backward_filter_workspace(g))
+        ws = dev.empty((ws_floats,), np.float32, stream=stream) if ws_floats else None
+        launch(dev, "conv_backward_filter", x, dy, dw, ws if ws is not None else 0, ws_floats, g, alpha, beta,
+               stream=stream)
+
+    return produce(
+        dev, Output("out", out, g.w_shape, dtype), inputs=dict(x=x, dy=dy), alpha=alpha, beta=beta, stream=stream,
+        reference_in_place=True, kernel=kernel,
+        reference=lambda: ref.conv_backward_filter(x, dy, (g.KH, g.KW), **_params(g)))
 
 
 def conv_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
@@ -182,19 +96,14 @@ def conv_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
     check_array("dy", dy, dev)
     if dy.ndim < 2:
         raise ValueError(f"dy must be at least 2-D (F, ...), got shape {tuple(dy.shape)}")
-    _positive_shape("dy", dy)
-    alpha, beta = alpha_beta(alpha, beta, out)
+    if any(s < 1 for s in dy.shape):
+        raise ValueError(f"dy must have no empty dimension, got shape {tuple(dy.shape)}")
     f = dy.shape[0]
-    if dev.kind == "numpy":
-        result = ref.conv_backward_bias(dy)
-        if out is None and alpha == 1.0 and beta == 0.0:
-            return result
-        db = output("out", out, dev, (f,), dy.dtype)
-        return accumulate(db, result, alpha, beta)
-    db = output("out", out, dev, (f,), dy.dtype)
-    check_disjoint(dev, "out", db, dy=dy)
-    per_filter = dy.size // f
-    if f > _INT32_MAX:
+    if f > INT32_MAX:
         raise ValueError(f"dy has {f} filters; the kernel supports fewer than 2**31")
-    launch(dev, "conv_backward_bias", dy, db, f, per_filter, alpha, beta, stream=stream)
-    return db
+    alpha, beta = alpha_beta(alpha, beta, out)
+    return produce(
+        dev, Output("out", out, (f,), dy.dtype), inputs=dict(dy=dy), alpha=alpha, beta=beta, stream=stream,
+        reference_in_place=True,
+        reference=lambda: ref.conv_backward_bias(dy),
+        kernel=lambda db: launch(dev, "conv_backward_bias", dy, db, f, dy.size // f, alpha, beta, stream=stream))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from convnet.ops._checks import as_device, check_array, check_same_dtype, launch, output, scalar, uint64
+from convnet.ops._checks import as_device, check_array, check_same_dtype, scalar, uint64
+from convnet.ops._dispatch import Output, launch, produce
 from convnet.reference import elementwise as ref
 
 __all__ = ["relu_forward", "relu_backward", "dropout_forward", "dropout_backward", "dropout_mask"]
@@ -19,12 +20,9 @@ def relu_forward(device, x, out=None, stream=None):
     """y = max(x, 0) (NaN -> 0). ``out`` may be ``x`` (in place)."""
     dev = as_device(device)
     check_array("x", x, dev)
-    y = output("out", out, dev, x.shape, x.dtype)
-    if dev.kind == "numpy":
-        y[...] = ref.relu_forward(x)
-    else:
-        launch(dev, "relu_forward", x, y, x.size, stream=stream)
-    return y
+    return produce(dev, Output("out", out, x.shape, x.dtype), stream=stream,
+                   reference=lambda: ref.relu_forward(x),
+                   kernel=lambda y: launch(dev, "relu_forward", x, y, x.size, stream=stream))
 
 
 def relu_backward(device, y, dy, out=None, stream=None):
@@ -33,12 +31,9 @@ def relu_backward(device, y, dy, out=None, stream=None):
     check_array("y", y, dev)
     check_array("dy", dy, dev, shape=y.shape)
     check_same_dtype(y=y, dy=dy)
-    dx = output("out", out, dev, y.shape, y.dtype)
-    if dev.kind == "numpy":
-        dx[...] = ref.relu_backward(y, dy)
-    else:
-        launch(dev, "relu_backward", y, dy, dx, y.size, stream=stream)
-    return dx
+    return produce(dev, Output("out", out, y.shape, y.dtype), stream=stream,
+                   reference=lambda: ref.relu_backward(y, dy),
+                   kernel=lambda dx: launch(dev, "relu_backward", y, dy, dx, y.size, stream=stream))
 
 
 def _dropout_params(keep, seed, offset):
@@ -49,13 +44,10 @@ def _dropout_params(keep, seed, offset):
 def _dropout(dev, name, a, keep, seed, offset, out, stream):
     keep, seed, offset = _dropout_params(keep, seed, offset)
     check_array(name, a, dev)
-    b = output("out", out, dev, a.shape, a.dtype)
-    if dev.kind == "numpy":
-        b[...] = ref.dropout_forward(a, keep, seed, offset)
-    else:
-        launch(dev, "dropout_apply", a, b, a.size, ref.keep_threshold(keep), float(ref.dropout_scale(keep)),
-               seed, offset, stream=stream)
-    return b
+    return produce(dev, Output("out", out, a.shape, a.dtype), stream=stream,
+                   reference=lambda: ref.dropout_forward(a, keep, seed, offset),
+                   kernel=lambda b: launch(dev, "dropout_apply", a, b, a.size, ref.keep_threshold(keep),
+                                           float(ref.dropout_scale(keep)), seed, offset, stream=stream))
 
 
 def dropout_forward(device, x, keep, seed, offset=0, out=None, stream=None):
@@ -76,8 +68,11 @@ def dropout_mask(device, shape, keep, seed, offset=0, stream=None):
     if any(s < 0 for s in shape):
         raise ValueError(f"shape must be non-negative, got {shape}")
     n = int(np.prod(shape, dtype=np.int64))
-    if dev.kind == "numpy":
-        return ref.dropout_mask(n, keep, seed, offset).reshape(shape)
-    mask = dev.empty(shape, np.uint8)
-    launch(dev, "dropout_mask", mask, n, ref.keep_threshold(keep), seed, offset, stream=stream)
-    return mask.astype(bool)
+
+    def kernel(mask):
+        launch(dev, "dropout_mask", mask, n, ref.keep_threshold(keep), seed, offset, stream=stream)
+
+    mask = produce(dev, Output("mask", None, shape, np.dtype(np.uint8)), stream=stream, kernel=kernel,
+                   reference=lambda: ref.dropout_mask(n, keep, seed, offset).reshape(shape).view(np.uint8))
+    with dev.on_stream(stream):  # the conversion is ordered after the kernel that writes the mask
+        return mask.astype(bool)

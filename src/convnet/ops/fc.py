@@ -12,21 +12,10 @@ GEMM is the array module's: NumPy (BLAS) on numpy and emu, CuPy (cuBLAS) on cuda
 """
 from __future__ import annotations
 
-import contextlib
-
-from convnet.ops._checks import accumulate, alpha_beta, as_device, check_array, check_disjoint, check_same_dtype, output
+from convnet.ops._checks import as_device, check_array, check_disjoint, check_same_dtype
+from convnet.ops._dispatch import Output, accumulate, alpha_beta, output
 
 __all__ = ["fc_forward", "fc_backward_data", "fc_backward_weights", "fc_backward_bias"]
-
-
-@contextlib.contextmanager
-def _on(dev, stream):
-    with dev.activate():
-        if dev.kind == "cuda" and stream is not None:
-            with stream:
-                yield
-        else:
-            yield
 
 
 def fc_forward(device, x, w, bias=None, out=None, alpha=1.0, beta=0.0, stream=None):
@@ -40,10 +29,10 @@ def fc_forward(device, x, w, bias=None, out=None, alpha=1.0, beta=0.0, stream=No
     if bias is not None:
         check_array("bias", bias, dev, shape=(O,))
     check_same_dtype(x=x, w=w, bias=bias)
-    y = output("out", out, dev, (O, x.shape[1]), x.dtype)
+    y = output(dev, Output("out", out, (O, x.shape[1]), x.dtype), stream)
     check_disjoint(dev, "out", out, x=x, w=w, bias=bias)
     xp = dev.xp
-    with _on(dev, stream):
+    with dev.on_stream(stream):
         if out is None or (alpha == 1.0 and beta == 0.0):
             xp.matmul(w, x, out=y)
             if bias is not None:
@@ -66,10 +55,10 @@ def fc_backward_data(device, dy, w, out=None, alpha=1.0, beta=0.0, stream=None):
     if dy.shape[0] != O:
         raise ValueError(f"dy must have shape ({O}, N) to match w of shape {tuple(w.shape)}, got {tuple(dy.shape)}")
     check_same_dtype(dy=dy, w=w)
-    dx = output("out", out, dev, (I, dy.shape[1]), dy.dtype)
+    dx = output(dev, Output("out", out, (I, dy.shape[1]), dy.dtype), stream)
     check_disjoint(dev, "out", out, dy=dy, w=w)
     xp = dev.xp
-    with _on(dev, stream):
+    with dev.on_stream(stream):
         if out is None or (alpha == 1.0 and beta == 0.0):
             xp.matmul(w.T, dy, out=dx)
             if alpha != 1.0:
@@ -86,10 +75,10 @@ def fc_backward_weights(device, x, dy, out=None, alpha=1.0, beta=0.0, stream=Non
     if dy.shape[1] != x.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and dy {tuple(dy.shape)} must have the same number of images (axis 1)")
     check_same_dtype(x=x, dy=dy)
-    dw = output("out", out, dev, (dy.shape[0], x.shape[0]), x.dtype)
+    dw = output(dev, Output("out", out, (dy.shape[0], x.shape[0]), x.dtype), stream)
     check_disjoint(dev, "out", out, x=x, dy=dy)
     xp = dev.xp
-    with _on(dev, stream):
+    with dev.on_stream(stream):
         if out is None or (alpha == 1.0 and beta == 0.0):
             xp.matmul(dy, x.T, out=dw)
             if alpha != 1.0:
@@ -102,7 +91,7 @@ def fc_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
     dev = as_device(device)
     alpha, beta = alpha_beta(alpha, beta, out)
     check_array("dy", dy, dev, ndim=2)
-    db = output("out", out, dev, (dy.shape[0],), dy.dtype)
+    db = output(dev, Output("out", out, (dy.shape[0],), dy.dtype), stream)
     check_disjoint(dev, "out", out, dy=dy)
-    with _on(dev, stream):
+    with dev.on_stream(stream):
         return accumulate(db, dy.sum(axis=1), alpha, beta)

@@ -10,6 +10,10 @@ c - size//2 + size - 1]`` clipped to the channels.  The alpha convention is expl
 So ``(alpha=5e-4, convention="mean")`` equals ``(alpha=1e-4, convention="sum")`` for size 5.
 ``lrn_forward`` returns ``(y, denom)`` (``with_denom=False``: ``(y, None)``, one write stream less).
 
+``groups=G`` splits the channels into G equal groups and normalises each on its own (the window never crosses a
+group boundary): the two-tower AlexNet's per-tower LRN on the joined activations. One kernel launch per group (a
+group is a contiguous slice of the CHWN tensor).
+
 The backward pass is exact, in two variants (``method=``):
 
 * ``"recompute"`` (default): the kernel reads only x and dy and recomputes denom and y in registers with the forward
@@ -21,85 +25,89 @@ Both give the same dx up to float rounding of the final sums (tested against eac
 """
 from __future__ import annotations
 
-import numbers
+import numpy as np
 
-from convnet.ops._checks import as_device, check_array, check_disjoint, check_same_dtype, launch, output, scalar
 from convnet.geometry import LrnGeometry
+from convnet.ops._checks import as_device, check_array, check_same_dtype
+from convnet.ops._dispatch import Output, launch, produce
 from convnet.reference import lrn as ref
 
 __all__ = ["lrn_forward", "lrn_backward"]
 
-
-def _params(size, alpha, beta, k, convention):
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
-    if convention not in ref.CONVENTIONS:
-        raise ValueError(f"convention must be 'sum' (a = alpha, the paper) or 'mean' (a = alpha/size, Caffe/torch/"
-                         f"cuda-convnet), got {convention!r}")
-    alpha = scalar("alpha", alpha, low=0.0)
-    beta = scalar("beta", beta, low=0.0)
-    k = scalar("k", k, low=0.0, low_open=True)
-    return int(size), alpha, beta, k, convention
-
-
 METHODS = ("recompute", "reuse")
 
 
-def lrn_forward(device, x, *, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="sum", out=None, stream=None,
-                with_denom=True):
+def _geometry(x_shape, size, alpha, beta, k, convention, groups) -> LrnGeometry:
+    return LrnGeometry.of(x_shape, size=size, alpha=alpha, beta=beta, k=k, convention=convention, groups=groups)
+
+
+def _params(g: LrnGeometry) -> dict:
+    return dict(size=g.size, alpha=g.alpha, beta=g.beta, k=g.k, convention=g.convention)
+
+
+def _group_slices(g: LrnGeometry):
+    return [slice(i * g.Cg, (i + 1) * g.Cg) for i in range(g.groups)]
+
+
+def _join(parts):
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def lrn_forward(device, x, *, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="sum", groups=1, out=None,
+                stream=None, with_denom=True):
     """Returns ``(y, denom)``. ``out`` may be ``y`` or a pair ``(y, denom)`` of preallocated arrays.
 
     ``with_denom=False`` skips writing denom (returns ``(y, None)``): what a GPU training step needs when the
     backward pass uses ``method="recompute"``.
     """
     dev = as_device(device)
-    size, alpha, beta, k, convention = _params(size, alpha, beta, k, convention)
     check_array("x", x, dev, ndim=4)
-    if any(s < 1 for s in x.shape):
-        raise ValueError(f"x must have a non-empty shape (C, H, W, N), got {tuple(x.shape)}")
+    g = _geometry(x.shape, size, alpha, beta, k, convention, groups)
     out_y, out_d = out if isinstance(out, (tuple, list)) else (out, None)
-    y = output("out[0]" if out_d is not None else "out", out_y, dev, x.shape, x.dtype)
-    denom = output("out[1]", out_d, dev, x.shape, x.dtype) if with_denom else None
-    check_disjoint(dev, "out", out_y, x=x, denom=out_d)
-    check_disjoint(dev, "out[1]", out_d, x=x)
-    if dev.kind == "numpy":
-        yr, dr = ref.lrn_forward(x, size=size, alpha=alpha, beta=beta, k=k, convention=convention)
-        y[...] = yr
-        if denom is not None:
-            denom[...] = dr
-    else:
-        a = ref.lrn_scale(alpha, size, convention)
-        launch(dev, "lrn_forward", x, y, denom if denom is not None else 0,
-               LrnGeometry.of(x.shape, size=size, alpha=alpha, beta=beta, k=k, convention=convention), stream=stream)
-    return y, denom
+    outputs = (Output("out[0]" if out_d is not None else "out", out_y, x.shape, x.dtype),
+               Output("out[1]", out_d, x.shape, x.dtype) if with_denom else None)
+    slices = _group_slices(g)
+
+    def reference():
+        parts = [ref.lrn_forward(x[s], **_params(g)) for s in slices]
+        return _join([p[0] for p in parts]), _join([p[1] for p in parts])
+
+    def kernel(y, denom):
+        for s in slices:
+            launch(dev, "lrn_forward", x[s], y[s], denom[s] if denom is not None else 0, g.group(), stream=stream)
+
+    return produce(dev, outputs, inputs=dict(x=x), stream=stream, reference=reference, kernel=kernel)
 
 
-def lrn_backward(device, x, y, denom, dy, *, size, alpha, beta, k, convention, out=None, stream=None,
+def lrn_backward(device, x, y, denom, dy, *, size, alpha, beta, k, convention, groups=1, out=None, stream=None,
                  method="recompute"):
     """dx, exact, from the forward's input x (and its output y and denom: required for ``method="reuse"``,
     optional for ``"recompute"``, the default)."""
     dev = as_device(device)
-    size, alpha, beta, k, convention = _params(size, alpha, beta, k, convention)
     if method not in METHODS:
         raise ValueError(f"method must be 'recompute' or 'reuse', got {method!r}")
     check_array("x", x, dev, ndim=4)
+    g = _geometry(x.shape, size, alpha, beta, k, convention, groups)
     if method == "reuse" and (y is None or denom is None):
         raise ValueError("method='reuse' needs y and denom from lrn_forward (with_denom=True)")
     for name, a in (("y", y), ("denom", denom), ("dy", dy)):
         if a is not None or name == "dy":
             check_array(name, a, dev, shape=x.shape)
     check_same_dtype(x=x, y=y, denom=denom, dy=dy)
-    dx = output("out", out, dev, x.shape, x.dtype)
-    check_disjoint(dev, "out", out, x=x, y=y, denom=denom, dy=dy)
-    kw = dict(size=size, alpha=alpha, beta=beta, k=k, convention=convention)
-    if dev.kind == "numpy":
-        if y is None or denom is None:
-            y, denom = ref.lrn_forward(x, **kw)
-        dx[...] = ref.lrn_backward(x, y, denom, dy, **kw)
-    else:
-        a = ref.lrn_scale(alpha, size, convention)
-        reuse = method == "reuse"
-        launch(dev, "lrn_backward", x, y if reuse else 0, denom if reuse else 0, dy, dx,
-               LrnGeometry.of(x.shape, size=size, alpha=alpha, beta=beta, k=k, convention=convention), 1 if reuse else 0,
-               stream=stream)
-    return dx
+    reuse = method == "reuse"
+    slices = _group_slices(g)
+
+    def reference():
+        parts = []
+        for s in slices:
+            ys, ds = (y[s], denom[s]) if y is not None and denom is not None else ref.lrn_forward(x[s], **_params(g))
+            parts.append(ref.lrn_backward(x[s], ys, ds, dy[s], **_params(g)))
+        return _join(parts)
+
+    def kernel(dx):
+        for s in slices:
+            launch(dev, "lrn_backward", x[s], y[s] if reuse else 0, denom[s] if reuse else 0, dy[s], dx[s], g.group(),
+                   1 if reuse else 0, stream=stream)
+
+    return produce(dev, Output("out", out, x.shape, x.dtype), inputs=dict(x=x, y=y, denom=denom, dy=dy),
+                   stream=stream, reference=reference, kernel=kernel)

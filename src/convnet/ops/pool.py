@@ -10,8 +10,9 @@ Conventions (identical on numpy, emu and cuda):
 """
 from __future__ import annotations
 
-from convnet.ops._checks import as_device, check_array, check_disjoint, check_same_dtype, launch, output, pair
 from convnet.geometry import PoolGeometry
+from convnet.ops._checks import as_device, check_array, check_same_dtype
+from convnet.ops._dispatch import Output, launch, produce
 from convnet.reference import pool as ref
 
 __all__ = ["pool_forward", "pool_backward", "pool_output_shape"]
@@ -25,26 +26,13 @@ def _mode(mode):
     return mode
 
 
-def _geometry(x_shape, window, stride, padding):
-    win = pair("window", window, minimum=1)
-    st = pair("stride", stride, minimum=1)
-    pad = pair("padding", padding, minimum=0)
-    C, H, W, N = x_shape
-    if N < 1 or C < 1 or H < 1 or W < 1:
-        raise ValueError(f"x must have a non-empty shape (C, H, W, N), got {tuple(x_shape)}")
-    for axis, size, k, s, p in (("height", H, win[0], st[0], pad[0]), ("width", W, win[1], st[1], pad[1])):
-        if p > k // 2:
-            raise ValueError(f"padding {p} along {axis} must be <= window // 2 = {k // 2} (window {k})")
-        if size + 2 * p < k:
-            raise ValueError(f"window {k} is larger than the padded input {axis} {size} + 2*{p}")
-    OH = ref.pool_output_size(H, win[0], st[0], pad[0])
-    OW = ref.pool_output_size(W, win[1], st[1], pad[1])
-    return win, st, pad, (C, OH, OW, N)
+def _params(g: PoolGeometry) -> dict:
+    return dict(window=g.window, stride=g.stride, padding=g.padding)
 
 
 def pool_output_shape(x_shape, *, window=3, stride=2, padding=0):
     """(C, OH, OW, N) of pooling an input of shape (C, H, W, N)."""
-    return _geometry(tuple(x_shape), window, stride, padding)[3]
+    return PoolGeometry.of(x_shape, window=window, stride=stride, padding=padding).y_shape
 
 
 def pool_forward(device, x, *, mode="max", window=3, stride=2, padding=0, out=None, stream=None):
@@ -52,14 +40,11 @@ def pool_forward(device, x, *, mode="max", window=3, stride=2, padding=0, out=No
     dev = as_device(device)
     mode = _mode(mode)
     check_array("x", x, dev, ndim=4)
-    win, st, pad, yshape = _geometry(x.shape, window, stride, padding)
-    y = output("out", out, dev, yshape, x.dtype)
-    check_disjoint(dev, "out", out, x=x)
-    if dev.kind == "numpy":
-        y[...] = ref.pool_forward(x, mode=mode, window=win, stride=st, padding=pad)
-    else:
-        launch(dev, "pool_forward", x, y, PoolGeometry.of(x.shape, window=win, stride=st, padding=pad), _MODES[mode], stream=stream)
-    return y
+    g = PoolGeometry.of(x.shape, window=window, stride=stride, padding=padding)
+    return produce(
+        dev, Output("out", out, g.y_shape, x.dtype), inputs=dict(x=x), stream=stream,
+        reference=lambda: ref.pool_forward(x, mode=mode, **_params(g)),
+        kernel=lambda y: launch(dev, "pool_forward", x, y, g, _MODES[mode], stream=stream))
 
 
 def pool_backward(device, x, y, dy, *, mode, window, stride, padding, out=None, stream=None):
@@ -67,18 +52,15 @@ def pool_backward(device, x, y, dy, *, mode, window, stride, padding, out=None, 
     dev = as_device(device)
     mode = _mode(mode)
     check_array("x", x, dev, ndim=4)
-    win, st, pad, yshape = _geometry(x.shape, window, stride, padding)
-    check_array("dy", dy, dev, shape=yshape)
+    g = PoolGeometry.of(x.shape, window=window, stride=stride, padding=padding)
+    check_array("dy", dy, dev, shape=g.y_shape)
     if mode == "max" or y is not None:
         if y is None:
             raise ValueError("y (the forward output) is required for max pooling's backward pass")
-        check_array("y", y, dev, shape=yshape)
+        check_array("y", y, dev, shape=g.y_shape)
     check_same_dtype(x=x, y=y, dy=dy)
-    dx = output("out", out, dev, x.shape, x.dtype)
-    check_disjoint(dev, "out", out, x=x, y=y, dy=dy)
-    if dev.kind == "numpy":
-        dx[...] = ref.pool_backward(x, y, dy, mode=mode, window=win, stride=st, padding=pad)
-    else:
-        launch(dev, "pool_backward", x, y if y is not None else 0, dy, dx, PoolGeometry.of(x.shape, window=win, stride=st, padding=pad), _MODES[mode],
-               stream=stream)
-    return dx
+    return produce(
+        dev, Output("out", out, x.shape, x.dtype), inputs=dict(x=x, y=y, dy=dy), stream=stream,
+        reference=lambda: ref.pool_backward(x, y, dy, mode=mode, **_params(g)),
+        kernel=lambda dx: launch(dev, "pool_backward", x, y if y is not None else 0, dy, dx, g, _MODES[mode],
+                                 stream=stream))

@@ -6,9 +6,10 @@ Layout: logits ``(classes, N)``, labels ``(N,)`` int32 in ``[0, classes)``.
 * ``softmax_cross_entropy`` -> ``(loss_sum, probs, dlogits)``: ``loss_sum`` a 0-d device array, the sum over the batch
   of ``-log p[label]`` computed stably in log space (finite for logits of 1e4); ``dlogits = probs - onehot`` (not
   divided by N; scale it by 1/N yourself for a mean loss).
+* ``softmax_forward`` -> ``probs`` alone (no labels): what inference and evaluation need.
 * ``topk_errors`` -> tuple of ints: image n is a top-k error when at least k classes score strictly higher than its
   label (ties favour the label). Counted on the device; only the counts come back to the host.
-* Labels are range-checked on numpy and emu (host memory).  On cuda they are not (that would need a
+* Labels in host memory (numpy and emu) are range-checked.  On cuda they are not (that would need a
   device-to-host sync every step): an out-of-range label gives a NaN loss and counts as an error.
 """
 from __future__ import annotations
@@ -17,39 +18,55 @@ import numbers
 
 import numpy as np
 
-from convnet.ops._checks import as_device, check_array, launch
+from convnet.ops._checks import as_device, check_array
+from convnet.ops._dispatch import Output, launch, produce
 from convnet.reference import softmax as ref
 
-__all__ = ["softmax_cross_entropy", "topk_errors"]
+__all__ = ["softmax_forward", "softmax_cross_entropy", "topk_errors"]
 
 MAX_KS = 8
 
 
-def _check_inputs(dev, name, logits, labels):
+def _check_logits(dev, name, logits):
     check_array(name, logits, dev, ndim=2)
     K, N = logits.shape
     if K < 1 or N < 1:
         raise ValueError(f"{name} must have shape (classes, N) with classes >= 1 and N >= 1, got {tuple(logits.shape)}")
+    return K, N
+
+
+def _check_inputs(dev, name, logits, labels):
+    K, N = _check_logits(dev, name, logits)
     check_array("labels", labels, dev, shape=(N,), dtypes=(np.int32,))
-    if dev.kind != "cuda":
-        lab = np.asarray(labels)
-        if lab.size and (lab.min() < 0 or lab.max() >= K):
-            bad = int(lab[(lab < 0) | (lab >= K)][0])
+    if isinstance(labels, np.ndarray):  # host memory: checking costs nothing (on a GPU it would cost a sync)
+        if labels.size and (labels.min() < 0 or labels.max() >= K):
+            bad = int(labels[(labels < 0) | (labels >= K)][0])
             raise ValueError(f"labels must be in [0, {K}) (the number of classes), found {bad}")
     return K, N
+
+
+def softmax_forward(device, logits, *, out=None, stream=None):
+    """probs = softmax over classes (axis 0) of logits (classes, N), max-subtracted."""
+    dev = as_device(device)
+    K, N = _check_logits(dev, "logits", logits)
+    return produce(dev, Output("out", out, (K, N), logits.dtype), inputs=dict(logits=logits), stream=stream,
+                   reference=lambda: ref.softmax(logits),
+                   kernel=lambda probs: launch(dev, "softmax_forward", logits, probs, K, N, stream=stream))
 
 
 def softmax_cross_entropy(device, logits, labels, *, stream=None):
     dev = as_device(device)
     K, N = _check_inputs(dev, "logits", logits, labels)
-    if dev.kind == "numpy":
-        return ref.softmax_cross_entropy(logits, labels)
-    probs = dev.empty((K, N), logits.dtype)
-    dlogits = dev.empty((K, N), logits.dtype)
-    per_image = dev.empty((N,), logits.dtype)
-    loss = dev.empty((), logits.dtype)
-    launch(dev, "softmax_cross_entropy", logits, labels, probs, dlogits, per_image, loss, K, N, stream=stream)
-    return loss, probs, dlogits
+    dtype = logits.dtype
+
+    def kernel(loss, probs, dlogits):
+        per_image = dev.empty((N,), dtype, stream=stream)
+        launch(dev, "softmax_cross_entropy", logits, labels, probs, dlogits, per_image, loss, K, N, stream=stream)
+
+    outputs = (Output("loss", None, (), dtype), Output("probs", None, (K, N), dtype),
+               Output("dlogits", None, (K, N), dtype))
+    return produce(dev, outputs, stream=stream, kernel=kernel,
+                   reference=lambda: ref.softmax_cross_entropy(logits, labels))
 
 
 def _ks(ks):
@@ -66,10 +83,9 @@ def topk_errors(device, logits_or_probs, labels, ks=(1, 5), *, stream=None):
     dev = as_device(device)
     ks = _ks(ks)
     K, N = _check_inputs(dev, "logits_or_probs", logits_or_probs, labels)
-    if dev.kind == "numpy":
-        return ref.topk_errors(logits_or_probs, labels, ks)
-    counts = dev.empty((len(ks),), np.int32)
-    launch(dev, "topk_errors", logits_or_probs, labels, counts, list(ks), K, N, stream=stream)
-    if dev.kind == "cuda" and stream is not None:
-        stream.synchronize()
-    return tuple(int(c) for c in dev.to_numpy(counts))
+    counts = produce(
+        dev, Output("counts", None, (len(ks),), np.dtype(np.int32)), stream=stream,
+        reference=lambda: np.asarray(ref.topk_errors(logits_or_probs, labels, ks), np.int32),
+        kernel=lambda c: launch(dev, "topk_errors", logits_or_probs, labels, c, list(ks), K, N, stream=stream))
+    with dev.on_stream(stream):  # reading the counts waits for the op's stream
+        return tuple(int(c) for c in dev.to_numpy(counts))

@@ -21,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from convnet.geometry import ConvGeometry, output_size, pair
+
 __all__ = [
-    "pair",
     "conv_output_hw",
     "conv_forward",
     "conv_backward_data",
@@ -34,19 +35,11 @@ __all__ = [
 _COL_BUDGET = 1 << 25  # elements of the im2col matrix per chunk (128 MB in float32)
 
 
-def pair(v, name="value"):
-    """int or (h, w) -> (h, w) of Python ints."""
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"{name} must be an int or an (h, w) pair, got {v!r}")
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
-
-
 def conv_output_hw(input_hw, filter_hw, stride=1, padding=0):
-    (h, w), (kh, kw) = pair(input_hw), pair(filter_hw)
-    (sh, sw), (ph, pw) = pair(stride), pair(padding)
-    return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    """(OH, OW) of a convolution (the rule of convnet.geometry)."""
+    (h, w), (kh, kw) = pair("input_hw", input_hw, minimum=1), pair("filter_hw", filter_hw, minimum=1)
+    (sh, sw), (ph, pw) = pair("stride", stride, minimum=1), pair("padding", padding)
+    return output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
 
 
 def _result_dtype(*arrays):
@@ -75,25 +68,13 @@ def _chunks(n, per_image):
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
 
-def _geometry(x_shape, w_shape, stride, padding, groups):
-    c, h, wd, n = x_shape
-    cg, kh, kw, f = w_shape
-    sh, sw = pair(stride, "stride")
-    ph, pw = pair(padding, "padding")
-    groups = int(groups)
-    if groups < 1 or c % groups or f % groups or cg * groups != c:
-        raise ValueError(f"bad groups={groups} for C={c}, filters {w_shape}")
-    oh, ow = conv_output_hw((h, wd), (kh, kw), (sh, sw), (ph, pw))
-    if oh < 1 or ow < 1:
-        raise ValueError("filter larger than padded input")
-    return c, h, wd, n, cg, kh, kw, f, sh, sw, ph, pw, groups, oh, ow
-
-
 def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1):
     """y[f, oy, ox, n] = sum_{c,ky,kx} w[c, ky, kx, f] * xpad[g*Cg + c, oy*sh + ky, ox*sw + kx, n] + b[f]."""
     x = np.asarray(x)
     w = np.asarray(w)
-    c, h, wd, n, cg, kh, kw, f, sh, sw, ph, pw, groups, oh, ow = _geometry(x.shape, w.shape, stride, padding, groups)
+    geo = ConvGeometry.of(x.shape, w.shape, stride=stride, padding=padding, groups=groups)
+    n, cg, kh, kw, f, groups, oh, ow = geo.N, geo.Cg, geo.KH, geo.KW, geo.F, geo.groups, geo.OH, geo.OW
+    (sh, sw), (ph, pw) = geo.stride, geo.padding
     dt = _result_dtype(x, w, bias)
     x = x.astype(dt, copy=False)
     w = w.astype(dt, copy=False)
@@ -115,15 +96,9 @@ def conv_backward_data(dy, w, input_hw, stride=1, padding=0, groups=1):
     """dx = d(sum y*dy)/dx for y = conv_forward(x, w): the transposed convolution (col2im of W dy)."""
     dy = np.asarray(dy)
     w = np.asarray(w)
-    h, wd = pair(input_hw, "input_hw")
-    f, oh_, ow_, n = dy.shape
-    cg, kh, kw, f2 = w.shape
-    if f2 != f:
-        raise ValueError(f"dy has {f} filters, w has {f2}")
-    c = cg * int(groups)
-    _, _, _, _, cg, kh, kw, f, sh, sw, ph, pw, groups, oh, ow = _geometry((c, h, wd, n), w.shape, stride, padding, groups)
-    if (oh, ow) != (oh_, ow_):
-        raise ValueError(f"dy spatial size {(oh_, ow_)} does not match the geometry's {(oh, ow)}")
+    geo = ConvGeometry.of_backward_data(dy.shape, w.shape, input_hw, stride=stride, padding=padding, groups=groups)
+    c, h, wd, n, cg, kh, kw, f, groups = geo.C, geo.H, geo.W, geo.N, geo.Cg, geo.KH, geo.KW, geo.F, geo.groups
+    (sh, sw), (ph, pw), oh, ow = geo.stride, geo.padding, geo.OH, geo.OW
     dt = _result_dtype(dy, w)
     dy = dy.astype(dt, copy=False)
     w = w.astype(dt, copy=False)
@@ -149,16 +124,9 @@ def conv_backward_filter(x, dy, filter_hw, stride=1, padding=0, groups=1):
     """dw[c, ky, kx, f] = sum_{oy,ox,n} xpad[g*Cg + c, oy*sh + ky, ox*sw + kx, n] * dy[f, oy, ox, n]."""
     x = np.asarray(x)
     dy = np.asarray(dy)
-    kh, kw = pair(filter_hw, "filter_hw")
-    c = x.shape[0]
-    groups = int(groups)
-    if groups < 1 or c % groups:
-        raise ValueError(f"bad groups={groups} for C={c}")
-    f = dy.shape[0]
-    _, h, wd, n, cg, kh, kw, f, sh, sw, ph, pw, groups, oh, ow = _geometry(
-        x.shape, (c // groups, kh, kw, f), stride, padding, groups)
-    if dy.shape != (f, oh, ow, n):
-        raise ValueError(f"dy shape {dy.shape} does not match the geometry's {(f, oh, ow, n)}")
+    geo = ConvGeometry.of_backward_filter(x.shape, dy.shape, filter_hw, stride=stride, padding=padding, groups=groups)
+    n, cg, kh, kw, f, groups, oh, ow = geo.N, geo.Cg, geo.KH, geo.KW, geo.F, geo.groups, geo.OH, geo.OW
+    (sh, sw), (ph, pw) = geo.stride, geo.padding
     dt = _result_dtype(x, dy)
     x = x.astype(dt, copy=False)
     dy = dy.astype(dt, copy=False)
@@ -188,7 +156,9 @@ def conv_forward_naive(x, w, bias=None, stride=1, padding=0, groups=1):
     """Direct loops (slow; tests only): the definition, independent of im2col."""
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(w, dtype=np.float64)
-    c, h, wd, n, cg, kh, kw, f, sh, sw, ph, pw, groups, oh, ow = _geometry(x.shape, w.shape, stride, padding, groups)
+    geo = ConvGeometry.of(x.shape, w.shape, stride=stride, padding=padding, groups=groups)
+    h, wd, n, cg, kh, kw, f, groups, oh, ow = geo.H, geo.W, geo.N, geo.Cg, geo.KH, geo.KW, geo.F, geo.groups, geo.OH, geo.OW
+    (sh, sw), (ph, pw) = geo.stride, geo.padding
     fg = f // groups
     y = np.zeros((f, oh, ow, n))
     for fi in range(f):

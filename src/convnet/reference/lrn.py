@@ -20,19 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from convnet.geometry import LRN_CONVENTIONS as CONVENTIONS
+from convnet.geometry import lrn_scale
+
 __all__ = ["lrn_scale", "lrn_forward", "lrn_backward"]
-
-CONVENTIONS = ("sum", "mean")
-
-
-def lrn_scale(alpha: float, size: int, convention: str) -> float:
-    """The coefficient ``a`` in front of the sum of squares."""
-    if convention == "sum":
-        return float(alpha)
-    if convention == "mean":
-        return float(alpha) / size
-    raise ValueError(f"convention must be 'sum' (paper: alpha * sum) or 'mean' (alpha/size * sum, Caffe/torch/"
-                     f"cuda-convnet), got {convention!r}")
 
 
 def _window_sum(v, before: int, after: int):

@@ -4,7 +4,7 @@ Layout: ``x`` is ``(C, H, W, N)``, images fastest; ``y`` is ``(C, OH, OW, N)``.
 
 Conventions (the same in the CUDA kernels, ``csrc/kernels/pool.cu``):
 
-* Output size (floor rule, the same as convolution's)::
+* Output size (floor rule, the same as convolution's; ``convnet.geometry.PoolGeometry``)::
 
       OH = (H + 2*pad_h - window_h) // stride_h + 1      (and likewise OW)
 
@@ -25,46 +25,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["pair", "pool_output_size", "pool_forward", "pool_backward"]
+from convnet.geometry import PoolGeometry
 
-
-def pair(v, name="value"):
-    """An int or an (h, w) pair -> (h, w) tuple of Python ints."""
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"{name} must be an int or an (h, w) pair, got {v!r}")
-        a, b = v
-    else:
-        a = b = v
-    out = []
-    for t in (a, b):
-        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
-            raise TypeError(f"{name} must be an int or an (h, w) pair of ints, got {v!r}")
-        out.append(int(t))
-    return tuple(out)
-
-
-def pool_output_size(size: int, window: int, stride: int, padding: int) -> int:
-    """The floor rule: ``(size + 2*padding - window) // stride + 1``. Raises ValueError on impossible geometry."""
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if padding < 0 or padding > window // 2:
-        raise ValueError(f"padding must be in [0, window // 2] = [0, {window // 2}], got {padding}")
-    if size + 2 * padding < window:
-        raise ValueError(f"window {window} larger than the padded input {size} + 2*{padding}")
-    return (size + 2 * padding - window) // stride + 1
+__all__ = ["pool_forward", "pool_backward"]
 
 
 def _geometry(x_shape, window, stride, padding):
-    C, H, W, N = x_shape
-    wh, ww = pair(window, "window")
-    sh, sw = pair(stride, "stride")
-    ph, pw = pair(padding, "padding")
-    OH = pool_output_size(H, wh, sh, ph)
-    OW = pool_output_size(W, ww, sw, pw)
-    return (C, H, W, N), (wh, ww), (sh, sw), (ph, pw), (OH, OW)
+    g = PoolGeometry.of(x_shape, window=window, stride=stride, padding=padding)
+    return (g.C, g.H, g.W, g.N), g.window, g.stride, g.padding, (g.OH, g.OW)
 
 
 def _counts(H, W, OH, OW, win, stride, pad):

@@ -1,0 +1,88 @@
+"""The interface every device backend implements (one module ``backend_<kind>.py`` each), and the loading of the
+compiled extension modules they share."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+
+import numpy as np
+
+
+class DeviceUnavailable(RuntimeError):
+    """The requested device cannot be used on this machine; the message says why."""
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension(name: str):
+    """(module, "") or (None, why it cannot be imported) for ``convnet._emu`` / ``convnet._cuda``."""
+    try:
+        return importlib.import_module(f"convnet.{name}"), ""
+    except ImportError as exc:
+        hint = ("convnet was built without nvcc (CONVNET_CUDA=AUTO found none)" if name == "_cuda"
+                else "the extension was not built; run `pip install .` (or tools/dev_build.sh)")
+        return None, f"convnet.{name} cannot be imported ({exc}); {hint}"
+
+
+class Backend:
+    """A device kind. Methods take the device index where it matters; ``convnet.devices.Device`` delegates here."""
+
+    kind: str = ""
+    runs_reference = False      # ops run the NumPy reference instead of compiled kernels
+    synchronous = True          # results are complete when an op returns
+    always_indexed = False      # print as 'kind:i' even for index 0 (cuda:0)
+    dtypes = (np.dtype(np.float32),)
+    extension = ""              # the compiled module holding this kind's kernels ('_emu', '_cuda'), if any
+
+    # -- availability -----------------------------------------------------------------------------------------
+    def availability(self, index: int) -> tuple[bool, str]:
+        """(usable, reason when not)."""
+        raise NotImplementedError
+
+    def report(self) -> list[dict]:
+        """device_report() entries for this kind."""
+        raise NotImplementedError
+
+    # -- arrays -----------------------------------------------------------------------------------------------
+    def xp(self):
+        raise NotImplementedError
+
+    def is_array(self, a, index: int) -> bool:
+        raise NotImplementedError
+
+    def array_name(self, index: int) -> str:
+        raise NotImplementedError
+
+    def describe_array(self, a) -> str:
+        t = type(a)
+        return f"{t.__module__.split('.')[0]}.{t.__name__}"
+
+    def asarray(self, a, dtype, index: int):
+        raise NotImplementedError
+
+    def to_numpy(self, a) -> np.ndarray:
+        raise NotImplementedError
+
+    def pointer(self, a) -> int:
+        raise NotImplementedError
+
+    # -- execution --------------------------------------------------------------------------------------------
+    def activate(self, index: int):
+        return contextlib.nullcontext()
+
+    def on_stream(self, index: int, stream):
+        return contextlib.nullcontext()
+
+    def stream_handle(self, index: int, stream) -> int:
+        return 0
+
+    def synchronize(self, index: int) -> None:
+        pass
+
+    def kernels(self, device):
+        if not self.extension:
+            raise TypeError(f"the {self.kind} device runs the NumPy reference, not compiled kernels")
+        module, reason = load_extension(self.extension)
+        if module is None:
+            raise DeviceUnavailable(f"device {device} is not usable: {reason}")
+        return module
