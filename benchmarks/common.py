@@ -1,7 +1,13 @@
 """Timing and result-writing helpers shared by every benchmark in benchmarks/.
 
+Importing this module makes ``import convnet`` work: the installed package (``pip install .``, which carries
+``convnet._cuda``) when there is one, else this checkout's ``src/`` (a development build, ``tools/dev_build.sh``).
+
 * ``time_ms(fn, device)``: CUDA events around each call after warm-up on cuda (median of repeats);
   wall clock on emu/numpy, where the figure is only a smoke test.
+* ``bench_ms(fn, device)``: ``reps`` calls captured in a CUDA graph and timed with events (launch overhead not
+  counted), or back to back for ops that synchronise with the host.
+* ``measure_copy_bandwidth(device)``: the device-to-device copy GB/s that memory-bound ops are compared with.
 * ``cudnn()``: PyTorch with cuDNN on the same GPU, for side-by-side baselines (TF32 off unless asked).
 * ``write_results(name, device, rows, columns)``: JSON + markdown in benchmarks/results/, with the device name,
   date and library versions, so every committed number says where it was measured.
@@ -22,7 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+try:  # the installed package; else the source tree of this checkout (src layout), said out loud
+    import convnet  # noqa: F401
+except ImportError as exc:
+    print(f"(convnet is not installed ({exc}); using this checkout's source tree {REPO / 'src'})", file=sys.stderr)
+    sys.path.insert(0, str(REPO / "src"))
 
 
 def time_ms(fn, device, *, warmup: int = 3, repeats: int = 20) -> float:
@@ -104,6 +117,19 @@ def measure_copy_bandwidth(device, nbytes: int = 1 << 30) -> float | None:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def to_host(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def rel_error(got, want) -> float:
+    """Normwise error ``max|got - want| / max|want|`` in float64 (0 when both are all zeros)."""
+    got, want = to_host(got).astype(np.float64), to_host(want).astype(np.float64)
+    if got.shape != want.shape:
+        raise ValueError(f"shape {got.shape} != reference {want.shape}")
+    err = np.max(np.abs(got - want), initial=0.0)
+    return float(err / max(np.max(np.abs(want), initial=0.0), 1e-30))
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         if isinstance(v, float):
@@ -137,13 +163,15 @@ def write_results(name: str, device, rows: list[dict], columns: list[str], extra
 TIMING = {"method": None}
 
 
-def bench_ms(fn, dev, reps: int = 20) -> float:
+def bench_ms(fn, dev, reps: int = 20, *, graph: bool = True) -> float:
     """Milliseconds per call of ``fn``.
 
     On cuda the calls are captured into a CUDA graph of ``reps`` launches on the current (non-default) stream and
     the graph is timed with events, so Python/ctypes launch overhead (tens of microseconds for a validated op call,
-    comparable to the small pooling kernels) is not counted for either side.  If capture fails, ``reps`` calls are
-    timed back to back instead (TIMING["method"] says which).  Elsewhere: wall clock (a smoke figure only).
+    comparable to the small pooling kernels) is not counted for either side.  If capture fails, or with
+    ``graph=False`` (an op that waits for the device, e.g. to return counts to the host, cannot be captured),
+    ``reps`` calls are timed back to back instead (TIMING["method"] says which).  Elsewhere: wall clock (a smoke
+    figure only).
     """
     if dev.kind != "cuda":
         return time_ms(fn, dev, warmup=1, repeats=5)
@@ -152,20 +180,23 @@ def bench_ms(fn, dev, reps: int = 20) -> float:
     s = cp.cuda.get_current_stream()
     fn()
     s.synchronize()
-    try:
-        s.begin_capture()
+    run = None
+    if graph:
         try:
-            for _ in range(reps):
-                fn()
-        finally:
-            graph = s.end_capture()
-        graph.launch(s)
-        s.synchronize()
-        run = lambda: graph.launch(s)  # noqa: E731
-        TIMING["method"] = "cuda graph"
-    except Exception as exc:  # noqa: BLE001
-        print(f"(graph capture failed: {exc}; timing {reps} back-to-back calls)")
-        s.synchronize()
+            s.begin_capture()
+            try:
+                for _ in range(reps):
+                    fn()
+            finally:
+                captured = s.end_capture()
+            captured.launch(s)
+            s.synchronize()
+            run = lambda: captured.launch(s)  # noqa: E731
+            TIMING["method"] = "cuda graph"
+        except Exception as exc:  # noqa: BLE001
+            print(f"(graph capture failed: {exc}; timing {reps} back-to-back calls)")
+            s.synchronize()
+    if run is None:
         run = lambda: [fn() for _ in range(reps)]  # noqa: E731
         TIMING["method"] = "back-to-back calls"
     start, stop = cp.cuda.Event(), cp.cuda.Event()

@@ -26,11 +26,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:  # the installed package (pip install .), which carries convnet._cuda; else the source tree (dev builds)
-    import convnet  # noqa: F401
-except ImportError:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+import common  # noqa: E402,F401  (makes `import convnet` work from a source checkout)
 from common import TIMING, CuDNN, bench_ms, measure_copy_bandwidth, ptr, write_results  # noqa: E402
 
 from convnet import ops  # noqa: E402

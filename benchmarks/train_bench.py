@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402,F401  (makes `import convnet` work from a source checkout)
 
-from convnet.data import Loader, synthetic
-from convnet.devices import get_device
-from convnet.models import load_model
-from convnet.optim import SGD
+from convnet.data import Loader, synthetic  # noqa: E402
+from convnet.devices import get_device  # noqa: E402
+from convnet.model_file import load_model  # noqa: E402
+from convnet.optim import SGD  # noqa: E402
 
 
 def main(argv=None):

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import SCHEDULES, assert_identical, rand, schedule, to_host
+from helpers import EMU, assert_raises_each, assert_schedules_identical, rand, to_host
 from convnet import ops
 from convnet.devices import Device
 from convnet.geometry import ConvGeometry
@@ -80,14 +80,18 @@ def _params(g):
     return dict(stride=s, padding=p, groups=groups)
 
 
-def _data(g, seed):
+def _geometry(g) -> ConvGeometry:
     _, c, h, w, n, f, kh, kw, s, p, groups = g
+    return ConvGeometry.of((c, h, w, n), (c // groups, kh, kw, f), stride=s, padding=p, groups=groups)
+
+
+def _data(g, seed):
+    geo = _geometry(g)
     rng = np.random.default_rng(seed)
-    x = rand(rng, (c, h, w, n))
-    wt = rand(rng, (c // groups, kh, kw, f))
-    b = rand(rng, (f,))
-    oh, ow = ref.conv_output_hw((h, w), (kh, kw), s, p)
-    dy = rand(rng, (f, oh, ow, n))
+    x = rand(rng, geo.x_shape)
+    wt = rand(rng, geo.w_shape)
+    b = rand(rng, (geo.F,))
+    dy = rand(rng, geo.y_shape)
     return x, wt, b, dy
 
 
@@ -105,14 +109,13 @@ def _check(name, got, want, bound_terms, k):
 
 
 def _run_and_check(dev, g, seed=0, which=("fwd", "dgrad", "wgrad", "bias")):
-    _, c, h, w, n, f, kh, kw, s, p, groups = g
+    geo = _geometry(g)
+    h, w, n, kh, kw, cg, fg, oh, ow = geo.H, geo.W, geo.N, geo.KH, geo.KW, geo.Cg, geo.Fg, geo.OH, geo.OW
     kwargs = _params(g)
     x, wt, b, dy = _data(g, seed)
     x64, w64, b64, dy64 = (a.astype(np.float64) for a in (x, wt, b, dy))
     ax, aw, ab, ady = (np.abs(a) for a in (x64, w64, b64, dy64))
     X, Wt, B, DY = (dev.asarray(a) for a in (x, wt, b, dy))
-    cg, fg = c // groups, f // groups
-    oh, ow = dy.shape[1:3]
     if "fwd" in which:
         y = ops.conv_forward(dev, X, Wt, B, **kwargs)
         _check("forward", y, ref.conv_forward(x64, w64, b64, **kwargs),
@@ -149,11 +152,10 @@ def test_small_geometries(kernel_device, g):
 @pytest.mark.parametrize("g", SPLIT_CASES, ids=[g[0] for g in SPLIT_CASES])
 def test_filter_gradient_split(kernel_device, g, splits):
     """The filter gradient summed in chunks (partial sums + a reduction kernel), as the GPU plans do."""
-    _, c, h, w, n, f, kh, kw, s, p, groups = g
-    oh, ow = ref.conv_output_hw((h, w), (kh, kw), s, p)
+    geo = _geometry(g)
     with forced(kernel_device, wgrad_splits=splits):
-        plan = kernel_device.kernels.conv_plan(2, _geom_tuple(g))
-        assert int(re.search(r"(\d+) split", plan).group(1)) == min(splits, oh * ow * n // 256), plan
+        plan = kernel_device.kernels.conv_plan(kernel_device.kernels.ConvPass.backward_filter, _geom_tuple(g))
+        assert int(re.search(r"(\d+) split", plan).group(1)) == min(splits, geo.OH * geo.OW * geo.N // 256), plan
         _run_and_check(kernel_device, g, seed=splits, which=("wgrad",))
 
 
@@ -174,7 +176,7 @@ def geometries(draw):
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(g=geometries(), seed=st.integers(0, 2**31 - 1))
 def test_random_geometries_emu(g, seed):
-    _run_and_check(Device("emu"), g, seed)
+    _run_and_check(EMU, g, seed)
 
 
 SCHEDULE_CASES = [SMALL[0], SMALL[1], SMALL[8], ("conv2-like", 8, 9, 9, 4, 8, 5, 5, 1, 2, 2)]
@@ -182,21 +184,19 @@ SCHEDULE_CASES = [SMALL[0], SMALL[1], SMALL[8], ("conv2-like", 8, 9, 9, 4, 8, 5,
 
 @pytest.mark.parametrize("g", SCHEDULE_CASES, ids=[g[0] for g in SCHEDULE_CASES])
 def test_schedules_bit_identical(g):
-    dev = Device("emu")
+    dev = EMU
     kwargs = _params(g)
-    _, c, h, w, n, f, kh, kw, *_ = g
+    geo = _geometry(g)
     x, wt, b, dy = _data(g, 7)
-    results = {}
-    for order in SCHEDULES:
-        with schedule(dev, order, seed=3), forced(dev, wgrad_splits=3):
-            results[order] = (ops.conv_forward(dev, x, wt, b, **kwargs),
-                              ops.conv_backward_data(dev, dy, wt, (h, w), **kwargs),
-                              ops.conv_backward_filter(dev, x, dy, (kh, kw), **kwargs),
-                              ops.conv_backward_bias(dev, dy))
-    for order in SCHEDULES[1:]:
-        for name, got, want in zip(("forward", "backward_data", "backward_filter", "backward_bias"),
-                                   results[order], results[SCHEDULES[0]]):
-            assert_identical(f"{name} ({order} vs {SCHEDULES[0]})", got, want)
+
+    def run():
+        with forced(dev, wgrad_splits=3):
+            return (ops.conv_forward(dev, x, wt, b, **kwargs),
+                    ops.conv_backward_data(dev, dy, wt, (geo.H, geo.W), **kwargs),
+                    ops.conv_backward_filter(dev, x, dy, (geo.KH, geo.KW), **kwargs),
+                    ops.conv_backward_bias(dev, dy))
+
+    assert_schedules_identical(run, ("forward", "backward_data", "backward_filter", "backward_bias"), seed=3)
 
 
 @pytest.mark.parametrize("g", [SMALL[0], SMALL[5], SMALL[8]], ids=["vec", "scalar", "split"])
@@ -268,66 +268,48 @@ def test_bias_gradient_odd_sizes(kernel_device):
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
-def _bad_call_cases(dev):
-    x = dev.asarray(np.zeros((4, 8, 8, 2), np.float32))
-    w = dev.asarray(np.zeros((2, 3, 3, 6), np.float32))
-    dy = dev.asarray(np.zeros((6, 8, 8, 2), np.float32))
-    return x, w, dy
-
-
 @pytest.mark.parametrize("devname", ["numpy", "emu"])
 def test_bad_inputs(devname):
     dev = Device(devname)
-    x, w, dy = _bad_call_cases(dev)
-    fwd = ops.conv_forward
-    with pytest.raises(TypeError, match="x must"):
-        fwd(dev, [[1.0]], w, padding=1, groups=2)
-    if devname == "emu":
-        with pytest.raises(TypeError, match="dtype"):
-            fwd(dev, x.astype(np.float64), w.astype(np.float64), padding=1, groups=2)
-    with pytest.raises(TypeError, match="dtype"):
-        fwd(dev, x, w.astype(np.float64), padding=1, groups=2)
-    with pytest.raises(ValueError, match="4-D"):
-        fwd(dev, x[0], w, padding=1, groups=2)
-    with pytest.raises(ValueError, match="w must have shape"):
-        fwd(dev, x, w, padding=1, groups=1)
-    with pytest.raises(ValueError, match="groups=3 must divide"):
-        fwd(dev, x, w, padding=1, groups=3)
-    with pytest.raises(ValueError, match="groups must be >= 1"):
-        fwd(dev, x, w, groups=0)
-    with pytest.raises(ValueError, match="stride must be >= 1"):
-        fwd(dev, x, w, stride=0, padding=1, groups=2)
-    with pytest.raises(ValueError, match="padding must be >= 0"):
-        fwd(dev, x, w, padding=-1, groups=2)
-    with pytest.raises(TypeError, match="stride must be an int"):
-        fwd(dev, x, w, stride=1.5, groups=2)
-    with pytest.raises(ValueError, match="larger than the padded input"):
-        fwd(dev, dev.asarray(np.zeros((4, 2, 8, 2), np.float32)), w, groups=2)
-    with pytest.raises(ValueError, match="bias must have shape"):
-        fwd(dev, x, w, dev.asarray(np.zeros(5, np.float32)), padding=1, groups=2)
-    with pytest.raises(ValueError, match="out must have shape"):
-        fwd(dev, x, w, padding=1, groups=2, out=dev.asarray(np.zeros((6, 8, 8, 3), np.float32)))
-    with pytest.raises(ValueError, match="C-contiguous"):
-        fwd(dev, x, dev.asarray(np.zeros((2, 3, 3, 12), np.float32))[..., ::2], padding=1, groups=2)
-    with pytest.raises(TypeError, match="alpha"):
-        fwd(dev, x, w, padding=1, groups=2, alpha=float("nan"))
-    with pytest.raises(ValueError, match="spatial size"):
-        ops.conv_backward_data(dev, dy, w, (8, 8), padding=0, groups=2)
-    with pytest.raises(ValueError, match="filters"):
-        ops.conv_backward_data(dev, dy[:5], w, (8, 8), padding=1, groups=2)
-    with pytest.raises(ValueError, match="images"):
-        ops.conv_backward_filter(dev, x, dev.asarray(np.zeros((6, 8, 8, 1), np.float32)), (3, 3), padding=1,
-                                 groups=2)
-    with pytest.raises(ValueError, match="spatial size"):
-        ops.conv_backward_filter(dev, x, dy, (5, 5), padding=1, groups=2)
-    with pytest.raises(ValueError, match="at least 2-D"):
-        ops.conv_backward_bias(dev, dy[0, 0, 0])
-    if devname == "emu":  # the kernels cannot run in place (the reference can)
+    x = dev.asarray(np.zeros((4, 8, 8, 2), np.float32))
+    w = dev.asarray(np.zeros((2, 3, 3, 6), np.float32))
+    dy = dev.asarray(np.zeros((6, 8, 8, 2), np.float32))
+    fwd, bwd_data, bwd_filter, bwd_bias = (ops.conv_forward, ops.conv_backward_data, ops.conv_backward_filter,
+                                           ops.conv_backward_bias)
+    assert_raises_each(
+        (TypeError, "x must", lambda: fwd(dev, [[1.0]], w, padding=1, groups=2)),
+        (TypeError, "dtype", lambda: fwd(dev, x, w.astype(np.float64), padding=1, groups=2)),
+        (ValueError, "4-D", lambda: fwd(dev, x[0], w, padding=1, groups=2)),
+        (ValueError, "w must have shape", lambda: fwd(dev, x, w, padding=1, groups=1)),
+        (ValueError, "groups=3 must divide", lambda: fwd(dev, x, w, padding=1, groups=3)),
+        (ValueError, "groups must be >= 1", lambda: fwd(dev, x, w, groups=0)),
+        (ValueError, "stride must be >= 1", lambda: fwd(dev, x, w, stride=0, padding=1, groups=2)),
+        (ValueError, "padding must be >= 0", lambda: fwd(dev, x, w, padding=-1, groups=2)),
+        (TypeError, "stride must be an int", lambda: fwd(dev, x, w, stride=1.5, groups=2)),
+        (ValueError, "larger than the padded input",
+         lambda: fwd(dev, dev.asarray(np.zeros((4, 2, 8, 2), np.float32)), w, groups=2)),
+        (ValueError, "bias must have shape",
+         lambda: fwd(dev, x, w, dev.asarray(np.zeros(5, np.float32)), padding=1, groups=2)),
+        (ValueError, "out must have shape",
+         lambda: fwd(dev, x, w, padding=1, groups=2, out=dev.asarray(np.zeros((6, 8, 8, 3), np.float32)))),
+        (ValueError, "C-contiguous",
+         lambda: fwd(dev, x, dev.asarray(np.zeros((2, 3, 3, 12), np.float32))[..., ::2], padding=1, groups=2)),
+        (TypeError, "alpha", lambda: fwd(dev, x, w, padding=1, groups=2, alpha=float("nan"))),
+        (ValueError, "spatial size", lambda: bwd_data(dev, dy, w, (8, 8), padding=0, groups=2)),
+        (ValueError, "filters", lambda: bwd_data(dev, dy[:5], w, (8, 8), padding=1, groups=2)),
+        (ValueError, "images",
+         lambda: bwd_filter(dev, x, dev.asarray(np.zeros((6, 8, 8, 1), np.float32)), (3, 3), padding=1, groups=2)),
+        (ValueError, "spatial size", lambda: bwd_filter(dev, x, dy, (5, 5), padding=1, groups=2)),
+        (ValueError, "at least 2-D", lambda: bwd_bias(dev, dy[0, 0, 0])),
+    )
+    if devname == "emu":  # float32 only; and the kernels cannot run in place (the reference can)
         sq = dev.asarray(np.zeros((6, 8, 8, 2), np.float32))
-        with pytest.raises(ValueError, match="must not overlap x"):
-            fwd(dev, sq, dev.asarray(np.zeros((6, 3, 3, 6), np.float32)), padding=1, out=sq)
-        with pytest.raises(ValueError, match="must not overlap dy"):
-            ops.conv_backward_bias(dev, dy, out=dy.reshape(-1)[:6])
+        assert_raises_each(
+            (TypeError, "dtype", lambda: fwd(dev, x.astype(np.float64), w.astype(np.float64), padding=1, groups=2)),
+            (ValueError, "must not overlap x",
+             lambda: fwd(dev, sq, dev.asarray(np.zeros((6, 3, 3, 6), np.float32)), padding=1, out=sq)),
+            (ValueError, "must not overlap dy", lambda: bwd_bias(dev, dy, out=dy.reshape(-1)[:6])),
+        )
 
 
 def test_kernel_launchers_reject_bad_geometry():
@@ -394,10 +376,10 @@ def test_alexnet_batch128_plans_use_fast_paths():
     k = Device("emu").kernels
     for name, c, h, w, _, f, kh, kw, s, p, groups in ALEXNET_2012:
         geo = ConvGeometry.of((c, h, w, 128), (c // groups, kh, kw, f), stride=s, padding=p, groups=groups)
-        for op in range(3):
+        for op in (k.ConvPass.forward, k.ConvPass.backward_data, k.ConvPass.backward_filter):
             plan = k.conv_plan(op, geo)
             assert "16-byte path" in plan or "direct kernel" in plan, f"{name}: {plan}"
-            if name == "conv1" and op == 1:  # 3 channels: the direct kernel, not the GEMM
+            if name == "conv1" and op == k.ConvPass.backward_data:  # 3 channels: the direct kernel, not the GEMM
                 assert "direct kernel" in plan, plan
                 continue
             tm, tn = (int(v) for v in re.search(r"\((\d+)x(\d+) per thread", plan).groups())

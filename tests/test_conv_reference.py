@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from convnet.reference import conv as ref
+from helpers import numeric_grad, sample_indices
 
 GEOMS = [
     # C, H, W, N, F, KH, KW, stride, pad, groups
@@ -63,38 +64,20 @@ def test_float32_close_to_float64(geom):
     assert np.max(np.abs(dw32 - dw64)) <= 1e-5 * np.max(np.abs(dw64))
 
 
-def _fd_grad(fun, a, h=1e-6, max_points=40, rng=None):
-    """Central differences of the scalar fun() w.r.t. a few entries of a (in place)."""
-    rng = rng or np.random.default_rng(0)
-    flat = a.reshape(-1)
-    idx = rng.choice(flat.size, size=min(max_points, flat.size), replace=False)
-    out = []
-    for i in idx:
-        old = flat[i]
-        flat[i] = old + h
-        lp = fun()
-        flat[i] = old - h
-        lm = fun()
-        flat[i] = old
-        out.append((lp - lm) / (2 * h))
-    return idx, np.array(out)
-
-
 @pytest.mark.parametrize("geom", GEOMS)
 def test_finite_difference_gradients(geom):
     rng = np.random.default_rng(2)
     x, w, b, kw = _make(geom, rng)
     y = ref.conv_forward(x, w, b, **kw)
     dy = rng.standard_normal(y.shape)
-
-    def loss():
-        return float(np.sum(ref.conv_forward(x, w, b, **kw) * dy))
-
-    dx = ref.conv_backward_data(dy, w, x.shape[1:3], **kw)
-    dw = ref.conv_backward_filter(x, dy, w.shape[1:3], **kw)
-    db = ref.conv_backward_bias(dy)
-    for arr, grad in ((x, dx), (w, dw), (b, db)):
-        idx, fd = _fd_grad(loss, arr, rng=rng)
+    inputs = dict(x=x, w=w, bias=b)
+    grads = dict(x=ref.conv_backward_data(dy, w, x.shape[1:3], **kw),
+                 w=ref.conv_backward_filter(x, dy, w.shape[1:3], **kw),
+                 bias=ref.conv_backward_bias(dy))
+    for name, grad in grads.items():
+        idx = sample_indices(rng, inputs[name].size, 40)
+        fd = numeric_grad(lambda z: float(np.sum(ref.conv_forward(**{**inputs, name: z}, **kw) * dy)), inputs[name],
+                          1e-6, idx)
         an = grad.reshape(-1)[idx]
         scale = max(1.0, np.max(np.abs(an)))
         np.testing.assert_allclose(an, fd, rtol=0, atol=1e-6 * scale)

@@ -5,15 +5,10 @@ import pytest
 from convnet import ops
 from convnet.devices import Device, DeviceUnavailable
 from convnet.reference import elementwise as ref
-from helpers import SCHEDULES, assert_close, assert_identical, rand, schedule
+from helpers import NUMPY, SCHEDULES, assert_identical, assert_raises_each, numeric_grad, offset_view, rand, schedule
 
-NUMPY = Device("numpy")
 # Sizes that are not multiples of 4, of a warp or of a block, plus ones spanning several blocks.
 SIZES = [1, 3, 4, 5, 31, 33, 255, 257, 1000, 4099, 70001]
-
-
-def _on(dev, a):
-    return dev.asarray(a)
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -21,19 +16,16 @@ def test_relu_forward_backward_match_reference(kernel_device, n):
     rng = np.random.default_rng(n)
     x = rand(rng, n)
     dy = rand(rng, n)
-    y = ops.relu_forward(kernel_device, _on(kernel_device, x))
+    y = ops.relu_forward(kernel_device, kernel_device.asarray(x))
     assert_identical("relu y", y, ref.relu_forward(x))
-    dx = ops.relu_backward(kernel_device, y, _on(kernel_device, dy))
+    dx = ops.relu_backward(kernel_device, y, kernel_device.asarray(dy))
     assert_identical("relu dx", dx, ref.relu_backward(ref.relu_forward(x), dy))
 
 
 def test_relu_nd_unaligned_and_in_place(kernel_device):
     rng = np.random.default_rng(1)
     x = rand(rng, (3, 5, 7, 11))
-    # A view starting one float into a buffer: contiguous but not 16-byte aligned (the scalar path).
-    buf = _on(kernel_device, rand(rng, x.size + 1))
-    view = buf[1:].reshape(x.shape)
-    view[...] = _on(kernel_device, x)
+    view = offset_view(kernel_device, x, rng)  # contiguous but not 16-byte aligned (the scalar path)
     y = ops.relu_forward(kernel_device, view)
     assert_identical("relu unaligned", y, ref.relu_forward(x))
     ops.relu_forward(kernel_device, view, out=view)  # in place
@@ -42,7 +34,7 @@ def test_relu_nd_unaligned_and_in_place(kernel_device):
 
 def test_relu_special_values(kernel_device):
     x = np.array([np.nan, -0.0, 0.0, -np.inf, np.inf, 1e-38, -1e-38, 3.0], np.float32)
-    y = ops.relu_forward(kernel_device, _on(kernel_device, x))
+    y = ops.relu_forward(kernel_device, kernel_device.asarray(x))
     assert_identical("relu specials", y, ref.relu_forward(x))
     assert np.signbit(kernel_device.to_numpy(y)).sum() == 0  # -0 becomes +0, NaN becomes 0
 
@@ -50,7 +42,7 @@ def test_relu_special_values(kernel_device):
 @pytest.mark.parametrize("order", SCHEDULES)
 def test_every_schedule_gives_identical_results(kernel_device, order):
     rng = np.random.default_rng(7)
-    x = _on(kernel_device, rand(rng, 5003))
+    x = kernel_device.asarray(rand(rng, 5003))
     with schedule(kernel_device, order, seed=3):
         y = ops.relu_forward(kernel_device, x)
         d = ops.dropout_forward(kernel_device, x, 0.6, seed=11, offset=2)
@@ -64,9 +56,7 @@ def test_relu_gradient_finite_difference():
     x[np.abs(x) < 0.05] = 0.5  # stay away from the kink at 0
     dy = rng.standard_normal(50)
     dx = ops.relu_backward(NUMPY, ops.relu_forward(NUMPY, x), dy)
-    eps = 1e-6
-    numeric = np.array([(np.dot(dy, ref.relu_forward(x + eps * e)) - np.dot(dy, ref.relu_forward(x - eps * e)))
-                        / (2 * eps) for e in np.eye(50)])
+    numeric = numeric_grad(lambda z: np.dot(dy, ref.relu_forward(z)), x, eps=1e-6)
     np.testing.assert_allclose(dx, numeric, rtol=1e-7, atol=1e-9)
 
 
@@ -91,9 +81,9 @@ def test_dropout_masks_and_outputs_bit_identical_across_devices(kernel_device, n
     mask = ops.dropout_mask(kernel_device, n, keep, seed, offset)
     want_mask = ops.dropout_mask(NUMPY, n, keep, seed, offset)
     assert_identical("mask", mask, want_mask)
-    y = ops.dropout_forward(kernel_device, _on(kernel_device, x), keep, seed, offset)
+    y = ops.dropout_forward(kernel_device, kernel_device.asarray(x), keep, seed, offset)
     assert_identical("dropout y", y, ops.dropout_forward(NUMPY, x, keep, seed, offset))
-    dx = ops.dropout_backward(kernel_device, _on(kernel_device, x), keep, seed, offset)
+    dx = ops.dropout_backward(kernel_device, kernel_device.asarray(x), keep, seed, offset)
     assert_identical("dropout dx", dx, y)  # same mask and scale, regenerated
     # The kept values are x / keep rounded once; the others exactly 0.
     host = kernel_device.to_numpy(y)
@@ -104,9 +94,7 @@ def test_dropout_masks_and_outputs_bit_identical_across_devices(kernel_device, n
 def test_dropout_unaligned_matches(kernel_device):
     rng = np.random.default_rng(5)
     x = rand(rng, 1001)
-    buf = _on(kernel_device, rand(rng, 1002))
-    view = buf[1:]
-    view[...] = _on(kernel_device, x)
+    view = offset_view(kernel_device, x, rng)
     y = ops.dropout_forward(kernel_device, view, 0.7, seed=9)
     assert_identical("dropout unaligned", y, ops.dropout_forward(NUMPY, x, 0.7, seed=9))
 
@@ -135,7 +123,7 @@ def test_dropout_seeds_and_offsets_give_different_masks():
 
 def test_dropout_keep_one_is_identity(kernel_device):
     x = rand(np.random.default_rng(3), 999)
-    y = ops.dropout_forward(kernel_device, _on(kernel_device, x), 1.0, seed=5)
+    y = ops.dropout_forward(kernel_device, kernel_device.asarray(x), 1.0, seed=5)
     assert_identical("keep=1", y, x)
 
 
@@ -149,25 +137,20 @@ def test_dropout_float64_reference_matches_float32_mask():
 
 # ---- bad input ----------------------------------------------------------------------------------------------
 def test_bad_inputs_raise_clear_errors(kernel_device):
-    good = _on(kernel_device, np.ones(8, np.float32))
-    with pytest.raises(TypeError, match="dtype float32"):
-        ops.relu_forward(kernel_device, _on(kernel_device, np.ones(8, np.float64)))
-    with pytest.raises(TypeError, match="x must be a"):
-        ops.relu_forward(kernel_device, [1.0, 2.0])
-    with pytest.raises(ValueError, match="C-contiguous"):
-        ops.relu_forward(kernel_device, _on(kernel_device, np.ones((4, 4), np.float32))[:, ::2])
-    with pytest.raises(ValueError, match="dy must have shape"):
-        ops.relu_backward(kernel_device, good, _on(kernel_device, np.ones(9, np.float32)))
-    with pytest.raises(ValueError, match="out must have shape"):
-        ops.relu_forward(kernel_device, good, out=_on(kernel_device, np.ones(7, np.float32)))
-    with pytest.raises(ValueError, match="keep must be > 0"):
-        ops.dropout_forward(kernel_device, good, 0.0, seed=1)
-    with pytest.raises(ValueError, match="keep must be <= 1"):
-        ops.dropout_forward(kernel_device, good, 1.5, seed=1)
-    with pytest.raises(ValueError, match="seed must be an integer"):
-        ops.dropout_forward(kernel_device, good, 0.5, seed=-1)
-    with pytest.raises(TypeError, match="keep must be a finite"):
-        ops.dropout_forward(kernel_device, good, float("nan"), seed=1)
+    dev = kernel_device
+    good = dev.asarray(np.ones(8, np.float32))
+    assert_raises_each(
+        (TypeError, "dtype float32", lambda: ops.relu_forward(dev, dev.asarray(np.ones(8, np.float64)))),
+        (TypeError, "x must be a", lambda: ops.relu_forward(dev, [1.0, 2.0])),
+        (ValueError, "C-contiguous", lambda: ops.relu_forward(dev, dev.asarray(np.ones((4, 4), np.float32))[:, ::2])),
+        (ValueError, "dy must have shape", lambda: ops.relu_backward(dev, good, dev.asarray(np.ones(9, np.float32)))),
+        (ValueError, "out must have shape",
+         lambda: ops.relu_forward(dev, good, out=dev.asarray(np.ones(7, np.float32)))),
+        (ValueError, "keep must be > 0", lambda: ops.dropout_forward(dev, good, 0.0, seed=1)),
+        (ValueError, "keep must be <= 1", lambda: ops.dropout_forward(dev, good, 1.5, seed=1)),
+        (ValueError, "seed must be an integer", lambda: ops.dropout_forward(dev, good, 0.5, seed=-1)),
+        (TypeError, "keep must be a finite", lambda: ops.dropout_forward(dev, good, float("nan"), seed=1)),
+    )
 
 
 def test_numpy_array_on_cuda_device_is_rejected():

@@ -1,8 +1,10 @@
 """Fully-connected layers: NumPy reference, then the op on every available device."""
 import numpy as np
+import pytest
 
+from convnet import ops
 from convnet.reference import fc as ref
-from _fd import check_grad
+from helpers import assert_close, assert_raises_each, check_grad
 
 
 def test_reference_gradients():
@@ -18,18 +20,9 @@ def test_reference_gradients():
 
 
 # ---------------------------------------------------------------------------------------------------- op layer
-import pytest  # noqa: E402
-
-from convnet import ops  # noqa: E402
-from convnet.devices import Device  # noqa: E402
-from helpers import KERNEL_DEVICES, assert_close, to_host  # noqa: E402
-
-ALL_DEVICES = [pytest.param(Device("numpy"), id="numpy")] + KERNEL_DEVICES
-
-
-@pytest.mark.parametrize("dev", ALL_DEVICES)
 @pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.5, 0.0), (2.0, 1.0), (-1.0, 0.25)])
-def test_ops_match_reference(dev, alpha, beta):
+def test_ops_match_reference(any_device, alpha, beta):
+    dev = any_device
     rng = np.random.default_rng(40)
     I, O, N = 33, 17, 12
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((I, N), (O, I), (O,)))
@@ -62,32 +55,30 @@ def test_float64_on_numpy():
     np.testing.assert_allclose(y, w @ x)
 
 
-@pytest.mark.parametrize("dev", ALL_DEVICES)
-def test_bad_inputs(dev):
+def test_bad_inputs(any_device):
+    dev = any_device
     x = dev.asarray(np.zeros((5, 3), np.float32))
     w = dev.asarray(np.zeros((4, 5), np.float32))
-    with pytest.raises(ValueError, match=r"x must have shape \(5, N\)"):
-        ops.fc_forward(dev, dev.asarray(np.zeros((6, 3), np.float32)), w)
-    with pytest.raises(ValueError, match=r"bias must have shape \(4\)"):
-        ops.fc_forward(dev, x, w, dev.asarray(np.zeros(5, np.float32)))
-    with pytest.raises(ValueError, match="dy must have shape"):
-        ops.fc_backward_data(dev, x, w)
-    with pytest.raises(ValueError, match="same number of images"):
-        ops.fc_backward_weights(dev, x, dev.asarray(np.zeros((4, 2), np.float32)))
-    with pytest.raises(ValueError, match="out must have shape"):
-        ops.fc_forward(dev, x, w, out=dev.asarray(np.zeros((3, 4), np.float32)))
-    with pytest.raises(TypeError, match="alpha"):
-        ops.fc_forward(dev, x, w, alpha="1")
     a = dev.asarray(np.zeros((4, 4), np.float32))
-    with pytest.raises(ValueError, match="out must not overlap x"):
-        ops.fc_forward(dev, a, dev.asarray(np.zeros((4, 4), np.float32)), out=a)
+    assert_raises_each(
+        (ValueError, r"x must have shape \(5, N\)",
+         lambda: ops.fc_forward(dev, dev.asarray(np.zeros((6, 3), np.float32)), w)),
+        (ValueError, r"bias must have shape \(4\)",
+         lambda: ops.fc_forward(dev, x, w, dev.asarray(np.zeros(5, np.float32)))),
+        (ValueError, "dy must have shape", lambda: ops.fc_backward_data(dev, x, w)),
+        (ValueError, "same number of images",
+         lambda: ops.fc_backward_weights(dev, x, dev.asarray(np.zeros((4, 2), np.float32)))),
+        (ValueError, "out must have shape",
+         lambda: ops.fc_forward(dev, x, w, out=dev.asarray(np.zeros((3, 4), np.float32)))),
+        (TypeError, "alpha", lambda: ops.fc_forward(dev, x, w, alpha="1")),
+        (ValueError, "out must not overlap x",
+         lambda: ops.fc_forward(dev, a, dev.asarray(np.zeros((4, 4), np.float32)), out=a)),
+    )
 
 
 def test_beta_without_out_does_not_read_a_new_buffer(kernel_device):
     """beta scales the caller's ``out``; with no ``out`` there is nothing to accumulate into (regression: a freshly
     allocated output's garbage used to be scaled in)."""
-    from convnet import ops
-
     rng = np.random.default_rng(0)
     host = {"x": rng.uniform(-1, 1, (2, 7, 6, 5)).astype(np.float32),
             "w": rng.uniform(-1, 1, (2, 3, 3, 4)).astype(np.float32),

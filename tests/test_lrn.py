@@ -3,10 +3,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
+from convnet import ops
+from convnet.devices import Device
 from convnet.geometry import LrnGeometry
 from convnet.reference import lrn as ref
-from _fd import check_grad
+from helpers import (EMU, NUMPY, assert_close, assert_identical, assert_raises_each, assert_schedules_identical,
+                     check_grad, misaligned, rand, to_host)
 
 
 def naive_lrn(x, size, alpha, beta, k, convention):
@@ -74,18 +78,23 @@ def test_reference_bad():
 
 
 # ---------------------------------------------------------------------------------------------------- op layer
-from convnet import ops  # noqa: E402
-from convnet.devices import Device  # noqa: E402
-from helpers import SCHEDULES, assert_close, assert_identical, schedule, to_host  # noqa: E402
-
-NUMPY = Device("numpy")
-
-
 def run_lrn(dev, x, dy, method="recompute", **kw):
     xd = dev.asarray(x)
     y, d = ops.lrn_forward(dev, xd, **kw)
     dx = ops.lrn_backward(dev, xd, y, d, dev.asarray(dy), method=method, **kw)
     return to_host(y), to_host(d), to_host(dx)
+
+
+def assert_matches_reference(dev, x, dy, y, d, dx, **kw):
+    """The kernels' y, denom, dx against the float32 reference; returns the reference dx.
+
+    denom: the same float32 operations in the same order as the reference; y, dx differ by __powf's few ulps."""
+    yr, dr = ref.lrn_forward(x, **kw)
+    dxr = ref.lrn_backward(x, yr, dr, dy, **kw)
+    assert_close("denom", d, dr, rtol=2e-7 if dev.kind == "emu" else 1e-6)
+    assert_close("y", y, yr, rtol=2e-6, atol=1e-7)
+    assert_close("dx", dx, dxr, rtol=1e-5, atol=2e-6)
+    return dxr
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -124,16 +133,11 @@ def lrn_id(c):
 def test_kernel_matches_reference(kernel_device, case, convention):
     shape, p = case
     rng = np.random.default_rng(21 + len(shape) + p["size"])
-    x = rng.uniform(-2, 2, shape).astype(np.float32)
-    dy = rng.uniform(-1, 1, shape).astype(np.float32)
+    x = rand(rng, shape, low=-2.0, high=2.0)
+    dy = rand(rng, shape)
     kw = dict(convention=convention, **p)
     y, d, dx = run_lrn(kernel_device, x, dy, **kw)
-    yr, dr = ref.lrn_forward(x, **kw)
-    dxr = ref.lrn_backward(x, yr, dr, dy, **kw)
-    # denom: same float32 operations in the same order as the reference; y, dx differ by __powf's few ulps
-    assert_close("denom", d, dr, rtol=2e-7 if kernel_device.kind == "emu" else 1e-6)
-    assert_close("y", y, yr, rtol=2e-6, atol=1e-7)
-    assert_close("dx", dx, dxr, rtol=1e-5, atol=2e-6)
+    dxr = assert_matches_reference(kernel_device, x, dy, y, d, dx, **kw)
     # the reuse variant (reads y, denom) and the denom-free forward give the same answers
     _, _, dx_reuse = run_lrn(kernel_device, x, dy, method="reuse", **kw)
     assert_close("dx (reuse)", dx_reuse, dxr, rtol=1e-5, atol=2e-6)
@@ -149,8 +153,8 @@ def test_kernel_matches_reference(kernel_device, case, convention):
 def test_kernel_gradient_float64_reference(kernel_device):
     """The float32 kernel's dx against the float64 reference dx (itself checked by finite differences)."""
     rng = np.random.default_rng(22)
-    x = rng.uniform(-2, 2, (9, 4, 4, 8)).astype(np.float32)
-    dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    x = rand(rng, (9, 4, 4, 8), low=-2.0, high=2.0)
+    dy = rand(rng, x.shape)
     kw = dict(size=5, alpha=0.5, beta=0.75, k=1.0, convention="mean")
     _, _, dx = run_lrn(kernel_device, x, dy, **kw)
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
@@ -159,49 +163,36 @@ def test_kernel_gradient_float64_reference(kernel_device):
 
 
 def test_schedules_identical():
-    dev = Device("emu")
     rng = np.random.default_rng(23)
-    x = rng.uniform(-2, 2, (20, 3, 3, 8)).astype(np.float32)
-    dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    x = rand(rng, (20, 3, 3, 8), low=-2.0, high=2.0)
+    dy = rand(rng, x.shape)
+    kw = dict(size=5, alpha=0.1, beta=0.75, k=2.0, convention="sum")
     for method in ("recompute", "reuse"):
-        outs = []
-        for order in SCHEDULES:
-            with schedule(dev, order, seed=5):
-                outs.append(run_lrn(dev, x, dy, method, size=5, alpha=0.1, beta=0.75, k=2.0, convention="sum"))
-        for o in outs[1:]:
-            for a, b, name in zip(o, outs[0], ("y", "denom", "dx")):
-                assert_identical(name, a, b)
+        assert_schedules_identical(lambda: run_lrn(EMU, x, dy, method, **kw), ("y", "denom", "dx"), seed=5)
 
 
 def test_bad_inputs(kernel_device):
     dev = kernel_device
     x = dev.asarray(np.ones((4, 3, 3, 4), np.float32))
     kw = dict(size=5, alpha=1e-4, beta=0.75, k=2.0, convention="sum")
-    with pytest.raises(ValueError, match="convention"):
-        ops.lrn_forward(dev, x, convention="paper")
-    with pytest.raises(ValueError, match="size"):
-        ops.lrn_forward(dev, x, size=0)
-    with pytest.raises(ValueError, match="k must be > 0"):
-        ops.lrn_forward(dev, x, k=0.0)
-    with pytest.raises(ValueError, match="alpha must be >= 0"):
-        ops.lrn_forward(dev, x, alpha=-1.0)
-    with pytest.raises(TypeError, match="beta"):
-        ops.lrn_forward(dev, x, beta=float("nan"))
-    with pytest.raises(TypeError, match="dtype float32"):
-        ops.lrn_forward(dev, dev.asarray(np.ones((4, 3, 3, 4), np.float64)))
-    with pytest.raises(ValueError, match="4-D"):
-        ops.lrn_forward(dev, dev.asarray(np.ones((4, 3, 3), np.float32)))
-    y, d = ops.lrn_forward(dev, x, **kw)
-    with pytest.raises(ValueError, match="denom must have shape"):
-        ops.lrn_backward(dev, x, y, d[:2].copy(), y, **kw)
-    with pytest.raises(ValueError, match="overlap"):
-        ops.lrn_backward(dev, x, y, d, y, out=y, **kw)
-    with pytest.raises(TypeError):
-        ops.lrn_backward(dev, x, y, d, y)  # the parameters are required (keyword-only) in backward
-    with pytest.raises(ValueError, match="method"):
-        ops.lrn_backward(dev, x, y, d, y, method="cache", **kw)
-    with pytest.raises(ValueError, match="needs y and denom"):
-        ops.lrn_backward(dev, x, y, None, y, method="reuse", **kw)
+    fwd, bwd = ops.lrn_forward, ops.lrn_backward
+    assert_raises_each(
+        (ValueError, "convention", lambda: fwd(dev, x, convention="paper")),
+        (ValueError, "size", lambda: fwd(dev, x, size=0)),
+        (ValueError, "k must be > 0", lambda: fwd(dev, x, k=0.0)),
+        (ValueError, "alpha must be >= 0", lambda: fwd(dev, x, alpha=-1.0)),
+        (TypeError, "beta", lambda: fwd(dev, x, beta=float("nan"))),
+        (TypeError, "dtype float32", lambda: fwd(dev, dev.asarray(np.ones((4, 3, 3, 4), np.float64)))),
+        (ValueError, "4-D", lambda: fwd(dev, dev.asarray(np.ones((4, 3, 3), np.float32)))),
+    )
+    y, d = fwd(dev, x, **kw)
+    assert_raises_each(
+        (ValueError, "denom must have shape", lambda: bwd(dev, x, y, d[:2].copy(), y, **kw)),
+        (ValueError, "overlap", lambda: bwd(dev, x, y, d, y, out=y, **kw)),
+        (TypeError, None, lambda: bwd(dev, x, y, d, y)),  # the parameters are required (keyword-only) in backward
+        (ValueError, "method", lambda: bwd(dev, x, y, d, y, method="cache", **kw)),
+        (ValueError, "needs y and denom", lambda: bwd(dev, x, y, None, y, method="reuse", **kw)),
+    )
 
 
 def test_launcher_rejects_bad_params():
@@ -225,31 +216,23 @@ def test_launcher_rejects_bad_params():
         k.lrn_backward(p, 0, p, p, p, LrnGeometry.of((2, 2, 2, 2)), 1, 0)
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-
 @settings(max_examples=50, deadline=None)
 @given(C=st.integers(1, 40), P=st.integers(1, 6), N=st.sampled_from([1, 3, 4, 8, 9, 36]), size=st.integers(1, 11),
        convention=st.sampled_from(["sum", "mean"]), method=st.sampled_from(["recompute", "reuse"]))
 def test_emu_random_shapes(C, P, N, size, convention, method):
     rng = np.random.default_rng(C * 1000 + P * 100 + N + size)
-    x = rng.uniform(-2, 2, (C, P, 1, N)).astype(np.float32)
-    dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    x = rand(rng, (C, P, 1, N), low=-2.0, high=2.0)
+    dy = rand(rng, x.shape)
     kw = dict(size=size, alpha=0.4, beta=0.75, k=1.5, convention=convention)
-    y, d, dx = run_lrn(Device("emu"), x, dy, method, **kw)
-    yr, dr = ref.lrn_forward(x, **kw)
-    assert_close("denom", d, dr, rtol=2e-7)
-    assert_close("y", y, yr, rtol=2e-6, atol=1e-7)
-    assert_close("dx", dx, ref.lrn_backward(x, yr, dr, dy, **kw), rtol=1e-5, atol=2e-6)
+    y, d, dx = run_lrn(EMU, x, dy, method, **kw)
+    assert_matches_reference(EMU, x, dy, y, d, dx, **kw)
 
 
 def test_emu_misaligned_pointers():
-    from test_pool import misaligned
-
-    dev = Device("emu")
+    dev = EMU
     rng = np.random.default_rng(24)
-    x = misaligned(rng.uniform(-2, 2, (9, 3, 3, 8)).astype(np.float32))
-    dy = misaligned(rng.uniform(-1, 1, x.shape).astype(np.float32))
+    x = misaligned(rand(rng, (9, 3, 3, 8), low=-2.0, high=2.0))
+    dy = misaligned(rand(rng, x.shape))
     kw = dict(size=5, alpha=0.5, beta=0.75, k=2.0, convention="sum")
     for method in ("recompute", "reuse"):
         y, d = ops.lrn_forward(dev, x, **kw)
@@ -257,3 +240,38 @@ def test_emu_misaligned_pointers():
         yr, dr = ref.lrn_forward(x, **kw)
         assert_close("y", y, yr, rtol=2e-6)
         assert_close("dx", dx, ref.lrn_backward(x, yr, dr, dy, **kw), rtol=1e-5, atol=2e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- groups
+@pytest.mark.parametrize("groups, C, method", [(2, 8, "recompute"), (2, 8, "reuse"), (3, 9, "recompute"),
+                                               (4, 4, "reuse")])
+def test_groups_normalise_each_group_alone(kernel_device, groups, C, method):
+    """groups=G: each channel group is normalised on its own (the window never crosses a group boundary), exactly as
+    G separate calls on the group slices; checked against the reference on each slice."""
+    rng = np.random.default_rng(C * 10 + groups)
+    x = rng.uniform(-2, 2, (C, 3, 2, 5)).astype(np.float32)
+    dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    kw = dict(size=5, alpha=0.3, beta=0.75, k=1.5, convention="sum")
+    for dev in (NUMPY, kernel_device):
+        y, d, dx = run_lrn(dev, x, dy, method, groups=groups, **kw)
+        cg = C // groups
+        for g in range(groups):
+            s = slice(g * cg, (g + 1) * cg)
+            x64 = x[s].astype(np.float64)
+            yr, dr = ref.lrn_forward(x64, **kw)
+            assert_close(f"{dev} y group {g}", y[s], yr, rtol=2e-6)
+            assert_close(f"{dev} denom group {g}", d[s], dr, rtol=2e-6)
+            assert_close(f"{dev} dx group {g}", dx[s], ref.lrn_backward(x64, yr, dr, dy[s].astype(np.float64), **kw),
+                         rtol=1e-4, atol=1e-6)
+        # whole-tensor normalisation differs at the group boundaries: groups really are separate
+        y1, _, _ = run_lrn(dev, x, dy, method, **kw)
+        assert not np.array_equal(y1, y)
+
+
+def test_groups_bad():
+    x = np.ones((6, 2, 2, 4), np.float32)
+    with pytest.raises(ValueError, match="groups=4 must divide the number of channels 6"):
+        ops.lrn_forward(NUMPY, x, groups=4)
+    with pytest.raises(ValueError, match="groups must be >= 1"):
+        ops.lrn_backward(EMU, x, None, None, x.copy(), size=5, alpha=1e-4, beta=0.75, k=2.0, convention="sum",
+                         groups=0)

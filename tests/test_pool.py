@@ -4,10 +4,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from convnet.geometry import PoolGeometry
+from convnet import ops
+from convnet.devices import Device
+from convnet.geometry import PoolGeometry, output_size, pair
 from convnet.reference import pool as ref
-from _fd import check_grad
+from helpers import (EMU, NUMPY, assert_close, assert_identical, assert_raises_each, assert_schedules_identical,
+                     check_grad, misaligned, rand, to_host)
 
 
 def distinct(rng, shape, dtype=np.float64):
@@ -32,17 +36,17 @@ def naive_pool(x, mode, win, st, pad):
 def test_alexnet_output_sizes():
     sizes = [55]
     for _ in range(3):
-        sizes.append(ref.pool_output_size(sizes[-1], 3, 2, 0))
+        sizes.append(output_size(sizes[-1], 3, 2, 0))
     assert sizes == [55, 27, 13, 6]
-    assert ref.pool_output_size(224, 2, 2, 0) == 112
-    assert ref.pool_output_size(7, 3, 2, 1) == 4
+    assert output_size(224, 2, 2, 0) == 112
+    assert output_size(7, 3, 2, 1) == 4
 
 
 @pytest.mark.parametrize("mode", ["max", "avg"])
 @pytest.mark.parametrize("geom", [(3, 2, 0), (2, 2, 0), (3, 2, 1), ((3, 2), (2, 1), (1, 0)), (1, 1, 0), (5, 3, 2)])
 def test_reference_matches_naive(mode, geom):
     rng = np.random.default_rng(1)
-    win, st, pad = (ref.pair(g) for g in geom)
+    win, st, pad = (pair("g", g) for g in geom)
     x = rng.standard_normal((3, 9, 8, 5))
     y = ref.pool_forward(x, mode=mode, window=win, stride=st, padding=pad)
     np.testing.assert_allclose(y, naive_pool(x, mode, win, st, pad), rtol=1e-12)
@@ -90,13 +94,6 @@ def test_reference_bad_geometry(bad):
 
 
 # ---------------------------------------------------------------------------------------------------- op layer
-from convnet import ops  # noqa: E402
-from convnet.devices import Device  # noqa: E402
-from helpers import SCHEDULES, assert_close, assert_identical, schedule, to_host  # noqa: E402
-
-NUMPY = Device("numpy")
-
-
 def run_pool(dev, x, mode, geom, dy=None):
     """Forward (and backward with dy) on a device from host arrays; returns host arrays."""
     win, st, pad = geom
@@ -107,6 +104,14 @@ def run_pool(dev, x, mode, geom, dy=None):
         return to_host(y)
     dx = ops.pool_backward(dev, xd, y, dev.asarray(dy), **kw)
     return to_host(y), to_host(dx)
+
+
+def assert_bit_identical_to_reference(y, dx, x, dy, **kw):
+    """The emulated kernels do the float32 reference's operations in the same order: y and dx are bit-identical
+    (NaN where the reference has NaN)."""
+    y_ref = ref.pool_forward(x, **kw)
+    assert_identical("y", y, y_ref)
+    assert_identical("dx", dx, ref.pool_backward(x, y_ref, dy, **kw))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -144,9 +149,8 @@ def case_id(c):
 def test_kernel_matches_reference(kernel_device, case, mode):
     shape, *geom = case
     rng = np.random.default_rng(zlib.crc32(case_id(case).encode()))
-    x = rng.uniform(-1, 1, shape).astype(np.float32)
-    yshape = ops.pool_output_shape(shape, window=geom[0], stride=geom[1], padding=geom[2])
-    dy = rng.uniform(-1, 1, yshape).astype(np.float32)
+    x = rand(rng, shape)
+    dy = rand(rng, ops.pool_output_shape(shape, window=geom[0], stride=geom[1], padding=geom[2]))
     y, dx = run_pool(kernel_device, x, mode, geom, dy)
     kw = dict(mode=mode, window=geom[0], stride=geom[1], padding=geom[2])
     y_ref = ref.pool_forward(x, **kw)
@@ -161,7 +165,7 @@ def test_kernel_matches_reference(kernel_device, case, mode):
 
 def test_alexnet_chain(kernel_device):
     rng = np.random.default_rng(11)
-    x = rng.uniform(0, 1, (2, 55, 55, 4)).astype(np.float32)
+    x = rand(rng, (2, 55, 55, 4), low=0.0)
     sizes = []
     d = kernel_device.asarray(x)
     for _ in range(3):
@@ -190,49 +194,35 @@ def test_kernel_ties(kernel_device, mode):
 
 @pytest.mark.parametrize("mode", ["max", "avg"])
 def test_schedules_identical(mode):
-    dev = Device("emu")
     rng = np.random.default_rng(13)
     x = rng.integers(0, 4, (2, 9, 9, 8)).astype(np.float32)
-    dy = rng.uniform(-1, 1, (2, 5, 5, 8)).astype(np.float32)
-    results = []
-    for order in SCHEDULES:
-        with schedule(dev, order, seed=3):
-            results.append(run_pool(dev, x, mode, (3, 2, 1), dy))
-    for y, dx in results[1:]:
-        assert_identical("y", y, results[0][0])
-        assert_identical("dx", dx, results[0][1])
+    dy = rand(rng, (2, 5, 5, 8))
+    assert_schedules_identical(lambda: run_pool(EMU, x, mode, (3, 2, 1), dy), ("y", "dx"), seed=3)
 
 
 def test_bad_inputs(kernel_device):
     dev = kernel_device
     x = dev.asarray(np.zeros((2, 7, 7, 4), np.float32))
-    with pytest.raises(TypeError, match="x must have dtype float32"):
-        ops.pool_forward(dev, dev.asarray(np.zeros((2, 7, 7, 4), np.float64)))
-    with pytest.raises(TypeError, match="x must be a"):
-        ops.pool_forward(dev, [[1.0]])
-    with pytest.raises(ValueError, match="x must be 4-D"):
-        ops.pool_forward(dev, dev.asarray(np.zeros((7, 7, 4), np.float32)))
-    with pytest.raises(ValueError, match="C-contiguous"):
-        ops.pool_forward(dev, x[:, :, :, ::2])
-    with pytest.raises(ValueError, match="padding"):
-        ops.pool_forward(dev, x, window=3, padding=2)
-    with pytest.raises(ValueError, match="larger than the padded input"):
-        ops.pool_forward(dev, x, window=9)
-    with pytest.raises(ValueError, match="mode"):
-        ops.pool_forward(dev, x, mode="min")
-    with pytest.raises(ValueError, match="stride must be >= 1"):
-        ops.pool_forward(dev, x, stride=0)
-    with pytest.raises(TypeError, match="window"):
-        ops.pool_forward(dev, x, window=2.5)
-    with pytest.raises(ValueError, match="out must have shape"):
-        ops.pool_forward(dev, x, out=dev.empty((2, 4, 4, 4), np.float32))
-    y = ops.pool_forward(dev, x)
-    with pytest.raises(ValueError, match="dy must have shape"):
-        ops.pool_backward(dev, x, y, x, mode="max", window=3, stride=2, padding=0)
-    with pytest.raises(ValueError, match="y .the forward output. is required"):
-        ops.pool_backward(dev, x, None, y, mode="max", window=3, stride=2, padding=0)
-    with pytest.raises(ValueError, match="overlap"):
-        ops.pool_backward(dev, x, y, y, mode="max", window=3, stride=2, padding=0, out=x)
+    fwd, bwd = ops.pool_forward, ops.pool_backward
+    assert_raises_each(
+        (TypeError, "x must have dtype float32", lambda: fwd(dev, dev.asarray(np.zeros((2, 7, 7, 4), np.float64)))),
+        (TypeError, "x must be a", lambda: fwd(dev, [[1.0]])),
+        (ValueError, "x must be 4-D", lambda: fwd(dev, dev.asarray(np.zeros((7, 7, 4), np.float32)))),
+        (ValueError, "C-contiguous", lambda: fwd(dev, x[:, :, :, ::2])),
+        (ValueError, "padding", lambda: fwd(dev, x, window=3, padding=2)),
+        (ValueError, "larger than the padded input", lambda: fwd(dev, x, window=9)),
+        (ValueError, "mode", lambda: fwd(dev, x, mode="min")),
+        (ValueError, "stride must be >= 1", lambda: fwd(dev, x, stride=0)),
+        (TypeError, "window", lambda: fwd(dev, x, window=2.5)),
+        (ValueError, "out must have shape", lambda: fwd(dev, x, out=dev.empty((2, 4, 4, 4), np.float32))),
+    )
+    y = fwd(dev, x)
+    kw = dict(mode="max", window=3, stride=2, padding=0)
+    assert_raises_each(
+        (ValueError, "dy must have shape", lambda: bwd(dev, x, y, x, **kw)),
+        (ValueError, "y .the forward output. is required", lambda: bwd(dev, x, None, y, **kw)),
+        (ValueError, "overlap", lambda: bwd(dev, x, y, y, out=x, **kw)),
+    )
 
 
 def test_launcher_rejects_bad_geometry():
@@ -258,31 +248,17 @@ def test_launcher_rejects_bad_geometry():
         k.pool_backward(p, 0, p, p, PoolGeometry.of((1, 4, 4, 1), window=3, stride=1), 0, 0)
 
 
-def misaligned(a):
-    """A C-contiguous copy of ``a`` whose data pointer is 4 bytes past a 16-byte boundary (forces the scalar path)."""
-    buf = np.empty(a.size + 8, a.dtype)
-    off = (-(buf.ctypes.data // 4) % 4 + 1) % 4 or 1
-    out = buf[off:off + a.size].reshape(a.shape)
-    out[...] = a
-    assert out.ctypes.data % 16 != 0 and out.flags.c_contiguous
-    return out
-
-
 @pytest.mark.parametrize("mode", ["max", "avg"])
 def test_emu_misaligned_pointers(mode):
     """N % 4 == 0 but a pointer off a 16-byte boundary: the launcher must take the scalar path (and be right)."""
-    dev = Device("emu")
+    dev = EMU
     rng = np.random.default_rng(14)
-    x = misaligned(rng.uniform(-1, 1, (3, 11, 11, 8)).astype(np.float32))
+    x = misaligned(rand(rng, (3, 11, 11, 8)))
     kw = dict(mode=mode, window=3, stride=2, padding=1)
     y = ops.pool_forward(dev, x, **kw)
-    dy = misaligned(rng.uniform(-1, 1, y.shape).astype(np.float32))
+    dy = misaligned(rand(rng, y.shape))
     dx = ops.pool_backward(dev, x, y, dy, out=misaligned(np.zeros(x.shape, np.float32)), **kw)
-    assert_identical("y", y, ref.pool_forward(x, **kw))
-    assert_identical("dx", dx, ref.pool_backward(x, y, dy, **kw))
-
-
-from hypothesis import given, settings, strategies as st  # noqa: E402
+    assert_bit_identical_to_reference(y, dx, x, dy, **kw)
 
 
 @st.composite
@@ -302,35 +278,18 @@ def pool_geometries(draw):
 def test_emu_random_geometry(g, mode):
     shape, win, stride, pad, ties = g
     rng = np.random.default_rng(abs(hash((shape, win, stride, pad))) % 2**32)
-    x = (rng.integers(0, 3, shape) if ties else rng.uniform(-1, 1, shape)).astype(np.float32)
-    yshape = ops.pool_output_shape(shape, window=win, stride=stride, padding=pad)
-    dy = rng.uniform(-1, 1, yshape).astype(np.float32)
-    y, dx = run_pool(Device("emu"), x, mode, (win, stride, pad), dy)
-    kw = dict(mode=mode, window=win, stride=stride, padding=pad)
-    assert_identical("y", y, ref.pool_forward(x, **kw))
-    assert_identical("dx", dx, ref.pool_backward(x, y, dy, **kw))
-
-
-def test_benchmark_smoke_on_emu(capsys):
-    """benchmarks/memory_bound_bench.py runs end to end on the emulator (and says it is not a speed figure)."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "memory_bound_bench.py"
-    spec = importlib.util.spec_from_file_location("memory_bound_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--device", "emu", "--cases", "pool5,lrn2", "--batch", "4", "--no-write"])
-    out = capsys.readouterr().out
-    assert "NOT speed figures" in out and "pool backward" in out and "lrn backward" in out
+    x = rng.integers(0, 3, shape).astype(np.float32) if ties else rand(rng, shape)
+    dy = rand(rng, ops.pool_output_shape(shape, window=win, stride=stride, padding=pad))
+    y, dx = run_pool(EMU, x, mode, (win, stride, pad), dy)
+    assert_bit_identical_to_reference(y, dx, x, dy, mode=mode, window=win, stride=stride, padding=pad)
 
 
 @pytest.mark.parametrize("mode", ["max", "avg"])
 def test_emu_nan_propagates_like_reference(mode):
-    dev = Device("emu")
+    dev = EMU
     rng = np.random.default_rng(15)
     for shape in ((2, 9, 9, 8), (2, 9, 9, 3)):    # 16-byte and scalar paths; 3x3/2 takes the strip kernel for max
-        x = rng.uniform(-1, 1, shape).astype(np.float32)
+        x = rand(rng, shape)
         x[0, 4, 4, :] = np.nan
         x[1, 0, 0, 1] = np.nan
         kw = dict(mode=mode, window=3, stride=2, padding=1)
@@ -338,5 +297,5 @@ def test_emu_nan_propagates_like_reference(mode):
         y_ref = ref.pool_forward(x, **kw)
         assert np.isnan(y_ref).any()
         assert_identical("y", y, y_ref)
-        dy = rng.uniform(-1, 1, y.shape).astype(np.float32)
+        dy = rand(rng, y.shape)
         assert_identical("dx", ops.pool_backward(dev, x, y, dy, **kw), ref.pool_backward(x, y_ref, dy, **kw))

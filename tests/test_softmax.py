@@ -2,8 +2,10 @@
 import numpy as np
 import pytest
 
+from convnet import ops
+from convnet.devices import Device
 from convnet.reference import softmax as ref
-from _fd import check_grad
+from helpers import EMU, NUMPY, assert_close, assert_raises_each, assert_schedules_identical, check_grad, to_host
 
 
 def test_reference_values():
@@ -54,13 +56,6 @@ def test_reference_topk():
 
 
 # ---------------------------------------------------------------------------------------------------- op layer
-from convnet import ops  # noqa: E402
-from convnet.devices import Device  # noqa: E402
-from helpers import SCHEDULES, assert_close, assert_identical, schedule, to_host  # noqa: E402
-
-NUMPY = Device("numpy")
-
-
 def run_xent(dev, logits, labels):
     loss, p, d = ops.softmax_cross_entropy(dev, dev.asarray(logits), dev.asarray(labels))
     assert loss.shape == ()
@@ -124,41 +119,32 @@ def test_kernel_topk(kernel_device):
 
 
 def test_schedules_identical():
-    dev = Device("emu")
     rng = np.random.default_rng(34)
     l = rng.standard_normal((50, 40)).astype(np.float32)
     lab = rng.integers(0, 50, 40).astype(np.int32)
-    outs = []
-    for order in SCHEDULES:
-        with schedule(dev, order, seed=7):
-            outs.append(run_xent(dev, l, lab) + (ops.topk_errors(dev, l, lab, ks=(1, 2, 5)),))
-    for o in outs[1:]:
-        assert o[0] == outs[0][0] and o[3] == outs[0][3]
-        assert_identical("probs", o[1], outs[0][1])
-        assert_identical("dlogits", o[2], outs[0][2])
+    assert_schedules_identical(lambda: run_xent(EMU, l, lab) + (ops.topk_errors(EMU, l, lab, ks=(1, 2, 5)),),
+                               ("loss", "probs", "dlogits", "top-k errors"), seed=7)
 
 
 def test_bad_inputs(kernel_device):
     dev = kernel_device
     l = dev.asarray(np.zeros((5, 4), np.float32))
     lab = dev.asarray(np.zeros(4, np.int32))
-    with pytest.raises(TypeError, match="labels must have dtype int32"):
-        ops.softmax_cross_entropy(dev, l, dev.asarray(np.zeros(4, np.int64)))
-    with pytest.raises(ValueError, match=r"labels must have shape \(4\)"):
-        ops.softmax_cross_entropy(dev, l, dev.asarray(np.zeros(3, np.int32)))
-    with pytest.raises(ValueError, match="2-D"):
-        ops.softmax_cross_entropy(dev, dev.asarray(np.zeros(5, np.float32)), lab)
-    with pytest.raises(TypeError, match="dtype float32"):
-        ops.softmax_cross_entropy(dev, dev.asarray(np.zeros((5, 4), np.float64)), lab)
-    with pytest.raises(ValueError, match="ks must be"):
-        ops.topk_errors(dev, l, lab, ks=(0,))
-    with pytest.raises(ValueError, match="ks must be"):
-        ops.topk_errors(dev, l, lab, ks=tuple(range(1, 11)))
-    if dev.kind != "cuda":
-        with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
-            ops.softmax_cross_entropy(dev, l, dev.asarray(np.array([0, 1, 5, 2], np.int32)))
-        with pytest.raises(ValueError, match="labels must be in"):
-            ops.topk_errors(dev, l, dev.asarray(np.array([0, -1, 1, 2], np.int32)))
+    xent, topk = ops.softmax_cross_entropy, ops.topk_errors
+    assert_raises_each(
+        (TypeError, "labels must have dtype int32", lambda: xent(dev, l, dev.asarray(np.zeros(4, np.int64)))),
+        (ValueError, r"labels must have shape \(4\)", lambda: xent(dev, l, dev.asarray(np.zeros(3, np.int32)))),
+        (ValueError, "2-D", lambda: xent(dev, dev.asarray(np.zeros(5, np.float32)), lab)),
+        (TypeError, "dtype float32", lambda: xent(dev, dev.asarray(np.zeros((5, 4), np.float64)), lab)),
+        (ValueError, "ks must be", lambda: topk(dev, l, lab, ks=(0,))),
+        (ValueError, "ks must be", lambda: topk(dev, l, lab, ks=tuple(range(1, 11)))),
+    )
+    if dev.kind != "cuda":  # labels are range-checked in host memory only
+        assert_raises_each(
+            (ValueError, r"labels must be in \[0, 5\)",
+             lambda: xent(dev, l, dev.asarray(np.array([0, 1, 5, 2], np.int32)))),
+            (ValueError, "labels must be in", lambda: topk(dev, l, dev.asarray(np.array([0, -1, 1, 2], np.int32)))),
+        )
 
 
 def test_kernel_invalid_label_is_nan():
@@ -174,3 +160,33 @@ def test_kernel_invalid_label_is_nan():
     errors = np.empty(2, np.int32)
     k.topk_errors(l.ctypes.data, lab.ctypes.data, errors.ctypes.data, [1, 5], 5, 2, 0)
     assert list(errors) == [1, 1]
+
+
+# ---------------------------------------------------------------------------------------------------- softmax_forward
+@pytest.mark.parametrize("shape", [(10, 7), (1, 3), (1000, 33), (17, 64)])
+def test_softmax_forward(kernel_device, shape):
+    """Probabilities without labels (inference, evaluation): the same kernel as softmax_cross_entropy's probs."""
+    rng = np.random.default_rng(shape[0] * 100 + shape[1])
+    l = (rng.standard_normal(shape) * 30).astype(np.float32)
+    lab = rng.integers(0, shape[0], shape[1]).astype(np.int32)
+    dev = kernel_device
+    p = ops.softmax_forward(dev, dev.asarray(l))
+    assert_close("probs", p, ref.softmax(l.astype(np.float64)), rtol=1e-5, atol=1e-7)
+    _, p_xent, _ = ops.softmax_cross_entropy(dev, dev.asarray(l), dev.asarray(lab))
+    np.testing.assert_array_equal(to_host(p), to_host(p_xent))  # bit-identical to the fused kernel's probs
+    out = dev.asarray(np.full(shape, np.nan, np.float32))
+    assert ops.softmax_forward(dev, dev.asarray(l), out=out) is out
+    np.testing.assert_array_equal(to_host(out), to_host(p))
+
+
+def test_softmax_forward_numpy_and_bad_inputs():
+    l = np.random.default_rng(3).standard_normal((5, 4))
+    np.testing.assert_array_equal(ops.softmax_forward(NUMPY, l), ref.softmax(l))
+    for dev in (NUMPY, EMU):
+        with pytest.raises(ValueError, match="2-D"):
+            ops.softmax_forward(dev, np.zeros((5,), np.float32))
+        with pytest.raises(ValueError, match="out must have shape"):
+            ops.softmax_forward(dev, np.zeros((5, 4), np.float32), out=np.zeros((4, 5), np.float32))
+        x = np.ones((5, 4), np.float32)
+        with pytest.raises(ValueError, match="overlap"):
+            ops.softmax_forward(dev, x, out=x)
