@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from convnet.models import ModelFileError, build_net, load_model, parse_model_text, shipped_models
+from convnet.model_file import ModelFileError, build_net, load_model, parse_model_text, shipped_models
 
 
 def test_shipped_models_are_there():
@@ -135,3 +135,62 @@ def test_per_layer_devices_in_model_files():
     net.backward()
     with pytest.raises(ModelFileError, match="expected a GPU index"):
         build_net(BASE.replace("outputs = 3", "outputs = 3\ngpu = x"), "base.cfg")
+
+
+KEYS_NET = """
+[data]
+type = data
+channels = 2
+size = 8
+[conv]
+type = conv
+inputs = data
+filters = 4
+size = 3
+[pool]
+type = pool
+inputs = conv
+[lrn]
+type = cmrnorm
+inputs = pool
+[fc]
+type = fc
+inputs = lrn
+outputs = 3
+[probs]
+type = cost.logreg
+inputs = fc
+"""
+
+
+@pytest.mark.parametrize("section, old, new, attr, value", [
+    ("conv", "filters = 4", "numFilters = 6", "filters", 6),
+    ("conv", "size = 3", "filterSize = 5", "size", (5, 5)),
+    ("conv", "size = 3", "size = 3\npad = 1", "padding", (1, 1)),
+    ("conv", "size = 3", "size = 3\nepsB = 2", "lr_mult", {"w": 1.0, "b": 2.0}),
+    ("conv", "size = 3", "size = 3\nINITW = he", "init_w", "he"),
+    ("pool", "inputs = conv", "inputs = conv\nsizeX = 2", "size", (2, 2)),
+    ("pool", "inputs = conv", "inputs = conv\nstride = 1,2", "stride", (1, 2)),
+    ("lrn", "inputs = pool", "inputs = pool\nsize = 3", "size", 3),
+    ("data", "size = 8", "size = 8x8", "size", (8, 8)),
+])
+def test_declared_keys_and_their_cuda_convnet_aliases(section, old, new, attr, value):
+    head, _, rest = KEYS_NET.partition(f"[{section}]\n")
+    text = head + f"[{section}]\n" + rest.replace(old, new, 1)
+    net, _ = build_net(text, "keys.cfg")
+    assert getattr(net.layers[section], attr) == value
+
+
+def test_layer_keys_give_the_python_signature_and_the_known_keys_message():
+    import inspect
+
+    from convnet.layers import LAYER_TYPES
+    for cls in LAYER_TYPES.values():
+        sig = inspect.signature(cls).parameters
+        for key in cls.keys:
+            assert sig[key.arg].kind is inspect.Parameter.KEYWORD_ONLY
+            assert (sig[key.arg].default is inspect.Parameter.empty) == key.required
+    with pytest.raises(ModelFileError, match=r"unknown key 'groupz' for a conv layer \(known: inputs, device, gpu, "
+                                             r"filters, size, stride, padding, groups, initW"):
+        parse_model_text(BASE.replace("type = fc\ninputs = data\noutputs = 3",
+                                      "type = conv\ninputs = data\nfilters = 2\nsize = 3\ngroupz = 2"))

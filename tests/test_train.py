@@ -6,7 +6,7 @@ import pytest
 
 from convnet.data import DataError
 from convnet.devices import DeviceUnavailable, get_device
-from convnet.models import ModelFileError
+from convnet.model_file import ModelFileError
 from convnet.train import TrainingError, main, run
 
 TINY = """
@@ -101,7 +101,7 @@ def test_emu_smoke_loss_goes_down(tmp_path):
 
 def test_emu_and_numpy_agree_on_one_step(tiny):
     """The same net, weights and batch on emu and numpy give the same loss and gradients (float32 tolerance)."""
-    from convnet.models import build_net
+    from convnet.model_file import build_net
     try:
         emu = get_device("emu")
     except DeviceUnavailable as e:
@@ -170,13 +170,14 @@ def test_fashion_mnist_training_from_idx_files_and_eval_only(tmp_path):
 def test_summary_flag(capsys):
     logs = []
     run(["--model", "alexnet", "--summary"], log=logs.append)
-    assert "60,965,224" in logs[0]
+    assert logs[0].startswith("convnet ") and "; device " in logs[0]  # where it was imported from, the device
+    assert "60,965,224" in logs[1]
 
 
 @pytest.mark.parametrize("model", ["fmnist", "cifar-18pct"])
 def test_shipped_model_step_on_emu_matches_numpy(model):
     """One training step of a shipped model (its real shapes) on the emulated kernels vs the numpy device."""
-    from convnet.models import load_model
+    from convnet.model_file import load_model
     emu = get_device("emu")
     a, _ = load_model(model, device="numpy", seed=2)
     b, _ = load_model(model, device=emu, seed=2)
@@ -206,3 +207,19 @@ def test_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "convnet.train", "--model", "nonexistent"], cwd=root,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown model 'nonexistent'" in r.stderr
+
+
+def test_flags_and_train_keys_come_from_the_config_fields(tiny):
+    """Config declares every setting once: flags, [train] keys and the precedence defaults < [train] < flags."""
+    import dataclasses
+
+    from convnet.config import TRAIN_KEYS, Config, make_parser
+    from convnet.train import make_config, parse_args
+    fields = {f.name for f in dataclasses.fields(Config)}
+    dests = {a.dest for a in make_parser()._actions}
+    assert set(TRAIN_KEYS) <= fields and {"epochs", "lr", "flip", "min_lr"} <= set(TRAIN_KEYS)
+    assert fields - {"model_text", "model_source", "min_lr"} <= dests  # min_lr: a [train] key without a flag
+    cfg = make_config(parse_args(["--model", str(tiny), "--lr", "0.2", "--no-flip", "--no-progress"]))
+    assert (cfg.lr, cfg.batch_size, cfg.momentum, cfg.flip, cfg.progress) == (0.2, 16, 0.9, False, False)
+    assert cfg.dataset == "synthetic" and cfg.epochs == 3 and "[conv1]" in cfg.model_text
+    assert parse_args([]).flip is None and parse_args(["--flip"]).flip is True

@@ -16,6 +16,7 @@ on threads, prefetch depth or on whether the run was resumed.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pickle
@@ -313,7 +314,7 @@ class Loader:
             xp, put = np, (lambda a, dt=None: np.ascontiguousarray(a, dtype=dt))
         else:
             xp, put = dev.xp, dev.asarray
-        with (dev.activate() if dev is not None else _null()):
+        with (dev.activate() if dev is not None else contextlib.nullcontext()):
             mean = self._mean_on(dev)
             x = put(img).astype(np.float32)
             if geom is None:
@@ -376,8 +377,3 @@ class Loader:
         finally:
             stop.set()
             t.join(timeout=5)
-
-
-def _null():
-    import contextlib
-    return contextlib.nullcontext()

@@ -4,8 +4,10 @@
   size — the two-tower join — else flattened features), and the gradient is split back.
 * An output used by several layers receives the sum of their gradients.
 * Every layer has a device (default: the net's). When a producer and a consumer live on different devices the
-  graph copies the activation (forward) and the gradient (backward) between them (``_transfer``), so the
-  two-tower split over ``cuda:0`` / ``cuda:1`` is a matter of setting ``layer.device``.
+  graph copies the activation (forward) and the gradient (backward) between them
+  (:func:`convnet.devices.transfer`), so the two-tower split over ``cuda:0`` / ``cuda:1`` is a matter of setting
+  ``layer.device``. Every array a layer's step allocates (its forward and backward, the joins, the gradient sums)
+  is made with that layer's device active.
 """
 from __future__ import annotations
 
@@ -13,15 +15,9 @@ import zlib
 
 import numpy as np
 
-from .devices import get_device
+from .devices import get_device, transfer
 from .layers import Data, Layer, LayerError, SoftmaxCost
-
-
-def _transfer(a, src, dst):
-    """Copy array ``a`` from device ``src`` to ``dst`` (staged through the host; peer copies can come later)."""
-    if src == dst:
-        return a
-    return dst.asarray(src.to_numpy(a))
+from .summary import format_summary
 
 
 def _seed32(*parts):
@@ -34,6 +30,7 @@ class Net:
 
     ``forward(x, labels=None, train=False, step=0)`` returns the probabilities ``(classes, N)``;
     with labels it also keeps the summed loss (``net.loss``, a 0-d device array) for ``backward()``.
+    ``init_params=False`` infers the shapes only (no parameters: for summaries of big models).
     """
 
     def __init__(self, layers, *, device=None, dtype=np.float32, seed=0, name="net", source=None,
@@ -44,10 +41,9 @@ class Net:
         self.name = name
         self.source = source  # model-file text, when built from one (stored in checkpoints)
         self.layers = {}
-        self._init_params = init_params
         for layer in layers:
             self._add(layer)
-        self._build()
+        self._build(init_params)
 
     # --- construction ----------------------------------------------------------------------------------------
     def _add(self, layer):
@@ -66,45 +62,66 @@ class Net:
             raise LayerError(f"layer '{layer.name}' ({layer.type}) needs inputs=")
         self.layers[layer.name] = layer
 
-    def _build(self):
-        datas = [l for l in self.layers.values() if isinstance(l, Data)]
-        costs = [l for l in self.layers.values() if isinstance(l, SoftmaxCost)]
+    def _build(self, init_params):
+        self.order = list(self.layers.values())
+        self.data_layer, self.cost_layer = self._ends()
+        self.consumers = self._consumer_map()
+        self._assign_devices()
+        self._infer_shapes()
+        if init_params:
+            self._init_params(np.random.default_rng(self.seed))
+        self._check_reachable()
+        self.num_classes = self.cost_layer.out_shape[0]
+
+    def _ends(self):
+        """The data layer and the cost layer: exactly one of each."""
+        datas = [l for l in self.order if isinstance(l, Data)]
+        costs = [l for l in self.order if isinstance(l, SoftmaxCost)]
         if len(datas) != 1:
             raise LayerError(f"a net needs exactly one data layer, found {len(datas)}")
         if len(costs) != 1:
             raise LayerError(f"a net needs exactly one softmax (cost) layer, found {len(costs)}")
-        self.data_layer, self.cost_layer = datas[0], costs[0]
-        self.consumers = {n: [] for n in self.layers}
-        for l in self.layers.values():
+        return datas[0], costs[0]
+
+    def _consumer_map(self):
+        """layer name -> names of the layers reading its output, in definition order."""
+        consumers = {n: [] for n in self.layers}
+        for l in self.order:
             for inp in l.inputs:
-                self.consumers[inp].append(l.name)
-        rng = np.random.default_rng(self.seed)
-        for l in self.layers.values():
-            if l.device is None:
-                l.device = self.device
-            else:
-                l.device = get_device(l.device)
+                consumers[inp].append(l.name)
+        return consumers
+
+    def _assign_devices(self):
+        for l in self.order:
+            l.device = self.device if l.device is None else get_device(l.device)
+
+    def _infer_shapes(self):
+        for l in self.order:
             if isinstance(l, Data):
                 l.in_shape = None
                 l.out_shape = l.output_shape()
                 continue
-            shapes = [self.layers[i].out_shape for i in l.inputs]
-            l.in_shape = self._joined_shape(l, shapes)
+            l.in_shape = self._joined_shape([self.layers[i].out_shape for i in l.inputs])
             l.out_shape = tuple(int(s) for s in l.output_shape(l.in_shape))
             # no gradient is needed into the data layer
             l.needs_input_grad = not all(isinstance(self.layers[i], Data) for i in l.inputs)
-            if l.learnable and self._init_params:
+
+    def _init_params(self, rng):
+        """Initialise on the host in definition order (one RNG stream: the draws depend on the order), then move
+        each layer's parameters to its device."""
+        for l in self.order:
+            if l.learnable:
                 host = l.init_params(rng, self.dtype)
                 l.params = {k: l.device.asarray(v, self.dtype) for k, v in host.items()}
                 l.grads = {}
-        for name, cons in self.consumers.items():
-            l = self.layers[name]
-            if not cons and l is not self.cost_layer:
-                raise LayerError(f"layer '{name}' feeds nothing (every layer must lead to the softmax layer)")
-        self.num_classes = self.cost_layer.out_shape[0]
-        self.order = list(self.layers.values())
 
-    def _joined_shape(self, l, shapes):
+    def _check_reachable(self):
+        for name, cons in self.consumers.items():
+            if not cons and self.layers[name] is not self.cost_layer:
+                raise LayerError(f"layer '{name}' feeds nothing (every layer must lead to the softmax layer)")
+
+    @staticmethod
+    def _joined_shape(shapes):
         if len(shapes) == 1:
             return tuple(shapes[0])
         if all(len(s) == 3 for s in shapes) and len({tuple(s[1:]) for s in shapes}) == 1:
@@ -135,7 +152,8 @@ class Net:
 
     # --- compute ---------------------------------------------------------------------------------------------
     def _gather(self, l, acts):
-        arrays = [_transfer(acts[i], self.layers[i].device, l.device) for i in l.inputs]
+        """The input of layer ``l``: its inputs' activations on its device, joined along the first axis."""
+        arrays = [transfer(acts[i], self.layers[i].device, l.device) for i in l.inputs]
         if len(arrays) == 1:
             return arrays[0]
         xp = l.device.xp
@@ -144,7 +162,7 @@ class Net:
             return xp.concatenate(arrays, axis=0)
         return xp.concatenate([a.reshape(-1, n) for a in arrays], axis=0)
 
-    def forward(self, x, labels=None, *, train=False, step=0, keep=False):
+    def forward(self, x, labels=None, *, train=False, step=0):
         """Run the net on a batch ``x`` (data layout, on the data layer's device). Returns probabilities."""
         d = self.data_layer
         exp = (*d.out_shape,)
@@ -157,16 +175,13 @@ class Net:
                 continue
             ctx = {"train": train}
             if l is self.cost_layer and labels is not None:
-                ctx["labels"] = _transfer(labels, d.device, l.device)
+                ctx["labels"] = transfer(labels, d.device, l.device)
             if train:
                 ctx["seed"] = _seed32(self.seed, step, idx)
-            acts[l.name] = l.forward(self._gather(l, acts), ctx)
+            with l.device.activate():
+                acts[l.name] = l.forward(self._gather(l, acts), ctx)
             ctxs[l.name] = ctx
-            if not keep:
-                # forget activations nobody needs any more (backward keeps its own references in ctx)
-                pass
         self._ctxs = ctxs
-        self._acts = acts if keep else None
         self.loss = ctxs[self.cost_layer.name].get("loss")
         return acts[self.cost_layer.name]
 
@@ -178,59 +193,42 @@ class Net:
         for l in reversed(self.order):
             if isinstance(l, Data):
                 continue
-            ctx = self._ctxs[l.name]
-            if l is self.cost_layer:
-                dy = None
-            else:
-                dy = grads.pop(l.name)
-            dx = l.backward(dy, ctx)
-            if dx is None or not l.needs_input_grad:
-                continue
-            self._scatter(l, dx, grads)
+            dy = None if l is self.cost_layer else grads.pop(l.name)
+            with l.device.activate():
+                dx = l.backward(dy, self._ctxs[l.name])
+                if dx is None or not l.needs_input_grad:
+                    continue
+                parts = self._split(l, dx)
+            for i, part in zip(l.inputs, parts):
+                src = self.layers[i]
+                if not isinstance(src, Data):  # no gradient into the data
+                    self._accumulate(grads, src, transfer(part, l.device, src.device))
         self._ctxs = None
 
-    def _scatter(self, l, dx, grads):
-        parts = []
+    def _split(self, l, dx):
+        """dx of layer ``l`` split back into one gradient per input, each shaped like that input's output."""
         if len(l.inputs) == 1:
-            parts = [dx]
-        else:
-            off = 0
-            for i in l.inputs:
-                s = self.layers[i].out_shape
-                size = s[0] if len(l.in_shape) == 3 else int(np.prod(s))
-                part = dx[off:off + size]
-                off += size
-                parts.append(part.reshape(*s, dx.shape[-1]))
-        for i, part in zip(l.inputs, parts):
-            src = self.layers[i]
-            if isinstance(src, Data):
-                continue
-            part = _transfer(part, l.device, src.device)
+            return [dx]
+        parts = []
+        off = 0
+        for i in l.inputs:
+            s = self.layers[i].out_shape
+            size = s[0] if len(l.in_shape) == 3 else int(np.prod(s))
+            parts.append(dx[off:off + size].reshape(*s, dx.shape[-1]))
+            off += size
+        return parts
+
+    @staticmethod
+    def _accumulate(grads, src, part):
+        """Add ``part`` to the gradient of layer ``src``'s output (a layer read by several consumers gets the sum)."""
+        with src.device.activate():
             part = part.reshape(*src.out_shape, part.shape[-1])
-            if i in grads:
-                grads[i] = grads[i] + part
-            else:
-                grads[i] = part
+            grads[src.name] = grads[src.name] + part if src.name in grads else part
 
     # --- report ----------------------------------------------------------------------------------------------
     def summary(self):
-        rows = [("layer", "type", "output (per image)", "params", "FLOPs/image")]
-        tp = tf = 0
-        for l in self.order:
-            p, f = l.param_count(), l.flops()
-            tp += p
-            tf += f
-            rows.append((l.name, l.describe(), "x".join(str(s) for s in l.out_shape), f"{p:,}", f"{f:,}"))
-        rows.append(("total", "", "", f"{tp:,}", f"{tf:,}"))
-        w = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = []
-        for j, r in enumerate(rows):
-            lines.append("  ".join(c.ljust(w[i]) if i < 3 else c.rjust(w[i]) for i, c in enumerate(r)))
-            if j == 0 or j == len(rows) - 2:
-                lines.append("-" * len(lines[-1]))
-        lines.append(f"{tp:,} parameters, {tf / 1e9:.3f} GFLOP per image forward "
-                     f"(a multiply-add counts 2), device {self.device}")
-        return "\n".join(lines)
+        """The layer table: type, output shape, parameters and FLOPs per layer (:mod:`convnet.summary`)."""
+        return format_summary(self)
 
     def flops(self):
         return sum(l.flops() for l in self.order)

@@ -5,51 +5,162 @@ API (``convnet.ops``), so the same layer code runs on numpy, emu and cuda. Activ
 (docs/architecture.md): conv-side tensors are ``(C, H, W, N)``, fully-connected ones ``(features, N)``, logits
 ``(classes, N)``.
 
-Shapes handled here are per-image shapes without the batch axis: ``(C, H, W)`` or ``(features,)``.
+Shapes handled here are per-image shapes without the batch axis: ``(C, H, W)`` or ``(features,)``; shape inference
+builds the op family's geometry value (:mod:`convnet.geometry`) with ``N = 1``.
 
 A layer with several inputs sees their concatenation along the first (channel / feature) axis: inputs of the same
 spatial size are joined channel-wise (the two-tower join), otherwise every input is flattened and the features are
 joined. The graph (:mod:`convnet.graph`) does the joining, the splitting of the gradient and the copies between
 devices; a layer only sees one ``x``.
+
+Each layer class declares its keys once, in ``KEYS`` (:class:`Key`: the model-file spelling, the Python argument,
+the type of value, the default or :data:`REQUIRED`, cuda-convnet's aliases). The constructor, the signature, the
+checks and the model-file parser (:mod:`convnet.model_file`) all derive from that declaration.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import ops
+from .geometry import ConvGeometry, LrnGeometry, PoolGeometry, pair
 
 
 class LayerError(ValueError):
     """A layer definition that cannot be built (bad parameter, shape mismatch, ...)."""
 
 
-def _pair(v):
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise LayerError(f"expected an int or a pair, got {v!r}")
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
+# --- keys ------------------------------------------------------------------------------------------------------
+class _Required:
+    def __repr__(self):
+        return "REQUIRED"
 
 
-def _positive(layer, what, v, allow_zero=False):
-    for x in (v if isinstance(v, tuple) else (v,)):
-        if x < 0 or (x == 0 and not allow_zero):
-            raise LayerError(f"layer '{layer}': {what} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+REQUIRED = _Required()  # the default of a key that must be given
+
+KEY_TYPES = ("int", "float", "str", "pair", "init", "neuron")
+INIT_SCHEMES = ("he", "xavier")
+_LINEAR = (None, "", "linear", "ident")  # spellings of "no neuron"
+_SIZE_ALIASES = ("filterSize", "sizeX")  # cuda-convnet's spellings of a window size
 
 
+@dataclass(frozen=True)
+class Key:
+    """One key of a layer type, declared once.
+
+    * ``name``: the model-file spelling (matched case-insensitively), also the name in error messages;
+    * ``type``: ``int``, ``float``, ``str`` (one of ``choices``), ``pair`` (an int or an ``(h, w)`` pair),
+      ``init`` (a Gaussian std >= 0, or ``he`` / ``xavier``), ``neuron`` (``relu`` or ``linear`` = None);
+    * ``default``, or :data:`REQUIRED`;
+    * ``arg``: the Python keyword argument and the layer's attribute (default: ``name``);
+    * ``minimum``: the smallest allowed int (``int``, ``pair``);
+    * ``aliases``: other model-file spellings (cuda-convnet's ``numFilters``, ``epsW``, ...).
+    """
+
+    name: str
+    type: str
+    default: object = REQUIRED
+    arg: str = ""
+    minimum: int | None = None
+    choices: tuple = ()
+    aliases: tuple = ()
+
+    def __post_init__(self):
+        if self.type not in KEY_TYPES:
+            raise ValueError(f"key {self.name}: unknown type {self.type!r} (one of {', '.join(KEY_TYPES)})")
+        if not self.arg:
+            object.__setattr__(self, "arg", self.name)
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def spellings(self):
+        """Every accepted model-file spelling, lower case."""
+        return (self.name.lower(), *(a.lower() for a in self.aliases))
+
+    def check(self, value):
+        """The value converted to its type; ValueError / TypeError (without the layer name) when it is not one."""
+        name, t = self.name, self.type
+        if t == "pair":
+            return pair(name, value, minimum=self.minimum or 0)
+        if t == "int":
+            v = _number(name, value, int, "an integer")
+            if self.minimum is not None and v < self.minimum:
+                raise ValueError(f"{name} must be {'> 0' if self.minimum == 1 else f'>= {self.minimum}'}, got {v}")
+            return v
+        if t == "float":
+            return _number(name, value, float, "a number")
+        if t == "str":
+            if value not in self.choices:
+                raise ValueError(f"{name} must be {' or '.join(repr(c) for c in self.choices)}, got {value!r}")
+            return value
+        if t == "neuron":
+            if value in _LINEAR:
+                return None
+            if value != "relu":
+                raise ValueError(f"{name} must be 'relu' or 'linear', got {value!r}")
+            return value
+        # init: a Gaussian std, or the name of a fan-in based scheme
+        if isinstance(value, str) and value in INIT_SCHEMES:
+            return value
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number (the Gaussian std) or 'he' / 'xavier', got {value!r}") from None
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+        return v
+
+
+def _number(name, value, convert, what):
+    try:
+        return convert(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+
+
+@contextlib.contextmanager
+def _layer_errors(layer_name):
+    """Key and geometry checks raise ValueError / TypeError; re-raise them as a LayerError naming the layer."""
+    try:
+        yield
+    except LayerError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise LayerError(f"layer '{layer_name}': {exc}") from None
+
+
+# --- layers ----------------------------------------------------------------------------------------------------
 class Layer:
-    """Base class. Subclasses set ``type`` and implement ``output_shape``, ``forward``, ``backward``.
+    """Base class. Subclasses set ``type`` and ``KEYS`` and implement ``output_shape``, ``forward``, ``backward``.
+
+    ``Layer(name, inputs, *, device=None, **keys)``: ``inputs`` a list of layer names (or a comma-separated
+    string); every declared key becomes an attribute (``layer.<arg>``), converted and checked.
 
     Learnable layers own ``params`` (name -> device array) and ``grads`` (same names), plus per-parameter
-    learning-rate and weight-decay multipliers (``lr_mult``, ``wd_mult``) and an initialisation (``init``).
+    learning-rate and weight-decay multipliers (``lr_mult``, ``wd_mult``) and an initialisation (``init_w``, ``init_b``).
     """
 
     type = "layer"
+    type_aliases = ()  # other model-file spellings of the type (cuda-convnet's)
+    takes_inputs = True
     learnable = False
+    KEYS: tuple = ()  # the keys this class declares
+    keys: tuple = ()  # all its keys: KEYS, then the inherited ones (set by __init_subclass__)
 
-    def __init__(self, name, inputs=(), *, device=None):
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        own = cls.__dict__.get("KEYS", ())
+        inherited = tuple(k for k in getattr(cls, "keys", ()) if k.arg not in {o.arg for o in own})
+        cls.keys = (*own, *inherited)
+        cls.__signature__ = _signature(cls)  # help(Conv) shows the keys and their defaults
+
+    def __init__(self, name, inputs=(), *, device=None, **values):
         if not name or not isinstance(name, str):
             raise LayerError(f"layer name must be a non-empty string, got {name!r}")
         self.name = name
@@ -64,6 +175,19 @@ class Layer:
         self.in_shape = None
         self.out_shape = None
         self.needs_input_grad = True
+        self._set_keys(values)
+
+    def _set_keys(self, values):
+        values = dict(values)
+        with _layer_errors(self.name):
+            for key in self.keys:
+                value = values.pop(key.arg, key.default)
+                if value is REQUIRED:
+                    raise LayerError(f"layer '{self.name}': missing required key '{key.name}' for a {self.type} layer")
+                setattr(self, key.arg, key.check(value))
+        if values:
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument '{next(iter(values))}' "
+                            f"(keys of a {self.type} layer: {', '.join(k.arg for k in self.keys) or 'none'})")
 
     # --- shape inference -----------------------------------------------------------------------------------
     def output_shape(self, in_shape):
@@ -83,6 +207,11 @@ class Layer:
     def param_shapes(self):
         return {}
 
+    def _image_input(self, in_shape):
+        if len(in_shape) != 3:
+            raise LayerError(f"layer '{self.name}': {self.type} needs an image input (C, H, W), got shape {in_shape}")
+        return tuple(in_shape)
+
     # --- compute ---------------------------------------------------------------------------------------------
     def forward(self, x, ctx):
         """Return y. ``ctx`` is a dict the layer may keep state in for its backward (the graph passes it back)."""
@@ -95,15 +224,18 @@ class Layer:
     def describe(self):
         return self.type
 
-    def config(self):
-        """The layer's definition as model-file keys (strings)."""
-        d = {"type": self.type}
-        if self.inputs:
-            d["inputs"] = ",".join(self.inputs)
-        return d
-
     def __repr__(self):
         return f"<{type(self).__name__} {self.name} {self.describe()}>"
+
+
+def _signature(cls):
+    P = inspect.Parameter
+    params = [P("name", P.POSITIONAL_OR_KEYWORD, default=P.empty if cls.takes_inputs else cls.type)]
+    if cls.takes_inputs:
+        params.append(P("inputs", P.POSITIONAL_OR_KEYWORD, default=()))
+    params += [P(k.arg, P.KEYWORD_ONLY, default=P.empty if k.required else k.default) for k in cls.keys]
+    params.append(P("device", P.KEYWORD_ONLY, default=None))
+    return inspect.Signature(params)
 
 
 def _gaussian(rng, shape, std, dtype):
@@ -113,33 +245,24 @@ def _gaussian(rng, shape, std, dtype):
     return g.astype(dtype, copy=False)
 
 
-def _conv_out(h, k, s, p):
-    return (h + 2 * p - k) // s + 1
-
-
 class _Learnable(Layer):
-    learnable = True
+    """Weights ``w`` and biases ``b``, an optional ReLU neuron, cuda-convnet's per-parameter multipliers."""
 
-    def __init__(self, name, inputs, *, init_w=0.01, init_b=0.0, lr_w=1.0, lr_b=1.0, wd_w=1.0, wd_b=0.0,
-                 neuron=None, device=None):
-        super().__init__(name, inputs, device=device)
-        if neuron in (None, "", "linear", "ident"):
-            neuron = None
-        elif neuron != "relu":
-            raise LayerError(f"layer '{name}': neuron must be 'relu' or 'linear', got {neuron!r}")
-        self.neuron = neuron
-        if not (isinstance(init_w, str) and init_w in ("he", "xavier")):
-            try:
-                init_w = float(init_w)
-            except (TypeError, ValueError):
-                raise LayerError(f"layer '{name}': initW must be a number (the Gaussian std) or 'he' / 'xavier', "
-                                 f"got {init_w!r}") from None
-            if init_w < 0:
-                raise LayerError(f"layer '{name}': initW must be >= 0, got {init_w}")
-        self.init_w = init_w
-        self.init_b = float(init_b)
-        self.lr_mult = {"w": float(lr_w), "b": float(lr_b)}
-        self.wd_mult = {"w": float(wd_w), "b": float(wd_b)}
+    learnable = True
+    KEYS = (
+        Key("initW", "init", 0.01, arg="init_w"),
+        Key("initB", "float", 0.0, arg="init_b"),
+        Key("lrW", "float", 1.0, arg="lr_w", aliases=("epsW",)),
+        Key("lrB", "float", 1.0, arg="lr_b", aliases=("epsB",)),
+        Key("wdW", "float", 1.0, arg="wd_w"),
+        Key("wdB", "float", 0.0, arg="wd_b"),
+        Key("neuron", "neuron", None),
+    )
+
+    def __init__(self, name, inputs=(), **kw):
+        super().__init__(name, inputs, **kw)
+        self.lr_mult = {"w": self.lr_w, "b": self.lr_b}
+        self.wd_mult = {"w": self.wd_w, "b": self.wd_b}
 
     def _neuron_forward(self, y, ctx):
         if self.neuron == "relu":
@@ -162,27 +285,21 @@ class _Learnable(Layer):
             return math.sqrt(2.0 / (fan_in + fan_out))
         return self.init_w
 
-    def config(self):
-        d = super().config()
-        d.update(initW=str(self.init_w), initB=str(self.init_b), lrW=str(self.lr_mult["w"]),
-                 lrB=str(self.lr_mult["b"]), wdW=str(self.wd_mult["w"]), wdB=str(self.wd_mult["b"]))
-        if self.neuron:
-            d["neuron"] = self.neuron
-        return d
-
 
 class Data(Layer):
     """The input images, ``(channels, size, size, N)``. ``scale`` multiplies the mean-subtracted pixels."""
 
     type = "data"
+    type_aliases = ("input",)
+    takes_inputs = False
+    KEYS = (
+        Key("channels", "int", minimum=1),
+        Key("size", "pair", minimum=1, aliases=_SIZE_ALIASES),
+        Key("scale", "float", 1.0),
+    )
 
-    def __init__(self, name="data", *, channels, size, scale=1.0, device=None):
-        super().__init__(name, (), device=device)
-        self.channels = int(channels)
-        self.size = _pair(size)
-        self.scale = float(scale)
-        _positive(name, "channels", self.channels)
-        _positive(name, "size", self.size)
+    def __init__(self, name="data", **kw):
+        super().__init__(name, (), **kw)
 
     def output_shape(self, in_shape=None):
         return (self.channels, *self.size)
@@ -190,43 +307,31 @@ class Data(Layer):
     def describe(self):
         return f"data {self.channels}x{self.size[0]}x{self.size[1]}"
 
-    def config(self):
-        d = super().config()
-        d.update(channels=str(self.channels), size=str(self.size[0]) if self.size[0] == self.size[1]
-                 else f"{self.size[0]},{self.size[1]}", scale=repr(self.scale))
-        return d
-
 
 class Conv(_Learnable):
     type = "conv"
+    KEYS = (
+        Key("filters", "int", minimum=1, aliases=("numFilters",)),
+        Key("size", "pair", minimum=1, aliases=_SIZE_ALIASES),
+        Key("stride", "pair", 1, minimum=1),
+        Key("padding", "pair", 0, minimum=0, aliases=("pad",)),
+        Key("groups", "int", 1, minimum=1),
+    )
 
-    def __init__(self, name, inputs, *, filters, size, stride=1, padding=0, groups=1, **kw):
+    def __init__(self, name, inputs=(), **kw):
         super().__init__(name, inputs, **kw)
-        self.filters = int(filters)
-        self.size = _pair(size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.groups = int(groups)
-        _positive(name, "filters", self.filters)
-        _positive(name, "size", self.size)
-        _positive(name, "stride", self.stride)
-        _positive(name, "padding", self.padding, allow_zero=True)
-        _positive(name, "groups", self.groups)
         if self.filters % self.groups:
             raise LayerError(f"layer '{name}': filters={self.filters} is not divisible by groups={self.groups}")
 
+    def geometry(self, in_shape):
+        """The convolution of one image of shape ``in_shape``."""
+        c, h, w = self._image_input(in_shape)
+        with _layer_errors(self.name):
+            return ConvGeometry(c, h, w, 1, self.filters, *self.size, *self.stride, *self.padding, self.groups)
+
     def output_shape(self, in_shape):
-        if len(in_shape) != 3:
-            raise LayerError(f"layer '{self.name}': conv needs an image input (C, H, W), got shape {in_shape}")
-        c, h, w = in_shape
-        if c % self.groups:
-            raise LayerError(f"layer '{self.name}': {c} input channels are not divisible by groups={self.groups}")
-        oh = _conv_out(h, self.size[0], self.stride[0], self.padding[0])
-        ow = _conv_out(w, self.size[1], self.stride[1], self.padding[1])
-        if oh <= 0 or ow <= 0:
-            raise LayerError(f"layer '{self.name}': a {self.size[0]}x{self.size[1]} filter with padding "
-                             f"{self.padding} does not fit a {h}x{w} input")
-        return (self.filters, oh, ow)
+        g = self.geometry(in_shape)
+        return (g.F, g.OH, g.OW)
 
     def param_shapes(self):
         c = self.in_shape[0] // self.groups
@@ -242,8 +347,7 @@ class Conv(_Learnable):
 
     def flops(self):
         f, oh, ow = self.out_shape
-        c = self.in_shape[0] // self.groups
-        return 2 * f * oh * ow * c * self.size[0] * self.size[1] + f * oh * ow + self._neuron_flops()
+        return self.geometry(self.in_shape).flops() + f * oh * ow + self._neuron_flops()
 
     def _geom(self):
         return dict(stride=self.stride, padding=self.padding, groups=self.groups)
@@ -267,20 +371,10 @@ class Conv(_Learnable):
         n = f" {self.neuron}" if self.neuron else ""
         return (f"conv {self.filters} {self.size[0]}x{self.size[1]}/{self.stride[0]} pad {self.padding[0]}{g}{n}")
 
-    def config(self):
-        d = super().config()
-        d.update(filters=str(self.filters), size=str(self.size[0]), stride=str(self.stride[0]),
-                 padding=str(self.padding[0]), groups=str(self.groups))
-        return d
-
 
 class FC(_Learnable):
     type = "fc"
-
-    def __init__(self, name, inputs, *, outputs, **kw):
-        super().__init__(name, inputs, **kw)
-        self.outputs = int(outputs)
-        _positive(name, "outputs", self.outputs)
+    KEYS = (Key("outputs", "int", minimum=1, aliases=("neurons",)),)
 
     def output_shape(self, in_shape):
         return (self.outputs,)
@@ -315,14 +409,10 @@ class FC(_Learnable):
     def describe(self):
         return f"fc {self.outputs}" + (f" {self.neuron}" if self.neuron else "")
 
-    def config(self):
-        d = super().config()
-        d["outputs"] = str(self.outputs)
-        return d
-
 
 class ReLU(Layer):
     type = "relu"
+    type_aliases = ("neuron",)
 
     def flops(self):
         return int(np.prod(self.out_shape))
@@ -338,38 +428,28 @@ class ReLU(Layer):
 
 class Pool(Layer):
     type = "pool"
+    KEYS = (
+        Key("pool", "str", "max", choices=("max", "avg")),
+        Key("size", "pair", 3, minimum=1, aliases=_SIZE_ALIASES),
+        Key("stride", "pair", 2, minimum=1),
+        Key("padding", "pair", 0, minimum=0, aliases=("pad",)),
+    )
 
-    def __init__(self, name, inputs, *, pool="max", size=3, stride=2, padding=0, device=None):
-        super().__init__(name, inputs, device=device)
-        if pool not in ("max", "avg"):
-            raise LayerError(f"layer '{name}': pool must be 'max' or 'avg', got {pool!r}")
-        self.mode = pool
-        self.size = _pair(size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        _positive(name, "size", self.size)
-        _positive(name, "stride", self.stride)
-        _positive(name, "padding", self.padding, allow_zero=True)
+    def geometry(self, in_shape):
+        """The pooling of one image of shape ``in_shape``."""
+        c, h, w = self._image_input(in_shape)
+        with _layer_errors(self.name):
+            return PoolGeometry.of((c, h, w, 1), window=self.size, stride=self.stride, padding=self.padding)
 
     def output_shape(self, in_shape):
-        if len(in_shape) != 3:
-            raise LayerError(f"layer '{self.name}': pool needs an image input (C, H, W), got shape {in_shape}")
-        c, h, w = in_shape
-        if any(p > k // 2 for p, k in zip(self.padding, self.size)):
-            raise LayerError(f"layer '{self.name}': pool padding {self.padding} must be at most half the window "
-                             f"{self.size}")
-        oh = _conv_out(h, self.size[0], self.stride[0], self.padding[0])
-        ow = _conv_out(w, self.size[1], self.stride[1], self.padding[1])
-        if oh <= 0 or ow <= 0:
-            raise LayerError(f"layer '{self.name}': a {self.size[0]}x{self.size[1]} pool does not fit a "
-                             f"{h}x{w} input")
-        return (c, oh, ow)
+        g = self.geometry(in_shape)
+        return (g.C, g.OH, g.OW)
 
     def flops(self):
         return int(np.prod(self.out_shape)) * self.size[0] * self.size[1]
 
     def _geom(self):
-        return dict(mode=self.mode, window=self.size, stride=self.stride, padding=self.padding)
+        return dict(mode=self.pool, window=self.size, stride=self.stride, padding=self.padding)
 
     def forward(self, x, ctx):
         y = ops.pool_forward(self.device, x, **self._geom())
@@ -380,12 +460,7 @@ class Pool(Layer):
         return ops.pool_backward(self.device, ctx["x"], ctx["y"], dy, **self._geom())
 
     def describe(self):
-        return f"{self.mode}pool {self.size[0]}x{self.size[1]}/{self.stride[0]}"
-
-    def config(self):
-        d = super().config()
-        d.update(pool=self.mode, size=str(self.size[0]), stride=str(self.stride[0]), padding=str(self.padding[0]))
-        return d
+        return f"{self.pool}pool {self.size[0]}x{self.size[1]}/{self.stride[0]}"
 
 
 class LRN(Layer):
@@ -393,71 +468,43 @@ class LRN(Layer):
     window never crosses a tower boundary), as in the two-tower AlexNet."""
 
     type = "lrn"
+    type_aliases = ("cmrnorm", "rnorm")
+    KEYS = (
+        Key("size", "int", 5, minimum=1, aliases=_SIZE_ALIASES),
+        Key("alpha", "float", 1e-4),
+        Key("beta", "float", 0.75),
+        Key("k", "float", 2.0),
+        Key("convention", "str", "sum", choices=("sum", "mean")),
+        Key("groups", "int", 1, minimum=1),
+    )
 
-    def __init__(self, name, inputs, *, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="sum", groups=1,
-                 device=None):
-        super().__init__(name, inputs, device=device)
-        if convention not in ("sum", "mean"):
-            raise LayerError(f"layer '{name}': convention must be 'sum' or 'mean', got {convention!r}")
-        self.size = int(size)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.k = float(k)
-        self.convention = convention
-        self.groups = int(groups)
-        _positive(name, "size", self.size)
-        _positive(name, "groups", self.groups)
+    def geometry(self, in_shape):
+        c, h, w = self._image_input(in_shape)
+        with _layer_errors(self.name):
+            return LrnGeometry.of((c, h, w, 1), **self._p())
 
     def output_shape(self, in_shape):
-        if len(in_shape) != 3:
-            raise LayerError(f"layer '{self.name}': lrn needs an image input (C, H, W), got shape {in_shape}")
-        if in_shape[0] % self.groups:
-            raise LayerError(f"layer '{self.name}': {in_shape[0]} channels not divisible by groups={self.groups}")
+        self.geometry(in_shape)
         return tuple(in_shape)
 
     def flops(self):
         return int(np.prod(self.out_shape)) * (self.size + 6)
 
     def _p(self):
-        return dict(size=self.size, alpha=self.alpha, beta=self.beta, k=self.k, convention=self.convention)
+        return dict(size=self.size, alpha=self.alpha, beta=self.beta, k=self.k, convention=self.convention,
+                    groups=self.groups)
 
     def forward(self, x, ctx):
-        ctx["x"] = x
-        if self.groups == 1:
-            y, denom = ops.lrn_forward(self.device, x, **self._p())
-            ctx["y"], ctx["denom"] = y, denom
-            return y
-        cg = x.shape[0] // self.groups
-        xp = self.device.xp
-        y = xp.empty_like(x)
-        denom = xp.empty_like(x)
-        for g in range(self.groups):
-            s = slice(g * cg, (g + 1) * cg)  # a slice along the first axis of a C-contiguous array is contiguous
-            yg, dg = ops.lrn_forward(self.device, x[s], **self._p())
-            y[s], denom[s] = yg, dg
-        ctx["y"], ctx["denom"] = y, denom
+        y, denom = ops.lrn_forward(self.device, x, **self._p())
+        ctx["x"], ctx["y"], ctx["denom"] = x, y, denom
         return y
 
     def backward(self, dy, ctx):
-        x, y, denom = ctx["x"], ctx["y"], ctx["denom"]
-        if self.groups == 1:
-            return ops.lrn_backward(self.device, x, y, denom, dy, **self._p())
-        cg = x.shape[0] // self.groups
-        dx = self.device.xp.empty_like(x)
-        for g in range(self.groups):
-            s = slice(g * cg, (g + 1) * cg)
-            dx[s] = ops.lrn_backward(self.device, x[s], y[s], denom[s], dy[s], **self._p())
-        return dx
+        return ops.lrn_backward(self.device, ctx["x"], ctx["y"], ctx["denom"], dy, **self._p())
 
     def describe(self):
         g = f" groups {self.groups}" if self.groups > 1 else ""
         return f"lrn {self.size} a={self.alpha:g} b={self.beta:g} k={self.k:g} ({self.convention}){g}"
-
-    def config(self):
-        d = super().config()
-        d.update(size=str(self.size), alpha=repr(self.alpha), beta=repr(self.beta), k=repr(self.k),
-                 convention=self.convention, groups=str(self.groups))
-        return d
 
 
 class Dropout(Layer):
@@ -466,12 +513,12 @@ class Dropout(Layer):
     backward regenerates it and a resumed run draws the same masks."""
 
     type = "dropout"
+    KEYS = (Key("keep", "float", 0.5),)
 
-    def __init__(self, name, inputs, *, keep=0.5, device=None):
-        super().__init__(name, inputs, device=device)
-        self.keep = float(keep)
+    def __init__(self, name, inputs=(), **kw):
+        super().__init__(name, inputs, **kw)
         if not 0.0 < self.keep <= 1.0:
-            raise LayerError(f"layer '{name}': keep must be in (0, 1], got {keep}")
+            raise LayerError(f"layer '{name}': keep must be in (0, 1], got {self.keep:g}")
 
     def forward(self, x, ctx):
         if not ctx.get("train") or self.keep == 1.0:
@@ -488,11 +535,6 @@ class Dropout(Layer):
     def describe(self):
         return f"dropout keep {self.keep:g}"
 
-    def config(self):
-        d = super().config()
-        d["keep"] = repr(self.keep)
-        return d
-
 
 class SoftmaxCost(Layer):
     """Softmax + multinomial logistic regression cost (cross-entropy) on ``(classes, N)`` logits.
@@ -502,10 +544,8 @@ class SoftmaxCost(Layer):
     ``coeff``."""
 
     type = "softmax"
-
-    def __init__(self, name, inputs, *, coeff=1.0, device=None):
-        super().__init__(name, inputs, device=device)
-        self.coeff = float(coeff)
+    type_aliases = ("cost.logreg", "softmax_ce")
+    KEYS = (Key("coeff", "float", 1.0),)
 
     def output_shape(self, in_shape):
         if len(in_shape) != 1:
@@ -519,10 +559,7 @@ class SoftmaxCost(Layer):
     def forward(self, x, ctx):
         labels = ctx.get("labels")
         if labels is None:
-            xp = self.device.xp
-            z = x - x.max(axis=0, keepdims=True)
-            e = xp.exp(z)
-            return e / e.sum(axis=0, keepdims=True)
+            return ops.softmax_forward(self.device, x)
         loss, probs, dlogits = ops.softmax_cross_entropy(self.device, x, labels)
         ctx["loss"], ctx["dlogits"] = loss, dlogits
         return probs
@@ -531,12 +568,6 @@ class SoftmaxCost(Layer):
         d = ctx["dlogits"]
         n = d.shape[-1]
         return d * d.dtype.type(self.coeff / n)
-
-    def config(self):
-        d = super().config()
-        if self.coeff != 1.0:
-            d["coeff"] = repr(self.coeff)
-        return d
 
 
 LAYER_TYPES = {cls.type: cls for cls in (Data, Conv, FC, ReLU, Pool, LRN, Dropout, SoftmaxCost)}

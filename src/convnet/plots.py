@@ -1,6 +1,8 @@
 """PNG plots: error curves, first-layer filters (the paper's Figure 3), top-5 predictions (Figure 4)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -9,6 +11,24 @@ def _plt():
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
     return plt
+
+
+def training_plots(out, history, *, final=True, filters=None, kept=(), images=None, classes=None, n=16):
+    """What a training run writes into directory ``out``: ``errors.png`` (the history) after every epoch; at the
+    end (``final``) ``filters.png`` (``filters``: (w, title) of the first conv layer, or None) and
+    ``predictions.png`` (``kept``: [(probs (classes, m), labels (m,))] of the first test images, shown with
+    ``images`` (uint8, (n, H, W, C)) and the ``classes`` names)."""
+    out = Path(out)
+    error_curves(history, out / "errors.png")
+    if not final:
+        return
+    if filters is not None:
+        filter_grid(filters[0], out / "filters.png", title=filters[1])
+    if kept:
+        probs = np.concatenate([k[0] for k in kept], axis=1)
+        labels = np.concatenate([k[1] for k in kept])
+        n = min(n, len(labels))
+        predictions(images[:n], labels[:n], probs[:, :n], classes, out / "predictions.png")
 
 
 def error_curves(history, path):

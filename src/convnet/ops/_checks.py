@@ -70,6 +70,21 @@ def check_disjoint(dev, out_name, out, **inputs):
             raise ValueError(f"{out_name} must not overlap {name} (in-place is not supported by this op)")
 
 
+def check_in_place_or_disjoint(dev, out_name, out, **inputs):
+    """ValueError if ``out`` partially overlaps an input: element-wise ops may run exactly in place (``out`` is the
+    input itself, same address and size) but an offset overlap would read elements already overwritten."""
+    if out is None:
+        return
+    o0, o1 = _span(dev, out)
+    for name, a in inputs.items():
+        if a is None or a.nbytes == 0:
+            continue
+        a0, a1 = _span(dev, a)
+        if o0 < a1 and a0 < o1 and (o0, o1) != (a0, a1):
+            raise ValueError(f"{out_name} partially overlaps {name}: pass the same array to work in place, "
+                             f"or a disjoint one")
+
+
 def scalar(name: str, value, *, low=None, high=None, low_open=False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
         raise TypeError(f"{name} must be a finite real number, got {value!r}")

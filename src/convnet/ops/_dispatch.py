@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from convnet.devices import Device
-from convnet.ops._checks import check_array, check_disjoint, scalar
+from convnet.ops._checks import check_array, check_disjoint, check_in_place_or_disjoint, scalar
 
 
 @dataclass(frozen=True)
@@ -64,13 +64,15 @@ def launch(dev: Device, kernel: str, *args, stream=None):
 
 
 def produce(dev: Device, outputs, *, reference, kernel, inputs=None, alpha=1.0, beta=0.0, stream=None,
-            reference_in_place=False):
+            reference_in_place=False, elementwise=False):
     """Run an op: ``reference()`` on the numpy device, ``kernel(*buffers)`` elsewhere.
 
     ``outputs`` is one :class:`Output` or a tuple of them (an entry may be None: an output not wanted, passed to the
     kernel as None); ``reference()`` returns the matching array(s). ``inputs`` (name -> array) must not overlap a
     caller's output, except on the numpy device when ``reference_in_place`` (the reference computes into new
-    arrays, so ``out`` may alias an input there). Returns the output array(s).
+    arrays, so ``out`` may alias an input there). ``elementwise`` ops may also run exactly in place on every device
+    (``out`` is an input), but never on a partial overlap. Allocations and the launch happen on ``stream``.
+    Returns the output array(s).
     """
     single = isinstance(outputs, Output)
     specs = (outputs,) if single else tuple(outputs)
@@ -81,7 +83,9 @@ def produce(dev: Device, outputs, *, reference, kernel, inputs=None, alpha=1.0, 
     check_overlap = not (dev.runs_reference and reference_in_place)
     given = [s for s in specs if s is not None and s.given is not None]
     for i, spec in enumerate(given):
-        if check_overlap:
+        if elementwise:
+            check_in_place_or_disjoint(dev, spec.name, spec.given, **inputs)
+        elif check_overlap:
             check_disjoint(dev, spec.name, spec.given, **inputs)
         for other in given[i + 1:]:
             check_disjoint(dev, other.name, other.given, **{spec.name: spec.given})

@@ -17,10 +17,10 @@ __all__ = ["relu_forward", "relu_backward", "dropout_forward", "dropout_backward
 
 
 def relu_forward(device, x, out=None, stream=None):
-    """y = max(x, 0) (NaN -> 0). ``out`` may be ``x`` (in place)."""
+    """y = max(x, 0) (NaN -> 0). ``out`` may be ``x`` (in place), but not partially overlap it."""
     dev = as_device(device)
     check_array("x", x, dev)
-    return produce(dev, Output("out", out, x.shape, x.dtype), stream=stream,
+    return produce(dev, Output("out", out, x.shape, x.dtype), inputs=dict(x=x), elementwise=True, stream=stream,
                    reference=lambda: ref.relu_forward(x),
                    kernel=lambda y: launch(dev, "relu_forward", x, y, x.size, stream=stream))
 
@@ -31,8 +31,8 @@ def relu_backward(device, y, dy, out=None, stream=None):
     check_array("y", y, dev)
     check_array("dy", dy, dev, shape=y.shape)
     check_same_dtype(y=y, dy=dy)
-    return produce(dev, Output("out", out, y.shape, y.dtype), stream=stream,
-                   reference=lambda: ref.relu_backward(y, dy),
+    return produce(dev, Output("out", out, y.shape, y.dtype), inputs=dict(y=y, dy=dy), elementwise=True,
+                   stream=stream, reference=lambda: ref.relu_backward(y, dy),
                    kernel=lambda dx: launch(dev, "relu_backward", y, dy, dx, y.size, stream=stream))
 
 
@@ -44,7 +44,7 @@ def _dropout_params(keep, seed, offset):
 def _dropout(dev, name, a, keep, seed, offset, out, stream):
     keep, seed, offset = _dropout_params(keep, seed, offset)
     check_array(name, a, dev)
-    return produce(dev, Output("out", out, a.shape, a.dtype), stream=stream,
+    return produce(dev, Output("out", out, a.shape, a.dtype), inputs={name: a}, elementwise=True, stream=stream,
                    reference=lambda: ref.dropout_forward(a, keep, seed, offset),
                    kernel=lambda b: launch(dev, "dropout_apply", a, b, a.size, ref.keep_threshold(keep),
                                            float(ref.dropout_scale(keep)), seed, offset, stream=stream))

@@ -1,0 +1,196 @@
+"""Model files: a declarative INI format in the spirit of cuda-convnet's ``layers.cfg``.
+
+One section per layer, in topological order (a layer's inputs must be defined above it), plus an optional
+``[train]`` section with training defaults that ``python -m convnet.train`` flags override. See docs/training.md.
+
+    [conv1]
+    type = conv
+    inputs = data
+    filters = 32
+    size = 5
+    padding = 2
+    neuron = relu
+    initW = 0.01
+
+Keys are case-insensitive; ``#`` and ``;`` start comments. ``load_model(name_or_path)`` accepts a shipped name
+(``alexnet``, ``alexnet-owt``, ``cifar-18pct``, ``fmnist``: the ``.cfg`` files in ``convnet/models/``) or a path.
+
+Nothing here lists a layer's keys: they are the layer classes' declarations (``Layer.keys``, see
+:class:`convnet.layers.Key`), and the ``[train]`` keys are the :class:`convnet.config.Config` fields marked
+``train=True``. Every layer also takes ``inputs`` (not the data layer) and ``device`` (or cuda-convnet2's ``gpu``).
+"""
+from __future__ import annotations
+
+import configparser
+import os
+from pathlib import Path
+
+from .config import TRAIN_KEYS
+from .graph import Net
+from .layers import LAYER_TYPES, LayerError
+
+MODEL_DIR = Path(__file__).resolve().parent / "models"
+COMMON_KEYS = ("inputs", "device", "gpu")  # keys of every layer type, besides its declared ones
+
+# type name or alias (lower case) -> layer class
+TYPES = {name.lower(): cls for cls in LAYER_TYPES.values() for name in (cls.type, *cls.type_aliases)}
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be parsed or built; the message names the file and the section."""
+
+
+def shipped_models():
+    return sorted(p.stem for p in MODEL_DIR.glob("*.cfg"))
+
+
+def _read_pair(v):
+    parts = [int(p) for p in v.replace("x", ",").split(",")]
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) != 2:
+        raise ValueError
+    return tuple(parts)
+
+
+def _read_bool(v):
+    v = v.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError
+
+
+# a key's type -> (how its text is read, what the error says was expected). The layer checks the value itself.
+_READERS = {
+    "int": (int, "an integer"),
+    "float": (float, "a number"),
+    "pair": (_read_pair, "an integer or a pair 'h,w'"),
+    "bool": (_read_bool, "true/false"),
+    "str": (str.strip, "text"),
+    "init": (str.strip, "text"),
+    "neuron": (str.strip, "text"),
+}
+
+
+def _read(text, type_, where):
+    read, expected = _READERS[type_]
+    try:
+        return read(text)
+    except ValueError:
+        raise ModelFileError(f"{where}: expected {expected}, got {text!r}") from None
+
+
+def _parse_train(items, source):
+    train = {}
+    for k, v in items.items():
+        if k not in TRAIN_KEYS:
+            raise ModelFileError(f"{source} [train]: unknown key '{k}' (known: {', '.join(TRAIN_KEYS)})")
+        train[k] = _read(v, TRAIN_KEYS[k], f"{source} [train] {k}")
+    return train
+
+
+def _parse_layer(sec, items, where):
+    """One layer section -> (type, kwargs): kwargs named by the layers' Python arguments."""
+    if "type" not in items:
+        raise ModelFileError(f"{where}: missing 'type' (one of {', '.join(LAYER_TYPES)})")
+    t = items.pop("type").strip().lower()
+    cls = TYPES.get(t)
+    if cls is None:
+        raise ModelFileError(f"{where}: unknown layer type '{t}' (known: {', '.join(LAYER_TYPES)})")
+    t = cls.type
+    kwargs = {}
+    inputs = items.pop("inputs", "")
+    if cls.takes_inputs:
+        kwargs["inputs"] = [s.strip() for s in inputs.split(",") if s.strip()]
+        if not kwargs["inputs"]:
+            raise ModelFileError(f"{where}: missing 'inputs' (the layer(s) feeding this {t} layer)")
+    elif inputs.strip():
+        raise ModelFileError(f"{where}: a {t} layer takes no inputs")
+    dev = items.pop("device", None)
+    gpu = items.pop("gpu", None)  # cuda-convnet2's gpu=N
+    if gpu is not None:
+        if dev is not None:
+            raise ModelFileError(f"{where}: give either device= or gpu=, not both")
+        if not gpu.strip().isdigit():
+            raise ModelFileError(f"{where} gpu: expected a GPU index, got {gpu!r}")
+        dev = f"cuda:{int(gpu)}"
+    if dev is not None:
+        kwargs["device"] = dev.strip()
+    keys = {spelling: key for key in cls.keys for spelling in key.spellings()}
+    for k, v in items.items():
+        key = keys.get(k)
+        if key is None:
+            known = [*COMMON_KEYS[0 if cls.takes_inputs else 1:], *(key.name for key in cls.keys)]
+            raise ModelFileError(f"{where}: unknown key '{k}' for a {t} layer (known: {', '.join(known)})")
+        kwargs[key.arg] = _read(v, key.type, f"{where} {key.name}")
+    for key in cls.keys:
+        if key.required and key.arg not in kwargs:
+            raise ModelFileError(f"{where}: missing required key '{key.name}' for a {t} layer")
+    return t, kwargs
+
+
+def parse_model_text(text, source="<model>"):
+    """Parse model-file text -> (list of layer specs [(name, type, kwargs)], train dict)."""
+    cp = configparser.ConfigParser(inline_comment_prefixes=("#", ";"), interpolation=None,
+                                   default_section="__defaults__", strict=True)
+    try:
+        cp.read_string(text, source=source)
+    except configparser.Error as e:
+        raise ModelFileError(f"{source}: cannot parse the model file: {e}") from None
+    specs, train = [], {}
+    if not cp.sections():
+        raise ModelFileError(f"{source}: no layers (the file has no [sections])")
+    for sec in cp.sections():
+        items = {k.lower(): v for k, v in cp.items(sec)}
+        if sec.lower() == "train":
+            train.update(_parse_train(items, source))
+        else:
+            specs.append((sec, *_parse_layer(sec, items, f"{source} [{sec}]")))
+    return specs, train
+
+
+def build_layers(specs, source="<model>"):
+    layers = []
+    for name, t, kwargs in specs:
+        kwargs = dict(kwargs)
+        cls = LAYER_TYPES[t]
+        args = (name, kwargs.pop("inputs", ())) if cls.takes_inputs else (name,)
+        try:
+            layers.append(cls(*args, **kwargs))
+        except (LayerError, TypeError) as e:
+            raise ModelFileError(f"{source} [{name}]: {e}") from None
+    return layers
+
+
+def resolve_model(name_or_path):
+    """Return (text, source) for a shipped model name or a file path."""
+    p = Path(name_or_path)
+    if p.suffix == ".cfg" or os.sep in str(name_or_path) or p.exists():
+        if not p.is_file():
+            raise ModelFileError(f"model file '{name_or_path}' not found")
+        return p.read_text(), str(p)
+    q = MODEL_DIR / f"{name_or_path}.cfg"
+    if not q.is_file():
+        raise ModelFileError(f"unknown model '{name_or_path}': give a model-file path or one of "
+                             f"{', '.join(shipped_models())}")
+    return q.read_text(), q.name
+
+
+def build_net(text, source="<model>", *, device=None, dtype="float32", seed=0, init_params=True):
+    specs, train = parse_model_text(text, source)
+    layers = build_layers(specs, source)
+    try:
+        net = Net(layers, device=device, dtype=dtype, seed=seed, name=Path(source).stem, source=text,
+                  init_params=init_params)
+    except LayerError as e:
+        raise ModelFileError(f"{source}: {e}") from None
+    return net, train
+
+
+def load_model(name_or_path, *, device=None, dtype="float32", seed=0, init_params=True):
+    """Build a Net from a shipped model name or a model-file path. Returns (net, train_defaults).
+    ``init_params=False`` builds shapes only (for summaries of big models)."""
+    text, source = resolve_model(name_or_path)
+    return build_net(text, source, device=device, dtype=dtype, seed=seed, init_params=init_params)

@@ -1,0 +1,350 @@
+"""The training loop, in named pieces.
+
+:class:`Trainer` owns the net, the data, the optimizer and the schedule, and the position (epoch, batch, step)
+that a checkpoint saves. ``run()`` repeats, until the last epoch:
+
+* :meth:`Trainer.train_epoch` -- SGD steps from the current position to the end of the epoch; returns None, or the
+  reason it stopped early (``"interrupted"``: Ctrl-C; ``"max_steps"``). The loss and error sums stay on the
+  device (:class:`_DeviceSums`) and are folded into the epoch's totals every ``sync_every`` steps (a host sync
+  every step would stall a GPU); the progress bar (:class:`Progress`) is updated at each fold.
+* :meth:`Trainer.end_epoch` -- evaluate, record, log, tell the schedule, advance, checkpoint, plot.
+* :meth:`Trainer.stopped` -- the early stop: checkpoint at the current position, say how to continue.
+
+The command line (``python -m convnet.train``) is :mod:`convnet.train`; the settings are :class:`convnet.config.Config`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from . import ops
+from .config import Config
+from .data import DataError, Loader, load_dataset
+from .devices import get_device
+from .model_file import build_net
+from .optim import SGD, Schedule
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, incompatible checkpoint, ...)."""
+
+
+def _empty_totals():
+    """The running totals of the current epoch (saved in checkpoints as ``partial``)."""
+    return {"loss": 0.0, "err": 0, "n": 0, "time": 0.0}
+
+
+class Progress:
+    """A tqdm progress bar over the batches of an epoch, or nothing (``enabled=False``). A context manager."""
+
+    def __init__(self, enabled, *, total, initial, desc):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=True, dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def update(self, n, **postfix):
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(**postfix)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class _DeviceSums:
+    """The summed loss and error count of the steps since the last fold, kept on the device."""
+
+    def __init__(self, xp, batch):
+        self.loss = xp.zeros((), np.float64)
+        self.err = xp.zeros((), np.int64)
+        self.batch = batch  # the position of the last fold
+        self.time = time.perf_counter()
+
+    def add(self, xp, loss, probs, labels):
+        self.loss += loss
+        self.err += (xp.argmax(probs, axis=0) != labels).sum()
+
+    def reset(self, batch, now):
+        self.loss[...] = 0
+        self.err[...] = 0
+        self.batch, self.time = batch, now
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume_state=None, log=print):
+        self.cfg = cfg
+        self.log = log
+        self.device = get_device(cfg.device)
+        self.net, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=self.device,
+                                dtype=cfg.dtype, seed=cfg.seed)
+        self.dataset = self._load_dataset()
+        self.mean = self.dataset.mean_image() if resume_state is None or resume_state["mean"] is None \
+            else resume_state["mean"]
+        self.train_loader, self.test_loader = self._loaders()
+        steps = [int(s) for s in str(cfg.lr_steps).replace(" ", "").split(",") if s]
+        self.schedule = Schedule(cfg.schedule, cfg.lr, steps=steps, gamma=cfg.lr_gamma, patience=cfg.patience,
+                                 max_drops=cfg.max_drops, total_epochs=cfg.epochs)
+        self.opt = SGD(self.net, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.history = []
+        self.partial = _empty_totals()
+        if resume_state is not None:
+            self._restore(resume_state)
+        self.out = Path(cfg.out)
+        self.steps_this_run = 0
+        self._interrupted = False
+        self._logf = None
+
+    # --- setup -----------------------------------------------------------------------------------------------
+    def _load_dataset(self):
+        cfg, d = self.cfg, self.net.data_layer
+        dataset = load_dataset(cfg.dataset or "synthetic", cfg.data, shape=d.out_shape, classes=self.net.num_classes,
+                               seed=cfg.seed, synthetic_size=(cfg.synthetic_train, cfg.synthetic_test))
+        c, h, w = dataset.shape
+        if c != d.channels:
+            raise DataError(f"dataset {dataset.name} has {c}-channel images, the model's data layer expects "
+                            f"{d.channels}")
+        if len(dataset.classes) != self.net.num_classes:
+            raise DataError(f"dataset {dataset.name} has {len(dataset.classes)} classes, the model "
+                            f"outputs {self.net.num_classes}")
+        return dataset
+
+    def _loaders(self):
+        cfg, d, ds = self.cfg, self.net.data_layer, self.dataset
+        common = dict(out_hw=d.size, mean=self.mean, scale=d.scale, seed=cfg.seed, device=self.device,
+                      dtype=self.net.dtype, prefetch=cfg.prefetch)
+        train = Loader(ds.train_x, ds.train_y, cfg.batch_size, train=True, crop_pad=cfg.crop_pad, flip=cfg.flip,
+                       **common)
+        test = Loader(ds.test_x, ds.test_y, cfg.batch_size, train=False, **common)
+        if len(train) == 0:
+            raise DataError(f"the training set ({len(ds.train_x)} images) is smaller than one batch "
+                            f"({cfg.batch_size})")
+        return train, test
+
+    # --- state -----------------------------------------------------------------------------------------------
+    def _restore(self, st):
+        self.net.load_state_dict(st["params"])
+        m = st["meta"]
+        self.opt.load_state_dict({**m["optimizer"], "velocity": st["velocity"]})
+        self.schedule.load_state_dict(m["schedule"])
+        self.epoch, self.batch, self.step = m["epoch"], m["batch"], m["step"]
+        self.history = m["history"]
+        self.partial = m["partial"]
+
+    def save(self):
+        cfgd = dataclasses.asdict(self.cfg)
+        cfgd["max_steps"] = 0
+        meta = {"epoch": self.epoch, "batch": self.batch, "step": self.step, "history": self.history,
+                "partial": self.partial, "schedule": self.schedule.state_dict(),
+                "optimizer": {k: v for k, v in self.opt.state_dict().items() if k != "velocity"},
+                "rng": {"kind": "counter", "seed": self.cfg.seed,
+                        "note": "data order, crops, flips and dropout masks are functions of "
+                                "(seed, epoch, batch, step): the position above is the whole RNG state"},
+                "config": cfgd, "num_params": self.net.num_params(), "time": time.time()}
+        return ckpt.save(self.out / "checkpoint.npz", params=self.net.state_dict(),
+                         velocity=self.opt.state_dict()["velocity"], mean=self.mean, meta=meta)
+
+    # --- evaluation ------------------------------------------------------------------------------------------
+    def evaluate(self, keep_probs=0):
+        """Test-set (loss, top-1 error, top-5 error or None, kept (probs, labels) of the first images)."""
+        xp = self.device.xp
+        k5 = self.net.num_classes > 5
+        n = wrong1 = wrong5 = 0
+        loss = 0.0
+        kept = []
+        for x, y in self.test_loader.epoch(0):
+            p = self.net.forward(x)
+            if self.cfg.multiview:
+                p = (p + self.net.forward(xp.ascontiguousarray(x[:, :, ::-1, :]))) * p.dtype.type(0.5)
+            errs = ops.topk_errors(self.device, p, y, ks=(1, 5) if k5 else (1,))
+            wrong1 += errs[0]
+            wrong5 += errs[1] if k5 else 0
+            m = y.shape[0]
+            loss += float(-xp.log(xp.maximum(p[y, xp.arange(m)], 1e-30)).sum())
+            n += m
+            if sum(len(a[1]) for a in kept) < keep_probs:
+                kept.append((self.device.to_numpy(p), self.device.to_numpy(y)))
+        return loss / n, wrong1 / n, (wrong5 / n if k5 else None), kept
+
+    # --- training --------------------------------------------------------------------------------------------
+    def _on_sigint(self, signum, frame):
+        if self._interrupted:  # second Ctrl-C: give up immediately
+            raise KeyboardInterrupt
+        self._interrupted = True
+
+    def run(self):
+        """Train to ``cfg.epochs``; returns {"status": "done" | "interrupted" | "max_steps", "history": [...]}."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "model.cfg").write_text(cfg.model_text)
+        (self.out / "summary.txt").write_text(self.net.summary() + "\n")
+        self._logf = open(self.out / "log.jsonl", "a")
+        old = None
+        try:
+            old = signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread
+            pass
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # a non-finite loss is detected and reported
+                return self._epochs()
+        finally:
+            self._logf.close()
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+
+    def _epochs(self):
+        cfg = self.cfg
+        last = self.history[-1] if self.history else {}
+        clock = (time.perf_counter() - last.get("elapsed_s", 0.0), time.process_time() - last.get("cpu_s", 0.0))
+        self.steps_this_run = 0
+        self.log(f"training {Path(cfg.model).stem} on {self.dataset.name} ({len(self.dataset.train_x)} train / "
+                 f"{len(self.dataset.test_x)} test images), device {self.device}, {self.net.num_params():,} "
+                 f"parameters, {cfg.epochs} epochs of {len(self.train_loader)} batches of {cfg.batch_size}; "
+                 f"output in {self.out}")
+        if self.epoch >= cfg.epochs:
+            self.log(f"already trained for {self.epoch} epochs (--epochs {cfg.epochs}); pass a larger --epochs to "
+                     f"continue")
+        while self.epoch < cfg.epochs:
+            stop = self.train_epoch()
+            if stop:
+                return self.stopped(stop)
+            self.end_epoch(clock)
+        return {"status": "done", "history": self.history}
+
+    def lr_now(self, start_of_epoch=False):
+        """The schedule's learning rate at the current position (or at the start of the epoch), >= min_lr."""
+        frac = 0.0 if start_of_epoch else self.batch / len(self.train_loader)
+        return max(self.schedule.lr_at(self.epoch, frac), self.cfg.min_lr)
+
+    def stop_reason(self):
+        """Why training must stop after this step ("interrupted", "max_steps"), or None."""
+        if self._interrupted:
+            return "interrupted"
+        if self.cfg.max_steps and self.steps_this_run >= self.cfg.max_steps:
+            return "max_steps"
+        return None
+
+    def train_epoch(self):
+        """SGD steps from the current position to the end of the epoch. Returns None, or why it stopped early."""
+        cfg, net, xp = self.cfg, self.net, self.device.xp
+        nb = len(self.train_loader)
+        sync_every = 1 if self.device.synchronous else 20  # a fold reads the sums back: a sync on a GPU
+        per_step = self.schedule.kind == "linear"
+        lr = self.opt.lr = self.lr_now()
+        sums = _DeviceSums(xp, self.batch)
+        stop = None
+        with Progress(cfg.progress, total=nb, initial=self.batch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}") as bar:
+            for x, y in self.train_loader.epoch(self.epoch, self.batch):
+                if per_step:
+                    lr = self.opt.lr = self.lr_now()
+                probs = net.forward(x, y, train=True, step=self.step)
+                net.backward()
+                self.opt.step()
+                sums.add(xp, net.loss, probs, y)
+                self.batch += 1
+                self.step += 1
+                self.steps_this_run += 1
+                if self.batch % sync_every == 0 or self.batch == nb:
+                    done, dt = self._fold(sums)
+                    p = self.partial
+                    bar.update(done, loss=f"{p['loss'] / p['n']:.4f}", err=f"{p['err'] / p['n']:.4f}", lr=f"{lr:.4g}",
+                               ips=f"{done * cfg.batch_size / dt:.0f}")
+                stop = self.stop_reason()
+                if stop:
+                    break
+            if self.batch != sums.batch:  # stopped between two folds
+                self._fold(sums)
+        return stop
+
+    def _fold(self, sums):
+        """Read the device sums back into the epoch's totals; returns (batches folded, seconds since the last fold).
+        A non-finite loss stops training here."""
+        nbatches, since = self.batch - sums.batch, sums.time
+        dt = time.perf_counter() - since
+        loss = float(sums.loss)
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss} at epoch {self.epoch + 1}, step {self.step}: training diverged. "
+                f"Lower the learning rate (--lr, now {self.opt.lr:g}) or check the data / initialisation. "
+                f"The last good checkpoint is {self.out / 'checkpoint.npz'} (if any).")
+        p = self.partial
+        p["loss"] += loss
+        p["err"] += int(sums.err)
+        p["n"] += nbatches * self.cfg.batch_size
+        p["time"] += dt
+        now = time.perf_counter()
+        sums.reset(self.batch, now)
+        return nbatches, now - since
+
+    def stopped(self, stop):
+        """An early stop: checkpoint at the current position and say how to continue."""
+        path = self.save()
+        msg = "interrupted (Ctrl-C)" if stop == "interrupted" else f"stopped after {self.steps_this_run} steps"
+        self.log(f"{msg}: saved {path} at epoch {self.epoch + 1}, batch {self.batch}/{len(self.train_loader)}; "
+                 f"continue with --resume {self.out}")
+        return {"status": stop, "history": self.history}
+
+    def end_epoch(self, clock):
+        """Evaluate, record (history, log.jsonl, the log line), tell the schedule, go to the next epoch, checkpoint,
+        plot. ``clock``: the (wall, CPU) times at which the run (including resumed parts) started."""
+        te_loss, te1, te5, kept = self.evaluate(keep_probs=16)
+        rec = self._record(te_loss, te1, te5, clock)
+        self.history.append(rec)
+        self._logf.write(json.dumps(rec) + "\n")
+        self._logf.flush()
+        self._log_epoch(rec)
+        self.schedule.observe(te1)
+        self.epoch += 1
+        self.batch = 0
+        self.partial = _empty_totals()
+        self.save()
+        if self.cfg.plots:
+            self.make_plots(kept, final=self.epoch >= self.cfg.epochs)
+
+    def _record(self, te_loss, te1, te5, clock):
+        """The epoch's entry of the history (and of log.jsonl)."""
+        p = self.partial
+        return {"epoch": self.epoch + 1, "step": self.step, "lr": self.lr_now(start_of_epoch=True),
+                "train_loss": p["loss"] / p["n"], "train_error": p["err"] / p["n"], "test_loss": te_loss,
+                "test_error": te1, "test_top5_error": te5, "train_time_s": p["time"],
+                "elapsed_s": time.perf_counter() - clock[0], "cpu_s": time.process_time() - clock[1],
+                "images_per_s": p["n"] / p["time"] if p["time"] > 0 else None, "device": str(self.device)}
+
+    def _log_epoch(self, rec):
+        te1, te5 = rec["test_error"], rec["test_top5_error"]
+        t5 = f", top-5 {te5:.2%}" if te5 is not None else ""
+        self.log(f"epoch {rec['epoch']}: train loss {rec['train_loss']:.4f} error {rec['train_error']:.2%}; "
+                 f"test loss {rec['test_loss']:.4f} error {te1:.2%}{t5} (accuracy {1 - te1:.2%}); "
+                 f"{rec['images_per_s']:.0f} images/s, lr {rec['lr']:g}, {rec['elapsed_s']:.0f} s")
+
+    # --- plots -----------------------------------------------------------------------------------------------
+    def make_plots(self, kept, final=True):
+        """errors.png; at the end also filters.png and predictions.png. A failing plot is logged, never raised."""
+        from . import plots
+        first = next((l for l in self.net.order if l.type == "conv"), None)
+        try:
+            filters = None if first is None or not final else (self.device.to_numpy(first.params["w"]),
+                                                                f"{first.name} filters")
+            plots.training_plots(self.out, self.history, final=final, filters=filters, kept=kept,
+                                 images=self.dataset.test_x, classes=self.dataset.classes)
+        except Exception as e:  # noqa: BLE001 - plots never stop a training run
+            self.log(f"warning: plotting failed: {type(e).__name__}: {e}")

@@ -1,0 +1,152 @@
+"""Ops on a stream other than the current one: every allocation and every array-module call of an op is ordered on
+the op's ``stream``, so CuPy's per-stream memory pool never hands a buffer in use to another stream, and no part of
+an op runs ahead on the current stream.
+
+On the GPU each op runs on a non-default, busy stream and is compared with numpy. Off the GPU the same ops run on emu
+with a stand-in stream object, and the test proves from the allocation calls that every buffer an op allocates is
+allocated on the op's stream."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from convnet import ops
+from convnet.devices import Device
+from helpers import EMU, NUMPY, rand, to_host
+
+SHAPE_HELPERS = {"conv_output_shape", "pool_output_shape"}
+
+
+def _inputs(rng):
+    x = rand(rng, (8, 9, 9, 4))
+    w = rand(rng, (4, 3, 3, 6))
+    y = rand(rng, (6, 9, 9, 4))
+    p = rand(rng, (8, 4, 4, 4))
+    logits = rand(rng, (10, 5), low=-3, high=3)
+    labels = rng.integers(0, 10, 5).astype(np.int32)
+    fx, fw, fy = rand(rng, (12, 5)), rand(rng, (7, 12)), rand(rng, (7, 5))
+    return dict(x=x, w=w, y=y, p=p, b=rand(rng, (6,)), logits=logits, labels=labels, fx=fx, fw=fw, fy=fy)
+
+
+# op name -> call(dev, a, stream) where a holds the inputs on dev; the result is an array or a tuple of arrays/ints
+CALLS = {
+    "relu_forward": lambda d, a, s: ops.relu_forward(d, a["x"], stream=s),
+    "relu_backward": lambda d, a, s: ops.relu_backward(d, a["x"], a["x"], stream=s),
+    "dropout_forward": lambda d, a, s: ops.dropout_forward(d, a["x"], 0.5, 7, 3, stream=s),
+    "dropout_backward": lambda d, a, s: ops.dropout_backward(d, a["x"], 0.5, 7, 3, stream=s),
+    "dropout_mask": lambda d, a, s: ops.dropout_mask(d, (8, 9, 9, 4), 0.5, 7, 3, stream=s),
+    "conv_forward": lambda d, a, s: ops.conv_forward(d, a["x"], a["w"], a["b"], padding=1, groups=2, stream=s),
+    "conv_backward_data": lambda d, a, s: ops.conv_backward_data(d, a["y"], a["w"], (9, 9), padding=1, groups=2,
+                                                                 stream=s),
+    "conv_backward_filter": lambda d, a, s: ops.conv_backward_filter(d, a["x"], a["y"], 3, padding=1, groups=2,
+                                                                     stream=s),
+    "conv_backward_bias": lambda d, a, s: ops.conv_backward_bias(d, a["y"], stream=s),
+    "pool_forward": lambda d, a, s: ops.pool_forward(d, a["x"], mode="max", window=3, stride=2, stream=s),
+    "pool_backward": lambda d, a, s: ops.pool_backward(
+        d, a["x"], ops.pool_forward(d, a["x"], stream=s), a["p"], mode="max", window=3, stride=2, padding=0,
+        stream=s),
+    "lrn_forward": lambda d, a, s: ops.lrn_forward(d, a["x"], groups=2, stream=s),
+    "lrn_backward": lambda d, a, s: ops.lrn_backward(d, a["x"], None, None, a["x"], size=5, alpha=1e-2, beta=0.75,
+                                                     k=2.0, convention="sum", groups=2, stream=s),
+    "softmax_forward": lambda d, a, s: ops.softmax_forward(d, a["logits"], stream=s),
+    "softmax_cross_entropy": lambda d, a, s: ops.softmax_cross_entropy(d, a["logits"], a["labels"], stream=s),
+    "topk_errors": lambda d, a, s: ops.topk_errors(d, a["logits"], a["labels"], ks=(1, 3), stream=s),
+    "fc_forward": lambda d, a, s: ops.fc_forward(d, a["fx"], a["fw"], a["fy"][:, 0].copy(), stream=s),
+    "fc_backward_data": lambda d, a, s: ops.fc_backward_data(d, a["fy"], a["fw"], stream=s),
+    "fc_backward_weights": lambda d, a, s: ops.fc_backward_weights(d, a["fx"], a["fy"], stream=s),
+    "fc_backward_bias": lambda d, a, s: ops.fc_backward_bias(d, a["fy"], stream=s),
+}
+
+
+def test_every_op_is_listed():
+    assert set(CALLS) == set(ops.__all__) - SHAPE_HELPERS
+
+
+def _flatten(result):
+    items = result if isinstance(result, tuple) else (result,)
+    return [np.asarray(i) if isinstance(i, (int, np.integer)) else to_host(i) for i in items if i is not None]
+
+
+def _on(dev, arrays):
+    return {k: dev.asarray(v, v.dtype) for k, v in arrays.items()}
+
+
+class _Stream:
+    """A stand-in stream for the host devices (which ignore it): the identity the allocation checks look for."""
+
+
+def _busy_stream(dev):
+    if dev.kind != "cuda":
+        return _Stream()
+    import cupy as cp
+    dev.synchronize()  # the inputs, written on the current stream, are complete
+    with dev.activate():
+        s = cp.cuda.Stream(non_blocking=True)
+        with s:  # queue a few milliseconds of work ahead of the op
+            a = cp.ones((4096, 4096), cp.float32)
+            for _ in range(3):
+                a = a @ a * cp.float32(1e-4)
+    return s
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_op_on_a_busy_non_default_stream(kernel_device, name):
+    host = _inputs(np.random.default_rng(5))
+    want = _flatten(CALLS[name](NUMPY, host, None))
+    dev = kernel_device
+    stream = _busy_stream(dev)
+    got = CALLS[name](dev, _on(dev, host), stream)
+    if dev.kind == "cuda":
+        stream.synchronize()
+    got = _flatten(got)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_op_allocates_only_on_its_stream(monkeypatch, name):
+    """Every buffer an op allocates (outputs, scratch, workspaces) is allocated on the op's stream, and its
+    array-module work runs inside ``on_stream(stream)``."""
+    host = _inputs(np.random.default_rng(6))
+    a = _on(EMU, host)
+    stream = _Stream()
+    seen, entered = [], []
+    empty, zeros, on_stream = Device.empty, Device.zeros, Device.on_stream
+
+    def record_empty(self, shape, dtype=np.float32, stream=None):
+        seen.append(("empty", tuple(np.atleast_1d(shape)), stream))
+        return empty(self, shape, dtype, stream=stream)
+
+    def record_zeros(self, shape, dtype=np.float32, stream=None):
+        seen.append(("zeros", tuple(np.atleast_1d(shape)), stream))
+        return zeros(self, shape, dtype, stream=stream)
+
+    def record_on_stream(self, s=None):
+        entered.append(s)
+        return on_stream(self, s)
+
+    monkeypatch.setattr(Device, "empty", record_empty)
+    monkeypatch.setattr(Device, "zeros", record_zeros)
+    monkeypatch.setattr(Device, "on_stream", record_on_stream)
+    CALLS[name](EMU, a, stream)
+    assert seen, f"{name} allocated nothing through the device (its outputs must come from somewhere)"
+    wrong = [c for c in seen if c[2] is not stream]
+    assert not wrong, f"{name} allocated off its stream: {wrong}"
+    assert all(s is stream for s in entered), f"{name} entered on_stream with another stream: {entered}"
+
+
+@pytest.mark.parametrize("dev", [NUMPY, EMU], ids=str)
+def test_elementwise_in_place_but_never_partially_overlapping(dev):
+    buf = dev.asarray(rand(np.random.default_rng(1), (64,)))
+    x, shifted = buf[:48], buf[16:64]
+    assert ops.relu_forward(dev, x, out=x) is x  # exactly in place is fine
+    with pytest.raises(ValueError, match="partially overlaps x"):
+        ops.relu_forward(dev, x, out=shifted)
+    with pytest.raises(ValueError, match="partially overlaps dy"):
+        ops.relu_backward(dev, x.copy(), x, out=shifted)
+    with pytest.raises(ValueError, match="partially overlaps x"):
+        ops.dropout_forward(dev, x, 0.5, 1, out=shifted)
+    with pytest.raises(ValueError, match="partially overlaps dy"):
+        ops.dropout_backward(dev, x, 0.5, 1, out=shifted)
