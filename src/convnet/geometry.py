@@ -48,8 +48,15 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def _check_int32_arg(name: str, value: int) -> None:
+    """The kernels take sizes, strides and paddings as 32-bit ints: a larger value is a ValueError here, not
+    pybind11's "incompatible function arguments" at the launch."""
+    if value > INT32_MAX:
+        raise ValueError(f"{name} must be < 2**31 (the kernels take 32-bit integers), got {value}")
+
+
 def pair(name: str, value, *, minimum: int = 0) -> tuple[int, int]:
-    """An int or an (h, w) pair of ints, each >= minimum -> (h, w) of Python ints."""
+    """An int or an (h, w) pair of ints, each >= minimum and < 2**31 -> (h, w) of Python ints."""
     if _is_int(value):
         h = w = int(value)
     elif isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
@@ -58,6 +65,7 @@ def pair(name: str, value, *, minimum: int = 0) -> tuple[int, int]:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if h < minimum or w < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    _check_int32_arg(name, max(h, w))
     return h, w
 
 
@@ -66,6 +74,7 @@ def _count(name: str, value, *, minimum: int = 1) -> int:
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    _check_int32_arg(name, int(value))
     return int(value)
 
 
@@ -84,8 +93,24 @@ def _check_int32(**sizes) -> None:
             raise ValueError(f"{name} would have {size} elements; the kernels support fewer than 2**31")
 
 
+class _Window:
+    """What a convolution and a pooling geometry share: an input (C, H, W, N) swept by a strided, padded window."""
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return self.stride_h, self.stride_w
+
+    @property
+    def padding(self) -> tuple[int, int]:
+        return self.pad_h, self.pad_w
+
+    @property
+    def x_shape(self) -> tuple[int, int, int, int]:
+        return self.C, self.H, self.W, self.N
+
+
 @dataclass(frozen=True)
-class ConvGeometry:
+class ConvGeometry(_Window):
     """A (grouped, strided, padded) convolution. Group g uses input channels ``[g*Cg, (g+1)*Cg)`` and filters
     ``[g*Fg, (g+1)*Fg)``. Padding is implicit zeros."""
 
@@ -175,18 +200,6 @@ class ConvGeometry:
         return self.F // self.groups
 
     @property
-    def stride(self) -> tuple[int, int]:
-        return self.stride_h, self.stride_w
-
-    @property
-    def padding(self) -> tuple[int, int]:
-        return self.pad_h, self.pad_w
-
-    @property
-    def x_shape(self) -> tuple[int, int, int, int]:
-        return self.C, self.H, self.W, self.N
-
-    @property
     def w_shape(self) -> tuple[int, int, int, int]:
         return self.Cg, self.KH, self.KW, self.F
 
@@ -200,7 +213,7 @@ class ConvGeometry:
 
 
 @dataclass(frozen=True)
-class PoolGeometry:
+class PoolGeometry(_Window):
     """Max or average pooling, floor output rule; padding is never counted (avg divides by real inputs)."""
 
     C: int
@@ -246,20 +259,11 @@ class PoolGeometry:
         return self.window_h, self.window_w
 
     @property
-    def stride(self) -> tuple[int, int]:
-        return self.stride_h, self.stride_w
-
-    @property
-    def padding(self) -> tuple[int, int]:
-        return self.pad_h, self.pad_w
-
-    @property
-    def x_shape(self) -> tuple[int, int, int, int]:
-        return self.C, self.H, self.W, self.N
-
-    @property
     def y_shape(self) -> tuple[int, int, int, int]:
         return self.C, self.OH, self.OW, self.N
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _real(name: str, value, *, low: float, low_open: bool = False) -> float:
@@ -268,6 +272,8 @@ def _real(name: str, value, *, low: float, low_open: bool = False) -> float:
     value = float(value)
     if value < low or (low_open and value == low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if value > FLOAT32_MAX:  # the kernels take float32: a larger value would become inf
+        raise ValueError(f"{name} must be at most {FLOAT32_MAX:.4g} (the kernels take float32), got {value}")
     return value
 
 
@@ -296,6 +302,7 @@ class LrnGeometry:
             _count(name, getattr(self, name))
         if not _is_int(self.size) or self.size < 1:
             raise ValueError(f"size must be a positive int, got {self.size!r}")
+        _check_int32_arg("size", int(self.size))
         lrn_scale(1.0, self.size, self.convention)  # validates the convention
         object.__setattr__(self, "alpha", _real("alpha", self.alpha, low=0.0))
         object.__setattr__(self, "beta", _real("beta", self.beta, low=0.0))

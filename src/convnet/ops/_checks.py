@@ -20,10 +20,13 @@ def as_device(device) -> Device:
     raise TypeError(f"device must be a Device or a string like 'emu' or 'cuda:0', got {type(device).__name__}")
 
 
-def check_array(name: str, a, device: Device, *, ndim: int | None = None, shape=None, dtypes=None):
+def check_array(name: str, a, device: Device, *, ndim: int | None = None, shape=None, dtypes=None,
+                writeable: bool = False):
     """Check that ``a`` is a C-contiguous array of this device with the expected ndim/shape/dtype.
 
     ``shape`` may contain None for "any size" in that dimension. ``dtypes`` defaults to the device's float dtypes.
+    ``writeable=True`` (an op's output): a read-only array (a read-only memmap, ``np.frombuffer(bytes)``) is a
+    ValueError, never written (a kernel would crash on it or write into immutable memory).
     """
     if not device.is_array(a):
         raise TypeError(f"{name} must be a {device.array_name} for device {device}, got {device.describe_array(a)}")
@@ -40,6 +43,8 @@ def check_array(name: str, a, device: Device, *, ndim: int | None = None, shape=
             raise ValueError(f"{name} must have shape {want}, got {tuple(a.shape)}")
     if not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (use ascontiguousarray); got strides {a.strides}")
+    if writeable and not getattr(a.flags, "writeable", True):  # CuPy arrays have no such flag: always writeable
+        raise ValueError(f"{name} is read-only (flags.writeable is False): an op's output must be writeable")
     return a
 
 
@@ -57,8 +62,8 @@ def _span(dev, a):
     return start, start + a.nbytes
 
 
-def check_disjoint(dev, out_name, out, **inputs):
-    """ValueError if ``out`` overlaps any of ``inputs`` (the kernels read and write different buffers)."""
+def _overlaps(dev, out, inputs):
+    """(name, exactly the same span?) for each input whose memory overlaps ``out``."""
     if out is None:
         return
     o0, o1 = _span(dev, out)
@@ -67,20 +72,20 @@ def check_disjoint(dev, out_name, out, **inputs):
             continue
         a0, a1 = _span(dev, a)
         if o0 < a1 and a0 < o1:
-            raise ValueError(f"{out_name} must not overlap {name} (in-place is not supported by this op)")
+            yield name, (o0, o1) == (a0, a1)
+
+
+def check_disjoint(dev, out_name, out, **inputs):
+    """ValueError if ``out`` overlaps any of ``inputs`` (the kernels read and write different buffers)."""
+    for name, _ in _overlaps(dev, out, inputs):
+        raise ValueError(f"{out_name} must not overlap {name} (in-place is not supported by this op)")
 
 
 def check_in_place_or_disjoint(dev, out_name, out, **inputs):
     """ValueError if ``out`` partially overlaps an input: element-wise ops may run exactly in place (``out`` is the
     input itself, same address and size) but an offset overlap would read elements already overwritten."""
-    if out is None:
-        return
-    o0, o1 = _span(dev, out)
-    for name, a in inputs.items():
-        if a is None or a.nbytes == 0:
-            continue
-        a0, a1 = _span(dev, a)
-        if o0 < a1 and a0 < o1 and (o0, o1) != (a0, a1):
+    for name, same in _overlaps(dev, out, inputs):
+        if not same:
             raise ValueError(f"{out_name} partially overlaps {name}: pass the same array to work in place, "
                              f"or a disjoint one")
 
