@@ -144,12 +144,14 @@ def test_alexnet_one_tower_layers(kernel_device, g):
 
 
 @pytest.mark.parametrize("g", SMALL, ids=[g[0] for g in SMALL])
+@pytest.mark.sanitize
 def test_small_geometries(kernel_device, g):
     _run_and_check(kernel_device, g)
 
 
 @pytest.mark.parametrize("splits", [2, 3, 8])
 @pytest.mark.parametrize("g", SPLIT_CASES, ids=[g[0] for g in SPLIT_CASES])
+@pytest.mark.sanitize
 def test_filter_gradient_split(kernel_device, g, splits):
     """The filter gradient summed in chunks (partial sums + a reduction kernel), as the GPU plans do."""
     geo = _geometry(g)
@@ -200,6 +202,7 @@ def test_schedules_bit_identical(g):
 
 
 @pytest.mark.parametrize("g", [SMALL[0], SMALL[5], SMALL[8]], ids=["vec", "scalar", "split"])
+@pytest.mark.sanitize
 def test_alpha_beta_accumulate(kernel_device, g):
     with forced(kernel_device, wgrad_splits=3 if g is SMALL[8] else 0):
         _alpha_beta_cases(kernel_device, g)
@@ -256,6 +259,7 @@ def test_numpy_device_float64_and_accumulate():
     np.testing.assert_allclose(dw, ref.conv_backward_filter(x, dy, (kh, kw), **kwargs))
 
 
+@pytest.mark.sanitize
 def test_bias_gradient_odd_sizes(kernel_device):
     dev = kernel_device
     rng = np.random.default_rng(2)
@@ -302,13 +306,16 @@ def test_bad_inputs(devname):
         (ValueError, "spatial size", lambda: bwd_filter(dev, x, dy, (5, 5), padding=1, groups=2)),
         (ValueError, "at least 2-D", lambda: bwd_bias(dev, dy[0, 0, 0])),
     )
-    if devname == "emu":  # float32 only; and the kernels cannot run in place (the reference can)
-        sq = dev.asarray(np.zeros((6, 8, 8, 2), np.float32))
+    # out never overlaps an input, on every device (one rule: a call that works on numpy works on the kernels)
+    sq = dev.asarray(np.zeros((6, 8, 8, 2), np.float32))
+    assert_raises_each(
+        (ValueError, "must not overlap x",
+         lambda: fwd(dev, sq, dev.asarray(np.zeros((6, 3, 3, 6), np.float32)), padding=1, out=sq)),
+        (ValueError, "must not overlap dy", lambda: bwd_bias(dev, dy, out=dy.reshape(-1)[:6])),
+    )
+    if devname == "emu":  # float32 only
         assert_raises_each(
             (TypeError, "dtype", lambda: fwd(dev, x.astype(np.float64), w.astype(np.float64), padding=1, groups=2)),
-            (ValueError, "must not overlap x",
-             lambda: fwd(dev, sq, dev.asarray(np.zeros((6, 3, 3, 6), np.float32)), padding=1, out=sq)),
-            (ValueError, "must not overlap dy", lambda: bwd_bias(dev, dy, out=dy.reshape(-1)[:6])),
         )
 
 
@@ -360,6 +367,7 @@ N_TILE_ROWS = 7
 
 
 @pytest.mark.parametrize("row", range(N_TILE_ROWS))
+@pytest.mark.sanitize
 def test_every_tile_row(kernel_device, row):
     """Force each row of the dispatch table (both load paths) on ragged geometries."""
     k = kernel_device.kernels

@@ -1,13 +1,14 @@
 // Shared helpers for the pybind11 bindings (compiled into both convnet._emu and convnet._cuda).
 //
 // Bindings are deliberately thin and private: they take raw device addresses (uintptr_t) plus sizes, because the
-// same function must accept NumPy memory (emu) and CuPy memory (cuda). The Python op layer in convnet/ops/
+// same function must accept NumPy memory (emu) and CuPy memory (cuda). The Python op layer in src/convnet/ops/
 // validates types, shapes and devices first; launchers re-check sizes and throw std::invalid_argument.
 #pragma once
 
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "cuda_compat.h"
 
@@ -20,7 +21,13 @@ inline T* ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
 
 inline cudaStream_t stream(std::uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
-// Kernel launches (and emulated grids, which run synchronously) must not hold the GIL.
-using nogil = py::call_guard<py::gil_scoped_release>;
+// Registers a binding that launches work, with the GIL released for the call: a launch must not hold it (an
+// emulated grid runs synchronously on worker threads; a CUDA launch may block). pybind11 converts the arguments
+// first, with the GIL held (the geometry casters of bindings/geometry.h read Python attributes), so only `fn`
+// itself runs without it and must not touch Python objects. `extra`: py::arg(...) and the like, as for m.def.
+template <class Fn, class... Extra>
+void def_kernel(py::module_& m, const char* name, Fn&& fn, const Extra&... extra) {
+  m.def(name, std::forward<Fn>(fn), py::call_guard<py::gil_scoped_release>(), extra...);
+}
 
 }  // namespace convnet::bind

@@ -7,31 +7,38 @@
 
 using namespace convnet::bind;
 using convnet::ConvGeometry;
+using convnet::ConvPass;
 
 void bind_conv(py::module_& m) {
-  m.def("conv_forward", [](std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t y,
-                           const ConvGeometry& g, float alpha, float beta, std::uintptr_t s) {
+  py::enum_<ConvPass>(m, "ConvPass", "The three convolutions (conv_plan's first argument)")
+      .value("forward", ConvPass::forward)
+      .value("backward_data", ConvPass::backward_data)
+      .value("backward_filter", ConvPass::backward_filter);
+
+  def_kernel(m, "conv_forward", [](std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t y,
+                                   const ConvGeometry& g, float alpha, float beta, std::uintptr_t s) {
     convnet::conv_forward(g, ptr<const float>(x), ptr<const float>(w), ptr<const float>(bias), ptr(y), alpha, beta,
                           stream(s));
-  }, nogil());
-  m.def("conv_backward_data", [](std::uintptr_t dy, std::uintptr_t w, std::uintptr_t dx, const ConvGeometry& g,
-                                 float alpha, float beta, std::uintptr_t s) {
-    convnet::conv_backward_data(g, ptr<const float>(dy), ptr<const float>(w), ptr(dx), alpha, beta, stream(s));
-  }, nogil());
-  m.def("conv_plan", [](int op, const ConvGeometry& g) { return convnet::conv_plan(op, g); });
-  m.def("conv_tile_count", &convnet::conv_tile_count);
-  m.def("conv_set_tile_override", &convnet::conv_set_tile_override, py::arg("row"), py::arg("wgrad_splits") = 0);
-  m.def("conv_backward_filter_workspace", [](const ConvGeometry& g) {
-    return convnet::conv_backward_filter_workspace(g);
   });
-  m.def("conv_backward_filter", [](std::uintptr_t x, std::uintptr_t dy, std::uintptr_t dw, std::uintptr_t ws,
-                                   std::int64_t ws_floats, const ConvGeometry& g, float alpha, float beta,
-                                   std::uintptr_t s) {
+  def_kernel(m, "conv_backward_data", [](std::uintptr_t dy, std::uintptr_t w, std::uintptr_t dx,
+                                         const ConvGeometry& g, float alpha, float beta, std::uintptr_t s) {
+    convnet::conv_backward_data(g, ptr<const float>(dy), ptr<const float>(w), ptr(dx), alpha, beta, stream(s));
+  });
+  def_kernel(m, "conv_backward_filter", [](std::uintptr_t x, std::uintptr_t dy, std::uintptr_t dw, std::uintptr_t ws,
+                                           std::int64_t ws_floats, const ConvGeometry& g, float alpha, float beta,
+                                           std::uintptr_t s) {
     convnet::conv_backward_filter(g, ptr<const float>(x), ptr<const float>(dy), ptr(dw), ptr(ws), ws_floats, alpha,
                                   beta, stream(s));
-  }, nogil());
-  m.def("conv_backward_bias", [](std::uintptr_t dy, std::uintptr_t db, int F, std::int64_t per_filter, float alpha,
-                                 float beta, std::uintptr_t s) {
+  });
+  def_kernel(m, "conv_backward_bias", [](std::uintptr_t dy, std::uintptr_t db, int F, std::int64_t per_filter,
+                                         float alpha, float beta, std::uintptr_t s) {
     convnet::conv_backward_bias(ptr<const float>(dy), ptr(db), F, per_filter, alpha, beta, stream(s));
-  }, nogil());
+  });
+
+  // Planning (no launch): the workspace the filter gradient needs, and for tests, benchmarks and tuning the
+  // launch a pass would get and the dispatch-table override.
+  m.def("conv_backward_filter_workspace", &convnet::conv_backward_filter_workspace);
+  m.def("conv_plan", &convnet::conv_plan);
+  m.def("conv_tile_count", &convnet::conv_tile_count);
+  m.def("conv_set_tile_override", &convnet::conv_set_tile_override, py::arg("row"), py::arg("wgrad_splits") = 0);
 }

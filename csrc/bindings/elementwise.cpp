@@ -1,22 +1,23 @@
-// Bindings for csrc/kernels/elementwise.cu (ReLU, dropout). Called from convnet/ops/elementwise.py.
+// Bindings for csrc/kernels/elementwise.cu (ReLU, dropout). Called from src/convnet/ops/elementwise.py.
 #include "bindings/common.h"
 #include "kernels/elementwise.h"
 
 using namespace convnet::bind;
 
 void bind_elementwise(py::module_& m) {
-  m.def("relu_forward", [](std::uintptr_t x, std::uintptr_t y, std::int64_t n, std::uintptr_t s) {
+  def_kernel(m, "relu_forward", [](std::uintptr_t x, std::uintptr_t y, std::int64_t n, std::uintptr_t s) {
     convnet::relu_forward(ptr<const float>(x), ptr(y), n, stream(s));
-  }, nogil());
-  m.def("relu_backward", [](std::uintptr_t y, std::uintptr_t dy, std::uintptr_t dx, std::int64_t n, std::uintptr_t s) {
+  });
+  def_kernel(m, "relu_backward", [](std::uintptr_t y, std::uintptr_t dy, std::uintptr_t dx, std::int64_t n,
+                                    std::uintptr_t s) {
     convnet::relu_backward(ptr<const float>(y), ptr<const float>(dy), ptr(dx), n, stream(s));
-  }, nogil());
-  m.def("dropout_apply", [](std::uintptr_t x, std::uintptr_t y, std::int64_t n, std::uint64_t threshold, float scale,
-                            std::uint64_t seed, std::uint64_t offset, std::uintptr_t s) {
+  });
+  def_kernel(m, "dropout_apply", [](std::uintptr_t x, std::uintptr_t y, std::int64_t n, std::uint64_t threshold,
+                                    float scale, std::uint64_t seed, std::uint64_t offset, std::uintptr_t s) {
     convnet::dropout_apply(ptr<const float>(x), ptr(y), n, threshold, scale, seed, offset, stream(s));
-  }, nogil());
-  m.def("dropout_mask", [](std::uintptr_t mask, std::int64_t n, std::uint64_t threshold, std::uint64_t seed,
-                           std::uint64_t offset, std::uintptr_t s) {
+  });
+  def_kernel(m, "dropout_mask", [](std::uintptr_t mask, std::int64_t n, std::uint64_t threshold, std::uint64_t seed,
+                                   std::uint64_t offset, std::uintptr_t s) {
     convnet::dropout_mask(ptr<std::uint8_t>(mask), n, threshold, seed, offset, stream(s));
-  }, nogil());
+  });
 }

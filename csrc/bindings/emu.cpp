@@ -22,7 +22,6 @@ cuemu::Schedule parse_schedule(const std::string& name) {
 template <class T>
 using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
-
 }  // namespace
 
 void bind_emulator(py::module_& m) {
@@ -63,8 +62,10 @@ void bind_emulator(py::module_& m) {
   t.def("case_names", &cuemu_selftest::case_names);
   t.def("last_error", []() { return static_cast<int>(cudaGetLastError()); },
         "cudaGetLastError() as an int (the emulator throws instead of leaving sticky errors: always 0)");
-  t.def("spin", &cuemu_selftest::spin, py::arg("seconds"), py::call_guard<py::gil_scoped_release>());
-  t.def("run_case", &cuemu_selftest::run_case, py::arg("name"), py::call_guard<py::gil_scoped_release>());
+  convnet::bind::def_kernel(t, "spin", &cuemu_selftest::spin, py::arg("seconds"));
+  convnet::bind::def_kernel(t, "run_case", &cuemu_selftest::run_case, py::arg("name"));
+  // The functions below take and return NumPy arrays, so they allocate with the GIL held and release it around
+  // the launch only.
   t.def(
       "transpose",
       [](carray<float> x, bool barrier) {

@@ -45,8 +45,8 @@ struct type_caster<convnet::ConvGeometry> {
 };
 
 template <>
-struct type_caster<convnet::PoolGeom> {
-  PYBIND11_TYPE_CASTER(convnet::PoolGeom, const_name("PoolGeometry"));
+struct type_caster<convnet::PoolGeometry> {
+  PYBIND11_TYPE_CASTER(convnet::PoolGeometry, const_name("PoolGeometry"));
   bool load(handle src, bool) {
     using convnet::bind::int_field;
     value = convnet::pool_geometry(int_field(src, "C"), int_field(src, "H"), int_field(src, "W"), int_field(src, "N"),
@@ -60,8 +60,8 @@ struct type_caster<convnet::PoolGeom> {
 // One launch normalises one group: Python passes LrnGeometry.group() (groups == 1); `a` is alpha with the
 // convention resolved.
 template <>
-struct type_caster<convnet::LrnGeom> {
-  PYBIND11_TYPE_CASTER(convnet::LrnGeom, const_name("LrnGeometry"));
+struct type_caster<convnet::LrnGeometry> {
+  PYBIND11_TYPE_CASTER(convnet::LrnGeometry, const_name("LrnGeometry"));
   bool load(handle src, bool) {
     using convnet::bind::float_field;
     using convnet::bind::int_field;

@@ -1,4 +1,4 @@
-// Bindings for csrc/kernels/softmax.cu. Called from convnet/ops/softmax.py.
+// Bindings for csrc/kernels/softmax.cu. Called from src/convnet/ops/softmax.py.
 #include "bindings/common.h"
 #include "kernels/softmax.h"
 
@@ -9,22 +9,22 @@
 using namespace convnet::bind;
 
 void bind_softmax(py::module_& m) {
-  m.def("softmax_cross_entropy", [](std::uintptr_t logits, std::uintptr_t labels, std::uintptr_t probs,
-                                    std::uintptr_t dlogits, std::uintptr_t loss_per_image, std::uintptr_t loss_sum,
-                                    int K, int N, std::uintptr_t s) {
+  def_kernel(m, "softmax_cross_entropy", [](std::uintptr_t logits, std::uintptr_t labels, std::uintptr_t probs,
+                                            std::uintptr_t dlogits, std::uintptr_t loss_per_image,
+                                            std::uintptr_t loss_sum, int K, int N, std::uintptr_t s) {
     convnet::softmax_cross_entropy(ptr<const float>(logits), ptr<const int>(labels), ptr(probs), ptr(dlogits),
                                    ptr(loss_per_image), ptr(loss_sum), K, N, stream(s));
-  }, nogil());
-  m.def("softmax_forward", [](std::uintptr_t logits, std::uintptr_t probs, int K, int N, std::uintptr_t s) {
+  });
+  def_kernel(m, "softmax_forward", [](std::uintptr_t logits, std::uintptr_t probs, int K, int N, std::uintptr_t s) {
     convnet::softmax_forward(ptr<const float>(logits), ptr(probs), K, N, stream(s));
-  }, nogil());
-  m.def("topk_errors", [](std::uintptr_t scores, std::uintptr_t labels, std::uintptr_t errors, std::vector<int> ks,
-                          int K, int N, std::uintptr_t s) {
+  });
+  def_kernel(m, "topk_errors", [](std::uintptr_t scores, std::uintptr_t labels, std::uintptr_t errors,
+                                  std::vector<int> ks, int K, int N, std::uintptr_t s) {
     if (ks.empty() || ks.size() > static_cast<size_t>(convnet::kMaxTopK))
       throw std::invalid_argument("topk_errors: between 1 and 8 values of k");
     convnet::TopKList list{};
     list.count = static_cast<int>(ks.size());
     for (size_t i = 0; i < ks.size(); ++i) list.ks[i] = ks[i];
     convnet::topk_errors(ptr<const float>(scores), ptr<const int>(labels), ptr<int>(errors), list, K, N, stream(s));
-  }, nogil());
+  });
 }

@@ -23,6 +23,7 @@
 
 namespace convnet {
 
+// The C++ twin of src/convnet/geometry.py's ConvGeometry (same field names; bindings/geometry.h reads it by name).
 struct ConvGeometry {
   int C, H, W, N;      // input
   int F, KH, KW;       // filters (w is (C/groups, KH, KW, F))
@@ -34,9 +35,14 @@ struct ConvGeometry {
 ConvGeometry conv_geometry(int C, int H, int W, int N, int F, int KH, int KW, int stride_h, int stride_w,
                            int pad_h, int pad_w, int groups);
 
-// The launch the dispatch table picks for op 0 (forward), 1 (backward_data) or 2 (backward_filter), in words
-// (tile, vector path assuming aligned pointers, grid, splits): for tests, benchmarks and performance notes.
-std::string conv_plan(int op, const ConvGeometry& g);
+// The three convolutions (kernels in conv_kernels.cuh: one implicit-GEMM template serves all three, a direct kernel
+// the input gradient of few channels). Bound as convnet._emu/_cuda.ConvPass (forward, backward_data, backward_filter).
+enum class ConvPass : int { forward = 0, backward_data = 1, backward_filter = 2 };
+constexpr int kNumConvPasses = 3;
+
+// The launch the dispatch table picks for this pass, in words (tile, vector path assuming aligned pointers, grid,
+// splits): for tests, benchmarks and performance notes.
+std::string conv_plan(ConvPass pass, const ConvGeometry& g);
 
 // Tests and tuning only: force row `row` of the dispatch table for every later launch whose path (16-byte or
 // scalar) that row has (-1: automatic), and the number of K chunks of the filter gradient (0: automatic; capped

@@ -6,6 +6,8 @@
 // consecutive elements, because one Philox call yields four 32-bit numbers: element i uses word i % 4 of
 // philox(counter = (i / 4, offset), key = seed).
 // Requirements: none on n (the ragged tail is handled); in-place (x == y) is allowed, so no __restrict__.
+#include "cuda_compat.h"
+#include "kernels/chwn_vec.h"
 #include "kernels/elementwise.h"
 #include "kernels/philox.h"
 
@@ -15,13 +17,6 @@ namespace {
 constexpr int kThreads = 256;
 // Enough blocks to fill any current GPU several times over; more just adds scheduling overhead.
 constexpr std::int64_t kMaxBlocks = 8192;
-
-unsigned grid_for(std::int64_t work_items) {
-  const std::int64_t blocks = (work_items + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
-}
-
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 __device__ __forceinline__ float relu(float v) { return v > 0.f ? v : 0.f; }  // NaN -> 0, -0 -> +0
 __device__ __forceinline__ float relu_grad(float y, float dy) { return y > 0.f ? dy : 0.f; }
@@ -122,9 +117,10 @@ void relu_forward(const float* x, float* y, std::int64_t n, cudaStream_t stream)
   check_common(n, x, y);
   if (n == 0) return;
   if (aligned16(x) && aligned16(y))
-    launch(relu_forward_kernel<true>, dim3(grid_for((n + 3) / 4)), dim3(kThreads), 0, stream, x, y, n);
+    launch(relu_forward_kernel<true>, dim3(grid_for((n + 3) / 4, kThreads, kMaxBlocks)), dim3(kThreads), 0, stream,
+           x, y, n);
   else
-    launch(relu_forward_kernel<false>, dim3(grid_for(n)), dim3(kThreads), 0, stream, x, y, n);
+    launch(relu_forward_kernel<false>, dim3(grid_for(n, kThreads, kMaxBlocks)), dim3(kThreads), 0, stream, x, y, n);
 }
 
 void relu_backward(const float* y, const float* dy, float* dx, std::int64_t n, cudaStream_t stream) {
@@ -132,9 +128,11 @@ void relu_backward(const float* y, const float* dy, float* dx, std::int64_t n, c
   check_common(n, dx, dx);
   if (n == 0) return;
   if (aligned16(y) && aligned16(dy) && aligned16(dx))
-    launch(relu_backward_kernel<true>, dim3(grid_for((n + 3) / 4)), dim3(kThreads), 0, stream, y, dy, dx, n);
+    launch(relu_backward_kernel<true>, dim3(grid_for((n + 3) / 4, kThreads, kMaxBlocks)), dim3(kThreads), 0, stream,
+           y, dy, dx, n);
   else
-    launch(relu_backward_kernel<false>, dim3(grid_for(n)), dim3(kThreads), 0, stream, y, dy, dx, n);
+    launch(relu_backward_kernel<false>, dim3(grid_for(n, kThreads, kMaxBlocks)), dim3(kThreads), 0, stream, y, dy,
+           dx, n);
 }
 
 void dropout_apply(const float* x, float* y, std::int64_t n, std::uint64_t keep_threshold, float scale,
@@ -142,7 +140,7 @@ void dropout_apply(const float* x, float* y, std::int64_t n, std::uint64_t keep_
   check_common(n, x, y);
   CONVNET_REQUIRE(keep_threshold <= (std::uint64_t(1) << 32), "keep threshold must be at most 2^32");
   if (n == 0) return;
-  const unsigned grid = grid_for((n + 3) / 4);
+  const unsigned grid = grid_for((n + 3) / 4, kThreads, kMaxBlocks);
   if (aligned16(x) && aligned16(y))
     launch(dropout_kernel<true>, dim3(grid), dim3(kThreads), 0, stream, x, y, n, keep_threshold, scale, seed, offset);
   else
@@ -154,8 +152,8 @@ void dropout_mask(std::uint8_t* mask, std::int64_t n, std::uint64_t keep_thresho
   check_common(n, mask, mask);
   CONVNET_REQUIRE(keep_threshold <= (std::uint64_t(1) << 32), "keep threshold must be at most 2^32");
   if (n == 0) return;
-  launch(dropout_mask_kernel, dim3(grid_for((n + 3) / 4)), dim3(kThreads), 0, stream, mask, n, keep_threshold, seed,
-         offset);
+  launch(dropout_mask_kernel, dim3(grid_for((n + 3) / 4, kThreads, kMaxBlocks)), dim3(kThreads), 0, stream, mask, n,
+         keep_threshold, seed, offset);
 }
 
 }  // namespace convnet

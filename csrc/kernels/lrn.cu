@@ -1,19 +1,25 @@
-// Cross-map LRN, CHWN. See lrn.h / convnet/reference/lrn.py.
+// Cross-map LRN, CHWN. See lrn.h / src/convnet/reference/lrn.py.
 //
 // One thread per (pixel, VEC images, channel segment): it walks its segment of channels keeping the window in
 // registers (a shift register, compile-time sizes 3 and 5, AlexNet's; other sizes take a generic path that re-reads
 // the window through L1), so each input is read from memory once per segment (plus a halo of size-1 maps) and
 // every access is a coalesced 16-byte-per-thread row along the images.  Channels are split into segments only to
-// put enough threads in flight (several waves on a 132-SM H100 at AlexNet shapes).
+// put enough threads in flight (several waves on a 132-SM H100 at AlexNet shapes); lrn_thread() below is the
+// mapping every kernel shares.
 //
-// Forward writes y and denom (the backward pass reuses both: no window sums of squares are recomputed).
-// Backward keeps three shift registers: t_j = dy_j y_j / denom_j over the reversed window, and dy, denom for the
-// centre map, so per channel it reads x, dy, y, denom once and writes dx once.
+// Forward writes y, and denom when asked (the reuse backward reads it).
+// Backward, two exact variants (lrn.h):
+//   recompute (the default): reads x and dy only. A shift register of x over the forward window of the leading
+//     map recomputes denom_j and y_j in registers, with the forward's operations in the forward's order
+//     (bit-identical to what the forward wrote); two more hold t_j = dy_j y_j / denom_j and q_j = denom_j^-beta dy_j
+//     over the reversed window (the maps whose window contains the centre).
+//   reuse: reads x, y, denom and dy (what the forward wrote); shift registers of t_j and q_j as above.
+// Either way every map is read once per segment and dx is written once.
 // Summation orders follow the reference (centre, then maps below, then maps above), so the emu matches the NumPy
 // float32 reference closely; __powf (exp2/log2 intrinsics) is used for denom^-beta.
 #include "cuda_compat.h"
+#include "kernels/chwn_vec.h"
 #include "kernels/lrn.h"
-#include "kernels/pool_vec.h"
 
 #include <cmath>
 #include <stdexcept>
@@ -22,30 +28,46 @@
 namespace convnet {
 namespace {
 
-using memb::VecF;
-using memb::vload;
-using memb::vstore;
-using memb::vfill;
-
 constexpr int kThreads = 128;
 
 __device__ __forceinline__ float lrn_pow(float d, float beta) { return __powf(d, -beta); }
 
-// ---- compile-time window (register shift registers) -------------------------------------------------------------
-template <int VEC, int SIZE>
-__global__ void lrn_fwd_kernel(const float* __restrict__ x, float* __restrict__ y, float* __restrict__ denom,
-                               LrnGeom g, int seg) {
-  constexpr int B = SIZE / 2;          // maps below the centre
-  constexpr int A = (SIZE - 1) / 2;    // maps above
+// The prologue of every LRN kernel: which (pixel, VEC images) item and which channel segment this thread owns.
+//   grid: ceil(P*N/VEC / kThreads) x nseg blocks, 1-D, the segment index fastest (blockIdx.x % nseg), so
+//         neighbouring segments, which share halo maps, run together and the halo hits L2;
+//   item: idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x = pixel * N/VEC + image vector.
+// Returns false for a thread past the last item, which must return at once (the kernels have no barriers).
+struct LrnThread {
+  int c0, c1;   // the channel segment [c0, c1), seg maps long (the last one shorter)
+  size_t cs;    // channel stride P*N
+  size_t base;  // offset of the thread's VEC images within a channel
+};
+
+template <int VEC>
+__device__ __forceinline__ bool lrn_thread(const LrnGeometry& g, int seg, LrnThread& t) {
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
   const unsigned items = static_cast<unsigned>(g.P) * NV;
-  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
-  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
-  if (idx >= items) return;
-  const int c0 = (blockIdx.x % nseg) * seg;
-  const int c1 = min(g.C, c0 + seg);
-  const size_t cs = static_cast<size_t>(g.P) * g.N;                 // channel stride
-  const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
+  const unsigned nseg = (g.C + seg - 1) / seg;
+  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;
+  if (idx >= items) return false;
+  t.c0 = (blockIdx.x % nseg) * seg;
+  t.c1 = min(g.C, t.c0 + seg);
+  t.cs = static_cast<size_t>(g.P) * g.N;
+  t.base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
+  return true;
+}
+
+// ---- compile-time window (register shift registers) -------------------------------------------------------------
+// Forward, SIZE = 3 or 5: ring win holds x over the window of the current centre c, shifted by one map per step.
+template <int VEC, int SIZE>
+__global__ void lrn_fwd_kernel(const float* __restrict__ x, float* __restrict__ y, float* __restrict__ denom,
+                               LrnGeometry g, int seg) {
+  constexpr int B = SIZE / 2;          // maps below the centre
+  constexpr int A = (SIZE - 1) / 2;    // maps above
+  LrnThread th;
+  if (!lrn_thread<VEC>(g, seg, th)) return;
+  const int c0 = th.c0, c1 = th.c1;
+  const size_t cs = th.cs, base = th.base;
   // win[j] = x[c - B + j] (0 outside [0, C)), for the current centre c
   VecF<VEC> win[SIZE];
 #pragma unroll
@@ -85,18 +107,13 @@ __global__ void lrn_fwd_kernel(const float* __restrict__ x, float* __restrict__ 
 template <int VEC, int SIZE>
 __global__ void __launch_bounds__(kThreads) lrn_bwd_recompute_kernel(const float* __restrict__ x,
                                                                      const float* __restrict__ dy,
-                                                                     float* __restrict__ dx, LrnGeom g, int seg) {
+                                                                     float* __restrict__ dx, LrnGeometry g, int seg) {
   constexpr int B = SIZE / 2;
   constexpr int A = (SIZE - 1) / 2;
-  const unsigned NV = static_cast<unsigned>(g.N) / VEC;
-  const unsigned items = static_cast<unsigned>(g.P) * NV;
-  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
-  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
-  if (idx >= items) return;
-  const int c0 = (blockIdx.x % nseg) * seg;
-  const int c1 = min(g.C, c0 + seg);
-  const size_t cs = static_cast<size_t>(g.P) * g.N;
-  const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
+  LrnThread th;
+  if (!lrn_thread<VEC>(g, seg, th)) return;
+  const int c0 = th.c0, c1 = th.c1;
+  const size_t cs = th.cs, base = th.base;
   const float coef = 2.0f * g.a * g.beta;
   const int L0 = c0 - A;                        // first leading map: fills the reversed window of c0
   VecF<VEC> xr[SIZE], t[SIZE], q[SIZE];   // q_j = denom_j^-beta * dy_j (only q[A..] is ever live)
@@ -149,21 +166,18 @@ __global__ void __launch_bounds__(kThreads) lrn_bwd_recompute_kernel(const float
   }
 }
 
+// Backward, reuse variant (reads x, y, denom, dy), SIZE = 3 or 5: rings t/q hold dy_j y_j / denom_j and
+// denom_j^-beta dy_j for j in [c-A, c+B], the maps whose window contains the centre c.
 template <int VEC, int SIZE>
 __global__ void lrn_bwd_kernel(const float* __restrict__ x, const float* __restrict__ y,
                                const float* __restrict__ denom, const float* __restrict__ dy, float* __restrict__ dx,
-                               LrnGeom g, int seg) {
+                               LrnGeometry g, int seg) {
   constexpr int A = (SIZE - 1) / 2;    // reversed window: maps j in [c - A, c + B] contain c in their window
   constexpr int B = SIZE / 2;
-  const unsigned NV = static_cast<unsigned>(g.N) / VEC;
-  const unsigned items = static_cast<unsigned>(g.P) * NV;
-  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
-  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
-  if (idx >= items) return;
-  const int c0 = (blockIdx.x % nseg) * seg;
-  const int c1 = min(g.C, c0 + seg);
-  const size_t cs = static_cast<size_t>(g.P) * g.N;
-  const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
+  LrnThread th;
+  if (!lrn_thread<VEC>(g, seg, th)) return;
+  const int c0 = th.c0, c1 = th.c1;
+  const size_t cs = th.cs, base = th.base;
   const float coef = 2.0f * g.a * g.beta;
   // t[j] = dy y / denom and q[j] = denom^-beta dy at map c - A + j (centre = index A)
   VecF<VEC> t[SIZE], q[SIZE];
@@ -210,7 +224,7 @@ __global__ void lrn_bwd_kernel(const float* __restrict__ x, const float* __restr
 // construction. Also returns x at map c.
 template <int VEC>
 __device__ __forceinline__ VecF<VEC> window_sum_sq(const float* __restrict__ x, size_t cs, size_t base, int c,
-                                                   const LrnGeom& g, VecF<VEC>& xc) {
+                                                   const LrnGeometry& g, VecF<VEC>& xc) {
   const int B = g.size / 2, A = (g.size - 1) / 2;
   xc = vload<VEC>(x + c * cs + base);
   VecF<VEC> s;
@@ -232,7 +246,7 @@ __device__ __forceinline__ VecF<VEC> window_sum_sq(const float* __restrict__ x, 
 // The backward's sum over the maps j whose window contains map c (j in [c - A, c + B]) of tval(j), in a fixed
 // order (c, then below, then above). tval(j, out) computes map j's term.
 template <int VEC, class Term>
-__device__ __forceinline__ VecF<VEC> adjoint_window_sum(int c, const LrnGeom& g, const Term& tval) {
+__device__ __forceinline__ VecF<VEC> adjoint_window_sum(int c, const LrnGeometry& g, const Term& tval) {
   const int A = (g.size - 1) / 2, B = g.size / 2;
   VecF<VEC> s, tv;
   tval(c, s);
@@ -249,16 +263,14 @@ __device__ __forceinline__ VecF<VEC> adjoint_window_sum(int c, const LrnGeom& g,
   return s;
 }
 
+// Forward, any size.
 template <int VEC>
 __global__ void lrn_fwd_generic(const float* __restrict__ x, float* __restrict__ y, float* __restrict__ denom,
-                                LrnGeom g, int seg) {
-  const unsigned NV = static_cast<unsigned>(g.N) / VEC;
-  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
-  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
-  if (idx >= static_cast<unsigned>(g.P) * NV) return;
-  const int c0 = (blockIdx.x % nseg) * seg, c1 = min(g.C, c0 + seg);
-  const size_t cs = static_cast<size_t>(g.P) * g.N;
-  const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
+                                LrnGeometry g, int seg) {
+  LrnThread th;
+  if (!lrn_thread<VEC>(g, seg, th)) return;
+  const int c0 = th.c0, c1 = th.c1;
+  const size_t cs = th.cs, base = th.base;
   for (int c = c0; c < c1; ++c) {
     VecF<VEC> xc;
     const VecF<VEC> s = window_sum_sq<VEC>(x, cs, base, c, g, xc);
@@ -273,17 +285,15 @@ __global__ void lrn_fwd_generic(const float* __restrict__ x, float* __restrict__
   }
 }
 
-// Generic-size backward without denom/y: recomputes denom_j over each map's window (O(size^2) L1-resident reads).
+// Generic-size backward, recompute variant (x and dy only): recomputes denom_j over each map's window
+// (O(size^2) L1-resident reads).
 template <int VEC>
 __global__ void lrn_bwd_recompute_generic(const float* __restrict__ x, const float* __restrict__ dy,
-                                          float* __restrict__ dx, LrnGeom g, int seg) {
-  const unsigned NV = static_cast<unsigned>(g.N) / VEC;
-  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
-  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
-  if (idx >= static_cast<unsigned>(g.P) * NV) return;
-  const int c0 = (blockIdx.x % nseg) * seg, c1 = min(g.C, c0 + seg);
-  const size_t cs = static_cast<size_t>(g.P) * g.N;
-  const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
+                                          float* __restrict__ dx, LrnGeometry g, int seg) {
+  LrnThread th;
+  if (!lrn_thread<VEC>(g, seg, th)) return;
+  const int c0 = th.c0, c1 = th.c1;
+  const size_t cs = th.cs, base = th.base;
   const float coef = 2.0f * g.a * g.beta;
   // denom_j and its power, the forward's operations in the forward's order
   auto denom_at = [&](int j, VecF<VEC>& d, VecF<VEC>& xj) {
@@ -310,17 +320,15 @@ __global__ void lrn_bwd_recompute_generic(const float* __restrict__ x, const flo
   }
 }
 
+// Generic-size backward, reuse variant: reads y and denom of every map of the reversed window.
 template <int VEC>
 __global__ void lrn_bwd_generic(const float* __restrict__ x, const float* __restrict__ y,
                                 const float* __restrict__ denom, const float* __restrict__ dy, float* __restrict__ dx,
-                                LrnGeom g, int seg) {
-  const unsigned NV = static_cast<unsigned>(g.N) / VEC;
-  const unsigned nseg = (g.C + seg - 1) / seg;     // segment index fastest: neighbouring segments (which share
-  const unsigned idx = (blockIdx.x / nseg) * blockDim.x + threadIdx.x;  // halo maps) run together, halo hits L2
-  if (idx >= static_cast<unsigned>(g.P) * NV) return;
-  const int c0 = (blockIdx.x % nseg) * seg, c1 = min(g.C, c0 + seg);
-  const size_t cs = static_cast<size_t>(g.P) * g.N;
-  const size_t base = static_cast<size_t>(idx / NV) * g.N + (idx % NV) * VEC;
+                                LrnGeometry g, int seg) {
+  LrnThread th;
+  if (!lrn_thread<VEC>(g, seg, th)) return;
+  const int c0 = th.c0, c1 = th.c1;
+  const size_t cs = th.cs, base = th.base;
   const float coef = 2.0f * g.a * g.beta;
   auto tval = [&](int cj, VecF<VEC>& tv) {
     const size_t o = cj * cs + base;
@@ -341,7 +349,7 @@ __global__ void lrn_bwd_generic(const float* __restrict__ x, const float* __rest
 
 // Channel segment length: enough threads for ~4 waves of 2048 threads on 132 SMs, segments of >= 16 maps so the
 // halo (size-1 maps re-read per segment) stays small.
-int segment_length(const LrnGeom& g, int vec) {
+int segment_length(const LrnGeometry& g, int vec) {
   const long long threads = 1ll * g.P * (g.N / vec);
   const long long want = 4ll * 132 * 2048;
   long long nseg = (want + threads - 1) / threads;
@@ -352,7 +360,7 @@ int segment_length(const LrnGeom& g, int vec) {
 }
 
 template <int VEC>
-void fwd_dispatch(const float* x, float* y, float* d, const LrnGeom& g, cudaStream_t s) {
+void fwd_dispatch(const float* x, float* y, float* d, const LrnGeometry& g, cudaStream_t s) {
   const int seg = segment_length(g, VEC);
   const unsigned items = static_cast<unsigned>(g.P) * (g.N / VEC);
   const dim3 grid(ceil_div(items, kThreads) * ceil_div(g.C, seg)), block(kThreads);
@@ -362,7 +370,7 @@ void fwd_dispatch(const float* x, float* y, float* d, const LrnGeom& g, cudaStre
 }
 
 template <int VEC>
-void bwd_dispatch(const float* x, const float* y, const float* d, const float* dy, float* dx, const LrnGeom& g,
+void bwd_dispatch(const float* x, const float* y, const float* d, const float* dy, float* dx, const LrnGeometry& g,
                   bool reuse, cudaStream_t s) {
   const int seg = segment_length(g, VEC);
   const unsigned items = static_cast<unsigned>(g.P) * (g.N / VEC);
@@ -380,7 +388,7 @@ void bwd_dispatch(const float* x, const float* y, const float* d, const float* d
 
 }  // namespace
 
-LrnGeom lrn_geometry(int C, int H, int W, int N, int size, float a, float beta, float k) {
+LrnGeometry lrn_geometry(int C, int H, int W, int N, int size, float a, float beta, float k) {
   auto fail = [](const std::string& m) { throw std::invalid_argument("lrn: " + m); };
   if (C < 1 || H < 1 || W < 1 || N < 1) fail("input shape (C, H, W, N) must be positive");
   if (size < 1) fail("size must be >= 1, got " + std::to_string(size));
@@ -388,28 +396,32 @@ LrnGeom lrn_geometry(int C, int H, int W, int N, int size, float a, float beta, 
   if (!(a >= 0.0f) || !std::isfinite(a)) fail("alpha must be finite and >= 0");
   if (!(beta >= 0.0f) || !std::isfinite(beta)) fail("beta must be finite and >= 0");
   if (1ll * C * H * W * N >= (1ll << 31)) fail("tensor has 2^31 or more elements (32-bit indexing)");
-  return LrnGeom{C, H * W, N, size, a, beta, k};
+  return LrnGeometry{C, H * W, N, size, a, beta, k};
 }
 
-void lrn_forward(const float* x, float* y, float* denom, const LrnGeom& gin, cudaStream_t stream) {
-  const LrnGeom g = lrn_geometry(gin.C, gin.P, 1, gin.N, gin.size, gin.a, gin.beta, gin.k);
+LrnBackward lrn_backward_variant(int variant) {
+  if (variant != static_cast<int>(LrnBackward::recompute) && variant != static_cast<int>(LrnBackward::reuse))
+    throw std::invalid_argument("lrn_backward: variant must be 0 (recompute) or 1 (reuse), got " +
+                                std::to_string(variant));
+  return static_cast<LrnBackward>(variant);
+}
+
+void lrn_forward(const float* x, float* y, float* denom, const LrnGeometry& gin, cudaStream_t stream) {
+  const LrnGeometry g = lrn_geometry(gin.C, gin.P, 1, gin.N, gin.size, gin.a, gin.beta, gin.k);
   if (!x || !y) throw std::invalid_argument("lrn_forward: null pointer");
-  const bool v4 = g.N % 4 == 0 && memb::aligned16(x) && memb::aligned16(y) && (!denom || memb::aligned16(denom));
+  const bool v4 = g.N % 4 == 0 && aligned16(x) && aligned16(y) && (!denom || aligned16(denom));
   v4 ? fwd_dispatch<4>(x, y, denom, g, stream) : fwd_dispatch<1>(x, y, denom, g, stream);
 }
 
-void lrn_backward(const float* x, const float* y, const float* denom, const float* dy, float* dx, const LrnGeom& gin,
-                  int variant, cudaStream_t stream) {
-  const LrnGeom g = lrn_geometry(gin.C, gin.P, 1, gin.N, gin.size, gin.a, gin.beta, gin.k);
-  if (variant != LRN_BWD_RECOMPUTE && variant != LRN_BWD_REUSE)
-    throw std::invalid_argument("lrn_backward: variant must be 0 (recompute) or 1 (reuse), got " +
-                                std::to_string(variant));
-  const bool reuse = variant == LRN_BWD_REUSE;
+void lrn_backward(const float* x, const float* y, const float* denom, const float* dy, float* dx,
+                  const LrnGeometry& gin, LrnBackward variant, cudaStream_t stream) {
+  const LrnGeometry g = lrn_geometry(gin.C, gin.P, 1, gin.N, gin.size, gin.a, gin.beta, gin.k);
+  const bool reuse = variant == LrnBackward::reuse;
   if (!x || !dy || !dx || (reuse && (!y || !denom)))
     throw std::invalid_argument(reuse ? "lrn_backward: null pointer (the reuse variant needs x, y, denom, dy, dx)"
                                       : "lrn_backward: null pointer (needs x, dy, dx)");
-  bool v4 = g.N % 4 == 0 && memb::aligned16(x) && memb::aligned16(dy) && memb::aligned16(dx);
-  if (reuse) v4 = v4 && memb::aligned16(y) && memb::aligned16(denom);
+  bool v4 = g.N % 4 == 0 && aligned16(x) && aligned16(dy) && aligned16(dx);
+  if (reuse) v4 = v4 && aligned16(y) && aligned16(denom);
   v4 ? bwd_dispatch<4>(x, y, denom, dy, dx, g, reuse, stream) : bwd_dispatch<1>(x, y, denom, dy, dx, g, reuse, stream);
 }
 

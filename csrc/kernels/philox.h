@@ -1,6 +1,6 @@
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011): a counter-based RNG.
 // random = philox(counter, key) is a pure function, so any thread can draw the random numbers of any element
-// without state, the GPU, the emulator and NumPy (convnet/reference/elementwise.py) produce identical bits,
+// without state, the GPU, the emulator and NumPy (src/convnet/reference/elementwise.py) produce identical bits,
 // and dropout's backward pass regenerates the forward mask instead of storing it.
 #pragma once
 

@@ -1,5 +1,5 @@
 // Softmax + cross-entropy (fused gradient, per-image loss, deterministic batch sum) and top-k error counts.
-// See softmax.h / convnet/reference/softmax.py.
+// See softmax.h / src/convnet/reference/softmax.py.
 //
 // Mapping: a block of 32 x kLanes threads owns 32 consecutive images (threadIdx.x, coalesced along the image axis)
 // and splits the K classes among kLanes lanes (threadIdx.y); per-image max and sum are reduced across the lanes in

@@ -1,4 +1,4 @@
-// Softmax + cross-entropy (fused gradient) and top-k error counts. Conventions: convnet/reference/softmax.py.
+// Softmax + cross-entropy (fused gradient) and top-k error counts. Conventions: src/convnet/reference/softmax.py.
 //   logits (K, N) classes outer, images fastest; labels (N,) int32.
 //   probs = softmax over classes (max-subtracted; softmax_forward computes only these); dlogits = probs - onehot(label) (not divided by N);
 //   loss_n = log(sum_c exp(l_c - m)) - (l_label - m);  loss_sum = sum_n loss_n (deterministic, fixed order).
