@@ -3,12 +3,21 @@
 Importing this module makes ``import convnet`` work: the installed package (``pip install .``, which carries
 ``convnet._cuda``) when there is one, else this checkout's ``src/`` (a development build, ``tools/dev_build.sh``).
 
-* ``time_ms(fn, device)``: CUDA events around each call after warm-up on cuda (median of repeats);
-  wall clock on emu/numpy, where the figure is only a smoke test.
-* ``bench_ms(fn, device)``: ``reps`` calls captured in a CUDA graph and timed with events (launch overhead not
-  counted), or back to back for ops that synchronise with the host.
-* ``measure_copy_bandwidth(device)``: the device-to-device copy GB/s that memory-bound ops are compared with.
-* ``cudnn()``: PyTorch with cuDNN on the same GPU, for side-by-side baselines (TF32 off unless asked).
+* ``time_ms(fn, device)``: CUDA events around each call after warm-up on cuda (median of repeats); only for calls
+  long enough that the host's dispatch does not matter (an 8192^3 GEMM); wall clock on emu/numpy, where the figure is
+  only a smoke test.
+* ``bench_ms(fn, device)`` and ``torch_bench_ms(torch, fn)``: THE timing of every benchmark row, ours and the
+  baselines alike: ``reps`` back-to-back calls captured in one CUDA graph (CuPy's stream capture for our ops and
+  ctypes cuDNN; ``torch.cuda.CUDAGraph`` for PyTorch), the graph replayed 7 times between two CUDA events, the
+  median / ``reps``. Host dispatch (Python, ctypes, PyTorch's dispatcher: 10-30 us a call, comparable to a 13x13
+  layer's kernel) is not counted for anyone. When capture fails -- or for an op that waits for the host -- the
+  fallback is the same for both: ``reps`` back-to-back calls between two events (the host runs ahead, so its
+  dispatch hides behind the GPU's work once kernels take longer than it). ``TIMING`` records which method each
+  label got; a row whose two sides were timed differently is reported.
+* ``measure_copy_bandwidth(device)``: the device-to-device copy GB/s that memory-bound ops are compared with
+  (timed by ``bench_ms`` too).
+* ``cudnn(device)``: PyTorch with cuDNN configured for an FP32 baseline on the same GPU (TF32 off, benchmark mode),
+  or None with the reason in ``TORCH_UNAVAILABLE``.
 * ``write_results(name, device, rows, columns)``: JSON + markdown in benchmarks/results/, with the device name,
   date and library versions, so every committed number says where it was measured.
 """
@@ -62,14 +71,28 @@ def time_ms(fn, device, *, warmup: int = 3, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def cudnn(allow_tf32: bool = False):
-    """torch with cuDNN configured for an FP32 (or TF32) baseline, or None when unavailable."""
+TORCH_UNAVAILABLE = {"reason": None}
+
+
+def cudnn(device=None, allow_tf32: bool = False):
+    """torch with cuDNN configured for an FP32 (or TF32) baseline on ``device``'s GPU (made torch's current device),
+    or None when unavailable (the reason in ``TORCH_UNAVAILABLE["reason"]``)."""
+    if device is not None and device.kind != "cuda":
+        TORCH_UNAVAILABLE["reason"] = f"ours runs on {device}: the PyTorch/cuDNN baseline needs a GPU"
+        return None
     try:
         import torch
-    except ImportError:
+    except ImportError as exc:
+        TORCH_UNAVAILABLE["reason"] = f"PyTorch is not installed ({exc})"
         return None
     if not torch.cuda.is_available():
+        TORCH_UNAVAILABLE["reason"] = "PyTorch sees no GPU"
         return None
+    if device is not None:
+        if device.index >= torch.cuda.device_count():
+            TORCH_UNAVAILABLE["reason"] = f"PyTorch sees {torch.cuda.device_count()} GPU(s), not {device}"
+            return None
+        torch.cuda.set_device(device.index)  # same GPU as ours: every torch tensor below goes to cuda:<index>
     torch.backends.cudnn.enabled = True
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = allow_tf32
@@ -113,7 +136,9 @@ def measure_copy_bandwidth(device, nbytes: int = 1 << 30) -> float | None:
     with device.activate():
         src = cp.ones(nbytes // 4, dtype=cp.float32)
         dst = cp.empty_like(src)
-        ms = time_ms(lambda: dst.__setitem__(Ellipsis, src), device, warmup=3, repeats=10)
+        cp.cuda.Device().synchronize()  # src is written on the default stream; the copy runs on another
+        with cp.cuda.Stream(non_blocking=True):  # graph capture needs a non-default stream
+            ms = bench_ms(lambda: dst.__setitem__(Ellipsis, src), device, reps=5, label="copy bandwidth")
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -160,17 +185,24 @@ def write_results(name: str, device, rows: list[dict], columns: list[str], extra
 
 
 # ---------------------------------------------------------------------------------------------------- CUDA timing
-TIMING = {"method": None}
+GRAPH, BACK_TO_BACK = "cuda graph", "back-to-back calls"
+TIMING = {"method": None, "by_label": {}}  # the last method; label -> method (rows compare their sides' methods)
+REPLAYS = 7
 
 
-def bench_ms(fn, dev, reps: int = 20, *, graph: bool = True) -> float:
-    """Milliseconds per call of ``fn``.
+def _note(label, method):
+    TIMING["method"] = method
+    if label:
+        TIMING["by_label"][label] = method
 
-    On cuda the calls are captured into a CUDA graph of ``reps`` launches on the current (non-default) stream and
-    the graph is timed with events, so Python/ctypes launch overhead (tens of microseconds for a validated op call,
-    comparable to the small pooling kernels) is not counted for either side.  If capture fails, or with
-    ``graph=False`` (an op that waits for the device, e.g. to return counts to the host, cannot be captured),
-    ``reps`` calls are timed back to back instead (TIMING["method"] says which).  Elsewhere: wall clock (a smoke
+
+def bench_ms(fn, dev, reps: int = 20, *, graph: bool = True, label: str = "") -> float:
+    """Milliseconds per call of ``fn`` (our ops, ctypes cuDNN, CuPy): see the module docstring.
+
+    On cuda: one warm-up call, then ``reps`` calls captured into a CUDA graph on CuPy's current stream (must be a
+    non-default stream), replayed ``REPLAYS`` times between two events; median / ``reps``. If capture fails, or
+    with ``graph=False`` (an op that waits for the device, e.g. to return counts to the host, cannot be captured),
+    ``reps`` back-to-back calls between two events instead. ``TIMING`` says which. Elsewhere: wall clock (a smoke
     figure only).
     """
     if dev.kind != "cuda":
@@ -192,22 +224,69 @@ def bench_ms(fn, dev, reps: int = 20, *, graph: bool = True) -> float:
             captured.launch(s)
             s.synchronize()
             run = lambda: captured.launch(s)  # noqa: E731
-            TIMING["method"] = "cuda graph"
+            _note(label, GRAPH)
         except Exception as exc:  # noqa: BLE001
-            print(f"(graph capture failed: {exc}; timing {reps} back-to-back calls)")
+            print(f"({label or 'call'}: graph capture failed: {exc}; timing {reps} back-to-back calls)")
             s.synchronize()
     if run is None:
         run = lambda: [fn() for _ in range(reps)]  # noqa: E731
-        TIMING["method"] = "back-to-back calls"
+        _note(label, BACK_TO_BACK)
     start, stop = cp.cuda.Event(), cp.cuda.Event()
     times = []
-    for _ in range(7):
+    for _ in range(REPLAYS):
         start.record(s)
         run()
         stop.record(s)
         stop.synchronize()
         times.append(cp.cuda.get_elapsed_time(start, stop) / reps)
     return statistics.median(times)
+
+
+def torch_bench_ms(torch, fn, reps: int = 20, *, warmup: int = 3, label: str = "") -> float:
+    """``bench_ms`` for PyTorch calls, on torch's current GPU: ``warmup`` calls on a side stream (cuDNN's benchmark
+    mode picks its algorithm there, before capture), ``reps`` calls captured in a ``torch.cuda.CUDAGraph``,
+    replayed ``REPLAYS`` times between two events, median / ``reps``; back-to-back calls between two events if the
+    capture fails."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    run = None
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                fn()
+        g.replay()
+        torch.cuda.synchronize()
+        run = g.replay
+        _note(label, GRAPH)
+    except Exception as exc:  # noqa: BLE001
+        print(f"({label or 'torch call'}: graph capture failed: {exc}; timing {reps} back-to-back calls)")
+        torch.cuda.synchronize()
+    if run is None:
+        run = lambda: [fn() for _ in range(reps)]  # noqa: E731
+        _note(label, BACK_TO_BACK)
+    times = []
+    for _ in range(REPLAYS):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / reps)
+    return statistics.median(times)
+
+
+def timing_summary() -> dict:
+    """{method: [labels]} of this run, for the results' JSON (one key when everything was timed the same way)."""
+    out = {}
+    for label, method in TIMING["by_label"].items():
+        out.setdefault(method, []).append(label)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- cuDNN

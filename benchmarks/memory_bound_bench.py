@@ -10,6 +10,13 @@ cudnnLRNCrossChannelForward/Backward through ctypes: CuPy 14 dropped its cuDNN b
 cuDNN for pooling or LRN).  cuDNN runs twice: on its preferred NCHW layout, and on our CHWN memory described by
 strides.  Targets (the issue's): >= 70% of copy bandwidth and faster than cuDNN.
 
+Timing -- the same for ours, both cuDNN layouts and the copy ceiling (common.bench_ms): one warm-up call, then 20
+back-to-back calls captured in one CUDA graph on the same non-default stream (cuDNN's handle is bound to it), the
+graph replayed 7 times between two CUDA events, median / 20: GPU time per call, no side charged its host dispatch
+(ctypes into cuDNN, or the validation of our op call). If a capture fails that measurement falls back to 20
+back-to-back calls between two events, and the JSON's ``timing`` says which measurement was timed how. With
+``--device cuda:N`` ours, cuDNN (its handle is created with GPU N current) and the copy ceiling all run on GPU N.
+
 Byte counts (float32, compulsory):
   pool forward  x + y              pool backward (max)  x + y + dy + dx     (avg: dy + dx)
   lrn forward   x + y (+ denom)    lrn backward recompute: x + dy + dx;  reuse: x + y + denom + dy + dx
@@ -27,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402,F401  (makes `import convnet` work from a source checkout)
-from common import TIMING, CuDNN, bench_ms, measure_copy_bandwidth, ptr, write_results  # noqa: E402
+from common import CuDNN, bench_ms, measure_copy_bandwidth, ptr, write_results  # noqa: E402
 
 from convnet import ops  # noqa: E402
 from convnet.devices import get_device  # noqa: E402
@@ -127,8 +134,8 @@ def bench_case(dev, name, op, chw, p, N, cud, copy_gbps, rows, check):
         n_out = y.size
         dy = dev.asarray(rng.uniform(-1, 1, y.shape).astype(np.float32))
         dx = dev.empty(x.shape, np.float32)
-        t_f = bench_ms(lambda: ops.pool_forward(dev, x, out=y, **kw), dev)
-        t_b = bench_ms(lambda: ops.pool_backward(dev, x, y, dy, out=dx, **kw), dev)
+        t_f = bench_ms(lambda: ops.pool_forward(dev, x, out=y, **kw), dev, label=f"{name} forward ours")
+        t_b = bench_ms(lambda: ops.pool_backward(dev, x, y, dy, out=dx, **kw), dev, label=f"{name} backward ours")
         bwd_bytes = (2 * n_in + 2 * n_out) * fsz if p["mode"] == "max" else (n_in + n_out) * fsz
         cf = cb = {}
         ef = eb = None
@@ -144,8 +151,10 @@ def bench_case(dev, name, op, chw, p, N, cud, copy_gbps, rows, check):
                 else:
                     xa, ya, dya, dxa = x, dev.empty(y.shape, np.float32), dy, dev.empty(x.shape, np.float32)
                 try:
-                    cf[layout] = bench_ms(lambda: cud.pool_forward(pd, xd, xa, yd, ya), dev)
-                    cb[layout] = bench_ms(lambda: cud.pool_backward(pd, yd, ya, dya, xd, xa, dxa), dev)
+                    cf[layout] = bench_ms(lambda: cud.pool_forward(pd, xd, xa, yd, ya), dev,
+                                          label=f"{name} forward cuDNN {layout}")
+                    cb[layout] = bench_ms(lambda: cud.pool_backward(pd, yd, ya, dya, xd, xa, dxa), dev,
+                                          label=f"{name} backward cuDNN {layout}")
                 except RuntimeError as exc:  # e.g. a layout this cuDNN does not support
                     print(f"cuDNN {layout} {name}: {exc}")
                     continue
@@ -162,10 +171,13 @@ def bench_case(dev, name, op, chw, p, N, cud, copy_gbps, rows, check):
         y, d = ops.lrn_forward(dev, x, **kw)
         dy = dev.asarray(rng.uniform(-1, 1, x.shape).astype(np.float32))
         dx = dev.empty(x.shape, np.float32)
-        t_fd = bench_ms(lambda: ops.lrn_forward(dev, x, out=(y, d), **kw), dev)
-        t_f = bench_ms(lambda: ops.lrn_forward(dev, x, out=y, with_denom=False, **kw), dev)
-        t_br = bench_ms(lambda: ops.lrn_backward(dev, x, None, None, dy, out=dx, method="recompute", **kw), dev)
-        t_bu = bench_ms(lambda: ops.lrn_backward(dev, x, y, d, dy, out=dx, method="reuse", **kw), dev)
+        t_fd = bench_ms(lambda: ops.lrn_forward(dev, x, out=(y, d), **kw), dev, label=f"{name} forward+denom ours")
+        t_f = bench_ms(lambda: ops.lrn_forward(dev, x, out=y, with_denom=False, **kw), dev,
+                       label=f"{name} forward ours")
+        t_br = bench_ms(lambda: ops.lrn_backward(dev, x, None, None, dy, out=dx, method="recompute", **kw), dev,
+                        label=f"{name} backward recompute ours")
+        t_bu = bench_ms(lambda: ops.lrn_backward(dev, x, y, d, dy, out=dx, method="reuse", **kw), dev,
+                        label=f"{name} backward reuse ours")
         cf, cb, ef, eb = {}, {}, None, None
         if cud is not None:
             a = lrn_ref.lrn_scale(LRN["alpha"], p["size"], LRN["convention"])
@@ -178,8 +190,10 @@ def bench_case(dev, name, op, chw, p, N, cud, copy_gbps, rows, check):
                 else:
                     xa, ya, dya, dxa = x, dev.empty(x.shape, np.float32), dy, dev.empty(x.shape, np.float32)
                 try:
-                    cf[layout] = bench_ms(lambda: cud.lrn_forward(ld, xd, xa, ya), dev)
-                    cb[layout] = bench_ms(lambda: cud.lrn_backward(ld, xd, ya, dya, xa, dxa), dev)
+                    cf[layout] = bench_ms(lambda: cud.lrn_forward(ld, xd, xa, ya), dev,
+                                          label=f"{name} forward cuDNN {layout}")
+                    cb[layout] = bench_ms(lambda: cud.lrn_backward(ld, xd, ya, dya, xa, dxa), dev,
+                                          label=f"{name} backward cuDNN {layout}")
                 except RuntimeError as exc:
                     print(f"cuDNN {layout} {name}: {exc}")
                     continue
@@ -227,7 +241,11 @@ def main(argv=None):
         with dev.activate(), stream:
             for name, op, chw, p in cases:
                 bench_case(dev, name, op, chw, p, N, cud, copy, rows, check=True)
-        extra["timing"] = TIMING["method"]
+        methods = common.timing_summary()
+        extra["timing"] = {"method": "20 calls per CUDA graph, 7 replays timed with CUDA events, median / 20; the "
+                                     "same for ours, cuDNN and the copy", "by_method": methods}
+        if len(methods) > 1:
+            print(f"WARNING: not every measurement was timed the same way: {methods}")
     else:
         N = args.batch or 4
         print(f"*** {dev}: SMOKE RUN ONLY. The emulator/NumPy times below are NOT speed figures; channels are "

@@ -1,11 +1,32 @@
-"""Training throughput (images/s) of a model on a device: forward + backward + SGD step on a fixed batch
-(compute only), and the loader alone (host preprocessing + transfer), each after warm-up.
+"""Training throughput (images/s) of a model: ours and the same model in PyTorch, in one run, on the same GPU.
 
-    python benchmarks/train_bench.py --device cuda --model alexnet      # synthetic 3x224x224, batch 128
-    python benchmarks/train_bench.py --device cuda --model fmnist
-    python benchmarks/train_bench.py --device numpy --model fmnist --steps 5
+    python benchmarks/train_bench.py                              # best device, alexnet (synthetic 3x224x224), 128
+    python benchmarks/train_bench.py --device cuda:1 --model alexnet-owt
+    python benchmarks/train_bench.py --device emu --model fmnist --batch-size 8 --steps 1 --warmup 1   # smoke
 
-Prints one JSON line per measurement (also appended to --json if given).
+Rows (printed as JSON lines, appended to --json if given, and written to benchmarks/results/ like every benchmark):
+
+* ours: forward + backward + SGD step (momentum 0.9, weight decay 5e-4) on one fixed batch, ``steps`` steps after
+  ``warmup`` steps.
+* PyTorch: THE SAME MODEL, built from the same parsed model file (``torch_plan(net)`` reads our Net's layers, so
+  the two cannot drift; a layer type it does not know is an error): convs with their groups, ReLU neurons,
+  overlapping max pooling (``MaxPool2d``; average pooling as ``count_include_pad=False``), LRN as
+  ``torch.nn.LocalResponseNorm`` applied per channel group with alpha converted to torch's mean convention
+  (torch divides alpha by the window size: alpha_torch = a * size, a = ``geometry.lrn_scale``), dropout with
+  p = 1 - keep, fc layers, cross-entropy averaged over the batch times the cost layer's ``coeff``. FP32 with TF32
+  off (cuDNN and matmul), ``cudnn.benchmark = True``, NCHW, the same batch (our images transposed), our initial
+  parameters copied in, ``torch.optim.SGD`` with the same momentum and weight decay (weights only, as our
+  ``wdB = 0``), on the same GPU (``--device cuda:N`` makes it torch's current device). Before timing, both models
+  are compared in inference mode (no dropout): each layer alone on a random input, then the whole net on the batch
+  (``same-model check``: the worst normwise relative difference; above 1e-4 the run fails), so a wrong
+  translation shows there, not as a speed.
+* loader: host preprocessing + transfer of one batch, one thread.
+
+Timing -- the same for both sides: ``warmup`` untimed steps (cuDNN's benchmark mode autotunes there), a device
+synchronisation, ``steps`` back-to-back training steps, a synchronisation; wall clock between the two
+synchronisations. Neither side runs as a CUDA graph (our step allocates and makes host-side decisions), so each
+pays its own host overhead, as in real training. Without a GPU (emu/numpy) ours runs as a smoke and the PyTorch row
+is skipped with the reason printed.
 """
 from __future__ import annotations
 
@@ -15,47 +36,254 @@ import os
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402,F401  (makes `import convnet` work from a source checkout)
+import common  # noqa: E402  (makes `import convnet` work from a source checkout)
 
 from convnet.data import Loader, synthetic  # noqa: E402
 from convnet.devices import get_device  # noqa: E402
+from convnet.geometry import lrn_scale  # noqa: E402
 from convnet.model_file import load_model  # noqa: E402
 from convnet.optim import SGD  # noqa: E402
 
+LR, MOMENTUM, WEIGHT_DECAY = 1e-4, 0.9, 5e-4
+SAME_MODEL_TOL = 1e-4  # FP32 both sides, TF32 off: ~1e-6 when the twin is right; a wrong LRN alpha gives ~1e-2
+
+
+# ---------------------------------------------------------------------------------------------------- the twin
+def torch_plan(net) -> list[dict]:
+    """Our Net's layers as PyTorch modules to build, in order: one dict per layer with ``name``, ``module`` (a
+    torch.nn class name), its ``args``/``kwargs``, ``inputs``, ``join`` (``"channels"`` or ``"features"`` for
+    several inputs), ``relu`` (a ReLU neuron after it), ``groups`` (LRN per channel group), ``flatten`` (fc input)
+    and for the cost layer ``coeff``. Pure Python (no torch), so it is checked without a GPU."""
+    plan = []
+    for l in net.order:
+        if l is net.data_layer:
+            continue
+        p = {"name": l.name, "type": l.type, "inputs": list(l.inputs), "relu": getattr(l, "neuron", None) == "relu",
+             "join": None if len(l.inputs) == 1 else ("channels" if len(l.in_shape) == 3 else "features"),
+             "groups": 1, "flatten": False, "args": (), "kwargs": {}}
+        if l.type == "conv":
+            p.update(module="Conv2d", args=(l.in_shape[0], l.filters, l.size),
+                     kwargs=dict(stride=l.stride, padding=l.padding, groups=l.groups, bias=True))
+        elif l.type == "fc":
+            p.update(module="Linear", args=(int(np.prod(l.in_shape)), l.outputs), flatten=True)
+        elif l.type == "relu":
+            p.update(module="ReLU")
+        elif l.type == "pool":
+            if l.pool == "max":
+                p.update(module="MaxPool2d", args=(l.size, l.stride, l.padding))
+            else:
+                p.update(module="AvgPool2d", args=(l.size, l.stride, l.padding),
+                         kwargs=dict(count_include_pad=False))
+        elif l.type == "lrn":
+            # ours: x / (k + a * sum x^2)^beta, a = alpha (sum) or alpha/size (mean); torch: alpha/size * sum
+            p.update(module="LocalResponseNorm", groups=l.groups,
+                     kwargs=dict(size=l.size, alpha=lrn_scale(l.alpha, l.size, l.convention) * l.size, beta=l.beta,
+                                 k=l.k))
+        elif l.type == "dropout":
+            p.update(module="Dropout", kwargs=dict(p=1.0 - l.keep))
+        elif l.type == "softmax":
+            p.update(module="Identity", coeff=l.coeff)  # logits; the loss is F.cross_entropy(logits) * coeff
+        else:
+            raise NotImplementedError(f"layer '{l.name}': no PyTorch twin for layer type '{l.type}' "
+                                      f"(add it to benchmarks/train_bench.py torch_plan)")
+        plan.append(p)
+    return plan
+
+
+def torch_model(torch, net, plan, device):
+    """The PyTorch module of ``plan`` on ``device``, with our Net's current parameters copied in."""
+    nn = torch.nn
+
+    class GroupedLRN(nn.Module):
+        def __init__(self, groups, **kw):
+            super().__init__()
+            self.groups, self.lrn = groups, nn.LocalResponseNorm(**kw)
+
+        def forward(self, x):
+            if self.groups == 1:
+                return self.lrn(x)
+            return torch.cat([self.lrn(part) for part in x.chunk(self.groups, dim=1)], dim=1)
+
+    class Twin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plan = plan
+            self.mods = nn.ModuleDict()
+            for p in plan:
+                if p["module"] == "LocalResponseNorm":
+                    self.mods[p["name"]] = GroupedLRN(p["groups"], **p["kwargs"])
+                else:
+                    self.mods[p["name"]] = getattr(nn, p["module"])(*p["args"], **p["kwargs"])
+
+        def forward(self, x):
+            acts = {net.data_layer.name: x}
+            for p in self.plan:
+                xs = [acts[i] for i in p["inputs"]]
+                if p["join"] == "channels":
+                    h = torch.cat(xs, dim=1)
+                elif p["join"] == "features":
+                    h = torch.cat([a.flatten(1) for a in xs], dim=1)
+                else:
+                    h = xs[0]
+                if p["flatten"]:
+                    h = h.flatten(1)  # (N, C, H, W) -> (N, C*H*W): the feature order of our (C*H*W, N)
+                h = self.mods[p["name"]](h)
+                acts[p["name"]] = torch.relu(h) if p["relu"] else h
+            return acts[self.plan[-1]["name"]]
+
+    model = Twin().to(device)
+    state = net.state_dict()  # host copies, 'layer/param'
+    with torch.no_grad():
+        for p in plan:
+            if p["module"] not in ("Conv2d", "Linear"):
+                continue
+            w, b = state[f"{p['name']}/w"], state[f"{p['name']}/b"]
+            if p["module"] == "Conv2d":
+                w = w.transpose(3, 0, 1, 2)  # ours (Cg, KH, KW, F) -> torch (F, Cg, KH, KW)
+            mod = model.mods[p["name"]]
+            mod.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+            mod.bias.copy_(torch.from_numpy(np.ascontiguousarray(b)))
+    return model
+
+
+def layer_checks(torch, net, model, plan, tdevice, n=2, scale=10.0, seed=0) -> dict:
+    """{layer: normwise relative difference} of each layer of our Net against its PyTorch twin on the same random
+    input (inference mode; ``scale`` makes LRN's sum term matter): catches a wrong translation of one layer (LRN's
+    alpha convention or groups, pooling, a conv's groups) that the end-to-end probabilities of an untrained net
+    barely show. The cost layer is compared as softmax probabilities."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for p in plan:
+        layer = net.layers[p["name"]]
+        x = (rng.standard_normal((*layer.in_shape, n)) * scale).astype(np.float32)
+        dev = layer.device
+        with dev.activate():
+            ours = dev.to_numpy(layer.forward(dev.asarray(x), {"train": False}))
+        xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0))).to(tdevice)  # batch first
+        with torch.no_grad():
+            h = xt.flatten(1) if p["flatten"] else xt
+            h = model.mods[p["name"]](h)
+            h = torch.relu(h) if p["relu"] else h
+            if p["type"] == "softmax":
+                h = torch.softmax(h, dim=1)
+        theirs = np.moveaxis(h.cpu().numpy(), 0, -1)
+        out[p["name"]] = (float(np.max(np.abs(ours - theirs)) / max(float(np.max(np.abs(ours))), 1e-30))
+                          if ours.shape == theirs.shape else float("inf"))
+    return out
+
+
+def torch_optimizer(torch, model):
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return torch.optim.SGD([{"params": weights, "weight_decay": WEIGHT_DECAY},
+                            {"params": biases, "weight_decay": 0.0}], lr=LR, momentum=MOMENTUM)
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+def timed_steps(step, sync, warmup, steps) -> float:
+    """Seconds for ``steps`` back-to-back calls of ``step`` between two synchronisations, after ``warmup``."""
+    for i in range(warmup):
+        step(i)
+    sync()
+    t = time.perf_counter()
+    for i in range(steps):
+        step(warmup + i)
+    sync()
+    return time.perf_counter() - t
+
+
+def run_torch(torch, net, x, y, args, dev):
+    """The PyTorch twin on the same batch: (row, same-model check)."""
+    import torch.nn.functional as F
+
+    device = torch.device("cuda", dev.index)
+    plan = torch_plan(net)
+    model = torch_model(torch, net, plan, device)
+    coeff = plan[-1].get("coeff", 1.0)
+    xt = torch.from_dlpack(x).permute(3, 0, 1, 2).contiguous()  # (C, H, W, N) -> (N, C, H, W)
+    yt = torch.from_dlpack(y).long()
+    # same-model check, inference mode (no dropout), the same parameters: each layer alone on a random input, then
+    # the whole net on the batch (the wiring: joins, flattening)
+    model.eval()
+    per_layer = layer_checks(torch, net, model, plan, device)
+    with torch.no_grad():
+        p_torch = torch.softmax(model(xt), dim=1).T.contiguous().cpu().numpy()
+    p_ours = dev.to_numpy(net.forward(x, train=False))
+    end_to_end = float(np.max(np.abs(p_ours - p_torch)) / max(float(np.max(np.abs(p_ours))), 1e-30))
+    worst = max(per_layer, key=per_layer.get)
+    print(f"same-model check: worst layer {worst} {per_layer[worst]:.3g}; whole net {end_to_end:.3g} "
+          f"(normwise relative differences, ours vs PyTorch)")
+    check = max(end_to_end, per_layer[worst])
+    model.train()
+    opt = torch_optimizer(torch, model)
+
+    def step(i):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(xt), yt) * coeff
+        loss.backward()
+        opt.step()
+
+    dt = timed_steps(step, torch.cuda.synchronize, args.warmup, args.steps)
+    row = {"what": "train step (compute), PyTorch twin", "model": args.model, "device": f"torch cuda:{dev.index}",
+           "batch": args.batch_size, "images_per_s": args.steps * args.batch_size / dt,
+           "ms_per_step": dt / args.steps * 1e3, "gflop_per_s": 3 * net.flops() * args.batch_size * args.steps / dt / 1e9,
+           "same_model_rel_diff": check, "same_model_per_layer": per_layer,
+           "settings": f"FP32, TF32 off, cudnn.benchmark, NCHW, torch {torch.__version__}, "
+                       f"cuDNN {torch.backends.cudnn.version()}"}
+    return row, check
+
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--device", default=None)
-    p.add_argument("--model", default="alexnet")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="cuda, cuda:N, emu or numpy (default: best available)")
+    p.add_argument("--model", default="alexnet", help="a shipped model name or a model-file path")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--json")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
+    p.add_argument("--json", help="append the rows as JSON lines to this file")
+    p.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/")
     a = p.parse_args(argv)
     dev = get_device(a.device)
     net, _ = load_model(a.model, device=dev)
-    opt = SGD(net, lr=1e-4)
+    opt = SGD(net, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     shape = net.data_layer.out_shape
     ds = synthetic(shape, net.num_classes, n_train=a.batch_size * 4, n_test=16)
     ld = Loader(ds.train_x, ds.train_y, a.batch_size, train=True, out_hw=shape[1:], mean=ds.mean_image(),
                 flip=True, device=dev, prefetch=0)
     x, y = ld.make_batch(0, 0)
-    for i in range(a.warmup):
+    if dev.kind != "cuda":
+        print(f"NOTE: {dev} is not a GPU: a smoke run, the images/s below are NOT speed figures.")
+
+    torch = None
+    if not a.no_torch:
+        torch = common.cudnn(dev, allow_tf32=False)
+        if torch is None:
+            print(f"PyTorch twin skipped: {common.TORCH_UNAVAILABLE['reason']}")
+    res = []
+    check = None
+    if torch is not None:  # first, from the same initial parameters as ours (before our steps move them)
+        try:
+            row, check = run_torch(torch, net, x, y, a, dev)
+            res.append(row)
+        except Exception as exc:  # noqa: BLE001 - report, keep our numbers
+            print(f"PyTorch twin failed: {type(exc).__name__}: {exc}")
+            res.append({"what": "train step (compute), PyTorch twin", "model": a.model, "error": str(exc)})
+
+    def step(i):
         net.forward(x, y, train=True, step=i)
         net.backward()
         opt.step()
-    dev.synchronize()
-    t = time.perf_counter()
-    for i in range(a.steps):
-        net.forward(x, y, train=True, step=i)
-        net.backward()
-        opt.step()
-    dev.synchronize()
-    dt = time.perf_counter() - t
-    res = [{"what": "train step (compute)", "model": a.model, "device": str(dev), "batch": a.batch_size,
-            "images_per_s": a.steps * a.batch_size / dt, "ms_per_step": dt / a.steps * 1e3,
-            "gflop_per_s": 3 * net.flops() * a.batch_size * a.steps / dt / 1e9}]
+
+    dt = timed_steps(step, dev.synchronize, a.warmup, a.steps)
+    res.insert(0, {"what": "train step (compute), ours", "model": a.model, "device": str(dev), "batch": a.batch_size,
+                   "images_per_s": a.steps * a.batch_size / dt, "ms_per_step": dt / a.steps * 1e3,
+                   "gflop_per_s": 3 * net.flops() * a.batch_size * a.steps / dt / 1e9})
+    if len(res) > 1 and "images_per_s" in res[1]:
+        res[0]["ours/torch images_per_s"] = res[0]["images_per_s"] / res[1]["images_per_s"]
     t = time.perf_counter()
     for b in range(4):
         ld.make_batch(1, b)
@@ -69,7 +297,19 @@ def main(argv=None):
         if a.json:
             with open(a.json, "a") as f:
                 f.write(line + "\n")
+    if check is not None:
+        verdict = "OK" if check < SAME_MODEL_TOL else "MISMATCH: the PyTorch twin is not the same model"
+        print(f"same-model check (each layer and the whole net, ours vs PyTorch): {check:.3g}  {verdict}")
+    if not a.no_write:
+        columns = ["what", "model", "device", "batch", "images_per_s", "ms_per_step", "gflop_per_s",
+                   "ours/torch images_per_s", "same_model_rel_diff"]
+        extra = {"steps": a.steps, "warmup": a.warmup, "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
+                 "timing": "warm-up steps, sync, N back-to-back steps, sync; wall clock; the same for both sides",
+                 "torch_plan": torch_plan(net)}
+        path = common.write_results(f"train-{net.name}", dev, res, columns, extra)
+        print(f"wrote {path}")
+    return 1 if check is not None and not check < SAME_MODEL_TOL else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,8 +2,8 @@
 bad-input tables and benchmark loading. A test file keeps only what is specific to its op.
 
 Every kernel test runs on ``emu`` (always; CI has no GPU) and on ``cuda`` when a GPU is usable, against the
-NumPy reference on the host. ``conftest.py`` turns the device lists into the ``kernel_device`` and ``any_device``
-fixtures.
+NumPy reference on the host. ``conftest.py`` turns the device lists into the ``kernel_device``, ``any_device`` and
+``cuda_device`` fixtures, and marks every test that gets a cuda device ``cuda`` (tools/gpu_check.sh counts them).
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def _emu_param():
 
 NUMPY = Device("numpy")
 EMU = Device("emu")
-KERNEL_DEVICES = [_emu_param(), _cuda_param()]                      # the compiled kernels
+CUDA_DEVICES = [_cuda_param()]                                     # GPU-only tests (skipped here, with the reason)
+KERNEL_DEVICES = [_emu_param(), *CUDA_DEVICES]                      # the compiled kernels
 ALL_DEVICES = [pytest.param(NUMPY, id="numpy")] + KERNEL_DEVICES    # and the NumPy reference device
 
 

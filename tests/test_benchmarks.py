@@ -84,3 +84,64 @@ def test_ops_bench_rejects_unknown_family():
     bench = load_benchmark("ops_bench")
     with pytest.raises(SystemExit):
         bench.main(["--device", "emu", "--families", "conv,norm"])
+
+
+def test_train_bench_emu_smoke(tmp_path, monkeypatch, capsys):
+    """benchmarks/train_bench.py runs ours on the emulator (a smoke) and skips the PyTorch twin, saying why."""
+    bench = _writing_to(tmp_path, monkeypatch, "train_bench")
+    rows = tmp_path / "rows.jsonl"
+    assert bench.main(["--device", "emu", "--model", "fmnist", "--batch-size", "8", "--steps", "1", "--warmup", "1",
+                       "--json", str(rows)]) == 0
+    out = capsys.readouterr().out
+    assert "PyTorch twin skipped: ours runs on emu" in out and "NOT speed figures" in out
+    lines = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [r["what"] for r in lines] == ["train step (compute), ours", "loader (one thread)"]
+    assert lines[0]["images_per_s"] > 0
+    data, md = _written(tmp_path)
+    assert data["benchmark"] == "train-fmnist" and len(data["rows"]) == 2
+
+
+def test_train_bench_twin_plan_is_read_from_the_model_file():
+    """The PyTorch twin of AlexNet comes from the parsed model file: grouped convs, per-tower LRN with alpha in
+    torch's mean convention, overlapping max pooling, dropout, the fc stack (checked without torch)."""
+    bench = load_benchmark("train_bench")
+    from convnet.model_file import load_model
+
+    net, _ = load_model("alexnet", device="numpy", init_params=False)
+    plan = {p["name"]: p for p in bench.torch_plan(net)}
+    assert list(plan) == [l.name for l in net.order[1:]]
+    assert plan["conv1"]["args"] == (3, 96, (11, 11)) and plan["conv1"]["kwargs"]["stride"] == (4, 4)
+    assert plan["conv2"]["kwargs"]["groups"] == 2 and plan["conv3"]["kwargs"]["groups"] == 1
+    assert plan["conv2"]["relu"] and not plan["fc8"]["relu"]
+    lrn = plan["rnorm1"]
+    assert lrn["module"] == "LocalResponseNorm" and lrn["groups"] == 2
+    assert lrn["kwargs"] == dict(size=5, alpha=pytest.approx(5e-4), beta=0.75, k=2.0)  # sum convention: alpha * size
+    assert plan["pool1"]["module"] == "MaxPool2d" and plan["pool1"]["args"] == ((3, 3), (2, 2), (0, 0))
+    assert plan["drop6"]["kwargs"] == dict(p=0.5)
+    assert plan["fc6"]["args"] == (256 * 6 * 6, 4096) and plan["fc6"]["flatten"]
+    assert plan["probs"]["coeff"] == 1.0
+
+
+def test_train_bench_twin_unknown_layer_type_is_an_error():
+    bench = load_benchmark("train_bench")
+    net = type("N", (), {})()
+    data = type("L", (), {"name": "data"})()
+    odd = type("L", (), {"name": "odd", "type": "maxout", "inputs": ["data"], "in_shape": (3, 4, 4)})()
+    net.data_layer, net.order = data, [data, odd]
+    with pytest.raises(NotImplementedError, match="no PyTorch twin for layer type 'maxout'"):
+        bench.torch_plan(net)
+
+
+@pytest.mark.parametrize("model", ["alexnet", "fmnist", "cifar-18pct"])
+def test_train_bench_twin_is_the_same_model(model):
+    """Where PyTorch is installed (a GPU machine; not a test dependency): every layer of the twin, run by PyTorch on
+    the CPU, matches our layer on the numpy device."""
+    torch = pytest.importorskip("torch")
+    bench = load_benchmark("train_bench")
+    from convnet.model_file import load_model
+
+    net, _ = load_model(model, device="numpy")
+    plan = bench.torch_plan(net)
+    twin = bench.torch_model(torch, net, plan, torch.device("cpu")).eval()
+    per_layer = bench.layer_checks(torch, net, twin, plan, torch.device("cpu"))
+    assert max(per_layer.values()) < bench.SAME_MODEL_TOL, per_layer

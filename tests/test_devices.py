@@ -56,6 +56,11 @@ def test_cuda_module_was_built_by_nvcc():
     assert _cuda.IS_EMULATOR is False
     count, message = _cuda.device_count()
     assert count >= 0 and (count > 0 or message)
+    # Both modules live in one process (the emu kernel tests import _emu first): types they both bind must be
+    # module-local, or the second import fails with "already registered".
+    _emu = importlib.import_module("convnet._emu")
+    assert _cuda.ConvPass is not _emu.ConvPass and _cuda.ConvPass.forward.name == _emu.ConvPass.forward.name
+    assert _cuda.CudaError is not _emu.CudaError
 
 
 def test_arrays_round_trip_on_host_devices():

@@ -12,6 +12,7 @@ SIZES = [1, 3, 4, 5, 31, 33, 255, 257, 1000, 4099, 70001]
 
 
 @pytest.mark.parametrize("n", SIZES)
+@pytest.mark.sanitize
 def test_relu_forward_backward_match_reference(kernel_device, n):
     rng = np.random.default_rng(n)
     x = rand(rng, n)
@@ -22,6 +23,7 @@ def test_relu_forward_backward_match_reference(kernel_device, n):
     assert_identical("relu dx", dx, ref.relu_backward(ref.relu_forward(x), dy))
 
 
+@pytest.mark.sanitize
 def test_relu_nd_unaligned_and_in_place(kernel_device):
     rng = np.random.default_rng(1)
     x = rand(rng, (3, 5, 7, 11))
@@ -74,6 +76,7 @@ def test_philox_known_answers():
 
 @pytest.mark.parametrize("n", [1, 5, 1023, 4097])
 @pytest.mark.parametrize("keep", [0.5, 0.9])
+@pytest.mark.sanitize
 def test_dropout_masks_and_outputs_bit_identical_across_devices(kernel_device, n, keep):
     rng = np.random.default_rng(n)
     x = rand(rng, n)
@@ -91,6 +94,7 @@ def test_dropout_masks_and_outputs_bit_identical_across_devices(kernel_device, n
     assert not host[~want_mask].any()
 
 
+@pytest.mark.sanitize
 def test_dropout_unaligned_matches(kernel_device):
     rng = np.random.default_rng(5)
     x = rand(rng, 1001)

@@ -21,6 +21,7 @@ def test_reference_gradients():
 
 # ---------------------------------------------------------------------------------------------------- op layer
 @pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.5, 0.0), (2.0, 1.0), (-1.0, 0.25)])
+@pytest.mark.sanitize
 def test_ops_match_reference(any_device, alpha, beta):
     dev = any_device
     rng = np.random.default_rng(40)
@@ -76,6 +77,7 @@ def test_bad_inputs(any_device):
     )
 
 
+@pytest.mark.sanitize
 def test_beta_without_out_does_not_read_a_new_buffer(kernel_device):
     """beta scales the caller's ``out``; with no ``out`` there is nothing to accumulate into (regression: a freshly
     allocated output's garbage used to be scaled in)."""

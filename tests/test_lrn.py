@@ -130,6 +130,7 @@ def lrn_id(c):
 
 @pytest.mark.parametrize("convention", ["sum", "mean"])
 @pytest.mark.parametrize("case", LRN_CASES, ids=lrn_id)
+@pytest.mark.sanitize
 def test_kernel_matches_reference(kernel_device, case, convention):
     shape, p = case
     rng = np.random.default_rng(21 + len(shape) + p["size"])
@@ -150,6 +151,7 @@ def test_kernel_matches_reference(kernel_device, case, convention):
         assert_identical("dx (no y, denom)", to_host(dx2), dx)
 
 
+@pytest.mark.sanitize
 def test_kernel_gradient_float64_reference(kernel_device):
     """The float32 kernel's dx against the float64 reference dx (itself checked by finite differences)."""
     rng = np.random.default_rng(22)
@@ -245,6 +247,7 @@ def test_emu_misaligned_pointers():
 # ---------------------------------------------------------------------------------------------------- groups
 @pytest.mark.parametrize("groups, C, method", [(2, 8, "recompute"), (2, 8, "reuse"), (3, 9, "recompute"),
                                                (4, 4, "reuse")])
+@pytest.mark.sanitize
 def test_groups_normalise_each_group_alone(kernel_device, groups, C, method):
     """groups=G: each channel group is normalised on its own (the window never crosses a group boundary), exactly as
     G separate calls on the group slices; checked against the reference on each slice."""

@@ -146,6 +146,7 @@ def case_id(c):
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=case_id)
 @pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.sanitize
 def test_kernel_matches_reference(kernel_device, case, mode):
     shape, *geom = case
     rng = np.random.default_rng(zlib.crc32(case_id(case).encode()))
@@ -175,6 +176,7 @@ def test_alexnet_chain(kernel_device):
 
 
 @pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.sanitize
 def test_kernel_ties(kernel_device, mode):
     """Integer-valued inputs (many ties, e.g. post-ReLU zeros): every tied maximum receives the window gradient."""
     rng = np.random.default_rng(12)

@@ -10,7 +10,8 @@ using convnet::ConvGeometry;
 using convnet::ConvPass;
 
 void bind_conv(py::module_& m) {
-  py::enum_<ConvPass>(m, "ConvPass", "The three convolutions (conv_plan's first argument)")
+  // module_local: _emu and _cuda both define it, and pybind11 types are otherwise process-global.
+  py::enum_<ConvPass>(m, "ConvPass", py::module_local(), "The three convolutions (conv_plan's first argument)")
       .value("forward", ConvPass::forward)
       .value("backward_data", ConvPass::backward_data)
       .value("backward_filter", ConvPass::backward_filter);
@@ -30,15 +31,19 @@ void bind_conv(py::module_& m) {
     convnet::conv_backward_filter(g, ptr<const float>(x), ptr<const float>(dy), ptr(dw), ptr(ws), ws_floats, alpha,
                                   beta, stream(s));
   });
-  def_kernel(m, "conv_backward_bias", [](std::uintptr_t dy, std::uintptr_t db, int F, std::int64_t per_filter,
-                                         float alpha, float beta, std::uintptr_t s) {
-    convnet::conv_backward_bias(ptr<const float>(dy), ptr(db), F, per_filter, alpha, beta, stream(s));
+  def_kernel(m, "conv_backward_bias", [](std::uintptr_t dy, std::uintptr_t db, std::uintptr_t ws,
+                                         std::int64_t ws_floats, int F, std::int64_t per_filter, float alpha,
+                                         float beta, std::uintptr_t s) {
+    convnet::conv_backward_bias(ptr<const float>(dy), ptr(db), ptr(ws), ws_floats, F, per_filter, alpha, beta,
+                                stream(s));
   });
 
-  // Planning (no launch): the workspace the filter gradient needs, and for tests, benchmarks and tuning the
-  // launch a pass would get and the dispatch-table override.
+  // Planning (no launch): the workspace the filter and bias gradients need, and for tests, benchmarks and tuning
+  // the launch a pass would get and the dispatch-table override.
   m.def("conv_backward_filter_workspace", &convnet::conv_backward_filter_workspace);
+  m.def("conv_backward_bias_workspace", &convnet::conv_backward_bias_workspace, py::arg("F"), py::arg("per_filter"));
   m.def("conv_plan", &convnet::conv_plan);
+  m.def("conv_bias_plan", &convnet::conv_bias_plan, py::arg("F"), py::arg("per_filter"));
   m.def("conv_tile_count", &convnet::conv_tile_count);
   m.def("conv_set_tile_override", &convnet::conv_set_tile_override, py::arg("row"), py::arg("wgrad_splits") = 0);
 }

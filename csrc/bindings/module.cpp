@@ -7,7 +7,8 @@ PYBIND11_MODULE(CONVNET_EXT_NAME, m) {
   m.doc() = CONVNET_EMU ? "convnet kernels compiled for the CPU emulation of CUDA (emu device)"
                         : "convnet kernels compiled by nvcc (cuda device)";
   m.attr("IS_EMULATOR") = bool(CONVNET_EMU);
-  py::register_exception<convnet::CudaError>(m, "CudaError", PyExc_RuntimeError);
+  // Local: both modules register it; a global translator would turn one module's errors into the other's type.
+  py::register_local_exception<convnet::CudaError>(m, "CudaError", PyExc_RuntimeError);
 
 #if !CONVNET_EMU
   // (count, message): message is empty when the runtime answered; never raises, so import never fails.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.util
 
 import numpy as np
 
@@ -19,6 +20,8 @@ def load_extension(name: str):
     try:
         return importlib.import_module(f"convnet.{name}"), ""
     except ImportError as exc:
+        if importlib.util.find_spec(f"convnet.{name}") is not None:  # built, but broken
+            return None, f"convnet.{name} is built but cannot be imported: {exc}"
         hint = ("convnet was built without nvcc (CONVNET_CUDA=AUTO found none)" if name == "_cuda"
                 else "the extension was not built; run `pip install .` (or tools/dev_build.sh)")
         return None, f"convnet.{name} cannot be imported ({exc}); {hint}"

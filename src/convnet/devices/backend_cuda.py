@@ -3,16 +3,52 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 from convnet.devices.backend import Backend, DeviceUnavailable, load_extension
+
+# CONVNET_CUPY_POOL=0: CuPy allocates every array with its own cudaMalloc (no device or pinned memory pool). Under
+# compute-sanitizer memcheck an out-of-bounds access into a pooled sub-allocation lands in memory the pool owns and
+# goes unseen; with the pool off it is reported (tools/gpu_check.sh sets it for the sanitizer runs).
+POOL_ENV = "CONVNET_CUPY_POOL"
+_allocator_configured = False
+
+
+def cupy_pool_enabled(environ=os.environ) -> bool:
+    """Whether CuPy's memory pools stay on: ``CONVNET_CUPY_POOL`` unset/empty/1 (default) or 0 (off)."""
+    value = environ.get(POOL_ENV, "").strip().lower()
+    if value in ("", "1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"{POOL_ENV} must be 0 (no memory pool) or 1 (CuPy's pools, the default), got {value!r}")
+
+
+def configure_allocator(cp, environ=os.environ) -> bool:
+    """Apply ``CONVNET_CUPY_POOL`` to the CuPy module ``cp``; returns whether the pools stay on."""
+    enabled = cupy_pool_enabled(environ)
+    if not enabled:
+        cp.cuda.set_allocator(None)
+        cp.cuda.set_pinned_memory_allocator(None)
+    return enabled
+
+
+def _import_cupy():
+    """``import cupy``, applying ``CONVNET_CUPY_POOL`` once per process, before this package allocates anything."""
+    global _allocator_configured
+    import cupy
+
+    if not _allocator_configured:
+        configure_allocator(cupy)
+        _allocator_configured = True
+    return cupy
 
 
 def cupy():
     try:
-        import cupy
+        return _import_cupy()
     except ImportError as exc:
         raise DeviceUnavailable(f"CuPy is not installed ({exc}); `pip install .[cuda]`") from None
-    return cupy
 
 
 class CudaBackend(Backend):
@@ -31,7 +67,7 @@ class CudaBackend(Backend):
         if n == 0:
             return 0, f"no usable GPU: the CUDA runtime says {message or 'there are 0 devices'}"
         try:
-            import cupy  # noqa: F401
+            _import_cupy()
         except ImportError as exc:
             return 0, f"{n} GPU(s) present but CuPy is not installed ({exc}); `pip install .[cuda]`"
         return n, ""

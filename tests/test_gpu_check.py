@@ -1,0 +1,174 @@
+"""tools/gpu_check.sh cannot pass without a GPU, the cuda-test accounting behind its --require-cuda gate, and the
+CONVNET_CUPY_POOL switch the sanitizer runs use. All CPU-side and fast (no build)."""
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import conftest
+from convnet.devices import backend_cuda
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools" / "gpu_check.sh"
+
+
+def _gpu_usable():
+    from convnet.devices import device_report
+
+    return any(e["usable"] for e in device_report() if e["device"].startswith("cuda"))
+
+
+def _run_script(tmp_path, *args, pythonpath=(), timeout=60):
+    env = dict(os.environ, LOGS=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), PYTHON=sys.executable,
+               PYTHONPATH=os.pathsep.join([*map(str, pythonpath), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------- the script
+@pytest.mark.skipif(_gpu_usable(), reason="a GPU is usable here: the script's no-GPU failure cannot be shown")
+def test_preflight_fails_loudly_without_a_gpu(tmp_path):
+    r = _run_script(tmp_path, "preflight")
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("gpu_check: FAIL: no usable GPU"), out
+    assert "| preflight" in out and "FAIL" in out  # the summary table says which stage
+    assert (tmp_path / "out" / "summary.md").is_file() and (tmp_path / "out" / "gpu_check.tgz").is_file()
+    assert len(list((tmp_path / "out").iterdir())) <= 8
+
+
+def _fake_cupy(tmp_path):
+    """A stand-in CuPy whose runtime reports one sm_90 GPU: gets the script past preflight on a machine without one."""
+    pkg = tmp_path / "fake" / "cupy"
+    (pkg / "cuda").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("__version__ = 'fake'\nfrom . import cuda\n")
+    (pkg / "cuda" / "__init__.py").write_text(
+        "class runtime:\n"
+        "    getDeviceCount = staticmethod(lambda: 1)\n"
+        "    driverGetVersion = staticmethod(lambda: 13000)\n"
+        "    runtimeGetVersion = staticmethod(lambda: 13000)\n"
+        "class Device:\n"
+        "    def __init__(self, i=0):\n"
+        "        self.compute_capability = '90'\n")
+    return tmp_path / "fake"
+
+
+@pytest.mark.skipif(_gpu_usable(), reason="a GPU is usable here")
+def test_a_gpu_that_convnet_cannot_use_stops_the_run_before_the_tests(tmp_path):
+    """Past preflight (a CuPy that claims a GPU), the next gate is get_device("cuda") in the package: without a
+    usable convnet._cuda the run stops there, before any test or benchmark, and says why."""
+    r = _run_script(tmp_path, "test", pythonpath=[_fake_cupy(tmp_path)])
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert "| preflight" in out and "sm_90" in out
+    assert out.strip().splitlines()[-1].startswith("gpu_check: FAIL: no usable GPU: get_device('cuda') failed"), out
+    assert "cuda tests" not in out
+
+
+def test_unknown_stage_is_rejected(tmp_path):
+    r = _run_script(tmp_path, "tests")
+    assert r.returncode == 2 and "unknown stage 'tests'" in r.stderr
+
+
+def test_script_documents_each_stage_estimate():
+    header = SCRIPT.read_text().split("set -uo pipefail")[0]
+    for stage in ("preflight", "build", "test pass 1", "sanitize", "bench", "total"):
+        assert stage in header
+    assert "90-real" in header and "--threads 0" in header
+
+
+# ---------------------------------------------------------------------------------------------- --require-cuda
+def _pytest(tmp_path, *args):
+    report = tmp_path / "report.json"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, "--require-cuda",
+                        "--cuda-report", str(report)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"),
+                                                                         os.environ.get("PYTHONPATH", "")])))
+    return r, json.loads(report.read_text())
+
+
+def test_require_cuda_gate(tmp_path):
+    """Without a GPU every cuda test is skipped for a reason outside the allow-list: --require-cuda fails the run
+    (pytest alone would exit 0) and names the reason; with a GPU the same selection runs and passes."""
+    r, report = _pytest(tmp_path, "tests/test_softmax.py", "-m", "cuda", "-k", "topk or huge_logits")
+    assert report["selected"] == 3
+    if _gpu_usable():
+        assert r.returncode == 0 and report["ran"] == 3, r.stdout
+    else:
+        assert r.returncode == 1, r.stdout
+        assert report["ran"] == 0 and report["skipped"] == 3 and report["disallowed_skips"]
+        assert "--require-cuda FAILED: none of the 3 selected cuda tests ran" in r.stdout
+
+
+def test_cuda_marker_is_set_from_the_device_parameter(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "tests/test_pool.py",
+                        "-m", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    ids = [line for line in r.stdout.splitlines() if "::" in line]
+    assert ids and all("[cuda" in i or "-cuda" in i for i in ids), r.stdout
+
+
+def _report(nodeid, when, outcome, reason=""):
+    longrepr = ("x.py", 1, f"Skipped: {reason}") if outcome == "skipped" else None
+    return types.SimpleNamespace(nodeid=nodeid, when=when, skipped=outcome == "skipped",
+                                 failed=outcome == "failed", passed=outcome == "passed", longrepr=longrepr)
+
+
+def test_accounting_allow_list():
+    acc = conftest.CudaAccounting()
+    acc.selected = {"a", "b", "c"}
+    acc.logreport(_report("a", "setup", "passed"))
+    acc.logreport(_report("a", "call", "passed"))
+    acc.logreport(_report("b", "setup", "skipped", "only 1 GPU(s) present"))  # allowed: needs a second GPU
+    acc.logreport(_report("c", "call", "failed"))
+    acc.logreport(_report("zzz", "call", "passed"))  # not a cuda test: not counted
+    c = acc.counts()
+    assert (c["ran"], c["passed"], c["failed"], c["skipped"]) == (2, 1, 1, 1)
+    assert acc.verdict() == []  # failures fail the run through pytest itself; the gate is about not running
+    acc.logreport(_report("b", "setup", "skipped", "no usable GPU: the CUDA runtime says 0 devices"))
+    assert acc.verdict() == ["1 cuda test(s) skipped: no usable GPU: the CUDA runtime says 0 devices"]
+    empty = conftest.CudaAccounting()
+    assert empty.verdict() == ["no cuda test was selected (is the test selection right?)"]
+
+
+# ---------------------------------------------------------------------------------------------- CONVNET_CUPY_POOL
+@pytest.mark.parametrize("value, enabled", [(None, True), ("", True), ("1", True), ("0", False), ("off", False)])
+def test_cupy_pool_flag_is_read(value, enabled):
+    env = {} if value is None else {"CONVNET_CUPY_POOL": value}
+    assert backend_cuda.cupy_pool_enabled(env) is enabled
+
+
+def test_cupy_pool_flag_rejects_nonsense():
+    with pytest.raises(ValueError, match="CONVNET_CUPY_POOL must be 0"):
+        backend_cuda.cupy_pool_enabled({"CONVNET_CUPY_POOL": "maybe"})
+
+
+def _recording_cupy():
+    calls = []
+    cuda = types.SimpleNamespace(set_allocator=lambda a: calls.append(("device", a)),
+                                 set_pinned_memory_allocator=lambda a: calls.append(("pinned", a)))
+    return types.SimpleNamespace(cuda=cuda), calls
+
+
+def test_pool_off_sets_plain_allocators():
+    cp, calls = _recording_cupy()
+    assert backend_cuda.configure_allocator(cp, {"CONVNET_CUPY_POOL": "0"}) is False
+    assert calls == [("device", None), ("pinned", None)]  # None = no pool: a cudaMalloc per array
+    cp, calls = _recording_cupy()
+    assert backend_cuda.configure_allocator(cp, {}) is True and calls == []
+
+
+def test_pool_flag_applied_at_first_cupy_use(monkeypatch):
+    """The backend's first `import cupy` applies the flag, once per process."""
+    cp, calls = _recording_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    monkeypatch.setattr(backend_cuda, "_allocator_configured", False)
+    monkeypatch.setenv("CONVNET_CUPY_POOL", "0")
+    assert backend_cuda.cupy() is cp
+    assert backend_cuda.cupy() is cp
+    assert calls == [("device", None), ("pinned", None)]
