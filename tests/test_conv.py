@@ -259,16 +259,75 @@ def test_numpy_device_float64_and_accumulate():
     np.testing.assert_allclose(dw, ref.conv_backward_filter(x, dy, (kh, kw), **kwargs))
 
 
+# Bias-gradient shapes whose rows are cut into several chunks (per filter >= 2 x 2048 floats, few filters): odd
+# lengths (scalar path, a short last chunk), multiples of 4 (16-byte path), more filters than blocks wanted.
+BIAS_CHUNKED = [(1, 4099), (3, 5, 7, 293), (2, 6, 6, 300), (1, 8190), (300, 5000), (5, 3, 4, 513)]
+
+
+def _bias_chunks(dev, f, per_filter):
+    return int(re.search(r"(\d+) chunk\(s\)", dev.kernels.conv_bias_plan(f, per_filter)).group(1))
+
+
 @pytest.mark.sanitize
 def test_bias_gradient_odd_sizes(kernel_device):
     dev = kernel_device
     rng = np.random.default_rng(2)
-    for shape in [(5, 3, 3, 1), (7, 1, 1, 3), (3, 13, 13, 8), (2, 5)]:
+    for shape in [(5, 3, 3, 1), (7, 1, 1, 3), (3, 13, 13, 8), (2, 5)] + BIAS_CHUNKED:
         dy = rand(rng, shape)
         db = ops.conv_backward_bias(dev, dev.asarray(dy))
         want = dy.astype(np.float64).reshape(shape[0], -1).sum(axis=1)
         k = dy.size // shape[0]
         _check(f"bias {shape}", db, want, np.abs(dy.astype(np.float64)).reshape(shape[0], -1).sum(axis=1), k)
+
+
+def test_bias_gradient_chunked(kernel_device):
+    """Rows cut into chunks (partial sums in a workspace, then a fixed-order sum): both load paths (a misaligned dy
+    takes the scalar one), accumulate into out, and the workspace is what the plan says."""
+    dev = kernel_device
+    k = dev.kernels
+    rng = np.random.default_rng(21)
+    for shape in BIAS_CHUNKED:
+        f, per = shape[0], int(np.prod(shape[1:]))
+        chunks = _bias_chunks(dev, f, per)
+        assert chunks > 1, (shape, k.conv_bias_plan(f, per))
+        assert k.conv_backward_bias_workspace(f, per) == f * chunks
+        dy = rand(rng, shape)
+        want = dy.astype(np.float64).reshape(f, -1).sum(axis=1)
+        bound = np.abs(dy.astype(np.float64)).reshape(f, -1).sum(axis=1)
+        buf = dev.asarray(rand(rng, (dy.size + 1,)))
+        view = buf[1:].reshape(shape)  # 4 bytes past the allocation's start: not 16-byte aligned
+        view[...] = dev.asarray(dy)
+        _check(f"bias {shape} misaligned", ops.conv_backward_bias(dev, view), want, bound, per)
+        _check(f"bias {shape}", ops.conv_backward_bias(dev, dev.asarray(dy)), want, bound, per)
+        out0 = rand(rng, (f,))
+        out = dev.asarray(out0.copy())  # (on emu asarray does not copy)
+        ops.conv_backward_bias(dev, dev.asarray(dy), out=out, alpha=0.5, beta=2.0)
+        _check(f"bias {shape} accumulate", out, 0.5 * want + 2.0 * out0.astype(np.float64),
+               0.5 * bound + 2.0 * np.abs(out0.astype(np.float64)), per + 1)
+    assert k.conv_backward_bias_workspace(5, 2047) == 0 and _bias_chunks(dev, 5, 2047) == 1  # short rows: one block
+
+
+def test_bias_gradient_chunked_schedules():
+    """The chunked bias gradient is bit-identical under every emulator schedule (no atomics, fixed orders)."""
+    rng = np.random.default_rng(22)
+    dys = [rand(rng, shape) for shape in BIAS_CHUNKED[:3]]
+    assert_schedules_identical(lambda: tuple(ops.conv_backward_bias(EMU, dy) for dy in dys),
+                               tuple(f"bias {dy.shape}" for dy in dys), seed=5)
+
+
+def test_bias_gradient_launcher_checks():
+    k = EMU.kernels
+    dy = np.zeros((2, 5000), np.float32)
+    db = np.zeros(2, np.float32)
+    need = k.conv_backward_bias_workspace(2, 5000)
+    assert need > 0
+    ws = np.zeros(need - 1, np.float32)
+    with pytest.raises(ValueError, match="workspace too small"):
+        k.conv_backward_bias(dy.ctypes.data, db.ctypes.data, ws.ctypes.data, need - 1, 2, 5000, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="workspace too small"):
+        k.conv_backward_bias(dy.ctypes.data, db.ctypes.data, 0, 0, 2, 5000, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        k.conv_backward_bias_workspace(0, 5)
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
@@ -355,6 +414,7 @@ TILE_CASES = [
     SMALL[2],  # 3 channels, F = 20, N = 8: 16-byte path
     SMALL[8],  # split filter gradient
     ("ragged-vec", 6, 11, 9, 4, 12, 3, 3, 1, 1, 2),
+    ("wide-F-vec", 2, 6, 5, 4, 100, 3, 3, 1, 1, 1),  # 100 filters: two column tiles of the 96-wide row
 ]
 
 
@@ -363,7 +423,7 @@ def _geom_tuple(g):
     return ConvGeometry.of((c, h, w, n), (c // groups, kh, kw, f), stride=s, padding=p, groups=groups)
 
 
-N_TILE_ROWS = 7
+N_TILE_ROWS = 8
 
 
 @pytest.mark.parametrize("row", range(N_TILE_ROWS))
@@ -393,3 +453,17 @@ def test_alexnet_batch128_plans_use_fast_paths():
             tm, tn = (int(v) for v in re.search(r"\((\d+)x(\d+) per thread", plan).groups())
             if name != "conv1":  # conv2-5: register tiles of at least 8x8 (no shared-memory-bound 4xN tiles)
                 assert tm >= 8 and tn >= 8, f"{name}: {plan}"
+
+
+def test_alexnet_batch128_wgrad_and_bias_plans():
+    """conv1's filter gradient takes the 96-wide tile (96 filters fill it), and the bias gradient of every AlexNet
+    layer (both models) launches at least 2 blocks per SM of a 132-SM GPU."""
+    k = Device("emu").kernels
+    for name, c, h, w, _, f, kh, kw, s, p, groups in ALEXNET_2012 + ALEXNET_ONE_TOWER:
+        geo = ConvGeometry.of((c, h, w, 128), (c // groups, kh, kw, f), stride=s, padding=p, groups=groups)
+        plan = k.conv_plan(k.ConvPass.backward_filter, geo)
+        if (name, f) == ("conv1", 96):
+            assert "tile 128x96x8" in plan, plan
+        bias = k.conv_bias_plan(f, geo.OH * geo.OW * 128)
+        blocks = int(re.search(r"\((\d+) blocks", bias).group(1))
+        assert blocks >= 2 * 132 and "16-byte" in bias, f"{name}: {bias}"

@@ -1,11 +1,14 @@
 """The package a user runs is the built one: the checkout's root never shadows the installed package (src layout),
 and a source tree without compiled modules is never used silently."""
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import convnet
 from convnet.devices import get_device
@@ -53,3 +56,34 @@ def test_unbuilt_source_tree_is_never_used_silently(tmp_path):
     assert "Traceback" not in r.stderr, r.stderr
     r = _run(["-c", "import convnet; print(convnet.device_report())"], cwd=tmp_path, env=env)
     assert r.returncode == 0 and "'emu', 'usable': False" in r.stdout and "was not built" in r.stdout, r.stdout
+
+
+def _dynamic_symbols(path: Path) -> list[str]:
+    """The names a shared object exports: its defined dynamic symbols (``nm -D --defined-only``), undecorated."""
+    r = subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"nm failed on {path}: {r.stderr}"
+    return [line.split()[-1] for line in r.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("module", ["_emu", "_cuda"])
+def test_modules_export_only_pyinit(module):
+    """convnet._emu and convnet._cuda compile the same sources: were their C++ symbols (convnet::conv_forward, the
+    emulator's cudaMemcpy, ...) exported, one module's calls could bind to the other's functions (RTLD_GLOBAL loads,
+    symbol interposition). Built with hidden visibility and a version script (CMakeLists.txt,
+    csrc/bindings/exports.ver), each exports its Python entry point and nothing else. _cuda is checked where it was
+    built (CI builds it with nvcc), without importing it (no GPU or driver needed)."""
+    spec = importlib.util.find_spec(f"convnet.{module}")
+    if spec is None or not spec.origin:
+        if module == "_emu":
+            pytest.fail("convnet._emu is not built")
+        pytest.skip("convnet._cuda is not built (no nvcc): only _emu's symbols are checked")
+    if shutil.which("nm") is None:
+        pytest.skip("nm (binutils, installed with g++) is not on PATH: cannot read the dynamic symbol table")
+    names = _dynamic_symbols(Path(spec.origin))
+    assert f"PyInit_{module}" in names, f"{spec.origin} exports no PyInit_{module}: {names[:20]}"
+    extra = sorted(n for n in names if n != f"PyInit_{module}")
+    demangled = subprocess.run(["c++filt"], input="\n".join(extra), capture_output=True, text=True).stdout.split("\n") \
+        if extra and shutil.which("c++filt") else extra
+    convnet_syms = [d for d in demangled if "convnet" in d or "cuemu" in d]
+    assert not convnet_syms, f"{module} exports convnet/emulator symbols: {convnet_syms[:20]}"
+    assert not extra, f"{module} exports {len(extra)} symbols besides PyInit_{module}: {demangled[:20]}"

@@ -78,6 +78,7 @@ XENT_CASES = [(1000, 8), (10, 37), (3, 5), (1, 4), (100, 64)]
 
 
 @pytest.mark.parametrize("K,N", XENT_CASES)
+@pytest.mark.sanitize
 def test_kernel_matches_reference(kernel_device, K, N):
     rng = np.random.default_rng(31 + K + N)
     l = (rng.standard_normal((K, N)) * 4).astype(np.float32)
@@ -90,6 +91,7 @@ def test_kernel_matches_reference(kernel_device, K, N):
 
 
 @pytest.mark.parametrize("scale", [1e4, 1e30])
+@pytest.mark.sanitize
 def test_kernel_huge_logits(kernel_device, scale):
     rng = np.random.default_rng(32)
     K, N = 20, 9
@@ -102,6 +104,7 @@ def test_kernel_huge_logits(kernel_device, scale):
     assert_close("probs", p, pr, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.sanitize
 def test_kernel_topk(kernel_device):
     rng = np.random.default_rng(33)
     K, N = 1000, 70
@@ -155,15 +158,116 @@ def test_kernel_invalid_label_is_nan():
     lab = np.array([1, 7], np.int32)
     p, d, per = np.empty_like(l), np.empty_like(l), np.empty(2, np.float32)
     loss = np.empty((), np.float32)
-    k.softmax_cross_entropy(*(a.ctypes.data for a in (l, lab, p, d, per, loss)), 5, 2, 0)
+    k.softmax_cross_entropy(*(a.ctypes.data for a in (l, lab, p, d, per, loss)), 0, 5, 2, 0)  # 0: no counter
     assert np.isfinite(per[0]) and np.isnan(per[1]) and np.isnan(loss)
     errors = np.empty(2, np.int32)
     k.topk_errors(l.ctypes.data, lab.ctypes.data, errors.ctypes.data, [1, 5], 5, 2, 0)
     assert list(errors) == [1, 1]
 
 
+BAD_LABELS = {3: -1, 10: 17, 11: 17, 40: -2**31, 68: 2**31 - 1, 69: 0}  # image -> label (K = 17; 0 is valid)
+
+
+def _labels_with_bad(K, N, seed):
+    lab = np.random.default_rng(seed).integers(0, K, N).astype(np.int32)
+    for n, v in BAD_LABELS.items():
+        lab[n] = v
+    return lab, int(((lab < 0) | (lab >= K)).sum())
+
+
+def test_kernel_counts_invalid_labels():
+    """Past the Python checks (as on cuda) the kernel adds the number of out-of-range labels to the counter: across
+    blocks (70 images = 3 blocks of 32), for negative, == K and extreme labels, under every emulator schedule, on
+    top of what the counter held; the other outputs are bit-identical to a launch without a counter."""
+    k = EMU.kernels
+    K, N = 17, 70
+    l = np.random.default_rng(5).standard_normal((K, N)).astype(np.float32)
+    lab, n_bad = _labels_with_bad(K, N, 6)
+    assert n_bad == 5
+
+    def run(counter):
+        p, d, per, loss = np.empty_like(l), np.empty_like(l), np.empty(N, np.float32), np.empty((), np.float32)
+        k.softmax_cross_entropy(*(a.ctypes.data for a in (l, lab, p, d, per, loss)),
+                                0 if counter is None else counter.ctypes.data, K, N, 0)
+        return p, d, per
+
+    counter = np.array([3], np.int32)
+    runs = [run(counter) for _ in range(2)]
+    assert counter[0] == 3 + 2 * n_bad  # added to, never reset
+    without = run(None)
+    for got in runs:
+        for name, a, b in zip(("probs", "dlogits", "loss per image"), got, without):
+            assert np.array_equal(a, b, equal_nan=True), name
+    bad = (lab < 0) | (lab >= K)
+    assert np.isnan(without[2][bad]).all() and np.isfinite(without[2][~bad]).all()
+
+    def counted():
+        c = np.zeros(1, np.int32)
+        run(c)
+        return (c,)
+
+    assert_schedules_identical(counted, ("bad-label count",), seed=11)
+    assert counted()[0][0] == n_bad
+
+
+def test_op_bad_labels_counter(monkeypatch):
+    """Through the op: valid labels leave the counter alone (emu and numpy, whose labels are checked on the host);
+    with the host check out of the way, as on cuda, the op hands the counter to the kernel, which counts."""
+    import convnet.ops.softmax as softmax_mod
+
+    K, N = 17, 70
+    l = np.random.default_rng(8).standard_normal((K, N)).astype(np.float32)
+    good = np.random.default_rng(9).integers(0, K, N).astype(np.int32)
+    for dev in (NUMPY, EMU):
+        counter = dev.asarray(np.array([4], np.int32))
+        loss, p, d = ops.softmax_cross_entropy(dev, dev.asarray(l), dev.asarray(good), bad_labels=counter)
+        assert to_host(counter)[0] == 4
+        if dev is EMU:
+            loss0, p0, d0 = ops.softmax_cross_entropy(dev, l, good)
+            for a, b in ((loss, loss0), (p, p0), (d, d0)):
+                assert np.array_equal(to_host(a), to_host(b))
+    bad, n_bad = _labels_with_bad(K, N, 10)
+    with pytest.raises(ValueError, match="labels must be in"):  # host memory: rejected before the launch
+        ops.softmax_cross_entropy(EMU, l, bad, bad_labels=np.zeros(1, np.int32))
+    check = softmax_mod._check_inputs
+    monkeypatch.setattr(softmax_mod, "_check_inputs",  # as on cuda: shapes and dtypes checked, values not
+                        lambda dev, name, logits, labels: check(dev, name, logits, np.zeros_like(labels)))
+    counter = np.array([1], np.int32)
+    loss, _, _ = ops.softmax_cross_entropy(EMU, l, bad, bad_labels=counter)
+    assert counter[0] == 1 + n_bad and np.isnan(to_host(loss))
+
+
+def test_op_bad_labels_counter_rejects_bad_arrays():
+    l = np.zeros((5, 4), np.float32)
+    lab = np.zeros(4, np.int32)
+    xent = ops.softmax_cross_entropy
+    assert_raises_each(
+        (ValueError, r"bad_labels must have shape \(1\)", lambda: xent(EMU, l, lab, bad_labels=np.zeros(2, np.int32))),
+        (TypeError, "bad_labels must have dtype int32", lambda: xent(EMU, l, lab, bad_labels=np.zeros(1, np.int64))),
+        (TypeError, "bad_labels must be a", lambda: xent(EMU, l, lab, bad_labels=[0])),
+        (ValueError, "bad_labels is read-only",
+         lambda: xent(EMU, l, lab, bad_labels=np.frombuffer(np.zeros(1, np.int32).tobytes(), np.int32))),
+        (ValueError, "bad_labels must not overlap labels", lambda: xent(EMU, l, lab, bad_labels=lab[:1])),
+    )
+
+
+def test_cuda_counts_invalid_labels(cuda_device):
+    """On a GPU labels are not checked on the host: the op's counter reports them (read after a sync)."""
+    dev = cuda_device
+    K, N = 17, 70
+    l = np.random.default_rng(12).standard_normal((K, N)).astype(np.float32)
+    bad, n_bad = _labels_with_bad(K, N, 13)
+    counter = dev.zeros((1,), np.int32)
+    loss, _, _ = ops.softmax_cross_entropy(dev, dev.asarray(l), dev.asarray(bad), bad_labels=counter)
+    assert int(to_host(counter)[0]) == n_bad and np.isnan(float(to_host(loss)))
+    good = np.clip(bad, 0, K - 1)
+    ops.softmax_cross_entropy(dev, dev.asarray(l), dev.asarray(good), bad_labels=counter)
+    assert int(to_host(counter)[0]) == n_bad
+
+
 # ---------------------------------------------------------------------------------------------------- softmax_forward
 @pytest.mark.parametrize("shape", [(10, 7), (1, 3), (1000, 33), (17, 64)])
+@pytest.mark.sanitize
 def test_softmax_forward(kernel_device, shape):
     """Probabilities without labels (inference, evaluation): the same kernel as softmax_cross_entropy's probs."""
     rng = np.random.default_rng(shape[0] * 100 + shape[1])

@@ -9,11 +9,13 @@
 using namespace convnet::bind;
 
 void bind_softmax(py::module_& m) {
+  // bad_labels: address of one int32 the kernel adds the number of out-of-range labels to (0: not counted).
   def_kernel(m, "softmax_cross_entropy", [](std::uintptr_t logits, std::uintptr_t labels, std::uintptr_t probs,
                                             std::uintptr_t dlogits, std::uintptr_t loss_per_image,
-                                            std::uintptr_t loss_sum, int K, int N, std::uintptr_t s) {
+                                            std::uintptr_t loss_sum, std::uintptr_t bad_labels, int K, int N,
+                                            std::uintptr_t s) {
     convnet::softmax_cross_entropy(ptr<const float>(logits), ptr<const int>(labels), ptr(probs), ptr(dlogits),
-                                   ptr(loss_per_image), ptr(loss_sum), K, N, stream(s));
+                                   ptr(loss_per_image), ptr(loss_sum), ptr<int>(bad_labels), K, N, stream(s));
   });
   def_kernel(m, "softmax_forward", [](std::uintptr_t logits, std::uintptr_t probs, int K, int N, std::uintptr_t s) {
     convnet::softmax_forward(ptr<const float>(logits), ptr(probs), K, N, stream(s));

@@ -60,7 +60,7 @@ constexpr TileCfg make_cfg(float eff, int blocks_per_sm) {
 // FMA tiles on sm_80/90: per k step a thread issues TM*TN FFMA and (TM+TN)/4 LDS.128, each LDS.128 taking a
 // warp 4 shared-memory cycles; an SM sub-partition issues one warp FFMA per cycle, 4 sub-partitions share the
 // shared memory, so efficiency = min(1, (TM*TN/4) / ((TM+TN)/4 * 4)) (8x8: 1, 12x8: 1, 4x8: 0.67, 4x4: 0.5),
-// lowered to 0.9 for 12x8 tiles (about 150 registers: fewer resident warps to hide latency). To be calibrated
+// lowered to 0.9 for 12x8 and 8x12 tiles (about 200 registers: fewer resident warps to hide latency). To be calibrated
 // on a GPU with conv_set_tile_override + benchmarks/conv_bench.py.
 // blocks/SM: 65536 registers / (threads x registers per thread of the 16-byte path, from ptxas -v for sm_90).
 //        BM   BN  TM  TN               threads  regs     blocks/SM  use
@@ -72,7 +72,9 @@ const TileCfg kTiles[] = {
     make_cfg<64, 128, 4, 8>(0.67f, 2),         // 256  95-109    2  M <= 64
     make_cfg<64, 64, 4, 4>(0.50f, 2),          // 256  79-95     2  small problems: tiny batches, few filters
     make_cfg<4, 512, 4, 4, false>(0.50f, 2),   // 128  161-186   2  skinny: M <= 4 (input gradient of 1-3 channels)
+    make_cfg<128, 96, 8, 12, false>(0.90f, 2), // 128  201-215   2  N = 96: filter gradient of 96 (conv1) or 192 filters
     // (rows with `false`: 16-byte path only; their scalar paths would need 16-32 load slots per thread and spill)
+    // (new rows go last: pick_tile keeps the first of equal costs, so appending never changes an existing plan's tie)
 };
 constexpr int kNumTiles = sizeof(kTiles) / sizeof(kTiles[0]);
 
@@ -213,6 +215,24 @@ dim3 dgrad_direct_grid(const ConvGeometry& g) {
 
 constexpr std::int64_t kMaxElems = std::numeric_limits<int>::max();
 
+// The bias gradient's launch: F x chunks blocks of 256 threads. One block per filter leaves most of a GPU idle for
+// few filters (96 blocks on 132 SMs for conv1), so each filter's row is cut into chunks until the grid has about
+// kBiasTargetBlocks blocks (4 per SM: 32 warps per SM keep enough loads in flight to stream dy), as long as a chunk
+// stays >= kBiasMinChunk floats (8 per thread: fewer would cost more in block overhead than they save).
+// Chunks are multiples of 4 floats (16-byte loads stay aligned). Depends on (F, L) only: device-independent.
+constexpr std::int64_t kBiasThreads = 256, kBiasTargetBlocks = 4 * kSMs, kBiasMinChunk = 8 * kBiasThreads;
+
+struct BiasPlan {
+  std::int64_t chunks, chunk;
+};
+
+BiasPlan bias_plan(int F, std::int64_t L) {
+  const std::int64_t want = (kBiasTargetBlocks + F - 1) / F;
+  const std::int64_t chunks = std::max<std::int64_t>(1, std::min(want, L / kBiasMinChunk));
+  const std::int64_t chunk = ((L + chunks - 1) / chunks + 3) / 4 * 4;
+  return {(L + chunk - 1) / chunk, chunk};  // (rounding the chunk up can only remove a chunk, never leave one empty)
+}
+
 const char* pass_name(ConvPass pass) {  // null: not a ConvPass
   switch (pass) {
     case ConvPass::forward: return "forward";
@@ -337,15 +357,44 @@ void conv_backward_filter(const ConvGeometry& g, const float* x, const float* dy
   }
 }
 
-void conv_backward_bias(const float* dy, float* db, int F, std::int64_t per_filter, float alpha, float beta,
-                        cudaStream_t stream) {
+std::int64_t conv_backward_bias_workspace(int F, std::int64_t per_filter) {
+  CONVNET_REQUIRE(F >= 1 && per_filter >= 1, "F and per_filter must be >= 1");
+  const BiasPlan pl = bias_plan(F, per_filter);
+  return pl.chunks > 1 ? pl.chunks * F : 0;
+}
+
+std::string conv_bias_plan(int F, std::int64_t per_filter) {
+  CONVNET_REQUIRE(F >= 1 && per_filter >= 1, "F and per_filter must be >= 1");
+  const BiasPlan pl = bias_plan(F, per_filter);
+  std::string s = std::string("backward_bias: ") + (per_filter % 4 == 0 ? "16-byte" : "scalar") + " path, grid " +
+                  std::to_string(F) + "x" + std::to_string(pl.chunks) + " (" + std::to_string(F * pl.chunks) +
+                  " blocks of " + std::to_string(kBiasThreads) + " threads), " + std::to_string(pl.chunks) +
+                  " chunk(s) of " + std::to_string(pl.chunk);
+  if (pl.chunks > 1) s += ", then a fixed-order reduction of the chunks";
+  return s;
+}
+
+void conv_backward_bias(const float* dy, float* db, float* workspace, std::int64_t workspace_floats, int F,
+                        std::int64_t per_filter, float alpha, float beta, cudaStream_t stream) {
   CONVNET_REQUIRE(dy && db, "null pointer");
   CONVNET_REQUIRE(F >= 1 && per_filter >= 1, "F and per_filter must be >= 1");
-  CONVNET_REQUIRE(F <= 0x7fffffff, "too many filters");
+  const BiasPlan pl = bias_plan(F, per_filter);
+  CONVNET_REQUIRE(pl.chunks <= 65535, "grid too large for this geometry");
+  if (pl.chunks > 1) {
+    CONVNET_REQUIRE(workspace != nullptr && workspace_floats >= pl.chunks * F,
+                    "workspace too small: need " + std::to_string(pl.chunks * F) + " floats");
+  }
+  const dim3 grid(static_cast<unsigned>(F), static_cast<unsigned>(pl.chunks));
   if (per_filter % 4 == 0 && aligned16(dy))
-    launch(conv_bias_grad<4>, dim3(F), dim3(256), 0, stream, dy, db, per_filter, alpha, beta);
+    launch(conv_bias_grad<4>, grid, dim3(kBiasThreads), 0, stream, dy, db, workspace, per_filter, pl.chunk, alpha,
+           beta);
   else
-    launch(conv_bias_grad<1>, dim3(F), dim3(256), 0, stream, dy, db, per_filter, alpha, beta);
+    launch(conv_bias_grad<1>, grid, dim3(kBiasThreads), 0, stream, dy, db, workspace, per_filter, pl.chunk, alpha,
+           beta);
+  if (pl.chunks > 1) {
+    const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>((F + 255) / 256, 4 * kSMs));
+    launch(conv_bias_reduce, dim3(blocks), dim3(256), 0, stream, workspace, db, F, int(pl.chunks), alpha, beta);
+  }
 }
 
 }  // namespace convnet

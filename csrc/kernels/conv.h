@@ -67,8 +67,17 @@ std::int64_t conv_backward_filter_workspace(const ConvGeometry& g);
 void conv_backward_filter(const ConvGeometry& g, const float* x, const float* dy, float* dw, float* workspace,
                           std::int64_t workspace_floats, float alpha, float beta, cudaStream_t stream);
 
-// db[f] = alpha * sum_{i < per_filter} dy[f * per_filter + i] + beta * db[f]  (per_filter = OH*OW*N).
-void conv_backward_bias(const float* dy, float* db, int F, std::int64_t per_filter, float alpha, float beta,
-                        cudaStream_t stream);
+// Floats of scratch memory conv_backward_bias needs (0 when it needs none): the partial sums of the chunks each
+// filter's row is cut into for parallelism. Depends only on (F, per_filter), like the chunking itself.
+std::int64_t conv_backward_bias_workspace(int F, std::int64_t per_filter);
+
+// The bias gradient's launch in words (path assuming an aligned dy, grid, chunks): tests, benchmarks, notes.
+std::string conv_bias_plan(int F, std::int64_t per_filter);
+
+// db[f] = alpha * sum_{i < per_filter} dy[f * per_filter + i] + beta * db[f]  (per_filter = OH*OW*N), summed in a
+// fixed order (chunks of each row in parallel, then the chunks in order: no atomics). workspace: at least
+// conv_backward_bias_workspace(F, per_filter) floats (may be null when that is 0).
+void conv_backward_bias(const float* dy, float* db, float* workspace, std::int64_t workspace_floats, int F,
+                        std::int64_t per_filter, float alpha, float beta, cudaStream_t stream);
 
 }  // namespace convnet

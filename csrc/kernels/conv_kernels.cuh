@@ -1,8 +1,8 @@
 // Convolution device code in the CHWN layout, included by conv.cu alone (internal linkage): the implicit-GEMM
 // kernel shared by the three passes (conv_igemm with FwdOp = filterActs, DgradOp = imgActs, WgradOp = weightActs),
 // the direct input-gradient kernel for few channels (conv_dgrad_direct), the split-reduction of the filter gradient
-// (conv_wgrad_reduce) and the bias gradient (conv_bias_grad). conv.cu holds the dispatch table, the cost model that
-// picks a launch, and the launchers; conv.h the API and the tensor layouts.
+// (conv_wgrad_reduce) and the bias gradient (conv_bias_grad, conv_bias_reduce). conv.cu holds the dispatch table, the
+// cost model that picks a launch, and the launchers; conv.h the API and the tensor layouts.
 //
 // All three convolutions are the same implicit GEMM, C[M x Ncols] = A[K x M]^T * B[K x Ncols], whose operands are
 // gathered on the fly from the CHWN tensors (implicit zero padding = a predicated load that yields 0):
@@ -665,16 +665,23 @@ __global__ void __launch_bounds__(256) conv_wgrad_reduce(const float* ws, float*
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// db[f] = alpha * sum(dy[f, :]) + beta * db[f], dy viewed as (F, L), L = OH*OW*N.
-// block: 256 threads per filter f = blockIdx.x; each thread sums a strided subset (float4 when L % 4 == 0 and
-// aligned), then warp shuffles and a 8-entry shared array finish the sum in a fixed order (deterministic).
+// Bias gradient: db[f] = alpha * sum(dy[f, :]) + beta * db[f], dy viewed as (F, L), L = OH*OW*N.
+// conv_bias_grad<V>: block (f, c) = (blockIdx.x, blockIdx.y) of 256 threads sums chunk c of row f,
+// dy[f, c*chunk : min(L, (c+1)*chunk)): each thread a strided subset (float4 when L % 4 == 0 and aligned; chunk is
+// a multiple of 4, so every chunk starts 16-byte aligned), then warp shuffles and an 8-entry shared array finish the
+// block's sum in a fixed order. With one chunk (gridDim.y == 1) the block writes db[f] itself; otherwise it writes
+// its partial sum to partials[c * F + f] and conv_bias_reduce adds the chunks of each filter in chunk order.
+// Deterministic (no float atomics): the chunking depends on (F, L) only (conv.cu, bias_plan), so every GPU and the
+// emulator add the same numbers in the same order.
 template <int V>
-__global__ void __launch_bounds__(256) conv_bias_grad(const float* dy, float* db, std::int64_t L, float alpha,
-                                                       float beta) {
+__global__ void __launch_bounds__(256) conv_bias_grad(const float* dy, float* db, float* partials, std::int64_t L,
+                                                       std::int64_t chunk, float alpha, float beta) {
   SHARED(float, warp_sums, [8]);
   const float* row = dy + static_cast<std::int64_t>(blockIdx.x) * L;
+  const std::int64_t lo = static_cast<std::int64_t>(blockIdx.y) * chunk;
+  const std::int64_t hi = lo + chunk < L ? lo + chunk : L;
   float sum = 0.f;
-  for (std::int64_t i = threadIdx.x; i < L / V; i += 256) {
+  for (std::int64_t i = lo / V + threadIdx.x; i < hi / V; i += 256) {
     float t[V];
     gload<V>(row + i * V, t);
     for (int v = 0; v < V; ++v) sum += t[v];
@@ -685,9 +692,26 @@ __global__ void __launch_bounds__(256) conv_bias_grad(const float* dy, float* db
   if (threadIdx.x == 0) {
     float total = 0.f;
     for (int w = 0; w < 8; ++w) total += warp_sums[w];
+    if (gridDim.y > 1) {
+      partials[static_cast<std::int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = total;
+      return;
+    }
     float o = alpha * total;
     if (beta != 0.f) o += beta * db[blockIdx.x];
     db[blockIdx.x] = o;
+  }
+}
+
+// db[f] = alpha * sum_c partials[c * F + f] + beta * db[f], chunks added in order. block: 256 threads, one filter
+// per thread (grid-stride).
+__global__ void __launch_bounds__(256) conv_bias_reduce(const float* partials, float* db, int F, int chunks,
+                                                         float alpha, float beta) {
+  for (int f = blockIdx.x * blockDim.x + threadIdx.x; f < F; f += gridDim.x * blockDim.x) {
+    float acc = 0.f;
+    for (int c = 0; c < chunks; ++c) acc += partials[static_cast<std::int64_t>(c) * F + f];
+    float o = alpha * acc;
+    if (beta != 0.f) o += beta * db[f];
+    db[f] = o;
   }
 }
 

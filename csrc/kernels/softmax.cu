@@ -22,7 +22,7 @@ __device__ __forceinline__ bool valid_label(int lab, int K) { return lab >= 0 &&
 
 __global__ void softmax_xent_kernel(const float* __restrict__ logits, const int* __restrict__ labels,
                                     float* __restrict__ probs, float* __restrict__ dlogits,
-                                    float* __restrict__ loss, int K, int N) {
+                                    float* __restrict__ loss, int* __restrict__ bad_labels, int K, int N) {
   SHARED(float, red, [kLanes][kImgs + 1]);
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int n = blockIdx.x * kImgs + tx;
@@ -62,6 +62,9 @@ __global__ void softmax_xent_kernel(const float* __restrict__ logits, const int*
     if (dlogits) dlogits[o] = (ok && c == lab) ? p - 1.0f : p;
   }
   if (ty == 0 && loss) loss[n] = ok ? logf(sum) - (logits[static_cast<size_t>(lab) * N + n] - m) : NAN;
+  // An out-of-range label is counted (integer atomics: the count is exact whatever the order) so the host can raise
+  // at its next synchronisation point instead of training on a NaN loss.
+  if (ty == 0 && labels && !ok && bad_labels) atomicAdd(bad_labels, 1);
 }
 
 constexpr int kSumThreads = 256;
@@ -122,12 +125,13 @@ void check_kn(int K, int N, const char* who) {
 }  // namespace
 
 void softmax_cross_entropy(const float* logits, const int* labels, float* probs, float* dlogits,
-                           float* loss_per_image, float* loss_sum, int K, int N, cudaStream_t stream) {
+                           float* loss_per_image, float* loss_sum, int* bad_labels, int K, int N,
+                           cudaStream_t stream) {
   check_kn(K, N, "softmax_cross_entropy");
   if (!logits || !labels || !loss_per_image || !loss_sum)
     throw std::invalid_argument("softmax_cross_entropy: null pointer");
   launch(softmax_xent_kernel, dim3(ceil_div(N, kImgs)), dim3(kImgs, kLanes), 0, stream, logits, labels, probs, dlogits,
-         loss_per_image, K, N);
+         loss_per_image, bad_labels, K, N);
   launch(sum_kernel, dim3(1), dim3(kSumThreads), 0, stream, loss_per_image, loss_sum, N);
 }
 
@@ -135,7 +139,8 @@ void softmax_forward(const float* logits, float* probs, int K, int N, cudaStream
   check_kn(K, N, "softmax_forward");
   if (!logits || !probs) throw std::invalid_argument("softmax_forward: null pointer");
   launch(softmax_xent_kernel, dim3(ceil_div(N, kImgs)), dim3(kImgs, kLanes), 0, stream, logits,
-         static_cast<const int*>(nullptr), probs, static_cast<float*>(nullptr), static_cast<float*>(nullptr), K, N);
+         static_cast<const int*>(nullptr), probs, static_cast<float*>(nullptr), static_cast<float*>(nullptr),
+         static_cast<int*>(nullptr), K, N);
 }
 
 void topk_errors(const float* scores, const int* labels, int* errors, const TopKList& ks, int K, int N,

@@ -3,7 +3,8 @@
 //   probs = softmax over classes (max-subtracted; softmax_forward computes only these); dlogits = probs - onehot(label) (not divided by N);
 //   loss_n = log(sum_c exp(l_c - m)) - (l_label - m);  loss_sum = sum_n loss_n (deterministic, fixed order).
 //   An out-of-range label cannot be rejected without a device->host sync: its loss is NaN (the Python layer checks
-//   labels on numpy/emu before launching) and it counts as a top-k error.
+//   labels on numpy/emu before launching), softmax_cross_entropy adds 1 per such label to *bad_labels (when given;
+//   the caller reads it at a synchronisation point) and it counts as a top-k error.
 //   Top-k: image n is an error for k when at least k classes score strictly higher than its label.
 #pragma once
 #include "cuda_compat.h"
@@ -18,8 +19,10 @@ struct TopKList {
 };
 
 // loss_per_image: (N,) scratch/output; loss_sum: one float. probs and dlogits: (K, N); either may be null.
+// bad_labels: one int the kernel adds the number of labels outside [0, K) to (atomically; not zeroed), or null.
 void softmax_cross_entropy(const float* logits, const int* labels, float* probs, float* dlogits,
-                           float* loss_per_image, float* loss_sum, int K, int N, cudaStream_t stream);
+                           float* loss_per_image, float* loss_sum, int* bad_labels, int K, int N,
+                           cudaStream_t stream);
 
 // probs = softmax(logits) over classes only (the same kernel and arithmetic as softmax_cross_entropy's probs).
 void softmax_forward(const float* logits, float* probs, int K, int N, cudaStream_t stream);

@@ -44,8 +44,7 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
     alpha, beta = alpha_beta(alpha, beta, out)
     return produce(
         dev, Output("out", out, g.y_shape, dtype), inputs=dict(x=x, w=w, bias=bias), alpha=alpha, beta=beta,
-        stream=stream, reference_in_place=True,
-        reference=lambda: ref.conv_forward(x, w, bias, **_params(g)),
+        stream=stream, reference=lambda: ref.conv_forward(x, w, bias, **_params(g)),
         kernel=lambda y: launch(dev, "conv_forward", x, w, bias if bias is not None else 0, y, g, alpha, beta,
                                 stream=stream))
 
@@ -61,7 +60,6 @@ def conv_backward_data(device, dy, w, input_hw, *, stride=1, padding=0, groups=1
     alpha, beta = alpha_beta(alpha, beta, out)
     return produce(
         dev, Output("out", out, g.x_shape, dtype), inputs=dict(dy=dy, w=w), alpha=alpha, beta=beta, stream=stream,
-        reference_in_place=True,
         reference=lambda: ref.conv_backward_data(dy, w, (g.H, g.W), **_params(g)),
         kernel=lambda dx: launch(dev, "conv_backward_data", dy, w, dx, g, alpha, beta, stream=stream))
 
@@ -86,7 +84,7 @@ def conv_backward_filter(device, x, dy, filter_hw, *, stride=1, padding=0, group
 
     return produce(
         dev, Output("out", out, g.w_shape, dtype), inputs=dict(x=x, dy=dy), alpha=alpha, beta=beta, stream=stream,
-        reference_in_place=True, kernel=kernel,
+        kernel=kernel,
         reference=lambda: ref.conv_backward_filter(x, dy, (g.KH, g.KW), **_params(g)))
 
 
@@ -102,8 +100,16 @@ def conv_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
     if f > INT32_MAX:
         raise ValueError(f"dy has {f} filters; the kernel supports fewer than 2**31")
     alpha, beta = alpha_beta(alpha, beta, out)
+    per_filter = dy.size // f
+
+    def kernel(db):
+        # Each filter's row is summed in chunks on separate blocks; their partial sums go to a scratch buffer that
+        # is allocated on the kernels' stream (as the filter gradient's).
+        ws_floats = int(dev.kernels.conv_backward_bias_workspace(f, per_filter))
+        ws = dev.empty((ws_floats,), np.float32, stream=stream) if ws_floats else None
+        launch(dev, "conv_backward_bias", dy, db, ws if ws is not None else 0, ws_floats, f, per_filter, alpha, beta,
+               stream=stream)
+
     return produce(
         dev, Output("out", out, (f,), dy.dtype), inputs=dict(dy=dy), alpha=alpha, beta=beta, stream=stream,
-        reference_in_place=True,
-        reference=lambda: ref.conv_backward_bias(dy),
-        kernel=lambda db: launch(dev, "conv_backward_bias", dy, db, f, dy.size // f, alpha, beta, stream=stream))
+        reference=lambda: ref.conv_backward_bias(dy), kernel=kernel)

@@ -8,9 +8,13 @@ Layout: logits ``(classes, N)``, labels ``(N,)`` int32 in ``[0, classes)``.
   divided by N; scale it by 1/N yourself for a mean loss).
 * ``softmax_forward`` -> ``probs`` alone (no labels): what inference and evaluation need.
 * ``topk_errors`` -> tuple of ints: image n is a top-k error when at least k classes score strictly higher than its
-  label (ties favour the label). Counted on the device; only the counts come back to the host.
+  label (ties favour the label), or when any of its scores is NaN or infinite (a diverged net is never right).
+  Counted on the device; only the counts come back to the host.
+* The kernels index with 32-bit ints: ``classes * N`` must be below 2**31 (checked before anything is allocated).
 * Labels in host memory (numpy and emu) are range-checked.  On cuda they are not (that would need a
-  device-to-host sync every step): an out-of-range label gives a NaN loss and counts as an error.
+  device-to-host sync every step): an out-of-range label gives a NaN loss and counts as an error, and
+  ``softmax_cross_entropy`` adds the number of such labels to its ``bad_labels`` counter when given one, for the
+  caller to read at a point where it synchronises anyway.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import numbers
 
 import numpy as np
 
-from convnet.ops._checks import as_device, check_array
+from convnet.geometry import INT32_MAX
+from convnet.ops._checks import as_device, check_array, check_disjoint
 from convnet.ops._dispatch import Output, launch, produce
 from convnet.reference import softmax as ref
 
@@ -32,6 +37,8 @@ def _check_logits(dev, name, logits):
     K, N = logits.shape
     if K < 1 or N < 1:
         raise ValueError(f"{name} must have shape (classes, N) with classes >= 1 and N >= 1, got {tuple(logits.shape)}")
+    if K * N > INT32_MAX:
+        raise ValueError(f"{name} has {K} x {N} = {K * N} elements; the kernels support fewer than 2**31")
     return K, N
 
 
@@ -54,14 +61,24 @@ def softmax_forward(device, logits, *, out=None, stream=None):
                    kernel=lambda probs: launch(dev, "softmax_forward", logits, probs, K, N, stream=stream))
 
 
-def softmax_cross_entropy(device, logits, labels, *, stream=None):
+def softmax_cross_entropy(device, logits, labels, *, bad_labels=None, stream=None):
+    """(loss_sum, probs, dlogits) of logits (classes, N) and labels (N,) int32.
+
+    bad_labels: optional (1,) int32 device array the kernel adds the number of out-of-range labels to; read it at a
+    synchronisation point. (On host devices labels are range-checked before the launch with a ValueError, so there
+    it stays untouched.)
+    """
     dev = as_device(device)
     K, N = _check_inputs(dev, "logits", logits, labels)
     dtype = logits.dtype
+    if bad_labels is not None:
+        check_array("bad_labels", bad_labels, dev, shape=(1,), dtypes=(np.int32,), writeable=True)
+        check_disjoint(dev, "bad_labels", bad_labels, logits=logits, labels=labels)
 
     def kernel(loss, probs, dlogits):
         per_image = dev.empty((N,), dtype, stream=stream)
-        launch(dev, "softmax_cross_entropy", logits, labels, probs, dlogits, per_image, loss, K, N, stream=stream)
+        launch(dev, "softmax_cross_entropy", logits, labels, probs, dlogits, per_image, loss,
+               bad_labels if bad_labels is not None else 0, K, N, stream=stream)
 
     outputs = (Output("loss", None, (), dtype), Output("probs", None, (K, N), dtype),
                Output("dlogits", None, (K, N), dtype))
@@ -73,8 +90,8 @@ def _ks(ks):
     if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
         ks = (ks,)
     if not isinstance(ks, (tuple, list)) or not 1 <= len(ks) <= MAX_KS or any(
-            isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
-        raise ValueError(f"ks must be 1 to {MAX_KS} positive ints, got {ks!r}")
+            isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= INT32_MAX for k in ks):
+        raise ValueError(f"ks must be 1 to {MAX_KS} positive ints below 2**31, got {ks!r}")
     return tuple(int(k) for k in ks)
 
 
@@ -83,9 +100,19 @@ def topk_errors(device, logits_or_probs, labels, ks=(1, 5), *, stream=None):
     dev = as_device(device)
     ks = _ks(ks)
     K, N = _check_inputs(dev, "logits_or_probs", logits_or_probs, labels)
+    scores = logits_or_probs
+    xp = dev.xp
+    with dev.on_stream(stream):
+        # An image with a NaN or infinite score is an error for every k. (Compared with NaN nothing scores
+        # "strictly higher" than the label, so the rank rule alone would call an all-NaN column right.) Its column is
+        # zeroed for the rank rule (a tie: no error) and the image counted here instead.
+        bad = ~xp.isfinite(scores).all(axis=0)
+        n_bad = int(bad.sum())
+        if n_bad:
+            scores = xp.ascontiguousarray(xp.where(bad[None, :], scores.dtype.type(0), scores))
     counts = produce(
         dev, Output("counts", None, (len(ks),), np.dtype(np.int32)), stream=stream,
-        reference=lambda: np.asarray(ref.topk_errors(logits_or_probs, labels, ks), np.int32),
-        kernel=lambda c: launch(dev, "topk_errors", logits_or_probs, labels, c, list(ks), K, N, stream=stream))
+        reference=lambda: np.asarray(ref.topk_errors(scores, labels, ks), np.int32),
+        kernel=lambda c: launch(dev, "topk_errors", scores, labels, c, list(ks), K, N, stream=stream))
     with dev.on_stream(stream):  # reading the counts waits for the op's stream
-        return tuple(int(c) for c in dev.to_numpy(counts))
+        return tuple(int(c) + n_bad for c in dev.to_numpy(counts))
