@@ -1,4 +1,5 @@
 """Checkpoints: atomic writes, contents, bit-exact resume on numpy (epoch boundary, mid-epoch, Ctrl-C)."""
+import json
 import os
 import signal
 
@@ -126,3 +127,190 @@ def test_resume_mid_epoch_with_the_linear_schedule_is_bit_exact(tiny, tmp_path):
     run(_args(tiny, out, "--schedule", "linear", "--max-steps", "8"), log=lambda s: None)
     run(["--resume", str(out)], log=lambda s: None)
     _assert_same(ckpt.load(out), ckpt.load(ref))
+
+
+# ------------------------------------------------------------------------------------------------ issue 13
+def _meta_of(st):
+    return {k: st["meta"][k] for k in ("epoch", "batch", "step")}
+
+
+def test_non_finite_state_is_never_saved_nor_loaded(tmp_path, capsys):
+    """Items 2, 3: a checkpoint of NaN/inf parameters is never written, and one on disk is never used."""
+    p = tmp_path / "checkpoint.npz"
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ckpt.CheckpointError, match="non-finite values .* param/a/w"):
+            ckpt.save(p, params={"a/w": np.array([1.0, bad])}, velocity={"a/w": np.zeros(2)}, mean=None,
+                      meta={"epoch": 1})
+        with pytest.raises(ckpt.CheckpointError, match="velocity/a/w"):
+            ckpt.save(p, params={"a/w": np.zeros(2)}, velocity={"a/w": np.array([bad, 0.0])}, mean=None, meta={})
+    assert not p.exists() and os.listdir(tmp_path) == []
+    np.savez(p, **{"param/a/w": np.array([np.nan, 1.0]), "meta": np.array('{"format": "%s"}' % ckpt.FORMAT)})
+    with pytest.raises(ckpt.CheckpointError, match="non-finite values .*param/a/w.*diverged"):
+        ckpt.load(p)
+    for argv in (["--resume", str(p)], ["--eval-only", "--resume", str(p)]):
+        assert main(argv) == 2
+        assert "non-finite" in capsys.readouterr().err
+
+
+def test_nan_weights_are_not_loaded_into_a_net():
+    from convnet.layers import FC, Data, SoftmaxCost
+    from convnet.graph import Net
+    net = Net([Data("data", channels=1, size=2), FC("fc", "data", outputs=3), SoftmaxCost("p", "fc")],
+              device="numpy")
+    state = net.state_dict()
+    good = {k: v.copy() for k, v in state.items()}
+    state["fc/w"] = state["fc/w"].copy()
+    state["fc/w"][0, 0] = np.nan
+    with pytest.raises(ValueError, match="parameter 'fc/w' has non-finite values"):
+        net.load_state_dict(state)
+    assert all(np.array_equal(net.state_dict()[k], good[k]) for k in good)  # nothing half loaded
+
+
+@pytest.fixture
+def one_epoch(tiny, tmp_path):
+    out = tmp_path / "one"
+    run(_args(tiny, out, "--epochs", "1"), log=lambda s: None)
+    return out
+
+
+def test_corrupt_checkpoints_are_checkpoint_errors(one_epoch, tmp_path):
+    """Item 9: truncated, empty and bit-flipped files: a CheckpointError naming the file (or, for a flip in a part of
+    the zip nobody reads, a clean load), never BadZipFile/EOFError/KeyError/zlib tracebacks."""
+    data = (one_epoch / "checkpoint.npz").read_bytes()
+    p = tmp_path / "c.npz"
+    for n in (0, 1, 4, 30, 100, len(data) // 3, len(data) // 2, len(data) - 22, len(data) - 1):
+        p.write_bytes(data[:n])
+        with pytest.raises(ckpt.CheckpointError, match=r"cannot read checkpoint .*c\.npz.: "):
+            ckpt.load(p)
+    rng = np.random.default_rng(0)
+    loaded = 0
+    for pos in sorted(set(np.linspace(0, len(data) - 1, 48).astype(int)) | set(rng.integers(0, len(data), 48))):
+        flipped = bytearray(data)
+        flipped[pos] ^= 1 << int(rng.integers(0, 8))
+        p.write_bytes(bytes(flipped))
+        try:
+            st = ckpt.load(p)
+        except ckpt.CheckpointError as e:
+            assert "c.npz" in str(e) and "\n" not in str(e)
+        else:
+            loaded += 1
+            ref = ckpt.load(one_epoch)  # what loads must be the checkpoint itself (CRC-32 catches data flips)
+            assert all(np.array_equal(st["params"][k], ref["params"][k]) for k in ref["params"])
+    assert loaded < 48
+    np.savez(p, **{"param/a/w": np.zeros(2)})  # no meta
+    with pytest.raises(ckpt.CheckpointError, match="no 'meta' entry"):
+        ckpt.load(p)
+    np.save(tmp_path / "plain.npy", np.zeros(3))
+    with pytest.raises(ckpt.CheckpointError, match="not an .npz archive"):
+        ckpt.load(tmp_path / "plain.npy")
+
+
+def test_incomplete_or_mismatched_checkpoints_are_one_line_errors(one_epoch, tmp_path, capsys):
+    """Item 9: a checkpoint without a part a resume needs, or whose parameters do not fit its model."""
+    st = ckpt.load(one_epoch)
+
+    def write(name, params=None, velocity=None, drop=(), **meta_changes):
+        meta = {k: v for k, v in st["meta"].items() if k not in drop}
+        meta.update(meta_changes)
+        out = tmp_path / name
+        ckpt.save(out / "checkpoint.npz", params=st["params"] if params is None else params,
+                  velocity=st["velocity"] if velocity is None else velocity, mean=st["mean"], meta=meta)
+        return out
+
+    cases = [
+        (write("no-schedule", drop=("schedule",)), "incomplete: metadata 'schedule' should be a dict, got missing"),
+        (write("bad-epoch", epoch="x"), "incomplete: metadata 'epoch' should be an integer"),
+        (write("no-model", config={**st["meta"]["config"], "model_text": None}), "no model-file text"),
+        (write("no-velocity", velocity={}), "parameters and momentum buffers differ"),
+        (write("renamed", params={k.replace("fc3", "fcx"): v for k, v in st["params"].items()},
+               velocity={k.replace("fc3", "fcx"): v for k, v in st["velocity"].items()}),
+         "does not fit the model or is incomplete: .*no parameter 'fc3/"),
+        (write("reshaped", params={**st["params"], "fc3/b": np.zeros(7, np.float32)}), "fc3/b': checkpoint shape"),
+    ]
+    for out, needle in cases:
+        assert main(["--resume", str(out), "--epochs", "2"]) == 2, out
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and out.name in err, err
+        assert __import__("re").search(needle, err), (needle, err)
+
+
+def test_batch_size_change_mid_epoch_is_refused(tiny, tmp_path, capsys):
+    """Item 6: the saved position is a batch index; another --batch-size in the middle of an epoch would skip or
+    repeat images, so it is refused. At an epoch boundary it is fine."""
+    out = tmp_path / "mid"
+    run(_args(tiny, out, "--max-steps", "4"), log=lambda s: None)
+    assert main(["--resume", str(out), "--batch-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 32 differs from the checkpoint's 16" in err and "middle of epoch 1 (batch 4)" in err, err
+    assert "Resume with --batch-size 16" in err
+    assert main(["--resume", str(out), "--seed", "6"]) == 2 and "--seed 6 differs" in capsys.readouterr().err
+    assert _meta_of(ckpt.load(out)) == {"epoch": 0, "batch": 4, "step": 4}  # untouched
+    assert main(["--resume", str(out), "--epochs", "1", "--no-progress"]) == 0  # finish the epoch as saved
+    assert main(["--resume", str(out), "--epochs", "2", "--batch-size", "32", "--no-progress"]) == 0
+    assert _meta_of(ckpt.load(out)) == {"epoch": 2, "batch": 0, "step": 6 + 3}
+
+
+def test_stale_temporaries_are_removed_and_log_agrees_with_checkpoint(one_epoch, capsys):
+    """Item 8: kill -9 during a checkpoint write leaves checkpoint.npz.*.tmp; the next start removes it. A kill
+    between an epoch's checkpoint and its log line (or, in the old order, after the log line and before the
+    checkpoint) never duplicates nor loses an epoch in log.jsonl."""
+    out = one_epoch
+    stale = out / "checkpoint.npz.k9x1.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    log = out / "log.jsonl"
+    line1 = log.read_text()
+    log.write_text(line1 + line1.replace('"epoch": 1', '"epoch": 2'))  # the old order: epoch 2's line, no checkpoint
+    assert main(["--resume", str(out), "--epochs", "2"]) == 0
+    assert "removed 1 stale temporary file" in capsys.readouterr().out
+    assert not stale.exists() and not list(out.glob("*.tmp"))
+    epochs = [json.loads(s)["epoch"] for s in log.read_text().splitlines()]
+    assert epochs == [1, 2]
+    log.write_text(line1)  # the new order: epoch 2 checkpointed, its log line lost
+    assert main(["--resume", str(out), "--epochs", "3"]) == 0
+    assert [json.loads(s)["epoch"] for s in log.read_text().splitlines()] == [1, 2, 3]
+    hist = ckpt.load(out)["meta"]["history"]
+    assert [json.loads(s) for s in log.read_text().splitlines()] == hist
+
+
+def test_second_ctrl_c_aborts_at_once(tiny, tmp_path, monkeypatch, capsys):
+    """Item 11: the first Ctrl-C stops after the step; a second one while the loader thread is being joined aborts
+    at once (exit 130, no checkpoint), instead of being swallowed in the loader generator's clean-up."""
+    import threading
+    import time
+
+    from convnet.data import Loader
+    out = tmp_path / "cc"
+    release = threading.Event()
+    real_batch, real_step = Loader.make_batch, SGD.step
+    state = {"n": 0, "timer": None, "t0": None}
+
+    def slow_batch(self, epoch, b, order=None):
+        if self.train and b == 4:  # the loader thread is busy here when training stops after batch 3
+            release.wait(6)
+        return real_batch(self, epoch, b, order)
+
+    def step(self):
+        real_step(self)
+        state["n"] += 1
+        if state["n"] == 4:
+            state["t0"] = time.perf_counter()
+            os.kill(os.getpid(), signal.SIGINT)  # first Ctrl-C
+            state["timer"] = threading.Timer(0.4, os.kill, (os.getpid(), signal.SIGINT))  # second, during the join
+            state["timer"].start()
+
+    monkeypatch.setattr(Loader, "make_batch", slow_batch)
+    monkeypatch.setattr(SGD, "step", step)
+    # while the test runs, a stray SIGINT (the timer firing after a failure) must not abort pytest
+    previous = signal.signal(signal.SIGINT, lambda *a: None)
+    try:
+        rc = main(_args(tiny, out, "--prefetch", "1"))
+        elapsed = time.perf_counter() - state["t0"]
+    finally:
+        release.set()
+        if state["timer"] is not None:
+            state["timer"].join()
+        signal.signal(signal.SIGINT, previous)
+    cap = capsys.readouterr()
+    assert rc == 130 and "interrupted" in cap.err
+    assert "saved" not in cap.out and not (out / "checkpoint.npz").exists(), cap.out
+    assert elapsed < 3.0, elapsed  # not the loader thread's 6 s

@@ -190,3 +190,68 @@ def test_pad_crop_flip_is_a_window_of_the_padded_mean_subtracted_image():
         shifts.add(hits[0][:2])
         flips += hits[0][2]
     assert len(shifts) > 5 and 3 < flips < 21
+
+
+# ------------------------------------------------------------------------------------------------ issue 13
+def _idx_bytes(a, code=0x08, dims=None):
+    a = np.asarray(a)
+    dims = a.shape if dims is None else dims
+    return struct.pack(">BBBB", 0, 0, code, len(dims)) + struct.pack(f">{len(dims)}I", *dims) + a.tobytes()
+
+
+def test_corrupt_and_mistyped_idx_files_are_one_line_data_errors(tmp_path):
+    """Item 9: corrupt gz streams, truncated headers and bodies, trailing bytes and the wrong element type (int16
+    pixels, float labels) are DataErrors naming the file (they were zlib / NumPy buffer errors, or silently
+    accepted)."""
+    make_fashion_dir(tmp_path)
+    good = (tmp_path / "train-images-idx3-ubyte.gz").read_bytes()
+    p = tmp_path / "x.gz"
+    cases = []
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF  # inside the deflate stream
+    cases.append((bytes(flipped), r"cannot read IDX file|truncated|trailing"))
+    cases.append((good[: len(good) // 2], r"cannot read IDX file.*(EOFError|end-of-stream)"))
+    bad_crc = bytearray(good)
+    bad_crc[-8] ^= 0x01  # the gzip trailer's CRC-32
+    cases.append((bytes(bad_crc), r"cannot read IDX file.*CRC"))
+    for data, match in cases:
+        p.write_bytes(data)
+        with pytest.raises(DataError, match=rf"x\.gz: .*({match})") as e:
+            read_idx(p, np.uint8)
+        assert "\n" not in str(e.value)
+    raw = tmp_path / "raw"
+    img = np.zeros((2, 3, 3), np.uint8)
+    for data, match in (
+            (struct.pack(">BBBB", 0, 0, 8, 3) + b"\0\0\0\2\0\0", "truncated IDX header"),  # was a NumPy buffer error
+            (_idx_bytes(img) + b"\0", "trailing bytes"),
+            (_idx_bytes(img, dims=(2, 3, 2**31)), "truncated IDX data"),  # a corrupted size: no huge allocation
+            (_idx_bytes(img.astype(">i2"), 0x0B), "IDX elements are int16, expected uint8"),
+            (_idx_bytes(np.zeros(2, ">f4"), 0x0D), "IDX elements are float32, expected uint8")):
+        raw.write_bytes(data)
+        with pytest.raises(DataError, match=match):
+            read_idx(raw, np.uint8)
+    # the loader applies the type rule: int16 pixels / float labels in a Fashion-MNIST directory are refused
+    (tmp_path / "train-images-idx3-ubyte.gz").unlink()
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_bytes(np.zeros((64, 28, 28), ">i2"), 0x0B))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte: IDX elements are int16, expected uint8"):
+        load_fashion_mnist(tmp_path)
+    make_fashion_dir(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.zeros(32, ">f4"), 0x0D))
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte: IDX elements are float32"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_cifar_batch_with_the_wrong_element_type_is_refused(tmp_path):
+    """Item 9's relative: float pixels or float labels in a CIFAR batch were cast silently."""
+    import pickle
+    d = tmp_path / "c"
+    d.mkdir()
+    for data, labels, match in ((np.zeros((2, 3072), np.float32), [0, 1], "'data' must be uint8 pixels, got float32"),
+                                (np.zeros((2, 3072), np.uint8), [0.5, 1.0], "'labels' must be integers")):
+        with open(d / "data_batch_1", "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+        write_cifar_batch(d / "test_batch", np.zeros((2, 32, 32, 3), np.uint8), [0, 1])
+        with pytest.raises(DataError, match=match):
+            load_cifar10(d)

@@ -91,3 +91,24 @@ def test_layer_shape_errors():
         _setup(LRN("l", "x", groups=3), (4, 2, 2))
     with pytest.raises(LayerError, match="softmax needs"):
         Net([Data("data", channels=1, size=4), Conv("c", "data", filters=2, size=3), SoftmaxCost("p", "c")])
+
+
+def test_float_keys_must_be_finite_and_in_range():
+    """Issue 13, item 3: a NaN scale, std or multiplier used to build a net that trains at chance level forever."""
+    from convnet.layers import FC, LRN, Data, LayerError, SoftmaxCost
+    nan, inf = float("nan"), float("inf")
+    for make, match in (
+            (lambda: Data("d", channels=1, size=4, scale=nan), "scale must be a finite number"),
+            (lambda: Data("d", channels=1, size=4, scale=0.0), "scale must be > 0"),
+            (lambda: FC("f", "d", outputs=2, init_w=nan), "initW must be a finite number >= 0"),
+            (lambda: FC("f", "d", outputs=2, init_w=inf), "initW must be a finite number >= 0"),
+            (lambda: FC("f", "d", outputs=2, init_b=inf), "initB must be a finite number"),
+            (lambda: FC("f", "d", outputs=2, lr_w=-1.0), "lrW must be >= 0"),
+            (lambda: FC("f", "d", outputs=2, wd_b=nan), "wdB must be a finite number"),
+            (lambda: FC("f", "d", outputs=2.5), "outputs must be an integer"),
+            (lambda: FC("f", "d", outputs=2**31), "outputs must be < 2\\*\\*31"),
+            (lambda: LRN("n", "d", k=0.0), "k must be > 0"),
+            (lambda: LRN("n", "d", alpha=nan), "alpha must be a finite number"),
+            (lambda: SoftmaxCost("p", "f", coeff=nan), "coeff must be a finite number")):
+        with pytest.raises(LayerError, match=match):
+            make()

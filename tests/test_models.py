@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 
+from convnet.devices import Device
 from convnet.model_file import ModelFileError, build_net, load_model, parse_model_text, shipped_models
 
 
 def test_shipped_models_are_there():
-    assert {"alexnet", "alexnet-owt", "cifar-18pct", "fmnist"} <= set(shipped_models())
+    assert {"alexnet", "alexnet-2gpu", "alexnet-owt", "cifar-18pct", "fmnist"} <= set(shipped_models())
 
 
 def _hand_count_alexnet():
@@ -125,8 +126,23 @@ def test_parse_aliases_and_comments():
 
 
 def test_per_layer_devices_in_model_files():
-    specs, _ = parse_model_text(BASE.replace("outputs = 3", "outputs = 3\ngpu = 1"))
-    assert dict((n, kw) for n, t, kw in specs)["fc"]["device"] == "cuda:1"
+    """``device = i`` (or cuda-convnet's ``gpu = i``): tower i, on the i-th of the net's devices (default: every tower
+    on the net's device); a device name: that device."""
+    for key in ("gpu", "device"):
+        specs, _ = parse_model_text(BASE.replace("outputs = 3", f"outputs = 3\n{key} = 1"))
+        assert dict((n, kw) for n, t, kw in specs)["fc"]["device"] == 1
+    text = BASE.replace("outputs = 3", "outputs = 3\ngpu = 1")
+    net, _ = build_net(text, "base.cfg", device="numpy")
+    assert net.devices == (Device("numpy"),) * 2 and net.layers["fc"].tower == 1
+    assert str(net.layers["fc"].device) == "numpy" and net.layers["probs"].tower == 0
+    net, _ = build_net(text, "base.cfg", devices="emu:0,numpy:1")
+    assert net.device == Device("emu") and str(net.layers["fc"].device) == "numpy:1"
+    assert str(net.layers["probs"].device) == "emu" and str(net.layers["data"].device) == "emu"
+    with pytest.raises(ModelFileError, match=r"layer 'fc' is on device 1 \(a tower index\), but the net has 1 "
+                                             r"device\(s\) \(numpy\)"):
+        build_net(text, "base.cfg", devices="numpy")
+    with pytest.raises(ModelFileError, match="not the first of the devices"):
+        build_net(text, "base.cfg", device="emu", devices="numpy,numpy:1")
     net, _ = build_net(BASE.replace("outputs = 3", "outputs = 3\ndevice = numpy:1"), "base.cfg")
     assert str(net.layers["fc"].device) == "numpy:1" and str(net.layers["probs"].device) == "numpy"
     x = np.zeros((1, 8, 8, 2), np.float32)

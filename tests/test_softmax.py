@@ -5,7 +5,8 @@ import pytest
 from convnet import ops
 from convnet.devices import Device
 from convnet.reference import softmax as ref
-from helpers import EMU, NUMPY, assert_close, assert_raises_each, assert_schedules_identical, check_grad, to_host
+from helpers import (EMU, NUMPY, assert_close, assert_raises_each, assert_schedules_identical, check_grad, schedule,
+                     to_host)
 
 
 def test_reference_values():
@@ -294,3 +295,27 @@ def test_softmax_forward_numpy_and_bad_inputs():
         x = np.ones((5, 4), np.float32)
         with pytest.raises(ValueError, match="overlap"):
             ops.softmax_forward(dev, x, out=x)
+
+
+def test_topk_nonfinite_scores_are_errors_in_reference_and_kernel():
+    """The rule lives in the reference and in the kernel themselves (not in a host-side pass of the op): an image
+    with any NaN or infinite score is an error for every k, whatever the other scores."""
+    rng = np.random.default_rng(11)
+    K, N = 37, 70  # several blocks of 32 images, classes spread over the 16 lanes unevenly
+    s = rng.standard_normal((K, N)).astype(np.float32)
+    labels = rng.integers(0, K, N).astype(np.int32)
+    s[:, 0] = np.nan
+    s[labels[1], 1] = np.nan       # only the label's score
+    s[(labels[2] + 1) % K, 2] = np.inf
+    s[K - 1, 40] = -np.inf         # a class in the last lane, in the second block
+    bad = np.zeros(N, bool)
+    bad[[0, 1, 2, 40]] = True
+    clean = ref.topk_errors(s[:, ~bad], labels[~bad], ks=(1, 5, K))
+    want = tuple(c + int(bad.sum()) for c in clean)
+    assert ref.topk_errors(s, labels, ks=(1, 5, K)) == want
+    k = EMU.kernels
+    for order in ("forward", "reverse", "random"):
+        with schedule(EMU, order):
+            errors = np.empty(3, np.int32)
+            k.topk_errors(s.ctypes.data, labels.ctypes.data, errors.ctypes.data, [1, 5, K], K, N, 0)
+            assert tuple(errors) == want, order

@@ -55,6 +55,7 @@ CALLS = {
     "fc_backward_data": lambda d, a, s: ops.fc_backward_data(d, a["fy"], a["fw"], stream=s),
     "fc_backward_weights": lambda d, a, s: ops.fc_backward_weights(d, a["fx"], a["fy"], stream=s),
     "fc_backward_bias": lambda d, a, s: ops.fc_backward_bias(d, a["fy"], stream=s),
+    "copy": lambda d, a, s: ops.copy(d, a["x"], d, stream=s),
 }
 
 

@@ -7,6 +7,7 @@ import pytest
 from convnet.data import DataError
 from convnet.devices import DeviceUnavailable, get_device
 from convnet.model_file import ModelFileError
+from convnet import ops
 from convnet.train import TrainingError, main, run
 
 TINY = """
@@ -223,3 +224,106 @@ def test_flags_and_train_keys_come_from_the_config_fields(tiny):
     assert (cfg.lr, cfg.batch_size, cfg.momentum, cfg.flip, cfg.progress) == (0.2, 16, 0.9, False, False)
     assert cfg.dataset == "synthetic" and cfg.epochs == 3 and "[conv1]" in cfg.model_text
     assert parse_args([]).flip is None and parse_args(["--flip"]).flip is True
+
+
+# ------------------------------------------------------------------------------------------------ issue 13
+def _poison_at(monkeypatch, step, value):
+    """From SGD step ``step`` on (1-based), every parameter is set to ``value`` after the update: a divergence
+    that the training loss of the steps before cannot see."""
+    from convnet.optim import SGD
+    real, calls = SGD.step, {"n": 0}
+
+    def poisoned(self):
+        real(self)
+        calls["n"] += 1
+        if calls["n"] >= step:
+            for _, layer, p in self.net.param_items():
+                layer.params[p][...] = value
+
+    monkeypatch.setattr(SGD, "step", poisoned)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_nan_parameters_after_the_last_step_stop_the_run_and_are_never_checkpointed(tiny, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Item 2: the last update of epoch 2 makes the weights NaN. The run stops with the divergence message (it used
+    to report 100% accuracy and checkpoint the NaN weights); the checkpoint of epoch 1 stays, the last good one."""
+    from convnet import checkpoint as ckpt
+    out = tmp_path / "run"
+    _poison_at(monkeypatch, 2 * 128 // 16, np.nan)  # the last step of epoch 2
+    rc = main(_args(tiny, out, "--device", "numpy", "--no-plots", "--epochs", "3"))
+    err = capsys.readouterr().err
+    assert rc == 1 and "training diverged" in err and "the parameter conv1/b became non-finite at epoch 2, step 16" in err, err
+    assert f"last good checkpoint is {out / 'checkpoint.npz'} (after epoch 1)" in err, err
+    st = ckpt.load(out)  # finite, epoch 1: the diverged state was not written
+    assert st["meta"]["epoch"] == 1 and all(np.isfinite(v).all() for v in st["params"].values())
+    assert [json.loads(s)["epoch"] for s in (out / "log.jsonl").read_text().splitlines()] == [1]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_non_finite_test_loss_stops_the_run(tiny, tmp_path, monkeypatch, capsys):
+    """Item 2: finite but huge weights after the last step of epoch 1: the test loss is not finite -> divergence,
+    no checkpoint (it used to save and report the NaN test loss with 100% accuracy)."""
+    out = tmp_path / "run"
+    _poison_at(monkeypatch, 128 // 16, 1e30)
+    rc = main(_args(tiny, out, "--device", "numpy", "--no-plots", "--epochs", "1"))
+    err = capsys.readouterr().err
+    assert rc == 1 and "the test loss became" in err and "No checkpoint of this run was written" in err, err
+    assert not (out / "checkpoint.npz").exists()
+
+
+def test_nan_scores_are_top_k_errors_in_evaluation(tiny, tmp_path, monkeypatch):
+    """Item 2: evaluation counts an image whose scores are NaN as wrong (top-k used to count all-NaN as right)."""
+    from convnet.trainer import Trainer
+    from convnet.train import make_config, parse_args
+    cfg = make_config(parse_args(_args(tiny, tmp_path / "e", "--device", "numpy")))
+    t = Trainer(cfg, log=lambda s: None)
+    real = t.net.forward
+    monkeypatch.setattr(t.net, "forward", lambda x, *a, **k: real(x, *a, **k) * np.float32(np.nan))
+    with pytest.raises(TrainingError, match="the test loss became nan"):
+        t.evaluate()
+    errs = ops.topk_errors("numpy", np.full((10, 3), np.nan, np.float32), np.zeros(3, np.int32), ks=(1, 5))
+    assert errs == (3, 3)
+
+
+def test_empty_test_split_is_refused_before_training(tmp_path, capsys):
+    """Item 5: a dataset without test images stops before the first step (it used to train an epoch and then die
+    with ZeroDivisionError)."""
+    from test_data import make_fashion_dir
+    (tmp_path / "fm").mkdir()
+    make_fashion_dir(tmp_path / "fm", n_test=0)
+    out = tmp_path / "run"
+    rc = main(["--data", str(tmp_path / "fm"), "--out", str(out), "--epochs", "1", "--batch-size", "32",
+               "--no-progress", "--device", "numpy", "--no-plots"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the test set of fashion-mnist is empty" in err, err
+    assert not (out / "checkpoint.npz").exists() and not (out / "log.jsonl").exists()
+
+
+def test_out_of_range_labels_counted_on_the_device_stop_training(tiny, tmp_path, monkeypatch):
+    """On a GPU labels are not range-checked on the host (a sync per step); the softmax kernel counts bad ones into a
+    device counter that the loop reads where it synchronises anyway, and stops with a clear error. Simulated on emu
+    by letting labels past the host checks (the dataset's and the op's) and corrupting one batch's labels."""
+    import convnet.data as data_mod
+    import convnet.ops.softmax as softmax_mod
+    from convnet.layers import SoftmaxCost
+
+    check = softmax_mod._check_inputs
+    monkeypatch.setattr(softmax_mod, "_check_inputs",  # as on cuda: shapes and dtypes checked, values not
+                        lambda dev, name, logits, labels: check(dev, name, logits, np.zeros_like(labels)))
+    batches = data_mod.Loader.epoch
+
+    def corrupt(self, *args, **kwargs):
+        for i, (x, y) in enumerate(batches(self, *args, **kwargs)):
+            if self.train and i == 2:
+                y = y.copy()
+                y[[1, 5]] = [7, -1]
+            yield x, y
+
+    monkeypatch.setattr(data_mod.Loader, "epoch", corrupt)
+    seen = []
+    take = SoftmaxCost.take_bad_labels
+    monkeypatch.setattr(SoftmaxCost, "take_bad_labels", lambda self: seen.append(take(self)) or seen[-1])
+    with pytest.raises(DataError, match=r"2 training label\(s\) in the last 1 batches are outside \[0, 4\)"):
+        run(_args(tiny, tmp_path / "run", "--device", "emu"))
+    assert seen[:2] == [0, 0] and seen[2] == 2  # read at every fold (every step on emu), reset after reading

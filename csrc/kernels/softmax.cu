@@ -100,13 +100,21 @@ __global__ void topk_kernel(const float* __restrict__ scores, const int* __restr
     ok = valid_label(lab, K);
     if (ok) {
       const float t = scores[static_cast<size_t>(lab) * N + n];
-      for (int c = ty; c < K; c += kLanes) higher += scores[static_cast<size_t>(c) * N + n] > t ? 1 : 0;
+      bool finite = true;  // a NaN or infinite score (the label's included) makes the image an error for every k
+      for (int c = ty; c < K; c += kLanes) {
+        const float v = scores[static_cast<size_t>(c) * N + n];
+        higher += v > t ? 1 : 0;
+        finite = finite && fabsf(v) < INFINITY;
+      }
+      if (!finite) higher = K;
     }
   }
   red[ty][tx] = higher;
   __syncthreads();
-  for (int s = kLanes / 2; s > 0; s >>= 1) {
-    if (ty < s) red[ty][tx] += red[ty + s][tx];
+  for (int s = kLanes / 2; s > 0; s >>= 1) {  // saturating at K (counts of finite scores never reach it)
+    if (ty < s)
+      red[ty][tx] = static_cast<int>(min(static_cast<unsigned>(red[ty][tx]) + static_cast<unsigned>(red[ty + s][tx]),
+                                         static_cast<unsigned>(K)));
     __syncthreads();
   }
   if (!active || ty != 0) return;

@@ -4,6 +4,12 @@ Contents: ``param/<layer>/<name>`` (weights), ``velocity/<layer>/<name>`` (SGD m
 image used for preprocessing) and ``meta``: a JSON string with the epoch / batch position, global step, learning
 rate schedule state, RNG state, the training configuration, the model-file text and the history of per-epoch
 results. No pickles: ``np.load(..., allow_pickle=False)`` reads it.
+
+A checkpoint holds finite numbers only: :func:`save` refuses NaN or infinite parameters, momentum or mean (the
+state of a diverged run is never written) and :func:`load` refuses them too, so "the last good checkpoint" really
+is the last finite state. A file that cannot be read (truncated, empty, corrupted, not a checkpoint) is a
+:class:`CheckpointError` naming the file and what is wrong, never a zip or NumPy traceback. A write interrupted by
+kill -9 leaves a ``checkpoint.npz.*.tmp`` file; :func:`remove_stale_temporaries` deletes them.
 """
 from __future__ import annotations
 
@@ -15,19 +21,43 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = "convnet-checkpoint-1"
+# what a training checkpoint's metadata must hold (checked by check_training_state before a resume)
+TRAINING_META = {"epoch": int, "batch": int, "step": int, "history": list, "partial": dict, "schedule": dict,
+                 "optimizer": dict, "config": dict}
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be written or used; the message names the file and what is wrong."""
+
+
+def _one_line(e) -> str:
+    text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+def non_finite(arrays) -> list[str]:
+    """The names of the arrays (name -> array) holding a NaN or an infinity."""
+    bad = []
+    for k, v in arrays.items():
+        a = np.asarray(v)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            bad.append(k)
+    return bad
 
 
 def save(path, *, params, velocity, mean, meta):
+    """Write the checkpoint atomically. CheckpointError (nothing written) when a parameter, a momentum buffer or the
+    mean image holds a NaN or an infinity."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"param/{k}": np.asarray(v) for k, v in params.items()}
     arrays.update({f"velocity/{k}": np.asarray(v) for k, v in velocity.items()})
     if mean is not None:
         arrays["mean"] = np.asarray(mean)
+    bad = non_finite(arrays)
+    if bad:
+        raise CheckpointError(f"not writing {path}: non-finite values (NaN or inf) in {', '.join(bad[:4])}"
+                              f"{' ...' if len(bad) > 4 else ''}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, format=FORMAT)
     arrays["meta"] = np.array(json.dumps(meta))
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -58,20 +88,76 @@ def save(path, *, params, velocity, mean, meta):
 
 
 def load(path):
-    """Return dict(params=..., velocity=..., mean=..., meta=...)."""
+    """Return dict(params=..., velocity=..., mean=..., meta=..., path=...). CheckpointError when the file is missing,
+    unreadable, truncated, corrupted, not a convnet checkpoint, or holds non-finite values."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.npz"
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' not found")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if not magic:
+            raise CheckpointError(f"cannot read checkpoint '{path}': the file is empty (0 bytes)")
+        if magic != b"PK\x03\x04":  # every .npz is a zip archive
+            raise CheckpointError(f"cannot read checkpoint '{path}': not an .npz archive (truncated or another "
+                                  f"kind of file)")
         with np.load(path, allow_pickle=False) as z:
+            if "meta" not in z.files:
+                raise ValueError("no 'meta' entry")
             meta = json.loads(str(z["meta"]))
             params = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}
             velocity = {k[len("velocity/"):]: z[k] for k in z.files if k.startswith("velocity/")}
             mean = z["mean"] if "mean" in z.files else None
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"cannot read checkpoint '{path}': {e}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}' is not a {FORMAT} file (format={meta.get('format')!r})")
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint '{path}': {e.strerror or _one_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - zip, zlib, EOF, NumPy format and JSON errors: all mean a bad file
+        raise CheckpointError(f"cannot read checkpoint '{path}': truncated or corrupted ({type(e).__name__}: "
+                              f"{_one_line(e)})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"'{path}' is not a {FORMAT} file (format={fmt!r})")
+    bad = non_finite({**{f"param/{k}": v for k, v in params.items()},
+                      **{f"velocity/{k}": v for k, v in velocity.items()},
+                      **({"mean": mean} if mean is not None else {})})
+    if bad:
+        raise CheckpointError(f"checkpoint '{path}' holds non-finite values (NaN or inf) in {', '.join(bad[:4])}"
+                              f"{' ...' if len(bad) > 4 else ''}: the state of a diverged run cannot be used")
     return {"params": params, "velocity": velocity, "mean": mean, "meta": meta, "path": str(path)}
+
+
+def check_training_state(state) -> None:
+    """CheckpointError unless ``state`` (from :func:`load`) has everything a resume needs: the position, history,
+    schedule, optimizer and config metadata, the model-file text, and a momentum buffer for every parameter."""
+    path, meta = state["path"], state["meta"]
+    for key, kind in TRAINING_META.items():
+        v = meta.get(key)
+        if not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0):
+            got = "missing" if key not in meta else f"{type(v).__name__} {v!r}"[:60]
+            raise CheckpointError(f"checkpoint '{path}' is incomplete: metadata '{key}' should be "
+                                  f"{'an integer >= 0' if kind is int else 'a ' + kind.__name__}, got {got}")
+    if not isinstance(meta["config"].get("model_text"), str):
+        raise CheckpointError(f"checkpoint '{path}' is incomplete: its config has no model-file text")
+    if set(state["params"]) != set(state["velocity"]):
+        missing = sorted(set(state["params"]) ^ set(state["velocity"]))
+        raise CheckpointError(f"checkpoint '{path}' is incomplete: parameters and momentum buffers differ "
+                              f"({', '.join(missing[:4])})")
+
+
+def remove_stale_temporaries(directory, name="checkpoint.npz") -> list[Path]:
+    """Delete the ``<name>.*.tmp`` files an interrupted :func:`save` (kill -9, power loss) left in ``directory``;
+    returns them. Only one run may write to a directory at a time, so no live write is removed."""
+    removed = []
+    d = Path(directory)
+    if not d.is_dir():
+        return removed
+    for p in d.glob(f"{name}.*.tmp"):
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import os
 import pickle
 import queue
 import threading
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,26 +65,45 @@ def _open_maybe_gz(path):
     return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
 
 
-def read_idx(path):
-    """Read an IDX file (optionally gzipped) into a NumPy array."""
-    types = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_CHUNK = 1 << 24
+
+
+def read_idx(path, dtype=None):
+    """Read an IDX file (optionally gzipped) into a NumPy array. ``dtype``: the element type the file must have
+    (Fashion-MNIST: uint8 pixels and labels). DataError naming the file for anything wrong: a bad magic, a
+    truncated header or body, trailing bytes, a corrupted gzip stream, another element type."""
     try:
         with _open_maybe_gz(path) as f:
             head = f.read(4)
-            if len(head) != 4 or head[0] != 0 or head[1] != 0 or head[2] not in types:
+            if len(head) != 4 or head[0] != 0 or head[1] != 0 or head[2] not in IDX_TYPES:
                 raise DataError(f"{path}: not an IDX file (bad magic {head.hex()})")
             ndim = head[3]
-            dims = np.frombuffer(f.read(4 * ndim), dtype=">u4")
-            if len(dims) != ndim:
-                raise DataError(f"{path}: truncated IDX header")
-            dt = np.dtype(types[head[2]])
-            count = int(np.prod(dims)) if ndim else 1
-            raw = f.read(count * dt.itemsize)
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read IDX file: {e}") from None
-    if len(raw) != count * dt.itemsize:
-        raise DataError(f"{path}: truncated IDX data ({len(raw)} of {count * dt.itemsize} bytes)")
-    return np.frombuffer(raw, dtype=dt).reshape(tuple(int(d) for d in dims)).astype(dt.newbyteorder("="))
+            header = f.read(4 * ndim)
+            if len(header) != 4 * ndim:
+                raise DataError(f"{path}: truncated IDX header ({len(header)} of {4 * ndim} bytes of dimensions)")
+            dims = tuple(int(d) for d in np.frombuffer(header, dtype=">u4"))
+            dt = np.dtype(IDX_TYPES[head[2]])
+            if dtype is not None and dt != np.dtype(dtype):
+                raise DataError(f"{path}: IDX elements are {dt.newbyteorder('=')}, expected {np.dtype(dtype)}")
+            size = dt.itemsize
+            for d in dims:
+                size *= d
+            raw = bytearray()
+            while len(raw) < size:  # in chunks: a corrupted header cannot make us allocate terabytes up front
+                chunk = f.read(min(_CHUNK, size - len(raw)))
+                if not chunk:
+                    break
+                raw += chunk
+            if len(raw) != size:
+                raise DataError(f"{path}: truncated IDX data ({len(raw)} of {size} bytes for shape {dims})")
+            if f.read(1):
+                raise DataError(f"{path}: trailing bytes after the IDX data (shape {dims}): corrupted header?")
+    except DataError:
+        raise
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: cannot read IDX file: {type(e).__name__}: {' '.join(str(e).split())}") from None
+    return np.frombuffer(raw, dtype=dt).reshape(dims).astype(dt.newbyteorder("="))
 
 
 def _find(d, stem):
@@ -103,11 +122,11 @@ def load_fashion_mnist(data_dir=None):
     missing = [s for s, p in zip(stems, paths) if p is None]
     if missing:
         raise DataError(
-            f"Fashion-MNIST not found in {d} (missing {', '.join(m + '[.gz]' for m in missing)}).\n"
+            f"Fashion-MNIST not found in {d} (missing {', '.join(m + '[.gz]' for m in missing)}). "
             f"Get it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; installs to "
             f"{FASHION_MNIST_DIR}), or download the four *-ubyte.gz files from "
             f"https://github.com/zalandoresearch/fashion-mnist (data/fashion) and pass --data DIR.")
-    tx, ty, vx, vy = (read_idx(p) for p in paths)
+    tx, ty, vx, vy = (read_idx(p, np.uint8) for p in paths)
     for p, a, nd in zip(paths, (tx, ty, vx, vy), (3, 1, 3, 1)):
         if a.ndim != nd:
             raise DataError(f"{p}: expected a {nd}-D IDX array, got shape {a.shape}")
@@ -134,8 +153,12 @@ def _read_cifar_batch(path):
     d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
     if "data" not in d or "labels" not in d:
         raise DataError(f"{path}: CIFAR-10 batch without 'data'/'labels' (keys: {sorted(d)})")
-    x = np.asarray(d["data"], dtype=np.uint8)
-    y = np.asarray(d["labels"], dtype=np.int32)
+    x, y = np.asarray(d["data"]), np.asarray(d["labels"])
+    if x.dtype != np.uint8:  # another type would be cast silently into garbage pixels
+        raise DataError(f"{path}: CIFAR-10 'data' must be uint8 pixels, got {x.dtype}")
+    if y.dtype.kind not in "iu":
+        raise DataError(f"{path}: CIFAR-10 'labels' must be integers, got {y.dtype}")
+    y = y.astype(np.int32)
     if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y):
         raise DataError(f"{path}: expected data (n, 3072) and n labels, got {x.shape} and {y.shape}")
     return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y

@@ -10,6 +10,8 @@ results under all three; a missing ``__syncthreads`` shows up as a difference. T
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 
 from convnet.devices import get_device
 
@@ -25,6 +27,8 @@ def schedule(order: str, seed: int = 0):
     """Run emulated kernels with fibers resumed in ``order`` ('forward', 'reverse' or 'random')."""
     if order not in SCHEDULES:
         raise ValueError(f"unknown schedule {order!r}; expected one of {', '.join(SCHEDULES)}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"schedule seed must be an int, got {seed!r}")
     module = _module()
     previous = module.get_schedule()
     module.set_schedule(order, int(seed))
@@ -34,10 +38,15 @@ def schedule(order: str, seed: int = 0):
         module.set_schedule(*previous)
 
 
+MAX_WORKERS = 4096
+
+
 def set_num_workers(n: int) -> None:
     """Number of OS threads running blocks in parallel (default: all cores, or $CONVNET_EMU_THREADS)."""
-    if int(n) < 1:
-        raise ValueError(f"number of emulator workers must be at least 1, got {n}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"number of emulator workers must be an int, got {n!r}")
+    if not 1 <= n <= MAX_WORKERS:
+        raise ValueError(f"number of emulator workers must be between 1 and {MAX_WORKERS}, got {n}")
     _module().set_num_workers(int(n))
 
 
@@ -46,7 +55,12 @@ def num_workers() -> int:
 
 
 def set_watchdog(seconds: float) -> None:
-    """Fail a launch that makes no progress for this long (a thread spinning on another), naming the thread."""
+    """Fail a launch that makes no progress for this long (a thread spinning on another), naming the thread.
+    ``seconds``: a finite number >= 0 (0 = off)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not math.isfinite(seconds):
+        raise ValueError(f"watchdog time must be a finite number of seconds (0 = off), got {seconds!r}")
+    if seconds < 0:
+        raise ValueError(f"watchdog time must be >= 0 seconds (0 = off), got {seconds!r}")
     _module().set_watchdog(float(seconds))
 
 

@@ -3,11 +3,16 @@
 * A layer may take several inputs; they are joined along the first axis (channels for images of the same
   size — the two-tower join — else flattened features), and the gradient is split back.
 * An output used by several layers receives the sum of their gradients.
-* Every layer has a device (default: the net's). When a producer and a consumer live on different devices the
-  graph copies the activation (forward) and the gradient (backward) between them
-  (:func:`convnet.devices.transfer`), so the two-tower split over ``cuda:0`` / ``cuda:1`` is a matter of setting
-  ``layer.device``. Every array a layer's step allocates (its forward and backward, the joins, the gradient sums)
-  is made with that layer's device active.
+* Every layer has a placement: a *tower* (``device = 0|1`` in a model file: an index into the net's ``devices``, the
+  devices of the run, e.g. ``--devices cuda:0,cuda:1``; by default every tower is on the net's one device) or an
+  explicit device (``device = cuda:1``); a layer that says nothing is on tower 0. When a producer and a consumer are
+  placed differently (another device, or another tower even on the same device) the graph copies the activation
+  (forward, once per consumer placement) and each gradient (backward) with the op :func:`convnet.ops.copy`; the
+  gradients of an output read on several placements are summed on the producer's device. Which layers exchange
+  is the model file's choice (the inputs of its layers); nothing here knows about towers. The bytes copied between
+  each pair of placements during the last step are counted (``net.exchange``; ``net.exchange_plan()`` is the same
+  from the shapes alone). Every array a layer's step allocates (its forward and backward, the joins, the gradient
+  sums) is made with that layer's device active.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ import zlib
 
 import numpy as np
 
-from .devices import get_device, transfer
+from . import ops
+from .devices import Device, get_device, parse_device, parse_device_list
 from .layers import Data, Layer, LayerError, SoftmaxCost
 from .summary import format_summary
 
@@ -25,17 +31,50 @@ def _seed32(*parts):
     return zlib.crc32(np.asarray(parts, dtype=np.int64).tobytes()) & 0x7FFFFFFF
 
 
+class Exchange:
+    """Bytes copied between placements during the last step (reset by each ``forward``): ``bytes`` maps (source label,
+    destination label) to a count; ``images`` is the batch it was counted on."""
+
+    def __init__(self):
+        self.bytes = {}
+        self.images = 0
+
+    def reset(self, images=0):
+        self.bytes = {}
+        self.images = int(images)
+
+    def add(self, src, dst, nbytes):
+        key = (src, dst)
+        self.bytes[key] = self.bytes.get(key, 0) + int(nbytes)
+
+    def per_image(self):
+        """{"src->dst": bytes per image} of the last step (empty when nothing crossed)."""
+        return {f"{s}->{d}": n / self.images for (s, d), n in self.bytes.items()} if self.images else {}
+
+
 class Net:
-    """A network: ``Net(layers, device=..., dtype=..., seed=...)``.
+    """A network: ``Net(layers, device=..., devices=..., dtype=..., seed=...)``.
+
+    ``devices``: the devices of the towers (a list of devices or names, or ``"cuda:0,cuda:1"``): a layer with
+    ``device=i`` (an int) runs on ``devices[i]``. Default: every tower on ``device``; when only ``devices`` is given,
+    ``device`` (the net's device: layers without a device, and tower 0) is ``devices[0]``.
 
     ``forward(x, labels=None, train=False, step=0)`` returns the probabilities ``(classes, N)``;
     with labels it also keeps the summed loss (``net.loss``, a 0-d device array) for ``backward()``.
     ``init_params=False`` infers the shapes only (no parameters: for summaries of big models).
     """
 
-    def __init__(self, layers, *, device=None, dtype=np.float32, seed=0, name="net", source=None,
+    def __init__(self, layers, *, device=None, devices=None, dtype=np.float32, seed=0, name="net", source=None,
                  init_params=True):
-        self.device = get_device(device)
+        # a shapes-only net (summaries) may name devices this machine cannot use
+        resolve = get_device if init_params else (lambda d: get_device(d) if d is None else parse_device(d))
+        self._resolve = resolve
+        self.devices = None if devices is None else tuple(resolve(d) for d in parse_device_list(devices))
+        if self.devices is not None and device is not None and resolve(device) != self.devices[0]:
+            raise LayerError(f"device {resolve(device)} is not the first of the devices "
+                             f"{', '.join(map(str, self.devices))} (tower 0 is the net's device)")
+        self.device = self.devices[0] if self.devices is not None else resolve(device)
+        self.exchange = Exchange()
         self.dtype = np.dtype(dtype)
         self.seed = int(seed)
         self.name = name
@@ -92,8 +131,22 @@ class Net:
         return consumers
 
     def _assign_devices(self):
+        """Each layer's tower (``l.tower``: an int, or None for an explicit device) and device (``l.device``)."""
+        towers = [l.device for l in self.order if _is_tower(l.device)]
+        n = max(towers, default=0) + 1
+        if self.devices is None:
+            self.devices = (self.device,) * n
+        elif n > len(self.devices):
+            bad = next(l for l in self.order if _is_tower(l.device) and l.device >= len(self.devices))
+            raise LayerError(f"layer '{bad.name}' is on device {bad.device} (a tower index), but the net has "
+                             f"{len(self.devices)} device(s) ({', '.join(map(str, self.devices))}): give one per "
+                             f"tower, e.g. --devices " + ",".join(f"{self.device.kind}:{i}" for i in range(n)))
         for l in self.order:
-            l.device = self.device if l.device is None else get_device(l.device)
+            if l.device is None or _is_tower(l.device):
+                l.tower = int(l.device or 0)
+                l.device = self.devices[l.tower]
+            else:
+                l.tower, l.device = None, self._resolve(l.device)
 
     def _infer_shapes(self):
         for l in self.order:
@@ -120,6 +173,57 @@ class Net:
             if not cons and self.layers[name] is not self.cost_layer:
                 raise LayerError(f"layer '{name}' feeds nothing (every layer must lead to the softmax layer)")
 
+    # --- placements and copies -------------------------------------------------------------------------------
+    @staticmethod
+    def same_place(a, b) -> bool:
+        """Whether layers ``a`` and ``b`` share their memory: the same device and, when both are in towers, the same
+        tower (two towers on one GPU still copy, as they would between two GPUs)."""
+        ta, tb = getattr(a, "tower", None), getattr(b, "tower", None)
+        return a.device == b.device and (ta is None or tb is None or ta == tb)
+
+    def place_label(self, l) -> str:
+        """How reports name a layer's placement: its device, and its tower when two towers share that device."""
+        tower = getattr(l, "tower", None)
+        if tower is None or sum(d == l.device for d in self.devices) < 2:
+            return str(l.device)
+        return f"{l.device}[{tower}]"
+
+    def _copy(self, a, src, dst):
+        """``a`` (on layer ``src``'s placement) on layer ``dst``'s placement: the same array, or a counted copy."""
+        if self.same_place(src, dst):
+            return a
+        with dst.device.activate():
+            b = ops.copy(dst.device, a, src.device)
+        self.exchange.add(self.place_label(src), self.place_label(dst), a.nbytes)
+        return b
+
+    def exchange_plan(self, images=1, label_bytes=4):
+        """{"src->dst": bytes} one training step (forward + backward) of ``images`` images copies between placements,
+        from the shapes alone: each activation once per consumer placement, each gradient once per consumer that
+        sends one back, the labels when the softmax layer is not with the data."""
+        plan = {}
+
+        def add(src, dst, nbytes):
+            key = f"{self.place_label(src)}->{self.place_label(dst)}"
+            plan[key] = plan.get(key, 0) + int(nbytes) * images
+
+        item = self.dtype.itemsize
+        sent = set()
+        for l in self.order:
+            for i in dict.fromkeys(l.inputs):
+                src = self.layers[i]
+                if self.same_place(src, l):
+                    continue
+                size = int(np.prod(src.out_shape)) * item
+                if (i, l.tower, l.device) not in sent:
+                    sent.add((i, l.tower, l.device))
+                    add(src, l, size)
+                if l.needs_input_grad and not isinstance(src, Data):
+                    add(l, src, size * l.inputs.count(i))
+        if not self.same_place(self.data_layer, self.cost_layer):
+            add(self.data_layer, self.cost_layer, label_bytes)
+        return plan
+
     @staticmethod
     def _joined_shape(shapes):
         if len(shapes) == 1:
@@ -141,6 +245,9 @@ class Net:
         return {k: l.device.to_numpy(l.params[p]).copy() for k, l, p in self.param_items()}
 
     def load_state_dict(self, state):
+        """Set every parameter from ``state`` (key -> array): all of them must be there, with the model's shapes and
+        finite values (NaN weights would train at chance level forever behind a ReLU). KeyError / ValueError."""
+        arrays = {}
         for k, l, p in self.param_items():
             if k not in state:
                 raise KeyError(f"checkpoint has no parameter '{k}'")
@@ -148,12 +255,27 @@ class Net:
             if a.shape != tuple(l.params[p].shape):
                 raise ValueError(f"parameter '{k}': checkpoint shape {a.shape} != model shape "
                                  f"{tuple(l.params[p].shape)}")
-            l.params[p] = l.device.asarray(a, self.dtype)
+            if a.dtype.kind not in "fiu" or not np.isfinite(a).all():
+                raise ValueError(f"parameter '{k}' has non-finite values (NaN or inf)" if a.dtype.kind in "fiu"
+                                 else f"parameter '{k}' is not numeric (dtype {a.dtype})")
+            arrays[k] = a
+        for k, l, p in self.param_items():  # all checked: nothing is half loaded
+            l.params[p] = l.device.asarray(arrays[k], self.dtype)
 
     # --- compute ---------------------------------------------------------------------------------------------
+    def _fetch(self, acts, i, l):
+        """Layer ``i``'s output on layer ``l``'s placement (copied once per placement and step)."""
+        src = self.layers[i]
+        if self.same_place(src, l):
+            return acts[i]
+        key = (i, l.tower, l.device)
+        if key not in self._copies:
+            self._copies[key] = self._copy(acts[i], src, l)
+        return self._copies[key]
+
     def _gather(self, l, acts):
         """The input of layer ``l``: its inputs' activations on its device, joined along the first axis."""
-        arrays = [transfer(acts[i], self.layers[i].device, l.device) for i in l.inputs]
+        arrays = [self._fetch(acts, i, l) for i in l.inputs]
         if len(arrays) == 1:
             return arrays[0]
         xp = l.device.xp
@@ -170,18 +292,21 @@ class Net:
             raise ValueError(f"input batch has shape {tuple(x.shape)}, the data layer expects {exp + ('N',)}")
         acts = {d.name: x}
         ctxs = {}
+        self.exchange.reset(x.shape[-1])
+        self._copies = {}
         for idx, l in enumerate(self.order):
             if l is d:
                 continue
             ctx = {"train": train}
             if l is self.cost_layer and labels is not None:
-                ctx["labels"] = transfer(labels, d.device, l.device)
+                ctx["labels"] = self._copy(labels, d, l)
             if train:
                 ctx["seed"] = _seed32(self.seed, step, idx)
             with l.device.activate():
                 acts[l.name] = l.forward(self._gather(l, acts), ctx)
             ctxs[l.name] = ctx
         self._ctxs = ctxs
+        self._copies = None
         self.loss = ctxs[self.cost_layer.name].get("loss")
         return acts[self.cost_layer.name]
 
@@ -201,14 +326,16 @@ class Net:
                 parts = self._split(l, dx)
             for i, part in zip(l.inputs, parts):
                 src = self.layers[i]
-                if not isinstance(src, Data):  # no gradient into the data
-                    self._accumulate(grads, src, transfer(part, l.device, src.device))
+                if not isinstance(src, Data):  # no gradient into the data; sums on the producer's device
+                    self._accumulate(grads, src, self._copy(part, l, src))
         self._ctxs = None
 
     def _split(self, l, dx):
         """dx of layer ``l`` split back into one gradient per input, each shaped like that input's output."""
         if len(l.inputs) == 1:
             return [dx]
+        if len(l.in_shape) == 3:  # images joined channel-wise; an fc layer's dx is (C*H*W, N)
+            dx = dx.reshape(*l.in_shape, dx.shape[-1])
         parts = []
         off = 0
         for i in l.inputs:
@@ -232,3 +359,8 @@ class Net:
 
     def flops(self):
         return sum(l.flops() for l in self.order)
+
+
+def _is_tower(device) -> bool:
+    """A layer's device given as a tower index (an int), not as a device."""
+    return isinstance(device, (int, np.integer)) and not isinstance(device, bool)

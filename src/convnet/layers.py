@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ops
-from .geometry import ConvGeometry, LrnGeometry, PoolGeometry, pair
+from .geometry import INT32_MAX, ConvGeometry, LrnGeometry, PoolGeometry, pair
 
 
 class LayerError(ValueError):
@@ -57,7 +57,9 @@ class Key:
       ``init`` (a Gaussian std >= 0, or ``he`` / ``xavier``), ``neuron`` (``relu`` or ``linear`` = None);
     * ``default``, or :data:`REQUIRED`;
     * ``arg``: the Python keyword argument and the layer's attribute (default: ``name``);
-    * ``minimum``: the smallest allowed int (``int``, ``pair``);
+    * ``minimum``: the smallest allowed value (``int``, ``pair``, ``float``); ``exclusive``: the value must be larger
+      than ``minimum`` (``float``). A ``float`` (and an ``init`` std) must be finite: a NaN or inf would be hidden
+      by a ReLU and train at chance level forever;
     * ``aliases``: other model-file spellings (cuda-convnet's ``numFilters``, ``epsW``, ...).
     """
 
@@ -65,7 +67,8 @@ class Key:
     type: str
     default: object = REQUIRED
     arg: str = ""
-    minimum: int | None = None
+    minimum: float | None = None
+    exclusive: bool = False
     choices: tuple = ()
     aliases: tuple = ()
 
@@ -89,12 +92,21 @@ class Key:
         if t == "pair":
             return pair(name, value, minimum=self.minimum or 0)
         if t == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
             v = _number(name, value, int, "an integer")
             if self.minimum is not None and v < self.minimum:
                 raise ValueError(f"{name} must be {'> 0' if self.minimum == 1 else f'>= {self.minimum}'}, got {v}")
+            if v > INT32_MAX:
+                raise ValueError(f"{name} must be < 2**31, got {v}")
             return v
         if t == "float":
-            return _number(name, value, float, "a number")
+            v = _number(name, value, float, "a number")
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v}")
+            if self.minimum is not None and (v <= self.minimum if self.exclusive else v < self.minimum):
+                raise ValueError(f"{name} must be {'>' if self.exclusive else '>='} {self.minimum:g}, got {v:g}")
+            return v
         if t == "str":
             if value not in self.choices:
                 raise ValueError(f"{name} must be {' or '.join(repr(c) for c in self.choices)}, got {value!r}")
@@ -112,8 +124,8 @@ class Key:
             v = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{name} must be a number (the Gaussian std) or 'he' / 'xavier', got {value!r}") from None
-        if v < 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         return v
 
 
@@ -140,7 +152,8 @@ class Layer:
     """Base class. Subclasses set ``type`` and ``KEYS`` and implement ``output_shape``, ``forward``, ``backward``.
 
     ``Layer(name, inputs, *, device=None, **keys)``: ``inputs`` a list of layer names (or a comma-separated
-    string); every declared key becomes an attribute (``layer.<arg>``), converted and checked.
+    string); every declared key becomes an attribute (``layer.<arg>``), converted and checked. ``device``: None (the
+    net's device), a tower index (an int: the net's ``devices[i]``) or a device (``"cuda:1"``).
 
     Learnable layers own ``params`` (name -> device array) and ``grads`` (same names), plus per-parameter
     learning-rate and weight-decay multipliers (``lr_mult``, ``wd_mult``) and an initialisation (``init_w``, ``init_b``).
@@ -167,7 +180,10 @@ class Layer:
         if isinstance(inputs, str):
             inputs = [s.strip() for s in inputs.split(",") if s.strip()]
         self.inputs = list(inputs)
-        self.device = device  # None = the net's device
+        if isinstance(device, (int, np.integer)) and not isinstance(device, bool) and device < 0:
+            raise LayerError(f"layer '{name}': device must be a tower index >= 0 or a device name, got {device}")
+        self.device = device  # None = the net's device (tower 0); an int = a tower (Net.devices[i]); else a device
+        self.tower = None  # set by the net: the tower index, or None for a layer given a device
         self.params = {}
         self.grads = {}
         self.lr_mult = {}
@@ -252,10 +268,10 @@ class _Learnable(Layer):
     KEYS = (
         Key("initW", "init", 0.01, arg="init_w"),
         Key("initB", "float", 0.0, arg="init_b"),
-        Key("lrW", "float", 1.0, arg="lr_w", aliases=("epsW",)),
-        Key("lrB", "float", 1.0, arg="lr_b", aliases=("epsB",)),
-        Key("wdW", "float", 1.0, arg="wd_w"),
-        Key("wdB", "float", 0.0, arg="wd_b"),
+        Key("lrW", "float", 1.0, arg="lr_w", minimum=0.0, aliases=("epsW",)),
+        Key("lrB", "float", 1.0, arg="lr_b", minimum=0.0, aliases=("epsB",)),
+        Key("wdW", "float", 1.0, arg="wd_w", minimum=0.0),
+        Key("wdB", "float", 0.0, arg="wd_b", minimum=0.0),
         Key("neuron", "neuron", None),
     )
 
@@ -295,7 +311,7 @@ class Data(Layer):
     KEYS = (
         Key("channels", "int", minimum=1),
         Key("size", "pair", minimum=1, aliases=_SIZE_ALIASES),
-        Key("scale", "float", 1.0),
+        Key("scale", "float", 1.0, minimum=0.0, exclusive=True),
     )
 
     def __init__(self, name="data", **kw):
@@ -471,9 +487,9 @@ class LRN(Layer):
     type_aliases = ("cmrnorm", "rnorm")
     KEYS = (
         Key("size", "int", 5, minimum=1, aliases=_SIZE_ALIASES),
-        Key("alpha", "float", 1e-4),
-        Key("beta", "float", 0.75),
-        Key("k", "float", 2.0),
+        Key("alpha", "float", 1e-4, minimum=0.0),
+        Key("beta", "float", 0.75, minimum=0.0),
+        Key("k", "float", 2.0, minimum=0.0, exclusive=True),
         Key("convention", "str", "sum", choices=("sum", "mean")),
         Key("groups", "int", 1, minimum=1),
     )
@@ -541,11 +557,15 @@ class SoftmaxCost(Layer):
 
     ``forward`` returns the probabilities and stores the summed loss in ``ctx['loss']`` (a 0-d device array) when
     labels are given. The gradient is the paper's: the average over the batch of d(-log p)/d logits, times
-    ``coeff``."""
+    ``coeff``.
+
+    Labels in host memory are range-checked by the op; on a GPU the kernel counts out-of-range labels into a device
+    counter instead (checking on the host would cost a synchronisation per step), which the training loop reads
+    with :meth:`take_bad_labels` where it synchronises anyway."""
 
     type = "softmax"
     type_aliases = ("cost.logreg", "softmax_ce")
-    KEYS = (Key("coeff", "float", 1.0),)
+    KEYS = (Key("coeff", "float", 1.0, minimum=0.0, exclusive=True),)
 
     def output_shape(self, in_shape):
         if len(in_shape) != 1:
@@ -560,9 +580,22 @@ class SoftmaxCost(Layer):
         labels = ctx.get("labels")
         if labels is None:
             return ops.softmax_forward(self.device, x)
-        loss, probs, dlogits = ops.softmax_cross_entropy(self.device, x, labels)
+        counter = getattr(self, "_bad_labels", None)
+        if counter is None or not self.device.is_array(counter):
+            counter = self._bad_labels = self.device.zeros((1,), np.int32)
+        loss, probs, dlogits = ops.softmax_cross_entropy(self.device, x, labels, bad_labels=counter)
         ctx["loss"], ctx["dlogits"] = loss, dlogits
         return probs
+
+    def take_bad_labels(self) -> int:
+        """The number of out-of-range labels seen since the last call (reads the device counter: a sync on a GPU)."""
+        counter = getattr(self, "_bad_labels", None)
+        if counter is None:
+            return 0
+        bad = int(self.device.to_numpy(counter)[0])
+        if bad:
+            counter[...] = 0
+        return bad
 
     def backward(self, dy, ctx):
         d = ctx["dlogits"]

@@ -13,11 +13,14 @@ One section per layer, in topological order (a layer's inputs must be defined ab
     initW = 0.01
 
 Keys are case-insensitive; ``#`` and ``;`` start comments. ``load_model(name_or_path)`` accepts a shipped name
-(``alexnet``, ``alexnet-owt``, ``cifar-18pct``, ``fmnist``: the ``.cfg`` files in ``convnet/models/``) or a path.
+(``alexnet``, ``alexnet-2gpu``, ``alexnet-owt``, ``cifar-18pct``, ``fmnist``: the ``.cfg`` files in
+``convnet/models/``) or a path.
 
 Nothing here lists a layer's keys: they are the layer classes' declarations (``Layer.keys``, see
 :class:`convnet.layers.Key`), and the ``[train]`` keys are the :class:`convnet.config.Config` fields marked
-``train=True``. Every layer also takes ``inputs`` (not the data layer) and ``device`` (or cuda-convnet2's ``gpu``).
+``train=True``. Every layer also takes ``inputs`` (not the data layer) and ``device`` (or cuda-convnet2's ``gpu``):
+an index ``i`` places the layer in tower ``i``, which runs on the i-th of the run's devices (``--devices
+cuda:0,cuda:1``; by default every tower on the one device), a name (``cuda:1``, ``emu:1``) on that device.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import configparser
 import os
 from pathlib import Path
 
-from .config import TRAIN_KEYS
+from .config import TRAIN_KEYS, check_setting
 from .graph import Net
 from .layers import LAYER_TYPES, LayerError
 
@@ -87,7 +90,11 @@ def _parse_train(items, source):
     for k, v in items.items():
         if k not in TRAIN_KEYS:
             raise ModelFileError(f"{source} [train]: unknown key '{k}' (known: {', '.join(TRAIN_KEYS)})")
-        train[k] = _read(v, TRAIN_KEYS[k], f"{source} [train] {k}")
+        value = _read(v, TRAIN_KEYS[k], f"{source} [train] {k}")
+        try:
+            train[k] = check_setting(k, value)
+        except ValueError as e:
+            raise ModelFileError(f"{source} [train] {k}: {e}") from None
     return train
 
 
@@ -109,15 +116,16 @@ def _parse_layer(sec, items, where):
     elif inputs.strip():
         raise ModelFileError(f"{where}: a {t} layer takes no inputs")
     dev = items.pop("device", None)
-    gpu = items.pop("gpu", None)  # cuda-convnet2's gpu=N
+    gpu = items.pop("gpu", None)  # cuda-convnet2's gpu=N: the same as device=N
     if gpu is not None:
         if dev is not None:
             raise ModelFileError(f"{where}: give either device= or gpu=, not both")
         if not gpu.strip().isdigit():
             raise ModelFileError(f"{where} gpu: expected a GPU index, got {gpu!r}")
-        dev = f"cuda:{int(gpu)}"
-    if dev is not None:
-        kwargs["device"] = dev.strip()
+        dev = gpu
+    if dev is not None:  # an index: a tower, mapped onto the run's devices (--devices); a name: that device
+        dev = dev.strip()
+        kwargs["device"] = int(dev) if dev.isdigit() else dev
     keys = {spelling: key for key in cls.keys for spelling in key.spellings()}
     for k, v in items.items():
         key = keys.get(k)
@@ -169,28 +177,43 @@ def resolve_model(name_or_path):
     p = Path(name_or_path)
     if p.suffix == ".cfg" or os.sep in str(name_or_path) or p.exists():
         if not p.is_file():
-            raise ModelFileError(f"model file '{name_or_path}' not found")
-        return p.read_text(), str(p)
+            raise ModelFileError(f"model file '{name_or_path}' not found" if not p.exists() else
+                                 f"model file '{name_or_path}' is not a file")
+        return read_model_file(p), str(p)
     q = MODEL_DIR / f"{name_or_path}.cfg"
     if not q.is_file():
         raise ModelFileError(f"unknown model '{name_or_path}': give a model-file path or one of "
                              f"{', '.join(shipped_models())}")
-    return q.read_text(), q.name
+    return read_model_file(q), q.name
 
 
-def build_net(text, source="<model>", *, device=None, dtype="float32", seed=0, init_params=True):
+def read_model_file(path) -> str:
+    """A model file's text (UTF-8); ModelFileError naming the file when it cannot be read or is not UTF-8 text."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ModelFileError(f"cannot read model file '{path}': {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelFileError(f"model file '{path}' is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                             f"{e.start})") from None
+
+
+def build_net(text, source="<model>", *, device=None, devices=None, dtype="float32", seed=0, init_params=True):
     specs, train = parse_model_text(text, source)
     layers = build_layers(specs, source)
     try:
-        net = Net(layers, device=device, dtype=dtype, seed=seed, name=Path(source).stem, source=text,
-                  init_params=init_params)
+        net = Net(layers, device=device, devices=devices, dtype=dtype, seed=seed, name=Path(source).stem,
+                  source=text, init_params=init_params)
     except LayerError as e:
         raise ModelFileError(f"{source}: {e}") from None
     return net, train
 
 
-def load_model(name_or_path, *, device=None, dtype="float32", seed=0, init_params=True):
+def load_model(name_or_path, *, device=None, devices=None, dtype="float32", seed=0, init_params=True):
     """Build a Net from a shipped model name or a model-file path. Returns (net, train_defaults).
-    ``init_params=False`` builds shapes only (for summaries of big models)."""
+    ``devices``: the devices of the model's towers (``device = 0|1`` layers). ``init_params=False`` builds shapes
+    only (for summaries of big models)."""
     text, source = resolve_model(name_or_path)
-    return build_net(text, source, device=device, dtype=dtype, seed=seed, init_params=init_params)
+    return build_net(text, source, device=device, devices=devices, dtype=dtype, seed=seed, init_params=init_params)

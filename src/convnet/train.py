@@ -5,6 +5,11 @@ else numpy), writing into ``runs/fmnist``. See docs/training.md.
 
 Precedence of settings: built-in defaults < the model file's [train] section < command-line flags. On
 ``--resume`` the checkpoint's settings replace the first two (flags still override, e.g. ``--epochs``).
+
+An existing run in ``--out`` is never replaced: continue it with ``--resume`` or replace it with ``--overwrite``.
+Every user error (a bad flag or value, a bad model file, checkpoint or data, an unusable device or output directory)
+is one line on stderr and exit status 2; a diverged run exits with 1, Ctrl-C with 130. ``--debug`` shows the
+traceback instead.
 """
 from __future__ import annotations
 
@@ -12,13 +17,16 @@ import sys
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .config import CLI_KEYS, Config, make_parser
+from .config import CLI_KEYS, Config, ConfigError, make_parser
 from .data import DataError
 from .devices import DeviceUnavailable, blas_threads, get_device, install_report
 from .model_file import ModelFileError, build_net, parse_model_text, resolve_model
-from .trainer import Trainer, TrainingError
+from .trainer import Trainer, TrainingError, check_out_dir
 
-__all__ = ["Config", "Trainer", "TrainingError", "main", "make_config", "parse_args", "run"]
+__all__ = ["Config", "ConfigError", "Trainer", "TrainingError", "main", "make_config", "parse_args", "run"]
+
+# the errors a user can cause: one line and exit status 2 (TrainingError, a diverged run: 1)
+USER_ERRORS = (ConfigError, DataError, DeviceUnavailable, ModelFileError, ckpt.CheckpointError)
 
 
 def parse_args(argv=None):
@@ -34,7 +42,7 @@ def make_config(args, saved=None):
             if hasattr(cfg, k):
                 setattr(cfg, k, v)
         if "model" in flags and flags["model"] != cfg.model:
-            raise TrainingError(f"--model {flags['model']} differs from the checkpoint's model {cfg.model}")
+            raise ConfigError(f"--model {flags['model']} differs from the checkpoint's model {cfg.model}")
     else:
         cfg.model = flags.get("model", cfg.model)
         cfg.model_text, cfg.model_source = resolve_model(cfg.model)
@@ -45,7 +53,7 @@ def make_config(args, saved=None):
         setattr(cfg, k, v)
     if cfg.out is None:
         cfg.out = str(Path("runs") / Path(cfg.model).stem)
-    return cfg
+    return cfg.validate()
 
 
 def run(argv=None, log=print):
@@ -56,6 +64,7 @@ def run(argv=None, log=print):
         resume = args.out or str(Path("runs") / Path(args.model or "fmnist").stem)
     if resume is not None:
         resume_state = ckpt.load(resume)
+        ckpt.check_training_state(resume_state)
         saved = resume_state["meta"]["config"]
         if args.out is None:
             args.out = str(Path(resume_state["path"]).parent)
@@ -64,21 +73,26 @@ def run(argv=None, log=print):
         cfg = make_config(args)
     if args.summary:
         return summary(cfg, log)
+    if not args.eval_only:  # before loading any data: a run in --out is never replaced silently
+        check_out_dir(cfg.out, resume_path=resume_state["path"] if resume_state else None, overwrite=args.overwrite)
     with blas_threads(cfg.threads, log):
         if args.eval_only:
             return evaluate_only(cfg, resume_state, log)
-        return Trainer(cfg, resume_state=resume_state, log=log).run()
+        return Trainer(cfg, resume_state=resume_state, log=log, overwrite=args.overwrite).run()
 
 
 def summary(cfg, log):
-    """``--summary``: where convnet was imported from, the device training would use, the model's layer table."""
+    """``--summary``: where convnet was imported from, the device training would use, the model's layer table (with
+    each layer's device and the bytes exchanged per image between devices, for a net on several)."""
     try:
-        device = f"device {get_device(cfg.device)}"
+        device = (f"devices {', '.join(str(get_device(d)) for d in cfg.devices.split(','))}" if cfg.devices else
+                  f"device {get_device(cfg.device)}")
     except (DeviceUnavailable, ValueError) as e:
         device = f"device unavailable: {e}"
     log(f"{install_report()}; {device}")
-    net, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device="numpy", dtype=cfg.dtype,
-                       init_params=False)
+    # shapes only: the towers' devices (--devices) label the placements and need not be usable here
+    net, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=None if cfg.devices else "numpy",
+                       devices=cfg.devices, dtype=cfg.dtype, init_params=False)
     log(net.summary())
     return {"status": "summary"}
 
@@ -91,20 +105,41 @@ def evaluate_only(cfg, resume_state, log):
     log(f"{cfg.model} on {trainer.dataset.name} test set: loss {loss:.4f}, top-1 error {e1:.2%}{t5} "
         f"(accuracy {1 - e1:.2%}), epoch {trainer.epoch}")
     if cfg.plots:
-        trainer.out.mkdir(parents=True, exist_ok=True)
+        try:
+            trainer.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot write the plots to --out {trainer.out}: {e.strerror or e}") from None
         trainer.make_plots(kept, final=True)
     return {"status": "eval", "test_error": e1, "test_top5_error": e5, "test_loss": loss}
 
 
+def _error(e) -> str:
+    return "error: " + " ".join(str(e).split())  # one line, whatever the message holds
+
+
 def main(argv=None):
+    """The command: returns the exit status (0 done, 1 diverged or an environment error, 2 a user error, 130
+    Ctrl-C). Errors are one line on stderr; ``--debug`` re-raises them (the traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     try:
         res = run(argv)
-    except (DataError, DeviceUnavailable, ModelFileError, TrainingError, ckpt.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if not isinstance(e, TrainingError) else 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops cleanly and saves)
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(_error(e), file=sys.stderr)
+        return 2
+    except (TrainingError, OSError, MemoryError) as e:  # diverged; disk full, I/O error; out of memory
+        if debug:
+            raise
+        print(_error(e) if not isinstance(e, MemoryError) else "error: out of memory" + (f" ({e})" if str(e) else ""),
+              file=sys.stderr)
+        return 1
     return 130 if res.get("status") == "interrupted" else 0
 
 

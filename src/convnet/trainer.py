@@ -7,16 +7,25 @@ that a checkpoint saves. ``run()`` repeats, until the last epoch:
   reason it stopped early (``"interrupted"``: Ctrl-C; ``"max_steps"``). The loss and error sums stay on the
   device (:class:`_DeviceSums`) and are folded into the epoch's totals every ``sync_every`` steps (a host sync
   every step would stall a GPU); the progress bar (:class:`Progress`) is updated at each fold.
-* :meth:`Trainer.end_epoch` -- evaluate, record, log, tell the schedule, advance, checkpoint, plot.
+* :meth:`Trainer.end_epoch` -- evaluate, record, tell the schedule, advance, checkpoint, then log.jsonl, plot.
 * :meth:`Trainer.stopped` -- the early stop: checkpoint at the current position, say how to continue.
+
+Reliability rules (each a test): a run never silently replaces another one in its output directory (``--resume`` or
+``overwrite=True``); a NaN or infinite training loss, parameter or test loss stops the run with the divergence
+message, and a state with non-finite values is never checkpointed; ``log.jsonl`` is rewritten from the checkpoint's
+history when a run starts, so the log and the checkpoint always agree (a kill between the two writes duplicates
+nothing); stale checkpoint temporaries are deleted at start; a resume that would reinterpret the saved position
+(another batch size in the middle of an epoch) is refused; a second Ctrl-C aborts at once.
 
 The command line (``python -m convnet.train``) is :mod:`convnet.train`; the settings are :class:`convnet.config.Config`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -26,15 +35,53 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import ops
-from .config import Config
+from .config import Config, ConfigError, parse_lr_steps
 from .data import DataError, Loader, load_dataset
 from .devices import get_device
 from .model_file import build_net
 from .optim import SGD, Schedule
 
+RUN_FILES = ("checkpoint.npz", "log.jsonl")  # what makes a directory hold a run (never replaced silently)
+# settings that define which images a batch index holds: changing one in the middle of an epoch would skip or repeat
+# data, so a mid-epoch resume refuses it (at an epoch boundary the position is 0 and any value is fine)
+POSITION_SETTINGS = ("batch_size", "seed", "dataset", "synthetic_train")
+
 
 class TrainingError(RuntimeError):
     """Training cannot go on (diverged, incompatible checkpoint, ...)."""
+
+
+def existing_run(out) -> list[str]:
+    """The run files (checkpoint, log) present in directory ``out``."""
+    out = Path(out)
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def check_out_dir(out, *, resume_path=None, overwrite=False) -> None:
+    """ConfigError unless a run may write into ``out``: a directory (or a path that can be created) we can write,
+    holding no other run -- unless it is the run being resumed (``resume_path``, a checkpoint in it) or
+    ``overwrite``. Changes nothing on disk."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"--out {out} exists and is not a directory")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ConfigError(f"--out {out}: the directory is not writable")
+    else:
+        parent = out.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"--out {out}: {parent} is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--out {out}: cannot create it ({parent} is not writable)")
+        return
+    if resume_path is not None and Path(resume_path).resolve().parent == out.resolve():
+        return  # continuing the run that is there
+    found = existing_run(out)
+    if found and not overwrite:
+        raise ConfigError(f"{out} already holds a run ({', '.join(found)}): continue it with --resume {out}, replace "
+                          f"it with --overwrite, or choose another --out")
 
 
 def _empty_totals():
@@ -90,31 +137,62 @@ class _DeviceSums:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, resume_state=None, log=print):
-        self.cfg = cfg
+    """``Trainer(cfg, resume_state=None, log=print, overwrite=False)``; ``run()`` trains. ``resume_state``: a
+    :func:`convnet.checkpoint.load` result to continue from. ``overwrite``: replace a run already in ``cfg.out``
+    (else that is a ConfigError)."""
+
+    def __init__(self, cfg: Config, *, resume_state=None, log=print, overwrite=False):
+        if cfg.out is None:
+            cfg.out = str(Path("runs") / Path(cfg.model).stem)
+        self.cfg = cfg.validate()
         self.log = log
-        self.device = get_device(cfg.device)
-        self.net, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=self.device,
+        self.overwrite = overwrite
+        self.resume_path = resume_state["path"] if resume_state is not None else None
+        self.device, towers = self._devices()
+        self.net, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=self.device, devices=towers,
                                 dtype=cfg.dtype, seed=cfg.seed)
+        self.exchanged = {}  # bytes per image copied between devices in the last training step ("src->dst": n)
         self.dataset = self._load_dataset()
         self.mean = self.dataset.mean_image() if resume_state is None or resume_state["mean"] is None \
             else resume_state["mean"]
         self.train_loader, self.test_loader = self._loaders()
-        steps = [int(s) for s in str(cfg.lr_steps).replace(" ", "").split(",") if s]
-        self.schedule = Schedule(cfg.schedule, cfg.lr, steps=steps, gamma=cfg.lr_gamma, patience=cfg.patience,
-                                 max_drops=cfg.max_drops, total_epochs=cfg.epochs)
+        self.schedule = Schedule(cfg.schedule, cfg.lr, steps=parse_lr_steps(cfg.lr_steps), gamma=cfg.lr_gamma,
+                                 patience=cfg.patience, max_drops=cfg.max_drops, total_epochs=cfg.epochs)
         self.opt = SGD(self.net, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.epoch, self.batch, self.step = 0, 0, 0
         self.history = []
         self.partial = _empty_totals()
+        self.saved_at = None  # (epoch, batch) of the checkpoint in self.out written or resumed from, if any
         if resume_state is not None:
             self._restore(resume_state)
         self.out = Path(cfg.out)
+        if self.resume_path is not None and Path(self.resume_path).resolve().parent == self.out.resolve():
+            self.saved_at = (self.epoch, self.batch)
         self.steps_this_run = 0
         self._interrupted = False
-        self._logf = None
 
     # --- setup -----------------------------------------------------------------------------------------------
+    def _devices(self):
+        """(the net's device, the towers' devices or None): ``--devices`` maps the model's towers (``device = i``
+        layers) onto devices; its first is the net's device (the data, and layers without a device)."""
+        cfg = self.cfg
+        device = towers = None
+        try:  # ValueError: a malformed name (DeviceUnavailable: a real device that is not usable here)
+            if cfg.device is not None or cfg.devices is None:
+                device = get_device(cfg.device)
+        except ValueError as e:
+            raise ConfigError(f"--device: {e}") from None
+        if cfg.devices is None:
+            return device, None
+        try:
+            towers = tuple(get_device(d) for d in cfg.devices.split(","))
+        except ValueError as e:
+            raise ConfigError(f"--devices: {e}") from None
+        if device is not None and device != towers[0]:
+            raise ConfigError(f"--device {device} is not the first of --devices {cfg.devices}: the first of the "
+                              f"towers' devices is the net's device (leave --device out)")
+        return towers[0], towers
+
     def _load_dataset(self):
         cfg, d = self.cfg, self.net.data_layer
         dataset = load_dataset(cfg.dataset or "synthetic", cfg.data, shape=d.out_shape, classes=self.net.num_classes,
@@ -126,6 +204,14 @@ class Trainer:
         if len(dataset.classes) != self.net.num_classes:
             raise DataError(f"dataset {dataset.name} has {len(dataset.classes)} classes, the model "
                             f"outputs {self.net.num_classes}")
+        for split, x, y in (("training", dataset.train_x, dataset.train_y), ("test", dataset.test_x, dataset.test_y)):
+            if len(x) == 0:
+                raise DataError(f"the {split} set of {dataset.name} is empty: nothing to "
+                                f"{'train on' if split == 'training' else 'evaluate on'}")
+            if len(y) != len(x):
+                raise DataError(f"the {split} set of {dataset.name} has {len(x)} images but {len(y)} labels")
+            if y.min() < 0 or y.max() >= self.net.num_classes:
+                raise DataError(f"the {split} set of {dataset.name} has labels outside 0..{self.net.num_classes - 1}")
         return dataset
 
     def _loaders(self):
@@ -142,13 +228,30 @@ class Trainer:
 
     # --- state -----------------------------------------------------------------------------------------------
     def _restore(self, st):
-        self.net.load_state_dict(st["params"])
-        m = st["meta"]
-        self.opt.load_state_dict({**m["optimizer"], "velocity": st["velocity"]})
-        self.schedule.load_state_dict(m["schedule"])
+        ckpt.check_training_state(st)
+        m, path = st["meta"], st["path"]
+        saved = m["config"]
+        if m["batch"] != 0:  # mid-epoch: the position is a batch index under the saved settings
+            for k in POSITION_SETTINGS:
+                if k in saved and saved[k] != getattr(self.cfg, k):
+                    flag = "--" + k.replace("_", "-")
+                    raise ConfigError(
+                        f"{flag} {getattr(self.cfg, k)} differs from the checkpoint's {saved[k]}, and {path} stopped "
+                        f"in the middle of epoch {m['epoch'] + 1} (batch {m['batch']}): the saved position would skip "
+                        f"or repeat images. Resume with {flag} {saved[k]}; it may change at an epoch boundary")
+        if m["batch"] > len(self.train_loader):
+            raise ConfigError(f"{path} stopped at batch {m['batch']} of epoch {m['epoch'] + 1}, but an epoch now has "
+                              f"{len(self.train_loader)} batches: the training data changed")
+        try:
+            self.net.load_state_dict(st["params"])
+            self.opt.load_state_dict({**m["optimizer"], "velocity": st["velocity"]})
+            self.schedule.load_state_dict(m["schedule"])
+            self.partial = {k: type(v)(m["partial"][k]) for k, v in _empty_totals().items()}
+        except (KeyError, ValueError, TypeError) as e:
+            raise ckpt.CheckpointError(f"checkpoint '{path}' does not fit the model or is incomplete: "
+                                       f"{' '.join(str(e).split())}") from None
         self.epoch, self.batch, self.step = m["epoch"], m["batch"], m["step"]
         self.history = m["history"]
-        self.partial = m["partial"]
 
     def save(self):
         cfgd = dataclasses.asdict(self.cfg)
@@ -160,8 +263,37 @@ class Trainer:
                         "note": "data order, crops, flips and dropout masks are functions of "
                                 "(seed, epoch, batch, step): the position above is the whole RNG state"},
                 "config": cfgd, "num_params": self.net.num_params(), "time": time.time()}
-        return ckpt.save(self.out / "checkpoint.npz", params=self.net.state_dict(),
-                         velocity=self.opt.state_dict()["velocity"], mean=self.mean, meta=meta)
+        params, velocity = self.net.state_dict(), self.opt.state_dict()["velocity"]
+        bad = ckpt.non_finite({**{f"parameter {k}": v for k, v in params.items()},
+                               **{f"momentum of {k}": v for k, v in velocity.items()}})
+        if bad:  # never checkpoint a diverged state: the checkpoint on disk stays the last good one
+            self.diverged(bad[0], "non-finite")
+        path = ckpt.save(self.out / "checkpoint.npz", params=params, velocity=velocity, mean=self.mean, meta=meta)
+        self.saved_at = (self.epoch, self.batch)
+        return path
+
+    def diverged(self, what, value):
+        """Stop: TrainingError saying what became non-finite, where, what to do, and which checkpoint is good."""
+        path = self.out / "checkpoint.npz"
+        if self.saved_at is not None and path.is_file():
+            e, b = self.saved_at
+            good = (f"The last good checkpoint is {path} (epoch {e + 1}, batch {b})" if b else
+                    f"The last good checkpoint is {path} (after epoch {e})" if e else
+                    f"The last good checkpoint is {path} (the start)")
+        else:
+            good = "No checkpoint of this run was written"
+        raise TrainingError(
+            f"the {what} became {value} at epoch {self.epoch + 1}, step {self.step}: training diverged. "
+            f"Lower the learning rate (--lr, now {self.opt.lr:g}) or check the data / initialisation. {good}; "
+            f"the diverged state was not saved.")
+
+    def check_finite_params(self):
+        """Divergence when a parameter holds a NaN or an infinity (after an update that overflowed). One device
+        reduction per parameter, read back together."""
+        flags = [(k, l.device.xp.isfinite(l.params[p]).all()) for k, l, p in self.net.param_items()]
+        for k, ok in flags:
+            if not bool(ok):
+                self.diverged(f"parameter {k}", "non-finite")
 
     # --- evaluation ------------------------------------------------------------------------------------------
     def evaluate(self, keep_probs=0):
@@ -171,18 +303,23 @@ class Trainer:
         n = wrong1 = wrong5 = 0
         loss = 0.0
         kept = []
-        for x, y in self.test_loader.epoch(0):
-            p = self.net.forward(x)
-            if self.cfg.multiview:
-                p = (p + self.net.forward(xp.ascontiguousarray(x[:, :, ::-1, :]))) * p.dtype.type(0.5)
-            errs = ops.topk_errors(self.device, p, y, ks=(1, 5) if k5 else (1,))
-            wrong1 += errs[0]
-            wrong5 += errs[1] if k5 else 0
-            m = y.shape[0]
-            loss += float(-xp.log(xp.maximum(p[y, xp.arange(m)], 1e-30)).sum())
-            n += m
-            if sum(len(a[1]) for a in kept) < keep_probs:
-                kept.append((self.device.to_numpy(p), self.device.to_numpy(y)))
+        with contextlib.closing(self.test_loader.epoch(0)) as batches:  # closed here: a Ctrl-C in close() propagates
+            for x, y in batches:
+                p = self.net.forward(x)
+                if self.cfg.multiview:
+                    p = (p + self.net.forward(xp.ascontiguousarray(x[:, :, ::-1, :]))) * p.dtype.type(0.5)
+                errs = ops.topk_errors(self.device, p, y, ks=(1, 5) if k5 else (1,))
+                wrong1 += errs[0]
+                wrong5 += errs[1] if k5 else 0
+                m = y.shape[0]
+                loss += float(-xp.log(xp.maximum(p[y, xp.arange(m)], 1e-30)).sum())
+                n += m
+                if sum(len(a[1]) for a in kept) < keep_probs:
+                    kept.append((self.device.to_numpy(p), self.device.to_numpy(y)))
+        if n == 0:
+            raise DataError(f"the test set of {self.dataset.name} is empty: nothing to evaluate on")
+        if not math.isfinite(loss):
+            self.diverged("test loss", loss)
         return loss / n, wrong1 / n, (wrong5 / n if k5 else None), kept
 
     # --- training --------------------------------------------------------------------------------------------
@@ -193,11 +330,7 @@ class Trainer:
 
     def run(self):
         """Train to ``cfg.epochs``; returns {"status": "done" | "interrupted" | "max_steps", "history": [...]}."""
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "model.cfg").write_text(cfg.model_text)
-        (self.out / "summary.txt").write_text(self.net.summary() + "\n")
-        self._logf = open(self.out / "log.jsonl", "a")
+        self._prepare_out()
         old = None
         try:
             old = signal.signal(signal.SIGINT, self._on_sigint)
@@ -207,9 +340,41 @@ class Trainer:
             with np.errstate(over="ignore", invalid="ignore"):  # a non-finite loss is detected and reported
                 return self._epochs()
         finally:
-            self._logf.close()
             if old is not None:
                 signal.signal(signal.SIGINT, old)
+
+    def _prepare_out(self):
+        """The output directory: checked (no other run is replaced without ``overwrite``), created, stale checkpoint
+        temporaries removed, the model file and summary written, log.jsonl rewritten from the history."""
+        cfg, out = self.cfg, self.out
+        check_out_dir(out, resume_path=self.resume_path, overwrite=self.overwrite)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            resuming_here = self.resume_path is not None and Path(self.resume_path).resolve().parent == out.resolve()
+            if not resuming_here:  # --overwrite (or an empty directory): nothing of an old run survives
+                for name in RUN_FILES:
+                    (out / name).unlink(missing_ok=True)
+            (out / "log.jsonl.tmp").unlink(missing_ok=True)  # an interrupted _write_log's
+            stale = ckpt.remove_stale_temporaries(out)
+            if stale:
+                self.log(f"removed {len(stale)} stale temporary file(s) of an interrupted checkpoint write in {out}")
+            (out / "model.cfg").write_text(cfg.model_text)
+            (out / "summary.txt").write_text(self.net.summary() + "\n")
+            self._write_log()
+        except OSError as e:
+            raise ConfigError(f"cannot write to --out {out}: {e.strerror or e}") from None
+
+    def _write_log(self):
+        """log.jsonl = one line per epoch of the history (the checkpoint's), replaced atomically: a kill between an
+        epoch's checkpoint and its log line loses or duplicates nothing."""
+        path = self.out / "log.jsonl"
+        if not self.history:  # no epoch finished: no log (and nothing that looks like a run to the next start)
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(rec) + "\n" for rec in self.history)
+        os.replace(tmp, path)
 
     def _epochs(self):
         cfg = self.cfg
@@ -220,6 +385,11 @@ class Trainer:
                  f"{len(self.dataset.test_x)} test images), device {self.device}, {self.net.num_params():,} "
                  f"parameters, {cfg.epochs} epochs of {len(self.train_loader)} batches of {cfg.batch_size}; "
                  f"output in {self.out}")
+        plan = self.net.exchange_plan()
+        if plan:
+            towers = ", ".join(f"{i}={d}" for i, d in enumerate(self.net.devices))
+            self.log(f"towers {towers}; copied between devices per image and training step: "
+                     + ", ".join(f"{k} {v:,} B" for k, v in plan.items()))
         if self.epoch >= cfg.epochs:
             self.log(f"already trained for {self.epoch} epochs (--epochs {cfg.epochs}); pass a larger --epochs to "
                      f"continue")
@@ -252,8 +422,11 @@ class Trainer:
         lr = self.opt.lr = self.lr_now()
         sums = _DeviceSums(xp, self.batch)
         stop = None
-        with Progress(cfg.progress, total=nb, initial=self.batch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}") as bar:
-            for x, y in self.train_loader.epoch(self.epoch, self.batch):
+        with Progress(cfg.progress, total=nb, initial=self.batch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}") as bar, \
+                contextlib.closing(self.train_loader.epoch(self.epoch, self.batch)) as batches:
+            # closing(): the loader's generator is closed here, in the normal flow, so a second Ctrl-C while it
+            # joins its thread propagates (a generator closed by the garbage collector would swallow it)
+            for x, y in batches:
                 if per_step:
                     lr = self.opt.lr = self.lr_now()
                 probs = net.forward(x, y, train=True, step=self.step)
@@ -277,20 +450,23 @@ class Trainer:
 
     def _fold(self, sums):
         """Read the device sums back into the epoch's totals; returns (batches folded, seconds since the last fold).
-        A non-finite loss stops training here."""
+        A non-finite loss or parameter (after the last update) stops training here."""
         nbatches, since = self.batch - sums.batch, sums.time
         dt = time.perf_counter() - since
+        bad_labels = self.net.cost_layer.take_bad_labels()
+        if bad_labels:
+            raise DataError(f"{bad_labels} training label(s) in the last {nbatches} batches are outside "
+                            f"[0, {self.net.num_classes}) (the model's classes): check the dataset's labels")
         loss = float(sums.loss)
         if not math.isfinite(loss):
-            raise TrainingError(
-                f"the loss became {loss} at epoch {self.epoch + 1}, step {self.step}: training diverged. "
-                f"Lower the learning rate (--lr, now {self.opt.lr:g}) or check the data / initialisation. "
-                f"The last good checkpoint is {self.out / 'checkpoint.npz'} (if any).")
+            self.diverged("loss", loss)
+        self.check_finite_params()
         p = self.partial
         p["loss"] += loss
         p["err"] += int(sums.err)
         p["n"] += nbatches * self.cfg.batch_size
         p["time"] += dt
+        self.exchanged = self.net.exchange.per_image()  # counted on the host: no device work
         now = time.perf_counter()
         sums.reset(self.batch, now)
         return nbatches, now - since
@@ -309,14 +485,14 @@ class Trainer:
         te_loss, te1, te5, kept = self.evaluate(keep_probs=16)
         rec = self._record(te_loss, te1, te5, clock)
         self.history.append(rec)
-        self._logf.write(json.dumps(rec) + "\n")
-        self._logf.flush()
         self._log_epoch(rec)
         self.schedule.observe(te1)
         self.epoch += 1
         self.batch = 0
         self.partial = _empty_totals()
         self.save()
+        with open(self.out / "log.jsonl", "a") as f:  # after the checkpoint that holds this record (see _write_log)
+            f.write(json.dumps(rec) + "\n")
         if self.cfg.plots:
             self.make_plots(kept, final=self.epoch >= self.cfg.epochs)
 
@@ -327,7 +503,8 @@ class Trainer:
                 "train_loss": p["loss"] / p["n"], "train_error": p["err"] / p["n"], "test_loss": te_loss,
                 "test_error": te1, "test_top5_error": te5, "train_time_s": p["time"],
                 "elapsed_s": time.perf_counter() - clock[0], "cpu_s": time.process_time() - clock[1],
-                "images_per_s": p["n"] / p["time"] if p["time"] > 0 else None, "device": str(self.device)}
+                "images_per_s": p["n"] / p["time"] if p["time"] > 0 else None, "device": str(self.device),
+                **({"exchanged_bytes_per_image": dict(self.exchanged)} if self.exchanged else {})}
 
     def _log_epoch(self, rec):
         te1, te5 = rec["test_error"], rec["test_top5_error"]

@@ -140,6 +140,31 @@ class Device:
         return self.backend.stream_handle(self.index, stream)
 
 
+def parse_device(spec: "str | Device") -> Device:
+    """``"numpy"``, ``"emu:1"``, ``"cuda:1"`` (or a Device) as a Device value, without asking whether it is usable here
+    (for shape-only nets and summaries); ValueError / TypeError for a malformed name."""
+    if isinstance(spec, Device):
+        return spec
+    if isinstance(spec, str):
+        kind, _, index = spec.strip().lower().partition(":")
+        if kind not in KINDS:
+            raise ValueError(f"unknown device {spec!r}; expected numpy, emu, cuda or cuda:N")
+        try:
+            return Device(kind, int(index) if index else 0)
+        except ValueError as exc:
+            raise ValueError(f"bad device {spec!r}: {exc}") from None
+    raise TypeError(f"device must be a string like 'cuda:0' or a Device, got {type(spec).__name__}")
+
+
+def parse_device_list(spec) -> tuple:
+    """``"cuda:0,cuda:1"`` (or a sequence of names / Devices) -> a tuple of Devices, not checked for usability: the
+    devices of a model's towers (``--devices``). ValueError for an empty list or a malformed name."""
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    if not items or any(isinstance(s, str) and not s for s in items):
+        raise ValueError(f"must be comma-separated device names like cuda:0,cuda:1 or emu:0,emu:1, got {spec!r}")
+    return tuple(parse_device(s) for s in items)
+
+
 def get_device(spec: "str | Device | None" = None) -> Device:
     """Parse ``"numpy"``, ``"emu"``, ``"cuda"``, ``"cuda:1"`` (or pass a Device through).
 
@@ -151,18 +176,7 @@ def get_device(spec: "str | Device | None" = None) -> Device:
         _require_built_package()
         cuda = Device("cuda", 0)
         return cuda if cuda.backend.availability(0)[0] else Device("numpy")
-    if isinstance(spec, Device):
-        dev = spec
-    elif isinstance(spec, str):
-        kind, _, index = spec.strip().lower().partition(":")
-        if kind not in KINDS:
-            raise ValueError(f"unknown device {spec!r}; expected numpy, emu, cuda or cuda:N")
-        try:
-            dev = Device(kind, int(index) if index else 0)
-        except ValueError as exc:
-            raise ValueError(f"bad device {spec!r}: {exc}") from None
-    else:
-        raise TypeError(f"device must be a string like 'cuda:0' or a Device, got {type(spec).__name__}")
+    dev = parse_device(spec)
     ok, reason = dev.backend.availability(dev.index)
     if not ok:
         raise DeviceUnavailable(f"device {dev} is not usable: {reason}")
@@ -175,8 +189,9 @@ def device_report() -> list[dict]:
 
 
 def transfer(a, src: Device, dst: Device):
-    """Copy array ``a`` from device ``src`` to ``dst`` (the same array when they are the same device). Staged through
-    the host for now; peer-to-peer copies between GPUs come with the two-tower split."""
+    """Copy array ``a`` from device ``src`` to ``dst`` (the same array when they are the same device), staged through
+    the host: a convenience for tests and tools. The layer graph copies with the op :func:`convnet.ops.copy`
+    (peer-to-peer between GPUs, on the consumer's stream)."""
     if src == dst:
         return a
     return dst.asarray(src.to_numpy(a))
@@ -208,4 +223,4 @@ def _require_built_package() -> None:
 
 
 __all__ = ["Backend", "Device", "DeviceUnavailable", "KINDS", "backend", "blas_threads", "device_report",
-           "get_device", "install_report", "transfer"]
+           "get_device", "install_report", "parse_device", "parse_device_list", "transfer"]

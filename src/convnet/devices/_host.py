@@ -29,6 +29,11 @@ class HostBackend(Backend):
     def pointer(self, a) -> int:
         return int(a.ctypes.data)
 
+    def copy(self, a, src_index, dst_index, out, stream=None, src_stream=None):
+        """A real copy (host devices complete it before returning; the virtual devices share the host's memory)."""
+        np.copyto(out, a)
+        return out
+
 
 class blas_threads:
     """Limit the BLAS thread pool (threadpoolctl) while training on a CPU device; 0 leaves the library default."""

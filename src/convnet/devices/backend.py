@@ -82,6 +82,12 @@ class Backend:
     def synchronize(self, index: int) -> None:
         pass
 
+    def copy(self, a, src_index: int, dst_index: int, out, stream=None, src_stream=None):
+        """Copy ``a`` (an array of device ``src_index`` of this kind, written on ``src_stream``) into ``out`` (an
+        array of device ``dst_index``, same shape and dtype), ordered on ``stream``, the consumer's (None: the current
+        ones). The implementation of :func:`convnet.ops.copy` between two devices of one kind."""
+        raise NotImplementedError
+
     def kernels(self, device):
         if not self.extension:
             raise TypeError(f"the {self.kind} device runs the NumPy reference, not compiled kernels")

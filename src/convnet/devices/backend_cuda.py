@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 
 from convnet.devices.backend import Backend, DeviceUnavailable, load_extension
 
@@ -49,6 +50,103 @@ def cupy():
         return _import_cupy()
     except ImportError as exc:
         raise DeviceUnavailable(f"CuPy is not installed ({exc}); `pip install .[cuda]`") from None
+
+
+PEER_ACCESS_ALREADY_ENABLED = 704  # cudaErrorPeerAccessAlreadyEnabled (CuPy may have enabled the pair itself)
+
+
+class GpuCopier:
+    """The cuda side of :func:`convnet.ops.copy`: copies between GPUs and within one, never through pageable host
+    memory and never waiting on the host.
+
+    * two GPUs that can access each other: peer access is enabled once per pair (``cudaDeviceCanAccessPeer``, then
+      ``cudaDeviceEnablePeerAccess`` both ways), then ``cudaMemcpyPeerAsync`` on the consumer's stream;
+    * two GPUs that cannot: said once per pair (a RuntimeWarning), then staged through pinned host memory: a
+      device-to-host copy on the producer's stream, a host-to-device copy on the consumer's stream;
+    * one GPU (two towers on it): ``cudaMemcpyAsync`` device to device on the consumer's stream.
+
+    Ordering is done on the GPUs with events: the consumer's stream waits for an event recorded on the producer's
+    stream (the kernels that wrote ``a`` come first), and when the copy read ``a`` on another stream the producer's
+    stream then waits for the copy (CuPy's pool may give ``a``'s memory to the producer's next allocation). A pinned
+    buffer is kept until an event recorded after its copy has completed (polled with ``Event.done``, never waited on).
+    ``cp`` (a function returning the cupy module) and ``warn`` are injectable: tests run this logic on a fake runtime.
+    """
+
+    def __init__(self, cp=None, warn=None):
+        self._cp = cp or cupy
+        self._warn = warn or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=2))
+        self.peer = {}  # (i, j) with i < j -> True: peer-to-peer; False: staged through pinned host memory
+        self._pending = []  # (event, pinned buffer): the buffer lives until the event has completed
+
+    def peer_access(self, i: int, j: int) -> bool:
+        """Whether GPUs i and j copy peer-to-peer (asked, and enabled, once per pair)."""
+        key = lo, hi = (min(i, j), max(i, j))
+        if key not in self.peer:
+            cp = self._cp()
+            rt = cp.cuda.runtime
+            ok = bool(rt.deviceCanAccessPeer(lo, hi)) and bool(rt.deviceCanAccessPeer(hi, lo))
+            if ok:
+                for dev, peer in ((lo, hi), (hi, lo)):
+                    with cp.cuda.Device(dev):
+                        try:
+                            rt.deviceEnablePeerAccess(peer)
+                        except rt.CUDARuntimeError as e:
+                            if getattr(e, "status", None) != PEER_ACCESS_ALREADY_ENABLED:
+                                raise
+            else:
+                self._warn(f"GPUs {lo} and {hi} cannot access each other's memory (no peer-to-peer): copies "
+                           f"between them are staged through pinned host memory")
+            self.peer[key] = ok
+        return self.peer[key]
+
+    @staticmethod
+    def _stream(cp, index, stream):
+        if stream is not None:
+            return stream
+        with cp.cuda.Device(index):
+            return cp.cuda.get_current_stream()
+
+    @staticmethod
+    def _record(cp, stream, index):
+        with cp.cuda.Device(index):  # an event is recorded on a stream of its own device
+            event = cp.cuda.Event(block=False, disable_timing=True)
+            event.record(stream)
+        return event
+
+    def _wait(self, cp, first, first_index, then, then_index):
+        """Stream ``then`` (of GPU then_index) waits, on the GPU, for the work issued so far on ``first``."""
+        event = self._record(cp, first, first_index)
+        with cp.cuda.Device(then_index):  # stream handle 0 is the current device's null stream
+            then.wait_event(event)
+
+    def copy(self, a, src: int, dst: int, out, stream=None, src_stream=None):
+        cp = self._cp()
+        rt = cp.cuda.runtime
+        n = int(a.nbytes)
+        self._pending = [(e, buf) for e, buf in self._pending if not e.done]
+        if n == 0:
+            return out
+        s_src, s_dst = self._stream(cp, src, src_stream), self._stream(cp, dst, stream)
+        if src != dst and not self.peer_access(src, dst):
+            host = cp.cuda.alloc_pinned_memory(n)
+            with cp.cuda.Device(src):
+                rt.memcpyAsync(host.ptr, a.data.ptr, n, rt.memcpyDeviceToHost, s_src.ptr)
+            self._wait(cp, s_src, src, s_dst, dst)
+            with cp.cuda.Device(dst):
+                rt.memcpyAsync(out.data.ptr, host.ptr, n, rt.memcpyHostToDevice, s_dst.ptr)
+            self._pending.append((self._record(cp, s_dst, dst), host))
+            return out
+        one_stream = src == dst and s_src.ptr == s_dst.ptr
+        if not one_stream:
+            self._wait(cp, s_src, src, s_dst, dst)
+        with cp.cuda.Device(dst):
+            if src == dst:
+                rt.memcpyAsync(out.data.ptr, a.data.ptr, n, rt.memcpyDeviceToDevice, s_dst.ptr)
+            else:
+                rt.memcpyPeerAsync(out.data.ptr, dst, a.data.ptr, src, n, s_dst.ptr)
+        if not one_stream:
+            self._wait(cp, s_dst, dst, s_src, src)
+        return out
 
 
 class CudaBackend(Backend):
@@ -145,6 +243,13 @@ class CudaBackend(Backend):
 
     def synchronize(self, index):
         cupy().cuda.Device(index).synchronize()
+
+    @functools.cached_property
+    def copier(self) -> GpuCopier:
+        return GpuCopier()
+
+    def copy(self, a, src_index, dst_index, out, stream=None, src_stream=None):
+        return self.copier.copy(a, src_index, dst_index, out, stream, src_stream)
 
 
 BACKEND = CudaBackend()

@@ -51,7 +51,7 @@ def output(dev: Device, spec: Output, stream=None):
     """The caller's ``out`` (validated: exact shape and dtype), or a new array allocated on ``stream``."""
     if spec.given is None:
         return dev.empty(spec.shape, spec.dtype, stream=stream)
-    return check_array(spec.name, spec.given, dev, shape=spec.shape, dtypes=(spec.dtype,))
+    return check_array(spec.name, spec.given, dev, shape=spec.shape, dtypes=(spec.dtype,), writeable=True)
 
 
 def launch(dev: Device, kernel: str, *args, stream=None):
@@ -64,14 +64,14 @@ def launch(dev: Device, kernel: str, *args, stream=None):
 
 
 def produce(dev: Device, outputs, *, reference, kernel, inputs=None, alpha=1.0, beta=0.0, stream=None,
-            reference_in_place=False, elementwise=False):
+            elementwise=False):
     """Run an op: ``reference()`` on the numpy device, ``kernel(*buffers)`` elsewhere.
 
     ``outputs`` is one :class:`Output` or a tuple of them (an entry may be None: an output not wanted, passed to the
-    kernel as None); ``reference()`` returns the matching array(s). ``inputs`` (name -> array) must not overlap a
-    caller's output, except on the numpy device when ``reference_in_place`` (the reference computes into new
-    arrays, so ``out`` may alias an input there). ``elementwise`` ops may also run exactly in place on every device
-    (``out`` is an input), but never on a partial overlap. Allocations and the launch happen on ``stream``.
+    kernel as None); ``reference()`` returns the matching array(s). A caller's output must be writeable and must not
+    overlap ``inputs`` (name -> array) nor another output: one rule on every device, so a call that works on numpy
+    works on emu and cuda. ``elementwise`` ops may also run exactly in place (``out`` is an input), but never on a
+    partial overlap. Allocations and the launch happen on ``stream``.
     Returns the output array(s).
     """
     single = isinstance(outputs, Output)
@@ -79,13 +79,12 @@ def produce(dev: Device, outputs, *, reference, kernel, inputs=None, alpha=1.0, 
     inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
     for spec in specs:  # a caller's out is validated before any work
         if spec is not None and spec.given is not None:
-            check_array(spec.name, spec.given, dev, shape=spec.shape, dtypes=(spec.dtype,))
-    check_overlap = not (dev.runs_reference and reference_in_place)
+            check_array(spec.name, spec.given, dev, shape=spec.shape, dtypes=(spec.dtype,), writeable=True)
     given = [s for s in specs if s is not None and s.given is not None]
     for i, spec in enumerate(given):
         if elementwise:
             check_in_place_or_disjoint(dev, spec.name, spec.given, **inputs)
-        elif check_overlap:
+        else:
             check_disjoint(dev, spec.name, spec.given, **inputs)
         for other in given[i + 1:]:
             check_disjoint(dev, other.name, other.given, **{spec.name: spec.given})

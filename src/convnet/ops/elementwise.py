@@ -7,6 +7,9 @@ bit-identical masks, and the backward pass regenerates the mask instead of stori
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 from convnet.ops._checks import as_device, check_array, check_same_dtype, scalar, uint64
@@ -60,13 +63,24 @@ def dropout_backward(device, dy, keep, seed, offset=0, out=None, stream=None):
     return _dropout(as_device(device), "dy", dy, keep, seed, offset, out, stream)
 
 
+def _shape(shape) -> tuple:
+    """A shape: an int or a tuple/list of ints >= 0 (not floats, strings or bools), with fewer than 2**63 elements."""
+    dims = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in dims):
+        raise TypeError(f"shape must be an int or a tuple of ints, got {shape!r}")
+    dims = tuple(int(s) for s in dims)
+    if any(s < 0 for s in dims):
+        raise ValueError(f"shape must be non-negative, got {dims}")
+    if math.prod(dims) >= 2**63:
+        raise ValueError(f"shape {dims} has {math.prod(dims)} elements; at most 2**63 - 1 are supported")
+    return dims
+
+
 def dropout_mask(device, shape, keep, seed, offset=0, stream=None):
     """The boolean keep-mask a dropout call with these parameters uses, as an array on the device."""
     dev = as_device(device)
     keep, seed, offset = _dropout_params(keep, seed, offset)
-    shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
-    if any(s < 0 for s in shape):
-        raise ValueError(f"shape must be non-negative, got {shape}")
+    shape = _shape(shape)
     n = int(np.prod(shape, dtype=np.int64))
 
     def kernel(mask):

@@ -100,19 +100,10 @@ def topk_errors(device, logits_or_probs, labels, ks=(1, 5), *, stream=None):
     dev = as_device(device)
     ks = _ks(ks)
     K, N = _check_inputs(dev, "logits_or_probs", logits_or_probs, labels)
-    scores = logits_or_probs
-    xp = dev.xp
-    with dev.on_stream(stream):
-        # An image with a NaN or infinite score is an error for every k. (Compared with NaN nothing scores
-        # "strictly higher" than the label, so the rank rule alone would call an all-NaN column right.) Its column is
-        # zeroed for the rank rule (a tie: no error) and the image counted here instead.
-        bad = ~xp.isfinite(scores).all(axis=0)
-        n_bad = int(bad.sum())
-        if n_bad:
-            scores = xp.ascontiguousarray(xp.where(bad[None, :], scores.dtype.type(0), scores))
+    scores = logits_or_probs  # an image with a NaN or infinite score is an error for every k (reference and kernel)
     counts = produce(
         dev, Output("counts", None, (len(ks),), np.dtype(np.int32)), stream=stream,
         reference=lambda: np.asarray(ref.topk_errors(scores, labels, ks), np.int32),
         kernel=lambda c: launch(dev, "topk_errors", scores, labels, c, list(ks), K, N, stream=stream))
     with dev.on_stream(stream):  # reading the counts waits for the op's stream
-        return tuple(int(c) + n_bad for c in dev.to_numpy(counts))
+        return tuple(int(c) for c in dev.to_numpy(counts))

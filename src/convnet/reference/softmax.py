@@ -7,7 +7,8 @@ Layout: logits ``(classes, N)``, labels ``(N,)`` integers in ``[0, classes)``.
 * ``softmax_cross_entropy`` returns ``(loss_sum, probs, dlogits)``: ``loss_sum`` is a 0-d array (sum over the batch,
   not the mean), ``dlogits = probs - onehot(labels)`` (not divided by N).
 * Top-k rule: an image counts as a top-k error when at least ``k`` classes score *strictly higher* than the true
-  class (so ties with the true class count in its favour). Works on logits or probabilities alike.
+  class (so ties with the true class count in its favour), or when any of its scores is NaN or infinite (a diverged
+  net is never scored right). Works on logits or probabilities alike.
 """
 from __future__ import annotations
 
@@ -51,4 +52,5 @@ def topk_errors(scores, labels, ks=(1, 5)):
     labels = np.asarray(labels)
     true = s[labels, np.arange(s.shape[1])]
     rank = (s > true[None, :]).sum(axis=0)
+    rank[~np.isfinite(s).all(axis=0)] = s.shape[0]  # a NaN or infinite score: an error for every k
     return tuple(int((rank >= k).sum()) for k in ks)
