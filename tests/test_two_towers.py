@@ -1,0 +1,421 @@
+"""The paper's two-GPU split (issue 11, sections 1-2): the ``alexnet-2gpu`` model (two towers, ``device = 0|1``),
+the tower -> device mapping (``devices`` / ``--devices``), the copy op between devices (host devices here; the cuda
+logic on a fake CUDA runtime), and the bytes exchanged per step checked against a count by hand."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from convnet import ops
+from convnet.devices import Device
+from convnet.devices.backend_cuda import GpuCopier
+from convnet.model_file import build_net, load_model, resolve_model
+from convnet.train import run
+from helpers import EMU, NUMPY
+
+SIZE = 95  # small, and pool5 is still 2x2 (conv1 23, pool1 11, pool2 5): fc6 joins two real image inputs
+BATCH = 3
+# filters (conv) or outputs (fc) of each alexnet layer on tower a; tower b holds the rest
+HALVES = {"conv1": 48, "conv2": 128, "conv3": 192, "conv4": 192, "conv5": 128, "fc6": 2048, "fc7": 2048}
+
+
+def _text(name, size=SIZE):
+    text, _ = resolve_model(name)
+    assert text.count("size = 224") == 1
+    return text.replace("size = 224", f"size = {size}")
+
+
+def split_alexnet(state):
+    """The grouped one-device ``alexnet``'s parameters as ``alexnet-2gpu``'s: tower a gets the first half of each
+    layer's filters (the last axis of a conv weight) or units (the first axis of an fc weight), tower b the rest."""
+    out = {"fc8/w": state["fc8/w"], "fc8/b": state["fc8/b"]}
+    for name, half in HALVES.items():
+        w, b = state[f"{name}/w"], state[f"{name}/b"]
+        wa, wb = (w[..., :half], w[..., half:]) if name.startswith("conv") else (w[:half], w[half:])
+        out.update({f"{name}a/w": wa, f"{name}b/w": wb, f"{name}a/b": b[:half], f"{name}b/b": b[half:]})
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def join_towers(grads):
+    """Tower gradients joined back into the one-device layout (the inverse of :func:`split_alexnet`)."""
+    out = {"fc8/w": grads["fc8/w"], "fc8/b": grads["fc8/b"]}
+    for name in HALVES:
+        axis = -1 if name.startswith("conv") else 0
+        out[f"{name}/w"] = np.concatenate([grads[f"{name}a/w"], grads[f"{name}b/w"]], axis=axis)
+        out[f"{name}/b"] = np.concatenate([grads[f"{name}a/b"], grads[f"{name}b/b"]])
+    return out
+
+
+def _grads(net):
+    return {k: l.device.to_numpy(l.grads[p]) for k, l, p in net.param_items()}
+
+
+def hand_count(size, batch, itemsize=4):
+    """Bytes one training step of alexnet-2gpu copies each way, from the layer shapes worked out by hand:
+    conv1 (size + 4 - 11) // 4 + 1 maps, each 3x3/2 pool (h - 3) // 2 + 1 (224: 55 -> 27 -> 13 -> 6)."""
+    c1 = (size + 4 - 11) // 4 + 1
+    p1 = (c1 - 3) // 2 + 1
+    p2 = (p1 - 3) // 2 + 1
+    p5 = (p2 - 3) // 2 + 1
+    data, pool2, pool5, fc = 3 * size * size, 128 * p2 * p2, 128 * p5 * p5, 2048
+    # tower 0 -> 1: forward the images (conv1b), pool2a (conv3b), pool5a (fc6b), drop6a (fc7b); backward the gradients
+    # of pool2b (from conv3a), pool5b (fc6a), drop6b (fc7a), drop7b (fc8)
+    to_1 = (data + pool2 + pool5 + fc) + (pool2 + pool5 + fc + fc)
+    # tower 1 -> 0: forward pool2b (conv3a), pool5b (fc6a), drop6b (fc7a), drop7b (fc8); backward the gradients of
+    # pool2a (from conv3b), pool5a (fc6b), drop6a (fc7b). The labels stay on tower 0 (data and probs are there).
+    to_0 = (pool2 + pool5 + fc + fc) + (pool2 + pool5 + fc)
+    return to_1 * itemsize * batch, to_0 * itemsize * batch
+
+
+# --------------------------------------------------------------------------------------------------- the model
+def test_alexnet_2gpu_is_alexnet_in_two_towers():
+    one, _ = load_model("alexnet", init_params=False, device="numpy")
+    two, train = load_model("alexnet-2gpu", init_params=False, device="numpy")
+    assert two.num_params() == one.num_params() == 60_965_224
+    assert two.flops() == one.flops()
+    assert train == load_model("alexnet", init_params=False, device="numpy")[1]
+    towers = {n: l.tower for n, l in two.layers.items()}
+    assert towers["data"] == towers["fc8"] == towers["probs"] == 0
+    for n, t in towers.items():
+        if n[-1] in "ab":
+            assert t == "ab".index(n[-1]), n
+    shapes = {n: l.out_shape for n, l in two.layers.items()}
+    for t in "ab":
+        assert [shapes[f"conv{i}{t}"][0] for i in range(1, 6)] == [48, 128, 192, 192, 128]
+        assert shapes[f"pool2{t}"] == (128, 13, 13) and shapes[f"pool5{t}"] == (128, 6, 6)
+        assert shapes[f"fc6{t}"] == shapes[f"fc7{t}"] == (2048,)
+        assert two.layers[f"fc6{t}"].in_shape == (256, 6, 6)
+    # the towers exchange only at conv1b (the images), conv3, fc6, fc7 and fc8
+    crossing = sorted(l.name for l in two.order if any(two.layers[i].tower != l.tower for i in l.inputs))
+    assert crossing == ["conv1b", "conv3a", "conv3b", "fc6a", "fc6b", "fc7a", "fc7b", "fc8"]
+    assert two.layers["conv3b"].inputs == ["pool2a", "pool2b"] and two.layers["fc8"].inputs == ["drop7a", "drop7b"]
+
+
+def test_alexnet_2gpu_computes_the_grouped_alexnet_on_emu():
+    """Same function: alexnet's parameters copied over, the forward outputs and every parameter gradient of the two
+    towers on emu:0/emu:1 equal alexnet's on emu within float32 rounding (input 63x63, batch 3; dropout off, since
+    the masks are drawn per layer)."""
+    one, _ = build_net(_text("alexnet"), "alexnet.cfg", device="emu", seed=0)
+    two, _ = build_net(_text("alexnet-2gpu"), "alexnet-2gpu.cfg", devices="emu:0,emu:1", seed=1)
+    assert [str(d) for d in two.devices] == ["emu", "emu:1"]
+    assert str(two.layers["conv5b"].device) == "emu:1" and str(two.layers["fc8"].device) == "emu"
+    two.load_state_dict(split_alexnet(one.state_dict()))
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, SIZE, SIZE, BATCH), dtype=np.float32)
+    y = np.array([3, 999, 0], np.int32)
+    p1, p2 = one.forward(x, y), two.forward(x, y)
+    np.testing.assert_allclose(p2, p1, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(float(two.loss), float(one.loss), rtol=1e-6)
+    one.backward()
+    two.backward()
+    g1, g2 = _grads(one), join_towers(_grads(two))
+    assert g1.keys() == g2.keys() and len(g1) == 16
+    for k in g1:
+        scale = float(np.abs(g1[k]).max())
+        assert scale > 0, k
+        np.testing.assert_allclose(g2[k], g1[k], rtol=0, atol=2e-5 * scale, err_msg=k)
+    # and the bytes that crossed are the hand count at this size (forward + backward of the step)
+    to_1, to_0 = hand_count(SIZE, BATCH)
+    assert two.exchange.bytes == {("emu", "emu:1"): to_1, ("emu:1", "emu"): to_0}
+    assert one.exchange.bytes == {} and one.exchange_plan() == {}
+
+
+def test_exchanged_bytes_of_alexnet_2gpu_at_batch_128():
+    """The count of the full-size model from its shapes (no parameters, no run) against the hand count: per image,
+    cuda:0 -> cuda:1 836,608 B (602,112 of them the images), cuda:1 -> cuda:0 234,496 B."""
+    net, _ = load_model("alexnet-2gpu", init_params=False, devices="cuda:0,cuda:1")
+    to_1, to_0 = hand_count(224, 128)
+    assert (to_1, to_0) == (836_608 * 128, 234_496 * 128)
+    assert net.exchange_plan(images=128) == {"cuda:0->cuda:1": to_1, "cuda:1->cuda:0": to_0}
+    # both towers on one GPU: still copied (device to device), the towers named apart
+    net, _ = load_model("alexnet-2gpu", init_params=False, devices="cuda:0,cuda:0")
+    assert net.exchange_plan() == {"cuda:0[0]->cuda:0[1]": 836_608, "cuda:0[1]->cuda:0[0]": 234_496}
+    s = net.summary()
+    assert "cuda:0[0]->cuda:0[1] 836,608 B" in s and "towers 0=cuda:0, 1=cuda:0" in s
+    assert "conv3b" in s and "device" in s.splitlines()[0]
+
+
+def test_counted_bytes_equal_the_plan_for_towers_on_one_device():
+    """By default both towers run on the net's one device; the copies and the count are the same as on two."""
+    net, _ = build_net(_text("alexnet-2gpu"), "alexnet-2gpu.cfg", device="numpy", seed=0)
+    assert net.devices == (NUMPY, NUMPY)
+    x = np.random.default_rng(0).standard_normal((3, SIZE, SIZE, 2), dtype=np.float32)
+    net.forward(x, np.array([1, 2], np.int32), train=True, step=0)
+    net.backward()
+    to_1, to_0 = hand_count(SIZE, 2)
+    assert net.exchange.per_image() == {"numpy[0]->numpy[1]": to_1 / 2, "numpy[1]->numpy[0]": to_0 / 2}
+    assert net.exchange_plan(images=2) == {"numpy[0]->numpy[1]": to_1, "numpy[1]->numpy[0]": to_0}
+    net.forward(x)  # a forward starts a new count: here the forward's copies only
+    assert net.exchange.bytes[("numpy[1]", "numpy[0]")] == 4 * 2 * (128 * 5 * 5 + 128 * 2 * 2 + 2 * 2048)
+
+
+TWO_TOWERS = """
+[data]
+type = data
+channels = 1
+size = 8
+[conva]
+type = conv
+inputs = data
+filters = 3
+size = 3
+padding = 1
+neuron = relu
+device = 0
+[convb]
+type = conv
+inputs = data
+filters = 3
+size = 3
+padding = 1
+neuron = relu
+gpu = 1
+[fc]
+type = fc
+inputs = conva, convb
+outputs = 4
+device = 1
+[probs]
+type = softmax
+inputs = fc
+device = 0
+[train]
+dataset = synthetic
+batch_size = 8
+lr = 0.05
+epochs = 1
+"""
+
+
+def test_gradients_are_summed_on_the_producers_device(monkeypatch):
+    """Every copy goes through ops.copy, each gradient back to its producer's device (where it is summed)."""
+    net, _ = build_net(TWO_TOWERS, "two.cfg", devices="numpy:0,numpy:1", dtype="float64")
+    calls = []
+    real = ops.copy
+
+    def spy(dev, a, src, **kw):
+        calls.append((str(src), str(dev), a.shape))
+        return real(dev, a, src, **kw)
+
+    monkeypatch.setattr(ops, "copy", spy)
+    x = np.random.default_rng(1).standard_normal((1, 8, 8, 5))
+    net.forward(x, np.arange(5, dtype=np.int32) % 4)
+    forward = list(calls)
+    # data -> convb (tower 1), conva -> fc (tower 1), labels stay on tower 0, fc's logits -> probs (tower 0)
+    assert forward == [("numpy", "numpy:1", (1, 8, 8, 5)), ("numpy", "numpy:1", (3, 8, 8, 5)),
+                       ("numpy:1", "numpy", (4, 5))]
+    net.backward()
+    assert calls[3:] == [("numpy", "numpy:1", (4, 5)), ("numpy:1", "numpy", (3, 8, 8, 5))]
+    assert net.exchange_plan(images=5) == {"numpy->numpy:1": 8 * 5 * (64 + 192 + 4),
+                                           "numpy:1->numpy": 8 * 5 * (4 + 192)}
+    assert sum(net.exchange.bytes.values()) == sum(net.exchange_plan(images=5).values())
+
+
+def test_a_layer_given_a_device_name_keeps_it():
+    """``device = numpy:1`` is that device whatever the towers; it shares memory with a tower on the same device."""
+    text = TWO_TOWERS.replace("outputs = 4\ndevice = 1", "outputs = 4\ndevice = numpy:1")
+    net, _ = build_net(text, "two.cfg", devices="numpy,numpy:1")
+    assert net.layers["fc"].tower is None and str(net.layers["fc"].device) == "numpy:1"
+    assert net.same_place(net.layers["fc"], net.layers["convb"]) and not net.same_place(net.layers["fc"],
+                                                                                       net.layers["conva"])
+
+
+# ------------------------------------------------------------------------------------------------- the copy op
+@pytest.mark.parametrize("src, dst", [(NUMPY, Device("numpy", 1)), (EMU, Device("emu", 1)), (EMU, EMU),
+                                      (NUMPY, EMU), (Device("emu", 1), NUMPY)], ids=str)
+def test_copy_between_host_devices_is_a_real_copy(src, dst):
+    a = src.asarray(np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    b = ops.copy(dst, a, src)
+    assert dst.is_array(b) and b.dtype == a.dtype and np.array_equal(b, a)
+    assert not np.shares_memory(a, b)
+    labels = np.array([3, 1], np.int32)
+    assert np.array_equal(ops.copy(dst, labels, src), labels)
+    out = dst.zeros((2, 3, 4), np.float32)
+    assert ops.copy(dst, a, src, out=out) is out and np.array_equal(out, a)
+
+
+def test_copy_checks_its_arguments():
+    a = np.ones((2, 3), np.float32)
+    with pytest.raises(TypeError, match="a must be a numpy.ndarray"):
+        ops.copy(EMU, [1.0, 2.0], NUMPY)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ops.copy(EMU, a.T, NUMPY)
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 3\)"):
+        ops.copy(EMU, a, NUMPY, out=np.zeros((3, 2), np.float32))
+    with pytest.raises(TypeError, match="out must have dtype float32"):
+        ops.copy(EMU, a, NUMPY, out=np.zeros((2, 3), np.float64))
+    with pytest.raises(ValueError, match="out must not overlap a"):
+        ops.copy(EMU, a, EMU, out=a)
+
+
+# --------------------------------------------------------------------------- the cuda copy on a fake runtime
+class FakeCupy:
+    """Just enough of ``cupy.cuda`` for :class:`GpuCopier`: calls are logged as tuples with the current device."""
+
+    def __init__(self, can_peer=True, enable_status=None):
+        fake = self
+        self.log, self.current, self.events = [], 0, []
+
+        class CUDARuntimeError(RuntimeError):
+            def __init__(self, status):
+                super().__init__(f"status {status}")
+                self.status = status
+
+        class Runtime:
+            memcpyHostToDevice, memcpyDeviceToHost, memcpyDeviceToDevice = 1, 2, 3
+
+            def deviceCanAccessPeer(self, dev, peer):
+                fake.log.append(("can_access_peer", dev, peer))
+                return int(can_peer)
+
+            def deviceEnablePeerAccess(self, peer):
+                fake.log.append(("enable_peer", fake.current, peer))
+                if enable_status is not None:
+                    raise CUDARuntimeError(enable_status)
+
+            def memcpyAsync(self, dst, src, n, kind, stream):
+                fake.log.append(("memcpy", fake.current, dst, src, n, kind, stream))
+
+            def memcpyPeerAsync(self, dst, dst_dev, src, src_dev, n, stream):
+                fake.log.append(("memcpy_peer", fake.current, dst, dst_dev, src, src_dev, n, stream))
+
+        Runtime.CUDARuntimeError = CUDARuntimeError
+
+        class Device:
+            def __init__(self, index):
+                self.index = index
+
+            def __enter__(self):
+                self.prev, fake.current = fake.current, self.index
+
+            def __exit__(self, *exc):
+                fake.current = self.prev
+
+        class Stream:
+            def __init__(self, name, ptr):
+                self.name, self.ptr = name, ptr
+
+            def wait_event(self, event):
+                fake.log.append(("wait", fake.current, self.name, event.name))
+
+        class Event:
+            def __init__(self, block=False, disable_timing=False):
+                self.done, self.name = False, f"e{len(fake.events)}"
+                fake.events.append(self)
+
+            def record(self, stream):
+                fake.log.append(("record", fake.current, stream.name, self.name))
+
+        self.streams = {0: Stream("null0", 0), 1: Stream("null1", 0)}  # each GPU's null stream is handle 0
+        self.cuda = SimpleNamespace(runtime=Runtime(), Device=Device, Event=Event,
+                                    get_current_stream=lambda: self.streams[self.current],
+                                    alloc_pinned_memory=lambda n: SimpleNamespace(ptr=0x7000, size=n))
+
+
+def _fake_array(ptr, nbytes=64):
+    return SimpleNamespace(nbytes=nbytes, data=SimpleNamespace(ptr=ptr))
+
+
+def _copier(**kw):
+    cp, said = FakeCupy(**kw), []
+    return GpuCopier(cp=lambda: cp, warn=said.append), cp, said
+
+
+def test_cuda_copy_between_two_gpus_is_peer_to_peer_ordered_by_events():
+    copier, cp, said = _copier()
+    a, out = _fake_array(0x1000), _fake_array(0x2000)
+    assert copier.copy(a, 1, 0, out) is out
+    assert cp.log == [
+        ("can_access_peer", 0, 1), ("can_access_peer", 1, 0),  # once per pair: asked, then enabled both ways
+        ("enable_peer", 0, 1), ("enable_peer", 1, 0),
+        ("record", 1, "null1", "e0"), ("wait", 0, "null0", "e0"),  # the consumer's stream waits for the producer's
+        ("memcpy_peer", 0, 0x2000, 0, 0x1000, 1, 64, 0),  # on the consumer's stream
+        ("record", 0, "null0", "e1"), ("wait", 1, "null1", "e1"),  # a's memory is not reused before it was read
+    ]
+    cp.log.clear()
+    stream = SimpleNamespace(name="s", ptr=0x55, wait_event=lambda e: cp.log.append(("wait", cp.current, "s", e.name)))
+    copier.copy(a, 0, 1, out, stream=stream)  # the other way, on a stream of the consumer's: no new peer setup
+    assert [c[0] for c in cp.log] == ["record", "wait", "memcpy_peer", "record", "wait"]
+    assert cp.log[2] == ("memcpy_peer", 1, 0x2000, 1, 0x1000, 0, 64, 0x55) and cp.log[1][2] == "s"
+    assert copier.peer == {(0, 1): True} and said == []
+
+
+def test_cuda_copy_without_peer_access_is_staged_through_pinned_memory_and_said_once():
+    copier, cp, said = _copier(can_peer=False)
+    a, out = _fake_array(0x1000, 128), _fake_array(0x2000, 128)
+    copier.copy(a, 0, 1, out)
+    assert len(said) == 1 and "GPUs 0 and 1 cannot access each other's memory" in said[0]
+    assert cp.log[1:] == [  # (the first answer was no)
+        ("memcpy", 0, 0x7000, 0x1000, 128, 2, 0),  # device to pinned host, on the producer's stream
+        ("record", 0, "null0", "e0"), ("wait", 1, "null1", "e0"),
+        ("memcpy", 1, 0x2000, 0x7000, 128, 1, 0),  # pinned host to device, on the consumer's stream
+        ("record", 1, "null1", "e1"),  # the pinned buffer is kept until this event has completed
+    ]
+    assert not any(c[0] in ("enable_peer", "memcpy_peer") for c in cp.log)
+    assert len(copier._pending) == 1
+    cp.events[1].done = True
+    copier.copy(a, 1, 0, out)
+    assert len(said) == 1  # said once per pair
+    assert len(copier._pending) == 1 and copier._pending[0][0] is cp.events[-1]  # the completed one was let go
+
+
+def test_cuda_copy_within_one_gpu_is_a_device_to_device_copy():
+    copier, cp, said = _copier()
+    a, out = _fake_array(0x1000), _fake_array(0x2000)
+    copier.copy(a, 0, 0, out)  # one stream: ordered already
+    assert cp.log == [("memcpy", 0, 0x2000, 0x1000, 64, 3, 0)]
+    cp.log.clear()
+    other = SimpleNamespace(name="s", ptr=0x55, wait_event=lambda e: cp.log.append(("wait", cp.current, "s", e.name)))
+    copier.copy(a, 0, 0, out, stream=other)  # two streams of one GPU (two towers on it): events both ways
+    assert cp.log == [("record", 0, "null0", "e0"), ("wait", 0, "s", "e0"), ("memcpy", 0, 0x2000, 0x1000, 64, 3, 0x55),
+                      ("record", 0, "s", "e1"), ("wait", 0, "null0", "e1")]
+    assert copier.peer == {} and said == []
+    cp.log.clear()
+    copier.copy(_fake_array(0x1000, 0), 0, 1, out)  # nothing to copy
+    assert cp.log == []
+
+
+def test_cuda_peer_access_enabled_elsewhere_is_fine_and_other_errors_are_not():
+    copier, cp, _ = _copier(enable_status=704)  # cudaErrorPeerAccessAlreadyEnabled
+    copier.copy(_fake_array(0x1000), 0, 1, _fake_array(0x2000))
+    assert copier.peer == {(0, 1): True}
+    copier, cp, _ = _copier(enable_status=217)  # cudaErrorPeerAccessUnsupported
+    with pytest.raises(RuntimeError, match="status 217"):
+        copier.copy(_fake_array(0x1000), 0, 1, _fake_array(0x2000))
+
+
+# ------------------------------------------------------------------------------------------ training, summary
+def test_training_on_two_virtual_devices_logs_the_exchanged_bytes(tmp_path):
+    model = tmp_path / "two.cfg"
+    model.write_text(TWO_TOWERS)
+    logs = []
+    res = run(["--model", str(model), "--out", str(tmp_path / "run"), "--no-progress", "--no-plots",
+               "--synthetic-train", "32", "--synthetic-test", "16", "--devices", "emu:0,emu:1"], log=logs.append)
+    rec = res["history"][-1]
+    # float32: forward the images (64) and conva (192) to tower 1 and the logits (4) back; backward the logits'
+    # gradient (4) to tower 1 and conva's (192) back; convb sends none into the data
+    plan = {"emu->emu:1": 4 * (64 + 192 + 4), "emu:1->emu": 4 * (4 + 192)}
+    assert rec["exchanged_bytes_per_image"] == plan and rec["device"] == "emu"
+    last = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["exchanged_bytes_per_image"] == plan
+    assert any("towers 0=emu, 1=emu:1" in line and "emu->emu:1 1,040 B" in line for line in logs), logs
+
+
+def test_devices_flag_errors_and_summary(tmp_path, capsys):
+    from convnet.train import main
+    model = tmp_path / "two.cfg"
+    model.write_text(TWO_TOWERS)
+    out = str(tmp_path / "run")
+    assert main(["--model", str(model), "--out", out, "--devices", "emu:0,tpu:1"]) == 2
+    assert "argument --devices: unknown device 'tpu:1'" in capsys.readouterr().err
+    assert main(["--model", str(model), "--out", out, "--devices", "emu:0,emu:1", "--device", "numpy"]) == 2
+    assert "--device numpy is not the first of --devices emu:0,emu:1" in capsys.readouterr().err
+    assert main(["--model", str(model), "--out", out, "--devices", "emu:0"]) == 2
+    assert "layer 'convb' is on device 1 (a tower index), but the net has 1 device(s)" in capsys.readouterr().err
+    assert main(["--model", "alexnet-2gpu", "--summary", "--devices", "cuda:0,cuda:1"]) == 0
+    s = capsys.readouterr().out
+    assert "towers 0=cuda:0, 1=cuda:1" in s and "cuda:0->cuda:1 836,608 B, cuda:1->cuda:0 234,496 B" in s
+    assert "60,965,224 parameters" in s
