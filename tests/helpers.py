@@ -182,3 +182,182 @@ def load_benchmark(name: str):
     sys.modules[spec.name] = module  # before running it, as an import would (dataclasses look themselves up there)
     spec.loader.exec_module(module)
     return module
+
+
+# ---------------------------------------------------------------------------------------------------- a fake GPU
+class FakeCupy:
+    """A stand-in ``cupy`` module (install it as ``sys.modules["cupy"]``) that runs the cuda device's Python path on
+    the CPU and records, for every array-module call and kernel launch, which device and which stream were current:
+    the checks a GPU session would otherwise be the first to make. It follows CuPy's rules where ops depend on them:
+
+    * one current device (``cuda.Device(i)`` is a context manager); each device has its own current stream
+      (``cuda.get_current_stream()`` is the current device's; the null stream, ptr 0, is every device's default);
+    * entering a ``cuda.Stream`` of another device than the current one is a RuntimeError (CuPy's
+      ``check_stream_device_match``);
+    * ``ndarray.get()`` copies on the current device's current stream (whatever GPU the array is on);
+    * a host numpy array mixed into a device array's ufunc is a TypeError (no implicit host/device conversion).
+
+    Arrays are numpy memory (``ndarray`` is a numpy subclass carrying its device), so the emulator's kernels
+    (``convnet._emu``) can stand in for ``convnet._cuda``: :meth:`kernels` wraps them to record each launch's stream
+    handle. ``log`` holds ``(what, current device, current stream ptr, launch stream handle or None)`` while
+    ``recording`` is true."""
+
+    def __init__(self, devices: int = 2):
+        fake = self
+        self.log, self.recording, self.devices = [], False, devices
+        self.current = 0
+        self.null = None
+
+        class Stream:
+            def __init__(self, ptr=0, device_id=-1):
+                self.ptr, self.device_id = ptr, device_id
+
+            def __enter__(self):
+                if self.device_id not in (-1, fake.current):
+                    raise RuntimeError(f"The device that the stream is created on ({self.device_id}) is different "
+                                       f"from the current device ({fake.current})")
+                fake.stacks[fake.current].append(self)
+                return self
+
+            def __exit__(self, *exc):
+                fake.stacks[fake.current].pop()
+
+            def synchronize(self):
+                pass
+
+        class Device:
+            def __init__(self, device=None):
+                self.id = fake.current if device is None else int(device)
+                if not 0 <= self.id < fake.devices:
+                    raise RuntimeError(f"cudaErrorInvalidDevice: {self.id}")
+                self._prev = []
+
+            def __enter__(self):
+                self._prev.append(fake.current)
+                fake.current = self.id
+                return self
+
+            def __exit__(self, *exc):
+                fake.current = self._prev.pop()
+
+            def synchronize(self):
+                pass
+
+        def get_current_stream(device_id=-1):
+            return fake.stacks[fake.current if device_id == -1 else device_id][-1]
+
+        self.null = Stream(0, -1)
+        self.stacks = {i: [self.null] for i in range(devices)}
+        self.cuda = type("cuda", (), dict(Stream=Stream, Device=Device, get_current_stream=staticmethod(get_current_stream),
+                                          set_allocator=staticmethod(lambda a=None: None),
+                                          set_pinned_memory_allocator=staticmethod(lambda a=None: None)))
+        self.__version__ = "fake"
+
+        class ndarray(np.ndarray):
+            def __array_finalize__(self, obj):
+                self._dev = getattr(obj, "_dev", fake.current)
+
+            @property
+            def device(self):
+                return type("Device", (), {"id": self._dev})()
+
+            @property
+            def data(self):
+                return type("MemoryPointer", (), {"ptr": self.ctypes.data})()
+
+            def get(self, stream=None):
+                fake.record("get")
+                return np.array(self.view(np.ndarray))
+
+            def astype(self, *args, **kwargs):
+                fake.record("astype")
+                return super().astype(*args, **kwargs)
+
+            def __setitem__(self, key, value):
+                fake.record("setitem")
+                if isinstance(value, np.ndarray) and not isinstance(value, ndarray) and value.ndim:
+                    raise TypeError("fake cupy: a host numpy array assigned into a device array")
+                super().__setitem__(key, value)
+
+            def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+                fake.record(f"{ufunc.__name__}.{method}")
+                if any(isinstance(i, np.ndarray) and not isinstance(i, ndarray) and i.ndim for i in inputs):
+                    raise TypeError(f"fake cupy: host numpy array passed to {ufunc.__name__} with device arrays")
+                host = [i.view(np.ndarray) if isinstance(i, ndarray) else i for i in inputs]
+                if out is not None:
+                    kwargs["out"] = tuple(o.view(np.ndarray) if isinstance(o, ndarray) else o for o in out)
+                result = getattr(ufunc, method)(*host, **kwargs)
+                if out is not None:
+                    return out[0] if len(out) == 1 else out
+                return fake._wrap(np.asarray(result))
+
+        self.ndarray = ndarray
+
+    # -- recording --------------------------------------------------------------------------------------------------
+    def record(self, what, handle=None):
+        if self.recording:
+            self.log.append((what, self.current, self.stacks[self.current][-1].ptr, handle))
+
+    def _wrap(self, a):
+        out = a.view(self.ndarray)
+        out._dev = self.current
+        return out
+
+    # -- the array module -------------------------------------------------------------------------------------------
+    def empty(self, shape, dtype=np.float32):
+        self.record("empty")
+        return self._wrap(np.empty(shape, dtype))
+
+    def zeros(self, shape, dtype=np.float32):
+        self.record("zeros")
+        return self._wrap(np.zeros(shape, dtype))
+
+    def asarray(self, a, dtype=None):
+        self.record("asarray")
+        if isinstance(a, self.ndarray):
+            if a._dev == self.current:
+                return a if dtype is None or a.dtype == dtype else a.astype(dtype)
+            a = a.view(np.ndarray)  # CuPy copies from another device
+        return self._wrap(np.array(a, dtype=dtype, copy=True))
+
+    def ascontiguousarray(self, a):
+        return a if a.flags.c_contiguous else self._wrap(np.ascontiguousarray(a.view(np.ndarray)))
+
+    def matmul(self, a, b, out=None):
+        return np.matmul(a, b, out=out)
+
+    def array_on(self, device, host):
+        """A device array of GPU ``device`` holding ``host`` (test setup; not recorded)."""
+        out = np.array(host).view(self.ndarray)
+        out._dev = device
+        return out
+
+    # -- kernels ----------------------------------------------------------------------------------------------------
+    HOST_ONLY = ("_workspace", "_plan", "_tile_count", "_tile_override")
+
+    def kernels(self, module):
+        """``module`` (convnet._emu) with each launch recorded: the stream handle is its last argument."""
+        fake = self
+
+        class Kernels:
+            def __getattr__(self, name):
+                attr = getattr(module, name)
+                if not callable(attr) or name.endswith(fake.HOST_ONLY) or isinstance(attr, type):
+                    return attr
+
+                def launch(*args):
+                    fake.record(f"launch {name}", args[-1])
+                    return attr(*args)
+                return launch
+
+        return Kernels()
+
+    def install(self, monkeypatch):
+        """Make this the ``cupy`` of the cuda backend, with the emulator's kernels as ``convnet._cuda``."""
+        from convnet.devices import backend_cuda
+
+        monkeypatch.setitem(sys.modules, "cupy", self)
+        monkeypatch.setattr(backend_cuda, "_allocator_configured", True)
+        kernels = self.kernels(EMU.kernels)
+        monkeypatch.setattr(backend_cuda.CudaBackend, "kernels", lambda backend, device: kernels)
+        return self

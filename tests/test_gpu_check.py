@@ -10,10 +10,18 @@ from pathlib import Path
 import pytest
 
 import conftest
+import convnet
 from convnet.devices import backend_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
+# Subprocesses import the convnet under test (installed in CI, or src/ in a development build), never the bare
+# source tree: its folder's parent goes first on their path.
+UNDER_TEST = str(Path(convnet.__file__).resolve().parents[1])
+
+
+def _pythonpath(*first):
+    return os.pathsep.join([*map(str, first), UNDER_TEST, os.environ.get("PYTHONPATH", "")])
 
 
 def _gpu_usable():
@@ -24,7 +32,7 @@ def _gpu_usable():
 
 def _run_script(tmp_path, *args, pythonpath=(), timeout=60):
     env = dict(os.environ, LOGS=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), PYTHON=sys.executable,
-               PYTHONPATH=os.pathsep.join([*map(str, pythonpath), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=_pythonpath(*pythonpath))
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -87,8 +95,7 @@ def _pytest(tmp_path, *args):
     report = tmp_path / "report.json"
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, "--require-cuda",
                         "--cuda-report", str(report)], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"),
-                                                                         os.environ.get("PYTHONPATH", "")])))
+                       env=dict(os.environ, PYTHONPATH=_pythonpath()))
     return r, json.loads(report.read_text())
 
 
@@ -108,7 +115,7 @@ def test_require_cuda_gate(tmp_path):
 def test_cuda_marker_is_set_from_the_device_parameter(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "tests/test_pool.py",
                         "-m", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+                       env=dict(os.environ, PYTHONPATH=_pythonpath()))
     ids = [line for line in r.stdout.splitlines() if "::" in line]
     assert ids and all("[cuda" in i or "-cuda" in i for i in ids), r.stdout
 

@@ -12,7 +12,7 @@ import pytest
 
 from convnet import ops
 from convnet.devices import Device
-from helpers import EMU, NUMPY, rand, to_host
+from helpers import EMU, NUMPY, FakeCupy, rand, to_host
 
 SHAPE_HELPERS = {"conv_output_shape", "pool_output_shape"}
 
@@ -25,7 +25,8 @@ def _inputs(rng):
     logits = rand(rng, (10, 5), low=-3, high=3)
     labels = rng.integers(0, 10, 5).astype(np.int32)
     fx, fw, fy = rand(rng, (12, 5)), rand(rng, (7, 12)), rand(rng, (7, 5))
-    return dict(x=x, w=w, y=y, p=p, b=rand(rng, (6,)), logits=logits, labels=labels, fx=fx, fw=fw, fy=fy)
+    return dict(x=x, w=w, y=y, p=p, b=rand(rng, (6,)), logits=logits, labels=labels, fx=fx, fw=fw, fy=fy,
+                fb=fy[:, 0].copy())
 
 
 # op name -> call(dev, a, stream) where a holds the inputs on dev; the result is an array or a tuple of arrays/ints
@@ -51,7 +52,7 @@ CALLS = {
     "softmax_forward": lambda d, a, s: ops.softmax_forward(d, a["logits"], stream=s),
     "softmax_cross_entropy": lambda d, a, s: ops.softmax_cross_entropy(d, a["logits"], a["labels"], stream=s),
     "topk_errors": lambda d, a, s: ops.topk_errors(d, a["logits"], a["labels"], ks=(1, 3), stream=s),
-    "fc_forward": lambda d, a, s: ops.fc_forward(d, a["fx"], a["fw"], a["fy"][:, 0].copy(), stream=s),
+    "fc_forward": lambda d, a, s: ops.fc_forward(d, a["fx"], a["fw"], a["fb"], stream=s),
     "fc_backward_data": lambda d, a, s: ops.fc_backward_data(d, a["fy"], a["fw"], stream=s),
     "fc_backward_weights": lambda d, a, s: ops.fc_backward_weights(d, a["fx"], a["fy"], stream=s),
     "fc_backward_bias": lambda d, a, s: ops.fc_backward_bias(d, a["fy"], stream=s),
@@ -80,7 +81,10 @@ def _busy_stream(dev):
     if dev.kind != "cuda":
         return _Stream()
     import cupy as cp
-    dev.synchronize()  # the inputs, written on the current stream, are complete
+    # The inputs were uploaded on the current (null) stream, which a non-blocking stream does not wait for: they
+    # must be complete before the op runs on the new stream (the ops order themselves on their stream, not on the
+    # stream that wrote their inputs).
+    dev.synchronize()
     with dev.activate():
         s = cp.cuda.Stream(non_blocking=True)
         with s:  # queue a few milliseconds of work ahead of the op
@@ -95,8 +99,9 @@ def test_op_on_a_busy_non_default_stream(kernel_device, name):
     host = _inputs(np.random.default_rng(5))
     want = _flatten(CALLS[name](NUMPY, host, None))
     dev = kernel_device
-    stream = _busy_stream(dev)
-    got = CALLS[name](dev, _on(dev, host), stream)
+    inputs = _on(dev, host)
+    stream = _busy_stream(dev)  # after the upload of the inputs (it synchronises the device first)
+    got = CALLS[name](dev, inputs, stream)
     if dev.kind == "cuda":
         stream.synchronize()
     got = _flatten(got)
@@ -151,3 +156,53 @@ def test_elementwise_in_place_but_never_partially_overlapping(dev):
         ops.dropout_forward(dev, x, 0.5, 1, out=shifted)
     with pytest.raises(ValueError, match="partially overlaps dy"):
         ops.dropout_backward(dev, x, 0.5, 1, out=shifted)
+
+
+# ---------------------------------------------------------------------------------------------- a fake second GPU
+FAKE_GPU_OPS = sorted(set(CALLS) - {"copy"})  # copy: tests/test_two_towers.py runs it on a fake runtime
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["stream", "current-stream"])
+@pytest.mark.parametrize("name", FAKE_GPU_OPS)
+def test_op_on_a_fake_second_gpu_uses_its_device_and_stream(monkeypatch, name, explicit):
+    """The cuda path of every op, on the CPU: CuPy replaced by tests/helpers.FakeCupy (CuPy's device/stream rules,
+    numpy memory) and convnet._cuda by the emulator. With GPU 0 current, an op on cuda:1 makes every allocation,
+    array-module call, result read and kernel launch with GPU 1 current and on the op's stream: ``stream=`` given, or
+    (None) GPU 1's current stream -- not GPU 0's, which is what is current where the op is called."""
+    fake = FakeCupy(devices=2).install(monkeypatch)
+    dev = Device("cuda", 1)
+    host = _inputs(np.random.default_rng(7))
+    want = _flatten(CALLS[name](NUMPY, host, None))
+    a = _on(dev, host)
+    assert all(v._dev == 1 for v in a.values())
+    ours = fake.cuda.Stream(ptr=0x71, device_id=1)
+    fake.stacks[0].append(fake.cuda.Stream(ptr=0x70, device_id=0))  # GPU 0's current stream: must not be used
+    if not explicit:
+        fake.stacks[1].append(ours)  # GPU 1's current stream (GPU 0 stays the current device)
+    fake.recording = True
+    got = CALLS[name](dev, a, ours if explicit else None)
+    fake.recording = False
+    assert fake.current == 0
+    launches = [e for e in fake.log if e[0].startswith("launch")]  # the stream is the handle passed (not current)
+    wrong = [e for e in fake.log if (e[1], e[3] if e in launches else e[2]) != (1, 0x71)]
+    assert not wrong, f"{name}: work off GPU 1's stream 0x71 (what, device, current stream, handle): {wrong}"
+    assert launches or name.startswith("fc_"), f"{name} launched no kernel"
+    got = [np.asarray(g) if isinstance(g, (int, np.integer)) else g.view(np.ndarray) for g in
+           (got if isinstance(got, tuple) else (got,)) if g is not None]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+def test_reading_an_array_of_another_gpu_orders_on_that_gpu(monkeypatch):
+    """to_numpy of a GPU-1 array with GPU 0 current copies on GPU 1's current stream (CuPy's get() uses the current
+    device's stream, which is not ordered after GPU 1's work)."""
+    fake = FakeCupy(devices=2).install(monkeypatch)
+    a = fake.array_on(1, np.arange(4, dtype=np.float32))
+    fake.stacks[1].append(fake.cuda.Stream(ptr=0x81, device_id=1))
+    fake.recording = True
+    host = Device("cuda", 0).to_numpy(a)
+    assert fake.log == [("get", 1, 0x81, None)] and fake.current == 0
+    assert type(host) is np.ndarray and host.tolist() == [0, 1, 2, 3]
+    assert Device("cuda", 1).to_numpy(np.ones(2)).tolist() == [1.0, 1.0]  # host arrays pass through

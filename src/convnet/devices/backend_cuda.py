@@ -6,6 +6,8 @@ import functools
 import os
 import warnings
 
+import numpy as np
+
 from convnet.devices.backend import Backend, DeviceUnavailable, load_extension
 
 # CONVNET_CUPY_POOL=0: CuPy allocates every array with its own cudaMalloc (no device or pinned memory pool). Under
@@ -217,7 +219,13 @@ class CudaBackend(Backend):
             return cp.ascontiguousarray(cp.asarray(a, dtype=dtype))
 
     def to_numpy(self, a):
-        return a.get()
+        cp = cupy()
+        if not isinstance(a, cp.ndarray):  # already on the host
+            return np.asarray(a)
+        # ndarray.get() copies on the current stream of the *current* device: make the array's GPU current, so that
+        # the copy is ordered after the work queued on that GPU's current stream (another GPU's stream is not)
+        with cp.cuda.Device(a.device.id):
+            return a.get()
 
     def pointer(self, a):
         return int(a.data.ptr)
