@@ -195,9 +195,10 @@ class FakeCupy:
     * entering a ``cuda.Stream`` of another device than the current one is a RuntimeError (CuPy's
       ``check_stream_device_match``);
     * ``ndarray.get()`` copies on the current device's current stream (whatever GPU the array is on);
-    * a host numpy array mixed into a device array's ufunc is a TypeError (no implicit host/device conversion).
+    * a device array is not a numpy.ndarray and never becomes one implicitly; mixing a host array into device
+      arithmetic is a TypeError.
 
-    Arrays are numpy memory (``ndarray`` is a numpy subclass carrying its device), so the emulator's kernels
+    Arrays are numpy memory (``ndarray`` wraps a numpy array and its device), so the emulator's kernels
     (``convnet._emu``) can stand in for ``convnet._cuda``: :meth:`kernels` wraps them to record each launch's stream
     handle. ``log`` holds ``(what, current device, current stream ptr, launch stream handle or None)`` while
     ``recording`` is true."""
@@ -248,49 +249,87 @@ class FakeCupy:
 
         self.null = Stream(0, -1)
         self.stacks = {i: [self.null] for i in range(devices)}
-        self.cuda = type("cuda", (), dict(Stream=Stream, Device=Device, get_current_stream=staticmethod(get_current_stream),
+        self.cuda = type("cuda", (), dict(Stream=Stream, Device=Device,
+                                          get_current_stream=staticmethod(get_current_stream),
                                           set_allocator=staticmethod(lambda a=None: None),
                                           set_pinned_memory_allocator=staticmethod(lambda a=None: None)))
         self.__version__ = "fake"
 
-        class ndarray(np.ndarray):
-            def __array_finalize__(self, obj):
-                self._dev = getattr(obj, "_dev", fake.current)
+        def unwrap(v, what):
+            if isinstance(v, ndarray):
+                return v._a
+            if isinstance(v, np.ndarray) and v.ndim:
+                raise TypeError(f"fake cupy: a host numpy array in {what} with device arrays")
+            return v
 
-            @property
-            def device(self):
-                return type("Device", (), {"id": self._dev})()
+        class ndarray:
+            """A device array: numpy memory and the GPU it is on. Not a numpy.ndarray (as CuPy's is not), and never
+            converted to one implicitly (``__array__`` raises, as CuPy's does)."""
 
-            @property
-            def data(self):
-                return type("MemoryPointer", (), {"ptr": self.ctypes.data})()
+            def __init__(self, a, dev):
+                self._a, self._dev = a, dev
 
-            def get(self, stream=None):
-                fake.record("get")
-                return np.array(self.view(np.ndarray))
+            shape = property(lambda self: self._a.shape)
+            dtype = property(lambda self: self._a.dtype)
+            ndim = property(lambda self: self._a.ndim)
+            size = property(lambda self: self._a.size)
+            nbytes = property(lambda self: self._a.nbytes)
+            strides = property(lambda self: self._a.strides)
+            flags = property(lambda self: self._a.flags)
+            T = property(lambda self: ndarray(self._a.T, self._dev))
+            device = property(lambda self: type("Device", (), {"id": self._dev})())
+            data = property(lambda self: type("MemoryPointer", (), {"ptr": self._a.ctypes.data})())
 
-            def astype(self, *args, **kwargs):
-                fake.record("astype")
-                return super().astype(*args, **kwargs)
+            def __array__(self, *args, **kwargs):
+                raise TypeError("fake cupy: implicit conversion to a NumPy array is not allowed; use .get()")
+
+            def __len__(self):
+                return len(self._a)
+
+            def __getitem__(self, key):
+                return ndarray(self._a[key], self._dev)
 
             def __setitem__(self, key, value):
                 fake.record("setitem")
-                if isinstance(value, np.ndarray) and not isinstance(value, ndarray) and value.ndim:
-                    raise TypeError("fake cupy: a host numpy array assigned into a device array")
-                super().__setitem__(key, value)
+                self._a[key] = unwrap(value, "setitem")
 
-            def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
-                fake.record(f"{ufunc.__name__}.{method}")
-                if any(isinstance(i, np.ndarray) and not isinstance(i, ndarray) and i.ndim for i in inputs):
-                    raise TypeError(f"fake cupy: host numpy array passed to {ufunc.__name__} with device arrays")
-                host = [i.view(np.ndarray) if isinstance(i, ndarray) else i for i in inputs]
-                if out is not None:
-                    kwargs["out"] = tuple(o.view(np.ndarray) if isinstance(o, ndarray) else o for o in out)
-                result = getattr(ufunc, method)(*host, **kwargs)
-                if out is not None:
-                    return out[0] if len(out) == 1 else out
-                return fake._wrap(np.asarray(result))
+            def reshape(self, *shape):
+                return ndarray(self._a.reshape(*shape), self._dev)
 
+            def get(self, stream=None):
+                fake.record("get")
+                return np.array(self._a)
+
+            def astype(self, dtype, copy=True):
+                fake.record("astype")
+                return fake._wrap(self._a.astype(dtype, copy=True))
+
+            def copy(self):
+                fake.record("copy")
+                return fake._wrap(self._a.copy())
+
+            def sum(self, axis=None):
+                fake.record("sum")
+                return fake._wrap(np.asarray(self._a.sum(axis=axis)))
+
+            def _op(name, inplace=False):
+                def op(self, other):
+                    fake.record(name)
+                    result = getattr(self._a, name)(unwrap(other, name))
+                    return self if inplace else fake._wrap(np.asarray(result))
+                return op
+
+            __mul__, __rmul__, __add__, __radd__ = _op("__mul__"), _op("__rmul__"), _op("__add__"), _op("__radd__")
+            __sub__, __imul__, __iadd__ = _op("__sub__"), _op("__imul__", True), _op("__iadd__", True)
+            __truediv__, __itruediv__ = _op("__truediv__"), _op("__itruediv__", True)
+
+        def matmul(a, b, out=None):
+            fake.record("matmul")
+            result = np.matmul(unwrap(a, "matmul"), unwrap(b, "matmul"),
+                               out=None if out is None else unwrap(out, "matmul"))
+            return out if out is not None else fake._wrap(result)
+
+        self.matmul = matmul
         self.ndarray = ndarray
 
     # -- recording --------------------------------------------------------------------------------------------------
@@ -299,9 +338,7 @@ class FakeCupy:
             self.log.append((what, self.current, self.stacks[self.current][-1].ptr, handle))
 
     def _wrap(self, a):
-        out = a.view(self.ndarray)
-        out._dev = self.current
-        return out
+        return self.ndarray(a, self.current)
 
     # -- the array module -------------------------------------------------------------------------------------------
     def empty(self, shape, dtype=np.float32):
@@ -317,20 +354,15 @@ class FakeCupy:
         if isinstance(a, self.ndarray):
             if a._dev == self.current:
                 return a if dtype is None or a.dtype == dtype else a.astype(dtype)
-            a = a.view(np.ndarray)  # CuPy copies from another device
+            a = a._a  # CuPy copies from another device
         return self._wrap(np.array(a, dtype=dtype, copy=True))
 
     def ascontiguousarray(self, a):
-        return a if a.flags.c_contiguous else self._wrap(np.ascontiguousarray(a.view(np.ndarray)))
-
-    def matmul(self, a, b, out=None):
-        return np.matmul(a, b, out=out)
+        return a if a.flags.c_contiguous else self._wrap(np.ascontiguousarray(a._a))
 
     def array_on(self, device, host):
         """A device array of GPU ``device`` holding ``host`` (test setup; not recorded)."""
-        out = np.array(host).view(self.ndarray)
-        out._dev = device
-        return out
+        return self.ndarray(np.array(host), device)
 
     # -- kernels ----------------------------------------------------------------------------------------------------
     HOST_ONLY = ("_workspace", "_plan", "_tile_count", "_tile_override")

@@ -50,8 +50,9 @@ def test_preflight_fails_loudly_without_a_gpu(tmp_path):
     assert len(list((tmp_path / "out").iterdir())) <= 8
 
 
-def _fake_cupy(tmp_path):
-    """A stand-in CuPy whose runtime reports one sm_90 GPU: gets the script past preflight on a machine without one."""
+def _fake_cupy(tmp_path, cc="90"):
+    """A stand-in CuPy whose runtime reports one GPU of compute capability ``cc`` (CuPy's string: '90', '100'): gets
+    the script past preflight on a machine without one."""
     pkg = tmp_path / "fake" / "cupy"
     (pkg / "cuda").mkdir(parents=True)
     (pkg / "__init__.py").write_text("__version__ = 'fake'\nfrom . import cuda\n")
@@ -62,7 +63,7 @@ def _fake_cupy(tmp_path):
         "    runtimeGetVersion = staticmethod(lambda: 13000)\n"
         "class Device:\n"
         "    def __init__(self, i=0):\n"
-        "        self.compute_capability = '90'\n")
+        f"        self.compute_capability = {cc!r}\n")
     return tmp_path / "fake"
 
 
@@ -76,6 +77,47 @@ def test_a_gpu_that_convnet_cannot_use_stops_the_run_before_the_tests(tmp_path):
     assert "| preflight" in out and "sm_90" in out
     assert out.strip().splitlines()[-1].startswith("gpu_check: FAIL: no usable GPU: get_device('cuda') failed"), out
     assert "cuda tests" not in out
+
+
+def test_preflight_reads_three_digit_compute_capabilities(tmp_path):
+    """CuPy spells sm_100 '100': the preflight must read major 10, minor 0 (not fail unpacking three digits)."""
+    r = _run_script(tmp_path, "preflight", pythonpath=[_fake_cupy(tmp_path, cc="100")])
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "| preflight" in out and "sm_100" in out and "ALL OK" in out
+
+
+def test_out_holds_the_steps_done_when_the_run_is_killed(tmp_path):
+    """The device tool kills a command at its time limit: $OUT must already hold the summary of the steps done so
+    far (marked INCOMPLETE), not nothing. Here a stand-in convnet kills the script's process group as the device
+    check imports it, right after preflight."""
+    fake = _fake_cupy(tmp_path)
+    (fake / "convnet").mkdir()
+    (fake / "convnet" / "__init__.py").write_text("import os, signal\nos.killpg(os.getpgid(0), signal.SIGKILL)\n")
+    env = dict(os.environ, LOGS=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), PYTHON=sys.executable,
+               PYTHONPATH=_pythonpath(fake))
+    p = subprocess.Popen(["bash", str(SCRIPT), "test"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+    assert p.returncode == -9, out
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| preflight" in summary and "sm_90" in summary and "INCOMPLETE" in summary, summary
+    assert (tmp_path / "out" / "gpu_check.tgz").is_file()
+
+
+def test_step_limits_are_cut_to_the_hard_limit():
+    """quick mode's steps and parallel jobs get at most what is left of QUICK_HARD_LIMIT (the device tool's 600 s
+    per command), checked on the script's own helper."""
+    helper = SCRIPT.read_text().split("capped() {", 1)[1].split("\n}\n", 1)[0]
+    r = subprocess.run(["bash", "-c", "capped() {" + helper + "\n}\nSTART=$SECONDS; HARD_LIMIT=100; capped 900; "
+                        "capped 30; HARD_LIMIT=; capped 900"], capture_output=True, text=True, timeout=30)
+    assert r.stdout.split() == ["100", "30", "900"], r.stdout + r.stderr
+    text = SCRIPT.read_text()
+    assert text.count('limit=$(capped "$3")') == 2  # step and start_job
 
 
 def test_unknown_stage_is_rejected(tmp_path):

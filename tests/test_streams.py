@@ -187,8 +187,7 @@ def test_op_on_a_fake_second_gpu_uses_its_device_and_stream(monkeypatch, name, e
     wrong = [e for e in fake.log if (e[1], e[3] if e in launches else e[2]) != (1, 0x71)]
     assert not wrong, f"{name}: work off GPU 1's stream 0x71 (what, device, current stream, handle): {wrong}"
     assert launches or name.startswith("fc_"), f"{name} launched no kernel"
-    got = [np.asarray(g) if isinstance(g, (int, np.integer)) else g.view(np.ndarray) for g in
-           (got if isinstance(got, tuple) else (got,)) if g is not None]
+    got = _flatten(got)
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.dtype == w.dtype, name

@@ -44,11 +44,14 @@
 #   bench                   150 s   conv 45 s (15 timed shapes x 4 cuDNN variants incl. cudnnFind), memory-bound 25 s,
 #                                   ops 15 s, train 60 s (ours + PyTorch; torch import and cuDNN autotune ~20 s)
 #   total                  ~430 s   (< 8 min); QUICK_BUDGET (default 470 s) skips benchmarks that would not fit.
+#   Every step's time limit is also cut to what is left of QUICK_HARD_LIMIT (default 570 s; full mode: HARD_LIMIT,
+#   unset = none), so that quick mode ends, with its summary, inside the device tool's 600 s per command.
 #
 # Results: everything goes to $LOGS (default ./gpu_check_out). With $OUT set (the device tool returns at most 8
 # files), $OUT gets at most 7: gpu_check.tgz (all logs and benchmark results), summary.md, cuda_tests.json,
-# conv.json, memory_bound.json, ops.json, train.json. The summary table is printed last. Exit status 0 only if every
-# stage that ran passed.
+# conv.json, memory_bound.json, ops.json, train.json. They are refreshed after every step, so a run killed from
+# outside still returns what it had done (summary.md then says "INCOMPLETE"). The summary table is printed last.
+# Exit status 0 only if every stage that ran passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -78,9 +81,9 @@ done
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 needs_gpu() { want test || want sanitize || want bench || want alltests; }
 if [ "$MODE" = quick ]; then
-  SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-150}; BUDGET=${QUICK_BUDGET:-470}
+  SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-150}; BUDGET=${QUICK_BUDGET:-470}; HARD_LIMIT=${QUICK_HARD_LIMIT:-570}
 else
-  SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-300}; BUDGET=${BUDGET:-100000}
+  SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-300}; BUDGET=${BUDGET:-100000}; HARD_LIMIT=${HARD_LIMIT:-}
 fi
 TEST_TIMEOUT=${TEST_TIMEOUT:-240}
 
@@ -88,6 +91,15 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-240}
 record() {  # record NAME STATUS SECONDS ESTIMATE NOTE
   SUMMARY+=("$(printf '| %-30s | %-7s | %5ss | %5s | %s |' "$1" "$2" "$3" "$4" "$5")")
   [ "$2" = ok ] || [ "$2" = skipped ] || FAILED=1
+  write_summary partial  # $OUT always holds what is done so far (the device tool may kill the run at its limit)
+}
+
+capped() {  # capped LIMIT: LIMIT, cut to the seconds left before HARD_LIMIT (at least 1)
+  local left
+  if [ -z "${HARD_LIMIT:-}" ]; then echo "$1"; return; fi
+  left=$((HARD_LIMIT - (SECONDS - START)))
+  [ "$left" -lt 1 ] && left=1
+  if [ "$1" -gt "$left" ]; then echo "$left"; else echo "$1"; fi
 }
 
 status_of() {  # status_of RC -> ok | FAIL | TIMEOUT
@@ -95,7 +107,7 @@ status_of() {  # status_of RC -> ok | FAIL | TIMEOUT
 }
 
 step() {  # step NAME LOG TIMEOUT ESTIMATE COMMAND... : run with a time limit, show the log's tail, record a row
-  local name=$1 log=$2 limit=$3 est=$4; shift 4
+  local name=$1 log=$2 limit est=$4; limit=$(capped "$3"); shift 4
   local t0=$SECONDS rc
   echo "== $name   (estimate ${est}, limit ${limit}s; log $log)"
   timeout -k 15 "$limit" bash -c '"$@"' _ "$@" >"$LOGS/$log" 2>&1  # bash -c: COMMAND may be a function below
@@ -120,7 +132,7 @@ PY
   done
 }
 
-summary() {
+write_summary() {  # write_summary [partial]: summary.md in $LOGS (and, with $OUT set, the files $OUT gets)
   {
     echo "# gpu_check $ARGS"
     echo
@@ -131,16 +143,24 @@ summary() {
     printf '%s\n' "${SUMMARY[@]}"
     echo
     cuda_counts
-    echo "total $((SECONDS - START)) s; $([ $FAILED = 0 ] && echo 'ALL OK' || echo 'FAILED (see the rows above)')"
+    if [ "${1:-}" = partial ]; then
+      echo "INCOMPLETE after $((SECONDS - START)) s (rewritten after each step: the run stopped here if nothing follows)"
+    else
+      echo "total $((SECONDS - START)) s; $([ $FAILED = 0 ] && echo 'ALL OK' || echo 'FAILED (see the rows above)')"
+    fi
   } >"$LOGS/summary.md"
   if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
     cp "$LOGS/summary.md" "$OUT/summary.md"
     for f in cuda_tests conv memory_bound ops train; do
-      [ -f "$LOGS/$f.json" ] && cp "$LOGS/$f.json" "$OUT/$f.json"
+      if [ -f "$LOGS/$f.json" ]; then cp "$LOGS/$f.json" "$OUT/$f.json"; fi
     done
-    tar czf "$OUT/gpu_check.tgz" -C "$LOGS" . 2>/dev/null
+    tar czf "$OUT/gpu_check.tgz.tmp" -C "$LOGS" . 2>/dev/null && mv -f "$OUT/gpu_check.tgz.tmp" "$OUT/gpu_check.tgz"
   fi
+}
+
+summary() {
+  write_summary
   echo
   cat "$LOGS/summary.md"
 }
@@ -181,7 +201,7 @@ except Exception as exc:  # noqa: BLE001
     sys.exit(f"no usable GPU: the CUDA runtime (through CuPy) says: {exc}")
 if n == 0:
     sys.exit("no usable GPU: the CUDA runtime sees 0 devices")
-major, minor = (int(c) for c in cupy.cuda.Device(0).compute_capability)
+major, minor = divmod(int(cupy.cuda.Device(0).compute_capability), 10)  # '90' -> 9, 0; '100' -> 10, 0
 if major < 8:
     sys.exit(f"no usable GPU: GPU 0 is sm_{major}{minor}; convnet._cuda needs sm_80 or newer")
 print(f"ARCH={major}{minor}")
@@ -218,8 +238,12 @@ build() {
   export CONVNET_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
   export CUDAFLAGS="--threads 0 ${CUDAFLAGS:-}"
   echo "nvcc: $nvcc ($("$nvcc" --version | tail -1)); architectures: ${arch:-CMakeLists.txt default list}"
+  echo "cmake: $(cmake --version 2>/dev/null | head -1 || echo 'not on PATH (scikit-build-core needs >= 3.24)');" \
+       "ninja: $(ninja --version 2>/dev/null || echo 'not on PATH')"
+  # PIP_BREAK_SYSTEM_PACKAGES: a system Python marked EXTERNALLY-MANAGED (PEP 668) refuses `pip install .`
+  # otherwise; older pips ignore the variable.
   step "build (nvcc ${arch:-all archs})" build.log 900 60s \
-    "$PY" -m pip install --no-build-isolation --no-deps -v \
+    env PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --no-build-isolation --no-deps -v \
     --config-settings=build-dir="build/gpu_check-${arch:-all}" . \
     || die "the build failed (tail of $LOGS/build.log above)"
 }
@@ -261,11 +285,19 @@ pytest_cuda() {  # pytest_cuda blocking|async REPORT: the cuda tests, from /tmp 
   cd /tmp && "$PY" -m pytest -q -rs -p no:cacheprovider "$TESTS" -m cuda --require-cuda --cuda-report "$LOGS/$2"
 }
 sanitizer() {  # sanitizer TOOL: compute-sanitizer over the sanitize subset, CuPy's pool off
-  local tool=$1 extra=()
+  local tool=$1 extra=() rc log="$LOGS/sanitize_$1.log"  # (this function's output is that log)
   case $tool in racecheck) extra=(--racecheck-report hazard) ;; esac
+  # --launch-timeout: the tool attaches when the process first initialises CUDA, after Python, pytest and CuPy
+  # have imported (beside three other sanitizers and a test run); its default, 10 s, could pass unattached.
   cd /tmp && CONVNET_CUPY_POOL=0 compute-sanitizer --tool "$tool" "${extra[@]}" --error-exitcode 9 \
-    --show-backtrace device --target-processes all "$PY" -m pytest -q -rs -p no:cacheprovider "$TESTS" \
-    -m "sanitize and cuda" --require-cuda --cuda-report "$LOGS/sanitize_$tool.json"
+    --launch-timeout 120 --show-backtrace device --target-processes all "$PY" -m pytest -q -rs -p no:cacheprovider \
+    "$TESTS" -m "sanitize and cuda" --require-cuda --cuda-report "$LOGS/sanitize_$tool.json"
+  rc=$?
+  if [ $rc = 0 ] && { grep -q "No attachable process" "$log" || ! grep -Eq "^=+ [A-Z ]*SUMMARY" "$log"; }; then
+    echo "gpu_check: compute-sanitizer $tool gave no verdict (it did not attach, or printed no summary)"
+    return 8
+  fi
+  return $rc
 }
 pool_check() {  # CONVNET_CUPY_POOL=0 really switches CuPy's pool off (a pooled allocation shows in used_bytes)
   cd /tmp && CONVNET_CUPY_POOL=0 "$PY" - <<'PY'
@@ -300,7 +332,7 @@ fi
 
 declare -a JOBS=() JOB_NAMES=() JOB_LOGS=() JOB_EST=() JOB_T0=()
 start_job() {  # start_job NAME LOG LIMIT ESTIMATE COMMAND...: in the background, bounded by LIMIT
-  local name=$1 log=$2 limit=$3 est=$4; shift 4
+  local name=$1 log=$2 limit est=$4; limit=$(capped "$3"); shift 4
   echo "== $name   (in parallel; estimate ${est}, limit ${limit}s; log $log)"
   timeout -k 15 "$limit" bash -c '"$@"' _ "$@" >"$LOGS/$log" 2>&1 &
   JOBS+=($!); JOB_NAMES+=("$name"); JOB_LOGS+=("$log"); JOB_EST+=("$est"); JOB_T0+=($SECONDS)
