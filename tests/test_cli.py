@@ -104,7 +104,9 @@ def test_user_errors_of_the_environment(micro, tmp_path, capsys):
     latin = tmp_path / "latin.cfg"
     latin.write_bytes(MICRO.replace("[fc]", "[fc]  # caf\xe9").encode("latin-1"))
     _fails(capsys, _argv(latin, out), 2, "is not UTF-8 text", "latin.cfg")
-    _fails(capsys, _argv(micro, out, "--dataset", "imagenet"), 2, "unknown dataset 'imagenet'")
+    _fails(capsys, _argv(micro, out, "--dataset", "mnist"), 2, "unknown dataset 'mnist'")
+    _fails(capsys, _argv(micro, out, "--dataset", "imagenet"), 2, "python -m convnet.data.prepare imagenet")
+    _fails(capsys, _argv(micro, out, "--lighting", "0.1"), 2, "--lighting needs a prepared dataset")
     _fails(capsys, _argv(micro, out, "--synthetic-train", "8"), 2, "smaller than one batch")
     _fails(capsys, ["--resume", str(tmp_path / "none")], 2, "not found")
     _fails(capsys, ["--data", str(tmp_path / "nodata"), "--out", str(out), "--device", "numpy"], 2,

@@ -110,8 +110,8 @@ def test_cifar10_errors(tmp_path):
     (tmp_path / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(DataError, match="not a CIFAR-10 python batch"):
         load_cifar10(tmp_path)
-    with pytest.raises(DataError, match="unknown dataset 'imagenet'"):
-        load_dataset("imagenet")
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+        load_dataset("mnist")
 
 
 def _loader(ds, **kw):

@@ -49,8 +49,10 @@ def setting(default, help=None, *, train=False, flag=_AUTO, choices=None, hidden
 class Config:
     model: str = setting("fmnist", "shipped model name (alexnet, alexnet-owt, cifar-18pct, fmnist) or a model-file "
                                    "path (default fmnist)")
-    dataset: str | None = setting(None, "fashion-mnist | cifar10 | synthetic (default: the model file's)", train=True)
-    data: str | None = setting(None, "dataset directory (Fashion-MNIST IDX files; CIFAR-10 python batches)")
+    dataset: str | None = setting(None, "fashion-mnist | cifar10 | synthetic | imagenet (a directory made by "
+                                           "python -m convnet.data.prepare) (default: the model file's)", train=True)
+    data: str | None = setting(None, "dataset directory (Fashion-MNIST IDX files; CIFAR-10 python batches; "
+                                        "imagenet: the prepared directory)")
     device: str | None = setting(None, "numpy | emu | cuda | cuda:N (default: cuda if usable, else numpy)")
     devices: str | None = setting(None, "the devices of the model's towers (layers with device = 0, 1, ...), e.g. "
                                         "cuda:0,cuda:1 or emu:0,emu:1; the first is the net's device "
@@ -70,6 +72,9 @@ class Config:
     min_lr: float = setting(0.0, "the learning rate never goes below this", train=True, flag=None, low=0.0)
     flip: bool = setting(False, "random horizontal flips", train=True)
     crop_pad: int = setting(0, "random crops after zero-padding by this many pixels", train=True, low=0)
+    lighting: float | None = setting(None, "PCA lighting: std of the per-image coefficients (the paper's 0.1); "
+                                           "prepared datasets only (default: 0.1 for them, else off)", train=True,
+                                     low=0.0)
     multiview: bool = setting(False, "test on the image and its mirror image (average of the two softmax outputs)",
                               train=True)
     out: str | None = setting(None, "output directory (default runs/<model>)")

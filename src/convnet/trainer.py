@@ -36,7 +36,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import ops
 from .config import Config, ConfigError, parse_lr_steps
-from .data import DataError, Loader, load_dataset
+from .data import DataError, Loader, PreparedDataset, PreparedLoader, load_dataset
 from .devices import get_device
 from .model_file import build_net
 from .optim import SGD, Schedule
@@ -218,9 +218,20 @@ class Trainer:
         cfg, d, ds = self.cfg, self.net.data_layer, self.dataset
         common = dict(out_hw=d.size, mean=self.mean, scale=d.scale, seed=cfg.seed, device=self.device,
                       dtype=self.net.dtype, prefetch=cfg.prefetch)
-        train = Loader(ds.train_x, ds.train_y, cfg.batch_size, train=True, crop_pad=cfg.crop_pad, flip=cfg.flip,
-                       **common)
-        test = Loader(ds.test_x, ds.test_y, cfg.batch_size, train=False, **common)
+        if isinstance(ds, PreparedDataset):  # JPEG shards: the paper's per-image crops, flips and PCA lighting
+            if cfg.crop_pad:
+                raise DataError(f"--crop-pad does not apply to the prepared dataset {ds.name} (random crops of the "
+                                f"stored {ds.shape[1]}x{ds.shape[2]} images to the model's input)")
+            lighting = 0.1 if cfg.lighting is None else cfg.lighting
+            train = PreparedLoader(ds.train_x, ds.train_y, cfg.batch_size, train=True, flip=cfg.flip,
+                                   lighting=lighting, eig=(ds.eigvals, ds.eigvecs), **common)
+            test = PreparedLoader(ds.test_x, ds.test_y, cfg.batch_size, train=False, **common)
+        else:
+            if cfg.lighting:
+                raise DataError(f"--lighting needs a prepared dataset's RGB eigenvectors; {ds.name} has none")
+            train = Loader(ds.train_x, ds.train_y, cfg.batch_size, train=True, crop_pad=cfg.crop_pad,
+                           flip=cfg.flip, **common)
+            test = Loader(ds.test_x, ds.test_y, cfg.batch_size, train=False, **common)
         if len(train) == 0:
             raise DataError(f"the training set ({len(ds.train_x)} images) is smaller than one batch "
                             f"({cfg.batch_size})")

@@ -1,0 +1,270 @@
+"""ImageNet / ImageFolder: prepare once (shards, manifest, mean, PCA), the paper's augmentation as pure functions,
+the prepared reader and loader, and a few training steps from a prepared tiny tree."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from convnet.data import DataError, PreparedLoader, augment, load_dataset
+from convnet.data.prepare import main as prepare_main, prepare, resize_centre
+from convnet.data.shards import Shard, ShardImages, decode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from imagefolder_fixture import CLASSES, make_tree  # noqa: E402
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_tree(tmp_path_factory.mktemp("src"))
+
+
+@pytest.fixture(scope="module")
+def prepared(tree, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("prep") / "out"
+    logs = []
+    m = prepare("imagenet", tree, dst, size=SIZE, shard_size=4, jobs=2, progress=False, log=logs.append)
+    return dst, m, logs
+
+
+# --- prepare -------------------------------------------------------------------------------------------------
+def test_manifest_counts_skips_and_checksums(prepared):
+    dst, m, logs = prepared
+    tr, va = m["splits"]["train"], m["splits"]["val"]
+    assert tr["per_class"] == {"n001": 7, "n002": 6, "n003": 5}  # 5 + grayscale + CMYK; 5 + PNG; 7 - 2 bad
+    assert tr["images"] == 18 and va["images"] == 6 and va["per_class"] == {"n001": 2, "n002": 2, "n003": 2}
+    assert tr["skipped_count"] == 2 and va["skipped_count"] == 0
+    assert sorted(p for p, _ in tr["skipped"]) == ["train/n003/n003_garbage.JPEG", "train/n003/n003_truncated.JPEG"]
+    assert any("truncated" in why for _, why in tr["skipped"])
+    assert sum(f"skipped train/n003/n003_{k}.JPEG" in l for l in logs for k in ("garbage", "truncated")) == 2
+    assert [c["name"] for c in m["classes"]] == ["red thing", "green thing", "blue thing, bluish"]
+    assert len(tr["shards"]) == 5 and len(va["shards"]) == 2  # 20 listed files / 4 (bad ones skipped inside)
+    for s in tr["shards"] + va["shards"]:
+        data = (dst / s["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["bytes"]
+    assert not list(dst.glob("*.tmp-*"))
+
+
+def test_flat_val_labels_through_the_synset_list(prepared):
+    dst, m, _ = prepared
+    ds = load_dataset("imagenet", dst)
+    assert ds.test_y.tolist() == [0, 1, 2, 0, 1, 2]  # ground truth 2,3,1,... through synsets.txt (n003, n001, n002)
+    assert ds.classes == ["red thing", "green thing", "blue thing"]
+    x = ds.test_x[:6]
+    assert x.shape == (6, SIZE, SIZE, 3) and x.dtype == np.uint8
+    dominant = x.reshape(6, -1, 3).mean(1).argmax(1)  # the generated images are red, green, blue by class
+    assert dominant.tolist() == ds.test_y.tolist()
+
+
+def test_bad_inputs_converted(prepared):
+    dst, _, _ = prepared
+    names = {}
+    for p in sorted(dst.glob("train-*.shard")):
+        sh = Shard(p)
+        for i, n in enumerate(sh.meta["names"]):
+            names[n] = decode(sh.jpeg(i))
+    g = names["train/n001/n001_gray.JPEG"].astype(int)
+    assert g.shape == (SIZE, SIZE, 3) and np.abs(g[..., 0] - g[..., 1]).max() <= 3  # grey stays grey (JPEG noise)
+    cmyk = names["train/n001/n001_cmyk.JPEG"].reshape(-1, 3).mean(0)
+    assert cmyk[0] > 150 and cmyk[1] < 90 and cmyk[2] < 90  # the red it was made from
+    png = names["train/n002/n002_png.JPEG"].reshape(-1, 3).mean(0)
+    assert png[1] > 150 and png[0] < 90  # a PNG named .JPEG, read as a PNG
+
+
+def test_resize_is_shorter_side_then_centre_crop():
+    # 64 wide x 32 high: columns 0-15 red, 16-47 green, 48-63 blue -> the centre square is all green
+    a = np.zeros((32, 64, 3), np.uint8)
+    a[:, :16, 0] = 255
+    a[:, 16:48, 1] = 255
+    a[:, 48:, 2] = 255
+    out = np.asarray(resize_centre(Image.fromarray(a), 16))
+    assert out.shape == (16, 16, 3) and (out == [0, 255, 0]).all()
+    # area averaging when shrinking: 2x2 blocks of a 0/255 checkerboard average to 127.5
+    c = (np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)
+    assert np.abs(np.asarray(resize_centre(Image.fromarray(c).convert("RGB"), 16)).astype(int) - 128).max() <= 1
+    # same size: an integer crop, no resampling
+    b = np.random.default_rng(0).integers(0, 256, (20, 27, 3), dtype=np.uint8)
+    assert (np.asarray(resize_centre(Image.fromarray(b), 20)) == b[:, 3:23]).all()
+
+
+def test_mean_and_eigenvectors_match_numpy(prepared):
+    dst, m, _ = prepared
+    x = ShardImages(sorted(dst.glob("train-*.shard")), (SIZE, SIZE))[:].astype(np.float64)
+    st = np.load(dst / "stats.npz")
+    np.testing.assert_allclose(st["mean"], x.mean(0), rtol=0, atol=1e-4)
+    cov = np.cov(x.reshape(-1, 3), rowvar=False, bias=True)
+    val, vec = np.linalg.eigh(cov)
+    np.testing.assert_allclose(st["eigvals"], val[::-1], rtol=1e-9)
+    for k in range(3):  # eigenvectors up to sign
+        assert abs(abs(st["eigvecs"][:, k] @ vec[:, 2 - k]) - 1) < 1e-9
+    assert int(st["images"]) == m["stats"]["images"] == 18
+
+
+def test_resume_rewrites_only_missing_shards_identically(prepared, tmp_path):
+    src_dst, m, _ = prepared
+    dst = tmp_path / "copy"
+    shutil.copytree(src_dst, dst)
+    before = {p.name: p.read_bytes() for p in dst.glob("*.shard")}
+    (dst / "train-00002.shard").unlink()  # a shard never finished ...
+    (dst / "train-00002.shard.tmp-4242").write_bytes(b"half a shard")  # ... and the temp file of the killed run
+    (dst / "manifest.json").unlink()
+    logs = []
+    m2 = prepare("imagenet", m["source"], dst, size=SIZE, shard_size=4, jobs=1, progress=False, log=logs.append)
+    assert "1 shards to write (6 already done)" in logs[0]
+    assert {p.name: p.read_bytes() for p in dst.glob("*.shard")} == before
+    assert not list(dst.glob("*.tmp-*")) and m2["splits"] == m["splits"]
+    logs.clear()
+    prepare("imagenet", m["source"], dst, size=SIZE, shard_size=4, jobs=1, progress=False, log=logs.append)
+    assert "already prepared" in logs[0]
+    with pytest.raises(DataError, match="other quality"):
+        prepare("imagenet", m["source"], dst, size=SIZE, quality=80, shard_size=4, progress=False, log=logs.append)
+
+
+def test_source_errors(tree, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(tree, src)
+    (src / "train" / "n004").mkdir()
+    with pytest.raises(DataError, match=r"n004: empty class"):
+        prepare("imagenet", src, tmp_path / "a", progress=False)
+    (src / "train" / "n004").rmdir()
+    (src / "ILSVRC2012_validation_ground_truth.txt").unlink()
+    assert prepare_main(["imagenet", str(src), str(tmp_path / "b"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no ground-truth file" in err and err.count("\n") == 1
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        load_dataset("imagenet", tmp_path)
+
+
+# --- augmentation (pure functions) ---------------------------------------------------------------------------
+def test_crop_flip_and_ten_crops_geometry():
+    img = np.arange(6 * 7 * 3).reshape(6, 7, 3)
+    assert (augment.crop(img, 1, 2, (4, 3)) == img[1:5, 2:5]).all()
+    assert augment.centre_offset((6, 7), (4, 3)) == (1, 2)
+    assert (augment.hflip(img)[:, 0] == img[:, 6]).all()
+    v = augment.ten_crops(img, (4, 3))
+    assert v.shape == (10, 4, 3, 3)
+    expect = [img[0:4, 0:3], img[0:4, 4:7], img[2:6, 0:3], img[2:6, 4:7], img[1:5, 2:5]]
+    for k, e in enumerate(expect):
+        assert (v[k] == e).all() and (v[k + 5] == e[:, ::-1]).all()
+    with pytest.raises(ValueError):
+        augment.crop(img, 3, 0, (4, 3))
+
+
+def test_train_view_composes_crop_flip_mean_lighting():
+    rng0 = np.random.default_rng(5)
+    img = rng0.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    mean = rng0.random((8, 8, 3)).astype(np.float32) * 255
+    val, vec = augment.pca(rng0.random((500, 3)) * 255)
+    for index in range(8):
+        (oy, ox), f, a = augment.train_params(augment.image_rng(1, 2, index), (10, 12), (8, 8))
+        x = img[oy:oy + 8, ox:ox + 8]
+        x = x[:, ::-1] if f else x
+        want = x.astype(np.float32) - mean + (vec @ (a * np.sqrt(val))).astype(np.float32)
+        got = augment.train_view(img, augment.image_rng(1, 2, index), (8, 8), mean=mean, eigvals=val, eigvecs=vec)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_pca_lighting_statistics():
+    val = np.array([15000.0, 1400.0, 300.0])
+    vec = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]
+    rng = np.random.default_rng(1)
+    off = np.stack([augment.lighting_offset(augment.lighting_alphas(rng), val, vec) for _ in range(20000)])
+    want = 0.1 ** 2 * vec @ np.diag(val) @ vec.T  # a ~ N(0, 0.1): cov = 0.01 * V diag(lambda) V^T
+    assert np.abs(off.mean(0)).max() < 4 * np.sqrt(want.diagonal().max() / 20000)
+    np.testing.assert_allclose(np.cov(off, rowvar=False), want, rtol=0, atol=0.05 * np.abs(want).max())
+
+
+# --- the prepared reader and loader --------------------------------------------------------------------------
+def _loader(ds, bs, prefetch, train=True):
+    return PreparedLoader(ds.train_x if train else ds.test_x, ds.train_y if train else ds.test_y, bs, train=train,
+                          out_hw=(24, 24), mean=ds.mean_image(), eig=(ds.eigvals, ds.eigvecs),
+                          lighting=0.1 if train else 0.0, flip=True, scale=1 / 255, seed=7, prefetch=prefetch)
+
+
+def test_batches_deterministic_and_per_image(prepared):
+    ds = load_dataset("imagenet", prepared[0])
+    a = list(_loader(ds, 4, 0).epoch(1))
+    b = list(_loader(ds, 4, 3).epoch(1))
+    assert len(a) == 4 and all((x1 == x2).all() and (y1 == y2).all() for (x1, y1), (x2, y2) in zip(a, b))
+    assert a[0][0].shape == (3, 24, 24, 4) and a[0][0].dtype == np.float32
+    # an image's view depends on (seed, epoch, image), not on the batch it lands in
+    ld2 = _loader(ds, 2, 0)
+    order = ld2.order(1)
+    by_image = {int(order[2 * k + j]): x[..., j] for k, (x, _) in enumerate(ld2.epoch(1)) for j in range(2)}
+    for k, (x, _) in enumerate(a):
+        for j in range(4):
+            assert (by_image[int(order[4 * k + j])] == x[..., j]).all()
+    assert not (list(_loader(ds, 4, 0).epoch(2))[0][0] == a[0][0]).all()
+
+
+def test_eval_batch_is_centre_crop_minus_centre_of_mean(prepared):
+    ds = load_dataset("imagenet", prepared[0])
+    x, y = next(iter(_loader(ds, 6, 0, train=False).epoch(0)))
+    want = (ds.test_x[:6, 4:28, 4:28].astype(np.float32) - ds.mean_image()[4:28, 4:28]) * np.float32(1 / 255)
+    np.testing.assert_allclose(x, want.transpose(3, 1, 2, 0), rtol=0, atol=1e-6)
+    assert (y == ds.test_y).all()
+
+
+TINY_RGB = """
+[data]
+type = data
+channels = 3
+size = 24
+scale = 0.00392156862745098
+
+[conv1]
+type = conv
+inputs = data
+filters = 8
+size = 5
+stride = 2
+neuron = relu
+initW = he
+
+[pool1]
+type = pool
+inputs = conv1
+pool = max
+size = 3
+stride = 2
+
+[fc2]
+type = fc
+inputs = pool1
+outputs = 3
+initW = 0.01
+
+[probs]
+type = softmax
+inputs = fc2
+
+[train]
+dataset = imagenet
+batch_size = 4
+lr = 0.01
+flip = true
+"""
+
+
+@pytest.mark.parametrize("device", ["numpy", "emu"])
+def test_train_end_to_end_on_prepared_data(prepared, tmp_path, device):
+    cfg = tmp_path / "tiny-rgb.cfg"
+    cfg.write_text(TINY_RGB)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    r = subprocess.run([sys.executable, "-m", "convnet.train", "--model", str(cfg), "--data", str(prepared[0]),
+                        "--device", device, "--epochs", "2", "--out", str(out), "--no-progress", "--no-plots"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    epochs = [e for e in log if "test_error" in e]
+    assert len(epochs) == 2 and all(np.isfinite(e["train_loss"]) for e in epochs)
+    assert "imagenet (18 train / 6 test images)" in r.stdout
