@@ -18,6 +18,24 @@ from convnet.ops._dispatch import Output, accumulate, alpha_beta, output
 __all__ = ["fc_forward", "fc_backward_data", "fc_backward_weights", "fc_backward_bias"]
 
 
+def _gemm(dev, out, y, a, b, bias, alpha, beta, stream):
+    """y = alpha * (a @ b + bias[:, None]) + beta * y with the array module's GEMM, on ``stream``: straight into ``y``
+    when nothing is accumulated (``out`` is the caller's array or None), else through a temporary."""
+    xp = dev.xp
+    with dev.on_stream(stream):
+        if out is None or (alpha == 1.0 and beta == 0.0):
+            xp.matmul(a, b, out=y)
+            if bias is not None:
+                y += bias[:, None]
+            if alpha != 1.0:
+                y *= alpha
+            return y
+        r = xp.matmul(a, b)
+        if bias is not None:
+            r += bias[:, None]
+        return accumulate(y, r, alpha, beta)
+
+
 def fc_forward(device, x, w, bias=None, out=None, alpha=1.0, beta=0.0, stream=None):
     dev = as_device(device)
     alpha, beta = alpha_beta(alpha, beta, out)
@@ -31,19 +49,7 @@ def fc_forward(device, x, w, bias=None, out=None, alpha=1.0, beta=0.0, stream=No
     check_same_dtype(x=x, w=w, bias=bias)
     y = output(dev, Output("out", out, (O, x.shape[1]), x.dtype), stream)
     check_disjoint(dev, "out", out, x=x, w=w, bias=bias)
-    xp = dev.xp
-    with dev.on_stream(stream):
-        if out is None or (alpha == 1.0 and beta == 0.0):
-            xp.matmul(w, x, out=y)
-            if bias is not None:
-                y += bias[:, None]
-            if alpha != 1.0:
-                y *= alpha
-            return y
-        r = xp.matmul(w, x)
-        if bias is not None:
-            r += bias[:, None]
-        return accumulate(y, r, alpha, beta)
+    return _gemm(dev, out, y, w, x, bias, alpha, beta, stream)
 
 
 def fc_backward_data(device, dy, w, out=None, alpha=1.0, beta=0.0, stream=None):
@@ -57,14 +63,7 @@ def fc_backward_data(device, dy, w, out=None, alpha=1.0, beta=0.0, stream=None):
     check_same_dtype(dy=dy, w=w)
     dx = output(dev, Output("out", out, (I, dy.shape[1]), dy.dtype), stream)
     check_disjoint(dev, "out", out, dy=dy, w=w)
-    xp = dev.xp
-    with dev.on_stream(stream):
-        if out is None or (alpha == 1.0 and beta == 0.0):
-            xp.matmul(w.T, dy, out=dx)
-            if alpha != 1.0:
-                dx *= alpha
-            return dx
-        return accumulate(dx, xp.matmul(w.T, dy), alpha, beta)
+    return _gemm(dev, out, dx, w.T, dy, None, alpha, beta, stream)
 
 
 def fc_backward_weights(device, x, dy, out=None, alpha=1.0, beta=0.0, stream=None):
@@ -77,14 +76,7 @@ def fc_backward_weights(device, x, dy, out=None, alpha=1.0, beta=0.0, stream=Non
     check_same_dtype(x=x, dy=dy)
     dw = output(dev, Output("out", out, (dy.shape[0], x.shape[0]), x.dtype), stream)
     check_disjoint(dev, "out", out, x=x, dy=dy)
-    xp = dev.xp
-    with dev.on_stream(stream):
-        if out is None or (alpha == 1.0 and beta == 0.0):
-            xp.matmul(dy, x.T, out=dw)
-            if alpha != 1.0:
-                dw *= alpha
-            return dw
-        return accumulate(dw, xp.matmul(dy, x.T), alpha, beta)
+    return _gemm(dev, out, dw, dy, x.T, None, alpha, beta, stream)
 
 
 def fc_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
