@@ -32,11 +32,12 @@ class SGD:
             lr = self.lr * layer.lr_mult.get(p, 1.0)
             wd = self.weight_decay * layer.wd_mult.get(p, 0.0)
             dt = w.dtype.type
-            v *= dt(mom)
-            if wd != 0.0:
-                v -= dt(wd * lr) * w
-            v -= dt(lr) * g
-            w += v
+            with layer.device.activate():  # the temporaries below live on the parameter's device
+                v *= dt(mom)
+                if wd != 0.0:
+                    v -= dt(wd * lr) * w
+                v -= dt(lr) * g
+                w += v
 
     def state_dict(self):
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
