@@ -145,3 +145,13 @@ def test_train_bench_twin_is_the_same_model(model):
     twin = bench.torch_model(torch, net, plan, torch.device("cpu")).eval()
     per_layer = bench.layer_checks(torch, net, twin, plan, torch.device("cpu"))
     assert max(per_layer.values()) < bench.SAME_MODEL_TOL, per_layer
+
+
+def test_data_bench_smoke(tmp_path, capsys):
+    bench = load_benchmark("data_bench")
+    out = tmp_path / "data.json"
+    assert bench.main(["--images", "40", "--size", "48", "--crop", "40", "--batch", "8", "--workers", "1",
+                       "--min-seconds", "0", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["processes"] for r in data["rows"]] == [1, 1, 1] and all(r["images_per_s"] > 0 for r in data["rows"])
+    assert "| pillow+numpy baseline, 1 process | 1 |" in capsys.readouterr().out

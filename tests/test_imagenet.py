@@ -268,3 +268,173 @@ def test_train_end_to_end_on_prepared_data(prepared, tmp_path, device):
     epochs = [e for e in log if "test_error" in e]
     assert len(epochs) == 2 and all(np.isfinite(e["train_loss"]) for e in epochs)
     assert "imagenet (18 train / 6 test images)" in r.stdout
+
+
+# --- 10-crop evaluation ---------------------------------------------------------------------------------------
+def test_ten_crop_views_through_the_loaders(prepared):
+    ds = load_dataset("imagenet", prepared[0])
+    ld = PreparedLoader(ds.test_x, ds.test_y, 4, train=False, out_hw=(24, 24), mean=ds.mean_image(), scale=1 / 255,
+                        seed=7, prefetch=2, views=10)
+    items = list(ld.epoch(0))
+    assert len(items) == 10 * len(ld) == 20
+    mean_c = ds.mean_image()[4:28, 4:28]  # the centre of the full mean, for every view (as in training)
+    offsets = [(0, 0), (0, 8), (8, 0), (8, 8), (4, 4)]
+    for k, (x, y) in enumerate(items):
+        b, v = divmod(k, 10)
+        oy, ox = offsets[v % 5]
+        imgs = ds.test_x[4 * b:4 * b + 4]
+        want = imgs[:, oy:oy + 24, ox:ox + 24]
+        if v >= 5:
+            want = want[:, :, ::-1]
+        np.testing.assert_array_equal(want, np.stack([augment.ten_crops(i, (24, 24))[v] for i in imgs]))
+        want = (want.astype(np.float32) - mean_c) * np.float32(1 / 255)
+        np.testing.assert_allclose(x, want.transpose(3, 1, 2, 0), rtol=0, atol=1e-6)
+        assert (y == ds.test_y[4 * b:4 * b + 4]).all()
+    # the in-memory loader: the mean image goes through the same crop and flip as the image
+    from convnet.data import Loader
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (5, 9, 11, 3), dtype=np.uint8)
+    mean = rng.random((9, 11, 3), dtype=np.float32) * 255
+    ld = Loader(imgs, np.arange(5, dtype=np.int32), 5, train=False, out_hw=(6, 7), mean=mean, prefetch=0, views=10)
+    got = [x for x, _ in ld.epoch(0)]
+    for v, x in enumerate(got):
+        want = np.stack([augment.ten_crops(i.astype(np.float32) - mean, (6, 7))[v] for i in imgs])
+        np.testing.assert_allclose(x, want.transpose(3, 1, 2, 0), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError):
+        Loader(imgs, np.arange(5, dtype=np.int32), 5, train=True, out_hw=(6, 7), mean=mean, views=10)
+
+
+def _tiny_cfg(tmp_path):
+    cfg = tmp_path / "tiny-rgb.cfg"
+    cfg.write_text(TINY_RGB)
+    return cfg
+
+
+def test_ten_crop_evaluation_averages_the_softmax_of_the_views(prepared, tmp_path):
+    from convnet.trainer import Trainer
+    from convnet.train import make_config, parse_args
+    base = ["--model", str(_tiny_cfg(tmp_path)), "--data", str(prepared[0]), "--device", "numpy", "--no-progress",
+            "--no-plots", "--out", str(tmp_path / "r"), "--batch-size", "4", "--prefetch", "0"]
+    tr = Trainer(make_config(parse_args(base + ["--eval-crops", "10"])))
+    loss, e1, e5, kept = tr.evaluate(keep_probs=100)
+    assert e5 is None  # 3 classes: no top-5
+    ld, net = tr.test_loader, tr.net
+    n = wrong = 0
+    nll = 0.0
+    probs = []
+    for b in range(len(ld)):
+        ps = [net.forward(ld.make_batch(0, b, None, v)[0]).copy() for v in ld.view_list()]
+        p = np.mean(np.stack(ps), axis=0)
+        y = ld.make_batch(0, b)[1]
+        wrong += int((p.argmax(0) != y).sum())
+        nll += float(-np.log(p[y, np.arange(len(y))]).sum())
+        n += len(y)
+        probs.append(p)
+    np.testing.assert_allclose(np.concatenate([k[0] for k in kept], axis=1), np.concatenate(probs, axis=1),
+                               rtol=1e-5, atol=1e-7)
+    assert e1 == wrong / n and abs(loss - nll / n) < 1e-5
+    # --eval-crops 2 is --multiview: the centre crop and its mirror, averaged
+    t2 = Trainer(make_config(parse_args(base + ["--eval-crops", "2"])))
+    tm = Trainer(make_config(parse_args(base + ["--multiview"])))
+    assert t2.evaluate()[:3] == tm.evaluate()[:3]
+    with pytest.raises(Exception, match="eval-crops"):
+        make_config(parse_args(base + ["--eval-crops", "5"]))
+
+
+def test_eval_only_with_ten_crops(prepared, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    common = ["--data", str(prepared[0]), "--device", "numpy", "--out", str(out), "--no-progress", "--no-plots"]
+    r = subprocess.run([sys.executable, "-m", "convnet.train", "--model", str(_tiny_cfg(tmp_path)), "--epochs", "1",
+                        "--eval-crops", "10", *common], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "convnet.train", "--eval-only", "--eval-crops", "10", *common],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "test set: loss" in r.stdout and "top-1 error" in r.stdout
+
+
+# --- decoding in worker processes ----------------------------------------------------------------------------
+def _wloader(ds, workers, train=True, views=1, cls=PreparedLoader, bs=4):
+    return cls(ds.train_x if train else ds.test_x, ds.train_y if train else ds.test_y, bs, train=train,
+               out_hw=(24, 24), mean=ds.mean_image(), eig=(ds.eigvals, ds.eigvecs), lighting=0.1 if train else 0.0,
+               flip=True, scale=1 / 255, seed=7, prefetch=2, workers=workers, views=views)
+
+
+def _shm(pid):
+    return sorted(p.name for p in Path("/dev/shm").glob(f"convnet-{pid}-*")) if Path("/dev/shm").is_dir() else []
+
+
+def _gone(pid):
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+def test_worker_batches_identical_for_any_worker_count(prepared):
+    import multiprocessing
+    ds = load_dataset("imagenet", prepared[0])
+    ref = None
+    for w in (0, 1, 2):
+        got = list(_wloader(ds, w).epoch(1)) + list(_wloader(ds, w, train=False, views=10).epoch(0))
+        got += list(_wloader(ds, w, bs=5).epoch(2, start=1))  # a resumed epoch
+        assert len(got) == 4 + 20 + 2
+        if ref is None:
+            ref = got
+        for (x1, y1), (x2, y2) in zip(ref, got):
+            assert x1.dtype == x2.dtype == np.float32 and x1.shape == x2.shape and x1.flags.c_contiguous
+            assert x1.tobytes() == x2.tobytes() and (y1 == y2).all()
+    assert not multiprocessing.active_children() and not _shm(os.getpid())
+
+
+class _Failing(PreparedLoader):
+    def _host_part(self, epoch, b, order=None, view=None):
+        if b == 2:
+            raise ValueError("broken image")
+        return super()._host_part(epoch, b, order, view)
+
+
+def test_workers_shut_down_on_errors_and_early_close(prepared):
+    import multiprocessing
+    ds = load_dataset("imagenet", prepared[0])
+    it = _wloader(ds, 2, cls=_Failing).epoch(0)
+    next(it)
+    pids = [p.pid for p in multiprocessing.active_children()]
+    assert len(pids) == 2 and _shm(os.getpid())
+    with pytest.raises(DataError, match="broken image"):
+        list(it)
+    assert not multiprocessing.active_children() and all(_gone(p) for p in pids) and not _shm(os.getpid())
+    it = _wloader(ds, 2).epoch(0)
+    next(it)
+    it.close()  # the consumer stops in the middle of the epoch
+    assert not multiprocessing.active_children() and not _shm(os.getpid())
+
+
+CTRL_C = """
+import multiprocessing, os, sys, time
+from convnet.data import load_dataset, PreparedLoader
+ds = load_dataset("imagenet", sys.argv[1])
+ld = PreparedLoader(ds.train_x, ds.train_y, 2, train=True, out_hw=(24, 24), mean=ds.mean_image(),
+                    eig=(ds.eigvals, ds.eigvecs), lighting=0.1, flip=True, workers=2, prefetch=1)
+for k, batch in enumerate(ld.epoch(0)):
+    if k == 0:
+        print(os.getpid(), *[p.pid for p in multiprocessing.active_children()], flush=True)
+        time.sleep(60)  # Ctrl-C arrives here
+"""
+
+
+def test_workers_shut_down_on_ctrl_c(prepared, tmp_path):
+    import signal
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    p = subprocess.Popen([sys.executable, str(script), str(prepared[0])], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pids = [int(t) for t in p.stdout.readline().split()]
+    assert len(pids) == 3, p.stderr.read()
+    assert _shm(pids[0])
+    os.killpg(p.pid, signal.SIGINT)  # as a terminal does: the whole process group
+    _, err = p.communicate(timeout=30)
+    assert p.returncode != 0 and "KeyboardInterrupt" in err and "leaked" not in err
+    assert all(_gone(q) for q in pids[1:]) and not _shm(pids[0])

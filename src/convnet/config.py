@@ -24,6 +24,7 @@ from .devices import parse_device_list
 from .optim import Schedule
 
 _AUTO = object()
+EVAL_CROPS = (1, 2, 10)  # the test views --eval-crops allows
 INT_MAX = 2**31 - 1  # counts (epochs, batch size, ...) are below 2**31: the kernels index with 32-bit ints
 
 
@@ -75,13 +76,18 @@ class Config:
     lighting: float | None = setting(None, "PCA lighting: std of the per-image coefficients (the paper's 0.1); "
                                            "prepared datasets only (default: 0.1 for them, else off)", train=True,
                                      low=0.0)
-    multiview: bool = setting(False, "test on the image and its mirror image (average of the two softmax outputs)",
-                              train=True)
+    multiview: bool = setting(False, "test on the image and its mirror image (average of the two softmax outputs); "
+                                     "the same as --eval-crops 2", train=True)
+    eval_crops: int = setting(1, "test views per image, softmax averaged: 1 (centre crop), 2 (and its mirror "
+                                 "image, as --multiview), 10 (the paper's four corners + centre and their mirror "
+                                 "images)", train=True, low=1, high=10)
     out: str | None = setting(None, "output directory (default runs/<model>)")
     seed: int = setting(0, "random seed (data order, crops, flips, dropout, initialisation)", low=0,
                        high=2**63 - 1)
     dtype: str = setting("float32", "parameter and activation type", choices=("float32", "float64"))
     prefetch: int = setting(3, "batches prepared ahead by the loader thread (0 = no thread)", low=0, high=1024)
+    workers: int | None = setting(None, "processes decoding prepared (JPEG) datasets (0 = in the loader thread; "
+                                        "default: the CPU cores less one, at least 1)", low=0, high=1024)
     threads: int = setting(1, "BLAS threads for numpy/emu (default 1: robust on a shared machine, and the loader "
                               "thread gets the other core; 0 = the BLAS library's default)", low=0, high=4096)
     progress: bool = setting(True, "no progress bar")
@@ -190,6 +196,8 @@ def check_setting(name: str, value):
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"must be a finite number, got {value}")
+    if name == "eval_crops" and value not in EVAL_CROPS:
+        raise ValueError(f"must be one of {', '.join(map(str, EVAL_CROPS))}, got {value}")
     lo, hi = m["low"], m["high"]
     if hi is None and t == "int" and value > INT_MAX:  # the implicit bound of every count
         hi = INT_MAX

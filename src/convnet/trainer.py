@@ -37,6 +37,7 @@ from . import checkpoint as ckpt
 from . import ops
 from .config import Config, ConfigError, parse_lr_steps
 from .data import DataError, Loader, PreparedDataset, PreparedLoader, load_dataset
+from .data.workers import default_workers
 from .devices import get_device
 from .model_file import build_net
 from .optim import SGD, Schedule
@@ -218,20 +219,23 @@ class Trainer:
         cfg, d, ds = self.cfg, self.net.data_layer, self.dataset
         common = dict(out_hw=d.size, mean=self.mean, scale=d.scale, seed=cfg.seed, device=self.device,
                       dtype=self.net.dtype, prefetch=cfg.prefetch)
+        views = 10 if cfg.eval_crops == 10 else 1  # 2 views (--multiview): mirrored on the device in evaluate()
         if isinstance(ds, PreparedDataset):  # JPEG shards: the paper's per-image crops, flips and PCA lighting
             if cfg.crop_pad:
                 raise DataError(f"--crop-pad does not apply to the prepared dataset {ds.name} (random crops of the "
                                 f"stored {ds.shape[1]}x{ds.shape[2]} images to the model's input)")
             lighting = 0.1 if cfg.lighting is None else cfg.lighting
+            nw = default_workers() if cfg.workers is None else cfg.workers
             train = PreparedLoader(ds.train_x, ds.train_y, cfg.batch_size, train=True, flip=cfg.flip,
-                                   lighting=lighting, eig=(ds.eigvals, ds.eigvecs), **common)
-            test = PreparedLoader(ds.test_x, ds.test_y, cfg.batch_size, train=False, **common)
+                                   lighting=lighting, eig=(ds.eigvals, ds.eigvecs), workers=nw, **common)
+            test = PreparedLoader(ds.test_x, ds.test_y, cfg.batch_size, train=False, views=views, workers=nw,
+                                  **common)
         else:
             if cfg.lighting:
                 raise DataError(f"--lighting needs a prepared dataset's RGB eigenvectors; {ds.name} has none")
             train = Loader(ds.train_x, ds.train_y, cfg.batch_size, train=True, crop_pad=cfg.crop_pad,
                            flip=cfg.flip, **common)
-            test = Loader(ds.test_x, ds.test_y, cfg.batch_size, train=False, **common)
+            test = Loader(ds.test_x, ds.test_y, cfg.batch_size, train=False, views=views, **common)
         if len(train) == 0:
             raise DataError(f"the training set ({len(ds.train_x)} images) is smaller than one batch "
                             f"({cfg.batch_size})")
@@ -314,11 +318,19 @@ class Trainer:
         n = wrong1 = wrong5 = 0
         loss = 0.0
         kept = []
+        views, acc, k = self.test_loader.views, None, 0  # views > 1: each batch comes that many times in a row
+        mirror = views == 1 and (self.cfg.multiview or self.cfg.eval_crops == 2)
         with contextlib.closing(self.test_loader.epoch(0)) as batches:  # closed here: a Ctrl-C in close() propagates
             for x, y in batches:
                 p = self.net.forward(x)
-                if self.cfg.multiview:
+                if mirror:
                     p = (p + self.net.forward(xp.ascontiguousarray(x[:, :, ::-1, :]))) * p.dtype.type(0.5)
+                if views > 1:  # the softmax outputs of the views, summed in view order, then averaged
+                    acc = p.copy() if k == 0 else acc + p
+                    k += 1
+                    if k < views:
+                        continue
+                    p, acc, k = acc * p.dtype.type(1 / views), None, 0
                 errs = ops.topk_errors(self.device, p, y, ks=(1, 5) if k5 else (1,))
                 wrong1 += errs[0]
                 wrong5 += errs[1] if k5 else 0

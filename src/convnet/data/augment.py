@@ -62,14 +62,20 @@ def random_flip(rng):
     return bool(rng.random() < 0.5)
 
 
+def ten_crop_views(hw, out_hw):
+    """The paper's 10 test views of an ``hw`` image as [((row, column), mirrored)]: the four corners (top-left,
+    top-right, bottom-left, bottom-right), the centre, then the same five mirrored (what :func:`ten_crops` and the
+    loaders' 10-crop evaluation use)."""
+    (h, w), (oh, ow) = hw, out_hw
+    five = [(0, 0), (0, w - ow), (h - oh, 0), (h - oh, w - ow), centre_offset(hw, out_hw)]
+    return [(o, False) for o in five] + [(o, True) for o in five]
+
+
 def ten_crops(img, out_hw):
     """The paper's test views, (10, oh, ow, C): the four corners (top-left, top-right, bottom-left,
     bottom-right), the centre, then the mirror images of the five in the same order."""
-    h, w = img.shape[:2]
-    oh, ow = out_hw
-    cy, cx = centre_offset((h, w), out_hw)
-    five = [crop(img, y, x, out_hw) for y, x in ((0, 0), (0, w - ow), (h - oh, 0), (h - oh, w - ow), (cy, cx))]
-    views = np.stack(five)
+    views = [crop(img, y, x, out_hw) for (y, x), _ in ten_crop_views(img.shape[:2], out_hw)[:5]]
+    views = np.stack(views)
     return np.concatenate([views, hflip(views)])
 
 
