@@ -18,6 +18,13 @@ from . import augment
 from .base import DataError
 
 
+
+def _array_tools(dev):
+    """(array module, upload function) of a loader's device; None is host NumPy."""
+    if dev is None:
+        return np, (lambda a, dt=None: np.ascontiguousarray(a, dtype=dt))
+    return dev.xp, dev.asarray
+
 class Loader:
     """Produces preprocessed batches ``(x (C,H,W,N) float32 on device, labels (N,) int32 on device)``.
 
@@ -93,10 +100,7 @@ class Loader:
     def _finish(self, img, geom, valid, labels):
         """Device part: to float, subtract the identically transformed mean, scale, transpose to CHWN."""
         dev = self.device
-        if dev is None:
-            xp, put = np, (lambda a, dt=None: np.ascontiguousarray(a, dtype=dt))
-        else:
-            xp, put = dev.xp, dev.asarray
+        xp, put = _array_tools(dev)
         with (dev.activate() if dev is not None else contextlib.nullcontext()):
             mean = self._mean_on(dev)
             x = put(img).astype(np.float32)
@@ -241,10 +245,7 @@ class PreparedLoader(Loader):
     def _finish(self, img, light, valid, labels):
         """Device part: to float, minus the mean's centre crop, plus each image's lighting offset, scale, CHWN."""
         dev = self.device
-        if dev is None:
-            xp, put = np, (lambda a, dt=None: np.ascontiguousarray(a, dtype=dt))
-        else:
-            xp, put = dev.xp, dev.asarray
+        xp, put = _array_tools(dev)
         with (dev.activate() if dev is not None else contextlib.nullcontext()):
             # transposed to CHWN while uint8 (a quarter of the bytes of float32), then the float work in place in
             # that layout: the same operations per element, in the same order, as on NHWC
