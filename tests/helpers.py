@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import convnet
 from convnet import emu
 from convnet.devices import Device, device_report, get_device
 
@@ -393,3 +395,11 @@ class FakeCupy:
         kernels = self.kernels(EMU.kernels)
         monkeypatch.setattr(backend_cuda.CudaBackend, "kernels", lambda backend, device: kernels)
         return self
+
+
+def subprocess_env(*first_on_path, **extra) -> dict:
+    """The environment for a subprocess that must import the convnet under test (installed in CI, ``src/`` in a
+    development build) and never a checkout's unbuilt sources: that package's parent folder goes first on the path."""
+    under_test = str(Path(convnet.__file__).resolve().parents[1])
+    path = os.pathsep.join([*map(str, first_on_path), under_test, os.environ.get("PYTHONPATH", "")])
+    return dict(os.environ, PYTHONPATH=path, **extra)

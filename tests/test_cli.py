@@ -4,15 +4,14 @@ in-process (``convnet.train.main(argv)``); a few run ``python -m convnet.train``
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-import convnet
 from convnet import checkpoint as ckpt
 from convnet.config import ConfigError
 from convnet.train import main
+from helpers import subprocess_env
 
 # the smallest trainable model: one fc layer on 8x8 synthetic images (a run takes a fraction of a second)
 MICRO = """
@@ -213,9 +212,8 @@ def test_divergence_is_one_line_and_status_1(micro, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ subprocesses
 def _cli(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=str(Path(convnet.__file__).resolve().parents[1]))
-    return subprocess.run([sys.executable, "-m", "convnet.train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "convnet.train", *args], cwd=cwd, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_subprocess_user_errors_are_one_line(micro, tmp_path):

@@ -10,18 +10,11 @@ from pathlib import Path
 import pytest
 
 import conftest
-import convnet
+from helpers import subprocess_env
 from convnet.devices import backend_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
-# Subprocesses import the convnet under test (installed in CI, or src/ in a development build), never the bare
-# source tree: its folder's parent goes first on their path.
-UNDER_TEST = str(Path(convnet.__file__).resolve().parents[1])
-
-
-def _pythonpath(*first):
-    return os.pathsep.join([*map(str, first), UNDER_TEST, os.environ.get("PYTHONPATH", "")])
 
 
 def _gpu_usable():
@@ -31,8 +24,7 @@ def _gpu_usable():
 
 
 def _run_script(tmp_path, *args, pythonpath=(), timeout=60):
-    env = dict(os.environ, LOGS=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), PYTHON=sys.executable,
-               PYTHONPATH=_pythonpath(*pythonpath))
+    env = subprocess_env(*pythonpath, LOGS=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), PYTHON=sys.executable)
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -94,8 +86,7 @@ def test_out_holds_the_steps_done_when_the_run_is_killed(tmp_path):
     fake = _fake_cupy(tmp_path)
     (fake / "convnet").mkdir()
     (fake / "convnet" / "__init__.py").write_text("import os, signal\nos.killpg(os.getpgid(0), signal.SIGKILL)\n")
-    env = dict(os.environ, LOGS=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), PYTHON=sys.executable,
-               PYTHONPATH=_pythonpath(fake))
+    env = subprocess_env(fake, LOGS=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), PYTHON=sys.executable)
     p = subprocess.Popen(["bash", str(SCRIPT), "test"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -137,7 +128,7 @@ def _pytest(tmp_path, *args):
     report = tmp_path / "report.json"
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, "--require-cuda",
                         "--cuda-report", str(report)], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=_pythonpath()))
+                       env=subprocess_env())
     return r, json.loads(report.read_text())
 
 
@@ -157,7 +148,7 @@ def test_require_cuda_gate(tmp_path):
 def test_cuda_marker_is_set_from_the_device_parameter(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "tests/test_pool.py",
                         "-m", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=_pythonpath()))
+                       env=subprocess_env())
     ids = [line for line in r.stdout.splitlines() if "::" in line]
     assert ids and all("[cuda" in i or "-cuda" in i for i in ids), r.stdout
 

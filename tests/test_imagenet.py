@@ -17,7 +17,8 @@ from convnet.data.prepare import main as prepare_main, prepare, resize_centre
 from convnet.data.shards import Shard, ShardImages, decode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from imagefolder_fixture import CLASSES, make_tree  # noqa: E402
+from helpers import subprocess_env  # noqa: E402
+from imagefolder_fixture import make_tree  # noqa: E402
 
 SIZE = 32
 
@@ -259,7 +260,7 @@ def test_train_end_to_end_on_prepared_data(prepared, tmp_path, device):
     cfg = tmp_path / "tiny-rgb.cfg"
     cfg.write_text(TINY_RGB)
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = subprocess_env()
     r = subprocess.run([sys.executable, "-m", "convnet.train", "--model", str(cfg), "--data", str(prepared[0]),
                         "--device", device, "--epochs", "2", "--out", str(out), "--no-progress", "--no-plots"],
                        env=env, capture_output=True, text=True, timeout=120)
@@ -343,7 +344,7 @@ def test_ten_crop_evaluation_averages_the_softmax_of_the_views(prepared, tmp_pat
 
 def test_eval_only_with_ten_crops(prepared, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = subprocess_env()
     common = ["--data", str(prepared[0]), "--device", "numpy", "--out", str(out), "--no-progress", "--no-plots"]
     r = subprocess.run([sys.executable, "-m", "convnet.train", "--model", str(_tiny_cfg(tmp_path)), "--epochs", "1",
                         "--eval-crops", "10", *common], env=env, capture_output=True, text=True, timeout=120)
@@ -428,7 +429,7 @@ def test_workers_shut_down_on_ctrl_c(prepared, tmp_path):
     import signal
     script = tmp_path / "ctrl_c.py"
     script.write_text(CTRL_C)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = subprocess_env()
     p = subprocess.Popen([sys.executable, str(script), str(prepared[0])], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     pids = [int(t) for t in p.stdout.readline().split()]

@@ -21,7 +21,7 @@ import zlib
 import numpy as np
 
 from . import ops
-from .devices import Device, get_device, parse_device, parse_device_list
+from .devices import get_device, parse_device, parse_device_list
 from .layers import Data, Layer, LayerError, SoftmaxCost
 from .summary import format_summary
 

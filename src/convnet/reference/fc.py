@@ -6,8 +6,6 @@ Layout: activations ``(features, N)``, weights ``(out_features, in_features)``::
 """
 from __future__ import annotations
 
-import numpy as np
-
 __all__ = ["fc_forward", "fc_backward_data", "fc_backward_weights", "fc_backward_bias"]
 
 

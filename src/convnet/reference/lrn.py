@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from convnet.geometry import LRN_CONVENTIONS as CONVENTIONS
 from convnet.geometry import lrn_scale
 
 __all__ = ["lrn_scale", "lrn_forward", "lrn_backward"]
