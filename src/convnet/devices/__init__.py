@@ -188,15 +188,6 @@ def device_report() -> list[dict]:
     return [entry for kind in KINDS for entry in backend(kind).report()]
 
 
-def transfer(a, src: Device, dst: Device):
-    """Copy array ``a`` from device ``src`` to ``dst`` (the same array when they are the same device), staged through
-    the host: a convenience for tests and tools. The layer graph copies with the op :func:`convnet.ops.copy`
-    (peer-to-peer between GPUs, on the consumer's stream)."""
-    if src == dst:
-        return a
-    return dst.asarray(src.to_numpy(a))
-
-
 def package_dir() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -223,4 +214,4 @@ def _require_built_package() -> None:
 
 
 __all__ = ["Backend", "Device", "DeviceUnavailable", "KINDS", "backend", "blas_threads", "device_report",
-           "get_device", "install_report", "parse_device", "parse_device_list", "transfer"]
+           "get_device", "install_report", "parse_device", "parse_device_list"]

@@ -47,11 +47,21 @@ def accumulate(out, result, alpha: float, beta: float):
     return out
 
 
-def output(dev: Device, spec: Output, stream=None):
-    """The caller's ``out`` (validated: exact shape and dtype), or a new array allocated on ``stream``."""
-    if spec.given is None:
-        return dev.empty(spec.shape, spec.dtype, stream=stream)
+def check_output(dev: Device, spec: Output):
+    """A caller's ``out``: an array of ``dev`` with exactly the output's shape and dtype, and writeable."""
     return check_array(spec.name, spec.given, dev, shape=spec.shape, dtypes=(spec.dtype,), writeable=True)
+
+
+def _buffer(dev: Device, spec: Output, stream=None):
+    """The (already validated) caller's ``out``, or a new array allocated on ``stream``."""
+    return spec.given if spec.given is not None else dev.empty(spec.shape, spec.dtype, stream=stream)
+
+
+def output(dev: Device, spec: Output, stream=None):
+    """The caller's ``out`` (validated), or a new array allocated on ``stream``."""
+    if spec.given is not None:
+        check_output(dev, spec)
+    return _buffer(dev, spec, stream)
 
 
 def launch(dev: Device, kernel: str, *args, stream=None):
@@ -79,7 +89,7 @@ def produce(dev: Device, outputs, *, reference, kernel, inputs=None, alpha=1.0, 
     inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
     for spec in specs:  # a caller's out is validated before any work
         if spec is not None and spec.given is not None:
-            check_array(spec.name, spec.given, dev, shape=spec.shape, dtypes=(spec.dtype,), writeable=True)
+            check_output(dev, spec)
     given = [s for s in specs if s is not None and s.given is not None]
     for i, spec in enumerate(given):
         if elementwise:
@@ -93,7 +103,7 @@ def produce(dev: Device, outputs, *, reference, kernel, inputs=None, alpha=1.0, 
         results = (results,) if single else tuple(results)
         done = tuple(None if spec is None else _store(dev, spec, r, alpha, beta) for spec, r in zip(specs, results))
     else:
-        done = tuple(None if spec is None else output(dev, spec, stream) for spec in specs)
+        done = tuple(None if spec is None else _buffer(dev, spec, stream) for spec in specs)
         kernel(*done)
     return done[0] if single else done
 
@@ -103,4 +113,4 @@ def _store(dev: Device, spec: Output, result, alpha: float, beta: float):
     if (spec.given is None and alpha == 1.0 and beta == 0.0 and result.dtype == spec.dtype
             and tuple(result.shape) == tuple(spec.shape) and result.flags.c_contiguous):
         return result
-    return accumulate(output(dev, spec), result, alpha, beta)
+    return accumulate(_buffer(dev, spec), result, alpha, beta)
