@@ -100,6 +100,30 @@ def cudnn(device=None, allow_tf32: bool = False):
     return torch
 
 
+def torch_cpu(threads: int):
+    """torch for a CPU baseline with ``threads`` intra-op threads (the same count as our BLAS threads), or None when
+    PyTorch is not installed (the reason in ``TORCH_UNAVAILABLE["reason"]``)."""
+    try:
+        import torch
+    except ImportError as exc:
+        TORCH_UNAVAILABLE["reason"] = f"PyTorch is not installed ({exc}; pip install torch for the CPU baseline)"
+        return None
+    torch.set_num_threads(max(1, int(threads)))
+    return torch
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``) and the cores this process may use."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name} ({cores} cores)"
+
+
 def torch_view(a):
     """Zero-copy torch tensor of a CuPy array (DLPack)."""
     import torch
@@ -121,9 +145,10 @@ def device_info(device) -> dict:
         torch = cudnn()
         if torch is not None:
             info.update(torch=torch.__version__, cudnn=torch.backends.cudnn.version())
-    else:
-        info.update(name=f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
-                    note="not a GPU: times are a correctness smoke of the emulator/reference, not speed figures")
+    elif device.kind == "emu":
+        info.update(name=cpu_name(), note="the CUDA emulator: times are a correctness smoke, not speed figures")
+    else:  # numpy / cpu: the CPU training path, a real speed figure for this CPU
+        info.update(name=cpu_name())
     return info
 
 
@@ -169,8 +194,8 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def write_results(name: str, device, rows: list[dict], columns: list[str], extra: dict | None = None) -> Path:
     """Write benchmarks/results/<name>-<card>-<date>.{json,md} (smoke runs: results/smoke/); returns the .md path."""
     info = device_info(device)
-    # Only GPU measurements are results; emu/numpy smoke runs go to an ignored folder.
-    out_dir = RESULTS_DIR if device.kind == "cuda" else RESULTS_DIR / "smoke"
+    # GPU and CPU-path (numpy, cpu) measurements are results; emulator smoke runs go to an ignored folder.
+    out_dir = RESULTS_DIR / "smoke" if device.kind == "emu" else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "".join(ch if ch.isalnum() else "-" for ch in info.get("name", str(device))).strip("-").lower()
     stem = out_dir / f"{name}-{slug}-{_dt.date.today().isoformat()}"

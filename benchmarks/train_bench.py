@@ -1,7 +1,9 @@
-"""Training throughput (images/s) of a model: ours and the same model in PyTorch, in one run, on the same GPU.
+"""Training throughput (images/s) of a model: ours and the same model in PyTorch, in one run, on the same GPU -- or,
+on the CPU devices (cpu, numpy), on the same CPU with the same number of threads.
 
     python benchmarks/train_bench.py                              # best device, alexnet (synthetic 3x224x224), 128
     python benchmarks/train_bench.py --device cuda:1 --model alexnet-owt
+    python benchmarks/train_bench.py --device cpu --model fmnist --batch-size 64 --threads 1   # the CPU path
     python benchmarks/train_bench.py --device emu --model fmnist --batch-size 8 --steps 1 --warmup 1   # smoke
 
 Rows (printed as JSON lines, appended to --json if given, and written to benchmarks/results/ like every benchmark):
@@ -16,7 +18,8 @@ Rows (printed as JSON lines, appended to --json if given, and written to benchma
   p = 1 - keep, fc layers, cross-entropy averaged over the batch times the cost layer's ``coeff``. FP32 with TF32
   off (cuDNN and matmul), ``cudnn.benchmark = True``, NCHW, the same batch (our images transposed), our initial
   parameters copied in, ``torch.optim.SGD`` with the same momentum and weight decay (weights only, as our
-  ``wdB = 0``), on the same GPU (``--device cuda:N`` makes it torch's current device). Before timing, both models
+  ``wdB = 0``), on the same GPU (``--device cuda:N`` makes it torch's current device) -- or, for ours on a CPU
+  device, PyTorch on the CPU with ``--threads`` intra-op threads, ours with as many BLAS threads. Before timing, both models
   are compared in inference mode (no dropout): each layer alone on a random input, then the whole net on the batch
   (``same-model check``: the worst normwise relative difference; above 1e-4 the run fails), so a wrong
   translation shows there, not as a speed.
@@ -25,24 +28,32 @@ Rows (printed as JSON lines, appended to --json if given, and written to benchma
 Timing -- the same for both sides: ``warmup`` untimed steps (cuDNN's benchmark mode autotunes there), a device
 synchronisation, ``steps`` back-to-back training steps, a synchronisation; wall clock between the two
 synchronisations. Neither side runs as a CUDA graph (our step allocates and makes host-side decisions), so each
-pays its own host overhead, as in real training. Without a GPU (emu/numpy) ours runs as a smoke and the PyTorch row
-is skipped with the reason printed.
+pays its own host overhead, as in real training. ``--repeats`` rounds alternate the two sides (PyTorch, ours,
+PyTorch, ...) so that a machine's drift hits both; each row gives the median round. On emu ours runs as a smoke and the
+PyTorch row is skipped with the reason printed.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
 import numpy as np
 
+try:  # before convnet.cpu sets OMP_WAIT_POLICY for its OpenMP runtime: PyTorch's own runtime keeps its defaults
+    import torch  # noqa: F401
+except ImportError:
+    pass
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (makes `import convnet` work from a source checkout)
 
+from convnet.cpu import loop_threads  # noqa: E402
 from convnet.data import Loader, synthetic  # noqa: E402
-from convnet.devices import get_device  # noqa: E402
+from convnet.devices import blas_threads, get_device  # noqa: E402
 from convnet.geometry import lrn_scale  # noqa: E402
 from convnet.model_file import load_model  # noqa: E402
 from convnet.optim import SGD  # noqa: E402
@@ -195,16 +206,21 @@ def timed_steps(step, sync, warmup, steps) -> float:
     return time.perf_counter() - t
 
 
-def run_torch(torch, net, x, y, args, dev):
-    """The PyTorch twin on the same batch: (row, same-model check)."""
+def torch_side(torch, net, x, y, args, dev):
+    """The PyTorch twin on the same batch, checked to be the same model: (step function, sync, same-model check,
+    settings) for the timing rounds."""
     import torch.nn.functional as F
 
-    device = torch.device("cuda", dev.index)
+    on_gpu = dev.kind == "cuda"
+    device = torch.device("cuda", dev.index) if on_gpu else torch.device("cpu")
     plan = torch_plan(net)
     model = torch_model(torch, net, plan, device)
     coeff = plan[-1].get("coeff", 1.0)
     xt = torch.from_dlpack(x).permute(3, 0, 1, 2).contiguous()  # (C, H, W, N) -> (N, C, H, W)
     yt = torch.from_dlpack(y).long()
+    if not on_gpu:  # torch's CPU convolutions and pooling are fastest on their channels-last layout
+        xt = xt.contiguous(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
     # same-model check, inference mode (no dropout), the same parameters: each layer alone on a random input, then
     # the whole net on the batch (the wiring: joins, flattening)
     model.eval()
@@ -226,28 +242,40 @@ def run_torch(torch, net, x, y, args, dev):
         loss.backward()
         opt.step()
 
-    dt = timed_steps(step, torch.cuda.synchronize, args.warmup, args.steps)
-    row = {"what": "train step (compute), PyTorch twin", "model": args.model, "device": f"torch cuda:{dev.index}",
-           "batch": args.batch_size, "images_per_s": args.steps * args.batch_size / dt,
-           "ms_per_step": dt / args.steps * 1e3, "gflop_per_s": 3 * net.flops() * args.batch_size * args.steps / dt / 1e9,
-           "same_model_rel_diff": check, "same_model_per_layer": per_layer,
-           "settings": f"FP32, TF32 off, cudnn.benchmark, NCHW, torch {torch.__version__}, "
-                       f"cuDNN {torch.backends.cudnn.version()}"}
-    return row, check
+    if on_gpu:
+        settings = (f"FP32, TF32 off, cudnn.benchmark, NCHW, torch {torch.__version__}, "
+                    f"cuDNN {torch.backends.cudnn.version()}")
+    else:
+        settings = (f"FP32, CPU, {torch.get_num_threads()} thread(s), channels_last, torch {torch.__version__} "
+                    f"(oneDNN {'on' if torch.backends.mkldnn.is_available() else 'off'})")
+    return step, (torch.cuda.synchronize if on_gpu else (lambda: None)), check, per_layer, settings
+
+
+def step_row(what, device, args, net, seconds: list[float]) -> dict:
+    """A timing row from the rounds' seconds (the median round)."""
+    dt = statistics.median(seconds)
+    return {"what": what, "model": args.model, "device": device, "batch": args.batch_size,
+            "images_per_s": args.steps * args.batch_size / dt, "ms_per_step": dt / args.steps * 1e3,
+            "gflop_per_s": 3 * net.flops() * args.batch_size * args.steps / dt / 1e9,
+            "ms_per_step_rounds": [round(t / args.steps * 1e3, 3) for t in seconds]}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default=None, help="cuda, cuda:N, emu or numpy (default: best available)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N, cpu, numpy or emu (default: best available)")
     p.add_argument("--model", default="alexnet", help="a shipped model name or a model-file path")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timing rounds per side, alternating (median reported)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU devices: BLAS threads for ours and intra-op threads for PyTorch (default 1)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
     p.add_argument("--json", help="append the rows as JSON lines to this file")
     p.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/")
     a = p.parse_args(argv)
     dev = get_device(a.device)
+    on_host = dev.kind != "cuda"
     net, _ = load_model(a.model, device=dev)
     opt = SGD(net, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     shape = net.data_layer.out_shape
@@ -255,35 +283,47 @@ def main(argv=None):
     ld = Loader(ds.train_x, ds.train_y, a.batch_size, train=True, out_hw=shape[1:], mean=ds.mean_image(),
                 flip=True, device=dev, prefetch=0)
     x, y = ld.make_batch(0, 0)
-    if dev.kind != "cuda":
-        print(f"NOTE: {dev} is not a GPU: a smoke run, the images/s below are NOT speed figures.")
+    if dev.kind == "emu":
+        print(f"NOTE: {dev} is the CUDA emulator: a smoke run, the images/s below are NOT speed figures.")
 
     torch = None
     if not a.no_torch:
-        torch = common.cudnn(dev, allow_tf32=False)
+        if dev.kind == "emu":
+            common.TORCH_UNAVAILABLE["reason"] = f"ours runs on {dev}: a smoke, not a speed figure"
+        else:
+            torch = common.torch_cpu(a.threads) if on_host else common.cudnn(dev, allow_tf32=False)
         if torch is None:
             print(f"PyTorch twin skipped: {common.TORCH_UNAVAILABLE['reason']}")
-    res = []
-    check = None
+    theirs = None
     if torch is not None:  # first, from the same initial parameters as ours (before our steps move them)
         try:
-            row, check = run_torch(torch, net, x, y, a, dev)
-            res.append(row)
+            theirs = torch_side(torch, net, x, y, a, dev)
         except Exception as exc:  # noqa: BLE001 - report, keep our numbers
             print(f"PyTorch twin failed: {type(exc).__name__}: {exc}")
-            res.append({"what": "train step (compute), PyTorch twin", "model": a.model, "error": str(exc)})
 
     def step(i):
         net.forward(x, y, train=True, step=i)
         net.backward()
         opt.step()
 
-    dt = timed_steps(step, dev.synchronize, a.warmup, a.steps)
-    res.insert(0, {"what": "train step (compute), ours", "model": a.model, "device": str(dev), "batch": a.batch_size,
-                   "images_per_s": a.steps * a.batch_size / dt, "ms_per_step": dt / a.steps * 1e3,
-                   "gflop_per_s": 3 * net.flops() * a.batch_size * a.steps / dt / 1e9})
-    if len(res) > 1 and "images_per_s" in res[1]:
-        res[0]["ours/torch images_per_s"] = res[0]["images_per_s"] / res[1]["images_per_s"]
+    ours_s, theirs_s = [], []
+    with blas_threads(a.threads if on_host else 0), loop_threads(a.threads if on_host else 1):
+        for _ in range(max(1, a.repeats)):
+            if theirs is not None:
+                theirs_s.append(timed_steps(theirs[0], theirs[1], a.warmup, a.steps))
+            ours_s.append(timed_steps(step, dev.synchronize, a.warmup, a.steps))
+    res = [step_row("train step (compute), ours", str(dev) + (f", {a.threads} BLAS thread(s)" if on_host else ""),
+                    a, net, ours_s)]
+    check = None
+    if theirs is not None:
+        _, _, check, per_layer, settings = theirs
+        row = step_row("train step (compute), PyTorch twin", f"torch {'cpu' if on_host else f'cuda:{dev.index}'}",
+                       a, net, theirs_s)
+        row.update(same_model_rel_diff=check, same_model_per_layer=per_layer, settings=settings)
+        res.append(row)
+        res[0]["ours/torch images_per_s"] = res[0]["images_per_s"] / row["images_per_s"]
+    elif torch is not None:
+        res.append({"what": "train step (compute), PyTorch twin", "model": a.model, "error": "failed (see log)"})
     t = time.perf_counter()
     for b in range(4):
         ld.make_batch(1, b)
@@ -303,10 +343,14 @@ def main(argv=None):
     if not a.no_write:
         columns = ["what", "model", "device", "batch", "images_per_s", "ms_per_step", "gflop_per_s",
                    "ours/torch images_per_s", "same_model_rel_diff"]
-        extra = {"steps": a.steps, "warmup": a.warmup, "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
-                 "timing": "warm-up steps, sync, N back-to-back steps, sync; wall clock; the same for both sides",
+        extra = {"steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "threads": a.threads if on_host else None,
+                 "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
+                 "timing": "per round: warm-up steps, sync, N back-to-back steps, sync; wall clock; rounds alternate "
+                           "PyTorch and ours; the median round; the same for both sides",
                  "torch_plan": torch_plan(net)}
-        path = common.write_results(f"train-{net.name}", dev, res, columns, extra)
+        cpu_path = dev.kind in ("cpu", "numpy")  # a CPU measurement: its batch and threads name the file
+        path = common.write_results(f"train-{net.name}" + (f"-b{a.batch_size}-t{a.threads}" if cpu_path else ""),
+                                    dev, res, columns, extra)
         print(f"wrote {path}")
     return 1 if check is not None and not check < SAME_MODEL_TOL else 0
 

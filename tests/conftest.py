@@ -4,7 +4,7 @@ tools/gpu_check.sh tell "the GPU tests passed" from "the GPU tests did not run".
 Markers (registered in pyproject.toml):
 
 * ``cuda``: the test runs code on a GPU. Set automatically on every test that gets a cuda Device as a parameter
-  (``kernel_device``/``any_device`` or a parametrize list from ``helpers``) or uses the ``cuda_device`` fixture;
+  (``kernel_device``/``compiled_device``/``any_device`` or a parametrize list from ``helpers``) or uses the ``cuda_device`` fixture;
   a test that reaches the GPU some other way says ``@pytest.mark.cuda`` itself. ``pytest -m cuda`` runs them.
 * ``sanitize``: a small-shape kernel test of the subset that tools/gpu_check.sh runs under compute-sanitizer
   (``pytest -m "sanitize and cuda"``). Keep it small: each of the four tools must give its verdict in minutes.
@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` from any test folder
 
-from helpers import ALL_DEVICES, CUDA_DEVICES, KERNEL_DEVICES  # noqa: E402
+from helpers import ALL_DEVICES, COMPILED_DEVICES, CUDA_DEVICES, KERNEL_DEVICES  # noqa: E402
 
 from convnet.devices import Device  # noqa: E402
 
@@ -36,7 +36,15 @@ ALLOWED_CUDA_SKIPS = {
 
 @pytest.fixture(params=KERNEL_DEVICES)
 def kernel_device(request):
-    """Each device that runs the compiled kernels: emu always, cuda:0 when a GPU works (else skipped)."""
+    """Each implementation checked against the NumPy reference: the compiled kernels on emu (always) and cuda:0 (when
+    a GPU works, else skipped), and the fast CPU path (cpu)."""
+    return request.param
+
+
+@pytest.fixture(params=COMPILED_DEVICES)
+def compiled_device(request):
+    """Each device that runs the compiled kernels (emu; cuda:0 when a GPU works): tests of the kernels' internals
+    (dispatch tables, split plans, workspaces)."""
     return request.param
 
 

@@ -1,8 +1,8 @@
 """Test helpers shared by every op's tests: devices, schedules, random data, comparisons, finite differences,
 bad-input tables and benchmark loading. A test file keeps only what is specific to its op.
 
-Every kernel test runs on ``emu`` (always; CI has no GPU) and on ``cuda`` when a GPU is usable, against the
-NumPy reference on the host. ``conftest.py`` turns the device lists into the ``kernel_device``, ``any_device`` and
+Every kernel test runs on ``emu`` (always; CI has no GPU), on ``cuda`` when a GPU is usable, and on ``cpu`` (the fast
+CPU path, ``convnet.cpu``), against the NumPy reference on the host. ``conftest.py`` turns the device lists into the ``kernel_device``, ``any_device`` and
 ``cuda_device`` fixtures, and marks every test that gets a cuda device ``cuda`` (tools/gpu_check.sh counts them).
 """
 from __future__ import annotations
@@ -37,10 +37,17 @@ def _emu_param():
     return pytest.param(Device("emu"), id="emu")
 
 
+def _cpu_param():
+    get_device("cpu")  # convnet._cpu must be built: a missing module is a failure, not a skip
+    return pytest.param(Device("cpu"), id="cpu")
+
+
 NUMPY = Device("numpy")
 EMU = Device("emu")
+CPU = Device("cpu")
 CUDA_DEVICES = [_cuda_param()]                                     # GPU-only tests (skipped here, with the reason)
-KERNEL_DEVICES = [_emu_param(), *CUDA_DEVICES]                      # the compiled kernels
+COMPILED_DEVICES = [_emu_param(), *CUDA_DEVICES]                    # the compiled kernels (tests of their internals)
+KERNEL_DEVICES = [*COMPILED_DEVICES, _cpu_param()]                  # every implementation checked against numpy
 ALL_DEVICES = [pytest.param(NUMPY, id="numpy")] + KERNEL_DEVICES    # and the NumPy reference device
 
 

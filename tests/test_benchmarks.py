@@ -98,7 +98,7 @@ def test_train_bench_emu_smoke(tmp_path, monkeypatch, capsys):
     assert [r["what"] for r in lines] == ["train step (compute), ours", "loader (one thread)"]
     assert lines[0]["images_per_s"] > 0
     data, md = _written(tmp_path)
-    assert data["benchmark"] == "train-fmnist" and len(data["rows"]) == 2
+    assert data["benchmark"] == "train-fmnist" and len(data["rows"]) == 2  # emu: no batch/threads in the name
 
 
 def test_train_bench_twin_plan_is_read_from_the_model_file():

@@ -63,8 +63,9 @@ SPLIT_CASES = [SMALL[8], ("split-scalar-groups", 6, 15, 13, 3, 9, 3, 3, 1, 1, 3)
 
 @contextlib.contextmanager
 def forced(device, row=-1, wgrad_splits=0):
-    """Force a dispatch-table row and/or the filter-gradient split count (kernel devices only)."""
-    if device.kind == "numpy":
+    """Force a dispatch-table row and/or the filter-gradient split count (compiled kernels only; a no-op on the host
+    devices, which have neither)."""
+    if device.runs_reference:
         yield
         return
     k = device.kernels
@@ -152,13 +153,13 @@ def test_small_geometries(kernel_device, g):
 @pytest.mark.parametrize("splits", [2, 3, 8])
 @pytest.mark.parametrize("g", SPLIT_CASES, ids=[g[0] for g in SPLIT_CASES])
 @pytest.mark.sanitize
-def test_filter_gradient_split(kernel_device, g, splits):
+def test_filter_gradient_split(compiled_device, g, splits):
     """The filter gradient summed in chunks (partial sums + a reduction kernel), as the GPU plans do."""
     geo = _geometry(g)
-    with forced(kernel_device, wgrad_splits=splits):
-        plan = kernel_device.kernels.conv_plan(kernel_device.kernels.ConvPass.backward_filter, _geom_tuple(g))
+    with forced(compiled_device, wgrad_splits=splits):
+        plan = compiled_device.kernels.conv_plan(compiled_device.kernels.ConvPass.backward_filter, _geom_tuple(g))
         assert int(re.search(r"(\d+) split", plan).group(1)) == min(splits, geo.OH * geo.OW * geo.N // 256), plan
-        _run_and_check(kernel_device, g, seed=splits, which=("wgrad",))
+        _run_and_check(compiled_device, g, seed=splits, which=("wgrad",))
 
 
 @st.composite
@@ -280,10 +281,10 @@ def test_bias_gradient_odd_sizes(kernel_device):
         _check(f"bias {shape}", db, want, np.abs(dy.astype(np.float64)).reshape(shape[0], -1).sum(axis=1), k)
 
 
-def test_bias_gradient_chunked(kernel_device):
+def test_bias_gradient_chunked(compiled_device):
     """Rows cut into chunks (partial sums in a workspace, then a fixed-order sum): both load paths (a misaligned dy
     takes the scalar one), accumulate into out, and the workspace is what the plan says."""
-    dev = kernel_device
+    dev = compiled_device
     k = dev.kernels
     rng = np.random.default_rng(21)
     for shape in BIAS_CHUNKED:
@@ -428,14 +429,14 @@ N_TILE_ROWS = 8
 
 @pytest.mark.parametrize("row", range(N_TILE_ROWS))
 @pytest.mark.sanitize
-def test_every_tile_row(kernel_device, row):
+def test_every_tile_row(compiled_device, row):
     """Force each row of the dispatch table (both load paths) on ragged geometries."""
-    k = kernel_device.kernels
+    k = compiled_device.kernels
     assert k.conv_tile_count() == N_TILE_ROWS, "update N_TILE_ROWS when the dispatch table changes"
     for splits in (0, 2):
-        with forced(kernel_device, row, splits):
+        with forced(compiled_device, row, splits):
             for g in TILE_CASES:
-                _run_and_check(kernel_device, g, seed=row, which=("fwd", "dgrad", "wgrad") if splits == 0 else
+                _run_and_check(compiled_device, g, seed=row, which=("fwd", "dgrad", "wgrad") if splits == 0 else
                                ("wgrad",))
 
 

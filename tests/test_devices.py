@@ -26,14 +26,14 @@ def test_bad_device_specs(spec, exc, match):
 def test_report_lists_every_kind_with_a_reason():
     report = device_report()
     kinds = {entry["device"].split(":")[0] for entry in report}
-    assert kinds == {"numpy", "emu", "cuda"}
+    assert kinds == {"numpy", "cpu", "emu", "cuda"}
     assert all(entry["detail"] for entry in report)
     assert next(e for e in report if e["device"] == "emu")["usable"]
 
 
 def test_best_device_and_unavailable_cuda():
     usable_gpu = any(e["usable"] for e in device_report() if e["device"].startswith("cuda"))
-    assert get_device(None) == (Device("cuda", 0) if usable_gpu else Device("numpy"))
+    assert get_device(None) == (Device("cuda", 0) if usable_gpu else Device("cpu"))
     if not usable_gpu:
         with pytest.raises(DeviceUnavailable, match="not usable"):
             get_device("cuda")

@@ -175,7 +175,9 @@ def test_virtual_devices_give_identical_results():
     a = _net()
     b = _net()
     for name in ("conv1b", "relu1b", "conv2", "fc4"):
-        b.layers[name].device = Device("numpy", 1)
+        layer = b.layers[name]
+        layer.device = Device("numpy", 1)
+        layer.params = {k: layer.device.asarray(v) for k, v in layer.params.items()}  # its parameters move with it
     x, y = _batch(a)
     pa = a.forward(x, y, train=True, step=1)
     a.backward()

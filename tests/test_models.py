@@ -143,7 +143,7 @@ def test_per_layer_devices_in_model_files():
         build_net(text, "base.cfg", devices="numpy")
     with pytest.raises(ModelFileError, match="not the first of the devices"):
         build_net(text, "base.cfg", device="emu", devices="numpy,numpy:1")
-    net, _ = build_net(BASE.replace("outputs = 3", "outputs = 3\ndevice = numpy:1"), "base.cfg")
+    net, _ = build_net(BASE.replace("outputs = 3", "outputs = 3\ndevice = numpy:1"), "base.cfg", device="numpy")
     assert str(net.layers["fc"].device) == "numpy:1" and str(net.layers["probs"].device) == "numpy"
     x = np.zeros((1, 8, 8, 2), np.float32)
     y = np.array([0, 2], np.int32)

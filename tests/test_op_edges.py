@@ -8,6 +8,7 @@ rule applies):
 * integers too large for the kernels' 32-bit arguments are a named ValueError before pybind11 sees them;
   ``softmax_cross_entropy`` checks its 2**31 limit before allocating; ``dropout_mask`` takes integer shapes only;
 * top-k counts a NaN or infinite score as an error;
+* an array of another virtual device (``emu:0`` given to an op on ``emu:1``) is a TypeError from every op;
 * the emulator's controls reject NaN / negative watchdog times.
 """
 import math
@@ -71,6 +72,54 @@ def test_read_only_out_is_rejected(dev, op):
         call(dev, a, out)
     assert frozen == bytes(len(frozen))  # untouched
     call(dev, a, dev.zeros(shape))  # the same call with a writeable out works
+
+
+class _Recording(dict):
+    """An op call's inputs, recording which of them the call reads."""
+
+    def __init__(self, arrays):
+        super().__init__(arrays)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "cpu", "emu"])
+@pytest.mark.parametrize("op", list(OUT_OPS))
+def test_every_op_rejects_each_array_of_another_virtual_device(kind, op):
+    """Issue 11, section 4: on kind:1 every array argument and ``out`` of kind:0 is a TypeError naming both devices,
+    and the other way round (a copy between virtual devices left out fails); with its own arrays the call works."""
+    shape, call = OUT_OPS[op]
+    for dev, other in ((Device(kind, 1), Device(kind, 0)), (Device(kind, 0), Device(kind, 1))):
+        a = _Recording(_inputs(dev, np.random.default_rng(3)))
+        call(dev, a, dev.zeros(shape))
+        assert a.read
+        wrong = fr"must be a numpy.ndarray for device {dev}, got numpy.ndarray of {other.kind}:{other.index}\b"
+        for key in sorted(a.read):
+            swapped = dict(a, **{key: other.asarray(dict.__getitem__(a, key))})
+            with pytest.raises(TypeError, match=wrong):
+                call(dev, swapped, dev.zeros(shape))
+        with pytest.raises(TypeError, match=r"^out\S* " + wrong):
+            call(dev, a, other.zeros(shape))
+
+
+@pytest.mark.parametrize("kind", ["numpy", "cpu", "emu"])
+def test_every_op_result_on_a_virtual_device_is_of_that_device(kind):
+    """What an op returns on kind:1 (allocated, or the reference's result adopted) is accepted there, not on kind:0."""
+    dev, other = Device(kind, 1), Device(kind, 0)
+    a = _inputs(dev, np.random.default_rng(4))
+    for op, (_, call) in OUT_OPS.items():
+        result = call(dev, a, None)
+        for r in result if isinstance(result, tuple) else (result,):
+            assert dev.is_array(r) and not other.is_array(r), op
+
+
+@pytest.mark.parametrize("kind", ["numpy", "emu"])
+def test_dropout_mask_on_a_virtual_device_is_of_that_device(kind):
+    mask = ops.dropout_mask(Device(kind, 1), (3, 4), 0.5, 7)
+    assert Device(kind, 1).is_array(mask) and not Device(kind, 0).is_array(mask)
 
 
 @pytest.mark.parametrize("dev", DEVICES)

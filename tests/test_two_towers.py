@@ -1,6 +1,7 @@
 """The paper's two-GPU split (issue 11, sections 1-2): the ``alexnet-2gpu`` model (two towers, ``device = 0|1``),
 the tower -> device mapping (``devices`` / ``--devices``), the copy op between devices (host devices here; the cuda
-logic on a fake CUDA runtime), and the bytes exchanged per step checked against a count by hand."""
+logic on a fake CUDA runtime), the bytes exchanged per step checked against a count by hand, and a missing copy
+between two virtual devices caught by the device checks (section 4)."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,8 @@ from convnet.devices.backend_cuda import GpuCopier
 from convnet.model_file import build_net, load_model, resolve_model
 from convnet.train import run
 from helpers import EMU, NUMPY
+
+HOST_KINDS = ("numpy", "cpu", "emu")  # the kinds whose indices are virtual devices of the host
 
 SIZE = 95  # small, and pool5 is still 2x2 (conv1 23, pool1 11, pool2 5): fc6 joins two real image inputs
 BATCH = 3
@@ -94,15 +97,18 @@ def test_alexnet_2gpu_is_alexnet_in_two_towers():
     assert two.layers["conv3b"].inputs == ["pool2a", "pool2b"] and two.layers["fc8"].inputs == ["drop7a", "drop7b"]
 
 
-def test_alexnet_2gpu_computes_the_grouped_alexnet_on_emu():
+@pytest.mark.parametrize("kind", HOST_KINDS)
+def test_alexnet_2gpu_computes_the_grouped_alexnet_on_virtual_devices(kind):
     """Same function: alexnet's parameters copied over, the forward outputs and every parameter gradient of the two
-    towers on emu:0/emu:1 equal alexnet's on emu within float32 rounding (input 63x63, batch 3; dropout off, since
-    the masks are drawn per layer)."""
-    one, _ = build_net(_text("alexnet"), "alexnet.cfg", device="emu", seed=0)
-    two, _ = build_net(_text("alexnet-2gpu"), "alexnet-2gpu.cfg", devices="emu:0,emu:1", seed=1)
-    assert [str(d) for d in two.devices] == ["emu", "emu:1"]
-    assert str(two.layers["conv5b"].device) == "emu:1" and str(two.layers["fc8"].device) == "emu"
+    towers on kind:0/kind:1 (two virtual devices, whose arrays each accepts only its own) equal alexnet's on kind:0
+    within float32 rounding (input 95x95, batch 3; dropout off, since the masks are drawn per layer)."""
+    one, _ = build_net(_text("alexnet"), "alexnet.cfg", device=kind, seed=0)
+    two, _ = build_net(_text("alexnet-2gpu"), "alexnet-2gpu.cfg", devices=f"{kind}:0,{kind}:1", seed=1)
+    assert [str(d) for d in two.devices] == [kind, f"{kind}:1"]
+    assert str(two.layers["conv5b"].device) == f"{kind}:1" and str(two.layers["fc8"].device) == kind
     two.load_state_dict(split_alexnet(one.state_dict()))
+    w1 = two.layers["conv5b"].params["w"]
+    assert two.devices[1].is_array(w1) and not two.devices[0].is_array(w1)  # tower 1's memory is its own
     rng = np.random.default_rng(7)
     x = rng.standard_normal((3, SIZE, SIZE, BATCH), dtype=np.float32)
     y = np.array([3, 999, 0], np.int32)
@@ -119,7 +125,7 @@ def test_alexnet_2gpu_computes_the_grouped_alexnet_on_emu():
         np.testing.assert_allclose(g2[k], g1[k], rtol=0, atol=2e-5 * scale, err_msg=k)
     # and the bytes that crossed are the hand count at this size (forward + backward of the step)
     to_1, to_0 = hand_count(SIZE, BATCH)
-    assert two.exchange.bytes == {("emu", "emu:1"): to_1, ("emu:1", "emu"): to_0}
+    assert two.exchange.bytes == {(kind, f"{kind}:1"): to_1, (f"{kind}:1", kind): to_0}
     assert one.exchange.bytes == {} and one.exchange_plan() == {}
 
 
@@ -231,7 +237,7 @@ def test_copy_between_host_devices_is_a_real_copy(src, dst):
     b = ops.copy(dst, a, src)
     assert dst.is_array(b) and b.dtype == a.dtype and np.array_equal(b, a)
     assert not np.shares_memory(a, b)
-    labels = np.array([3, 1], np.int32)
+    labels = src.asarray(np.array([3, 1], np.int32))
     assert np.array_equal(ops.copy(dst, labels, src), labels)
     out = dst.zeros((2, 3, 4), np.float32)
     assert ops.copy(dst, a, src, out=out) is out and np.array_equal(out, a)
@@ -388,20 +394,68 @@ def test_cuda_peer_access_enabled_elsewhere_is_fine_and_other_errors_are_not():
 
 
 # ------------------------------------------------------------------------------------------ training, summary
-def test_training_on_two_virtual_devices_logs_the_exchanged_bytes(tmp_path):
+@pytest.mark.parametrize("kind", HOST_KINDS)
+def test_training_on_two_virtual_devices_logs_the_exchanged_bytes(tmp_path, kind):
     model = tmp_path / "two.cfg"
     model.write_text(TWO_TOWERS)
     logs = []
     res = run(["--model", str(model), "--out", str(tmp_path / "run"), "--no-progress", "--no-plots",
-               "--synthetic-train", "32", "--synthetic-test", "16", "--devices", "emu:0,emu:1"], log=logs.append)
+               "--synthetic-train", "32", "--synthetic-test", "16", "--devices", f"{kind}:0,{kind}:1"],
+              log=logs.append)
     rec = res["history"][-1]
     # float32: forward the images (64) and conva (192) to tower 1 and the logits (4) back; backward the logits'
     # gradient (4) to tower 1 and conva's (192) back; convb sends none into the data
-    plan = {"emu->emu:1": 4 * (64 + 192 + 4), "emu:1->emu": 4 * (4 + 192)}
-    assert rec["exchanged_bytes_per_image"] == plan and rec["device"] == "emu"
+    plan = {f"{kind}->{kind}:1": 4 * (64 + 192 + 4), f"{kind}:1->{kind}": 4 * (4 + 192)}
+    assert rec["exchanged_bytes_per_image"] == plan and rec["device"] == kind
     last = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert last["exchanged_bytes_per_image"] == plan
-    assert any("towers 0=emu, 1=emu:1" in line and "emu->emu:1 1,040 B" in line for line in logs), logs
+    assert any(f"towers 0={kind}, 1={kind}:1" in line and f"{kind}->{kind}:1 1,040 B" in line for line in logs), logs
+
+
+@pytest.mark.parametrize("crops", ["2", "10"])
+def test_evaluation_with_views_on_a_virtual_device(tmp_path, crops):
+    model = tmp_path / "two.cfg"
+    model.write_text(TWO_TOWERS)
+    run(["--model", str(model), "--out", str(tmp_path / "run"), "--no-progress", "--no-plots", "--synthetic-train",
+         "32", "--synthetic-test", "16", "--devices", "numpy:1,numpy:0", "--eval-crops", crops], log=lambda s: None)
+
+
+# which copy is left out (producer, consumer) -> the check that catches it, as an error message
+MISSING_COPIES = {
+    # forward, into an op: conv_forward on emu:1 is given the images of tower 0
+    ("data", "convb"): r"x must be a numpy.ndarray for device {k}:1, got numpy.ndarray of {k}:0 \(untagged",
+    # forward, into a join (not an op): the graph checks the inputs it concatenates
+    ("conva", "fc"): r"layer 'fc' on {k}:1: input 'conva' is a numpy.ndarray of {k}:0 \(untagged host memory\), "
+                     r"not an array of {k}:1 \(a copy between devices is missing\)",
+    # forward, tower 1 -> tower 0: the softmax op on kind:0 is given tower 1's logits
+    ("fc", "probs"): r"logits must be a numpy.ndarray for device {k}, got numpy.ndarray of {k}:1$",
+    # backward: the gradient sent back to conva's device
+    ("fc", "conva"): r"layer 'conva' on {k}: the gradient of its output from 'fc' is a numpy.ndarray of {k}:1, "
+                     r"not an array of {k}",
+}
+
+
+@pytest.mark.parametrize("kind", HOST_KINDS)
+@pytest.mark.parametrize("pair", MISSING_COPIES, ids="->".join)
+def test_a_missing_copy_between_virtual_devices_fails_the_device_check(monkeypatch, kind, pair):
+    """The graph's copy step for one exchange passes the array through unchanged (as a graph that forgot the copy
+    would): the next op (or the join, or the gradient sum) on the other virtual device rejects it, naming both."""
+    net, _ = build_net(TWO_TOWERS, "two.cfg", devices=f"{kind}:0,{kind}:1")
+    real = net._copy
+    dropped = []
+
+    def copy_but_one(a, src, dst):
+        if (src.name, dst.name) == pair:
+            dropped.append(pair)
+            return a
+        return real(a, src, dst)
+
+    monkeypatch.setattr(net, "_copy", copy_but_one)
+    x = np.random.default_rng(1).standard_normal((1, 8, 8, 5), dtype=np.float32)
+    with pytest.raises(TypeError, match=MISSING_COPIES[pair].format(k=kind)):
+        net.forward(x, np.arange(5, dtype=np.int32) % 4)
+        net.backward()
+    assert dropped == [pair]
 
 
 def test_devices_flag_errors_and_summary(tmp_path, capsys):

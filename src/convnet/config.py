@@ -54,7 +54,8 @@ class Config:
                                            "python -m convnet.data.prepare) (default: the model file's)", train=True)
     data: str | None = setting(None, "dataset directory (Fashion-MNIST IDX files; CIFAR-10 python batches; "
                                         "imagenet: the prepared directory)")
-    device: str | None = setting(None, "numpy | emu | cuda | cuda:N (default: cuda if usable, else numpy)")
+    device: str | None = setting(None, "cpu | numpy | emu | cuda | cuda:N (default: cuda if usable, else cpu, the fast "
+                                        "CPU path; numpy is the plain NumPy reference)")
     devices: str | None = setting(None, "the devices of the model's towers (layers with device = 0, 1, ...), e.g. "
                                         "cuda:0,cuda:1 or emu:0,emu:1; the first is the net's device "
                                         "(default: every tower on --device)")

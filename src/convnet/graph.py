@@ -274,15 +274,18 @@ class Net:
         return self._copies[key]
 
     def _gather(self, l, acts):
-        """The input of layer ``l``: its inputs' activations on its device, joined along the first axis."""
+        """The input of layer ``l``: its inputs' activations on its device, joined along the first axis (a join is
+        not an op: its inputs are checked here, as an op checks its own)."""
         arrays = [self._fetch(acts, i, l) for i in l.inputs]
         if len(arrays) == 1:
             return arrays[0]
+        for i, a in zip(l.inputs, arrays):
+            _check_on(l, a, f"input '{i}'")
         xp = l.device.xp
         n = arrays[0].shape[-1]
         if len(l.in_shape) == 3:
-            return xp.concatenate(arrays, axis=0)
-        return xp.concatenate([a.reshape(-1, n) for a in arrays], axis=0)
+            return l.device.adopt(xp.concatenate(arrays, axis=0))
+        return l.device.adopt(xp.concatenate([a.reshape(-1, n) for a in arrays], axis=0))
 
     def forward(self, x, labels=None, *, train=False, step=0):
         """Run the net on a batch ``x`` (data layout, on the data layer's device). Returns probabilities."""
@@ -327,7 +330,7 @@ class Net:
             for i, part in zip(l.inputs, parts):
                 src = self.layers[i]
                 if not isinstance(src, Data):  # no gradient into the data; sums on the producer's device
-                    self._accumulate(grads, src, self._copy(part, l, src))
+                    self._accumulate(grads, src, self._copy(part, l, src), l)
         self._ctxs = None
 
     def _split(self, l, dx):
@@ -346,11 +349,13 @@ class Net:
         return parts
 
     @staticmethod
-    def _accumulate(grads, src, part):
-        """Add ``part`` to the gradient of layer ``src``'s output (a layer read by several consumers gets the sum)."""
+    def _accumulate(grads, src, part, consumer):
+        """Add ``part`` (from layer ``consumer``) to the gradient of layer ``src``'s output (a layer read by several
+        consumers gets the sum, on its device)."""
+        _check_on(src, part, f"the gradient of its output from '{consumer.name}'")
         with src.device.activate():
             part = part.reshape(*src.out_shape, part.shape[-1])
-            grads[src.name] = grads[src.name] + part if src.name in grads else part
+            grads[src.name] = src.device.adopt(grads[src.name] + part) if src.name in grads else part
 
     # --- report ----------------------------------------------------------------------------------------------
     def summary(self):
@@ -359,6 +364,13 @@ class Net:
 
     def flops(self):
         return sum(l.flops() for l in self.order)
+
+
+def _check_on(layer, a, what):
+    """TypeError unless ``a`` is an array of ``layer``'s device (else a copy between placements is missing)."""
+    if not layer.device.is_array(a):
+        raise TypeError(f"layer '{layer.name}' on {layer.device}: {what} is a {layer.device.describe_array(a)}, "
+                        f"not an array of {layer.device} (a copy between devices is missing)")
 
 
 def _is_tower(device) -> bool:

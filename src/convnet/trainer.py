@@ -324,13 +324,14 @@ class Trainer:
             for x, y in batches:
                 p = self.net.forward(x)
                 if mirror:
-                    p = (p + self.net.forward(xp.ascontiguousarray(x[:, :, ::-1, :]))) * p.dtype.type(0.5)
+                    mirrored = self.device.adopt(xp.ascontiguousarray(x[:, :, ::-1, :]))
+                    p = self.device.adopt((p + self.net.forward(mirrored)) * p.dtype.type(0.5))
                 if views > 1:  # the softmax outputs of the views, summed in view order, then averaged
                     acc = p.copy() if k == 0 else acc + p
                     k += 1
                     if k < views:
                         continue
-                    p, acc, k = acc * p.dtype.type(1 / views), None, 0
+                    p, acc, k = self.device.adopt(acc * p.dtype.type(1 / views)), None, 0
                 errs = ops.topk_errors(self.device, p, y, ks=(1, 5) if k5 else (1,))
                 wrong1 += errs[0]
                 wrong5 += errs[1] if k5 else 0

@@ -20,10 +20,11 @@ from .base import DataError
 
 
 def _array_tools(dev):
-    """(array module, upload function) of a loader's device; None is host NumPy."""
+    """(array module, upload function, adopt: a batch computed with the array module as the device's) of a loader's
+    device; None is host NumPy."""
     if dev is None:
-        return np, (lambda a, dt=None: np.ascontiguousarray(a, dtype=dt))
-    return dev.xp, dev.asarray
+        return np, (lambda a, dt=None: np.ascontiguousarray(a, dtype=dt)), (lambda a: a)
+    return dev.xp, dev.asarray, dev.adopt
 
 class Loader:
     """Produces preprocessed batches ``(x (C,H,W,N) float32 on device, labels (N,) int32 on device)``.
@@ -100,7 +101,7 @@ class Loader:
     def _finish(self, img, geom, valid, labels):
         """Device part: to float, subtract the identically transformed mean, scale, transpose to CHWN."""
         dev = self.device
-        xp, put = _array_tools(dev)
+        xp, put, adopt = _array_tools(dev)
         with (dev.activate() if dev is not None else contextlib.nullcontext()):
             mean = self._mean_on(dev)
             x = put(img).astype(np.float32)
@@ -114,7 +115,7 @@ class Loader:
                 x -= m
             if self.scale != 1.0:
                 x *= self.scale
-            xb = xp.ascontiguousarray(x.transpose(3, 1, 2, 0), dtype=self.dtype)
+            xb = adopt(xp.ascontiguousarray(x.transpose(3, 1, 2, 0), dtype=self.dtype))
             return xb, put(np.asarray(labels, np.int32))
 
     def _mean_on(self, dev):
@@ -245,7 +246,7 @@ class PreparedLoader(Loader):
     def _finish(self, img, light, valid, labels):
         """Device part: to float, minus the mean's centre crop, plus each image's lighting offset, scale, CHWN."""
         dev = self.device
-        xp, put = _array_tools(dev)
+        xp, put, adopt = _array_tools(dev)
         with (dev.activate() if dev is not None else contextlib.nullcontext()):
             # transposed to CHWN while uint8 (a quarter of the bytes of float32), then the float work in place in
             # that layout: the same operations per element, in the same order, as on NHWC
@@ -255,7 +256,7 @@ class PreparedLoader(Loader):
                 x += put(np.ascontiguousarray(np.asarray(light, np.float32).T))[:, None, None, :]
             if self.scale != 1.0:
                 x *= self.scale
-            xb = xp.ascontiguousarray(x, dtype=self.dtype)
+            xb = adopt(xp.ascontiguousarray(x, dtype=self.dtype))
             return xb, put(np.asarray(labels, np.int32))
 
     def _mean_chwn_on(self, dev):

@@ -1,7 +1,9 @@
-"""Devices are values: ``numpy``, ``emu``, ``cuda:0``, ``cuda:1``; each kind is a backend found by name.
+"""Devices are values: ``numpy``, ``cpu``, ``emu``, ``cuda:0``, ``cuda:1``; each kind is a backend found by name.
 
-* ``numpy``  -- the NumPy reference implementations (``convnet.reference``): the test oracle and the CPU training
-  fallback. Arrays are ``numpy.ndarray``; float32 and float64.
+* ``numpy``  -- the NumPy reference implementations (``convnet.reference``): the test oracle. Arrays are
+  ``numpy.ndarray``; float32 and float64.
+* ``cpu``    -- the fast CPU path (``convnet.cpu``: BLAS GEMMs around compiled host loops, ``convnet._cpu``), checked
+  against the reference like the kernels: the training device without a GPU. float32.
 * ``emu``    -- the project's CUDA kernels compiled for the CPU emulation of the CUDA execution model
   (``convnet._emu``). Arrays are ``numpy.ndarray`` (float32). Slow and exact: how CI proves the kernels.
 * ``cuda:i`` -- the same kernels compiled by nvcc (``convnet._cuda``), on GPU ``i``. Arrays are ``cupy.ndarray``.
@@ -12,7 +14,7 @@ kernels module, availability). Adding a device kind is adding one such file and 
 
 Importing this module never touches a GPU; ``device_report()`` says which devices are usable here and why not.
 Indices on numpy/emu (``emu:1``) name *virtual* devices, so multi-device code (the two-tower split) can be tested
-without two GPUs.
+without two GPUs; each accepts only its own arrays (``devices/_host.py``), so a missing copy between them fails.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from convnet.devices._host import blas_threads
 from convnet.devices.backend import Backend, DeviceUnavailable, load_extension
 
 # The device kinds, in the order reports list them; kind K is implemented by convnet/devices/backend_K.py.
-KINDS = ("numpy", "emu", "cuda")
+KINDS = ("numpy", "cpu", "emu", "cuda")
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,6 +68,11 @@ class Device:
     def runs_reference(self) -> bool:
         """True when ops run the NumPy reference (``convnet.reference``) instead of compiled kernels."""
         return self.backend.runs_reference
+
+    def host(self, reference_module):
+        """The functions a host device's ops run for the NumPy reference module ``reference_module``
+        (``convnet.reference.conv``, ...): the module itself on numpy, the fast CPU versions on cpu."""
+        return self.backend.host_module(reference_module)
 
     @property
     def synchronous(self) -> bool:
@@ -107,11 +114,17 @@ class Device:
     def empty(self, shape, dtype=np.float32, stream=None):
         """An uninitialised array; on a GPU allocated on ``stream`` (None: the current stream)."""
         with self.on_stream(stream):
-            return self.xp.empty(shape, dtype=dtype)
+            return self.backend.adopt(self.xp.empty(shape, dtype=dtype), self.index)
 
     def zeros(self, shape, dtype=np.float32, stream=None):
         with self.on_stream(stream):
-            return self.xp.zeros(shape, dtype=dtype)
+            return self.backend.adopt(self.xp.zeros(shape, dtype=dtype), self.index)
+
+    def adopt(self, a):
+        """``a``, an array just computed with ``xp`` from this device's arrays (``a + b``, a concatenation), as an
+        array of this device: a virtual host device (``emu:1``) tags its memory, a TypeError if it is another
+        device's; elsewhere ``a`` as it is (CuPy allocates on the current device)."""
+        return self.backend.adopt(a, self.index)
 
     def synchronize(self) -> None:
         self.backend.synchronize(self.index)
@@ -148,7 +161,7 @@ def parse_device(spec: "str | Device") -> Device:
     if isinstance(spec, str):
         kind, _, index = spec.strip().lower().partition(":")
         if kind not in KINDS:
-            raise ValueError(f"unknown device {spec!r}; expected numpy, emu, cuda or cuda:N")
+            raise ValueError(f"unknown device {spec!r}; expected numpy, cpu, emu, cuda or cuda:N")
         try:
             return Device(kind, int(index) if index else 0)
         except ValueError as exc:
@@ -168,14 +181,20 @@ def parse_device_list(spec) -> tuple:
 def get_device(spec: "str | Device | None" = None) -> Device:
     """Parse ``"numpy"``, ``"emu"``, ``"cuda"``, ``"cuda:1"`` (or pass a Device through).
 
-    None picks the best usable device: ``cuda:0`` if a GPU works, else ``numpy``. Asking for a device that is not
+    None picks the best usable device: ``cuda:0`` if a GPU works, else ``cpu``. Asking for a device that is not
     usable raises :class:`DeviceUnavailable` with the reason. A convnet without its compiled modules (an unbuilt
     source tree on ``sys.path``) is never used silently: choosing the best device then raises and says how to fix it.
     """
     if spec is None:
         _require_built_package()
-        cuda = Device("cuda", 0)
-        return cuda if cuda.backend.availability(0)[0] else Device("numpy")
+        cuda, cpu = Device("cuda", 0), Device("cpu")
+        if cuda.backend.availability(0)[0]:
+            return cuda
+        ok, reason = cpu.backend.availability(0)
+        if not ok:
+            raise DeviceUnavailable(f"no GPU, and the cpu device is not usable: {reason} (--device numpy runs the "
+                                    f"NumPy reference)")
+        return cpu
     dev = parse_device(spec)
     ok, reason = dev.backend.availability(dev.index)
     if not ok:
@@ -197,7 +216,7 @@ def install_report() -> str:
     import convnet
 
     parts = []
-    for name in ("_emu", "_cuda"):
+    for name in ("_emu", "_cpu", "_cuda"):
         module, reason = load_extension(name)
         parts.append(f"{name} {os.path.basename(module.__file__)}" if module is not None else f"{name} not built")
     return f"convnet {convnet.__version__} from {package_dir()} (compiled: {', '.join(parts)})"

@@ -1,13 +1,54 @@
-"""What the CPU backends (numpy, emu) share: host arrays, and the BLAS thread pool."""
+"""What the CPU backends (numpy, cpu, emu) share: host arrays tagged with their virtual device, and the BLAS pool.
+
+Every index of a host kind is a *virtual device* of the one host (``emu:0``/``emu:1`` stand for two GPUs in the
+two-tower tests). So that a missing copy between them fails instead of passing silently, memory belongs to one
+virtual device: an array made for ``kind:i`` with i >= 1 (``Device.empty/zeros/asarray``, an op's result,
+``ops.copy``, :meth:`Device.adopt`) is tagged with that device, and only ``kind:i`` accepts it. Index 0 is the host's
+own memory: it accepts every untagged array -- any NumPy array a user makes -- so single-device code is unchanged.
+
+The tag belongs to the array owning the memory (the root of the ``.base`` chain), so every view of a tagged array
+(slice, reshape, ``np.asarray``) is of the same device; new memory computed from device arrays (``a + b``,
+``np.concatenate``) is untagged until its device adopts it. Tags live in a registry keyed by the root's ``id``
+and are dropped when the root is freed (a weak reference's callback runs before its id can be reused). While no
+array of an index >= 1 is alive the registry is empty and the check is one ``isinstance`` and one dict test.
+"""
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 
 from convnet.devices.backend import Backend
 
+# id(root array) -> (device name, weak reference whose callback drops the entry); only indices >= 1 are here
+_TAGS: dict = {}
+
+
+def _root(a: np.ndarray) -> np.ndarray:
+    """The array owning ``a``'s memory (``a`` itself, or the end of its chain of ndarray bases)."""
+    base = a.base
+    while isinstance(base, np.ndarray):
+        a, base = base, base.base
+    return a
+
+
+def tag_of(a: np.ndarray) -> str | None:
+    """The virtual device (``"emu:1"``) whose memory ``a`` is, or None for the host's own memory (index 0)."""
+    if not _TAGS:
+        return None
+    entry = _TAGS.get(id(_root(a)))
+    return None if entry is None else entry[0]
+
+
+def _tag(a: np.ndarray, name: str) -> None:
+    root = _root(a)
+    key = id(root)
+    _TAGS[key] = (name, weakref.ref(root, lambda _, key=key: _TAGS.pop(key, None)))
+
 
 class HostBackend(Backend):
-    """Arrays are C-contiguous numpy.ndarray in host memory; every index is a virtual device of the same host."""
+    """Arrays are C-contiguous numpy.ndarray in host memory; index i >= 1 is a virtual device whose arrays are
+    tagged (module docstring)."""
 
     def xp(self):
         return np
@@ -15,13 +56,44 @@ class HostBackend(Backend):
     def array_name(self, index: int) -> str:
         return "numpy.ndarray"
 
+    def _name(self, index: int) -> str | None:
+        """The tag of this kind's device ``index``: None for index 0 (untagged host memory)."""
+        return f"{self.kind}:{index}" if index else None
+
     def is_array(self, a, index: int) -> bool:
-        return isinstance(a, np.ndarray)
+        if not isinstance(a, np.ndarray):
+            return False
+        if not _TAGS:  # no virtual device's array is alive: every array is the host's own
+            return not index
+        return tag_of(a) == self._name(index)
+
+    def describe_array(self, a) -> str:
+        if not isinstance(a, np.ndarray):
+            return super().describe_array(a)
+        return f"numpy.ndarray of {tag_of(a) or f'{self.kind}:0 (untagged host memory)'}"
+
+    def adopt(self, a, index: int):
+        """Claim ``a``'s memory (new, untagged, or already this device's) for device ``index``; an array of another
+        device is a TypeError: it needs a copy (``ops.copy``)."""
+        if not index and not _TAGS:
+            return a
+        owner, mine = tag_of(a), self._name(index)
+        if owner != mine:
+            if owner is not None:
+                raise TypeError(f"a numpy.ndarray of {owner} cannot become an array of {self.kind}:{index} "
+                                f"without a copy (convnet.ops.copy)")
+            _tag(a, mine)
+        return a
 
     def asarray(self, a, dtype, index: int):
         if not isinstance(a, np.ndarray) and hasattr(a, "get"):  # a cupy array coming back to the host
             a = a.get()
-        return np.ascontiguousarray(a, dtype=dtype)
+        b = np.ascontiguousarray(a, dtype=dtype)
+        if self.is_array(b, index):
+            return b
+        if tag_of(b) is not None or (isinstance(a, np.ndarray) and _root(b) is _root(a)):
+            b = b.copy()  # another device's memory, or a caller's host array (never claimed): copied
+        return self.adopt(b, index)
 
     def to_numpy(self, a) -> np.ndarray:
         return np.asarray(a)
@@ -30,7 +102,8 @@ class HostBackend(Backend):
         return int(a.ctypes.data)
 
     def copy(self, a, src_index, dst_index, out, stream=None, src_stream=None):
-        """A real copy (host devices complete it before returning; the virtual devices share the host's memory)."""
+        """A real copy from ``a`` (device ``src_index``'s memory) into ``out`` (``dst_index``'s); complete when it
+        returns."""
         np.copyto(out, a)
         return out
 

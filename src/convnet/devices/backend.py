@@ -31,7 +31,7 @@ class Backend:
     """A device kind. Methods take the device index where it matters; ``convnet.devices.Device`` delegates here."""
 
     kind: str = ""
-    runs_reference = False      # ops run the NumPy reference instead of compiled kernels
+    runs_reference = False      # ops run host functions with the reference's signatures (see host_module)
     synchronous = True          # results are complete when an op returns
     always_indexed = False      # print as 'kind:i' even for index 0 (cuda:0)
     dtypes = (np.dtype(np.float32),)
@@ -63,6 +63,10 @@ class Backend:
     def asarray(self, a, dtype, index: int):
         raise NotImplementedError
 
+    def adopt(self, a, index: int):
+        """``a`` (new memory of this kind) as an array of device ``index`` (see ``Device.adopt``)."""
+        return a
+
     def to_numpy(self, a) -> np.ndarray:
         raise NotImplementedError
 
@@ -87,6 +91,11 @@ class Backend:
         array of device ``dst_index``, same shape and dtype), ordered on ``stream``, the consumer's (None: the current
         ones). The implementation of :func:`convnet.ops.copy` between two devices of one kind."""
         raise NotImplementedError
+
+    def host_module(self, reference_module):
+        """The module whose functions an op runs on a host device (``runs_reference``): the NumPy reference module
+        itself, or a faster module with the same functions (the ``cpu`` device)."""
+        return reference_module
 
     def kernels(self, device):
         if not self.extension:

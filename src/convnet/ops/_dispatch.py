@@ -3,8 +3,9 @@
 An op validates its arguments (``_checks``), computes its geometry (``convnet.geometry``) and then calls
 :func:`produce` with its outputs, a reference computation and a kernel launch:
 
-* on the numpy device the NumPy reference computes the result, which is returned as it is, or, when the caller gave
-  ``out`` or scaling, written into ``out`` by the accumulate rule ``out = alpha * result + beta * out``;
+* on the numpy device the NumPy reference computes the result, which is returned as it is (adopted by the device:
+  on a virtual ``numpy:i``, i >= 1, its memory is tagged), or, when the caller gave ``out`` or scaling, written into
+  ``out`` by the accumulate rule ``out = alpha * result + beta * out``;
 * on kernel devices (emu, cuda) each output is validated or allocated on the op's stream, checked not to overlap the
   inputs, and the kernel launch writes it (the kernels apply alpha and beta themselves).
 
@@ -109,8 +110,9 @@ def produce(dev: Device, outputs, *, reference, kernel, inputs=None, alpha=1.0, 
 
 
 def _store(dev: Device, spec: Output, result, alpha: float, beta: float):
-    """The reference's result as the op's output: itself when nothing is to be scaled or written into."""
+    """The reference's result as the op's output: itself (adopted by the device: new host memory is tagged with a
+    virtual device) when nothing is to be scaled or written into."""
     if (spec.given is None and alpha == 1.0 and beta == 0.0 and result.dtype == spec.dtype
             and tuple(result.shape) == tuple(spec.shape) and result.flags.c_contiguous):
-        return result
+        return dev.adopt(result)
     return accumulate(_buffer(dev, spec), result, alpha, beta)

@@ -44,7 +44,7 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
     alpha, beta = alpha_beta(alpha, beta, out)
     return produce(
         dev, Output("out", out, g.y_shape, dtype), inputs=dict(x=x, w=w, bias=bias), alpha=alpha, beta=beta,
-        stream=stream, reference=lambda: ref.conv_forward(x, w, bias, **_params(g)),
+        stream=stream, reference=lambda: dev.host(ref).conv_forward(x, w, bias, **_params(g)),
         kernel=lambda y: launch(dev, "conv_forward", x, w, bias if bias is not None else 0, y, g, alpha, beta,
                                 stream=stream))
 
@@ -60,7 +60,7 @@ def conv_backward_data(device, dy, w, input_hw, *, stride=1, padding=0, groups=1
     alpha, beta = alpha_beta(alpha, beta, out)
     return produce(
         dev, Output("out", out, g.x_shape, dtype), inputs=dict(dy=dy, w=w), alpha=alpha, beta=beta, stream=stream,
-        reference=lambda: ref.conv_backward_data(dy, w, (g.H, g.W), **_params(g)),
+        reference=lambda: dev.host(ref).conv_backward_data(dy, w, (g.H, g.W), **_params(g)),
         kernel=lambda dx: launch(dev, "conv_backward_data", dy, w, dx, g, alpha, beta, stream=stream))
 
 
@@ -85,7 +85,7 @@ def conv_backward_filter(device, x, dy, filter_hw, *, stride=1, padding=0, group
     return produce(
         dev, Output("out", out, g.w_shape, dtype), inputs=dict(x=x, dy=dy), alpha=alpha, beta=beta, stream=stream,
         kernel=kernel,
-        reference=lambda: ref.conv_backward_filter(x, dy, (g.KH, g.KW), **_params(g)))
+        reference=lambda: dev.host(ref).conv_backward_filter(x, dy, (g.KH, g.KW), **_params(g)))
 
 
 def conv_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
@@ -112,4 +112,4 @@ def conv_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
 
     return produce(
         dev, Output("out", out, (f,), dy.dtype), inputs=dict(dy=dy), alpha=alpha, beta=beta, stream=stream,
-        reference=lambda: ref.conv_backward_bias(dy), kernel=kernel)
+        reference=lambda: dev.host(ref).conv_backward_bias(dy), kernel=kernel)

@@ -24,7 +24,7 @@ def relu_forward(device, x, out=None, stream=None):
     dev = as_device(device)
     check_array("x", x, dev)
     return produce(dev, Output("out", out, x.shape, x.dtype), inputs=dict(x=x), elementwise=True, stream=stream,
-                   reference=lambda: ref.relu_forward(x),
+                   reference=lambda: dev.host(ref).relu_forward(x),
                    kernel=lambda y: launch(dev, "relu_forward", x, y, x.size, stream=stream))
 
 
@@ -35,7 +35,7 @@ def relu_backward(device, y, dy, out=None, stream=None):
     check_array("dy", dy, dev, shape=y.shape)
     check_same_dtype(y=y, dy=dy)
     return produce(dev, Output("out", out, y.shape, y.dtype), inputs=dict(y=y, dy=dy), elementwise=True,
-                   stream=stream, reference=lambda: ref.relu_backward(y, dy),
+                   stream=stream, reference=lambda: dev.host(ref).relu_backward(y, dy),
                    kernel=lambda dx: launch(dev, "relu_backward", y, dy, dx, y.size, stream=stream))
 
 
@@ -48,7 +48,7 @@ def _dropout(dev, name, a, keep, seed, offset, out, stream):
     keep, seed, offset = _dropout_params(keep, seed, offset)
     check_array(name, a, dev)
     return produce(dev, Output("out", out, a.shape, a.dtype), inputs={name: a}, elementwise=True, stream=stream,
-                   reference=lambda: ref.dropout_forward(a, keep, seed, offset),
+                   reference=lambda: dev.host(ref).dropout_forward(a, keep, seed, offset),
                    kernel=lambda b: launch(dev, "dropout_apply", a, b, a.size, ref.keep_threshold(keep),
                                            float(ref.dropout_scale(keep)), seed, offset, stream=stream))
 
@@ -87,6 +87,6 @@ def dropout_mask(device, shape, keep, seed, offset=0, stream=None):
         launch(dev, "dropout_mask", mask, n, ref.keep_threshold(keep), seed, offset, stream=stream)
 
     mask = produce(dev, Output("mask", None, shape, np.dtype(np.uint8)), stream=stream, kernel=kernel,
-                   reference=lambda: ref.dropout_mask(n, keep, seed, offset).reshape(shape).view(np.uint8))
+                   reference=lambda: dev.host(ref).dropout_mask(n, keep, seed, offset).reshape(shape).view(np.uint8))
     with dev.on_stream(stream):  # the conversion is ordered after the kernel that writes the mask
-        return mask.astype(bool)
+        return dev.adopt(mask.astype(bool))

@@ -69,7 +69,7 @@ def lrn_forward(device, x, *, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="
     slices = _group_slices(g)
 
     def reference():
-        parts = [ref.lrn_forward(x[s], **_params(g)) for s in slices]
+        parts = [dev.host(ref).lrn_forward(x[s], **_params(g)) for s in slices]
         return _join([p[0] for p in parts]), _join([p[1] for p in parts])
 
     def kernel(y, denom):
@@ -98,10 +98,10 @@ def lrn_backward(device, x, y, denom, dy, *, size, alpha, beta, k, convention, g
     slices = _group_slices(g)
 
     def reference():
-        parts = []
+        parts, impl = [], dev.host(ref)
         for s in slices:
-            ys, ds = (y[s], denom[s]) if y is not None and denom is not None else ref.lrn_forward(x[s], **_params(g))
-            parts.append(ref.lrn_backward(x[s], ys, ds, dy[s], **_params(g)))
+            ys, ds = (y[s], denom[s]) if y is not None and denom is not None else impl.lrn_forward(x[s], **_params(g))
+            parts.append(impl.lrn_backward(x[s], ys, ds, dy[s], **_params(g)))
         return _join(parts)
 
     def kernel(dx):

@@ -4,7 +4,8 @@
   pinned host memory, said once, when a pair cannot access each other), ``cudaMemcpyAsync`` device to device within
   one GPU; on the consumer's stream, ordered after the producer's stream by events, never a host synchronisation
   (:class:`convnet.devices.backend_cuda.GpuCopier`);
-* host devices (numpy, emu and their virtual indices): a real copy;
+* host devices (numpy, cpu, emu and their virtual indices): a real copy into the destination's memory (an array
+  tagged with a virtual device ``emu:1``: :mod:`convnet.devices._host`);
 * between kinds (emu -> cuda, ...): staged through the host (not a training step's path).
 """
 from __future__ import annotations

@@ -1,0 +1,56 @@
+"""The fast CPU path (the ``cpu`` device, float32): for each reference module ``convnet.reference.<family>`` that a
+training step spends time in, a module ``convnet.cpu.<family>`` with the same functions and the same results,
+written for speed. The GEMMs are NumPy's (BLAS, writing straight into their output); the memory-bound loops between
+them -- im2col/col2im, max pooling, ReLU -- are compiled host code, ``convnet._cpu`` (csrc/cpu/host_kernels.cpp: one
+pass over memory each, OpenMP across channels, the GIL released). In NumPy those loops cost as much as the GEMMs.
+
+Functions not rewritten are the reference's own (each module re-exports them; a family without a module here runs
+the reference: ``devices/backend_cpu.py``). The tests run every op on ``cpu`` against the reference on random data,
+like the compiled kernels (tests/helpers.py ``KERNEL_DEVICES``), plus tests/test_cpu.py for what is specific to this
+path. The NumPy reference stays the simple, obviously correct oracle.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from convnet.devices.backend import load_extension
+
+# The loops' OpenMP threads sleep between parallel regions instead of spinning: a spinning thread on a machine
+# with as many busy threads as cores (BLAS, the loader, another job) stalls everyone (a step measured 5x slower).
+# Read by libgomp when convnet._cpu loads it; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def lib():
+    """``convnet._cpu`` (the backend refuses the cpu device where it is not built, so this is a broken install)."""
+    module, reason = load_extension("_cpu")
+    if module is None:
+        raise RuntimeError(reason)
+    return module
+
+
+def contiguous(*arrays):
+    """float32 C-contiguous arrays, as the loops take them (the ops pass such arrays already: no copy then)."""
+    return [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]
+
+
+class loop_threads:
+    """Context manager: the compiled loops run on ``n`` threads (0 = one per core) inside, as BLAS does inside
+    ``devices.blas_threads(n)``; the trainer and benchmarks enter both with their ``--threads``. A no-op where
+    ``convnet._cpu`` is not built (the cpu device then refuses to start and says why)."""
+
+    def __init__(self, n: int):
+        self.n, self.module, self.saved = int(n or 0), load_extension("_cpu")[0], None
+
+    def __enter__(self):
+        if self.module is not None:
+            self.saved = self.module.get_threads()
+            self.module.set_threads(self.n if self.n > 0 else (os.cpu_count() or 1))
+        return self
+
+    def __exit__(self, *exc):
+        if self.module is not None:
+            self.module.set_threads(self.saved)
+        return False

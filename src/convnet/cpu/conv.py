@@ -1,0 +1,72 @@
+"""Convolution on the fast CPU path (CHWN), the reference's method -- im2col + one BLAS GEMM per group and chunk of
+images -- with the im2col matrix built and the col2im sums done by the compiled loops (``convnet._cpu``), the forward
+GEMM writing straight into the output, and no padded copy. Same results as convnet/reference/conv.py up to the
+summation order inside BLAS."""
+from __future__ import annotations
+
+import numpy as np
+
+from convnet.cpu import contiguous, lib
+from convnet.geometry import ConvGeometry
+from convnet.reference.conv import _chunks, conv_backward_bias  # noqa: F401 (re-exported)
+
+
+def _cols(x, g: ConvGeometry, group: int, n0: int, n1: int):
+    """The im2col matrix (Cg*KH*KW, OH*OW*(n1-n0)) of one group and chunk of images of x (C, H, W, N)."""
+    cols = np.empty((g.Cg * g.KH * g.KW, g.OH * g.OW * (n1 - n0)), dtype=np.float32)
+    lib().im2col(x, cols, g.C, g.H, g.W, g.N, group * g.Cg, g.Cg, n0, n1 - n0, g.KH, g.KW, *g.stride, *g.padding,
+                 g.OH, g.OW)
+    return cols
+
+
+def _filters(w, g: ConvGeometry, group: int):
+    """The group's filters as the GEMM's (Cg*KH*KW, F/groups) matrix (a view)."""
+    fg = g.F // g.groups
+    return w[:, :, :, group * fg:(group + 1) * fg].reshape(g.Cg * g.KH * g.KW, fg)
+
+
+def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1):
+    x, w = contiguous(x, w)
+    g = ConvGeometry.of(x.shape, w.shape, stride=stride, padding=padding, groups=groups)
+    fg = g.F // g.groups
+    y = np.empty(g.y_shape, dtype=np.float32)
+    chunks = _chunks(g.N, g.Cg * g.KH * g.KW * g.OH * g.OW)
+    for group in range(g.groups):
+        wt, yg = _filters(w, g, group).T, y[group * fg:(group + 1) * fg]
+        for n0, n1 in chunks:
+            if len(chunks) == 1:  # the group's rows of y are contiguous: the GEMM writes them
+                np.matmul(wt, _cols(x, g, group, n0, n1), out=yg.reshape(fg, -1))
+            else:
+                yg[..., n0:n1] = (wt @ _cols(x, g, group, n0, n1)).reshape(fg, g.OH, g.OW, n1 - n0)
+    if bias is not None:
+        y += np.asarray(bias, dtype=np.float32).reshape(g.F, 1, 1, 1)
+    return y
+
+
+def conv_backward_data(dy, w, input_hw, stride=1, padding=0, groups=1):
+    dy, w = contiguous(dy, w)
+    g = ConvGeometry.of_backward_data(dy.shape, w.shape, input_hw, stride=stride, padding=padding, groups=groups)
+    fg = g.F // g.groups
+    dx = np.empty(g.x_shape, dtype=np.float32)
+    for group in range(g.groups):
+        wg = _filters(w, g, group)
+        for n0, n1 in _chunks(g.N, g.Cg * g.KH * g.KW * g.OH * g.OW):
+            dyg = dy[group * fg:(group + 1) * fg, :, :, n0:n1].reshape(fg, -1)
+            lib().col2im(wg @ dyg, dx, g.C, g.H, g.W, g.N, group * g.Cg, g.Cg, n0, n1 - n0, g.KH, g.KW, *g.stride,
+                         *g.padding, g.OH, g.OW)
+    return dx
+
+
+def conv_backward_filter(x, dy, filter_hw, stride=1, padding=0, groups=1):
+    x, dy = contiguous(x, dy)
+    g = ConvGeometry.of_backward_filter(x.shape, dy.shape, filter_hw, stride=stride, padding=padding, groups=groups)
+    fg = g.F // g.groups
+    dw = np.empty(g.w_shape, dtype=np.float32)
+    for group in range(g.groups):
+        acc = None
+        for n0, n1 in _chunks(g.N, g.Cg * g.KH * g.KW * g.OH * g.OW):
+            dyg = dy[group * fg:(group + 1) * fg, :, :, n0:n1].reshape(fg, -1)
+            part = _cols(x, g, group, n0, n1) @ dyg.T
+            acc = part if acc is None else np.add(acc, part, out=acc)
+        dw[..., group * fg:(group + 1) * fg] = acc.reshape(g.Cg, g.KH, g.KW, fg)
+    return dw
