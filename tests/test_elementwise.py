@@ -94,6 +94,32 @@ def test_dropout_masks_and_outputs_bit_identical_across_devices(kernel_device, n
     assert not host[~want_mask].any()
 
 
+@pytest.mark.parametrize("start", [1, 2, 3, 4, 4094, 2 * 3 * 1001 + 1])
+@pytest.mark.sanitize
+def test_dropout_start_draws_the_slice_of_a_larger_mask(kernel_device, start):
+    """A tensor with ``start=s`` draws elements [s, s + n) of the mask a tensor of s + n elements draws from 0 (tower
+    b's units of a dropout layer split across two towers), on the vector path (start % 4 == 0, aligned) and the
+    scalar one, forward and backward."""
+    rng = np.random.default_rng(start)
+    n, keep, seed, offset = 1001, 0.5, 2**40 + 5, 2**33 + 3
+    whole = ops.dropout_mask(NUMPY, start + n, keep, seed, offset)
+    mask = ops.dropout_mask(kernel_device, (7, 11, 13), keep, seed, offset, start=start)
+    assert_identical("mask slice", mask, whole[start:].reshape(7, 11, 13))
+    x = rand(rng, n)
+    want = np.where(whole[start:], x * np.float32(1 / keep), np.float32(0))
+    for a in (kernel_device.asarray(x), offset_view(kernel_device, x, rng)):
+        assert_identical("dropout slice", ops.dropout_forward(kernel_device, a, keep, seed, offset, start=start), want)
+        assert_identical("dropout dx slice", ops.dropout_backward(kernel_device, a, keep, seed, offset, start), want)
+
+
+def test_dropout_start_beyond_32_bits_matches_reference(kernel_device):
+    """The stream index is 64 bits: a start past 2**32 elements (its high word in the Philox counter) agrees with
+    the reference on every device."""
+    start = 2**34 + 6
+    assert_identical("mask", ops.dropout_mask(kernel_device, 999, 0.3, 8, 1, start=start),
+                     ref.dropout_mask(999, 0.3, 8, 1, start))
+
+
 @pytest.mark.sanitize
 def test_dropout_unaligned_matches(kernel_device):
     rng = np.random.default_rng(5)
@@ -154,6 +180,11 @@ def test_bad_inputs_raise_clear_errors(kernel_device):
         (ValueError, "keep must be <= 1", lambda: ops.dropout_forward(dev, good, 1.5, seed=1)),
         (ValueError, "seed must be an integer", lambda: ops.dropout_forward(dev, good, 0.5, seed=-1)),
         (TypeError, "keep must be a finite", lambda: ops.dropout_forward(dev, good, float("nan"), seed=1)),
+        (ValueError, r"start must be an integer in \[0, 2\*\*64\)", lambda: ops.dropout_forward(dev, good, 0.5, 1,
+                                                                                            start=-4)),
+        (ValueError, r"start \+ the number of elements must be below 2\*\*64",
+         lambda: ops.dropout_backward(dev, good, 0.5, 1, start=2**64 - 8)),
+        (ValueError, r"start \+ the number of elements", lambda: ops.dropout_mask(dev, 9, 0.5, 1, start=2**64 - 9)),
     )
 
 

@@ -2,8 +2,10 @@
 import numpy as np
 import pytest
 
+from convnet import ops
 from convnet.devices import Device
 from convnet.model_file import ModelFileError, build_net, load_model, parse_model_text, shipped_models
+from helpers import NUMPY
 
 
 def test_shipped_models_are_there():
@@ -210,3 +212,69 @@ def test_layer_keys_give_the_python_signature_and_the_known_keys_message():
                                              r"filters, size, stride, padding, groups, initW"):
         parse_model_text(BASE.replace("type = fc\ninputs = data\noutputs = 3",
                                       "type = conv\ninputs = data\nfilters = 2\nsize = 3\ngroupz = 2"))
+
+
+SHARED_MASK = """
+[data]
+type = data
+channels = 1
+size = 6
+[conv]
+type = conv
+inputs = data
+filters = 4
+size = 3
+padding = 1
+[da]
+type = dropout
+inputs = conv
+maskOf = d
+[db]
+type = dropout
+inputs = conv
+maskOf = d
+maskStart = 4
+[fc]
+type = fc
+inputs = da, db
+outputs = 3
+[probs]
+type = softmax
+inputs = fc
+"""
+
+
+def test_dropout_layers_sharing_a_mask_draw_their_units_of_it():
+    """maskOf / maskStart on (C, H, W, N) images: db's channel c draws what channel 4 + c of one 8-channel layer
+    draws (the op's start is maskStart * H*W*N), da the first 4; the graph seeds both by the stream's name."""
+    net, _ = build_net(SHARED_MASK, "shared.cfg", device="numpy")
+    da, db = net.layers["da"], net.layers["db"]
+    assert da.random_stream == db.random_stream == "d" and net.layers["conv"].random_stream == "conv"
+    assert db.describe() == "dropout keep 0.5 (mask of d from unit 4)"
+    x = np.random.default_rng(0).uniform(1, 2, (4, 6, 6, 5)).astype(np.float32)
+    whole = ops.dropout_forward(NUMPY, np.concatenate([x, x]), 0.5, 9)
+    np.testing.assert_array_equal(da.forward(x, {"train": True, "seed": 9}), whole[:4])
+    np.testing.assert_array_equal(db.forward(x, {"train": True, "seed": 9}), whole[4:])
+    np.testing.assert_array_equal(db.backward(x, {"active": True, "seed": 9}), whole[4:])
+    assert 0.3 < (whole[4:] != 0).mean() < 0.7
+
+
+@pytest.mark.parametrize("edits, match", [
+    ([("maskStart = 4", "maskStart = 3")],
+     r"layers 'da' \(units 0-3\) and 'db' \(from unit 3\) overlap in the dropout mask 'd': they would draw the same "
+     r"mask \(give maskStart = 4 or more"),
+    ([("maskOf = d\nmaskStart", "maskStart")], r"\[db\]: layer 'db': maskStart = 4 needs maskOf"),
+    ([("maskOf = d\nmaskStart", "maskOf = d, e\nmaskStart")],
+     r"maskOf must be a name \(text without spaces or commas\), got 'd, e'"),
+    ([("maskStart = 4", "maskStart = -4")], r"maskStart must be >= 0, got -4"),
+    ([("padding = 1", "padding = 1\nstride = 2"), ("inputs = conv\nmaskOf = d\nmaskStart", "inputs = data\nmaskOf = d\n"
+                                                                                            "maskStart")],
+     r"layers 'da' and 'db' share the dropout mask 'd' but their units differ in shape \(\(3, 3\) vs \(6, 6\)\)"),
+])
+def test_bad_shared_masks(edits, match):
+    text = SHARED_MASK
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new)
+    with pytest.raises(ModelFileError, match=match):
+        build_net(text, "shared.cfg", device="numpy")

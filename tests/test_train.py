@@ -327,3 +327,17 @@ def test_out_of_range_labels_counted_on_the_device_stop_training(tiny, tmp_path,
     with pytest.raises(DataError, match=r"2 training label\(s\) in the last 1 batches are outside \[0, 4\)"):
         run(_args(tiny, tmp_path / "run", "--device", "emu"))
     assert seen[:2] == [0, 0] and seen[2] == 2  # read at every fold (every step on emu), reset after reading
+
+
+def test_test_every_n_epochs_and_always_the_last(tiny, tmp_path, capsys):
+    """--test-every 2 over 3 epochs: epochs 2 and 3 (the last) are evaluated, epoch 1 is not; the log says so, the
+    plots draw the tested epochs only, and the plateau schedule (which needs every epoch's test error) refuses it."""
+    logs = []
+    res = run(_args(tiny, tmp_path / "run", "--device", "cpu", "--test-every", "2"), log=logs.append)
+    h = res["history"]
+    assert [r["test_error"] is not None for r in h] == [False, True, True]
+    assert h[-1]["test_error"] < 0.25 and h[0]["test_loss"] is None
+    assert any(s.startswith("epoch 1:") and "not tested (every 2 epochs)" in s for s in logs), logs
+    assert (tmp_path / "run" / "errors.png").stat().st_size > 1000
+    assert main(_args(tiny, tmp_path / "p", "--schedule", "plateau", "--test-every", "2")) == 2
+    assert "--test-every must be 1" in capsys.readouterr().err

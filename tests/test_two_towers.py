@@ -1,7 +1,9 @@
-"""The paper's two-GPU split (issue 11, sections 1-2): the ``alexnet-2gpu`` model (two towers, ``device = 0|1``),
-the tower -> device mapping (``devices`` / ``--devices``), the copy op between devices (host devices here; the cuda
-logic on a fake CUDA runtime), the bytes exchanged per step checked against a count by hand, and a missing copy
-between two virtual devices caught by the device checks (section 4)."""
+"""The paper's two-GPU split (issue 11): the ``alexnet-2gpu`` model (two towers, ``device = 0|1``), the tower ->
+device mapping (``devices`` / ``--devices``), the copy op between devices (host devices here; the cuda logic on a fake
+CUDA runtime), the bytes exchanged per step checked against a count by hand, a missing copy between two virtual
+devices caught by the device checks, and the equivalence of the two forms: the same training (dropout masks
+included) from the same parameters, checkpoints that move between two devices and one, and the conversion of a
+checkpoint between ``alexnet`` and ``alexnet-2gpu`` (:mod:`convnet.convert_towers`)."""
 from __future__ import annotations
 
 import json
@@ -10,10 +12,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from convnet import checkpoint as ckpt
 from convnet import ops
+from convnet.convert_towers import ConversionError, Part, convert_checkpoint, convert_state, parameter_map
+from convnet.convert_towers import main as convert_main
 from convnet.devices import Device
 from convnet.devices.backend_cuda import GpuCopier
 from convnet.model_file import build_net, load_model, resolve_model
+from convnet.optim import SGD
 from convnet.train import run
 from helpers import EMU, NUMPY
 
@@ -21,35 +27,12 @@ HOST_KINDS = ("numpy", "cpu", "emu")  # the kinds whose indices are virtual devi
 
 SIZE = 95  # small, and pool5 is still 2x2 (conv1 23, pool1 11, pool2 5): fc6 joins two real image inputs
 BATCH = 3
-# filters (conv) or outputs (fc) of each alexnet layer on tower a; tower b holds the rest
-HALVES = {"conv1": 48, "conv2": 128, "conv3": 192, "conv4": 192, "conv5": 128, "fc6": 2048, "fc7": 2048}
 
 
 def _text(name, size=SIZE):
     text, _ = resolve_model(name)
     assert text.count("size = 224") == 1
     return text.replace("size = 224", f"size = {size}")
-
-
-def split_alexnet(state):
-    """The grouped one-device ``alexnet``'s parameters as ``alexnet-2gpu``'s: tower a gets the first half of each
-    layer's filters (the last axis of a conv weight) or units (the first axis of an fc weight), tower b the rest."""
-    out = {"fc8/w": state["fc8/w"], "fc8/b": state["fc8/b"]}
-    for name, half in HALVES.items():
-        w, b = state[f"{name}/w"], state[f"{name}/b"]
-        wa, wb = (w[..., :half], w[..., half:]) if name.startswith("conv") else (w[:half], w[half:])
-        out.update({f"{name}a/w": wa, f"{name}b/w": wb, f"{name}a/b": b[:half], f"{name}b/b": b[half:]})
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
-
-
-def join_towers(grads):
-    """Tower gradients joined back into the one-device layout (the inverse of :func:`split_alexnet`)."""
-    out = {"fc8/w": grads["fc8/w"], "fc8/b": grads["fc8/b"]}
-    for name in HALVES:
-        axis = -1 if name.startswith("conv") else 0
-        out[f"{name}/w"] = np.concatenate([grads[f"{name}a/w"], grads[f"{name}b/w"]], axis=axis)
-        out[f"{name}/b"] = np.concatenate([grads[f"{name}a/b"], grads[f"{name}b/b"]])
-    return out
 
 
 def _grads(net):
@@ -101,12 +84,12 @@ def test_alexnet_2gpu_is_alexnet_in_two_towers():
 def test_alexnet_2gpu_computes_the_grouped_alexnet_on_virtual_devices(kind):
     """Same function: alexnet's parameters copied over, the forward outputs and every parameter gradient of the two
     towers on kind:0/kind:1 (two virtual devices, whose arrays each accepts only its own) equal alexnet's on kind:0
-    within float32 rounding (input 95x95, batch 3; dropout off, since the masks are drawn per layer)."""
+    within float32 rounding (input 95x95, batch 3; dropout off: training is the next test)."""
     one, _ = build_net(_text("alexnet"), "alexnet.cfg", device=kind, seed=0)
     two, _ = build_net(_text("alexnet-2gpu"), "alexnet-2gpu.cfg", devices=f"{kind}:0,{kind}:1", seed=1)
     assert [str(d) for d in two.devices] == [kind, f"{kind}:1"]
     assert str(two.layers["conv5b"].device) == f"{kind}:1" and str(two.layers["fc8"].device) == kind
-    two.load_state_dict(split_alexnet(one.state_dict()))
+    two.load_state_dict(convert_state(one.state_dict(), one, two))
     w1 = two.layers["conv5b"].params["w"]
     assert two.devices[1].is_array(w1) and not two.devices[0].is_array(w1)  # tower 1's memory is its own
     rng = np.random.default_rng(7)
@@ -117,7 +100,7 @@ def test_alexnet_2gpu_computes_the_grouped_alexnet_on_virtual_devices(kind):
     np.testing.assert_allclose(float(two.loss), float(one.loss), rtol=1e-6)
     one.backward()
     two.backward()
-    g1, g2 = _grads(one), join_towers(_grads(two))
+    g1, g2 = _grads(one), convert_state(_grads(two), two, one)
     assert g1.keys() == g2.keys() and len(g1) == 16
     for k in g1:
         scale = float(np.abs(g1[k]).max())
@@ -473,3 +456,241 @@ def test_devices_flag_errors_and_summary(tmp_path, capsys):
     s = capsys.readouterr().out
     assert "towers 0=cuda:0, 1=cuda:1" in s and "cuda:0->cuda:1 836,608 B, cuda:1->cuda:0 234,496 B" in s
     assert "60,965,224 parameters" in s
+
+
+# ----------------------------------------------------------------------------- the two forms are the same net
+def test_parameter_map_of_the_shipped_models():
+    """The conversion's mapping, derived from the two model files: each alexnet layer's filters (a conv weight's last
+    axis) or units (an fc weight's first axis) are tower a's, then tower b's; fc8 is the same layer in both."""
+    one, _ = load_model("alexnet", init_params=False, device="numpy")
+    two, _ = load_model("alexnet-2gpu", init_params=False, device="numpy")
+    parts = {m.key: m for m in parameter_map(one, two)}
+    assert len(parts) == 16
+    assert parts["conv1/w"] == Part("conv1/w", ("conv1a/w", "conv1b/w"), 3, (48, 48))
+    assert parts["conv3/w"] == Part("conv3/w", ("conv3a/w", "conv3b/w"), 3, (192, 192))
+    assert parts["fc6/w"] == Part("fc6/w", ("fc6a/w", "fc6b/w"), 0, (2048, 2048))
+    assert parts["fc7/b"] == Part("fc7/b", ("fc7a/b", "fc7b/b"), 0, (2048, 2048))
+    assert parts["fc8/w"] == Part("fc8/w", ("fc8/w",)) and parts["fc8/b"] == Part("fc8/b", ("fc8/b",))
+    with pytest.raises(ConversionError, match=r"'conv1/b' has shape \(96,\) in alexnet but \(32,\) in fmnist"):
+        parameter_map(one, load_model("fmnist", init_params=False, device="numpy")[0])
+
+
+@pytest.mark.parametrize("kind", ["emu", "cpu"])
+def test_training_the_two_forms_gives_the_same_losses_and_parameters(kind):
+    """Three SGD steps with dropout on, alexnet (95x95, batch 3) on kind vs alexnet-2gpu on kind:0,kind:1 from the same
+    parameters and seed: the towers' dropout layers draw their units of the one-device layers' masks (maskOf,
+    maskStart), so the loss sequences and the parameters after the steps agree within float32 rounding."""
+    one, _ = build_net(_text("alexnet"), "alexnet.cfg", device=kind, seed=4)
+    two, _ = build_net(_text("alexnet-2gpu"), "alexnet-2gpu.cfg", devices=f"{kind}:0,{kind}:1", seed=4)
+    two.load_state_dict(convert_state(one.state_dict(), one, two))
+    start = one.state_dict()
+    rng = np.random.default_rng(11)
+    losses = {id(one): [], id(two): []}
+    for step in range(3):
+        x = rng.standard_normal((3, SIZE, SIZE, BATCH), dtype=np.float32)
+        y = rng.integers(0, 1000, BATCH).astype(np.int32)
+        for net in (one, two):
+            net.forward(x, y, train=True, step=step)
+            net.backward()
+            SGD(net, lr=0.05, momentum=0.0, weight_decay=0.0).step()
+            losses[id(net)].append(float(net.loss))
+    np.testing.assert_allclose(losses[id(two)], losses[id(one)], rtol=1e-4)
+    after_one, after_two = one.state_dict(), convert_state(two.state_dict(), two, one)
+    for k in start:
+        moved = after_one[k] - start[k]
+        assert np.abs(moved).max() > 0, k
+        np.testing.assert_allclose(after_two[k] - start[k], moved, rtol=0, atol=1e-3 * np.abs(moved).max(), err_msg=k)
+
+
+# a small two-tower net with a dropout layer split across the towers, and the same net on one device (grouped)
+TOWERS_DROP = """
+[data]
+type = data
+channels = 1
+size = 8
+[conva]
+type = conv
+inputs = data
+filters = 3
+size = 3
+padding = 1
+neuron = relu
+device = 0
+[convb]
+type = conv
+inputs = data
+filters = 3
+size = 3
+padding = 1
+neuron = relu
+device = 1
+[fca]
+type = fc
+inputs = conva, convb
+outputs = 6
+neuron = relu
+device = 0
+[fcb]
+type = fc
+inputs = conva, convb
+outputs = 6
+neuron = relu
+device = 1
+[dropa]
+type = dropout
+inputs = fca
+maskOf = drop
+device = 0
+[dropb]
+type = dropout
+inputs = fcb
+maskOf = drop
+maskStart = 6
+device = 1
+[out]
+type = fc
+inputs = dropa, dropb
+outputs = 4
+device = 0
+[probs]
+type = softmax
+inputs = out
+device = 0
+[train]
+dataset = synthetic
+batch_size = 8
+lr = 0.01
+epochs = 2
+"""
+GROUPED_DROP = """
+[data]
+type = data
+channels = 1
+size = 8
+[conv]
+type = conv
+inputs = data
+filters = 6
+size = 3
+padding = 1
+neuron = relu
+[fc]
+type = fc
+inputs = conv
+outputs = 12
+neuron = relu
+[drop]
+type = dropout
+inputs = fc
+[out]
+type = fc
+inputs = drop
+outputs = 4
+[probs]
+type = softmax
+inputs = out
+[train]
+dataset = synthetic
+batch_size = 8
+lr = 0.01
+epochs = 2
+"""
+
+
+def _train(tmp_path, model_text, out, *flags):
+    model = tmp_path / f"{out}.cfg"
+    model.write_text(model_text)
+    return run(["--model", str(model), "--out", str(tmp_path / out), "--no-progress", "--no-plots",
+                "--synthetic-train", "32", "--synthetic-test", "16", "--seed", "3", *flags], log=lambda s: None)
+
+
+def _resume(tmp_path, out, *flags):
+    return run(["--resume", str(tmp_path / out), "--no-progress", *flags], log=lambda s: None)
+
+
+def _history(out):
+    return [{k: r[k] for k in ("step", "train_loss", "train_error", "test_loss", "test_error")}
+            for r in ckpt.load(out)["meta"]["history"]]
+
+
+@pytest.mark.parametrize("kind", ["cpu", "emu"])
+def test_checkpoints_move_between_two_devices_and_one(tmp_path, kind):
+    """A run stopped in its first epoch on kind:0,kind:1 resumes with --device kind (both towers on it) and the other
+    way round: the same parameters, momentum, loss sequence and test results as the run never moved (dropout on)."""
+    two, one = f"{kind}:0,{kind}:1", kind
+    _train(tmp_path, TOWERS_DROP, "ref", "--devices", two)
+    ref = ckpt.load(tmp_path / "ref")
+    for first, then in ((["--devices", two], ["--device", one]), (["--device", one], ["--devices", two])):
+        out = f"moved-{then[0]}"
+        assert _train(tmp_path, TOWERS_DROP, out, *first, "--max-steps", "3")["status"] == "max_steps"
+        _resume(tmp_path, out, *then)
+        moved = ckpt.load(tmp_path / out)
+        assert moved["meta"]["config"]["devices"] == (two if then[0] == "--devices" else None)
+        assert _history(tmp_path / out) == _history(tmp_path / "ref")
+        for k in ref["params"]:
+            assert np.array_equal(moved["params"][k], ref["params"][k]), k
+            assert np.array_equal(moved["velocity"][k], ref["velocity"][k]), k
+    ev = _resume(tmp_path, "ref", "--eval-only", "--device", one)  # evaluated on one device
+    assert ev["test_loss"] == _history(tmp_path / "ref")[-1]["test_loss"]
+
+
+def test_a_converted_checkpoint_continues_the_run_in_the_other_form(tmp_path, capsys):
+    """python -m convnet.convert_towers: a grouped run stopped mid-epoch, converted to the two-tower form and resumed
+    on cpu:0,cpu:1, ends where the grouped run does (losses within float32 rounding); converted back, it is the
+    grouped state bit for bit."""
+    _train(tmp_path, GROUPED_DROP, "grouped", "--device", "cpu")
+    _train(tmp_path, GROUPED_DROP, "part", "--device", "cpu", "--max-steps", "3")
+    towers = tmp_path / "towers.cfg"
+    towers.write_text(TOWERS_DROP)
+    (tmp_path / "conv").mkdir()
+    assert convert_main([str(tmp_path / "part"), str(tmp_path / "conv" / "checkpoint.npz"), "--to", str(towers)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    converted = ckpt.load(tmp_path / "conv")
+    assert set(converted["velocity"]) == {f"{l}/{p}" for l in ("conva", "convb", "fca", "fcb", "out") for p in "bw"}
+    assert converted["meta"]["config"]["model"] == str(towers) and "maskOf" in converted["meta"]["config"]["model_text"]
+    _resume(tmp_path, "conv", "--devices", "cpu:0,cpu:1")
+    got, want = _history(tmp_path / "conv"), _history(tmp_path / "grouped")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [4, 8]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose([g["train_loss"], g["test_loss"]], [w["train_loss"], w["test_loss"]], rtol=1e-5)
+    # back to the grouped form: exactly the grouped state it came from
+    back = tmp_path / "back.npz"
+    convert_checkpoint(tmp_path / "conv" / "checkpoint.npz", back, str(tmp_path / "grouped.cfg"))
+    back, final = ckpt.load(back), ckpt.load(tmp_path / "grouped")
+    for k, v in final["params"].items():
+        np.testing.assert_allclose(back["params"][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    assert back["meta"]["config"]["devices"] is None  # the grouped form has one tower
+    # errors: an existing output, and a model whose parameters do not correspond
+    assert convert_main([str(tmp_path / "part"), str(tmp_path / "back.npz"), "--to", str(towers)]) == 2
+    assert "back.npz' exists" in capsys.readouterr().err
+    assert convert_main([str(tmp_path / "part"), str(tmp_path / "x.npz"), "--to", "alexnet"]) == 2
+    assert "error: parameter 'conv/b' of part has no counterpart in alexnet: neither" in capsys.readouterr().err
+
+
+def test_converting_an_alexnet_checkpoint_keeps_its_outputs(tmp_path):
+    """alexnet (95x95) saved, converted to alexnet-2gpu and loaded: the same forward outputs within float32 rounding;
+    its momentum converted back is the original exactly."""
+    one, _ = build_net(_text("alexnet"), "alexnet.cfg", device="cpu", seed=2)
+    rng = np.random.default_rng(5)
+    state = one.state_dict()
+    velocity = {k: rng.standard_normal(v.shape, dtype=np.float32) for k, v in state.items()}
+    config = {"model": "alexnet", "model_text": _text("alexnet"), "model_source": "alexnet.cfg", "devices": None}
+    ckpt.save(tmp_path / "one.npz", params=state, velocity=velocity, mean=None, meta={"config": config, "step": 7})
+    two_cfg = tmp_path / "alexnet-2gpu.cfg"
+    two_cfg.write_text(_text("alexnet-2gpu"))
+    convert_checkpoint(tmp_path / "one.npz", tmp_path / "two.npz", str(two_cfg))
+    conv = ckpt.load(tmp_path / "two.npz")
+    assert conv["meta"]["step"] == 7 and conv["meta"]["config"]["model_source"] == str(two_cfg)
+    two, _ = build_net(conv["meta"]["config"]["model_text"], "two", devices="cpu:0,cpu:1")
+    two.load_state_dict(conv["params"])
+    x = rng.standard_normal((3, SIZE, SIZE, BATCH), dtype=np.float32)
+    np.testing.assert_allclose(two.forward(x), one.forward(x), rtol=1e-5, atol=1e-7)
+    one_cfg = tmp_path / "alexnet.cfg"
+    one_cfg.write_text(_text("alexnet"))
+    convert_checkpoint(tmp_path / "two.npz", tmp_path / "back.npz", str(one_cfg))
+    back = ckpt.load(tmp_path / "back.npz")
+    assert back["velocity"].keys() == velocity.keys()
+    assert all(np.array_equal(back["velocity"][k], v) for k, v in velocity.items())
+    with pytest.raises(ConversionError, match=r"parameter 'fc6/w' \(4096, 9216\) of alexnet is not its parts "
+                                               r"in alexnet-2gpu, \(2048, 1024\) and \(2048, 1024\), joined"):
+        convert_checkpoint(tmp_path / "two.npz", tmp_path / "x.npz", "alexnet")  # the shipped one: 224x224 inputs

@@ -3,9 +3,10 @@
     python tools/loss_trace.py numpy 300 before.txt      # before the change
     python tools/loss_trace.py numpy 300 after.txt       # after it, same machine and BLAS build
     diff before.txt after.txt                            # must print nothing
+    python tools/loss_trace.py cpu 300 t2.txt --threads 2  # the fast CPU path on 2 threads (BLAS and its loops)
 
 One line per training step (the summed loss as float32 hex, and its value), then the test-batch probabilities and
-every parameter as SHA-1 digests. Seed 3, batch 64, crops and flips on, one BLAS thread. Results are bit-identical
+every parameter as SHA-1 digests. Seed 3, batch 64, crops and flips on, one thread (``--threads``). Results are bit-identical
 only for the same NumPy/BLAS build (another build rounds differently); on emu about 0.6 s per step.
 """
 from __future__ import annotations
@@ -15,9 +16,9 @@ import hashlib
 import time
 
 import numpy as np
-from threadpoolctl import threadpool_limits
-
 from convnet import get_device
+from convnet.cpu import loop_threads
+from convnet.devices import blas_threads
 from convnet.data import Loader, load_dataset
 from convnet.model_file import load_model
 from convnet.optim import SGD
@@ -56,12 +57,13 @@ def trace(device: str, steps: int) -> list[str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("device", help="numpy | emu | cuda")
+    p.add_argument("device", help="numpy | cpu | emu | cuda")
     p.add_argument("steps", type=int, help="training steps (300 is a good check)")
     p.add_argument("out", help="output text file")
+    p.add_argument("--threads", type=int, default=1, help="BLAS threads and the cpu device's loop threads")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    with threadpool_limits(1, user_api="blas"):
+    with blas_threads(args.threads), loop_threads(args.threads):
         lines = trace(args.device, args.steps)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -3,8 +3,9 @@
 // Layout: any contiguous float32 tensor viewed as n floats (layout-agnostic).
 // Thread mapping: 1-D grid-stride loop. The vector path gives each thread one float4 (16-byte loads and stores,
 // used when every pointer is 16-byte aligned); the scalar path one float. Dropout threads own a group of four
-// consecutive elements, because one Philox call yields four 32-bit numbers: element i uses word i % 4 of
-// philox(counter = (i / 4, offset), key = seed).
+// consecutive elements of the mask's stream, because one Philox call yields four 32-bit numbers: stream element j
+// uses word j % 4 of philox(counter = (j / 4, offset), key = seed), and local element i is stream element start + i
+// (a grid-stride loop over groups, so the launch needs at most (n + 3) / 4 threads' worth of blocks).
 // Requirements: none on n (the ragged tail is handled); in-place (x == y) is allowed, so no __restrict__.
 #include "cuda_compat.h"
 #include "kernels/chwn_vec.h"
@@ -62,24 +63,31 @@ __global__ void __launch_bounds__(kThreads) relu_backward_kernel(const float* y,
 }
 
 // ---- Dropout ------------------------------------------------------------------------------------------------
-__device__ __forceinline__ Philox4 dropout_bits(std::int64_t group, std::uint64_t seed, std::uint64_t offset) {
-  return philox4x32_10(unsigned(group), unsigned(std::uint64_t(group) >> 32), unsigned(offset),
-                       unsigned(offset >> 32), unsigned(seed), unsigned(seed >> 32));
+// The n elements are elements [start, start + n) of the mask's stream: local element i draws word (start + i) % 4
+// of philox((start + i) / 4, offset), so a tensor that is a slice of a larger one (a tower's units of the one-device
+// layer) can draw exactly the slice of the larger tensor's mask. Thread g owns stream group first + g, i.e. the
+// local elements 4 * (first + g) - start + 0..3 that fall inside [0, n).
+__device__ __forceinline__ Philox4 dropout_bits(std::uint64_t group, std::uint64_t seed, std::uint64_t offset) {
+  return philox4x32_10(unsigned(group), unsigned(group >> 32), unsigned(offset), unsigned(offset >> 32),
+                       unsigned(seed), unsigned(seed >> 32));
 }
 
 __device__ __forceinline__ float dropout_one(float v, unsigned bits, std::uint64_t threshold, float scale) {
   return std::uint64_t(bits) < threshold ? v * scale : 0.f;
 }
 
+// kVec4: every pointer is 16-byte aligned and start % 4 == 0, so a whole group is one float4.
 template <bool kVec4>
 __global__ void __launch_bounds__(kThreads) dropout_kernel(const float* x, float* y, std::int64_t n,
                                                            std::uint64_t threshold, float scale,
-                                                           std::uint64_t seed, std::uint64_t offset) {
-  const std::int64_t groups = (n + 3) / 4;
+                                                           std::uint64_t seed, std::uint64_t offset,
+                                                           std::uint64_t start) {
+  const std::uint64_t first = start / 4;
+  const std::int64_t groups = std::int64_t((start + std::uint64_t(n) + 3) / 4 - first);
   const std::int64_t stride = std::int64_t(gridDim.x) * blockDim.x;
   for (std::int64_t g = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
-    const Philox4 r = dropout_bits(g, seed, offset);
-    const std::int64_t base = 4 * g;
+    const Philox4 r = dropout_bits(first + std::uint64_t(g), seed, offset);
+    const std::int64_t base = 4 * g - std::int64_t(start % 4);  // local index of the group's word 0
     if (kVec4 && base + 4 <= n) {
       float4 v = reinterpret_cast<const float4*>(x)[g];
       v.x = dropout_one(v.x, r.x, threshold, scale);
@@ -89,21 +97,30 @@ __global__ void __launch_bounds__(kThreads) dropout_kernel(const float* x, float
       reinterpret_cast<float4*>(y)[g] = v;
     } else {
       const unsigned bits[4] = {r.x, r.y, r.z, r.w};
-      for (int k = 0; k < 4 && base + k < n; ++k) y[base + k] = dropout_one(x[base + k], bits[k], threshold, scale);
+      for (int k = 0; k < 4; ++k)
+        if (base + k >= 0 && base + k < n) y[base + k] = dropout_one(x[base + k], bits[k], threshold, scale);
     }
   }
 }
 
 __global__ void __launch_bounds__(kThreads) dropout_mask_kernel(std::uint8_t* mask, std::int64_t n,
                                                                 std::uint64_t threshold, std::uint64_t seed,
-                                                                std::uint64_t offset) {
-  const std::int64_t groups = (n + 3) / 4;
+                                                                std::uint64_t offset, std::uint64_t start) {
+  const std::uint64_t first = start / 4;
+  const std::int64_t groups = std::int64_t((start + std::uint64_t(n) + 3) / 4 - first);
   const std::int64_t stride = std::int64_t(gridDim.x) * blockDim.x;
   for (std::int64_t g = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
-    const Philox4 r = dropout_bits(g, seed, offset);
+    const Philox4 r = dropout_bits(first + std::uint64_t(g), seed, offset);
     const unsigned bits[4] = {r.x, r.y, r.z, r.w};
-    for (int k = 0; k < 4 && 4 * g + k < n; ++k) mask[4 * g + k] = std::uint64_t(bits[k]) < threshold ? 1 : 0;
+    const std::int64_t base = 4 * g - std::int64_t(start % 4);
+    for (int k = 0; k < 4; ++k)
+      if (base + k >= 0 && base + k < n) mask[base + k] = std::uint64_t(bits[k]) < threshold ? 1 : 0;
   }
+}
+
+void check_dropout(std::int64_t n, std::uint64_t keep_threshold, std::uint64_t start) {
+  CONVNET_REQUIRE(keep_threshold <= (std::uint64_t(1) << 32), "keep threshold must be at most 2^32");
+  CONVNET_REQUIRE(start <= ~std::uint64_t(0) - std::uint64_t(n), "start + n must be below 2^64");
 }
 
 void check_common(std::int64_t n, const void* a, const void* b) {
@@ -136,24 +153,26 @@ void relu_backward(const float* y, const float* dy, float* dx, std::int64_t n, c
 }
 
 void dropout_apply(const float* x, float* y, std::int64_t n, std::uint64_t keep_threshold, float scale,
-                   std::uint64_t seed, std::uint64_t offset, cudaStream_t stream) {
+                   std::uint64_t seed, std::uint64_t offset, std::uint64_t start, cudaStream_t stream) {
   check_common(n, x, y);
-  CONVNET_REQUIRE(keep_threshold <= (std::uint64_t(1) << 32), "keep threshold must be at most 2^32");
+  check_dropout(n, keep_threshold, start);
   if (n == 0) return;
   const unsigned grid = grid_for((n + 3) / 4, kThreads, kMaxBlocks);
-  if (aligned16(x) && aligned16(y))
-    launch(dropout_kernel<true>, dim3(grid), dim3(kThreads), 0, stream, x, y, n, keep_threshold, scale, seed, offset);
+  if (aligned16(x) && aligned16(y) && start % 4 == 0)
+    launch(dropout_kernel<true>, dim3(grid), dim3(kThreads), 0, stream, x, y, n, keep_threshold, scale, seed, offset,
+           start);
   else
-    launch(dropout_kernel<false>, dim3(grid), dim3(kThreads), 0, stream, x, y, n, keep_threshold, scale, seed, offset);
+    launch(dropout_kernel<false>, dim3(grid), dim3(kThreads), 0, stream, x, y, n, keep_threshold, scale, seed, offset,
+           start);
 }
 
 void dropout_mask(std::uint8_t* mask, std::int64_t n, std::uint64_t keep_threshold, std::uint64_t seed,
-                  std::uint64_t offset, cudaStream_t stream) {
+                  std::uint64_t offset, std::uint64_t start, cudaStream_t stream) {
   check_common(n, mask, mask);
-  CONVNET_REQUIRE(keep_threshold <= (std::uint64_t(1) << 32), "keep threshold must be at most 2^32");
+  check_dropout(n, keep_threshold, start);
   if (n == 0) return;
-  launch(dropout_mask_kernel, dim3(grid_for((n + 3) / 4, kThreads, kMaxBlocks)), dim3(kThreads), 0, stream, mask, n,
-         keep_threshold, seed, offset);
+  launch(dropout_mask_kernel, dim3(grid_for((n + 3) / 4, kThreads, kMaxBlocks)), dim3(kThreads), 0, stream, mask,
+         n, keep_threshold, seed, offset, start);
 }
 
 }  // namespace convnet

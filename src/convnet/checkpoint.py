@@ -58,7 +58,7 @@ def save(path, *, params, velocity, mean, meta):
         raise CheckpointError(f"not writing {path}: non-finite values (NaN or inf) in {', '.join(bad[:4])}"
                               f"{' ...' if len(bad) > 4 else ''}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(meta, format=FORMAT)
+    meta = dict(meta, format=FORMAT, entries=sorted(arrays))  # entries: a flipped bit in a member name is caught
     arrays["meta"] = np.array(json.dumps(meta))
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -107,6 +107,9 @@ def load(path):
             if "meta" not in z.files:
                 raise ValueError("no 'meta' entry")
             meta = json.loads(str(z["meta"]))
+            entries = meta.get("entries") if isinstance(meta, dict) else None
+            if entries is not None and sorted(f for f in z.files if f != "meta") != sorted(entries):
+                raise ValueError("its arrays are not the ones it lists (a corrupted member name)")
             params = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}
             velocity = {k[len("velocity/"):]: z[k] for k in z.files if k.startswith("velocity/")}
             mean = z["mean"] if "mean" in z.files else None

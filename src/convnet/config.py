@@ -82,6 +82,8 @@ class Config:
     eval_crops: int = setting(1, "test views per image, softmax averaged: 1 (centre crop), 2 (and its mirror "
                                  "image, as --multiview), 10 (the paper's four corners + centre and their mirror "
                                  "images)", train=True, low=1, high=10)
+    test_every: int = setting(1, "evaluate on the test set every this many epochs, and after the last one "
+                                 "(cuda-convnet's test frequency; the plateau schedule needs 1)", train=True, low=1)
     out: str | None = setting(None, "output directory (default runs/<model>)")
     seed: int = setting(0, "random seed (data order, crops, flips, dropout, initialisation)", low=0,
                        high=2**63 - 1)
@@ -107,6 +109,9 @@ class Config:
                 setattr(self, name, check_setting(name, getattr(self, name)))
             except ValueError as e:
                 raise ConfigError(f"{setting_name(name)} {e}") from None
+        if self.schedule == "plateau" and self.test_every != 1:
+            raise ConfigError(f"the plateau schedule watches the test error of every epoch: {setting_name('test_every')} "
+                              f"must be 1, got {self.test_every}")
         return self
 
 

@@ -13,6 +13,9 @@
   each pair of placements during the last step are counted (``net.exchange``; ``net.exchange_plan()`` is the same
   from the shapes alone). Every array a layer's step allocates (its forward and backward, the joins, the gradient
   sums) is made with that layer's device active.
+* Random numbers (dropout masks) are keyed on the net's seed, the step and each layer's ``random_stream`` (its name,
+  or a dropout layer's ``maskOf``), never on its position, so the two forms of a net draw the same masks: tower b's
+  ``drop6b`` (``maskOf = drop6``, ``maskStart = 2048``) draws units 2048-4095 of the one-device ``drop6``'s mask.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import numpy as np
 
 from . import ops
 from .devices import get_device, parse_device, parse_device_list
-from .layers import Data, Layer, LayerError, SoftmaxCost
+from .layers import Data, Dropout, Layer, LayerError, SoftmaxCost
 from .summary import format_summary
 
 
@@ -107,6 +110,7 @@ class Net:
         self.consumers = self._consumer_map()
         self._assign_devices()
         self._infer_shapes()
+        self._check_mask_streams()
         if init_params:
             self._init_params(np.random.default_rng(self.seed))
         self._check_reachable()
@@ -158,6 +162,25 @@ class Net:
             l.out_shape = tuple(int(s) for s in l.output_shape(l.in_shape))
             # no gradient is needed into the data layer
             l.needs_input_grad = not all(isinstance(self.layers[i], Data) for i in l.inputs)
+
+    def _check_mask_streams(self):
+        """Dropout layers sharing a mask stream (``maskOf``) must draw disjoint units of the same per-unit shape: an
+        overlap would give two layers the same mask, a shape mismatch would pair units with the wrong elements."""
+        streams = {}
+        for l in self.order:
+            if isinstance(l, Dropout):
+                streams.setdefault(l.random_stream, []).append(l)
+        for stream, layers in streams.items():
+            layers.sort(key=lambda l: l.mask_start)
+            for a, b in zip(layers, layers[1:]):
+                if a.out_shape[1:] != b.out_shape[1:]:
+                    raise LayerError(f"layers '{a.name}' and '{b.name}' share the dropout mask '{stream}' but their "
+                                     f"units differ in shape ({a.out_shape[1:]} vs {b.out_shape[1:]})")
+                if b.mask_start < a.mask_units()[1]:
+                    first, stop = a.mask_units()
+                    raise LayerError(f"layers '{a.name}' (units {first}-{stop - 1}) and '{b.name}' (from unit "
+                                     f"{b.mask_start}) overlap in the dropout mask '{stream}': they would draw the "
+                                     f"same mask (give maskStart = {stop} or more, or another maskOf)")
 
     def _init_params(self, rng):
         """Initialise on the host in definition order (one RNG stream: the draws depend on the order), then move
@@ -297,14 +320,14 @@ class Net:
         ctxs = {}
         self.exchange.reset(x.shape[-1])
         self._copies = {}
-        for idx, l in enumerate(self.order):
+        for l in self.order:
             if l is d:
                 continue
             ctx = {"train": train}
             if l is self.cost_layer and labels is not None:
                 ctx["labels"] = self._copy(labels, d, l)
             if train:
-                ctx["seed"] = _seed32(self.seed, step, idx)
+                ctx["seed"] = _seed32(self.seed, step, zlib.crc32(l.random_stream.encode()))
             with l.device.activate():
                 acts[l.name] = l.forward(self._gather(l, acts), ctx)
             ctxs[l.name] = ctx

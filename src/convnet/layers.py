@@ -42,7 +42,7 @@ class _Required:
 
 REQUIRED = _Required()  # the default of a key that must be given
 
-KEY_TYPES = ("int", "float", "str", "pair", "init", "neuron")
+KEY_TYPES = ("int", "float", "str", "name", "pair", "init", "neuron")
 INIT_SCHEMES = ("he", "xavier")
 _LINEAR = (None, "", "linear", "ident")  # spellings of "no neuron"
 _SIZE_ALIASES = ("filterSize", "sizeX")  # cuda-convnet's spellings of a window size
@@ -53,7 +53,8 @@ class Key:
     """One key of a layer type, declared once.
 
     * ``name``: the model-file spelling (matched case-insensitively), also the name in error messages;
-    * ``type``: ``int``, ``float``, ``str`` (one of ``choices``), ``pair`` (an int or an ``(h, w)`` pair),
+    * ``type``: ``int``, ``float``, ``str`` (one of ``choices``), ``name`` (a layer-style name: text without spaces
+      or commas, or None when that is the default), ``pair`` (an int or an ``(h, w)`` pair),
       ``init`` (a Gaussian std >= 0, or ``he`` / ``xavier``), ``neuron`` (``relu`` or ``linear`` = None);
     * ``default``, or :data:`REQUIRED`;
     * ``arg``: the Python keyword argument and the layer's attribute (default: ``name``);
@@ -110,6 +111,12 @@ class Key:
         if t == "str":
             if value not in self.choices:
                 raise ValueError(f"{name} must be {' or '.join(repr(c) for c in self.choices)}, got {value!r}")
+            return value
+        if t == "name":
+            if value is None and self.default is None:
+                return None
+            if not isinstance(value, str) or not value or any(c.isspace() or c == "," for c in value):
+                raise ValueError(f"{name} must be a name (text without spaces or commas), got {value!r}")
             return value
         if t == "neuron":
             if value in _LINEAR:
@@ -204,6 +211,13 @@ class Layer:
         if values:
             raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument '{next(iter(values))}' "
                             f"(keys of a {self.type} layer: {', '.join(k.arg for k in self.keys) or 'none'})")
+
+    @property
+    def random_stream(self) -> str:
+        """The name the layer's random numbers are keyed on, with the net's seed and the step (the graph's
+        ``ctx['seed']``): its own name, so that they do not depend on the layer's position in the model
+        file."""
+        return self.name
 
     # --- shape inference -----------------------------------------------------------------------------------
     def output_shape(self, in_shape):
@@ -525,31 +539,59 @@ class LRN(Layer):
 
 class Dropout(Layer):
     """Inverted dropout (outputs scaled by 1/keep in training, identity at test time, which equals the paper's
-    'multiply by 0.5 at test time'). The mask comes from the counter-based RNG keyed on (seed, offset), so the
-    backward regenerates it and a resumed run draws the same masks."""
+    'multiply by 0.5 at test time'). The mask comes from the counter-based RNG keyed on (seed, offset, element), so
+    the backward regenerates it and a resumed run draws the same masks.
+
+    The mask is a *stream* named by the layer (``random_stream``: its own name, or ``maskOf``), seeded by the net's
+    seed, the step and that name. ``maskOf = drop6`` with ``maskStart = 2048`` makes this layer the units from 2048
+    on of a layer drop6 (the tower-b half of the one-device form): its unit u (all its pixels, all images) draws
+    what unit 2048 + u of drop6 draws, so ``alexnet-2gpu`` trains with exactly ``alexnet``'s masks. With ``(C, H, W,
+    N)`` or ``(features, N)`` activations, element (u, ..., n) of the whole layer is element ``u * H*W*N + ...``, so
+    the op's ``start`` is ``maskStart * H*W * N``. The net checks that layers sharing a stream draw disjoint units
+    of the same shape."""
 
     type = "dropout"
-    KEYS = (Key("keep", "float", 0.5),)
+    KEYS = (
+        Key("keep", "float", 0.5),
+        Key("maskOf", "name", None, arg="mask_of"),
+        Key("maskStart", "int", 0, arg="mask_start", minimum=0),
+    )
 
     def __init__(self, name, inputs=(), **kw):
         super().__init__(name, inputs, **kw)
         if not 0.0 < self.keep <= 1.0:
             raise LayerError(f"layer '{name}': keep must be in (0, 1], got {self.keep:g}")
+        if self.mask_start and self.mask_of is None:
+            raise LayerError(f"layer '{name}': maskStart = {self.mask_start} needs maskOf (the layer whose mask "
+                             f"this one is a part of)")
+
+    @property
+    def random_stream(self) -> str:
+        return self.mask_of or self.name
+
+    def mask_units(self):
+        """(first, stop) of this layer's units (channels or features) in its mask stream."""
+        return self.mask_start, self.mask_start + self.out_shape[0]
+
+    def _start(self, a):
+        """The index of the first element of ``a`` (this layer's output or its gradient) in the mask stream."""
+        return self.mask_start * (a.size // self.out_shape[0])
 
     def forward(self, x, ctx):
         if not ctx.get("train") or self.keep == 1.0:
             ctx["active"] = False
             return x
         ctx["active"] = True
-        return ops.dropout_forward(self.device, x, self.keep, ctx["seed"], 0)
+        return ops.dropout_forward(self.device, x, self.keep, ctx["seed"], 0, self._start(x))
 
     def backward(self, dy, ctx):
         if not ctx["active"]:
             return dy
-        return ops.dropout_backward(self.device, dy, self.keep, ctx["seed"], 0)
+        return ops.dropout_backward(self.device, dy, self.keep, ctx["seed"], 0, self._start(dy))
 
     def describe(self):
-        return f"dropout keep {self.keep:g}"
+        shared = f" (mask of {self.mask_of} from unit {self.mask_start})" if self.mask_of else ""
+        return f"dropout keep {self.keep:g}{shared}"
 
 
 class SoftmaxCost(Layer):

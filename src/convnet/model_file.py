@@ -72,6 +72,7 @@ _READERS = {
     "pair": (_read_pair, "an integer or a pair 'h,w'"),
     "bool": (_read_bool, "true/false"),
     "str": (str.strip, "text"),
+    "name": (str.strip, "a name"),
     "init": (str.strip, "text"),
     "neuron": (str.strip, "text"),
 }

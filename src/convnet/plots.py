@@ -36,15 +36,17 @@ def error_curves(history, path):
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     ax[0].plot(ep, [h["train_error"] * 100 for h in history], "o-", label="train top-1 (running, with dropout)")
-    ax[0].plot(ep, [h["test_error"] * 100 for h in history], "o-", label="test top-1")
-    if history and history[0].get("test_top5_error") is not None:
-        ax[0].plot(ep, [h["test_top5_error"] * 100 for h in history], "o--", label="test top-5")
+    tested = [h for h in history if h.get("test_error") is not None]  # --test-every N: not every epoch
+    tep = [h["epoch"] for h in tested]
+    ax[0].plot(tep, [h["test_error"] * 100 for h in tested], "o-", label="test top-1")
+    if tested and tested[0].get("test_top5_error") is not None:
+        ax[0].plot(tep, [h["test_top5_error"] * 100 for h in tested], "o--", label="test top-5")
     ax[0].set_xlabel("epoch")
     ax[0].set_ylabel("error (%)")
     ax[0].grid(alpha=0.3)
     ax[0].legend()
     ax[1].plot(ep, [h["train_loss"] for h in history], "o-", label="train")
-    ax[1].plot(ep, [h["test_loss"] for h in history], "o-", label="test")
+    ax[1].plot(tep, [h["test_loss"] for h in tested], "o-", label="test")
     ax[1].set_xlabel("epoch")
     ax[1].set_ylabel("cross-entropy")
     ax[1].set_yscale("log")

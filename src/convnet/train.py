@@ -44,6 +44,8 @@ def make_config(args, saved=None):
                 setattr(cfg, k, v)
         if "model" in flags and flags["model"] != cfg.model:
             raise ConfigError(f"--model {flags['model']} differs from the checkpoint's model {cfg.model}")
+        if flags.keys() & {"device", "devices"}:  # a new placement replaces the saved one as a whole: --device cpu
+            cfg.device = cfg.devices = None     # puts every tower of a two-device run on cpu
     else:
         cfg.model = flags.get("model", cfg.model)
         cfg.model_text, cfg.model_source = resolve_model(cfg.model)

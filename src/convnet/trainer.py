@@ -503,21 +503,28 @@ class Trainer:
                  f"continue with --resume {self.out}")
         return {"status": stop, "history": self.history}
 
+    def tests_now(self) -> bool:
+        """Whether the epoch ending now is evaluated: every ``test_every`` epochs, and always the last one."""
+        done = self.epoch + 1
+        return done % self.cfg.test_every == 0 or done >= self.cfg.epochs
+
     def end_epoch(self, clock):
-        """Evaluate, record (history, log.jsonl, the log line), tell the schedule, go to the next epoch, checkpoint,
-        plot. ``clock``: the (wall, CPU) times at which the run (including resumed parts) started."""
-        te_loss, te1, te5, kept = self.evaluate(keep_probs=16)
+        """Evaluate (on test epochs), record (history, log.jsonl, the log line), tell the schedule, go to the next
+        epoch, checkpoint, plot. ``clock``: the (wall, CPU) times at which the run (including resumed parts) started."""
+        tested = self.tests_now()
+        te_loss, te1, te5, kept = self.evaluate(keep_probs=16) if tested else (None, None, None, [])
         rec = self._record(te_loss, te1, te5, clock)
         self.history.append(rec)
         self._log_epoch(rec)
-        self.schedule.observe(te1)
+        if tested:
+            self.schedule.observe(te1)
         self.epoch += 1
         self.batch = 0
         self.partial = _empty_totals()
         self.save()
         with open(self.out / "log.jsonl", "a") as f:  # after the checkpoint that holds this record (see _write_log)
             f.write(json.dumps(rec) + "\n")
-        if self.cfg.plots:
+        if self.cfg.plots and tested:
             self.make_plots(kept, final=self.epoch >= self.cfg.epochs)
 
     def _record(self, te_loss, te1, te5, clock):
@@ -533,8 +540,9 @@ class Trainer:
     def _log_epoch(self, rec):
         te1, te5 = rec["test_error"], rec["test_top5_error"]
         t5 = f", top-5 {te5:.2%}" if te5 is not None else ""
-        self.log(f"epoch {rec['epoch']}: train loss {rec['train_loss']:.4f} error {rec['train_error']:.2%}; "
-                 f"test loss {rec['test_loss']:.4f} error {te1:.2%}{t5} (accuracy {1 - te1:.2%}); "
+        test = (f"test loss {rec['test_loss']:.4f} error {te1:.2%}{t5} (accuracy {1 - te1:.2%})" if te1 is not None
+                else f"not tested (every {self.cfg.test_every} epochs)")
+        self.log(f"epoch {rec['epoch']}: train loss {rec['train_loss']:.4f} error {rec['train_error']:.2%}; {test}; "
                  f"{rec['images_per_s']:.0f} images/s, lr {rec['lr']:g}, {rec['elapsed_s']:.0f} s")
 
     # --- plots -----------------------------------------------------------------------------------------------

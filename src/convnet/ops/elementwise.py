@@ -3,7 +3,10 @@ convnet/reference/elementwise.py).
 
 Dropout is keyed on (seed, offset, element index) through Philox4x32-10, so numpy, emu and cuda draw
 bit-identical masks, and the backward pass regenerates the mask instead of storing it. Use a different
-``offset`` (e.g. the training step) or ``seed`` (e.g. per layer) for each call that needs a fresh mask.
+``offset`` (e.g. the training step) or ``seed`` (e.g. per layer) for each call that needs a fresh mask. ``start``
+is the index of the tensor's first element in the mask's stream (default 0): a tensor that is a slice of a larger
+one (tower b's units of a dropout layer split across two towers, ``start = 2048 * N``) draws exactly that slice of
+the larger tensor's mask.
 """
 from __future__ import annotations
 
@@ -39,28 +42,32 @@ def relu_backward(device, y, dy, out=None, stream=None):
                    kernel=lambda dx: launch(dev, "relu_backward", y, dy, dx, y.size, stream=stream))
 
 
-def _dropout_params(keep, seed, offset):
+def _dropout_params(keep, seed, offset, start, n):
     keep = scalar("keep", keep, low=0.0, high=1.0, low_open=True)
-    return keep, uint64("seed", seed), uint64("offset", offset)
+    start = uint64("start", start)
+    if start + n >= 2**64:
+        raise ValueError(f"start + the number of elements must be below 2**64, got {start} + {n}")
+    return keep, uint64("seed", seed), uint64("offset", offset), start
 
 
-def _dropout(dev, name, a, keep, seed, offset, out, stream):
-    keep, seed, offset = _dropout_params(keep, seed, offset)
+def _dropout(dev, name, a, keep, seed, offset, start, out, stream):
     check_array(name, a, dev)
+    keep, seed, offset, start = _dropout_params(keep, seed, offset, start, a.size)
     return produce(dev, Output("out", out, a.shape, a.dtype), inputs={name: a}, elementwise=True, stream=stream,
-                   reference=lambda: dev.host(ref).dropout_forward(a, keep, seed, offset),
+                   reference=lambda: dev.host(ref).dropout_forward(a, keep, seed, offset, start),
                    kernel=lambda b: launch(dev, "dropout_apply", a, b, a.size, ref.keep_threshold(keep),
-                                           float(ref.dropout_scale(keep)), seed, offset, stream=stream))
+                                           float(ref.dropout_scale(keep)), seed, offset, start, stream=stream))
 
 
-def dropout_forward(device, x, keep, seed, offset=0, out=None, stream=None):
-    """Inverted dropout: y = x * mask / keep, each element kept with probability ``keep`` in (0, 1]."""
-    return _dropout(as_device(device), "x", x, keep, seed, offset, out, stream)
+def dropout_forward(device, x, keep, seed, offset=0, start=0, out=None, stream=None):
+    """Inverted dropout: y = x * mask / keep, each element kept with probability ``keep`` in (0, 1]; ``x`` draws
+    elements [start, start + x.size) of the mask keyed on (seed, offset)."""
+    return _dropout(as_device(device), "x", x, keep, seed, offset, start, out, stream)
 
 
-def dropout_backward(device, dy, keep, seed, offset=0, out=None, stream=None):
-    """dx = dy * mask / keep with the mask of the forward call that had the same (keep, seed, offset)."""
-    return _dropout(as_device(device), "dy", dy, keep, seed, offset, out, stream)
+def dropout_backward(device, dy, keep, seed, offset=0, start=0, out=None, stream=None):
+    """dx = dy * mask / keep with the mask of the forward call that had the same (keep, seed, offset, start)."""
+    return _dropout(as_device(device), "dy", dy, keep, seed, offset, start, out, stream)
 
 
 def _shape(shape) -> tuple:
@@ -76,17 +83,18 @@ def _shape(shape) -> tuple:
     return dims
 
 
-def dropout_mask(device, shape, keep, seed, offset=0, stream=None):
+def dropout_mask(device, shape, keep, seed, offset=0, start=0, stream=None):
     """The boolean keep-mask a dropout call with these parameters uses, as an array on the device."""
     dev = as_device(device)
-    keep, seed, offset = _dropout_params(keep, seed, offset)
     shape = _shape(shape)
     n = int(np.prod(shape, dtype=np.int64))
+    keep, seed, offset, start = _dropout_params(keep, seed, offset, start, n)
 
     def kernel(mask):
-        launch(dev, "dropout_mask", mask, n, ref.keep_threshold(keep), seed, offset, stream=stream)
+        launch(dev, "dropout_mask", mask, n, ref.keep_threshold(keep), seed, offset, start, stream=stream)
 
     mask = produce(dev, Output("mask", None, shape, np.dtype(np.uint8)), stream=stream, kernel=kernel,
-                   reference=lambda: dev.host(ref).dropout_mask(n, keep, seed, offset).reshape(shape).view(np.uint8))
+                   reference=lambda: dev.host(ref).dropout_mask(n, keep, seed, offset, start).reshape(shape)
+                   .view(np.uint8))
     with dev.on_stream(stream):  # the conversion is ordered after the kernel that writes the mask
         return dev.adopt(mask.astype(bool))

@@ -33,12 +33,15 @@ def dropout_scale(keep: float, dtype=np.float32):
     return np.dtype(dtype).type(1.0 / float(keep))
 
 
-def dropout_mask(n: int, keep: float, seed: int, offset: int = 0) -> np.ndarray:
-    """Boolean keep-mask of n elements: element i uses word i % 4 of philox((i // 4, offset), seed)."""
-    groups = np.arange((n + 3) // 4, dtype=np.uint64)
+def dropout_mask(n: int, keep: float, seed: int, offset: int = 0, start: int = 0) -> np.ndarray:
+    """Boolean keep-mask of n elements, elements [start, start + n) of the stream keyed on (seed, offset): stream
+    element j uses word j % 4 of philox((j // 4, offset), seed). ``start`` lets a slice of a larger tensor (a tower's
+    units of the one-device layer) draw exactly that slice of the larger tensor's mask."""
+    start = int(start)
+    groups = np.arange(start // 4, (start + n + 3) // 4, dtype=np.uint64)
     words = philox4x32_10(groups & _LOW32, groups >> np.uint64(32), offset & 0xFFFFFFFF, offset >> 32,
                           seed & 0xFFFFFFFF, seed >> 32)
-    bits = np.stack(words, axis=1).reshape(-1)[:n]
+    bits = np.stack(words, axis=1).reshape(-1)[start % 4:start % 4 + n]
     return bits.astype(np.uint64) < np.uint64(keep_threshold(keep)) if keep < 1 else np.ones(n, dtype=bool)
 
 
@@ -50,10 +53,10 @@ def relu_backward(y, dy):
     return np.where(y > 0, dy, np.zeros((), dy.dtype))
 
 
-def dropout_forward(x, keep: float, seed: int, offset: int = 0):
-    mask = dropout_mask(x.size, keep, seed, offset).reshape(x.shape)
+def dropout_forward(x, keep: float, seed: int, offset: int = 0, start: int = 0):
+    mask = dropout_mask(x.size, keep, seed, offset, start).reshape(x.shape)
     return np.where(mask, x * dropout_scale(keep, x.dtype), np.zeros((), x.dtype))
 
 
-def dropout_backward(dy, keep: float, seed: int, offset: int = 0):
-    return dropout_forward(dy, keep, seed, offset)  # the same mask and scale: d(x * m / keep)/dx = m / keep
+def dropout_backward(dy, keep: float, seed: int, offset: int = 0, start: int = 0):
+    return dropout_forward(dy, keep, seed, offset, start)  # the same mask and scale: d(x * m / keep)/dx = m / keep
