@@ -1,20 +1,24 @@
-"""Images/s of the train-time data path on prepared JPEG shards, beside a plain Pillow + NumPy baseline.
+"""Images/s of the train-time data path on prepared JPEG shards, per JPEG decoder, beside a plain Pillow + NumPy
+baseline.
 
     python benchmarks/data_bench.py [--data PREPARED_DIR] [--images 2000] [--workers 1,2] [--batch 128]
+                                    [--decoders simplejpeg,pillow] [--no-write]
 
 Rows (all on the same images, in one run):
 
-* ``pillow+numpy baseline, 1 process``: per image ``Image.open(BytesIO(jpeg)).convert("RGB")``, ``np.asarray``,
-  a random crop, a flip, float32 minus the mean, plus a lighting offset; the batch stacked and transposed to
+* ``pillow+numpy baseline``: per image ``Image.open(BytesIO(jpeg)).convert("RGB")``, ``np.asarray``, a random
+  crop, a flip, float32 minus the mean, plus a lighting offset; the batch stacked and transposed to
   ``(C, H, W, N)``: what a straightforward loader does;
-* ``convnet loader, in-thread (per core)``: :class:`convnet.data.PreparedLoader` with ``workers=0`` and no
-  prefetch: the full path (read the memory-mapped shard, decode, crop, flip, lighting, mean, batch in layout) on
-  one core;
-* ``convnet loader, N workers``: the same with N decoding processes (batches assembled in shared memory and
-  copied out by the consumer).
+* ``decode only`` per decoder (:mod:`convnet.data.jpeg`; every installed one, or ``--decoders``): the loader's
+  decode call (:func:`convnet.data.jpeg.decode_rgbx`) on every image's bytes, one core: the floor of the full path;
+* ``loader, in-thread`` per decoder: :class:`convnet.data.PreparedLoader` with ``workers=0`` and no prefetch: the
+  full path (read the memory-mapped shard, decode, crop, flip, lighting, mean, batch in layout) on one core;
+* ``loader, N workers`` per decoder: the same with N persistent decoding processes (batches written into shared
+  memory, copied out by the consumer), timed after a first epoch has started them.
 
 Without ``--data`` it makes a synthetic prepared set first: ``--images`` smooth random 256x256 images, JPEG
-quality 95 like ``convnet.data.prepare``, in shards of 500, in a temporary folder.
+quality 95 like ``convnet.data.prepare``, in shards of 500, in a temporary folder. Results go to
+benchmarks/results/data-<cpu>-<date>.{json,md} (benchmarks/common.py's format) unless ``--no-write``.
 """
 from __future__ import annotations
 
@@ -30,9 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from convnet.data import augment, load_dataset  # noqa: E402
+import common  # noqa: E402  (imports convnet: installed, else this checkout's src/)
+from convnet.data import augment, jpeg, load_dataset  # noqa: E402
 from convnet.data.loader import PreparedLoader  # noqa: E402
 from convnet.data.shards import ShardImages, write_shard  # noqa: E402
 
@@ -99,11 +104,21 @@ def main(argv=None):
     ap.add_argument("--crop", type=int, default=224, help="crop size (default 224)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--workers", default=None, help="worker counts, e.g. 1,2 (default 1..cores)")
+    ap.add_argument("--decoders", default=None, help="JPEG decoders, e.g. pillow (default: every installed one)")
     ap.add_argument("--min-seconds", type=float, default=3.0, help="time per row (at least one pass)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/")
     a = ap.parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = [int(w) for w in a.workers.split(",")] if a.workers else list(range(1, cores + 1))
+    decoders = [jpeg.resolve(d) for d in a.decoders.split(",")] if a.decoders else list(jpeg.available())
+    rows = []
+
+    def row(path, decoder, processes, r):
+        rows.append({"path": path, "decoder": decoder, "processes": processes, "images_per_s": r,
+                     "per_process": r / processes})
+        print(f"{path} [{decoder}], {processes} process{'es' if processes > 1 else ''}: {r:,.0f} images/s", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         if a.data:
             ds = load_dataset("imagenet", a.data)
@@ -120,45 +135,38 @@ def main(argv=None):
         crop = (a.crop, a.crop)
         mean_c = augment.centre_crop(mean, crop)
         jpeg_mb = sum(int(s.offsets[-1]) for s in images.shards) / 1e6
-
-        def loader(w):
-            return PreparedLoader(images, images.labels, bs, train=True, out_hw=crop, mean=mean, eig=eig,
-                                  lighting=0.1, flip=True, seed=0, prefetch=0 if w == 0 else 4, workers=w)
-
-        def run_epoch(ld):
-            return lambda: [None for _ in ld.epoch(0)]
-
-        per_epoch = len(loader(0)) * bs
-        rows = []
         order = np.arange(n)
         r = rate(lambda: [baseline(images, order[i:i + bs], a.crop, mean_c, eig)
                           for i in range(0, n - bs + 1, bs)], (n // bs) * bs, a.min_seconds)
-        rows.append(("pillow+numpy baseline, 1 process", 1, r))
-        print(f"{rows[-1][0]}: {r:,.0f} images/s", flush=True)
-        r = rate(run_epoch(loader(0)), per_epoch, a.min_seconds)
-        rows.append(("convnet loader, in-thread (per core)", 1, r))
-        print(f"{rows[-1][0]}: {r:,.0f} images/s", flush=True)
-        for w in workers:
-            r = rate(run_epoch(loader(w)), per_epoch, a.min_seconds)
-            rows.append((f"convnet loader, {w} worker{'s' if w > 1 else ''}", w, r))
-            print(f"{rows[-1][0]}: {r:,.0f} images/s", flush=True)
-    machine = f"{platform.processor() or platform.machine()}, {cores} cores usable, Python {platform.python_version()}"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-        machine = f"{cpu}, {cores} cores usable, Python {platform.python_version()}"
-    except (OSError, StopIteration):
-        pass
+        row("pillow+numpy baseline", "pillow", 1, r)
+        per_epoch = (n // bs) * bs
+        for dec in decoders:
+            imgs = ShardImages([s.path for s in images.shards], images.hw, dec)
+            bufs = [imgs.jpeg(i) for i in range(n)]
+            row("decode only", dec, 1, rate(lambda: [jpeg.decode_rgbx(b, dec) for b in bufs], n, a.min_seconds))
+            for w in [0] + workers:
+                with PreparedLoader(imgs, imgs.labels, bs, train=True, out_hw=crop, mean=mean, eig=eig, lighting=0.1,
+                                    flip=True, seed=0, prefetch=0 if w == 0 else 4, workers=w) as ld:
+                    if w:
+                        for _ in ld.epoch(0):  # starts the workers (kept for the timed epochs)
+                            pass
+                    r = rate(lambda: [None for _ in ld.epoch(1)], per_epoch, a.min_seconds)
+                row("loader, in-thread" if w == 0 else f"loader, {w} worker{'s' if w > 1 else ''}", dec, max(1, w), r)
+    machine = common.cpu_name()
     import PIL
     print(f"\n{n} images {images.hw[0]}x{images.hw[1]} ({jpeg_mb / n * 1000:.0f} kB JPEG each), crop {a.crop}, "
-          f"batch {bs}; {machine}; Pillow {PIL.__version__}\n")
-    print("| path | processes | images/s |\n|---|---|---|")
-    for name, p, r in rows:
-        print(f"| {name} | {p} | {r:,.0f} |")
+          f"batch {bs}; {machine}; Python {platform.python_version()}; "
+          f"{'; '.join(jpeg.describe(d) for d in decoders)}\n")
+    columns = ["path", "decoder", "processes", "images_per_s", "per_process"]
+    print(common.markdown_table(rows, columns))
+    extra = {"images": n, "size": list(images.hw), "crop": a.crop, "batch": bs, "jpeg_kb": jpeg_mb / n * 1000,
+             "decoders": {d: jpeg.describe(d) for d in decoders}, "pillow": PIL.__version__,
+             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     if a.json:
-        Path(a.json).write_text(json.dumps({"machine": machine, "images": n, "size": images.hw, "crop": a.crop,
-                                            "batch": bs, "pillow": PIL.__version__,
-                                            "rows": [{"path": nm, "processes": p, "images_per_s": r}
-                                                     for nm, p, r in rows]}, indent=1))
+        Path(a.json).write_text(json.dumps({"machine": machine, **extra, "rows": rows}, indent=1))
+    if not a.no_write:
+        from convnet.devices import get_device
+        print(f"wrote {common.write_results('data', get_device('numpy'), rows, columns, extra)}")
     return 0
 
 

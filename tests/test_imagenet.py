@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convnet.data import DataError, PreparedLoader, augment, load_dataset
+from convnet.data import DataError, PreparedLoader, augment, jpeg, load_dataset, load_prepared
 from convnet.data.prepare import main as prepare_main, prepare, resize_centre
-from convnet.data.shards import Shard, ShardImages, decode
+from convnet.data.jpeg import decode
+from convnet.data.shards import Shard, ShardImages
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import subprocess_env  # noqa: E402
@@ -269,6 +270,7 @@ def test_train_end_to_end_on_prepared_data(prepared, tmp_path, device):
     epochs = [e for e in log if "test_error" in e]
     assert len(epochs) == 2 and all(np.isfinite(e["train_loss"]) for e in epochs)
     assert "imagenet (18 train / 6 test images)" in r.stdout
+    assert f"JPEG decoder: {jpeg.describe()}" in r.stderr  # the engine the run decodes with, said once
 
 
 # --- 10-crop evaluation ---------------------------------------------------------------------------------------
@@ -373,9 +375,16 @@ def _gone(pid):
         return True
 
 
-def test_worker_batches_identical_for_any_worker_count(prepared):
+DECODED = {}  # decoder -> the batches of test_worker_batches_identical_for_any_worker_count
+
+
+@pytest.mark.parametrize("decoder", jpeg.ENGINES)
+def test_worker_batches_identical_for_any_worker_count(prepared, decoder):
     import multiprocessing
-    ds = load_dataset("imagenet", prepared[0])
+    if decoder not in jpeg.available():
+        pytest.skip("simplejpeg is not installed")
+    ds = load_prepared(prepared[0], decoder=decoder)
+    assert ds.train_x.decoder == ds.test_x.decoder == decoder
     ref = None
     for w in (0, 1, 2):
         got = list(_wloader(ds, w).epoch(1)) + list(_wloader(ds, w, train=False, views=10).epoch(0))
@@ -387,13 +396,53 @@ def test_worker_batches_identical_for_any_worker_count(prepared):
             assert x1.dtype == x2.dtype == np.float32 and x1.shape == x2.shape and x1.flags.c_contiguous
             assert x1.tobytes() == x2.tobytes() and (y1 == y2).all()
     assert not multiprocessing.active_children() and not _shm(os.getpid())
+    DECODED[decoder] = ref
+    if len(DECODED) == 2:  # the two engines: the same views, pixels within the decoders' tolerance (scale 1/255)
+        for (x1, y1), (x2, y2) in zip(*DECODED.values()):
+            assert np.abs(x1 - x2).max() <= jpeg.TOLERANCE / 255 + 1e-6 and (y1 == y2).all()
+
+
+def test_host_layout_equals_the_device_path(prepared):
+    """The fused host path (staging -> (x - mean + light) * scale, row chunks) and the GPU path (uint8 CHWN up, the
+    float work there: here run on NumPy) give the same bits, in float32 and float64."""
+    ds = load_dataset("imagenet", prepared[0])
+    for dtype in (np.float32, np.float64):
+        for train, views in ((True, 1), (False, 1), (False, 10)):
+            ld = PreparedLoader(ds.train_x, ds.train_y, 4, train=train, out_hw=(24, 24), mean=ds.mean_image(),
+                                eig=(ds.eigvals, ds.eigvecs), lighting=0.1 if train else 0.0, flip=True,
+                                scale=1 / 255, seed=3, prefetch=0, dtype=dtype, views=views)
+            ld.CHUNK_BYTES = 5000  # several row chunks, the last one short
+            for v in ld.view_list():
+                x, y = ld.make_batch(2, 1, None, v)
+                x2, y2 = ld._finish(*ld._host_part(2, 1, None, v))
+                assert x.dtype == x2.dtype == dtype and x.tobytes() == x2.tobytes() and (y == y2).all()
+
+
+def test_workers_persist_across_epochs_and_close(prepared):
+    import multiprocessing
+    ds = load_dataset("imagenet", prepared[0])
+    want = [list(_wloader(ds, 0).epoch(e)) for e in (1, 2, 3)]
+    with _wloader(ds, 2) as ld:
+        assert list(ld.epoch(1))[2][0].tobytes() == want[0][2][0].tobytes()
+        pids = sorted(p.pid for p in multiprocessing.active_children())
+        assert len(pids) == 2 and pids == sorted(ld._pool.pids) and _shm(os.getpid())
+        it = ld.epoch(2)
+        next(it)
+        it.close()  # left early: jobs still in flight; their slots come back during the next epoch
+        got = list(ld.epoch(3))
+        assert sorted(p.pid for p in multiprocessing.active_children()) == pids  # the same processes
+        assert [x.tobytes() for x, _ in got] == [x.tobytes() for x, _ in want[2]]
+    assert not multiprocessing.active_children() and all(_gone(p) for p in pids) and not _shm(os.getpid())
+    assert [x.tobytes() for x, _ in ld.epoch(2)] == [x.tobytes() for x, _ in want[1]]  # a new pool after close
+    ld.close()
+    assert not multiprocessing.active_children()
 
 
 class _Failing(PreparedLoader):
-    def _host_part(self, epoch, b, order=None, view=None):
+    def host_batch(self, epoch, b, order=None, view=None, out=None):
         if b == 2:
             raise ValueError("broken image")
-        return super()._host_part(epoch, b, order, view)
+        return super().host_batch(epoch, b, order, view, out)
 
 
 def test_workers_shut_down_on_errors_and_early_close(prepared):
@@ -406,9 +455,12 @@ def test_workers_shut_down_on_errors_and_early_close(prepared):
     with pytest.raises(DataError, match="broken image"):
         list(it)
     assert not multiprocessing.active_children() and all(_gone(p) for p in pids) and not _shm(os.getpid())
-    it = _wloader(ds, 2).epoch(0)
+    ld = _wloader(ds, 2)
+    it = ld.epoch(0)
     next(it)
-    it.close()  # the consumer stops in the middle of the epoch
+    it.close()  # the consumer stops in the middle of the epoch: the workers wait for the next one
+    assert len(multiprocessing.active_children()) == 2
+    del it, ld  # a loader that is garbage-collected stops its workers
     assert not multiprocessing.active_children() and not _shm(os.getpid())
 
 

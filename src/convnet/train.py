@@ -103,7 +103,10 @@ def summary(cfg, log):
 def evaluate_only(cfg, resume_state, log):
     """``--eval-only``: the checkpoint's test loss and errors (and the plots)."""
     trainer = Trainer(cfg, resume_state=resume_state, log=log)
-    loss, e1, e5, kept = trainer.evaluate(keep_probs=16)
+    try:
+        loss, e1, e5, kept = trainer.evaluate(keep_probs=16)
+    finally:
+        trainer.close()
     t5 = f", top-5 error {e5:.2%}" if e5 is not None else ""
     log(f"{cfg.model} on {trainer.dataset.name} test set: loss {loss:.4f}, top-1 error {e1:.2%}{t5} "
         f"(accuracy {1 - e1:.2%}), epoch {trainer.epoch}")

@@ -364,8 +364,16 @@ class Trainer:
             with np.errstate(over="ignore", invalid="ignore"):  # a non-finite loss is detected and reported
                 return self._epochs()
         finally:
+            self.close()
             if old is not None:
                 signal.signal(signal.SIGINT, old)
+
+    def close(self):
+        """Stop the loaders' worker processes (prepared datasets) and free their shared memory."""
+        for loader in (self.train_loader, self.test_loader):
+            close = getattr(loader, "close", None)
+            if close is not None:
+                close()
 
     def _prepare_out(self):
         """The output directory: checked (no other run is replaced without ``overwrite``), created, stale checkpoint

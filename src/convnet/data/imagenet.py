@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import jpeg
 from .base import DataError, Dataset, register
 from .shards import ShardImages
 
@@ -192,7 +194,20 @@ def read_manifest(d):
         raise DataError(f"{p}: not valid JSON ({e})") from None
 
 
-def load_prepared(data_dir):
+_REPORTED = set()
+
+
+def _report_decoder(name):
+    """One stderr line per process and engine: which JPEG decoder the run uses, and how to get the faster one."""
+    if name in _REPORTED:
+        return
+    _REPORTED.add(name)
+    hint = "" if name == "simplejpeg" else "; pip install 'convnet[fastjpeg]' decodes 15-30% faster"
+    print(f"JPEG decoder: {jpeg.describe(name)} (${jpeg.ENV} = auto | simplejpeg | pillow){hint}", file=sys.stderr)
+
+
+def load_prepared(data_dir, decoder=None):
+    """The prepared directory ``data_dir``; ``decoder``: the JPEG engine (:func:`.jpeg.resolve`)."""
     if data_dir is None:
         raise DataError("imagenet needs --data DIR: a directory made by `python -m convnet.data.prepare imagenet "
                         "SRC DIR` from an ImageNet/ImageFolder tree SRC (train/<class>/*.JPEG, val/)")
@@ -206,13 +221,14 @@ def load_prepared(data_dir):
             p = d / s["file"]
             if not p.is_file() or p.stat().st_size != s["bytes"]:
                 raise DataError(f"{p}: missing or of another size than the manifest says; run prepare again")
-        imgs = ShardImages([d / s["file"] for s in shards], hw)
+        imgs = ShardImages([d / s["file"] for s in shards], hw, decoder)
         parts[split] = (imgs, imgs.labels)
     try:
         with np.load(d / STATS) as st:
             mean, eigvals, eigvecs = st["mean"], st["eigvals"], st["eigvecs"]
     except (OSError, KeyError, ValueError) as e:
         raise DataError(f"{d / STATS}: cannot read the mean image / PCA stats ({e}); run prepare again") from None
+    _report_decoder(parts["train"][0].decoder)
     names = [c["name"].split(",")[0].strip() or c["wnid"] for c in m["classes"]]
     return PreparedDataset(m.get("dataset", "imagenet"), parts["train"][0], parts["train"][1], parts["val"][0],
                            parts["val"][1], names, mean=mean.astype(np.float32), eigvals=eigvals, eigvecs=eigvecs,

@@ -177,7 +177,21 @@ class PreparedLoader(Loader):
     Training, per image (generator :func:`.augment.image_rng` (seed, epoch, image index)): a random ``out_hw``
     crop, a flip with probability 1/2 if ``flip``, PCA lighting with coefficients ~ N(0, ``lighting``) if
     ``lighting`` > 0. Evaluation: the centre crop. Always: minus the centre ``out_hw`` crop of the full-image
-    mean (cuda-convnet2), times ``scale``. ``eig``: (eigvals, eigvecs) of the training set's RGB covariance."""
+    mean (cuda-convnet2), times ``scale``. ``eig``: (eigvals, eigvecs) of the training set's RGB covariance.
+
+    The host path (module :mod:`.workers`, or a host device in-thread) is two passes per image and one per batch:
+    decode to 4-byte pixels (:func:`.jpeg.decode_rgbx`), copy the crop (mirrored: as uint32 pixels) into a reused
+    staging batch, then ``(x - mean + lighting) * scale`` from the staging straight into the ``(C, H, W, N)``
+    output, a few rows at a time so that only the first pass leaves the cache. The staging's images are spaced
+    an odd number of cache lines apart: at a multiple of 4 kB the transposing reads of 128 images fall into a
+    few L1 sets and run at half speed. On a GPU device the uint8 crops are uploaded and the float work runs there.
+
+    Worker processes start with the first epoch and serve every later one (no process start per epoch); they
+    hold a copy of the loader as it was then. :meth:`close` (or ``with``) stops them; so do garbage collection of
+    the loader and the end of the program."""
+
+    STAGING_ALIGN = 64  # bytes: a cache line
+    CHUNK_BYTES = 1 << 20  # float32 output rows per pass of the layout step: about one core's L2
 
     def __init__(self, images, labels, batch_size, *, train, out_hw, mean, eig=None, lighting=0.0, scale=1.0,
                  flip=False, seed=0, device=None, dtype=np.float32, prefetch=3, views=1, workers=0):
@@ -194,20 +208,36 @@ class PreparedLoader(Loader):
         self.workers = int(workers)
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
+        self._pool = None
 
     def epoch(self, epoch, start=0):
-        """Iterate over batches ``start..`` of ``epoch``: decoded in ``workers`` processes (:mod:`.workers`), or
-        in the loader thread (``workers`` = 0); the same batches either way."""
+        """Iterate over batches ``start..`` of ``epoch``: decoded in ``workers`` processes (:mod:`.workers`, started
+        by the first epoch and kept), or in the loader thread (``workers`` = 0); the same batches either way."""
         if self.workers > 0:
             from . import workers
-            return workers.epoch(self, epoch, start)
+            if self._pool is None or not self._pool.alive:
+                self._pool = workers.Pool(self)
+            return self._pool.batches(self, epoch, start)
         return super().epoch(epoch, start)
 
+    def close(self):
+        """Stop the worker processes and free their shared memory (a later epoch starts new ones)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
     def worker_state(self):
-        """This loader as a worker process needs it (pickled): on the host, without caches."""
+        """This loader as a worker process needs it (pickled): on the host, without caches or workers."""
         st = dict(self.__dict__)
-        st.update(device=None, workers=0)
-        for k in ("_mean_dev", "_mean_chwn", "_decoded"):
+        st.update(device=None, workers=0, _pool=None)
+        for k in ("_mean_dev", "_mean_chwn", "_decoded", "_staging"):
             st.pop(k, None)
         clone = object.__new__(type(self))
         clone.__dict__.update(st)
@@ -222,26 +252,93 @@ class PreparedLoader(Loader):
         off, f, alphas = augment.train_params(rng, hw, self.out_hw, flip=self.flip, lighting_std=self.lighting)
         return off, f, (None if alphas is None else augment.lighting_offset(alphas, *self.eig))
 
+    def batch_size_of(self, b):
+        """The number of images in batch ``b`` (the last evaluation batch may be short)."""
+        return min(self.batch_size, len(self.images) - b * self.batch_size)
+
+    def make_batch(self, epoch, b, order=None, view=None):
+        dev = self.device
+        if dev is not None and dev.xp is not np:  # a GPU: uint8 crops go up, the float work runs there
+            return self._finish(*self._host_part(epoch, b, order, view))
+        x, y = self.host_batch(epoch, b, order, view)
+        if dev is None:
+            return x, y
+        with dev.activate():
+            return dev.adopt(x), dev.asarray(np.asarray(y, np.int32))
+
+    def host_batch(self, epoch, b, order=None, view=None, out=None):
+        """Batch ``b`` of ``epoch`` (``view``: one of :meth:`view_list`) on the host: (x (C, H, W, N) in ``out``,
+        or a new array of the loader's dtype, labels (N,) int32)."""
+        idx, crops, light = self._crops(epoch, b, order, view)
+        if out is None:
+            out = np.empty((3, *self.out_hw, len(idx)), self.dtype)
+        self._layout(crops, light, out)
+        return out, self.labels[idx]
+
     def _host_part(self, epoch, b, order=None, view=None):
+        idx, crops, light = self._crops(epoch, b, order, view)
+        light = np.zeros((len(idx), 3), np.float32) if light is None else light
+        return crops[..., :3], light, None, self.labels[idx]
+
+    def _staging_batch(self, n):
+        """A reused (n, oh, ow, 4) uint8 batch, images an odd number of cache lines apart (class doc)."""
+        oh, ow = self.out_hw
+        size = oh * ow * 4
+        lines = -(-size // self.STAGING_ALIGN)
+        stride = (lines + (lines + 1) % 2) * self.STAGING_ALIGN
+        buf = getattr(self, "_staging", None)
+        if buf is None or buf.shape[0] < n:
+            buf = self._staging = np.empty((max(n, self.batch_size), stride), np.uint8)
+        return buf[:n, :size].reshape(n, oh, ow, 4)
+
+    def _crops(self, epoch, b, order, view):
+        """(image indices, their crops (n, oh, ow, 4) uint8 in the staging batch, flipped where drawn, lighting
+        offsets (n, 3) float32 or None) of batch ``b``: training draws per image (:meth:`view_params`); a test
+        ``view`` crops the batch decoded once for its ten views."""
         order = self.order(epoch) if order is None else order
         idx = order[b * self.batch_size:(b + 1) * self.batch_size]
         oh, ow = self.out_hw
-        if view is not None:  # a test view (no lighting; minus the mean's centre crop, as every view); the batch
-            (oy, ox), f = view  # is decoded once for its ten views
+        crops = self._staging_batch(len(idx))
+        dst = crops.view(np.uint32)[..., 0]  # whole pixels: a mirrored copy is a uint32 copy
+        if view is not None:
+            (oy, ox), f = view
             cached = getattr(self, "_decoded", None)
             if cached is None or cached[0] != (epoch, b):
-                cached = self._decoded = ((epoch, b), self.images[idx])
-            x = cached[1][:, oy:oy + oh, ox:ox + ow]
-            return (augment.hflip(x) if f else x), np.zeros((len(idx), 3), np.float32), None, self.labels[idx]
-        out = np.empty((len(idx), oh, ow, 3), np.uint8)
-        light = np.zeros((len(idx), 3), np.float32)
+                full = np.empty((len(idx), *self.images.shape[1:3]), np.uint32)
+                for j, i in enumerate(idx):
+                    full[j] = self.images.image_rgbx(int(i)).view(np.uint32)[..., 0]
+                cached = self._decoded = ((epoch, b), full)
+            src = cached[1][:, oy:oy + oh, ox:ox + ow]
+            dst[...] = src[:, :, ::-1] if f else src
+            return idx, crops, None
+        light = np.zeros((len(idx), 3), np.float32) if self.train and self.lighting > 0 else None
         for j, i in enumerate(idx):
             (oy, ox), f, lo = self.view_params(epoch, int(i))
-            x = augment.crop(self.images.image(int(i)), oy, ox, self.out_hw)
-            out[j] = augment.hflip(x) if f else x
-            if lo is not None:
+            src = augment.crop(self.images.image_rgbx(int(i)).view(np.uint32)[..., 0], oy, ox, self.out_hw)
+            dst[j] = src[:, ::-1] if f else src
+            if light is not None:
                 light[j] = lo
-        return out, light, None, self.labels[idx]
+        return idx, crops, light
+
+    def _layout(self, crops, light, out):
+        """``out`` (3, oh, ow, n) = ``(crops - mean + light) * scale`` in float32 (the same operations in the same
+        order as :meth:`_finish`), transposed from the staging's (n, oh, ow, 4), ``rows`` rows a pass."""
+        _, oh, ow, n = out.shape
+        mean = self._mean_chwn_on(None)
+        lt = None if light is None else np.ascontiguousarray(light.T)[:, None, None, :]
+        rows = max(1, self.CHUNK_BYTES // (12 * ow * n))
+        tmp = None if out.dtype == np.float32 else np.empty((3, rows, ow, n), np.float32)
+        for r0 in range(0, oh, rows):
+            r1 = min(oh, r0 + rows)
+            o = out[:, r0:r1] if tmp is None else tmp[:, :r1 - r0]
+            np.subtract(crops[:, r0:r1, :, :3].transpose(3, 1, 2, 0), mean[:, r0:r1] if mean.shape[1] > 1 else mean,
+                        out=o)
+            if lt is not None:
+                o += lt
+            if self.scale != 1.0:
+                o *= self.scale
+            if tmp is not None:
+                out[:, r0:r1] = o
 
     def _finish(self, img, light, valid, labels):
         """Device part: to float, minus the mean's centre crop, plus each image's lighting offset, scale, CHWN."""

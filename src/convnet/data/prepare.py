@@ -8,8 +8,9 @@ enlarging (cuda-convnet2: CUBIC), then re-encoded as JPEG quality ``quality`` (9
 chroma, as cuda-convnet2's OpenCV) into shards (:mod:`.shards`). A file that cannot be decoded (truncated,
 unreadable) is reported by path and skipped, counted in the manifest.
 
-Then, over the training shards (the images as training decodes them): the per-pixel mean image and the RGB
-covariance's eigenvalues/eigenvectors (all pixels of all training images), into ``stats.npz``; a checksum (sha256)
+Then, over the training shards (the images as training decodes them, by Pillow whatever engine training uses:
+:mod:`.jpeg`'s two agree within a level): the per-pixel mean image and the RGB covariance's eigenvalues/eigenvectors
+(all pixels of all training images), into ``stats.npz``; a checksum (sha256)
 per shard; and last ``manifest.json`` (written last: its presence means the preparation is complete).
 
 Parallel over ``--jobs`` processes (default: all cores), one shard per task, with a progress bar. Resumable: the
@@ -33,7 +34,8 @@ import numpy as np
 
 from .base import DataError
 from .imagenet import MANIFEST, STATS, scan_source
-from .shards import Shard, decode, sha256, write_shard
+from .jpeg import decode
+from .shards import Shard, sha256, write_shard
 
 FORMAT = "convnet-shards/1"
 
@@ -102,7 +104,7 @@ def _shard_stats(path):
     sh = Shard(path)
     acc = s1 = s2 = None
     for i in range(len(sh)):
-        x = decode(sh.jpeg(i))
+        x = decode(sh.jpeg(i), "pillow")  # the stats do not depend on whether simplejpeg is installed
         if acc is None:
             acc = np.zeros(x.shape, np.float64)
             s1, s2 = np.zeros(3, np.float64), np.zeros((3, 3), np.float64)

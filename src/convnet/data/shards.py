@@ -14,7 +14,6 @@ number of reader processes; the index at the end lets a writer stream the JPEGs 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import struct
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import jpeg
 from .base import DataError
 
 MAGIC = b"CVNSHRD1"
@@ -100,20 +100,14 @@ class Shard:
         self.__init__(st["path"])
 
 
-def decode(buf):
-    """JPEG (or any Pillow-readable) bytes -> (H, W, 3) uint8 RGB."""
-    from PIL import Image
-    with Image.open(io.BytesIO(buf)) as im:
-        if im.mode != "RGB":
-            im = im.convert("RGB")
-        return np.asarray(im)
-
-
 class ShardImages:
     """The images of a list of shards as a read-only array-like ``(N, H, W, 3)`` uint8 that decodes on indexing
-    (an int, a slice or an index array); ``labels`` (N,) int32. What the loader and the plots index."""
+    (an int, a slice or an index array); ``labels`` (N,) int32. What the loader and the plots index.
+    ``decoder``: the JPEG engine (:func:`.jpeg.resolve`: None is ``$CONVNET_JPEG_DECODER``, else the fastest
+    installed), fixed here so that every worker process decodes with the same one."""
 
-    def __init__(self, paths, hw):
+    def __init__(self, paths, hw, decoder=None):
+        self.decoder = jpeg.resolve(decoder)
         self.shards = [Shard(p) for p in paths]
         counts = np.array([len(s) for s in self.shards], np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])
@@ -135,9 +129,20 @@ class ShardImages:
 
     def image(self, i):
         """Image ``i`` decoded, (H, W, 3) uint8."""
+        return self._decoded(i, jpeg.decode)
+
+    def image_rgbx(self, i):
+        """Image ``i`` decoded as (H, W, 4) uint8, the fourth byte meaningless (:func:`.jpeg.decode_rgbx`)."""
+        return self._decoded(i, jpeg.decode_rgbx)
+
+    def _decoded(self, i, fn):
         if not 0 <= i < len(self):
             raise IndexError(f"image {i} out of range 0..{len(self) - 1}")
-        x = decode(self.jpeg(i))
+        try:
+            x = fn(self.jpeg(i), self.decoder)
+        except (OSError, ValueError) as e:  # Pillow's UnidentifiedImageError is an OSError
+            raise DataError(f"image {i} of {self.shards[0].path.parent}: cannot decode ({e}); prepare it "
+                            f"again") from None
         if x.shape[:2] != self.hw:
             raise DataError(f"image {i} of {self.shards[0].path.parent} is {x.shape[0]}x{x.shape[1]}, the "
                             f"manifest says {self.hw[0]}x{self.hw[1]}")

@@ -1,20 +1,22 @@
 """Decoding in worker processes for prepared datasets (:class:`.loader.PreparedLoader` with ``workers`` > 0).
 
-The parent (the consumer's process) owns ``slots`` shared-memory blocks (:mod:`multiprocessing.shared_memory`),
-each one batch in the layout contract ``(C, H, W, N)``, and hands batch jobs ``(seq, epoch, batch, view, slot)``
-to ``workers`` processes (forked; spawned where there is no fork) (batch ``b``'s jobs always to worker ``b % workers``, so the ten test views of a
-batch are decoded once). A worker decodes, crops, flips, adds the lighting, subtracts the mean and scales with the
-same code as the in-thread loader (:meth:`.loader.PreparedLoader._host_part` and ``_finish`` on the host), writes
-the batch into its slot and reports ``(seq, slot, labels)``. The parent yields batches in sequence order, copying
-each out of its slot onto the device (CUDA: through pinned memory, an asynchronous copy on a stream of its own),
-then gives the slot back; so at most ``slots`` batches are ready or in the making ahead of the consumer.
+A :class:`Pool` belongs to one loader and lives across epochs (started by its first epoch; no process start per
+epoch): ``slots`` shared-memory blocks (:mod:`multiprocessing.shared_memory`), each one batch in the layout
+contract ``(C, H, W, N)``, and ``workers`` processes (forked; spawned where there is no fork) holding a copy of the
+loader. An epoch hands out batch jobs ``(generation, seq, epoch, batch, view, slot)`` (batch ``b``'s jobs always to
+worker ``b % workers``, so the ten test views of a batch are decoded once). A worker writes the batch straight into
+its slot (:meth:`.loader.PreparedLoader.host_batch`, the in-thread loader's code) and reports
+``(generation, seq, slot, labels)``. The parent yields batches in sequence order, copying each out of its slot onto
+the device (CUDA: through pinned memory, an asynchronous copy on a stream of its own), then gives the slot back; so
+at most ``slots`` batches are ready or in the making ahead of the consumer. A consumer that leaves an epoch early
+leaves jobs in flight: their slots come back when their (older generation's) results arrive.
 
 Every random choice is keyed on (seed, epoch, image index) (:func:`.augment.image_rng`), so a batch is the same
 bits for any number of workers, and for the in-thread loader.
 
-Shutdown (the generator's ``finally``: the epoch ended, the consumer closed it, an exception, Ctrl-C): a stop job
-to each worker, join, terminate what did not stop, unlink every block. Workers ignore SIGINT (the parent decides)
-and exit by themselves when the parent process is gone.
+Shutdown (:meth:`Pool.close`: the loader's ``close``, a worker's error or death, garbage collection of the pool,
+the end of the program): a stop job to each worker, join, terminate what did not stop, unlink every block. Workers
+ignore SIGINT (the parent decides) and exit by themselves when the parent process is gone.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import queue
 import secrets
 import signal
 import traceback
+import weakref
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -47,6 +50,7 @@ def _worker(loader, tasks, results, names, parent):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     blocks = {}
     orders = {}
+    shape = (3, *loader.out_hw)
     try:
         while True:
             try:
@@ -57,20 +61,19 @@ def _worker(loader, tasks, results, names, parent):
                 continue
             if job is None:
                 return
-            seq, epoch, b, view, slot = job
+            gen, seq, epoch, b, view, slot = job
             try:
                 if epoch not in orders:
                     orders = {epoch: loader.order(epoch)}
-                x, y = loader._finish(*loader._host_part(epoch, b, orders[epoch], view))
                 if slot not in blocks:
                     blocks[slot] = shared_memory.SharedMemory(name=names[slot])
-                dst = np.ndarray(x.shape, x.dtype, buffer=blocks[slot].buf)
-                dst[...] = x
+                dst = np.ndarray((*shape, loader.batch_size_of(b)), loader.dtype, buffer=blocks[slot].buf)
+                labels = loader.host_batch(epoch, b, orders[epoch], view, out=dst)[1]
+                results.put(("ok", gen, seq, slot, dst.shape, np.asarray(labels)))
                 del dst
-                results.put(("ok", seq, slot, x.shape, np.asarray(y)))
             except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
                 msg = f"{type(e).__name__}: {e}"
-                results.put(("err", seq, slot, msg, traceback.format_exc()))
+                results.put(("err", gen, seq, slot, msg, traceback.format_exc()))
     finally:
         for blk in blocks.values():
             blk.close()
@@ -112,78 +115,120 @@ class _Uploader:
             return x, dev.asarray(np.asarray(labels, np.int32))
 
 
-def epoch(loader, epoch_, start=0):
-    """Batches ``start..`` of ``epoch_`` (and their test views) made by ``loader.workers`` processes (module doc)."""
-    items = [(b, v) for b in range(start, len(loader)) for v in loader.view_list()]
-    if not items:
-        return
-    nw = int(loader.workers)
-    nslots = max(1, int(loader.prefetch)) + nw
-    oh, ow = loader.out_hw
-    nbytes = 3 * oh * ow * loader.batch_size * loader.dtype.itemsize
-    # fork where there is one (Linux, as PyTorch's DataLoader): starts in milliseconds and needs no
-    # ``if __name__ == "__main__"`` guard in the user's script; the workers touch neither CUDA nor BLAS
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    token = f"convnet-{os.getpid()}-{secrets.token_hex(4)}"
-    blocks, procs, tasks, results = [], [], [], None
-    upload = _Uploader(loader.device)
-    try:
-        for i in range(nslots):
-            blocks.append(shared_memory.SharedMemory(name=f"{token}-{i}", create=True, size=nbytes))
-        names = [b.name for b in blocks]
-        results = ctx.Queue()
-        state = loader.worker_state()
-        for w in range(nw):
-            tasks.append(ctx.Queue())
-            p = ctx.Process(target=_worker, args=(state, tasks[w], results, names, os.getpid()),
-                            name=f"convnet-data-{w}", daemon=True)
-            p.start()
-            procs.append(p)
-        free = list(range(nslots))[::-1]
-        nxt = 0
-        ready = {}
-        for seq in range(len(items)):
-            while free and nxt < len(items):
-                b, v = items[nxt]
-                tasks[b % nw].put((nxt, epoch_, b, v, free.pop()))
-                nxt += 1
-            while seq not in ready:
-                try:
-                    msg = results.get(timeout=POLL_S)
-                except queue.Empty:
-                    dead = [p for p in procs if not p.is_alive()]
-                    if dead:
-                        raise DataError(f"data worker {dead[0].name} died (exit code {dead[0].exitcode})") from None
-                    continue
-                if msg[0] == "err":
-                    raise DataError(f"data worker: {msg[3]}\n{msg[4]}")
-                ready[msg[1]] = msg
-            _, _, slot, shape, labels = ready.pop(seq)
-            host = np.ndarray(shape, loader.dtype, buffer=blocks[slot].buf)
-            out = upload(host, labels)
-            del host
-            free.append(slot)
-            yield out
-    finally:
-        for q in tasks:
-            try:
-                q.put(None)
-            except (OSError, ValueError):
-                pass
-        for p in procs:
+def _shutdown(procs, tasks, results, blocks):
+    """Stop the workers (a stop job, then terminate, then kill), close the queues, unlink the blocks (the lists
+    are the pool's, filled while it starts)."""
+    for q in tasks:
+        try:
+            q.put(None)
+        except (OSError, ValueError):
+            pass
+    for p in procs:
+        p.join(timeout=2)
+        if p.is_alive():
+            p.terminate()
             p.join(timeout=2)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=2)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        for q in tasks + ([results] if results is not None else []):
-            q.close()
-            q.cancel_join_thread()
-        for blk in blocks:
-            blk.close()
+        if p.is_alive():
+            p.kill()
+            p.join()
+    for q in tasks + results:
+        q.close()
+        q.cancel_join_thread()
+    for blk in blocks:
+        blk.close()
+        try:
+            blk.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class Pool:
+    """``loader.workers`` processes and ``prefetch + workers`` shared blocks serving ``loader``'s epochs (module
+    doc). The workers copy the loader when the pool starts: a loader changed later needs a new pool."""
+
+    def __init__(self, loader):
+        nw = int(loader.workers)
+        nslots = max(1, int(loader.prefetch)) + nw
+        oh, ow = loader.out_hw
+        nbytes = 3 * oh * ow * loader.batch_size * loader.dtype.itemsize
+        # fork where there is one (Linux, as PyTorch's DataLoader): starts in milliseconds and needs no
+        # ``if __name__ == "__main__"`` guard in the user's script; the workers touch neither CUDA nor BLAS
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        token = f"convnet-{os.getpid()}-{secrets.token_hex(4)}"
+        self.procs, self.tasks, self.blocks, self._results = [], [], [], []
+        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.tasks, self._results, self.blocks)
+        self._generation = 0
+        self._stale = set()  # slots of jobs in flight from an epoch the consumer left
+        try:
+            for i in range(nslots):
+                self.blocks.append(shared_memory.SharedMemory(name=f"{token}-{i}", create=True, size=nbytes))
+            self._results.append(ctx.Queue())
+            state = loader.worker_state()
+            names = [b.name for b in self.blocks]
+            for w in range(nw):
+                self.tasks.append(ctx.Queue())
+                p = ctx.Process(target=_worker, args=(state, self.tasks[w], self._results[0], names, os.getpid()),
+                                name=f"convnet-data-{w}", daemon=True)
+                p.start()
+                self.procs.append(p)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def alive(self):
+        return self._finalizer.alive
+
+    @property
+    def pids(self):
+        return [p.pid for p in self.procs]
+
+    def close(self):
+        self._finalizer()
+
+    def _result(self):
+        while True:
             try:
-                blk.unlink()
-            except FileNotFoundError:
-                pass
+                return self._results[0].get(timeout=POLL_S)
+            except queue.Empty:
+                dead = [p for p in self.procs if not p.is_alive()]
+                if dead:
+                    self.close()
+                    raise DataError(f"data worker {dead[0].name} died (exit code {dead[0].exitcode})") from None
+
+    def batches(self, loader, epoch, start=0):
+        """Batches ``start..`` of ``epoch`` (and their test views) on ``loader``'s device (module doc)."""
+        items = [(b, v) for b in range(start, len(loader)) for v in loader.view_list()]
+        self._generation += 1
+        gen, nw = self._generation, len(self.procs)
+        free = [s for s in range(len(self.blocks)) if s not in self._stale][::-1]
+        pending = {}  # seq -> slot of the jobs handed out whose result has not come back
+        ready = {}
+        nxt = 0
+        upload = _Uploader(loader.device)
+        try:
+            for seq in range(len(items)):
+                while seq not in ready:
+                    while free and nxt < len(items):
+                        b, v = items[nxt]
+                        pending[nxt] = free.pop()
+                        self.tasks[b % nw].put((gen, nxt, epoch, b, v, pending[nxt]))
+                        nxt += 1
+                    msg = self._result()
+                    if msg[1] != gen:  # a job of an epoch left early: its slot is free again
+                        self._stale.discard(msg[3])
+                        free.append(msg[3])
+                        continue
+                    del pending[msg[2]]
+                    if msg[0] == "err":
+                        self.close()
+                        raise DataError(f"data worker: {msg[4]}\n{msg[5]}")
+                    ready[msg[2]] = msg
+                _, _, _, slot, shape, labels = ready.pop(seq)
+                host = np.ndarray(shape, loader.dtype, buffer=self.blocks[slot].buf)
+                out = upload(host, labels)
+                del host
+                free.append(slot)
+                yield out
+        finally:
+            self._stale.update(pending.values())
