@@ -28,23 +28,27 @@ Rows (printed as JSON lines, appended to --json if given, and written to benchma
 Timing -- the same for both sides: ``warmup`` untimed steps (cuDNN's benchmark mode autotunes there), a device
 synchronisation, ``steps`` back-to-back training steps, a synchronisation; wall clock between the two
 synchronisations. Neither side runs as a CUDA graph (our step allocates and makes host-side decisions), so each
-pays its own host overhead, as in real training. ``--repeats`` rounds alternate the two sides (PyTorch, ours,
-PyTorch, ...) so that a machine's drift hits both; each row gives the median round. On emu ours runs as a smoke and the
+pays its own host overhead, as in real training. ``--repeats`` rounds alternate the sides (PyTorch, ours,
+PyTorch, ...) so that a machine's drift hits both; each row gives the median round. On the CPU each round runs in a
+fresh process (``--side``), so that no thread pool of one side spins beside the other, and PyTorch is timed in its
+default NCHW layout and in channels_last (its fastest CPU layout). On emu ours runs as a smoke and the
 PyTorch row is skipped with the reason printed.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
 import numpy as np
 
 try:  # before convnet.cpu sets OMP_WAIT_POLICY for its OpenMP runtime: PyTorch's own runtime keeps its defaults
-    import torch  # noqa: F401
+    importlib.import_module("torch")
 except ImportError:
     pass
 
@@ -206,9 +210,10 @@ def timed_steps(step, sync, warmup, steps) -> float:
     return time.perf_counter() - t
 
 
-def torch_side(torch, net, x, y, args, dev):
+def torch_side(torch, net, x, y, args, dev, layout="nchw"):
     """The PyTorch twin on the same batch, checked to be the same model: (step function, sync, same-model check,
-    settings) for the timing rounds."""
+    per-layer check, settings) for the timing rounds. ``layout``: ``nchw`` (PyTorch's default) or, on the CPU,
+    ``channels_last`` (its fastest CPU layout: oneDNN's blocked convolutions)."""
     import torch.nn.functional as F
 
     on_gpu = dev.kind == "cuda"
@@ -218,7 +223,7 @@ def torch_side(torch, net, x, y, args, dev):
     coeff = plan[-1].get("coeff", 1.0)
     xt = torch.from_dlpack(x).permute(3, 0, 1, 2).contiguous()  # (C, H, W, N) -> (N, C, H, W)
     yt = torch.from_dlpack(y).long()
-    if not on_gpu:  # torch's CPU convolutions and pooling are fastest on their channels-last layout
+    if layout == "channels_last":
         xt = xt.contiguous(memory_format=torch.channels_last)
         model = model.to(memory_format=torch.channels_last)
     # same-model check, inference mode (no dropout), the same parameters: each layer alone on a random input, then
@@ -246,7 +251,7 @@ def torch_side(torch, net, x, y, args, dev):
         settings = (f"FP32, TF32 off, cudnn.benchmark, NCHW, torch {torch.__version__}, "
                     f"cuDNN {torch.backends.cudnn.version()}")
     else:
-        settings = (f"FP32, CPU, {torch.get_num_threads()} thread(s), channels_last, torch {torch.__version__} "
+        settings = (f"FP32, CPU, {torch.get_num_threads()} thread(s), {layout}, torch {torch.__version__} "
                     f"(oneDNN {'on' if torch.backends.mkldnn.is_available() else 'off'})")
     return step, (torch.cuda.synchronize if on_gpu else (lambda: None)), check, per_layer, settings
 
@@ -260,7 +265,54 @@ def step_row(what, device, args, net, seconds: list[float]) -> dict:
             "ms_per_step_rounds": [round(t / args.steps * 1e3, 3) for t in seconds]}
 
 
+def _setup(a):
+    """The device, our net and optimizer, and one fixed batch."""
+    dev = get_device(a.device)
+    net, _ = load_model(a.model, device=dev)
+    opt = SGD(net, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    shape = net.data_layer.out_shape
+    ds = synthetic(shape, net.num_classes, n_train=a.batch_size * 4, n_test=16)
+    ld = Loader(ds.train_x, ds.train_y, a.batch_size, train=True, out_hw=shape[1:], mean=ds.mean_image(),
+                flip=True, device=dev, prefetch=0)
+    x, y = ld.make_batch(0, 0)
+    return dev, net, opt, ld, x, y
+
+
+def _our_step(net, opt, x, y):
+    def step(i):
+        net.forward(x, y, train=True, step=i)
+        net.backward()
+        opt.step()
+    return step
+
+
+def run_side(a) -> int:
+    """``--side``: one timing round of one side in this (fresh) process; prints ``SECONDS <s>``. On the CPU each
+    round runs in its own process, so neither side's thread pool (OpenBLAS's, PyTorch's OpenMP) is left spinning
+    while the other side runs (measured: our 2-thread step 4x slower beside PyTorch's idle pool)."""
+    dev, net, opt, _, x, y = _setup(a)
+    with blas_threads(a.threads), loop_threads(a.threads):
+        if a.side == "ours":
+            seconds = timed_steps(_our_step(net, opt, x, y), dev.synchronize, a.warmup, a.steps)
+        else:
+            torch = common.torch_cpu(a.threads)
+            step, sync, *_ = torch_side(torch, net, x, y, a, dev, layout=a.side.split(":", 1)[1])
+            seconds = timed_steps(step, sync, a.warmup, a.steps)
+    print(f"SECONDS {seconds!r}")
+    return 0
+
+
+def _round_in_subprocess(argv, side) -> float:
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--side", side]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in done.stdout.splitlines() if l.startswith("SECONDS ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"the {side} round failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
+    return float(lines[-1].split()[1])
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cuda, cuda:N, cpu, numpy or emu (default: best available)")
     p.add_argument("--model", default="alexnet", help="a shipped model name or a model-file path")
@@ -273,16 +325,13 @@ def main(argv=None):
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
     p.add_argument("--json", help="append the rows as JSON lines to this file")
     p.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/")
+    p.add_argument("--side", help=argparse.SUPPRESS)  # internal: one CPU timing round in a child process
     a = p.parse_args(argv)
-    dev = get_device(a.device)
+    if a.side:
+        return run_side(a)
+    dev, net, opt, ld, x, y = _setup(a)
     on_host = dev.kind != "cuda"
-    net, _ = load_model(a.model, device=dev)
-    opt = SGD(net, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    shape = net.data_layer.out_shape
-    ds = synthetic(shape, net.num_classes, n_train=a.batch_size * 4, n_test=16)
-    ld = Loader(ds.train_x, ds.train_y, a.batch_size, train=True, out_hw=shape[1:], mean=ds.mean_image(),
-                flip=True, device=dev, prefetch=0)
-    x, y = ld.make_batch(0, 0)
+    cpu_path = dev.kind in ("cpu", "numpy")  # a real CPU measurement (emu is a smoke)
     if dev.kind == "emu":
         print(f"NOTE: {dev} is the CUDA emulator: a smoke run, the images/s below are NOT speed figures.")
 
@@ -294,35 +343,34 @@ def main(argv=None):
             torch = common.torch_cpu(a.threads) if on_host else common.cudnn(dev, allow_tf32=False)
         if torch is None:
             print(f"PyTorch twin skipped: {common.TORCH_UNAVAILABLE['reason']}")
-    theirs = None
+    layouts = ["nchw", "channels_last"] if on_host else ["nchw"]
+    twins = {}  # layout -> (step, sync, check, per_layer, settings)
     if torch is not None:  # first, from the same initial parameters as ours (before our steps move them)
-        try:
-            theirs = torch_side(torch, net, x, y, a, dev)
-        except Exception as exc:  # noqa: BLE001 - report, keep our numbers
-            print(f"PyTorch twin failed: {type(exc).__name__}: {exc}")
+        for layout in layouts:
+            try:
+                twins[layout] = torch_side(torch, net, x, y, a, dev, layout=layout)
+            except Exception as exc:  # noqa: BLE001 - report, keep our numbers
+                print(f"PyTorch twin ({layout}) failed: {type(exc).__name__}: {exc}")
 
-    def step(i):
-        net.forward(x, y, train=True, step=i)
-        net.backward()
-        opt.step()
-
-    ours_s, theirs_s = [], []
+    seconds = {"ours": [], **{layout: [] for layout in twins}}
     with blas_threads(a.threads if on_host else 0), loop_threads(a.threads if on_host else 1):
         for _ in range(max(1, a.repeats)):
-            if theirs is not None:
-                theirs_s.append(timed_steps(theirs[0], theirs[1], a.warmup, a.steps))
-            ours_s.append(timed_steps(step, dev.synchronize, a.warmup, a.steps))
-    res = [step_row("train step (compute), ours", str(dev) + (f", {a.threads} BLAS thread(s)" if on_host else ""),
-                    a, net, ours_s)]
+            for layout, twin in twins.items():
+                seconds[layout].append(_round_in_subprocess(argv, f"torch:{layout}") if cpu_path
+                                       else timed_steps(twin[0], twin[1], a.warmup, a.steps))
+            seconds["ours"].append(_round_in_subprocess(argv, "ours") if cpu_path
+                                   else timed_steps(_our_step(net, opt, x, y), dev.synchronize, a.warmup, a.steps))
+    res = [step_row("train step (compute), ours", str(dev) + (f", {a.threads} thread(s)" if on_host else ""),
+                    a, net, seconds["ours"])]
     check = None
-    if theirs is not None:
-        _, _, check, per_layer, settings = theirs
-        row = step_row("train step (compute), PyTorch twin", f"torch {'cpu' if on_host else f'cuda:{dev.index}'}",
-                       a, net, theirs_s)
-        row.update(same_model_rel_diff=check, same_model_per_layer=per_layer, settings=settings)
+    for layout, (_, _, layout_check, per_layer, settings) in twins.items():
+        row = step_row(f"train step (compute), PyTorch twin, {layout}",
+                       f"torch {'cpu' if on_host else f'cuda:{dev.index}'}", a, net, seconds[layout])
+        row.update(same_model_rel_diff=layout_check, same_model_per_layer=per_layer, settings=settings)
         res.append(row)
-        res[0]["ours/torch images_per_s"] = res[0]["images_per_s"] / row["images_per_s"]
-    elif torch is not None:
+        res[0][f"ours/torch {layout} images_per_s"] = res[0]["images_per_s"] / row["images_per_s"]
+        check = layout_check if check is None else max(check, layout_check)
+    if torch is not None and not twins:
         res.append({"what": "train step (compute), PyTorch twin", "model": a.model, "error": "failed (see log)"})
     t = time.perf_counter()
     for b in range(4):
@@ -342,13 +390,13 @@ def main(argv=None):
         print(f"same-model check (each layer and the whole net, ours vs PyTorch): {check:.3g}  {verdict}")
     if not a.no_write:
         columns = ["what", "model", "device", "batch", "images_per_s", "ms_per_step", "gflop_per_s",
-                   "ours/torch images_per_s", "same_model_rel_diff"]
+                   *[f"ours/torch {layout} images_per_s" for layout in twins], "same_model_rel_diff"]
         extra = {"steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "threads": a.threads if on_host else None,
                  "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
-                 "timing": "per round: warm-up steps, sync, N back-to-back steps, sync; wall clock; rounds alternate "
-                           "PyTorch and ours; the median round; the same for both sides",
+                 "timing": ("per round: warm-up steps, sync, N back-to-back steps, sync; wall clock; rounds alternate "
+                            "PyTorch and ours" + (", each round in its own process" if cpu_path else "") +
+                            "; the median round; the same for both sides"),
                  "torch_plan": torch_plan(net)}
-        cpu_path = dev.kind in ("cpu", "numpy")  # a CPU measurement: its batch and threads name the file
         path = common.write_results(f"train-{net.name}" + (f"-b{a.batch_size}-t{a.threads}" if cpu_path else ""),
                                     dev, res, columns, extra)
         print(f"wrote {path}")

@@ -15,6 +15,9 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#define CONVNET_PHILOX_HOST_ONLY 1
+#include "kernels/philox.h"  // the kernels' Philox4x32-10: the same dropout masks as numpy, emu and cuda
+
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -193,6 +196,33 @@ void relu_backward(const Floats& y, const Floats& dy, Floats& dx) {
   }
 }
 
+// Inverted dropout: y[i] = x[i] * scale where stream element start + i is kept, else +0. Stream element j is word
+// j % 4 of philox((j / 4 as two words, offset as two words), seed as two words), kept iff word < threshold
+// (convnet/reference/elementwise.py dropout_mask). y may be x.
+void dropout_apply(const Floats& x, Floats& y, std::uint64_t threshold, float scale, std::uint64_t seed,
+                   std::uint64_t offset, std::uint64_t start) {
+  const i64 n = x.size();
+  const float* xp = in(x, "x", n);
+  float* yp = out(y, "y", n);
+  if (n > 0 && start + std::uint64_t(n) - 1 < start) throw py::value_error("dropout: start + n overflows 64 bits");
+  py::gil_scoped_release release;
+  const std::uint64_t first = start / 4, last = (start + n + 3) / 4;  // the philox groups covering the elements
+#pragma omp parallel for schedule(static) num_threads(g_threads)
+  for (i64 gi = 0; gi < i64(last - first); ++gi) {
+    const std::uint64_t g = first + gi;
+    const convnet::Philox4 r = convnet::philox4x32_10(unsigned(g), unsigned(g >> 32), unsigned(offset),
+                                                      unsigned(offset >> 32), unsigned(seed), unsigned(seed >> 32));
+    const unsigned words[4] = {r.x, r.y, r.z, r.w};
+    for (int k = 0; k < 4; ++k) {
+      const std::uint64_t j = g * 4 + k;  // stream element; local element j - start
+      if (j < start || j >= start + std::uint64_t(n)) continue;
+      const i64 i = i64(j - start);
+      const float v = xp[i];
+      yp[i] = std::uint64_t(words[k]) < threshold ? v * scale : 0.0f;
+    }
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -212,4 +242,6 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("maxpool_backward", &maxpool_backward);
   m.def("relu_forward", &relu_forward);
   m.def("relu_backward", &relu_backward);
+  m.def("dropout_apply", &dropout_apply, py::arg("x"), py::arg("y"), py::arg("threshold"), py::arg("scale"),
+        py::arg("seed"), py::arg("offset"), py::arg("start"));
 }

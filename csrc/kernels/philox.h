@@ -4,7 +4,13 @@
 // and dropout's backward pass regenerates the forward mask instead of storing it.
 #pragma once
 
+#if defined(CONVNET_PHILOX_HOST_ONLY)  // plain C++ (the cpu device's loops, csrc/cpu/): no CUDA, no emulator
+#define __host__
+#define __device__
+#define __forceinline__ inline __attribute__((always_inline))
+#else
 #include "cuda_compat.h"
+#endif
 
 namespace convnet {
 

@@ -91,8 +91,10 @@ class Config:
     prefetch: int = setting(3, "batches prepared ahead by the loader thread (0 = no thread)", low=0, high=1024)
     workers: int | None = setting(None, "processes decoding prepared (JPEG) datasets (0 = in the loader thread; "
                                         "default: the CPU cores less one, at least 1)", low=0, high=1024)
-    threads: int = setting(1, "BLAS threads for numpy/emu (default 1: robust on a shared machine, and the loader "
-                              "thread gets the other core; 0 = the BLAS library's default)", low=0, high=4096)
+    threads: int | None = setting(None, "threads of the CPU devices (BLAS and the cpu device's loops): default one per "
+                                        "core this process may use, at most 8; use 1 on a machine busy with other "
+                                        "work (thread pools that wait by spinning then stall each other); 0 = the "
+                                        "BLAS library's own default", low=0, high=4096)
     progress: bool = setting(True, "no progress bar")
     plots: bool = setting(True, "no plots")
     synthetic_train: int = setting(1280, "images in the synthetic training set", low=1)

@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from .config import CLI_KEYS, Config, ConfigError, make_parser
 from .data import DataError
 from .cpu import loop_threads
-from .devices import DeviceUnavailable, blas_threads, get_device, install_report
+from .devices import DeviceUnavailable, blas_threads, default_threads, get_device, install_report
 from .model_file import ModelFileError, build_net, parse_model_text, resolve_model
 from .trainer import Trainer, TrainingError, check_out_dir
 
@@ -78,6 +78,8 @@ def run(argv=None, log=print):
         return summary(cfg, log)
     if not args.eval_only:  # before loading any data: a run in --out is never replaced silently
         check_out_dir(cfg.out, resume_path=resume_state["path"] if resume_state else None, overwrite=args.overwrite)
+    if cfg.threads is None:  # resolved once and saved with the run: a resume keeps the thread count (and rounding)
+        cfg.threads = default_threads()
     with blas_threads(cfg.threads, log), loop_threads(cfg.threads):
         if args.eval_only:
             return evaluate_only(cfg, resume_state, log)

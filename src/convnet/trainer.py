@@ -413,10 +413,11 @@ class Trainer:
         last = self.history[-1] if self.history else {}
         clock = (time.perf_counter() - last.get("elapsed_s", 0.0), time.process_time() - last.get("cpu_s", 0.0))
         self.steps_this_run = 0
+        threads = f" ({cfg.threads} threads)" if self.device.synchronous and cfg.threads else ""  # host devices
         self.log(f"training {Path(cfg.model).stem} on {self.dataset.name} ({len(self.dataset.train_x)} train / "
-                 f"{len(self.dataset.test_x)} test images), device {self.device}, {self.net.num_params():,} "
-                 f"parameters, {cfg.epochs} epochs of {len(self.train_loader)} batches of {cfg.batch_size}; "
-                 f"output in {self.out}")
+                 f"{len(self.dataset.test_x)} test images), device {self.device}{threads}, "
+                 f"{self.net.num_params():,} parameters, {cfg.epochs} epochs of {len(self.train_loader)} batches of "
+                 f"{cfg.batch_size}; output in {self.out}")
         plan = self.net.exchange_plan()
         if plan:
             towers = ", ".join(f"{i}={d}" for i, d in enumerate(self.net.devices))

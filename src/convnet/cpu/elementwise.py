@@ -1,11 +1,12 @@
-"""ReLU on the fast CPU path: the reference's results bit for bit (NaN -> 0, -0 -> +0), in one compiled pass."""
+"""ReLU and dropout on the fast CPU path: the reference's results bit for bit (ReLU: NaN -> 0, -0 -> +0; dropout: the
+same Philox masks), each in one compiled pass."""
 from __future__ import annotations
 
 import numpy as np
 
 from convnet.cpu import contiguous, lib
-from convnet.reference.elementwise import (dropout_backward, dropout_forward, dropout_mask,  # noqa: F401 (re-exported)
-                                           dropout_scale, keep_threshold, philox4x32_10)
+from convnet.reference.elementwise import (dropout_mask, dropout_scale, keep_threshold,  # noqa: F401 (re-exported)
+                                           philox4x32_10)
 
 
 def relu_forward(x):
@@ -20,3 +21,14 @@ def relu_backward(y, dy):
     dx = np.empty_like(dy)
     lib().relu_backward(y, dy, dx)
     return dx
+
+
+def dropout_forward(x, keep: float, seed: int, offset: int = 0, start: int = 0):
+    (x,) = contiguous(x)
+    y = np.empty_like(x)
+    lib().dropout_apply(x, y, keep_threshold(keep), float(dropout_scale(keep)), int(seed), int(offset), int(start))
+    return y
+
+
+def dropout_backward(dy, keep: float, seed: int, offset: int = 0, start: int = 0):
+    return dropout_forward(dy, keep, seed, offset, start)  # the same mask and scale: d(x * m / keep)/dx = m / keep

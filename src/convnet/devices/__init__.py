@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from convnet.devices._host import blas_threads
+from convnet.devices._host import blas_threads, default_threads
 from convnet.devices.backend import Backend, DeviceUnavailable, load_extension
 
 # The device kinds, in the order reports list them; kind K is implemented by convnet/devices/backend_K.py.
@@ -232,5 +232,5 @@ def _require_built_package() -> None:
             f"or name a device explicitly (--device numpy).")
 
 
-__all__ = ["Backend", "Device", "DeviceUnavailable", "KINDS", "backend", "blas_threads", "device_report",
-           "get_device", "install_report", "parse_device", "parse_device_list"]
+__all__ = ["Backend", "Device", "DeviceUnavailable", "KINDS", "backend", "blas_threads", "default_threads",
+           "device_report", "get_device", "install_report", "parse_device", "parse_device_list"]

@@ -14,6 +14,7 @@ array of an index >= 1 is alive the registry is empty and the check is one ``isi
 """
 from __future__ import annotations
 
+import os
 import weakref
 
 import numpy as np
@@ -106,6 +107,13 @@ class HostBackend(Backend):
         returns."""
         np.copyto(out, a)
         return out
+
+
+def default_threads(limit: int = 8) -> int:
+    """The CPU devices' default thread count: the cores this process may use (its affinity mask), at most ``limit``
+    (the fmnist net's GEMMs stop scaling well before that)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, limit))
 
 
 class blas_threads:
