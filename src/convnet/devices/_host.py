@@ -110,10 +110,16 @@ class HostBackend(Backend):
 
 
 def default_threads(limit: int = 8) -> int:
-    """The CPU devices' default thread count: the cores this process may use (its affinity mask), at most ``limit``
-    (the fmnist net's GEMMs stop scaling well before that)."""
+    """The CPU devices' default thread count: the cores this process may use (its affinity mask) that are not busy
+    (less the 1-minute load average, rounded), at least 1 and at most ``limit`` (the fmnist net's GEMMs stop scaling
+    well before that). Why not simply every core: OpenBLAS's threads wait by spinning, so on a machine whose cores are
+    taken by other work a 2-thread step was measured 5-25x slower than a 1-thread one (2-core box, two other jobs)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, limit))
+    try:
+        idle = cores - round(os.getloadavg()[0])
+    except OSError:  # no load average on this platform
+        idle = cores
+    return max(1, min(cores, idle, limit))
 
 
 class blas_threads:
