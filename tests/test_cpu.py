@@ -1,6 +1,8 @@
 """What is specific to the fast CPU path (the ``cpu`` device, ``convnet.cpu`` + ``convnet._cpu``). Every op already
 runs on ``cpu`` against the NumPy reference in its own test file (``kernel_device``); here: the compiled loops'
 own argument checks, thread-count independence, the chunked-batch paths, and a few training steps against numpy."""
+import os
+
 import numpy as np
 import pytest
 from helpers import CPU, NUMPY, assert_close, rand
@@ -100,14 +102,29 @@ def test_training_steps_follow_the_reference():
     assert len(set(losses["cpu"])) == len(losses["cpu"])  # the steps moved the parameters
 
 
-@pytest.mark.parametrize("cores, load, want", [(2, 0.1, 2), (2, 0.9, 1), (2, 3.8, 1), (16, 2.2, 8), (16, 11.0, 5),
+@pytest.mark.parametrize("cores, busy, want", [(2, 0.1, 2), (2, 0.9, 1), (2, 3.8, 1), (16, 2.2, 8), (16, 11.0, 5),
                                                (1, 0.0, 1)])
-def test_default_threads_are_the_idle_cores(monkeypatch, cores, load, want):
-    """The default thread count: the cores not busy at the start (a spinning thread pool on busy cores stalls)."""
-    import os
-
-    from convnet.devices import default_threads
+def test_default_threads_are_the_idle_cores(monkeypatch, cores, busy, want):
+    """The default thread count: the cores other work leaves idle (a spinning thread pool on busy cores stalls)."""
+    from convnet.devices import _host, default_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(_host, "busy_cores", lambda: busy)
     assert default_threads() == want
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="busy_cores reads Linux's /proc/stat")
+def test_busy_cores_sees_a_busy_thread():
+    """A spinning thread in this process shows as about one busy core (Linux /proc/stat)."""
+    import threading
+    import time
+
+    from convnet.devices._host import busy_cores
+
+    stop = time.perf_counter() + 1.0
+    spinner = threading.Thread(target=lambda: [None for _ in iter(lambda: time.perf_counter() < stop, False)])
+    spinner.start()
+    try:
+        assert busy_cores(0.3) > 0.6
+    finally:
+        spinner.join()

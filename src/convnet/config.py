@@ -92,8 +92,8 @@ class Config:
     workers: int | None = setting(None, "processes decoding prepared (JPEG) datasets (0 = in the loader thread; "
                                         "default: the CPU cores less one, at least 1)", low=0, high=1024)
     threads: int | None = setting(None, "threads of the CPU devices (BLAS and the cpu device's loops); default: the "
-                                        "cores not busy at the start (cores less the load average, at least 1, at "
-                                        "most 8), saved with the run; 0 = the BLAS library's own default",
+                                        "cores other work leaves idle at the start (at least 1, at most 8), saved with "
+                                        "the run; 0 = the BLAS library's own default",
                                   low=0, high=4096)
     progress: bool = setting(True, "no progress bar")
     plots: bool = setting(True, "no plots")

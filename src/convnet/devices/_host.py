@@ -15,6 +15,7 @@ array of an index >= 1 is alive the registry is empty and the check is one ``isi
 from __future__ import annotations
 
 import os
+import time
 import weakref
 
 import numpy as np
@@ -109,17 +110,31 @@ class HostBackend(Backend):
         return out
 
 
+def busy_cores(window: float = 0.25) -> float:
+    """How many cores other work keeps busy now: the machine's non-idle CPU time over ``window`` seconds
+    (``/proc/stat``; 0 where there is none). A short sample, not the load average, which lags by minutes: a run
+    started right after another one would see that one's load."""
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # total, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(window)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    total = total1 - total0
+    return 0.0 if total <= 0 else (1.0 - (idle1 - idle0) / total) * (os.cpu_count() or 1)
+
+
 def default_threads(limit: int = 8) -> int:
-    """The CPU devices' default thread count: the cores this process may use (its affinity mask) that are not busy
-    (less the 1-minute load average, rounded), at least 1 and at most ``limit`` (the fmnist net's GEMMs stop scaling
-    well before that). Why not simply every core: OpenBLAS's threads wait by spinning, so on a machine whose cores are
+    """The CPU devices' default thread count: the cores this process may use (its affinity mask) that other work is
+    not using now (:func:`busy_cores`), at least 1 and at most ``limit`` (the fmnist net's GEMMs stop scaling well
+    before that). Why not simply every core: OpenBLAS's threads wait by spinning, so on a machine whose cores are
     taken by other work a 2-thread step was measured 5-25x slower than a 1-thread one (2-core box, two other jobs)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        idle = cores - round(os.getloadavg()[0])
-    except OSError:  # no load average on this platform
-        idle = cores
-    return max(1, min(cores, idle, limit))
+    return max(1, min(cores, cores - round(busy_cores()), limit))
 
 
 class blas_threads:
