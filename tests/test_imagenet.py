@@ -66,6 +66,42 @@ def test_flat_val_labels_through_the_synset_list(prepared):
     assert dominant.tolist() == ds.test_y.tolist()
 
 
+def _devkit_meta(path, synsets, extra_inner=True):
+    """A devkit-style meta.mat: the leaf synsets (num_children 0) with ILSVRC2012_IDs 1..K in ``synsets``' order, plus
+    an inner WordNet node (id K+1, with children) that is not a class."""
+    scipy_io = pytest.importorskip("scipy.io")
+    rows = [(i + 1, wnid, name, 0) for i, (wnid, name) in enumerate(synsets)]
+    if extra_inner:
+        rows.append((len(rows) + 1, "n999", "a thing", 3))
+    dt = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")]
+    scipy_io.savemat(str(path), {"synsets": np.array(rows, dtype=dt)})
+
+
+def test_devkit_meta_mat_orders_the_integer_ground_truth(tree, tmp_path):
+    """The ILSVRC2012 devkit layout: flat val + ILSVRC2012_validation_ground_truth.txt + devkit/data/meta.mat (no
+    synsets.txt): meta.mat's leaf synsets in ILSVRC2012_ID order give the labels and the class names."""
+    from imagefolder_fixture import SYNSETS
+
+    from convnet.data.imagenet import read_devkit_meta, scan_source
+
+    src = tmp_path / "src"
+    shutil.copytree(tree, src)
+    (src / "synsets.txt").unlink()
+    (src / "devkit" / "data").mkdir(parents=True)
+    shutil.move(str(src / "ILSVRC2012_validation_ground_truth.txt"), src / "devkit" / "data")
+    _devkit_meta(src / "devkit" / "data" / "meta.mat", SYNSETS)
+    assert read_devkit_meta(src / "devkit" / "data" / "meta.mat") == SYNSETS  # the inner node is not a class
+    tree_ = scan_source(src)
+    val = sorted(tree_.items["val"])
+    assert [label for _, label in val] == [0, 1, 2, 0, 1, 2]
+    assert tree_.names == ["red thing", "green thing", "blue thing, bluish"]
+    bad = tmp_path / "bad.mat"
+    scipy_io = pytest.importorskip("scipy.io")
+    scipy_io.savemat(str(bad), {"other": np.zeros(3)})
+    with pytest.raises(DataError, match="not an ILSVRC devkit meta.mat"):
+        read_devkit_meta(bad)
+
+
 def test_bad_inputs_converted(prepared):
     dst, _, _ = prepared
     names = {}

@@ -10,8 +10,10 @@ Source layouts (``SRC``):
   order, as Caffe's val.txt); or one label per line for the files in sorted order (the devkit's
   ``ILSVRC2012_validation_ground_truth.txt``): a class name, or a 1-based position in the synset list - for the
   devkit that list must be in its ILSVRC2012_ID order (meta.mat);
-* a synset list (``--synsets``, else ``LOC_synset_mapping.txt`` / ``synsets.txt`` / ``synset_words.txt`` in SRC):
-  ``<wnid> <human-readable name>`` per line; it names the classes (kept in the manifest, shown in plots).
+* a synset list (``--synsets``, else ``LOC_synset_mapping.txt`` / ``synsets.txt`` / ``synset_words.txt`` / the
+  devkit's ``meta.mat`` in SRC, SRC/val or the devkit's data folder): ``<wnid> <human-readable name>`` per line, or
+  meta.mat's leaf synsets in ILSVRC2012_ID order (read with SciPy); it names the classes (kept in the manifest, shown
+  in plots) and orders the devkit's integer labels.
 
 A prepared directory (``python -m convnet.data.prepare imagenet SRC DST``) is read by :func:`load_prepared`
 (registered as ``imagenet``; aliases ``imagefolder``, ``prepared``).
@@ -31,7 +33,7 @@ from .base import DataError, Dataset, register
 from .shards import ShardImages
 
 IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
-SYNSET_FILES = ("LOC_synset_mapping.txt", "synsets.txt", "synset_words.txt")
+SYNSET_FILES = ("LOC_synset_mapping.txt", "synsets.txt", "synset_words.txt", "meta.mat")
 VAL_LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt", "val.txt", "val_labels.txt")
 MANIFEST = "manifest.json"
 STATS = "stats.npz"
@@ -42,8 +44,30 @@ def _images_in(d):
     return sorted(p.name for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
+def read_devkit_meta(path):
+    """[(wnid, words)] of the ILSVRC2012 devkit's ``meta.mat``: its leaf synsets (the 1000 classes) in ILSVRC2012_ID
+    order, the order of the integer labels in ``ILSVRC2012_validation_ground_truth.txt``. Needs SciPy."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise DataError(f"{path}: reading the devkit's meta.mat needs SciPy (pip install scipy), or give --synsets "
+                        f"FILE with '<wnid> <name>' lines in ILSVRC2012_ID order") from None
+    try:
+        entries = np.atleast_1d(loadmat(str(path), squeeze_me=True, struct_as_record=False)["synsets"])
+        leaves = sorted((int(e.ILSVRC2012_ID), str(e.WNID), str(e.words)) for e in entries
+                        if int(e.num_children) == 0)
+    except (KeyError, AttributeError, ValueError, TypeError, OSError) as exc:
+        raise DataError(f"{path}: not an ILSVRC devkit meta.mat (a 'synsets' struct array with ILSVRC2012_ID, WNID, "
+                        f"words, num_children): {exc}") from None
+    if [i for i, _, _ in leaves] != list(range(1, len(leaves) + 1)):
+        raise DataError(f"{path}: the leaf synsets' ILSVRC2012_IDs are not 1..{len(leaves)}")
+    return [(wnid, words) for _, wnid, words in leaves]
+
+
 def read_synsets(path):
-    """[(wnid, name)] in file order from ``<wnid> <name...>`` lines."""
+    """[(wnid, name)] in file order from ``<wnid> <name...>`` lines, or from the devkit's ``meta.mat``."""
+    if Path(path).suffix.lower() == ".mat":
+        return read_devkit_meta(path)
     out = []
     for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         parts = line.strip().split(maxsplit=1)
