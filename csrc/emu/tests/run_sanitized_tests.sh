@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the project's pytest suite against a convnet._emu built with AddressSanitizer + UBSan, so every kernel
-# test also checks global/shared-memory bounds (each SHARED array is its own heap block; SHARED arrays are
+# Runs the project's pytest suite against a convnet._emu (and convnet._cpu) built with AddressSanitizer + UBSan, so
+# every kernel test also checks global/shared-memory bounds (each SHARED array is its own heap block; SHARED arrays are
 # references to sized arrays, so row overruns are UBSan bounds errors).
 #
 #   csrc/emu/tests/run_sanitized_tests.sh                      # tests/ (without the slow driver builds)
@@ -22,9 +22,10 @@ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=None -DCONVNET_CUDA=OFF \
   -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_CXX_FLAGS="$flags" -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" \
   -DCONVNET_DEV_OUTPUT_DIR="$pkg/convnet" -DPython_EXECUTABLE="$(command -v python3)" \
   -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" >/dev/null
-cmake --build "$build" --target _emu -j"$(nproc)"
+cmake --build "$build" --target _emu _cpu -j"$(nproc)"
 
-# The Python package next to the sanitized module (no other compiled module: _cuda is not built here).
+# The Python package next to the sanitized modules (the emulator's kernels and the cpu device's loops; _cuda is not
+# built here).
 (cd "$root/src" && find convnet -name '*.py' -o -name '*.cfg') | while read -r f; do
   mkdir -p "$pkg/$(dirname "$f")"
   cp "$root/src/$f" "$pkg/$f"
