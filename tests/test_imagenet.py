@@ -527,3 +527,33 @@ def test_workers_shut_down_on_ctrl_c(prepared, tmp_path):
     _, err = p.communicate(timeout=30)
     assert p.returncode != 0 and "KeyboardInterrupt" in err and "leaked" not in err
     assert all(_gone(q) for q in pids[1:]) and not _shm(pids[0])
+
+
+@pytest.fixture(scope="module")
+def prepared_large(tree, tmp_path_factory):
+    """The fixture tree prepared at 112x112: large enough for the full alexnet at a reduced 99x99 input."""
+    dst = tmp_path_factory.mktemp("prep112") / "out"
+    prepare("imagenet", tree, dst, size=112, shard_size=8, jobs=1, progress=False, log=lambda s: None)
+    return dst
+
+
+@pytest.mark.parametrize("device", ["numpy", "cpu"])
+def test_full_alexnet_end_to_end_on_prepared_data(prepared_large, tmp_path, device):
+    """`python -m convnet.train --model alexnet --dataset imagenet`: the shipped model (every layer: grouped convs,
+    LRN, overlapping pooling, dropout, the 4096-wide fc stack) at a 99x99 input and a 3-way fc8 (the tiny set's
+    classes), with the paper's random crops, flips, PCA lighting and 10-crop evaluation, a few steps."""
+    from convnet.model_file import resolve_model
+
+    text, _ = resolve_model("alexnet")
+    assert text.count("size = 224") == 1 and text.count("outputs = 1000") == 1
+    cfg = tmp_path / "alexnet-99.cfg"
+    cfg.write_text(text.replace("size = 224", "size = 99").replace("outputs = 1000", "outputs = 3"))
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "convnet.train", "--model", str(cfg), "--dataset", "imagenet",
+                        "--data", str(prepared_large), "--device", device, "--epochs", "1", "--batch-size", "4",
+                        "--eval-crops", "10", "--workers", "0", "--out", str(out), "--no-progress", "--no-plots"],
+                       env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (epoch,) = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert epoch["step"] == 18 // 4 and np.isfinite(epoch["train_loss"]) and 0 <= epoch["test_error"] <= 1
+    assert "alexnet-99 on imagenet (18 train / 6 test images)" in r.stdout
