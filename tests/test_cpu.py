@@ -37,6 +37,10 @@ def test_loops_check_their_arguments():
         _cpu.relu_forward(x, ro)
     with pytest.raises(ValueError, match="threads must be >= 1"):
         _cpu.set_threads(0)
+    from convnet.cpu import conv as fast_conv
+
+    with pytest.raises(TypeError, match="computes in float32, got float64"):  # never a silent downcast
+        fast_conv.conv_forward(x.astype(np.float64), rand(RNG, (2, 3, 3, 4)).astype(np.float64))
 
 
 def _conv_all(x, w, dy, **geo):

@@ -32,8 +32,15 @@ def lib():
 
 
 def contiguous(*arrays):
-    """float32 C-contiguous arrays, as the loops take them (the ops pass such arrays already: no copy then)."""
-    return [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]
+    """C-contiguous float32 arrays, as the loops take them (the ops pass such arrays already: no copy then). Another
+    dtype is a TypeError, never a silent conversion: this path is float32 (float64 is the numpy device's)."""
+    out = []
+    for a in arrays:
+        a = np.asarray(a)
+        if a.dtype != np.float32:
+            raise TypeError(f"the fast CPU path computes in float32, got {a.dtype} (use the numpy device for float64)")
+        out.append(np.ascontiguousarray(a))
+    return out
 
 
 class loop_threads:

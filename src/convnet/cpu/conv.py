@@ -25,12 +25,23 @@ def _filters(w, g: ConvGeometry, group: int):
     return w[:, :, :, group * fg:(group + 1) * fg].reshape(g.Cg * g.KH * g.KW, fg)
 
 
+def _image_chunks(g: ConvGeometry):
+    """The chunks of images whose im2col matrix fits the reference's budget ([(n0, n1)], usually one)."""
+    return _chunks(g.N, g.Cg * g.KH * g.KW * g.OH * g.OW)
+
+
+def _dy_rows(dy, g: ConvGeometry, group: int, n0: int, n1: int):
+    """The group's output gradient for images [n0, n1) as the GEMM's (F/groups, OH*OW*(n1-n0)) matrix."""
+    fg = g.F // g.groups
+    return dy[group * fg:(group + 1) * fg, :, :, n0:n1].reshape(fg, -1)
+
+
 def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1):
     x, w = contiguous(x, w)
     g = ConvGeometry.of(x.shape, w.shape, stride=stride, padding=padding, groups=groups)
     fg = g.F // g.groups
     y = np.empty(g.y_shape, dtype=np.float32)
-    chunks = _chunks(g.N, g.Cg * g.KH * g.KW * g.OH * g.OW)
+    chunks = _image_chunks(g)
     for group in range(g.groups):
         wt, yg = _filters(w, g, group).T, y[group * fg:(group + 1) * fg]
         for n0, n1 in chunks:
@@ -46,13 +57,11 @@ def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1):
 def conv_backward_data(dy, w, input_hw, stride=1, padding=0, groups=1):
     dy, w = contiguous(dy, w)
     g = ConvGeometry.of_backward_data(dy.shape, w.shape, input_hw, stride=stride, padding=padding, groups=groups)
-    fg = g.F // g.groups
     dx = np.empty(g.x_shape, dtype=np.float32)
     for group in range(g.groups):
         wg = _filters(w, g, group)
-        for n0, n1 in _chunks(g.N, g.Cg * g.KH * g.KW * g.OH * g.OW):
-            dyg = dy[group * fg:(group + 1) * fg, :, :, n0:n1].reshape(fg, -1)
-            lib().col2im(wg @ dyg, dx, g.C, g.H, g.W, g.N, group * g.Cg, g.Cg, n0, n1 - n0, g.KH, g.KW, *g.stride,
+        for n0, n1 in _image_chunks(g):
+            lib().col2im(wg @ _dy_rows(dy, g, group, n0, n1), dx, g.C, g.H, g.W, g.N, group * g.Cg, g.Cg, n0, n1 - n0, g.KH, g.KW, *g.stride,
                          *g.padding, g.OH, g.OW)
     return dx
 
@@ -64,9 +73,8 @@ def conv_backward_filter(x, dy, filter_hw, stride=1, padding=0, groups=1):
     dw = np.empty(g.w_shape, dtype=np.float32)
     for group in range(g.groups):
         acc = None
-        for n0, n1 in _chunks(g.N, g.Cg * g.KH * g.KW * g.OH * g.OW):
-            dyg = dy[group * fg:(group + 1) * fg, :, :, n0:n1].reshape(fg, -1)
-            part = _cols(x, g, group, n0, n1) @ dyg.T
+        for n0, n1 in _image_chunks(g):
+            part = _cols(x, g, group, n0, n1) @ _dy_rows(dy, g, group, n0, n1).T
             acc = part if acc is None else np.add(acc, part, out=acc)
         dw[..., group * fg:(group + 1) * fg] = acc.reshape(g.Cg, g.KH, g.KW, fg)
     return dw

@@ -7,6 +7,7 @@ reference.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 import numpy as np
@@ -29,6 +30,7 @@ class CpuBackend(NumpyBackend):
         return [{"device": "cpu", "usable": ok,
                  "detail": "fast CPU path (convnet.cpu: NumPy BLAS + compiled loops)" if ok else reason}]
 
+    @functools.lru_cache(maxsize=None)  # every op call asks: look the module up once per family
     def host_module(self, reference_module):
         family = reference_module.__name__.rsplit(".", 1)[1]
         try:
