@@ -25,6 +25,15 @@ Rows (printed as JSON lines, appended to --json if given, and written to benchma
   translation shows there, not as a speed.
 * loader: host preprocessing + transfer of one batch, one thread.
 
+``--towers`` times the paper's two-tower split instead (no PyTorch twin): images/s of ``alexnet`` on the device,
+of ``alexnet-2gpu`` with both towers on that device (two streams: on a GPU they compute concurrently; on the CPU
+devices the cost of the split itself, the copies and joins) and on two devices (two GPUs when present; on the CPU
+two virtual devices of the kind, ``numpy:0,numpy:1``), the bytes copied per image between the placements, and the
+copy op's time and bandwidth for the largest tensor exchanged (a pool2, 128x13x13 per image at 224)::
+
+    python benchmarks/train_bench.py --towers --device cuda --batch-size 128
+    python benchmarks/train_bench.py --towers --device cpu --size 99 --batch-size 16 --steps 3 --threads 2
+
 Timing -- the same for both sides: ``warmup`` untimed steps (cuDNN's benchmark mode autotunes there), a device
 synchronisation, ``steps`` back-to-back training steps, a synchronisation; wall clock between the two
 synchronisations. Neither side runs as a CUDA graph (our step allocates and makes host-side decisions), so each
@@ -59,7 +68,7 @@ from convnet.cpu import loop_threads  # noqa: E402
 from convnet.data import Loader, synthetic  # noqa: E402
 from convnet.devices import blas_threads, get_device  # noqa: E402
 from convnet.geometry import lrn_scale  # noqa: E402
-from convnet.model_file import load_model  # noqa: E402
+from convnet.model_file import build_net, load_model, resolve_model  # noqa: E402
 from convnet.optim import SGD  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 1e-4, 0.9, 5e-4
@@ -302,6 +311,100 @@ def run_side(a) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- two towers
+def _towers_text(name, size):
+    """A shipped model's text, with its input size replaced by ``size`` (None: as shipped)."""
+    text, source = resolve_model(name)
+    if size is not None:
+        sizes = [line for line in text.splitlines() if line.replace(" ", "").startswith("size=")]
+        first = sizes[0]  # the data layer's: the first layer of the file
+        text = text.replace(first, f"size = {size}", 1)
+    return text, source
+
+
+def _sync_all(net):
+    for d in dict.fromkeys(net.devices):
+        d.synchronize()
+
+
+def _towers_setup(a, model, devices):
+    """(net, optimizer, batch on the data layer's device) for ``model`` on ``devices`` (one device or a list)."""
+    text, source = _towers_text(model, a.size)
+    kw = {"devices": devices} if "," in devices else {"device": devices}
+    net, _ = build_net(text, source, seed=0, **kw)
+    opt = SGD(net, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    rng = np.random.default_rng(0)
+    shape = net.data_layer.out_shape
+    x = net.device.asarray(rng.standard_normal((*shape, a.batch_size), dtype=np.float32))
+    y = net.device.asarray(rng.integers(0, net.num_classes, a.batch_size).astype(np.int32), np.int32)
+    return net, opt, x, y
+
+
+def _copy_row(a, src, dst, shape, same_device_streams):
+    """Time ``ops.copy`` of one float32 tensor of ``shape`` from ``src`` to ``dst`` (on two streams of one device
+    when ``same_device_streams``): median of ``steps`` timed copies after a warm-up, each synchronised."""
+    from convnet import ops
+
+    host = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
+    a_src = src.asarray(host)
+    s_src, s_dst = src.new_stream(), dst.new_stream()
+    times = []
+    for i in range(a.warmup + max(3, a.steps)):
+        src.synchronize()
+        dst.synchronize()
+        t = time.perf_counter()
+        out = ops.copy(dst, a_src, src, stream=s_dst, src_stream=s_src if same_device_streams or src != dst else None)
+        dst.synchronize()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t)
+    assert np.array_equal(dst.to_numpy(out), host)
+    dt = statistics.median(times)
+    return {"what": f"copy {'x'.join(map(str, shape))} float32", "device": f"{src} -> {dst}",
+            "batch": a.batch_size, "ms": dt * 1e3, "GB_per_s": host.nbytes / dt / 1e9}
+
+
+def towers_rows(a, dev) -> list[dict]:
+    """The ``--towers`` rows (module docstring)."""
+    kind = dev.kind
+    if kind == "cuda":
+        from convnet.devices.backend_cuda import CudaBackend
+
+        n_gpus = CudaBackend().count()[0]
+        pair = f"cuda:{dev.index},cuda:{(dev.index + 1) % n_gpus}" if n_gpus > 1 else None
+    else:
+        pair = f"{kind}:0,{kind}:1"  # virtual devices of the host
+    configs = [(a.model, str(dev), "one device"),
+               (a.towers_model, f"{dev},{dev}", "two towers on one device (two streams)")]
+    if pair is not None:
+        configs.append((a.towers_model, pair, "two towers on two devices"))
+    else:
+        print(f"one GPU here: alexnet-2gpu on two GPUs is not measured")
+    rows, base = [], None
+    for model, devices, what in configs:
+        net, opt, x, y = _towers_setup(a, model, devices)
+        with blas_threads(a.threads if kind != "cuda" else 0), loop_threads(a.threads if kind != "cuda" else 1):
+            seconds = [timed_steps(_our_step(net, opt, x, y), lambda: _sync_all(net), a.warmup, a.steps)
+                       for _ in range(max(1, a.repeats))]
+        row = step_row(f"train step, {what}", devices, a, net, seconds)
+        row["model"] = model
+        row["exchanged_bytes_per_image"] = net.exchange.per_image()
+        base = base or row["images_per_s"]
+        row["images_per_s vs one device"] = row["images_per_s"] / base
+        rows.append(row)
+        print(json.dumps(row))
+        shapes = net.layers
+    pool2 = next((l for l in shapes.values() if l.name == "pool2a"), None)
+    if pool2 is not None:
+        shape = (*pool2.out_shape, a.batch_size)
+        rows.append(_copy_row(a, dev, dev, shape, True))
+        if pair is not None:
+            d0, d1 = (get_device(d) for d in pair.split(","))
+            rows.append(_copy_row(a, d0, d1, shape, False))
+        for r in rows[-2 if pair is not None else -1:]:
+            print(json.dumps(r))
+    return rows
+
+
 def _round_in_subprocess(argv, side) -> float:
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--side", side]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -325,10 +428,17 @@ def main(argv=None):
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
     p.add_argument("--json", help="append the rows as JSON lines to this file")
     p.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/")
+    p.add_argument("--towers", action="store_true",
+                   help="time the two-tower split: --model (default alexnet) on the device, --towers-model on it "
+                        "with two streams and on two devices, and the copies (see the module docstring)")
+    p.add_argument("--towers-model", default="alexnet-2gpu", help="--towers: the two-tower form of --model")
+    p.add_argument("--size", type=int, default=None, help="--towers: the input size (default: the model's, 224)")
     p.add_argument("--side", help=argparse.SUPPRESS)  # internal: one CPU timing round in a child process
     a = p.parse_args(argv)
     if a.side:
         return run_side(a)
+    if a.towers:
+        return run_towers(a)
     dev, net, opt, ld, x, y = _setup(a)
     on_host = dev.kind != "cuda"
     cpu_path = dev.kind in ("cpu", "numpy")  # a real CPU measurement (emu is a smoke)
@@ -401,6 +511,27 @@ def main(argv=None):
                                     dev, res, columns, extra)
         print(f"wrote {path}")
     return 1 if check is not None and not check < SAME_MODEL_TOL else 0
+
+
+def run_towers(a) -> int:
+    dev = get_device(a.device)
+    if dev.kind == "emu":
+        print(f"NOTE: {dev} is the CUDA emulator: a smoke run, the images/s below are NOT speed figures.")
+    rows = towers_rows(a, dev)
+    if a.json:
+        with open(a.json, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    if not a.no_write:
+        columns = ["what", "model", "device", "batch", "images_per_s", "images_per_s vs one device", "ms_per_step",
+                   "exchanged_bytes_per_image", "ms", "GB_per_s"]
+        extra = {"steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "size": a.size,
+                 "threads": a.threads if dev.kind != "cuda" else None,
+                 "timing": "per round: warm-up steps, sync of every device, N back-to-back steps, sync; wall clock; "
+                           "the median round. Copies: each synchronised, the median"}
+        size = f"-s{a.size}" if a.size else ""
+        path = common.write_results(f"train-towers-{a.model}{size}-b{a.batch_size}", dev, rows, columns, extra)
+        print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":

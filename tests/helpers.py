@@ -8,6 +8,7 @@ CPU path, ``convnet.cpu``), against the NumPy reference on the host. ``conftest.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import os
 import sys
@@ -219,8 +220,15 @@ class FakeCupy:
         self.null = None
 
         class Stream:
-            def __init__(self, ptr=0, device_id=-1):
-                self.ptr, self.device_id = ptr, device_id
+            def __init__(self, ptr=None, device_id=None, non_blocking=False):
+                # Stream() (CuPy's constructor) is a new stream of the current device
+                if ptr is None:
+                    fake.next_ptr += 1
+                    ptr = fake.next_ptr
+                self.ptr, self.device_id = ptr, fake.current if device_id is None else device_id
+
+            def wait_event(self, event):
+                fake.record("wait", event.id, stream=self)
 
             def __enter__(self):
                 if self.device_id not in (-1, fake.current):
@@ -233,7 +241,44 @@ class FakeCupy:
                 fake.stacks[fake.current].pop()
 
             def synchronize(self):
+                fake.record("stream synchronize", stream=self)
+
+        class Event:
+            def __init__(self, block=False, disable_timing=False):
+                self.id, self.done = len(fake.events), True
+                fake.events.append(self)
+
+            def record(self, stream=None):
+                fake.record("record", self.id, stream=stream if stream is not None else get_current_stream())
+
+        class CUDARuntimeError(RuntimeError):
+            def __init__(self, status):
+                super().__init__(f"status {status}")
+                self.status = status
+
+        class Runtime:
+            """Copies really copy (fake device memory is host memory) and are logged on their stream handle."""
+            memcpyHostToDevice, memcpyDeviceToHost, memcpyDeviceToDevice = 1, 2, 3
+
+            @staticmethod
+            def deviceCanAccessPeer(dev, peer):
+                return 1
+
+            @staticmethod
+            def deviceEnablePeerAccess(peer):
                 pass
+
+            @staticmethod
+            def memcpyAsync(dst, src, n, kind, stream):
+                fake.record("memcpy", stream)
+                ctypes.memmove(dst, src, n)
+
+            @staticmethod
+            def memcpyPeerAsync(dst, dst_dev, src, src_dev, n, stream):
+                fake.record("memcpy peer", stream)
+                ctypes.memmove(dst, src, n)
+
+        Runtime.CUDARuntimeError = CUDARuntimeError
 
         class Device:
             def __init__(self, device=None):
@@ -251,15 +296,20 @@ class FakeCupy:
                 fake.current = self._prev.pop()
 
             def synchronize(self):
-                pass
+                fake.record("device synchronize")
 
         def get_current_stream(device_id=-1):
             return fake.stacks[fake.current if device_id == -1 else device_id][-1]
 
+        self.next_ptr, self.events = 0x100, []
         self.null = Stream(0, -1)
         self.stacks = {i: [self.null] for i in range(devices)}
-        self.cuda = type("cuda", (), dict(Stream=Stream, Device=Device,
+        pinned = []  # pinned buffers stay alive with the fake
+        self.cuda = type("cuda", (), dict(Stream=Stream, Device=Device, Event=Event, runtime=Runtime,
                                           get_current_stream=staticmethod(get_current_stream),
+                                          alloc_pinned_memory=staticmethod(
+                                              lambda n: pinned.append(np.empty(n, np.uint8))
+                                              or type("Pinned", (), {"ptr": pinned[-1].ctypes.data})()),
                                           set_allocator=staticmethod(lambda a=None: None),
                                           set_pinned_memory_allocator=staticmethod(lambda a=None: None)))
         self.__version__ = "fake"
@@ -338,13 +388,31 @@ class FakeCupy:
                                out=None if out is None else unwrap(out, "matmul"))
             return out if out is not None else fake._wrap(result)
 
+        def ufunc(name):
+            def call(*args, out=None):
+                fake.record(name)
+                result = getattr(np, name)(*(unwrap(a, name) for a in args),
+                                           out=None if out is None else unwrap(out, name))
+                return out if out is not None else fake._wrap(result)
+            return call
+
+        def concatenate(arrays, axis=0, out=None):
+            fake.record("concatenate")
+            result = np.concatenate([unwrap(a, "concatenate") for a in arrays], axis=axis,
+                                    out=None if out is None else unwrap(out, "concatenate"))
+            return out if out is not None else fake._wrap(result)
+
         self.matmul = matmul
+        self.add, self.multiply, self.not_equal = ufunc("add"), ufunc("multiply"), ufunc("not_equal")
+        self.concatenate = concatenate
         self.ndarray = ndarray
 
     # -- recording --------------------------------------------------------------------------------------------------
-    def record(self, what, handle=None):
+    def record(self, what, handle=None, stream=None):
+        """Log ``what`` with the current device and stream (``stream``: the one it is about, for events)."""
         if self.recording:
-            self.log.append((what, self.current, self.stacks[self.current][-1].ptr, handle))
+            current = self.stacks[self.current][-1] if stream is None else stream
+            self.log.append((what, self.current, current.ptr, handle))
 
     def _wrap(self, a):
         return self.ndarray(a, self.current)

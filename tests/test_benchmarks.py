@@ -101,6 +101,29 @@ def test_train_bench_emu_smoke(tmp_path, monkeypatch, capsys):
     assert data["benchmark"] == "train-fmnist" and len(data["rows"]) == 2  # emu: no batch/threads in the name
 
 
+def test_train_bench_towers_smoke_on_emu(tmp_path, monkeypatch, capsys):
+    """--towers times alexnet, alexnet-2gpu on one device (two emulated streams) and on two virtual devices, and the
+    copy between them (checked to arrive intact); the bytes exchanged per image are the net's plan's."""
+    bench = _writing_to(tmp_path, monkeypatch, "train_bench")
+    rows = tmp_path / "rows.jsonl"
+    assert bench.main(["--towers", "--device", "emu", "--size", "67", "--batch-size", "2", "--steps", "1",
+                       "--warmup", "0", "--repeats", "1", "--json", str(rows)]) == 0
+    lines = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [(r["what"], r["device"]) for r in lines] == [
+        ("train step, one device", "emu"), ("train step, two towers on one device (two streams)", "emu,emu"),
+        ("train step, two towers on two devices", "emu:0,emu:1"),
+        ("copy 128x3x3x2 float32", "emu -> emu"), ("copy 128x3x3x2 float32", "emu -> emu:1")]
+    from convnet.model_file import build_net
+
+    text, source = bench._towers_text("alexnet-2gpu", 67)
+    plan = build_net(text, source, devices="emu:0,emu:1", init_params=False)[0].exchange_plan(images=1)
+    assert lines[0]["exchanged_bytes_per_image"] == {}
+    assert lines[2]["exchanged_bytes_per_image"] == {k.replace("emu:0", "emu"): v for k, v in plan.items()}
+    assert all(r["images_per_s"] > 0 for r in lines[:3]) and all(r["GB_per_s"] > 0 for r in lines[3:])
+    data, _ = _written(tmp_path)
+    assert data["benchmark"] == "train-towers-alexnet-s67-b2" and "NOT speed figures" in capsys.readouterr().out
+
+
 def test_train_bench_twin_plan_is_read_from_the_model_file():
     """The PyTorch twin of AlexNet comes from the parsed model file: grouped convs, per-tower LRN with alpha in
     torch's mean convention, overlapping max pooling, dropout, the fc stack (checked without torch)."""

@@ -11,8 +11,15 @@
   gradients of an output read on several placements are summed on the producer's device. Which layers exchange
   is the model file's choice (the inputs of its layers); nothing here knows about towers. The bytes copied between
   each pair of placements during the last step are counted (``net.exchange``; ``net.exchange_plan()`` is the same
-  from the shapes alone). Every array a layer's step allocates (its forward and backward, the joins, the gradient
-  sums) is made with that layer's device active.
+  from the shapes alone).
+* Concurrency: when a net has more than one placement, each placement has a stream of its own device
+  (``net.stream_of(layer)``; two towers on one GPU get two). A layer's forward and backward, its input join and the
+  sums of its output's gradients are issued on its placement's stream; a copy runs on the consumer's stream after
+  an event recorded on the producer's (``ops.copy``); each pass starts by making every stream wait for the current
+  stream (where the loop uploaded the batch: ``fork``) and ends by making the current stream wait for every stream
+  (``join``). Nothing here waits on the host, so on a GPU the loop issues both towers' work and runs ahead; on emu
+  the streams are emulated (worker threads), so a missing wait gives a wrong result in a test. One placement: no
+  streams, everything on the current stream as before.
 * Random numbers (dropout masks) are keyed on the net's seed, the step and each layer's ``random_stream`` (its name,
   or a dropout layer's ``maskOf``), never on its position, so the two forms of a net draw the same masks: tower b's
   ``drop6b`` (``maskOf = drop6``, ``maskStart = 2048``) draws units 2048-4095 of the one-device ``drop6``'s mask.
@@ -78,6 +85,7 @@ class Net:
                              f"{', '.join(map(str, self.devices))} (tower 0 is the net's device)")
         self.device = self.devices[0] if self.devices is not None else resolve(device)
         self.exchange = Exchange()
+        self._streams = None  # placement key -> stream, made on the first pass (``_placement_streams``)
         self.dtype = np.dtype(dtype)
         self.seed = int(seed)
         self.name = name
@@ -211,12 +219,53 @@ class Net:
             return str(l.device)
         return f"{l.device}[{tower}]"
 
+    def _stream_key(self, l):
+        """A layer's placement as streams see it: (device, tower); a layer given a device by name shares the stream
+        of the lowest tower on that device (it shares that tower's memory, ``same_place``)."""
+        tower = getattr(l, "tower", None)
+        if tower is None:
+            tower = next((t for t, d in enumerate(self.devices) if d == l.device), None)
+        return l.device, tower
+
+    def _placement_streams(self) -> dict:
+        """{placement key: stream}, one new stream per placement when the net has several (else empty: every layer
+        on the current stream)."""
+        if self._streams is None:
+            keys = list(dict.fromkeys(self._stream_key(l) for l in self.order))
+            self._streams = {k: k[0].new_stream() for k in keys} if len(keys) > 1 else {}
+        return self._streams
+
+    def stream_of(self, l):
+        """The stream layer ``l``'s work is issued on (None: the current stream)."""
+        return self._placement_streams().get(self._stream_key(l))
+
+    def on_placement(self, l):
+        """Context: layer ``l``'s device current and its placement's stream current (ops issued inside run there)."""
+        return l.device.on_stream(self.stream_of(l))
+
+    def _order(self, src, dst):
+        """Work issued next on ``dst``'s stream waits for the work issued so far on ``src``'s (same memory, two
+        streams: a layer given a device by name read by a tower on that device)."""
+        s_src, s_dst = self.stream_of(src), self.stream_of(dst)
+        if s_src is not s_dst:
+            dst.device.wait_event(src.device.record_event(s_src), s_dst)
+
+    def _fork(self):
+        for (device, _), stream in self._placement_streams().items():
+            device.fork(stream)
+
+    def _join(self):
+        for (device, _), stream in self._placement_streams().items():
+            device.join(stream)
+
     def _copy(self, a, src, dst):
-        """``a`` (on layer ``src``'s placement) on layer ``dst``'s placement: the same array, or a counted copy."""
+        """``a`` (on layer ``src``'s placement) on layer ``dst``'s placement: the same array (ordered after ``src``'s
+        stream), or a counted copy on ``dst``'s stream."""
         if self.same_place(src, dst):
+            self._order(src, dst)
             return a
         with dst.device.activate():
-            b = ops.copy(dst.device, a, src.device)
+            b = ops.copy(dst.device, a, src.device, stream=self.stream_of(dst), src_stream=self.stream_of(src))
         self.exchange.add(self.place_label(src), self.place_label(dst), a.nbytes)
         return b
 
@@ -290,6 +339,7 @@ class Net:
         """Layer ``i``'s output on layer ``l``'s placement (copied once per placement and step)."""
         src = self.layers[i]
         if self.same_place(src, l):
+            self._order(src, l)
             return acts[i]
         key = (i, l.tower, l.device)
         if key not in self._copies:
@@ -297,18 +347,17 @@ class Net:
         return self._copies[key]
 
     def _gather(self, l, acts):
-        """The input of layer ``l``: its inputs' activations on its device, joined along the first axis (a join is
-        not an op: its inputs are checked here, as an op checks its own)."""
+        """The input of layer ``l``: its inputs' activations on its device, joined along the first axis (images of
+        one size channel-wise, else as flattened features) on its stream."""
         arrays = [self._fetch(acts, i, l) for i in l.inputs]
         if len(arrays) == 1:
             return arrays[0]
         for i, a in zip(l.inputs, arrays):
             _check_on(l, a, f"input '{i}'")
-        xp = l.device.xp
-        n = arrays[0].shape[-1]
-        if len(l.in_shape) == 3:
-            return l.device.adopt(xp.concatenate(arrays, axis=0))
-        return l.device.adopt(xp.concatenate([a.reshape(-1, n) for a in arrays], axis=0))
+        if len(l.in_shape) != 3:
+            n = arrays[0].shape[-1]
+            arrays = [a.reshape(-1, n) for a in arrays]
+        return ops.concat(l.device, arrays)
 
     def forward(self, x, labels=None, *, train=False, step=0):
         """Run the net on a batch ``x`` (data layout, on the data layer's device). Returns probabilities."""
@@ -320,6 +369,7 @@ class Net:
         ctxs = {}
         self.exchange.reset(x.shape[-1])
         self._copies = {}
+        self._fork()
         for l in self.order:
             if l is d:
                 continue
@@ -328,9 +378,10 @@ class Net:
                 ctx["labels"] = self._copy(labels, d, l)
             if train:
                 ctx["seed"] = _seed32(self.seed, step, zlib.crc32(l.random_stream.encode()))
-            with l.device.activate():
+            with self.on_placement(l):
                 acts[l.name] = l.forward(self._gather(l, acts), ctx)
             ctxs[l.name] = ctx
+        self._join()
         self._ctxs = ctxs
         self._copies = None
         self.loss = ctxs[self.cost_layer.name].get("loss")
@@ -341,11 +392,12 @@ class Net:
         if getattr(self, "_ctxs", None) is None or self.loss is None:
             raise RuntimeError("backward() needs a forward(x, labels) first")
         grads = {}
+        self._fork()
         for l in reversed(self.order):
             if isinstance(l, Data):
                 continue
             dy = None if l is self.cost_layer else grads.pop(l.name)
-            with l.device.activate():
+            with self.on_placement(l):
                 dx = l.backward(dy, self._ctxs[l.name])
                 if dx is None or not l.needs_input_grad:
                     continue
@@ -354,6 +406,7 @@ class Net:
                 src = self.layers[i]
                 if not isinstance(src, Data):  # no gradient into the data; sums on the producer's device
                     self._accumulate(grads, src, self._copy(part, l, src), l)
+        self._join()
         self._ctxs = None
 
     def _split(self, l, dx):
@@ -371,14 +424,15 @@ class Net:
             off += size
         return parts
 
-    @staticmethod
-    def _accumulate(grads, src, part, consumer):
-        """Add ``part`` (from layer ``consumer``) to the gradient of layer ``src``'s output (a layer read by several
-        consumers gets the sum, on its device)."""
+    def _accumulate(self, grads, src, part, consumer):
+        """Add ``part`` (from layer ``consumer``, already on ``src``'s placement) to the gradient of layer ``src``'s
+        output (a layer read by several consumers gets the sum, on its device and stream)."""
         _check_on(src, part, f"the gradient of its output from '{consumer.name}'")
-        with src.device.activate():
-            part = part.reshape(*src.out_shape, part.shape[-1])
-            grads[src.name] = src.device.adopt(grads[src.name] + part) if src.name in grads else part
+        part = part.reshape(*src.out_shape, part.shape[-1])
+        if src.name in grads:
+            with self.on_placement(src):
+                part = ops.add(src.device, grads[src.name], part)
+        grads[src.name] = part
 
     # --- report ----------------------------------------------------------------------------------------------
     def summary(self):

@@ -642,7 +642,7 @@ class SoftmaxCost(Layer):
     def backward(self, dy, ctx):
         d = ctx["dlogits"]
         n = d.shape[-1]
-        return self.device.adopt(d * d.dtype.type(self.coeff / n))
+        return ops.scale(self.device, d, self.coeff / n)
 
 
 LAYER_TYPES = {cls.type: cls for cls in (Data, Conv, FC, ReLU, Pool, LRN, Dropout, SoftmaxCost)}

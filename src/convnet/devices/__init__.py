@@ -114,7 +114,7 @@ class Device:
     def empty(self, shape, dtype=np.float32, stream=None):
         """An uninitialised array; on a GPU allocated on ``stream`` (None: the current stream)."""
         with self.on_stream(stream):
-            return self.backend.adopt(self.xp.empty(shape, dtype=dtype), self.index)
+            return self.backend.adopt(self.backend.empty(shape, dtype, self.index), self.index)
 
     def zeros(self, shape, dtype=np.float32, stream=None):
         with self.on_stream(stream):
@@ -151,6 +151,33 @@ class Device:
     def stream_handle(self, stream=None) -> int:
         """cudaStream_t of a CuPy stream (None: CuPy's current stream on this device); 0 off the GPU."""
         return self.backend.stream_handle(self.index, stream)
+
+    # -- streams and events (the layer graph's placements run concurrently, ordered by events) ---------------------
+    def new_stream(self):
+        """A new stream of this device: a CuPy stream on cuda, an emulated one on emu (work on it runs on a worker
+        thread, asynchronously), None on numpy and cpu (work runs on the host when it is issued)."""
+        return self.backend.new_stream(self.index)
+
+    def submit(self, fn, stream=None) -> None:
+        """Run ``fn()`` (array-module work that writes arrays already allocated) ordered on ``stream`` (None: the
+        current stream)."""
+        self.backend.submit(self.index, stream, fn)
+
+    def record_event(self, stream=None):
+        """An event completing when the work issued so far on ``stream`` has (None where nothing is pending)."""
+        return self.backend.record_event(self.index, stream)
+
+    def wait_event(self, event, stream=None) -> None:
+        """Work issued from now on on ``stream`` waits for ``event`` (on the device: the host goes on)."""
+        self.backend.wait_event(self.index, stream, event)
+
+    def fork(self, stream) -> None:
+        """``stream`` waits for the work issued so far on the current stream (where the host's loop works)."""
+        self.backend.fork(self.index, stream)
+
+    def join(self, stream) -> None:
+        """The current stream waits for the work issued so far on ``stream`` (on emu: the host waits)."""
+        self.backend.join(self.index, stream)
 
 
 def parse_device(spec: "str | Device") -> Device:

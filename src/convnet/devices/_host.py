@@ -14,7 +14,9 @@ array of an index >= 1 is alive the registry is empty and the check is one ``isi
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 import weakref
 
@@ -50,7 +52,87 @@ def _tag(a: np.ndarray, name: str) -> None:
 
 class HostBackend(Backend):
     """Arrays are C-contiguous numpy.ndarray in host memory; index i >= 1 is a virtual device whose arrays are
-    tagged (module docstring)."""
+    tagged (module docstring).
+
+    A kind with ``emulates_streams`` (emu) has streams (:mod:`convnet.devices.host_streams`): work on one runs on its
+    worker, asynchronously; the current stream is per thread (``on_stream``); with none current, work runs on the
+    host when it is issued. Reading an array on the host (``to_numpy``) first waits for this kind's streams, as
+    ``cupy.ndarray.get()`` waits for the GPU. Such a kind also fills new arrays with NaN (``empty``), so a kernel
+    or a copy that reads memory before it is written gives NaN instead of plausible stale numbers. The other host
+    kinds (numpy, cpu) run everything on the host in issue order: a stream there is None."""
+
+    emulates_streams = False
+
+    def __init__(self):
+        self._local = threading.local()       # .current: {index: the calling thread's current stream}
+        self._live = weakref.WeakSet()         # every stream of this kind not yet collected
+
+    # -- streams ------------------------------------------------------------------------------------------------
+    def new_stream(self, index):
+        if not self.emulates_streams:
+            return None
+        from convnet.devices.host_streams import HostStream
+
+        stream = HostStream(f"{self.kind}:{index}")
+        self._live.add(stream)
+        return stream
+
+    def _current(self) -> dict:
+        current = getattr(self._local, "current", None)
+        if current is None:
+            current = self._local.current = {}
+        return current
+
+    def _resolve(self, index, stream):
+        return stream if stream is not None else self._current().get(index)
+
+    @contextlib.contextmanager
+    def on_stream(self, index, stream):
+        if stream is None or not self.emulates_streams:
+            yield
+            return
+        current = self._current()
+        before = current.get(index)
+        current[index] = stream
+        try:
+            yield
+        finally:
+            current[index] = before
+
+    def submit(self, index, stream, fn):
+        s = self._resolve(index, stream)
+        if s is None:
+            fn()
+        else:
+            s.submit(fn)
+
+    def record_event(self, index, stream):
+        s = self._resolve(index, stream)
+        return None if s is None else s.record()
+
+    def wait_event(self, index, stream, event):
+        if event is None:
+            return
+        s = self._resolve(index, stream)
+        if s is None:
+            event.wait()  # the host is the current stream: it waits
+        else:
+            s.wait(event)
+
+    def synchronize(self, index):
+        for s in list(self._live):
+            if s.name == f"{self.kind}:{index}":
+                s.synchronize()
+
+    def _synchronize_all(self):
+        for s in list(self._live):
+            s.synchronize()
+
+    def empty(self, shape, dtype, index):
+        dtype = np.dtype(dtype)
+        if self.emulates_streams and dtype.kind in "fc":
+            return np.full(shape, np.nan, dtype)
+        return np.empty(shape, dtype)
 
     def xp(self):
         return np
@@ -98,15 +180,21 @@ class HostBackend(Backend):
         return self.adopt(b, index)
 
     def to_numpy(self, a) -> np.ndarray:
+        if self._live:
+            self._synchronize_all()
         return np.asarray(a)
 
     def pointer(self, a) -> int:
         return int(a.ctypes.data)
 
     def copy(self, a, src_index, dst_index, out, stream=None, src_stream=None):
-        """A real copy from ``a`` (device ``src_index``'s memory) into ``out`` (``dst_index``'s); complete when it
-        returns."""
-        np.copyto(out, a)
+        """A real copy from ``a`` (device ``src_index``'s memory, written on ``src_stream``) into ``out``
+        (``dst_index``'s), on ``stream``, the consumer's: that stream first waits for an event recorded on the
+        producer's, as on a GPU (without streams: done when it returns)."""
+        s_dst, s_src = self._resolve(dst_index, stream), self._resolve(src_index, src_stream)
+        if s_src is not s_dst:
+            self.wait_event(dst_index, s_dst, self.record_event(src_index, s_src))
+        self.submit(dst_index, s_dst, lambda: np.copyto(out, a))
         return out
 
 

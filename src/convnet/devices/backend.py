@@ -63,6 +63,10 @@ class Backend:
     def asarray(self, a, dtype, index: int):
         raise NotImplementedError
 
+    def empty(self, shape, dtype, index: int):
+        """Uninitialised memory of device ``index`` (the caller made it current, on the right stream)."""
+        return self.xp().empty(shape, dtype=dtype)
+
     def adopt(self, a, index: int):
         """``a`` (new memory of this kind) as an array of device ``index`` (see ``Device.adopt``)."""
         return a
@@ -85,6 +89,37 @@ class Backend:
 
     def synchronize(self, index: int) -> None:
         pass
+
+    # -- streams and events: how the layer graph runs its placements concurrently --------------------------------
+    # A stream is the backend's object (a CuPy stream, an emulated HostStream) or None: the current stream (on a host
+    # device without streams, the host itself, where work is done when it is issued). The defaults below are those
+    # of a synchronous device, where issue order is execution order and there is nothing to wait for.
+    def new_stream(self, index: int):
+        """A new stream of device ``index`` for one placement of the layer graph (None: this kind has none)."""
+        return None
+
+    def submit(self, index: int, stream, fn) -> None:
+        """Run ``fn()`` -- array-module work writing arrays that already exist -- ordered on ``stream`` (None: the
+        current stream). On a GPU the array module queues the work on the current stream; an emulated stream runs it
+        on its worker."""
+        with self.on_stream(index, stream):
+            fn()
+
+    def record_event(self, index: int, stream):
+        """An event that completes when the work issued so far on ``stream`` has (None: nothing to wait for)."""
+        return None
+
+    def wait_event(self, index: int, stream, event) -> None:
+        """Make the work issued from now on on ``stream`` wait for ``event`` (without blocking the host)."""
+
+    def fork(self, index: int, stream) -> None:
+        """``stream`` waits for the work issued so far on the current stream (what the host's loop issued there: the
+        batch upload)."""
+        self.wait_event(index, stream, self.record_event(index, None))
+
+    def join(self, index: int, stream) -> None:
+        """The current stream (the host's loop: metrics, the loss) waits for the work issued so far on ``stream``."""
+        self.wait_event(index, None, self.record_event(index, stream))
 
     def copy(self, a, src_index: int, dst_index: int, out, stream=None, src_stream=None):
         """Copy ``a`` (an array of device ``src_index`` of this kind, written on ``src_stream``) into ``out`` (an

@@ -252,6 +252,27 @@ class CudaBackend(Backend):
     def synchronize(self, index):
         cupy().cuda.Device(index).synchronize()
 
+    def new_stream(self, index):
+        # A blocking stream: it also orders with the legacy default stream, where a loop that knows nothing of
+        # streams (uploads, metrics) works. The layer graph adds explicit events (fork, join) on top.
+        cp = cupy()
+        with cp.cuda.Device(index):
+            return cp.cuda.Stream(non_blocking=False)
+
+    def record_event(self, index, stream):
+        cp = cupy()
+        with cp.cuda.Device(index):  # an event is recorded on a stream of its own device
+            event = cp.cuda.Event(block=False, disable_timing=True)
+            event.record(stream if stream is not None else cp.cuda.get_current_stream())
+        return event
+
+    def wait_event(self, index, stream, event):
+        if event is None:
+            return
+        cp = cupy()
+        with cp.cuda.Device(index):
+            (stream if stream is not None else cp.cuda.get_current_stream()).wait_event(event)
+
     @functools.cached_property
     def copier(self) -> GpuCopier:
         return GpuCopier()

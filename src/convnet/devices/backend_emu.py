@@ -8,6 +8,7 @@ from convnet.devices.backend import load_extension
 class EmuBackend(HostBackend):
     kind = "emu"
     extension = "_emu"
+    emulates_streams = True
 
     def availability(self, index):
         module, reason = load_extension(self.extension)

@@ -7,7 +7,9 @@ An op validates its arguments (``_checks``), computes its geometry (``convnet.ge
   on a virtual ``numpy:i``, i >= 1, its memory is tagged), or, when the caller gave ``out`` or scaling, written into
   ``out`` by the accumulate rule ``out = alpha * result + beta * out``;
 * on kernel devices (emu, cuda) each output is validated or allocated on the op's stream, checked not to overlap the
-  inputs, and the kernel launch writes it (the kernels apply alpha and beta themselves).
+  inputs, and the kernel launch writes it (the kernels apply alpha and beta themselves). The launch is submitted to
+  the op's stream (``Device.submit``): on cuda it is queued there; on an emulated emu stream it runs later on the
+  stream's worker, so an op returns before its output is written, as on a GPU.
 
 ``beta`` is only honoured with a caller's ``out`` (a fresh buffer holds garbage): :func:`alpha_beta`.
 """
@@ -105,13 +107,15 @@ def produce(dev: Device, outputs, *, reference, kernel, inputs=None, alpha=1.0, 
         done = tuple(None if spec is None else _store(dev, spec, r, alpha, beta) for spec, r in zip(specs, results))
     else:
         done = tuple(None if spec is None else _buffer(dev, spec, stream) for spec in specs)
-        kernel(*done)
+        dev.submit(lambda: kernel(*done), stream)  # on an emulated stream: later, on its worker
     return done[0] if single else done
 
 
 def _store(dev: Device, spec: Output, result, alpha: float, beta: float):
     """The reference's result as the op's output: itself (adopted by the device: new host memory is tagged with a
     virtual device) when nothing is to be scaled or written into."""
+    if result is spec.given and alpha == 1.0 and beta == 0.0:  # a host function that updated ``out`` in place
+        return result
     if (spec.given is None and alpha == 1.0 and beta == 0.0 and result.dtype == spec.dtype
             and tuple(result.shape) == tuple(spec.shape) and result.flags.c_contiguous):
         return dev.adopt(result)

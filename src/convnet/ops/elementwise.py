@@ -96,5 +96,6 @@ def dropout_mask(device, shape, keep, seed, offset=0, start=0, stream=None):
     mask = produce(dev, Output("mask", None, shape, np.dtype(np.uint8)), stream=stream, kernel=kernel,
                    reference=lambda: dev.host(ref).dropout_mask(n, keep, seed, offset, start).reshape(shape)
                    .view(np.uint8))
-    with dev.on_stream(stream):  # the conversion is ordered after the kernel that writes the mask
-        return dev.adopt(mask.astype(bool))
+    keep_mask = dev.empty(shape, np.dtype(bool), stream=stream)
+    dev.submit(lambda: dev.xp.not_equal(mask, 0, out=keep_mask), stream)  # after the kernel that writes the mask
+    return keep_mask

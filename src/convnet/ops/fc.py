@@ -19,21 +19,26 @@ __all__ = ["fc_forward", "fc_backward_data", "fc_backward_weights", "fc_backward
 
 
 def _gemm(dev, out, y, a, b, bias, alpha, beta, stream):
-    """y = alpha * (a @ b + bias[:, None]) + beta * y with the array module's GEMM, on ``stream``: straight into ``y``
-    when nothing is accumulated (``out`` is the caller's array or None), else through a temporary."""
+    """y = alpha * (a @ b + bias[:, None]) + beta * y with the array module's GEMM, submitted to ``stream``: straight
+    into ``y`` when nothing is accumulated (``out`` is the caller's array or None), else through a temporary."""
     xp = dev.xp
-    with dev.on_stream(stream):
+
+    def work():
+        nonlocal y  # the in-place operators below rebind the name (to the same array)
         if out is None or (alpha == 1.0 and beta == 0.0):
             xp.matmul(a, b, out=y)
             if bias is not None:
                 y += bias[:, None]
             if alpha != 1.0:
                 y *= alpha
-            return y
+            return
         r = xp.matmul(a, b)
         if bias is not None:
             r += bias[:, None]
-        return accumulate(y, r, alpha, beta)
+        accumulate(y, r, alpha, beta)
+
+    dev.submit(work, stream)
+    return y
 
 
 def fc_forward(device, x, w, bias=None, out=None, alpha=1.0, beta=0.0, stream=None):
@@ -85,5 +90,5 @@ def fc_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
     check_array("dy", dy, dev, ndim=2)
     db = output(dev, Output("out", out, (dy.shape[0],), dy.dtype), stream)
     check_disjoint(dev, "out", out, dy=dy)
-    with dev.on_stream(stream):
-        return accumulate(db, dy.sum(axis=1), alpha, beta)
+    dev.submit(lambda: accumulate(db, dy.sum(axis=1), alpha, beta), stream)
+    return db

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from convnet.ops._checks import as_device, check_array
-from convnet.ops._dispatch import Output, produce
+from convnet.ops._checks import as_device, check_array, check_disjoint
+from convnet.ops._dispatch import Output, output, produce
 
 __all__ = ["copy"]
 
@@ -27,18 +27,18 @@ def copy(dev, a, src, *, out=None, stream=None, src_stream=None):
     check_array("a", a, src, dtypes=(a.dtype,) if hasattr(a, "dtype") else None)
     spec = Output("out", out, tuple(a.shape), a.dtype)
     inputs = {"a": a} if dev.is_array(a) and dev.backend is src.backend else None  # same memory: must not overlap
+    if src.backend is dev.backend and not dev.runs_reference:
+        # The backend orders the copy itself, from the host: the consumer's stream waits for an event recorded on
+        # the producer's (done inside a launch on the consumer's stream, that record would come too late).
+        o = output(dev, spec, stream)
+        check_disjoint(dev, "out", out, **(inputs or {}))
+        return dev.backend.copy(a, src.index, dev.index, o, stream, src_stream)
 
-    def staged():
-        return dev.asarray(src.to_numpy(a), a.dtype)
-
-    def reference():  # the numpy device: a new host array
+    def reference():  # the numpy and cpu devices: a new host array
         return np.array(src.to_numpy(a), dtype=a.dtype, copy=True)
 
-    def kernel(o):
-        if src.backend is dev.backend:
-            dev.backend.copy(a, src.index, dev.index, o, stream, src_stream)
-        else:
-            with dev.on_stream(stream):
-                o[...] = staged()
+    def kernel(o):  # between kinds (emu -> cuda): staged through the host, which waits for the producer
+        host = dev.asarray(src.to_numpy(a), a.dtype)
+        o[...] = host
 
     return produce(dev, spec, reference=reference, kernel=kernel, inputs=inputs, stream=stream)
