@@ -25,7 +25,8 @@
 #              SANITIZE_TIMEOUT seconds (a timeout is a FAIL: no verdict).
 #   bench      conv_bench (batch 128, ours and cuDNN NCHW/CHWN FP32 + NCHW TF32, all in CUDA graphs), memory_bound_bench,
 #              ops_bench (quick: elementwise, softmax, fc: the families without a benchmark of their own), train_bench
-#              (AlexNet batch 128, ours and the same model in PyTorch, images/s). Full mode adds ops_bench's other
+#              (AlexNet batch 128, ours and the same model in PyTorch, images/s), train_bench --towers (alexnet vs
+#              alexnet-2gpu with both towers on the GPU, two streams; the copies). Full mode adds ops_bench's other
 #              families and fmnist training.
 #   alltests   the whole suite, emu included (full mode only; the emulator needs no GPU, CI runs it anyway).
 #
@@ -42,8 +43,9 @@
 #   sanitize + test pass 2  150 s   four sanitizers and pass 2 side by side; 107 small tests each (their emu twins:
 #                                   3.3 s here); each tool is cut at SANITIZE_TIMEOUT (quick: 150 s)
 #   bench                   150 s   conv 45 s (15 timed shapes x 4 cuDNN variants incl. cudnnFind), memory-bound 25 s,
-#                                   ops 15 s, train 60 s (ours + PyTorch; torch import and cuDNN autotune ~20 s)
-#   total                  ~430 s   (< 8 min); QUICK_BUDGET (default 470 s) skips benchmarks that would not fit.
+#                                   ops 15 s, train 60 s (ours + PyTorch; torch import and cuDNN autotune ~20 s),
+#                                   towers 40 s (3 nets x 3 rounds of 10 steps; the last one skipped if late)
+#   total                  ~470 s   (< 8 min); QUICK_BUDGET (default 470 s) skips benchmarks that would not fit.
 #   Every step's time limit is also cut to what is left of QUICK_HARD_LIMIT (default 570 s; full mode: HARD_LIMIT,
 #   unset = none), so that quick mode ends, with its summary, inside the device tool's 600 s per command.
 #
@@ -413,6 +415,9 @@ if want bench; then
   fi
   bench "train_bench (alexnet, batch 128)" 60 240 train "$PY" benchmarks/train_bench.py --device cuda \
     --model alexnet --batch-size 128
+  # the two-tower split (issue 11): alexnet vs alexnet-2gpu with both towers on this GPU (two streams), the copies
+  bench "train_bench --towers (batch 128)" 40 180 towers "$PY" benchmarks/train_bench.py --towers --device cuda \
+    --batch-size 128 --steps 10 --repeats 3
   if [ "$MODE" = full ]; then
     bench "conv_bench (one-tower)" 45 240 conv_one_tower "$PY" benchmarks/conv_bench.py --device cuda \
       --model one-tower
