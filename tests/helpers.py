@@ -325,6 +325,8 @@ class FakeCupy:
             """A device array: numpy memory and the GPU it is on. Not a numpy.ndarray (as CuPy's is not), and never
             converted to one implicitly (``__array__`` raises, as CuPy's does)."""
 
+            __array_ufunc__ = None  # numpy scalars defer to our operators (np.float32(2) * a), as with CuPy's
+
             def __init__(self, a, dev):
                 self._a, self._dev = a, dev
 
@@ -380,6 +382,7 @@ class FakeCupy:
 
             __mul__, __rmul__, __add__, __radd__ = _op("__mul__"), _op("__rmul__"), _op("__add__"), _op("__radd__")
             __sub__, __imul__, __iadd__ = _op("__sub__"), _op("__imul__", True), _op("__iadd__", True)
+            __isub__ = _op("__isub__", True)
             __truediv__, __itruediv__ = _op("__truediv__"), _op("__itruediv__", True)
 
         def matmul(a, b, out=None):
@@ -478,3 +481,57 @@ def subprocess_env(*first_on_path, **extra) -> dict:
     under_test = str(Path(convnet.__file__).resolve().parents[1])
     path = os.pathsep.join([*map(str, first_on_path), under_test, os.environ.get("PYTHONPATH", "")])
     return dict(os.environ, PYTHONPATH=path, **extra)
+
+
+class FakeNccl:
+    """A stand-in ``cupy.cuda.nccl`` for :class:`FakeCupy` (``FakeNccl().install(fake)``): ``get_unique_id``,
+    ``NcclCommunicator(ndev, uid, rank)`` and its ``allReduce(send, recv, count, datatype, op, stream)`` on the fake's
+    device memory (host memory, by address). With ``ndev`` > 1 the ranks are MPI processes (the test runs under
+    mpirun) and the sum goes through mpi4py's ``COMM_WORLD``; with one rank it is a copy, as NCCL's. Each call is logged
+    in the fake's log as ``("nccl allReduce", device, current stream, launch stream handle)``."""
+
+    NCCL_SUM, NCCL_FLOAT32, NCCL_FLOAT64 = 0, 7, 8
+    available = True
+
+    def __init__(self):
+        self.fake = None
+        nccl = self
+
+        class NcclCommunicator:
+            def __init__(self, ndev, commId, rank):
+                if not (isinstance(commId, tuple) and len(commId) == 128):
+                    raise TypeError(f"fake nccl: commId must be get_unique_id()'s tuple, got {type(commId).__name__}")
+                if not 0 <= rank < ndev:
+                    raise ValueError(f"fake nccl: rank {rank} of {ndev}")
+                self.ndev, self.rank_ = ndev, rank
+                self.device = nccl.fake.current
+
+            def rank_id(self):
+                return self.rank_
+
+            def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
+                import ctypes
+                if op != FakeNccl.NCCL_SUM:
+                    raise ValueError(f"fake nccl: op {op} (only NCCL_SUM)")
+                ctype = {FakeNccl.NCCL_FLOAT32: ctypes.c_float, FakeNccl.NCCL_FLOAT64: ctypes.c_double}[datatype]
+                send = np.ctypeslib.as_array((ctype * count).from_address(sendbuf))
+                recv = np.ctypeslib.as_array((ctype * count).from_address(recvbuf))
+                nccl.fake.record("nccl allReduce", stream)
+                if self.ndev > 1:
+                    from mpi4py import MPI
+                    MPI.COMM_WORLD.Allreduce(send.copy(), recv, op=MPI.SUM)
+                elif recvbuf != sendbuf:
+                    recv[...] = send
+
+        self.NcclCommunicator = NcclCommunicator
+
+    @staticmethod
+    def get_unique_id():
+        return tuple(int(b) for b in np.random.default_rng().integers(-128, 128, 128))
+
+    def install(self, fake):
+        """Make this ``fake.cuda.nccl`` (and give the fake runtime ``getDeviceCount``)."""
+        self.fake = fake
+        fake.cuda.nccl = self
+        fake.cuda.runtime.getDeviceCount = staticmethod(lambda: fake.devices)
+        return self

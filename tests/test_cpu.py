@@ -8,6 +8,7 @@ import pytest
 from helpers import CPU, NUMPY, assert_close, rand
 
 import convnet.reference.conv as ref_conv
+import convnet.reference.pool as ref_pool
 from convnet import _cpu, ops
 from convnet.cpu import loop_threads
 from convnet.model_file import load_model
@@ -37,6 +38,17 @@ def test_loops_check_their_arguments():
         _cpu.relu_forward(x, ro)
     with pytest.raises(ValueError, match="threads must be >= 1"):
         _cpu.set_threads(0)
+    w, g, v = rand(RNG, 10), rand(RNG, 10), rand(RNG, 10)
+    with pytest.raises(ValueError, match="g: 9 elements, expected 10"):
+        _cpu.sgd_update(w, g[:9], v, 0.9, 0.0, False, 0.1)
+    with pytest.raises(ValueError, match="must not overlap"):
+        _cpu.sgd_update(w, g, w, 0.9, 0.0, False, 0.1)
+    with pytest.raises(ValueError, match="bias: 2 elements, expected 3"):
+        _cpu.bias_add(x, np.zeros(2, np.float32), 3, x.size // 3)
+    with pytest.raises(ValueError, match="db: 3 elements, expected 2"):
+        _cpu.bias_sum(x, np.zeros(3, np.float32), 2, x.size // 2)
+    with pytest.raises(ValueError, match="threshold above 2"):
+        _cpu.dropout_apply(x, np.empty_like(x), 2**32 + 1, 1.0, 1, 0, 0)
     from convnet.cpu import conv as fast_conv
 
     with pytest.raises(TypeError, match="computes in float32, got float64"):  # never a silent downcast
@@ -58,9 +70,15 @@ def test_threads_do_not_change_results(threads):
     y = ops.pool_forward(CPU, x, **pool)
     g, gx = rand(RNG, y.shape), rand(RNG, x.shape)
 
+    p, pg, pv = rand(RNG, 70001), rand(RNG, 70001), rand(RNG, 70001)
+    big = rand(RNG, (3, 7, 7, 1001))
+
     def run():
+        pw, pvel = p.copy(), pv.copy()
+        ops.sgd_update(CPU, pw, pg, pvel, lr=0.1, momentum=0.9, weight_decay=5e-4)
         return (*_conv_all(x, w, dy, **geo), ops.pool_forward(CPU, x, **pool), ops.pool_backward(CPU, x, y, g, **pool),
-                ops.relu_forward(CPU, x), ops.relu_backward(CPU, x, gx))
+                ops.relu_forward(CPU, x), ops.relu_backward(CPU, x, gx), ops.conv_backward_bias(CPU, big),
+                ops.dropout_forward(CPU, big, 0.6, seed=3, offset=1, start=5), pw, pvel)
 
     with loop_threads(1):
         one = run()
@@ -84,6 +102,55 @@ def test_chunked_batches_match_the_reference(monkeypatch, geo):
     assert len(ref_conv._chunks(7, 8 * 9 * 30)) > 2
     for name, got, exp in zip(("y", "dx", "dw"), _conv_all(x, w, dy, **geo), want):
         assert_close(name, got, exp, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 32, 45, 70])
+def test_max_pooling_blocks_of_images_match_the_reference(n):
+    """The pooling loops work on blocks of 32 images and a shorter last block; ties (small integers) get every
+    tied window's gradient, summed in the scatter order."""
+    x = RNG.integers(-3, 4, (3, 9, 11, n)).astype(np.float32)
+    pool = dict(mode="max", window=3, stride=2, padding=0)
+    y = ops.pool_forward(CPU, x, **pool)
+    assert_close("y", y, ref_pool.pool_forward(x, **pool), rtol=0)
+    dy = rand(RNG, y.shape)
+    assert_close("dx", ops.pool_backward(CPU, x, y, dy, **pool), ref_pool.pool_backward(x, y, dy, **pool),
+                 rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("start", [0, 3, 4099, 2**32 - 6])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dropout_across_work_items_is_the_reference(start, threads):
+    """Dropout's work items (4096 elements, each starting on a Philox group) and blocks of 16 groups, from any start:
+    the reference's mask and values bit for bit."""
+    import convnet.reference.elementwise as ref_el
+
+    x = rand(RNG, (5, 4001))
+    with loop_threads(threads):
+        got = ops.dropout_forward(CPU, x, 0.7, seed=2**40 + 9, offset=3, start=start)
+    np.testing.assert_array_equal(got, ref_el.dropout_forward(x, 0.7, 2**40 + 9, 3, start))
+
+
+def test_malloc_settings_leave_a_users_own_alone(monkeypatch):
+    """The cpu path asks glibc to keep freed memory (no page faults per step), unless the user set malloc's knobs."""
+    import convnet.cpu as fast
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(fast.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(fast.sys, "platform", "linux")
+    for var in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(var, raising=False)
+    fast._keep_freed_memory()
+    assert calls == [(fast._M_MMAP_THRESHOLD, 64 << 20), (fast._M_TRIM_THRESHOLD, 256 << 20)]
+    calls.clear()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    fast._keep_freed_memory()
+    assert calls == []
 
 
 def test_training_steps_follow_the_reference():

@@ -12,16 +12,29 @@
 //
 // Arguments are checked here again (sizes against the geometry, writeable outputs) so that a wrong call from
 // Python is a ValueError, never an out-of-bounds write.
+//
+// The per-element work of each loop is a leaf function compiled three times -- baseline x86-64 (SSE2), AVX2 and
+// AVX-512 -- and picked once at load time for the CPU it runs on (SIMD_CLONES): max pooling and dropout's Philox are
+// compute-bound at SSE2 width. The OpenMP loops call the leaves (a clone never holds a parallel region). Built with
+// -ffp-contract=off (CMakeLists.txt): no fused multiply-add, so every width rounds as NumPy does (sgd_update is the
+// reference's arithmetic bit for bit).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #define CONVNET_PHILOX_HOST_ONLY 1
 #include "kernels/philox.h"  // the kernels' Philox4x32-10: the same dropout masks as numpy, emu and cuda
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define SIMD_CLONES
+#endif
 
 namespace py = pybind11;
 using Floats = py::array_t<float, py::array::c_style>;  // no forcecast: a float64 or strided array is a TypeError
@@ -51,8 +64,19 @@ void positive(std::initializer_list<i64> values) {
   }
 }
 
+// The outputs [first, last) along one axis whose input o*s - p + k lies inside [0, size) (maybe empty).
+inline void inside(i64 k, i64 s, i64 p, i64 size, i64 count, i64& first, i64& last) {
+  first = std::min(count, p > k ? (p - k + s - 1) / s : 0);
+  last = std::max(first, std::min(count, p - k + size - 1 >= 0 ? (p - k + size - 1) / s + 1 : 0));
+}
+
+SIMD_CLONES void add_into(float* __restrict__ d, const float* __restrict__ s, i64 n) {
+  for (i64 i = 0; i < n; ++i) d[i] += s[i];
+}
+
 // cols[(c, ky, kx), (oy, ox, n)] = x[c0 + c, oy*sh - ph + ky, ox*sw - pw + kx, n0 + n] (0 outside the image), for
-// c < Cg and n < nb: the im2col matrix of channels [c0, c0 + Cg) and images [n0, n0 + nb) of x (C, H, W, N).
+// c < Cg and n < nb: the im2col matrix of channels [c0, c0 + Cg) and images [n0, n0 + nb) of x (C, H, W, N). With
+// stride 1 along W and the whole batch, a row's inputs are one contiguous run of x: one copy per (row, oy).
 void im2col(const Floats& x, Floats& cols, i64 C, i64 H, i64 W, i64 N, i64 c0, i64 Cg, i64 n0, i64 nb, i64 KH, i64 KW,
             i64 sh, i64 sw, i64 ph, i64 pw, i64 OH, i64 OW) {
   positive({C, H, W, N, Cg, nb, KH, KW, sh, sw, OH, OW});
@@ -60,26 +84,36 @@ void im2col(const Floats& x, Floats& cols, i64 C, i64 H, i64 W, i64 N, i64 c0, i
   const float* xp = in(x, "x", C * H * W * N);
   float* cp = out(cols, "cols", Cg * KH * KW * OH * OW * nb);
   py::gil_scoped_release release;
+  const bool runs = sw == 1 && nb == N;
 #pragma omp parallel for schedule(static) num_threads(g_threads)
   for (i64 r = 0; r < Cg * KH * KW; ++r) {
     const i64 c = r / (KH * KW), ky = r / KW % KH, kx = r % KW;
-    float* dst = cp + r * OH * OW * nb;
+    i64 ox0, ox1;  // the outputs whose input column is inside the image
+    inside(kx, sw, pw, W, OW, ox0, ox1);
     for (i64 oy = 0; oy < OH; ++oy) {
+      float* dst = cp + (r * OH + oy) * OW * nb;
       const i64 iy = oy * sh - ph + ky;
-      for (i64 ox = 0; ox < OW; ++ox, dst += nb) {
-        const i64 ix = ox * sw - pw + kx;
-        if (iy < 0 || iy >= H || ix < 0 || ix >= W) {
-          std::memset(dst, 0, sizeof(float) * nb);
-        } else {
-          std::memcpy(dst, xp + (((c0 + c) * H + iy) * W + ix) * N + n0, sizeof(float) * nb);
+      if (iy < 0 || iy >= H || ox0 == ox1) {
+        std::memset(dst, 0, sizeof(float) * OW * nb);
+        continue;
+      }
+      std::memset(dst, 0, sizeof(float) * ox0 * nb);
+      const float* row = xp + ((c0 + c) * H + iy) * W * N + n0;  // x[c0 + c, iy, 0, n0]
+      if (runs) {
+        std::memcpy(dst + ox0 * nb, row + (ox0 - pw + kx) * N, sizeof(float) * (ox1 - ox0) * nb);
+      } else {
+        for (i64 ox = ox0; ox < ox1; ++ox) {
+          std::memcpy(dst + ox * nb, row + (ox * sw - pw + kx) * N, sizeof(float) * nb);
         }
       }
+      std::memset(dst + ox1 * nb, 0, sizeof(float) * (OW - ox1) * nb);
     }
   }
 }
 
 // The adjoint of im2col: dx[c0 + c, iy, ix, n0 + n] = the sum of the cols entries im2col would have read from there
-// (every other element of dx is left alone). Parallel over channels: each thread owns its channels' rows of dx.
+// (every other element of dx is left alone), added in the order (ky, kx, oy, ox). Parallel over channels: each thread
+// owns its channels' rows of dx. With stride 1 along W and the whole batch, one run per (row, oy), as in im2col.
 void col2im(const Floats& cols, Floats& dx, i64 C, i64 H, i64 W, i64 N, i64 c0, i64 Cg, i64 n0, i64 nb, i64 KH, i64 KW,
             i64 sh, i64 sw, i64 ph, i64 pw, i64 OH, i64 OW) {
   positive({C, H, W, N, Cg, nb, KH, KW, sh, sw, OH, OW});
@@ -87,20 +121,28 @@ void col2im(const Floats& cols, Floats& dx, i64 C, i64 H, i64 W, i64 N, i64 c0, 
   const float* cp = in(cols, "cols", Cg * KH * KW * OH * OW * nb);
   float* dp = out(dx, "dx", C * H * W * N);
   py::gil_scoped_release release;
+  const bool runs = sw == 1 && nb == N;
 #pragma omp parallel for schedule(static) num_threads(g_threads)
   for (i64 c = 0; c < Cg; ++c) {
     float* plane = dp + (c0 + c) * H * W * N;
-    for (i64 p = 0; p < H * W; ++p) std::memset(plane + p * N + n0, 0, sizeof(float) * nb);
+    if (nb == N) {
+      std::memset(plane, 0, sizeof(float) * H * W * N);
+    } else {
+      for (i64 p = 0; p < H * W; ++p) std::memset(plane + p * N + n0, 0, sizeof(float) * nb);
+    }
     for (i64 ky = 0; ky < KH; ++ky) {
       for (i64 kx = 0; kx < KW; ++kx) {
-        const float* src = cp + ((c * KH + ky) * KW + kx) * OH * OW * nb;
+        i64 ox0, ox1;
+        inside(kx, sw, pw, W, OW, ox0, ox1);
         for (i64 oy = 0; oy < OH; ++oy) {
           const i64 iy = oy * sh - ph + ky;
-          for (i64 ox = 0; ox < OW; ++ox, src += nb) {
-            const i64 ix = ox * sw - pw + kx;
-            if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
-            float* d = plane + (iy * W + ix) * N + n0;
-            for (i64 n = 0; n < nb; ++n) d[n] += src[n];
+          if (iy < 0 || iy >= H || ox0 == ox1) continue;
+          const float* src = cp + ((((c * KH + ky) * KW + kx) * OH + oy) * OW) * nb;
+          float* row = plane + iy * W * N + n0;  // dx[c0 + c, iy, 0, n0]
+          if (runs) {
+            add_into(row + (ox0 - pw + kx) * N, src + ox0 * nb, (ox1 - ox0) * nb);
+          } else {
+            for (i64 ox = ox0; ox < ox1; ++ox) add_into(row + (ox * sw - pw + kx) * N, src + ox * nb, nb);
           }
         }
       }
@@ -108,8 +150,57 @@ void col2im(const Floats& cols, Floats& dx, i64 C, i64 H, i64 W, i64 N, i64 c0, 
   }
 }
 
-// Max pooling without padding (the reference handles padded pools): y[c, oy, ox, n] = max over the window.
-// A NaN in a window makes its maximum NaN, as NumPy's maximum does.
+// Runs fn(i0, i1) over [0, n) cut into chunks of `chunk` elements, the chunks shared out by OpenMP: the element-wise
+// loops below, whose leaves are SIMD clones.
+template <class Fn>
+void parallel_chunks(i64 n, i64 chunk, Fn fn) {
+  const i64 chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(g_threads)
+  for (i64 k = 0; k < chunks; ++k) fn(k * chunk, std::min(n, (k + 1) * chunk));
+}
+
+constexpr i64 kChunk = 16384;  // elements per OpenMP work item of the element-wise loops (64 KB of floats)
+
+// Images per block of the pooling loops: a block's running values stay in vector registers across the window
+// instead of going through memory, and its inner loops have a trip count the compiler knows (no peeling).
+constexpr i64 kPoolBlock = 32;
+
+// The window max of B images (B = kPoolBlock; 0: nb images, the last block) of one output: `first` points at the
+// window's top-left input, the window's rows are row_stride floats apart, its columns N.
+template <i64 B>
+inline void window_max(const float* __restrict__ first, float* __restrict__ d, i64 nb, i64 KH, i64 KW, i64 row_stride,
+                       i64 N) {
+  const i64 count = B > 0 ? B : nb;
+  float m[B > 0 ? B : kPoolBlock];
+  for (i64 n = 0; n < count; ++n) m[n] = first[n];
+  for (i64 ky = 0; ky < KH; ++ky) {
+    for (i64 kx = ky == 0 ? 1 : 0; kx < KW; ++kx) {
+      const float* __restrict__ s = first + ky * row_stride + kx * N;
+      for (i64 n = 0; n < count; ++n) {
+        const float a = m[n], b = s[n];
+        m[n] = (a != a || a >= b) ? a : b;  // NaN stays; otherwise the larger (NumPy maximum)
+      }
+    }
+  }
+  for (i64 n = 0; n < count; ++n) d[n] = m[n];
+}
+
+// One channel of max pooling: y[oy, ox, n] = the max of x over the window (x is (H, W, N), y is (OH, OW, N)). A NaN
+// in a window makes its maximum NaN, as NumPy's maximum does.
+SIMD_CLONES void maxpool_forward_plane(const float* __restrict__ x, float* __restrict__ y, i64 W, i64 N, i64 KH,
+                                       i64 KW, i64 sh, i64 sw, i64 OH, i64 OW) {
+  for (i64 oy = 0; oy < OH; ++oy) {
+    for (i64 ox = 0; ox < OW; ++ox) {
+      float* d = y + (oy * OW + ox) * N;
+      const float* first = x + (oy * sh * W + ox * sw) * N;
+      i64 n0 = 0;
+      for (; n0 + kPoolBlock <= N; n0 += kPoolBlock) window_max<kPoolBlock>(first + n0, d + n0, 0, KH, KW, W * N, N);
+      if (n0 < N) window_max<0>(first + n0, d + n0, N - n0, KH, KW, W * N, N);
+    }
+  }
+}
+
+// Max pooling without padding (the reference handles padded pools), parallel over channels.
 void maxpool_forward(const Floats& x, Floats& y, i64 C, i64 H, i64 W, i64 N, i64 KH, i64 KW, i64 sh, i64 sw, i64 OH,
                      i64 OW) {
   positive({C, H, W, N, KH, KW, sh, sw, OH, OW});
@@ -119,27 +210,61 @@ void maxpool_forward(const Floats& x, Floats& y, i64 C, i64 H, i64 W, i64 N, i64
   py::gil_scoped_release release;
 #pragma omp parallel for schedule(static) num_threads(g_threads)
   for (i64 c = 0; c < C; ++c) {
-    for (i64 oy = 0; oy < OH; ++oy) {
-      for (i64 ox = 0; ox < OW; ++ox) {
-        float* d = yp + ((c * OH + oy) * OW + ox) * N;
-        const float* first = xp + ((c * H + oy * sh) * W + ox * sw) * N;
-        std::memcpy(d, first, sizeof(float) * N);
-        for (i64 ky = 0; ky < KH; ++ky) {
-          for (i64 kx = 0; kx < KW; ++kx) {
-            const float* s = xp + ((c * H + oy * sh + ky) * W + ox * sw + kx) * N;
-            for (i64 n = 0; n < N; ++n) {
-              const float a = d[n], b = s[n];
-              d[n] = (a != a || a >= b) ? a : b;  // NaN stays; otherwise the larger (NumPy maximum)
-            }
-          }
-        }
+    maxpool_forward_plane(xp + c * H * W * N, yp + c * OH * OW * N, W, N, KH, KW, sh, sw, OH, OW);
+  }
+}
+
+// The windows [first, last] along one axis that contain input position i (window o covers [o*s, o*s + k)); empty
+// (first > last) for a position no window reaches.
+inline void windows_of(i64 i, i64 k, i64 s, i64 count, i64& first, i64& last) {
+  first = i < k ? 0 : (i - k) / s + 1;
+  last = std::min(count - 1, i / s);
+}
+
+// The gradient of B images (B = kPoolBlock; 0: nb images, the last block) of one input: the sum over the
+// windows [oy0, oy1] x [ox0, ox1] that contain it of their dy where the input equals the window's max, added in the
+// order windows by row, then column (the order a scatter over the windows adds them in).
+template <i64 B>
+inline void window_grad(const float* __restrict__ xs, const float* __restrict__ y, const float* __restrict__ dy,
+                        float* __restrict__ d, i64 nb, i64 oy0, i64 oy1, i64 ox0, i64 ox1, i64 OW, i64 N) {
+  const i64 count = B > 0 ? B : nb;
+  float acc[B > 0 ? B : kPoolBlock];
+  for (i64 n = 0; n < count; ++n) acc[n] = 0.0f;
+  for (i64 oy = oy0; oy <= oy1; ++oy) {
+    for (i64 ox = ox0; ox <= ox1; ++ox) {
+      const float* __restrict__ ys = y + (oy * OW + ox) * N;
+      const float* __restrict__ gs = dy + (oy * OW + ox) * N;
+      for (i64 n = 0; n < count; ++n) {
+        const float g = gs[n];  // loaded unconditionally: the select vectorises instead of branching
+        acc[n] += xs[n] == ys[n] ? g : 0.0f;
       }
+    }
+  }
+  for (i64 n = 0; n < count; ++n) d[n] = acc[n];
+}
+
+// One channel of the max-pooling gradient, gathered: each dx element is written once (window_grad).
+SIMD_CLONES void maxpool_backward_plane(const float* __restrict__ x, const float* __restrict__ y,
+                                        const float* __restrict__ dy, float* __restrict__ dx, i64 H, i64 W, i64 N,
+                                        i64 KH, i64 KW, i64 sh, i64 sw, i64 OH, i64 OW) {
+  for (i64 iy = 0; iy < H; ++iy) {
+    i64 oy0, oy1;
+    windows_of(iy, KH, sh, OH, oy0, oy1);
+    for (i64 ix = 0; ix < W; ++ix) {
+      i64 ox0, ox1;
+      windows_of(ix, KW, sw, OW, ox0, ox1);
+      const i64 at = (iy * W + ix) * N;
+      i64 n0 = 0;
+      for (; n0 + kPoolBlock <= N; n0 += kPoolBlock) {
+        window_grad<kPoolBlock>(x + at + n0, y + n0, dy + n0, dx + at + n0, 0, oy0, oy1, ox0, ox1, OW, N);
+      }
+      if (n0 < N) window_grad<0>(x + at + n0, y + n0, dy + n0, dx + at + n0, N - n0, oy0, oy1, ox0, ox1, OW, N);
     }
   }
 }
 
 // dx = for every window and every input equal to the window's maximum, the window's dy (cuda-convnet's tie rule,
-// the reference's: no argmax is stored, ties all receive it). No padding.
+// the reference's: no argmax is stored, ties all receive it). No padding. Parallel over channels.
 void maxpool_backward(const Floats& x, const Floats& y, const Floats& dy, Floats& dx, i64 C, i64 H, i64 W, i64 N,
                       i64 KH, i64 KW, i64 sh, i64 sw, i64 OH, i64 OW) {
   positive({C, H, W, N, KH, KW, sh, sw, OH, OW});
@@ -151,25 +276,13 @@ void maxpool_backward(const Floats& x, const Floats& y, const Floats& dy, Floats
   py::gil_scoped_release release;
 #pragma omp parallel for schedule(static) num_threads(g_threads)
   for (i64 c = 0; c < C; ++c) {
-    std::memset(dp + c * H * W * N, 0, sizeof(float) * H * W * N);
-    for (i64 oy = 0; oy < OH; ++oy) {
-      for (i64 ox = 0; ox < OW; ++ox) {
-        const i64 o = ((c * OH + oy) * OW + ox) * N;
-        for (i64 ky = 0; ky < KH; ++ky) {
-          for (i64 kx = 0; kx < KW; ++kx) {
-            float* __restrict__ d = dp + ((c * H + oy * sh + ky) * W + ox * sw + kx) * N;
-            const float* __restrict__ xs = xp + ((c * H + oy * sh + ky) * W + ox * sw + kx) * N;
-            const float* __restrict__ ys = yp + o;
-            const float* __restrict__ gs = gp + o;
-            for (i64 n = 0; n < N; ++n) {
-              const float g = gs[n];  // loaded unconditionally: the select vectorises instead of branching
-              d[n] += xs[n] == ys[n] ? g : 0.0f;
-            }
-          }
-        }
-      }
-    }
+    maxpool_backward_plane(xp + c * H * W * N, yp + c * OH * OW * N, gp + c * OH * OW * N, dp + c * H * W * N, H, W,
+                           N, KH, KW, sh, sw, OH, OW);
   }
+}
+
+SIMD_CLONES void relu_forward_range(const float* x, float* y, i64 i0, i64 i1) {
+  for (i64 i = i0; i < i1; ++i) y[i] = x[i] > 0.0f ? x[i] : 0.0f;
 }
 
 // y = x > 0 ? x : +0 (NaN -> 0, -0 -> +0, as the reference); y may be x.
@@ -178,8 +291,14 @@ void relu_forward(const Floats& x, Floats& y) {
   const float* xp = in(x, "x", n);
   float* yp = out(y, "y", n);
   py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) num_threads(g_threads)
-  for (i64 i = 0; i < n; ++i) yp[i] = xp[i] > 0.0f ? xp[i] : 0.0f;
+  parallel_chunks(n, kChunk, [&](i64 i0, i64 i1) { relu_forward_range(xp, yp, i0, i1); });
+}
+
+SIMD_CLONES void relu_backward_range(const float* y, const float* dy, float* dx, i64 i0, i64 i1) {
+  for (i64 i = i0; i < i1; ++i) {
+    const float g = dy[i];  // loaded unconditionally: the select vectorises instead of branching
+    dx[i] = y[i] > 0.0f ? g : 0.0f;
+  }
 }
 
 // dx = y > 0 ? dy : +0; dx may be dy.
@@ -189,38 +308,159 @@ void relu_backward(const Floats& y, const Floats& dy, Floats& dx) {
   const float* gp = in(dy, "dy", n);
   float* dp = out(dx, "dx", n);
   py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) num_threads(g_threads)
-  for (i64 i = 0; i < n; ++i) {
-    const float g = gp[i];  // loaded unconditionally: the select vectorises instead of branching
-    dp[i] = yp[i] > 0.0f ? g : 0.0f;
+  parallel_chunks(n, kChunk, [&](i64 i0, i64 i1) { relu_backward_range(yp, gp, dp, i0, i1); });
+}
+
+// Dropout's Philox groups are drawn kPhiloxLanes at a time, the lanes side by side in arrays so that the rounds
+// vectorise (the 32x32 -> 64-bit products become packed multiplies); one group gives the words of 4 elements.
+constexpr int kPhiloxLanes = 16;
+constexpr i64 kDropoutChunk = 4096;  // elements per OpenMP work item; a multiple of 4 (whole Philox groups)
+
+// The words of Philox groups [g0, g0 + kPhiloxLanes) in stream order (words[4 * l + k] is word k of group g0 + l):
+// the Philox4x32-10 of kernels/philox.h (and convnet/reference/elementwise.py), counter (group as two words, offset
+// as two words), key (seed as two words), written lane-parallel.
+inline void philox_lanes(std::uint64_t g0, std::uint64_t offset, std::uint64_t seed, std::uint32_t* words) {
+  constexpr std::uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+  std::uint32_t c0[kPhiloxLanes], c1[kPhiloxLanes], c2[kPhiloxLanes], c3[kPhiloxLanes];
+  for (int l = 0; l < kPhiloxLanes; ++l) {
+    c0[l] = std::uint32_t(g0 + l);
+    c1[l] = std::uint32_t((g0 + l) >> 32);
+    c2[l] = std::uint32_t(offset);
+    c3[l] = std::uint32_t(offset >> 32);
+  }
+  std::uint32_t k0 = std::uint32_t(seed), k1 = std::uint32_t(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+#pragma GCC unroll 1  // a loop, not 16 scalar copies: the vectoriser makes it packed operations over the lanes
+    for (int l = 0; l < kPhiloxLanes; ++l) {
+      // the low halves as 32-bit products, the high ones from 64-bit products: the form GCC vectorises
+      const std::uint32_t a = c0[l], b = c2[l];
+      const std::uint32_t hi0 = std::uint32_t((std::uint64_t(a) * M0) >> 32);
+      const std::uint32_t hi1 = std::uint32_t((std::uint64_t(b) * M1) >> 32);
+      const std::uint32_t n0 = hi1 ^ c1[l] ^ k0, n2 = hi0 ^ c3[l] ^ k1;
+      c1[l] = b * M1;
+      c3[l] = a * M0;
+      c0[l] = n0;
+      c2[l] = n2;
+    }
+    k0 += W0;
+    k1 += W1;
+  }
+  for (int l = 0; l < kPhiloxLanes; ++l) {
+    words[4 * l] = c0[l];
+    words[4 * l + 1] = c1[l];
+    words[4 * l + 2] = c2[l];
+    words[4 * l + 3] = c3[l];
   }
 }
 
-// Inverted dropout: y[i] = x[i] * scale where stream element start + i is kept, else +0. Stream element j is word
-// j % 4 of philox((j / 4 as two words, offset as two words), seed as two words), kept iff word < threshold
-// (convnet/reference/elementwise.py dropout_mask). y may be x.
+// y[i] = x[i] * scale where stream element start + i is kept (its word < threshold; all: keep = 1, every element),
+// else +0, for i in [i0, i1), at most kDropoutChunk elements. Two passes: every word of the range first, then the
+// elements -- reading a word right after its narrow interleaving stores would stall on store forwarding.
+SIMD_CLONES void dropout_range(const float* x, float* y, i64 i0, i64 i1, std::uint64_t start, std::uint32_t threshold,
+                               bool all, float scale, std::uint64_t seed, std::uint64_t offset) {
+  alignas(64) std::uint32_t words[kDropoutChunk + 4 * kPhiloxLanes];  // a range's groups, rounded up to whole blocks
+  const std::uint64_t g0 = (start + std::uint64_t(i0)) / 4, groups = (start + std::uint64_t(i1) - 1) / 4 - g0 + 1;
+  for (std::uint64_t g = 0; g < groups; g += kPhiloxLanes) philox_lanes(g0 + g, offset, seed, words + 4 * g);
+  const std::uint32_t* w = words + (start + std::uint64_t(i0) - 4 * g0) - i0;  // w[i]: element i's word
+  for (i64 i = i0; i < i1; ++i) {
+    const float v = x[i];  // loaded unconditionally: the select vectorises instead of branching
+    y[i] = (all || w[i] < threshold) ? v * scale : 0.0f;
+  }
+}
+
+// Inverted dropout: y[i] = x[i] * scale where stream element start + i is kept, else +0 (dropout_range). Stream
+// element j is word j % 4 of philox((j / 4, offset), seed), kept iff the word < threshold
+// (convnet/reference/elementwise.py dropout_mask). y may be x. Work items start on a multiple of 4 stream
+// elements, so that no Philox group is drawn twice.
 void dropout_apply(const Floats& x, Floats& y, std::uint64_t threshold, float scale, std::uint64_t seed,
                    std::uint64_t offset, std::uint64_t start) {
   const i64 n = x.size();
   const float* xp = in(x, "x", n);
   float* yp = out(y, "y", n);
   if (n > 0 && start + std::uint64_t(n) - 1 < start) throw py::value_error("dropout: start + n overflows 64 bits");
+  if (threshold > (std::uint64_t(1) << 32)) throw py::value_error("dropout: threshold above 2^32");
+  if (n == 0) return;
   py::gil_scoped_release release;
-  const std::uint64_t first = start / 4, last = (start + n + 3) / 4;  // the philox groups covering the elements
-#pragma omp parallel for schedule(static) num_threads(g_threads)
-  for (i64 gi = 0; gi < i64(last - first); ++gi) {
-    const std::uint64_t g = first + gi;
-    const convnet::Philox4 r = convnet::philox4x32_10(unsigned(g), unsigned(g >> 32), unsigned(offset),
-                                                      unsigned(offset >> 32), unsigned(seed), unsigned(seed >> 32));
-    const unsigned words[4] = {r.x, r.y, r.z, r.w};
-    for (int k = 0; k < 4; ++k) {
-      const std::uint64_t j = g * 4 + k;  // stream element; local element j - start
-      if (j < start || j >= start + std::uint64_t(n)) continue;
-      const i64 i = i64(j - start);
-      const float v = xp[i];
-      yp[i] = std::uint64_t(words[k]) < threshold ? v * scale : 0.0f;
+  const bool all = threshold == (std::uint64_t(1) << 32);
+  const i64 skew = i64(start % 4);  // chunk k covers local elements [k * chunk - skew, (k + 1) * chunk - skew)
+  parallel_chunks(n + skew, kDropoutChunk, [&](i64 a, i64 b) {
+    dropout_range(xp, yp, std::max<i64>(a - skew, 0), b - skew, start, std::uint32_t(threshold), all, scale, seed,
+                  offset);
+  });
+}
+
+SIMD_CLONES void sgd_range(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ v, i64 i0, i64 i1,
+                           float momentum, float decay_lr, bool decay, float lr) {
+  if (decay) {
+    for (i64 i = i0; i < i1; ++i) {
+      const float u = (momentum * v[i] - decay_lr * w[i]) - lr * g[i];
+      v[i] = u;
+      w[i] += u;
+    }
+  } else {
+    for (i64 i = i0; i < i1; ++i) {
+      const float u = momentum * v[i] - lr * g[i];
+      v[i] = u;
+      w[i] += u;
     }
   }
+}
+
+// SGD with momentum, in place, in one pass: v = momentum * v [- decay_lr * w] - lr * g; w += v -- each product and
+// difference rounded to float32 in this order, exactly as the reference's NumPy statements (convnet/reference/sgd.py),
+// the decay term only when `decay` (the reference skips it for a zero weight decay). w, g, v: distinct buffers.
+void sgd_update(Floats& w, const Floats& g, Floats& v, float momentum, float decay_lr, bool decay, float lr) {
+  const i64 n = w.size();
+  float* wp = out(w, "w", n);
+  const float* gp = in(g, "g", n);
+  float* vp = out(v, "v", n);
+  const auto overlap = [n](const float* a, const float* b) { return a < b + n && b < a + n; };
+  if (n > 0 && (overlap(wp, gp) || overlap(wp, vp) || overlap(gp, vp))) {
+    throw py::value_error("sgd_update: w, g and v must not overlap");
+  }
+  py::gil_scoped_release release;
+  parallel_chunks(n, kChunk, [&](i64 i0, i64 i1) { sgd_range(wp, gp, vp, i0, i1, momentum, decay_lr, decay, lr); });
+}
+
+SIMD_CLONES void bias_add_row(float* y, float b, i64 per) {
+  for (i64 i = 0; i < per; ++i) y[i] += b;
+}
+
+// y[f, :] += bias[f] for y viewed as (F, per): the convolution's bias. Parallel over filters.
+void bias_add(Floats& y, const Floats& bias, i64 F, i64 per) {
+  positive({F, per});
+  float* yp = out(y, "y", F * per);
+  const float* bp = in(bias, "bias", F);
+  py::gil_scoped_release release;
+#pragma omp parallel for schedule(static) num_threads(g_threads)
+  for (i64 f = 0; f < F; ++f) bias_add_row(yp + f * per, bp[f], per);
+}
+
+constexpr int kSumLanes = 16;
+
+// The sum of row[0, per) in double: kSumLanes running sums side by side (they vectorise; the order is fixed, so the
+// result does not depend on the CPU's vector width), then added lane by lane.
+SIMD_CLONES double row_sum(const float* row, i64 per) {
+  double acc[kSumLanes] = {};
+  i64 i = 0;
+  for (; i + kSumLanes <= per; i += kSumLanes) {
+    for (int l = 0; l < kSumLanes; ++l) acc[l] += double(row[i + l]);
+  }
+  for (int l = 0; i + l < per; ++l) acc[l] += double(row[i + l]);
+  double s = 0.0;
+  for (int l = 0; l < kSumLanes; ++l) s += acc[l];
+  return s;
+}
+
+// db[f] = sum of dy[f, :] for dy viewed as (F, per), accumulated in double (closer to the exact sum than the
+// reference's float32 pairwise sum), rounded once. Parallel over filters: each sum is one thread's, in a fixed order.
+void bias_sum(const Floats& dy, Floats& db, i64 F, i64 per) {
+  positive({F, per});
+  const float* gp = in(dy, "dy", F * per);
+  float* dp = out(db, "db", F);
+  py::gil_scoped_release release;
+#pragma omp parallel for schedule(static) num_threads(g_threads)
+  for (i64 f = 0; f < F; ++f) dp[f] = float(row_sum(gp + f * per, per));
 }
 
 }  // namespace
@@ -244,4 +484,8 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("relu_backward", &relu_backward);
   m.def("dropout_apply", &dropout_apply, py::arg("x"), py::arg("y"), py::arg("threshold"), py::arg("scale"),
         py::arg("seed"), py::arg("offset"), py::arg("start"));
+  m.def("sgd_update", &sgd_update, py::arg("w"), py::arg("g"), py::arg("v"), py::arg("momentum"),
+        py::arg("decay_lr"), py::arg("decay"), py::arg("lr"));
+  m.def("bias_add", &bias_add, py::arg("y"), py::arg("bias"), py::arg("F"), py::arg("per"));
+  m.def("bias_sum", &bias_sum, py::arg("dy"), py::arg("db"), py::arg("F"), py::arg("per"));
 }

@@ -254,7 +254,10 @@ class Net:
         for (device, _), stream in self._placement_streams().items():
             device.fork(stream)
 
-    def _join(self):
+    def join(self):
+        """The current stream waits for the work issued so far on every placement's stream (on a GPU without
+        blocking the host; on emu the host waits). ``forward`` and ``backward`` end with it, and so does work issued
+        on the placements from outside (the optimizer's updates)."""
         for (device, _), stream in self._placement_streams().items():
             device.join(stream)
 
@@ -381,14 +384,18 @@ class Net:
             with self.on_placement(l):
                 acts[l.name] = l.forward(self._gather(l, acts), ctx)
             ctxs[l.name] = ctx
-        self._join()
+        self.join()
         self._ctxs = ctxs
         self._copies = None
         self.loss = ctxs[self.cost_layer.name].get("loss")
         return acts[self.cost_layer.name]
 
-    def backward(self):
-        """Gradients of (mean loss) for every parameter (``layer.grads``), from the last ``forward`` with labels."""
+    def backward(self, on_grads=None):
+        """Gradients of (mean loss) for every parameter (``layer.grads``), from the last ``forward`` with labels.
+
+        ``on_grads(layer)``: called for each layer with parameters as soon as its ``grads`` are complete (issued: on a
+        GPU, on the layer's placement stream, which is current during the call), in backward order, while the rest of
+        the backward is still to come (a data-parallel reducer starts reducing them there: convnet.distributed)."""
         if getattr(self, "_ctxs", None) is None or self.loss is None:
             raise RuntimeError("backward() needs a forward(x, labels) first")
         grads = {}
@@ -399,6 +406,8 @@ class Net:
             dy = None if l is self.cost_layer else grads.pop(l.name)
             with self.on_placement(l):
                 dx = l.backward(dy, self._ctxs[l.name])
+                if on_grads is not None and l.params:
+                    on_grads(l)
                 if dx is None or not l.needs_input_grad:
                     continue
                 parts = self._split(l, dx)
@@ -406,7 +415,7 @@ class Net:
                 src = self.layers[i]
                 if not isinstance(src, Data):  # no gradient into the data; sums on the producer's device
                     self._accumulate(grads, src, self._copy(part, l, src), l)
-        self._join()
+        self.join()
         self._ctxs = None
 
     def _split(self, l, dx):

@@ -5,14 +5,16 @@ Update (per parameter w with gradient g = mean over the batch of dL/dw, layer mu
     v <- momentum * v - weight_decay * m_wd * (lr * m_lr) * w - (lr * m_lr) * g
     w <- w + v
 
-(the paper: v <- 0.9 v - 0.0005 eps w - eps <dL/dw>, w <- w + v). The arithmetic is done in place on the
-parameter's device with the same sequence of operations every step, so a run is deterministic on numpy.
+(the paper: v <- 0.9 v - 0.0005 eps w - eps <dL/dw>, w <- w + v). The arithmetic is the op ``ops.sgd_update``, in
+place on the parameter's device with the same sequence of operations every step, so a run is deterministic.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+from convnet import ops
 
 
 class SGD:
@@ -26,18 +28,13 @@ class SGD:
             self.velocity[key] = layer.device.zeros(layer.params[p].shape, net.dtype)
 
     def step(self):
-        mom = self.momentum
         for key, layer, p in self.net.param_items():
-            w, g, v = layer.params[p], layer.grads[p], self.velocity[key]
             lr = self.lr * layer.lr_mult.get(p, 1.0)
             wd = self.weight_decay * layer.wd_mult.get(p, 0.0)
-            dt = w.dtype.type
-            with layer.device.activate():  # the temporaries below live on the parameter's device
-                v *= dt(mom)
-                if wd != 0.0:
-                    v -= dt(wd * lr) * w
-                v -= dt(lr) * g
-                w += v
+            with self.net.on_placement(layer):  # on the parameter's device, on its tower's stream
+                ops.sgd_update(layer.device, layer.params[p], layer.grads[p], self.velocity[key], lr=lr,
+                               momentum=self.momentum, weight_decay=wd)
+        self.net.join()  # the loop's current stream (the host, on emu) sees the new parameters
 
     def state_dict(self):
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,

@@ -11,7 +11,9 @@ path. The NumPy reference stays the simple, obviously correct oracle.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 
 import numpy as np
 
@@ -21,6 +23,29 @@ from convnet.devices.backend import load_extension
 # with as many busy threads as cores (BLAS, the loader, another job) stalls everyone (a step measured 5x slower).
 # Read by libgomp when convnet._cpu loads it; a user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def _keep_freed_memory():
+    """Make glibc's malloc keep freed memory for the next step instead of handing it back to the kernel. A training
+    step allocates and frees the same few-MB activations every time; by default glibc maps the larger ones afresh or
+    trims them off the heap, so each step page-faults them in again, zero-filled by the kernel (measured on fmnist,
+    batch 64: ~1300 faults and ~2.5 ms of system time per step, against ~1 fault with these settings). Arrays up to
+    64 MB now come from the heap, and up to 256 MB of free heap is kept. Linux/glibc only; a user's own malloc
+    settings (MALLOC_*_ variables, GLIBC_TUNABLES) win."""
+    if not sys.platform.startswith("linux") or "GLIBC_TUNABLES" in os.environ or any(
+            k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # another C library (musl): its own policy stays
+        return
+    mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+
+
+_keep_freed_memory()
 
 
 def lib():

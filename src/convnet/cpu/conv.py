@@ -1,14 +1,27 @@
 """Convolution on the fast CPU path (CHWN), the reference's method -- im2col + one BLAS GEMM per group and chunk of
 images -- with the im2col matrix built and the col2im sums done by the compiled loops (``convnet._cpu``), the forward
-GEMM writing straight into the output, and no padded copy. Same results as convnet/reference/conv.py up to the
-summation order inside BLAS."""
+GEMM writing straight into the output, and no padded copy; the bias added and its gradient summed by compiled loops
+too. Same results as convnet/reference/conv.py up to the summation order (BLAS's; the bias sums are done in double)."""
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
 from convnet.cpu import contiguous, lib
 from convnet.geometry import ConvGeometry
-from convnet.reference.conv import _chunks, conv_backward_bias  # noqa: F401 (re-exported)
+from convnet.reference.conv import _chunks
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry(kind: str, *args, stride, padding, groups) -> ConvGeometry:
+    """``ConvGeometry.<kind>(*args, ...)``, built once per distinct call (a step makes the same few calls every time,
+    and building one costs as much as a small loop)."""
+    return getattr(ConvGeometry, kind)(*args, stride=stride, padding=padding, groups=groups)
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
 
 
 def _cols(x, g: ConvGeometry, group: int, n0: int, n1: int):
@@ -38,7 +51,7 @@ def _dy_rows(dy, g: ConvGeometry, group: int, n0: int, n1: int):
 
 def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1):
     x, w = contiguous(x, w)
-    g = ConvGeometry.of(x.shape, w.shape, stride=stride, padding=padding, groups=groups)
+    g = _geometry("of", x.shape, w.shape, stride=_hashable(stride), padding=_hashable(padding), groups=groups)
     fg = g.F // g.groups
     y = np.empty(g.y_shape, dtype=np.float32)
     chunks = _image_chunks(g)
@@ -50,13 +63,15 @@ def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1):
             else:
                 yg[..., n0:n1] = (wt @ _cols(x, g, group, n0, n1)).reshape(fg, g.OH, g.OW, n1 - n0)
     if bias is not None:
-        y += np.asarray(bias, dtype=np.float32).reshape(g.F, 1, 1, 1)
+        (bias,) = contiguous(bias)
+        lib().bias_add(y, bias.reshape(-1), g.F, g.OH * g.OW * g.N)
     return y
 
 
 def conv_backward_data(dy, w, input_hw, stride=1, padding=0, groups=1):
     dy, w = contiguous(dy, w)
-    g = ConvGeometry.of_backward_data(dy.shape, w.shape, input_hw, stride=stride, padding=padding, groups=groups)
+    g = _geometry("of_backward_data", dy.shape, w.shape, _hashable(input_hw), stride=_hashable(stride),
+                  padding=_hashable(padding), groups=groups)
     dx = np.empty(g.x_shape, dtype=np.float32)
     for group in range(g.groups):
         wg = _filters(w, g, group)
@@ -68,7 +83,8 @@ def conv_backward_data(dy, w, input_hw, stride=1, padding=0, groups=1):
 
 def conv_backward_filter(x, dy, filter_hw, stride=1, padding=0, groups=1):
     x, dy = contiguous(x, dy)
-    g = ConvGeometry.of_backward_filter(x.shape, dy.shape, filter_hw, stride=stride, padding=padding, groups=groups)
+    g = _geometry("of_backward_filter", x.shape, dy.shape, _hashable(filter_hw), stride=_hashable(stride),
+                  padding=_hashable(padding), groups=groups)
     fg = g.F // g.groups
     dw = np.empty(g.w_shape, dtype=np.float32)
     for group in range(g.groups):
@@ -78,3 +94,14 @@ def conv_backward_filter(x, dy, filter_hw, stride=1, padding=0, groups=1):
             acc = part if acc is None else np.add(acc, part, out=acc)
         dw[..., group * fg:(group + 1) * fg] = acc.reshape(g.Cg, g.KH, g.KW, fg)
     return dw
+
+
+def conv_backward_bias(dy):
+    """db[f] = sum over (OH, OW, N) of dy[f] (any shape (F, ...); summed in double, rounded once)."""
+    (dy,) = contiguous(dy)
+    db = np.empty(dy.shape[0], dtype=np.float32)
+    if dy.size == 0:
+        db[...] = 0.0
+    else:
+        lib().bias_sum(dy, db, dy.shape[0], dy.size // dy.shape[0])
+    return db
