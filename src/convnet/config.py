@@ -59,8 +59,15 @@ class Config:
     devices: str | None = setting(None, "the devices of the model's towers (layers with device = 0, 1, ...), e.g. "
                                         "cuda:0,cuda:1 or emu:0,emu:1; the first is the net's device "
                                         "(default: every tower on --device)")
+    distributed: bool = setting(False, "data-parallel training: run under mpirun -n N (pip install 'convnet[mpi]'); "
+                                       "each rank takes a device (cuda:<rank on its node>, or --device numpy|cpu|emu) "
+                                       "and batch-size/N images of every batch, gradients are averaged (NCCL on GPUs, "
+                                       "MPI on the host); rank 0 logs and checkpoints. Not saved: a resume says again")
+    check_every: int = setting(100, "with --distributed: compare a checksum of the ranks' parameters every this many "
+                                    "steps (and at every checkpoint); they must stay identical", low=1)
     epochs: int = setting(10, "number of epochs", train=True, low=1)
-    batch_size: int = setting(128, "images per batch", train=True, low=1)
+    batch_size: int = setting(128, "images per batch (with --distributed: the global batch, split across the ranks)",
+                              train=True, low=1)
     lr: float = setting(0.01, "base learning rate", train=True, low=0.0, low_open=True)
     momentum: float = setting(0.9, "SGD momentum", train=True, low=0.0, high=1.0, high_open=True)
     weight_decay: float = setting(0.0005, "SGD weight decay", train=True, low=0.0)

@@ -10,6 +10,10 @@ An existing run in ``--out`` is never replaced: continue it with ``--resume`` or
 Every user error (a bad flag or value, a bad model file, checkpoint or data, an unusable device or output directory)
 is one line on stderr and exit status 2; a diverged run exits with 1, Ctrl-C with 130. ``--debug`` shows the
 traceback instead.
+
+``--distributed`` (data-parallel, :mod:`convnet.distributed`): run under ``mpirun -n N``; every rank parses the same
+command line, rank 0 reads a ``--resume`` checkpoint and sends it to the others, and an error on any rank is printed
+there and ends the whole job (``MPI_Abort``), so no rank waits forever for one that stopped.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from .data import DataError
 from .cpu import loop_threads
 from .devices import DeviceUnavailable, blas_threads, default_threads, get_device, install_report
 from .model_file import ModelFileError, build_net, parse_model_text, resolve_model
+from .distributed import DistributedError
 from .trainer import Trainer, TrainingError, check_out_dir
 
 __all__ = ["Config", "ConfigError", "Trainer", "TrainingError", "main", "make_config", "parse_args", "run"]
@@ -44,6 +49,7 @@ def make_config(args, saved=None):
                 setattr(cfg, k, v)
         if "model" in flags and flags["model"] != cfg.model:
             raise ConfigError(f"--model {flags['model']} differs from the checkpoint's model {cfg.model}")
+        cfg.distributed = False  # how the run is launched is not a saved setting: a resume says it again
         if flags.keys() & {"device", "devices"}:  # a new placement replaces the saved one as a whole: --device cpu
             cfg.device = cfg.devices = None     # puts every tower of a two-device run on cpu
     else:
@@ -61,13 +67,20 @@ def make_config(args, saved=None):
 
 def run(argv=None, log=print):
     args = parse_args(argv)
+    world = None
+    if args.distributed and not args.summary:
+        from .distributed import World
+        world = World()
     resume_state = None
     resume = args.resume
     if args.eval_only and resume is None:
         resume = args.out or str(Path("runs") / Path(args.model or "fmnist").stem)
     if resume is not None:
-        resume_state = ckpt.load(resume)
-        ckpt.check_training_state(resume_state)
+        if world is None or world.rank == 0:
+            resume_state = ckpt.load(resume)
+            ckpt.check_training_state(resume_state)
+        if world is not None and world.size > 1:  # rank 0's file (other nodes need not see it)
+            resume_state = world.bcast(resume_state)
         saved = resume_state["meta"]["config"]
         if args.out is None:
             args.out = str(Path(resume_state["path"]).parent)
@@ -76,14 +89,22 @@ def run(argv=None, log=print):
         cfg = make_config(args)
     if args.summary:
         return summary(cfg, log)
-    if not args.eval_only:  # before loading any data: a run in --out is never replaced silently
+    if world is not None and world.rank != 0:
+        log = _quiet  # rank 0 alone reports
+    elif not args.eval_only:  # before loading any data: a run in --out is never replaced silently
         check_out_dir(cfg.out, resume_path=resume_state["path"] if resume_state else None, overwrite=args.overwrite)
     if cfg.threads is None:  # resolved once and saved with the run: a resume keeps the thread count (and rounding)
         cfg.threads = default_threads()
+        if world is not None:  # the ranks on a node share its cores; rank 0's count for all
+            cfg.threads = world.bcast(max(1, cfg.threads // world.local_size))
     with blas_threads(cfg.threads, log), loop_threads(cfg.threads):
         if args.eval_only:
-            return evaluate_only(cfg, resume_state, log)
-        return Trainer(cfg, resume_state=resume_state, log=log, overwrite=args.overwrite).run()
+            return evaluate_only(cfg, resume_state, log, world)
+        return Trainer(cfg, resume_state=resume_state, log=log, overwrite=args.overwrite, world=world).run()
+
+
+def _quiet(*args, **kwargs):
+    pass
 
 
 def summary(cfg, log):
@@ -102,9 +123,9 @@ def summary(cfg, log):
     return {"status": "summary"}
 
 
-def evaluate_only(cfg, resume_state, log):
+def evaluate_only(cfg, resume_state, log, world=None):
     """``--eval-only``: the checkpoint's test loss and errors (and the plots)."""
-    trainer = Trainer(cfg, resume_state=resume_state, log=log)
+    trainer = Trainer(cfg, resume_state=resume_state, log=log, world=world)
     try:
         loss, e1, e5, kept = trainer.evaluate(keep_probs=16)
     finally:
@@ -112,7 +133,7 @@ def evaluate_only(cfg, resume_state, log):
     t5 = f", top-5 error {e5:.2%}" if e5 is not None else ""
     log(f"{cfg.model} on {trainer.dataset.name} test set: loss {loss:.4f}, top-1 error {e1:.2%}{t5} "
         f"(accuracy {1 - e1:.2%}), epoch {trainer.epoch}")
-    if cfg.plots:
+    if cfg.plots and trainer.rank == 0:
         try:
             trainer.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -122,7 +143,10 @@ def evaluate_only(cfg, resume_state, log):
 
 
 def _error(e) -> str:
-    return "error: " + " ".join(str(e).split())  # one line, whatever the message holds
+    from .distributed import active_world
+    world = active_world()
+    who = f" (rank {world.rank} of {world.size})" if world is not None and world.size > 1 else ""
+    return f"error{who}: " + " ".join(str(e).split())  # one line, whatever the message holds
 
 
 def main(argv=None):
@@ -130,6 +154,16 @@ def main(argv=None):
     Ctrl-C). Errors are one line on stderr; ``--debug`` re-raises them (the traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    status = _main(argv, debug)
+    from .distributed import active_world
+    world = active_world()
+    if world is not None and world.size > 1 and status not in (0, 130):
+        sys.stderr.flush()
+        world.abort(status)  # the other ranks would wait for this one forever
+    return status
+
+
+def _main(argv, debug):
     try:
         res = run(argv)
     except KeyboardInterrupt:  # a second Ctrl-C (the first one stops cleanly and saves)
@@ -142,7 +176,7 @@ def main(argv=None):
             raise
         print(_error(e), file=sys.stderr)
         return 2
-    except (TrainingError, OSError, MemoryError) as e:  # diverged; disk full, I/O error; out of memory
+    except (TrainingError, DistributedError, OSError, MemoryError) as e:  # diverged; disk full, I/O error; out of memory
         if debug:
             raise
         print(_error(e) if not isinstance(e, MemoryError) else "error: out of memory" + (f" ({e})" if str(e) else ""),

@@ -17,6 +17,12 @@ history when a run starts, so the log and the checkpoint always agree (a kill be
 nothing); stale checkpoint temporaries are deleted at start; a resume that would reinterpret the saved position
 (another batch size in the middle of an epoch) is refused; a second Ctrl-C aborts at once.
 
+Data-parallel (``world``: a :class:`convnet.distributed.World`, ``--distributed``): every rank runs this loop on its
+device and shard of each batch (the loaders' ``shard``); the backward's hook hands each layer's gradients to a
+:class:`convnet.distributed.GradReducer`, which averages them over the ranks; the loss and error sums, the test
+results and the stop decision are summed or agreed over the ranks; the ranks' parameters are compared every
+``check_every`` steps and at every checkpoint. Rank 0 alone logs, writes the output directory and plots.
+
 The command line (``python -m convnet.train``) is :mod:`convnet.train`; the settings are :class:`convnet.config.Config`.
 """
 from __future__ import annotations
@@ -39,6 +45,7 @@ from .config import Config, ConfigError, parse_lr_steps
 from .data import DataError, Loader, PreparedDataset, PreparedLoader, load_dataset
 from .data.workers import default_workers
 from .devices import get_device
+from .distributed import GradReducer, param_checksums, rank_device
 from .model_file import build_net
 from .optim import SGD, Schedule
 
@@ -140,18 +147,27 @@ class _DeviceSums:
 class Trainer:
     """``Trainer(cfg, resume_state=None, log=print, overwrite=False)``; ``run()`` trains. ``resume_state``: a
     :func:`convnet.checkpoint.load` result to continue from. ``overwrite``: replace a run already in ``cfg.out``
-    (else that is a ConfigError)."""
+    (else that is a ConfigError). ``world``: the ranks of a data-parallel run (:class:`convnet.distributed.World`;
+    None: one process)."""
 
-    def __init__(self, cfg: Config, *, resume_state=None, log=print, overwrite=False):
+    def __init__(self, cfg: Config, *, resume_state=None, log=print, overwrite=False, world=None):
         if cfg.out is None:
             cfg.out = str(Path("runs") / Path(cfg.model).stem)
         self.cfg = cfg.validate()
-        self.log = log
+        self.world = world
+        self.rank, self.ranks = (world.rank, world.size) if world is not None else (0, 1)
+        self.log = log if self.rank == 0 else (lambda *a, **k: None)  # rank 0 alone logs
         self.overwrite = overwrite
+        if cfg.batch_size % self.ranks:
+            raise ConfigError(f"--batch-size {cfg.batch_size} does not split into {self.ranks} equal shards: with "
+                              f"--distributed it is the global batch, divided across the ranks; give a multiple of "
+                              f"{self.ranks}")
         self.resume_path = resume_state["path"] if resume_state is not None else None
         self.device, towers = self._devices()
         self.net, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=self.device, devices=towers,
                                 dtype=cfg.dtype, seed=cfg.seed)
+        if self.rank:  # the same initial parameters on every rank, but each rank's own dropout masks
+            self.net.seed = rank_seed(cfg.seed, self.rank)
         self.exchanged = {}  # bytes per image copied between devices in the last training step ("src->dst": n)
         self.dataset = self._load_dataset()
         self.mean = self.dataset.mean_image() if resume_state is None or resume_state["mean"] is None \
@@ -160,6 +176,7 @@ class Trainer:
         self.schedule = Schedule(cfg.schedule, cfg.lr, steps=parse_lr_steps(cfg.lr_steps), gamma=cfg.lr_gamma,
                                  patience=cfg.patience, max_drops=cfg.max_drops, total_epochs=cfg.epochs)
         self.opt = SGD(self.net, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.reducer = GradReducer(self.net, world) if world is not None else None
         self.epoch, self.batch, self.step = 0, 0, 0
         self.history = []
         self.partial = _empty_totals()
@@ -171,6 +188,7 @@ class Trainer:
             self.saved_at = (self.epoch, self.batch)
         self.steps_this_run = 0
         self._interrupted = False
+        self.check_ranks("at the start (the initial or resumed parameters)")
 
     # --- setup -----------------------------------------------------------------------------------------------
     def _devices(self):
@@ -178,6 +196,11 @@ class Trainer:
         layers) onto devices; its first is the net's device (the data, and layers without a device)."""
         cfg = self.cfg
         device = towers = None
+        if self.world is not None:
+            if cfg.devices is not None:
+                raise ConfigError(f"--devices {cfg.devices}: a model's towers on several devices do not combine with "
+                                  f"--distributed (each rank runs the whole net on its one device)")
+            return rank_device(cfg.device, self.world, get_device), None
         try:  # ValueError: a malformed name (DeviceUnavailable: a real device that is not usable here)
             if cfg.device is not None or cfg.devices is None:
                 device = get_device(cfg.device)
@@ -218,7 +241,7 @@ class Trainer:
     def _loaders(self):
         cfg, d, ds = self.cfg, self.net.data_layer, self.dataset
         common = dict(out_hw=d.size, mean=self.mean, scale=d.scale, seed=cfg.seed, device=self.device,
-                      dtype=self.net.dtype, prefetch=cfg.prefetch)
+                      dtype=self.net.dtype, prefetch=cfg.prefetch, shard=(self.rank, self.ranks))
         views = 10 if cfg.eval_crops == 10 else 1  # 2 views (--multiview): mirrored on the device in evaluate()
         if isinstance(ds, PreparedDataset):  # JPEG shards: the paper's per-image crops, flips and PCA lighting
             if cfg.crop_pad:
@@ -271,18 +294,22 @@ class Trainer:
     def save(self):
         cfgd = dataclasses.asdict(self.cfg)
         cfgd["max_steps"] = 0
+        self.check_ranks(f"at the checkpoint of epoch {self.epoch + 1}, batch {self.batch}")
         meta = {"epoch": self.epoch, "batch": self.batch, "step": self.step, "history": self.history,
                 "partial": self.partial, "schedule": self.schedule.state_dict(),
                 "optimizer": {k: v for k, v in self.opt.state_dict().items() if k != "velocity"},
                 "rng": {"kind": "counter", "seed": self.cfg.seed,
                         "note": "data order, crops, flips and dropout masks are functions of "
                                 "(seed, epoch, batch, step): the position above is the whole RNG state"},
-                "config": cfgd, "num_params": self.net.num_params(), "time": time.time()}
+                "config": cfgd, "num_params": self.net.num_params(), "time": time.time(), "ranks": self.ranks}
         params, velocity = self.net.state_dict(), self.opt.state_dict()["velocity"]
         bad = ckpt.non_finite({**{f"parameter {k}": v for k, v in params.items()},
                                **{f"momentum of {k}": v for k, v in velocity.items()}})
         if bad:  # never checkpoint a diverged state: the checkpoint on disk stays the last good one
             self.diverged(bad[0], "non-finite")
+        if self.rank:  # rank 0 alone writes (the ranks' parameters were just checked identical)
+            self.saved_at = (self.epoch, self.batch)
+            return self.out / "checkpoint.npz"
         path = ckpt.save(self.out / "checkpoint.npz", params=params, velocity=velocity, mean=self.mean, meta=meta)
         self.saved_at = (self.epoch, self.batch)
         return path
@@ -301,6 +328,12 @@ class Trainer:
             f"the {what} became {value} at epoch {self.epoch + 1}, step {self.step}: training diverged. "
             f"Lower the learning rate (--lr, now {self.opt.lr:g}) or check the data / initialisation. {good}; "
             f"the diverged state was not saved.")
+
+    def check_ranks(self, where):
+        """Data-parallel: DistributedError unless every rank holds bit-identical parameters (a checksum per
+        parameter, compared over MPI). Nothing without ``world``."""
+        if self.world is not None and self.ranks > 1:
+            self.world.check_same(*param_checksums(self.net), where)
 
     def check_finite_params(self):
         """Divergence when a parameter holds a NaN or an infinity (after an update that overflowed). One device
@@ -340,6 +373,9 @@ class Trainer:
                 n += m
                 if sum(len(a[1]) for a in kept) < keep_probs:
                     kept.append((self.device.to_numpy(p), self.device.to_numpy(y)))
+        if self.world is not None and self.ranks > 1:  # each rank evaluated its share of the batches
+            loss, wrong1, wrong5, n = self.world.sum(np.array([loss, wrong1, wrong5, n], np.float64), "the test sums")
+            wrong1, wrong5, n = int(wrong1), int(wrong5), int(n)
         if n == 0:
             raise DataError(f"the test set of {self.dataset.name} is empty: nothing to evaluate on")
         if not math.isfinite(loss):
@@ -354,7 +390,8 @@ class Trainer:
 
     def run(self):
         """Train to ``cfg.epochs``; returns {"status": "done" | "interrupted" | "max_steps", "history": [...]}."""
-        self._prepare_out()
+        if self.rank == 0:
+            self._prepare_out()
         old = None
         try:
             old = signal.signal(signal.SIGINT, self._on_sigint)
@@ -419,6 +456,12 @@ class Trainer:
                  f"{self.net.num_params():,} parameters, {cfg.epochs} epochs of {len(self.train_loader)} batches of "
                  f"{cfg.batch_size}; output in {self.out}")
         plan = self.net.exchange_plan()
+        if self.reducer is not None:
+            r = self.reducer
+            how = "NCCL" if type(r.transport).__name__ == "NcclTransport" else "MPI"
+            self.log(f"data-parallel over {self.ranks} rank(s), rank 0 on {self.device}: "
+                     f"{cfg.batch_size // self.ranks} images per rank and step; "
+                     f"gradients averaged by {how} in {len(r.buckets)} bucket(s) of up to {r.buckets[0].nbytes:,} B")
         if plan:
             towers = ", ".join(f"{i}={d}" for i, d in enumerate(self.net.devices))
             self.log(f"towers {towers}; copied between devices per image and training step: "
@@ -440,7 +483,10 @@ class Trainer:
 
     def stop_reason(self):
         """Why training must stop after this step ("interrupted", "max_steps"), or None."""
-        if self._interrupted:
+        interrupted = self._interrupted
+        if self.world is not None and self.ranks > 1:  # the ranks stop together (a Ctrl-C may reach one first)
+            interrupted = self.world.any(interrupted, "the stop decision")
+        if interrupted:
             return "interrupted"
         if self.cfg.max_steps and self.steps_this_run >= self.cfg.max_steps:
             return "max_steps"
@@ -455,7 +501,7 @@ class Trainer:
         lr = self.opt.lr = self.lr_now()
         sums = _DeviceSums(xp, self.batch)
         stop = None
-        with Progress(cfg.progress, total=nb, initial=self.batch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}") as bar, \
+        with Progress(cfg.progress and self.rank == 0, total=nb, initial=self.batch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}") as bar, \
                 contextlib.closing(self.train_loader.epoch(self.epoch, self.batch)) as batches:
             # closing(): the loader's generator is closed here, in the normal flow, so a second Ctrl-C while it
             # joins its thread propagates (a generator closed by the garbage collector would swallow it)
@@ -463,12 +509,18 @@ class Trainer:
                 if per_step:
                     lr = self.opt.lr = self.lr_now()
                 probs = net.forward(x, y, train=True, step=self.step)
-                net.backward()
+                if self.reducer is None:
+                    net.backward()
+                else:  # each bucket's reduction starts when its layers' backward is done
+                    net.backward(on_grads=self.reducer.on_grads)
+                    self.reducer.finish()
                 self.opt.step()
                 sums.add(xp, net.loss, probs, y)
                 self.batch += 1
                 self.step += 1
                 self.steps_this_run += 1
+                if self.step % cfg.check_every == 0:
+                    self.check_ranks(f"after step {self.step}")
                 if self.batch % sync_every == 0 or self.batch == nb:
                     done, dt = self._fold(sums)
                     p = self.partial
@@ -490,13 +542,16 @@ class Trainer:
         if bad_labels:
             raise DataError(f"{bad_labels} training label(s) in the last {nbatches} batches are outside "
                             f"[0, {self.net.num_classes}) (the model's classes): check the dataset's labels")
-        loss = float(sums.loss)
+        loss, err = float(sums.loss), int(sums.err)
+        if self.world is not None and self.ranks > 1:  # the global batches' sums
+            loss, err = self.world.sum(np.array([loss, err], np.float64), "the loss sums")
+            err = int(err)
         if not math.isfinite(loss):
             self.diverged("loss", loss)
         self.check_finite_params()
         p = self.partial
         p["loss"] += loss
-        p["err"] += int(sums.err)
+        p["err"] += err
         p["n"] += nbatches * self.cfg.batch_size
         p["time"] += dt
         self.exchanged = self.net.exchange.per_image()  # counted on the host: no device work
@@ -531,6 +586,8 @@ class Trainer:
         self.batch = 0
         self.partial = _empty_totals()
         self.save()
+        if self.rank:
+            return
         with open(self.out / "log.jsonl", "a") as f:  # after the checkpoint that holds this record (see _write_log)
             f.write(json.dumps(rec) + "\n")
         if self.cfg.plots and tested:
@@ -544,6 +601,7 @@ class Trainer:
                 "test_error": te1, "test_top5_error": te5, "train_time_s": p["time"],
                 "elapsed_s": time.perf_counter() - clock[0], "cpu_s": time.process_time() - clock[1],
                 "images_per_s": p["n"] / p["time"] if p["time"] > 0 else None, "device": str(self.device),
+                **({"ranks": self.ranks} if self.world is not None else {}),
                 **({"exchanged_bytes_per_image": dict(self.exchanged)} if self.exchanged else {})}
 
     def _log_epoch(self, rec):
@@ -566,3 +624,8 @@ class Trainer:
                                  images=self.dataset.test_x, classes=self.dataset.classes)
         except Exception as e:  # noqa: BLE001 - plots never stop a training run
             self.log(f"warning: plotting failed: {type(e).__name__}: {e}")
+
+
+def rank_seed(seed, rank):
+    """The dropout seed of data-parallel rank ``rank`` > 0 (rank 0 keeps ``seed``: one rank trains as one process)."""
+    return int(np.random.SeedSequence([int(seed), int(rank), 0x5EED]).generate_state(2, np.uint64)[0] >> 1)

@@ -131,22 +131,27 @@ def train_view(img, rng, out_hw, *, mean=None, eigvals=None, eigvecs=None, flip=
     return x
 
 
-def crop_flip_batch(img, out_hw, rng=None, *, pad=0, flip=False):
+def crop_flip_batch(img, out_hw, rng=None, *, pad=0, flip=False, part=None):
     """Crops and flips of a batch ``img`` (N, H, W, C) to ``out_hw``, all drawn from one generator ``rng``
     (None: evaluation - centre crops, no padding, no flips). Draw order: row offsets (n), column offsets (n) if
     the image is larger than ``out_hw``; then the zero-pad shifts in [-pad, pad] (rows, columns) if ``pad``; then
-    n flips if ``flip``. Returns ``(out, geom, valid)``: ``out`` the cropped batch (``img`` itself when nothing
+    n flips if ``flip``. ``part=(first, total)``: ``img`` is images ``first..first+N-1`` of a batch of ``total``
+    (a data-parallel rank's shard): the draws are the whole batch's (n = ``total``), and these images get theirs. Returns ``(out, geom, valid)``: ``out`` the cropped batch (``img`` itself when nothing
     changes, then ``geom`` is None), ``geom`` the (rows (N, oh), cols (N, ow)) image indices of every output pixel
     (to apply the same transform to the mean image), ``valid`` the (N, oh, ow) mask of pixels inside the image
     (None without padding; outside pixels are 0)."""
     n, h, w, c = img.shape
+    first, n_draw = (0, n) if part is None else (int(part[0]), int(part[1]))
+    if not 0 <= first <= n_draw - n:
+        raise ValueError(f"part {part}: images {first}..{first + n - 1} are not in a batch of {n_draw}")
+    sel = slice(first, first + n)
     oh, ow = out_hw
     train = rng is not None
     p = pad if train else 0
     if (h, w) != (oh, ow):  # crop a larger image down to the model's size: random in training, else centre
         if train:
-            oy = rng.integers(0, h - oh + 1, size=n)
-            ox = rng.integers(0, w - ow + 1, size=n)
+            oy = rng.integers(0, h - oh + 1, size=n_draw)[sel]
+            ox = rng.integers(0, w - ow + 1, size=n_draw)[sel]
         else:
             oy = np.full(n, (h - oh) // 2)
             ox = np.full(n, (w - ow) // 2)
@@ -156,11 +161,11 @@ def crop_flip_batch(img, out_hw, rng=None, *, pad=0, flip=False):
     rows = oy[:, None] + np.arange(oh)  # image row of each output row, per image
     cols = ox[:, None] + np.arange(ow)
     if p > 0:  # zero-pad by p (zero = the mean after subtraction) and crop back to the same size
-        rows = rows + rng.integers(-p, p + 1, size=n)[:, None]
-        cols = cols + rng.integers(-p, p + 1, size=n)[:, None]
+        rows = rows + rng.integers(-p, p + 1, size=n_draw)[sel, None]
+        cols = cols + rng.integers(-p, p + 1, size=n_draw)[sel, None]
     flipped = False
     if train and flip:
-        f = rng.random(n) < 0.5
+        f = rng.random(n_draw)[sel] < 0.5
         cols[f] = cols[f, ::-1]
         flipped = bool(f.any())
     if p == 0 and (h, w) == (oh, ow) and not flipped:

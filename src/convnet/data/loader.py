@@ -34,10 +34,16 @@ class Loader:
     row, as the paper's ten test views (:func:`.augment.ten_crop_views`: four corners + centre, then mirrored),
     the consumer averages the ten outputs.
     Batches are prepared ``prefetch`` ahead in a background thread.
+
+    ``shard=(rank, ranks)`` (data-parallel training, :mod:`convnet.distributed`): training batches stay the global
+    batches of ``batch_size`` images (the same order and random keys), and this loader yields rank ``rank``'s equal
+    part of each, images ``[rank*k, (rank+1)*k)``, ``k = batch_size / ranks``, with the crops and flips those images
+    draw in the whole batch: the union of the ranks' shards is exactly the single-process batch. Evaluation batches
+    are dealt whole, round-robin: rank r gets batches r, r + ranks, ...
     """
 
     def __init__(self, images, labels, batch_size, *, train, out_hw, mean, scale=1.0, crop_pad=0, flip=False,
-                 seed=0, device=None, dtype=np.float32, prefetch=3, views=1):
+                 seed=0, device=None, dtype=np.float32, prefetch=3, views=1, shard=(0, 1)):
         self.images, self.labels = images, labels
         self.batch_size = int(batch_size)
         if self.batch_size <= 0:
@@ -58,6 +64,32 @@ class Loader:
         self.views = int(views)
         if self.views not in (1, 10) or (train and self.views != 1):
             raise ValueError(f"views must be 1, or 10 for evaluation, got {views}")
+        self.rank, self.ranks = (int(v) for v in shard)
+        if not 0 <= self.rank < self.ranks:
+            raise ValueError(f"shard must be (rank, ranks) with 0 <= rank < ranks, got {shard}")
+        if train and self.batch_size % self.ranks:
+            raise ValueError(f"the batch of {self.batch_size} images does not split into {self.ranks} equal shards")
+
+    def batch_numbers(self, start=0):
+        """The batches of an epoch this loader yields, from ``start``: all of them, or this rank's share of the
+        evaluation batches (round-robin)."""
+        nb = len(self)
+        if self.train or self.ranks == 1:
+            return range(start, nb)
+        return range(start + (self.rank - start) % self.ranks, nb, self.ranks)
+
+    def shard_part(self):
+        """(first image of this rank's shard within a training batch, images in it)."""
+        if not self.train or self.ranks == 1:
+            return 0, self.batch_size
+        k = self.batch_size // self.ranks
+        return self.rank * k, k
+
+    def batch_indices(self, order, b):
+        """The dataset indices of this loader's images of batch ``b`` (its shard of it, when sharded)."""
+        idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        first, k = self.shard_part()
+        return idx[first:first + k] if k != self.batch_size else idx
 
     def view_list(self):
         """The test views of every batch, in the order ``epoch`` yields them: [None] (the centre crop), or the ten
@@ -85,7 +117,7 @@ class Loader:
         same crops/flips to the mean image (x - mean commutes with zero padding, cropping and flipping), so
         only uint8 data crosses to the device and the float work happens there."""
         order = self.order(epoch) if order is None else order
-        idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        idx = self.batch_indices(order, b)
         if view is not None:  # one of the ten test views; the mean image goes through the same crop and flip
             (oy, ox), f = view
             oh, ow = self.out_hw
@@ -94,8 +126,10 @@ class Loader:
             cols = np.tile(ox + np.arange(ow)[::-1 if f else 1], (len(idx), 1))
             return (augment.hflip(img) if f else img), (rows, cols), None, self.labels[idx]
         rng = np.random.default_rng([self.seed, epoch, b, 11]) if self.train else None
+        first, k = self.shard_part()
         out, geom, valid = augment.crop_flip_batch(self.images[idx], self.out_hw, rng, pad=self.crop_pad,
-                                                   flip=self.flip)
+                                                   flip=self.flip,
+                                                   part=None if k == self.batch_size else (first, self.batch_size))
         return out, geom, valid, self.labels[idx]
 
     def _finish(self, img, geom, valid, labels):
@@ -128,10 +162,10 @@ class Loader:
     def epoch(self, epoch, start=0):
         """Iterate over batches ``start..`` of ``epoch`` (a generator; batches made in a background thread)."""
         order = self.order(epoch)
-        nb = len(self)
+        numbers = self.batch_numbers(start)
         views = self.view_list()
         if self.prefetch <= 0:
-            for b in range(start, nb):
+            for b in numbers:
                 for v in views:
                     yield self.make_batch(epoch, b, order) if v is None else self.make_batch(epoch, b, order, v)
             return
@@ -140,7 +174,7 @@ class Loader:
 
         def work():
             try:
-                for b, v in ((b, v) for b in range(start, nb) for v in views):
+                for b, v in ((b, v) for b in numbers for v in views):
                     item = ("ok", self.make_batch(epoch, b, order) if v is None else
                             self.make_batch(epoch, b, order, v))
                     while not stop.is_set():
@@ -194,10 +228,10 @@ class PreparedLoader(Loader):
     CHUNK_BYTES = 1 << 20  # float32 output rows per pass of the layout step: about one core's L2
 
     def __init__(self, images, labels, batch_size, *, train, out_hw, mean, eig=None, lighting=0.0, scale=1.0,
-                 flip=False, seed=0, device=None, dtype=np.float32, prefetch=3, views=1, workers=0):
+                 flip=False, seed=0, device=None, dtype=np.float32, prefetch=3, views=1, workers=0, shard=(0, 1)):
         super().__init__(images, labels, batch_size, train=train, out_hw=out_hw, mean=mean, scale=scale,
                          crop_pad=0, flip=flip, seed=seed, device=device, dtype=dtype, prefetch=prefetch,
-                         views=views)
+                         views=views, shard=shard)
         h, w = images.shape[1:3]
         if self.mean.shape[:2] == (h, w):  # the full-image mean: its centre crop, whatever the crop position
             self.mean = np.ascontiguousarray(augment.centre_crop(self.mean, self.out_hw))
@@ -296,7 +330,7 @@ class PreparedLoader(Loader):
         offsets (n, 3) float32 or None) of batch ``b``: training draws per image (:meth:`view_params`); a test
         ``view`` crops the batch decoded once for its ten views."""
         order = self.order(epoch) if order is None else order
-        idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        idx = self.batch_indices(order, b)
         oh, ow = self.out_hw
         crops = self._staging_batch(len(idx))
         dst = crops.view(np.uint32)[..., 0]  # whole pixels: a mirrored copy is a uint32 copy

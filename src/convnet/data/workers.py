@@ -198,7 +198,7 @@ class Pool:
 
     def batches(self, loader, epoch, start=0):
         """Batches ``start..`` of ``epoch`` (and their test views) on ``loader``'s device (module doc)."""
-        items = [(b, v) for b in range(start, len(loader)) for v in loader.view_list()]
+        items = [(b, v) for b in loader.batch_numbers(start) for v in loader.view_list()]
         self._generation += 1
         gen, nw = self._generation, len(self.procs)
         free = [s for s in range(len(self.blocks)) if s not in self._stale][::-1]

@@ -1,0 +1,482 @@
+"""Data-parallel training (convnet.distributed, ``--distributed``), checked against single-process training.
+
+The ranks run under ``mpirun`` (mpi4py and the MPI library of the ``mpi`` extra); each such test has a timeout and
+kills the whole job when it runs out, so a rank that waits forever fails the test. This file is also the program
+the ranks run (``python tests/test_distributed.py WORKER ...``, see the bottom).
+
+What is compared, and how exactly (the numpy and emu devices, a net without dropout, see below):
+
+* the shards: the union of the ranks' shards of a batch is bit-identical to the single-process batch (images and
+  labels, with random crops and flips);
+* one rank under mpirun with --distributed is bit-identical to a run without it (the reducer leaves one rank's
+  gradients alone);
+* two ranks of B/2 images against one process of B: the loss of every step and the final parameters agree within
+  float32 rounding, not bit for bit: each rank sums its gradients and loss over its half of the images, then the
+  halves are added, where one process sums all B in one pass (another order of the same float32 additions);
+* the ranks' parameters are bit-identical to each other after every step (a checksum, compared every step).
+
+Dropout: a rank draws its masks over its own B/2 images, so a net with dropout trains with other (equally random)
+masks than one process does; the equivalence nets have no dropout (dropout masks are keyed on the element index in
+the batch; see docs/training.md).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from helpers import FakeCupy, FakeNccl, subprocess_env  # noqa: E402
+
+from convnet.data import Loader  # noqa: E402
+from convnet.data.synthetic import synthetic  # noqa: E402
+from convnet.distributed import GradReducer, World, make_buckets, param_checksums  # noqa: E402
+from convnet.model_file import build_net  # noqa: E402
+from convnet.optim import SGD  # noqa: E402
+
+TINY = """
+[data]
+type = data
+channels = 3
+size = 12
+
+[conv1]
+type = conv
+inputs = data
+filters = 8
+size = 3
+padding = 1
+neuron = relu
+
+[pool1]
+type = pool
+inputs = conv1
+pool = max
+size = 2
+stride = 2
+
+[fc1]
+type = fc
+inputs = pool1
+outputs = 16
+neuron = relu
+
+[fc2]
+type = fc
+inputs = fc1
+outputs = 4
+
+[probs]
+type = softmax
+inputs = fc2
+
+[train]
+dataset = synthetic
+epochs = 2
+batch_size = 16
+lr = 0.01
+flip = true
+crop_pad = 1
+"""
+
+
+# --- launching ranks ------------------------------------------------------------------------------------------------
+def _mpirun():
+    """The mpirun of this Python's environment (the mpich wheel puts it beside the interpreter), else the PATH's."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return shutil.which("mpirun", path=path) or shutil.which("mpiexec", path=path)
+
+
+def _mpi_missing():
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "mpi4py is not installed (pip install 'convnet[mpi]')"
+    if _mpirun() is None:
+        return "no mpirun/mpiexec beside the interpreter or on the PATH (pip install 'convnet[mpi]': the mpich wheel)"
+    return None
+
+
+_MISSING = _mpi_missing()
+
+
+def needs_mpi(test):
+    """Skip ``test`` (saying why) where MPI is missing; fail it instead under CONVNET_REQUIRE_MPI=1 (CI, .ci/run)."""
+    if _MISSING is None:
+        return test
+    if os.environ.get("CONVNET_REQUIRE_MPI") == "1":
+        @functools.wraps(test)
+        def fail(*args, **kwargs):
+            pytest.fail(f"CONVNET_REQUIRE_MPI=1, but {_MISSING}")
+        return fail
+    return pytest.mark.skip(reason=_MISSING)(test)
+
+
+def run_ranks(n, args, *, timeout=180, cwd=None, env=None):
+    """``mpirun -n n python args...``: (returncode, stdout, stderr). The job is killed (the process group) when it
+    runs past ``timeout`` seconds, and the test fails: a hang is a failure, never a stuck CI."""
+    cmd = [_mpirun(), "-n", str(n), sys.executable, *map(str, args)]
+    env = subprocess_env(HERE, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **(env or {}))
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"mpirun -n {n} {' '.join(map(str, args))} did not finish within {timeout} s (a hang)\n{out}\n{err}")
+    return p.returncode, out, err
+
+
+# --- the training steps both sides run ------------------------------------------------------------------------------
+def dataset():
+    return synthetic((3, 12, 12), 4, 96, 16, seed=3)
+
+
+def train_steps(device, steps, batch, world=None, bucket_mb=25.0, check=True):
+    """``steps`` SGD steps of the tiny net from seed 0 on batches of ``batch`` images (the global batch; a rank of
+    ``world`` takes its shard and averages gradients with the others). Returns (loss of every step, summed over the
+    whole batch; final parameters)."""
+    net, _ = build_net(TINY, "tiny.cfg", device=device, seed=0)
+    dev = net.device
+    ds = dataset()
+    shard = (world.rank, world.size) if world is not None else (0, 1)
+    loader = Loader(ds.train_x, ds.train_y, batch, train=True, out_hw=(12, 12), mean=ds.mean_image(),
+                    scale=1 / 255, crop_pad=1, flip=True, seed=5, device=dev, prefetch=0, shard=shard)
+    opt = SGD(net, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    reducer = GradReducer(net, world, bucket_mb=bucket_mb) if world is not None else None
+    losses, step = [], 0
+    for epoch in range(10):
+        for x, y in loader.epoch(epoch):
+            net.forward(x, y, train=True, step=step)
+            if reducer is None:
+                net.backward()
+            else:
+                net.backward(on_grads=reducer.on_grads)
+                reducer.finish()
+            opt.step()
+            loss = float(dev.to_numpy(net.loss))
+            if world is not None:
+                loss = float(world.sum(np.array([loss]), "the loss")[0])
+                if check and world.size > 1:
+                    world.check_same(*param_checksums(net), f"after step {step}")
+            losses.append(loss)
+            step += 1
+            if step == steps:
+                return losses, net.state_dict(), (reducer.stats if reducer else None)
+    raise AssertionError("not enough batches")
+
+
+# --- without MPI ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_the_union_of_the_shards_is_the_single_process_batch_bit_for_bit(ranks):
+    ds = dataset()
+    common = dict(train=True, out_hw=(10, 10), mean=ds.mean_image(), scale=1 / 255, crop_pad=2, flip=True, seed=9,
+                  prefetch=0)
+    whole = Loader(ds.train_x, ds.train_y, 16, **common)
+    shards = [Loader(ds.train_x, ds.train_y, 16, shard=(r, ranks), **common) for r in range(ranks)]
+    assert len(whole) == len(shards[0]) == 6
+    for epoch in (0, 1):
+        for (x, y), *parts in zip(whole.epoch(epoch), *(s.epoch(epoch) for s in shards)):
+            assert all(p[0].shape[-1] == 16 // ranks for p in parts)
+            np.testing.assert_array_equal(np.concatenate([p[0] for p in parts], axis=-1), x)
+            np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), y)
+
+
+def test_evaluation_batches_are_dealt_round_robin():
+    ds = dataset()
+    common = dict(train=False, out_hw=(12, 12), mean=ds.mean_image(), prefetch=0)
+    whole = [y for _, y in Loader(ds.test_x, ds.test_y, 5, **common).epoch(0)]  # 16 images: batches 5, 5, 5, 1
+    got = {r: [y for _, y in Loader(ds.test_x, ds.test_y, 5, shard=(r, 3), **common).epoch(0)] for r in range(3)}
+    assert [len(got[r]) for r in range(3)] == [2, 1, 1]
+    for r in range(3):
+        for k, y in enumerate(got[r]):
+            np.testing.assert_array_equal(y, whole[r + 3 * k])
+
+
+def test_a_batch_that_does_not_split_into_equal_shards_is_refused():
+    ds = dataset()
+    with pytest.raises(ValueError, match="does not split into 3 equal shards"):
+        Loader(ds.train_x, ds.train_y, 16, train=True, out_hw=(12, 12), mean=ds.mean_image(), shard=(0, 3))
+
+
+def test_buckets_follow_the_backward_order_and_their_size():
+    net, _ = build_net(TINY, "tiny.cfg", device="numpy", seed=0)
+    one = make_buckets(net, 1 << 30)
+    assert len(one) == 1 and [e[0] for e in one[0].entries] == ["fc2/b", "fc2/w", "fc1/b", "fc1/w", "conv1/b",
+                                                                 "conv1/w"]
+    each = make_buckets(net, 1)  # every parameter closes its bucket
+    assert [[e[0] for e in b.entries] for b in each] == [[k] for k in ["fc2/b", "fc2/w", "fc1/b", "fc1/w", "conv1/b",
+                                                                        "conv1/w"]]
+    assert sum(b.count for b in each) == net.num_params()
+
+
+def test_distributed_without_mpi4py_says_how_to_install_it(monkeypatch, tmp_path):
+    from convnet import train
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    status = train.main(["--distributed", "--device", "numpy", "--out", str(tmp_path / "r")])
+    assert status == 2
+    with pytest.raises(Exception, match=r"--distributed needs mpi4py .*pip install 'convnet\[mpi\]'"):
+        train.run(["--distributed", "--device", "numpy", "--out", str(tmp_path / "r")])
+
+
+class OneRank:
+    """A World of one rank without MPI (the NCCL path's single-GPU case)."""
+    rank, size, local_rank, local_size, timeout_s = 0, 1, 0, 1, 60.0
+
+    def bcast(self, obj, root=0):
+        return obj
+
+
+def test_a_rank_without_a_gpu_is_an_error_naming_it(monkeypatch):
+    from convnet.config import ConfigError
+    from convnet.devices import backend_cuda, get_device
+    from convnet.distributed import rank_device
+    fake = FakeCupy(devices=1).install(monkeypatch)
+    FakeNccl().install(fake)
+    monkeypatch.setattr(backend_cuda.CudaBackend, "availability", lambda self, index: (True, "a fake GPU"))
+    world = OneRank()
+    assert str(rank_device("cuda", world, get_device)) == "cuda:0"
+    world.rank = world.local_rank = 1
+    world.size = world.local_size = 2
+    with pytest.raises(ConfigError, match=r"rank 1 \(rank 1 on its node\) has no GPU: the node has 1 and runs 2"):
+        rank_device("cuda", world, get_device)
+    with pytest.raises(ConfigError, match="every rank takes cuda:<its rank on the node>"):
+        rank_device("cuda:0", world, get_device)
+
+
+def test_the_nccl_path_on_one_gpu_reduces_on_its_stream_and_the_update_waits_on_the_gpu(monkeypatch):
+    """The cuda path on a fake CuPy + NCCL (tests/helpers): one rank, the tiny net in two buckets. Every bucket's
+    copies, allReduce and copies back run on the reducer's stream after it waited for an event of the compute stream;
+    the compute stream then waits for each bucket's event; the host never synchronises; one rank's gradients are
+    bit-identical to a backward without the reducer (emu's, whose kernels the fake runs)."""
+    from convnet.devices import backend_cuda
+    from convnet.distributed import NcclTransport
+    fake = FakeCupy(devices=1).install(monkeypatch)
+    FakeNccl().install(fake)
+    monkeypatch.setattr(backend_cuda.CudaBackend, "availability", lambda self, index: (True, "a fake GPU"))
+    net, _ = build_net(TINY, "tiny.cfg", device="cuda:0", seed=0)
+    ref, _ = build_net(TINY, "tiny.cfg", device="emu", seed=0)
+    reducer = GradReducer(net, OneRank(), bucket_mb=2000 * 4 / 2**20)  # fc2 + fc1/b | fc1/w | conv1
+    assert isinstance(reducer.transport, NcclTransport) and len(reducer.buckets) >= 2
+    comm = reducer.transport.stream.ptr
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 12, 12, 8)).astype(np.float32)
+    y = rng.integers(0, 4, 8).astype(np.int32)
+    net.forward(net.device.asarray(x), net.device.asarray(y, np.int32), train=True, step=0)
+    fake.recording = True
+    net.backward(on_grads=reducer.on_grads)
+    reducer.finish()
+    fake.recording = False
+    log = fake.log
+    assert not [e for e in log if e[0] in ("get", "stream synchronize", "device synchronize")]
+    reduces = [i for i, e in enumerate(log) if e[0] == "nccl allReduce"]
+    assert len(reduces) == len(reducer.buckets) and all(log[i][3] == comm for i in reduces)
+    assert all(log[i][2] == comm for i in reduces)  # issued with the comm stream current
+    # before each allReduce: the comm stream waited for an event recorded on the compute stream (the null stream)
+    for i in reduces:
+        waits = [j for j in range(i) if log[j][0] == "wait" and log[j][2] == comm]
+        rec = [j for j in range(i) if log[j][0] == "record" and log[j][3] == log[waits[-1]][3]]
+        assert rec and log[rec[-1]][2] == 0
+    # each gradient is copied into its bucket and back out on the comm stream
+    assert len([e for e in log if e[0] == "setitem" and e[2] == comm]) == 2 * len(list(net.param_items()))
+    # finish: the compute stream waits for every bucket's last event
+    tail = [e for e in log[reduces[-1]:] if e[0] == "wait"]
+    assert len([e for e in tail if e[2] == 0]) >= 1
+    assert len([e for e in log if e[0] == "wait" and e[2] == 0]) >= len(reducer.buckets)
+    ref.forward(x, y, train=True, step=0)
+    ref.backward()
+    for (k, l, p), (_, lr, _) in zip(net.param_items(), ref.param_items()):
+        np.testing.assert_array_equal(l.device.to_numpy(l.grads[p]), lr.grads[p], err_msg=k)
+
+
+# --- under mpirun -----------------------------------------------------------------------------------------------------
+@needs_mpi
+@pytest.mark.parametrize("device", ["numpy", "emu"])
+def test_two_ranks_of_half_the_batch_train_as_one_process_within_float32_rounding(tmp_path, device):
+    steps = 6
+    rc, out, err = run_ranks(2, [__file__, "steps", device, steps, 16, 1e-9, tmp_path / "dist.npz"])
+    assert rc == 0, err
+    got = np.load(tmp_path / "dist.npz")
+    losses, params, _ = train_steps(device, steps, 16)
+    assert len(got["losses"]) == steps
+    np.testing.assert_allclose(got["losses"], losses, rtol=2e-6)
+    for k, v in params.items():
+        np.testing.assert_allclose(got[f"param/{k}"], v, rtol=1e-5, atol=1e-7, err_msg=k)
+    # the training moved the parameters far more than the tolerance: the comparison can fail
+    init, _ = build_net(TINY, "tiny.cfg", device="numpy", seed=0)
+    moved = max(np.abs(v - init.state_dict()[k]).max() for k, v in params.items())
+    assert moved > 1e-3
+    # every bucket (one parameter each) was reduced once per step, overlapping the backward
+    stats = json.loads(str(got["stats"]))
+    assert stats["steps"] == steps and stats["buckets"] == 6 * steps
+
+
+@needs_mpi
+def test_one_rank_under_mpirun_is_bit_identical_to_one_process(tmp_path):
+    rc, out, err = run_ranks(1, [__file__, "steps", "numpy", 4, 16, 25.0, tmp_path / "one.npz"])
+    assert rc == 0, err
+    got = np.load(tmp_path / "one.npz")
+    losses, params, _ = train_steps("numpy", 4, 16)
+    np.testing.assert_array_equal(got["losses"], losses)
+    for k, v in params.items():
+        np.testing.assert_array_equal(got[f"param/{k}"], v, err_msg=k)
+
+
+@needs_mpi
+def test_the_command_with_two_ranks_trains_resumes_and_checkpoints_on_rank_0(tmp_path):
+    """``mpirun -n 2 python -m convnet.train --distributed`` against the same command in one process: the epochs'
+    train and test losses within float32 rounding, the errors exactly, the checkpoint's parameters within rounding;
+    rank 0 alone writes and logs; a stop after 3 steps resumed with ONE process continues the same run."""
+    model = tmp_path / "tiny.cfg"
+    model.write_text(TINY)
+    common = ["--model", model, "--device", "numpy", "--synthetic-train", 96, "--synthetic-test", 24, "--no-progress",
+              "--no-plots", "--seed", 2]
+    from convnet import train
+    assert train.main([*map(str, common), "--out", str(tmp_path / "one")]) == 0
+    rc, out, err = run_ranks(2, ["-m", "convnet.train", "--distributed", *common, "--out", tmp_path / "two"])
+    assert rc == 0, err
+    assert out.count("data-parallel over 2 rank(s)") == 1 and out.count("epoch 2:") == 1  # rank 0 alone logs
+    one = [json.loads(line) for line in open(tmp_path / "one" / "log.jsonl")]
+    two = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")]
+    assert len(one) == len(two) == 2 and two[0]["ranks"] == 2
+    for a, b in zip(one, two):
+        assert a["train_error"] == b["train_error"] and a["test_error"] == b["test_error"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
+    p1, p2 = np.load(tmp_path / "one" / "checkpoint.npz"), np.load(tmp_path / "two" / "checkpoint.npz")
+    for k in p1.files:
+        if k.startswith(("param/", "velocity/")):
+            np.testing.assert_allclose(p2[k], p1[k], rtol=1e-4, atol=1e-7, err_msg=k)
+    # stop after 3 steps with two ranks, continue with one: the same run as the uninterrupted one
+    rc, out, err = run_ranks(2, ["-m", "convnet.train", "--distributed", *common, "--out", tmp_path / "three",
+                                 "--max-steps", 3])
+    assert rc == 0, err
+    assert "continue with --resume" in out
+    assert train.main(["--resume", str(tmp_path / "three"), "--no-progress", "--no-plots"]) == 0
+    p3 = np.load(tmp_path / "three" / "checkpoint.npz")
+    for k in p1.files:
+        if k.startswith("param/"):
+            np.testing.assert_allclose(p3[k], p1[k], rtol=1e-4, atol=1e-7, err_msg=k)
+
+
+@needs_mpi
+@pytest.mark.parametrize("case, message", [
+    (["--batch-size", "15"], "--batch-size 15 does not split into 2 equal shards"),
+    (["--device", "cuda"], "has no GPU"),
+])
+def test_bad_setups_fail_fast_with_a_message(tmp_path, case, message):
+    model = tmp_path / "tiny.cfg"
+    model.write_text(TINY)
+    t0 = time.monotonic()
+    rc, out, err = run_ranks(2, ["-m", "convnet.train", "--distributed", "--model", model, "--device", "numpy",
+                                 "--no-progress", "--no-plots", "--out", tmp_path / "r", *case], timeout=120)
+    assert rc != 0 and message in err, (rc, out, err)
+    assert time.monotonic() - t0 < 100
+
+
+@needs_mpi
+def test_diverged_parameters_are_an_error_on_every_rank(tmp_path):
+    rc, out, err = run_ranks(2, [__file__, "diverge"], timeout=120)
+    assert rc != 0
+    assert "the ranks' parameters diverged in the test: 'fc1/w' differs on rank(s) 1 from rank 0" in out + err
+
+
+@needs_mpi
+def test_a_rank_that_leaves_does_not_hang_the_others(tmp_path):
+    t0 = time.monotonic()
+    rc, out, err = run_ranks(2, [__file__, "leave"], timeout=120, env={"CONVNET_DIST_TIMEOUT": "10"})
+    assert rc != 0
+    assert time.monotonic() - t0 < 100
+
+
+@needs_mpi
+def test_the_nccl_path_with_two_ranks_averages_the_gradients_of_the_whole_batch(tmp_path):
+    """Two ranks, each on its own fake GPU (cuda:<local rank>), the NCCL transport (its allReduce on the fake through
+    MPI): each rank's averaged gradients equal the gradients of the whole batch in one process (emu, whose kernels
+    the fake runs) within float32 rounding, and are bit-identical on the two ranks."""
+    rc, out, err = run_ranks(2, [__file__, "nccl", tmp_path], timeout=180)
+    assert rc == 0, err
+    g = [np.load(tmp_path / f"nccl{r}.npz") for r in range(2)]
+    assert g[0]["device"] == "cuda:0" and g[1]["device"] == "cuda:1"
+    ref, _ = build_net(TINY, "tiny.cfg", device="emu", seed=0)
+    x, y = _nccl_batch()
+    ref.forward(x, y, train=True, step=0)
+    ref.backward()
+    for k, l, p in ref.param_items():
+        np.testing.assert_array_equal(g[0][k], g[1][k], err_msg=k)
+        np.testing.assert_allclose(g[0][k], l.grads[p], rtol=1e-5, atol=1e-8, err_msg=k)
+
+
+def _nccl_batch():
+    rng = np.random.default_rng(1)
+    return rng.standard_normal((3, 12, 12, 8)).astype(np.float32), rng.integers(0, 4, 8).astype(np.int32)
+
+
+# --- the programs the ranks run -------------------------------------------------------------------------------------
+def _worker_steps(device, steps, batch, bucket_mb, out):
+    world = World()
+    losses, params, stats = train_steps(device, int(steps), int(batch), world, float(bucket_mb))
+    if world.rank == 0:
+        np.savez(out, losses=np.array(losses), stats=json.dumps(stats),
+                 **{f"param/{k}": v for k, v in params.items()})
+
+
+def _worker_diverge():
+    from convnet.distributed import DistributedError
+    world = World(timeout_s=60)
+    net, _ = build_net(TINY, "tiny.cfg", device="numpy", seed=0)
+    world.check_same(*param_checksums(net), "at the start")
+    if world.rank == 1:
+        net.layers["fc1"].params["w"][3, 4] = np.nextafter(net.layers["fc1"].params["w"][3, 4], np.float32(1))
+    try:
+        world.check_same(*param_checksums(net), "in the test")
+    except DistributedError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def _worker_leave():
+    world = World()
+    if world.rank == 1:
+        sys.exit(3)  # leaves without a word; rank 0 must not wait for it forever
+    world.sum(np.zeros(1), "a sum rank 1 never joins")
+
+
+def _worker_nccl(out):
+    from convnet.devices import backend_cuda, get_device
+    from convnet.distributed import NcclTransport, rank_device
+    mp = pytest.MonkeyPatch()
+    fake = FakeCupy(devices=2).install(mp)
+    FakeNccl().install(fake)
+    mp.setattr(backend_cuda.CudaBackend, "availability", lambda self, index: (True, "a fake GPU"))
+    world = World()
+    dev = rank_device("cuda", world, get_device)
+    net, _ = build_net(TINY, "tiny.cfg", device=dev, seed=0)
+    reducer = GradReducer(net, world, bucket_mb=1e-9)
+    assert isinstance(reducer.transport, NcclTransport)
+    x, y = _nccl_batch()
+    part = slice(4 * world.rank, 4 * world.rank + 4)
+    with dev.activate():
+        xd, yd = dev.asarray(np.ascontiguousarray(x[..., part])), dev.asarray(y[part], np.int32)
+    net.forward(xd, yd, train=True, step=0)
+    net.backward(on_grads=reducer.on_grads)
+    reducer.finish()
+    np.savez(Path(out) / f"nccl{world.rank}.npz", device=str(dev),
+             **{k: l.device.to_numpy(l.grads[p]) for k, l, p in net.param_items()})
+
+
+if __name__ == "__main__":
+    workers = {"steps": _worker_steps, "diverge": _worker_diverge, "leave": _worker_leave, "nccl": _worker_nccl}
+    workers[sys.argv[1]](*sys.argv[2:])
