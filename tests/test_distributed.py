@@ -480,3 +480,43 @@ def _worker_nccl(out):
 if __name__ == "__main__":
     workers = {"steps": _worker_steps, "diverge": _worker_diverge, "leave": _worker_leave, "nccl": _worker_nccl}
     workers[sys.argv[1]](*sys.argv[2:])
+
+
+def test_each_bucket_is_updated_right_after_its_own_reduction():
+    """finish(opt.step): the optimizer is called once per bucket, in bucket order, with that bucket's parameters,
+    right after the bucket's reduction completes (not after all of them); together they update every parameter
+    once, to the same values as one opt.step() after finish()."""
+    from convnet.distributed import HostTransport
+
+    class Recording(HostTransport):
+        def finish(self, b):
+            order.append(("reduced", b.index))
+            super().finish(b)
+
+    order = []
+    nets = [build_net(TINY, "tiny.cfg", device="numpy", seed=0)[0] for _ in range(2)]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 12, 12, 8)).astype(np.float32)
+    y = rng.integers(0, 4, 8).astype(np.int32)
+    for i, net in enumerate(nets):
+        world = OneRank()
+        world.MPI = None  # one rank: the host transport makes no MPI call
+        transport = (Recording if i == 0 else HostTransport)(world)
+        reducer = GradReducer(net, world, bucket_mb=2000 * 4 / 2**20, transport=transport)
+        opt = SGD(net, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        net.forward(x, y, train=True, step=0)
+        net.backward(on_grads=reducer.on_grads)
+        if i == 0:
+            def step(items, opt=opt):
+                order.append(("updated", [k for k, _, _ in items]))
+                opt.step(items)
+            reducer.finish(step)
+        else:
+            reducer.finish()
+            opt.step()
+    buckets = reducer.buckets  # the second net's: the same cut
+    assert len(buckets) >= 2
+    assert order == [e for b in buckets for e in (("reduced", b.index), ("updated", [k for k, *_ in b.entries]))]
+    assert sorted(k for e in order if e[0] == "updated" for k in e[1]) == sorted(k for k, _, _ in nets[0].param_items())
+    for (k, l, p), (_, l2, _) in zip(nets[0].param_items(), nets[1].param_items()):
+        np.testing.assert_array_equal(l.params[p], l2.params[p], err_msg=k)

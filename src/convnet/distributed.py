@@ -228,7 +228,8 @@ def make_buckets(net, bucket_bytes):
 
 class GradReducer:
     """Averages ``net``'s gradients over the ranks of ``world`` after each backward, bucket by bucket as the backward
-    completes them. Use: ``net.backward(on_grads=reducer.on_grads); reducer.finish(); opt.step()``.
+    completes them. Use: ``net.backward(on_grads=reducer.on_grads); reducer.finish(opt.step)`` (each bucket updated
+    as soon as its own reduction is done), or ``reducer.finish(); opt.step()``.
 
     ``transport``: None picks :class:`NcclTransport` for cuda nets, :class:`HostTransport` otherwise. ``stats``
     (reset by :meth:`reset_stats`): steps, buckets reduced, seconds the host spent in :meth:`finish` (waiting for
@@ -282,9 +283,11 @@ class GradReducer:
             if b.t_done is None and self.transport.test(b):
                 b.t_done = time.perf_counter()
 
-    def finish(self):
+    def finish(self, step=None):
         """After ``net.backward``: every bucket's reduction completes (host transport) or is waited for by the
-        current stream (NCCL: no host wait), and its averaged gradients are back in ``layer.grads``."""
+        current stream (NCCL: no host wait), and its averaged gradients are back in ``layer.grads``. ``step``: the
+        optimizer's ``step(items)``, called for each bucket right after its own reduction (the update of one bucket
+        waits for that bucket only, while later ones may still be in flight)."""
         if not getattr(self, "_started", False):
             raise RuntimeError("GradReducer.finish() without a backward(on_grads=reducer.on_grads) before it")
         missing = [b for b in self.buckets if b.state is None]
@@ -295,6 +298,8 @@ class GradReducer:
             self.transport.finish(b)
             if b.t_done is None:
                 b.t_done = time.perf_counter()
+            if step is not None:
+                step([(key, layer, p) for key, layer, p, _, _ in b.entries])
         t1 = time.perf_counter()
         s = self.stats
         s["steps"] += 1

@@ -27,8 +27,10 @@ class SGD:
         for key, layer, p in net.param_items():
             self.velocity[key] = layer.device.zeros(layer.params[p].shape, net.dtype)
 
-    def step(self):
-        for key, layer, p in self.net.param_items():
+    def step(self, items=None):
+        """Update every parameter, or only ``items`` ([(key, layer, pname)] as ``net.param_items()`` lists them: a
+        data-parallel run updates each bucket as soon as its gradients are averaged)."""
+        for key, layer, p in self.net.param_items() if items is None else items:
             lr = self.lr * layer.lr_mult.get(p, 1.0)
             wd = self.weight_decay * layer.wd_mult.get(p, 0.0)
             with self.net.on_placement(layer):  # on the parameter's device, on its tower's stream

@@ -1,7 +1,7 @@
 """Train a convnet: ``python -m convnet.train [--model fmnist] [--dataset fashion-mnist] ...``.
 
 With no arguments: the ``fmnist`` model on Fashion-MNIST on the best device present (cuda if a GPU works,
-else numpy), writing into ``runs/fmnist``. See docs/training.md.
+else cpu, the fast CPU path), writing into ``runs/fmnist``. See docs/training.md.
 
 Precedence of settings: built-in defaults < the model file's [train] section < command-line flags. On
 ``--resume`` the checkpoint's settings replace the first two (flags still override, e.g. ``--epochs``).

@@ -501,7 +501,8 @@ class Trainer:
         lr = self.opt.lr = self.lr_now()
         sums = _DeviceSums(xp, self.batch)
         stop = None
-        with Progress(cfg.progress and self.rank == 0, total=nb, initial=self.batch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}") as bar, \
+        with Progress(cfg.progress and self.rank == 0, total=nb, initial=self.batch,
+                      desc=f"epoch {self.epoch + 1}/{cfg.epochs}") as bar, \
                 contextlib.closing(self.train_loader.epoch(self.epoch, self.batch)) as batches:
             # closing(): the loader's generator is closed here, in the normal flow, so a second Ctrl-C while it
             # joins its thread propagates (a generator closed by the garbage collector would swallow it)
@@ -511,10 +512,10 @@ class Trainer:
                 probs = net.forward(x, y, train=True, step=self.step)
                 if self.reducer is None:
                     net.backward()
-                else:  # each bucket's reduction starts when its layers' backward is done
+                    self.opt.step()
+                else:  # each bucket's reduction starts when its layers' backward is done, its update when it is
                     net.backward(on_grads=self.reducer.on_grads)
-                    self.reducer.finish()
-                self.opt.step()
+                    self.reducer.finish(self.opt.step)
                 sums.add(xp, net.loss, probs, y)
                 self.batch += 1
                 self.step += 1
