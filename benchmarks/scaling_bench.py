@@ -8,13 +8,13 @@ gradient reductions and how much of it the backward hides.
 Weak scaling, as data-parallel training runs: every rank takes ``--batch`` images per step (the global batch grows
 with the ranks), on a fixed random batch already on its device (the loader is not timed). A step is the trainer's:
 forward, backward with the reducer's hook (:class:`convnet.distributed.GradReducer`: buckets reduced as their layers'
-backward completes), the reducer's finish, the SGD update. ``--warmup`` steps, then ``--steps`` timed between two
-synchronisations (on a GPU: ``device.synchronize()``; the host devices are synchronous).
+backward completes), then each bucket's SGD update as soon as its reduction is done (``backward_and_step``).
+``--warmup`` steps, then ``--steps`` timed between two synchronisations (on a GPU: ``device.synchronize()``; the host devices are synchronous).
 
 Reported per rank count (rank 0's numbers; the ranks run in lock step):
 * images/s = ranks x batch x steps / time; efficiency = images/s / (ranks x images/s of 1 rank);
 * reduce ms/step: on the host transport the wall time during which a bucket's reduction was in flight
-  (reduce-scatter + all-gather, MPI); exposed ms/step: the time the host waited in ``finish()`` after the backward,
+  (reduce-scatter + all-gather, MPI); exposed ms/step: the time the host waited for reductions after the backward,
   i.e. the part of the reductions the backward did not hide; overlap = 1 - exposed / reduce. On cuda the host does
   not see the reductions (they run on the NCCL stream): ``--baseline`` adds a run without any reducer, and the
   reducer's cost is the step-time difference.
@@ -41,7 +41,7 @@ from pathlib import Path
 def worker(args):
     import numpy as np
     from convnet.devices import blas_threads, get_device
-    from convnet.distributed import GradReducer, World, rank_device
+    from convnet.distributed import GradReducer, World, backward_and_step, rank_device
     from convnet.model_file import load_model
     from convnet.optim import SGD
 
@@ -58,12 +58,7 @@ def worker(args):
 
     def step(i):
         net.forward(x, y, train=True, step=i)
-        if reducer is None:
-            net.backward()
-        else:
-            net.backward(on_grads=reducer.on_grads)
-            reducer.finish()
-        opt.step()
+        backward_and_step(net, opt, reducer)
 
     with blas_threads(args.threads):
         for i in range(args.warmup):

@@ -41,7 +41,7 @@ from helpers import FakeCupy, FakeNccl, subprocess_env  # noqa: E402
 
 from convnet.data import Loader  # noqa: E402
 from convnet.data.synthetic import synthetic  # noqa: E402
-from convnet.distributed import GradReducer, World, make_buckets, param_checksums  # noqa: E402
+from convnet.distributed import GradReducer, World, backward_and_step, make_buckets, param_checksums  # noqa: E402
 from convnet.model_file import build_net  # noqa: E402
 from convnet.optim import SGD  # noqa: E402
 
@@ -160,12 +160,7 @@ def train_steps(device, steps, batch, world=None, bucket_mb=25.0, check=True):
     for epoch in range(10):
         for x, y in loader.epoch(epoch):
             net.forward(x, y, train=True, step=step)
-            if reducer is None:
-                net.backward()
-            else:
-                net.backward(on_grads=reducer.on_grads)
-                reducer.finish()
-            opt.step()
+            backward_and_step(net, opt, reducer)
             loss = float(dev.to_numpy(net.loss))
             if world is not None:
                 loss = float(world.sum(np.array([loss]), "the loss")[0])
@@ -417,6 +412,22 @@ def test_the_nccl_path_with_two_ranks_averages_the_gradients_of_the_whole_batch(
     for k, l, p in ref.param_items():
         np.testing.assert_array_equal(g[0][k], g[1][k], err_msg=k)
         np.testing.assert_allclose(g[0][k], l.grads[p], rtol=1e-5, atol=1e-8, err_msg=k)
+
+
+@needs_mpi
+def test_scaling_bench_runs_one_and_two_ranks(tmp_path):
+    """benchmarks/scaling_bench.py (the issue's measurement) on numpy with 1 and 2 ranks: a row per rank count with
+    its images/s and, for 2 ranks, the reductions' time; written to --out."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling_bench.py"
+    out = tmp_path / "scaling.md"
+    done = subprocess.run([sys.executable, str(bench), "--device", "numpy", "--ranks", "1,2", "--steps", "2",
+                           "--warmup", "1", "--out", str(out)], capture_output=True, text=True, timeout=240,
+                          env=subprocess_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = json.loads(out.read_text().split("```json\n", 1)[1].rsplit("```", 1)[0])
+    assert [r["ranks"] for r in runs] == [1, 2]
+    assert all(r["images_per_s"] > 0 and r["reducer"] == "HostTransport" for r in runs)
+    assert runs[1]["reduce_ms"] > 0 and runs[1]["grad_bytes"] == runs[0]["grad_bytes"] > 0
 
 
 def _nccl_batch():

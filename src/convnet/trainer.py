@@ -45,7 +45,7 @@ from .config import Config, ConfigError, parse_lr_steps
 from .data import DataError, Loader, PreparedDataset, PreparedLoader, load_dataset
 from .data.workers import default_workers
 from .devices import get_device
-from .distributed import GradReducer, param_checksums, rank_device
+from .distributed import GradReducer, backward_and_step, param_checksums, rank_device
 from .model_file import build_net
 from .optim import SGD, Schedule
 
@@ -510,12 +510,7 @@ class Trainer:
                 if per_step:
                     lr = self.opt.lr = self.lr_now()
                 probs = net.forward(x, y, train=True, step=self.step)
-                if self.reducer is None:
-                    net.backward()
-                    self.opt.step()
-                else:  # each bucket's reduction starts when its layers' backward is done, its update when it is
-                    net.backward(on_grads=self.reducer.on_grads)
-                    self.reducer.finish(self.opt.step)
+                backward_and_step(net, self.opt, self.reducer)
                 sums.add(xp, net.loss, probs, y)
                 self.batch += 1
                 self.step += 1

@@ -31,13 +31,8 @@ def sgd_update(device, w, g, v, *, lr, momentum, weight_decay, stream=None):
     check_same_dtype(w=w, g=g, v=v)
     lr, momentum, weight_decay = scalar("lr", lr), scalar("momentum", momentum), scalar("weight_decay", weight_decay)
 
-    def kernel(w_, v_):  # the reference's statements; produce submits them to the op's stream
-        dt = w_.dtype.type
-        v_ *= dt(momentum)
-        if weight_decay != 0.0:
-            v_ -= dt(weight_decay * lr) * w_
-        v_ -= dt(lr) * g
-        w_ += v_
+    def kernel(w_, v_):  # the reference's statements on the device's arrays; produce submits them to the op's stream
+        ref.sgd_update(w_, g, v_, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     # w and v are outputs given by the caller (updated in place); each must be disjoint from g and from the other
     return produce(dev, (Output("w", w, w.shape, w.dtype), Output("v", v, v.shape, v.dtype)), inputs=dict(g=g),

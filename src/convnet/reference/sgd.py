@@ -4,7 +4,8 @@
     w <- w + v
 
 computed as four NumPy statements, each rounded to the parameter's dtype (float32 or float64), the coefficients
-rounded to it first: the arithmetic convnet.optim.SGD has always done, so a run's results are unchanged.
+rounded to it first: the arithmetic convnet.optim.SGD has always done, so a run's results are unchanged. Only
+in-place operators: the kernel devices run these very statements on their own arrays (CuPy on cuda).
 """
 from __future__ import annotations
 
