@@ -1,8 +1,9 @@
 """The fast CPU path (the ``cpu`` device, float32): for each reference module ``convnet.reference.<family>`` that a
 training step spends time in, a module ``convnet.cpu.<family>`` with the same functions and the same results,
 written for speed. The GEMMs are NumPy's (BLAS, writing straight into their output); the memory-bound loops between
-them -- im2col/col2im, max pooling, ReLU -- are compiled host code, ``convnet._cpu`` (csrc/cpu/host_kernels.cpp: one
-pass over memory each, OpenMP across channels, the GIL released). In NumPy those loops cost as much as the GEMMs.
+them -- im2col/col2im, max pooling, ReLU, dropout, the bias add and sum, the SGD update -- are compiled host code,
+``convnet._cpu`` (csrc/cpu/host_kernels.cpp: one pass over memory each, OpenMP across channels, the GIL released).
+In NumPy those loops cost as much as the GEMMs.
 
 Functions not rewritten are the reference's own (each module re-exports them; a family without a module here runs
 the reference: ``devices/backend_cpu.py``). The tests run every op on ``cpu`` against the reference on random data,

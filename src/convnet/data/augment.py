@@ -136,8 +136,9 @@ def crop_flip_batch(img, out_hw, rng=None, *, pad=0, flip=False, part=None):
     (None: evaluation - centre crops, no padding, no flips). Draw order: row offsets (n), column offsets (n) if
     the image is larger than ``out_hw``; then the zero-pad shifts in [-pad, pad] (rows, columns) if ``pad``; then
     n flips if ``flip``. ``part=(first, total)``: ``img`` is images ``first..first+N-1`` of a batch of ``total``
-    (a data-parallel rank's shard): the draws are the whole batch's (n = ``total``), and these images get theirs. Returns ``(out, geom, valid)``: ``out`` the cropped batch (``img`` itself when nothing
-    changes, then ``geom`` is None), ``geom`` the (rows (N, oh), cols (N, ow)) image indices of every output pixel
+    (a data-parallel rank's shard): the draws are the whole batch's (n = ``total``), and these images get theirs.
+    Returns ``(out, geom, valid)``: ``out`` the cropped batch (``img`` itself when nothing changes, then ``geom`` is
+    None), ``geom`` the (rows (N, oh), cols (N, ow)) image indices of every output pixel
     (to apply the same transform to the mean image), ``valid`` the (N, oh, ow) mask of pixels inside the image
     (None without padding; outside pixels are 0)."""
     n, h, w, c = img.shape

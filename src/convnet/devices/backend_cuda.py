@@ -54,6 +54,21 @@ def cupy():
         raise DeviceUnavailable(f"CuPy is not installed ({exc}); `pip install .[cuda]`") from None
 
 
+def record_event(cp, index, stream):
+    """An event recorded on ``stream`` of GPU ``index`` (None: that GPU's current stream); ``cp`` is the cupy
+    module (a fake in tests). An event is recorded with its stream's GPU current."""
+    with cp.cuda.Device(index):
+        event = cp.cuda.Event(block=False, disable_timing=True)
+        event.record(stream if stream is not None else cp.cuda.get_current_stream())
+    return event
+
+
+def wait_event(cp, index, stream, event):
+    """Work issued from now on on ``stream`` of GPU ``index`` (None: its current stream) waits for ``event``."""
+    with cp.cuda.Device(index):  # stream handle 0 is the current device's null stream
+        (stream if stream is not None else cp.cuda.get_current_stream()).wait_event(event)
+
+
 PEER_ACCESS_ALREADY_ENABLED = 704  # cudaErrorPeerAccessAlreadyEnabled (CuPy may have enabled the pair itself)
 
 
@@ -109,17 +124,9 @@ class GpuCopier:
             return cp.cuda.get_current_stream()
 
     @staticmethod
-    def _record(cp, stream, index):
-        with cp.cuda.Device(index):  # an event is recorded on a stream of its own device
-            event = cp.cuda.Event(block=False, disable_timing=True)
-            event.record(stream)
-        return event
-
-    def _wait(self, cp, first, first_index, then, then_index):
+    def _wait(cp, first, first_index, then, then_index):
         """Stream ``then`` (of GPU then_index) waits, on the GPU, for the work issued so far on ``first``."""
-        event = self._record(cp, first, first_index)
-        with cp.cuda.Device(then_index):  # stream handle 0 is the current device's null stream
-            then.wait_event(event)
+        wait_event(cp, then_index, then, record_event(cp, first_index, first))
 
     def copy(self, a, src: int, dst: int, out, stream=None, src_stream=None):
         cp = self._cp()
@@ -136,7 +143,7 @@ class GpuCopier:
             self._wait(cp, s_src, src, s_dst, dst)
             with cp.cuda.Device(dst):
                 rt.memcpyAsync(out.data.ptr, host.ptr, n, rt.memcpyHostToDevice, s_dst.ptr)
-            self._pending.append((self._record(cp, s_dst, dst), host))
+            self._pending.append((record_event(cp, dst, s_dst), host))
             return out
         one_stream = src == dst and s_src.ptr == s_dst.ptr
         if not one_stream:
@@ -260,18 +267,11 @@ class CudaBackend(Backend):
             return cp.cuda.Stream(non_blocking=False)
 
     def record_event(self, index, stream):
-        cp = cupy()
-        with cp.cuda.Device(index):  # an event is recorded on a stream of its own device
-            event = cp.cuda.Event(block=False, disable_timing=True)
-            event.record(stream if stream is not None else cp.cuda.get_current_stream())
-        return event
+        return record_event(cupy(), index, stream)
 
     def wait_event(self, index, stream, event):
-        if event is None:
-            return
-        cp = cupy()
-        with cp.cuda.Device(index):
-            (stream if stream is not None else cp.cuda.get_current_stream()).wait_event(event)
+        if event is not None:
+            wait_event(cupy(), index, stream, event)
 
     @functools.cached_property
     def copier(self) -> GpuCopier:
