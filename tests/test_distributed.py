@@ -4,7 +4,8 @@ The ranks run under ``mpirun`` (mpi4py and the MPI library of the ``mpi`` extra)
 kills the whole job when it runs out, so a rank that waits forever fails the test. This file is also the program
 the ranks run (``python tests/test_distributed.py WORKER ...``, see the bottom).
 
-What is compared, and how exactly (the numpy and emu devices, a net without dropout, see below):
+What is compared, and how exactly (the numpy and emu devices, a net with a dropout layer after a pooling layer and
+one after a fully-connected layer):
 
 * the shards: the union of the ranks' shards of a batch is bit-identical to the single-process batch (images and
   labels, with random crops and flips);
@@ -15,9 +16,10 @@ What is compared, and how exactly (the numpy and emu devices, a net without drop
   halves are added, where one process sums all B in one pass (another order of the same float32 additions);
 * the ranks' parameters are bit-identical to each other after every step (a checksum, compared every step).
 
-Dropout: a rank draws its masks over its own B/2 images, so a net with dropout trains with other (equally random)
-masks than one process does; the equivalence nets have no dropout (dropout masks are keyed on the element index in
-the batch; see docs/training.md).
+Dropout: masks are keyed on the element index in the *global* batch; a rank's forward says where its shard lies
+(``net.forward(..., batch=(B, first))``), so its dropout layers draw exactly its images' part of the single-process
+masks and the ranks train with the same masks as one process (checked here without MPI too: the shards' forwards
+give the whole batch's outputs, and a split dropout layer's shard draws its part of the whole layer's mask).
 """
 from __future__ import annotations
 
@@ -66,15 +68,25 @@ pool = max
 size = 2
 stride = 2
 
+[drop1]
+type = dropout
+inputs = pool1
+keep = 0.75
+
 [fc1]
 type = fc
-inputs = pool1
+inputs = drop1
 outputs = 16
 neuron = relu
 
+[drop2]
+type = dropout
+inputs = fc1
+keep = 0.5
+
 [fc2]
 type = fc
-inputs = fc1
+inputs = drop2
 outputs = 4
 
 [probs]
@@ -157,9 +169,10 @@ def train_steps(device, steps, batch, world=None, bucket_mb=25.0, check=True):
     opt = SGD(net, lr=0.01, momentum=0.9, weight_decay=5e-4)
     reducer = GradReducer(net, world, bucket_mb=bucket_mb) if world is not None else None
     losses, step = [], 0
+    shard_of = (batch, loader.shard_part()[0]) if world is not None else None  # where the rank's images lie
     for epoch in range(10):
         for x, y in loader.epoch(epoch):
-            net.forward(x, y, train=True, step=step)
+            net.forward(x, y, train=True, step=step, batch=shard_of)
             backward_and_step(net, opt, reducer)
             loss = float(dev.to_numpy(net.loss))
             if world is not None:
@@ -224,6 +237,77 @@ def test_distributed_without_mpi4py_says_how_to_install_it(monkeypatch, tmp_path
     assert status == 2
     with pytest.raises(Exception, match=r"--distributed needs mpi4py .*pip install 'convnet\[mpi\]'"):
         train.run(["--distributed", "--device", "numpy", "--out", str(tmp_path / "r")])
+
+
+@pytest.mark.parametrize("device", ["numpy", "emu"])
+def test_the_shards_forwards_draw_the_whole_batchs_dropout_masks(device):
+    """A batch of 16 cut into shards of 5, 6 and 5 images, each forwarded with ``batch=(16, first)``: the outputs are
+    the whole batch's (same parameters, seed and step), so the shards drew their part of each dropout layer's mask
+    (after pool1 and after fc1); without ``batch`` each shard draws other masks and the outputs differ."""
+    net, _ = build_net(TINY, "tiny.cfg", device=device, seed=0)
+    net.load_state_dict({k: v * 30 for k, v in net.state_dict().items()})  # outputs far from uniform: masks show
+    dev = net.device
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 12, 12, 16)).astype(np.float32)
+    whole = dev.to_numpy(net.forward(dev.asarray(x), train=True, step=3))
+    edges = [0, 5, 11, 16]
+    parts = [dev.asarray(np.ascontiguousarray(x[..., a:b])) for a, b in zip(edges[:-1], edges[1:])]
+    shards = [dev.to_numpy(net.forward(p, train=True, step=3, batch=(16, a))) for p, a in zip(parts, edges)]
+    np.testing.assert_allclose(np.concatenate(shards, axis=-1), whole, rtol=1e-5, atol=1e-7)
+    alone = [dev.to_numpy(net.forward(p, train=True, step=3)) for p in parts]
+    assert np.abs(np.concatenate(alone, axis=-1) - whole).max() > 1e-2  # the control: the masks do matter
+    with pytest.raises(ValueError, match=r"batch = \(B, first\) = \(16, 12\) must hold the input's 5 images"):
+        net.forward(parts[0], train=True, step=3, batch=(16, 12))
+
+
+SPLIT_DROP = """
+[data]
+type = data
+channels = 5
+size = 3
+
+[fc]
+type = fc
+inputs = data
+outputs = 7
+
+[dropb]
+type = dropout
+inputs = data
+maskOf = drop
+maskStart = 2
+
+[dropf]
+type = dropout
+inputs = fc
+maskOf = dropfc
+maskStart = 4
+
+[out]
+type = fc
+inputs = dropb, dropf
+outputs = 2
+
+[probs]
+type = softmax
+inputs = out
+"""
+
+
+@pytest.mark.parametrize("layer, units, pixels", [("dropb", 5, 9), ("dropf", 7, 1)])
+def test_a_shard_of_a_split_dropout_layer_draws_its_part_of_the_whole_layers_mask(layer, units, pixels):
+    """maskOf/maskStart with a shard: units [start, start + units) of the stream's layer, images [first, first + n)
+    of the global batch: exactly that block of the whole layer's mask (conv-side (C, H, W, N) and fc-side (F, N))."""
+    from convnet import ops
+    net, _ = build_net(SPLIT_DROP, "split.cfg", device="emu", seed=0)
+    lay = net.layers[layer]
+    start, B, first, n = lay.mask_start, 11, 6, 4
+    assert lay.out_shape[0] == units
+    x = np.ones((*lay.out_shape, n), np.float32)
+    y = net.device.to_numpy(lay.forward(net.device.asarray(x), {"train": True, "seed": 77, "batch": (B, first)}))
+    whole = ops.dropout_mask("numpy", (start + units, pixels, B), lay.keep, 77)  # the whole layer's mask, from unit 0
+    want = whole[start:, :, first:first + n].reshape(x.shape)
+    np.testing.assert_array_equal(y != 0, want)
 
 
 class OneRank:
@@ -481,7 +565,7 @@ def _worker_nccl(out):
     part = slice(4 * world.rank, 4 * world.rank + 4)
     with dev.activate():
         xd, yd = dev.asarray(np.ascontiguousarray(x[..., part])), dev.asarray(y[part], np.int32)
-    net.forward(xd, yd, train=True, step=0)
+    net.forward(xd, yd, train=True, step=0, batch=(8, 4 * world.rank))
     net.backward(on_grads=reducer.on_grads)
     reducer.finish()
     np.savez(Path(out) / f"nccl{world.rank}.npz", device=str(dev),

@@ -1,11 +1,14 @@
 """ReLU and dropout: kernels (emu, cuda) against the NumPy reference; dropout masks bit-identical everywhere."""
+import math
+
 import numpy as np
 import pytest
 
 from convnet import ops
 from convnet.devices import Device, DeviceUnavailable
 from convnet.reference import elementwise as ref
-from helpers import NUMPY, SCHEDULES, assert_identical, assert_raises_each, numeric_grad, offset_view, rand, schedule
+from helpers import (EMU, NUMPY, SCHEDULES, assert_identical, assert_raises_each, numeric_grad, offset_view, rand,
+                     schedule)
 
 # Sizes that are not multiples of 4, of a warp or of a block, plus ones spanning several blocks.
 SIZES = [1, 3, 4, 5, 31, 33, 255, 257, 1000, 4099, 70001]
@@ -120,6 +123,66 @@ def test_dropout_start_beyond_32_bits_matches_reference(kernel_device):
                      ref.dropout_mask(999, 0.3, 8, 1, start))
 
 
+def _cuts(rng, B, ranks):
+    """``ranks`` shards [a, b) covering [0, B): equal ones when ranks divides B, else random (some maybe empty)."""
+    if B % ranks == 0:
+        return [(r * B // ranks, (r + 1) * B // ranks) for r in range(ranks)]
+    edges = [0, *sorted(int(v) for v in rng.integers(0, B + 1, ranks - 1)), B]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+# (leading shape, global batch B, ranks): conv-side (C, H, W, N) and fc-side (F, N), B not a multiple of 4 or 32,
+# odd sizes, 3 shards, a single row, and vector-path shapes (B and the shards multiples of 4)
+SHARD_CASES = [((3, 5, 7), 16, 2), ((6, 3, 3), 13, 3), ((37,), 33, 3), ((5, 2, 3), 70, 2), ((2, 3, 4), 128, 2),
+               ((256,), 96, 3), ((), 10, 3), ((1, 1, 1), 9, 2), ((9, 4, 4), 12, 3), ((3, 1, 2), 31, 3)]
+
+
+@pytest.mark.parametrize("lead, B, ranks", SHARD_CASES)
+@pytest.mark.sanitize
+def test_dropout_shards_draw_their_part_of_the_whole_batchs_mask(any_device, lead, B, ranks):
+    """``batch=(B, first)``: a data-parallel rank's images [first, first + n) of a (..., B) tensor draw exactly that
+    part of the whole tensor's mask, so the shards' masks and outputs concatenated along N are the single-process
+    ones bit for bit (forward, backward, the mask; aligned and unaligned arrays, with and without a ``start``), on
+    every device, the reference's shard form included."""
+    dev = any_device
+    rng = np.random.default_rng(B * 7 + ranks)
+    seed, offset = 2**40 + 77, 2**33 + 5
+    unit = math.prod(lead[1:]) * B  # elements per unit (channel or feature) of the whole batch
+    for start, keep in ((0, 0.5), (9 * unit, 0.8), (3, 0.5)):  # from 0, a tower's units (maskStart = 9), odd
+        x = rand(rng, (*lead, B))
+        whole_mask = ops.dropout_mask(NUMPY, x.shape, keep, seed, offset, start)
+        whole_y = ops.dropout_forward(NUMPY, x, keep, seed, offset, start)
+        masks, ys, dxs = [], [], []
+        for a, b in _cuts(rng, B, ranks):
+            part = np.ascontiguousarray(x[..., a:b])
+            masks.append(ops.dropout_mask(dev, part.shape, keep, seed, offset, start, batch=(B, a)))
+            arr = offset_view(dev, part, rng) if b - a > 2 and a % 2 else dev.asarray(part)  # some on the scalar path
+            ys.append(ops.dropout_forward(dev, arr, keep, seed, offset, start, batch=(B, a)))
+            dxs.append(ops.dropout_backward(dev, arr, keep, seed, offset, start=start, batch=(B, a)))
+        cat = lambda arrays: np.concatenate([dev.to_numpy(m) for m in arrays], axis=-1)  # noqa: E731
+        assert_identical("shard masks", cat(masks), whole_mask)
+        assert_identical("shard y", cat(ys), whole_y)
+        assert_identical("shard dx", cat(dxs), whole_y)
+
+
+def test_dropout_whole_batch_is_the_plain_call(kernel_device):
+    """``batch=(N, 0)`` (the whole batch, one process) is the call without it, bit for bit: existing masks stay."""
+    x = rand(np.random.default_rng(2), (6, 5, 5, 12))
+    a = ops.dropout_forward(kernel_device, kernel_device.asarray(x), 0.5, 3, 1, start=40)
+    b = ops.dropout_forward(kernel_device, kernel_device.asarray(x), 0.5, 3, 1, start=40, batch=(12, 0))
+    assert_identical("batch=(N, 0)", b, a)
+    assert_identical("against numpy", a, ref.dropout_forward(x, 0.5, 3, 1, 40))
+
+
+def test_dropout_shard_beyond_32_bits_matches_reference(kernel_device):
+    """Stream indices past 2**32 (a big start, rows * B past 2**32) in the shard form agree with the reference's
+    whole-batch mask on every device: the 64-bit index arithmetic of the row mapping."""
+    start, B = 2**34 + 2, 2**31 + 3
+    mask = ops.dropout_mask(kernel_device, (3, 5), 0.3, 8, 1, start=start, batch=(B, B - 7))
+    want = np.stack([ref.dropout_mask(5, 0.3, 8, 1, start + r * B + B - 7) for r in range(3)])
+    assert_identical("mask", mask, want)
+
+
 @pytest.mark.sanitize
 def test_dropout_unaligned_matches(kernel_device):
     rng = np.random.default_rng(5)
@@ -186,6 +249,44 @@ def test_bad_inputs_raise_clear_errors(kernel_device):
          lambda: ops.dropout_backward(dev, good, 0.5, 1, start=2**64 - 8)),
         (ValueError, r"start \+ the number of elements", lambda: ops.dropout_mask(dev, 9, 0.5, 1, start=2**64 - 9)),
     )
+    shard = dev.asarray(np.ones((3, 4), np.float32))  # 3 rows of 4 images
+    assert_raises_each(
+        (ValueError, r"batch must be a pair \(global_n, first\)", lambda: ops.dropout_forward(dev, shard, 0.5, 1,
+                                                                                                batch=8)),
+        (ValueError, r"batch must be a pair", lambda: ops.dropout_forward(dev, shard, 0.5, 1, batch=(8, 1, 2))),
+        (ValueError, r"batch must be a pair", lambda: ops.dropout_forward(dev, shard, 0.5, 1, batch=(8.0, 0))),
+        (ValueError, r"batch must be a pair", lambda: ops.dropout_backward(dev, shard, 0.5, 1, batch=(True, 0))),
+        (ValueError, r"must hold this array's 4 images: 0 <= first and first \+ 4 <= global_n",
+         lambda: ops.dropout_forward(dev, shard, 0.5, 1, batch=(8, 5))),
+        (ValueError, r"must hold this array's 4 images", lambda: ops.dropout_forward(dev, shard, 0.5, 1, batch=(3, 0))),
+        (ValueError, r"must hold this array's 4 images", lambda: ops.dropout_backward(dev, shard, 0.5, 1,
+                                                                                       batch=(8, -1))),
+        (ValueError, r"must hold this array's 4 images", lambda: ops.dropout_mask(dev, (2, 4), 0.5, 1, batch=(6, 3))),
+        (ValueError, r"batch needs an array with a batch axis", lambda: ops.dropout_mask(dev, (), 0.5, 1,
+                                                                                          batch=(1, 0))),
+        (ValueError, r"start \+ the number of elements of the whole batch \(3 x 9223372036854775808\) must be below",
+         lambda: ops.dropout_forward(dev, shard, 0.5, 1, batch=(2**63, 0))),
+        (ValueError, r"of the whole batch", lambda: ops.dropout_mask(dev, (3, 4), 0.5, 1, start=2**64 - 20,
+                                                                     batch=(8, 2))),
+    )
+
+
+def test_dropout_launchers_recheck_the_shard():
+    """Past the Python checks, the emu/cuda launcher and the cpu loop re-check a shard's (batch, first) and the 64-bit
+    stream range: a ValueError, never a launch (tests call the private bindings directly)."""
+    from convnet import _cpu
+    k, x, m = EMU.kernels, np.ones((3, 4), np.float32), np.zeros((3, 4), np.uint8)
+    t = ref.keep_threshold(0.5)
+    with pytest.raises(ValueError, match="first \\+ cols must be at most batch"):
+        k.dropout_mask(m.ctypes.data, 3, 4, 8, 5, t, 1, 0, 0, 0)
+    with pytest.raises(ValueError, match="start \\+ rows \\* batch must be below 2\\^64"):
+        k.dropout_apply(x.ctypes.data, x.ctypes.data, 3, 4, 2**63, 0, t, 2.0, 1, 0, 0, 0)
+    with pytest.raises(ValueError, match="rows and cols must be non-negative"):
+        k.dropout_mask(m.ctypes.data, -1, 4, 8, 0, t, 1, 0, 0, 0)
+    with pytest.raises(ValueError, match="first \\+ the shard's images must be at most the batch"):
+        _cpu.dropout_apply(x, np.empty_like(x), t, 2.0, 1, 0, (0, 8, 5))
+    with pytest.raises(ValueError, match="overflow 64 bits"):
+        _cpu.dropout_apply(x, np.empty_like(x), t, 2.0, 1, 0, (2**64 - 20, 8, 0))
 
 
 def test_numpy_array_on_cuda_device_is_rejected():

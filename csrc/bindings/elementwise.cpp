@@ -12,13 +12,16 @@ void bind_elementwise(py::module_& m) {
                                     std::uintptr_t s) {
     convnet::relu_backward(ptr<const float>(y), ptr<const float>(dy), ptr(dx), n, stream(s));
   });
-  def_kernel(m, "dropout_apply", [](std::uintptr_t x, std::uintptr_t y, std::int64_t n, std::uint64_t threshold,
-                                    float scale, std::uint64_t seed, std::uint64_t offset, std::uint64_t start,
-                                    std::uintptr_t s) {
-    convnet::dropout_apply(ptr<const float>(x), ptr(y), n, threshold, scale, seed, offset, start, stream(s));
+  def_kernel(m, "dropout_apply", [](std::uintptr_t x, std::uintptr_t y, std::int64_t rows, std::int64_t cols,
+                                    std::uint64_t batch, std::uint64_t first, std::uint64_t threshold, float scale,
+                                    std::uint64_t seed, std::uint64_t offset, std::uint64_t start, std::uintptr_t s) {
+    convnet::dropout_apply(ptr<const float>(x), ptr(y), rows, cols, batch, first, threshold, scale, seed, offset, start,
+                           stream(s));
   });
-  def_kernel(m, "dropout_mask", [](std::uintptr_t mask, std::int64_t n, std::uint64_t threshold, std::uint64_t seed,
+  def_kernel(m, "dropout_mask", [](std::uintptr_t mask, std::int64_t rows, std::int64_t cols, std::uint64_t batch,
+                                   std::uint64_t first, std::uint64_t threshold, std::uint64_t seed,
                                    std::uint64_t offset, std::uint64_t start, std::uintptr_t s) {
-    convnet::dropout_mask(ptr<std::uint8_t>(mask), n, threshold, seed, offset, start, stream(s));
+    convnet::dropout_mask(ptr<std::uint8_t>(mask), rows, cols, batch, first, threshold, seed, offset, start,
+                          stream(s));
   });
 }

@@ -369,25 +369,50 @@ SIMD_CLONES void dropout_range(const float* x, float* y, i64 i0, i64 i1, std::ui
   }
 }
 
-// Inverted dropout: y[i] = x[i] * scale where stream element start + i is kept, else +0 (dropout_range). Stream
+// Inverted dropout: y = x * scale where the element's stream element is kept, else +0 (dropout_range). Stream
 // element j is word j % 4 of philox((j / 4, offset), seed), kept iff the word < threshold
-// (convnet/reference/elementwise.py dropout_mask). y may be x. Work items start on a multiple of 4 stream
-// elements, so that no Philox group is drawn twice.
+// (convnet/reference/elementwise.py dropout_mask). `start`: an int s, x[i] is stream element s + i; or a tuple
+// (s, batch, first), x (..., cols) a data-parallel shard, images [first, first + cols) of a batch of `batch`: its
+// row r (the leading axes) is stream elements s + r * batch + first + [0, cols). y may be x. Work items start on a
+// multiple of 4 stream elements within a row, so that no Philox group of a row is drawn twice; short rows are
+// grouped several to an item.
 void dropout_apply(const Floats& x, Floats& y, std::uint64_t threshold, float scale, std::uint64_t seed,
-                   std::uint64_t offset, std::uint64_t start) {
+                   std::uint64_t offset, const py::object& start_arg) {
   const i64 n = x.size();
   const float* xp = in(x, "x", n);
   float* yp = out(y, "y", n);
-  if (n > 0 && start + std::uint64_t(n) - 1 < start) throw py::value_error("dropout: start + n overflows 64 bits");
+  std::uint64_t start = 0, batch = std::uint64_t(n), first = 0;
+  i64 rows = 1, cols = n;
+  if (py::isinstance<py::tuple>(start_arg)) {
+    std::tie(start, batch, first) = start_arg.cast<std::tuple<std::uint64_t, std::uint64_t, std::uint64_t>>();
+    if (x.ndim() < 1) throw py::value_error("dropout: a shard needs a batch axis (the last)");
+    cols = x.shape(x.ndim() - 1);
+    rows = cols > 0 ? n / cols : 0;
+    if (first > batch || std::uint64_t(cols) > batch - first)
+      throw py::value_error("dropout: first + the shard's images must be at most the batch");
+  } else {
+    start = start_arg.cast<std::uint64_t>();
+  }
+  if (rows > 0 && batch > (~std::uint64_t(0) - start) / std::uint64_t(rows))
+    throw py::value_error("dropout: start + the elements of the whole batch overflow 64 bits");
   if (threshold > (std::uint64_t(1) << 32)) throw py::value_error("dropout: threshold above 2^32");
   if (n == 0) return;
   py::gil_scoped_release release;
   const bool all = threshold == (std::uint64_t(1) << 32);
-  const i64 skew = i64(start % 4);  // chunk k covers local elements [k * chunk - skew, (k + 1) * chunk - skew)
-  parallel_chunks(n + skew, kDropoutChunk, [&](i64 a, i64 b) {
-    dropout_range(xp, yp, std::max<i64>(a - skew, 0), b - skew, start, std::uint32_t(threshold), all, scale, seed,
-                  offset);
-  });
+  const i64 per_row = (cols + 3 + kDropoutChunk - 1) / kDropoutChunk;  // a row's items (its skew is at most 3)
+  const i64 rows_per = per_row == 1 ? std::max<i64>(1, kDropoutChunk / cols) : 1;
+  const i64 items = (rows + rows_per - 1) / rows_per * per_row;
+#pragma omp parallel for schedule(static) num_threads(g_threads)
+  for (i64 k = 0; k < items; ++k) {
+    const i64 r0 = k / per_row * rows_per, c = k % per_row;
+    for (i64 r = r0; r < std::min(rows, r0 + rows_per); ++r) {
+      const std::uint64_t s = start + std::uint64_t(r) * batch + first;  // stream element of x[r, 0]
+      const i64 skew = i64(s % 4);  // item c of a row: its elements [c * chunk - skew, (c + 1) * chunk - skew)
+      const i64 i0 = std::max<i64>(c * kDropoutChunk - skew, 0), i1 = std::min(cols, (c + 1) * kDropoutChunk - skew);
+      if (i0 < i1)
+        dropout_range(xp + r * cols, yp + r * cols, i0, i1, s, std::uint32_t(threshold), all, scale, seed, offset);
+    }
+  }
 }
 
 SIMD_CLONES void sgd_range(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ v, i64 i0, i64 i1,

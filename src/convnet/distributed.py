@@ -30,7 +30,9 @@ GPU gradients on a communication stream of its own.
 Semantics (docs/training.md, "Data-parallel training"): ``--batch-size`` is the global batch; rank r takes images
 ``[r*B/N, (r+1)*B/N)`` of every batch, drawn from the single-process loader's (seed, epoch, index) keys, so the union
 of the shards is the single-process batch. Each rank's cost layer averages over its B/N images; the mean of the
-ranks' gradients is the mean over the B images.
+ranks' gradients is the mean over the B images. The trainer's forward passes the shard's place in the batch
+(``net.forward(..., batch=(B, r*B/N))``), so each rank's dropout layers draw its images' part of the single-process
+masks.
 """
 from __future__ import annotations
 

@@ -22,7 +22,9 @@
   streams, everything on the current stream as before.
 * Random numbers (dropout masks) are keyed on the net's seed, the step and each layer's ``random_stream`` (its name,
   or a dropout layer's ``maskOf``), never on its position, so the two forms of a net draw the same masks: tower b's
-  ``drop6b`` (``maskOf = drop6``, ``maskStart = 2048``) draws units 2048-4095 of the one-device ``drop6``'s mask.
+  ``drop6b`` (``maskOf = drop6``, ``maskStart = 2048``) draws units 2048-4095 of the one-device ``drop6``'s mask; and
+  on the whole batch's element index, so a data-parallel rank (``forward(..., batch=(B, first))``) draws its images'
+  part of the single-process masks.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ class Net:
     ``device=i`` (an int) runs on ``devices[i]``. Default: every tower on ``device``; when only ``devices`` is given,
     ``device`` (the net's device: layers without a device, and tower 0) is ``devices[0]``.
 
-    ``forward(x, labels=None, train=False, step=0)`` returns the probabilities ``(classes, N)``;
+    ``forward(x, labels=None, train=False, step=0, batch=None)`` returns the probabilities ``(classes, N)``;
     with labels it also keeps the summed loss (``net.loss``, a 0-d device array) for ``backward()``.
     ``init_params=False`` infers the shapes only (no parameters: for summaries of big models).
     """
@@ -362,12 +364,22 @@ class Net:
             arrays = [a.reshape(-1, n) for a in arrays]
         return ops.concat(l.device, arrays)
 
-    def forward(self, x, labels=None, *, train=False, step=0):
-        """Run the net on a batch ``x`` (data layout, on the data layer's device). Returns probabilities."""
+    def forward(self, x, labels=None, *, train=False, step=0, batch=None):
+        """Run the net on a batch ``x`` (data layout, on the data layer's device). Returns probabilities.
+
+        ``batch=(B, first)``: ``x`` is images [first, first + N) of a training batch of B images (a data-parallel
+        rank's shard): the dropout layers draw those images' part of the whole batch's masks, so the ranks together
+        train with exactly the single-process masks. None: ``x`` is the whole batch."""
         d = self.data_layer
         exp = (*d.out_shape,)
         if tuple(x.shape[:-1]) != exp:
             raise ValueError(f"input batch has shape {tuple(x.shape)}, the data layer expects {exp + ('N',)}")
+        if batch is not None:
+            B, first = (int(v) for v in batch)
+            if not 0 <= first <= first + x.shape[-1] <= B:
+                raise ValueError(f"batch = (B, first) = ({B}, {first}) must hold the input's {x.shape[-1]} images: "
+                                 f"0 <= first and first + {x.shape[-1]} <= B")
+            batch = (B, first)
         acts = {d.name: x}
         ctxs = {}
         self.exchange.reset(x.shape[-1])
@@ -381,6 +393,7 @@ class Net:
                 ctx["labels"] = self._copy(labels, d, l)
             if train:
                 ctx["seed"] = _seed32(self.seed, step, zlib.crc32(l.random_stream.encode()))
+                ctx["batch"] = batch
             with self.on_placement(l):
                 acts[l.name] = l.forward(self._gather(l, acts), ctx)
             ctxs[l.name] = ctx

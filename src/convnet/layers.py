@@ -548,7 +548,11 @@ class Dropout(Layer):
     what unit 2048 + u of drop6 draws, so ``alexnet-2gpu`` trains with exactly ``alexnet``'s masks. With ``(C, H, W,
     N)`` or ``(features, N)`` activations, element (u, ..., n) of the whole layer is element ``u * H*W*N + ...``, so
     the op's ``start`` is ``maskStart * H*W * N``. The net checks that layers sharing a stream draw disjoint units
-    of the same shape."""
+    of the same shape.
+
+    A data-parallel rank's shard (``ctx['batch'] = (B, first)``, from ``Net.forward(..., batch=)``) draws its images'
+    part of the whole batch's mask: N above is the whole batch's B, and the op's ``batch`` places the shard's images
+    at [first, first + N_local) of it, so the ranks together draw the single-process masks."""
 
     type = "dropout"
     KEYS = (
@@ -573,21 +577,27 @@ class Dropout(Layer):
         """(first, stop) of this layer's units (channels or features) in its mask stream."""
         return self.mask_start, self.mask_start + self.out_shape[0]
 
-    def _start(self, a):
-        """The index of the first element of ``a`` (this layer's output or its gradient) in the mask stream."""
-        return self.mask_start * (a.size // self.out_shape[0])
+    def _where(self, a, ctx):
+        """The op's (start, batch) for ``a`` (this layer's output or its gradient): start is the index of this layer's
+        first unit in the mask stream of the whole batch, whose B images are ``a``'s own or, for a shard
+        (``ctx['batch']``), the whole batch's."""
+        batch = ctx.get("batch")
+        images = a.shape[-1] if batch is None else batch[0]
+        return self.mask_start * math.prod(self.out_shape[1:]) * images, batch
 
     def forward(self, x, ctx):
         if not ctx.get("train") or self.keep == 1.0:
             ctx["active"] = False
             return x
         ctx["active"] = True
-        return ops.dropout_forward(self.device, x, self.keep, ctx["seed"], 0, self._start(x))
+        start, batch = self._where(x, ctx)
+        return ops.dropout_forward(self.device, x, self.keep, ctx["seed"], 0, start, batch=batch)
 
     def backward(self, dy, ctx):
         if not ctx["active"]:
             return dy
-        return ops.dropout_backward(self.device, dy, self.keep, ctx["seed"], 0, self._start(dy))
+        start, batch = self._where(dy, ctx)
+        return ops.dropout_backward(self.device, dy, self.keep, ctx["seed"], 0, start, batch=batch)
 
     def describe(self):
         shared = f" (mask of {self.mask_of} from unit {self.mask_start})" if self.mask_of else ""

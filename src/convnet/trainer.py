@@ -18,10 +18,12 @@ nothing); stale checkpoint temporaries are deleted at start; a resume that would
 (another batch size in the middle of an epoch) is refused; a second Ctrl-C aborts at once.
 
 Data-parallel (``world``: a :class:`convnet.distributed.World`, ``--distributed``): every rank runs this loop on its
-device and shard of each batch (the loaders' ``shard``); the backward's hook hands each layer's gradients to a
-:class:`convnet.distributed.GradReducer`, which averages them over the ranks; the loss and error sums, the test
-results and the stop decision are summed or agreed over the ranks; the ranks' parameters are compared every
-``check_every`` steps and at every checkpoint. Rank 0 alone logs, writes the output directory and plots.
+device and shard of each batch (the loaders' ``shard``; ``net.forward(..., batch=)`` tells the dropout layers where
+the shard lies in the global batch, so they draw its part of the single-process masks); the backward's hook hands
+each layer's gradients to a :class:`convnet.distributed.GradReducer`, which averages them over the ranks; the loss
+and error sums, the test results and the stop decision are summed or agreed over the ranks; the ranks' parameters
+are compared every ``check_every`` steps and at every checkpoint. Rank 0 alone logs, writes the output directory and
+plots.
 
 The command line (``python -m convnet.train``) is :mod:`convnet.train`; the settings are :class:`convnet.config.Config`.
 """
@@ -166,8 +168,6 @@ class Trainer:
         self.device, towers = self._devices()
         self.net, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=self.device, devices=towers,
                                 dtype=cfg.dtype, seed=cfg.seed)
-        if self.rank:  # the same initial parameters on every rank, but each rank's own dropout masks
-            self.net.seed = rank_seed(cfg.seed, self.rank)
         self.exchanged = {}  # bytes per image copied between devices in the last training step ("src->dst": n)
         self.dataset = self._load_dataset()
         self.mean = self.dataset.mean_image() if resume_state is None or resume_state["mean"] is None \
@@ -498,6 +498,8 @@ class Trainer:
         nb = len(self.train_loader)
         sync_every = 1 if self.device.synchronous else 20  # a fold reads the sums back: a sync on a GPU
         per_step = self.schedule.kind == "linear"
+        first, _ = self.train_loader.shard_part()
+        shard = (self.train_loader.batch_size, first)  # where this rank's images lie in each (global) batch
         lr = self.opt.lr = self.lr_now()
         sums = _DeviceSums(xp, self.batch)
         stop = None
@@ -509,7 +511,7 @@ class Trainer:
             for x, y in batches:
                 if per_step:
                     lr = self.opt.lr = self.lr_now()
-                probs = net.forward(x, y, train=True, step=self.step)
+                probs = net.forward(x, y, train=True, step=self.step, batch=shard)
                 backward_and_step(net, self.opt, self.reducer)
                 sums.add(xp, net.loss, probs, y)
                 self.batch += 1
@@ -620,8 +622,3 @@ class Trainer:
                                  images=self.dataset.test_x, classes=self.dataset.classes)
         except Exception as e:  # noqa: BLE001 - plots never stop a training run
             self.log(f"warning: plotting failed: {type(e).__name__}: {e}")
-
-
-def rank_seed(seed, rank):
-    """The dropout seed of data-parallel rank ``rank`` > 0 (rank 0 keeps ``seed``: one rank trains as one process)."""
-    return int(np.random.SeedSequence([int(seed), int(rank), 0x5EED]).generate_state(2, np.uint64)[0] >> 1)

@@ -23,12 +23,14 @@ def relu_backward(y, dy):
     return dx
 
 
-def dropout_forward(x, keep: float, seed: int, offset: int = 0, start: int = 0):
+def dropout_forward(x, keep: float, seed: int, offset: int = 0, start: int = 0, batch=None):
     (x,) = contiguous(x)
     y = np.empty_like(x)
-    lib().dropout_apply(x, y, keep_threshold(keep), float(dropout_scale(keep)), int(seed), int(offset), int(start))
+    # batch=(global_n, first): the loop's (start, global_n, first) form, x's rows of its last axis (the reference's)
+    where = int(start) if batch is None else (int(start), int(batch[0]), int(batch[1]))
+    lib().dropout_apply(x, y, keep_threshold(keep), float(dropout_scale(keep)), int(seed), int(offset), where)
     return y
 
 
-def dropout_backward(dy, keep: float, seed: int, offset: int = 0, start: int = 0):
-    return dropout_forward(dy, keep, seed, offset, start)  # the same mask and scale: d(x * m / keep)/dx = m / keep
+def dropout_backward(dy, keep: float, seed: int, offset: int = 0, start: int = 0, batch=None):
+    return dropout_forward(dy, keep, seed, offset, start, batch)  # the same mask and scale: d(x m / keep)/dx = m / keep

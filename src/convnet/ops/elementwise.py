@@ -6,7 +6,11 @@ bit-identical masks, and the backward pass regenerates the mask instead of stori
 ``offset`` (e.g. the training step) or ``seed`` (e.g. per layer) for each call that needs a fresh mask. ``start``
 is the index of the tensor's first element in the mask's stream (default 0): a tensor that is a slice of a larger
 one (tower b's units of a dropout layer split across two towers, ``start = 2048 * N``) draws exactly that slice of
-the larger tensor's mask.
+the larger tensor's mask. ``batch=(global_n, first)`` says the tensor (..., N), images fastest, is images
+[first, first + N) of a batch of global_n images (a data-parallel rank's shard): its row r (the leading axes
+flattened) draws stream elements start + r * global_n + first + [0, N), its images' part of the whole batch's mask,
+so the ranks together draw exactly the single-process masks. Without it (or with ``(N, 0)``) element i is stream
+element start + i, as before.
 """
 from __future__ import annotations
 
@@ -42,32 +46,66 @@ def relu_backward(device, y, dy, out=None, stream=None):
                    kernel=lambda dx: launch(dev, "relu_backward", y, dy, dx, y.size, stream=stream))
 
 
-def _dropout_params(keep, seed, offset, start, n):
+def _batch(batch, shape) -> tuple[int, int]:
+    """``batch=(global_n, first)`` checked against an array of ``shape``: ValueError unless it is two integers with
+    0 <= first and first + N <= global_n (N: the array's last axis, its images)."""
+    if (not isinstance(batch, (tuple, list)) or len(batch) != 2
+            or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in batch)):
+        raise ValueError(f"batch must be a pair (global_n, first) of integers, got {batch!r}")
+    global_n, first = (int(v) for v in batch)
+    if not shape:
+        raise ValueError("batch needs an array with a batch axis (its last), got a 0-d array")
+    if first < 0 or global_n < 0 or first + shape[-1] > global_n:
+        raise ValueError(f"batch = (global_n, first) = ({global_n}, {first}) must hold this array's {shape[-1]} "
+                         f"images: 0 <= first and first + {shape[-1]} <= global_n")
+    return global_n, first
+
+
+def _dropout_params(keep, seed, offset, start, shape, batch):
+    """The checked parameters (keep, seed, offset, start, rows, cols, global_n, first): the array is ``rows`` runs of
+    ``cols`` elements, run r being stream elements start + r * global_n + first + [0, cols). A shard whose runs
+    join (one row, or the whole batch) is the plain form: one run, start + i (the kernels' fastest path)."""
     keep = scalar("keep", keep, low=0.0, high=1.0, low_open=True)
-    start = uint64("start", start)
-    if start + n >= 2**64:
-        raise ValueError(f"start + the number of elements must be below 2**64, got {start} + {n}")
-    return keep, uint64("seed", seed), uint64("offset", offset), start
+    seed, offset, start = uint64("seed", seed), uint64("offset", offset), uint64("start", start)
+    n = math.prod(shape)
+    if batch is None:
+        if start + n >= 2**64:
+            raise ValueError(f"start + the number of elements must be below 2**64, got {start} + {n}")
+        return keep, seed, offset, start, 1, n, n, 0
+    global_n, first = _batch(batch, shape)
+    rows = math.prod(shape[:-1])
+    if start + rows * global_n >= 2**64:
+        raise ValueError(f"start + the number of elements of the whole batch ({rows} x {global_n}) must be below "
+                         f"2**64, got {start} + {rows * global_n}")
+    if n == 0:
+        return keep, seed, offset, start, 1, 0, 0, 0
+    if rows == 1 or shape[-1] == global_n:
+        return keep, seed, offset, start + first, 1, n, n, 0
+    return keep, seed, offset, start, rows, shape[-1], global_n, first
 
 
-def _dropout(dev, name, a, keep, seed, offset, start, out, stream):
+def _dropout(dev, name, a, keep, seed, offset, start, batch, out, stream):
     check_array(name, a, dev)
-    keep, seed, offset, start = _dropout_params(keep, seed, offset, start, a.size)
+    keep, seed, offset, start, rows, cols, global_n, first = _dropout_params(keep, seed, offset, start, a.shape, batch)
+    host_batch = None if rows == 1 else (global_n, first)
     return produce(dev, Output("out", out, a.shape, a.dtype), inputs={name: a}, elementwise=True, stream=stream,
-                   reference=lambda: dev.host(ref).dropout_forward(a, keep, seed, offset, start),
-                   kernel=lambda b: launch(dev, "dropout_apply", a, b, a.size, ref.keep_threshold(keep),
-                                           float(ref.dropout_scale(keep)), seed, offset, start, stream=stream))
+                   reference=lambda: dev.host(ref).dropout_forward(a, keep, seed, offset, start, host_batch),
+                   kernel=lambda b: launch(dev, "dropout_apply", a, b, rows, cols, global_n, first,
+                                           ref.keep_threshold(keep), float(ref.dropout_scale(keep)), seed, offset,
+                                           start, stream=stream))
 
 
-def dropout_forward(device, x, keep, seed, offset=0, start=0, out=None, stream=None):
+def dropout_forward(device, x, keep, seed, offset=0, start=0, batch=None, out=None, stream=None):
     """Inverted dropout: y = x * mask / keep, each element kept with probability ``keep`` in (0, 1]; ``x`` draws
-    elements [start, start + x.size) of the mask keyed on (seed, offset)."""
-    return _dropout(as_device(device), "x", x, keep, seed, offset, start, out, stream)
+    elements [start, start + x.size) of the mask keyed on (seed, offset), or with ``batch=(global_n, first)`` its
+    images' part of the mask of a batch of global_n images (module docstring)."""
+    return _dropout(as_device(device), "x", x, keep, seed, offset, start, batch, out, stream)
 
 
-def dropout_backward(device, dy, keep, seed, offset=0, start=0, out=None, stream=None):
-    """dx = dy * mask / keep with the mask of the forward call that had the same (keep, seed, offset, start)."""
-    return _dropout(as_device(device), "dy", dy, keep, seed, offset, start, out, stream)
+def dropout_backward(device, dy, keep, seed, offset=0, start=0, batch=None, out=None, stream=None):
+    """dx = dy * mask / keep with the mask of the forward call that had the same (keep, seed, offset, start,
+    batch)."""
+    return _dropout(as_device(device), "dy", dy, keep, seed, offset, start, batch, out, stream)
 
 
 def _shape(shape) -> tuple:
@@ -83,18 +121,19 @@ def _shape(shape) -> tuple:
     return dims
 
 
-def dropout_mask(device, shape, keep, seed, offset=0, start=0, stream=None):
+def dropout_mask(device, shape, keep, seed, offset=0, start=0, batch=None, stream=None):
     """The boolean keep-mask a dropout call with these parameters uses, as an array on the device."""
     dev = as_device(device)
     shape = _shape(shape)
-    n = int(np.prod(shape, dtype=np.int64))
-    keep, seed, offset, start = _dropout_params(keep, seed, offset, start, n)
+    keep, seed, offset, start, rows, cols, global_n, first = _dropout_params(keep, seed, offset, start, shape, batch)
+    host_batch = None if rows == 1 else (global_n, first)
 
     def kernel(mask):
-        launch(dev, "dropout_mask", mask, n, ref.keep_threshold(keep), seed, offset, start, stream=stream)
+        launch(dev, "dropout_mask", mask, rows, cols, global_n, first, ref.keep_threshold(keep), seed, offset, start,
+               stream=stream)
 
     mask = produce(dev, Output("mask", None, shape, np.dtype(np.uint8)), stream=stream, kernel=kernel,
-                   reference=lambda: dev.host(ref).dropout_mask(n, keep, seed, offset, start).reshape(shape)
+                   reference=lambda: dev.host(ref).dropout_mask(shape, keep, seed, offset, start, host_batch)
                    .view(np.uint8))
     keep_mask = dev.empty(shape, np.dtype(bool), stream=stream)
     dev.submit(lambda: dev.xp.not_equal(mask, 0, out=keep_mask), stream)  # after the kernel that writes the mask

@@ -1,6 +1,9 @@
 """NumPy reference for ReLU and inverted dropout (with the Philox4x32-10 counter-based RNG)."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
@@ -33,16 +36,40 @@ def dropout_scale(keep: float, dtype=np.float32):
     return np.dtype(dtype).type(1.0 / float(keep))
 
 
-def dropout_mask(n: int, keep: float, seed: int, offset: int = 0, start: int = 0) -> np.ndarray:
-    """Boolean keep-mask of n elements, elements [start, start + n) of the stream keyed on (seed, offset): stream
-    element j uses word j % 4 of philox((j // 4, offset), seed). ``start`` lets a slice of a larger tensor (a tower's
-    units of the one-device layer) draw exactly that slice of the larger tensor's mask."""
-    start = int(start)
-    groups = np.arange(start // 4, (start + n + 3) // 4, dtype=np.uint64)
-    words = philox4x32_10(groups & _LOW32, groups >> np.uint64(32), offset & 0xFFFFFFFF, offset >> 32,
-                          seed & 0xFFFFFFFF, seed >> 32)
-    bits = np.stack(words, axis=1).reshape(-1)[start % 4:start % 4 + n]
-    return bits.astype(np.uint64) < np.uint64(keep_threshold(keep)) if keep < 1 else np.ones(n, dtype=bool)
+def _words(groups, seed: int, offset: int):
+    """The four 32-bit words of Philox group(s) ``groups`` (uint64) of the stream keyed on (seed, offset)."""
+    return philox4x32_10(groups & _LOW32, groups >> np.uint64(32), offset & 0xFFFFFFFF, offset >> 32,
+                         seed & 0xFFFFFFFF, seed >> 32)
+
+
+def dropout_mask(shape, keep: float, seed: int, offset: int = 0, start: int = 0, batch=None) -> np.ndarray:
+    """Boolean keep-mask of an array of ``shape`` (an int n: 1-D), element i being element start + i of the stream
+    keyed on (seed, offset): stream element j uses word j % 4 of philox((j // 4, offset), seed). ``start`` lets a
+    slice of a larger tensor (a tower's units of the one-device layer) draw exactly that slice of the larger tensor's
+    mask.
+
+    ``batch=(global_n, first)``: the array (..., N), images fastest, is images [first, first + N) of a batch of
+    global_n images (a data-parallel rank's shard). Its row r (the leading axes flattened) is then stream elements
+    start + r * global_n + first + [0, N): exactly what those images draw in the whole batch's mask."""
+    shape = (int(shape),) if isinstance(shape, numbers.Integral) else tuple(int(s) for s in shape)
+    n, start = math.prod(shape), int(start)
+    if batch is None:
+        groups = np.arange(start // 4, (start + n + 3) // 4, dtype=np.uint64)
+        bits = np.stack(_words(groups, seed, offset), axis=1).reshape(-1)[start % 4:start % 4 + n]
+    else:
+        global_n, first = (int(v) for v in batch)
+        cols = shape[-1]
+        rows = n // cols if cols else 0
+        s = np.uint64(start) + np.arange(rows, dtype=np.uint64) * np.uint64(global_n) + np.uint64(first)
+        # Row r's words from stream element 4 * (s[r] // 4) on: enough groups for a run of cols from any word of
+        # the first group; the row's own run begins s[r] % 4 words in.
+        per_row = (cols + 3) // 4 + 1
+        groups = (s >> np.uint64(2))[:, None] + np.arange(per_row, dtype=np.uint64)
+        words = np.stack(_words(groups, seed, offset), axis=-1).reshape(rows, 4 * per_row)
+        bits = np.take_along_axis(words, (s & np.uint64(3)).astype(np.intp)[:, None] + np.arange(cols), axis=1)
+    if keep >= 1:
+        return np.ones(shape, dtype=bool)
+    return (bits.astype(np.uint64) < np.uint64(keep_threshold(keep))).reshape(shape)
 
 
 def relu_forward(x):
@@ -53,10 +80,10 @@ def relu_backward(y, dy):
     return np.where(y > 0, dy, np.zeros((), dy.dtype))
 
 
-def dropout_forward(x, keep: float, seed: int, offset: int = 0, start: int = 0):
-    mask = dropout_mask(x.size, keep, seed, offset, start).reshape(x.shape)
+def dropout_forward(x, keep: float, seed: int, offset: int = 0, start: int = 0, batch=None):
+    mask = dropout_mask(x.shape, keep, seed, offset, start, batch)
     return np.where(mask, x * dropout_scale(keep, x.dtype), np.zeros((), x.dtype))
 
 
-def dropout_backward(dy, keep: float, seed: int, offset: int = 0, start: int = 0):
-    return dropout_forward(dy, keep, seed, offset, start)  # the same mask and scale: d(x * m / keep)/dx = m / keep
+def dropout_backward(dy, keep: float, seed: int, offset: int = 0, start: int = 0, batch=None):
+    return dropout_forward(dy, keep, seed, offset, start, batch)  # the same mask and scale: d(x m / keep)/dx = m / keep
