@@ -1,7 +1,7 @@
 // convnet._cpu: the host loops of the fast CPU path (the `cpu` device, src/convnet/cpu/*.py), float32, CHWN.
 //
-// The cpu device computes convolutions and fully-connected layers as NumPy BLAS GEMMs; what is left between the
-// GEMMs -- im2col/col2im, max pooling, ReLU, dropout, the bias add and sum, the SGD update -- is memory-bound and,
+// The cpu device computes convolutions and fully-connected layers as GEMMs (its own: csrc/cpu/gemm.cpp, registered
+// here too); what is left between the GEMMs -- im2col/col2im, max pooling, ReLU, dropout, the bias add and sum, the SGD update -- is memory-bound and,
 // written in NumPy, costs as much as the GEMMs (strided temporaries, NumPy's slow masked `where`, one thread). Here
 // each is one pass over memory, parallel over channels with OpenMP on set_threads(n) threads (default 1; the
 // trainer sets its --threads, like the BLAS threads), with the GIL released so the loader thread keeps running.
@@ -491,13 +491,19 @@ void bias_sum(const Floats& dy, Floats& db, i64 F, i64 per) {
 
 }  // namespace
 
+namespace convnet_cpu {
+int loop_threads() { return g_threads; }  // the GEMM's threads (csrc/cpu/gemm.cpp)
+void register_gemm(py::module_& m);
+}  // namespace convnet_cpu
+
 PYBIND11_MODULE(_cpu, m) {
-  m.doc() = "convnet's fast CPU path: the host loops around the BLAS GEMMs (float32, CHWN); see convnet/cpu/";
+  m.doc() = "convnet's fast CPU path: its GEMM and the host loops around it (float32, CHWN); see convnet/cpu/";
   m.def("set_threads", [](int n) {
     if (n < 1) throw py::value_error("threads must be >= 1");
     g_threads = n;
-  }, py::arg("n"), "Threads of every loop (OpenMP), like the BLAS threads");
+  }, py::arg("n"), "Threads of every loop and GEMM (OpenMP), like the BLAS threads");
   m.def("get_threads", [] { return g_threads; });
+  convnet_cpu::register_gemm(m);
   m.def("im2col", &im2col, py::arg("x"), py::arg("cols"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("N"),
         py::arg("c0"), py::arg("Cg"), py::arg("n0"), py::arg("nb"), py::arg("KH"), py::arg("KW"), py::arg("sh"),
         py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("OH"), py::arg("OW"));

@@ -1,6 +1,7 @@
 """The fast CPU path (the ``cpu`` device, float32): for each reference module ``convnet.reference.<family>`` that a
 training step spends time in, a module ``convnet.cpu.<family>`` with the same functions and the same results,
-written for speed. The GEMMs are NumPy's (BLAS, writing straight into their output); the memory-bound loops between
+written for speed. The GEMMs are this path's own (``convnet.cpu.gemm``: AVX-512 or AVX2 micro-kernels, the
+convolutions' im2col operand packed straight from the image; NumPy's BLAS where the CPU has neither); the loops between
 them -- im2col/col2im, max pooling, ReLU, dropout, the bias add and sum, the SGD update -- are compiled host code,
 ``convnet._cpu`` (csrc/cpu/host_kernels.cpp: one pass over memory each, OpenMP across channels, the GIL released).
 In NumPy those loops cost as much as the GEMMs.

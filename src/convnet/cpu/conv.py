@@ -1,14 +1,17 @@
-"""Convolution on the fast CPU path (CHWN), the reference's method -- im2col + one BLAS GEMM per group and chunk of
-images -- with the im2col matrix built and the col2im sums done by the compiled loops (``convnet._cpu``), the forward
-GEMM writing straight into the output, and no padded copy; the bias added and its gradient summed by compiled loops
-too. Same results as convnet/reference/conv.py up to the summation order (BLAS's; the bias sums are done in double)."""
+"""Convolution on the fast CPU path (CHWN), the reference's method -- im2col + one GEMM per group -- with this
+path's GEMM (convnet/cpu/gemm.py): the forward and filter-gradient GEMMs pack their im2col operand straight from the
+image (no im2col matrix in memory) and write straight into the output; the data gradient's GEMM writes the column
+matrix that the compiled col2im sums (per chunk of images, as the reference). The bias added and its gradient summed
+by compiled loops too. Same results as convnet/reference/conv.py up to the summation order (one fused multiply-add
+chain per element; the bias sums are done in double). Where this path's GEMM is not available (a CPU without AVX2),
+NumPy's BLAS multiplies an im2col matrix built by the compiled loops."""
 from __future__ import annotations
 
 import functools
 
 import numpy as np
 
-from convnet.cpu import contiguous, lib
+from convnet.cpu import contiguous, gemm, lib
 from convnet.geometry import ConvGeometry
 from convnet.reference.conv import _chunks
 
@@ -24,11 +27,15 @@ def _hashable(v):
     return tuple(v) if isinstance(v, list) else v
 
 
+def _image_args(g: ConvGeometry, group: int, n0: int, n1: int) -> tuple:
+    """The im2col operand's geometry for convnet._cpu: channels of ``group``, images [n0, n1)."""
+    return (g.C, g.H, g.W, g.N, group * g.Cg, g.Cg, n0, n1 - n0, g.KH, g.KW, *g.stride, *g.padding, g.OH, g.OW)
+
+
 def _cols(x, g: ConvGeometry, group: int, n0: int, n1: int):
     """The im2col matrix (Cg*KH*KW, OH*OW*(n1-n0)) of one group and chunk of images of x (C, H, W, N)."""
     cols = np.empty((g.Cg * g.KH * g.KW, g.OH * g.OW * (n1 - n0)), dtype=np.float32)
-    lib().im2col(x, cols, g.C, g.H, g.W, g.N, group * g.Cg, g.Cg, n0, n1 - n0, g.KH, g.KW, *g.stride, *g.padding,
-                 g.OH, g.OW)
+    lib().im2col(x, cols, *_image_args(g, group, n0, n1))
     return cols
 
 
@@ -57,6 +64,9 @@ def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1):
     chunks = _image_chunks(g)
     for group in range(g.groups):
         wt, yg = _filters(w, g, group).T, y[group * fg:(group + 1) * fg]
+        if gemm.available():  # no im2col matrix: the whole batch in one GEMM
+            lib().conv_gemm_forward(wt, x, yg.reshape(fg, -1), *_image_args(g, group, 0, g.N))
+            continue
         for n0, n1 in chunks:
             if len(chunks) == 1:  # the group's rows of y are contiguous: the GEMM writes them
                 np.matmul(wt, _cols(x, g, group, n0, n1), out=yg.reshape(fg, -1))
@@ -76,8 +86,7 @@ def conv_backward_data(dy, w, input_hw, stride=1, padding=0, groups=1):
     for group in range(g.groups):
         wg = _filters(w, g, group)
         for n0, n1 in _image_chunks(g):
-            lib().col2im(wg @ _dy_rows(dy, g, group, n0, n1), dx, g.C, g.H, g.W, g.N, group * g.Cg, g.Cg, n0, n1 - n0, g.KH, g.KW, *g.stride,
-                         *g.padding, g.OH, g.OW)
+            lib().col2im(gemm.matmul(wg, _dy_rows(dy, g, group, n0, n1)), dx, *_image_args(g, group, n0, n1))
     return dx
 
 
@@ -88,6 +97,11 @@ def conv_backward_filter(x, dy, filter_hw, stride=1, padding=0, groups=1):
     fg = g.F // g.groups
     dw = np.empty(g.w_shape, dtype=np.float32)
     for group in range(g.groups):
+        if gemm.available():  # no im2col matrix: the whole batch in one GEMM
+            dwg = dw.reshape(-1, g.F)[:, group * fg:(group + 1) * fg]
+            lib().conv_gemm_filter(x, dy[group * fg:(group + 1) * fg].reshape(fg, -1), dwg,
+                                   *_image_args(g, group, 0, g.N))
+            continue
         acc = None
         for n0, n1 in _image_chunks(g):
             part = _cols(x, g, group, n0, n1) @ _dy_rows(dy, g, group, n0, n1).T

@@ -120,6 +120,11 @@ class Device:
         with self.on_stream(stream):
             return self.backend.adopt(self.xp.zeros(shape, dtype=dtype), self.index)
 
+    def matmul(self, a, b, out=None):
+        """``a @ b`` of two of this device's matrices into ``out`` (None: a new array), on the current stream: BLAS
+        on numpy and emu, cuBLAS on cuda, the fast CPU path's GEMM on cpu."""
+        return self.backend.matmul(a, b, out)
+
     def adopt(self, a):
         """``a``, an array just computed with ``xp`` from this device's arrays (``a + b``, a concatenation), as an
         array of this device: a virtual host device (``emu:1``) tags its memory, a TypeError if it is another

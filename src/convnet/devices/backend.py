@@ -67,6 +67,10 @@ class Backend:
         """Uninitialised memory of device ``index`` (the caller made it current, on the right stream)."""
         return self.xp().empty(shape, dtype=dtype)
 
+    def matmul(self, a, b, out=None):
+        """``a @ b`` of two matrices of this kind into ``out`` (None: a new array): the fully-connected layers' GEMM."""
+        return self.xp().matmul(a, b, out=out)
+
     def adopt(self, a, index: int):
         """``a`` (new memory of this kind) as an array of device ``index`` (see ``Device.adopt``)."""
         return a

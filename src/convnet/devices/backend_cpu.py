@@ -1,6 +1,7 @@
 """The ``cpu`` device, the fast CPU path and the default device without a GPU: ops run ``convnet.cpu.<family>``, the
 same functions as the NumPy reference (``convnet.reference.<family>``) rewritten for speed where a training step
-spends its time -- BLAS GEMMs around compiled host loops (``convnet._cpu``: im2col/col2im, max pooling, ReLU) -- and
+spends its time -- its own GEMM (convnet/cpu/gemm.py) around compiled host loops (``convnet._cpu``: col2im, max
+pooling, ReLU, dropout) -- and
 the reference itself elsewhere. Checked against the reference like the compiled kernels (every op test's device list,
 tests/test_cpu.py). float32, like the kernels (float64 is the numpy device's). The ``numpy`` device stays the plain
 reference.
@@ -13,6 +14,7 @@ import importlib
 import numpy as np
 
 import convnet.cpu  # noqa: F401 (sets the OpenMP wait policy before convnet._cpu loads libgomp)
+from convnet.cpu import gemm as cpu_gemm
 from convnet.devices.backend import load_extension
 from convnet.devices.backend_numpy import NumpyBackend
 
@@ -28,7 +30,10 @@ class CpuBackend(NumpyBackend):
     def report(self):
         ok, reason = self.availability(0)
         return [{"device": "cpu", "usable": ok,
-                 "detail": "fast CPU path (convnet.cpu: NumPy BLAS + compiled loops)" if ok else reason}]
+                 "detail": "fast CPU path (convnet.cpu: compiled GEMM and loops)" if ok else reason}]
+
+    def matmul(self, a, b, out=None):
+        return cpu_gemm.matmul(a, b, out=out)
 
     @functools.lru_cache(maxsize=None)  # every op call asks: look the module up once per family
     def host_module(self, reference_module):

@@ -7,7 +7,8 @@ Layout: activations ``(features, N)``, weights ``(out_features, in_features)``, 
     fc_backward_weights: out = alpha * (dy @ x.T) + beta * out
     fc_backward_bias:    out = alpha * dy.sum(axis=1) + beta * out      (an addition to the contract's list)
 
-GEMM is the array module's: NumPy (BLAS) on numpy and emu, CuPy (cuBLAS) on cuda, on ``stream``.
+GEMM is the device's (``Device.matmul``): NumPy (BLAS) on numpy and emu, CuPy (cuBLAS) on cuda, convnet/cpu/gemm.py
+on cpu, on ``stream``.
 ``beta == 0`` never reads ``out`` (NaN garbage in a fresh buffer is fine), as in BLAS.
 """
 from __future__ import annotations
@@ -19,20 +20,19 @@ __all__ = ["fc_forward", "fc_backward_data", "fc_backward_weights", "fc_backward
 
 
 def _gemm(dev, out, y, a, b, bias, alpha, beta, stream):
-    """y = alpha * (a @ b + bias[:, None]) + beta * y with the array module's GEMM, submitted to ``stream``: straight
+    """y = alpha * (a @ b + bias[:, None]) + beta * y with the device's GEMM, submitted to ``stream``: straight
     into ``y`` when nothing is accumulated (``out`` is the caller's array or None), else through a temporary."""
-    xp = dev.xp
 
     def work():
         nonlocal y  # the in-place operators below rebind the name (to the same array)
         if out is None or (alpha == 1.0 and beta == 0.0):
-            xp.matmul(a, b, out=y)
+            dev.matmul(a, b, out=y)
             if bias is not None:
                 y += bias[:, None]
             if alpha != 1.0:
                 y *= alpha
             return
-        r = xp.matmul(a, b)
+        r = dev.matmul(a, b)
         if bias is not None:
             r += bias[:, None]
         accumulate(y, r, alpha, beta)

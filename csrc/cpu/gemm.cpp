@@ -1,0 +1,341 @@
+// convnet._cpu's GEMM (csrc/cpu/gemm.h): the operand packing, the choice of SIMD width, the split across threads,
+// and the Python entry points gemm, conv_gemm_forward and conv_gemm_filter (src/convnet/cpu/gemm.py documents them;
+// tests/test_cpu_gemm.py checks them against NumPy in float64).
+//
+// Threads: C's tiles are cut into one contiguous range of micro-tile columns (or rows, when C has more of those) per
+// thread; each thread packs and multiplies its own part. The k order of every element is the same for any split,
+// so the result does not depend on the thread count.
+#include "cpu/gemm.h"
+
+#include <omp.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace convnet_cpu {
+
+int loop_threads();  // host_kernels.cpp: set_threads
+
+i64 gemm_pack_floats() { return 128 * 1024 + 16 * 64 * 256; }
+
+void operand_row(const Operand& op, i64 r, i64 q0, i64 len, float* dst, i64 step, i64 panel, i64 panel_stride) {
+  // Copies `n` floats from src (contiguous; nullptr = zeros) to the packed positions of columns j .. j + n.
+  auto put = [&](i64 j, const float* src, i64 n) {
+    while (n > 0) {
+      const i64 in_panel = j % panel, take = std::min(n, panel - in_panel);
+      float* d = dst + (j / panel) * panel_stride + in_panel * step;
+      if (step == 1) {
+        if (src) std::memcpy(d, src, sizeof(float) * take); else std::memset(d, 0, sizeof(float) * take);
+      } else {
+        for (i64 t = 0; t < take; ++t) d[t * step] = src ? src[t] : 0.0f;
+      }
+      j += take;
+      n -= take;
+      if (src) src += take;
+    }
+  };
+  if (!op.conv) {
+    const float* row = op.p + r * op.rs;
+    if (op.cs == 1) {
+      put(0, row + q0, len);
+    } else {
+      for (i64 j = 0; j < len; ++j) {
+        const float v = row[(q0 + j) * op.cs];
+        put(j, &v, 1);
+      }
+    }
+    return;
+  }
+  // im2col row r = (c, ky, kx); columns q = (oy, ox, n): runs of consecutive images are contiguous in x.
+  const i64 c = r / (op.KH * op.KW), ky = r / op.KW % op.KH, kx = r % op.KW;
+  const float* plane = op.p + (op.c0 + c) * op.H * op.W * op.N + op.n0;
+  for (i64 j = 0; j < len;) {
+    const i64 q = q0 + j, n = q % op.nb, t = q / op.nb, ox = t % op.OW, oy = t / op.OW;
+    const i64 run = std::min(op.nb - n, len - j);
+    const i64 iy = oy * op.sh - op.ph + ky, ix = ox * op.sw - op.pw + kx;
+    const bool inside = iy >= 0 && iy < op.H && ix >= 0 && ix < op.W;
+    put(j, inside ? plane + (iy * op.W + ix) * op.N + n : nullptr, run);
+    j += run;
+  }
+}
+
+namespace {
+
+bool cpu_has(const char* feature) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (std::strcmp(feature, "avx512") == 0) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  if (std::strcmp(feature, "avx2") == 0) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  (void)feature;
+  return false;
+}
+
+// The widths this build has and this CPU runs, widest first.
+std::vector<const Isa*> available() {
+  std::vector<const Isa*> out;
+  // The CPU first: the files built for a width are not entered on a CPU without it.
+  if (cpu_has("avx512") && isa_avx512()) out.push_back(isa_avx512());
+  if (cpu_has("avx2") && isa_avx2()) out.push_back(isa_avx2());
+  return out;
+}
+
+const Isa* pick(const std::string& name) {
+  const auto isas = available();
+  if (name.empty()) {
+    if (isas.empty()) throw std::runtime_error("the cpu GEMM needs an x86-64 CPU with AVX2 and FMA");
+    return isas.front();
+  }
+  for (const Isa* isa : isas) {
+    if (name == isa->name) return isa;
+  }
+  throw py::value_error("isa '" + name + "' is not available here (see convnet._cpu.gemm_isas())");
+}
+
+struct Scratch {
+  float* a = nullptr;
+  float* b = nullptr;
+  Scratch() {
+    const std::size_t bytes = sizeof(float) * gemm_pack_floats();
+    a = static_cast<float*>(std::aligned_alloc(64, bytes));
+    b = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (!a || !b) throw std::bad_alloc();
+  }
+  ~Scratch() {
+    std::free(a);
+    std::free(b);
+  }
+};
+
+Scratch& scratch() {
+  thread_local Scratch s;  // one pair per thread, kept: OpenMP's threads live as long as the process
+  return s;
+}
+
+void gemm(i64 M, i64 N, i64 K, const Operand& a, const Operand& b, const Output& c, bool accumulate, const Isa* isa) {
+  if (M == 0 || N == 0) return;
+  const i64 tiles_m = (M + isa->mr - 1) / isa->mr, tiles_n = (N + isa->nr - 1) / isa->nr;
+  const bool split_n = tiles_n >= tiles_m;
+  const i64 tiles = split_n ? tiles_n : tiles_m;
+  // Below ~4 MFLOP a second thread costs more than it saves.
+  const i64 parts = 2.0 * M * N * K < 4e6 ? 1 : std::min<i64>(loop_threads(), tiles);
+  if (parts <= 1) {
+    Scratch& s = scratch();
+    isa->run(0, M, 0, N, K, a, b, c, accumulate, s.a, s.b);
+    return;
+  }
+  std::string error;
+#pragma omp parallel num_threads(static_cast<int>(parts))
+  {
+    const i64 t = omp_get_thread_num(), first = t * tiles / parts, last = (t + 1) * tiles / parts;
+    try {
+      Scratch& s = scratch();
+      if (split_n) {
+        isa->run(0, M, first * isa->nr, std::min(N, last * isa->nr), K, a, b, c, accumulate, s.a, s.b);
+      } else {
+        isa->run(first * isa->mr, std::min(M, last * isa->mr), 0, N, K, a, b, c, accumulate, s.a, s.b);
+      }
+    } catch (const std::exception& e) {
+#pragma omp critical
+      error = e.what();
+    }
+  }
+  if (!error.empty()) throw std::runtime_error("cpu GEMM: " + error);
+}
+
+// C (M, N) = A @ Bt.T by the dot form, split across threads like gemm.
+void gemm_dot(i64 M, i64 N, i64 K, const Operand& a, const Operand& bt, const Output& c, bool accumulate,
+              const Isa* isa) {
+  if (M == 0 || N == 0) return;
+  const i64 tiles_m = (M + isa->dot_mr - 1) / isa->dot_mr, tiles_n = (N + isa->dot_nr - 1) / isa->dot_nr;
+  const bool split_n = tiles_n >= tiles_m;
+  const i64 tiles = split_n ? tiles_n : tiles_m;
+  const i64 parts = 2.0 * M * N * K < 4e6 ? 1 : std::min<i64>(loop_threads(), tiles);
+  std::string error;
+#pragma omp parallel num_threads(static_cast<int>(parts)) if (parts > 1)
+  {
+    const i64 t = omp_get_thread_num(), first = t * tiles / parts, last = (t + 1) * tiles / parts;
+    try {
+      i64 m0 = 0, m1 = M, n0 = 0, n1 = N;
+      if (split_n) {
+        n0 = first * isa->dot_nr, n1 = std::min(N, last * isa->dot_nr);
+      } else {
+        m0 = first * isa->dot_mr, m1 = std::min(M, last * isa->dot_mr);
+      }
+      thread_local std::vector<float> lanes;
+      lanes.resize(static_cast<std::size_t>((m1 - m0) * (n1 - n0) * 16));
+      isa->run_dot(m0, m1, n0, n1, K, a, bt, c, accumulate, lanes.data());
+    } catch (const std::exception& e) {
+#pragma omp critical
+      error = e.what();
+    }
+  }
+  if (!error.empty()) throw std::runtime_error("cpu GEMM: " + error);
+}
+
+// ------------------------------------------------------------------------------------------------- Python side
+using Array = py::array_t<float, 0>;  // any strides, no forcecast
+using Floats = py::array_t<float, py::array::c_style>;
+
+i64 element_stride(const Array& a, int axis, const char* name) {
+  const i64 s = a.strides(axis);
+  if (s % static_cast<i64>(sizeof(float)) != 0) throw py::value_error(std::string(name) + ": unaligned strides");
+  return s / static_cast<i64>(sizeof(float));
+}
+
+void check_2d(const Array& a, const char* name) {
+  if (a.ndim() != 2) throw py::value_error(std::string(name) + " must be a matrix, got " +
+                                           std::to_string(a.ndim()) + " dimensions");
+}
+
+Operand strided(const Array& a, const char* name) {
+  check_2d(a, name);
+  Operand op;
+  op.p = a.data();
+  op.rs = element_stride(a, 0, name);
+  op.cs = element_stride(a, 1, name);
+  return op;
+}
+
+Output output(Array& c, i64 M, i64 N) {
+  check_2d(c, "c");
+  if (c.shape(0) != M || c.shape(1) != N) {
+    throw py::value_error("c has shape (" + std::to_string(c.shape(0)) + ", " + std::to_string(c.shape(1)) +
+                          "), expected (" + std::to_string(M) + ", " + std::to_string(N) + ")");
+  }
+  if (!c.writeable()) throw py::value_error("c is read-only");
+  Output out;
+  out.p = c.mutable_data();
+  out.rs = element_stride(c, 0, "c");
+  out.cs = element_stride(c, 1, "c");
+  return out;
+}
+
+// The bytes [lo, hi) an array's elements span.
+std::pair<const char*, const char*> span(const py::array& a) {
+  const char* lo = static_cast<const char*>(a.data());
+  const char* hi = lo;
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+    if (a.shape(d) == 0) return {lo, lo};
+    const py::ssize_t extent = (a.shape(d) - 1) * a.strides(d);
+    (extent < 0 ? lo : hi) += extent;
+  }
+  return {lo, hi + a.itemsize()};
+}
+
+void disjoint(const py::array& c, const py::array& x, const char* name) {
+  const auto [c0, c1] = span(c);
+  const auto [x0, x1] = span(x);
+  if (c0 < x1 && x0 < c1) throw py::value_error(std::string("c overlaps ") + name);
+}
+
+Operand image(const Floats& x, i64 C, i64 H, i64 W, i64 N, i64 c0, i64 Cg, i64 n0, i64 nb, i64 KH, i64 KW, i64 sh,
+              i64 sw, i64 ph, i64 pw, i64 OH, i64 OW) {
+  for (i64 v : {C, H, W, N, Cg, nb, KH, KW, sh, sw, OH, OW}) {
+    if (v <= 0) throw py::value_error("sizes, strides and window must be positive");
+  }
+  if (c0 < 0 || c0 + Cg > C || n0 < 0 || n0 + nb > N || ph < 0 || pw < 0) {
+    throw py::value_error("conv gemm: bad channel/image range or padding");
+  }
+  if (x.size() != C * H * W * N) throw py::value_error("x: " + std::to_string(x.size()) + " elements, expected " +
+                                                       std::to_string(C * H * W * N));
+  Operand op;
+  op.conv = 1;
+  op.p = x.data();
+  op.C = C, op.H = H, op.W = W, op.N = N, op.c0 = c0, op.Cg = Cg, op.n0 = n0, op.nb = nb, op.KH = KH, op.KW = KW;
+  op.sh = sh, op.sw = sw, op.ph = ph, op.pw = pw, op.OH = OH, op.OW = OW;
+  return op;
+}
+
+void py_gemm(const Array& a, const Array& b, Array& c, bool accumulate, const std::string& isa) {
+  const Isa* chosen = pick(isa);
+  Operand oa = strided(a, "a"), ob = strided(b, "b");
+  if (a.shape(1) != b.shape(0)) {
+    throw py::value_error("a is (" + std::to_string(a.shape(0)) + ", " + std::to_string(a.shape(1)) + ") but b is (" +
+                          std::to_string(b.shape(0)) + ", " + std::to_string(b.shape(1)) + ")");
+  }
+  const Output oc = output(c, a.shape(0), b.shape(1));
+  disjoint(c, a, "a");
+  disjoint(c, b, "b");
+  py::gil_scoped_release release;
+  gemm(a.shape(0), b.shape(1), a.shape(1), oa, ob, oc, accumulate, chosen);
+}
+
+// y (Fg, OH*OW*nb) = w (Fg, Cg*KH*KW) @ im2col(x)
+void py_conv_forward(const Array& w, const Floats& x, Array& y, i64 C, i64 H, i64 W, i64 N, i64 c0, i64 Cg, i64 n0,
+                     i64 nb, i64 KH, i64 KW, i64 sh, i64 sw, i64 ph, i64 pw, i64 OH, i64 OW, bool accumulate,
+                     const std::string& isa) {
+  const Isa* chosen = pick(isa);
+  const Operand cols = image(x, C, H, W, N, c0, Cg, n0, nb, KH, KW, sh, sw, ph, pw, OH, OW);
+  const Operand ow = strided(w, "w");
+  if (w.shape(1) != Cg * KH * KW) throw py::value_error("w has " + std::to_string(w.shape(1)) + " columns, expected " +
+                                                        std::to_string(Cg * KH * KW));
+  const Output oy = output(y, w.shape(0), OH * OW * nb);
+  disjoint(y, x, "x");
+  disjoint(y, w, "w");
+  py::gil_scoped_release release;
+  gemm(w.shape(0), OH * OW * nb, Cg * KH * KW, ow, cols, oy, accumulate, chosen);
+}
+
+// dw (Cg*KH*KW, Fg) = im2col(x) @ dy.T, dy (Fg, OH*OW*nb). form: "packed" (the blocked GEMM), "dot" (the dot
+// form: nothing packed) or "" (the dot form when dw is small enough for its lane sums to stay in L2: M*N*64 bytes).
+void py_conv_filter(const Floats& x, const Array& dy, Array& dw, i64 C, i64 H, i64 W, i64 N, i64 c0, i64 Cg, i64 n0,
+                    i64 nb, i64 KH, i64 KW, i64 sh, i64 sw, i64 ph, i64 pw, i64 OH, i64 OW, bool accumulate,
+                    const std::string& isa, const std::string& form) {
+  if (!form.empty() && form != "packed" && form != "dot") throw py::value_error("form must be 'packed' or 'dot'");
+  const Isa* chosen = pick(isa);
+  const Operand cols = image(x, C, H, W, N, c0, Cg, n0, nb, KH, KW, sh, sw, ph, pw, OH, OW);
+  Operand odyt = strided(dy, "dy");
+  if (dy.shape(1) != OH * OW * nb) throw py::value_error("dy has " + std::to_string(dy.shape(1)) +
+                                                         " columns, expected " + std::to_string(OH * OW * nb));
+  const Output odw = output(dw, Cg * KH * KW, dy.shape(0));
+  disjoint(dw, x, "x");
+  disjoint(dw, dy, "dy");
+  const i64 M = Cg * KH * KW, F = dy.shape(0), K = OH * OW * nb;
+  const bool dot = odyt.cs == 1 && (form == "dot" || (form.empty() && M * F <= 32 * 1024));
+  py::gil_scoped_release release;
+  if (dot) {
+    gemm_dot(M, F, K, cols, odyt, odw, accumulate, chosen);
+  } else {
+    std::swap(odyt.rs, odyt.cs);  // dy.T
+    gemm(M, F, K, cols, odyt, odw, accumulate, chosen);
+  }
+}
+
+}  // namespace
+
+void register_gemm(py::module_& m) {
+  m.def("gemm_isas", [] {
+    py::list names;
+    for (const Isa* isa : available()) names.append(isa->name);
+    return names;
+  }, "The SIMD widths of the GEMM this build has and this CPU runs, widest (the default) first");
+  m.def("gemm", &py_gemm, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("accumulate") = false,
+        py::arg("isa") = "", "c = a @ b (or c += a @ b); float32 matrices of any strides");
+  const auto geometry = [](auto&&... first) {
+    return std::make_tuple(first..., py::arg("C"), py::arg("H"), py::arg("W"), py::arg("N"), py::arg("c0"),
+                           py::arg("Cg"), py::arg("n0"), py::arg("nb"), py::arg("KH"), py::arg("KW"), py::arg("sh"),
+                           py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("OH"), py::arg("OW"),
+                           py::arg("accumulate") = false, py::arg("isa") = "");
+  };
+  std::apply([&](auto&&... args) {
+    m.def("conv_gemm_forward", &py_conv_forward, args..., "y = w @ im2col(x), the im2col matrix never built");
+  }, geometry(py::arg("w"), py::arg("x"), py::arg("y")));
+  std::apply([&](auto&&... args) {
+    m.def("conv_gemm_filter", &py_conv_filter, args..., py::arg("form") = "",
+          "dw = im2col(x) @ dy.T, the im2col matrix never built");
+  }, geometry(py::arg("x"), py::arg("dy"), py::arg("dw")));
+}
+
+}  // namespace convnet_cpu

@@ -1,0 +1,58 @@
+// convnet._cpu's GEMM: C (M, N) = A (M, K) B (K, N) [+ C], float32, for the cpu device's convolutions and
+// fully-connected layers (csrc/cpu/gemm.cpp; the blocked loops and micro-kernels in gemm_blocked.inc).
+//
+// Why not NumPy's BLAS: (1) a convolution's im2col operand is packed straight from the CHWN image (no im2col matrix
+// in memory, an operand "view" below); (2) every element of C is one chain of fused multiply-adds over k in order
+// 0..K-1 (started from 0, or from C when accumulating), whatever the tile sizes, the SIMD width (AVX2 or AVX-512)
+// or the thread count, so the cpu device's results are the same bit for bit on every x86-64 CPU with FMA, whichever
+// NumPy/OpenBLAS build is installed; (3) the BLAS kernel is not ours to pick (OPENBLAS_CORETYPE may hold it to
+// AVX2 on an AVX-512 CPU).
+#pragma once
+
+#include <cstdint>
+
+namespace convnet_cpu {
+
+using i64 = std::int64_t;
+
+// One GEMM operand: element (r, c) of a logical matrix.
+struct Operand {
+  const float* p = nullptr;
+  i64 rs = 0, cs = 0;  // strided: p[r * rs + c * cs]
+  // im2col (conv != 0): rows r = (c, ky, kx) over channels [c0, c0 + Cg), columns q = (oy, ox, n) over images
+  // [n0, n0 + nb) of the image x (C, H, W, N) at p: x[c0 + c, oy*sh - ph + ky, ox*sw - pw + kx, n0 + n], 0 outside
+  // (the matrix convnet/reference/conv.py's im2col builds, never built here).
+  int conv = 0;
+  i64 C = 0, H = 0, W = 0, N = 0, c0 = 0, Cg = 0, n0 = 0, nb = 0, KH = 0, KW = 0, sh = 1, sw = 1, ph = 0, pw = 0,
+      OH = 0, OW = 0;
+};
+
+struct Output {
+  float* p = nullptr;
+  i64 rs = 0, cs = 0;
+};
+
+// Per-ISA entry point: the blocked GEMM of C's rows [m0, m1) and columns [n0, n1) on the calling thread.
+// pack_a / pack_b: scratch of at least gemm_pack_floats() floats each, 64-byte aligned.
+struct Isa {
+  const char* name;
+  void (*run)(i64 m0, i64 m1, i64 n0, i64 n1, i64 K, const Operand& a, const Operand& b, const Output& c,
+              bool accumulate, float* pack_a, float* pack_b);
+  i64 mr, nr;  // micro-tile: the units in which threads split M and N
+  // The dot form (gemm_blocked.inc): C = A @ Bt.T with A and Bt read along k, unpacked; lanes: scratch of
+  // (m1 - m0) * (n1 - n0) * 16 floats.
+  void (*run_dot)(i64 m0, i64 m1, i64 n0, i64 n1, i64 K, const Operand& a, const Operand& bt, const Output& c,
+                  bool accumulate, float* lanes);
+  i64 dot_mr, dot_nr;
+};
+
+const Isa* isa_avx512();  // nullptr where not built (not x86-64 GCC/Clang)
+const Isa* isa_avx2();
+i64 gemm_pack_floats();
+
+// Packs elements (r, q0 .. q0 + len) of the operand: element q0 + j goes to
+// dst[(j / panel) * panel_stride + (j % panel) * step] (zero outside the image). The packing of both GEMM operands:
+// a row of A into an MR-row micro-panel (step MR, one panel), a row of B across NR-column micro-panels (step 1).
+void operand_row(const Operand& op, i64 r, i64 q0, i64 len, float* dst, i64 step, i64 panel, i64 panel_stride);
+
+}  // namespace convnet_cpu

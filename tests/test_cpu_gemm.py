@@ -1,0 +1,231 @@
+"""The cpu device's GEMM (``convnet._cpu.gemm``, ``conv_gemm_forward``, ``conv_gemm_filter``; csrc/cpu/gemm*.cpp)
+against NumPy in float64 on random data: every SIMD width this CPU runs, strided and transposed operands, sizes that
+are not multiples of any tile, the convolutions' im2col operand (strides, padding, groups, part of the batch), both
+forms of the filter gradient; results independent of the width and the thread count (one fused multiply-add chain
+per element, or the dot form's fixed lanes); bad input is a Python exception."""
+import numpy as np
+import pytest
+from helpers import CPU, rand
+
+import convnet.cpu.gemm as cpu_gemm
+import convnet.reference.conv as ref_conv
+from convnet import _cpu, ops
+from convnet.cpu import loop_threads
+from convnet.geometry import ConvGeometry
+
+pytestmark = pytest.mark.skipif(not cpu_gemm.available(), reason="this CPU has neither AVX-512 nor AVX2+FMA")
+
+RNG = np.random.default_rng(11)
+ISAS = cpu_gemm.isas() if cpu_gemm.available() else ()
+EPS = np.finfo(np.float32).eps
+
+
+def assert_gemm_close(got, a, b, c0=None):
+    """|got - a @ b (+ c0)| within float32 rounding of the sum of |products| (the error bound of any summation
+    order), element by element, with a and b's float64 product as the truth."""
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    want = a64 @ b64 + (0 if c0 is None else c0)
+    bound = 2 * EPS * (a.shape[1] + 2) * (np.abs(a64) @ np.abs(b64) + (0 if c0 is None else np.abs(c0))) + 1e-30
+    err = np.abs(np.asarray(got, np.float64) - want)
+    assert np.all(err <= bound), f"worst error {np.max(err / bound):.2f}x the bound"
+    # and not a trivially loose bound: the values are those of the product
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+SHAPES = [(1, 1, 1), (7, 33, 5), (8, 32, 256), (13, 100, 700), (65, 3, 257), (3, 1000, 17), (40, 70, 600),
+          (300, 9, 31)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m, n, k", SHAPES)
+def test_gemm_matches_numpy(isa, m, n, k):
+    a, b = rand(RNG, (m, k)), rand(RNG, (k, n))
+    c = np.full((m, n), np.nan, np.float32)
+    _cpu.gemm(a, b, c, isa=isa)
+    assert_gemm_close(c, a, b)
+    c0 = rand(RNG, (m, n))
+    c = c0.copy()
+    _cpu.gemm(a, b, c, accumulate=True, isa=isa)
+    assert_gemm_close(c, a, b, c0.astype(np.float64))
+
+
+@pytest.mark.parametrize("layout", ["a.T", "b.T", "both.T", "sliced", "c.T", "reversed"])
+def test_gemm_takes_any_strides(layout):
+    m, n, k = 37, 45, 70
+    a, b = rand(RNG, (m, k)), rand(RNG, (k, n))
+    c = np.empty((m, n), np.float32)
+    if layout == "a.T":
+        a = np.ascontiguousarray(a.T).T
+    elif layout == "b.T":
+        b = np.ascontiguousarray(b.T).T
+    elif layout == "both.T":
+        a, b = np.ascontiguousarray(a.T).T, np.ascontiguousarray(b.T).T
+    elif layout == "sliced":
+        a = rand(RNG, (2 * m, 3 * k))[::2, 1::3]
+        b = rand(RNG, (k + 5, 2 * n))[5:, ::2]
+    elif layout == "c.T":
+        c = np.empty((n, m), np.float32).T
+    else:
+        a, b = a[::-1], b[:, ::-1]
+    _cpu.gemm(a, b, c)
+    assert_gemm_close(c, a, b)
+
+
+def test_gemm_of_nothing():
+    """K = 0: c = 0 (or left as it is when accumulating); an empty c: nothing to do."""
+    c = rand(RNG, (3, 4))
+    _cpu.gemm(np.empty((3, 0), np.float32), np.empty((0, 4), np.float32), c)
+    np.testing.assert_array_equal(c, 0)
+    c0 = rand(RNG, (3, 4))
+    c = c0.copy()
+    _cpu.gemm(np.empty((3, 0), np.float32), np.empty((0, 4), np.float32), c, accumulate=True)
+    np.testing.assert_array_equal(c, c0)
+    _cpu.gemm(rand(RNG, (0, 5)), rand(RNG, (5, 4)), np.empty((0, 4), np.float32))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_gemm_bits_do_not_depend_on_width_or_threads(threads):
+    a, b = rand(RNG, (70, 300)), rand(RNG, (300, 530))
+    results = []
+    for isa in ISAS:
+        for t in (1, threads):
+            c = np.empty((70, 530), np.float32)
+            with loop_threads(t):
+                _cpu.gemm(a, b, c, isa=isa)
+            results.append(c)
+    for c in results[1:]:
+        np.testing.assert_array_equal(c, results[0])
+
+
+# (x shape (C, H, W, N), filter (KH, KW), F, stride, padding, groups, images [n0, n1))
+CONVS = [((1, 28, 28, 64), (5, 5), 32, 1, 2, 1, (0, 64)),      # the default net's conv1
+         ((32, 13, 13, 64), (3, 3), 64, 1, 1, 1, (0, 64)),     # conv2
+         ((3, 11, 9, 7), (3, 2), 6, (2, 1), (1, 0), 1, (0, 7)),  # odd everything
+         ((6, 8, 8, 5), (3, 3), 8, 3, 1, 2, (1, 4)),           # groups, stride > 1, part of the batch
+         ((4, 5, 5, 3), (5, 5), 8, 1, 4, 4, (0, 3)),           # padding that leaves whole rows outside
+         ((2, 7, 7, 40), (1, 1), 5, 2, 0, 1, (3, 40)),
+         ((2, 3, 3, 1100), (2, 2), 3, 1, 1, 1, (0, 1100))]        # runs of images longer than the dot form's
+
+
+def _conv_case(case):
+    xs, (kh, kw), f, stride, padding, groups, (n0, n1) = case
+    x = rand(RNG, xs)
+    g = ConvGeometry.of(xs, (xs[0] // groups, kh, kw, f), stride=stride, padding=padding, groups=groups)
+    return x, g, n0, n1
+
+
+def _args(g, group, n0, n1):
+    return (g.C, g.H, g.W, g.N, group * g.Cg, g.Cg, n0, n1 - n0, g.KH, g.KW, *g.stride, *g.padding, g.OH, g.OW)
+
+
+def _cols(x, g, group, n0, n1):
+    cols = np.empty((g.Cg * g.KH * g.KW, g.OH * g.OW * (n1 - n0)), np.float32)
+    _cpu.im2col(x, cols, *_args(g, group, n0, n1))
+    return cols
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", CONVS)
+def test_conv_forward_gemm_packs_the_image(isa, case):
+    x, g, n0, n1 = _conv_case(case)
+    fg, k = g.F // g.groups, g.Cg * g.KH * g.KW
+    for group in range(g.groups):
+        w = rand(RNG, (k, fg)).T  # transposed, as conv_forward passes it
+        y = np.full((fg, g.OH * g.OW * (n1 - n0)), np.nan, np.float32)
+        _cpu.conv_gemm_forward(w, x, y, *_args(g, group, n0, n1), isa=isa)
+        assert_gemm_close(y, w, _cols(x, g, group, n0, n1))
+
+
+@pytest.mark.parametrize("form", ["packed", "dot"])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", CONVS)
+def test_conv_filter_gemm_packs_the_image(form, isa, case):
+    x, g, n0, n1 = _conv_case(case)
+    fg, k, p = g.F // g.groups, g.Cg * g.KH * g.KW, g.OH * g.OW * (n1 - n0)
+    for group in range(g.groups):
+        dy = rand(RNG, (fg, p))
+        dw = np.full((k, fg), np.nan, np.float32)
+        _cpu.conv_gemm_filter(x, dy, dw, *_args(g, group, n0, n1), isa=isa, form=form)
+        cols = _cols(x, g, group, n0, n1)
+        assert_gemm_close(dw, cols, dy.T)
+        dw0 = rand(RNG, (k, fg))
+        dw = dw0.copy()
+        _cpu.conv_gemm_filter(x, dy, dw, *_args(g, group, n0, n1), accumulate=True, isa=isa, form=form)
+        assert_gemm_close(dw, cols, dy.T, dw0.astype(np.float64))
+
+
+@pytest.mark.parametrize("form", ["packed", "dot"])
+def test_conv_filter_bits_do_not_depend_on_width_or_threads(form):
+    x, g, n0, n1 = _conv_case(CONVS[1])
+    dy = rand(RNG, (g.F, g.OH * g.OW * g.N))
+    results = []
+    for isa in ISAS:
+        for t in (1, 2, 3):
+            dw = np.empty((g.Cg * 9, g.F), np.float32)
+            with loop_threads(t):
+                _cpu.conv_gemm_filter(x, dy, dw, *_args(g, 0, 0, g.N), isa=isa, form=form)
+            results.append(dw)
+    for dw in results[1:]:
+        np.testing.assert_array_equal(dw, results[0])
+
+
+def test_conv_filter_propagates_non_finite_values_like_the_reference():
+    """The image's padding takes part as zeros, as in the reference's im2col matrix: 0 * inf is NaN in both."""
+    x = rand(RNG, (1, 4, 4, 16))
+    w = rand(RNG, (1, 3, 3, 2))
+    dy = rand(RNG, (2, 4, 4, 16))
+    dy[0, 0, 0, 0] = np.inf  # output (0, 0) reads the padding for ky = 0 or kx = 0
+    with np.errstate(invalid="ignore"):
+        want = ref_conv.conv_backward_filter(x, dy, (3, 3), stride=1, padding=1)
+    got = ops.conv_backward_filter(CPU, x, dy, (3, 3), stride=1, padding=1)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+
+
+def test_cpu_convolutions_without_this_gemm_use_numpys(monkeypatch):
+    """Where this GEMM is not available (no AVX2), the cpu device's convolutions and fc layers run on NumPy's BLAS
+    over an im2col matrix: still the reference's results."""
+    monkeypatch.setattr(cpu_gemm, "available", lambda: False)
+    x, w = rand(RNG, (6, 9, 8, 5)), rand(RNG, (3, 3, 3, 8))
+    geo = dict(stride=2, padding=1, groups=2)
+    dy = rand(RNG, ops.conv_output_shape(x.shape, w.shape, **geo))
+    got = (ops.conv_forward(CPU, x, w, **geo), ops.conv_backward_data(CPU, dy, w, x.shape[1:3], **geo),
+           ops.conv_backward_filter(CPU, x, dy, w.shape[1:3], **geo))
+    want = (ref_conv.conv_forward(x, w, **geo), ref_conv.conv_backward_data(dy, w, x.shape[1:3], **geo),
+            ref_conv.conv_backward_filter(x, dy, w.shape[1:3], **geo))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    fx, fw = rand(RNG, (20, 7)), rand(RNG, (9, 20))
+    np.testing.assert_allclose(ops.fc_forward(CPU, fx, fw), fw.astype(np.float64) @ fx, rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_checks_its_arguments():
+    a, b, c = rand(RNG, (4, 5)), rand(RNG, (5, 6)), np.empty((4, 6), np.float32)
+    with pytest.raises(ValueError, match=r"a is \(4, 5\) but b is \(6, 5\)"):
+        _cpu.gemm(a, b.T.copy(), c)
+    with pytest.raises(ValueError, match=r"c has shape \(4, 5\), expected \(4, 6\)"):
+        _cpu.gemm(a, b, np.empty((4, 5), np.float32))
+    with pytest.raises(ValueError, match="must be a matrix"):
+        _cpu.gemm(a[None], b, c)
+    with pytest.raises(TypeError):
+        _cpu.gemm(a.astype(np.float64), b, c)  # float32 only, never converted
+    ro = np.empty((4, 6), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        _cpu.gemm(a, b, ro)
+    big = rand(RNG, (6, 6))
+    with pytest.raises(ValueError, match="c overlaps b"):
+        _cpu.gemm(rand(RNG, (6, 6)), big, big)  # c is b
+    with pytest.raises(ValueError, match="isa 'sse9' is not available"):
+        _cpu.gemm(a, b, c, isa="sse9")
+    x = rand(RNG, (2, 5, 5, 3))
+    y = np.empty((4, 27), np.float32)
+    with pytest.raises(ValueError, match="w has 9 columns, expected 18"):
+        _cpu.conv_gemm_forward(rand(RNG, (4, 9)), x, y, 2, 5, 5, 3, 0, 2, 0, 3, 3, 3, 2, 2, 1, 1, 3, 3)
+    with pytest.raises(ValueError, match="bad channel/image range"):
+        _cpu.conv_gemm_forward(rand(RNG, (4, 18)), x, y, 2, 5, 5, 3, 1, 2, 0, 3, 3, 3, 2, 2, 1, 1, 3, 3)
+    with pytest.raises(ValueError, match="x: 150 elements, expected 300"):
+        _cpu.conv_gemm_forward(rand(RNG, (4, 18)), x, y, 4, 5, 5, 3, 0, 2, 0, 3, 3, 3, 2, 2, 1, 1, 3, 3)
+    with pytest.raises(ValueError, match="form must be"):
+        _cpu.conv_gemm_filter(x, rand(RNG, (4, 27)), np.empty((18, 4), np.float32), 2, 5, 5, 3, 0, 2, 0, 3, 3, 3,
+                              2, 2, 1, 1, 3, 3, form="fast")
