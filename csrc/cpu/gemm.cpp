@@ -30,17 +30,20 @@ int loop_threads();  // host_kernels.cpp: set_threads
 i64 gemm_pack_floats() { return 128 * 1024 + 16 * 64 * 256; }
 
 void operand_row(const Operand& op, i64 r, i64 q0, i64 len, float* dst, i64 step, i64 panel, i64 panel_stride) {
-  // Copies `n` floats from src (contiguous; nullptr = zeros) to the packed positions of columns j .. j + n.
-  auto put = [&](i64 j, const float* src, i64 n) {
+  // The packed position of column j advances with j without a division: panel `pj`, `in` columns into it.
+  i64 pj = 0, in = 0;
+  // Copies `n` floats from src (contiguous; nullptr = zeros) to the next n packed positions.
+  auto put = [&](const float* src, i64 n) {
     while (n > 0) {
-      const i64 in_panel = j % panel, take = std::min(n, panel - in_panel);
-      float* d = dst + (j / panel) * panel_stride + in_panel * step;
+      const i64 take = std::min(n, panel - in);
+      float* d = dst + pj * panel_stride + in * step;
       if (step == 1) {
         if (src) std::memcpy(d, src, sizeof(float) * take); else std::memset(d, 0, sizeof(float) * take);
       } else {
         for (i64 t = 0; t < take; ++t) d[t * step] = src ? src[t] : 0.0f;
       }
-      j += take;
+      in += take;
+      if (in == panel) in = 0, ++pj;
       n -= take;
       if (src) src += take;
     }
@@ -48,25 +51,31 @@ void operand_row(const Operand& op, i64 r, i64 q0, i64 len, float* dst, i64 step
   if (!op.conv) {
     const float* row = op.p + r * op.rs;
     if (op.cs == 1) {
-      put(0, row + q0, len);
+      put(row + q0, len);
     } else {
       for (i64 j = 0; j < len; ++j) {
         const float v = row[(q0 + j) * op.cs];
-        put(j, &v, 1);
+        put(&v, 1);
       }
     }
     return;
   }
-  // im2col row r = (c, ky, kx); columns q = (oy, ox, n): runs of consecutive images are contiguous in x.
+  // im2col row r = (c, ky, kx); columns q = (oy, ox, n): runs of consecutive images are contiguous in x. The
+  // position (oy, ox, n) of column q0 + j is advanced run by run (a division per run cost as much as the copy).
   const i64 c = r / (op.KH * op.KW), ky = r / op.KW % op.KH, kx = r % op.KW;
   const float* plane = op.p + (op.c0 + c) * op.H * op.W * op.N + op.n0;
+  i64 n = q0 % op.nb, ox = q0 / op.nb % op.OW, oy = q0 / op.nb / op.OW;
   for (i64 j = 0; j < len;) {
-    const i64 q = q0 + j, n = q % op.nb, t = q / op.nb, ox = t % op.OW, oy = t / op.OW;
     const i64 run = std::min(op.nb - n, len - j);
     const i64 iy = oy * op.sh - op.ph + ky, ix = ox * op.sw - op.pw + kx;
     const bool inside = iy >= 0 && iy < op.H && ix >= 0 && ix < op.W;
-    put(j, inside ? plane + (iy * op.W + ix) * op.N + n : nullptr, run);
+    put(inside ? plane + (iy * op.W + ix) * op.N + n : nullptr, run);
     j += run;
+    n += run;
+    if (n == op.nb) {
+      n = 0;
+      if (++ox == op.OW) ox = 0, ++oy;
+    }
   }
 }
 
