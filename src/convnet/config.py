@@ -98,7 +98,7 @@ class Config:
     prefetch: int = setting(3, "batches prepared ahead by the loader thread (0 = no thread)", low=0, high=1024)
     workers: int | None = setting(None, "processes decoding prepared (JPEG) datasets (0 = in the loader thread; "
                                         "default: the CPU cores less one, at least 1)", low=0, high=1024)
-    threads: int | None = setting(None, "threads of the CPU devices (BLAS and the cpu device's loops); default: the "
+    threads: int | None = setting(None, "threads of the CPU devices (BLAS, the cpu device's GEMM and loops); default: the "
                                         "cores other work leaves idle at the start (at least 1, at most 8), saved with "
                                         "the run; 0 = the BLAS library's own default",
                                   low=0, high=4096)
