@@ -178,3 +178,20 @@ def test_data_bench_smoke(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert [r["processes"] for r in data["rows"]] == [1, 1, 1, 1] and all(r["images_per_s"] > 0 for r in data["rows"])
     assert "| pillow+numpy baseline | pillow | 1 |" in capsys.readouterr().out
+
+
+def test_cpu_gemm_bench_smoke(tmp_path, monkeypatch, capsys):
+    """benchmarks/cpu_gemm_bench.py times every GEMM of the fmnist step (ours against NumPy's, each checked) and
+    writes its table."""
+    bench = _writing_to(tmp_path, monkeypatch, "cpu_gemm_bench")
+    if not bench.cpu_gemm.available():
+        pytest.skip("this CPU has no AVX2+FMA: the cpu device multiplies with NumPy's BLAS")
+    assert bench.main(["--batch", "3", "--repeats", "1"]) == 0
+    (js,) = tmp_path.glob("cpu_gemm-fmnist-b3-t1-*.json")
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["gemm"] for r in rows] == [
+        "conv1 forward", "conv1 filter grad", "conv2 forward", "conv2 filter grad", "conv2 data grad",
+        "conv3 forward", "conv3 filter grad", "conv3 data grad", "fc3 forward", "fc3 data grad", "fc3 weight grad",
+        "fc4 forward", "fc4 data grad", "fc4 weight grad"]
+    assert all(r["rel diff"] < 1e-5 and r["ours ms"] > 0 for r in rows)
+    assert "sum: ours" in capsys.readouterr().out

@@ -155,13 +155,16 @@ def test_conv_filter_gemm_packs_the_image(form, isa, case):
 
 
 @pytest.mark.parametrize("form", ["packed", "dot"])
-def test_conv_filter_bits_do_not_depend_on_width_or_threads(form):
-    x, g, n0, n1 = _conv_case(CONVS[1])
+@pytest.mark.parametrize("case", [CONVS[1], CONVS[2], ((5, 9, 9, 24), (3, 3), 16, 1, 1, 1, (0, 24)),
+                                  ((3, 10, 10, 48), (5, 5), 9, 1, 2, 1, (0, 48))])
+def test_conv_filter_bits_do_not_depend_on_width_or_threads(form, case):
+    """The dot form's lanes take the same k whatever the tile's rows (the width's tile height, the thread split)."""
+    x, g, n0, n1 = _conv_case(case)
     dy = rand(RNG, (g.F, g.OH * g.OW * g.N))
     results = []
     for isa in ISAS:
         for t in (1, 2, 3):
-            dw = np.empty((g.Cg * 9, g.F), np.float32)
+            dw = np.empty((g.Cg * g.KH * g.KW, g.F), np.float32)
             with loop_threads(t):
                 _cpu.conv_gemm_filter(x, dy, dw, *_args(g, 0, 0, g.N), isa=isa, form=form)
             results.append(dw)
