@@ -1,6 +1,7 @@
 """convnet.geometry: the one place for shape rules, and its agreement with the C++ launchers' re-check."""
 import dataclasses
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -106,3 +107,22 @@ def test_python_and_cpp_agree_on_pool_geometry(h, w, wh, ww, sh, sw, ph, pw):
         return
     out = np.zeros(2 * g.OH * g.OW * 2, np.float32)
     k.pool_forward(buf.ctypes.data, out.ctypes.data, g, 0, 0)  # accepted: same output size on both sides
+
+
+def test_built_geometries_are_remembered_only_for_plain_arguments():
+    """A step's repeated calls get the value built before; a bool, float, NumPy int or list is validated afresh
+    (True == 1 and 2.0 == 2 must not find the int's geometry), and a refused call is refused every time."""
+    a = ConvGeometry.of((3, 9, 9, 4), (3, 3, 3, 8), stride=1, padding=1)
+    assert ConvGeometry.of((3, 9, 9, 4), (3, 3, 3, 8), stride=1, padding=1) is a
+    with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
+        ConvGeometry.of((3, 9, 9, 4), (3, 3, 3, 8), stride=True, padding=1)
+    with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
+        ConvGeometry.of((3, 9, 9, 4), (3, 3, 3, 8), stride=1.0, padding=1)
+    assert ConvGeometry.of((3, 9, 9, 4), [3, 3, 3, 8], stride=np.int64(1), padding=1) == a  # valid, not remembered
+    for _ in range(2):
+        with pytest.raises(ValueError, match="stride must be >= 1"):
+            ConvGeometry.of((3, 9, 9, 4), (3, 3, 3, 8), stride=0, padding=1)
+    p = PoolGeometry.of((3, 9, 9, 4), window=3, stride=2)
+    assert PoolGeometry.of((3, 9, 9, 4), window=3, stride=2) is p
+    with pytest.raises(TypeError):
+        PoolGeometry.of((3, 9, 9, 4), window=3.0, stride=2)

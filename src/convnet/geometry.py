@@ -16,6 +16,7 @@ Layers do shape inference per image: they build the value with ``N = 1``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 from dataclasses import dataclass, field
 
@@ -42,6 +43,33 @@ def lrn_scale(alpha: float, size: int, convention: str) -> float:
         return float(alpha) / size
     raise ValueError(f"convention must be 'sum' (a = alpha, the paper) or 'mean' (a = alpha/size, Caffe/torch/"
                      f"cuda-convnet), got {convention!r}")
+
+
+def _plain(v) -> bool:
+    """A Python int (not a bool) or a tuple of them: an argument a built geometry can be looked up by exactly."""
+    t = type(v)
+    return t is int or (t is tuple and all(type(e) is int for e in v))
+
+
+def _memoized(build):
+    """A geometry constructor that returns the value it built before for the same arguments when every argument is
+    plain (``_plain``: the shapes and ints a training step passes, the same few every step); any other argument (a
+    list, a NumPy int, a bool, a float) is validated afresh, and an error is never remembered. Geometries are frozen
+    values, so sharing one is safe; the checks cost about as much as a small kernel otherwise."""
+    built = {}
+
+    @functools.wraps(build)
+    def of(cls, *args, **kwargs):
+        if not (all(_plain(a) for a in args) and all(_plain(v) for v in kwargs.values())):
+            return build(cls, *args, **kwargs)
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        g = built.get(key)
+        if g is None:
+            if len(built) >= 4096:
+                built.clear()
+            g = built[key] = build(cls, *args, **kwargs)
+        return g
+    return of
 
 
 def _is_int(v) -> bool:
@@ -149,6 +177,7 @@ class ConvGeometry(_Window):
                      w=self.Cg * self.KH * self.KW * self.F)
 
     @classmethod
+    @_memoized
     def of(cls, x_shape, w_shape, *, stride=1, padding=0, groups=1) -> "ConvGeometry":
         """From x ``(C, H, W, N)`` and w ``(C/groups, KH, KW, F)`` shapes; checks that they agree."""
         c, h, w, n = _shape4("x", x_shape)
@@ -161,6 +190,7 @@ class ConvGeometry(_Window):
         return g
 
     @classmethod
+    @_memoized
     def of_backward_data(cls, dy_shape, w_shape, input_hw, *, stride=1, padding=0, groups=1) -> "ConvGeometry":
         """The forward geometry whose input gradient is computed from dy ``(F, OH, OW, N)``, w and the input's
         ``(H, W)`` (which the output size alone does not determine when stride > 1)."""
@@ -177,6 +207,7 @@ class ConvGeometry(_Window):
         return g
 
     @classmethod
+    @_memoized
     def of_backward_filter(cls, x_shape, dy_shape, filter_hw, *, stride=1, padding=0, groups=1) -> "ConvGeometry":
         """The forward geometry whose filter gradient is computed from x, dy ``(F, OH, OW, N)`` and ``(KH, KW)``."""
         c, h, w, n = _shape4("x", x_shape)
@@ -245,6 +276,7 @@ class PoolGeometry(_Window):
         _check_int32(input=self.C * self.H * self.W * self.N)
 
     @classmethod
+    @_memoized
     def of(cls, x_shape, *, window=3, stride=2, padding=0) -> "PoolGeometry":
         shape = tuple(x_shape)
         if len(shape) != 4 or any(not _is_int(s) or s < 1 for s in shape):

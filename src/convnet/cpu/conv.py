@@ -7,24 +7,11 @@ chain per element; the bias sums are done in double). Where this path's GEMM is 
 NumPy's BLAS multiplies an im2col matrix built by the compiled loops."""
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from convnet.cpu import contiguous, gemm, lib
 from convnet.geometry import ConvGeometry
 from convnet.reference.conv import _chunks
-
-
-@functools.lru_cache(maxsize=256)
-def _geometry(kind: str, *args, stride, padding, groups) -> ConvGeometry:
-    """``ConvGeometry.<kind>(*args, ...)``, built once per distinct call (a step makes the same few calls every time,
-    and building one costs as much as a small loop)."""
-    return getattr(ConvGeometry, kind)(*args, stride=stride, padding=padding, groups=groups)
-
-
-def _hashable(v):
-    return tuple(v) if isinstance(v, list) else v
 
 
 def _image_args(g: ConvGeometry, group: int, n0: int, n1: int) -> tuple:
@@ -58,7 +45,7 @@ def _dy_rows(dy, g: ConvGeometry, group: int, n0: int, n1: int):
 
 def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1):
     x, w = contiguous(x, w)
-    g = _geometry("of", x.shape, w.shape, stride=_hashable(stride), padding=_hashable(padding), groups=groups)
+    g = ConvGeometry.of(x.shape, w.shape, stride=stride, padding=padding, groups=groups)
     fg = g.F // g.groups
     y = np.empty(g.y_shape, dtype=np.float32)
     chunks = _image_chunks(g)
@@ -80,8 +67,7 @@ def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1):
 
 def conv_backward_data(dy, w, input_hw, stride=1, padding=0, groups=1):
     dy, w = contiguous(dy, w)
-    g = _geometry("of_backward_data", dy.shape, w.shape, _hashable(input_hw), stride=_hashable(stride),
-                  padding=_hashable(padding), groups=groups)
+    g = ConvGeometry.of_backward_data(dy.shape, w.shape, input_hw, stride=stride, padding=padding, groups=groups)
     dx = np.empty(g.x_shape, dtype=np.float32)
     for group in range(g.groups):
         wg = _filters(w, g, group)
@@ -92,8 +78,8 @@ def conv_backward_data(dy, w, input_hw, stride=1, padding=0, groups=1):
 
 def conv_backward_filter(x, dy, filter_hw, stride=1, padding=0, groups=1):
     x, dy = contiguous(x, dy)
-    g = _geometry("of_backward_filter", x.shape, dy.shape, _hashable(filter_hw), stride=_hashable(stride),
-                  padding=_hashable(padding), groups=groups)
+    g = ConvGeometry.of_backward_filter(x.shape, dy.shape, filter_hw, stride=stride, padding=padding,
+                                        groups=groups)
     fg = g.F // g.groups
     dw = np.empty(g.w_shape, dtype=np.float32)
     for group in range(g.groups):
