@@ -258,6 +258,9 @@ def test_the_shards_forwards_draw_the_whole_batchs_dropout_masks(device):
     assert np.abs(np.concatenate(alone, axis=-1) - whole).max() > 1e-2  # the control: the masks do matter
     with pytest.raises(ValueError, match=r"batch = \(B, first\) = \(16, 12\) must hold the input's 5 images"):
         net.forward(parts[0], train=True, step=3, batch=(16, 12))
+    for bad in ((16.0, 0), (16, True), 16, (16, 0, 1)):
+        with pytest.raises(ValueError, match="batch must be a pair"):
+            net.forward(parts[0], train=True, step=3, batch=bad)
 
 
 SPLIT_DROP = """

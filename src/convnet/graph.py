@@ -28,6 +28,7 @@
 """
 from __future__ import annotations
 
+import numbers
 import zlib
 
 import numpy as np
@@ -375,6 +376,9 @@ class Net:
         if tuple(x.shape[:-1]) != exp:
             raise ValueError(f"input batch has shape {tuple(x.shape)}, the data layer expects {exp + ('N',)}")
         if batch is not None:
+            if (not isinstance(batch, (tuple, list)) or len(batch) != 2
+                    or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in batch)):
+                raise ValueError(f"batch must be a pair (B, first) of integers, got {batch!r}")
             B, first = (int(v) for v in batch)
             if not 0 <= first <= first + x.shape[-1] <= B:
                 raise ValueError(f"batch = (B, first) = ({B}, {first}) must hold the input's {x.shape[-1]} images: "
