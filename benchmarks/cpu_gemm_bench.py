@@ -1,8 +1,9 @@
 """The cpu device's GEMM (convnet.cpu.gemm, csrc/cpu/gemm*.cpp) against NumPy's BLAS, on the GEMMs of one training
 step of a model (default: the default job's ``fmnist`` net at batch 64), same process, same thread count.
 
-    python benchmarks/cpu_gemm_bench.py                          # 1 thread, every SIMD width this CPU runs
+    python benchmarks/cpu_gemm_bench.py                          # 1 thread, the widest SIMD width here
     python benchmarks/cpu_gemm_bench.py --threads 2 --model fmnist --batch 64
+    CONVNET_CPU_GEMM=avx2 python benchmarks/cpu_gemm_bench.py     # the AVX2 kernels on an AVX-512 CPU
 
 For each convolution: the forward GEMM (w @ im2col(x)), the filter gradient (im2col(x) @ dy.T) and the data
 gradient's GEMM (w.T-side @ dy, into a column matrix); for each fully-connected layer: forward, data and weight
@@ -53,10 +54,12 @@ def cases(model: str, batch: int, rng) -> list[dict]:
             build = (lambda cols=cols, x=x, args=args: _cpu.im2col(x, cols, *args))
             out += [
                 dict(name=f"{layer.name} forward", m=fg, n=p, k=k, build=build,
-                     ours=lambda w=w, x=x, y=y, a=args: _cpu.conv_gemm_forward(w, x, y, *a) or y,
+                     ours=lambda w=w, x=x, y=y, a=args: (
+                         _cpu.conv_gemm_forward(w, x, y, *a, isa=cpu_gemm.isa()) or y),
                      numpy=lambda w=w, c=cols, y=y: np.matmul(w, c, out=y)),
                 dict(name=f"{layer.name} filter grad", m=k, n=fg, k=p, build=build,
-                     ours=lambda x=x, d=dy, dw=dw, a=args: _cpu.conv_gemm_filter(x, d, dw, *a) or dw,
+                     ours=lambda x=x, d=dy, dw=dw, a=args: (
+                         _cpu.conv_gemm_filter(x, d, dw, *a, isa=cpu_gemm.isa()) or dw),
                      numpy=lambda c=cols, d=dy, dw=dw: np.matmul(c, d.T, out=dw)),
             ]
             if layer.inputs[0] != net.data_layer.name:  # the data layer's input needs no gradient
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args(argv)
     if not cpu_gemm.available():
-        print("this CPU has neither AVX-512 nor AVX2+FMA: the cpu device uses NumPy's BLAS; nothing to compare")
+        print("the cpu device uses NumPy's BLAS here (no AVX2+FMA, or CONVNET_CPU_GEMM=numpy): nothing to compare")
         return 0
     rng = np.random.default_rng(0)
     rows = []
@@ -130,10 +133,10 @@ def main(argv=None) -> int:
                "numpy / ours time", "rel diff"]
     print(common.markdown_table(rows, columns))
     print(f"\nsum: ours {total_ours:.2f} ms, NumPy {total_np:.2f} ms with the im2col builds "
-          f"({a.threads} thread(s), ours {cpu_gemm.isas()[0]}; OPENBLAS_CORETYPE="
+          f"({a.threads} thread(s), ours {cpu_gemm.isa()}; OPENBLAS_CORETYPE="
           f"{os.environ.get('OPENBLAS_CORETYPE', 'unset')})")
     if not a.no_write:
-        extra = {"threads": a.threads, "isa": cpu_gemm.isas()[0], "model": a.model, "batch": a.batch,
+        extra = {"threads": a.threads, "isa": cpu_gemm.isa(), "model": a.model, "batch": a.batch,
                  "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "sum_ours_ms": total_ours,
                  "sum_numpy_with_im2col_ms": total_np}
         path = common.write_results(f"cpu_gemm-{a.model}-b{a.batch}-t{a.threads}", get_device("cpu"), rows, columns,

@@ -232,3 +232,36 @@ def test_gemm_checks_its_arguments():
     with pytest.raises(ValueError, match="form must be"):
         _cpu.conv_gemm_filter(x, rand(RNG, (4, 27)), np.empty((18, 4), np.float32), 2, 5, 5, 3, 0, 2, 0, 3, 3, 3,
                               2, 2, 1, 1, 3, 3, form="fast")
+
+
+def test_the_width_can_be_chosen(monkeypatch):
+    """CONVNET_CPU_GEMM picks the cpu device's width (every width gives the same bits through the ops), or NumPy's
+    BLAS; a width this CPU does not run is a clear error."""
+    x, w = rand(RNG, (6, 9, 8, 16)), rand(RNG, (3, 3, 3, 8))
+    geo = dict(stride=1, padding=1, groups=2)
+    dy = rand(RNG, ops.conv_output_shape(x.shape, w.shape, **geo))
+    fx, fw = rand(RNG, (20, 7)), rand(RNG, (9, 20))
+
+    def run():
+        cpu_gemm.isa.cache_clear()
+        return (ops.conv_forward(CPU, x, w, **geo), ops.conv_backward_data(CPU, dy, w, x.shape[1:3], **geo),
+                ops.conv_backward_filter(CPU, x, dy, w.shape[1:3], **geo), ops.fc_forward(CPU, fx, fw))
+
+    try:
+        results = {}
+        for choice in (*ISAS, "numpy"):
+            monkeypatch.setenv(cpu_gemm.ENV, choice)
+            results[choice] = run()
+            assert cpu_gemm.isa() == (None if choice == "numpy" else choice)
+        for choice in ISAS[1:]:
+            for a, b in zip(results[choice], results[ISAS[0]]):
+                np.testing.assert_array_equal(a, b)
+        for a, b in zip(results["numpy"], results[ISAS[0]]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        monkeypatch.setenv(cpu_gemm.ENV, "sse9")
+        cpu_gemm.isa.cache_clear()
+        with pytest.raises(ValueError, match="CONVNET_CPU_GEMM='sse9': this CPU and build run"):
+            ops.conv_forward(CPU, x, w, **geo)
+    finally:
+        monkeypatch.delenv(cpu_gemm.ENV, raising=False)
+        cpu_gemm.isa.cache_clear()

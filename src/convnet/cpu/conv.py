@@ -52,7 +52,7 @@ def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1):
     for group in range(g.groups):
         wt, yg = _filters(w, g, group).T, y[group * fg:(group + 1) * fg]
         if gemm.available():  # no im2col matrix: the whole batch in one GEMM
-            lib().conv_gemm_forward(wt, x, yg.reshape(fg, -1), *_image_args(g, group, 0, g.N))
+            lib().conv_gemm_forward(wt, x, yg.reshape(fg, -1), *_image_args(g, group, 0, g.N), isa=gemm.isa())
             continue
         for n0, n1 in chunks:
             if len(chunks) == 1:  # the group's rows of y are contiguous: the GEMM writes them
@@ -86,7 +86,7 @@ def conv_backward_filter(x, dy, filter_hw, stride=1, padding=0, groups=1):
         if gemm.available():  # no im2col matrix: the whole batch in one GEMM
             dwg = dw.reshape(-1, g.F)[:, group * fg:(group + 1) * fg]
             lib().conv_gemm_filter(x, dy[group * fg:(group + 1) * fg].reshape(fg, -1), dwg,
-                                   *_image_args(g, group, 0, g.N))
+                                   *_image_args(g, group, 0, g.N), isa=gemm.isa())
             continue
         acc = None
         for n0, n1 in _image_chunks(g):

@@ -5,12 +5,16 @@ SIMD width, tile sizes or thread count: the cpu device's results are bit-identic
 do not depend on which NumPy/OpenBLAS build is installed. Where the CPU has neither (another architecture), the cpu
 device uses NumPy's BLAS instead (``available()`` is False).
 
+``CONVNET_CPU_GEMM`` (read once per process) picks another width than the widest: ``avx2`` or ``avx512``, or
+``numpy`` for NumPy's BLAS over im2col matrices -- to measure what an AVX2-only CPU gets, or to compare.
+
 Checked against NumPy in float64 on random data by tests/test_cpu_gemm.py (every SIMD width this CPU runs, strided
 and transposed operands, awkward sizes, thread counts, bad input).
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
@@ -23,8 +27,27 @@ def isas() -> tuple[str, ...]:
     return tuple(lib().gemm_isas())
 
 
+ENV = "CONVNET_CPU_GEMM"
+
+
+@functools.lru_cache(maxsize=None)
+def isa() -> str | None:
+    """The width the cpu device multiplies with: the widest of ``isas()``, or ``CONVNET_CPU_GEMM``'s choice; None:
+    NumPy's BLAS (no width here, or ``CONVNET_CPU_GEMM=numpy``)."""
+    choice = os.environ.get(ENV, "").strip().lower()
+    have = isas()
+    if choice in ("", "auto"):
+        return have[0] if have else None
+    if choice == "numpy":
+        return None
+    if choice not in have:
+        raise ValueError(f"{ENV}={choice!r}: this CPU and build run {', '.join(have) or 'no width of this GEMM'} "
+                         f"(or 'numpy' for NumPy's BLAS)")
+    return choice
+
+
 def available() -> bool:
-    return bool(isas())
+    return isa() is not None
 
 
 def matmul(a, b, out=None):
@@ -34,5 +57,5 @@ def matmul(a, b, out=None):
         return np.matmul(a, b, out=out)
     if out is None:
         out = np.empty((a.shape[0], b.shape[1]), dtype=np.float32)
-    lib().gemm(a, b, out)
+    lib().gemm(a, b, out, isa=isa())
     return out
