@@ -27,8 +27,6 @@ namespace convnet_cpu {
 
 int loop_threads();  // host_kernels.cpp: set_threads
 
-i64 gemm_pack_floats() { return 128 * 1024 + 16 * 64 * 256; }
-
 void operand_row(const Operand& op, i64 r, i64 q0, i64 len, float* dst, i64 step, i64 panel, i64 panel_stride) {
   // The packed position of column j advances with j without a division: panel `pj`, `in` columns into it.
   i64 pj = 0, in = 0;
@@ -48,16 +46,8 @@ void operand_row(const Operand& op, i64 r, i64 q0, i64 len, float* dst, i64 step
       if (src) src += take;
     }
   };
-  if (!op.conv) {
-    const float* row = op.p + r * op.rs;
-    if (op.cs == 1) {
-      put(row + q0, len);
-    } else {
-      for (i64 j = 0; j < len; ++j) {
-        const float v = row[(q0 + j) * op.cs];
-        put(&v, 1);
-      }
-    }
+  if (!op.conv) {  // unit column stride (gemm.h)
+    put(op.p + r * op.rs + q0, len);
     return;
   }
   // im2col row r = (c, ky, kx); columns q = (oy, ox, n): runs of consecutive images are contiguous in x. The
@@ -116,7 +106,7 @@ struct Scratch {
   float* a = nullptr;
   float* b = nullptr;
   Scratch() {
-    const std::size_t bytes = sizeof(float) * gemm_pack_floats();
+    const std::size_t bytes = sizeof(float) * kPackFloats;
     a = static_cast<float*>(std::aligned_alloc(64, bytes));
     b = static_cast<float*>(std::aligned_alloc(64, bytes));
     if (!a || !b) throw std::bad_alloc();
@@ -132,28 +122,25 @@ Scratch& scratch() {
   return s;
 }
 
-void gemm(i64 M, i64 N, i64 K, const Operand& a, const Operand& b, const Output& c, bool accumulate, const Isa* isa) {
+// Runs part(m0, m1, n0, n1) on parts of C cut along its tiles (mr x nr): one contiguous range of tile columns (or
+// rows, when C has more of those) per thread; an error on any thread is raised after the region.
+template <class Part>
+void split_over_tiles(i64 M, i64 N, i64 K, i64 mr, i64 nr, Part part) {
   if (M == 0 || N == 0) return;
-  const i64 tiles_m = (M + isa->mr - 1) / isa->mr, tiles_n = (N + isa->nr - 1) / isa->nr;
+  const i64 tiles_m = (M + mr - 1) / mr, tiles_n = (N + nr - 1) / nr;
   const bool split_n = tiles_n >= tiles_m;
   const i64 tiles = split_n ? tiles_n : tiles_m;
   // Below ~4 MFLOP a second thread costs more than it saves.
   const i64 parts = 2.0 * M * N * K < 4e6 ? 1 : std::min<i64>(loop_threads(), tiles);
-  if (parts <= 1) {
-    Scratch& s = scratch();
-    isa->run(0, M, 0, N, K, a, b, c, accumulate, s.a, s.b);
-    return;
-  }
   std::string error;
-#pragma omp parallel num_threads(static_cast<int>(parts))
+#pragma omp parallel num_threads(static_cast<int>(parts)) if (parts > 1)
   {
     const i64 t = omp_get_thread_num(), first = t * tiles / parts, last = (t + 1) * tiles / parts;
     try {
-      Scratch& s = scratch();
       if (split_n) {
-        isa->run(0, M, first * isa->nr, std::min(N, last * isa->nr), K, a, b, c, accumulate, s.a, s.b);
+        part(0, M, first * nr, std::min(N, last * nr));
       } else {
-        isa->run(first * isa->mr, std::min(M, last * isa->mr), 0, N, K, a, b, c, accumulate, s.a, s.b);
+        part(first * mr, std::min(M, last * mr), 0, N);
       }
     } catch (const std::exception& e) {
 #pragma omp critical
@@ -163,34 +150,21 @@ void gemm(i64 M, i64 N, i64 K, const Operand& a, const Operand& b, const Output&
   if (!error.empty()) throw std::runtime_error("cpu GEMM: " + error);
 }
 
-// C (M, N) = A @ Bt.T by the dot form, split across threads like gemm.
+void gemm(i64 M, i64 N, i64 K, const Operand& a, const Operand& b, const Output& c, bool accumulate, const Isa* isa) {
+  split_over_tiles(M, N, K, isa->mr, isa->nr, [&](i64 m0, i64 m1, i64 n0, i64 n1) {
+    Scratch& s = scratch();
+    isa->run(m0, m1, n0, n1, K, a, b, c, accumulate, s.a, s.b);
+  });
+}
+
+// C (M, N) = A @ Bt.T by the dot form.
 void gemm_dot(i64 M, i64 N, i64 K, const Operand& a, const Operand& bt, const Output& c, bool accumulate,
               const Isa* isa) {
-  if (M == 0 || N == 0) return;
-  const i64 tiles_m = (M + isa->dot_mr - 1) / isa->dot_mr, tiles_n = (N + isa->dot_nr - 1) / isa->dot_nr;
-  const bool split_n = tiles_n >= tiles_m;
-  const i64 tiles = split_n ? tiles_n : tiles_m;
-  const i64 parts = 2.0 * M * N * K < 4e6 ? 1 : std::min<i64>(loop_threads(), tiles);
-  std::string error;
-#pragma omp parallel num_threads(static_cast<int>(parts)) if (parts > 1)
-  {
-    const i64 t = omp_get_thread_num(), first = t * tiles / parts, last = (t + 1) * tiles / parts;
-    try {
-      i64 m0 = 0, m1 = M, n0 = 0, n1 = N;
-      if (split_n) {
-        n0 = first * isa->dot_nr, n1 = std::min(N, last * isa->dot_nr);
-      } else {
-        m0 = first * isa->dot_mr, m1 = std::min(M, last * isa->dot_mr);
-      }
-      thread_local std::vector<float> lanes;
-      lanes.resize(static_cast<std::size_t>((m1 - m0) * (n1 - n0) * 16));
-      isa->run_dot(m0, m1, n0, n1, K, a, bt, c, accumulate, lanes.data());
-    } catch (const std::exception& e) {
-#pragma omp critical
-      error = e.what();
-    }
-  }
-  if (!error.empty()) throw std::runtime_error("cpu GEMM: " + error);
+  split_over_tiles(M, N, K, isa->dot_mr, isa->dot_nr, [&](i64 m0, i64 m1, i64 n0, i64 n1) {
+    thread_local std::vector<float> lanes;
+    lanes.resize(static_cast<std::size_t>((m1 - m0) * (n1 - n0) * 16));
+    isa->run_dot(m0, m1, n0, n1, K, a, bt, c, accumulate, lanes.data());
+  });
 }
 
 // ------------------------------------------------------------------------------------------------- Python side
@@ -298,7 +272,8 @@ void py_conv_forward(const Array& w, const Floats& x, Array& y, i64 C, i64 H, i6
 }
 
 // dw (Cg*KH*KW, Fg) = im2col(x) @ dy.T, dy (Fg, OH*OW*nb). form: "packed" (the blocked GEMM), "dot" (the dot
-// form: nothing packed) or "" (the dot form when dw is small enough for its lane sums to stay in L2: M*N*64 bytes).
+// form: nothing packed) or "" (the dot form up to 32K elements of dw: measured faster for fmnist's conv1 and conv2,
+// slower for conv3's 74K).
 void py_conv_filter(const Floats& x, const Array& dy, Array& dw, i64 C, i64 H, i64 W, i64 N, i64 c0, i64 Cg, i64 n0,
                     i64 nb, i64 KH, i64 KW, i64 sh, i64 sw, i64 ph, i64 pw, i64 OH, i64 OW, bool accumulate,
                     const std::string& isa, const std::string& form) {

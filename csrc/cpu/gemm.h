@@ -33,7 +33,7 @@ struct Output {
 };
 
 // Per-ISA entry point: the blocked GEMM of C's rows [m0, m1) and columns [n0, n1) on the calling thread.
-// pack_a / pack_b: scratch of at least gemm_pack_floats() floats each, 64-byte aligned.
+// pack_a / pack_b: scratch of kPackFloats floats each, 64-byte aligned.
 struct Isa {
   const char* name;
   void (*run)(i64 m0, i64 m1, i64 n0, i64 n1, i64 K, const Operand& a, const Operand& b, const Output& c,
@@ -48,9 +48,11 @@ struct Isa {
 
 const Isa* isa_avx512();  // nullptr where not built (not x86-64 GCC/Clang)
 const Isa* isa_avx2();
-i64 gemm_pack_floats();
+// Floats of each of a thread's two packing buffers (gemm_blocked.inc checks that its blocks fit).
+constexpr i64 kPackFloats = 192 * 1024;
 
-// Packs elements (r, q0 .. q0 + len) of the operand: element q0 + j goes to
+// Packs elements (r, q0 .. q0 + len) of the operand (the im2col operand, or a strided one with unit column stride:
+// other strided operands are packed by the callers along their contiguous axis): element q0 + j goes to
 // dst[(j / panel) * panel_stride + (j % panel) * step] (zero outside the image). The packing of both GEMM operands:
 // a row of A into an MR-row micro-panel (step MR, one panel), a row of B across NR-column micro-panels (step 1).
 void operand_row(const Operand& op, i64 r, i64 q0, i64 len, float* dst, i64 step, i64 panel, i64 panel_stride);

@@ -1,10 +1,11 @@
 // convnet._cpu: the host loops of the fast CPU path (the `cpu` device, src/convnet/cpu/*.py), float32, CHWN.
 //
 // The cpu device computes convolutions and fully-connected layers as GEMMs (its own: csrc/cpu/gemm.cpp, registered
-// here too); what is left between the GEMMs -- im2col/col2im, max pooling, ReLU, dropout, the bias add and sum, the SGD update -- is memory-bound and,
-// written in NumPy, costs as much as the GEMMs (strided temporaries, NumPy's slow masked `where`, one thread). Here
-// each is one pass over memory, parallel over channels with OpenMP on set_threads(n) threads (default 1; the
-// trainer sets its --threads, like the BLAS threads), with the GIL released so the loader thread keeps running.
+// here too); what is left between the GEMMs -- col2im (and im2col where NumPy's BLAS multiplies), max pooling, ReLU,
+// dropout, the bias add and sum, the SGD update -- is memory-bound and, written in NumPy, costs as much as the GEMMs
+// (strided temporaries, NumPy's slow masked `where`, one thread). Here each is one pass over memory, parallel over
+// channels with OpenMP on set_threads(n) threads (default 1; the trainer sets its --threads, like the BLAS threads),
+// with the GIL released so the loader thread keeps running.
 //
 // Layouts (docs/architecture.md): images x (C, H, W, N), N fastest, so every inner loop is a contiguous run of N
 // (or nb) floats. Each function computes exactly what its NumPy reference computes (convnet/reference/*.py);

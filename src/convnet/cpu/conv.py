@@ -48,12 +48,12 @@ def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1):
     g = ConvGeometry.of(x.shape, w.shape, stride=stride, padding=padding, groups=groups)
     fg = g.F // g.groups
     y = np.empty(g.y_shape, dtype=np.float32)
-    chunks = _image_chunks(g)
     for group in range(g.groups):
         wt, yg = _filters(w, g, group).T, y[group * fg:(group + 1) * fg]
         if gemm.available():  # no im2col matrix: the whole batch in one GEMM
             lib().conv_gemm_forward(wt, x, yg.reshape(fg, -1), *_image_args(g, group, 0, g.N), isa=gemm.isa())
             continue
+        chunks = _image_chunks(g)
         for n0, n1 in chunks:
             if len(chunks) == 1:  # the group's rows of y are contiguous: the GEMM writes them
                 np.matmul(wt, _cols(x, g, group, n0, n1), out=yg.reshape(fg, -1))
