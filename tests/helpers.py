@@ -213,6 +213,11 @@ class FakeCupy:
     handle. ``log`` holds ``(what, current device, current stream ptr, launch stream handle or None)`` while
     ``recording`` is true."""
 
+    # the fake's own machinery; every other public name mirrors CuPy's (tests/test_cupy_api.py checks it against a
+    # real CuPy: names, parameters, defaults, constants)
+    MACHINERY = frozenset({"log", "recording", "devices", "current", "null", "next_ptr", "events", "stacks",
+                           "HOST_ONLY", "record", "array_on", "kernels", "install", "MACHINERY"})
+
     def __init__(self, devices: int = 2):
         fake = self
         self.log, self.recording, self.devices = [], False, devices
@@ -220,15 +225,17 @@ class FakeCupy:
         self.null = None
 
         class Stream:
-            def __init__(self, ptr=None, device_id=None, non_blocking=False):
-                # Stream() (CuPy's constructor) is a new stream of the current device
-                if ptr is None:
+            def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
+                # CuPy's constructor: a new stream of the current device, or (null=True) the legacy default stream,
+                # handle 0 on every device
+                if null:
+                    self.ptr, self.device_id = 0, -1
+                else:
                     fake.next_ptr += 1
-                    ptr = fake.next_ptr
-                self.ptr, self.device_id = ptr, fake.current if device_id is None else device_id
+                    self.ptr, self.device_id = fake.next_ptr, fake.current
 
             def wait_event(self, event):
-                fake.record("wait", event.id, stream=self)
+                fake.record("wait", event.index, stream=self)
 
             def __enter__(self):
                 if self.device_id not in (-1, fake.current):
@@ -243,13 +250,17 @@ class FakeCupy:
             def synchronize(self):
                 fake.record("stream synchronize", stream=self)
 
+        class ExternalStream(Stream):
+            def __init__(self, ptr, device_id=-1):  # CuPy's: a stream made elsewhere, by its handle and GPU
+                self.ptr, self.device_id = ptr, device_id
+
         class Event:
-            def __init__(self, block=False, disable_timing=False):
-                self.id, self.done = len(fake.events), True
+            def __init__(self, block=False, disable_timing=False, interprocess=False):
+                self.index, self.done = len(fake.events), True
                 fake.events.append(self)
 
             def record(self, stream=None):
-                fake.record("record", self.id, stream=stream if stream is not None else get_current_stream())
+                fake.record("record", self.index, stream=stream if stream is not None else get_current_stream())
 
         class CUDARuntimeError(RuntimeError):
             def __init__(self, status):
@@ -261,22 +272,22 @@ class FakeCupy:
             memcpyHostToDevice, memcpyDeviceToHost, memcpyDeviceToDevice = 1, 2, 3
 
             @staticmethod
-            def deviceCanAccessPeer(dev, peer):
+            def deviceCanAccessPeer(device, peerDevice):
                 return 1
 
             @staticmethod
-            def deviceEnablePeerAccess(peer):
+            def deviceEnablePeerAccess(peerDevice):
                 pass
 
             @staticmethod
-            def memcpyAsync(dst, src, n, kind, stream):
+            def memcpyAsync(dst, src, size, kind, stream):
                 fake.record("memcpy", stream)
-                ctypes.memmove(dst, src, n)
+                ctypes.memmove(dst, src, size)
 
             @staticmethod
-            def memcpyPeerAsync(dst, dst_dev, src, src_dev, n, stream):
+            def memcpyPeerAsync(dst, dstDevice, src, srcDevice, size, stream):
                 fake.record("memcpy peer", stream)
-                ctypes.memmove(dst, src, n)
+                ctypes.memmove(dst, src, size)
 
         Runtime.CUDARuntimeError = CUDARuntimeError
 
@@ -302,16 +313,17 @@ class FakeCupy:
             return fake.stacks[fake.current if device_id == -1 else device_id][-1]
 
         self.next_ptr, self.events = 0x100, []
-        self.null = Stream(0, -1)
+        self.null = Stream(null=True)
         self.stacks = {i: [self.null] for i in range(devices)}
         pinned = []  # pinned buffers stay alive with the fake
-        self.cuda = type("cuda", (), dict(Stream=Stream, Device=Device, Event=Event, runtime=Runtime,
+        self.cuda = type("cuda", (), dict(Stream=Stream, ExternalStream=ExternalStream, Device=Device, Event=Event,
+                                          runtime=Runtime,
                                           get_current_stream=staticmethod(get_current_stream),
                                           alloc_pinned_memory=staticmethod(
-                                              lambda n: pinned.append(np.empty(n, np.uint8))
+                                              lambda size: pinned.append(np.empty(size, np.uint8))
                                               or type("Pinned", (), {"ptr": pinned[-1].ctypes.data})()),
-                                          set_allocator=staticmethod(lambda a=None: None),
-                                          set_pinned_memory_allocator=staticmethod(lambda a=None: None)))
+                                          set_allocator=staticmethod(lambda allocator=None: None),
+                                          set_pinned_memory_allocator=staticmethod(lambda allocator=None: None)))
         self.__version__ = "fake"
 
         def unwrap(v, what):
@@ -361,7 +373,7 @@ class FakeCupy:
                 fake.record("get")
                 return np.array(self._a)
 
-            def astype(self, dtype, copy=True):
+            def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
                 fake.record("astype")
                 return fake._wrap(self._a.astype(dtype, copy=True))
 
@@ -399,9 +411,9 @@ class FakeCupy:
                 return out if out is not None else fake._wrap(result)
             return call
 
-        def concatenate(arrays, axis=0, out=None):
+        def concatenate(tup, axis=0, out=None):
             fake.record("concatenate")
-            result = np.concatenate([unwrap(a, "concatenate") for a in arrays], axis=axis,
+            result = np.concatenate([unwrap(a, "concatenate") for a in tup], axis=axis,
                                     out=None if out is None else unwrap(out, "concatenate"))
             return out if out is not None else fake._wrap(result)
 
@@ -421,11 +433,11 @@ class FakeCupy:
         return self.ndarray(a, self.current)
 
     # -- the array module -------------------------------------------------------------------------------------------
-    def empty(self, shape, dtype=np.float32):
+    def empty(self, shape, dtype=float):
         self.record("empty")
         return self._wrap(np.empty(shape, dtype))
 
-    def zeros(self, shape, dtype=np.float32):
+    def zeros(self, shape, dtype=float):
         self.record("zeros")
         return self._wrap(np.zeros(shape, dtype))
 
@@ -492,6 +504,7 @@ class FakeNccl:
 
     NCCL_SUM, NCCL_FLOAT32, NCCL_FLOAT64 = 0, 7, 8
     available = True
+    MACHINERY = frozenset({"fake", "install", "MACHINERY"})  # the rest mirrors cupy.cuda.nccl (tests/test_cupy_api.py)
 
     def __init__(self):
         self.fake = None
@@ -499,8 +512,10 @@ class FakeNccl:
 
         class NcclCommunicator:
             def __init__(self, ndev, commId, rank):
-                if not (isinstance(commId, tuple) and len(commId) == 128):
-                    raise TypeError(f"fake nccl: commId must be get_unique_id()'s tuple, got {type(commId).__name__}")
+                if not isinstance(commId, bytes):  # CuPy 14's type (13 and older: a tuple of ints)
+                    raise TypeError(f"fake nccl: commId must be get_unique_id()'s bytes, got {type(commId).__name__}")
+                if len(commId) != 128:
+                    raise ValueError(f"commId length {len(commId)} != 128.")
                 if not 0 <= rank < ndev:
                     raise ValueError(f"fake nccl: rank {rank} of {ndev}")
                 self.ndev, self.rank_ = ndev, rank
@@ -527,7 +542,7 @@ class FakeNccl:
 
     @staticmethod
     def get_unique_id():
-        return tuple(int(b) for b in np.random.default_rng().integers(-128, 128, 128))
+        return os.urandom(128)  # CuPy 14 returns the id as 128 bytes
 
     def install(self, fake):
         """Make this ``fake.cuda.nccl`` (and give the fake runtime ``getDeviceCount``)."""

@@ -189,8 +189,8 @@ def test_op_on_a_fake_second_gpu_uses_its_device_and_stream(monkeypatch, name, e
     want = _flatten(CALLS[name](NUMPY, copy.deepcopy(host), None))
     a = _on(dev, host)
     assert all(v._dev == 1 for v in a.values())
-    ours = fake.cuda.Stream(ptr=0x71, device_id=1)
-    fake.stacks[0].append(fake.cuda.Stream(ptr=0x70, device_id=0))  # GPU 0's current stream: must not be used
+    ours = fake.cuda.ExternalStream(0x71, 1)
+    fake.stacks[0].append(fake.cuda.ExternalStream(0x70, 0))  # GPU 0's current stream: must not be used
     if not explicit:
         fake.stacks[1].append(ours)  # GPU 1's current stream (GPU 0 stays the current device)
     fake.recording = True
@@ -213,7 +213,7 @@ def test_reading_an_array_of_another_gpu_orders_on_that_gpu(monkeypatch):
     device's stream, which is not ordered after GPU 1's work)."""
     fake = FakeCupy(devices=2).install(monkeypatch)
     a = fake.array_on(1, np.arange(4, dtype=np.float32))
-    fake.stacks[1].append(fake.cuda.Stream(ptr=0x81, device_id=1))
+    fake.stacks[1].append(fake.cuda.ExternalStream(0x81, 1))
     fake.recording = True
     host = Device("cuda", 0).to_numpy(a)
     assert fake.log == [("get", 1, 0x81, None)] and fake.current == 0
