@@ -11,13 +11,16 @@ the same GPU, three cuDNN baselines on its fastest algorithm for each:
 
 * cuDNN NCHW FP32 (TF32 off): its native layout. Through PyTorch (``cudnn.benchmark = True``,
   ``allow_tf32 = False``) when torch is installed, else through ctypes (legacy API, cudnnFind* picks the algorithm,
-  CUDNN_FMA_MATH). ``ours/cuDNN`` is our time over this one (< 1: faster than cuDNN).
+  CUDNN_FMA_MATH). ``ours/cuDNN`` is our time over this one (< 1: faster than cuDNN). Its results are compared with
+  ours (``NCHW rel diff``): at batch 128 on the real layer shapes, a check of our kernels that the small-shape cuda
+  tests do not make.
 * cuDNN CHWN FP32: cuDNN on OUR memory layout -- activations (x, y, dx, dy) described to cuDNN by CHWN strides
   (``CuDNN.tensor(..., "CHWN")``, ctypes), filters in cuDNN's KCRS (filter descriptors take no strides). Beside
   the NCHW column it separates layout from kernel quality: if cuDNN on CHWN is slower than on NCHW, that part of a
   gap is the layout's; if ours is slower than cuDNN on the same CHWN memory, it is the kernels'. Its result is
   compared with ours (``CHWN rel diff``), so a wrong stride description cannot pass as a fast baseline. Empty when
-  cuDNN has no algorithm for those strides (the reason is printed).
+  cuDNN has no algorithm for those strides (the reason is printed). Either difference above 1e-4 is printed as a
+  MISMATCH and fails the run (exit 1), after the results are written.
 * cuDNN NCHW TF32: for reference (tensor cores; not the FP32 comparison).
 
 Timing -- the same for ours and every cuDNN column (common.bench_ms / common.torch_bench_ms): warm-up calls (for
@@ -245,21 +248,30 @@ def torch_fns(torch, geo: ConvGeometry, host, index: int):
     conv_bwd = torch.ops.aten.convolution_backward
     args = dict(bias_sizes=None, stride=s, padding=p, dilation=[1, 1], transposed=False,
                 output_padding=[0, 0], groups=g)
-    return {
+    fns = {
         "forward": lambda: torch.nn.functional.conv2d(x, wt, None, s, p, 1, g),
         "input-grad": lambda: conv_bwd(dy, x, wt, output_mask=[True, False, False], **args),
         "filter-grad": lambda: conv_bwd(dy, x, wt, output_mask=[False, True, False], **args),
     }
+    # one call of each, as NumPy arrays in our layouts: (N, F, OH, OW) -> CHWN; dw (F, Cg, KH, KW) -> (Cg, KH, KW, F)
+    fns["outputs"] = lambda: tuple(t.cpu().numpy().transpose(1, 2, 3, 0) for t in
+                                   (fns["forward"](), fns["input-grad"]()[0], fns["filter-grad"]()[1]))
+    return fns
 
 
 # baseline columns, in table order
 NCHW_FP32, CHWN_FP32, NCHW_TF32 = "cuDNN NCHW FP32 ms", "cuDNN CHWN FP32 ms", "cuDNN NCHW TF32 ms"
+# cuDNN FP32's results against ours: max|cuDNN - ours| / max|ours| per pass. Both are FP32 sums of up to
+# C*KH*KW (forward), F*KH*KW (input-grad) or N*OH*OW (filter-grad: 387k at conv1, batch 128) products in different
+# orders; on random data even a sequential sum of 387k terms stays near sqrt(387k) x 6e-8 = 4e-5 of the result, and
+# blocked sums (both sides') far below: 1e-4 flags a wrong result, not rounding.
+DIFFS, MAX_DIFF_FROM_CUDNN = ("NCHW rel diff", "CHWN rel diff"), 1e-4
 
 
 def baselines(device, name, geo: ConvGeometry, host, warmup, repeats, torch, cud, ours_out):
     """{column: {pass: ms}} from cuDNN on the same GPU (NCHW FP32 and TF32 through torch, else ctypes; CHWN FP32
-    through ctypes), plus ``"CHWN rel diff"`` {pass: normwise difference from ours}. A baseline that cannot run is
-    left out with a printed reason."""
+    through ctypes), plus ``"NCHW rel diff"`` and ``"CHWN rel diff"`` {pass: normwise difference of cuDNN FP32's
+    result from ours}. A baseline that cannot run is left out with a printed reason."""
     out = {}
 
     def timed(column, fns, time_one):
@@ -280,6 +292,9 @@ def baselines(device, name, geo: ConvGeometry, host, warmup, repeats, torch, cud
                 timed(column, fns, lambda fn, label: common.torch_bench_ms(torch, fn, repeats, warmup=warmup,
                                                                            label=label))
             torch.backends.cudnn.allow_tf32 = False
+            if NCHW_FP32 in out:
+                out["NCHW rel diff"] = {ps: common.rel_error(got, want) for ps, got, want in
+                                        zip(PASSES, fns["outputs"](), ours_out)}
     if cud is not None:
         variants = [(CHWN_FP32, False, "CHWN")]
         if torch is None:
@@ -396,8 +411,9 @@ def main(argv=None):
                     row[column] = base[column][ps]
                     if ratio:
                         row[ratio] = ms / base[column][ps]
-            if "CHWN rel diff" in base:
-                row["CHWN rel diff"] = base["CHWN rel diff"][ps]
+            for diff in DIFFS:
+                if diff in base:
+                    row[diff] = base[diff][ps]
             methods = {m for label, m in TIMING["by_label"].items() if label.startswith(f"{name} {ps} ")}
             if len(methods) > 1:
                 row["timing"] = "MIXED: " + ", ".join(f"{label[len(name) + len(ps) + 2:]}={m}" for label, m in
@@ -415,16 +431,20 @@ def main(argv=None):
     columns = ["layer", "pass", "shape", "ms", "GFLOP/s"]
     if peak:
         columns += ["% FP32 peak"]
-    for column, extra_cols in ((NCHW_FP32, ["ours/cuDNN"]), (CHWN_FP32, ["ours/cuDNN CHWN", "CHWN rel diff"]),
-                               (NCHW_TF32, [])):
+    for column, extra_cols in ((NCHW_FP32, ["ours/cuDNN", "NCHW rel diff"]),
+                               (CHWN_FP32, ["ours/cuDNN CHWN", "CHWN rel diff"]), (NCHW_TF32, [])):
         if column in base_columns:
-            columns += [column, *extra_cols]
+            columns += [c for c in (column, *extra_cols) if c in base_columns or not c.endswith("rel diff")]
     if any("timing" in r for r in rows):
         columns += ["timing"]
-    bad = []
+    # ours and cuDNN FP32 computed the same convolution: a larger difference is a wrong kernel (or a wrong baseline)
+    bad = [r for r in rows for diff in DIFFS if r.get(diff, 0.0) > MAX_DIFF_FROM_CUDNN]
+    for r in bad:
+        print(f"MISMATCH: {r['layer']} {r['pass']}: ours and cuDNN FP32 differ by "
+              f"{max(r.get(d, 0.0) for d in DIFFS):.3g} (normwise) > {MAX_DIFF_FROM_CUDNN:g}", file=sys.stderr)
     if not on_gpu:
         columns += ["rel err vs ref"]
-        bad = [r for r in rows if r["rel err vs ref"] > 1e-5]
+        bad += [r for r in rows if r["rel err vs ref"] > 1e-5]
         for r in bad:
             print(f"SMOKE FAILED: {r['layer']} {r['pass']}: relative error {r['rel err vs ref']:.3g} > 1e-5",
                   file=sys.stderr)

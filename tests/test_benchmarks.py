@@ -170,6 +170,33 @@ def test_train_bench_twin_is_the_same_model(model):
     assert max(per_layer.values()) < bench.SAME_MODEL_TOL, per_layer
 
 
+@pytest.mark.parametrize("shape", [dict(C=3, H=27, W=27, N=2, F=16, KH=11, KW=11, stride_h=4, stride_w=4, pad_h=2,
+                                        pad_w=2), dict(C=6, H=9, W=7, N=3, F=8, KH=3, KW=3, pad_h=1, pad_w=1, groups=2),
+                                   dict(C=4, H=7, W=5, N=3, F=6, KH=3, KW=1)])
+def test_conv_bench_pytorch_baseline_is_the_same_convolution(shape, monkeypatch):
+    """Where PyTorch is installed: conv_bench's cuDNN-through-PyTorch passes (run here on the CPU), brought back to
+    our layouts, equal the NumPy reference's; the GPU run then compares them with ours (``NCHW rel diff``)."""
+    torch = pytest.importorskip("torch")
+    bench = load_benchmark("conv_bench")
+    from convnet.geometry import ConvGeometry
+    from convnet.reference import conv as ref
+
+    geo = ConvGeometry(**shape)
+    rng = np.random.default_rng(1)
+    host = {k: rng.standard_normal(getattr(geo, f"{k}_shape"), dtype=np.float32) for k in ("x", "w", "y")}
+    host["dy"] = host.pop("y")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch, "device", lambda kind, index=None: cpu)
+    got = bench.torch_fns(torch, geo, host, 0)["outputs"]()
+    kw = dict(stride=geo.stride, padding=geo.padding, groups=geo.groups)
+    want = (ref.conv_forward(host["x"], host["w"], **kw), ref.conv_backward_data(host["dy"], host["w"],
+                                                                                 (geo.H, geo.W), **kw),
+            ref.conv_backward_filter(host["x"], host["dy"], (geo.KH, geo.KW), **kw))
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
+
+
 def test_data_bench_smoke(tmp_path, capsys):
     bench = load_benchmark("data_bench")
     out = tmp_path / "data.json"

@@ -111,6 +111,33 @@ def test_step_limits_are_cut_to_the_hard_limit():
     assert text.count('limit=$(capped "$3")') == 2  # step and start_job
 
 
+@pytest.mark.skipif(_gpu_usable(), reason="a GPU is usable here")
+def test_extra_stage_needs_a_gpu(tmp_path):
+    """`extra` (the NCCL run, one epoch, fmnist and one-tower benchmarks) is a stage of its own that, like every stage
+    that runs on the GPU, stops at preflight when there is none."""
+    r = _run_script(tmp_path, "extra")
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and out.strip().splitlines()[-1].startswith("gpu_check: FAIL: no usable GPU"), out
+
+
+def test_extra_stage_finds_mpi_and_data_in_the_carry(tmp_path):
+    """The extra stage's helpers, on their own: without carried wheels the image's MPI is kept (nothing installed);
+    Fashion-MNIST is found through FMNIST_DIR first, else in .gpu_carry."""
+    body = SCRIPT.read_text().split("\nCARRY=$ROOT/.gpu_carry", 1)[1].split("\nexport -f", 1)[0]
+    data = tmp_path / "fm"
+    data.mkdir()
+    (data / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    script = (f"PY={sys.executable}; CARRY={tmp_path}/none\n{body}\ncarried_mpi; echo rc=$?; "
+              f"FMNIST_DIR={data} fmnist_dir; FMNIST_DIR= CARRY={tmp_path} fmnist_dir || echo none")
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    lines = r.stdout.split("\n")
+    assert lines[0].startswith("no carried wheels") and lines[1] == "rc=0", r.stdout + r.stderr
+    assert lines[2] == str(data), r.stdout
+    # with FMNIST_DIR empty, the Debian folder (if this machine has it) wins over the carry; else the carry is used
+    debian = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file()
+    assert lines[3] == ("/usr/share/datasets/fashion-mnist" if debian else "none"), r.stdout
+
+
 def test_unknown_stage_is_rejected(tmp_path):
     r = _run_script(tmp_path, "tests")
     assert r.returncode == 2 and "unknown stage 'tests'" in r.stderr
@@ -118,7 +145,7 @@ def test_unknown_stage_is_rejected(tmp_path):
 
 def test_script_documents_each_stage_estimate():
     header = SCRIPT.read_text().split("set -uo pipefail")[0]
-    for stage in ("preflight", "build", "test pass 1", "sanitize", "bench", "total"):
+    for stage in ("preflight", "build", "test pass 1", "sanitize", "bench", "total", "extra"):
         assert stage in header
     assert "90-real" in header and "--threads 0" in header
 

@@ -28,6 +28,16 @@
 #              (AlexNet batch 128, ours and the same model in PyTorch, images/s), train_bench --towers (alexnet vs
 #              alexnet-2gpu with both towers on the GPU, two streams; the copies). Full mode adds ops_bench's other
 #              families and fmnist training.
+#   extra      the rest of what the first GPU run owes (issues 10 and 15), most owed first: scaling_bench
+#              --ranks 1 --baseline (the NCCL path on one GPU: communicator and bucketed all-reduce, against no
+#              reducer; under mpirun), one epoch of Fashion-MNIST training (python -m convnet.train --device cuda
+#              --epochs 1: wall time and test accuracy), train_bench fmnist at batch 64 and 128, conv_bench
+#              one-tower. The GPU image has neither the dataset nor (known to work) MPI: `bash tools/gpu_carry.sh`
+#              fills .gpu_carry/ on the CPU machine (git-ignored: name it in the device tool's carry) with
+#              Fashion-MNIST and MPICH + mpi4py wheels for the image's Python, installed here under /tmp. In quick
+#              mode it runs last, each item only if it fits the budget; a second call on the warm machine runs the
+#              rest alone (no build: the package is installed): HARD_LIMIT=200 BUDGET=180 OUT=... bash
+#              tools/gpu_check.sh extra
 #   alltests   the whole suite, emu included (full mode only; the emulator needs no GPU, CI runs it anyway).
 #
 # Budget of `quick` on an H100 (16 cores), estimated from what can be measured without a GPU:
@@ -46,6 +56,9 @@
 #                                   ops 15 s, train 60 s (ours + PyTorch; torch import and cuDNN autotune ~20 s),
 #                                   towers 40 s (3 nets x 3 rounds of 10 steps; the last one skipped if late)
 #   total                  ~470 s   (< 8 min); QUICK_BUDGET (default 470 s) skips benchmarks that would not fit.
+#   extra                   190 s   scaling 40 s (MPI wheels 5 s, 2 runs of NCCL init + 35 fmnist steps), one epoch
+#                                   45 s (469 steps + test pass + data), train_bench fmnist 2 x 30 s, one-tower conv
+#                                   45 s: in quick mode only what the budget leaves; otherwise the second call.
 #   Every step's time limit is also cut to what is left of QUICK_HARD_LIMIT (default 570 s; full mode: HARD_LIMIT,
 #   unset = none), so that quick mode ends, with its summary, inside the device tool's 600 s per command.
 #
@@ -70,18 +83,18 @@ FAILED=0
 ARGS=${*:-full}
 MODE=stages
 case " $ARGS " in
-  *" quick "*) MODE=quick; STAGES="preflight build test sanitize bench" ;;
-  *" full "*)  MODE=full;  STAGES="preflight build test sanitize alltests bench" ;;
+  *" quick "*) MODE=quick; STAGES="preflight build test sanitize bench extra" ;;
+  *" full "*)  MODE=full;  STAGES="preflight build test sanitize alltests bench extra" ;;
   *) STAGES=$ARGS ;;
 esac
 for s in $STAGES; do
-  case $s in preflight|build|test|sanitize|bench|alltests) ;;
-    *) echo "gpu_check: unknown stage '$s' (quick, full, or: preflight build test sanitize bench alltests)" >&2
+  case $s in preflight|build|test|sanitize|bench|extra|alltests) ;;
+    *) echo "gpu_check: unknown stage '$s' (quick, full, or: preflight build test sanitize bench extra alltests)" >&2
        exit 2 ;;
   esac
 done
 want() { [[ " $STAGES " == *" $1 "* ]]; }
-needs_gpu() { want test || want sanitize || want bench || want alltests; }
+needs_gpu() { want test || want sanitize || want bench || want extra || want alltests; }
 if [ "$MODE" = quick ]; then
   SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-150}; BUDGET=${QUICK_BUDGET:-470}; HARD_LIMIT=${QUICK_HARD_LIMIT:-570}
 else
@@ -418,11 +431,57 @@ if want bench; then
   # the two-tower split (issue 11): alexnet vs alexnet-2gpu with both towers on this GPU (two streams), the copies
   bench "train_bench --towers (batch 128)" 40 180 towers "$PY" benchmarks/train_bench.py --towers --device cuda \
     --batch-size 128 --steps 10 --repeats 3
-  if [ "$MODE" = full ]; then
-    bench "conv_bench (one-tower)" 45 240 conv_one_tower "$PY" benchmarks/conv_bench.py --device cuda \
-      --model one-tower
-    bench "train_bench (fmnist)" 30 240 train_fmnist "$PY" benchmarks/train_bench.py --device cuda --model fmnist
+  find benchmarks/results -maxdepth 1 -type f -newer "$LOGS/failure.txt" -exec cp {} "$LOGS/results/" \; 2>/dev/null
+fi
+
+# --------------------------------------------------------------------------------------------- extra
+CARRY=$ROOT/.gpu_carry  # tools/gpu_carry.sh
+carried_mpi() {  # MPICH + mpi4py from the carried wheels, under /tmp/convnet-mpi (their mpirun first on PATH)
+  local prefix=/tmp/convnet-mpi site
+  ls "$CARRY"/wheels/*.whl >/dev/null 2>&1 || { echo "no carried wheels: the image's own MPI, if any"; return 0; }
+  PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install -q --no-index --no-deps --no-compile --prefix "$prefix" \
+    "$CARRY"/wheels/*.whl \
+    || { echo "gpu_check: installing the carried MPI wheels failed"; return 1; }
+  site=$(ls -d "$prefix"/lib/python3*/site-packages | head -1)
+  export PATH="$prefix/bin:$PATH" PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  echo "MPI from the carried wheels: $(command -v mpirun); mpi4py from $site"
+}
+fmnist_dir() {  # the Fashion-MNIST IDX files: FMNIST_DIR, the Debian package's folder, or the carried copy
+  local d
+  for d in "${FMNIST_DIR:-}" /usr/share/datasets/fashion-mnist "$CARRY/fashion-mnist"; do
+    if [ -n "$d" ] && [ -f "$d/train-images-idx3-ubyte.gz" ]; then echo "$d"; return 0; fi
+  done
+  return 1
+}
+scaling_one_gpu() {  # the NCCL path with one rank against no reducer (issue 15), under mpirun
+  "$PY" -c "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])" || {
+    echo "gpu_check: mpi4py cannot load an MPI library (run tools/gpu_carry.sh and carry .gpu_carry)"; return 1; }
+  "$PY" benchmarks/scaling_bench.py --device cuda --ranks 1 --baseline --timeout 120 --out "$LOGS/scaling.md"
+}
+train_one_epoch() {  # one epoch of the default model on Fashion-MNIST: wall time and test accuracy (issue 10)
+  cd /tmp && "$PY" -m convnet.train --device cuda --epochs 1 --data "$1" --out "$LOGS/train_fmnist_1epoch" \
+    --no-progress
+}
+export -f scaling_one_gpu train_one_epoch
+
+if want extra; then
+  mkdir -p "$LOGS/results"
+  if carried_mpi >"$LOGS/mpi_setup.log" 2>&1; then
+    bench "scaling_bench (NCCL, 1 rank)" 40 150 scaling scaling_one_gpu
+  else
+    record "scaling_bench (NCCL, 1 rank)" FAIL 0 40s "mpi_setup.log: $(tail -1 "$LOGS/mpi_setup.log")"
   fi
+  if data=$(fmnist_dir); then
+    bench "train fmnist, 1 epoch" 45 180 train_epoch train_one_epoch "$data"
+  else
+    record "train fmnist, 1 epoch" FAIL 0 45s "no Fashion-MNIST (FMNIST_DIR, /usr/share/datasets, .gpu_carry)"
+  fi
+  bench "train_bench (fmnist, batch 64)" 30 150 train_fmnist64 "$PY" benchmarks/train_bench.py --device cuda \
+    --model fmnist --batch-size 64
+  bench "train_bench (fmnist, batch 128)" 30 150 train_fmnist128 "$PY" benchmarks/train_bench.py --device cuda \
+    --model fmnist --batch-size 128
+  bench "conv_bench (one-tower)" 45 240 conv_one_tower "$PY" benchmarks/conv_bench.py --device cuda \
+    --model one-tower
   find benchmarks/results -maxdepth 1 -type f -newer "$LOGS/failure.txt" -exec cp {} "$LOGS/results/" \; 2>/dev/null
 fi
 
