@@ -4,6 +4,7 @@
     python benchmarks/conv_bench.py --model one-tower --batch 64 --layers conv2,conv3 --repeats 50
     python benchmarks/conv_bench.py --device cuda:1       # ours and every cuDNN baseline on GPU 1
     python benchmarks/conv_bench.py --device emu          # correctness smoke on the CPU emulator (not a speed figure)
+    ncu --profile-from-start off --section SpeedOfLight python benchmarks/conv_bench.py --profile  # one launch each
 
 On a GPU each row gives our time, GFLOP/s (the direct-convolution count 2*N*F*OH*OW*Cg*KH*KW,
 ``ConvGeometry.flops()``), % of the card's FP32 peak (SMs x FP32 lanes x 2 x boost clock), and, in the same run on
@@ -319,6 +320,30 @@ def smoke_check(geo: ConvGeometry, host, outs):
     return [common.rel_error(o, want) for o, want in zip(outs, reference_outputs(geo, host))]
 
 
+def profile(device, model, layers, batch, div) -> int:
+    """One call of each layer's passes inside the profiler range (cudaProfilerStart/Stop), after one warm-up call
+    outside it: what ``ncu --profile-from-start off`` then profiles is exactly one launch per kernel, layer and pass
+    (tools/gpu_check.sh's ncu step). Elsewhere the same calls without a profiler range (a smoke of this path)."""
+    start = stop = lambda: None
+    if device.kind == "cuda":
+        import cupy as cp
+
+        start, stop = cp.cuda.profiler.start, cp.cuda.profiler.stop
+    with device.activate():
+        for name in layers:
+            geo = layer_geometry(model[name], batch, div)
+            fns, _ = our_fns(device, geo, make_inputs(device, geo)[1])
+            for ps in PASSES:
+                fns[ps]()
+                device.synchronize()
+                start()
+                fns[ps]()
+                device.synchronize()
+                stop()
+                print(f"profiled {name} {ps} ({describe(geo)}): {plan(device, ps, geo)}", flush=True)
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cuda, cuda:1 or emu (default: cuda:0 if usable, else emu)")
@@ -330,6 +355,9 @@ def main(argv=None):
     ap.add_argument("--channel-divisor", type=int, default=None,
                     help="divide channel and filter counts (default 1 on cuda, 8 on emu)")
     ap.add_argument("--no-cudnn", action="store_true", help="skip the cuDNN columns")
+    ap.add_argument("--profile", action="store_true",
+                    help="for a profiler (ncu --profile-from-start off): each layer and pass once after a warm-up, "
+                         "inside cudaProfilerStart/Stop; no timing, no baselines, no results written")
     ap.add_argument("--tile", type=int, default=-1,
                     help="force row TILE of the kernels' dispatch table (calibration; default -1: automatic)")
     args = ap.parse_args(argv)
@@ -349,6 +377,8 @@ def main(argv=None):
         if name not in model:
             ap.error(f"unknown layer {name!r}; choose from {', '.join(model)}")
 
+    if args.profile:
+        return profile(device, model, layers, batch, div)
     if not on_gpu:
         print(f"NOTE: no GPU ({device}): running a CORRECTNESS SMOKE on the emulator at batch {batch} with channel "
               f"counts divided by {div}. The times below are NOT speed figures.\n")

@@ -32,6 +32,17 @@ def test_conv_bench_emu_smoke(tmp_path, monkeypatch):
     assert "not speed figures" in md
 
 
+def test_conv_bench_profile_mode_runs_each_pass(capsys):
+    """--profile (gpu_check's ncu step: one launch per kernel, layer and pass inside the profiler range) runs every
+    pass of the chosen layers; on emu without a profiler."""
+    bench = load_benchmark("conv_bench")
+    assert bench.main(["--device", "emu", "--profile", "--layers", "conv2,conv5"]) == 0
+    out = capsys.readouterr().out
+    for layer in ("conv2", "conv5"):
+        for ps in bench.PASSES:
+            assert f"profiled {layer} {ps} (" in out
+
+
 def test_conv_bench_rejects_unknown_layer():
     bench = load_benchmark("conv_bench")
     with pytest.raises(SystemExit):

@@ -32,7 +32,8 @@
 #              --ranks 1 --baseline (the NCCL path on one GPU: communicator and bucketed all-reduce, against no
 #              reducer; under mpirun), one epoch of Fashion-MNIST training (python -m convnet.train --device cuda
 #              --epochs 1: wall time and test accuracy), train_bench fmnist at batch 64 and 128, conv_bench
-#              one-tower. The GPU image has neither the dataset nor (known to work) MPI: `bash tools/gpu_carry.sh`
+#              one-tower, Nsight Compute over our conv kernels at batch 128 (speed of light, occupancy, memory;
+#              ncu_conv.csv: what makes a layer slower than cuDNN). The GPU image has neither the dataset nor (known to work) MPI: `bash tools/gpu_carry.sh`
 #              fills .gpu_carry/ on the CPU machine (git-ignored: name it in the device tool's carry) with
 #              Fashion-MNIST and MPICH + mpi4py wheels for the image's Python, installed here under /tmp. In quick
 #              mode it runs last, each item only if it fits the budget; a second call on the warm machine runs the
@@ -56,9 +57,10 @@
 #                                   ops 15 s, train 60 s (ours + PyTorch; torch import and cuDNN autotune ~20 s),
 #                                   towers 40 s (3 nets x 3 rounds of 10 steps; the last one skipped if late)
 #   total                  ~470 s   (< 8 min); QUICK_BUDGET (default 470 s) skips benchmarks that would not fit.
-#   extra                   190 s   scaling 40 s (MPI wheels 5 s, 2 runs of NCCL init + 35 fmnist steps), one epoch
+#   extra                   250 s   scaling 40 s (MPI wheels 5 s, 2 runs of NCCL init + 35 fmnist steps), one epoch
 #                                   45 s (469 steps + test pass + data), train_bench fmnist 2 x 30 s, one-tower conv
-#                                   45 s: in quick mode only what the budget leaves; otherwise the second call.
+#                                   45 s, ncu 60 s (15 launches x ~25 replay passes, + conv_bench's start): in quick
+#                                   mode only what the budget leaves; otherwise the second call.
 #   Every step's time limit is also cut to what is left of QUICK_HARD_LIMIT (default 570 s; full mode: HARD_LIMIT,
 #   unset = none), so that quick mode ends, with its summary, inside the device tool's 600 s per command.
 #
@@ -458,11 +460,20 @@ scaling_one_gpu() {  # the NCCL path with one rank against no reducer (issue 15)
     echo "gpu_check: mpi4py cannot load an MPI library (run tools/gpu_carry.sh and carry .gpu_carry)"; return 1; }
   "$PY" benchmarks/scaling_bench.py --device cuda --ranks 1 --baseline --timeout 120 --out "$LOGS/scaling.md"
 }
+ncu_conv() {  # Nsight Compute on our conv kernels at batch 128: speed of light, occupancy, memory (issue 10's "profile")
+  local ncu
+  ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /usr/local/cuda-*/bin/ncu /opt/nvidia/nsight-compute/*/ncu \
+        2>/dev/null | head -1) || true
+  [ -n "$ncu" ] || { echo "gpu_check: ncu not found"; return 1; }
+  "$ncu" --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+    --profile-from-start off --csv --page details --log-file "$LOGS/ncu_conv.csv" \
+    "$PY" benchmarks/conv_bench.py --device cuda --batch 128 --profile
+}
 train_one_epoch() {  # one epoch of the default model on Fashion-MNIST: wall time and test accuracy (issue 10)
   cd /tmp && "$PY" -m convnet.train --device cuda --epochs 1 --data "$1" --out "$LOGS/train_fmnist_1epoch" \
     --no-progress
 }
-export -f scaling_one_gpu train_one_epoch
+export -f scaling_one_gpu train_one_epoch ncu_conv
 
 if want extra; then
   mkdir -p "$LOGS/results"
@@ -482,6 +493,7 @@ if want extra; then
     --model fmnist --batch-size 128
   bench "conv_bench (one-tower)" 45 240 conv_one_tower "$PY" benchmarks/conv_bench.py --device cuda \
     --model one-tower
+  bench "ncu: conv kernels, batch 128" 60 200 ncu_conv ncu_conv
   find benchmarks/results -maxdepth 1 -type f -newer "$LOGS/failure.txt" -exec cp {} "$LOGS/results/" \; 2>/dev/null
 fi
 
