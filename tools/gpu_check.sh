@@ -37,8 +37,8 @@
 #              fills .gpu_carry/ on the CPU machine (git-ignored: name it in the device tool's carry) with
 #              Fashion-MNIST and MPICH + mpi4py wheels for the image's Python, installed here under /tmp. In quick
 #              mode it runs last, each item only if it fits the budget; a second call on the warm machine runs the
-#              rest alone (no build: the package is installed): HARD_LIMIT=200 BUDGET=180 OUT=... bash
-#              tools/gpu_check.sh extra
+#              rest alone (no build: the package is installed): HARD_LIMIT=L BUDGET=L OUT=... bash
+#              tools/gpu_check.sh extra, L = the device time left less 30 s
 #   alltests   the whole suite, emu included (full mode only; the emulator needs no GPU, CI runs it anyway).
 #
 # Budget of `quick` on an H100 (16 cores), estimated from what can be measured without a GPU:
