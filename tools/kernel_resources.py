@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -34,6 +35,9 @@ FLAGS = ["-std=c++17", "-O3", "-DNDEBUG", "-lineinfo", "--expt-relaxed-constexpr
 LIMITS = {"80": (64, 32, 65536, 164 * 1024), "86": (48, 16, 65536, 100 * 1024), "89": (48, 24, 65536, 100 * 1024),
           "90": (64, 32, 65536, 228 * 1024), "100": (64, 32, 65536, 228 * 1024), "120": (48, 32, 65536, 100 * 1024)}
 REG_UNIT, SMEM_UNIT, SMEM_RESERVED = 256, 128, 1024
+# the compiler and c++filt run without an inherited LD_PRELOAD (the sanitized test run preloads ASan into Python,
+# and nvcc crashes under it)
+TOOL_ENV = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
 
 # threads per block of each kernel, as its launcher sets them (csrc/kernels/*.cu); conv_igemm: (BM/TM) * (BN/TN)
 THREADS = {"conv_dgrad_direct": 256, "conv_wgrad_reduce": 256, "conv_bias_grad": 256, "conv_bias_reduce": 256,
@@ -102,7 +106,7 @@ def demangle(kernels: list[Kernel]) -> None:
     if not kernels or shutil.which("c++filt") is None:
         return
     out = subprocess.run(["c++filt"], input="\n".join(k.name for k in kernels), capture_output=True, text=True,
-                         check=True).stdout.splitlines()
+                         check=True, env=TOOL_ENV).stdout.splitlines()
     for k, name in zip(kernels, out):
         k.name = name.replace("(anonymous namespace)::", "").replace("convnet::", "")
 
@@ -124,7 +128,7 @@ def occupancy(k: Kernel, arch: str) -> tuple[int, float, str] | None:
 
 def compile_report(source: Path, arch: str, nvcc: str) -> str:
     r = subprocess.run([nvcc, *FLAGS, f"-arch=sm_{arch}", "-c", str(source), "-o", "/dev/null"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=TOOL_ENV)
     if r.returncode != 0:
         raise RuntimeError(f"nvcc failed on {source.name}:\n{r.stderr[-3000:]}")
     return r.stdout + r.stderr
@@ -153,7 +157,7 @@ def main(argv=None) -> int:
     kernels = [k for s, text in zip(KERNEL_SOURCES, reports) for k in parse(text, s.name)]
     demangle(kernels)
     kernels.sort(key=lambda k: (k.source, k.base, k.name))
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, env=TOOL_ENV).stdout.strip().splitlines()[-1]
     spills = [k for k in kernels if k.spill_stores or k.spill_loads]
     text = "\n".join([
         f"# Kernel resources on sm_{args.arch}, from the compiler ({version}; {datetime.date.today()})", "",
