@@ -250,6 +250,11 @@ class FakeCupy:
             def synchronize(self):
                 fake.record("stream synchronize", stream=self)
 
+            def record(self, event=None):
+                event = event if event is not None else Event()
+                event.record(self)
+                return event
+
         class ExternalStream(Stream):
             def __init__(self, ptr, device_id=-1):  # CuPy's: a stream made elsewhere, by its handle and GPU
                 self.ptr, self.device_id = ptr, device_id
@@ -261,6 +266,9 @@ class FakeCupy:
 
             def record(self, stream=None):
                 fake.record("record", self.index, stream=stream if stream is not None else get_current_stream())
+
+            def synchronize(self):  # the host waits for the event (the fake's work is done when issued)
+                fake.record("event synchronize", self.index)
 
         class CUDARuntimeError(RuntimeError):
             def __init__(self, status):
@@ -373,6 +381,10 @@ class FakeCupy:
                 fake.record("get")
                 return np.array(self._a)
 
+            def set(self, arr, stream=None):  # host -> device, on ``stream`` (None: the current one)
+                fake.record("set", stream=stream)
+                self._a[...] = arr
+
             def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
                 fake.record("astype")
                 return fake._wrap(self._a.astype(dtype, copy=True))
@@ -481,10 +493,23 @@ class FakeCupy:
         from convnet.devices import backend_cuda
 
         monkeypatch.setitem(sys.modules, "cupy", self)
+        monkeypatch.setitem(sys.modules, "cupyx", FakeCupyx(self))
         monkeypatch.setattr(backend_cuda, "_allocator_configured", True)
         kernels = self.kernels(EMU.kernels)
         monkeypatch.setattr(backend_cuda.CudaBackend, "kernels", lambda backend, device: kernels)
         return self
+
+
+class FakeCupyx:
+    """The part of ``cupyx`` the cuda path uses, for :class:`FakeCupy` (installed with it): pinned host arrays."""
+
+    MACHINERY = frozenset({"fake", "MACHINERY"})
+
+    def __init__(self, fake):
+        self.fake = fake
+
+    def empty_pinned(self, shape, dtype=float, order="C"):
+        return np.empty(shape, dtype, order=order)  # host memory, as CuPy's (a numpy array over pinned memory)
 
 
 def subprocess_env(*first_on_path, **extra) -> dict:

@@ -16,7 +16,7 @@ import pytest
 
 import cupy_api
 from cupy_api import Use, check_fake, check_uses, scan_source, scan_sources, signature
-from helpers import ROOT, FakeCupy, FakeNccl
+from helpers import ROOT, FakeCupy, FakeCupyx, FakeNccl
 
 REQUIRE = os.environ.get("CONVNET_REQUIRE_CUPY") == "1"
 
@@ -93,7 +93,7 @@ def test_scan_of_this_project_sees_the_cuda_path():
     paths = {u.path for u in scan_sources(ROOT)}
     for expected in ("cupy.cuda.runtime.memcpyPeerAsync", "cupy.cuda.runtime.memcpyAsync",
                      "cupy.cuda.runtime.deviceEnablePeerAccess", "cupy.cuda.Event", "cupy.cuda.Stream",
-                     "cupy.cuda.Event().record", "cupy.cuda.get_current_stream().wait_event",
+                     "cupy.cuda.Event().record", "cupy.cuda.get_current_stream().record", "cupy.empty().set",
                      "cupy.cuda.nccl.NcclCommunicator", "cupy.cuda.nccl.get_unique_id", "cupy.cuda.alloc_pinned_memory",
                      "cupy.cuda.Device().synchronize", "cupy.concatenate", "cupy.add", "cupy.matmul",
                      "cupy.cuda.get_elapsed_time", "cupy.cuda.Device().compute_capability"):
@@ -226,6 +226,11 @@ def test_sources_match_installed_cupy():
 def test_fake_cupy_matches_installed_cupy():
     cupy = _real("cupy")
     assert check_fake("cupy", FakeCupy(), cupy, skip=FakeCupy.MACHINERY) == []
+
+
+def test_fake_cupyx_matches_installed_cupyx():
+    cupyx = _real("cupyx")
+    assert check_fake("cupyx", FakeCupyx(FakeCupy()), cupyx, skip=FakeCupyx.MACHINERY) == []
 
 
 def test_fake_nccl_matches_installed_nccl():

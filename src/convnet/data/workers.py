@@ -81,13 +81,19 @@ def _worker(loader, tasks, results, names, parent):
 
 class _Uploader:
     """Host batch (a view of a shared block) -> the loader's device, as a copy: NumPy for the host devices; CUDA:
-    into one of two pinned buffers, then an asynchronous copy on a non-blocking stream whose event the consumer's
-    stream waits for (the pinned buffer is reused only after its copy finished). Not run on a GPU yet."""
+    into one of two pinned buffers, then an asynchronous copy on the current stream, the consumer's (the pinned
+    buffer is reused only after its copy has finished).
+
+    Not on a side stream: the batch's device array comes from CuPy's memory pool, which gives the current stream
+    memory that Python has freed but work already queued on that stream may still read (the last step's
+    activations, while the GPU runs a step behind the host). A copy from another stream would overwrite it; a copy
+    queued on the current stream comes after that work. The host still never waits for the GPU here, except for
+    the copy two batches back. Not run on a GPU yet (tests: the fake CuPy)."""
 
     def __init__(self, device):
         self.device = device
         self.cuda = device is not None and "cuda" in str(device).lower()
-        self._pinned, self._events, self._k, self._stream = [None, None], [None, None], 0, None
+        self._pinned, self._events, self._k = [None, None], [None, None], 0
 
     def __call__(self, host, labels):
         dev = self.device
@@ -98,20 +104,17 @@ class _Uploader:
         import cupy as cp
         import cupyx
         with dev.activate():
-            if self._stream is None:
-                self._stream = cp.cuda.Stream(non_blocking=True)
             k, self._k = self._k, self._k ^ 1
             if self._events[k] is not None:
-                self._events[k].synchronize()
+                self._events[k].synchronize()  # the copy that last read this pinned buffer
             if self._pinned[k] is None or self._pinned[k].nbytes < host.nbytes:
                 self._pinned[k] = cupyx.empty_pinned(host.size, host.dtype)
             pin = self._pinned[k][:host.size].reshape(host.shape)
             np.copyto(pin, host)
+            stream = cp.cuda.get_current_stream()
             x = cp.empty(host.shape, host.dtype)
-            x.set(pin, stream=self._stream)
-            ev = self._stream.record()
-            cp.cuda.get_current_stream().wait_event(ev)
-            self._events[k] = ev
+            x.set(pin, stream=stream)  # asynchronous (pinned memory, a stream given); None would be synchronous
+            self._events[k] = stream.record()
             return x, dev.asarray(np.asarray(labels, np.int32))
 
 
