@@ -210,17 +210,17 @@ class FakeCupy:
 
     Arrays are numpy memory (``ndarray`` wraps a numpy array and its device), so the emulator's kernels
     (``convnet._emu``) can stand in for ``convnet._cuda``: :meth:`kernels` wraps them to record each launch's stream
-    handle. ``log`` holds ``(what, current device, current stream ptr, launch stream handle or None)`` while
+    handle. ``calls`` holds ``(what, current device, current stream ptr, launch stream handle or None)`` while
     ``recording`` is true."""
 
     # the fake's own machinery; every other public name mirrors CuPy's (tests/test_cupy_api.py checks it against a
     # real CuPy: names, parameters, defaults, constants)
-    MACHINERY = frozenset({"log", "recording", "devices", "current", "null", "next_ptr", "events", "stacks",
+    MACHINERY = frozenset({"calls", "recording", "devices", "current", "null", "next_ptr", "events", "stacks",
                            "HOST_ONLY", "record", "array_on", "kernels", "install", "MACHINERY"})
 
     def __init__(self, devices: int = 2):
         fake = self
-        self.log, self.recording, self.devices = [], False, devices
+        self.calls, self.recording, self.devices = [], False, devices  # calls: not log (cupy.log)
         self.current = 0
         self.null = None
 
@@ -339,7 +339,29 @@ class FakeCupy:
                 return v._a
             if isinstance(v, np.ndarray) and v.ndim:
                 raise TypeError(f"fake cupy: a host numpy array in {what} with device arrays")
+            if isinstance(v, (list, tuple)):
+                return type(v)(unwrap(e, what) for e in v)
             return v
+
+        def wrap(result):
+            """A NumPy result as CuPy returns it: arrays and NumPy scalars (reductions) as device arrays."""
+            if isinstance(result, (np.ndarray, np.generic)):
+                return fake._wrap(np.asarray(result))
+            if isinstance(result, tuple):
+                return tuple(wrap(r) for r in result)
+            return result
+
+        def delegate(name, fn):
+            """``fn`` (a NumPy function or bound method) on unwrapped device arrays, its result wrapped: the array
+            functions and methods CuPy shares with NumPy that the fake does not define one by one. (Which names the
+            sources use, CuPy must have: tests/test_cupy_api.py.)"""
+            def call(*args, **kwargs):
+                fake.record(name)
+                out = kwargs.get("out")
+                result = fn(*(unwrap(a, name) for a in args), **{k: unwrap(v, name) for k, v in kwargs.items()})
+                return out if out is not None else wrap(result)
+            return call
+        self._delegate = delegate
 
         class ndarray:
             """A device array: numpy memory and the GPU it is on. Not a numpy.ndarray (as CuPy's is not), and never
@@ -368,7 +390,21 @@ class FakeCupy:
                 return len(self._a)
 
             def __getitem__(self, key):
-                return ndarray(self._a[key], self._dev)
+                return ndarray(self._a[unwrap(key, "an index")], self._dev)
+
+            def __iter__(self):
+                return (ndarray(a, self._dev) for a in self._a)
+
+            def __getattr__(self, name):  # the other NumPy-shared methods (transpose, all, max, ...)
+                if name.startswith("_") or not hasattr(np.ndarray, name):
+                    raise AttributeError(f"fake cupy: ndarray has no attribute {name!r}")
+                attr = getattr(self._a, name)
+                return delegate(name, attr) if callable(attr) else wrap(attr)
+
+            # 0-d arrays convert to Python numbers (CuPy syncs and copies the value); larger ones raise, as NumPy's
+            __float__ = lambda self: float(self._a)  # noqa: E731
+            __int__ = lambda self: int(self._a)  # noqa: E731
+            __bool__ = lambda self: bool(self._a)  # noqa: E731
 
             def __setitem__(self, key, value):
                 fake.record("setitem")
@@ -408,6 +444,11 @@ class FakeCupy:
             __sub__, __imul__, __iadd__ = _op("__sub__"), _op("__imul__", True), _op("__iadd__", True)
             __isub__ = _op("__isub__", True)
             __truediv__, __itruediv__ = _op("__truediv__"), _op("__itruediv__", True)
+            __rsub__, __rtruediv__, __pow__, __neg__ = _op("__rsub__"), _op("__rtruediv__"), _op("__pow__"), \
+                lambda self: fake._wrap(-self._a)
+            __lt__, __le__, __gt__, __ge__ = _op("__lt__"), _op("__le__"), _op("__gt__"), _op("__ge__")
+            __eq__, __ne__ = _op("__eq__"), _op("__ne__")
+            __hash__ = None
 
         def matmul(a, b, out=None):
             fake.record("matmul")
@@ -439,7 +480,7 @@ class FakeCupy:
         """Log ``what`` with the current device and stream (``stream``: the one it is about, for events)."""
         if self.recording:
             current = self.stacks[self.current][-1] if stream is None else stream
-            self.log.append((what, self.current, current.ptr, handle))
+            self.calls.append((what, self.current, current.ptr, handle))
 
     def _wrap(self, a):
         return self.ndarray(a, self.current)
@@ -461,8 +502,16 @@ class FakeCupy:
             a = a._a  # CuPy copies from another device
         return self._wrap(np.array(a, dtype=dtype, copy=True))
 
-    def ascontiguousarray(self, a):
-        return a if a.flags.c_contiguous else self._wrap(np.ascontiguousarray(a._a))
+    def ascontiguousarray(self, a, dtype=None):
+        if a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
+            return a
+        return self._wrap(np.ascontiguousarray(a._a, dtype=dtype))
+
+    def __getattr__(self, name):  # the other NumPy-shared functions (log, maximum, arange, argmax, ...)
+        fn = getattr(np, name, None) if not name.startswith("_") else None
+        if fn is None or not callable(fn) or isinstance(fn, type):
+            raise AttributeError(f"fake cupy has no attribute {name!r}")
+        return self._delegate(name, fn)
 
     def array_on(self, device, host):
         """A device array of GPU ``device`` holding ``host`` (test setup; not recorded)."""
@@ -488,10 +537,15 @@ class FakeCupy:
 
         return Kernels()
 
-    def install(self, monkeypatch):
-        """Make this the ``cupy`` of the cuda backend, with the emulator's kernels as ``convnet._cuda``."""
+    def install(self, monkeypatch, usable=False):
+        """Make this the ``cupy`` of the cuda backend, with the emulator's kernels as ``convnet._cuda``; ``usable``:
+        also make ``get_device("cuda:i")`` accept the fake's GPUs (whole training runs)."""
         from convnet.devices import backend_cuda
 
+        if usable:
+            monkeypatch.setattr(backend_cuda.CudaBackend, "count", lambda backend: (self.devices, ""))
+            monkeypatch.setattr(backend_cuda.CudaBackend, "availability",
+                                lambda backend, index: (index < self.devices, "a fake GPU (tests/helpers.FakeCupy)"))
         monkeypatch.setitem(sys.modules, "cupy", self)
         monkeypatch.setitem(sys.modules, "cupyx", FakeCupyx(self))
         monkeypatch.setattr(backend_cuda, "_allocator_configured", True)
@@ -525,7 +579,7 @@ class FakeNccl:
     ``NcclCommunicator(ndev, uid, rank)`` and its ``allReduce(send, recv, count, datatype, op, stream)`` on the fake's
     device memory (host memory, by address). With ``ndev`` > 1 the ranks are MPI processes (the test runs under
     mpirun) and the sum goes through mpi4py's ``COMM_WORLD``; with one rank it is a copy, as NCCL's. Each call is logged
-    in the fake's log as ``("nccl allReduce", device, current stream, launch stream handle)``."""
+    in the fake's ``calls`` as ``("nccl allReduce", device, current stream, launch stream handle)``."""
 
     NCCL_SUM, NCCL_FLOAT32, NCCL_FLOAT64 = 0, 7, 8
     available = True

@@ -361,7 +361,7 @@ def test_the_nccl_path_on_one_gpu_reduces_on_its_stream_and_the_update_waits_on_
     net.backward(on_grads=reducer.on_grads)
     reducer.finish()
     fake.recording = False
-    log = fake.log
+    log = fake.calls
     assert not [e for e in log if e[0] in ("get", "stream synchronize", "device synchronize")]
     reduces = [i for i, e in enumerate(log) if e[0] == "nccl allReduce"]
     assert len(reduces) == len(reducer.buckets) and all(log[i][3] == comm for i in reduces)

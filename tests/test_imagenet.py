@@ -557,3 +557,34 @@ def test_full_alexnet_end_to_end_on_prepared_data(prepared_large, tmp_path, devi
     (epoch,) = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert epoch["step"] == 18 // 4 and np.isfinite(epoch["train_loss"]) and 0 <= epoch["test_error"] <= 1
     assert "alexnet-99 on imagenet (18 train / 6 test images)" in r.stdout
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_training_on_prepared_data_on_a_fake_gpu_gives_emus_bits(prepared, tmp_path, monkeypatch, workers):
+    """The cuda path of the prepared-data pipeline on the CPU (tests/helpers.FakeCupy, the emulator's kernels): with
+    worker processes the batches reach the GPU through pinned buffers and copies on the consumer's stream
+    (data/workers.py), without them through the loader thread; either way the same bits as on emu."""
+    from convnet.train import run
+    from helpers import FakeCupy
+
+    cfg = tmp_path / "tiny-rgb.cfg"
+    cfg.write_text(TINY_RGB)
+    args = ["--model", str(cfg), "--data", str(prepared[0]), "--epochs", "2", "--workers", workers, "--no-progress",
+            "--no-plots"]
+
+    def trained(device):
+        out = tmp_path / device.replace(":", "_")
+        res = run([*args, "--device", device, "--out", str(out)], log=lambda s: None)
+        with np.load(out / "checkpoint.npz") as z:
+            arrays = {k: z[k] for k in z.files if k != "meta"}
+        return [(h["train_loss"], h["test_loss"], h["test_error"]) for h in res["history"]], arrays
+
+    want = trained("emu")
+    fake = FakeCupy(devices=1).install(monkeypatch, usable=True)
+    fake.recording = True
+    got = trained("cuda")
+    assert got[0] == want[0] and got[1].keys() == want[1].keys()
+    for k in want[1]:
+        np.testing.assert_array_equal(got[1][k], want[1][k], err_msg=k)
+    sets = [c for c in fake.calls if c[0] == "set"]
+    assert bool(sets) == (workers == "1")  # the pinned-buffer upload is the workers' path

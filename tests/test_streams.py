@@ -197,8 +197,8 @@ def test_op_on_a_fake_second_gpu_uses_its_device_and_stream(monkeypatch, name, e
     got = CALLS[name](dev, a, ours if explicit else None)
     fake.recording = False
     assert fake.current == 0
-    launches = [e for e in fake.log if e[0].startswith("launch")]  # the stream is the handle passed (not current)
-    wrong = [e for e in fake.log if (e[1], e[3] if e in launches else e[2]) != (1, 0x71)]
+    launches = [e for e in fake.calls if e[0].startswith("launch")]  # the stream is the handle passed (not current)
+    wrong = [e for e in fake.calls if (e[1], e[3] if e in launches else e[2]) != (1, 0x71)]
     assert not wrong, f"{name}: work off GPU 1's stream 0x71 (what, device, current stream, handle): {wrong}"
     assert launches or name.startswith("fc_") or name in ARRAY_MODULE_OPS, f"{name} launched no kernel"
     got = _flatten(got)
@@ -216,7 +216,7 @@ def test_reading_an_array_of_another_gpu_orders_on_that_gpu(monkeypatch):
     fake.stacks[1].append(fake.cuda.ExternalStream(0x81, 1))
     fake.recording = True
     host = Device("cuda", 0).to_numpy(a)
-    assert fake.log == [("get", 1, 0x81, None)] and fake.current == 0
+    assert fake.calls == [("get", 1, 0x81, None)] and fake.current == 0
     assert type(host) is np.ndarray and host.tolist() == [0, 1, 2, 3]
     assert Device("cuda", 1).to_numpy(np.ones(2)).tolist() == [1.0, 1.0]  # host arrays pass through
 
@@ -239,10 +239,10 @@ def test_batch_upload_to_a_fake_gpu_is_ordered_on_the_consumers_stream(monkeypat
     fake.recording = False
     for i, (b, (x, y)) in enumerate(zip(batches, got)):
         assert np.array_equal(x.get(), b) and np.array_equal(y.get(), np.arange(4) + i)
-    sets = [e for e in fake.log if e[0] == "set"]
+    sets = [e for e in fake.calls if e[0] == "set"]
     assert len(sets) == 4 and all(e[2] == compute.ptr for e in sets), sets
-    records = [e for e in fake.log if e[0] == "record"]
+    records = [e for e in fake.calls if e[0] == "record"]
     assert len(records) == 4 and all(e[2] == compute.ptr for e in records), records
     # uploads 3 and 4 reuse the pinned buffers of 1 and 2: the host waits for those copies' events first
-    waits = [e[3] for e in fake.log if e[0] == "event synchronize"]
+    waits = [e[3] for e in fake.calls if e[0] == "event synchronize"]
     assert waits == [records[0][3], records[1][3]], (waits, records)

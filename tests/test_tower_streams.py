@@ -226,7 +226,7 @@ def test_a_two_tower_step_on_gpus_runs_each_tower_on_its_stream_and_never_waits(
     probs = two.forward(xd, yd, train=True, step=0)
     two.backward()
     fake.recording = False
-    log = fake.log
+    log = fake.calls
 
     assert not [e for e in log if e[0] in ("get", "stream synchronize", "device synchronize")]
     tower = {0: two.stream_of(two.layers["conva"]), 1: two.stream_of(two.layers["convb"])}

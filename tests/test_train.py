@@ -341,3 +341,42 @@ def test_test_every_n_epochs_and_always_the_last(tiny, tmp_path, capsys):
     assert (tmp_path / "run" / "errors.png").stat().st_size > 1000
     assert main(_args(tiny, tmp_path / "p", "--schedule", "plateau", "--test-every", "2")) == 2
     assert "--test-every must be 1" in capsys.readouterr().err
+
+
+def _trained(res, out):
+    """A run's per-epoch numbers and its checkpoint's arrays (not its metadata: times, paths, device names)."""
+    hist = [(h["train_loss"], h["train_error"], h["test_loss"], h["test_error"]) for h in res["history"]]
+    with np.load(out / "checkpoint.npz") as z:
+        return hist, {k: z[k] for k in z.files if k != "meta"}
+
+
+@pytest.mark.parametrize("model, devices", [("TINY", ("emu", "cuda")),
+                                            ("TWO_TOWERS", ("emu:0,emu:1", "cuda:0,cuda:1"))], ids=["one", "towers"])
+def test_training_on_a_fake_gpu_gives_emus_bits(tmp_path, monkeypatch, model, devices):
+    """The cuda device's whole training path on the CPU -- loader, uploads, trainer, evaluation, checkpoint, and with
+    two towers the streams, events and peer copies: CuPy replaced by tests/helpers.FakeCupy (numpy memory, CuPy's
+    rules: no host array mixed into device arithmetic, no implicit conversion to NumPy) and convnet._cuda by the
+    emulator. The cuda branches then run the same kernels and array operations in the same order as emu, so the
+    same bits: a cuda-only branch that computes something else, or that CuPy would reject, fails here."""
+    from helpers import FakeCupy
+    from test_two_towers import TWO_TOWERS
+
+    text = {"TINY": TINY, "TWO_TOWERS": TWO_TOWERS}[model]
+    cfg = tmp_path / "model.cfg"
+    cfg.write_text(text)
+    args = ["--model", str(cfg), "--no-progress", "--no-plots", "--synthetic-train", "64", "--synthetic-test", "32",
+            "--epochs", "2"]
+    emu, cuda = devices
+    want = _trained(run([*args, "--out", str(tmp_path / "emu"), "--devices", emu], log=lambda s: None),
+                    tmp_path / "emu")
+    fake = FakeCupy(devices=2).install(monkeypatch, usable=True)
+    fake.recording = True
+    res = run([*args, "--out", str(tmp_path / "cuda"), "--devices", cuda], log=lambda s: None)
+    assert res["history"][-1]["device"] == "cuda:0"
+    got = _trained(res, tmp_path / "cuda")
+    assert got[0] == want[0]
+    assert got[1].keys() == want[1].keys()
+    for k in want[1]:
+        np.testing.assert_array_equal(got[1][k], want[1][k], err_msg=k)
+    launches = {c[1] for c in fake.calls if c[0].startswith("launch")}
+    assert launches == ({0, 1} if "," in cuda else {0}), launches  # the kernels ran through the cuda backend
