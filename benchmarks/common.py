@@ -152,12 +152,16 @@ def device_info(device) -> dict:
     return info
 
 
-def measure_copy_bandwidth(device, nbytes: int = 1 << 30) -> float | None:
+COPY_BYTES = 1 << 30  # the copy-bandwidth measurement's buffer (tests shrink it)
+
+
+def measure_copy_bandwidth(device, nbytes: int | None = None) -> float | None:
     """Device-to-device copy bandwidth in GB/s (bytes read + written), the ceiling for memory-bound kernels."""
     if device.kind != "cuda":
         return None
     import cupy as cp
 
+    nbytes = nbytes or COPY_BYTES
     with device.activate():
         src = cp.ones(nbytes // 4, dtype=cp.float32)
         dst = cp.empty_like(src)

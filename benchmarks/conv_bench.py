@@ -113,18 +113,22 @@ def fp32_peak_tflops(device) -> float | None:
     return props["multiProcessorCount"] * lanes * 2 * props["clockRate"] * 1e3 / 1e12
 
 
+SGEMM_N = 8192  # the ceiling's GEMM size (tests shrink it)
+
+
 def measured_sgemm_tflops(device) -> float | None:
-    """FP32 (no TF32) 8192^3 GEMM through CuPy/cuBLAS on the same card: a measured ceiling for FP32 FMA."""
+    """FP32 (no TF32) SGEMM_N^3 GEMM through CuPy/cuBLAS on the same card: a measured ceiling for FP32 FMA."""
     if device.kind != "cuda":
         return None
     import cupy as cp
 
     os.environ.setdefault("CUPY_TF32", "0")
+    n = SGEMM_N
     with device.activate():
-        a = cp.random.rand(8192, 8192, dtype=cp.float32)
-        b = cp.random.rand(8192, 8192, dtype=cp.float32)
+        a = cp.random.rand(n, n, dtype=cp.float32)
+        b = cp.random.rand(n, n, dtype=cp.float32)
         ms = common.time_ms(lambda: cp.matmul(a, b), device, warmup=2, repeats=5)
-    return 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
 def make_inputs(device, geo: ConvGeometry, seed=0):

@@ -414,7 +414,7 @@ def _compare_signatures(label, fake, real) -> list[str]:
                 problems.append(f"{label}: the fake takes {p.name!r} as positional parameter {fpos_index}, "
                                 f"the real one takes {len(rpos)} (real: {rsig})")
             fpos_index += 1
-        elif p.name not in rnames:
+        elif p.name not in rnames and not any(r.kind == r.VAR_KEYWORD for r in rparams):
             problems.append(f"{label}: the fake's keyword {p.name!r} is not a parameter of the real one ({rsig})")
         r = rnames.get(p.name)
         if r is None or p.default is p.empty or r.default is r.empty:

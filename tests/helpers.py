@@ -12,6 +12,7 @@ import ctypes
 import importlib.util
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -255,16 +256,28 @@ class FakeCupy:
                 event.record(self)
                 return event
 
+            def begin_capture(self, mode=None):  # the calls run as they are made; the graph replays nothing
+                fake.record("begin capture", stream=self)
+
+            def end_capture(self):
+                fake.record("end capture", stream=self)
+                return Graph()
+
+        class Graph:
+            def launch(self, stream=None):
+                fake.record("graph launch", stream=stream)
+
         class ExternalStream(Stream):
             def __init__(self, ptr, device_id=-1):  # CuPy's: a stream made elsewhere, by its handle and GPU
                 self.ptr, self.device_id = ptr, device_id
 
         class Event:
             def __init__(self, block=False, disable_timing=False, interprocess=False):
-                self.index, self.done = len(fake.events), True
+                self.index, self.done, self.time = len(fake.events), True, None
                 fake.events.append(self)
 
             def record(self, stream=None):
+                self.time = time.perf_counter()  # the fake's work is done when issued: events time the host
                 fake.record("record", self.index, stream=stream if stream is not None else get_current_stream())
 
             def synchronize(self):  # the host waits for the event (the fake's work is done when issued)
@@ -282,6 +295,23 @@ class FakeCupy:
             @staticmethod
             def deviceCanAccessPeer(device, peerDevice):
                 return 1
+
+            @staticmethod
+            def getDeviceCount():
+                return fake.devices
+
+            @staticmethod
+            def runtimeGetVersion():
+                return 13000
+
+            @staticmethod
+            def driverGetVersion():
+                return 13000
+
+            @staticmethod
+            def getDeviceProperties(device):  # CuPy's dict: a made-up sm_90 with 2 SMs
+                return {"name": b"FakeCupy GPU", "major": 9, "minor": 0, "multiProcessorCount": 2,
+                        "clockRate": 1_000_000, "totalGlobalMem": 1 << 30}
 
             @staticmethod
             def deviceEnablePeerAccess(peerDevice):
@@ -320,6 +350,18 @@ class FakeCupy:
         def get_current_stream(device_id=-1):
             return fake.stacks[fake.current if device_id == -1 else device_id][-1]
 
+        def get_elapsed_time(start_event, end_event):  # milliseconds between the records, on the host's clock
+            return (end_event.time - start_event.time) * 1e3
+
+        class Profiler:  # cupy.cuda.profiler: the range a profiler started with --profile-from-start off records
+            @staticmethod
+            def start():
+                fake.record("profiler start")
+
+            @staticmethod
+            def stop():
+                fake.record("profiler stop")
+
         self.next_ptr, self.events = 0x100, []
         self.null = Stream(null=True)
         self.stacks = {i: [self.null] for i in range(devices)}
@@ -327,6 +369,7 @@ class FakeCupy:
         self.cuda = type("cuda", (), dict(Stream=Stream, ExternalStream=ExternalStream, Device=Device, Event=Event,
                                           runtime=Runtime,
                                           get_current_stream=staticmethod(get_current_stream),
+                                          get_elapsed_time=staticmethod(get_elapsed_time), profiler=Profiler,
                                           alloc_pinned_memory=staticmethod(
                                               lambda size: pinned.append(np.empty(size, np.uint8))
                                               or type("Pinned", (), {"ptr": pinned[-1].ctypes.data})()),
@@ -470,6 +513,13 @@ class FakeCupy:
                                     out=None if out is None else unwrap(out, "concatenate"))
             return out if out is not None else fake._wrap(result)
 
+        class Random:  # cupy.random's part the benchmarks use
+            @staticmethod
+            def rand(*size, dtype=float):
+                fake.record("random")
+                return fake._wrap(np.random.default_rng(0).random(size, dtype=np.float64).astype(dtype))
+
+        self.random = Random()
         self.matmul = matmul
         self.add, self.multiply, self.not_equal = ufunc("add"), ufunc("multiply"), ufunc("not_equal")
         self.concatenate = concatenate
@@ -507,8 +557,10 @@ class FakeCupy:
             return a
         return self._wrap(np.ascontiguousarray(a._a, dtype=dtype))
 
-    def __getattr__(self, name):  # the other NumPy-shared functions (log, maximum, arange, argmax, ...)
+    def __getattr__(self, name):  # the other NumPy-shared functions (log, maximum, arange, argmax, ...) and dtypes
         fn = getattr(np, name, None) if not name.startswith("_") else None
+        if isinstance(fn, type) and issubclass(fn, np.generic):
+            return fn  # cupy.float32 is numpy.float32
         if fn is None or not callable(fn) or isinstance(fn, type):
             raise AttributeError(f"fake cupy has no attribute {name!r}")
         return self._delegate(name, fn)
@@ -624,8 +676,7 @@ class FakeNccl:
         return os.urandom(128)  # CuPy 14 returns the id as 128 bytes
 
     def install(self, fake):
-        """Make this ``fake.cuda.nccl`` (and give the fake runtime ``getDeviceCount``)."""
+        """Make this ``fake.cuda.nccl``."""
         self.fake = fake
         fake.cuda.nccl = self
-        fake.cuda.runtime.getDeviceCount = staticmethod(lambda: fake.devices)
         return self

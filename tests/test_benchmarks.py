@@ -43,6 +43,47 @@ def test_conv_bench_profile_mode_runs_each_pass(capsys):
             assert f"profiled {layer} {ps} (" in out
 
 
+# the cuda path of each benchmark at smoke sizes (gpu_check's bench and extra stages run these with --device cuda)
+FAKE_GPU_RUNS = {
+    "conv_bench": ["--batch", "4", "--channel-divisor", "8", "--layers", "conv2", "--repeats", "2", "--warmup", "1"],
+    "conv_bench --profile": ["--batch", "4", "--channel-divisor", "8", "--layers", "conv1,conv2", "--profile"],
+    "memory_bound_bench": ["--batch", "4", "--cases", "relu1,pool1,lrn1,softmax", "--no-write"],
+    "ops_bench": ["--batch", "4", "--channel-divisor", "8", "--repeats", "2", "--warmup", "1", "--no-write",
+                  "--families", "elementwise,softmax,fc"],
+    "train_bench": ["--model", "fmnist", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--repeats", "1",
+                    "--no-torch", "--no-write"],
+}
+
+
+@pytest.mark.parametrize("run", FAKE_GPU_RUNS)
+def test_benchmark_cuda_path_on_a_fake_gpu(run, tmp_path, monkeypatch, capsys):
+    """Each benchmark's cuda branch (CUDA events, graph capture, device properties, the SGEMM ceiling, cuDNN's
+    absence handled) runs end to end on the CPU with tests/helpers.FakeCupy and the emulator's kernels: a Python error
+    there would otherwise cost a stage of a scarce GPU run. The numbers are meaningless (the fake's graphs replay
+    nothing); only that it runs, and what it prints, is checked."""
+    from helpers import FakeCupy
+
+    name, *flags = run.split()
+    fake = FakeCupy(devices=1).install(monkeypatch, usable=True)
+    bench = _writing_to(tmp_path, monkeypatch, name)
+    monkeypatch.setattr(bench.common, "COPY_BYTES", 1 << 20)  # the copy-bandwidth buffer: 1 MB, not 1 GB
+    for module in (bench, getattr(bench, "conv_bench", None)):  # ops_bench takes the ceiling from conv_bench's
+        if hasattr(module, "SGEMM_N"):
+            monkeypatch.setattr(module, "SGEMM_N", 64)  # the ceiling's GEMM at a smoke size, not 8192^3 on numpy
+    fake.recording = True
+    rc = bench.main(["--device", "cuda", *flags, *FAKE_GPU_RUNS[run]])
+    out = capsys.readouterr().out
+    assert rc in (0, None), out
+    assert any(c[0].startswith("launch") for c in fake.calls)  # our kernels ran, through the cuda backend
+    if run == "conv_bench --profile":
+        assert [c[0] for c in fake.calls if c[0].startswith("profiler")] == ["profiler start", "profiler stop"] * 6
+    elif name == "conv_bench":
+        data = json.loads(next(tmp_path.glob("conv-*.json")).read_text())
+        assert [r["pass"] for r in data["rows"]] == ["forward", "input-grad", "filter-grad"]
+        assert all(r["GFLOP/s"] > 0 and "% FP32 peak" in r for r in data["rows"])
+        assert any(c[0] == "graph launch" for c in fake.calls)  # timed as a CUDA graph
+
+
 def test_conv_bench_rejects_unknown_layer():
     bench = load_benchmark("conv_bench")
     with pytest.raises(SystemExit):
