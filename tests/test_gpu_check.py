@@ -2,6 +2,7 @@
 CONVNET_CUPY_POOL switch the sanitizer runs use. All CPU-side and fast (no build)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -23,8 +24,9 @@ def _gpu_usable():
     return any(e["usable"] for e in device_report() if e["device"].startswith("cuda"))
 
 
-def _run_script(tmp_path, *args, pythonpath=(), timeout=60):
-    env = subprocess_env(*pythonpath, LOGS=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), PYTHON=sys.executable)
+def _run_script(tmp_path, *args, pythonpath=(), timeout=60, **env_vars):
+    env = subprocess_env(*pythonpath, LOGS=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), PYTHON=sys.executable,
+                         **env_vars)
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -136,6 +138,47 @@ def test_extra_stage_finds_mpi_and_data_in_the_carry(tmp_path):
     # with FMNIST_DIR empty, the Debian folder (if this machine has it) wins over the carry; else the carry is used
     debian = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file()
     assert lines[3] == ("/usr/share/datasets/fashion-mnist" if debian else "none"), r.stdout
+
+
+QUICK_STEPS = ["preflight", "build (nvcc 90-real)", "device", "cuda tests, CUDA_LAUNCH_BLOCKING=1",
+               "CONVNET_CUPY_POOL=0 takes effect", "cuda tests, asynchronous", "compute-sanitizer memcheck",
+               "compute-sanitizer racecheck", "compute-sanitizer synccheck", "compute-sanitizer initcheck",
+               "conv_bench (batch 128)", "memory_bound_bench", "ops_bench (elementwise,softmax,fc)",
+               "train_bench (alexnet, batch 128)", "train_bench --towers (batch 128)", "scaling_bench (NCCL, 1 rank)",
+               "train fmnist, 1 epoch", "train_bench (fmnist, batch 64)", "train_bench (fmnist, batch 128)",
+               "conv_bench (one-tower)", "ncu: conv kernels, batch 128"]
+
+
+def _summary_rows(tmp_path):
+    rows = [line.split("|") for line in (tmp_path / "out" / "summary.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| step")]
+    return [(r[1].strip(), r[2].strip()) for r in rows]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists(), reason="no nvcc")
+@pytest.mark.parametrize("budget", ["100000", "0"])
+def test_quick_mode_dry_run_walks_every_stage(tmp_path, budget):
+    """GPU_CHECK_DRY_RUN=1 (no command runs; a stand-in CuPy passes preflight): quick mode takes every step in
+    order, the benchmarks and the extra stage within its budget (all of them, or none with a budget of 0 s), writes
+    the summary and at most 8 files to $OUT, and exits 0. A shell error in any stage (set -u, a typo in a stage only
+    a GPU reaches) fails here instead of on the GPU."""
+    data = tmp_path / "fm"
+    data.mkdir()
+    (data / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    r = _run_script(tmp_path, "quick", pythonpath=[_fake_cupy(tmp_path)], GPU_CHECK_DRY_RUN="1",
+                    QUICK_BUDGET=budget, FMNIST_DIR=str(data))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    rows = _summary_rows(tmp_path)
+    assert [name for name, _ in rows] == QUICK_STEPS, rows
+    first_bench = QUICK_STEPS.index("conv_bench (batch 128)")
+    assert all(status == "ok" for _, status in rows[:first_bench]), rows
+    assert {status for _, status in rows[first_bench:]} == ({"ok"} if budget != "0" else {"skipped"}), rows
+    assert "ALL OK" in (tmp_path / "out" / "summary.md").read_text()
+    assert len(list((tmp_path / "out").iterdir())) <= 8
+    logs = tmp_path / "logs"
+    assert "DRY RUN: ncu_conv" in (logs / "ncu_conv.log").read_text() if budget != "0" else True
+    assert "--no-build-isolation" in (logs / "build.log").read_text()
 
 
 def test_unknown_stage_is_rejected(tmp_path):
