@@ -212,7 +212,12 @@ class FakeCupy:
     Arrays are numpy memory (``ndarray`` wraps a numpy array and its device), so the emulator's kernels
     (``convnet._emu``) can stand in for ``convnet._cuda``: :meth:`kernels` wraps them to record each launch's stream
     handle. ``calls`` holds ``(what, current device, current stream ptr, launch stream handle or None)`` while
-    ``recording`` is true."""
+    ``recording`` is true.
+
+    What CuPy shares with NumPy and the fake does not define by name (``log``, ``argmax``, ``x.transpose()``, ...) is
+    NumPy's on the wrapped arrays, so whole training runs and benchmarks take their cuda branches here
+    (``install(monkeypatch, usable=True)`` makes ``get_device("cuda:i")`` accept the fake's GPUs). Work runs when it is
+    issued: stream order and timing are not modelled (emu's emulated streams are where a missing event wait shows)."""
 
     # the fake's own machinery; every other public name mirrors CuPy's (tests/test_cupy_api.py checks it against a
     # real CuPy: names, parameters, defaults, constants)
