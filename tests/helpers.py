@@ -12,6 +12,7 @@ import ctypes
 import importlib.util
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -201,8 +202,9 @@ class FakeCupy:
     the CPU and records, for every array-module call and kernel launch, which device and which stream were current:
     the checks a GPU session would otherwise be the first to make. It follows CuPy's rules where ops depend on them:
 
-    * one current device (``cuda.Device(i)`` is a context manager); each device has its own current stream
-      (``cuda.get_current_stream()`` is the current device's; the null stream, ptr 0, is every device's default);
+    * one current device per thread (``cuda.Device(i)`` is a context manager); each device has its own current
+      stream per thread (``cuda.get_current_stream()`` is the current device's; the null stream, ptr 0, is every
+      device's default): the data loader's thread switching devices does not move the training thread's;
     * entering a ``cuda.Stream`` of another device than the current one is a RuntimeError (CuPy's
       ``check_stream_device_match``);
     * ``ndarray.get()`` copies on the current device's current stream (whatever GPU the array is on);
@@ -227,7 +229,7 @@ class FakeCupy:
     def __init__(self, devices: int = 2):
         fake = self
         self.calls, self.recording, self.devices = [], False, devices  # calls: not log (cupy.log)
-        self.current = 0
+        self._local = threading.local()  # the current device and streams are per thread, as CUDA's and CuPy's
         self.null = None
 
         class Stream:
@@ -369,7 +371,6 @@ class FakeCupy:
 
         self.next_ptr, self.events = 0x100, []
         self.null = Stream(null=True)
-        self.stacks = {i: [self.null] for i in range(devices)}
         pinned = []  # pinned buffers stay alive with the fake
         self.cuda = type("cuda", (), dict(Stream=Stream, ExternalStream=ExternalStream, Device=Device, Event=Event,
                                           runtime=Runtime,
@@ -529,6 +530,22 @@ class FakeCupy:
         self.add, self.multiply, self.not_equal = ufunc("add"), ufunc("multiply"), ufunc("not_equal")
         self.concatenate = concatenate
         self.ndarray = ndarray
+
+    # -- per thread, as in CUDA: the current device, and each device's stack of current streams --------------------------
+    @property
+    def current(self) -> int:
+        return getattr(self._local, "current", 0)
+
+    @current.setter
+    def current(self, index: int):
+        self._local.current = index
+
+    @property
+    def stacks(self) -> dict:
+        stacks = getattr(self._local, "stacks", None)
+        if stacks is None:
+            stacks = self._local.stacks = {i: [self.null] for i in range(self.devices)}
+        return stacks
 
     # -- recording --------------------------------------------------------------------------------------------------
     def record(self, what, handle=None, stream=None):
