@@ -33,8 +33,9 @@
 #              reducer; under mpirun), one epoch of Fashion-MNIST training (python -m convnet.train --device cuda
 #              --epochs 1: wall time and test accuracy), train_bench fmnist at batch 64 and 128, conv_bench
 #              one-tower, Nsight Compute over our conv kernels at batch 128 (speed of light, occupancy, memory;
-#              ncu_conv.csv: what makes a layer slower than cuDNN). The GPU image has neither the dataset nor (known to work) MPI: `bash tools/gpu_carry.sh`
-#              fills .gpu_carry/ on the CPU machine (git-ignored: name it in the device tool's carry) with
+#              ncu_conv.csv: what makes a layer slower than cuDNN). The GPU image has neither the dataset nor
+#              (known to work) MPI: `bash tools/gpu_carry.sh` fills .gpu_carry/ on the CPU machine (git-ignored:
+#              name it in the device tool's carry) with
 #              Fashion-MNIST and MPICH + mpi4py wheels for the image's Python, installed here under /tmp. In quick
 #              mode it runs last, each item only if it fits the budget; a second call on the warm machine runs the
 #              rest alone (no build: the package is installed): HARD_LIMIT=L BUDGET=L OUT=... bash
@@ -473,7 +474,7 @@ scaling_one_gpu() {  # the NCCL path with one rank against no reducer (issue 15)
     echo "gpu_check: mpi4py cannot load an MPI library (run tools/gpu_carry.sh and carry .gpu_carry)"; return 1; }
   "$PY" benchmarks/scaling_bench.py --device cuda --ranks 1 --baseline --timeout 120 --out "$LOGS/scaling.md"
 }
-ncu_conv() {  # Nsight Compute on our conv kernels at batch 128: speed of light, occupancy, memory (issue 10's "profile")
+ncu_conv() {  # Nsight Compute on our conv kernels at batch 128: speed of light, occupancy, memory (issue 10)
   local ncu
   ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /usr/local/cuda-*/bin/ncu /opt/nvidia/nsight-compute/*/ncu \
         2>/dev/null | head -1) || true

@@ -157,7 +157,8 @@ def main(argv=None) -> int:
     kernels = [k for s, text in zip(KERNEL_SOURCES, reports) for k in parse(text, s.name)]
     demangle(kernels)
     kernels.sort(key=lambda k: (k.source, k.base, k.name))
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, env=TOOL_ENV).stdout.strip().splitlines()[-1]
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True,
+                             env=TOOL_ENV).stdout.strip().splitlines()[-1]
     spills = [k for k in kernels if k.spill_stores or k.spill_loads]
     text = "\n".join([
         f"# Kernel resources on sm_{args.arch}, from the compiler ({version}; {datetime.date.today()})", "",
