@@ -209,7 +209,11 @@ class FakeCupy:
       ``check_stream_device_match``);
     * ``ndarray.get()`` copies on the current device's current stream (whatever GPU the array is on);
     * a device array is not a numpy.ndarray and never becomes one implicitly; mixing a host array into device
-      arithmetic is a TypeError.
+      arithmetic is a TypeError;
+    * every array belongs to the GPU current when it was allocated (views to their base's), and a kernel launch, a
+      copy or an array-module call whose operands are not all on the current GPU raises :class:`CrossDeviceError`
+      (where CuPy would warn, enable peer access or raise, the fake always raises); the explicit peer copy
+      (``runtime.memcpyPeerAsync``) is the way between GPUs, and ``get()`` reads any GPU's array (CuPy switches to it).
 
     Arrays are numpy memory (``ndarray`` wraps a numpy array and its device), so the emulator's kernels
     (``convnet._emu``) can stand in for ``convnet._cuda``: :meth:`kernels` wraps them to record each launch's stream
@@ -224,11 +228,13 @@ class FakeCupy:
     # the fake's own machinery; every other public name mirrors CuPy's (tests/test_cupy_api.py checks it against a
     # real CuPy: names, parameters, defaults, constants)
     MACHINERY = frozenset({"calls", "recording", "devices", "current", "null", "next_ptr", "events", "stacks",
-                           "HOST_ONLY", "record", "array_on", "kernels", "install", "MACHINERY"})
+                           "HOST_ONLY", "record", "array_on", "kernels", "install", "MACHINERY", "VIEWS",
+                           "check_current", "check_pointer"})
 
     def __init__(self, devices: int = 2):
         fake = self
         self.calls, self.recording, self.devices = [], False, devices  # calls: not log (cupy.log)
+        self._pointers = {}  # address -> GPU of the arrays whose ``data`` was taken (check_pointer)
         self._local = threading.local()  # the current device and streams are per thread, as CUDA's and CuPy's
         self.null = None
 
@@ -327,11 +333,17 @@ class FakeCupy:
             @staticmethod
             def memcpyAsync(dst, src, size, kind, stream):
                 fake.record("memcpy", stream)
+                for ptr, device_side in ((dst, (Runtime.memcpyHostToDevice, Runtime.memcpyDeviceToDevice)),
+                                         (src, (Runtime.memcpyDeviceToHost, Runtime.memcpyDeviceToDevice))):
+                    if kind in device_side:
+                        fake.check_pointer("memcpyAsync", ptr)
                 ctypes.memmove(dst, src, size)
 
             @staticmethod
             def memcpyPeerAsync(dst, dstDevice, src, srcDevice, size, stream):
                 fake.record("memcpy peer", stream)
+                fake.check_pointer("memcpyPeerAsync's destination", dst, dstDevice)
+                fake.check_pointer("memcpyPeerAsync's source", src, srcDevice)
                 ctypes.memmove(dst, src, size)
 
         Runtime.CUDARuntimeError = CUDARuntimeError
@@ -400,12 +412,13 @@ class FakeCupy:
                 return tuple(wrap(r) for r in result)
             return result
 
-        def delegate(name, fn):
-            """``fn`` (a NumPy function or bound method) on unwrapped device arrays, its result wrapped: the array
-            functions and methods CuPy shares with NumPy that the fake does not define one by one. (Which names the
-            sources use, CuPy must have: tests/test_cupy_api.py.)"""
+        def delegate(name, fn, owner=None):
+            """``fn`` (a NumPy function or bound method of ``owner``) on unwrapped device arrays, its result wrapped:
+            the array functions and methods CuPy shares with NumPy that the fake does not define one by one. (Which
+            names the sources use, CuPy must have: tests/test_cupy_api.py.)"""
             def call(*args, **kwargs):
                 fake.record(name)
+                fake.check_current(name, owner, *args, *kwargs.values())
                 out = kwargs.get("out")
                 result = fn(*(unwrap(a, name) for a in args), **{k: unwrap(v, name) for k, v in kwargs.items()})
                 return out if out is not None else wrap(result)
@@ -430,7 +443,11 @@ class FakeCupy:
             flags = property(lambda self: self._a.flags)
             T = property(lambda self: ndarray(self._a.T, self._dev))
             device = property(lambda self: type("Device", (), {"id": self._dev})())
-            data = property(lambda self: type("MemoryPointer", (), {"ptr": self._a.ctypes.data})())
+            @property
+            def data(self):  # the address, remembered as this GPU's: kernels and copies get addresses, not arrays
+                ptr = self._a.ctypes.data
+                fake._pointers[ptr] = self._dev
+                return type("MemoryPointer", (), {"ptr": ptr})()
 
             def __array__(self, *args, **kwargs):
                 raise TypeError("fake cupy: implicit conversion to a NumPy array is not allowed; use .get()")
@@ -439,6 +456,8 @@ class FakeCupy:
                 return len(self._a)
 
             def __getitem__(self, key):
+                if any(isinstance(k, ndarray) for k in (key if isinstance(key, tuple) else (key,))):
+                    fake.check_current("advanced indexing", self, key)  # a gather kernel (a basic slice is a view)
                 return ndarray(self._a[unwrap(key, "an index")], self._dev)
 
             def __iter__(self):
@@ -448,7 +467,11 @@ class FakeCupy:
                 if name.startswith("_") or not hasattr(np.ndarray, name):
                     raise AttributeError(f"fake cupy: ndarray has no attribute {name!r}")
                 attr = getattr(self._a, name)
-                return delegate(name, attr) if callable(attr) else wrap(attr)
+                if not callable(attr):
+                    return wrap(attr)
+                if name in fake.VIEWS:  # the same memory, on its GPU whichever is current
+                    return lambda *args, **kwargs: ndarray(attr(*args, **kwargs), self._dev)
+                return delegate(name, attr, self)
 
             # 0-d arrays convert to Python numbers (CuPy syncs and copies the value); larger ones raise, as NumPy's
             __float__ = lambda self: float(self._a)  # noqa: E731
@@ -457,6 +480,7 @@ class FakeCupy:
 
             def __setitem__(self, key, value):
                 fake.record("setitem")
+                fake.check_current("setitem", self, key, value)
                 self._a[key] = unwrap(value, "setitem")
 
             def reshape(self, *shape):
@@ -473,6 +497,7 @@ class FakeCupy:
             def _op(name, inplace=False):
                 def op(self, other):
                     fake.record(name)
+                    fake.check_current(name, self, other)
                     result = getattr(self._a, name)(unwrap(other, name))
                     return self if inplace else fake._wrap(np.asarray(result))
                 return op
@@ -482,7 +507,7 @@ class FakeCupy:
             __isub__ = _op("__isub__", True)
             __truediv__, __itruediv__ = _op("__truediv__"), _op("__itruediv__", True)
             __rsub__, __rtruediv__, __pow__, __neg__ = _op("__rsub__"), _op("__rtruediv__"), _op("__pow__"), \
-                lambda self: fake._wrap(-self._a)
+                lambda self: fake.check_current("__neg__", self) or fake._wrap(-self._a)
             __lt__, __le__, __gt__, __ge__ = _op("__lt__"), _op("__le__"), _op("__gt__"), _op("__ge__")
             __eq__, __ne__ = _op("__eq__"), _op("__ne__")
             __hash__ = None
@@ -522,6 +547,30 @@ class FakeCupy:
     def _wrap(self, a):
         return self.ndarray(a, self.current)
 
+    # -- where arrays live: every operand on the current GPU ---------------------------------------------------------
+    VIEWS = frozenset({"view", "transpose", "swapaxes", "squeeze"})  # methods that launch nothing: any GPU's array
+
+    def check_current(self, what, *operands):
+        """CrossDeviceError unless every device array among ``operands`` (lists, tuples and dicts searched) is on
+        the current GPU."""
+        for a in operands:
+            if isinstance(a, (list, tuple)):
+                self.check_current(what, *a)
+            elif isinstance(a, dict):
+                self.check_current(what, *a.values())
+            elif isinstance(a, self.ndarray) and a._dev != self.current:
+                raise CrossDeviceError(f"fake cupy: {what} on an array of GPU {a._dev} while GPU {self.current} is "
+                                       f"current")
+
+    def check_pointer(self, what, ptr, device=None):
+        """CrossDeviceError if ``ptr`` is the address of an array of another GPU than ``device`` (None: the
+        current one). Addresses are known from ``ndarray.data`` (how every launch and copy gets them)."""
+        on = self._pointers.get(ptr)
+        want = self.current if device is None else device
+        if on is not None and on != want:
+            raise CrossDeviceError(f"fake cupy: {what} given an address on GPU {on}, "
+                                   + (f"GPU {want} is current" if device is None else f"declared on GPU {want}"))
+
     # -- the array module -------------------------------------------------------------------------------------------
     def empty(self, shape, dtype=float):
         self.record("empty")
@@ -533,13 +582,14 @@ class FakeCupy:
 
     def asarray(self, a, dtype=None):
         self.record("asarray")
-        if isinstance(a, self.ndarray):
-            if a._dev == self.current:
-                return a if dtype is None or a.dtype == dtype else a.astype(dtype)
-            a = a._a  # CuPy copies from another device
+        if isinstance(a, self.ndarray):  # another GPU's: a copy between GPUs outside the explicit peer copy
+            self.check_current("asarray", a)
+            return a if dtype is None or a.dtype == dtype else a.astype(dtype)
         return self._wrap(np.array(a, dtype=dtype, copy=True))
 
     def ascontiguousarray(self, a, dtype=None):
+        self.record("ascontiguousarray")
+        self.check_current("ascontiguousarray", a)
         if a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
             return a
         return self._wrap(np.ascontiguousarray(a._a, dtype=dtype))
@@ -571,6 +621,9 @@ class FakeCupy:
 
                 def launch(*args):
                     fake.record(f"launch {name}", args[-1])
+                    for a in args[:-1]:
+                        if isinstance(a, int):
+                            fake.check_pointer(f"launch {name}", a)
                     return attr(*args)
                 return launch
 
@@ -591,6 +644,10 @@ class FakeCupy:
         kernels = self.kernels(EMU.kernels)
         monkeypatch.setattr(backend_cuda.CudaBackend, "kernels", lambda backend, device: kernels)
         return self
+
+
+class CrossDeviceError(RuntimeError):
+    """:class:`FakeCupy`: an operand of a kernel launch, a copy or an array-module call is not on the current GPU."""
 
 
 class FakeCupyx:
@@ -650,6 +707,8 @@ class FakeNccl:
                 send = np.ctypeslib.as_array((ctype * count).from_address(sendbuf))
                 recv = np.ctypeslib.as_array((ctype * count).from_address(recvbuf))
                 nccl.fake.record("nccl allReduce", stream)
+                for ptr in (sendbuf, recvbuf):  # a communicator works on the GPU it was made on
+                    nccl.fake.check_pointer("nccl allReduce", ptr, self.device)
                 if self.ndev > 1:
                     from mpi4py import MPI
                     MPI.COMM_WORLD.Allreduce(send.copy(), recv, op=MPI.SUM)

@@ -646,7 +646,8 @@ class SoftmaxCost(Layer):
             return 0
         bad = int(self.device.to_numpy(counter)[0])
         if bad:
-            counter[...] = 0
+            with self.device.activate():  # the trainer reads it from the net's device, maybe another GPU
+                counter[...] = 0
         return bad
 
     def backward(self, dy, ctx):

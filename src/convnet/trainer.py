@@ -128,21 +128,27 @@ class Progress:
 
 
 class _DeviceSums:
-    """The summed loss and error count of the steps since the last fold, kept on the device."""
+    """The summed loss and error count of the steps since the last fold, kept on ``device`` (the softmax layer's,
+    where the loss and the probabilities are). Each method makes it current: CuPy runs an array-module call on the
+    current GPU, whichever GPU its arrays are on."""
 
-    def __init__(self, xp, batch):
-        self.loss = xp.zeros((), np.float64)
-        self.err = xp.zeros((), np.int64)
+    def __init__(self, device, batch):
+        self.device = device
+        with device.activate():
+            self.loss = device.xp.zeros((), np.float64)
+            self.err = device.xp.zeros((), np.int64)
         self.batch = batch  # the position of the last fold
         self.time = time.perf_counter()
 
-    def add(self, xp, loss, probs, labels):
-        self.loss += loss
-        self.err += (xp.argmax(probs, axis=0) != labels).sum()
+    def add(self, loss, probs, labels):
+        with self.device.activate():
+            self.loss += loss
+            self.err += (self.device.xp.argmax(probs, axis=0) != labels).sum()
 
     def reset(self, batch, now):
-        self.loss[...] = 0
-        self.err[...] = 0
+        with self.device.activate():
+            self.loss[...] = 0
+            self.err[...] = 0
         self.batch, self.time = batch, now
 
 
@@ -338,7 +344,10 @@ class Trainer:
     def check_finite_params(self):
         """Divergence when a parameter holds a NaN or an infinity (after an update that overflowed). One device
         reduction per parameter, read back together."""
-        flags = [(k, l.device.xp.isfinite(l.params[p]).all()) for k, l, p in self.net.param_items()]
+        flags = []
+        for k, l, p in self.net.param_items():
+            with l.device.activate():  # the reduction runs on the parameter's GPU
+                flags.append((k, l.device.xp.isfinite(l.params[p]).all()))
         for k, ok in flags:
             if not bool(ok):
                 self.diverged(f"parameter {k}", "non-finite")
@@ -346,33 +355,37 @@ class Trainer:
     # --- evaluation ------------------------------------------------------------------------------------------
     def evaluate(self, keep_probs=0):
         """Test-set (loss, top-1 error, top-5 error or None, kept (probs, labels) of the first images)."""
-        xp = self.device.xp
+        out = self.net.cost_layer.device  # the test sums are made where the probabilities are
+        xp = out.xp
         k5 = self.net.num_classes > 5
         n = wrong1 = wrong5 = 0
         loss = 0.0
         kept = []
         views, acc, k = self.test_loader.views, None, 0  # views > 1: each batch comes that many times in a row
         mirror = views == 1 and (self.cfg.multiview or self.cfg.eval_crops == 2)
-        with contextlib.closing(self.test_loader.epoch(0)) as batches:  # closed here: a Ctrl-C in close() propagates
+        # closed here: a Ctrl-C in close() propagates
+        with contextlib.closing(self.test_loader.epoch(0)) as batches, out.activate():
             for x, y in batches:
                 p = self.net.forward(x)
+                y = self._labels_on(out, y)
                 if mirror:
-                    mirrored = self.device.adopt(xp.ascontiguousarray(x[:, :, ::-1, :]))
-                    p = self.device.adopt((p + self.net.forward(mirrored)) * p.dtype.type(0.5))
+                    with self.device.activate():
+                        mirrored = self.device.adopt(xp.ascontiguousarray(x[:, :, ::-1, :]))
+                    p = out.adopt((p + self.net.forward(mirrored)) * p.dtype.type(0.5))
                 if views > 1:  # the softmax outputs of the views, summed in view order, then averaged
                     acc = p.copy() if k == 0 else acc + p
                     k += 1
                     if k < views:
                         continue
-                    p, acc, k = self.device.adopt(acc * p.dtype.type(1 / views)), None, 0
-                errs = ops.topk_errors(self.device, p, y, ks=(1, 5) if k5 else (1,))
+                    p, acc, k = out.adopt(acc * p.dtype.type(1 / views)), None, 0
+                errs = ops.topk_errors(out, p, y, ks=(1, 5) if k5 else (1,))
                 wrong1 += errs[0]
                 wrong5 += errs[1] if k5 else 0
                 m = y.shape[0]
                 loss += float(-xp.log(xp.maximum(p[y, xp.arange(m)], 1e-30)).sum())
                 n += m
                 if sum(len(a[1]) for a in kept) < keep_probs:
-                    kept.append((self.device.to_numpy(p), self.device.to_numpy(y)))
+                    kept.append((out.to_numpy(p), out.to_numpy(y)))
         if self.world is not None and self.ranks > 1:  # each rank evaluated its share of the batches
             loss, wrong1, wrong5, n = self.world.sum(np.array([loss, wrong1, wrong5, n], np.float64), "the test sums")
             wrong1, wrong5, n = int(wrong1), int(wrong5), int(n)
@@ -381,6 +394,13 @@ class Trainer:
         if not math.isfinite(loss):
             self.diverged("test loss", loss)
         return loss / n, wrong1 / n, (wrong5 / n if k5 else None), kept
+
+    def _labels_on(self, dev, y):
+        """The labels ``y`` of a batch (on the net's device, as the loaders give them) on ``dev``."""
+        if dev == self.device:
+            return y
+        with dev.activate():
+            return ops.copy(dev, y, self.device)
 
     # --- training --------------------------------------------------------------------------------------------
     def _on_sigint(self, signum, frame):
@@ -398,7 +418,9 @@ class Trainer:
         except ValueError:  # not the main thread
             pass
         try:
-            with np.errstate(over="ignore", invalid="ignore"):  # a non-finite loss is detected and reported
+            # a non-finite loss is detected and reported; the run's GPU is current in this thread throughout (else
+            # GPU 0 is, and gets a context and work of its own)
+            with np.errstate(over="ignore", invalid="ignore"), self.device.activate():
                 return self._epochs()
         finally:
             self.close()
@@ -494,14 +516,14 @@ class Trainer:
 
     def train_epoch(self):
         """SGD steps from the current position to the end of the epoch. Returns None, or why it stopped early."""
-        cfg, net, xp = self.cfg, self.net, self.device.xp
+        cfg, net = self.cfg, self.net
         nb = len(self.train_loader)
         sync_every = 1 if self.device.synchronous else 20  # a fold reads the sums back: a sync on a GPU
         per_step = self.schedule.kind == "linear"
         first, _ = self.train_loader.shard_part()
         shard = (self.train_loader.batch_size, first)  # where this rank's images lie in each (global) batch
         lr = self.opt.lr = self.lr_now()
-        sums = _DeviceSums(xp, self.batch)
+        sums = _DeviceSums(net.cost_layer.device, self.batch)
         stop = None
         with Progress(cfg.progress and self.rank == 0, total=nb, initial=self.batch,
                       desc=f"epoch {self.epoch + 1}/{cfg.epochs}") as bar, \
@@ -513,7 +535,7 @@ class Trainer:
                     lr = self.opt.lr = self.lr_now()
                 probs = net.forward(x, y, train=True, step=self.step, batch=shard)
                 backward_and_step(net, self.opt, self.reducer)
-                sums.add(xp, net.loss, probs, y)
+                sums.add(net.loss, probs, self._labels_on(sums.device, y))
                 self.batch += 1
                 self.step += 1
                 self.steps_this_run += 1

@@ -26,6 +26,15 @@ def _array_tools(dev):
         return np, (lambda a, dt=None: np.ascontiguousarray(a, dtype=dt)), (lambda a: a)
     return dev.xp, dev.asarray, dev.adopt
 
+
+def _on_device(dev, fn):
+    """``fn`` run with ``dev`` current throughout (a new thread starts on GPU 0, whatever GPU its creator is on)."""
+    def run():
+        with (dev.activate() if dev is not None else contextlib.nullcontext()):
+            fn()
+    return run
+
+
 class Loader:
     """Produces preprocessed batches ``(x (C,H,W,N) float32 on device, labels (N,) int32 on device)``.
 
@@ -189,7 +198,7 @@ class Loader:
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
                 q.put(("err", e))
 
-        t = threading.Thread(target=work, name="convnet-loader", daemon=True)
+        t = threading.Thread(target=_on_device(self.device, work), name="convnet-loader", daemon=True)
         t.start()
         try:
             while True:
