@@ -201,7 +201,7 @@ def test_two_data_parallel_ranks_each_work_on_their_own_gpu_only(tmp_path, kind)
               "--epochs", "2", "--multiview"]
     assert main([*common, "--device", "emu", "--out", str(tmp_path / "one")]) == 0
     rc, out, err = run_ranks(2, [__file__, "ranks", kind, tmp_path, *common, "--distributed", "--device", "cuda",
-                                 "--out", tmp_path / "two"], timeout=300)
+                                 "--out", tmp_path / "two"], timeout=180)
     assert rc == 0, err
     for r in range(2):
         seen = json.loads((tmp_path / f"rank{r}.json").read_text())
@@ -218,6 +218,54 @@ def test_two_data_parallel_ranks_each_work_on_their_own_gpu_only(tmp_path, kind)
     for k in p1.files:
         if k.startswith("param/"):
             np.testing.assert_allclose(p2[k], p1[k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+def test_the_loaders_thread_has_the_loaders_gpu_current_throughout(monkeypatch):
+    """The loader's background thread makes its device current when it starts, not only around each upload: a
+    thread starts with GPU 0 current, and any CUDA call there outside an activation would open a context on GPU 0."""
+    from convnet.data import Loader
+    from convnet.devices import get_device
+
+    fake = FakeCupy(devices=2).install(monkeypatch, usable=True)
+    dev = get_device("cuda:1")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 8, 8, 1), dtype=np.uint8)
+    labels = rng.integers(0, 4, 12).astype(np.int32)
+    loader = Loader(images, labels, 4, train=True, out_hw=(8, 8), mean=images.mean(0), device=dev, prefetch=2)
+    make_batch, current = Loader.make_batch, []
+
+    def spy(self, *args, **kwargs):
+        current.append(fake.current)
+        return make_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(Loader, "make_batch", spy)
+    got = [(x, y) for x, y in loader.epoch(0)]
+    assert current == [1, 1, 1]
+    for b, (x, y) in enumerate(got):  # and the batches are right: the host loader's
+        want_x, want_y = Loader(images, labels, 4, train=True, out_hw=(8, 8), mean=images.mean(0),
+                                prefetch=0).make_batch(0, b)
+        assert x.device.id == 1 and y.device.id == 1
+        np.testing.assert_array_equal(x.get(), want_x)
+        np.testing.assert_array_equal(y.get(), want_y)
+
+
+def test_the_bad_label_counter_is_read_and_reset_on_its_layers_gpu(monkeypatch):
+    """The softmax layer's device counter of out-of-range labels, on GPU 1, read and reset from a thread on GPU 0
+    (the trainer's, when the softmax is on another tower than the data): the count, then zero after the reset."""
+    from convnet.devices import get_device
+    from convnet.model_file import build_net
+
+    fake = FakeCupy(devices=2).install(monkeypatch, usable=True)
+    dev = get_device("cuda:1")
+    net, _ = build_net(TINY, "tiny.cfg", device=dev, seed=0)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 8, 8, 6)).astype(np.float32)
+    y = np.array([0, 9, 3, -2, 1, 4], np.int32)  # three outside [0, 4)
+    with dev.activate():
+        net.forward(dev.asarray(x), dev.asarray(y), train=True)
+    with fake.cuda.Device(0):
+        assert net.cost_layer.take_bad_labels() == 3
+        assert net.cost_layer.take_bad_labels() == 0
 
 
 def test_the_fake_gpu_refuses_operands_of_another_gpu(monkeypatch):
@@ -264,7 +312,6 @@ def test_the_fake_gpu_refuses_operands_of_another_gpu(monkeypatch):
 # --- the program each rank runs under mpirun ----------------------------------------------------------------------
 def _worker_ranks(kind, out, *argv):
     """One rank of ``mpirun -n 2``: ``convnet.train`` on the fake GPUs (or real ones), then where its work went."""
-    from convnet.devices import backend_cuda  # noqa: F401 - the fake replaces its cupy
     from convnet.distributed import active_world
 
     mp = pytest.MonkeyPatch()
