@@ -326,6 +326,14 @@ class FakeCupy:
                 return {"name": b"FakeCupy GPU", "major": 9, "minor": 0, "multiProcessorCount": 2,
                         "clockRate": 1_000_000, "totalGlobalMem": 1 << 30}
 
+            cudaDevAttrClockRate = 13
+
+            @staticmethod
+            def deviceGetAttribute(attrib, device):  # the attributes the sources ask for
+                if attrib != Runtime.cudaDevAttrClockRate:
+                    raise CUDARuntimeError(1)  # cudaErrorInvalidValue
+                return 1_000_000
+
             @staticmethod
             def deviceEnablePeerAccess(peerDevice):
                 pass
