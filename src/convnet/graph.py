@@ -16,7 +16,7 @@
   (``net.stream_of(layer)``; two towers on one GPU get two). A layer's forward and backward, its input join and the
   sums of its output's gradients are issued on its placement's stream; a copy runs on the consumer's stream after
   an event recorded on the producer's (``ops.copy``); each pass starts by making every stream wait for the current
-  stream (where the loop uploaded the batch: ``fork``) and ends by making the current stream wait for every stream
+  stream (which waited for the batch: ``fork``) and ends by making the current stream wait for every stream
   (``join``). Nothing here waits on the host, so on a GPU the loop issues both towers' work and runs ahead; on emu
   the streams are emulated (worker threads), so a missing wait gives a wrong result in a test. One placement: on a
   GPU a stream of its own (never the legacy null stream, whose implicit barriers would serialise it with the loader
