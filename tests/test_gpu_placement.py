@@ -203,8 +203,8 @@ def test_prepared_batches_go_up_as_uint8_and_convert_to_the_host_paths_bits(prep
         assert x.dtype == hx.dtype == np.float32 and x.tobytes() == hx.tobytes() and (y == hy).all()
 
 
-# ``shared`` is given its device by name: both towers on that GPU read it without a copy; in backward tower 1's
-# gradient for it comes from tower 1's stream, tower 0's from ``shared``'s own (tower 0's), and the two are summed
+# ``shared`` is given its device by name: the towers on that GPU read it without a copy; in backward tower 1's
+# gradient for it comes from tower 1's stream, tower 0's (when conva reads it) from shared's own; they are summed
 SHARED = """
 [data]
 type = data
@@ -220,7 +220,7 @@ neuron = relu
 device = {named}
 [conva]
 type = conv
-inputs = shared
+inputs = {conva_input}
 filters = 2
 size = 3
 padding = 1
@@ -244,13 +244,16 @@ device = 0
 """
 
 
-def test_two_towers_on_one_gpu_give_back_memory_read_without_a_copy(monkeypatch):
-    """Two towers on one GPU: tower 1's gradient for ``shared`` is tower 1's memory read on tower 0's stream (no
-    copy between them); once the sum has read it, tower 1's stream waits for tower 0's, so CuPy's pool cannot hand
-    that memory to tower 1's next work while the sum may still be reading it. The gradients are emu's."""
+@pytest.mark.parametrize("summed", [True, False], ids=["summed", "alone"])
+def test_two_towers_on_one_gpu_give_back_memory_read_without_a_copy(monkeypatch, summed):
+    """Two towers on one GPU: tower 1's gradient for ``shared`` is tower 1's memory, read on tower 0's stream without
+    a copy -- by the sum with tower 0's gradient, or (``alone``: only tower 1 reads ``shared``) by ``shared``'s
+    backward. Right after that read, before the memory is freed into tower 1's pool, tower 1's stream waits for
+    tower 0's, so tower 1's next work cannot reuse it while the read may still run. The gradients are emu's."""
+    text = SHARED.replace("{conva_input}", "shared" if summed else "data")
     fake = FakeCupy(devices=1).install(monkeypatch, usable=True)
-    net, _ = build_net(SHARED.format(named="cuda:0"), "shared.cfg", devices="cuda:0,cuda:0", seed=1)
-    ref, _ = build_net(SHARED.format(named="emu"), "shared.cfg", devices="emu,emu", seed=1)
+    net, _ = build_net(text.format(named="cuda:0"), "shared.cfg", devices="cuda:0,cuda:0", seed=1)
+    ref, _ = build_net(text.format(named="emu"), "shared.cfg", devices="emu,emu", seed=1)
     t0, t1 = (net.stream_of(net.layers[n]) for n in ("conva", "convb"))
     assert net.stream_of(net.layers["shared"]) is t0 and t0 is not t1
     rng = np.random.default_rng(2)
@@ -261,12 +264,14 @@ def test_two_towers_on_one_gpu_give_back_memory_read_without_a_copy(monkeypatch)
     net.backward()
     fake.recording = False
     log = fake.calls
-    (add,) = [i for i, e in enumerate(log) if e[0] == "add"]
-    assert log[add][2] == t0.ptr
-    borrowed = [i for i in range(add) if log[i][0].startswith("launch") and log[i][3] == t1.ptr]
-    assert borrowed and fake.waits_for(add, borrowed[-1])  # the sum reads tower 1's gradient after it is written
-    later_t1 = [i for i in range(add + 1, len(log)) if log[i][2] == t1.ptr and log[i][0] == "wait"]
-    assert any(fake.waits_for(i, add) for i in later_t1), "tower 1's stream never waits for the sum that read it"
+    on_t0 = [i for i, e in enumerate(log) if e[0].startswith("launch") and e[3] == t0.ptr]
+    adds = [i for i, e in enumerate(log) if e[0] == "add"]
+    assert len(adds) == int(summed) and all(log[i][2] == t0.ptr for i in adds)
+    # the read: the sum (then shared's backward reads the sum, tower 0's own memory), or shared's backward
+    read = adds[0] if summed else on_t0[-1]
+    until = next((i for i in on_t0 if i > read), len(log))  # tower 0's next kernel: the sum is freed by then
+    back = [i for i in range(read + 1, until) if log[i][0] == "wait" and log[i][2] == t1.ptr]
+    assert any(fake.waits_for(i, read) for i in back), "tower 1's stream does not wait for the read of its memory"
     ref.forward(x, y, train=True)
     ref.backward()
     for k, layer, p in net.param_items():

@@ -23,7 +23,8 @@ GPU gradients on a communication stream of its own.
     MPI reduce-scatter (each rank sums one block and scales it by 1/N) and all-gather, driven forward at every hook
     call (MPI progresses when it is called).
 
-  With one rank neither does anything (the gradients are their own average). Both give every rank the same bits: each element is summed once, on one rank (NCCL's ring; the reduce-scatter's
+  With one rank neither transport does anything (the gradients are their own average).
+  Both give every rank the same bits: each element is summed once, on one rank (NCCL's ring; the reduce-scatter's
   owner), then copied to all -- the parameters stay identical without a broadcast. :func:`param_checksums` and
   :meth:`World.check_same` verify that every ``check_every`` steps (an error naming the first parameter that
   differs).
