@@ -107,10 +107,17 @@ def fp32_peak_tflops(device) -> float | None:
         return None
     import cupy as cp
 
+    rt = cp.cuda.runtime
     with device.activate():
-        props = cp.cuda.runtime.getDeviceProperties(device.index)
+        props = rt.getDeviceProperties(device.index)
+        try:  # kHz; CUDA 13 removed cudaDeviceProp.clockRate: the attribute is the one source every version has
+            khz = rt.deviceGetAttribute(rt.cudaDevAttrClockRate, device.index)
+        except (AttributeError, rt.CUDARuntimeError):
+            khz = props.get("clockRate")
+    if not khz:
+        return None
     lanes = 64 if (props["major"], props["minor"]) == (8, 0) else 128
-    return props["multiProcessorCount"] * lanes * 2 * props["clockRate"] * 1e3 / 1e12
+    return props["multiProcessorCount"] * lanes * 2 * khz * 1e3 / 1e12
 
 
 SGEMM_N = 8192  # the ceiling's GEMM size (tests shrink it)

@@ -2,7 +2,7 @@
 gradient reductions and how much of it the backward hides.
 
     python benchmarks/scaling_bench.py --device numpy --ranks 1,2             # CPU: numpy, 1 and 2 ranks (mpirun)
-    python benchmarks/scaling_bench.py --device cuda --ranks 1 --baseline     # one GPU: the NCCL path vs none
+    python benchmarks/scaling_bench.py --device cuda --ranks 1 --baseline     # one GPU: one rank (no NCCL) vs none
     python benchmarks/scaling_bench.py --device cuda --ranks 1,2,4,8          # a machine with 8 GPUs
 
 Weak scaling, as data-parallel training runs: every rank takes ``--batch`` images per step (the global batch grows

@@ -228,8 +228,8 @@ class FakeCupy:
     # the fake's own machinery; every other public name mirrors CuPy's (tests/test_cupy_api.py checks it against a
     # real CuPy: names, parameters, defaults, constants)
     MACHINERY = frozenset({"calls", "recording", "devices", "current", "null", "next_ptr", "events", "stacks",
-                           "HOST_ONLY", "record", "array_on", "kernels", "install", "MACHINERY", "VIEWS",
-                           "check_current", "check_pointer"})
+                           "streams", "HOST_SYNCS", "waits_for", "HOST_ONLY", "record", "array_on", "kernels",
+                           "install", "MACHINERY", "VIEWS", "check_current", "check_pointer"})
 
     def __init__(self, devices: int = 2):
         fake = self
@@ -237,6 +237,7 @@ class FakeCupy:
         self._pointers = {}  # address -> GPU of the arrays whose ``data`` was taken (check_pointer)
         self._local = threading.local()  # the current device and streams are per thread, as CUDA's and CuPy's
         self.null = None
+        self.streams = {}  # ptr -> every stream made (waits_for asks whether it is blocking)
 
         class Stream:
             def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
@@ -247,6 +248,8 @@ class FakeCupy:
                 else:
                     fake.next_ptr += 1
                     self.ptr, self.device_id = fake.next_ptr, fake.current
+                self._blocking = not non_blocking  # synchronises with the legacy default stream (see waits_for)
+                fake.streams[self.ptr] = self
 
             def wait_event(self, event):
                 fake.record("wait", event.index, stream=self)
@@ -283,6 +286,8 @@ class FakeCupy:
         class ExternalStream(Stream):
             def __init__(self, ptr, device_id=-1):  # CuPy's: a stream made elsewhere, by its handle and GPU
                 self.ptr, self.device_id = ptr, device_id
+                self._blocking = True  # cudaStreamCreate's default
+                fake.streams.setdefault(ptr, self)
 
         class Event:
             def __init__(self, block=False, disable_timing=False, interprocess=False):
@@ -325,6 +330,14 @@ class FakeCupy:
             def getDeviceProperties(device):  # CuPy's dict: a made-up sm_90 with 2 SMs
                 return {"name": b"FakeCupy GPU", "major": 9, "minor": 0, "multiProcessorCount": 2,
                         "clockRate": 1_000_000, "totalGlobalMem": 1 << 30}
+
+            cudaDevAttrClockRate = 13
+
+            @staticmethod
+            def deviceGetAttribute(attrib, device):  # the attributes the sources ask for
+                if attrib != Runtime.cudaDevAttrClockRate:
+                    raise CUDARuntimeError(1)  # cudaErrorInvalidValue
+                return 1_000_000
 
             @staticmethod
             def deviceEnablePeerAccess(peerDevice):
@@ -570,6 +583,71 @@ class FakeCupy:
         if on is not None and on != want:
             raise CrossDeviceError(f"fake cupy: {what} given an address on GPU {on}, "
                                    + (f"GPU {want} is current" if device is None else f"declared on GPU {want}"))
+
+    # -- what the GPU would order: the recorded calls as a dependency graph ------------------------------------------
+    HOST_SYNCS = ("get", "stream synchronize", "device synchronize", "event synchronize")
+
+    def waits_for(self, later: int, earlier: int, implicit: bool = True) -> bool:
+        """Whether recorded call ``calls[later]`` would run on a GPU only after ``calls[earlier]``, through: the
+        order of each stream; an event waited for (``wait`` after the event's latest ``record``); the host waiting
+        (``get``, a synchronize) before it issued ``later``; and the legacy default stream's implicit barriers, which
+        CUDA adds and CuPy does not show: on a device, work on the null stream waits for all work issued before it on
+        the device's *blocking* streams (``Stream(non_blocking=False)``, CuPy's default), and work on a blocking stream
+        waits for all work issued before it on the null stream. Non-blocking streams are ordered by events only.
+        ``implicit=False``: without those barriers (what the program's own events and syncs order)."""
+        def stream_of(e):  # (device or None, ptr) of the stream a call runs on; None: not device work
+            what = e[0]
+            if what in ("profiler start", "profiler stop", "begin capture", "end capture", "event synchronize",
+                        "stream synchronize", "device synchronize"):
+                return None
+            ptr = e[3] if what.startswith(("launch", "memcpy", "nccl")) else e[2]
+            return (e[1], 0) if ptr == 0 else (None, ptr)
+
+        def blocking(key):
+            return key[1] != 0 and getattr(self.streams.get(key[1]), "_blocking", True)
+
+        def device_of(key):
+            return key[0] if key[0] is not None else getattr(self.streams.get(key[1]), "device_id", None)
+
+        preds = [[] for _ in self.calls]
+        last, recorded, host = {}, {}, None  # stream -> its last call; event -> its last record; the last host sync
+        for i, e in enumerate(self.calls[:later + 1]):
+            key = stream_of(e)
+            if host is not None:
+                preds[i].append(host)
+            if e[0] in self.HOST_SYNCS:
+                if e[0] == "event synchronize" and e[3] in recorded:
+                    preds[i].append(recorded[e[3]])
+                elif e[0] == "device synchronize":
+                    preds[i] += [j for k, j in last.items() if device_of(k) == e[1]]
+                elif e[0] == "stream synchronize" or e[0] == "get":
+                    k = (e[1], 0) if e[2] == 0 else (None, e[2])
+                    preds[i] += [last[k]] if k in last else []
+                host = i
+            if key is None:
+                continue
+            if key in last:
+                preds[i].append(last[key])
+            if e[0] == "wait" and e[3] in recorded:
+                preds[i].append(recorded[e[3]])
+            if not implicit:
+                pass
+            elif key[1] == 0:  # the legacy null stream waits for the device's blocking streams ...
+                preds[i] += [j for k, j in last.items() if blocking(k) and device_of(k) == key[0]]
+            elif blocking(key) and (device_of(key), 0) in last:  # ... and they for it
+                preds[i].append(last[(device_of(key), 0)])
+            if e[0] == "record":
+                recorded[e[3]] = i
+            last[key] = i
+        seen, todo = set(), [later]
+        while todo:
+            for j in preds[todo.pop()]:
+                if j == earlier:
+                    return True
+                if j > earlier and j not in seen:
+                    seen.add(j)
+                    todo.append(j)
+        return False
 
     # -- the array module -------------------------------------------------------------------------------------------
     def empty(self, shape, dtype=float):

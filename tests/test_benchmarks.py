@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from convnet import ops
+from convnet.devices import get_device
 from helpers import load_benchmark
 
 
@@ -82,6 +83,25 @@ def test_benchmark_cuda_path_on_a_fake_gpu(run, tmp_path, monkeypatch, capsys):
         assert [r["pass"] for r in data["rows"]] == ["forward", "input-grad", "filter-grad"]
         assert all(r["GFLOP/s"] > 0 and "% FP32 peak" in r for r in data["rows"])
         assert any(c[0] == "graph launch" for c in fake.calls)  # timed as a CUDA graph
+
+
+def test_conv_bench_reads_the_clock_from_the_device_attribute_else_the_properties(monkeypatch):
+    """The FP32 peak's clock: cudaDevAttrClockRate (CUDA 13's device properties have no clockRate), else the
+    properties' clockRate (a CuPy without the attribute), else no peak at all."""
+    from helpers import FakeCupy
+
+    fake = FakeCupy(devices=1).install(monkeypatch, usable=True)
+    bench, dev = load_benchmark("conv_bench"), get_device("cuda:0")
+    rt = fake.cuda.runtime
+    props = rt.getDeviceProperties(0)
+    want = props["multiProcessorCount"] * 128 * 2 * 1_000_000 * 1e3 / 1e12  # sm_90: 128 lanes per SM
+    monkeypatch.setattr(rt, "getDeviceProperties", lambda i: {k: v for k, v in props.items() if k != "clockRate"})
+    assert bench.fp32_peak_tflops(dev) == want
+    monkeypatch.setattr(rt, "getDeviceProperties", lambda i: props)
+    monkeypatch.delattr(rt, "deviceGetAttribute")
+    assert bench.fp32_peak_tflops(dev) == want
+    monkeypatch.setattr(rt, "getDeviceProperties", lambda i: {k: v for k, v in props.items() if k != "clockRate"})
+    assert bench.fp32_peak_tflops(dev) is None
 
 
 def test_conv_bench_rejects_unknown_layer():

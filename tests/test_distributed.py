@@ -338,11 +338,11 @@ def test_a_rank_without_a_gpu_is_an_error_naming_it(monkeypatch):
         rank_device("cuda:0", world, get_device)
 
 
-def test_the_nccl_path_on_one_gpu_reduces_on_its_stream_and_the_update_waits_on_the_gpu(monkeypatch):
-    """The cuda path on a fake CuPy + NCCL (tests/helpers): one rank, the tiny net in two buckets. Every bucket's
-    copies, allReduce and copies back run on the reducer's stream after it waited for an event of the compute stream;
-    the compute stream then waits for each bucket's event; the host never synchronises; one rank's gradients are
-    bit-identical to a backward without the reducer (emu's, whose kernels the fake runs)."""
+def test_the_nccl_path_with_one_rank_does_nothing_and_leaves_the_gradients_alone(monkeypatch):
+    """The cuda path on a fake CuPy + NCCL (tests/helpers): with one rank the gradients are their own average, so
+    the reducer makes no communicator and no stream, packs, reduces and unpacks nothing, and the host never waits;
+    the gradients are bit-identical to a backward without the reducer (emu's, whose kernels the fake runs). Two ranks
+    on the fake: tests/test_gpu_placement.py."""
     from convnet.devices import backend_cuda
     from convnet.distributed import NcclTransport
     fake = FakeCupy(devices=1).install(monkeypatch)
@@ -352,31 +352,20 @@ def test_the_nccl_path_on_one_gpu_reduces_on_its_stream_and_the_update_waits_on_
     ref, _ = build_net(TINY, "tiny.cfg", device="emu", seed=0)
     reducer = GradReducer(net, OneRank(), bucket_mb=2000 * 4 / 2**20)  # fc2 + fc1/b | fc1/w | conv1
     assert isinstance(reducer.transport, NcclTransport) and len(reducer.buckets) >= 2
-    comm = reducer.transport.stream.ptr
+    assert not hasattr(reducer.transport, "comm") and not hasattr(reducer.transport, "stream")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 12, 12, 8)).astype(np.float32)
     y = rng.integers(0, 4, 8).astype(np.int32)
     net.forward(net.device.asarray(x), net.device.asarray(y, np.int32), train=True, step=0)
     fake.recording = True
+    net.backward()
+    alone = len(fake.calls)
+    net.forward(net.device.asarray(x), net.device.asarray(y, np.int32), train=True, step=0)
+    fake.calls.clear()
     net.backward(on_grads=reducer.on_grads)
     reducer.finish()
     fake.recording = False
-    log = fake.calls
-    assert not [e for e in log if e[0] in ("get", "stream synchronize", "device synchronize")]
-    reduces = [i for i, e in enumerate(log) if e[0] == "nccl allReduce"]
-    assert len(reduces) == len(reducer.buckets) and all(log[i][3] == comm for i in reduces)
-    assert all(log[i][2] == comm for i in reduces)  # issued with the comm stream current
-    # before each allReduce: the comm stream waited for an event recorded on the compute stream (the null stream)
-    for i in reduces:
-        waits = [j for j in range(i) if log[j][0] == "wait" and log[j][2] == comm]
-        rec = [j for j in range(i) if log[j][0] == "record" and log[j][3] == log[waits[-1]][3]]
-        assert rec and log[rec[-1]][2] == 0
-    # each gradient is copied into its bucket and back out on the comm stream
-    assert len([e for e in log if e[0] == "setitem" and e[2] == comm]) == 2 * len(list(net.param_items()))
-    # finish: the compute stream waits for every bucket's last event
-    tail = [e for e in log[reduces[-1]:] if e[0] == "wait"]
-    assert len([e for e in tail if e[2] == 0]) >= 1
-    assert len([e for e in log if e[0] == "wait" and e[2] == 0]) >= len(reducer.buckets)
+    assert len(fake.calls) == alone and not [e for e in fake.calls if e[0] == "nccl allReduce"]
     ref.forward(x, y, train=True, step=0)
     ref.backward()
     for (k, l, p), (_, lr, _) in zip(net.param_items(), ref.param_items()):

@@ -219,30 +219,3 @@ def test_reading_an_array_of_another_gpu_orders_on_that_gpu(monkeypatch):
     assert fake.calls == [("get", 1, 0x81, None)] and fake.current == 0
     assert type(host) is np.ndarray and host.tolist() == [0, 1, 2, 3]
     assert Device("cuda", 1).to_numpy(np.ones(2)).tolist() == [1.0, 1.0]  # host arrays pass through
-
-
-def test_batch_upload_to_a_fake_gpu_is_ordered_on_the_consumers_stream(monkeypatch):
-    """The data loader's cuda upload (data/workers.py _Uploader): each batch is copied from a pinned buffer on the
-    current stream, the one its step runs on, never on a side stream (the array comes from CuPy's pool, which may
-    hand out memory that work queued on the current stream still reads); the two pinned buffers are reused only
-    after an event recorded behind their copy; every batch arrives intact."""
-    from convnet.data.workers import _Uploader
-
-    fake = FakeCupy(devices=1).install(monkeypatch)
-    compute = fake.cuda.ExternalStream(0x90, 0)
-    fake.stacks[0].append(compute)
-    upload = _Uploader(Device("cuda", 0))
-    rng = np.random.default_rng(3)
-    batches = [rng.standard_normal((3, 5, 5, 4)).astype(np.float32) for _ in range(4)]
-    fake.recording = True
-    got = [upload(b, np.arange(4) + i) for i, b in enumerate(batches)]
-    fake.recording = False
-    for i, (b, (x, y)) in enumerate(zip(batches, got)):
-        assert np.array_equal(x.get(), b) and np.array_equal(y.get(), np.arange(4) + i)
-    sets = [e for e in fake.calls if e[0] == "set"]
-    assert len(sets) == 4 and all(e[2] == compute.ptr for e in sets), sets
-    records = [e for e in fake.calls if e[0] == "record"]
-    assert len(records) == 4 and all(e[2] == compute.ptr for e in records), records
-    # uploads 3 and 4 reuse the pinned buffers of 1 and 2: the host waits for those copies' events first
-    waits = [e[3] for e in fake.calls if e[0] == "event synchronize"]
-    assert waits == [records[0][3], records[1][3]], (waits, records)

@@ -8,9 +8,10 @@
 #   bash tools/gpu_check.sh STAGE...                  # stages on their own, e.g. `build test` then `sanitize`, `bench`
 #
 # Stages (a warm machine keeps the installed package between calls, so later calls can skip `build`):
-#   preflight  a GPU is visible (CuPy's runtime sees a device of compute capability >= 8.0); picks the build's arch.
-#              Runs first in every mode and before every stage that needs the GPU; fails at once, saying
-#              "no usable GPU: <why>", before minutes are spent building.
+#   preflight  a GPU is visible (CuPy's runtime sees a device of compute capability >= 8.0); picks the build's arch;
+#              with `build`, the tools a build without isolation needs (scikit-build-core, pybind11, ninja,
+#              CMake >= 3.24). Runs first in every mode and before every stage that needs the GPU; fails at once,
+#              saying "no usable GPU: <why>" or which build tools are missing, before minutes are spent building.
 #   build      pip install --no-build-isolation --no-deps . with CONVNET_CUDA=ON, nvcc found in PATH, $CUDACXX,
 #              $CUDA_HOME/bin, /usr/local/cuda/bin or /usr/local/cuda-*/bin; only the card's architecture
 #              (CONVNET_CUDA_ARCHITECTURES=<cc>-real, e.g. 90-real), nvcc --threads 0, CMAKE_BUILD_PARALLEL_LEVEL=nproc,
@@ -22,18 +23,20 @@
 #   sanitize   compute-sanitizer memcheck, racecheck, synccheck and initcheck, the four at once (separate processes),
 #              over pytest -m "sanitize and cuda" (the small-shape subset) with CONVNET_CUPY_POOL=0 (CuPy's memory
 #              pool off: pooled sub-allocations hide out-of-bounds accesses from memcheck), each bounded by
-#              SANITIZE_TIMEOUT seconds (a timeout is a FAIL: no verdict).
+#              SANITIZE_TIMEOUT seconds (a timeout is a FAIL: no verdict). racecheck, by far the slowest, checks
+#              shared memory only: it runs over the families whose kernels use it (conv, softmax).
 #   bench      conv_bench (batch 128, ours and cuDNN NCHW/CHWN FP32 + NCHW TF32, all in CUDA graphs), memory_bound_bench,
 #              ops_bench (quick: elementwise, softmax, fc: the families without a benchmark of their own), train_bench
 #              (AlexNet batch 128, ours and the same model in PyTorch, images/s), train_bench --towers (alexnet vs
 #              alexnet-2gpu with both towers on the GPU, two streams; the copies). Full mode adds ops_bench's other
 #              families and fmnist training.
 #   extra      the rest of what the first GPU run owes (issues 10 and 15), most owed first: scaling_bench
-#              --ranks 1 --baseline (the NCCL path on one GPU: communicator and bucketed all-reduce, against no
+#              --ranks 1 --baseline (data-parallel on one GPU, where one rank skips NCCL: its overhead, against no
 #              reducer; under mpirun), one epoch of Fashion-MNIST training (python -m convnet.train --device cuda
 #              --epochs 1: wall time and test accuracy), train_bench fmnist at batch 64 and 128, conv_bench
 #              one-tower, Nsight Compute over our conv kernels at batch 128 (speed of light, occupancy, memory;
-#              ncu_conv.csv: what makes a layer slower than cuDNN). The GPU image has neither the dataset nor
+#              ncu_conv.csv: what makes a layer slower than cuDNN; skipped, with the reason, where the container
+#              may not read the performance counters: ERR_NVGPUCTRPERM). The GPU image has neither the dataset nor
 #              (known to work) MPI: `bash tools/gpu_carry.sh` fills .gpu_carry/ on the CPU machine (git-ignored:
 #              name it in the device tool's carry) with
 #              Fashion-MNIST and MPICH + mpi4py wheels for the image's Python, installed here under /tmp. In quick
@@ -123,8 +126,9 @@ capped() {  # capped LIMIT: LIMIT, cut to the seconds left before HARD_LIMIT (at
   if [ "$1" -gt "$left" ]; then echo "$left"; else echo "$1"; fi
 }
 
-status_of() {  # status_of RC -> ok | FAIL | TIMEOUT
-  case $1 in 0) echo ok ;; 124|137) echo TIMEOUT ;; *) echo FAIL ;; esac
+SKIP_RC=75  # a step that cannot run here (not a failure): its log's last line says why
+status_of() {  # status_of RC -> ok | skipped | FAIL | TIMEOUT
+  case $1 in 0) echo ok ;; "$SKIP_RC") echo skipped ;; 124|137) echo TIMEOUT ;; *) echo FAIL ;; esac
 }
 
 step() {  # step NAME LOG TIMEOUT ESTIMATE COMMAND... : run with a time limit, show the log's tail, record a row
@@ -138,8 +142,9 @@ step() {  # step NAME LOG TIMEOUT ESTIMATE COMMAND... : run with a time limit, s
     rc=$?
   fi
   tail -n 20 "$LOGS/$log"
-  local st; st=$(status_of $rc)
-  record "$name" "$st" $((SECONDS - t0)) "$est" "$log$([ $st = ok ] || echo " (rc $rc)")"
+  local st note; st=$(status_of $rc)
+  case $st in ok) note=$log ;; skipped) note="$log: $(tail -n 1 "$LOGS/$log")" ;; *) note="$log (rc $rc)" ;; esac
+  record "$name" "$st" $((SECONDS - t0)) "$est" "$note"
   return $rc
 }
 
@@ -241,7 +246,25 @@ PY
     die "$(echo "$out" | tail -1)  [$GPU_LINE]"
   fi
   ARCH=$(echo "$out" | sed -n 's/^ARCH=//p')
+  local missing; missing=$(want build && missing_build_tools)
+  if [ -n "$missing" ]; then
+    record preflight FAIL $((SECONDS - t0)) 5s "build tools missing: $missing"
+    die "the build (pip install --no-build-isolation) needs: $missing"
+  fi
   record preflight ok $((SECONDS - t0)) 5s "sm_$ARCH"
+}
+
+missing_build_tools() {  # what a build without isolation needs and does not find, as one line (empty: all there)
+  local m v missing=()
+  for m in scikit_build_core pybind11; do "$PY" -c "import $m" 2>/dev/null || missing+=("${m//_/-}"); done
+  command -v ninja >/dev/null || "$PY" -c "import ninja" 2>/dev/null || missing+=(ninja)
+  v=$(cmake --version 2>/dev/null | sed -n '1s/^cmake version \([0-9]*\.[0-9]*\).*/\1/p')
+  if [ -z "$v" ]; then
+    missing+=("CMake >= 3.24 (none on PATH)")
+  elif [ "$(printf '%s\n3.24\n' "$v" | sort -V | head -n 1)" != 3.24 ]; then
+    missing+=("CMake >= 3.24 (found $v)")
+  fi
+  local IFS=,; echo "${missing[*]}" | sed 's/,/, /g'
 }
 
 find_nvcc() {
@@ -305,19 +328,22 @@ PY
 }
 
 # The functions that run under `timeout` (in a child bash) are exported with the variables they read.
-export PY ROOT TESTS LOGS
+export PY ROOT TESTS LOGS SKIP_RC
 pytest_cuda() {  # pytest_cuda blocking|async REPORT: the cuda tests, from /tmp (the installed package is imported)
   [ "$1" = blocking ] && export CUDA_LAUNCH_BLOCKING=1
   cd /tmp && "$PY" -m pytest -q -rs -p no:cacheprovider "$TESTS" -m cuda --require-cuda --cuda-report "$LOGS/$2"
 }
 sanitizer() {  # sanitizer TOOL: compute-sanitizer over the sanitize subset, CuPy's pool off
-  local tool=$1 extra=() rc log="$LOGS/sanitize_$1.log"  # (this function's output is that log)
-  case $tool in racecheck) extra=(--racecheck-report hazard) ;; esac
+  local tool=$1 extra=() rc log="$LOGS/sanitize_$1.log" tests=("$TESTS")  # (this function's output is that log)
+  # racecheck checks shared memory only, and is the slowest by far: the families whose kernels use it
+  case $tool in
+    racecheck) extra=(--racecheck-report hazard); tests=("$TESTS/test_conv.py" "$TESTS/test_softmax.py") ;;
+  esac
   # --launch-timeout: the tool attaches when the process first initialises CUDA, after Python, pytest and CuPy
   # have imported (beside three other sanitizers and a test run); its default, 10 s, could pass unattached.
   cd /tmp && CONVNET_CUPY_POOL=0 compute-sanitizer --tool "$tool" "${extra[@]}" --error-exitcode 9 \
     --launch-timeout 120 --show-backtrace device --target-processes all "$PY" -m pytest -q -rs -p no:cacheprovider \
-    "$TESTS" -m "sanitize and cuda" --require-cuda --cuda-report "$LOGS/sanitize_$tool.json"
+    "${tests[@]}" -m "sanitize and cuda" --require-cuda --cuda-report "$LOGS/sanitize_$tool.json"
   rc=$?
   if [ $rc = 0 ] && { grep -q "No attachable process" "$log" || ! grep -Eq "^=+ [A-Z ]*SUMMARY" "$log"; }; then
     echo "gpu_check: compute-sanitizer $tool gave no verdict (it did not attach, or printed no summary)"
@@ -469,7 +495,7 @@ fmnist_dir() {  # the Fashion-MNIST IDX files: FMNIST_DIR, the Debian package's 
   done
   return 1
 }
-scaling_one_gpu() {  # the NCCL path with one rank against no reducer (issue 15), under mpirun
+scaling_one_gpu() {  # one data-parallel rank (no NCCL: nothing to average) against no reducer, under mpirun
   "$PY" -c "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])" || {
     echo "gpu_check: mpi4py cannot load an MPI library (run tools/gpu_carry.sh and carry .gpu_carry)"; return 1; }
   "$PY" benchmarks/scaling_bench.py --device cuda --ranks 1 --baseline --timeout 120 --out "$LOGS/scaling.md"
@@ -482,6 +508,13 @@ ncu_conv() {  # Nsight Compute on our conv kernels at batch 128: speed of light,
   "$ncu" --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
     --profile-from-start off --csv --page details --log-file "$LOGS/ncu_conv.csv" \
     "$PY" benchmarks/conv_bench.py --device cuda --batch 128 --profile
+  local rc=$?
+  if grep -qs ERR_NVGPUCTRPERM "$LOGS/ncu_conv.csv" "$LOGS/ncu_conv.log"; then  # the machine's setting, not ours
+    echo "not permitted to read the GPU's performance counters (ERR_NVGPUCTRPERM: a container without" \
+         "CAP_SYS_ADMIN, or the driver's NVreg_RestrictProfilingToAdminUsers=1)"
+    return "$SKIP_RC"
+  fi
+  return $rc
 }
 train_one_epoch() {  # one epoch of the default model on Fashion-MNIST: wall time and test accuracy (issue 10)
   cd /tmp && "$PY" -m convnet.train --device cuda --epochs 1 --data "$1" --out "$LOGS/train_fmnist_1epoch" \

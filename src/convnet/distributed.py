@@ -17,11 +17,13 @@ GPU gradients on a communication stream of its own.
 
   - :class:`NcclTransport` (cuda): the bucket's gradients are copied into one flat buffer on the communication stream
     (after it waits for an event recorded on the layer's stream), ``allReduce`` (sum) in place, scaled by 1/N, copied
-    back, and an event recorded; the compute stream waits for that event before the update.
+    back, and an event recorded; the compute stream waits for that event before the update. Every stream is
+    non-blocking, so nothing but these events orders the all-reduce with the rest of the backward (they overlap).
   - :class:`HostTransport` (numpy, cpu, emu): the same flat buffer on the host, reduced by a non-blocking
     MPI reduce-scatter (each rank sums one block and scales it by 1/N) and all-gather, driven forward at every hook
     call (MPI progresses when it is called).
 
+  With one rank neither transport does anything (the gradients are their own average).
   Both give every rank the same bits: each element is summed once, on one rank (NCCL's ring; the reduce-scatter's
   owner), then copied to all -- the parameters stay identical without a broadcast. :func:`param_checksums` and
   :meth:`World.check_same` verify that every ``check_every`` steps (an error naming the first parameter that
@@ -202,6 +204,7 @@ class Bucket:
         self.count = sum(e[4] for e in entries)
         self.layers = list(dict.fromkeys(e[1].name for e in entries))
         self.waiting = set()
+        self.streams = []  # the streams its layers' gradients are issued on (None: the current stream)
         self.state = None  # the transport's per-step state
         self.t_start = self.t_done = None
 
@@ -275,6 +278,7 @@ class GradReducer:
         for b in self.of_layer.get(layer.name, ()):
             b.waiting.discard(layer.name)
             if not b.waiting and b.state is None:
+                b.streams = list(dict.fromkeys(self.net.stream_of(self.net.layers[n]) for n in b.layers))
                 b.t_start = time.perf_counter()
                 b.state = self.transport.start(b) or "started"
                 self.inflight.append(b)
@@ -428,26 +432,33 @@ def _nccl():
 
 
 class NcclTransport:
-    """Buckets of GPU gradients averaged by NCCL on a communication stream (one communicator over the ranks, its id
-    made by rank 0 and broadcast over MPI). Per bucket: the stream waits for an event recorded on the layer's stream,
-    copies the gradients into the bucket's flat buffer, ``allReduce`` (sum) in place, scales by 1/N (not with one
-    rank), copies back, records an event; :meth:`finish` makes the current (compute) stream wait for it."""
+    """Buckets of GPU gradients averaged by NCCL on a communication stream of its own (non-blocking, like every stream
+    of the cuda device: ordered by events only; one communicator over the ranks, its id made by rank 0 and broadcast
+    over MPI). Per bucket: the stream waits for an event recorded on each stream of the bucket's layers, copies the
+    gradients into the bucket's flat buffer, ``allReduce`` (sum) in place, scales by 1/N, copies back, records an
+    event; :meth:`finish` makes the current stream and the layers' streams (where the optimizer updates them) wait
+    for it. One rank: nothing at all (no communicator, no stream; the gradients are their own average), as
+    :class:`HostTransport`."""
 
     def __init__(self, world, device):
         self.world, self.device, self.n = world, device, world.size
+        self.buffers = {}
+        if self.n == 1:
+            return
         nccl = self.nccl = _nccl()
         uid = nccl.get_unique_id() if world.rank == 0 else None
         uid = world.bcast(uid)
         with device.activate():
             self.comm = nccl.NcclCommunicator(world.size, uid, world.rank)
         self.stream = device.new_stream()
-        self.buffers = {}
         self.types = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64}
 
     def start(self, b):
+        if self.n == 1:
+            return "done"
         dev = self.device
-        ready = dev.record_event(None)  # the gradients issued so far on the layer's (current) stream
-        dev.wait_event(ready, self.stream)
+        for s in b.streams:  # the gradients issued so far on the streams of the bucket's layers
+            dev.wait_event(dev.record_event(s), self.stream)
         with dev.on_stream(self.stream):
             flat = self.buffers.get(b.index)
             if flat is None:
@@ -457,14 +468,16 @@ class NcclTransport:
             ptr = flat.data.ptr
             self.comm.allReduce(ptr, ptr, b.count, self.types[b.dtype], self.nccl.NCCL_SUM,
                                 dev.stream_handle(self.stream))
-            if self.n > 1:
-                flat *= b.dtype.type(1.0 / self.n)
+            flat *= b.dtype.type(1.0 / self.n)
             for key, layer, p, off, size in b.entries:
                 layer.grads[p].reshape(-1)[...] = flat[off:off + size]
             return ["issued", dev.record_event(self.stream)]
 
     def test(self, b):
-        return False  # completion is the GPU's business: the compute stream waits on the event
+        return b.state == "done"  # else completion is the GPU's business: the compute streams wait on the event
 
     def finish(self, b):
-        self.device.wait_event(b.state[1], None)
+        if b.state == "done":
+            return
+        for s in dict.fromkeys([None, *b.streams]):
+            self.device.wait_event(b.state[1], s)

@@ -16,10 +16,14 @@
   (``net.stream_of(layer)``; two towers on one GPU get two). A layer's forward and backward, its input join and the
   sums of its output's gradients are issued on its placement's stream; a copy runs on the consumer's stream after
   an event recorded on the producer's (``ops.copy``); each pass starts by making every stream wait for the current
-  stream (where the loop uploaded the batch: ``fork``) and ends by making the current stream wait for every stream
+  stream (which waited for the batch: ``fork``) and ends by making the current stream wait for every stream
   (``join``). Nothing here waits on the host, so on a GPU the loop issues both towers' work and runs ahead; on emu
-  the streams are emulated (worker threads), so a missing wait gives a wrong result in a test. One placement: no
-  streams, everything on the current stream as before.
+  the streams are emulated (worker threads), so a missing wait gives a wrong result in a test. One placement: on a
+  GPU a stream of its own (never the legacy null stream, whose implicit barriers would serialise it with the loader
+  and the gradient all-reduce); on a host device no streams, everything on the current stream. Where two placements
+  share memory without a copy (a layer given a device by name, read by a tower on that device), the reader's stream
+  waits for the producer's, and in backward the stream whose pool holds a gradient waits for its reader's before it
+  can reuse that memory.
 * Random numbers (dropout masks) are keyed on the net's seed, the step and each layer's ``random_stream`` (its name,
   or a dropout layer's ``maskOf``), never on its position, so the two forms of a net draw the same masks: tower b's
   ``drop6b`` (``maskOf = drop6``, ``maskStart = 2048``) draws units 2048-4095 of the one-device ``drop6``'s mask; and
@@ -231,11 +235,13 @@ class Net:
         return l.device, tower
 
     def _placement_streams(self) -> dict:
-        """{placement key: stream}, one new stream per placement when the net has several (else empty: every layer
-        on the current stream)."""
+        """{placement key: stream}, one new stream per placement when the net has several, or when its one device
+        is asynchronous (a GPU: the net's compute on a stream of its own, not the legacy null stream where the loop
+        works); else empty: every layer on the current stream."""
         if self._streams is None:
             keys = list(dict.fromkeys(self._stream_key(l) for l in self.order))
-            self._streams = {k: k[0].new_stream() for k in keys} if len(keys) > 1 else {}
+            own = len(keys) > 1 or not keys[0][0].synchronous
+            self._streams = {k: k[0].new_stream() for k in keys} if own else {}
         return self._streams
 
     def stream_of(self, l):
@@ -246,12 +252,13 @@ class Net:
         """Context: layer ``l``'s device current and its placement's stream current (ops issued inside run there)."""
         return l.device.on_stream(self.stream_of(l))
 
-    def _order(self, src, dst):
+    def _order(self, src, dst) -> bool:
         """Work issued next on ``dst``'s stream waits for the work issued so far on ``src``'s (same memory, two
-        streams: a layer given a device by name read by a tower on that device)."""
+        streams: a layer given a device by name read by a tower on that device); whether the two streams differ."""
         s_src, s_dst = self.stream_of(src), self.stream_of(dst)
         if s_src is not s_dst:
             dst.device.wait_event(src.device.record_event(s_src), s_dst)
+        return s_src is not s_dst
 
     def _fork(self):
         for (device, _), stream in self._placement_streams().items():
@@ -416,6 +423,10 @@ class Net:
         if getattr(self, "_ctxs", None) is None or self.loss is None:
             raise RuntimeError("backward() needs a forward(x, labels) first")
         grads = {}
+        # layer name -> {name: layer} whose stream's memory pool holds (part of) that layer's output gradient, read
+        # on its own stream without a copy: that memory goes back to the lender's pool when freed, so the lender's
+        # stream waits for the reads before its next allocation can reuse it (as GpuCopier does after a copy)
+        lent = {}
         self._fork()
         for l in reversed(self.order):
             if isinstance(l, Data):
@@ -423,6 +434,7 @@ class Net:
             dy = None if l is self.cost_layer else grads.pop(l.name)
             with self.on_placement(l):
                 dx = l.backward(dy, self._ctxs[l.name])
+                self._give_back(l, lent.pop(l.name, {}))
                 if on_grads is not None and l.params:
                     on_grads(l)
                 if dx is None or not l.needs_input_grad:
@@ -431,9 +443,17 @@ class Net:
             for i, part in zip(l.inputs, parts):
                 src = self.layers[i]
                 if not isinstance(src, Data):  # no gradient into the data; sums on the producer's device
-                    self._accumulate(grads, src, self._copy(part, l, src), l)
+                    part = self._copy(part, l, src)
+                    if self.same_place(l, src) and self.stream_of(l) is not self.stream_of(src):
+                        lent.setdefault(src.name, {})[l.name] = l
+                    self._accumulate(grads, src, part, l, lent)
         self.join()
         self._ctxs = None
+
+    def _give_back(self, reader, lenders):
+        """The streams of ``lenders`` wait for the work issued so far on ``reader``'s (which read their memory)."""
+        for lender in lenders.values():
+            self._order(reader, lender)
 
     def _split(self, l, dx):
         """dx of layer ``l`` split back into one gradient per input, each shaped like that input's output."""
@@ -450,14 +470,16 @@ class Net:
             off += size
         return parts
 
-    def _accumulate(self, grads, src, part, consumer):
+    def _accumulate(self, grads, src, part, consumer, lent):
         """Add ``part`` (from layer ``consumer``, already on ``src``'s placement) to the gradient of layer ``src``'s
-        output (a layer read by several consumers gets the sum, on its device and stream)."""
+        output (a layer read by several consumers gets the sum, on its device and stream; the sum is ``src``'s own
+        memory, so the streams that lent the addends get them back)."""
         _check_on(src, part, f"the gradient of its output from '{consumer.name}'")
         part = part.reshape(*src.out_shape, part.shape[-1])
         if src.name in grads:
             with self.on_placement(src):
                 part = ops.add(src.device, grads[src.name], part)
+            self._give_back(src, lent.pop(src.name, {}))
         grads[src.name] = part
 
     # --- report ----------------------------------------------------------------------------------------------

@@ -1,5 +1,12 @@
 """The background loader: batches ``(x (C, H, W, N) float32, labels (N,) int32)`` on the training device.
 
+On a GPU (an asynchronous device) a loader does its device work -- the uint8 upload, the float conversion, the mean,
+the lighting, the scale -- on a non-blocking stream of its own, ordered by events only: each batch carries an event
+recorded after its work (:class:`Batch` ``ready``), which the consumer's current stream waits for when it takes the
+batch; and each time the consumer asks for a batch it records an event on its stream, which the loader's stream
+waits for before its next batch (CuPy's pool gives the loader's stream the memory of batches the consumer dropped,
+which work queued on the consumer's streams may still be reading).
+
 :class:`Loader` serves in-memory uint8 datasets (augmentation per batch: :func:`.augment.crop_flip_batch`);
 :class:`PreparedLoader` serves prepared JPEG shards (decoded in worker processes, :mod:`.workers`, or in the
 loader thread; the paper's per-image augmentation: :func:`.augment.train_params`). Batches are made ``prefetch`` ahead in one background thread; every
@@ -17,6 +24,16 @@ import numpy as np
 from . import augment
 from .base import DataError
 
+
+
+_FEEDING = threading.local()  # .active: this thread is a loader's background thread (it hands batches over a queue)
+
+
+class Batch(tuple):
+    """A batch ``(x, labels)``; ``ready``: on a GPU the event recorded on the loader's stream after the work that made
+    it (work on another stream waits for it before reading the batch), None elsewhere."""
+
+    ready = None
 
 
 def _array_tools(dev):
@@ -118,8 +135,44 @@ class Loader:
 
     def make_batch(self, epoch, b, order=None, view=None):
         """Batch ``b`` of ``epoch``: (x (C,H,W,N) float32, y (N,) int32) on the loader's device (host if None);
-        ``view``: one of :meth:`view_list` (evaluation)."""
+        ``view``: one of :meth:`view_list` (evaluation). On a GPU made on the loader's stream; the caller's current
+        stream waits for it (module doc)."""
+        feeding = getattr(_FEEDING, "active", False)  # the loader's thread: the consumer takes it off the queue
+        if not feeding:
+            self._release()
+        batch = self._on_loader_stream(lambda: self._build(epoch, b, order, view))
+        if not feeding:
+            self._receive(batch)
+        return batch
+
+    def _build(self, epoch, b, order=None, view=None):
         return self._finish(*self._host_part(epoch, b, order, view))
+
+    def _on_loader_stream(self, build):
+        """``build()`` -- a batch's device work -- as a :class:`Batch`: on an asynchronous device on the loader's own
+        stream, after that stream waits for the consumer's last request (:meth:`_release`), with its ``ready`` event."""
+        dev = self.device
+        if dev is None or dev.synchronous:
+            return Batch(build())
+        if getattr(self, "_stream", None) is None:
+            self._stream = dev.new_stream()
+        with dev.on_stream(self._stream):
+            dev.wait_event(getattr(self, "_released", None), self._stream)
+            batch = Batch(build())
+            batch.ready = dev.record_event(self._stream)
+        return batch
+
+    def _release(self):
+        """The consumer asks for a batch: an event on its current stream, after every use of the batches it had
+        (the loader's stream waits for it before reusing their memory)."""
+        dev = self.device
+        if dev is not None and not dev.synchronous:
+            self._released = dev.record_event(None)
+
+    def _receive(self, batch):
+        """The consumer takes ``batch``: its current stream waits for the batch's event."""
+        if batch.ready is not None:
+            self.device.wait_event(batch.ready)
 
     def _host_part(self, epoch, b, order=None, view=None):
         """Geometry on the host, in uint8: crops and flips of the images, and the index arrays that apply the
@@ -182,6 +235,7 @@ class Loader:
         stop = threading.Event()
 
         def work():
+            _FEEDING.active = True
             try:
                 for b, v in ((b, v) for b in numbers for v in views):
                     item = ("ok", self.make_batch(epoch, b, order) if v is None else
@@ -202,11 +256,13 @@ class Loader:
         t.start()
         try:
             while True:
+                self._release()
                 kind, item = q.get()
                 if kind == "end":
                     break
                 if kind == "err":
                     raise item
+                self._receive(item)
                 yield item
         finally:
             stop.set()
@@ -279,8 +335,8 @@ class PreparedLoader(Loader):
     def worker_state(self):
         """This loader as a worker process needs it (pickled): on the host, without caches or workers."""
         st = dict(self.__dict__)
-        st.update(device=None, workers=0, _pool=None)
-        for k in ("_mean_dev", "_mean_chwn", "_decoded", "_staging"):
+        st.update(device=None, workers=0, _pool=None, uint8_batches=self.uploads_uint8())
+        for k in ("_mean_dev", "_mean_chwn", "_decoded", "_staging", "_stream", "_released"):
             st.pop(k, None)
         clone = object.__new__(type(self))
         clone.__dict__.update(st)
@@ -299,9 +355,14 @@ class PreparedLoader(Loader):
         """The number of images in batch ``b`` (the last evaluation batch may be short)."""
         return min(self.batch_size, len(self.images) - b * self.batch_size)
 
-    def make_batch(self, epoch, b, order=None, view=None):
+    def uploads_uint8(self):
+        """Whether batches cross to the device as uint8 crops, converted there (a GPU: a quarter of float32's bytes
+        over PCIe), rather than finished on the host."""
+        return self.device is not None and self.device.xp is not np
+
+    def _build(self, epoch, b, order=None, view=None):
         dev = self.device
-        if dev is not None and dev.xp is not np:  # a GPU: uint8 crops go up, the float work runs there
+        if self.uploads_uint8():  # a GPU: uint8 crops go up, the float work runs there
             return self._finish(*self._host_part(epoch, b, order, view))
         x, y = self.host_batch(epoch, b, order, view)
         if dev is None:
@@ -322,6 +383,15 @@ class PreparedLoader(Loader):
         idx, crops, light = self._crops(epoch, b, order, view)
         light = np.zeros((len(idx), 3), np.float32) if light is None else light
         return crops[..., :3], light, None, self.labels[idx]
+
+    def crops_chwn(self, epoch, b, order=None, view=None, out=None):
+        """Batch ``b``'s crops as a GPU loader uploads them: (x (3, H, W, N) uint8 in ``out`` or a new array,
+        labels (N,), lighting offsets (N, 3) float32 or None); :meth:`convert` finishes them on the device."""
+        idx, crops, light = self._crops(epoch, b, order, view)
+        if out is None:
+            out = np.empty((3, *self.out_hw, len(idx)), np.uint8)
+        out[...] = crops[..., :3].transpose(3, 1, 2, 0)
+        return out, self.labels[idx], light
 
     def _staging_batch(self, n):
         """A reused (n, oh, ow, 4) uint8 batch, images an odd number of cache lines apart (class doc)."""
@@ -384,13 +454,19 @@ class PreparedLoader(Loader):
                 out[:, r0:r1] = o
 
     def _finish(self, img, light, valid, labels):
-        """Device part: to float, minus the mean's centre crop, plus each image's lighting offset, scale, CHWN."""
+        """Device part of (n, oh, ow, 3) uint8 crops: see :meth:`convert`."""
+        # transposed to CHWN while uint8 (a quarter of the bytes of float32), then the float work in place in that
+        # layout: the same operations per element, in the same order, as on NHWC
+        return self.convert(np.ascontiguousarray(np.asarray(img).transpose(3, 1, 2, 0)), light, labels)
+
+    def convert(self, chwn, light, labels):
+        """Device part: ``chwn`` (3, H, W, N) uint8 (host memory, or already on the device) to float, minus the
+        mean's centre crop, plus each image's lighting offset, times the scale: the host path's operations
+        (:meth:`_layout`) in its order, each rounded to float32, so the same bits."""
         dev = self.device
         xp, put, adopt = _array_tools(dev)
         with (dev.activate() if dev is not None else contextlib.nullcontext()):
-            # transposed to CHWN while uint8 (a quarter of the bytes of float32), then the float work in place in
-            # that layout: the same operations per element, in the same order, as on NHWC
-            x = put(np.ascontiguousarray(np.asarray(img).transpose(3, 1, 2, 0))).astype(np.float32)
+            x = put(chwn).astype(np.float32)
             x -= self._mean_chwn_on(dev)
             if self.train and self.lighting > 0:
                 x += put(np.ascontiguousarray(np.asarray(light, np.float32).T))[:, None, None, :]

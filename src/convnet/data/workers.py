@@ -5,9 +5,10 @@ epoch): ``slots`` shared-memory blocks (:mod:`multiprocessing.shared_memory`), e
 contract ``(C, H, W, N)``, and ``workers`` processes (forked; spawned where there is no fork) holding a copy of the
 loader. An epoch hands out batch jobs ``(generation, seq, epoch, batch, view, slot)`` (batch ``b``'s jobs always to
 worker ``b % workers``, so the ten test views of a batch are decoded once). A worker writes the batch straight into
-its slot (:meth:`.loader.PreparedLoader.host_batch`, the in-thread loader's code) and reports
-``(generation, seq, slot, labels)``. The parent yields batches in sequence order, copying each out of its slot onto
-the device (CUDA: through pinned memory, an asynchronous copy on a stream of its own), then gives the slot back; so
+its slot (:meth:`.loader.PreparedLoader.host_batch`, the in-thread loader's code; for a GPU the uint8 crops,
+:meth:`.loader.PreparedLoader.crops_chwn`) and reports ``(generation, seq, slot, labels, lighting)``. The parent
+yields batches in sequence order, copying each out of its slot onto the device (CUDA: the uint8 crops through pinned
+memory, an asynchronous copy and the float work on the loader's stream), then gives the slot back; so
 at most ``slots`` batches are ready or in the making ahead of the consumer. A consumer that leaves an epoch early
 leaves jobs in flight: their slots come back when their (older generation's) results arrive.
 
@@ -32,6 +33,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from .base import DataError
+from .loader import Batch
 
 POLL_S = 0.2  # how often a waiting side checks that the other is alive
 
@@ -67,9 +69,13 @@ def _worker(loader, tasks, results, names, parent):
                     orders = {epoch: loader.order(epoch)}
                 if slot not in blocks:
                     blocks[slot] = shared_memory.SharedMemory(name=names[slot])
-                dst = np.ndarray((*shape, loader.batch_size_of(b)), loader.dtype, buffer=blocks[slot].buf)
-                labels = loader.host_batch(epoch, b, orders[epoch], view, out=dst)[1]
-                results.put(("ok", gen, seq, slot, dst.shape, np.asarray(labels)))
+                dtype = np.uint8 if loader.uint8_batches else loader.dtype
+                dst = np.ndarray((*shape, loader.batch_size_of(b)), dtype, buffer=blocks[slot].buf)
+                if loader.uint8_batches:
+                    _, labels, light = loader.crops_chwn(epoch, b, orders[epoch], view, out=dst)
+                else:
+                    labels, light = loader.host_batch(epoch, b, orders[epoch], view, out=dst)[1], None
+                results.put(("ok", gen, seq, slot, dst.shape, np.asarray(labels), light))
                 del dst
             except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
                 msg = f"{type(e).__name__}: {e}"
@@ -80,42 +86,38 @@ def _worker(loader, tasks, results, names, parent):
 
 
 class _Uploader:
-    """Host batch (a view of a shared block) -> the loader's device, as a copy: NumPy for the host devices; CUDA:
-    into one of two pinned buffers, then an asynchronous copy on the current stream, the consumer's (the pinned
-    buffer is reused only after its copy has finished).
+    """A batch in a shared block -> ``loader``'s device, as a :class:`.loader.Batch`: NumPy for the host devices;
+    on a GPU, on the loader's stream (:meth:`.loader.Loader._on_loader_stream`): the uint8 crops into one of two
+    pinned buffers, an asynchronous copy, then the float work there (:meth:`.loader.PreparedLoader.convert`). A
+    pinned buffer is reused only after its copy has finished (the copy two batches back)."""
 
-    Not on a side stream: the batch's device array comes from CuPy's memory pool, which gives the current stream
-    memory that Python has freed but work already queued on that stream may still read (the last step's
-    activations, while the GPU runs a step behind the host). A copy from another stream would overwrite it; a copy
-    queued on the current stream comes after that work. The host still never waits for the GPU here, except for
-    the copy two batches back. Not run on a GPU yet (tests: the fake CuPy)."""
-
-    def __init__(self, device):
-        self.device = device
-        self.cuda = device is not None and "cuda" in str(device).lower()
+    def __init__(self, loader):
+        self.loader, self.device = loader, loader.device
         self._pinned, self._events, self._k = [None, None], [None, None], 0
 
-    def __call__(self, host, labels):
+    def __call__(self, host, labels, light):
         dev = self.device
         if dev is None:
-            return np.array(host), np.asarray(labels, np.int32)
-        if not self.cuda:
-            return dev.asarray(np.array(host)), dev.asarray(np.asarray(labels, np.int32))
+            return Batch((np.array(host), np.asarray(labels, np.int32)))
+        if not self.loader.uploads_uint8():
+            return Batch((dev.asarray(np.array(host)), dev.asarray(np.asarray(labels, np.int32))))
+        return self.loader._on_loader_stream(lambda: self._upload(host, labels, light))
+
+    def _upload(self, host, labels, light):
         import cupy as cp
         import cupyx
-        with dev.activate():
-            k, self._k = self._k, self._k ^ 1
-            if self._events[k] is not None:
-                self._events[k].synchronize()  # the copy that last read this pinned buffer
-            if self._pinned[k] is None or self._pinned[k].nbytes < host.nbytes:
-                self._pinned[k] = cupyx.empty_pinned(host.size, host.dtype)
-            pin = self._pinned[k][:host.size].reshape(host.shape)
-            np.copyto(pin, host)
-            stream = cp.cuda.get_current_stream()
-            x = cp.empty(host.shape, host.dtype)
-            x.set(pin, stream=stream)  # asynchronous (pinned memory, a stream given); None would be synchronous
-            self._events[k] = stream.record()
-            return x, dev.asarray(np.asarray(labels, np.int32))
+        k, self._k = self._k, self._k ^ 1
+        if self._events[k] is not None:
+            self._events[k].synchronize()  # the copy that last read this pinned buffer
+        if self._pinned[k] is None or self._pinned[k].nbytes < host.nbytes:
+            self._pinned[k] = cupyx.empty_pinned(host.size, host.dtype)
+        pin = self._pinned[k][:host.size].reshape(host.shape)
+        np.copyto(pin, host)
+        stream = cp.cuda.get_current_stream()  # the loader's
+        x = cp.empty(host.shape, host.dtype)
+        x.set(pin, stream=stream)  # asynchronous (pinned memory, a stream given); None would be synchronous
+        self._events[k] = stream.record()
+        return self.loader.convert(x, light, labels)
 
 
 def _shutdown(procs, tasks, results, blocks):
@@ -153,7 +155,8 @@ class Pool:
         nw = int(loader.workers)
         nslots = max(1, int(loader.prefetch)) + nw
         oh, ow = loader.out_hw
-        nbytes = 3 * oh * ow * loader.batch_size * loader.dtype.itemsize
+        self.uint8 = loader.uploads_uint8()  # the workers send uint8 crops, finished on the GPU
+        nbytes = 3 * oh * ow * loader.batch_size * (1 if self.uint8 else loader.dtype.itemsize)
         # fork where there is one (Linux, as PyTorch's DataLoader): starts in milliseconds and needs no
         # ``if __name__ == "__main__"`` guard in the user's script; the workers touch neither CUDA nor BLAS
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
@@ -208,9 +211,10 @@ class Pool:
         pending = {}  # seq -> slot of the jobs handed out whose result has not come back
         ready = {}
         nxt = 0
-        upload = _Uploader(loader.device)
+        upload = _Uploader(loader)
         try:
             for seq in range(len(items)):
+                loader._release()
                 while seq not in ready:
                     while free and nxt < len(items):
                         b, v = items[nxt]
@@ -227,11 +231,12 @@ class Pool:
                         self.close()
                         raise DataError(f"data worker: {msg[4]}\n{msg[5]}")
                     ready[msg[2]] = msg
-                _, _, _, slot, shape, labels = ready.pop(seq)
-                host = np.ndarray(shape, loader.dtype, buffer=self.blocks[slot].buf)
-                out = upload(host, labels)
+                _, _, _, slot, shape, labels, light = ready.pop(seq)
+                host = np.ndarray(shape, np.uint8 if self.uint8 else loader.dtype, buffer=self.blocks[slot].buf)
+                out = upload(host, labels, light)
                 del host
                 free.append(slot)
+                loader._receive(out)
                 yield out
         finally:
             self._stale.update(pending.values())

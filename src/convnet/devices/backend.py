@@ -117,8 +117,8 @@ class Backend:
         """Make the work issued from now on on ``stream`` wait for ``event`` (without blocking the host)."""
 
     def fork(self, index: int, stream) -> None:
-        """``stream`` waits for the work issued so far on the current stream (what the host's loop issued there: the
-        batch upload)."""
+        """``stream`` waits for the work issued so far on the current stream (what the host's loop issued there, and
+        its wait for the batch)."""
         self.wait_event(index, stream, self.record_event(index, None))
 
     def join(self, index: int, stream) -> None:

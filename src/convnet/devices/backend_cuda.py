@@ -16,6 +16,18 @@ from convnet.devices.backend import Backend, DeviceUnavailable, load_extension
 POOL_ENV = "CONVNET_CUPY_POOL"
 _allocator_configured = False
 
+# cuBLAS is bit-reproducible only while one stream is active on a handle: with several (CuPy shares one handle per
+# device and thread across our streams: the towers', the one-placement net's) it may pick workspaces differently
+# from run to run, unless this is set before the handle is made. ":4096:8" costs about 24 MiB of GPU memory.
+CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def configure_cublas(environ=os.environ) -> str:
+    """Set ``CUBLAS_WORKSPACE_CONFIG`` for deterministic cuBLAS with several streams, unless the user set it;
+    returns the value in effect."""
+    return environ.setdefault(CUBLAS_WORKSPACE_ENV, CUBLAS_WORKSPACE)
+
 
 def cupy_pool_enabled(environ=os.environ) -> bool:
     """Whether CuPy's memory pools stay on: ``CONVNET_CUPY_POOL`` unset/empty/1 (default) or 0 (off)."""
@@ -39,6 +51,7 @@ def configure_allocator(cp, environ=os.environ) -> bool:
 def _import_cupy():
     """``import cupy``, applying ``CONVNET_CUPY_POOL`` once per process, before this package allocates anything."""
     global _allocator_configured
+    configure_cublas()  # before CuPy makes a cuBLAS handle
     import cupy
 
     if not _allocator_configured:
@@ -260,11 +273,12 @@ class CudaBackend(Backend):
         cupy().cuda.Device(index).synchronize()
 
     def new_stream(self, index):
-        # A blocking stream: it also orders with the legacy default stream, where a loop that knows nothing of
-        # streams (uploads, metrics) works. The layer graph adds explicit events (fork, join) on top.
+        # Non-blocking: ordered by events only (the graph's fork and join, the copies', the loader's and the
+        # reducer's), never by the legacy default stream's implicit barriers, which would serialise the towers, the
+        # loader and the gradient all-reduce with whatever the loop queues on the null stream.
         cp = cupy()
         with cp.cuda.Device(index):
-            return cp.cuda.Stream(non_blocking=False)
+            return cp.cuda.Stream(non_blocking=True)
 
     def record_event(self, index, stream):
         return record_event(cupy(), index, stream)
