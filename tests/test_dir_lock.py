@@ -127,25 +127,36 @@ def test_lock_is_released_on_exit_and_refuses_a_second_holder(tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+_FORKS_AND_DIES = """
+import os, sys, time
+from convnet.dirlock import DirLock
+DirLock(sys.argv[1]).acquire()
+pid = os.fork()
+if pid == 0:
+    null = os.open(os.devnull, os.O_RDWR)
+    for k in (0, 1, 2):  # let the caller's pipes close
+        os.dup2(null, k)
+    time.sleep(120)
+    os._exit(0)
+print(pid, flush=True)
+os._exit(0)  # ends holding the lock, as under kill -9: nothing released, the lock file left
+"""
+
+
 def test_a_forked_child_does_not_keep_the_lock(tmp_path):
-    """A process forked while the lock is held (a data worker) closes its copy, so the lock ends with its holder."""
+    """A process forked while the lock is held (a data worker) closes its copy: when the holder dies, the lock ends
+    even though the child still runs."""
     d = tmp_path / "d"
-    lock = DirLock(d).acquire()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child outlives the lock's release by the parent
-        os.close(w)
-        os.read(r, 1)
-        os._exit(0)
-    os.close(r)
+    r = subprocess.run([sys.executable, "-c", _FORKS_AND_DIES, str(d)], env=subprocess_env(), capture_output=True,
+                       text=True, timeout=60)
+    child = int(r.stdout)
     try:
-        lock.release()
-        with DirLock(d) as again:  # would be refused if the child still held the open file
-            assert again.locked
+        os.kill(child, 0)  # still running
+        assert (d / LOCK_NAME).is_file()
+        with DirLock(d) as lock:
+            assert lock.locked
     finally:
-        os.write(w, b"x")
-        os.close(w)
-        os.waitpid(pid, 0)
+        os.kill(child, signal.SIGKILL)
 
 
 # --- prepare ---------------------------------------------------------------------------------------------------

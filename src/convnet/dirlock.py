@@ -32,8 +32,8 @@ class DirectoryLocked(Exception):
 
     def __init__(self, directory, pid):
         self.directory, self.pid = Path(directory), pid
-        who = f"process {pid}" if pid is not None else "another process"
-        super().__init__(f"{directory} is in use by {who} (it holds {Path(directory) / LOCK_NAME})")
+        self.holder = f"process {pid}" if pid is not None else "another process"
+        super().__init__(f"{directory} is in use by {self.holder} (it holds {Path(directory) / LOCK_NAME})")
 
 
 def _close_in_child():
@@ -142,9 +142,9 @@ class DirLock:
 
 @contextlib.contextmanager
 def hold(directory, error, name):
-    """``directory``'s lock for the body of the ``with``; a held lock or a directory that cannot be created is an
-    ``error`` (an exception class: the caller's user error) whose message names the directory as ``name``: also one that is a file, under a file, not writable
-    (:func:`unusable_dir`)."""
+    """``directory``'s lock for the body of the ``with``. A lock held by another process, or a directory that is a
+    file, under a file, not writable (:func:`unusable_dir`) or cannot be created, is an ``error`` (an exception class:
+    the caller's user error) whose message names the directory as ``name``."""
     problem = unusable_dir(directory, name)
     if problem:
         raise error(problem)
@@ -152,8 +152,7 @@ def hold(directory, error, name):
     try:
         lock.acquire()
     except DirectoryLocked as e:
-        who = f"process {e.pid}" if e.pid is not None else "another process"
-        raise error(f"{name} is in use by {who}, which holds {lock.path}: wait for it to finish, or use another "
+        raise error(f"{name} is in use by {e.holder}, which holds {lock.path}: wait for it to finish, or use another "
                     f"directory") from None
     except OSError as e:
         raise error(f"cannot write to {name}: {e.strerror or e}") from None
