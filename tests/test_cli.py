@@ -138,6 +138,30 @@ def test_unwritable_out_even_for_root(micro, tmp_path, capsys, monkeypatch):
     _fails(capsys, _argv(micro, tmp_path / "run"), 2, "cannot write to --out", "Permission denied")
 
 
+def test_an_over_long_out_is_a_user_error(micro, tmp_path, capsys):
+    _fails(capsys, _argv(micro, tmp_path / ("x" * 300)), 2, "--out", "File name too long")
+    _fails(capsys, _argv(micro, tmp_path / ("x" * 300) / "run"), 2, "--out", "File name too long")
+
+
+def test_crop_pad_must_leave_image_pixels_in_every_crop(micro, tmp_path, capsys):
+    """The 8x8 input: a pad of 8 lets a crop hold only padding (an error); 7 trains."""
+    _fails(capsys, _argv(micro, tmp_path / "o", "--crop-pad", "8"), 2,
+           "--crop-pad 8 is not smaller than the model's 8x8 input", "at most 7")
+    assert main(_argv(micro, tmp_path / "o", "--crop-pad", "7")) == 0
+
+
+def test_ten_views_that_coincide_are_a_warning(micro, tmp_path, capsys):
+    """Images of the input's size: the ten views are the image and its mirror, five times each."""
+    assert main(_argv(micro, tmp_path / "o", "--eval-crops", "10")) == 0
+    out = capsys.readouterr().out
+    assert "warning: --eval-crops 10: the 8x8 images give only 2 different views of the model's 8x8 input" in out
+    assert "--eval-crops 2 gives the same result" in out
+    assert main(_argv(micro, tmp_path / "o2", "--eval-crops", "2")) == 0
+    assert "warning" not in capsys.readouterr().out
+    ten, two = (ckpt.load(tmp_path / d)["meta"]["history"][-1] for d in ("o", "o2"))
+    assert ten["test_error"] == two["test_error"] and ten["test_loss"] == pytest.approx(two["test_loss"], rel=1e-6)
+
+
 BAD_MODEL_VALUES = [
     ("scale = 0.0039", "scale = nan", "scale must be a finite number"),
     ("outputs = 4", "outputs = 4\ninitW = nan", "initW must be a finite number"),
@@ -151,6 +175,7 @@ BAD_MODEL_VALUES = [
     ("lr = 0.1", "lr = 0.1\nschedule = bogus", "[train] schedule: must be one of"),
     ("lr = 0.1", "lr = 0.1\nlr_steps = x", "[train] lr_steps: must be comma-separated"),
     ("lr = 0.1", "lr = 0.1\nmomentum = 2", "[train] momentum: must be >= 0 and < 1"),
+    ("outputs = 4", "outputs = 4\ndevice = banana", "[fc] device: unknown device 'banana'"),
 ]
 
 

@@ -588,3 +588,106 @@ def test_training_on_prepared_data_on_a_fake_gpu_gives_emus_bits(prepared, tmp_p
         np.testing.assert_array_equal(got[1][k], want[1][k], err_msg=k)
     sets = [c for c in fake.calls if c[0] == "set"]
     assert bool(sets) == (workers == "1")  # the pinned-buffer upload is the workers' path
+
+
+# --- prepare's and the prepared data's user errors ------------------------------------------------------------
+def _prepare_fails(capsys, argv, *needles):
+    """prepare's main returns 2 with one line on stderr holding each of ``needles``."""
+    assert prepare_main([*argv, "--size", "16", "--jobs", "1", "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_prepare_refuses_a_destination_that_is_a_file_or_inside_the_source(tree, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(tree, src)
+    before = sorted(p for p in src.rglob("*"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _prepare_fails(capsys, ["imagenet", str(src), str(afile)], f"DST {afile} exists and is not a directory")
+    _prepare_fails(capsys, ["imagenet", str(src), str(afile / "sub")], f"{afile} is not a directory")
+    _prepare_fails(capsys, ["imagenet", str(src), str(tmp_path / ("x" * 300))], "File name too long")
+    for inside in (src, src / "train" / "n001", src / "prepared"):
+        _prepare_fails(capsys, ["imagenet", str(src), str(inside)], f"DST {inside} is inside the source tree")
+    assert sorted(p for p in src.rglob("*")) == before and afile.read_text() == "x"  # nothing written
+
+
+def test_prepare_into_a_destination_that_cannot_be_created(tree, tmp_path, capsys, monkeypatch):
+    real = Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if self.name == "dst":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    _prepare_fails(capsys, ["imagenet", str(tree), str(tmp_path / "dst")], f"cannot write to DST {tmp_path / 'dst'}",
+                   "Permission denied")
+
+
+def test_val_labels_and_synsets_unused_or_not_label_files_are_errors(tree, tmp_path, capsys):
+    jpg = next((tree / "train" / "n001").glob("*.JPEG"))
+    _prepare_fails(capsys, ["imagenet", str(tree), str(tmp_path / "a"), "--val-labels", str(jpg)],
+                   f"{jpg}: not a ground-truth file")
+    _prepare_fails(capsys, ["imagenet", str(tree), str(tmp_path / "b"), "--synsets", str(jpg)],
+                   f"--synsets {jpg}: none of its", "is a class folder")
+    folders = tmp_path / "folders"  # val/ in class folders: the folder names are the labels
+    shutil.copytree(tree / "train", folders / "train")
+    shutil.copytree(tree / "train", folders / "val")
+    labels = tree / "ILSVRC2012_validation_ground_truth.txt"
+    _prepare_fails(capsys, ["imagenet", str(folders), str(tmp_path / "c"), "--val-labels", str(labels)],
+                   f"--val-labels {labels} is not used", "class folders")
+    assert not any((tmp_path / d).exists() for d in "abc")
+    synsets = tree / "synsets.txt"  # a synset list naming the classes is used (the classes' names)
+    m = prepare("imagenet", folders, tmp_path / "d", size=16, jobs=1, synsets=synsets, progress=False, log=lambda s: 0)
+    assert [c["name"] for c in m["classes"]] == ["red thing", "green thing", "blue thing, bluish"]
+
+
+def test_a_class_whose_images_are_all_unreadable_is_an_error(tree, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tree, src)
+    for p in (src / "train" / "n002").iterdir():
+        p.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"1 training class\(es\) have no readable image \(n002\): every file of "
+                                        r"train/n002 was skipped \(first: train/n002/n002_0.JPEG: "):
+        prepare("imagenet", src, tmp_path / "dst", size=16, jobs=1, progress=False, log=lambda s: 0)
+    assert not (tmp_path / "dst" / "manifest.json").exists()  # not a dataset that training would take
+
+
+def test_nan_in_the_prepared_mean_is_refused_on_loading_and_prepare_repairs_it(prepared, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(prepared[0], dst)
+    good = dict(np.load(dst / "stats.npz"))
+    bad = dict(good, mean=good["mean"].copy())
+    bad["mean"][3, 4, 1] = np.nan
+    np.savez(dst / "stats.npz", **bad)
+    with pytest.raises(DataError, match="stats.npz: the mean image hold NaN or infinite values"):
+        load_dataset("imagenet", dst)
+    logs = []
+    prepare("imagenet", prepared[1]["source"], dst, size=SIZE, shard_size=4, jobs=1, progress=False,
+            log=logs.append)
+    assert "0 shards to write" in logs[0]  # the shards kept, the stats computed again
+    np.testing.assert_array_equal(load_dataset("imagenet", dst).mean, good["mean"])
+
+
+def test_an_undecodable_image_under_workers_is_a_one_line_error(prepared, tmp_path, capsys):
+    from convnet.train import main
+    dst = tmp_path / "copy"
+    shutil.copytree(prepared[0], dst)
+    shard = dst / "train-00000.shard"
+    data = bytearray(shard.read_bytes())
+    first = int(Shard(shard).offsets[1])
+    data[first + 2:first + 200] = bytes(198)  # image 1's JPEG header
+    shard.write_bytes(bytes(data))
+    cfg = _tiny_cfg(tmp_path)
+    argv = ["--model", str(cfg), "--data", str(dst), "--device", "numpy", "--epochs", "1", "--workers", "1",
+            "--no-progress", "--no-plots", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data worker: image 1 of ") and "cannot decode" in err, err
+    assert "\n" not in err and "Traceback" not in err and "File " not in err, err
+    with pytest.raises(DataError, match="data worker: image 1 of ") as e:  # --debug: the worker's traceback too
+        main([*argv, "--overwrite", "--debug"])
+    assert "Traceback" in str(e.value.__cause__) and "host_batch" in str(e.value.__cause__)

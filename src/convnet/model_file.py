@@ -29,6 +29,7 @@ import os
 from pathlib import Path
 
 from .config import TRAIN_KEYS, check_setting
+from .devices import parse_device
 from .graph import Net
 from .layers import LAYER_TYPES, LayerError
 
@@ -126,6 +127,11 @@ def _parse_layer(sec, items, where):
         dev = gpu
     if dev is not None:  # an index: a tower, mapped onto the run's devices (--devices); a name: that device
         dev = dev.strip()
+        if not dev.isdigit():
+            try:  # the name's form only: whether the device is usable is the run's question
+                parse_device(dev)
+            except ValueError as e:
+                raise ModelFileError(f"{where} device: {e} (or a tower index 0, 1, ...)") from None
         kwargs["device"] = int(dev) if dev.isdigit() else dev
     keys = {spelling: key for key in cls.keys for spelling in key.spellings()}
     for k, v in items.items():

@@ -17,6 +17,7 @@ there and ends the whole job (``MPI_Abort``), so no rank waits forever for one t
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from . import checkpoint as ckpt
 from .config import CLI_KEYS, Config, ConfigError, make_parser
 from .data import DataError
 from .cpu import loop_threads
+from .dirlock import hold
 from .devices import DeviceUnavailable, blas_threads, default_threads, get_device, install_report
 from .model_file import ModelFileError, build_net, parse_model_text, resolve_model
 from .distributed import DistributedError
@@ -89,18 +91,28 @@ def run(argv=None, log=print):
         cfg = make_config(args)
     if args.summary:
         return summary(cfg, log)
+    lock = contextlib.nullcontext()
     if world is not None and world.rank != 0:
         log = _quiet  # rank 0 alone reports
-    elif not args.eval_only:  # before loading any data: a run in --out is never replaced silently
-        check_out_dir(cfg.out, resume_path=resume_state["path"] if resume_state else None, overwrite=args.overwrite)
+    elif not args.eval_only:  # entered before any data is loaded
+        lock = _run_dir(cfg.out, resume_state["path"] if resume_state else None, args.overwrite)
     if cfg.threads is None:  # resolved once and saved with the run: a resume keeps the thread count (and rounding)
         cfg.threads = default_threads()
         if world is not None:  # the ranks on a node share its cores; rank 0's count for all
             cfg.threads = world.bcast(max(1, cfg.threads // world.local_size))
-    with blas_threads(cfg.threads, log), loop_threads(cfg.threads):
+    with lock, blas_threads(cfg.threads, log), loop_threads(cfg.threads):
         if args.eval_only:
             return evaluate_only(cfg, resume_state, log, world)
         return Trainer(cfg, resume_state=resume_state, log=log, overwrite=args.overwrite, world=world).run()
+
+
+@contextlib.contextmanager
+def _run_dir(out, resume_path, overwrite):
+    """``--out`` for the run's life: locked (a second run there is refused, naming this process) and checked (a run
+    there is never replaced silently: ``check_out_dir``, under the lock)."""
+    with hold(out, ConfigError, f"--out {out}"):
+        check_out_dir(out, resume_path=resume_path, overwrite=overwrite)
+        yield
 
 
 def _quiet(*args, **kwargs):

@@ -44,9 +44,10 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import ops
 from .config import Config, ConfigError, parse_lr_steps
-from .data import DataError, Loader, PreparedDataset, PreparedLoader, load_dataset
+from .data import DataError, Loader, PreparedDataset, PreparedLoader, augment, load_dataset
 from .data.workers import default_workers
 from .devices import get_device
+from .dirlock import unusable_dir
 from .distributed import GradReducer, backward_and_step, param_checksums, rank_device
 from .model_file import build_net
 from .optim import SGD, Schedule
@@ -72,19 +73,10 @@ def check_out_dir(out, *, resume_path=None, overwrite=False) -> None:
     holding no other run -- unless it is the run being resumed (``resume_path``, a checkpoint in it) or
     ``overwrite``. Changes nothing on disk."""
     out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"--out {out} exists and is not a directory")
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise ConfigError(f"--out {out}: the directory is not writable")
-    else:
-        parent = out.absolute().parent
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir():
-            raise ConfigError(f"--out {out}: {parent} is not a directory")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise ConfigError(f"--out {out}: cannot create it ({parent} is not writable)")
+    problem = unusable_dir(out, f"--out {out}")
+    if problem:
+        raise ConfigError(problem)
+    if not out.exists():
         return
     if resume_path is not None and Path(resume_path).resolve().parent == out.resolve():
         return  # continuing the run that is there
@@ -249,6 +241,7 @@ class Trainer:
         common = dict(out_hw=d.size, mean=self.mean, scale=d.scale, seed=cfg.seed, device=self.device,
                       dtype=self.net.dtype, prefetch=cfg.prefetch, shard=(self.rank, self.ranks))
         views = 10 if cfg.eval_crops == 10 else 1  # 2 views (--multiview): mirrored on the device in evaluate()
+        self._check_views(views)
         if isinstance(ds, PreparedDataset):  # JPEG shards: the paper's per-image crops, flips and PCA lighting
             if cfg.crop_pad:
                 raise DataError(f"--crop-pad does not apply to the prepared dataset {ds.name} (random crops of the "
@@ -269,6 +262,19 @@ class Trainer:
             raise DataError(f"the training set ({len(ds.train_x)} images) is smaller than one batch "
                             f"({cfg.batch_size})")
         return train, test
+
+    def _check_views(self, views):
+        """--crop-pad at least the model's input side is an error (a crop could be all padding); ten test views
+        that coincide (images no larger than the input) are a warning."""
+        (h, w), (oh, ow) = self.dataset.shape[1:], self.net.data_layer.size
+        if self.cfg.crop_pad >= min(oh, ow):
+            raise ConfigError(f"--crop-pad {self.cfg.crop_pad} is not smaller than the model's {oh}x{ow} input: a "
+                              f"random crop could hold only padding, no pixel of the image (at most {min(oh, ow) - 1})")
+        distinct = len(set(augment.ten_crop_views((h, w), (oh, ow)))) if views == 10 else 10
+        if distinct < 10:
+            self.log(f"warning: --eval-crops 10: the {h}x{w} images give only {distinct} different views of the "
+                     f"model's {oh}x{ow} input (crops at the corners coincide), each averaged as often as it repeats"
+                     + ("; --eval-crops 2 gives the same result 5 times faster" if distinct == 2 else ""))
 
     # --- state -----------------------------------------------------------------------------------------------
     def _restore(self, st):

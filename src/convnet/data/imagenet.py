@@ -169,12 +169,18 @@ def scan_source(src, *, val_labels=None, synsets=None):
     syn_path = _find_file(src, SYNSET_FILES, synsets)
     syn = read_synsets(syn_path) if syn_path is not None else None
     named = dict(syn or [])
+    if synsets is not None and not named.keys() & set(classes):  # given, but it would name nothing
+        raise DataError(f"--synsets {synsets}: none of its {len(named)} entries is a class folder of {train} "
+                        f"(expected '<wnid> <name>' lines, e.g. '{classes[0]} <name>')")
     names = [named.get(c, c) for c in classes]
     val = next((src / n for n in ("val", "validation") if (src / n).is_dir()), None)
     if val is None:
         raise DataError(f"{src}: no val/ folder (class folders, or flat with a ground-truth file)")
     sub = sorted(p.name for p in val.iterdir() if p.is_dir())
     if sub:
+        if val_labels is not None:
+            raise DataError(f"--val-labels {val_labels} is not used: {val} has class folders, whose names are the "
+                            f"labels; leave --val-labels out")
         unknown = [c for c in sub if c not in classes]
         if unknown:
             raise DataError(f"{val}: class folder '{unknown[0]}' is not a training class")
@@ -187,7 +193,11 @@ def scan_source(src, *, val_labels=None, synsets=None):
             raise DataError(f"{val} is flat ({len(files)} images) and no ground-truth file was found: pass "
                             f"--val-labels FILE (LOC_val_solution.csv, ILSVRC2012_validation_ground_truth.txt "
                             f"with --synsets, or '<file> <label>' lines)")
-        labels = _val_labels(lab_path, files, classes, syn)
+        try:
+            labels = _val_labels(lab_path, files, classes, syn)
+        except UnicodeDecodeError:
+            raise DataError(f"{lab_path}: not a ground-truth file (not text; expected LOC_val_solution.csv, "
+                            f"'<file> <label>' lines or one label per line)") from None
         items["val"] = [(f"{val.name}/{f}", labels[f]) for f in files]
     if not items["val"]:
         raise DataError(f"{val}: no validation images")
@@ -252,6 +262,11 @@ def load_prepared(data_dir, decoder=None):
             mean, eigvals, eigvecs = st["mean"], st["eigvals"], st["eigvecs"]
     except (OSError, KeyError, ValueError) as e:
         raise DataError(f"{d / STATS}: cannot read the mean image / PCA stats ({e}); run prepare again") from None
+    bad = [k for k, a in (("mean image", mean), ("eigenvalues", eigvals), ("eigenvectors", eigvecs))
+           if not np.isfinite(a).all()]
+    if bad:  # every input would become NaN (found otherwise only when a checkpoint refuses the state)
+        raise DataError(f"{d / STATS}: the {' and '.join(bad)} hold NaN or infinite values; run `python -m "
+                        f"convnet.data.prepare` again with the same SRC and {d} (it recomputes the stats)")
     _report_decoder(parts["train"][0].decoder)
     names = [c["name"].split(",")[0].strip() or c["wnid"] for c in m["classes"]]
     return PreparedDataset(m.get("dataset", "imagenet"), parts["train"][0], parts["train"][1], parts["val"][0],

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..dirlock import hold
 from .base import DataError
 from .imagenet import MANIFEST, STATS, scan_source
 from .jpeg import decode
@@ -137,12 +138,46 @@ def _pool_map(fn, tasks, jobs, bar=None, weight=None):
 
 def prepare(kind, src, dst, *, size=256, quality=95, shard_size=1024, jobs=None, val_labels=None, synsets=None,
             progress=True, log=print):
-    """Prepare ``src`` into ``dst`` (see the module doc); returns the manifest (a dict)."""
-    from tqdm import tqdm
+    """Prepare ``src`` into ``dst`` (see the module doc); returns the manifest (a dict). ``dst`` is locked for the
+    whole preparation (:mod:`convnet.dirlock`): a second one into it is refused, naming this process."""
     jobs = jobs or len(os.sched_getaffinity(0))
-    tree = scan_source(src, val_labels=val_labels, synsets=synsets)
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
+    _check_destination(src, dst)
+    with hold(dst, DataError, f"DST {dst}"):
+        tree = scan_source(src, val_labels=val_labels, synsets=synsets)
+        return _prepare(kind, src, dst, tree, size=size, quality=quality, shard_size=shard_size, jobs=jobs,
+                        progress=progress, log=log)
+
+
+def _check_destination(src, dst):
+    """DataError for a DST inside the source tree (its shards would sit among the images, or in a class folder)."""
+    try:
+        s, d = Path(src).resolve(), dst.resolve()
+    except OSError:  # a name the file system refuses: hold() names the problem
+        return
+    if s.is_dir() and (d == s or s in d.parents):
+        raise DataError(f"DST {dst} is inside the source tree {src}: choose a destination outside SRC")
+
+
+def _check_classes(dst, train_files, classes):
+    """DataError for a training class none of whose images could be read (an empty class, which training cannot
+    learn), naming it and why its first file was skipped."""
+    counts = np.zeros(len(classes), np.int64)
+    skipped = []
+    for f in train_files:
+        sh = Shard(dst / f)
+        counts += np.bincount(sh.labels, minlength=len(classes))
+        skipped += sh.meta["skipped"]
+    empty = [c for c, k in zip(classes, counts) if k == 0]
+    if empty:
+        first = next((f" (first: {r}: {w})" for r, w in skipped if r.startswith(f"train/{empty[0]}/")), "")
+        raise DataError(f"{len(empty)} training class(es) have no readable image ({', '.join(empty[:5])}"
+                        f"{', ...' if len(empty) > 5 else ''}): every file of train/{empty[0]} was skipped{first}; "
+                        f"replace the files or remove the class folder, and prepare again into an empty DST")
+
+
+def _prepare(kind, src, dst, tree, *, size, quality, shard_size, jobs, progress, log):
+    from tqdm import tqdm
     settings = {"format": FORMAT, "size": size, "quality": quality, "shard_size": shard_size,
                 "resize": "centred square of side min(w, h) -> size x size; Pillow BOX when shrinking, BICUBIC "
                           "when enlarging", "encoder": "Pillow JPEG"}
@@ -171,7 +206,8 @@ def prepare(kind, src, dst, *, size=256, quality=95, shard_size=1024, jobs=None,
     if not tasks and manifest_path.is_file():
         m = json.loads(manifest_path.read_text())
         if all((dst / s["file"]).is_file() and (dst / s["file"]).stat().st_size == s["bytes"]
-               for sp in m["splits"].values() for s in sp["shards"]):
+               for sp in m["splits"].values() for s in sp["shards"]) and \
+                (dst / STATS).is_file() and sha256(dst / STATS) == m["stats"]["sha256"]:  # else the stats again
             log(f"{dst}: already prepared ({m['splits']['train']['images']} train / {m['splits']['val']['images']} "
                 f"val images)")
             return m
@@ -184,6 +220,7 @@ def prepare(kind, src, dst, *, size=256, quality=95, shard_size=1024, jobs=None,
     with tqdm(total=n_img, unit="img", disable=not progress, desc="shards", dynamic_ncols=True) as bar:
         for _ in _pool_map(_make_shard, tasks, jobs, bar, weight=lambda t: len(t[4])):
             pass
+    _check_classes(dst, files["train"], tree.classes)
     all_files = [f for v in files.values() for f in v]
     with tqdm(total=len(files["train"]), unit="shard", disable=not progress, desc="mean/PCA") as bar:
         acc = s1 = s2 = None
@@ -228,9 +265,6 @@ def prepare(kind, src, dst, *, size=256, quality=95, shard_size=1024, jobs=None,
     for split, s in splits.items():
         for rel, why in s["skipped"]:
             log(f"skipped {rel}: {why}")
-        empty = [c for c, k in s["per_class"].items() if k == 0]
-        if empty and split == "train":
-            log(f"warning: {len(empty)} training classes have no readable image (first: {empty[0]})")
     log(f"done in {time.time() - t0:.0f} s: {splits['train']['images']} train / {splits['val']['images']} val images "
         f"in {len(all_files)} shards ({sum(c[1] for c in checks.values()) / 2**20:.1f} MiB), "
         f"{splits['train']['skipped_count'] + splits['val']['skipped_count']} files skipped; {manifest_path}")
@@ -261,6 +295,9 @@ def main(argv=None):
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, an I/O error
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume (finished shards are kept)", file=sys.stderr)
         return 130

@@ -78,11 +78,18 @@ def _worker(loader, tasks, results, names, parent):
                 results.put(("ok", gen, seq, slot, dst.shape, np.asarray(labels), light))
                 del dst
             except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-                msg = f"{type(e).__name__}: {e}"
+                msg = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
                 results.put(("err", gen, seq, slot, msg, traceback.format_exc()))
     finally:
         for blk in blocks.values():
             blk.close()
+
+
+class _WorkerTraceback(Exception):
+    """A worker's traceback, as text: the cause of the parent's error (shown by ``--debug``, not in its message)."""
+
+    def __str__(self):
+        return "\n" + self.args[0]
 
 
 class _Uploader:
@@ -229,7 +236,7 @@ class Pool:
                     del pending[msg[2]]
                     if msg[0] == "err":
                         self.close()
-                        raise DataError(f"data worker: {msg[4]}\n{msg[5]}")
+                        raise DataError(f"data worker: {msg[4]}") from _WorkerTraceback(msg[5])
                     ready[msg[2]] = msg
                 _, _, _, slot, shape, labels, light = ready.pop(seq)
                 host = np.ndarray(shape, np.uint8 if self.uint8 else loader.dtype, buffer=self.blocks[slot].buf)
