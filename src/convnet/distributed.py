@@ -8,6 +8,11 @@ GPU gradients on a communication stream of its own.
 * :class:`World` -- this process's rank, the number of ranks, its rank on its node (``local_rank``: which GPU it
   takes), and the few CPU collectives the loop needs, each with a timeout (a rank that never arrives is an error
   naming the collective, never a silent hang).
+  :meth:`World.check_agree` compares a dict of settings over the ranks (the command line, the resolved settings,
+  the data: :func:`data_facts`) and names every difference on every rank (:class:`RanksDisagree`).
+* :func:`job_to_abort` -- after an error, the communicator whose ``Abort`` ends the job (starting MPI for that when
+  the error came before it started); a rank whose ``MPI_Init`` waits for a rank that never starts MPI is ended by a
+  watchdog after ``CONVNET_DIST_TIMEOUT`` seconds.
 * :func:`rank_device` -- the device of a rank: ``cuda:<local rank>``; the host kinds (numpy, cpu, emu) as named.
 * :class:`GradReducer` -- averages the gradients over the ranks in *buckets* (about ``bucket_mb`` MB of parameters,
   in backward order). :meth:`GradReducer.on_grads` is the hook of :meth:`convnet.graph.Net.backward`: when the last
@@ -221,11 +226,11 @@ class World:
         if self.size == 1:
             return
         blob = np.frombuffer(json.dumps(settings, sort_keys=True, default=str).encode(), np.uint8)
-        sizes = [int(n) for n in self.gather(np.array([blob.size], np.int64), f"the comparison of the ranks' {what}")[:, 0]]
+        step = f"the comparison of the ranks' {what}"
+        sizes = [int(n) for n in self.gather(np.array([blob.size], np.int64), step)[:, 0]]
         displs = [int(d) for d in np.cumsum([0] + sizes[:-1])]
         table = np.empty(sum(sizes), np.uint8)
-        self.wait(self.comm.Iallgatherv(blob, [table, sizes, displs, self.MPI.BYTE]),
-                  f"the comparison of the ranks' {what}")
+        self.wait(self.comm.Iallgatherv(blob, [table, sizes, displs, self.MPI.BYTE]), step)
         ranks = [json.loads(table[d:d + n].tobytes()) for d, n in zip(displs, sizes)]
         diffs = []
         for name in dict.fromkeys(k for r in ranks for k in r):
@@ -251,7 +256,7 @@ def _rank_list(ranks):
 
 
 def digest(data) -> str:
-    """A short fingerprint of bytes, a str or an array (its dtype, shape and contents), for :meth:`World.check_agree`."""
+    """A short fingerprint of bytes, a str or an array (its dtype, shape and contents) for :meth:`World.check_agree`."""
     h = hashlib.sha256()
     if isinstance(data, np.ndarray):
         h.update(f"{data.dtype.str}{data.shape}".encode())

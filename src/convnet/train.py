@@ -12,8 +12,10 @@ is one line on stderr and exit status 2; a diverged run exits with 1, Ctrl-C wit
 traceback instead.
 
 ``--distributed`` (data-parallel, :mod:`convnet.distributed`): run under ``mpirun -n N``; every rank parses the same
-command line, rank 0 reads a ``--resume`` checkpoint and sends it to the others, and an error on any rank is printed
-there and ends the whole job (``MPI_Abort``), so no rank waits forever for one that stopped.
+command line (compared at the start with the other ranks', as are the resolved settings, model text and data: a
+difference is an error on every rank), rank 0 reads a ``--resume`` checkpoint and sends it to the others, and an error
+on any rank, also before MPI started, is printed there and ends the whole job (``MPI_Abort``), so no rank waits
+forever for one that stopped.
 """
 from __future__ import annotations
 
