@@ -138,7 +138,15 @@ def needs_mpi(test):
 def run_ranks(n, args, *, timeout=180, cwd=None, env=None):
     """``mpirun -n n python args...``: (returncode, stdout, stderr). The job is killed (the process group) when it
     runs past ``timeout`` seconds, and the test fails: a hang is a failure, never a stuck CI."""
-    cmd = [_mpirun(), "-n", str(n), sys.executable, *map(str, args)]
+    return run_job([["-n", n, sys.executable, *args]], timeout=timeout, cwd=cwd, env=env)
+
+
+def run_job(parts, *, timeout=180, cwd=None, env=None):
+    """``mpirun PART : PART ...`` (each part: the launcher's options, the program and its arguments, as for
+    :func:`run_ranks`; one part per rank gives each rank its own command line or ``-wdir``)."""
+    cmd = [_mpirun()]
+    for i, part in enumerate(parts):
+        cmd += [":"] * bool(i) + list(map(str, part))
     env = subprocess_env(HERE, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **(env or {}))
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
                          start_new_session=True)
@@ -147,7 +155,7 @@ def run_ranks(n, args, *, timeout=180, cwd=None, env=None):
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         out, err = p.communicate()
-        pytest.fail(f"mpirun -n {n} {' '.join(map(str, args))} did not finish within {timeout} s (a hang)\n{out}\n{err}")
+        pytest.fail(f"{' '.join(cmd[1:])} did not finish within {timeout} s (a hang)\n{out}\n{err}")
     return p.returncode, out, err
 
 
@@ -472,6 +480,98 @@ def test_a_rank_that_leaves_does_not_hang_the_others(tmp_path):
     assert time.monotonic() - t0 < 100
 
 
+TRAIN = ["-m", "convnet.train", "--distributed", "--device", "numpy", "--batch-size", 16, "--epochs", 2,
+         "--no-progress", "--no-plots"]
+
+
+@needs_mpi
+def test_a_rank_failing_before_mpi_starts_ends_the_job_with_its_message(tmp_path):
+    """Rank 1's command line does not parse (it stops before starting MPI, where rank 0 waits for it): it starts MPI
+    to abort the job, within seconds, without any timeout set."""
+    model = tmp_path / "tiny.cfg"
+    model.write_text(TINY)
+    command = [sys.executable, *TRAIN, "--model", model, "--out", tmp_path / "r"]
+    t0 = time.monotonic()
+    rc, out, err = run_job([["-n", 1, *command], ["-n", 1, *command, "--lr", -1]], timeout=60)
+    assert time.monotonic() - t0 < 30, err
+    assert rc != 0 and "error: argument --lr: must be > 0, got -1" in err, (rc, out, err)
+    assert not (tmp_path / "r").exists()
+
+
+@needs_mpi
+def test_a_rank_that_never_starts_mpi_ends_the_others_after_the_timeout(tmp_path):
+    """Rank 0 ends before starting MPI without a word (a missing package, a crash): rank 1, waiting in MPI_Init, is
+    ended by its watchdog after CONVNET_DIST_TIMEOUT seconds, saying why."""
+    model = tmp_path / "tiny.cfg"
+    model.write_text(TINY)
+    t0 = time.monotonic()
+    rc, out, err = run_job([["-n", 1, sys.executable, "-c", "import sys; sys.exit(3)"],
+                            ["-n", 1, sys.executable, *TRAIN, "--model", model, "--out", tmp_path / "r"]],
+                           timeout=60, env={"CONVNET_DIST_TIMEOUT": "4"})
+    assert time.monotonic() - t0 < 30, err
+    assert rc != 0
+    assert "error (rank 1): MPI did not start within 4 s: another rank of the job ended before starting it" in err
+
+
+@needs_mpi
+@pytest.mark.parametrize("kind, shown", [("bug", "RuntimeError: a bug on rank 1"),
+                                         ("debug", "DataError: no data on rank 1")])
+def test_a_rank_failing_after_mpi_started_ends_the_job_with_its_traceback(tmp_path, kind, shown):
+    """Rank 1 fails while loading its data, after MPI started, where rank 0 waits for it in a collective: with an
+    exception the command does not handle (a bug), or a user error under --debug; either way its traceback is printed
+    and the job ends at once (the default timeout, 600 s, never comes into play)."""
+    model = tmp_path / "tiny.cfg"
+    model.write_text(TINY)
+    t0 = time.monotonic()
+    rc, out, err = run_ranks(2, [__file__, "crash", kind, *TRAIN[2:], "--model", model, "--out", tmp_path / "r"],
+                             timeout=60)
+    assert time.monotonic() - t0 < 30, err
+    assert rc != 0 and "Traceback (most recent call last)" in err and shown in err, (rc, out, err)
+
+
+def _cifar_dir(d, seed):
+    """A small CIFAR-10 batch directory: the same labels for every ``seed``, other images."""
+    from convnet.data import write_cifar_batch
+    d.mkdir(parents=True)
+    labels = np.arange(32) % 10
+    for name in ("data_batch_1", "test_batch"):
+        images = np.random.default_rng(seed).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+        write_cifar_batch(d / name, images, labels)
+
+
+@needs_mpi
+@pytest.mark.parametrize("case", ["flags", "seed", "model", "data"])
+def test_ranks_started_differently_stop_at_once_naming_what_differs(tmp_path, case):
+    """Every rank compares its command line, its resolved settings and model text, and its data with the others'
+    right after the start: a difference stops every rank at once (exit 2), each naming the differing settings and
+    their values on each rank. "model" and "data": the same command line in two working directories whose model file
+    or data differ."""
+    tiny10 = TINY.replace("outputs = 4", "outputs = 10")
+    for rank, (name, text) in enumerate([("a", tiny10), ("b", tiny10.replace("outputs = 16", "outputs = 12"))]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tiny.cfg").write_text(text if case == "model" else tiny10)
+        _cifar_dir(tmp_path / name / "data", seed=rank if case == "data" else 0)
+    command = [sys.executable, *TRAIN, "--model", "tiny.cfg", "--dataset", "cifar10", "--data", "data",
+               "--out", tmp_path / "r"]
+    extra = {"flags": ["--batch-size", 32, "--epochs", 3], "seed": ["--seed", 7]}.get(case, [])
+    want = {"flags": "the ranks' command lines differ: --batch-size: 16 on rank 0, 32 on rank 1; --epochs: 2 on "
+                     "rank 0, 3 on rank 1; every rank must run the same command",
+            "seed": "the ranks' command lines differ: --seed: not given on rank 0, 7 on rank 1; every rank",
+            "model": "the ranks' settings differ: the model file's text: sha256:",
+            "data": "the ranks' data differ: mean image: sha256:"}[case]
+    t0 = time.monotonic()
+    rc, out, err = run_job([["-n", 1, "-wdir", tmp_path / "a", *command],
+                            ["-n", 1, "-wdir", tmp_path / "b", *command, *extra]], timeout=60)
+    assert time.monotonic() - t0 < 30, err
+    assert rc == 2, (rc, out, err)
+    for rank in (0, 1):
+        line = next((l for l in err.splitlines() if l.startswith(f"error (rank {rank} of 2): ")), "")
+        assert want in line, err
+        if case in ("model", "data"):  # that alone differs
+            assert line.count("sha256:") == 2 and line.count(" on rank ") == 2, line
+    assert not (tmp_path / "r").exists()
+
+
 @needs_mpi
 def test_the_nccl_path_with_two_ranks_averages_the_gradients_of_the_whole_batch(tmp_path):
     """Two ranks, each on its own fake GPU (cuda:<local rank>), the NCCL transport (its allReduce on the fake through
@@ -541,6 +641,23 @@ def _worker_leave():
     world.sum(np.zeros(1), "a sum rank 1 never joins")
 
 
+def _worker_crash(kind, *argv):
+    """``python -m convnet.train argv`` on every rank, where rank 1 fails while loading its data: a bug, or a user
+    error under --debug."""
+    from convnet import train
+    from convnet.data import DataError
+    from convnet.trainer import Trainer
+    load = Trainer._load_dataset
+
+    def fail_on_rank_1(self):
+        if self.rank == 1:
+            raise RuntimeError("a bug on rank 1") if kind == "bug" else DataError("no data on rank 1")
+        return load(self)
+
+    Trainer._load_dataset = fail_on_rank_1
+    sys.exit(train.main([*argv, *(["--debug"] if kind == "debug" else [])]))
+
+
 def _worker_nccl(out):
     from convnet.devices import backend_cuda, get_device
     from convnet.distributed import NcclTransport, rank_device
@@ -565,7 +682,8 @@ def _worker_nccl(out):
 
 
 if __name__ == "__main__":
-    workers = {"steps": _worker_steps, "diverge": _worker_diverge, "leave": _worker_leave, "nccl": _worker_nccl}
+    workers = {"steps": _worker_steps, "diverge": _worker_diverge, "leave": _worker_leave, "nccl": _worker_nccl,
+               "crash": _worker_crash}
     workers[sys.argv[1]](*sys.argv[2:])
 
 

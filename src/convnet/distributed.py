@@ -8,6 +8,11 @@ GPU gradients on a communication stream of its own.
 * :class:`World` -- this process's rank, the number of ranks, its rank on its node (``local_rank``: which GPU it
   takes), and the few CPU collectives the loop needs, each with a timeout (a rank that never arrives is an error
   naming the collective, never a silent hang).
+  :meth:`World.check_agree` compares a dict of settings over the ranks (the command line, the resolved settings,
+  the data: :func:`data_facts`) and names every difference on every rank (:class:`RanksDisagree`).
+* :func:`job_to_abort` -- after an error, the communicator whose ``Abort`` ends the job (starting MPI for that when
+  the error came before it started); a rank whose ``MPI_Init`` waits for a rank that never starts MPI is ended by a
+  watchdog after ``CONVNET_DIST_TIMEOUT`` seconds.
 * :func:`rank_device` -- the device of a rank: ``cuda:<local rank>``; the host kinds (numpy, cpu, emu) as named.
 * :class:`GradReducer` -- averages the gradients over the ranks in *buckets* (about ``bucket_mb`` MB of parameters,
   in backward order). :meth:`GradReducer.on_grads` is the hook of :meth:`convnet.graph.Net.backward`: when the last
@@ -38,7 +43,11 @@ masks.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -48,22 +57,94 @@ from .config import ConfigError
 DEFAULT_TIMEOUT_S = float(os.environ.get("CONVNET_DIST_TIMEOUT", "600"))  # a collective waiting longer is an error
 BUCKET_MB = 25.0  # PyTorch DDP's default bucket size
 
-_WORLD = None  # the World of this process, once made (train.main aborts the job through it on an error)
+_WORLD = None  # the World of this process, once made (job_to_abort: train.main ends the job through it)
 
 
 class DistributedError(RuntimeError):
     """Data-parallel training cannot go on: the ranks' parameters diverged, a collective timed out, ..."""
 
 
+class RanksDisagree(ConfigError):
+    """The ranks were started with different settings, model or data (every rank raises it, naming them)."""
+
+
+_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")  # set by the launchers (MPICH/Intel/Slurm, Open MPI)
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+
+
+def launched_ranks() -> int:
+    """How many ranks the MPI launcher started, from its environment, before MPI starts: 0 when not under a launcher,
+    2 when a launcher is there but does not say (as good as several)."""
+    for var in _SIZE_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 2 if any(v in os.environ for v in _RANK_VARS) else 0
+
+
 def _mpi():
-    """mpi4py's MPI module, or a ConfigError saying how to install it."""
+    """mpi4py's MPI module, started, or a ConfigError saying how to install it.
+
+    Starting MPI (``MPI_Init``, on import) waits until every rank of the job starts it: a rank that never does (it
+    ended before: an error, a missing package; or it runs without --distributed) would hold this one there forever,
+    holding the GIL. So a watchdog process ends this one, with a message, when MPI has not started within
+    ``CONVNET_DIST_TIMEOUT`` seconds; the launcher then ends the job."""
+    dog = None
+    if "mpi4py.MPI" not in sys.modules and launched_ranks() > 1:
+        dog = _watchdog(DEFAULT_TIMEOUT_S)
     try:
         from mpi4py import MPI
     except ImportError as e:
         raise ConfigError(f"--distributed needs mpi4py and an MPI library ({e}): pip install 'convnet[mpi]' (mpi4py and "
                           f"the mpich wheel), then launch with mpirun -n N python -m convnet.train --distributed ...") \
             from None
+    finally:
+        if dog is not None:
+            os.close(dog[1])  # the watchdog sees the pipe's end and leaves
+            dog[0].wait()
     return MPI
+
+
+_WATCHDOG = """
+import os, select, signal, sys
+fd, pid, limit, message = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+if not select.select([fd], [], [], limit)[0]:
+    os.write(2, message.encode())
+    os.kill(pid, signal.SIGKILL)
+"""
+
+
+def _watchdog(timeout_s):
+    """(process, pipe's write end): a process that kills this one unless the pipe ends within ``timeout_s``."""
+    rank = next((os.environ[v] for v in _RANK_VARS if v in os.environ), "?")
+    message = (f"error (rank {rank}): MPI did not start within {timeout_s:g} s: another rank of the job ended before "
+               f"starting it (an error there, or a rank without --distributed); CONVNET_DIST_TIMEOUT sets the limit\n")
+    r, w = os.pipe()
+    try:
+        dog = subprocess.Popen([sys.executable, "-I", "-c", _WATCHDOG, str(r), str(os.getpid()), str(timeout_s),
+                                message], pass_fds=(r,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    except BaseException:
+        os.close(w)
+        raise
+    finally:
+        os.close(r)
+    return dog, w
+
+
+def job_to_abort(asked_distributed):
+    """The communicator to ``Abort`` after an error on this process, so that no other rank of the job waits for it
+    forever, or None (one process; or every rank saw the error: :class:`RanksDisagree`). Before a :class:`World`
+    exists (the command line did not parse), MPI is started here when the command asked for --distributed under a
+    launcher of several ranks: the others are waiting in ``MPI_Init`` for this one."""
+    world = _WORLD
+    if world is not None:
+        return world.comm if world.size > 1 and not world.failed_together else None
+    if not asked_distributed or launched_ranks() <= 1:
+        return None
+    try:
+        MPI = _mpi()
+    except ConfigError:
+        return None
+    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
 
 
 def active_world():
@@ -83,6 +164,7 @@ class World:
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
         self.timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
+        self.failed_together = False  # an error every rank raised at once (nothing to abort)
         _WORLD = self
 
     def __repr__(self):
@@ -138,9 +220,60 @@ class World:
                                    f"{', '.join(map(str, ranks))} from rank 0 ({len(bad)} of {len(names)} parameters "
                                    f"differ); every rank must hold identical parameters after every step")
 
-    def abort(self, code=1):
-        """End every rank of the job (after an error on this one: the others would wait for it forever)."""
-        self.comm.Abort(int(code) or 1)
+    def check_agree(self, settings, what):
+        """:class:`RanksDisagree` on every rank unless all ranks hold the same ``settings`` (a dict: name ->
+        JSON value), naming each setting that differs and its value on each rank. ``what``: what they are ("command
+        lines", ...). Compared right after the start, so a difference is an error at once, not a collective that
+        never matches."""
+        if self.size == 1:
+            return
+        blob = np.frombuffer(json.dumps(settings, sort_keys=True, default=str).encode(), np.uint8)
+        step = f"the comparison of the ranks' {what}"
+        sizes = [int(n) for n in self.gather(np.array([blob.size], np.int64), step)[:, 0]]
+        displs = [int(d) for d in np.cumsum([0] + sizes[:-1])]
+        table = np.empty(sum(sizes), np.uint8)
+        self.wait(self.comm.Iallgatherv(blob, [table, sizes, displs, self.MPI.BYTE]), step)
+        ranks = [json.loads(table[d:d + n].tobytes()) for d, n in zip(displs, sizes)]
+        diffs = []
+        for name in dict.fromkeys(k for r in ranks for k in r):
+            values = {}
+            for r, s in enumerate(ranks):
+                values.setdefault(json.dumps(s.get(name), sort_keys=True), []).append(r)
+            if len(values) > 1:
+                diffs.append(f"{name}: " + ", ".join(f"{_shown(v)} on {_rank_list(rs)}" for v, rs in values.items()))
+        if diffs:
+            self.failed_together = True
+            raise RanksDisagree(f"the ranks' {what} differ: {'; '.join(diffs)}; every rank must run the same command "
+                                f"on the same model and data")
+
+
+def _shown(value_json):
+    v = json.loads(value_json)
+    return "not given" if v is None else v if isinstance(v, str) else value_json
+
+
+def _rank_list(ranks):
+    shown = ", ".join(map(str, ranks[:8])) + (f", ... ({len(ranks)} ranks)" if len(ranks) > 8 else "")
+    return f"rank{'s' if len(ranks) > 1 else ''} {shown}"
+
+
+def digest(data) -> str:
+    """A short fingerprint of bytes, a str or an array (its dtype, shape and contents) for :meth:`World.check_agree`."""
+    h = hashlib.sha256()
+    if isinstance(data, np.ndarray):
+        h.update(f"{data.dtype.str}{data.shape}".encode())
+        data = np.ascontiguousarray(data).tobytes()
+    h.update(data.encode() if isinstance(data, str) else bytes(data))
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def data_facts(dataset, mean):
+    """What the ranks' data must agree on (:meth:`World.check_agree`): the dataset, its sizes, classes, labels and
+    the mean image the inputs are centred with (a digest of every training image)."""
+    return {"dataset": dataset.name, "image shape (C, H, W)": list(dataset.shape),
+            "training images": len(dataset.train_y), "test images": len(dataset.test_y),
+            "classes": digest("\n".join(map(str, dataset.classes))), "training labels": digest(dataset.train_y),
+            "test labels": digest(dataset.test_y), "mean image": digest(np.asarray(mean))}
 
 
 def rank_device(spec, world, get_device):

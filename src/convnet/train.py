@@ -12,23 +12,26 @@ is one line on stderr and exit status 2; a diverged run exits with 1, Ctrl-C wit
 traceback instead.
 
 ``--distributed`` (data-parallel, :mod:`convnet.distributed`): run under ``mpirun -n N``; every rank parses the same
-command line, rank 0 reads a ``--resume`` checkpoint and sends it to the others, and an error on any rank is printed
-there and ends the whole job (``MPI_Abort``), so no rank waits forever for one that stopped.
+command line (compared at the start with the other ranks', as are the resolved settings, model text and data: a
+difference is an error on every rank), rank 0 reads a ``--resume`` checkpoint and sends it to the others, and an error
+on any rank, also before MPI started, is printed there and ends the whole job (``MPI_Abort``), so no rank waits
+forever for one that stopped.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
+import traceback
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .config import CLI_KEYS, Config, ConfigError, make_parser
+from .config import CLI_KEYS, Config, ConfigError, make_parser, setting_name
 from .data import DataError
 from .cpu import loop_threads
 from .dirlock import hold
 from .devices import DeviceUnavailable, blas_threads, default_threads, get_device, install_report
 from .model_file import ModelFileError, build_net, parse_model_text, resolve_model
-from .distributed import DistributedError
+from .distributed import DistributedError, digest, job_to_abort
 from .trainer import Trainer, TrainingError, check_out_dir
 
 __all__ = ["Config", "ConfigError", "Trainer", "TrainingError", "main", "make_config", "parse_args", "run"]
@@ -73,6 +76,8 @@ def run(argv=None, log=print):
     if args.distributed and not args.summary:
         from .distributed import World
         world = World()
+        # first, before any other collective (a --resume on one rank only would wait in its broadcast forever)
+        world.check_agree({_arg_name(k): v for k, v in vars(args).items() if k != "debug"}, "command lines")
     resume_state = None
     resume = args.resume
     if args.eval_only and resume is None:
@@ -89,6 +94,9 @@ def run(argv=None, log=print):
         cfg = make_config(args, saved=saved)
     else:
         cfg = make_config(args)
+    if world is not None:  # the model file's text and [train] section, as each rank read them
+        settings = {setting_name(k): v for k, v in vars(cfg).items() if k not in ("model_text", "model_source")}
+        world.check_agree({**settings, "the model file's text": digest(cfg.model_text or "")}, "settings")
     if args.summary:
         return summary(cfg, log)
     lock = contextlib.nullcontext()
@@ -117,6 +125,17 @@ def _run_dir(out, resume_path, overwrite):
 
 def _quiet(*args, **kwargs):
     pass
+
+
+def _arg_name(dest):
+    """The flag of an argument of the command line (``batch_size`` -> ``--batch-size``)."""
+    return setting_name(dest) if dest in CLI_KEYS else "--" + dest.replace("_", "-")
+
+
+def _asks_distributed(argv) -> bool:
+    """Whether a command line asks for a data-parallel run, also one that does not parse (a bad value elsewhere)."""
+    flags = [a for a in argv if a in ("--distributed", "--no-distributed", "--summary")]
+    return "--summary" not in flags and bool(flags) and flags[-1] == "--distributed"
 
 
 def summary(cfg, log):
@@ -166,12 +185,20 @@ def main(argv=None):
     Ctrl-C). Errors are one line on stderr; ``--debug`` re-raises them (the traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
-    status = _main(argv, debug)
-    from .distributed import active_world
-    world = active_world()
-    if world is not None and world.size > 1 and status not in (0, 130):
-        sys.stderr.flush()
-        world.abort(status)  # the other ranks would wait for this one forever
+    try:
+        status = _main(argv, debug)
+    except BaseException as e:  # --debug, or a bug: its traceback, and then the whole job ends
+        comm = job_to_abort(_asks_distributed(argv))
+        if comm is not None:
+            traceback.print_exc()
+            sys.stderr.flush()
+            comm.Abort(2 if isinstance(e, USER_ERRORS) else 1)
+        raise
+    if status not in (0, 130):
+        comm = job_to_abort(_asks_distributed(argv))
+        if comm is not None:  # the other ranks would wait for this one forever
+            sys.stderr.flush()
+            comm.Abort(status)
     return status
 
 

@@ -48,7 +48,7 @@ from .data import DataError, Loader, PreparedDataset, PreparedLoader, augment, l
 from .data.workers import default_workers
 from .devices import get_device
 from .dirlock import unusable_dir
-from .distributed import GradReducer, backward_and_step, param_checksums, rank_device
+from .distributed import GradReducer, backward_and_step, data_facts, param_checksums, rank_device
 from .model_file import build_net
 from .optim import SGD, Schedule
 
@@ -170,6 +170,8 @@ class Trainer:
         self.dataset = self._load_dataset()
         self.mean = self.dataset.mean_image() if resume_state is None or resume_state["mean"] is None \
             else resume_state["mean"]
+        if world is not None:  # before the loaders: ranks reading other data would train on other batches
+            world.check_agree(data_facts(self.dataset, self.mean), "data")
         self.train_loader, self.test_loader = self._loaders()
         self.schedule = Schedule(cfg.schedule, cfg.lr, steps=parse_lr_steps(cfg.lr_steps), gamma=cfg.lr_gamma,
                                  patience=cfg.patience, max_drops=cfg.max_drops, total_epochs=cfg.epochs)
