@@ -286,6 +286,39 @@ def test_nan_scores_are_top_k_errors_in_evaluation(tiny, tmp_path, monkeypatch):
     assert errs == (3, 3)
 
 
+@pytest.mark.parametrize("views", ["one", "multiview", "ten-crops"])
+def test_evaluation_ranks_logits_when_the_softmax_saturates(tmp_path, views):
+    """10 classes and logits hundreds apart: the softmax of a wrong prediction gives its label a probability of 0,
+    tied with the other losers. Top-1 and top-5 errors (one view, the mirrored pair, ten crops) are the ones of
+    the logits, the views' summed probabilities ranked in log space (they used to rank the underflowed
+    probabilities: top-5 error near 0 with top-1 error near 90%). The reference ranks in the net's float32, where
+    two views' winners tie as the trainer sees them (their summed probabilities differ by 1e-170)."""
+    from convnet.trainer import Trainer
+    from convnet.train import make_config, parse_args
+    model = tmp_path / "saturated.cfg"
+    model.write_text(TINY.replace("outputs = 4\ninitW = 0.01", "outputs = 10\ninitW = 100"))
+    extra = {"one": (), "multiview": ("--multiview",), "ten-crops": ("--eval-crops", "10")}[views]
+    cfg = make_config(parse_args(_args(model, tmp_path / "e", "--device", "numpy", *extra)))
+    t = Trainer(cfg, log=lambda s: None)
+    _, e1, e5, _ = t.evaluate()
+    ranks, group = [], []
+    for x, y in t.test_loader.epoch(0):
+        inputs = [x, np.ascontiguousarray(x[:, :, ::-1, :])] if views == "multiview" else [x]
+        for v in inputs:
+            t.net.forward(v)
+            z = t.net.logits - t.net.logits.max(0)
+            group.append(z - np.log(np.exp(z).sum(0)))  # log-softmax
+        if len(group) < t.test_loader.views:
+            continue
+        s = np.logaddexp.reduce(np.stack(group), axis=0)  # log of the views' summed probabilities
+        group = []
+        ranks += [int((np.delete(s[:, n], y[n]) >= s[y[n], n]).sum()) for n in range(len(y))]
+    ranks = np.array(ranks)
+    assert len(ranks) == 64
+    assert (e1, e5) == ((ranks >= 1).mean(), (ranks >= 5).mean())
+    assert e5 > 0.2, (e1, e5)  # many labels ranked below fifth
+
+
 def test_empty_test_split_is_refused_before_training(tmp_path, capsys):
     """Item 5: a dataset without test images stops before the first step (it used to train an epoch and then die
     with ZeroDivisionError)."""

@@ -366,7 +366,8 @@ class Net:
         return ops.concat(l.device, arrays)
 
     def forward(self, x, labels=None, *, train=False, step=0, batch=None):
-        """Run the net on a batch ``x`` (data layout, on the data layer's device). Returns probabilities.
+        """Run the net on a batch ``x`` (data layout, on the data layer's device). Returns probabilities; the logits
+        they come from stay in ``net.logits``.
 
         ``batch=(B, first)``: ``x`` is images [first, first + N) of a training batch of B images (a data-parallel
         rank's shard): the dropout layers draw those images' part of the whole batch's masks, so the ranks together
@@ -399,7 +400,10 @@ class Net:
                 ctx["seed"] = _seed32(self.seed, step, zlib.crc32(l.random_stream.encode()))
                 ctx["batch"] = batch
             with self.on_placement(l):
-                acts[l.name] = l.forward(self._gather(l, acts), ctx)
+                inp = self._gather(l, acts)
+                acts[l.name] = l.forward(inp, ctx)
+            if l is self.cost_layer:
+                self.logits = inp  # evaluation ranks these: probabilities that underflowed to 0 tie
             ctxs[l.name] = ctx
         self.join()
         self._ctxs = ctxs

@@ -146,6 +146,12 @@ class _DeviceSums:
         self.batch, self.time = batch, now
 
 
+def _log_softmax(xp, logits):
+    """log(softmax(logits)) over classes (axis 0), without underflow: finite wherever the logits are."""
+    z = logits - logits.max(axis=0, keepdims=True)
+    return z - xp.log(xp.exp(z).sum(axis=0, keepdims=True))
+
+
 class Trainer:
     """``Trainer(cfg, resume_state=None, log=print, overwrite=False)``; ``run()`` trains. ``resume_state``: a
     :func:`convnet.checkpoint.load` result to continue from. ``overwrite``: replace a run already in ``cfg.out``
@@ -351,21 +357,29 @@ class Trainer:
         n = wrong1 = wrong5 = 0
         loss = 0.0
         kept = []
-        views, acc, k = self.test_loader.views, None, 0  # views > 1: each batch comes that many times in a row
+        views, acc, log_acc, k = self.test_loader.views, None, None, 0  # views > 1: each batch that many times
         mirror = views == 1 and (self.cfg.multiview or self.cfg.eval_crops == 2)
         with contextlib.closing(self.test_loader.epoch(0)) as batches:  # closed here: a Ctrl-C in close() propagates
             for x, y in batches:
+                # ranked: the logits, or for several views the log of their summed probabilities (probabilities
+                # that underflowed to 0 would tie, and a label ranked last would count as inside the top 5)
                 p = self.net.forward(x)
+                scores = self.net.logits
                 if mirror:
                     mirrored = self.device.adopt(xp.ascontiguousarray(x[:, :, ::-1, :]))
                     p = self.device.adopt((p + self.net.forward(mirrored)) * p.dtype.type(0.5))
+                    scores = self.device.adopt(xp.logaddexp(_log_softmax(xp, scores),
+                                                            _log_softmax(xp, self.net.logits)))
                 if views > 1:  # the softmax outputs of the views, summed in view order, then averaged
                     acc = p.copy() if k == 0 else acc + p
+                    log_acc = (_log_softmax(xp, scores) if k == 0 else
+                               self.device.adopt(xp.logaddexp(log_acc, _log_softmax(xp, scores))))
                     k += 1
                     if k < views:
                         continue
                     p, acc, k = self.device.adopt(acc * p.dtype.type(1 / views)), None, 0
-                errs = ops.topk_errors(self.device, p, y, ks=(1, 5) if k5 else (1,))
+                    scores, log_acc = log_acc, None
+                errs = ops.topk_errors(self.device, scores, y, ks=(1, 5) if k5 else (1,))
                 wrong1 += errs[0]
                 wrong5 += errs[1] if k5 else 0
                 m = y.shape[0]
