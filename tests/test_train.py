@@ -319,6 +319,38 @@ def test_evaluation_ranks_logits_when_the_softmax_saturates(tmp_path, views):
     assert e5 > 0.2, (e1, e5)  # many labels ranked below fifth
 
 
+@pytest.mark.parametrize("device", ["cpu", "emu"])
+def test_float64_on_a_float32_device_is_a_one_line_error_at_start(tiny, tmp_path, capsys, device):
+    """--dtype float64 where the kernels compute in float32 (cpu, emu): exit 2 before training, naming the devices
+    that can (it used to die in the first op with a TypeError traceback); the same when resuming a float32
+    checkpoint with --dtype float64."""
+    rc = main(_args(tiny, tmp_path / "a", "--device", device, "--dtype", "float64", "--no-plots"))
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (f"error: --dtype float64 is not supported on {device} (it computes in float32); "
+                               f"devices that compute in float64: numpy. Use --dtype float32 or --device numpy\n")
+    assert not (tmp_path / "a").exists()
+    assert main(_args(tiny, tmp_path / "b", "--device", device, "--no-plots", "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert main(["--resume", str(tmp_path / "b"), "--dtype", "float64", "--epochs", "2", "--no-progress"]) == 2
+    assert "--dtype float64 is not supported on" in capsys.readouterr().err
+
+
+def test_float64_resume_of_a_float32_checkpoint_on_numpy(tiny, tmp_path):
+    """numpy computes in float64: a float32 run resumed with --dtype float64 continues in float64 (parameters and
+    momentum cast once at the start)."""
+    from convnet import checkpoint as ckpt
+    run(_args(tiny, tmp_path / "a", "--device", "numpy", "--no-plots", "--epochs", "1"), log=lambda s: None)
+    first = ckpt.load(tmp_path / "a")["params"]
+    res = run(["--resume", str(tmp_path / "a"), "--dtype", "float64", "--epochs", "2", "--no-progress"],
+              log=lambda s: None)
+    st = ckpt.load(tmp_path / "a")
+    assert st["meta"]["config"]["dtype"] == "float64" and st["meta"]["epoch"] == 2
+    assert {v.dtype for v in st["params"].values()} == {np.dtype(np.float64)}
+    assert {v.dtype for v in st["velocity"].values()} == {np.dtype(np.float64)}
+    assert all(not np.array_equal(st["params"][k].astype(np.float32), first[k]) for k in first)  # it trained
+    assert [h["epoch"] for h in res["history"]] == [1, 2] and np.isfinite(res["history"][-1]["train_loss"])
+
+
 def test_empty_test_split_is_refused_before_training(tmp_path, capsys):
     """Item 5: a dataset without test images stops before the first step (it used to train an epoch and then die
     with ZeroDivisionError)."""

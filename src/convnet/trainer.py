@@ -46,8 +46,9 @@ from . import ops
 from .config import Config, ConfigError, parse_lr_steps
 from .data import DataError, Loader, PreparedDataset, PreparedLoader, load_dataset
 from .data.workers import default_workers
-from .devices import get_device
+from .devices import KINDS, backend, get_device
 from .distributed import GradReducer, backward_and_step, param_checksums, rank_device
+from .memory import check_fits
 from .model_file import build_net
 from .optim import SGD, Schedule
 
@@ -172,6 +173,7 @@ class Trainer:
                               f"{self.ranks}")
         self.resume_path = resume_state["path"] if resume_state is not None else None
         self.device, towers = self._devices()
+        self._check_net(towers)
         self.net, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=self.device, devices=towers,
                                 dtype=cfg.dtype, seed=cfg.seed)
         self.exchanged = {}  # bytes per image copied between devices in the last training step ("src->dst": n)
@@ -222,6 +224,21 @@ class Trainer:
             raise ConfigError(f"--device {device} is not the first of --devices {cfg.devices}: the first of the "
                               f"towers' devices is the net's device (leave --device out)")
         return towers[0], towers
+
+    def _check_net(self, towers):
+        """ConfigError before anything is allocated: a --dtype that one of the net's devices cannot compute in, or a
+        net that does not fit in their free memory (checked on a shapes-only build of the net)."""
+        cfg = self.cfg
+        shapes, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=self.device, devices=towers,
+                              dtype=cfg.dtype, init_params=False)
+        dtype = np.dtype(cfg.dtype)
+        bad = sorted({l.device for l in shapes.order if dtype not in l.device.dtypes}, key=str)
+        if bad:
+            able = [kind for kind in KINDS if dtype in backend(kind).dtypes]
+            raise ConfigError(f"--dtype {cfg.dtype} is not supported on {', '.join(map(str, bad))} (it computes in "
+                              f"{' and '.join(map(str, bad[0].dtypes))}); devices that compute in {cfg.dtype}: "
+                              f"{', '.join(able)}. Use --dtype float32 or --device {able[0]}")
+        check_fits(shapes, cfg.batch_size // self.ranks)
 
     def _load_dataset(self):
         cfg, d = self.cfg, self.net.data_layer

@@ -259,6 +259,12 @@ class CudaBackend(Backend):
     def synchronize(self, index):
         cupy().cuda.Device(index).synchronize()
 
+    def free_memory(self, index):
+        cp = cupy()
+        with cp.cuda.Device(index):
+            free, _ = cp.cuda.runtime.memGetInfo()
+        return f"GPU {index}", int(free)
+
     def new_stream(self, index):
         # A blocking stream: it also orders with the legacy default stream, where a loop that knows nothing of
         # streams (uploads, metrics) works. The layer graph adds explicit events (fork, join) on top.
