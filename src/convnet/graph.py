@@ -29,13 +29,14 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 import zlib
 
 import numpy as np
 
 from . import ops
 from .devices import get_device, parse_device, parse_device_list
-from .layers import Data, Dropout, Layer, LayerError, SoftmaxCost
+from .layers import Data, Dropout, Layer, LayerError, ModelWarning, SoftmaxCost
 from .summary import format_summary
 
 
@@ -182,6 +183,12 @@ class Net:
             if isinstance(l, Dropout):
                 streams.setdefault(l.random_stream, []).append(l)
         for stream, layers in streams.items():
+            if len(layers) == 1 and stream not in self.layers:  # a typo, or a part of another net's layer
+                l = layers[0]
+                first, stop = l.mask_units()
+                warnings.warn(f"layer '{l.name}': maskOf = {stream} names no layer of this net and no other dropout "
+                              f"layer shares it: it draws units {first}-{stop - 1} of another net's layer {stream} "
+                              f"(check the name, or remove maskOf)", ModelWarning, stacklevel=2)
             layers.sort(key=lambda l: l.mask_start)
             for a, b in zip(layers, layers[1:]):
                 if a.out_shape[1:] != b.out_shape[1:]:

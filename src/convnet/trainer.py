@@ -37,6 +37,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ from .data import DataError, Loader, PreparedDataset, PreparedLoader, load_datas
 from .data.workers import default_workers
 from .devices import KINDS, backend, get_device
 from .distributed import GradReducer, backward_and_step, param_checksums, rank_device
+from .layers import ModelWarning
 from .memory import check_fits
 from .model_file import build_net
 from .optim import SGD, Schedule
@@ -174,8 +176,10 @@ class Trainer:
         self.resume_path = resume_state["path"] if resume_state is not None else None
         self.device, towers = self._devices()
         self._check_net(towers)
-        self.net, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=self.device, devices=towers,
-                                dtype=cfg.dtype, seed=cfg.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ModelWarning)  # logged by _check_net
+            self.net, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=self.device,
+                                    devices=towers, dtype=cfg.dtype, seed=cfg.seed)
         self.exchanged = {}  # bytes per image copied between devices in the last training step ("src->dst": n)
         self.dataset = self._load_dataset()
         self.mean = self.dataset.mean_image() if resume_state is None or resume_state["mean"] is None \
@@ -227,10 +231,18 @@ class Trainer:
 
     def _check_net(self, towers):
         """ConfigError before anything is allocated: a --dtype that one of the net's devices cannot compute in, or a
-        net that does not fit in their free memory (checked on a shapes-only build of the net)."""
+        net that does not fit in their free memory (checked on a shapes-only build of the net, whose model
+        warnings are logged)."""
         cfg = self.cfg
-        shapes, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=self.device, devices=towers,
-                              dtype=cfg.dtype, init_params=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ModelWarning)
+            shapes, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=self.device, devices=towers,
+                                  dtype=cfg.dtype, init_params=False)
+        for w in caught:
+            if issubclass(w.category, ModelWarning):
+                self.log(f"warning: {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         dtype = np.dtype(cfg.dtype)
         bad = sorted({l.device for l in shapes.order if dtype not in l.device.dtypes}, key=str)
         if bad:
