@@ -344,6 +344,10 @@ class FakeCupy:
                 pass
 
             @staticmethod
+            def memGetInfo():  # (free, total) bytes of the current GPU: all of it is free
+                return 1 << 30, 1 << 30
+
+            @staticmethod
             def memcpyAsync(dst, src, size, kind, stream):
                 fake.record("memcpy", stream)
                 for ptr, device_side in ((dst, (Runtime.memcpyHostToDevice, Runtime.memcpyDeviceToDevice)),

@@ -234,6 +234,51 @@ def test_incomplete_or_mismatched_checkpoints_are_one_line_errors(one_epoch, tmp
         assert __import__("re").search(needle, err), (needle, err)
 
 
+def test_hand_edited_checkpoints_are_refused(tiny, tmp_path, capsys):
+    """A checkpoint edited by hand: parameters or momentum that are not float32/float64 (they used to be cast
+    silently: ints truncated, float16 rounded), a step that the position does not give (it keys the dropout masks),
+    a history that does not match the epoch, null numbers in a history entry (a resume died on them or logged them).
+    Each is one line naming the file and the value; the untouched checkpoint resumes."""
+    out = tmp_path / "mid"
+    run(_args(tiny, out, "--epochs", "2", "--max-steps", "8"), log=lambda s: None)  # epoch 1 (6 steps) + 2 batches
+    st = ckpt.load(out)
+    assert (st["meta"]["epoch"], st["meta"]["batch"], st["meta"]["step"]) == (1, 2, 8)
+    hist = st["meta"]["history"]
+
+    def write(name, params=None, velocity=None, **meta_changes):
+        d = tmp_path / name
+        ckpt.save(d / "checkpoint.npz", params={**st["params"], **(params or {})},
+                  velocity={**st["velocity"], **(velocity or {})}, mean=st["mean"], meta={**st["meta"], **meta_changes})
+        return d
+
+    w = st["params"]["fc3/w"]
+    cases = [
+        (write("int", params={"fc3/w": (w * 1000).astype(np.int32)}), "parameter 'fc3/w' has dtype int32"),
+        (write("half", params={"fc2/b": st["params"]["fc2/b"].astype(np.float16)}), "'fc2/b' has dtype float16"),
+        (write("half-v", velocity={"fc3/w": st["velocity"]["fc3/w"].astype(np.float16)}),
+         "momentum of 'fc3/w' has dtype float16"),
+        (write("step", step=3), "step 3 is inconsistent with epoch 1, batch 2: the finished epochs end at step 6, "
+                                "so the step is 8"),
+        (write("step-0", step=0, history=[]), "epoch 1 but 0 history entries"),
+        (write("epoch", epoch=0, step=2, history=[]), None),  # consistent: the position of epoch 1, batch 2
+        (write("null", history=[{**hist[0], "train_loss": None}]), "history entry 1 has a missing or invalid value: "
+                                                                    "train_loss = null"),
+        (write("null-time", history=[{**hist[0], "elapsed_s": None}]), "elapsed_s = null"),
+        (write("renumbered", history=[{**hist[0], "epoch": 3}]), "history entry 1 says epoch 3"),
+    ]
+    for d, needle in cases:
+        rc = main(["--resume", str(d), "--epochs", "2", "--no-progress", "--no-plots"])
+        err = capsys.readouterr().err
+        if needle is None:
+            assert rc == 0, err
+            continue
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and str(d) in err, (d, err)
+        assert needle in err, (needle, err)
+    test_error_free = write("untested", history=[{**hist[0], "test_loss": None, "test_error": None}])
+    assert main(["--resume", str(test_error_free), "--epochs", "2", "--no-progress", "--no-plots"]) == 0
+    assert main(["--resume", str(out), "--epochs", "2", "--no-progress", "--no-plots"]) == 0
+
+
 def test_batch_size_change_mid_epoch_is_refused(tiny, tmp_path, capsys):
     """Item 6: the saved position is a batch index; another --batch-size in the middle of an epoch would skip or
     repeat images, so it is refused. At an epoch boundary it is fine."""

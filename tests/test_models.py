@@ -103,6 +103,9 @@ def test_base_model_builds():
     (BASE + "[train]\nepochz = 3\n", r"\[train\]: unknown key 'epochz'"),
     (BASE + "[train]\nflip = maybe\n", r"expected true/false"),
     (BASE.replace("size = 8", "size = 8\ninputs = fc"), r"data layer takes no inputs"),
+    (BASE.replace("outputs = 3", "outputs = 1"),
+     r"base.cfg: layer 'probs': a softmax over 1 class learns nothing \(its probability is always 1\); its input "
+     r"needs at least 2 outputs"),
 ])
 def test_bad_model_files(text, match):
     with pytest.raises(ModelFileError, match=match):
@@ -278,3 +281,34 @@ def test_bad_shared_masks(edits, match):
         text = text.replace(old, new)
     with pytest.raises(ModelFileError, match=match):
         build_net(text, "shared.cfg", device="numpy")
+
+
+def test_a_mask_stream_no_layer_of_the_net_names_is_a_warning(tmp_path):
+    """maskOf naming no layer of the net, drawn by no other layer (a typo, or one tower of another net's layer): a
+    ModelWarning naming the layer and the units it draws, logged once by the command as 'warning: ...'. Two layers
+    sharing such a stream (the towers' halves of one layer: alexnet-2gpu) and a maskOf naming a layer are silent."""
+    import warnings
+    from convnet.layers import ModelWarning
+    from convnet.train import run
+    typo = SHARED_MASK.replace("maskOf = d\nmaskStart = 4", "maskOf = dd\nmaskStart = 4")
+    with pytest.warns(ModelWarning) as caught:
+        build_net(typo, "typo.cfg", device="numpy")
+    assert sorted(str(w.message) for w in caught) == [
+        f"layer '{l}': maskOf = {s} names no layer of this net and no other dropout layer shares it: it draws units "
+        f"{u} of another net's layer {s} (check the name, or remove maskOf)" for l, s, u in (("da", "d", "0-3"),
+                                                                                            ("db", "dd", "4-7"))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_net(SHARED_MASK, "shared.cfg", device="numpy")
+        build_net(SHARED_MASK.replace("maskOf = d\nmaskStart = 4", "maskOf = da\nmaskStart = 4").replace(
+            "maskOf = d\n", ""), "named.cfg", device="numpy")  # db draws units 4-7 of da's own stream
+        load_model("alexnet-2gpu", init_params=False)
+    model = tmp_path / "typo.cfg"
+    model.write_text(typo + "[train]\ndataset = synthetic\nbatch_size = 8\nepochs = 1\n")
+    logs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said in the log, not as a Python warning
+        run(["--model", str(model), "--out", str(tmp_path / "r"), "--device", "numpy", "--no-progress", "--no-plots",
+             "--synthetic-train", "16", "--synthetic-test", "8"], log=logs.append)
+    said = [s for s in logs if s.startswith("warning: ")]
+    assert len(said) == 2 and "layer 'db': maskOf = dd names no layer" in said[1], logs

@@ -43,6 +43,14 @@ def test_reference_huge_logits(dtype):
     np.testing.assert_allclose(loss, 2e4 + np.log(2), rtol=1e-6)
 
 
+def _topk_by_counting(scores, labels, ks):
+    """The top-k rule spelled out: image n is wrong for k when k or more other classes score at least as high as
+    its label (ties count against it)."""
+    K, N = scores.shape
+    ranks = [sum(1 for c in range(K) if c != labels[n] and scores[c, n] >= scores[labels[n], n]) for n in range(N)]
+    return tuple(sum(r >= k for r in ranks) for k in ks)
+
+
 def test_reference_topk():
     s = np.array([[5, 1, 0, 3],
                   [4, 2, 0, 3],
@@ -51,9 +59,40 @@ def test_reference_topk():
                   [1, 5, 0, 3],
                   [0, 6, 0, 3]], float)
     lab = np.array([0, 0, 2, 5], np.int32)
-    # ranks (classes strictly higher): img0 0, img1 5, img2 0 (all tie), img3 0 (all tie)
-    assert ref.topk_errors(s, lab, ks=(1, 5)) == (1, 1)
-    assert ref.topk_errors(s, lab, ks=(1, 6, 2)) == (1, 0, 1)
+    # ranks (other classes at least as high): img0 0, img1 5, img2 5 (all tie), img3 5 (all tie)
+    assert ref.topk_errors(s, lab, ks=(1, 5)) == (3, 3)
+    assert ref.topk_errors(s, lab, ks=(1, 6, 2)) == (3, 0, 3)
+    rng = np.random.default_rng(35)
+    s = rng.integers(0, 4, (12, 50)).astype(np.float32)  # many ties
+    lab = rng.integers(0, 12, 50).astype(np.int32)
+    assert ref.topk_errors(s, lab, ks=(1, 2, 5, 11, 12)) == _topk_by_counting(s, lab, (1, 2, 5, 11, 12))
+
+
+def _fake_gpu(monkeypatch):
+    from helpers import FakeCupy
+    FakeCupy(devices=1).install(monkeypatch)
+    return Device("cuda", 0)
+
+
+@pytest.mark.parametrize("where", ["numpy", "cpu", "emu", "cuda-on-fake"])
+def test_topk_saturated_softmax_label_ranked_last_is_an_error_on_every_device(monkeypatch, where):
+    """10 classes, class 0 scored 200 and class c -c, label 9: a top-1 and a top-5 error, from the logits and from
+    their softmax alike (whose classes 1..9 underflow to the same 0, and used to count as inside the top 5); plus
+    random tied scores against the rule spelled out."""
+    dev = _fake_gpu(monkeypatch) if where == "cuda-on-fake" else Device(where)
+    logits = -np.arange(10, dtype=np.float32)[:, None].repeat(3, axis=1)
+    logits[0] = 200
+    labels = np.array([9, 0, 4], np.int32)  # the label ranked last; the top class; fifth of the tied zeros
+    probs = ref.softmax(logits)
+    assert (probs[1:] == 0).all()  # the softmax saturated
+    for scores in (logits, probs):
+        assert ops.topk_errors(dev, dev.asarray(scores), dev.asarray(labels), ks=(1, 5)) == \
+            ((2, 1) if scores is logits else (2, 2))  # logits: label 4 is fifth; probs: it ties with 8 others
+    rng = np.random.default_rng(36)
+    s = rng.integers(-3, 3, (40, 70)).astype(np.float32)
+    lab = rng.integers(0, 40, 70).astype(np.int32)
+    ks = (1, 2, 5, 39, 40)
+    assert ops.topk_errors(dev, dev.asarray(s), dev.asarray(lab), ks=ks) == _topk_by_counting(s, lab, ks)
 
 
 # ---------------------------------------------------------------------------------------------------- op layer
@@ -163,7 +202,7 @@ def test_kernel_invalid_label_is_nan():
     assert np.isfinite(per[0]) and np.isnan(per[1]) and np.isnan(loss)
     errors = np.empty(2, np.int32)
     k.topk_errors(l.ctypes.data, lab.ctypes.data, errors.ctypes.data, [1, 5], 5, 2, 0)
-    assert list(errors) == [1, 1]
+    assert list(errors) == [2, 1]  # image 0 ties with the 4 other classes: a top-1 error, inside the top 5
 
 
 BAD_LABELS = {3: -1, 10: 17, 11: 17, 40: -2**31, 68: 2**31 - 1, 69: 0}  # image -> label (K = 17; 0 is valid)

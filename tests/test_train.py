@@ -286,6 +286,71 @@ def test_nan_scores_are_top_k_errors_in_evaluation(tiny, tmp_path, monkeypatch):
     assert errs == (3, 3)
 
 
+@pytest.mark.parametrize("views", ["one", "multiview", "ten-crops"])
+def test_evaluation_ranks_logits_when_the_softmax_saturates(tmp_path, views):
+    """10 classes and logits hundreds apart: the softmax of a wrong prediction gives its label a probability of 0,
+    tied with the other losers. Top-1 and top-5 errors (one view, the mirrored pair, ten crops) are the ones of
+    the logits, the views' summed probabilities ranked in log space (they used to rank the underflowed
+    probabilities: top-5 error near 0 with top-1 error near 90%). The reference ranks in the net's float32, where
+    two views' winners tie as the trainer sees them (their summed probabilities differ by 1e-170)."""
+    from convnet.trainer import Trainer
+    from convnet.train import make_config, parse_args
+    model = tmp_path / "saturated.cfg"
+    model.write_text(TINY.replace("outputs = 4\ninitW = 0.01", "outputs = 10\ninitW = 100"))
+    extra = {"one": (), "multiview": ("--multiview",), "ten-crops": ("--eval-crops", "10")}[views]
+    cfg = make_config(parse_args(_args(model, tmp_path / "e", "--device", "numpy", *extra)))
+    t = Trainer(cfg, log=lambda s: None)
+    _, e1, e5, _ = t.evaluate()
+    ranks, group = [], []
+    for x, y in t.test_loader.epoch(0):
+        inputs = [x, np.ascontiguousarray(x[:, :, ::-1, :])] if views == "multiview" else [x]
+        for v in inputs:
+            t.net.forward(v)
+            z = t.net.logits - t.net.logits.max(0)
+            group.append(z - np.log(np.exp(z).sum(0)))  # log-softmax
+        if len(group) < t.test_loader.views:
+            continue
+        s = np.logaddexp.reduce(np.stack(group), axis=0)  # log of the views' summed probabilities
+        group = []
+        ranks += [int((np.delete(s[:, n], y[n]) >= s[y[n], n]).sum()) for n in range(len(y))]
+    ranks = np.array(ranks)
+    assert len(ranks) == 64
+    assert (e1, e5) == ((ranks >= 1).mean(), (ranks >= 5).mean())
+    assert e5 > 0.2, (e1, e5)  # many labels ranked below fifth
+
+
+@pytest.mark.parametrize("device", ["cpu", "emu"])
+def test_float64_on_a_float32_device_is_a_one_line_error_at_start(tiny, tmp_path, capsys, device):
+    """--dtype float64 where the kernels compute in float32 (cpu, emu): exit 2 before training, naming the devices
+    that can (it used to die in the first op with a TypeError traceback); the same when resuming a float32
+    checkpoint with --dtype float64."""
+    rc = main(_args(tiny, tmp_path / "a", "--device", device, "--dtype", "float64", "--no-plots"))
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (f"error: --dtype float64 is not supported on {device} (it computes in float32); "
+                               f"devices that compute in float64: numpy. Use --dtype float32 or --device numpy\n")
+    assert not (tmp_path / "a").exists()
+    assert main(_args(tiny, tmp_path / "b", "--device", device, "--no-plots", "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert main(["--resume", str(tmp_path / "b"), "--dtype", "float64", "--epochs", "2", "--no-progress"]) == 2
+    assert "--dtype float64 is not supported on" in capsys.readouterr().err
+
+
+def test_float64_resume_of_a_float32_checkpoint_on_numpy(tiny, tmp_path):
+    """numpy computes in float64: a float32 run resumed with --dtype float64 continues in float64 (parameters and
+    momentum cast once at the start)."""
+    from convnet import checkpoint as ckpt
+    run(_args(tiny, tmp_path / "a", "--device", "numpy", "--no-plots", "--epochs", "1"), log=lambda s: None)
+    first = ckpt.load(tmp_path / "a")["params"]
+    res = run(["--resume", str(tmp_path / "a"), "--dtype", "float64", "--epochs", "2", "--no-progress"],
+              log=lambda s: None)
+    st = ckpt.load(tmp_path / "a")
+    assert st["meta"]["config"]["dtype"] == "float64" and st["meta"]["epoch"] == 2
+    assert {v.dtype for v in st["params"].values()} == {np.dtype(np.float64)}
+    assert {v.dtype for v in st["velocity"].values()} == {np.dtype(np.float64)}
+    assert all(not np.array_equal(st["params"][k].astype(np.float32), first[k]) for k in first)  # it trained
+    assert [h["epoch"] for h in res["history"]] == [1, 2] and np.isfinite(res["history"][-1]["train_loss"])
+
+
 def test_empty_test_split_is_refused_before_training(tmp_path, capsys):
     """Item 5: a dataset without test images stops before the first step (it used to train an epoch and then die
     with ZeroDivisionError)."""

@@ -101,9 +101,9 @@ __global__ void topk_kernel(const float* __restrict__ scores, const int* __restr
     if (ok) {
       const float t = scores[static_cast<size_t>(lab) * N + n];
       bool finite = true;  // a NaN or infinite score (the label's included) makes the image an error for every k
-      for (int c = ty; c < K; c += kLanes) {
+      for (int c = ty; c < K; c += kLanes) {  // ties count against the label: saturated scores rank it last
         const float v = scores[static_cast<size_t>(c) * N + n];
-        higher += v > t ? 1 : 0;
+        higher += (c != lab && v >= t) ? 1 : 0;
         finite = finite && fabsf(v) < INFINITY;
       }
       if (!finite) higher = K;

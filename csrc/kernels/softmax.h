@@ -5,8 +5,9 @@
 //   An out-of-range label cannot be rejected without a device->host sync: its loss is NaN (the Python layer checks
 //   labels on numpy/emu before launching), softmax_cross_entropy adds 1 per such label to *bad_labels (when given;
 //   the caller reads it at a synchronisation point) and it counts as a top-k error.
-//   Top-k: image n is an error for k when at least k classes score strictly higher than its label, or when any of
-//   its scores is NaN or infinite (a diverged net is never scored right).
+//   Top-k: image n is an error for k when at least k other classes score at least as high as its label (ties count
+//   against it: probabilities that underflowed to 0 rank the label last, not first), or when any of its scores is
+//   NaN or infinite (a diverged net is never scored right).
 #pragma once
 #include "cuda_compat.h"
 

@@ -14,6 +14,7 @@ kill -9 leaves a ``checkpoint.npz.*.tmp`` file; :func:`remove_stale_temporaries`
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -24,6 +25,12 @@ FORMAT = "convnet-checkpoint-1"
 # what a training checkpoint's metadata must hold (checked by check_training_state before a resume)
 TRAINING_META = {"epoch": int, "batch": int, "step": int, "history": list, "partial": dict, "schedule": dict,
                  "optimizer": dict, "config": dict}
+# a history entry (an epoch's record, Trainer._record): the numbers it must hold, those it holds when present (older
+# records lack the times), and the only values that may be null (an epoch not tested, top-5 of 5 classes or fewer)
+HISTORY_NUMBERS = ("epoch", "step", "lr", "train_loss", "train_error")
+HISTORY_TIMES = ("train_time_s", "elapsed_s", "cpu_s")
+HISTORY_NULLABLE = ("test_loss", "test_error", "test_top5_error", "images_per_s")
+STATE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # what parameters and momentum are saved as
 
 
 class CheckpointError(RuntimeError):
@@ -148,6 +155,43 @@ def check_training_state(state) -> None:
         missing = sorted(set(state["params"]) ^ set(state["velocity"]))
         raise CheckpointError(f"checkpoint '{path}' is incomplete: parameters and momentum buffers differ "
                               f"({', '.join(missing[:4])})")
+    for part in ("params", "velocity"):  # a hand-edited file: casting would silently change the numbers
+        for k, a in state[part].items():
+            if a.dtype not in STATE_DTYPES:
+                what = "parameter" if part == "params" else "momentum of"
+                raise CheckpointError(f"checkpoint '{path}': {what} '{k}' has dtype {a.dtype}; a checkpoint holds "
+                                      f"float32 or float64")
+    _check_history(path, meta)
+
+
+def _check_history(path, meta):
+    """CheckpointError unless the history has one entry per finished epoch, each with its numbers, and the global
+    step agrees with the position: the last entry's step plus the batches done in the current epoch (dropout masks
+    and the linear schedule are functions of the step: a wrong one would silently change the training)."""
+    history = meta["history"]
+    for i, rec in enumerate(history, 1):
+        if not isinstance(rec, dict):
+            raise CheckpointError(f"checkpoint '{path}': history entry {i} is not a record ({rec!r:.40})")
+        bad = [k for k in HISTORY_NUMBERS if not _is_number(rec.get(k))]
+        bad += [k for k, v in rec.items() if k not in HISTORY_NUMBERS and (
+            (v is None and k not in HISTORY_NULLABLE) or (k in HISTORY_TIMES and not _is_number(v)))]
+        if bad:
+            got = ", ".join(f"{k} = {json.dumps(rec.get(k))}" for k in bad[:3])
+            raise CheckpointError(f"checkpoint '{path}': history entry {i} has a missing or invalid value: {got}")
+        if rec["epoch"] != i:
+            raise CheckpointError(f"checkpoint '{path}': history entry {i} says epoch {rec['epoch']}")
+    if len(history) != meta["epoch"]:
+        raise CheckpointError(f"checkpoint '{path}': epoch {meta['epoch']} but {len(history)} history entries (one "
+                              f"per finished epoch)")
+    last = history[-1]["step"] if history else 0
+    if meta["step"] != last + meta["batch"]:
+        raise CheckpointError(f"checkpoint '{path}': step {meta['step']} is inconsistent with epoch {meta['epoch']}, "
+                              f"batch {meta['batch']}: the finished epochs end at step {last}, so the step is "
+                              f"{last + meta['batch']}")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def remove_stale_temporaries(directory, name="checkpoint.npz") -> list[Path]:

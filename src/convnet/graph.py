@@ -33,13 +33,14 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 import zlib
 
 import numpy as np
 
 from . import ops
 from .devices import get_device, parse_device, parse_device_list
-from .layers import Data, Dropout, Layer, LayerError, SoftmaxCost
+from .layers import Data, Dropout, Layer, LayerError, ModelWarning, SoftmaxCost
 from .summary import format_summary
 
 
@@ -186,6 +187,12 @@ class Net:
             if isinstance(l, Dropout):
                 streams.setdefault(l.random_stream, []).append(l)
         for stream, layers in streams.items():
+            if len(layers) == 1 and stream not in self.layers:  # a typo, or a part of another net's layer
+                l = layers[0]
+                first, stop = l.mask_units()
+                warnings.warn(f"layer '{l.name}': maskOf = {stream} names no layer of this net and no other dropout "
+                              f"layer shares it: it draws units {first}-{stop - 1} of another net's layer {stream} "
+                              f"(check the name, or remove maskOf)", ModelWarning, stacklevel=2)
             layers.sort(key=lambda l: l.mask_start)
             for a, b in zip(layers, layers[1:]):
                 if a.out_shape[1:] != b.out_shape[1:]:
@@ -373,7 +380,8 @@ class Net:
         return ops.concat(l.device, arrays)
 
     def forward(self, x, labels=None, *, train=False, step=0, batch=None):
-        """Run the net on a batch ``x`` (data layout, on the data layer's device). Returns probabilities.
+        """Run the net on a batch ``x`` (data layout, on the data layer's device). Returns probabilities; the logits
+        they come from stay in ``net.logits``.
 
         ``batch=(B, first)``: ``x`` is images [first, first + N) of a training batch of B images (a data-parallel
         rank's shard): the dropout layers draw those images' part of the whole batch's masks, so the ranks together
@@ -406,7 +414,10 @@ class Net:
                 ctx["seed"] = _seed32(self.seed, step, zlib.crc32(l.random_stream.encode()))
                 ctx["batch"] = batch
             with self.on_placement(l):
-                acts[l.name] = l.forward(self._gather(l, acts), ctx)
+                inp = self._gather(l, acts)
+                acts[l.name] = l.forward(inp, ctx)
+            if l is self.cost_layer:
+                self.logits = inp  # evaluation ranks these: probabilities that underflowed to 0 tie
             ctxs[l.name] = ctx
         self.join()
         self._ctxs = ctxs

@@ -34,6 +34,10 @@ class LayerError(ValueError):
     """A layer definition that cannot be built (bad parameter, shape mismatch, ...)."""
 
 
+class ModelWarning(UserWarning):
+    """A layer definition that builds but probably says something else than meant (the command logs it)."""
+
+
 # --- keys ------------------------------------------------------------------------------------------------------
 class _Required:
     def __repr__(self):
@@ -623,6 +627,9 @@ class SoftmaxCost(Layer):
         if len(in_shape) != 1:
             raise LayerError(f"layer '{self.name}': softmax needs (classes,) logits from an fc layer, "
                              f"got shape {in_shape}")
+        if in_shape[0] < 2:  # its one probability is always 1: loss 0, zero gradients, nothing learned
+            raise LayerError(f"layer '{self.name}': a softmax over {in_shape[0]} class learns nothing (its probability "
+                             f"is always 1); its input needs at least 2 outputs, one per class")
         return tuple(in_shape)
 
     def flops(self):

@@ -37,6 +37,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +47,11 @@ from . import ops
 from .config import Config, ConfigError, parse_lr_steps
 from .data import DataError, Loader, PreparedDataset, PreparedLoader, augment, load_dataset
 from .data.workers import default_workers
-from .devices import get_device
+from .devices import KINDS, backend, get_device
 from .dirlock import unusable_dir
 from .distributed import GradReducer, backward_and_step, data_facts, param_checksums, rank_device
+from .layers import ModelWarning
+from .memory import check_fits
 from .model_file import build_net
 from .optim import SGD, Schedule
 
@@ -144,6 +147,12 @@ class _DeviceSums:
         self.batch, self.time = batch, now
 
 
+def _log_softmax(xp, logits):
+    """log(softmax(logits)) over classes (axis 0), without underflow: finite wherever the logits are."""
+    z = logits - logits.max(axis=0, keepdims=True)
+    return z - xp.log(xp.exp(z).sum(axis=0, keepdims=True))
+
+
 class Trainer:
     """``Trainer(cfg, resume_state=None, log=print, overwrite=False)``; ``run()`` trains. ``resume_state``: a
     :func:`convnet.checkpoint.load` result to continue from. ``overwrite``: replace a run already in ``cfg.out``
@@ -164,8 +173,11 @@ class Trainer:
                               f"{self.ranks}")
         self.resume_path = resume_state["path"] if resume_state is not None else None
         self.device, towers = self._devices()
-        self.net, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=self.device, devices=towers,
-                                dtype=cfg.dtype, seed=cfg.seed)
+        self._check_net(towers)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ModelWarning)  # logged by _check_net
+            self.net, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=self.device,
+                                    devices=towers, dtype=cfg.dtype, seed=cfg.seed)
         self.exchanged = {}  # bytes per image copied between devices in the last training step ("src->dst": n)
         self.dataset = self._load_dataset()
         self.mean = self.dataset.mean_image() if resume_state is None or resume_state["mean"] is None \
@@ -216,6 +228,29 @@ class Trainer:
             raise ConfigError(f"--device {device} is not the first of --devices {cfg.devices}: the first of the "
                               f"towers' devices is the net's device (leave --device out)")
         return towers[0], towers
+
+    def _check_net(self, towers):
+        """ConfigError before anything is allocated: a --dtype that one of the net's devices cannot compute in, or a
+        net that does not fit in their free memory (checked on a shapes-only build of the net, whose model
+        warnings are logged)."""
+        cfg = self.cfg
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ModelWarning)
+            shapes, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=self.device, devices=towers,
+                                  dtype=cfg.dtype, init_params=False)
+        for w in caught:
+            if issubclass(w.category, ModelWarning):
+                self.log(f"warning: {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        dtype = np.dtype(cfg.dtype)
+        bad = sorted({l.device for l in shapes.order if dtype not in l.device.dtypes}, key=str)
+        if bad:
+            able = [kind for kind in KINDS if dtype in backend(kind).dtypes]
+            raise ConfigError(f"--dtype {cfg.dtype} is not supported on {', '.join(map(str, bad))} (it computes in "
+                              f"{' and '.join(map(str, bad[0].dtypes))}); devices that compute in {cfg.dtype}: "
+                              f"{', '.join(able)}. Use --dtype float32 or --device {able[0]}")
+        check_fits(shapes, cfg.batch_size // self.ranks)
 
     def _load_dataset(self):
         cfg, d = self.cfg, self.net.data_layer
@@ -369,24 +404,31 @@ class Trainer:
         n = wrong1 = wrong5 = 0
         loss = 0.0
         kept = []
-        views, acc, k = self.test_loader.views, None, 0  # views > 1: each batch comes that many times in a row
+        views, acc, log_acc, k = self.test_loader.views, None, None, 0  # views > 1: each batch that many times
         mirror = views == 1 and (self.cfg.multiview or self.cfg.eval_crops == 2)
         # closed here: a Ctrl-C in close() propagates
         with contextlib.closing(self.test_loader.epoch(0)) as batches, out.activate():
             for x, y in batches:
+                # ranked: the logits, or for several views the log of their summed probabilities (probabilities
+                # that underflowed to 0 would tie, and a label ranked last would count as inside the top 5)
                 p = self.net.forward(x)
                 y = self._labels_on(out, y)
+                scores = self.net.logits
                 if mirror:
                     with self.device.activate():
                         mirrored = self.device.adopt(xp.ascontiguousarray(x[:, :, ::-1, :]))
                     p = out.adopt((p + self.net.forward(mirrored)) * p.dtype.type(0.5))
+                    scores = out.adopt(xp.logaddexp(_log_softmax(xp, scores), _log_softmax(xp, self.net.logits)))
                 if views > 1:  # the softmax outputs of the views, summed in view order, then averaged
                     acc = p.copy() if k == 0 else acc + p
+                    log_acc = (_log_softmax(xp, scores) if k == 0 else
+                               out.adopt(xp.logaddexp(log_acc, _log_softmax(xp, scores))))
                     k += 1
                     if k < views:
                         continue
                     p, acc, k = out.adopt(acc * p.dtype.type(1 / views)), None, 0
-                errs = ops.topk_errors(out, p, y, ks=(1, 5) if k5 else (1,))
+                    scores, log_acc = log_acc, None
+                errs = ops.topk_errors(out, scores, y, ks=(1, 5) if k5 else (1,))
                 wrong1 += errs[0]
                 wrong5 += errs[1] if k5 else 0
                 m = y.shape[0]

@@ -134,6 +134,10 @@ class Device:
     def synchronize(self) -> None:
         self.backend.synchronize(self.index)
 
+    def free_memory(self) -> tuple:
+        """(where this device's arrays live: "host memory", "GPU 1"; the bytes free there now, or None if unknown)."""
+        return self.backend.free_memory(self.index)
+
     def activate(self):
         """Context manager making this device current (CuPy allocations and kernel launches go to it)."""
         return self.backend.activate(self.index)

@@ -187,6 +187,9 @@ class HostBackend(Backend):
     def pointer(self, a) -> int:
         return int(a.ctypes.data)
 
+    def free_memory(self, index):
+        return "host memory", available_ram()
+
     def copy(self, a, src_index, dst_index, out, stream=None, src_stream=None):
         """A real copy from ``a`` (device ``src_index``'s memory, written on ``src_stream``) into ``out``
         (``dst_index``'s), on ``stream``, the consumer's: that stream first waits for an event recorded on the
@@ -196,6 +199,31 @@ class HostBackend(Backend):
             self.wait_event(dst_index, s_dst, self.record_event(src_index, s_src))
         self.submit(dst_index, s_dst, lambda: np.copyto(out, a))
         return out
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM that can be allocated without swapping (Linux: MemAvailable, within a cgroup v2 limit), or
+    None when the system does not say."""
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            pass
+    try:  # a container's limit
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                left = max(0, int(limit) - int(g.read()))
+                free = left if free is None else min(free, left)
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def busy_cores(window: float = 0.25) -> float:

@@ -94,6 +94,11 @@ class Backend:
     def synchronize(self, index: int) -> None:
         pass
 
+    def free_memory(self, index: int) -> tuple[str, int | None]:
+        """(the memory device ``index``'s arrays come from, bytes free there now or None when unknown): devices
+        naming the same memory share it (``convnet.memory``)."""
+        return f"{self.kind}:{index} memory", None
+
     # -- streams and events: how the layer graph runs its placements concurrently --------------------------------
     # A stream is the backend's object (a CuPy stream, an emulated HostStream) or None: the current stream (on a host
     # device without streams, the host itself, where work is done when it is issued). The defaults below are those

@@ -272,6 +272,12 @@ class CudaBackend(Backend):
     def synchronize(self, index):
         cupy().cuda.Device(index).synchronize()
 
+    def free_memory(self, index):
+        cp = cupy()
+        with cp.cuda.Device(index):
+            free, _ = cp.cuda.runtime.memGetInfo()
+        return f"GPU {index}", int(free)
+
     def new_stream(self, index):
         # Non-blocking: ordered by events only (the graph's fork and join, the copies', the loader's and the
         # reducer's), never by the legacy default stream's implicit barriers, which would serialise the towers, the

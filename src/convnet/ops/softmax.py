@@ -7,8 +7,9 @@ Layout: logits ``(classes, N)``, labels ``(N,)`` int32 in ``[0, classes)``.
   of ``-log p[label]`` computed stably in log space (finite for logits of 1e4); ``dlogits = probs - onehot`` (not
   divided by N; scale it by 1/N yourself for a mean loss).
 * ``softmax_forward`` -> ``probs`` alone (no labels): what inference and evaluation need.
-* ``topk_errors`` -> tuple of ints: image n is a top-k error when at least k classes score strictly higher than its
-  label (ties favour the label), or when any of its scores is NaN or infinite (a diverged net is never right).
+* ``topk_errors`` -> tuple of ints: image n is a top-k error when at least k other classes score at least as high
+  as its label (ties count against it: saturated probabilities tie at 0), or when any of its scores is NaN or
+  infinite (a diverged net is never right). Give it logits (or log-probabilities) to rank exactly.
   Counted on the device; only the counts come back to the host.
 * The kernels index with 32-bit ints: ``classes * N`` must be below 2**31 (checked before anything is allocated).
 * Labels in host memory (numpy and emu) are range-checked.  On cuda they are not (that would need a

@@ -6,9 +6,10 @@ Layout: logits ``(classes, N)``, labels ``(N,)`` integers in ``[0, classes)``.
   ``log(sum_c exp(l_c - m)) - (l_label - m)``, so logits of 1e4 give no inf/NaN.
 * ``softmax_cross_entropy`` returns ``(loss_sum, probs, dlogits)``: ``loss_sum`` is a 0-d array (sum over the batch,
   not the mean), ``dlogits = probs - onehot(labels)`` (not divided by N).
-* Top-k rule: an image counts as a top-k error when at least ``k`` classes score *strictly higher* than the true
-  class (so ties with the true class count in its favour), or when any of its scores is NaN or infinite (a diverged
-  net is never scored right). Works on logits or probabilities alike.
+* Top-k rule: an image counts as a top-k error when at least ``k`` other classes score *at least as high* as the
+  true class (ties count against it: when the softmax saturates, probabilities that underflowed to 0 all tie, and a
+  label scored 0 must not count as inside the top k), or when any of its scores is NaN or infinite (a diverged net
+  is never scored right). Works on logits or probabilities alike; ranking logits is exact.
 """
 from __future__ import annotations
 
@@ -51,6 +52,6 @@ def topk_errors(scores, labels, ks=(1, 5)):
     s = np.asarray(scores)
     labels = np.asarray(labels)
     true = s[labels, np.arange(s.shape[1])]
-    rank = (s > true[None, :]).sum(axis=0)
+    rank = (s >= true[None, :]).sum(axis=0) - 1  # the other classes scoring at least as high as the label
     rank[~np.isfinite(s).all(axis=0)] = s.shape[0]  # a NaN or infinite score: an error for every k
     return tuple(int((rank >= k).sum()) for k in ks)
