@@ -271,7 +271,8 @@ def test_op_bad_labels_counter(monkeypatch):
         ops.softmax_cross_entropy(EMU, l, bad, bad_labels=np.zeros(1, np.int32))
     check = softmax_mod._check_inputs
     monkeypatch.setattr(softmax_mod, "_check_inputs",  # as on cuda: shapes and dtypes checked, values not
-                        lambda dev, name, logits, labels: check(dev, name, logits, np.zeros_like(labels)))
+                        lambda dev, name, logits, labels, stream: check(dev, name, logits, np.zeros_like(labels),
+                                                                        stream))
     counter = np.array([1], np.int32)
     loss, _, _ = ops.softmax_cross_entropy(EMU, l, bad, bad_labels=counter)
     assert counter[0] == 1 + n_bad and np.isnan(to_host(loss))

@@ -134,6 +134,12 @@ class Device:
     def synchronize(self) -> None:
         self.backend.synchronize(self.index)
 
+    def runs_at_issue(self, stream=None) -> bool:
+        """Whether an op issued now on ``stream`` (None: the current one) runs at once on the host, so its inputs'
+        values may be read there for a check (False on a GPU and on an emulated stream, where queued work may still be
+        writing them)."""
+        return self.backend.runs_at_issue(self.index, stream)
+
     def free_memory(self) -> tuple:
         """(where this device's arrays live: "host memory", "GPU 1"; the bytes free there now, or None if unknown)."""
         return self.backend.free_memory(self.index)

@@ -99,6 +99,9 @@ class HostBackend(Backend):
         finally:
             current[index] = before
 
+    def runs_at_issue(self, index, stream):
+        return self._resolve(index, stream) is None
+
     def submit(self, index, stream, fn):
         s = self._resolve(index, stream)
         if s is None:

@@ -94,6 +94,11 @@ class Backend:
     def synchronize(self, index: int) -> None:
         pass
 
+    def runs_at_issue(self, index: int, stream) -> bool:
+        """Whether work issued now on ``stream`` (None: the current one) runs at once on the host, so that the host
+        may read its inputs' values without a synchronisation (on a stream, queued work may still be writing them)."""
+        return self.synchronous
+
     def free_memory(self, index: int) -> tuple[str, int | None]:
         """(the memory device ``index``'s arrays come from, bytes free there now or None when unknown): devices
         naming the same memory share it (``convnet.memory``)."""

@@ -43,10 +43,12 @@ def _check_logits(dev, name, logits):
     return K, N
 
 
-def _check_inputs(dev, name, logits, labels):
+def _check_inputs(dev, name, logits, labels, stream):
     K, N = _check_logits(dev, name, logits)
     check_array("labels", labels, dev, shape=(N,), dtypes=(np.int32,))
-    if isinstance(labels, np.ndarray):  # host memory: checking costs nothing (on a GPU it would cost a sync)
+    # values checked where they are final and in host memory (on a GPU or an emulated stream a copy may still be
+    # writing them, and a check would cost a sync): elsewhere the kernels count bad labels (``bad_labels``)
+    if isinstance(labels, np.ndarray) and dev.runs_at_issue(stream):
         if labels.size and (labels.min() < 0 or labels.max() >= K):
             bad = int(labels[(labels < 0) | (labels >= K)][0])
             raise ValueError(f"labels must be in [0, {K}) (the number of classes), found {bad}")
@@ -70,7 +72,7 @@ def softmax_cross_entropy(device, logits, labels, *, bad_labels=None, stream=Non
     it stays untouched.)
     """
     dev = as_device(device)
-    K, N = _check_inputs(dev, "logits", logits, labels)
+    K, N = _check_inputs(dev, "logits", logits, labels, stream)
     dtype = logits.dtype
     if bad_labels is not None:
         check_array("bad_labels", bad_labels, dev, shape=(1,), dtypes=(np.int32,), writeable=True)
@@ -100,7 +102,7 @@ def topk_errors(device, logits_or_probs, labels, ks=(1, 5), *, stream=None):
     """Number of images whose label is not among the top k scores, for each k in ks (a tuple of ints)."""
     dev = as_device(device)
     ks = _ks(ks)
-    K, N = _check_inputs(dev, "logits_or_probs", logits_or_probs, labels)
+    K, N = _check_inputs(dev, "logits_or_probs", logits_or_probs, labels, stream)
     scores = logits_or_probs  # an image with a NaN or infinite score is an error for every k (reference and kernel)
     counts = produce(
         dev, Output("counts", None, (len(ks),), np.dtype(np.int32)), stream=stream,
