@@ -60,7 +60,7 @@ FAKE_GPU_RUNS = {
 def test_benchmark_cuda_path_on_a_fake_gpu(run, tmp_path, monkeypatch, capsys):
     """Each benchmark's cuda branch (CUDA events, graph capture, device properties, the SGEMM ceiling, cuDNN's
     absence handled) runs end to end on the CPU with tests/helpers.FakeCupy and the emulator's kernels: a Python error
-    there would otherwise cost a stage of a scarce GPU run. The numbers are meaningless (the fake's graphs replay
+    there would otherwise first show on a GPU, and stop its benchmark run. The numbers are meaningless (the fake's graphs replay
     nothing); only that it runs, and what it prints, is checked."""
     from helpers import FakeCupy
 
@@ -229,7 +229,7 @@ def test_train_bench_twin_unknown_layer_type_is_an_error():
 
 @pytest.mark.parametrize("model", ["alexnet", "fmnist", "cifar-18pct"])
 def test_train_bench_twin_is_the_same_model(model):
-    """Where PyTorch is installed (a GPU machine; not a test dependency): every layer of the twin, run by PyTorch on
+    """Where PyTorch is installed (typically a GPU machine; not a test dependency): every layer of the twin, run by PyTorch on
     the CPU, matches our layer on the numpy device."""
     torch = pytest.importorskip("torch")
     bench = load_benchmark("train_bench")

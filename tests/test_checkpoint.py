@@ -129,7 +129,7 @@ def test_resume_mid_epoch_with_the_linear_schedule_is_bit_exact(tiny, tmp_path):
     _assert_same(ckpt.load(out), ckpt.load(ref))
 
 
-# ------------------------------------------------------------------------------------------------ issue 13
+# ---------------------------------------------------------------------------- bad, corrupt and interrupted checkpoints
 def _meta_of(st):
     return {k: st["meta"][k] for k in ("epoch", "batch", "step")}
 
@@ -174,7 +174,7 @@ def one_epoch(tiny, tmp_path):
 
 
 def test_corrupt_checkpoints_are_checkpoint_errors(one_epoch, tmp_path):
-    """Item 9: truncated, empty and bit-flipped files: a CheckpointError naming the file (or, for a flip in a part of
+    """Truncated, empty and bit-flipped files: a CheckpointError naming the file (or, for a flip in a part of
     the zip nobody reads, a clean load), never BadZipFile/EOFError/KeyError/zlib tracebacks."""
     data = (one_epoch / "checkpoint.npz").read_bytes()
     p = tmp_path / "c.npz"
@@ -206,7 +206,7 @@ def test_corrupt_checkpoints_are_checkpoint_errors(one_epoch, tmp_path):
 
 
 def test_incomplete_or_mismatched_checkpoints_are_one_line_errors(one_epoch, tmp_path, capsys):
-    """Item 9: a checkpoint without a part a resume needs, or whose parameters do not fit its model."""
+    """A checkpoint without a part a resume needs, or whose parameters do not fit its model."""
     st = ckpt.load(one_epoch)
 
     def write(name, params=None, velocity=None, drop=(), **meta_changes):
@@ -280,7 +280,7 @@ def test_hand_edited_checkpoints_are_refused(tiny, tmp_path, capsys):
 
 
 def test_batch_size_change_mid_epoch_is_refused(tiny, tmp_path, capsys):
-    """Item 6: the saved position is a batch index; another --batch-size in the middle of an epoch would skip or
+    """The saved position is a batch index; another --batch-size in the middle of an epoch would skip or
     repeat images, so it is refused. At an epoch boundary it is fine."""
     out = tmp_path / "mid"
     run(_args(tiny, out, "--max-steps", "4"), log=lambda s: None)
@@ -296,7 +296,7 @@ def test_batch_size_change_mid_epoch_is_refused(tiny, tmp_path, capsys):
 
 
 def test_stale_temporaries_are_removed_and_log_agrees_with_checkpoint(one_epoch, capsys):
-    """Item 8: kill -9 during a checkpoint write leaves checkpoint.npz.*.tmp; the next start removes it. A kill
+    """kill -9 during a checkpoint write leaves checkpoint.npz.*.tmp; the next start removes it. A kill
     between an epoch's checkpoint and its log line (or, in the old order, after the log line and before the
     checkpoint) never duplicates nor loses an epoch in log.jsonl."""
     out = one_epoch
@@ -318,7 +318,7 @@ def test_stale_temporaries_are_removed_and_log_agrees_with_checkpoint(one_epoch,
 
 
 def test_second_ctrl_c_aborts_at_once(tiny, tmp_path, monkeypatch, capsys):
-    """Item 11: the first Ctrl-C stops after the step; a second one while the loader thread is being joined aborts
+    """The first Ctrl-C stops after the step; a second one while the loader thread is being joined aborts
     at once (exit 130, no checkpoint), instead of being swallowed in the loader generator's clean-up."""
     import threading
     import time

@@ -1,4 +1,4 @@
-"""The command line's user errors (issue 13, item 10): each is one line on stderr and a non-zero exit status (2 for a
+"""The command line's user errors: each is one line on stderr and a non-zero exit status (2 for a
 user error, 1 for a diverged run), never a traceback; ``--debug`` shows the traceback. Most cases run the command
 in-process (``convnet.train.main(argv)``); a few run ``python -m convnet.train`` as a real subprocess."""
 import os
@@ -189,7 +189,7 @@ def test_bad_model_file_values_are_one_line_errors(tmp_path, capsys, old, new, n
 
 
 def test_an_existing_run_is_never_replaced_silently(micro, tmp_path, capsys):
-    """Item 4: a second run into the same --out is refused (saying --resume / --overwrite); --overwrite replaces it."""
+    """A second run into the same --out is refused (saying --resume / --overwrite); --overwrite replaces it."""
     out = tmp_path / "run"
     assert main(_argv(micro, out)) == 0
     first = ckpt.load(out)

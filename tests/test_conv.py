@@ -5,7 +5,7 @@ Tolerances (float32 kernels vs the float64 reference, inputs uniform in [-1, 1))
       |got - want| <= K * u * (|A| |B|)   with u = 2**-24 and (|A| |B|) the same convolution of absolute values,
   which any correct summation order satisfies (with FMA or without) and any wrong or missing term violates
   (a missing term of size ~0.1 is far above K * u * sum|terms| ~ 1e-4 * 0.25 for K = 3200);
-- normwise, max|got - want| <= 1e-5 * max(|A| |B|): the "about 1e-5 relative" of the issue, relative to the
+- normwise, max|got - want| <= 1e-5 * max(|A| |B|): the "about 1e-5 relative" accuracy target, relative to the
   magnitude of the summed terms (relative to max|want| it would be meaningless for sums that cancel, e.g. a
   bias gradient of three numbers). Rounding errors of a K-term float32 sum grow like sqrt(K) * u * |partial
   sums| in practice: about 1e-6 of max(|A| |B|) for K <= 3200.

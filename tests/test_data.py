@@ -192,7 +192,7 @@ def test_pad_crop_flip_is_a_window_of_the_padded_mean_subtracted_image():
     assert len(shifts) > 5 and 3 < flips < 21
 
 
-# ------------------------------------------------------------------------------------------------ issue 13
+# -------------------------------------------------------------------------------------------- corrupt data files
 def _idx_bytes(a, code=0x08, dims=None):
     a = np.asarray(a)
     dims = a.shape if dims is None else dims
@@ -200,7 +200,7 @@ def _idx_bytes(a, code=0x08, dims=None):
 
 
 def test_corrupt_and_mistyped_idx_files_are_one_line_data_errors(tmp_path):
-    """Item 9: corrupt gz streams, truncated headers and bodies, trailing bytes and the wrong element type (int16
+    """Corrupt gz streams, truncated headers and bodies, trailing bytes and the wrong element type (int16
     pixels, float labels) are DataErrors naming the file (they were zlib / NumPy buffer errors, or silently
     accepted)."""
     make_fashion_dir(tmp_path)
@@ -244,7 +244,7 @@ def test_corrupt_and_mistyped_idx_files_are_one_line_data_errors(tmp_path):
 
 
 def test_cifar_batch_with_the_wrong_element_type_is_refused(tmp_path):
-    """Item 9's relative: float pixels or float labels in a CIFAR batch were cast silently."""
+    """Float pixels or float labels in a CIFAR batch are refused, never cast silently."""
     import pickle
     d = tmp_path / "c"
     d.mkdir()

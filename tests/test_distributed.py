@@ -592,7 +592,7 @@ def test_the_nccl_path_with_two_ranks_averages_the_gradients_of_the_whole_batch(
 
 @needs_mpi
 def test_scaling_bench_runs_one_and_two_ranks(tmp_path):
-    """benchmarks/scaling_bench.py (the issue's measurement) on numpy with 1 and 2 ranks: a row per rank count with
+    """benchmarks/scaling_bench.py (the data-parallel scaling measurement) on numpy with 1 and 2 ranks: a row per rank count with
     its images/s and, for 2 ranks, the reductions' time; written to --out."""
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling_bench.py"
     out = tmp_path / "scaling.md"

@@ -94,7 +94,7 @@ def test_layer_shape_errors():
 
 
 def test_float_keys_must_be_finite_and_in_range():
-    """Issue 13, item 3: a NaN scale, std or multiplier used to build a net that trains at chance level forever."""
+    """A NaN scale, std or multiplier is refused (it would build a net that trains at chance level forever)."""
     from convnet.layers import FC, LRN, Data, LayerError, SoftmaxCost
     nan, inf = float("nan"), float("inf")
     for make, match in (

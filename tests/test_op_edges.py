@@ -1,4 +1,4 @@
-"""Edges of the op API (issue 13, items 1, 2 and 12), on numpy and emu alike (and cuda when a GPU works, where the
+"""Edges of the op API, on numpy and emu alike (and cuda when a GPU works, where the
 rule applies):
 
 * a read-only ``out`` (``np.frombuffer(bytes)``, a read-only memmap) is a ValueError from every op that writes one,
@@ -62,7 +62,7 @@ OUT_OPS = {
 @pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("op", list(OUT_OPS))
 def test_read_only_out_is_rejected(dev, op):
-    """Item 1: every op that takes ``out`` refuses a read-only one (emu segfaulted on a read-only memmap and wrote
+    """Every op that takes ``out`` refuses a read-only one (emu segfaulted on a read-only memmap and wrote
     into immutable bytes)."""
     shape, call = OUT_OPS[op]
     a = _inputs(dev, np.random.default_rng(0))
@@ -89,7 +89,7 @@ class _Recording(dict):
 @pytest.mark.parametrize("kind", ["numpy", "cpu", "emu"])
 @pytest.mark.parametrize("op", list(OUT_OPS))
 def test_every_op_rejects_each_array_of_another_virtual_device(kind, op):
-    """Issue 11, section 4: on kind:1 every array argument and ``out`` of kind:0 is a TypeError naming both devices,
+    """On kind:1 every array argument and ``out`` of kind:0 is a TypeError naming both devices,
     and the other way round (a copy between virtual devices left out fails); with its own arrays the call works."""
     shape, call = OUT_OPS[op]
     for dev, other in ((Device(kind, 1), Device(kind, 0)), (Device(kind, 0), Device(kind, 1))):
@@ -168,7 +168,7 @@ OVERLAP_OPS = {
 @pytest.mark.parametrize("op", list(OVERLAP_OPS))
 @pytest.mark.parametrize("shift", [0, 1, -3])
 def test_out_overlapping_an_input_is_rejected_on_every_device(dev, op, shift):
-    """Item 12: one overlap rule on numpy and emu (numpy used to let conv's ``out`` alias its input)."""
+    """One overlap rule on numpy and emu (numpy used to let conv's ``out`` alias its input)."""
     shape, call = OVERLAP_OPS[op]
     x, out = _overlapping(dev, shape, shift)
     before = to_host(x).copy()
@@ -193,7 +193,7 @@ BIG = 2**31
 
 @pytest.mark.parametrize("dev", DEVICES)
 def test_integers_beyond_32_bits_are_named_value_errors(dev):
-    """Item 12: stride, padding, window and LRN size >= 2**31 are a ValueError naming the argument (emu used to raise
+    """Stride, padding, window and LRN size >= 2**31 are a ValueError naming the argument (emu used to raise
     pybind11's cast error; numpy accepted some of them)."""
     x = dev.asarray(np.zeros((4, 4, 4, 2), np.float32))
     w = dev.asarray(np.zeros((4, 1, 1, 4), np.float32))
@@ -222,7 +222,7 @@ def test_integers_beyond_32_bits_are_named_value_errors(dev):
 
 @pytest.mark.parametrize("dev", DEVICES)
 def test_softmax_checks_the_2_31_limit_before_allocating(dev, monkeypatch):
-    """Item 12: (classes, N) with classes * N >= 2**31 is refused before any output is allocated. The logits are a
+    """(classes, N) with classes * N >= 2**31 is refused before any output is allocated. The logits are a
     stride trick (a tiny buffer that claims 2**31 elements): nothing may read them."""
     logits = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=(4, 2**29), strides=(4 * 2**29, 4),
                                              writeable=False)
@@ -255,7 +255,7 @@ def test_dropout_mask_takes_integer_shapes_only(dev):
 
 @pytest.mark.parametrize("dev", DEVICES)
 def test_non_finite_scores_are_top_k_errors(dev):
-    """Item 2: all-NaN logits used to give zero errors on numpy and emu."""
+    """All-NaN logits count as errors on every device (they once gave zero errors on numpy and emu)."""
     rng = np.random.default_rng(3)
     s = rand(rng, (10, 6))
     labels = np.array([0, 1, 2, 3, 4, 5], np.int32)
@@ -273,7 +273,7 @@ def test_non_finite_scores_are_top_k_errors(dev):
 
 
 def test_emulator_controls_reject_bad_values():
-    """Item 12: NaN or negative watchdog times were accepted (and passed to C++)."""
+    """NaN or negative watchdog times are refused before they reach C++."""
     for bad in (float("nan"), -1.0, float("inf"), "5", None):
         with pytest.raises(ValueError, match="watchdog time"):
             emu.set_watchdog(bad)

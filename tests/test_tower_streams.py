@@ -1,4 +1,4 @@
-"""The towers' streams (issue 11, sections 3 and 4).
+"""The towers' streams.
 
 * emu's emulated streams run their work on worker threads, asynchronously to the host, ordered by events -- so that
   a missing event wait between two towers is a wrong result here, in CI, and not a bug only a GPU would show: a test

@@ -226,7 +226,7 @@ def test_flags_and_train_keys_come_from_the_config_fields(tiny):
     assert parse_args([]).flip is None and parse_args(["--flip"]).flip is True
 
 
-# ------------------------------------------------------------------------------------------------ issue 13
+# ------------------------------------------------------------------------------------ divergence, dtypes, bad data
 def _poison_at(monkeypatch, step, value):
     """From SGD step ``step`` on (1-based), every parameter is set to ``value`` after the update: a divergence
     that the training loss of the steps before cannot see."""
@@ -246,7 +246,7 @@ def _poison_at(monkeypatch, step, value):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_nan_parameters_after_the_last_step_stop_the_run_and_are_never_checkpointed(tiny, tmp_path, monkeypatch,
                                                                                    capsys):
-    """Item 2: the last update of epoch 2 makes the weights NaN. The run stops with the divergence message (it used
+    """The last update of epoch 2 makes the weights NaN. The run stops with the divergence message (it used
     to report 100% accuracy and checkpoint the NaN weights); the checkpoint of epoch 1 stays, the last good one."""
     from convnet import checkpoint as ckpt
     out = tmp_path / "run"
@@ -262,7 +262,7 @@ def test_nan_parameters_after_the_last_step_stop_the_run_and_are_never_checkpoin
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_non_finite_test_loss_stops_the_run(tiny, tmp_path, monkeypatch, capsys):
-    """Item 2: finite but huge weights after the last step of epoch 1: the test loss is not finite -> divergence,
+    """Finite but huge weights after the last step of epoch 1: the test loss is not finite -> divergence,
     no checkpoint (it used to save and report the NaN test loss with 100% accuracy)."""
     out = tmp_path / "run"
     _poison_at(monkeypatch, 128 // 16, 1e30)
@@ -273,7 +273,7 @@ def test_non_finite_test_loss_stops_the_run(tiny, tmp_path, monkeypatch, capsys)
 
 
 def test_nan_scores_are_top_k_errors_in_evaluation(tiny, tmp_path, monkeypatch):
-    """Item 2: evaluation counts an image whose scores are NaN as wrong (top-k used to count all-NaN as right)."""
+    """Evaluation counts an image whose scores are NaN as wrong (top-k used to count all-NaN as right)."""
     from convnet.trainer import Trainer
     from convnet.train import make_config, parse_args
     cfg = make_config(parse_args(_args(tiny, tmp_path / "e", "--device", "numpy")))
@@ -352,7 +352,7 @@ def test_float64_resume_of_a_float32_checkpoint_on_numpy(tiny, tmp_path):
 
 
 def test_empty_test_split_is_refused_before_training(tmp_path, capsys):
-    """Item 5: a dataset without test images stops before the first step (it used to train an epoch and then die
+    """A dataset without test images stops before the first step (it used to train an epoch and then die
     with ZeroDivisionError)."""
     from test_data import make_fashion_dir
     (tmp_path / "fm").mkdir()

@@ -1,4 +1,4 @@
-"""The paper's two-GPU split (issue 11): the ``alexnet-2gpu`` model (two towers, ``device = 0|1``), the tower ->
+"""The paper's two-GPU split: the ``alexnet-2gpu`` model (two towers, ``device = 0|1``), the tower ->
 device mapping (``devices`` / ``--devices``), the copy op between devices (host devices here; the cuda logic on a fake
 CUDA runtime), the bytes exchanged per step checked against a count by hand, a missing copy between two virtual
 devices caught by the device checks, and the equivalence of the two forms: the same training (dropout masks

@@ -1,4 +1,4 @@
-"""Virtual devices of the host (issue 11, section 4): ``numpy:1``, ``cpu:1``, ``emu:1`` stand for a second GPU, and
+"""Virtual devices of the host: ``numpy:1``, ``cpu:1``, ``emu:1`` stand for a second GPU, and
 their arrays are tagged with their device, so an op rejects an array of another device (a missing copy fails)
 while index 0 keeps accepting every untagged NumPy array (single-device code is unchanged). Every op's rejection
 is in tests/test_op_edges.py; a copy left out of the two-tower graph in tests/test_two_towers.py."""

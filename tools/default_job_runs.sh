@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's default-job numbers, reproduced: a fresh virtual environment with convnet installed from this
+# The default job's numbers (docs/results.md), reproduced: a fresh virtual environment with convnet installed from this
 # checkout (one wheel, built once), then the main command `python -m convnet.train` once per seed, each run alone on
 # the machine, timed wall-clock from the command's start to its exit (data loading and evaluation included).
 #
@@ -17,7 +17,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$out"
 
-echo "== building one wheel of $repo (CONVNET_CUDA=OFF: the CPU machine's build)"
+echo "== building one wheel of $repo (CONVNET_CUDA=OFF: the main job on the CPU)"
 CONVNET_CUDA=OFF python3 -m pip wheel -q --no-deps -w "$work/wheel" "$repo"
 python3 -m venv "$work/venv"
 "$work/venv/bin/pip" install -q "$work"/wheel/*.whl

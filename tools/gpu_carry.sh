@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# What the GPU machine lacks for tools/gpu_check.sh's `extra` stage, gathered here (on the CPU machine, which has the
-# network and the dataset) into .gpu_carry/ (git-ignored), for the device tool's `carry: [".gpu_carry"]`:
-#   fashion-mnist/  the four IDX files (30 MB) for one epoch of training (the image has no /usr/share/datasets)
-#   wheels/         MPICH and mpi4py for the image's Python (3.12, x86-64; 15 MB) for scaling_bench's mpirun
-#                   (the image has mpi4py but no MPI library known to work with it)
-# About 45 MB in all: with the tracked tree (about 15 MB) inside the tool's 64 MiB.
+# Prepares an offline GPU machine: gathers what tools/gpu_check.sh needs beyond the checkout into .gpu_carry/
+# (git-ignored), on a machine with network access and the dataset:
+#   fashion-mnist/  the four IDX files (30 MB), for one epoch of training
+#   wheels/         MPICH and mpi4py for the GPU machine's Python (3.12 unless GPU_PYTHON_VERSION says otherwise,
+#                   x86-64; 15 MB), for the data-parallel benchmark under mpirun
+# About 45 MB in all. Copy the checkout with .gpu_carry/ to the GPU machine and run tools/gpu_check.sh there.
 #
-#   bash tools/gpu_carry.sh            # then run(command="OUT=... bash tools/gpu_check.sh quick", carry=[".gpu_carry"])
+#   bash tools/gpu_carry.sh            # FMNIST_DIR=... where Fashion-MNIST is not in /usr/share/datasets
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=.gpu_carry

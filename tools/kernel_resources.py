@@ -1,6 +1,6 @@
 """Registers, shared memory, spills and theoretical occupancy of every kernel instance the cuda build compiles, from
 the compiler alone (``nvcc --resource-usage``; no GPU). It is the first thing to read when a kernel is slower than
-expected, and it costs no device time: whether a tile spills, how many blocks fit on an SM and which resource stops
+expected, and it needs no GPU: whether a tile spills, how many blocks fit on an SM and which resource stops
 the next one.
 
     python tools/kernel_resources.py                 # sm_90 (H100/H200), a markdown table on stdout

@@ -1,35 +1,4 @@
-"""The layer graph: a DAG of layers in definition (topological) order.
-
-* A layer may take several inputs; they are joined along the first axis (channels for images of the same
-  size — the two-tower join — else flattened features), and the gradient is split back.
-* An output used by several layers receives the sum of their gradients.
-* Every layer has a placement: a *tower* (``device = 0|1`` in a model file: an index into the net's ``devices``, the
-  devices of the run, e.g. ``--devices cuda:0,cuda:1``; by default every tower is on the net's one device) or an
-  explicit device (``device = cuda:1``); a layer that says nothing is on tower 0. When a producer and a consumer are
-  placed differently (another device, or another tower even on the same device) the graph copies the activation
-  (forward, once per consumer placement) and each gradient (backward) with the op :func:`convnet.ops.copy`; the
-  gradients of an output read on several placements are summed on the producer's device. Which layers exchange
-  is the model file's choice (the inputs of its layers); nothing here knows about towers. The bytes copied between
-  each pair of placements during the last step are counted (``net.exchange``; ``net.exchange_plan()`` is the same
-  from the shapes alone).
-* Concurrency: when a net has more than one placement, each placement has a stream of its own device
-  (``net.stream_of(layer)``; two towers on one GPU get two). A layer's forward and backward, its input join and the
-  sums of its output's gradients are issued on its placement's stream; a copy runs on the consumer's stream after
-  an event recorded on the producer's (``ops.copy``); each pass starts by making every stream wait for the current
-  stream (which waited for the batch: ``fork``) and ends by making the current stream wait for every stream
-  (``join``). Nothing here waits on the host, so on a GPU the loop issues both towers' work and runs ahead; on emu
-  the streams are emulated (worker threads), so a missing wait gives a wrong result in a test. One placement: on a
-  GPU a stream of its own (never the legacy null stream, whose implicit barriers would serialise it with the loader
-  and the gradient all-reduce); on a host device no streams, everything on the current stream. Where two placements
-  share memory without a copy (a layer given a device by name, read by a tower on that device), the reader's stream
-  waits for the producer's, and in backward the stream whose pool holds a gradient waits for its reader's before it
-  can reuse that memory.
-* Random numbers (dropout masks) are keyed on the net's seed, the step and each layer's ``random_stream`` (its name,
-  or a dropout layer's ``maskOf``), never on its position, so the two forms of a net draw the same masks: tower b's
-  ``drop6b`` (``maskOf = drop6``, ``maskStart = 2048``) draws units 2048-4095 of the one-device ``drop6``'s mask; and
-  on the whole batch's element index, so a data-parallel rank (``forward(..., batch=(B, first))``) draws its images'
-  part of the single-process masks.
-"""
+"""The layer graph (a DAG of layers in definition order): docs/architecture.md, "Towers" and "Streams and events"."""
 from __future__ import annotations
 
 import numbers

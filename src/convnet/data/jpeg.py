@@ -5,7 +5,7 @@
   4-byte pixels its crop and mirror copies move whole pixels as uint32 (a mirrored copy of 3-byte pixels costs
   about 4x more in NumPy), and both engines produce this layout at no extra cost.
 
-Engines (measured on 256x256 quality-95 shards, one core of a 2-vCPU AMD EPYC; README "ImageNet"):
+Engines (measured on 256x256 quality-95 shards, one core of a 2-vCPU AMD EPYC; docs/results.md):
 
 * ``simplejpeg``: libjpeg-turbo's TurboJPEG API in a wheel (``pip install convnet[fastjpeg]``); about 300 us an
   image, decoded straight from the shard's memory map;
