@@ -8,7 +8,7 @@ the achieved GB/s, that as a percentage of the card's device-to-device copy band
 and cuDNN's time for the same op on the same card (legacy cudnnPoolingForward/Backward and
 cudnnLRNCrossChannelForward/Backward through ctypes: CuPy 14 dropped its cuDNN bindings and torch does not use
 cuDNN for pooling or LRN).  cuDNN runs twice: on its preferred NCHW layout, and on our CHWN memory described by
-strides.  Targets (the issue's): >= 70% of copy bandwidth and faster than cuDNN.
+strides.  Targets: >= 70% of copy bandwidth and faster than cuDNN.
 
 Timing -- the same for ours, both cuDNN layouts and the copy ceiling (common.bench_ms): one warm-up call, then 20
 back-to-back calls captured in one CUDA graph on the same non-default stream (cuDNN's handle is bound to it), the
@@ -249,7 +249,7 @@ def main(argv=None):
     else:
         N = args.batch or 4
         print(f"*** {dev}: SMOKE RUN ONLY. The emulator/NumPy times below are NOT speed figures; channels are "
-              f"divided by 16 and the batch is {N} to keep it short. GPU measurement is owed. ***")
+              f"divided by 16 and the batch is {N} to keep it short; run it on a GPU for speed. ***")
         for name, op, (C, H, W), p in cases:
             bench_case(dev, name, op, (max(1, C // 16), H, W), p, N, None, None, rows, check=False)
     columns = ["case", "op", "variant", "shape", "ms", "MB", "GBps", "pct_copy", "cudnn_nchw_ms", "cudnn_chwn_ms",

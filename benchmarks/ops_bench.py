@@ -56,7 +56,7 @@ KEEP = 0.5
 LRN_GROUPS = 2
 F32 = 4  # bytes
 # Functions of convnet.ops that are not in the table: shape helpers, the dropout mask (a debugging view; the
-# dropout ops regenerate it), the copy between devices (timed with the two-tower net, issue 11), the layer
+# dropout ops regenerate it), the copy between devices (timed with the two-tower net: train_bench --towers), the layer
 # graph's array-module ops (joins, gradient sums, the cost's scaling) and the optimizer's update (memory-bound
 # passes, timed within a training step: train_bench). Every other op has rows (tests/test_benchmarks.py checks it).
 NOT_TIMED = frozenset({"conv_output_shape", "pool_output_shape", "dropout_mask", "copy", "concat", "add", "scale",

@@ -12,7 +12,7 @@
 
 template <class F>
 static void run(const char* name, F f, int reps) {
-  // Best wall time, and the CPU time of that repetition (the dev box is shared: CPU time is the steadier number).
+  // Best wall time, and the CPU time of that repetition (on a shared machine CPU time is the steadier number).
   double best = 1e9, best_cpu = 0;
   for (int r = 0; r < reps; ++r) {
     timespec c0, c1;
