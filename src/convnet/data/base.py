@@ -15,6 +15,15 @@ class DataError(RuntimeError):
     """Missing or malformed data; the message says what is wrong and how to get the data."""
 
 
+def process_context():
+    """The multiprocessing context of every process started for data (the loaders' workers, prepare's pool):
+    forkserver, else spawn; never fork. A fork copies a process whose other threads (the loader thread, tqdm's
+    monitor, queue feeders, BLAS pools) may hold a lock at that instant, held forever in the child, which then
+    hangs. The forkserver is a single-threaded interpreter started once; it forks the workers."""
+    import multiprocessing as mp
+    return mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+
+
 @dataclass
 class Dataset:
     """Images ``(N, H, W, C)`` uint8 (an array, or an array-like that decodes on indexing) + int32 labels."""

@@ -2,9 +2,11 @@
 
 A :class:`Pool` belongs to one loader and lives across epochs (started by its first epoch; no process start per
 epoch): ``slots`` shared-memory blocks (:mod:`multiprocessing.shared_memory`), each one batch in the layout
-contract ``(C, H, W, N)``, and ``workers`` processes (forked; spawned where there is no fork) holding a copy of the
-loader. An epoch hands out batch jobs ``(generation, seq, epoch, batch, view, slot)`` (batch ``b``'s jobs always to
-worker ``b % workers``, so the ten test views of a batch are decoded once). A worker writes the batch straight into
+contract ``(C, H, W, N)``, and ``workers`` processes holding a copy of the loader (pickled; started by a forkserver,
+spawned where there is none, never forked from this threaded process: :func:`.base.process_context`; so a script
+that uses workers runs its main code under ``if __name__ == "__main__":``). An epoch hands out batch jobs
+``(generation, seq, epoch, batch, view, slot)`` (batch ``b``'s jobs always to worker ``b % workers``, so the ten
+test views of a batch are decoded once). A worker writes the batch straight into
 its slot (:meth:`.loader.PreparedLoader.host_batch`, the in-thread loader's code) and reports
 ``(generation, seq, slot, labels)``. The parent yields batches in sequence order, copying each out of its slot onto
 the device (CUDA: through pinned memory, an asynchronous copy on a stream of its own), then gives the slot back; so
@@ -31,7 +33,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from .base import DataError
+from .base import DataError, process_context
 
 POLL_S = 0.2  # how often a waiting side checks that the other is alive
 
@@ -45,9 +47,10 @@ def default_workers():
     return max(1, n - 1)
 
 
-def _worker(loader, tasks, results, names, parent):
+def _worker(loader, tasks, results, names):
     """A worker process: jobs from ``tasks`` until a None (or the parent's death); batches into the blocks."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = mp.parent_process()  # the loader's process (the forkserver is the OS parent)
     blocks = {}
     orders = {}
     shape = (3, *loader.out_hw)
@@ -56,7 +59,7 @@ def _worker(loader, tasks, results, names, parent):
             try:
                 job = tasks.get(timeout=POLL_S)
             except queue.Empty:
-                if os.getppid() != parent:
+                if not parent.is_alive():
                     return
                 continue
             if job is None:
@@ -154,9 +157,7 @@ class Pool:
         nslots = max(1, int(loader.prefetch)) + nw
         oh, ow = loader.out_hw
         nbytes = 3 * oh * ow * loader.batch_size * loader.dtype.itemsize
-        # fork where there is one (Linux, as PyTorch's DataLoader): starts in milliseconds and needs no
-        # ``if __name__ == "__main__"`` guard in the user's script; the workers touch neither CUDA nor BLAS
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        ctx = process_context()
         token = f"convnet-{os.getpid()}-{secrets.token_hex(4)}"
         self.procs, self.tasks, self.blocks, self._results = [], [], [], []
         self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.tasks, self._results, self.blocks)
@@ -170,7 +171,7 @@ class Pool:
             names = [b.name for b in self.blocks]
             for w in range(nw):
                 self.tasks.append(ctx.Queue())
-                p = ctx.Process(target=_worker, args=(state, self.tasks[w], self._results[0], names, os.getpid()),
+                p = ctx.Process(target=_worker, args=(state, self.tasks[w], self._results[0], names),
                                 name=f"convnet-data-{w}", daemon=True)
                 p.start()
                 self.procs.append(p)
@@ -197,7 +198,11 @@ class Pool:
                 dead = [p for p in self.procs if not p.is_alive()]
                 if dead:
                     self.close()
-                    raise DataError(f"data worker {dead[0].name} died (exit code {dead[0].exitcode})") from None
+                    p = dead[0]
+                    # a job's error comes back as a message: exit code 1 is an exception while the worker started
+                    hint = ("; it failed to start (its traceback is above): a script that uses data workers must run "
+                            "its main code under `if __name__ == \"__main__\":`") if p.exitcode == 1 else ""
+                    raise DataError(f"data worker {p.name} died (exit code {p.exitcode}){hint}") from None
 
     def batches(self, loader, epoch, start=0):
         """Batches ``start..`` of ``epoch`` (and their test views) on ``loader``'s device (module doc)."""
