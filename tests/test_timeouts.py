@@ -1,5 +1,6 @@
 """Every test has a time limit: a hung test ends the run within minutes, with every thread's stack, instead of
 eating CI's budget (pyproject.toml: pytest-timeout; tests/conftest.py: faulthandler behind it)."""
+import importlib.util
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ def start_helper():
 def _pytest(tmp_path, body, limit):
     """pytest with this suite's configuration (pyproject.toml, tests/conftest.py) and a ``limit`` s time limit on a
     test file of ``body``: (exit status, output, seconds)."""
+    assert importlib.util.find_spec("pytest_timeout"), "pytest-timeout is not installed: pip install '.[test]'"
     f = tmp_path / "test_stuck.py"
     f.write_text(HELPER + body)
     t = time.monotonic()
@@ -35,6 +37,7 @@ def _pytest(tmp_path, body, limit):
 
 
 def test_every_test_has_a_time_limit(request):
+    assert request.config.pluginmanager.hasplugin("timeout"), "pytest-timeout is not installed: pip install '.[test]'"
     assert 0 < float(request.config.getini("timeout")) <= 900
     assert request.config.getini("timeout_method") == "thread"
 
