@@ -573,8 +573,7 @@ if __name__ == "__main__":
 
 
 def test_workers_exit_when_their_process_is_killed(prepared, tmp_path):
-    """Started by the forkserver, the workers are not the loader process's children in the OS: they watch it
-    through multiprocessing's parent sentinel and stop within a poll when it dies without closing them."""
+    """Workers whose process dies without closing them (kill -9) notice within a poll and stop."""
     import time
     script = tmp_path / "killed.py"
     script.write_text(KILLED)
@@ -589,8 +588,8 @@ def test_workers_exit_when_their_process_is_killed(prepared, tmp_path):
 
 
 def test_a_script_without_a_main_guard_gets_a_clear_worker_error(prepared, tmp_path):
-    """Workers import the main script again (forkserver/spawn): one without ``if __name__ == "__main__":`` makes
-    them fail while starting; the loader says so in its error instead of a bare exit code."""
+    """Spawned workers import the main script again: one without ``if __name__ == "__main__":`` makes them fail
+    while starting; the loader's error says so instead of a bare exit code."""
     script = tmp_path / "unguarded.py"
     script.write_text(f"from convnet.data import load_dataset, PreparedLoader\n"
                       f"ds = load_dataset('imagenet', {str(prepared[0])!r})\n"

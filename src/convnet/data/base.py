@@ -16,12 +16,13 @@ class DataError(RuntimeError):
 
 
 def process_context():
-    """The multiprocessing context of every process started for data (the loaders' workers, prepare's pool):
-    forkserver, else spawn; never fork. A fork copies a process whose other threads (the loader thread, tqdm's
-    monitor, queue feeders, BLAS pools) may hold a lock at that instant, held forever in the child, which then
-    hangs. The forkserver is a single-threaded interpreter started once; it forks the workers."""
+    """The multiprocessing context of every process started for data (the loaders' workers, prepare's pool): spawn,
+    a fresh interpreter (fork + exec), never a fork of this process. A fork copies only the calling thread: a lock
+    that another thread (the loader thread, tqdm's monitor, a queue's feeder, a BLAS pool) holds at that instant
+    stays held in the child, which can hang on it. Not forkserver: recent Pythons import the main module into it
+    first, whose imports (NumPy's BLAS pool) can make it a threaded process too."""
     import multiprocessing as mp
-    return mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    return mp.get_context("spawn")
 
 
 @dataclass

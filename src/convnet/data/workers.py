@@ -2,11 +2,9 @@
 
 A :class:`Pool` belongs to one loader and lives across epochs (started by its first epoch; no process start per
 epoch): ``slots`` shared-memory blocks (:mod:`multiprocessing.shared_memory`), each one batch in the layout
-contract ``(C, H, W, N)``, and ``workers`` processes holding a copy of the loader (pickled; started by a forkserver,
-spawned where there is none, never forked from this threaded process: :func:`.base.process_context`; so a script
-that uses workers runs its main code under ``if __name__ == "__main__":``). An epoch hands out batch jobs
-``(generation, seq, epoch, batch, view, slot)`` (batch ``b``'s jobs always to worker ``b % workers``, so the ten
-test views of a batch are decoded once). A worker writes the batch straight into
+contract ``(C, H, W, N)``, and ``workers`` processes (spawned, never forked: below) holding a copy of the
+loader. An epoch hands out batch jobs ``(generation, seq, epoch, batch, view, slot)`` (batch ``b``'s jobs always to
+worker ``b % workers``, so the ten test views of a batch are decoded once). A worker writes the batch straight into
 its slot (:meth:`.loader.PreparedLoader.host_batch`, the in-thread loader's code) and reports
 ``(generation, seq, slot, labels)``. The parent yields batches in sequence order, copying each out of its slot onto
 the device (CUDA: through pinned memory, an asynchronous copy on a stream of its own), then gives the slot back; so
@@ -16,13 +14,16 @@ leaves jobs in flight: their slots come back when their (older generation's) res
 Every random choice is keyed on (seed, epoch, image index) (:func:`.augment.image_rng`), so a batch is the same
 bits for any number of workers, and for the in-thread loader.
 
+Start: the workers are spawned (:func:`.base.process_context`), never forked from this process, whose other threads
+could leave a lock held in a forked child forever; each gets the loader pickled and imports the main module again, so
+a script that uses workers runs its main code under ``if __name__ == "__main__":``.
+
 Shutdown (:meth:`Pool.close`: the loader's ``close``, a worker's error or death, garbage collection of the pool,
 the end of the program): a stop job to each worker, join, terminate what did not stop, unlink every block. Workers
 ignore SIGINT (the parent decides) and exit by themselves when the parent process is gone.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import queue
 import secrets
@@ -47,10 +48,9 @@ def default_workers():
     return max(1, n - 1)
 
 
-def _worker(loader, tasks, results, names):
+def _worker(loader, tasks, results, names, parent):
     """A worker process: jobs from ``tasks`` until a None (or the parent's death); batches into the blocks."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = mp.parent_process()  # the loader's process (the forkserver is the OS parent)
     blocks = {}
     orders = {}
     shape = (3, *loader.out_hw)
@@ -59,7 +59,7 @@ def _worker(loader, tasks, results, names):
             try:
                 job = tasks.get(timeout=POLL_S)
             except queue.Empty:
-                if not parent.is_alive():
+                if os.getppid() != parent:
                     return
                 continue
             if job is None:
@@ -171,7 +171,7 @@ class Pool:
             names = [b.name for b in self.blocks]
             for w in range(nw):
                 self.tasks.append(ctx.Queue())
-                p = ctx.Process(target=_worker, args=(state, self.tasks[w], self._results[0], names),
+                p = ctx.Process(target=_worker, args=(state, self.tasks[w], self._results[0], names, os.getpid()),
                                 name=f"convnet-data-{w}", daemon=True)
                 p.start()
                 self.procs.append(p)
