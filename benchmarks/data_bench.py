@@ -14,7 +14,8 @@ Rows (all on the same images, in one run):
 * ``loader, in-thread`` per decoder: :class:`convnet.data.PreparedLoader` with ``workers=0`` and no prefetch: the
   full path (read the memory-mapped shard, decode, crop, flip, lighting, mean, batch in layout) on one core;
 * ``loader, N workers`` per decoder: the same with N persistent decoding processes (batches written into shared
-  memory, copied out by the consumer), timed after a first epoch has started them.
+  memory, copied out by the consumer), timed after a first epoch has started them; ``first_batch_s``: that first
+  epoch's wait for its first batch (the workers' start, once per loader, and their first batch).
 
 Without ``--data`` it makes a synthetic prepared set first: ``--images`` smooth random 256x256 images, JPEG
 quality 95 like ``convnet.data.prepare``, in shards of 500, in a temporary folder. Results go to
@@ -114,10 +115,11 @@ def main(argv=None):
     decoders = [jpeg.resolve(d) for d in a.decoders.split(",")] if a.decoders else list(jpeg.available())
     rows = []
 
-    def row(path, decoder, processes, r):
+    def row(path, decoder, processes, r, first_batch_s=None):
         rows.append({"path": path, "decoder": decoder, "processes": processes, "images_per_s": r,
-                     "per_process": r / processes})
-        print(f"{path} [{decoder}], {processes} process{'es' if processes > 1 else ''}: {r:,.0f} images/s", flush=True)
+                     "per_process": r / processes, "first_batch_s": first_batch_s})
+        print(f"{path} [{decoder}], {processes} process{'es' if processes > 1 else ''}: {r:,.0f} images/s"
+              + ("" if first_batch_s is None else f" (first batch after {first_batch_s:.2f} s)"), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         if a.data:
@@ -147,17 +149,23 @@ def main(argv=None):
             for w in [0] + workers:
                 with PreparedLoader(imgs, imgs.labels, bs, train=True, out_hw=crop, mean=mean, eig=eig, lighting=0.1,
                                     flip=True, seed=0, prefetch=0 if w == 0 else 4, workers=w) as ld:
+                    first = None
                     if w:
-                        for _ in ld.epoch(0):  # starts the workers (kept for the timed epochs)
+                        t = time.perf_counter()
+                        it = ld.epoch(0)  # starts the workers (kept for the timed epochs)
+                        next(it)
+                        first = time.perf_counter() - t
+                        for _ in it:
                             pass
                     r = rate(lambda: [None for _ in ld.epoch(1)], per_epoch, a.min_seconds)
-                row("loader, in-thread" if w == 0 else f"loader, {w} worker{'s' if w > 1 else ''}", dec, max(1, w), r)
+                row("loader, in-thread" if w == 0 else f"loader, {w} worker{'s' if w > 1 else ''}", dec, max(1, w), r,
+                    first)
     machine = common.cpu_name()
     import PIL
     print(f"\n{n} images {images.hw[0]}x{images.hw[1]} ({jpeg_mb / n * 1000:.0f} kB JPEG each), crop {a.crop}, "
           f"batch {bs}; {machine}; Python {platform.python_version()}; "
           f"{'; '.join(jpeg.describe(d) for d in decoders)}\n")
-    columns = ["path", "decoder", "processes", "images_per_s", "per_process"]
+    columns = ["path", "decoder", "processes", "images_per_s", "per_process", "first_batch_s"]
     print(common.markdown_table(rows, columns))
     extra = {"images": n, "size": list(images.hw), "crop": a.crop, "batch": bs, "jpeg_kb": jpeg_mb / n * 1000,
              "decoders": {d: jpeg.describe(d) for d in decoders}, "pillow": PIL.__version__,

@@ -11,7 +11,11 @@ Markers (registered in pyproject.toml):
 
 ``--require-cuda`` (gpu_check.sh): the run fails unless at least one cuda test ran and no cuda test was skipped for a
 reason outside :data:`ALLOWED_CUDA_SKIPS`; ``--cuda-report FILE`` writes the counts as JSON.
+
+Hangs: pyproject.toml gives every test pytest-timeout's limit; :func:`pytest_timeout_set_timer` adds faulthandler's
+watchdog behind it.
 """
+import faulthandler
 import json
 import os
 import re
@@ -141,11 +145,17 @@ class CudaAccounting:
 
 
 _ACCOUNTING_KEY = pytest.StashKey[CudaAccounting]()
+_STDERR_KEY = pytest.StashKey[int]()
 _PROBLEMS_KEY = pytest.StashKey[list]()
 
 
 def pytest_configure(config):
     config.stash[_ACCOUNTING_KEY] = CudaAccounting()
+    config.stash[_STDERR_KEY] = os.dup(2)  # the terminal's: capturing is off while plugins configure
+
+
+def pytest_unconfigure(config):
+    os.close(config.stash[_STDERR_KEY])
 
 
 def pytest_collection_finish(session):
@@ -188,3 +198,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     problems = config.stash.get(_PROBLEMS_KEY, [])
     if problems:
         terminalreporter.write_line("--require-cuda FAILED: " + "; ".join(problems), red=True, bold=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- hangs
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_set_timer(item, settings):
+    """At a test's limit, pytest-timeout ("thread", pyproject.toml) prints its output and every thread's stack, then
+    ends the run. Its timer thread needs the GIL: a hang in compiled code that holds the GIL would outlive it.
+    faulthandler's watchdog needs none: a little later it writes every thread's stack and ends the run (exit 1)."""
+    from pytest_timeout import is_debugging
+    if settings.timeout and settings.timeout > 0 and not is_debugging():
+        faulthandler.dump_traceback_later(settings.timeout + min(settings.timeout, 60), exit=True,
+                                          file=item.config.stash[_STDERR_KEY])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_cancel_timer(item):
+    faulthandler.cancel_dump_traceback_later()

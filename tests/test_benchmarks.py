@@ -276,6 +276,8 @@ def test_data_bench_smoke(tmp_path, capsys):
                        "--decoders", "pillow", "--min-seconds", "0", "--json", str(out), "--no-write"]) == 0
     data = json.loads(out.read_text())
     assert [r["processes"] for r in data["rows"]] == [1, 1, 1, 1] and all(r["images_per_s"] > 0 for r in data["rows"])
+    assert [r["first_batch_s"] is None for r in data["rows"]] == [True, True, True, False]
+    assert 0 < data["rows"][-1]["first_batch_s"] < 60
     assert "| pillow+numpy baseline | pillow | 1 |" in capsys.readouterr().out
 
 

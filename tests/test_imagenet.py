@@ -503,13 +503,14 @@ def test_workers_shut_down_on_errors_and_early_close(prepared):
 CTRL_C = """
 import multiprocessing, os, sys, time
 from convnet.data import load_dataset, PreparedLoader
-ds = load_dataset("imagenet", sys.argv[1])
-ld = PreparedLoader(ds.train_x, ds.train_y, 2, train=True, out_hw=(24, 24), mean=ds.mean_image(),
-                    eig=(ds.eigvals, ds.eigvecs), lighting=0.1, flip=True, workers=2, prefetch=1)
-for k, batch in enumerate(ld.epoch(0)):
-    if k == 0:
-        print(os.getpid(), *[p.pid for p in multiprocessing.active_children()], flush=True)
-        time.sleep(60)  # Ctrl-C arrives here
+if __name__ == "__main__":
+    ds = load_dataset("imagenet", sys.argv[1])
+    ld = PreparedLoader(ds.train_x, ds.train_y, 2, train=True, out_hw=(24, 24), mean=ds.mean_image(),
+                        eig=(ds.eigvals, ds.eigvecs), lighting=0.1, flip=True, workers=2, prefetch=1)
+    for k, batch in enumerate(ld.epoch(0)):
+        if k == 0:
+            print(os.getpid(), *[p.pid for p in multiprocessing.active_children()], flush=True)
+            time.sleep(60)  # Ctrl-C arrives here
 """
 
 
@@ -527,6 +528,79 @@ def test_workers_shut_down_on_ctrl_c(prepared, tmp_path):
     _, err = p.communicate(timeout=30)
     assert p.returncode != 0 and "KeyboardInterrupt" in err and "leaked" not in err
     assert all(_gone(q) for q in pids[1:]) and not _shm(pids[0])
+
+
+def test_data_processes_never_fork_a_threaded_process(prepared, tree, tmp_path, monkeypatch):
+    """A fork copies only the calling thread: a lock another thread holds at that instant (a queue's feeder, tqdm's
+    monitor, the loader thread, an import) stays held in the child, which can hang on it forever. With a thread
+    running here, neither the loader's workers nor prepare's pool may fork this process; the batches stay the
+    in-thread loader's bits."""
+    import threading
+    forks = []
+    real_fork = os.fork
+
+    def fork():
+        forks.append(threading.active_count())
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork)
+    stop = threading.Event()
+    threading.Thread(target=stop.wait, name="busy", daemon=True).start()
+    try:
+        ds = load_dataset("imagenet", prepared[0])
+        with _wloader(ds, 2) as ld:
+            got = [(x.tobytes(), y.tobytes()) for x, y in ld.epoch(1)]
+        m = prepare("imagenet", tree, tmp_path / "out", size=SIZE, shard_size=4, jobs=2, progress=False,
+                    log=lambda s: None)
+    finally:
+        stop.set()
+    assert not forks, f"forked this process with {forks} threads running"
+    assert got == [(x.tobytes(), y.tobytes()) for x, y in _wloader(ds, 0).epoch(1)]
+    assert m["splits"] == prepared[1]["splits"] and m["stats"] == prepared[1]["stats"]  # the same shards, bit for bit
+
+
+KILLED = """
+import multiprocessing, os, signal, sys
+from convnet.data import load_dataset, PreparedLoader
+if __name__ == "__main__":
+    ds = load_dataset("imagenet", sys.argv[1])
+    ld = PreparedLoader(ds.train_x, ds.train_y, 2, train=True, out_hw=(24, 24), mean=ds.mean_image(), workers=2,
+                        prefetch=1)
+    next(iter(ld.epoch(0)))
+    print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_workers_exit_when_their_process_is_killed(prepared, tmp_path):
+    """Workers whose process dies without closing them (kill -9) notice within a poll and stop."""
+    import time
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED)
+    p = subprocess.run([sys.executable, str(script), str(prepared[0])], env=subprocess_env(), capture_output=True,
+                       text=True, timeout=120)
+    pids = [int(t) for t in p.stdout.split()]
+    assert p.returncode == -9 and len(pids) == 2, p.stderr
+    deadline = time.monotonic() + 10
+    while not all(_gone(q) for q in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(q) for q in pids)
+
+
+def test_a_script_without_a_main_guard_gets_a_clear_worker_error(prepared, tmp_path):
+    """Spawned workers import the main script again: one without ``if __name__ == "__main__":`` makes them fail
+    while starting; the loader's error says so instead of a bare exit code."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"from convnet.data import load_dataset, PreparedLoader\n"
+                      f"ds = load_dataset('imagenet', {str(prepared[0])!r})\n"
+                      f"ld = PreparedLoader(ds.train_x, ds.train_y, 2, train=True, out_hw=(24, 24), "
+                      f"mean=ds.mean_image(), workers=1, prefetch=1)\n"
+                      f"print(sum(1 for _ in ld.epoch(0)))\n")
+    p = subprocess.run([sys.executable, str(script)], env=subprocess_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1
+    assert "DataError: data worker convnet-data-0 died (exit code 1); it failed to start" in p.stderr
+    assert 'main code under `if __name__ == "__main__":`' in p.stderr.splitlines()[-1]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@
 # with the Python sources into build/emu-asan/pkg, and runs pytest from outside the source tree with libasan
 # and libstdc++ preloaded (Python itself is not instrumented; libstdc++ must be loaded before ASan intercepts
 # __cxa_throw). Sanitizer reports go to files (pytest captures stderr, and a halting error would hide it); they
-# are printed at the end, and any report makes the script fail.
+# are printed at the end, and any report makes the script fail. pytest reads the repository's pyproject.toml (named,
+# as it runs from the build folder): the same per-test time limit as the plain run.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../../.." && pwd)
 build=${EMU_ASAN_BUILD_DIR:-$root/build/emu-asan}
@@ -47,7 +48,7 @@ status=0
   cd "$build"  # not the source tree: `import convnet` must find the sanitized package
   LD_PRELOAD="$($cxx -print-file-name=libasan.so) $($cxx -print-file-name=libstdc++.so.6)" \
   ASAN_OPTIONS="detect_leaks=0:log_path=$reports/asan" UBSAN_OPTIONS="print_stacktrace=1:log_path=$reports/ubsan" \
-  PYTHONPATH="$pkg" python3 -m pytest -p no:cacheprovider -q "${args[@]}"
+  PYTHONPATH="$pkg" python3 -m pytest -c "$root/pyproject.toml" -p no:cacheprovider -q "${args[@]}"
 ) || status=$?
 
 if compgen -G "$reports/*" >/dev/null; then

@@ -15,6 +15,16 @@ class DataError(RuntimeError):
     """Missing or malformed data; the message says what is wrong and how to get the data."""
 
 
+def process_context():
+    """The multiprocessing context of every process started for data (the loaders' workers, prepare's pool): spawn,
+    a fresh interpreter (fork + exec), never a fork of this process. A fork copies only the calling thread: a lock
+    that another thread (the loader thread, tqdm's monitor, a queue's feeder, a BLAS pool) holds at that instant
+    stays held in the child, which can hang on it. Not forkserver: recent Pythons import the main module into it
+    first, whose imports (NumPy's BLAS pool) can make it a threaded process too."""
+    import multiprocessing as mp
+    return mp.get_context("spawn")
+
+
 @dataclass
 class Dataset:
     """Images ``(N, H, W, C)`` uint8 (an array, or an array-like that decodes on indexing) + int32 labels."""

@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import io
 import json
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..dirlock import hold
-from .base import DataError
+from .base import DataError, process_context
 from .imagenet import MANIFEST, STATS, scan_source
 from .jpeg import decode
 from .shards import Shard, sha256, write_shard
@@ -128,8 +127,7 @@ def _pool_map(fn, tasks, jobs, bar=None, weight=None):
                 bar.update(weight(t) if weight else 1)
             yield r
         return
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(min(jobs, len(tasks))) as pool:
+    with process_context().Pool(min(jobs, len(tasks))) as pool:
         for t, r in zip(tasks, pool.imap(fn, tasks)):
             if bar is not None:
                 bar.update(weight(t) if weight else 1)

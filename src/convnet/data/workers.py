@@ -2,7 +2,7 @@
 
 A :class:`Pool` belongs to one loader and lives across epochs (started by its first epoch; no process start per
 epoch): ``slots`` shared-memory blocks (:mod:`multiprocessing.shared_memory`), each one batch in the layout
-contract ``(C, H, W, N)``, and ``workers`` processes (forked; spawned where there is no fork) holding a copy of the
+contract ``(C, H, W, N)``, and ``workers`` processes (spawned, never forked: below) holding a copy of the
 loader. An epoch hands out batch jobs ``(generation, seq, epoch, batch, view, slot)`` (batch ``b``'s jobs always to
 worker ``b % workers``, so the ten test views of a batch are decoded once). A worker writes the batch straight into
 its slot (:meth:`.loader.PreparedLoader.host_batch`, the in-thread loader's code; for a GPU the uint8 crops,
@@ -15,13 +15,16 @@ leaves jobs in flight: their slots come back when their (older generation's) res
 Every random choice is keyed on (seed, epoch, image index) (:func:`.augment.image_rng`), so a batch is the same
 bits for any number of workers, and for the in-thread loader.
 
+Start: the workers are spawned (:func:`.base.process_context`), never forked from this process, whose other threads
+could leave a lock held in a forked child forever; each gets the loader pickled and imports the main module again, so
+a script that uses workers runs its main code under ``if __name__ == "__main__":``.
+
 Shutdown (:meth:`Pool.close`: the loader's ``close``, a worker's error or death, garbage collection of the pool,
 the end of the program): a stop job to each worker, join, terminate what did not stop, unlink every block. Workers
 ignore SIGINT (the parent decides) and exit by themselves when the parent process is gone.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import queue
 import secrets
@@ -32,7 +35,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from .base import DataError
+from .base import DataError, process_context
 from .loader import Batch
 
 POLL_S = 0.2  # how often a waiting side checks that the other is alive
@@ -164,9 +167,7 @@ class Pool:
         oh, ow = loader.out_hw
         self.uint8 = loader.uploads_uint8()  # the workers send uint8 crops, finished on the GPU
         nbytes = 3 * oh * ow * loader.batch_size * (1 if self.uint8 else loader.dtype.itemsize)
-        # fork where there is one (Linux, as PyTorch's DataLoader): starts in milliseconds and needs no
-        # ``if __name__ == "__main__"`` guard in the user's script; the workers touch neither CUDA nor BLAS
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        ctx = process_context()
         token = f"convnet-{os.getpid()}-{secrets.token_hex(4)}"
         self.procs, self.tasks, self.blocks, self._results = [], [], [], []
         self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.tasks, self._results, self.blocks)
@@ -207,7 +208,11 @@ class Pool:
                 dead = [p for p in self.procs if not p.is_alive()]
                 if dead:
                     self.close()
-                    raise DataError(f"data worker {dead[0].name} died (exit code {dead[0].exitcode})") from None
+                    p = dead[0]
+                    # a job's error comes back as a message: exit code 1 is an exception while the worker started
+                    hint = ("; it failed to start (its traceback is above): a script that uses data workers must run "
+                            "its main code under `if __name__ == \"__main__\":`") if p.exitcode == 1 else ""
+                    raise DataError(f"data worker {p.name} died (exit code {p.exitcode}){hint}") from None
 
     def batches(self, loader, epoch, start=0):
         """Batches ``start..`` of ``epoch`` (and their test views) on ``loader``'s device (module doc)."""
