@@ -375,7 +375,8 @@ def test_out_of_range_labels_counted_on_the_device_stop_training(tiny, tmp_path,
 
     check = softmax_mod._check_inputs
     monkeypatch.setattr(softmax_mod, "_check_inputs",  # as on cuda: shapes and dtypes checked, values not
-                        lambda dev, name, logits, labels: check(dev, name, logits, np.zeros_like(labels)))
+                        lambda dev, name, logits, labels, stream: check(dev, name, logits, np.zeros_like(labels),
+                                                                        stream))
     batches = data_mod.Loader.epoch
 
     def corrupt(self, *args, **kwargs):
