@@ -15,7 +15,7 @@ def resolve_devices(device=None, devices=None, *, usable=True, names=("device", 
     Devices) or None (every tower on ``device``). Given both, ``device`` must be the first tower's. ``usable=False``
     reads names without asking whether this machine can use them (shape-only nets, summaries). ValueError naming the
     setting (``names``: how the caller's user calls the two), DeviceUnavailable for a device that is not usable."""
-    resolve = get_device if usable else (lambda d: get_device(d) if d is None else parse_device(d))
+    resolve = _resolver(usable)
 
     def read(what, fn):
         try:
@@ -68,8 +68,7 @@ class Placements:
         self.exchange = Exchange()
         self._streams = None  # placement key -> stream, made on the first pass (``_placement_streams``)
         self._copies = {}  # the activations copied in this forward, per (producer, consumer placement)
-        resolve = get_device if usable else (lambda d: get_device(d) if d is None else parse_device(d))
-        self.devices = self._assign(towers, resolve)
+        self.devices = self._assign(towers, _resolver(usable))
 
     def _assign(self, devices, resolve):
         order = self.net.order
@@ -219,6 +218,11 @@ def check_on(layer, a, what):
     if not layer.device.is_array(a):
         raise TypeError(f"layer '{layer.name}' on {layer.device}: {what} is a {layer.device.describe_array(a)}, "
                         f"not an array of {layer.device} (a copy between devices is missing)")
+
+
+def _resolver(usable):
+    """A device name to a Device: checked usable here, or (``usable=False``) only read."""
+    return get_device if usable else (lambda d: get_device(d) if d is None else parse_device(d))
 
 
 def _is_tower(device) -> bool:

@@ -1,10 +1,10 @@
-"""The training loop: :class:`Trainer` owns the net, the data, the optimizer and the schedule, and the position
+"""A training run: :class:`Trainer` owns the net, the data, the optimizer and the schedule, and the position
 (epoch, batch, step) that a checkpoint saves. ``run()`` repeats, until the last epoch:
 
-* :func:`convnet.training.loop.train_epoch` -- SGD steps from the current position to the end of the epoch; returns None, or the
-  reason it stopped early (``"interrupted"``: Ctrl-C; ``"max_steps"``). The loss and error sums stay on the
-  device (:class:`convnet.training.loop.DeviceSums`) and are folded into the epoch's totals every ``sync_every`` steps (a host sync
-  every step would stall a GPU); the progress bar is updated at each fold.
+* :func:`convnet.training.loop.train_epoch` -- SGD steps from the current position to the end of the epoch;
+  returns None, or the reason it stopped early (``"interrupted"``: Ctrl-C; ``"max_steps"``). The loss and error sums
+  stay on the device and are folded into the epoch's totals every ``sync_every`` steps (a host sync every step would
+  stall a GPU); the progress bar is updated at each fold.
 * :meth:`Trainer.end_epoch` -- evaluate, record, tell the schedule, advance, checkpoint, then log.jsonl, plot.
 * :meth:`Trainer.stopped` -- the early stop: checkpoint at the current position, say how to continue.
 
