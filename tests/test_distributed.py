@@ -646,15 +646,16 @@ def _worker_crash(kind, *argv):
     error under --debug."""
     from convnet import train
     from convnet.data import DataError
-    from convnet.trainer import Trainer
-    load = Trainer._load_dataset
+    from convnet.distributed import active_world
+    from convnet.training import inputs
+    load = inputs.checked_dataset
 
-    def fail_on_rank_1(self):
-        if self.rank == 1:
+    def fail_on_rank_1(cfg, net):
+        if active_world().rank == 1:
             raise RuntimeError("a bug on rank 1") if kind == "bug" else DataError("no data on rank 1")
-        return load(self)
+        return load(cfg, net)
 
-    Trainer._load_dataset = fail_on_rank_1
+    inputs.checked_dataset = fail_on_rank_1
     sys.exit(train.main([*argv, *(["--debug"] if kind == "debug" else [])]))
 
 

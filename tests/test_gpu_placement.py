@@ -397,7 +397,7 @@ def test_the_comm_stream_is_non_blocking_and_ordered_by_events_only(monkeypatch)
     ref, _ = build_net(STREAMS_NET, "tiny.cfg", device="emu", seed=0)
     reducer = GradReducer(net, TwoRanks(), bucket_mb=2000 * 4 / 2**20)
     assert len(reducer.buckets) >= 2
-    compute = getattr(net.stream_of(net.layers["conv1"]), "ptr", 0)  # None: the current (null) stream
+    compute = getattr(net.placements.stream_of(net.layers["conv1"]), "ptr", 0)  # None: the current (null) stream
     comm = reducer.transport.stream.ptr
     x, y = _batch()
     with net.device.activate():
@@ -556,8 +556,8 @@ def test_two_towers_on_one_gpu_give_back_memory_read_without_a_copy(monkeypatch,
     fake = FakeCupy(devices=1).install(monkeypatch, usable=True)
     net, _ = build_net(text.format(named="cuda:0"), "shared.cfg", devices="cuda:0,cuda:0", seed=1)
     ref, _ = build_net(text.format(named="emu"), "shared.cfg", devices="emu,emu", seed=1)
-    t0, t1 = (net.stream_of(net.layers[n]) for n in ("conva", "convb"))
-    assert net.stream_of(net.layers["shared"]) is t0 and t0 is not t1
+    t0, t1 = (net.placements.stream_of(net.layers[n]) for n in ("conva", "convb"))
+    assert net.placements.stream_of(net.layers["shared"]) is t0 and t0 is not t1
     rng = np.random.default_rng(2)
     x, y = rng.standard_normal((3, 8, 8, 6)).astype(np.float32), rng.integers(0, 4, 6).astype(np.int32)
     with net.device.activate():

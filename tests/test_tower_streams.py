@@ -157,10 +157,10 @@ def test_each_placement_has_a_stream_and_the_steps_equal_numpys(devices):
     """Two towers on two virtual devices, or on one (two streams, as two towers on one GPU): every placement gets an
     emulated stream of its own, and three training steps with slow streams equal the numpy run's."""
     two, ref = _nets(devices)
-    streams = {two.stream_of(two.layers[n]) for n in ("conva", "convb")}
+    streams = {two.placements.stream_of(two.layers[n]) for n in ("conva", "convb")}
     assert len(streams) == 2 and all(isinstance(s, HostStream) for s in streams)
-    assert two.stream_of(two.layers["probs"]) is two.stream_of(two.layers["conva"])
-    assert ref.stream_of(ref.layers["conva"]) is None
+    assert two.placements.stream_of(two.layers["probs"]) is two.placements.stream_of(two.layers["conva"])
+    assert ref.placements.stream_of(ref.layers["conva"]) is None
     for s in streams:
         s.delay = 0.002  # both towers slow: the host runs far ahead of them
     for step in range(3):
@@ -172,7 +172,7 @@ def test_each_placement_has_a_stream_and_the_steps_equal_numpys(devices):
 
 def test_a_net_on_one_placement_has_no_streams():
     net, _ = build_net(GROUPED_DROP, "grouped.cfg", device="emu", seed=2)
-    assert all(net.stream_of(l) is None for l in net.order)
+    assert all(net.placements.stream_of(l) is None for l in net.order)
 
 
 def _without_one_wait(monkeypatch, chosen):
@@ -198,7 +198,7 @@ def test_removing_the_wait_before_one_copy_gives_a_wrong_result(monkeypatch, rem
     then. With the wait the step equals numpy's."""
     two, ref = _nets("emu:0,emu:1")
     skipped = _without_one_wait(monkeypatch, lambda a, src, dst: remove and (src, dst) == (1, 0) and a.shape == (6, 8))
-    two.stream_of(two.layers["dropb"]).delay = 0.01
+    two.placements.stream_of(two.layers["dropb"]).delay = 0.01
     p, loss = _step(two, 0)
     p_ref, loss_ref = _step(ref, 0)
     if not remove:
@@ -229,7 +229,7 @@ def test_a_two_tower_step_on_gpus_runs_each_tower_on_its_stream_and_never_waits(
     log = fake.calls
 
     assert not [e for e in log if e[0] in ("get", "stream synchronize", "device synchronize")]
-    tower = {0: two.stream_of(two.layers["conva"]), 1: two.stream_of(two.layers["convb"])}
+    tower = {0: two.placements.stream_of(two.layers["conva"]), 1: two.placements.stream_of(two.layers["convb"])}
     assert tower[0] is not tower[1]
     ptrs = {tower[0].ptr, tower[1].ptr}
     assert 0 not in ptrs

@@ -208,8 +208,8 @@ def test_a_layer_given_a_device_name_keeps_it():
     text = TWO_TOWERS.replace("outputs = 4\ndevice = 1", "outputs = 4\ndevice = numpy:1")
     net, _ = build_net(text, "two.cfg", devices="numpy,numpy:1")
     assert net.layers["fc"].tower is None and str(net.layers["fc"].device) == "numpy:1"
-    assert net.same_place(net.layers["fc"], net.layers["convb"]) and not net.same_place(net.layers["fc"],
-                                                                                       net.layers["conva"])
+    same_place = net.placements.same_place
+    assert same_place(net.layers["fc"], net.layers["convb"]) and not same_place(net.layers["fc"], net.layers["conva"])
 
 
 # ------------------------------------------------------------------------------------------------- the copy op
@@ -424,7 +424,7 @@ def test_a_missing_copy_between_virtual_devices_fails_the_device_check(monkeypat
     """The graph's copy step for one exchange passes the array through unchanged (as a graph that forgot the copy
     would): the next op (or the join, or the gradient sum) on the other virtual device rejects it, naming both."""
     net, _ = build_net(TWO_TOWERS, "two.cfg", devices=f"{kind}:0,{kind}:1")
-    real = net._copy
+    real = net.placements.copy
     dropped = []
 
     def copy_but_one(a, src, dst):
@@ -433,7 +433,7 @@ def test_a_missing_copy_between_virtual_devices_fails_the_device_check(monkeypat
             return a
         return real(a, src, dst)
 
-    monkeypatch.setattr(net, "_copy", copy_but_one)
+    monkeypatch.setattr(net.placements, "copy", copy_but_one)
     x = np.random.default_rng(1).standard_normal((1, 8, 8, 5), dtype=np.float32)
     with pytest.raises(TypeError, match=MISSING_COPIES[pair].format(k=kind)):
         net.forward(x, np.arange(5, dtype=np.int32) % 4)

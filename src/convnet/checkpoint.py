@@ -21,15 +21,21 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import ConfigError
+
 FORMAT = "convnet-checkpoint-1"
 # what a training checkpoint's metadata must hold (checked by check_training_state before a resume)
 TRAINING_META = {"epoch": int, "batch": int, "step": int, "history": list, "partial": dict, "schedule": dict,
                  "optimizer": dict, "config": dict}
-# a history entry (an epoch's record, Trainer._record): the numbers it must hold, those it holds when present (older
-# records lack the times), and the only values that may be null (an epoch not tested, top-5 of 5 classes or fewer)
+# a history entry (an epoch's record, training.report.epoch_record): the numbers it must hold, those it holds when
+# present (older records lack the times), and the only values that may be null (an epoch not tested, top-5 of 5
+# classes or fewer)
 HISTORY_NUMBERS = ("epoch", "step", "lr", "train_loss", "train_error")
 HISTORY_TIMES = ("train_time_s", "elapsed_s", "cpu_s")
 HISTORY_NULLABLE = ("test_loss", "test_error", "test_top5_error", "images_per_s")
+# settings that define which images a batch index holds: changing one in the middle of an epoch would skip or repeat
+# data, so a mid-epoch resume refuses it (at an epoch boundary the position is 0 and any value is fine)
+POSITION_SETTINGS = ("batch_size", "seed", "dataset", "synthetic_train")
 STATE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # what parameters and momentum are saved as
 
 
@@ -162,6 +168,23 @@ def check_training_state(state) -> None:
                 raise CheckpointError(f"checkpoint '{path}': {what} '{k}' has dtype {a.dtype}; a checkpoint holds "
                                       f"float32 or float64")
     _check_history(path, meta)
+
+
+def check_position(meta, path, cfg, batches_per_epoch) -> None:
+    """ConfigError when the settings ``cfg`` would reinterpret the saved position: a mid-epoch resume whose
+    :data:`POSITION_SETTINGS` differ, or an epoch that now has fewer batches than the saved batch index."""
+    saved = meta["config"]
+    if meta["batch"] != 0:  # mid-epoch: the position is a batch index under the saved settings
+        for k in POSITION_SETTINGS:
+            if k in saved and saved[k] != getattr(cfg, k):
+                flag = "--" + k.replace("_", "-")
+                raise ConfigError(
+                    f"{flag} {getattr(cfg, k)} differs from the checkpoint's {saved[k]}, and {path} stopped in the "
+                    f"middle of epoch {meta['epoch'] + 1} (batch {meta['batch']}): the saved position would skip or "
+                    f"repeat images. Resume with {flag} {saved[k]}; it may change at an epoch boundary")
+    if meta["batch"] > batches_per_epoch:
+        raise ConfigError(f"{path} stopped at batch {meta['batch']} of epoch {meta['epoch'] + 1}, but an epoch now has "
+                          f"{batches_per_epoch} batches: the training data changed")
 
 
 def _check_history(path, meta):

@@ -411,7 +411,7 @@ class GradReducer:
         for b in self.of_layer.get(layer.name, ()):
             b.waiting.discard(layer.name)
             if not b.waiting and b.state is None:
-                b.streams = list(dict.fromkeys(self.net.stream_of(self.net.layers[n]) for n in b.layers))
+                b.streams = list(dict.fromkeys(self.net.placements.stream_of(self.net.layers[n]) for n in b.layers))
                 b.t_start = time.perf_counter()
                 b.state = self.transport.start(b) or "started"
                 self.inflight.append(b)
@@ -483,6 +483,8 @@ class HostTransport:
     MPI matches the collectives of a communicator by the order ranks issue them, so the reduce-scatters (issued as
     buckets complete, in bucket order) and the all-gathers (issued when a reduce-scatter is seen complete, which
     differs between ranks) run on two communicators of their own, each in bucket order on every rank."""
+
+    name = "MPI"  # how reports name it
 
     def __init__(self, world):
         self.world, self.MPI = world, world.MPI
@@ -572,6 +574,8 @@ class NcclTransport:
     event; :meth:`finish` makes the current stream and the layers' streams (where the optimizer updates them) wait
     for it. One rank: nothing at all (no communicator, no stream; the gradients are their own average), as
     :class:`HostTransport`."""
+
+    name = "NCCL"  # how reports name it
 
     def __init__(self, world, device):
         self.world, self.device, self.n = world, device, world.size

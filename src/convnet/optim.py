@@ -33,10 +33,10 @@ class SGD:
         for key, layer, p in self.net.param_items() if items is None else items:
             lr = self.lr * layer.lr_mult.get(p, 1.0)
             wd = self.weight_decay * layer.wd_mult.get(p, 0.0)
-            with self.net.on_placement(layer):  # on the parameter's device, on its tower's stream
+            with self.net.placements.on(layer):  # on the parameter's device, on its tower's stream
                 ops.sgd_update(layer.device, layer.params[p], layer.grads[p], self.velocity[key], lr=lr,
                                momentum=self.momentum, weight_decay=wd)
-        self.net.join()  # the loop's current stream (the host, on emu) sees the new parameters
+        self.net.placements.join()  # the loop's current stream (the host, on emu) sees the new parameters
 
     def state_dict(self):
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,

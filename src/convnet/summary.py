@@ -10,7 +10,7 @@ NUMERIC = (3, 4)  # right-aligned columns
 
 def _placed(net) -> bool:
     """Whether the net's layers are on more than one placement (device or tower)."""
-    return len({net.place_label(l) for l in net.order}) > 1
+    return len({net.placements.label(l) for l in net.order}) > 1
 
 
 def summary_rows(net):
@@ -23,7 +23,7 @@ def summary_rows(net):
         total_params += p
         total_flops += f
         row = (layer.name, layer.describe(), "x".join(str(s) for s in layer.out_shape), f"{p:,}", f"{f:,}")
-        rows.append(row + ((net.place_label(layer),) if placed else ()))
+        rows.append(row + ((net.placements.label(layer),) if placed else ()))
     rows.append(("total", "", "", f"{total_params:,}", f"{total_flops:,}") + (("",) if placed else ()))
     return rows, total_params, total_flops
 

@@ -28,11 +28,12 @@ from . import checkpoint as ckpt
 from .config import CLI_KEYS, Config, ConfigError, make_parser, setting_name
 from .data import DataError
 from .cpu import loop_threads
-from .dirlock import hold
-from .devices import DeviceUnavailable, blas_threads, default_threads, get_device, install_report
+from .devices import DeviceUnavailable, blas_threads, default_threads, install_report
 from .model_file import ModelFileError, build_net, parse_model_text, resolve_model
 from .distributed import DistributedError, digest, job_to_abort
-from .trainer import Trainer, TrainingError, check_out_dir
+from .placement import resolve_devices
+from .trainer import Trainer, TrainingError
+from .training import rundir
 
 __all__ = ["Config", "ConfigError", "Trainer", "TrainingError", "main", "make_config", "parse_args", "run"]
 
@@ -103,7 +104,7 @@ def run(argv=None, log=print):
     if world is not None and world.rank != 0:
         log = _quiet  # rank 0 alone reports
     elif not args.eval_only:  # entered before any data is loaded
-        lock = _run_dir(cfg.out, resume_state["path"] if resume_state else None, args.overwrite)
+        lock = rundir.locked(cfg.out, resume_state["path"] if resume_state else None, args.overwrite)
     if cfg.threads is None:  # resolved once and saved with the run: a resume keeps the thread count (and rounding)
         cfg.threads = default_threads()
         if world is not None:  # the ranks on a node share its cores; rank 0's count for all
@@ -112,15 +113,6 @@ def run(argv=None, log=print):
         if args.eval_only:
             return evaluate_only(cfg, resume_state, log, world)
         return Trainer(cfg, resume_state=resume_state, log=log, overwrite=args.overwrite, world=world).run()
-
-
-@contextlib.contextmanager
-def _run_dir(out, resume_path, overwrite):
-    """``--out`` for the run's life: locked (a second run there is refused, naming this process) and checked (a run
-    there is never replaced silently: ``check_out_dir``, under the lock)."""
-    with hold(out, ConfigError, f"--out {out}"):
-        check_out_dir(out, resume_path=resume_path, overwrite=overwrite)
-        yield
 
 
 def _quiet(*args, **kwargs):
@@ -142,8 +134,8 @@ def summary(cfg, log):
     """``--summary``: where convnet was imported from, the device training would use, the model's layer table (with
     each layer's device and the bytes exchanged per image between devices, for a net on several)."""
     try:
-        device = (f"devices {', '.join(str(get_device(d)) for d in cfg.devices.split(','))}" if cfg.devices else
-                  f"device {get_device(cfg.device)}")
+        device, towers = resolve_devices(cfg.device, cfg.devices, names=("--device", "--devices"))
+        device = f"devices {', '.join(map(str, towers))}" if towers else f"device {device}"
     except (DeviceUnavailable, ValueError) as e:
         device = f"device unavailable: {e}"
     log(f"{install_report()}; {device}")
@@ -164,7 +156,7 @@ def evaluate_only(cfg, resume_state, log, world=None):
     t5 = f", top-5 error {e5:.2%}" if e5 is not None else ""
     log(f"{cfg.model} on {trainer.dataset.name} test set: loss {loss:.4f}, top-1 error {e1:.2%}{t5} "
         f"(accuracy {1 - e1:.2%}), epoch {trainer.epoch}")
-    if cfg.plots and trainer.rank == 0:
+    if cfg.plots and trainer.ranks.rank == 0:
         try:
             trainer.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:

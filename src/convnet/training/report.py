@@ -1,0 +1,97 @@
+"""What a run reports: the lines it logs, each epoch's record (the history, log.jsonl), the progress bar and the
+plots."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+class Progress:
+    """A tqdm progress bar over the batches of an epoch, or nothing (``enabled=False``). A context manager."""
+
+    def __init__(self, enabled, *, total, initial, desc):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=True, dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def update(self, n, **postfix):
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(**postfix)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def run_lines(t) -> list[str]:
+    """What trainer ``t`` says when training starts: the model, data, device and schedule; how data-parallel ranks
+    share the work; the towers and the bytes copied between them; a run already trained to ``--epochs``."""
+    cfg, ds = t.cfg, t.dataset
+    threads = f" ({cfg.threads} threads)" if t.device.synchronous and cfg.threads else ""  # host devices
+    lines = [f"training {Path(cfg.model).stem} on {ds.name} ({len(ds.train_x)} train / {len(ds.test_x)} test "
+             f"images), device {t.device}{threads}, {t.net.num_params():,} parameters, {cfg.epochs} epochs of "
+             f"{len(t.train_loader)} batches of {cfg.batch_size}; output in {t.out}"]
+    if t.reducer is not None:
+        r = t.reducer
+        lines.append(f"data-parallel over {t.ranks.size} rank(s), rank 0 on {t.device}: "
+                     f"{cfg.batch_size // t.ranks.size} images per rank and step; gradients averaged by "
+                     f"{r.transport.name} in {len(r.buckets)} bucket(s) of up to {r.buckets[0].nbytes:,} B")
+    plan = t.net.exchange_plan()
+    if plan:
+        towers = ", ".join(f"{i}={d}" for i, d in enumerate(t.net.devices))
+        lines.append(f"towers {towers}; copied between devices per image and training step: "
+                     + ", ".join(f"{k} {v:,} B" for k, v in plan.items()))
+    if t.epoch >= cfg.epochs:
+        lines.append(f"already trained for {t.epoch} epochs (--epochs {cfg.epochs}); pass a larger --epochs to "
+                     f"continue")
+    return lines
+
+
+def epoch_record(t, test, clock) -> dict:
+    """The entry of trainer ``t``'s epoch ending now in the history (and in log.jsonl). ``test``: (loss, top-1
+    error, top-5 error), None where not tested; ``clock``: the (wall, CPU) times the run started at."""
+    p = t.partial
+    te_loss, te1, te5 = test
+    return {"epoch": t.epoch + 1, "step": t.step, "lr": t.lr_now(start_of_epoch=True),
+            "train_loss": p["loss"] / p["n"], "train_error": p["err"] / p["n"], "test_loss": te_loss,
+            "test_error": te1, "test_top5_error": te5, "train_time_s": p["time"],
+            "elapsed_s": time.perf_counter() - clock[0], "cpu_s": time.process_time() - clock[1],
+            "images_per_s": p["n"] / p["time"] if p["time"] > 0 else None, "device": str(t.device),
+            **({"ranks": t.ranks.size} if t.ranks.world is not None else {}),
+            **({"exchanged_bytes_per_image": dict(t.exchanged)} if t.exchanged else {})}
+
+
+def epoch_line(rec, test_every) -> str:
+    """The log line of an epoch's record."""
+    te1, te5 = rec["test_error"], rec["test_top5_error"]
+    t5 = f", top-5 {te5:.2%}" if te5 is not None else ""
+    test = (f"test loss {rec['test_loss']:.4f} error {te1:.2%}{t5} (accuracy {1 - te1:.2%})" if te1 is not None
+            else f"not tested (every {test_every} epochs)")
+    return (f"epoch {rec['epoch']}: train loss {rec['train_loss']:.4f} error {rec['train_error']:.2%}; {test}; "
+            f"{rec['images_per_s']:.0f} images/s, lr {rec['lr']:g}, {rec['elapsed_s']:.0f} s")
+
+
+def plots(out, net, dataset, history, kept, log, final=True):
+    """errors.png; at the end also filters.png (the first conv layer's) and predictions.png (of ``kept``). A
+    failing plot is logged, never raised."""
+    from .. import plots as draw
+    first = next((l for l in net.order if l.type == "conv"), None)
+    try:
+        filters = None if first is None or not final else (net.device.to_numpy(first.params["w"]),
+                                                            f"{first.name} filters")
+        draw.training_plots(out, history, final=final, filters=filters, kept=kept, images=dataset.test_x,
+                            classes=dataset.classes)
+    except Exception as e:  # noqa: BLE001 - plots never stop a training run
+        log(f"warning: plotting failed: {type(e).__name__}: {e}")
