@@ -29,7 +29,8 @@ from .config import CLI_KEYS, Config, ConfigError, make_parser, setting_name
 from .data import DataError
 from .cpu import loop_threads
 from .dirlock import hold
-from .devices import DeviceUnavailable, blas_threads, default_threads, get_device, install_report
+from . import install_report
+from .devices import DeviceUnavailable, blas_threads, default_threads, get_device
 from .model_file import ModelFileError, build_net, parse_model_text, resolve_model
 from .distributed import DistributedError, digest, job_to_abort
 from .trainer import Trainer, TrainingError, check_out_dir
