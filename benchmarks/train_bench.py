@@ -367,9 +367,9 @@ def towers_rows(a, dev) -> list[dict]:
     """The ``--towers`` rows (module docstring)."""
     kind = dev.kind
     if kind == "cuda":
-        from convnet.devices.backend_cuda import CudaBackend
+        from convnet.devices.backend_cuda import gpu_count
 
-        n_gpus = CudaBackend().count()[0]
+        n_gpus = gpu_count()[0]
         pair = f"cuda:{dev.index},cuda:{(dev.index + 1) % n_gpus}" if n_gpus > 1 else None
     else:
         pair = f"{kind}:0,{kind}:1"  # virtual devices of the host

@@ -717,14 +717,14 @@ class FakeCupy:
         from convnet.devices import backend_cuda
 
         if usable:
-            monkeypatch.setattr(backend_cuda.CudaBackend, "count", lambda backend: (self.devices, ""))
-            monkeypatch.setattr(backend_cuda.CudaBackend, "availability",
-                                lambda backend, index: (index < self.devices, "a fake GPU (tests/helpers.FakeCupy)"))
+            monkeypatch.setattr(backend_cuda, "gpu_count", lambda: (self.devices, ""))
+            monkeypatch.setattr(backend_cuda.CudaDevice, "available",
+                                lambda dev: (dev.index < self.devices, "a fake GPU (tests/helpers.FakeCupy)"))
         monkeypatch.setitem(sys.modules, "cupy", self)
         monkeypatch.setitem(sys.modules, "cupyx", FakeCupyx(self))
         monkeypatch.setattr(backend_cuda, "_allocator_configured", True)
         kernels = self.kernels(EMU.kernels)
-        monkeypatch.setattr(backend_cuda.CudaBackend, "kernels", lambda backend, device: kernels)
+        monkeypatch.setattr(backend_cuda.CudaDevice, "kernels", property(lambda dev: kernels))
         return self
 
 

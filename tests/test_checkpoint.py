@@ -9,7 +9,7 @@ import pytest
 from convnet import checkpoint as ckpt
 from convnet.optim import SGD
 from convnet.train import main, run
-from test_train import TINY
+from models import TINY
 
 
 @pytest.fixture

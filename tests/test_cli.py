@@ -12,27 +12,7 @@ from convnet import checkpoint as ckpt
 from convnet.config import ConfigError
 from convnet.train import main
 from helpers import subprocess_env
-
-# the smallest trainable model: one fc layer on 8x8 synthetic images (a run takes a fraction of a second)
-MICRO = """
-[data]
-type = data
-channels = 1
-size = 8
-scale = 0.0039
-[fc]
-type = fc
-inputs = data
-outputs = 4
-[probs]
-type = softmax
-inputs = fc
-[train]
-dataset = synthetic
-batch_size = 16
-lr = 0.1
-epochs = 1
-"""
+from models import MICRO
 
 
 @pytest.fixture

@@ -99,7 +99,7 @@ def test_chunked_batches_match_the_reference(monkeypatch, geo):
     want = (ref_conv.conv_forward(x, w, **geo), ref_conv.conv_backward_data(dy, w, x.shape[1:3], **geo),
             ref_conv.conv_backward_filter(x, dy, w.shape[1:3], **geo))
     monkeypatch.setattr(ref_conv, "_COL_BUDGET", 8 * 9 * 60)  # about 2 images per chunk: 4 chunks, a ragged last
-    assert len(ref_conv._chunks(7, 8 * 9 * 30)) > 2
+    assert len(ref_conv.image_chunks(7, 8 * 9 * 30)) > 2
     for name, got, exp in zip(("y", "dx", "dw"), _conv_all(x, w, dy, **geo), want):
         assert_close(name, got, exp, rtol=1e-5, atol=1e-5)
 

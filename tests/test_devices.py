@@ -1,8 +1,12 @@
+import copy
+import inspect
+import pickle
+
 import numpy as np
 import pytest
 
 import convnet
-from convnet.devices import Device, DeviceUnavailable, device_report, get_device
+from convnet.devices import Device, DeviceUnavailable, device_report, get_device, parse_device
 
 
 def test_device_values_parse_and_print():
@@ -12,6 +16,26 @@ def test_device_values_parse_and_print():
     assert str(Device("emu", 1)) == "emu:1"  # a virtual second device
     assert get_device(Device("numpy")) is not None
     assert len({Device("cuda", 0), Device("cuda", 0), Device("cuda", 1)}) == 2  # hashable values
+
+
+def test_a_device_is_one_immutable_object_per_kind_and_index():
+    d = Device("emu", 1)
+    assert d is Device("emu", np.int64(1)) is parse_device("emu:1") and d is not Device("emu", 0)
+    assert isinstance(d, Device) and type(d) is not type(Device("numpy", 1))  # each kind is its own class
+    assert pickle.loads(pickle.dumps(d)) is d and copy.deepcopy({d: "tower"}) == {d: "tower"}
+    with pytest.raises(AttributeError, match="value"):
+        d.index = 2
+
+
+def test_the_cpu_device_replaces_only_the_functions_in_its_table_with_the_references_signatures():
+    from convnet.devices.backend_cpu import FAST_FUNCTIONS
+    from convnet.reference import tensor
+
+    cpu, numpy = Device("cpu"), Device("numpy")
+    for reference, fast in FAST_FUNCTIONS.items():
+        assert fast.__name__ == reference.__name__ and inspect.signature(fast) == inspect.signature(reference)
+        assert cpu.host_function(reference) is fast and numpy.host_function(reference) is reference
+    assert cpu.host_function(tensor.add) is tensor.add
 
 
 @pytest.mark.parametrize("spec, exc, match", [

@@ -16,27 +16,9 @@ from convnet.dirlock import LOCK_NAME, DirectoryLocked, DirLock
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import subprocess_env  # noqa: E402
 from imagefolder_fixture import make_tree  # noqa: E402
+from models import MICRO  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX file locks")
-
-MICRO = """
-[data]
-type = data
-channels = 1
-size = 8
-scale = 0.0039
-[fc]
-type = fc
-inputs = data
-outputs = 4
-[probs]
-type = softmax
-inputs = fc
-[train]
-dataset = synthetic
-batch_size = 16
-lr = 0.1
-"""
 
 
 def _train_argv(model, out, *extra):

@@ -335,7 +335,7 @@ def test_a_rank_without_a_gpu_is_an_error_naming_it(monkeypatch):
     from convnet.distributed import rank_device
     fake = FakeCupy(devices=1).install(monkeypatch)
     FakeNccl().install(fake)
-    monkeypatch.setattr(backend_cuda.CudaBackend, "availability", lambda self, index: (True, "a fake GPU"))
+    monkeypatch.setattr(backend_cuda.CudaDevice, "available", lambda self: (True, "a fake GPU"))
     world = OneRank()
     assert str(rank_device("cuda", world, get_device)) == "cuda:0"
     world.rank = world.local_rank = 1
@@ -355,7 +355,7 @@ def test_the_nccl_path_with_one_rank_does_nothing_and_leaves_the_gradients_alone
     from convnet.distributed import NcclTransport
     fake = FakeCupy(devices=1).install(monkeypatch)
     FakeNccl().install(fake)
-    monkeypatch.setattr(backend_cuda.CudaBackend, "availability", lambda self, index: (True, "a fake GPU"))
+    monkeypatch.setattr(backend_cuda.CudaDevice, "available", lambda self: (True, "a fake GPU"))
     net, _ = build_net(TINY, "tiny.cfg", device="cuda:0", seed=0)
     ref, _ = build_net(TINY, "tiny.cfg", device="emu", seed=0)
     reducer = GradReducer(net, OneRank(), bucket_mb=2000 * 4 / 2**20)  # fc2 + fc1/b | fc1/w | conv1
@@ -665,7 +665,7 @@ def _worker_nccl(out):
     mp = pytest.MonkeyPatch()
     fake = FakeCupy(devices=2).install(mp)
     FakeNccl().install(fake)
-    mp.setattr(backend_cuda.CudaBackend, "availability", lambda self, index: (True, "a fake GPU"))
+    mp.setattr(backend_cuda.CudaDevice, "available", lambda self: (True, "a fake GPU"))
     world = World()
     dev = rank_device("cuda", world, get_device)
     net, _ = build_net(TINY, "tiny.cfg", device=dev, seed=0)

@@ -89,7 +89,7 @@ class GpuLog:
 
         cp.cuda.set_allocator(malloc)
         self.restore = lambda: cp.cuda.set_allocator(previous)
-        real = backend_cuda.CudaBackend.kernels
+        real = backend_cuda.CudaDevice.kernels.fget
         log = self.calls
 
         class Kernels:
@@ -106,7 +106,7 @@ class GpuLog:
                     return attr(*args)
                 return launch
 
-        monkeypatch.setattr(backend_cuda.CudaBackend, "kernels", lambda backend, device: Kernels(real(backend, device)))
+        monkeypatch.setattr(backend_cuda.CudaDevice, "kernels", property(lambda dev: Kernels(real(dev))))
 
 
 @pytest.fixture

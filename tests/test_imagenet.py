@@ -20,6 +20,7 @@ from convnet.data.shards import Shard, ShardImages
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import subprocess_env  # noqa: E402
 from imagefolder_fixture import make_tree  # noqa: E402
+from models import TINY_RGB  # noqa: E402
 
 SIZE = 32
 
@@ -249,47 +250,6 @@ def test_eval_batch_is_centre_crop_minus_centre_of_mean(prepared):
     want = (ds.test_x[:6, 4:28, 4:28].astype(np.float32) - ds.mean_image()[4:28, 4:28]) * np.float32(1 / 255)
     np.testing.assert_allclose(x, want.transpose(3, 1, 2, 0), rtol=0, atol=1e-6)
     assert (y == ds.test_y).all()
-
-
-TINY_RGB = """
-[data]
-type = data
-channels = 3
-size = 24
-scale = 0.00392156862745098
-
-[conv1]
-type = conv
-inputs = data
-filters = 8
-size = 5
-stride = 2
-neuron = relu
-initW = he
-
-[pool1]
-type = pool
-inputs = conv1
-pool = max
-size = 3
-stride = 2
-
-[fc2]
-type = fc
-inputs = pool1
-outputs = 3
-initW = 0.01
-
-[probs]
-type = softmax
-inputs = fc2
-
-[train]
-dataset = imagenet
-batch_size = 4
-lr = 0.01
-flip = true
-"""
 
 
 @pytest.mark.parametrize("device", ["numpy", "emu"])

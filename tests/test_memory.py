@@ -10,7 +10,8 @@ from convnet.graph import Net
 from convnet.model_file import build_net
 from convnet.train import main
 
-from test_train import TINY, _args
+from models import TINY
+from test_train import _args
 
 MIB = 1 << 20
 

@@ -16,12 +16,12 @@ import pytest
 
 from convnet import ops
 from convnet.devices import Device, backend_cuda
-from convnet.devices._host import HostBackend
+from convnet.devices._host import HostDevice
 from convnet.devices.host_streams import HostStream
 from convnet.model_file import build_net
 from convnet.optim import SGD
 from helpers import EMU, NUMPY, FakeCupy, rand
-from test_two_towers import GROUPED_DROP, TOWERS_DROP
+from models import GROUPED_DROP, TOWERS_DROP
 
 EMU1 = Device("emu", 1)
 
@@ -176,17 +176,17 @@ def test_a_net_on_one_placement_has_no_streams():
 
 
 def _without_one_wait(monkeypatch, chosen):
-    """Make ``HostBackend.copy`` skip its event wait for the copies ``chosen(a, src, dst)`` picks."""
-    copy, skipped = HostBackend.copy, []
+    """Make ``HostDevice.copy`` skip its event wait for the copies ``chosen(a, src, dst)`` (device indices) picks."""
+    copy, skipped = HostDevice.copy, []
 
-    def copy_maybe_unordered(self, a, src, dst, out, stream=None, src_stream=None):
-        if not chosen(a, src, dst):
-            return copy(self, a, src, dst, out, stream, src_stream)
+    def copy_maybe_unordered(self, a, src, out, stream=None, src_stream=None):
+        if not chosen(a, src.index, self.index):
+            return copy(self, a, src, out, stream, src_stream)
         skipped.append(a.shape)
-        self.submit(dst, stream, lambda: np.copyto(out, a))  # the copy, without waiting for the producer
+        self.submit(lambda: np.copyto(out, a), stream)  # the copy, without waiting for the producer
         return out
 
-    monkeypatch.setattr(HostBackend, "copy", copy_maybe_unordered)
+    monkeypatch.setattr(HostDevice, "copy", copy_maybe_unordered)
     return skipped
 
 
@@ -218,7 +218,7 @@ def test_a_two_tower_step_on_gpus_runs_each_tower_on_its_stream_and_never_waits(
     between the towers is on the consumer's stream right after it waits for an event recorded on the producer's; the
     host never synchronises; and the results are numpy's."""
     fake = FakeCupy(devices=2).install(monkeypatch)
-    monkeypatch.setattr(backend_cuda.CudaBackend, "availability", lambda self, index: (True, "a fake GPU"))
+    monkeypatch.setattr(backend_cuda.CudaDevice, "available", lambda self: (True, "a fake GPU"))
     two, ref = _nets(devices)
     x, y = _batch(0)
     xd, yd = two.device.asarray(x), two.device.asarray(y, np.int32)

@@ -9,51 +9,7 @@ from convnet.devices import DeviceUnavailable, get_device
 from convnet.model_file import ModelFileError
 from convnet import ops
 from convnet.train import TrainingError, main, run
-
-TINY = """
-[data]
-type = data
-channels = 1
-size = 8
-scale = 0.0039215686
-[conv1]
-type = conv
-inputs = data
-filters = 4
-size = 3
-padding = 1
-neuron = relu
-initW = he
-[pool1]
-type = pool
-inputs = conv1
-pool = max
-size = 2
-stride = 2
-[fc2]
-type = fc
-inputs = pool1
-outputs = 16
-neuron = relu
-initW = he
-[drop2]
-type = dropout
-inputs = fc2
-keep = 0.8
-[fc3]
-type = fc
-inputs = drop2
-outputs = 4
-initW = 0.01
-[probs]
-type = softmax
-inputs = fc3
-[train]
-dataset = synthetic
-batch_size = 16
-lr = 0.1
-epochs = 3
-"""
+from models import TINY
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from convnet.model_file import build_net, load_model, resolve_model
 from convnet.optim import SGD
 from convnet.train import run
 from helpers import EMU, NUMPY
+from models import GROUPED_DROP, TOWERS_DROP, TWO_TOWERS
 
 HOST_KINDS = ("numpy", "cpu", "emu")  # the kinds whose indices are virtual devices of the host
 
@@ -139,44 +140,6 @@ def test_counted_bytes_equal_the_plan_for_towers_on_one_device():
     assert net.exchange_plan(images=2) == {"numpy[0]->numpy[1]": to_1, "numpy[1]->numpy[0]": to_0}
     net.forward(x)  # a forward starts a new count: here the forward's copies only
     assert net.exchange.bytes[("numpy[1]", "numpy[0]")] == 4 * 2 * (128 * 5 * 5 + 128 * 2 * 2 + 2 * 2048)
-
-
-TWO_TOWERS = """
-[data]
-type = data
-channels = 1
-size = 8
-[conva]
-type = conv
-inputs = data
-filters = 3
-size = 3
-padding = 1
-neuron = relu
-device = 0
-[convb]
-type = conv
-inputs = data
-filters = 3
-size = 3
-padding = 1
-neuron = relu
-gpu = 1
-[fc]
-type = fc
-inputs = conva, convb
-outputs = 4
-device = 1
-[probs]
-type = softmax
-inputs = fc
-device = 0
-[train]
-dataset = synthetic
-batch_size = 8
-lr = 0.05
-epochs = 1
-"""
 
 
 def test_gradients_are_summed_on_the_producers_device(monkeypatch):
@@ -500,101 +463,6 @@ def test_training_the_two_forms_gives_the_same_losses_and_parameters(kind):
         moved = after_one[k] - start[k]
         assert np.abs(moved).max() > 0, k
         np.testing.assert_allclose(after_two[k] - start[k], moved, rtol=0, atol=1e-3 * np.abs(moved).max(), err_msg=k)
-
-
-# a small two-tower net with a dropout layer split across the towers, and the same net on one device (grouped)
-TOWERS_DROP = """
-[data]
-type = data
-channels = 1
-size = 8
-[conva]
-type = conv
-inputs = data
-filters = 3
-size = 3
-padding = 1
-neuron = relu
-device = 0
-[convb]
-type = conv
-inputs = data
-filters = 3
-size = 3
-padding = 1
-neuron = relu
-device = 1
-[fca]
-type = fc
-inputs = conva, convb
-outputs = 6
-neuron = relu
-device = 0
-[fcb]
-type = fc
-inputs = conva, convb
-outputs = 6
-neuron = relu
-device = 1
-[dropa]
-type = dropout
-inputs = fca
-maskOf = drop
-device = 0
-[dropb]
-type = dropout
-inputs = fcb
-maskOf = drop
-maskStart = 6
-device = 1
-[out]
-type = fc
-inputs = dropa, dropb
-outputs = 4
-device = 0
-[probs]
-type = softmax
-inputs = out
-device = 0
-[train]
-dataset = synthetic
-batch_size = 8
-lr = 0.01
-epochs = 2
-"""
-GROUPED_DROP = """
-[data]
-type = data
-channels = 1
-size = 8
-[conv]
-type = conv
-inputs = data
-filters = 6
-size = 3
-padding = 1
-neuron = relu
-[fc]
-type = fc
-inputs = conv
-outputs = 12
-neuron = relu
-[drop]
-type = dropout
-inputs = fc
-[out]
-type = fc
-inputs = drop
-outputs = 4
-[probs]
-type = softmax
-inputs = out
-[train]
-dataset = synthetic
-batch_size = 8
-lr = 0.01
-epochs = 2
-"""
 
 
 def _train(tmp_path, model_text, out, *flags):

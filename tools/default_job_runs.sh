@@ -21,7 +21,7 @@ echo "== building one wheel of $repo (CONVNET_CUDA=OFF: the main job on the CPU)
 CONVNET_CUDA=OFF python3 -m pip wheel -q --no-deps -w "$work/wheel" "$repo"
 python3 -m venv "$work/venv"
 "$work/venv/bin/pip" install -q "$work"/wheel/*.whl
-"$work/venv/bin/python" -c "import convnet; print(convnet.devices.install_report())"
+"$work/venv/bin/python" -c "import convnet; print(convnet.install_report())"
 
 cpu=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 {

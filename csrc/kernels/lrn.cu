@@ -58,6 +58,33 @@ __device__ __forceinline__ bool lrn_thread(const LrnGeometry& g, int seg, LrnThr
 }
 
 // ---- compile-time window (register shift registers) -------------------------------------------------------------
+// Lane k's sum of squares over the forward window held in ring (ring[j] = x[c - B + j] for centre c), in the
+// forward's order (centre, then below, then above). The forward and the recomputing backward both call this, so
+// the backward's denom is bit-identical to the forward's by construction.
+template <int VEC, int SIZE>
+__device__ __forceinline__ float ring_sum_sq(const VecF<VEC> (&ring)[SIZE], int k) {
+  constexpr int B = SIZE / 2, A = (SIZE - 1) / 2;
+  float s = ring[B].v[k] * ring[B].v[k];
+#pragma unroll
+  for (int o = 1; o <= B; ++o) s += ring[B - o].v[k] * ring[B - o].v[k];
+#pragma unroll
+  for (int o = 1; o <= A; ++o) s += ring[B + o].v[k] * ring[B + o].v[k];
+  return s;
+}
+
+// Lane k's sum over the reversed window held in ring (ring[j] = the term of map c - A + j, the maps whose window
+// contains the centre c), in a fixed order (centre, then below, then above): both backward variants call this.
+template <int VEC, int SIZE>
+__device__ __forceinline__ float ring_adjoint_sum(const VecF<VEC> (&ring)[SIZE], int k) {
+  constexpr int A = (SIZE - 1) / 2, B = SIZE / 2;
+  float s = ring[A].v[k];
+#pragma unroll
+  for (int o = 1; o <= A; ++o) s += ring[A - o].v[k];
+#pragma unroll
+  for (int o = 1; o <= B; ++o) s += ring[A + o].v[k];
+  return s;
+}
+
 // Forward, SIZE = 3 or 5: ring win holds x over the window of the current centre c, shifted by one map per step.
 template <int VEC, int SIZE>
 __global__ void lrn_fwd_kernel(const float* __restrict__ x, float* __restrict__ y, float* __restrict__ denom,
@@ -85,12 +112,7 @@ __global__ void lrn_fwd_kernel(const float* __restrict__ x, float* __restrict__ 
     VecF<VEC> yv, dv;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      float s = win[B].v[k] * win[B].v[k];
-#pragma unroll
-      for (int o = 1; o <= B; ++o) s += win[B - o].v[k] * win[B - o].v[k];
-#pragma unroll
-      for (int o = 1; o <= A; ++o) s += win[B + o].v[k] * win[B + o].v[k];
-      const float d = g.k + g.a * s;
+      const float d = g.k + g.a * ring_sum_sq<VEC, SIZE>(win, k);
       dv.v[k] = d;
       yv.v[k] = win[B].v[k] * lrn_pow(d, g.beta);
     }
@@ -133,12 +155,7 @@ __global__ void __launch_bounds__(kThreads) lrn_bwd_recompute_kernel(const float
       const VecF<VEC> dyv = vload<VEC>(dy + L * cs + base);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        float s = xr[B].v[k] * xr[B].v[k];
-#pragma unroll
-        for (int o = 1; o <= B; ++o) s += xr[B - o].v[k] * xr[B - o].v[k];
-#pragma unroll
-        for (int o = 1; o <= A; ++o) s += xr[B + o].v[k] * xr[B + o].v[k];
-        const float d = g.k + g.a * s;
+        const float d = g.k + g.a * ring_sum_sq<VEC, SIZE>(xr, k);
         const float p = lrn_pow(d, g.beta);
         const float yv = xr[B].v[k] * p;
         t[SIZE - 1].v[k] = dyv.v[k] * yv / d;
@@ -153,12 +170,7 @@ __global__ void __launch_bounds__(kThreads) lrn_bwd_recompute_kernel(const float
       VecF<VEC> out;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        float s = t[A].v[k];
-#pragma unroll
-        for (int o = 1; o <= A; ++o) s += t[A - o].v[k];
-#pragma unroll
-        for (int o = 1; o <= B; ++o) s += t[A + o].v[k];
-        s = s * xr[0].v[k] * coef;                 // xr[0] = x[L - B] = x[c]
+        const float s = ring_adjoint_sum<VEC, SIZE>(t, k) * xr[0].v[k] * coef;  // xr[0] = x[L - B] = x[c]
         out.v[k] = q[A].v[k] - s;
       }
       vstore<VEC>(dx + c * cs + base, out);
@@ -205,12 +217,7 @@ __global__ void lrn_bwd_kernel(const float* __restrict__ x, const float* __restr
     VecF<VEC> out;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      float s = t[A].v[k];
-#pragma unroll
-      for (int o = 1; o <= A; ++o) s += t[A - o].v[k];
-#pragma unroll
-      for (int o = 1; o <= B; ++o) s += t[A + o].v[k];
-      s = s * xv.v[k] * coef;
+      const float s = ring_adjoint_sum<VEC, SIZE>(t, k) * xv.v[k] * coef;
       out.v[k] = q[A].v[k] - s;
     }
     vstore<VEC>(dx + c * cs + base, out);

@@ -289,7 +289,7 @@ def rank_device(spec, world, get_device):
         except ValueError as e:
             raise ConfigError(f"--device: {e}") from None
         kind = dev.kind
-        if ":" in str(spec) and world.size > 1 and dev.backend.always_indexed:
+        if ":" in str(spec) and world.size > 1 and dev.always_indexed:
             raise ConfigError(f"--device {spec}: with --distributed every rank takes cuda:<its rank on the node>; "
                               f"give --device cuda (CUDA_VISIBLE_DEVICES chooses which GPUs a node offers)")
     if kind != "cuda":

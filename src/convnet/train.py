@@ -28,7 +28,8 @@ from . import checkpoint as ckpt
 from .config import CLI_KEYS, Config, ConfigError, make_parser, setting_name
 from .data import DataError
 from .cpu import loop_threads
-from .devices import DeviceUnavailable, blas_threads, default_threads, install_report
+from . import install_report
+from .devices import DeviceUnavailable, blas_threads, default_threads
 from .model_file import ModelFileError, build_net, parse_model_text, resolve_model
 from .distributed import DistributedError, digest, job_to_abort
 from .placement import resolve_devices

@@ -1,15 +1,15 @@
-"""The fast CPU path (the ``cpu`` device, float32): for each reference module ``convnet.reference.<family>`` that a
-training step spends time in, a module ``convnet.cpu.<family>`` with the same functions and the same results,
-written for speed. The GEMMs are this path's own (``convnet.cpu.gemm``: AVX-512 or AVX2 micro-kernels, the
-convolutions' im2col operand packed straight from the image; NumPy's BLAS where the CPU has neither); the loops between
-them -- im2col/col2im, max pooling, ReLU, dropout, the bias add and sum, the SGD update -- are compiled host code,
-``convnet._cpu`` (csrc/cpu/host_kernels.cpp: one pass over memory each, OpenMP across channels, the GIL released).
-In NumPy those loops cost as much as the GEMMs.
+"""The fast CPU path (the ``cpu`` device, float32): faster versions of the NumPy reference functions
+(``convnet.reference.<family>``) that a training step spends time in, in ``convnet.cpu.<family>``, with the same
+signatures and the same results. The GEMMs are this path's own (``convnet.cpu.gemm``: AVX-512 or AVX2 micro-kernels,
+the convolutions' im2col operand packed straight from the image; NumPy's BLAS where the CPU has neither); the loops
+between them -- im2col/col2im, max pooling, ReLU, dropout, the bias add and sum, the SGD update -- are compiled host
+code, ``convnet._cpu`` (csrc/cpu/host_kernels.cpp: one pass over memory each, OpenMP across channels, the GIL
+released). In NumPy those loops cost as much as the GEMMs.
 
-Functions not rewritten are the reference's own (each module re-exports them; a family without a module here runs
-the reference: ``devices/backend_cpu.py``). The tests run every op on ``cpu`` against the reference on random data,
-like the compiled kernels (tests/helpers.py ``KERNEL_DEVICES``), plus tests/test_cpu.py for what is specific to this
-path. The NumPy reference stays the simple, obviously correct oracle.
+Which reference function each one replaces is one table, ``FAST_FUNCTIONS`` in ``devices/backend_cpu.py``; every other
+op runs the reference. The tests run every op on ``cpu`` against the reference on random data, like the compiled
+kernels (tests/helpers.py ``KERNEL_DEVICES``), plus tests/test_cpu.py for what is specific to this path. The NumPy
+reference stays the simple, obviously correct oracle.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from convnet.devices.backend import load_extension
+from convnet.extensions import load_extension
 
 # The loops' OpenMP threads sleep between parallel regions instead of spinning: a spinning thread on a machine
 # with as many busy threads as cores (BLAS, the loader, another job) stalls everyone (a step measured 5x slower).

@@ -11,7 +11,7 @@ import numpy as np
 
 from convnet.cpu import contiguous, gemm, lib
 from convnet.geometry import ConvGeometry
-from convnet.reference.conv import _chunks
+from convnet.reference.conv import image_chunks
 
 
 def _image_args(g: ConvGeometry, group: int, n0: int, n1: int) -> tuple:
@@ -34,7 +34,7 @@ def _filters(w, g: ConvGeometry, group: int):
 
 def _image_chunks(g: ConvGeometry):
     """The chunks of images whose im2col matrix fits the reference's budget ([(n0, n1)], usually one)."""
-    return _chunks(g.N, g.Cg * g.KH * g.KW * g.OH * g.OW)
+    return image_chunks(g.N, g.Cg * g.KH * g.KW * g.OH * g.OW)
 
 
 def _dy_rows(dy, g: ConvGeometry, group: int, n0: int, n1: int):

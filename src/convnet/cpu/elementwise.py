@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from convnet.cpu import contiguous, lib
-from convnet.reference.elementwise import (dropout_mask, dropout_scale, keep_threshold,  # noqa: F401 (re-exported)
-                                           philox4x32_10)
+from convnet.reference.elementwise import dropout_scale, keep_threshold
 
 
 def relu_forward(x):

@@ -1,4 +1,4 @@
-"""What the CPU backends (numpy, cpu, emu) share: host arrays tagged with their virtual device, and the BLAS pool.
+"""What the host devices (numpy, cpu, emu) share: host arrays tagged with their virtual device, and the BLAS pool.
 
 Every index of a host kind is a *virtual device* of the one host (``emu:0``/``emu:1`` stand for two GPUs in the
 two-tower tests). So that a missing copy between them fails instead of passing silently, memory belongs to one
@@ -22,7 +22,7 @@ import weakref
 
 import numpy as np
 
-from convnet.devices.backend import Backend
+from convnet.devices.device import Device
 
 # id(root array) -> (device name, weak reference whose callback drops the entry); only indices >= 1 are here
 _TAGS: dict = {}
@@ -50,157 +50,148 @@ def _tag(a: np.ndarray, name: str) -> None:
     _TAGS[key] = (name, weakref.ref(root, lambda _, key=key: _TAGS.pop(key, None)))
 
 
-class HostBackend(Backend):
+class HostDevice(Device):
     """Arrays are C-contiguous numpy.ndarray in host memory; index i >= 1 is a virtual device whose arrays are
     tagged (module docstring).
 
-    A kind with ``emulates_streams`` (emu) has streams (:mod:`convnet.devices.host_streams`): work on one runs on its
-    worker, asynchronously; the current stream is per thread (``on_stream``); with none current, work runs on the
-    host when it is issued. Reading an array on the host (``to_numpy``) first waits for this kind's streams, as
-    ``cupy.ndarray.get()`` waits for the GPU. Such a kind also fills new arrays with NaN (``empty``), so a kernel
+    A kind with ``streams`` (emu) has emulated streams (:mod:`convnet.devices.host_streams`): work on one runs on its
+    worker, asynchronously; the current stream is per device and thread (``on_stream``); with none current, work runs
+    on the host when it is issued. Reading an array on the host (``to_numpy``) first waits for this kind's streams,
+    as ``cupy.ndarray.get()`` waits for the GPU. Such a kind also fills new arrays with NaN (``empty``), so a kernel
     or a copy that reads memory before it is written gives NaN instead of plausible stale numbers. The other host
     kinds (numpy, cpu) run everything on the host in issue order: a stream there is None."""
 
-    emulates_streams = False
+    streams = None  # a kind with emulated streams: a WeakSet of every one of its streams not yet collected
 
-    def __init__(self):
-        self._local = threading.local()       # .current: {index: the calling thread's current stream}
-        self._live = weakref.WeakSet()         # every stream of this kind not yet collected
+    def _setup(self):
+        object.__setattr__(self, "_local", threading.local())  # .stream: the calling thread's current stream
 
     # -- streams ------------------------------------------------------------------------------------------------
-    def new_stream(self, index):
-        if not self.emulates_streams:
+    def new_stream(self):
+        if self.streams is None:
             return None
         from convnet.devices.host_streams import HostStream
 
-        stream = HostStream(f"{self.kind}:{index}")
-        self._live.add(stream)
+        stream = HostStream(f"{self.kind}:{self.index}")
+        self.streams.add(stream)
         return stream
 
-    def _current(self) -> dict:
-        current = getattr(self._local, "current", None)
-        if current is None:
-            current = self._local.current = {}
-        return current
-
-    def _resolve(self, index, stream):
-        return stream if stream is not None else self._current().get(index)
+    def _resolve(self, stream):
+        return stream if stream is not None else getattr(self._local, "stream", None)
 
     @contextlib.contextmanager
-    def on_stream(self, index, stream):
-        if stream is None or not self.emulates_streams:
+    def on_stream(self, stream=None):
+        if stream is None or self.streams is None:
             yield
             return
-        current = self._current()
-        before = current.get(index)
-        current[index] = stream
+        before = getattr(self._local, "stream", None)
+        self._local.stream = stream
         try:
             yield
         finally:
-            current[index] = before
+            self._local.stream = before
 
-    def runs_at_issue(self, index, stream):
-        return self._resolve(index, stream) is None
+    def runs_at_issue(self, stream=None):
+        return self._resolve(stream) is None
 
-    def submit(self, index, stream, fn):
-        s = self._resolve(index, stream)
+    def submit(self, fn, stream=None):
+        s = self._resolve(stream)
         if s is None:
             fn()
         else:
             s.submit(fn)
 
-    def record_event(self, index, stream):
-        s = self._resolve(index, stream)
+    def record_event(self, stream=None):
+        s = self._resolve(stream)
         return None if s is None else s.record()
 
-    def wait_event(self, index, stream, event):
+    def wait_event(self, event, stream=None):
         if event is None:
             return
-        s = self._resolve(index, stream)
+        s = self._resolve(stream)
         if s is None:
             event.wait()  # the host is the current stream: it waits
         else:
             s.wait(event)
 
-    def synchronize(self, index):
-        for s in list(self._live):
-            if s.name == f"{self.kind}:{index}":
+    def synchronize(self):
+        for s in list(self.streams or ()):
+            if s.name == f"{self.kind}:{self.index}":
                 s.synchronize()
 
-    def _synchronize_all(self):
-        for s in list(self._live):
-            s.synchronize()
-
-    def empty(self, shape, dtype, index):
+    # -- arrays -------------------------------------------------------------------------------------------------
+    def _allocate(self, shape, dtype):
         dtype = np.dtype(dtype)
-        if self.emulates_streams and dtype.kind in "fc":
+        if self.streams is not None and dtype.kind in "fc":
             return np.full(shape, np.nan, dtype)
         return np.empty(shape, dtype)
 
+    @property
     def xp(self):
         return np
 
-    def array_name(self, index: int) -> str:
+    @property
+    def array_name(self) -> str:
         return "numpy.ndarray"
 
-    def _name(self, index: int) -> str | None:
-        """The tag of this kind's device ``index``: None for index 0 (untagged host memory)."""
-        return f"{self.kind}:{index}" if index else None
+    def _tag(self) -> str | None:
+        """The tag of this device's memory: None for index 0 (untagged host memory)."""
+        return f"{self.kind}:{self.index}" if self.index else None
 
-    def is_array(self, a, index: int) -> bool:
+    def is_array(self, a) -> bool:
         if not isinstance(a, np.ndarray):
             return False
         if not _TAGS:  # no virtual device's array is alive: every array is the host's own
-            return not index
-        return tag_of(a) == self._name(index)
+            return not self.index
+        return tag_of(a) == self._tag()
 
     def describe_array(self, a) -> str:
         if not isinstance(a, np.ndarray):
             return super().describe_array(a)
         return f"numpy.ndarray of {tag_of(a) or f'{self.kind}:0 (untagged host memory)'}"
 
-    def adopt(self, a, index: int):
-        """Claim ``a``'s memory (new, untagged, or already this device's) for device ``index``; an array of another
-        device is a TypeError: it needs a copy (``ops.copy``)."""
-        if not index and not _TAGS:
+    def adopt(self, a):
+        """Claim ``a``'s memory (new, untagged, or already this device's) for this device; an array of another device
+        is a TypeError: it needs a copy (``ops.copy``)."""
+        if not self.index and not _TAGS:
             return a
-        owner, mine = tag_of(a), self._name(index)
+        owner, mine = tag_of(a), self._tag()
         if owner != mine:
             if owner is not None:
-                raise TypeError(f"a numpy.ndarray of {owner} cannot become an array of {self.kind}:{index} "
+                raise TypeError(f"a numpy.ndarray of {owner} cannot become an array of {self.kind}:{self.index} "
                                 f"without a copy (convnet.ops.copy)")
             _tag(a, mine)
         return a
 
-    def asarray(self, a, dtype, index: int):
+    def asarray(self, a, dtype=None):
         if not isinstance(a, np.ndarray) and hasattr(a, "get"):  # a cupy array coming back to the host
             a = a.get()
         b = np.ascontiguousarray(a, dtype=dtype)
-        if self.is_array(b, index):
+        if self.is_array(b):
             return b
         if tag_of(b) is not None or (isinstance(a, np.ndarray) and _root(b) is _root(a)):
             b = b.copy()  # another device's memory, or a caller's host array (never claimed): copied
-        return self.adopt(b, index)
+        return self.adopt(b)
 
     def to_numpy(self, a) -> np.ndarray:
-        if self._live:
-            self._synchronize_all()
+        for s in list(self.streams or ()):
+            s.synchronize()
         return np.asarray(a)
 
     def pointer(self, a) -> int:
         return int(a.ctypes.data)
 
-    def free_memory(self, index):
+    def free_memory(self):
         return "host memory", available_ram()
 
-    def copy(self, a, src_index, dst_index, out, stream=None, src_stream=None):
-        """A real copy from ``a`` (device ``src_index``'s memory, written on ``src_stream``) into ``out``
-        (``dst_index``'s), on ``stream``, the consumer's: that stream first waits for an event recorded on the
-        producer's, as on a GPU (without streams: done when it returns)."""
-        s_dst, s_src = self._resolve(dst_index, stream), self._resolve(src_index, src_stream)
+    def copy(self, a, src, out, stream=None, src_stream=None):
+        """A real copy from ``a`` (``src``'s memory, written on ``src_stream``) into ``out`` (this device's), on
+        ``stream``, the consumer's: that stream first waits for an event recorded on the producer's, as on a GPU
+        (without streams: done when it returns)."""
+        s_dst, s_src = self._resolve(stream), src._resolve(src_stream)
         if s_src is not s_dst:
-            self.wait_event(dst_index, s_dst, self.record_event(src_index, s_src))
-        self.submit(dst_index, s_dst, lambda: np.copyto(out, a))
+            self.wait_event(src.record_event(s_src), s_dst)
+        self.submit(lambda: np.copyto(out, a), s_dst)
         return out
 
 

@@ -1,49 +1,58 @@
-"""The ``cpu`` device, the fast CPU path and the default device without a GPU: ops run ``convnet.cpu.<family>``, the
-same functions as the NumPy reference (``convnet.reference.<family>``) rewritten for speed where a training step
-spends its time -- its own GEMM (convnet/cpu/gemm.py) around compiled host loops (``convnet._cpu``: col2im, max
-pooling, ReLU, dropout) -- and
-the reference itself elsewhere. Checked against the reference like the compiled kernels (every op test's device list,
-tests/test_cpu.py). float32, like the kernels (float64 is the numpy device's). The ``numpy`` device stays the plain
-reference.
+"""The ``cpu`` device, the fast CPU path and the default device without a GPU: ops run the NumPy reference
+(``convnet.reference``) except where a training step spends its time, where ``FAST_FUNCTIONS`` names the faster
+version (``convnet.cpu``: its own GEMM around compiled host loops, ``convnet._cpu``). Checked against the reference
+like the compiled kernels (every op test's device list, tests/test_cpu.py). float32, like the kernels (float64 is the
+numpy device's, which stays the plain reference).
 """
 from __future__ import annotations
-
-import functools
-import importlib
 
 import numpy as np
 
 import convnet.cpu  # noqa: F401 (sets the OpenMP wait policy before convnet._cpu loads libgomp)
+from convnet.cpu import conv as fast_conv
+from convnet.cpu import elementwise as fast_elementwise
 from convnet.cpu import gemm as cpu_gemm
-from convnet.devices.backend import load_extension
-from convnet.devices.backend_numpy import NumpyBackend
+from convnet.cpu import pool as fast_pool
+from convnet.cpu import sgd as fast_sgd
+from convnet.devices.backend_numpy import NumpyDevice
+from convnet.extensions import load_extension
+from convnet.reference import conv, elementwise, pool, sgd
+
+# Reference function -> the cpu device's version (same signature and results); other ops run the reference itself.
+FAST_FUNCTIONS = {
+    conv.conv_forward: fast_conv.conv_forward,
+    conv.conv_backward_data: fast_conv.conv_backward_data,
+    conv.conv_backward_filter: fast_conv.conv_backward_filter,
+    conv.conv_backward_bias: fast_conv.conv_backward_bias,
+    elementwise.relu_forward: fast_elementwise.relu_forward,
+    elementwise.relu_backward: fast_elementwise.relu_backward,
+    elementwise.dropout_forward: fast_elementwise.dropout_forward,
+    elementwise.dropout_backward: fast_elementwise.dropout_backward,
+    pool.pool_forward: fast_pool.pool_forward,
+    pool.pool_backward: fast_pool.pool_backward,
+    sgd.sgd_update: fast_sgd.sgd_update,
+}
 
 
-class CpuBackend(NumpyBackend):
+class CpuDevice(NumpyDevice):
     kind = "cpu"
     dtypes = (np.dtype(np.float32),)
 
-    def availability(self, index):
+    def available(self):
         module, reason = load_extension("_cpu")
         return module is not None, reason
 
-    def report(self):
-        ok, reason = self.availability(0)
+    @classmethod
+    def report(cls):
+        ok, reason = cls(cls.kind).available()
         return [{"device": "cpu", "usable": ok,
                  "detail": "fast CPU path (convnet.cpu: compiled GEMM and loops)" if ok else reason}]
+
+    def host_function(self, reference_function):
+        return FAST_FUNCTIONS.get(reference_function, reference_function)
 
     def matmul(self, a, b, out=None):
         return cpu_gemm.matmul(a, b, out=out)
 
-    @functools.lru_cache(maxsize=None)  # every op call asks: look the module up once per family
-    def host_module(self, reference_module):
-        family = reference_module.__name__.rsplit(".", 1)[1]
-        try:
-            return importlib.import_module(f"convnet.cpu.{family}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"convnet.cpu.{family}":
-                raise
-            return reference_module
 
-
-BACKEND = CpuBackend()
+DEVICE = CpuDevice

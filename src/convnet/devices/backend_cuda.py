@@ -8,7 +8,8 @@ import warnings
 
 import numpy as np
 
-from convnet.devices.backend import Backend, DeviceUnavailable, load_extension
+from convnet.devices.device import Device, DeviceUnavailable
+from convnet.extensions import load_extension
 
 # CONVNET_CUPY_POOL=0: CuPy allocates every array with its own cudaMalloc (no device or pinned memory pool). Under
 # compute-sanitizer memcheck an out-of-bounds access into a pooled sub-allocation lands in memory the pool owns and
@@ -171,7 +172,29 @@ class GpuCopier:
         return out
 
 
-class CudaBackend(Backend):
+@functools.lru_cache(maxsize=None)
+def gpu_count() -> tuple[int, str]:
+    """(the number of GPUs CUDA sees, why none can be used when 0); probed once per process."""
+    module, reason = load_extension(CudaDevice.extension)
+    if module is None:
+        return 0, reason
+    n, message = module.device_count()
+    if n == 0:
+        return 0, f"no usable GPU: the CUDA runtime says {message or 'there are 0 devices'}"
+    try:
+        _import_cupy()
+    except ImportError as exc:
+        return 0, f"{n} GPU(s) present but CuPy is not installed ({exc}); `pip install .[cuda]`"
+    return n, ""
+
+
+@functools.lru_cache(maxsize=None)
+def copier() -> GpuCopier:
+    """The copier of every copy between GPUs (it remembers which pairs have peer access)."""
+    return GpuCopier()
+
+
+class CudaDevice(Device):
     kind = "cuda"
     synchronous = False
     always_indexed = True
@@ -179,63 +202,52 @@ class CudaBackend(Backend):
 
     # -- availability (probed once per process) -----------------------------------------------------------------
     @functools.lru_cache(maxsize=None)
-    def count(self) -> tuple[int, str]:
-        module, reason = load_extension(self.extension)
-        if module is None:
-            return 0, reason
-        n, message = module.device_count()
-        if n == 0:
-            return 0, f"no usable GPU: the CUDA runtime says {message or 'there are 0 devices'}"
-        try:
-            _import_cupy()
-        except ImportError as exc:
-            return 0, f"{n} GPU(s) present but CuPy is not installed ({exc}); `pip install .[cuda]`"
-        return n, ""
-
-    @functools.lru_cache(maxsize=None)
-    def availability(self, index):
-        n, reason = self.count()
+    def available(self):
+        n, reason = gpu_count()
         if n == 0:
             return False, reason
-        if index >= n:
+        if self.index >= n:
             return False, f"only {n} GPU(s) present"
         module, _ = load_extension(self.extension)
         try:
-            name, major, minor, sms = module.device_name(index)
+            name, major, minor, sms = module.device_name(self.index)
         except RuntimeError as exc:
             return False, str(exc)
         if major < 8:
             return False, f"{name} is sm_{major}{minor}; convnet._cuda is built for sm_80 and newer"
         return True, f"{name} (sm_{major}{minor}, {sms} SMs)"
 
-    def report(self):
-        n, reason = self.count()
+    @classmethod
+    def report(cls):
+        n, reason = gpu_count()
         if n == 0:
             return [{"device": "cuda", "usable": False, "detail": reason}]
         entries = []
         for i in range(n):
-            ok, detail = self.availability(i)
+            ok, detail = cls(cls.kind, i).available()
             entries.append({"device": f"cuda:{i}", "usable": ok, "detail": detail})
         return entries
 
     # -- arrays -------------------------------------------------------------------------------------------------
+    @property
     def xp(self):
         return cupy()
 
-    def is_array(self, a, index):
+    def is_array(self, a):
         cp = cupy()
-        return isinstance(a, cp.ndarray) and a.device.id == index
+        return isinstance(a, cp.ndarray) and a.device.id == self.index
 
-    def array_name(self, index):
-        return f"cupy.ndarray on GPU {index}"
+    @property
+    def array_name(self):
+        return f"cupy.ndarray on GPU {self.index}"
 
     def describe_array(self, a):
         name = super().describe_array(a)
         return f"{name} on GPU {a.device.id}" if name == "cupy.ndarray" else name
 
-    def asarray(self, a, dtype, index):
+    def asarray(self, a, dtype=None):
         cp = cupy()
-        with cp.cuda.Device(index):
+        with cp.cuda.Device(self.index):
             return cp.ascontiguousarray(cp.asarray(a, dtype=dtype))
 
     def to_numpy(self, a):
@@ -251,54 +263,50 @@ class CudaBackend(Backend):
         return int(a.data.ptr)
 
     # -- execution ----------------------------------------------------------------------------------------------
-    def activate(self, index):
-        return cupy().cuda.Device(index)
+    def activate(self):
+        return cupy().cuda.Device(self.index)
 
     @contextlib.contextmanager
-    def on_stream(self, index, stream):
-        with cupy().cuda.Device(index):
+    def on_stream(self, stream=None):
+        with cupy().cuda.Device(self.index):
             if stream is None:
                 yield
             else:
                 with stream:
                     yield
 
-    def stream_handle(self, index, stream):
+    def stream_handle(self, stream=None):
         if stream is None:
-            with cupy().cuda.Device(index):
+            with cupy().cuda.Device(self.index):
                 stream = cupy().cuda.get_current_stream()
         return int(stream.ptr)
 
-    def synchronize(self, index):
-        cupy().cuda.Device(index).synchronize()
+    def synchronize(self):
+        cupy().cuda.Device(self.index).synchronize()
 
-    def free_memory(self, index):
+    def free_memory(self):
         cp = cupy()
-        with cp.cuda.Device(index):
+        with cp.cuda.Device(self.index):
             free, _ = cp.cuda.runtime.memGetInfo()
-        return f"GPU {index}", int(free)
+        return f"GPU {self.index}", int(free)
 
-    def new_stream(self, index):
+    def new_stream(self):
         # Non-blocking: ordered by events only (the graph's fork and join, the copies', the loader's and the
         # reducer's), never by the legacy default stream's implicit barriers, which would serialise the towers, the
         # loader and the gradient all-reduce with whatever the loop queues on the null stream.
         cp = cupy()
-        with cp.cuda.Device(index):
+        with cp.cuda.Device(self.index):
             return cp.cuda.Stream(non_blocking=True)
 
-    def record_event(self, index, stream):
-        return record_event(cupy(), index, stream)
+    def record_event(self, stream=None):
+        return record_event(cupy(), self.index, stream)
 
-    def wait_event(self, index, stream, event):
+    def wait_event(self, event, stream=None):
         if event is not None:
-            wait_event(cupy(), index, stream, event)
+            wait_event(cupy(), self.index, stream, event)
 
-    @functools.cached_property
-    def copier(self) -> GpuCopier:
-        return GpuCopier()
-
-    def copy(self, a, src_index, dst_index, out, stream=None, src_stream=None):
-        return self.copier.copy(a, src_index, dst_index, out, stream, src_stream)
+    def copy(self, a, src, out, stream=None, src_stream=None):
+        return copier().copy(a, src.index, self.index, out, stream, src_stream)
 
 
-BACKEND = CudaBackend()
+DEVICE = CudaDevice

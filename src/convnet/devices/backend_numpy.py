@@ -3,19 +3,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from convnet.devices._host import HostBackend
+from convnet.devices._host import HostDevice
 
 
-class NumpyBackend(HostBackend):
+class NumpyDevice(HostDevice):
     kind = "numpy"
     runs_reference = True
     dtypes = (np.dtype(np.float32), np.dtype(np.float64))
 
-    def availability(self, index):
+    def available(self):
         return True, ""
 
-    def report(self):
+    @classmethod
+    def report(cls):
         return [{"device": "numpy", "usable": True, "detail": f"NumPy {np.__version__} reference"}]
 
 
-BACKEND = NumpyBackend()
+DEVICE = NumpyDevice

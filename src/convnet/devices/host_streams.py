@@ -13,7 +13,7 @@ towers a wrong result in CI instead of a bug only a GPU shows.
 * ``delay`` (seconds, default 0) sleeps before each piece of work: tests make one stream slow so that a missing wait
   reads memory that is not written yet, every time.
 
-A fresh emu array is filled with NaN (``HostBackend.empty``), so reading it before the kernel that writes it shows.
+A fresh emu array is filled with NaN (``HostDevice._allocate``), so reading it before the kernel that writes it shows.
 """
 from __future__ import annotations
 

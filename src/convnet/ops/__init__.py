@@ -1,19 +1,28 @@
-"""The op API: ``op(device, *arrays, **params, out=None, stream=None)``, the same on numpy, emu and cuda.
+"""The op API: ``op(device, *arrays, **params, out=None, stream=None)``, the same on numpy, cpu, emu and cuda.
 
 See docs/architecture.md for layouts and the list of ops. Each family lives in its own module
 (``convnet/ops/<family>.py``) beside its kernel (``csrc/kernels/<family>.cu``) and its NumPy reference
-(``convnet/reference/<family>.py``).
+(``convnet/reference/<family>.py``); its ops are imported here by name.
 """
-from convnet.ops import conv, elementwise, fc, lrn, pool, sgd, softmax, tensor, transfer
-from convnet.ops.conv import *  # noqa: F401,F403
-from convnet.ops.elementwise import *  # noqa: F401,F403
-from convnet.ops.fc import *  # noqa: F401,F403
-from convnet.ops.lrn import *  # noqa: F401,F403
-from convnet.ops.pool import *  # noqa: F401,F403
-from convnet.ops.sgd import *  # noqa: F401,F403
-from convnet.ops.softmax import *  # noqa: F401,F403
-from convnet.ops.tensor import *  # noqa: F401,F403
-from convnet.ops.transfer import *  # noqa: F401,F403
+from convnet.ops.conv import (conv_backward_bias, conv_backward_data, conv_backward_filter, conv_forward,
+                              conv_output_shape)
+from convnet.ops.elementwise import dropout_backward, dropout_forward, dropout_mask, relu_backward, relu_forward
+from convnet.ops.fc import fc_backward_bias, fc_backward_data, fc_backward_weights, fc_forward
+from convnet.ops.lrn import lrn_backward, lrn_forward
+from convnet.ops.pool import pool_backward, pool_forward, pool_output_shape
+from convnet.ops.sgd import sgd_update
+from convnet.ops.softmax import softmax_cross_entropy, softmax_forward, topk_errors
+from convnet.ops.tensor import add, concat, scale
+from convnet.ops.transfer import copy
 
-FAMILIES = (elementwise, conv, pool, lrn, softmax, fc, tensor, transfer, sgd)
-__all__ = [name for family in FAMILIES for name in family.__all__]
+__all__ = [
+    "relu_forward", "relu_backward", "dropout_forward", "dropout_backward", "dropout_mask",
+    "conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias", "conv_output_shape",
+    "pool_forward", "pool_backward", "pool_output_shape",
+    "lrn_forward", "lrn_backward",
+    "softmax_forward", "softmax_cross_entropy", "topk_errors",
+    "fc_forward", "fc_backward_data", "fc_backward_weights", "fc_backward_bias",
+    "concat", "add", "scale",
+    "copy",
+    "sgd_update",
+]

@@ -18,8 +18,6 @@ from convnet.ops._checks import as_device, check_array, check_same_dtype
 from convnet.ops._dispatch import Output, alpha_beta, launch, produce
 from convnet.reference import conv as ref
 
-__all__ = ["conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias", "conv_output_shape"]
-
 
 def conv_output_shape(x_shape, w_shape, *, stride=1, padding=0, groups=1):
     """(F, OH, OW, N) of conv_forward for these shapes."""
@@ -44,7 +42,7 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
     alpha, beta = alpha_beta(alpha, beta, out)
     return produce(
         dev, Output("out", out, g.y_shape, dtype), inputs=dict(x=x, w=w, bias=bias), alpha=alpha, beta=beta,
-        stream=stream, reference=lambda: dev.host(ref).conv_forward(x, w, bias, **_params(g)),
+        stream=stream, reference=lambda: dev.host_function(ref.conv_forward)(x, w, bias, **_params(g)),
         kernel=lambda y: launch(dev, "conv_forward", x, w, bias if bias is not None else 0, y, g, alpha, beta,
                                 stream=stream))
 
@@ -60,7 +58,7 @@ def conv_backward_data(device, dy, w, input_hw, *, stride=1, padding=0, groups=1
     alpha, beta = alpha_beta(alpha, beta, out)
     return produce(
         dev, Output("out", out, g.x_shape, dtype), inputs=dict(dy=dy, w=w), alpha=alpha, beta=beta, stream=stream,
-        reference=lambda: dev.host(ref).conv_backward_data(dy, w, (g.H, g.W), **_params(g)),
+        reference=lambda: dev.host_function(ref.conv_backward_data)(dy, w, (g.H, g.W), **_params(g)),
         kernel=lambda dx: launch(dev, "conv_backward_data", dy, w, dx, g, alpha, beta, stream=stream))
 
 
@@ -85,7 +83,7 @@ def conv_backward_filter(device, x, dy, filter_hw, *, stride=1, padding=0, group
     return produce(
         dev, Output("out", out, g.w_shape, dtype), inputs=dict(x=x, dy=dy), alpha=alpha, beta=beta, stream=stream,
         kernel=kernel,
-        reference=lambda: dev.host(ref).conv_backward_filter(x, dy, (g.KH, g.KW), **_params(g)))
+        reference=lambda: dev.host_function(ref.conv_backward_filter)(x, dy, (g.KH, g.KW), **_params(g)))
 
 
 def conv_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
@@ -112,4 +110,4 @@ def conv_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
 
     return produce(
         dev, Output("out", out, (f,), dy.dtype), inputs=dict(dy=dy), alpha=alpha, beta=beta, stream=stream,
-        reference=lambda: dev.host(ref).conv_backward_bias(dy), kernel=kernel)
+        reference=lambda: dev.host_function(ref.conv_backward_bias)(dy), kernel=kernel)

@@ -23,15 +23,13 @@ from convnet.ops._checks import as_device, check_array, check_same_dtype, scalar
 from convnet.ops._dispatch import Output, launch, produce
 from convnet.reference import elementwise as ref
 
-__all__ = ["relu_forward", "relu_backward", "dropout_forward", "dropout_backward", "dropout_mask"]
-
 
 def relu_forward(device, x, out=None, stream=None):
     """y = max(x, 0) (NaN -> 0). ``out`` may be ``x`` (in place), but not partially overlap it."""
     dev = as_device(device)
     check_array("x", x, dev)
     return produce(dev, Output("out", out, x.shape, x.dtype), inputs=dict(x=x), elementwise=True, stream=stream,
-                   reference=lambda: dev.host(ref).relu_forward(x),
+                   reference=lambda: dev.host_function(ref.relu_forward)(x),
                    kernel=lambda y: launch(dev, "relu_forward", x, y, x.size, stream=stream))
 
 
@@ -42,7 +40,7 @@ def relu_backward(device, y, dy, out=None, stream=None):
     check_array("dy", dy, dev, shape=y.shape)
     check_same_dtype(y=y, dy=dy)
     return produce(dev, Output("out", out, y.shape, y.dtype), inputs=dict(y=y, dy=dy), elementwise=True,
-                   stream=stream, reference=lambda: dev.host(ref).relu_backward(y, dy),
+                   stream=stream, reference=lambda: dev.host_function(ref.relu_backward)(y, dy),
                    kernel=lambda dx: launch(dev, "relu_backward", y, dy, dx, y.size, stream=stream))
 
 
@@ -89,7 +87,7 @@ def _dropout(dev, name, a, keep, seed, offset, start, batch, out, stream):
     keep, seed, offset, start, rows, cols, global_n, first = _dropout_params(keep, seed, offset, start, a.shape, batch)
     host_batch = None if rows == 1 else (global_n, first)
     return produce(dev, Output("out", out, a.shape, a.dtype), inputs={name: a}, elementwise=True, stream=stream,
-                   reference=lambda: dev.host(ref).dropout_forward(a, keep, seed, offset, start, host_batch),
+                   reference=lambda: dev.host_function(ref.dropout_forward)(a, keep, seed, offset, start, host_batch),
                    kernel=lambda b: launch(dev, "dropout_apply", a, b, rows, cols, global_n, first,
                                            ref.keep_threshold(keep), float(ref.dropout_scale(keep)), seed, offset,
                                            start, stream=stream))
@@ -133,7 +131,7 @@ def dropout_mask(device, shape, keep, seed, offset=0, start=0, batch=None, strea
                stream=stream)
 
     mask = produce(dev, Output("mask", None, shape, np.dtype(np.uint8)), stream=stream, kernel=kernel,
-                   reference=lambda: dev.host(ref).dropout_mask(shape, keep, seed, offset, start, host_batch)
+                   reference=lambda: dev.host_function(ref.dropout_mask)(shape, keep, seed, offset, start, host_batch)
                    .view(np.uint8))
     keep_mask = dev.empty(shape, np.dtype(bool), stream=stream)
     dev.submit(lambda: dev.xp.not_equal(mask, 0, out=keep_mask), stream)  # after the kernel that writes the mask

@@ -16,8 +16,6 @@ from __future__ import annotations
 from convnet.ops._checks import as_device, check_array, check_disjoint, check_same_dtype
 from convnet.ops._dispatch import Output, accumulate, alpha_beta, output
 
-__all__ = ["fc_forward", "fc_backward_data", "fc_backward_weights", "fc_backward_bias"]
-
 
 def _gemm(dev, out, y, a, b, bias, alpha, beta, stream):
     """y = alpha * (a @ b + bias[:, None]) + beta * y with the device's GEMM, submitted to ``stream``: straight

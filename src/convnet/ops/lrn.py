@@ -32,8 +32,6 @@ from convnet.ops._checks import as_device, check_array, check_same_dtype
 from convnet.ops._dispatch import Output, launch, produce
 from convnet.reference import lrn as ref
 
-__all__ = ["lrn_forward", "lrn_backward"]
-
 METHODS = ("recompute", "reuse")
 
 
@@ -69,7 +67,7 @@ def lrn_forward(device, x, *, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="
     slices = _group_slices(g)
 
     def reference():
-        parts = [dev.host(ref).lrn_forward(x[s], **_params(g)) for s in slices]
+        parts = [dev.host_function(ref.lrn_forward)(x[s], **_params(g)) for s in slices]
         return _join([p[0] for p in parts]), _join([p[1] for p in parts])
 
     def kernel(y, denom):
@@ -98,10 +96,10 @@ def lrn_backward(device, x, y, denom, dy, *, size, alpha, beta, k, convention, g
     slices = _group_slices(g)
 
     def reference():
-        parts, impl = [], dev.host(ref)
+        parts, forward, backward = [], dev.host_function(ref.lrn_forward), dev.host_function(ref.lrn_backward)
         for s in slices:
-            ys, ds = (y[s], denom[s]) if y is not None and denom is not None else impl.lrn_forward(x[s], **_params(g))
-            parts.append(impl.lrn_backward(x[s], ys, ds, dy[s], **_params(g)))
+            ys, ds = (y[s], denom[s]) if y is not None and denom is not None else forward(x[s], **_params(g))
+            parts.append(backward(x[s], ys, ds, dy[s], **_params(g)))
         return _join(parts)
 
     def kernel(dx):

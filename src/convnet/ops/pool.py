@@ -15,8 +15,6 @@ from convnet.ops._checks import as_device, check_array, check_same_dtype
 from convnet.ops._dispatch import Output, launch, produce
 from convnet.reference import pool as ref
 
-__all__ = ["pool_forward", "pool_backward", "pool_output_shape"]
-
 _MODES = {"max": 0, "avg": 1}
 
 
@@ -43,7 +41,7 @@ def pool_forward(device, x, *, mode="max", window=3, stride=2, padding=0, out=No
     g = PoolGeometry.of(x.shape, window=window, stride=stride, padding=padding)
     return produce(
         dev, Output("out", out, g.y_shape, x.dtype), inputs=dict(x=x), stream=stream,
-        reference=lambda: dev.host(ref).pool_forward(x, mode=mode, **_params(g)),
+        reference=lambda: dev.host_function(ref.pool_forward)(x, mode=mode, **_params(g)),
         kernel=lambda y: launch(dev, "pool_forward", x, y, g, _MODES[mode], stream=stream))
 
 
@@ -61,6 +59,6 @@ def pool_backward(device, x, y, dy, *, mode, window, stride, padding, out=None, 
     check_same_dtype(x=x, y=y, dy=dy)
     return produce(
         dev, Output("out", out, x.shape, x.dtype), inputs=dict(x=x, y=y, dy=dy), stream=stream,
-        reference=lambda: dev.host(ref).pool_backward(x, y, dy, mode=mode, **_params(g)),
+        reference=lambda: dev.host_function(ref.pool_backward)(x, y, dy, mode=mode, **_params(g)),
         kernel=lambda dx: launch(dev, "pool_backward", x, y if y is not None else 0, dy, dx, g, _MODES[mode],
                                  stream=stream))

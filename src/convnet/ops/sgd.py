@@ -18,8 +18,6 @@ from convnet.ops._checks import as_device, check_array, check_same_dtype, scalar
 from convnet.ops._dispatch import Output, produce
 from convnet.reference import sgd as ref
 
-__all__ = ["sgd_update"]
-
 
 def sgd_update(device, w, g, v, *, lr, momentum, weight_decay, stream=None):
     """Update the parameter ``w`` and its velocity ``v`` in place from the gradient ``g``; returns ``(w, v)``."""
@@ -37,5 +35,5 @@ def sgd_update(device, w, g, v, *, lr, momentum, weight_decay, stream=None):
     # w and v are outputs given by the caller (updated in place); each must be disjoint from g and from the other
     return produce(dev, (Output("w", w, w.shape, w.dtype), Output("v", v, v.shape, v.dtype)), inputs=dict(g=g),
                    stream=stream, kernel=kernel,
-                   reference=lambda: dev.host(ref).sgd_update(w, g, v, lr=lr, momentum=momentum,
-                                                              weight_decay=weight_decay))
+                   reference=lambda: dev.host_function(ref.sgd_update)(w, g, v, lr=lr, momentum=momentum,
+                                                                        weight_decay=weight_decay))

@@ -28,8 +28,6 @@ from convnet.ops._checks import as_device, check_array, check_disjoint
 from convnet.ops._dispatch import Output, launch, produce
 from convnet.reference import softmax as ref
 
-__all__ = ["softmax_forward", "softmax_cross_entropy", "topk_errors"]
-
 MAX_KS = 8
 
 
@@ -60,7 +58,7 @@ def softmax_forward(device, logits, *, out=None, stream=None):
     dev = as_device(device)
     K, N = _check_logits(dev, "logits", logits)
     return produce(dev, Output("out", out, (K, N), logits.dtype), inputs=dict(logits=logits), stream=stream,
-                   reference=lambda: dev.host(ref).softmax(logits),
+                   reference=lambda: dev.host_function(ref.softmax)(logits),
                    kernel=lambda probs: launch(dev, "softmax_forward", logits, probs, K, N, stream=stream))
 
 
@@ -86,7 +84,7 @@ def softmax_cross_entropy(device, logits, labels, *, bad_labels=None, stream=Non
     outputs = (Output("loss", None, (), dtype), Output("probs", None, (K, N), dtype),
                Output("dlogits", None, (K, N), dtype))
     return produce(dev, outputs, stream=stream, kernel=kernel,
-                   reference=lambda: dev.host(ref).softmax_cross_entropy(logits, labels))
+                   reference=lambda: dev.host_function(ref.softmax_cross_entropy)(logits, labels))
 
 
 def _ks(ks):
@@ -106,7 +104,7 @@ def topk_errors(device, logits_or_probs, labels, ks=(1, 5), *, stream=None):
     scores = logits_or_probs  # an image with a NaN or infinite score is an error for every k (reference and kernel)
     counts = produce(
         dev, Output("counts", None, (len(ks),), np.dtype(np.int32)), stream=stream,
-        reference=lambda: np.asarray(dev.host(ref).topk_errors(scores, labels, ks), np.int32),
+        reference=lambda: np.asarray(dev.host_function(ref.topk_errors)(scores, labels, ks), np.int32),
         kernel=lambda c: launch(dev, "topk_errors", scores, labels, c, list(ks), K, N, stream=stream))
     with dev.on_stream(stream):  # reading the counts waits for the op's stream
         return tuple(int(c) for c in dev.to_numpy(counts))

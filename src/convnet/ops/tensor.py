@@ -17,8 +17,6 @@ from convnet.ops._checks import as_device, check_array, check_disjoint, check_sa
 from convnet.ops._dispatch import Output, produce
 from convnet.reference import tensor as ref
 
-__all__ = ["concat", "add", "scale"]
-
 
 def concat(device, arrays, out=None, stream=None):
     """``arrays`` (a list or tuple of at least one array of ``device``, one dtype, equal shapes after the first
@@ -43,7 +41,7 @@ def concat(device, arrays, out=None, stream=None):
         dev.xp.concatenate(arrays, axis=0, out=o)
 
     return produce(dev, Output("out", out, shape, dtype), inputs=named, stream=stream, kernel=kernel,
-                   reference=lambda: dev.host(ref).concat(arrays))
+                   reference=lambda: dev.host_function(ref.concat)(arrays))
 
 
 def add(device, a, b, out=None, stream=None):
@@ -54,7 +52,7 @@ def add(device, a, b, out=None, stream=None):
     dtype = check_same_dtype(a=a, b=b)
     return produce(dev, Output("out", out, tuple(a.shape), dtype), inputs=dict(a=a, b=b), elementwise=True,
                    stream=stream, kernel=lambda o: dev.xp.add(a, b, out=o),
-                   reference=lambda: dev.host(ref).add(a, b))
+                   reference=lambda: dev.host_function(ref.add)(a, b))
 
 
 def scale(device, a, factor, out=None, stream=None):
@@ -64,4 +62,4 @@ def scale(device, a, factor, out=None, stream=None):
     factor = scalar("factor", factor)
     return produce(dev, Output("out", out, tuple(a.shape), a.dtype), inputs=dict(a=a), elementwise=True,
                    stream=stream, kernel=lambda o: dev.xp.multiply(a, a.dtype.type(factor), out=o),
-                   reference=lambda: dev.host(ref).scale(a, factor))
+                   reference=lambda: dev.host_function(ref.scale)(a, factor))

@@ -15,8 +15,6 @@ import numpy as np
 from convnet.ops._checks import as_device, check_array, check_disjoint
 from convnet.ops._dispatch import Output, output, produce
 
-__all__ = ["copy"]
-
 
 def copy(dev, a, src, *, out=None, stream=None, src_stream=None):
     """Copy ``a``, an array of device ``src``, onto device ``dev`` (the consumer: the op's device, first as in every
@@ -26,13 +24,13 @@ def copy(dev, a, src, *, out=None, stream=None, src_stream=None):
     dev, src = as_device(dev), as_device(src)
     check_array("a", a, src, dtypes=(a.dtype,) if hasattr(a, "dtype") else None)
     spec = Output("out", out, tuple(a.shape), a.dtype)
-    inputs = {"a": a} if dev.is_array(a) and dev.backend is src.backend else None  # same memory: must not overlap
-    if src.backend is dev.backend and not dev.runs_reference:
-        # The backend orders the copy itself, from the host: the consumer's stream waits for an event recorded on
+    inputs = {"a": a} if dev.is_array(a) and dev.kind == src.kind else None  # same memory: must not overlap
+    if src.kind == dev.kind and not dev.runs_reference:
+        # The device orders the copy itself, from the host: the consumer's stream waits for an event recorded on
         # the producer's (done inside a launch on the consumer's stream, that record would come too late).
         o = output(dev, spec, stream)
         check_disjoint(dev, "out", out, **(inputs or {}))
-        return dev.backend.copy(a, src.index, dev.index, o, stream, src_stream)
+        return dev.copy(a, src, o, stream, src_stream)
 
     def reference():  # the numpy and cpu devices: a new host array
         return np.array(src.to_numpy(a), dtype=a.dtype, copy=True)

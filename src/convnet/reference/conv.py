@@ -63,7 +63,8 @@ def _windows(xp, kh, kw, oh, ow, sh, sw):
                       strides=(s0, s1, s2, s1 * sh, s2 * sw, s3), writeable=False)
 
 
-def _chunks(n, per_image):
+def image_chunks(n, per_image):
+    """Chunks [(n0, n1)] of n images whose im2col matrix (``per_image`` elements per image) fits the budget."""
     step = max(1, min(n, _COL_BUDGET // max(1, per_image)))
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
@@ -83,7 +84,7 @@ def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1):
     y = np.empty((f, oh, ow, n), dtype=dt)
     for g in range(groups):
         wg = w[:, :, :, g * fg:(g + 1) * fg].reshape(k, fg)
-        for n0, n1 in _chunks(n, k * oh * ow):
+        for n0, n1 in image_chunks(n, k * oh * ow):
             xp = _pad(x[g * cg:(g + 1) * cg, :, :, n0:n1], ph, pw)
             cols = _windows(xp, kh, kw, oh, ow, sh, sw).reshape(k, oh * ow * (n1 - n0))
             y[g * fg:(g + 1) * fg, :, :, n0:n1] = (wg.T @ cols).reshape(fg, oh, ow, n1 - n0)
@@ -108,7 +109,7 @@ def conv_backward_data(dy, w, input_hw, stride=1, padding=0, groups=1):
     hp, wp = h + 2 * ph, wd + 2 * pw
     for g in range(groups):
         wg = w[:, :, :, g * fg:(g + 1) * fg].reshape(k, fg)
-        for n0, n1 in _chunks(n, k * oh * ow):
+        for n0, n1 in image_chunks(n, k * oh * ow):
             nb = n1 - n0
             dyg = dy[g * fg:(g + 1) * fg, :, :, n0:n1].reshape(fg, oh * ow * nb)
             cols = (wg @ dyg).reshape(cg, kh, kw, oh, ow, nb)
@@ -135,7 +136,7 @@ def conv_backward_filter(x, dy, filter_hw, stride=1, padding=0, groups=1):
     dw = np.zeros((cg, kh, kw, f), dtype=dt)
     for g in range(groups):
         acc = np.zeros((k, fg), dtype=dt)
-        for n0, n1 in _chunks(n, k * oh * ow):
+        for n0, n1 in image_chunks(n, k * oh * ow):
             nb = n1 - n0
             xp = _pad(x[g * cg:(g + 1) * cg, :, :, n0:n1], ph, pw)
             cols = _windows(xp, kh, kw, oh, ow, sh, sw).reshape(k, oh * ow * nb)

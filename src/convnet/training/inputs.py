@@ -9,7 +9,7 @@ import numpy as np
 from ..config import ConfigError
 from ..data import DataError, Loader, PreparedDataset, PreparedLoader, augment, load_dataset
 from ..data.workers import default_workers
-from ..devices import KINDS, backend, get_device
+from ..devices import KINDS, device_class, get_device
 from ..distributed import rank_device
 from ..layers import ModelWarning
 from ..memory import check_fits
@@ -48,7 +48,7 @@ def check_net(cfg, device, towers, images_per_step, log):
     dtype = np.dtype(cfg.dtype)
     bad = sorted({l.device for l in shapes.order if dtype not in l.device.dtypes}, key=str)
     if bad:
-        able = [kind for kind in KINDS if dtype in backend(kind).dtypes]
+        able = [kind for kind in KINDS if dtype in device_class(kind).dtypes]
         raise ConfigError(f"--dtype {cfg.dtype} is not supported on {', '.join(map(str, bad))} (it computes in "
                           f"{' and '.join(map(str, bad[0].dtypes))}); devices that compute in {cfg.dtype}: "
                           f"{', '.join(able)}. Use --dtype float32 or --device {able[0]}")
