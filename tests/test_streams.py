@@ -15,7 +15,8 @@ import pytest
 
 from convnet import ops
 from convnet.devices import Device
-from helpers import EMU, NUMPY, FakeCupy, rand, to_host
+from fake_cupy import FakeCupy
+from helpers import EMU, NUMPY, rand, to_host
 
 SHAPE_HELPERS = {"conv_output_shape", "pool_output_shape"}
 
@@ -179,7 +180,7 @@ FAKE_GPU_OPS = sorted(set(CALLS) - {"copy"})  # copy: tests/test_two_towers.py r
 @pytest.mark.parametrize("explicit", [True, False], ids=["stream", "current-stream"])
 @pytest.mark.parametrize("name", FAKE_GPU_OPS)
 def test_op_on_a_fake_second_gpu_uses_its_device_and_stream(monkeypatch, name, explicit):
-    """The cuda path of every op, on the CPU: CuPy replaced by tests/helpers.FakeCupy (CuPy's device/stream rules,
+    """The cuda path of every op, on the CPU: CuPy replaced by tests/fake_cupy.py (CuPy's device/stream rules,
     numpy memory) and convnet._cuda by the emulator. With GPU 0 current, an op on cuda:1 makes every allocation,
     array-module call, result read and kernel launch with GPU 1 current and on the op's stream: ``stream=`` given, or
     (None) GPU 1's current stream -- not GPU 0's, which is what is current where the op is called."""
