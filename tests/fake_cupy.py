@@ -1,20 +1,12 @@
-"""A fake CuPy (and cupyx, and CuPy's NCCL) that runs the cuda device's Python path on the CPU, with the emulator's
-kernels standing in for ``convnet._cuda``: ``fake = FakeCupy(devices=2).install(monkeypatch)``.
-
-It follows CuPy's rules where the cuda path depends on them, so that breaking one fails a test here:
-
-* one current GPU per thread (``cuda.Device(i)``), each GPU with its own stack of current streams per thread; the
-  null stream (handle 0) is every GPU's default; entering a stream of another GPU than the current one is an error;
-* every array belongs to the GPU current at its allocation (views to their base's); a kernel launch, a copy or an
-  array-module call with an operand on another GPU than the current one raises :class:`CrossDeviceError` (the peer
-  copy ``runtime.memcpyPeerAsync`` is the way between GPUs; ``get()`` reads any GPU's array); a device array never
-  becomes a NumPy array implicitly;
-* while ``recording``, ``calls`` logs ``(what, current GPU, current stream handle, launch/copy stream or event)``,
-  and :meth:`FakeCupy.waits_for` orders the log as a GPU would, the legacy default stream's implicit barriers
-  included.
-
-Work runs when it is issued (emu's emulated streams are where a missing event wait gives wrong numbers). Every public
-name mirrors CuPy's, checked against a real CuPy by tests/test_cupy_api.py, except the fakes' ``MACHINERY``.
+"""A fake CuPy (and cupyx, and CuPy's NCCL) that runs the cuda device's Python path on the CPU with the emulator's
+kernels as ``convnet._cuda``: ``fake = FakeCupy(devices=2).install(monkeypatch)``. It keeps CuPy's rules where the
+cuda path depends on them: one current GPU per thread, each GPU with its own stack of current streams (the null
+stream, handle 0, is every GPU's default); every array belongs to the GPU current at its allocation (views to their
+base's), and a launch, copy or array-module call with an operand on another GPU raises :class:`CrossDeviceError`
+(``runtime.memcpyPeerAsync`` is the way between GPUs; ``get()`` reads any GPU's array); a device array never becomes a
+NumPy array implicitly. While ``recording``, ``calls`` logs ``(what, current GPU, current stream handle, launch/copy
+stream or event)``, which :meth:`FakeCupy.waits_for` orders as a GPU would. Work runs when it is issued. Every public
+name mirrors CuPy's (tests/test_cupy_api.py), except each fake's ``MACHINERY``.
 """
 from __future__ import annotations
 
@@ -144,14 +136,19 @@ class Runtime:
     def __init__(self, fake):
         self._fake = fake
 
-    def getDeviceCount(self):
-        return self._fake.devices
+    def getDeviceCount(self): return self._fake.devices
+    def runtimeGetVersion(self): return 13000
+    def driverGetVersion(self): return 13000
+    def memGetInfo(self): return 1 << 30, 1 << 30  # (free, total) bytes of the current GPU
 
-    def runtimeGetVersion(self):
-        return 13000
+    def deviceCanAccessPeer(self, device, peerDevice):
+        self._fake.record("can access peer", (device, peerDevice))
+        return int(self._fake.peer_access)
 
-    def driverGetVersion(self):
-        return 13000
+    def deviceEnablePeerAccess(self, peerDevice):
+        self._fake.record("enable peer", peerDevice)
+        if self._fake.peer_error is not None:
+            raise CUDARuntimeError(self._fake.peer_error)
 
     def getDeviceProperties(self, device):  # a made-up sm_90 with 2 SMs
         return {"name": b"FakeCupy GPU", "major": 9, "minor": 0, "multiProcessorCount": 2, "clockRate": 1_000_000,
@@ -161,15 +158,6 @@ class Runtime:
         if attrib != self.cudaDevAttrClockRate:
             raise CUDARuntimeError(1)  # cudaErrorInvalidValue
         return 1_000_000
-
-    def memGetInfo(self):  # (free, total) bytes of the current GPU
-        return 1 << 30, 1 << 30
-
-    def deviceCanAccessPeer(self, device, peerDevice):
-        return 1
-
-    def deviceEnablePeerAccess(self, peerDevice):
-        pass
 
     def memcpyAsync(self, dst, src, size, kind, stream):
         self._fake.record("memcpy", stream)
@@ -207,12 +195,6 @@ class Cuda:
     def alloc_pinned_memory(self, size):
         self._pinned.append(np.empty(size, np.uint8))
         return types.SimpleNamespace(ptr=self._pinned[-1].ctypes.data)
-
-    def set_allocator(self, allocator=None):
-        pass
-
-    def set_pinned_memory_allocator(self, allocator=None):
-        pass
 
 
 # ---------------------------------------------------------------------------------------------------- arrays
@@ -254,21 +236,8 @@ class ndarray:
     def __array__(self, *args, **kwargs):
         raise TypeError("fake cupy: implicit conversion to a NumPy array is not allowed; use .get()")
 
-    def __len__(self):
-        return len(self._a)
-
-    def __iter__(self):
-        return (type(self)(a, self._dev) for a in self._a)
-
     # 0-d arrays convert to Python numbers (CuPy copies the value to the host); larger ones raise, as NumPy's
-    def __float__(self):
-        return float(self._a)
-
-    def __int__(self):
-        return int(self._a)
-
-    def __bool__(self):
-        return bool(self._a)
+    __float__, __int__, __bool__ = (lambda self: float(self._a)), (lambda self: int(self._a)), (lambda self: bool(self._a))
 
     def __getitem__(self, key):
         if any(isinstance(k, ndarray) for k in (key if isinstance(key, tuple) else (key,))):
@@ -353,7 +322,8 @@ class Kernels:
 # ---------------------------------------------------------------------------------------------------- cupy
 class FakeCupy:
     """The ``cupy`` module (see the module's docstring)."""
-    MACHINERY = frozenset({"calls", "recording", "devices", "compute_capability", "current", "null", "next_ptr",
+    MACHINERY = frozenset({"calls", "recording", "devices", "compute_capability", "peer_access", "peer_error",
+                           "current", "null", "next_ptr",
                            "events", "streams", "stacks", "record", "wrap", "delegate", "check_current",
                            "check_pointer", "waits_for", "array_on", "kernels", "install", "MACHINERY",
                            "SHARED_FUNCTIONS", "SHARED_METHODS", "VIEWS", "HOST_ONLY", "HOST_SYNCS"})
@@ -368,6 +338,7 @@ class FakeCupy:
 
     def __init__(self, devices: int = 2, compute_capability: str = "90"):
         self.devices, self.compute_capability, self.__version__ = devices, compute_capability, "fake"
+        self.peer_access, self.peer_error = True, None  # whether GPUs reach each other; enabling it raises that status
         self.calls, self.recording = [], False
         self.events, self.streams, self.next_ptr = [], {}, 0x100
         self._pointers = {}  # address -> GPU of every array whose ``data`` was taken
@@ -400,8 +371,6 @@ class FakeCupy:
 
     def wrap(self, result):
         """A NumPy result as CuPy returns it: arrays and NumPy scalars as arrays of the current GPU."""
-        if isinstance(result, tuple):
-            return tuple(self.wrap(r) for r in result)
         if isinstance(result, (np.ndarray, np.generic)):
             return self.ndarray(np.asarray(result), self.current)
         return result
@@ -526,7 +495,7 @@ class FakeCupy:
         return Kernels(self, module)
 
     def install(self, monkeypatch, usable=False):
-        """Make this the cuda backend's ``cupy`` (and a FakeCupyx its ``cupyx``), with the emulator's kernels as
+        """Make this the cuda backend's ``cupy`` (and CUPYX its ``cupyx``), with the emulator's kernels as
         ``convnet._cuda``; ``usable``: also make ``get_device("cuda:i")`` accept the fake's GPUs (whole runs)."""
         from convnet.devices import Device, backend_cuda
 
@@ -535,22 +504,18 @@ class FakeCupy:
             monkeypatch.setattr(backend_cuda.CudaBackend, "availability",
                                 lambda backend, index: (index < self.devices, "a fake GPU (tests/fake_cupy.py)"))
         monkeypatch.setitem(sys.modules, "cupy", self)
-        monkeypatch.setitem(sys.modules, "cupyx", FakeCupyx(self))
+        monkeypatch.setitem(sys.modules, "cupyx", CUPYX)
         monkeypatch.setattr(backend_cuda, "_allocator_configured", True)
         kernels = self.kernels(Device("emu").kernels)
         monkeypatch.setattr(backend_cuda.CudaBackend, "kernels", lambda backend, device: kernels)
         return self
 
 
-class FakeCupyx:
-    """``cupyx``: pinned host arrays."""
-    MACHINERY = frozenset({"MACHINERY"})
+def empty_pinned(shape, dtype=float, order="C"):  # host memory, as CuPy's (a numpy array over pinned memory)
+    return np.empty(shape, dtype, order=order)
 
-    def __init__(self, fake):
-        self._fake = fake
 
-    def empty_pinned(self, shape, dtype=float, order="C"):
-        return np.empty(shape, dtype, order=order)  # host memory, as CuPy's (a numpy array over pinned memory)
+CUPYX = types.SimpleNamespace(empty_pinned=empty_pinned)  # ``cupyx``
 
 
 # ---------------------------------------------------------------------------------------------------- NCCL
@@ -566,10 +531,7 @@ class NcclCommunicator:
             raise ValueError(f"commId length {len(commId)} != 128.")
         if not 0 <= rank < ndev:
             raise ValueError(f"fake nccl: rank {rank} of {ndev}")
-        self._ndev, self._rank, self._device = ndev, rank, self._nccl._fake.current
-
-    def rank_id(self):
-        return self._rank
+        self._ndev, self._device = ndev, self._nccl._fake.current
 
     def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
         fake = self._nccl._fake
