@@ -65,21 +65,7 @@ class Stream:
 
     def end_capture(self):
         self._fake.record("end capture", stream=self)
-        return Graph(self._fake)
-
-
-class ExternalStream(Stream):
-    def __init__(self, ptr, device_id=-1):  # a stream made elsewhere, by its handle and GPU
-        self.ptr, self.device_id, self._blocking = ptr, device_id, True  # cudaStreamCreate's default: blocking
-        self._fake.streams.setdefault(ptr, self)
-
-
-class Graph:
-    def __init__(self, fake):
-        self._fake = fake
-
-    def launch(self, stream=None):
-        self._fake.record("graph launch", stream=stream)
+        return types.SimpleNamespace(launch=lambda stream=None: self._fake.record("graph launch", stream=stream))
 
 
 class Event:
@@ -179,7 +165,7 @@ class Cuda:
 
     def __init__(self, fake):
         self._fake, self._pinned = fake, []  # pinned buffers live as long as the fake
-        for cls in (Stream, ExternalStream, Event, Device):
+        for cls in (Stream, Event, Device):
             setattr(self, cls.__name__, type(cls.__name__, (cls,), {"_fake": fake}))
         rt = Runtime(fake)  # a namespace of its own, so that a test may patch or delete a function
         self.runtime = types.SimpleNamespace(**{n: getattr(rt, n) for n in dir(rt) if not n.startswith("_")})
@@ -289,15 +275,6 @@ for _op in ("iadd", "isub", "imul", "itruediv"):
     setattr(ndarray, f"__{_op}__", _operator(f"__{_op}__", inplace=True))
 
 
-class Random:
-    def __init__(self, fake):
-        self._fake = fake
-
-    def rand(self, *size, dtype=float):
-        self._fake.record("random")
-        return self._fake.wrap(np.random.default_rng(0).random(size).astype(dtype))
-
-
 class Kernels:
     """A kernel module (convnet._emu) whose launches are recorded on their stream handle (the last argument) and
     whose addresses must be the current GPU's."""
@@ -323,10 +300,9 @@ class Kernels:
 class FakeCupy:
     """The ``cupy`` module (see the module's docstring)."""
     MACHINERY = frozenset({"calls", "recording", "devices", "compute_capability", "peer_access", "peer_error",
-                           "current", "null", "next_ptr",
-                           "events", "streams", "stacks", "record", "wrap", "delegate", "check_current",
-                           "check_pointer", "waits_for", "array_on", "kernels", "install", "MACHINERY",
-                           "SHARED_FUNCTIONS", "SHARED_METHODS", "VIEWS", "HOST_ONLY", "HOST_SYNCS"})
+                           "current", "null", "next_ptr", "events", "streams", "stacks", "record", "wrap", "delegate",
+                           "check_current", "check_pointer", "waits_for", "array_on", "kernels", "install",
+                           "MACHINERY", "SHARED_FUNCTIONS", "SHARED_METHODS", "VIEWS", "HOST_ONLY", "HOST_SYNCS"})
     # What CuPy shares with NumPy and the cuda path uses: NumPy's, on the unwrapped arrays (a name missing here is an
     # AttributeError in the tests; tests/test_cupy_api.py checks that CuPy has each)
     SHARED_FUNCTIONS = frozenset({"add", "arange", "argmax", "concatenate", "empty_like", "exp", "isfinite", "log",
@@ -345,7 +321,7 @@ class FakeCupy:
         self._local = threading.local()  # the current GPU and streams are per thread, as in CUDA
         self.ndarray = type("ndarray", (ndarray,), {"_fake": self})
         self.cuda = Cuda(self)
-        self.random = Random(self)
+        self.random = types.SimpleNamespace(rand=self._rand)
         self.null = self.cuda.Stream(null=True)
 
     @property
@@ -486,6 +462,10 @@ class FakeCupy:
         if name not in self.SHARED_FUNCTIONS:
             raise AttributeError(f"fake cupy has no attribute {name!r} (FakeCupy.SHARED_FUNCTIONS)")
         return self.delegate(name, value)
+
+    def _rand(self, *size, dtype=float):  # cupy.random.rand
+        self.record("random")
+        return self.wrap(np.random.default_rng(0).random(size).astype(dtype))
 
     def array_on(self, device, host):
         """A device array of GPU ``device`` holding ``host`` (test setup; not recorded)."""

@@ -44,7 +44,7 @@ def test_conv_bench_profile_mode_runs_each_pass(capsys):
             assert f"profiled {layer} {ps} (" in out
 
 
-# the cuda path of each benchmark at smoke sizes (gpu_check's bench and extra stages run these with --device cuda)
+# the cuda path of each benchmark at smoke sizes (tools/gpu_check.sh runs these with --device cuda)
 FAKE_GPU_RUNS = {
     "conv_bench": ["--batch", "4", "--channel-divisor", "8", "--layers", "conv2", "--repeats", "2", "--warmup", "1"],
     "conv_bench --profile": ["--batch", "4", "--channel-divisor", "8", "--layers", "conv1,conv2", "--profile"],

@@ -180,7 +180,7 @@ fi
 GPU="GPU: $(head -n 1 <<<"$out")" ARCH=$(tail -n 1 <<<"$out")
 export ARCH
 row preflight ok $((SECONDS - START)) "sm_$ARCH"
-step build 60 900 build || die "the build failed ($LOGS/build.log)"
+step build 60 900 build || die "no build: it failed or did not fit the budget ($LOGS/build.log)"
 step device 10 120 device || die "no usable GPU: get_device('cuda') failed in the installed package (device.log)"
 
 step cuda_tests 90 600 cuda_tests blocking
