@@ -44,7 +44,7 @@ def test_conv_bench_profile_mode_runs_each_pass(capsys):
             assert f"profiled {layer} {ps} (" in out
 
 
-# the cuda path of each benchmark at smoke sizes (gpu_check's bench and extra stages run these with --device cuda)
+# the cuda path of each benchmark at smoke sizes (tools/gpu_check.sh runs these with --device cuda)
 FAKE_GPU_RUNS = {
     "conv_bench": ["--batch", "4", "--channel-divisor", "8", "--layers", "conv2", "--repeats", "2", "--warmup", "1"],
     "conv_bench --profile": ["--batch", "4", "--channel-divisor", "8", "--layers", "conv1,conv2", "--profile"],
@@ -59,10 +59,10 @@ FAKE_GPU_RUNS = {
 @pytest.mark.parametrize("run", FAKE_GPU_RUNS)
 def test_benchmark_cuda_path_on_a_fake_gpu(run, tmp_path, monkeypatch, capsys):
     """Each benchmark's cuda branch (CUDA events, graph capture, device properties, the SGEMM ceiling, cuDNN's
-    absence handled) runs end to end on the CPU with tests/helpers.FakeCupy and the emulator's kernels: a Python error
+    absence handled) runs end to end on the CPU with tests/fake_cupy.py and the emulator's kernels: a Python error
     there would otherwise first show on a GPU, and stop its benchmark run. The numbers are meaningless (the fake's graphs replay
     nothing); only that it runs, and what it prints, is checked."""
-    from helpers import FakeCupy
+    from fake_cupy import FakeCupy
 
     name, *flags = run.split()
     fake = FakeCupy(devices=1).install(monkeypatch, usable=True)
@@ -88,7 +88,7 @@ def test_benchmark_cuda_path_on_a_fake_gpu(run, tmp_path, monkeypatch, capsys):
 def test_conv_bench_reads_the_clock_from_the_device_attribute_else_the_properties(monkeypatch):
     """The FP32 peak's clock: cudaDevAttrClockRate (CUDA 13's device properties have no clockRate), else the
     properties' clockRate (a CuPy without the attribute), else no peak at all."""
-    from helpers import FakeCupy
+    from fake_cupy import FakeCupy
 
     fake = FakeCupy(devices=1).install(monkeypatch, usable=True)
     bench, dev = load_benchmark("conv_bench"), get_device("cuda:0")

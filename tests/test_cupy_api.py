@@ -1,242 +1,199 @@
-"""The cuda path's CuPy calls and the fake CuPy the tests run it on, against a real CuPy (``tests/cupy_api.py``).
+"""The fake CuPy (tests/fake_cupy.py) against a real CuPy, which imports without a GPU.
 
-A real CuPy imports without a GPU, so this needs no GPU: ``.ci/run`` installs one (the version the GPU machines
-have) in a venv of its own and runs this file there with CONVNET_REQUIRE_CUPY=1, under which a missing CuPy or NCCL
-fails instead of skipping. The checker's own tests (stand-in modules with planted mistakes) run everywhere.
+The cuda path's tests run on the fake, so every CuPy call they make binds to the fake's signatures; this holds the
+fake to CuPy's: every public name it defines exists in CuPy, parameters in the same positions with the same names and
+defaults (a call that binds to the fake binds to CuPy), the same constants, and the NumPy names it lets through exist
+in CuPy. Where CuPy is missing the comparisons are skipped (CONVNET_REQUIRE_CUPY=1: failed); the checker's own test
+runs everywhere.
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import os
-import textwrap
+import re
 import types
 
 import pytest
 
-import cupy_api
-from cupy_api import Use, check_fake, check_uses, scan_source, scan_sources, signature
-from helpers import ROOT, FakeCupy, FakeCupyx, FakeNccl
+from fake_cupy import CUPYX, FakeCupy, FakeNccl
 
-REQUIRE = os.environ.get("CONVNET_REQUIRE_CUPY") == "1"
+P = inspect.Parameter
+_DOC = re.compile(r"\s*(?:[\w.]+\.)?(\w+)\((.*)\)")
 
 
-def _real(module: str):
-    """The installed ``module`` (cupy, cupy.cuda.nccl); skipped where it is missing, failed under REQUIRE."""
+def _literal(text):
     try:
-        m = importlib.import_module(module)
-    except ImportError as e:
-        if REQUIRE:
-            pytest.fail(f"CONVNET_REQUIRE_CUPY=1, but {module} cannot be imported: {e}")
-        pytest.skip(f"{module} is not installed ({e}); .ci/run checks against a real one")
-    if module.endswith("nccl") and not getattr(m, "available", False):
-        if REQUIRE:
-            pytest.fail("CONVNET_REQUIRE_CUPY=1, but CuPy cannot load NCCL (pip install nvidia-nccl-cu13)")
-        pytest.skip("CuPy cannot load NCCL (the nvidia-nccl wheel is not installed)")
-    return m
+        return ast.literal_eval(text.strip())  # a docstring's default: 1, 'C', None
+    except (ValueError, SyntaxError):
+        return text.strip()  # as written: float, numpy.float32
 
 
-# ------------------------------------------------------------------------------------------------ the scanner
-def _paths(source: str, name="m.py"):
-    return [(u.path, u.args, u.keywords) for u in scan_source(name, textwrap.dedent(source))]
+def _from_doc(params):
+    """A Cython docstring's parameter list (``intptr_t dst, int n=1, *args``) as a Signature."""
+    out, kind = [], P.POSITIONAL_OR_KEYWORD
+    for part in filter(None, (s.strip() for s in re.split(r",(?![^()]*\))", params))):
+        name = part.partition("=")[0].split()[-1].lstrip("*&")
+        if part == "*" or part.startswith("*"):
+            out += [] if part == "*" else [P(name, P.VAR_KEYWORD if part.startswith("**") else P.VAR_POSITIONAL)]
+            kind = P.KEYWORD_ONLY
+        else:
+            out.append(P(name, kind, default=_literal(part.partition("=")[2]) if "=" in part else P.empty))
+    return inspect.Signature(out)
 
 
-def test_scan_follows_aliases_calls_and_factories():
-    uses = _paths("""
-        import cupy as cp
-        import cupyx
-        rt = cp.cuda.runtime
-        rt.memcpyAsync(1, 2, 3, rt.memcpyDeviceToDevice, 0)
-        def f(cp, i):
-            cp.cuda.Device(i).synchronize()
-        cupy().cuda.get_current_stream().wait_event(e)
-        self._cp().cuda.Stream(non_blocking=True)
-        nccl = self.nccl = _nccl()
-        self.nccl.NcclCommunicator(2, uid, rank)
-        cupyx.empty_pinned((4,), "f")
-        xp.add(a, b, out=o)
-        """)
-    assert ("cupy.cuda.runtime.memcpyAsync", 5, ()) in uses
-    assert ("cupy.cuda.runtime.memcpyDeviceToDevice", None, ()) in uses
-    assert ("cupy.cuda.Device().synchronize", 0, ()) in uses
-    assert ("cupy.cuda.get_current_stream().wait_event", 1, ()) in uses
-    assert ("cupy.cuda.Stream", 0, ("non_blocking",)) in uses
-    assert ("cupy.cuda.nccl.NcclCommunicator", 3, ()) in uses
-    assert ("cupyx.empty_pinned", 2, ()) in uses
-    assert ("cupy.add", 2, ("out",)) in uses
-    # the outermost attribute of a chain is the use: cupy.cuda is never one, cupy.cuda.runtime only where assigned
-    assert [p for p, _, _ in uses if p in ("cupy.cuda", "cupy.cuda.runtime")] == ["cupy.cuda.runtime"]
+def signature(obj):
+    """The call signature without ``self``: inspect's, else the first line of a Cython docstring; None if unknown."""
+    sig = None
+    m = _DOC.match((getattr(obj, "__doc__", None) or "").split("\n", 1)[0])
+    if isinstance(obj, type) and m and m.group(1) == obj.__name__:
+        sig = _from_doc(m.group(2))
+    else:
+        try:
+            sig = inspect.signature(obj)
+            if sig.parameters and all(p.kind in (P.VAR_POSITIONAL, P.VAR_KEYWORD) for p in sig.parameters.values()) \
+                    and not isinstance(obj, (types.FunctionType, types.MethodType)):
+                sig = None  # a C slot's (*args, **kwargs) says nothing
+        except (TypeError, ValueError):
+            pass
+        if sig is None and m:
+            sig = _from_doc(m.group(2))
+    if sig is not None and list(sig.parameters)[:1] == ["self"]:
+        sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+    return sig
 
 
-def test_scan_ignores_names_not_bound_to_cupy():
-    assert _paths("""
-        import configparser
-        cp = configparser.ConfigParser()
-        cp.read_string(text)
-        np.add(a, b)
-        """) == []
+def _same(a, b):
+    return a == b or (isinstance(b, str) and b in (repr(a), getattr(a, "__name__", None)))
 
 
-def test_scan_reads_python_heredocs_in_tool_scripts(tmp_path):
-    (tmp_path / "tools").mkdir()
-    (tmp_path / "src" / "convnet").mkdir(parents=True)
-    (tmp_path / "benchmarks").mkdir()
-    (tmp_path / "tools" / "check.sh").write_text("echo\nout=$(python3 - <<'PY'\nimport cupy\n\n"
-                                                  "cupy.cuda.runtime.getDeviceCount()\nPY\n)\n")
-    uses = scan_sources(tmp_path)
-    assert [(u.where, u.path) for u in uses] == [("tools/check.sh:3+:3", "cupy.cuda.runtime.getDeviceCount")]
+def compare(label, fake, real):
+    """Problems with the fake's parameters: each at the real one's position, or a keyword the real one takes, with
+    the real one's default; what the real one requires, the fake requires."""
+    f, r = signature(fake), signature(real)
+    if r is None or f is None:
+        return [] if r is None else [f"{label}: the fake's signature cannot be read"]
+    rpos = [p for p in r.parameters.values() if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+    rvar = {p.kind for p in r.parameters.values()}
+    fparams = [p for p in f.parameters.values() if p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD)]
+    problems = []
+    for i, p in enumerate(fparams):
+        positional = p.kind != P.KEYWORD_ONLY
+        real_p = rpos[i] if positional and i < len(rpos) else r.parameters.get(p.name)
+        if positional and i >= len(rpos) and P.VAR_POSITIONAL not in rvar:
+            problems.append(f"{label}: the fake takes {p.name!r} as positional parameter {i}, the real one {r}")
+        elif positional and real_p is not None and real_p.name != p.name and P.POSITIONAL_ONLY not in (p.kind,
+                                                                                                      real_p.kind):
+            problems.append(f"{label}: the fake's positional parameter {i} is {p.name!r}, the real one's "
+                            f"{real_p.name!r} {r}")
+        elif not positional and real_p is None and P.VAR_KEYWORD not in rvar:
+            problems.append(f"{label}: the fake's keyword {p.name!r} is not the real one's {r}")
+        if real_p is not None and P.empty not in (p.default, real_p.default) and not _same(p.default, real_p.default):
+            problems.append(f"{label}: the fake's default {p.name}={p.default!r}, the real one's {real_p.default!r}")
+    for i, p in enumerate(rpos):
+        if p.default is P.empty and (i >= len(fparams) or fparams[i].default is not P.empty):
+            problems.append(f"{label}: the real one requires {p.name!r}, the fake does not")
+    return problems
 
 
-def test_scan_of_this_project_sees_the_cuda_path():
-    """The scan must keep finding the calls that only a GPU would otherwise check (a scanner that silently finds
-    nothing would pass every check)."""
-    paths = {u.path for u in scan_sources(ROOT)}
-    for expected in ("cupy.cuda.runtime.memcpyPeerAsync", "cupy.cuda.runtime.memcpyAsync",
-                     "cupy.cuda.runtime.deviceEnablePeerAccess", "cupy.cuda.Event", "cupy.cuda.Stream",
-                     "cupy.cuda.Event().record", "cupy.cuda.get_current_stream().record", "cupy.empty().set",
-                     "cupy.cuda.nccl.NcclCommunicator", "cupy.cuda.nccl.get_unique_id", "cupy.cuda.alloc_pinned_memory",
-                     "cupy.cuda.Device().synchronize", "cupy.concatenate", "cupy.add", "cupy.matmul",
-                     "cupy.cuda.get_elapsed_time", "cupy.cuda.Device().compute_capability"):
-        assert expected in paths, expected
+def _public(obj):
+    owners = [c for c in (obj.__mro__ if isinstance(obj, type) else type(obj).__mro__)
+              if c.__module__ not in ("builtins", "types")]
+    names = {n for c in owners for n in vars(c)} | (set() if isinstance(obj, type) else set(vars(obj)))
+    return sorted(n for n in names if not n.startswith("_") or (isinstance(obj, type) and n in
+                                                                ("__init__", "__enter__", "__exit__")))
 
 
-# ------------------------------------------------------------------------------------------------ the checks
-class _CythonLike:
-    """A callable whose signature, as with CuPy's Cython functions, is only in its docstring."""
+def check(label, fake, real, skip=frozenset()):
+    """Problems with the stand-in ``fake`` (a class or a module-like object) for ``real``; ``skip``: dotted names
+    that mirror nothing (the fakes' MACHINERY)."""
+    problems = []
+    for name in _public(fake):
+        where = f"{label}.{name}"
+        if where in skip:
+            continue
+        if name == "__init__":
+            problems += compare(f"{label}()", fake, real)
+        elif not hasattr(real, name):
+            problems.append(f"{where}: the real one has no attribute {name!r}")
+        elif isinstance(inspect.getattr_static(fake, name), property):
+            continue
+        elif isinstance(value := getattr(fake, name), type):
+            problems += check(where, value, getattr(real, name), skip)
+        elif callable(value):
+            problems += compare(where, value, getattr(real, name))
+        elif isinstance(value, (bool, int, float, str)):
+            if value != getattr(real, name):
+                problems.append(f"{where}: the fake's value is {value!r}, the real one's {getattr(real, name)!r}")
+        elif hasattr(value, "__dict__"):  # a submodule (cupy.cuda, cupy.cuda.runtime)
+            problems += check(where, value, getattr(real, name), skip)
+    return problems
 
-    def __init__(self, doc):
-        self.__doc__ = doc
 
-    def __call__(self, *args, **kwargs):
-        pass
+def _machinery(label, fake):
+    return {f"{label}.{n}" for n in fake.MACHINERY} | {f"{label}.ndarray.__init__"}
 
 
-def _standin():
-    cupy = types.ModuleType("cupy")
-    cupy.cuda = types.ModuleType("cupy.cuda")
-    cupy.cuda.runtime = types.ModuleType("cupy.cuda.runtime")
-    cupy.cuda.runtime.memcpyAsync = _CythonLike("memcpyAsync(intptr_t dst, intptr_t src, size_t size, int kind, "
-                                                "intptr_t stream)\n\nCopies.")
-    cupy.cuda.runtime.memcpyDeviceToDevice = 3
+def test_the_check_names_each_difference():
+    class Real:
+        """Real(null=False, non_blocking=False)"""
+        SUM = 0
 
-    class Stream:
-        """Stream(null=False, non_blocking=False)"""
-
-        def __init__(self, null=False, non_blocking=False):
+        def wait(self, event):
             pass
 
-        def wait_event(self, event):
-            pass
+    real = types.SimpleNamespace(Stream=Real, copy=types.SimpleNamespace(__doc__="copy(intptr_t dst, size_t n, "
+                                                                                 "int kind=3, *, bint sync=False)"))
 
-    cupy.cuda.Stream = Stream
-    cupy.empty = lambda shape, dtype=float, order="C": None
-    return cupy
+    class Stream:  # a parameter renamed, a constant changed, a method the real one lacks
+        SUM = 1
 
-
-def test_check_uses_accepts_calls_that_bind():
-    cupy = _standin()
-    uses = [Use("a:1", "cupy.cuda.runtime.memcpyAsync", 5), Use("a:2", "cupy.cuda.runtime.memcpyAsync", 3,
-                                                                ("kind", "stream")),
-            Use("a:3", "cupy.cuda.Stream", 0, ("non_blocking",)), Use("a:4", "cupy.cuda.Stream().wait_event", 1),
-            Use("a:5", "cupy.cuda.runtime.memcpyDeviceToDevice"), Use("a:6", "cupy.empty", 1, ("dtype",))]
-    assert check_uses(uses, {"cupy": cupy}) == []
-
-
-@pytest.mark.parametrize("use, says", [
-    (Use("a:1", "cupy.cuda.runtime.memcpyPeer", 6), "has no attribute 'memcpyPeer'"),
-    (Use("a:1", "cupy.cuda.runtime.memcpyAsync", 6), "does not match"),  # one argument too many
-    (Use("a:1", "cupy.cuda.runtime.memcpyAsync", 4), "does not match"),  # the stream forgotten
-    (Use("a:1", "cupy.cuda.Stream", 0, ("nonblocking",)), "does not match"),
-    (Use("a:1", "cupy.cuda.Stream().wait", 1), "has no attribute 'wait'"),
-    (Use("a:1", "cupy.cuda.runtime.memcpyDeviceToDevice", 0), "not callable"),
-    (Use("a:1", "cupy.empty", 1, ("dtyp",)), "does not match"),
-])
-def test_check_uses_names_each_mistake(use, says):
-    problems = check_uses([use], {"cupy": _standin()})
-    assert len(problems) == 1 and says in problems[0] and problems[0].startswith("a:1: ")
-
-
-def test_unchecked_calls_are_reported():
-    """A call on a result of unknown type, or on a callable without a readable signature, is checked by name only:
-    :func:`cupy_api.unchecked_calls` lists it (the real-CuPy test requires that list to be empty)."""
-    cupy = _standin()
-    cupy.make = lambda: None
-    cupy.opaque = _CythonLike("no signature here")
-    uses = [Use("a:1", "cupy.make().anything", 0), Use("a:2", "cupy.opaque", 1), Use("a:3", "cupy.empty", 1)]
-    assert check_uses(uses, {"cupy": cupy}) == []
-    assert cupy_api.unchecked_calls(uses, {"cupy": cupy}) == ["a:1: cupy.make().anything()", "a:2: cupy.opaque(_)"]
-
-
-def test_doc_signatures_are_read_like_cythons():
-    sig = signature(_CythonLike("f(self, intptr_t dst, int n=4, str mode='K', *args, bint flag=True)"))
-    assert list(sig.parameters) == ["dst", "n", "mode", "args", "flag"]
-    assert sig.parameters["n"].default == 4 and sig.parameters["mode"].default == "K"
-    assert sig.parameters["flag"].kind is inspect.Parameter.KEYWORD_ONLY
-    assert signature(_CythonLike("Not a signature at all.")) is None
-
-
-def test_check_fake_names_each_difference():
-    real = _standin()
-
-    class Stream:  # the fake: a parameter renamed, a default changed, a method CuPy does not have
         def __init__(self, null=False, nonblocking=False):
             pass
 
-        def wait_event(self, event):
+        def wait(self, event):
             pass
 
         def wait_for(self, event):
             pass
 
-    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(
-        Stream=Stream, runtime=types.SimpleNamespace(memcpyAsync=lambda dst, src, n, kind, stream: None,
-                                                     memcpyDeviceToDevice=2)),
-        empty=lambda shape, dtype="float32": None, helper=None)
-    problems = check_fake("cupy", fake, real, skip={"helper"})
-    text = "\n".join(problems)
-    assert "cupy.cuda.Stream(): the fake's positional parameter 1 is 'nonblocking'" in text
-    assert "cupy.cuda.Stream.wait_for: the real object has no attribute 'wait_for'" in text
-    assert "cupy.cuda.runtime.memcpyAsync: the fake's positional parameter 2 is 'n'" in text
-    assert "cupy.cuda.runtime.memcpyDeviceToDevice: the fake's value is 2, the real one's 3" in text
-    assert "cupy.empty: the fake's default dtype='float32'" in text
-    assert len(problems) == 5, text
+    fake = types.SimpleNamespace(Stream=Stream, copy=lambda dst, n, kind=2, sync=False, more=0: None)
+    assert check("cupy", fake, real) == [
+        "cupy.Stream.SUM: the fake's value is 1, the real one's 0",
+        "cupy.Stream(): the fake's positional parameter 1 is 'nonblocking', the real one's 'non_blocking' "
+        "(null=False, non_blocking=False)",
+        "cupy.Stream.wait_for: the real one has no attribute 'wait_for'",
+        "cupy.copy: the fake's default kind=2, the real one's 3",
+        "cupy.copy: the fake takes 'sync' as positional parameter 3, the real one (dst, n, kind=3, *, sync=False)",
+        "cupy.copy: the fake takes 'more' as positional parameter 4, the real one (dst, n, kind=3, *, sync=False)"]
+    fake.copy = lambda dst, n=0: None
+    assert check("cupy", fake, real)[-1] == "cupy.copy: the real one requires 'n', the fake does not"
+    fake.Stream, fake.copy = Real, lambda dst, n, kind=3, *, sync=False: None
+    assert check("cupy", fake, real) == []
 
 
-def test_check_fake_accepts_a_faithful_fake():
-    real = _standin()
-    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(
-        Stream=real.cuda.Stream, runtime=types.SimpleNamespace(memcpyAsync=lambda dst, src, size, kind, stream: None,
-                                                               memcpyDeviceToDevice=3)),
-        empty=lambda shape, dtype=float: None)
-    assert check_fake("cupy", fake, real) == []
+def _real(module):
+    """The installed ``module``: skipped where it is missing, failed under CONVNET_REQUIRE_CUPY=1 (CI)."""
+    try:
+        m = importlib.import_module(module)
+        assert getattr(m, "available", True), "CuPy cannot load NCCL (pip install nvidia-nccl-cu13)"
+        return m
+    except (ImportError, AssertionError) as e:
+        (pytest.fail if os.environ.get("CONVNET_REQUIRE_CUPY") == "1" else pytest.skip)(f"{module}: {e}")
 
 
-# ------------------------------------------------------------------------------------------------ against CuPy
-def test_sources_match_installed_cupy():
-    """Every CuPy attribute the package, benchmarks and tools use exists in the installed CuPy, and every call binds
-    to its signature; no call goes unchecked for want of a readable signature or a known result type."""
-    cupy = _real("cupy")
-    _real("cupy.cuda.nccl")  # distributed.py imports it the same way
-    modules = {"cupy": cupy, "cupyx": importlib.import_module("cupyx")}
-    uses = scan_sources(ROOT)
-    assert check_uses(uses, modules) == []
-    assert cupy_api.unchecked_calls(uses, modules) == []
+def test_the_fake_cupy_matches_the_installed_cupy():
+    cupy, fake = _real("cupy"), FakeCupy()
+    assert check("cupy", fake, cupy, _machinery("cupy", fake)) == []
+    assert check("cupyx", CUPYX, _real("cupyx")) == []
+    assert sorted(n for n in FakeCupy.SHARED_FUNCTIONS if not callable(getattr(cupy, n, None))) == []
+    assert sorted(n for n in FakeCupy.SHARED_METHODS if not hasattr(cupy.ndarray, n)) == []
 
 
-def test_fake_cupy_matches_installed_cupy():
-    cupy = _real("cupy")
-    assert check_fake("cupy", FakeCupy(), cupy, skip=FakeCupy.MACHINERY) == []
-
-
-def test_fake_cupyx_matches_installed_cupyx():
-    cupyx = _real("cupyx")
-    assert check_fake("cupyx", FakeCupyx(FakeCupy()), cupyx, skip=FakeCupyx.MACHINERY) == []
-
-
-def test_fake_nccl_matches_installed_nccl():
+def test_the_fake_nccl_matches_the_installed_nccl():
     nccl = _real("cupy.cuda.nccl")
     fake = FakeNccl().install(FakeCupy())
-    assert check_fake("cupy.cuda.nccl", fake, nccl, skip=FakeNccl.MACHINERY) == []
-    # the unique id is made without a GPU: the fake's must have the real one's type and length (bytes in CuPy 14)
-    real_id, fake_id = nccl.get_unique_id(), fake.get_unique_id()
-    assert (type(fake_id), len(fake_id)) == (type(real_id), len(real_id))
+    assert check("nccl", fake, nccl, _machinery("nccl", fake)) == []
+    assert (type(fake.get_unique_id()), len(fake.get_unique_id())) == (type(nccl.get_unique_id()),
+                                                                       len(nccl.get_unique_id()))

@@ -39,7 +39,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from helpers import FakeCupy, FakeNccl, subprocess_env  # noqa: E402
+from fake_cupy import FakeCupy, FakeNccl  # noqa: E402
+from helpers import subprocess_env  # noqa: E402
 
 from convnet.data import Loader  # noqa: E402
 from convnet.data.synthetic import synthetic  # noqa: E402

@@ -2,7 +2,7 @@
 a model's second tower) must allocate, launch and compute there only: CuPy allocates and runs an array-module call on
 the *current* GPU, whatever GPU the operands are on, and every thread starts with GPU 0 current.
 
-On the CPU the cuda path runs on tests/helpers.FakeCupy, which remembers the GPU each array was allocated on, raises
+On the CPU the cuda path runs on tests/fake_cupy.py, which remembers the GPU each array was allocated on, raises
 CrossDeviceError for a kernel launch, copy or array-module call with an operand on another GPU than the current one,
 and logs which GPU was current for every call. With ``pytest -m cuda`` the same runs go to real GPUs, CuPy's
 allocations and the kernel launches logged with the GPU current at the time (the cuda:1 forms need two GPUs).
@@ -32,7 +32,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from helpers import EMU, CrossDeviceError, FakeCupy, FakeNccl  # noqa: E402
+from fake_cupy import CrossDeviceError, FakeCupy, FakeNccl  # noqa: E402
+from helpers import EMU  # noqa: E402
 from imagefolder_fixture import make_tree  # noqa: E402
 from test_distributed import needs_mpi, run_ranks  # noqa: E402
 from test_imagenet import TINY_RGB  # noqa: E402

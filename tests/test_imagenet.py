@@ -595,11 +595,11 @@ def test_full_alexnet_end_to_end_on_prepared_data(prepared_large, tmp_path, devi
 
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_training_on_prepared_data_on_a_fake_gpu_gives_emus_bits(prepared, tmp_path, monkeypatch, workers):
-    """The cuda path of the prepared-data pipeline on the CPU (tests/helpers.FakeCupy, the emulator's kernels): with
+    """The cuda path of the prepared-data pipeline on the CPU (tests/fake_cupy.py, the emulator's kernels): with
     worker processes the batches reach the GPU through pinned buffers and copies on the consumer's stream
     (data/workers.py), without them through the loader thread; either way the same bits as on emu."""
     from convnet.train import run
-    from helpers import FakeCupy
+    from fake_cupy import FakeCupy
 
     cfg = tmp_path / "tiny-rgb.cfg"
     cfg.write_text(TINY_RGB)

@@ -78,7 +78,7 @@ def test_activations_count_too(tmp_path, monkeypatch, capsys):
 def test_net_larger_than_a_fake_gpus_free_memory_is_refused(tmp_path, monkeypatch, capsys):
     """On cuda the limit is the GPU's free memory (cudaMemGetInfo on that GPU), here a fake GPU 1 with 64 MiB free
     while GPU 0 has 1 GiB."""
-    from helpers import FakeCupy
+    from fake_cupy import FakeCupy
     fake = FakeCupy(devices=2).install(monkeypatch, usable=True)
     asked = []
 

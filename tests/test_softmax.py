@@ -69,7 +69,7 @@ def test_reference_topk():
 
 
 def _fake_gpu(monkeypatch):
-    from helpers import FakeCupy
+    from fake_cupy import FakeCupy
     FakeCupy(devices=1).install(monkeypatch)
     return Device("cuda", 0)
 

@@ -15,7 +15,8 @@ import pytest
 
 from convnet import ops
 from convnet.devices import Device
-from helpers import EMU, NUMPY, FakeCupy, rand, to_host
+from fake_cupy import FakeCupy
+from helpers import EMU, NUMPY, rand, to_host
 
 SHAPE_HELPERS = {"conv_output_shape", "pool_output_shape"}
 
@@ -179,7 +180,7 @@ FAKE_GPU_OPS = sorted(set(CALLS) - {"copy"})  # copy: tests/test_two_towers.py r
 @pytest.mark.parametrize("explicit", [True, False], ids=["stream", "current-stream"])
 @pytest.mark.parametrize("name", FAKE_GPU_OPS)
 def test_op_on_a_fake_second_gpu_uses_its_device_and_stream(monkeypatch, name, explicit):
-    """The cuda path of every op, on the CPU: CuPy replaced by tests/helpers.FakeCupy (CuPy's device/stream rules,
+    """The cuda path of every op, on the CPU: CuPy replaced by tests/fake_cupy.py (CuPy's device/stream rules,
     numpy memory) and convnet._cuda by the emulator. With GPU 0 current, an op on cuda:1 makes every allocation,
     array-module call, result read and kernel launch with GPU 1 current and on the op's stream: ``stream=`` given, or
     (None) GPU 1's current stream -- not GPU 0's, which is what is current where the op is called."""
@@ -189,8 +190,9 @@ def test_op_on_a_fake_second_gpu_uses_its_device_and_stream(monkeypatch, name, e
     want = _flatten(CALLS[name](NUMPY, copy.deepcopy(host), None))
     a = _on(dev, host)
     assert all(v._dev == 1 for v in a.values())
-    ours = fake.cuda.ExternalStream(0x71, 1)
-    fake.stacks[0].append(fake.cuda.ExternalStream(0x70, 0))  # GPU 0's current stream: must not be used
+    with fake.cuda.Device(1):
+        ours = fake.cuda.Stream()
+    fake.stacks[0].append(fake.cuda.Stream())  # GPU 0's current stream: must not be used
     if not explicit:
         fake.stacks[1].append(ours)  # GPU 1's current stream (GPU 0 stays the current device)
     fake.recording = True
@@ -198,8 +200,8 @@ def test_op_on_a_fake_second_gpu_uses_its_device_and_stream(monkeypatch, name, e
     fake.recording = False
     assert fake.current == 0
     launches = [e for e in fake.calls if e[0].startswith("launch")]  # the stream is the handle passed (not current)
-    wrong = [e for e in fake.calls if (e[1], e[3] if e in launches else e[2]) != (1, 0x71)]
-    assert not wrong, f"{name}: work off GPU 1's stream 0x71 (what, device, current stream, handle): {wrong}"
+    wrong = [e for e in fake.calls if (e[1], e[3] if e in launches else e[2]) != (1, ours.ptr)]
+    assert not wrong, f"{name}: work off GPU 1's stream {ours.ptr} (what, device, current stream, handle): {wrong}"
     assert launches or name.startswith("fc_") or name in ARRAY_MODULE_OPS, f"{name} launched no kernel"
     got = _flatten(got)
     assert len(got) == len(want)
@@ -213,9 +215,10 @@ def test_reading_an_array_of_another_gpu_orders_on_that_gpu(monkeypatch):
     device's stream, which is not ordered after GPU 1's work)."""
     fake = FakeCupy(devices=2).install(monkeypatch)
     a = fake.array_on(1, np.arange(4, dtype=np.float32))
-    fake.stacks[1].append(fake.cuda.ExternalStream(0x81, 1))
+    with fake.cuda.Device(1):
+        fake.stacks[1].append(fake.cuda.Stream())
     fake.recording = True
     host = Device("cuda", 0).to_numpy(a)
-    assert fake.calls == [("get", 1, 0x81, None)] and fake.current == 0
+    assert fake.calls == [("get", 1, fake.stacks[1][-1].ptr, None)] and fake.current == 0
     assert type(host) is np.ndarray and host.tolist() == [0, 1, 2, 3]
     assert Device("cuda", 1).to_numpy(np.ones(2)).tolist() == [1.0, 1.0]  # host arrays pass through

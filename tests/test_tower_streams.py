@@ -3,7 +3,7 @@
 * emu's emulated streams run their work on worker threads, asynchronously to the host, ordered by events -- so that
   a missing event wait between two towers is a wrong result here, in CI, and not a bug only a GPU would show: a test
   removes one wait from a two-tower step and sees the check fail.
-* The cuda path of a two-tower step on a fake CUDA runtime (tests/helpers.FakeCupy: CuPy's device and stream rules,
+* The cuda path of a two-tower step on a fake CUDA runtime (tests/fake_cupy.py: CuPy's device and stream rules,
   host memory): each tower's kernels on its own stream, every copy after an event wait, no host synchronisation."""
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from convnet.devices._host import HostDevice
 from convnet.devices.host_streams import HostStream
 from convnet.model_file import build_net
 from convnet.optim import SGD
-from helpers import EMU, NUMPY, FakeCupy, rand
+from fake_cupy import FakeCupy
+from helpers import EMU, NUMPY, rand
 from models import GROUPED_DROP, TOWERS_DROP
 
 EMU1 = Device("emu", 1)

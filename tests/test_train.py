@@ -376,11 +376,11 @@ def _trained(res, out):
                                             ("TWO_TOWERS", ("emu:0,emu:1", "cuda:0,cuda:1"))], ids=["one", "towers"])
 def test_training_on_a_fake_gpu_gives_emus_bits(tmp_path, monkeypatch, model, devices):
     """The cuda device's whole training path on the CPU -- loader, uploads, trainer, evaluation, checkpoint, and with
-    two towers the streams, events and peer copies: CuPy replaced by tests/helpers.FakeCupy (numpy memory, CuPy's
+    two towers the streams, events and peer copies: CuPy replaced by tests/fake_cupy.py (numpy memory, CuPy's
     rules: no host array mixed into device arithmetic, no implicit conversion to NumPy) and convnet._cuda by the
     emulator. The cuda branches then run the same kernels and array operations in the same order as emu, so the
     same bits: a cuda-only branch that computes something else, or that CuPy would reject, fails here."""
-    from helpers import FakeCupy
+    from fake_cupy import FakeCupy
     from test_two_towers import TWO_TOWERS
 
     text = {"TINY": TINY, "TWO_TOWERS": TWO_TOWERS}[model]

@@ -7,7 +7,6 @@ checkpoint between ``alexnet`` and ``alexnet-2gpu`` (:mod:`convnet.convert_tower
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from convnet.devices.backend_cuda import GpuCopier
 from convnet.model_file import build_net, load_model, resolve_model
 from convnet.optim import SGD
 from convnet.train import run
+from fake_cupy import FakeCupy
 from helpers import EMU, NUMPY
 from models import GROUPED_DROP, TOWERS_DROP, TWO_TOWERS
 
@@ -204,139 +204,78 @@ def test_copy_checks_its_arguments():
 
 
 # --------------------------------------------------------------------------- the cuda copy on a fake runtime
-class FakeCupy:
-    """Just enough of ``cupy.cuda`` for :class:`GpuCopier`: calls are logged as tuples with the current device."""
-
-    def __init__(self, can_peer=True, enable_status=None):
-        fake = self
-        self.log, self.current, self.events = [], 0, []
-
-        class CUDARuntimeError(RuntimeError):
-            def __init__(self, status):
-                super().__init__(f"status {status}")
-                self.status = status
-
-        class Runtime:
-            memcpyHostToDevice, memcpyDeviceToHost, memcpyDeviceToDevice = 1, 2, 3
-
-            def deviceCanAccessPeer(self, dev, peer):
-                fake.log.append(("can_access_peer", dev, peer))
-                return int(can_peer)
-
-            def deviceEnablePeerAccess(self, peer):
-                fake.log.append(("enable_peer", fake.current, peer))
-                if enable_status is not None:
-                    raise CUDARuntimeError(enable_status)
-
-            def memcpyAsync(self, dst, src, n, kind, stream):
-                fake.log.append(("memcpy", fake.current, dst, src, n, kind, stream))
-
-            def memcpyPeerAsync(self, dst, dst_dev, src, src_dev, n, stream):
-                fake.log.append(("memcpy_peer", fake.current, dst, dst_dev, src, src_dev, n, stream))
-
-        Runtime.CUDARuntimeError = CUDARuntimeError
-
-        class Device:
-            def __init__(self, index):
-                self.index = index
-
-            def __enter__(self):
-                self.prev, fake.current = fake.current, self.index
-
-            def __exit__(self, *exc):
-                fake.current = self.prev
-
-        class Stream:
-            def __init__(self, name, ptr):
-                self.name, self.ptr = name, ptr
-
-            def wait_event(self, event):
-                fake.log.append(("wait", fake.current, self.name, event.name))
-
-        class Event:
-            def __init__(self, block=False, disable_timing=False):
-                self.done, self.name = False, f"e{len(fake.events)}"
-                fake.events.append(self)
-
-            def record(self, stream):
-                fake.log.append(("record", fake.current, stream.name, self.name))
-
-        self.streams = {0: Stream("null0", 0), 1: Stream("null1", 0)}  # each GPU's null stream is handle 0
-        self.cuda = SimpleNamespace(runtime=Runtime(), Device=Device, Event=Event,
-                                    get_current_stream=lambda: self.streams[self.current],
-                                    alloc_pinned_memory=lambda n: SimpleNamespace(ptr=0x7000, size=n))
-
-
-def _fake_array(ptr, nbytes=64):
-    return SimpleNamespace(nbytes=nbytes, data=SimpleNamespace(ptr=ptr))
-
-
-def _copier(**kw):
-    cp, said = FakeCupy(**kw), []
-    return GpuCopier(cp=lambda: cp, warn=said.append), cp, said
+def _copier(n=16, **fake_settings):
+    """A GpuCopier on a fake of two GPUs (recording), an array of GPU 0 and one of GPU 1, and what it warns."""
+    fake, said = FakeCupy(devices=2), []
+    vars(fake).update(fake_settings, recording=True)
+    on0, on1 = fake.array_on(0, np.arange(n, dtype=np.float32)), fake.array_on(1, -np.arange(n, dtype=np.float32))
+    return GpuCopier(cp=lambda: fake, warn=said.append), fake, on0, on1, said
 
 
 def test_cuda_copy_between_two_gpus_is_peer_to_peer_ordered_by_events():
-    copier, cp, said = _copier()
-    a, out = _fake_array(0x1000), _fake_array(0x2000)
-    assert copier.copy(a, 1, 0, out) is out
-    assert cp.log == [
-        ("can_access_peer", 0, 1), ("can_access_peer", 1, 0),  # once per pair: asked, then enabled both ways
-        ("enable_peer", 0, 1), ("enable_peer", 1, 0),
-        ("record", 1, "null1", "e0"), ("wait", 0, "null0", "e0"),  # the consumer's stream waits for the producer's
-        ("memcpy_peer", 0, 0x2000, 0, 0x1000, 1, 64, 0),  # on the consumer's stream
-        ("record", 0, "null0", "e1"), ("wait", 1, "null1", "e1"),  # a's memory is not reused before it was read
+    copier, fake, on0, on1, said = _copier()
+    assert copier.copy(on1, 1, 0, on0) is on0
+    assert fake.calls == [  # (what, current GPU, stream, event or stream handle)
+        ("can access peer", 0, 0, (0, 1)), ("can access peer", 0, 0, (1, 0)),  # once per pair, then enabled both ways
+        ("enable peer", 0, 0, 1), ("enable peer", 1, 0, 0),
+        ("record", 1, 0, 0), ("wait", 0, 0, 0),  # the consumer's stream waits for the producer's
+        ("memcpy peer", 0, 0, 0),  # on the consumer's stream
+        ("record", 0, 0, 1), ("wait", 1, 0, 1),  # a's memory is not reused before it was read
     ]
-    cp.log.clear()
-    stream = SimpleNamespace(name="s", ptr=0x55, wait_event=lambda e: cp.log.append(("wait", cp.current, "s", e.name)))
-    copier.copy(a, 0, 1, out, stream=stream)  # the other way, on a stream of the consumer's: no new peer setup
-    assert [c[0] for c in cp.log] == ["record", "wait", "memcpy_peer", "record", "wait"]
-    assert cp.log[2] == ("memcpy_peer", 1, 0x2000, 1, 0x1000, 0, 64, 0x55) and cp.log[1][2] == "s"
+    assert (on0.get() == on1.get()).all()
+    fake.calls.clear()
+    with fake.cuda.Device(1):
+        stream = fake.cuda.Stream(non_blocking=True)
+    copier.copy(on0, 0, 1, on1, stream=stream)  # the other way, on a stream of the consumer's: no new peer setup
+    assert [c[0] for c in fake.calls] == ["record", "wait", "memcpy peer", "record", "wait"]
+    assert fake.calls[1][2] == fake.calls[2][3] == stream.ptr and fake.calls[2][1] == 1
     assert copier.peer == {(0, 1): True} and said == []
 
 
 def test_cuda_copy_without_peer_access_is_staged_through_pinned_memory_and_said_once():
-    copier, cp, said = _copier(can_peer=False)
-    a, out = _fake_array(0x1000, 128), _fake_array(0x2000, 128)
-    copier.copy(a, 0, 1, out)
+    copier, fake, on0, on1, said = _copier(peer_access=False)
+    copier.copy(on0, 0, 1, on1)
     assert len(said) == 1 and "GPUs 0 and 1 cannot access each other's memory" in said[0]
-    assert cp.log[1:] == [  # (the first answer was no)
-        ("memcpy", 0, 0x7000, 0x1000, 128, 2, 0),  # device to pinned host, on the producer's stream
-        ("record", 0, "null0", "e0"), ("wait", 1, "null1", "e0"),
-        ("memcpy", 1, 0x2000, 0x7000, 128, 1, 0),  # pinned host to device, on the consumer's stream
-        ("record", 1, "null1", "e1"),  # the pinned buffer is kept until this event has completed
+    assert fake.calls[1:] == [  # (the first answer was no)
+        ("memcpy", 0, 0, 0),  # device to pinned host, on the producer's stream
+        ("record", 0, 0, 0), ("wait", 1, 0, 0),
+        ("memcpy", 1, 0, 0),  # pinned host to device, on the consumer's stream
+        ("record", 1, 0, 1),  # the pinned buffer is kept until this event has completed
     ]
-    assert not any(c[0] in ("enable_peer", "memcpy_peer") for c in cp.log)
+    assert (on1.get() == on0.get()).all()
     assert len(copier._pending) == 1
-    cp.events[1].done = True
-    copier.copy(a, 1, 0, out)
-    assert len(said) == 1  # said once per pair
-    assert len(copier._pending) == 1 and copier._pending[0][0] is cp.events[-1]  # the completed one was let go
+    fake.events[1].done = False  # still copying: its buffer is kept
+    copier.copy(on0, 0, 1, on1)
+    assert len(said) == 1 and len(copier._pending) == 2  # said once per pair
+    fake.events[1].done = True
+    copier.copy(on0, 0, 1, on1)
+    assert [e for e, _ in copier._pending] == [fake.events[-1]]  # the completed ones were let go
 
 
 def test_cuda_copy_within_one_gpu_is_a_device_to_device_copy():
-    copier, cp, said = _copier()
-    a, out = _fake_array(0x1000), _fake_array(0x2000)
-    copier.copy(a, 0, 0, out)  # one stream: ordered already
-    assert cp.log == [("memcpy", 0, 0x2000, 0x1000, 64, 3, 0)]
-    cp.log.clear()
-    other = SimpleNamespace(name="s", ptr=0x55, wait_event=lambda e: cp.log.append(("wait", cp.current, "s", e.name)))
-    copier.copy(a, 0, 0, out, stream=other)  # two streams of one GPU (two towers on it): events both ways
-    assert cp.log == [("record", 0, "null0", "e0"), ("wait", 0, "s", "e0"), ("memcpy", 0, 0x2000, 0x1000, 64, 3, 0x55),
-                      ("record", 0, "s", "e1"), ("wait", 0, "null0", "e1")]
-    assert copier.peer == {} and said == []
-    cp.log.clear()
-    copier.copy(_fake_array(0x1000, 0), 0, 1, out)  # nothing to copy
-    assert cp.log == []
+    copier, fake, on0, _, said = _copier()
+    out = fake.array_on(0, np.zeros(16, np.float32))
+    copier.copy(on0, 0, 0, out)  # one stream: ordered already
+    assert fake.calls == [("memcpy", 0, 0, 0)]
+    fake.calls.clear()
+    other = fake.cuda.Stream(non_blocking=True)
+    copier.copy(on0, 0, 0, out, stream=other)  # two streams of one GPU (two towers on it): events both ways
+    s = other.ptr
+    assert fake.calls == [("record", 0, 0, 0), ("wait", 0, s, 0), ("memcpy", 0, 0, s), ("record", 0, s, 1),
+                          ("wait", 0, 0, 1)]
+    assert copier.peer == {} and said == [] and (out.get() == on0.get()).all()
+    fake.calls.clear()
+    copier.copy(on0[:0], 0, 1, out)  # nothing to copy
+    assert fake.calls == []
 
 
 def test_cuda_peer_access_enabled_elsewhere_is_fine_and_other_errors_are_not():
-    copier, cp, _ = _copier(enable_status=704)  # cudaErrorPeerAccessAlreadyEnabled
-    copier.copy(_fake_array(0x1000), 0, 1, _fake_array(0x2000))
+    copier, fake, on0, on1, _ = _copier(peer_error=704)  # cudaErrorPeerAccessAlreadyEnabled
+    copier.copy(on0, 0, 1, on1)
     assert copier.peer == {(0, 1): True}
-    copier, cp, _ = _copier(enable_status=217)  # cudaErrorPeerAccessUnsupported
+    copier, fake, on0, on1, _ = _copier(peer_error=217)  # cudaErrorPeerAccessUnsupported
     with pytest.raises(RuntimeError, match="status 217"):
-        copier.copy(_fake_array(0x1000), 0, 1, _fake_array(0x2000))
+        copier.copy(on0, 0, 1, on1)
 
 
 # ------------------------------------------------------------------------------------------ training, summary
