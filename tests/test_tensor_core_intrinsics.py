@@ -3,7 +3,7 @@ csrc/kernels/tensor_core_probes.cu, on emu (and cuda when a GPU is present).
 
 The fragment tables below are written out by hand from the PTX ISA ("Matrix Fragments for mma.m16n8k8", .tf32;
 "Matrix Fragments for mma.m16n8k16 with floating point type", .bf16; "ldmatrix"), independently of the emulator's
-(csrc/emu/tensor_core.cpp) and the kernels' (csrc/kernels/mma_fragments.cuh). On emu the mma results are exact:
+(csrc/emu/cuemu.cpp) and the kernels' (csrc/kernels/mma_fragments.cuh). On emu the mma results are exact:
 float64 sums of the exact products, k ascending, rounded once, which the NumPy oracle repeats; a GPU may differ
 within the FP32 accumulation bound.
 """
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from helpers import COMPILED_DEVICES, EMU, SCHEDULES, schedule
+from precision_cases import assert_same_bits_or_both_nan, special_floats, tf32_by_arithmetic
 
-from convnet.reference.precision import round_bf16, round_inputs, round_tf32
+from convnet.reference.precision import round_inputs, round_tf32
 
 import convnet._emu as _emu  # noqa: E402  (a missing emulator module is a failure, not a skip)
 
@@ -300,46 +301,11 @@ def test_ldmatrix_x4_loads_the_tf32_a_fragment_of_a_row_major_tile(device):
 
 
 # ---- conversions ----------------------------------------------------------------------------------------------
-def special_floats():
-    bits = np.array([
-        0x00000000, 0x80000000, 0x3F800000, 0x3F801000, 0x3F803000, 0xBF801000, 0x3F800FFF, 0x3F801001,  # tf32 ties
-        0x3F808000, 0x3F818000, 0xBF808000, 0x3F808001, 0x3F807FFF,                                          # bf16 ties
-        0x00000001, 0x00001000, 0x00003000, 0x00008000, 0x00018000, 0x807FFFFF, 0x007FF000, 0x007FFFFF,      # subnormal
-        0x7F7FFFFF, 0x7F7FEFFF, 0x7F7F7FFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000,                              # max, inf
-        0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FA00000, 0xFF800123,                                          # NaN
-    ], np.uint32)
-    rng = np.random.default_rng(0)
-    return np.concatenate([bits.view(np.float32), rng.standard_normal(2000).astype(np.float32),
-                           (rng.standard_normal(500) * 1e-39).astype(np.float32)])
-
-
-def tf32_by_arithmetic(x):
-    """TF32 rounding computed in float64 arithmetic (not bits): steps of 2^(e - 10) for a value in [2^e, 2^(e+1)),
-    never finer than float32's subnormal TF32 step 2^-136, ties away from zero."""
-    x = x.astype(np.float64)
-    out = np.empty_like(x)
-    finite = np.isfinite(x)
-    _, e = np.frexp(x[finite])  # x = m 2^e, 0.5 <= |m| < 1
-    step = np.ldexp(1.0, np.maximum(e - 11, -136))
-    q = x[finite] / step
-    out[finite] = np.copysign(np.floor(np.abs(q) + 0.5) * step, q)
-    out[~finite] = x[~finite]
-    with np.errstate(over="ignore"):
-        return out.astype(np.float32)  # beyond float32's range: inf, as the rounding carries into the exponent
-
-
 def convert(device, kind, x):
     n = x.size
     out = device.zeros(n // 2 if kind == 2 else n, np.uint16 if kind == 1 else np.uint32)
     launch(device, "convert", kind, device.asarray(x, np.float32), out, n)
     return device.to_numpy(out)
-
-
-def assert_same_bits_or_both_nan(got_bits, want_bits, as_float):
-    got, want = got_bits.view(as_float), want_bits.view(as_float)
-    nan = np.isnan(want)
-    np.testing.assert_array_equal(np.isnan(got), nan)
-    np.testing.assert_array_equal(got_bits[~nan], want_bits[~nan])
 
 
 @pytest.mark.parametrize("device", COMPILED_DEVICES)
@@ -365,13 +331,6 @@ def test_bf16_conversion_matches_ml_dtypes(device):
     assert_same_bits_or_both_nan((packed >> np.uint32(16)).astype(np.uint16), want[1::2], ml_dtypes.bfloat16)
     ties = np.array([0x3F808000, 0x3F818000], np.uint32).view(np.float32)  # to even: down, then up
     assert convert(device, 1, ties).tolist() == [0x3F80, 0x3F82]
-
-
-def test_reference_roundings_keep_nan_and_inf():
-    x = np.array([np.nan, np.inf, -np.inf, 3.4e38, -0.0], np.float32)
-    for rounded in (round_tf32(x), round_bf16(x)):
-        assert np.isnan(rounded[0]) and rounded[1] == np.inf and rounded[2] == -np.inf
-        assert np.signbit(rounded[4])
 
 
 # ---- cp.async ---------------------------------------------------------------------------------------------------

@@ -695,7 +695,7 @@ struct LdmatrixLane {
   const void* row;  // this lane's row address (lanes 0-7: matrix 0, 8-15: matrix 1, ...)
   uint32_t r[4];
 };
-// Run by the last lane of an mma / ldmatrix collective for all 32 lanes (csrc/emu/tensor_core.cpp).
+// Run by the last lane of an mma / ldmatrix collective for all 32 lanes (csrc/emu/cuemu.cpp).
 void mma_sync(WarpOp op, void* const lanes[32]);
 void ldmatrix_sync(int count, bool trans, void* const lanes[32], const char* file, int line);
 // True when [p, p + bytes) lies inside the running block's static or dynamic shared memory.

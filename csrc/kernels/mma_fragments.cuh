@@ -4,7 +4,7 @@
 // columns of A and rows of B are K, columns of B and C/D are N.
 //
 // Kernels load fragments through these functions only; the emulator has its own copy of the tables
-// (csrc/emu/tensor_core.cpp) and tests/test_tensor_core_intrinsics.py checks both against the ISA's.
+// (csrc/emu/cuemu.cpp) and tests/test_tensor_core_intrinsics.py checks both against the ISA's.
 #pragma once
 
 #include "cuda_compat.h"

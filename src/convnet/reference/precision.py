@@ -40,7 +40,8 @@ def round_tf32(x) -> np.ndarray:
 
 def to_bf16(x) -> np.ndarray:
     """``x`` as an ``ml_dtypes.bfloat16`` array (round to nearest even)."""
-    return np.asarray(x, dtype=np.float32).astype(ml_dtypes.bfloat16)
+    with np.errstate(invalid="ignore"):  # NumPy warns on every NaN cast; NaN stays NaN
+        return np.asarray(x, dtype=np.float32).astype(ml_dtypes.bfloat16)
 
 
 def round_bf16(x) -> np.ndarray:
