@@ -80,14 +80,25 @@ __global__ void convert_kernel(int kind, const float* x, void* out, std::int64_t
 
 // Stage t % 2 is refilled with tile t + 1 while tile t is read. Rule (cuda_compat.h): wait for the group, then a
 // barrier, before others read; a barrier after the reads before the stage is refilled.
+// Stage 0 is filled by one 16-byte .cg copy per thread, stage 1 by two 8-byte .ca copies: both forms run.
+__device__ __forceinline__ void fill_stage(float4 (&stage)[2][kPipelineTile / 4], int s, const float* src) {
+  const int t = threadIdx.x;
+  if (s == 0) {
+    cp_async_cg(&stage[0][t], src + 4 * t);
+  } else {
+    cp_async_ca<8>(&stage[1][t], src + 4 * t);
+    cp_async_ca<8>(reinterpret_cast<float*>(&stage[1][t]) + 2, src + 4 * t + 2);
+  }
+}
+
 template <int kVariant>
 __global__ void pipeline_kernel(const float* x, float* y, int tiles) {
   SHARED(float4, stage, [2][kPipelineTile / 4]);
   const int t = threadIdx.x;
-  cp_async_cg(&stage[0][t], x + 4 * t);
+  fill_stage(stage, 0, x);
   cp_async_commit();
   for (int tile = 0; tile < tiles; ++tile) {
-    if (tile + 1 < tiles) cp_async_cg(&stage[(tile + 1) % 2][t], x + (tile + 1) * kPipelineTile + 4 * t);
+    if (tile + 1 < tiles) fill_stage(stage, (tile + 1) % 2, x + (tile + 1) * kPipelineTile);
     cp_async_commit();  // every thread, every iteration (an empty group at the end): the counts stay in step
     if (kVariant != 1) cp_async_wait<1>();  // tile's group complete; tile + 1 may still be in flight
     if (kVariant != 2) __syncthreads();     // every thread's part of the tile has landed
