@@ -1,4 +1,5 @@
-// cuemu.cpp — scheduler, fibers, worker pool and runtime API of the CUDA CPU emulation (see cuemu.h).
+// cuemu.cpp — scheduler, fibers, worker pool, runtime API, tensor-core collectives and cp.async of the CUDA CPU
+// emulation (see cuemu.h).
 #include "cuemu.h"
 
 #include <pthread.h>
@@ -240,6 +241,15 @@ enum class FState : uint8_t { Runnable, Barrier, Warp, Done };
 
 struct Fiber;
 
+// A cp.async in flight: its data (read from global memory when issued) reaches dst at the wait that completes
+// its group.
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned char data[16];
+  uint32_t bytes;
+  uint32_t group;  // number of the cp.async-group it belongs to (the thread's commit count when issued)
+};
+
 // A carrier is a stack plus a context that runs CUDA threads. A thread that finishes hands its carrier
 // straight to the next thread of the round if that one has not started yet (no context switch), so
 // barrier-free kernels cost one switch per block rather than two per thread. A thread that blocks keeps its
@@ -270,6 +280,8 @@ struct Fiber {
   WarpOp op = WarpOp::Sync;  // the warp collective it waits at (for error messages)
   uint32_t mask = 0;
   int reduce_pred = 0;
+  std::vector<AsyncCopy> async_copies;  // issued, not yet completed by a wait
+  uint32_t async_groups = 0;            // cp.async-groups committed so far
 };
 
 // Deposits of the lanes of one warp, kept compact so an arriving lane checks the waiting ones cheaply.
@@ -388,6 +400,9 @@ const char* op_name(WarpOp op) {
     case WarpOp::ReduceAnd: return "__reduce_and_sync";
     case WarpOp::ReduceOr: return "__reduce_or_sync";
     case WarpOp::ReduceXor: return "__reduce_xor_sync";
+    case WarpOp::MmaTf32: return "mma.sync.m16n8k8.tf32";
+    case WarpOp::MmaBf16: return "mma.sync.m16n8k16.bf16";
+    case WarpOp::Ldmatrix: return "ldmatrix";
   }
   return "?";
 }
@@ -755,6 +770,8 @@ void run_block(Worker& w, uint64_t linear_block, Schedule order, uint64_t seed) 
     f.started = false;
     f.carrier = nullptr;
     f.reduce_pred = 0;
+    f.async_copies.clear();  // copies a thread of the previous block left pending die with its shared memory
+    f.async_groups = 0;
   }
   try {
     for (;;) {
@@ -1132,6 +1149,19 @@ void* shared_alloc(const void* key, size_t bytes, size_t align, const char* name
   return p;
 }
 
+bool in_shared_memory(const void* p, size_t bytes) {
+  const Worker* w = tl_worker;
+  if (!w || !w->current) return false;
+  const auto inside = [p, bytes](const void* base, size_t size) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p), b = reinterpret_cast<uintptr_t>(base);
+    return a >= b && a - b <= size && bytes <= size - (a - b);
+  };
+  if (w->dyn && inside(w->dyn, w->dyn_bytes)) return true;
+  for (const auto& s : w->shared)
+    if (inside(s.ptr, s.bytes)) return true;
+  return false;
+}
+
 void* dynamic_shared(size_t align) {
   current_fiber("DYNAMIC_SHARED", "?", 0);
   if (align > 16) throw EmulatorError("cuemu: DYNAMIC_SHARED of a type aligned to more than 16 bytes");
@@ -1231,6 +1261,27 @@ uint64_t warp_collective(WarpOp op, uint32_t mask, uint64_t value, int param, in
       for (uint32_t l = 0; l < 32; ++l) ws.result[l] = r;
       break;
     }
+    case WarpOp::MmaTf32:
+    case WarpOp::MmaBf16:
+    case WarpOp::Ldmatrix: {
+      void* payload[32];
+      for (uint32_t l = 0; l < 32; ++l) {
+        payload[l] = reinterpret_cast<void*>(static_cast<uintptr_t>(ws.value[l]));
+        ws.result[l] = 0;
+      }
+      if (op != WarpOp::Ldmatrix) {
+        mma_sync(op, payload);
+        break;
+      }
+      for (uint32_t l = 0; l < 32; ++l)
+        if (ws.param[l] != param)
+          throw EmulatorError(format("ldmatrix with different qualifiers in one warp (undefined on the GPU): lane %u "
+                                     ".x%d%s at %s:%d, lane %u .x%d%s at %s:%d",
+                                     lane, param & 7, param & 8 ? ".trans" : "", file, line, l, ws.param[l] & 7,
+                                     ws.param[l] & 8 ? ".trans" : "", lanes[l].file, lanes[l].line));
+      ldmatrix_sync(param & 7, (param & 8) != 0, payload, file, line);
+      break;
+    }
     case WarpOp::MatchAny:
       for (uint32_t l = 0; l < 32; ++l) {
         if (!(mask >> l & 1)) continue;
@@ -1310,6 +1361,143 @@ unsigned activemask() {
 }
 
 }  // namespace detail
+
+// ---- tensor cores: what the last lane of an mma / ldmatrix collective computes for the whole warp ----------
+// Fragment ownership is the PTX ISA's ("Matrix Fragments for mma.m16n8k8", .tf32; "Matrix Fragments for
+// mma.m16n8k16 with floating point type", .bf16), with groupID = lane >> 2 and threadID_in_group = lane % 4.
+// These tables are the emulator's own; kernels carry theirs (csrc/kernels/mma_fragments.cuh), and
+// tests/test_tensor_core_intrinsics.py checks both against tables written out by hand from the ISA.
+namespace detail {
+namespace {
+
+struct RowCol {
+  int row, col;
+};
+
+// m16n8k8 .tf32 A (16x8), one element per register: a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4).
+RowCol tf32_a(int lane, int i) { return {(lane >> 2) + 8 * (i & 1), (lane & 3) + 4 * (i >> 1)}; }
+// m16n8k8 .tf32 B (8x8): b0 (t, g), b1 (t+4, g).
+RowCol tf32_b(int lane, int i) { return {(lane & 3) + 4 * i, lane >> 2}; }
+// m16n8k16 .bf16 A (16x16), element i = 0..7 (register i / 2, low half first): rows g for i in {0,1,4,5}, else
+// g+8; columns 2t + (i & 1), plus 8 for i >= 4.
+RowCol bf16_a(int lane, int i) {
+  return {(lane >> 2) + 8 * ((i >> 1) & 1), 2 * (lane & 3) + (i & 1) + 8 * (i >> 2)};
+}
+// m16n8k16 .bf16 B (16x8), element i = 0..3: rows 2t + (i & 1), plus 8 for i >= 2; column g.
+RowCol bf16_b(int lane, int i) { return {2 * (lane & 3) + (i & 1) + 8 * (i >> 1), lane >> 2}; }
+// C and D of both shapes (16x8 f32): c0 (g, 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1).
+RowCol accumulator(int lane, int i) { return {(lane >> 2) + 8 * (i >> 1), 2 * (lane & 3) + (i & 1)}; }
+
+// A .tf32 operand as the tensor core reads it: the low 13 bits are not looked at.
+float tf32_operand(uint32_t bits) { return std::bit_cast<float>(bits & 0xffffe000u); }
+float bf16_half(uint32_t reg, int half) { return bf16_to_float(static_cast<uint16_t>(reg >> (16 * half))); }
+
+}  // namespace
+
+void mma_sync(WarpOp op, void* const lanes[32]) {
+  const bool tf32 = op == WarpOp::MmaTf32;
+  const int k_dim = tf32 ? 8 : 16;
+  float a[16][16], b[16][8], c[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const MmaLane& p = *static_cast<const MmaLane*>(lanes[l]);
+    if (tf32) {
+      for (int i = 0; i < 4; ++i) a[tf32_a(l, i).row][tf32_a(l, i).col] = tf32_operand(p.a[i]);
+      for (int i = 0; i < 2; ++i) b[tf32_b(l, i).row][tf32_b(l, i).col] = tf32_operand(p.b[i]);
+    } else {
+      for (int i = 0; i < 8; ++i) a[bf16_a(l, i).row][bf16_a(l, i).col] = bf16_half(p.a[i / 2], i & 1);
+      for (int i = 0; i < 4; ++i) b[bf16_b(l, i).row][bf16_b(l, i).col] = bf16_half(p.b[i / 2], i & 1);
+    }
+    for (int i = 0; i < 4; ++i) c[accumulator(l, i).row][accumulator(l, i).col] = p.c[i];
+  }
+  // The products of TF32 or BF16 values are exact in float64, and so is nearly every sum of 8 or 16 of them: the
+  // result is (all but always) the exact sum rounded once, whatever order the hardware uses.
+  float d[16][8];
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 8; ++n) {
+      double acc = c[m][n];
+      for (int k = 0; k < k_dim; ++k) acc += double(a[m][k]) * double(b[k][n]);
+      d[m][n] = static_cast<float>(acc);
+    }
+  for (int l = 0; l < 32; ++l) {
+    MmaLane& p = *static_cast<MmaLane*>(lanes[l]);
+    for (int i = 0; i < 4; ++i) p.d[i] = d[accumulator(l, i).row][accumulator(l, i).col];
+  }
+}
+
+void ldmatrix_sync(int count, bool trans, void* const lanes[32], const char* file, int line) {
+  if (count != 1 && count != 2 && count != 4)
+    throw EmulatorError(format("ldmatrix at %s:%d: .x%d is not .x1, .x2 or .x4", file, line, count));
+  for (int l = 0; l < 8 * count; ++l) {
+    const void* row = static_cast<const LdmatrixLane*>(lanes[l])->row;
+    if (reinterpret_cast<uintptr_t>(row) % 16)
+      throw EmulatorError(format("ldmatrix at %s:%d: lane %d's row address %p is not 16-byte aligned", file, line,
+                                  l, row));
+    if (!in_shared_memory(row, 16))
+      throw EmulatorError(format("ldmatrix at %s:%d: lane %d's row address %p is not in this block's shared memory",
+                                  file, line, l, row));
+  }
+  // element(i, r, col): 16-bit element `col` of row r of matrix i (rows are the addresses of lanes 8i .. 8i+7).
+  const auto element = [lanes](int i, int r, int col) {
+    uint16_t v;
+    std::memcpy(&v, static_cast<const char*>(static_cast<const LdmatrixLane*>(lanes[8 * i + r])->row) + 2 * col, 2);
+    return static_cast<uint32_t>(v);
+  };
+  for (int l = 0; l < 32; ++l) {
+    LdmatrixLane& p = *static_cast<LdmatrixLane*>(lanes[l]);
+    const int g = l >> 2, t = l & 3;
+    for (int i = 0; i < count; ++i)
+      p.r[i] = trans ? element(i, 2 * t, g) | element(i, 2 * t + 1, g) << 16
+                     : element(i, g, 2 * t) | element(i, g, 2 * t + 1) << 16;
+  }
+}
+
+}  // namespace detail
+
+// ---- cp.async --------------------------------------------------------------------------------------------
+void cp_async(void* dst, const void* src, int cp_size, int src_size, bool cache_global, const char* file, int line) {
+  detail::Fiber* f = detail::current_fiber("cp.async", file, line);
+  const char* name = cache_global ? "cp.async.cg" : "cp.async.ca";
+  if (cp_size != 4 && cp_size != 8 && cp_size != 16)
+    throw EmulatorError(detail::format("%s at %s:%d: cp-size %d is not 4, 8 or 16", name, file, line, cp_size));
+  if (cache_global && cp_size != 16)
+    throw EmulatorError(detail::format("%s at %s:%d: .cg copies 16 bytes, not %d", name, file, line, cp_size));
+  if (src_size < 0 || src_size > cp_size)
+    throw EmulatorError(
+        detail::format("%s at %s:%d: src-size %d is outside [0, %d]", name, file, line, src_size, cp_size));
+  if (reinterpret_cast<uintptr_t>(dst) % cp_size || reinterpret_cast<uintptr_t>(src) % cp_size)
+    throw EmulatorError(detail::format("%s at %s:%d: source %p and destination %p must be aligned to %d bytes", name,
+                                       file, line, src, dst, cp_size));
+  if (!detail::in_shared_memory(dst, cp_size))
+    throw EmulatorError(detail::format("%s at %s:%d: the destination %p is not in this block's shared memory", name,
+                                       file, line, dst));
+  if (detail::in_shared_memory(src, 1))
+    throw EmulatorError(detail::format("%s at %s:%d: the source %p is shared memory, not global memory", name, file,
+                                       line, src));
+  detail::AsyncCopy c{static_cast<unsigned char*>(dst), {}, static_cast<uint32_t>(cp_size), f->async_groups};
+  std::memcpy(c.data, src, static_cast<size_t>(src_size));  // zero-filled beyond src_size by {}
+  std::memset(dst, 0xFF, static_cast<size_t>(cp_size));     // poison until the group is waited for
+  f->async_copies.push_back(c);
+}
+
+void cp_async_commit_group(const char* file, int line) {
+  ++detail::current_fiber("cp.async.commit_group", file, line)->async_groups;
+}
+
+void cp_async_wait_group(int n, const char* file, int line) {
+  detail::Fiber* f = detail::current_fiber("cp.async.wait_group", file, line);
+  if (n < 0) throw EmulatorError(detail::format("cp.async.wait_group at %s:%d: N = %d < 0", file, line, n));
+  // Groups 0 .. async_groups-1 are committed; all but the n newest complete now.
+  const uint32_t complete_below = f->async_groups > uint32_t(n) ? f->async_groups - uint32_t(n) : 0;
+  auto& copies = f->async_copies;
+  size_t kept = 0;
+  for (size_t i = 0; i < copies.size(); ++i) {
+    if (copies[i].group < complete_below)
+      std::memcpy(copies[i].dst, copies[i].data, copies[i].bytes);
+    else
+      copies[kept++] = copies[i];
+  }
+  copies.resize(kept);
+}
 
 void set_schedule(Schedule s, uint64_t seed) {
   detail::g_order.store(static_cast<int>(s));

@@ -41,8 +41,15 @@
 // - Atomics are real atomics (blocks run concurrently); within a block execution is sequentially consistent.
 // - cuemu::last_launch_stats(): blocks and threads run, fiber resumes, barrier releases of the last launch.
 //
+// - Tensor cores and asynchronous copies (sm_80): mma.sync m16n8k8 TF32 and m16n8k16 BF16, ldmatrix and cp.async
+//   with commit/wait groups, and the TF32/BF16 conversions, at the end of this header (kernels reach them through
+//   the wrappers in cuda_compat.h). mma and ldmatrix are warp collectives of all 32 lanes that gather and scatter
+//   each lane's registers by the PTX ISA's fragment tables; a cp.async fills its destination with poison (0xFF
+//   bytes) when issued and writes the data only at the cp.async.wait_group that completes its group, so a missing
+//   wait, or a missing __syncthreads between pipeline stages, reads NaN.
+//
 // Limits (what this cannot emulate): inline PTX; code under __CUDA_ARCH__ (the emulated build compiles the host
-// branch); tensor cores (mma/wmma), cp.async/TMA, textures, grid-wide sync, dynamic parallelism, streams as
+// branch); wmma, wgmma, TMA, textures, grid-wide sync, dynamic parallelism, streams as
 // concurrency (every launch is synchronous); memory-model bugs (missing __threadfence/volatile, relaxed
 // ordering across blocks); performance and occupancy (register spills, bank conflicts). Float results differ
 // in the last bits from the GPU (nvcc contracts a*b+c into FMAs; __expf etc. are exact here): compare with
@@ -251,7 +258,9 @@ void* dynamic_shared(size_t align);
 
 enum class WarpOp : uint8_t {
   Sync, Idx, Up, Down, Xor, Ballot, Any, All, MatchAny, MatchAll,
-  ReduceAddU, ReduceMinU, ReduceMaxU, ReduceMinI, ReduceMaxI, ReduceAnd, ReduceOr, ReduceXor
+  ReduceAddU, ReduceMinU, ReduceMaxU, ReduceMinI, ReduceMaxI, ReduceAnd, ReduceOr, ReduceXor,
+  // Tensor-core collectives: each lane's value is the address of its operands on its own (suspended) stack.
+  MmaTf32, MmaBf16, Ldmatrix
 };
 // Deposits this lane's value, waits for the lanes of `mask`, returns this lane's result.
 // For MatchAll, bit 32 of the result is the predicate.
@@ -649,3 +658,89 @@ inline float min(float a, float b) { return std::fmin(a, b); }
 inline float max(float a, float b) { return std::fmax(a, b); }
 inline double min(double a, double b) { return std::fmin(a, b); }
 inline double max(double a, double b) { return std::fmax(a, b); }
+
+// ---------------------------------------------------------------------------------------------------------
+// Tensor cores and asynchronous copies (sm_80). Kernels call the wrappers of cuda_compat.h (convnet::mma_tf32,
+// convnet::ldmatrix, convnet::cp_async_ca, ...), which are inline PTX under nvcc and these functions here.
+namespace cuemu {
+
+// cvt.rna.tf32.f32: round to 10 explicit mantissa bits, to nearest with ties away from zero; the low 13 bits of
+// the result are zero. Subnormals round at the same bit; values that round past FLT_MAX give inf; NaN stays a
+// (quiet) NaN.
+inline uint32_t cvt_rna_tf32(float x) {
+  const uint32_t u = std::bit_cast<uint32_t>(x);
+  if ((u & 0x7f800000u) == 0x7f800000u) return (u & 0x007fffffu) ? ((u | 0x00400000u) & 0xffffe000u) : u;
+  return (u + 0x1000u) & 0xffffe000u;  // adding half an ulp to the magnitude, then truncating: ties go away from 0
+}
+
+// cvt.rn.bf16.f32: the upper 16 bits, rounded to nearest even; NaN stays a (quiet) NaN.
+inline uint16_t cvt_rn_bf16(float x) {
+  const uint32_t u = std::bit_cast<uint32_t>(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float bf16_to_float(uint16_t b) { return std::bit_cast<float>(static_cast<uint32_t>(b) << 16); }
+
+namespace detail {
+// What one lane hands to an mma collective: its fragments of A, B and C, and where D goes (the PTX ISA's
+// "Matrix Fragments for mma.m16n8k8" (.tf32) and "... mma.m16n8k16 with floating point type" (.bf16)).
+struct MmaLane {
+  uint32_t a[4];
+  uint32_t b[2];
+  float c[4];
+  float d[4];
+};
+struct LdmatrixLane {
+  const void* row;  // this lane's row address (lanes 0-7: matrix 0, 8-15: matrix 1, ...)
+  uint32_t r[4];
+};
+// Run by the last lane of an mma / ldmatrix collective for all 32 lanes (csrc/emu/cuemu.cpp).
+void mma_sync(WarpOp op, void* const lanes[32]);
+void ldmatrix_sync(int count, bool trans, void* const lanes[32], const char* file, int line);
+// True when [p, p + bytes) lies inside the running block's static or dynamic shared memory.
+bool in_shared_memory(const void* p, size_t bytes);
+}  // namespace detail
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 d, a, b, c: D (16x8) = A (16x8) B (8x8) + C, by all 32 lanes of
+// a full warp. The tensor core reads the top 19 bits of a .tf32 operand (sign, exponent, 10 mantissa bits), so an
+// operand not rounded with cvt_rna_tf32 is truncated. Products of TF32 (or BF16) values are exact; the emulator
+// adds them to C in float64, k ascending, and rounds once to float (the GPU's order and internal width are not
+// specified: compare with a GPU within tolerance).
+inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
+                             CUEMU_SITE_PARAM) {
+  detail::MmaLane lane{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}, {}};
+  detail::warp_collective(detail::WarpOp::MmaTf32, 0xffffffffu, detail::to_bits(&lane), 0, 32, CUEMU_SITE);
+  for (int i = 0; i < 4; ++i) d[i] = lane.d[i];
+}
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: A (16x16) and B (16x8) hold two bfloat16 per register,
+// the lower-numbered element in the low half.
+inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
+                              CUEMU_SITE_PARAM) {
+  detail::MmaLane lane{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}, {}};
+  detail::warp_collective(detail::WarpOp::MmaBf16, 0xffffffffu, detail::to_bits(&lane), 0, 32, CUEMU_SITE);
+  for (int i = 0; i < 4; ++i) d[i] = lane.d[i];
+}
+
+// ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{.trans}.shared.b16: `count` 8x8 matrices of 16-bit elements; lane l gives
+// the 16-byte-aligned shared-memory address of row l % 8 of matrix l / 8 (only lanes < 8 * count are read) and
+// receives in r[i] the elements (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1) of matrix i, low half first; with
+// .trans, the elements (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4).
+inline void ldmatrix_m8n8(uint32_t* r, int count, bool trans, const void* row, CUEMU_SITE_PARAM) {
+  detail::LdmatrixLane lane{row, {}};
+  detail::warp_collective(detail::WarpOp::Ldmatrix, 0xffffffffu, detail::to_bits(&lane), count | (trans ? 8 : 0),
+                          32, CUEMU_SITE);
+  for (int i = 0; i < count; ++i) r[i] = lane.r[i];
+}
+
+// cp.async.{ca,cg}.shared.global [dst], [src], cp_size, src_size: copies src_size bytes and zero-fills the rest of
+// cp_size (4, 8 or 16; .cg only 16), both addresses aligned to cp_size. The source is read now; the destination
+// holds poison (0xFF bytes: NaN) until a cp_async_wait_group completes the copy's group.
+void cp_async(void* dst, const void* src, int cp_size, int src_size, bool cache_global, const char* file, int line);
+// cp.async.commit_group: the thread's uncommitted copies become its newest group (possibly empty).
+void cp_async_commit_group(const char* file, int line);
+// cp.async.wait_group n: completes every group of this thread except the n most recently committed ones (copies
+// not yet committed stay pending). Other threads see the data only after a barrier that follows.
+void cp_async_wait_group(int n, const char* file, int line);
+
+}  // namespace cuemu
