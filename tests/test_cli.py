@@ -247,3 +247,22 @@ def test_subprocess_default_run_refuses_to_replace_runs_fmnist(tmp_path):
 def test_subprocess_help_exits_0(tmp_path):
     r = _cli("--help", cwd=tmp_path)
     assert r.returncode == 0 and "--overwrite" in r.stdout and "--debug" in r.stdout
+
+
+def test_an_error_line_is_written_in_one_piece(micro, tmp_path, monkeypatch):
+    """Each rank of a data-parallel job writes to its own pipe and mpirun merges them: an error line written in
+    pieces (the text, then its newline) can come out interleaved with another rank's."""
+    writes = []
+
+    class Recorder:
+        def write(self, s):
+            writes.append(s)
+            return len(s)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert main(["--model", str(micro), "--out", str(tmp_path / "r"), "--lr", "-1"]) == 2
+    errors = [w for w in writes if "error" in w]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and errors[0].endswith("\n"), writes

@@ -173,6 +173,12 @@ def _error(e) -> str:
     return f"error{who}: " + " ".join(str(e).split())  # one line, whatever the message holds
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write: the ranks' lines reach mpirun's output whole, not interleaved."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv=None):
     """The command: returns the exit status (0 done, 1 diverged or an environment error, 2 a user error, 130
     Ctrl-C). Errors are one line on stderr; ``--debug`` re-raises them (the traceback)."""
@@ -199,20 +205,19 @@ def _main(argv, debug):
     try:
         res = run(argv)
     except KeyboardInterrupt:  # a second Ctrl-C (the first one stops cleanly and saves)
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         return 130
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     except USER_ERRORS as e:
         if debug:
             raise
-        print(_error(e), file=sys.stderr)
+        _say(_error(e))
         return 2
     except (TrainingError, DistributedError, OSError, MemoryError) as e:  # diverged; disk full, I/O error; out of memory
         if debug:
             raise
-        print(_error(e) if not isinstance(e, MemoryError) else "error: out of memory" + (f" ({e})" if str(e) else ""),
-              file=sys.stderr)
+        _say(_error(e) if not isinstance(e, MemoryError) else "error: out of memory" + (f" ({e})" if str(e) else ""))
         return 1
     return 130 if res.get("status") == "interrupted" else 0
 
