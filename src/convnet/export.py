@@ -113,9 +113,37 @@ def _lrn_band(layer, channels):
     return band
 
 
+_LEARNABLE = ("init_w", "init_b", "lr_w", "lr_b", "wd_w", "wd_b", "neuron")
+# the keys each exported layer type is written with: any other key (a rule added later) must keep its default
+EXPORTED_KEYS = {
+    Data: ("channels", "size", "scale"),
+    Conv: (*_LEARNABLE, "filters", "size", "stride", "padding", "groups"),
+    FC: (*_LEARNABLE, "outputs"),
+    Pool: ("pool", "size", "stride", "padding"),
+    LRN: ("size", "alpha", "beta", "k", "convention", "groups"),
+    ReLU: (),
+    Dropout: ("keep", "mask_of", "mask_start"),
+    SoftmaxCost: ("coeff",),
+}
+
+
+def _check_keys(layer):
+    known = EXPORTED_KEYS.get(type(layer))
+    if known is None:
+        raise ExportError(f"layer '{layer.name}': type '{layer.type}' has no ONNX export here (exported: data, conv, "
+                          f"pool, lrn, fc, relu, dropout, softmax)")
+    for key in type(layer).keys:
+        if key.arg in known:
+            continue
+        value = getattr(layer, key.arg)
+        if key.required or value != key.check(key.default):
+            raise ExportError(f"layer '{layer.name}': {key.name} = {value!r} has no ONNX export here")
+
+
 def _layer_nodes(b, layer, x, state):
     """The nodes of ``layer`` on input tensor ``x`` (NCHW, or (N, F) for a flat input); returns its output tensor."""
     t, n = type(layer), layer.name
+    _check_keys(layer)
     if getattr(layer, "neuron", None) not in (None, "relu"):
         raise ExportError(f"layer '{n}': neuron '{layer.neuron}' has no ONNX export here")
     if t is Conv:
@@ -156,10 +184,7 @@ def _layer_nodes(b, layer, x, state):
         return b.node("Relu", [x], n)
     if t is Dropout:
         return x
-    if t is SoftmaxCost:
-        return b.node("Softmax", [x], n, axis=1)
-    raise ExportError(f"layer '{n}': type '{layer.type}' has no ONNX export here (exported: data, conv, pool, lrn, "
-                      f"fc, relu, dropout, softmax)")
+    return b.node("Softmax", [x], n, axis=1)  # SoftmaxCost: the only type left (_check_keys)
 
 
 def _flat(b, name, rank, base):
@@ -194,6 +219,7 @@ def build_model(net, *, mean=None, layout="nchw"):
         x = b.node("Sub", [x, b.const("mean", _input_mean(mean, d.out_shape))], "centred")
     if d.scale != 1.0:
         x = b.node("Mul", [x, b.const("scale", np.float32(d.scale))], "scaled")
+    _check_keys(d)
     outs = {d.name: x}
     for l in net.order:
         if l is d:
