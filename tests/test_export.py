@@ -62,7 +62,7 @@ def _compare(net, tmp_path, rng, *, n=3, layout="nchw", mean=True):
     x = raw - m.transpose(2, 0, 1)[None] if mean else raw.copy()
     if net.data_layer.scale != 1.0:
         x *= np.float32(net.data_layer.scale)
-    x = net.data_layer.device.asarray(np.ascontiguousarray(x.transpose(1, 2, 3, 0)), np.float32)
+    x = net.data_layer.device.asarray(np.ascontiguousarray(x.transpose(1, 2, 3, 0)), net.dtype)
     _lively(net, rng, x=x)
     ours = net.device.to_numpy(net.forward(x)).T
     path = export.to_onnx(net, tmp_path / f"{net.name}.onnx", mean=m, layout=layout)
@@ -346,3 +346,17 @@ def test_bad_layout_and_a_net_without_parameters_are_refused(tmp_path):
     shapes, _ = build_net(TOWERS, "towers", device=NUMPY, init_params=False)
     with pytest.raises(export.ExportError, match="no parameters"):
         export.build_model(shapes)
+
+
+def test_a_float64_net_exports_as_float32(tmp_path):
+    net, _ = build_net(TOWERS, "towers", device=NUMPY, dtype="float64")
+    _compare(net, tmp_path, np.random.default_rng(9))
+    inits = onnx.load(str(tmp_path / "towers.onnx")).graph.initializer
+    assert {i.data_type for i in inits} == {onnx.TensorProto.FLOAT}
+
+
+def test_without_onnx_installed_the_error_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    net, _ = build_net(TOWERS, "towers", device=NUMPY)
+    with pytest.raises(export.ExportError, match=r"pip install 'convnet\[onnx\]'"):
+        export.to_onnx(net, tmp_path / "x.onnx")
