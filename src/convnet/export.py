@@ -92,10 +92,10 @@ class _Builder:
         return out
 
 
-def _image_rule(layer, g, window, stride, padding, what):
+def _image_rule(layer, in_shape, window, stride, padding, what):
     """Our output size (floor) must be the layer's: a layer with another rule has no export here."""
-    oh = (g[1] + 2 * padding[0] - window[0]) // stride[0] + 1
-    ow = (g[2] + 2 * padding[1] - window[1]) // stride[1] + 1
+    oh = (in_shape[1] + 2 * padding[0] - window[0]) // stride[0] + 1
+    ow = (in_shape[2] + 2 * padding[1] - window[1]) // stride[1] + 1
     if (oh, ow) != tuple(layer.out_shape[1:]):
         raise ExportError(f"layer '{layer.name}': its {what} output size {layer.out_shape[1]}x{layer.out_shape[2]} "
                           f"follows another rule than ONNX's floor ({oh}x{ow}); not exportable")
