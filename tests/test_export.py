@@ -1,0 +1,362 @@
+"""ONNX export (convnet.export): the exported graph, run by onnxruntime on raw pixels, gives our probabilities."""
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import CPU, NUMPY, subprocess_env
+from models import TINY
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from convnet import export  # noqa: E402
+from convnet.data.loader import Loader  # noqa: E402
+from convnet.layers import Conv, ReLU  # noqa: E402
+from convnet.model_file import build_net, load_model, shipped_models  # noqa: E402
+
+
+def _lively(net, rng, logit_std=4.0, x=None):
+    """Random weights that keep activations of order one or more (He), random biases, and a last layer scaled so that
+    the logits of ``x`` spread by ``logit_std``: probabilities far from uniform, so that every op shows in them."""
+    state = {}
+    for key, layer, p in net.param_items():
+        shape = tuple(layer.params[p].shape)
+        if p == "w":
+            fan_in = math.prod(shape[:-1]) if isinstance(layer, Conv) else shape[1]
+            state[key] = rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)
+        else:
+            state[key] = rng.uniform(-0.5, 0.5, shape)
+    net.load_state_dict(state)
+    if x is not None:
+        net.forward(x)
+        last = net.cost_layer.inputs[0]
+        factor = logit_std / float(np.std(net.device.to_numpy(net.logits)))
+        for p in ("w", "b"):
+            state[f"{last}/{p}"] = state[f"{last}/{p}"] * factor
+        net.load_state_dict(state)
+
+
+def _run_onnx(path, images):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    return session.run(None, {name: images})[0]
+
+
+def _assert_same_probs(got, want):
+    """Within 1e-5, and the log-probabilities too (small probabilities count)."""
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    live = want > 1e-20
+    np.testing.assert_allclose(np.log(np.maximum(got[live], 1e-38)), np.log(want[live]), rtol=0, atol=1e-3)
+
+
+def _compare(net, tmp_path, rng, *, n=3, layout="nchw", mean=True):
+    """Export ``net`` (lively weights, a random mean image) and compare onnxruntime's probabilities on raw pixels
+    with ours on the same pixels preprocessed as our loaders do."""
+    c, h, w = net.data_layer.out_shape
+    raw = rng.uniform(0, 255, (n, c, h, w)).astype(np.float32)
+    m = rng.uniform(0, 255, (h, w, c)).astype(np.float32) if mean else None
+    x = raw - m.transpose(2, 0, 1)[None] if mean else raw.copy()
+    if net.data_layer.scale != 1.0:
+        x *= np.float32(net.data_layer.scale)
+    x = net.data_layer.device.asarray(np.ascontiguousarray(x.transpose(1, 2, 3, 0)), net.dtype)
+    _lively(net, rng, x=x)
+    ours = net.device.to_numpy(net.forward(x)).T
+    path = export.to_onnx(net, tmp_path / f"{net.name}.onnx", mean=m, layout=layout)
+    onnx.checker.check_model(str(path), full_check=True)
+    images = raw if layout == "nchw" else np.ascontiguousarray(raw.transpose(1, 2, 3, 0))
+    _assert_same_probs(_run_onnx(path, images), ours)
+    return ours, x
+
+
+@pytest.mark.parametrize("name", shipped_models())
+def test_every_shipped_model_runs_in_onnxruntime_with_our_probabilities(name, tmp_path):
+    net, _ = load_model(name, device=CPU)  # alexnet at 224 is slow on the numpy reference
+    ours, _ = _compare(net, tmp_path, np.random.default_rng(len(name)), n=2)
+    assert ours.max() > 0.2  # not near uniform: the comparison sees every layer
+
+
+LRN_NET = """
+[data]
+type = data
+channels = 2
+size = 7,9
+[conv1]
+type = conv
+inputs = data
+filters = 12
+size = 3
+padding = 1
+neuron = relu
+[rnorm1]
+type = lrn
+inputs = conv1
+size = {size}
+alpha = {alpha}
+beta = 0.75
+k = {k}
+convention = {convention}
+groups = {groups}
+[fc2]
+type = fc
+inputs = rnorm1
+outputs = 5
+[probs]
+type = softmax
+inputs = fc2
+"""
+
+
+@pytest.mark.parametrize("size, convention, groups", [
+    (4, "sum", 1), (2, "mean", 1), (6, "sum", 2), (4, "mean", 3),  # even sizes: ONNX's window is off by one
+    (3, "sum", 2), (5, "mean", 3), (1, "sum", 4),  # groups: the window stays within a group
+    (5, "sum", 1), (3, "mean", 1), (1, "mean", 1), (7, "sum", 1),  # ONNX's own LRN
+])
+def test_lrn_of_any_size_convention_and_groups_exports_exactly(size, convention, groups, tmp_path):
+    # alpha large enough that the normalisation changes the activations by a factor of about 2 or more
+    text = LRN_NET.format(size=size, convention=convention, groups=groups, k=1.5,
+                          alpha=0.002 * (size if convention == "mean" else 1))
+    net, _ = build_net(text, "lrn", device=NUMPY)
+    rng = np.random.default_rng(size * 10 + groups)
+    ours, x = _compare(net, tmp_path, rng, n=4)
+    net.layers["rnorm1"].alpha = 0.0  # without the normalisation the probabilities are others: the test sees it
+    assert np.abs(net.forward(x).T - ours).max() > 1e-2
+
+
+# two towers (devices 0 and 1) exchanging the way AlexNet's do, with every kind of join: channel-wise (conv3 reads
+# both towers' maps), flattened images (fc4 reads both pools), features (fc5 reads both fc4s), an image and features
+# (fc6 reads pool3b and fc5a); padded pools of both kinds, non-square windows, a relu layer, dropout
+TOWERS = """
+[data]
+type = data
+channels = 3
+size = 13,11
+scale = 0.0125
+[conv1a]
+type = conv
+inputs = data
+filters = 6
+size = 3,5
+stride = 2,1
+padding = 1,2
+neuron = relu
+device = 0
+[conv1b]
+type = conv
+inputs = data
+filters = 4
+size = 3
+stride = 2,1
+padding = 1
+neuron = relu
+device = 1
+[pool1a]
+type = pool
+inputs = conv1a
+pool = max
+size = 3
+stride = 2
+padding = 1
+device = 0
+[pool1b]
+type = pool
+inputs = conv1b
+pool = avg
+size = 3,2
+stride = 2
+padding = 1
+device = 1
+[conv3a]
+type = conv
+inputs = pool1a, pool1b
+filters = 6
+size = 3
+padding = 1
+groups = 2
+device = 0
+[relu3a]
+type = relu
+inputs = conv3a
+device = 0
+[pool3b]
+type = pool
+inputs = pool1b
+pool = avg
+size = 2
+stride = 1
+device = 1
+[fc4a]
+type = fc
+inputs = relu3a, pool3b
+outputs = 8
+neuron = relu
+device = 0
+[fc4b]
+type = fc
+inputs = relu3a, pool3b
+outputs = 8
+neuron = relu
+device = 1
+[drop4b]
+type = dropout
+inputs = fc4b
+device = 1
+[fc5a]
+type = fc
+inputs = fc4a, drop4b
+outputs = 7
+device = 0
+[fc6]
+type = fc
+inputs = pool3b, fc5a
+outputs = 6
+device = 0
+[probs]
+type = softmax
+inputs = fc6
+device = 0
+"""
+
+
+@pytest.mark.parametrize("layout", ["nchw", "chwn"])
+def test_two_tower_net_on_two_devices_exports_with_its_joins(layout, tmp_path):
+    net, _ = build_net(TOWERS, "towers", devices="numpy:0,numpy:1")
+    assert {str(l.device) for l in net.order} == {"numpy", "numpy:1"}
+    assert net.layers["conv3a"].in_shape[0] == 10 and net.layers["fc6"].in_shape == (4 * 3 * 5 + 7,)
+    _compare(net, tmp_path, np.random.default_rng(7), n=5, layout=layout)
+
+
+def test_no_mean_exports_scale_only(tmp_path):
+    net, _ = build_net(TOWERS, "towers", device=NUMPY)
+    _compare(net, tmp_path, np.random.default_rng(8), mean=False)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "towers.onnx")).graph.node]
+    assert "Sub" not in ops and "Mul" in ops and "Dropout" not in ops
+
+
+def test_the_exported_model_takes_the_raw_pixels_of_our_centre_test_view(tmp_path):
+    """Images and mean larger than the input (a prepared ImageNet's 256 for 224): our evaluation loader crops both at
+    the centre; the exported model takes the cropped raw pixels and crops the mean itself."""
+    rng = np.random.default_rng(3)
+    net, _ = build_net(TOWERS, "towers", device=NUMPY)
+    images = rng.integers(0, 256, (6, 18, 14, 3), dtype=np.uint8)  # (N, H, W, C): 5 and 3 pixels to spare
+    mean = rng.uniform(0, 255, (18, 14, 3)).astype(np.float32)
+    loader = Loader(images, np.zeros(6, np.int64), 6, train=False, out_hw=(13, 11), mean=mean, scale=0.0125,
+                    device=NUMPY, prefetch=0)
+    (x, _), = list(loader.epoch(0))
+    _lively(net, rng, x=x)
+    ours = net.forward(x).T
+    path = export.to_onnx(net, tmp_path / "t.onnx", mean=mean)
+    crop = images[:, 2:15, 1:12].transpose(0, 3, 1, 2).astype(np.float32)
+    _assert_same_probs(_run_onnx(path, crop), ours)
+
+
+def test_a_run_directory_exports_from_the_command_line(tmp_path, capsys):
+    from convnet.train import run
+    from convnet import checkpoint as ckpt
+    model = tmp_path / "tiny.cfg"
+    model.write_text(TINY)
+    run(["--model", str(model), "--out", str(tmp_path / "run"), "--no-progress", "--no-plots", "--device", "numpy",
+         "--epochs", "1", "--synthetic-train", "64", "--synthetic-test", "16"], log=lambda s: None)
+    out = tmp_path / "tiny.onnx"
+    assert export.main(["onnx", str(tmp_path / "run"), str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    net, mean = export.load_checkpoint_net(tmp_path / "run")
+    state = ckpt.load(tmp_path / "run")
+    assert mean is not None and np.array_equal(mean, state["mean"])
+    for k, v in state["params"].items():
+        assert np.array_equal(net.state_dict()[k], v)
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(0, 255, (4, 1, 8, 8)).astype(np.float32)
+    x = np.ascontiguousarray(((raw - mean.transpose(2, 0, 1)[None]) * np.float32(0.0039215686)).transpose(1, 2, 3, 0))
+    _assert_same_probs(_run_onnx(out, raw), net.forward(x).T)
+    # CHWN input: the same probabilities
+    assert export.main(["onnx", str(tmp_path / "run" / "checkpoint.npz"), str(tmp_path / "c.onnx"),
+                        "--layout", "chwn"]) == 0
+    _assert_same_probs(_run_onnx(tmp_path / "c.onnx", np.ascontiguousarray(raw.transpose(1, 2, 3, 0))),
+                       net.forward(x).T)
+    # an existing output is kept unless --overwrite
+    assert export.main(["onnx", str(tmp_path / "run"), str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert export.main(["onnx", str(tmp_path / "run"), str(out), "--overwrite"]) == 0
+    # the command itself
+    r = subprocess.run([sys.executable, "-m", "convnet.export", "onnx", str(tmp_path / "run"), str(tmp_path / "s.onnx")],
+                       env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert onnx.load(str(tmp_path / "s.onnx")).SerializeToString() == onnx.load(str(out)).SerializeToString()
+
+
+def test_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    assert export.main(["onnx", str(tmp_path / "nothing"), str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not found" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.onnx").exists()
+
+
+class _Unknown(ReLU):
+    type = "mystery"
+
+
+def test_a_layer_type_without_export_is_refused_by_name(tmp_path):
+    net, _ = build_net(TOWERS, "towers", device=NUMPY)
+    layers = [l for l in net.order]
+    odd = _Unknown("odd", ["fc6"])
+    net2 = type(net)([*layers[:-1], odd, type(layers[-1])("probs", ["odd"])], device=NUMPY)
+    with pytest.raises(export.ExportError, match="layer 'odd': type 'mystery' has no ONNX export"):
+        export.to_onnx(net2, tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_key_the_export_does_not_know_is_refused_unless_it_keeps_its_default(monkeypatch, tmp_path):
+    from convnet.layers import Key, Pool
+    monkeypatch.setattr(Pool, "keys", (*Pool.keys, Key("start", "int", 0)))
+    net, _ = build_net(TOWERS, "towers", device=NUMPY)
+    export.build_model(net)  # start = 0 everywhere: the default, the rule the export writes
+    net.layers["pool1b"].start = -1
+    with pytest.raises(export.ExportError, match="layer 'pool1b': start = -1 has no ONNX export here"):
+        export.build_model(net)
+
+
+def test_an_output_size_rule_onnx_lacks_is_refused(tmp_path):
+    net, _ = build_net(TOWERS, "towers", device=NUMPY)
+    c, h, w = net.layers["pool1a"].out_shape
+    net.layers["pool1a"].out_shape = (c, h + 1, w)  # as a rounding-up rule would give
+    with pytest.raises(export.ExportError, match="layer 'pool1a': its pooling output size"):
+        export.build_model(net)
+
+
+@pytest.mark.parametrize("mean, message", [
+    (np.zeros((13, 11)), r"must be \(H, W, 3\)"),
+    (np.zeros((13, 11, 1)), r"must be \(H, W, 3\)"),
+    (np.zeros((12, 11, 3)), r"H >= 13"),
+    (np.full((13, 11, 3), np.nan), "NaN"),
+])
+def test_a_mean_image_that_does_not_fit_is_refused(mean, message, tmp_path):
+    net, _ = build_net(TOWERS, "towers", device=NUMPY)
+    with pytest.raises(export.ExportError, match=message):
+        export.to_onnx(net, tmp_path / "x.onnx", mean=mean)
+
+
+def test_bad_layout_and_a_net_without_parameters_are_refused(tmp_path):
+    net, _ = build_net(TOWERS, "towers", device=NUMPY)
+    with pytest.raises(export.ExportError, match="layout must be 'nchw' or 'chwn'"):
+        export.build_model(net, layout="nhwc")
+    shapes, _ = build_net(TOWERS, "towers", device=NUMPY, init_params=False)
+    with pytest.raises(export.ExportError, match="no parameters"):
+        export.build_model(shapes)
+
+
+def test_a_float64_net_exports_as_float32(tmp_path):
+    net, _ = build_net(TOWERS, "towers", device=NUMPY, dtype="float64")
+    _compare(net, tmp_path, np.random.default_rng(9))
+    inits = onnx.load(str(tmp_path / "towers.onnx")).graph.initializer
+    assert {i.data_type for i in inits} == {onnx.TensorProto.FLOAT}
+
+
+def test_without_onnx_installed_the_error_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    net, _ = build_net(TOWERS, "towers", device=NUMPY)
+    with pytest.raises(export.ExportError, match=r"pip install 'convnet\[onnx\]'"):
+        export.to_onnx(net, tmp_path / "x.onnx")
