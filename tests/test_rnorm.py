@@ -235,6 +235,8 @@ def test_bad_inputs(kernel_device):
         (ValueError, "overlap", lambda: ops.rnorm_backward(dev, x, d, y, out=d, **kw)),
         (ValueError, "mean_diff must have shape", lambda: ops.cnorm_backward(dev, x, m[:1].copy(), cd, cy, **kw)),
         (ValueError, "overlap", lambda: ops.cnorm_backward(dev, x, m, cd, cy, out=m, **kw)),
+        (TypeError, None, lambda: ops.rnorm_backward(dev, x, d, y)),  # the forward's parameters are required
+        (TypeError, None, lambda: ops.cnorm_backward(dev, x, m, cd, cy, size=3)),
     )
 
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ConvGeometry", "PoolGeometry", "LrnGeometry", "RnormGeometry", "pair", "output_size", "lrn_scale", "INT32_MAX",
-           "LRN_CONVENTIONS"]
+__all__ = ["ConvGeometry", "PoolGeometry", "LrnGeometry", "RnormGeometry", "pair", "output_size", "lrn_scale",
+           "INT32_MAX", "LRN_CONVENTIONS"]
 
 INT32_MAX = 2**31 - 1  # the kernels index with 32-bit ints: every tensor has fewer elements than this
 LRN_CONVENTIONS = ("sum", "mean")

@@ -48,8 +48,8 @@ def rnorm_forward(device, x, *, size=5, alpha=1e-3, beta=0.75, k=1.0, out=None, 
                    reference=reference, kernel=kernel)
 
 
-def rnorm_backward(device, x, denom, dy, *, size=5, alpha=1e-3, beta=0.75, k=1.0, out=None, stream=None):
-    """dx, exact, from the forward's input x and its denom."""
+def rnorm_backward(device, x, denom, dy, *, size, alpha, beta, k, out=None, stream=None):
+    """dx, exact, from the forward's input x and its denom (the forward's parameters are required)."""
     dev = as_device(device)
     check_array("x", x, dev, ndim=4)
     g = RnormGeometry.of(x.shape, size=size, alpha=alpha, beta=beta, k=k)
@@ -84,9 +84,8 @@ def cnorm_forward(device, x, *, size=5, alpha=1e-3, beta=0.75, k=1.0, out=None, 
                    stream=stream, reference=reference, kernel=kernel)
 
 
-def cnorm_backward(device, x, mean_diff, denom, dy, *, size=5, alpha=1e-3, beta=0.75, k=1.0, out=None,
-                   stream=None):
-    """dx, exact, from the forward's input x and its mean_diff and denom."""
+def cnorm_backward(device, x, mean_diff, denom, dy, *, size, alpha, beta, k, out=None, stream=None):
+    """dx, exact, from the forward's input x and its mean_diff and denom (the forward's parameters are required)."""
     dev = as_device(device)
     check_array("x", x, dev, ndim=4)
     g = RnormGeometry.of(x.shape, size=size, alpha=alpha, beta=beta, k=k)
