@@ -1,4 +1,5 @@
-"""Pooling and LRN benchmark (memory-bound ops) at AlexNet's batch-128 shapes, side by side with cuDNN.
+"""Pooling and LRN benchmark (memory-bound ops) at AlexNet's batch-128 shapes, side by side with cuDNN; same-map
+response and contrast normalisation (rnorm, cnorm) at cuda-convnet's CIFAR-10 shapes (no cuDNN counterpart).
 
     python benchmarks/memory_bound_bench.py                 # best device (cuda when usable)
     python benchmarks/memory_bound_bench.py --device emu    # smoke run on the emulator: NOT a speed figure
@@ -21,6 +22,8 @@ Byte counts (float32, compulsory):
   pool forward  x + y              pool backward (max)  x + y + dy + dx     (avg: dy + dx)
   lrn forward   x + y (+ denom)    lrn backward recompute: x + dy + dx;  reuse: x + y + denom + dy + dx
   cuDNN's LRN backward reads x, y, dy and writes dx; its rows use cuDNN's own byte count.
+  rnorm forward x + y + denom      rnorm backward: x + denom + dy + dx
+  cnorm forward x + y + mean_diff + denom          cnorm backward: x + mean_diff + denom + dy + dx
 Results go to benchmarks/results/memory_bound-<card>-<date>.{json,md} (benchmarks/common.py's format).
 """
 from __future__ import annotations
@@ -50,8 +53,15 @@ CASES = [
     ("pool5", "pool", (256, 13, 13), dict(mode="max", window=3, stride=2)),
     ("pool1-avg", "pool", (96, 55, 55), dict(mode="avg", window=3, stride=2)),
     ("pool-2x2", "pool", (96, 56, 56), dict(mode="max", window=2, stride=2)),
+    # cuda-convnet's CIFAR-10 nets: layers-18pct's rnorm1 (32 maps at 16x16, size 3), a 64-map 8x8 layer with
+    # the 9x9 window of the 11pct nets' normalisation
+    ("rnorm1", "rnorm", (32, 16, 16), dict(size=3)),
+    ("rnorm-9", "rnorm", (64, 8, 8), dict(size=9)),
+    ("cnorm1", "cnorm", (32, 16, 16), dict(size=3)),
+    ("cnorm-9", "cnorm", (64, 8, 8), dict(size=9)),
 ]
 LRN = dict(alpha=1e-4, beta=0.75, k=2.0, convention="sum")
+RNORM = dict(alpha=1e-3, beta=0.75, k=1.0)  # cuda-convnet's scale, pow, minDiv
 
 
 # ---------------------------------------------------------------------------------------------------- cuDNN
@@ -166,6 +176,17 @@ def bench_case(dev, name, op, chw, p, N, cud, copy_gbps, rows, check):
         row("backward", "", t_b, bwd_bytes, cb.get("NCHW"), cb.get("CHWN"), err=eb)
         if check:
             dev.synchronize()
+    elif op in ("rnorm", "cnorm"):
+        kw = dict(size=p["size"], **RNORM)
+        fwd, bwd = (ops.rnorm_forward, ops.rnorm_backward) if op == "rnorm" else (ops.cnorm_forward,
+                                                                                  ops.cnorm_backward)
+        saved = fwd(dev, x, **kw)  # (y, denom) or (y, mean_diff, denom)
+        dy = dev.asarray(rng.uniform(-1, 1, x.shape).astype(np.float32))
+        dx = dev.empty(x.shape, np.float32)
+        t_f = bench_ms(lambda: fwd(dev, x, out=saved, **kw), dev, label=f"{name} forward ours")
+        t_b = bench_ms(lambda: bwd(dev, x, *saved[1:], dy, out=dx, **kw), dev, label=f"{name} backward ours")
+        row("forward", "", t_f, (1 + len(saved)) * n_in * fsz)
+        row("backward", "", t_b, (2 + len(saved)) * n_in * fsz)
     else:
         kw = dict(size=p["size"], **LRN)
         y, d = ops.lrn_forward(dev, x, **kw)

@@ -10,6 +10,7 @@ Shapes (the 2012 two-tower model; activations (C, H, W, N) or (features, N)):
                dropout (keep 0.5) on fc6/fc7's outputs
   conv         conv_bench.MODELS["2012"]: forward, input gradient, filter gradient, bias gradient
   pool, lrn    memory_bound_bench.CASES (LRN per tower: groups=2, as models/alexnet.cfg)
+  rnorm        memory_bound_bench.CASES' rnorm and cnorm rows (cuda-convnet's CIFAR-10 shapes)
   softmax      1000 classes: softmax_forward, softmax_cross_entropy, topk_errors (k = 1, 5)
   fc           fc6 9216 -> 4096, fc7 4096 -> 4096, fc8 4096 -> 1000: forward, data, weight and bias gradients
 
@@ -48,7 +49,7 @@ from convnet import ops  # noqa: E402
 from convnet.devices import device_report, get_device  # noqa: E402
 from convnet.geometry import LrnGeometry, PoolGeometry  # noqa: E402
 
-FAMILIES = ("elementwise", "conv", "pool", "lrn", "softmax", "fc")
+FAMILIES = ("elementwise", "conv", "pool", "lrn", "rnorm", "softmax", "fc")
 MODEL = conv_bench.MODELS["2012"]
 FC = {"fc6": (256 * 6 * 6, 4096), "fc7": (4096, 4096), "fc8": (4096, 1000)}  # (in, out) features
 CLASSES = 1000
@@ -210,6 +211,30 @@ def _lrn(dev, layer, geo, rng):
                ("dx",), 1e-5, nbytes=5 * n * F32, variant="reuse")
 
 
+def rnorm_cases(dev, sc: Scale, rng):
+    for layer, family, (c, h, w), params in memory_bound_bench.CASES:
+        if family in ("rnorm", "cnorm"):
+            yield from _rnorm(dev, layer, family, (sc.count(c), h, w, sc.n),
+                              dict(size=params["size"], **memory_bound_bench.RNORM), rng)
+
+
+def _rnorm(dev, layer, kind, x_shape, kw, rng):
+    fwd, bwd = getattr(ops, f"{kind}_forward"), getattr(ops, f"{kind}_backward")
+    x, dy = _host(rng, x_shape, -1.0, 1.0), _host(rng, x_shape)
+    saved = fwd("numpy", x, **kw)[1:]  # denom, or mean_diff and denom
+    X, DY, SAVED = dev.asarray(x), dev.asarray(dy), tuple(dev.asarray(a) for a in saved)
+    OUT, DX = tuple(dev.empty(x_shape, np.float32) for _ in range(1 + len(saved))), dev.empty(x_shape, np.float32)
+    want_fwd = functools.cache(lambda: fwd("numpy", *_f64(x), **kw))
+    want_bwd = functools.cache(lambda: (bwd("numpy", *_f64(x), *want_fwd()[1:], *_f64(dy), **kw),))
+    n = x.size
+    shape = f"{_shape_str(x_shape)} {kw['size']}x{kw['size']}"
+    names = ("y", "mean_diff", "denom") if kind == "cnorm" else ("y", "denom")
+    yield Case("rnorm", f"{kind}_forward", layer, shape, lambda: fwd(dev, X, out=OUT, **kw), want_fwd, names, 1e-5,
+               nbytes=(1 + len(names)) * n * F32)
+    yield Case("rnorm", f"{kind}_backward", layer, shape, lambda: bwd(dev, X, *SAVED, DY, out=DX, **kw), want_bwd,
+               ("dx",), 1e-5, nbytes=(3 + len(saved)) * n * F32)
+
+
 def softmax_cases(dev, sc: Scale, rng):
     K, N = CLASSES, sc.n
     logits = (rng.standard_normal((K, N)) * 4).astype(np.float32)
@@ -252,7 +277,7 @@ def _fc(dev, layer, I, O, N, rng):
 
 
 BUILDERS = {"elementwise": elementwise_cases, "conv": conv_cases, "pool": pool_cases, "lrn": lrn_cases,
-            "softmax": softmax_cases, "fc": fc_cases}
+            "rnorm": rnorm_cases, "softmax": softmax_cases, "fc": fc_cases}
 
 
 # ---------------------------------------------------------------------------------------------------- runs

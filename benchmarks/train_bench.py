@@ -106,6 +106,9 @@ def torch_plan(net) -> list[dict]:
             p.update(module="LocalResponseNorm", groups=l.groups,
                      kwargs=dict(size=l.size, alpha=lrn_scale(l.alpha, l.size, l.convention) * l.size, beta=l.beta,
                                  k=l.k))
+        elif l.type in ("rnorm", "cnorm"):
+            p.update(module="SameMapNorm", kwargs=dict(size=l.size, alpha=l.scale, beta=l.pow, k=l.min_div,
+                                                       contrast=l.type == "cnorm"))
         elif l.type == "dropout":
             p.update(module="Dropout", kwargs=dict(p=1.0 - l.keep))
         elif l.type == "softmax":
@@ -131,6 +134,23 @@ def torch_model(torch, net, plan, device):
                 return self.lrn(x)
             return torch.cat([self.lrn(part) for part in x.chunk(self.groups, dim=1)], dim=1)
 
+    class SameMapNorm(nn.Module):
+        """cuda-convnet's rnorm (cnorm: contrast=True): window sums as zero-padded size x size average pools."""
+
+        def __init__(self, size, alpha, beta, k, contrast):
+            super().__init__()
+            self.size, self.alpha, self.beta, self.k, self.contrast = size, alpha, beta, k, contrast
+
+        def window_sum(self, t):  # rows/cols [i - size//2, i - size//2 + size), clipped: zeros outside
+            b, a = self.size // 2, self.size - 1 - self.size // 2
+            return nn.functional.avg_pool2d(nn.functional.pad(t, (b, a, b, a)), self.size, stride=1) * self.size ** 2
+
+        def forward(self, x):
+            s = x
+            if self.contrast:
+                s = x - self.window_sum(x) / self.window_sum(torch.ones_like(x[:1, :1]))
+            return x * (self.k + self.alpha / self.size ** 2 * self.window_sum(s * s)) ** -self.beta
+
     class Twin(nn.Module):
         def __init__(self):
             super().__init__()
@@ -139,6 +159,8 @@ def torch_model(torch, net, plan, device):
             for p in plan:
                 if p["module"] == "LocalResponseNorm":
                     self.mods[p["name"]] = GroupedLRN(p["groups"], **p["kwargs"])
+                elif p["module"] == "SameMapNorm":
+                    self.mods[p["name"]] = SameMapNorm(**p["kwargs"])
                 else:
                     self.mods[p["name"]] = getattr(nn, p["module"])(*p["args"], **p["kwargs"])
 

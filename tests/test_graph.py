@@ -226,3 +226,67 @@ def test_graph_errors():
         net.forward(np.zeros((1, 9, 9, 2), np.float32))
     with pytest.raises(RuntimeError, match="forward"):
         net.backward()
+
+
+NORM_NET = """
+[data]
+type = data
+channels = 2
+size = 7
+[conv]
+type = conv
+inputs = data
+filters = 3
+size = 3
+padding = 1
+initW = 0.5
+initB = 0.1
+[rnorm]
+type = rnorm
+inputs = conv
+size = 3
+scale = 4
+pow = 0.75
+[cnorm]
+type = cnorm
+inputs = rnorm
+sizeX = 4
+scale = 3
+pow = 0.6
+minDiv = 1.5
+[fc]
+type = fc
+inputs = cnorm
+outputs = 4
+initW = 0.3
+[probs]
+type = softmax
+inputs = fc
+"""
+
+
+def test_same_map_and_contrast_norm_gradients_through_a_net():
+    """Finite differences (float64) of the loss through rnorm and cnorm layers, for the conv's weights and biases,
+    which every gradient of the two layers reaches."""
+    net, _ = build_net(NORM_NET, "norm-net", device="numpy", dtype="float64", seed=2)
+    x, y = _batch(net, n=3, seed=5)
+    net.forward(x, y, train=True)
+    net.backward()
+    conv = net.layers["conv"]
+    for p in ("w", "b"):
+        analytic = conv.grads[p].copy().reshape(-1)
+        flat = conv.params[p].reshape(-1)
+        idx = np.random.default_rng(1).choice(flat.size, size=min(flat.size, 20), replace=False)
+        num = np.empty(len(idx))
+        for j, i in enumerate(idx):
+            old = flat[i]
+            flat[i] = old + 1e-6
+            net.forward(x, y, train=True)
+            lp = float(net.loss)
+            flat[i] = old - 1e-6
+            net.forward(x, y, train=True)
+            lm = float(net.loss)
+            flat[i] = old
+            num[j] = (lp - lm) / 2e-6
+        assert np.abs(num).max() > 1e-6
+        np.testing.assert_allclose(analytic[idx] * x.shape[-1], num, rtol=1e-6, atol=1e-9)

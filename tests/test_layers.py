@@ -112,3 +112,29 @@ def test_float_keys_must_be_finite_and_in_range():
             (lambda: SoftmaxCost("p", "f", coeff=nan), "coeff must be a finite number")):
         with pytest.raises(LayerError, match=match):
             make()
+
+
+@pytest.mark.parametrize("kind", ["rnorm", "cnorm"])
+def test_same_map_norm_layers_call_their_ops_with_cuda_convnet_keys(kind):
+    """scale, pow, minDiv are the ops' alpha, beta, k (the op divides alpha by the window's area)."""
+    from convnet import ops
+    from convnet.layers import CNorm, RNorm
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 6, 5, 2)) * 2
+    dy = rng.standard_normal(x.shape)
+    cls = RNorm if kind == "rnorm" else CNorm
+    layer = _setup(cls("n", "x", size=3, scale=2.0, pow=0.6, min_div=1.5), (3, 6, 5))
+    assert layer.out_shape == (3, 6, 5)
+    ctx = {}
+    y = layer.forward(x, ctx)
+    dx = layer.backward(dy, ctx)
+    kw = dict(size=3, alpha=2.0, beta=0.6, k=1.5)
+    fwd, bwd = getattr(ops, f"{kind}_forward"), getattr(ops, f"{kind}_backward")
+    saved = fwd(DEV, x, **kw)
+    np.testing.assert_array_equal(y, saved[0])
+    np.testing.assert_array_equal(dx, bwd(DEV, x, *saved[1:], dy, **kw))
+    assert layer.describe() == f"{kind} 3x3 scale=2 pow=0.6 minDiv=1.5"
+    with pytest.raises(LayerError, match="needs an image input"):
+        _setup(cls("n", "x", size=3, scale=1.0, pow=0.75), (10,))
+    with pytest.raises(LayerError, match="minDiv must be > 0"):
+        cls("n", "x", size=3, scale=1.0, pow=0.75, min_div=0.0)

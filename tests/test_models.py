@@ -312,3 +312,55 @@ def test_a_mask_stream_no_layer_of_the_net_names_is_a_warning(tmp_path):
              "--synthetic-train", "16", "--synthetic-test", "8"], log=logs.append)
     said = [s for s in logs if s.startswith("warning: ")]
     assert len(said) == 2 and "layer 'db': maskOf = dd names no layer" in said[1], logs
+
+
+NORM_FILE = """
+[data]
+type = data
+channels = 2
+size = 6
+[rn]
+type = rnorm
+inputs = data
+size = 3
+scale = 0.001
+pow = 0.75
+[cn]
+type = cnorm
+inputs = rn
+sizeX = 5
+scale = 2
+pow = 0.5
+minDiv = 2
+[fc]
+type = fc
+inputs = cn
+outputs = 3
+[probs]
+type = softmax
+inputs = fc
+"""
+
+
+def test_rnorm_and_cnorm_are_same_map_normalisations_with_cuda_convnet_keys():
+    net, _ = build_net(NORM_FILE, "norm.cfg", device="numpy", dtype="float64")
+    rn, cn = net.layers["rn"], net.layers["cn"]
+    assert (rn.type, rn.size, rn.scale, rn.pow, rn.min_div) == ("rnorm", 3, 0.001, 0.75, 1.0)
+    assert (cn.type, cn.size, cn.scale, cn.pow, cn.min_div) == ("cnorm", 5, 2.0, 0.5, 2.0)
+    assert net.num_params() == 3 * 72 + 3
+    x = np.random.default_rng(0).standard_normal((2, 6, 6, 4))
+    ctx = {}
+    y = rn.forward(x, ctx)  # normalised within each map: a map alone gives the same answer
+    np.testing.assert_array_equal(y[1:], rn.forward(x[1:], {}))
+
+
+@pytest.mark.parametrize("old, new, match", [
+    ("scale = 0.001\n", "", r"norm.cfg \[rn\]: missing required key 'scale'"),
+    ("pow = 0.5", "pow = -1", r"norm.cfg \[cn\]: .*pow must be >= 0, got -1"),
+    ("minDiv = 2", "minDiv = 0", r"norm.cfg \[cn\]: .*minDiv must be > 0"),
+    ("size = 3\nscale", "size = 0\nscale", r"norm.cfg \[rn\]: .*size must be > 0"),
+    ("inputs = data\nsize = 3", "inputs = data\nsize = 3\nalpha = 1", r"unknown key 'alpha' for a rnorm layer"),
+])
+def test_bad_rnorm_and_cnorm_keys(old, new, match):
+    with pytest.raises(ModelFileError, match=match):
+        build_net(NORM_FILE.replace(old, new, 1), "norm.cfg")

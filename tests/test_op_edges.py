@@ -51,6 +51,14 @@ OUT_OPS = {
     "lrn_forward denom": ((4, 6, 6, 2), lambda d, a, o: ops.lrn_forward(d, a["x"], out=(d.zeros((4, 6, 6, 2)), o))),
     "lrn_backward": ((4, 6, 6, 2), lambda d, a, o: ops.lrn_backward(d, a["x"], None, None, a["y"], size=5, alpha=1e-2,
                                                                     beta=0.75, k=2.0, convention="sum", out=o)),
+    "rnorm_forward": ((4, 6, 6, 2), lambda d, a, o: ops.rnorm_forward(d, a["x"], size=3,
+                                                                      out=(o, d.zeros((4, 6, 6, 2))))),
+    "rnorm_backward": ((4, 6, 6, 2), lambda d, a, o: ops.rnorm_backward(
+        d, a["x"], ops.rnorm_forward(d, a["y"], size=3)[1], a["y"], size=3, alpha=1e-3, beta=0.75, k=1.0, out=o)),
+    "cnorm_forward": ((4, 6, 6, 2), lambda d, a, o: ops.cnorm_forward(
+        d, a["x"], size=3, out=(d.zeros((4, 6, 6, 2)), o, d.zeros((4, 6, 6, 2))))),
+    "cnorm_backward": ((4, 6, 6, 2), lambda d, a, o: ops.cnorm_backward(
+        d, a["x"], *ops.cnorm_forward(d, a["x"], size=3)[1:], a["y"], size=3, alpha=1e-3, beta=0.75, k=1.0, out=o)),
     "softmax_forward": ((5, 3), lambda d, a, o: ops.softmax_forward(d, a["logits"], out=o)),
     "fc_forward": ((4, 3), lambda d, a, o: ops.fc_forward(d, a["fx"], a["fw"], a["b"], out=o)),
     "fc_backward_data": ((6, 3), lambda d, a, o: ops.fc_backward_data(d, a["fy"], a["fw"], out=o)),
@@ -157,6 +165,14 @@ OVERLAP_OPS = {
     "lrn_forward": ((4, 6, 6, 2), lambda d, x, o: ops.lrn_forward(d, x, out=o)),
     "lrn_backward": ((4, 6, 6, 2), lambda d, x, o: ops.lrn_backward(d, x, None, None, x, size=3, alpha=1e-2,
                                                                     beta=0.75, k=2.0, convention="sum", out=o)),
+    "rnorm_forward": ((4, 6, 6, 2), lambda d, x, o: ops.rnorm_forward(d, x, out=(o, d.zeros((4, 6, 6, 2))))),
+    "rnorm_backward": ((4, 6, 6, 2), lambda d, x, o: ops.rnorm_backward(
+        d, x, d.asarray(np.full((4, 6, 6, 2), 2.0, np.float32)), x, size=3, alpha=1e-3, beta=0.75, k=1.0, out=o)),
+    "cnorm_forward": ((4, 6, 6, 2), lambda d, x, o: ops.cnorm_forward(d, x, out=(d.zeros((4, 6, 6, 2)), o,
+                                                                                 d.zeros((4, 6, 6, 2))))),
+    "cnorm_backward": ((4, 6, 6, 2), lambda d, x, o: ops.cnorm_backward(
+        d, x, x, d.asarray(np.full((4, 6, 6, 2), 2.0, np.float32)), x, size=3, alpha=1e-3, beta=0.75, k=1.0,
+        out=o)),
     "softmax_forward": ((5, 3), lambda d, x, o: ops.softmax_forward(d, x, out=o)),
     "fc_backward_weights": ((6, 6), lambda d, x, o: ops.fc_backward_weights(d, x, d.asarray(np.ones((6, 6),
                                                                                                    np.float32)),
@@ -210,6 +226,8 @@ def test_integers_beyond_32_bits_are_named_value_errors(dev):
         ("size", lambda: ops.lrn_forward(dev, x, size=BIG)),
         ("size", lambda: ops.lrn_backward(dev, x, None, None, x, size=2**40, alpha=1e-4, beta=0.75, k=2.0,
                                           convention="sum")),
+        ("size", lambda: ops.rnorm_forward(dev, x, size=BIG)),
+        ("size", lambda: ops.cnorm_backward(dev, x, x, x, x, size=2**40, alpha=1e-3, beta=0.75, k=1.0)),
         ("ks", lambda: ops.topk_errors(dev, dev.asarray(np.zeros((5, 2), np.float32)),
                                        dev.asarray(np.zeros(2, np.int32)), ks=(1, BIG))),
     ]

@@ -53,6 +53,14 @@ CALLS = {
     "lrn_forward": lambda d, a, s: ops.lrn_forward(d, a["x"], groups=2, stream=s),
     "lrn_backward": lambda d, a, s: ops.lrn_backward(d, a["x"], None, None, a["x"], size=5, alpha=1e-2, beta=0.75,
                                                      k=2.0, convention="sum", groups=2, stream=s),
+    "rnorm_forward": lambda d, a, s: ops.rnorm_forward(d, a["x"], size=3, alpha=2.0, stream=s),
+    "rnorm_backward": lambda d, a, s: ops.rnorm_backward(
+        d, a["x"], ops.rnorm_forward(d, a["x"], size=3, alpha=2.0, stream=s)[1], a["x"], size=3, alpha=2.0,
+        beta=0.75, k=1.0, stream=s),
+    "cnorm_forward": lambda d, a, s: ops.cnorm_forward(d, a["x"], size=4, alpha=2.0, stream=s),
+    "cnorm_backward": lambda d, a, s: ops.cnorm_backward(
+        d, a["x"], *ops.cnorm_forward(d, a["x"], size=4, alpha=2.0, stream=s)[1:], a["x"], size=4, alpha=2.0,
+        beta=0.75, k=1.0, stream=s),
     "softmax_forward": lambda d, a, s: ops.softmax_forward(d, a["logits"], stream=s),
     "softmax_cross_entropy": lambda d, a, s: ops.softmax_cross_entropy(d, a["logits"], a["labels"], stream=s),
     "topk_errors": lambda d, a, s: ops.topk_errors(d, a["logits"], a["labels"], ks=(1, 3), stream=s),

@@ -45,6 +45,8 @@ THREADS = {"conv_dgrad_direct": 256, "conv_wgrad_reduce": 256, "conv_bias_grad":
            "pool_fwd_kernel": 256, "pool_fwd_max_strip_kernel": 256, "pool_bwd_kernel": 256,
            "lrn_fwd_kernel": 128, "lrn_fwd_generic": 128, "lrn_bwd_kernel": 128, "lrn_bwd_generic": 128,
            "lrn_bwd_recompute_kernel": 128, "lrn_bwd_recompute_generic": 128,
+           "rnorm_fwd_kernel": 256, "rnorm_bwd_kernel": 256, "cnorm_mean_diff_kernel": 256,
+           "cnorm_bwd_mean_kernel": 256,
            "softmax_xent_kernel": 32 * 16, "topk_kernel": 32 * 16, "sum_kernel": 256, "zero_ints_kernel": 32}
 
 

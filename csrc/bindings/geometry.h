@@ -13,6 +13,7 @@
 #include "kernels/conv.h"
 #include "kernels/lrn.h"
 #include "kernels/pool.h"
+#include "kernels/rnorm.h"
 
 namespace convnet::bind {
 
@@ -70,6 +71,20 @@ struct type_caster<convnet::LrnGeometry> {
     value = convnet::lrn_geometry(int_field(src, "C"), int_field(src, "H"), int_field(src, "W"), int_field(src, "N"),
                                   int_field(src, "size"), float_field(src, "a"), float_field(src, "beta"),
                                   float_field(src, "k"));
+    return true;
+  }
+};
+
+// Same-map response / contrast normalisation: `a` is alpha / size^2 (RnormGeometry.a in Python).
+template <>
+struct type_caster<convnet::RnormGeometry> {
+  PYBIND11_TYPE_CASTER(convnet::RnormGeometry, const_name("RnormGeometry"));
+  bool load(handle src, bool) {
+    using convnet::bind::float_field;
+    using convnet::bind::int_field;
+    value = convnet::rnorm_geometry(int_field(src, "C"), int_field(src, "H"), int_field(src, "W"),
+                                    int_field(src, "N"), int_field(src, "size"), float_field(src, "a"),
+                                    float_field(src, "beta"), float_field(src, "k"));
     return true;
   }
 };

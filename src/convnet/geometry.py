@@ -9,6 +9,8 @@ other copy of the output-size rule is the C++ launchers' re-check (``csrc/kernel
 * :class:`PoolGeometry` -- x ``(C, H, W, N)``, y ``(C, OH, OW, N)``; ``0 <= pad <= window // 2``.
 * :class:`LrnGeometry`  -- x ``(C, H, W, N)``, a window of ``size`` channels within each of ``groups`` groups, and
   the normalisation constants (``a`` is alpha resolved by the convention).
+* :class:`RnormGeometry` -- x ``(C, H, W, N)`` normalised over a ``size`` x ``size`` window within each map
+  (same-map response and contrast normalisation; ``a = alpha / size**2``).
 
 Constructing a value validates it: a ``TypeError`` or ``ValueError`` names the argument and what was expected.
 Layers do shape inference per image: they build the value with ``N = 1``.
@@ -22,8 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ConvGeometry", "PoolGeometry", "LrnGeometry", "pair", "output_size", "lrn_scale", "INT32_MAX",
-           "LRN_CONVENTIONS"]
+__all__ = ["ConvGeometry", "PoolGeometry", "LrnGeometry", "RnormGeometry", "pair", "output_size", "lrn_scale",
+           "INT32_MAX", "LRN_CONVENTIONS"]
 
 INT32_MAX = 2**31 - 1  # the kernels index with 32-bit ints: every tensor has fewer elements than this
 LRN_CONVENTIONS = ("sum", "mean")
@@ -367,3 +369,47 @@ class LrnGeometry:
     def group(self) -> "LrnGeometry":
         """The geometry of one group (``Cg`` channels, ``groups == 1``): what one kernel launch normalises."""
         return dataclasses.replace(self, C=self.Cg, groups=1)
+
+
+@dataclass(frozen=True)
+class RnormGeometry:
+    """Same-map response / contrast normalisation (cuda-convnet's ``rnorm``, ``cnorm``): ``denom_p = k + a *
+    sum_{q in W(p)} s_q**2``, ``y_p = x_p * denom_p**(-beta)``, over the ``size`` x ``size`` window ``W(p)`` of rows
+    ``[h - size//2, h - size//2 + size)`` and columns likewise, clipped to the image; ``a = alpha / size**2`` (the
+    window's area, as cuda-convnet scales its ``scale``)."""
+
+    C: int
+    H: int
+    W: int
+    N: int
+    size: int = 5
+    alpha: float = 1e-3
+    beta: float = 0.75
+    k: float = 1.0
+
+    def __post_init__(self):
+        for name in ("C", "H", "W", "N"):
+            _count(name, getattr(self, name))
+        if not _is_int(self.size) or self.size < 1:
+            raise ValueError(f"size must be a positive int, got {self.size!r}")
+        _check_int32_arg("size", int(self.size))
+        object.__setattr__(self, "alpha", _real("alpha", self.alpha, low=0.0))
+        object.__setattr__(self, "beta", _real("beta", self.beta, low=0.0))
+        object.__setattr__(self, "k", _real("k", self.k, low=0.0, low_open=True))
+        _check_int32(input=self.C * self.H * self.W * self.N)
+
+    @classmethod
+    def of(cls, x_shape, *, size=5, alpha=1e-3, beta=0.75, k=1.0) -> "RnormGeometry":
+        shape = tuple(x_shape)
+        if len(shape) != 4 or any(not _is_int(s) or s < 1 for s in shape):
+            raise ValueError(f"x must have a non-empty shape (C, H, W, N), got {shape}")
+        return cls(*(int(s) for s in shape), size, alpha, beta, k)
+
+    @property
+    def a(self) -> float:
+        """The coefficient of the sum of squares: alpha divided by the window's area (what the kernels take)."""
+        return self.alpha / (self.size * self.size)
+
+    @property
+    def x_shape(self) -> tuple[int, int, int, int]:
+        return self.C, self.H, self.W, self.N

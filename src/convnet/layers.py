@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ops
-from .geometry import INT32_MAX, ConvGeometry, LrnGeometry, PoolGeometry, pair
+from .geometry import INT32_MAX, ConvGeometry, LrnGeometry, PoolGeometry, RnormGeometry, pair
 
 
 class LayerError(ValueError):
@@ -502,7 +502,7 @@ class LRN(Layer):
     window never crosses a tower boundary), as in the two-tower AlexNet."""
 
     type = "lrn"
-    type_aliases = ("cmrnorm", "rnorm")
+    type_aliases = ("cmrnorm",)
     KEYS = (
         Key("size", "int", 5, minimum=1, aliases=_SIZE_ALIASES),
         Key("alpha", "float", 1e-4, minimum=0.0),
@@ -539,6 +539,62 @@ class LRN(Layer):
     def describe(self):
         g = f" groups {self.groups}" if self.groups > 1 else ""
         return f"lrn {self.size} a={self.alpha:g} b={self.beta:g} k={self.k:g} ({self.convention}){g}"
+
+
+class RNorm(Layer):
+    """Same-map response normalisation (cuda-convnet's ``rnorm``): each activation divided by ``(minDiv + scale /
+    size**2 * sum of squares over the size x size window around it in its map)**pow``; the window is clipped at the
+    image's edges and ``scale`` is divided by the full window's area, as in cuda-convnet."""
+
+    type = "rnorm"
+    KEYS = (
+        Key("size", "int", REQUIRED, minimum=1, aliases=_SIZE_ALIASES),
+        Key("scale", "float", REQUIRED, minimum=0.0),
+        Key("pow", "float", REQUIRED, minimum=0.0),
+        Key("minDiv", "float", 1.0, arg="min_div", minimum=0.0, exclusive=True),
+    )
+
+    def output_shape(self, in_shape):
+        c, h, w = self._image_input(in_shape)
+        with _layer_errors(self.name):
+            RnormGeometry.of((c, h, w, 1), **self._p())
+        return tuple(in_shape)
+
+    def flops(self):
+        return int(np.prod(self.out_shape)) * (2 * self.size * self.size + 6)
+
+    def _p(self):
+        return dict(size=self.size, alpha=self.scale, beta=self.pow, k=self.min_div)
+
+    def forward(self, x, ctx):
+        y, denom = ops.rnorm_forward(self.device, x, **self._p())
+        ctx["x"], ctx["denom"] = x, denom
+        return y
+
+    def backward(self, dy, ctx):
+        return ops.rnorm_backward(self.device, ctx["x"], ctx["denom"], dy, **self._p())
+
+    def describe(self):
+        return f"{self.type} {self.size}x{self.size} scale={self.scale:g} pow={self.pow:g} minDiv={self.min_div:g}"
+
+
+class CNorm(RNorm):
+    """Contrast normalisation (cuda-convnet's ``cnorm``): as ``rnorm``, with the window mean (over the clipped
+    window's pixels) subtracted before squaring; the activation itself is divided, not its difference from the
+    mean. The backward pass is exact (cuda-convnet's leaves out the gradient through the mean)."""
+
+    type = "cnorm"
+
+    def flops(self):
+        return int(np.prod(self.out_shape)) * (3 * self.size * self.size + 8)
+
+    def forward(self, x, ctx):
+        y, mean_diff, denom = ops.cnorm_forward(self.device, x, **self._p())
+        ctx["x"], ctx["mean_diff"], ctx["denom"] = x, mean_diff, denom
+        return y
+
+    def backward(self, dy, ctx):
+        return ops.cnorm_backward(self.device, ctx["x"], ctx["mean_diff"], ctx["denom"], dy, **self._p())
 
 
 class Dropout(Layer):
@@ -663,4 +719,4 @@ class SoftmaxCost(Layer):
         return ops.scale(self.device, d, self.coeff / n)
 
 
-LAYER_TYPES = {cls.type: cls for cls in (Data, Conv, FC, ReLU, Pool, LRN, Dropout, SoftmaxCost)}
+LAYER_TYPES = {cls.type: cls for cls in (Data, Conv, FC, ReLU, Pool, LRN, RNorm, CNorm, Dropout, SoftmaxCost)}

@@ -10,6 +10,7 @@ from convnet.ops.elementwise import dropout_backward, dropout_forward, dropout_m
 from convnet.ops.fc import fc_backward_bias, fc_backward_data, fc_backward_weights, fc_forward
 from convnet.ops.lrn import lrn_backward, lrn_forward
 from convnet.ops.pool import pool_backward, pool_forward, pool_output_shape
+from convnet.ops.rnorm import cnorm_backward, cnorm_forward, rnorm_backward, rnorm_forward
 from convnet.ops.sgd import sgd_update
 from convnet.ops.softmax import softmax_cross_entropy, softmax_forward, topk_errors
 from convnet.ops.tensor import add, concat, scale
@@ -20,6 +21,7 @@ __all__ = [
     "conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias", "conv_output_shape",
     "pool_forward", "pool_backward", "pool_output_shape",
     "lrn_forward", "lrn_backward",
+    "rnorm_forward", "rnorm_backward", "cnorm_forward", "cnorm_backward",
     "softmax_forward", "softmax_cross_entropy", "topk_errors",
     "fc_forward", "fc_backward_data", "fc_backward_weights", "fc_backward_bias",
     "concat", "add", "scale",
