@@ -164,8 +164,7 @@ def from_torchvision(state, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, where="<sta
 def _check_shapes(net, state, where):
     """TorchvisionError naming the first key of ``state`` whose shape is not the one ``net`` needs."""
     names = {v: k for k, v in {**CONVS, **FCS}.items()}
-    for k, l, p in net.param_items():
-        want = tuple(l.param_shapes()[p])
+    for l, p, want in [(l, p, tuple(s)) for l in net.order if l.learnable for p, s in l.param_shapes().items()]:
         if l.type == "conv" and p == "w":
             want = (want[3], *want[:3])
         key = f"{names[l.name]}.{'weight' if p == 'w' else 'bias'}"
@@ -290,9 +289,13 @@ def export_run(run, out, *, std=None, overwrite=False):
     check_structure(net, f"checkpoint '{state['path']}'")
     if state["mean"] is None:
         raise TorchvisionError(f"checkpoint '{state['path']}' has no mean image")
-    missing = [k for k, _, _ in net.param_items() if k not in state["params"]]
-    if missing:
-        raise TorchvisionError(f"checkpoint '{state['path']}' has no parameter '{missing[0]}'")
+    for l in net.order:
+        for p, shape in (l.param_shapes().items() if l.learnable else ()):
+            a = state["params"].get(f"{l.name}/{p}")
+            if a is None or a.shape != tuple(shape):
+                raise TorchvisionError(f"checkpoint '{state['path']}': parameter '{l.name}/{p}' "
+                                       f"{'missing' if a is None else f'has shape {a.shape}'}, its model says "
+                                       f"{tuple(shape)}")
     d = net.data_layer
     tv, info = to_torchvision(state["params"], state["mean"], d.scale, d.size, std=std)
     out.parent.mkdir(parents=True, exist_ok=True)
