@@ -68,17 +68,19 @@ def make_parser():
     f = sub.add_parser("from-torchvision", help="torchvision AlexNet state dict -> alexnet-owt run directory")
     f.add_argument("state", help="a torch.save'd state dict of torchvision.models.alexnet (e.g. its .pth)")
     f.add_argument("out", help="the run directory to write (checkpoint.npz, model.cfg, summary.txt, log.jsonl)")
-    f.add_argument("--mean", type=_triple(tvw.IMAGENET_MEAN), help="the normalisation's mean, 'r,g,b' in 0-1 units (default "
-                   "torchvision's 0.485,0.456,0.406)")
-    f.add_argument("--std", type=_triple(tvw.IMAGENET_STD), help="the normalisation's std, 'r,g,b' (default 0.229,0.224,0.225)")
+    f.add_argument("--mean", type=_triple(tvw.IMAGENET_MEAN),
+                   help="the normalisation's mean, 'r,g,b' in 0-1 units (default torchvision's 0.485,0.456,0.406)")
+    f.add_argument("--std", type=_triple(tvw.IMAGENET_STD),
+                   help="the normalisation's std, 'r,g,b' (default torchvision's 0.229,0.224,0.225)")
     f.add_argument("--normalization", help="mean and std from the .json that to-torchvision wrote")
     f.add_argument("--data", help="a prepared ImageNet directory: the run's dataset (class names, --eval-only)")
     f.add_argument("--overwrite", action="store_true", help="replace a run in OUT")
     t = sub.add_parser("to-torchvision", help="alexnet-owt run -> torchvision AlexNet state dict (+ .json)")
     t.add_argument("run", help="a run directory or checkpoint of alexnet-owt's layers")
     t.add_argument("out", help="the .pth to write; its normalisation goes to the same name with .json")
-    t.add_argument("--std", type=_triple(tvw.IMAGENET_STD), help="express the run's scale as this per-channel std 'r,g,b' (conv1's "
-                   "weights rescaled), or 'imagenet' for torchvision's; default 1/(255 scale) on every channel")
+    t.add_argument("--std", type=_triple(tvw.IMAGENET_STD),
+                   help="express the run's scale as this per-channel std 'r,g,b' (conv1's weights rescaled), or "
+                        "'imagenet' for torchvision's; default 1/(255 scale) on every channel (weights as they are)")
     t.add_argument("--overwrite", action="store_true", help="replace OUT and its .json")
     w = sub.add_parser("towers", help="a checkpoint between a net's one-device and two-tower forms",
                        add_help=False)
@@ -89,7 +91,7 @@ def make_parser():
 def main(argv=None, log=print):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["towers"]:
-        return convert_towers.main(argv[1:])
+        return convert_towers.main(argv[1:], prog="python -m convnet.convert towers")
     args = make_parser().parse_args(argv)
     try:
         if args.command == "from-torchvision":
