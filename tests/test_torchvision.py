@@ -4,7 +4,9 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +19,12 @@ from PIL import Image  # noqa: E402
 from convnet import checkpoint as ckpt  # noqa: E402
 from convnet import torchvision_weights as tvw  # noqa: E402
 from convnet.convert import main as convert_main  # noqa: E402
+from convnet.data.prepare import prepare  # noqa: E402
 from convnet.model_file import build_net  # noqa: E402
 from convnet.predict import Predictor  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from imagefolder_fixture import make_tree  # noqa: E402
 
 
 CLASSES = 10  # fc8's outputs: fewer than ImageNet's, which the conversion must carry
@@ -251,3 +257,24 @@ def test_the_imported_run_resumes_and_evaluates(imported, tmp_path):
     assert ckpt.load(tmp_path / "run")["meta"]["step"] == 1
     res = run(["--eval-only", "--resume", str(tmp_path / "run"), "--eval-crops", "10", *common], log=lambda *a: None)
     assert res["status"] == "eval" and np.isfinite(res["test_loss"])
+
+
+def test_a_prepared_directory_gives_the_imported_run_its_dataset_and_names(imported, tmp_path, capsys):
+    model, d = imported
+    prepare("imagenet", make_tree(tmp_path / "src"), tmp_path / "prep", size=32, shard_size=8, jobs=1,
+            progress=False, log=lambda *a: None)
+    # the tiny set has 3 classes, the weights 10: refused before anything is written
+    assert convert_main(["from-torchvision", str(d / "alexnet.pth"), str(tmp_path / "o"), "--data",
+                         str(tmp_path / "prep")]) == 2
+    assert "has 3 classes, the weights of" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    torch.save(alexnet_like(classes=3, seed=1).state_dict(), tmp_path / "three.pth")
+    assert convert_main(["from-torchvision", str(tmp_path / "three.pth"), str(tmp_path / "run"), "--data",
+                         str(tmp_path / "prep")], log=lambda *a: None) == 0
+    config = ckpt.load(tmp_path / "run")["meta"]["config"]
+    assert config["dataset"] == "imagenet" and config["data"] == str(tmp_path / "prep")
+    pred = Predictor(tmp_path / "run", device="cpu")
+    assert pred.classes == ["n001 red thing", "n002 green thing", "n003 blue thing, bluish"]
+    assert pred.image_hw == (32, 32)  # the prepared size: too small for a 224 input, which predict says
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="the images are 32x32, smaller than the model's 224x224 input"):
+        pred.probabilities([tmp_path / "a.png"])

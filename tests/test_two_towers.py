@@ -501,12 +501,3 @@ def test_converting_an_alexnet_checkpoint_keeps_its_outputs(tmp_path):
     with pytest.raises(ConversionError, match=r"parameter 'fc6/w' \(4096, 9216\) of alexnet is not its parts "
                                                r"in alexnet-2gpu, \(2048, 1024\) and \(2048, 1024\), joined"):
         convert_checkpoint(tmp_path / "two.npz", tmp_path / "x.npz", "alexnet")  # the shipped one: 224x224 inputs
-
-
-def test_the_convert_command_dispatches_towers(tmp_path, capsys):
-    """python -m convnet.convert towers ... is python -m convnet.convert_towers ..."""
-    from convnet.convert import main as convert_all
-    args = [str(tmp_path / "none.npz"), str(tmp_path / "out.npz"), "--to", "alexnet-2gpu"]
-    assert convert_all(["towers", *args]) == convert_main(args) == 2
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and err[0] == err[1] == f"error: checkpoint '{tmp_path / 'none.npz'}' not found"

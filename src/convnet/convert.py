@@ -15,6 +15,7 @@ import sys
 from . import checkpoint as ckpt
 from . import convert_towers
 from . import torchvision_weights as tvw
+from .data import DataError
 from .model_file import ModelFileError
 
 
@@ -98,7 +99,7 @@ def main(argv=None, log=print):
             _from_torchvision(args, log)
         else:
             _to_torchvision(args, log)
-    except (tvw.TorchvisionError, ckpt.CheckpointError, ModelFileError) as e:
+    except (tvw.TorchvisionError, ckpt.CheckpointError, ModelFileError, DataError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0

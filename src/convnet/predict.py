@@ -5,9 +5,10 @@
 Each image is decoded (any format Pillow reads; grey for a one-channel model) and prepared as the run's dataset
 was: a prepared (ImageNet-style) directory's images had their shorter side resized to the directory's size and the
 centre square kept; an in-memory dataset's (Fashion-MNIST, CIFAR-10) are the size of the run's mean image; a run
-imported from torchvision resizes to 256 (torchvision's evaluation transform). Then the test views the evaluation
-uses (the centre crop, or with ``--eval-crops 10`` the four corners, the centre and their mirror images, the
-softmax outputs averaged), minus the mean as the evaluation subtracts it, times the data layer's scale.
+imported from torchvision (a per-channel mean) resizes to 256 for a 224 input (torchvision's evaluation transform).
+Then the test views the evaluation uses (the centre crop, or with ``--eval-crops 10`` the four corners, the centre
+and their mirror images, the softmax outputs averaged), minus the mean as the evaluation subtracts it, times the data
+layer's scale.
 
 Class names: the synset words of the run's prepared directory (its manifest; ``--data DIR`` when it moved),
 Fashion-MNIST's or CIFAR-10's names, else class indices. An image that cannot be read is a one-line error naming
@@ -29,6 +30,7 @@ from .data.fashion_mnist import FASHION_CLASSES
 from .data.prepare import load_rgb, resize_centre
 from .devices import DeviceUnavailable, get_device
 from .model_file import ModelFileError, build_net
+from .torchvision_weights import RESIZE
 
 PREPARED = ("imagenet", "imagefolder", "prepared")  # dataset names of prepared directories (PreparedLoader)
 NAMED = {"fashion-mnist": FASHION_CLASSES, "fmnist": FASHION_CLASSES, "fashion_mnist": FASHION_CLASSES,
@@ -67,7 +69,7 @@ class Predictor:
         self.prepared = dataset in PREPARED
         manifest = self._manifest(data or cfg.get("data")) if self.prepared else None
         self.mean = None if state["mean"] is None else np.asarray(state["mean"], np.float32)
-        self.image_hw = self._image_size(manifest, meta)
+        self.image_hw = self._image_size(manifest)
         self.classes = self._class_names(dataset, manifest)
 
     @staticmethod
@@ -80,14 +82,15 @@ class Predictor:
         except (OSError, ValueError):
             return None
 
-    def _image_size(self, manifest, meta):
-        """(H, W) of the images as the dataset stored them: the prepared size, or the mean image's."""
+    def _image_size(self, manifest):
+        """(H, W) of the images as the dataset stored them: the prepared size, the mean image's, or for a
+        per-channel mean torchvision's (256 for a 224 input)."""
         if manifest is not None and "size" in manifest:
             return (int(manifest["size"]),) * 2
         if self.mean is not None and self.mean.ndim == 3:
             return tuple(self.mean.shape[:2])
-        if isinstance(meta.get("image_size"), int):
-            return (meta["image_size"],) * 2
+        if self.mean is not None and self.mean.ndim == 1:  # per channel: a run imported from torchvision
+            return tuple(int(round(s * RESIZE)) for s in self.out_hw)
         return self.out_hw
 
     def _class_names(self, dataset, manifest):

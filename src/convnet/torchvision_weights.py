@@ -36,7 +36,7 @@ CONVS = {"features.0": "conv1", "features.3": "conv2", "features.6": "conv3", "f
 FCS = {"classifier.1": "fc6", "classifier.4": "fc7", "classifier.6": "fc8"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's normalisation of its ImageNet models
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SIZE = 256  # torchvision's evaluation transform: shorter side to 256, centre 224x224 crop (our prepare + crop)
+RESIZE = 256 / 224  # torchvision's evaluation transform: shorter side to 256, the centre 224x224 crop
 POOLED = (6, 6)  # what torchvision's adaptive pooling makes of conv5's pooled output
 
 
@@ -187,14 +187,20 @@ def training_meta(text, *, out, data=None):
     return {"epoch": 0, "batch": 0, "step": 0, "history": [], "partial": {"loss": 0.0, "err": 0, "n": 0, "time": 0.0},
             "schedule": schedule.state_dict(),
             "optimizer": {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay},
-            "config": dataclasses.asdict(cfg), "image_size": IMAGE_SIZE}
+            "config": dataclasses.asdict(cfg)}
 
 
 def import_run(pth, out, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, data=None, overwrite=False, log=print):
     """Write the run directory ``out`` (checkpoint.npz, model.cfg, summary.txt, log.jsonl) of torchvision's AlexNet
     weights ``pth``: weights only, momentum zero, at the start of epoch 1. Returns the checkpoint's path."""
+    from .data.imagenet import read_manifest
     from .training import rundir
     params, mean_c, text = from_torchvision(read_state(pth), mean=mean, std=std, where=str(pth))
+    if data is not None:
+        classes = len(read_manifest(data).get("classes", ()))
+        if classes != params["fc8/b"].shape[0]:
+            raise TorchvisionError(f"--data {data} has {classes} classes, the weights of {pth} "
+                                   f"{params['fc8/b'].shape[0]}")
     net, _ = build_net(text, f"{TEMPLATE}.cfg", device="numpy", init_params=False)
     meta = training_meta(text, out=out, data=data)
     meta["num_params"] = net.num_params()
