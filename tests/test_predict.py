@@ -105,7 +105,9 @@ def test_an_unreadable_picture_is_a_one_line_error_naming_it(fmnist_run, tmp_pat
         assert cap.out == ""  # every file is read before anything is printed
         assert cap.err.startswith(f"error: cannot read image '{tmp_path / bad}': ") and cap.err.count("\n") == 1
     assert predict_main([str(tmp_path / "norun"), str(paths[0])]) == 2
-    assert "checkpoint" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: checkpoint '{tmp_path / 'norun'}' not found\n"
+    assert predict_main([str(d / "run"), str(paths[0]), "--device", "gpu7"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device gpu7: unknown device 'gpu7'")
 
 
 def test_a_run_without_class_names_shows_indices(tmp_path, capsys):

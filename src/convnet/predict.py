@@ -55,7 +55,12 @@ class Predictor:
         text = cfg.get("model_text")
         if not isinstance(text, str):
             raise PredictError(f"checkpoint '{self.path}' has no model-file text")
-        self.device = get_device(device)
+        try:
+            self.device = get_device(device)
+        except DeviceUnavailable:
+            raise
+        except ValueError as e:  # a malformed name
+            raise PredictError(f"--device {device}: {e}") from None
         self.net, _ = build_net(text, cfg.get("model_source") or "model.cfg", device=self.device)
         try:
             self.net.load_state_dict(state["params"])
