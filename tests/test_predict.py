@@ -176,4 +176,7 @@ def test_prepared_class_names_are_the_synset_words(prepared_run, tmp_path, capsy
     ckpt.save(tmp_path / "r2" / "checkpoint.npz", params=st["params"], velocity={}, mean=st["mean"],
               meta=st["meta"])
     assert Predictor(tmp_path / "r2", device="numpy").classes is None
+    assert predict_main([str(tmp_path / "r2"), str(paths[0]), "--device", "numpy"]) == 0
+    cap = capsys.readouterr()
+    assert "(give --data DIR)" in cap.err and "class 0" in cap.out
     assert Predictor(tmp_path / "r2", device="numpy", data=moved).classes == pred.classes

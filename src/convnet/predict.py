@@ -213,6 +213,9 @@ def main(argv=None, log=print):
     except (PredictError, ckpt.CheckpointError, ModelFileError, DataError, DeviceUnavailable) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    if pred.classes is None and pred.prepared:
+        print("note: no class names: the run's prepared directory is not readable here (give --data DIR)",
+              file=sys.stderr)
     for path, rows in zip(args.images, results):
         log(path)
         for i, name, prob in rows:
