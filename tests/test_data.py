@@ -192,6 +192,20 @@ def test_pad_crop_flip_is_a_window_of_the_padded_mean_subtracted_image():
     assert len(shifts) > 5 and 3 < flips < 21
 
 
+def test_a_per_channel_mean_is_the_same_as_that_mean_at_every_pixel():
+    """A run imported from torchvision has one mean per channel: the loader's crops, padding, flips and test views
+    subtract it as they subtract an image holding it at every pixel (padding stays zero)."""
+    ds = synthetic((3, 10, 10), 3, n_train=24, n_test=6)
+    per_channel = np.array([120.5, 99.25, 130.0], np.float32)
+    image = np.broadcast_to(per_channel, (10, 10, 3)).copy()
+    for kw in (dict(train=True, crop_pad=2, flip=True, seed=4), dict(train=False), dict(train=False, views=10)):
+        a, b = (list(Loader(ds.train_x, ds.train_y, 8, out_hw=(8, 8), mean=m, scale=0.25, prefetch=0, **kw).epoch(0))
+                for m in (per_channel, image))
+        assert len(a) == len(b) > 0
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+
+
 # -------------------------------------------------------------------------------------------- corrupt data files
 def _idx_bytes(a, code=0x08, dims=None):
     a = np.asarray(a)

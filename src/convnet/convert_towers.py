@@ -148,8 +148,8 @@ def convert_checkpoint(src, dst, to, *, overwrite=False):
     return ckpt.save(dst, params=params, velocity=velocity, mean=state["mean"], meta=meta)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m convnet.convert_towers", description=__doc__.split("\n\n")[0])
+def main(argv=None, prog="python -m convnet.convert_towers"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="checkpoint file (or a run's directory)")
     p.add_argument("dst", help="the converted checkpoint file to write")
     p.add_argument("--to", required=True,

@@ -203,6 +203,8 @@ class Loader:
             x = put(img).astype(np.float32)
             if geom is None:
                 x -= mean
+            elif mean.ndim == 1:  # per channel (a run imported from torchvision): no pixel to index
+                x -= mean if valid is None else put(valid)[..., None] * mean
             else:
                 rc, cc = put(geom[0]), put(geom[1])
                 m = mean[rc[:, :, None], cc[:, None, :]]
