@@ -73,6 +73,17 @@ class Neuron:
     def code(self) -> int:
         return self.kind.code
 
+    def __eq__(self, other):
+        """Equal to another Neuron with the same values, or to its written form (``Neuron("relu") == "relu"``)."""
+        if isinstance(other, str):
+            return str(self) == other.strip().lower()
+        if isinstance(other, Neuron):
+            return (self.name, self.a, self.b) == (other.name, other.a, other.b)
+        return NotImplemented
+
+    def __hash__(self):
+        return hash(str(self))
+
     def __str__(self):
         values = [getattr(self, p) for p in self.kind.params]
         return self.name + (f"[{','.join(f'{v:g}' for v in values)}]" if values else "")
