@@ -288,3 +288,30 @@ def test_join_bad_inputs(any_device):
         (ValueError, r"index must be an integer in \[0, 256\)", lambda: ops.eltmax_backward(dev, which, b, 256)),
         (ValueError, r"index must be an integer", lambda: ops.eltmax_backward(dev, which, b, True)),
     )
+
+
+def test_cuda_path_on_the_fake_gpu_matches_the_reference(monkeypatch):
+    """The cuda device's Python (allocation on the op's stream, the launches, None for an unread operand) on
+    tests/fake_cupy.py, with the emulator's kernels behind it."""
+    from convnet.devices import Device
+    from fake_cupy import FakeCupy
+    FakeCupy(devices=1).install(monkeypatch)
+    dev = Device("cuda", 0)
+    rng = np.random.default_rng(9)
+    x, dy = rand(rng, (3, 5, 7, 9)), rand(rng, (3, 5, 7, 9))
+    for neuron in EVERY:
+        xs = _inputs(rng, neuron, x.shape)
+        y = ops.neuron_forward(dev, dev.asarray(xs), neuron)
+        want_y = ref.neuron_forward(xs, neuron)
+        assert_close(f"{neuron} y", y, want_y, rtol=2e-6, atol=1e-6)
+        uses = neuron.kind.uses
+        dx = ops.neuron_backward(dev, dev.asarray(xs) if uses == "x" else None,
+                                 dev.asarray(want_y) if uses == "y" else None, dev.asarray(dy), neuron)
+        assert_close(f"{neuron} dx", dx, ref.neuron_backward(xs, want_y, dy, neuron), rtol=4e-6, atol=1e-6)
+    xs = [x, dy, rand(rng, x.shape)]
+    assert_close("eltsum", ops.eltsum_forward(dev, [dev.asarray(a) for a in xs], [1, -2, 0.5]),
+                 ref.eltsum_forward(xs, [1, -2, 0.5]), rtol=1e-6, atol=1e-6)
+    y, which = ops.eltmax_forward(dev, [dev.asarray(a) for a in xs])
+    assert_identical("eltmax", y, ref.eltmax_forward(xs)[0])
+    assert_identical("eltmax dx", ops.eltmax_backward(dev, which, dev.asarray(dy), 2),
+                     ref.eltmax_backward(ref.eltmax_forward(xs)[1], dy, 2))
