@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from convnet import neurons, ops
 from convnet.neurons import NEURONS, Neuron, parse
@@ -127,6 +129,29 @@ def test_neuron_special_values(kernel_device):
     assert_identical("neuron relu is relu", ops.neuron_forward(kernel_device, kernel_device.asarray(x), "relu"), relu)
     y = kernel_device.to_numpy(ops.neuron_forward(kernel_device, kernel_device.asarray(x), "logistic"))
     assert y[3] == 0 and y[4] == 1 and np.isnan(y[0])
+
+
+@st.composite
+def _cases(draw):
+    """A neuron with random parameters, a shape of 1 to 4 axes of odd sizes, and a seed."""
+    name = draw(st.sampled_from(sorted(NEURONS)))
+    value = st.floats(-3, 3).filter(lambda v: abs(v) > 0.05)
+    a, b = draw(value), draw(value)
+    neuron = Neuron(name, *(abs(a) if name == "brelu" else a, b)[:len(NEURONS[name].params)])
+    shape = tuple(draw(st.lists(st.integers(1, 13), min_size=1, max_size=4)))
+    return neuron, shape, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=_cases())
+def test_random_neurons_and_shapes_emu(case):
+    neuron, shape, seed = case
+    rng = np.random.default_rng(seed)
+    x, dy = _inputs(rng, neuron, shape), rand(rng, shape)
+    want_y = ref.neuron_forward(x, neuron)
+    assert_close(f"{neuron} y", ops.neuron_forward(EMU, EMU.asarray(x), neuron), want_y, rtol=4e-6, atol=2e-6)
+    dx = ops.neuron_backward(EMU, EMU.asarray(x), EMU.asarray(want_y), EMU.asarray(dy), neuron)
+    assert_close(f"{neuron} dx", dx, ref.neuron_backward(x, want_y, dy, neuron), rtol=8e-6, atol=4e-6)
 
 
 def test_every_schedule_gives_identical_results():
