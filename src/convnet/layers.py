@@ -310,7 +310,7 @@ class _Learnable(Layer):
         self.wd_mult = {"w": self.wd_w, "b": self.wd_b}
 
     def _neuron_forward(self, y, ctx):
-        return _neuron_forward(self.device, self.neuron, y, ctx)
+        return _neuron_forward(self.device, self.neuron, y, ctx, own=True)
 
     def _neuron_backward(self, dy, ctx):
         return _neuron_backward(self.device, self.neuron, dy, ctx)
@@ -450,15 +450,19 @@ class FC(_Learnable):
         return f"fc {self.outputs}" + (f" {self.neuron}" if self.neuron else "")
 
 
-def _neuron_forward(device, neuron, x, ctx):
-    """y = neuron(x) (None: x itself), keeping in ``ctx`` what the backward reads (the neuron's ``uses``)."""
+def _neuron_forward(device, neuron, x, ctx, own=False):
+    """y = neuron(x) (None: x itself), keeping in ``ctx`` what the backward reads (the neuron's ``uses``). ``own``:
+    x is the layer's own pre-activation, which a neuron whose backward does not read it overwrites."""
     if neuron is None:
         return x
     if neuron.name == "relu":  # the vectorised ReLU kernel
         y = ops.relu_forward(device, x)
     else:
-        y = ops.neuron_forward(device, x, neuron)
-    ctx["neuron_x" if neuron.kind.uses == "x" else "y"] = x if neuron.kind.uses == "x" else y
+        y = ops.neuron_forward(device, x, neuron, out=x if own and neuron.kind.uses != "x" else None)
+    if neuron.kind.uses == "x":
+        ctx["neuron_x"] = x
+    elif neuron.kind.uses == "y":
+        ctx["y"] = y
     return y
 
 
