@@ -180,6 +180,7 @@ def test_parse_reads_cuda_convnet_spellings():
     for none in (None, "", "linear", "ident"):
         assert parse(none) is None
     assert str(Neuron("tanh", 1.5, 0.5)) == "tanh[1.5,0.5]" and str(Neuron("abs")) == "abs"
+    assert Neuron("brelu", np.float32(2.0)) == Neuron("brelu", 2) == "brelu[2]" != "brelu[3]"
     assert "tanh[a,b]" in neurons.forms() and "brelu[a]" in neurons.forms()
     assert_raises_each(
         (ValueError, r"unknown neuron 'drelu\[1\]'.*known: relu, tanh\[a,b\]", lambda: parse("drelu[1]")),

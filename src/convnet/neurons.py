@@ -9,6 +9,7 @@ their ``code`` in this table.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ class Neuron:
             raise ValueError(f"unknown neuron {self.name!r} (known: {forms()}, or linear/ident for none)")
         for p in ("a", "b"):
             v = getattr(self, p)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise ValueError(f"neuron {self.name}: {p} must be a finite number, got {v!r}")
             object.__setattr__(self, p, float(v))
         if self.name == "tanh" and self.a == 0.0:
