@@ -341,3 +341,17 @@ def test_cuda_path_on_the_fake_gpu_matches_the_reference(monkeypatch):
     assert_identical("eltmax", y, ref.eltmax_forward(xs)[0])
     assert_identical("eltmax dx", ops.eltmax_backward(dev, which, dev.asarray(dy), 2),
                      ref.eltmax_backward(ref.eltmax_forward(xs)[1], dy, 2))
+
+
+def test_the_python_table_and_the_kernels_agree_on_the_codes():
+    import re
+    from helpers import ROOT
+    header = (ROOT / "csrc" / "kernels" / "neuron.h").read_text()
+    codes = {m.group(1).lower(): int(m.group(2)) for m in re.finditer(r"kNeuron(\w+) = (\d+)", header)}
+    assert codes.pop("count") == len(NEURONS)
+    assert codes == {name: kind.code for name, kind in NEURONS.items()}
+    x = rand(np.random.default_rng(0), 64)
+    for neuron in EVERY:  # each code computes its own neuron on the kernels
+        want = ref.neuron_forward(x if neuron.name != "sqrt" else np.abs(x), neuron)
+        got = ops.neuron_forward(EMU, EMU.asarray(x if neuron.name != "sqrt" else np.abs(x)), neuron)
+        assert_close(str(neuron), got, want, rtol=2e-6, atol=1e-6)
