@@ -118,7 +118,7 @@ def test_float_keys_must_be_finite_and_in_range():
 
 def test_neuron_layer_and_fused_neurons_run_the_neuron_ops():
     from convnet import ops
-    from convnet.layers import EltMax, EltSum, NeuronLayer
+    from convnet.layers import NeuronLayer
     rng = np.random.default_rng(4)
     x = rng.uniform(-2, 2, (3, 4, 4, 5))
     dy = rng.standard_normal(x.shape)
