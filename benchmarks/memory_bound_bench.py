@@ -1,5 +1,6 @@
-"""Pooling and LRN benchmark (memory-bound ops) at AlexNet's batch-128 shapes, side by side with cuDNN; same-map
-response and contrast normalisation (rnorm, cnorm) at cuda-convnet's CIFAR-10 shapes (no cuDNN counterpart).
+"""Memory-bound ops (pooling, LRN, neurons, eltsum/eltmax) at AlexNet's batch-128 shapes, pooling and LRN side by side
+with cuDNN; same-map response and contrast normalisation (rnorm, cnorm) at cuda-convnet's CIFAR-10 shapes (no cuDNN
+counterpart).
 
     python benchmarks/memory_bound_bench.py                 # best device (cuda when usable)
     python benchmarks/memory_bound_bench.py --device emu    # smoke run on the emulator: NOT a speed figure
@@ -21,6 +22,9 @@ back-to-back calls between two events, and the JSON's ``timing`` says which meas
 Byte counts (float32, compulsory):
   pool forward  x + y              pool backward (max)  x + y + dy + dx     (avg: dy + dx)
   lrn forward   x + y (+ denom)    lrn backward recompute: x + dy + dx;  reuse: x + y + denom + dy + dx
+  neuron        forward x + y;  backward y (or x) + dy + dx (no cuDNN rows: cuDNN's activations lack cuda-convnet's
+                parameters)
+  eltsum, eltmax (k inputs)  forward k inputs + y (eltmax: + which, 1 byte); backward of one input dy + dx (+ which)
   cuDNN's LRN backward reads x, y, dy and writes dx; its rows use cuDNN's own byte count.
   rnorm forward x + y + denom      rnorm backward: x + denom + dy + dx
   cnorm forward x + y + mean_diff + denom          cnorm backward: x + mean_diff + denom + dy + dx
@@ -59,6 +63,10 @@ CASES = [
     ("rnorm-9", "rnorm", (64, 8, 8), dict(size=9)),
     ("cnorm1", "cnorm", (32, 16, 16), dict(size=3)),
     ("cnorm-9", "cnorm", (64, 8, 8), dict(size=9)),
+    ("tanh1", "neuron", (96, 55, 55), dict(neuron="tanh[1.7159,0.6667]")),
+    ("softrelu1", "neuron", (96, 55, 55), dict(neuron="softrelu")),
+    ("eltsum2", "eltsum", (256, 27, 27), dict(inputs=2)),
+    ("eltmax2", "eltmax", (256, 27, 27), dict(inputs=2)),
 ]
 LRN = dict(alpha=1e-4, beta=0.75, k=2.0, convention="sum")
 RNORM = dict(alpha=1e-3, beta=0.75, k=1.0)  # cuda-convnet's scale, pow, minDiv
@@ -187,6 +195,32 @@ def bench_case(dev, name, op, chw, p, N, cud, copy_gbps, rows, check):
         t_b = bench_ms(lambda: bwd(dev, x, *saved[1:], dy, out=dx, **kw), dev, label=f"{name} backward ours")
         row("forward", "", t_f, (1 + len(saved)) * n_in * fsz)
         row("backward", "", t_b, (2 + len(saved)) * n_in * fsz)
+    elif op == "neuron":  # no cuDNN row: its activations lack cuda-convnet's parameters (tanh's a, b)
+        text = p["neuron"]
+        y = ops.neuron_forward(dev, x, text)
+        dy = dev.asarray(rng.uniform(-1, 1, x.shape).astype(np.float32))
+        dx = dev.empty(x.shape, np.float32)
+        t_f = bench_ms(lambda: ops.neuron_forward(dev, x, text, out=y), dev, label=f"{name} forward ours")
+        t_b = bench_ms(lambda: ops.neuron_backward(dev, x, y, dy, text, out=dx), dev, label=f"{name} backward ours")
+        row("forward", text, t_f, 2 * n_in * fsz)
+        row("backward", text, t_b, 3 * n_in * fsz)  # y (or x), dy in; dx out
+    elif op in ("eltsum", "eltmax"):
+        xs = [x] + [dev.asarray(rng.uniform(0, 1, x.shape).astype(np.float32)) for _ in range(p["inputs"] - 1)]
+        dy = dev.asarray(rng.uniform(-1, 1, x.shape).astype(np.float32))
+        y, dx = dev.empty(x.shape, np.float32), dev.empty(x.shape, np.float32)
+        k = len(xs)
+        if op == "eltsum":
+            coeffs = [1.0] * k
+            t_f = bench_ms(lambda: ops.eltsum_forward(dev, xs, coeffs, out=y), dev, label=f"{name} forward ours")
+            t_b = bench_ms(lambda: ops.eltsum_backward(dev, dy, 0.5, out=dx), dev, label=f"{name} backward ours")
+            fwd, bwd = (k + 1) * n_in * fsz, 2 * n_in * fsz
+        else:
+            which = dev.empty(x.shape, np.uint8)
+            t_f = bench_ms(lambda: ops.eltmax_forward(dev, xs, out=(y, which)), dev, label=f"{name} forward ours")
+            t_b = bench_ms(lambda: ops.eltmax_backward(dev, which, dy, 0, out=dx), dev, label=f"{name} backward ours")
+            fwd, bwd = (k + 1) * n_in * fsz + n_in, 2 * n_in * fsz + n_in  # which: one byte per element
+        row("forward", f"{k} inputs", t_f, fwd)
+        row("backward", "one input", t_b, bwd)
     else:
         kw = dict(size=p["size"], **LRN)
         y, d = ops.lrn_forward(dev, x, **kw)

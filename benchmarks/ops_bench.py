@@ -8,6 +8,8 @@ no benchmark of their own (elementwise, softmax, fc) and a one-stop view of the 
 Shapes (the 2012 two-tower model; activations (C, H, W, N) or (features, N)):
   elementwise  ReLU on conv1..conv5's outputs (conv_bench.MODELS through ConvGeometry) and on fc6/fc7's outputs;
                dropout (keep 0.5) on fc6/fc7's outputs
+  neuron       every neuron of convnet.neurons on conv1's output (forward and backward); eltsum (coefficients
+               1, -0.5) and eltmax of two conv2-shaped inputs (forward, one input's gradient)
   conv         conv_bench.MODELS["2012"]: forward, input gradient, filter gradient, bias gradient
   pool, lrn    memory_bound_bench.CASES (LRN per tower: groups=2, as models/alexnet.cfg)
   rnorm        memory_bound_bench.CASES' rnorm and cnorm rows (cuda-convnet's CIFAR-10 shapes)
@@ -49,7 +51,7 @@ from convnet import ops  # noqa: E402
 from convnet.devices import device_report, get_device  # noqa: E402
 from convnet.geometry import LrnGeometry, PoolGeometry  # noqa: E402
 
-FAMILIES = ("elementwise", "conv", "pool", "lrn", "rnorm", "softmax", "fc")
+FAMILIES = ("elementwise", "neuron", "conv", "pool", "lrn", "rnorm", "softmax", "fc")
 MODEL = conv_bench.MODELS["2012"]
 FC = {"fc6": (256 * 6 * 6, 4096), "fc7": (4096, 4096), "fc8": (4096, 1000)}  # (in, out) features
 CLASSES = 1000
@@ -139,6 +141,57 @@ def _dropout(dev, layer, shape, seed, rng):
     yield Case("elementwise", "dropout_backward", layer, _shape_str(shape),
                lambda: ops.dropout_backward(dev, DY, KEEP, seed, out=DX),
                lambda: (ops.dropout_backward("numpy", dy, KEEP, seed),), ("dx",), 0.0, nbytes=2 * n * F32)
+
+
+NEURONS = ("relu", "tanh[1.7159,0.6667]", "logistic", "abs", "square", "sqrt", "softrelu", "brelu[6]",
+           "linear[2,1]")
+
+
+def neuron_cases(dev, sc: Scale, rng):
+    shape = conv_bench.layer_geometry(MODEL["conv1"], sc.n, sc.div).y_shape
+    for text in NEURONS:
+        yield from _neuron(dev, "conv1", text, shape, rng)
+    shape = conv_bench.layer_geometry(MODEL["conv2"], sc.n, sc.div).y_shape
+    yield from _joins(dev, "conv2", shape, rng)
+
+
+def _neuron(dev, layer, text, shape, rng):
+    low = 0.05 if text == "sqrt" else -1.0  # sqrt's domain
+    x, dy = _host(rng, shape, low), _host(rng, shape)
+    x64, dy64 = _f64(x, dy)
+    y64 = ops.neuron_forward("numpy", x64, text)
+    X, Y_in, DY = dev.asarray(x), dev.asarray(y64.astype(np.float32)), dev.asarray(dy)
+    Y, DX = dev.empty(shape, np.float32), dev.empty(shape, np.float32)
+    n = x.size
+    reads = 2 if text.startswith("linear") else 3  # dy and the one of x, y the neuron reads; dx
+    yield Case("neuron", "neuron_forward", layer, _shape_str(shape), lambda: ops.neuron_forward(dev, X, text, out=Y),
+               lambda: (y64,), ("y",), 1e-6, nbytes=2 * n * F32, variant=text)
+    yield Case("neuron", "neuron_backward", layer, _shape_str(shape),
+               lambda: ops.neuron_backward(dev, X, Y_in, DY, text, out=DX),
+               lambda: (ops.neuron_backward("numpy", x64, y64, dy64, text),), ("dx",), 1e-6, nbytes=reads * n * F32,
+               variant=text)
+
+
+def _joins(dev, layer, shape, rng):
+    a, b, dy = _host(rng, shape), _host(rng, shape), _host(rng, shape)
+    A, B, DY = dev.asarray(a), dev.asarray(b), dev.asarray(dy)
+    Y, W, DX = dev.empty(shape, np.float32), dev.empty(shape, np.uint8), dev.empty(shape, np.float32)
+    y, which = ops.eltmax_forward("numpy", [a, b])
+    WHICH = dev.asarray(which)
+    n = a.size
+    yield Case("neuron", "eltsum_forward", layer, _shape_str(shape),
+               lambda: ops.eltsum_forward(dev, [A, B], [1.0, -0.5], out=Y),
+               lambda: (ops.eltsum_forward("numpy", list(_f64(a, b)), [1.0, -0.5]),), ("y",), 1e-6,
+               nbytes=3 * n * F32, variant="2 inputs")
+    yield Case("neuron", "eltsum_backward", layer, _shape_str(shape),
+               lambda: ops.eltsum_backward(dev, DY, -0.5, out=DX), lambda: (ops.eltsum_backward("numpy", dy, -0.5),),
+               ("dx",), 0.0, nbytes=2 * n * F32)
+    yield Case("neuron", "eltmax_forward", layer, _shape_str(shape),
+               lambda: ops.eltmax_forward(dev, [A, B], out=(Y, W)), lambda: (y, which), ("y", "which"), 0.0,
+               nbytes=(3 * F32 + 1) * n, variant="2 inputs")
+    yield Case("neuron", "eltmax_backward", layer, _shape_str(shape),
+               lambda: ops.eltmax_backward(dev, WHICH, DY, 1, out=DX),
+               lambda: (ops.eltmax_backward("numpy", which, dy, 1),), ("dx",), 0.0, nbytes=(2 * F32 + 1) * n)
 
 
 def conv_cases(dev, sc: Scale, rng):
@@ -276,8 +329,8 @@ def _fc(dev, layer, I, O, N, rng):
                lambda: (ops.fc_backward_bias("numpy", dy64),), ("db",), 1e-5, nbytes=(O * N + O) * F32)
 
 
-BUILDERS = {"elementwise": elementwise_cases, "conv": conv_cases, "pool": pool_cases, "lrn": lrn_cases,
-            "rnorm": rnorm_cases, "softmax": softmax_cases, "fc": fc_cases}
+BUILDERS = {"elementwise": elementwise_cases, "neuron": neuron_cases, "conv": conv_cases, "pool": pool_cases,
+            "lrn": lrn_cases, "rnorm": rnorm_cases, "softmax": softmax_cases, "fc": fc_cases}
 
 
 # ---------------------------------------------------------------------------------------------------- runs

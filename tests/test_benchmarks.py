@@ -110,6 +110,13 @@ def test_conv_bench_rejects_unknown_layer():
         bench.main(["--device", "emu", "--layers", "conv9"])
 
 
+def test_memory_bound_bench_emu_smoke_neurons_and_joins(capsys):
+    bench = load_benchmark("memory_bound_bench")
+    bench.main(["--device", "emu", "--cases", "tanh1,eltsum2,eltmax2", "--batch", "4", "--no-write"])
+    out = capsys.readouterr().out
+    assert "neuron backward" in out and "eltsum forward" in out and "eltmax backward" in out
+
+
 def test_memory_bound_bench_emu_smoke(capsys):
     """benchmarks/memory_bound_bench.py runs end to end on the emulator (and says it is not a speed figure)."""
     bench = load_benchmark("memory_bound_bench")

@@ -290,3 +290,111 @@ def test_same_map_and_contrast_norm_gradients_through_a_net():
             num[j] = (lp - lm) / 2e-6
         assert np.abs(num).max() > 1e-6
         np.testing.assert_allclose(analytic[idx] * x.shape[-1], num, rtol=1e-6, atol=1e-9)
+
+
+# Every neuron kind a layer file writes (fused into conv/fc and as layers), eltsum with coefficients and eltmax.
+NEURON_NET = """
+[data]
+type = data
+channels = 2
+size = 7
+[conv1]
+type = conv
+inputs = data
+filters = 3
+size = 3
+padding = 1
+neuron = tanh[1.5,0.7]
+initW = 0.4
+initB = 0.1
+[conv2]
+type = conv
+inputs = data
+filters = 3
+size = 3
+padding = 1
+neuron = softrelu
+initW = 0.4
+[n1]
+type = neuron
+inputs = conv1
+neuron = logistic
+[n2]
+type = neuron
+inputs = conv2
+neuron = brelu[0.9]
+[sum]
+type = eltsum
+inputs = n1,n2
+coeffs = 0.5,-1.5
+[max]
+type = eltmax
+inputs = conv1,n2,conv2
+[abs]
+type = neuron
+inputs = sum
+neuron = abs
+[sq]
+type = neuron
+inputs = max
+neuron = square
+[fc3]
+type = fc
+inputs = abs,sq
+outputs = 6
+neuron = linear[2,0.1]
+initW = 0.2
+[probs]
+type = softmax
+inputs = fc3
+"""
+
+
+def _param_gradients_match_finite_differences(net, x, y, *, rel=1e-6):
+    def loss():
+        net.forward(x, y, train=True)
+        return float(net.loss) / x.shape[-1]
+
+    net.forward(x, y, train=True)
+    net.backward()
+    rng = np.random.default_rng(1)
+    for key, layer, p in net.param_items():
+        flat = layer.params[p].reshape(-1)
+        idx = rng.choice(flat.size, size=min(flat.size, 12), replace=False)
+        an = layer.grads[p].reshape(-1)[idx].copy()
+        num = np.empty(len(idx))
+        for j, i in enumerate(idx):
+            old = flat[i]
+            flat[i] = old + 1e-6
+            lp = loss()
+            flat[i] = old - 1e-6
+            lm = loss()
+            flat[i] = old
+            num[j] = (lp - lm) / 2e-6
+        err = np.linalg.norm(an - num) / max(np.linalg.norm(an) + np.linalg.norm(num), 1e-12)
+        assert err < rel, f"{key}: relative error {err:.2e}\nanalytic {an}\nnumeric  {num}"
+        assert np.abs(an).max() > 0, f"{key}: zero gradient"
+
+
+def test_neurons_and_joins_gradient_finite_differences():
+    net, _ = build_net(NEURON_NET, "neuron-net", device="numpy", dtype="float64", seed=2)
+    assert net.layers["max"].out_shape == (3, 7, 7) and net.layers["fc3"].in_shape == (6, 7, 7)
+    x, y = _batch(net, n=5)
+    _param_gradients_match_finite_differences(net, x, y)
+
+
+@pytest.mark.parametrize("device", ["cpu", "emu"])
+def test_neurons_and_joins_net_matches_numpy_on_other_devices(device):
+    ref_net, _ = build_net(NEURON_NET, "neuron-net", device="numpy", dtype="float32", seed=4)
+    net, _ = build_net(NEURON_NET, "neuron-net", device=device, dtype="float32", seed=4)
+    x, y = _batch(ref_net, n=5)
+    x = x.astype(np.float32)
+    want = ref_net.forward(x, y, train=True)
+    ref_net.backward()
+    got = net.forward(net.data_layer.device.asarray(x), net.data_layer.device.asarray(y), train=True)
+    net.backward()
+    dev = net.data_layer.device
+    np.testing.assert_allclose(dev.to_numpy(got), want, rtol=1e-4, atol=1e-6)
+    for (key, layer, p), (_, ref_layer, _) in zip(net.param_items(), ref_net.param_items()):
+        np.testing.assert_allclose(dev.to_numpy(layer.grads[p]), ref_layer.grads[p], rtol=1e-3, atol=1e-5,
+                                   err_msg=key)

@@ -85,8 +85,10 @@ def test_layer_shape_errors():
         Pool("p", "x", pool="min")
     with pytest.raises(LayerError, match="convention must be"):
         LRN("l", "x", convention="median")
-    with pytest.raises(LayerError, match="neuron must be"):
+    with pytest.raises(LayerError, match=r"layer 'f': neuron 'tanh': tanh takes 2 parameters"):
         FC("f", "x", outputs=2, neuron="tanh")
+    with pytest.raises(LayerError, match=r"layer 'f': unknown neuron 'swish' \(known: relu, tanh\[a,b\]"):
+        FC("f", "x", outputs=2, neuron="swish")
     with pytest.raises(LayerError, match="layer 'l': groups=3 must divide the number of channels 4"):
         _setup(LRN("l", "x", groups=3), (4, 2, 2))
     with pytest.raises(LayerError, match="softmax needs"):
@@ -138,3 +140,57 @@ def test_same_map_norm_layers_call_their_ops_with_cuda_convnet_keys(kind):
         _setup(cls("n", "x", size=3, scale=1.0, pow=0.75), (10,))
     with pytest.raises(LayerError, match="minDiv must be > 0"):
         cls("n", "x", size=3, scale=1.0, pow=0.75, min_div=0.0)
+def test_neuron_layer_and_fused_neurons_run_the_neuron_ops():
+    from convnet import ops
+    from convnet.layers import NeuronLayer
+    rng = np.random.default_rng(4)
+    x = rng.uniform(-2, 2, (3, 4, 4, 5))
+    dy = rng.standard_normal(x.shape)
+    for text in ("tanh[1.7,0.6]", "abs", "softrelu", "brelu[1.2]", "linear[2,-1]", "relu"):
+        layer = _setup(NeuronLayer("n", "x", neuron=text), (3, 4, 4))
+        ctx = {}
+        y = layer.forward(x, ctx)
+        np.testing.assert_array_equal(y, ops.neuron_forward(DEV, x, text))
+        np.testing.assert_array_equal(layer.backward(dy, ctx), ops.neuron_backward(DEV, x, y, dy, text))
+        assert layer.describe() == f"neuron {text}" and layer.flops() == 3 * 4 * 4
+    ident = _setup(NeuronLayer("n", "x", neuron="ident"), (3, 4, 4))
+    assert ident.forward(x, {}) is x and ident.backward(dy, {}) is dy and ident.flops() == 0
+    conv = _setup(Conv("c", "x", filters=2, size=3, padding=1, init_w=0.5, neuron="logistic"), (3, 4, 4))
+    ctx = {}
+    pre = ops.conv_forward(DEV, x, conv.params["w"], conv.params["b"], padding=1)
+    y = conv.forward(x, ctx)
+    np.testing.assert_allclose(y, 1 / (1 + np.exp(-pre)), rtol=1e-14)
+    g = rng.standard_normal(y.shape)
+    conv.backward(g, ctx)
+    np.testing.assert_allclose(conv.grads["b"], (g * y * (1 - y)).sum(axis=(1, 2, 3)), rtol=1e-12)
+    assert conv.describe().endswith(" logistic")
+
+
+def test_eltsum_and_eltmax_layers_split_the_joined_input():
+    from convnet.layers import EltMax, EltSum
+    rng = np.random.default_rng(5)
+    a, b, c = (rng.standard_normal((2, 3, 3, 4)) for _ in range(3))
+    joined = np.concatenate([a, b, c])  # what the graph hands a layer with three same-shaped inputs
+    dy = rng.standard_normal(a.shape)
+    s = _setup(EltSum("s", "a,b,c", coeffs=[0.5, -1, 2]), (6, 3, 3))
+    np.testing.assert_allclose(s.forward(joined, {}), 0.5 * a - b + 2 * c, rtol=1e-14)
+    np.testing.assert_allclose(s.backward(dy, {}), np.concatenate([0.5 * dy, -dy, 2 * dy]), rtol=1e-15)
+    m = _setup(EltMax("m", "a,b,c"), (6, 3, 3))
+    ctx = {}
+    np.testing.assert_array_equal(m.forward(joined, ctx), np.maximum(np.maximum(a, b), c))
+    which = np.argmax([a, b, c], axis=0)
+    dx = m.backward(dy, ctx)
+    for i in range(3):
+        np.testing.assert_array_equal(dx[2 * i:2 * i + 2], np.where(which == i, dy, 0))
+    assert EltSum("s", "a,b").coeffs == (1.0, 1.0)
+    with pytest.raises(LayerError, match="layer 's': coeffs has 1 numbers for 2 inputs"):
+        EltSum("s", "a,b", coeffs=[1])
+    with pytest.raises(LayerError, match="layer 's': coeffs must be finite numbers"):
+        EltSum("s", "a,b", coeffs=[1, float("nan")])
+    with pytest.raises(LayerError, match="layer 'm': an eltmax layer joins at least 2 inputs, got 1"):
+        EltMax("m", "a")
+    with pytest.raises(LayerError, match=r"the inputs of an eltmax layer must have one shape, got a \(2, 3, 3\), "
+                                         r"b \(4, 3, 3\)"):
+        layer = EltMax("m", "a,b")
+        layer.input_shapes = [(2, 3, 3), (4, 3, 3)]
+        layer.output_shape((6, 3, 3))

@@ -81,6 +81,73 @@ inputs = fc
 """
 
 
+# cuda-convnet's neuron layer, fused neurons, eltsum with coefficients and eltmax
+JOINS = """
+[data]
+type = data
+channels = 1
+size = 8
+[a]
+type = neuron
+inputs = data
+neuron = tanh[1.7159,0.6667]
+[b]
+type = neuron
+inputs = data
+neuron = abs
+[s]
+type = eltsum
+inputs = a,b
+coeffs = 0.5, 2
+[m]
+type = eltmax
+inputs = s,a
+[fc]
+type = fc
+inputs = m
+outputs = 3
+neuron = brelu[6]
+[probs]
+type = softmax
+inputs = fc
+"""
+
+
+def test_neuron_and_join_layers_in_model_files():
+    from convnet.neurons import Neuron
+    net, _ = build_net(JOINS, "joins.cfg", device="numpy", dtype="float64")
+    assert net.layers["a"].neuron == Neuron("tanh", 1.7159, 0.6667) and net.layers["fc"].neuron == "brelu[6]"
+    assert net.layers["s"].coeffs == (0.5, 2.0) and net.layers["m"].out_shape == (1, 8, 8)
+    x = np.random.default_rng(0).standard_normal((1, 8, 8, 3))
+    a = 1.7159 * np.tanh(0.6667 * x)
+    m = np.maximum(0.5 * a + 2 * np.abs(x), a)
+    net.forward(x)
+    fc = net.layers["fc"]
+    want = np.clip(fc.params["w"] @ m.reshape(64, 3) + fc.params["b"][:, None], 0, 6)
+    np.testing.assert_allclose(net.logits, want, rtol=1e-12)
+    assert "neuron tanh[1.7159,0.6667]" in net.summary() and "eltsum 0.5,2" in net.summary()
+
+
+@pytest.mark.parametrize("text, match", [
+    (JOINS.replace("neuron = brelu[6]", "neuron = tanh"),
+     r"joins.cfg \[fc\]: layer 'fc': neuron 'tanh': tanh takes 2 parameters \(written tanh\[a,b\]\), got 0"),
+    (JOINS.replace("neuron = abs", "neuron = swish"),
+     r"joins.cfg \[b\]: layer 'b': unknown neuron 'swish' \(known: relu, tanh\[a,b\], logistic, abs, square, sqrt, "
+     r"softrelu, brelu\[a\], linear\[a,b\], or linear/ident for none\)"),
+    (JOINS.replace("neuron = abs", ""), r"joins.cfg \[b\]: missing required key 'neuron' for a neuron layer"),
+    (JOINS.replace("coeffs = 0.5, 2", "coeffs = 0.5"), r"joins.cfg \[s\]: layer 's': coeffs has 1 numbers for 2 inputs"),
+    (JOINS.replace("coeffs = 0.5, 2", "coeffs = 0.5,x"),
+     r"joins.cfg \[s\] coeffs: expected numbers separated by commas, got '0.5,x'"),
+    (JOINS.replace("inputs = s,a", "inputs = s"), r"joins.cfg \[m\]: layer 'm': an eltmax layer joins at least 2"),
+    (JOINS.replace("neuron = abs", "neuron = abs\n[c]\ntype = pool\ninputs = data\nsize = 2\nstride = 2")
+     .replace("inputs = s,a", "inputs = s,c"),
+     r"joins.cfg: layer 'm': the inputs of an eltmax layer must have one shape, got s \(1, 8, 8\), c \(1, 4, 4\)"),
+])
+def test_bad_neuron_and_join_layers(text, match):
+    with pytest.raises(ModelFileError, match=match):
+        build_net(text, "joins.cfg")
+
+
 def test_base_model_builds():
     net, _ = build_net(BASE, "base.cfg")
     assert net.num_params() == 3 * 64 + 3

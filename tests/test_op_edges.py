@@ -37,6 +37,14 @@ OUT_OPS = {
     "relu_backward": ((4, 6, 6, 2), lambda d, a, o: ops.relu_backward(d, a["x"], a["y"], out=o)),
     "dropout_forward": ((4, 6, 6, 2), lambda d, a, o: ops.dropout_forward(d, a["x"], 0.5, 1, out=o)),
     "dropout_backward": ((4, 6, 6, 2), lambda d, a, o: ops.dropout_backward(d, a["x"], 0.5, 1, out=o)),
+    "neuron_forward": ((4, 6, 6, 2), lambda d, a, o: ops.neuron_forward(d, a["x"], "softrelu", out=o)),
+    "neuron_backward": ((4, 6, 6, 2), lambda d, a, o: ops.neuron_backward(d, a["x"], a["y"], a["y"], "brelu[2]",
+                                                                          out=o)),
+    "eltsum_forward": ((4, 6, 6, 2), lambda d, a, o: ops.eltsum_forward(d, [a["x"], a["y"]], [1.0, 0.5], out=o)),
+    "eltsum_backward": ((4, 6, 6, 2), lambda d, a, o: ops.eltsum_backward(d, a["y"], 0.5, out=o)),
+    "eltmax_forward": ((4, 6, 6, 2), lambda d, a, o: ops.eltmax_forward(d, [a["x"], a["y"]], out=o)),
+    "eltmax_backward": ((4, 6, 6, 2), lambda d, a, o: ops.eltmax_backward(
+        d, ops.eltmax_forward(d, [a["x"], a["y"]])[1], a["y"], 1, out=o)),
     "conv_forward": ((4, 6, 6, 2), lambda d, a, o: ops.conv_forward(d, a["x"], a["w"], a["b"], padding=1, out=o)),
     "conv_backward_data": ((4, 6, 6, 2), lambda d, a, o: ops.conv_backward_data(d, a["y"], a["w"], (6, 6), padding=1,
                                                                                 out=o)),
@@ -162,6 +170,10 @@ OVERLAP_OPS = {
         d, x, d.asarray(np.ones((4, 3, 3, 4), np.float32)), 3, padding=1, out=o)),
     "pool_backward": ((4, 6, 6, 2), lambda d, x, o: ops.pool_backward(
         d, x, None, d.asarray(np.ones((4, 2, 2, 2), np.float32)), mode="avg", window=3, stride=2, padding=0, out=o)),
+    "eltsum_forward": ((4, 6, 6, 2), lambda d, x, o: ops.eltsum_forward(
+        d, [d.asarray(np.ones((4, 6, 6, 2), np.float32)), x], out=o)),
+    "eltmax_forward": ((4, 6, 6, 2), lambda d, x, o: ops.eltmax_forward(
+        d, [d.asarray(np.ones((4, 6, 6, 2), np.float32)), x], out=o)),
     "lrn_forward": ((4, 6, 6, 2), lambda d, x, o: ops.lrn_forward(d, x, out=o)),
     "lrn_backward": ((4, 6, 6, 2), lambda d, x, o: ops.lrn_backward(d, x, None, None, x, size=3, alpha=1e-2,
                                                                     beta=0.75, k=2.0, convention="sum", out=o)),

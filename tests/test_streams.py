@@ -40,6 +40,13 @@ CALLS = {
     "dropout_forward": lambda d, a, s: ops.dropout_forward(d, a["x"], 0.5, 7, 3, stream=s),
     "dropout_backward": lambda d, a, s: ops.dropout_backward(d, a["x"], 0.5, 7, 3, stream=s),
     "dropout_mask": lambda d, a, s: ops.dropout_mask(d, (8, 9, 9, 4), 0.5, 7, 3, stream=s),
+    "neuron_forward": lambda d, a, s: ops.neuron_forward(d, a["x"], "tanh[1.5,0.5]", stream=s),
+    "neuron_backward": lambda d, a, s: ops.neuron_backward(d, a["x"], None, a["x"], "square", stream=s),
+    "eltsum_forward": lambda d, a, s: ops.eltsum_forward(d, [a["sw"], a["sg"]], [0.5, 2.0], stream=s),
+    "eltsum_backward": lambda d, a, s: ops.eltsum_backward(d, a["sw"], -0.5, stream=s),
+    "eltmax_forward": lambda d, a, s: ops.eltmax_forward(d, [a["sw"], a["sg"], a["sv"]], stream=s),
+    "eltmax_backward": lambda d, a, s: ops.eltmax_backward(
+        d, ops.eltmax_forward(d, [a["sw"], a["sg"]], stream=s)[1], a["sv"], 1, stream=s),
     "conv_forward": lambda d, a, s: ops.conv_forward(d, a["x"], a["w"], a["b"], padding=1, groups=2, stream=s),
     "conv_backward_data": lambda d, a, s: ops.conv_backward_data(d, a["y"], a["w"], (9, 9), padding=1, groups=2,
                                                                  stream=s),

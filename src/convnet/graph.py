@@ -101,6 +101,8 @@ class Net:
                 l.out_shape = l.output_shape()
                 continue
             l.in_shape = _joined_shape([self.layers[i].out_shape for i in l.inputs])
+            if hasattr(l, "input_shapes"):  # an element-wise join checks its inputs' own shapes
+                l.input_shapes = [tuple(self.layers[i].out_shape) for i in l.inputs]
             l.out_shape = tuple(int(s) for s in l.output_shape(l.in_shape))
             # no gradient is needed into the data layer
             l.needs_input_grad = not all(isinstance(self.layers[i], Data) for i in l.inputs)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ops
+from . import neurons
+from .ops.neuron import MAX_INPUTS as _MAX_JOIN_INPUTS
 from .geometry import INT32_MAX, ConvGeometry, LrnGeometry, PoolGeometry, RnormGeometry, pair
 
 
@@ -46,9 +48,8 @@ class _Required:
 
 REQUIRED = _Required()  # the default of a key that must be given
 
-KEY_TYPES = ("int", "float", "str", "name", "pair", "init", "neuron")
+KEY_TYPES = ("int", "float", "str", "name", "pair", "init", "neuron", "floats")
 INIT_SCHEMES = ("he", "xavier")
-_LINEAR = (None, "", "linear", "ident")  # spellings of "no neuron"
 _SIZE_ALIASES = ("filterSize", "sizeX")  # cuda-convnet's spellings of a window size
 
 
@@ -59,7 +60,9 @@ class Key:
     * ``name``: the model-file spelling (matched case-insensitively), also the name in error messages;
     * ``type``: ``int``, ``float``, ``str`` (one of ``choices``), ``name`` (a layer-style name: text without spaces
       or commas, or None when that is the default), ``pair`` (an int or an ``(h, w)`` pair),
-      ``init`` (a Gaussian std >= 0, or ``he`` / ``xavier``), ``neuron`` (``relu`` or ``linear`` = None);
+      ``init`` (a Gaussian std >= 0, or ``he`` / ``xavier``), ``neuron`` (a :class:`convnet.neurons.Neuron`,
+      written ``relu``, ``tanh[a,b]``, ...; ``linear`` / ``ident`` = None), ``floats`` (a list of finite numbers, or
+      None when that is the default);
     * ``default``, or :data:`REQUIRED`;
     * ``arg``: the Python keyword argument and the layer's attribute (default: ``name``);
     * ``minimum``: the smallest allowed value (``int``, ``pair``, ``float``); ``exclusive``: the value must be larger
@@ -123,11 +126,18 @@ class Key:
                 raise ValueError(f"{name} must be a name (text without spaces or commas), got {value!r}")
             return value
         if t == "neuron":
-            if value in _LINEAR:
+            return neurons.parse(value)  # its errors name the neuron key's value
+        if t == "floats":
+            if value is None and self.default is None:
                 return None
-            if value != "relu":
-                raise ValueError(f"{name} must be 'relu' or 'linear', got {value!r}")
-            return value
+            if isinstance(value, str):
+                value = [v for v in value.split(",")]
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ValueError(f"{name} must be a list of numbers, got {value!r}")
+            values = [_number(name, v, float, "a list of numbers") for v in value]
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must be finite numbers, got {values}")
+            return tuple(values)
         # init: a Gaussian std, or the name of a fan-in based scheme
         if isinstance(value, str) and value in INIT_SCHEMES:
             return value
@@ -280,7 +290,8 @@ def _gaussian(rng, shape, std, dtype):
 
 
 class _Learnable(Layer):
-    """Weights ``w`` and biases ``b``, an optional ReLU neuron, cuda-convnet's per-parameter multipliers."""
+    """Weights ``w`` and biases ``b``, an optional neuron (``neuron = tanh[a,b]``, ...), cuda-convnet's per-parameter
+    multipliers."""
 
     learnable = True
     KEYS = (
@@ -299,15 +310,10 @@ class _Learnable(Layer):
         self.wd_mult = {"w": self.wd_w, "b": self.wd_b}
 
     def _neuron_forward(self, y, ctx):
-        if self.neuron == "relu":
-            y = ops.relu_forward(self.device, y)
-            ctx["y"] = y
-        return y
+        return _neuron_forward(self.device, self.neuron, y, ctx, own=True)
 
     def _neuron_backward(self, dy, ctx):
-        if self.neuron == "relu":
-            return ops.relu_backward(self.device, ctx["y"], dy)
-        return dy
+        return _neuron_backward(self.device, self.neuron, dy, ctx)
 
     def _neuron_flops(self):
         return int(np.prod(self.out_shape)) if self.neuron else 0
@@ -444,9 +450,52 @@ class FC(_Learnable):
         return f"fc {self.outputs}" + (f" {self.neuron}" if self.neuron else "")
 
 
+def _neuron_forward(device, neuron, x, ctx, own=False):
+    """y = neuron(x) (None: x itself), keeping in ``ctx`` what the backward reads (the neuron's ``uses``). ``own``:
+    x is the layer's own pre-activation, which a neuron whose backward does not read it overwrites."""
+    if neuron is None:
+        return x
+    if neuron.name == "relu":  # the vectorised ReLU kernel
+        y = ops.relu_forward(device, x)
+    else:
+        y = ops.neuron_forward(device, x, neuron, out=x if own and neuron.kind.uses != "x" else None)
+    if neuron.kind.uses == "x":
+        ctx["neuron_x"] = x
+    elif neuron.kind.uses == "y":
+        ctx["y"] = y
+    return y
+
+
+def _neuron_backward(device, neuron, dy, ctx):
+    if neuron is None:
+        return dy
+    if neuron.name == "relu":
+        return ops.relu_backward(device, ctx["y"], dy)
+    return ops.neuron_backward(device, ctx.get("neuron_x"), ctx.get("y"), dy, neuron)
+
+
+class NeuronLayer(Layer):
+    """cuda-convnet's neuron layer: ``neuron = relu``, ``tanh[a,b]``, ``logistic``, ``abs``, ``square``, ``sqrt``,
+    ``softrelu``, ``brelu[a]``, ``linear[a,b]`` (convnet.neurons; ``linear`` / ``ident`` alone: the identity)."""
+
+    type = "neuron"
+    KEYS = (Key("neuron", "neuron"),)
+
+    def flops(self):
+        return int(np.prod(self.out_shape)) if self.neuron is not None else 0
+
+    def forward(self, x, ctx):
+        return _neuron_forward(self.device, self.neuron, x, ctx)
+
+    def backward(self, dy, ctx):
+        return _neuron_backward(self.device, self.neuron, dy, ctx)
+
+    def describe(self):
+        return f"neuron {self.neuron or 'ident'}"
+
+
 class ReLU(Layer):
     type = "relu"
-    type_aliases = ("neuron",)
 
     def flops(self):
         return int(np.prod(self.out_shape))
@@ -719,4 +768,88 @@ class SoftmaxCost(Layer):
         return ops.scale(self.device, d, self.coeff / n)
 
 
-LAYER_TYPES = {cls.type: cls for cls in (Data, Conv, FC, ReLU, Pool, LRN, RNorm, CNorm, Dropout, SoftmaxCost)}
+class _Join(Layer):
+    """An element-wise join of inputs of one shape (cuda-convnet's eltsum / eltmax). The graph hands the layer its
+    inputs joined along the first axis (one copy); the layer works on the k equal parts of that array."""
+
+    least_inputs = 1
+
+    def __init__(self, name, inputs=(), **kw):
+        super().__init__(name, inputs, **kw)
+        if len(self.inputs) < self.least_inputs:
+            raise LayerError(f"layer '{name}': an {self.type} layer joins at least {self.least_inputs} inputs, got "
+                             f"{len(self.inputs)}")
+        if len(self.inputs) > _MAX_JOIN_INPUTS:
+            raise LayerError(f"layer '{name}': an {self.type} layer joins at most {_MAX_JOIN_INPUTS} inputs, "
+                             f"got {len(self.inputs)}")
+        self.input_shapes = None  # the inputs' own shapes (set by the net before output_shape)
+
+    def output_shape(self, in_shape):
+        shapes = self.input_shapes or [tuple(in_shape)]
+        if len({tuple(s) for s in shapes}) != 1:
+            raise LayerError(f"layer '{self.name}': the inputs of an {self.type} layer must have one shape, got "
+                             + ", ".join(f"{i} {tuple(s)}" for i, s in zip(self.inputs, shapes)))
+        return tuple(shapes[0])
+
+    def flops(self):
+        return int(np.prod(self.out_shape)) * len(self.inputs)
+
+    def _parts(self, x):
+        m = x.shape[0] // len(self.inputs)
+        return [x[i * m:(i + 1) * m] for i in range(len(self.inputs))]
+
+    def _grads(self, dy, one):
+        """The joined input gradient: ``one(i, out)`` writes input i's part."""
+        if not self.needs_input_grad:
+            return None
+        k = len(self.inputs)
+        dx = self.device.empty((k * dy.shape[0], *dy.shape[1:]), dy.dtype)
+        for i, part in enumerate(self._parts(dx)):
+            one(i, part)
+        return dx
+
+
+class EltSum(_Join):
+    """y = sum_i coeffs[i] * input_i (``coeffs = a,b,...``, one per input; default all 1)."""
+
+    type = "eltsum"
+    KEYS = (Key("coeffs", "floats", None),)
+
+    def __init__(self, name, inputs=(), **kw):
+        super().__init__(name, inputs, **kw)
+        if self.coeffs is None:
+            self.coeffs = (1.0,) * len(self.inputs)
+        if len(self.coeffs) != len(self.inputs):
+            raise LayerError(f"layer '{name}': coeffs has {len(self.coeffs)} numbers for {len(self.inputs)} inputs "
+                             f"(one per input)")
+
+    def forward(self, x, ctx):
+        return ops.eltsum_forward(self.device, self._parts(x), list(self.coeffs))
+
+    def backward(self, dy, ctx):
+        return self._grads(dy, lambda i, out: ops.eltsum_backward(self.device, dy, self.coeffs[i], out=out))
+
+    def describe(self):
+        return "eltsum " + ",".join(f"{c:g}" for c in self.coeffs)
+
+
+class EltMax(_Join):
+    """y = the element-wise maximum of the inputs; the gradient goes to the input that gave it (ties: the first
+    input in ``inputs`` order; see ops.eltmax_forward)."""
+
+    type = "eltmax"
+    least_inputs = 2
+
+    def forward(self, x, ctx):
+        y, ctx["which"] = ops.eltmax_forward(self.device, self._parts(x))
+        return y
+
+    def backward(self, dy, ctx):
+        return self._grads(dy, lambda i, out: ops.eltmax_backward(self.device, ctx["which"], dy, i, out=out))
+
+    def describe(self):
+        return f"eltmax of {len(self.inputs)}"
+
+
+LAYER_TYPES = {cls.type: cls for cls in (Data, Conv, FC, ReLU, NeuronLayer, Pool, LRN, RNorm, CNorm, Dropout,
+                                         SoftmaxCost, EltSum, EltMax)}

@@ -76,6 +76,7 @@ _READERS = {
     "name": (str.strip, "a name"),
     "init": (str.strip, "text"),
     "neuron": (str.strip, "text"),
+    "floats": (lambda v: [float(p) for p in v.split(",")], "numbers separated by commas"),
 }
 
 

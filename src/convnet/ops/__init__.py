@@ -9,6 +9,8 @@ from convnet.ops.conv import (conv_backward_bias, conv_backward_data, conv_backw
 from convnet.ops.elementwise import dropout_backward, dropout_forward, dropout_mask, relu_backward, relu_forward
 from convnet.ops.fc import fc_backward_bias, fc_backward_data, fc_backward_weights, fc_forward
 from convnet.ops.lrn import lrn_backward, lrn_forward
+from convnet.ops.neuron import (eltmax_backward, eltmax_forward, eltsum_backward, eltsum_forward, neuron_backward,
+                                neuron_forward)
 from convnet.ops.pool import pool_backward, pool_forward, pool_output_shape
 from convnet.ops.rnorm import cnorm_backward, cnorm_forward, rnorm_backward, rnorm_forward
 from convnet.ops.sgd import sgd_update
@@ -22,6 +24,7 @@ __all__ = [
     "pool_forward", "pool_backward", "pool_output_shape",
     "lrn_forward", "lrn_backward",
     "rnorm_forward", "rnorm_backward", "cnorm_forward", "cnorm_backward",
+    "neuron_forward", "neuron_backward", "eltsum_forward", "eltsum_backward", "eltmax_forward", "eltmax_backward",
     "softmax_forward", "softmax_cross_entropy", "topk_errors",
     "fc_forward", "fc_backward_data", "fc_backward_weights", "fc_backward_bias",
     "concat", "add", "scale",
