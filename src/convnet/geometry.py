@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ConvGeometry", "LocalGeometry", "PoolGeometry", "LrnGeometry", "RnormGeometry", "pair", "output_size", "lrn_scale",
-           "INT32_MAX", "LRN_CONVENTIONS"]
+__all__ = ["ConvGeometry", "LocalGeometry", "PoolGeometry", "LrnGeometry", "RnormGeometry", "pair", "output_size",
+           "lrn_scale", "INT32_MAX", "LRN_CONVENTIONS"]
 
 INT32_MAX = 2**31 - 1  # the kernels index with 32-bit ints: every tensor has fewer elements than this
 LRN_CONVENTIONS = ("sum", "mean")
@@ -302,10 +302,6 @@ class LocalGeometry(ConvGeometry):
             raise ValueError(f"w must have shape (OH*OW, C/groups, KH, KW, F) = {self.w_shape} for input "
                              f"{self.x_shape[:3]}, groups={self.groups}, stride {self.stride} and padding "
                              f"{self.padding}, got {tuple(w_shape)}")
-
-    @property
-    def positions(self) -> int:
-        return self.OH * self.OW
 
     @property
     def w_shape(self) -> tuple[int, int, int, int, int]:
