@@ -233,3 +233,30 @@ def test_launcher_rejects_bad_geometry():
         k.local_forward(p, p, p, 3, p, good, 1.0, 0.0, 0)
     with pytest.raises(ValueError, match="too many filter or image tiles"):
         k.local_forward(p, p, 0, 0, p, raw(N=32 * 65536), 1.0, 0.0, 0)
+
+
+def test_each_pass_is_one_launcher_call_for_all_positions(monkeypatch):
+    """The cuda path (CuPy faked, the emulator's kernels behind it): the forward pass and each gradient is one call
+    of its launcher for every output position (which launches one grid: csrc/kernels/local.cu), not one per
+    position."""
+    from fake_cupy import FakeCupy
+    fake = FakeCupy(devices=1).install(monkeypatch)
+    dev = Device("cuda", 0)
+    rng = np.random.default_rng(11)
+    x, w, b, kw = make(rng, GEOMETRIES[0], np.float32, bias="per_position")
+    y = ref.local_forward(x, w, b, **kw)
+    X, W, B, DY = (dev.asarray(a) for a in (x, w, b, rand(rng, y.shape)))
+    calls = {
+        "local_forward": lambda: ops.local_forward(dev, X, W, B, **kw),
+        "local_backward_data": lambda: ops.local_backward_data(dev, DY, W, x.shape[1:3], **kw),
+        "local_backward_filter": lambda: ops.local_backward_filter(dev, X, DY, w.shape[2:4], **kw),
+    }
+    for name, call in calls.items():
+        fake.calls.clear()
+        fake.recording = True
+        out = call()
+        fake.recording = False
+        launches = [e for e in fake.calls if e[0].startswith("launch")]
+        assert len(launches) == 1, (name, launches)
+        if name == "local_forward":
+            assert_close("y", out, y, rtol=1e-4, atol=1e-4)
