@@ -13,6 +13,8 @@ Shapes (the 2012 two-tower model; activations (C, H, W, N) or (features, N)):
   conv         conv_bench.MODELS["2012"]: forward, input gradient, filter gradient, bias gradient
   pool, lrn    memory_bound_bench.CASES (LRN per tower: groups=2, as models/alexnet.cfg)
   rnorm        memory_bound_bench.CASES' rnorm and cnorm rows (cuda-convnet's CIFAR-10 shapes)
+  local        cuda-convnet's CIFAR-10 11% net's locally connected layers local3 (64 -> 64 maps) and local4
+               (64 -> 32), 3x3 pad 1 on 8x8: forward, input, filter and per-position bias gradients
   softmax      1000 classes: softmax_forward, softmax_cross_entropy, topk_errors (k = 1, 5)
   fc           fc6 9216 -> 4096, fc7 4096 -> 4096, fc8 4096 -> 1000: forward, data, weight and bias gradients
 
@@ -49,9 +51,9 @@ from common import TIMING, bench_ms  # noqa: E402
 
 from convnet import ops  # noqa: E402
 from convnet.devices import device_report, get_device  # noqa: E402
-from convnet.geometry import LrnGeometry, PoolGeometry  # noqa: E402
+from convnet.geometry import LocalGeometry, LrnGeometry, PoolGeometry  # noqa: E402
 
-FAMILIES = ("elementwise", "neuron", "conv", "pool", "lrn", "rnorm", "softmax", "fc")
+FAMILIES = ("elementwise", "neuron", "conv", "pool", "lrn", "rnorm", "local", "softmax", "fc")
 MODEL = conv_bench.MODELS["2012"]
 FC = {"fc6": (256 * 6 * 6, 4096), "fc7": (4096, 4096), "fc8": (4096, 1000)}  # (in, out) features
 CLASSES = 1000
@@ -288,6 +290,40 @@ def _rnorm(dev, layer, kind, x_shape, kw, rng):
                ("dx",), 1e-5, nbytes=(3 + len(saved)) * n * F32)
 
 
+# cuda-convnet's layers-conv-local-11pct: (input maps, filters), each 3x3, stride 1, padding 1 on 8x8 maps
+LOCAL = {"local3": (64, 64), "local4": (64, 32)}
+
+
+def local_cases(dev, sc: Scale, rng):
+    for layer, (c, f) in LOCAL.items():
+        geo = LocalGeometry(sc.count(c), 8, 8, sc.n, sc.count(f), 3, 3, 1, 1, 1, 1)
+        yield from _local(dev, layer, geo, rng)
+
+
+def _local(dev, layer, geo, rng):
+    kw = dict(stride=geo.stride, padding=geo.padding)
+    bias_shape = (geo.F, geo.OH, geo.OW)
+    x, w, b, dy = (_host(rng, s) for s in (geo.x_shape, geo.w_shape, bias_shape, geo.y_shape))
+    X, Wt, B, DY = (dev.asarray(a) for a in (x, w, b, dy))
+    Y, DX, DW, DB = (dev.empty(s, np.float32) for s in (geo.y_shape, geo.x_shape, geo.w_shape, bias_shape))
+    x64, w64, b64, dy64 = _f64(x, w, b, dy)
+    shape = f"{_shape_str(geo.x_shape)} -> {geo.F} 3x3"
+    yield Case("local", "local_forward", layer, shape, lambda: ops.local_forward(dev, X, Wt, B, out=Y, **kw),
+               lambda: (ops.local_forward("numpy", x64, w64, b64, **kw),), ("y",), 1e-5, flops=geo.flops())
+    yield Case("local", "local_backward_data", layer, shape,
+               lambda: ops.local_backward_data(dev, DY, Wt, (geo.H, geo.W), out=DX, **kw),
+               lambda: (ops.local_backward_data("numpy", dy64, w64, (geo.H, geo.W), **kw),), ("dx",), 1e-5,
+               flops=geo.flops())
+    yield Case("local", "local_backward_filter", layer, shape,
+               lambda: ops.local_backward_filter(dev, X, DY, (3, 3), out=DW, **kw),
+               lambda: (ops.local_backward_filter("numpy", x64, dy64, (3, 3), **kw),), ("dw",), 1e-5,
+               flops=geo.flops())
+    yield Case("local", "local_backward_bias", layer, shape,
+               lambda: ops.local_backward_bias(dev, DY, shared=False, out=DB),
+               lambda: (ops.local_backward_bias("numpy", dy64, shared=False),), ("db",), 1e-5,
+               nbytes=(dy.size + b.size) * F32, variant="per position")
+
+
 def softmax_cases(dev, sc: Scale, rng):
     K, N = CLASSES, sc.n
     logits = (rng.standard_normal((K, N)) * 4).astype(np.float32)
@@ -330,7 +366,7 @@ def _fc(dev, layer, I, O, N, rng):
 
 
 BUILDERS = {"elementwise": elementwise_cases, "neuron": neuron_cases, "conv": conv_cases, "pool": pool_cases,
-            "lrn": lrn_cases, "rnorm": rnorm_cases, "softmax": softmax_cases, "fc": fc_cases}
+            "lrn": lrn_cases, "rnorm": rnorm_cases, "local": local_cases, "softmax": softmax_cases, "fc": fc_cases}
 
 
 # ---------------------------------------------------------------------------------------------------- runs

@@ -398,3 +398,68 @@ def test_neurons_and_joins_net_matches_numpy_on_other_devices(device):
     for (key, layer, p), (_, ref_layer, _) in zip(net.param_items(), ref_net.param_items()):
         np.testing.assert_allclose(dev.to_numpy(layer.grads[p]), ref_layer.grads[p], rtol=1e-3, atol=1e-5,
                                    err_msg=key)
+
+
+LOCAL_NET = """
+[data]
+type = data
+channels = 2
+size = 7
+[local1]
+type = local
+inputs = data
+filters = 4
+size = 3
+stride = 2
+padding = 1
+groups = 2
+initW = 0.5
+initB = 0.1
+neuron = relu
+[local2]
+type = local
+inputs = local1
+filters = 3
+size = 2
+sharedBiases = 1
+initW = 0.5
+initB = 0.2
+[fc]
+type = fc
+inputs = local2
+outputs = 4
+initW = 0.3
+[probs]
+type = softmax
+inputs = fc
+"""
+
+
+def test_locally_connected_gradients_through_a_net():
+    """Finite differences (float64) of the loss for both local layers' filters and biases (per position in the
+    first, shared in the second), through the second's input gradient."""
+    net, _ = build_net(LOCAL_NET, "local-net", device="numpy", dtype="float64", seed=3)
+    assert net.layers["local1"].params["b"].shape == (4, 4, 4)
+    assert net.layers["local2"].params["b"].shape == (3,)
+    x, y = _batch(net, n=3, seed=6)
+    net.forward(x, y, train=True)
+    net.backward()
+    for name in ("local1", "local2"):
+        layer = net.layers[name]
+        for p in ("w", "b"):
+            analytic = layer.grads[p].copy().reshape(-1)
+            flat = layer.params[p].reshape(-1)
+            idx = np.random.default_rng(2).choice(flat.size, size=min(flat.size, 20), replace=False)
+            num = np.empty(len(idx))
+            for j, i in enumerate(idx):
+                old = flat[i]
+                flat[i] = old + 1e-6
+                net.forward(x, y, train=True)
+                lp = float(net.loss)
+                flat[i] = old - 1e-6
+                net.forward(x, y, train=True)
+                lm = float(net.loss)
+                flat[i] = old
+                num[j] = (lp - lm) / 2e-6
+            assert np.abs(num).max() > 1e-6, (name, p)
+            np.testing.assert_allclose(analytic[idx] * x.shape[-1], num, rtol=1e-6, atol=1e-9, err_msg=f"{name}.{p}")

@@ -194,3 +194,33 @@ def test_eltsum_and_eltmax_layers_split_the_joined_input():
         layer = EltMax("m", "a,b")
         layer.input_shapes = [(2, 3, 3), (4, 3, 3)]
         layer.output_shape((6, 3, 3))
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_local_layer_calls_its_ops_with_unshared_filters(shared):
+    from convnet import ops
+    from convnet.layers import Local
+    rng = np.random.default_rng(3)
+    layer = _setup(Local("l", "x", filters=4, size=3, stride=2, padding=1, groups=2, shared_biases=shared,
+                         init_b=0.5), (6, 7, 5))
+    assert layer.out_shape == (4, 4, 3)
+    assert layer.param_shapes() == {"w": (12, 3, 3, 3, 4), "b": (4,) if shared else (4, 4, 3)}
+    assert layer.params["w"].std() > 0 and (layer.params["b"] == 0.5).all()
+    assert layer.param_count() == 12 * 27 * 4 + (4 if shared else 48)
+    x = rng.standard_normal((6, 7, 5, 2))
+    dy = rng.standard_normal((4, 4, 3, 2))
+    ctx = {}
+    y = layer.forward(x, ctx)
+    dx = layer.backward(dy, ctx)
+    kw = dict(stride=2, padding=1, groups=2)
+    np.testing.assert_array_equal(y, ops.local_forward(DEV, x, layer.params["w"], layer.params["b"], **kw))
+    np.testing.assert_array_equal(dx, ops.local_backward_data(DEV, dy, layer.params["w"], (7, 5), **kw))
+    np.testing.assert_array_equal(layer.grads["w"], ops.local_backward_filter(DEV, x, dy, (3, 3), **kw))
+    np.testing.assert_array_equal(layer.grads["b"], ops.local_backward_bias(DEV, dy, shared=bool(shared)))
+    assert layer.describe() == "local 4 3x3/2 pad 1 groups 2" + (" shared biases" if shared else "")
+    with pytest.raises(LayerError, match="sharedBiases must be 0 .per position. or 1"):
+        Local("l", "x", filters=4, size=3, shared_biases=2)
+    with pytest.raises(LayerError, match="not divisible by groups"):
+        Local("l", "x", filters=5, size=3, groups=2)
+    with pytest.raises(LayerError, match="larger than the padded input"):
+        _setup(Local("l", "x", filters=4, size=9), (3, 5, 5))

@@ -431,3 +431,117 @@ def test_rnorm_and_cnorm_are_same_map_normalisations_with_cuda_convnet_keys():
 def test_bad_rnorm_and_cnorm_keys(old, new, match):
     with pytest.raises(ModelFileError, match=match):
         build_net(NORM_FILE.replace(old, new, 1), "norm.cfg")
+
+
+# cuda-convnet's layers-conv-local-11pct net on 32x32 CIFAR images, in this format (the pools padded by one so that
+# the floor rule gives cuda-convnet's 16 and 8)
+LOCAL_11PCT = """
+[data]
+type = data
+channels = 3
+size = 32
+[conv1]
+type = conv
+inputs = data
+filters = 64
+padding = 2
+filterSize = 5
+neuron = relu
+initW = 0.0001
+[pool1]
+type = pool
+inputs = conv1
+sizeX = 3
+stride = 2
+padding = 1
+[rnorm1]
+type = cmrnorm
+inputs = pool1
+size = 9
+[conv2]
+type = conv
+inputs = rnorm1
+filters = 64
+padding = 2
+filterSize = 5
+neuron = relu
+initW = 0.01
+[rnorm2]
+type = cmrnorm
+inputs = conv2
+size = 9
+[pool2]
+type = pool
+inputs = rnorm2
+sizeX = 3
+stride = 2
+padding = 1
+[local3]
+type = local
+inputs = pool2
+filters = 64
+padding = 1
+filterSize = 3
+neuron = relu
+initW = 0.04
+[local4]
+type = local
+inputs = local3
+filters = 32
+padding = 1
+filterSize = 3
+neuron = relu
+initW = 0.04
+[fc10]
+type = fc
+inputs = local4
+outputs = 10
+initW = 0.01
+[probs]
+type = cost.logreg
+inputs = fc10
+"""
+
+
+def test_local_layers_count_parameters_by_cuda_convnet_rules():
+    """Unshared filters per output position and one bias per filter and position: cuda-convnet's 11% net has
+    3,672,906 parameters; with sharedBiases = 1 the local layers keep one bias per filter."""
+    net, _ = build_net(LOCAL_11PCT, "11pct.cfg", init_params=False)
+    local3 = net.layers["local3"]
+    assert local3.out_shape == (64, 8, 8) and local3.param_shapes() == {"w": (64, 64, 3, 3, 64), "b": (64, 8, 8)}
+    assert net.num_params() == 3_672_906
+    shared = LOCAL_11PCT.replace("filters = 32\n", "filters = 32\nsharedBiases = 1\n")
+    assert build_net(shared, "11pct.cfg", init_params=False)[0].num_params() == 3_672_906 - 32 * 63
+
+
+@pytest.mark.parametrize("old, new, match", [
+    ("filters = 32\n", "filters = 32\nsharedBiases = 2\n", r"11pct.cfg \[local4\]: .*sharedBiases must be 0"),
+    ("filters = 32\n", "", r"11pct.cfg \[local4\]: missing required key 'filters'"),
+    ("filters = 32\n", "filters = 32\nchannels = 64\n", r"unknown key 'channels' for a local layer"),
+    ("filters = 64\npadding = 1", "filters = 64\npadding = 1\ngroups = 3",
+     r"11pct.cfg \[local3\]: .*groups"),
+])
+def test_bad_local_keys(old, new, match):
+    with pytest.raises(ModelFileError, match=match):
+        build_net(LOCAL_11PCT.replace(old, new, 1), "11pct.cfg", init_params=False)
+
+
+@pytest.mark.parametrize("device", ["cpu", "emu"])
+def test_local_net_trains_alike_on_every_device(device):
+    """A small net with both kinds of local layers: one SGD step's loss and gradients on cpu and emu against numpy."""
+    text = (LOCAL_11PCT.replace("size = 32", "size = 12").replace("filters = 64", "filters = 8")
+            .replace("filters = 32", "filters = 4\nsharedBiases = 1").replace("size = 9", "size = 3"))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 12, 12, 5)).astype(np.float32)
+    y = rng.integers(0, 10, 5).astype(np.int32)
+    results = []
+    for dev in ("numpy", device):
+        net, _ = build_net(text, "small.cfg", device=dev, seed=1)
+        net.forward(net.devices[0].asarray(x), net.devices[0].asarray(y), train=True)
+        net.backward()
+        results.append((float(net.loss), {f"{n}.{p}": net.devices[0].to_numpy(g) for n in ("local3", "local4")
+                                          for p, g in net.layers[n].grads.items()}))
+    (loss0, g0), (loss1, g1) = results
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
+    for k in g0:
+        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-3, atol=1e-6, err_msg=k)

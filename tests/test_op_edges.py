@@ -27,7 +27,7 @@ DEVICES = [pytest.param(NUMPY, id="numpy"), pytest.param(EMU, id="emu")]
 def _inputs(dev, rng):
     a = dict(x=rand(rng, (4, 6, 6, 2)), w=rand(rng, (4, 3, 3, 4)), y=rand(rng, (4, 6, 6, 2)),
              p=rand(rng, (4, 2, 2, 2)), logits=rand(rng, (5, 3)), fx=rand(rng, (6, 3)), fw=rand(rng, (4, 6)),
-             fy=rand(rng, (4, 3)), b=rand(rng, (4,)))
+             fy=rand(rng, (4, 3)), b=rand(rng, (4,)), lw=rand(rng, (36, 4, 3, 3, 4)), lb=rand(rng, (4, 6, 6)))
     return {k: dev.asarray(v) for k, v in a.items()}
 
 
@@ -51,6 +51,13 @@ OUT_OPS = {
     "conv_backward_filter": ((4, 3, 3, 4), lambda d, a, o: ops.conv_backward_filter(d, a["x"], a["y"], 3, padding=1,
                                                                                     out=o)),
     "conv_backward_bias": ((4,), lambda d, a, o: ops.conv_backward_bias(d, a["y"], out=o)),
+    "local_forward": ((4, 6, 6, 2), lambda d, a, o: ops.local_forward(d, a["x"], a["lw"], a["lb"], padding=1,
+                                                                      out=o)),
+    "local_backward_data": ((4, 6, 6, 2), lambda d, a, o: ops.local_backward_data(d, a["y"], a["lw"], (6, 6),
+                                                                                  padding=1, out=o)),
+    "local_backward_filter": ((36, 4, 3, 3, 4), lambda d, a, o: ops.local_backward_filter(d, a["x"], a["y"], 3,
+                                                                                          padding=1, out=o)),
+    "local_backward_bias": ((4, 6, 6), lambda d, a, o: ops.local_backward_bias(d, a["y"], shared=False, out=o)),
     "pool_forward": ((4, 2, 2, 2), lambda d, a, o: ops.pool_forward(d, a["x"], out=o)),
     "pool_backward": ((4, 6, 6, 2), lambda d, a, o: ops.pool_backward(d, a["x"], ops.pool_forward(d, a["x"]), a["p"],
                                                                       mode="max", window=3, stride=2, padding=0,
@@ -168,6 +175,10 @@ OVERLAP_OPS = {
         d, dy, d.asarray(np.ones((4, 3, 3, 4), np.float32)), (6, 6), padding=1, out=o)),
     "conv_backward_filter": ((4, 3, 3, 4), lambda d, x, o: ops.conv_backward_filter(
         d, x, d.asarray(np.ones((4, 3, 3, 4), np.float32)), 3, padding=1, out=o)),
+    "local_forward": ((4, 6, 6, 2), lambda d, x, o: ops.local_forward(
+        d, x, d.asarray(np.ones((36, 4, 3, 3, 4), np.float32)), padding=1, out=o)),
+    "local_backward_data": ((4, 6, 6, 2), lambda d, dy, o: ops.local_backward_data(
+        d, dy, d.asarray(np.ones((36, 4, 3, 3, 4), np.float32)), (6, 6), padding=1, out=o)),
     "pool_backward": ((4, 6, 6, 2), lambda d, x, o: ops.pool_backward(
         d, x, None, d.asarray(np.ones((4, 2, 2, 2), np.float32)), mode="avg", window=3, stride=2, padding=0, out=o)),
     "eltsum_forward": ((4, 6, 6, 2), lambda d, x, o: ops.eltsum_forward(
@@ -233,6 +244,9 @@ def test_integers_beyond_32_bits_are_named_value_errors(dev):
         ("stride", lambda: ops.conv_backward_data(dev, dy, w, (4, 4), stride=BIG)),
         ("stride", lambda: ops.conv_backward_filter(dev, x, dy, 1, stride=BIG)),
         ("groups", lambda: ops.conv_forward(dev, x, w, groups=BIG)),
+        ("stride", lambda: ops.local_forward(dev, x, dev.asarray(np.zeros((16, 4, 1, 1, 4), np.float32)),
+                                             stride=BIG)),
+        ("padding", lambda: ops.local_backward_filter(dev, x, dy, 1, padding=BIG)),
         ("stride", lambda: ops.pool_forward(dev, x, window=1, stride=BIG)),
         ("window", lambda: ops.pool_forward(dev, x, window=BIG, stride=1)),
         ("size", lambda: ops.lrn_forward(dev, x, size=BIG)),

@@ -30,7 +30,8 @@ def _inputs(rng):
     labels = rng.integers(0, 10, 5).astype(np.int32)
     fx, fw, fy = rand(rng, (12, 5)), rand(rng, (7, 12)), rand(rng, (7, 5))
     return dict(x=x, w=w, y=y, p=p, b=rand(rng, (6,)), logits=logits, labels=labels, fx=fx, fw=fw, fy=fy,
-                fb=fy[:, 0].copy(), sw=rand(rng, (7, 12)), sg=rand(rng, (7, 12)), sv=rand(rng, (7, 12)))
+                fb=fy[:, 0].copy(), sw=rand(rng, (7, 12)), sg=rand(rng, (7, 12)), sv=rand(rng, (7, 12)),
+                lw=rand(rng, (81, 4, 3, 3, 6)), lb=rand(rng, (6, 9, 9)))
 
 
 # op name -> call(dev, a, stream) where a holds the inputs on dev; the result is an array or a tuple of arrays/ints
@@ -53,6 +54,12 @@ CALLS = {
     "conv_backward_filter": lambda d, a, s: ops.conv_backward_filter(d, a["x"], a["y"], 3, padding=1, groups=2,
                                                                      stream=s),
     "conv_backward_bias": lambda d, a, s: ops.conv_backward_bias(d, a["y"], stream=s),
+    "local_forward": lambda d, a, s: ops.local_forward(d, a["x"], a["lw"], a["lb"], padding=1, groups=2, stream=s),
+    "local_backward_data": lambda d, a, s: ops.local_backward_data(d, a["y"], a["lw"], (9, 9), padding=1, groups=2,
+                                                                   stream=s),
+    "local_backward_filter": lambda d, a, s: ops.local_backward_filter(d, a["x"], a["y"], 3, padding=1, groups=2,
+                                                                       stream=s),
+    "local_backward_bias": lambda d, a, s: ops.local_backward_bias(d, a["y"], shared=False, stream=s),
     "pool_forward": lambda d, a, s: ops.pool_forward(d, a["x"], mode="max", window=3, stride=2, stream=s),
     "pool_backward": lambda d, a, s: ops.pool_backward(
         d, a["x"], ops.pool_forward(d, a["x"], stream=s), a["p"], mode="max", window=3, stride=2, padding=0,

@@ -47,6 +47,7 @@ THREADS = {"conv_dgrad_direct": 256, "conv_wgrad_reduce": 256, "conv_bias_grad":
            "lrn_bwd_recompute_kernel": 128, "lrn_bwd_recompute_generic": 128,
            "rnorm_fwd_kernel": 256, "rnorm_bwd_kernel": 256, "cnorm_mean_diff_kernel": 256,
            "cnorm_bwd_mean_kernel": 256,
+           "local_fwd_kernel": 32 * 4, "local_bwd_data_kernel": 256, "local_bwd_filter_kernel": 16 * 16,
            "softmax_xent_kernel": 32 * 16, "topk_kernel": 32 * 16, "sum_kernel": 256, "zero_ints_kernel": 32}
 
 

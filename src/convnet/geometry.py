@@ -6,6 +6,7 @@ and the bindings receive it as a named struct (``csrc/bindings/geometry.h`` read
 other copy of the output-size rule is the C++ launchers' re-check (``csrc/kernels/geometry.h``).
 
 * :class:`ConvGeometry` -- x ``(C, H, W, N)``, w ``(C/groups, KH, KW, F)``, y ``(F, OH, OW, N)``.
+* :class:`LocalGeometry` -- as ConvGeometry with unshared filters: w ``(OH*OW, C/groups, KH, KW, F)``.
 * :class:`PoolGeometry` -- x ``(C, H, W, N)``, y ``(C, OH, OW, N)``; ``0 <= pad <= window // 2``.
 * :class:`LrnGeometry`  -- x ``(C, H, W, N)``, a window of ``size`` channels within each of ``groups`` groups, and
   the normalisation constants (``a`` is alpha resolved by the convention).
@@ -24,8 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ConvGeometry", "PoolGeometry", "LrnGeometry", "RnormGeometry", "pair", "output_size", "lrn_scale",
-           "INT32_MAX", "LRN_CONVENTIONS"]
+__all__ = ["ConvGeometry", "LocalGeometry", "PoolGeometry", "LrnGeometry", "RnormGeometry", "pair", "output_size",
+           "lrn_scale", "INT32_MAX", "LRN_CONVENTIONS"]
 
 INT32_MAX = 2**31 - 1  # the kernels index with 32-bit ints: every tensor has fewer elements than this
 LRN_CONVENTIONS = ("sum", "mean")
@@ -112,6 +113,15 @@ def _shape4(name: str, shape) -> tuple[int, int, int, int]:
     shape = tuple(shape)
     if len(shape) != 4:
         raise ValueError(f"{name} must be 4-D, got shape {shape}")
+    if any(not _is_int(s) or s < 1 for s in shape):
+        raise ValueError(f"{name} must have no empty dimension, got shape {shape}")
+    return tuple(int(s) for s in shape)
+
+
+def _shape5(name: str, shape) -> tuple[int, int, int, int, int]:
+    shape = tuple(shape)
+    if len(shape) != 5:
+        raise ValueError(f"{name} must be 5-D, got shape {shape}")
     if any(not _is_int(s) or s < 1 for s in shape):
         raise ValueError(f"{name} must have no empty dimension, got shape {shape}")
     return tuple(int(s) for s in shape)
@@ -243,6 +253,59 @@ class ConvGeometry(_Window):
     def flops(self) -> int:
         """Multiply-adds x 2 of the forward pass (the same count for each backward pass)."""
         return 2 * self.F * self.OH * self.OW * self.N * self.Cg * self.KH * self.KW
+
+
+@dataclass(frozen=True)
+class LocalGeometry(ConvGeometry):
+    """A locally connected layer: a convolution whose filters are not shared across output positions, so w is
+    ``(OH*OW, C/groups, KH, KW, F)`` (cuda-convnet's ``(numModules, numFilterColors, filterPixels, numFilters)``,
+    positions row-major). The same fields and output rule as :class:`ConvGeometry`."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_int32(w=self.OH * self.OW * self.Cg * self.KH * self.KW * self.F)
+
+    @classmethod
+    @_memoized
+    def of(cls, x_shape, w_shape, *, stride=1, padding=0, groups=1) -> "LocalGeometry":
+        """From x ``(C, H, W, N)`` and w ``(OH*OW, C/groups, KH, KW, F)`` shapes; checks that they agree."""
+        c, h, w, n = _shape4("x", x_shape)
+        _, _, kh, kw, f = _shape5("w", w_shape)
+        (sh, sw), (ph, pw) = pair("stride", stride, minimum=1), pair("padding", padding)
+        g = cls(c, h, w, n, f, kh, kw, sh, sw, ph, pw, _count("groups", groups))
+        g._check_w(w_shape)
+        return g
+
+    @classmethod
+    @_memoized
+    def of_backward_data(cls, dy_shape, w_shape, input_hw, *, stride=1, padding=0, groups=1) -> "LocalGeometry":
+        """The forward geometry whose input gradient is computed from dy ``(F, OH, OW, N)``, w and the input's
+        ``(H, W)``."""
+        f, oh, ow, n = _shape4("dy", dy_shape)
+        _, cg, kh, kw, f2 = _shape5("w", w_shape)
+        h, w = pair("input_hw", input_hw, minimum=1)
+        if f2 != f:
+            raise ValueError(f"w has {f2} filters but dy has {f} (dy must be (F, OH, OW, N), w (OH*OW, C/groups, "
+                             f"KH, KW, F))")
+        (sh, sw), (ph, pw) = pair("stride", stride, minimum=1), pair("padding", padding)
+        g = cls(cg * _count("groups", groups), h, w, n, f, kh, kw, sh, sw, ph, pw, groups)
+        if (g.OH, g.OW) != (oh, ow):
+            raise ValueError(f"dy has spatial size {(oh, ow)} but input_hw={(h, w)} with filter {kh}x{kw}, "
+                             f"stride {g.stride} and padding {g.padding} gives {(g.OH, g.OW)}")
+        g._check_w(w_shape)
+        return g
+
+    # of_backward_filter: ConvGeometry's (the filter gradient's shape follows from x, dy and (KH, KW)).
+
+    def _check_w(self, w_shape):
+        if tuple(w_shape) != self.w_shape:
+            raise ValueError(f"w must have shape (OH*OW, C/groups, KH, KW, F) = {self.w_shape} for input "
+                             f"{self.x_shape[:3]}, groups={self.groups}, stride {self.stride} and padding "
+                             f"{self.padding}, got {tuple(w_shape)}")
+
+    @property
+    def w_shape(self) -> tuple[int, int, int, int, int]:
+        return self.OH * self.OW, self.Cg, self.KH, self.KW, self.F
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import numpy as np
 from . import ops
 from . import neurons
 from .ops.neuron import MAX_INPUTS as _MAX_JOIN_INPUTS
-from .geometry import INT32_MAX, ConvGeometry, LrnGeometry, PoolGeometry, RnormGeometry, pair
+from .geometry import INT32_MAX, ConvGeometry, LocalGeometry, LrnGeometry, PoolGeometry, RnormGeometry, pair
 
 
 class LayerError(ValueError):
@@ -410,6 +410,53 @@ class Conv(_Learnable):
         g = f" groups {self.groups}" if self.groups > 1 else ""
         n = f" {self.neuron}" if self.neuron else ""
         return (f"conv {self.filters} {self.size[0]}x{self.size[1]}/{self.stride[0]} pad {self.padding[0]}{g}{n}")
+
+
+class Local(Conv):
+    """A locally connected layer (cuda-convnet's ``local``): a convolution whose filters are not shared across output
+    positions, so w is ``(OH*OW, C/groups, KH, KW, F)``. Biases: one per filter and position, ``(F, OH, OW)``
+    (cuda-convnet's local layers), or one per filter with ``sharedBiases = 1``."""
+
+    type = "local"
+    KEYS = (Key("sharedBiases", "int", 0, arg="shared_biases", minimum=0),)
+
+    def __init__(self, name, inputs=(), **kw):
+        super().__init__(name, inputs, **kw)
+        if self.shared_biases not in (0, 1):
+            raise LayerError(f"layer '{name}': sharedBiases must be 0 (per position) or 1 (per filter), "
+                             f"got {self.shared_biases}")
+
+    def geometry(self, in_shape):
+        c, h, w = self._image_input(in_shape)
+        with _layer_errors(self.name):
+            return LocalGeometry(c, h, w, 1, self.filters, *self.size, *self.stride, *self.padding, self.groups)
+
+    def param_shapes(self):
+        g = self.geometry(self.in_shape)
+        return {"w": g.w_shape, "b": (self.filters,) if self.shared_biases else (self.filters, g.OH, g.OW)}
+
+    def init_params(self, rng, dtype):
+        shapes = self.param_shapes()
+        c = self.in_shape[0] // self.groups
+        std = self._std(c * self.size[0] * self.size[1], self.filters // self.groups * self.size[0] * self.size[1])
+        return {"w": _gaussian(rng, shapes["w"], std, dtype), "b": np.full(shapes["b"], self.init_b, dtype)}
+
+    def forward(self, x, ctx):
+        ctx["x"] = x
+        y = ops.local_forward(self.device, x, self.params["w"], self.params["b"], **self._geom())
+        return self._neuron_forward(y, ctx)
+
+    def backward(self, dy, ctx):
+        dy = self._neuron_backward(dy, ctx)
+        x = ctx["x"]
+        self.grads["w"] = ops.local_backward_filter(self.device, x, dy, self.size, **self._geom())
+        self.grads["b"] = ops.local_backward_bias(self.device, dy, shared=bool(self.shared_biases))
+        if not self.needs_input_grad:
+            return None
+        return ops.local_backward_data(self.device, dy, self.params["w"], x.shape[1:3], **self._geom())
+
+    def describe(self):
+        return "local" + super().describe()[len("conv"):] + (" shared biases" if self.shared_biases else "")
 
 
 class FC(_Learnable):
@@ -851,5 +898,5 @@ class EltMax(_Join):
         return f"eltmax of {len(self.inputs)}"
 
 
-LAYER_TYPES = {cls.type: cls for cls in (Data, Conv, FC, ReLU, NeuronLayer, Pool, LRN, RNorm, CNorm, Dropout,
+LAYER_TYPES = {cls.type: cls for cls in (Data, Conv, Local, FC, ReLU, NeuronLayer, Pool, LRN, RNorm, CNorm, Dropout,
                                          SoftmaxCost, EltSum, EltMax)}

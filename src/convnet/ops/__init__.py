@@ -8,6 +8,7 @@ from convnet.ops.conv import (conv_backward_bias, conv_backward_data, conv_backw
                               conv_output_shape)
 from convnet.ops.elementwise import dropout_backward, dropout_forward, dropout_mask, relu_backward, relu_forward
 from convnet.ops.fc import fc_backward_bias, fc_backward_data, fc_backward_weights, fc_forward
+from convnet.ops.local import local_backward_bias, local_backward_data, local_backward_filter, local_forward
 from convnet.ops.lrn import lrn_backward, lrn_forward
 from convnet.ops.neuron import (eltmax_backward, eltmax_forward, eltsum_backward, eltsum_forward, neuron_backward,
                                 neuron_forward)
@@ -21,6 +22,7 @@ from convnet.ops.transfer import copy
 __all__ = [
     "relu_forward", "relu_backward", "dropout_forward", "dropout_backward", "dropout_mask",
     "conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias", "conv_output_shape",
+    "local_forward", "local_backward_data", "local_backward_filter", "local_backward_bias",
     "pool_forward", "pool_backward", "pool_output_shape",
     "lrn_forward", "lrn_backward",
     "rnorm_forward", "rnorm_backward", "cnorm_forward", "cnorm_backward",
