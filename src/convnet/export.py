@@ -11,14 +11,22 @@ of the graph (``Sub`` the mean image, ``Mul`` the data layer's scale), so the ex
 evaluation takes: a mean image larger than the input (a prepared ImageNet's 256x256) is cropped at its centre, as
 the centre test view is. Each layer becomes:
 
-* conv: ``Conv`` (weights ``(C/g, KH, KW, F)`` transposed to ``(F, C/g, KH, KW)``, ``group``), then ``Relu``;
+* conv: ``Conv`` (weights ``(C/g, KH, KW, F)`` transposed to ``(F, C/g, KH, KW)``, ``group``), then its neuron;
 * pool: ``MaxPool`` / ``AveragePool`` (``count_include_pad = 0``: padding is never counted; floor output sizes);
 * lrn: ``LRN`` where ONNX's window is ours (odd sizes, one group), with ``alpha`` as ONNX means it (ONNX divides
   alpha by size: ``alpha * size`` for our "sum" convention, ``alpha`` for "mean"); otherwise (even sizes, groups)
   built from ``Mul``, a 1x1 ``Conv`` that sums each channel's window within its group, ``Add``, ``Pow``, ``Div``;
-* fc: ``Flatten`` (our CHW flattening order is NCHW's) and ``Gemm``; relu: ``Relu``; dropout: removed (the
-  identity at test time); softmax: ``Softmax``;
-* a layer with several inputs: ``Concat`` of its inputs along the channels (images of one size) or of their
+* rnorm, cnorm: ``Mul`` (squares), a depthwise ``Conv`` with a ones kernel padded size//2 before and (size-1)//2
+  after (the window's sum, clipped to the image), ``Mul`` (scale / size^2), ``Add`` (minDiv), ``Pow`` (-pow),
+  ``Mul`` by x; cnorm first subtracts the window's mean, an ``AveragePool`` padded the same way with
+  ``count_include_pad = 0``;
+* fc: ``Flatten`` (our CHW flattening order is NCHW's) and ``Gemm``, then its neuron; relu: ``Relu``; dropout:
+  removed (the identity at test time); softmax: ``Softmax``;
+* a neuron (``type = neuron``, or fused on conv and fc): relu ``Relu``, tanh[a,b] ``Mul``, ``Tanh``, ``Mul``,
+  logistic ``Sigmoid``, abs ``Abs``, square ``Mul``, sqrt ``Sqrt``, softrelu ``Softplus``, brelu[a] ``Clip``,
+  linear[a,b] ``Mul``, ``Add``;
+* eltsum: ``Sum`` of the inputs (each times its coefficient, a ``Mul``, where it is not 1); eltmax: ``Max``;
+* another layer with several inputs: ``Concat`` of its inputs along the channels (images of one size) or of their
   flattened features, as the graph joins them; towers need nothing else.
 
 A layer type or setting this module does not know is refused with an :class:`ExportError` naming the layer.
