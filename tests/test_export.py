@@ -18,9 +18,10 @@ from convnet.layers import Conv, ReLU  # noqa: E402
 from convnet.model_file import build_net, load_model, shipped_models  # noqa: E402
 
 
-def _lively(net, rng, logit_std=4.0, x=None):
+def _lively(net, rng, logit_std=4.0, x=None, positive=()):
     """Random weights that keep activations of order one or more (He), random biases, and a last layer scaled so that
-    the logits of ``x`` spread by ``logit_std``: probabilities far from uniform, so that every op shows in them."""
+    the logits of ``x`` spread by ``logit_std``: probabilities far from uniform, so that every op shows in them.
+    The layers named in ``positive`` get positive weights and biases (non-negative outputs for non-negative inputs)."""
     state = {}
     for key, layer, p in net.param_items():
         shape = tuple(layer.params[p].shape)
@@ -29,6 +30,8 @@ def _lively(net, rng, logit_std=4.0, x=None):
             state[key] = rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)
         else:
             state[key] = rng.uniform(-0.5, 0.5, shape)
+        if layer.name in positive:
+            state[key] = np.abs(state[key])
     net.load_state_dict(state)
     if x is not None:
         net.forward(x)
@@ -53,7 +56,7 @@ def _assert_same_probs(got, want):
     np.testing.assert_allclose(np.log(np.maximum(got[live], 1e-38)), np.log(want[live]), rtol=0, atol=1e-3)
 
 
-def _compare(net, tmp_path, rng, *, n=3, layout="nchw", mean=True):
+def _compare(net, tmp_path, rng, *, n=3, layout="nchw", mean=True, positive=()):
     """Export ``net`` (lively weights, a random mean image) and compare onnxruntime's probabilities on raw pixels
     with ours on the same pixels preprocessed as our loaders do."""
     c, h, w = net.data_layer.out_shape
@@ -63,8 +66,9 @@ def _compare(net, tmp_path, rng, *, n=3, layout="nchw", mean=True):
     if net.data_layer.scale != 1.0:
         x *= np.float32(net.data_layer.scale)
     x = net.data_layer.device.asarray(np.ascontiguousarray(x.transpose(1, 2, 3, 0)), net.dtype)
-    _lively(net, rng, x=x)
+    _lively(net, rng, x=x, positive=positive)
     ours = net.device.to_numpy(net.forward(x)).T
+    assert np.isfinite(ours).all()
     path = export.to_onnx(net, tmp_path / f"{net.name}.onnx", mean=m, layout=layout)
     onnx.checker.check_model(str(path), full_check=True)
     images = raw if layout == "nchw" else np.ascontiguousarray(raw.transpose(1, 2, 3, 0))
@@ -123,6 +127,178 @@ def test_lrn_of_any_size_convention_and_groups_exports_exactly(size, convention,
     rng = np.random.default_rng(size * 10 + groups)
     ours, x = _compare(net, tmp_path, rng, n=4)
     net.layers["rnorm1"].alpha = 0.0  # without the normalisation the probabilities are others: the test sees it
+    assert np.abs(net.forward(x).T - ours).max() > 1e-2
+
+
+NORM_NET = """
+[data]
+type = data
+channels = 2
+size = 7,6
+scale = 0.01
+[conv1]
+type = conv
+inputs = data
+filters = 5
+size = 3
+padding = 1
+neuron = relu
+[norm1]
+type = {type}
+inputs = conv1
+size = {size}
+scale = {scale}
+pow = 0.75
+minDiv = 0.5
+[fc2]
+type = fc
+inputs = norm1
+outputs = 5
+[probs]
+type = softmax
+inputs = fc2
+"""
+
+
+@pytest.mark.parametrize("kind", ["rnorm", "cnorm"])
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 9])  # even: one more row before; 9: larger than the 7x6 image
+def test_rnorm_and_cnorm_of_any_size_export_exactly(kind, size, tmp_path):
+    # scale large enough that the window sums change the activations by a factor of about 2 or more
+    net, _ = build_net(NORM_NET.format(type=kind, size=size, scale=4.0), kind, device=NUMPY)
+    ours, x = _compare(net, tmp_path, np.random.default_rng(size), n=4)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / f"{kind}.onnx")).graph.node]
+    assert ("AveragePool" in ops) == (kind == "cnorm")
+    if kind == "cnorm" and size == 1:  # each pixel is its window's mean: m = 0, and y = x * minDiv^-pow
+        return
+    net.layers["norm1"].scale = 0.0  # without the window sums the probabilities are others: the test sees them
+    assert np.abs(net.forward(x).T - ours).max() > 1e-2
+
+
+NEURON_NET = """
+[data]
+type = data
+channels = 3
+size = 6,5
+[conv1]
+type = conv
+inputs = data
+filters = 6
+size = 3
+padding = 1
+neuron = {0}
+[act1]
+type = neuron
+inputs = conv1
+neuron = {1}
+[fc2]
+type = fc
+inputs = act1
+outputs = 8
+neuron = {2}
+[act2]
+type = neuron
+inputs = fc2
+neuron = {3}
+[fc3]
+type = fc
+inputs = act2
+outputs = 4
+[probs]
+type = softmax
+inputs = fc3
+"""
+
+
+@pytest.mark.parametrize("neurons", [
+    # each neuron fused on a conv, as a layer on images, fused on an fc and as a layer on features
+    ("tanh[1.7,0.6]", "logistic", "softrelu", "abs"),
+    ("abs", "sqrt", "square", "tanh[-1.2,1.5]"),
+    ("brelu[1.5]", "linear[0.5,-0.3]", "tanh[2,0.5]", "softrelu"),
+    ("softrelu", "abs", "brelu[0.8]", "linear[-1.5,0.2]"),
+    ("square", "tanh[1.2,1.5]", "linear[-1.5,0.2]", "logistic"),
+    ("linear[2,0.1]", "brelu[2]", "logistic", "square"),
+    ("logistic", "square", "abs", "brelu[0.7]"),
+    ("relu", "softrelu", "relu", "relu"),
+    ("sqrt", "relu", "sqrt", "sqrt"),  # sqrt fused: positive weights on non-negative pixels
+])
+def test_every_neuron_fused_and_as_a_layer_exports_exactly(neurons, tmp_path):
+    net, _ = build_net(NEURON_NET.format(*neurons), "neurons", device=NUMPY)
+    positive = ("conv1", "fc2") if neurons[0] == "sqrt" else ()
+    ours, x = _compare(net, tmp_path, np.random.default_rng(len("".join(neurons))), n=4, mean=not positive,
+                       positive=positive)
+    for name in ("conv1", "act1", "fc2", "act2"):  # the identity everywhere: other probabilities
+        net.layers[name].neuron = None
+    assert np.abs(net.forward(x).T - ours).max() > 1e-2
+
+
+JOIN_NET = """
+[data]
+type = data
+channels = 2
+size = 5,6
+[conv1a]
+type = conv
+inputs = data
+filters = 4
+size = 3
+padding = 1
+[conv1b]
+type = conv
+inputs = data
+filters = 4
+size = 3
+padding = 1
+[conv1c]
+type = conv
+inputs = data
+filters = 4
+size = 3
+padding = 1
+[sum1]
+type = eltsum
+inputs = conv1a, conv1b
+coeffs = 0.7, -1.3
+[max1]
+type = eltmax
+inputs = conv1a, conv1b, conv1c
+[fc2a]
+type = fc
+inputs = sum1
+outputs = 6
+[fc2b]
+type = fc
+inputs = max1
+outputs = 6
+[fc2c]
+type = fc
+inputs = sum1, max1
+outputs = 6
+[sum2]
+type = eltsum
+inputs = fc2a, fc2b, fc2c
+[max2]
+type = eltmax
+inputs = fc2a, fc2c
+[scaled2]
+type = eltsum
+inputs = max2
+coeffs = -2
+[fc3]
+type = fc
+inputs = sum2, scaled2
+outputs = 5
+[probs]
+type = softmax
+inputs = fc3
+"""
+
+
+def test_eltsum_and_eltmax_joins_of_images_and_features_export_exactly(tmp_path):
+    net, _ = build_net(JOIN_NET, "joins", device=NUMPY)
+    ours, x = _compare(net, tmp_path, np.random.default_rng(11), n=5)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "joins.onnx")).graph.node]
+    assert ops.count("Sum") == 3 and ops.count("Max") == 2
+    net.layers["sum1"].coeffs = (0.7, 1.3)  # another coefficient: other probabilities
     assert np.abs(net.forward(x).T - ours).max() > 1e-2
 
 

@@ -11,14 +11,22 @@ of the graph (``Sub`` the mean image, ``Mul`` the data layer's scale), so the ex
 evaluation takes: a mean image larger than the input (a prepared ImageNet's 256x256) is cropped at its centre, as
 the centre test view is. Each layer becomes:
 
-* conv: ``Conv`` (weights ``(C/g, KH, KW, F)`` transposed to ``(F, C/g, KH, KW)``, ``group``), then ``Relu``;
+* conv: ``Conv`` (weights ``(C/g, KH, KW, F)`` transposed to ``(F, C/g, KH, KW)``, ``group``), then its neuron;
 * pool: ``MaxPool`` / ``AveragePool`` (``count_include_pad = 0``: padding is never counted; floor output sizes);
 * lrn: ``LRN`` where ONNX's window is ours (odd sizes, one group), with ``alpha`` as ONNX means it (ONNX divides
   alpha by size: ``alpha * size`` for our "sum" convention, ``alpha`` for "mean"); otherwise (even sizes, groups)
   built from ``Mul``, a 1x1 ``Conv`` that sums each channel's window within its group, ``Add``, ``Pow``, ``Div``;
-* fc: ``Flatten`` (our CHW flattening order is NCHW's) and ``Gemm``; relu: ``Relu``; dropout: removed (the
-  identity at test time); softmax: ``Softmax``;
-* a layer with several inputs: ``Concat`` of its inputs along the channels (images of one size) or of their
+* rnorm, cnorm: ``Mul`` (squares), a depthwise ``Conv`` with a ones kernel padded size//2 before and (size-1)//2
+  after (the window's sum, clipped to the image), ``Mul`` (scale / size^2), ``Add`` (minDiv), ``Pow`` (-pow),
+  ``Mul`` by x; cnorm first subtracts the window's mean, an ``AveragePool`` padded the same way with
+  ``count_include_pad = 0``;
+* fc: ``Flatten`` (our CHW flattening order is NCHW's) and ``Gemm``, then its neuron; relu: ``Relu``; dropout:
+  removed (the identity at test time); softmax: ``Softmax``;
+* a neuron (``type = neuron``, or fused on conv and fc): relu ``Relu``, tanh[a,b] ``Mul``, ``Tanh``, ``Mul``,
+  logistic ``Sigmoid``, abs ``Abs``, square ``Mul``, sqrt ``Sqrt``, softrelu ``Softplus``, brelu[a] ``Clip``,
+  linear[a,b] ``Mul``, ``Add``;
+* eltsum: ``Sum`` of the inputs (each times its coefficient, a ``Mul``, where it is not 1); eltmax: ``Max``;
+* another layer with several inputs: ``Concat`` of its inputs along the channels (images of one size) or of their
   flattened features, as the graph joins them; towers need nothing else.
 
 A layer type or setting this module does not know is refused with an :class:`ExportError` naming the layer.
@@ -32,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .layers import FC, LRN, Conv, Data, Dropout, Pool, ReLU, SoftmaxCost
+from .layers import FC, LRN, CNorm, Conv, Data, Dropout, EltMax, EltSum, NeuronLayer, Pool, ReLU, RNorm, SoftmaxCost
 
 OPSET = 17  # the ONNX operator set the graph is written in
 IR_VERSION = 8  # the file format version: read by onnxruntime 1.10 and later
@@ -113,6 +121,62 @@ def _lrn_band(layer, channels):
     return band
 
 
+def _neuron_nodes(b, neuron, x, base):
+    """The nodes of ``neuron`` (a :class:`convnet.neurons.Neuron`, None: the identity) on ``x``."""
+    if neuron is None:
+        return x
+    f = np.float32
+    name, a, c = neuron.name, neuron.a, neuron.b
+    if name == "relu":
+        return b.node("Relu", [x], base)
+    if name == "tanh":  # a * tanh(b * x)
+        inner = b.node("Mul", [x, b.const(f"{base}.b", f(c))], f"{base}.bx")
+        t = b.node("Tanh", [inner], f"{base}.tanh")
+        return b.node("Mul", [t, b.const(f"{base}.a", f(a))], base)
+    if name == "logistic":
+        return b.node("Sigmoid", [x], base)
+    if name == "abs":
+        return b.node("Abs", [x], base)
+    if name == "square":
+        return b.node("Mul", [x, x], base)
+    if name == "sqrt":
+        return b.node("Sqrt", [x], base)
+    if name == "softrelu":
+        return b.node("Softplus", [x], base)
+    if name == "brelu":  # min(max(x, 0), a)
+        return b.node("Clip", [x, b.const(f"{base}.min", f(0.0)), b.const(f"{base}.max", f(a))], base)
+    # linear: a * x + b
+    ax = b.node("Mul", [x, b.const(f"{base}.a", f(a))], f"{base}.ax")
+    return b.node("Add", [ax, b.const(f"{base}.b", f(c))], base)
+
+
+def _window_sum(b, v, channels, size, base):
+    """Each pixel's sum of ``v`` over rows and columns [i - size//2, i - size//2 + size) clipped to the image: a
+    depthwise ``Conv`` with a ones kernel, padded size//2 before and (size-1)//2 after (zeros: the clipping)."""
+    before, after = size // 2, (size - 1) // 2
+    ones = np.ones((channels, 1, size, size), np.float32)
+    return b.node("Conv", [v, b.const(f"{base}.window", ones)], base, kernel_shape=[size, size], group=channels,
+                  pads=[before, before, after, after])
+
+
+def _norm_nodes(b, layer, x):
+    """rnorm: y = x * (minDiv + scale/size^2 * window sum of x^2)^-pow; cnorm: the same with x minus its window's
+    mean (over the clipped window's real pixels: AveragePool without the padding) squared."""
+    n, size, channels = layer.name, layer.size, layer.in_shape[0]
+    s = x
+    if type(layer) is CNorm:
+        before, after = size // 2, (size - 1) // 2
+        mean = b.node("AveragePool", [x], f"{n}.mean", kernel_shape=[size, size], count_include_pad=0,
+                      pads=[before, before, after, after])
+        s = b.node("Sub", [x, mean], f"{n}.centred")
+    sq = b.node("Mul", [s, s], f"{n}.square")
+    sums = _window_sum(b, sq, channels, size, f"{n}.sum")
+    scaled = b.node("Mul", [sums, b.const(f"{n}.scale", np.float32(layer.scale / (size * size)))], f"{n}.scaled")
+    base = b.node("Add", [scaled, b.const(f"{n}.minDiv", np.float32(layer.min_div))], f"{n}.base")
+    factor = b.node("Pow", [base, b.const(f"{n}.pow", np.float32(-layer.pow))], f"{n}.factor")
+    return b.node("Mul", [x, factor], n)
+
+
 _LEARNABLE = ("init_w", "init_b", "lr_w", "lr_b", "wd_w", "wd_b", "neuron")
 # the keys each exported layer type is written with: any other key (a rule added later) must keep its default
 EXPORTED_KEYS = {
@@ -121,7 +185,12 @@ EXPORTED_KEYS = {
     FC: (*_LEARNABLE, "outputs"),
     Pool: ("pool", "size", "stride", "padding"),
     LRN: ("size", "alpha", "beta", "k", "convention", "groups"),
+    RNorm: ("size", "scale", "pow", "min_div"),
+    CNorm: ("size", "scale", "pow", "min_div"),
     ReLU: (),
+    NeuronLayer: ("neuron",),
+    EltSum: ("coeffs",),
+    EltMax: (),
     Dropout: ("keep", "mask_of", "mask_start"),
     SoftmaxCost: ("coeff",),
 }
@@ -130,8 +199,8 @@ EXPORTED_KEYS = {
 def _check_keys(layer):
     known = EXPORTED_KEYS.get(type(layer))
     if known is None:
-        raise ExportError(f"layer '{layer.name}': type '{layer.type}' has no ONNX export here (exported: data, conv, "
-                          f"pool, lrn, fc, relu, dropout, softmax)")
+        raise ExportError(f"layer '{layer.name}': type '{layer.type}' has no ONNX export here (exported: "
+                          f"{', '.join(t.type for t in EXPORTED_KEYS)})")
     for key in type(layer).keys:
         if key.arg in known:
             continue
@@ -144,8 +213,6 @@ def _layer_nodes(b, layer, x, state):
     """The nodes of ``layer`` on input tensor ``x`` (NCHW, or (N, F) for a flat input); returns its output tensor."""
     t, n = type(layer), layer.name
     _check_keys(layer)
-    if getattr(layer, "neuron", None) not in (None, "relu"):
-        raise ExportError(f"layer '{n}': neuron '{layer.neuron}' has no ONNX export here")
     if t is Conv:
         _image_rule(layer, layer.in_shape, layer.size, layer.stride, layer.padding, "convolution")
         w = np.asarray(state[f"{n}/w"], np.float32).transpose(3, 0, 1, 2)
@@ -154,13 +221,13 @@ def _layer_nodes(b, layer, x, state):
                             b.const(f"{n}.bias", np.asarray(state[f"{n}/b"], np.float32))], n,
                    kernel_shape=list(layer.size), strides=list(layer.stride), pads=[ph, pw, ph, pw],
                    group=layer.groups)
-        return b.node("Relu", [y], f"{n}.relu") if layer.neuron == "relu" else y
+        return _neuron_nodes(b, layer.neuron, y, f"{n}.neuron")
     if t is FC:
         w = np.asarray(state[f"{n}/w"], np.float32)
         y = b.node("Gemm", [x, b.const(f"{n}.weight", w), b.const(f"{n}.bias", np.asarray(state[f"{n}/b"],
                                                                                        np.float32))],
                    n, transB=1)
-        return b.node("Relu", [y], f"{n}.relu") if layer.neuron == "relu" else y
+        return _neuron_nodes(b, layer.neuron, y, f"{n}.neuron")
     if t is Pool:
         _image_rule(layer, layer.in_shape, layer.size, layer.stride, layer.padding, "pooling")
         ph, pw = layer.padding
@@ -180,11 +247,26 @@ def _layer_nodes(b, layer, x, state):
         base = b.node("Add", [scaled, b.const(f"{n}.k", np.float32(layer.k))], f"{n}.base")
         denom = b.node("Pow", [base, b.const(f"{n}.beta", np.float32(layer.beta))], f"{n}.denom")
         return b.node("Div", [x, denom], n)
+    if t in (RNorm, CNorm):
+        return _norm_nodes(b, layer, x)
     if t is ReLU:
         return b.node("Relu", [x], n)
+    if t is NeuronLayer:
+        return _neuron_nodes(b, layer.neuron, x, n)
     if t is Dropout:
         return x
     return b.node("Softmax", [x], n, axis=1)  # SoftmaxCost: the only type left (_check_keys)
+
+
+def _join_nodes(b, layer, xs):
+    """eltsum: ``Sum`` of each input times its coefficient (``Mul`` where it is not 1); eltmax: ``Max``."""
+    _check_keys(layer)
+    n = layer.name
+    if type(layer) is EltMax:
+        return b.node("Max", xs, n)
+    terms = [x if c == 1.0 else b.node("Mul", [x, b.const(f"{n}.coeff{i}", np.float32(c))], f"{n}.term{i}")
+             for i, (x, c) in enumerate(zip(xs, layer.coeffs))]
+    return b.node("Sum", terms, n)
 
 
 def _flat(b, name, rank, base):
@@ -227,6 +309,9 @@ def build_model(net, *, mean=None, layout="nchw"):
         if type(l) is Data:
             raise ExportError(f"layer '{l.name}': a second data layer has no ONNX export here")
         ranks = [len(net.layers[i].out_shape) for i in l.inputs]
+        if type(l) in (EltSum, EltMax):  # element-wise joins of inputs of one shape
+            outs[l.name] = _join_nodes(b, l, [outs[i] for i in l.inputs])
+            continue
         if len(l.inputs) == 1:
             xin = outs[l.inputs[0]]
         elif len(l.in_shape) == 3:  # images of one size: joined channel-wise
