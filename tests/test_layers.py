@@ -85,7 +85,9 @@ def test_layer_shape_errors():
         Pool("p", "x", pool="min")
     with pytest.raises(LayerError, match="convention must be"):
         LRN("l", "x", convention="median")
-    with pytest.raises(LayerError, match="neuron must be"):
+    with pytest.raises(LayerError, match="layer 'f': neuron: unknown neuron 'sigmoid'"):
+        FC("f", "x", outputs=2, neuron="sigmoid")
+    with pytest.raises(LayerError, match=r"layer 'f': neuron: neuron tanh takes 2 parameter\(s\) tanh\[a,b\]"):
         FC("f", "x", outputs=2, neuron="tanh")
     with pytest.raises(LayerError, match="layer 'l': groups=3 must divide the number of channels 4"):
         _setup(LRN("l", "x", groups=3), (4, 2, 2))
