@@ -28,7 +28,7 @@ import configparser
 from .layers import neuron as parse_neuron
 
 
-class CudaConvnetError(ValueError):
+class CudaConvnetError(Exception):
     """One line naming the file(s), the section and the key (model_file turns it into a ModelFileError)."""
 
 

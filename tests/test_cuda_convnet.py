@@ -1,0 +1,478 @@
+"""cuda-convnet's and cuda-convnet2's own layer files (tests/data/cuda-convnet/) load with their authors' meaning:
+parameter counts and every layer's shape by cuda-convnet's rules, the learning-rate rules, the rounding-up output
+size computed as cuda-convnet computes it, one-line errors for what is not implemented, and training on the cpu."""
+import math
+import re
+
+import numpy as np
+import pytest
+
+from convnet import ops
+from convnet.devices import Device
+from convnet.layers import NEURONS, Conv, Dropout, LayerError, Pool, RateSchedule, rate_schedule
+from convnet.model_file import ModelFileError, build_net, load_model, resolve_model
+from convnet.optim import SGD
+from helpers import ROOT, check_grad
+
+DATA = ROOT / "tests" / "data" / "cuda-convnet"
+CC1, CC2 = DATA / "cuda-convnet", DATA / "cuda-convnet2"
+NUMPY = Device("numpy")
+
+
+def pair(folder, name):
+    return str(folder / f"layers-{name}.cfg"), str(folder / f"layer-params-{name}.cfg")
+
+
+def load(folder, name, shape=(3, 32, 32), **kw):
+    layers, params = pair(folder, name)
+    kw.setdefault("init_params", False)
+    return load_model(layers, params=params, input_shape=shape, device=kw.pop("device", "numpy"), **kw)[0]
+
+
+def without_rnorm(text):
+    """layers-18pct with its two rnorm sections removed and their readers wired to the rnorm's input: the same
+    shapes and parameters (rnorm has none), while rnorm itself is refused."""
+    out, skip = [], False
+    for line in text.splitlines():
+        if line.startswith("[rnorm"):
+            skip = True
+        elif line.startswith("["):
+            skip = False
+        if not skip:
+            out.append(line.replace("inputs=rnorm1", "inputs=pool1").replace("inputs=rnorm2", "inputs=pool2"))
+    return "\n".join(out)
+
+
+def shapes(net):
+    return {name: tuple(l.out_shape) for name, l in net.layers.items()}
+
+
+# ---------------------------------------------------------------------------------------------- counts, shapes
+def test_layers_80sec_parameters_and_shapes():
+    net = load(CC1, "80sec")
+    assert sum(l.param_count() for l in net.order) == 145_578
+    # cuda-convnet: conv 1 + ceil((32 + 4 - 5) / 1) = 32; pool ceil((32 - 0 - 3) / 2) + 1 = 16 -> 8 -> 4
+    assert shapes(net) == {"data": (3, 32, 32), "conv1": (32, 32, 32), "pool1": (32, 16, 16),
+                           "pool1_neuron": (32, 16, 16), "conv2": (32, 16, 16), "pool2": (32, 8, 8),
+                           "conv3": (64, 8, 8), "pool3": (64, 4, 4), "fc64": (64,), "fc10": (10,), "probs": (10,)}
+    assert [net.layers[n].neuron for n in ("conv1", "conv2", "conv3", "fc64", "fc10")] == \
+        [None, "relu", "relu", "relu", None]
+    assert net.layers["pool1_neuron"].type == "relu" and net.layers["conv2"].inputs == ["pool1_neuron"]
+    assert net.layers["probs"].type == "softmax" and net.layers["probs"].coeff == 1.0
+    assert [net.layers[n].pool for n in ("pool1", "pool2", "pool3")] == ["max", "avg", "avg"]
+
+
+def test_layers_18pct_refuses_rnorm_and_has_cuda_convnets_shapes_without_it(tmp_path):
+    layers, params = pair(CC1, "18pct")
+    with pytest.raises(ModelFileError) as e:
+        load_model(layers, params=params, input_shape=(3, 32, 32), init_params=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "[rnorm1] type: rnorm" in msg and "same-map" in msg and "not implemented" in msg
+    assert "layers-18pct.cfg" in msg
+    p = tmp_path / "layers-18pct-no-rnorm.cfg"
+    p.write_text(without_rnorm(open(layers).read()))
+    q = tmp_path / "params.cfg"
+    q.write_text(without_rnorm(open(params).read()))
+    net = load_model(str(p), params=str(q), input_shape=(3, 32, 32), init_params=False)[0]
+    assert sum(l.param_count() for l in net.order) == 89_578  # 2,432 + 25,632 + 51,264 + 64*4*4*10 + 10
+    assert shapes(net)["pool3"] == (64, 4, 4) and shapes(net)["fc10"] == (10,)
+
+
+def test_cuda_convnet2_imagenet_1gpu_at_224():
+    net = load(CC2, "imagenet-1gpu", (3, 224, 224))
+    assert sum(l.param_count() for l in net.order) == 61_100_840
+    s = shapes(net)
+    # conv1: 1 + ceil((224 - 11) / 4) = 55 (the floor rule would give 54); pools ceil: 55 -> 27 -> 13 -> 6
+    assert s["conv1"] == (64, 55, 55) and s["pool1"] == (64, 27, 27) and s["conv2"] == (192, 27, 27)
+    assert s["pool2"] == (192, 13, 13) and s["conv5"] == (256, 13, 13) and s["pool3"] == (256, 6, 6)
+    assert s["fc4096a"] == (4096,) and s["fc1000"] == (1000,) and s["probs"] == (1000,)
+    lrn = net.layers["rnorm1"]  # cmrnorm: scale / size, pow, minDiv
+    assert (lrn.type, lrn.size, lrn.alpha, lrn.beta, lrn.k, lrn.convention) == ("lrn", 5, 1e-4, 0.75, 2.0, "mean")
+    d = net.layers["dropout1"]
+    assert (d.type, d.keep, d.scaling) == ("dropout", 0.5, "test")  # dropout2: scaled at test time
+    assert "labvec" not in net.layers and "logprob" not in net.layers
+
+
+def test_conv_local_refuses_local_layers():
+    for folder, name in ((CC1, "conv-local-11pct"), (CC2, "cifar10-11pct")):
+        with pytest.raises(ModelFileError, match=r"\[local3\] type: local \(a locally-connected layer"):
+            load(folder, name)
+
+
+# ---------------------------------------------------------------------------------------------- learning rates
+def test_absolute_per_layer_rates_momenta_and_decays():
+    net = load(CC1, "80sec", init_params=True)
+    opt = SGD(net, lr=0.01, momentum=0.5, weight_decay=0.1)
+    conv1, fc64 = net.layers["conv1"], net.layers["fc64"]
+    assert opt.settings(conv1, "w") == (0.001, 0.9, 0.004)
+    assert opt.settings(conv1, "b") == (0.002, 0.9, 0.0)  # cuda-convnet decays weights, not biases
+    assert opt.settings(fc64, "w") == (0.001, 0.9, 0.03)
+    opt.lr = 0.001  # a step schedule's drop by 10 scales the absolute rates with it
+    assert opt.settings(conv1, "w")[0] == pytest.approx(0.0001, rel=1e-12)
+    # a layer without them follows the run's settings
+    own, _ = build_net(TINY, "tiny.cfg", device="numpy")
+    opt = SGD(own, lr=0.01, momentum=0.5, weight_decay=0.1)
+    assert opt.settings(own.layers["fc"], "w") == (0.01, 0.5, 0.1)
+    assert opt.settings(own.layers["fc"], "b") == (0.01, 0.5, 0.0)
+
+
+def test_cuda_convnet2_schedules():
+    s = rate_schedule("epsW", "dexp[base=0.01;tgtFactor=250;numSteps=4]")
+    assert s == RateSchedule("dexp", 0.01, 250.0, 4)
+    want = [0.01, 0.01 * 250 ** (-1 / 3), 0.01 * 250 ** (-2 / 3), 0.01 / 250]  # cuda-convnet2's lr.cu
+    for progress, i in ((0.0, 0), (0.25, 0), (0.26, 1), (0.5, 1), (0.74, 2), (0.76, 3), (1.0, 3)):
+        assert s.value(progress) == pytest.approx(want[i], rel=1e-12)
+    assert rate_schedule("e", "linear[base=1;tgtFactor=4]").value(0.5) == pytest.approx(0.625)
+    assert rate_schedule("e", "exp[base=1;tgtFactor=4]").value(0.5) == pytest.approx(0.5)
+    assert rate_schedule("e", "const[base=0.3]").value(0.9) == 0.3
+    assert rate_schedule("e", "0.25") == 0.25
+    for bad, match in (("dexp[base=0.01;tgtFactor=250]", "takes base;tgtFactor;numSteps"),
+                       ("cosine[base=1]", "unknown schedule"), ("exp[base=x;tgtFactor=2]", "must be a number"),
+                       ("-1", "must be a finite number >= 0"), ("exp[base=1;tgtFactor=0]", "tgtFactor > 0")):
+        with pytest.raises(ValueError, match=match):
+            rate_schedule("epsW", bad)
+    net = load(CC2, "imagenet-1gpu", (3, 224, 224))
+    net_layer = net.layers["conv2"]
+    assert net_layer.lr_abs["w"] == s and net_layer.momentum == {"w": 0.9, "b": 0.9} and net_layer.wc == 0.0005
+
+
+def test_one_sgd_step_applies_cuda_convnets_update():
+    """v = mom v - wc eps w - eps g; w += v (cuda-convnet's Weights::update), with the layer's own settings."""
+    net = load(CC1, "80sec", init_params=True, seed=3)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 32, 32, 8)).astype(np.float32) * 50
+    y = rng.integers(0, 10, 8).astype(np.int32)
+    before = {k: np.array(l.params[p], np.float64) for k, l, p in net.param_items()}
+    net.forward(x, y, train=True)
+    net.backward()
+    grads = {k: np.array(l.grads[p], np.float64) for k, l, p in net.param_items()}
+    opt = SGD(net, lr=0.5, momentum=0.0, weight_decay=0.0)
+    opt.step()
+    for key, eps, wc in (("conv1/w", 0.001, 0.004), ("conv1/b", 0.002, 0.0), ("fc64/w", 0.001, 0.03),
+                         ("fc10/b", 0.002, 0.0)):
+        layer, p = net.layers[key.split("/")[0]], key.split("/")[1]
+        want = before[key] - wc * eps * before[key] - eps * grads[key]
+        np.testing.assert_allclose(layer.params[p], want, rtol=1e-5, atol=1e-9, err_msg=key)
+        assert not np.allclose(grads[key], 0)
+
+
+def test_absolute_and_multiplier_keys_are_exclusive():
+    with pytest.raises(ModelFileError, match=r"\[fc\]: layer 'fc': give epsW \(absolute\) or lrW"):
+        build_net(TINY.replace("outputs = 3", "outputs = 3\nepsW = 0.1\nlrW = 2"), "tiny.cfg")
+
+
+# ---------------------------------------------------------------------------------------------- rounding up
+def cc_pool(x, mode, k, s, start, count):
+    """cuda-convnet's pooling, written out: window (i, j) covers rows/columns [start + i*s, start + i*s + k)
+    clipped to the image; avg divides by the pixels inside."""
+    C, H, W, N = x.shape
+    y = np.zeros((C, count, count, N), x.dtype)
+    for i in range(count):
+        for j in range(count):
+            r = [a for a in range(start + i * s, start + i * s + k) if 0 <= a < H]
+            c = [b for b in range(start + j * s, start + j * s + k) if 0 <= b < W]
+            win = x[:, r][:, :, c]
+            y[:, i, j] = win.max(axis=(1, 2)) if mode == "max" else win.mean(axis=(1, 2))
+    return y
+
+
+def cc_conv(x, w, b, stride, pad):
+    """cuda-convnet's convolution: 1 + ceil((H + 2 pad - k) / stride) outputs, zeros outside the image."""
+    C, H, W, N = x.shape
+    _, k, _, F = w.shape
+    n = 1 + math.ceil((H + 2 * pad - k) / stride)
+    y = np.zeros((F, n, n, N), x.dtype)
+    for i in range(n):
+        for j in range(n):
+            for a in range(k):
+                for c in range(k):
+                    r, q = i * stride - pad + a, j * stride - pad + c
+                    if 0 <= r < H and 0 <= q < W:
+                        y[:, i, j] += np.einsum("cf,cn->fn", w[:, a, c], x[:, r, q])
+    return y + b[:, None, None, None]
+
+
+POOL_CASES = [  # (mode, H, k, s, start, outputsX)
+    ("max", 32, 3, 2, 0, 0), ("avg", 32, 3, 2, 0, 0), ("avg", 16, 3, 2, 0, 0), ("max", 7, 3, 3, 0, 0),
+    ("avg", 9, 4, 3, -1, 0), ("max", 10, 3, 2, 1, 0), ("avg", 11, 5, 2, -2, 0), ("max", 13, 3, 2, 0, 4),
+    ("avg", 6, 2, 2, 0, 0), ("max", 5, 5, 1, 0, 0),
+]
+
+
+def _layer(layer, in_shape, device, dtype, seed=0):
+    layer.device = device
+    layer.in_shape = in_shape
+    layer.out_shape = layer.output_shape(in_shape)
+    if layer.learnable:
+        layer.params = {k: device.asarray(v, dtype) for k, v in
+                        layer.init_params(np.random.default_rng(seed), dtype).items()}
+    return layer
+
+
+@pytest.mark.parametrize("mode, H, k, s, start, outputs_x", POOL_CASES)
+def test_pool_rounding_up_is_cuda_convnets_and_its_gradient_is_exact(mode, H, k, s, start, outputs_x):
+    rng = np.random.default_rng(H * 7 + k)
+    x = rng.standard_normal((3, H, H, 5))
+    count = outputs_x or math.ceil((H - start - k) / s) + 1
+    make = lambda: Pool("p", "x", pool=mode, size=k, stride=s, rounding="up", start=start, outputs_x=outputs_x)
+    p = _layer(make(), (3, H, H), NUMPY, np.float64)
+    assert p.out_shape == (3, count, count)
+    ctx = {}
+    y = p.forward(x, ctx)
+    np.testing.assert_allclose(y, cc_pool(x, mode, k, s, start, count), rtol=1e-13, atol=1e-13)
+    dy = rng.standard_normal(y.shape)
+    dx = p.backward(dy, ctx)
+    check_grad(lambda v: float(np.sum(cc_pool(v, mode, k, s, start, count) * dy)), x, dx, n=40)
+    for dev in (Device("cpu"), Device("emu")):  # the float32 devices agree with the float64 reference
+        q = _layer(make(), (3, H, H), dev, np.float32)
+        c = {}
+        x32 = x.astype(np.float32)
+        y32 = q.forward(dev.asarray(x32, np.float32), c)
+        np.testing.assert_allclose(dev.to_numpy(y32), cc_pool(x32.astype(np.float64), mode, k, s, start, count),
+                                   rtol=1e-5, atol=1e-6, err_msg=str(dev))
+        dx32 = q.backward(dev.asarray(dy.astype(np.float32), np.float32), c)
+        np.testing.assert_allclose(dev.to_numpy(dx32), dx, rtol=1e-4, atol=1e-5, err_msg=str(dev))
+
+
+@pytest.mark.parametrize("H, k, stride, pad", [(224 // 8, 11, 4, 0), (9, 3, 2, 1), (10, 4, 3, 2), (7, 3, 1, 1),
+                                               (12, 5, 4, 0)])
+def test_conv_rounding_up_is_cuda_convnets_and_its_gradient_is_exact(H, k, stride, pad):
+    rng = np.random.default_rng(H + k)
+    x = rng.standard_normal((2, H, H, 3))
+    make = lambda: Conv("c", "x", filters=4, size=k, stride=stride, padding=pad, rounding="up", init_w=0.5)
+    c = _layer(make(), (2, H, H), NUMPY, np.float64)
+    c.params["b"] = rng.standard_normal(4)
+    ctx = {}
+    y = c.forward(x, ctx)
+    want = cc_conv(x, c.params["w"], c.params["b"], stride, pad)
+    assert y.shape == want.shape and c.out_shape == want.shape[:3]
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    dx = c.backward(dy, ctx)
+    w0 = c.params["w"].copy()
+    check_grad(lambda v: float(np.sum(cc_conv(v, w0, c.params["b"], stride, pad) * dy)), x, dx, n=40)
+    check_grad(lambda v: float(np.sum(cc_conv(x, v, c.params["b"], stride, pad) * dy)), w0, c.grads["w"], n=40)
+    for dev in (Device("cpu"), Device("emu")):
+        q = _layer(make(), (2, H, H), dev, np.float32)
+        q.params = {"w": dev.asarray(w0.astype(np.float32), np.float32),
+                    "b": dev.asarray(c.params["b"].astype(np.float32), np.float32)}
+        cx = {}
+        y32 = q.forward(dev.asarray(x.astype(np.float32), np.float32), cx)
+        np.testing.assert_allclose(dev.to_numpy(y32), want, rtol=1e-4, atol=1e-4, err_msg=str(dev))
+        dx32 = q.backward(dev.asarray(dy.astype(np.float32), np.float32), cx)
+        np.testing.assert_allclose(dev.to_numpy(dx32), dx, rtol=1e-4, atol=1e-4, err_msg=str(dev))
+
+
+def test_window_and_multiply_ops_match_numpy():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)
+    for dev in ("numpy", "cpu", "emu"):
+        for start, size, fill in (((0, 0), (7, 8), 0.0), ((-2, 1), (4, 9), -np.inf), ((1, 2), (3, 3), 0.0),
+                                  ((6, 0), (2, 2), 1.5)):
+            got = Device(dev).to_numpy(ops.window(dev, x, start, size, fill))
+            want = np.full((2, *size, 3), fill, np.float32)
+            for i in range(size[0]):
+                for j in range(size[1]):
+                    r, c = start[0] + i, start[1] + j
+                    if 0 <= r < 5 and 0 <= c < 6:
+                        want[:, i, j] = x[:, r, c]
+            np.testing.assert_array_equal(got, want)
+        f = rng.standard_normal((1, 5, 6, 1)).astype(np.float32)
+        np.testing.assert_array_equal(Device(dev).to_numpy(ops.multiply(dev, x, f)), x * f)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        ops.multiply("numpy", x, np.ones((1, 5, 5, 1), np.float32))
+    with pytest.raises(TypeError, match="start must be a pair of integers"):
+        ops.window("numpy", x, 0, (2, 2))
+
+
+def test_pool_rule_keys_are_checked():
+    with pytest.raises(LayerError, match="start and outputsX belong to cuda-convnet's output-size rule"):
+        Pool("p", "x", start=1)
+    with pytest.raises(LayerError, match="with rounding = up the windows begin at start"):
+        Pool("p", "x", rounding="up", padding=1)
+    p = Pool("p", "x", size=3, stride=2, rounding="up", start=4)
+    p.device = NUMPY
+    with pytest.raises(LayerError, match="do not each overlap"):
+        p.output_shape((1, 5, 5))
+
+
+def test_dropout2_scales_at_test_time():
+    d = _layer(Dropout("d", "x", keep=0.25, scaling="test"), (400,), NUMPY, np.float64)
+    x = np.ones((400, 4))
+    np.testing.assert_array_equal(d.forward(x, {"train": False}), x * 0.25)
+    ctx = {"train": True, "seed": 3}
+    y = d.forward(x, ctx)
+    assert set(np.unique(y)) == {0.0, 1.0}  # kept units unscaled in training
+    np.testing.assert_array_equal(d.backward(np.full_like(x, 2.0), ctx), 2.0 * y)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+BASE_LAYERS = """[data]
+type=data
+dataIdx=0
+
+[labels]
+type=data
+dataIdx=1
+
+[conv1]
+type=conv
+inputs=data
+channels=3
+filters=16
+padding=2
+stride=1
+filterSize=5
+sharedBiases=1
+partialSum=4
+
+[pool1]
+type=pool
+pool=max
+inputs=conv1
+sizeX=3
+stride=2
+channels=16
+
+[fc10]
+type=fc
+outputs=10
+inputs=pool1
+
+[probs]
+type=softmax
+inputs=fc10
+
+[logprob]
+type=cost.logreg
+inputs=labels,probs
+"""
+BASE_PARAMS = """[conv1]
+epsW=0.001
+epsB=0.002
+momW=0.9
+momB=0.9
+wc=0.004
+
+[fc10]
+epsW=0.001
+epsB=0.002
+momW=0.9
+momB=0.9
+wc=0.01
+
+[logprob]
+coeff=1
+"""
+
+
+def _files(tmp_path, layers=BASE_LAYERS, params=BASE_PARAMS):
+    a, b = tmp_path / "layers-t.cfg", tmp_path / "layer-params-t.cfg"
+    a.write_text(layers)
+    b.write_text(params)
+    return str(a), str(b)
+
+
+def test_a_pair_merges_by_section_and_the_merged_text_rebuilds_the_net(tmp_path):
+    a, b = _files(tmp_path)
+    text, source = resolve_model(a, b, (3, 12, 12))
+    assert source == f"{a} + {b}" and "epsw = 0.001" in text
+    net, _ = build_net(text, source, device="numpy")  # what a checkpoint stores and a resume rebuilds
+    assert shapes(net) == {"data": (3, 12, 12), "conv1": (16, 12, 12), "pool1": (16, 6, 6), "fc10": (10,),
+                           "probs": (10,)}
+    assert net.layers["fc10"].wc == 0.01
+    net2 = load_model(a, params=b, input_shape=(3, 12, 12), device="numpy")[0]
+    for k, l, p in net.param_items():
+        np.testing.assert_array_equal(l.params[p], net2.layers[l.name].params[p])
+
+
+@pytest.mark.parametrize("layers_edit, params_edit, match", [
+    (("type=conv", "type=rnorm"), None, r"\[conv1\] type: rnorm \(cuda-convnet's same-map response normalisation"),
+    (("type=conv", "type=cnorm"), None, r"\[conv1\] type: cnorm \(cuda-convnet's contrast normalisation\) is not "),
+    (("type=conv", "type=local"), None, r"\[conv1\] type: local \(a locally-connected layer"),
+    (("type=conv", "type=convolution"), None, r"\[conv1\] type: unknown layer type 'convolution'"),
+    (("partialSum=4", "randSparse=0"), None, r"\[conv1\] randsparse: not implemented for a cuda-convnet conv"),
+    (("sharedBiases=1", "sharedBiases=0"), None, r"\[conv1\] sharedBiases: 0 \(a bias per filter and "),
+    (("sharedBiases=1", "neuron=tanh[1.7,0.66]"), None, r"\[conv1\]: layer 'conv1': neuron: neuron 'tanh"),
+    (("channels=16\n", "channels=16\nneuron=softrelu\n"), None, r"\[pool1\] neuron: neuron 'softrelu' .* is not "),
+    (("partialSum=4", "gpu=0,1"), None, r"\[conv1\] gpu: 0,1: a layer replicated on several GPUs"),
+    (("dataIdx=1", "dataIdx=2"), None, r"\[labels\] dataIdx: 2 \(a third data stream\) is not implemented"),
+    (("inputs=fc10", "inputs=labels"), None, r"\[probs\] inputs: 'labels' is the labels data layer"),
+    (("inputs=labels,probs", "inputs=probs"), None, r"\[logprob\] inputs: cost.logreg reads the labels"),
+    (("channels=3", "channels=4"), None, r"cfg: layer 'conv1': channels = 4, but its input has 3 channels"),
+    (None, ("[logprob]", "[logprobs]"), r"layer-params-t.cfg \[logprobs\]: no layer 'logprobs' in "),
+    (None, ("wc=0.004", "wc=0.004\nfilters=8"), r"layer-params-t.cfg \[conv1\] filters: also given in "),
+    (None, ("wc=0.004", "wc=0.004\nupdatePeriod=4"), r"\[conv1\] updatePeriod: 4 \(an update every 4 batches\)"),
+    (None, ("wc=0.004", "wc=0.004\nwball=0.1"), r"\[conv1\] wball: 0.1 \(a norm constraint"),
+    (None, ("epsW=0.001", "epsW=dexp[base=0.01]"), r"\[conv1\]: layer 'conv1': epsW: dexp\[...\] takes "),
+])
+def test_one_line_errors_name_the_file_section_and_key(tmp_path, layers_edit, params_edit, match):
+    layers, params = BASE_LAYERS, BASE_PARAMS
+    if layers_edit:
+        assert layers_edit[0] in layers
+        layers = layers.replace(*layers_edit, 1)
+    if params_edit:
+        assert params_edit[0] in params
+        params = params.replace(*params_edit, 1)
+    a, b = _files(tmp_path, layers, params)
+    with pytest.raises(ModelFileError, match=match) as e:
+        load_model(a, params=b, input_shape=(3, 12, 12), init_params=False)
+    assert "\n" not in str(e.value) and "layers-t.cfg" in str(e.value)
+
+
+def test_a_cuda_convnet_data_layer_needs_an_image_shape(tmp_path):
+    a, b = _files(tmp_path)
+    with pytest.raises(ModelFileError, match=r"\[data\]: the image shape is the data provider's in cuda-convnet: "
+                                             r"give it \(--input-shape C,H,W"):
+        load_model(a, params=b)
+
+
+def test_every_neuron_that_is_not_implemented_is_refused_by_name():
+    refused = [n for n, (_, _, ok) in NEURONS.items() if not ok]
+    for n in refused:
+        spelling = f"{n}[{','.join('1' for _ in NEURONS[n][0])}]" if NEURONS[n][0] else n
+        with pytest.raises(LayerError, match=rf"neuron '{re.escape(spelling)}' .* is not implemented"):
+            Conv("c", "x", filters=2, size=1, neuron=spelling)
+    for n in (n for n, (_, _, ok) in NEURONS.items() if ok):
+        spelling = f"{n}[{','.join('1' for _ in NEURONS[n][0])}]" if NEURONS[n][0] else n
+        Conv("c", "x", filters=2, size=1, neuron=spelling)
+
+
+def test_cuda_convnet_types_are_refused_in_this_projects_form():
+    """rnorm is not the cross-map LRN; cmrnorm, cost.logreg and neuron have cuda-convnet's meaning only in its
+    form: none is an alias here any more."""
+    for t, match in (("rnorm", r"\[n\] type: rnorm \(cuda-convnet's same-map"),
+                     ("cnorm", r"\[n\] type: cnorm \(cuda-convnet's contrast"),
+                     ("cmrnorm", r"\[n\] type: 'cmrnorm' is cuda-convnet's"),
+                     ("neuron", r"\[n\] type: 'neuron' is cuda-convnet's")):
+        with pytest.raises(ModelFileError, match=match):
+            build_net(TINY.replace("[fc]", f"[n]\ntype = {t}\ninputs = data\n\n[fc]").replace(
+                "inputs = data\noutputs", "inputs = n\noutputs"), "tiny.cfg")
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_layers_80sec_trains_on_cifar_shaped_data_on_the_cpu(tmp_path):
+    from convnet.train import run
+    layers, params = pair(CC1, "80sec")
+    res = run(["--model", layers, "--params", params, "--dataset", "synthetic", "--out", str(tmp_path / "r"),
+               "--no-progress", "--no-plots", "--device", "cpu", "--epochs", "2", "--batch-size", "32",
+               "--synthetic-train", "256", "--synthetic-test", "64", "--lr", "0.001", "--input-shape", "3,32,32"],
+              log=lambda s: None)
+    h = res["history"]
+    assert len(h) == 2 and all(np.isfinite(r["train_loss"]) for r in h)
+    assert h[-1]["train_loss"] < h[0]["train_loss"], [r["train_loss"] for r in h]
+
+
+TINY = """
+[data]
+type = data
+channels = 1
+size = 4
+[fc]
+type = fc
+inputs = data
+outputs = 3
+[probs]
+type = softmax
+inputs = fc
+"""
