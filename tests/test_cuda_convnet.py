@@ -395,7 +395,6 @@ def test_a_pair_merges_by_section_and_the_merged_text_rebuilds_the_net(tmp_path)
     (("sharedBiases=1", "sharedBiases=0"), None, r"\[conv1\] sharedBiases: 0 \(a bias per filter and "),
     (("sharedBiases=1", "neuron=tanh[1.7,0.66]"), None, r"\[conv1\]: layer 'conv1': neuron: neuron 'tanh"),
     (("channels=16\n", "channels=16\nneuron=softrelu\n"), None, r"\[pool1\] neuron: neuron 'softrelu' .* is not "),
-    (("partialSum=4", "gpu=0,1"), None, r"\[conv1\] gpu: 0,1: a layer replicated on several GPUs"),
     (("dataIdx=1", "dataIdx=2"), None, r"\[labels\] dataIdx: 2 \(a third data stream\) is not implemented"),
     (("inputs=fc10", "inputs=labels"), None, r"\[probs\] inputs: 'labels' is the labels data layer"),
     (("inputs=labels,probs", "inputs=probs"), None, r"\[logprob\] inputs: cost.logreg reads the labels"),
@@ -418,6 +417,22 @@ def test_one_line_errors_name_the_file_section_and_key(tmp_path, layers_edit, pa
     with pytest.raises(ModelFileError, match=match) as e:
         load_model(a, params=b, input_shape=(3, 12, 12), init_params=False)
     assert "\n" not in str(e.value) and "layers-t.cfg" in str(e.value)
+
+
+def test_gpu_lists_towers_and_inheritance(tmp_path):
+    """gpu=i is a tower, a layer without gpu= runs where its first input runs (cuda-convnet2), and one list for the
+    whole net (cuda-convnet2's data parallelism) is one tower; lists next to single GPUs are refused."""
+    a, b = _files(tmp_path, BASE_LAYERS.replace("partialSum=4", "gpu=1"))
+    net = load_model(a, params=b, input_shape=(3, 12, 12), devices="numpy,numpy:1", init_params=False)[0]
+    assert [net.layers[n].tower for n in ("conv1", "pool1", "fc10", "probs")] == [1, 1, 1, 1]
+    a, b = _files(tmp_path, BASE_LAYERS.replace("partialSum=4", "gpu=0,1").replace("inputs=labels,probs",
+                                                                                    "inputs=labels,probs\ngpu=0,1"))
+    net = load_model(a, params=b, input_shape=(3, 12, 12), init_params=False)[0]
+    assert {net.layers[n].tower for n in net.layers} == {0}
+    a, b = _files(tmp_path, BASE_LAYERS.replace("partialSum=4", "gpu=0,1").replace("outputs=10", "outputs=10\ngpu=0"))
+    with pytest.raises(ModelFileError, match=r"\[conv1\] gpu: 0,1: layers replicated on several GPUs next to layers "
+                                             r"on other GPUs"):
+        load_model(a, params=b, input_shape=(3, 12, 12), init_params=False)
 
 
 def test_a_cuda_convnet_data_layer_needs_an_image_shape(tmp_path):

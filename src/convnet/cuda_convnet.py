@@ -161,6 +161,11 @@ def translate(sections, source):
             name = rename[name]
         return neuron_of.get(name, name)
 
+    gpu_of = {}  # a layer -> its gpu= (a tower), given or inherited from its first input
+    lists = {items["gpu"].replace(" ", "") for items in sections.values() if "," in items.get("gpu", "")}
+    single = any("gpu" in items and "," not in items["gpu"] for items in sections.values())
+    replicated = lists.pop() if len(lists) == 1 and not single else None  # every gpu= one list: data parallelism
+
     for sec, items in sections.items():
         where = f"{source} [{sec}]"
         items = dict(items)
@@ -200,9 +205,14 @@ def translate(sections, source):
                                        f"{', '.join(sorted(known))})")
         gpu = items.pop("gpu", None)
         if gpu is not None and "," in gpu:
-            raise CudaConvnetError(f"{where} gpu: {gpu.strip()}: a layer replicated on several GPUs (cuda-convnet2's "
-                                   f"data parallelism) is not implemented in model files; give one GPU and run "
-                                   f"data-parallel ranks (docs/training.md, Data-parallel training)")
+            if replicated is None:
+                raise CudaConvnetError(f"{where} gpu: {gpu.strip()}: layers replicated on several GPUs next to layers "
+                                       f"on other GPUs (data and model parallelism mixed) are not implemented")
+            gpu = None  # the whole net replicated: one tower (the replicas' split of the batch is data parallelism)
+        if gpu is None:  # cuda-convnet2: a layer without gpu= runs where its first input runs
+            gpu = gpu_of.get(inputs[0].strip()) if inputs else None
+        if gpu is not None:
+            gpu_of[sec] = gpu
         enabled = _enabled(items, where) if t in ("dropout", "dropout2") else True
         if t == "cost.logreg":
             if len(inputs) != 2 or inputs[0] not in labels or resolve(inputs[1]) not in softmaxes:
