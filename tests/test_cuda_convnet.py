@@ -263,28 +263,6 @@ def test_conv_rounding_up_is_cuda_convnets_and_its_gradient_is_exact(H, k, strid
         np.testing.assert_allclose(dev.to_numpy(dx32), dx, rtol=1e-4, atol=1e-4, err_msg=str(dev))
 
 
-def test_window_and_multiply_ops_match_numpy():
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)
-    for dev in ("numpy", "cpu", "emu"):
-        for start, size, fill in (((0, 0), (7, 8), 0.0), ((-2, 1), (4, 9), -np.inf), ((1, 2), (3, 3), 0.0),
-                                  ((6, 0), (2, 2), 1.5)):
-            got = Device(dev).to_numpy(ops.window(dev, x, start, size, fill))
-            want = np.full((2, *size, 3), fill, np.float32)
-            for i in range(size[0]):
-                for j in range(size[1]):
-                    r, c = start[0] + i, start[1] + j
-                    if 0 <= r < 5 and 0 <= c < 6:
-                        want[:, i, j] = x[:, r, c]
-            np.testing.assert_array_equal(got, want)
-        f = rng.standard_normal((1, 5, 6, 1)).astype(np.float32)
-        np.testing.assert_array_equal(Device(dev).to_numpy(ops.multiply(dev, x, f)), x * f)
-    with pytest.raises(ValueError, match="does not broadcast"):
-        ops.multiply("numpy", x, np.ones((1, 5, 5, 1), np.float32))
-    with pytest.raises(TypeError, match="start must be a pair of integers"):
-        ops.window("numpy", x, 0, (2, 2))
-
-
 def test_pool_rule_keys_are_checked():
     with pytest.raises(LayerError, match="start and outputsX belong to cuda-convnet's output-size rule"):
         Pool("p", "x", start=1)
@@ -491,3 +469,77 @@ outputs = 3
 type = softmax
 inputs = fc
 """
+
+
+SMALL_LAYERS = """[data]
+type=data
+dataIdx=0
+
+[labels]
+type=data
+dataIdx=1
+
+[conv1]
+type=conv
+inputs=data
+channels=3
+filters=8
+padding=1
+stride=2
+filterSize=5
+initW=0.05
+partialSum=1
+
+[pool1]
+type=pool
+pool=avg
+inputs=conv1
+sizeX=2
+stride=2
+channels=8
+neuron=relu
+
+[pool2]
+type=pool
+pool=max
+inputs=pool1
+sizeX=2
+stride=2
+start=-1
+channels=8
+
+[fc10]
+type=fc
+outputs=10
+inputs=pool2
+initW=0.05
+
+[probs]
+type=softmax
+inputs=fc10
+
+[logprob]
+type=cost.logreg
+inputs=labels,probs
+"""
+
+
+def test_rounding_up_layers_run_on_the_fake_gpu_as_on_emu(tmp_path, monkeypatch):
+    """The overhanging windows (conv1 1 + ceil(7/2) = 5, the floor rule 4; pool1 3, floor 2; pool2 from start -1)
+    train on the cuda path (the fake CuPy, with the emulator's kernels) exactly as on emu."""
+    from fake_cupy import FakeCupy
+
+    from convnet.train import run
+    a, b = _files(tmp_path, SMALL_LAYERS, BASE_PARAMS.replace("[conv1]", "[conv1]\nupdatePeriod=1"))
+    net = load_model(a, params=b, input_shape=(3, 10, 10), init_params=False)[0]
+    assert shapes(net)["conv1"] == (8, 5, 5) and shapes(net)["pool1"] == (8, 3, 3)
+    assert shapes(net)["pool2"] == (8, 2, 2)  # ceil((3 + 1 - 2) / 2) + 1
+    args = ["--model", a, "--params", b, "--input-shape", "3,10,10", "--dataset", "synthetic", "--no-progress",
+            "--no-plots", "--epochs", "2", "--batch-size", "16", "--synthetic-train", "64", "--synthetic-test", "32"]
+    emu = run([*args, "--out", str(tmp_path / "emu"), "--device", "emu"], log=lambda s: None)["history"]
+    FakeCupy(devices=2).install(monkeypatch, usable=True)
+    gpu = run([*args, "--out", str(tmp_path / "gpu"), "--device", "cuda:1"], log=lambda s: None)["history"]
+    assert gpu[-1]["device"] == "cuda:1"
+    for g, e in zip(gpu, emu):
+        assert (g["train_loss"], g["test_loss"], g["test_error"]) == (e["train_loss"], e["test_loss"], e["test_error"])
+    assert emu[-1]["train_loss"] < emu[0]["train_loss"]

@@ -83,7 +83,7 @@ def window(device, x, start, size, fill=0.0, out=None, stream=None):
     hs, he, ws, we = max(h0, 0), min(h0 + eh, H), max(w0, 0), min(w0 + ew, W)
 
     def kernel(o):
-        o.fill(fill)
+        o[...] = fill
         if hs < he and ws < we:
             o[:, hs - h0:he - h0, ws - w0:we - w0, :] = x[:, hs:he, ws:we, :]
 
