@@ -543,3 +543,20 @@ def test_rounding_up_layers_run_on_the_fake_gpu_as_on_emu(tmp_path, monkeypatch)
     for g, e in zip(gpu, emu):
         assert (g["train_loss"], g["test_loss"], g["test_error"]) == (e["train_loss"], e["test_loss"], e["test_error"])
     assert emu[-1]["train_loss"] < emu[0]["train_loss"]
+
+
+def test_a_run_keeps_the_merged_text_and_a_resume_needs_neither_file(tmp_path):
+    from convnet.config import ConfigError
+    from convnet.train import run
+    a, b = _files(tmp_path, SMALL_LAYERS)
+    args = ["--dataset", "synthetic", "--no-progress", "--no-plots", "--batch-size", "16", "--synthetic-train", "32",
+            "--synthetic-test", "16", "--device", "numpy", "--out", str(tmp_path / "r")]
+    run(["--model", a, "--params", b, "--input-shape", "3,10,10", "--epochs", "1", *args], log=lambda s: None)
+    (tmp_path / "layers-t.cfg").unlink()
+    (tmp_path / "layer-params-t.cfg").unlink()
+    res = run(["--resume", str(tmp_path / "r"), "--epochs", "2", "--no-progress", "--no-plots"], log=lambda s: None)
+    assert len(res["history"]) == 2
+    with pytest.raises(ConfigError, match=r"--params other.cfg differs from the checkpoint's"):
+        run(["--resume", str(tmp_path / "r"), "--params", "other.cfg"], log=lambda s: None)
+    with pytest.raises(ConfigError, match=r"--input-shape must be C,H,W \(three positive integers\), got '3,0,4'"):
+        run(["--model", a, "--input-shape", "3,0,4", *args], log=lambda s: None)

@@ -56,6 +56,9 @@ def make_config(args, saved=None):
                 setattr(cfg, k, v)
         if "model" in flags and flags["model"] != cfg.model:
             raise ConfigError(f"--model {flags['model']} differs from the checkpoint's model {cfg.model}")
+        for k in ("params", "input_shape"):  # the checkpoint's model text was made with them
+            if k in flags and flags[k] != getattr(cfg, k):
+                raise ConfigError(f"{setting_name(k)} {flags[k]} differs from the checkpoint's ({getattr(cfg, k)})")
         cfg.distributed = False  # how the run is launched is not a saved setting: a resume says it again
         if flags.keys() & {"device", "devices"}:  # a new placement replaces the saved one as a whole: --device cpu
             cfg.device = cfg.devices = None     # puts every tower of a two-device run on cpu
