@@ -413,6 +413,22 @@ def test_gpu_lists_towers_and_inheritance(tmp_path):
         load_model(a, params=b, input_shape=(3, 12, 12), init_params=False)
 
 
+def test_layers_that_compute_nothing_go_and_keep_their_neuron(tmp_path):
+    """pass, a disabled dropout and an ident neuron layer are their input; a neuron= on one of them stays."""
+    extra = ("[pass1]\ntype=pass\ninputs=pool1\n\n[drop1]\ntype=dropout\ninputs=pass1\nenable=false\nneuron=relu\n\n"
+             "[id1]\ntype=neuron\ninputs=drop1\nneuron=ident\n\n[fc10]")
+    a, b = _files(tmp_path, BASE_LAYERS.replace("[fc10]", extra, 1).replace("inputs=pool1\n\n[probs]",
+                                                                             "inputs=id1\n\n[probs]"))
+    assert "inputs=id1" in open(a).read()
+    net = load_model(a, params=b, input_shape=(3, 12, 12), init_params=False)[0]
+    assert [n for n in net.layers] == ["data", "conv1", "pool1", "drop1", "fc10", "probs"]
+    assert net.layers["drop1"].type == "relu" and net.layers["drop1"].inputs == ["pool1"]
+    assert net.layers["fc10"].inputs == ["drop1"]
+    a, b = _files(tmp_path, BASE_LAYERS.replace("inputs=fc10", "inputs=fc10\nneuron=relu"))
+    with pytest.raises(ModelFileError, match=r"\[probs\] neuron: not implemented for a cuda-convnet softmax layer"):
+        load_model(a, params=b, input_shape=(3, 12, 12), init_params=False)
+
+
 def test_a_cuda_convnet_data_layer_needs_an_image_shape(tmp_path):
     a, b = _files(tmp_path)
     with pytest.raises(ModelFileError, match=r"\[data\]: the image shape is the data provider's in cuda-convnet: "

@@ -66,7 +66,7 @@ KEYS = {
              "channels": "channels", "neuron": None},
     "cmrnorm": {"channels": "channels", "size": "size", "scale": "alpha", "pow": "beta", "mindiv": "k",
                 "blocked": None, "neuron": None},
-    "softmax": {"neuron": None},
+    "softmax": {},
     "neuron": {"neuron": None},
     "dropout": {"keep": "keep", "enable": None, "neuron": None},
     "dropout2": {"keep": "keep", "enable": None, "neuron": None},
@@ -202,7 +202,7 @@ def translate(sections, source):
         for k in items:
             if k not in known and k not in COMMON:
                 raise CudaConvnetError(f"{where} {k}: not implemented for a cuda-convnet {t} layer (implemented: "
-                                       f"{', '.join(sorted(known))})")
+                                       f"{', '.join(sorted(known)) or 'none'})")
         gpu = items.pop("gpu", None)
         if gpu is not None and "," in gpu:
             if replicated is None:
@@ -235,12 +235,12 @@ def translate(sections, source):
                 _check_value(t, k, items.pop(k), where)
         neuron = items.pop("neuron", "").strip() if known.get("neuron", "x") is None or t == "neuron" else None
         if t in ("pass", "neuron") or not enabled:
-            if t == "neuron":
+            if neuron:  # a neuron layer, or a layer that computes nothing but its neuron
                 try:
                     n = parse_neuron("neuron", neuron)
                 except ValueError as e:
                     raise CudaConvnetError(f"{where} {e}") from None
-                if n is not None:  # an implemented neuron layer
+                if n is not None:
                     layer = {"type": n, "inputs": ",".join(inputs)}
                     if gpu is not None:
                         layer["gpu"] = gpu
