@@ -424,6 +424,12 @@ def test_layers_that_compute_nothing_go_and_keep_their_neuron(tmp_path):
     assert [n for n in net.layers] == ["data", "conv1", "pool1", "drop1", "fc10", "probs"]
     assert net.layers["drop1"].type == "relu" and net.layers["drop1"].inputs == ["pool1"]
     assert net.layers["fc10"].inputs == ["drop1"]
+    # a pass of several inputs is their concatenation (cuda-convnet2): its reader joins them
+    a, b = _files(tmp_path, BASE_LAYERS.replace("[fc10]", "[both]\ntype=pass\ninputs=conv1,pool1\n\n[fc10]", 1)
+                  .replace("inputs=pool1\n\n[probs]", "inputs=both\n\n[probs]"))
+    net = load_model(a, params=b, input_shape=(3, 12, 12), init_params=False)[0]
+    assert net.layers["fc10"].inputs == ["conv1", "pool1"]
+    assert net.layers["fc10"].param_count() == 10 * (16 * 12 * 12 + 16 * 6 * 6) + 10
     a, b = _files(tmp_path, BASE_LAYERS.replace("inputs=fc10", "inputs=fc10\nneuron=relu"))
     with pytest.raises(ModelFileError, match=r"\[probs\] neuron: not implemented for a cuda-convnet softmax layer"):
         load_model(a, params=b, input_shape=(3, 12, 12), init_params=False)

@@ -151,15 +151,16 @@ def translate(sections, source):
     """cuda-convnet sections (name -> {key: value}, in file order) -> [(name, {key: value})] in this project's
     model-file spelling."""
     out = []  # [name, items] in order
-    rename = {}  # a layer removed (pass, ident neuron, disabled dropout, labels) -> the layer read instead
+    rename = {}  # a layer removed (pass, ident neuron, disabled dropout) -> the layers read instead (in order)
     neuron_of = {}  # a layer -> its detached neuron layer, which later layers read
     labels = set()
     softmaxes = {}  # softmax name -> its items in out (a cost.logreg sets coeff)
 
     def resolve(name):
-        while name in rename:
-            name = rename[name]
-        return neuron_of.get(name, name)
+        """The layers of ``out`` that reading ``name`` reads (a pass of several inputs: their concatenation)."""
+        if name in rename:
+            return rename[name]
+        return [neuron_of.get(name, name)]
 
     gpu_of = {}  # a layer -> its gpu= (a tower), given or inherited from its first input
     lists = {items["gpu"].replace(" ", "") for items in sections.values() if "," in items.get("gpu", "")}
@@ -215,7 +216,8 @@ def translate(sections, source):
             gpu_of[sec] = gpu
         enabled = _enabled(items, where) if t in ("dropout", "dropout2") else True
         if t == "cost.logreg":
-            if len(inputs) != 2 or inputs[0] not in labels or resolve(inputs[1]) not in softmaxes:
+            if len(inputs) != 2 or inputs[0] not in labels or len(resolve(inputs[1])) != 1 \
+                    or resolve(inputs[1])[0] not in softmaxes:
                 raise CudaConvnetError(f"{where} inputs: cost.logreg reads the labels data layer (dataIdx=1), then "
                                        f"a softmax layer; got {', '.join(inputs)}")
             try:
@@ -224,12 +226,12 @@ def translate(sections, source):
                 raise CudaConvnetError(f"{where} coeff: expected a number, got {items['coeff']!r}") from None
             if coeff <= 0:
                 raise CudaConvnetError(f"{where} coeff: {coeff:g}: a cost's coefficient must be > 0")
-            softmaxes[resolve(inputs[1])]["coeff"] = items.get("coeff", "1").strip()
+            softmaxes[resolve(inputs[1])[0]]["coeff"] = items.get("coeff", "1").strip()
             continue
         for i in inputs:
             if i in labels:
                 raise CudaConvnetError(f"{where} inputs: '{i}' is the labels data layer, which only cost.logreg reads")
-        inputs = [resolve(i) for i in inputs]
+        inputs = [r for i in inputs for r in resolve(i)]
         for k in list(items):
             if k in known and known[k] is None and k != "neuron":
                 _check_value(t, k, items.pop(k), where)
@@ -246,9 +248,9 @@ def translate(sections, source):
                         layer["gpu"] = gpu
                     out.append([sec, layer])
                     continue
-            if len(inputs) != 1:
-                raise CudaConvnetError(f"{where} inputs: a {t} layer here reads one layer, got {', '.join(inputs)}")
-            rename[sec] = inputs[0]
+            if len(inputs) != 1 and t != "pass":
+                raise CudaConvnetError(f"{where} inputs: a {t} layer reads one layer, got {', '.join(inputs)}")
+            rename[sec] = inputs  # a pass of several: its readers join them (cuda-convnet2 concatenates them)
             continue
         layer = {"type": OUR_TYPE[t], "inputs": ",".join(inputs)}
         if gpu is not None:
@@ -256,8 +258,6 @@ def translate(sections, source):
         for k, v in items.items():
             if k in known and known[k] is not None:
                 layer[known[k]] = v.strip()
-            elif k == "type":
-                pass
         if t in ("conv", "pool"):
             layer["rounding"] = "up"
         if t == "cmrnorm":
