@@ -7,7 +7,6 @@ import re
 import numpy as np
 import pytest
 
-from convnet import ops
 from convnet.devices import Device
 from convnet.layers import NEURONS, Conv, Dropout, LayerError, Pool, RateSchedule, rate_schedule
 from convnet.model_file import ModelFileError, build_net, load_model, resolve_model

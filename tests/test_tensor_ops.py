@@ -1,5 +1,5 @@
-"""The layer graph's whole-array ops (``ops.concat``, ``ops.add``, ``ops.scale``, ``ops.window``, ``ops.multiply``): every device against the NumPy
-reference, bit for bit (one rounding per element on every device), on random data and awkward shapes; in place where
+"""The layer graph's whole-array ops (``ops.concat``, ``ops.add``, ``ops.scale``, ``ops.window``,
+``ops.multiply``): every device against the NumPy reference, bit for bit (one rounding per element on every device), on random data and awkward shapes; in place where
 allowed; and bad arguments as clear errors."""
 import numpy as np
 import pytest

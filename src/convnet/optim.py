@@ -8,8 +8,9 @@ Update (per parameter w with gradient g = mean over the batch of dL/dw, layer mu
 (the paper: v <- 0.9 v - 0.0005 eps w - eps <dL/dw>, w <- w + v). A layer's absolute settings (cuda-convnet's
 ``epsW``/``epsB``, ``momW``/``momB``, ``wc``) replace ``lr * m_lr``, ``momentum`` and ``weight_decay * m_wd``; an
 absolute rate follows the run's schedule as a factor (the scheduled lr / the base lr: 1 with a constant schedule),
-and a cuda-convnet2 schedule (``dexp[...]``) is evaluated at ``progress``, the fraction of the run's epochs done. The arithmetic is the op ``ops.sgd_update``, in
-place on the parameter's device with the same sequence of operations every step, so a run is deterministic.
+and a cuda-convnet2 schedule (``dexp[...]``) is evaluated at ``progress``, the fraction of the run's epochs done.
+The arithmetic is the op ``ops.sgd_update``, in place on the parameter's device with the same sequence of
+operations every step, so a run is deterministic.
 """
 from __future__ import annotations
 
