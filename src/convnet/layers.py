@@ -179,8 +179,10 @@ class Key:
     * ``name``: the model-file spelling (matched case-insensitively), also the name in error messages;
     * ``type``: ``int``, ``float``, ``str`` (one of ``choices``), ``name`` (a layer-style name: text without spaces
       or commas, or None when that is the default), ``pair`` (an int or an ``(h, w)`` pair),
-      ``init`` (a Gaussian std >= 0, or ``he`` / ``xavier``), ``neuron`` (``relu`` or ``linear`` = None);
-    * ``default``, or :data:`REQUIRED`;
+      ``init`` (a Gaussian std >= 0, or ``he`` / ``xavier``), ``neuron`` (a name of :data:`NEURONS`; the
+      identity = None), ``rate`` (a number >= 0 or a :class:`RateSchedule` such as ``dexp[...]``);
+    * ``default``, or :data:`REQUIRED`; a default of None makes an ``int``, ``float`` or ``rate`` key optional (None:
+      not given);
     * ``arg``: the Python keyword argument and the layer's attribute (default: ``name``);
     * ``minimum``: the smallest allowed value (``int``, ``pair``, ``float``); ``exclusive``: the value must be larger
       than ``minimum`` (``float``). A ``float`` (and an ``init`` std) must be finite: a NaN or inf would be hidden
