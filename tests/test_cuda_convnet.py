@@ -477,6 +477,26 @@ def test_layers_80sec_trains_on_cifar_shaped_data_on_the_cpu(tmp_path):
     assert h[-1]["train_loss"] < h[0]["train_loss"], [r["train_loss"] for r in h]
 
 
+def test_layers_18pct_without_rnorm_trains_a_few_steps_on_the_cpu(tmp_path):
+    layers, params = pair(CC1, "18pct")
+    (tmp_path / "l.cfg").write_text(without_rnorm(open(layers).read()))
+    (tmp_path / "p.cfg").write_text(without_rnorm(open(params).read()))
+    net = load_model(str(tmp_path / "l.cfg"), params=str(tmp_path / "p.cfg"), input_shape=(3, 32, 32), device="cpu",
+                     seed=1)[0]
+    opt = SGD(net, lr=0.001, momentum=0.9, weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 32, 32, 64)) * 60).astype(np.float32)  # mean-subtracted 0..255 pixels
+    y = rng.integers(0, 10, 64).astype(np.int32)
+    losses = []
+    for step in range(8):
+        net.forward(x, y, train=True, step=step)
+        net.backward()
+        opt.step()
+        losses.append(float(net.device.to_numpy(net.loss)) / 64)
+    assert all(np.isfinite(losses)) and losses[0] == pytest.approx(math.log(10), rel=1e-3)
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 5e-4, losses
+
+
 TINY = """
 [data]
 type = data
