@@ -601,3 +601,22 @@ def test_a_run_keeps_the_merged_text_and_a_resume_needs_neither_file(tmp_path):
         run(["--resume", str(tmp_path / "r"), "--params", "other.cfg"], log=lambda s: None)
     with pytest.raises(ConfigError, match=r"--input-shape must be C,H,W \(three positive integers\), got '3,0,4'"):
         run(["--model", a, "--input-shape", "3,0,4", *args], log=lambda s: None)
+
+
+def test_the_run_tells_the_optimizer_its_progress_for_cuda_convnet2_schedules(tmp_path, monkeypatch):
+    from convnet.train import run
+    seen = []
+    step = SGD.step
+
+    def recording(self, items=None):
+        seen.append((self.progress, self.settings(self.net.layers["conv1"], "w")[0]))
+        return step(self, items)
+
+    monkeypatch.setattr(SGD, "step", recording)
+    a, b = _files(tmp_path, SMALL_LAYERS, BASE_PARAMS.replace("epsW=0.001", "epsW=dexp[base=0.01;tgtFactor=100;"
+                                                                            "numSteps=2]", 1))
+    run(["--model", a, "--params", b, "--input-shape", "3,10,10", "--dataset", "synthetic", "--no-progress",
+         "--no-plots", "--epochs", "2", "--batch-size", "16", "--synthetic-train", "32", "--synthetic-test", "16",
+         "--device", "numpy", "--out", str(tmp_path / "r")], log=lambda s: None)
+    assert [p for p, _ in seen] == [0.0, 0.25, 0.5, 0.75]  # (epoch + batch / batches) / epochs
+    assert [lr for _, lr in seen] == [0.01, 0.01, 0.01, 0.0001]  # dexp: base until half-way, then base / 100
