@@ -48,7 +48,6 @@ REQUIRED = _Required()  # the default of a key that must be given
 
 KEY_TYPES = ("int", "float", "str", "name", "pair", "init", "neuron", "rate")
 INIT_SCHEMES = ("he", "xavier")
-_LINEAR = (None, "", "linear", "ident")  # spellings of "no neuron"
 _SIZE_ALIASES = ("filterSize", "sizeX")  # cuda-convnet's spellings of a window size
 
 
@@ -79,7 +78,7 @@ def neuron(name, value):
     if value is None:
         return None
     text = str(value).strip().lower()
-    if text in ("", "linear", "ident", "linear[1,0]"):
+    if text in ("", "linear", "ident"):
         return None
     base, params = text, ()
     if "[" in text:
@@ -95,6 +94,8 @@ def neuron(name, value):
         raise ValueError(f"{name}: unknown neuron {value!r} (cuda-convnet's: {', '.join(NEURONS)}; implemented: "
                          f"{implemented}, linear)")
     names, formula, ok = NEURONS[base]
+    if base == "linear" and params == (1.0, 0.0):  # the identity
+        return None
     if len(params) != len(names):
         raise ValueError(f"{name}: neuron {base} takes {len(names)} parameter(s) {base}[{','.join(names)}], "
                          f"got {value!r}")
