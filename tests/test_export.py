@@ -1,5 +1,6 @@
 """ONNX export (convnet.export): the exported graph, run by onnxruntime on raw pixels, gives our probabilities."""
 import math
+import re
 import subprocess
 import sys
 
@@ -123,6 +124,36 @@ def test_lrn_of_any_size_convention_and_groups_exports_exactly(size, convention,
     rng = np.random.default_rng(size * 10 + groups)
     ours, x = _compare(net, tmp_path, rng, n=4)
     net.layers["rnorm1"].alpha = 0.0  # without the normalisation the probabilities are others: the test sees it
+    assert np.abs(net.forward(x).T - ours).max() > 1e-2
+
+
+RNORM_NET = LRN_NET.replace("""type = lrn
+inputs = conv1
+size = {size}
+alpha = {alpha}
+beta = 0.75
+k = {k}
+convention = {convention}
+groups = {groups}""", """type = {type}
+inputs = conv1
+size = {size}
+scale = {scale}
+pow = 0.75
+minDiv = {min_div}""")
+
+
+@pytest.mark.parametrize("type_, size, min_div", [
+    ("rnorm", 3, 1.0), ("rnorm", 4, 2.0), ("rnorm", 1, 0.5), ("rnorm", 9, 1.0),  # 9: wider than the 7x9 image
+    ("cnorm", 3, 1.0), ("cnorm", 2, 1.5), ("cnorm", 5, 1.0), ("cnorm", 10, 2.0),
+])
+def test_rnorm_and_cnorm_of_any_size_export_exactly(type_, size, min_div, tmp_path):
+    text = RNORM_NET.format(type=type_, size=size, scale=0.05 * size * size, min_div=min_div)
+    assert "type = lrn" not in text
+    net, _ = build_net(text, type_, device=NUMPY)
+    rng = np.random.default_rng(size * 10 + len(type_))
+    ours, x = _compare(net, tmp_path, rng, n=4)
+    net.layers["rnorm1"].scale = 0.0  # without the normalisation the probabilities are others: the test sees it
+    net.layers["rnorm1"].min_div = 1.0
     assert np.abs(net.forward(x).T - ours).max() > 1e-2
 
 
@@ -325,6 +356,80 @@ def test_an_output_size_rule_onnx_lacks_is_refused(tmp_path):
     net.layers["pool1a"].out_shape = (c, h + 1, w)  # as a rounding-up rule would give
     with pytest.raises(export.ExportError, match="layer 'pool1a': its pooling output size"):
         export.build_model(net)
+
+
+CC_LAYERS = """[data]
+type=data
+dataIdx=0
+
+[labels]
+type=data
+dataIdx=1
+
+[conv1]
+type=conv
+inputs=data
+channels=3
+filters=4
+padding=1
+stride={stride}
+filterSize=3
+
+[pool1]
+type=pool
+pool=max
+inputs=conv1
+sizeX=2
+stride=2
+channels=4
+
+[drop]
+type={dropout}
+inputs=pool1
+
+[fc10]
+type=fc
+outputs=3
+inputs=drop
+
+[probs]
+type=softmax
+inputs=fc10
+
+[logprob]
+type=cost.logreg
+inputs=labels,probs
+"""
+CC_PARAMS = "[conv1]\nepsW=0.001\nepsB=0.002\nmomW=0.9\nmomB=0.9\nwc=0.004\n"
+
+
+@pytest.mark.parametrize("shape, stride, dropout, message", [
+    ((3, 7, 7), 1, "dropout", "layer 'pool1': rounding = 'up' has no ONNX export here"),  # 7x7 pools to 4x4
+    ((3, 8, 8), 1, "dropout2", "layer 'drop': scaling = 'test' has no ONNX export here"),
+    ((3, 9, 9), 2, "dropout", "layer 'pool1': rounding = 'up' has no ONNX export here"),  # conv 5x5, pool 3x3
+])
+def test_cuda_convnets_overhanging_pools_and_test_time_dropout_scaling_are_refused(tmp_path, shape, stride, dropout,
+                                                                                   message):
+    net = _cuda_convnet_net(tmp_path, shape, stride, dropout)
+    with pytest.raises(export.ExportError, match=re.escape(message)):
+        export.build_model(net)
+
+
+def _cuda_convnet_net(tmp_path, shape, stride, dropout):
+    a, b = tmp_path / "layers.cfg", tmp_path / "params.cfg"
+    a.write_text(CC_LAYERS.format(stride=stride, dropout=dropout))
+    b.write_text(CC_PARAMS)
+    return load_model(str(a), params=str(b), input_shape=shape, device="numpy")[0]
+
+
+@pytest.mark.parametrize("shape, stride, conv_out", [((3, 10, 10), 2, (6, 6)), ((3, 10, 9), 3, (4, 4)),
+                                                    ((3, 8, 8), 1, (8, 8))])
+def test_cuda_convnets_rounding_up_conv_exports_exactly(tmp_path, shape, stride, conv_out):
+    """Its last windows reach zeros past the padding (more end padding in ONNX); the pool after it has the floor
+    rule's windows."""
+    net = _cuda_convnet_net(tmp_path, shape, stride, "dropout")
+    assert net.layers["conv1"].rounding == "up" and net.layers["conv1"].out_shape[1:] == conv_out
+    _compare(net, tmp_path, np.random.default_rng(stride), n=3)
 
 
 @pytest.mark.parametrize("mean, message", [

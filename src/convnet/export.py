@@ -11,11 +11,16 @@ of the graph (``Sub`` the mean image, ``Mul`` the data layer's scale), so the ex
 evaluation takes: a mean image larger than the input (a prepared ImageNet's 256x256) is cropped at its centre, as
 the centre test view is. Each layer becomes:
 
-* conv: ``Conv`` (weights ``(C/g, KH, KW, F)`` transposed to ``(F, C/g, KH, KW)``, ``group``), then ``Relu``;
-* pool: ``MaxPool`` / ``AveragePool`` (``count_include_pad = 0``: padding is never counted; floor output sizes);
+* conv: ``Conv`` (weights ``(C/g, KH, KW, F)`` transposed to ``(F, C/g, KH, KW)``, ``group``; ``rounding = up``:
+  more end padding, the zeros the last windows reach), then ``Relu``;
+* pool: ``MaxPool`` / ``AveragePool`` (``count_include_pad = 0``: padding is never counted; floor output sizes;
+  ``rounding = up`` only where its windows are the floor rule's);
 * lrn: ``LRN`` where ONNX's window is ours (odd sizes, one group), with ``alpha`` as ONNX means it (ONNX divides
   alpha by size: ``alpha * size`` for our "sum" convention, ``alpha`` for "mean"); otherwise (even sizes, groups)
   built from ``Mul``, a 1x1 ``Conv`` that sums each channel's window within its group, ``Add``, ``Pow``, ``Div``;
+* rnorm / cnorm (same-map): the window sums of squares by a depthwise ``Conv`` of ones (zero padding: the window is
+  clipped at the edges as ours), ``Mul`` by scale / size², ``Add`` minDiv, ``Pow``, ``Div``; cnorm first subtracts
+  each pixel's window mean (the window sum divided by the constant count of its clipped window's pixels);
 * fc: ``Flatten`` (our CHW flattening order is NCHW's) and ``Gemm``; relu: ``Relu``; dropout: removed (the
   identity at test time); softmax: ``Softmax``;
 * a layer with several inputs: ``Concat`` of its inputs along the channels (images of one size) or of their
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .layers import FC, LRN, Conv, Data, Dropout, Pool, ReLU, SoftmaxCost
+from .layers import FC, LRN, CNorm, Conv, Data, Dropout, Pool, ReLU, RNorm, SoftmaxCost
 
 OPSET = 17  # the ONNX operator set the graph is written in
 IR_VERSION = 8  # the file format version: read by onnxruntime 1.10 and later
@@ -92,10 +97,11 @@ class _Builder:
         return out
 
 
-def _image_rule(layer, in_shape, window, stride, padding, what):
-    """Our output size (floor) must be the layer's: a layer with another rule has no export here."""
-    oh = (in_shape[1] + 2 * padding[0] - window[0]) // stride[0] + 1
-    ow = (in_shape[2] + 2 * padding[1] - window[1]) // stride[1] + 1
+def _image_rule(layer, in_shape, window, stride, padding, what, extension=(0, 0)):
+    """Our output size (floor, over the input extended by ``extension`` past the end padding) must be the layer's: a
+    layer with another rule has no export here."""
+    oh = (in_shape[1] + 2 * padding[0] + extension[0] - window[0]) // stride[0] + 1
+    ow = (in_shape[2] + 2 * padding[1] + extension[1] - window[1]) // stride[1] + 1
     if (oh, ow) != tuple(layer.out_shape[1:]):
         raise ExportError(f"layer '{layer.name}': its {what} output size {layer.out_shape[1]}x{layer.out_shape[2]} "
                           f"follows another rule than ONNX's floor ({oh}x{ow}); not exportable")
@@ -113,14 +119,19 @@ def _lrn_band(layer, channels):
     return band
 
 
-_LEARNABLE = ("init_w", "init_b", "lr_w", "lr_b", "wd_w", "wd_b", "neuron")
-# the keys each exported layer type is written with: any other key (a rule added later) must keep its default
+# training settings and the checked input channels: they do not change what the layer computes
+_LEARNABLE = ("init_w", "init_b", "lr_w", "lr_b", "wd_w", "wd_b", "eps_w", "eps_b", "mom_w", "mom_b", "wc", "neuron",
+              "in_channels")
+# the keys each exported layer type is written with: any other key (a rule added later, cuda-convnet's rounding = up,
+# dropout's scaling = test) must keep its default
 EXPORTED_KEYS = {
     Data: ("channels", "size", "scale"),
     Conv: (*_LEARNABLE, "filters", "size", "stride", "padding", "groups"),
     FC: (*_LEARNABLE, "outputs"),
-    Pool: ("pool", "size", "stride", "padding"),
-    LRN: ("size", "alpha", "beta", "k", "convention", "groups"),
+    Pool: ("pool", "size", "stride", "padding", "in_channels"),
+    LRN: ("size", "alpha", "beta", "k", "convention", "groups", "in_channels"),
+    RNorm: ("size", "scale", "pow", "min_div", "in_channels"),
+    CNorm: ("size", "scale", "pow", "min_div", "in_channels"),
     ReLU: (),
     Dropout: ("keep", "mask_of", "mask_start"),
     SoftmaxCost: ("coeff",),
@@ -131,9 +142,14 @@ def _check_keys(layer):
     known = EXPORTED_KEYS.get(type(layer))
     if known is None:
         raise ExportError(f"layer '{layer.name}': type '{layer.type}' has no ONNX export here (exported: data, conv, "
-                          f"pool, lrn, fc, relu, dropout, softmax)")
+                          f"pool, lrn, rnorm, cnorm, fc, relu, dropout, softmax)")
+    rule = ()
+    if isinstance(layer, Conv):
+        rule = ("rounding",)  # rounding = up: zeros past the end padding, as the Conv's end pads (_layer_nodes)
+    elif isinstance(layer, Pool) and layer.rounding == "up" and layer._direct(layer.in_shape):
+        rule = ("rounding", "start", "outputs_x")  # cuda-convnet's rule that gives the floor rule's windows
     for key in type(layer).keys:
-        if key.arg in known:
+        if key.arg in known or key.arg in rule:
             continue
         value = getattr(layer, key.arg)
         if key.required or value != key.check(key.default):
@@ -147,12 +163,13 @@ def _layer_nodes(b, layer, x, state):
     if getattr(layer, "neuron", None) not in (None, "relu"):
         raise ExportError(f"layer '{n}': neuron '{layer.neuron}' has no ONNX export here")
     if t is Conv:
-        _image_rule(layer, layer.in_shape, layer.size, layer.stride, layer.padding, "convolution")
+        eh, ew = layer.extension(layer.in_shape)  # rounding = up: the last windows reach zeros past the padding
+        _image_rule(layer, layer.in_shape, layer.size, layer.stride, layer.padding, "convolution", (eh, ew))
         w = np.asarray(state[f"{n}/w"], np.float32).transpose(3, 0, 1, 2)
         ph, pw = layer.padding
         y = b.node("Conv", [x, b.const(f"{n}.weight", np.ascontiguousarray(w)),
                             b.const(f"{n}.bias", np.asarray(state[f"{n}/b"], np.float32))], n,
-                   kernel_shape=list(layer.size), strides=list(layer.stride), pads=[ph, pw, ph, pw],
+                   kernel_shape=list(layer.size), strides=list(layer.stride), pads=[ph, pw, ph + eh, pw + ew],
                    group=layer.groups)
         return b.node("Relu", [y], f"{n}.relu") if layer.neuron == "relu" else y
     if t is FC:
@@ -180,11 +197,38 @@ def _layer_nodes(b, layer, x, state):
         base = b.node("Add", [scaled, b.const(f"{n}.k", np.float32(layer.k))], f"{n}.base")
         denom = b.node("Pow", [base, b.const(f"{n}.beta", np.float32(layer.beta))], f"{n}.denom")
         return b.node("Div", [x, denom], n)
+    if t in (RNorm, CNorm):
+        return _rnorm_nodes(b, layer, x)
     if t is ReLU:
         return b.node("Relu", [x], n)
     if t is Dropout:
         return x
     return b.node("Softmax", [x], n, axis=1)  # SoftmaxCost: the only type left (_check_keys)
+
+
+def _rnorm_nodes(b, layer, x):
+    """rnorm / cnorm: x / (minDiv + scale / size**2 * window sum of s**2)**pow, s = x or x minus its window mean; the
+    window is rows [h - size//2, h + (size-1)//2] (and columns), clipped at the edges."""
+    n, (c, h, w), size = layer.name, layer.in_shape, layer.size
+    before, after = size // 2, (size - 1) // 2
+    ones = b.const(f"{n}.window", np.ones((c, 1, size, size), np.float32))
+
+    def window_sum(v, base):  # a depthwise Conv of ones; the zero padding adds nothing: the window is clipped
+        return b.node("Conv", [v, ones], base, kernel_shape=[size, size], group=c,
+                      pads=[before, before, after, after])
+
+    s = x
+    if isinstance(layer, CNorm):
+        rows = [min(i + after, h - 1) - max(i - before, 0) + 1 for i in range(h)]
+        cols = [min(j + after, w - 1) - max(j - before, 0) + 1 for j in range(w)]
+        counts = np.outer(rows, cols).astype(np.float32)[None, None]
+        mean = b.node("Div", [window_sum(x, f"{n}.sum"), b.const(f"{n}.count", counts)], f"{n}.mean")
+        s = b.node("Sub", [x, mean], f"{n}.mean_diff")
+    sums = window_sum(b.node("Mul", [s, s], f"{n}.square"), f"{n}.sum_squares")
+    scaled = b.node("Mul", [sums, b.const(f"{n}.scale", np.float32(layer.scale / (size * size)))], f"{n}.scaled")
+    base = b.node("Add", [scaled, b.const(f"{n}.min_div", np.float32(layer.min_div))], f"{n}.base")
+    denom = b.node("Pow", [base, b.const(f"{n}.pow", np.float32(layer.pow))], f"{n}.denom")
+    return b.node("Div", [x, denom], n)
 
 
 def _flat(b, name, rank, base):
