@@ -137,7 +137,7 @@ class Key:
     * ``minimum``: the smallest allowed value (``int``, ``pair``, ``float``); ``exclusive``: the value must be larger
       than ``minimum`` (``float``). A ``float`` (and an ``init`` std) must be finite: a NaN or inf would be hidden
       by a ReLU and train at chance level forever;
-    * ``aliases``: other model-file spellings (cuda-convnet's ``numFilters``, ``epsW``, ...).
+    * ``aliases``: other model-file spellings (cuda-convnet's ``numFilters``, ``sizeX``, ...).
     """
 
     name: str
