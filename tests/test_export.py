@@ -157,6 +157,52 @@ def test_rnorm_and_cnorm_of_any_size_export_exactly(type_, size, min_div, tmp_pa
     assert np.abs(net.forward(x).T - ours).max() > 1e-2
 
 
+NEURON_NET = """
+[data]
+type = data
+channels = 2
+size = 6,5
+[conv1]
+type = conv
+inputs = data
+filters = 6
+size = 3
+padding = 1
+neuron = {conv}
+[act]
+type = neuron
+inputs = conv1
+neuron = {act}
+[fc2]
+type = fc
+inputs = act
+outputs = 8
+neuron = {fc}
+[fc3]
+type = fc
+inputs = fc2
+outputs = 5
+[probs]
+type = softmax
+inputs = fc3
+"""
+
+
+@pytest.mark.parametrize("conv, act, fc", [
+    ("tanh[1.5,0.5]", "logistic", "softrelu"),
+    ("abs", "sqrt", "square"),  # sqrt of the abs: no NaN
+    ("brelu[1.2]", "linear[0.5,-0.25]", "relu"),
+    ("logistic", "softrelu", "tanh[-1.7159,0.6667]"),
+    ("linear[2,1]", "brelu[0.5]", "abs"),
+])
+def test_every_neuron_exports_fused_and_as_a_neuron_layer(conv, act, fc, tmp_path):
+    net, _ = build_net(NEURON_NET.format(conv=conv, act=act, fc=fc), "neurons", device=NUMPY)
+    rng = np.random.default_rng(len(conv + act + fc))
+    ours, x = _compare(net, tmp_path, rng, n=4)
+    net.layers["act"].neuron = None  # without the neuron layer the probabilities are others: the test sees it
+    assert np.abs(net.forward(x).T - ours).max() > 1e-3
+
+
 # two towers (devices 0 and 1) exchanging the way AlexNet's do, with every kind of join: channel-wise (conv3 reads
 # both towers' maps), flattened images (fc4 reads both pools), features (fc5 reads both fc4s), an image and features
 # (fc6 reads pool3b and fc5a); padded pools of both kinds, non-square windows, a relu layer, dropout

@@ -12,7 +12,7 @@ evaluation takes: a mean image larger than the input (a prepared ImageNet's 256x
 the centre test view is. Each layer becomes:
 
 * conv: ``Conv`` (weights ``(C/g, KH, KW, F)`` transposed to ``(F, C/g, KH, KW)``, ``group``; ``rounding = up``:
-  more end padding, the zeros the last windows reach), then ``Relu``;
+  more end padding, the zeros the last windows reach), then its neuron;
 * pool: ``MaxPool`` / ``AveragePool`` (``count_include_pad = 0``: padding is never counted; floor output sizes;
   ``rounding = up`` only where its windows are the floor rule's);
 * lrn: ``LRN`` where ONNX's window is ours (odd sizes, one group), with ``alpha`` as ONNX means it (ONNX divides
@@ -21,8 +21,9 @@ the centre test view is. Each layer becomes:
 * rnorm / cnorm (same-map): the window sums of squares by a depthwise ``Conv`` of ones (zero padding: the window is
   clipped at the edges as ours), ``Mul`` by scale / size², ``Add`` minDiv, ``Pow``, ``Div``; cnorm first subtracts
   each pixel's window mean (the window sum divided by the constant count of its clipped window's pixels);
-* fc: ``Flatten`` (our CHW flattening order is NCHW's) and ``Gemm``; relu: ``Relu``; dropout: removed (the
-  identity at test time); softmax: ``Softmax``;
+* fc: ``Flatten`` (our CHW flattening order is NCHW's) and ``Gemm``; relu: ``Relu``; neurons (fused on conv and
+  fc, or a neuron layer): ``Relu``, ``Sigmoid``, ``Abs``, ``Sqrt``, ``Softplus``, ``Clip`` (brelu), ``Tanh`` and
+  ``Mul`` / ``Add`` for the parameters; dropout: removed (the identity at test time); softmax: ``Softmax``;
 * a layer with several inputs: ``Concat`` of its inputs along the channels (images of one size) or of their
   flattened features, as the graph joins them; towers need nothing else.
 
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .layers import FC, LRN, CNorm, Conv, Data, Dropout, Pool, ReLU, RNorm, SoftmaxCost
+from .layers import FC, LRN, CNorm, Conv, Data, Dropout, NeuronLayer, Pool, ReLU, RNorm, SoftmaxCost
 
 OPSET = 17  # the ONNX operator set the graph is written in
 IR_VERSION = 8  # the file format version: read by onnxruntime 1.10 and later
@@ -133,6 +134,7 @@ EXPORTED_KEYS = {
     RNorm: ("size", "scale", "pow", "min_div", "in_channels"),
     CNorm: ("size", "scale", "pow", "min_div", "in_channels"),
     ReLU: (),
+    NeuronLayer: ("neuron",),
     Dropout: ("keep", "mask_of", "mask_start"),
     SoftmaxCost: ("coeff",),
 }
@@ -142,7 +144,7 @@ def _check_keys(layer):
     known = EXPORTED_KEYS.get(type(layer))
     if known is None:
         raise ExportError(f"layer '{layer.name}': type '{layer.type}' has no ONNX export here (exported: data, conv, "
-                          f"pool, lrn, rnorm, cnorm, fc, relu, dropout, softmax)")
+                          f"pool, lrn, rnorm, cnorm, fc, relu, neuron, dropout, softmax)")
     rule = ()
     if isinstance(layer, Conv):
         rule = ("rounding",)  # rounding = up: zeros past the end padding, as the Conv's end pads (_layer_nodes)
@@ -160,8 +162,6 @@ def _layer_nodes(b, layer, x, state):
     """The nodes of ``layer`` on input tensor ``x`` (NCHW, or (N, F) for a flat input); returns its output tensor."""
     t, n = type(layer), layer.name
     _check_keys(layer)
-    if getattr(layer, "neuron", None) not in (None, "relu"):
-        raise ExportError(f"layer '{n}': neuron '{layer.neuron}' has no ONNX export here")
     if t is Conv:
         eh, ew = layer.extension(layer.in_shape)  # rounding = up: the last windows reach zeros past the padding
         _image_rule(layer, layer.in_shape, layer.size, layer.stride, layer.padding, "convolution", (eh, ew))
@@ -171,13 +171,13 @@ def _layer_nodes(b, layer, x, state):
                             b.const(f"{n}.bias", np.asarray(state[f"{n}/b"], np.float32))], n,
                    kernel_shape=list(layer.size), strides=list(layer.stride), pads=[ph, pw, ph + eh, pw + ew],
                    group=layer.groups)
-        return b.node("Relu", [y], f"{n}.relu") if layer.neuron == "relu" else y
+        return _neuron_nodes(b, layer.neuron, y, n)
     if t is FC:
         w = np.asarray(state[f"{n}/w"], np.float32)
         y = b.node("Gemm", [x, b.const(f"{n}.weight", w), b.const(f"{n}.bias", np.asarray(state[f"{n}/b"],
                                                                                        np.float32))],
                    n, transB=1)
-        return b.node("Relu", [y], f"{n}.relu") if layer.neuron == "relu" else y
+        return _neuron_nodes(b, layer.neuron, y, n)
     if t is Pool:
         _image_rule(layer, layer.in_shape, layer.size, layer.stride, layer.padding, "pooling")
         ph, pw = layer.padding
@@ -201,9 +201,37 @@ def _layer_nodes(b, layer, x, state):
         return _rnorm_nodes(b, layer, x)
     if t is ReLU:
         return b.node("Relu", [x], n)
+    if t is NeuronLayer:
+        return _neuron_nodes(b, layer.neuron, x, n)
     if t is Dropout:
         return x
     return b.node("Softmax", [x], n, axis=1)  # SoftmaxCost: the only type left (_check_keys)
+
+
+def _neuron_nodes(b, neuron, x, n):
+    """cuda-convnet's neuron (convnet.neurons) on ``x``: ONNX's own op where it has one, else Mul / Add."""
+    if neuron is None:
+        return x
+    name, a, c = neuron.name, neuron.a, neuron.b
+    base = f"{n}.{name}"
+    if name in ("relu", "abs", "sqrt"):
+        return b.node(name.capitalize(), [x], base)
+    if name == "logistic":
+        return b.node("Sigmoid", [x], base)
+    if name == "softrelu":
+        return b.node("Softplus", [x], base)
+    if name == "square":
+        return b.node("Mul", [x, x], base)
+    if name == "brelu":
+        return b.node("Clip", [x, b.const(f"{base}.min", np.float32(0)), b.const(f"{base}.max", np.float32(a))],
+                      base)
+    if name == "tanh":  # a * tanh(b * x)
+        inner = b.node("Mul", [x, b.const(f"{base}.b", np.float32(c))], f"{base}.bx")
+        return b.node("Mul", [b.node("Tanh", [inner], f"{base}.tanh"), b.const(f"{base}.a", np.float32(a))], base)
+    if name == "linear":  # a * x + b
+        ax = b.node("Mul", [x, b.const(f"{base}.a", np.float32(a))], f"{base}.ax")
+        return b.node("Add", [ax, b.const(f"{base}.b", np.float32(c))], base)
+    raise ExportError(f"layer '{n}': neuron '{neuron}' has no ONNX export here")
 
 
 def _rnorm_nodes(b, layer, x):
