@@ -203,6 +203,48 @@ def test_every_neuron_exports_fused_and_as_a_neuron_layer(conv, act, fc, tmp_pat
     assert np.abs(net.forward(x).T - ours).max() > 1e-3
 
 
+JOIN_NET = """
+[data]
+type = data
+channels = 3
+size = 5,6
+[conv1]
+type = conv
+inputs = data
+filters = 4
+size = 3
+padding = 1
+[conv2]
+type = conv
+inputs = data
+filters = 4
+size = 1
+neuron = tanh[1,0.05]
+[sum]
+type = eltsum
+inputs = conv1,conv2,conv1
+coeffs = {coeffs}
+[max]
+type = eltmax
+inputs = sum,conv2
+[fc]
+type = fc
+inputs = max,conv1
+outputs = 5
+[probs]
+type = softmax
+inputs = fc
+"""
+
+
+@pytest.mark.parametrize("coeffs", ["1,1,1", "0.5,-2,1.5"])
+def test_eltsum_and_eltmax_export_exactly(coeffs, tmp_path):
+    net, _ = build_net(JOIN_NET.format(coeffs=coeffs), "joins", device=NUMPY)
+    ours, x = _compare(net, tmp_path, np.random.default_rng(len(coeffs)), n=4)
+    net.layers["sum"].coeffs = (1.0, 0.0, 0.0)  # other coefficients give other probabilities: the test sees them
+    assert np.abs(net.forward(x).T - ours).max() > 1e-3
+
+
 # two towers (devices 0 and 1) exchanging the way AlexNet's do, with every kind of join: channel-wise (conv3 reads
 # both towers' maps), flattened images (fc4 reads both pools), features (fc5 reads both fc4s), an image and features
 # (fc6 reads pool3b and fc5a); padded pools of both kinds, non-square windows, a relu layer, dropout
@@ -451,11 +493,9 @@ CC_PARAMS = "[conv1]\nepsW=0.001\nepsB=0.002\nmomW=0.9\nmomB=0.9\nwc=0.004\n"
 
 @pytest.mark.parametrize("shape, stride, dropout, message", [
     ((3, 7, 7), 1, "dropout", "layer 'pool1': rounding = 'up' has no ONNX export here"),  # 7x7 pools to 4x4
-    ((3, 8, 8), 1, "dropout2", "layer 'drop': scaling = 'test' has no ONNX export here"),
     ((3, 9, 9), 2, "dropout", "layer 'pool1': rounding = 'up' has no ONNX export here"),  # conv 5x5, pool 3x3
 ])
-def test_cuda_convnets_overhanging_pools_and_test_time_dropout_scaling_are_refused(tmp_path, shape, stride, dropout,
-                                                                                   message):
+def test_cuda_convnets_overhanging_pools_are_refused(tmp_path, shape, stride, dropout, message):
     net = _cuda_convnet_net(tmp_path, shape, stride, dropout)
     with pytest.raises(export.ExportError, match=re.escape(message)):
         export.build_model(net)
@@ -468,14 +508,18 @@ def _cuda_convnet_net(tmp_path, shape, stride, dropout):
     return load_model(str(a), params=str(b), input_shape=shape, device="numpy")[0]
 
 
-@pytest.mark.parametrize("shape, stride, conv_out", [((3, 10, 10), 2, (6, 6)), ((3, 10, 9), 3, (4, 4)),
-                                                    ((3, 8, 8), 1, (8, 8))])
-def test_cuda_convnets_rounding_up_conv_exports_exactly(tmp_path, shape, stride, conv_out):
-    """Its last windows reach zeros past the padding (more end padding in ONNX); the pool after it has the floor
-    rule's windows."""
-    net = _cuda_convnet_net(tmp_path, shape, stride, "dropout")
+@pytest.mark.parametrize("shape, stride, conv_out, dropout", [
+    ((3, 10, 10), 2, (6, 6), "dropout"), ((3, 10, 9), 3, (4, 4), "dropout2"), ((3, 8, 8), 1, (8, 8), "dropout2")])
+def test_cuda_convnets_rounding_up_conv_and_dropout2_export_exactly(tmp_path, shape, stride, conv_out, dropout):
+    """The conv's last windows reach zeros past the padding (more end padding in ONNX); the pool after it has the
+    floor rule's windows; dropout2 multiplies by keep at test time."""
+    net = _cuda_convnet_net(tmp_path, shape, stride, dropout)
     assert net.layers["conv1"].rounding == "up" and net.layers["conv1"].out_shape[1:] == conv_out
-    _compare(net, tmp_path, np.random.default_rng(stride), n=3)
+    assert net.layers["drop"].scaling == ("test" if dropout == "dropout2" else "train")
+    ours, x = _compare(net, tmp_path, np.random.default_rng(stride), n=3)
+    if dropout == "dropout2":  # without the factor the probabilities are others: the test sees it
+        net.layers["drop"].scaling = "train"
+        assert np.abs(net.forward(x).T - ours).max() > 1e-3
 
 
 @pytest.mark.parametrize("mean, message", [

@@ -23,8 +23,10 @@ the centre test view is. Each layer becomes:
   each pixel's window mean (the window sum divided by the constant count of its clipped window's pixels);
 * fc: ``Flatten`` (our CHW flattening order is NCHW's) and ``Gemm``; relu: ``Relu``; neurons (fused on conv and
   fc, or a neuron layer): ``Relu``, ``Sigmoid``, ``Abs``, ``Sqrt``, ``Softplus``, ``Clip`` (brelu), ``Tanh`` and
-  ``Mul`` / ``Add`` for the parameters; dropout: removed (the identity at test time); softmax: ``Softmax``;
-* a layer with several inputs: ``Concat`` of its inputs along the channels (images of one size) or of their
+  ``Mul`` / ``Add`` for the parameters; dropout: removed (the identity at test time; ``scaling = test``: ``Mul``
+  by keep); softmax: ``Softmax``;
+* eltsum: ``Sum`` of its inputs times their ``coeffs`` (``Mul``); eltmax: ``Max``;
+* another layer with several inputs: ``Concat`` of its inputs along the channels (images of one size) or of their
   flattened features, as the graph joins them; towers need nothing else.
 
 A layer type or setting this module does not know is refused with an :class:`ExportError` naming the layer.
@@ -38,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .layers import FC, LRN, CNorm, Conv, Data, Dropout, NeuronLayer, Pool, ReLU, RNorm, SoftmaxCost
+from .layers import FC, LRN, CNorm, Conv, Data, Dropout, EltMax, EltSum, NeuronLayer, Pool, ReLU, RNorm, SoftmaxCost
 
 OPSET = 17  # the ONNX operator set the graph is written in
 IR_VERSION = 8  # the file format version: read by onnxruntime 1.10 and later
@@ -123,8 +125,8 @@ def _lrn_band(layer, channels):
 # training settings and the checked input channels: they do not change what the layer computes
 _LEARNABLE = ("init_w", "init_b", "lr_w", "lr_b", "wd_w", "wd_b", "eps_w", "eps_b", "mom_w", "mom_b", "wc", "neuron",
               "in_channels")
-# the keys each exported layer type is written with: any other key (a rule added later, cuda-convnet's rounding = up,
-# dropout's scaling = test) must keep its default
+# the keys each exported layer type is written with: any other key (a rule added later, a pool's overhanging
+# windows) must keep its default
 EXPORTED_KEYS = {
     Data: ("channels", "size", "scale"),
     Conv: (*_LEARNABLE, "filters", "size", "stride", "padding", "groups"),
@@ -135,7 +137,9 @@ EXPORTED_KEYS = {
     CNorm: ("size", "scale", "pow", "min_div", "in_channels"),
     ReLU: (),
     NeuronLayer: ("neuron",),
-    Dropout: ("keep", "mask_of", "mask_start"),
+    EltSum: ("coeffs",),
+    EltMax: (),
+    Dropout: ("keep", "mask_of", "mask_start", "scaling"),
     SoftmaxCost: ("coeff",),
 }
 
@@ -144,7 +148,7 @@ def _check_keys(layer):
     known = EXPORTED_KEYS.get(type(layer))
     if known is None:
         raise ExportError(f"layer '{layer.name}': type '{layer.type}' has no ONNX export here (exported: data, conv, "
-                          f"pool, lrn, rnorm, cnorm, fc, relu, neuron, dropout, softmax)")
+                          f"pool, lrn, rnorm, cnorm, fc, relu, neuron, eltsum, eltmax, dropout, softmax)")
     rule = ()
     if isinstance(layer, Conv):
         rule = ("rounding",)  # rounding = up: zeros past the end padding, as the Conv's end pads (_layer_nodes)
@@ -203,9 +207,21 @@ def _layer_nodes(b, layer, x, state):
         return b.node("Relu", [x], n)
     if t is NeuronLayer:
         return _neuron_nodes(b, layer.neuron, x, n)
-    if t is Dropout:
+    if t is Dropout:  # the identity at test time; scaling = test (cuda-convnet2's dropout2): times keep
+        if layer.scaling == "test" and layer.keep != 1.0:
+            return b.node("Mul", [x, b.const(f"{n}.keep", np.float32(layer.keep))], n)
         return x
     return b.node("Softmax", [x], n, axis=1)  # SoftmaxCost: the only type left (_check_keys)
+
+
+def _join_nodes(b, layer, parts):
+    """eltsum: ``Sum`` of the inputs, each times its coefficient (``Mul`` where it is not 1); eltmax: ``Max``."""
+    n = layer.name
+    if isinstance(layer, EltMax):
+        return b.node("Max", parts, n)
+    terms = [p if c == 1.0 else b.node("Mul", [p, b.const(f"{n}.coeff{i}", np.float32(c))], f"{n}.term{i}")
+             for i, (p, c) in enumerate(zip(parts, layer.coeffs))]
+    return b.node("Sum", terms, n)
 
 
 def _neuron_nodes(b, neuron, x, n):
@@ -299,6 +315,10 @@ def build_model(net, *, mean=None, layout="nchw"):
         if type(l) is Data:
             raise ExportError(f"layer '{l.name}': a second data layer has no ONNX export here")
         ranks = [len(net.layers[i].out_shape) for i in l.inputs]
+        if isinstance(l, (EltSum, EltMax)):  # the inputs themselves, of one shape (not their join)
+            _check_keys(l)
+            outs[l.name] = _join_nodes(b, l, [outs[i] for i in l.inputs])
+            continue
         if len(l.inputs) == 1:
             xin = outs[l.inputs[0]]
         elif len(l.in_shape) == 3:  # images of one size: joined channel-wise
