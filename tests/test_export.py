@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import CPU, NUMPY, subprocess_env
+from helpers import CPU, NUMPY, ROOT, subprocess_env
 from models import TINY
 
 onnx = pytest.importorskip("onnx")
@@ -430,11 +430,13 @@ def test_a_layer_type_without_export_is_refused_by_name(tmp_path):
 
 def test_a_key_the_export_does_not_know_is_refused_unless_it_keeps_its_default(monkeypatch, tmp_path):
     from convnet.layers import Key, Pool
-    monkeypatch.setattr(Pool, "keys", (*Pool.keys, Key("start", "int", 0)))
+    monkeypatch.setattr(Pool, "keys", (*Pool.keys, Key("dilation", "int", 1)))
     net, _ = build_net(TOWERS, "towers", device=NUMPY)
-    export.build_model(net)  # start = 0 everywhere: the default, the rule the export writes
-    net.layers["pool1b"].start = -1
-    with pytest.raises(export.ExportError, match="layer 'pool1b': start = -1 has no ONNX export here"):
+    for layer in net.order:
+        layer.dilation = 1
+    export.build_model(net)  # dilation = 1 everywhere: the default, the rule the export writes
+    net.layers["pool1b"].dilation = 2
+    with pytest.raises(export.ExportError, match="layer 'pool1b': dilation = 2 has no ONNX export here"):
         export.build_model(net)
 
 
@@ -491,14 +493,61 @@ inputs=labels,probs
 CC_PARAMS = "[conv1]\nepsW=0.001\nepsB=0.002\nmomW=0.9\nmomB=0.9\nwc=0.004\n"
 
 
-@pytest.mark.parametrize("shape, stride, dropout, message", [
-    ((3, 7, 7), 1, "dropout", "layer 'pool1': rounding = 'up' has no ONNX export here"),  # 7x7 pools to 4x4
-    ((3, 9, 9), 2, "dropout", "layer 'pool1': rounding = 'up' has no ONNX export here"),  # conv 5x5, pool 3x3
+POOL_NET = """
+[data]
+type = data
+channels = 3
+size = {h},{w}
+[conv1]
+type = conv
+inputs = data
+filters = 4
+size = 3
+padding = 1
+[pool1]
+type = pool
+inputs = conv1
+pool = {pool}
+size = {size}
+stride = {stride}
+rounding = up
+start = {start}
+outputsX = {outputs}
+[fc]
+type = fc
+inputs = pool1
+outputs = 5
+[probs]
+type = softmax
+inputs = fc
+"""
+
+
+@pytest.mark.parametrize("pool, size, stride, start, outputs, hw, out", [
+    ("max", 3, 2, 0, 0, (7, 8), (3, 4)),  # columns: the last window hangs over the edge (the floor rule: 3)
+    ("avg", 3, 2, 0, 0, (8, 9), (4, 4)),  # rows hang over
+    ("avg", 3, 2, -1, 0, (8, 9), (4, 5)),  # from before the image
+    ("max", 3, 1, -2, 0, (5, 6), (5, 6)),
+    ("avg", 2, 2, 1, 2, (7, 7), (2, 2)),  # from inside, fewer windows than fit: cropped at both ends
+    ("max", 4, 3, 0, 0, (9, 10), (3, 3)),
+    ("avg", 3, 2, 0, 0, (7, 7), (3, 3)),  # the floor rule's windows
 ])
-def test_cuda_convnets_overhanging_pools_are_refused(tmp_path, shape, stride, dropout, message):
-    net = _cuda_convnet_net(tmp_path, shape, stride, dropout)
-    with pytest.raises(export.ExportError, match=re.escape(message)):
-        export.build_model(net)
+def test_cuda_convnets_pool_windows_export_exactly(pool, size, stride, start, outputs, hw, out, tmp_path):
+    text = POOL_NET.format(h=hw[0], w=hw[1], pool=pool, size=size, stride=stride, start=start, outputs=outputs)
+    net, _ = build_net(text, "pools", device=NUMPY)
+    assert net.layers["pool1"].out_shape[1:] == out
+    _compare(net, tmp_path, np.random.default_rng(size * 10 + stride), n=3)
+
+
+@pytest.mark.parametrize("name", ["80sec", "18pct"])
+def test_cuda_convnets_own_cifar_nets_export_exactly(name, tmp_path):
+    """The original files: rounding-up convs and pools, detached neuron layers, rnorm (18pct)."""
+    folder = ROOT / "tests" / "data" / "cuda-convnet" / "cuda-convnet"
+    net = load_model(str(folder / f"layers-{name}.cfg"), params=str(folder / f"layer-params-{name}.cfg"),
+                     input_shape=(3, 32, 32), device=CPU)[0]
+    assert net.layers["pool1"].out_shape == (32, 16, 16)  # cuda-convnet's rule (the floor rule: 15x15)
+    ours, _ = _compare(net, tmp_path, np.random.default_rng(len(name)), n=2)
+    assert ours.max() > 0.2
 
 
 def _cuda_convnet_net(tmp_path, shape, stride, dropout):

@@ -14,7 +14,7 @@ the centre test view is. Each layer becomes:
 * conv: ``Conv`` (weights ``(C/g, KH, KW, F)`` transposed to ``(F, C/g, KH, KW)``, ``group``; ``rounding = up``:
   more end padding, the zeros the last windows reach), then its neuron;
 * pool: ``MaxPool`` / ``AveragePool`` (``count_include_pad = 0``: padding is never counted; floor output sizes;
-  ``rounding = up`` only where its windows are the floor rule's);
+  ``rounding = up``: a ``Slice`` to the rows and columns its windows read, pads where they hang over the edge);
 * lrn: ``LRN`` where ONNX's window is ours (odd sizes, one group), with ``alpha`` as ONNX means it (ONNX divides
   alpha by size: ``alpha * size`` for our "sum" convention, ``alpha`` for "mean"); otherwise (even sizes, groups)
   built from ``Mul``, a 1x1 ``Conv`` that sums each channel's window within its group, ``Add``, ``Pow``, ``Div``;
@@ -125,8 +125,7 @@ def _lrn_band(layer, channels):
 # training settings and the checked input channels: they do not change what the layer computes
 _LEARNABLE = ("init_w", "init_b", "lr_w", "lr_b", "wd_w", "wd_b", "eps_w", "eps_b", "mom_w", "mom_b", "wc", "neuron",
               "in_channels")
-# the keys each exported layer type is written with: any other key (a rule added later, a pool's overhanging
-# windows) must keep its default
+# the keys each exported layer type is written with: any other key (a rule added later) must keep its default
 EXPORTED_KEYS = {
     Data: ("channels", "size", "scale"),
     Conv: (*_LEARNABLE, "filters", "size", "stride", "padding", "groups"),
@@ -152,8 +151,8 @@ def _check_keys(layer):
     rule = ()
     if isinstance(layer, Conv):
         rule = ("rounding",)  # rounding = up: zeros past the end padding, as the Conv's end pads (_layer_nodes)
-    elif isinstance(layer, Pool) and layer.rounding == "up" and layer._direct(layer.in_shape):
-        rule = ("rounding", "start", "outputs_x")  # cuda-convnet's rule that gives the floor rule's windows
+    elif isinstance(layer, Pool):
+        rule = ("rounding", "start", "outputs_x")  # cuda-convnet's windows: a crop and pads (_overhanging_windows)
     for key in type(layer).keys:
         if key.arg in known or key.arg in rule:
             continue
@@ -183,9 +182,13 @@ def _layer_nodes(b, layer, x, state):
                    n, transB=1)
         return _neuron_nodes(b, layer.neuron, y, n)
     if t is Pool:
-        _image_rule(layer, layer.in_shape, layer.size, layer.stride, layer.padding, "pooling")
-        ph, pw = layer.padding
-        attrs = dict(kernel_shape=list(layer.size), strides=list(layer.stride), pads=[ph, pw, ph, pw], ceil_mode=0)
+        if layer.rounding == "up":
+            x, pads = _overhanging_windows(b, layer, x)
+        else:
+            _image_rule(layer, layer.in_shape, layer.size, layer.stride, layer.padding, "pooling")
+            ph, pw = layer.padding
+            pads = [ph, pw, ph, pw]
+        attrs = dict(kernel_shape=list(layer.size), strides=list(layer.stride), pads=pads, ceil_mode=0)
         if layer.pool == "max":
             return b.node("MaxPool", [x], n, **attrs)
         return b.node("AveragePool", [x], n, count_include_pad=0, **attrs)
@@ -212,6 +215,25 @@ def _layer_nodes(b, layer, x, state):
             return b.node("Mul", [x, b.const(f"{n}.keep", np.float32(layer.keep))], n)
         return x
     return b.node("Softmax", [x], n, axis=1)  # SoftmaxCost: the only type left (_check_keys)
+
+
+def _overhanging_windows(b, layer, x):
+    """cuda-convnet's pool windows (rounding = up): the input cropped to the rows and columns they read (a ``Slice``
+    where they start inside the image or end before its edge), and the pads where they hang over it (MaxPool never
+    takes a pad, AveragePool with count_include_pad = 0 never counts one: the windows' real inputs, as ours).
+    Returns (x, pads)."""
+    n = layer.name
+    starts, ends, begin, end = [], [], [], []
+    for (first, count, span), size in zip(layer.windows(layer.in_shape), layer.in_shape[1:]):
+        starts.append(max(first, 0))
+        ends.append(min(first + span, size))
+        begin.append(max(-first, 0))
+        end.append(max(first + span - size, 0))
+    if starts != [0, 0] or ends != list(layer.in_shape[1:]):
+        x = b.node("Slice", [x, b.const(f"{n}.starts", np.array(starts, np.int64)),
+                             b.const(f"{n}.ends", np.array(ends, np.int64)),
+                             b.const(f"{n}.axes", np.array([2, 3], np.int64))], f"{n}.windows")
+    return x, [*begin, *end]
 
 
 def _join_nodes(b, layer, parts):
