@@ -450,6 +450,13 @@ def test_every_neuron_loads_on_conv_fc_pool_and_as_a_neuron_layer(tmp_path, name
     assert net.layers["act"].inputs == ["pool1_neuron"] and net.layers["fc10"].inputs == ["act"]
 
 
+def test_a_neuron_keeps_every_digit_of_its_parameters(tmp_path):
+    a, b = _files(tmp_path, BASE_LAYERS.replace("channels=16\n", "channels=16\nneuron=tanh[1.7159, 0.66666667]\n"))
+    text, source = resolve_model(a, b, (3, 12, 12))
+    net = build_net(text, source, device="numpy", init_params=False)[0]
+    assert net.layers["pool1_neuron"].neuron == Neuron("tanh", 1.7159, 0.66666667)
+
+
 def test_neuron_identities_add_no_layer(tmp_path):
     for n in ("ident", "linear", "linear[1,0]"):
         a, b = _files(tmp_path, BASE_LAYERS.replace("channels=16\n", f"channels=16\nneuron={n}\n"))
