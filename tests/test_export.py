@@ -1,12 +1,13 @@
 """ONNX export (convnet.export): the exported graph, run by onnxruntime on raw pixels, gives our probabilities."""
 import math
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from helpers import CPU, NUMPY, subprocess_env
+from helpers import CPU, NUMPY, ROOT, subprocess_env
 from models import TINY
 
 onnx = pytest.importorskip("onnx")
@@ -130,54 +131,40 @@ def test_lrn_of_any_size_convention_and_groups_exports_exactly(size, convention,
     assert np.abs(net.forward(x).T - ours).max() > 1e-2
 
 
-NORM_NET = """
-[data]
-type = data
-channels = 2
-size = 7,6
-scale = 0.01
-[conv1]
-type = conv
-inputs = data
-filters = 5
-size = 3
-padding = 1
-neuron = relu
-[norm1]
-type = {type}
+RNORM_NET = LRN_NET.replace("""type = lrn
+inputs = conv1
+size = {size}
+alpha = {alpha}
+beta = 0.75
+k = {k}
+convention = {convention}
+groups = {groups}""", """type = {type}
 inputs = conv1
 size = {size}
 scale = {scale}
 pow = 0.75
-minDiv = 0.5
-[fc2]
-type = fc
-inputs = norm1
-outputs = 5
-[probs]
-type = softmax
-inputs = fc2
-"""
+minDiv = {min_div}""")
 
 
-@pytest.mark.parametrize("kind", ["rnorm", "cnorm"])
-@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 9])  # even: one more row before; 9: larger than the 7x6 image
-def test_rnorm_and_cnorm_of_any_size_export_exactly(kind, size, tmp_path):
-    # scale large enough that the window sums change the activations by a factor of about 2 or more
-    net, _ = build_net(NORM_NET.format(type=kind, size=size, scale=4.0), kind, device=NUMPY)
-    ours, x = _compare(net, tmp_path, np.random.default_rng(size), n=4)
-    ops = [n.op_type for n in onnx.load(str(tmp_path / f"{kind}.onnx")).graph.node]
-    assert ("AveragePool" in ops) == (kind == "cnorm")
-    if kind == "cnorm" and size == 1:  # each pixel is its window's mean: m = 0, and y = x * minDiv^-pow
-        return
-    net.layers["norm1"].scale = 0.0  # without the window sums the probabilities are others: the test sees them
+@pytest.mark.parametrize("type_, size, min_div", [
+    ("rnorm", 3, 1.0), ("rnorm", 4, 2.0), ("rnorm", 1, 0.5), ("rnorm", 9, 1.0),  # 9: wider than the 7x9 image
+    ("cnorm", 3, 1.0), ("cnorm", 2, 1.5), ("cnorm", 5, 1.0), ("cnorm", 10, 2.0),
+])
+def test_rnorm_and_cnorm_of_any_size_export_exactly(type_, size, min_div, tmp_path):
+    text = RNORM_NET.format(type=type_, size=size, scale=0.05 * size * size, min_div=min_div)
+    assert "type = lrn" not in text
+    net, _ = build_net(text, type_, device=NUMPY)
+    rng = np.random.default_rng(size * 10 + len(type_))
+    ours, x = _compare(net, tmp_path, rng, n=4)
+    net.layers["rnorm1"].scale = 0.0  # without the normalisation the probabilities are others: the test sees it
+    net.layers["rnorm1"].min_div = 1.0
     assert np.abs(net.forward(x).T - ours).max() > 1e-2
 
 
 NEURON_NET = """
 [data]
 type = data
-channels = 3
+channels = 2
 size = 6,5
 [conv1]
 type = conv
@@ -185,107 +172,19 @@ inputs = data
 filters = 6
 size = 3
 padding = 1
-neuron = {0}
-[act1]
+neuron = {conv}
+[act]
 type = neuron
 inputs = conv1
-neuron = {1}
+neuron = {act}
 [fc2]
 type = fc
-inputs = act1
+inputs = act
 outputs = 8
-neuron = {2}
-[act2]
-type = neuron
+neuron = {fc}
+[fc3]
+type = fc
 inputs = fc2
-neuron = {3}
-[fc3]
-type = fc
-inputs = act2
-outputs = 4
-[probs]
-type = softmax
-inputs = fc3
-"""
-
-
-@pytest.mark.parametrize("neurons", [
-    # each neuron fused on a conv, as a layer on images, fused on an fc and as a layer on features
-    ("tanh[1.7,0.6]", "logistic", "softrelu", "abs"),
-    ("abs", "sqrt", "square", "tanh[-1.2,1.5]"),
-    ("brelu[1.5]", "linear[0.5,-0.3]", "tanh[2,0.5]", "softrelu"),
-    ("softrelu", "abs", "brelu[0.8]", "linear[-1.5,0.2]"),
-    ("square", "tanh[1.2,1.5]", "linear[-1.5,0.2]", "logistic"),
-    ("linear[2,0.1]", "brelu[2]", "logistic", "square"),
-    ("logistic", "square", "abs", "brelu[0.7]"),
-    ("relu", "softrelu", "relu", "relu"),
-    ("sqrt", "relu", "sqrt", "sqrt"),  # sqrt fused: positive weights on non-negative pixels
-])
-def test_every_neuron_fused_and_as_a_layer_exports_exactly(neurons, tmp_path):
-    net, _ = build_net(NEURON_NET.format(*neurons), "neurons", device=NUMPY)
-    positive = ("conv1", "fc2") if neurons[0] == "sqrt" else ()
-    ours, x = _compare(net, tmp_path, np.random.default_rng(len("".join(neurons))), n=4, mean=not positive,
-                       positive=positive)
-    for name in ("conv1", "act1", "fc2", "act2"):  # the identity everywhere: other probabilities
-        net.layers[name].neuron = None
-    assert np.abs(net.forward(x).T - ours).max() > 1e-2
-
-
-JOIN_NET = """
-[data]
-type = data
-channels = 2
-size = 5,6
-[conv1a]
-type = conv
-inputs = data
-filters = 4
-size = 3
-padding = 1
-[conv1b]
-type = conv
-inputs = data
-filters = 4
-size = 3
-padding = 1
-[conv1c]
-type = conv
-inputs = data
-filters = 4
-size = 3
-padding = 1
-[sum1]
-type = eltsum
-inputs = conv1a, conv1b
-coeffs = 0.7, -1.3
-[max1]
-type = eltmax
-inputs = conv1a, conv1b, conv1c
-[fc2a]
-type = fc
-inputs = sum1
-outputs = 6
-[fc2b]
-type = fc
-inputs = max1
-outputs = 6
-[fc2c]
-type = fc
-inputs = sum1, max1
-outputs = 6
-[sum2]
-type = eltsum
-inputs = fc2a, fc2b, fc2c
-[max2]
-type = eltmax
-inputs = fc2a, fc2c
-[scaled2]
-type = eltsum
-inputs = max2
-coeffs = -2
-[fc3]
-type = fc
-inputs = sum2, scaled2
 outputs = 5
 [probs]
 type = softmax
@@ -293,13 +192,61 @@ inputs = fc3
 """
 
 
-def test_eltsum_and_eltmax_joins_of_images_and_features_export_exactly(tmp_path):
-    net, _ = build_net(JOIN_NET, "joins", device=NUMPY)
-    ours, x = _compare(net, tmp_path, np.random.default_rng(11), n=5)
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "joins.onnx")).graph.node]
-    assert ops.count("Sum") == 3 and ops.count("Max") == 2
-    net.layers["sum1"].coeffs = (0.7, 1.3)  # another coefficient: other probabilities
-    assert np.abs(net.forward(x).T - ours).max() > 1e-2
+@pytest.mark.parametrize("conv, act, fc", [
+    ("tanh[1.5,0.5]", "logistic", "softrelu"),
+    ("abs", "sqrt", "square"),  # sqrt of the abs: no NaN
+    ("brelu[1.2]", "linear[0.5,-0.25]", "relu"),
+    ("logistic", "softrelu", "tanh[-1.7159,0.6667]"),
+    ("linear[2,1]", "brelu[0.5]", "abs"),
+])
+def test_every_neuron_exports_fused_and_as_a_neuron_layer(conv, act, fc, tmp_path):
+    net, _ = build_net(NEURON_NET.format(conv=conv, act=act, fc=fc), "neurons", device=NUMPY)
+    rng = np.random.default_rng(len(conv + act + fc))
+    ours, x = _compare(net, tmp_path, rng, n=4)
+    net.layers["act"].neuron = None  # without the neuron layer the probabilities are others: the test sees it
+    assert np.abs(net.forward(x).T - ours).max() > 1e-3
+
+
+JOIN_NET = """
+[data]
+type = data
+channels = 3
+size = 5,6
+[conv1]
+type = conv
+inputs = data
+filters = 4
+size = 3
+padding = 1
+[conv2]
+type = conv
+inputs = data
+filters = 4
+size = 1
+neuron = tanh[1,0.05]
+[sum]
+type = eltsum
+inputs = conv1,conv2,conv1
+coeffs = {coeffs}
+[max]
+type = eltmax
+inputs = sum,conv2
+[fc]
+type = fc
+inputs = max,conv1
+outputs = 5
+[probs]
+type = softmax
+inputs = fc
+"""
+
+
+@pytest.mark.parametrize("coeffs", ["1,1,1", "0.5,-2,1.5"])
+def test_eltsum_and_eltmax_export_exactly(coeffs, tmp_path):
+    net, _ = build_net(JOIN_NET.format(coeffs=coeffs), "joins", device=NUMPY)
+    ours, x = _compare(net, tmp_path, np.random.default_rng(len(coeffs)), n=4)
+    net.layers["sum"].coeffs = (1.0, 0.0, 0.0)  # other coefficients give other probabilities: the test sees them
+    assert np.abs(net.forward(x).T - ours).max() > 1e-3
 
 
 # two towers (devices 0 and 1) exchanging the way AlexNet's do, with every kind of join: channel-wise (conv3 reads
@@ -487,11 +434,13 @@ def test_a_layer_type_without_export_is_refused_by_name(tmp_path):
 
 def test_a_key_the_export_does_not_know_is_refused_unless_it_keeps_its_default(monkeypatch, tmp_path):
     from convnet.layers import Key, Pool
-    monkeypatch.setattr(Pool, "keys", (*Pool.keys, Key("start", "int", 0)))
+    monkeypatch.setattr(Pool, "keys", (*Pool.keys, Key("dilation", "int", 1)))
     net, _ = build_net(TOWERS, "towers", device=NUMPY)
-    export.build_model(net)  # start = 0 everywhere: the default, the rule the export writes
-    net.layers["pool1b"].start = -1
-    with pytest.raises(export.ExportError, match="layer 'pool1b': start = -1 has no ONNX export here"):
+    for layer in net.order:
+        layer.dilation = 1
+    export.build_model(net)  # dilation = 1 everywhere: the default, the rule the export writes
+    net.layers["pool1b"].dilation = 2
+    with pytest.raises(export.ExportError, match="layer 'pool1b': dilation = 2 has no ONNX export here"):
         export.build_model(net)
 
 
@@ -501,6 +450,129 @@ def test_an_output_size_rule_onnx_lacks_is_refused(tmp_path):
     net.layers["pool1a"].out_shape = (c, h + 1, w)  # as a rounding-up rule would give
     with pytest.raises(export.ExportError, match="layer 'pool1a': its pooling output size"):
         export.build_model(net)
+
+
+CC_LAYERS = """[data]
+type=data
+dataIdx=0
+
+[labels]
+type=data
+dataIdx=1
+
+[conv1]
+type=conv
+inputs=data
+channels=3
+filters=4
+padding=1
+stride={stride}
+filterSize=3
+
+[pool1]
+type=pool
+pool=max
+inputs=conv1
+sizeX=2
+stride=2
+channels=4
+
+[drop]
+type={dropout}
+inputs=pool1
+
+[fc10]
+type=fc
+outputs=3
+inputs=drop
+
+[probs]
+type=softmax
+inputs=fc10
+
+[logprob]
+type=cost.logreg
+inputs=labels,probs
+"""
+CC_PARAMS = "[conv1]\nepsW=0.001\nepsB=0.002\nmomW=0.9\nmomB=0.9\nwc=0.004\n"
+
+
+POOL_NET = """
+[data]
+type = data
+channels = 3
+size = {h},{w}
+[conv1]
+type = conv
+inputs = data
+filters = 4
+size = 3
+padding = 1
+[pool1]
+type = pool
+inputs = conv1
+pool = {pool}
+size = {size}
+stride = {stride}
+rounding = up
+start = {start}
+outputsX = {outputs}
+[fc]
+type = fc
+inputs = pool1
+outputs = 5
+[probs]
+type = softmax
+inputs = fc
+"""
+
+
+@pytest.mark.parametrize("pool, size, stride, start, outputs, hw, out", [
+    ("max", 3, 2, 0, 0, (7, 8), (3, 4)),  # columns: the last window hangs over the edge (the floor rule: 3)
+    ("avg", 3, 2, 0, 0, (8, 9), (4, 4)),  # rows hang over
+    ("avg", 3, 2, -1, 0, (8, 9), (4, 5)),  # from before the image
+    ("max", 3, 1, -2, 0, (5, 6), (5, 6)),
+    ("avg", 2, 2, 1, 2, (7, 7), (2, 2)),  # from inside, fewer windows than fit: cropped at both ends
+    ("max", 4, 3, 0, 0, (9, 10), (3, 3)),
+    ("avg", 3, 2, 0, 0, (7, 7), (3, 3)),  # the floor rule's windows
+])
+def test_cuda_convnets_pool_windows_export_exactly(pool, size, stride, start, outputs, hw, out, tmp_path):
+    text = POOL_NET.format(h=hw[0], w=hw[1], pool=pool, size=size, stride=stride, start=start, outputs=outputs)
+    net, _ = build_net(text, "pools", device=NUMPY)
+    assert net.layers["pool1"].out_shape[1:] == out
+    _compare(net, tmp_path, np.random.default_rng(size * 10 + stride), n=3)
+
+
+@pytest.mark.parametrize("name", ["80sec", "18pct"])
+def test_cuda_convnets_own_cifar_nets_export_exactly(name, tmp_path):
+    """The original files: rounding-up convs and pools, detached neuron layers, rnorm (18pct)."""
+    folder = ROOT / "tests" / "data" / "cuda-convnet" / "cuda-convnet"
+    net = load_model(str(folder / f"layers-{name}.cfg"), params=str(folder / f"layer-params-{name}.cfg"),
+                     input_shape=(3, 32, 32), device=CPU)[0]
+    assert net.layers["pool1"].out_shape == (32, 16, 16)  # cuda-convnet's rule (the floor rule: 15x15)
+    ours, _ = _compare(net, tmp_path, np.random.default_rng(len(name)), n=2)
+    assert ours.max() > 0.2
+
+
+def _cuda_convnet_net(tmp_path, shape, stride, dropout):
+    a, b = tmp_path / "layers.cfg", tmp_path / "params.cfg"
+    a.write_text(CC_LAYERS.format(stride=stride, dropout=dropout))
+    b.write_text(CC_PARAMS)
+    return load_model(str(a), params=str(b), input_shape=shape, device="numpy")[0]
+
+
+@pytest.mark.parametrize("shape, stride, conv_out, dropout", [
+    ((3, 10, 10), 2, (6, 6), "dropout"), ((3, 10, 9), 3, (4, 4), "dropout2"), ((3, 8, 8), 1, (8, 8), "dropout2")])
+def test_cuda_convnets_rounding_up_conv_and_dropout2_export_exactly(tmp_path, shape, stride, conv_out, dropout):
+    """The conv's last windows reach zeros past the padding (more end padding in ONNX); the pool after it has the
+    floor rule's windows; dropout2 multiplies by keep at test time."""
+    net = _cuda_convnet_net(tmp_path, shape, stride, dropout)
+    assert net.layers["conv1"].rounding == "up" and net.layers["conv1"].out_shape[1:] == conv_out
+    assert net.layers["drop"].scaling == ("test" if dropout == "dropout2" else "train")
+    ours, x = _compare(net, tmp_path, np.random.default_rng(stride), n=3)
+    if dropout == "dropout2":  # without the factor the probabilities are others: the test sees it
+        net.layers["drop"].scaling = "train"
+        assert np.abs(net.forward(x).T - ours).max() > 1e-3
 
 
 @pytest.mark.parametrize("mean, message", [
@@ -536,3 +608,240 @@ def test_without_onnx_installed_the_error_says_how_to_install_it(monkeypatch, tm
     net, _ = build_net(TOWERS, "towers", device=NUMPY)
     with pytest.raises(export.ExportError, match=r"pip install 'convnet\[onnx\]'"):
         export.to_onnx(net, tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize("kind", ["rnorm", "cnorm"])
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 9])  # even: one more row before; 9: larger than the 7x6 image
+def test_rnorm_and_cnorm_windows_larger_than_the_image_and_even_export_exactly(kind, size, tmp_path):
+    # scale large enough that the window sums change the activations by a factor of about 2 or more
+    net, _ = build_net(NORM_NET.format(type=kind, size=size, scale=4.0), kind, device=NUMPY)
+    ours, x = _compare(net, tmp_path, np.random.default_rng(size), n=4)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / f"{kind}.onnx")).graph.node]
+    assert ("AveragePool" in ops) == (kind == "cnorm")
+    if kind == "cnorm" and size == 1:  # each pixel is its window's mean: m = 0, and y = x * minDiv^-pow
+        return
+    net.layers["norm1"].scale = 0.0  # without the window sums the probabilities are others: the test sees them
+    assert np.abs(net.forward(x).T - ours).max() > 1e-2
+
+
+NEURON_NET = """
+[data]
+type = data
+channels = 3
+size = 6,5
+[conv1]
+type = conv
+inputs = data
+filters = 6
+size = 3
+padding = 1
+neuron = {0}
+[act1]
+type = neuron
+inputs = conv1
+neuron = {1}
+[fc2]
+type = fc
+inputs = act1
+outputs = 8
+neuron = {2}
+[act2]
+type = neuron
+inputs = fc2
+neuron = {3}
+[fc3]
+type = fc
+inputs = act2
+outputs = 4
+[probs]
+type = softmax
+inputs = fc3
+"""
+
+
+@pytest.mark.parametrize("neurons", [
+    # each neuron fused on a conv, as a layer on images, fused on an fc and as a layer on features
+    ("tanh[1.7,0.6]", "logistic", "softrelu", "abs"),
+    ("abs", "sqrt", "square", "tanh[-1.2,1.5]"),
+    ("brelu[1.5]", "linear[0.5,-0.3]", "tanh[2,0.5]", "softrelu"),
+    ("softrelu", "abs", "brelu[0.8]", "linear[-1.5,0.2]"),
+    ("square", "tanh[1.2,1.5]", "linear[-1.5,0.2]", "logistic"),
+    ("linear[2,0.1]", "brelu[2]", "logistic", "square"),
+    ("logistic", "square", "abs", "brelu[0.7]"),
+    ("relu", "softrelu", "relu", "relu"),
+    ("sqrt", "relu", "sqrt", "sqrt"),  # sqrt fused: positive weights on non-negative pixels
+])
+def test_every_neuron_in_every_slot_exports_exactly(neurons, tmp_path):
+    net, _ = build_net(NEURON_NET.format(*neurons), "neurons", device=NUMPY)
+    positive = ("conv1", "fc2") if neurons[0] == "sqrt" else ()
+    ours, x = _compare(net, tmp_path, np.random.default_rng(len("".join(neurons))), n=4, mean=not positive,
+                       positive=positive)
+    for name in ("conv1", "act1", "fc2", "act2"):  # the identity everywhere: other probabilities
+        net.layers[name].neuron = None
+    assert np.abs(net.forward(x).T - ours).max() > 1e-2
+
+
+JOIN_NET = """
+[data]
+type = data
+channels = 2
+size = 5,6
+[conv1a]
+type = conv
+inputs = data
+filters = 4
+size = 3
+padding = 1
+[conv1b]
+type = conv
+inputs = data
+filters = 4
+size = 3
+padding = 1
+[conv1c]
+type = conv
+inputs = data
+filters = 4
+size = 3
+padding = 1
+[sum1]
+type = eltsum
+inputs = conv1a, conv1b
+coeffs = 0.7, -1.3
+[max1]
+type = eltmax
+inputs = conv1a, conv1b, conv1c
+[fc2a]
+type = fc
+inputs = sum1
+outputs = 6
+[fc2b]
+type = fc
+inputs = max1
+outputs = 6
+[fc2c]
+type = fc
+inputs = sum1, max1
+outputs = 6
+[sum2]
+type = eltsum
+inputs = fc2a, fc2b, fc2c
+[max2]
+type = eltmax
+inputs = fc2a, fc2c
+[scaled2]
+type = eltsum
+inputs = max2
+coeffs = -2
+[fc3]
+type = fc
+inputs = sum2, scaled2
+outputs = 5
+[probs]
+type = softmax
+inputs = fc3
+"""
+
+
+def test_eltsum_and_eltmax_of_images_and_features_export_exactly(tmp_path):
+    net, _ = build_net(JOIN_NET, "joins", device=NUMPY)
+    ours, x = _compare(net, tmp_path, np.random.default_rng(11), n=5)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "joins.onnx")).graph.node]
+    assert ops.count("Sum") == 3 and ops.count("Max") == 2
+    net.layers["sum1"].coeffs = (0.7, 1.3)  # another coefficient: other probabilities
+    assert np.abs(net.forward(x).T - ours).max() > 1e-2
+
+
+# two towers (devices 0 and 1) exchanging the way AlexNet's do, with every kind of join: channel-wise (conv3 reads
+# both towers' maps), flattened images (fc4 reads both pools), features (fc5 reads both fc4s), an image and features
+# (fc6 reads pool3b and fc5a); padded pools of both kinds, non-square windows, a relu layer, dropout
+TOWERS = """
+[data]
+type = data
+channels = 3
+size = 13,11
+scale = 0.0125
+[conv1a]
+type = conv
+inputs = data
+filters = 6
+size = 3,5
+stride = 2,1
+padding = 1,2
+neuron = relu
+device = 0
+[conv1b]
+type = conv
+inputs = data
+filters = 4
+size = 3
+stride = 2,1
+padding = 1
+neuron = relu
+device = 1
+[pool1a]
+type = pool
+inputs = conv1a
+pool = max
+size = 3
+stride = 2
+padding = 1
+device = 0
+[pool1b]
+type = pool
+inputs = conv1b
+pool = avg
+size = 3,2
+stride = 2
+padding = 1
+device = 1
+[conv3a]
+type = conv
+inputs = pool1a, pool1b
+filters = 6
+size = 3
+padding = 1
+groups = 2
+device = 0
+[relu3a]
+type = relu
+inputs = conv3a
+device = 0
+[pool3b]
+type = pool
+inputs = pool1b
+pool = avg
+size = 2
+stride = 1
+device = 1
+[fc4a]
+type = fc
+inputs = relu3a, pool3b
+outputs = 8
+neuron = relu
+device = 0
+[fc4b]
+type = fc
+inputs = relu3a, pool3b
+outputs = 8
+neuron = relu
+device = 1
+[drop4b]
+type = dropout
+inputs = fc4b
+device = 1
+[fc5a]
+type = fc
+inputs = fc4a, drop4b
+outputs = 7
+device = 0
+[fc6]
+type = fc
+inputs = pool3b, fc5a
+outputs = 6
+device = 0
+[probs]
+type = softmax
+inputs = fc6
+device = 0
+"""

@@ -191,10 +191,11 @@ def test_unknown_model_name_lists_the_shipped_ones(tmp_path):
 
 
 def test_parse_aliases_and_comments():
-    text = BASE.replace("outputs = 3", "neurons = 3   # cuda-convnet spelling\nepsW = 2 ; lr multiplier")
+    text = BASE.replace("outputs = 3", "neurons = 3   # cuda-convnet spelling\nlrW = 2 ; lr multiplier\n"
+                                       "epsB = 0.002 ; cuda-convnet's absolute rate")
     specs, _ = parse_model_text(text)
     fc = dict((n, kw) for n, t, kw in specs)["fc"]
-    assert fc["outputs"] == 3 and fc["lr_w"] == 2.0
+    assert fc["outputs"] == 3 and fc["lr_w"] == 2.0 and fc["eps_b"] == "0.002"
 
 
 def test_per_layer_devices_in_model_files():
@@ -246,7 +247,7 @@ type = fc
 inputs = lrn
 outputs = 3
 [probs]
-type = cost.logreg
+type = softmax
 inputs = fc
 """
 
@@ -255,7 +256,8 @@ inputs = fc
     ("conv", "filters = 4", "numFilters = 6", "filters", 6),
     ("conv", "size = 3", "filterSize = 5", "size", (5, 5)),
     ("conv", "size = 3", "size = 3\npad = 1", "padding", (1, 1)),
-    ("conv", "size = 3", "size = 3\nepsB = 2", "lr_mult", {"w": 1.0, "b": 2.0}),
+    ("conv", "size = 3", "size = 3\nlrB = 2", "lr_mult", {"w": 1.0, "b": 2.0}),
+    ("conv", "size = 3", "size = 3\nepsB = 0.25", "lr_abs", {"w": None, "b": 0.25}),
     ("conv", "size = 3", "size = 3\nINITW = he", "init_w", "he"),
     ("pool", "inputs = conv", "inputs = conv\nsizeX = 2", "size", (2, 2)),
     ("pool", "inputs = conv", "inputs = conv\nstride = 1,2", "stride", (1, 2)),
@@ -279,7 +281,7 @@ def test_layer_keys_give_the_python_signature_and_the_known_keys_message():
             assert sig[key.arg].kind is inspect.Parameter.KEYWORD_ONLY
             assert (sig[key.arg].default is inspect.Parameter.empty) == key.required
     with pytest.raises(ModelFileError, match=r"unknown key 'groupz' for a conv layer \(known: inputs, device, gpu, "
-                                             r"filters, size, stride, padding, groups, initW"):
+                                             r"filters, size, stride, padding, groups, rounding, channels, initW"):
         parse_model_text(BASE.replace("type = fc\ninputs = data\noutputs = 3",
                                       "type = conv\ninputs = data\nfilters = 2\nsize = 3\ngroupz = 2"))
 

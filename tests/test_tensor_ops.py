@@ -1,5 +1,5 @@
-"""The layer graph's whole-array ops (``ops.concat``, ``ops.add``, ``ops.scale``): every device against the NumPy
-reference, bit for bit (one rounding per element on every device), on random data and awkward shapes; in place where
+"""The layer graph's whole-array ops (``ops.concat``, ``ops.add``, ``ops.scale``, ``ops.window``,
+``ops.multiply``): every device against the NumPy reference, bit for bit (one rounding per element on every device), on random data and awkward shapes; in place where
 allowed; and bad arguments as clear errors."""
 import numpy as np
 import pytest
@@ -71,3 +71,32 @@ def test_bad_arguments_are_clear_errors(kernel_device):
     if dev.kind != "cuda":
         with pytest.raises(TypeError, match=f"for device {dev}"):
             ops.add(dev, a, other.asarray(rand(RNG, (4, 5))))
+
+
+WINDOWS = [((0, 0), (7, 8), 0.0), ((-2, 1), (4, 9), -np.inf), ((1, 2), (3, 3), 0.0), ((6, 0), (2, 2), 1.5),
+           ((-1, -1), (7, 8), 0.0), ((2, 3), (3, 3), -np.inf)]
+
+
+@pytest.mark.parametrize("start, size, fill", WINDOWS, ids=str)
+def test_window_is_a_written_out_crop_and_pad(kernel_device, start, size, fill):
+    x = rand(RNG, (2, 5, 6, 3))
+    want = np.full((2, *size, 3), fill, np.float32)
+    for i in range(size[0]):
+        for j in range(size[1]):
+            r, c = start[0] + i, start[1] + j
+            if 0 <= r < 5 and 0 <= c < 6:
+                want[:, i, j] = x[:, r, c]
+    assert_identical("window", ops.window(NUMPY, x, start, size, fill), want)
+    assert_identical("window", ops.window(kernel_device, kernel_device.asarray(x), start, size, fill), want)
+
+
+def test_multiply_broadcasts_the_factor(kernel_device):
+    dev = kernel_device
+    x, f = rand(RNG, (3, 5, 6, 33)), rand(RNG, (1, 5, 6, 1), low=0.5, high=4)
+    assert_identical("multiply", ops.multiply(dev, dev.asarray(x), dev.asarray(f)), x * f)
+    assert_raises_each(
+        (ValueError, "does not broadcast", lambda: ops.multiply(dev, dev.asarray(x), dev.asarray(f[:, :4]))),
+        (TypeError, "start must be a pair of integers", lambda: ops.window(dev, dev.asarray(x), 0, (2, 2))),
+        (ValueError, "size must be positive", lambda: ops.window(dev, dev.asarray(x), (0, 0), (0, 2))),
+        (ValueError, "x must be 4-D|x must have 4 dimensions|ndim", lambda: ops.window(dev, dev.asarray(f[0]), (0, 0),
+                                                                                     (1, 1))))

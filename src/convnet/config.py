@@ -50,6 +50,10 @@ def setting(default, help=None, *, train=False, flag=_AUTO, choices=None, hidden
 class Config:
     model: str = setting("fmnist", "shipped model name (alexnet, alexnet-owt, cifar-18pct, fmnist) or a model-file "
                                    "path (default fmnist)")
+    params: str | None = setting(None, "cuda-convnet's layer-params file (layer-params-X.cfg), merged with --model's "
+                                       "layers file (layers-X.cfg) by section name")
+    input_shape: str | None = setting(None, "C,H,W: the image shape for a cuda-convnet data layer, which has none "
+                                            "(default: the dataset's: cifar10 3,32,32, fashion-mnist 1,28,28)")
     dataset: str | None = setting(None, "fashion-mnist | cifar10 | synthetic | imagenet (a directory made by "
                                            "python -m convnet.data.prepare) (default: the model file's)", train=True)
     data: str | None = setting(None, "dataset directory (Fashion-MNIST IDX files; CIFAR-10 python batches; "

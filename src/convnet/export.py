@@ -11,21 +11,21 @@ of the graph (``Sub`` the mean image, ``Mul`` the data layer's scale), so the ex
 evaluation takes: a mean image larger than the input (a prepared ImageNet's 256x256) is cropped at its centre, as
 the centre test view is. Each layer becomes:
 
-* conv: ``Conv`` (weights ``(C/g, KH, KW, F)`` transposed to ``(F, C/g, KH, KW)``, ``group``), then its neuron;
-* pool: ``MaxPool`` / ``AveragePool`` (``count_include_pad = 0``: padding is never counted; floor output sizes);
+* conv: ``Conv`` (weights ``(C/g, KH, KW, F)`` transposed to ``(F, C/g, KH, KW)``, ``group``; ``rounding = up``:
+  more end padding, the zeros the last windows reach), then its neuron;
+* pool: ``MaxPool`` / ``AveragePool`` (``count_include_pad = 0``: padding is never counted; floor output sizes;
+  ``rounding = up``: a ``Slice`` to the rows and columns its windows read, pads where they hang over the edge);
 * lrn: ``LRN`` where ONNX's window is ours (odd sizes, one group), with ``alpha`` as ONNX means it (ONNX divides
   alpha by size: ``alpha * size`` for our "sum" convention, ``alpha`` for "mean"); otherwise (even sizes, groups)
   built from ``Mul``, a 1x1 ``Conv`` that sums each channel's window within its group, ``Add``, ``Pow``, ``Div``;
-* rnorm, cnorm: ``Mul`` (squares), a depthwise ``Conv`` with a ones kernel padded size//2 before and (size-1)//2
-  after (the window's sum, clipped to the image), ``Mul`` (scale / size^2), ``Add`` (minDiv), ``Pow`` (-pow),
-  ``Mul`` by x; cnorm first subtracts the window's mean, an ``AveragePool`` padded the same way with
-  ``count_include_pad = 0``;
-* fc: ``Flatten`` (our CHW flattening order is NCHW's) and ``Gemm``, then its neuron; relu: ``Relu``; dropout:
-  removed (the identity at test time); softmax: ``Softmax``;
-* a neuron (``type = neuron``, or fused on conv and fc): relu ``Relu``, tanh[a,b] ``Mul``, ``Tanh``, ``Mul``,
-  logistic ``Sigmoid``, abs ``Abs``, square ``Mul``, sqrt ``Sqrt``, softrelu ``Softplus``, brelu[a] ``Clip``,
-  linear[a,b] ``Mul``, ``Add``;
-* eltsum: ``Sum`` of the inputs (each times its coefficient, a ``Mul``, where it is not 1); eltmax: ``Max``;
+* rnorm / cnorm (same-map): the window sums of squares by a depthwise ``Conv`` of ones (zero padding: the window is
+  clipped at the edges as ours), ``Mul`` by scale / size², ``Add`` minDiv, ``Pow``, ``Div``; cnorm first subtracts
+  each pixel's window mean (the window sum divided by the constant count of its clipped window's pixels);
+* fc: ``Flatten`` (our CHW flattening order is NCHW's) and ``Gemm``; relu: ``Relu``; neurons (fused on conv and
+  fc, or a neuron layer): ``Relu``, ``Sigmoid``, ``Abs``, ``Sqrt``, ``Softplus``, ``Clip`` (brelu), ``Tanh`` and
+  ``Mul`` / ``Add`` for the parameters; dropout: removed (the identity at test time; ``scaling = test``: ``Mul``
+  by keep); softmax: ``Softmax``;
+* eltsum: ``Sum`` of its inputs times their ``coeffs`` (``Mul``); eltmax: ``Max``;
 * another layer with several inputs: ``Concat`` of its inputs along the channels (images of one size) or of their
   flattened features, as the graph joins them; towers need nothing else.
 
@@ -100,10 +100,11 @@ class _Builder:
         return out
 
 
-def _image_rule(layer, in_shape, window, stride, padding, what):
-    """Our output size (floor) must be the layer's: a layer with another rule has no export here."""
-    oh = (in_shape[1] + 2 * padding[0] - window[0]) // stride[0] + 1
-    ow = (in_shape[2] + 2 * padding[1] - window[1]) // stride[1] + 1
+def _image_rule(layer, in_shape, window, stride, padding, what, extension=(0, 0)):
+    """Our output size (floor, over the input extended by ``extension`` past the end padding) must be the layer's: a
+    layer with another rule has no export here."""
+    oh = (in_shape[1] + 2 * padding[0] + extension[0] - window[0]) // stride[0] + 1
+    ow = (in_shape[2] + 2 * padding[1] + extension[1] - window[1]) // stride[1] + 1
     if (oh, ow) != tuple(layer.out_shape[1:]):
         raise ExportError(f"layer '{layer.name}': its {what} output size {layer.out_shape[1]}x{layer.out_shape[2]} "
                           f"follows another rule than ONNX's floor ({oh}x{ow}); not exportable")
@@ -121,77 +122,23 @@ def _lrn_band(layer, channels):
     return band
 
 
-def _neuron_nodes(b, neuron, x, base):
-    """The nodes of ``neuron`` (a :class:`convnet.neurons.Neuron`, None: the identity) on ``x``."""
-    if neuron is None:
-        return x
-    f = np.float32
-    name, a, c = neuron.name, neuron.a, neuron.b
-    if name == "relu":
-        return b.node("Relu", [x], base)
-    if name == "tanh":  # a * tanh(b * x)
-        inner = b.node("Mul", [x, b.const(f"{base}.b", f(c))], f"{base}.bx")
-        t = b.node("Tanh", [inner], f"{base}.tanh")
-        return b.node("Mul", [t, b.const(f"{base}.a", f(a))], base)
-    if name == "logistic":
-        return b.node("Sigmoid", [x], base)
-    if name == "abs":
-        return b.node("Abs", [x], base)
-    if name == "square":
-        return b.node("Mul", [x, x], base)
-    if name == "sqrt":
-        return b.node("Sqrt", [x], base)
-    if name == "softrelu":
-        return b.node("Softplus", [x], base)
-    if name == "brelu":  # min(max(x, 0), a)
-        return b.node("Clip", [x, b.const(f"{base}.min", f(0.0)), b.const(f"{base}.max", f(a))], base)
-    # linear: a * x + b
-    ax = b.node("Mul", [x, b.const(f"{base}.a", f(a))], f"{base}.ax")
-    return b.node("Add", [ax, b.const(f"{base}.b", f(c))], base)
-
-
-def _window_sum(b, v, channels, size, base):
-    """Each pixel's sum of ``v`` over rows and columns [i - size//2, i - size//2 + size) clipped to the image: a
-    depthwise ``Conv`` with a ones kernel, padded size//2 before and (size-1)//2 after (zeros: the clipping)."""
-    before, after = size // 2, (size - 1) // 2
-    ones = np.ones((channels, 1, size, size), np.float32)
-    return b.node("Conv", [v, b.const(f"{base}.window", ones)], base, kernel_shape=[size, size], group=channels,
-                  pads=[before, before, after, after])
-
-
-def _norm_nodes(b, layer, x):
-    """rnorm: y = x * (minDiv + scale/size^2 * window sum of x^2)^-pow; cnorm: the same with x minus its window's
-    mean (over the clipped window's real pixels: AveragePool without the padding) squared."""
-    n, size, channels = layer.name, layer.size, layer.in_shape[0]
-    s = x
-    if type(layer) is CNorm:
-        before, after = size // 2, (size - 1) // 2
-        mean = b.node("AveragePool", [x], f"{n}.mean", kernel_shape=[size, size], count_include_pad=0,
-                      pads=[before, before, after, after])
-        s = b.node("Sub", [x, mean], f"{n}.centred")
-    sq = b.node("Mul", [s, s], f"{n}.square")
-    sums = _window_sum(b, sq, channels, size, f"{n}.sum")
-    scaled = b.node("Mul", [sums, b.const(f"{n}.scale", np.float32(layer.scale / (size * size)))], f"{n}.scaled")
-    base = b.node("Add", [scaled, b.const(f"{n}.minDiv", np.float32(layer.min_div))], f"{n}.base")
-    factor = b.node("Pow", [base, b.const(f"{n}.pow", np.float32(-layer.pow))], f"{n}.factor")
-    return b.node("Mul", [x, factor], n)
-
-
-_LEARNABLE = ("init_w", "init_b", "lr_w", "lr_b", "wd_w", "wd_b", "neuron")
+# training settings and the checked input channels: they do not change what the layer computes
+_LEARNABLE = ("init_w", "init_b", "lr_w", "lr_b", "wd_w", "wd_b", "eps_w", "eps_b", "mom_w", "mom_b", "wc", "neuron",
+              "in_channels")
 # the keys each exported layer type is written with: any other key (a rule added later) must keep its default
 EXPORTED_KEYS = {
     Data: ("channels", "size", "scale"),
     Conv: (*_LEARNABLE, "filters", "size", "stride", "padding", "groups"),
     FC: (*_LEARNABLE, "outputs"),
-    Pool: ("pool", "size", "stride", "padding"),
-    LRN: ("size", "alpha", "beta", "k", "convention", "groups"),
-    RNorm: ("size", "scale", "pow", "min_div"),
-    CNorm: ("size", "scale", "pow", "min_div"),
+    Pool: ("pool", "size", "stride", "padding", "in_channels"),
+    LRN: ("size", "alpha", "beta", "k", "convention", "groups", "in_channels"),
+    RNorm: ("size", "scale", "pow", "min_div", "in_channels"),
+    CNorm: ("size", "scale", "pow", "min_div", "in_channels"),
     ReLU: (),
     NeuronLayer: ("neuron",),
     EltSum: ("coeffs",),
     EltMax: (),
-    Dropout: ("keep", "mask_of", "mask_start"),
+    Dropout: ("keep", "mask_of", "mask_start", "scaling"),
     SoftmaxCost: ("coeff",),
 }
 
@@ -199,10 +146,15 @@ EXPORTED_KEYS = {
 def _check_keys(layer):
     known = EXPORTED_KEYS.get(type(layer))
     if known is None:
-        raise ExportError(f"layer '{layer.name}': type '{layer.type}' has no ONNX export here (exported: "
-                          f"{', '.join(t.type for t in EXPORTED_KEYS)})")
+        raise ExportError(f"layer '{layer.name}': type '{layer.type}' has no ONNX export here (exported: data, conv, "
+                          f"pool, lrn, rnorm, cnorm, fc, relu, neuron, eltsum, eltmax, dropout, softmax)")
+    rule = ()
+    if isinstance(layer, Conv):
+        rule = ("rounding",)  # rounding = up: zeros past the end padding, as the Conv's end pads (_layer_nodes)
+    elif isinstance(layer, Pool):
+        rule = ("rounding", "start", "outputs_x")  # cuda-convnet's windows: a crop and pads (_overhanging_windows)
     for key in type(layer).keys:
-        if key.arg in known:
+        if key.arg in known or key.arg in rule:
             continue
         value = getattr(layer, key.arg)
         if key.required or value != key.check(key.default):
@@ -214,24 +166,29 @@ def _layer_nodes(b, layer, x, state):
     t, n = type(layer), layer.name
     _check_keys(layer)
     if t is Conv:
-        _image_rule(layer, layer.in_shape, layer.size, layer.stride, layer.padding, "convolution")
+        eh, ew = layer.extension(layer.in_shape)  # rounding = up: the last windows reach zeros past the padding
+        _image_rule(layer, layer.in_shape, layer.size, layer.stride, layer.padding, "convolution", (eh, ew))
         w = np.asarray(state[f"{n}/w"], np.float32).transpose(3, 0, 1, 2)
         ph, pw = layer.padding
         y = b.node("Conv", [x, b.const(f"{n}.weight", np.ascontiguousarray(w)),
                             b.const(f"{n}.bias", np.asarray(state[f"{n}/b"], np.float32))], n,
-                   kernel_shape=list(layer.size), strides=list(layer.stride), pads=[ph, pw, ph, pw],
+                   kernel_shape=list(layer.size), strides=list(layer.stride), pads=[ph, pw, ph + eh, pw + ew],
                    group=layer.groups)
-        return _neuron_nodes(b, layer.neuron, y, f"{n}.neuron")
+        return _neuron_nodes(b, layer.neuron, y, n)
     if t is FC:
         w = np.asarray(state[f"{n}/w"], np.float32)
         y = b.node("Gemm", [x, b.const(f"{n}.weight", w), b.const(f"{n}.bias", np.asarray(state[f"{n}/b"],
                                                                                        np.float32))],
                    n, transB=1)
-        return _neuron_nodes(b, layer.neuron, y, f"{n}.neuron")
+        return _neuron_nodes(b, layer.neuron, y, n)
     if t is Pool:
-        _image_rule(layer, layer.in_shape, layer.size, layer.stride, layer.padding, "pooling")
-        ph, pw = layer.padding
-        attrs = dict(kernel_shape=list(layer.size), strides=list(layer.stride), pads=[ph, pw, ph, pw], ceil_mode=0)
+        if layer.rounding == "up":
+            x, pads = _overhanging_windows(b, layer, x)
+        else:
+            _image_rule(layer, layer.in_shape, layer.size, layer.stride, layer.padding, "pooling")
+            ph, pw = layer.padding
+            pads = [ph, pw, ph, pw]
+        attrs = dict(kernel_shape=list(layer.size), strides=list(layer.stride), pads=pads, ceil_mode=0)
         if layer.pool == "max":
             return b.node("MaxPool", [x], n, **attrs)
         return b.node("AveragePool", [x], n, count_include_pad=0, **attrs)
@@ -248,25 +205,96 @@ def _layer_nodes(b, layer, x, state):
         denom = b.node("Pow", [base, b.const(f"{n}.beta", np.float32(layer.beta))], f"{n}.denom")
         return b.node("Div", [x, denom], n)
     if t in (RNorm, CNorm):
-        return _norm_nodes(b, layer, x)
+        return _rnorm_nodes(b, layer, x)
     if t is ReLU:
         return b.node("Relu", [x], n)
     if t is NeuronLayer:
         return _neuron_nodes(b, layer.neuron, x, n)
-    if t is Dropout:
+    if t is Dropout:  # the identity at test time; scaling = test (cuda-convnet2's dropout2): times keep
+        if layer.scaling == "test" and layer.keep != 1.0:
+            return b.node("Mul", [x, b.const(f"{n}.keep", np.float32(layer.keep))], n)
         return x
     return b.node("Softmax", [x], n, axis=1)  # SoftmaxCost: the only type left (_check_keys)
 
 
-def _join_nodes(b, layer, xs):
-    """eltsum: ``Sum`` of each input times its coefficient (``Mul`` where it is not 1); eltmax: ``Max``."""
-    _check_keys(layer)
+def _overhanging_windows(b, layer, x):
+    """cuda-convnet's pool windows (rounding = up): the input cropped to the rows and columns they read (a ``Slice``
+    where they start inside the image or end before its edge), and the pads where they hang over it (MaxPool never
+    takes a pad, AveragePool with count_include_pad = 0 never counts one: the windows' real inputs, as ours).
+    Returns (x, pads)."""
     n = layer.name
-    if type(layer) is EltMax:
-        return b.node("Max", xs, n)
-    terms = [x if c == 1.0 else b.node("Mul", [x, b.const(f"{n}.coeff{i}", np.float32(c))], f"{n}.term{i}")
-             for i, (x, c) in enumerate(zip(xs, layer.coeffs))]
+    starts, ends, begin, end = [], [], [], []
+    for (first, count, span), size in zip(layer.windows(layer.in_shape), layer.in_shape[1:]):
+        starts.append(max(first, 0))
+        ends.append(min(first + span, size))
+        begin.append(max(-first, 0))
+        end.append(max(first + span - size, 0))
+    if starts != [0, 0] or ends != list(layer.in_shape[1:]):
+        x = b.node("Slice", [x, b.const(f"{n}.starts", np.array(starts, np.int64)),
+                             b.const(f"{n}.ends", np.array(ends, np.int64)),
+                             b.const(f"{n}.axes", np.array([2, 3], np.int64))], f"{n}.windows")
+    return x, [*begin, *end]
+
+
+def _join_nodes(b, layer, parts):
+    """eltsum: ``Sum`` of the inputs, each times its coefficient (``Mul`` where it is not 1); eltmax: ``Max``."""
+    n = layer.name
+    if isinstance(layer, EltMax):
+        return b.node("Max", parts, n)
+    terms = [p if c == 1.0 else b.node("Mul", [p, b.const(f"{n}.coeff{i}", np.float32(c))], f"{n}.term{i}")
+             for i, (p, c) in enumerate(zip(parts, layer.coeffs))]
     return b.node("Sum", terms, n)
+
+
+def _neuron_nodes(b, neuron, x, n):
+    """cuda-convnet's neuron (convnet.neurons) on ``x``: ONNX's own op where it has one, else Mul / Add."""
+    if neuron is None:
+        return x
+    name, a, c = neuron.name, neuron.a, neuron.b
+    base = f"{n}.{name}"
+    if name in ("relu", "abs", "sqrt"):
+        return b.node(name.capitalize(), [x], base)
+    if name == "logistic":
+        return b.node("Sigmoid", [x], base)
+    if name == "softrelu":
+        return b.node("Softplus", [x], base)
+    if name == "square":
+        return b.node("Mul", [x, x], base)
+    if name == "brelu":
+        return b.node("Clip", [x, b.const(f"{base}.min", np.float32(0)), b.const(f"{base}.max", np.float32(a))],
+                      base)
+    if name == "tanh":  # a * tanh(b * x)
+        inner = b.node("Mul", [x, b.const(f"{base}.b", np.float32(c))], f"{base}.bx")
+        return b.node("Mul", [b.node("Tanh", [inner], f"{base}.tanh"), b.const(f"{base}.a", np.float32(a))], base)
+    if name == "linear":  # a * x + b
+        ax = b.node("Mul", [x, b.const(f"{base}.a", np.float32(a))], f"{base}.ax")
+        return b.node("Add", [ax, b.const(f"{base}.b", np.float32(c))], base)
+    raise ExportError(f"layer '{n}': neuron '{neuron}' has no ONNX export here")
+
+
+def _rnorm_nodes(b, layer, x):
+    """rnorm / cnorm: x / (minDiv + scale / size**2 * window sum of s**2)**pow, s = x or x minus its window mean; the
+    window is rows [h - size//2, h + (size-1)//2] (and columns), clipped at the edges."""
+    n, (c, h, w), size = layer.name, layer.in_shape, layer.size
+    before, after = size // 2, (size - 1) // 2
+    ones = b.const(f"{n}.window", np.ones((c, 1, size, size), np.float32))
+
+    def window_sum(v, base):  # a depthwise Conv of ones; the zero padding adds nothing: the window is clipped
+        return b.node("Conv", [v, ones], base, kernel_shape=[size, size], group=c,
+                      pads=[before, before, after, after])
+
+    s = x
+    if isinstance(layer, CNorm):
+        rows = [min(i + after, h - 1) - max(i - before, 0) + 1 for i in range(h)]
+        cols = [min(j + after, w - 1) - max(j - before, 0) + 1 for j in range(w)]
+        counts = np.outer(rows, cols).astype(np.float32)[None, None]
+        mean = b.node("Div", [window_sum(x, f"{n}.sum"), b.const(f"{n}.count", counts)], f"{n}.mean")
+        s = b.node("Sub", [x, mean], f"{n}.mean_diff")
+    sums = window_sum(b.node("Mul", [s, s], f"{n}.square"), f"{n}.sum_squares")
+    scaled = b.node("Mul", [sums, b.const(f"{n}.scale", np.float32(layer.scale / (size * size)))], f"{n}.scaled")
+    base = b.node("Add", [scaled, b.const(f"{n}.min_div", np.float32(layer.min_div))], f"{n}.base")
+    denom = b.node("Pow", [base, b.const(f"{n}.pow", np.float32(layer.pow))], f"{n}.denom")
+    return b.node("Div", [x, denom], n)
 
 
 def _flat(b, name, rank, base):
@@ -309,7 +337,8 @@ def build_model(net, *, mean=None, layout="nchw"):
         if type(l) is Data:
             raise ExportError(f"layer '{l.name}': a second data layer has no ONNX export here")
         ranks = [len(net.layers[i].out_shape) for i in l.inputs]
-        if type(l) in (EltSum, EltMax):  # element-wise joins of inputs of one shape
+        if isinstance(l, (EltSum, EltMax)):  # the inputs themselves, of one shape (not their join)
+            _check_keys(l)
             outs[l.name] = _join_nodes(b, l, [outs[i] for i in l.inputs])
             continue
         if len(l.inputs) == 1:

@@ -48,9 +48,77 @@ class _Required:
 
 REQUIRED = _Required()  # the default of a key that must be given
 
-KEY_TYPES = ("int", "float", "str", "name", "pair", "init", "neuron", "floats")
+KEY_TYPES = ("int", "float", "str", "name", "pair", "init", "neuron", "floats", "rate")
 INIT_SCHEMES = ("he", "xavier")
 _SIZE_ALIASES = ("filterSize", "sizeX")  # cuda-convnet's spellings of a window size
+
+
+@dataclass(frozen=True)
+class RateSchedule:
+    """cuda-convnet2's parameter schedules over the run's progress p in [0, 1] (the fraction of the epochs done):
+    ``const[base]``; ``linear[base;tgtFactor]`` from base to base/tgtFactor; ``exp[base;tgtFactor]``
+    base * tgtFactor**-p; ``dexp[base;tgtFactor;numSteps]`` numSteps constant steps of the exp schedule, the last
+    at base/tgtFactor (cuda-convnet2's lr.cu)."""
+
+    kind: str
+    base: float
+    tgt_factor: float = 1.0
+    num_steps: int = 1
+
+    PARAMS = {"const": ("base",), "linear": ("base", "tgtFactor"), "exp": ("base", "tgtFactor"),
+              "dexp": ("base", "tgtFactor", "numSteps")}
+
+    def value(self, progress):
+        if self.kind == "const":
+            return self.base
+        if self.kind == "linear":
+            return self.base * (1 - progress) + self.base / self.tgt_factor * progress
+        if self.kind == "exp":
+            return self.base * (1.0 / self.tgt_factor) ** progress
+        n = self.num_steps
+        rates = [self.base * (1.0 / self.tgt_factor) ** (i / (n - 1)) for i in range(n - 1)]
+        rates.append(self.base / self.tgt_factor)
+        for i, r in enumerate(rates):
+            if progress <= (i + 1) / n:
+                return r
+        return rates[-1]
+
+    def __str__(self):
+        args = {"base": self.base, "tgtFactor": self.tgt_factor, "numSteps": self.num_steps}
+        return f"{self.kind}[{';'.join(f'{k}={args[k]:g}' for k in self.PARAMS[self.kind])}]"
+
+
+def rate_schedule(name, value):
+    """A rate: a number >= 0, or a cuda-convnet2 schedule ``dexp[base=0.01;tgtFactor=250;numSteps=4]``."""
+    if isinstance(value, RateSchedule):
+        return value
+    if not isinstance(value, str) or "[" not in value:
+        v = _number(name, value, float, "a number or a schedule such as dexp[base=0.01;tgtFactor=250;numSteps=4]")
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v:g}")
+        return v
+    kind, _, rest = value.strip().partition("[")
+    kind = kind.strip().lower()
+    if kind not in RateSchedule.PARAMS or not rest.endswith("]"):
+        raise ValueError(f"{name}: unknown schedule {value!r} (cuda-convnet2's: "
+                         f"{', '.join(f'{k}[{chr(59).join(p)}]' for k, p in RateSchedule.PARAMS.items())})")
+    want = RateSchedule.PARAMS[kind]
+    got = {}
+    for i, part in enumerate(p for p in rest[:-1].split(";") if p.strip()):
+        k, eq, v = part.partition("=")
+        k, v = (k.strip(), v.strip()) if eq else (want[i] if i < len(want) else "?", k.strip())
+        if k not in want or k in got:
+            raise ValueError(f"{name}: {kind}[...] takes {';'.join(want)}, got {value!r}")
+        try:
+            got[k] = int(v) if k == "numSteps" else float(v)
+        except ValueError:
+            raise ValueError(f"{name}: {k} in {value!r} must be a number") from None
+    if set(got) != set(want):
+        raise ValueError(f"{name}: {kind}[...] takes {';'.join(want)}, got {value!r}")
+    if not (math.isfinite(got["base"]) and got["base"] >= 0) or got.get("tgtFactor", 1.0) <= 0 \
+            or got.get("numSteps", 2) < 1:
+        raise ValueError(f"{name}: base must be >= 0, tgtFactor > 0 and numSteps >= 1, got {value!r}")
+    return RateSchedule(kind, got["base"], got.get("tgtFactor", 1.0), max(got.get("numSteps", 1), 1))
 
 
 @dataclass(frozen=True)
@@ -62,13 +130,14 @@ class Key:
       or commas, or None when that is the default), ``pair`` (an int or an ``(h, w)`` pair),
       ``init`` (a Gaussian std >= 0, or ``he`` / ``xavier``), ``neuron`` (a :class:`convnet.neurons.Neuron`,
       written ``relu``, ``tanh[a,b]``, ...; ``linear`` / ``ident`` = None), ``floats`` (a list of finite numbers, or
-      None when that is the default);
-    * ``default``, or :data:`REQUIRED`;
+      None when that is the default), ``rate`` (a number >= 0 or a :class:`RateSchedule` such as ``dexp[...]``);
+    * ``default``, or :data:`REQUIRED`; a default of None makes an ``int``, ``float`` or ``rate`` key optional (None:
+      not given);
     * ``arg``: the Python keyword argument and the layer's attribute (default: ``name``);
     * ``minimum``: the smallest allowed value (``int``, ``pair``, ``float``); ``exclusive``: the value must be larger
       than ``minimum`` (``float``). A ``float`` (and an ``init`` std) must be finite: a NaN or inf would be hidden
       by a ReLU and train at chance level forever;
-    * ``aliases``: other model-file spellings (cuda-convnet's ``numFilters``, ``epsW``, ...).
+    * ``aliases``: other model-file spellings (cuda-convnet's ``numFilters``, ``sizeX``, ...).
     """
 
     name: str
@@ -100,6 +169,8 @@ class Key:
         if t == "pair":
             return pair(name, value, minimum=self.minimum or 0)
         if t == "int":
+            if value is None and self.default is None:
+                return None
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
             v = _number(name, value, int, "an integer")
@@ -108,6 +179,10 @@ class Key:
             if v > INT32_MAX:
                 raise ValueError(f"{name} must be < 2**31, got {v}")
             return v
+        if value is None and self.default is None:  # an optional key left out
+            return None
+        if t == "rate":
+            return rate_schedule(name, value)
         if t == "float":
             v = _number(name, value, float, "a number")
             if not math.isfinite(v):
@@ -209,6 +284,7 @@ class Layer:
         self.grads = {}
         self.lr_mult = {}
         self.wd_mult = {}
+        self.lr_abs, self.momentum, self.wd_abs = {}, {}, {}  # absolute settings per parameter (None: the run's)
         self.in_shape = None
         self.out_shape = None
         self.needs_input_grad = True
@@ -297,17 +373,31 @@ class _Learnable(Layer):
     KEYS = (
         Key("initW", "init", 0.01, arg="init_w"),
         Key("initB", "float", 0.0, arg="init_b"),
-        Key("lrW", "float", 1.0, arg="lr_w", minimum=0.0, aliases=("epsW",)),
-        Key("lrB", "float", 1.0, arg="lr_b", minimum=0.0, aliases=("epsB",)),
+        Key("lrW", "float", 1.0, arg="lr_w", minimum=0.0),
+        Key("lrB", "float", 1.0, arg="lr_b", minimum=0.0),
         Key("wdW", "float", 1.0, arg="wd_w", minimum=0.0),
         Key("wdB", "float", 0.0, arg="wd_b", minimum=0.0),
+        # cuda-convnet's absolute per-layer settings, instead of the run's lr, momentum and weight decay
+        Key("epsW", "rate", None, arg="eps_w"),
+        Key("epsB", "rate", None, arg="eps_b"),
+        Key("momW", "float", None, arg="mom_w", minimum=0.0),
+        Key("momB", "float", None, arg="mom_b", minimum=0.0),
+        Key("wc", "float", None, arg="wc", minimum=0.0),
         Key("neuron", "neuron", None),
     )
 
     def __init__(self, name, inputs=(), **kw):
         super().__init__(name, inputs, **kw)
+        for absolute, mult, default in (("eps_w", "lr_w", 1.0), ("eps_b", "lr_b", 1.0), ("wc", "wd_w", 1.0)):
+            if getattr(self, absolute) is not None and getattr(self, mult) != default:
+                a, m = (next(k.name for k in self.keys if k.arg == n) for n in (absolute, mult))
+                raise LayerError(f"layer '{name}': give {a} (absolute) or {m} (a multiplier of the run's), not both")
         self.lr_mult = {"w": self.lr_w, "b": self.lr_b}
         self.wd_mult = {"w": self.wd_w, "b": self.wd_b}
+        # absolute rates (a number or a RateSchedule), momenta and weight decays; None: the run's
+        self.lr_abs = {"w": self.eps_w, "b": self.eps_b}
+        self.momentum = {"w": self.mom_w, "b": self.mom_b}
+        self.wd_abs = {"w": self.wc, "b": None if self.wc is None else 0.0}  # cuda-convnet decays weights only
 
     def _neuron_forward(self, y, ctx):
         return _neuron_forward(self.device, self.neuron, y, ctx, own=True)
@@ -348,6 +438,16 @@ class Data(Layer):
         return f"data {self.channels}x{self.size[0]}x{self.size[1]}"
 
 
+_ROUNDING = Key("rounding", "str", "down", choices=("down", "up"))  # the output-size rule (see Conv, Pool)
+_CHANNELS = Key("channels", "int", None, arg="in_channels", minimum=1)  # the input's channels, checked when given
+
+
+def _check_channels(layer, in_shape):
+    if layer.in_channels is not None and in_shape and in_shape[0] != layer.in_channels:
+        raise LayerError(f"layer '{layer.name}': channels = {layer.in_channels}, but its input has {in_shape[0]} "
+                         f"channels (shape {tuple(in_shape)})")
+
+
 class Conv(_Learnable):
     type = "conv"
     KEYS = (
@@ -356,6 +456,8 @@ class Conv(_Learnable):
         Key("stride", "pair", 1, minimum=1),
         Key("padding", "pair", 0, minimum=0, aliases=("pad",)),
         Key("groups", "int", 1, minimum=1),
+        _ROUNDING,
+        _CHANNELS,
     )
 
     def __init__(self, name, inputs=(), **kw):
@@ -363,11 +465,29 @@ class Conv(_Learnable):
         if self.filters % self.groups:
             raise LayerError(f"layer '{name}': filters={self.filters} is not divisible by groups={self.groups}")
 
+    def extension(self, in_shape):
+        """(e_h, e_w): the zero rows and columns past the bottom and right padding that ``rounding = up``
+        (cuda-convnet's ``1 + ceil((H + 2*padding - size) / stride)`` outputs) lets the last window reach."""
+        if self.rounding == "down":
+            return 0, 0
+        _, h, w = self._image_input(in_shape)
+        ext = []
+        for n, k, s, p in ((h, self.size[0], self.stride[0], self.padding[0]),
+                           (w, self.size[1], self.stride[1], self.padding[1])):
+            span = n + 2 * p
+            if span < k:
+                raise LayerError(f"layer '{self.name}': filter {k} is larger than the padded input {n} + 2*{p}")
+            ext.append((-(-(span - k) // s)) * s + k - span)
+        return tuple(ext)
+
     def geometry(self, in_shape):
-        """The convolution of one image of shape ``in_shape``."""
+        """The convolution of one image of shape ``in_shape`` (extended by ``extension``)."""
         c, h, w = self._image_input(in_shape)
+        _check_channels(self, in_shape)
+        eh, ew = self.extension(in_shape)
         with _layer_errors(self.name):
-            return ConvGeometry(c, h, w, 1, self.filters, *self.size, *self.stride, *self.padding, self.groups)
+            return ConvGeometry(c, h + eh, w + ew, 1, self.filters, *self.size, *self.stride, *self.padding,
+                                self.groups)
 
     def output_shape(self, in_shape):
         g = self.geometry(in_shape)
@@ -393,6 +513,9 @@ class Conv(_Learnable):
         return dict(stride=self.stride, padding=self.padding, groups=self.groups)
 
     def forward(self, x, ctx):
+        eh, ew = self.extension(self.in_shape)
+        if eh or ew:  # the overhanging last windows read zeros, as cuda-convnet's
+            x = ops.window(self.device, x, (0, 0), (x.shape[1] + eh, x.shape[2] + ew), 0.0)
         ctx["x"] = x
         y = ops.conv_forward(self.device, x, self.params["w"], self.params["b"], **self._geom())
         return self._neuron_forward(y, ctx)
@@ -404,12 +527,16 @@ class Conv(_Learnable):
         self.grads["b"] = ops.conv_backward_bias(self.device, dy)
         if not self.needs_input_grad:
             return None
-        return ops.conv_backward_data(self.device, dy, self.params["w"], x.shape[1:3], **self._geom())
+        dx = ops.conv_backward_data(self.device, dy, self.params["w"], x.shape[1:3], **self._geom())
+        if tuple(x.shape[1:3]) != tuple(self.in_shape[1:]):
+            dx = ops.window(self.device, dx, (0, 0), tuple(self.in_shape[1:]), 0.0)
+        return dx
 
     def describe(self):
         g = f" groups {self.groups}" if self.groups > 1 else ""
         n = f" {self.neuron}" if self.neuron else ""
-        return (f"conv {self.filters} {self.size[0]}x{self.size[1]}/{self.stride[0]} pad {self.padding[0]}{g}{n}")
+        r = " round up" if self.rounding == "up" else ""
+        return (f"conv {self.filters} {self.size[0]}x{self.size[1]}/{self.stride[0]} pad {self.padding[0]}{g}{n}{r}")
 
 
 class Local(Conv):
@@ -557,17 +684,59 @@ class ReLU(Layer):
 
 
 class Pool(Layer):
+    """Max or average pooling. ``rounding = down`` (the default): ``(H + 2*padding - size) // stride + 1`` outputs.
+    ``rounding = up`` is cuda-convnet's rule: the first window at ``start`` (negative: before the image), then
+    ``outputsX`` windows, or (0) ``ceil((H - start - size) / stride) + 1``, the last allowed to hang over the edge;
+    the part of a window outside the image is not counted (avg divides by its real inputs)."""
+
     type = "pool"
     KEYS = (
         Key("pool", "str", "max", choices=("max", "avg")),
         Key("size", "pair", 3, minimum=1, aliases=_SIZE_ALIASES),
         Key("stride", "pair", 2, minimum=1),
         Key("padding", "pair", 0, minimum=0, aliases=("pad",)),
+        _ROUNDING,
+        Key("start", "int", 0),
+        Key("outputsX", "int", 0, arg="outputs_x", minimum=0),
+        _CHANNELS,
     )
 
+    def __init__(self, name, inputs=(), **kw):
+        super().__init__(name, inputs, **kw)
+        if self.rounding == "down" and (self.start or self.outputs_x):
+            raise LayerError(f"layer '{name}': start and outputsX belong to cuda-convnet's output-size rule: "
+                             f"give rounding = up")
+        if self.rounding == "up" and any(self.padding):
+            raise LayerError(f"layer '{name}': with rounding = up the windows begin at start (a negative start "
+                             f"reaches before the image), not padding")
+
+    def windows(self, in_shape):
+        """rounding = up: per axis (first window's position, number of windows, the span they read)."""
+        _, *hw = self._image_input(in_shape)
+        axes = []
+        for n, k, s in zip(hw, self.size, self.stride):
+            count = self.outputs_x or -(-(n - self.start - k) // s) + 1
+            last = self.start + (count - 1) * s
+            if count < 1 or last >= n or self.start + k <= 0:
+                raise LayerError(f"layer '{self.name}': windows of {k} from start {self.start} with stride {s} "
+                                 f"({count} of them) do not each overlap the input's {n} pixels")
+            axes.append((self.start, count, last + k - self.start))
+        return axes
+
+    def _direct(self, in_shape):
+        """Whether the op computes the layer as it is: windows from 0 that the floor rule gives."""
+        if self.rounding == "down":
+            return True
+        return all(first == 0 and span <= n and (n - k) // s + 1 == count
+                   for (first, count, span), n, k, s in zip(self.windows(in_shape), in_shape[1:], self.size,
+                                                            self.stride))
+
     def geometry(self, in_shape):
-        """The pooling of one image of shape ``in_shape``."""
+        """The pooling of one image of shape ``in_shape`` (for rounding = up: of the span its windows read)."""
         c, h, w = self._image_input(in_shape)
+        _check_channels(self, in_shape)
+        if not self._direct(in_shape):
+            (_, _, h), (_, _, w) = self.windows(in_shape)
         with _layer_errors(self.name):
             return PoolGeometry.of((c, h, w, 1), window=self.size, stride=self.stride, padding=self.padding)
 
@@ -581,16 +750,43 @@ class Pool(Layer):
     def _geom(self):
         return dict(mode=self.pool, window=self.size, stride=self.stride, padding=self.padding)
 
+    def _avg_factor(self, dtype):
+        """(1, OH, OW, 1): window area / the real inputs in each window (the op divides by the area)."""
+        f = getattr(self, "_factor", None)
+        if f is None or f.dtype != dtype or not self.device.is_array(f):
+            counts = []
+            for (first, count, _), n, k, s in zip(self.windows(self.in_shape), self.in_shape[1:], self.size,
+                                                  self.stride):
+                lo = first + s * np.arange(count)
+                counts.append(np.minimum(lo + k, n) - np.maximum(lo, 0))
+            area = self.size[0] * self.size[1]
+            host = (area / np.outer(*counts))[None, :, :, None].astype(dtype)
+            f = self._factor = self.device.asarray(host, dtype)
+        return f
+
     def forward(self, x, ctx):
+        direct = self._direct(self.in_shape)
+        if not direct:
+            (h0, _, eh), (w0, _, ew) = self.windows(self.in_shape)
+            x = ops.window(self.device, x, (h0, w0), (eh, ew), -np.inf if self.pool == "max" else 0.0)
         y = ops.pool_forward(self.device, x, **self._geom())
-        ctx["x"], ctx["y"] = x, y
+        ctx["x"], ctx["y"], ctx["direct"] = x, y, direct
+        if not direct and self.pool == "avg":
+            y = ops.multiply(self.device, y, self._avg_factor(y.dtype))
         return y
 
     def backward(self, dy, ctx):
-        return ops.pool_backward(self.device, ctx["x"], ctx["y"], dy, **self._geom())
+        if ctx["direct"]:
+            return ops.pool_backward(self.device, ctx["x"], ctx["y"], dy, **self._geom())
+        if self.pool == "avg":
+            dy = ops.multiply(self.device, dy, self._avg_factor(dy.dtype))
+        dx = ops.pool_backward(self.device, ctx["x"], ctx["y"], dy, **self._geom())
+        (h0, _, _), (w0, _, _) = self.windows(self.in_shape)
+        return ops.window(self.device, dx, (-h0, -w0), tuple(self.in_shape[1:]), 0.0)
 
     def describe(self):
-        return f"{self.pool}pool {self.size[0]}x{self.size[1]}/{self.stride[0]}"
+        r = f" round up from {self.start}" if self.rounding == "up" else ""
+        return f"{self.pool}pool {self.size[0]}x{self.size[1]}/{self.stride[0]}{r}"
 
 
 class LRN(Layer):
@@ -606,10 +802,12 @@ class LRN(Layer):
         Key("k", "float", 2.0, minimum=0.0, exclusive=True),
         Key("convention", "str", "sum", choices=("sum", "mean")),
         Key("groups", "int", 1, minimum=1),
+        _CHANNELS,
     )
 
     def geometry(self, in_shape):
         c, h, w = self._image_input(in_shape)
+        _check_channels(self, in_shape)
         with _layer_errors(self.name):
             return LrnGeometry.of((c, h, w, 1), **self._p())
 
@@ -648,10 +846,12 @@ class RNorm(Layer):
         Key("scale", "float", REQUIRED, minimum=0.0),
         Key("pow", "float", REQUIRED, minimum=0.0),
         Key("minDiv", "float", 1.0, arg="min_div", minimum=0.0, exclusive=True),
+        _CHANNELS,
     )
 
     def output_shape(self, in_shape):
         c, h, w = self._image_input(in_shape)
+        _check_channels(self, in_shape)
         with _layer_errors(self.name):
             RnormGeometry.of((c, h, w, 1), **self._p())
         return tuple(in_shape)
@@ -715,6 +915,9 @@ class Dropout(Layer):
         Key("keep", "float", 0.5),
         Key("maskOf", "name", None, arg="mask_of"),
         Key("maskStart", "int", 0, arg="mask_start", minimum=0),
+        # train: inverted dropout (scaled by 1/keep in training; cuda-convnet2's dropout); test: the kept units
+        # unscaled in training, every unit times keep at test time (cuda-convnet2's dropout2, the paper's form)
+        Key("scaling", "str", "train", choices=("train", "test")),
     )
 
     def __init__(self, name, inputs=(), **kw):
@@ -742,22 +945,26 @@ class Dropout(Layer):
         return self.mask_start * math.prod(self.out_shape[1:]) * images, batch
 
     def forward(self, x, ctx):
+        test_scaled = self.scaling == "test" and self.keep != 1.0
         if not ctx.get("train") or self.keep == 1.0:
             ctx["active"] = False
-            return x
+            return ops.scale(self.device, x, self.keep) if test_scaled else x
         ctx["active"] = True
         start, batch = self._where(x, ctx)
-        return ops.dropout_forward(self.device, x, self.keep, ctx["seed"], 0, start, batch=batch)
+        y = ops.dropout_forward(self.device, x, self.keep, ctx["seed"], 0, start, batch=batch)
+        return ops.scale(self.device, y, self.keep, out=y) if test_scaled else y
 
     def backward(self, dy, ctx):
         if not ctx["active"]:
-            return dy
+            return ops.scale(self.device, dy, self.keep) if self.scaling == "test" else dy
         start, batch = self._where(dy, ctx)
-        return ops.dropout_backward(self.device, dy, self.keep, ctx["seed"], 0, start, batch=batch)
+        dx = ops.dropout_backward(self.device, dy, self.keep, ctx["seed"], 0, start, batch=batch)
+        return ops.scale(self.device, dx, self.keep, out=dx) if self.scaling == "test" else dx
 
     def describe(self):
         shared = f" (mask of {self.mask_of} from unit {self.mask_start})" if self.mask_of else ""
-        return f"dropout keep {self.keep:g}{shared}"
+        t = " (scaled at test time)" if self.scaling == "test" else ""
+        return f"dropout keep {self.keep:g}{shared}{t}"
 
 
 class SoftmaxCost(Layer):
@@ -772,7 +979,7 @@ class SoftmaxCost(Layer):
     with :meth:`take_bad_labels` where it synchronises anyway."""
 
     type = "softmax"
-    type_aliases = ("cost.logreg", "softmax_ce")
+    type_aliases = ("softmax_ce",)
     KEYS = (Key("coeff", "float", 1.0, minimum=0.0, exclusive=True),)
 
     def output_shape(self, in_shape):

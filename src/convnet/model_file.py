@@ -14,7 +14,9 @@ One section per layer, in topological order (a layer's inputs must be defined ab
 
 Keys are case-insensitive; ``#`` and ``;`` start comments. ``load_model(name_or_path)`` accepts a shipped name
 (``alexnet``, ``alexnet-2gpu``, ``alexnet-owt``, ``cifar-18pct``, ``fmnist``: the ``.cfg`` files in
-``convnet/models/``) or a path.
+``convnet/models/``) or a path; with ``params=`` (cuda-convnet's layer-params file) and ``input_shape=`` it reads
+cuda-convnet's and cuda-convnet2's own pairs with their meaning (:mod:`convnet.cuda_convnet`: a text whose data layer
+has ``dataIdx`` is in that form).
 
 Nothing here lists a layer's keys: they are the layer classes' declarations (``Layer.keys``, see
 :class:`convnet.layers.Key`), and the ``[train]`` keys are the :class:`convnet.config.Config` fields marked
@@ -28,6 +30,7 @@ import configparser
 import os
 from pathlib import Path
 
+from . import cuda_convnet
 from .config import TRAIN_KEYS, check_setting
 from .devices import parse_device
 from .graph import Net
@@ -77,6 +80,7 @@ _READERS = {
     "init": (str.strip, "text"),
     "neuron": (str.strip, "text"),
     "floats": (lambda v: [float(p) for p in v.split(",")], "numbers separated by commas"),
+    "rate": (str.strip, "text"),
 }
 
 
@@ -107,6 +111,11 @@ def _parse_layer(sec, items, where):
         raise ModelFileError(f"{where}: missing 'type' (one of {', '.join(LAYER_TYPES)})")
     t = items.pop("type").strip().lower()
     cls = TYPES.get(t)
+    if cls is None and t in cuda_convnet.NOT_IMPLEMENTED:
+        raise ModelFileError(f"{where} type: {t} ({cuda_convnet.NOT_IMPLEMENTED[t]}) is not implemented")
+    if cls is None and t in cuda_convnet.KEYS:
+        raise ModelFileError(f"{where} type: '{t}' is cuda-convnet's, read with its meaning in cuda-convnet's form "
+                             f"(a data layer with dataIdx, and --params); here the types are {', '.join(LAYER_TYPES)}")
     if cls is None:
         raise ModelFileError(f"{where}: unknown layer type '{t}' (known: {', '.join(LAYER_TYPES)})")
     t = cls.type
@@ -158,8 +167,17 @@ def parse_model_text(text, source="<model>"):
     specs, train = [], {}
     if not cp.sections():
         raise ModelFileError(f"{source}: no layers (the file has no [sections])")
-    for sec in cp.sections():
-        items = {k.lower(): v for k, v in cp.items(sec)}
+    sections = {sec: {k.lower(): v for k, v in cp.items(sec)} for sec in cp.sections()}
+    if cuda_convnet.is_cuda_convnet(sections):
+        train_items = sections.pop("train", None)
+        try:
+            translated = cuda_convnet.translate(sections, source)
+        except cuda_convnet.CudaConvnetError as e:
+            raise ModelFileError(str(e)) from None
+        sections = {sec: {k.lower(): v for k, v in items.items()} for sec, items in translated}
+        if train_items is not None:
+            sections["train"] = train_items
+    for sec, items in sections.items():
         if sec.lower() == "train":
             train.update(_parse_train(items, source))
         else:
@@ -180,8 +198,21 @@ def build_layers(specs, source="<model>"):
     return layers
 
 
-def resolve_model(name_or_path):
-    """Return (text, source) for a shipped model name or a file path."""
+def resolve_model(name_or_path, params=None, input_shape=None):
+    """Return (text, source) for a shipped model name or a file path. ``params``: cuda-convnet's layer-params file,
+    merged into the model file by section name; ``input_shape`` (C, H, W): the image shape of a cuda-convnet data
+    layer (which has none). Either makes one text of the files (:func:`convnet.cuda_convnet.merge`)."""
+    text, source = _resolve_one(name_or_path)
+    if params is None and (input_shape is None or "dataidx" not in text.lower()):
+        return text, source  # a file of this project's form as it is
+    ptext = None if params is None else read_model_file(params, "layer-params")
+    try:
+        return cuda_convnet.merge(text, source, ptext, None if params is None else str(params), input_shape)
+    except cuda_convnet.CudaConvnetError as e:
+        raise ModelFileError(str(e)) from None
+
+
+def _resolve_one(name_or_path):
     p = Path(name_or_path)
     if p.suffix == ".cfg" or os.sep in str(name_or_path) or p.exists():
         if not p.is_file():
@@ -195,16 +226,16 @@ def resolve_model(name_or_path):
     return read_model_file(q), q.name
 
 
-def read_model_file(path) -> str:
+def read_model_file(path, what="model") -> str:
     """A model file's text (UTF-8); ModelFileError naming the file when it cannot be read or is not UTF-8 text."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise ModelFileError(f"cannot read model file '{path}': {e.strerror or e}") from None
+        raise ModelFileError(f"cannot read {what} file '{path}': {e.strerror or e}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ModelFileError(f"model file '{path}' is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+        raise ModelFileError(f"{what} file '{path}' is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
                              f"{e.start})") from None
 
 
@@ -219,9 +250,11 @@ def build_net(text, source="<model>", *, device=None, devices=None, dtype="float
     return net, train
 
 
-def load_model(name_or_path, *, device=None, devices=None, dtype="float32", seed=0, init_params=True):
+def load_model(name_or_path, *, params=None, input_shape=None, device=None, devices=None, dtype="float32", seed=0,
+               init_params=True):
     """Build a Net from a shipped model name or a model-file path. Returns (net, train_defaults).
-    ``devices``: the devices of the model's towers (``device = 0|1`` layers). ``init_params=False`` builds shapes
-    only (for summaries of big models)."""
-    text, source = resolve_model(name_or_path)
+    ``params``, ``input_shape``: cuda-convnet's layer-params file and the image shape (C, H, W) for its data layer
+    (:func:`resolve_model`). ``devices``: the devices of the model's towers (``device = 0|1`` layers).
+    ``init_params=False`` builds shapes only (for summaries of big models)."""
+    text, source = resolve_model(name_or_path, params, input_shape)
     return build_net(text, source, device=device, devices=devices, dtype=dtype, seed=seed, init_params=init_params)

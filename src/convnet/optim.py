@@ -5,8 +5,12 @@ Update (per parameter w with gradient g = mean over the batch of dL/dw, layer mu
     v <- momentum * v - weight_decay * m_wd * (lr * m_lr) * w - (lr * m_lr) * g
     w <- w + v
 
-(the paper: v <- 0.9 v - 0.0005 eps w - eps <dL/dw>, w <- w + v). The arithmetic is the op ``ops.sgd_update``, in
-place on the parameter's device with the same sequence of operations every step, so a run is deterministic.
+(the paper: v <- 0.9 v - 0.0005 eps w - eps <dL/dw>, w <- w + v). A layer's absolute settings (cuda-convnet's
+``epsW``/``epsB``, ``momW``/``momB``, ``wc``) replace ``lr * m_lr``, ``momentum`` and ``weight_decay * m_wd``; an
+absolute rate follows the run's schedule as a factor (the scheduled lr / the base lr: 1 with a constant schedule),
+and a cuda-convnet2 schedule (``dexp[...]``) is evaluated at ``progress``, the fraction of the run's epochs done.
+The arithmetic is the op ``ops.sgd_update``, in place on the parameter's device with the same sequence of
+operations every step, so a run is deterministic.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ class SGD:
     def __init__(self, net, *, lr=0.01, momentum=0.9, weight_decay=5e-4):
         self.net = net
         self.lr = float(lr)
+        self.base_lr = float(lr)  # the schedule's base: absolute layer rates are scaled by lr / base_lr
+        self.progress = 0.0  # the fraction of the run done (the trainer sets it): cuda-convnet2's schedules
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
         self.velocity = {}
@@ -31,12 +37,24 @@ class SGD:
         """Update every parameter, or only ``items`` ([(key, layer, pname)] as ``net.param_items()`` lists them: a
         data-parallel run updates each bucket as soon as its gradients are averaged)."""
         for key, layer, p in self.net.param_items() if items is None else items:
-            lr = self.lr * layer.lr_mult.get(p, 1.0)
-            wd = self.weight_decay * layer.wd_mult.get(p, 0.0)
+            lr, momentum, wd = self.settings(layer, p)
             with self.net.placements.on(layer):  # on the parameter's device, on its tower's stream
                 ops.sgd_update(layer.device, layer.params[p], layer.grads[p], self.velocity[key], lr=lr,
-                               momentum=self.momentum, weight_decay=wd)
+                               momentum=momentum, weight_decay=wd)
         self.net.placements.join()  # the loop's current stream (the host, on emu) sees the new parameters
+
+    def settings(self, layer, p):
+        """(lr, momentum, weight_decay) of parameter ``p`` of ``layer`` now."""
+        eps = layer.lr_abs.get(p)
+        if eps is None:
+            lr = self.lr * layer.lr_mult.get(p, 1.0)
+        else:
+            factor = self.lr / self.base_lr if self.base_lr > 0 else 1.0
+            lr = (eps if isinstance(eps, float) else eps.value(self.progress)) * factor
+        mom = layer.momentum.get(p)
+        wd = layer.wd_abs.get(p)
+        return (lr, self.momentum if mom is None else mom,
+                self.weight_decay * layer.wd_mult.get(p, 0.0) if wd is None else wd)
 
     def state_dict(self):
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,

@@ -56,12 +56,16 @@ def make_config(args, saved=None):
                 setattr(cfg, k, v)
         if "model" in flags and flags["model"] != cfg.model:
             raise ConfigError(f"--model {flags['model']} differs from the checkpoint's model {cfg.model}")
+        for k in ("params", "input_shape"):  # the checkpoint's model text was made with them
+            if k in flags and flags[k] != getattr(cfg, k):
+                raise ConfigError(f"{setting_name(k)} {flags[k]} differs from the checkpoint's ({getattr(cfg, k)})")
         cfg.distributed = False  # how the run is launched is not a saved setting: a resume says it again
         if flags.keys() & {"device", "devices"}:  # a new placement replaces the saved one as a whole: --device cpu
             cfg.device = cfg.devices = None     # puts every tower of a two-device run on cpu
     else:
         cfg.model = flags.get("model", cfg.model)
-        cfg.model_text, cfg.model_source = resolve_model(cfg.model)
+        cfg.model_text, cfg.model_source = resolve_model(cfg.model, flags.get("params"),
+                                                         _input_shape(flags.get("input_shape"), flags.get("dataset")))
         _, train_defaults = parse_model_text(cfg.model_text, cfg.model_source)
         for k, v in train_defaults.items():
             setattr(cfg, k, v)
@@ -70,6 +74,24 @@ def make_config(args, saved=None):
     if cfg.out is None:
         cfg.out = str(Path("runs") / Path(cfg.model).stem)
     return cfg.validate()
+
+
+# the image shape of the datasets whose images have one size (a cuda-convnet data layer takes it from the data)
+DATASET_SHAPES = {"cifar10": (3, 32, 32), "fashion-mnist": (1, 28, 28)}
+
+
+def _input_shape(text, dataset):
+    """--input-shape C,H,W, else the dataset's fixed shape, else None."""
+    if text is None:
+        from .data.base import _ALIASES
+        return DATASET_SHAPES.get(_ALIASES.get((dataset or "").lower(), (dataset or "").lower()))
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"--input-shape must be C,H,W (three positive integers), got {text!r}")
+    return shape
 
 
 def run(argv=None, log=print):

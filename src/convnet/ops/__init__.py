@@ -16,7 +16,7 @@ from convnet.ops.pool import pool_backward, pool_forward, pool_output_shape
 from convnet.ops.rnorm import cnorm_backward, cnorm_forward, rnorm_backward, rnorm_forward
 from convnet.ops.sgd import sgd_update
 from convnet.ops.softmax import softmax_cross_entropy, softmax_forward, topk_errors
-from convnet.ops.tensor import add, concat, scale
+from convnet.ops.tensor import add, concat, multiply, scale, window
 from convnet.ops.transfer import copy
 
 __all__ = [
@@ -29,7 +29,7 @@ __all__ = [
     "neuron_forward", "neuron_backward", "eltsum_forward", "eltsum_backward", "eltmax_forward", "eltmax_backward",
     "softmax_forward", "softmax_cross_entropy", "topk_errors",
     "fc_forward", "fc_backward_data", "fc_backward_weights", "fc_backward_bias",
-    "concat", "add", "scale",
+    "concat", "add", "scale", "window", "multiply",
     "copy",
     "sgd_update",
 ]

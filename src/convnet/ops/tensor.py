@@ -9,9 +9,12 @@ additions, not worth a hand-written kernel.
     concat:  (C_1, *rest), (C_2, *rest), ... -> (C_1 + C_2 + ..., *rest)
     add:     out = a + b                    (``out`` may be ``a`` or ``b``: in place)
     scale:   out = factor * a               (``out`` may be ``a``)
+    window:  (C, H, W, N) -> (C, EH, EW, N), out[:, i, j] = x[:, h0 + i, w0 + j], ``fill`` outside x (pad / crop)
+    multiply: out = a * b, b broadcast      (per-position factors: cuda-convnet's overhanging pooling windows)
 """
 from __future__ import annotations
 
+import numpy as np
 
 from convnet.ops._checks import as_device, check_array, check_disjoint, check_same_dtype, scalar
 from convnet.ops._dispatch import Output, produce
@@ -63,3 +66,47 @@ def scale(device, a, factor, out=None, stream=None):
     return produce(dev, Output("out", out, tuple(a.shape), a.dtype), inputs=dict(a=a), elementwise=True,
                    stream=stream, kernel=lambda o: dev.xp.multiply(a, a.dtype.type(factor), out=o),
                    reference=lambda: dev.host_function(ref.scale)(a, factor))
+
+
+def window(device, x, start, size, fill=0.0, out=None, stream=None):
+    """The (C, size_h, size_w, N) window of a (C, H, W, N) array of ``device`` whose corner is at ``start`` = (h0,
+    w0) in x (negative, or running past x: those positions hold ``fill``, a number or -inf)."""
+    dev = as_device(device)
+    check_array("x", x, dev, ndim=4)
+    (h0, w0), (eh, ew) = (_ints(name, v) for name, v in (("start", start), ("size", size)))
+    if eh < 1 or ew < 1:
+        raise ValueError(f"size must be positive, got {(eh, ew)}")
+    fill = float(fill)
+    if fill != fill:
+        raise ValueError("fill must not be NaN")
+    C, H, W, N = (int(s) for s in x.shape)
+    hs, he, ws, we = max(h0, 0), min(h0 + eh, H), max(w0, 0), min(w0 + ew, W)
+
+    def kernel(o):
+        o[...] = fill
+        if hs < he and ws < we:
+            o[:, hs - h0:he - h0, ws - w0:we - w0, :] = x[:, hs:he, ws:we, :]
+
+    return produce(dev, Output("out", out, (C, eh, ew, N), x.dtype), inputs=dict(x=x), stream=stream, kernel=kernel,
+                   reference=lambda: ref.window(x, (h0, w0), (eh, ew), fill))
+
+
+def multiply(device, a, b, out=None, stream=None):
+    """a * b, arrays of ``device`` of one dtype, b broadcast against a (as many dimensions, each b's equal to a's or
+    1). ``out`` may be ``a`` exactly."""
+    dev = as_device(device)
+    check_array("a", a, dev)
+    check_array("b", b, dev)
+    check_same_dtype(a=a, b=b)
+    if b.ndim != a.ndim or any(q not in (1, p) for p, q in zip(a.shape, b.shape)):
+        raise ValueError(f"b of shape {tuple(b.shape)} does not broadcast against a of shape {tuple(a.shape)}")
+    return produce(dev, Output("out", out, tuple(a.shape), a.dtype), inputs=dict(a=a, b=b), elementwise=True,
+                   stream=stream, kernel=lambda o: dev.xp.multiply(a, b, out=o),
+                   reference=lambda: dev.host_function(ref.multiply)(a, b))
+
+
+def _ints(name, v):
+    if (not isinstance(v, (tuple, list)) or len(v) != 2
+            or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in v)):
+        raise TypeError(f"{name} must be a pair of integers (h, w), got {v!r}")
+    return int(v[0]), int(v[1])

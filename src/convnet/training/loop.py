@@ -69,6 +69,7 @@ def train_epoch(t):
         for x, y in batches:
             if per_step:
                 lr = t.opt.lr = t.lr_now()
+            t.opt.progress = (t.epoch + t.batch / nb) / cfg.epochs  # cuda-convnet2's per-layer schedules
             probs = net.forward(x, y, train=True, step=t.step, batch=shard)
             backward_and_step(net, t.opt, t.reducer)
             sums.add(net.loss, probs, labels_on(sums.device, y, t.device))
