@@ -63,30 +63,45 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="calls per algorithm per round (the round's best)")
     ap.add_argument("--layers", default=",".join(LAYERS))
     args = ap.parse_args(argv)
+    unknown = [name for name in args.layers.split(",") if name not in LAYERS]
+    if unknown:
+        ap.error(f"unknown layer(s) {', '.join(unknown)}: choose from {', '.join(LAYERS)}")
     rng = np.random.default_rng(0)
     print(f"{cpu_name()}, {os.cpu_count()} logical CPUs, GEMM {gemm.isa()}, {args.threads} thread(s), "
           f"medians of {args.rounds} rounds (best of {args.repeats} calls each), ms")
     print("| layer | C->F, HxW, batch | direct fwd / data / filter | Winograd fwd / data / filter | speed-up (sum) |")
     print("|---|---|---|---|---|")
-    with loop_threads(args.threads):
-        for name in args.layers.split(","):
-            c, h, wd, f, pad, n = LAYERS[name]
-            x = rng.standard_normal((c, h, wd, n)).astype(np.float32)
-            w = rng.standard_normal((c, 3, 3, f)).astype(np.float32)
-            dy = rng.standard_normal((f, h + 2 * pad - 2, wd + 2 * pad - 2, n)).astype(np.float32)
-            times = {"direct": [], "winograd": []}
-            for _ in range(args.rounds):
-                for algo in times:
-                    os.environ[winograd.ENV] = algo
-                    best = None
-                    for _ in range(args.repeats):
-                        t = one_pass(x, w, dy, pad)
-                        best = t if best is None or sum(t) < sum(best) else best
-                    times[algo].append(best)
-            med = {a: [statistics.median(r[i] for r in v) * 1e3 for i in range(3)] for a, v in times.items()}
-            d, wg = med["direct"], med["winograd"]
-            print(f"| {name} | {c}->{f}, {h}x{wd}, {n} | {d[0]:.2f} / {d[1]:.2f} / {d[2]:.2f} | "
-                  f"{wg[0]:.2f} / {wg[1]:.2f} / {wg[2]:.2f} | {sum(d) / sum(wg):.2f}x |", flush=True)
+    before = os.environ.get(winograd.ENV)
+    try:
+        with loop_threads(args.threads):
+            _measure(args, rng)
+    finally:  # the choice is the process's: leave it as found
+        if before is None:
+            os.environ.pop(winograd.ENV, None)
+        else:
+            os.environ[winograd.ENV] = before
+
+
+def _measure(args, rng):
+    """One table row per layer of ``--layers``."""
+    for name in args.layers.split(","):
+        c, h, wd, f, pad, n = LAYERS[name]
+        x = rng.standard_normal((c, h, wd, n)).astype(np.float32)
+        w = rng.standard_normal((c, 3, 3, f)).astype(np.float32)
+        dy = rng.standard_normal((f, h + 2 * pad - 2, wd + 2 * pad - 2, n)).astype(np.float32)
+        times = {"direct": [], "winograd": []}
+        for _ in range(args.rounds):
+            for algo in times:
+                os.environ[winograd.ENV] = algo
+                best = None
+                for _ in range(args.repeats):
+                    t = one_pass(x, w, dy, pad)
+                    best = t if best is None or sum(t) < sum(best) else best
+                times[algo].append(best)
+        med = {a: [statistics.median(r[i] for r in v) * 1e3 for i in range(3)] for a, v in times.items()}
+        d, wg = med["direct"], med["winograd"]
+        print(f"| {name} | {c}->{f}, {h}x{wd}, {n} | {d[0]:.2f} / {d[1]:.2f} / {d[2]:.2f} | "
+              f"{wg[0]:.2f} / {wg[1]:.2f} / {wg[2]:.2f} | {sum(d) / sum(wg):.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

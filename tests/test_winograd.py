@@ -183,10 +183,13 @@ def test_the_ops_on_the_cpu_device_use_it_when_asked(monkeypatch):
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_threads_and_simd_width_do_not_change_the_bits(monkeypatch, threads):
+@pytest.mark.parametrize("case", [(20, 10, 9, 37, 24, 1, 1), (72, 5, 6, 3, 64, 1, 1)], ids=["dot", "packed"])
+def test_threads_and_simd_width_do_not_change_the_bits(monkeypatch, threads, case):
     """Every transformed element is one thread's fixed sequence of operations and every GEMM element one FMA chain:
-    the same bits at any thread count and with every GEMM width this CPU runs (AVX2, AVX-512)."""
-    x, w, dy = _case(20, 10, 9, 37, 24, 1, 1)
+    the same bits at any thread count and with every GEMM width this CPU runs (AVX2, AVX-512), with either form of
+    the filter gradient's GEMMs (the dot form for small D_e, the packed one above winograd.DOT_FORM_MAX)."""
+    assert (case[0] * case[4] <= winograd.DOT_FORM_MAX) == (case[4] == 24)
+    x, w, dy = _case(*case)
     with loop_threads(1):
         one = _run(x, w, dy, (1, 1), 1)
     for isa in cpu_gemm.isas():
@@ -240,3 +243,16 @@ def test_bad_input_is_a_clear_error(monkeypatch):
         _cpu.winograd_filter(w, ro, 2, 4, 0, 4, False)
     with pytest.raises(TypeError):
         _cpu.winograd_filter(w.astype(np.float64), np.empty((16, 4, 2)), 2, 4, 0, 4, False)
+
+
+def test_the_benchmark_runs(capsys):
+    """benchmarks/winograd_bench.py end to end on its smallest layer, leaving CONVNET_CPU_CONV as it found it."""
+    import os
+
+    from helpers import load_benchmark
+
+    before = os.environ.get(winograd.ENV)
+    load_benchmark("winograd_bench").main(["--layers", "fmnist conv3", "--rounds", "1", "--repeats", "1"])
+    assert os.environ.get(winograd.ENV) == before
+    out = capsys.readouterr().out
+    assert "| fmnist conv3 | 64->128, 6x6, 64 |" in out and "thread(s)" in out

@@ -249,7 +249,8 @@ void filter_transform(const Floats& w, Floats& u, i64 Cg, i64 F, i64 f0, i64 Fg,
       float g[3][3], col[3][4], r[4][4];
       for (int ky = 0; ky < 3; ++ky) {
         for (int kx = 0; kx < 3; ++kx) {
-          g[ky][kx] = rotate ? wp[((c * 3 + 2 - ky) * 3 + 2 - kx) * F + f0 + f] : wp[((c * 3 + ky) * 3 + kx) * F + f0 + f];
+          const i64 tap = rotate ? (2 - ky) * 3 + 2 - kx : ky * 3 + kx;
+          g[ky][kx] = wp[(c * 9 + tap) * F + f0 + f];
         }
       }
       for (int kx = 0; kx < 3; ++kx) g3(g[0][kx], g[1][kx], g[2][kx], col[kx]);  // col[kx][a] = (G g)[a][kx]

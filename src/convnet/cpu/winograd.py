@@ -65,6 +65,9 @@ def chosen(g: ConvGeometry) -> bool:
     return prefers_winograd(g)
 
 
+DOT_FORM_MAX = 4096  # elements of D_e up to which the filter gradient's GEMMs take the dot form
+
+
 def _tiles(oh: int, ow: int) -> tuple[int, int]:
     return (oh + 1) // 2, (ow + 1) // 2
 
@@ -134,7 +137,12 @@ def conv_backward_filter(x, dy, g: ConvGeometry):
     for group in range(g.groups):
         lib().winograd_input(x, v, g.C, g.H, g.W, g.N, group * g.Cg, g.Cg, *g.padding, th, tw)
         lib().winograd_grad(dy, z, g.F, g.OH, g.OW, g.N, group * fg, fg, th, tw)
+        # D_e = V_e @ Z_e.T: V_e taken as a 1x1 convolution's image (Cg, 1, 1, P), so that the filter-gradient
+        # GEMM's forms apply: the dot form (both operands read along P, nothing packed) for a small D_e (measured
+        # 2.6x faster than the packed form for fmnist's conv2, 32 x 64; slower for its conv3, 64 x 128)
+        form = "dot" if g.Cg * fg <= DOT_FORM_MAX else "packed"
         for e in range(16):
-            lib().gemm(v[e], z[e].T, d[e], isa=isa)
+            lib().conv_gemm_filter(v[e].reshape(g.Cg, 1, 1, p), z[e], d[e], g.Cg, 1, 1, p, 0, g.Cg, 0, p, 1, 1,
+                                   1, 1, 0, 0, 1, 1, isa=isa, form=form)
         lib().winograd_filter_grad(d, dw, g.Cg, g.F, group * fg, fg)
     return dw
