@@ -5,7 +5,8 @@
 // TH x TW tiles of 2x2 (TH = ceil(OH / 2)); tile (ty, tx) reads the 4x4 input patch whose top-left corner is
 // (2ty - ph, 2tx - pw), zero outside the image. The transformed tensors are (16, channels, P) with P = TH * TW * N
 // columns q = (ty, tx, n), n fastest, and e = 4a + b the element (a, b) of a 4x4 tile:
-//   V = B^T d B (input), U = G g G^T (filter), M_e = U_e @ V_e (the GEMMs), y = A^T M A (output);
+//   V = B^T d B (input), U = G g G^T (filter, stored (16, Cg, Fg)), M_e = U_e.T @ V_e (the GEMMs),
+//   y = A^T M A (output);
 //   filter gradient: Z = A dY A^T (the 2x2 output-gradient tile, zero outside the output), D_e = V_e @ Z_e^T,
 //   dw = G^T D G; data gradient: the forward on dy with the filters rotated by 180 degrees and transposed, padding
 //   2 - p.
@@ -235,36 +236,34 @@ void grad_transform(const Floats& dy, Floats& z, i64 F, i64 OH, i64 OW, i64 N, i
   }
 }
 
-// U = G g G^T of filters [f0, f0 + Fg) of w (Cg, 3, 3, F). Forward (rotate false): U (16, Fg, Cg), g = w[c, :, :, f].
-// Data gradient (rotate true): U (16, Cg, Fg), g[ky][kx] = w[c, 2 - ky, 2 - kx, f] (the transposed convolution's).
+// One input channel's filter transforms, u[e * estride + f] = (G g_f G^T)[e] for f < Fg, g_f[ky][kx] =
+// w[tap(ky, kx) * F + f] (w: the channel's (3, 3, F) taps from the group's first filter): vectorised along f.
+SIMD_CLONES void filter_row(const float* __restrict__ w, i64 F, const int* tap, float* __restrict__ u, i64 estride,
+                            i64 Fg) {
+  for (i64 f = 0; f < Fg; ++f) {
+    float g[3][3], col[3][4], r[4][4];
+    for (int ky = 0; ky < 3; ++ky) {
+      for (int kx = 0; kx < 3; ++kx) g[ky][kx] = w[tap[3 * ky + kx] * F + f];
+    }
+    for (int kx = 0; kx < 3; ++kx) g3(g[0][kx], g[1][kx], g[2][kx], col[kx]);  // col[kx][a] = (G g)[a][kx]
+    for (int a = 0; a < 4; ++a) g3(col[0][a], col[1][a], col[2][a], r[a]);
+    for (int e = 0; e < 16; ++e) u[e * estride + f] = r[e / 4][e % 4];
+  }
+}
+
+// U (16, Cg, Fg) = G g G^T of filters [f0, f0 + Fg) of w (Cg, 3, 3, F): g = w[c, :, :, f] (the forward, which
+// multiplies by U_e.T), or rotated by 180 degrees, g[ky][kx] = w[c, 2 - ky, 2 - kx, f] (the data gradient's
+// transposed convolution, which multiplies by U_e).
 void filter_transform(const Floats& w, Floats& u, i64 Cg, i64 F, i64 f0, i64 Fg, bool rotate) {
   positive({Cg, F, Fg});
   if (f0 < 0 || f0 + Fg > F) throw py::value_error("winograd: bad filter range");
   const float* wp = in(w, "w", Cg * 9 * F);
   float* up = out(u, "U", 16 * Fg * Cg);
+  int tap[9];
+  for (int k = 0; k < 9; ++k) tap[k] = rotate ? 8 - k : k;
   py::gil_scoped_release release;
 #pragma omp parallel for schedule(static) num_threads(loop_threads())
-  for (i64 c = 0; c < Cg; ++c) {
-    for (i64 f = 0; f < Fg; ++f) {
-      float g[3][3], col[3][4], r[4][4];
-      for (int ky = 0; ky < 3; ++ky) {
-        for (int kx = 0; kx < 3; ++kx) {
-          const i64 tap = rotate ? (2 - ky) * 3 + 2 - kx : ky * 3 + kx;
-          g[ky][kx] = wp[(c * 9 + tap) * F + f0 + f];
-        }
-      }
-      for (int kx = 0; kx < 3; ++kx) g3(g[0][kx], g[1][kx], g[2][kx], col[kx]);  // col[kx][a] = (G g)[a][kx]
-      for (int a = 0; a < 4; ++a) g3(col[0][a], col[1][a], col[2][a], r[a]);
-      for (int e = 0; e < 16; ++e) {
-        const float value = r[e / 4][e % 4];
-        if (rotate) {
-          up[(e * Cg + c) * Fg + f] = value;
-        } else {
-          up[(e * Fg + f) * Cg + c] = value;
-        }
-      }
-    }
-  }
+  for (i64 c = 0; c < Cg; ++c) filter_row(wp + c * 9 * F + f0, F, tap, up + c * Fg, Cg * Fg, Fg);
 }
 
 // dw[c, :, :, f0 + f] (dw is (Cg, 3, 3, F)) = G^T D G of D (16, Cg, Fg).
