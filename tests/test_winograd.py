@@ -23,7 +23,7 @@ G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float64)
 AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
 
 # (C, H, W, N, F, padding, groups): odd sizes, 1x1 and 2x1 images, C = 1, N = 1 and N not a multiple of the
-# transforms' 16-image blocks, every padding 0..2 (per axis too), groups.
+# transforms' 16-image (16-filter) blocks, every padding 0..2 (per axis too), groups.
 CASES = [
     (1, 5, 7, 3, 2, 1, 1),
     (4, 6, 6, 5, 8, 0, 2),
@@ -33,6 +33,7 @@ CASES = [
     (6, 8, 5, 1, 9, 2, 3),
     (5, 4, 9, 33, 5, (0, 2), 1),
     (12, 7, 7, 16, 12, 1, 4),
+    (20, 5, 6, 3, 40, 1, 1),  # filters beyond the filter transforms' 16-filter blocks
 ]
 
 

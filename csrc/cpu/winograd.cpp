@@ -94,7 +94,10 @@ inline void gt4(float d0, float d1, float d2, float d3, float* o) {  // G^T d
 }
 
 // t[e][n] = (B^T d B)[e] of `count` images, d[i][j] = rows[4i + j][n].
-SIMD_CLONES void input_block(const float* const* rows, float (*t)[kBlock], i64 count) {
+// (The pointers are copied into a local array first: GCC then keeps them in registers and vectorises along n.)
+SIMD_CLONES void input_block(const float* const* rows_in, float (*__restrict__ t)[kBlock], i64 count) {
+  const float* rows[16];
+  for (int k = 0; k < 16; ++k) rows[k] = rows_in[k];
   for (i64 n = 0; n < count; ++n) {
     float c[4][4], r[4][4];
     for (int j = 0; j < 4; ++j) bt4(rows[j][n], rows[4 + j][n], rows[8 + j][n], rows[12 + j][n], &c[0][0] + 4 * j);
@@ -107,7 +110,9 @@ SIMD_CLONES void input_block(const float* const* rows, float (*t)[kBlock], i64 c
 }
 
 // t[k][n] (k = 2i + j) = (A^T m A)[i][j], m[a][b] = rows[4a + b][n].
-SIMD_CLONES void output_block(const float* const* rows, float (*t)[kBlock], i64 count) {
+SIMD_CLONES void output_block(const float* const* rows_in, float (*__restrict__ t)[kBlock], i64 count) {
+  const float* rows[16];
+  for (int k = 0; k < 16; ++k) rows[k] = rows_in[k];
   for (i64 n = 0; n < count; ++n) {
     float c[4][2], r[2][2];
     for (int b = 0; b < 4; ++b) at4(rows[b][n], rows[4 + b][n], rows[8 + b][n], rows[12 + b][n], c[b]);
@@ -236,18 +241,18 @@ void grad_transform(const Floats& dy, Floats& z, i64 F, i64 OH, i64 OW, i64 N, i
   }
 }
 
-// One input channel's filter transforms, u[e * estride + f] = (G g_f G^T)[e] for f < Fg, g_f[ky][kx] =
-// w[tap(ky, kx) * F + f] (w: the channel's (3, 3, F) taps from the group's first filter): vectorised along f.
-SIMD_CLONES void filter_row(const float* __restrict__ w, i64 F, const int* tap, float* __restrict__ u, i64 estride,
-                            i64 Fg) {
-  for (i64 f = 0; f < Fg; ++f) {
-    float g[3][3], col[3][4], r[4][4];
-    for (int ky = 0; ky < 3; ++ky) {
-      for (int kx = 0; kx < 3; ++kx) g[ky][kx] = w[tap[3 * ky + kx] * F + f];
-    }
-    for (int kx = 0; kx < 3; ++kx) g3(g[0][kx], g[1][kx], g[2][kx], col[kx]);  // col[kx][a] = (G g)[a][kx]
+// One input channel's filter transforms, t[e][f] = (G g_f G^T)[e] for f < count (at most kBlock), g_f[ky][kx] =
+// taps[3 ky + kx][f]: vectorised along f (the block-local output is what lets GCC vectorise it).
+SIMD_CLONES void filter_block(const float* const* taps_in, float (*__restrict__ t)[kBlock], i64 count) {
+  const float* taps[9];
+  for (int k = 0; k < 9; ++k) taps[k] = taps_in[k];
+  for (i64 f = 0; f < count; ++f) {
+    float col[3][4], r[4][4];
+    for (int kx = 0; kx < 3; ++kx) g3(taps[kx][f], taps[3 + kx][f], taps[6 + kx][f], col[kx]);  // (G g)[a][kx]
     for (int a = 0; a < 4; ++a) g3(col[0][a], col[1][a], col[2][a], r[a]);
-    for (int e = 0; e < 16; ++e) u[e * estride + f] = r[e / 4][e % 4];
+    for (int a = 0; a < 4; ++a) {
+      for (int b = 0; b < 4; ++b) t[4 * a + b][f] = r[a][b];
+    }
   }
 }
 
@@ -263,7 +268,30 @@ void filter_transform(const Floats& w, Floats& u, i64 Cg, i64 F, i64 f0, i64 Fg,
   for (int k = 0; k < 9; ++k) tap[k] = rotate ? 8 - k : k;
   py::gil_scoped_release release;
 #pragma omp parallel for schedule(static) num_threads(loop_threads())
-  for (i64 c = 0; c < Cg; ++c) filter_row(wp + c * 9 * F + f0, F, tap, up + c * Fg, Cg * Fg, Fg);
+  for (i64 c = 0; c < Cg; ++c) {
+    alignas(64) float t[16][kBlock];
+    const float* taps[9];
+    for (i64 fb = 0; fb < Fg; fb += kBlock) {
+      const i64 count = std::min(kBlock, Fg - fb);
+      for (int k = 0; k < 9; ++k) taps[k] = wp + (c * 9 + tap[k]) * F + f0 + fb;
+      filter_block(taps, t, count);
+      for (int e = 0; e < 16; ++e) std::memcpy(up + (e * Cg + c) * Fg + fb, t[e], sizeof(float) * count);
+    }
+  }
+}
+
+// t[3 ky + kx][f] = (G^T D_f G)[ky][kx] for f < count (at most kBlock), D_f[a][b] = rows[4a + b][f].
+SIMD_CLONES void filter_grad_block(const float* const* rows_in, float (*__restrict__ t)[kBlock], i64 count) {
+  const float* rows[16];
+  for (int k = 0; k < 16; ++k) rows[k] = rows_in[k];
+  for (i64 f = 0; f < count; ++f) {
+    float col[4][3], r[3][3];
+    for (int b = 0; b < 4; ++b) gt4(rows[b][f], rows[4 + b][f], rows[8 + b][f], rows[12 + b][f], col[b]);
+    for (int ky = 0; ky < 3; ++ky) gt4(col[0][ky], col[1][ky], col[2][ky], col[3][ky], r[ky]);  // col[b][ky]
+    for (int ky = 0; ky < 3; ++ky) {
+      for (int kx = 0; kx < 3; ++kx) t[3 * ky + kx][f] = r[ky][kx];
+    }
+  }
 }
 
 // dw[c, :, :, f0 + f] (dw is (Cg, 3, 3, F)) = G^T D G of D (16, Cg, Fg).
@@ -275,16 +303,13 @@ void filter_grad_transform(const Floats& d, Floats& dw, i64 Cg, i64 F, i64 f0, i
   py::gil_scoped_release release;
 #pragma omp parallel for schedule(static) num_threads(loop_threads())
   for (i64 c = 0; c < Cg; ++c) {
-    for (i64 f = 0; f < Fg; ++f) {
-      float col[4][3], r[3][3];
-      for (int b = 0; b < 4; ++b) {
-        const auto at = [&](int a) { return dp[((4 * a + b) * Cg + c) * Fg + f]; };
-        gt4(at(0), at(1), at(2), at(3), col[b]);  // col[b][ky] = (G^T D)[ky][b]
-      }
-      for (int ky = 0; ky < 3; ++ky) gt4(col[0][ky], col[1][ky], col[2][ky], col[3][ky], r[ky]);
-      for (int ky = 0; ky < 3; ++ky) {
-        for (int kx = 0; kx < 3; ++kx) wp[((c * 3 + ky) * 3 + kx) * F + f0 + f] = r[ky][kx];
-      }
+    alignas(64) float t[9][kBlock];
+    const float* rows[16];
+    for (i64 fb = 0; fb < Fg; fb += kBlock) {
+      const i64 count = std::min(kBlock, Fg - fb);
+      for (int e = 0; e < 16; ++e) rows[e] = dp + (e * Cg + c) * Fg + fb;
+      filter_grad_block(rows, t, count);
+      for (int k = 0; k < 9; ++k) std::memcpy(wp + (c * 9 + k) * F + f0 + fb, t[k], sizeof(float) * count);
     }
   }
 }
