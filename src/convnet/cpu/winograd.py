@@ -43,9 +43,9 @@ def eligible(g: ConvGeometry) -> bool:
 
 # The cost model, measured on a 2-vCPU AMD EPYC with AVX-512 (docs/results.md, "Winograd F(2x2, 3x3)"): the
 # transforms are memory passes over 4x the input and output (about channels x pixels), the GEMMs save 2.25x of the
-# multiply-adds (less the ragged tiles of odd outputs), which pays once the GEMMs are deep and wide enough: AlexNet's
-# conv3-5 (256-384 channels) 1.1-1.5x faster; the default fmnist net's conv3 (64 -> 128) even at 1 thread and
-# slower at 2, its conv2 (32 -> 64) 2x slower.
+# multiply-adds (less the ragged tiles of odd outputs), which pays reliably once the GEMMs are deep and wide enough:
+# AlexNet's conv3-5 (256-384 channels) 1.25-1.6x faster; the default fmnist net's conv3 (64 -> 128) 1.0-1.45x (within
+# the loaded machine's noise), its conv2 (32 -> 64) 0.6-0.9x.
 MIN_CHANNELS = 128
 
 
