@@ -160,6 +160,26 @@ def test_matches_the_float64_reference_within_the_bound(case):
         assert bound.max() < 1e-3 * np.abs(exp).max()
 
 
+@pytest.mark.parametrize("case", [(6, 7, 5, 37, 20, 1, 1), (4, 5, 5, 9, 6, (2, 0), 2)], ids=str)
+def test_chunks_of_images_match_the_reference_within_the_bound(monkeypatch, case):
+    """Batches whose transformed tensors exceed the budget are cut into chunks of images (the budget made tiny:
+    ragged chunks down to 1 image); the filter gradient's GEMMs add the chunks into one D."""
+    c, h, wd, n, f, padding, groups = case
+    pad = _pair(padding)
+    x, w, dy = _case(*case)
+    oh, ow = h + 2 * pad[0] - 2, wd + 2 * pad[1] - 2
+    per_image = 16 * ((oh + 1) // 2) * ((ow + 1) // 2) * (c // groups + f // groups)
+    monkeypatch.setattr(ref_conv, "_COL_BUDGET", 2 * per_image + 7)
+    assert len(winograd._chunks(n, (oh + 1) // 2, (ow + 1) // 2, c // groups + f // groups)) == (n + 1) // 2
+    geo = dict(stride=1, padding=pad, groups=groups)
+    x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
+    want = (ref_conv.conv_forward(x64, w64, **geo), ref_conv.conv_backward_data(dy64, w64, (h, wd), **geo),
+            ref_conv.conv_backward_filter(x64, dy64, (3, 3), **geo))
+    for name, got, exp, bound in zip(("y", "dx", "dw"), _run(x, w, dy, pad, groups), want,
+                                     bounds(x, w, dy, pad, groups)):
+        assert np.all(np.abs(got - exp) <= bound), name
+
+
 def test_the_ops_on_the_cpu_device_use_it_when_asked(monkeypatch):
     """CONVNET_CPU_CONV=winograd: the ops (bias, alpha/beta accumulation included) give the reference's results to
     float32 rounding, and not the direct path's bits (Winograd really ran)."""
@@ -231,13 +251,19 @@ def test_bad_input_is_a_clear_error(monkeypatch):
         winograd.conv_forward(x, w, ConvGeometry.of(x.shape, w.shape, stride=2, padding=1))
     g = ConvGeometry.of(x.shape, w.shape, padding=1)
     v = np.empty((16, 2, 9 * 3), np.float32)
-    _cpu.winograd_input(x, v, 2, 5, 5, 3, 0, 2, 1, 1, 3, 3)  # the right sizes: fine
+    _cpu.winograd_input(x, v, 2, 5, 5, 3, 0, 3, 0, 2, 1, 1, 3, 3)  # the right sizes: fine
     with pytest.raises(ValueError, match="V has 864 elements, expected 1536"):
-        _cpu.winograd_input(x, v, 2, 5, 5, 3, 0, 2, 1, 1, 4, 4)
+        _cpu.winograd_input(x, v, 2, 5, 5, 3, 0, 3, 0, 2, 1, 1, 4, 4)
     with pytest.raises(ValueError, match="bad channel range"):
-        _cpu.winograd_input(x, v, 2, 5, 5, 3, 1, 2, 1, 1, 3, 3)
+        _cpu.winograd_input(x, v, 2, 5, 5, 3, 0, 3, 1, 2, 1, 1, 3, 3)
+    with pytest.raises(ValueError, match="bad image range"):
+        _cpu.winograd_input(x, v, 2, 5, 5, 3, 1, 3, 0, 2, 1, 1, 3, 3)
+    with pytest.raises(ValueError, match="sizes must be positive"):
+        _cpu.winograd_input(x, v, 2, 5, 5, 3, 0, 0, 0, 2, 1, 1, 3, 3)
     with pytest.raises(ValueError, match="bad filter range or tiles"):
-        _cpu.winograd_output(v, np.empty(g.y_shape, np.float32), 4, 5, 5, 3, 0, 4, 2, 3)
+        _cpu.winograd_output(v, np.empty(g.y_shape, np.float32), 4, 5, 5, 3, 0, 3, 0, 4, 2, 3)
+    with pytest.raises(ValueError, match="bad image range"):
+        _cpu.winograd_grad(np.empty(g.y_shape, np.float32), v, 4, 5, 5, 3, 2, 2, 0, 4, 3, 3)
     with pytest.raises(ValueError, match="read-only"):
         ro = np.empty((16, 4, 2), np.float32)
         ro.flags.writeable = False

@@ -138,15 +138,17 @@ SIMD_CLONES void grad_block(const float* const* rows, float (*t)[kBlock], i64 co
 // The tile ranges along one axis: tile t reads input rows 2t - p + [0, 4).
 inline bool inside(i64 i, i64 size) { return i >= 0 && i < size; }
 
-// V (16, Cg, TH*TW*N) = B^T d B of channels [c0, c0 + Cg) of x (C, H, W, N), padding (ph, pw).
-void input_transform(const Floats& x, Floats& v, i64 C, i64 H, i64 W, i64 N, i64 c0, i64 Cg, i64 ph, i64 pw, i64 TH,
-                     i64 TW) {
-  positive({C, H, W, N, Cg, TH, TW});
+// V (16, Cg, TH*TW*nb) = B^T d B of channels [c0, c0 + Cg) and images [n0, n0 + nb) of x (C, H, W, N), padding
+// (ph, pw).
+void input_transform(const Floats& x, Floats& v, i64 C, i64 H, i64 W, i64 N, i64 n0, i64 nb, i64 c0, i64 Cg, i64 ph,
+                     i64 pw, i64 TH, i64 TW) {
+  positive({C, H, W, N, nb, Cg, TH, TW});
   if (c0 < 0 || c0 + Cg > C || ph < 0 || pw < 0) throw py::value_error("winograd: bad channel range or padding");
-  const float* xp = in(x, "x", C * H * W * N);
-  const i64 P = TH * TW * N;
+  if (n0 < 0 || n0 + nb > N) throw py::value_error("winograd: bad image range");
+  const float* xp = in(x, "x", C * H * W * N) + n0;
+  const i64 P = TH * TW * nb;
   float* vp = out(v, "V", 16 * Cg * P);
-  const std::vector<float> zeros(static_cast<std::size_t>(N), 0.0f);
+  const std::vector<float> zeros(static_cast<std::size_t>(nb), 0.0f);
   py::gil_scoped_release release;
 #pragma omp parallel for schedule(static) num_threads(loop_threads())
   for (i64 item = 0; item < Cg * TH; ++item) {
@@ -161,27 +163,29 @@ void input_transform(const Floats& x, Floats& v, i64 C, i64 H, i64 W, i64 N, i64
           rows[4 * i + j] = inside(iy, H) && inside(ix, W) ? plane + (iy * W + ix) * N : zeros.data();
         }
       }
-      float* dst = vp + c * P + (ty * TW + tx) * N;
-      for (i64 n0 = 0; n0 < N; n0 += kBlock) {
-        const i64 count = std::min(kBlock, N - n0);
+      float* dst = vp + c * P + (ty * TW + tx) * nb;
+      for (i64 b = 0; b < nb; b += kBlock) {
+        const i64 count = std::min(kBlock, nb - b);
         const float* shifted[16];
-        for (int k = 0; k < 16; ++k) shifted[k] = rows[k] + n0;
+        for (int k = 0; k < 16; ++k) shifted[k] = rows[k] == zeros.data() ? rows[k] : rows[k] + b;
         input_block(shifted, t, count);
-        for (int e = 0; e < 16; ++e) std::memcpy(dst + e * Cg * P + n0, t[e], sizeof(float) * count);
+        for (int e = 0; e < 16; ++e) std::memcpy(dst + e * Cg * P + b, t[e], sizeof(float) * count);
       }
     }
   }
 }
 
-// y[f0 + f, oy, ox, n] (y is (F, OH, OW, N)) = A^T M A of M (16, Fg, TH*TW*N), the outputs inside (OH, OW).
-void output_transform(const Floats& m, Floats& y, i64 F, i64 OH, i64 OW, i64 N, i64 f0, i64 Fg, i64 TH, i64 TW) {
-  positive({F, OH, OW, N, Fg, TH, TW});
+// y[f0 + f, oy, ox, n0 + n] (y is (F, OH, OW, N)) = A^T M A of M (16, Fg, TH*TW*nb), the outputs inside (OH, OW).
+void output_transform(const Floats& m, Floats& y, i64 F, i64 OH, i64 OW, i64 N, i64 n0, i64 nb, i64 f0, i64 Fg, i64 TH,
+                      i64 TW) {
+  positive({F, OH, OW, N, nb, Fg, TH, TW});
   if (f0 < 0 || f0 + Fg > F || TH != (OH + 1) / 2 || TW != (OW + 1) / 2) {
     throw py::value_error("winograd: bad filter range or tiles");
   }
-  const i64 P = TH * TW * N;
+  if (n0 < 0 || n0 + nb > N) throw py::value_error("winograd: bad image range");
+  const i64 P = TH * TW * nb;
   const float* mp = in(m, "M", 16 * Fg * P);
-  float* yp = out(y, "y", F * OH * OW * N);
+  float* yp = out(y, "y", F * OH * OW * N) + n0;
   py::gil_scoped_release release;
 #pragma omp parallel for schedule(static) num_threads(loop_threads())
   for (i64 item = 0; item < Fg * TH; ++item) {
@@ -190,14 +194,14 @@ void output_transform(const Floats& m, Floats& y, i64 F, i64 OH, i64 OW, i64 N, 
     alignas(64) float t[4][kBlock];
     const float* rows[16];
     for (i64 tx = 0; tx < TW; ++tx) {
-      for (i64 n0 = 0; n0 < N; n0 += kBlock) {
-        const i64 count = std::min(kBlock, N - n0);
-        for (int e = 0; e < 16; ++e) rows[e] = mp + (e * Fg + f) * P + (ty * TW + tx) * N + n0;
+      for (i64 b = 0; b < nb; b += kBlock) {
+        const i64 count = std::min(kBlock, nb - b);
+        for (int e = 0; e < 16; ++e) rows[e] = mp + (e * Fg + f) * P + (ty * TW + tx) * nb + b;
         output_block(rows, t, count);
         for (int i = 0; i < 2; ++i) {
           for (int j = 0; j < 2; ++j) {
             const i64 oy = 2 * ty + i, ox = 2 * tx + j;
-            if (oy < OH && ox < OW) std::memcpy(plane + (oy * OW + ox) * N + n0, t[2 * i + j], sizeof(float) * count);
+            if (oy < OH && ox < OW) std::memcpy(plane + (oy * OW + ox) * N + b, t[2 * i + j], sizeof(float) * count);
           }
         }
       }
@@ -205,16 +209,19 @@ void output_transform(const Floats& m, Floats& y, i64 F, i64 OH, i64 OW, i64 N, 
   }
 }
 
-// Z (16, Fg, TH*TW*N) = A dY A^T of filters [f0, f0 + Fg) of dy (F, OH, OW, N), zero outside (OH, OW).
-void grad_transform(const Floats& dy, Floats& z, i64 F, i64 OH, i64 OW, i64 N, i64 f0, i64 Fg, i64 TH, i64 TW) {
-  positive({F, OH, OW, N, Fg, TH, TW});
+// Z (16, Fg, TH*TW*nb) = A dY A^T of filters [f0, f0 + Fg) and images [n0, n0 + nb) of dy (F, OH, OW, N), zero
+// outside (OH, OW).
+void grad_transform(const Floats& dy, Floats& z, i64 F, i64 OH, i64 OW, i64 N, i64 n0, i64 nb, i64 f0, i64 Fg, i64 TH,
+                    i64 TW) {
+  positive({F, OH, OW, N, nb, Fg, TH, TW});
   if (f0 < 0 || f0 + Fg > F || TH != (OH + 1) / 2 || TW != (OW + 1) / 2) {
     throw py::value_error("winograd: bad filter range or tiles");
   }
-  const i64 P = TH * TW * N;
-  const float* gp = in(dy, "dy", F * OH * OW * N);
+  if (n0 < 0 || n0 + nb > N) throw py::value_error("winograd: bad image range");
+  const i64 P = TH * TW * nb;
+  const float* gp = in(dy, "dy", F * OH * OW * N) + n0;
   float* zp = out(z, "Z", 16 * Fg * P);
-  const std::vector<float> zeros(static_cast<std::size_t>(N), 0.0f);
+  const std::vector<float> zeros(static_cast<std::size_t>(nb), 0.0f);
   py::gil_scoped_release release;
 #pragma omp parallel for schedule(static) num_threads(loop_threads())
   for (i64 item = 0; item < Fg * TH; ++item) {
@@ -229,13 +236,13 @@ void grad_transform(const Floats& dy, Floats& z, i64 F, i64 OH, i64 OW, i64 N, i
           rows[2 * i + j] = oy < OH && ox < OW ? plane + (oy * OW + ox) * N : zeros.data();
         }
       }
-      float* dst = zp + f * P + (ty * TW + tx) * N;
-      for (i64 n0 = 0; n0 < N; n0 += kBlock) {
-        const i64 count = std::min(kBlock, N - n0);
+      float* dst = zp + f * P + (ty * TW + tx) * nb;
+      for (i64 b = 0; b < nb; b += kBlock) {
+        const i64 count = std::min(kBlock, nb - b);
         const float* shifted[4];
-        for (int k = 0; k < 4; ++k) shifted[k] = rows[k] + n0;
+        for (int k = 0; k < 4; ++k) shifted[k] = rows[k] == zeros.data() ? rows[k] : rows[k] + b;
         grad_block(shifted, t, count);
-        for (int e = 0; e < 16; ++e) std::memcpy(dst + e * Fg * P + n0, t[e], sizeof(float) * count);
+        for (int e = 0; e < 16; ++e) std::memcpy(dst + e * Fg * P + b, t[e], sizeof(float) * count);
       }
     }
   }
@@ -318,12 +325,14 @@ void filter_grad_transform(const Floats& d, Floats& dw, i64 Cg, i64 F, i64 f0, i
 
 void register_winograd(py::module_& m) {
   m.def("winograd_input", &input_transform, py::arg("x"), py::arg("V"), py::arg("C"), py::arg("H"), py::arg("W"),
-        py::arg("N"), py::arg("c0"), py::arg("Cg"), py::arg("ph"), py::arg("pw"), py::arg("TH"), py::arg("TW"),
+        py::arg("N"), py::arg("n0"), py::arg("nb"), py::arg("c0"), py::arg("Cg"), py::arg("ph"), py::arg("pw"), py::arg("TH"), py::arg("TW"),
         "V = B^T d B over 2x2-output tiles (Winograd F(2x2, 3x3))");
   m.def("winograd_output", &output_transform, py::arg("M"), py::arg("y"), py::arg("F"), py::arg("OH"), py::arg("OW"),
-        py::arg("N"), py::arg("f0"), py::arg("Fg"), py::arg("TH"), py::arg("TW"), "y = A^T M A");
+        py::arg("N"), py::arg("n0"), py::arg("nb"), py::arg("f0"), py::arg("Fg"), py::arg("TH"), py::arg("TW"),
+        "y = A^T M A");
   m.def("winograd_grad", &grad_transform, py::arg("dy"), py::arg("Z"), py::arg("F"), py::arg("OH"), py::arg("OW"),
-        py::arg("N"), py::arg("f0"), py::arg("Fg"), py::arg("TH"), py::arg("TW"), "Z = A dY A^T");
+        py::arg("N"), py::arg("n0"), py::arg("nb"), py::arg("f0"), py::arg("Fg"), py::arg("TH"), py::arg("TW"),
+        "Z = A dY A^T");
   m.def("winograd_filter", &filter_transform, py::arg("w"), py::arg("U"), py::arg("Cg"), py::arg("F"), py::arg("f0"),
         py::arg("Fg"), py::arg("rotate"), "U = G g G^T");
   m.def("winograd_filter_grad", &filter_grad_transform, py::arg("D"), py::arg("dw"), py::arg("Cg"), py::arg("F"),

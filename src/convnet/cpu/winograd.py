@@ -21,6 +21,7 @@ import numpy as np
 
 from convnet.cpu import gemm, lib
 from convnet.geometry import ConvGeometry
+from convnet.reference.conv import image_chunks
 
 ENV = "CONVNET_CPU_CONV"
 ALGOS = ("direct", "winograd", "auto")
@@ -78,21 +79,32 @@ def _check(g: ConvGeometry):
                          f"{g.KH}x{g.KW} filters, stride {tuple(g.stride)}, padding {tuple(g.padding)}")
 
 
+def _chunks(n: int, th: int, tw: int, channels: int):
+    """Chunks [(n0, n1)] of the n images whose transformed tensors (16 x th x tw x channels floats per image, channels
+    counting both sides) fit the reference's im2col budget (convnet/reference/conv.py): the extra memory stays about
+    the direct path's. Fixed by the shapes alone, so the bits do not depend on anything else."""
+    return image_chunks(n, 16 * th * tw * channels)
+
+
 def _transformed_forward(x, u_of, c_in, c_out, groups, h, w, n, ph, pw, oh, ow):
-    """y (groups * c_out, oh, ow, n) from x (groups * c_in, h, w, n): per group, V = input transform, 16 GEMMs with
-    the filters ``u_of(group)`` (16, c_out, c_in: a view), output transform."""
+    """y (groups * c_out, oh, ow, n) from x (groups * c_in, h, w, n): per group and chunk of images, V = input
+    transform, 16 GEMMs with the filters ``u_of(group)`` (16, c_out, c_in: a view), output transform."""
     th, tw = _tiles(oh, ow)
-    p = th * tw * n
     y = np.empty((groups * c_out, oh, ow, n), dtype=np.float32)
-    v = np.empty((16, c_in, p), dtype=np.float32)
-    m = np.empty((16, c_out, p), dtype=np.float32)
+    chunks = _chunks(n, th, tw, c_in + c_out)
+    most = max(n1 - n0 for n0, n1 in chunks)
+    v_all = np.empty(16 * c_in * th * tw * most, dtype=np.float32)
+    m_all = np.empty(16 * c_out * th * tw * most, dtype=np.float32)
     isa = gemm.isa()
     for group in range(groups):
-        lib().winograd_input(x, v, groups * c_in, h, w, n, group * c_in, c_in, ph, pw, th, tw)
         u = u_of(group)
-        for e in range(16):
-            lib().gemm(u[e], v[e], m[e], isa=isa)
-        lib().winograd_output(m, y, groups * c_out, oh, ow, n, group * c_out, c_out, th, tw)
+        for n0, n1 in chunks:
+            p = th * tw * (n1 - n0)
+            v, m = v_all[:16 * c_in * p].reshape(16, c_in, p), m_all[:16 * c_out * p].reshape(16, c_out, p)
+            lib().winograd_input(x, v, groups * c_in, h, w, n, n0, n1 - n0, group * c_in, c_in, ph, pw, th, tw)
+            for e in range(16):
+                lib().gemm(u[e], v[e], m[e], isa=isa)
+            lib().winograd_output(m, y, groups * c_out, oh, ow, n, n0, n1 - n0, group * c_out, c_out, th, tw)
     return y
 
 
@@ -124,25 +136,30 @@ def conv_backward_data(dy, w, g: ConvGeometry):
 
 
 def conv_backward_filter(x, dy, g: ConvGeometry):
-    """dw (C/groups, 3, 3, F) from x (C, H, W, N) and dy (F, OH, OW, N)."""
+    """dw (C/groups, 3, 3, F) from x (C, H, W, N) and dy (F, OH, OW, N); the GEMMs of every chunk of images after
+    the first add into D (so the chunks, fixed by the shapes, set the summation order, not the threads)."""
     _check(g)
     fg = g.F // g.groups
     th, tw = _tiles(g.OH, g.OW)
-    p = th * tw * g.N
+    chunks = _chunks(g.N, th, tw, g.Cg + fg)
+    most = max(n1 - n0 for n0, n1 in chunks)
+    v_all = np.empty(16 * g.Cg * th * tw * most, dtype=np.float32)
+    z_all = np.empty(16 * fg * th * tw * most, dtype=np.float32)
     dw = np.empty(g.w_shape, dtype=np.float32)
-    v = np.empty((16, g.Cg, p), dtype=np.float32)
-    z = np.empty((16, fg, p), dtype=np.float32)
     d = np.empty((16, g.Cg, fg), dtype=np.float32)
     isa = gemm.isa()
+    # D_e = V_e @ Z_e.T: V_e taken as a 1x1 convolution's image (Cg, 1, 1, P), so that the filter-gradient GEMM's
+    # forms apply: the dot form (both operands read along P, nothing packed) for a small D_e (measured 2.6x faster
+    # than the packed form for fmnist's conv2, 32 x 64; slower for its conv3, 64 x 128)
+    form = "dot" if g.Cg * fg <= DOT_FORM_MAX else "packed"
     for group in range(g.groups):
-        lib().winograd_input(x, v, g.C, g.H, g.W, g.N, group * g.Cg, g.Cg, *g.padding, th, tw)
-        lib().winograd_grad(dy, z, g.F, g.OH, g.OW, g.N, group * fg, fg, th, tw)
-        # D_e = V_e @ Z_e.T: V_e taken as a 1x1 convolution's image (Cg, 1, 1, P), so that the filter-gradient
-        # GEMM's forms apply: the dot form (both operands read along P, nothing packed) for a small D_e (measured
-        # 2.6x faster than the packed form for fmnist's conv2, 32 x 64; slower for its conv3, 64 x 128)
-        form = "dot" if g.Cg * fg <= DOT_FORM_MAX else "packed"
-        for e in range(16):
-            lib().conv_gemm_filter(v[e].reshape(g.Cg, 1, 1, p), z[e], d[e], g.Cg, 1, 1, p, 0, g.Cg, 0, p, 1, 1,
-                                   1, 1, 0, 0, 1, 1, isa=isa, form=form)
+        for n0, n1 in chunks:
+            p = th * tw * (n1 - n0)
+            v, z = v_all[:16 * g.Cg * p].reshape(16, g.Cg, p), z_all[:16 * fg * p].reshape(16, fg, p)
+            lib().winograd_input(x, v, g.C, g.H, g.W, g.N, n0, n1 - n0, group * g.Cg, g.Cg, *g.padding, th, tw)
+            lib().winograd_grad(dy, z, g.F, g.OH, g.OW, g.N, n0, n1 - n0, group * fg, fg, th, tw)
+            for e in range(16):
+                lib().conv_gemm_filter(v[e].reshape(g.Cg, 1, 1, p), z[e], d[e], g.Cg, 1, 1, p, 0, g.Cg, 0, p, 1, 1,
+                                       1, 1, 0, 0, 1, 1, accumulate=n0 > 0, isa=isa, form=form)
         lib().winograd_filter_grad(d, dw, g.Cg, g.F, group * fg, fg)
     return dw
