@@ -206,7 +206,7 @@ def test_the_ops_on_the_cpu_device_use_it_when_asked(monkeypatch):
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("case", [(20, 10, 9, 37, 24, 1, 1), (72, 5, 6, 3, 64, 1, 1)], ids=["dot", "packed"])
 def test_threads_and_simd_width_do_not_change_the_bits(monkeypatch, threads, case):
-    """Every transformed element is one thread's fixed sequence of operations and every GEMM element one FMA chain:
+    """Every transformed element is one thread's fixed sequence of operations, every GEMM element a fixed order of FMAs:
     the same bits at any thread count and with every GEMM width this CPU runs (AVX2, AVX-512), with either form of
     the filter gradient's GEMMs (the dot form for small D_e, the packed one above winograd.DOT_FORM_MAX)."""
     assert (case[0] * case[4] <= winograd.DOT_FORM_MAX) == (case[4] == 24)

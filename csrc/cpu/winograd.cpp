@@ -3,8 +3,8 @@
 //
 // Layouts (CHWN, images fastest): x (C, H, W, N); filters w (Cg, 3, 3, F); y (F, OH, OW, N). An output is cut into
 // TH x TW tiles of 2x2 (TH = ceil(OH / 2)); tile (ty, tx) reads the 4x4 input patch whose top-left corner is
-// (2ty - ph, 2tx - pw), zero outside the image. The transformed tensors are (16, channels, P) with P = TH * TW * N
-// columns q = (ty, tx, n), n fastest, and e = 4a + b the element (a, b) of a 4x4 tile:
+// (2ty - ph, 2tx - pw), zero outside the image. The transformed tensors are (16, channels, P) with P = TH * TW * nb
+// columns q = (ty, tx, n) for a chunk of nb images, n fastest, and e = 4a + b the element (a, b) of a 4x4 tile:
 //   V = B^T d B (input), U = G g G^T (filter, stored (16, Cg, Fg)), M_e = U_e.T @ V_e (the GEMMs),
 //   y = A^T M A (output);
 //   filter gradient: Z = A dY A^T (the 2x2 output-gradient tile, zero outside the output), D_e = V_e @ Z_e^T,
@@ -14,8 +14,10 @@
 //
 // Deterministic: every transformed element is a fixed sequence of float additions and exact halvings (compiled with
 // -ffp-contract=off, CMakeLists.txt: no fused multiply-add), rows first then columns, the same at any SIMD width
-// (the vector loops run across images, each lane one image's arithmetic) and any thread count (every output
-// element is written by one thread). Arguments are checked here again: a wrong call is a ValueError.
+// (the vector loops run across images or filters, each lane one element's arithmetic) and any thread count (every
+// output element is written by one thread; work is split over channels x tile rows). Blocks of 16 images (filters)
+// go through a block-local buffer: the form GCC vectorises. Arguments are checked here again: a wrong call is a
+// ValueError.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -325,7 +327,8 @@ void filter_grad_transform(const Floats& d, Floats& dw, i64 Cg, i64 F, i64 f0, i
 
 void register_winograd(py::module_& m) {
   m.def("winograd_input", &input_transform, py::arg("x"), py::arg("V"), py::arg("C"), py::arg("H"), py::arg("W"),
-        py::arg("N"), py::arg("n0"), py::arg("nb"), py::arg("c0"), py::arg("Cg"), py::arg("ph"), py::arg("pw"), py::arg("TH"), py::arg("TW"),
+        py::arg("N"), py::arg("n0"), py::arg("nb"), py::arg("c0"), py::arg("Cg"), py::arg("ph"), py::arg("pw"),
+        py::arg("TH"), py::arg("TW"),
         "V = B^T d B over 2x2-output tiles (Winograd F(2x2, 3x3))");
   m.def("winograd_output", &output_transform, py::arg("M"), py::arg("y"), py::arg("F"), py::arg("OH"), py::arg("OW"),
         py::arg("N"), py::arg("n0"), py::arg("nb"), py::arg("f0"), py::arg("Fg"), py::arg("TH"), py::arg("TW"),

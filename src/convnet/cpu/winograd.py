@@ -5,8 +5,9 @@ matrices), and the products are 16 GEMMs of this path's GEMM (convnet/cpu/gemm.p
 transformed tile. The data gradient is the forward of the transposed convolution (filters rotated 180 degrees,
 padding 2 - p); the filter gradient is G^T [(A dY A^T) (B^T d B)] G summed over tiles by the GEMMs.
 
-Deterministic like the direct path: fixed transform order, every GEMM element one fused multiply-add chain, so the
-bits do not depend on the SIMD width or the thread count. Not the direct path's bits: the transforms round
+Deterministic like the direct path: a fixed transform order, every GEMM element a fixed order of fused multiply-adds
+(convnet/cpu/gemm.py), chunks of images fixed by the shapes, so the bits do not depend on the SIMD width or the
+thread count. Not the direct path's bits: the transforms round
 differently, within the tolerance docs/training.md derives ("Winograd convolutions"); tests/test_winograd.py holds
 them to it against the float64 reference.
 
