@@ -2,9 +2,11 @@
 and filter gradient against the float64 reference on random geometries, within the error bound docs/training.md
 derives ("Winograd convolutions"), which this file computes independently per element; bits independent of the
 thread count and the GEMM's SIMD width; the switch and the cost model; bad input."""
+import os
+
 import numpy as np
 import pytest
-from helpers import CPU, rand
+from helpers import CPU, load_benchmark, rand
 
 import convnet.reference.conv as ref_conv
 from convnet import _cpu, ops
@@ -274,10 +276,6 @@ def test_bad_input_is_a_clear_error(monkeypatch):
 
 def test_the_benchmark_runs(capsys):
     """benchmarks/winograd_bench.py end to end on its smallest layer, leaving CONVNET_CPU_CONV as it found it."""
-    import os
-
-    from helpers import load_benchmark
-
     before = os.environ.get(winograd.ENV)
     load_benchmark("winograd_bench").main(["--layers", "fmnist conv3", "--rounds", "1", "--repeats", "1"])
     assert os.environ.get(winograd.ENV) == before
