@@ -495,6 +495,7 @@ void bias_sum(const Floats& dy, Floats& db, i64 F, i64 per) {
 namespace convnet_cpu {
 int loop_threads() { return g_threads; }  // the GEMM's threads (csrc/cpu/gemm.cpp)
 void register_gemm(py::module_& m);
+void register_winograd(py::module_& m);  // csrc/cpu/winograd.cpp
 }  // namespace convnet_cpu
 
 PYBIND11_MODULE(_cpu, m) {
@@ -505,6 +506,7 @@ PYBIND11_MODULE(_cpu, m) {
   }, py::arg("n"), "Threads of every loop and GEMM (OpenMP), like the BLAS threads");
   m.def("get_threads", [] { return g_threads; });
   convnet_cpu::register_gemm(m);
+  convnet_cpu::register_winograd(m);
   m.def("im2col", &im2col, py::arg("x"), py::arg("cols"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("N"),
         py::arg("c0"), py::arg("Cg"), py::arg("n0"), py::arg("nb"), py::arg("KH"), py::arg("KW"), py::arg("sh"),
         py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("OH"), py::arg("OW"));

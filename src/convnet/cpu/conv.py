@@ -4,12 +4,13 @@ image (no im2col matrix in memory) and write straight into the output; the data 
 matrix that the compiled col2im sums (per chunk of images, as the reference). The bias added and its gradient summed
 by compiled loops too. Same results as convnet/reference/conv.py up to the summation order (one fused multiply-add
 chain per element; the bias sums are done in double). Where this path's GEMM is not available (a CPU without AVX2),
-NumPy's BLAS multiplies an im2col matrix built by the compiled loops."""
+NumPy's BLAS multiplies an im2col matrix built by the compiled loops. The 3x3 stride-1 convolutions can run by
+Winograd F(2x2, 3x3) instead (convnet/cpu/winograd.py; ``CONVNET_CPU_CONV`` chooses, direct by default)."""
 from __future__ import annotations
 
 import numpy as np
 
-from convnet.cpu import contiguous, gemm, lib
+from convnet.cpu import contiguous, gemm, lib, winograd
 from convnet.geometry import ConvGeometry
 from convnet.reference.conv import image_chunks
 
@@ -47,6 +48,12 @@ def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1):
     x, w = contiguous(x, w)
     g = ConvGeometry.of(x.shape, w.shape, stride=stride, padding=padding, groups=groups)
     fg = g.F // g.groups
+    if winograd.chosen(g):
+        y = winograd.conv_forward(x, w, g)
+        if bias is not None:
+            (bias,) = contiguous(bias)
+            lib().bias_add(y, bias.reshape(-1), g.F, g.OH * g.OW * g.N)
+        return y
     y = np.empty(g.y_shape, dtype=np.float32)
     for group in range(g.groups):
         wt, yg = _filters(w, g, group).T, y[group * fg:(group + 1) * fg]
@@ -68,6 +75,8 @@ def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1):
 def conv_backward_data(dy, w, input_hw, stride=1, padding=0, groups=1):
     dy, w = contiguous(dy, w)
     g = ConvGeometry.of_backward_data(dy.shape, w.shape, input_hw, stride=stride, padding=padding, groups=groups)
+    if winograd.chosen(g):
+        return winograd.conv_backward_data(dy, w, g)
     dx = np.empty(g.x_shape, dtype=np.float32)
     for group in range(g.groups):
         wg = _filters(w, g, group)
@@ -80,6 +89,8 @@ def conv_backward_filter(x, dy, filter_hw, stride=1, padding=0, groups=1):
     x, dy = contiguous(x, dy)
     g = ConvGeometry.of_backward_filter(x.shape, dy.shape, filter_hw, stride=stride, padding=padding,
                                         groups=groups)
+    if winograd.chosen(g):
+        return winograd.conv_backward_filter(x, dy, g)
     fg = g.F // g.groups
     dw = np.empty(g.w_shape, dtype=np.float32)
     for group in range(g.groups):

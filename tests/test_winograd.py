@@ -1,0 +1,283 @@
+"""Winograd F(2x2, 3x3) on the cpu device (convnet/cpu/winograd.py, csrc/cpu/winograd.cpp): forward, data gradient
+and filter gradient against the float64 reference on random geometries, within the error bound docs/training.md
+derives ("Winograd convolutions"), which this file computes independently per element; bits independent of the
+thread count and the GEMM's SIMD width; the switch and the cost model; bad input."""
+import os
+
+import numpy as np
+import pytest
+from helpers import CPU, load_benchmark, rand
+
+import convnet.reference.conv as ref_conv
+from convnet import _cpu, ops
+from convnet.cpu import gemm as cpu_gemm
+from convnet.cpu import loop_threads, winograd
+from convnet.geometry import ConvGeometry
+
+RNG = np.random.default_rng(11)
+U32 = 2.0 ** -24  # float32's unit roundoff
+
+pytestmark = pytest.mark.skipif(not cpu_gemm.available(), reason="Winograd runs on this path's own GEMM only")
+
+# The transforms' matrices (Lavin & Gray's F(2x2, 3x3)).
+BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
+G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float64)
+AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
+
+# (C, H, W, N, F, padding, groups): odd sizes, 1x1 and 2x1 images, C = 1, N = 1 and N not a multiple of the
+# transforms' 16-image (16-filter) blocks, every padding 0..2 (per axis too), groups.
+CASES = [
+    (1, 5, 7, 3, 2, 1, 1),
+    (4, 6, 6, 5, 8, 0, 2),
+    (3, 1, 1, 2, 4, 2, 1),
+    (2, 2, 1, 17, 3, (2, 1), 1),
+    (16, 9, 11, 7, 6, 1, 1),
+    (6, 8, 5, 1, 9, 2, 3),
+    (5, 4, 9, 33, 5, (0, 2), 1),
+    (12, 7, 7, 16, 12, 1, 4),
+    (20, 5, 6, 3, 40, 1, 1),  # filters beyond the filter transforms' 16-filter blocks
+]
+
+
+def _pair(p):
+    return (p, p) if isinstance(p, int) else p
+
+
+def _tiles(a, ph, pw, th, tw):
+    """a (C, H, W, N) zero-padded and cut into overlapping 4x4 patches: (C, th, tw, 4, 4, N), patch (t, u) at
+    (2t - ph, 2u - pw)."""
+    c, h, w, n = a.shape
+    p = np.zeros((c, 2 * th + 2, 2 * tw + 2, n))
+    rows, cols = min(h, 2 * th + 2 - ph), min(w, 2 * tw + 2 - pw)
+    p[:, ph:ph + rows, pw:pw + cols] = a[:, :rows, :cols]
+    out = np.empty((c, th, tw, 4, 4, n))
+    for i in range(4):
+        for j in range(4):
+            out[:, :, :, i, j] = p[:, i:i + 2 * th:2, j:j + 2 * tw:2]
+    return out
+
+
+def _winograd64(x, w, ph, pw, oh, ow, bt=BT, g=G, at=AT):
+    """The algorithm in float64 with given matrices, one group: y (F, oh, ow, N). With the matrices' and operands'
+    absolute values it is the magnitude the rounding errors scale with."""
+    th, tw = (oh + 1) // 2, (ow + 1) // 2
+    v = np.einsum("ai,bj,ctuijn->ctuabn", bt, bt, _tiles(x, ph, pw, th, tw))
+    u = np.einsum("ak,bl,cklf->abcf", g, g, w)
+    m = np.einsum("abcf,ctuabn->ftuabn", u, v)
+    y = np.einsum("ia,jb,ftuabn->ftiujn", at, at, m).reshape(w.shape[3], 2 * th, 2 * tw, x.shape[3])
+    return y[:, :oh, :ow]
+
+
+def _filter_grad64(x, dy, ph, pw, a=AT.T, bt=BT, gt=G.T):
+    """dw (C, 3, 3, F) of one group by the filter-gradient algorithm in float64."""
+    f, oh, ow, n = dy.shape
+    th, tw = (oh + 1) // 2, (ow + 1) // 2
+    v = np.einsum("ai,bj,ctuijn->ctuabn", bt, bt, _tiles(x, ph, pw, th, tw))
+    dyp = np.zeros((f, 2 * th, 2 * tw, n))
+    dyp[:, :oh, :ow] = dy
+    dyt = dyp.reshape(f, th, 2, tw, 2, n).transpose(0, 1, 3, 2, 4, 5)
+    z = np.einsum("ai,bj,ftuijn->ftuabn", a, a, dyt)
+    d = np.einsum("ctuabn,ftuabn->abcf", v, z)
+    return np.einsum("ka,lb,abcf->cklf", gt, gt, d)
+
+
+def _per_group(fn, a, w_or_dy, groups, split_second_on_last):
+    """fn on each group's channels of a (C, ...) and of the second operand, results joined along their channels."""
+    parts = []
+    ca = a.shape[0] // groups
+    for gi in range(groups):
+        b = w_or_dy
+        if split_second_on_last:
+            fg = b.shape[3] // groups
+            b = b[..., gi * fg:(gi + 1) * fg]
+        else:
+            fg = b.shape[0] // groups
+            b = b[gi * fg:(gi + 1) * fg]
+        parts.append(fn(a[gi * ca:(gi + 1) * ca], b))
+    return parts
+
+
+def bounds(x, w, dy, padding, groups):
+    """The per-element error bounds of y, dx, dw: gamma_(K+10) times the algorithm run on absolute values (K: the
+    GEMMs' depth, channels per group / filters per group / tiles x images; 10 covers the transforms' roundings)."""
+    ph, pw = padding
+    ax, aw, ady = np.abs(x).astype(np.float64), np.abs(w).astype(np.float64), np.abs(dy).astype(np.float64)
+    f, oh, ow, _ = dy.shape
+    _, h, wd, _ = x.shape
+    abs_m = dict(bt=np.abs(BT), g=np.abs(G), at=np.abs(AT))
+
+    def gamma(k):
+        return (k + 10) * U32 / (1 - (k + 10) * U32)
+
+    y_mag = np.concatenate(_per_group(lambda a, b: _winograd64(a, b, ph, pw, oh, ow, **abs_m), ax, aw, groups, True))
+    rot = aw[:, ::-1, ::-1, :]  # the data gradient's filters: rotated, input and output channels swapped
+    dx_mag = np.concatenate(_per_group(
+        lambda a, b: _winograd64(a, b.transpose(3, 1, 2, 0), 2 - ph, 2 - pw, h, wd, **abs_m), ady,
+        np.ascontiguousarray(rot), groups, True))
+    dw_mag = np.concatenate(_per_group(
+        lambda a, b: _filter_grad64(a, b, ph, pw, np.abs(AT.T), np.abs(BT), np.abs(G.T)), ax, ady, groups, False),
+        axis=3)
+    p = ((oh + 1) // 2) * ((ow + 1) // 2) * x.shape[3]
+    return (gamma(w.shape[0]) * y_mag, gamma(f // groups) * dx_mag, gamma(p) * dw_mag)
+
+
+def _run(x, w, dy, padding, groups):
+    g = ConvGeometry.of(x.shape, w.shape, stride=1, padding=padding, groups=groups)
+    return winograd.conv_forward(x, w, g), winograd.conv_backward_data(dy, w, g), \
+        winograd.conv_backward_filter(x, dy, g)
+
+
+def _case(c, h, w, n, f, padding, groups):
+    x, wt = rand(RNG, (c, h, w, n)), rand(RNG, (c // groups, 3, 3, f))
+    dy = rand(RNG, ops.conv_output_shape(x.shape, wt.shape, stride=1, padding=padding, groups=groups))
+    return x, wt, dy
+
+
+def test_the_float64_algorithm_is_the_convolution():
+    """The test's own float64 Winograd (the bounds' magnitudes come from it) is exact: the reference's results to
+    float64 rounding, so the bounds measure the algorithm the compiled loops implement."""
+    x, w, dy = (a.astype(np.float64) for a in _case(3, 7, 6, 4, 5, 1, 1))
+    y = _winograd64(x, w, 1, 1, 7, 6)
+    np.testing.assert_allclose(y, ref_conv.conv_forward(x, w, padding=1), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(_filter_grad64(x, dy, 1, 1), ref_conv.conv_backward_filter(x, dy, (3, 3), padding=1),
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_the_float64_reference_within_the_bound(case):
+    c, h, wd, n, f, padding, groups = case
+    pad = _pair(padding)
+    x, w, dy = _case(*case)
+    x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
+    geo = dict(stride=1, padding=pad, groups=groups)
+    want = (ref_conv.conv_forward(x64, w64, **geo), ref_conv.conv_backward_data(dy64, w64, (h, wd), **geo),
+            ref_conv.conv_backward_filter(x64, dy64, (3, 3), **geo))
+    for name, got, exp, bound in zip(("y", "dx", "dw"), _run(x, w, dy, pad, groups), want,
+                                     bounds(x, w, dy, pad, groups)):
+        assert got.shape == exp.shape and got.dtype == np.float32
+        err = np.abs(got.astype(np.float64) - exp)
+        worst = np.unravel_index(np.argmax(err - bound), err.shape)
+        assert np.all(err <= bound), f"{name}: error {err[worst]:.3g} above the bound {bound[worst]:.3g} at {worst}"
+        # the bound is tight enough to mean something: far below the values themselves
+        assert bound.max() < 1e-3 * np.abs(exp).max()
+
+
+@pytest.mark.parametrize("case", [(6, 7, 5, 37, 20, 1, 1), (4, 5, 5, 9, 6, (2, 0), 2)], ids=str)
+def test_chunks_of_images_match_the_reference_within_the_bound(monkeypatch, case):
+    """Batches whose transformed tensors exceed the budget are cut into chunks of images (the budget made tiny:
+    ragged chunks down to 1 image); the filter gradient's GEMMs add the chunks into one D."""
+    c, h, wd, n, f, padding, groups = case
+    pad = _pair(padding)
+    x, w, dy = _case(*case)
+    oh, ow = h + 2 * pad[0] - 2, wd + 2 * pad[1] - 2
+    per_image = 16 * ((oh + 1) // 2) * ((ow + 1) // 2) * (c // groups + f // groups)
+    monkeypatch.setattr(ref_conv, "_COL_BUDGET", 2 * per_image + 7)
+    assert len(winograd._chunks(n, (oh + 1) // 2, (ow + 1) // 2, c // groups + f // groups)) == (n + 1) // 2
+    geo = dict(stride=1, padding=pad, groups=groups)
+    x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
+    want = (ref_conv.conv_forward(x64, w64, **geo), ref_conv.conv_backward_data(dy64, w64, (h, wd), **geo),
+            ref_conv.conv_backward_filter(x64, dy64, (3, 3), **geo))
+    for name, got, exp, bound in zip(("y", "dx", "dw"), _run(x, w, dy, pad, groups), want,
+                                     bounds(x, w, dy, pad, groups)):
+        assert np.all(np.abs(got - exp) <= bound), name
+
+
+def test_the_ops_on_the_cpu_device_use_it_when_asked(monkeypatch):
+    """CONVNET_CPU_CONV=winograd: the ops (bias, alpha/beta accumulation included) give the reference's results to
+    float32 rounding, and not the direct path's bits (Winograd really ran)."""
+    x, w, dy = _case(8, 9, 7, 5, 6, 1, 2)
+    bias, prev = rand(RNG, 6), rand(RNG, dy.shape)
+    geo = dict(stride=1, padding=1, groups=2)
+    monkeypatch.setenv(winograd.ENV, "direct")
+    direct = ops.conv_forward(CPU, x, w, bias, **geo)
+    monkeypatch.setenv(winograd.ENV, "winograd")
+    y = ops.conv_forward(CPU, x, w, bias, **geo)
+    acc = ops.conv_forward(CPU, x, w, bias, **geo, out=prev.copy(), alpha=0.5, beta=2.0)
+    dx = ops.conv_backward_data(CPU, dy, w, (9, 7), **geo)
+    dw = ops.conv_backward_filter(CPU, x, dy, (3, 3), **geo)
+    want = ref_conv.conv_forward(x.astype(np.float64), w.astype(np.float64), bias.astype(np.float64), **geo)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(acc, 0.5 * want + 2.0 * prev, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, ref_conv.conv_backward_data(dy.astype(np.float64), w.astype(np.float64), (9, 7),
+                                                               **geo), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, ref_conv.conv_backward_filter(x.astype(np.float64), dy.astype(np.float64), (3, 3),
+                                                                 **geo), rtol=1e-5, atol=1e-4)
+    assert not np.array_equal(y, direct)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("case", [(20, 10, 9, 37, 24, 1, 1), (72, 5, 6, 3, 64, 1, 1)], ids=["dot", "packed"])
+def test_threads_and_simd_width_do_not_change_the_bits(monkeypatch, threads, case):
+    """Every transformed element is one thread's fixed sequence of operations, every GEMM element a fixed order of FMAs:
+    the same bits at any thread count and with every GEMM width this CPU runs (AVX2, AVX-512), with either form of
+    the filter gradient's GEMMs (the dot form for small D_e, the packed one above winograd.DOT_FORM_MAX)."""
+    assert (case[0] * case[4] <= winograd.DOT_FORM_MAX) == (case[4] == 24)
+    x, w, dy = _case(*case)
+    with loop_threads(1):
+        one = _run(x, w, dy, (1, 1), 1)
+    for isa in cpu_gemm.isas():
+        monkeypatch.setattr(cpu_gemm, "isa", lambda isa=isa: isa)
+        with loop_threads(threads):
+            many = _run(x, w, dy, (1, 1), 1)
+        for a, b in zip(one, many):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_the_switch_and_the_cost_model(monkeypatch):
+    """direct (the default) never, winograd every eligible layer, auto what the measured cost model prefers: the
+    default fmnist net's 3x3 layers stay direct (its bits unchanged), AlexNet's conv3-5 go to Winograd."""
+    fm2 = ConvGeometry.of((32, 13, 13, 64), (32, 3, 3, 64), padding=1)
+    fm3 = ConvGeometry.of((64, 6, 6, 64), (64, 3, 3, 128), padding=1)
+    alex = [ConvGeometry.of((256, 13, 13, 16), (256, 3, 3, 384), padding=1),
+            ConvGeometry.of((384, 13, 13, 16), (192, 3, 3, 384), padding=1, groups=2),
+            ConvGeometry.of((384, 13, 13, 16), (192, 3, 3, 256), padding=1, groups=2)]
+    strided = ConvGeometry.of((256, 13, 13, 16), (256, 3, 3, 384), stride=2, padding=1)
+    five = ConvGeometry.of((256, 13, 13, 16), (256, 5, 5, 256), padding=2)
+    padded = ConvGeometry.of((256, 13, 13, 16), (256, 3, 3, 256), padding=3)
+    monkeypatch.delenv(winograd.ENV, raising=False)
+    assert winograd.algo() == "direct" and not any(winograd.chosen(g) for g in (fm2, fm3, *alex))
+    monkeypatch.setenv(winograd.ENV, "winograd")
+    assert all(winograd.chosen(g) for g in (fm2, fm3, *alex))
+    assert not any(winograd.chosen(g) for g in (strided, five, padded))
+    monkeypatch.setenv(winograd.ENV, " Auto ")
+    assert not winograd.chosen(fm2) and not winograd.chosen(fm3) and all(winograd.chosen(g) for g in alex)
+    assert not any(winograd.chosen(g) for g in (strided, five, padded))
+
+
+def test_bad_input_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(winograd.ENV, "fast")
+    x, w, _ = _case(2, 5, 5, 3, 4, 1, 1)
+    with pytest.raises(ValueError, match="CONVNET_CPU_CONV='fast': expected one of direct, winograd, auto"):
+        ops.conv_forward(CPU, x, w, padding=1)
+    with pytest.raises(ValueError, match="needs 3x3 filters, stride 1"):
+        winograd.conv_forward(x, w, ConvGeometry.of(x.shape, w.shape, stride=2, padding=1))
+    g = ConvGeometry.of(x.shape, w.shape, padding=1)
+    v = np.empty((16, 2, 9 * 3), np.float32)
+    _cpu.winograd_input(x, v, 2, 5, 5, 3, 0, 3, 0, 2, 1, 1, 3, 3)  # the right sizes: fine
+    with pytest.raises(ValueError, match="V has 864 elements, expected 1536"):
+        _cpu.winograd_input(x, v, 2, 5, 5, 3, 0, 3, 0, 2, 1, 1, 4, 4)
+    with pytest.raises(ValueError, match="bad channel range"):
+        _cpu.winograd_input(x, v, 2, 5, 5, 3, 0, 3, 1, 2, 1, 1, 3, 3)
+    with pytest.raises(ValueError, match="bad image range"):
+        _cpu.winograd_input(x, v, 2, 5, 5, 3, 1, 3, 0, 2, 1, 1, 3, 3)
+    with pytest.raises(ValueError, match="sizes must be positive"):
+        _cpu.winograd_input(x, v, 2, 5, 5, 3, 0, 0, 0, 2, 1, 1, 3, 3)
+    with pytest.raises(ValueError, match="bad filter range or tiles"):
+        _cpu.winograd_output(v, np.empty(g.y_shape, np.float32), 4, 5, 5, 3, 0, 3, 0, 4, 2, 3)
+    with pytest.raises(ValueError, match="bad image range"):
+        _cpu.winograd_grad(np.empty(g.y_shape, np.float32), v, 4, 5, 5, 3, 2, 2, 0, 4, 3, 3)
+    with pytest.raises(ValueError, match="read-only"):
+        ro = np.empty((16, 4, 2), np.float32)
+        ro.flags.writeable = False
+        _cpu.winograd_filter(w, ro, 2, 4, 0, 4, False)
+    with pytest.raises(TypeError):
+        _cpu.winograd_filter(w.astype(np.float64), np.empty((16, 4, 2)), 2, 4, 0, 4, False)
+
+
+def test_the_benchmark_runs(capsys):
+    """benchmarks/winograd_bench.py end to end on its smallest layer, leaving CONVNET_CPU_CONV as it found it."""
+    before = os.environ.get(winograd.ENV)
+    load_benchmark("winograd_bench").main(["--layers", "fmnist conv3", "--rounds", "1", "--repeats", "1"])
+    assert os.environ.get(winograd.ENV) == before
+    out = capsys.readouterr().out
+    assert "| fmnist conv3 | 64->128, 6x6, 64 |" in out and "thread(s)" in out
