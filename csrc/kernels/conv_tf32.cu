@@ -114,12 +114,14 @@ __global__ void conv_fwd_tf32(Tf32ConvParams p) {
   const auto load_tile = [&](int stage, int kt) {
     float* as = As + stage * BK * LDA;
     float* bs = Bs + stage * BK * LDB;
+#pragma unroll
     for (int j = 0; j < kAChunks; ++j) {
       const int r = a_row + j * kAStep, k = kt * BK + r;
       const bool ok = a_in && k < p.K;
       const float* src = ok ? a_src + std::int64_t(k) * p.F : p.w;
       cp_async_ca<4 * V>(as + r * LDA + a_col, src, ok ? 4 * V : 0);
     }
+#pragma unroll
     for (int j = 0; j < kBChunks; ++j) {
       const int r = b_row + j * kBStep, k = kt * BK + r;
       bool ok = b_in && k < p.K;
@@ -135,9 +137,14 @@ __global__ void conv_fwd_tf32(Tf32ConvParams p) {
   };
 
   float acc[MT][NT][4];
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j)
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+    }
+  }
 
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < ktiles) load_tile(s, s);
@@ -153,32 +160,46 @@ __global__ void conv_fwd_tf32(Tf32ConvParams p) {
 
     const float* as = As + (kt % STAGES) * BK * LDA;
     const float* bs = Bs + (kt % STAGES) * BK * LDB;
+#pragma unroll
     for (int k8 = 0; k8 < BK; k8 += 8) {
       std::uint32_t fa[MT][4], fb[NT][2];
-      for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+#pragma unroll
         for (int r = 0; r < 4; ++r) {
           const mma::RowCol rc = mma::tf32_a(lane, r);
           fa[i][r] = tf32_bits(as[(k8 + rc.col) * LDA + wm0 + i * 16 + rc.row]);
         }
-      if constexpr (kDefect == kSwappedA)
+      }
+      if constexpr (kDefect == kSwappedA) {
         for (int i = 0; i < MT; ++i) {
           const std::uint32_t t = fa[i][1];
           fa[i][1] = fa[i][2];
           fa[i][2] = t;
         }
-      for (int j = 0; j < NT; ++j)
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
         for (int r = 0; r < 2; ++r) {
           const mma::RowCol rc = mma::tf32_b(lane, r);
           fb[j][r] = tf32_bits(bs[(k8 + rc.row) * LDB + wn0 + j * 8 + rc.col]);
         }
-      for (int i = 0; i < MT; ++i)
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+#pragma unroll
         for (int j = 0; j < NT; ++j) mma_tf32_m16n8k8(acc[i][j], fa[i], fb[j], acc[i][j]);
+      }
     }
   }
   cp_async_wait<0>();  // no copy outlives the block (the trailing groups are empty)
 
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j)
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
       for (int e = 0; e < 4; ++e) {
         const mma::RowCol rc = mma::accumulator(lane, e);
         const int m = m0 + wm0 + i * 16 + rc.row, col = p0 + wn0 + j * 8 + rc.col;
@@ -189,6 +210,8 @@ __global__ void conv_fwd_tf32(Tf32ConvParams p) {
         float* out = p.y + std::int64_t(f) * p.P + col;
         *out = p.beta == 0.0f ? p.alpha * v : p.alpha * v + p.beta * *out;
       }
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------------------------------
