@@ -35,7 +35,7 @@ def _params(g: ConvGeometry) -> dict:
 
 
 def _check_precision(precision, done=("fp32", "tf32")):
-    if precision not in PRECISIONS:
+    if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     if precision not in done:
         raise ValueError(f"precision {precision!r} is not implemented for convolutions yet "
