@@ -12,12 +12,16 @@ closer to the rounded reference than the rounded reference is to the exact one.
 """
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import (COMPILED_DEVICES, CPU, EMU, NUMPY, assert_identical, assert_schedules_identical,
+from helpers import (COMPILED_DEVICES, CPU, EMU, NUMPY, ROOT, assert_identical, assert_schedules_identical,
                      offset_view, rand, to_host)
 from convnet import ops
 from convnet.devices import get_device
@@ -259,3 +263,23 @@ def test_tf32_forward_runs_through_the_cuda_backend_on_the_fake_gpu(monkeypatch)
     with dev.activate():
         y = ops.conv_forward(dev, dev.asarray(x), dev.asarray(wt), dev.asarray(b), precision="tf32", **kwargs)
         _check_tf32("fake cuda", dev.to_numpy(y), x, wt, b, kwargs)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
+def test_nvcc_keeps_the_mma_loop_of_every_tf32_kernel(tmp_path):
+    """Each production instance's PTX has its k tile's mma.sync and cvt.rna instructions, fully unrolled (BK / 8
+    steps of MT * NT mma, MT * 4 + NT * 2 conversions): a source change that makes nvcc drop or spill the loop, which
+    the emulator cannot see, fails here (the resources: tools/kernel_resources.py)."""
+    ptx = tmp_path / "conv_tf32.ptx"
+    subprocess.run(["nvcc", "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-DCONVNET_EMU=0",
+                    f"-I{ROOT / 'csrc'}", "-arch=sm_80", "-ptx", str(ROOT / "csrc/kernels/conv_tf32.cu"), "-o", str(ptx)],
+                   check=True, capture_output=True)
+    entries = re.split(r"\.entry ", ptx.read_text())[1:]
+    assert len(entries) == 4  # 2 tiles x 2 paths; the planted defects exist on the emulator only
+    for body in entries:
+        bm, bn, bk, wm, wn = map(int, re.match(r"\S*conv_fwd_tf32ILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E", body)
+                                 .groups())
+        mt, nt = bm // wm // 16, bn // wn // 8
+        assert body.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == bk // 8 * mt * nt
+        assert body.count("cvt.rna.tf32.f32") == bk // 8 * (mt * 4 + nt * 2)
+        assert "ld.local" not in body and "st.local" not in body

@@ -158,6 +158,8 @@ __global__ void conv_fwd_tf32(Tf32ConvParams p) {
     if (next < ktiles) load_tile(next % STAGES, next);
     cp_async_commit();
 
+    // Braces everywhere below: a `#pragma unroll` directly after an unbraced `if constexpr (false-here)` made nvcc
+    // 13.0 drop the rest of this loop (no mma in the PTX; the emulator cannot see that: a test reads the PTX).
     const float* as = As + (kt % STAGES) * BK * LDA;
     const float* bs = Bs + (kt % STAGES) * BK * LDB;
 #pragma unroll
