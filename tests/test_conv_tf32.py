@@ -83,7 +83,8 @@ def _check_tf32(name, y, x, wt, b, kwargs):
     err = _within(f"{name} vs the rounded reference", y, rounded, 2 * (k + 2) * U * s_rounded)
     _within(f"{name} vs the exact convolution", y, exact, TF32_PRODUCT * s_exact + 2 * (k + 2) * U * s_rounded)
     gap = np.abs(rounded - exact).max()
-    assert err.max() * 20 < gap or err.max() == gap == 0, f"{name}: not rounded to TF32 (error {err.max():.3g}, rounding gap {gap:.3g})"
+    assert err.max() * 20 < gap or err.max() == gap == 0, \
+        f"{name}: not rounded to TF32 (error {err.max():.3g}, rounding gap {gap:.3g})"
 
 
 @pytest.fixture
@@ -272,8 +273,8 @@ def test_nvcc_keeps_the_mma_loop_of_every_tf32_kernel(tmp_path):
     the emulator cannot see, fails here (the resources: tools/kernel_resources.py)."""
     ptx = tmp_path / "conv_tf32.ptx"
     subprocess.run(["nvcc", "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-DCONVNET_EMU=0",
-                    f"-I{ROOT / 'csrc'}", "-arch=sm_80", "-ptx", str(ROOT / "csrc/kernels/conv_tf32.cu"), "-o", str(ptx)],
-                   check=True, capture_output=True)
+                    f"-I{ROOT / 'csrc'}", "-arch=sm_80", "-ptx", str(ROOT / "csrc/kernels/conv_tf32.cu"),
+                    "-o", str(ptx)], check=True, capture_output=True)
     entries = re.split(r"\.entry ", ptx.read_text())[1:]
     assert len(entries) == 4  # 2 tiles x 2 paths; the planted defects exist on the emulator only
     for body in entries:

@@ -232,9 +232,11 @@ constexpr Tf32Tile make_tile() {
   return Tf32Tile{BM, BN, 32 * WM * WN, conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 4, kNoDefect>,
                   conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 1, kNoDefect>,
 #if CONVNET_EMU
-                  {{conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 1, kNoWait>, conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 1, kNoBarrier>,
+                  {{conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 1, kNoWait>,
+                    conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 1, kNoBarrier>,
                     conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 1, kSwappedA>},
-                   {conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 4, kNoWait>, conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 4, kNoBarrier>,
+                   {conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 4, kNoWait>,
+                    conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 4, kNoBarrier>,
                     conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 4, kSwappedA>}}
 #else
                   {{nullptr, nullptr, nullptr}, {nullptr, nullptr, nullptr}}
