@@ -8,6 +8,11 @@ there is harmless). The forward pass with a bias computes ``alpha * (conv(x, w) 
 Supported: any N, C, F with ``groups`` dividing C and F, any filter size, stride >= 1 (including stride larger
 than the filter), padding >= 0, as long as the output is at least 1x1; the kernels use 32-bit indexing, so a
 tensor with 2**31 or more elements is rejected with a ValueError.
+
+``conv_forward(..., precision="tf32")`` multiplies x and w rounded to TF32 (``reference.precision.round_tf32``) with
+FP32 accumulation (bias, alpha and beta in FP32): the tensor-core kernel of csrc/kernels/conv_tf32.cu on emu/cuda,
+the reference (or the cpu device's GEMM) applied to the rounded inputs on numpy and cpu. ``"fp32"`` (the default) is
+unchanged.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from convnet.geometry import INT32_MAX, ConvGeometry
 from convnet.ops._checks import as_device, check_array, check_same_dtype
 from convnet.ops._dispatch import Output, alpha_beta, launch, produce
 from convnet.reference import conv as ref
+from convnet.reference.precision import PRECISIONS, round_tf32
 
 
 def conv_output_shape(x_shape, w_shape, *, stride=1, padding=0, groups=1):
@@ -28,9 +34,25 @@ def _params(g: ConvGeometry) -> dict:
     return dict(stride=g.stride, padding=g.padding, groups=g.groups)
 
 
+def _check_precision(precision, done=("fp32", "tf32")):
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+    if precision not in done:
+        raise ValueError(f"precision {precision!r} is not implemented for convolutions yet "
+                         f"(available: {', '.join(map(repr, done))})")
+
+
+def _rounded_tf32(a):
+    """``a`` as the TF32 kernel reads it, in ``a``'s dtype (float64 references accumulate in float64)."""
+    return round_tf32(a).astype(a.dtype, copy=False)
+
+
 def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=None, alpha=1.0, beta=0.0,
-                 stream=None):
-    """y = alpha * (conv(x, w) + bias) + beta * y; x (C, H, W, N), w (C/groups, KH, KW, F) -> y (F, OH, OW, N)."""
+                 stream=None, precision="fp32"):
+    """y = alpha * (conv(x, w) + bias) + beta * y; x (C, H, W, N), w (C/groups, KH, KW, F) -> y (F, OH, OW, N).
+
+    precision: "fp32" or "tf32" (x and w rounded to TF32, FP32 accumulation; see the module's docstring)."""
+    _check_precision(precision)
     dev = as_device(device)
     check_array("x", x, dev, ndim=4)
     check_array("w", w, dev, ndim=4)
@@ -40,11 +62,17 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
         check_array("bias", bias, dev, shape=(g.F,))
         check_same_dtype(x=x, bias=bias)
     alpha, beta = alpha_beta(alpha, beta, out)
+    tf32 = precision == "tf32"
+
+    def reference():
+        xr, wr = (_rounded_tf32(x), _rounded_tf32(w)) if tf32 else (x, w)
+        return dev.host_function(ref.conv_forward)(xr, wr, bias, **_params(g))
+
     return produce(
         dev, Output("out", out, g.y_shape, dtype), inputs=dict(x=x, w=w, bias=bias), alpha=alpha, beta=beta,
-        stream=stream, reference=lambda: dev.host_function(ref.conv_forward)(x, w, bias, **_params(g)),
-        kernel=lambda y: launch(dev, "conv_forward", x, w, bias if bias is not None else 0, y, g, alpha, beta,
-                                stream=stream))
+        stream=stream, reference=reference,
+        kernel=lambda y: launch(dev, "conv_forward_tf32" if tf32 else "conv_forward", x, w,
+                                bias if bias is not None else 0, y, g, alpha, beta, stream=stream))
 
 
 def conv_backward_data(device, dy, w, input_hw, *, stride=1, padding=0, groups=1, out=None, alpha=1.0, beta=0.0,
