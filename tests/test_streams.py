@@ -86,6 +86,8 @@ CALLS = {
     "concat": lambda d, a, s: ops.concat(d, [a["x"], a["p"].reshape(-1, 4)[:81].reshape(1, 9, 9, 4)], stream=s),
     "add": lambda d, a, s: ops.add(d, a["fx"], a["fx"], stream=s),
     "scale": lambda d, a, s: ops.scale(d, a["fy"], 0.25, stream=s),
+    "window": lambda d, a, s: ops.window(d, a["x"], (-1, 2), (11, 5), fill=float("-inf"), stream=s),
+    "multiply": lambda d, a, s: ops.multiply(d, a["x"], a["x"], stream=s),
     "sgd_update": lambda d, a, s: ops.sgd_update(d, a["sw"], a["sg"], a["sv"], lr=0.1, momentum=0.9,
                                                  weight_decay=5e-4, stream=s),
 }
@@ -195,7 +197,7 @@ def test_elementwise_in_place_but_never_partially_overlapping(dev):
 
 
 # ---------------------------------------------------------------------------------------------- a fake second GPU
-ARRAY_MODULE_OPS = {"concat", "add", "scale", "sgd_update"}  # CuPy on the op's stream, no kernel of ours
+ARRAY_MODULE_OPS = {"concat", "add", "scale", "window", "multiply", "sgd_update"}  # CuPy on the op's stream, no kernel of ours
 FAKE_GPU_OPS = sorted(set(CALLS) - {"copy"})  # copy: tests/test_two_towers.py runs it on a fake runtime
 
 
