@@ -500,7 +500,7 @@ inputs = local4
 outputs = 10
 initW = 0.01
 [probs]
-type = cost.logreg
+type = softmax
 inputs = fc10
 """
 
@@ -519,7 +519,8 @@ def test_local_layers_count_parameters_by_cuda_convnet_rules():
 @pytest.mark.parametrize("old, new, match", [
     ("filters = 32\n", "filters = 32\nsharedBiases = 2\n", r"11pct.cfg \[local4\]: .*sharedBiases must be 0"),
     ("filters = 32\n", "", r"11pct.cfg \[local4\]: missing required key 'filters'"),
-    ("filters = 32\n", "filters = 32\nchannels = 64\n", r"unknown key 'channels' for a local layer"),
+    ("filters = 32\n", "filters = 32\nchannels = 7\n", r"11pct.cfg: layer 'local4': channels = 7, but its input has 64"),
+    ("filters = 32\n", "filters = 32\nrounding = up\n", r"11pct.cfg \[local4\]: .*rounding = down only"),
     ("filters = 64\npadding = 1", "filters = 64\npadding = 1\ngroups = 3",
      r"11pct.cfg \[local3\]: .*groups"),
 ])

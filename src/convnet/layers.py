@@ -552,9 +552,12 @@ class Local(Conv):
         if self.shared_biases not in (0, 1):
             raise LayerError(f"layer '{name}': sharedBiases must be 0 (per position) or 1 (per filter), "
                              f"got {self.shared_biases}")
+        if self.rounding != "down":  # the local kernels have no extension past the padding
+            raise LayerError(f"layer '{name}': a local layer takes rounding = down only (give the padding instead)")
 
     def geometry(self, in_shape):
         c, h, w = self._image_input(in_shape)
+        _check_channels(self, in_shape)
         with _layer_errors(self.name):
             return LocalGeometry(c, h, w, 1, self.filters, *self.size, *self.stride, *self.padding, self.groups)
 
