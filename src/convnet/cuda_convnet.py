@@ -81,7 +81,8 @@ KEYS = {
     "cost.logreg": {"coeff": None, "topk": None},
 }
 OUR_TYPE = {"conv": "conv", "local": "local", "fc": "fc", "pool": "pool", "cmrnorm": "lrn", "rnorm": "rnorm",
-            "cnorm": "cnorm", "eltsum": "eltsum", "eltmax": "eltmax", "softmax": "softmax", "dropout": "dropout", "dropout2": "dropout"}
+            "cnorm": "cnorm", "eltsum": "eltsum", "eltmax": "eltmax", "softmax": "softmax", "dropout": "dropout",
+            "dropout2": "dropout"}
 COMMON = ("type", "inputs", "gpu")
 
 
