@@ -84,6 +84,11 @@ def test_cifar_11pct_is_cuda_convnets_conv_local_11pct_net():
                      "convention", "size", "stride", "padding", "pool"):
             assert getattr(a, attr, None) == getattr(b, attr, None), (name, attr)
     assert [ours.layers[n].rounding for n in ("pool1", "pool2")] == ["up", "up"]
+    from convnet.optim import SGD
+    opt = SGD(ours, lr=train["lr"], momentum=train["momentum"], weight_decay=train["weight_decay"])
+    assert opt.settings(ours.layers["local3"], "w") == (0.001, 0.9, 0.004)
+    assert opt.settings(ours.layers["conv1"], "b") == (0.002, 0.9, 0.0)
+    assert opt.settings(ours.layers["fc10"], "w") == (0.001, 0.9, 0.01)
     assert ours.layers["local3"].param_shapes() == {"w": (64, 64, 3, 3, 64), "b": (64, 8, 8)}
     rng = np.random.default_rng(0)
     for _, layer, p in ours.param_items():  # lively parameters (He): every layer shows in the probabilities
