@@ -801,14 +801,17 @@ inputs=labels,probs
 """
 
 
-def test_rounding_up_layers_run_on_the_fake_gpu_as_on_emu(tmp_path, monkeypatch):
-    """The overhanging windows (conv1 1 + ceil(7/2) = 5, the floor rule 4; pool1 3, floor 2; pool2 from start -1)
-    train on the cuda path (the fake CuPy, with the emulator's kernels) exactly as on emu."""
+@pytest.mark.parametrize("kind", ["conv", "local"])
+def test_rounding_up_layers_run_on_the_fake_gpu_as_on_emu(tmp_path, monkeypatch, kind):
+    """The overhanging windows (conv1, or a local conv1, 1 + ceil(7/2) = 5, the floor rule 4; pool1 3, floor 2;
+    pool2 from start -1) train on the cuda path (the fake CuPy, with the emulator's kernels) exactly as on emu."""
     from fake_cupy import FakeCupy
 
     from convnet.train import run
-    a, b = _files(tmp_path, SMALL_LAYERS, BASE_PARAMS.replace("[conv1]", "[conv1]\nupdatePeriod=1"))
+    a, b = _files(tmp_path, SMALL_LAYERS.replace("type=conv", f"type={kind}"),
+                  BASE_PARAMS.replace("[conv1]", "[conv1]\nupdatePeriod=1"))
     net = load_model(a, params=b, input_shape=(3, 10, 10), init_params=False)[0]
+    assert net.layers["conv1"].type == kind
     assert shapes(net)["conv1"] == (8, 5, 5) and shapes(net)["pool1"] == (8, 3, 3)
     assert shapes(net)["pool2"] == (8, 2, 2)  # ceil((3 + 1 - 2) / 2) + 1
     args = ["--model", a, "--params", b, "--input-shape", "3,10,10", "--dataset", "synthetic", "--no-progress",
