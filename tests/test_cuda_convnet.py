@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from convnet.devices import Device
-from convnet.layers import Conv, Dropout, LayerError, Pool, RateSchedule, rate_schedule
+from convnet.layers import Conv, Dropout, LayerError, Local, Pool, RateSchedule, rate_schedule
 from convnet.neurons import NEURONS, Neuron
 from convnet.model_file import ModelFileError, build_net, load_model, resolve_model
 from convnet.optim import SGD
@@ -75,10 +75,44 @@ def test_cuda_convnet2_imagenet_1gpu_at_224():
     assert "labvec" not in net.layers and "logprob" not in net.layers
 
 
-def test_conv_local_refuses_local_layers():
-    for folder, name in ((CC1, "conv-local-11pct"), (CC2, "cifar10-11pct")):
-        with pytest.raises(ModelFileError, match=r"\[local3\] type: local \(a locally-connected layer"):
-            load(folder, name)
+@pytest.mark.parametrize("folder, name, count, local3", [(CC1, "conv-local-11pct", 3_672_906, 64),
+                                                          (CC1, "conv-local-13pct", 1_901_386, 32),
+                                                          (CC2, "cifar10-11pct", 3_672_906, 64)])
+def test_conv_local_nets_parameters_shapes_and_local_layers(folder, name, count, local3):
+    net = load(folder, name)
+    # conv 5x5 pad 2 keeps 32; pools round up: ceil((32 - 3) / 2) + 1 = 16 -> 8; the local layers 3x3 pad 1 keep 8
+    # local: w = positions * C*3*3 * F and a bias per filter and position (cuda-convnet's unshared layers)
+    hand = (3 * 25 * 64 + 64) + (64 * 25 * 64 + 64) + 64 * (64 * 9 * local3 + local3) \
+        + 64 * (local3 * 9 * 32 + 32) + (32 * 64 * 10 + 10)
+    assert sum(l.param_count() for l in net.order) == count == hand
+    s = shapes(net)
+    assert s["conv1"] == (64, 32, 32) and s["pool1"] == (64, 16, 16) and s["conv2"] == (64, 16, 16)
+    assert s["pool2"] == (64, 8, 8) and s["local3"] == (local3, 8, 8) and s["local4"] == (32, 8, 8)
+    assert s["fc10"] == (10,) and s["probs"] == (10,)
+    for n, c, f in (("local3", 64, local3), ("local4", local3, 32)):
+        l = net.layers[n]
+        assert (l.type, l.size, l.stride, l.padding, l.shared_biases, l.rounding) == \
+            ("local", (3, 3), (1, 1), (1, 1), 0, "up")
+        assert l.param_shapes() == {"w": (64, c, 3, 3, f), "b": (f, 8, 8)}
+        assert l.neuron == Neuron("relu") and l.init_w == 0.04
+        assert l.lr_abs == {"w": 0.001, "b": 0.002} and l.momentum == {"w": 0.9, "b": 0.9} and l.wc == 0.004
+    assert net.layers["local3"].inputs == ["pool2"] and net.layers["fc10"].inputs == ["local4"]
+
+
+def test_a_local_sections_shared_biases_key_is_cuda_convnets_a_bias_per_position(tmp_path):
+    """cuda-convnet reads sharedBiases for conv layers only: its local layers keep a bias per filter and position."""
+    for v in ("0", "1"):
+        a, b = _files(tmp_path, BASE_LAYERS.replace("type=conv", "type=local").replace("sharedBiases=1",
+                                                                                       f"sharedBiases={v}"))
+        net = load_model(a, params=b, input_shape=(3, 12, 12), init_params=False)[0]
+        assert net.layers["conv1"].type == "local" and net.layers["conv1"].param_shapes()["b"] == (16, 12, 12)
+    a, b = _files(tmp_path, BASE_LAYERS.replace("type=conv", "type=local").replace("sharedBiases=1",
+                                                                                   "sharedBiases=maybe"))
+    with pytest.raises(ModelFileError, match=r"\[conv1\] sharedbiases: cannot read 'maybe'"):
+        load_model(a, params=b, input_shape=(3, 12, 12), init_params=False)
+    a, b = _files(tmp_path, BASE_LAYERS.replace("type=conv", "type=local").replace("channels=3", "channels=4"))
+    with pytest.raises(ModelFileError, match=r"layer 'conv1': channels = 4, but its input has 3 channels"):
+        load_model(a, params=b, input_shape=(3, 12, 12), init_params=False)
 
 
 # ---------------------------------------------------------------------------------------------- learning rates
@@ -245,6 +279,54 @@ def test_conv_rounding_up_is_cuda_convnets_and_its_gradient_is_exact(H, k, strid
         np.testing.assert_allclose(dev.to_numpy(dx32), dx, rtol=1e-4, atol=1e-4, err_msg=str(dev))
 
 
+def cc_local(x, w, b, stride, pad):
+    """cuda-convnet's locally connected layer: conv's output count and zeros outside the image, a filter bank
+    ``w[position]`` (C, k, k, F) and a bias ``b[:, i, j]`` per output position."""
+    C, H, W, N = x.shape
+    k, F = w.shape[2], w.shape[-1]
+    n = 1 + math.ceil((H + 2 * pad - k) / stride)
+    y = np.zeros((F, n, n, N), x.dtype)
+    for i in range(n):
+        for j in range(n):
+            for a in range(k):
+                for c in range(k):
+                    r, q = i * stride - pad + a, j * stride - pad + c
+                    if 0 <= r < H and 0 <= q < W:
+                        y[:, i, j] += np.einsum("cf,cn->fn", w[i * n + j, :, a, c], x[:, r, q])
+    return y + b[:, :, :, None]
+
+
+@pytest.mark.parametrize("H, k, stride, pad", [(9, 3, 2, 1), (10, 4, 3, 2), (7, 3, 1, 1), (8, 5, 4, 0), (6, 2, 3, 0)])
+def test_local_rounding_up_is_cuda_convnets_and_its_gradient_is_exact(H, k, stride, pad):
+    rng = np.random.default_rng(H * 3 + k)
+    x = rng.standard_normal((2, H, H, 3))
+    make = lambda: Local("l", "x", filters=3, size=k, stride=stride, padding=pad, rounding="up", init_w=0.5)
+    c = _layer(make(), (2, H, H), NUMPY, np.float64)
+    c.params["b"] = rng.standard_normal(c.params["b"].shape)
+    ctx = {}
+    y = c.forward(x, ctx)
+    w0, b0 = c.params["w"].copy(), c.params["b"].copy()
+    want = cc_local(x, w0, b0, stride, pad)
+    assert y.shape == want.shape and c.out_shape == want.shape[:3]
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    dx = c.backward(dy, ctx)
+    assert dx.shape == x.shape
+    check_grad(lambda v: float(np.sum(cc_local(v, w0, b0, stride, pad) * dy)), x, dx, n=40)
+    check_grad(lambda v: float(np.sum(cc_local(x, v, b0, stride, pad) * dy)), w0, c.grads["w"], n=40)
+    np.testing.assert_allclose(c.grads["b"], dy.sum(axis=3), rtol=1e-12, atol=1e-12)
+    for dev in (Device("cpu"), Device("emu")):
+        q = _layer(make(), (2, H, H), dev, np.float32)
+        q.params = {"w": dev.asarray(w0.astype(np.float32), np.float32),
+                    "b": dev.asarray(b0.astype(np.float32), np.float32)}
+        cx = {}
+        y32 = q.forward(dev.asarray(x.astype(np.float32), np.float32), cx)
+        np.testing.assert_allclose(dev.to_numpy(y32), want, rtol=1e-4, atol=1e-4, err_msg=str(dev))
+        dx32 = q.backward(dev.asarray(dy.astype(np.float32), np.float32), cx)
+        np.testing.assert_allclose(dev.to_numpy(dx32), dx, rtol=1e-4, atol=1e-4, err_msg=str(dev))
+        np.testing.assert_allclose(dev.to_numpy(q.grads["w"]), c.grads["w"], rtol=1e-4, atol=1e-4, err_msg=str(dev))
+
+
 def test_pool_rule_keys_are_checked():
     with pytest.raises(LayerError, match="start and outputsX belong to cuda-convnet's output-size rule"):
         Pool("p", "x", start=1)
@@ -347,7 +429,7 @@ def test_a_pair_merges_by_section_and_the_merged_text_rebuilds_the_net(tmp_path)
 
 
 @pytest.mark.parametrize("layers_edit, params_edit, match", [
-    (("type=conv", "type=local"), None, r"\[conv1\] type: local \(a locally-connected layer"),
+    (("type=conv", "type=blur"), None, r"\[conv1\] type: blur \(a Gaussian blur layer\) is not implemented"),
     (("type=conv", "type=convolution"), None, r"\[conv1\] type: unknown layer type 'convolution'"),
     (("partialSum=4", "randSparse=0"), None, r"\[conv1\] randsparse: not implemented for a cuda-convnet conv"),
     (("sharedBiases=1", "sharedBiases=0"), None, r"\[conv1\] sharedBiases: 0 \(a bias per filter and "),
@@ -629,6 +711,28 @@ def test_layers_18pct_trains_a_few_steps_on_the_cpu():
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 5e-4, losses
 
 
+@pytest.mark.parametrize("name", ["conv-local-11pct", "conv-local-13pct"])
+def test_conv_local_nets_train_a_few_steps_on_the_cpu_and_on_emu_alike(name):
+    layers, params = pair(CC1, name)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 32, 32, 8)) * 60).astype(np.float32)  # mean-subtracted 0..255 pixels
+    y = rng.integers(0, 10, 8).astype(np.int32)
+    runs = {}
+    for dev in ("cpu", "emu"):
+        net = load_model(layers, params=params, input_shape=(3, 32, 32), device=dev, seed=1)[0]
+        opt = SGD(net, lr=0.001, momentum=0.9, weight_decay=0.0)  # the layers' absolute rates apply
+        losses = []
+        for step in range(4):
+            net.forward(net.device.asarray(x, np.float32), y, train=True, step=step)
+            net.backward()
+            opt.step()
+            losses.append(float(net.device.to_numpy(net.loss)) / 8)
+        runs[dev] = losses
+        assert all(np.isfinite(losses)) and losses[0] == pytest.approx(math.log(10), rel=1e-2), (dev, losses)
+        assert all(b < a for a, b in zip(losses, losses[1:])), (dev, losses)
+    np.testing.assert_allclose(runs["emu"], runs["cpu"], rtol=1e-4)
+
+
 TINY = """
 [data]
 type = data
@@ -697,14 +801,17 @@ inputs=labels,probs
 """
 
 
-def test_rounding_up_layers_run_on_the_fake_gpu_as_on_emu(tmp_path, monkeypatch):
-    """The overhanging windows (conv1 1 + ceil(7/2) = 5, the floor rule 4; pool1 3, floor 2; pool2 from start -1)
-    train on the cuda path (the fake CuPy, with the emulator's kernels) exactly as on emu."""
+@pytest.mark.parametrize("kind", ["conv", "local"])
+def test_rounding_up_layers_run_on_the_fake_gpu_as_on_emu(tmp_path, monkeypatch, kind):
+    """The overhanging windows (conv1, or a local conv1, 1 + ceil(7/2) = 5, the floor rule 4; pool1 3, floor 2;
+    pool2 from start -1) train on the cuda path (the fake CuPy, with the emulator's kernels) exactly as on emu."""
     from fake_cupy import FakeCupy
 
     from convnet.train import run
-    a, b = _files(tmp_path, SMALL_LAYERS, BASE_PARAMS.replace("[conv1]", "[conv1]\nupdatePeriod=1"))
+    a, b = _files(tmp_path, SMALL_LAYERS.replace("type=conv", f"type={kind}"),
+                  BASE_PARAMS.replace("[conv1]", "[conv1]\nupdatePeriod=1"))
     net = load_model(a, params=b, input_shape=(3, 10, 10), init_params=False)[0]
+    assert net.layers["conv1"].type == kind
     assert shapes(net)["conv1"] == (8, 5, 5) and shapes(net)["pool1"] == (8, 3, 3)
     assert shapes(net)["pool2"] == (8, 2, 2)  # ceil((3 + 1 - 2) / 2) + 1
     args = ["--model", a, "--params", b, "--input-shape", "3,10,10", "--dataset", "synthetic", "--no-progress",

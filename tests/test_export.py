@@ -27,7 +27,7 @@ def _lively(net, rng, logit_std=4.0, x=None, positive=()):
     for key, layer, p in net.param_items():
         shape = tuple(layer.params[p].shape)
         if p == "w":
-            fan_in = math.prod(shape[:-1]) if isinstance(layer, Conv) else shape[1]
+            fan_in = (math.prod(shape[-4:-1]) if isinstance(layer, Conv) else shape[1])  # local: one position's
             state[key] = rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)
         else:
             state[key] = rng.uniform(-0.5, 0.5, shape)
@@ -82,6 +82,52 @@ def test_every_shipped_model_runs_in_onnxruntime_with_our_probabilities(name, tm
     net, _ = load_model(name, device=CPU)  # alexnet at 224 is slow on the numpy reference
     ours, _ = _compare(net, tmp_path, np.random.default_rng(len(name)), n=2)
     assert ours.max() > 0.2  # not near uniform: the comparison sees every layer
+
+
+LOCAL_NET = """
+[data]
+type = data
+channels = 4
+size = {h},{w}
+[local1]
+type = local
+inputs = data
+filters = 6
+size = {k}
+stride = {stride}
+padding = {pad}
+groups = {groups}
+sharedBiases = {shared}
+rounding = {rounding}
+neuron = tanh[1.5,0.5]
+[local2]
+type = local
+inputs = local1
+filters = 3
+size = 2
+[fc3]
+type = fc
+inputs = local2
+outputs = 5
+[probs]
+type = softmax
+inputs = fc3
+"""
+
+
+@pytest.mark.parametrize("h, w, k, stride, pad, groups, shared, rounding", [
+    (7, 9, 3, 1, 1, 1, 0, "down"), (8, 8, 3, 2, 0, 2, 1, "down"), (9, 7, 4, 3, 2, 2, 0, "up"),
+    (10, 6, 5, 2, 1, 1, 1, "up"), (6, 6, 1, 1, 0, 2, 0, "down"),
+])
+def test_local_layers_run_in_onnxruntime_with_our_probabilities(h, w, k, stride, pad, groups, shared, rounding,
+                                                                 tmp_path):
+    """Unshared filters (per-position filter banks by Einsum on one-hot patches), groups, both bias kinds, rounding
+    up's overhanging windows, rectangular images."""
+    text = LOCAL_NET.format(h=h, w=w, k=k, stride=stride, pad=pad, groups=groups, shared=shared, rounding=rounding)
+    net, _ = build_net(text, "local.cfg", device=NUMPY)
+    assert net.layers["local1"].param_shapes()["b"] == ((6,) if shared else (6, *net.layers["local1"].out_shape[1:]))
+    ours, _ = _compare(net, tmp_path, np.random.default_rng(h * k + stride), n=3)
+    assert ours.max() > 0.3
 
 
 LRN_NET = """
@@ -543,13 +589,14 @@ def test_cuda_convnets_pool_windows_export_exactly(pool, size, stride, start, ou
     _compare(net, tmp_path, np.random.default_rng(size * 10 + stride), n=3)
 
 
-@pytest.mark.parametrize("name", ["80sec", "18pct"])
+@pytest.mark.parametrize("name", ["80sec", "18pct", "conv-local-13pct"])
 def test_cuda_convnets_own_cifar_nets_export_exactly(name, tmp_path):
-    """The original files: rounding-up convs and pools, detached neuron layers, rnorm (18pct)."""
+    """The original files: rounding-up convs and pools, detached neuron layers, rnorm (18pct), locally connected
+    layers (13pct)."""
     folder = ROOT / "tests" / "data" / "cuda-convnet" / "cuda-convnet"
     net = load_model(str(folder / f"layers-{name}.cfg"), params=str(folder / f"layer-params-{name}.cfg"),
                      input_shape=(3, 32, 32), device=CPU)[0]
-    assert net.layers["pool1"].out_shape == (32, 16, 16)  # cuda-convnet's rule (the floor rule: 15x15)
+    assert net.layers["pool1"].out_shape[1:] == (16, 16)  # cuda-convnet's rule (the floor rule: 15x15)
     ours, _ = _compare(net, tmp_path, np.random.default_rng(len(name)), n=2)
     assert ours.max() > 0.2
 

@@ -48,8 +48,8 @@ def setting(default, help=None, *, train=False, flag=_AUTO, choices=None, hidden
 
 @dataclass
 class Config:
-    model: str = setting("fmnist", "shipped model name (alexnet, alexnet-owt, cifar-18pct, fmnist) or a model-file "
-                                   "path (default fmnist)")
+    model: str = setting("fmnist", "shipped model name (alexnet, alexnet-2gpu, alexnet-owt, cifar-11pct, cifar-18pct, "
+                                   "fmnist) or a model-file path (default fmnist)")
     params: str | None = setting(None, "cuda-convnet's layer-params file (layer-params-X.cfg), merged with --model's "
                                        "layers file (layers-X.cfg) by section name")
     input_shape: str | None = setting(None, "C,H,W: the image shape for a cuda-convnet data layer, which has none "

@@ -9,18 +9,19 @@ layer has ``dataIdx`` is in cuda-convnet's form, and :func:`translate` turns its
   the loader gives: the layer goes, and only ``cost.logreg`` may read it;
 * ``softmax`` read by ``cost.logreg`` (``inputs=labels,probs``): one softmax cost, named by the softmax, with the
   cost's ``coeff``;
-* ``conv``, ``pool`` with cuda-convnet's output-size rule (``rounding = up``: ``start``, ``outputsX``, the last
-  window hanging over the edge), ``fc``, ``cmrnorm`` (cross-map LRN: ``scale`` / ``size``, ``pow``, ``minDiv`` = k,
-  default 1), ``rnorm`` / ``cnorm`` (same-map response / contrast normalisation, the same keys: ``scale`` /
-  ``size**2`` in the op), cuda-convnet2's ``eltsum`` (``coeffs``) and ``eltmax``, ``dropout`` / ``dropout2``,
-  ``neuron`` (a ``type = neuron`` layer), ``pass`` (the graph copies between devices itself);
+* ``conv``, ``local`` (unshared weights; a bias per filter and output position, as cuda-convnet's, whatever
+  ``sharedBiases`` says), ``pool`` with cuda-convnet's output-size rule (``rounding = up``: ``start``, ``outputsX``,
+  the last window hanging over the edge), ``fc``, ``cmrnorm`` (cross-map LRN: ``scale`` / ``size``, ``pow``,
+  ``minDiv`` = k, default 1), ``rnorm`` / ``cnorm`` (same-map response / contrast normalisation, the same keys:
+  ``scale`` / ``size**2`` in the op), cuda-convnet2's ``eltsum`` (``coeffs``) and ``eltmax``, ``dropout`` /
+  ``dropout2``, ``neuron`` (a ``type = neuron`` layer), ``pass`` (the graph copies between devices itself);
 * ``neuron=`` on a layer without a neuron of its own (pool, ...): a ``type = neuron`` layer ``<name>_neuron`` after
   it, as cuda-convnet inserts one; neurons are :mod:`convnet.neurons`' (``tanh[a,b]`` with its parameters);
 * ``epsW``/``epsB``/``momW``/``momB``/``wc``: absolute per-layer settings (``dexp[...]`` schedules too);
 * performance hints ``partialSum``, ``sumWidth`` accepted; ``gpu=i`` a tower.
 
-Anything else -- ``local`` (unshared weights), other types, neurons, keys or values this project does not
-implement -- is a :class:`ModelFileError` naming the file, the section and the key.
+Anything else -- other types, neurons, keys or values this project does not implement -- is a
+:class:`ModelFileError` naming the file, the section and the key.
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ class CudaConvnetError(Exception):
 
 
 NOT_IMPLEMENTED = {
-    "local": "a locally-connected layer (unshared weights)",
     "nailbed": "a bed-of-nails subsampling layer",
     "blur": "a Gaussian blur layer",
     "resize": "a resize layer",
@@ -57,6 +57,11 @@ KEYS = {
     "conv": {"channels": "channels", "filters": "filters", "padding": "padding", "stride": "stride",
              "filtersize": "size", "groups": "groups", "partialsum": None, "sumwidth": None, "sharedbiases": None,
              "updateperiod": None, "wball": None, **_LEARNED},
+    # cuda-convnet's local layers have a bias per filter and output position: its parser reads sharedBiases for
+    # conv only, so here it is accepted and dropped as there
+    "local": {"channels": "channels", "filters": "filters", "padding": "padding", "stride": "stride",
+              "filtersize": "size", "groups": "groups", "partialsum": None, "sumwidth": None, "sharedbiases": None,
+              "updateperiod": None, "wball": None, **_LEARNED},
     "fc": {"outputs": "outputs", "updateperiod": None, "wball": None, **_LEARNED},
     "pool": {"pool": "pool", "sizex": "size", "stride": "stride", "start": "start", "outputsx": "outputsX",
              "channels": "channels", "neuron": None},
@@ -75,8 +80,9 @@ KEYS = {
     "pass": {"neuron": None},
     "cost.logreg": {"coeff": None, "topk": None},
 }
-OUR_TYPE = {"conv": "conv", "fc": "fc", "pool": "pool", "cmrnorm": "lrn", "rnorm": "rnorm", "cnorm": "cnorm",
-            "eltsum": "eltsum", "eltmax": "eltmax", "softmax": "softmax", "dropout": "dropout", "dropout2": "dropout"}
+OUR_TYPE = {"conv": "conv", "local": "local", "fc": "fc", "pool": "pool", "cmrnorm": "lrn", "rnorm": "rnorm",
+            "cnorm": "cnorm", "eltsum": "eltsum", "eltmax": "eltmax", "softmax": "softmax", "dropout": "dropout",
+            "dropout2": "dropout"}
 COMMON = ("type", "inputs", "gpu")
 
 
@@ -132,7 +138,9 @@ def _bool(v):
 def _check_value(t, key, v, where):
     """The dropped keys whose value must be the one this project computes."""
     try:
-        if key == "sharedbiases" and not _bool(v):
+        if key == "sharedbiases" and t == "local":
+            _bool(v)
+        elif key == "sharedbiases" and not _bool(v):
             raise CudaConvnetError(f"{where} sharedBiases: 0 (a bias per filter and output position) is not "
                                    f"implemented; only shared biases (1)")
         if key == "blocked" and _bool(v):
@@ -261,7 +269,7 @@ def translate(sections, source):
         for k, v in items.items():
             if k in known and known[k] is not None:
                 layer[known[k]] = v.strip()
-        if t in ("conv", "pool"):
+        if t in ("conv", "local", "pool"):
             layer["rounding"] = "up"
         if t == "cmrnorm":
             layer.setdefault("k", "1")

@@ -13,6 +13,9 @@ the centre test view is. Each layer becomes:
 
 * conv: ``Conv`` (weights ``(C/g, KH, KW, F)`` transposed to ``(F, C/g, KH, KW)``, ``group``; ``rounding = up``:
   more end padding, the zeros the last windows reach), then its neuron;
+* local: the input's patches by a ``Conv`` with a one-hot kernel of C*KH*KW output channels (conv's pads), then
+  each output position's filter bank by ``Einsum`` (per group), ``Add`` the biases (per filter, or per filter and
+  position), then its neuron;
 * pool: ``MaxPool`` / ``AveragePool`` (``count_include_pad = 0``: padding is never counted; floor output sizes;
   ``rounding = up``: a ``Slice`` to the rows and columns its windows read, pads where they hang over the edge);
 * lrn: ``LRN`` where ONNX's window is ours (odd sizes, one group), with ``alpha`` as ONNX means it (ONNX divides
@@ -40,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .layers import FC, LRN, CNorm, Conv, Data, Dropout, EltMax, EltSum, NeuronLayer, Pool, ReLU, RNorm, SoftmaxCost
+from .layers import (FC, LRN, CNorm, Conv, Data, Dropout, EltMax, EltSum, Local, NeuronLayer, Pool, ReLU, RNorm,
+                     SoftmaxCost)
 
 OPSET = 17  # the ONNX operator set the graph is written in
 IR_VERSION = 8  # the file format version: read by onnxruntime 1.10 and later
@@ -110,6 +114,35 @@ def _image_rule(layer, in_shape, window, stride, padding, what, extension=(0, 0)
                           f"follows another rule than ONNX's floor ({oh}x{ow}); not exportable")
 
 
+def _local_nodes(b, layer, x, state):
+    """A locally connected layer: its input patches by a ``Conv`` whose one-hot kernel copies pixel (c, a, b) of each
+    window to channel (c*KH + a)*KW + b (conv's pads, so the same windows), then per output position p the patch
+    times that position's filter bank, group by group (``Einsum`` ngdp,gpdf->ngfp), the bias and the neuron."""
+    n = layer.name
+    c, _, _ = layer.in_shape
+    kh, kw = layer.size
+    f, oh, ow = layer.out_shape
+    g = layer.groups
+    eh, ew = layer.extension(layer.in_shape)
+    _image_rule(layer, layer.in_shape, layer.size, layer.stride, layer.padding, "locally connected", (eh, ew))
+    d = c * kh * kw
+    onehot = np.eye(d, dtype=np.float32).reshape(d, c, kh, kw)
+    ph, pw = layer.padding
+    patches = b.node("Conv", [x, b.const(f"{n}.patch", onehot)], f"{n}.patches", kernel_shape=[kh, kw],
+                     strides=list(layer.stride), pads=[ph, pw, ph + eh, pw + ew])
+    grouped = b.node("Reshape", [patches, b.const(f"{n}.groups_shape", np.array([0, g, d // g, oh * ow], np.int64))],
+                     f"{n}.grouped")
+    w = np.asarray(state[f"{n}/w"], np.float32)  # (P, C/g, KH, KW, F): filter fo of group gi is F index gi*F/g + fo
+    w = w.reshape(oh * ow, d // g, g, f // g).transpose(2, 0, 1, 3)  # (g, P, D/g, F/g)
+    prod = b.node("Einsum", [grouped, b.const(f"{n}.weight", np.ascontiguousarray(w))], f"{n}.matmul",
+                  equation="ngdp,gpdf->ngfp")
+    y = b.node("Reshape", [prod, b.const(f"{n}.out_shape", np.array([0, f, oh, ow], np.int64))], f"{n}.linear")
+    bias = np.asarray(state[f"{n}/b"], np.float32)
+    bias = bias.reshape(1, f, 1, 1) if layer.shared_biases else bias.reshape(1, f, oh, ow)
+    y = b.node("Add", [y, b.const(f"{n}.bias", bias)], n)
+    return _neuron_nodes(b, layer.neuron, y, n)
+
+
 def _lrn_band(layer, channels):
     """(C, C, 1, 1) ones where input channel j is in output channel c's window (within c's group): a 1x1 Conv with
     it sums each window of squares, clipped at the group's edges as ours."""
@@ -129,6 +162,7 @@ _LEARNABLE = ("init_w", "init_b", "lr_w", "lr_b", "wd_w", "wd_b", "eps_w", "eps_
 EXPORTED_KEYS = {
     Data: ("channels", "size", "scale"),
     Conv: (*_LEARNABLE, "filters", "size", "stride", "padding", "groups"),
+    Local: (*_LEARNABLE, "filters", "size", "stride", "padding", "groups", "shared_biases"),
     FC: (*_LEARNABLE, "outputs"),
     Pool: ("pool", "size", "stride", "padding", "in_channels"),
     LRN: ("size", "alpha", "beta", "k", "convention", "groups", "in_channels"),
@@ -147,7 +181,7 @@ def _check_keys(layer):
     known = EXPORTED_KEYS.get(type(layer))
     if known is None:
         raise ExportError(f"layer '{layer.name}': type '{layer.type}' has no ONNX export here (exported: data, conv, "
-                          f"pool, lrn, rnorm, cnorm, fc, relu, neuron, eltsum, eltmax, dropout, softmax)")
+                          f"local, pool, lrn, rnorm, cnorm, fc, relu, neuron, eltsum, eltmax, dropout, softmax)")
     rule = ()
     if isinstance(layer, Conv):
         rule = ("rounding",)  # rounding = up: zeros past the end padding, as the Conv's end pads (_layer_nodes)
@@ -175,6 +209,8 @@ def _layer_nodes(b, layer, x, state):
                    kernel_shape=list(layer.size), strides=list(layer.stride), pads=[ph, pw, ph + eh, pw + ew],
                    group=layer.groups)
         return _neuron_nodes(b, layer.neuron, y, n)
+    if t is Local:
+        return _local_nodes(b, layer, x, state)
     if t is FC:
         w = np.asarray(state[f"{n}/w"], np.float32)
         y = b.node("Gemm", [x, b.const(f"{n}.weight", w), b.const(f"{n}.bias", np.asarray(state[f"{n}/b"],

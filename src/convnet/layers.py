@@ -552,14 +552,14 @@ class Local(Conv):
         if self.shared_biases not in (0, 1):
             raise LayerError(f"layer '{name}': sharedBiases must be 0 (per position) or 1 (per filter), "
                              f"got {self.shared_biases}")
-        if self.rounding != "down":  # the local kernels have no extension past the padding
-            raise LayerError(f"layer '{name}': a local layer takes rounding = down only (give the padding instead)")
 
     def geometry(self, in_shape):
         c, h, w = self._image_input(in_shape)
         _check_channels(self, in_shape)
+        eh, ew = self.extension(in_shape)
         with _layer_errors(self.name):
-            return LocalGeometry(c, h, w, 1, self.filters, *self.size, *self.stride, *self.padding, self.groups)
+            return LocalGeometry(c, h + eh, w + ew, 1, self.filters, *self.size, *self.stride, *self.padding,
+                                 self.groups)
 
     def param_shapes(self):
         g = self.geometry(self.in_shape)
@@ -572,6 +572,9 @@ class Local(Conv):
         return {"w": _gaussian(rng, shapes["w"], std, dtype), "b": np.full(shapes["b"], self.init_b, dtype)}
 
     def forward(self, x, ctx):
+        eh, ew = self.extension(self.in_shape)
+        if eh or ew:  # rounding = up: the overhanging last windows read zeros, as cuda-convnet's
+            x = ops.window(self.device, x, (0, 0), (x.shape[1] + eh, x.shape[2] + ew), 0.0)
         ctx["x"] = x
         y = ops.local_forward(self.device, x, self.params["w"], self.params["b"], **self._geom())
         return self._neuron_forward(y, ctx)
@@ -583,7 +586,10 @@ class Local(Conv):
         self.grads["b"] = ops.local_backward_bias(self.device, dy, shared=bool(self.shared_biases))
         if not self.needs_input_grad:
             return None
-        return ops.local_backward_data(self.device, dy, self.params["w"], x.shape[1:3], **self._geom())
+        dx = ops.local_backward_data(self.device, dy, self.params["w"], x.shape[1:3], **self._geom())
+        if tuple(x.shape[1:3]) != tuple(self.in_shape[1:]):
+            dx = ops.window(self.device, dx, (0, 0), tuple(self.in_shape[1:]), 0.0)
+        return dx
 
     def describe(self):
         return "local" + super().describe()[len("conv"):] + (" shared biases" if self.shared_biases else "")

@@ -13,7 +13,7 @@ One section per layer, in topological order (a layer's inputs must be defined ab
     initW = 0.01
 
 Keys are case-insensitive; ``#`` and ``;`` start comments. ``load_model(name_or_path)`` accepts a shipped name
-(``alexnet``, ``alexnet-2gpu``, ``alexnet-owt``, ``cifar-18pct``, ``fmnist``: the ``.cfg`` files in
+(``alexnet``, ``alexnet-2gpu``, ``alexnet-owt``, ``cifar-11pct``, ``cifar-18pct``, ``fmnist``: the ``.cfg`` files in
 ``convnet/models/``) or a path; with ``params=`` (cuda-convnet's layer-params file) and ``input_shape=`` it reads
 cuda-convnet's and cuda-convnet2's own pairs with their meaning (:mod:`convnet.cuda_convnet`: a text whose data layer
 has ``dataIdx`` is in that form).
