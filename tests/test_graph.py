@@ -266,30 +266,11 @@ inputs = fc
 
 
 def test_same_map_and_contrast_norm_gradients_through_a_net():
-    """Finite differences (float64) of the loss through rnorm and cnorm layers, for the conv's weights and biases,
-    which every gradient of the two layers reaches."""
+    """Finite differences (float64) of the loss through rnorm and cnorm layers, for every parameter (the conv's
+    weights and biases are reached through every gradient of the two layers)."""
     net, _ = build_net(NORM_NET, "norm-net", device="numpy", dtype="float64", seed=2)
     x, y = _batch(net, n=3, seed=5)
-    net.forward(x, y, train=True)
-    net.backward()
-    conv = net.layers["conv"]
-    for p in ("w", "b"):
-        analytic = conv.grads[p].copy().reshape(-1)
-        flat = conv.params[p].reshape(-1)
-        idx = np.random.default_rng(1).choice(flat.size, size=min(flat.size, 20), replace=False)
-        num = np.empty(len(idx))
-        for j, i in enumerate(idx):
-            old = flat[i]
-            flat[i] = old + 1e-6
-            net.forward(x, y, train=True)
-            lp = float(net.loss)
-            flat[i] = old - 1e-6
-            net.forward(x, y, train=True)
-            lm = float(net.loss)
-            flat[i] = old
-            num[j] = (lp - lm) / 2e-6
-        assert np.abs(num).max() > 1e-6
-        np.testing.assert_allclose(analytic[idx] * x.shape[-1], num, rtol=1e-6, atol=1e-9)
+    _param_gradients_match_finite_differences(net, x, y)
 
 
 # Every neuron kind a layer file writes (fused into conv/fc and as layers), eltsum with coefficients and eltmax.
@@ -442,24 +423,4 @@ def test_locally_connected_gradients_through_a_net():
     assert net.layers["local1"].params["b"].shape == (4, 4, 4)
     assert net.layers["local2"].params["b"].shape == (3,)
     x, y = _batch(net, n=3, seed=6)
-    net.forward(x, y, train=True)
-    net.backward()
-    for name in ("local1", "local2"):
-        layer = net.layers[name]
-        for p in ("w", "b"):
-            analytic = layer.grads[p].copy().reshape(-1)
-            flat = layer.params[p].reshape(-1)
-            idx = np.random.default_rng(2).choice(flat.size, size=min(flat.size, 20), replace=False)
-            num = np.empty(len(idx))
-            for j, i in enumerate(idx):
-                old = flat[i]
-                flat[i] = old + 1e-6
-                net.forward(x, y, train=True)
-                lp = float(net.loss)
-                flat[i] = old - 1e-6
-                net.forward(x, y, train=True)
-                lm = float(net.loss)
-                flat[i] = old
-                num[j] = (lp - lm) / 2e-6
-            assert np.abs(num).max() > 1e-6, (name, p)
-            np.testing.assert_allclose(analytic[idx] * x.shape[-1], num, rtol=1e-6, atol=1e-9, err_msg=f"{name}.{p}")
+    _param_gradients_match_finite_differences(net, x, y)
