@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -211,16 +212,24 @@ def main(argv=None):
     except BaseException as e:  # --debug, or a bug: its traceback, and then the whole job ends
         comm = job_to_abort(_asks_distributed(argv))
         if comm is not None:
-            traceback.print_exc()
-            sys.stderr.flush()
-            comm.Abort(2 if isinstance(e, USER_ERRORS) else 1)
+            sys.stderr.write(traceback.format_exc())  # in one write: the launcher forwards it whole
+            _abort(comm, 2 if isinstance(e, USER_ERRORS) else 1)
         raise
     if status not in (0, 130):
         comm = job_to_abort(_asks_distributed(argv))
         if comm is not None:  # the other ranks would wait for this one forever
-            sys.stderr.flush()
-            comm.Abort(status)
+            _abort(comm, status)
     return status
+
+
+ABORT_GRACE_S = 0.5  # how long the launcher gets to forward this rank's last output before the job is killed
+
+
+def _abort(comm, status):
+    sys.stderr.flush()
+    sys.stdout.flush()
+    time.sleep(ABORT_GRACE_S)  # Abort kills the launcher's forwarding too: a traceback was seen cut after 3 lines
+    comm.Abort(status)
 
 
 def _main(argv, debug):
