@@ -3,7 +3,7 @@
 # every kernel test also checks global/shared-memory bounds (each SHARED array is its own heap block; SHARED arrays are
 # references to sized arrays, so row overruns are UBSan bounds errors).
 #
-#   csrc/emu/tests/run_sanitized_tests.sh                      # tests/ (without the slow driver builds)
+#   csrc/emu/tests/run_sanitized_tests.sh                      # the kernel, op, graph and emulator tests
 #   csrc/emu/tests/run_sanitized_tests.sh tests/test_pool.py -k max
 #
 # How: builds the emu module into build/emu-asan (a few minutes the first time, incremental after), puts it
@@ -35,8 +35,17 @@ done
 reports=$build/reports
 rm -rf "$reports" && mkdir -p "$reports"
 args=("$@")
-if [ ${#args[@]} -eq 0 ]; then
-  args=("$root/tests" "--ignore=$root/tests/emu/test_sanitizer.py")
+if [ ${#args[@]} -eq 0 ]; then  # the tests that run compiled code op by op: every kernel family, the emulator, the graph
+  args=("$root/tests/emu" "--ignore=$root/tests/emu/test_sanitizer.py")
+  for f in "$root"/tests/test_*.py; do
+    case ${f##*/} in  # end-to-end runs (training, data, export, tools) repeat these kernels at length: not here
+      test_benchmarks.py|test_checkpoint.py|test_cli.py|test_convert.py|test_cuda_convnet.py|test_cupy_api.py|\
+      test_data.py|test_decode.py|test_dir_lock.py|test_distributed.py|test_export.py|test_gpu_check.py|\
+      test_imagenet.py|test_install.py|test_kernel_resources.py|test_memory.py|test_models.py|test_predict.py|\
+      test_timeouts.py|test_torchvision.py|test_train.py|test_train_optim.py) ;;
+      *) args+=("$f") ;;
+    esac
+  done
 else  # paths relative to the repository root
   for i in "${!args[@]}"; do
     if [ -e "$root/${args[$i]}" ]; then args[$i]="$root/${args[$i]}"; fi
