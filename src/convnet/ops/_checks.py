@@ -7,9 +7,18 @@ from __future__ import annotations
 
 import numbers
 
+import ml_dtypes
 import numpy as np
 
 from convnet.devices import Device, get_device
+
+#: The dtype bfloat16 activations are stored in, on the host (NumPy) and on the GPU (CuPy accepts ml_dtypes' dtype).
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def storage_dtypes(device: Device) -> tuple:
+    """The dtypes an op with bfloat16 storage variants accepts on ``device``: its float dtypes and bfloat16."""
+    return device.dtypes + (BFLOAT16,)
 
 
 def as_device(device) -> Device:
