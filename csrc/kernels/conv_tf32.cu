@@ -41,7 +41,6 @@
 // Not measured on a GPU yet.
 #include "cuda_compat.h"
 #include "kernels/chwn_vec.h"
-#include "kernels/conv_kernels.cuh"
 #include "kernels/conv_tf32.h"
 #include "kernels/mma_fragments.cuh"
 
@@ -237,8 +236,8 @@ __global__ void conv_fwd_tf32(Tf32ConvParams p) {
 //   B[j][n] = x[g*Cg + c, oh*sh - ph + kh, ow*sw - pw + kw, img], j = (oh*OW + ow)*N + img, zero outside the image
 //             (contiguous along k = j: 4 consecutive j are 4 images of one pixel when N % 4 == 0);
 //   one split: dw[(c*KH + kh)*KW + kw][g*Fg + m] = alpha * D + beta * dw (dw's flat (Cg*KH*KW, F) matrix);
-//   several: the split's partial sum D goes to workspace[split][same index] and conv_wgrad_reduce (conv_kernels.cuh,
-//   shared with the FP32 filter gradient: the same workspace protocol) sums the splits in order, then alpha/beta.
+//   several: the split's partial sum D goes to workspace[split][same index] and conv_wgrad_tf32_reduce sums the
+//   splits in order, then applies alpha/beta (the FP32 filter gradient's workspace protocol: conv_wgrad_reduce).
 //   Deterministic: no atomics, a plan that depends on the geometry only.
 //
 // Block, warps, mma tiles and accumulators as the forward (a BM x BN tile of D; grid x: ceil(N/BN), y: ceil(M/BM),
@@ -354,6 +353,17 @@ struct WgradTf32 {
     *o = s.beta == 0.0f ? s.alpha * v : s.alpha * v + s.beta * *o;
   }
 };
+
+// dw[i] = alpha * sum_{split < splits} ws[split * total + i] + beta * dw[i], the splits added in order (deterministic).
+// Block: 256 threads, grid-stride over the total floats of dw; consecutive threads read consecutive floats.
+__global__ void __launch_bounds__(256) conv_wgrad_tf32_reduce(const float* ws, float* dw, int total, int splits,
+                                                               float alpha, float beta) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    float acc = 0.0f;
+    for (int split = 0; split < splits; ++split) acc += ws[std::int64_t(split) * total + i];
+    dw[i] = beta == 0.0f ? alpha * acc : alpha * acc + beta * dw[i];
+  }
+}
 
 template <class Op, int BM, int BN, int BK, int WM, int WN, int STAGES, int V, int kDefect>
 __global__ void conv_bwd_tf32(Tf32BwdParams p) {
@@ -715,15 +725,9 @@ void conv_backward_filter_tf32(const ConvGeometry& g, const float* x, const floa
   pl.p.a = dy; pl.p.b = x; pl.p.out = splits > 1 ? workspace : dw; pl.p.alpha = alpha; pl.p.beta = beta;
   launch_bwd(pl, bwd_vec_geometry(1, g) && aligned16(x) && aligned16(dy), stream);
   if (splits > 1) {
-    const bool rvec = total % 4 == 0 && aligned16(workspace) && aligned16(dw);
-    const std::int64_t nvec = rvec ? total / 4 : total;
-    const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>((nvec + 255) / 256, 4 * kSMs));
-    if (rvec)
-      launch(conv_wgrad_reduce<4>, dim3(blocks), dim3(256), 0, stream, workspace, dw, int(total), int(splits), alpha,
-             beta);
-    else
-      launch(conv_wgrad_reduce<1>, dim3(blocks), dim3(256), 0, stream, workspace, dw, int(total), int(splits), alpha,
-             beta);
+    const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>((total + 255) / 256, 4 * kSMs));
+    launch(conv_wgrad_tf32_reduce, dim3(blocks), dim3(256), 0, stream, workspace, dw, int(total), int(splits), alpha,
+           beta);
   }
 }
 
