@@ -1,5 +1,6 @@
-// TF32 tensor-core convolution forward (API in conv_tf32.h): an implicit GEMM on mma.sync.m16n8k8 with a
-// multi-stage cp.async pipeline.
+// TF32 tensor-core convolution (API in conv_tf32.h): implicit GEMMs on mma.sync.m16n8k8 with a multi-stage
+// cp.async pipeline. This comment is the forward's contract; the input and filter gradients' (conv_bwd_tf32) is
+// further down, and they share the forward's tile table, planner style and test overrides.
 //
 // GEMM per group g (z of the grid):  D[m][p] = sum_k A[m][k] B[k][p]
 //   M = Fg = F/groups filters:          A[m][k] = w[k * F + g*Fg + m]       (w is (Cg, KH, KW, F): k-major, m fastest)
@@ -223,13 +224,13 @@ __global__ void conv_fwd_tf32(Tf32ConvParams p) {
 // and the filter gradient (Op = WgradTf32). GEMM per z slice: D[m][n] = sum_{k in [k_lo, k_hi)} A[m][k] B[k][n].
 //
 // Input gradient, z = group g (M = Cg input channels, N = P = H*W*N input pixel-images, images fastest, K = Fg*KH*KW):
-//   A[m][k] = w[g*Cg... no: w[c = m, kh, kw, g*Fg + f] with k = (kh*KW + kw)*Fg + f (f fastest: w's own order, so A's
-//             rows are contiguous along k);
+//   A[m][k] = w[m, kh, kw, g*Fg + f] with k = (kh*KW + kw)*Fg + f (f fastest: w's own order, so A's rows are
+//             contiguous along k);
 //   B[k][p] = dy[g*Fg + f, oh, ow, n] where p = (h*W + w)*N + n, h + ph - kh = oh*sh and w + pw - kw = ow*sw exactly,
 //             0 <= oh < OH, 0 <= ow < OW; zero otherwise (stride holes and borders: zero-filled copies, see loads);
 //   dx[g*Cg + m][p] = alpha * D + beta * dx, dx's flat (C, H*W*N) matrix.
 //   With stride s > 1 only 1/(sh*sw) of the K products are non-zero: the mma does the zero work too (the FP32 kernel's
-//   phase classes avoid it; the input gradient of a strided layer is the first layer's, which training skips).
+//   phase classes avoid it; AlexNet's one strided convolution is conv1, whose input gradient training skips).
 // Filter gradient, z = g * splits + split (M = Fg filters, N = Cg*KH*KW taps (c, kh, kw), K = J = OH*OW*N, cut into
 //   `splits` chunks of `chunk` (a multiple of BK) for parallelism):
 //   A[m][j] = dy[g*Fg + m][j] (dy's flat (F, J) rows: contiguous along k);
