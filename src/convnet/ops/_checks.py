@@ -21,6 +21,16 @@ def storage_dtypes(device: Device) -> tuple:
     return device.dtypes + (BFLOAT16,)
 
 
+#: Binding-name suffix of each storage dtype of the kernels with a bfloat16 variant (``relu_forward`` and
+#: ``relu_forward_bf16``); the C++ twin is csrc/bindings/common.h's for_each_storage.
+_STORAGE_SUFFIX = {np.dtype(np.float32): "", BFLOAT16: "_bf16"}
+
+
+def storage_kernel(name: str, dtype) -> str:
+    """The binding that runs kernel ``name`` on arrays of ``dtype`` (float32 or bfloat16)."""
+    return name + _STORAGE_SUFFIX[np.dtype(dtype)]
+
+
 def as_device(device) -> Device:
     if isinstance(device, Device):
         return device
