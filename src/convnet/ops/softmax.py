@@ -36,8 +36,8 @@ from convnet.reference import softmax as ref
 MAX_KS = 8
 
 
-def _check_logits(dev, name, logits, dtypes=None):
-    check_array(name, logits, dev, ndim=2, dtypes=dtypes)
+def _check_logits(dev, name, logits):
+    check_array(name, logits, dev, ndim=2, dtypes=storage_dtypes(dev))
     K, N = logits.shape
     if K < 1 or N < 1:
         raise ValueError(f"{name} must have shape (classes, N) with classes >= 1 and N >= 1, got {tuple(logits.shape)}")
@@ -46,8 +46,8 @@ def _check_logits(dev, name, logits, dtypes=None):
     return K, N
 
 
-def _check_inputs(dev, name, logits, labels, stream, dtypes=None):
-    K, N = _check_logits(dev, name, logits, dtypes)
+def _check_inputs(dev, name, logits, labels, stream):
+    K, N = _check_logits(dev, name, logits)
     check_array("labels", labels, dev, shape=(N,), dtypes=(np.int32,))
     # values checked where they are final and in host memory (on a GPU or an emulated stream a copy may still be
     # writing them, and a check would cost a sync): elsewhere the kernels count bad labels (``bad_labels``)
@@ -61,7 +61,7 @@ def _check_inputs(dev, name, logits, labels, stream, dtypes=None):
 def softmax_forward(device, logits, *, out=None, stream=None):
     """probs = softmax over classes (axis 0) of logits (classes, N), max-subtracted."""
     dev = as_device(device)
-    K, N = _check_logits(dev, "logits", logits, storage_dtypes(dev))
+    K, N = _check_logits(dev, "logits", logits)
     return produce(dev, Output("out", out, (K, N), logits.dtype), inputs=dict(logits=logits), stream=stream,
                    reference=lambda: dev.host_function(ref.softmax)(logits),
                    kernel=lambda probs: launch(dev, storage_kernel("softmax_forward", logits.dtype), logits, probs, K,
@@ -76,7 +76,7 @@ def softmax_cross_entropy(device, logits, labels, *, bad_labels=None, stream=Non
     it stays untouched.)
     """
     dev = as_device(device)
-    K, N = _check_inputs(dev, "logits", logits, labels, stream, storage_dtypes(dev))
+    K, N = _check_inputs(dev, "logits", logits, labels, stream)
     dtype = logits.dtype
     loss_dtype = np.dtype(np.float32) if dtype == BFLOAT16 else dtype
     if bad_labels is not None:
@@ -107,6 +107,7 @@ def topk_errors(device, logits_or_probs, labels, ks=(1, 5), *, stream=None):
     """Number of images whose label is not among the top k scores, for each k in ks (a tuple of ints)."""
     dev = as_device(device)
     ks = _ks(ks)
+    check_array("logits_or_probs", logits_or_probs, dev)  # float32 (float64 on numpy) only: no bfloat16 variant
     K, N = _check_inputs(dev, "logits_or_probs", logits_or_probs, labels, stream)
     scores = logits_or_probs  # an image with a NaN or infinite score is an error for every k (reference and kernel)
     counts = produce(
