@@ -67,18 +67,15 @@ __device__ __forceinline__ VecF<VEC> vfill(float a) {
   return r;
 }
 
-// bf16 storage: 4 elements are one 8-byte access (aligned_vec4), converted to / rounded from float one by one.
-struct alignas(8) Bf16x4 {
-  bf16 v[4];
-};
-
+// bf16 storage: 4 elements are one 8-byte access (aligned_vec4), element 0 in the low half of the first word
+// (little-endian), widened exactly by a shift and rounded in pairs by cvt.rn.bf16x2.f32 (bf16x2_bits).
 template <int VEC>
 __device__ __forceinline__ VecF<VEC> vload(const bf16* __restrict__ p) {
   VecF<VEC> r;
   if constexpr (VEC == 4) {
-    const Bf16x4 t = *reinterpret_cast<const Bf16x4*>(p);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) r.v[i] = to_float(t.v[i]);
+    const uint2 t = *reinterpret_cast<const uint2*>(p);
+    r.v[0] = __uint_as_float(t.x << 16), r.v[1] = __uint_as_float(t.x & 0xFFFF0000u);
+    r.v[2] = __uint_as_float(t.y << 16), r.v[3] = __uint_as_float(t.y & 0xFFFF0000u);
   } else {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) r.v[i] = to_float(p[i]);
@@ -89,10 +86,7 @@ __device__ __forceinline__ VecF<VEC> vload(const bf16* __restrict__ p) {
 template <int VEC>
 __device__ __forceinline__ void vstore(bf16* __restrict__ p, const VecF<VEC>& r) {
   if constexpr (VEC == 4) {
-    Bf16x4 t;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) t.v[i] = from_float<bf16>(r.v[i]);
-    *reinterpret_cast<Bf16x4*>(p) = t;
+    *reinterpret_cast<uint2*>(p) = make_uint2(bf16x2_bits(r.v[0], r.v[1]), bf16x2_bits(r.v[2], r.v[3]));
   } else {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) p[i] = from_float<bf16>(r.v[i]);
