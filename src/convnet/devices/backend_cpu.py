@@ -23,6 +23,7 @@ from convnet.extensions import load_extension
 from convnet.reference import conv, elementwise, pool, sgd
 from convnet.reference.storage import is_bf16, is_bf16_storage
 
+
 def _float32_loops(fast, reference):
     """``fast`` (float32 compiled loops) for a reference with a bfloat16 storage variant: a call with a bfloat16 array
     runs the reference instead."""

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import numbers
 
-import ml_dtypes
 import numpy as np
 
 from convnet.devices import Device, get_device
-
-#: The dtype bfloat16 activations are stored in, on the host (NumPy) and on the GPU (CuPy accepts ml_dtypes' dtype).
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+from convnet.reference.storage import BFLOAT16
 
 
 def storage_dtypes(device: Device) -> tuple:

@@ -20,14 +20,15 @@ import numpy as np
 
 from convnet.reference.precision import to_bf16
 
-__all__ = ["bf16_storage", "is_bf16", "is_bf16_storage"]
+__all__ = ["BFLOAT16", "bf16_storage", "is_bf16", "is_bf16_storage"]
 
-_BF16 = np.dtype(ml_dtypes.bfloat16)
+#: The dtype bfloat16 activations are stored in, on the host (NumPy) and on the GPU (CuPy accepts ml_dtypes' dtype).
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def is_bf16(a) -> bool:
     """Is ``a`` an array stored in bfloat16?"""
-    return getattr(a, "dtype", None) == _BF16
+    return getattr(a, "dtype", None) == BFLOAT16
 
 
 def is_bf16_storage(function) -> bool:
