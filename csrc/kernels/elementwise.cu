@@ -2,14 +2,14 @@
 //
 // Storage: float32 or bfloat16 (template parameter T of every kernel; math in float, one rounding to T on store).
 // Layout: ReLU: any contiguous tensor viewed as n elements (layout-agnostic). Dropout: the tensor viewed as
-// rows x cols floats, row-major: any tensor is rows = 1, cols = n; a data-parallel shard of a CHWN (or features x
-// N) tensor is rows = C*H*W, cols = its N images, images [first, first + cols) of a batch of `batch` images.
+// rows x cols elements, row-major: any tensor is rows = 1, cols = n; a data-parallel shard of a CHWN (or features
+// x N) tensor is rows = C*H*W, cols = its N images, images [first, first + cols) of a batch of `batch` images.
 // Thread mapping: 1-D grid-stride loop. The vector path gives each thread 4 elements (one float4 or 4 bf16: 16- or
-// 8-byte loads and stores, used when every pointer is aligned to that size); the scalar path one element. Dropout threads own a group of four
-// consecutive elements of the mask's stream, because one Philox call yields four 32-bit numbers: stream element j
-// uses word j % 4 of philox(counter = (j / 4, offset), key = seed), and local element (r, c) is stream element
-// start + r * batch + first + c (start + i for rows = 1), what it is in the whole batch's mask; a thread's
-// grid-stride loop runs over (row, group of that row) pairs, at most (cols + 6) / 4 groups per row.
+// 8-byte loads and stores, used when every pointer is aligned to that size); the scalar path one element. Dropout
+// threads own a group of four consecutive elements of the mask's stream, because one Philox call yields four 32-bit
+// numbers: stream element j uses word j % 4 of philox(counter = (j / 4, offset), key = seed), and local element
+// (r, c) is stream element start + r * batch + first + c (start + i for rows = 1), what it is in the whole batch's
+// mask; a thread's grid-stride loop runs over (row, group of that row) pairs, at most (cols + 6) / 4 groups per row.
 // Requirements: none on n (the ragged tail is handled); in-place (x == y) is allowed, so no __restrict__.
 #include "cuda_compat.h"
 #include "kernels/chwn_vec.h"

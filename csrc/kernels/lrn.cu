@@ -3,9 +3,9 @@
 // One thread per (pixel, VEC images, channel segment): it walks its segment of channels keeping the window in
 // registers (a shift register, compile-time sizes 3 and 5, AlexNet's; other sizes take a generic path that re-reads
 // the window through L1), so each input is read from memory once per segment (plus a halo of size-1 maps) and
-// every access is a coalesced row along the images (16 bytes per thread for float, 8 for bf16).  Channels are split into segments only to
-// put enough threads in flight (several waves on a 132-SM H100 at AlexNet shapes); lrn_thread() below is the
-// mapping every kernel shares.
+// every access is a coalesced row along the images (16 bytes per thread for float, 8 for bf16).  Channels are split
+// into segments only to put enough threads in flight (several waves on a 132-SM H100 at AlexNet shapes);
+// lrn_thread() below is the mapping every kernel shares.
 //
 // Storage: T = float or bf16 for x, y, denom, dy and dx (every kernel is a template over it): loads convert to float,
 // all math is float, each output is rounded once to T on store. With bf16 the recompute backward works from the

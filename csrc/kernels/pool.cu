@@ -3,8 +3,9 @@
 // the backward's accumulation run in float, and each output is rounded once to T on store.
 //
 // Forward: one thread per (c, oh, ow, VEC images); a warp covers 32*VEC consecutive images of one output pixel, so
-// every load/store is a coalesced row of 32*VEC elements (VEC=4: one 16-byte float4 or 8-byte bf16x4 per thread).  Overlapping windows re-read inputs
-// through L1/L2 (each input is fetched from DRAM about once; consecutive blocks walk neighbouring pixels).
+// every load/store is a coalesced row of 32*VEC elements (VEC=4: one 16-byte float4 or 8-byte bf16x4 per thread).
+// Overlapping windows re-read inputs through L1/L2 (each input is fetched from DRAM about once; consecutive blocks
+// walk neighbouring pixels).
 // Common windows (3x3, 2x2) are template-unrolled so all window loads are in flight before the first max.
 // Max 3x3/2 (AlexNet) takes a strip kernel that also reuses the shared window rows in registers (see below).
 //

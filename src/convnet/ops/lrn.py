@@ -82,7 +82,8 @@ def lrn_forward(device, x, *, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="
 
     def kernel(y, denom):
         for s in slices:
-            launch(dev, storage_kernel("lrn_forward", x.dtype), x[s], y[s], denom[s] if denom is not None else 0, g.group(), stream=stream)
+            launch(dev, storage_kernel("lrn_forward", x.dtype), x[s], y[s], denom[s] if denom is not None else 0,
+                   g.group(), stream=stream)
 
     return produce(dev, outputs, inputs=dict(x=x), stream=stream, reference=reference, kernel=kernel)
 
