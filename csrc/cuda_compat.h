@@ -253,3 +253,49 @@ __device__ __forceinline__ void cp_async_wait(CONVNET_SITE_PARAM_FIRST) {
 #endif  // defined(__CUDACC__) || CONVNET_EMU
 
 }  // namespace convnet
+
+// ---- bfloat16 storage ------------------------------------------------------------------------------------------
+// Kernels with a bfloat16 storage variant are one template over the storage type T (float or bf16): they load with
+// to_float(T), compute in float and store with from_float<T>(float), which rounds to nearest even (a NaN stays a
+// NaN), as ml_dtypes.bfloat16 does on the host. nvcc: CUDA's __nv_bfloat16 (cvt.rn.bf16.f32); host compilers (the
+// emulator, and the CUDA build's bindings, which only pass pointers): a 16-bit struct holding the same bits.
+#if defined(__CUDACC__) || !CONVNET_EMU
+#include <cuda_bf16.h>
+#endif
+
+namespace convnet {
+
+#if defined(__CUDACC__) || !CONVNET_EMU
+using bf16 = __nv_bfloat16;
+#else
+struct bf16 {
+  std::uint16_t bits;
+};
+#endif
+static_assert(sizeof(bf16) == 2, "bfloat16 storage is 16 bits");
+
+#if defined(__CUDACC__) || CONVNET_EMU
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(bf16 x) {
+#if defined(__CUDACC__)
+  return __bfloat162float(x);
+#else
+  return cuemu::bf16_to_float(x.bits);
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ bf16 from_float<bf16>(float x) {
+#if defined(__CUDACC__)
+  return __float2bfloat16_rn(x);
+#else
+  return bf16{cuemu::cvt_rn_bf16(x)};
+#endif
+}
+#endif  // defined(__CUDACC__) || CONVNET_EMU
+
+}  // namespace convnet

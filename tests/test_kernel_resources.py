@@ -58,6 +58,7 @@ def test_report_from_nvcc(monkeypatch, capsys):
     monkeypatch.setattr(kr, "KERNEL_SOURCES", [ROOT / "csrc" / "kernels" / "softmax.cu"])
     assert kr.main(["--arch", "90"]) == 0
     out = capsys.readouterr().out
-    for kernel in ("softmax_xent_kernel", "topk_kernel", "sum_kernel", "zero_ints_kernel"):
+    for kernel in ("softmax_xent_kernel<float>", "softmax_xent_kernel<__nv_bfloat16>", "topk_kernel", "sum_kernel",
+                   "zero_ints_kernel"):
         assert f"`{kernel}`" in out
-    assert "block size unknown" not in out and "4 kernel instances; 0 spill" in out
+    assert "block size unknown" not in out and "5 kernel instances; 0 spill" in out

@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 #include <utility>
 
 #include "cuda_compat.h"
@@ -28,6 +29,20 @@ inline cudaStream_t stream(std::uintptr_t handle) { return reinterpret_cast<cuda
 template <class Fn, class... Extra>
 void def_kernel(py::module_& m, const char* name, Fn&& fn, const Extra&... extra) {
   m.def(name, std::forward<Fn>(fn), py::call_guard<py::gil_scoped_release>(), extra...);
+}
+
+// The storage types of the kernels with a bfloat16 variant (pool, lrn, elementwise, softmax), and the suffix of
+// their binding names: `relu_forward` (float) and `relu_forward_bf16`. The one table; Python's twin is
+// convnet.ops._checks.storage_kernel. bind(StorageTag<T>{}, suffix) registers one storage type's entry points.
+template <class T>
+struct StorageTag {
+  using type = T;
+};
+
+template <class Bind>
+void for_each_storage(Bind&& bind) {
+  bind(StorageTag<float>{}, std::string());
+  bind(StorageTag<convnet::bf16>{}, std::string("_bf16"));
 }
 
 }  // namespace convnet::bind

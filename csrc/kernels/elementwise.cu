@@ -1,14 +1,15 @@
 // Element-wise kernels: ReLU forward/backward and inverted dropout (Philox4x32-10 mask, regenerated in backward).
 //
-// Layout: ReLU: any contiguous float32 tensor viewed as n floats (layout-agnostic). Dropout: the tensor viewed as
-// rows x cols floats, row-major: any tensor is rows = 1, cols = n; a data-parallel shard of a CHWN (or features x
-// N) tensor is rows = C*H*W, cols = its N images, images [first, first + cols) of a batch of `batch` images.
-// Thread mapping: 1-D grid-stride loop. The vector path gives each thread one float4 (16-byte loads and stores,
-// used when every pointer is 16-byte aligned); the scalar path one float. Dropout threads own a group of four
-// consecutive elements of the mask's stream, because one Philox call yields four 32-bit numbers: stream element j
-// uses word j % 4 of philox(counter = (j / 4, offset), key = seed), and local element (r, c) is stream element
-// start + r * batch + first + c (start + i for rows = 1), what it is in the whole batch's mask; a thread's
-// grid-stride loop runs over (row, group of that row) pairs, at most (cols + 6) / 4 groups per row.
+// Storage: float32 or bfloat16 (template parameter T of every kernel; math in float, one rounding to T on store).
+// Layout: ReLU: any contiguous tensor viewed as n elements (layout-agnostic). Dropout: the tensor viewed as
+// rows x cols elements, row-major: any tensor is rows = 1, cols = n; a data-parallel shard of a CHWN (or features
+// x N) tensor is rows = C*H*W, cols = its N images, images [first, first + cols) of a batch of `batch` images.
+// Thread mapping: 1-D grid-stride loop. The vector path gives each thread 4 elements (one float4 or 4 bf16: 16- or
+// 8-byte loads and stores, used when every pointer is aligned to that size); the scalar path one element. Dropout
+// threads own a group of four consecutive elements of the mask's stream, because one Philox call yields four 32-bit
+// numbers: stream element j uses word j % 4 of philox(counter = (j / 4, offset), key = seed), and local element
+// (r, c) is stream element start + r * batch + first + c (start + i for rows = 1), what it is in the whole batch's
+// mask; a thread's grid-stride loop runs over (row, group of that row) pairs, at most (cols + 6) / 4 groups per row.
 // Requirements: none on n (the ragged tail is handled); in-place (x == y) is allowed, so no __restrict__.
 #include "cuda_compat.h"
 #include "kernels/chwn_vec.h"
@@ -29,42 +30,44 @@ __device__ __forceinline__ float relu(float v) { return v > 0.f ? v : 0.f; }  //
 __device__ __forceinline__ float relu_grad(float y, float dy) { return y > 0.f ? dy : 0.f; }
 
 // ---- ReLU --------------------------------------------------------------------------------------------------
-template <bool kVec4>
-__global__ void __launch_bounds__(kThreads) relu_forward_kernel(const float* x, float* y, std::int64_t n) {
+// T: the storage type (float or bf16; math in float, one rounding on store, which is exact for ReLU).
+template <typename T, bool kVec4>
+__global__ void __launch_bounds__(kThreads) relu_forward_kernel(const T* x, T* y, std::int64_t n) {
   const std::int64_t stride = std::int64_t(gridDim.x) * blockDim.x;
   std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (kVec4) {
     const std::int64_t n4 = n / 4;
     for (; i < n4; i += stride) {
-      float4 v = reinterpret_cast<const float4*>(x)[i];
-      v.x = relu(v.x), v.y = relu(v.y), v.z = relu(v.z), v.w = relu(v.w);
-      reinterpret_cast<float4*>(y)[i] = v;
+      VecF<4> v = vload<4>(x + 4 * i);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v.v[k] = relu(v.v[k]);
+      vstore<4>(y + 4 * i, v);
     }
     // The last n % 4 elements: one per thread of the first block.
     const std::int64_t tail = n4 * 4 + std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (blockIdx.x == 0 && tail < n) y[tail] = relu(x[tail]);
+    if (blockIdx.x == 0 && tail < n) y[tail] = from_float<T>(relu(to_float(x[tail])));
   } else {
-    for (; i < n; i += stride) y[i] = relu(x[i]);
+    for (; i < n; i += stride) y[i] = from_float<T>(relu(to_float(x[i])));
   }
 }
 
-template <bool kVec4>
-__global__ void __launch_bounds__(kThreads) relu_backward_kernel(const float* y, const float* dy, float* dx,
-                                                                 std::int64_t n) {
+template <typename T, bool kVec4>
+__global__ void __launch_bounds__(kThreads) relu_backward_kernel(const T* y, const T* dy, T* dx, std::int64_t n) {
   const std::int64_t stride = std::int64_t(gridDim.x) * blockDim.x;
   std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (kVec4) {
     const std::int64_t n4 = n / 4;
     for (; i < n4; i += stride) {
-      const float4 a = reinterpret_cast<const float4*>(y)[i];
-      float4 g = reinterpret_cast<const float4*>(dy)[i];
-      g.x = relu_grad(a.x, g.x), g.y = relu_grad(a.y, g.y), g.z = relu_grad(a.z, g.z), g.w = relu_grad(a.w, g.w);
-      reinterpret_cast<float4*>(dx)[i] = g;
+      const VecF<4> a = vload<4>(y + 4 * i);
+      VecF<4> g = vload<4>(dy + 4 * i);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) g.v[k] = relu_grad(a.v[k], g.v[k]);
+      vstore<4>(dx + 4 * i, g);
     }
     const std::int64_t tail = n4 * 4 + std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (blockIdx.x == 0 && tail < n) dx[tail] = relu_grad(y[tail], dy[tail]);
+    if (blockIdx.x == 0 && tail < n) dx[tail] = from_float<T>(relu_grad(to_float(y[tail]), to_float(dy[tail])));
   } else {
-    for (; i < n; i += stride) dx[i] = relu_grad(y[i], dy[i]);
+    for (; i < n; i += stride) dx[i] = from_float<T>(relu_grad(to_float(y[i]), to_float(dy[i])));
   }
 }
 
@@ -100,12 +103,12 @@ struct PairLoop {
   }
 };
 
-// kVec4: every pointer is 16-byte aligned and every row starts a group (s(r) % 4 == 0) at a multiple of 4 floats,
-// so a whole group is one float4.
-template <bool kVec4>
-__global__ void __launch_bounds__(kThreads) dropout_kernel(const float* x, float* y, DropoutRows d,
-                                                           std::uint64_t threshold, float scale,
-                                                           std::uint64_t seed, std::uint64_t offset) {
+// kVec4: every pointer is aligned for 4 elements (aligned_vec4) and every row starts a group (s(r) % 4 == 0) at a
+// multiple of 4 elements, so a whole group is one vector access. T: the storage type (float or bf16; the product
+// x * scale is computed in float and rounded once on store).
+template <typename T, bool kVec4>
+__global__ void __launch_bounds__(kThreads) dropout_kernel(const T* x, T* y, DropoutRows d, std::uint64_t threshold,
+                                                           float scale, std::uint64_t seed, std::uint64_t offset) {
   for (PairLoop p(std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x, std::int64_t(gridDim.x) * blockDim.x,
                   d.groups); p.row < d.rows; p.next()) {
     const std::uint64_t s = d.start + std::uint64_t(p.row) * d.batch + d.first;  // stream element of (row, 0)
@@ -114,16 +117,17 @@ __global__ void __launch_bounds__(kThreads) dropout_kernel(const float* x, float
     const Philox4 r = dropout_bits(s / 4 + std::uint64_t(p.g), seed, offset);
     const std::int64_t at = p.row * d.cols + base;  // local index of the group's word 0
     if (kVec4 && base + 4 <= d.cols) {
-      float4 v = reinterpret_cast<const float4*>(x)[at / 4];
-      v.x = dropout_one(v.x, r.x, threshold, scale);
-      v.y = dropout_one(v.y, r.y, threshold, scale);
-      v.z = dropout_one(v.z, r.z, threshold, scale);
-      v.w = dropout_one(v.w, r.w, threshold, scale);
-      reinterpret_cast<float4*>(y)[at / 4] = v;
+      VecF<4> v = vload<4>(x + at);
+      v.v[0] = dropout_one(v.v[0], r.x, threshold, scale);
+      v.v[1] = dropout_one(v.v[1], r.y, threshold, scale);
+      v.v[2] = dropout_one(v.v[2], r.z, threshold, scale);
+      v.v[3] = dropout_one(v.v[3], r.w, threshold, scale);
+      vstore<4>(y + at, v);
     } else {
       const unsigned bits[4] = {r.x, r.y, r.z, r.w};
       for (int k = 0; k < 4; ++k)
-        if (base + k >= 0 && base + k < d.cols) y[at + k] = dropout_one(x[at + k], bits[k], threshold, scale);
+        if (base + k >= 0 && base + k < d.cols)
+          y[at + k] = from_float<T>(dropout_one(to_float(x[at + k]), bits[k], threshold, scale));
     }
   }
 }
@@ -168,41 +172,56 @@ void check_common(std::int64_t n, const void* a, const void* b) {
 
 }  // namespace
 
-void relu_forward(const float* x, float* y, std::int64_t n, cudaStream_t stream) {
+template <typename T>
+void relu_forward(const T* x, T* y, std::int64_t n, cudaStream_t stream) {
   check_common(n, x, y);
   if (n == 0) return;
-  if (aligned16(x) && aligned16(y))
-    launch(relu_forward_kernel<true>, dim3(grid_for((n + 3) / 4, kThreads, kMaxBlocks)), dim3(kThreads), 0, stream,
-           x, y, n);
+  if (aligned_vec4(x) && aligned_vec4(y))
+    launch(relu_forward_kernel<T, true>, dim3(grid_for((n + 3) / 4, kThreads, kMaxBlocks)), dim3(kThreads), 0,
+           stream, x, y, n);
   else
-    launch(relu_forward_kernel<false>, dim3(grid_for(n, kThreads, kMaxBlocks)), dim3(kThreads), 0, stream, x, y, n);
+    launch(relu_forward_kernel<T, false>, dim3(grid_for(n, kThreads, kMaxBlocks)), dim3(kThreads), 0, stream, x, y,
+           n);
 }
 
-void relu_backward(const float* y, const float* dy, float* dx, std::int64_t n, cudaStream_t stream) {
+template <typename T>
+void relu_backward(const T* y, const T* dy, T* dx, std::int64_t n, cudaStream_t stream) {
   check_common(n, y, dy);
   check_common(n, dx, dx);
   if (n == 0) return;
-  if (aligned16(y) && aligned16(dy) && aligned16(dx))
-    launch(relu_backward_kernel<true>, dim3(grid_for((n + 3) / 4, kThreads, kMaxBlocks)), dim3(kThreads), 0, stream,
-           y, dy, dx, n);
+  if (aligned_vec4(y) && aligned_vec4(dy) && aligned_vec4(dx))
+    launch(relu_backward_kernel<T, true>, dim3(grid_for((n + 3) / 4, kThreads, kMaxBlocks)), dim3(kThreads), 0,
+           stream, y, dy, dx, n);
   else
-    launch(relu_backward_kernel<false>, dim3(grid_for(n, kThreads, kMaxBlocks)), dim3(kThreads), 0, stream, y, dy,
-           dx, n);
+    launch(relu_backward_kernel<T, false>, dim3(grid_for(n, kThreads, kMaxBlocks)), dim3(kThreads), 0, stream, y,
+           dy, dx, n);
 }
 
-void dropout_apply(const float* x, float* y, std::int64_t rows, std::int64_t cols, std::uint64_t batch,
-                   std::uint64_t first, std::uint64_t keep_threshold, float scale, std::uint64_t seed,
-                   std::uint64_t offset, std::uint64_t start, cudaStream_t stream) {
+template <typename T>
+void dropout_apply(const T* x, T* y, std::int64_t rows, std::int64_t cols, std::uint64_t batch, std::uint64_t first,
+                   std::uint64_t keep_threshold, float scale, std::uint64_t seed, std::uint64_t offset,
+                   std::uint64_t start, cudaStream_t stream) {
   const DropoutRows d = dropout_rows(rows, cols, batch, first, keep_threshold, start);
   check_common(rows * cols, x, y);
   if (rows * cols == 0) return;
   const unsigned grid = grid_for(d.rows * d.groups, kThreads, kMaxBlocks);
   const bool rows_start_groups = (start + first) % 4 == 0 && (rows == 1 || (batch % 4 == 0 && cols % 4 == 0));
-  if (aligned16(x) && aligned16(y) && rows_start_groups)
-    launch(dropout_kernel<true>, dim3(grid), dim3(kThreads), 0, stream, x, y, d, keep_threshold, scale, seed, offset);
+  if (aligned_vec4(x) && aligned_vec4(y) && rows_start_groups)
+    launch(dropout_kernel<T, true>, dim3(grid), dim3(kThreads), 0, stream, x, y, d, keep_threshold, scale, seed,
+           offset);
   else
-    launch(dropout_kernel<false>, dim3(grid), dim3(kThreads), 0, stream, x, y, d, keep_threshold, scale, seed, offset);
+    launch(dropout_kernel<T, false>, dim3(grid), dim3(kThreads), 0, stream, x, y, d, keep_threshold, scale, seed,
+           offset);
 }
+
+#define CONVNET_ELEMENTWISE_INSTANTIATE(T)                                                                          \
+  template void relu_forward<T>(const T*, T*, std::int64_t, cudaStream_t);                                          \
+  template void relu_backward<T>(const T*, const T*, T*, std::int64_t, cudaStream_t);                               \
+  template void dropout_apply<T>(const T*, T*, std::int64_t, std::int64_t, std::uint64_t, std::uint64_t,            \
+                                 std::uint64_t, float, std::uint64_t, std::uint64_t, std::uint64_t, cudaStream_t);
+CONVNET_ELEMENTWISE_INSTANTIATE(float)
+CONVNET_ELEMENTWISE_INSTANTIATE(bf16)
+#undef CONVNET_ELEMENTWISE_INSTANTIATE
 
 void dropout_mask(std::uint8_t* mask, std::int64_t rows, std::int64_t cols, std::uint64_t batch, std::uint64_t first,
                   std::uint64_t keep_threshold, std::uint64_t seed, std::uint64_t offset, std::uint64_t start,

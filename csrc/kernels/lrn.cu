@@ -3,9 +3,13 @@
 // One thread per (pixel, VEC images, channel segment): it walks its segment of channels keeping the window in
 // registers (a shift register, compile-time sizes 3 and 5, AlexNet's; other sizes take a generic path that re-reads
 // the window through L1), so each input is read from memory once per segment (plus a halo of size-1 maps) and
-// every access is a coalesced 16-byte-per-thread row along the images.  Channels are split into segments only to
-// put enough threads in flight (several waves on a 132-SM H100 at AlexNet shapes); lrn_thread() below is the
-// mapping every kernel shares.
+// every access is a coalesced row along the images (16 bytes per thread for float, 8 for bf16).  Channels are split
+// into segments only to put enough threads in flight (several waves on a 132-SM H100 at AlexNet shapes);
+// lrn_thread() below is the mapping every kernel shares.
+//
+// Storage: T = float or bf16 for x, y, denom, dy and dx (every kernel is a template over it): loads convert to float,
+// all math is float, each output is rounded once to T on store. With bf16 the recompute backward works from the
+// float denom_j / y_j it recomputes, the reuse backward from the rounded ones the forward stored.
 //
 // Forward writes y, and denom when asked (the reuse backward reads it).
 // Backward, two exact variants (lrn.h):
@@ -86,8 +90,8 @@ __device__ __forceinline__ float ring_adjoint_sum(const VecF<VEC> (&ring)[SIZE],
 }
 
 // Forward, SIZE = 3 or 5: ring win holds x over the window of the current centre c, shifted by one map per step.
-template <int VEC, int SIZE>
-__global__ void lrn_fwd_kernel(const float* __restrict__ x, float* __restrict__ y, float* __restrict__ denom,
+template <typename T, int VEC, int SIZE>
+__global__ void lrn_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, T* __restrict__ denom,
                                LrnGeometry g, int seg) {
   constexpr int B = SIZE / 2;          // maps below the centre
   constexpr int A = (SIZE - 1) / 2;    // maps above
@@ -126,10 +130,10 @@ __global__ void lrn_fwd_kernel(const float* __restrict__ x, float* __restrict__ 
 // and dy, write dx (3 streams) instead of read x, y, denom, dy, write dx (5 streams) for the reuse variant below.
 // L walks the leading map of the reversed window (L = c + B for centre c): ring xr holds x[L-B .. L+A] (the
 // forward window of L), rings t/q hold dy_j y_j / denom_j and denom_j^-beta dy_j for j in [c-A, c+B].
-template <int VEC, int SIZE>
-__global__ void __launch_bounds__(kThreads) lrn_bwd_recompute_kernel(const float* __restrict__ x,
-                                                                     const float* __restrict__ dy,
-                                                                     float* __restrict__ dx, LrnGeometry g, int seg) {
+template <typename T, int VEC, int SIZE>
+__global__ void __launch_bounds__(kThreads) lrn_bwd_recompute_kernel(const T* __restrict__ x,
+                                                                     const T* __restrict__ dy,
+                                                                     T* __restrict__ dx, LrnGeometry g, int seg) {
   constexpr int B = SIZE / 2;
   constexpr int A = (SIZE - 1) / 2;
   LrnThread th;
@@ -180,9 +184,9 @@ __global__ void __launch_bounds__(kThreads) lrn_bwd_recompute_kernel(const float
 
 // Backward, reuse variant (reads x, y, denom, dy), SIZE = 3 or 5: rings t/q hold dy_j y_j / denom_j and
 // denom_j^-beta dy_j for j in [c-A, c+B], the maps whose window contains the centre c.
-template <int VEC, int SIZE>
-__global__ void lrn_bwd_kernel(const float* __restrict__ x, const float* __restrict__ y,
-                               const float* __restrict__ denom, const float* __restrict__ dy, float* __restrict__ dx,
+template <typename T, int VEC, int SIZE>
+__global__ void lrn_bwd_kernel(const T* __restrict__ x, const T* __restrict__ y,
+                               const T* __restrict__ denom, const T* __restrict__ dy, T* __restrict__ dx,
                                LrnGeometry g, int seg) {
   constexpr int A = (SIZE - 1) / 2;    // reversed window: maps j in [c - A, c + B] contain c in their window
   constexpr int B = SIZE / 2;
@@ -229,8 +233,8 @@ __global__ void lrn_bwd_kernel(const float* __restrict__ x, const float* __restr
 // Sum of squares over map c's window, in the forward's order (centre, then below, then above). Both the forward
 // and the recomputing backward call this, so the backward's denom is bit-identical to the forward's by
 // construction. Also returns x at map c.
-template <int VEC>
-__device__ __forceinline__ VecF<VEC> window_sum_sq(const float* __restrict__ x, size_t cs, size_t base, int c,
+template <int VEC, typename T>
+__device__ __forceinline__ VecF<VEC> window_sum_sq(const T* __restrict__ x, size_t cs, size_t base, int c,
                                                    const LrnGeometry& g, VecF<VEC>& xc) {
   const int B = g.size / 2, A = (g.size - 1) / 2;
   xc = vload<VEC>(x + c * cs + base);
@@ -271,8 +275,8 @@ __device__ __forceinline__ VecF<VEC> adjoint_window_sum(int c, const LrnGeometry
 }
 
 // Forward, any size.
-template <int VEC>
-__global__ void lrn_fwd_generic(const float* __restrict__ x, float* __restrict__ y, float* __restrict__ denom,
+template <typename T, int VEC>
+__global__ void lrn_fwd_generic(const T* __restrict__ x, T* __restrict__ y, T* __restrict__ denom,
                                 LrnGeometry g, int seg) {
   LrnThread th;
   if (!lrn_thread<VEC>(g, seg, th)) return;
@@ -294,9 +298,9 @@ __global__ void lrn_fwd_generic(const float* __restrict__ x, float* __restrict__
 
 // Generic-size backward, recompute variant (x and dy only): recomputes denom_j over each map's window
 // (O(size^2) L1-resident reads).
-template <int VEC>
-__global__ void lrn_bwd_recompute_generic(const float* __restrict__ x, const float* __restrict__ dy,
-                                          float* __restrict__ dx, LrnGeometry g, int seg) {
+template <typename T, int VEC>
+__global__ void lrn_bwd_recompute_generic(const T* __restrict__ x, const T* __restrict__ dy,
+                                          T* __restrict__ dx, LrnGeometry g, int seg) {
   LrnThread th;
   if (!lrn_thread<VEC>(g, seg, th)) return;
   const int c0 = th.c0, c1 = th.c1;
@@ -328,9 +332,9 @@ __global__ void lrn_bwd_recompute_generic(const float* __restrict__ x, const flo
 }
 
 // Generic-size backward, reuse variant: reads y and denom of every map of the reversed window.
-template <int VEC>
-__global__ void lrn_bwd_generic(const float* __restrict__ x, const float* __restrict__ y,
-                                const float* __restrict__ denom, const float* __restrict__ dy, float* __restrict__ dx,
+template <typename T, int VEC>
+__global__ void lrn_bwd_generic(const T* __restrict__ x, const T* __restrict__ y,
+                                const T* __restrict__ denom, const T* __restrict__ dy, T* __restrict__ dx,
                                 LrnGeometry g, int seg) {
   LrnThread th;
   if (!lrn_thread<VEC>(g, seg, th)) return;
@@ -366,31 +370,31 @@ int segment_length(const LrnGeometry& g, int vec) {
   return static_cast<int>((g.C + nseg - 1) / nseg);
 }
 
-template <int VEC>
-void fwd_dispatch(const float* x, float* y, float* d, const LrnGeometry& g, cudaStream_t s) {
+template <typename T, int VEC>
+void fwd_dispatch(const T* x, T* y, T* d, const LrnGeometry& g, cudaStream_t s) {
   const int seg = segment_length(g, VEC);
   const unsigned items = static_cast<unsigned>(g.P) * (g.N / VEC);
   const dim3 grid(ceil_div(items, kThreads) * ceil_div(g.C, seg)), block(kThreads);
-  if (g.size == 5) launch(lrn_fwd_kernel<VEC, 5>, grid, block, 0, s, x, y, d, g, seg);
-  else if (g.size == 3) launch(lrn_fwd_kernel<VEC, 3>, grid, block, 0, s, x, y, d, g, seg);
-  else launch(lrn_fwd_generic<VEC>, grid, block, 0, s, x, y, d, g, seg);
+  if (g.size == 5) launch(lrn_fwd_kernel<T, VEC, 5>, grid, block, 0, s, x, y, d, g, seg);
+  else if (g.size == 3) launch(lrn_fwd_kernel<T, VEC, 3>, grid, block, 0, s, x, y, d, g, seg);
+  else launch(lrn_fwd_generic<T, VEC>, grid, block, 0, s, x, y, d, g, seg);
 }
 
-template <int VEC>
-void bwd_dispatch(const float* x, const float* y, const float* d, const float* dy, float* dx, const LrnGeometry& g,
+template <typename T, int VEC>
+void bwd_dispatch(const T* x, const T* y, const T* d, const T* dy, T* dx, const LrnGeometry& g,
                   bool reuse, cudaStream_t s) {
   const int seg = segment_length(g, VEC);
   const unsigned items = static_cast<unsigned>(g.P) * (g.N / VEC);
   const dim3 grid(ceil_div(items, kThreads) * ceil_div(g.C, seg)), block(kThreads);
   if (!reuse) {
-    if (g.size == 5) launch(lrn_bwd_recompute_kernel<VEC, 5>, grid, block, 0, s, x, dy, dx, g, seg);
-    else if (g.size == 3) launch(lrn_bwd_recompute_kernel<VEC, 3>, grid, block, 0, s, x, dy, dx, g, seg);
-    else launch(lrn_bwd_recompute_generic<VEC>, grid, block, 0, s, x, dy, dx, g, seg);
+    if (g.size == 5) launch(lrn_bwd_recompute_kernel<T, VEC, 5>, grid, block, 0, s, x, dy, dx, g, seg);
+    else if (g.size == 3) launch(lrn_bwd_recompute_kernel<T, VEC, 3>, grid, block, 0, s, x, dy, dx, g, seg);
+    else launch(lrn_bwd_recompute_generic<T, VEC>, grid, block, 0, s, x, dy, dx, g, seg);
     return;
   }
-  if (g.size == 5) launch(lrn_bwd_kernel<VEC, 5>, grid, block, 0, s, x, y, d, dy, dx, g, seg);
-  else if (g.size == 3) launch(lrn_bwd_kernel<VEC, 3>, grid, block, 0, s, x, y, d, dy, dx, g, seg);
-  else launch(lrn_bwd_generic<VEC>, grid, block, 0, s, x, y, d, dy, dx, g, seg);
+  if (g.size == 5) launch(lrn_bwd_kernel<T, VEC, 5>, grid, block, 0, s, x, y, d, dy, dx, g, seg);
+  else if (g.size == 3) launch(lrn_bwd_kernel<T, VEC, 3>, grid, block, 0, s, x, y, d, dy, dx, g, seg);
+  else launch(lrn_bwd_generic<T, VEC>, grid, block, 0, s, x, y, d, dy, dx, g, seg);
 }
 
 }  // namespace
@@ -413,23 +417,33 @@ LrnBackward lrn_backward_variant(int variant) {
   return static_cast<LrnBackward>(variant);
 }
 
-void lrn_forward(const float* x, float* y, float* denom, const LrnGeometry& gin, cudaStream_t stream) {
+template <typename T>
+void lrn_forward(const T* x, T* y, T* denom, const LrnGeometry& gin, cudaStream_t stream) {
   const LrnGeometry g = lrn_geometry(gin.C, gin.P, 1, gin.N, gin.size, gin.a, gin.beta, gin.k);
   if (!x || !y) throw std::invalid_argument("lrn_forward: null pointer");
-  const bool v4 = g.N % 4 == 0 && aligned16(x) && aligned16(y) && (!denom || aligned16(denom));
-  v4 ? fwd_dispatch<4>(x, y, denom, g, stream) : fwd_dispatch<1>(x, y, denom, g, stream);
+  const bool v4 = g.N % 4 == 0 && aligned_vec4(x) && aligned_vec4(y) && (!denom || aligned_vec4(denom));
+  v4 ? fwd_dispatch<T, 4>(x, y, denom, g, stream) : fwd_dispatch<T, 1>(x, y, denom, g, stream);
 }
 
-void lrn_backward(const float* x, const float* y, const float* denom, const float* dy, float* dx,
-                  const LrnGeometry& gin, LrnBackward variant, cudaStream_t stream) {
+template <typename T>
+void lrn_backward(const T* x, const T* y, const T* denom, const T* dy, T* dx, const LrnGeometry& gin,
+                  LrnBackward variant, cudaStream_t stream) {
   const LrnGeometry g = lrn_geometry(gin.C, gin.P, 1, gin.N, gin.size, gin.a, gin.beta, gin.k);
   const bool reuse = variant == LrnBackward::reuse;
   if (!x || !dy || !dx || (reuse && (!y || !denom)))
     throw std::invalid_argument(reuse ? "lrn_backward: null pointer (the reuse variant needs x, y, denom, dy, dx)"
                                       : "lrn_backward: null pointer (needs x, dy, dx)");
-  bool v4 = g.N % 4 == 0 && aligned16(x) && aligned16(dy) && aligned16(dx);
-  if (reuse) v4 = v4 && aligned16(y) && aligned16(denom);
-  v4 ? bwd_dispatch<4>(x, y, denom, dy, dx, g, reuse, stream) : bwd_dispatch<1>(x, y, denom, dy, dx, g, reuse, stream);
+  bool v4 = g.N % 4 == 0 && aligned_vec4(x) && aligned_vec4(dy) && aligned_vec4(dx);
+  if (reuse) v4 = v4 && aligned_vec4(y) && aligned_vec4(denom);
+  v4 ? bwd_dispatch<T, 4>(x, y, denom, dy, dx, g, reuse, stream)
+     : bwd_dispatch<T, 1>(x, y, denom, dy, dx, g, reuse, stream);
 }
+
+template void lrn_forward<float>(const float*, float*, float*, const LrnGeometry&, cudaStream_t);
+template void lrn_forward<bf16>(const bf16*, bf16*, bf16*, const LrnGeometry&, cudaStream_t);
+template void lrn_backward<float>(const float*, const float*, const float*, const float*, float*, const LrnGeometry&,
+                                  LrnBackward, cudaStream_t);
+template void lrn_backward<bf16>(const bf16*, const bf16*, const bf16*, const bf16*, bf16*, const LrnGeometry&,
+                                 LrnBackward, cudaStream_t);
 
 }  // namespace convnet

@@ -19,8 +19,11 @@ struct LrnGeometry {
 
 LrnGeometry lrn_geometry(int C, int H, int W, int N, int size, float a, float beta, float k);  // validates
 
+// T: the storage type of every tensor argument, float or bf16 (cuda_compat.h): math in float, each output rounded
+// once to T. Both launchers are instantiated for both.
 // denom may be null: then only y is written (2 memory streams instead of 3).
-void lrn_forward(const float* x, float* y, float* denom, const LrnGeometry& g, cudaStream_t stream);
+template <typename T>
+void lrn_forward(const T* x, T* y, T* denom, const LrnGeometry& g, cudaStream_t stream);
 
 // The method= of convnet.ops.lrn_backward.
 enum class LrnBackward : int {
@@ -32,7 +35,8 @@ enum class LrnBackward : int {
 };
 // Python passes the variant as an int (src/convnet/ops/lrn.py: 0 recompute, 1 reuse); else std::invalid_argument.
 LrnBackward lrn_backward_variant(int variant);
-void lrn_backward(const float* x, const float* y, const float* denom, const float* dy, float* dx, const LrnGeometry& g,
+template <typename T>
+void lrn_backward(const T* x, const T* y, const T* denom, const T* dy, T* dx, const LrnGeometry& g,
                   LrnBackward variant, cudaStream_t stream);
 
 }  // namespace convnet

@@ -1,8 +1,11 @@
 // Max / average pooling, CHWN (images fastest). See pool.h and src/convnet/reference/pool.py for the conventions.
+// Storage: T = float or bf16 (every kernel is a template over it): loads convert to float, the window's max/sum and
+// the backward's accumulation run in float, and each output is rounded once to T on store.
 //
 // Forward: one thread per (c, oh, ow, VEC images); a warp covers 32*VEC consecutive images of one output pixel, so
-// every load/store is a coalesced 128- (VEC=1) or 512-byte (VEC=4) row.  Overlapping windows re-read inputs
-// through L1/L2 (each input is fetched from DRAM about once; consecutive blocks walk neighbouring pixels).
+// every load/store is a coalesced row of 32*VEC elements (VEC=4: one 16-byte float4 or 8-byte bf16x4 per thread).
+// Overlapping windows re-read inputs through L1/L2 (each input is fetched from DRAM about once; consecutive blocks
+// walk neighbouring pixels).
 // Common windows (3x3, 2x2) are template-unrolled so all window loads are in flight before the first max.
 // Max 3x3/2 (AlexNet) takes a strip kernel that also reuses the shared window rows in registers (see below).
 //
@@ -26,8 +29,8 @@ constexpr long long kMaxBlocks = 1 << 20;  // grid-stride loops cover the rest
 // max that propagates NaN (as NumPy's maximum, the reference, does): a NaN in a window makes its output NaN.
 __device__ __forceinline__ float max_nan(float acc, float v) { return (v > acc || v != v) ? v : acc; }
 
-template <PoolMode MODE, int VEC, int WH, int WW>
-__global__ void pool_fwd_kernel(const float* __restrict__ x, float* __restrict__ y, PoolGeometry g) {
+template <typename T, PoolMode MODE, int VEC, int WH, int WW>
+__global__ void pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, PoolGeometry g) {
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
   const unsigned total = static_cast<unsigned>(g.C) * g.OH * g.OW * NV;
   const int wh = WH ? WH : g.window_h;
@@ -39,7 +42,7 @@ __global__ void pool_fwd_kernel(const float* __restrict__ x, float* __restrict__
     const int oh = t % g.OH;
     const unsigned c = t / g.OH;
     const int h0 = oh * g.stride_h - g.pad_h, w0 = ow * g.stride_w - g.pad_w;
-    const float* xc = x + static_cast<size_t>(c) * g.H * g.W * g.N + nv * VEC;
+    const T* xc = x + static_cast<size_t>(c) * g.H * g.W * g.N + nv * VEC;
     VecF<VEC> acc = vfill<VEC>(MODE == PoolMode::max ? -INFINITY : 0.0f);
 #pragma unroll
     for (int dh = 0; dh < wh; ++dh) {
@@ -66,15 +69,15 @@ __global__ void pool_fwd_kernel(const float* __restrict__ x, float* __restrict__
   }
 }
 
-// Max pooling with overlapping rows (3x3/2, AlexNet): a thread walks a strip of T output rows of one output column,
-// keeping the window's per-row maxima in registers, so the rows shared by vertically adjacent windows are loaded
-// once: (T*SH + WH - SH) * WW loads per T outputs instead of T*WH*WW (3x3/2, T=4: 27 instead of 36; the
+// Max pooling with overlapping rows (3x3/2, AlexNet): a thread walks a strip of R = `rows` output rows of one output
+// column, keeping the window's per-row maxima in registers, so the rows shared by vertically adjacent windows are
+// loaded once: (R*SH + WH - SH) * WW loads per R outputs instead of R*WH*WW (3x3/2, R=4: 27 instead of 36; the
 // horizontal overlap is served by L1, since a block holds 8 adjacent output columns of the same rows).
-template <int VEC, int WH, int WW, int SH, int SW>
-__global__ void pool_fwd_max_strip_kernel(const float* __restrict__ x, float* __restrict__ y, PoolGeometry g, int T) {
+template <typename T, int VEC, int WH, int WW, int SH, int SW>
+__global__ void pool_fwd_max_strip_kernel(const T* __restrict__ x, T* __restrict__ y, PoolGeometry g, int rows) {
   static_assert(SH < WH, "the strip kernel is for overlapping windows");
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
-  const unsigned strips = (g.OH + T - 1) / T;
+  const unsigned strips = (g.OH + rows - 1) / rows;
   const unsigned total = static_cast<unsigned>(g.C) * strips * g.OW * NV;
   for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
     const unsigned nv = i % NV;
@@ -82,10 +85,10 @@ __global__ void pool_fwd_max_strip_kernel(const float* __restrict__ x, float* __
     const int ow = t % g.OW; t /= g.OW;
     const int strip = t % strips;
     const unsigned c = t / strips;
-    const int oh0 = strip * T, oh1 = min(g.OH, oh0 + T);
+    const int oh0 = strip * rows, oh1 = min(g.OH, oh0 + rows);
     const int w0 = ow * SW - g.pad_w;
-    const float* xc = x + static_cast<size_t>(c) * g.H * g.W * g.N + nv * VEC;
-    float* yc = y + (static_cast<size_t>(c) * g.OH * g.OW + ow) * g.N + nv * VEC;
+    const T* xc = x + static_cast<size_t>(c) * g.H * g.W * g.N + nv * VEC;
+    T* yc = y + (static_cast<size_t>(c) * g.OH * g.OW + ow) * g.N + nv * VEC;
     auto rowmax = [&](int h) {
       VecF<VEC> acc = vfill<VEC>(-INFINITY);
       if (h >= 0 && h < g.H) {
@@ -121,9 +124,9 @@ __global__ void pool_fwd_max_strip_kernel(const float* __restrict__ x, float* __
   }
 }
 
-template <PoolMode MODE, int VEC>
-__global__ void pool_bwd_kernel(const float* __restrict__ x, const float* __restrict__ y,
-                                const float* __restrict__ dy, float* __restrict__ dx, PoolGeometry g) {
+template <typename T, PoolMode MODE, int VEC>
+__global__ void pool_bwd_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ dy,
+                                T* __restrict__ dx, PoolGeometry g) {
   const unsigned NV = static_cast<unsigned>(g.N) / VEC;
   const unsigned total = static_cast<unsigned>(g.C) * g.H * g.W * NV;
   for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
@@ -176,25 +179,25 @@ int strip_rows(const PoolGeometry& g, int vec) {
   return static_cast<int>(T);
 }
 
-template <PoolMode MODE, int VEC>
-void fwd_dispatch(const float* x, float* y, const PoolGeometry& g, cudaStream_t s) {
+template <typename T, PoolMode MODE, int VEC>
+void fwd_dispatch(const T* x, T* y, const PoolGeometry& g, cudaStream_t s) {
   const long long items = static_cast<long long>(g.C) * g.OH * g.OW * (g.N / VEC);
   const dim3 grid(grid_for(items, kThreads, kMaxBlocks)), block(kThreads);
   const bool w3 = g.window_h == 3 && g.window_w == 3, w2 = g.window_h == 2 && g.window_w == 2;
   if (MODE == PoolMode::max && w3 && g.stride_h == 2 && g.stride_w == 2 && g.OH > 1) {
-    const int T = strip_rows(g, VEC);
-    const long long threads = 1ll * g.C * ((g.OH + T - 1) / T) * g.OW * (g.N / VEC);
-    launch(pool_fwd_max_strip_kernel<VEC, 3, 3, 2, 2>, dim3(grid_for(threads, kThreads, kMaxBlocks)), block, 0, s,
-           x, y, g, T);
-  } else if (w3) launch(pool_fwd_kernel<MODE, VEC, 3, 3>, grid, block, 0, s, x, y, g);
-  else if (w2) launch(pool_fwd_kernel<MODE, VEC, 2, 2>, grid, block, 0, s, x, y, g);
-  else launch(pool_fwd_kernel<MODE, VEC, 0, 0>, grid, block, 0, s, x, y, g);
+    const int rows = strip_rows(g, VEC);
+    const long long threads = 1ll * g.C * ((g.OH + rows - 1) / rows) * g.OW * (g.N / VEC);
+    launch(pool_fwd_max_strip_kernel<T, VEC, 3, 3, 2, 2>, dim3(grid_for(threads, kThreads, kMaxBlocks)), block, 0, s,
+           x, y, g, rows);
+  } else if (w3) launch(pool_fwd_kernel<T, MODE, VEC, 3, 3>, grid, block, 0, s, x, y, g);
+  else if (w2) launch(pool_fwd_kernel<T, MODE, VEC, 2, 2>, grid, block, 0, s, x, y, g);
+  else launch(pool_fwd_kernel<T, MODE, VEC, 0, 0>, grid, block, 0, s, x, y, g);
 }
 
-template <PoolMode MODE, int VEC>
-void bwd_dispatch(const float* x, const float* y, const float* dy, float* dx, const PoolGeometry& g, cudaStream_t s) {
+template <typename T, PoolMode MODE, int VEC>
+void bwd_dispatch(const T* x, const T* y, const T* dy, T* dx, const PoolGeometry& g, cudaStream_t s) {
   const long long items = static_cast<long long>(g.C) * g.H * g.W * (g.N / VEC);
-  launch(pool_bwd_kernel<MODE, VEC>, dim3(grid_for(items, kThreads, kMaxBlocks)), dim3(kThreads), 0, s, x, y, dy, dx,
+  launch(pool_bwd_kernel<T, MODE, VEC>, dim3(grid_for(items, kThreads, kMaxBlocks)), dim3(kThreads), 0, s, x, y, dy, dx,
          g);
 }
 
@@ -232,29 +235,38 @@ PoolGeometry pool_geometry(int C, int H, int W, int N, int window_h, int window_
   return g;
 }
 
-void pool_forward(const float* x, float* y, const PoolGeometry& gin, PoolMode mode, cudaStream_t stream) {
+template <typename T>
+void pool_forward(const T* x, T* y, const PoolGeometry& gin, PoolMode mode, cudaStream_t stream) {
   const PoolGeometry g = recheck(gin, "pool_forward");
   if (!x || !y) throw std::invalid_argument("pool_forward: null pointer");
-  const bool v4 = g.N % 4 == 0 && aligned16(x) && aligned16(y);
+  const bool v4 = g.N % 4 == 0 && aligned_vec4(x) && aligned_vec4(y);
   if (mode == PoolMode::max)
-    v4 ? fwd_dispatch<PoolMode::max, 4>(x, y, g, stream) : fwd_dispatch<PoolMode::max, 1>(x, y, g, stream);
+    v4 ? fwd_dispatch<T, PoolMode::max, 4>(x, y, g, stream) : fwd_dispatch<T, PoolMode::max, 1>(x, y, g, stream);
   else
-    v4 ? fwd_dispatch<PoolMode::avg, 4>(x, y, g, stream) : fwd_dispatch<PoolMode::avg, 1>(x, y, g, stream);
+    v4 ? fwd_dispatch<T, PoolMode::avg, 4>(x, y, g, stream) : fwd_dispatch<T, PoolMode::avg, 1>(x, y, g, stream);
 }
 
-void pool_backward(const float* x, const float* y, const float* dy, float* dx, const PoolGeometry& gin, PoolMode mode,
+template <typename T>
+void pool_backward(const T* x, const T* y, const T* dy, T* dx, const PoolGeometry& gin, PoolMode mode,
                    cudaStream_t stream) {
   const PoolGeometry g = recheck(gin, "pool_backward");
   if (!dy || !dx || (mode == PoolMode::max && (!x || !y))) throw std::invalid_argument("pool_backward: null pointer");
-  bool v4 = g.N % 4 == 0 && aligned16(dy) && aligned16(dx);
+  bool v4 = g.N % 4 == 0 && aligned_vec4(dy) && aligned_vec4(dx);
   if (mode == PoolMode::max) {
-    v4 = v4 && aligned16(x) && aligned16(y);
-    v4 ? bwd_dispatch<PoolMode::max, 4>(x, y, dy, dx, g, stream)
-       : bwd_dispatch<PoolMode::max, 1>(x, y, dy, dx, g, stream);
+    v4 = v4 && aligned_vec4(x) && aligned_vec4(y);
+    v4 ? bwd_dispatch<T, PoolMode::max, 4>(x, y, dy, dx, g, stream)
+       : bwd_dispatch<T, PoolMode::max, 1>(x, y, dy, dx, g, stream);
   } else {
-    v4 ? bwd_dispatch<PoolMode::avg, 4>(x, y, dy, dx, g, stream)
-       : bwd_dispatch<PoolMode::avg, 1>(x, y, dy, dx, g, stream);
+    v4 ? bwd_dispatch<T, PoolMode::avg, 4>(x, y, dy, dx, g, stream)
+       : bwd_dispatch<T, PoolMode::avg, 1>(x, y, dy, dx, g, stream);
   }
 }
+
+template void pool_forward<float>(const float*, float*, const PoolGeometry&, PoolMode, cudaStream_t);
+template void pool_forward<bf16>(const bf16*, bf16*, const PoolGeometry&, PoolMode, cudaStream_t);
+template void pool_backward<float>(const float*, const float*, const float*, float*, const PoolGeometry&, PoolMode,
+                                   cudaStream_t);
+template void pool_backward<bf16>(const bf16*, const bf16*, const bf16*, bf16*, const PoolGeometry&, PoolMode,
+                                  cudaStream_t);
 
 }  // namespace convnet

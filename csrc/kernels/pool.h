@@ -23,9 +23,13 @@ struct PoolGeometry {
 PoolGeometry pool_geometry(int C, int H, int W, int N, int window_h, int window_w, int stride_h, int stride_w,
                            int pad_h, int pad_w);
 
-void pool_forward(const float* x, float* y, const PoolGeometry& g, PoolMode mode, cudaStream_t stream);
+// T: the storage type, float or bf16 (cuda_compat.h); math in float, each output rounded once to T. Instantiated
+// for both.
+template <typename T>
+void pool_forward(const T* x, T* y, const PoolGeometry& g, PoolMode mode, cudaStream_t stream);
 // dx is fully written (not accumulated).  y is only read for PoolMode::max (may be null for avg).
-void pool_backward(const float* x, const float* y, const float* dy, float* dx, const PoolGeometry& g, PoolMode mode,
+template <typename T>
+void pool_backward(const T* x, const T* y, const T* dy, T* dx, const PoolGeometry& g, PoolMode mode,
                    cudaStream_t stream);
 
 }  // namespace convnet

@@ -6,6 +6,8 @@
 // shared memory (fixed tree order: deterministic, schedule-independent).  Three passes over the logits (max, sum,
 // write): the logits of a block (K x 32 floats, 128 KB for K = 1000) stay in L1/L2 between passes.
 // The batch loss is summed by a second single-block kernel in a fixed order (no float atomics), in double.
+// Storage: logits, probs and dlogits are float32 or bfloat16 (template parameter T; math in float, one rounding on
+// store); the per-image and summed losses are float32 in both. Top-k reads float32 scores.
 #include "cuda_compat.h"
 #include "kernels/softmax.h"
 
@@ -20,9 +22,12 @@ constexpr int kLanes = 16;
 
 __device__ __forceinline__ bool valid_label(int lab, int K) { return lab >= 0 && lab < K; }
 
-__global__ void softmax_xent_kernel(const float* __restrict__ logits, const int* __restrict__ labels,
-                                    float* __restrict__ probs, float* __restrict__ dlogits,
-                                    float* __restrict__ loss, int* __restrict__ bad_labels, int K, int N) {
+// T: the storage type of logits, probs and dlogits (float or bf16): every load converts to float, the math runs in
+// float and probs/dlogits are rounded once to T on store; the per-image loss is float in both.
+template <typename T>
+__global__ void softmax_xent_kernel(const T* __restrict__ logits, const int* __restrict__ labels,
+                                    T* __restrict__ probs, T* __restrict__ dlogits, float* __restrict__ loss,
+                                    int* __restrict__ bad_labels, int K, int N) {
   SHARED(float, red, [kLanes][kImgs + 1]);
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int n = blockIdx.x * kImgs + tx;
@@ -30,7 +35,7 @@ __global__ void softmax_xent_kernel(const float* __restrict__ logits, const int*
   // pass 1: max
   float m = -INFINITY;
   if (active)
-    for (int c = ty; c < K; c += kLanes) m = fmaxf(m, logits[static_cast<size_t>(c) * N + n]);
+    for (int c = ty; c < K; c += kLanes) m = fmaxf(m, to_float(logits[static_cast<size_t>(c) * N + n]));
   red[ty][tx] = m;
   __syncthreads();
   for (int s = kLanes / 2; s > 0; s >>= 1) {
@@ -42,7 +47,7 @@ __global__ void softmax_xent_kernel(const float* __restrict__ logits, const int*
   // pass 2: sum of exp(l - m)
   float sum = 0.0f;
   if (active)
-    for (int c = ty; c < K; c += kLanes) sum += expf(logits[static_cast<size_t>(c) * N + n] - m);
+    for (int c = ty; c < K; c += kLanes) sum += expf(to_float(logits[static_cast<size_t>(c) * N + n]) - m);
   red[ty][tx] = sum;
   __syncthreads();
   for (int s = kLanes / 2; s > 0; s >>= 1) {
@@ -57,11 +62,11 @@ __global__ void softmax_xent_kernel(const float* __restrict__ logits, const int*
   // pass 3: probabilities and the fused gradient
   for (int c = ty; c < K; c += kLanes) {
     const size_t o = static_cast<size_t>(c) * N + n;
-    const float p = expf(logits[o] - m) / sum;
-    if (probs) probs[o] = p;
-    if (dlogits) dlogits[o] = (ok && c == lab) ? p - 1.0f : p;
+    const float p = expf(to_float(logits[o]) - m) / sum;
+    if (probs) probs[o] = from_float<T>(p);
+    if (dlogits) dlogits[o] = from_float<T>((ok && c == lab) ? p - 1.0f : p);
   }
-  if (ty == 0 && loss) loss[n] = ok ? logf(sum) - (logits[static_cast<size_t>(lab) * N + n] - m) : NAN;
+  if (ty == 0 && loss) loss[n] = ok ? logf(sum) - (to_float(logits[static_cast<size_t>(lab) * N + n]) - m) : NAN;
   // An out-of-range label is counted (integer atomics: the count is exact whatever the order) so the host can raise
   // at its next synchronisation point instead of training on a NaN loss.
   if (ty == 0 && labels && !ok && bad_labels) atomicAdd(bad_labels, 1);
@@ -132,24 +137,33 @@ void check_kn(int K, int N, const char* who) {
 
 }  // namespace
 
-void softmax_cross_entropy(const float* logits, const int* labels, float* probs, float* dlogits,
-                           float* loss_per_image, float* loss_sum, int* bad_labels, int K, int N,
-                           cudaStream_t stream) {
+template <typename T>
+void softmax_cross_entropy(const T* logits, const int* labels, T* probs, T* dlogits, float* loss_per_image,
+                           float* loss_sum, int* bad_labels, int K, int N, cudaStream_t stream) {
   check_kn(K, N, "softmax_cross_entropy");
   if (!logits || !labels || !loss_per_image || !loss_sum)
     throw std::invalid_argument("softmax_cross_entropy: null pointer");
-  launch(softmax_xent_kernel, dim3(ceil_div(N, kImgs)), dim3(kImgs, kLanes), 0, stream, logits, labels, probs, dlogits,
-         loss_per_image, bad_labels, K, N);
+  launch(softmax_xent_kernel<T>, dim3(ceil_div(N, kImgs)), dim3(kImgs, kLanes), 0, stream, logits, labels, probs,
+         dlogits, loss_per_image, bad_labels, K, N);
   launch(sum_kernel, dim3(1), dim3(kSumThreads), 0, stream, loss_per_image, loss_sum, N);
 }
 
-void softmax_forward(const float* logits, float* probs, int K, int N, cudaStream_t stream) {
+template <typename T>
+void softmax_forward(const T* logits, T* probs, int K, int N, cudaStream_t stream) {
   check_kn(K, N, "softmax_forward");
   if (!logits || !probs) throw std::invalid_argument("softmax_forward: null pointer");
-  launch(softmax_xent_kernel, dim3(ceil_div(N, kImgs)), dim3(kImgs, kLanes), 0, stream, logits,
-         static_cast<const int*>(nullptr), probs, static_cast<float*>(nullptr), static_cast<float*>(nullptr),
+  launch(softmax_xent_kernel<T>, dim3(ceil_div(N, kImgs)), dim3(kImgs, kLanes), 0, stream, logits,
+         static_cast<const int*>(nullptr), probs, static_cast<T*>(nullptr), static_cast<float*>(nullptr),
          static_cast<int*>(nullptr), K, N);
 }
+
+#define CONVNET_SOFTMAX_INSTANTIATE(T)                                                                    \
+  template void softmax_cross_entropy<T>(const T*, const int*, T*, T*, float*, float*, int*, int, int,   \
+                                         cudaStream_t);                                                   \
+  template void softmax_forward<T>(const T*, T*, int, int, cudaStream_t);
+CONVNET_SOFTMAX_INSTANTIATE(float)
+CONVNET_SOFTMAX_INSTANTIATE(bf16)
+#undef CONVNET_SOFTMAX_INSTANTIATE
 
 void topk_errors(const float* scores, const int* labels, int* errors, const TopKList& ks, int K, int N,
                  cudaStream_t stream) {

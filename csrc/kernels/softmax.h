@@ -20,14 +20,17 @@ struct TopKList {
   int ks[kMaxTopK];
 };
 
+// T: the storage type of logits, probs and dlogits, float or bf16 (cuda_compat.h): math in float, probs and dlogits
+// rounded once to T; the losses are float32 whatever T is. Instantiated for both.
 // loss_per_image: (N,) scratch/output; loss_sum: one float. probs and dlogits: (K, N); either may be null.
 // bad_labels: one int the kernel adds the number of labels outside [0, K) to (atomically; not zeroed), or null.
-void softmax_cross_entropy(const float* logits, const int* labels, float* probs, float* dlogits,
-                           float* loss_per_image, float* loss_sum, int* bad_labels, int K, int N,
-                           cudaStream_t stream);
+template <typename T>
+void softmax_cross_entropy(const T* logits, const int* labels, T* probs, T* dlogits, float* loss_per_image,
+                           float* loss_sum, int* bad_labels, int K, int N, cudaStream_t stream);
 
 // probs = softmax(logits) over classes only (the same kernel and arithmetic as softmax_cross_entropy's probs).
-void softmax_forward(const float* logits, float* probs, int K, int N, cudaStream_t stream);
+template <typename T>
+void softmax_forward(const T* logits, T* probs, int K, int N, cudaStream_t stream);
 
 // errors: `ks.count` ints, zeroed by the launcher (asynchronously) then accumulated.
 void topk_errors(const float* scores, const int* labels, int* errors, const TopKList& ks, int K, int N,

@@ -2,9 +2,13 @@
 (``convnet.reference``) except where a training step spends its time, where ``FAST_FUNCTIONS`` names the faster
 version (``convnet.cpu``: its own GEMM around compiled host loops, ``convnet._cpu``). Checked against the reference
 like the compiled kernels (every op test's device list, tests/test_cpu.py). float32, like the kernels (float64 is the
-numpy device's, which stays the plain reference).
+numpy device's, which stays the plain reference). The ops with a bfloat16 storage variant (pooling, LRN, ReLU,
+dropout, softmax) accept bfloat16 arrays here too: the compiled loops are float32 only, so those calls run the
+reference (float32 math on the upcast values, one rounding: ``convnet.reference.storage``), correct but slower.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -17,6 +21,17 @@ from convnet.cpu import sgd as fast_sgd
 from convnet.devices.backend_numpy import NumpyDevice
 from convnet.extensions import load_extension
 from convnet.reference import conv, elementwise, pool, sgd
+from convnet.reference.storage import is_bf16, is_bf16_storage
+
+
+def _float32_loops(fast, reference):
+    """``fast`` (float32 compiled loops) for a reference with a bfloat16 storage variant: a call with a bfloat16 array
+    runs the reference instead."""
+    @functools.wraps(fast)
+    def run(*args, **kwargs):
+        return (reference if any(is_bf16(a) for a in (*args, *kwargs.values())) else fast)(*args, **kwargs)
+    return run
+
 
 # Reference function -> the cpu device's version (same signature and results); other ops run the reference itself.
 FAST_FUNCTIONS = {
@@ -32,6 +47,8 @@ FAST_FUNCTIONS = {
     pool.pool_backward: fast_pool.pool_backward,
     sgd.sgd_update: fast_sgd.sgd_update,
 }
+FAST_FUNCTIONS = {reference: _float32_loops(fast, reference) if is_bf16_storage(reference) else fast
+                  for reference, fast in FAST_FUNCTIONS.items()}
 
 
 class CpuDevice(NumpyDevice):

@@ -7,18 +7,25 @@ from __future__ import annotations
 
 import numbers
 
-import ml_dtypes
 import numpy as np
 
 from convnet.devices import Device, get_device
-
-#: The dtype bfloat16 activations are stored in, on the host (NumPy) and on the GPU (CuPy accepts ml_dtypes' dtype).
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+from convnet.reference.storage import BFLOAT16
 
 
 def storage_dtypes(device: Device) -> tuple:
     """The dtypes an op with bfloat16 storage variants accepts on ``device``: its float dtypes and bfloat16."""
     return device.dtypes + (BFLOAT16,)
+
+
+#: Binding-name suffix of each storage dtype of the kernels with a bfloat16 variant (``relu_forward`` and
+#: ``relu_forward_bf16``); the C++ twin is csrc/bindings/common.h's for_each_storage.
+_STORAGE_SUFFIX = {np.dtype(np.float32): "", BFLOAT16: "_bf16"}
+
+
+def storage_kernel(name: str, dtype) -> str:
+    """The binding that runs kernel ``name`` on arrays of ``dtype`` (float32 or bfloat16)."""
+    return name + _STORAGE_SUFFIX[np.dtype(dtype)]
 
 
 def as_device(device) -> Device:

@@ -11,6 +11,10 @@ the larger tensor's mask. ``batch=(global_n, first)`` says the tensor (..., N), 
 flattened) draws stream elements start + r * global_n + first + [0, N), its images' part of the whole batch's mask,
 so the ranks together draw exactly the single-process masks. Without it (or with ``(N, 0)``) element i is stream
 element start + i, as before.
+
+Storage: float32 (float64 on the numpy device) or bfloat16 (``convnet.ops._checks.BFLOAT16``): ReLU and dropout on
+bfloat16 arrays compute in float32 and round each result once to bfloat16 (``convnet.reference.storage``); a call's
+arrays (and ``out``) share one dtype, else TypeError.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import numbers
 
 import numpy as np
 
-from convnet.ops._checks import as_device, check_array, check_same_dtype, scalar, uint64
+from convnet.ops._checks import (as_device, check_array, check_same_dtype, scalar, storage_dtypes, storage_kernel,
+                                 uint64)
 from convnet.ops._dispatch import Output, launch, produce
 from convnet.reference import elementwise as ref
 
@@ -27,21 +32,22 @@ from convnet.reference import elementwise as ref
 def relu_forward(device, x, out=None, stream=None):
     """y = max(x, 0) (NaN -> 0). ``out`` may be ``x`` (in place), but not partially overlap it."""
     dev = as_device(device)
-    check_array("x", x, dev)
+    check_array("x", x, dev, dtypes=storage_dtypes(dev))
     return produce(dev, Output("out", out, x.shape, x.dtype), inputs=dict(x=x), elementwise=True, stream=stream,
                    reference=lambda: dev.host_function(ref.relu_forward)(x),
-                   kernel=lambda y: launch(dev, "relu_forward", x, y, x.size, stream=stream))
+                   kernel=lambda y: launch(dev, storage_kernel("relu_forward", x.dtype), x, y, x.size, stream=stream))
 
 
 def relu_backward(device, y, dy, out=None, stream=None):
     """dx = dy where y > 0 else 0, from ReLU's *output* y. ``out`` may be ``dy``."""
     dev = as_device(device)
-    check_array("y", y, dev)
-    check_array("dy", dy, dev, shape=y.shape)
+    check_array("y", y, dev, dtypes=storage_dtypes(dev))
+    check_array("dy", dy, dev, shape=y.shape, dtypes=storage_dtypes(dev))
     check_same_dtype(y=y, dy=dy)
     return produce(dev, Output("out", out, y.shape, y.dtype), inputs=dict(y=y, dy=dy), elementwise=True,
                    stream=stream, reference=lambda: dev.host_function(ref.relu_backward)(y, dy),
-                   kernel=lambda dx: launch(dev, "relu_backward", y, dy, dx, y.size, stream=stream))
+                   kernel=lambda dx: launch(dev, storage_kernel("relu_backward", y.dtype), y, dy, dx, y.size,
+                                            stream=stream))
 
 
 def _batch(batch, shape) -> tuple[int, int]:
@@ -83,14 +89,14 @@ def _dropout_params(keep, seed, offset, start, shape, batch):
 
 
 def _dropout(dev, name, a, keep, seed, offset, start, batch, out, stream):
-    check_array(name, a, dev)
+    check_array(name, a, dev, dtypes=storage_dtypes(dev))
     keep, seed, offset, start, rows, cols, global_n, first = _dropout_params(keep, seed, offset, start, a.shape, batch)
     host_batch = None if rows == 1 else (global_n, first)
     return produce(dev, Output("out", out, a.shape, a.dtype), inputs={name: a}, elementwise=True, stream=stream,
                    reference=lambda: dev.host_function(ref.dropout_forward)(a, keep, seed, offset, start, host_batch),
-                   kernel=lambda b: launch(dev, "dropout_apply", a, b, rows, cols, global_n, first,
-                                           ref.keep_threshold(keep), float(ref.dropout_scale(keep)), seed, offset,
-                                           start, stream=stream))
+                   kernel=lambda b: launch(dev, storage_kernel("dropout_apply", a.dtype), a, b, rows, cols, global_n,
+                                           first, ref.keep_threshold(keep), float(ref.dropout_scale(keep)), seed,
+                                           offset, start, stream=stream))
 
 
 def dropout_forward(device, x, keep, seed, offset=0, start=0, batch=None, out=None, stream=None):

@@ -7,11 +7,14 @@ Conventions (identical on numpy, emu and cuda):
 * Padding is implicit and never counted: max ignores it; avg divides by the number of real inputs in the window.
 * Max-pooling ties: backward recomputes ``x == y`` (nothing is stored by the forward pass), and **every** input equal
   to its window's maximum receives that window's full gradient (cuda-convnet's rule); overlapping windows add up.
+* Storage: float32 (float64 on the numpy device) or bfloat16 (``convnet.ops._checks.BFLOAT16``): on bfloat16 the
+  math runs in float32 and each result is rounded once to bfloat16 (``convnet.reference.storage``). A call's arrays
+  (and ``out``) share one dtype, else TypeError.
 """
 from __future__ import annotations
 
 from convnet.geometry import PoolGeometry
-from convnet.ops._checks import as_device, check_array, check_same_dtype
+from convnet.ops._checks import as_device, check_array, check_same_dtype, storage_dtypes, storage_kernel
 from convnet.ops._dispatch import Output, launch, produce
 from convnet.reference import pool as ref
 
@@ -37,28 +40,28 @@ def pool_forward(device, x, *, mode="max", window=3, stride=2, padding=0, out=No
     """y[c, oh, ow, n] = max or mean of x over the window at (oh*stride - padding, ow*stride - padding)."""
     dev = as_device(device)
     mode = _mode(mode)
-    check_array("x", x, dev, ndim=4)
+    check_array("x", x, dev, ndim=4, dtypes=storage_dtypes(dev))
     g = PoolGeometry.of(x.shape, window=window, stride=stride, padding=padding)
     return produce(
         dev, Output("out", out, g.y_shape, x.dtype), inputs=dict(x=x), stream=stream,
         reference=lambda: dev.host_function(ref.pool_forward)(x, mode=mode, **_params(g)),
-        kernel=lambda y: launch(dev, "pool_forward", x, y, g, _MODES[mode], stream=stream))
+        kernel=lambda y: launch(dev, storage_kernel("pool_forward", x.dtype), x, y, g, _MODES[mode], stream=stream))
 
 
 def pool_backward(device, x, y, dy, *, mode, window, stride, padding, out=None, stream=None):
     """dx (shape of x). ``y`` (the forward output) is needed for max (ties are recomputed); for avg it may be None."""
     dev = as_device(device)
     mode = _mode(mode)
-    check_array("x", x, dev, ndim=4)
+    check_array("x", x, dev, ndim=4, dtypes=storage_dtypes(dev))
     g = PoolGeometry.of(x.shape, window=window, stride=stride, padding=padding)
-    check_array("dy", dy, dev, shape=g.y_shape)
+    check_array("dy", dy, dev, shape=g.y_shape, dtypes=storage_dtypes(dev))
     if mode == "max" or y is not None:
         if y is None:
             raise ValueError("y (the forward output) is required for max pooling's backward pass")
-        check_array("y", y, dev, shape=g.y_shape)
+        check_array("y", y, dev, shape=g.y_shape, dtypes=storage_dtypes(dev))
     check_same_dtype(x=x, y=y, dy=dy)
     return produce(
         dev, Output("out", out, x.shape, x.dtype), inputs=dict(x=x, y=y, dy=dy), stream=stream,
         reference=lambda: dev.host_function(ref.pool_backward)(x, y, dy, mode=mode, **_params(g)),
-        kernel=lambda dx: launch(dev, "pool_backward", x, y if y is not None else 0, dy, dx, g, _MODES[mode],
-                                 stream=stream))
+        kernel=lambda dx: launch(dev, storage_kernel("pool_backward", x.dtype), x, y if y is not None else 0, dy, dx,
+                                 g, _MODES[mode], stream=stream))

@@ -16,6 +16,10 @@ Layout: logits ``(classes, N)``, labels ``(N,)`` int32 in ``[0, classes)``.
   device-to-host sync every step): an out-of-range label gives a NaN loss and counts as an error, and
   ``softmax_cross_entropy`` adds the number of such labels to its ``bad_labels`` counter when given one, for the
   caller to read at a point where it synchronises anyway.
+* Storage: logits float32 (float64 on the numpy device) or, for ``softmax_forward`` and ``softmax_cross_entropy``,
+  bfloat16 (``convnet.ops._checks.BFLOAT16``): the math runs in float32 on the upcast logits; ``probs`` and
+  ``dlogits`` are bfloat16 (an activation and an activation gradient), each rounded once; the loss and its batch sum
+  stay float32 (``convnet.reference.storage``). ``topk_errors`` ranks float32 (or float64) scores.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ import numbers
 import numpy as np
 
 from convnet.geometry import INT32_MAX
-from convnet.ops._checks import as_device, check_array, check_disjoint
+from convnet.ops._checks import (BFLOAT16, as_device, check_array, check_disjoint, storage_dtypes,
+                                 storage_kernel)
 from convnet.ops._dispatch import Output, launch, produce
 from convnet.reference import softmax as ref
 
@@ -32,7 +37,7 @@ MAX_KS = 8
 
 
 def _check_logits(dev, name, logits):
-    check_array(name, logits, dev, ndim=2)
+    check_array(name, logits, dev, ndim=2, dtypes=storage_dtypes(dev))
     K, N = logits.shape
     if K < 1 or N < 1:
         raise ValueError(f"{name} must have shape (classes, N) with classes >= 1 and N >= 1, got {tuple(logits.shape)}")
@@ -59,7 +64,8 @@ def softmax_forward(device, logits, *, out=None, stream=None):
     K, N = _check_logits(dev, "logits", logits)
     return produce(dev, Output("out", out, (K, N), logits.dtype), inputs=dict(logits=logits), stream=stream,
                    reference=lambda: dev.host_function(ref.softmax)(logits),
-                   kernel=lambda probs: launch(dev, "softmax_forward", logits, probs, K, N, stream=stream))
+                   kernel=lambda probs: launch(dev, storage_kernel("softmax_forward", logits.dtype), logits, probs, K,
+                                               N, stream=stream))
 
 
 def softmax_cross_entropy(device, logits, labels, *, bad_labels=None, stream=None):
@@ -72,16 +78,17 @@ def softmax_cross_entropy(device, logits, labels, *, bad_labels=None, stream=Non
     dev = as_device(device)
     K, N = _check_inputs(dev, "logits", logits, labels, stream)
     dtype = logits.dtype
+    loss_dtype = np.dtype(np.float32) if dtype == BFLOAT16 else dtype
     if bad_labels is not None:
         check_array("bad_labels", bad_labels, dev, shape=(1,), dtypes=(np.int32,), writeable=True)
         check_disjoint(dev, "bad_labels", bad_labels, logits=logits, labels=labels)
 
     def kernel(loss, probs, dlogits):
-        per_image = dev.empty((N,), dtype, stream=stream)
-        launch(dev, "softmax_cross_entropy", logits, labels, probs, dlogits, per_image, loss,
+        per_image = dev.empty((N,), loss_dtype, stream=stream)
+        launch(dev, storage_kernel("softmax_cross_entropy", dtype), logits, labels, probs, dlogits, per_image, loss,
                bad_labels if bad_labels is not None else 0, K, N, stream=stream)
 
-    outputs = (Output("loss", None, (), dtype), Output("probs", None, (K, N), dtype),
+    outputs = (Output("loss", None, (), loss_dtype), Output("probs", None, (K, N), dtype),
                Output("dlogits", None, (K, N), dtype))
     return produce(dev, outputs, stream=stream, kernel=kernel,
                    reference=lambda: dev.host_function(ref.softmax_cross_entropy)(logits, labels))
@@ -100,6 +107,7 @@ def topk_errors(device, logits_or_probs, labels, ks=(1, 5), *, stream=None):
     """Number of images whose label is not among the top k scores, for each k in ks (a tuple of ints)."""
     dev = as_device(device)
     ks = _ks(ks)
+    check_array("logits_or_probs", logits_or_probs, dev)  # float32 (float64 on numpy) only: no bfloat16 variant
     K, N = _check_inputs(dev, "logits_or_probs", logits_or_probs, labels, stream)
     scores = logits_or_probs  # an image with a NaN or infinite score is an error for every k (reference and kernel)
     counts = produce(

@@ -1,10 +1,14 @@
-"""NumPy reference for ReLU and inverted dropout (with the Philox4x32-10 counter-based RNG)."""
+"""NumPy reference for ReLU and inverted dropout (with the Philox4x32-10 counter-based RNG).
+
+float32, float64 and bfloat16 (``convnet.reference.storage``: float32 math on the upcast values, one rounding)."""
 from __future__ import annotations
 
 import math
 import numbers
 
 import numpy as np
+
+from convnet.reference.storage import bf16_storage
 
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 _W0, _W1 = np.uint32(0x9E3779B9), np.uint32(0xBB67AE85)
@@ -72,14 +76,17 @@ def dropout_mask(shape, keep: float, seed: int, offset: int = 0, start: int = 0,
     return (bits.astype(np.uint64) < np.uint64(keep_threshold(keep))).reshape(shape)
 
 
+@bf16_storage
 def relu_forward(x):
     return np.where(x > 0, x, np.zeros((), x.dtype))  # NaN -> 0 and -0 -> +0, exactly as the kernel
 
 
+@bf16_storage
 def relu_backward(y, dy):
     return np.where(y > 0, dy, np.zeros((), dy.dtype))
 
 
+@bf16_storage
 def dropout_forward(x, keep: float, seed: int, offset: int = 0, start: int = 0, batch=None):
     mask = dropout_mask(x.shape, keep, seed, offset, start, batch)
     return np.where(mask, x * dropout_scale(keep, x.dtype), np.zeros((), x.dtype))

@@ -1,4 +1,5 @@
-"""NumPy reference for cross-map local response normalisation in CHWN layout (float32 and float64).
+"""NumPy reference for cross-map local response normalisation in CHWN layout (float32 and float64, and bfloat16
+storage: float32 math on the upcast values, each result rounded once, ``convnet.reference.storage``).
 
 For channel ``i`` of ``x`` ``(C, H, W, N)``, with window ``W(i) = [i - size//2, i - size//2 + size - 1]`` clipped to
 ``[0, C)`` (symmetric for odd sizes; for even sizes one more map below, as torch and cuda-convnet)::
@@ -21,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from convnet.geometry import lrn_scale
+from convnet.reference.storage import bf16_storage
 
 __all__ = ["lrn_scale", "lrn_forward", "lrn_backward"]
 
@@ -41,6 +43,7 @@ def _check(size):
         raise ValueError(f"size must be a positive int, got {size!r}")
 
 
+@bf16_storage
 def lrn_forward(x, *, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="sum"):
     """Returns ``(y, denom)``; ``denom`` is kept for the backward pass."""
     _check(size)
@@ -56,6 +59,7 @@ def lrn_forward(x, *, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="sum"):
     return y, denom
 
 
+@bf16_storage
 def lrn_backward(x, y, denom, dy, *, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="sum"):
     _check(size)
     a = lrn_scale(alpha, size, convention)

@@ -1,4 +1,5 @@
-"""NumPy reference for max / average pooling in CHWN layout (the oracle; float32 and float64).
+"""NumPy reference for max / average pooling in CHWN layout (the oracle; float32 and float64, and bfloat16 storage:
+float32 math on the upcast values, each result rounded once, ``convnet.reference.storage``).
 
 Layout: ``x`` is ``(C, H, W, N)``, images fastest; ``y`` is ``(C, OH, OW, N)``.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from convnet.geometry import PoolGeometry
+from convnet.reference.storage import bf16_storage
 
 __all__ = ["pool_forward", "pool_backward"]
 
@@ -44,6 +46,7 @@ def _counts(H, W, OH, OW, win, stride, pad):
     return np.outer(one(H, OH, win[0], stride[0], pad[0]), one(W, OW, win[1], stride[1], pad[1]))
 
 
+@bf16_storage
 def pool_forward(x, *, mode="max", window=3, stride=2, padding=0):
     x = np.asarray(x)
     (C, H, W, N), win, st, pad, (OH, OW) = _geometry(x.shape, window, stride, padding)
@@ -68,6 +71,7 @@ def pool_forward(x, *, mode="max", window=3, stride=2, padding=0):
     return y
 
 
+@bf16_storage
 def pool_backward(x, y, dy, *, mode="max", window=3, stride=2, padding=0):
     x = np.asarray(x)
     (C, H, W, N), win, st, pad, (OH, OW) = _geometry(x.shape, window, stride, padding)

@@ -10,14 +10,19 @@ Layout: logits ``(classes, N)``, labels ``(N,)`` integers in ``[0, classes)``.
   true class (ties count against it: when the softmax saturates, probabilities that underflowed to 0 all tie, and a
   label scored 0 must not count as inside the top k), or when any of its scores is NaN or infinite (a diverged net
   is never scored right). Works on logits or probabilities alike; ranking logits is exact.
+* bfloat16 logits (``convnet.reference.storage``): float32 math on the upcast values; ``probs`` and ``dlogits`` are
+  rounded once to bfloat16 (they are an activation and an activation gradient), the loss and its sum stay float32.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from convnet.reference.storage import bf16_storage
+
 __all__ = ["softmax", "softmax_cross_entropy", "per_image_loss", "topk_errors"]
 
 
+@bf16_storage
 def softmax(logits):
     l = np.asarray(logits)
     e = np.exp(l - l.max(axis=0, keepdims=True))
@@ -32,6 +37,7 @@ def per_image_loss(logits, labels):
     return np.log(s) - (l[labels, np.arange(n)] - m)
 
 
+@bf16_storage(rounded=(1, 2))  # probs and dlogits; the loss stays float32
 def softmax_cross_entropy(logits, labels):
     l = np.asarray(logits)
     labels = np.asarray(labels)
