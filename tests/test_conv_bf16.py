@@ -166,6 +166,20 @@ def test_a_bf16_out_is_the_float32_result_rounded_once(device, geom, dtype):
     np.testing.assert_array_equal(_bits(y16), _bits(to_bf16(to_host(y32))))
 
 
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_float32_inputs_halfway_between_two_bfloat16_round_to_even(device):
+    """Every input a tie (low 16 bits 0x8000): rounding to nearest even moves half of them up and half down, ties
+    away from zero or truncation would move them all one way (an error of 2**-8 relative per input)."""
+    for name in ("3ch-stride2-N40-F64", "odd-everything"):  # the 16-byte and the 1-element float32 paths
+        x, wt, b, kwargs = _data(BY_NAME[name], seed=3)
+        x, wt = ((a.view(np.uint32) & np.uint32(0xFFFF0000) | np.uint32(0x8000)).view(np.float32) for a in (x, wt))
+        assert np.array_equal(round_bf16(x), (x.view(np.uint32) + ((x.view(np.uint32) >> 16) & 1) * 0x8000
+                                              & np.uint32(0xFFFF0000)).view(np.float32))  # even goes down
+        y = ops.conv_forward(device, device.asarray(x), device.asarray(wt), device.asarray(b), precision="bf16",
+                             **kwargs)
+        _check_bf16(f"ties {name}", y, x, wt, b, kwargs)
+
+
 @pytest.mark.parametrize("out_dtype", INPUT_DTYPES, ids=["float32-out", "bfloat16-out"])
 @pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("device", COMPILED_DEVICES)

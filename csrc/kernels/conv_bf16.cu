@@ -48,8 +48,8 @@
 // y = alpha v + beta y in FP32; a bfloat16 y is read and written as bfloat16 (rounded to nearest even once).
 //
 // Resources (64 x 128 tile, 256 threads): 3 x 32 x (72 + 136) x 2 B = 39,936 B of shared memory on the cp.async
-// path, 26,624 B double buffered; 32 accumulators, 8 + 8 fragment registers, 8-24 staged values per thread. The
-// 32 x 64 tile (64 threads): 21,504 B / 14,336 B, 32 accumulators, 24-48 staged values. As compiled (CUDA 13.0,
+// path, 26,624 B double buffered; 32 accumulators, 8 + 8 fragment registers, 24 staged values per thread on the register paths. The
+// 32 x 64 tile (64 threads): 21,504 B / 14,336 B, 32 accumulators, 48 staged values. As compiled (CUDA 13.0,
 // sm_80 and sm_90, no spills): 72 registers on the cp.async path, 94-98 (64 x 128) and 122-124 (32 x 64) on the
 // register-staged ones; occupancy in docs/architecture.md (tools/kernel_resources.py).
 // Expected share of BF16 peak (paper estimate, 64 x 128 x 32 tile, 8 warps of 32 x 32, cp.async path): per warp and
