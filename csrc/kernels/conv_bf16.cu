@@ -48,10 +48,10 @@
 // y = alpha v + beta y in FP32; a bfloat16 y is read and written as bfloat16 (rounded to nearest even once).
 //
 // Resources (64 x 128 tile, 256 threads): 3 x 32 x (72 + 136) x 2 B = 39,936 B of shared memory on the cp.async
-// path, 26,624 B double buffered; 32 accumulators, 8 + 8 fragment registers, 24 staged values per thread on the register paths. The
-// 32 x 64 tile (64 threads): 21,504 B / 14,336 B, 32 accumulators, 48 staged values. As compiled (CUDA 13.0,
-// sm_80 and sm_90, no spills): 72 registers on the cp.async path, 94-98 (64 x 128) and 122-124 (32 x 64) on the
-// register-staged ones; occupancy in docs/architecture.md (tools/kernel_resources.py).
+// path, 26,624 B double buffered; 32 accumulators, 8 + 8 fragment registers, and on the register paths 24 staged
+// values per thread. The 32 x 64 tile (64 threads): 21,504 B / 14,336 B, 32 accumulators, 48 staged values. As
+// compiled (CUDA 13.0, sm_80 and sm_90, no spills): 72 registers on the cp.async path, 94-98 (64 x 128) and
+// 122-124 (32 x 64) on the register-staged ones; occupancy in docs/architecture.md (tools/kernel_resources.py).
 // Expected share of BF16 peak (paper estimate, 64 x 128 x 32 tile, 8 warps of 32 x 32, cp.async path): per warp and
 // k16 step 8 mma (16384 FMA) against 4 ldmatrix.x4 (2 KiB, 16 shared-memory wavefronts of 128 B) plus the stage's
 // cp.async writes (BK (BM + BN) 2 B = 12 KiB per block k tile, 6 wavefronts per warp k16 step): ~22 shared clocks
@@ -346,11 +346,10 @@ constexpr Bf16Tile make_tile() {
       {kernel_of<BM, BN, WM, WN, kNoDefect>(kCpAsync16), kernel_of<BM, BN, WM, WN, kNoDefect>(kFloat4),
        kernel_of<BM, BN, WM, WN, kNoDefect>(kFloat1), kernel_of<BM, BN, WM, WN, kNoDefect>(kBf16x1)},
 #if CONVNET_EMU
-      {{conv_fwd_bf16<BM, BN, 32, WM, WN, 3, bf16_t, 8, kNoWait>, conv_fwd_bf16<BM, BN, 32, WM, WN, 3, bf16_t, 8, kNoBarrier>,
-        conv_fwd_bf16<BM, BN, 32, WM, WN, 3, bf16_t, 8, kNoTrans>},
+      {{kernel_of<BM, BN, WM, WN, kNoWait>(kCpAsync16), kernel_of<BM, BN, WM, WN, kNoBarrier>(kCpAsync16),
+        kernel_of<BM, BN, WM, WN, kNoTrans>(kCpAsync16)},
        {nullptr, nullptr, nullptr},
-       {nullptr, conv_fwd_bf16<BM, BN, 32, WM, WN, 2, float, 1, kNoBarrier>,
-        conv_fwd_bf16<BM, BN, 32, WM, WN, 2, float, 1, kNoTrans>},
+       {nullptr, kernel_of<BM, BN, WM, WN, kNoBarrier>(kFloat1), kernel_of<BM, BN, WM, WN, kNoTrans>(kFloat1)},
        {nullptr, nullptr, nullptr}}
 #else
       {}
