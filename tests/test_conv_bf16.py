@@ -56,6 +56,7 @@ GEOMETRIES = [
     ("pad-ge-filter", 2, 4, 5, 4, 4, 2, 3, 1, 3, 1),
     ("N8-Fg12", 4, 6, 6, 8, 12, 3, 3, 1, 1, 1),
     ("many-k-tiles-F-gt-tile", 16, 7, 7, 12, 80, 3, 3, 1, 1, 1),  # K = 144: 5 k tiles, 3 filter tiles
+    ("k-tiles-N5", 8, 6, 7, 5, 20, 3, 3, 1, 1, 1),  # K = 72: 3 k tiles on the 1-element paths
     ("groups2-Fg48-N32", 8, 9, 9, 32, 96, 3, 3, 1, 1, 2),
 ]
 IDS = [g[0] for g in GEOMETRIES]
@@ -278,9 +279,11 @@ def test_bf16_forward_is_identical_under_every_emulator_schedule(dtype):
                                    seed=7)
 
 
-PLANTED = [  # (defect, input dtype, geometry): the cp.async path (bfloat16, N % 8 == 0) and the float32 1-element one
+# (defect, input dtype, geometry): the cp.async path (bfloat16, N % 8 == 0) and the float32 1-element one, with
+# several k tiles (the register path's missing loop barrier shows when a second tile is read before it is stored)
+PLANTED = [
     (1, BFLOAT16, "3ch-stride2-N40-F64"), (2, BFLOAT16, "3ch-stride2-N40-F64"), (3, BFLOAT16, "3ch-stride2-N40-F64"),
-    (2, np.dtype(np.float32), "1ch-stride4-pad2-N33"), (3, np.dtype(np.float32), "1ch-stride4-pad2-N33"),
+    (2, np.dtype(np.float32), "k-tiles-N5"), (3, np.dtype(np.float32), "k-tiles-N5"),
 ]
 
 

@@ -274,9 +274,7 @@ __global__ void conv_fwd_bf16(Bf16ConvParams p) {
   } else {
     load_tile(0);
     store_tile(0);
-    if constexpr (kDefect != kNoBarrier) {
-      __syncthreads();
-    }
+    __syncthreads();
     for (int kt = 0; kt < ktiles; ++kt) {
       const bool more = kt + 1 < ktiles;
       if (more) {

@@ -28,9 +28,9 @@ void conv_forward_bf16(const ConvGeometry& g, const void* x, const void* w, bool
 std::string conv_bf16_plan(const ConvGeometry& g, bool inputs_bf16);
 
 // Tests only: force tile `row` (-1: automatic) of the BF16 forward; and, on the emulator only, launch a variant with
-// a planted defect (0: none, 1: no cp.async wait (cp.async path only), 2: no barrier between staging a tile and
-// reading it, 3: fragments loaded by ldmatrix without .trans) so that tests can show the emulator catches each. The
-// defects are planted in the cp.async path and the float32 one-element path. Process-global.
+// a planted defect (0: none, 1: no cp.async wait (cp.async path only), 2: no barrier in the k-tile loop, 3: fragments
+// loaded by ldmatrix without .trans) so that tests can show the emulator catches each. The defects are planted in the
+// cp.async path and the float32 one-element path. Process-global.
 int conv_bf16_tile_count();
 void conv_bf16_set_overrides(int row, int planted_defect);
 
