@@ -22,10 +22,10 @@ from __future__ import annotations
 import numpy as np
 
 from convnet.geometry import INT32_MAX, ConvGeometry
-from convnet.ops._checks import as_device, check_array, check_same_dtype
+from convnet.ops._checks import BFLOAT16, as_device, check_array, check_same_dtype, storage_dtypes
 from convnet.ops._dispatch import Output, alpha_beta, launch, produce
 from convnet.reference import conv as ref
-from convnet.reference.precision import PRECISIONS, round_tf32
+from convnet.reference.precision import PRECISIONS, round_bf16, round_tf32
 
 
 def conv_output_shape(x_shape, w_shape, *, stride=1, padding=0, groups=1):
@@ -50,32 +50,86 @@ def _rounded_tf32(a):
     return round_tf32(a).astype(a.dtype, copy=False)
 
 
+def _rounded_bf16(a, compute_dtype):
+    """``a`` as the BF16 kernel reads it, in the reference's ``compute_dtype``: bfloat16 arrays exactly, float32 or
+    float64 ones rounded to bfloat16 (nearest even, through float32 as a kernel reads them)."""
+    return (a if a.dtype == BFLOAT16 else round_bf16(a)).astype(compute_dtype)
+
+
+def _check_bf16_inputs(dev, x, w):
+    """x and w for precision "bf16": both of the device's float dtype(s) or both bfloat16. Returns the dtype the
+    products are summed in (float32 for bfloat16 inputs; a float64 numpy call sums in float64)."""
+    check_array("x", x, dev, ndim=4, dtypes=storage_dtypes(dev))
+    check_array("w", w, dev, ndim=4, dtypes=storage_dtypes(dev))
+    if x.dtype != w.dtype:
+        floats = " or ".join(map(str, dev.dtypes))
+        raise TypeError(f"precision='bf16' needs x and w of one dtype, both bfloat16 or both {floats} (rounded to "
+                        f"bfloat16 on load); got x {x.dtype}, w {w.dtype}")
+    return np.dtype(np.float32) if x.dtype == BFLOAT16 else x.dtype
+
+
 def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=None, alpha=1.0, beta=0.0,
                  stream=None, precision="fp32"):
     """y = alpha * (conv(x, w) + bias) + beta * y; x (C, H, W, N), w (C/groups, KH, KW, F) -> y (F, OH, OW, N).
 
-    precision: "fp32" or "tf32" (x and w rounded to TF32, FP32 accumulation; see the module's docstring)."""
-    _check_precision(precision)
+    precision: "fp32", "tf32" (x and w rounded to TF32, FP32 accumulation; see the module's docstring) or "bf16":
+    x and w are read as bfloat16 (float32 arrays rounded to nearest even on load, or ``ml_dtypes.bfloat16`` arrays,
+    both of one dtype), products summed in FP32, bias (float32, never bfloat16), alpha and beta applied in FP32. The
+    result is float32 unless ``out`` is a bfloat16 array (then rounded to nearest even once, after alpha and beta).
+    The tensor-core kernel of csrc/kernels/conv_bf16.cu on emu/cuda; on numpy and cpu the fp32 path on the rounded
+    inputs (a float64 numpy call sums in float64 and returns float64)."""
+    _check_precision(precision, done=("fp32", "tf32", "bf16"))
     dev = as_device(device)
-    check_array("x", x, dev, ndim=4)
-    check_array("w", w, dev, ndim=4)
-    dtype = check_same_dtype(x=x, w=w)
+    bf16 = precision == "bf16"
+    if bf16:
+        dtype = _check_bf16_inputs(dev, x, w)
+    else:
+        for name, a in (("x", x), ("w", w)):
+            if getattr(a, "dtype", None) == BFLOAT16:
+                raise TypeError(f"{name} is bfloat16: bfloat16 inputs need precision='bf16'")
+        check_array("x", x, dev, ndim=4)
+        check_array("w", w, dev, ndim=4)
+        dtype = check_same_dtype(x=x, w=w)
     g = ConvGeometry.of(x.shape, w.shape, stride=stride, padding=padding, groups=groups)
     if bias is not None:
-        check_array("bias", bias, dev, shape=(g.F,))
-        check_same_dtype(x=x, bias=bias)
+        if bf16:  # the compute dtype: float32 also with bfloat16 x and w
+            check_array("bias", bias, dev, shape=(g.F,), dtypes=(dtype,))
+        else:
+            check_array("bias", bias, dev, shape=(g.F,))
+            check_same_dtype(x=x, bias=bias)
+    out_dtype = dtype
+    if bf16 and out is not None:
+        check_array("out", out, dev, shape=g.y_shape, dtypes=(dtype, BFLOAT16), writeable=True)
+        out_dtype = out.dtype
     alpha, beta = alpha_beta(alpha, beta, out)
     tf32 = precision == "tf32"
+    # A bfloat16 out: the host devices apply alpha and beta in the compute dtype and round once (as the kernel's
+    # epilogue), so the generic accumulate (which would compute in bfloat16) only copies the result.
+    y_bf16 = out_dtype == BFLOAT16
 
     def reference():
-        xr, wr = (_rounded_tf32(x), _rounded_tf32(w)) if tf32 else (x, w)
-        return dev.host_function(ref.conv_forward)(xr, wr, bias, **_params(g))
+        if bf16:
+            xr, wr = _rounded_bf16(x, dtype), _rounded_bf16(w, dtype)
+        else:
+            xr, wr = (_rounded_tf32(x), _rounded_tf32(w)) if tf32 else (x, w)
+        y = dev.host_function(ref.conv_forward)(xr, wr, bias, **_params(g))
+        if not y_bf16:
+            return y
+        y = y * dtype.type(alpha) if beta == 0.0 else y * dtype.type(alpha) + out.astype(dtype) * dtype.type(beta)
+        return y.astype(BFLOAT16)
+
+    def kernel(y):
+        if bf16:
+            launch(dev, "conv_forward_bf16", x, w, x.dtype == BFLOAT16, bias if bias is not None else 0, y, y_bf16, g,
+                   alpha, beta, stream=stream)
+        else:
+            launch(dev, "conv_forward_tf32" if tf32 else "conv_forward", x, w, bias if bias is not None else 0, y, g,
+                   alpha, beta, stream=stream)
 
     return produce(
-        dev, Output("out", out, g.y_shape, dtype), inputs=dict(x=x, w=w, bias=bias), alpha=alpha, beta=beta,
-        stream=stream, reference=reference,
-        kernel=lambda y: launch(dev, "conv_forward_tf32" if tf32 else "conv_forward", x, w,
-                                bias if bias is not None else 0, y, g, alpha, beta, stream=stream))
+        dev, Output("out", out, g.y_shape, out_dtype), inputs=dict(x=x, w=w, bias=bias),
+        alpha=1.0 if y_bf16 else alpha, beta=0.0 if y_bf16 else beta, stream=stream, reference=reference,
+        kernel=kernel)
 
 
 def conv_backward_data(device, dy, w, input_hw, *, stride=1, padding=0, groups=1, out=None, alpha=1.0, beta=0.0,
