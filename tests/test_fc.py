@@ -110,8 +110,8 @@ def test_beta_without_out_does_not_read_a_new_buffer(kernel_device):
 # Tolerance, per element, against the float64 reference on TF32-rounded inputs, S = the same GEMM of absolute values
 # (plus |bias|): the product of two TF32 values (11 significant bits each) is exact in FP32, so only FP32 rounding errs:
 # K - 1 additions, the bias and the alpha scaling, each at most u = 2**-24 relative to S, in any summation order:
-# |got - want| <= (K + 3) u S, plus (with beta) u (|alpha| + 1)(S' ) for the final accumulate; doubled for a GPU's adder
-# tree, which may truncate. A missing rounding (or the truncation a tensor core applies to raw FP32) errs by up to
+# |got - want| <= (K + 3) u |alpha| S, plus with beta 2 u |beta prior| (its product and the final addition); doubled
+# for a GPU's adder tree, which may truncate. A missing rounding (or the truncation a tensor core applies to raw FP32) errs by up to
 # 2**-10 S per product: each case with K >= 7 also checks that the result is at least 20 times closer to the rounded
 # reference than the exact (unrounded) result is, so an unrounded GEMM fails.
 
