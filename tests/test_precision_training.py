@@ -55,7 +55,7 @@ def _assert_follows(tf32, fp32, window):
     for start in range(0, len(fp32), window):
         a, b = fp32[start:start + window].mean(), tf32[start:start + window].mean()
         assert abs(a - b) <= 0.1 * a + 0.01, f"steps {start}..{start + window - 1}: mean loss fp32 {a:.4f}, tf32 {b:.4f}"
-    assert fp32[-window:].mean() < 0.5 * fp32[:window].mean()  # the run learns, so following it means something
+    assert fp32[-window:].mean() < 0.75 * fp32[:window].mean()  # the run learns, so following it means something
 
 
 def test_tf32_training_follows_fp32_on_cpu():
