@@ -54,7 +54,7 @@ FAKE_GPU_RUNS = {
     "ops_bench": ["--batch", "4", "--channel-divisor", "8", "--repeats", "2", "--warmup", "1", "--no-write",
                   "--families", "elementwise,softmax,fc"],
     "train_bench": ["--model", "fmnist", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--repeats", "1",
-                    "--no-torch", "--no-write"],
+                    "--no-torch", "--json"],
 }
 
 
@@ -76,10 +76,18 @@ def test_benchmark_cuda_path_on_a_fake_gpu(run, tmp_path, monkeypatch, capsys):
         if hasattr(module, "SGEMM_N"):
             monkeypatch.setattr(module, "SGEMM_N", 64)  # the ceiling's GEMM at a smoke size, not 8192^3 on numpy
     fake.recording = True
-    rc = bench.main(["--device", "cuda", *flags, *FAKE_GPU_RUNS[run]])
+    rc = bench.main(["--device", "cuda", *flags, *FAKE_GPU_RUNS[run]] +
+                    ([str(tmp_path / "rows.jsonl")] if name == "train_bench" else []))
     out = capsys.readouterr().out
     assert rc in (0, None), out
     assert any(c[0].startswith("launch") for c in fake.calls)  # our kernels ran, through the cuda backend
+    if name == "train_bench":  # ours in each precision of a GPU with tensor cores (the fake is sm_90)
+        rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+        assert [r["what"] for r in rows] == ["train step (compute), ours, fp32", "train step (compute), ours, tf32",
+                                             "loader (one thread)"]
+        assert all(r["images_per_s"] > 0 for r in rows)
+        assert any(c[0] == "launch conv_forward_tf32" for c in fake.calls) and any(
+            c[0] == "matmul tf32" for c in fake.calls)
     if run == "conv_bench --profile":
         assert [c[0] for c in fake.calls if c[0].startswith("profiler")] == ["profiler start", "profiler stop"] * 6
     elif name == "conv_bench":
@@ -193,10 +201,21 @@ def test_train_bench_emu_smoke(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "PyTorch twin skipped: ours runs on emu" in out and "NOT speed figures" in out
     lines = [json.loads(line) for line in rows.read_text().splitlines()]
-    assert [r["what"] for r in lines] == ["train step (compute), ours", "loader (one thread)"]
+    assert [r["what"] for r in lines] == ["train step (compute), ours, fp32", "loader (one thread)"]
     assert lines[0]["images_per_s"] > 0
     data, md = _written(tmp_path)
     assert data["benchmark"] == "train-fmnist" and len(data["rows"]) == 2  # emu: no batch/threads in the name
+
+
+def test_train_bench_times_ours_in_each_precision_asked_and_says_bf16_is_missing(tmp_path, monkeypatch, capsys):
+    bench = _writing_to(tmp_path, monkeypatch, "train_bench")
+    rows = tmp_path / "rows.jsonl"
+    assert bench.main(["--device", "numpy", "--model", "fmnist", "--batch-size", "4", "--steps", "1", "--warmup",
+                       "0", "--repeats", "1", "--no-torch", "--precisions", "fp32,tf32,bf16", "--json",
+                       str(rows)]) == 0
+    assert "ours in bf16 skipped: bfloat16 activation storage" in capsys.readouterr().out
+    lines = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [r["what"] for r in lines[:2]] == ["train step (compute), ours, fp32", "train step (compute), ours, tf32"]
 
 
 def test_train_bench_towers_smoke_on_emu(tmp_path, monkeypatch, capsys):

@@ -14,6 +14,8 @@ training loop to using them.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -81,7 +83,7 @@ def test_defaults_tf32_only_on_a_gpu_with_tensor_cores(monkeypatch):
     fake.compute_capability = "75"
     assert (gpu.tensor_cores, gpu.default_precision, gpu.precisions) == (False, "fp32", ("fp32",))
     with pytest.raises(ValueError, match=r"^precision tf32 is not supported on cuda:0 \(it runs fp32\): tf32 needs a "
-                                         r"GPU of compute capability 8.0 or newer$"):
+                                         r"GPU of compute capability 8.0 or newer \(tensor cores\)$"):
         resolve_precision("tf32", [gpu])
 
 
@@ -120,6 +122,7 @@ def test_the_run_records_its_precision_and_a_resume_may_change_it(tmp_path):
     _run(tmp_path, "default", "--device", "cpu", log=logs.append)
     assert _saved_precision(tmp_path / "default") == "fp32"  # the device's default, resolved and saved
     assert "precision fp32" in logs[0]
+    assert json.loads((tmp_path / "default" / "log.jsonl").read_text().splitlines()[0])["precision"] == "fp32"
     _run(tmp_path, "tf32", "--device", "cpu", "--precision", "tf32")
     assert _saved_precision(tmp_path / "tf32") == "tf32"
     # checkpoints hold FP32 parameters in every precision: a resume keeps the saved precision, or takes --precision

@@ -33,7 +33,8 @@ def resolve_precision(precision, devices, check_devices=True) -> str:
         for d in devices:
             if precision not in d.precisions:
                 raise ValueError(f"precision {precision} is not supported on {d} (it runs "
-                                 f"{', '.join(d.precisions)}): tf32 needs a GPU of compute capability 8.0 or newer")
+                                 f"{', '.join(d.precisions)}): {precision} needs a GPU of compute capability 8.0 or "
+                                 f"newer (tensor cores)")
     return precision
 
 
@@ -52,12 +53,13 @@ class Net:
     ``forward(x, labels=None, train=False, step=0, batch=None)`` returns the probabilities ``(classes, N)``;
     with labels it also keeps the summed loss (``net.loss``, a 0-d device array) for ``backward()``.
     ``init_params=False`` infers the shapes only (no parameters: for summaries of big models).
-    ``precision``: of the conv and fc layers' multiplications (forward and both backward passes), "fp32", "tf32" or
-    None (the devices' default: :func:`resolve_precision`); parameters and activations stay in ``dtype`` (float32).
+    ``precision``: of the conv and fc layers' multiplications (forward and both backward passes), "fp32" (the
+    default here), "tf32", or None: the devices' default (:func:`resolve_precision`; what ``convnet.train`` uses when
+    no precision is asked for); parameters and activations stay in ``dtype`` (float32).
     """
 
     def __init__(self, layers, *, device=None, devices=None, dtype=np.float32, seed=0, name="net", source=None,
-                 init_params=True, precision=None):
+                 init_params=True, precision="fp32"):
         try:  # a shapes-only net (summaries) may name devices this machine cannot use
             self.device, towers = resolve_devices(device, devices, usable=init_params)
         except ValueError as e:

@@ -240,7 +240,7 @@ def read_model_file(path, what="model") -> str:
 
 
 def build_net(text, source="<model>", *, device=None, devices=None, dtype="float32", seed=0, init_params=True,
-              precision=None):
+              precision="fp32"):
     specs, train = parse_model_text(text, source)
     layers = build_layers(specs, source)
     try:
@@ -252,7 +252,7 @@ def build_net(text, source="<model>", *, device=None, devices=None, dtype="float
 
 
 def load_model(name_or_path, *, params=None, input_shape=None, device=None, devices=None, dtype="float32", seed=0,
-               init_params=True, precision=None):
+               init_params=True, precision="fp32"):
     """Build a Net from a shipped model name or a model-file path. Returns (net, train_defaults).
     ``params``, ``input_shape``: cuda-convnet's layer-params file and the image shape (C, H, W) for its data layer
     (:func:`resolve_model`). ``devices``: the devices of the model's towers (``device = 0|1`` layers).

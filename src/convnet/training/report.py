@@ -73,7 +73,7 @@ def epoch_record(t, test, clock) -> dict:
             "test_error": te1, "test_top5_error": te5, "train_time_s": p["time"],
             "elapsed_s": time.perf_counter() - clock[0], "cpu_s": time.process_time() - clock[1],
             "images_per_s": p["n"] / p["time"] if p["time"] > 0 else None, "device": str(t.device),
-            **({"ranks": t.ranks.size} if t.ranks.world is not None else {}),
+            "precision": t.net.precision, **({"ranks": t.ranks.size} if t.ranks.world is not None else {}),
             **({"exchanged_bytes_per_image": dict(t.exchanged)} if t.exchanged else {})}
 
 
