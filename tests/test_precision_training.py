@@ -162,3 +162,25 @@ def test_summary_gives_activation_bytes_per_precision():
                     f"{2 * (values - kept) + 4 * kept:,} B (bf16: bfloat16 but for the images and probabilities)")
     with pytest.raises(ValueError, match="precision must be one of"):
         activation_bytes(net, "fp16")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_conv_and_fc_layers_run_all_three_passes_in_the_nets_precision(monkeypatch, precision):
+    """Every conv and fc multiplication of a training step (forward, input gradient, weight gradient) is asked for
+    in the net's precision; nothing else is (pooling, dropout, softmax stay in the activations' dtype)."""
+    from convnet import ops
+    asked = []
+    for name in ("conv_forward", "conv_backward_data", "conv_backward_filter", "fc_forward", "fc_backward_data",
+                 "fc_backward_weights"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _op=op, _name=name, **kw: asked.append(
+            (_name, kw.get("precision"))) or _op(*a, **kw))
+    net, _ = load_model("fmnist", device="numpy", seed=0, precision=precision)
+    rng = np.random.default_rng(0)
+    net.forward(rng.standard_normal((1, 28, 28, 4)).astype(np.float32), rng.integers(0, 10, 4).astype(np.int32),
+                train=True)
+    net.backward()
+    convs, fcs = 3, 2  # conv1 takes the images: no input gradient
+    assert sorted(asked) == sorted([("conv_forward", precision)] * convs + [("conv_backward_filter", precision)] * convs
+                                   + [("conv_backward_data", precision)] * (convs - 1) + [("fc_forward", precision),
+                                   ("fc_backward_weights", precision), ("fc_backward_data", precision)] * fcs)
