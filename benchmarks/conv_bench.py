@@ -442,7 +442,8 @@ def main(argv=None):
         if not args.no_cudnn:
             torch = common.cudnn(device, allow_tf32=False)  # torch's current GPU = ours
             if torch is None:
-                print(f"PyTorch baseline unavailable: {common.TORCH_UNAVAILABLE['reason']}; NCHW from ctypes cuDNN")
+                print(f"PyTorch baseline unavailable: {common.TORCH_UNAVAILABLE['reason']}; NCHW from ctypes cuDNN, "
+                      f"no NHWC or BF16 cuDNN columns (they go through PyTorch)")
             else:
                 backends.append("torch (NCHW)")
             try:
