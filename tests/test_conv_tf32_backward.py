@@ -1,5 +1,6 @@
 """The TF32 convolution backward passes: ``conv_backward_data(..., precision="tf32")`` (dy and w rounded to TF32)
-and ``conv_backward_filter(..., precision="tf32")`` (x and dy rounded), FP32 accumulation, on every device.
+and ``conv_backward_filter(..., precision="tf32")`` (x and dy rounded), FP32 accumulation: the tensor-core kernels of
+csrc/kernels/conv_tf32.cu on emu (and cuda when present), the rounded reference on numpy and cpu.
 
 Tolerances, per element, inputs uniform in [-1, 1), S = the same operation on absolute values (|dy| |w|, |x| |dy|),
 K = the number of products summed into one output (input gradient: F/groups * KH * KW, an upper bound since stride
@@ -17,8 +18,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import ALL_DEVICES, COMPILED_DEVICES, CPU, NUMPY, assert_identical, rand, to_host
+import os
+import re
+import shutil
+import subprocess
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import (ALL_DEVICES, COMPILED_DEVICES, CPU, EMU, NUMPY, ROOT, assert_identical, assert_schedules_identical,
+                     offset_view, rand, to_host)
 from convnet import ops
+from convnet.geometry import ConvGeometry
 from convnet.reference import conv as ref
 from convnet.reference.precision import round_tf32
 
@@ -199,3 +210,229 @@ def test_an_unknown_or_unavailable_backward_precision_is_a_clear_error(precision
         with pytest.raises(ValueError, match=message):
             ops.conv_backward_filter(dev, x, dy, fhw, precision=precision, **kwargs)
 
+
+
+# ---------------------------------------------------------------------------------------------------- the kernels
+@pytest.fixture
+def overrides():
+    """Set the TF32 kernels' tile row, planted defect and filter-gradient splits on emu for one test; restored."""
+    yield EMU.kernels.conv_tf32_set_overrides
+    EMU.kernels.conv_tf32_set_overrides(-1, 0, 0)
+
+
+def _run_both(geom, seed, device=EMU):
+    """(dx, dw) of the TF32 kernels and the checks that take them."""
+    dy, w, hw, kwargs, k = _data_data(geom, seed)
+    x, dy2, fhw, kwargs2, k2 = _filter_data(geom, seed + 1)
+    dx = ops.conv_backward_data(device, device.asarray(dy), device.asarray(w), hw, precision="tf32", **kwargs)
+    dw = ops.conv_backward_filter(device, device.asarray(x), device.asarray(dy2), fhw, precision="tf32", **kwargs2)
+    return (dx, lambda name, got: check_backward_data(name, got, dy, w, hw, kwargs, k),
+            dw, lambda name, got: check_backward_filter(name, got, x, dy2, fhw, kwargs2, k2))
+
+
+# Row 0 (64 x 128, 8 warps) is picked only for big problems: force each row on awkward small ones.
+@pytest.mark.parametrize("row", [0, 1])
+@pytest.mark.parametrize("geom", [GEOMETRIES[i] for i in (0, 1, 2, 3, 8, 9)], ids=[IDS[i] for i in (0, 1, 2, 3, 8, 9)])
+def test_each_tf32_backward_tile_is_correct_on_awkward_geometries(geom, row, overrides):
+    overrides(row, 0, 0)
+    dx, check_dx, dw, check_dw = _run_both(geom, seed=20)
+    check_dx(f"{geom[0]} data tile {row}", dx)
+    check_dw(f"{geom[0]} filter tile {row}", dw)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("geom", [GEOMETRIES[i] for i in (0, 1, 3, 9)], ids=[IDS[i] for i in (0, 1, 3, 9)])
+def test_tf32_filter_gradient_split_k_sums_every_chunk_once(geom, splits, overrides):
+    """Forced splits (chunks of whole k tiles; the last one short) through the workspace and the ordered
+    reduction, with alpha/beta applied once, after the reduction."""
+    overrides(-1, 0, splits)
+    x, dy, hw, kwargs, k = _filter_data(geom, seed=21)
+    g = ConvGeometry.of_backward_filter(x.shape, dy.shape, hw, **kwargs)
+    plan = EMU.kernels.conv_tf32_plan(g, EMU.kernels.ConvPass.backward_filter)
+    used = int(re.search(r"(\d+) split\(s\)", plan).group(1))
+    assert 1 < used <= splits, plan
+    assert EMU.kernels.conv_backward_filter_tf32_workspace(g) == used * x.shape[0] // kwargs["groups"] * \
+        hw[0] * hw[1] * dy.shape[0]
+    check_backward_filter(f"{geom[0]} {splits} splits", ops.conv_backward_filter(EMU, x, dy, hw, precision="tf32",
+                                                                                 **kwargs), x, dy, hw, kwargs, k)
+    rounded, _, s_rounded, _ = _references(ref.conv_backward_filter, x, dy, hw, **kwargs)
+    dw0 = rand(np.random.default_rng(22), rounded.shape)
+    got = ops.conv_backward_filter(EMU, x, dy, hw, out=dw0.copy(), alpha=0.5, beta=-2.0, precision="tf32", **kwargs)
+    _within("split alpha/beta", got, 0.5 * rounded - 2.0 * dw0,
+            2 * (k + 4) * U * (0.5 * s_rounded + 2.0 * np.abs(dw0)))
+
+
+@st.composite
+def geometries(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    c = groups * draw(st.integers(1, 5))
+    f = groups * draw(st.sampled_from([1, 3, 4, 8, 21, 36]))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    sh, sw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    h = draw(st.integers(max(1, kh - 2 * ph), 11))
+    w = draw(st.integers(max(1, kw - 2 * pw), 11))
+    n = draw(st.sampled_from([1, 2, 3, 4, 5, 8, 12, 33]))
+    return ("random", c, h, w, n, f, kh, kw, (sh, sw), (ph, pw), groups)
+
+
+@settings(max_examples=30, deadline=None)
+@given(geom=geometries(), seed=st.integers(0, 2**31 - 1), row=st.sampled_from([-1, 0, 1]),
+       splits=st.sampled_from([0, 0, 2, 5]))
+def test_tf32_backward_on_random_geometries(geom, seed, row, splits):
+    EMU.kernels.conv_tf32_set_overrides(row, 0, splits)
+    try:
+        dx, check_dx, dw, check_dw = _run_both(geom, seed % 2**30)
+    finally:
+        EMU.kernels.conv_tf32_set_overrides(-1, 0, 0)
+    check_dx(f"{geom} data tile {row}", dx)
+    check_dw(f"{geom} filter tile {row} splits {splits}", dw)
+
+
+ALEXNET = [  # true channel counts and filters, small images, batch 4 (the 16-byte path)
+    ("conv2-two-towers", 96, 9, 9, 4, 256, 5, 5, 1, 2, 2),
+    ("conv3", 256, 5, 5, 4, 384, 3, 3, 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("geom", ALEXNET, ids=[g[0] for g in ALEXNET])
+def test_tf32_backward_on_alexnet_channel_counts(geom):
+    dx, check_dx, dw, check_dw = _run_both(geom, seed=23)
+    check_dx(geom[0], dx)
+    check_dw(geom[0], dw)
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+@pytest.mark.sanitize
+def test_tf32_backward_unaligned_takes_the_4_byte_path_with_the_same_sums(device):
+    geom = GEOMETRIES[9]  # N = 32, Fg = 12: the 16-byte path when aligned
+    rng = np.random.default_rng(24)
+    dy, w, hw, kwargs, k = _data_data(geom, seed=25)
+    got = ops.conv_backward_data(device, offset_view(device, dy, rng), offset_view(device, w, rng), hw,
+                                 precision="tf32", **kwargs)
+    check_backward_data("unaligned data", got, dy, w, hw, kwargs, k)
+    assert_identical("unaligned vs aligned data", got, ops.conv_backward_data(
+        device, device.asarray(dy), device.asarray(w), hw, precision="tf32", **kwargs))
+    x, dy, hw, kwargs, k = _filter_data(geom, seed=26)
+    got = ops.conv_backward_filter(device, offset_view(device, x, rng), offset_view(device, dy, rng), hw,
+                                   precision="tf32", **kwargs)
+    check_backward_filter("unaligned filter", got, x, dy, hw, kwargs, k)
+    assert_identical("unaligned vs aligned filter", got, ops.conv_backward_filter(
+        device, device.asarray(x), device.asarray(dy), hw, precision="tf32", **kwargs))
+
+
+def test_tf32_backward_is_identical_under_every_emulator_schedule(overrides):
+    overrides(-1, 0, 3)  # the split workspace and its reduction too
+    geom = GEOMETRIES[8]
+    dy, w, hw, kwargs, _ = _data_data(geom, seed=27)
+    x, _, fhw, _, _ = _filter_data(geom, seed=27)
+    assert_schedules_identical(lambda: (ops.conv_backward_data(EMU, dy, w, hw, precision="tf32", **kwargs),
+                                        ops.conv_backward_filter(EMU, x, dy, fhw, precision="tf32", **kwargs)),
+                               ["dx", "dw"], seed=28)
+
+
+@pytest.mark.parametrize("defect", [1, 2, 3], ids=["no-cp-async-wait", "no-barrier-after-wait", "swapped-a-fragment"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["16-byte", "4-byte"])
+@pytest.mark.parametrize("row", [0, 1])
+def test_a_planted_pipeline_or_fragment_bug_in_a_backward_kernel_fails_on_the_emulator(defect, aligned, row,
+                                                                                        overrides):
+    """Each backward kernel with one planted defect gives NaN (cp.async poison) or wrong numbers on the emulator; the
+    same calls without it pass."""
+    geom = GEOMETRIES[8] if aligned else GEOMETRIES[2]  # several k tiles (the pipeline wraps around its stages)
+    overrides(row, defect, 0)
+    dx, check_dx, dw, check_dw = _run_both(geom, seed=29)
+    plan = EMU.kernels.conv_tf32_plan(ConvGeometry.of(*_geometry(geom)[:2], **_geometry(geom)[3]),
+                                      EMU.kernels.ConvPass.backward_filter)
+    assert ("16-byte" in plan) == aligned
+    with pytest.raises(AssertionError):
+        check_dx("planted data", dx)
+    with pytest.raises(AssertionError):
+        check_dw("planted filter", dw)
+    overrides(row, 0, 0)
+    dx, check_dx, dw, check_dw = _run_both(geom, seed=29)
+    check_dx("fixed data", dx)
+    check_dw("fixed filter", dw)
+
+
+def test_tf32_backward_plans_name_the_tile_path_and_splits():
+    kernels = EMU.kernels
+    big = ConvGeometry.of((96, 27, 27, 128), (48, 5, 5, 256), stride=1, padding=2, groups=2)  # AlexNet conv2
+    assert kernels.conv_tf32_plan(big, kernels.ConvPass.backward_data) == \
+        "tf32 tile 64x128x16, 256 threads, 16-byte path, grid 729x1x2"
+    assert kernels.conv_tf32_plan(big, kernels.ConvPass.backward_filter) == \
+        "tf32 tile 64x128x16, 256 threads, 16-byte path, grid 10x2x14, 7 split(s) of 13344"
+    assert kernels.conv_backward_filter_tf32_workspace(big) == 7 * 48 * 5 * 5 * 256
+    small = ConvGeometry.of((3, 9, 9, 5), (3, 3, 3, 8), stride=1, padding=0, groups=1)
+    assert kernels.conv_tf32_plan(small, kernels.ConvPass.backward_data) == \
+        "tf32 tile 32x64x16, 64 threads, 4-byte path, grid 7x1x1"
+    assert kernels.conv_tf32_plan(small, kernels.ConvPass.backward_filter) == \
+        "tf32 tile 32x64x16, 64 threads, 4-byte path, grid 1x1x1, 1 split(s) of 245"
+    assert kernels.conv_backward_filter_tf32_workspace(small) == 0
+    with pytest.raises(ValueError, match="wgrad_splits"):
+        kernels.conv_tf32_set_overrides(-1, 0, -1)
+
+
+def test_bad_backward_inputs_are_clear_errors():
+    dy, w, hw, kwargs, _ = _data_data(GEOMETRIES[2])
+    x, _, fhw, _, _ = _filter_data(GEOMETRIES[2])
+    with pytest.raises(TypeError, match="w must have dtype float32"):
+        ops.conv_backward_data(EMU, dy, w.astype(np.float64), hw, precision="tf32", **kwargs)
+    with pytest.raises(ValueError, match="filters"):  # F of w does not match dy
+        ops.conv_backward_data(EMU, dy, np.ascontiguousarray(w[:, :, :, :-2]), hw, precision="tf32", **kwargs)
+    with pytest.raises(ValueError, match="groups"):  # C not divisible by groups
+        ops.conv_backward_filter(EMU, x[:-1], dy, fhw, precision="tf32", **kwargs)
+    with pytest.raises(ValueError, match="out"):
+        ops.conv_backward_filter(EMU, x, dy, fhw, out=np.zeros((1, 2, 3, 4), np.float32), precision="tf32",
+                                 **kwargs)
+    # The binding re-checks what Python validated: a too-small split workspace, a geometry whose output size lies.
+    g = ConvGeometry.of_backward_filter(x.shape, dy.shape, fhw, **kwargs)
+    EMU.kernels.conv_tf32_set_overrides(-1, 0, 3)
+    try:
+        need = EMU.kernels.conv_backward_filter_tf32_workspace(g)
+        dw, ws = np.empty(g.w_shape, np.float32), np.empty(need - 1, np.float32)
+        with pytest.raises(ValueError, match="workspace too small"):
+            EMU.kernels.conv_backward_filter_tf32(x.ctypes.data, dy.ctypes.data, dw.ctypes.data, ws.ctypes.data,
+                                                  need - 1, g, 1.0, 0.0, 0)
+    finally:
+        EMU.kernels.conv_tf32_set_overrides(-1, 0, 0)
+    dx = np.empty(g.x_shape, np.float32)
+    with pytest.raises(ValueError, match="null pointer"):
+        EMU.kernels.conv_backward_data_tf32(0, w.ctypes.data, dx.ctypes.data, g, 1.0, 0.0, 0)
+
+
+def test_tf32_backward_runs_through_the_cuda_backend_on_the_fake_gpu(monkeypatch):
+    """The cuda path's Python (pointers, stream, binding names, the split workspace) on tests/fake_cupy.py with the
+    emulator's kernels."""
+    from fake_cupy import FakeCupy
+    from convnet.devices import get_device
+
+    FakeCupy(devices=1).install(monkeypatch, usable=True)
+    dev = get_device("cuda:0")
+    EMU.kernels.conv_tf32_set_overrides(-1, 0, 2)
+    try:
+        with dev.activate():
+            dx, check_dx, dw, check_dw = _run_both(GEOMETRIES[8], seed=30, device=dev)
+            check_dx("fake cuda data", dev.to_numpy(dx))
+            check_dw("fake cuda filter", dev.to_numpy(dw))
+    finally:
+        EMU.kernels.conv_tf32_set_overrides(-1, 0, 0)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
+def test_nvcc_keeps_the_mma_loop_of_every_tf32_backward_kernel(tmp_path):
+    """As tests/test_conv_tf32.py's check for the forward: each production instance of conv_bwd_tf32 has its k
+    tile's mma.sync and cvt.rna instructions, fully unrolled, and no local-memory spills."""
+    ptx = tmp_path / "conv_tf32.ptx"
+    subprocess.run(["nvcc", "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-DCONVNET_EMU=0",
+                    f"-I{ROOT / 'csrc'}", "-arch=sm_80", "-ptx", str(ROOT / "csrc/kernels/conv_tf32.cu"),
+                    "-o", str(ptx)], check=True, capture_output=True,
+                   env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})  # nvcc crashes under a preloaded ASan
+    entries = [e for e in re.split(r"\.entry ", ptx.read_text())[1:] if "conv_bwd_tf32" in e.split("(", 1)[0]]
+    assert len(entries) == 8  # 2 tiles x 2 passes x 2 paths; the planted defects exist on the emulator only
+    for body in entries:
+        bm, bn, bk, wm, wn = map(int, re.search(r"conv_bwd_tf32I\w+?ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E",
+                                                body).groups())
+        mt, nt = bm // wm // 16, bn // wn // 8
+        assert body.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == bk // 8 * mt * nt
+        assert body.count("cvt.rna.tf32.f32") == bk // 8 * (mt * 4 + nt * 2)
+        assert "ld.local" not in body and "st.local" not in body

@@ -13,7 +13,9 @@ tensor with 2**31 or more elements is rejected with a ValueError.
 FP32 accumulation (bias, alpha and beta in FP32): the tensor-core kernel of csrc/kernels/conv_tf32.cu on emu/cuda,
 the reference (or the cpu device's GEMM) applied to the rounded inputs on numpy and cpu. ``"fp32"`` (the default) is
 unchanged. ``conv_backward_data`` and ``conv_backward_filter`` take the same ``precision``: the FP32 result computed
-from TF32-rounded inputs (dy and w; x and dy), on every device. ``"bf16"`` is not implemented for them yet.
+from TF32-rounded inputs (dy and w; x and dy), on every device: the tensor-core kernels of conv_tf32.cu on emu/cuda
+(the filter gradient's split-K workspace as the FP32 one's), the rounded reference on numpy and cpu. ``"bf16"`` is
+not implemented for them yet.
 """
 from __future__ import annotations
 
@@ -76,21 +78,6 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
                                 bias if bias is not None else 0, y, g, alpha, beta, stream=stream))
 
 
-def _device_round_tf32(dev, a, stream):
-    """A new array of ``dev`` holding ``a`` rounded to TF32 (as ``round_tf32``), computed with the device's array
-    module on ``stream``: what the FP32 kernels read for ``precision="tf32"`` until the backward passes have their
-    tensor-core kernels."""
-    xp = dev.xp
-    with dev.on_stream(stream):
-        bits = xp.ascontiguousarray(a).view(xp.uint32)
-        special = (bits & xp.uint32(0x7F800000)) == xp.uint32(0x7F800000)
-        nan = special & ((bits & xp.uint32(0x007FFFFF)) != 0)
-        rounded = (bits + xp.uint32(0x00001000)) & xp.uint32(0xFFFFE000)
-        rounded = xp.where(special, bits, rounded)
-        rounded = xp.where(nan, (bits | xp.uint32(0x00400000)) & xp.uint32(0xFFFFE000), rounded)
-        return dev.adopt(xp.ascontiguousarray(rounded.view(xp.float32)))
-
-
 def conv_backward_data(device, dy, w, input_hw, *, stride=1, padding=0, groups=1, out=None, alpha=1.0, beta=0.0,
                        stream=None, precision="fp32"):
     """dx = alpha * dL/dx + beta * dx for y = conv(x, w); dy (F, OH, OW, N) -> dx (C, H, W, N), (H, W) = input_hw.
@@ -109,13 +96,11 @@ def conv_backward_data(device, dy, w, input_hw, *, stride=1, padding=0, groups=1
         dyr, wr = (_rounded_tf32(dy), _rounded_tf32(w)) if tf32 else (dy, w)
         return dev.host_function(ref.conv_backward_data)(dyr, wr, (g.H, g.W), **_params(g))
 
-    def kernel(dx):
-        dyr, wr = (_device_round_tf32(dev, dy, stream), _device_round_tf32(dev, w, stream)) if tf32 else (dy, w)
-        launch(dev, "conv_backward_data", dyr, wr, dx, g, alpha, beta, stream=stream)
-
     return produce(
         dev, Output("out", out, g.x_shape, dtype), inputs=dict(dy=dy, w=w), alpha=alpha, beta=beta, stream=stream,
-        reference=reference, kernel=kernel)
+        reference=reference,
+        kernel=lambda dx: launch(dev, "conv_backward_data_tf32" if tf32 else "conv_backward_data", dy, w, dx, g, alpha,
+                                 beta, stream=stream))
 
 
 def conv_backward_filter(device, x, dy, filter_hw, *, stride=1, padding=0, groups=1, out=None, alpha=1.0, beta=0.0,
@@ -139,11 +124,10 @@ def conv_backward_filter(device, x, dy, filter_hw, *, stride=1, padding=0, group
     def kernel(dw):
         # The split-K scratch is allocated on the stream that runs the kernels: CuPy's pool then cannot hand the
         # memory to another stream's allocation while the kernels still use it.
-        xr, dyr = (_device_round_tf32(dev, x, stream), _device_round_tf32(dev, dy, stream)) if tf32 else (x, dy)
-        ws_floats = int(dev.kernels.conv_backward_filter_workspace(g))
+        name = "conv_backward_filter_tf32" if tf32 else "conv_backward_filter"
+        ws_floats = int(getattr(dev.kernels, f"{name}_workspace")(g))
         ws = dev.empty((ws_floats,), np.float32, stream=stream) if ws_floats else None
-        launch(dev, "conv_backward_filter", xr, dyr, dw, ws if ws is not None else 0, ws_floats, g, alpha, beta,
-               stream=stream)
+        launch(dev, name, x, dy, dw, ws if ws is not None else 0, ws_floats, g, alpha, beta, stream=stream)
 
     return produce(
         dev, Output("out", out, g.w_shape, dtype), inputs=dict(x=x, dy=dy), alpha=alpha, beta=beta, stream=stream,
