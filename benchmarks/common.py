@@ -152,6 +152,35 @@ def device_info(device) -> dict:
     return info
 
 
+# Dense peak TFLOP/s per card and precision (NVIDIA's datasheets, boost clock; what "% of peak" divides by). A card
+# is matched by the first key its name contains; H200 has H100's compute. Unknown cards: the FP32 peak computed from
+# the SM count and clock (conv_bench.fp32_peak_tflops), none for the tensor-core precisions.
+PEAK_TFLOPS = {
+    "H100 PCIe": None,  # other clocks and SMs than the SXM part: not in the table
+    "H100": {"fp32": 67.0, "tf32": 495.0, "bf16": 990.0},  # H100 SXM5
+    "H200": {"fp32": 67.0, "tf32": 495.0, "bf16": 990.0},
+    "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0},
+}
+
+
+def card_name(device) -> str:
+    """The GPU's name ("NVIDIA H100 80GB HBM3"), "" off the GPU."""
+    if device.kind != "cuda":
+        return ""
+    import cupy as cp
+
+    with device.activate():
+        return cp.cuda.runtime.getDeviceProperties(device.index)["name"].decode()
+
+
+def peak_tflops(name: str, precision: str) -> float | None:
+    """The card's dense peak for ``precision`` ("fp32", "tf32", "bf16") from PEAK_TFLOPS, None when not listed."""
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in name:
+            return peaks[precision] if peaks else None
+    return None
+
+
 COPY_BYTES = 1 << 30  # the copy-bandwidth measurement's buffer (tests shrink it)
 
 

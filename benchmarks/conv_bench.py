@@ -23,6 +23,13 @@ the same GPU, three cuDNN baselines on its fastest algorithm for each:
   cuDNN has no algorithm for those strides (the reason is printed). Either difference above 1e-4 is printed as a
   MISMATCH and fails the run (exit 1), after the results are written.
 * cuDNN NCHW TF32: for reference (tensor cores; not the FP32 comparison).
+* Through PyTorch only: cuDNN NHWC (``channels_last``) FP32 and TF32, and cuDNN NCHW / NHWC BF16 (bfloat16 tensors).
+
+Precisions: ``ms`` / ``GFLOP/s`` are ours in FP32; ``TF32 ms`` / ``TF32 TFLOP/s`` ours with ``precision="tf32"``
+(inputs rounded to TF32, FP32 accumulation); ``BF16 ms`` is "n/a" until the bf16 kernels exist. ``% FP32 peak`` and
+``% TF32 peak`` divide by the card's dense peak in that precision (``common.PEAK_TFLOPS``, by card name: H100 SXM and
+H200 67 / 495 / 990 TFLOP/s FP32 / TF32 / BF16, A100 19.5 / 156 / 312; a card not listed: the FP32 peak from its SMs
+and clock, no tensor-core peak); the JSON's ``% of peak`` gives every timed column's share in its own precision.
 
 Timing -- the same for ours and every cuDNN column (common.bench_ms / common.torch_bench_ms): warm-up calls (for
 PyTorch on a side stream, where benchmark mode autotunes), then ``repeats`` back-to-back calls captured in ONE CUDA
@@ -36,7 +43,8 @@ Results go to benchmarks/results/ (JSON + markdown, with the device name, date a
 
 Without a GPU (``--device emu``), the layers run on the emulator at a tiny size (batch 4, channels divided by
 8) and are compared with the NumPy reference: a correctness smoke, the times are not speed figures; the cuDNN
-columns are skipped with the reason printed.
+columns are skipped with the reason printed. The TF32 passes are checked against the reference on TF32-rounded
+inputs.
 """
 from __future__ import annotations
 
@@ -146,9 +154,10 @@ def make_inputs(device, geo: ConvGeometry, seed=0):
     return host, {k: device.asarray(v) for k, v in host.items()}
 
 
-def our_fns(device, geo: ConvGeometry, arrs):
-    """{pass: one call writing into a preallocated output}, and those outputs (forward, input-grad, filter-grad)."""
-    kw_ = conv_params(geo)
+def our_fns(device, geo: ConvGeometry, arrs, precision="fp32"):
+    """{pass: one call writing into a preallocated output}, and those outputs (forward, input-grad, filter-grad), in
+    ``precision`` (fp32 or tf32: the ops' ``precision=``)."""
+    kw_ = dict(conv_params(geo), precision=precision)
     hw, khw = (geo.H, geo.W), (geo.KH, geo.KW)
     x, wt, dy = arrs["x"], arrs["w"], arrs["dy"]
     y = device.empty(geo.y_shape, np.float32)
@@ -161,9 +170,10 @@ def our_fns(device, geo: ConvGeometry, arrs):
     }, (y, dx, dw)
 
 
-def reference_outputs(geo: ConvGeometry, host):
-    """The three passes on the float64 NumPy reference (the ``numpy`` device), in PASSES order."""
-    kw_ = conv_params(geo)
+def reference_outputs(geo: ConvGeometry, host, precision="fp32"):
+    """The three passes on the float64 NumPy reference (the ``numpy`` device), in PASSES order; tf32: on the inputs
+    rounded to TF32 (what our TF32 passes compute, up to FP32 summation)."""
+    kw_ = dict(conv_params(geo), precision=precision)
     x, wt, dy = (host[k].astype(np.float64) for k in ("x", "w", "dy"))
     return (ops.conv_forward("numpy", x, wt, **kw_), ops.conv_backward_data("numpy", dy, wt, (geo.H, geo.W), **kw_),
             ops.conv_backward_filter("numpy", x, dy, (geo.KH, geo.KW), **kw_))
@@ -250,13 +260,18 @@ class ConvCuDNN(CuDNN):
         }
 
 
-def torch_fns(torch, geo: ConvGeometry, host, index: int):
-    """The same three passes through PyTorch's cuDNN (NCHW) on GPU ``index``, when torch is installed."""
+def torch_fns(torch, geo: ConvGeometry, host, index: int, bf16=False, channels_last=False):
+    """The same three passes through PyTorch's cuDNN on GPU ``index``, when torch is installed: NCHW, or NHWC memory
+    (``channels_last``); float32 tensors, or (``bf16``) bfloat16 ones (cuDNN's BF16 tensor-core kernels)."""
     s, p, g = list(geo.stride), list(geo.padding), geo.groups
     dev = torch.device("cuda", index)
-    x = torch.from_numpy(np.ascontiguousarray(host["x"].transpose(3, 0, 1, 2))).to(dev)
-    wt = torch.from_numpy(np.ascontiguousarray(host["w"].transpose(3, 0, 1, 2))).to(dev)  # (F, Cg, KH, KW)
-    dy = torch.from_numpy(np.ascontiguousarray(host["dy"].transpose(3, 0, 1, 2))).to(dev)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def tensor(a):  # (C, H, W, N) -> (N, C, H, W) on the GPU, in the dtype and memory format asked for
+        t = torch.from_numpy(np.ascontiguousarray(a.transpose(3, 0, 1, 2))).to(dev)
+        return t.to(dtype=torch.bfloat16 if bf16 else torch.float32, memory_format=fmt)
+
+    x, wt, dy = tensor(host["x"]), tensor(host["w"]), tensor(host["dy"])  # wt: (F, Cg, KH, KW)
     conv_bwd = torch.ops.aten.convolution_backward
     args = dict(bias_sizes=None, stride=s, padding=p, dilation=[1, 1], transposed=False,
                 output_padding=[0, 0], groups=g)
@@ -266,13 +281,22 @@ def torch_fns(torch, geo: ConvGeometry, host, index: int):
         "filter-grad": lambda: conv_bwd(dy, x, wt, output_mask=[False, True, False], **args),
     }
     # one call of each, as NumPy arrays in our layouts: (N, F, OH, OW) -> CHWN; dw (F, Cg, KH, KW) -> (Cg, KH, KW, F)
-    fns["outputs"] = lambda: tuple(t.cpu().numpy().transpose(1, 2, 3, 0) for t in
+    fns["outputs"] = lambda: tuple(t.float().cpu().numpy().transpose(1, 2, 3, 0) for t in
                                    (fns["forward"](), fns["input-grad"]()[0], fns["filter-grad"]()[1]))
     return fns
 
 
 # baseline columns, in table order
 NCHW_FP32, CHWN_FP32, NCHW_TF32 = "cuDNN NCHW FP32 ms", "cuDNN CHWN FP32 ms", "cuDNN NCHW TF32 ms"
+NHWC_FP32, NHWC_TF32 = "cuDNN NHWC FP32 ms", "cuDNN NHWC TF32 ms"  # PyTorch's channels_last
+NCHW_BF16, NHWC_BF16 = "cuDNN NCHW BF16 ms", "cuDNN NHWC BF16 ms"
+# the cuDNN columns through PyTorch: (column, precision, channels_last)
+TORCH_COLUMNS = ((NCHW_FP32, "fp32", False), (NHWC_FP32, "fp32", True), (NCHW_TF32, "tf32", False),
+                 (NHWC_TF32, "tf32", True), (NCHW_BF16, "bf16", False), (NHWC_BF16, "bf16", True))
+COLUMN_PRECISION = {**{c: p for c, p, _ in TORCH_COLUMNS}, CHWN_FP32: "fp32"}
+# our columns: (time column, precision); BF16 is "n/a" until the bf16 kernels exist
+OURS = (("ms", "fp32"), ("TF32 ms", "tf32"))
+OURS_BF16 = "BF16 ms"
 # cuDNN FP32's results against ours: max|cuDNN - ours| / max|ours| per pass. Both are FP32 sums of up to
 # C*KH*KW (forward), F*KH*KW (input-grad) or N*OH*OW (filter-grad: 387k at conv1, batch 128) products in different
 # orders; on random data even a sequential sum of 387k terms stays near sqrt(387k) x 6e-8 = 4e-5 of the result, and
@@ -293,18 +317,17 @@ def baselines(device, name, geo: ConvGeometry, host, warmup, repeats, torch, cud
             print(f"{column} failed for {name} ({describe(geo)}): {exc}")
 
     if torch is not None:
-        try:
-            fns = torch_fns(torch, geo, host, device.index)
-        except Exception as exc:  # noqa: BLE001
-            print(f"PyTorch baseline failed for {name}: {exc}")
-            fns = None
-        if fns is not None:
-            for column, tf32 in ((NCHW_FP32, False), (NCHW_TF32, True)):
-                torch.backends.cudnn.allow_tf32 = tf32
-                timed(column, fns, lambda fn, label: common.torch_bench_ms(torch, fn, repeats, warmup=warmup,
-                                                                           label=label))
+        for column, precision, channels_last in TORCH_COLUMNS:
+            try:
+                fns = torch_fns(torch, geo, host, device.index, bf16=precision == "bf16", channels_last=channels_last)
+            except Exception as exc:  # noqa: BLE001
+                print(f"PyTorch baseline {column} failed for {name}: {exc}")
+                continue
+            torch.backends.cudnn.allow_tf32 = precision == "tf32"
+            timed(column, fns, lambda fn, label: common.torch_bench_ms(torch, fn, repeats, warmup=warmup,
+                                                                       label=label))
             torch.backends.cudnn.allow_tf32 = False
-            if NCHW_FP32 in out:
+            if column == NCHW_FP32 and column in out:
                 out["NCHW rel diff"] = {ps: common.rel_error(got, want) for ps, got, want in
                                         zip(PASSES, fns["outputs"](), ours_out)}
     if cud is not None:
@@ -326,9 +349,19 @@ def baselines(device, name, geo: ConvGeometry, host, warmup, repeats, torch, cud
     return out
 
 
-def smoke_check(geo: ConvGeometry, host, outs):
-    """Max normwise error of each pass against the float64 reference (emu smoke)."""
-    return [common.rel_error(o, want) for o, want in zip(outs, reference_outputs(geo, host))]
+def smoke_check(geo: ConvGeometry, host, outs, precision="fp32"):
+    """Max normwise error of each pass against the float64 reference in ``precision`` (emu smoke)."""
+    return [common.rel_error(o, want) for o, want in zip(outs, reference_outputs(geo, host, precision))]
+
+
+def peaks(device) -> dict:
+    """{precision: the card's dense peak TFLOP/s or None}: common.PEAK_TFLOPS by the card's name; FP32 of a card
+    not listed: computed from its SMs and clock."""
+    name = common.card_name(device)
+    out = {p: common.peak_tflops(name, p) for p in ("fp32", "tf32", "bf16")}
+    if out["fp32"] is None:
+        out["fp32"] = fp32_peak_tflops(device)
+    return out
 
 
 def profile(device, model, layers, batch, div) -> int:
@@ -393,7 +426,8 @@ def main(argv=None):
     if not on_gpu:
         print(f"NOTE: no GPU ({device}): running a CORRECTNESS SMOKE on the emulator at batch {batch} with channel "
               f"counts divided by {div}. The times below are NOT speed figures.\n")
-    peak = fp32_peak_tflops(device)
+    peak_of = peaks(device)
+    peak = peak_of["fp32"]
     sgemm = measured_sgemm_tflops(device)
     torch = cud = None
     backends = []
@@ -408,7 +442,8 @@ def main(argv=None):
         if not args.no_cudnn:
             torch = common.cudnn(device, allow_tf32=False)  # torch's current GPU = ours
             if torch is None:
-                print(f"PyTorch baseline unavailable: {common.TORCH_UNAVAILABLE['reason']}; NCHW from ctypes cuDNN")
+                print(f"PyTorch baseline unavailable: {common.TORCH_UNAVAILABLE['reason']}; NCHW from ctypes cuDNN, "
+                      f"no NHWC or BF16 cuDNN columns (they go through PyTorch)")
             else:
                 backends.append("torch (NCHW)")
             try:
@@ -429,29 +464,48 @@ def main(argv=None):
     for name in layers:
         geo = layer_geometry(model[name], batch, div)
         host, arrs = make_inputs(device, geo)
-        fns, outs = our_fns(device, geo, arrs)
-        times = {}
-        for ps in PASSES:
-            if on_gpu:
-                for _ in range(warmup):
-                    fns[ps]()
-                times[ps] = bench_ms(fns[ps], device, reps=repeats, label=f"{name} {ps} ours")
-            else:
-                times[ps] = common.time_ms(fns[ps], device, warmup=warmup, repeats=repeats)
+        times, errors, outs = {}, {}, None
+        for column, precision in OURS:  # ours in each precision the kernels do
+            fns, prec_outs = our_fns(device, geo, arrs, precision)
+            times[column] = {}
+            for ps in PASSES:
+                if on_gpu:
+                    for _ in range(warmup):
+                        fns[ps]()
+                    times[column][ps] = bench_ms(fns[ps], device, reps=repeats, label=f"{name} {ps} ours {precision}")
+                else:
+                    times[column][ps] = common.time_ms(fns[ps], device, warmup=warmup, repeats=repeats)
+            errors[column] = smoke_check(geo, host, prec_outs, precision) if not on_gpu else [None] * 3
+            outs = outs or prec_outs  # FP32's: what cuDNN FP32 is compared with
         base = (baselines(device, name, geo, host, warmup, repeats, torch, cud, outs) if (torch or cud) else {})
         base_columns |= set(base)
-        errors = smoke_check(geo, host, outs) if not on_gpu else [None] * 3
-        for ps, err in zip(PASSES, errors):
-            ms = times[ps]
+        for i, ps in enumerate(PASSES):
+            ms = times["ms"][ps]
             row = {"layer": name, "pass": ps, "shape": describe(geo), "ms": ms,
                    "GFLOP/s": geo.flops() / (ms * 1e-3) / 1e9}
             if peak:
                 row["% FP32 peak"] = 100.0 * row["GFLOP/s"] / (peak * 1e3)
-            for column, ratio in ((NCHW_FP32, "ours/cuDNN"), (CHWN_FP32, "ours/cuDNN CHWN"), (NCHW_TF32, None)):
+            tf32_ms = times["TF32 ms"][ps]
+            row["TF32 ms"] = tf32_ms
+            row["TF32 TFLOP/s"] = geo.flops() / (tf32_ms * 1e-3) / 1e12
+            if peak_of["tf32"]:
+                row["% TF32 peak"] = 100.0 * row["TF32 TFLOP/s"] / peak_of["tf32"]
+            row[OURS_BF16] = "n/a"  # no bf16 kernels yet
+            for column, ratio in ((NCHW_FP32, "ours/cuDNN"), (CHWN_FP32, "ours/cuDNN CHWN"), (NHWC_FP32, None),
+                                  (NCHW_TF32, None), (NHWC_TF32, None), (NCHW_BF16, None), (NHWC_BF16, None)):
                 if column in base:
                     row[column] = base[column][ps]
                     if ratio:
                         row[ratio] = ms / base[column][ps]
+            best_tf32 = min((base[c][ps] for c in (NCHW_TF32, NHWC_TF32) if c in base), default=None)
+            if best_tf32:
+                row["TF32 ours/cuDNN"] = tf32_ms / best_tf32
+            # every timed column's share of the card's peak in its precision (JSON)
+            row["% of peak"] = {c: 100.0 * geo.flops() / (t * 1e-3) / 1e12 / peak_of[p] for c, p, t in
+                                [("ours FP32", "fp32", ms), ("ours TF32", "tf32", tf32_ms)] +
+                                [(c, COLUMN_PRECISION[c], base[c][ps]) for c in COLUMN_PRECISION if c in base]
+                                if peak_of[p]}
+            err, tf32_err = errors["ms"][i], errors["TF32 ms"][i]
             for diff in DIFFS:
                 if diff in base:
                     row[diff] = base[diff][ps]
@@ -462,20 +516,25 @@ def main(argv=None):
                 print(f"WARNING: {name} {ps}: not every side was timed the same way ({row['timing']})")
             if err is not None:
                 row["rel err vs ref"] = err
+                row["TF32 rel err vs ref"] = tf32_err
             row["plan"] = plan(device, ps, geo)  # JSON only: tile, path, grid, splits
             rows.append(row)
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                            if k != "plan"), flush=True)
+                            if k not in ("plan", "% of peak")), flush=True)
     if on_gpu:
         ctx.close()
 
     columns = ["layer", "pass", "shape", "ms", "GFLOP/s"]
     if peak:
         columns += ["% FP32 peak"]
+    columns += ["TF32 ms", "TF32 TFLOP/s"] + (["% TF32 peak"] if peak_of["tf32"] else []) + [OURS_BF16]
     for column, extra_cols in ((NCHW_FP32, ["ours/cuDNN", "NCHW rel diff"]),
-                               (CHWN_FP32, ["ours/cuDNN CHWN", "CHWN rel diff"]), (NCHW_TF32, [])):
+                               (CHWN_FP32, ["ours/cuDNN CHWN", "CHWN rel diff"]), (NHWC_FP32, []),
+                               (NCHW_TF32, []), (NHWC_TF32, []), (NCHW_BF16, []), (NHWC_BF16, [])):
         if column in base_columns:
             columns += [c for c in (column, *extra_cols) if c in base_columns or not c.endswith("rel diff")]
+    if any("TF32 ours/cuDNN" in r for r in rows):
+        columns += ["TF32 ours/cuDNN"]
     if any("timing" in r for r in rows):
         columns += ["timing"]
     # ours and cuDNN FP32 computed the same convolution: a larger difference is a wrong kernel (or a wrong baseline)
@@ -483,26 +542,30 @@ def main(argv=None):
     for r in bad:
         print(f"MISMATCH: {r['layer']} {r['pass']}: ours and cuDNN FP32 differ by "
               f"{max(r.get(d, 0.0) for d in DIFFS):.3g} (normwise) > {MAX_DIFF_FROM_CUDNN:g}", file=sys.stderr)
-    if not on_gpu:
-        columns += ["rel err vs ref"]
-        bad += [r for r in rows if r["rel err vs ref"] > 1e-5]
+    if not on_gpu:  # each precision against the float64 reference of what it computes (TF32: on rounded inputs)
+        columns += ["rel err vs ref", "TF32 rel err vs ref"]
+        bad += [r for r in rows if max(r["rel err vs ref"], r["TF32 rel err vs ref"]) > 1e-5]
         for r in bad:
-            print(f"SMOKE FAILED: {r['layer']} {r['pass']}: relative error {r['rel err vs ref']:.3g} > 1e-5",
-                  file=sys.stderr)
+            print(f"SMOKE FAILED: {r['layer']} {r['pass']}: relative error {r['rel err vs ref']:.3g} (FP32), "
+                  f"{r['TF32 rel err vs ref']:.3g} (TF32) > 1e-5", file=sys.stderr)
     device.kernels.conv_set_tile_override(-1)
     extra = {"model": args.model, "tile_override": args.tile, "batch": batch, "repeats": repeats, "warmup": warmup,
-             "channel_divisor": div, "fp32_peak_tflops": peak, "measured_sgemm_tflops": sgemm,
+             "channel_divisor": div, "fp32_peak_tflops": peak, "peak_tflops": peak_of, "measured_sgemm_tflops": sgemm,
              "cudnn_backends": backends,
              "timing": ({"method": f"{repeats} back-to-back calls per CUDA graph, {common.REPLAYS} replays timed "
                                    f"with CUDA events, median / {repeats}; the same for ours and every cuDNN column",
                          "by_method": common.timing_summary()} if on_gpu
                         else "wall clock (emulator smoke, not a speed figure)"),
              "ratio": "ours/cuDNN is a time ratio: < 1 means faster than cuDNN FP32 (TF32 off); ours/cuDNN CHWN: "
-                      "against cuDNN on our own memory layout"}
+                      "against cuDNN on our own memory layout; TF32 ours/cuDNN: ours in TF32 against cuDNN's faster "
+                      "TF32 layout (NCHW or NHWC)",
+             "precisions": "ms/GFLOP/s: ours in FP32; TF32: ours with TF32-rounded inputs and FP32 accumulation; BF16: "
+                           "n/a until the bf16 kernels exist; cuDNN BF16: bfloat16 tensors through PyTorch"}
     path = common.write_results(f"conv-{args.model}", device, rows, columns, extra)
     print(f"\nwrote {path} and {path.with_suffix('.json')}")
     if peak:
-        print(f"FP32 peak {peak:.1f} TFLOP/s (SMs x lanes x 2 x clock); measured SGEMM {sgemm:.1f} TFLOP/s")
+        print(f"peaks (TFLOP/s): " + ", ".join(f"{p} {v:g}" for p, v in peak_of.items() if v)
+              + f"; measured SGEMM {sgemm:.1f} TFLOP/s")
     return 1 if bad else 0
 
 

@@ -68,6 +68,7 @@ from convnet.cpu import loop_threads  # noqa: E402
 from convnet.data import Loader, synthetic  # noqa: E402
 from convnet.devices import blas_threads, get_device  # noqa: E402
 from convnet.geometry import lrn_scale  # noqa: E402
+from convnet.graph import MISSING, resolve_precision  # noqa: E402
 from convnet.model_file import build_net, load_model, resolve_model  # noqa: E402
 from convnet.optim import SGD  # noqa: E402
 
@@ -241,10 +242,14 @@ def timed_steps(step, sync, warmup, steps) -> float:
     return time.perf_counter() - t
 
 
-def torch_side(torch, net, x, y, args, dev, layout="nchw"):
+def torch_side(torch, net, x, y, args, dev, layout="nchw", mode="fp32"):
     """The PyTorch twin on the same batch, checked to be the same model: (step function, sync, same-model check,
     per-layer check, settings) for the timing rounds. ``layout``: ``nchw`` (PyTorch's default) or, on the CPU,
-    ``channels_last`` (its fastest CPU layout: oneDNN's blocked convolutions)."""
+    ``channels_last`` (its fastest CPU layout: oneDNN's blocked convolutions). ``mode`` (on a GPU): ``fp32`` (TF32
+    off), ``tf32`` (cuDNN's and cuBLAS's TF32 allowed) or ``bf16`` (``torch.autocast`` to bfloat16, FP32 weights):
+    set at every step, as the rounds alternate. The same-model check runs in FP32 whatever the mode."""
+    import contextlib
+
     import torch.nn.functional as F
 
     on_gpu = dev.kind == "cuda"
@@ -272,14 +277,22 @@ def torch_side(torch, net, x, y, args, dev, layout="nchw"):
     model.train()
     opt = torch_optimizer(torch, model)
 
+    tf32 = mode == "tf32"
+    autocast = ((lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)) if mode == "bf16"
+                else contextlib.nullcontext)
+
     def step(i):
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xt), yt) * coeff
+        with autocast():
+            loss = F.cross_entropy(model(xt), yt) * coeff
         loss.backward()
         opt.step()
 
     if on_gpu:
-        settings = (f"FP32, TF32 off, cudnn.benchmark, NCHW, torch {torch.__version__}, "
+        what = {"fp32": "FP32, TF32 off", "tf32": "FP32 with TF32 (cuDNN and matmul)",
+                "bf16": "BF16 autocast (FP32 weights)"}[mode]
+        settings = (f"{what}, cudnn.benchmark, NCHW, torch {torch.__version__}, "
                     f"cuDNN {torch.backends.cudnn.version()}")
     else:
         settings = (f"FP32, CPU, {torch.get_num_threads()} thread(s), {layout}, torch {torch.__version__} "
@@ -296,10 +309,10 @@ def step_row(what, device, args, net, seconds: list[float]) -> dict:
             "ms_per_step_rounds": [round(t / args.steps * 1e3, 3) for t in seconds]}
 
 
-def _setup(a):
-    """The device, our net and optimizer, and one fixed batch."""
+def _setup(a, precision="fp32"):
+    """The device, our net (in ``precision``) and optimizer, and one fixed batch."""
     dev = get_device(a.device)
-    net, _ = load_model(a.model, device=dev)
+    net, _ = load_model(a.model, device=dev, precision=precision)
     opt = SGD(net, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     shape = net.data_layer.out_shape
     ds = synthetic(shape, net.num_classes, n_train=a.batch_size * 4, n_test=16)
@@ -321,13 +334,14 @@ def run_side(a) -> int:
     """``--side``: one timing round of one side in this (fresh) process; prints ``SECONDS <s>``. On the CPU each
     round runs in its own process, so neither side's thread pool (OpenBLAS's, PyTorch's OpenMP) is left spinning
     while the other side runs (measured: our 2-thread step 4x slower beside PyTorch's idle pool)."""
-    dev, net, opt, _, x, y = _setup(a)
+    side, _, option = a.side.partition(":")
+    dev, net, opt, _, x, y = _setup(a, option if side == "ours" else "fp32")
     with blas_threads(a.threads), loop_threads(a.threads):
-        if a.side == "ours":
+        if side == "ours":
             seconds = timed_steps(_our_step(net, opt, x, y), dev.synchronize, a.warmup, a.steps)
         else:
             torch = common.torch_cpu(a.threads)
-            step, sync, *_ = torch_side(torch, net, x, y, a, dev, layout=a.side.split(":", 1)[1])
+            step, sync, *_ = torch_side(torch, net, x, y, a, dev, layout=option)
             seconds = timed_steps(step, sync, a.warmup, a.steps)
     print(f"SECONDS {seconds!r}")
     return 0
@@ -448,6 +462,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="CPU devices: BLAS threads for ours and intra-op threads for PyTorch (default 1)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
+    p.add_argument("--precisions", default=None,
+                   help="ours in each of these precisions, e.g. fp32,tf32 (default: fp32,tf32 on a GPU with tensor "
+                        "cores, else the device's default); bf16 is reported as not implemented yet")
     p.add_argument("--json", help="append the rows as JSON lines to this file")
     p.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/")
     p.add_argument("--towers", action="store_true",
@@ -463,6 +480,11 @@ def main(argv=None):
         return run_towers(a)
     dev, net, opt, ld, x, y = _setup(a)
     on_host = dev.kind != "cuda"
+    precisions = [p.strip() for p in a.precisions.split(",")] if a.precisions else \
+        (["fp32", "tf32"] if dev.default_precision == "tf32" else [dev.default_precision])
+    for precision in [p for p in precisions if p in MISSING]:
+        print(f"ours in {precision} skipped: {MISSING[precision]}")
+    precisions = [resolve_precision(p, [dev]) for p in precisions if p not in MISSING]
     cpu_path = dev.kind in ("cpu", "numpy")  # a real CPU measurement (emu is a smoke)
     if dev.kind == "emu":
         print(f"NOTE: {dev} is the CUDA emulator: a smoke run, the images/s below are NOT speed figures.")
@@ -475,33 +497,46 @@ def main(argv=None):
             torch = common.torch_cpu(a.threads) if on_host else common.cudnn(dev, allow_tf32=False)
         if torch is None:
             print(f"PyTorch twin skipped: {common.TORCH_UNAVAILABLE['reason']}")
-    layouts = ["nchw", "channels_last"] if on_host else ["nchw"]
-    twins = {}  # layout -> (step, sync, check, per_layer, settings)
+    # the twins: on the CPU FP32 in two layouts; on a GPU NCHW in FP32, TF32 and BF16 autocast
+    variants = ([(layout, layout, "fp32") for layout in ("nchw", "channels_last")] if on_host else
+                [(f"nchw {mode}", "nchw", mode) for mode in ("fp32", "tf32", "bf16")])
+    twins = {}  # name -> (step, sync, check, per_layer, settings)
     if torch is not None:  # first, from the same initial parameters as ours (before our steps move them)
-        for layout in layouts:
+        for name, layout, mode in variants:
             try:
-                twins[layout] = torch_side(torch, net, x, y, a, dev, layout=layout)
+                twins[name] = torch_side(torch, net, x, y, a, dev, layout=layout, mode=mode)
             except Exception as exc:  # noqa: BLE001 - report, keep our numbers
-                print(f"PyTorch twin ({layout}) failed: {type(exc).__name__}: {exc}")
+                print(f"PyTorch twin ({name}) failed: {type(exc).__name__}: {exc}")
+        if not on_host:
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
-    seconds = {"ours": [], **{layout: [] for layout in twins}}
+    initial = net.state_dict()  # every precision of ours starts from the same parameters
+    seconds = {**{f"ours {p}": [] for p in precisions}, **{name: [] for name in twins}}
     with blas_threads(a.threads if on_host else 0), loop_threads(a.threads if on_host else 1):
         for _ in range(max(1, a.repeats)):
-            for layout, twin in twins.items():
-                seconds[layout].append(_round_in_subprocess(argv, f"torch:{layout}") if cpu_path
-                                       else timed_steps(twin[0], twin[1], a.warmup, a.steps))
-            seconds["ours"].append(_round_in_subprocess(argv, "ours") if cpu_path
-                                   else timed_steps(_our_step(net, opt, x, y), dev.synchronize, a.warmup, a.steps))
-    res = [step_row("train step (compute), ours", str(dev) + (f", {a.threads} thread(s)" if on_host else ""),
-                    a, net, seconds["ours"])]
+            for name, twin in twins.items():
+                seconds[name].append(_round_in_subprocess(argv, f"torch:{name}") if cpu_path
+                                     else timed_steps(twin[0], twin[1], a.warmup, a.steps))
+            for precision in precisions:
+                if cpu_path:
+                    seconds[f"ours {precision}"].append(_round_in_subprocess(argv, f"ours:{precision}"))
+                    continue
+                net.load_state_dict(initial)
+                net.precision = precision  # the graph reads it at every forward
+                seconds[f"ours {precision}"].append(
+                    timed_steps(_our_step(net, opt, x, y), dev.synchronize, a.warmup, a.steps))
+    res = [step_row(f"train step (compute), ours, {p}", str(dev) + (f", {a.threads} thread(s)" if on_host else ""),
+                    a, net, seconds[f"ours {p}"]) for p in precisions]
+    ours = len(res)
     check = None
-    for layout, (_, _, layout_check, per_layer, settings) in twins.items():
-        row = step_row(f"train step (compute), PyTorch twin, {layout}",
-                       f"torch {'cpu' if on_host else f'cuda:{dev.index}'}", a, net, seconds[layout])
-        row.update(same_model_rel_diff=layout_check, same_model_per_layer=per_layer, settings=settings)
+    for name, (_, _, twin_check, per_layer, settings) in twins.items():
+        row = step_row(f"train step (compute), PyTorch twin, {name}",
+                       f"torch {'cpu' if on_host else f'cuda:{dev.index}'}", a, net, seconds[name])
+        row.update(same_model_rel_diff=twin_check, same_model_per_layer=per_layer, settings=settings)
         res.append(row)
-        res[0][f"ours/torch {layout} images_per_s"] = res[0]["images_per_s"] / row["images_per_s"]
-        check = layout_check if check is None else max(check, layout_check)
+        for r in res[:ours]:
+            r[f"ours/torch {name} images_per_s"] = r["images_per_s"] / row["images_per_s"]
+        check = twin_check if check is None else max(check, twin_check)
     if torch is not None and not twins:
         res.append({"what": "train step (compute), PyTorch twin", "model": a.model, "error": "failed (see log)"})
     t = time.perf_counter()
@@ -522,12 +557,15 @@ def main(argv=None):
         print(f"same-model check (each layer and the whole net, ours vs PyTorch): {check:.3g}  {verdict}")
     if not a.no_write:
         columns = ["what", "model", "device", "batch", "images_per_s", "ms_per_step", "gflop_per_s",
-                   *[f"ours/torch {layout} images_per_s" for layout in twins], "same_model_rel_diff"]
+                   *[f"ours/torch {name} images_per_s" for name in twins], "same_model_rel_diff"]
         extra = {"steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "threads": a.threads if on_host else None,
                  "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
                  "timing": ("per round: warm-up steps, sync, N back-to-back steps, sync; wall clock; rounds alternate "
                             "PyTorch and ours" + (", each round in its own process" if cpu_path else "") +
                             "; the median round; the same for both sides"),
+                 "precisions": {"ours": precisions, "note": "ours: conv and fc multiplications in that precision "
+                                "(tf32: TF32-rounded inputs, FP32 accumulation; bf16 not implemented yet); "
+                                "PyTorch on a GPU: FP32 (TF32 off), TF32 (cuDNN and matmul), BF16 autocast"},
                  "torch_plan": torch_plan(net)}
         path = common.write_results(f"train-{net.name}" + (f"-b{a.batch_size}-t{a.threads}" if cpu_path else ""),
                                     dev, res, columns, extra)

@@ -183,6 +183,28 @@ class Cuda:
         return types.SimpleNamespace(ptr=self._pinned[-1].ctypes.data)
 
 
+class RoutinesLinalg:
+    """``cupy._core._routines_linalg``: the per-process GEMM compute type of each float dtype. The fake's ``matmul``
+    in float32 with ``COMPUTE_TYPE_TF32`` multiplies the inputs with their low 13 mantissa bits dropped, as a tensor
+    core given raw FP32 bits does (truncation, the worst a GPU may do: code that rounds its inputs to TF32 first gets
+    the same products on the fake as on any GPU; code that does not is caught)."""
+    COMPUTE_TYPE_TBD, COMPUTE_TYPE_DEFAULT, COMPUTE_TYPE_PEDANTIC, COMPUTE_TYPE_FP16 = 0, 1, 2, 3
+    COMPUTE_TYPE_FP32, COMPUTE_TYPE_FP64, COMPUTE_TYPE_BF16, COMPUTE_TYPE_TF32 = 4, 5, 6, 7
+
+    def __init__(self):
+        self._types = {}  # dtype char -> compute type
+
+    def get_compute_type(self, dtype):
+        return self._types.setdefault(np.dtype(dtype).char, self.COMPUTE_TYPE_DEFAULT)
+
+    def set_compute_type(self, dtype, compute_type):
+        self._types[np.dtype(dtype).char] = compute_type
+
+
+def _tf32_truncated(a):
+    return (np.ascontiguousarray(a, np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------------- arrays
 def _unwrap(v, what):
     if isinstance(v, ndarray):
@@ -269,7 +291,7 @@ def _operator(name, inplace):
 
 
 for _op in ("add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "pow", "lt", "le", "gt", "ge", "eq",
-            "ne"):
+            "ne", "and", "or"):
     setattr(ndarray, f"__{_op}__", _operator(f"__{_op}__", inplace=False))
 for _op in ("iadd", "isub", "imul", "itruediv"):
     setattr(ndarray, f"__{_op}__", _operator(f"__{_op}__", inplace=True))
@@ -306,7 +328,7 @@ class FakeCupy:
     # What CuPy shares with NumPy and the cuda path uses: NumPy's, on the unwrapped arrays (a name missing here is an
     # AttributeError in the tests; tests/test_cupy_api.py checks that CuPy has each)
     SHARED_FUNCTIONS = frozenset({"add", "arange", "argmax", "concatenate", "empty_like", "exp", "isfinite", "log",
-                                  "logaddexp", "matmul", "maximum", "multiply", "not_equal", "ones", "sum"})
+                                  "logaddexp", "matmul", "maximum", "multiply", "not_equal", "ones", "sum", "where"})
     SHARED_METHODS = frozenset({"all", "astype", "copy", "max", "sum", "transpose", "view"})
     VIEWS = frozenset({"transpose", "view"})  # methods that launch nothing: any GPU's array
     HOST_ONLY = ("_workspace", "_plan", "_tile_count", "_tile_override")  # kernel-module functions that launch nothing
@@ -321,6 +343,7 @@ class FakeCupy:
         self._local = threading.local()  # the current GPU and streams are per thread, as in CUDA
         self.ndarray = type("ndarray", (ndarray,), {"_fake": self})
         self.cuda = Cuda(self)
+        self._core = types.SimpleNamespace(_routines_linalg=RoutinesLinalg())
         self.random = types.SimpleNamespace(rand=self._rand)
         self.null = self.cuda.Stream(null=True)
 
@@ -461,6 +484,13 @@ class FakeCupy:
             return value  # cupy.float32 is numpy.float32
         if name not in self.SHARED_FUNCTIONS:
             raise AttributeError(f"fake cupy has no attribute {name!r} (FakeCupy.SHARED_FUNCTIONS)")
+        if name == "matmul" and self._core._routines_linalg.get_compute_type(np.float32) == \
+                RoutinesLinalg.COMPUTE_TYPE_TF32:
+            def tf32_matmul(a, b, out=None):  # float32 operands through TF32 tensor cores (RoutinesLinalg)
+                if a.dtype == np.float32 and b.dtype == np.float32:
+                    a, b = (self.ndarray(_tf32_truncated(m._a), m._dev) for m in (a, b))
+                return self.delegate("matmul tf32", value)(a, b, out=out)
+            return tf32_matmul
         return self.delegate(name, value)
 
     def _rand(self, *size, dtype=float):  # cupy.random.rand
@@ -485,6 +515,7 @@ class FakeCupy:
                                 lambda dev: (dev.index < self.devices, "a fake GPU (tests/fake_cupy.py)"))
         monkeypatch.setitem(sys.modules, "cupy", self)
         monkeypatch.setitem(sys.modules, "cupyx", CUPYX)
+        monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", self._core._routines_linalg)
         monkeypatch.setattr(backend_cuda, "_allocator_configured", True)
         kernels = self.kernels(Device("emu").kernels)
         monkeypatch.setattr(backend_cuda.CudaDevice, "kernels", property(lambda dev: kernels))

@@ -30,7 +30,9 @@ def test_conv_bench_emu_smoke(tmp_path, monkeypatch):
     data, md = _written(tmp_path)
     assert [r["pass"] for r in data["rows"]] == ["forward", "input-grad", "filter-grad"] * 2
     assert all(r["rel err vs ref"] <= 1e-5 and "16-byte path" in r["plan"] for r in data["rows"])
-    assert "not speed figures" in md
+    # ours in TF32 against the float64 reference on TF32-rounded inputs; no bf16 kernels yet
+    assert all(r["TF32 rel err vs ref"] <= 1e-5 and r["TF32 ms"] > 0 and r["BF16 ms"] == "n/a" for r in data["rows"])
+    assert "not speed figures" in md and "| TF32 ms |" in md and "| BF16 ms |" in md
 
 
 def test_conv_bench_profile_mode_runs_each_pass(capsys):
@@ -52,7 +54,7 @@ FAKE_GPU_RUNS = {
     "ops_bench": ["--batch", "4", "--channel-divisor", "8", "--repeats", "2", "--warmup", "1", "--no-write",
                   "--families", "elementwise,softmax,fc"],
     "train_bench": ["--model", "fmnist", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--repeats", "1",
-                    "--no-torch", "--no-write"],
+                    "--no-torch", "--json"],
 }
 
 
@@ -66,23 +68,39 @@ def test_benchmark_cuda_path_on_a_fake_gpu(run, tmp_path, monkeypatch, capsys):
 
     name, *flags = run.split()
     fake = FakeCupy(devices=1).install(monkeypatch, usable=True)
+    props = fake.cuda.runtime.getDeviceProperties(0)  # a card of the peak table (benchmarks/common.PEAK_TFLOPS)
+    monkeypatch.setattr(fake.cuda.runtime, "getDeviceProperties", lambda i: {**props, "name": b"NVIDIA H100 80GB HBM3"})
     bench = _writing_to(tmp_path, monkeypatch, name)
     monkeypatch.setattr(bench.common, "COPY_BYTES", 1 << 20)  # the copy-bandwidth buffer: 1 MB, not 1 GB
     for module in (bench, getattr(bench, "conv_bench", None)):  # ops_bench takes the ceiling from conv_bench's
         if hasattr(module, "SGEMM_N"):
             monkeypatch.setattr(module, "SGEMM_N", 64)  # the ceiling's GEMM at a smoke size, not 8192^3 on numpy
     fake.recording = True
-    rc = bench.main(["--device", "cuda", *flags, *FAKE_GPU_RUNS[run]])
+    rc = bench.main(["--device", "cuda", *flags, *FAKE_GPU_RUNS[run]] +
+                    ([str(tmp_path / "rows.jsonl")] if name == "train_bench" else []))
     out = capsys.readouterr().out
     assert rc in (0, None), out
     assert any(c[0].startswith("launch") for c in fake.calls)  # our kernels ran, through the cuda backend
+    if name == "train_bench":  # ours in each precision of a GPU with tensor cores (the fake is sm_90)
+        rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+        assert [r["what"] for r in rows] == ["train step (compute), ours, fp32", "train step (compute), ours, tf32",
+                                             "loader (one thread)"]
+        assert all(r["images_per_s"] > 0 for r in rows)
+        assert any(c[0] == "launch conv_forward_tf32" for c in fake.calls) and any(
+            c[0] == "matmul tf32" for c in fake.calls)
     if run == "conv_bench --profile":
         assert [c[0] for c in fake.calls if c[0].startswith("profiler")] == ["profiler start", "profiler stop"] * 6
     elif name == "conv_bench":
         data = json.loads(next(tmp_path.glob("conv-*.json")).read_text())
         assert [r["pass"] for r in data["rows"]] == ["forward", "input-grad", "filter-grad"]
         assert all(r["GFLOP/s"] > 0 and "% FP32 peak" in r for r in data["rows"])
+        assert data["peak_tflops"] == {"fp32": 67.0, "tf32": 495.0, "bf16": 990.0}
+        for r in data["rows"]:  # ours in TF32 beside FP32, its share of the TF32 peak; BF16 not yet
+            assert r["TF32 ms"] > 0 and r["% TF32 peak"] == pytest.approx(100 * r["TF32 TFLOP/s"] / 495.0)
+            assert r["BF16 ms"] == "n/a" and set(r["% of peak"]) == {"ours FP32", "ours TF32"}  # no cuDNN here
+            assert r["% FP32 peak"] == pytest.approx(r["GFLOP/s"] / 1e3 / 67.0 * 100)
         assert any(c[0] == "graph launch" for c in fake.calls)  # timed as a CUDA graph
+        assert any(c[0] == "launch conv_forward_tf32" for c in fake.calls)  # the TF32 kernel was timed
 
 
 def test_conv_bench_reads_the_clock_from_the_device_attribute_else_the_properties(monkeypatch):
@@ -102,6 +120,15 @@ def test_conv_bench_reads_the_clock_from_the_device_attribute_else_the_propertie
     assert bench.fp32_peak_tflops(dev) == want
     monkeypatch.setattr(rt, "getDeviceProperties", lambda i: {k: v for k, v in props.items() if k != "clockRate"})
     assert bench.fp32_peak_tflops(dev) is None
+
+
+def test_the_peak_table_matches_cards_by_name():
+    bench = load_benchmark("conv_bench")
+    peak = bench.common.peak_tflops
+    assert [peak("NVIDIA H100 80GB HBM3", p) for p in ("fp32", "tf32", "bf16")] == [67.0, 495.0, 990.0]
+    assert [peak("NVIDIA H200", p) for p in ("fp32", "tf32", "bf16")] == [67.0, 495.0, 990.0]
+    assert [peak("NVIDIA A100-SXM4-80GB", p) for p in ("fp32", "tf32", "bf16")] == [19.5, 156.0, 312.0]
+    assert peak("NVIDIA H100 PCIe", "tf32") is None and peak("NVIDIA GeForce RTX 4090", "fp32") is None
 
 
 def test_conv_bench_rejects_unknown_layer():
@@ -174,10 +201,21 @@ def test_train_bench_emu_smoke(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "PyTorch twin skipped: ours runs on emu" in out and "NOT speed figures" in out
     lines = [json.loads(line) for line in rows.read_text().splitlines()]
-    assert [r["what"] for r in lines] == ["train step (compute), ours", "loader (one thread)"]
+    assert [r["what"] for r in lines] == ["train step (compute), ours, fp32", "loader (one thread)"]
     assert lines[0]["images_per_s"] > 0
     data, md = _written(tmp_path)
     assert data["benchmark"] == "train-fmnist" and len(data["rows"]) == 2  # emu: no batch/threads in the name
+
+
+def test_train_bench_times_ours_in_each_precision_asked_and_says_bf16_is_missing(tmp_path, monkeypatch, capsys):
+    bench = _writing_to(tmp_path, monkeypatch, "train_bench")
+    rows = tmp_path / "rows.jsonl"
+    assert bench.main(["--device", "numpy", "--model", "fmnist", "--batch-size", "4", "--steps", "1", "--warmup",
+                       "0", "--repeats", "1", "--no-torch", "--precisions", "fp32,tf32,bf16", "--json",
+                       str(rows)]) == 0
+    assert "ours in bf16 skipped: bfloat16 activation storage" in capsys.readouterr().out
+    lines = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [r["what"] for r in lines[:2]] == ["train step (compute), ours, fp32", "train step (compute), ours, tf32"]
 
 
 def test_train_bench_towers_smoke_on_emu(tmp_path, monkeypatch, capsys):
@@ -267,6 +305,13 @@ def test_conv_bench_pytorch_baseline_is_the_same_convolution(shape, monkeypatch)
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch, "device", lambda kind, index=None: cpu)
     got = bench.torch_fns(torch, geo, host, 0)["outputs"]()
+    last = bench.torch_fns(torch, geo, host, 0, channels_last=True)["outputs"]()  # NHWC memory: the same values
+    for g, l in zip(got, last):
+        np.testing.assert_allclose(l, g, rtol=1e-5, atol=1e-5 * np.abs(g).max())
+    # bfloat16 tensors: inputs off by 2**-9 relative, each product by 2**-8, results stored in bfloat16 (2**-9 more);
+    # normwise against the float32 result, sums of random signs keep it near those terms: 2e-2 leaves room
+    for g, b in zip(got, bench.torch_fns(torch, geo, host, 0, bf16=True)["outputs"]()):
+        assert bench.common.rel_error(b, g) < 2e-2
     kw = dict(stride=geo.stride, padding=geo.padding, groups=geo.groups)
     want = (ref.conv_forward(host["x"], host["w"], **kw), ref.conv_backward_data(host["dy"], host["w"],
                                                                                  (geo.H, geo.W), **kw),

@@ -815,7 +815,8 @@ def test_rounding_up_layers_run_on_the_fake_gpu_as_on_emu(tmp_path, monkeypatch,
     assert shapes(net)["conv1"] == (8, 5, 5) and shapes(net)["pool1"] == (8, 3, 3)
     assert shapes(net)["pool2"] == (8, 2, 2)  # ceil((3 + 1 - 2) / 2) + 1
     args = ["--model", a, "--params", b, "--input-shape", "3,10,10", "--dataset", "synthetic", "--no-progress",
-            "--no-plots", "--epochs", "2", "--batch-size", "16", "--synthetic-train", "64", "--synthetic-test", "32"]
+            "--no-plots", "--epochs", "2", "--batch-size", "16", "--synthetic-train", "64", "--synthetic-test", "32",
+            "--precision", "fp32"]
     emu = run([*args, "--out", str(tmp_path / "emu"), "--device", "emu"], log=lambda s: None)["history"]
     FakeCupy(devices=2).install(monkeypatch, usable=True)
     gpu = run([*args, "--out", str(tmp_path / "gpu"), "--device", "cuda:1"], log=lambda s: None)["history"]

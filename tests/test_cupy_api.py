@@ -187,6 +187,9 @@ def test_the_fake_cupy_matches_the_installed_cupy():
     cupy, fake = _real("cupy"), FakeCupy()
     assert check("cupy", fake, cupy, _machinery("cupy", fake)) == []
     assert check("cupyx", CUPYX, _real("cupyx")) == []
+    # the GEMM compute type (CudaDevice.matmul's TF32), a private module the public-name walk above skips
+    assert check("cupy._core._routines_linalg", fake._core._routines_linalg,
+                 _real("cupy._core._routines_linalg")) == []
     assert sorted(n for n in FakeCupy.SHARED_FUNCTIONS if not callable(getattr(cupy, n, None))) == []
     assert sorted(n for n in FakeCupy.SHARED_METHODS if not hasattr(cupy.ndarray, n)) == []
 

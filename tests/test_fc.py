@@ -1,10 +1,15 @@
 """Fully-connected layers: NumPy reference, then the op on every available device."""
+import re
+
 import numpy as np
 import pytest
 
 from convnet import ops
 from convnet.reference import fc as ref
-from helpers import assert_close, assert_raises_each, check_grad
+from convnet.devices import Device
+from convnet.ops.fc import round_tf32_on
+from convnet.reference.precision import round_tf32
+from helpers import assert_close, assert_raises_each, check_grad, to_host, NUMPY
 
 
 def test_reference_gradients():
@@ -97,3 +102,115 @@ def test_beta_without_out_does_not_read_a_new_buffer(kernel_device):
         for _ in range(2):  # a reused allocation would hold the previous result
             got = call(kernel_device, d, alpha=2.0, beta=0.5)
             np.testing.assert_allclose(kernel_device.to_numpy(got), want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- TF32
+# ``precision="tf32"``: the GEMM operands rounded to TF32 (cvt.rna), products accumulated in FP32.
+#
+# Tolerance, per element, against the float64 reference on TF32-rounded inputs, S = the same GEMM of absolute values
+# (plus |bias|): the product of two TF32 values (11 significant bits each) is exact in FP32, so only FP32 rounding errs:
+# K - 1 additions, the bias and the alpha scaling, each at most u = 2**-24 relative to S, in any summation order:
+# |got - want| <= (K + 3) u |alpha| S, plus with beta 2 u |beta prior| (its product and the final addition); doubled
+# for a GPU's adder tree, which may truncate. A missing rounding (or the truncation a tensor core applies to raw FP32) errs by up to
+# 2**-10 S per product: each case with K >= 7 also checks that the result is at least 20 times closer to the rounded
+# reference than the exact (unrounded) result is, so an unrounded GEMM fails.
+
+U = 2.0 ** -24
+# (I, O, N): awkward sizes, N not a multiple of 4, K = 1, long reductions
+FC_SHAPES = [(33, 17, 12), (1, 5, 3), (7, 1, 1), (130, 9, 5), (64, 64, 64), (257, 31, 7), (9, 300, 2)]
+
+
+def _tf32_cases(rng, I, O, N):
+    x, w, b, dy = (rng.uniform(-1, 1, s).astype(np.float32) for s in ((I, N), (O, I), (O,), (O, N)))
+    r = lambda *a: [round_tf32(v).astype(np.float64) for v in a]
+    xr, wr, dyr = r(x, w, dy)
+    a64 = lambda v: np.abs(v.astype(np.float64))
+    return [  # (op, args, rounded reference, exact reference, S, K)
+        (ops.fc_forward, (x, w, b), ref.fc_forward(xr, wr, b.astype(np.float64)),
+         ref.fc_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)),
+         ref.fc_forward(a64(xr), a64(wr), a64(b)), I),
+        (ops.fc_backward_data, (dy, w), ref.fc_backward_data(dyr, wr),
+         ref.fc_backward_data(dy.astype(np.float64), w.astype(np.float64)), ref.fc_backward_data(a64(dyr), a64(wr)), O),
+        (ops.fc_backward_weights, (x, dy), ref.fc_backward_weights(xr, dyr),
+         ref.fc_backward_weights(x.astype(np.float64), dy.astype(np.float64)),
+         ref.fc_backward_weights(a64(xr), a64(dyr)), N),
+    ]
+
+
+@pytest.mark.parametrize("shape", FC_SHAPES, ids=[f"I{i}-O{o}-N{n}" for i, o, n in FC_SHAPES])
+def test_tf32_matches_the_float64_reference_on_rounded_inputs(any_device, shape):
+    dev = any_device
+    rng = np.random.default_rng(sum(shape))
+    for alpha, beta in ((1.0, 0.0), (-0.5, 0.75)):
+        for fn, args, want, exact, S, K in _tf32_cases(rng, *shape):
+            prior = rng.uniform(-1, 1, want.shape).astype(np.float32)
+            out = dev.asarray(prior.copy()) if beta else None
+            got = dev.to_numpy(fn(dev, *(dev.asarray(a) for a in args), out=out, alpha=alpha, beta=beta,
+                                  precision="tf32")).astype(np.float64)
+            want = alpha * want + beta * prior
+            exact = alpha * exact + beta * prior
+            bound = 2 * ((K + 3) * U * abs(alpha) * S + (2 * U * abs(beta) * np.abs(prior) if beta else 0))
+            err = np.abs(got - want)
+            assert (err <= bound).all(), f"{fn.__name__} {shape}: worst excess {np.max(err - bound):.3g}"
+            if K >= 7:  # the rounding shows: got is far closer to the rounded reference than the exact result is
+                assert 20 * np.max(err) < np.max(np.abs(exact - want)), f"{fn.__name__} {shape}: rounding unseen"
+
+
+def test_tf32_rounds_on_the_device_as_the_reference_does(any_device):
+    """Ties away from zero, a carry into the exponent (to inf at the top), subnormals, signed zeros, inf and NaN."""
+    bits = np.array([0x3F800FFF, 0x3F801000, 0x3F801001, 0xBF801000, 0x3F802000, 0x7F7FF000, 0x7F7FEFFF, 0x00001000,
+                     0x00000FFF, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00001, 0x7F800001, 0x3FFFF000],
+                    np.uint32)
+    values = np.concatenate([bits.view(np.float32),
+                             np.random.default_rng(3).standard_normal(200).astype(np.float32)]).reshape(5, -1)
+    got = to_host(round_tf32_on(dev := any_device, dev.asarray(values)))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), round_tf32(values).view(np.uint32))
+
+
+def test_tf32_on_numpy_in_float64_accumulates_in_float64():
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((40, 3)), rng.standard_normal((6, 40))
+    y = ops.fc_forward(NUMPY, x, w, precision="tf32")
+    assert y.dtype == np.float64
+    np.testing.assert_allclose(y, round_tf32(w).astype(np.float64) @ round_tf32(x).astype(np.float64), rtol=1e-12)
+
+
+def test_fp32_is_the_default_bit_for_bit(kernel_device):
+    dev = kernel_device
+    rng = np.random.default_rng(6)
+    x, w, b = (dev.asarray(rng.uniform(-1, 1, s).astype(np.float32)) for s in ((37, 5), (11, 37), (11,)))
+    np.testing.assert_array_equal(to_host(ops.fc_forward(dev, x, w, b, precision="fp32")),
+                                  to_host(ops.fc_forward(dev, x, w, b)))
+
+
+@pytest.mark.parametrize("precision,message", [
+    ("bf16", "precision 'bf16' is not implemented for fully-connected layers yet"),
+    ("fp16", "precision must be one of 'fp32', 'tf32', 'bf16', got 'fp16'"),
+    (None, "precision must be one of")])
+def test_an_unknown_or_unimplemented_precision_is_a_clear_error(precision, message):
+    x, w = np.ones((3, 2), np.float32), np.ones((4, 3), np.float32)
+    for call in (lambda: ops.fc_forward(NUMPY, x, w, precision=precision),
+                 lambda: ops.fc_backward_data(NUMPY, np.ones((4, 2), np.float32), w, precision=precision),
+                 lambda: ops.fc_backward_weights(NUMPY, x, np.ones((4, 2), np.float32), precision=precision)):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+
+
+def test_tf32_on_the_cuda_backend_uses_cublas_tf32_on_rounded_inputs(monkeypatch):
+    """The fake GPU's TF32 GEMM truncates its inputs (tests/fake_cupy.py): only inputs rounded first give the rounded
+    reference's products; the compute type is TF32 for the GEMM only."""
+    from fake_cupy import FakeCupy
+    fake = FakeCupy(devices=1).install(monkeypatch)
+    dev = Device("cuda", 0)
+    linalg = fake._core._routines_linalg
+    rng = np.random.default_rng(8)
+    fake.recording = True
+    for fn, args, want, exact, S, K in _tf32_cases(rng, 65, 19, 10):
+        got = dev.to_numpy(fn(dev, *(dev.asarray(a) for a in args), precision="tf32")).astype(np.float64)
+        assert (np.abs(got - want) <= 2 * (K + 3) * U * S).all(), fn.__name__
+        assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT
+        fp32 = dev.to_numpy(fn(dev, *(dev.asarray(a) for a in args)))
+        np.testing.assert_allclose(fp32, exact, rtol=0, atol=float(np.max(2 * (K + 3) * U * S)) + 1e-6)
+    names = [c[0] for c in fake.calls if c[0].startswith("matmul")]
+    assert names == ["matmul tf32", "matmul"] * 3

@@ -178,7 +178,8 @@ def test_a_whole_run_on_one_gpu_allocates_and_launches_only_there(tmp_path, requ
     cfg = tmp_path / "model.cfg"
     cfg.write_text(model)
     args = ["--model", str(cfg), "--no-progress", "--no-plots", "--epochs", "1" if gpus[0] == "cuda" else "2",
-            *(["--data", str(request.getfixturevalue("prepared"))] if data else []), *flags]
+            *(["--data", str(request.getfixturevalue("prepared"))] if data else []), *flags,
+            "--precision", "fp32"]  # emu's (a GPU with tensor cores defaults to tf32)
     kind, calls = gpus
     want = _trained(run([*args, "--out", str(tmp_path / "emu"), "--device", "emu"], log=lambda s: None),
                     tmp_path / "emu")
@@ -204,7 +205,7 @@ def test_a_softmax_on_the_second_tower_sums_the_loss_and_errors_on_its_gpu(tmp_p
     cfg = tmp_path / "model.cfg"
     cfg.write_text(SOFTMAX_ON_TOWER_1)
     args = ["--model", str(cfg), "--no-progress", "--no-plots", "--synthetic-train", "64", "--synthetic-test", "32",
-            "--epochs", "2", "--multiview"]
+            "--epochs", "2", "--multiview", "--precision", "fp32"]
     want = _trained(run([*args, "--out", str(tmp_path / "one"), "--device", "numpy"], log=lambda s: None),
                     tmp_path / "one")
     res = run([*args, "--out", str(tmp_path / "two"), "--devices", devices], log=lambda s: None)
@@ -222,7 +223,7 @@ def test_two_data_parallel_ranks_each_work_on_their_own_gpu_only(tmp_path, kind)
     cfg = tmp_path / "tiny.cfg"
     cfg.write_text(TINY)
     common = ["--model", str(cfg), "--synthetic-train", "96", "--synthetic-test", "32", "--no-progress", "--no-plots",
-              "--epochs", "2", "--multiview"]
+              "--epochs", "2", "--multiview", "--precision", "fp32"]
     assert main([*common, "--device", "emu", "--out", str(tmp_path / "one")]) == 0
     rc, out, err = run_ranks(2, [__file__, "ranks", kind, tmp_path, *common, "--distributed", "--device", "cuda",
                                  "--out", tmp_path / "two"], timeout=180)

@@ -372,14 +372,17 @@ def _trained(res, out):
         return hist, {k: z[k] for k in z.files if k != "meta"}
 
 
-@pytest.mark.parametrize("model, devices", [("TINY", ("emu", "cuda")),
-                                            ("TWO_TOWERS", ("emu:0,emu:1", "cuda:0,cuda:1"))], ids=["one", "towers"])
-def test_training_on_a_fake_gpu_gives_emus_bits(tmp_path, monkeypatch, model, devices):
+@pytest.mark.parametrize("model, devices, precision", [("TINY", ("emu", "cuda"), "fp32"),
+                                                       ("TINY", ("emu", "cuda"), "tf32"),
+                                                       ("TWO_TOWERS", ("emu:0,emu:1", "cuda:0,cuda:1"), "tf32")],
+                         ids=["one", "one-tf32", "towers-tf32"])
+def test_training_on_a_fake_gpu_gives_emus_bits(tmp_path, monkeypatch, model, devices, precision):
     """The cuda device's whole training path on the CPU -- loader, uploads, trainer, evaluation, checkpoint, and with
     two towers the streams, events and peer copies: CuPy replaced by tests/fake_cupy.py (numpy memory, CuPy's
     rules: no host array mixed into device arithmetic, no implicit conversion to NumPy) and convnet._cuda by the
     emulator. The cuda branches then run the same kernels and array operations in the same order as emu, so the
-    same bits: a cuda-only branch that computes something else, or that CuPy would reject, fails here."""
+    same bits: a cuda-only branch that computes something else, or that CuPy would reject, fails here. In tf32 the
+    fake GPU's cuBLAS truncates its TF32 inputs (tests/fake_cupy.py): the same bits say the inputs were rounded."""
     from fake_cupy import FakeCupy
     from test_two_towers import TWO_TOWERS
 
@@ -387,7 +390,7 @@ def test_training_on_a_fake_gpu_gives_emus_bits(tmp_path, monkeypatch, model, de
     cfg = tmp_path / "model.cfg"
     cfg.write_text(text)
     args = ["--model", str(cfg), "--no-progress", "--no-plots", "--synthetic-train", "64", "--synthetic-test", "32",
-            "--epochs", "2"]
+            "--epochs", "2", "--precision", precision]
     emu, cuda = devices
     want = _trained(run([*args, "--out", str(tmp_path / "emu"), "--devices", emu], log=lambda s: None),
                     tmp_path / "emu")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from .devices import parse_device_list
 from .optim import Schedule
+from .reference.precision import PRECISIONS
 
 _AUTO = object()
 EVAL_CROPS = (1, 2, 10)  # the test views --eval-crops allows
@@ -99,6 +100,10 @@ class Config:
     seed: int = setting(0, "random seed (data order, crops, flips, dropout, initialisation)", low=0,
                        high=2**63 - 1)
     dtype: str = setting("float32", "parameter and activation type", choices=("float32", "float64"))
+    precision: str | None = setting(None, "fp32 | tf32 | bf16: the conv and fc layers' multiplications (tf32: inputs "
+                                          "rounded to TF32, FP32 accumulation; bf16: not implemented yet) (default: "
+                                          "tf32 on a GPU with tensor cores, compute capability 8.0+, else fp32; saved "
+                                          "with the run)", train=True, choices=PRECISIONS)
     prefetch: int = setting(3, "batches prepared ahead by the loader thread (0 = no thread)", low=0, high=1024)
     workers: int | None = setting(None, "processes decoding prepared (JPEG) datasets (0 = in the loader thread; "
                                         "default: the CPU cores less one, at least 1)", low=0, high=1024)

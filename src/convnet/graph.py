@@ -10,7 +10,32 @@ import numpy as np
 from . import ops
 from .layers import Data, Dropout, Layer, LayerError, ModelWarning, SoftmaxCost
 from .placement import Placements, check_on, resolve_devices
+from .reference.precision import PRECISIONS
 from .summary import format_summary
+
+# what each precision still lacks (a precision listed here is refused with this reason, on every device)
+MISSING = {"bf16": "bfloat16 activation storage and the bf16 conv/fc kernels are not implemented yet"}
+
+
+def resolve_precision(precision, devices, check_devices=True) -> str:
+    """The precision of a net's conv and fc multiplications: ``precision`` ("fp32", "tf32", "bf16") checked against
+    every device of the net (``check_devices``), or None: its default, tf32 when every device is a GPU with tensor
+    cores (``Device.default_precision``), else fp32. A ValueError names what is wrong."""
+    if precision is None:
+        if not check_devices:
+            return "fp32"
+        return "tf32" if devices and all(d.default_precision == "tf32" for d in devices) else "fp32"
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision in MISSING:
+        raise ValueError(f"precision {precision} is not available: {MISSING[precision]}")
+    if check_devices:
+        for d in devices:
+            if precision not in d.precisions:
+                raise ValueError(f"precision {precision} is not supported on {d} (it runs "
+                                 f"{', '.join(d.precisions)}): {precision} needs a GPU of compute capability 8.0 or "
+                                 f"newer (tensor cores)")
+    return precision
 
 
 def _seed32(*parts):
@@ -28,10 +53,13 @@ class Net:
     ``forward(x, labels=None, train=False, step=0, batch=None)`` returns the probabilities ``(classes, N)``;
     with labels it also keeps the summed loss (``net.loss``, a 0-d device array) for ``backward()``.
     ``init_params=False`` infers the shapes only (no parameters: for summaries of big models).
+    ``precision``: of the conv and fc layers' multiplications (forward and both backward passes), "fp32" (the
+    default here), "tf32", or None: the devices' default (:func:`resolve_precision`; what ``convnet.train`` uses when
+    no precision is asked for); parameters and activations stay in ``dtype`` (float32).
     """
 
     def __init__(self, layers, *, device=None, devices=None, dtype=np.float32, seed=0, name="net", source=None,
-                 init_params=True):
+                 init_params=True, precision="fp32"):
         try:  # a shapes-only net (summaries) may name devices this machine cannot use
             self.device, towers = resolve_devices(device, devices, usable=init_params)
         except ValueError as e:
@@ -44,6 +72,11 @@ class Net:
         for layer in layers:
             self._add(layer)
         self._build(towers, init_params)
+        try:
+            self.precision = resolve_precision(precision, sorted({l.device for l in self.order}, key=str),
+                                               check_devices=init_params)
+        except ValueError as e:
+            raise LayerError(str(e)) from None
 
     # --- construction ----------------------------------------------------------------------------------------
     def _add(self, layer):
@@ -190,7 +223,7 @@ class Net:
         for l in self.order:
             if l is d:
                 continue
-            ctx = {"train": train}
+            ctx = {"train": train, "precision": self.precision}
             if l is self.cost_layer and labels is not None:
                 ctx["labels"] = self.placements.copy(labels, d, l)
             if train:

@@ -261,6 +261,7 @@ class Layer:
     learnable = False
     KEYS: tuple = ()  # the keys this class declares
     keys: tuple = ()  # all its keys: KEYS, then the inherited ones (set by __init_subclass__)
+    bf16_output = True  # with precision bf16 its output is stored in bfloat16 (else in the net's float dtype)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -358,6 +359,13 @@ def _signature(cls):
     return inspect.Signature(params)
 
 
+def _precision(ctx) -> str:
+    """The precision of a conv or fc layer's multiplications: the net's (``Net.precision``, passed in ``ctx``); fp32
+    for a layer run on its own. Only conv and fc layers use it: the others (pooling, normalisation, neurons, dropout,
+    softmax, local layers) compute in the activations' dtype."""
+    return ctx.get("precision", "fp32")
+
+
 def _gaussian(rng, shape, std, dtype):
     dtype = np.dtype(dtype)
     g = rng.standard_normal(shape, dtype=dtype if dtype in (np.float32, np.float64) else np.float64)
@@ -420,6 +428,7 @@ class Data(Layer):
     """The input images, ``(channels, size, size, N)``. ``scale`` multiplies the mean-subtracted pixels."""
 
     type = "data"
+    bf16_output = False  # the loader's float32 images (the first conv rounds them as it reads them)
     type_aliases = ("input",)
     takes_inputs = False
     KEYS = (
@@ -517,17 +526,20 @@ class Conv(_Learnable):
         if eh or ew:  # the overhanging last windows read zeros, as cuda-convnet's
             x = ops.window(self.device, x, (0, 0), (x.shape[1] + eh, x.shape[2] + ew), 0.0)
         ctx["x"] = x
-        y = ops.conv_forward(self.device, x, self.params["w"], self.params["b"], **self._geom())
+        y = ops.conv_forward(self.device, x, self.params["w"], self.params["b"], precision=_precision(ctx),
+                             **self._geom())
         return self._neuron_forward(y, ctx)
 
     def backward(self, dy, ctx):
         dy = self._neuron_backward(dy, ctx)
         x = ctx["x"]
-        self.grads["w"] = ops.conv_backward_filter(self.device, x, dy, self.size, **self._geom())
+        self.grads["w"] = ops.conv_backward_filter(self.device, x, dy, self.size, precision=_precision(ctx),
+                                                   **self._geom())
         self.grads["b"] = ops.conv_backward_bias(self.device, dy)
         if not self.needs_input_grad:
             return None
-        dx = ops.conv_backward_data(self.device, dy, self.params["w"], x.shape[1:3], **self._geom())
+        dx = ops.conv_backward_data(self.device, dy, self.params["w"], x.shape[1:3], precision=_precision(ctx),
+                                    **self._geom())
         if tuple(x.shape[1:3]) != tuple(self.in_shape[1:]):
             dx = ops.window(self.device, dx, (0, 0), tuple(self.in_shape[1:]), 0.0)
         return dx
@@ -617,17 +629,17 @@ class FC(_Learnable):
     def forward(self, x, ctx):
         x = x.reshape(-1, x.shape[-1])  # (C,H,W,N) -> (CHW, N): free for C-contiguous CHWN
         ctx["x"] = x
-        y = ops.fc_forward(self.device, x, self.params["w"], self.params["b"])
+        y = ops.fc_forward(self.device, x, self.params["w"], self.params["b"], precision=_precision(ctx))
         return self._neuron_forward(y, ctx)
 
     def backward(self, dy, ctx):
         dy = self._neuron_backward(dy, ctx)
         x = ctx["x"]
-        self.grads["w"] = ops.fc_backward_weights(self.device, x, dy)
+        self.grads["w"] = ops.fc_backward_weights(self.device, x, dy, precision=_precision(ctx))
         self.grads["b"] = ops.fc_backward_bias(self.device, dy)
         if not self.needs_input_grad:
             return None
-        return ops.fc_backward_data(self.device, dy, self.params["w"])
+        return ops.fc_backward_data(self.device, dy, self.params["w"], precision=_precision(ctx))
 
     def describe(self):
         return f"fc {self.outputs}" + (f" {self.neuron}" if self.neuron else "")
@@ -987,6 +999,7 @@ class SoftmaxCost(Layer):
     counter instead (checking on the host would cost a synchronisation per step), which the training loop reads
     with :meth:`take_bad_labels` where it synchronises anyway."""
 
+    bf16_output = False  # the probabilities (and the loss) stay float32
     type = "softmax"
     type_aliases = ("softmax_ce",)
     KEYS = (Key("coeff", "float", 1.0, minimum=0.0, exclusive=True),)

@@ -239,22 +239,24 @@ def read_model_file(path, what="model") -> str:
                              f"{e.start})") from None
 
 
-def build_net(text, source="<model>", *, device=None, devices=None, dtype="float32", seed=0, init_params=True):
+def build_net(text, source="<model>", *, device=None, devices=None, dtype="float32", seed=0, init_params=True,
+              precision="fp32"):
     specs, train = parse_model_text(text, source)
     layers = build_layers(specs, source)
     try:
         net = Net(layers, device=device, devices=devices, dtype=dtype, seed=seed, name=Path(source).stem,
-                  source=text, init_params=init_params)
+                  source=text, init_params=init_params, precision=precision)
     except LayerError as e:
         raise ModelFileError(f"{source}: {e}") from None
     return net, train
 
 
 def load_model(name_or_path, *, params=None, input_shape=None, device=None, devices=None, dtype="float32", seed=0,
-               init_params=True):
+               init_params=True, precision="fp32"):
     """Build a Net from a shipped model name or a model-file path. Returns (net, train_defaults).
     ``params``, ``input_shape``: cuda-convnet's layer-params file and the image shape (C, H, W) for its data layer
     (:func:`resolve_model`). ``devices``: the devices of the model's towers (``device = 0|1`` layers).
     ``init_params=False`` builds shapes only (for summaries of big models)."""
     text, source = resolve_model(name_or_path, params, input_shape)
-    return build_net(text, source, device=device, devices=devices, dtype=dtype, seed=seed, init_params=init_params)
+    return build_net(text, source, device=device, devices=devices, dtype=dtype, seed=seed, init_params=init_params,
+                     precision=precision)

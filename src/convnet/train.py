@@ -33,6 +33,7 @@ from . import install_report
 from .devices import DeviceUnavailable, blas_threads, default_threads
 from .model_file import ModelFileError, build_net, parse_model_text, resolve_model
 from .distributed import DistributedError, digest, job_to_abort
+from .graph import resolve_precision
 from .placement import resolve_devices
 from .trainer import Trainer, TrainingError
 from .training import rundir
@@ -159,7 +160,12 @@ def summary(cfg, log):
     each layer's device and the bytes exchanged per image between devices, for a net on several)."""
     try:
         device, towers = resolve_devices(cfg.device, cfg.devices, names=("--device", "--devices"))
+        try:
+            precision = f"precision {resolve_precision(cfg.precision, towers or [device])}"
+        except ValueError as e:
+            precision = f"--{e}"
         device = f"devices {', '.join(map(str, towers))}" if towers else f"device {device}"
+        device = f"{device}, {precision}"
     except (DeviceUnavailable, ValueError) as e:
         device = f"device unavailable: {e}"
     log(f"{install_report()}; {device}")

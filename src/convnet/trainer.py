@@ -83,7 +83,7 @@ class Trainer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ModelWarning)  # logged by check_net
             self.net, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=self.device,
-                                    devices=towers, dtype=cfg.dtype, seed=cfg.seed)
+                                    devices=towers, dtype=cfg.dtype, seed=cfg.seed, precision=cfg.precision)
         self.exchanged = {}  # bytes per image copied between devices in the last training step ("src->dst": n)
         self.dataset = inputs.checked_dataset(cfg, self.net)
         self.mean = self.dataset.mean_image() if resume_state is None or resume_state["mean"] is None \
@@ -100,6 +100,9 @@ class Trainer:
         self.history = []
         self.partial = _empty_totals()
         self.saved_at = None  # (epoch, batch) of the checkpoint in self.out written or resumed from, if any
+        # a checkpoint's parameters are FP32 whatever the precision it was trained in (older ones: fp32), so a resume
+        # may change the precision; the start of the run says so
+        self.resumed_precision = None
         if resume_state is not None:
             self._restore(resume_state)
         self.out = Path(cfg.out)
@@ -223,6 +226,7 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint '{path}' does not fit the model or is incomplete: "
                                        f"{' '.join(str(e).split())}") from None
         self.epoch, self.batch, self.step = m["epoch"], m["batch"], m["step"]
+        self.resumed_precision = m["config"].get("precision") or "fp32"
         self.history = m["history"]
 
     def save(self):

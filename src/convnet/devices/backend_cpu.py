@@ -68,7 +68,7 @@ class CpuDevice(NumpyDevice):
     def host_function(self, reference_function):
         return FAST_FUNCTIONS.get(reference_function, reference_function)
 
-    def matmul(self, a, b, out=None):
+    def matmul(self, a, b, out=None, precision="fp32"):
         return cpu_gemm.matmul(a, b, out=out)
 
 

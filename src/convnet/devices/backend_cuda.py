@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -16,6 +18,7 @@ from convnet.extensions import load_extension
 # goes unseen; with the pool off it is reported (tools/gpu_check.sh sets it for the sanitizer runs).
 POOL_ENV = "CONVNET_CUPY_POOL"
 _allocator_configured = False
+_COMPUTE_TYPE_LOCK = threading.Lock()  # CuPy's GEMM compute type is one per process (CudaDevice.matmul)
 
 # cuBLAS is bit-reproducible only while one stream is active on a handle: with several (CuPy shares one handle per
 # device and thread across our streams: the towers', the one-placement net's) it may pick workspaces differently
@@ -217,6 +220,15 @@ class CudaDevice(Device):
             return False, f"{name} is sm_{major}{minor}; convnet._cuda is built for sm_80 and newer"
         return True, f"{name} (sm_{major}{minor}, {sms} SMs)"
 
+    # -- precision: TF32 (and later BF16) tensor cores from compute capability 8.0 (sm_80) on ---------------------
+    @property
+    def tensor_cores(self):
+        return int(cupy().cuda.Device(self.index).compute_capability) >= 80
+
+    @property
+    def precisions(self):
+        return ("fp32", "tf32") if self.tensor_cores else ("fp32",)
+
     @classmethod
     def report(cls):
         n, reason = gpu_count()
@@ -261,6 +273,21 @@ class CudaDevice(Device):
 
     def pointer(self, a):
         return int(a.data.ptr)
+
+    def matmul(self, a, b, out=None, precision="fp32"):
+        """cuBLAS through CuPy; ``tf32``: with CuPy's TF32 compute type (cuBLAS's CUBLAS_COMPUTE_32F_FAST_TF32, tensor
+        cores) for this call only. CuPy keeps the compute type per process, so every call sets it and issues its GEMM
+        under one lock: another thread's fp32 GEMM never runs in TF32."""
+        cp = cupy()
+        linalg = importlib.import_module("cupy._core._routines_linalg")
+        with _COMPUTE_TYPE_LOCK:
+            before = linalg.get_compute_type(np.float32)
+            if precision == "tf32":
+                linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)
+            try:
+                return cp.matmul(a, b, out=out)
+            finally:
+                linalg.set_compute_type(np.float32, before)
 
     # -- execution ----------------------------------------------------------------------------------------------
     def activate(self):

@@ -83,6 +83,19 @@ class Device:
         (``convnet.reference.conv.conv_forward``, ...): that function itself, or the cpu device's faster one."""
         return reference_function
 
+    # -- precision --------------------------------------------------------------------------------------------------
+    # The precisions of the conv and fc multiplications (convnet.reference.precision.PRECISIONS) this device runs, and
+    # the one a run uses when none is asked for. A host device runs tf32 by rounding (the emulator's tensor-core
+    # kernels, the reference on rounded inputs), so tests check it everywhere; its default stays fp32 (no speed to
+    # gain). bf16 is in no list until bfloat16 activation storage exists.
+    tensor_cores = False        # TF32/BF16 tensor-core units (a GPU of compute capability 8.0 or newer)
+    precisions = ("fp32", "tf32")
+
+    @property
+    def default_precision(self) -> str:
+        """tf32 on a GPU with tensor cores, fp32 elsewhere."""
+        return "tf32" if self.tensor_cores else "fp32"
+
     # -- arrays -----------------------------------------------------------------------------------------------------
     @property
     def xp(self):
@@ -123,9 +136,11 @@ class Device:
         with self.on_stream(stream):
             return self.adopt(self.xp.zeros(shape, dtype=dtype))
 
-    def matmul(self, a, b, out=None):
+    def matmul(self, a, b, out=None, precision="fp32"):
         """``a @ b`` of two of this device's matrices into ``out`` (None: a new array), on the current stream: BLAS
-        on numpy and emu, cuBLAS on cuda, the fast CPU path's GEMM on cpu."""
+        on numpy and emu, cuBLAS on cuda, the fast CPU path's GEMM on cpu. ``precision="tf32"``: the caller rounded
+        ``a`` and ``b`` to TF32 (their products are exact in FP32), so a device with TF32 units may use them (cuBLAS's
+        TF32 compute type on cuda); the host's FP32 GEMM computes the same products."""
         return self.xp.matmul(a, b, out=out)
 
     def adopt(self, a):

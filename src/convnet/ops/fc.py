@@ -10,27 +10,69 @@ Layout: activations ``(features, N)``, weights ``(out_features, in_features)``, 
 GEMM is the device's (``Device.matmul``): NumPy (BLAS) on numpy and emu, CuPy (cuBLAS) on cuda, convnet/cpu/gemm.py
 on cpu, on ``stream``.
 ``beta == 0`` never reads ``out`` (NaN garbage in a fresh buffer is fine), as in BLAS.
+
+``precision`` (keyword, the three GEMM ops): ``"fp32"`` (the default) as above; ``"tf32"``: the two GEMM operands are
+rounded to TF32 (``reference.precision.round_tf32``: PTX ``cvt.rna.tf32.f32``, on the device) and multiplied with
+FP32 accumulation; the device's GEMM is then told the operands are TF32 (cuBLAS's TF32 compute type on cuda: tensor
+cores; the products of two TF32 values are exact in FP32, so every device computes the same products). The bias,
+alpha, beta and ``fc_backward_bias`` stay FP32. ``"bf16"`` is not implemented yet (a ValueError).
 """
 from __future__ import annotations
 
 from convnet.ops._checks import as_device, check_array, check_disjoint, check_same_dtype
 from convnet.ops._dispatch import Output, accumulate, alpha_beta, output
+from convnet.reference.precision import PRECISIONS
+
+GEMM_PRECISIONS = ("fp32", "tf32")  # what the fc GEMMs do (bf16 needs bfloat16 activations: not yet)
+
+# TF32 rounding on the bits of float32, as reference.precision.round_tf32, written with the operators NumPy and CuPy
+# share so that it runs on the device that holds the array
+_EXPONENT, _MANTISSA, _QUIET = 0x7F800000, 0x007FFFFF, 0x00400000
+_TF32_KEEP, _TF32_HALF = 0xFFFFE000, 0x00001000
 
 
-def _gemm(dev, out, y, a, b, bias, alpha, beta, stream):
-    """y = alpha * (a @ b + bias[:, None]) + beta * y with the device's GEMM, submitted to ``stream``: straight
-    into ``y`` when nothing is accumulated (``out`` is the caller's array or None), else through a temporary."""
+def check_gemm_precision(precision) -> str:
+    """``precision`` if the fc ops do it, else a ValueError naming what is missing."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+    if precision not in GEMM_PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not implemented for fully-connected layers yet (needs "
+                         f"bfloat16 activation storage; available: {', '.join(map(repr, GEMM_PRECISIONS))})")
+    return precision
+
+
+def round_tf32_on(dev, a):
+    """``a`` rounded to TF32 like ``cvt.rna.tf32.f32`` (ties away from zero; NaN stays NaN, quiet; inf stays inf), a
+    new contiguous array of ``dev`` in ``a``'s dtype (float64 on numpy: the rounded values, accumulated in float64 by
+    the reference): the values of ``reference.precision.round_tf32``."""
+    xp = dev.xp
+    bits = xp.ascontiguousarray(a, dtype=xp.float32).view(xp.uint32)
+    u = xp.uint32
+    special = (bits & u(_EXPONENT)) == u(_EXPONENT)
+    nan = special & ((bits & u(_MANTISSA)) != u(0))
+    rounded = (bits + u(_TF32_HALF)) & u(_TF32_KEEP)  # a carry into the exponent is the right rounding up, to inf too
+    rounded = xp.where(special, bits, rounded)
+    rounded = xp.where(nan, (bits | u(_QUIET)) & u(_TF32_KEEP), rounded)
+    return dev.adopt(rounded.view(xp.float32).astype(a.dtype, copy=False))
+
+
+def _gemm(dev, out, y, a, b, bias, alpha, beta, stream, precision):
+    """y = alpha * (a @ b + bias[:, None]) + beta * y with the device's GEMM in ``precision``, submitted to
+    ``stream``: straight into ``y`` when nothing is accumulated (``out`` is the caller's array or None), else
+    through a temporary."""
 
     def work():
-        nonlocal y  # the in-place operators below rebind the name (to the same array)
+        nonlocal y, a, b  # the in-place operators below rebind the name (to the same array)
+        if precision == "tf32":
+            a, b = round_tf32_on(dev, a), round_tf32_on(dev, b)
         if out is None or (alpha == 1.0 and beta == 0.0):
-            dev.matmul(a, b, out=y)
+            dev.matmul(a, b, out=y, precision=precision)
             if bias is not None:
                 y += bias[:, None]
             if alpha != 1.0:
                 y *= alpha
             return
-        r = dev.matmul(a, b)
+        r = dev.matmul(a, b, precision=precision)
         if bias is not None:
             r += bias[:, None]
         accumulate(y, r, alpha, beta)
@@ -39,7 +81,8 @@ def _gemm(dev, out, y, a, b, bias, alpha, beta, stream):
     return y
 
 
-def fc_forward(device, x, w, bias=None, out=None, alpha=1.0, beta=0.0, stream=None):
+def fc_forward(device, x, w, bias=None, out=None, alpha=1.0, beta=0.0, stream=None, *, precision="fp32"):
+    check_gemm_precision(precision)
     dev = as_device(device)
     alpha, beta = alpha_beta(alpha, beta, out)
     check_array("w", w, dev, ndim=2)
@@ -52,10 +95,11 @@ def fc_forward(device, x, w, bias=None, out=None, alpha=1.0, beta=0.0, stream=No
     check_same_dtype(x=x, w=w, bias=bias)
     y = output(dev, Output("out", out, (O, x.shape[1]), x.dtype), stream)
     check_disjoint(dev, "out", out, x=x, w=w, bias=bias)
-    return _gemm(dev, out, y, w, x, bias, alpha, beta, stream)
+    return _gemm(dev, out, y, w, x, bias, alpha, beta, stream, precision)
 
 
-def fc_backward_data(device, dy, w, out=None, alpha=1.0, beta=0.0, stream=None):
+def fc_backward_data(device, dy, w, out=None, alpha=1.0, beta=0.0, stream=None, *, precision="fp32"):
+    check_gemm_precision(precision)
     dev = as_device(device)
     alpha, beta = alpha_beta(alpha, beta, out)
     check_array("w", w, dev, ndim=2)
@@ -66,10 +110,11 @@ def fc_backward_data(device, dy, w, out=None, alpha=1.0, beta=0.0, stream=None):
     check_same_dtype(dy=dy, w=w)
     dx = output(dev, Output("out", out, (I, dy.shape[1]), dy.dtype), stream)
     check_disjoint(dev, "out", out, dy=dy, w=w)
-    return _gemm(dev, out, dx, w.T, dy, None, alpha, beta, stream)
+    return _gemm(dev, out, dx, w.T, dy, None, alpha, beta, stream, precision)
 
 
-def fc_backward_weights(device, x, dy, out=None, alpha=1.0, beta=0.0, stream=None):
+def fc_backward_weights(device, x, dy, out=None, alpha=1.0, beta=0.0, stream=None, *, precision="fp32"):
+    check_gemm_precision(precision)
     dev = as_device(device)
     alpha, beta = alpha_beta(alpha, beta, out)
     check_array("x", x, dev, ndim=2)
@@ -79,7 +124,7 @@ def fc_backward_weights(device, x, dy, out=None, alpha=1.0, beta=0.0, stream=Non
     check_same_dtype(x=x, dy=dy)
     dw = output(dev, Output("out", out, (dy.shape[0], x.shape[0]), x.dtype), stream)
     check_disjoint(dev, "out", out, x=x, dy=dy)
-    return _gemm(dev, out, dw, dy, x.T, None, alpha, beta, stream)
+    return _gemm(dev, out, dw, dy, x.T, None, alpha, beta, stream, precision)
 
 
 def fc_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):

@@ -11,6 +11,7 @@ from ..data import DataError, Loader, PreparedDataset, PreparedLoader, augment, 
 from ..data.workers import default_workers
 from ..devices import KINDS, device_class, get_device
 from ..distributed import rank_device
+from ..graph import resolve_precision
 from ..layers import ModelWarning
 from ..memory import check_fits
 from ..model_file import build_net
@@ -33,9 +34,10 @@ def run_devices(cfg, world):
 
 
 def check_net(cfg, device, towers, images_per_step, log):
-    """ConfigError before anything is allocated: a --dtype that one of the net's devices cannot compute in, or a
-    net that does not fit in their free memory for ``images_per_step`` (checked on a shapes-only build of the net,
-    whose model warnings are logged)."""
+    """ConfigError before anything is allocated: a --dtype that one of the net's devices cannot compute in, a
+    --precision one of them cannot run (``cfg.precision`` None becomes the devices' default: the run's settings
+    record the precision used), or a net that does not fit in their free memory for ``images_per_step`` (checked on
+    a shapes-only build of the net, whose model warnings are logged)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ModelWarning)
         shapes, _ = build_net(cfg.model_text, cfg.model_source or cfg.model, device=device, devices=towers,
@@ -52,6 +54,10 @@ def check_net(cfg, device, towers, images_per_step, log):
         raise ConfigError(f"--dtype {cfg.dtype} is not supported on {', '.join(map(str, bad))} (it computes in "
                           f"{' and '.join(map(str, bad[0].dtypes))}); devices that compute in {cfg.dtype}: "
                           f"{', '.join(able)}. Use --dtype float32 or --device {able[0]}")
+    try:
+        cfg.precision = resolve_precision(cfg.precision, sorted({l.device for l in shapes.order}, key=str))
+    except ValueError as e:
+        raise ConfigError(f"--{e}") from None
     check_fits(shapes, images_per_step)
 
 

@@ -41,8 +41,12 @@ def run_lines(t) -> list[str]:
     cfg, ds = t.cfg, t.dataset
     threads = f" ({cfg.threads} threads)" if t.device.synchronous and cfg.threads else ""  # host devices
     lines = [f"training {Path(cfg.model).stem} on {ds.name} ({len(ds.train_x)} train / {len(ds.test_x)} test "
-             f"images), device {t.device}{threads}, {t.net.num_params():,} parameters, {cfg.epochs} epochs of "
+             f"images), device {t.device}{threads}, precision {t.net.precision}, {t.net.num_params():,} parameters, "
+             f"{cfg.epochs} epochs of "
              f"{len(t.train_loader)} batches of {cfg.batch_size}; output in {t.out}"]
+    if t.resumed_precision not in (None, t.net.precision):
+        lines.append(f"resumed from a checkpoint trained in {t.resumed_precision}: its FP32 parameters go on in "
+                     f"{t.net.precision}")
     if t.reducer is not None:
         r = t.reducer
         lines.append(f"data-parallel over {t.ranks.size} rank(s), rank 0 on {t.device}: "
@@ -69,7 +73,7 @@ def epoch_record(t, test, clock) -> dict:
             "test_error": te1, "test_top5_error": te5, "train_time_s": p["time"],
             "elapsed_s": time.perf_counter() - clock[0], "cpu_s": time.process_time() - clock[1],
             "images_per_s": p["n"] / p["time"] if p["time"] > 0 else None, "device": str(t.device),
-            **({"ranks": t.ranks.size} if t.ranks.world is not None else {}),
+            "precision": t.net.precision, **({"ranks": t.ranks.size} if t.ranks.world is not None else {}),
             **({"exchanged_bytes_per_image": dict(t.exchanged)} if t.exchanged else {})}
 
 

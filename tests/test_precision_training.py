@@ -1,0 +1,186 @@
+"""Training in a precision (``--precision``, ``[train] precision``, ``Net(precision=...)``): the defaults per device,
+the one-line errors, what a run records, resume and evaluation, and a TF32 run following the FP32 one.
+
+How close a TF32 run stays to the FP32 one is a *measured* bound, not a derived one: the first step's loss differs
+only by the TF32 rounding of the conv and fc inputs (2**-11 relative per operand; measured 3e-5 on the fmnist net),
+but SGD amplifies any difference from step to step -- even two FP32 runs that sum in different orders (emu and cpu)
+part by a few hundredths of the loss within 40 steps -- so no useful per-step bound follows from the rounding. What
+holds is that the *mean* loss over windows of steps stays together: on the fmnist net and the synthetic dataset (seeded,
+so the numbers repeat) the worst window differed by 0.0052 (cpu, 25-step windows, 200 steps) and by 0.0071 (emu TF32 vs
+FP32, 10-step windows, 40 steps). The tests allow 0.1 times the FP32 window mean plus 0.01: twice to ten times the
+measured gaps, far below what a broken precision costs (a run that stops learning, or diverges, misses it by the loss
+itself). The op tests (test_fc.py, test_conv_tf32*.py) hold the roundings to derived tolerances; these hold the
+training loop to using them.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from convnet import checkpoint as ckpt
+from convnet.data import load_dataset
+from convnet.devices import Device
+from convnet.graph import resolve_precision
+from convnet.model_file import ModelFileError, load_model
+from convnet.optim import SGD
+from convnet.summary import activation_bytes
+from convnet.train import main, run
+from helpers import CPU, EMU, NUMPY
+from models import TINY
+
+
+def _losses(device, precision, steps, batch):
+    """The per-image training loss of each step of the fmnist net (seed 0) on the synthetic dataset."""
+    ds = load_dataset("synthetic", shape=(1, 28, 28), classes=10, seed=0, synthetic_size=(steps * batch, 8))
+    net, _ = load_model("fmnist", device=device, seed=0, precision=precision)
+    assert net.precision == precision
+    opt = SGD(net, lr=0.01)
+    images = np.moveaxis(ds.train_x.astype(np.float32) / 255 - 0.5, 0, -1)  # (N, H, W, C) -> (H, W, C, N)
+    images = np.ascontiguousarray(np.moveaxis(images, 2, 0))  # (C, H, W, N)
+    losses = []
+    for step in range(steps):
+        part = slice(step * batch, (step + 1) * batch)
+        x, y = device.asarray(images[..., part]), device.asarray(ds.train_y[part].astype(np.int32))
+        net.forward(x, y, train=True, step=step)
+        net.backward()
+        opt.step()
+        losses.append(float(net.loss) / batch)
+    return np.array(losses)
+
+
+def _assert_follows(tf32, fp32, window):
+    assert np.isfinite(tf32).all(), tf32
+    assert abs(tf32[0] - fp32[0]) <= 1e-3, (tf32[0], fp32[0])  # the same weights: the rounding alone (3e-5 measured)
+    assert (tf32 != fp32).any(), "tf32 trained bit for bit as fp32: the precision was not used"
+    for start in range(0, len(fp32), window):
+        a, b = fp32[start:start + window].mean(), tf32[start:start + window].mean()
+        assert abs(a - b) <= 0.1 * a + 0.01, f"steps {start}..{start + window - 1}: mean loss fp32 {a:.4f}, tf32 {b:.4f}"
+    assert fp32[-window:].mean() < 0.75 * fp32[:window].mean()  # the run learns, so following it means something
+
+
+def test_tf32_training_follows_fp32_on_cpu():
+    _assert_follows(_losses(CPU, "tf32", 200, 16), _losses(CPU, "fp32", 200, 16), window=25)
+
+
+def test_tf32_training_follows_fp32_on_emu():
+    """TF32 through the emulated tensor-core kernels, against the FP32 run on cpu: emu's FP32 is cpu's up to the
+    order of its sums (test_train.py's emu/numpy step check), and an emu FP32 run would double this test's time."""
+    _assert_follows(_losses(EMU, "tf32", 40, 8), _losses(CPU, "fp32", 40, 8), window=10)
+
+
+# ------------------------------------------------------------------------------------------- defaults and errors
+def test_defaults_tf32_only_on_a_gpu_with_tensor_cores(monkeypatch):
+    from fake_cupy import FakeCupy
+    for dev in (NUMPY, CPU, EMU):
+        assert (dev.default_precision, dev.tensor_cores, resolve_precision(None, [dev])) == ("fp32", False, "fp32")
+        assert resolve_precision("tf32", [dev]) == "tf32"  # emulated (rounded) off the GPU
+    fake = FakeCupy(devices=1, compute_capability="80").install(monkeypatch)
+    gpu = Device("cuda", 0)
+    assert (gpu.tensor_cores, gpu.default_precision, resolve_precision(None, [gpu])) == (True, "tf32", "tf32")
+    assert resolve_precision(None, [gpu, CPU]) == "fp32"  # a net partly on the host keeps fp32 by default
+    fake.compute_capability = "75"
+    assert (gpu.tensor_cores, gpu.default_precision, gpu.precisions) == (False, "fp32", ("fp32",))
+    with pytest.raises(ValueError, match=r"^precision tf32 is not supported on cuda:0 \(it runs fp32\): tf32 needs a "
+                                         r"GPU of compute capability 8.0 or newer \(tensor cores\)$"):
+        resolve_precision("tf32", [gpu])
+
+
+@pytest.mark.parametrize("precision, message", [
+    ("bf16", "precision bf16 is not available: bfloat16 activation storage and the bf16 conv/fc kernels are not "
+             "implemented yet"),
+    ("fp16", "precision must be one of fp32, tf32, bf16, got 'fp16'")])
+def test_a_precision_that_cannot_run_is_a_one_line_error(precision, message):
+    with pytest.raises(ModelFileError, match=f"^fmnist.cfg: {message}$"):
+        load_model("fmnist", device="numpy", precision=precision)
+
+
+def test_bf16_on_the_command_line_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "tiny.cfg").write_text(TINY)
+    code = main(["--model", str(tmp_path / "tiny.cfg"), "--out", str(tmp_path / "r"), "--device", "cpu",
+                 "--precision", "bf16"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert "--precision bf16 is not available" in err
+
+
+# ------------------------------------------------------------------------------------ what a run records
+def _run(tmp_path, name, *extra, log=None, model=TINY):
+    (tmp_path / "m.cfg").write_text(model)
+    return run(["--model", str(tmp_path / "m.cfg"), "--out", str(tmp_path / name), "--no-progress", "--no-plots",
+                "--synthetic-train", "64", "--synthetic-test", "32", "--epochs", "1", *extra],
+               log=log or (lambda s: None))
+
+
+def _saved_precision(path):
+    return ckpt.load(path)["meta"]["config"]["precision"]
+
+
+def test_the_run_records_its_precision_and_a_resume_may_change_it(tmp_path):
+    logs = []
+    _run(tmp_path, "default", "--device", "cpu", log=logs.append)
+    assert _saved_precision(tmp_path / "default") == "fp32"  # the device's default, resolved and saved
+    assert "precision fp32" in logs[0]
+    assert json.loads((tmp_path / "default" / "log.jsonl").read_text().splitlines()[0])["precision"] == "fp32"
+    _run(tmp_path, "tf32", "--device", "cpu", "--precision", "tf32")
+    assert _saved_precision(tmp_path / "tf32") == "tf32"
+    # checkpoints hold FP32 parameters in every precision: a resume keeps the saved precision, or takes --precision
+    logs = []
+    res = run(["--resume", str(tmp_path / "tf32"), "--epochs", "2", "--no-progress", "--no-plots", "--precision",
+               "fp32"], log=logs.append)
+    assert res["status"] == "done" and _saved_precision(tmp_path / "tf32") == "fp32"
+    assert "resumed from a checkpoint trained in tf32: its FP32 parameters go on in fp32" in logs
+    run(["--resume", str(tmp_path / "tf32"), "--epochs", "3", "--no-progress", "--no-plots"], log=lambda s: None)
+    assert _saved_precision(tmp_path / "tf32") == "fp32"
+    with np.load(tmp_path / "tf32" / "checkpoint.npz") as z:
+        assert all(z[k].dtype == np.float32 for k in z.files if k != "meta")
+
+
+def test_train_section_sets_the_precision_and_evaluation_uses_it(tmp_path, monkeypatch):
+    from convnet.trainer import Trainer
+    _run(tmp_path, "r", "--device", "cpu", model=TINY + "precision = tf32\n")
+    assert _saved_precision(tmp_path / "r") == "tf32"
+    seen = []
+    evaluate = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, **kw: seen.append(self.net.precision) or evaluate(self, **kw))
+    run(["--eval-only", "--resume", str(tmp_path / "r"), "--no-plots", "--device", "cpu"], log=lambda s: None)
+    assert seen == ["tf32"]
+
+
+def test_a_model_file_with_a_bad_precision_names_the_key(tmp_path):
+    with pytest.raises(Exception, match=r"\[train\] precision.*must be one of fp32, tf32, bf16"):
+        _run(tmp_path, "r", "--device", "cpu", model=TINY + "precision = fp64\n")
+
+
+def test_summary_gives_activation_bytes_per_precision():
+    net, _ = load_model("fmnist", device="numpy", init_params=False)
+    line = net.summary().splitlines()[-1]
+    values = sum(int(np.prod(l.out_shape)) for l in net.order)
+    kept = int(np.prod(net.data_layer.out_shape)) + int(np.prod(net.cost_layer.out_shape))  # float32 in bf16 too
+    assert line == (f"activations per image (layer outputs): fp32 {4 * values:,} B, tf32 {4 * values:,} B, bf16 "
+                    f"{2 * (values - kept) + 4 * kept:,} B (bf16: bfloat16 but for the images and probabilities)")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        activation_bytes(net, "fp16")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_conv_and_fc_layers_run_all_three_passes_in_the_nets_precision(monkeypatch, precision):
+    """Every conv and fc multiplication of a training step (forward, input gradient, weight gradient) is asked for
+    in the net's precision; nothing else is (pooling, dropout, softmax stay in the activations' dtype)."""
+    from convnet import ops
+    asked = []
+    for name in ("conv_forward", "conv_backward_data", "conv_backward_filter", "fc_forward", "fc_backward_data",
+                 "fc_backward_weights"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _op=op, _name=name, **kw: asked.append(
+            (_name, kw.get("precision"))) or _op(*a, **kw))
+    net, _ = load_model("fmnist", device="numpy", seed=0, precision=precision)
+    rng = np.random.default_rng(0)
+    net.forward(rng.standard_normal((1, 28, 28, 4)).astype(np.float32), rng.integers(0, 10, 4).astype(np.int32),
+                train=True)
+    net.backward()
+    convs, fcs = 3, 2  # conv1 takes the images: no input gradient
+    assert sorted(asked) == sorted([("conv_forward", precision)] * convs + [("conv_backward_filter", precision)] * convs
+                                   + [("conv_backward_data", precision)] * (convs - 1) + [("fc_forward", precision),
+                                   ("fc_backward_weights", precision), ("fc_backward_data", precision)] * fcs)
