@@ -13,7 +13,7 @@ Rows:
   for Intel Xeons with two 512-bit FMA units). The convolutions' im2col packing is inside their GEMM (packed
   straight from the image), so it is counted there.
 * the compiled loops by kind, all layers together: col2im, max pooling, ReLU, dropout, bias (add and sum), the SGD
-  update, Winograd's transforms (``CONVNET_CPU_CONV=winograd``), im2col (only where NumPy's BLAS multiplies);
+  update, Winograd's transforms (``--cpu-conv winograd``), im2col (only where NumPy's BLAS multiplies);
 * the ops that run NumPy on this device (the softmax and its loss, the fc bias gradient, ...), each by name;
 * ``ops' Python + NumPy around the compiled calls``: the rest of the time inside the ops that call compiled code
   (argument checks, output allocation, the fc layers' bias add in NumPy);
@@ -38,7 +38,7 @@ import common  # noqa: E402  (makes `import convnet` work from a source checkout
 import convnet.cpu  # noqa: E402
 from convnet import ops  # noqa: E402
 from convnet.cpu import gemm as cpu_gemm  # noqa: E402
-from convnet.cpu import loop_threads  # noqa: E402
+from convnet.cpu import loop_threads, winograd  # noqa: E402
 from convnet.data import Loader, synthetic  # noqa: E402
 from convnet.devices import blas_threads, get_device  # noqa: E402
 from convnet.model_file import load_model  # noqa: E402
@@ -182,7 +182,7 @@ def profile(a) -> dict:
         opt.step()
 
     plain, rows = [], []
-    with blas_threads(a.threads), loop_threads(a.threads):
+    with blas_threads(a.threads), loop_threads(a.threads), winograd.algorithm(a.cpu_conv):
         for i in range(a.warmup):
             step(i)
         for i in range(a.steps):  # uninstrumented, for comparison
@@ -236,7 +236,7 @@ def table(result, a) -> tuple[list[dict], dict]:
     row(REMAINDER, med.get(REMAINDER, 0.0))
     row("step (instrumented)", total)
     row("step (not instrumented)", statistics.median(result["plain"]))
-    info = {"threads": a.threads, "isa": cpu_gemm.isa() or "numpy", "clock_ghz": ghz, "fma_lanes": a.fma_lanes,
+    info = {"threads": a.threads, "isa": cpu_gemm.isa() or "numpy", "cpu_conv": a.cpu_conv, "clock_ghz": ghz, "fma_lanes": a.fma_lanes,
             "peak_gflop_s": peak, "steps": a.steps, "batch": a.batch_size, "model": a.model}
     return out, info
 
@@ -253,6 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="fmnist")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="the cpu device's threads (GEMMs and loops)")
+    p.add_argument("--cpu-conv", default="direct", choices=winograd.ALGOS,
+                   help="the convolution algorithm (python -m convnet.train --cpu-conv)")
     p.add_argument("--steps", type=int, default=30, help="timed steps (medians over them)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--ghz", type=float, default=None, help="the cores' clock (default: /proc/cpuinfo's cpu MHz)")
@@ -266,7 +268,8 @@ def main(argv=None) -> int:
     columns = ["phase", "ms", "% of step", "GFLOP/s", "% of peak"]
     peak = (f"peak {info['peak_gflop_s']:.0f} GFLOP/s = {a.threads} core(s) x {info['clock_ghz']:.2f} GHz x "
             f"{a.fma_lanes} FMA lanes x 2" if info["peak_gflop_s"] else "peak unknown (no clock: pass --ghz)")
-    print(f"{a.model}, batch {a.batch_size}, cpu device, {a.threads} thread(s), GEMM {info['isa']}, "
+    print(f"{a.model}, batch {a.batch_size}, cpu device, {a.threads} thread(s), GEMM {info['isa']}, {a.cpu_conv} "
+          f"convolutions, "
           f"medians of {a.steps} steps; {common.cpu_name()}; {peak}")
     print(common.markdown_table(rows, columns))
     if not a.no_write:

@@ -20,6 +20,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from .cpu.winograd import ALGOS as CPU_CONV_ALGOS
 from .devices import parse_device_list
 from .optim import Schedule
 
@@ -99,6 +100,11 @@ class Config:
     seed: int = setting(0, "random seed (data order, crops, flips, dropout, initialisation)", low=0,
                        high=2**63 - 1)
     dtype: str = setting("float32", "parameter and activation type", choices=("float32", "float64"))
+    cpu_conv: str = setting("direct", "the cpu device's 3x3 stride-1 convolutions: direct (im2col GEMMs) | winograd "
+                                      "(Winograd F(2x2, 3x3) wherever it applies: other rounding, fewer multiplies) "
+                                      "| auto (Winograd where the measured cost model expects a gain: 128+ input "
+                                      "channels and filters) (default direct); other devices ignore it",
+                            train=True, choices=CPU_CONV_ALGOS)
     prefetch: int = setting(3, "batches prepared ahead by the loader thread (0 = no thread)", low=0, high=1024)
     workers: int | None = setting(None, "processes decoding prepared (JPEG) datasets (0 = in the loader thread; "
                                         "default: the CPU cores less one, at least 1)", low=0, high=1024)

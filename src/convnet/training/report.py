@@ -40,6 +40,8 @@ def run_lines(t) -> list[str]:
     share the work; the towers and the bytes copied between them; a run already trained to ``--epochs``."""
     cfg, ds = t.cfg, t.dataset
     threads = f" ({cfg.threads} threads)" if t.device.synchronous and cfg.threads else ""  # host devices
+    if t.device.kind == "cpu" and cfg.cpu_conv != "direct":
+        threads += f" ({cfg.cpu_conv} convolutions)"
     lines = [f"training {Path(cfg.model).stem} on {ds.name} ({len(ds.train_x)} train / {len(ds.test_x)} test "
              f"images), device {t.device}{threads}, {t.net.num_params():,} parameters, {cfg.epochs} epochs of "
              f"{len(t.train_loader)} batches of {cfg.batch_size}; output in {t.out}"]
