@@ -51,7 +51,8 @@ LOOPS = {"im2col": "im2col (NumPy GEMM path)", "col2im": "col2im", "maxpool_forw
          "maxpool_backward": "max pooling", "relu_forward": "ReLU", "relu_backward": "ReLU",
          "dropout_apply": "dropout", "bias_add": "bias (add, sum)", "bias_sum": "bias (add, sum)",
          "sgd_update": "SGD update", "winograd_input": "Winograd transforms",
-         "winograd_output": "Winograd transforms", "winograd_filter": "Winograd transforms"}
+         "winograd_output": "Winograd transforms", "winograd_grad": "Winograd transforms",
+         "winograd_filter": "Winograd transforms", "winograd_filter_grad": "Winograd transforms"}
 GEMMS = ("gemm", "conv_gemm_forward", "conv_gemm_filter")
 # op -> the pass its GEMMs compute
 PASS = {"conv_forward": "forward", "fc_forward": "forward", "conv_backward_data": "data grad",
@@ -168,6 +169,8 @@ def clock_ghz() -> float | None:
 
 
 def profile(a) -> dict:
+    """{"plain": seconds of each uninstrumented step, "steps": [{row: seconds} per instrumented step], "flops":
+    {GEMM row: flops per step}} for the options ``a`` of ``main``."""
     dev = get_device("cpu")
     net, _ = load_model(a.model, device=dev)
     opt = SGD(net, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)

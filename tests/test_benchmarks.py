@@ -329,3 +329,9 @@ def test_step_profile_times_every_phase_of_a_cpu_step(tmp_path, monkeypatch, cap
     parts = sum(r["ms"] for p, r in rows.items() if not p.startswith(("GEMM ", "step ")))
     step = rows["step (instrumented)"]["ms"]
     assert 0.5 * step < parts < 1.5 * step  # medians of parts against the median step: close, not equal
+    if bench.cpu_gemm.available():  # --cpu-conv winograd: conv2/conv3's GEMMs are Winograd's, with its transforms
+        assert bench.main(["--batch-size", "4", "--steps", "2", "--warmup", "1", "--cpu-conv", "winograd",
+                           "--no-write"]) == 0
+        out = capsys.readouterr().out
+        assert "winograd convolutions" in out and "| GEMM conv2 forward (Winograd) |" in out
+        assert "| GEMM conv3 weight grad (Winograd) |" in out and "| Winograd transforms |" in out
