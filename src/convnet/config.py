@@ -20,9 +20,12 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .cpu.winograd import ALGOS as CPU_CONV_ALGOS
 from .devices import parse_device_list
 from .optim import Schedule
+
+# The cpu device's convolution algorithms (--cpu-conv; convnet/cpu/winograd.py runs them). Here, not there: importing
+# convnet.cpu sets the OpenMP and malloc settings of the process, which a run on another device need not get.
+CPU_CONV_ALGOS = ("direct", "winograd", "auto")
 
 _AUTO = object()
 EVAL_CROPS = (1, 2, 10)  # the test views --eval-crops allows

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from convnet.config import CPU_CONV_ALGOS
 from convnet.cpu import gemm, lib
 from convnet.geometry import ConvGeometry
 from convnet.reference.conv import image_chunks
 
-ALGOS = ("direct", "winograd", "auto")  # the choices of --cpu-conv / [train] cpu_conv (convnet/config.py)
+ALGOS = CPU_CONV_ALGOS  # direct, winograd, auto: the choices of --cpu-conv / [train] cpu_conv
 _algo = "direct"
 
 
