@@ -71,15 +71,8 @@ def main(argv=None):
           f"medians of {args.rounds} rounds (best of {args.repeats} calls each), ms")
     print("| layer | C->F, HxW, batch | direct fwd / data / filter | Winograd fwd / data / filter | speed-up (sum) |")
     print("|---|---|---|---|---|")
-    before = os.environ.get(winograd.ENV)
-    try:
-        with loop_threads(args.threads):
-            _measure(args, rng)
-    finally:  # the choice is the process's: leave it as found
-        if before is None:
-            os.environ.pop(winograd.ENV, None)
-        else:
-            os.environ[winograd.ENV] = before
+    with loop_threads(args.threads):
+        _measure(args, rng)
 
 
 def _measure(args, rng):
@@ -92,11 +85,11 @@ def _measure(args, rng):
         times = {"direct": [], "winograd": []}
         for _ in range(args.rounds):
             for algo in times:
-                os.environ[winograd.ENV] = algo
                 best = None
-                for _ in range(args.repeats):
-                    t = one_pass(x, w, dy, pad)
-                    best = t if best is None or sum(t) < sum(best) else best
+                with winograd.algorithm(algo):
+                    for _ in range(args.repeats):
+                        t = one_pass(x, w, dy, pad)
+                        best = t if best is None or sum(t) < sum(best) else best
                 times[algo].append(best)
         med = {a: [statistics.median(r[i] for r in v) * 1e3 for i in range(3)] for a, v in times.items()}
         d, wg = med["direct"], med["winograd"]

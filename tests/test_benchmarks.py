@@ -348,3 +348,35 @@ def test_cpu_gemm_bench_smoke(tmp_path, monkeypatch, capsys):
         "fc4 forward", "fc4 data grad", "fc4 weight grad"]
     assert all(r["rel diff"] < 1e-5 and r["ours ms"] > 0 for r in rows)
     assert "sum: ours" in capsys.readouterr().out
+
+
+def test_step_profile_times_every_phase_of_a_cpu_step(tmp_path, monkeypatch, capsys):
+    """benchmarks/step_profile.py: a tiny run prints the per-phase table of a cpu-device step -- every GEMM of the
+    fmnist net (forward, data and weight gradients) with its GFLOP/s, the compiled loops, the Python remainder --
+    and the phases account for the instrumented step (each is a median over steps, so up to rounding)."""
+    bench = _writing_to(tmp_path, monkeypatch, "step_profile")
+    if get_device("cpu").available()[0] is False:
+        pytest.skip("the cpu device is not built")
+    assert bench.main(["--batch-size", "4", "--steps", "3", "--warmup", "1", "--ghz", "2.0"]) == 0
+    out = capsys.readouterr().out
+    assert "| phase | ms | % of step | GFLOP/s | % of peak |" in out and "peak 64 GFLOP/s" in out
+    (js,) = tmp_path.glob("step_profile-fmnist-b4-t1-*.json")
+    rows = {r["phase"]: r for r in json.loads(js.read_text())["rows"]}
+    gemms = [p for p in rows if p.startswith("GEMM ")]
+    if bench.cpu_gemm.available():
+        assert sorted(gemms) == sorted(
+            f"GEMM {layer} {ps}" for layer in ("conv1", "conv2", "conv3", "fc3", "fc4")
+            for ps in ("forward", "data grad", "weight grad") if (layer, ps) != ("conv1", "data grad"))
+        assert all(rows[g]["GFLOP/s"] > 0 and rows[g]["% of peak"] > 0 for g in gemms)
+    for phase in ("max pooling", "ReLU", "dropout", "bias (add, sum)", "SGD update", "col2im",
+                  "softmax + cross-entropy (NumPy)", bench.OPS_OVERHEAD, bench.REMAINDER):
+        assert rows[phase]["ms"] > 0, phase
+    parts = sum(r["ms"] for p, r in rows.items() if not p.startswith(("GEMM ", "step ")))
+    step = rows["step (instrumented)"]["ms"]
+    assert 0.5 * step < parts < 1.5 * step  # medians of parts against the median step: close, not equal
+    if bench.cpu_gemm.available():  # --cpu-conv winograd: conv2/conv3's GEMMs are Winograd's, with its transforms
+        assert bench.main(["--batch-size", "4", "--steps", "2", "--warmup", "1", "--cpu-conv", "winograd",
+                           "--no-write"]) == 0
+        out = capsys.readouterr().out
+        assert "winograd convolutions" in out and "| GEMM conv2 forward (Winograd) |" in out
+        assert "| GEMM conv3 weight grad (Winograd) |" in out and "| Winograd transforms |" in out

@@ -199,3 +199,23 @@ def test_busy_cores_sees_a_busy_thread():
         assert busy_cores(0.3) > 0.6
     finally:
         spinner.join()
+
+
+@pytest.mark.parametrize("user", [{}, {"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "0"}])
+def test_the_openmp_threads_spin_briefly_unless_the_user_chose(user):
+    """convnet.cpu sets OMP_WAIT_POLICY=PASSIVE and a short GOMP_SPINCOUNT for libgomp (waiting threads spin tens of
+    microseconds between the step's parallel regions, then sleep) -- before convnet._cpu loads libgomp -- and leaves
+    both alone when the user set either."""
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+    env = {k: v for k, v in subprocess_env().items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = ("import os, convnet.cpu as c; c.lib(); "
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), c.SPIN_COUNT)")
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **user}, capture_output=True, text=True,
+                         check=True).stdout.split()
+    if user:
+        assert out[:2] == [user.get("OMP_WAIT_POLICY", "None"), user.get("GOMP_SPINCOUNT", "None")]
+    else:
+        assert out == ["PASSIVE", out[2], out[2]] and 0 < int(out[2]) <= 100_000

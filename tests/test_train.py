@@ -182,6 +182,73 @@ def test_flags_and_train_keys_come_from_the_config_fields(tiny):
     assert parse_args([]).flip is None and parse_args(["--flip"]).flip is True
 
 
+def test_the_cpu_convolution_algorithm_is_a_train_key_and_a_flag_saved_with_the_run(tiny, tmp_path, monkeypatch):
+    """[train] cpu_conv (--cpu-conv overrides it) chooses the cpu device's convolution algorithm for the run: every
+    convolution of the run sees it, the checkpoint keeps it (a resume continues with it), and it is the process's
+    default (direct) again afterwards."""
+    from convnet import checkpoint as ckpt
+    from convnet.cpu import winograd
+    if not get_device("cpu").available()[0]:
+        pytest.skip("the cpu device is not built")
+    seen, chosen = [], winograd.chosen
+    monkeypatch.setattr(winograd, "chosen", lambda g: seen.append(winograd.algo()) or chosen(g))
+    model = tmp_path / "tiny-winograd.cfg"
+    model.write_text(tiny.read_text() + "cpu_conv = winograd\n")
+    res = run(_args(model, tmp_path / "run", "--device", "cpu", "--epochs", "1", "--no-plots"), log=lambda s: None)
+    assert res["status"] == "done" and seen and set(seen) == {"winograd"}
+    assert ckpt.load(str(tmp_path / "run"))["meta"]["config"]["cpu_conv"] == "winograd"
+    assert winograd.algo() == "direct"
+    seen.clear()
+    run(_args(model, tmp_path / "run2", "--device", "cpu", "--epochs", "1", "--no-plots", "--cpu-conv", "auto"),
+        log=lambda s: None)
+    assert set(seen) == {"auto"}
+
+
+def test_the_run_says_its_estimated_time_once(tiny, tmp_path, monkeypatch):
+    """After the first ETA_WARMUP + ETA_STEPS steps of a run, one log line gives the estimated total time, the time
+    to go and the finish time; a run too short for the estimate says nothing. (Thresholds lowered for the test.)"""
+    from convnet.training import report
+    monkeypatch.setattr(report, "ETA_WARMUP", 2)
+    monkeypatch.setattr(report, "ETA_STEPS", 10)
+    logs = []
+    res = run(_args(tiny, tmp_path / "run", "--device", "numpy", "--epochs", "3", "--no-plots"), log=logs.append)
+    assert res["status"] == "done"
+    eta = [s for s in logs if s.startswith("estimated time: ")]
+    assert len(eta) == 1, logs
+    assert " in all, " in eta[0] and " to go, finishing about " in eta[0]
+    assert "ms per step of 16 images over steps 3-12 of this run; test passes not counted)" in eta[0]
+    epochs = [i for i, s in enumerate(logs) if s.startswith("epoch ")]
+    assert epochs[0] < logs.index(eta[0]) < epochs[1]  # 8 steps an epoch: said in the second epoch, at step 12
+    monkeypatch.setattr(report, "ETA_STEPS", 100)
+    logs.clear()
+    run(_args(tiny, tmp_path / "short", "--device", "numpy", "--epochs", "1", "--no-plots"), log=logs.append)
+    assert not any(s.startswith("estimated time") for s in logs)
+
+
+def test_the_estimate_is_the_remaining_steps_at_the_measured_time_per_step():
+    """Eta.line on a fake trainer and clock: 100 ms per step, 1000 steps to go -> 100 s to go; the total adds the
+    time the run has taken (60 s: it started 30 s before the mark, which is 30 s before the estimate)."""
+    import datetime
+    import types
+
+    from convnet.training import report
+    cfg = types.SimpleNamespace(epochs=10, batch_size=64)
+    t = types.SimpleNamespace(cfg=cfg, train_loader=range(200), epoch=5, batch=0, steps_this_run=0)
+    eta = report.Eta(started=-30.0)
+    t.steps_this_run = report.ETA_WARMUP
+    assert eta.line(t, now=0.0) is None  # the mark
+    t.steps_this_run += report.ETA_STEPS - 1
+    assert eta.line(t, now=1.0) is None
+    t.steps_this_run += 1
+    # 5 epochs of 200 steps to go (epoch 5, batch 0)
+    wall = datetime.datetime(2026, 1, 2, 3, 4, tzinfo=datetime.timezone.utc)
+    line = eta.line(t, now=report.ETA_STEPS * 0.1, wall=wall)
+    assert line.startswith("estimated time: 2.7 min in all, 1.7 min to go, finishing about 03:05 UTC (100.0 ms per "
+                           "step of 64 images over steps 21-320 of this run"), line
+    assert eta.line(t, now=100.0) is None  # said once
+    assert [report.duration(s) for s in (45, 600, 9000)] == ["45 s", "10.0 min", "2.5 h"]
+
+
 # ------------------------------------------------------------------------------------ divergence, dtypes, bad data
 def _poison_at(monkeypatch, step, value):
     """From SGD step ``step`` on (1-based), every parameter is set to ``value`` after the update: a divergence

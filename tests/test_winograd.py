@@ -2,7 +2,6 @@
 and filter gradient against the float64 reference on random geometries, within the error bound docs/training.md
 derives ("Winograd convolutions"), which this file computes independently per element; bits independent of the
 thread count and the GEMM's SIMD width; the switch and the cost model; bad input."""
-import os
 
 import numpy as np
 import pytest
@@ -182,19 +181,19 @@ def test_chunks_of_images_match_the_reference_within_the_bound(monkeypatch, case
         assert np.all(np.abs(got - exp) <= bound), name
 
 
-def test_the_ops_on_the_cpu_device_use_it_when_asked(monkeypatch):
-    """CONVNET_CPU_CONV=winograd: the ops (bias, alpha/beta accumulation included) give the reference's results to
+def test_the_ops_on_the_cpu_device_use_it_when_asked():
+    """algorithm("winograd") (--cpu-conv winograd): the ops (bias, alpha/beta accumulation included) give the reference's results to
     float32 rounding, and not the direct path's bits (Winograd really ran)."""
     x, w, dy = _case(8, 9, 7, 5, 6, 1, 2)
     bias, prev = rand(RNG, 6), rand(RNG, dy.shape)
     geo = dict(stride=1, padding=1, groups=2)
-    monkeypatch.setenv(winograd.ENV, "direct")
     direct = ops.conv_forward(CPU, x, w, bias, **geo)
-    monkeypatch.setenv(winograd.ENV, "winograd")
-    y = ops.conv_forward(CPU, x, w, bias, **geo)
-    acc = ops.conv_forward(CPU, x, w, bias, **geo, out=prev.copy(), alpha=0.5, beta=2.0)
-    dx = ops.conv_backward_data(CPU, dy, w, (9, 7), **geo)
-    dw = ops.conv_backward_filter(CPU, x, dy, (3, 3), **geo)
+    with winograd.algorithm("winograd"):
+        y = ops.conv_forward(CPU, x, w, bias, **geo)
+        acc = ops.conv_forward(CPU, x, w, bias, **geo, out=prev.copy(), alpha=0.5, beta=2.0)
+        dx = ops.conv_backward_data(CPU, dy, w, (9, 7), **geo)
+        dw = ops.conv_backward_filter(CPU, x, dy, (3, 3), **geo)
+    assert winograd.algo() == "direct"  # restored on leaving
     want = ref_conv.conv_forward(x.astype(np.float64), w.astype(np.float64), bias.astype(np.float64), **geo)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(acc, 0.5 * want + 2.0 * prev, rtol=1e-5, atol=1e-5)
@@ -223,7 +222,7 @@ def test_threads_and_simd_width_do_not_change_the_bits(monkeypatch, threads, cas
             np.testing.assert_array_equal(a, b)
 
 
-def test_the_switch_and_the_cost_model(monkeypatch):
+def test_the_switch_and_the_cost_model():
     """direct (the default) never, winograd every eligible layer, auto what the measured cost model prefers: the
     default fmnist net's 3x3 layers stay direct (its bits unchanged), AlexNet's conv3-5 go to Winograd."""
     fm2 = ConvGeometry.of((32, 13, 13, 64), (32, 3, 3, 64), padding=1)
@@ -234,21 +233,20 @@ def test_the_switch_and_the_cost_model(monkeypatch):
     strided = ConvGeometry.of((256, 13, 13, 16), (256, 3, 3, 384), stride=2, padding=1)
     five = ConvGeometry.of((256, 13, 13, 16), (256, 5, 5, 256), padding=2)
     padded = ConvGeometry.of((256, 13, 13, 16), (256, 3, 3, 256), padding=3)
-    monkeypatch.delenv(winograd.ENV, raising=False)
     assert winograd.algo() == "direct" and not any(winograd.chosen(g) for g in (fm2, fm3, *alex))
-    monkeypatch.setenv(winograd.ENV, "winograd")
-    assert all(winograd.chosen(g) for g in (fm2, fm3, *alex))
-    assert not any(winograd.chosen(g) for g in (strided, five, padded))
-    monkeypatch.setenv(winograd.ENV, " Auto ")
-    assert not winograd.chosen(fm2) and not winograd.chosen(fm3) and all(winograd.chosen(g) for g in alex)
-    assert not any(winograd.chosen(g) for g in (strided, five, padded))
+    with winograd.algorithm("winograd"):
+        assert all(winograd.chosen(g) for g in (fm2, fm3, *alex))
+        assert not any(winograd.chosen(g) for g in (strided, five, padded))
+        with winograd.algorithm("auto"):
+            assert not winograd.chosen(fm2) and not winograd.chosen(fm3) and all(winograd.chosen(g) for g in alex)
+            assert not any(winograd.chosen(g) for g in (strided, five, padded))
+        assert winograd.algo() == "winograd"
 
 
-def test_bad_input_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv(winograd.ENV, "fast")
+def test_bad_input_is_a_clear_error():
     x, w, _ = _case(2, 5, 5, 3, 4, 1, 1)
-    with pytest.raises(ValueError, match="CONVNET_CPU_CONV='fast': expected one of direct, winograd, auto"):
-        ops.conv_forward(CPU, x, w, padding=1)
+    with pytest.raises(ValueError, match="algorithm 'fast': expected one of direct, winograd, auto"):
+        winograd.algorithm("fast")
     with pytest.raises(ValueError, match="needs 3x3 filters, stride 1"):
         winograd.conv_forward(x, w, ConvGeometry.of(x.shape, w.shape, stride=2, padding=1))
     g = ConvGeometry.of(x.shape, w.shape, padding=1)
@@ -275,9 +273,8 @@ def test_bad_input_is_a_clear_error(monkeypatch):
 
 
 def test_the_benchmark_runs(capsys):
-    """benchmarks/winograd_bench.py end to end on its smallest layer, leaving CONVNET_CPU_CONV as it found it."""
-    before = os.environ.get(winograd.ENV)
+    """benchmarks/winograd_bench.py end to end on its smallest layer, leaving the algorithm as it found it."""
     load_benchmark("winograd_bench").main(["--layers", "fmnist conv3", "--rounds", "1", "--repeats", "1"])
-    assert os.environ.get(winograd.ENV) == before
+    assert winograd.algo() == "direct"
     out = capsys.readouterr().out
     assert "| fmnist conv3 | 64->128, 6x6, 64 |" in out and "thread(s)" in out

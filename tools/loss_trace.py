@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 from convnet import get_device
-from convnet.cpu import loop_threads
+from convnet.cpu import loop_threads, winograd
 from convnet.devices import blas_threads
 from convnet.data import Loader, load_dataset
 from convnet.model_file import load_model
@@ -61,9 +61,11 @@ def main(argv=None):
     p.add_argument("steps", type=int, help="training steps (300 is a good check)")
     p.add_argument("out", help="output text file")
     p.add_argument("--threads", type=int, default=1, help="BLAS threads and the cpu device's loop threads")
+    p.add_argument("--cpu-conv", default="direct", choices=winograd.ALGOS,
+                   help="the cpu device's convolution algorithm (python -m convnet.train --cpu-conv)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    with blas_threads(args.threads), loop_threads(args.threads):
+    with blas_threads(args.threads), loop_threads(args.threads), winograd.algorithm(args.cpu_conv):
         lines = trace(args.device, args.steps)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -46,6 +46,18 @@ namespace {
 
 int g_threads = 1;  // OpenMP threads of every loop (set_threads); 1 = no thread is started
 
+// Elements of work below which a loop does not take another thread: waking a sleeping OpenMP thread
+// (OMP_WAIT_POLICY=PASSIVE) and meeting it at the region's end costs tens of microseconds -- on a machine whose other
+// core is busy, up to a scheduler time slice -- about what a thread spends on 128 KB of floats. A loop of fewer than
+// two such parts runs on the calling thread alone (no thread is woken). Every loop's work items compute independent
+// outputs in a fixed order, so how many threads take them never changes a result bit.
+constexpr i64 kMinWorkPerThread = 32 * 1024;
+
+// The threads for a loop over `elements` elements: at most g_threads, at least 1, one per kMinWorkPerThread.
+inline int threads_for(i64 elements) {
+  return static_cast<int>(std::max<i64>(1, std::min<i64>(g_threads, elements / kMinWorkPerThread)));
+}
+
 const float* in(const Floats& a, const char* name, i64 size) {
   if (a.size() != size) {
     throw py::value_error(std::string(name) + ": " + std::to_string(a.size()) + " elements, expected " +
@@ -87,7 +99,7 @@ void im2col(const Floats& x, Floats& cols, i64 C, i64 H, i64 W, i64 N, i64 c0, i
   float* cp = out(cols, "cols", Cg * KH * KW * OH * OW * nb);
   py::gil_scoped_release release;
   const bool runs = sw == 1 && nb == N;
-#pragma omp parallel for schedule(static) num_threads(g_threads)
+#pragma omp parallel for schedule(static) num_threads(threads_for(Cg * KH * KW * OH * OW * nb))
   for (i64 r = 0; r < Cg * KH * KW; ++r) {
     const i64 c = r / (KH * KW), ky = r / KW % KH, kx = r % KW;
     i64 ox0, ox1;  // the outputs whose input column is inside the image
@@ -124,7 +136,7 @@ void col2im(const Floats& cols, Floats& dx, i64 C, i64 H, i64 W, i64 N, i64 c0, 
   float* dp = out(dx, "dx", C * H * W * N);
   py::gil_scoped_release release;
   const bool runs = sw == 1 && nb == N;
-#pragma omp parallel for schedule(static) num_threads(g_threads)
+#pragma omp parallel for schedule(static) num_threads(threads_for(Cg * KH * KW * OH * OW * nb))
   for (i64 c = 0; c < Cg; ++c) {
     float* plane = dp + (c0 + c) * H * W * N;
     if (nb == N) {
@@ -157,7 +169,7 @@ void col2im(const Floats& cols, Floats& dx, i64 C, i64 H, i64 W, i64 N, i64 c0, 
 template <class Fn>
 void parallel_chunks(i64 n, i64 chunk, Fn fn) {
   const i64 chunks = (n + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) num_threads(g_threads)
+#pragma omp parallel for schedule(static) num_threads(threads_for(n))
   for (i64 k = 0; k < chunks; ++k) fn(k * chunk, std::min(n, (k + 1) * chunk));
 }
 
@@ -210,7 +222,7 @@ void maxpool_forward(const Floats& x, Floats& y, i64 C, i64 H, i64 W, i64 N, i64
   const float* xp = in(x, "x", C * H * W * N);
   float* yp = out(y, "y", C * OH * OW * N);
   py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) num_threads(g_threads)
+#pragma omp parallel for schedule(static) num_threads(threads_for(C * H * W * N))
   for (i64 c = 0; c < C; ++c) {
     maxpool_forward_plane(xp + c * H * W * N, yp + c * OH * OW * N, W, N, KH, KW, sh, sw, OH, OW);
   }
@@ -276,7 +288,7 @@ void maxpool_backward(const Floats& x, const Floats& y, const Floats& dy, Floats
   const float* gp = in(dy, "dy", C * OH * OW * N);
   float* dp = out(dx, "dx", C * H * W * N);
   py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) num_threads(g_threads)
+#pragma omp parallel for schedule(static) num_threads(threads_for(C * H * W * N))
   for (i64 c = 0; c < C; ++c) {
     maxpool_backward_plane(xp + c * H * W * N, yp + c * OH * OW * N, gp + c * OH * OW * N, dp + c * H * W * N, H, W,
                            N, KH, KW, sh, sw, OH, OW);
@@ -403,7 +415,7 @@ void dropout_apply(const Floats& x, Floats& y, std::uint64_t threshold, float sc
   const i64 per_row = (cols + 3 + kDropoutChunk - 1) / kDropoutChunk;  // a row's items (its skew is at most 3)
   const i64 rows_per = per_row == 1 ? std::max<i64>(1, kDropoutChunk / cols) : 1;
   const i64 items = (rows + rows_per - 1) / rows_per * per_row;
-#pragma omp parallel for schedule(static) num_threads(g_threads)
+#pragma omp parallel for schedule(static) num_threads(threads_for(n))
   for (i64 k = 0; k < items; ++k) {
     const i64 r0 = k / per_row * rows_per, c = k % per_row;
     for (i64 r = r0; r < std::min(rows, r0 + rows_per); ++r) {
@@ -459,7 +471,7 @@ void bias_add(Floats& y, const Floats& bias, i64 F, i64 per) {
   float* yp = out(y, "y", F * per);
   const float* bp = in(bias, "bias", F);
   py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) num_threads(g_threads)
+#pragma omp parallel for schedule(static) num_threads(threads_for(F * per))
   for (i64 f = 0; f < F; ++f) bias_add_row(yp + f * per, bp[f], per);
 }
 
@@ -486,7 +498,7 @@ void bias_sum(const Floats& dy, Floats& db, i64 F, i64 per) {
   const float* gp = in(dy, "dy", F * per);
   float* dp = out(db, "db", F);
   py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) num_threads(g_threads)
+#pragma omp parallel for schedule(static) num_threads(threads_for(F * per))
   for (i64 f = 0; f < F; ++f) dp[f] = float(row_sum(gp + f * per, per));
 }
 

@@ -24,6 +24,10 @@ from .devices import parse_device_list
 from .optim import Schedule
 from .reference.precision import PRECISIONS
 
+# The cpu device's convolution algorithms (--cpu-conv; convnet/cpu/winograd.py runs them). Here, not there: importing
+# convnet.cpu sets the OpenMP and malloc settings of the process, which a run on another device need not get.
+CPU_CONV_ALGOS = ("direct", "winograd", "auto")
+
 _AUTO = object()
 EVAL_CROPS = (1, 2, 10)  # the test views --eval-crops allows
 INT_MAX = 2**31 - 1  # counts (epochs, batch size, ...) are below 2**31: the kernels index with 32-bit ints
@@ -104,6 +108,11 @@ class Config:
                                           "rounded to TF32, FP32 accumulation; bf16: not implemented yet) (default: "
                                           "tf32 on a GPU with tensor cores, compute capability 8.0+, else fp32; saved "
                                           "with the run)", train=True, choices=PRECISIONS)
+    cpu_conv: str = setting("direct", "the cpu device's 3x3 stride-1 convolutions: direct (im2col GEMMs) | winograd "
+                                      "(Winograd F(2x2, 3x3) wherever it applies: other rounding, fewer multiplies) "
+                                      "| auto (Winograd where the measured cost model expects a gain: 128+ input "
+                                      "channels and filters) (default direct); other devices ignore it",
+                            train=True, choices=CPU_CONV_ALGOS)
     prefetch: int = setting(3, "batches prepared ahead by the loader thread (0 = no thread)", low=0, high=1024)
     workers: int | None = setting(None, "processes decoding prepared (JPEG) datasets (0 = in the loader thread; "
                                         "default: the CPU cores less one, at least 1)", low=0, high=1024)

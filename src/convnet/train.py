@@ -28,7 +28,7 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from .config import CLI_KEYS, Config, ConfigError, make_parser, setting_name
 from .data import DataError
-from .cpu import loop_threads
+from .cpu import loop_threads, winograd
 from . import install_report
 from .devices import DeviceUnavailable, blas_threads, default_threads
 from .model_file import ModelFileError, build_net, parse_model_text, resolve_model
@@ -134,7 +134,7 @@ def run(argv=None, log=print):
         cfg.threads = default_threads()
         if world is not None:  # the ranks on a node share its cores; rank 0's count for all
             cfg.threads = world.bcast(max(1, cfg.threads // world.local_size))
-    with lock, blas_threads(cfg.threads, log), loop_threads(cfg.threads):
+    with lock, blas_threads(cfg.threads, log), loop_threads(cfg.threads), winograd.algorithm(cfg.cpu_conv):
         if args.eval_only:
             return evaluate_only(cfg, resume_state, log, world)
         return Trainer(cfg, resume_state=resume_state, log=log, overwrite=args.overwrite, world=world).run()

@@ -150,6 +150,7 @@ class Trainer:
         last = self.history[-1] if self.history else {}
         clock = (time.perf_counter() - last.get("elapsed_s", 0.0), time.process_time() - last.get("cpu_s", 0.0))
         self.steps_this_run = 0
+        self.eta = report.Eta(clock[0])
         for line in report.run_lines(self):
             self.log(line)
         while self.epoch < self.cfg.epochs:

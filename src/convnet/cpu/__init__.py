@@ -21,10 +21,17 @@ import numpy as np
 
 from convnet.extensions import load_extension
 
-# The loops' OpenMP threads sleep between parallel regions instead of spinning: a spinning thread on a machine
-# with as many busy threads as cores (BLAS, the loader, another job) stalls everyone (a step measured 5x slower).
-# Read by libgomp when convnet._cpu loads it; a user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The loops' OpenMP threads wait for the next parallel region by spinning briefly, then sleep. Not spinning long:
+# a spinning thread on a machine with as many busy threads as cores (BLAS, the loader, another job) stalls everyone
+# (a step measured 5x slower). Not sleeping at once either: a step runs ~40 parallel regions a few tens of
+# microseconds of Python apart, and a sleeping thread must be woken for each and met at its end -- on a loaded
+# machine the region then waits for the scheduler to run that thread (the fmnist step at 2 threads, load average
+# 7-10 on 2 cores, alternating rounds: 200-670 ms with no spin, 67-145 ms with GOMP_SPINCOUNT 2,000-10,000).
+# Read by libgomp when convnet._cpu loads it; a user's own setting of either variable wins.
+SPIN_COUNT = 5000  # libgomp's spin iterations (each a `pause`) before a waiting thread sleeps: tens of microseconds
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 

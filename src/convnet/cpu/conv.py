@@ -5,7 +5,7 @@ matrix that the compiled col2im sums (per chunk of images, as the reference). Th
 by compiled loops too. Same results as convnet/reference/conv.py up to the summation order (one fused multiply-add
 chain per element; the bias sums are done in double). Where this path's GEMM is not available (a CPU without AVX2),
 NumPy's BLAS multiplies an im2col matrix built by the compiled loops. The 3x3 stride-1 convolutions can run by
-Winograd F(2x2, 3x3) instead (convnet/cpu/winograd.py; ``CONVNET_CPU_CONV`` chooses, direct by default)."""
+Winograd F(2x2, 3x3) instead (convnet/cpu/winograd.py; ``--cpu-conv`` chooses, direct by default)."""
 from __future__ import annotations
 
 import numpy as np

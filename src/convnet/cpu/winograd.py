@@ -11,29 +11,46 @@ thread count. Not the direct path's bits: the transforms round
 differently, within the tolerance docs/training.md derives ("Winograd convolutions"); tests/test_winograd.py holds
 them to it against the float64 reference.
 
-Which algorithm a layer gets: ``CONVNET_CPU_CONV`` (``direct``, the default; ``winograd``: every eligible layer;
-``auto``: the measured cost model ``prefers_winograd``), read on every call.
+Which algorithm a layer gets: the process's choice, set with ``algorithm(name)`` (a context manager; ``python -m
+convnet.train --cpu-conv`` and the model file's ``[train] cpu_conv`` enter it for the run): ``direct``, the default;
+``winograd``: every eligible layer; ``auto``: the measured cost model ``prefers_winograd``.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from convnet.config import CPU_CONV_ALGOS
 from convnet.cpu import gemm, lib
 from convnet.geometry import ConvGeometry
 from convnet.reference.conv import image_chunks
 
-ENV = "CONVNET_CPU_CONV"
-ALGOS = ("direct", "winograd", "auto")
+ALGOS = CPU_CONV_ALGOS  # direct, winograd, auto: the choices of --cpu-conv / [train] cpu_conv
+_algo = "direct"
 
 
 def algo() -> str:
-    """The algorithm ``CONVNET_CPU_CONV`` asks for (``direct`` when unset); anything else is a ValueError."""
-    choice = os.environ.get(ENV, "").strip().lower() or "direct"
-    if choice not in ALGOS:
-        raise ValueError(f"{ENV}={choice!r}: expected one of {', '.join(ALGOS)}")
-    return choice
+    """The algorithm the cpu device's eligible convolutions use now (``algorithm`` sets it)."""
+    return _algo
+
+
+class algorithm:
+    """Context manager: the cpu device's convolutions use algorithm ``name`` (one of ``ALGOS``) inside, for the whole
+    process (as ``convnet.cpu.loop_threads`` sets the threads); another name is a ValueError."""
+
+    def __init__(self, name: str):
+        if name not in ALGOS:
+            raise ValueError(f"cpu convolution algorithm {name!r}: expected one of {', '.join(ALGOS)}")
+        self.name, self.saved = name, None
+
+    def __enter__(self):
+        global _algo
+        self.saved, _algo = _algo, self.name
+        return self
+
+    def __exit__(self, *exc):
+        global _algo
+        _algo = self.saved
+        return False
 
 
 def eligible(g: ConvGeometry) -> bool:
@@ -58,7 +75,7 @@ def prefers_winograd(g: ConvGeometry) -> bool:
 
 
 def chosen(g: ConvGeometry) -> bool:
-    """Whether the cpu device runs this convolution by Winograd (``CONVNET_CPU_CONV`` and the cost model)."""
+    """Whether the cpu device runs this convolution by Winograd (the chosen ``algo()`` and the cost model)."""
     choice = algo()
     if choice == "direct":
         return False

@@ -83,6 +83,9 @@ def train_epoch(t):
                 p = t.partial
                 bar.update(done, loss=f"{p['loss'] / p['n']:.4f}", err=f"{p['err'] / p['n']:.4f}", lr=f"{lr:.4g}",
                            ips=f"{done * cfg.batch_size / dt:.0f}")
+                eta = t.eta.line(t)
+                if eta:
+                    bar.write(t.log, eta)
             stop = stop_reason(t)
             if stop:
                 break

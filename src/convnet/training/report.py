@@ -2,9 +2,14 @@
 plots."""
 from __future__ import annotations
 
+import datetime
 import sys
 import time
 from pathlib import Path
+
+# The run's time is estimated once, from the steps after the first ETA_WARMUP of this run (which page memory in and
+# fill caches) up to ETA_WARMUP + ETA_STEPS.
+ETA_WARMUP, ETA_STEPS = 20, 300
 
 
 class Progress:
@@ -22,6 +27,15 @@ class Progress:
             self.bar.update(n)
             self.bar.set_postfix(**postfix)
 
+    def write(self, log, line):
+        """``log(line)`` with the bar cleared first and drawn again after, so that the line stands on its own."""
+        if self.bar is None:
+            log(line)
+            return
+        from tqdm import tqdm
+        with tqdm.external_write_mode():
+            log(line)
+
     def close(self):
         if self.bar is not None:
             self.bar.close()
@@ -35,11 +49,53 @@ class Progress:
         return False
 
 
+def duration(seconds: float) -> str:
+    """A duration for people: ``45 s``, ``7.9 min``, ``2.3 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class Eta:
+    """The estimated time of the whole run, said once: after the first ``ETA_WARMUP + ETA_STEPS`` steps of this run
+    (read where the loop reads the loss sums back, so on a GPU after a synchronisation), the remaining steps at the
+    measured time per step, plus the time the run has taken so far (resumed parts included). The test passes still
+    to come are not in it. ``started``: the perf_counter time the run (including resumed parts) started at."""
+
+    def __init__(self, started: float):
+        self.started, self.mark, self.said = started, None, False
+
+    def line(self, t, now: float | None = None, wall: datetime.datetime | None = None) -> str | None:
+        """The estimate for trainer ``t`` at time ``now`` (perf_counter), once it can be made; None before and after."""
+        if self.said:
+            return None
+        now = time.perf_counter() if now is None else now
+        if self.mark is None:
+            if t.steps_this_run >= ETA_WARMUP:
+                self.mark = (now, t.steps_this_run)
+            return None
+        steps = t.steps_this_run - self.mark[1]
+        if steps < ETA_STEPS:
+            return None
+        self.said = True
+        nb = len(t.train_loader)
+        per_step = (now - self.mark[0]) / steps
+        to_go = max(t.cfg.epochs * nb - (t.epoch * nb + t.batch), 0) * per_step
+        finish = (wall or datetime.datetime.now().astimezone()) + datetime.timedelta(seconds=to_go)
+        return (f"estimated time: {duration(now - self.started + to_go)} in all, {duration(to_go)} to go, finishing "
+                f"about {finish:%H:%M %Z} ({per_step * 1e3:.1f} ms per step of {t.cfg.batch_size} images over steps "
+                f"{self.mark[1] + 1}-{t.steps_this_run} of this run; test passes not counted)")
+
+
 def run_lines(t) -> list[str]:
     """What trainer ``t`` says when training starts: the model, data, device and schedule; how data-parallel ranks
     share the work; the towers and the bytes copied between them; a run already trained to ``--epochs``."""
     cfg, ds = t.cfg, t.dataset
     threads = f" ({cfg.threads} threads)" if t.device.synchronous and cfg.threads else ""  # host devices
+    if t.device.kind == "cpu" and cfg.cpu_conv != "direct":
+        threads += f" ({cfg.cpu_conv} convolutions)"
     lines = [f"training {Path(cfg.model).stem} on {ds.name} ({len(ds.train_x)} train / {len(ds.test_x)} test "
              f"images), device {t.device}{threads}, precision {t.net.precision}, {t.net.num_params():,} parameters, "
              f"{cfg.epochs} epochs of "
