@@ -14,7 +14,7 @@ import convnet
 from convnet.devices import get_device
 
 ROOT = Path(__file__).resolve().parents[1]
-SUMMARY_LINE = re.compile(r"convnet (\S+) from (\S+) \(compiled: ([^)]*)\); device (\S+)")
+SUMMARY_LINE = re.compile(r"convnet (\S+) from (\S+) \(compiled: ([^)]*)\); device ([^\s,]+)")
 
 
 def _run(args, cwd, env=None):
