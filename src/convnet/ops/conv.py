@@ -12,7 +12,13 @@ tensor with 2**31 or more elements is rejected with a ValueError.
 ``conv_forward(..., precision="tf32")`` multiplies x and w rounded to TF32 (``reference.precision.round_tf32``) with
 FP32 accumulation (bias, alpha and beta in FP32): the tensor-core kernel of csrc/kernels/conv_tf32.cu on emu/cuda,
 the reference (or the cpu device's GEMM) applied to the rounded inputs on numpy and cpu. ``"fp32"`` (the default) is
-unchanged. ``conv_backward_data`` and ``conv_backward_filter`` take the same ``precision``: the FP32 result computed
+unchanged.
+
+``conv_forward(..., relu=True)`` returns ``max(alpha * (conv(x, w) + bias) + beta * out, 0)``: the ReLU applies to
+the accumulated value (a layer uses alpha = 1, beta = 0: ``relu(conv + bias)``). On emu/cuda the FP32 and TF32 kernels
+apply it in their epilogue (csrc/kernels/conv_epilogue.cuh), saving relu_forward's read and write of y; numpy and cpu
+run the unfused forward and then relu_forward in place. The result is bit-identical to ``conv_forward`` followed by
+``relu_forward`` on every device (NaN -> 0, -0 -> +0). ``conv_backward_data`` and ``conv_backward_filter`` take the same ``precision``: the FP32 result computed
 from TF32-rounded inputs (dy and w; x and dy), on every device: the tensor-core kernels of conv_tf32.cu on emu/cuda
 (the filter gradient's split-K workspace as the FP32 one's), the rounded reference on numpy and cpu. ``"bf16"`` is
 not implemented for them yet.
@@ -24,6 +30,7 @@ import numpy as np
 from convnet.geometry import INT32_MAX, ConvGeometry
 from convnet.ops._checks import as_device, check_array, check_same_dtype
 from convnet.ops._dispatch import Output, alpha_beta, launch, produce
+from convnet.ops.elementwise import relu_forward
 from convnet.reference import conv as ref
 from convnet.reference.precision import PRECISIONS, round_tf32
 
@@ -51,11 +58,15 @@ def _rounded_tf32(a):
 
 
 def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=None, alpha=1.0, beta=0.0,
-                 stream=None, precision="fp32"):
+                 stream=None, precision="fp32", relu=False):
     """y = alpha * (conv(x, w) + bias) + beta * y; x (C, H, W, N), w (C/groups, KH, KW, F) -> y (F, OH, OW, N).
 
-    precision: "fp32" or "tf32" (x and w rounded to TF32, FP32 accumulation; see the module's docstring)."""
+    precision: "fp32" or "tf32" (x and w rounded to TF32, FP32 accumulation; see the module's docstring).
+    relu: then y = max(y, 0), fused into the kernel's epilogue (see the module's docstring)."""
     _check_precision(precision)
+    if not isinstance(relu, (bool, np.bool_)):
+        raise TypeError(f"relu must be True or False, got {relu!r}")
+    relu = bool(relu)
     dev = as_device(device)
     check_array("x", x, dev, ndim=4)
     check_array("w", w, dev, ndim=4)
@@ -71,11 +82,14 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
         xr, wr = (_rounded_tf32(x), _rounded_tf32(w)) if tf32 else (x, w)
         return dev.host_function(ref.conv_forward)(xr, wr, bias, **_params(g))
 
-    return produce(
+    y = produce(
         dev, Output("out", out, g.y_shape, dtype), inputs=dict(x=x, w=w, bias=bias), alpha=alpha, beta=beta,
         stream=stream, reference=reference,
         kernel=lambda y: launch(dev, "conv_forward_tf32" if tf32 else "conv_forward", x, w,
-                                bias if bias is not None else 0, y, g, alpha, beta, stream=stream))
+                                bias if bias is not None else 0, y, g, alpha, beta, relu, stream=stream))
+    if relu and dev.runs_reference:  # the kernels fused it; the host devices apply it to their result
+        relu_forward(dev, y, out=y, stream=stream)
+    return y
 
 
 def conv_backward_data(device, dy, w, input_hw, *, stride=1, padding=0, groups=1, out=None, alpha=1.0, beta=0.0,
