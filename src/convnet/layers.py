@@ -517,12 +517,11 @@ class Conv(_Learnable):
         if eh or ew:  # the overhanging last windows read zeros, as cuda-convnet's
             x = ops.window(self.device, x, (0, 0), (x.shape[1] + eh, x.shape[2] + ew), 0.0)
         ctx["x"] = x
-        if self.neuron is not None and self.neuron.name == "relu":
-            # The ReLU in the kernel's epilogue (one pass over y fewer); its backward reads y, as _neuron_forward keeps.
-            y = ctx["y"] = ops.conv_forward(self.device, x, self.params["w"], self.params["b"], relu=True,
-                                            **self._geom())
+        fused = self.neuron is not None and self.neuron.name == "relu"  # the ReLU in the kernel's epilogue
+        y = ops.conv_forward(self.device, x, self.params["w"], self.params["b"], relu=fused, **self._geom())
+        if fused:  # keep what the ReLU backward reads (y), as _neuron_forward does
+            ctx["y"] = y
             return y
-        y = ops.conv_forward(self.device, x, self.params["w"], self.params["b"], **self._geom())
         return self._neuron_forward(y, ctx)
 
     def backward(self, dy, ctx):

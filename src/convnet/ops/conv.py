@@ -12,16 +12,16 @@ tensor with 2**31 or more elements is rejected with a ValueError.
 ``conv_forward(..., precision="tf32")`` multiplies x and w rounded to TF32 (``reference.precision.round_tf32``) with
 FP32 accumulation (bias, alpha and beta in FP32): the tensor-core kernel of csrc/kernels/conv_tf32.cu on emu/cuda,
 the reference (or the cpu device's GEMM) applied to the rounded inputs on numpy and cpu. ``"fp32"`` (the default) is
-unchanged.
+unchanged. ``conv_backward_data`` and ``conv_backward_filter`` take the same ``precision``: the FP32 result computed
+from TF32-rounded inputs (dy and w; x and dy), on every device: the tensor-core kernels of conv_tf32.cu on emu/cuda
+(the filter gradient's split-K workspace as the FP32 one's), the rounded reference on numpy and cpu. ``"bf16"`` is
+not implemented for them yet.
 
 ``conv_forward(..., relu=True)`` returns ``max(alpha * (conv(x, w) + bias) + beta * out, 0)``: the ReLU applies to
 the accumulated value (a layer uses alpha = 1, beta = 0: ``relu(conv + bias)``). On emu/cuda the FP32 and TF32 kernels
 apply it in their epilogue (csrc/kernels/conv_epilogue.cuh), saving relu_forward's read and write of y; numpy and cpu
 run the unfused forward and then relu_forward in place. The result is bit-identical to ``conv_forward`` followed by
-``relu_forward`` on every device (NaN -> 0, -0 -> +0). ``conv_backward_data`` and ``conv_backward_filter`` take the same ``precision``: the FP32 result computed
-from TF32-rounded inputs (dy and w; x and dy), on every device: the tensor-core kernels of conv_tf32.cu on emu/cuda
-(the filter gradient's split-K workspace as the FP32 one's), the rounded reference on numpy and cpu. ``"bf16"`` is
-not implemented for them yet.
+``relu_forward`` on every device (NaN -> 0, -0 -> +0).
 """
 from __future__ import annotations
 
