@@ -277,8 +277,8 @@ def test_nvcc_keeps_the_mma_loop_of_every_tf32_kernel(tmp_path):
                     "-o", str(ptx)], check=True, capture_output=True,
                    env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})  # nvcc crashes under a preloaded ASan
     entries = [e for e in re.split(r"\.entry ", ptx.read_text())[1:] if "conv_fwd_tf32" in e.split("(", 1)[0]]
-    assert len(entries) == 4  # 2 tiles x 2 paths; the planted defects exist on the emulator only (the backward
-    #                           kernels: tests/test_conv_tf32_backward.py)
+    assert len(entries) == 8  # 2 tiles x 2 paths x with/without the ReLU epilogue; the planted defects exist on the
+    #                           emulator only (the backward kernels: tests/test_conv_tf32_backward.py)
     for body in entries:
         bm, bn, bk, wm, wn = map(int, re.match(r"\S*conv_fwd_tf32ILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E", body)
                                  .groups())

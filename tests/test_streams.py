@@ -48,7 +48,8 @@ CALLS = {
     "eltmax_forward": lambda d, a, s: ops.eltmax_forward(d, [a["sw"], a["sg"], a["sv"]], stream=s),
     "eltmax_backward": lambda d, a, s: ops.eltmax_backward(
         d, ops.eltmax_forward(d, [a["sw"], a["sg"]], stream=s)[1], a["sv"], 1, stream=s),
-    "conv_forward": lambda d, a, s: ops.conv_forward(d, a["x"], a["w"], a["b"], padding=1, groups=2, stream=s),
+    "conv_forward": lambda d, a, s: ops.conv_forward(d, a["x"], a["w"], a["b"], padding=1, groups=2, relu=True,
+                                                     stream=s),  # relu: the host devices' second op on the stream too
     "conv_backward_data": lambda d, a, s: ops.conv_backward_data(d, a["y"], a["w"], (9, 9), padding=1, groups=2,
                                                                  stream=s),
     "conv_backward_filter": lambda d, a, s: ops.conv_backward_filter(d, a["x"], a["y"], 3, padding=1, groups=2,

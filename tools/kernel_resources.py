@@ -83,7 +83,7 @@ class Kernel:
     @property
     def threads(self) -> int | None:
         if self.base == "conv_igemm":
-            m = re.search(r"conv_igemm<[^,]+, (\d+), (\d+), (\d+), (\d+), (\d+), (\d+)>", self.name)
+            m = re.search(r"conv_igemm<[^,]+, (\d+), (\d+), (\d+), (\d+), (\d+), (\d+)[,>]", self.name)  # [, kRelu]
             if m:
                 bm, bn, _bk, tm, tn, _v = map(int, m.groups())
                 return (bm // tm) * (bn // tn)

@@ -17,9 +17,9 @@ void bind_conv(py::module_& m) {
       .value("backward_filter", ConvPass::backward_filter);
 
   def_kernel(m, "conv_forward", [](std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t y,
-                                   const ConvGeometry& g, float alpha, float beta, std::uintptr_t s) {
+                                   const ConvGeometry& g, float alpha, float beta, bool relu, std::uintptr_t s) {
     convnet::conv_forward(g, ptr<const float>(x), ptr<const float>(w), ptr<const float>(bias), ptr(y), alpha, beta,
-                          stream(s));
+                          relu, stream(s));
   });
   def_kernel(m, "conv_backward_data", [](std::uintptr_t dy, std::uintptr_t w, std::uintptr_t dx,
                                          const ConvGeometry& g, float alpha, float beta, std::uintptr_t s) {

@@ -9,9 +9,10 @@ using convnet::ConvGeometry;
 
 void bind_conv_tf32(py::module_& m) {
   def_kernel(m, "conv_forward_tf32", [](std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t y,
-                                        const ConvGeometry& g, float alpha, float beta, std::uintptr_t s) {
+                                        const ConvGeometry& g, float alpha, float beta, bool relu,
+                                        std::uintptr_t s) {
     convnet::conv_forward_tf32(g, ptr<const float>(x), ptr<const float>(w), ptr<const float>(bias), ptr(y), alpha,
-                               beta, stream(s));
+                               beta, relu, stream(s));
   });
   def_kernel(m, "conv_backward_data_tf32", [](std::uintptr_t dy, std::uintptr_t w, std::uintptr_t dx,
                                               const ConvGeometry& g, float alpha, float beta, std::uintptr_t s) {

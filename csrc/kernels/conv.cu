@@ -27,22 +27,26 @@ constexpr int kSMs = 132;  // an H100 SXM (fixed, not queried: plans are device-
 
 using KernelFn = void (*)(ConvParams);
 
+// A row's kernels: one per pass (indexed by ConvPass), then the forward with the fused ReLU epilogue.
+constexpr int kForwardRelu = kNumConvPasses, kNumKernels = kNumConvPasses + 1;
+
 struct TileCfg {
   int BM, BN, TM, TN;
   float efficiency;   // relative FMA throughput per tile (bigger register tiles reuse shared loads more)
   int blocks_per_sm;  // resident blocks per SM on sm_90 (registers from ptxas -v; shared memory is not the limit)
-  KernelFn vec[kNumConvPasses];     // [ConvPass] the V = 4 (16-byte) path: forward, backward_data, backward_filter
-  KernelFn scalar[kNumConvPasses];  // [ConvPass] the V = 1 path (null: none)
+  KernelFn vec[kNumKernels];     // the V = 4 (16-byte) path: forward, backward_data, backward_filter, forward+ReLU
+  KernelFn scalar[kNumKernels];  // the V = 1 path (null: none)
 };
 
-KernelFn kernel_for(const TileCfg& t, ConvPass pass, bool vec) {
-  return (vec ? t.vec : t.scalar)[static_cast<int>(pass)];
+// The kernel of `pass` (with the ReLU epilogue when `relu`: forward only), or null when the row lacks that path.
+KernelFn kernel_for(const TileCfg& t, ConvPass pass, bool vec, bool relu = false) {
+  return (vec ? t.vec : t.scalar)[relu ? kForwardRelu : static_cast<int>(pass)];
 }
 bool has_path(const TileCfg& t, ConvPass pass, bool vec) { return kernel_for(t, pass, vec) != nullptr; }
 
-template <class Op, int BM, int BN, int TM, int TN, int V, bool kOn>
+template <class Op, int BM, int BN, int TM, int TN, int V, bool kOn, bool kRelu = false>
 constexpr KernelFn kernel_or_null() {
-  if constexpr (kOn) return conv_igemm<Op, BM, BN, kBK, TM, TN, V>;
+  if constexpr (kOn) return conv_igemm<Op, BM, BN, kBK, TM, TN, V, kRelu>;
   else return nullptr;  // not instantiated at all
 }
 
@@ -50,10 +54,11 @@ template <int BM, int BN, int TM, int TN, bool kWithScalar = true>
 constexpr TileCfg make_cfg(float eff, int blocks_per_sm) {
   return TileCfg{BM, BN, TM, TN, eff, blocks_per_sm,
                  {conv_igemm<FwdOp, BM, BN, kBK, TM, TN, 4>, conv_igemm<DgradOp, BM, BN, kBK, TM, TN, 4>,
-                  conv_igemm<WgradOp, BM, BN, kBK, TM, TN, 4>},
+                  conv_igemm<WgradOp, BM, BN, kBK, TM, TN, 4>, conv_igemm<FwdOp, BM, BN, kBK, TM, TN, 4, true>},
                  {kernel_or_null<FwdOp, BM, BN, TM, TN, 1, kWithScalar>(),
                   kernel_or_null<DgradOp, BM, BN, TM, TN, 1, kWithScalar>(),
-                  kernel_or_null<WgradOp, BM, BN, TM, TN, 1, kWithScalar>()}};
+                  kernel_or_null<WgradOp, BM, BN, TM, TN, 1, kWithScalar>(),
+                  kernel_or_null<FwdOp, BM, BN, TM, TN, 1, kWithScalar, true>()}};
 }
 
 // The whole dispatch table (BK = 8 everywhere). "efficiency" models shared-memory bandwidth, the limit of FP32
@@ -186,14 +191,14 @@ Plan make_plan(ConvPass pass, const ConvGeometry& g, bool aligned) {
   return pl;
 }
 
-void launch_igemm(const Plan& pl, const ConvParams& p, cudaStream_t stream) {
+void launch_igemm(const Plan& pl, const ConvParams& p, cudaStream_t stream, bool relu = false) {
   const TileCfg& t = kTiles[pl.tile];
   const std::int64_t gx = (pl.Nc + t.BN - 1) / t.BN, gy = (pl.M + t.BM - 1) / t.BM;
   CONVNET_REQUIRE(gx <= 0x7fffffff && gy <= 65535 && pl.slices <= 65535, "grid too large for this geometry");
   if (gx == 0 || gy == 0 || pl.slices == 0) return;
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(pl.slices));
   const dim3 block(static_cast<unsigned>((t.BM / t.TM) * (t.BN / t.TN)));
-  launch(kernel_for(t, pl.pass, pl.vec), grid, block, 0, stream, p);
+  launch(kernel_for(t, pl.pass, pl.vec, relu), grid, block, 0, stream, p);
 }
 
 // The direct input-gradient kernel serves few channels per group when its dy window fits (AlexNet conv1: Cg = 3,
@@ -295,11 +300,12 @@ std::string conv_plan(ConvPass pass, const ConvGeometry& g) {
 }
 
 void conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y, float alpha,
-                  float beta, cudaStream_t stream) {
+                  float beta, bool relu, cudaStream_t stream) {
   CONVNET_REQUIRE(x && w && y, "null pointer");
   ConvParams p = make_params(g);
   p.A = w; p.B = x; p.bias = bias; p.out = y; p.alpha = alpha; p.beta = beta;
-  launch_igemm(make_plan(ConvPass::forward, g, aligned16(x) && aligned16(w) && aligned16(y)), p, stream);
+  // The same plan with or without the ReLU: the fused output is the unfused one's, clamped.
+  launch_igemm(make_plan(ConvPass::forward, g, aligned16(x) && aligned16(w) && aligned16(y)), p, stream, relu);
 }
 
 void conv_backward_data(const ConvGeometry& g, const float* dy, const float* w, float* dx, float alpha, float beta,

@@ -7,7 +7,8 @@
 // Group g uses input channels [g*C/groups, (g+1)*C/groups) and filters [g*F/groups, (g+1)*F/groups).
 // Padding is implicit (out-of-image taps read as zero; no padded copy is made).
 // Accumulate semantics as in cuda-convnet: out = alpha * result + beta * out; beta == 0 never reads out
-// (so out may hold garbage or NaN). Forward with bias: y = alpha * (conv(x, w) + b) + beta * y.
+// (so out may hold garbage or NaN). Forward with bias: y = alpha * (conv(x, w) + b) + beta * y; the forward's
+// optional fused ReLU then clamps that at zero (conv_epilogue.cuh).
 //
 // Every geometry is supported: any N, C, F (groups dividing both), KH, KW >= 1, stride >= 1 (also stride >
 // filter), padding >= 0, as long as OH, OW >= 1 and every tensor has fewer than 2^31 elements (32-bit
@@ -50,9 +51,10 @@ std::string conv_plan(ConvPass pass, const ConvGeometry& g);
 int conv_tile_count();
 void conv_set_tile_override(int row, int wgrad_splits = 0);
 
-// y = alpha * (conv(x, w) + bias) + beta * y. bias may be null.
+// y = alpha * (conv(x, w) + bias) + beta * y, then with relu y = max(y, 0) in the same pass (the ReLU applies to
+// the accumulated value; NaN -> 0 and -0 -> +0, bit-identical to relu_forward of the unfused result). bias may be null.
 void conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y, float alpha,
-                  float beta, cudaStream_t stream);
+                  float beta, bool relu, cudaStream_t stream);
 
 // dx = alpha * conv_transpose(dy, w) + beta * dx.
 void conv_backward_data(const ConvGeometry& g, const float* dy, const float* w, float* dx, float alpha, float beta,

@@ -33,7 +33,7 @@
 // also splits K into chunks; each chunk writes its own partial dw into a workspace, and conv_wgrad_reduce sums the
 // partials in a fixed order. Deterministic: no float atomics anywhere, bit-identical across runs/schedules.
 //
-// Kernel conv_igemm<Op, BM, BN, BK, TM, TN, V>:
+// Kernel conv_igemm<Op, BM, BN, BK, TM, TN, V, kRelu>:
 //   block: (BM/TM)*(BN/TN) threads, 1-D. Thread t computes a TM x TN register tile: rows
 //          (i/4)*(BM/(TM/4)) + ty*4 + i%4 and columns (j/4)*(BN/(TN/4)) + tx*4 + j%4, tx = t % (BN/TN), ty = t /
 //          (BN/TN). The 4-row / 4-column groups are read from shared memory as float4: a warp reads at most two
@@ -50,11 +50,15 @@
 //          division in the main loop).
 //   requirements (checked by the host): V == 4 needs N % 4 == 0, (F/groups) % 4 == 0 and 16-byte aligned
 //          pointers; 32-bit indexing (every tensor < 2^31 elements).
+//   epilogue: out = alpha * (acc + bias) + beta * out; kRelu (forward only) then clamps it at zero
+//          (conv_epilogue.cuh: y = max(alpha * (conv + bias) + beta * y, 0)).
 #pragma once
 
 #include "cuda_compat.h"
+#include "kernels/conv_epilogue.cuh"
 
 #include <cstdint>
+#include <type_traits>
 
 namespace convnet {
 namespace {
@@ -371,10 +375,11 @@ struct Slots {
 template <int NT, int TM, int TN, int V>
 constexpr int min_blocks() { return (V == 4 && NT == 256 && TM * TN <= 64) ? 2 : 1; }
 
-template <class Op, int BM, int BN, int BK, int TM, int TN, int V>
+template <class Op, int BM, int BN, int BK, int TM, int TN, int V, bool kRelu = false>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN), (min_blocks<(BM / TM) * (BN / TN), TM, TN, V>()))
     conv_igemm(ConvParams p) {
   constexpr int NT = (BM / TM) * (BN / TN);
+  static_assert(!kRelu || std::is_same_v<Op, FwdOp>, "the ReLU epilogue is the forward's");
   constexpr int PA = BM + 4, PB = BN + 4;
   static_assert(TM % 4 == 0 && TN % 4 == 0, "register tiles are made of 4x4 float4 groups");
   using SA = Slots<BM, BK, NT, V, Op::A_KCONTIG>;
@@ -489,7 +494,7 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN), (min_blocks<(BM / TM) *
     }
   }
 
-  // Epilogue: out = alpha * (acc + bias) + beta * out (beta == 0: out is not read).
+  // Epilogue: out = alpha * (acc + bias) + beta * out (beta == 0: out is not read), then the ReLU when kRelu.
   int coff[TN / 4][4];
 #pragma unroll
   for (int q = 0; q < TN / 4; ++q)
@@ -517,6 +522,8 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN), (min_blocks<(BM / TM) *
           const float4 old = *dst;
           o.x += beta * old.x; o.y += beta * old.y; o.z += beta * old.z; o.w += beta * old.w;
         }
+        o.x = conv_activation<kRelu>(o.x); o.y = conv_activation<kRelu>(o.y);
+        o.z = conv_activation<kRelu>(o.z); o.w = conv_activation<kRelu>(o.w);
         *dst = o;
       } else {
 #pragma unroll
@@ -525,7 +532,7 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN), (min_blocks<(BM / TM) *
           float* dst = row + coff[q][r];
           float o = alpha * (acc[i][q * 4 + r] + bias);
           if (beta != 0.f) o += beta * *dst;
-          *dst = o;
+          *dst = conv_activation<kRelu>(o);
         }
       }
     }

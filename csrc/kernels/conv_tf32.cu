@@ -30,7 +30,8 @@
 // (every thread's copies of tile t visible; every thread is past its reads of tile t-1), issue tile t+STAGES-1
 // into stage (t-1) % STAGES, commit (always, also empty, so the group counts stay aligned), then the mma on stage
 // t % STAGES. One barrier per k tile serves both rules of cuda_compat.h.
-// Epilogue: accumulator (row gid [+8], cols 2*tig, 2*tig+1) of each mma tile, y = alpha*(acc + bias) + beta*y.
+// Epilogue: accumulator (row gid [+8], cols 2*tig, 2*tig+1) of each mma tile, y = alpha*(acc + bias) + beta*y,
+// then max(y, 0) with kRelu (conv_epilogue.cuh, shared with the FP32 forward).
 //
 // Expected share of TF32 peak (paper estimate, tile 64x128x16, 8 warps, 3 stages, 16-byte path): per warp and k8
 // step 8 mma (8192 FMA) against 16 LDS.32 + 16 cvt for the fragments, plus the tile's cp.async writes (BK*(BM+BN)*4
@@ -42,6 +43,7 @@
 // Not measured on a GPU yet.
 #include "cuda_compat.h"
 #include "kernels/chwn_vec.h"
+#include "kernels/conv_epilogue.cuh"
 #include "kernels/conv_tf32.h"
 #include "kernels/mma_fragments.cuh"
 
@@ -67,7 +69,7 @@ struct Tf32ConvParams {
 
 enum Defect : int { kNoDefect = 0, kNoWait = 1, kNoBarrier = 2, kSwappedA = 3 };
 
-template <int BM, int BN, int BK, int WM, int WN, int STAGES, int V, int kDefect>
+template <int BM, int BN, int BK, int WM, int WN, int STAGES, int V, int kDefect, bool kRelu = false>
 __global__ void conv_fwd_tf32(Tf32ConvParams p) {
   constexpr int T = 32 * WM * WN;
   constexpr int LDA = BM + 8, LDB = BN + 8;
@@ -213,7 +215,7 @@ __global__ void conv_fwd_tf32(Tf32ConvParams p) {
         float v = acc[i][j][e];
         if (p.bias) v += p.bias[f];
         float* out = p.y + std::int64_t(f) * p.P + col;
-        *out = p.beta == 0.0f ? p.alpha * v : p.alpha * v + p.beta * *out;
+        *out = conv_activation<kRelu>(p.beta == 0.0f ? p.alpha * v : p.alpha * v + p.beta * *out);
       }
     }
   }
@@ -523,6 +525,7 @@ constexpr int kNumDefects = 3;
 struct Tf32Tile {
   int BM, BN, threads;
   KernelFn vec, scalar;                          // forward: the V = 4 and V = 1 paths
+  KernelFn vec_relu, scalar_relu;                // the same with the fused ReLU epilogue
   KernelFn planted[2][kNumDefects];              // [vec][defect - 1], emulator only (null under nvcc)
   BwdKernelFn bwd[2][2];                         // [pass: 0 input gradient, 1 filter gradient][vec]
   BwdKernelFn bwd_planted[2][2][kNumDefects];    // [pass][vec][defect - 1], emulator only
@@ -537,6 +540,8 @@ template <int BM, int BN, int WM, int WN>
 constexpr Tf32Tile make_tile() {
   return Tf32Tile{BM, BN, 32 * WM * WN, conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 4, kNoDefect>,
                   conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 1, kNoDefect>,
+                  conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 4, kNoDefect, true>,
+                  conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 1, kNoDefect, true>,
 #if CONVNET_EMU
                   {{conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 1, kNoWait>,
                     conv_fwd_tf32<BM, BN, 16, WM, WN, 3, 1, kNoBarrier>,
@@ -682,7 +687,7 @@ std::string describe(const Tf32Tile& t, bool vec, const dim3& grid) {
 }  // namespace
 
 void conv_forward_tf32(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y, float alpha,
-                       float beta, cudaStream_t stream) {
+                       float beta, bool relu, cudaStream_t stream) {
   CONVNET_REQUIRE(x && w && y, "null pointer");
   const ConvGeometry checked = conv_geometry(g.C, g.H, g.W, g.N, g.F, g.KH, g.KW, g.stride_h, g.stride_w, g.pad_h,
                                              g.pad_w, g.groups);
@@ -693,9 +698,12 @@ void conv_forward_tf32(const ConvGeometry& g, const float* x, const float* w, co
   const dim3 grid = grid_of(t, p, g.groups);
   CONVNET_REQUIRE(grid.y <= 65535 && grid.z <= 65535, "grid too large for this geometry");
   const bool vec = g.N % 4 == 0 && p.Fg % 4 == 0 && aligned16(x) && aligned16(w);
-  KernelFn k = vec ? t.vec : t.scalar;
+  KernelFn k = relu ? (vec ? t.vec_relu : t.scalar_relu) : (vec ? t.vec : t.scalar);
   const int defect = g_defect.load();
-  if (defect != 0) k = t.planted[vec ? 1 : 0][defect - 1];
+  if (defect != 0) {  // the planted variants have the plain epilogue: their tests never ask for the ReLU
+    CONVNET_REQUIRE(!relu, "planted defects have no ReLU epilogue");
+    k = t.planted[vec ? 1 : 0][defect - 1];
+  }
   launch(k, grid, dim3(t.threads), 0, stream, p);
 }
 

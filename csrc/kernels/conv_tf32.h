@@ -23,8 +23,9 @@
 
 namespace convnet {
 
+// With relu: y = max(that, 0) in the same pass (as conv_forward's relu; bit-identical to relu_forward afterwards).
 void conv_forward_tf32(const ConvGeometry& g, const float* x, const float* w, const float* bias, float* y, float alpha,
-                       float beta, cudaStream_t stream);
+                       float beta, bool relu, cudaStream_t stream);
 
 // dx = alpha * conv_transpose(round_tf32(dy), round_tf32(w)) + beta * dx.
 void conv_backward_data_tf32(const ConvGeometry& g, const float* dy, const float* w, float* dx, float alpha,

@@ -526,8 +526,12 @@ class Conv(_Learnable):
         if eh or ew:  # the overhanging last windows read zeros, as cuda-convnet's
             x = ops.window(self.device, x, (0, 0), (x.shape[1] + eh, x.shape[2] + ew), 0.0)
         ctx["x"] = x
+        fused = self.neuron is not None and self.neuron.name == "relu"  # the ReLU in the kernel's epilogue
         y = ops.conv_forward(self.device, x, self.params["w"], self.params["b"], precision=_precision(ctx),
-                             **self._geom())
+                             relu=fused, **self._geom())
+        if fused:  # keep what the ReLU backward reads (y), as _neuron_forward does
+            ctx["y"] = y
+            return y
         return self._neuron_forward(y, ctx)
 
     def backward(self, dy, ctx):

@@ -16,6 +16,12 @@ unchanged. ``conv_backward_data`` and ``conv_backward_filter`` take the same ``p
 from TF32-rounded inputs (dy and w; x and dy), on every device: the tensor-core kernels of conv_tf32.cu on emu/cuda
 (the filter gradient's split-K workspace as the FP32 one's), the rounded reference on numpy and cpu. ``"bf16"`` is
 not implemented for them yet.
+
+``conv_forward(..., relu=True)`` returns ``max(alpha * (conv(x, w) + bias) + beta * out, 0)``: the ReLU applies to
+the accumulated value (a layer uses alpha = 1, beta = 0: ``relu(conv + bias)``). On emu/cuda the FP32 and TF32 kernels
+apply it in their epilogue (csrc/kernels/conv_epilogue.cuh), saving relu_forward's read and write of y; numpy and cpu
+run the unfused forward and then relu_forward in place. The result is bit-identical to ``conv_forward`` followed by
+``relu_forward`` on every device (NaN -> 0, -0 -> +0).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import numpy as np
 from convnet.geometry import INT32_MAX, ConvGeometry
 from convnet.ops._checks import BFLOAT16, as_device, check_array, check_same_dtype, storage_dtypes
 from convnet.ops._dispatch import Output, alpha_beta, launch, produce
+from convnet.ops.elementwise import relu_forward
 from convnet.reference import conv as ref
 from convnet.reference.precision import PRECISIONS, round_bf16, round_tf32
 
@@ -69,7 +76,7 @@ def _check_bf16_inputs(dev, x, w):
 
 
 def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=None, alpha=1.0, beta=0.0,
-                 stream=None, precision="fp32"):
+                 stream=None, precision="fp32", relu=False):
     """y = alpha * (conv(x, w) + bias) + beta * y; x (C, H, W, N), w (C/groups, KH, KW, F) -> y (F, OH, OW, N).
 
     precision: "fp32", "tf32" (x and w rounded to TF32, FP32 accumulation; see the module's docstring) or "bf16":
@@ -77,8 +84,13 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
     both of one dtype), products summed in FP32, bias (float32, never bfloat16), alpha and beta applied in FP32. The
     result is float32 unless ``out`` is a bfloat16 array (then rounded to nearest even once, after alpha and beta).
     The tensor-core kernel of csrc/kernels/conv_bf16.cu on emu/cuda; on numpy and cpu the fp32 path on the rounded
-    inputs (a float64 numpy call sums in float64 and returns float64)."""
+    inputs (a float64 numpy call sums in float64 and returns float64).
+    relu: then y = max(y, 0), fused into the FP32 and TF32 kernels' epilogue (see the module's docstring); with
+    "bf16" a relu_forward on the result (the BF16 kernel has no fused epilogue yet): the same bits either way."""
     _check_precision(precision, done=("fp32", "tf32", "bf16"))
+    if not isinstance(relu, (bool, np.bool_)):
+        raise TypeError(f"relu must be True or False, got {relu!r}")
+    relu = bool(relu)
     dev = as_device(device)
     bf16 = precision == "bf16"
     if bf16:
@@ -124,12 +136,15 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
                    alpha, beta, stream=stream)
         else:
             launch(dev, "conv_forward_tf32" if tf32 else "conv_forward", x, w, bias if bias is not None else 0, y, g,
-                   alpha, beta, stream=stream)
+                   alpha, beta, relu, stream=stream)
 
-    return produce(
+    y = produce(
         dev, Output("out", out, g.y_shape, out_dtype), inputs=dict(x=x, w=w, bias=bias),
         alpha=1.0 if y_bf16 else alpha, beta=0.0 if y_bf16 else beta, stream=stream, reference=reference,
         kernel=kernel)
+    if relu and (dev.runs_reference or bf16):  # the FP32 and TF32 kernels fused it; elsewhere applied to the result
+        relu_forward(dev, y, out=y, stream=stream)
+    return y
 
 
 def conv_backward_data(device, dy, w, input_hw, *, stride=1, padding=0, groups=1, out=None, alpha=1.0, beta=0.0,
