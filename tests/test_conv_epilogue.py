@@ -211,7 +211,7 @@ def test_relu_with_bf16_is_the_bf16_forward_then_relu(any_device, out_dtype):
     want = to_host(ops.relu_forward(dev, plain))
     got = to_host(fused)
     assert (want.astype(np.float32) < 0).sum() == 0 and (to_host(plain).astype(np.float32) < 0).any()
-    assert_identical(got, want)
+    assert_identical("fused bf16 forward", got, want)
 
 
 def test_net_steps_fused_bit_identical_to_unfused(any_device, monkeypatch):
