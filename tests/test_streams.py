@@ -95,7 +95,8 @@ CALLS = {
         d, [a["sw"], a["mw"]], [a["sg"], a["mg"]], [a["sv"], a["mv"]], lrs=[0.1, 0.05], momentums=[0.9, 0.5],
         weight_decays=[5e-4, 0.0], stream=s) for x in part),
 }
-IN_PLACE_OPS = {"sgd_update", "sgd_update_many"}  # update arrays the caller gave: nothing to allocate (and the inputs change)
+# update arrays the caller gave: nothing to allocate (and the inputs change)
+IN_PLACE_OPS = {"sgd_update", "sgd_update_many"}
 
 
 def test_every_op_is_listed():
