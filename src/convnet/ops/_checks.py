@@ -125,11 +125,9 @@ def check_all_disjoint(dev, arrays: dict):
 
 
 def scalar(name: str, value, *, low=None, high=None, low_open=False) -> float:
-    if type(value) is float and math.isfinite(value):  # the common case, without the ABC check of numbers.Real
-        pass
-    elif isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
-        raise TypeError(f"{name} must be a finite real number, got {value!r}")
-    else:
+    if type(value) is not float or not math.isfinite(value):  # a finite float (most calls) skips the ABC check
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+            raise TypeError(f"{name} must be a finite real number, got {value!r}")
         value = float(value)
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
