@@ -65,7 +65,7 @@ F32 = 4  # bytes
 # graph's array-module ops (joins, gradient sums, the cost's scaling) and the optimizer's update (memory-bound
 # passes, timed within a training step: train_bench). Every other op has rows (tests/test_benchmarks.py checks it).
 NOT_TIMED = frozenset({"conv_output_shape", "pool_output_shape", "dropout_mask", "copy", "concat", "add", "scale",
-                       "window", "multiply", "sgd_update"})
+                       "window", "multiply", "sgd_update", "sgd_update_many"})
 
 
 @dataclass

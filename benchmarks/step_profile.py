@@ -50,7 +50,7 @@ LR, MOMENTUM, WEIGHT_DECAY = 1e-4, 0.9, 5e-4  # train_bench's
 LOOPS = {"im2col": "im2col (NumPy GEMM path)", "col2im": "col2im", "maxpool_forward": "max pooling",
          "maxpool_backward": "max pooling", "relu_forward": "ReLU", "relu_backward": "ReLU",
          "dropout_apply": "dropout", "bias_add": "bias (add, sum)", "bias_sum": "bias (add, sum)",
-         "sgd_update": "SGD update", "winograd_input": "Winograd transforms",
+         "sgd_update": "SGD update", "sgd_update_many": "SGD update", "winograd_input": "Winograd transforms",
          "winograd_output": "Winograd transforms", "winograd_grad": "Winograd transforms",
          "winograd_filter": "Winograd transforms", "winograd_filter_grad": "Winograd transforms"}
 GEMMS = ("gemm", "conv_gemm_forward", "conv_gemm_filter")

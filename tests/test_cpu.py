@@ -43,6 +43,16 @@ def test_loops_check_their_arguments():
         _cpu.sgd_update(w, g[:9], v, 0.9, 0.0, False, 0.1)
     with pytest.raises(ValueError, match="must not overlap"):
         _cpu.sgd_update(w, g, w, 0.9, 0.0, False, 0.1)
+    many = dict(momentum=[0.9], decay_lr=[0.0], decay=[False], lr=[0.1])
+    with pytest.raises(ValueError, match="g: 9 elements, expected 10"):
+        _cpu.sgd_update_many([w], [g[:9]], [v], **many)
+    with pytest.raises(ValueError, match="same length"):
+        _cpu.sgd_update_many([w], [g], [v], momentum=[0.9, 0.9], decay_lr=[0.0], decay=[False], lr=[0.1])
+    with pytest.raises(ValueError, match="must not overlap"):  # across parameters too
+        _cpu.sgd_update_many([w, v], [g, rand(RNG, 10)], [rand(RNG, 10), w], **{k: x * 2 for k, x in many.items()})
+    for bad in (w.astype(np.float64), rand(RNG, 20)[::2]):  # never a converted copy: w is updated in place
+        with pytest.raises(TypeError, match=r"ws\[0\] must be a C-contiguous float32"):
+            _cpu.sgd_update_many([bad], [g], [v], **many)
     with pytest.raises(ValueError, match="bias: 2 elements, expected 3"):
         _cpu.bias_add(x, np.zeros(2, np.float32), 3, x.size // 3)
     with pytest.raises(ValueError, match="db: 3 elements, expected 2"):

@@ -126,3 +126,66 @@ def test_float64_on_the_host_devices_only(kernel_device):
     ops.sgd_update(dev, w, g, v, lr=0.1, momentum=0.9, weight_decay=5e-4)
     assert_identical("w", w, want_w)
     assert_identical("v", v, want_v)
+
+
+# ------------------------------------------------------------------------------------ many parameters in one call
+MANY_SHAPES = [(1,), (33, 5, 5, 31), (7,), (17, 3), (3, 1, 1, 40001)]  # odd sizes; the last is several work items
+
+
+def _many(shapes):
+    return [tuple(a.copy() for a in _params(shape)) for shape in shapes]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_update_many_is_one_update_per_parameter_bit_for_bit(kernel_device, threads):
+    """Each parameter its own lr, momentum and weight decay (one zero): the bits of the reference's update of each
+    in turn, on 1 and 2 of the cpu device's loop threads (the work items never change a result bit)."""
+    from convnet.cpu import loop_threads
+    dev = kernel_device
+    params = _many(MANY_SHAPES)
+    lrs, momentums, wds = [0.05, 0.01, 0.2, 0.03, 0.1], [0.9, 0.5, 0.9, 0.0, 0.95], [5e-4, 0.0, 1e-3, 5e-4, 2e-4]
+    want = [(w.copy(), v.copy()) for w, _, v in params]
+    for (ww, vv), (_, g, _), lr, m, wd in zip(want, params, lrs, momentums, wds):
+        ref.sgd_update(ww, g, vv, lr=lr, momentum=m, weight_decay=wd)
+    ws, gs, vs = ([dev.asarray(p[i]) for p in params] for i in range(3))
+    with loop_threads(threads):
+        got_w, got_v = ops.sgd_update_many(dev, ws, gs, vs, lrs=lrs, momentums=momentums, weight_decays=wds)
+    assert all(a is b for a, b in zip(got_w + got_v, ws + vs))  # in place
+    for k, ((ww, vv), (_, g, _)) in enumerate(zip(want, params)):
+        assert_identical(f"w[{k}]", ws[k], ww)
+        assert_identical(f"v[{k}]", vs[k], vv)
+        assert_identical(f"g[{k}] untouched", gs[k], g)
+
+
+def test_update_many_of_nothing_is_nothing(kernel_device):
+    assert ops.sgd_update_many(kernel_device, [], [], [], lrs=[], momentums=[], weight_decays=[]) == ([], [])
+
+
+def test_update_many_bad_arguments_raise_clear_errors(kernel_device):
+    dev = kernel_device
+    (w0, g0, v0), (w1, g1, v1) = ([dev.asarray(a) for a in p] for p in _many([(4, 5), (6,)]))
+    kw = dict(lrs=[0.1, 0.1], momentums=[0.9, 0.9], weight_decays=[0.0, 5e-4])
+    whole = dev.asarray(np.zeros(40, np.float32))
+    read_only = np.zeros(6, np.float32)
+    read_only.flags.writeable = False
+    cases = [
+        (ValueError, "same length", lambda: ops.sgd_update_many(dev, [w0, w1], [g0, g1], [v0], **kw)),
+        (ValueError, "same length", lambda: ops.sgd_update_many(dev, [w0, w1], [g0, g1], [v0, v1], lrs=[0.1],
+                                                                momentums=[0.9, 0.9], weight_decays=[0.0, 0.0])),
+        (ValueError, r"gs\[1\] must have shape", lambda: ops.sgd_update_many(dev, [w0, w1], [g0, g0], [v0, v1], **kw)),
+        (TypeError, r"vs\[1\] (must have|has) dtype", lambda: ops.sgd_update_many(
+            dev, [w0, w1], [g0, g1], [v0, dev.asarray(np.zeros(6, np.float64))], **kw)),
+        (ValueError, "C-contiguous", lambda: ops.sgd_update_many(
+            dev, [w0, w1], [g0, dev.asarray(np.zeros(12, np.float32))[::2]], [v0, v1], **kw)),
+        (ValueError, r"ws\[0\] and gs\[1\] overlap|gs\[1\] and ws\[0\] overlap", lambda: ops.sgd_update_many(
+            dev, [w0, w1], [g0, w0.reshape(-1)[:6]], [v0, v1], **kw)),  # one parameter's gradient is another's weights
+        (ValueError, "overlap", lambda: ops.sgd_update_many(
+            dev, [whole[:20].reshape(4, 5), w1], [g0, g1], [whole[15:35].reshape(4, 5), v1], **kw)),
+        (TypeError, r"lrs\[1\] must be a finite", lambda: ops.sgd_update_many(
+            dev, [w0, w1], [g0, g1], [v0, v1], lrs=[0.1, float("inf")], momentums=[0.9, 0.9],
+            weight_decays=[0.0, 0.0])),
+    ]
+    if dev.kind != "cuda":  # a read-only host array (CuPy arrays are always writeable)
+        cases.append((ValueError, "read-only", lambda: ops.sgd_update_many(dev, [w0, dev.asarray(read_only)],
+                                                                           [g0, g1], [v0, v1], **kw)))
+    assert_raises_each(*cases)

@@ -31,6 +31,7 @@ def _inputs(rng):
     fx, fw, fy = rand(rng, (12, 5)), rand(rng, (7, 12)), rand(rng, (7, 5))
     return dict(x=x, w=w, y=y, p=p, b=rand(rng, (6,)), logits=logits, labels=labels, fx=fx, fw=fw, fy=fy,
                 fb=fy[:, 0].copy(), sw=rand(rng, (7, 12)), sg=rand(rng, (7, 12)), sv=rand(rng, (7, 12)),
+                mw=rand(rng, (5, 3)), mg=rand(rng, (5, 3)), mv=rand(rng, (5, 3)),
                 lw=rand(rng, (81, 4, 3, 3, 6)), lb=rand(rng, (6, 9, 9)))
 
 
@@ -91,8 +92,12 @@ CALLS = {
     "multiply": lambda d, a, s: ops.multiply(d, a["x"], a["x"], stream=s),
     "sgd_update": lambda d, a, s: ops.sgd_update(d, a["sw"], a["sg"], a["sv"], lr=0.1, momentum=0.9,
                                                  weight_decay=5e-4, stream=s),
+    "sgd_update_many": lambda d, a, s: tuple(x for part in ops.sgd_update_many(
+        d, [a["sw"], a["mw"]], [a["sg"], a["mg"]], [a["sv"], a["mv"]], lrs=[0.1, 0.05], momentums=[0.9, 0.5],
+        weight_decays=[5e-4, 0.0], stream=s) for x in part),
 }
-IN_PLACE_OPS = {"sgd_update"}  # update arrays the caller gave: nothing to allocate (and the inputs change)
+# update arrays the caller gave: nothing to allocate (and the inputs change)
+IN_PLACE_OPS = {"sgd_update", "sgd_update_many"}
 
 
 def test_every_op_is_listed():
@@ -198,7 +203,8 @@ def test_elementwise_in_place_but_never_partially_overlapping(dev):
 
 
 # ---------------------------------------------------------------------------------------------- a fake second GPU
-ARRAY_MODULE_OPS = {"concat", "add", "scale", "window", "multiply", "sgd_update"}  # CuPy on the op's stream, no kernel of ours
+# CuPy on the op's stream, no kernel of ours
+ARRAY_MODULE_OPS = {"concat", "add", "scale", "window", "multiply", "sgd_update", "sgd_update_many"}
 FAKE_GPU_OPS = sorted(set(CALLS) - {"copy"})  # copy: tests/test_two_towers.py runs it on a fake runtime
 
 

@@ -21,6 +21,7 @@
 // reference's arithmetic bit for bit).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #define CONVNET_PHILOX_HOST_ONLY 1
 #include "kernels/philox.h"  // the kernels' Philox4x32-10: the same dropout masks as numpy, emu and cuda
@@ -30,6 +31,8 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 // GCC 12+ knows the x86-64-v4 level in target_clones; other compilers build the one portable version.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
@@ -461,6 +464,65 @@ void sgd_update(Floats& w, const Floats& g, Floats& v, float momentum, float dec
   parallel_chunks(n, kChunk, [&](i64 i0, i64 i1) { sgd_range(wp, gp, vp, i0, i1, momentum, decay_lr, decay, lr); });
 }
 
+// The SGD update of many parameters in one parallel region: update k is sgd_update(ws[k], gs[k], vs[k],
+// momentum[k], decay_lr[k], decay[k], lr[k]), each element with the same arithmetic in the same order, so the bits are
+// those of one sgd_update call per parameter, on any number of threads. The work items are kChunk-element pieces of
+// each parameter in turn (a bias of 64 floats is one item); every array of every update is disjoint from all others
+// (checked: a parameter read as another's gradient would otherwise depend on the threads' order).
+void sgd_update_many(const py::list& ws, const py::list& gs, const py::list& vs, const std::vector<float>& momentum,
+                     const std::vector<float>& decay_lr, const std::vector<bool>& decay, const std::vector<float>& lr) {
+  const std::size_t count = ws.size();
+  if (gs.size() != count || vs.size() != count || momentum.size() != count || decay_lr.size() != count ||
+      decay.size() != count || lr.size() != count) {
+    throw py::value_error("sgd_update_many: ws, gs, vs and the coefficient lists must have the same length");
+  }
+  struct Update {
+    float* w;
+    const float* g;
+    float* v;
+    i64 n;
+  };
+  std::vector<Update> updates(count);
+  std::vector<std::pair<const float*, const float*>> spans;  // [start, end) of every array, to check disjointness
+  const auto array = [](const py::handle& h, const char* name, std::size_t k) {
+    if (!py::isinstance<Floats>(h)) {  // exactly float32 and C-contiguous: never a converted copy (updated in place)
+      throw py::type_error("sgd_update_many: " + std::string(name) + "[" + std::to_string(k) +
+                           "] must be a C-contiguous float32 NumPy array");
+    }
+    return py::reinterpret_borrow<Floats>(h);
+  };
+  for (std::size_t k = 0; k < count; ++k) {
+    Floats w = array(ws[k], "ws", k), g = array(gs[k], "gs", k), v = array(vs[k], "vs", k);
+    const i64 n = w.size();
+    updates[k] = {out(w, "w", n), in(g, "g", n), out(v, "v", n), n};
+    if (n > 0) {
+      for (const float* p : {static_cast<const float*>(updates[k].w), updates[k].g,
+                             static_cast<const float*>(updates[k].v)}) {
+        spans.emplace_back(p, p + n);
+      }
+    }
+  }
+  std::sort(spans.begin(), spans.end());
+  for (std::size_t i = 1; i < spans.size(); ++i) {
+    if (spans[i].first < spans[i - 1].second) throw py::value_error("sgd_update_many: the arrays must not overlap");
+  }
+  std::vector<std::pair<std::size_t, i64>> items;  // (update, first element) of each kChunk-element work item
+  i64 total = 0;
+  for (std::size_t k = 0; k < count; ++k) {
+    for (i64 i0 = 0; i0 < updates[k].n; i0 += kChunk) items.emplace_back(k, i0);
+    total += updates[k].n;
+  }
+  py::gil_scoped_release release;
+  const i64 n_items = static_cast<i64>(items.size());
+#pragma omp parallel for schedule(static) num_threads(threads_for(total))
+  for (i64 t = 0; t < n_items; ++t) {
+    const std::size_t k = items[t].first;
+    const Update& u = updates[k];
+    const i64 i0 = items[t].second;
+    sgd_range(u.w, u.g, u.v, i0, std::min(u.n, i0 + kChunk), momentum[k], decay_lr[k], decay[k], lr[k]);
+  }
+}
+
 SIMD_CLONES void bias_add_row(float* y, float b, i64 per) {
   for (i64 i = 0; i < per; ++i) y[i] += b;
 }
@@ -532,6 +594,8 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("dropout_apply", &dropout_apply, py::arg("x"), py::arg("y"), py::arg("threshold"), py::arg("scale"),
         py::arg("seed"), py::arg("offset"), py::arg("start"));
   m.def("sgd_update", &sgd_update, py::arg("w"), py::arg("g"), py::arg("v"), py::arg("momentum"),
+        py::arg("decay_lr"), py::arg("decay"), py::arg("lr"));
+  m.def("sgd_update_many", &sgd_update_many, py::arg("ws"), py::arg("gs"), py::arg("vs"), py::arg("momentum"),
         py::arg("decay_lr"), py::arg("decay"), py::arg("lr"));
   m.def("bias_add", &bias_add, py::arg("y"), py::arg("bias"), py::arg("F"), py::arg("per"));
   m.def("bias_sum", &bias_sum, py::arg("dy"), py::arg("db"), py::arg("F"), py::arg("per"));

@@ -9,7 +9,8 @@ Update (per parameter w with gradient g = mean over the batch of dL/dw, layer mu
 ``epsW``/``epsB``, ``momW``/``momB``, ``wc``) replace ``lr * m_lr``, ``momentum`` and ``weight_decay * m_wd``; an
 absolute rate follows the run's schedule as a factor (the scheduled lr / the base lr: 1 with a constant schedule),
 and a cuda-convnet2 schedule (``dexp[...]``) is evaluated at ``progress``, the fraction of the run's epochs done.
-The arithmetic is the op ``ops.sgd_update``, in place on the parameter's device with the same sequence of
+The arithmetic is the op ``ops.sgd_update`` (``sgd_update_many``: all parameters of a device and stream
+in one call), in place on the parameter's device with the same sequence of
 operations every step, so a run is deterministic.
 """
 from __future__ import annotations
@@ -36,12 +37,16 @@ class SGD:
     def step(self, items=None):
         """Update every parameter, or only ``items`` ([(key, layer, pname)] as ``net.param_items()`` lists them: a
         data-parallel run updates each bucket as soon as its gradients are averaged)."""
+        groups = {}  # (device, stream) -> the updates there: one op call each (the update's order never matters)
+        placements = self.net.placements
         for key, layer, p in self.net.param_items() if items is None else items:
-            lr, momentum, wd = self.settings(layer, p)
-            with self.net.placements.on(layer):  # on the parameter's device, on its tower's stream
-                ops.sgd_update(layer.device, layer.params[p], layer.grads[p], self.velocity[key], lr=lr,
-                               momentum=momentum, weight_decay=wd)
-        self.net.placements.join()  # the loop's current stream (the host, on emu) sees the new parameters
+            group = groups.setdefault((layer.device, id(placements.stream_of(layer))), (layer, []))[1]
+            group.append((layer.params[p], layer.grads[p], self.velocity[key], *self.settings(layer, p)))
+        for layer, updates in groups.values():
+            ws, gs, vs, lrs, momentums, wds = zip(*updates)
+            with placements.on(layer):  # on the parameters' device, on their tower's stream
+                ops.sgd_update_many(layer.device, ws, gs, vs, lrs=lrs, momentums=momentums, weight_decays=wds)
+        placements.join()  # the loop's current stream (the host, on emu) sees the new parameters
 
     def settings(self, layer, p):
         """(lr, momentum, weight_decay) of parameter ``p`` of ``layer`` now."""

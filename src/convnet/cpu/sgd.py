@@ -9,7 +9,7 @@ import numpy as np
 from convnet.cpu import contiguous, lib
 from convnet.reference import sgd as reference
 
-__all__ = ["sgd_update"]
+__all__ = ["sgd_update", "sgd_update_many"]
 
 
 def sgd_update(w, g, v, *, lr: float, momentum: float, weight_decay: float):
@@ -22,3 +22,17 @@ def sgd_update(w, g, v, *, lr: float, momentum: float, weight_decay: float):
     dt = np.float32  # the reference's coefficients: rounded to the dtype once
     lib().sgd_update(w, g, v, float(dt(momentum)), float(dt(weight_decay * lr)), weight_decay != 0.0, float(dt(lr)))
     return w, v
+
+
+def sgd_update_many(ws, gs, vs, *, lrs, momentums, weight_decays):
+    """``sgd_update`` of every parameter in one compiled call (one parallel region, not one per parameter), the same
+    arithmetic per element: the same bits. float64 parameters get the reference's update."""
+    if any(w.dtype == np.float64 for w in ws):
+        return reference.sgd_update_many(ws, gs, vs, lrs=lrs, momentums=momentums, weight_decays=weight_decays)
+    dt = np.float32  # the reference's coefficients: rounded to the dtype once, as sgd_update rounds them
+    # the loop takes exactly C-contiguous float32 arrays (a TypeError otherwise, never a converted copy) and checks
+    # sizes and that no two arrays overlap
+    lib().sgd_update_many(list(ws), list(gs), list(vs), [float(dt(m)) for m in momentums],
+                          [float(dt(wd * lr)) for wd, lr in zip(weight_decays, lrs)],
+                          [wd != 0.0 for wd in weight_decays], [float(dt(lr)) for lr in lrs])
+    return ws, vs

@@ -46,6 +46,7 @@ FAST_FUNCTIONS = {
     pool.pool_forward: fast_pool.pool_forward,
     pool.pool_backward: fast_pool.pool_backward,
     sgd.sgd_update: fast_sgd.sgd_update,
+    sgd.sgd_update_many: fast_sgd.sgd_update_many,
 }
 FAST_FUNCTIONS = {reference: _float32_loops(fast, reference) if is_bf16_storage(reference) else fast
                   for reference, fast in FAST_FUNCTIONS.items()}

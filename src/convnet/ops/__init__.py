@@ -14,7 +14,7 @@ from convnet.ops.neuron import (eltmax_backward, eltmax_forward, eltsum_backward
                                 neuron_forward)
 from convnet.ops.pool import pool_backward, pool_forward, pool_output_shape
 from convnet.ops.rnorm import cnorm_backward, cnorm_forward, rnorm_backward, rnorm_forward
-from convnet.ops.sgd import sgd_update
+from convnet.ops.sgd import sgd_update, sgd_update_many
 from convnet.ops.softmax import softmax_cross_entropy, softmax_forward, topk_errors
 from convnet.ops.tensor import add, concat, multiply, scale, window
 from convnet.ops.transfer import copy
@@ -31,5 +31,5 @@ __all__ = [
     "fc_forward", "fc_backward_data", "fc_backward_weights", "fc_backward_bias",
     "concat", "add", "scale", "window", "multiply",
     "copy",
-    "sgd_update",
+    "sgd_update", "sgd_update_many",
 ]

@@ -5,6 +5,8 @@ naming the argument, never a segfault or a silent wrong answer in a kernel. Shap
 """
 from __future__ import annotations
 
+import functools
+import math
 import numbers
 
 import numpy as np
@@ -46,7 +48,7 @@ def check_array(name: str, a, device: Device, *, ndim: int | None = None, shape=
     """
     if not device.is_array(a):
         raise TypeError(f"{name} must be a {device.array_name} for device {device}, got {device.describe_array(a)}")
-    dtypes = device.dtypes if dtypes is None else tuple(np.dtype(d) for d in dtypes)
+    dtypes = device.dtypes if dtypes is None else _dtypes(tuple(dtypes))
     if a.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype {' or '.join(str(d) for d in dtypes)} on device {device}, "
                         f"got {a.dtype}")
@@ -54,7 +56,8 @@ def check_array(name: str, a, device: Device, *, ndim: int | None = None, shape=
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)}")
     if shape is not None:
         shape = tuple(shape)
-        if len(shape) != a.ndim or any(s is not None and s != d for s, d in zip(shape, a.shape)):
+        if shape != a.shape and (len(shape) != a.ndim or  # equal tuples (the common case) need no walk
+                                 any(s is not None and s != d for s, d in zip(shape, a.shape))):
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"{name} must have shape {want}, got {tuple(a.shape)}")
     if not a.flags.c_contiguous:
@@ -62,6 +65,12 @@ def check_array(name: str, a, device: Device, *, ndim: int | None = None, shape=
     if writeable and not getattr(a.flags, "writeable", True):  # CuPy arrays have no such flag: always writeable
         raise ValueError(f"{name} is read-only (flags.writeable is False): an op's output must be writeable")
     return a
+
+
+@functools.lru_cache(maxsize=256)
+def _dtypes(dtypes: tuple) -> tuple:
+    """``dtypes`` as numpy dtypes: an op passes the same few tuples on every call, so each is converted once."""
+    return tuple(np.dtype(d) for d in dtypes)
 
 
 def check_same_dtype(**arrays) -> np.dtype:
@@ -106,10 +115,20 @@ def check_in_place_or_disjoint(dev, out_name, out, **inputs):
                              f"or a disjoint one")
 
 
+def check_all_disjoint(dev, arrays: dict):
+    """ValueError if any two of ``arrays`` (name -> array) overlap: their spans sorted by start, an overlap shows
+    between neighbours (n log n, not the n**2 pairs)."""
+    spans = sorted((*_span(dev, a), name) for name, a in arrays.items() if a is not None and a.nbytes > 0)
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{first} and {second} overlap: every array must be disjoint from the others")
+
+
 def scalar(name: str, value, *, low=None, high=None, low_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
-        raise TypeError(f"{name} must be a finite real number, got {value!r}")
-    value = float(value)
+    if type(value) is not float or not math.isfinite(value):  # a finite float (most calls) skips the ABC check
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+            raise TypeError(f"{name} must be a finite real number, got {value!r}")
+        value = float(value)
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and value > high:

@@ -1,4 +1,4 @@
-"""The SGD update (momentum and weight decay) of one parameter, in place: the op API (reference in
+"""The SGD update (momentum and weight decay) of one parameter or of many, in place: the op API (reference in
 convnet/reference/sgd.py, the cpu device's single pass in convnet/cpu/sgd.py).
 
     sgd_update(dev, w, g, v, *, lr, momentum, weight_decay, stream=None) -> (w, v)
@@ -9,12 +9,18 @@ module does the reference's statements, submitted to ``stream``. Every device ro
 the same order, so results are bit-identical to the reference's. ``w``, ``g`` and ``v`` must be three disjoint arrays
 of the same shape and dtype: the device's dtypes, and on the host devices float32 or float64 (the optimizer updates
 whatever parameters a net holds; the cpu device's float64 update is the reference's).
+
+    sgd_update_many(dev, ws, gs, vs, *, lrs, momentums, weight_decays, stream=None) -> (ws, vs)
+        sgd_update of each (ws[k], gs[k], vs[k]) with lrs[k], momentums[k], weight_decays[k]
+
+the optimizer's update of a whole net in one call: the same checks per parameter, every array disjoint from all the
+others, the same bits. The cpu device runs it as one compiled loop (no Python per parameter, one parallel region).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from convnet.ops._checks import as_device, check_array, check_same_dtype, scalar
+from convnet.ops._checks import as_device, check_all_disjoint, check_array, check_same_dtype, scalar
 from convnet.ops._dispatch import Output, produce
 from convnet.reference import sgd as ref
 
@@ -37,3 +43,31 @@ def sgd_update(device, w, g, v, *, lr, momentum, weight_decay, stream=None):
                    stream=stream, kernel=kernel,
                    reference=lambda: dev.host_function(ref.sgd_update)(w, g, v, lr=lr, momentum=momentum,
                                                                         weight_decay=weight_decay))
+
+
+def sgd_update_many(device, ws, gs, vs, *, lrs, momentums, weight_decays, stream=None):
+    """``sgd_update`` of every ``(ws[k], gs[k], vs[k])`` with its own ``lrs[k]``, ``momentums[k]`` and
+    ``weight_decays[k]`` (parallel sequences), in place; returns ``(ws, vs)`` as lists."""
+    dev = as_device(device)
+    ws, gs, vs, lrs, momentums, weight_decays = (list(x) for x in (ws, gs, vs, lrs, momentums, weight_decays))
+    if not len(ws) == len(gs) == len(vs) == len(lrs) == len(momentums) == len(weight_decays):
+        raise ValueError(f"sgd_update_many: ws, gs, vs, lrs, momentums and weight_decays must have the same length, "
+                         f"got {len(ws)}, {len(gs)}, {len(vs)}, {len(lrs)}, {len(momentums)}, {len(weight_decays)}")
+    dtypes = (np.float32, np.float64) if dev.runs_reference else None
+    named = {}
+    for k, (w, g, v) in enumerate(zip(ws, gs, vs)):
+        check_array(f"ws[{k}]", w, dev, dtypes=dtypes, writeable=True)
+        check_array(f"gs[{k}]", g, dev, shape=w.shape, dtypes=dtypes)
+        check_array(f"vs[{k}]", v, dev, shape=w.shape, dtypes=dtypes, writeable=True)
+        check_same_dtype(**{f"ws[{k}]": w, f"gs[{k}]": g, f"vs[{k}]": v})
+        named.update({f"ws[{k}]": w, f"gs[{k}]": g, f"vs[{k}]": v})
+    lrs = [scalar(f"lrs[{k}]", x) for k, x in enumerate(lrs)]
+    momentums = [scalar(f"momentums[{k}]", x) for k, x in enumerate(momentums)]
+    weight_decays = [scalar(f"weight_decays[{k}]", x) for k, x in enumerate(weight_decays)]
+    check_all_disjoint(dev, named)  # updated in any order (on cpu, in parallel): no array may be another's
+    kw = dict(lrs=lrs, momentums=momentums, weight_decays=weight_decays)
+    if dev.runs_reference:
+        dev.host_function(ref.sgd_update_many)(ws, gs, vs, **kw)
+    else:  # the reference's statements on the device's arrays, submitted to the op's stream
+        dev.submit(lambda: ref.sgd_update_many(ws, gs, vs, **kw), stream)
+    return ws, vs

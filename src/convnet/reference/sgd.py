@@ -9,7 +9,7 @@ in-place operators: the kernel devices run these very statements on their own ar
 """
 from __future__ import annotations
 
-__all__ = ["sgd_update"]
+__all__ = ["sgd_update", "sgd_update_many"]
 
 
 def sgd_update(w, g, v, *, lr: float, momentum: float, weight_decay: float):
@@ -22,3 +22,10 @@ def sgd_update(w, g, v, *, lr: float, momentum: float, weight_decay: float):
     v -= dt(lr) * g
     w += v
     return w, v
+
+
+def sgd_update_many(ws, gs, vs, *, lrs, momentums, weight_decays):
+    """``sgd_update`` of each parameter in turn (the lists are parallel); returns ``(ws, vs)``."""
+    for w, g, v, lr, momentum, weight_decay in zip(ws, gs, vs, lrs, momentums, weight_decays):
+        sgd_update(w, g, v, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return ws, vs
