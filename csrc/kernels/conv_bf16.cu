@@ -1,6 +1,8 @@
-// BF16 tensor-core convolution forward (API in conv_bf16.h): an implicit GEMM on mma.sync.m16n8k16 (bf16 inputs,
-// FP32 accumulators), fragments loaded with ldmatrix.trans, a multi-stage cp.async pipeline for bfloat16 inputs and a
-// register-staged double buffer for float32 inputs (rounded to bfloat16 on the way to shared memory).
+// BF16 tensor-core convolution (API in conv_bf16.h): implicit GEMMs on mma.sync.m16n8k16 (bf16 inputs, FP32
+// accumulators), fragments loaded with ldmatrix, a multi-stage cp.async pipeline for bfloat16 inputs and a
+// register-staged double buffer for float32 inputs (rounded to bfloat16 on the way to shared memory). This comment is
+// the forward's contract; the input and filter gradients' (conv_bwd_bf16) is further down, and they share the
+// forward's tile table, load paths, planner style and test overrides.
 //
 // GEMM per group g (z of the grid):  D[m][p] = sum_k A[m][k] B[k][p]
 //   M = Fg = F/groups filters:          A[m][k] = w[k * F + g*Fg + m]       (w is (Cg, KH, KW, F): k-major, m fastest)
@@ -365,7 +367,10 @@ __global__ void conv_fwd_bf16(Bf16ConvParams p) {
 // Resources (64 x 128 tile, 256 threads): cp.async stages 3 x (64 x 40 + 32 x 136) x 2 B = 41,472 B (input
 // gradient) and 3 x (64 + 128) x 40 x 2 B = 46,080 B (filter gradient; under the 48 KiB static limit), register
 // paths 2/3 of that; 32 accumulators, 8 + 8 fragment registers, and on the register paths up to 24 staged values per
-// thread (48 on the 32 x 64 tile's 64 threads). Expected share of BF16 peak: the mma loop is the forward's (per warp
+// thread (48 on the 32 x 64 tile's 64 threads). As compiled (CUDA 13.0, sm_80 and sm_90, no spills): 64-80 registers
+// on the cp.async path, 95-136 on the float32 16-byte one, 128-214 on the 1-element ones (the filter gradient's
+// recomputes each chunk's tap and pixel; those are the fallback paths); docs/architecture.md has the occupancy.
+// Expected share of BF16 peak: the mma loop is the forward's (per warp
 // and k16 step 8 mma against 4 ldmatrix.x4 and the stage's writes), so ~50-60% of A100's and ~35% of H100's dense
 // BF16 peak for the filter gradient and the stride-1 input gradient (shared-memory bound, see the forward), before
 // the split-K reduction (2 x splits x |dw| floats of traffic, small beside the GEMM for AlexNet's layers) and divided
@@ -784,8 +789,9 @@ Bf16Tile make_tile() {
   return t;
 }
 
-// Row 0: 64 filters x 128 pixel-images, 8 warps (2 x 4) of 32 x 32; row 1: 32 x 64, 2 warps (1 x 2) of 32 x 32,
-// for few filters or too few big tiles to fill the GPU (the TF32 forward's tiles and rule).
+// Row 0: 64 x 128 (M x N: filters x pixel-images forward, channels x pixel-images for the input gradient, filters x
+// taps for the filter gradient), 8 warps (2 x 4) of 32 x 32; row 1: 32 x 64, 2 warps (1 x 2) of 32 x 32, for a small
+// M or too few big tiles to fill the GPU (the TF32 tiles and rule).
 const Bf16Tile kTiles[] = {make_tile<64, 128, 2, 4>(), make_tile<32, 64, 1, 2>()};
 constexpr int kNumTiles = sizeof(kTiles) / sizeof(kTiles[0]);
 constexpr int kSMs = 132;  // an H100 SXM (fixed: plans are device-independent, as conv.cu's)
