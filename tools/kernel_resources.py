@@ -40,8 +40,9 @@ REG_UNIT, SMEM_UNIT, SMEM_RESERVED = 256, 128, 1024
 TOOL_ENV = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
 
 # threads per block of each kernel, as its launcher sets them (csrc/kernels/*.cu); conv_igemm: (BM/TM) * (BN/TN),
-# conv_fwd_tf32, conv_bwd_tf32 and conv_fwd_bf16: 32 * WM * WN
-THREADS = {"conv_dgrad_direct": 256, "conv_wgrad_reduce": 256, "conv_wgrad_tf32_reduce": 256, "conv_bias_grad": 256,
+# conv_fwd_tf32, conv_bwd_tf32, conv_fwd_bf16 and conv_bwd_bf16: 32 * WM * WN
+THREADS = {"conv_dgrad_direct": 256, "conv_wgrad_reduce": 256, "conv_wgrad_tf32_reduce": 256,
+           "conv_wgrad_bf16_reduce": 256, "conv_bias_grad": 256,
            "conv_bias_reduce": 256,
            "relu_forward_kernel": 256, "relu_backward_kernel": 256, "dropout_kernel": 256, "dropout_mask_kernel": 256,
            "pool_fwd_kernel": 256, "pool_fwd_max_strip_kernel": 256, "pool_bwd_kernel": 256,
@@ -87,7 +88,8 @@ class Kernel:
             if m:
                 bm, bn, _bk, tm, tn, _v = map(int, m.groups())
                 return (bm // tm) * (bn // tn)
-        if self.base in ("conv_fwd_tf32", "conv_bwd_tf32", "conv_fwd_bf16"):  # <[Op, ]BM, BN, BK, WM, WN, ...>: a warp per WM x WN
+        if self.base in ("conv_fwd_tf32", "conv_bwd_tf32", "conv_fwd_bf16", "conv_bwd_bf16"):
+            # <[Op, ]BM, BN, BK, WM, WN, ...>: a warp per WM x WN
             m = re.search(r"conv_[fb]wd_[tb]f\d\d<(?:[^\d,<>][^,<>]*, )?\d+, \d+, \d+, (\d+), (\d+),", self.name)
             if m:
                 return 32 * int(m.group(1)) * int(m.group(2))
