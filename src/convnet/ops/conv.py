@@ -14,8 +14,11 @@ FP32 accumulation (bias, alpha and beta in FP32): the tensor-core kernel of csrc
 the reference (or the cpu device's GEMM) applied to the rounded inputs on numpy and cpu. ``"fp32"`` (the default) is
 unchanged. ``conv_backward_data`` and ``conv_backward_filter`` take the same ``precision``: the FP32 result computed
 from TF32-rounded inputs (dy and w; x and dy), on every device: the tensor-core kernels of conv_tf32.cu on emu/cuda
-(the filter gradient's split-K workspace as the FP32 one's), the rounded reference on numpy and cpu. ``"bf16"`` is
-not implemented for them yet.
+(the filter gradient's split-K workspace as the FP32 one's), the rounded reference on numpy and cpu. With ``"bf16"``
+they read their two inputs as bfloat16 (as the forward: float32 arrays rounded to nearest even, or bfloat16 arrays)
+and sum in FP32: the kernels of csrc/kernels/conv_bf16.cu on emu/cuda, the rounded inputs' reference on numpy and
+cpu. The input gradient may be stored as bfloat16 (``out`` a bfloat16 array: the FP32 result after alpha and beta,
+rounded once); the filter gradient is always float32 (weights and their gradients stay FP32 in the bf16 mode).
 """
 from __future__ import annotations
 
@@ -37,12 +40,9 @@ def _params(g: ConvGeometry) -> dict:
     return dict(stride=g.stride, padding=g.padding, groups=g.groups)
 
 
-def _check_precision(precision, done=("fp32", "tf32")):
+def _check_precision(precision):
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
-    if precision not in done:
-        raise ValueError(f"precision {precision!r} is not implemented for convolutions yet "
-                         f"(available: {', '.join(map(repr, done))})")
 
 
 def _rounded_tf32(a):
@@ -56,16 +56,34 @@ def _rounded_bf16(a, compute_dtype):
     return (a if a.dtype == BFLOAT16 else round_bf16(a)).astype(compute_dtype)
 
 
-def _check_bf16_inputs(dev, x, w):
-    """x and w for precision "bf16": both of the device's float dtype(s) or both bfloat16. Returns the dtype the
-    products are summed in (float32 for bfloat16 inputs; a float64 numpy call sums in float64)."""
-    check_array("x", x, dev, ndim=4, dtypes=storage_dtypes(dev))
-    check_array("w", w, dev, ndim=4, dtypes=storage_dtypes(dev))
+def _check_bf16_inputs(dev, x, w, names=("x", "w")):
+    """The two inputs of a convolution pass (x and w; dy and w; x and dy: ``names``) for precision "bf16": both of
+    the device's float dtype(s) or both bfloat16. Returns the dtype the products are summed in (float32 for bfloat16
+    inputs; a float64 numpy call sums in float64)."""
+    a, b = names
+    check_array(a, x, dev, ndim=4, dtypes=storage_dtypes(dev))
+    check_array(b, w, dev, ndim=4, dtypes=storage_dtypes(dev))
     if x.dtype != w.dtype:
         floats = " or ".join(map(str, dev.dtypes))
-        raise TypeError(f"precision='bf16' needs x and w of one dtype, both bfloat16 or both {floats} (rounded to "
-                        f"bfloat16 on load); got x {x.dtype}, w {w.dtype}")
+        raise TypeError(f"precision='bf16' needs {a} and {b} of one dtype, both bfloat16 or both {floats} (rounded "
+                        f"to bfloat16 on load); got {a} {x.dtype}, {b} {w.dtype}")
     return np.dtype(np.float32) if x.dtype == BFLOAT16 else x.dtype
+
+
+def _check_fp_inputs(dev, **arrays):
+    """The inputs of a "fp32" or "tf32" call: no bfloat16, of one float dtype. Returns that dtype."""
+    for name, a in arrays.items():
+        if getattr(a, "dtype", None) == BFLOAT16:
+            raise TypeError(f"{name} is bfloat16: bfloat16 inputs need precision='bf16'")
+        check_array(name, a, dev, ndim=4)
+    return check_same_dtype(**arrays)
+
+
+def _bf16_epilogue(result, out, dtype, alpha, beta):
+    """A bfloat16 ``out`` on the host devices: alpha and beta applied in the compute dtype, then one rounding (as
+    the kernels' epilogue); the generic accumulate (which would compute in bfloat16) then only copies."""
+    scaled = result * dtype.type(alpha)
+    return (scaled if beta == 0.0 else scaled + out.astype(dtype) * dtype.type(beta)).astype(BFLOAT16)
 
 
 def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=None, alpha=1.0, beta=0.0,
@@ -78,18 +96,10 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
     result is float32 unless ``out`` is a bfloat16 array (then rounded to nearest even once, after alpha and beta).
     The tensor-core kernel of csrc/kernels/conv_bf16.cu on emu/cuda; on numpy and cpu the fp32 path on the rounded
     inputs (a float64 numpy call sums in float64 and returns float64)."""
-    _check_precision(precision, done=("fp32", "tf32", "bf16"))
+    _check_precision(precision)
     dev = as_device(device)
     bf16 = precision == "bf16"
-    if bf16:
-        dtype = _check_bf16_inputs(dev, x, w)
-    else:
-        for name, a in (("x", x), ("w", w)):
-            if getattr(a, "dtype", None) == BFLOAT16:
-                raise TypeError(f"{name} is bfloat16: bfloat16 inputs need precision='bf16'")
-        check_array("x", x, dev, ndim=4)
-        check_array("w", w, dev, ndim=4)
-        dtype = check_same_dtype(x=x, w=w)
+    dtype = _check_bf16_inputs(dev, x, w) if bf16 else _check_fp_inputs(dev, x=x, w=w)
     g = ConvGeometry.of(x.shape, w.shape, stride=stride, padding=padding, groups=groups)
     if bias is not None:
         if bf16:  # the compute dtype: float32 also with bfloat16 x and w
@@ -113,10 +123,7 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
         else:
             xr, wr = (_rounded_tf32(x), _rounded_tf32(w)) if tf32 else (x, w)
         y = dev.host_function(ref.conv_forward)(xr, wr, bias, **_params(g))
-        if not y_bf16:
-            return y
-        y = y * dtype.type(alpha) if beta == 0.0 else y * dtype.type(alpha) + out.astype(dtype) * dtype.type(beta)
-        return y.astype(BFLOAT16)
+        return _bf16_epilogue(y, out, dtype, alpha, beta) if y_bf16 else y
 
     def kernel(y):
         if bf16:
@@ -136,52 +143,74 @@ def conv_backward_data(device, dy, w, input_hw, *, stride=1, padding=0, groups=1
                        stream=None, precision="fp32"):
     """dx = alpha * dL/dx + beta * dx for y = conv(x, w); dy (F, OH, OW, N) -> dx (C, H, W, N), (H, W) = input_hw.
 
-    precision: "fp32" or "tf32" (dy and w rounded to TF32, FP32 accumulation; see the module's docstring)."""
-    _check_precision(precision, done=("fp32", "tf32"))
+    precision: "fp32", "tf32" (dy and w rounded to TF32, FP32 accumulation; see the module's docstring) or "bf16":
+    dy and w read as bfloat16 (both float32, rounded to nearest even on load, or both bfloat16), FP32 sums, alpha and
+    beta in FP32; dx float32 unless ``out`` is a bfloat16 array (then rounded to nearest even once, at the end)."""
+    _check_precision(precision)
     dev = as_device(device)
-    check_array("dy", dy, dev, ndim=4)
-    check_array("w", w, dev, ndim=4)
-    dtype = check_same_dtype(dy=dy, w=w)
+    bf16 = precision == "bf16"
+    dtype = _check_bf16_inputs(dev, dy, w, ("dy", "w")) if bf16 else _check_fp_inputs(dev, dy=dy, w=w)
     g = ConvGeometry.of_backward_data(dy.shape, w.shape, input_hw, stride=stride, padding=padding, groups=groups)
+    out_dtype = dtype
+    if bf16 and out is not None:
+        check_array("out", out, dev, shape=g.x_shape, dtypes=(dtype, BFLOAT16), writeable=True)
+        out_dtype = out.dtype
     alpha, beta = alpha_beta(alpha, beta, out)
     tf32 = precision == "tf32"
+    dx_bf16 = out_dtype == BFLOAT16
 
     def reference():
-        dyr, wr = (_rounded_tf32(dy), _rounded_tf32(w)) if tf32 else (dy, w)
-        return dev.host_function(ref.conv_backward_data)(dyr, wr, (g.H, g.W), **_params(g))
+        if bf16:
+            dyr, wr = _rounded_bf16(dy, dtype), _rounded_bf16(w, dtype)
+        else:
+            dyr, wr = (_rounded_tf32(dy), _rounded_tf32(w)) if tf32 else (dy, w)
+        dx = dev.host_function(ref.conv_backward_data)(dyr, wr, (g.H, g.W), **_params(g))
+        return _bf16_epilogue(dx, out, dtype, alpha, beta) if dx_bf16 else dx
+
+    def kernel(dx):
+        if bf16:
+            launch(dev, "conv_backward_data_bf16", dy, w, dy.dtype == BFLOAT16, dx, dx_bf16, g, alpha, beta,
+                   stream=stream)
+        else:
+            launch(dev, "conv_backward_data_tf32" if tf32 else "conv_backward_data", dy, w, dx, g, alpha, beta,
+                   stream=stream)
 
     return produce(
-        dev, Output("out", out, g.x_shape, dtype), inputs=dict(dy=dy, w=w), alpha=alpha, beta=beta, stream=stream,
-        reference=reference,
-        kernel=lambda dx: launch(dev, "conv_backward_data_tf32" if tf32 else "conv_backward_data", dy, w, dx, g, alpha,
-                                 beta, stream=stream))
+        dev, Output("out", out, g.x_shape, out_dtype), inputs=dict(dy=dy, w=w), alpha=1.0 if dx_bf16 else alpha,
+        beta=0.0 if dx_bf16 else beta, stream=stream, reference=reference, kernel=kernel)
 
 
 def conv_backward_filter(device, x, dy, filter_hw, *, stride=1, padding=0, groups=1, out=None, alpha=1.0, beta=0.0,
                          stream=None, precision="fp32"):
     """dw = alpha * dL/dw + beta * dw; x (C, H, W, N), dy (F, OH, OW, N) -> dw (C/groups, KH, KW, F).
 
-    precision: "fp32" or "tf32" (x and dy rounded to TF32, FP32 accumulation; see the module's docstring)."""
-    _check_precision(precision, done=("fp32", "tf32"))
+    precision: "fp32", "tf32" (x and dy rounded to TF32, FP32 accumulation; see the module's docstring) or "bf16":
+    x and dy read as bfloat16 (both float32, rounded to nearest even on load, or both bfloat16), FP32 sums; dw is
+    float32 (the compute dtype) in every precision, never bfloat16."""
+    _check_precision(precision)
     dev = as_device(device)
-    check_array("x", x, dev, ndim=4)
-    check_array("dy", dy, dev, ndim=4)
-    dtype = check_same_dtype(x=x, dy=dy)
+    bf16 = precision == "bf16"
+    dtype = _check_bf16_inputs(dev, x, dy, ("x", "dy")) if bf16 else _check_fp_inputs(dev, x=x, dy=dy)
     g = ConvGeometry.of_backward_filter(x.shape, dy.shape, filter_hw, stride=stride, padding=padding, groups=groups)
     alpha, beta = alpha_beta(alpha, beta, out)
     tf32 = precision == "tf32"
 
     def reference():
-        xr, dyr = (_rounded_tf32(x), _rounded_tf32(dy)) if tf32 else (x, dy)
+        if bf16:
+            xr, dyr = _rounded_bf16(x, dtype), _rounded_bf16(dy, dtype)
+        else:
+            xr, dyr = (_rounded_tf32(x), _rounded_tf32(dy)) if tf32 else (x, dy)
         return dev.host_function(ref.conv_backward_filter)(xr, dyr, (g.KH, g.KW), **_params(g))
 
     def kernel(dw):
         # The split-K scratch is allocated on the stream that runs the kernels: CuPy's pool then cannot hand the
         # memory to another stream's allocation while the kernels still use it.
-        name = "conv_backward_filter_tf32" if tf32 else "conv_backward_filter"
+        name = {"bf16": "conv_backward_filter_bf16", "tf32": "conv_backward_filter_tf32"}.get(
+            precision, "conv_backward_filter")
         ws_floats = int(getattr(dev.kernels, f"{name}_workspace")(g))
         ws = dev.empty((ws_floats,), np.float32, stream=stream) if ws_floats else None
-        launch(dev, name, x, dy, dw, ws if ws is not None else 0, ws_floats, g, alpha, beta, stream=stream)
+        flag = (x.dtype == BFLOAT16,) if bf16 else ()
+        launch(dev, name, x, dy, *flag, dw, ws if ws is not None else 0, ws_floats, g, alpha, beta, stream=stream)
 
     return produce(
         dev, Output("out", out, g.w_shape, dtype), inputs=dict(x=x, dy=dy), alpha=alpha, beta=beta, stream=stream,
