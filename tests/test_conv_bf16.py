@@ -413,7 +413,7 @@ def test_nvcc_keeps_the_mma_loop_of_every_bf16_kernel(tmp_path):
                     f"-I{ROOT / 'csrc'}", "-arch=sm_80", "-ptx", str(ROOT / "csrc/kernels/conv_bf16.cu"),
                     "-o", str(ptx)], check=True, capture_output=True,
                    env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})  # nvcc crashes under ASan
-    entries = re.split(r"\.entry ", ptx.read_text())[1:]
+    entries = [e for e in re.split(r"\.entry ", ptx.read_text())[1:] if "conv_fwd_bf16" in e.split("(", 1)[0]]
     assert len(entries) == 8  # 2 tiles x 4 load paths; the planted defects exist on the emulator only
     for body in entries:
         bm, bn, bk, wm, wn, stages = map(int, re.match(
