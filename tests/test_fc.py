@@ -7,7 +7,7 @@ import pytest
 from convnet import ops
 from convnet.reference import fc as ref
 from convnet.devices import Device
-from convnet.ops.fc import round_tf32_on
+from convnet.ops.fc import round_bf16_on, round_tf32_on
 from convnet.reference.precision import round_bf16, round_tf32, to_bf16
 from convnet.reference.storage import BFLOAT16
 from helpers import assert_close, assert_raises_each, check_grad, to_host, NUMPY
@@ -246,6 +246,25 @@ def test_bf16_matches_the_float64_reference_on_rounded_inputs(any_device, shape)
                 assert 20 * np.max(err) < np.max(np.abs(exact - want)), f"{fn.__name__} {shape}: rounding unseen"
 
 
+def test_bf16_rounds_on_the_device_as_the_reference_does(any_device):
+    """Ties to even (both ways, both signs), a carry into the exponent (to inf at the top), subnormals, signed zeros,
+    inf and NaN (NaN stays NaN: compared as NaN, the payload is free)."""
+    bits = np.array([0x3F808000, 0x3F818000, 0x3F808001, 0xBF808000, 0xBF818000, 0x3F807FFF, 0x7F7F8000, 0x7F7F7FFF,
+                     0x00008000, 0x00018000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00001, 0x7F800001, 0xFFFFFFFF],
+                    np.uint32)
+    values = np.concatenate([bits.view(np.float32),
+                             np.random.default_rng(4).standard_normal(224).astype(np.float32)]).reshape(8, -1)
+    got = to_host(round_bf16_on(dev := any_device, dev.asarray(values), np.float32))
+    want = round_bf16(values)
+    assert got.dtype == np.float32
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    stored = to_host(round_bf16_on(dev, dev.asarray(to_bf16(values)), np.float32))  # bfloat16: exactly its values
+    np.testing.assert_array_equal(np.isnan(stored), nan)
+    np.testing.assert_array_equal(stored[~nan], want[~nan])
+
+
 def test_bias_gradients_of_bfloat16_dy_are_float32_sums(any_device):
     """fc_backward_bias and conv_backward_bias on a bfloat16 dy: float32 results, the FP32 sums of its values (K - 1
     additions: (K + 1) u of the sum of magnitudes, doubled for a GPU's order), with alpha and beta."""
@@ -293,3 +312,20 @@ def test_tf32_on_the_cuda_backend_uses_cublas_tf32_on_rounded_inputs(monkeypatch
         np.testing.assert_allclose(fp32, exact, rtol=0, atol=float(np.max(2 * (K + 3) * U * S)) + 1e-6)
     names = [c[0] for c in fake.calls if c[0].startswith("matmul")]
     assert names == ["matmul tf32", "matmul"] * 3
+
+
+def test_bf16_on_the_cuda_backend_uses_the_fp32_gemm_on_rounded_inputs(monkeypatch):
+    """On cuda the fc ops round float32 operands on the device (the bit operations above) and multiply the rounded
+    values with cuBLAS's FP32 GEMM (the products of bfloat16 values are exact in FP32); the fake GPU's TF32 GEMM would
+    truncate them, so the compute type must stay FP32."""
+    from fake_cupy import FakeCupy
+    fake = FakeCupy(devices=1).install(monkeypatch)
+    dev = Device("cuda", 0)
+    rng = np.random.default_rng(9)
+    fake.recording = True
+    for fn, args, want, exact, S, K, _ in _bf16_cases(rng, 65, 19, 10, stored=False):
+        got = dev.to_numpy(fn(dev, *(dev.asarray(a) for a in args), precision="bf16")).astype(np.float64)
+        assert (np.abs(got - want) <= 2 * (K + 3) * U * S).all(), fn.__name__
+        assert 20 * np.max(np.abs(got - want)) < np.max(np.abs(exact - want)), fn.__name__
+    names = [c[0] for c in fake.calls if c[0].startswith("matmul")]
+    assert names == ["matmul"] * 3

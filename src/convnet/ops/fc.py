@@ -35,10 +35,11 @@ from convnet.reference.precision import PRECISIONS
 
 GEMM_PRECISIONS = PRECISIONS  # what the fc GEMMs do
 
-# TF32 rounding on the bits of float32, as reference.precision.round_tf32, written with the operators NumPy and CuPy
+# TF32 and BF16 rounding on the bits of float32, as reference.precision.round_tf32/round_bf16, written with the operators NumPy and CuPy
 # share so that it runs on the device that holds the array
 _EXPONENT, _MANTISSA, _QUIET = 0x7F800000, 0x007FFFFF, 0x00400000
 _TF32_KEEP, _TF32_HALF = 0xFFFFE000, 0x00001000
+_BF16_KEEP, _BF16_HALF = 0xFFFF0000, 0x00008000
 
 
 def check_gemm_precision(precision) -> str:
@@ -68,11 +69,20 @@ def round_tf32_on(dev, a):
 
 def round_bf16_on(dev, a, dtype):
     """``a`` as a bfloat16 kernel reads it, a new array of ``dev`` in the compute ``dtype``: a bfloat16 array's values
-    exactly, a float array rounded to bfloat16 (nearest even, through float32 as ``reference.precision.round_bf16``;
-    NaN stays NaN, inf stays inf)."""
-    if a.dtype != BFLOAT16:
-        a = a.astype(np.float32, copy=False).astype(BFLOAT16)
-    return dev.adopt(a.astype(dtype))
+    exactly, a float array rounded to bfloat16 like ``cvt.rn.bf16.f32`` (nearest even, through float32; NaN stays
+    NaN, quiet; inf stays inf; values past the largest bfloat16 round to inf): the values of
+    ``reference.precision.round_bf16``, computed on the bits with the operators NumPy and CuPy share."""
+    xp = dev.xp
+    if a.dtype == BFLOAT16:
+        return dev.adopt(a.astype(dtype))
+    bits = xp.ascontiguousarray(a, dtype=xp.float32).view(xp.uint32)
+    u = xp.uint32
+    nan = ((bits & u(_EXPONENT)) == u(_EXPONENT)) & ((bits & u(_MANTISSA)) != u(0))
+    # half an ulp less one, plus the kept lowest bit: ties go to the even neighbour; a carry into the exponent is the
+    # right rounding up (to inf too)
+    rounded = (bits + u(_BF16_HALF - 1) + ((bits >> u(16)) & u(1))) & u(_BF16_KEEP)
+    rounded = xp.where(nan, (bits | u(_QUIET)) & u(_BF16_KEEP), rounded)
+    return dev.adopt(rounded.view(xp.float32).astype(dtype, copy=False))
 
 
 def _check_bf16_operand(dev, name, a, compute):
