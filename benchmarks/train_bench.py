@@ -564,8 +564,8 @@ def main(argv=None):
                             "PyTorch and ours" + (", each round in its own process" if cpu_path else "") +
                             "; the median round; the same for both sides"),
                  "precisions": {"ours": precisions, "note": "ours: conv and fc multiplications in that precision "
-                                "(tf32: TF32-rounded inputs, FP32 accumulation; bf16: bfloat16 activations and inputs, FP32 "
-                                "accumulation and weights); "
+                                "(tf32: TF32-rounded inputs, FP32 accumulation; bf16: bfloat16 activations and inputs, "
+                                "FP32 accumulation and weights); "
                                 "PyTorch on a GPU: FP32 (TF32 off), TF32 (cuDNN and matmul), BF16 autocast"},
                  "torch_plan": torch_plan(net)}
         path = common.write_results(f"train-{net.name}" + (f"-b{a.batch_size}-t{a.threads}" if cpu_path else ""),

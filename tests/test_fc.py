@@ -323,9 +323,14 @@ def test_bf16_on_the_cuda_backend_uses_the_fp32_gemm_on_rounded_inputs(monkeypat
     dev = Device("cuda", 0)
     rng = np.random.default_rng(9)
     fake.recording = True
-    for fn, args, want, exact, S, K, _ in _bf16_cases(rng, 65, 19, 10, stored=False):
+    for fn, args, want, exact, S, K, bf16_out in _bf16_cases(rng, 65, 19, 10, stored=False):
         got = dev.to_numpy(fn(dev, *(dev.asarray(a) for a in args), precision="bf16")).astype(np.float64)
         assert (np.abs(got - want) <= 2 * (K + 3) * U * S).all(), fn.__name__
         assert 20 * np.max(np.abs(got - want)) < np.max(np.abs(exact - want)), fn.__name__
+        if bf16_out:  # rounded once into a bfloat16 out
+            out = dev.empty(want.shape, BFLOAT16)
+            got16 = dev.to_numpy(fn(dev, *(dev.asarray(a) for a in args), out=out, precision="bf16"))
+            assert got16.dtype == BFLOAT16
+            assert (np.abs(got16.astype(np.float64) - want) <= 2 ** -8 * np.abs(want) + 4 * (K + 3) * U * S).all()
     names = [c[0] for c in fake.calls if c[0].startswith("matmul")]
-    assert names == ["matmul"] * 3
+    assert names == ["matmul"] * 5

@@ -35,8 +35,8 @@ from convnet.reference.precision import PRECISIONS
 
 GEMM_PRECISIONS = PRECISIONS  # what the fc GEMMs do
 
-# TF32 and BF16 rounding on the bits of float32, as reference.precision.round_tf32/round_bf16, written with the operators NumPy and CuPy
-# share so that it runs on the device that holds the array
+# TF32 and BF16 rounding on the bits of float32, as reference.precision.round_tf32/round_bf16, written with the
+# operators NumPy and CuPy share so that it runs on the device that holds the array
 _EXPONENT, _MANTISSA, _QUIET = 0x7F800000, 0x007FFFFF, 0x00400000
 _TF32_KEEP, _TF32_HALF = 0xFFFFE000, 0x00001000
 _BF16_KEEP, _BF16_HALF = 0xFFFF0000, 0x00008000
@@ -90,7 +90,7 @@ def _check_bf16_operand(dev, name, a, compute):
     check_array(name, a, dev, ndim=2, dtypes=(compute, BFLOAT16))
 
 
-def _compute_dtype(precision, *arrays):
+def _compute_dtype(*arrays):
     """The dtype a call sums in: float32 for bfloat16 operands in bf16, else the (first) float operand's."""
     floats = [a.dtype for a in arrays if a.dtype != BFLOAT16]
     return floats[0] if floats else np.dtype(np.float32)
@@ -116,9 +116,7 @@ def _gemm(dev, out, y, a, b, bias, alpha, beta, stream, precision):
         if precision == "bf16":
             # bfloat16 operands, FP32 products (exact) and sums: the rounded values through the FP32 GEMM; a
             # bfloat16 result is the FP32 result after bias, alpha and beta, rounded once
-            compute = bias.dtype if bias is not None else _compute_dtype(precision, a, b)
-            if compute == BFLOAT16:
-                compute = np.dtype(np.float32)
+            compute = bias.dtype if bias is not None else _compute_dtype(a, b)
             a, b = round_bf16_on(dev, a, compute), round_bf16_on(dev, b, compute)
             if y.dtype == BFLOAT16:
                 r = dev.matmul(a, b, precision="fp32")
@@ -128,7 +126,7 @@ def _gemm(dev, out, y, a, b, bias, alpha, beta, stream, precision):
                     r *= r.dtype.type(alpha)
                 if out is not None and beta != 0.0:
                     r += y.astype(r.dtype) * r.dtype.type(beta)
-                y[...] = r.astype(BFLOAT16)
+                y[...] = round_bf16_on(dev, r, np.float32).astype(BFLOAT16)  # rounded here: the cast is exact
                 return
         if out is None or (alpha == 1.0 and beta == 0.0):
             dev.matmul(a, b, out=y, precision="fp32" if precision == "bf16" else precision)
@@ -194,7 +192,7 @@ def fc_backward_weights(device, x, dy, out=None, alpha=1.0, beta=0.0, stream=Non
     check_array("dy", dy, dev, ndim=2, dtypes=storage_dtypes(dev) if bf16 else None)
     if dy.shape[1] != x.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and dy {tuple(dy.shape)} must have the same number of images (axis 1)")
-    dtype = _compute_dtype(precision, x, dy) if bf16 else check_same_dtype(x=x, dy=dy)
+    dtype = _compute_dtype(x, dy) if bf16 else check_same_dtype(x=x, dy=dy)
     if bf16 and len({a.dtype for a in (x, dy) if a.dtype != BFLOAT16} | {dtype}) > 1:
         raise TypeError(f"x has dtype {x.dtype} but dy has {dy.dtype}; each must be bfloat16 or the same float dtype")
     dw = output(dev, Output("out", out, (dy.shape[0], x.shape[0]), dtype), stream)
