@@ -86,15 +86,17 @@ class Net:
         if self.precision == "bf16" and self.dtype != np.float32:
             raise LayerError(f"precision bf16 needs dtype float32 (FP32 parameters and sums), got {self.dtype}")
 
-    def _storage(self, layer, a, role="output"):
+    def _storage(self, layer, a, role="output", device=None):
         """In bf16, ``a`` (a layer's output, or the gradient of it: ``role`` "output") in the dtype the layer's
         outputs are stored in, bfloat16 unless ``bf16_output`` is False; ``role`` "input": an input (or the output
-        gradient) of a layer that does not run on bfloat16, in float32. Other precisions: ``a`` as it is."""
+        gradient) of a layer that does not run on bfloat16, in float32. Converted on ``device`` (the one ``a`` is on:
+        None, the layer's) and its current stream. Other precisions: ``a`` as it is."""
         if self.precision != "bf16" or a is None:
             return a
+        device = device or layer.device
         if role == "input":
-            return a if layer.bf16_native() else stored(layer.device, a, self.dtype)
-        return stored(layer.device, a, BFLOAT16 if layer.bf16_output else self.dtype)
+            return a if layer.bf16_native() else stored(device, a, self.dtype)
+        return stored(device, a, BFLOAT16 if layer.bf16_output else self.dtype)
 
     # --- construction ----------------------------------------------------------------------------------------
     def _add(self, layer):
@@ -286,11 +288,14 @@ class Net:
                     on_grads(l)
                 if dx is None or not l.needs_input_grad:
                     continue
-                parts = self._split(l, dx)
+                # bf16: each part in its producer's storage dtype, converted on this layer's stream
+                parts = [part if isinstance(self.layers[i], Data) else self._storage(self.layers[i], part,
+                                                                                      device=l.device)
+                         for i, part in zip(l.inputs, self._split(l, dx))]
             for i, part in zip(l.inputs, parts):
                 src = self.layers[i]
                 if not isinstance(src, Data):  # no gradient into the data; sums on the producer's device
-                    part = self.placements.copy(self._storage(src, part), l, src)
+                    part = self.placements.copy(part, l, src)
                     if self.placements.same_place(l, src) and not self.placements.same_stream(l, src):
                         lent.setdefault(src.name, {})[l.name] = l
                     self._accumulate(grads, src, part, l, lent)

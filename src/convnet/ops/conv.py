@@ -242,7 +242,7 @@ def conv_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
         ws_floats = int(dev.kernels.conv_backward_bias_workspace(f, per_filter))
         ws = dev.empty((ws_floats,), np.float32, stream=stream) if ws_floats else None
         # a bfloat16 dy is converted on the kernels' stream, after its producer wrote it
-        launch(dev, "conv_backward_bias", dy.astype(np.float32) if bf16 else dy, db, ws if ws is not None else 0,
+        launch(dev, "conv_backward_bias", dev.adopt(dy.astype(np.float32)) if bf16 else dy, db, ws if ws is not None else 0,
                ws_floats, f, per_filter, alpha, beta, stream=stream)
 
     return produce(
