@@ -394,12 +394,6 @@ def _bf16_relu_only(neuron) -> bool:
     return neuron is None or neuron.name == "relu"
 
 
-def _bf16_conv_backward(device) -> bool:
-    """Does ``device`` run conv_backward_data/filter with precision bf16? numpy and cpu do (the reference on rounded
-    inputs); emu and cuda when their module has the bf16 backward kernels."""
-    return device.runs_reference or hasattr(device.kernels, "conv_backward_data_bf16")
-
-
 def _gaussian(rng, shape, std, dtype):
     dtype = np.dtype(dtype)
     g = rng.standard_normal(shape, dtype=dtype if dtype in (np.float32, np.float64) else np.float64)
@@ -571,25 +565,17 @@ class Conv(_Learnable):
         y = ops.conv_forward(self.device, x, w, self.params["b"], precision=precision, out=out, **self._geom())
         return self._neuron_forward(y, ctx)
 
-    def _bf16_backward_inputs(self, dy, ctx):
-        """(x, dy, w, precision) of the backward passes in bf16: x and dy of one dtype and w bfloat16 for the bf16
-        kernels; where the device has none, the same values (bfloat16 ones as float32, exactly) multiplied by the
-        fp32 ones, which sum the same exact products in FP32."""
-        x, w = ctx["x"], ctx.get("w_bf16")
-        if w is None:
-            w = stored(self.device, self.params["w"], BFLOAT16)
-        if _bf16_conv_backward(self.device):
-            return stored(self.device, x, BFLOAT16), stored(self.device, dy, BFLOAT16), w, "bf16"
-        as_f32 = lambda a: stored(self.device, stored(self.device, a, BFLOAT16), np.float32)  # noqa: E731
-        return as_f32(x), as_f32(dy), as_f32(w), "fp32"
-
     def backward(self, dy, ctx):
         dy = self._neuron_backward(dy, ctx)
         x, w, precision = ctx["x"], self.params["w"], _precision(ctx)
         out = None
-        if precision == "bf16":
-            x, dy, w, precision = self._bf16_backward_inputs(dy, ctx)
-            if precision == "bf16" and self.needs_input_grad:
+        if precision == "bf16":  # the ops' rule: both inputs of a pass of one dtype; bfloat16 (rounding the images
+            # exactly as the kernels would on load), the weights' bfloat16 copy of the forward, a bfloat16 dx
+            x, dy = stored(self.device, x, BFLOAT16), stored(self.device, dy, BFLOAT16)
+            w = ctx.get("w_bf16")
+            if w is None:
+                w = stored(self.device, self.params["w"], BFLOAT16)
+            if self.needs_input_grad and self.bf16_native():  # (else float32: the window and neuron ops need it)
                 out = self.device.empty(x.shape, BFLOAT16)
         self.grads["w"] = ops.conv_backward_filter(self.device, x, dy, self.size, precision=precision,
                                                    **self._geom())
