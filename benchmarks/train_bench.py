@@ -464,7 +464,7 @@ def main(argv=None):
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
     p.add_argument("--precisions", default=None,
                    help="ours in each of these precisions, e.g. fp32,tf32 (default: fp32,tf32 on a GPU with tensor "
-                        "cores, else the device's default); bf16 is reported as not implemented yet")
+                        "cores, else the device's default); a precision the device cannot run is reported and skipped")
     p.add_argument("--json", help="append the rows as JSON lines to this file")
     p.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/")
     p.add_argument("--towers", action="store_true",
@@ -564,7 +564,8 @@ def main(argv=None):
                             "PyTorch and ours" + (", each round in its own process" if cpu_path else "") +
                             "; the median round; the same for both sides"),
                  "precisions": {"ours": precisions, "note": "ours: conv and fc multiplications in that precision "
-                                "(tf32: TF32-rounded inputs, FP32 accumulation; bf16 not implemented yet); "
+                                "(tf32: TF32-rounded inputs, FP32 accumulation; bf16: bfloat16 activations and inputs, "
+                                "FP32 accumulation and weights); "
                                 "PyTorch on a GPU: FP32 (TF32 off), TF32 (cuDNN and matmul), BF16 autocast"},
                  "torch_plan": torch_plan(net)}
         path = common.write_results(f"train-{net.name}" + (f"-b{a.batch_size}-t{a.threads}" if cpu_path else ""),

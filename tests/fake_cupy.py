@@ -291,7 +291,7 @@ def _operator(name, inplace):
 
 
 for _op in ("add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "pow", "lt", "le", "gt", "ge", "eq",
-            "ne", "and", "or"):
+            "ne", "and", "or", "rshift"):
     setattr(ndarray, f"__{_op}__", _operator(f"__{_op}__", inplace=False))
 for _op in ("iadd", "isub", "imul", "itruediv"):
     setattr(ndarray, f"__{_op}__", _operator(f"__{_op}__", inplace=True))

@@ -7,8 +7,9 @@ import pytest
 from convnet import ops
 from convnet.reference import fc as ref
 from convnet.devices import Device
-from convnet.ops.fc import round_tf32_on
-from convnet.reference.precision import round_tf32
+from convnet.ops.fc import round_bf16_on, round_tf32_on
+from convnet.reference.precision import round_bf16, round_tf32, to_bf16
+from convnet.reference.storage import BFLOAT16
 from helpers import assert_close, assert_raises_each, check_grad, to_host, NUMPY
 
 
@@ -185,7 +186,6 @@ def test_fp32_is_the_default_bit_for_bit(kernel_device):
 
 
 @pytest.mark.parametrize("precision,message", [
-    ("bf16", "precision 'bf16' is not implemented for fully-connected layers yet"),
     ("fp16", "precision must be one of 'fp32', 'tf32', 'bf16', got 'fp16'"),
     (None, "precision must be one of")])
 def test_an_unknown_or_unimplemented_precision_is_a_clear_error(precision, message):
@@ -195,6 +195,104 @@ def test_an_unknown_or_unimplemented_precision_is_a_clear_error(precision, messa
                  lambda: ops.fc_backward_weights(NUMPY, x, np.ones((4, 2), np.float32), precision=precision)):
         with pytest.raises(ValueError, match=re.escape(message)):
             call()
+
+
+# ``precision="bf16"``: the activation operands (x, dy) float32 rounded to bfloat16 (nearest even) on load, or
+# bfloat16 arrays; w float32 rounded to bfloat16 for the product; FP32 sums. The tolerance is the tf32 one (the product
+# of two bfloat16 values, 8 significant bits each, is exact in FP32 as well), and a bfloat16 result adds its one
+# rounding to nearest even: at most 2**-9 of its magnitude, bounded by 2**-8 |want| + the FP32 bound again.
+def _bf16_cases(rng, I, O, N, stored):
+    x, w, b, dy = (rng.uniform(-1, 1, s).astype(np.float32) for s in ((I, N), (O, I), (O,), (O, N)))
+    if stored:  # the activations as the bf16 mode keeps them
+        x, dy = to_bf16(x), to_bf16(dy)
+    r = lambda *a: [round_bf16(v.astype(np.float32)).astype(np.float64) for v in a]
+    xr, wr, dyr = r(x, w, dy)
+    a64 = lambda v: np.abs(v.astype(np.float64))
+    exact = lambda v: v.astype(np.float32).astype(np.float64)
+    return [  # (op, args, rounded reference, exact reference, S, K, may the result be bfloat16)
+        (ops.fc_forward, (x, w, b), ref.fc_forward(xr, wr, b.astype(np.float64)),
+         ref.fc_forward(exact(x), exact(w), b.astype(np.float64)), ref.fc_forward(a64(xr), a64(wr), a64(b)), I, True),
+        (ops.fc_backward_data, (dy, w), ref.fc_backward_data(dyr, wr), ref.fc_backward_data(exact(dy), exact(w)),
+         ref.fc_backward_data(a64(dyr), a64(wr)), O, True),
+        (ops.fc_backward_weights, (x, dy), ref.fc_backward_weights(xr, dyr),
+         ref.fc_backward_weights(exact(x), exact(dy)), ref.fc_backward_weights(a64(xr), a64(dyr)), N, False),
+    ]
+
+
+@pytest.mark.parametrize("shape", FC_SHAPES, ids=[f"I{i}-O{o}-N{n}" for i, o, n in FC_SHAPES])
+def test_bf16_matches_the_float64_reference_on_rounded_inputs(any_device, shape):
+    dev = any_device
+    rng = np.random.default_rng(sum(shape) + 1)
+    for stored, out_dtype, alpha, beta in ((False, np.float32, 1.0, 0.0), (True, np.float32, -0.5, 0.75),
+                                           (True, BFLOAT16, 1.0, 0.0), (False, BFLOAT16, 2.0, -0.5)):
+        for fn, args, want, exact, S, K, bf16_out in _bf16_cases(rng, *shape, stored):
+            dtype = out_dtype if bf16_out else np.float32
+            prior = rng.uniform(-1, 1, want.shape).astype(np.float32).astype(dtype)
+            out = dev.asarray(prior.copy()) if beta or dtype == BFLOAT16 else None
+            got = to_host(fn(dev, *(dev.asarray(a) for a in args), out=out, alpha=alpha, beta=beta,
+                             precision="bf16"))
+            assert got.dtype == dtype, (fn.__name__, got.dtype)
+            got = got.astype(np.float64)
+            prior = prior.astype(np.float64)
+            want = alpha * want + beta * prior
+            exact = alpha * exact + beta * prior
+            bound = 2 * ((K + 3) * U * abs(alpha) * S + (2 * U * abs(beta) * np.abs(prior) if beta else 0))
+            if dtype == BFLOAT16:
+                bound = 2 ** -8 * np.abs(want) + 2 * bound
+            err = np.abs(got - want)
+            assert (err <= bound).all(), f"{fn.__name__} {shape}: worst excess {np.max(err - bound):.3g}"
+            if K >= 7 and dtype == np.float32 and not (stored and fn is ops.fc_backward_weights):
+                # the input rounding shows (bfloat16 x and dy are their own rounding: nothing to see)
+                assert 20 * np.max(err) < np.max(np.abs(exact - want)), f"{fn.__name__} {shape}: rounding unseen"
+
+
+def test_bf16_rounds_on_the_device_as_the_reference_does(any_device):
+    """Ties to even (both ways, both signs), a carry into the exponent (to inf at the top), subnormals, signed zeros,
+    inf and NaN (NaN stays NaN: compared as NaN, the payload is free)."""
+    bits = np.array([0x3F808000, 0x3F818000, 0x3F808001, 0xBF808000, 0xBF818000, 0x3F807FFF, 0x7F7F8000, 0x7F7F7FFF,
+                     0x00008000, 0x00018000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00001, 0x7F800001, 0xFFFFFFFF],
+                    np.uint32)
+    values = np.concatenate([bits.view(np.float32),
+                             np.random.default_rng(4).standard_normal(224).astype(np.float32)]).reshape(8, -1)
+    got = to_host(round_bf16_on(dev := any_device, dev.asarray(values), np.float32))
+    want = round_bf16(values)
+    assert got.dtype == np.float32
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    stored = to_host(round_bf16_on(dev, dev.asarray(to_bf16(values)), np.float32))  # bfloat16: exactly its values
+    np.testing.assert_array_equal(np.isnan(stored), nan)
+    np.testing.assert_array_equal(stored[~nan], want[~nan])
+
+
+def test_bias_gradients_of_bfloat16_dy_are_float32_sums(any_device):
+    """fc_backward_bias and conv_backward_bias on a bfloat16 dy: float32 results, the FP32 sums of its values (K - 1
+    additions: (K + 1) u of the sum of magnitudes, doubled for a GPU's order), with alpha and beta."""
+    dev = any_device
+    rng = np.random.default_rng(11)
+    for dy_shape in ((13, 7), (5, 3, 2, 9)):
+        dy = to_bf16(rng.uniform(-1, 1, dy_shape))
+        values = dy.astype(np.float64).reshape(dy_shape[0], -1)
+        prior = rng.uniform(-1, 1, dy_shape[0]).astype(np.float32)
+        want = 0.5 * values.sum(axis=1) - 2.0 * prior
+        bound = 2 * (values.shape[1] + 3) * U * (0.5 * np.abs(values).sum(axis=1) + 2.0 * np.abs(prior))
+        op = ops.fc_backward_bias if len(dy_shape) == 2 else ops.conv_backward_bias
+        got = to_host(op(dev, dev.asarray(dy), out=dev.asarray(prior.copy()), alpha=0.5, beta=-2.0))
+        assert got.dtype == np.float32
+        assert (np.abs(got - want) <= bound).all(), op.__name__
+        assert to_host(op(dev, dev.asarray(dy))).dtype == np.float32
+
+
+def test_bf16_operand_rules_are_clear_errors():
+    x, w, dy = np.ones((3, 2), np.float32), np.ones((4, 3), np.float32), to_bf16(np.ones((4, 2)))
+    with pytest.raises(TypeError, match="w must have dtype float32 or float64"):
+        ops.fc_forward(NUMPY, x, to_bf16(w), precision="bf16")  # FP32 master weights
+    with pytest.raises(TypeError, match="bfloat16"):
+        ops.fc_forward(NUMPY, to_bf16(x), w, precision="fp32")  # bfloat16 arrays need precision bf16
+    with pytest.raises(TypeError, match="out must have dtype float32"):
+        ops.fc_backward_weights(NUMPY, x, dy, out=np.empty((4, 3), BFLOAT16), precision="bf16")
+    with pytest.raises(TypeError, match="x has dtype float64 but dy has float32"):
+        ops.fc_backward_weights(NUMPY, x.astype(np.float64), dy.astype(np.float32), precision="bf16")
 
 
 def test_tf32_on_the_cuda_backend_uses_cublas_tf32_on_rounded_inputs(monkeypatch):
@@ -214,3 +312,25 @@ def test_tf32_on_the_cuda_backend_uses_cublas_tf32_on_rounded_inputs(monkeypatch
         np.testing.assert_allclose(fp32, exact, rtol=0, atol=float(np.max(2 * (K + 3) * U * S)) + 1e-6)
     names = [c[0] for c in fake.calls if c[0].startswith("matmul")]
     assert names == ["matmul tf32", "matmul"] * 3
+
+
+def test_bf16_on_the_cuda_backend_uses_the_fp32_gemm_on_rounded_inputs(monkeypatch):
+    """On cuda the fc ops round float32 operands on the device (the bit operations above) and multiply the rounded
+    values with cuBLAS's FP32 GEMM (the products of bfloat16 values are exact in FP32); the fake GPU's TF32 GEMM would
+    truncate them, so the compute type must stay FP32."""
+    from fake_cupy import FakeCupy
+    fake = FakeCupy(devices=1).install(monkeypatch)
+    dev = Device("cuda", 0)
+    rng = np.random.default_rng(9)
+    fake.recording = True
+    for fn, args, want, exact, S, K, bf16_out in _bf16_cases(rng, 65, 19, 10, stored=False):
+        got = dev.to_numpy(fn(dev, *(dev.asarray(a) for a in args), precision="bf16")).astype(np.float64)
+        assert (np.abs(got - want) <= 2 * (K + 3) * U * S).all(), fn.__name__
+        assert 20 * np.max(np.abs(got - want)) < np.max(np.abs(exact - want)), fn.__name__
+        if bf16_out:  # rounded once into a bfloat16 out
+            out = dev.empty(want.shape, BFLOAT16)
+            got16 = dev.to_numpy(fn(dev, *(dev.asarray(a) for a in args), out=out, precision="bf16"))
+            assert got16.dtype == BFLOAT16
+            assert (np.abs(got16.astype(np.float64) - want) <= 2 ** -8 * np.abs(want) + 4 * (K + 3) * U * S).all()
+    names = [c[0] for c in fake.calls if c[0].startswith("matmul")]
+    assert names == ["matmul"] * 5

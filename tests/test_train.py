@@ -441,15 +441,18 @@ def _trained(res, out):
 
 @pytest.mark.parametrize("model, devices, precision", [("TINY", ("emu", "cuda"), "fp32"),
                                                        ("TINY", ("emu", "cuda"), "tf32"),
-                                                       ("TWO_TOWERS", ("emu:0,emu:1", "cuda:0,cuda:1"), "tf32")],
-                         ids=["one", "one-tf32", "towers-tf32"])
+                                                       ("TWO_TOWERS", ("emu:0,emu:1", "cuda:0,cuda:1"), "tf32"),
+                                                       ("TWO_TOWERS", ("emu:0,emu:1", "cuda:0,cuda:1"), "bf16")],
+                         ids=["one", "one-tf32", "towers-tf32", "towers-bf16"])
 def test_training_on_a_fake_gpu_gives_emus_bits(tmp_path, monkeypatch, model, devices, precision):
     """The cuda device's whole training path on the CPU -- loader, uploads, trainer, evaluation, checkpoint, and with
     two towers the streams, events and peer copies: CuPy replaced by tests/fake_cupy.py (numpy memory, CuPy's
     rules: no host array mixed into device arithmetic, no implicit conversion to NumPy) and convnet._cuda by the
     emulator. The cuda branches then run the same kernels and array operations in the same order as emu, so the
     same bits: a cuda-only branch that computes something else, or that CuPy would reject, fails here. In tf32 the
-    fake GPU's cuBLAS truncates its TF32 inputs (tests/fake_cupy.py): the same bits say the inputs were rounded."""
+    fake GPU's cuBLAS truncates its TF32 inputs (tests/fake_cupy.py): the same bits say the inputs were rounded. In
+    bf16 the conversions to and from bfloat16 storage and the fc layers' rounding run as array operations of the fake
+    GPU on both towers' streams."""
     from fake_cupy import FakeCupy
     from test_two_towers import TWO_TOWERS
 

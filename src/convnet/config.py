@@ -105,7 +105,8 @@ class Config:
                        high=2**63 - 1)
     dtype: str = setting("float32", "parameter and activation type", choices=("float32", "float64"))
     precision: str | None = setting(None, "fp32 | tf32 | bf16: the conv and fc layers' multiplications (tf32: inputs "
-                                          "rounded to TF32, FP32 accumulation; bf16: not implemented yet) (default: "
+                                          "rounded to TF32, FP32 accumulation; bf16: activations stored in bfloat16, "
+                                          "inputs rounded to bfloat16, FP32 accumulation and weights) (default: "
                                           "tf32 on a GPU with tensor cores, compute capability 8.0+, else fp32; saved "
                                           "with the run)", train=True, choices=PRECISIONS)
     cpu_conv: str = setting("direct", "the cpu device's 3x3 stride-1 convolutions: direct (im2col GEMMs) | winograd "

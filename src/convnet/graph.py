@@ -8,13 +8,14 @@ import zlib
 import numpy as np
 
 from . import ops
-from .layers import Data, Dropout, Layer, LayerError, ModelWarning, SoftmaxCost
+from .layers import Data, Dropout, Layer, LayerError, ModelWarning, SoftmaxCost, stored
 from .placement import Placements, check_on, resolve_devices
 from .reference.precision import PRECISIONS
+from .reference.storage import BFLOAT16
 from .summary import format_summary
 
 # what each precision still lacks (a precision listed here is refused with this reason, on every device)
-MISSING = {"bf16": "bfloat16 activation storage and the bf16 conv/fc kernels are not implemented yet"}
+MISSING = {}
 
 
 def resolve_precision(precision, devices, check_devices=True) -> str:
@@ -55,7 +56,12 @@ class Net:
     ``init_params=False`` infers the shapes only (no parameters: for summaries of big models).
     ``precision``: of the conv and fc layers' multiplications (forward and both backward passes), "fp32" (the
     default here), "tf32", or None: the devices' default (:func:`resolve_precision`; what ``convnet.train`` uses when
-    no precision is asked for); parameters and activations stay in ``dtype`` (float32).
+    no precision is asked for); parameters and activations stay in ``dtype`` (float32). "bf16" (``dtype`` float32
+    only): every layer's output and its gradient are stored in bfloat16 (``Layer.bf16_output``: all but the data
+    layer's images and the softmax layer's probabilities), the conv and fc layers multiply bfloat16 values with FP32
+    sums, parameters, their gradients and the loss stay float32. A layer whose ops have no bfloat16 variant
+    (``Layer.bf16_native`` False: rnorm, cnorm, local, neurons other than ReLU, eltsum, ...) runs in float32 between
+    conversions at its boundary (:meth:`_storage`).
     """
 
     def __init__(self, layers, *, device=None, devices=None, dtype=np.float32, seed=0, name="net", source=None,
@@ -77,6 +83,20 @@ class Net:
                                                check_devices=init_params)
         except ValueError as e:
             raise LayerError(str(e)) from None
+        if self.precision == "bf16" and self.dtype != np.float32:
+            raise LayerError(f"precision bf16 needs dtype float32 (FP32 parameters and sums), got {self.dtype}")
+
+    def _storage(self, layer, a, role="output", device=None):
+        """In bf16, ``a`` (a layer's output, or the gradient of it: ``role`` "output") in the dtype the layer's
+        outputs are stored in, bfloat16 unless ``bf16_output`` is False; ``role`` "input": an input (or the output
+        gradient) of a layer that does not run on bfloat16, in float32. Converted on ``device`` (the one ``a`` is on:
+        None, the layer's) and its current stream. Other precisions: ``a`` as it is."""
+        if self.precision != "bf16" or a is None:
+            return a
+        device = device or layer.device
+        if role == "input":
+            return a if layer.bf16_native() else stored(device, a, self.dtype)
+        return stored(device, a, BFLOAT16 if layer.bf16_output else self.dtype)
 
     # --- construction ----------------------------------------------------------------------------------------
     def _add(self, layer):
@@ -201,6 +221,8 @@ class Net:
         if len(l.in_shape) != 3:
             n = arrays[0].shape[-1]
             arrays = [a.reshape(-1, n) for a in arrays]
+        if self.precision == "bf16":  # joined in float32 (exact; the images may be among them)
+            arrays = [stored(l.device, a, self.dtype) for a in arrays]
         return ops.concat(l.device, arrays)
 
     def forward(self, x, labels=None, *, train=False, step=0, batch=None):
@@ -230,8 +252,8 @@ class Net:
                 ctx["seed"] = _seed32(self.seed, step, zlib.crc32(l.random_stream.encode()))
                 ctx["batch"] = batch
             with self.placements.on(l):
-                inp = self._gather(l, acts)
-                acts[l.name] = l.forward(inp, ctx)
+                inp = self._storage(l, self._gather(l, acts), "input")
+                acts[l.name] = self._storage(l, l.forward(inp, ctx))
             if l is self.cost_layer:
                 self.logits = inp  # evaluation ranks these: probabilities that underflowed to 0 tie
             ctxs[l.name] = ctx
@@ -259,13 +281,17 @@ class Net:
                 continue
             dy = None if l is self.cost_layer else grads.pop(l.name)
             with self.placements.on(l):
+                dy = self._storage(l, self._storage(l, dy), "input")  # a sum of several consumers' is float32
                 dx = l.backward(dy, self._ctxs[l.name])
                 self.placements.give_back(l, lent.pop(l.name, {}))
                 if on_grads is not None and l.params:
                     on_grads(l)
                 if dx is None or not l.needs_input_grad:
                     continue
-                parts = self._split(l, dx)
+                # bf16: each part in its producer's storage dtype, converted on this layer's stream
+                parts = [part if isinstance(self.layers[i], Data) else self._storage(self.layers[i], part,
+                                                                                      device=l.device)
+                         for i, part in zip(l.inputs, self._split(l, dx))]
             for i, part in zip(l.inputs, parts):
                 src = self.layers[i]
                 if not isinstance(src, Data):  # no gradient into the data; sums on the producer's device
@@ -298,8 +324,9 @@ class Net:
         check_on(src, part, f"the gradient of its output from '{consumer.name}'")
         part = part.reshape(*src.out_shape, part.shape[-1])
         if src.name in grads:
-            with self.placements.on(src):
-                part = ops.add(src.device, grads[src.name], part)
+            with self.placements.on(src):  # bf16: the parts are summed in float32
+                part = ops.add(src.device, *(stored(src.device, a, self.dtype) if self.precision == "bf16" else a
+                                             for a in (grads[src.name], part)))
             self.placements.give_back(src, lent.pop(src.name, {}))
         grads[src.name] = part
 

@@ -29,6 +29,7 @@ import numpy as np
 from . import ops
 from . import neurons
 from .ops.neuron import MAX_INPUTS as _MAX_JOIN_INPUTS
+from .reference.storage import BFLOAT16
 from .geometry import INT32_MAX, ConvGeometry, LocalGeometry, LrnGeometry, PoolGeometry, RnormGeometry, pair
 
 
@@ -263,6 +264,12 @@ class Layer:
     keys: tuple = ()  # all its keys: KEYS, then the inherited ones (set by __init_subclass__)
     bf16_output = True  # with precision bf16 its output is stored in bfloat16 (else in the net's float dtype)
 
+    def bf16_native(self) -> bool:
+        """With precision bf16, does the layer run on bfloat16 arrays (its ops' bfloat16 variants)? If not, the net
+        converts at its boundary: it runs in float32 on its inputs converted to float32 (exact) and its output and
+        input gradient are rounded to bfloat16 for storage (``Net.forward``/``backward``)."""
+        return False
+
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         own = cls.__dict__.get("KEYS", ())
@@ -364,6 +371,27 @@ def _precision(ctx) -> str:
     for a layer run on its own. Only conv and fc layers use it: the others (pooling, normalisation, neurons, dropout,
     softmax, local layers) compute in the activations' dtype."""
     return ctx.get("precision", "fp32")
+
+
+def stored(device, a, dtype):
+    """``a`` converted to the storage ``dtype`` (float32 <-> bfloat16: rounding to nearest even, or exact), on the
+    current stream after the work that writes ``a``; ``a`` itself when it already has that dtype."""
+    dtype = np.dtype(dtype)
+    if a.dtype == dtype:
+        return a
+    out = device.empty(a.shape, dtype)
+
+    def convert():
+        with np.errstate(invalid="ignore"):  # NumPy warns on every NaN cast to bfloat16; NaN stays NaN
+            out[...] = a.astype(dtype)
+
+    device.submit(convert)
+    return out
+
+
+def _bf16_relu_only(neuron) -> bool:
+    """A conv or fc layer runs natively in bf16 with no neuron or ReLU (the neuron ops have no bfloat16 variant)."""
+    return neuron is None or neuron.name == "relu"
 
 
 def _gaussian(rng, shape, std, dtype):
@@ -521,14 +549,22 @@ class Conv(_Learnable):
     def _geom(self):
         return dict(stride=self.stride, padding=self.padding, groups=self.groups)
 
+    def bf16_native(self):
+        return _bf16_relu_only(self.neuron) and self.extension(self.in_shape) == (0, 0)
+
     def forward(self, x, ctx):
         eh, ew = self.extension(self.in_shape)
         if eh or ew:  # the overhanging last windows read zeros, as cuda-convnet's
             x = ops.window(self.device, x, (0, 0), (x.shape[1] + eh, x.shape[2] + ew), 0.0)
         ctx["x"] = x
+        w, out, precision = self.params["w"], None, _precision(ctx)
+        if precision == "bf16" and x.dtype == BFLOAT16:  # bf16: x and w of one dtype (float32 x: the images)
+            w = ctx["w_bf16"] = stored(self.device, w, BFLOAT16)
+        if precision == "bf16" and self.bf16_native():
+            out = self.device.empty((*self.out_shape, x.shape[-1]), BFLOAT16)
         fused = self.neuron is not None and self.neuron.name == "relu"  # the ReLU in the kernel's epilogue
-        y = ops.conv_forward(self.device, x, self.params["w"], self.params["b"], precision=_precision(ctx),
-                             relu=fused, **self._geom())
+        y = ops.conv_forward(self.device, x, w, self.params["b"], precision=precision, out=out, relu=fused,
+                             **self._geom())
         if fused:  # keep what the ReLU backward reads (y), as _neuron_forward does
             ctx["y"] = y
             return y
@@ -536,14 +572,22 @@ class Conv(_Learnable):
 
     def backward(self, dy, ctx):
         dy = self._neuron_backward(dy, ctx)
-        x = ctx["x"]
-        self.grads["w"] = ops.conv_backward_filter(self.device, x, dy, self.size, precision=_precision(ctx),
+        x, w, precision = ctx["x"], self.params["w"], _precision(ctx)
+        out = None
+        if precision == "bf16":  # the ops' rule: both inputs of a pass of one dtype; bfloat16 (rounding the images
+            # exactly as the kernels would on load), the weights' bfloat16 copy of the forward, a bfloat16 dx
+            x, dy = stored(self.device, x, BFLOAT16), stored(self.device, dy, BFLOAT16)
+            w = ctx.get("w_bf16")
+            if w is None:
+                w = stored(self.device, self.params["w"], BFLOAT16)
+            if self.needs_input_grad and self.bf16_native():  # (else float32: the window and neuron ops need it)
+                out = self.device.empty(x.shape, BFLOAT16)
+        self.grads["w"] = ops.conv_backward_filter(self.device, x, dy, self.size, precision=precision,
                                                    **self._geom())
         self.grads["b"] = ops.conv_backward_bias(self.device, dy)
         if not self.needs_input_grad:
             return None
-        dx = ops.conv_backward_data(self.device, dy, self.params["w"], x.shape[1:3], precision=_precision(ctx),
-                                    **self._geom())
+        dx = ops.conv_backward_data(self.device, dy, w, x.shape[1:3], precision=precision, out=out, **self._geom())
         if tuple(x.shape[1:3]) != tuple(self.in_shape[1:]):
             dx = ops.window(self.device, dx, (0, 0), tuple(self.in_shape[1:]), 0.0)
         return dx
@@ -586,6 +630,9 @@ class Local(Conv):
         c = self.in_shape[0] // self.groups
         std = self._std(c * self.size[0] * self.size[1], self.filters // self.groups * self.size[0] * self.size[1])
         return {"w": _gaussian(rng, shapes["w"], std, dtype), "b": np.full(shapes["b"], self.init_b, dtype)}
+
+    def bf16_native(self):
+        return False  # the local ops have no bfloat16 variant
 
     def forward(self, x, ctx):
         eh, ew = self.extension(self.in_shape)
@@ -630,10 +677,20 @@ class FC(_Learnable):
     def flops(self):
         return 2 * self.outputs * int(np.prod(self.in_shape)) + self.outputs + self._neuron_flops()
 
+    def bf16_native(self):
+        return _bf16_relu_only(self.neuron)
+
+    def _bf16_out(self, ctx, shape):
+        """bf16: a bfloat16 output buffer (the ops' rule: the result is rounded into a bfloat16 ``out``)."""
+        if _precision(ctx) == "bf16" and self.bf16_native():
+            return self.device.empty(shape, BFLOAT16)
+        return None
+
     def forward(self, x, ctx):
         x = x.reshape(-1, x.shape[-1])  # (C,H,W,N) -> (CHW, N): free for C-contiguous CHWN
         ctx["x"] = x
-        y = ops.fc_forward(self.device, x, self.params["w"], self.params["b"], precision=_precision(ctx))
+        y = ops.fc_forward(self.device, x, self.params["w"], self.params["b"], precision=_precision(ctx),
+                           out=self._bf16_out(ctx, (self.outputs, x.shape[1])))
         return self._neuron_forward(y, ctx)
 
     def backward(self, dy, ctx):
@@ -643,7 +700,8 @@ class FC(_Learnable):
         self.grads["b"] = ops.fc_backward_bias(self.device, dy)
         if not self.needs_input_grad:
             return None
-        return ops.fc_backward_data(self.device, dy, self.params["w"], precision=_precision(ctx))
+        return ops.fc_backward_data(self.device, dy, self.params["w"], precision=_precision(ctx),
+                                    out=self._bf16_out(ctx, x.shape))
 
     def describe(self):
         return f"fc {self.outputs}" + (f" {self.neuron}" if self.neuron else "")
@@ -683,6 +741,9 @@ class NeuronLayer(Layer):
     def flops(self):
         return int(np.prod(self.out_shape)) if self.neuron is not None else 0
 
+    def bf16_native(self):
+        return self.neuron is not None and self.neuron.name == "relu"
+
     def forward(self, x, ctx):
         return _neuron_forward(self.device, self.neuron, x, ctx)
 
@@ -698,6 +759,9 @@ class ReLU(Layer):
 
     def flops(self):
         return int(np.prod(self.out_shape))
+
+    def bf16_native(self):
+        return True
 
     def forward(self, x, ctx):
         y = ops.relu_forward(self.device, x)
@@ -789,6 +853,9 @@ class Pool(Layer):
             f = self._factor = self.device.asarray(host, dtype)
         return f
 
+    def bf16_native(self):
+        return self.pool == "max" and self._direct(self.in_shape)
+
     def forward(self, x, ctx):
         direct = self._direct(self.in_shape)
         if not direct:
@@ -846,6 +913,9 @@ class LRN(Layer):
     def _p(self):
         return dict(size=self.size, alpha=self.alpha, beta=self.beta, k=self.k, convention=self.convention,
                     groups=self.groups)
+
+    def bf16_native(self):
+        return True
 
     def forward(self, x, ctx):
         y, denom = ops.lrn_forward(self.device, x, **self._p())
@@ -968,6 +1038,9 @@ class Dropout(Layer):
         batch = ctx.get("batch")
         images = a.shape[-1] if batch is None else batch[0]
         return self.mask_start * math.prod(self.out_shape[1:]) * images, batch
+
+    def bf16_native(self):
+        return self.scaling != "test" or self.keep == 1.0
 
     def forward(self, x, ctx):
         test_scaled = self.scaling == "test" and self.keep != 1.0

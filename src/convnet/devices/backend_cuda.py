@@ -220,14 +220,14 @@ class CudaDevice(Device):
             return False, f"{name} is sm_{major}{minor}; convnet._cuda is built for sm_80 and newer"
         return True, f"{name} (sm_{major}{minor}, {sms} SMs)"
 
-    # -- precision: TF32 (and later BF16) tensor cores from compute capability 8.0 (sm_80) on ---------------------
+    # -- precision: TF32 and BF16 tensor cores from compute capability 8.0 (sm_80) on ---------------------
     @property
     def tensor_cores(self):
         return int(cupy().cuda.Device(self.index).compute_capability) >= 80
 
     @property
     def precisions(self):
-        return ("fp32", "tf32") if self.tensor_cores else ("fp32",)
+        return ("fp32", "tf32", "bf16") if self.tensor_cores else ("fp32",)
 
     @classmethod
     def report(cls):

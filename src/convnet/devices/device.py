@@ -87,9 +87,9 @@ class Device:
     # The precisions of the conv and fc multiplications (convnet.reference.precision.PRECISIONS) this device runs, and
     # the one a run uses when none is asked for. A host device runs tf32 by rounding (the emulator's tensor-core
     # kernels, the reference on rounded inputs), so tests check it everywhere; its default stays fp32 (no speed to
-    # gain). bf16 is in no list until bfloat16 activation storage exists.
+    # gain). bf16 likewise (bfloat16 storage through ml_dtypes, the rounded reference or the emulated kernels).
     tensor_cores = False        # TF32/BF16 tensor-core units (a GPU of compute capability 8.0 or newer)
-    precisions = ("fp32", "tf32")
+    precisions = ("fp32", "tf32", "bf16")
 
     @property
     def default_precision(self) -> str:

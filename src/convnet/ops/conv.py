@@ -233,9 +233,14 @@ def conv_backward_filter(device, x, dy, filter_hw, *, stride=1, padding=0, group
 
 
 def conv_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
-    """db = alpha * dy summed over everything but its first axis + beta * db; dy (F, ...) -> db (F,)."""
+    """db = alpha * dy summed over everything but its first axis + beta * db; dy (F, ...) -> db (F,).
+
+    dy may be bfloat16 (an activation gradient of the bf16 mode): db is then float32, the FP32 sums of its values (a
+    bias gradient stays FP32); the kernel devices convert dy to float32 first (exact) and run the float32 kernel."""
     dev = as_device(device)
-    check_array("dy", dy, dev)
+    check_array("dy", dy, dev, dtypes=storage_dtypes(dev))
+    bf16 = dy.dtype == BFLOAT16
+    dtype = np.dtype(np.float32) if bf16 else dy.dtype
     if dy.ndim < 2:
         raise ValueError(f"dy must be at least 2-D (F, ...), got shape {tuple(dy.shape)}")
     if any(s < 1 for s in dy.shape):
@@ -251,9 +256,10 @@ def conv_backward_bias(device, dy, out=None, alpha=1.0, beta=0.0, stream=None):
         # is allocated on the kernels' stream (as the filter gradient's).
         ws_floats = int(dev.kernels.conv_backward_bias_workspace(f, per_filter))
         ws = dev.empty((ws_floats,), np.float32, stream=stream) if ws_floats else None
-        launch(dev, "conv_backward_bias", dy, db, ws if ws is not None else 0, ws_floats, f, per_filter, alpha, beta,
-               stream=stream)
+        # a bfloat16 dy is converted on the kernels' stream, after its producer wrote it
+        launch(dev, "conv_backward_bias", dev.adopt(dy.astype(np.float32)) if bf16 else dy, db, ws if ws is not None else 0,
+               ws_floats, f, per_filter, alpha, beta, stream=stream)
 
     return produce(
-        dev, Output("out", out, (f,), dy.dtype), inputs=dict(dy=dy), alpha=alpha, beta=beta, stream=stream,
-        reference=lambda: dev.host_function(ref.conv_backward_bias)(dy), kernel=kernel)
+        dev, Output("out", out, (f,), dtype), inputs=dict(dy=dy), alpha=alpha, beta=beta, stream=stream,
+        reference=lambda: dev.host_function(ref.conv_backward_bias)(dy.astype(dtype) if bf16 else dy), kernel=kernel)
