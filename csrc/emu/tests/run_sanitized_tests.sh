@@ -42,7 +42,7 @@ if [ ${#args[@]} -eq 0 ]; then  # the tests that run compiled code op by op: eve
       test_benchmarks.py|test_checkpoint.py|test_cli.py|test_convert.py|test_cuda_convnet.py|test_cupy_api.py|\
       test_data.py|test_decode.py|test_dir_lock.py|test_distributed.py|test_export.py|test_gpu_check.py|\
       test_imagenet.py|test_install.py|test_kernel_resources.py|test_memory.py|test_models.py|test_predict.py|\
-      test_timeouts.py|test_torchvision.py|test_train.py|test_train_optim.py) ;;
+      test_precision_training.py|test_timeouts.py|test_torchvision.py|test_train.py|test_train_optim.py) ;;
       *) args+=("$f") ;;
     esac
   done
