@@ -204,9 +204,10 @@ def test_the_fake_cublas_and_elementwise_kernels_match_the_installed_cupy():
     cupy, fake = _real("cupy"), FakeCupy()
     from cupy._core import _scalar
     from convnet.ops.fc import BF16_KERNEL, TF32_KERNEL
-    real_blas, fake_blas = _real("cupy_backends.cuda.libs.cublas"), fake.cuda.cublas  # cupy.cuda.cublas (cuBLAS's
-    # library from its wheel: pip install nvidia-cublas)
-    assert real_blas is cupy.cuda.cublas
+    try:  # loads cuBLAS's library (its wheel: pip install nvidia-cublas)
+        real_blas, fake_blas = cupy.cuda.cublas, fake.cuda.cublas
+    except ImportError as e:
+        (pytest.fail if os.environ.get("CONVNET_REQUIRE_CUPY") == "1" else pytest.skip)(f"cupy.cuda.cublas: {e}")
     assert check("cupy.cuda.cublas", fake_blas, real_blas) == []
     for label, f, r in (("cupy.cuda.cublas.gemmEx", fake_blas.gemmEx, real_blas.gemmEx),
                         ("cupy.cuda.get_cublas_handle", fake.cuda.get_cublas_handle, cupy.cuda.get_cublas_handle),
