@@ -221,8 +221,11 @@ class Cublas:
         a, b = (x if t == self.CUBLAS_OP_N else x.T for x, t in ((a, transa), (b, transb)))
         scalar = lambda ptr: float(np.ctypeslib.as_array((ctypes.c_float * 1).from_address(ptr))[0])
         al, be = np.float32(scalar(alpha)), np.float32(scalar(beta))
-        product = np.matmul(np.ascontiguousarray(a), np.ascontiguousarray(b))  # float32: FP32 sums
-        c[...] = al * product + (be * c if be != 0 else np.float32(0))  # beta = 0 never reads C, as cuBLAS
+        # float32: FP32 sums. Evaluated as the row-major product the caller means, C.T = op(B).T @ op(A).T, on
+        # contiguous operands: the host BLAS call a host device makes for it, so that a run on the fake GPU gives
+        # emu's bits (tests/test_train.py)
+        product = np.matmul(np.ascontiguousarray(b.T), np.ascontiguousarray(a.T)).T
+        c[...] = al * product if be == 0 else al * product + be * c  # beta = 0 never reads C, as cuBLAS
 
 
 def _bfloat16_values(bits):
