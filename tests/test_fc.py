@@ -415,6 +415,11 @@ def test_the_fake_gemm_computes_from_the_column_major_arguments(fake_gpu):
     for x, y in ((da, db), (dev.asarray(a.T.copy()).T, db), (da, dev.asarray(b.T.copy()).T)):  # C and F layouts
         got = to_host(gemm_bf16(fake, x, y))
         assert got.dtype == np.float32 and (np.abs(got - want) <= bound).all()
+    assert_raises_each(
+        (TypeError, "a must be a 2-D bfloat16 array", lambda: gemm_bf16(fake, dev.asarray(a.astype(np.float32)), db)),
+        (ValueError, r"a \(5, 7\) and b \(5, 7\) do not multiply", lambda: gemm_bf16(fake, da, da)),
+        (ValueError, "out must be a C-contiguous float32 array of shape",
+         lambda: gemm_bf16(fake, da, db, out=dev.empty((N, M), np.float32))))
     blas, rt = fake.cuda.cublas, fake.cuda.runtime
     one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
     square = dev.asarray(to_bf16(rng.uniform(-1, 1, (K, K))))
