@@ -117,6 +117,7 @@ class Runtime:
     """``cupy.cuda.runtime``: copies really copy (device memory is host memory), logged on their stream handle."""
     memcpyHostToDevice, memcpyDeviceToHost, memcpyDeviceToDevice = 1, 2, 3
     cudaDevAttrClockRate = 13
+    CUDA_R_32F, CUDA_R_16BF = 0, 14  # cudaDataType_t: float, bfloat16
     CUDARuntimeError = CUDARuntimeError
 
     def __init__(self, fake):
@@ -160,6 +161,78 @@ class Runtime:
         ctypes.memmove(dst, src, size)
 
 
+class CublasError(RuntimeError):
+    """What cuBLAS answers with CUBLAS_STATUS_INVALID_VALUE / NOT_SUPPORTED (CuPy's CUBLASError)."""
+
+
+class Cublas:
+    """``cupy.cuda.cublas``: ``gemmEx`` as cuBLAS computes it, from the column-major arguments it is given: each
+    matrix is read from its address with its leading dimension (an access past the array whose ``data`` gave the
+    address raises), op(A) (m x k) times op(B) (k x n) into C (m x n). The inputs and types it models: bfloat16 or
+    float32 A and B, a float32 C, CUBLAS_COMPUTE_32F (the products of the inputs in FP32: exact for bfloat16 and TF32
+    values; FP32 sums), host-pointer alpha and beta (float32); anything else raises."""
+    CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
+    CUBLAS_COMPUTE_32F = 68
+    CUBLAS_GEMM_DEFAULT, CUBLAS_GEMM_DEFAULT_TENSOR_OP = -1, 99
+    _HANDLE = 0xC0B1A5  # + the GPU: cupy.cuda.get_cublas_handle() of each
+
+    def __init__(self, fake):
+        self._fake = fake
+
+    def _matrix(self, what, ptr, dtype_code, rows, cols, ld, device):
+        """The column-major (rows, cols) matrix at ``ptr`` with leading dimension ``ld``, as a NumPy view."""
+        fake = self._fake
+        dtype = {Runtime.CUDA_R_32F: np.dtype(np.float32), Runtime.CUDA_R_16BF: np.dtype(np.uint16)}.get(dtype_code)
+        if dtype is None:
+            raise CublasError(f"fake cublas: gemmEx {what} type {dtype_code} (only CUDA_R_32F and CUDA_R_16BF)")
+        if ld < max(1, rows):
+            raise CublasError(f"fake cublas: gemmEx ld{what.lower()}={ld} < {rows} rows "
+                              f"(CUBLAS_STATUS_INVALID_VALUE)")
+        fake.check_pointer(f"gemmEx {what}", ptr, device)
+        end = fake._extents.get(ptr)
+        span = (ld * (cols - 1) + rows) * dtype.itemsize
+        if end is None or ptr + span > end:
+            raise CublasError(f"fake cublas: gemmEx {what} reads {span} bytes from an address "
+                              + ("no array gave" if end is None else f"with {end - ptr} bytes of its array"))
+        memory = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(ptr))
+        return np.ndarray((rows, cols), dtype, memory, strides=(dtype.itemsize, ld * dtype.itemsize))
+
+    def gemmEx(self, handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc,
+               computeType, algo):
+        fake = self._fake
+        fake.record("gemmEx")
+        device = handle - self._HANDLE
+        if not 0 <= device < fake.devices:
+            raise CublasError(f"fake cublas: {handle} is not a handle of get_cublas_handle()")
+        if computeType != self.CUBLAS_COMPUTE_32F or Ctype != Runtime.CUDA_R_32F:
+            raise CublasError(f"fake cublas: gemmEx computeType {computeType}, Ctype {Ctype} (only "
+                              f"CUBLAS_COMPUTE_32F into CUDA_R_32F)")
+        if algo not in (self.CUBLAS_GEMM_DEFAULT, self.CUBLAS_GEMM_DEFAULT_TENSOR_OP):
+            raise CublasError(f"fake cublas: gemmEx algo {algo}")
+        ops = {}
+        for what, trans, rows, cols in (("A", transa, m, k), ("B", transb, k, n)):
+            if trans not in (self.CUBLAS_OP_N, self.CUBLAS_OP_T):
+                raise CublasError(f"fake cublas: trans{what.lower()}={trans} (CUBLAS_OP_N or CUBLAS_OP_T)")
+            ops[what] = (rows, cols) if trans == self.CUBLAS_OP_N else (cols, rows)
+        a = self._matrix("A", A, Atype, *ops["A"], lda, device)
+        b = self._matrix("B", B, Btype, *ops["B"], ldb, device)
+        c = self._matrix("C", C, Ctype, m, n, ldc, device)
+        a, b = (x if x.dtype == np.float32 else _bfloat16_values(x) for x in (a, b))
+        a, b = (x if t == self.CUBLAS_OP_N else x.T for x, t in ((a, transa), (b, transb)))
+        scalar = lambda ptr: float(np.ctypeslib.as_array((ctypes.c_float * 1).from_address(ptr))[0])
+        al, be = np.float32(scalar(alpha)), np.float32(scalar(beta))
+        # float32: FP32 sums. Evaluated as the row-major product the caller means, C.T = op(B).T @ op(A).T, on
+        # contiguous operands: the host BLAS call a host device makes for it, so that a run on the fake GPU gives
+        # emu's bits (tests/test_train.py)
+        product = np.matmul(np.ascontiguousarray(b.T), np.ascontiguousarray(a.T)).T
+        c[...] = al * product if be == 0 else al * product + be * c  # beta = 0 never reads C, as cuBLAS
+
+
+def _bfloat16_values(bits):
+    import ml_dtypes
+    return np.ascontiguousarray(bits).view(ml_dtypes.bfloat16).astype(np.float32)
+
+
 class Cuda:
     """``cupy.cuda`` of one FakeCupy."""
 
@@ -171,6 +244,10 @@ class Cuda:
         self.runtime = types.SimpleNamespace(**{n: getattr(rt, n) for n in dir(rt) if not n.startswith("_")})
         self.profiler = types.SimpleNamespace(start=lambda: fake.record("profiler start"),
                                               stop=lambda: fake.record("profiler stop"))
+        self.cublas = Cublas(fake)
+
+    def get_cublas_handle(self):  # the current GPU's (CuPy: one per GPU and thread)
+        return Cublas._HANDLE + self._fake.current
 
     def get_current_stream(self, device_id=-1):
         return self._fake.stacks[self._fake.current if device_id == -1 else device_id][-1]
@@ -239,6 +316,8 @@ class ndarray:
     def data(self):  # the address, remembered as this GPU's: launches and copies are given addresses, not arrays
         ptr = self._a.ctypes.data
         self._fake._pointers[ptr] = self._dev
+        # where this array's memory ends (the fake cuBLAS reads no further)
+        self._fake._extents[ptr] = getattr(np.lib, "array_utils", np).byte_bounds(self._a)[1]
         return types.SimpleNamespace(ptr=ptr)
 
     def __array__(self, *args, **kwargs):
@@ -318,6 +397,65 @@ class Kernels:
         return launch
 
 
+class ElementwiseKernel:
+    """``cupy.ElementwiseKernel``: the operation's source itself, compiled by the host's C++ compiler (``$CXX``, else
+    ``c++``) into a loop over the elements, one process-wide build per source. Each parameter is a CuPy type name
+    (_ELEMENT_TYPES) and a name bound, in the loop, to the element i (inputs const); the inputs have one shape (no
+    broadcasting) and the outputs are new C-contiguous arrays of that shape, as CuPy allocates them."""
+    _fake = None
+    _ELEMENT_TYPES = {"uint32": ("unsigned int", np.uint32), "uint16": ("unsigned short", np.uint16),
+                     "int32": ("int", np.int32), "float32": ("float", np.float32)}
+    _built = {}  # source -> the compiled loop (ctypes function)
+
+    def __init__(self, in_params, out_params, operation, name='kernel', reduce_dims=True, preamble='',
+                 no_return=False, return_tuple=False, **kwargs):
+        parse = lambda params: [tuple(p.split()) for p in params.split(",")]
+        self._in, self._out, self._name = parse(in_params), parse(out_params), name
+        for param in self._in + self._out:
+            if len(param) != 2 or param[0] not in self._ELEMENT_TYPES:
+                raise NotImplementedError(f"fake cupy: ElementwiseKernel parameter {' '.join(param)!r} (types: "
+                                          f"{', '.join(self._ELEMENT_TYPES)})")
+        binds = [f"{'const ' if j < len(self._in) else ''}{self._ELEMENT_TYPES[t][0]} &{n} = "
+                 f"(({'const ' if j < len(self._in) else ''}{self._ELEMENT_TYPES[t][0]} *)args[{j}])[i];"
+                 for j, (t, n) in enumerate(self._in + self._out)]
+        self._source = (f"{preamble}\nextern \"C\" void run(void **args, long long n) {{\n"
+                        f"  for (long long i = 0; i < n; ++i) {{\n    {' '.join(binds)}\n{operation}\n  }}\n}}\n")
+
+    def _loop(self):
+        if self._source not in self._built:
+            import subprocess
+            import tempfile
+            folder = tempfile.mkdtemp(prefix="fake_cupy_")
+            path = os.path.join(folder, "kernel.so")
+            done = subprocess.run([os.environ.get("CXX", "c++"), "-O1", "-shared", "-fPIC", "-x", "c++", "-",
+                                   "-o", path], input=self._source, text=True, capture_output=True)
+            if done.returncode:
+                raise RuntimeError(f"fake cupy: ElementwiseKernel {self._name} does not compile:\n{done.stderr}")
+            loop = ctypes.CDLL(path).run
+            loop.argtypes, loop.restype = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_longlong], None
+            self._built[self._source] = loop
+        return self._built[self._source]
+
+    def __call__(self, *args, **kwargs):
+        fake = self._fake
+        fake.record(f"elementwise {self._name}")
+        fake.check_current(f"ElementwiseKernel {self._name}", args)
+        if len(args) != len(self._in) or kwargs:
+            raise TypeError(f"fake cupy: ElementwiseKernel {self._name} takes its {len(self._in)} inputs only")
+        shape = args[0].shape
+        inputs = []
+        for a, (t, name) in zip(args, self._in):
+            if not isinstance(a, ndarray) or a.shape != shape or a.dtype != self._ELEMENT_TYPES[t][1]:
+                raise TypeError(f"fake cupy: ElementwiseKernel {self._name}: {name} must be a {t} device array of "
+                                f"shape {shape}")
+            inputs.append(np.ascontiguousarray(a._a))
+        outputs = [np.empty(shape, self._ELEMENT_TYPES[t][1]) for t, _ in self._out]
+        pointers = (ctypes.c_void_p * len(inputs + outputs))(*(x.ctypes.data for x in inputs + outputs))
+        self._loop()(pointers, int(np.prod(shape)))
+        results = [fake.wrap(x) for x in outputs]
+        return results[0] if len(results) == 1 else tuple(results)
+
+
 # ---------------------------------------------------------------------------------------------------- cupy
 class FakeCupy:
     """The ``cupy`` module (see the module's docstring)."""
@@ -340,8 +478,10 @@ class FakeCupy:
         self.calls, self.recording = [], False
         self.events, self.streams, self.next_ptr = [], {}, 0x100
         self._pointers = {}  # address -> GPU of every array whose ``data`` was taken
+        self._extents = {}  # address -> the end of the memory of the array whose ``data`` gave it last
         self._local = threading.local()  # the current GPU and streams are per thread, as in CUDA
         self.ndarray = type("ndarray", (ndarray,), {"_fake": self})
+        self.ElementwiseKernel = type("ElementwiseKernel", (ElementwiseKernel,), {"_fake": self})
         self.cuda = Cuda(self)
         self._core = types.SimpleNamespace(_routines_linalg=RoutinesLinalg())
         self.random = types.SimpleNamespace(rand=self._rand)

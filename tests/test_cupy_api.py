@@ -15,6 +15,7 @@ import os
 import re
 import types
 
+import numpy as np
 import pytest
 
 from fake_cupy import CUPYX, FakeCupy, FakeNccl
@@ -185,13 +186,44 @@ def _real(module):
 
 def test_the_fake_cupy_matches_the_installed_cupy():
     cupy, fake = _real("cupy"), FakeCupy()
-    assert check("cupy", fake, cupy, _machinery("cupy", fake)) == []
+    # cupy.cuda.cublas loads cuBLAS's library: held to CuPy's by the next test, which needs that library
+    assert check("cupy", fake, cupy, _machinery("cupy", fake) | {"cupy.cuda.cublas"}) == []
     assert check("cupyx", CUPYX, _real("cupyx")) == []
     # the GEMM compute type (CudaDevice.matmul's TF32), a private module the public-name walk above skips
     assert check("cupy._core._routines_linalg", fake._core._routines_linalg,
                  _real("cupy._core._routines_linalg")) == []
     assert sorted(n for n in FakeCupy.SHARED_FUNCTIONS if not callable(getattr(cupy, n, None))) == []
     assert sorted(n for n in FakeCupy.SHARED_METHODS if not hasattr(cupy.ndarray, n)) == []
+
+
+def test_the_fake_cublas_and_elementwise_kernels_match_the_installed_cupy():
+    """What the fc ops' cuda path calls beyond the walk above, pinned where the walk would pass without a signature:
+    cuBLAS's gemmEx (the fake computes the GEMM from these arguments), the cudaDataType_t and cuBLAS constants it is
+    given, ElementwiseKernel's constructor, the C types the fake gives CuPy's parameter types, and the kernels
+    themselves as CuPy parses them (it compiles them at their first call, which needs a GPU)."""
+    cupy, fake = _real("cupy"), FakeCupy()
+    from cupy._core import _scalar
+    from convnet.ops.fc import BF16_KERNEL, TF32_KERNEL
+    try:  # loads cuBLAS's library (its wheel: pip install nvidia-cublas)
+        real_blas, fake_blas = cupy.cuda.cublas, fake.cuda.cublas
+    except ImportError as e:
+        (pytest.fail if os.environ.get("CONVNET_REQUIRE_CUPY") == "1" else pytest.skip)(f"cupy.cuda.cublas: {e}")
+    assert check("cupy.cuda.cublas", fake_blas, real_blas) == []
+    for label, f, r in (("cupy.cuda.cublas.gemmEx", fake_blas.gemmEx, real_blas.gemmEx),
+                        ("cupy.cuda.get_cublas_handle", fake.cuda.get_cublas_handle, cupy.cuda.get_cublas_handle),
+                        ("cupy.ElementwiseKernel()", fake.ElementwiseKernel, cupy.ElementwiseKernel)):
+        assert signature(r) is not None, f"{label}: the real signature cannot be read"
+        assert compare(label, f, r) == []
+    for name in ("CUBLAS_OP_N", "CUBLAS_OP_T", "CUBLAS_COMPUTE_32F", "CUBLAS_GEMM_DEFAULT",
+                 "CUBLAS_GEMM_DEFAULT_TENSOR_OP"):
+        assert getattr(fake_blas, name) == getattr(real_blas, name), name
+    for name in ("CUDA_R_32F", "CUDA_R_16BF"):
+        assert getattr(fake.cuda.runtime, name) == getattr(cupy.cuda.runtime, name), name
+    for type_name, (c_type, dtype) in fake.ElementwiseKernel._ELEMENT_TYPES.items():
+        assert (type_name, _scalar.get_typename(np.dtype(dtype))) == (np.dtype(dtype).name, c_type)
+    for in_params, out_params, operation, name in (TF32_KERNEL, BF16_KERNEL):
+        kernel = cupy.ElementwiseKernel(in_params, out_params, operation, name)
+        assert (kernel.nin, kernel.nout, kernel.name) == (1, 1, name)
 
 
 def test_the_fake_nccl_matches_the_installed_nccl():

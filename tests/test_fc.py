@@ -7,7 +7,7 @@ import pytest
 from convnet import ops
 from convnet.reference import fc as ref
 from convnet.devices import Device
-from convnet.ops.fc import round_bf16_on, round_tf32_on
+from convnet.ops.fc import round_bf16_on, round_tf32_on, to_bf16_on
 from convnet.reference.precision import round_bf16, round_tf32, to_bf16
 from convnet.reference.storage import BFLOAT16
 from helpers import assert_close, assert_raises_each, check_grad, to_host, NUMPY
@@ -138,9 +138,8 @@ def _tf32_cases(rng, I, O, N):
     ]
 
 
-@pytest.mark.parametrize("shape", FC_SHAPES, ids=[f"I{i}-O{o}-N{n}" for i, o, n in FC_SHAPES])
-def test_tf32_matches_the_float64_reference_on_rounded_inputs(any_device, shape):
-    dev = any_device
+def _check_tf32(dev, shape):
+    """Every tf32 GEMM op on ``dev`` against the rounded float64 reference, with and without alpha and beta."""
     rng = np.random.default_rng(sum(shape))
     for alpha, beta in ((1.0, 0.0), (-0.5, 0.75)):
         for fn, args, want, exact, S, K in _tf32_cases(rng, *shape):
@@ -155,6 +154,11 @@ def test_tf32_matches_the_float64_reference_on_rounded_inputs(any_device, shape)
             assert (err <= bound).all(), f"{fn.__name__} {shape}: worst excess {np.max(err - bound):.3g}"
             if K >= 7:  # the rounding shows: got is far closer to the rounded reference than the exact result is
                 assert 20 * np.max(err) < np.max(np.abs(exact - want)), f"{fn.__name__} {shape}: rounding unseen"
+
+
+@pytest.mark.parametrize("shape", FC_SHAPES, ids=[f"I{i}-O{o}-N{n}" for i, o, n in FC_SHAPES])
+def test_tf32_matches_the_float64_reference_on_rounded_inputs(any_device, shape):
+    _check_tf32(any_device, shape)
 
 
 def test_tf32_rounds_on_the_device_as_the_reference_does(any_device):
@@ -219,9 +223,9 @@ def _bf16_cases(rng, I, O, N, stored):
     ]
 
 
-@pytest.mark.parametrize("shape", FC_SHAPES, ids=[f"I{i}-O{o}-N{n}" for i, o, n in FC_SHAPES])
-def test_bf16_matches_the_float64_reference_on_rounded_inputs(any_device, shape):
-    dev = any_device
+def _check_bf16(dev, shape):
+    """Every bf16 GEMM op on ``dev`` against the rounded float64 reference: float32 and bfloat16 operands, float32
+    and bfloat16 results, with and without alpha and beta."""
     rng = np.random.default_rng(sum(shape) + 1)
     for stored, out_dtype, alpha, beta in ((False, np.float32, 1.0, 0.0), (True, np.float32, -0.5, 0.75),
                                            (True, BFLOAT16, 1.0, 0.0), (False, BFLOAT16, 2.0, -0.5)):
@@ -244,6 +248,11 @@ def test_bf16_matches_the_float64_reference_on_rounded_inputs(any_device, shape)
             if K >= 7 and dtype == np.float32 and not (stored and fn is ops.fc_backward_weights):
                 # the input rounding shows (bfloat16 x and dy are their own rounding: nothing to see)
                 assert 20 * np.max(err) < np.max(np.abs(exact - want)), f"{fn.__name__} {shape}: rounding unseen"
+
+
+@pytest.mark.parametrize("shape", FC_SHAPES, ids=[f"I{i}-O{o}-N{n}" for i, o, n in FC_SHAPES])
+def test_bf16_matches_the_float64_reference_on_rounded_inputs(any_device, shape):
+    _check_bf16(any_device, shape)
 
 
 def test_bf16_rounds_on_the_device_as_the_reference_does(any_device):
@@ -295,42 +304,136 @@ def test_bf16_operand_rules_are_clear_errors():
         ops.fc_backward_weights(NUMPY, x.astype(np.float64), dy.astype(np.float32), precision="bf16")
 
 
-def test_tf32_on_the_cuda_backend_uses_cublas_tf32_on_rounded_inputs(monkeypatch):
-    """The fake GPU's TF32 GEMM truncates its inputs (tests/fake_cupy.py): only inputs rounded first give the rounded
-    reference's products; the compute type is TF32 for the GEMM only."""
+# ---------------------------------------------------------------------------------------------------- cuda path
+# The cuda path on the fake GPU (tests/fake_cupy.py): CuPy's calls as this machine runs them, the elementwise kernels
+# compiled from their source by the host's C++ compiler, cuBLAS's gemmEx computed from its column-major arguments
+# (a wrong transpose or leading dimension gives a wrong product or an error). The same checks as on every device.
+FAKE_SHAPES = [(33, 17, 12), (1, 5, 3), (7, 1, 1), (130, 9, 5), (9, 30, 2)]
+_FAKE_IDS = [f"I{i}-O{o}-N{n}" for i, o, n in FAKE_SHAPES]
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
     from fake_cupy import FakeCupy
     fake = FakeCupy(devices=1).install(monkeypatch)
-    dev = Device("cuda", 0)
+    fake.recording = True
+    return fake, Device("cuda", 0)
+
+
+# the CuPy calls a rounding on the device made before (several elementwise operations per operand)
+_SEVERAL_OPS = {"where", "__and__", "__add__", "__or__", "__rshift__", "__ne__", "__eq__"}
+
+
+@pytest.mark.parametrize("shape", FAKE_SHAPES, ids=_FAKE_IDS)
+def test_tf32_on_the_fake_gpu_rounds_in_one_kernel_per_operand_then_uses_cublas_tf32(fake_gpu, shape):
+    """The fake's TF32 GEMM truncates its inputs (tests/fake_cupy.py): only inputs rounded first give the rounded
+    reference's products; each operand is rounded by one kernel; the compute type is TF32 for the GEMM only."""
+    fake, dev = fake_gpu
+    _check_tf32(dev, shape)
+    names = [c[0] for c in fake.calls]
+    assert names.count("elementwise convnet_round_tf32") == 2 * names.count("matmul tf32") == 2 * 6
+    assert not _SEVERAL_OPS & set(names), sorted(_SEVERAL_OPS & set(names))
     linalg = fake._core._routines_linalg
-    rng = np.random.default_rng(8)
-    fake.recording = True
-    for fn, args, want, exact, S, K in _tf32_cases(rng, 65, 19, 10):
-        got = dev.to_numpy(fn(dev, *(dev.asarray(a) for a in args), precision="tf32")).astype(np.float64)
-        assert (np.abs(got - want) <= 2 * (K + 3) * U * S).all(), fn.__name__
-        assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT
-        fp32 = dev.to_numpy(fn(dev, *(dev.asarray(a) for a in args)))
-        np.testing.assert_allclose(fp32, exact, rtol=0, atol=float(np.max(2 * (K + 3) * U * S)) + 1e-6)
-    names = [c[0] for c in fake.calls if c[0].startswith("matmul")]
-    assert names == ["matmul tf32", "matmul"] * 3
+    assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT
 
 
-def test_bf16_on_the_cuda_backend_uses_the_fp32_gemm_on_rounded_inputs(monkeypatch):
-    """On cuda the fc ops round float32 operands on the device (the bit operations above) and multiply the rounded
-    values with cuBLAS's FP32 GEMM (the products of bfloat16 values are exact in FP32); the fake GPU's TF32 GEMM would
-    truncate them, so the compute type must stay FP32."""
-    from fake_cupy import FakeCupy
-    fake = FakeCupy(devices=1).install(monkeypatch)
-    dev = Device("cuda", 0)
-    rng = np.random.default_rng(9)
-    fake.recording = True
-    for fn, args, want, exact, S, K, bf16_out in _bf16_cases(rng, 65, 19, 10, stored=False):
-        got = dev.to_numpy(fn(dev, *(dev.asarray(a) for a in args), precision="bf16")).astype(np.float64)
-        assert (np.abs(got - want) <= 2 * (K + 3) * U * S).all(), fn.__name__
-        assert 20 * np.max(np.abs(got - want)) < np.max(np.abs(exact - want)), fn.__name__
-        if bf16_out:  # rounded once into a bfloat16 out
-            out = dev.empty(want.shape, BFLOAT16)
-            got16 = dev.to_numpy(fn(dev, *(dev.asarray(a) for a in args), out=out, precision="bf16"))
-            assert got16.dtype == BFLOAT16
-            assert (np.abs(got16.astype(np.float64) - want) <= 2 ** -8 * np.abs(want) + 4 * (K + 3) * U * S).all()
-    names = [c[0] for c in fake.calls if c[0].startswith("matmul")]
-    assert names == ["matmul"] * 5
+@pytest.mark.parametrize("shape", FAKE_SHAPES, ids=_FAKE_IDS)
+def test_bf16_on_the_fake_gpu_is_one_bf16_gemm_on_operands_converted_in_one_kernel(fake_gpu, shape):
+    """bf16 on cuda: float32 operands converted to bfloat16 by one kernel each (bfloat16 ones as they are), then one
+    cuBLAS gemmEx per call on the bfloat16 arrays (never CuPy's FP32 matmul); a bfloat16 result rounded by the same
+    kernel."""
+    fake, dev = fake_gpu
+    _check_bf16(dev, shape)
+    names = [c[0] for c in fake.calls]
+    assert "matmul" not in names and not _SEVERAL_OPS & set(names), sorted(_SEVERAL_OPS & set(names))
+    assert names.count("gemmEx") == 12  # 4 cases of 3 ops
+    # per case, the float32 operands of the 3 ops plus the bfloat16 results (fc_forward's, fc_backward_data's):
+    # float32 x and dy (2 + 2 + 2), bfloat16 x and dy (w only: 1 + 1 + 0), then 2 results in the 3rd and 4th cases
+    assert names.count("elementwise convnet_round_bf16") == 6 + 2 + (2 + 2) + (6 + 2)
+    fake.calls.clear()
+    x, dy = (dev.asarray(to_bf16(np.ones(s))) for s in ((4, 3), (2, 3)))
+    ops.fc_backward_weights(dev, x, dy, precision="bf16")  # bfloat16 x and dy: nothing to convert
+    assert [c[0] for c in fake.calls if c[0].startswith(("elementwise", "gemmEx"))] == ["gemmEx"]
+
+
+def test_the_rounding_kernels_are_bit_identical_to_the_reference_on_the_fake_gpu(fake_gpu):
+    _, dev = fake_gpu
+    _check_tf32_rounding(dev)
+    _check_bf16_conversion(dev)
+
+
+def test_to_bf16_on_the_device_is_bit_identical_to_the_reference(any_device):
+    _check_bf16_conversion(any_device)
+
+
+def _special_bf16_values(seed):
+    bits = np.array([0x3F808000, 0x3F818000, 0x3F808001, 0xBF808000, 0xBF818000, 0x3F807FFF, 0x7F7F8000, 0x7F7F7FFF,
+                     0x00008000, 0x00018000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00001, 0x7F800001, 0xFFFFFFFF,
+                     0xFF7FFFFF, 0x7FFFFFFF, 0xFF800001, 0x00007FFF],
+                    np.uint32)
+    return np.concatenate([bits.view(np.float32),
+                           np.random.default_rng(seed).standard_normal(220).astype(np.float32)]).reshape(8, -1)
+
+
+def _check_bf16_conversion(dev):
+    """ops.fc.to_bf16_on: the bits of ``to_bf16`` (NaN included: ml_dtypes' quiet NaN, signed), for a contiguous
+    array and a transposed view; a bfloat16 array as it is."""
+    values = _special_bf16_values(12)
+    for a in (dev.asarray(values), dev.asarray(values.T.copy()).T):
+        got = to_host(to_bf16_on(dev, a))
+        assert got.dtype == BFLOAT16 and got.shape == values.shape
+        np.testing.assert_array_equal(got.view(np.uint16), to_bf16(values).view(np.uint16))
+    stored = dev.asarray(to_bf16(values))
+    assert to_bf16_on(dev, stored) is stored
+
+
+def _check_tf32_rounding(dev):
+    bits = np.array([0x3F800FFF, 0x3F801000, 0x3F801001, 0xBF801000, 0x3F802000, 0x7F7FF000, 0x7F7FEFFF, 0x00001000,
+                     0x00000FFF, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00001, 0x7F800001, 0x3FFFF000],
+                    np.uint32)
+    values = np.concatenate([bits.view(np.float32),
+                             np.random.default_rng(3).standard_normal(200).astype(np.float32)]).reshape(5, -1)
+    for a in (dev.asarray(values), dev.asarray(values.T.copy()).T):
+        got = to_host(round_tf32_on(dev, a))
+        assert got.dtype == np.float32 and got.shape == values.shape
+        np.testing.assert_array_equal(got.view(np.uint32), round_tf32(values).view(np.uint32))
+
+
+def test_the_fake_gemm_computes_from_the_column_major_arguments(fake_gpu):
+    """gemm_bf16's cuBLAS call on the fake, and the fake's gemmEx itself: the right arguments give a @ b; a transpose
+    flag or a leading dimension that does not fit the memory gives another product or an error (so the fc tests on
+    the fake GPU catch such a mistake)."""
+    from convnet.devices.backend_cuda import gemm_bf16
+    from fake_cupy import CublasError
+    fake, dev = fake_gpu
+    rng = np.random.default_rng(13)
+    M, K, N = 5, 7, 3
+    a, b = to_bf16(rng.uniform(-1, 1, (M, K))), to_bf16(rng.uniform(-1, 1, (K, N)))
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    bound = 2 * (K + 1) * U * (np.abs(a.astype(np.float64)) @ np.abs(b.astype(np.float64)))
+    da, db = dev.asarray(a), dev.asarray(b)
+    for x, y in ((da, db), (dev.asarray(a.T.copy()).T, db), (da, dev.asarray(b.T.copy()).T)):  # C and F layouts
+        got = to_host(gemm_bf16(fake, x, y))
+        assert got.dtype == np.float32 and (np.abs(got - want) <= bound).all()
+    assert_raises_each(
+        (TypeError, "a must be a 2-D bfloat16 array", lambda: gemm_bf16(fake, dev.asarray(a.astype(np.float32)), db)),
+        (ValueError, r"a \(5, 7\) and b \(5, 7\) do not multiply", lambda: gemm_bf16(fake, da, da)),
+        (ValueError, "out must be a C-contiguous float32 array of shape",
+         lambda: gemm_bf16(fake, da, db, out=dev.empty((N, M), np.float32))))
+    blas, rt = fake.cuda.cublas, fake.cuda.runtime
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    square = dev.asarray(to_bf16(rng.uniform(-1, 1, (K, K))))
+    c = dev.empty((K, K), np.float32)
+
+    def gemm(transa=blas.CUBLAS_OP_N, lda=K, ldc=K):  # column-major: c.T = square.T @ square.T, i.e. c = sq @ sq
+        blas.gemmEx(fake.cuda.get_cublas_handle(), transa, blas.CUBLAS_OP_N, K, K, K, one.ctypes.data,
+                    square.data.ptr, rt.CUDA_R_16BF, lda, square.data.ptr, rt.CUDA_R_16BF, K, zero.ctypes.data,
+                    c.data.ptr, rt.CUDA_R_32F, ldc, blas.CUBLAS_COMPUTE_32F, blas.CUBLAS_GEMM_DEFAULT_TENSOR_OP)
+        return to_host(c).astype(np.float64)
+
+    sq = to_host(square).astype(np.float64)
+    np.testing.assert_allclose(gemm(), sq @ sq, rtol=0, atol=1e-5)
+    assert np.max(np.abs(gemm(transa=blas.CUBLAS_OP_T) - sq @ sq)) > 1e-2  # a wrong transpose: another product
+    for wrong in (dict(lda=K + 1), dict(lda=K - 1), dict(ldc=K + 1)):
+        with pytest.raises(CublasError, match="gemmEx"):
+            gemm(**wrong)

@@ -12,6 +12,7 @@ import numpy as np
 
 from convnet.devices.device import Device, DeviceUnavailable
 from convnet.extensions import load_extension
+from convnet.reference.storage import BFLOAT16
 
 # CONVNET_CUPY_POOL=0: CuPy allocates every array with its own cudaMalloc (no device or pinned memory pool). Under
 # compute-sanitizer memcheck an out-of-bounds access into a pooled sub-allocation lands in memory the pool owns and
@@ -175,6 +176,55 @@ class GpuCopier:
         return out
 
 
+def _cublas_operand(cublas, a):
+    """(transpose flag, leading dimension) giving cuBLAS the row-major matrix ``a`` transposed, ``a.T``, without a
+    copy: a C-contiguous ``a`` (r, c) is, read column-major, the (c, r) matrix ``a.T`` with leading dimension c (no
+    transpose); an F-contiguous one (a transposed view such as ``w.T``) is, read column-major, ``a`` itself with
+    leading dimension r, so cuBLAS transposes it. None if ``a`` is neither (``cublas``: ``cupy.cuda.cublas``)."""
+    r, c = a.shape
+    if a.flags.c_contiguous:
+        return cublas.CUBLAS_OP_N, max(1, c)
+    if a.flags.f_contiguous:
+        return cublas.CUBLAS_OP_T, max(1, r)
+    return None
+
+
+def gemm_bf16(cp, a, b, out=None):
+    """``a @ b`` of two bfloat16 matrices of the current GPU ((M, K) and (K, N), each C- or F-contiguous) as a float32
+    (M, N) array (``out``: a C-contiguous float32 array, else a new one), on the current stream: one cuBLAS GEMM
+    (``cublasGemmEx``) with bfloat16 inputs, CUBLAS_COMPUTE_32F (the BF16 tensor cores: products of two bfloat16
+    values are exact in FP32, sums in FP32) and a float32 output.
+
+    cuBLAS is column-major: a row-major (r, c) array is, read column-major, its transpose. So the row-major
+    C = A @ B is computed as the column-major C.T (N x M, leading dimension N) = B.T (N x K) @ A.T (K x M): cuBLAS's
+    m = N, n = M, k = K, its first operand b and its second a (:func:`_cublas_operand` gives each one's flag and
+    leading dimension)."""
+    rt, cublas = cp.cuda.runtime, cp.cuda.cublas
+    for name, v in (("a", a), ("b", b)):
+        if v.dtype != BFLOAT16 or v.ndim != 2:
+            raise TypeError(f"gemm_bf16: {name} must be a 2-D bfloat16 array, got {v.ndim}-D {v.dtype}")
+    (M, K), (K2, N) = a.shape, b.shape
+    if K != K2:
+        raise ValueError(f"gemm_bf16: a {tuple(a.shape)} and b {tuple(b.shape)} do not multiply")
+    if out is not None and (out.shape != (M, N) or out.dtype != np.float32 or not out.flags.c_contiguous):
+        raise ValueError(f"gemm_bf16: out must be a C-contiguous float32 array of shape {(M, N)}, got "
+                         f"{out.dtype} {tuple(out.shape)} with strides {out.strides}")
+    c = out if out is not None else cp.empty((M, N), np.float32)
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        c[...] = 0
+        return c
+    b, a = (v if _cublas_operand(cublas, v) else cp.ascontiguousarray(v) for v in (b, a))
+    (transa, lda), (transb, ldb) = _cublas_operand(cublas, b), _cublas_operand(cublas, a)
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)  # host scalars (CuPy's handles: host pointer mode)
+    cublas.gemmEx(cp.cuda.get_cublas_handle(), transa, transb, N, M, K,
+                  one.ctypes.data, b.data.ptr, rt.CUDA_R_16BF, lda, a.data.ptr, rt.CUDA_R_16BF, ldb,
+                  zero.ctypes.data, c.data.ptr, rt.CUDA_R_32F, N,
+                  cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT_TENSOR_OP)
+    return c
+
+
 @functools.lru_cache(maxsize=None)
 def gpu_count() -> tuple[int, str]:
     """(the number of GPUs CUDA sees, why none can be used when 0); probed once per process."""
@@ -277,8 +327,11 @@ class CudaDevice(Device):
     def matmul(self, a, b, out=None, precision="fp32"):
         """cuBLAS through CuPy; ``tf32``: with CuPy's TF32 compute type (cuBLAS's CUBLAS_COMPUTE_32F_FAST_TF32, tensor
         cores) for this call only. CuPy keeps the compute type per process, so every call sets it and issues its GEMM
-        under one lock: another thread's fp32 GEMM never runs in TF32."""
+        under one lock: another thread's fp32 GEMM never runs in TF32. ``bf16``: ``a`` and ``b`` are bfloat16 arrays
+        and the result float32 (:func:`gemm_bf16`: the BF16 tensor cores, FP32 accumulation)."""
         cp = cupy()
+        if precision == "bf16":
+            return gemm_bf16(cp, a, b, out)
         linalg = importlib.import_module("cupy._core._routines_linalg")
         with _COMPUTE_TYPE_LOCK:
             before = linalg.get_compute_type(np.float32)

@@ -15,17 +15,23 @@ on cpu, on ``stream``.
 rounded to TF32 (``reference.precision.round_tf32``: PTX ``cvt.rna.tf32.f32``, on the device) and multiplied with
 FP32 accumulation; the device's GEMM is then told the operands are TF32 (cuBLAS's TF32 compute type on cuda: tensor
 cores; the products of two TF32 values are exact in FP32, so every device computes the same products). The bias,
-alpha, beta and ``fc_backward_bias`` stay FP32.
+alpha, beta and ``fc_backward_bias`` stay FP32. On cuda each operand is rounded by one elementwise kernel
+(``TF32_KERNEL``).
 
 ``"bf16"``: the activation operand (x, dy; both for ``fc_backward_weights``) is float32 (rounded to bfloat16, nearest
 even, on load) or an ``ml_dtypes.bfloat16`` array; w is float32 (FP32 master weights), rounded to bfloat16 for the
-product; the products of two bfloat16 values are exact in FP32 and are summed in FP32 (every device: the rounded
-operands through the device's FP32 GEMM). The result follows ``conv_forward``'s bf16 rule: float32 unless ``out`` is a
-bfloat16 array (then the FP32 result, after bias, alpha and beta, rounded to nearest even once); with bf16 the output
-of ``fc_backward_weights`` is float32 (a weight gradient). The bias, alpha and beta stay FP32. ``fc_backward_bias``
-(and ``conv_backward_bias``) accept a bfloat16 dy and return the float32 sums of its values.
+product; the products of two bfloat16 values are exact in FP32 and are summed in FP32. On cuda each float32 operand
+is converted to a bfloat16 array by one elementwise kernel (``BF16_KERNEL``) and the two bfloat16 arrays go through
+one cuBLAS GEMM on the BF16 tensor cores with FP32 accumulation and an FP32 result
+(``CudaDevice.matmul(..., precision="bf16")``); elsewhere the rounded values go through the device's FP32 GEMM (the
+same products). The result follows ``conv_forward``'s bf16 rule: float32 unless ``out`` is a bfloat16 array (then
+the FP32 result, after bias, alpha and beta, rounded to nearest even once); with bf16 the output of
+``fc_backward_weights`` is float32 (a weight gradient). The bias, alpha and beta stay FP32. ``fc_backward_bias`` (and
+``conv_backward_bias``) accept a bfloat16 dy and return the float32 sums of its values.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -41,6 +47,47 @@ _EXPONENT, _MANTISSA, _QUIET = 0x7F800000, 0x007FFFFF, 0x00400000
 _TF32_KEEP, _TF32_HALF = 0xFFFFE000, 0x00001000
 _BF16_KEEP, _BF16_HALF = 0xFFFF0000, 0x00008000
 
+# The same roundings as one CuPy elementwise kernel each on cuda (in_params, out_params, operation, name), on the bits
+# of a float32 array viewed as uint32. TF32 as cvt.rna.tf32.f32: half a TF32 ulp added to the magnitude, then
+# truncation (ties away from zero; a carry into the exponent rounds up, to inf too); inf stays, NaN stays NaN, quiet.
+TF32_KERNEL = ("uint32 bits", "uint32 rounded", """
+    if ((bits & 0x7F800000u) != 0x7F800000u) {
+        rounded = (bits + 0x00001000u) & 0xFFFFE000u;
+    } else if ((bits & 0x007FFFFFu) != 0u) {
+        rounded = (bits | 0x00400000u) & 0xFFFFE000u;
+    } else {
+        rounded = bits;
+    }""", "convnet_round_tf32")
+# bfloat16 as ml_dtypes (reference.precision.to_bf16) and cvt.rn.bf16.f32: the upper 16 bits after adding half an ulp
+# less one plus the kept lowest bit (ties to even; a carry into the exponent rounds up, to inf too); NaN becomes
+# ml_dtypes' quiet NaN 0x7FC0 with the sign kept, so the result is bit-identical to ``to_bf16``.
+BF16_KERNEL = ("uint32 bits", "uint16 rounded", """
+    if ((bits & 0x7F800000u) == 0x7F800000u && (bits & 0x007FFFFFu) != 0u) {
+        rounded = (unsigned short)(((bits >> 16) & 0x8000u) | 0x7FC0u);
+    } else {
+        rounded = (unsigned short)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    }""", "convnet_round_bf16")
+
+
+@functools.lru_cache(maxsize=8)
+def _elementwise_kernel(cp, spec):
+    """The CuPy kernel of ``spec`` (TF32_KERNEL, BF16_KERNEL) for the cupy module ``cp`` (compiled at its first call,
+    then cached by CuPy per GPU)."""
+    in_params, out_params, operation, name = spec
+    return cp.ElementwiseKernel(in_params, out_params, operation, name)
+
+
+def _on_bits(dev, spec, a):
+    """``spec``'s kernel on the float32 bits of cuda array ``a``: a new array of the kernel's output type in ``a``'s
+    layout (a transposed view, such as ``w.T``, is converted as its contiguous base and transposed back, so that the
+    kernel reads contiguous memory and the GEMM gets the transposed operand as it is)."""
+    xp = dev.xp
+    transposed = a.ndim == 2 and not a.flags.c_contiguous and a.flags.f_contiguous
+    base = a.T if transposed else a
+    bits = xp.ascontiguousarray(base, dtype=xp.float32).view(xp.uint32)
+    result = _elementwise_kernel(xp, spec)(bits)
+    return result.T if transposed else result
+
 
 def check_gemm_precision(precision) -> str:
     """``precision`` if the fc ops do it, else a ValueError naming what is missing."""
@@ -54,9 +101,12 @@ def check_gemm_precision(precision) -> str:
 
 def round_tf32_on(dev, a):
     """``a`` rounded to TF32 like ``cvt.rna.tf32.f32`` (ties away from zero; NaN stays NaN, quiet; inf stays inf), a
-    new contiguous array of ``dev`` in ``a``'s dtype (float64 on numpy: the rounded values, accumulated in float64 by
-    the reference): the values of ``reference.precision.round_tf32``."""
+    new array of ``dev`` in ``a``'s dtype (float64 on numpy: the rounded values, accumulated in float64 by the
+    reference), contiguous (on cuda: in ``a``'s layout; one kernel, ``TF32_KERNEL``): the values of
+    ``reference.precision.round_tf32``."""
     xp = dev.xp
+    if dev.kind == "cuda":
+        return _on_bits(dev, TF32_KERNEL, a).view(xp.float32)
     bits = xp.ascontiguousarray(a, dtype=xp.float32).view(xp.uint32)
     u = xp.uint32
     special = (bits & u(_EXPONENT)) == u(_EXPONENT)
@@ -85,6 +135,25 @@ def round_bf16_on(dev, a, dtype):
     return dev.adopt(rounded.view(xp.float32).astype(dtype, copy=False))
 
 
+def to_bf16_on(dev, a):
+    """``a`` as a bfloat16 array of ``dev``, bit-identical to ``reference.precision.to_bf16``: a bfloat16 array as it
+    is; a float one rounded (on cuda by one kernel, ``BF16_KERNEL``, in ``a``'s layout)."""
+    if a.dtype == BFLOAT16:
+        return a
+    if dev.kind == "cuda":
+        return _on_bits(dev, BF16_KERNEL, a).view(BFLOAT16)
+    return dev.adopt(round_bf16_on(dev, a, np.float32).astype(BFLOAT16))  # rounded already: the cast is exact
+
+
+def _bf16_operands(dev, a, b, compute):
+    """The bf16 GEMM's operands and the precision to give ``dev.matmul``: on cuda two bfloat16 arrays for cuBLAS's
+    BF16 tensor cores; elsewhere the rounded values in the compute dtype through the FP32 GEMM (the products of two
+    bfloat16 values are exact in FP32: the same products)."""
+    if dev.kind == "cuda":
+        return to_bf16_on(dev, a), to_bf16_on(dev, b), "bf16"
+    return round_bf16_on(dev, a, compute), round_bf16_on(dev, b, compute), "fp32"
+
+
 def _check_bf16_operand(dev, name, a, compute):
     """A bf16 call's activation operand: of the device's float dtype ``compute`` (rounded on load) or bfloat16."""
     check_array(name, a, dev, ndim=2, dtypes=(compute, BFLOAT16))
@@ -111,31 +180,32 @@ def _gemm(dev, out, y, a, b, bias, alpha, beta, stream, precision):
 
     def work():
         nonlocal y, a, b  # the in-place operators below rebind the name (to the same array)
+        gemm_precision = precision
         if precision == "tf32":
             a, b = round_tf32_on(dev, a), round_tf32_on(dev, b)
         if precision == "bf16":
-            # bfloat16 operands, FP32 products (exact) and sums: the rounded values through the FP32 GEMM; a
-            # bfloat16 result is the FP32 result after bias, alpha and beta, rounded once
+            # bfloat16 operands, FP32 products (exact) and sums; a bfloat16 result is the FP32 result after bias,
+            # alpha and beta, rounded once
             compute = bias.dtype if bias is not None else _compute_dtype(a, b)
-            a, b = round_bf16_on(dev, a, compute), round_bf16_on(dev, b, compute)
+            a, b, gemm_precision = _bf16_operands(dev, a, b, compute)
             if y.dtype == BFLOAT16:
-                r = dev.matmul(a, b, precision="fp32")
+                r = dev.matmul(a, b, precision=gemm_precision)
                 if bias is not None:
                     r += bias[:, None]
                 if alpha != 1.0:
                     r *= r.dtype.type(alpha)
                 if out is not None and beta != 0.0:
                     r += y.astype(r.dtype) * r.dtype.type(beta)
-                y[...] = round_bf16_on(dev, r, np.float32).astype(BFLOAT16)  # rounded here: the cast is exact
+                y[...] = to_bf16_on(dev, r)
                 return
         if out is None or (alpha == 1.0 and beta == 0.0):
-            dev.matmul(a, b, out=y, precision="fp32" if precision == "bf16" else precision)
+            dev.matmul(a, b, out=y, precision=gemm_precision)
             if bias is not None:
                 y += bias[:, None]
             if alpha != 1.0:
                 y *= alpha
             return
-        r = dev.matmul(a, b, precision="fp32" if precision == "bf16" else precision)
+        r = dev.matmul(a, b, precision=gemm_precision)
         if bias is not None:
             r += bias[:, None]
         accumulate(y, r, alpha, beta)
