@@ -28,13 +28,14 @@ the same GPU, three cuDNN baselines on its fastest algorithm for each:
 Precisions: ``ms`` / ``GFLOP/s`` are ours in FP32; ``TF32 ms`` / ``TF32 TFLOP/s`` ours with ``precision="tf32"``
 (inputs rounded to TF32, FP32 accumulation); ``BF16 ms`` / ``BF16 TFLOP/s`` ours with ``precision="bf16"`` on the
 arrays the bf16 training mode passes: x, dy, the output y and the input gradient dx stored as bfloat16, the weights as
-the layer's per-step bfloat16 copy of its float32 master weights (that copy is made once per step, outside the timed
-passes), the filter gradient float32 -- the bfloat16 16-byte (cp.async) load path wherever N and F/groups are
-multiples of 8. ``BF16 ours/cuDNN`` is that time over the faster of cuDNN NCHW and NHWC BF16. ``% FP32 peak``,
-``% TF32 peak`` and ``% BF16 peak`` divide by the card's dense peak in that precision (``common.PEAK_TFLOPS``, by card
-name: H100 SXM and H200 67 / 495 / 990 TFLOP/s FP32 / TF32 / BF16, A100 19.5 / 156 / 312; a card not listed: the FP32
-peak from its SMs and clock, no tensor-core peak); the JSON's ``% of peak`` gives every timed column's share in its
-own precision.
+the layer's per-step bfloat16 copy of its float32 master weights (made once per step, outside the timed passes), the
+filter gradient float32 -- the bfloat16 16-byte (cp.async) load path wherever N and F/groups are multiples of 8.
+(In training, conv1's forward reads the float32 images with float32 weights, rounded on load; here it is timed on
+bfloat16 as the other layers.) ``BF16 ours/cuDNN`` is that time over the faster of cuDNN NCHW and NHWC BF16 (all its tensors
+bfloat16, the filter gradient too). ``% FP32 peak``, ``% TF32 peak`` and ``% BF16 peak`` divide by the card's dense
+peak in that precision (``common.PEAK_TFLOPS``, by card name: H100 SXM and H200 67 / 495 / 990 TFLOP/s FP32 / TF32 /
+BF16, A100 19.5 / 156 / 312; a card not listed: the FP32 peak from its SMs and clock, no tensor-core peak); the
+JSON's ``% of peak`` gives every timed column's share in its own precision.
 
 Timing -- the same for ours and every cuDNN column (common.bench_ms / common.torch_bench_ms): warm-up calls (for
 PyTorch on a side stream, where benchmark mode autotunes), then ``repeats`` back-to-back calls captured in ONE CUDA
@@ -49,7 +50,7 @@ Results go to benchmarks/results/ (JSON + markdown, with the device name, date a
 Without a GPU (``--device emu``), the layers run on the emulator at a tiny size (batch 4, channels divided by
 8) and are compared with the NumPy reference: a correctness smoke, the times are not speed figures; the cuDNN
 columns are skipped with the reason printed. The TF32 and BF16 passes are checked against the reference on inputs
-rounded to TF32 and bfloat16 (the BF16 outputs y and dx also carry their own rounding to bfloat16, BF16_SMOKE_TOL).
+rounded to TF32 and bfloat16 (the BF16 outputs y and dx also carry their own rounding to bfloat16: SMOKE_TOL).
 """
 from __future__ import annotations
 

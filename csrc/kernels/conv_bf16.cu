@@ -723,7 +723,7 @@ constexpr int kNumDefects = 3;
 struct Bf16Tile {
   int BM, BN, threads;
   KernelFn path[kNumPaths];
-  KernelFn path_relu[kNumPaths];             // the same with the fused ReLU epilogue
+  KernelFn path_relu[kNumPaths];  // the same with the fused ReLU epilogue
   KernelFn planted[kNumPaths][kNumDefects];  // [path][defect - 1], emulator only; null where not planted (and nvcc)
   BwdKernelFn bwd[2][kNumPaths];             // [pass: 0 input gradient, 1 filter gradient][path]
   BwdKernelFn bwd_planted[2][kNumPaths][kNumDefects];  // as `planted`
