@@ -26,10 +26,16 @@ the same GPU, three cuDNN baselines on its fastest algorithm for each:
 * Through PyTorch only: cuDNN NHWC (``channels_last``) FP32 and TF32, and cuDNN NCHW / NHWC BF16 (bfloat16 tensors).
 
 Precisions: ``ms`` / ``GFLOP/s`` are ours in FP32; ``TF32 ms`` / ``TF32 TFLOP/s`` ours with ``precision="tf32"``
-(inputs rounded to TF32, FP32 accumulation); ``BF16 ms`` is "n/a" until the bf16 kernels exist. ``% FP32 peak`` and
-``% TF32 peak`` divide by the card's dense peak in that precision (``common.PEAK_TFLOPS``, by card name: H100 SXM and
-H200 67 / 495 / 990 TFLOP/s FP32 / TF32 / BF16, A100 19.5 / 156 / 312; a card not listed: the FP32 peak from its SMs
-and clock, no tensor-core peak); the JSON's ``% of peak`` gives every timed column's share in its own precision.
+(inputs rounded to TF32, FP32 accumulation); ``BF16 ms`` / ``BF16 TFLOP/s`` ours with ``precision="bf16"`` on the
+arrays the bf16 training mode passes: x, dy, the output y and the input gradient dx stored as bfloat16, the weights as
+the layer's per-step bfloat16 copy of its float32 master weights (made once per step, outside the timed passes), the
+filter gradient float32 -- the bfloat16 16-byte (cp.async) load path wherever N and F/groups are multiples of 8.
+(In training, conv1's forward reads the float32 images with float32 weights, rounded on load; here it is timed on
+bfloat16 as the other layers.) ``BF16 ours/cuDNN`` is that time over the faster of cuDNN NCHW and NHWC BF16 (all its tensors
+bfloat16, the filter gradient too). ``% FP32 peak``, ``% TF32 peak`` and ``% BF16 peak`` divide by the card's dense
+peak in that precision (``common.PEAK_TFLOPS``, by card name: H100 SXM and H200 67 / 495 / 990 TFLOP/s FP32 / TF32 /
+BF16, A100 19.5 / 156 / 312; a card not listed: the FP32 peak from its SMs and clock, no tensor-core peak); the
+JSON's ``% of peak`` gives every timed column's share in its own precision.
 
 Timing -- the same for ours and every cuDNN column (common.bench_ms / common.torch_bench_ms): warm-up calls (for
 PyTorch on a side stream, where benchmark mode autotunes), then ``repeats`` back-to-back calls captured in ONE CUDA
@@ -43,8 +49,8 @@ Results go to benchmarks/results/ (JSON + markdown, with the device name, date a
 
 Without a GPU (``--device emu``), the layers run on the emulator at a tiny size (batch 4, channels divided by
 8) and are compared with the NumPy reference: a correctness smoke, the times are not speed figures; the cuDNN
-columns are skipped with the reason printed. The TF32 passes are checked against the reference on TF32-rounded
-inputs.
+columns are skipped with the reason printed. The TF32 and BF16 passes are checked against the reference on inputs
+rounded to TF32 and bfloat16 (the BF16 outputs y and dx also carry their own rounding to bfloat16: SMOKE_TOL).
 """
 from __future__ import annotations
 
@@ -63,6 +69,8 @@ from common import TIMING, CuDNN, bench_ms, ptr  # noqa: E402
 from convnet import ops  # noqa: E402
 from convnet.devices import device_report, get_device  # noqa: E402
 from convnet.geometry import ConvGeometry  # noqa: E402
+from convnet.ops._checks import BFLOAT16  # noqa: E402
+from convnet.reference.precision import to_bf16  # noqa: E402
 
 # name: (C, H, W, F, KH, KW, stride, pad, groups) -- the batch size is a command-line choice
 MODELS = {
@@ -147,21 +155,26 @@ def measured_sgemm_tflops(device) -> float | None:
 
 
 def make_inputs(device, geo: ConvGeometry, seed=0):
+    """Float32 host arrays x, w, dy and their device copies; ``<name> bf16``: the device copies stored as bfloat16
+    (rounded to nearest even, as the bf16 training mode stores them)."""
     rng = np.random.default_rng(seed)
     host = dict(x=rng.uniform(-1, 1, geo.x_shape).astype(np.float32),
                 w=rng.uniform(-1, 1, geo.w_shape).astype(np.float32) * 0.1,
                 dy=rng.uniform(-1, 1, geo.y_shape).astype(np.float32))
-    return host, {k: device.asarray(v) for k, v in host.items()}
+    arrs = {k: device.asarray(v) for k, v in host.items()}
+    arrs.update({f"{k} bf16": device.asarray(to_bf16(v)) for k, v in host.items()})
+    return host, arrs
 
 
 def our_fns(device, geo: ConvGeometry, arrs, precision="fp32"):
     """{pass: one call writing into a preallocated output}, and those outputs (forward, input-grad, filter-grad), in
-    ``precision`` (fp32 or tf32: the ops' ``precision=``)."""
+    ``precision`` (the ops' ``precision=``). bf16: bfloat16 x, w, dy, y and dx, float32 dw (the module docstring)."""
     kw_ = dict(conv_params(geo), precision=precision)
     hw, khw = (geo.H, geo.W), (geo.KH, geo.KW)
-    x, wt, dy = arrs["x"], arrs["w"], arrs["dy"]
-    y = device.empty(geo.y_shape, np.float32)
-    dx = device.empty(geo.x_shape, np.float32)
+    bf16 = precision == "bf16"
+    x, wt, dy = (arrs[f"{k} bf16" if bf16 else k] for k in ("x", "w", "dy"))
+    y = device.empty(geo.y_shape, BFLOAT16 if bf16 else np.float32)
+    dx = device.empty(geo.x_shape, BFLOAT16 if bf16 else np.float32)
     dw = device.empty(geo.w_shape, np.float32)
     return {
         "forward": lambda: ops.conv_forward(device, x, wt, out=y, **kw_),
@@ -171,8 +184,8 @@ def our_fns(device, geo: ConvGeometry, arrs, precision="fp32"):
 
 
 def reference_outputs(geo: ConvGeometry, host, precision="fp32"):
-    """The three passes on the float64 NumPy reference (the ``numpy`` device), in PASSES order; tf32: on the inputs
-    rounded to TF32 (what our TF32 passes compute, up to FP32 summation)."""
+    """The three passes on the float64 NumPy reference (the ``numpy`` device), in PASSES order; tf32 and bf16: on the
+    inputs rounded to TF32 or bfloat16 (what our TF32 and BF16 passes compute, up to FP32 summation)."""
     kw_ = dict(conv_params(geo), precision=precision)
     x, wt, dy = (host[k].astype(np.float64) for k in ("x", "w", "dy"))
     return (ops.conv_forward("numpy", x, wt, **kw_), ops.conv_backward_data("numpy", dy, wt, (geo.H, geo.W), **kw_),
@@ -294,9 +307,16 @@ NCHW_BF16, NHWC_BF16 = "cuDNN NCHW BF16 ms", "cuDNN NHWC BF16 ms"
 TORCH_COLUMNS = ((NCHW_FP32, "fp32", False), (NHWC_FP32, "fp32", True), (NCHW_TF32, "tf32", False),
                  (NHWC_TF32, "tf32", True), (NCHW_BF16, "bf16", False), (NHWC_BF16, "bf16", True))
 COLUMN_PRECISION = {**{c: p for c, p, _ in TORCH_COLUMNS}, CHWN_FP32: "fp32"}
-# our columns: (time column, precision); BF16 is "n/a" until the bf16 kernels exist
-OURS = (("ms", "fp32"), ("TF32 ms", "tf32"))
-OURS_BF16 = "BF16 ms"
+# our columns: (time column, precision, its TFLOP/s and % of peak columns (FP32: GFLOP/s and % FP32 peak, set apart),
+# the ratio column against the faster cuDNN layout in that precision, those cuDNN columns)
+OURS = (("ms", "fp32"), ("TF32 ms", "tf32"), ("BF16 ms", "bf16"))
+TENSOR_CORE_COLUMNS = (("TF32 ms", "tf32", "TF32 TFLOP/s", "% TF32 peak", "TF32 ours/cuDNN", (NCHW_TF32, NHWC_TF32)),
+                       ("BF16 ms", "bf16", "BF16 TFLOP/s", "% BF16 peak", "BF16 ours/cuDNN", (NCHW_BF16, NHWC_BF16)))
+ERROR_COLUMNS = {"ms": "rel err vs ref", "TF32 ms": "TF32 rel err vs ref", "BF16 ms": "BF16 rel err vs ref"}
+# Emulator smoke tolerances (normwise, against the float64 reference on the rounded inputs): FP32 summation only, for
+# FP32 and TF32 (sums of at most a few thousand terms on the smoke sizes: far below 1e-5); BF16 adds the rounding of
+# y and dx to bfloat16, at most 2**-8 of each element (8 significant bits, nearest even), so of the max norm.
+SMOKE_TOL = {"fp32": 1e-5, "tf32": 1e-5, "bf16": 2.0 ** -8 + 1e-5}
 # cuDNN FP32's results against ours: max|cuDNN - ours| / max|ours| per pass. Both are FP32 sums of up to
 # C*KH*KW (forward), F*KH*KW (input-grad) or N*OH*OW (filter-grad: 387k at conv1, batch 128) products in different
 # orders; on random data even a sequential sum of 387k terms stays near sqrt(387k) x 6e-8 = 4e-5 of the result, and
@@ -485,27 +505,26 @@ def main(argv=None):
                    "GFLOP/s": geo.flops() / (ms * 1e-3) / 1e9}
             if peak:
                 row["% FP32 peak"] = 100.0 * row["GFLOP/s"] / (peak * 1e3)
-            tf32_ms = times["TF32 ms"][ps]
-            row["TF32 ms"] = tf32_ms
-            row["TF32 TFLOP/s"] = geo.flops() / (tf32_ms * 1e-3) / 1e12
-            if peak_of["tf32"]:
-                row["% TF32 peak"] = 100.0 * row["TF32 TFLOP/s"] / peak_of["tf32"]
-            row[OURS_BF16] = "n/a"  # no bf16 kernels yet
+            for column, precision, tflops, share, _, _ in TENSOR_CORE_COLUMNS:
+                row[column] = times[column][ps]
+                row[tflops] = geo.flops() / (times[column][ps] * 1e-3) / 1e12
+                if peak_of[precision]:
+                    row[share] = 100.0 * row[tflops] / peak_of[precision]
             for column, ratio in ((NCHW_FP32, "ours/cuDNN"), (CHWN_FP32, "ours/cuDNN CHWN"), (NHWC_FP32, None),
                                   (NCHW_TF32, None), (NHWC_TF32, None), (NCHW_BF16, None), (NHWC_BF16, None)):
                 if column in base:
                     row[column] = base[column][ps]
                     if ratio:
                         row[ratio] = ms / base[column][ps]
-            best_tf32 = min((base[c][ps] for c in (NCHW_TF32, NHWC_TF32) if c in base), default=None)
-            if best_tf32:
-                row["TF32 ours/cuDNN"] = tf32_ms / best_tf32
+            for column, _, _, _, ratio, cudnn_columns in TENSOR_CORE_COLUMNS:
+                best = min((base[c][ps] for c in cudnn_columns if c in base), default=None)
+                if best:
+                    row[ratio] = times[column][ps] / best
             # every timed column's share of the card's peak in its precision (JSON)
             row["% of peak"] = {c: 100.0 * geo.flops() / (t * 1e-3) / 1e12 / peak_of[p] for c, p, t in
-                                [("ours FP32", "fp32", ms), ("ours TF32", "tf32", tf32_ms)] +
+                                [(f"ours {p.upper()}", p, times[column][ps]) for column, p in OURS] +
                                 [(c, COLUMN_PRECISION[c], base[c][ps]) for c in COLUMN_PRECISION if c in base]
                                 if peak_of[p]}
-            err, tf32_err = errors["ms"][i], errors["TF32 ms"][i]
             for diff in DIFFS:
                 if diff in base:
                     row[diff] = base[diff][ps]
@@ -514,27 +533,28 @@ def main(argv=None):
                 row["timing"] = "MIXED: " + ", ".join(f"{label[len(name) + len(ps) + 2:]}={m}" for label, m in
                                                      TIMING["by_label"].items() if label.startswith(f"{name} {ps} "))
                 print(f"WARNING: {name} {ps}: not every side was timed the same way ({row['timing']})")
-            if err is not None:
-                row["rel err vs ref"] = err
-                row["TF32 rel err vs ref"] = tf32_err
+            if not on_gpu:
+                row.update({ERROR_COLUMNS[column]: errors[column][i] for column, _ in OURS})
             row["plan"] = plan(device, ps, geo)  # JSON only: tile, path, grid, splits
+            row["BF16 plan"] = device.kernels.conv_bf16_plan(geo, True, getattr(device.kernels.ConvPass,
+                                                                                CONV_PASS[ps]))
             rows.append(row)
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                            if k not in ("plan", "% of peak")), flush=True)
+                            if k not in ("plan", "BF16 plan", "% of peak")), flush=True)
     if on_gpu:
         ctx.close()
 
     columns = ["layer", "pass", "shape", "ms", "GFLOP/s"]
     if peak:
         columns += ["% FP32 peak"]
-    columns += ["TF32 ms", "TF32 TFLOP/s"] + (["% TF32 peak"] if peak_of["tf32"] else []) + [OURS_BF16]
+    for column, precision, tflops, share, _, _ in TENSOR_CORE_COLUMNS:
+        columns += [column, tflops] + ([share] if peak_of[precision] else [])
     for column, extra_cols in ((NCHW_FP32, ["ours/cuDNN", "NCHW rel diff"]),
                                (CHWN_FP32, ["ours/cuDNN CHWN", "CHWN rel diff"]), (NHWC_FP32, []),
                                (NCHW_TF32, []), (NHWC_TF32, []), (NCHW_BF16, []), (NHWC_BF16, [])):
         if column in base_columns:
             columns += [c for c in (column, *extra_cols) if c in base_columns or not c.endswith("rel diff")]
-    if any("TF32 ours/cuDNN" in r for r in rows):
-        columns += ["TF32 ours/cuDNN"]
+    columns += [ratio for *_, ratio, _ in TENSOR_CORE_COLUMNS if any(ratio in r for r in rows)]
     if any("timing" in r for r in rows):
         columns += ["timing"]
     # ours and cuDNN FP32 computed the same convolution: a larger difference is a wrong kernel (or a wrong baseline)
@@ -542,12 +562,14 @@ def main(argv=None):
     for r in bad:
         print(f"MISMATCH: {r['layer']} {r['pass']}: ours and cuDNN FP32 differ by "
               f"{max(r.get(d, 0.0) for d in DIFFS):.3g} (normwise) > {MAX_DIFF_FROM_CUDNN:g}", file=sys.stderr)
-    if not on_gpu:  # each precision against the float64 reference of what it computes (TF32: on rounded inputs)
-        columns += ["rel err vs ref", "TF32 rel err vs ref"]
-        bad += [r for r in rows if max(r["rel err vs ref"], r["TF32 rel err vs ref"]) > 1e-5]
-        for r in bad:
-            print(f"SMOKE FAILED: {r['layer']} {r['pass']}: relative error {r['rel err vs ref']:.3g} (FP32), "
-                  f"{r['TF32 rel err vs ref']:.3g} (TF32) > 1e-5", file=sys.stderr)
+    if not on_gpu:  # each precision against the float64 reference of what it computes (TF32, BF16: rounded inputs)
+        columns += [ERROR_COLUMNS[column] for column, _ in OURS]
+        for r in rows:
+            failed = [f"{r[ERROR_COLUMNS[column]]:.3g} ({p.upper()}) > {SMOKE_TOL[p]:.3g}" for column, p in OURS
+                      if r[ERROR_COLUMNS[column]] > SMOKE_TOL[p]]
+            if failed:
+                bad.append(r)
+                print(f"SMOKE FAILED: {r['layer']} {r['pass']}: relative error {', '.join(failed)}", file=sys.stderr)
     device.kernels.conv_set_tile_override(-1)
     extra = {"model": args.model, "tile_override": args.tile, "batch": batch, "repeats": repeats, "warmup": warmup,
              "channel_divisor": div, "fp32_peak_tflops": peak, "peak_tflops": peak_of, "measured_sgemm_tflops": sgemm,
@@ -557,10 +579,11 @@ def main(argv=None):
                          "by_method": common.timing_summary()} if on_gpu
                         else "wall clock (emulator smoke, not a speed figure)"),
              "ratio": "ours/cuDNN is a time ratio: < 1 means faster than cuDNN FP32 (TF32 off); ours/cuDNN CHWN: "
-                      "against cuDNN on our own memory layout; TF32 ours/cuDNN: ours in TF32 against cuDNN's faster "
-                      "TF32 layout (NCHW or NHWC)",
+                      "against cuDNN on our own memory layout; TF32 (BF16) ours/cuDNN: ours in TF32 (BF16) against "
+                      "cuDNN's faster TF32 (BF16) layout (NCHW or NHWC)",
              "precisions": "ms/GFLOP/s: ours in FP32; TF32: ours with TF32-rounded inputs and FP32 accumulation; BF16: "
-                           "n/a until the bf16 kernels exist; cuDNN BF16: bfloat16 tensors through PyTorch"}
+                           "ours on bfloat16 x, w, dy, y and dx (float32 dw), FP32 accumulation; cuDNN BF16: bfloat16 "
+                           "tensors through PyTorch"}
     path = common.write_results(f"conv-{args.model}", device, rows, columns, extra)
     print(f"\nwrote {path} and {path.with_suffix('.json')}")
     if peak:

@@ -30,9 +30,15 @@ def test_conv_bench_emu_smoke(tmp_path, monkeypatch):
     data, md = _written(tmp_path)
     assert [r["pass"] for r in data["rows"]] == ["forward", "input-grad", "filter-grad"] * 2
     assert all(r["rel err vs ref"] <= 1e-5 and "16-byte path" in r["plan"] for r in data["rows"])
-    # ours in TF32 against the float64 reference on TF32-rounded inputs; no bf16 kernels yet
-    assert all(r["TF32 rel err vs ref"] <= 1e-5 and r["TF32 ms"] > 0 and r["BF16 ms"] == "n/a" for r in data["rows"])
-    assert "not speed figures" in md and "| TF32 ms |" in md and "| BF16 ms |" in md
+    # ours in TF32 and BF16 against the float64 reference on rounded inputs (BF16: plus y's and dx's rounding to
+    # bfloat16, at most 2**-8 relative; below 1e-5 would mean they were not rounded, above 2**-8 + 1e-5 a wrong kernel)
+    assert all(r["TF32 rel err vs ref"] <= 1e-5 and r["TF32 ms"] > 0 for r in data["rows"])
+    assert all(r["BF16 ms"] > 0 and r["BF16 rel err vs ref"] <= 2.0 ** -8 + 1e-5 for r in data["rows"])
+    assert all(r["BF16 rel err vs ref"] > 1e-5 for r in data["rows"] if r["pass"] != "filter-grad")
+    assert all(r["BF16 rel err vs ref"] <= 1e-5 for r in data["rows"] if r["pass"] == "filter-grad")  # float32 dw
+    # batch 4: the bfloat16 one-element path (cp.async needs N % 8 == 0)
+    assert all("bfloat16 1-element register path" in r["BF16 plan"] for r in data["rows"])
+    assert "not speed figures" in md and "| TF32 ms |" in md and "| BF16 ms |" in md and "| BF16 TFLOP/s |" in md
 
 
 def test_conv_bench_profile_mode_runs_each_pass(capsys):
@@ -95,12 +101,16 @@ def test_benchmark_cuda_path_on_a_fake_gpu(run, tmp_path, monkeypatch, capsys):
         assert [r["pass"] for r in data["rows"]] == ["forward", "input-grad", "filter-grad"]
         assert all(r["GFLOP/s"] > 0 and "% FP32 peak" in r for r in data["rows"])
         assert data["peak_tflops"] == {"fp32": 67.0, "tf32": 495.0, "bf16": 990.0}
-        for r in data["rows"]:  # ours in TF32 beside FP32, its share of the TF32 peak; BF16 not yet
+        for r in data["rows"]:  # ours in TF32 and BF16 beside FP32, their shares of the TF32 and BF16 peaks
             assert r["TF32 ms"] > 0 and r["% TF32 peak"] == pytest.approx(100 * r["TF32 TFLOP/s"] / 495.0)
-            assert r["BF16 ms"] == "n/a" and set(r["% of peak"]) == {"ours FP32", "ours TF32"}  # no cuDNN here
+            assert r["BF16 ms"] > 0 and r["% BF16 peak"] == pytest.approx(100 * r["BF16 TFLOP/s"] / 990.0)
+            assert r["BF16 TFLOP/s"] == pytest.approx(r["GFLOP/s"] / 1e3 * r["ms"] / r["BF16 ms"])
+            assert set(r["% of peak"]) == {"ours FP32", "ours TF32", "ours BF16"}  # no cuDNN here
             assert r["% FP32 peak"] == pytest.approx(r["GFLOP/s"] / 1e3 / 67.0 * 100)
         assert any(c[0] == "graph launch" for c in fake.calls)  # timed as a CUDA graph
         assert any(c[0] == "launch conv_forward_tf32" for c in fake.calls)  # the TF32 kernel was timed
+        for kernel in ("conv_forward_bf16", "conv_backward_data_bf16", "conv_backward_filter_bf16"):  # and the BF16
+            assert any(c[0] == f"launch {kernel}" for c in fake.calls)
 
 
 def test_conv_bench_reads_the_clock_from_the_device_attribute_else_the_properties(monkeypatch):

@@ -407,14 +407,17 @@ def test_bf16_forward_runs_through_the_cuda_backend_on_the_fake_gpu(monkeypatch,
 def test_nvcc_keeps_the_mma_loop_of_every_bf16_kernel(tmp_path):
     """Each production instance's PTX has its k tile's mma.sync and ldmatrix.trans instructions, fully unrolled
     (BK / 16 steps of MT * NT mma, MT + NT / 2 ldmatrix.x4.trans) and no local memory: a source change that makes
-    nvcc drop or spill the loop, which the emulator cannot see, fails here."""
+    nvcc drop or spill the loop, which the emulator cannot see, fails here. The ReLU instances (last template
+    argument true) have the clamp (nvcc 13.0 makes `v > 0 ? v : 0` a max.f32, whose NaN and signed-zero rules
+    are the same) that the plain ones lack."""
     ptx = tmp_path / "conv_bf16.ptx"
     subprocess.run(["nvcc", "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-DCONVNET_EMU=0",
                     f"-I{ROOT / 'csrc'}", "-arch=sm_80", "-ptx", str(ROOT / "csrc/kernels/conv_bf16.cu"),
                     "-o", str(ptx)], check=True, capture_output=True,
                    env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})  # nvcc crashes under ASan
     entries = [e for e in re.split(r"\.entry ", ptx.read_text())[1:] if "conv_fwd_bf16" in e.split("(", 1)[0]]
-    assert len(entries) == 8  # 2 tiles x 4 load paths; the planted defects exist on the emulator only
+    assert len(entries) == 16  # 2 tiles x 4 load paths x with/without the ReLU epilogue; the planted defects exist
+    #                            on the emulator only
     for body in entries:
         bm, bn, bk, wm, wn, stages = map(int, re.match(
             r"\S*conv_fwd_bf16ILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E", body).groups())
@@ -422,4 +425,6 @@ def test_nvcc_keeps_the_mma_loop_of_every_bf16_kernel(tmp_path):
         assert body.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == bk // 16 * mt * nt
         assert body.count("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16") == bk // 16 * (mt + nt // 2)
         assert ("cp.async.ca.shared.global" in body) == (stages == 3)
+        relu = re.match(r"\S*conv_fwd_bf16I.*Lb([01])EEEv", body).group(1) == "1"
+        assert ("max.f32" in body or "selp.f32" in body) == relu
         assert "ld.local" not in body and "st.local" not in body

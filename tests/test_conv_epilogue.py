@@ -1,5 +1,5 @@
 """The ReLU fused into the convolution forward's epilogue: ``conv_forward(..., relu=True)`` =
-``max(alpha * (conv(x, w) + bias) + beta * out, 0)``, for precision "fp32" and "tf32", on every device.
+``max(alpha * (conv(x, w) + bias) + beta * out, 0)``, for precision "fp32", "tf32" and "bf16", on every device.
 
 Oracles:
 - bit-identity with the unfused ``conv_forward`` followed by ``relu_forward`` (NaN -> 0, -0 -> +0), on every device;
@@ -9,6 +9,11 @@ Oracles:
   adds the rounding of the scaling and of the sum (derived in ``_accumulate_bound``).
 The geometries are the existing lists (tests/test_conv.py SMALL, tests/test_conv_tf32.py GEOMETRIES): odd sizes, N
 not a multiple of 4, padding, stride, groups, both load paths; every dispatch-table row is forced once on emu.
+BF16 (the bf16 tests at the end): float32 or bfloat16 inputs, float32 or bfloat16 output, every tile row and all four
+load paths; the bounds are tests/test_conv_bf16.py's (2 (K + 2) u S against the reference on bfloat16-rounded
+inputs; a bfloat16 output adds its rounding, 2**-8 |want|, and doubles the FP32 bound), unchanged by the clamp as
+above. The ReLU comes before the output's rounding: max then round == round then max under round-to-nearest-even
+(signs and NaN survive the rounding, and the ReLU maps -0 and NaN to +0), so a bfloat16 output is bit-identical too.
 """
 from __future__ import annotations
 
@@ -19,11 +24,13 @@ import pytest
 
 from helpers import COMPILED_DEVICES, EMU, assert_identical, rand, to_host
 from test_conv import SMALL
+from test_conv_bf16 import BF16_UNIT, BY_NAME as BF16_GEOMETRIES, _references as _bf16_references
 from test_conv_tf32 import GEOMETRIES as TF32_GEOMETRIES
 from convnet import ops
 from convnet.geometry import ConvGeometry
+from convnet.ops._checks import BFLOAT16
 from convnet.reference import conv as ref
-from convnet.reference.precision import round_tf32
+from convnet.reference.precision import round_tf32, to_bf16
 
 U = 2.0 ** -24
 PRECISIONS = ("fp32", "tf32")
@@ -197,10 +204,9 @@ def test_bad_relu_is_a_type_error(any_device):
 
 @pytest.mark.parametrize("out_dtype", ["float32", "bfloat16"])
 def test_relu_with_bf16_is_the_bf16_forward_then_relu(any_device, out_dtype):
-    """The BF16 forward has no fused epilogue: relu=True applies relu_forward to its result, so the result is the
-    unfused pair's bit for bit, with float32 and with bfloat16 outputs (never the forward without its ReLU)."""
-    from convnet.ops._checks import BFLOAT16
-
+    """relu=True with "bf16" (fused into the BF16 kernel on emu/cuda, relu_forward on the result on numpy and cpu)
+    is the unfused pair's result bit for bit, with float32 and with bfloat16 outputs (never the forward without its
+    ReLU). The fused kernel's tiles, paths and special values: the bf16 tests below."""
     x, wt, b, kwargs, _ = _case(SMALL[5])
     dev = any_device
     g = ConvGeometry.of(x.shape, wt.shape, **kwargs)
@@ -250,3 +256,135 @@ def test_net_steps_fused_bit_identical_to_unfused(any_device, monkeypatch):
     assert pa.keys() == pb.keys()
     for k in pa:
         assert_identical(k, pa[k], pb[k])
+
+
+# ------------------------------------------------------------------------------------------------------------ BF16
+# Each geometry takes the vector path of its input dtype (bfloat16: cp.async; float32: 16-byte registers) or the
+# one-element path, as conv_bf16_plan names it.
+BF16_VECTOR, BF16_ONE_ELEMENT = BF16_GEOMETRIES["3ch-N8-F24"], BF16_GEOMETRIES["stride2-pad1-groups2-N5"]
+BF16_PATHS = {  # (geometry, bfloat16 inputs) -> the load path
+    ("3ch-N8-F24", True): "cp.async 16-byte", ("3ch-N8-F24", False): "float32 16-byte register",
+    ("stride2-pad1-groups2-N5", True): "bfloat16 1-element register",
+    ("stride2-pad1-groups2-N5", False): "float32 1-element register",
+}
+BF16_IN = [np.dtype(np.float32), BFLOAT16]
+BF16_IN_IDS = ["float32-in", "bfloat16-in"]
+BF16_OUT_IDS = ["float32-out", "bfloat16-out"]
+
+
+def _same_bits(name, got, want):
+    """Same dtype and bit patterns (also -0 against +0, which assert_identical's == would let pass)."""
+    got, want = to_host(got), to_host(want)
+    assert got.dtype == want.dtype and got.shape == want.shape, \
+        f"{name}: {got.dtype}{got.shape} vs {want.dtype}{want.shape}"
+    bits = np.uint16 if got.dtype == BFLOAT16 else np.uint32
+    diff = np.argwhere(got.view(bits) != want.view(bits))
+    assert not diff.size, f"{name}: {len(diff)} elements differ in their bits, first at {tuple(diff[0])}"
+
+
+def _bf16_fused_and_unfused(dev, x, wt, b, kwargs, in_dtype, out_dtype, old=None, **acc):
+    """(fused, unfused, plain) of the BF16 forward on ``dev``: x and wt (float32 host arrays) passed as ``in_dtype``
+    (bfloat16: rounded to it first), outputs of ``out_dtype``, both starting from ``old`` (a host array) if given."""
+    if in_dtype == BFLOAT16:
+        x, wt = to_bf16(x), to_bf16(wt)
+    X, W = dev.asarray(x), dev.asarray(wt)
+    B = None if b is None else dev.asarray(b)
+    geo = ConvGeometry.of(x.shape, wt.shape, **kwargs)
+
+    def start():
+        return dev.asarray(old.astype(out_dtype)) if old is not None else dev.empty(geo.y_shape, out_dtype)
+
+    fused = ops.conv_forward(dev, X, W, B, out=start(), precision="bf16", relu=True, **kwargs, **acc)
+    plain = ops.conv_forward(dev, X, W, B, out=start(), precision="bf16", **kwargs, **acc)
+    unfused = ops.relu_forward(dev, plain)
+    dev.synchronize()
+    return fused, unfused, plain
+
+
+def _bf16_bound(want, s_rounded, k, out_dtype, fp32_bound=None):
+    """tests/test_conv_bf16.py's per-element bound (its module docstring), for a float32 or bfloat16 output."""
+    fp32 = 2 * (k + 2) * U * s_rounded if fp32_bound is None else fp32_bound
+    return BF16_UNIT * np.abs(want) + 2 * fp32 + 1e-30 if out_dtype == BFLOAT16 else fp32 + 1e-30
+
+
+@contextlib.contextmanager
+def _forced_bf16_row(dev, row):
+    dev.kernels.conv_bf16_set_overrides(row, 0)
+    try:
+        yield
+    finally:
+        dev.kernels.conv_bf16_set_overrides(-1, 0)
+
+
+@pytest.mark.parametrize("out_dtype", BF16_IN, ids=BF16_OUT_IDS)
+@pytest.mark.parametrize("in_dtype", BF16_IN, ids=BF16_IN_IDS)
+@pytest.mark.parametrize("dev", COMPILED_DEVICES)
+def test_bf16_every_tile_and_path(dev, in_dtype, out_dtype):
+    """Each tile row x each load path of the BF16 forward: the fused kernel against its own unfused kernel and
+    relu_forward (bits) and the clamped reference on bfloat16-rounded inputs."""
+    for geom in (BF16_VECTOR, BF16_ONE_ELEMENT):
+        x, wt, b, kwargs = _case(geom, seed=7)[:4]
+        geo = ConvGeometry.of(x.shape, wt.shape, **kwargs)
+        assert BF16_PATHS[geom[0], in_dtype == BFLOAT16] in dev.kernels.conv_bf16_plan(geo, in_dtype == BFLOAT16)
+        want, _, s_rounded, _, k = _bf16_references(x, wt, b, kwargs)
+        for row in range(dev.kernels.conv_bf16_tile_count()):
+            with _forced_bf16_row(dev, row):
+                fused, unfused, plain = _bf16_fused_and_unfused(dev, x, wt, b, kwargs, in_dtype, out_dtype)
+            name = f"{geom[0]} row {row}"
+            _same_bits(name, fused, unfused)
+            _clamps(name, to_host(plain).astype(np.float32), to_host(fused).astype(np.float32))
+            _within(name, fused, np.maximum(want, 0.0), _bf16_bound(np.maximum(want, 0.0), s_rounded, k, out_dtype))
+
+
+@pytest.mark.parametrize("out_dtype", BF16_IN, ids=BF16_OUT_IDS)
+@pytest.mark.parametrize("in_dtype", BF16_IN, ids=BF16_IN_IDS)
+def test_bf16_alpha_beta_accumulate_then_relu(any_device, in_dtype, out_dtype):
+    """max(alpha * (conv + b) + beta * old, 0), the old values read in the output's dtype: bits of the unfused pair,
+    and the clamped reference within the accumulate bound (a bfloat16 output adds its one rounding)."""
+    x, wt, b, kwargs, geo = _case(BF16_VECTOR, seed=1)
+    old = rand(np.random.default_rng(2), geo.y_shape, low=-2.0, high=2.0)
+    old = old if out_dtype != BFLOAT16 else to_bf16(old)
+    alpha, beta = 0.75, -0.5
+    fused, unfused, _ = _bf16_fused_and_unfused(any_device, x, wt, b, kwargs, in_dtype, out_dtype, old=old,
+                                                alpha=alpha, beta=beta)
+    _same_bits("fused vs conv_forward + relu_forward", fused, unfused)
+    want, _, s_rounded, _, k = _bf16_references(x, wt, b, kwargs)
+    old64 = old.astype(np.float64)
+    clamped = np.maximum(alpha * want + beta * old64, 0.0)
+    acc_bound = _accumulate_bound(2 * (k + 2), s_rounded, alpha, beta, old64)
+    _within("bf16 alpha/beta", fused, clamped, _bf16_bound(clamped, s_rounded, k, out_dtype, acc_bound))
+    # the old values matter: a ReLU before the accumulate (max(conv + b, 0) * alpha + beta * old) differs
+    assert (to_host(fused).astype(np.float32) == 0).any() and (alpha * np.maximum(want, 0.0) + beta * old64 < 0).any()
+
+
+@pytest.mark.parametrize("out_dtype", BF16_IN, ids=BF16_OUT_IDS)
+@pytest.mark.parametrize("in_dtype", BF16_IN, ids=BF16_IN_IDS)
+def test_bf16_nan_and_negative_zero_become_plus_zero(any_device, in_dtype, out_dtype):
+    """relu_forward's special values through the BF16 epilogue: a NaN output (from a NaN input) and -0 (alpha = -1
+    times a +0 sum: filter 0's weights and bias are zero; -0 stays -0 when rounded to bfloat16) both become +0, on the
+    vector and the one-element paths, with no bias too."""
+    for geom in (BF16_VECTOR, BF16_ONE_ELEMENT):
+        x, wt, b, kwargs, _ = _case(geom, seed=4)
+        x[0, 3, 4, 1] = np.nan
+        wt[..., 0] = 0.0
+        b[0] = 0.0
+        for bias in (b, None):
+            fused, unfused, plain = _bf16_fused_and_unfused(any_device, x, wt, bias, kwargs, in_dtype, out_dtype,
+                                                            alpha=-1.0)
+            plain, fused = to_host(plain).astype(np.float32), to_host(fused)
+            zeros = plain[0][~np.isnan(plain[0])]  # 0 * NaN is NaN in filter 0 too
+            assert np.isnan(plain).any() and zeros.size and np.signbit(zeros).all() and (zeros == 0).all()
+            _same_bits(f"{geom[0]}: fused vs conv_forward + relu_forward", fused, unfused)
+            f32 = fused.astype(np.float32)
+            assert not np.signbit(f32).any() and not np.isnan(f32).any()
+
+
+def test_bf16_planted_defects_have_no_relu_epilogue():
+    """The emulator's planted-defect variants are the plain kernels: asking them for the ReLU is a clear error."""
+    x, wt, b, kwargs, _ = _case(BF16_VECTOR)
+    EMU.kernels.conv_bf16_set_overrides(-1, 2)
+    try:
+        with pytest.raises(ValueError, match="planted defects have no ReLU epilogue"):
+            ops.conv_forward(EMU, to_bf16(x), to_bf16(wt), b, precision="bf16", relu=True, **kwargs)
+    finally:
+        EMU.kernels.conv_bf16_set_overrides(-1, 0)

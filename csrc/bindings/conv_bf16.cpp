@@ -9,12 +9,13 @@ using namespace convnet::bind;
 using convnet::ConvGeometry;
 
 void bind_conv_bf16(py::module_& m) {
-  // inputs_bf16: x and w hold bfloat16 (else float32); y_bf16: y holds bfloat16 (else float32); bias is float32.
+  // inputs_bf16: x and w hold bfloat16 (else float32); y_bf16: y holds bfloat16 (else float32); bias is float32;
+  // relu: the fused ReLU epilogue.
   def_kernel(m, "conv_forward_bf16", [](std::uintptr_t x, std::uintptr_t w, bool inputs_bf16, std::uintptr_t bias,
                                         std::uintptr_t y, bool y_bf16, const ConvGeometry& g, float alpha, float beta,
-                                        std::uintptr_t s) {
+                                        bool relu, std::uintptr_t s) {
     convnet::conv_forward_bf16(g, ptr<const void>(x), ptr<const void>(w), inputs_bf16, ptr<const float>(bias),
-                               ptr<void>(y), y_bf16, alpha, beta, stream(s));
+                               ptr<void>(y), y_bf16, alpha, beta, relu, stream(s));
   });
   // inputs_bf16: dy and w (x and dy) hold bfloat16; dx_bf16: dx holds bfloat16; dw and the workspace are float32.
   def_kernel(m, "conv_backward_data_bf16", [](std::uintptr_t dy, std::uintptr_t w, bool inputs_bf16, std::uintptr_t dx,

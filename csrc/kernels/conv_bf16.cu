@@ -47,7 +47,8 @@
 //   the previous barrier) and are read in iteration t+1 (after this one). Tails and padding are zeros in registers.
 // Hence any N, Fg, K: the tails are zero-filled, never branched around in the mma loop.
 // Epilogue: accumulator (row gid [+8], cols 2 tig, 2 tig + 1) of each mma tile, v = acc + bias,
-// y = alpha v + beta y in FP32; a bfloat16 y is read and written as bfloat16 (rounded to nearest even once).
+// y = alpha v + beta y in FP32, then max(y, 0) with kRelu (conv_epilogue.cuh, shared with the FP32 and TF32
+// forwards); a bfloat16 y is read and written as bfloat16 (rounded to nearest even once, after the ReLU).
 //
 // Resources (64 x 128 tile, 256 threads): 3 x 32 x (72 + 136) x 2 B = 39,936 B of shared memory on the cp.async
 // path, 26,624 B double buffered; 32 accumulators, 8 + 8 fragment registers, and on the register paths 24 staged
@@ -65,6 +66,7 @@
 // Not measured on a GPU yet.
 #include "cuda_compat.h"
 #include "kernels/conv_bf16.h"
+#include "kernels/conv_epilogue.cuh"
 #include "kernels/mma_fragments.cuh"
 
 #include <algorithm>
@@ -99,7 +101,7 @@ enum Defect : int { kNoDefect = 0, kNoWait = 1, kNoBarrier = 2, kWrongTrans = 3 
 __device__ __forceinline__ bf16_t to_bf16(float v) { return bf16_bits(v); }
 __device__ __forceinline__ bf16_t to_bf16(bf16_t v) { return v; }
 
-template <int BM, int BN, int BK, int WM, int WN, int STAGES, class In, int V, int kDefect>
+template <int BM, int BN, int BK, int WM, int WN, int STAGES, class In, int V, int kDefect, bool kRelu = false>
 __global__ void conv_fwd_bf16(Bf16ConvParams p) {
   constexpr bool kAsync = std::is_same_v<In, bf16_t> && V == 8;  // else register-staged
   constexpr int T = 32 * WM * WN;
@@ -309,12 +311,17 @@ __global__ void conv_fwd_bf16(Bf16ConvParams p) {
         float v = acc[i][j][e];
         if (p.bias) v += p.bias[f];
         const std::int64_t at = std::int64_t(f) * p.P + col;
+        // The ReLU comes before the bfloat16 rounding: max then round == round then max for round-to-nearest-even
+        // (a positive value rounds to a positive value or +0, a negative one to a negative value or -0, NaN stays
+        // NaN, and the ReLU sends -0 and NaN to +0 either way), so both orders give the unfused forward +
+        // relu_forward's bits.
         if (p.y_bf16) {
           bf16_t* out = static_cast<bf16_t*>(p.y) + at;
-          *out = bf16_bits(p.beta == 0.0f ? p.alpha * v : p.alpha * v + p.beta * bf16_to_float(*out));
+          *out = bf16_bits(conv_activation<kRelu>(p.beta == 0.0f ? p.alpha * v
+                                                                 : p.alpha * v + p.beta * bf16_to_float(*out)));
         } else {
           float* out = static_cast<float*>(p.y) + at;
-          *out = p.beta == 0.0f ? p.alpha * v : p.alpha * v + p.beta * *out;
+          *out = conv_activation<kRelu>(p.beta == 0.0f ? p.alpha * v : p.alpha * v + p.beta * *out);
         }
       }
     }
@@ -716,17 +723,18 @@ constexpr int kNumDefects = 3;
 struct Bf16Tile {
   int BM, BN, threads;
   KernelFn path[kNumPaths];
+  KernelFn path_relu[kNumPaths];  // the same with the fused ReLU epilogue
   KernelFn planted[kNumPaths][kNumDefects];  // [path][defect - 1], emulator only; null where not planted (and nvcc)
   BwdKernelFn bwd[2][kNumPaths];             // [pass: 0 input gradient, 1 filter gradient][path]
   BwdKernelFn bwd_planted[2][kNumPaths][kNumDefects];  // as `planted`
 };
 
-template <int BM, int BN, int WM, int WN, int kDefect>
+template <int BM, int BN, int WM, int WN, int kDefect, bool kRelu = false>
 constexpr KernelFn kernel_of(int path) {
-  return path == kCpAsync16 ? conv_fwd_bf16<BM, BN, 32, WM, WN, 3, bf16_t, 8, kDefect>
-         : path == kFloat4  ? conv_fwd_bf16<BM, BN, 32, WM, WN, 2, float, 4, kDefect>
-         : path == kFloat1  ? conv_fwd_bf16<BM, BN, 32, WM, WN, 2, float, 1, kDefect>
-                            : conv_fwd_bf16<BM, BN, 32, WM, WN, 2, bf16_t, 1, kDefect>;
+  return path == kCpAsync16 ? conv_fwd_bf16<BM, BN, 32, WM, WN, 3, bf16_t, 8, kDefect, kRelu>
+         : path == kFloat4  ? conv_fwd_bf16<BM, BN, 32, WM, WN, 2, float, 4, kDefect, kRelu>
+         : path == kFloat1  ? conv_fwd_bf16<BM, BN, 32, WM, WN, 2, float, 1, kDefect, kRelu>
+                            : conv_fwd_bf16<BM, BN, 32, WM, WN, 2, bf16_t, 1, kDefect, kRelu>;
 }
 
 template <class Op, int BM, int BN, int WM, int WN, int kDefect>
@@ -763,6 +771,9 @@ Bf16Tile make_tile() {
   Bf16Tile t{BM, BN, 32 * WM * WN,
              {kernel_of<BM, BN, WM, WN, kNoDefect>(kCpAsync16), kernel_of<BM, BN, WM, WN, kNoDefect>(kFloat4),
               kernel_of<BM, BN, WM, WN, kNoDefect>(kFloat1), kernel_of<BM, BN, WM, WN, kNoDefect>(kBf16x1)},
+             {kernel_of<BM, BN, WM, WN, kNoDefect, true>(kCpAsync16),
+              kernel_of<BM, BN, WM, WN, kNoDefect, true>(kFloat4), kernel_of<BM, BN, WM, WN, kNoDefect, true>(kFloat1),
+              kernel_of<BM, BN, WM, WN, kNoDefect, true>(kBf16x1)},
              {}, {}, {}};
   const auto dgrad = bwd_paths<DgradBf16, BM, BN, WM, WN>(), wgrad = bwd_paths<WgradBf16, BM, BN, WM, WN>();
   for (int path = 0; path < kNumPaths; ++path) {
@@ -922,7 +933,7 @@ void launch_bwd(const BwdPlan& pl, Path path, cudaStream_t stream) {
 }  // namespace
 
 void conv_forward_bf16(const ConvGeometry& g, const void* x, const void* w, bool inputs_bf16, const float* bias,
-                       void* y, bool y_bf16, float alpha, float beta, cudaStream_t stream) {
+                       void* y, bool y_bf16, float alpha, float beta, bool relu, cudaStream_t stream) {
   CONVNET_REQUIRE(x && w && y, "null pointer");
   const ConvGeometry checked = conv_geometry(g.C, g.H, g.W, g.N, g.F, g.KH, g.KW, g.stride_h, g.stride_w, g.pad_h,
                                              g.pad_w, g.groups);
@@ -933,7 +944,10 @@ void conv_forward_bf16(const ConvGeometry& g, const void* x, const void* w, bool
   const dim3 grid = grid_of(t, p, g.groups);
   CONVNET_REQUIRE(grid.y <= 65535 && grid.z <= 65535, "grid too large for this geometry");
   const Path path = pick_path(g, inputs_bf16, aligned16(x) && aligned16(w));
-  launch(pick_kernel(t.path[path], t.planted[path], path), grid, dim3(t.threads), 0, stream, p);
+  // the planted variants have the plain epilogue: their tests never ask for the ReLU
+  CONVNET_REQUIRE(!relu || g_defect.load() == 0, "planted defects have no ReLU epilogue");
+  launch(relu ? t.path_relu[path] : pick_kernel(t.path[path], t.planted[path], path), grid, dim3(t.threads), 0, stream,
+         p);
 }
 
 void conv_backward_data_bf16(const ConvGeometry& g, const void* dy, const void* w, bool inputs_bf16, void* dx,

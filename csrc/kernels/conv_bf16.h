@@ -5,13 +5,15 @@
 //   x  (C, H, W, N)            images fastest
 //   w  (C/groups, KH, KW, F)   filters fastest
 //   y  (F, OH, OW, N)
-// y = alpha * (conv(round_bf16(x), round_bf16(w)) + bias) + beta * y; beta == 0 never reads y. Float32 x and w are
-// rounded to bfloat16 (nearest even) inside the kernel as they are staged; bfloat16 ones are used as they are. The
-// products are summed in FP32; bias, alpha and beta are applied in FP32, and a bfloat16 y receives the FP32 result
-// rounded to nearest even. Every geometry conv.h accepts is supported (any N, C, F, groups, stride, padding):
-// bfloat16 inputs take the cp.async path when N % 8 == 0, (F/groups) % 8 == 0 and x and w are 16-byte aligned,
-// float32 inputs the 16-byte register path when N % 4 == 0, (F/groups) % 4 == 0 and both are 16-byte aligned; every
-// other case takes a one-element register path of the same kernels. Needs sm_80 or newer on a GPU.
+// y = alpha * (conv(round_bf16(x), round_bf16(w)) + bias) + beta * y; beta == 0 never reads y. With relu,
+// y = max(that, 0) in the same pass, before a bfloat16 y's rounding (bit-identical to relu_forward afterwards).
+// Float32 x and w are rounded to bfloat16 (nearest even) inside the kernel as they are staged; bfloat16 ones are
+// used as they are. The products are summed in FP32; bias, alpha and beta are applied in FP32, and a bfloat16 y
+// receives the FP32 result rounded to nearest even. Every geometry conv.h accepts is supported (any N, C, F,
+// groups, stride, padding): bfloat16 inputs take the cp.async path when N % 8 == 0, (F/groups) % 8 == 0 and x and w
+// are 16-byte aligned, float32 inputs the 16-byte register path when N % 4 == 0, (F/groups) % 4 == 0 and both are
+// 16-byte aligned; every other case takes a one-element register path of the same kernels. Needs sm_80 or newer on
+// a GPU.
 #pragma once
 
 #include <cstdint>
@@ -23,7 +25,7 @@
 namespace convnet {
 
 void conv_forward_bf16(const ConvGeometry& g, const void* x, const void* w, bool inputs_bf16, const float* bias,
-                       void* y, bool y_bf16, float alpha, float beta, cudaStream_t stream);
+                       void* y, bool y_bf16, float alpha, float beta, bool relu, cudaStream_t stream);
 
 // The input gradient: dx = alpha * conv_backward_data(round_bf16(dy), round_bf16(w)) + beta * dx, dy and w both float32
 // or both bfloat16 (inputs_bf16), FP32 sums, dx float32 or bfloat16 (dx_bf16: the FP32 result rounded once at the

@@ -21,10 +21,10 @@ cpu. The input gradient may be stored as bfloat16 (``out`` a bfloat16 array: the
 rounded once); the filter gradient is always float32 (weights and their gradients stay FP32 in the bf16 mode).
 
 ``conv_forward(..., relu=True)`` returns ``max(alpha * (conv(x, w) + bias) + beta * out, 0)``: the ReLU applies to
-the accumulated value (a layer uses alpha = 1, beta = 0: ``relu(conv + bias)``). On emu/cuda the FP32 and TF32 kernels
-apply it in their epilogue (csrc/kernels/conv_epilogue.cuh), saving relu_forward's read and write of y; numpy and cpu
-run the unfused forward and then relu_forward in place. The result is bit-identical to ``conv_forward`` followed by
-``relu_forward`` on every device (NaN -> 0, -0 -> +0).
+the accumulated value (a layer uses alpha = 1, beta = 0: ``relu(conv + bias)``). On emu/cuda the FP32, TF32 and BF16
+kernels apply it in their epilogue (csrc/kernels/conv_epilogue.cuh; the BF16 one before rounding a bfloat16 output),
+saving relu_forward's read and write of y; numpy and cpu run the unfused forward and then relu_forward in place.
+The result is bit-identical to ``conv_forward`` followed by ``relu_forward`` on every device (NaN -> 0, -0 -> +0).
 """
 from __future__ import annotations
 
@@ -103,8 +103,8 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
     result is float32 unless ``out`` is a bfloat16 array (then rounded to nearest even once, after alpha and beta).
     The tensor-core kernel of csrc/kernels/conv_bf16.cu on emu/cuda; on numpy and cpu the fp32 path on the rounded
     inputs (a float64 numpy call sums in float64 and returns float64).
-    relu: then y = max(y, 0), fused into the FP32 and TF32 kernels' epilogue (see the module's docstring); with
-    "bf16" a relu_forward on the result (the BF16 kernel has no fused epilogue yet): the same bits either way."""
+    relu: then y = max(y, 0), fused into the kernels' epilogue on emu/cuda (see the module's docstring; with "bf16"
+    before a bfloat16 output's rounding, which gives the same bits as rounding first)."""
     _check_precision(precision)
     if not isinstance(relu, (bool, np.bool_)):
         raise TypeError(f"relu must be True or False, got {relu!r}")
@@ -140,7 +140,7 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
     def kernel(y):
         if bf16:
             launch(dev, "conv_forward_bf16", x, w, x.dtype == BFLOAT16, bias if bias is not None else 0, y, y_bf16, g,
-                   alpha, beta, stream=stream)
+                   alpha, beta, relu, stream=stream)
         else:
             launch(dev, "conv_forward_tf32" if tf32 else "conv_forward", x, w, bias if bias is not None else 0, y, g,
                    alpha, beta, relu, stream=stream)
@@ -149,7 +149,7 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
         dev, Output("out", out, g.y_shape, out_dtype), inputs=dict(x=x, w=w, bias=bias),
         alpha=1.0 if y_bf16 else alpha, beta=0.0 if y_bf16 else beta, stream=stream, reference=reference,
         kernel=kernel)
-    if relu and (dev.runs_reference or bf16):  # the FP32 and TF32 kernels fused it; elsewhere applied to the result
+    if relu and dev.runs_reference:  # the kernels fused it; numpy and cpu apply it to the result
         relu_forward(dev, y, out=y, stream=stream)
     return y
 
