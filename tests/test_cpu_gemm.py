@@ -272,6 +272,32 @@ def test_cpu_conv_forward_fuses_bias_and_relu(monkeypatch, isa, threads, geo):
         cpu_gemm.isa.cache_clear()
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_fc_forward_adds_the_bias_in_the_store(monkeypatch, isa, threads):
+    """ops.fc_forward(CPU, x, w, b) = the GEMM then + b[:, None], bit for bit, the bias passed to the GEMM (its
+    store adds it); with alpha/beta the op's accumulate rule is unchanged."""
+    monkeypatch.setenv(cpu_gemm.ENV, isa)
+    cpu_gemm.isa.cache_clear()
+    try:
+        x, w, b = rand(RNG, (300, 37)), rand(RNG, (75, 300)), rand(RNG, (75,))
+        with loop_threads(threads):
+            plain = ops.fc_forward(CPU, x, w)
+            biases = []
+            gemm = _cpu.gemm
+            monkeypatch.setattr(_cpu, "gemm", lambda *args, bias=None, **kw: (biases.append(bias),
+                                                                              gemm(*args, bias=bias, **kw)))
+            got = ops.fc_forward(CPU, x, w, b)
+            out = rand(RNG, (75, 37))
+            scaled = ops.fc_forward(CPU, x, w, b, out=out.copy(), alpha=0.5, beta=2.0)
+        assert len(biases) == 2 and biases[0] is not None and biases[1] is None
+        assert_same_bits(got, plain + b[:, None])
+        assert_same_bits(scaled, out * np.float32(2.0) + (plain + b[:, None]) * np.float32(0.5))
+        np.testing.assert_allclose(got, w.astype(np.float64) @ x + b[:, None], rtol=1e-5, atol=1e-5)
+    finally:
+        cpu_gemm.isa.cache_clear()
+
+
 @pytest.mark.parametrize("form", ["packed", "dot"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("case", CONVS)

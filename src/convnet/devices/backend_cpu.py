@@ -69,8 +69,9 @@ class CpuDevice(NumpyDevice):
     def host_function(self, reference_function):
         return FAST_FUNCTIONS.get(reference_function, reference_function)
 
-    def matmul(self, a, b, out=None, precision="fp32"):
-        return cpu_gemm.matmul(a, b, out=out)
+    def matmul(self, a, b, out=None, precision="fp32", bias=None):
+        """Device.matmul; bias: ``+ bias[:, None]`` in the GEMM's store (fc_forward's bias, no pass over out)."""
+        return cpu_gemm.matmul(a, b, out=out, bias=bias)
 
 
 DEVICE = CpuDevice
