@@ -54,7 +54,7 @@ def _bias_relu(y, bias, relu: bool, g: ConvGeometry):
         lib().relu_forward(y, y)
 
 
-def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1, relu=False):
+def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1, *, relu=False):
     """The reference's conv_forward; relu=True: then relu_forward's rule (v > 0 ? v : +0), the same bits as
     calling it after."""
     x, w = contiguous(x, w)

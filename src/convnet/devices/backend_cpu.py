@@ -33,7 +33,8 @@ def _float32_loops(fast, reference):
     return run
 
 
-# Reference function -> the cpu device's version (same signature and results); other ops run the reference itself.
+# Reference function -> the cpu device's version (same signature and results; it may add keyword-only options with
+# defaults, which only the cpu device's ops pass: conv_forward's relu); other ops run the reference itself.
 FAST_FUNCTIONS = {
     conv.conv_forward: fast_conv.conv_forward,
     conv.conv_backward_data: fast_conv.conv_backward_data,
