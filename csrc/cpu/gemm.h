@@ -1,5 +1,6 @@
-// convnet._cpu's GEMM: C (M, N) = A (M, K) B (K, N) [+ C], float32, for the cpu device's convolutions and
-// fully-connected layers (csrc/cpu/gemm.cpp; the blocked loops and micro-kernels in gemm_blocked.inc).
+// convnet._cpu's GEMM: C (M, N) = A (M, K) B (K, N) [+ C], then the store's epilogue (+ bias per row, ReLU),
+// float32, for the cpu device's convolutions and fully-connected layers (csrc/cpu/gemm.cpp; the blocked loops and
+// micro-kernels in gemm_blocked.inc).
 //
 // Why not NumPy's BLAS: (1) a convolution's im2col operand is packed straight from the CHWN image (no im2col matrix
 // in memory, an operand "view" below); (2) every element of C is one chain of fused multiply-adds over k in order
@@ -41,7 +42,8 @@ struct Epilogue {
   bool relu = false;
 };
 
-// Per-ISA entry point: the blocked GEMM of C's rows [m0, m1) and columns [n0, n1) on the calling thread.
+// Per-ISA entry point: the blocked GEMM of C's rows [m0, m1) and columns [n0, n1) on the calling thread, the
+// epilogue applied in the store of the last k block.
 // pack_a / pack_b: scratch of kPackFloats floats each, 64-byte aligned.
 struct Isa {
   const char* name;

@@ -4,8 +4,8 @@ image (no im2col matrix in memory) and write straight into the output; the data 
 matrix that the compiled col2im sums (per chunk of images, as the reference). The forward's GEMM adds the bias and
 applies the ReLU (``relu=True``) in the store of each output tile, while it is in registers (csrc/cpu/gemm.h's
 Epilogue): the same bits as a bias pass and relu_forward after it, without their two passes over y. The bias
-gradient is summed by a compiled loop. Same results as convnet/reference/conv.py up to the summation order (one fused multiply-add
-chain per element; the bias sums are done in double). Where this path's GEMM is not available (a CPU without AVX2),
+gradient is summed by a compiled loop. Same results as convnet/reference/conv.py up to the summation order (one
+fused multiply-add chain per element; the bias sums are done in double). Where this path's GEMM is not available (a CPU without AVX2),
 NumPy's BLAS multiplies an im2col matrix built by the compiled loops. The 3x3 stride-1 convolutions can run by
 Winograd F(2x2, 3x3) instead (convnet/cpu/winograd.py; ``--cpu-conv`` chooses, direct by default)."""
 from __future__ import annotations
