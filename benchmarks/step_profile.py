@@ -16,7 +16,7 @@ Rows:
   update, Winograd's transforms (``--cpu-conv winograd``), im2col (only where NumPy's BLAS multiplies);
 * the ops that run NumPy on this device (the softmax and its loss, the fc bias gradient, ...), each by name;
 * ``ops' Python + NumPy around the compiled calls``: the rest of the time inside the ops that call compiled code
-  (argument checks, output allocation, the fc layers' bias add in NumPy);
+  (argument checks, output allocation);
 * ``layers, graph and optimizer Python``: the step less every op: the layer graph's dispatch, the optimizer's loop.
 
 How: every function of ``convnet.ops`` and of the compiled module ``convnet._cpu`` is wrapped by a timer (a few

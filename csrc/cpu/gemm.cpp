@@ -10,11 +10,13 @@
 #include <omp.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -150,10 +152,11 @@ void split_over_tiles(i64 M, i64 N, i64 K, i64 mr, i64 nr, Part part) {
   if (!error.empty()) throw std::runtime_error("cpu GEMM: " + error);
 }
 
-void gemm(i64 M, i64 N, i64 K, const Operand& a, const Operand& b, const Output& c, bool accumulate, const Isa* isa) {
+void gemm(i64 M, i64 N, i64 K, const Operand& a, const Operand& b, const Output& c, bool accumulate, const Isa* isa,
+          const Epilogue& epilogue = {}) {
   split_over_tiles(M, N, K, isa->mr, isa->nr, [&](i64 m0, i64 m1, i64 n0, i64 n1) {
     Scratch& s = scratch();
-    isa->run(m0, m1, n0, n1, K, a, b, c, accumulate, s.a, s.b);
+    isa->run(m0, m1, n0, n1, K, a, b, c, accumulate, epilogue, s.a, s.b);
   });
 }
 
@@ -223,6 +226,20 @@ void disjoint(const py::array& c, const py::array& x, const char* name) {
   if (c0 < x1 && x0 < c1) throw py::value_error(std::string("c overlaps ") + name);
 }
 
+// The store's epilogue (gemm.h) for C with M rows: bias (None, or M float32 values) and relu.
+Epilogue epilogue(const std::optional<Floats>& bias, bool relu, const py::array& c, i64 M) {
+  Epilogue e;
+  e.relu = relu;
+  if (bias) {
+    if (bias->ndim() != 1 || bias->shape(0) != M) {
+      throw py::value_error("bias must have shape (" + std::to_string(M) + ",)");
+    }
+    disjoint(c, *bias, "bias");
+    e.row_bias = bias->data();
+  }
+  return e;
+}
+
 Operand image(const Floats& x, i64 C, i64 H, i64 W, i64 N, i64 c0, i64 Cg, i64 n0, i64 nb, i64 KH, i64 KW, i64 sh,
               i64 sw, i64 ph, i64 pw, i64 OH, i64 OW) {
   for (i64 v : {C, H, W, N, Cg, nb, KH, KW, sh, sw, OH, OW}) {
@@ -241,7 +258,8 @@ Operand image(const Floats& x, i64 C, i64 H, i64 W, i64 N, i64 c0, i64 Cg, i64 n
   return op;
 }
 
-void py_gemm(const Array& a, const Array& b, Array& c, bool accumulate, const std::string& isa) {
+void py_gemm(const Array& a, const Array& b, Array& c, bool accumulate, const std::optional<Floats>& bias, bool relu,
+             const std::string& isa) {
   const Isa* chosen = pick(isa);
   Operand oa = strided(a, "a"), ob = strided(b, "b");
   if (a.shape(1) != b.shape(0)) {
@@ -251,14 +269,15 @@ void py_gemm(const Array& a, const Array& b, Array& c, bool accumulate, const st
   const Output oc = output(c, a.shape(0), b.shape(1));
   disjoint(c, a, "a");
   disjoint(c, b, "b");
+  const Epilogue end = epilogue(bias, relu, c, a.shape(0));
   py::gil_scoped_release release;
-  gemm(a.shape(0), b.shape(1), a.shape(1), oa, ob, oc, accumulate, chosen);
+  gemm(a.shape(0), b.shape(1), a.shape(1), oa, ob, oc, accumulate, chosen, end);
 }
 
-// y (Fg, OH*OW*nb) = w (Fg, Cg*KH*KW) @ im2col(x)
+// y (Fg, OH*OW*nb) = w (Fg, Cg*KH*KW) @ im2col(x) [+ bias (Fg,)], [then the ReLU]: the epilogue in the store
 void py_conv_forward(const Array& w, const Floats& x, Array& y, i64 C, i64 H, i64 W, i64 N, i64 c0, i64 Cg, i64 n0,
                      i64 nb, i64 KH, i64 KW, i64 sh, i64 sw, i64 ph, i64 pw, i64 OH, i64 OW, bool accumulate,
-                     const std::string& isa) {
+                     const std::string& isa, const std::optional<Floats>& bias, bool relu) {
   const Isa* chosen = pick(isa);
   const Operand cols = image(x, C, H, W, N, c0, Cg, n0, nb, KH, KW, sh, sw, ph, pw, OH, OW);
   const Operand ow = strided(w, "w");
@@ -267,8 +286,9 @@ void py_conv_forward(const Array& w, const Floats& x, Array& y, i64 C, i64 H, i6
   const Output oy = output(y, w.shape(0), OH * OW * nb);
   disjoint(y, x, "x");
   disjoint(y, w, "w");
+  const Epilogue end = epilogue(bias, relu, y, w.shape(0));
   py::gil_scoped_release release;
-  gemm(w.shape(0), OH * OW * nb, Cg * KH * KW, ow, cols, oy, accumulate, chosen);
+  gemm(w.shape(0), OH * OW * nb, Cg * KH * KW, ow, cols, oy, accumulate, chosen, end);
 }
 
 // dw (Cg*KH*KW, Fg) = im2col(x) @ dy.T, dy (Fg, OH*OW*nb). form: "packed" (the blocked GEMM), "dot" (the dot
@@ -306,7 +326,9 @@ void register_gemm(py::module_& m) {
     return names;
   }, "The SIMD widths of the GEMM this build has and this CPU runs, widest (the default) first");
   m.def("gemm", &py_gemm, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("accumulate") = false,
-        py::arg("isa") = "", "c = a @ b (or c += a @ b); float32 matrices of any strides");
+        py::arg("bias") = py::none(), py::arg("relu") = false, py::arg("isa") = "",
+        "c = a @ b (or c += a @ b), then + bias[:, None] and the ReLU in the store if given; float32 matrices of "
+        "any strides");
   const auto geometry = [](auto&&... first) {
     return std::make_tuple(first..., py::arg("C"), py::arg("H"), py::arg("W"), py::arg("N"), py::arg("c0"),
                            py::arg("Cg"), py::arg("n0"), py::arg("nb"), py::arg("KH"), py::arg("KW"), py::arg("sh"),
@@ -314,7 +336,9 @@ void register_gemm(py::module_& m) {
                            py::arg("accumulate") = false, py::arg("isa") = "");
   };
   std::apply([&](auto&&... args) {
-    m.def("conv_gemm_forward", &py_conv_forward, args..., "y = w @ im2col(x), the im2col matrix never built");
+    m.def("conv_gemm_forward", &py_conv_forward, args..., py::arg("bias") = py::none(), py::arg("relu") = false,
+          "y = w @ im2col(x) [+ bias[:, None]] [then max(., 0)], the im2col matrix never built; bias and ReLU in the "
+          "GEMM's store");
   }, geometry(py::arg("w"), py::arg("x"), py::arg("y")));
   std::apply([&](auto&&... args) {
     m.def("conv_gemm_filter", &py_conv_filter, args..., py::arg("form") = "",

@@ -1,5 +1,6 @@
-// convnet._cpu's GEMM: C (M, N) = A (M, K) B (K, N) [+ C], float32, for the cpu device's convolutions and
-// fully-connected layers (csrc/cpu/gemm.cpp; the blocked loops and micro-kernels in gemm_blocked.inc).
+// convnet._cpu's GEMM: C (M, N) = A (M, K) B (K, N) [+ C], then the store's epilogue (+ bias per row, ReLU),
+// float32, for the cpu device's convolutions and fully-connected layers (csrc/cpu/gemm.cpp; the blocked loops and
+// micro-kernels in gemm_blocked.inc).
 //
 // Why not NumPy's BLAS: (1) a convolution's im2col operand is packed straight from the CHWN image (no im2col matrix
 // in memory, an operand "view" below); (2) every element of C is one chain of fused multiply-adds over k in order
@@ -32,12 +33,22 @@ struct Output {
   i64 rs = 0, cs = 0;
 };
 
-// Per-ISA entry point: the blocked GEMM of C's rows [m0, m1) and columns [n0, n1) on the calling thread.
+// What the blocked GEMM's store does to each element's final value (after its last k, while the tile is in
+// registers): + row_bias[row] (one float add, as a separate pass over C would round it), then with relu the rule
+// v > 0 ? v : +0 (NaN -> +0, -0 -> +0, as relu_forward). The convolution's and fully-connected layer's bias and
+// ReLU without another pass over C, bit-identical to those passes.
+struct Epilogue {
+  const float* row_bias = nullptr;  // C's M rows' bias; nullptr: none
+  bool relu = false;
+};
+
+// Per-ISA entry point: the blocked GEMM of C's rows [m0, m1) and columns [n0, n1) on the calling thread, the
+// epilogue applied in the store of the last k block.
 // pack_a / pack_b: scratch of kPackFloats floats each, 64-byte aligned.
 struct Isa {
   const char* name;
   void (*run)(i64 m0, i64 m1, i64 n0, i64 n1, i64 K, const Operand& a, const Operand& b, const Output& c,
-              bool accumulate, float* pack_a, float* pack_b);
+              bool accumulate, const Epilogue& epilogue, float* pack_a, float* pack_b);
   i64 mr, nr;  // micro-tile: the units in which threads split M and N
   // The dot form (gemm_blocked.inc): C = A @ Bt.T with A and Bt read along k, unpacked; lanes: scratch of
   // (m1 - m0) * (n1 - n0) * 16 floats.

@@ -12,6 +12,8 @@
 #define VSET1 _mm256_set1_ps
 #define VZERO _mm256_setzero_ps
 #define VFMA _mm256_fmadd_ps
+#define VADD _mm256_add_ps
+#define VMAX _mm256_max_ps
 #define GEMM_MR 6
 #define GEMM_NV 2
 #define GEMM_DOT_MR 2

@@ -12,6 +12,8 @@
 #define VSET1 _mm512_set1_ps
 #define VZERO _mm512_setzero_ps
 #define VFMA _mm512_fmadd_ps
+#define VADD _mm512_add_ps
+#define VMAX _mm512_max_ps
 #define GEMM_MR 8
 #define GEMM_NV 2
 #define GEMM_DOT_MR 4

@@ -527,7 +527,8 @@ SIMD_CLONES void bias_add_row(float* y, float b, i64 per) {
   for (i64 i = 0; i < per; ++i) y[i] += b;
 }
 
-// y[f, :] += bias[f] for y viewed as (F, per): the convolution's bias. Parallel over filters.
+// y[f, :] += bias[f] for y viewed as (F, per): the convolution's bias where the GEMM's store did not add it (Winograd,
+// NumPy's BLAS). Parallel over filters.
 void bias_add(Floats& y, const Floats& bias, i64 F, i64 per) {
   positive({F, per});
   float* yp = out(y, "y", F * per);

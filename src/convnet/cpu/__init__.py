@@ -4,7 +4,8 @@ signatures and the same results. The GEMMs are this path's own (``convnet.cpu.ge
 the convolutions' im2col operand packed straight from the image; NumPy's BLAS where the CPU has neither); the loops
 between them -- im2col/col2im, max pooling, ReLU, dropout, the bias add and sum, the SGD update -- are compiled host
 code, ``convnet._cpu`` (csrc/cpu/host_kernels.cpp: one pass over memory each, OpenMP across channels, the GIL
-released). In NumPy those loops cost as much as the GEMMs.
+released). In NumPy those loops cost as much as the GEMMs. The convolutions' bias and ReLU and the fc layers' bias
+take no pass of their own: the GEMM applies them in the store of each output tile (the same bits).
 
 Which reference function each one replaces is one table, ``FAST_FUNCTIONS`` in ``devices/backend_cpu.py``; every other
 op runs the reference. The tests run every op on ``cpu`` against the reference on random data, like the compiled

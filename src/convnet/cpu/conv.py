@@ -1,9 +1,11 @@
 """Convolution on the fast CPU path (CHWN), the reference's method -- im2col + one GEMM per group -- with this
 path's GEMM (convnet/cpu/gemm.py): the forward and filter-gradient GEMMs pack their im2col operand straight from the
 image (no im2col matrix in memory) and write straight into the output; the data gradient's GEMM writes the column
-matrix that the compiled col2im sums (per chunk of images, as the reference). The bias added and its gradient summed
-by compiled loops too. Same results as convnet/reference/conv.py up to the summation order (one fused multiply-add
-chain per element; the bias sums are done in double). Where this path's GEMM is not available (a CPU without AVX2),
+matrix that the compiled col2im sums (per chunk of images, as the reference). The forward's GEMM adds the bias and
+applies the ReLU (``relu=True``) in the store of each output tile, while it is in registers (csrc/cpu/gemm.h's
+Epilogue): the same bits as a bias pass and relu_forward after it, without their two passes over y. The bias
+gradient is summed by a compiled loop. Same results as convnet/reference/conv.py up to the summation order (one
+fused multiply-add chain per element; the bias sums are done in double). Where this path's GEMM is not available (a CPU without AVX2),
 NumPy's BLAS multiplies an im2col matrix built by the compiled loops. The 3x3 stride-1 convolutions can run by
 Winograd F(2x2, 3x3) instead (convnet/cpu/winograd.py; ``--cpu-conv`` chooses, direct by default)."""
 from __future__ import annotations
@@ -44,31 +46,43 @@ def _dy_rows(dy, g: ConvGeometry, group: int, n0: int, n1: int):
     return dy[group * fg:(group + 1) * fg, :, :, n0:n1].reshape(fg, -1)
 
 
-def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1):
+def _bias_relu(y, bias, relu: bool, g: ConvGeometry):
+    """y += bias[:, None, None, None], then y = relu(y), as passes over y (where no GEMM of ours computed y)."""
+    if bias is not None:
+        lib().bias_add(y, bias, g.F, g.OH * g.OW * g.N)
+    if relu:
+        lib().relu_forward(y, y)
+
+
+def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1, *, relu=False):
+    """The reference's conv_forward; relu=True: then relu_forward's rule (v > 0 ? v : +0), the same bits as
+    calling it after."""
     x, w = contiguous(x, w)
     g = ConvGeometry.of(x.shape, w.shape, stride=stride, padding=padding, groups=groups)
     fg = g.F // g.groups
+    if bias is not None:
+        (bias,) = contiguous(bias)
+        bias = bias.reshape(-1)
     if winograd.chosen(g):
         y = winograd.conv_forward(x, w, g)
-        if bias is not None:
-            (bias,) = contiguous(bias)
-            lib().bias_add(y, bias.reshape(-1), g.F, g.OH * g.OW * g.N)
+        _bias_relu(y, bias, relu, g)
         return y
     y = np.empty(g.y_shape, dtype=np.float32)
+    if gemm.available():  # no im2col matrix: the whole batch in one GEMM per group, bias and ReLU in its store
+        for group in range(g.groups):
+            rows = slice(group * fg, (group + 1) * fg)
+            lib().conv_gemm_forward(_filters(w, g, group).T, x, y[rows].reshape(fg, -1), *_image_args(g, group, 0, g.N),
+                                    isa=gemm.isa(), bias=None if bias is None else bias[rows], relu=relu)
+        return y
     for group in range(g.groups):
         wt, yg = _filters(w, g, group).T, y[group * fg:(group + 1) * fg]
-        if gemm.available():  # no im2col matrix: the whole batch in one GEMM
-            lib().conv_gemm_forward(wt, x, yg.reshape(fg, -1), *_image_args(g, group, 0, g.N), isa=gemm.isa())
-            continue
         chunks = _image_chunks(g)
         for n0, n1 in chunks:
             if len(chunks) == 1:  # the group's rows of y are contiguous: the GEMM writes them
                 np.matmul(wt, _cols(x, g, group, n0, n1), out=yg.reshape(fg, -1))
             else:
                 yg[..., n0:n1] = (wt @ _cols(x, g, group, n0, n1)).reshape(fg, g.OH, g.OW, n1 - n0)
-    if bias is not None:
-        (bias,) = contiguous(bias)
-        lib().bias_add(y, bias.reshape(-1), g.F, g.OH * g.OW * g.N)
+    _bias_relu(y, bias, relu, g)
     return y
 
 

@@ -50,12 +50,16 @@ def available() -> bool:
     return isa() is not None
 
 
-def matmul(a, b, out=None):
-    """``a @ b`` for float32 matrices (any strides) into ``out`` (a new array if None); NumPy's where ours is not
-    available or the operands are not 2-D float32 (the ops only pass those)."""
+def matmul(a, b, out=None, bias=None):
+    """``a @ b`` (``+ bias[:, None]``: added in the GEMM's store, the same bits as adding it after) for float32
+    matrices (any strides) into ``out`` (a new array if None); NumPy's where ours is not available or the operands
+    are not 2-D float32 (the ops only pass those)."""
     if not available() or a.ndim != 2 or b.ndim != 2 or a.dtype != np.float32 or b.dtype != np.float32:
-        return np.matmul(a, b, out=out)
+        out = np.matmul(a, b, out=out)
+        if bias is not None:
+            out += bias[:, None]
+        return out
     if out is None:
         out = np.empty((a.shape[0], b.shape[1]), dtype=np.float32)
-    lib().gemm(a, b, out, isa=isa())
+    lib().gemm(a, b, out, bias=bias, isa=isa())
     return out

@@ -33,7 +33,8 @@ def _float32_loops(fast, reference):
     return run
 
 
-# Reference function -> the cpu device's version (same signature and results); other ops run the reference itself.
+# Reference function -> the cpu device's version (same signature and results; it may add keyword-only options with
+# defaults, which only the cpu device's ops pass: conv_forward's relu); other ops run the reference itself.
 FAST_FUNCTIONS = {
     conv.conv_forward: fast_conv.conv_forward,
     conv.conv_backward_data: fast_conv.conv_backward_data,
@@ -69,8 +70,9 @@ class CpuDevice(NumpyDevice):
     def host_function(self, reference_function):
         return FAST_FUNCTIONS.get(reference_function, reference_function)
 
-    def matmul(self, a, b, out=None, precision="fp32"):
-        return cpu_gemm.matmul(a, b, out=out)
+    def matmul(self, a, b, out=None, precision="fp32", bias=None):
+        """Device.matmul; bias: ``+ bias[:, None]`` in the GEMM's store (fc_forward's bias, no pass over out)."""
+        return cpu_gemm.matmul(a, b, out=out, bias=bias)
 
 
 DEVICE = CpuDevice

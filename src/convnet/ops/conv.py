@@ -23,7 +23,8 @@ rounded once); the filter gradient is always float32 (weights and their gradient
 ``conv_forward(..., relu=True)`` returns ``max(alpha * (conv(x, w) + bias) + beta * out, 0)``: the ReLU applies to
 the accumulated value (a layer uses alpha = 1, beta = 0: ``relu(conv + bias)``). On emu/cuda the FP32, TF32 and BF16
 kernels apply it in their epilogue (csrc/kernels/conv_epilogue.cuh; the BF16 one before rounding a bfloat16 output),
-saving relu_forward's read and write of y; numpy and cpu run the unfused forward and then relu_forward in place.
+saving relu_forward's read and write of y, and so does the cpu device's GEMM in its store (fp32/tf32 with alpha = 1,
+beta = 0; convnet/cpu/conv.py); otherwise numpy and cpu run the unfused forward and then relu_forward in place.
 The result is bit-identical to ``conv_forward`` followed by ``relu_forward`` on every device (NaN -> 0, -0 -> +0).
 """
 from __future__ import annotations
@@ -128,13 +129,15 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
     # A bfloat16 out: the host devices apply alpha and beta in the compute dtype and round once (as the kernel's
     # epilogue), so the generic accumulate (which would compute in bfloat16) only copies the result.
     y_bf16 = out_dtype == BFLOAT16
+    # The cpu device's host conv_forward applies the ReLU in its GEMM's store, where nothing is scaled after it
+    host_relu = relu and dev.kind == "cpu" and not bf16 and alpha == 1.0 and beta == 0.0
 
     def reference():
         if bf16:
             xr, wr = _rounded_bf16(x, dtype), _rounded_bf16(w, dtype)
         else:
             xr, wr = (_rounded_tf32(x), _rounded_tf32(w)) if tf32 else (x, w)
-        y = dev.host_function(ref.conv_forward)(xr, wr, bias, **_params(g))
+        y = dev.host_function(ref.conv_forward)(xr, wr, bias, **_params(g), **({"relu": True} if host_relu else {}))
         return _bf16_epilogue(y, out, dtype, alpha, beta) if y_bf16 else y
 
     def kernel(y):
@@ -149,7 +152,7 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
         dev, Output("out", out, g.y_shape, out_dtype), inputs=dict(x=x, w=w, bias=bias),
         alpha=1.0 if y_bf16 else alpha, beta=0.0 if y_bf16 else beta, stream=stream, reference=reference,
         kernel=kernel)
-    if relu and dev.runs_reference:  # the kernels fused it; numpy and cpu apply it to the result
+    if relu and not host_relu and dev.runs_reference:  # fused by every forward kernel and by cpu's GEMM
         relu_forward(dev, y, out=y, stream=stream)
     return y
 

@@ -199,8 +199,9 @@ def _gemm(dev, out, y, a, b, bias, alpha, beta, stream, precision):
                 y[...] = to_bf16_on(dev, r)
                 return
         if out is None or (alpha == 1.0 and beta == 0.0):
-            dev.matmul(a, b, out=y, precision=gemm_precision)
-            if bias is not None:
+            in_store = bias is not None and dev.kind == "cpu"  # the cpu GEMM adds the bias in its store
+            dev.matmul(a, b, out=y, precision=gemm_precision, **({"bias": bias} if in_store else {}))
+            if bias is not None and not in_store:
                 y += bias[:, None]
             if alpha != 1.0:
                 y *= alpha
