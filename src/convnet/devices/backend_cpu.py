@@ -56,6 +56,7 @@ FAST_FUNCTIONS = {reference: _float32_loops(fast, reference) if is_bf16_storage(
 class CpuDevice(NumpyDevice):
     kind = "cpu"
     dtypes = (np.dtype(np.float32),)
+    gemm_epilogue = True  # convnet.cpu.gemm: bias and ReLU in the GEMM's store, the unfused passes' bits
 
     def available(self):
         module, reason = load_extension("_cpu")

@@ -28,6 +28,7 @@ class Device:
 
     kind: str = ""
     runs_reference = False      # ops run host functions with the reference's signatures (see host_function)
+    gemm_epilogue = False       # its host GEMM adds a bias and applies a ReLU as it stores (conv/fc forward)
     synchronous = True          # results are complete when an op returns
     always_indexed = False      # print as 'kind:i' even for index 0 (cuda:0)
     dtypes = (np.dtype(np.float32),)  # the float dtypes ops accept: float32 for the kernels

@@ -130,7 +130,7 @@ def conv_forward(device, x, w, bias=None, *, stride=1, padding=0, groups=1, out=
     # epilogue), so the generic accumulate (which would compute in bfloat16) only copies the result.
     y_bf16 = out_dtype == BFLOAT16
     # The cpu device's host conv_forward applies the ReLU in its GEMM's store, where nothing is scaled after it
-    host_relu = relu and dev.kind == "cpu" and not bf16 and alpha == 1.0 and beta == 0.0
+    host_relu = relu and dev.gemm_epilogue and not bf16 and alpha == 1.0 and beta == 0.0
 
     def reference():
         if bf16:

@@ -199,7 +199,7 @@ def _gemm(dev, out, y, a, b, bias, alpha, beta, stream, precision):
                 y[...] = to_bf16_on(dev, r)
                 return
         if out is None or (alpha == 1.0 and beta == 0.0):
-            in_store = bias is not None and dev.kind == "cpu"  # the cpu GEMM adds the bias in its store
+            in_store = bias is not None and dev.gemm_epilogue  # the host GEMM adds the bias in its store
             dev.matmul(a, b, out=y, precision=gemm_precision, **({"bias": bias} if in_store else {}))
             if bias is not None and not in_store:
                 y += bias[:, None]
