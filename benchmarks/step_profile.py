@@ -11,9 +11,11 @@ Rows:
   state another); FMA lanes are the float32 fused multiply-adds a core starts per cycle (``--fma-lanes``, default
   16: two 256-bit FMA units, or one 512-bit unit issued as two halves -- AMD Zen 2-4, most Intel client cores; 32
   for Intel Xeons with two 512-bit FMA units). The convolutions' im2col packing is inside their GEMM (packed
-  straight from the image), so it is counted there.
+  straight from the image), so it is counted there. A Winograd pass is a row ``(Winograd)``: the fused forward or
+  data gradient (``winograd_conv``: transforms and products together) or the filter gradient's fused products
+  (``winograd_filter_products``); its GFLOP/s are the direct form's flops over its time (effective).
 * the compiled loops by kind, all layers together: col2im, max pooling, ReLU, dropout, bias (add and sum), the SGD
-  update, Winograd's transforms (``--cpu-conv winograd``), im2col (only where NumPy's BLAS multiplies);
+  update, Winograd's filter transforms (G g G^T, and G^T D G after the filter gradient's products), im2col (only where NumPy's BLAS multiplies);
 * the ops that run NumPy on this device (the softmax and its loss, the fc bias gradient, ...), each by name;
 * ``ops' Python + NumPy around the compiled calls``: the rest of the time inside the ops that call compiled code
   (argument checks, output allocation);
@@ -53,7 +55,7 @@ LOOPS = {"im2col": "im2col (NumPy GEMM path)", "col2im": "col2im", "maxpool_forw
          "sgd_update": "SGD update", "sgd_update_many": "SGD update", "winograd_input": "Winograd transforms",
          "winograd_output": "Winograd transforms", "winograd_grad": "Winograd transforms",
          "winograd_filter": "Winograd transforms", "winograd_filter_grad": "Winograd transforms"}
-GEMMS = ("gemm", "conv_gemm_forward", "conv_gemm_filter")
+GEMMS = ("gemm", "conv_gemm_forward", "conv_gemm_filter", "winograd_conv", "winograd_filter_products")
 # op -> the pass its GEMMs compute
 PASS = {"conv_forward": "forward", "fc_forward": "forward", "conv_backward_data": "data grad",
         "fc_backward_data": "data grad", "conv_backward_filter": "weight grad", "fc_backward_weights": "weight grad"}
@@ -68,6 +70,8 @@ def gemm_flops(name, args) -> float:
     if name == "gemm":  # (a (M, K), b (K, N), out)
         a, b = args[0], args[1]
         return 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+    if name.startswith("winograd"):  # (x, u or dy, y or D, C, H, W, N, c0, Cg, ph, pw, F, f0, Fg, OH, OW): direct's flops
+        return 2.0 * 9 * args[8] * args[13] * args[14] * args[15] * args[6]
     if name == "conv_gemm_forward":  # (w^T (M, K), x, y (M, cols), ...)
         return 2.0 * args[0].shape[0] * args[0].shape[1] * args[2].shape[1]
     return 2.0 * args[2].shape[0] * args[2].shape[1] * args[1].shape[1]  # filter: (x, dy (F, K), dw (rows, F), ...)
@@ -147,7 +151,7 @@ class Profiler:
                 frame["compiled"] += dt
                 if name in GEMMS:
                     row = f"GEMM {self.layer} {PASS.get(frame['op'], frame['op'])}"
-                    row += " (Winograd)" if frame["winograd"] else ""
+                    row += " (Winograd)" if frame["winograd"] or name.startswith("winograd") else ""
                     self.times[row] += dt
                     self.flops[row] = self.flops.get(row, 0.0) + gemm_flops(name, args)
                 else:
@@ -256,7 +260,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="fmnist")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="the cpu device's threads (GEMMs and loops)")
-    p.add_argument("--cpu-conv", default="direct", choices=winograd.ALGOS,
+    p.add_argument("--cpu-conv", default="auto", choices=winograd.ALGOS,
                    help="the convolution algorithm (python -m convnet.train --cpu-conv)")
     p.add_argument("--steps", type=int, default=30, help="timed steps (medians over them)")
     p.add_argument("--warmup", type=int, default=5)

@@ -185,19 +185,19 @@ def test_flags_and_train_keys_come_from_the_config_fields(tiny):
 def test_the_cpu_convolution_algorithm_is_a_train_key_and_a_flag_saved_with_the_run(tiny, tmp_path, monkeypatch):
     """[train] cpu_conv (--cpu-conv overrides it) chooses the cpu device's convolution algorithm for the run: every
     convolution of the run sees it, the checkpoint keeps it (a resume continues with it), and it is the process's
-    default (direct) again afterwards."""
+    default (auto) again afterwards."""
     from convnet import checkpoint as ckpt
     from convnet.cpu import winograd
     if not get_device("cpu").available()[0]:
         pytest.skip("the cpu device is not built")
     seen, chosen = [], winograd.chosen
-    monkeypatch.setattr(winograd, "chosen", lambda g: seen.append(winograd.algo()) or chosen(g))
+    monkeypatch.setattr(winograd, "chosen", lambda *a: seen.append(winograd.algo()) or chosen(*a))
     model = tmp_path / "tiny-winograd.cfg"
     model.write_text(tiny.read_text() + "cpu_conv = winograd\n")
     res = run(_args(model, tmp_path / "run", "--device", "cpu", "--epochs", "1", "--no-plots"), log=lambda s: None)
     assert res["status"] == "done" and seen and set(seen) == {"winograd"}
     assert ckpt.load(str(tmp_path / "run"))["meta"]["config"]["cpu_conv"] == "winograd"
-    assert winograd.algo() == "direct"
+    assert winograd.algo() == "auto"
     seen.clear()
     run(_args(model, tmp_path / "run2", "--device", "cpu", "--epochs", "1", "--no-plots", "--cpu-conv", "auto"),
         log=lambda s: None)

@@ -161,17 +161,13 @@ def test_matches_the_float64_reference_within_the_bound(case):
         assert bound.max() < 1e-3 * np.abs(exp).max()
 
 
-@pytest.mark.parametrize("case", [(6, 7, 5, 37, 20, 1, 1), (4, 5, 5, 9, 6, (2, 0), 2)], ids=str)
-def test_chunks_of_images_match_the_reference_within_the_bound(monkeypatch, case):
-    """Batches whose transformed tensors exceed the budget are cut into chunks of images (the budget made tiny:
-    ragged chunks down to 1 image); the filter gradient's GEMMs add the chunks into one D."""
+@pytest.mark.parametrize("case", [(6, 7, 5, 70, 40, 1, 1), (4, 5, 5, 97, 6, (2, 0), 2)], ids=str)
+def test_many_blocks_of_images_match_the_reference_within_the_bound(case):
+    """Batches of several blocks of images (32 wide with AVX-512, 16 with AVX2) and a ragged last one: every block's
+    outputs land in their place, and the filter gradient's chain runs on across the blocks."""
     c, h, wd, n, f, padding, groups = case
     pad = _pair(padding)
     x, w, dy = _case(*case)
-    oh, ow = h + 2 * pad[0] - 2, wd + 2 * pad[1] - 2
-    per_image = 16 * ((oh + 1) // 2) * ((ow + 1) // 2) * (c // groups + f // groups)
-    monkeypatch.setattr(ref_conv, "_COL_BUDGET", 2 * per_image + 7)
-    assert len(winograd._chunks(n, (oh + 1) // 2, (ow + 1) // 2, c // groups + f // groups)) == (n + 1) // 2
     geo = dict(stride=1, padding=pad, groups=groups)
     x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
     want = (ref_conv.conv_forward(x64, w64, **geo), ref_conv.conv_backward_data(dy64, w64, (h, wd), **geo),
@@ -179,6 +175,25 @@ def test_chunks_of_images_match_the_reference_within_the_bound(monkeypatch, case
     for name, got, exp, bound in zip(("y", "dx", "dw"), _run(x, w, dy, pad, groups), want,
                                      bounds(x, w, dy, pad, groups)):
         assert np.all(np.abs(got - exp) <= bound), name
+
+
+@pytest.mark.parametrize("isa", cpu_gemm.isas())
+def test_the_forward_adds_the_bias_and_applies_the_relu_in_its_store(monkeypatch, isa):
+    """bias and relu=True give the bits of a bias pass and relu_forward's rule (v > 0 ? v : +0) after the plain
+    convolution, zero and negative outputs included."""
+    monkeypatch.setattr(cpu_gemm, "isa", lambda: isa)
+    x, w, _ = _case(6, 7, 9, 35, 13, 1, 1)
+    bias = rand(RNG, 13)
+    bias[::4] = 0.0
+    g = ConvGeometry.of(x.shape, w.shape, padding=1)
+    plain = winograd.conv_forward(x, w, g)
+    with_bias = plain + bias[:, None, None, None]
+    np.testing.assert_array_equal(winograd.conv_forward(x, w, g, bias=bias), with_bias)
+    fused = winograd.conv_forward(x, w, g, bias=bias, relu=True)
+    assert (with_bias <= 0).mean() > 0.2  # the ReLU has work
+    np.testing.assert_array_equal(fused, np.where(with_bias > 0, with_bias, np.float32(0)))
+    assert not np.signbit(fused).any()
+    np.testing.assert_array_equal(winograd.conv_forward(x, w, g, relu=True), np.where(plain > 0, plain, 0))
 
 
 def test_the_ops_on_the_cpu_device_use_it_when_asked():
@@ -193,7 +208,7 @@ def test_the_ops_on_the_cpu_device_use_it_when_asked():
         acc = ops.conv_forward(CPU, x, w, bias, **geo, out=prev.copy(), alpha=0.5, beta=2.0)
         dx = ops.conv_backward_data(CPU, dy, w, (9, 7), **geo)
         dw = ops.conv_backward_filter(CPU, x, dy, (3, 3), **geo)
-    assert winograd.algo() == "direct"  # restored on leaving
+    assert winograd.algo() == "auto"  # restored on leaving
     want = ref_conv.conv_forward(x.astype(np.float64), w.astype(np.float64), bias.astype(np.float64), **geo)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(acc, 0.5 * want + 2.0 * prev, rtol=1e-5, atol=1e-5)
@@ -205,42 +220,52 @@ def test_the_ops_on_the_cpu_device_use_it_when_asked():
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-@pytest.mark.parametrize("case", [(20, 10, 9, 37, 24, 1, 1), (72, 5, 6, 3, 64, 1, 1)], ids=["dot", "packed"])
+@pytest.mark.parametrize("case", [(20, 10, 9, 37, 72, 1, 1), (72, 5, 6, 67, 64, 2, 1)], ids=str)
 def test_threads_and_simd_width_do_not_change_the_bits(monkeypatch, threads, case):
-    """Every transformed element is one thread's fixed sequence of operations, every GEMM element a fixed order of FMAs:
-    the same bits at any thread count and with every GEMM width this CPU runs (AVX2, AVX-512), with either form of
-    the filter gradient's GEMMs (the dot form for small D_e, the packed one above winograd.DOT_FORM_MAX)."""
-    assert (case[0] * case[4] <= winograd.DOT_FORM_MAX) == (case[4] == 24)
+    """Every transformed element is one lane's fixed sequence of operations, every product element one chain of
+    fused multiply-adds in a fixed order (the filter gradient's over all tiles and images): the same bits at any
+    thread count (the forward's split of tiles and blocks of images, the filter gradient's split of filters) and
+    with every SIMD width this CPU runs (AVX2, AVX-512: other micro-tiles and blocks of images)."""
     x, w, dy = _case(*case)
     with loop_threads(1):
-        one = _run(x, w, dy, (1, 1), 1)
+        one = _run(x, w, dy, _pair(case[5]), 1)
     for isa in cpu_gemm.isas():
         monkeypatch.setattr(cpu_gemm, "isa", lambda isa=isa: isa)
         with loop_threads(threads):
-            many = _run(x, w, dy, (1, 1), 1)
+            many = _run(x, w, dy, _pair(case[5]), 1)
         for a, b in zip(one, many):
             np.testing.assert_array_equal(a, b)
 
 
 def test_the_switch_and_the_cost_model():
-    """direct (the default) never, winograd every eligible layer, auto what the measured cost model prefers: the
-    default fmnist net's 3x3 layers stay direct (its bits unchanged), AlexNet's conv3-5 go to Winograd."""
+    """auto (the default) what the measured cost model prefers, per pass; direct never; winograd every eligible
+    layer. The default fmnist net: conv2's and conv3's forward and data gradient by Winograd, conv3's filter gradient
+    too (64 -> 128), conv2's not (32 -> 64). AlexNet's conv3-5 (D of 1.5-2.4 M floats: out of L2): the forward and
+    data gradient from 32 images, the filter gradient never."""
     fm2 = ConvGeometry.of((32, 13, 13, 64), (32, 3, 3, 64), padding=1)
     fm3 = ConvGeometry.of((64, 6, 6, 64), (64, 3, 3, 128), padding=1)
-    alex = [ConvGeometry.of((256, 13, 13, 16), (256, 3, 3, 384), padding=1),
-            ConvGeometry.of((384, 13, 13, 16), (192, 3, 3, 384), padding=1, groups=2),
-            ConvGeometry.of((384, 13, 13, 16), (192, 3, 3, 256), padding=1, groups=2)]
+    alex = [ConvGeometry.of((256, 13, 13, n), (256, 3, 3, 384), padding=1) for n in (16, 128)] + \
+        [ConvGeometry.of((384, 13, 13, 128), (192, 3, 3, 256), padding=1, groups=2)]
+    grey = ConvGeometry.of((1, 28, 28, 64), (1, 3, 3, 32), padding=1)  # a first layer: 1 channel
     strided = ConvGeometry.of((256, 13, 13, 16), (256, 3, 3, 384), stride=2, padding=1)
     five = ConvGeometry.of((256, 13, 13, 16), (256, 5, 5, 256), padding=2)
     padded = ConvGeometry.of((256, 13, 13, 16), (256, 3, 3, 256), padding=3)
-    assert winograd.algo() == "direct" and not any(winograd.chosen(g) for g in (fm2, fm3, *alex))
+    assert winograd.algo() == "auto"
+
+    def passes(g):
+        return tuple(p for p in winograd.PASSES if winograd.chosen(g, p))
+
+    assert passes(fm2) == ("forward", "data") and passes(fm3) == ("forward", "data", "filter")
+    assert [passes(g) for g in alex] == [(), ("forward", "data"), ("forward", "data")]
+    assert not any(passes(g) for g in (grey, strided, five, padded))
     with winograd.algorithm("winograd"):
-        assert all(winograd.chosen(g) for g in (fm2, fm3, *alex))
-        assert not any(winograd.chosen(g) for g in (strided, five, padded))
-        with winograd.algorithm("auto"):
-            assert not winograd.chosen(fm2) and not winograd.chosen(fm3) and all(winograd.chosen(g) for g in alex)
-            assert not any(winograd.chosen(g) for g in (strided, five, padded))
+        assert all(passes(g) == winograd.PASSES for g in (fm2, fm3, grey, *alex))
+        assert not any(passes(g) for g in (strided, five, padded))
+        with winograd.algorithm("direct"):
+            assert not any(passes(g) for g in (fm2, fm3, *alex))
         assert winograd.algo() == "winograd"
+    with pytest.raises(ValueError, match="convolution pass 'backward'"):
+        winograd.chosen(fm2, "backward")
 
 
 def test_bad_input_is_a_clear_error():
@@ -250,20 +275,32 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="needs 3x3 filters, stride 1"):
         winograd.conv_forward(x, w, ConvGeometry.of(x.shape, w.shape, stride=2, padding=1))
     g = ConvGeometry.of(x.shape, w.shape, padding=1)
-    v = np.empty((16, 2, 9 * 3), np.float32)
-    _cpu.winograd_input(x, v, 2, 5, 5, 3, 0, 3, 0, 2, 1, 1, 3, 3)  # the right sizes: fine
-    with pytest.raises(ValueError, match="V has 864 elements, expected 1536"):
-        _cpu.winograd_input(x, v, 2, 5, 5, 3, 0, 3, 0, 2, 1, 1, 4, 4)
+    u, y, d = np.zeros((16, 2, 4), np.float32), np.empty(g.y_shape, np.float32), np.empty((16, 2, 4), np.float32)
+    dy = rand(RNG, g.y_shape)
+    _cpu.winograd_conv(x, u, y, 2, 5, 5, 3, 0, 2, 1, 1, 4, 0, 4, 5, 5)  # the right sizes: fine
+    _cpu.winograd_filter_products(x, dy, d, 2, 5, 5, 3, 0, 2, 1, 1, 4, 0, 4, 5, 5)
+    with pytest.raises(ValueError, match="u has 128 elements, expected 256"):
+        _cpu.winograd_conv(x, u, y, 2, 5, 5, 3, 0, 2, 1, 1, 8, 0, 8, 5, 5)
     with pytest.raises(ValueError, match="bad channel range"):
-        _cpu.winograd_input(x, v, 2, 5, 5, 3, 0, 3, 1, 2, 1, 1, 3, 3)
-    with pytest.raises(ValueError, match="bad image range"):
-        _cpu.winograd_input(x, v, 2, 5, 5, 3, 1, 3, 0, 2, 1, 1, 3, 3)
+        _cpu.winograd_conv(x, u, y, 2, 5, 5, 3, 1, 2, 1, 1, 4, 0, 4, 5, 5)
+    with pytest.raises(ValueError, match="padding must be 0..2"):
+        _cpu.winograd_conv(x, u, y, 2, 5, 5, 3, 0, 2, 3, 3, 4, 0, 4, 9, 9)
+    with pytest.raises(ValueError, match="output size is not"):
+        _cpu.winograd_conv(x, u, y, 2, 5, 5, 3, 0, 2, 1, 1, 4, 0, 4, 4, 5)
+    with pytest.raises(ValueError, match="x has 150 elements, expected 200"):
+        _cpu.winograd_conv(x, u, y, 2, 5, 5, 4, 0, 2, 1, 1, 4, 0, 4, 5, 5)
+    with pytest.raises(ValueError, match="u_layout must be"):
+        _cpu.winograd_conv(x, u, y, 2, 5, 5, 3, 0, 2, 1, 1, 4, 0, 4, 5, 5, u_layout="cf")
+    with pytest.raises(ValueError, match="bias must have shape"):
+        _cpu.winograd_conv(x, u, y, 2, 5, 5, 3, 0, 2, 1, 1, 4, 0, 4, 5, 5, bias=np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="overlaps x"):
+        _cpu.winograd_conv(x, np.zeros((16, 2, 2), np.float32), x, 2, 5, 5, 3, 0, 2, 1, 1, 2, 0, 2, 5, 5)
     with pytest.raises(ValueError, match="sizes must be positive"):
-        _cpu.winograd_input(x, v, 2, 5, 5, 3, 0, 0, 0, 2, 1, 1, 3, 3)
-    with pytest.raises(ValueError, match="bad filter range or tiles"):
-        _cpu.winograd_output(v, np.empty(g.y_shape, np.float32), 4, 5, 5, 3, 0, 3, 0, 4, 2, 3)
-    with pytest.raises(ValueError, match="bad image range"):
-        _cpu.winograd_grad(np.empty(g.y_shape, np.float32), v, 4, 5, 5, 3, 2, 2, 0, 4, 3, 3)
+        _cpu.winograd_filter_products(x, dy, d, 2, 5, 5, 0, 0, 2, 1, 1, 4, 0, 4, 5, 5)
+    with pytest.raises(ValueError, match="dy has 300 elements, expected 600"):
+        _cpu.winograd_filter_products(x, dy, d, 2, 5, 5, 3, 0, 2, 1, 1, 8, 0, 4, 5, 5)
+    with pytest.raises(ValueError, match="D has 128 elements, expected 64"):
+        _cpu.winograd_filter_products(x, dy, d, 2, 5, 5, 3, 0, 1, 1, 1, 4, 0, 4, 5, 5)
     with pytest.raises(ValueError, match="read-only"):
         ro = np.empty((16, 4, 2), np.float32)
         ro.flags.writeable = False
@@ -275,6 +312,6 @@ def test_bad_input_is_a_clear_error():
 def test_the_benchmark_runs(capsys):
     """benchmarks/winograd_bench.py end to end on its smallest layer, leaving the algorithm as it found it."""
     load_benchmark("winograd_bench").main(["--layers", "fmnist conv3", "--rounds", "1", "--repeats", "1"])
-    assert winograd.algo() == "direct"
+    assert winograd.algo() == "auto"
     out = capsys.readouterr().out
     assert "| fmnist conv3 | 64->128, 6x6, 64 |" in out and "thread(s)" in out

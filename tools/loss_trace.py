@@ -61,7 +61,7 @@ def main(argv=None):
     p.add_argument("steps", type=int, help="training steps (300 is a good check)")
     p.add_argument("out", help="output text file")
     p.add_argument("--threads", type=int, default=1, help="BLAS threads and the cpu device's loop threads")
-    p.add_argument("--cpu-conv", default="direct", choices=winograd.ALGOS,
+    p.add_argument("--cpu-conv", default="auto", choices=winograd.ALGOS,
                    help="the cpu device's convolution algorithm (python -m convnet.train --cpu-conv)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()

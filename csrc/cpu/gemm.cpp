@@ -104,6 +104,22 @@ const Isa* pick(const std::string& name) {
   throw py::value_error("isa '" + name + "' is not available here (see convnet._cpu.gemm_isas())");
 }
 
+// A thread's scratch of at least n floats, 64-byte aligned (the micro-kernel's panels), kept and grown as needed.
+struct AlignedFloats {
+  float* p = nullptr;
+  i64 size = 0;
+  float* at_least(i64 n) {
+    if (n > size) {
+      std::free(p);
+      p = static_cast<float*>(std::aligned_alloc(64, static_cast<std::size_t>((n * 4 + 63) / 64 * 64)));
+      size = p ? n : 0;
+      if (!p) throw std::bad_alloc();
+    }
+    return p;
+  }
+  ~AlignedFloats() { std::free(p); }
+};
+
 struct Scratch {
   float* a = nullptr;
   float* b = nullptr;
@@ -317,6 +333,128 @@ void py_conv_filter(const Floats& x, const Array& dy, Array& dw, i64 C, i64 H, i
   }
 }
 
+// y[f0 .. f0 + Fg) (y is (F, OH, OW, N)) = the Winograd F(2x2, 3x3) convolution of channels [c0, c0 + Cg) of x
+// (C, H, W, N) with the transformed filters u: (16, Cg, Fg) (u_layout "ck") or (16, Fg, Cg) ("kc"), padding
+// (ph, pw) in 0..2, [+ bias (Fg,)], [then the ReLU]. The jobs (tiles x blocks of images) are cut into one
+// contiguous range per thread; every output element is one job's, so the bits do not depend on the split.
+void py_winograd_conv(const Floats& x, const Floats& u, Floats& y, i64 C, i64 H, i64 W, i64 N, i64 c0, i64 Cg, i64 ph,
+                      i64 pw, i64 F, i64 f0, i64 Fg, i64 OH, i64 OW, const std::string& u_layout,
+                      const std::optional<Floats>& bias, bool relu, const std::string& isa) {
+  const Isa* chosen = pick(isa);
+  for (i64 v : {C, H, W, N, Cg, F, Fg, OH, OW}) {
+    if (v <= 0) throw py::value_error("winograd_conv: sizes must be positive");
+  }
+  if (c0 < 0 || c0 + Cg > C || f0 < 0 || f0 + Fg > F) throw py::value_error("winograd_conv: bad channel range");
+  if (ph < 0 || ph > 2 || pw < 0 || pw > 2) throw py::value_error("winograd_conv: padding must be 0..2");
+  if (OH != H + 2 * ph - 2 || OW != W + 2 * pw - 2) throw py::value_error("winograd_conv: output size is not the 3x3 "
+                                                                          "stride-1 convolution's");
+  if (u_layout != "ck" && u_layout != "kc") throw py::value_error("winograd_conv: u_layout must be 'ck' or 'kc'");
+  if (x.size() != C * H * W * N) throw py::value_error("winograd_conv: x has " + std::to_string(x.size()) +
+                                                       " elements, expected " + std::to_string(C * H * W * N));
+  if (u.size() != 16 * Cg * Fg) throw py::value_error("winograd_conv: u has " + std::to_string(u.size()) +
+                                                      " elements, expected " + std::to_string(16 * Cg * Fg));
+  if (y.size() != F * OH * OW * N) throw py::value_error("winograd_conv: y has " + std::to_string(y.size()) +
+                                                         " elements, expected " + std::to_string(F * OH * OW * N));
+  if (!y.writeable()) throw py::value_error("winograd_conv: y is read-only");
+  disjoint(y, x, "x");
+  disjoint(y, u, "u");
+  WinogradConv conv;
+  conv.x = x.data() + c0 * H * W * N;
+  conv.C = Cg, conv.H = H, conv.W = W, conv.N = N, conv.ph = ph, conv.pw = pw;
+  conv.u = u.data();
+  conv.u_es = Cg * Fg;
+  conv.u_cs = u_layout == "ck" ? Fg : 1;
+  conv.u_ks = u_layout == "ck" ? 1 : Cg;
+  conv.y = y.mutable_data() + f0 * OH * OW * N;
+  conv.K = Fg, conv.OH = OH, conv.OW = OW;
+  conv.relu = relu;
+  if (bias) {
+    if (bias->ndim() != 1 || bias->shape(0) != Fg) throw py::value_error("bias must have shape (" +
+                                                                         std::to_string(Fg) + ",)");
+    conv.bias = bias->data();
+  }
+  const i64 jobs = (OH + 1) / 2 * ((OW + 1) / 2) * ((N + chosen->nr - 1) / chosen->nr);
+  const i64 parts = std::min<i64>(loop_threads(), jobs);
+  py::gil_scoped_release release;
+  thread_local std::vector<float> packed;
+  packed.resize(static_cast<std::size_t>(16 * ((Fg + chosen->mr - 1) / chosen->mr) * chosen->mr * Cg));
+  chosen->winograd_pack(conv, packed.data());
+  const float* pk = packed.data();
+  std::string error;
+#pragma omp parallel num_threads(static_cast<int>(parts)) if (parts > 1)
+  {
+    const i64 t = omp_get_thread_num();
+    try {
+      thread_local AlignedFloats scratch;
+      chosen->winograd_run(conv, pk, t * jobs / parts, (t + 1) * jobs / parts,
+                           scratch.at_least(chosen->winograd_scratch(Cg)));
+    } catch (const std::exception& e) {
+#pragma omp critical
+      error = e.what();
+    }
+  }
+  if (!error.empty()) throw std::runtime_error("winograd_conv: " + error);
+}
+
+// D (16, Cg, Fg) = the Winograd F(2x2, 3x3) filter gradient's products, summed over the tiles and images, of
+// channels [c0, c0 + Cg) of x (C, H, W, N) and filters [f0, f0 + Fg) of dy (F, OH, OW, N), padding (ph, pw) in
+// 0..2 (convnet/cpu/winograd.py turns D into dw). The filters' NR-wide panels are cut into one contiguous range per
+// thread; every element of D is one thread's chain over the tiles in order, so the bits do not depend on the split.
+void py_winograd_filter_products(const Floats& x, const Floats& dy, Floats& d, i64 C, i64 H, i64 W, i64 N, i64 c0,
+                                 i64 Cg, i64 ph, i64 pw, i64 F, i64 f0, i64 Fg, i64 OH, i64 OW,
+                                 const std::string& isa) {
+  const Isa* chosen = pick(isa);
+  for (i64 v : {C, H, W, N, Cg, F, Fg, OH, OW}) {
+    if (v <= 0) throw py::value_error("winograd_filter_products: sizes must be positive");
+  }
+  if (c0 < 0 || c0 + Cg > C || f0 < 0 || f0 + Fg > F) {
+    throw py::value_error("winograd_filter_products: bad channel range");
+  }
+  if (ph < 0 || ph > 2 || pw < 0 || pw > 2) throw py::value_error("winograd_filter_products: padding must be 0..2");
+  if (OH != H + 2 * ph - 2 || OW != W + 2 * pw - 2) {
+    throw py::value_error("winograd_filter_products: output size is not the 3x3 stride-1 convolution's");
+  }
+  if (x.size() != C * H * W * N) throw py::value_error("winograd_filter_products: x has " + std::to_string(x.size()) +
+                                                       " elements, expected " + std::to_string(C * H * W * N));
+  if (dy.size() != F * OH * OW * N) {
+    throw py::value_error("winograd_filter_products: dy has " + std::to_string(dy.size()) + " elements, expected " +
+                          std::to_string(F * OH * OW * N));
+  }
+  if (d.size() != 16 * Cg * Fg) throw py::value_error("winograd_filter_products: D has " + std::to_string(d.size()) +
+                                                      " elements, expected " + std::to_string(16 * Cg * Fg));
+  if (!d.writeable()) throw py::value_error("winograd_filter_products: D is read-only");
+  disjoint(d, x, "x");
+  disjoint(d, dy, "dy");
+  WinogradGrad grad;
+  grad.x = x.data() + c0 * H * W * N;
+  grad.C = Cg, grad.H = H, grad.W = W, grad.N = N, grad.ph = ph, grad.pw = pw;
+  grad.dy = dy.data() + f0 * OH * OW * N;
+  grad.K = Fg, grad.OH = OH, grad.OW = OW;
+  const i64 mr = chosen->mr, nr = chosen->nr, rows = (Cg + mr - 1) / mr * mr, panels = (Fg + nr - 1) / nr;
+  const i64 ldd = panels * nr, parts = std::min<i64>(loop_threads(), panels);
+  float* dp = d.mutable_data();
+  py::gil_scoped_release release;
+  thread_local AlignedFloats padded;
+  float* pd = padded.at_least(16 * rows * ldd);
+  std::fill(pd, pd + 16 * rows * ldd, 0.0f);
+  std::string error;
+#pragma omp parallel num_threads(static_cast<int>(parts)) if (parts > 1)
+  {
+    const i64 t = omp_get_thread_num(), k0 = t * panels / parts * nr, k1 = std::min(Fg, (t + 1) * panels / parts * nr);
+    try {
+      thread_local AlignedFloats scratch;
+      chosen->winograd_grad_run(grad, k0, k1, pd, ldd, scratch.at_least(chosen->winograd_grad_scratch(Cg, k1 - k0)));
+    } catch (const std::exception& e) {
+#pragma omp critical
+      error = e.what();
+    }
+  }
+  if (!error.empty()) throw std::runtime_error("winograd_filter_products: " + error);
+  for (i64 e = 0; e < 16; ++e) {
+    for (i64 c = 0; c < Cg; ++c) std::memcpy(dp + (e * Cg + c) * Fg, pd + (e * rows + c) * ldd, sizeof(float) * Fg);
+  }
+}
+
 }  // namespace
 
 void register_gemm(py::module_& m) {
@@ -340,6 +478,16 @@ void register_gemm(py::module_& m) {
           "y = w @ im2col(x) [+ bias[:, None]] [then max(., 0)], the im2col matrix never built; bias and ReLU in the "
           "GEMM's store");
   }, geometry(py::arg("w"), py::arg("x"), py::arg("y")));
+  m.def("winograd_conv", &py_winograd_conv, py::arg("x"), py::arg("u"), py::arg("y"), py::arg("C"), py::arg("H"),
+        py::arg("W"), py::arg("N"), py::arg("c0"), py::arg("Cg"), py::arg("ph"), py::arg("pw"), py::arg("F"),
+        py::arg("f0"), py::arg("Fg"), py::arg("OH"), py::arg("OW"), py::arg("u_layout") = "ck",
+        py::arg("bias") = py::none(), py::arg("relu") = false, py::arg("isa") = "",
+        "y[f0:f0+Fg] = the fused Winograd F(2x2, 3x3) convolution of x[c0:c0+Cg] with the transformed filters u "
+        "[+ bias] [then the ReLU]");
+  m.def("winograd_filter_products", &py_winograd_filter_products, py::arg("x"), py::arg("dy"), py::arg("D"),
+        py::arg("C"), py::arg("H"), py::arg("W"), py::arg("N"), py::arg("c0"), py::arg("Cg"), py::arg("ph"),
+        py::arg("pw"), py::arg("F"), py::arg("f0"), py::arg("Fg"), py::arg("OH"), py::arg("OW"), py::arg("isa") = "",
+        "D (16, Cg, Fg) = the fused Winograd F(2x2, 3x3) filter gradient's products, summed over tiles and images");
   std::apply([&](auto&&... args) {
     m.def("conv_gemm_filter", &py_conv_filter, args..., py::arg("form") = "",
           "dw = im2col(x) @ dy.T, the im2col matrix never built");

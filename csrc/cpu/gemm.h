@@ -42,6 +42,29 @@ struct Epilogue {
   bool relu = false;
 };
 
+// The fused Winograd F(2x2, 3x3) convolution (winograd_fused.inc): y (K, OH, OW, N) = conv(x (C, H, W, N), the
+// transformed filters U), 3x3, stride 1, padding (ph, pw) <= 2, + bias[k], then the ReLU if relu. x and y point
+// at a group's first channel; N is both the images and the pixel stride. U_e[c][k] = u[e*u_es + c*u_cs + k*u_ks].
+struct WinogradConv {
+  const float* x = nullptr;
+  i64 C = 0, H = 0, W = 0, N = 0, ph = 0, pw = 0;
+  const float* u = nullptr;
+  i64 u_es = 0, u_cs = 0, u_ks = 0;
+  float* y = nullptr;
+  i64 K = 0, OH = 0, OW = 0;
+  const float* bias = nullptr;
+  bool relu = false;
+};
+// The fused Winograd filter gradient (winograd_fused.inc): D_e[c][k] = sum over the tiles and images of
+// (B^T d B)_e[c] (A dY A^T)_e[k] for x (C, H, W, N) and dy (K, OH, OW, N) (pointers at a group's first channel;
+// N is both the images and the pixel stride), 3x3, stride 1, padding (ph, pw) <= 2.
+struct WinogradGrad {
+  const float* x = nullptr;
+  i64 C = 0, H = 0, W = 0, N = 0, ph = 0, pw = 0;
+  const float* dy = nullptr;
+  i64 K = 0, OH = 0, OW = 0;
+};
+constexpr i64 WINOGRAD_GRAD_IMAGES = 32;  // images per block of the fused filter gradient (a multiple of 16)
 // Per-ISA entry point: the blocked GEMM of C's rows [m0, m1) and columns [n0, n1) on the calling thread, the
 // epilogue applied in the store of the last k block.
 // pack_a / pack_b: scratch of kPackFloats floats each, 64-byte aligned.
@@ -55,6 +78,18 @@ struct Isa {
   void (*run_dot)(i64 m0, i64 m1, i64 n0, i64 n1, i64 K, const Operand& a, const Operand& bt, const Output& c,
                   bool accumulate, float* lanes);
   i64 dot_mr, dot_nr;
+  // The fused Winograd convolution: winograd_pack packs U into (16 * ceil(K / mr) * mr * C) floats, then
+  // winograd_run does jobs [job0, job1) of the (TH * TW * ceil(N / nr)) (tile, block of nr images) with scratch of
+  // winograd_scratch(C) floats (64-byte aligned).
+  void (*winograd_pack)(const WinogradConv& conv, float* packed);
+  void (*winograd_run)(const WinogradConv& conv, const float* packed, i64 job0, i64 job1, float* scratch);
+  i64 winograd_scratch(i64 C) const { return 16 * C * nr + 16 * mr * nr + 16 * nr; }
+  // The fused filter gradient of the filters [k0, k1) into d (16, ceil(C / mr) * mr, ldd), zero on entry.
+  void (*winograd_grad_run)(const WinogradGrad& grad, i64 k0, i64 k1, float* d, i64 ldd, float* scratch);
+  i64 winograd_grad_scratch(i64 C, i64 k_count) const {
+    const i64 jb = WINOGRAD_GRAD_IMAGES;
+    return 16 * ((C + mr - 1) / mr) * jb * mr + 16 * ((k_count + nr - 1) / nr) * jb * nr + 16 * jb + jb;
+  }
 };
 
 const Isa* isa_avx512();  // nullptr where not built (not x86-64 GCC/Clang)

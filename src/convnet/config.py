@@ -109,10 +109,11 @@ class Config:
                                           "inputs rounded to bfloat16, FP32 accumulation and weights) (default: "
                                           "tf32 on a GPU with tensor cores, compute capability 8.0+, else fp32; saved "
                                           "with the run)", train=True, choices=PRECISIONS)
-    cpu_conv: str = setting("direct", "the cpu device's 3x3 stride-1 convolutions: direct (im2col GEMMs) | winograd "
-                                      "(Winograd F(2x2, 3x3) wherever it applies: other rounding, fewer multiplies) "
-                                      "| auto (Winograd where the measured cost model expects a gain: 128+ input "
-                                      "channels and filters) (default direct); other devices ignore it",
+    cpu_conv: str = setting("auto", "the cpu device's 3x3 stride-1 convolutions: auto (Winograd F(2x2, 3x3) for each "
+                                    "pass where the measured cost model expects a gain: forward and data gradient "
+                                    "from 4 channels and 32 images, filter gradient from 128 channels) | direct "
+                                    "(im2col GEMMs) | winograd (wherever it applies) (default auto); other devices "
+                                    "ignore it",
                             train=True, choices=CPU_CONV_ALGOS)
     prefetch: int = setting(3, "batches prepared ahead by the loader thread (0 = no thread)", low=0, high=1024)
     workers: int | None = setting(None, "processes decoding prepared (JPEG) datasets (0 = in the loader thread; "

@@ -63,10 +63,8 @@ def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1, *, relu=False):
     if bias is not None:
         (bias,) = contiguous(bias)
         bias = bias.reshape(-1)
-    if winograd.chosen(g):
-        y = winograd.conv_forward(x, w, g)
-        _bias_relu(y, bias, relu, g)
-        return y
+    if winograd.chosen(g, "forward"):
+        return winograd.conv_forward(x, w, g, bias=bias, relu=relu)
     y = np.empty(g.y_shape, dtype=np.float32)
     if gemm.available():  # no im2col matrix: the whole batch in one GEMM per group, bias and ReLU in its store
         for group in range(g.groups):
@@ -89,7 +87,7 @@ def conv_forward(x, w, bias=None, stride=1, padding=0, groups=1, *, relu=False):
 def conv_backward_data(dy, w, input_hw, stride=1, padding=0, groups=1):
     dy, w = contiguous(dy, w)
     g = ConvGeometry.of_backward_data(dy.shape, w.shape, input_hw, stride=stride, padding=padding, groups=groups)
-    if winograd.chosen(g):
+    if winograd.chosen(g, "data"):
         return winograd.conv_backward_data(dy, w, g)
     dx = np.empty(g.x_shape, dtype=np.float32)
     for group in range(g.groups):
@@ -103,7 +101,7 @@ def conv_backward_filter(x, dy, filter_hw, stride=1, padding=0, groups=1):
     x, dy = contiguous(x, dy)
     g = ConvGeometry.of_backward_filter(x.shape, dy.shape, filter_hw, stride=stride, padding=padding,
                                         groups=groups)
-    if winograd.chosen(g):
+    if winograd.chosen(g, "filter"):
         return winograd.conv_backward_filter(x, dy, g)
     fg = g.F // g.groups
     dw = np.empty(g.w_shape, dtype=np.float32)

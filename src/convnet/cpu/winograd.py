@@ -1,19 +1,20 @@
 """Winograd F(2x2, 3x3) convolutions on the fast CPU path: 3x3 filters, stride 1, padding at most 2 (any groups,
-images, channels). Each output 2x2 tile costs 16 multiplications per (input channel, filter) instead of 36: the
-input, filter and output transforms are compiled loops (csrc/cpu/winograd.cpp, which states the layouts and the
-matrices), and the products are 16 GEMMs of this path's GEMM (convnet/cpu/gemm.py), one per element of the 4x4
-transformed tile. The data gradient is the forward of the transposed convolution (filters rotated 180 degrees,
-padding 2 - p); the filter gradient is G^T [(A dY A^T) (B^T d B)] G summed over tiles by the GEMMs.
+images, channels). Each output 2x2 tile costs 16 multiplications per (input channel, filter) instead of 36.
+The forward and the data gradient (the forward of the transposed convolution: filters rotated 180 degrees, padding
+2 - p) run fused (``convnet._cpu.winograd_conv``, csrc/cpu/winograd_fused.inc): per tile and block of images the
+input transform, the 16 products and the output transform (with the bias and ReLU) stay in cache. The filter
+gradient, G^T [(A dY A^T) (B^T d B)] G summed over tiles, transforms whole tensors (csrc/cpu/winograd.cpp, which
+states the layouts and the matrices) around 16 GEMMs of this path's GEMM (convnet/cpu/gemm.py).
 
-Deterministic like the direct path: a fixed transform order, every GEMM element a fixed order of fused multiply-adds
-(convnet/cpu/gemm.py), chunks of images fixed by the shapes, so the bits do not depend on the SIMD width or the
-thread count. Not the direct path's bits: the transforms round
-differently, within the tolerance docs/training.md derives ("Winograd convolutions"); tests/test_winograd.py holds
-them to it against the float64 reference.
+Deterministic like the direct path: a fixed transform order, every product element a fixed order of fused
+multiply-adds, chunks of images fixed by the shapes, so the bits do not depend on the SIMD width or the thread
+count. Not the direct path's bits: the transforms round differently, within the tolerance docs/training.md derives
+("Winograd convolutions"); tests/test_winograd.py holds them to it against the float64 reference.
 
-Which algorithm a layer gets: the process's choice, set with ``algorithm(name)`` (a context manager; ``python -m
-convnet.train --cpu-conv`` and the model file's ``[train] cpu_conv`` enter it for the run): ``direct``, the default;
-``winograd``: every eligible layer; ``auto``: the measured cost model ``prefers_winograd``.
+Which algorithm a pass gets: the process's choice, set with ``algorithm(name)`` (a context manager; ``python -m
+convnet.train --cpu-conv`` and the model file's ``[train] cpu_conv`` enter it for the run): ``auto``, the default:
+the measured cost model ``prefers_winograd`` per pass (forward, data gradient, filter gradient); ``direct``: never;
+``winograd``: every pass of every eligible layer.
 """
 from __future__ import annotations
 
@@ -22,10 +23,9 @@ import numpy as np
 from convnet.config import CPU_CONV_ALGOS
 from convnet.cpu import gemm, lib
 from convnet.geometry import ConvGeometry
-from convnet.reference.conv import image_chunks
 
 ALGOS = CPU_CONV_ALGOS  # direct, winograd, auto: the choices of --cpu-conv / [train] cpu_conv
-_algo = "direct"
+_algo = "auto"  # the default: the cost model (config.py's cpu_conv)
 
 
 def algo() -> str:
@@ -60,35 +60,44 @@ def eligible(g: ConvGeometry) -> bool:
         and gemm.available()
 
 
-# The cost model, measured on a 2-vCPU AMD EPYC with AVX-512 (docs/results.md, "Winograd F(2x2, 3x3)"): the
-# transforms are memory passes over 4x the input and output (about channels x pixels), the GEMMs save 2.25x of the
-# multiply-adds (less the ragged tiles of odd outputs), which pays reliably once the GEMMs are deep and wide enough:
-# AlexNet's conv3-5 (256-384 channels) 1.25-1.6x faster; the default fmnist net's conv3 (64 -> 128) 1.0-1.45x (within
-# the loaded machine's noise), its conv2 (32 -> 64) 0.6-0.9x.
-MIN_CHANNELS = 128
+PASSES = ("forward", "data", "filter")  # the three products of a convolution: y, dx, dw
+
+# The cost model of ``auto``, measured on a 2-vCPU AMD EPYC with AVX-512 at 1 and 2 threads, Winograd against
+# direct (docs/training.md, "Winograd convolutions"). The forward and the data gradient are 1.4-2.1x faster from 4
+# channels on both sides (fmnist's conv2 and conv3 1.6-1.9x, AlexNet's conv3-5 at batch 64 1.6-2.0x); they lose with
+# 1-3 channels on either side (0.3-0.6x: a micro-tile of filters or a product of depth 3 mostly idle) and with fewer
+# than 32 images (0.8x: the blocks of images are 32 wide with AVX-512, half empty at 16). The filter gradient
+# scatters every transformed value into the micro-kernel's panels and adds each block of images into all of D: it
+# pays when both sides have 64+ channels (fmnist's conv3, 64 -> 128: 1.2-1.3x; its conv2, 32 -> 64: 0.65-0.75x) and
+# D stays in the L2 cache (AlexNet's conv3-5, D of 1.5-2.4 M floats: 0.5-1.1x).
+# The rule reads the geometry only, never the CPU: the same bits on every machine.
+MIN_CHANNELS = 4             # forward / data gradient: input channels and filters per group, at least
+MIN_IMAGES = 32              # forward / data gradient: images, at least
+MIN_FILTER_CHANNELS = 64     # filter gradient: input channels and filters per group, at least
+MAX_FILTER_PRODUCTS = 128 * 1024  # filter gradient: floats of D (16 x channels x filters), at most: it stays in L2
 
 
-def prefers_winograd(g: ConvGeometry) -> bool:
-    """The cost model of ``auto``: Winograd where eligible and both the group's input channels and its filters are at
-    least ``MIN_CHANNELS`` (smaller GEMMs run below peak and the transforms' memory passes dominate)."""
-    return eligible(g) and g.Cg >= MIN_CHANNELS and g.F // g.groups >= MIN_CHANNELS
+def prefers_winograd(g: ConvGeometry, pass_: str = "forward") -> bool:
+    """The cost model of ``auto`` for one pass (``PASSES``) of an eligible convolution."""
+    if pass_ not in PASSES:
+        raise ValueError(f"convolution pass {pass_!r}: expected one of {', '.join(PASSES)}")
+    if not eligible(g):
+        return False
+    fg = g.F // g.groups
+    if pass_ == "filter":
+        return min(g.Cg, fg) >= MIN_FILTER_CHANNELS and 16 * g.Cg * fg <= MAX_FILTER_PRODUCTS
+    return min(g.Cg, fg) >= MIN_CHANNELS and g.N >= MIN_IMAGES
 
 
-def chosen(g: ConvGeometry) -> bool:
-    """Whether the cpu device runs this convolution by Winograd (the chosen ``algo()`` and the cost model)."""
+def chosen(g: ConvGeometry, pass_: str = "forward") -> bool:
+    """Whether the cpu device runs this pass of the convolution by Winograd (the chosen ``algo()`` and the cost
+    model)."""
     choice = algo()
     if choice == "direct":
         return False
     if choice == "winograd":
         return eligible(g)
-    return prefers_winograd(g)
-
-
-DOT_FORM_MAX = 4096  # elements of D_e up to which the filter gradient's GEMMs take the dot form
-
-
-def _tiles(oh: int, ow: int) -> tuple[int, int]:
-    return (oh + 1) // 2, (ow + 1) // 2
+    return prefers_winograd(g, pass_)
 
 
 def _check(g: ConvGeometry):
@@ -97,87 +106,47 @@ def _check(g: ConvGeometry):
                          f"{g.KH}x{g.KW} filters, stride {tuple(g.stride)}, padding {tuple(g.padding)}")
 
 
-def _chunks(n: int, th: int, tw: int, channels: int):
-    """Chunks [(n0, n1)] of the n images whose transformed tensors (16 x th x tw x channels floats per image, channels
-    counting both sides) fit the reference's im2col budget (convnet/reference/conv.py): the extra memory stays about
-    the direct path's. Fixed by the shapes alone, so the bits do not depend on anything else."""
-    return image_chunks(n, 16 * th * tw * channels)
-
-
-def _transformed_forward(x, u_of, c_in, c_out, groups, h, w, n, ph, pw, oh, ow):
-    """y (groups * c_out, oh, ow, n) from x (groups * c_in, h, w, n): per group and chunk of images, V = input
-    transform, 16 GEMMs with the filters ``u_of(group)`` (16, c_out, c_in: a view), output transform."""
-    th, tw = _tiles(oh, ow)
-    y = np.empty((groups * c_out, oh, ow, n), dtype=np.float32)
-    chunks = _chunks(n, th, tw, c_in + c_out)
-    most = max(n1 - n0 for n0, n1 in chunks)
-    v_all = np.empty(16 * c_in * th * tw * most, dtype=np.float32)
-    m_all = np.empty(16 * c_out * th * tw * most, dtype=np.float32)
-    isa = gemm.isa()
-    for group in range(groups):
-        u = u_of(group)
-        for n0, n1 in chunks:
-            p = th * tw * (n1 - n0)
-            v, m = v_all[:16 * c_in * p].reshape(16, c_in, p), m_all[:16 * c_out * p].reshape(16, c_out, p)
-            lib().winograd_input(x, v, groups * c_in, h, w, n, n0, n1 - n0, group * c_in, c_in, ph, pw, th, tw)
-            for e in range(16):
-                lib().gemm(u[e], v[e], m[e], isa=isa)
-            lib().winograd_output(m, y, groups * c_out, oh, ow, n, n0, n1 - n0, group * c_out, c_out, th, tw)
+def conv_forward(x, w, g: ConvGeometry, bias=None, relu: bool = False):
+    """y (F, OH, OW, N) = the convolution of x (C, H, W, N) with w (C/groups, 3, 3, F) [+ bias (F,)] [then the ReLU:
+    v > 0 ? v : +0], by the fused kernel (csrc/cpu/winograd_fused.inc): per tile and block of images the input
+    transform, the 16 products and the output transform stay in cache."""
+    _check(g)
+    fg = g.F // g.groups
+    u = np.empty((16, g.Cg, fg), dtype=np.float32)
+    y = np.empty(g.y_shape, dtype=np.float32)
+    for group in range(g.groups):
+        lib().winograd_filter(w, u, g.Cg, g.F, group * fg, fg, False)
+        lib().winograd_conv(x, u, y, g.C, g.H, g.W, g.N, group * g.Cg, g.Cg, *g.padding, g.F, group * fg, fg, g.OH,
+                            g.OW, u_layout="ck", bias=None if bias is None else bias[group * fg:(group + 1) * fg],
+                            relu=relu, isa=gemm.isa())
     return y
 
 
-def conv_forward(x, w, g: ConvGeometry):
-    """y (F, OH, OW, N) = the convolution of x (C, H, W, N) with w (C/groups, 3, 3, F), no bias (the caller adds it)."""
-    _check(g)
-    fg = g.F // g.groups
-    u = np.empty((16, g.Cg, fg), dtype=np.float32)
-
-    def u_of(group):
-        lib().winograd_filter(w, u, g.Cg, g.F, group * fg, fg, False)
-        return u.transpose(0, 2, 1)  # the GEMMs read it transposed (measured as fast as a contiguous copy)
-
-    return _transformed_forward(x, u_of, g.Cg, fg, g.groups, g.H, g.W, g.N, *g.padding, g.OH, g.OW)
-
-
 def conv_backward_data(dy, w, g: ConvGeometry):
-    """dx (C, H, W, N) from dy (F, OH, OW, N): the forward of the transposed convolution, padding 2 - p."""
+    """dx (C, H, W, N) from dy (F, OH, OW, N): the forward of the transposed convolution (the filters rotated by 180
+    degrees, input and output channels swapped), padding 2 - p."""
     _check(g)
     fg = g.F // g.groups
     u = np.empty((16, g.Cg, fg), dtype=np.float32)
-
-    def u_of(group):
-        lib().winograd_filter(w, u, g.Cg, g.F, group * fg, fg, True)
-        return u
-
+    dx = np.empty(g.x_shape, dtype=np.float32)
     ph, pw = g.padding
-    return _transformed_forward(dy, u_of, fg, g.Cg, g.groups, g.OH, g.OW, g.N, 2 - ph, 2 - pw, g.H, g.W)
+    for group in range(g.groups):
+        lib().winograd_filter(w, u, g.Cg, g.F, group * fg, fg, True)
+        lib().winograd_conv(dy, u, dx, g.F, g.OH, g.OW, g.N, group * fg, fg, 2 - ph, 2 - pw, g.C, group * g.Cg, g.Cg,
+                            g.H, g.W, u_layout="kc", isa=gemm.isa())
+    return dx
 
 
 def conv_backward_filter(x, dy, g: ConvGeometry):
-    """dw (C/groups, 3, 3, F) from x (C, H, W, N) and dy (F, OH, OW, N); the GEMMs of every chunk of images after
-    the first add into D (so the chunks, fixed by the shapes, set the summation order, not the threads)."""
+    """dw (C/groups, 3, 3, F) from x (C, H, W, N) and dy (F, OH, OW, N): per group the fused products D (16, Cg, Fg)
+    (``convnet._cpu.winograd_filter_products``: each element one chain over the tiles and images in order), then
+    dw = G^T D G."""
     _check(g)
     fg = g.F // g.groups
-    th, tw = _tiles(g.OH, g.OW)
-    chunks = _chunks(g.N, th, tw, g.Cg + fg)
-    most = max(n1 - n0 for n0, n1 in chunks)
-    v_all = np.empty(16 * g.Cg * th * tw * most, dtype=np.float32)
-    z_all = np.empty(16 * fg * th * tw * most, dtype=np.float32)
     dw = np.empty(g.w_shape, dtype=np.float32)
     d = np.empty((16, g.Cg, fg), dtype=np.float32)
-    isa = gemm.isa()
-    # D_e = V_e @ Z_e.T: V_e taken as a 1x1 convolution's image (Cg, 1, 1, P), so that the filter-gradient GEMM's
-    # forms apply: the dot form (both operands read along P, nothing packed) for a small D_e (measured 2.6x faster
-    # than the packed form for fmnist's conv2, 32 x 64; slower for its conv3, 64 x 128)
-    form = "dot" if g.Cg * fg <= DOT_FORM_MAX else "packed"
     for group in range(g.groups):
-        for n0, n1 in chunks:
-            p = th * tw * (n1 - n0)
-            v, z = v_all[:16 * g.Cg * p].reshape(16, g.Cg, p), z_all[:16 * fg * p].reshape(16, fg, p)
-            lib().winograd_input(x, v, g.C, g.H, g.W, g.N, n0, n1 - n0, group * g.Cg, g.Cg, *g.padding, th, tw)
-            lib().winograd_grad(dy, z, g.F, g.OH, g.OW, g.N, n0, n1 - n0, group * fg, fg, th, tw)
-            for e in range(16):
-                lib().conv_gemm_filter(v[e].reshape(g.Cg, 1, 1, p), z[e], d[e], g.Cg, 1, 1, p, 0, g.Cg, 0, p, 1, 1,
-                                       1, 1, 0, 0, 1, 1, accumulate=n0 > 0, isa=isa, form=form)
+        lib().winograd_filter_products(x, dy, d, g.C, g.H, g.W, g.N, group * g.Cg, g.Cg, *g.padding, g.F, group * fg,
+                                       fg, g.OH, g.OW, isa=gemm.isa())
         lib().winograd_filter_grad(d, dw, g.Cg, g.F, group * fg, fg)
     return dw

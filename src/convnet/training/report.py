@@ -94,7 +94,7 @@ def run_lines(t) -> list[str]:
     share the work; the towers and the bytes copied between them; a run already trained to ``--epochs``."""
     cfg, ds = t.cfg, t.dataset
     threads = f" ({cfg.threads} threads)" if t.device.synchronous and cfg.threads else ""  # host devices
-    if t.device.kind == "cpu" and cfg.cpu_conv != "direct":
+    if t.device.kind == "cpu" and cfg.cpu_conv != "auto":
         threads += f" ({cfg.cpu_conv} convolutions)"
     lines = [f"training {Path(cfg.model).stem} on {ds.name} ({len(ds.train_x)} train / {len(ds.test_x)} test "
              f"images), device {t.device}{threads}, precision {t.net.precision}, {t.net.num_params():,} parameters, "
