@@ -375,9 +375,9 @@ def test_step_profile_times_every_phase_of_a_cpu_step(tmp_path, monkeypatch, cap
     rows = {r["phase"]: r for r in json.loads(js.read_text())["rows"]}
     gemms = [p for p in rows if p.startswith("GEMM ")]
     if bench.cpu_gemm.available():
-        # auto at batch 4: conv3's filter gradient by Winograd (64 -> 128 channels), the rest direct (under 32 images)
+        # auto at batch 4: conv2's and conv3's filter gradients by Winograd, the rest direct (under 32 images)
         assert sorted(gemms) == sorted(
-            f"GEMM {layer} {ps}" + (" (Winograd)" if (layer, ps) == ("conv3", "weight grad") else "")
+            f"GEMM {layer} {ps}" + (" (Winograd)" if layer in ("conv2", "conv3") and ps == "weight grad" else "")
             for layer in ("conv1", "conv2", "conv3", "fc3", "fc4")
             for ps in ("forward", "data grad", "weight grad") if (layer, ps) != ("conv1", "data grad"))
         assert all(rows[g]["GFLOP/s"] > 0 and rows[g]["% of peak"] > 0 for g in gemms)

@@ -8,6 +8,9 @@
 #include "cpu/gemm.h"
 
 #include <omp.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -396,6 +399,51 @@ void py_winograd_conv(const Floats& x, const Floats& u, Floats& y, i64 C, i64 H,
   if (!error.empty()) throw std::runtime_error("winograd_conv: " + error);
 }
 
+// dst (cols, rows) = src (rows, cols) transposed: 8 x 8 blocks in AVX registers (the GEMM's ISAs all have AVX2),
+// the edges one element at a time; the blocks' column strips split over the threads.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx2"))) void transpose8(const float* src, i64 ld_src, float* dst, i64 ld_dst) {
+  __m256 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ld_dst, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ld_dst, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+  }
+}
+#endif
+
+void transpose(const float* src, i64 rows, i64 cols, float* dst) {
+  constexpr i64 B = 8;
+  const i64 full_r = rows / B * B, strips = (cols + 63) / 64;
+  const int threads = rows * cols < 64 * 1024 ? 1 : loop_threads();
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (i64 strip = 0; strip < strips; ++strip) {
+    const i64 c0 = strip * 64, c1 = std::min(cols, c0 + 64), full_c = c0 + (c1 - c0) / B * B;
+    for (i64 r = 0; r < full_r; r += B) {
+      i64 c = c0;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+      for (; c < full_c; c += B) transpose8(src + r * cols + c, cols, dst + c * rows + r, rows);
+#endif
+      for (; c < c1; ++c) {
+        for (i64 i = r; i < r + B; ++i) dst[c * rows + i] = src[i * cols + c];
+      }
+    }
+    for (i64 c = c0; c < c1; ++c) {
+      for (i64 i = full_r; i < rows; ++i) dst[c * rows + i] = src[i * cols + c];
+    }
+  }
+}
+
 // D (16, Cg, Fg) = the Winograd F(2x2, 3x3) filter gradient's products, summed over the tiles and images, of
 // channels [c0, c0 + Cg) of x (C, H, W, N) and filters [f0, f0 + Fg) of dy (F, OH, OW, N), padding (ph, pw) in
 // 0..2 (convnet/cpu/winograd.py turns D into dw). The filters' NR-wide panels are cut into one contiguous range per
@@ -426,24 +474,33 @@ void py_winograd_filter_products(const Floats& x, const Floats& dy, Floats& d, i
   disjoint(d, x, "x");
   disjoint(d, dy, "dy");
   WinogradGrad grad;
-  grad.x = x.data() + c0 * H * W * N;
   grad.C = Cg, grad.H = H, grad.W = W, grad.N = N, grad.ph = ph, grad.pw = pw;
-  grad.dy = dy.data() + f0 * OH * OW * N;
   grad.K = Fg, grad.OH = OH, grad.OW = OW;
+  // The tiles are cut into two halves of tile rows (one where there is one row), fixed by the shapes: each half
+  // sums into its own D, and D = D_0 + D_1 at the end. The halves run side by side on two threads, each half's
+  // filters split further over more; one thread runs them in turn. Either way, the same bits.
   const i64 mr = chosen->mr, nr = chosen->nr, rows = (Cg + mr - 1) / mr * mr, panels = (Fg + nr - 1) / nr;
-  const i64 ldd = panels * nr, parts = std::min<i64>(loop_threads(), panels);
+  const i64 TH = (OH + 1) / 2, halves = TH >= 2 ? 2 : 1, ldd = panels * nr, size = 16 * rows * ldd;
+  const i64 kparts = std::max<i64>(1, std::min<i64>(loop_threads() / halves, panels)), jobs = halves * kparts;
   float* dp = d.mutable_data();
   py::gil_scoped_release release;
-  thread_local AlignedFloats padded;
-  float* pd = padded.at_least(16 * rows * ldd);
-  std::fill(pd, pd + 16 * rows * ldd, 0.0f);
+  thread_local AlignedFloats padded, xt, dyt;  // the halves' D, padded to whole micro-tiles; x and dy pixel-major
+  float* pd = padded.at_least(halves * size);
+  transpose(x.data() + c0 * H * W * N, Cg, H * W * N, xt.at_least(H * W * N * Cg));
+  transpose(dy.data() + f0 * OH * OW * N, Fg, OH * OW * N, dyt.at_least(OH * OW * N * Fg));
+  grad.x = xt.p;
+  grad.dy = dyt.p;
+  std::fill(pd, pd + halves * size, 0.0f);
   std::string error;
-#pragma omp parallel num_threads(static_cast<int>(parts)) if (parts > 1)
-  {
-    const i64 t = omp_get_thread_num(), k0 = t * panels / parts * nr, k1 = std::min(Fg, (t + 1) * panels / parts * nr);
+  const int threads = static_cast<int>(std::min<i64>(loop_threads(), jobs));
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (i64 job = 0; job < jobs; ++job) {
+    const i64 h = job / kparts, part = job % kparts;
+    const i64 k0 = part * panels / kparts * nr, k1 = std::min(Fg, (part + 1) * panels / kparts * nr);
     try {
       thread_local AlignedFloats scratch;
-      chosen->winograd_grad_run(grad, k0, k1, pd, ldd, scratch.at_least(chosen->winograd_grad_scratch(Cg, k1 - k0)));
+      chosen->winograd_grad_run(grad, h * TH / halves, (h + 1) * TH / halves, k0, k1, pd + h * size, ldd,
+                                scratch.at_least(chosen->winograd_grad_scratch(Cg, k1 - k0)));
     } catch (const std::exception& e) {
 #pragma omp critical
       error = e.what();
@@ -451,7 +508,15 @@ void py_winograd_filter_products(const Floats& x, const Floats& dy, Floats& d, i
   }
   if (!error.empty()) throw std::runtime_error("winograd_filter_products: " + error);
   for (i64 e = 0; e < 16; ++e) {
-    for (i64 c = 0; c < Cg; ++c) std::memcpy(dp + (e * Cg + c) * Fg, pd + (e * rows + c) * ldd, sizeof(float) * Fg);
+    for (i64 c = 0; c < Cg; ++c) {
+      float* out = dp + (e * Cg + c) * Fg;
+      const float* first = pd + (e * rows + c) * ldd;
+      if (halves == 1) {
+        std::memcpy(out, first, sizeof(float) * Fg);
+      } else {
+        for (i64 k = 0; k < Fg; ++k) out[k] = first[k] + first[size + k];
+      }
+    }
   }
 }
 

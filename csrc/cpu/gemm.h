@@ -56,8 +56,8 @@ struct WinogradConv {
   bool relu = false;
 };
 // The fused Winograd filter gradient (winograd_fused.inc): D_e[c][k] = sum over the tiles and images of
-// (B^T d B)_e[c] (A dY A^T)_e[k] for x (C, H, W, N) and dy (K, OH, OW, N) (pointers at a group's first channel;
-// N is both the images and the pixel stride), 3x3, stride 1, padding (ph, pw) <= 2.
+// (B^T d B)_e[c] (A dY A^T)_e[k] for the inputs pixel-major, channels fastest: x (H, W, N, C) and dy (OH, OW, N, K)
+// (a group's channels only), 3x3, stride 1, padding (ph, pw) <= 2.
 struct WinogradGrad {
   const float* x = nullptr;
   i64 C = 0, H = 0, W = 0, N = 0, ph = 0, pw = 0;
@@ -84,11 +84,14 @@ struct Isa {
   void (*winograd_pack)(const WinogradConv& conv, float* packed);
   void (*winograd_run)(const WinogradConv& conv, const float* packed, i64 job0, i64 job1, float* scratch);
   i64 winograd_scratch(i64 C) const { return 16 * C * nr + 16 * mr * nr + 16 * nr; }
-  // The fused filter gradient of the filters [k0, k1) into d (16, ceil(C / mr) * mr, ldd), zero on entry.
-  void (*winograd_grad_run)(const WinogradGrad& grad, i64 k0, i64 k1, float* d, i64 ldd, float* scratch);
+  // The fused filter gradient of the tile rows [ty0, ty1) and filters [k0, k1) into d (16, ceil(C / mr) * mr, ldd),
+  // zero on entry.
+  void (*winograd_grad_run)(const WinogradGrad& grad, i64 ty0, i64 ty1, i64 k0, i64 k1, float* d, i64 ldd,
+                            float* scratch);
   i64 winograd_grad_scratch(i64 C, i64 k_count) const {
     const i64 jb = WINOGRAD_GRAD_IMAGES;
-    return 16 * ((C + mr - 1) / mr) * jb * mr + 16 * ((k_count + nr - 1) / nr) * jb * nr + 16 * jb + jb;
+    const i64 cp = (C + mr - 1) / mr;
+    return 16 * cp * jb * mr + 16 * ((k_count + nr - 1) / nr) * jb * nr + 16 * ((cp * mr + 15) / 16 * 16);
   }
 };
 

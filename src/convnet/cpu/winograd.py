@@ -63,18 +63,19 @@ def eligible(g: ConvGeometry) -> bool:
 PASSES = ("forward", "data", "filter")  # the three products of a convolution: y, dx, dw
 
 # The cost model of ``auto``, measured on a 2-vCPU AMD EPYC with AVX-512 at 1 and 2 threads, Winograd against
-# direct (docs/training.md, "Winograd convolutions"). The forward and the data gradient are 1.4-2.1x faster from 4
-# channels on both sides (fmnist's conv2 and conv3 1.6-1.9x, AlexNet's conv3-5 at batch 64 1.6-2.0x); they lose with
+# direct (docs/training.md, "Winograd convolutions"). The forward and the data gradient are 1.2-2.2x faster from 4
+# channels on both sides (fmnist's conv2 and conv3 1.5-1.9x, AlexNet's conv3-5 at batch 64 1.8-2.0x); they lose with
 # 1-3 channels on either side (0.3-0.6x: a micro-tile of filters or a product of depth 3 mostly idle) and with fewer
-# than 32 images (0.8x: the blocks of images are 32 wide with AVX-512, half empty at 16). The filter gradient
-# scatters every transformed value into the micro-kernel's panels and adds each block of images into all of D: it
-# pays when both sides have 64+ channels (fmnist's conv3, 64 -> 128: 1.2-1.3x; its conv2, 32 -> 64: 0.65-0.75x) and
-# D stays in the L2 cache (AlexNet's conv3-5, D of 1.5-2.4 M floats: 0.5-1.1x).
-# The rule reads the geometry only, never the CPU: the same bits on every machine.
+# than 32 images (0.8x: the blocks of images are 32 wide with AVX-512, half empty at 16). The filter gradient pays
+# from 32 channels on both sides (fmnist's conv2, 32 -> 64: 1.0-1.4x; its conv3, 64 -> 128: 1.5-2.1x; 128 -> 128:
+# 1.7x), not below (16 -> 32: 0.6-1.0x; 8 -> 16: 0.3x: the transforms' and panels' work per product grows as
+# the channels shrink) nor once each half's D (16 x channels x filters floats) outgrows the caches (AlexNet's
+# conv3, 1.6 M floats: 1.85x on 1 thread but 0.9x on 2).
+# The rule reads the geometry only, never the CPU or the threads: the same bits on every machine.
 MIN_CHANNELS = 4             # forward / data gradient: input channels and filters per group, at least
 MIN_IMAGES = 32              # forward / data gradient: images, at least
-MIN_FILTER_CHANNELS = 64     # filter gradient: input channels and filters per group, at least
-MAX_FILTER_PRODUCTS = 128 * 1024  # filter gradient: floats of D (16 x channels x filters), at most: it stays in L2
+MIN_FILTER_CHANNELS = 32     # filter gradient: input channels and filters per group, at least
+MAX_FILTER_PRODUCTS = 512 * 1024  # filter gradient: floats of D (16 x channels x filters per group), at most
 
 
 def prefers_winograd(g: ConvGeometry, pass_: str = "forward") -> bool:
