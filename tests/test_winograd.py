@@ -18,10 +18,11 @@ U32 = 2.0 ** -24  # float32's unit roundoff
 
 pytestmark = pytest.mark.skipif(not cpu_gemm.available(), reason="Winograd runs on this path's own GEMM only")
 
-# The transforms' matrices (Lavin & Gray's F(2x2, 3x3)).
-BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
-G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float64)
-AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
+# The transforms' matrices per output tile m (F(m x m, 3x3)): the module's, which the C++ kernels must match (the
+# float64 algorithm below is checked against the direct convolution, the kernels against the float64 reference).
+MATRICES = winograd.MATRICES
+TILES = winograd.TILES
+SLACK = {2: 10, 3: 30}  # roundings of the transforms (4 passes of up to 4 terms, with F(3x3)'s constants and thirds)
 
 # (C, H, W, N, F, padding, groups): odd sizes, 1x1 and 2x1 images, C = 1, N = 1 and N not a multiple of the
 # transforms' 16-image (16-filter) blocks, every padding 0..2 (per axis too), groups.
@@ -42,42 +43,45 @@ def _pair(p):
     return (p, p) if isinstance(p, int) else p
 
 
-def _tiles(a, ph, pw, th, tw):
-    """a (C, H, W, N) zero-padded and cut into overlapping 4x4 patches: (C, th, tw, 4, 4, N), patch (t, u) at
-    (2t - ph, 2u - pw)."""
+def _tiles(a, ph, pw, th, tw, m):
+    """a (C, H, W, N) zero-padded and cut into overlapping (m + 2)^2 patches: (C, th, tw, m + 2, m + 2, N), patch
+    (t, u) at (m t - ph, m u - pw)."""
     c, h, w, n = a.shape
-    p = np.zeros((c, 2 * th + 2, 2 * tw + 2, n))
-    rows, cols = min(h, 2 * th + 2 - ph), min(w, 2 * tw + 2 - pw)
+    al = m + 2
+    p = np.zeros((c, m * th + 2, m * tw + 2, n))
+    rows, cols = min(h, m * th + 2 - ph), min(w, m * tw + 2 - pw)
     p[:, ph:ph + rows, pw:pw + cols] = a[:, :rows, :cols]
-    out = np.empty((c, th, tw, 4, 4, n))
-    for i in range(4):
-        for j in range(4):
-            out[:, :, :, i, j] = p[:, i:i + 2 * th:2, j:j + 2 * tw:2]
+    out = np.empty((c, th, tw, al, al, n))
+    for i in range(al):
+        for j in range(al):
+            out[:, :, :, i, j] = p[:, i:i + m * th:m, j:j + m * tw:m]
     return out
 
 
-def _winograd64(x, w, ph, pw, oh, ow, bt=BT, g=G, at=AT):
-    """The algorithm in float64 with given matrices, one group: y (F, oh, ow, N). With the matrices' and operands'
-    absolute values it is the magnitude the rounding errors scale with."""
-    th, tw = (oh + 1) // 2, (ow + 1) // 2
-    v = np.einsum("ai,bj,ctuijn->ctuabn", bt, bt, _tiles(x, ph, pw, th, tw))
+def _winograd64(x, w, ph, pw, oh, ow, m, absolute=False):
+    """The algorithm F(m x m, 3x3) in float64, one group: y (F, oh, ow, N). With the matrices' and operands'
+    absolute values (absolute=True) it is the magnitude the rounding errors scale with."""
+    bt, g, at = (np.abs(a) if absolute else a for a in MATRICES[m])
+    th, tw = -(-oh // m), -(-ow // m)
+    v = np.einsum("ai,bj,ctuijn->ctuabn", bt, bt, _tiles(x, ph, pw, th, tw, m))
     u = np.einsum("ak,bl,cklf->abcf", g, g, w)
-    m = np.einsum("abcf,ctuabn->ftuabn", u, v)
-    y = np.einsum("ia,jb,ftuabn->ftiujn", at, at, m).reshape(w.shape[3], 2 * th, 2 * tw, x.shape[3])
+    prod = np.einsum("abcf,ctuabn->ftuabn", u, v)
+    y = np.einsum("ia,jb,ftuabn->ftiujn", at, at, prod).reshape(w.shape[3], m * th, m * tw, x.shape[3])
     return y[:, :oh, :ow]
 
 
-def _filter_grad64(x, dy, ph, pw, a=AT.T, bt=BT, gt=G.T):
-    """dw (C, 3, 3, F) of one group by the filter-gradient algorithm in float64."""
+def _filter_grad64(x, dy, ph, pw, m, absolute=False):
+    """dw (C, 3, 3, F) of one group by the filter-gradient algorithm F(m x m, 3x3) in float64."""
+    bt, g, at = (np.abs(a) if absolute else a for a in MATRICES[m])
     f, oh, ow, n = dy.shape
-    th, tw = (oh + 1) // 2, (ow + 1) // 2
-    v = np.einsum("ai,bj,ctuijn->ctuabn", bt, bt, _tiles(x, ph, pw, th, tw))
-    dyp = np.zeros((f, 2 * th, 2 * tw, n))
+    th, tw = -(-oh // m), -(-ow // m)
+    v = np.einsum("ai,bj,ctuijn->ctuabn", bt, bt, _tiles(x, ph, pw, th, tw, m))
+    dyp = np.zeros((f, m * th, m * tw, n))
     dyp[:, :oh, :ow] = dy
-    dyt = dyp.reshape(f, th, 2, tw, 2, n).transpose(0, 1, 3, 2, 4, 5)
-    z = np.einsum("ai,bj,ftuijn->ftuabn", a, a, dyt)
+    dyt = dyp.reshape(f, th, m, tw, m, n).transpose(0, 1, 3, 2, 4, 5)
+    z = np.einsum("ia,jb,ftuijn->ftuabn", at, at, dyt)
     d = np.einsum("ctuabn,ftuabn->abcf", v, z)
-    return np.einsum("ka,lb,abcf->cklf", gt, gt, d)
+    return np.einsum("ak,bl,abcf->cklf", g, g, d)
 
 
 def _per_group(fn, a, w_or_dy, groups, split_second_on_last):
@@ -96,34 +100,33 @@ def _per_group(fn, a, w_or_dy, groups, split_second_on_last):
     return parts
 
 
-def bounds(x, w, dy, padding, groups):
-    """The per-element error bounds of y, dx, dw: gamma_(K+10) times the algorithm run on absolute values (K: the
-    GEMMs' depth, channels per group / filters per group / tiles x images; 10 covers the transforms' roundings)."""
+def bounds(x, w, dy, padding, groups, m):
+    """The per-element error bounds of y, dx, dw: gamma_(K+slack) times the algorithm run on absolute values (K: the
+    products' depth, channels per group / filters per group / tiles x images; SLACK[m] covers the transforms'
+    roundings)."""
     ph, pw = padding
     ax, aw, ady = np.abs(x).astype(np.float64), np.abs(w).astype(np.float64), np.abs(dy).astype(np.float64)
     f, oh, ow, _ = dy.shape
     _, h, wd, _ = x.shape
-    abs_m = dict(bt=np.abs(BT), g=np.abs(G), at=np.abs(AT))
 
     def gamma(k):
-        return (k + 10) * U32 / (1 - (k + 10) * U32)
+        return (k + SLACK[m]) * U32 / (1 - (k + SLACK[m]) * U32)
 
-    y_mag = np.concatenate(_per_group(lambda a, b: _winograd64(a, b, ph, pw, oh, ow, **abs_m), ax, aw, groups, True))
+    y_mag = np.concatenate(_per_group(lambda a, b: _winograd64(a, b, ph, pw, oh, ow, m, True), ax, aw, groups, True))
     rot = aw[:, ::-1, ::-1, :]  # the data gradient's filters: rotated, input and output channels swapped
     dx_mag = np.concatenate(_per_group(
-        lambda a, b: _winograd64(a, b.transpose(3, 1, 2, 0), 2 - ph, 2 - pw, h, wd, **abs_m), ady,
+        lambda a, b: _winograd64(a, b.transpose(3, 1, 2, 0), 2 - ph, 2 - pw, h, wd, m, True), ady,
         np.ascontiguousarray(rot), groups, True))
-    dw_mag = np.concatenate(_per_group(
-        lambda a, b: _filter_grad64(a, b, ph, pw, np.abs(AT.T), np.abs(BT), np.abs(G.T)), ax, ady, groups, False),
-        axis=3)
-    p = ((oh + 1) // 2) * ((ow + 1) // 2) * x.shape[3]
+    dw_mag = np.concatenate(_per_group(lambda a, b: _filter_grad64(a, b, ph, pw, m, True), ax, ady, groups, False),
+                            axis=3)
+    p = -(-oh // m) * -(-ow // m) * x.shape[3]
     return (gamma(w.shape[0]) * y_mag, gamma(f // groups) * dx_mag, gamma(p) * dw_mag)
 
 
-def _run(x, w, dy, padding, groups):
+def _run(x, w, dy, padding, groups, m=None):
     g = ConvGeometry.of(x.shape, w.shape, stride=1, padding=padding, groups=groups)
-    return winograd.conv_forward(x, w, g), winograd.conv_backward_data(dy, w, g), \
-        winograd.conv_backward_filter(x, dy, g)
+    return winograd.conv_forward(x, w, g, m=m), winograd.conv_backward_data(dy, w, g, m=m), \
+        winograd.conv_backward_filter(x, dy, g, m=m)
 
 
 def _case(c, h, w, n, f, padding, groups):
@@ -132,18 +135,29 @@ def _case(c, h, w, n, f, padding, groups):
     return x, wt, dy
 
 
-def test_the_float64_algorithm_is_the_convolution():
-    """The test's own float64 Winograd (the bounds' magnitudes come from it) is exact: the reference's results to
-    float64 rounding, so the bounds measure the algorithm the compiled loops implement."""
+@pytest.mark.parametrize("m", TILES)
+def test_the_float64_algorithm_is_the_convolution(m):
+    """The test's own float64 Winograd (the bounds' magnitudes come from it) with the module's matrices is exact:
+    the reference's results to float64 rounding, so the matrices are right and the bounds measure the algorithm the
+    compiled loops implement."""
     x, w, dy = (a.astype(np.float64) for a in _case(3, 7, 6, 4, 5, 1, 1))
-    y = _winograd64(x, w, 1, 1, 7, 6)
+    y = _winograd64(x, w, 1, 1, 7, 6, m)
     np.testing.assert_allclose(y, ref_conv.conv_forward(x, w, padding=1), rtol=0, atol=1e-12)
-    np.testing.assert_allclose(_filter_grad64(x, dy, 1, 1), ref_conv.conv_backward_filter(x, dy, (3, 3), padding=1),
-                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(_filter_grad64(x, dy, 1, 1, m),
+                               ref_conv.conv_backward_filter(x, dy, (3, 3), padding=1), rtol=0, atol=1e-12)
 
 
+def test_the_output_tile_has_the_fewest_products():
+    """output_tile: F(3x3) for fmnist's 13x13 (25 x 25 products against 16 x 49) and 6x6 (25 x 4 against 16 x 9),
+    F(2x2) for a 4x4 output (16 x 4 against 25 x 4) and a 2x2 one, per axis too."""
+    assert winograd.output_tile(13, 13) == winograd.output_tile(6, 6) == 3
+    assert winograd.output_tile(4, 4) == winograd.output_tile(2, 2) == winograd.output_tile(1, 1) == 2
+    assert winograd.output_tile(2, 5) == 2 and winograd.output_tile(3, 9) == 3
+
+
+@pytest.mark.parametrize("m", TILES)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_the_float64_reference_within_the_bound(case):
+def test_matches_the_float64_reference_within_the_bound(case, m):
     c, h, wd, n, f, padding, groups = case
     pad = _pair(padding)
     x, w, dy = _case(*case)
@@ -151,18 +165,20 @@ def test_matches_the_float64_reference_within_the_bound(case):
     geo = dict(stride=1, padding=pad, groups=groups)
     want = (ref_conv.conv_forward(x64, w64, **geo), ref_conv.conv_backward_data(dy64, w64, (h, wd), **geo),
             ref_conv.conv_backward_filter(x64, dy64, (3, 3), **geo))
-    for name, got, exp, bound in zip(("y", "dx", "dw"), _run(x, w, dy, pad, groups), want,
-                                     bounds(x, w, dy, pad, groups)):
+    for name, got, exp, bound in zip(("y", "dx", "dw"), _run(x, w, dy, pad, groups, m), want,
+                                     bounds(x, w, dy, pad, groups, m)):
         assert got.shape == exp.shape and got.dtype == np.float32
         err = np.abs(got.astype(np.float64) - exp)
         worst = np.unravel_index(np.argmax(err - bound), err.shape)
         assert np.all(err <= bound), f"{name}: error {err[worst]:.3g} above the bound {bound[worst]:.3g} at {worst}"
-        # the bound is tight enough to mean something: far below the values themselves
-        assert bound.max() < 1e-3 * np.abs(exp).max()
+        # the bound is tight enough to mean something: far below the values themselves (F(3x3)'s larger matrix
+        # entries, up to 4 in A^T, make its magnitudes and so its bound about 10x F(2x2)'s)
+        assert bound.max() < (1e-3 if m == 2 else 1e-2) * np.abs(exp).max()
 
 
+@pytest.mark.parametrize("m", TILES)
 @pytest.mark.parametrize("case", [(6, 7, 5, 70, 40, 1, 1), (4, 5, 5, 97, 6, (2, 0), 2)], ids=str)
-def test_many_blocks_of_images_match_the_reference_within_the_bound(case):
+def test_many_blocks_of_images_match_the_reference_within_the_bound(case, m):
     """Batches of several blocks of images (32 wide with AVX-512, 16 with AVX2) and a ragged last one: every block's
     outputs land in their place, and the filter gradient's chain runs on across the blocks."""
     c, h, wd, n, f, padding, groups = case
@@ -172,8 +188,8 @@ def test_many_blocks_of_images_match_the_reference_within_the_bound(case):
     x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
     want = (ref_conv.conv_forward(x64, w64, **geo), ref_conv.conv_backward_data(dy64, w64, (h, wd), **geo),
             ref_conv.conv_backward_filter(x64, dy64, (3, 3), **geo))
-    for name, got, exp, bound in zip(("y", "dx", "dw"), _run(x, w, dy, pad, groups), want,
-                                     bounds(x, w, dy, pad, groups)):
+    for name, got, exp, bound in zip(("y", "dx", "dw"), _run(x, w, dy, pad, groups, m), want,
+                                     bounds(x, w, dy, pad, groups, m)):
         assert np.all(np.abs(got - exp) <= bound), name
 
 
@@ -219,20 +235,21 @@ def test_the_ops_on_the_cpu_device_use_it_when_asked():
     assert not np.array_equal(y, direct)
 
 
+@pytest.mark.parametrize("m", TILES)
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("case", [(20, 10, 9, 37, 72, 1, 1), (72, 5, 6, 67, 64, 2, 1)], ids=str)
-def test_threads_and_simd_width_do_not_change_the_bits(monkeypatch, threads, case):
+def test_threads_and_simd_width_do_not_change_the_bits(monkeypatch, threads, case, m):
     """Every transformed element is one lane's fixed sequence of operations, every product element one chain of
     fused multiply-adds in a fixed order (the filter gradient's over all tiles and images): the same bits at any
     thread count (the forward's split of tiles and blocks of images, the filter gradient's split of filters) and
     with every SIMD width this CPU runs (AVX2, AVX-512: other micro-tiles and blocks of images)."""
     x, w, dy = _case(*case)
     with loop_threads(1):
-        one = _run(x, w, dy, _pair(case[5]), 1)
+        one = _run(x, w, dy, _pair(case[5]), 1, m)
     for isa in cpu_gemm.isas():
         monkeypatch.setattr(cpu_gemm, "isa", lambda isa=isa: isa)
         with loop_threads(threads):
-            many = _run(x, w, dy, _pair(case[5]), 1)
+            many = _run(x, w, dy, _pair(case[5]), 1, m)
         for a, b in zip(one, many):
             np.testing.assert_array_equal(a, b)
 

@@ -336,14 +336,16 @@ void py_conv_filter(const Floats& x, const Array& dy, Array& dw, i64 C, i64 H, i
   }
 }
 
-// y[f0 .. f0 + Fg) (y is (F, OH, OW, N)) = the Winograd F(2x2, 3x3) convolution of channels [c0, c0 + Cg) of x
-// (C, H, W, N) with the transformed filters u: (16, Cg, Fg) (u_layout "ck") or (16, Fg, Cg) ("kc"), padding
+// y[f0 .. f0 + Fg) (y is (F, OH, OW, N)) = the Winograd F(m x m, 3x3) convolution of channels [c0, c0 + Cg) of x
+// (C, H, W, N) with the transformed filters u: (E, Cg, Fg) (u_layout "ck") or (E, Fg, Cg) ("kc"), padding
 // (ph, pw) in 0..2, [+ bias (Fg,)], [then the ReLU]. The jobs (tiles x blocks of images) are cut into one
 // contiguous range per thread; every output element is one job's, so the bits do not depend on the split.
 void py_winograd_conv(const Floats& x, const Floats& u, Floats& y, i64 C, i64 H, i64 W, i64 N, i64 c0, i64 Cg, i64 ph,
                       i64 pw, i64 F, i64 f0, i64 Fg, i64 OH, i64 OW, const std::string& u_layout,
-                      const std::optional<Floats>& bias, bool relu, const std::string& isa) {
+                      const std::optional<Floats>& bias, bool relu, int m, const std::string& isa) {
   const Isa* chosen = pick(isa);
+  if (m != 2 && m != 3) throw py::value_error("winograd_conv: m (the output tile) must be 2 or 3");
+  const i64 E = (m + 2) * (m + 2);
   for (i64 v : {C, H, W, N, Cg, F, Fg, OH, OW}) {
     if (v <= 0) throw py::value_error("winograd_conv: sizes must be positive");
   }
@@ -354,14 +356,15 @@ void py_winograd_conv(const Floats& x, const Floats& u, Floats& y, i64 C, i64 H,
   if (u_layout != "ck" && u_layout != "kc") throw py::value_error("winograd_conv: u_layout must be 'ck' or 'kc'");
   if (x.size() != C * H * W * N) throw py::value_error("winograd_conv: x has " + std::to_string(x.size()) +
                                                        " elements, expected " + std::to_string(C * H * W * N));
-  if (u.size() != 16 * Cg * Fg) throw py::value_error("winograd_conv: u has " + std::to_string(u.size()) +
-                                                      " elements, expected " + std::to_string(16 * Cg * Fg));
+  if (u.size() != E * Cg * Fg) throw py::value_error("winograd_conv: u has " + std::to_string(u.size()) +
+                                                     " elements, expected " + std::to_string(E * Cg * Fg));
   if (y.size() != F * OH * OW * N) throw py::value_error("winograd_conv: y has " + std::to_string(y.size()) +
                                                          " elements, expected " + std::to_string(F * OH * OW * N));
   if (!y.writeable()) throw py::value_error("winograd_conv: y is read-only");
   disjoint(y, x, "x");
   disjoint(y, u, "u");
   WinogradConv conv;
+  conv.m = m;
   conv.x = x.data() + c0 * H * W * N;
   conv.C = Cg, conv.H = H, conv.W = W, conv.N = N, conv.ph = ph, conv.pw = pw;
   conv.u = u.data();
@@ -376,11 +379,11 @@ void py_winograd_conv(const Floats& x, const Floats& u, Floats& y, i64 C, i64 H,
                                                                          std::to_string(Fg) + ",)");
     conv.bias = bias->data();
   }
-  const i64 jobs = (OH + 1) / 2 * ((OW + 1) / 2) * ((N + chosen->nr - 1) / chosen->nr);
+  const i64 jobs = (OH + m - 1) / m * ((OW + m - 1) / m) * ((N + chosen->nr - 1) / chosen->nr);
   const i64 parts = std::min<i64>(loop_threads(), jobs);
   py::gil_scoped_release release;
   thread_local std::vector<float> packed;
-  packed.resize(static_cast<std::size_t>(16 * ((Fg + chosen->mr - 1) / chosen->mr) * chosen->mr * Cg));
+  packed.resize(static_cast<std::size_t>(E * ((Fg + chosen->mr - 1) / chosen->mr) * chosen->mr * Cg));
   chosen->winograd_pack(conv, packed.data());
   const float* pk = packed.data();
   std::string error;
@@ -390,7 +393,7 @@ void py_winograd_conv(const Floats& x, const Floats& u, Floats& y, i64 C, i64 H,
     try {
       thread_local AlignedFloats scratch;
       chosen->winograd_run(conv, pk, t * jobs / parts, (t + 1) * jobs / parts,
-                           scratch.at_least(chosen->winograd_scratch(Cg)));
+                           scratch.at_least(chosen->winograd_scratch(Cg, m)));
     } catch (const std::exception& e) {
 #pragma omp critical
       error = e.what();
@@ -444,14 +447,16 @@ void transpose(const float* src, i64 rows, i64 cols, float* dst) {
   }
 }
 
-// D (16, Cg, Fg) = the Winograd F(2x2, 3x3) filter gradient's products, summed over the tiles and images, of
+// D (E, Cg, Fg) = the Winograd F(m x m, 3x3) filter gradient's products, summed over the tiles and images, of
 // channels [c0, c0 + Cg) of x (C, H, W, N) and filters [f0, f0 + Fg) of dy (F, OH, OW, N), padding (ph, pw) in
 // 0..2 (convnet/cpu/winograd.py turns D into dw). The filters' NR-wide panels are cut into one contiguous range per
 // thread; every element of D is one thread's chain over the tiles in order, so the bits do not depend on the split.
 void py_winograd_filter_products(const Floats& x, const Floats& dy, Floats& d, i64 C, i64 H, i64 W, i64 N, i64 c0,
-                                 i64 Cg, i64 ph, i64 pw, i64 F, i64 f0, i64 Fg, i64 OH, i64 OW,
+                                 i64 Cg, i64 ph, i64 pw, i64 F, i64 f0, i64 Fg, i64 OH, i64 OW, int m,
                                  const std::string& isa) {
   const Isa* chosen = pick(isa);
+  if (m != 2 && m != 3) throw py::value_error("winograd_filter_products: m (the output tile) must be 2 or 3");
+  const i64 E = (m + 2) * (m + 2);
   for (i64 v : {C, H, W, N, Cg, F, Fg, OH, OW}) {
     if (v <= 0) throw py::value_error("winograd_filter_products: sizes must be positive");
   }
@@ -468,19 +473,20 @@ void py_winograd_filter_products(const Floats& x, const Floats& dy, Floats& d, i
     throw py::value_error("winograd_filter_products: dy has " + std::to_string(dy.size()) + " elements, expected " +
                           std::to_string(F * OH * OW * N));
   }
-  if (d.size() != 16 * Cg * Fg) throw py::value_error("winograd_filter_products: D has " + std::to_string(d.size()) +
-                                                      " elements, expected " + std::to_string(16 * Cg * Fg));
+  if (d.size() != E * Cg * Fg) throw py::value_error("winograd_filter_products: D has " + std::to_string(d.size()) +
+                                                     " elements, expected " + std::to_string(E * Cg * Fg));
   if (!d.writeable()) throw py::value_error("winograd_filter_products: D is read-only");
   disjoint(d, x, "x");
   disjoint(d, dy, "dy");
   WinogradGrad grad;
+  grad.m = m;
   grad.C = Cg, grad.H = H, grad.W = W, grad.N = N, grad.ph = ph, grad.pw = pw;
   grad.K = Fg, grad.OH = OH, grad.OW = OW;
   // The tiles are cut into two halves of tile rows (one where there is one row), fixed by the shapes: each half
   // sums into its own D, and D = D_0 + D_1 at the end. The halves run side by side on two threads, each half's
   // filters split further over more; one thread runs them in turn. Either way, the same bits.
   const i64 mr = chosen->mr, nr = chosen->nr, rows = (Cg + mr - 1) / mr * mr, panels = (Fg + nr - 1) / nr;
-  const i64 TH = (OH + 1) / 2, halves = TH >= 2 ? 2 : 1, ldd = panels * nr, size = 16 * rows * ldd;
+  const i64 TH = (OH + m - 1) / m, halves = TH >= 2 ? 2 : 1, ldd = panels * nr, size = E * rows * ldd;
   const i64 kparts = std::max<i64>(1, std::min<i64>(loop_threads() / halves, panels)), jobs = halves * kparts;
   float* dp = d.mutable_data();
   py::gil_scoped_release release;
@@ -500,14 +506,14 @@ void py_winograd_filter_products(const Floats& x, const Floats& dy, Floats& d, i
     try {
       thread_local AlignedFloats scratch;
       chosen->winograd_grad_run(grad, h * TH / halves, (h + 1) * TH / halves, k0, k1, pd + h * size, ldd,
-                                scratch.at_least(chosen->winograd_grad_scratch(Cg, k1 - k0)));
+                                scratch.at_least(chosen->winograd_grad_scratch(Cg, k1 - k0, m)));
     } catch (const std::exception& e) {
 #pragma omp critical
       error = e.what();
     }
   }
   if (!error.empty()) throw std::runtime_error("winograd_filter_products: " + error);
-  for (i64 e = 0; e < 16; ++e) {
+  for (i64 e = 0; e < E; ++e) {
     for (i64 c = 0; c < Cg; ++c) {
       float* out = dp + (e * Cg + c) * Fg;
       const float* first = pd + (e * rows + c) * ldd;
@@ -546,13 +552,14 @@ void register_gemm(py::module_& m) {
   m.def("winograd_conv", &py_winograd_conv, py::arg("x"), py::arg("u"), py::arg("y"), py::arg("C"), py::arg("H"),
         py::arg("W"), py::arg("N"), py::arg("c0"), py::arg("Cg"), py::arg("ph"), py::arg("pw"), py::arg("F"),
         py::arg("f0"), py::arg("Fg"), py::arg("OH"), py::arg("OW"), py::arg("u_layout") = "ck",
-        py::arg("bias") = py::none(), py::arg("relu") = false, py::arg("isa") = "",
-        "y[f0:f0+Fg] = the fused Winograd F(2x2, 3x3) convolution of x[c0:c0+Cg] with the transformed filters u "
+        py::arg("bias") = py::none(), py::arg("relu") = false, py::arg("m") = 2, py::arg("isa") = "",
+        "y[f0:f0+Fg] = the fused Winograd F(m x m, 3x3) convolution of x[c0:c0+Cg] with the transformed filters u "
         "[+ bias] [then the ReLU]");
   m.def("winograd_filter_products", &py_winograd_filter_products, py::arg("x"), py::arg("dy"), py::arg("D"),
         py::arg("C"), py::arg("H"), py::arg("W"), py::arg("N"), py::arg("c0"), py::arg("Cg"), py::arg("ph"),
-        py::arg("pw"), py::arg("F"), py::arg("f0"), py::arg("Fg"), py::arg("OH"), py::arg("OW"), py::arg("isa") = "",
-        "D (16, Cg, Fg) = the fused Winograd F(2x2, 3x3) filter gradient's products, summed over tiles and images");
+        py::arg("pw"), py::arg("F"), py::arg("f0"), py::arg("Fg"), py::arg("OH"), py::arg("OW"), py::arg("m") = 2,
+        py::arg("isa") = "",
+        "D (E, Cg, Fg) = the fused Winograd F(m x m, 3x3) filter gradient's products, summed over tiles and images");
   std::apply([&](auto&&... args) {
     m.def("conv_gemm_filter", &py_conv_filter, args..., py::arg("form") = "",
           "dw = im2col(x) @ dy.T, the im2col matrix never built");

@@ -42,10 +42,12 @@ struct Epilogue {
   bool relu = false;
 };
 
-// The fused Winograd F(2x2, 3x3) convolution (winograd_fused.inc): y (K, OH, OW, N) = conv(x (C, H, W, N), the
-// transformed filters U), 3x3, stride 1, padding (ph, pw) <= 2, + bias[k], then the ReLU if relu. x and y point
-// at a group's first channel; N is both the images and the pixel stride. U_e[c][k] = u[e*u_es + c*u_cs + k*u_ks].
+// The fused Winograd F(m x m, 3x3) convolution (winograd_fused.inc; m = 2 or 3, E = (m + 2)^2 elements per tile):
+// y (K, OH, OW, N) = conv(x (C, H, W, N), the transformed filters U), 3x3, stride 1, padding (ph, pw) <= 2,
+// + bias[k], then the ReLU if relu. x and y point at a group's first channel; N is both the images and the pixel
+// stride. U_e[c][k] = u[e*u_es + c*u_cs + k*u_ks].
 struct WinogradConv {
+  int m = 2;
   const float* x = nullptr;
   i64 C = 0, H = 0, W = 0, N = 0, ph = 0, pw = 0;
   const float* u = nullptr;
@@ -55,10 +57,11 @@ struct WinogradConv {
   const float* bias = nullptr;
   bool relu = false;
 };
-// The fused Winograd filter gradient (winograd_fused.inc): D_e[c][k] = sum over the tiles and images of
+// The fused Winograd filter gradient (winograd_fused.inc): D_e[c][k] = sum over the m x m tiles and images of
 // (B^T d B)_e[c] (A dY A^T)_e[k] for the inputs pixel-major, channels fastest: x (H, W, N, C) and dy (OH, OW, N, K)
 // (a group's channels only), 3x3, stride 1, padding (ph, pw) <= 2.
 struct WinogradGrad {
+  int m = 2;
   const float* x = nullptr;
   i64 C = 0, H = 0, W = 0, N = 0, ph = 0, pw = 0;
   const float* dy = nullptr;
@@ -78,20 +81,19 @@ struct Isa {
   void (*run_dot)(i64 m0, i64 m1, i64 n0, i64 n1, i64 K, const Operand& a, const Operand& bt, const Output& c,
                   bool accumulate, float* lanes);
   i64 dot_mr, dot_nr;
-  // The fused Winograd convolution: winograd_pack packs U into (16 * ceil(K / mr) * mr * C) floats, then
+  // The fused Winograd convolution: winograd_pack packs U into (E * ceil(K / mr) * mr * C) floats, then
   // winograd_run does jobs [job0, job1) of the (TH * TW * ceil(N / nr)) (tile, block of nr images) with scratch of
-  // winograd_scratch(C) floats (64-byte aligned).
+  // winograd_scratch(C, m) floats (64-byte aligned).
   void (*winograd_pack)(const WinogradConv& conv, float* packed);
   void (*winograd_run)(const WinogradConv& conv, const float* packed, i64 job0, i64 job1, float* scratch);
-  i64 winograd_scratch(i64 C) const { return 16 * C * nr + 16 * mr * nr + 16 * nr; }
-  // The fused filter gradient of the tile rows [ty0, ty1) and filters [k0, k1) into d (16, ceil(C / mr) * mr, ldd),
+  i64 winograd_scratch(i64 C, int m) const { return (m + 2) * (m + 2) * (C * nr + mr * nr + nr); }
+  // The fused filter gradient of the tile rows [ty0, ty1) and filters [k0, k1) into d (E, ceil(C / mr) * mr, ldd),
   // zero on entry.
   void (*winograd_grad_run)(const WinogradGrad& grad, i64 ty0, i64 ty1, i64 k0, i64 k1, float* d, i64 ldd,
                             float* scratch);
-  i64 winograd_grad_scratch(i64 C, i64 k_count) const {
-    const i64 jb = WINOGRAD_GRAD_IMAGES;
-    const i64 cp = (C + mr - 1) / mr;
-    return 16 * cp * jb * mr + 16 * ((k_count + nr - 1) / nr) * jb * nr + 16 * ((cp * mr + 15) / 16 * 16);
+  i64 winograd_grad_scratch(i64 C, i64 k_count, int m) const {
+    const i64 jb = WINOGRAD_GRAD_IMAGES, e = (m + 2) * (m + 2), cp = (C + mr - 1) / mr;
+    return e * (cp * jb * mr + (k_count + nr - 1) / nr * jb * nr + (cp * mr + 15) / 16 * 16);
   }
 };
 

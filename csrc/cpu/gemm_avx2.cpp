@@ -14,6 +14,7 @@
 #define VFMA _mm256_fmadd_ps
 #define VADD _mm256_add_ps
 #define VSUB _mm256_sub_ps
+#define VMUL _mm256_mul_ps
 #define VMAX _mm256_max_ps
 #define GEMM_MR 6
 #define GEMM_NV 2

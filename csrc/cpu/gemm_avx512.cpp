@@ -14,6 +14,7 @@
 #define VFMA _mm512_fmadd_ps
 #define VADD _mm512_add_ps
 #define VSUB _mm512_sub_ps
+#define VMUL _mm512_mul_ps
 #define VMAX _mm512_max_ps
 #define GEMM_MR 8
 #define GEMM_NV 2

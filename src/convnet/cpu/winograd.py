@@ -1,10 +1,12 @@
-"""Winograd F(2x2, 3x3) convolutions on the fast CPU path: 3x3 filters, stride 1, padding at most 2 (any groups,
-images, channels). Each output 2x2 tile costs 16 multiplications per (input channel, filter) instead of 36.
-The forward and the data gradient (the forward of the transposed convolution: filters rotated 180 degrees, padding
-2 - p) run fused (``convnet._cpu.winograd_conv``, csrc/cpu/winograd_fused.inc): per tile and block of images the
-input transform, the 16 products and the output transform (with the bias and ReLU) stay in cache. The filter
-gradient, G^T [(A dY A^T) (B^T d B)] G summed over tiles, transforms whole tensors (csrc/cpu/winograd.cpp, which
-states the layouts and the matrices) around 16 GEMMs of this path's GEMM (convnet/cpu/gemm.py).
+"""Winograd F(m x m, 3x3) convolutions on the fast CPU path (m = 2 or 3, ``output_tile`` picks by the output's
+size): 3x3 filters, stride 1, padding at most 2 (any groups, images, channels). An m x m output tile costs (m + 2)^2
+multiplications per (input channel, filter) instead of 9 m^2: 2.25x fewer for F(2x2), 3.24x for F(3x3). The forward
+and the data gradient (the forward of the transposed convolution: filters rotated 180 degrees, padding 2 - p) run
+fused (``convnet._cpu.winograd_conv``, csrc/cpu/winograd_fused.inc): per tile and block of images the input
+transform, the products and the output transform (with the bias and ReLU) stay in cache. The filter gradient,
+G^T [sum over tiles (B^T d B) . (A dY A^T)] G, runs its products fused the same way
+(``convnet._cpu.winograd_filter_products``) and its filter transforms G g G^T and G^T D G in csrc/cpu/winograd.cpp.
+The matrices: ``MATRICES`` here, csrc/cpu/winograd_matrices.h there.
 
 Deterministic like the direct path: a fixed transform order, every product element a fixed order of fused
 multiply-adds, chunks of images fixed by the shapes, so the bits do not depend on the SIMD width or the thread
@@ -62,6 +64,19 @@ def eligible(g: ConvGeometry) -> bool:
 
 PASSES = ("forward", "data", "filter")  # the three products of a convolution: y, dx, dw
 
+# F(m x m, 3x3)'s matrices per output tile m (Toom-Cook points 0, 1, -1 (, 2), infinity): (B^T, G, A^T), the same
+# as csrc/cpu/winograd_matrices.h's (B^T and A^T dyadic: exact in float32).
+MATRICES = {
+    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64),
+        np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float64),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)),
+    3: (np.array([[1, -.5, -1, .5, 0], [0, 1, .5, -.5, 0], [0, -1, 1.5, -.5, 0], [0, -.5, 0, .5, 0],
+                  [0, 2, -1, -2, 1]], np.float64),
+        np.array([[1, 0, 0], [1, 1, 1], [1 / 3, -1 / 3, 1 / 3], [1 / 3, 2 / 3, 4 / 3], [0, 0, 1]], np.float64),
+        np.array([[1, 1, 1, 1, 0], [0, 1, -1, 2, 0], [0, 1, 1, 4, 1]], np.float64)),
+}
+TILES = tuple(MATRICES)
+
 # The cost model of ``auto``, measured on a 2-vCPU AMD EPYC with AVX-512 at 1 and 2 threads, Winograd against
 # direct (docs/training.md, "Winograd convolutions"). The forward and the data gradient are 1.2-2.2x faster from 4
 # channels on both sides (fmnist's conv2 and conv3 1.5-1.9x, AlexNet's conv3-5 at batch 64 1.8-2.0x); they lose with
@@ -107,47 +122,63 @@ def _check(g: ConvGeometry):
                          f"{g.KH}x{g.KW} filters, stride {tuple(g.stride)}, padding {tuple(g.padding)}")
 
 
-def conv_forward(x, w, g: ConvGeometry, bias=None, relu: bool = False):
+def output_tile(oh: int, ow: int) -> int:
+    """The output tile m of F(m x m, 3x3) for an output of oh x ow: the one with the fewest products, (m + 2)^2 per
+    tile, the ragged last tiles counted whole (ties: 2). fmnist's 13x13: 625 x 25 against 784 x 16... 3; its 6x6: 3;
+    a 4x4 output: 2. The geometry alone decides: the same bits on every machine."""
+    def products(m):
+        return (m + 2) ** 2 * -(-oh // m) * -(-ow // m)
+    return min(TILES, key=lambda m: (products(m), m))
+
+
+def _filters(w, g: ConvGeometry, group: int, m: int, rotate: bool):
+    fg = g.F // g.groups
+    u = np.empty(((m + 2) ** 2, g.Cg, fg), dtype=np.float32)
+    lib().winograd_filter(w, u, g.Cg, g.F, group * fg, fg, rotate, m=m)
+    return u
+
+
+def conv_forward(x, w, g: ConvGeometry, bias=None, relu: bool = False, m: int | None = None):
     """y (F, OH, OW, N) = the convolution of x (C, H, W, N) with w (C/groups, 3, 3, F) [+ bias (F,)] [then the ReLU:
     v > 0 ? v : +0], by the fused kernel (csrc/cpu/winograd_fused.inc): per tile and block of images the input
-    transform, the 16 products and the output transform stay in cache."""
+    transform, the products and the output transform stay in cache. m: the output tile (default ``output_tile``)."""
     _check(g)
+    m = m or output_tile(g.OH, g.OW)
     fg = g.F // g.groups
-    u = np.empty((16, g.Cg, fg), dtype=np.float32)
     y = np.empty(g.y_shape, dtype=np.float32)
     for group in range(g.groups):
-        lib().winograd_filter(w, u, g.Cg, g.F, group * fg, fg, False)
-        lib().winograd_conv(x, u, y, g.C, g.H, g.W, g.N, group * g.Cg, g.Cg, *g.padding, g.F, group * fg, fg, g.OH,
-                            g.OW, u_layout="ck", bias=None if bias is None else bias[group * fg:(group + 1) * fg],
-                            relu=relu, isa=gemm.isa())
+        lib().winograd_conv(x, _filters(w, g, group, m, False), y, g.C, g.H, g.W, g.N, group * g.Cg, g.Cg,
+                            *g.padding, g.F, group * fg, fg, g.OH, g.OW, u_layout="ck",
+                            bias=None if bias is None else bias[group * fg:(group + 1) * fg], relu=relu, m=m,
+                            isa=gemm.isa())
     return y
 
 
-def conv_backward_data(dy, w, g: ConvGeometry):
+def conv_backward_data(dy, w, g: ConvGeometry, m: int | None = None):
     """dx (C, H, W, N) from dy (F, OH, OW, N): the forward of the transposed convolution (the filters rotated by 180
-    degrees, input and output channels swapped), padding 2 - p."""
+    degrees, input and output channels swapped), padding 2 - p; m: the tile of dx (default ``output_tile``)."""
     _check(g)
+    m = m or output_tile(g.H, g.W)
     fg = g.F // g.groups
-    u = np.empty((16, g.Cg, fg), dtype=np.float32)
     dx = np.empty(g.x_shape, dtype=np.float32)
     ph, pw = g.padding
     for group in range(g.groups):
-        lib().winograd_filter(w, u, g.Cg, g.F, group * fg, fg, True)
-        lib().winograd_conv(dy, u, dx, g.F, g.OH, g.OW, g.N, group * fg, fg, 2 - ph, 2 - pw, g.C, group * g.Cg, g.Cg,
-                            g.H, g.W, u_layout="kc", isa=gemm.isa())
+        lib().winograd_conv(dy, _filters(w, g, group, m, True), dx, g.F, g.OH, g.OW, g.N, group * fg, fg, 2 - ph,
+                            2 - pw, g.C, group * g.Cg, g.Cg, g.H, g.W, u_layout="kc", m=m, isa=gemm.isa())
     return dx
 
 
-def conv_backward_filter(x, dy, g: ConvGeometry):
-    """dw (C/groups, 3, 3, F) from x (C, H, W, N) and dy (F, OH, OW, N): per group the fused products D (16, Cg, Fg)
-    (``convnet._cpu.winograd_filter_products``: each element one chain over the tiles and images in order), then
-    dw = G^T D G."""
+def conv_backward_filter(x, dy, g: ConvGeometry, m: int | None = None):
+    """dw (C/groups, 3, 3, F) from x (C, H, W, N) and dy (F, OH, OW, N): per group the fused products D (E, Cg, Fg)
+    (``convnet._cpu.winograd_filter_products``: each element one chain over the tiles and images in order, in two
+    fixed halves of tile rows), then dw = G^T D G; m: the tile of dy (default ``output_tile``)."""
     _check(g)
+    m = m or output_tile(g.OH, g.OW)
     fg = g.F // g.groups
     dw = np.empty(g.w_shape, dtype=np.float32)
-    d = np.empty((16, g.Cg, fg), dtype=np.float32)
+    d = np.empty(((m + 2) ** 2, g.Cg, fg), dtype=np.float32)
     for group in range(g.groups):
         lib().winograd_filter_products(x, dy, d, g.C, g.H, g.W, g.N, group * g.Cg, g.Cg, *g.padding, g.F, group * fg,
-                                       fg, g.OH, g.OW, isa=gemm.isa())
-        lib().winograd_filter_grad(d, dw, g.Cg, g.F, group * fg, fg)
+                                       fg, g.OH, g.OW, m=m, isa=gemm.isa())
+        lib().winograd_filter_grad(d, dw, g.Cg, g.F, group * fg, fg, m=m)
     return dw
