@@ -1,7 +1,8 @@
-"""The cpu device's 3x3 convolutions, direct against Winograd F(2x2, 3x3), per layer: forward, data gradient, filter
-gradient and their sum, the two algorithms alternating within each round, medians over the rounds (a loaded
-machine's noise hits both alike). The layers: the default fmnist net's conv2 and conv3 at its batch, AlexNet's
-conv3-5 (one tower) at a small batch.
+"""The cpu device's 3x3 convolutions, direct against Winograd F(m x m, 3x3) (the tile ``winograd.output_tile``
+picks), per layer: forward, data gradient, filter gradient and their sum, the two algorithms alternating within each
+round, medians over the rounds (a loaded machine's noise hits both alike), and the passes ``--cpu-conv auto`` (the
+default) gives to Winograd. The layers: the default fmnist net's conv2 and conv3 at its batch, AlexNet's conv3-5
+(one tower) at batch 32.
 
     python benchmarks/winograd_bench.py --threads 1 --rounds 7
     CONVNET_CPU_GEMM=avx2 python benchmarks/winograd_bench.py --threads 2
@@ -23,14 +24,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 from convnet.cpu import conv, gemm, loop_threads, winograd  # noqa: E402
+from convnet.geometry import ConvGeometry  # noqa: E402
 
 # name: (C, H, W, F, padding, batch)
 LAYERS = {
     "fmnist conv2": (32, 13, 13, 64, 1, 64),
     "fmnist conv3": (64, 6, 6, 128, 1, 64),
-    "alexnet conv3": (256, 13, 13, 384, 1, 16),
-    "alexnet conv4": (384, 13, 13, 384, 1, 16),
-    "alexnet conv5": (384, 13, 13, 256, 1, 16),
+    "alexnet conv3": (256, 13, 13, 384, 1, 32),
+    "alexnet conv4": (384, 13, 13, 384, 1, 32),
+    "alexnet conv5": (384, 13, 13, 256, 1, 32),
 }
 
 
@@ -69,8 +71,9 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     print(f"{cpu_name()}, {os.cpu_count()} logical CPUs, GEMM {gemm.isa()}, {args.threads} thread(s), "
           f"medians of {args.rounds} rounds (best of {args.repeats} calls each), ms")
-    print("| layer | C->F, HxW, batch | direct fwd / data / filter | Winograd fwd / data / filter | speed-up (sum) |")
-    print("|---|---|---|---|---|")
+    print("| layer | C->F, HxW, batch | tile | direct fwd / data / filter | Winograd fwd / data / filter | speed-up "
+          "(sum) | auto's Winograd passes |")
+    print("|---|---|---|---|---|---|---|")
     with loop_threads(args.threads):
         _measure(args, rng)
 
@@ -93,8 +96,11 @@ def _measure(args, rng):
                 times[algo].append(best)
         med = {a: [statistics.median(r[i] for r in v) * 1e3 for i in range(3)] for a, v in times.items()}
         d, wg = med["direct"], med["winograd"]
-        print(f"| {name} | {c}->{f}, {h}x{wd}, {n} | {d[0]:.2f} / {d[1]:.2f} / {d[2]:.2f} | "
-              f"{wg[0]:.2f} / {wg[1]:.2f} / {wg[2]:.2f} | {sum(d) / sum(wg):.2f}x |", flush=True)
+        g = ConvGeometry.of(x.shape, w.shape, padding=pad)
+        m = winograd.output_tile(g.OH, g.OW)
+        auto = ", ".join(p for p in winograd.PASSES if winograd.prefers_winograd(g, p)) or "none"
+        print(f"| {name} | {c}->{f}, {h}x{wd}, {n} | {m}x{m} | {d[0]:.2f} / {d[1]:.2f} / {d[2]:.2f} | "
+              f"{wg[0]:.2f} / {wg[1]:.2f} / {wg[2]:.2f} | {sum(d) / sum(wg):.2f}x | {auto} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -331,4 +331,5 @@ def test_the_benchmark_runs(capsys):
     load_benchmark("winograd_bench").main(["--layers", "fmnist conv3", "--rounds", "1", "--repeats", "1"])
     assert winograd.algo() == "auto"
     out = capsys.readouterr().out
-    assert "| fmnist conv3 | 64->128, 6x6, 64 |" in out and "thread(s)" in out
+    assert "| fmnist conv3 | 64->128, 6x6, 64 | 3x3 |" in out and "| forward, data, filter |" in out
+    assert "thread(s)" in out
