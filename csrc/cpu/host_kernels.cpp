@@ -240,8 +240,10 @@ inline void windows_of(i64 i, i64 k, i64 s, i64 count, i64& first, i64& last) {
 
 // The gradient of B images (B = kPoolBlock; 0: nb images, the last block) of one input: the sum over the
 // windows [oy0, oy1] x [ox0, ox1] that contain it of their dy where the input equals the window's max, added in the
-// order windows by row, then column (the order a scatter over the windows adds them in).
-template <i64 B>
+// order windows by row, then column (the order a scatter over the windows adds them in). ReluInput: x is a ReLU's
+// output and the sum is kept only where x > 0 (else +0): relu_backward(x, sum)'s select, so the ReLU's backward pass
+// is done here, with its bits.
+template <i64 B, bool ReluInput>
 inline void window_grad(const float* __restrict__ xs, const float* __restrict__ y, const float* __restrict__ dy,
                         float* __restrict__ d, i64 nb, i64 oy0, i64 oy1, i64 ox0, i64 ox1, i64 OW, i64 N) {
   const i64 count = B > 0 ? B : nb;
@@ -257,13 +259,13 @@ inline void window_grad(const float* __restrict__ xs, const float* __restrict__ 
       }
     }
   }
-  for (i64 n = 0; n < count; ++n) d[n] = acc[n];
+  for (i64 n = 0; n < count; ++n) d[n] = ReluInput ? (xs[n] > 0.0f ? acc[n] : 0.0f) : acc[n];
 }
 
 // One channel of the max-pooling gradient, gathered: each dx element is written once (window_grad).
 SIMD_CLONES void maxpool_backward_plane(const float* __restrict__ x, const float* __restrict__ y,
                                         const float* __restrict__ dy, float* __restrict__ dx, i64 H, i64 W, i64 N,
-                                        i64 KH, i64 KW, i64 sh, i64 sw, i64 OH, i64 OW) {
+                                        i64 KH, i64 KW, i64 sh, i64 sw, i64 OH, i64 OW, bool relu_input) {
   for (i64 iy = 0; iy < H; ++iy) {
     i64 oy0, oy1;
     windows_of(iy, KH, sh, OH, oy0, oy1);
@@ -273,17 +275,28 @@ SIMD_CLONES void maxpool_backward_plane(const float* __restrict__ x, const float
       const i64 at = (iy * W + ix) * N;
       i64 n0 = 0;
       for (; n0 + kPoolBlock <= N; n0 += kPoolBlock) {
-        window_grad<kPoolBlock>(x + at + n0, y + n0, dy + n0, dx + at + n0, 0, oy0, oy1, ox0, ox1, OW, N);
+        if (relu_input) {
+          window_grad<kPoolBlock, true>(x + at + n0, y + n0, dy + n0, dx + at + n0, 0, oy0, oy1, ox0, ox1, OW, N);
+        } else {
+          window_grad<kPoolBlock, false>(x + at + n0, y + n0, dy + n0, dx + at + n0, 0, oy0, oy1, ox0, ox1, OW, N);
+        }
       }
-      if (n0 < N) window_grad<0>(x + at + n0, y + n0, dy + n0, dx + at + n0, N - n0, oy0, oy1, ox0, ox1, OW, N);
+      if (n0 < N) {
+        if (relu_input) {
+          window_grad<0, true>(x + at + n0, y + n0, dy + n0, dx + at + n0, N - n0, oy0, oy1, ox0, ox1, OW, N);
+        } else {
+          window_grad<0, false>(x + at + n0, y + n0, dy + n0, dx + at + n0, N - n0, oy0, oy1, ox0, ox1, OW, N);
+        }
+      }
     }
   }
 }
 
 // dx = for every window and every input equal to the window's maximum, the window's dy (cuda-convnet's tie rule,
-// the reference's: no argmax is stored, ties all receive it). No padding. Parallel over channels.
+// the reference's: no argmax is stored, ties all receive it). No padding. Parallel over channels. relu_input: x is
+// the output of a ReLU, whose backward is fused here: dx = x > 0 ? that sum : +0 (relu_backward(x, dx)'s bits).
 void maxpool_backward(const Floats& x, const Floats& y, const Floats& dy, Floats& dx, i64 C, i64 H, i64 W, i64 N,
-                      i64 KH, i64 KW, i64 sh, i64 sw, i64 OH, i64 OW) {
+                      i64 KH, i64 KW, i64 sh, i64 sw, i64 OH, i64 OW, bool relu_input) {
   positive({C, H, W, N, KH, KW, sh, sw, OH, OW});
   if ((OH - 1) * sh + KH > H || (OW - 1) * sw + KW > W) throw py::value_error("maxpool: window outside the image");
   const float* xp = in(x, "x", C * H * W * N);
@@ -294,7 +307,7 @@ void maxpool_backward(const Floats& x, const Floats& y, const Floats& dy, Floats
 #pragma omp parallel for schedule(static) num_threads(threads_for(C * H * W * N))
   for (i64 c = 0; c < C; ++c) {
     maxpool_backward_plane(xp + c * H * W * N, yp + c * OH * OW * N, gp + c * OH * OW * N, dp + c * H * W * N, H, W,
-                           N, KH, KW, sh, sw, OH, OW);
+                           N, KH, KW, sh, sw, OH, OW, relu_input);
   }
 }
 
@@ -589,7 +602,9 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("c0"), py::arg("Cg"), py::arg("n0"), py::arg("nb"), py::arg("KH"), py::arg("KW"), py::arg("sh"),
         py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("OH"), py::arg("OW"));
   m.def("maxpool_forward", &maxpool_forward);
-  m.def("maxpool_backward", &maxpool_backward);
+  m.def("maxpool_backward", &maxpool_backward, py::arg("x"), py::arg("y"), py::arg("dy"), py::arg("dx"), py::arg("C"),
+        py::arg("H"), py::arg("W"), py::arg("N"), py::arg("KH"), py::arg("KW"), py::arg("sh"), py::arg("sw"),
+        py::arg("OH"), py::arg("OW"), py::arg("relu_input") = false);
   m.def("relu_forward", &relu_forward);
   m.def("relu_backward", &relu_backward);
   m.def("dropout_apply", &dropout_apply, py::arg("x"), py::arg("y"), py::arg("threshold"), py::arg("scale"),
