@@ -31,7 +31,8 @@ _MASKS_KEPT = 8  # entries: the dropout layers of a net whose backward has not r
 
 
 def _where(start, batch):
-    """batch=(global_n, first): the loop's (start, global_n, first) form, x's rows of its last axis (the reference's)."""
+    """The loop's ``start``: an int, or with batch=(global_n, first) the form (start, global_n, first) (x's rows of
+    its last axis, the reference's)."""
     return int(start) if batch is None else (int(start), int(batch[0]), int(batch[1]))
 
 
