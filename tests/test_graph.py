@@ -476,18 +476,19 @@ inputs = fc4
 """
 
 
-@pytest.mark.parametrize("device", ["numpy", "cpu", "emu"])
-def test_relu_backward_fused_into_the_max_pool_gives_the_same_bits(device, monkeypatch):
+@pytest.mark.parametrize("device,precision", [("numpy", "fp32"), ("cpu", "fp32"), ("emu", "fp32"), ("numpy", "bf16"),
+                                              ("emu", "bf16")])
+def test_relu_backward_fused_into_the_max_pool_gives_the_same_bits(device, precision, monkeypatch):
     """A ReLU output read only by a max pool: the pool applies the ReLU's mask (relu_input) and the producer skips
     its ReLU backward; a ReLU output with two readers (conv2: pool2 and fc4) keeps its own. The gradients are those
-    of the unfused net, bit for bit."""
-    net, _ = build_net(RELU_POOL_NET, "relu-pool", device=device, dtype="float32", seed=5)
+    of the unfused net, bit for bit (bf16: on the bfloat16 activations)."""
+    net, _ = build_net(RELU_POOL_NET, "relu-pool", device=device, dtype="float32", seed=5, precision=precision)
     fused = {l.name: (l.relu_input, l.relu_grad_fused) for l in net.order}
     assert fused["pool1"] == (True, False) and fused["conv1"] == (False, True)
     assert fused["pool3"] == (True, False) and fused["relu3"] == (False, True)
     assert fused["pool2"] == fused["conv2"] == (False, False)
     monkeypatch.setattr(Net, "_fuse_relu_backward", lambda self: None)  # layers start unfused
-    plain, _ = build_net(RELU_POOL_NET, "relu-pool", device=device, dtype="float32", seed=5)
+    plain, _ = build_net(RELU_POOL_NET, "relu-pool", device=device, dtype="float32", seed=5, precision=precision)
     assert not any(l.relu_input or l.relu_grad_fused for l in plain.order)
     x, y = _batch(net, n=7)
     dev = net.data_layer.device
