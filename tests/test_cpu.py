@@ -140,6 +140,68 @@ def test_dropout_across_work_items_is_the_reference(start, threads):
     np.testing.assert_array_equal(got, ref_el.dropout_forward(x, 0.7, 2**40 + 9, 3, start))
 
 
+@pytest.mark.parametrize("case", [((5, 4001), 0.7, 3, None), ((3, 7, 5, 9), 0.3, 0, (16, 4)),
+                                  ((64, 6, 6, 64), 0.75, 2**32 - 6, None), ((4, 33), 1.0, 0, None)], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dropout_backward_with_the_forwards_mask_is_the_reference(case, threads):
+    """The backward applies the mask its forward kept (convnet.cpu.elementwise._MASKS) instead of drawing it again:
+    bit for bit the backward that draws it (a call without a forward before it) and the reference, for shards of a
+    batch, awkward sizes, keep = 1, 1 and 2 threads."""
+    import convnet.cpu.elementwise as fast_el
+    import convnet.reference.elementwise as ref_el
+
+    shape, keep, start, batch = case
+    x, dy = rand(RNG, shape), rand(RNG, shape)
+    args = (keep, 2**40 + 9, 3, start)
+    fast_el._MASKS.clear()
+    with loop_threads(threads):
+        drawn = ops.dropout_backward(CPU, dy, *args, batch=batch)  # no forward: the mask is drawn
+        assert not fast_el._MASKS
+        y = ops.dropout_forward(CPU, x, *args, batch=batch)
+        assert len(fast_el._MASKS) == 1
+        kept = ops.dropout_backward(CPU, dy, *args, batch=batch)
+        assert not fast_el._MASKS  # used once
+    host_batch = None if batch is None or len(shape) == 1 else batch
+    np.testing.assert_array_equal(y.view(np.uint32), ref_el.dropout_forward(x, *args, host_batch).view(np.uint32))
+    want = ref_el.dropout_backward(dy, *args, host_batch)
+    for got in (drawn, kept):
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    if keep < 1:
+        assert (kept == 0).any() and (kept != 0).any()
+
+
+def test_dropout_keeps_a_few_masks_and_never_a_wrong_one():
+    """Only the last few forwards' masks are kept; a backward with other parameters (another seed) draws its own."""
+    import convnet.cpu.elementwise as fast_el
+    import convnet.reference.elementwise as ref_el
+
+    fast_el._MASKS.clear()
+    x = rand(RNG, (3, 50))
+    for seed in range(fast_el._MASKS_KEPT + 3):
+        ops.dropout_forward(CPU, x, 0.5, seed)
+    assert len(fast_el._MASKS) == fast_el._MASKS_KEPT
+    got = ops.dropout_backward(CPU, x, 0.5, 1000)
+    np.testing.assert_array_equal(got, ref_el.dropout_forward(x, 0.5, 1000))
+    fast_el._MASKS.clear()
+
+
+def test_dropout_mask_arguments_are_checked():
+    x = rand(RNG, (4, 10))
+    y = np.empty_like(x)
+    with pytest.raises(TypeError, match="uint8"):
+        _cpu.dropout_apply(x, y, 2**31, 2.0, 1, 0, 0, np.empty(x.shape, np.float32))
+    with pytest.raises(ValueError, match="mask: 39 elements, expected 40"):
+        _cpu.dropout_apply(x, y, 2**31, 2.0, 1, 0, 0, np.empty(39, np.uint8))
+    ro = np.empty(x.shape, np.uint8)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        _cpu.dropout_apply(x, y, 2**31, 2.0, 1, 0, 0, ro)
+    with pytest.raises(TypeError, match="uint8"):
+        _cpu.dropout_apply_mask(x, np.ones(x.shape, bool)[:, ::2], y, 2.0)
+    with pytest.raises(ValueError, match="mask: 20 elements"):
+        _cpu.dropout_apply_mask(x, np.ones(20, np.uint8), y, 2.0)
+
+
 def test_malloc_settings_leave_a_users_own_alone(monkeypatch):
     """The cpu path asks glibc to keep freed memory (no page faults per step), unless the user set malloc's knobs."""
     import convnet.cpu as fast

@@ -424,3 +424,78 @@ def test_locally_connected_gradients_through_a_net():
     assert net.layers["local2"].params["b"].shape == (3,)
     x, y = _batch(net, n=3, seed=6)
     _param_gradients_match_finite_differences(net, x, y)
+
+
+RELU_POOL_NET = """
+[data]
+type = data
+channels = 2
+size = 11
+[conv1]
+type = conv
+inputs = data
+filters = 4
+size = 3
+padding = 1
+neuron = relu
+initW = 0.5
+[pool1]
+type = pool
+inputs = conv1
+size = 3
+stride = 2
+[conv2]
+type = conv
+inputs = pool1
+filters = 3
+size = 3
+padding = 1
+neuron = relu
+initW = 0.5
+[pool2]
+type = pool
+inputs = conv2
+size = 2
+stride = 2
+[relu3]
+type = relu
+inputs = pool2
+[pool3]
+type = pool
+inputs = relu3
+size = 2
+stride = 1
+[fc4]
+type = fc
+inputs = pool3,conv2
+outputs = 5
+initW = 0.2
+[probs]
+type = softmax
+inputs = fc4
+"""
+
+
+@pytest.mark.parametrize("device,precision", [("numpy", "fp32"), ("cpu", "fp32"), ("emu", "fp32"), ("numpy", "bf16"),
+                                              ("emu", "bf16")])
+def test_relu_backward_fused_into_the_max_pool_gives_the_same_bits(device, precision, monkeypatch):
+    """A ReLU output read only by a max pool: the pool applies the ReLU's mask (relu_input) and the producer skips
+    its ReLU backward; a ReLU output with two readers (conv2: pool2 and fc4) keeps its own. The gradients are those
+    of the unfused net, bit for bit (bf16: on the bfloat16 activations)."""
+    net, _ = build_net(RELU_POOL_NET, "relu-pool", device=device, dtype="float32", seed=5, precision=precision)
+    fused = {l.name: (l.relu_input, l.relu_grad_fused) for l in net.order}
+    assert fused["pool1"] == (True, False) and fused["conv1"] == (False, True)
+    assert fused["pool3"] == (True, False) and fused["relu3"] == (False, True)
+    assert fused["pool2"] == fused["conv2"] == (False, False)
+    monkeypatch.setattr(Net, "_fuse_relu_backward", lambda self: None)  # layers start unfused
+    plain, _ = build_net(RELU_POOL_NET, "relu-pool", device=device, dtype="float32", seed=5, precision=precision)
+    assert not any(l.relu_input or l.relu_grad_fused for l in plain.order)
+    x, y = _batch(net, n=7)
+    dev = net.data_layer.device
+    for n in (net, plain):
+        n.forward(dev.asarray(x.astype(np.float32)), dev.asarray(y), train=True)
+        n.backward()
+    for (key, layer, p), (_, other, _) in zip(net.param_items(), plain.param_items()):
+        got, want = dev.to_numpy(layer.grads[p]), dev.to_numpy(other.grads[p])
+        assert got.any(), key
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=key)

@@ -301,3 +301,42 @@ def test_emu_nan_propagates_like_reference(mode):
         assert_identical("y", y, y_ref)
         dy = rand(rng, y.shape)
         assert_identical("dx", ops.pool_backward(dev, x, y, dy, **kw), ref.pool_backward(x, y_ref, dy, **kw))
+
+
+# (C, H, W, N), window, stride, padding, mode: AlexNet's 3x3/2, blocks of 32 images and a ragged last block (45),
+# odd and non-square windows, padding and avg (the reference's path on cpu)
+RELU_INPUT_CASES = [((3, 9, 11, 45), 3, 2, 0, "max"), ((2, 8, 7, 3), (3, 2), (2, 1), 0, "max"),
+                    ((2, 9, 9, 33), 3, 2, 1, "max"), ((2, 7, 8, 5), 3, 2, 0, "avg")]
+
+
+@pytest.mark.parametrize("case", RELU_INPUT_CASES, ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_relu_input_is_the_relu_backward_of_the_pool_gradient(any_device, case, threads):
+    """pool_backward(relu_input=True) == relu_backward(x, pool_backward(...)) bit for bit (the mask the net fuses
+    into the pool: the pool's input is the ReLU's output), on every device, 1 and 2 loop threads; x with ties (small
+    integers through a ReLU: many zeros, equal maxima) and x with negatives (not a ReLU's output: still that rule)."""
+    from convnet.cpu import loop_threads
+    dev = any_device
+    shape, win, stride, pad, mode = case
+    kw = dict(mode=mode, window=win, stride=stride, padding=pad)
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
+    ties = np.maximum(rng.integers(-3, 4, shape), 0).astype(np.float32)
+    for x in (ties, rand(rng, shape)):
+        x = dev.asarray(x)
+        y = ops.pool_forward(dev, x, **kw)
+        dy = dev.asarray(rand(rng, y.shape))
+        with loop_threads(threads):
+            fused = to_host(ops.pool_backward(dev, x, y, dy, relu_input=True, **kw))
+            unfused = to_host(ops.relu_backward(dev, x, ops.pool_backward(dev, x, y, dy, **kw)))
+        assert fused.dtype == np.float32 and (fused == 0).any() and (fused != 0).any()
+        np.testing.assert_array_equal(fused.view(np.uint32), unfused.view(np.uint32))  # +0 and -0 apart too
+        # against the reference: up to 4 overlapping windows' dy summed, the cpu loop's order may differ (an ulp)
+        want = ref.pool_backward(to_host(x), to_host(y), to_host(dy), relu_input=True, **kw)
+        assert_close("dx", fused, want, rtol=1e-6, atol=1e-6)
+
+
+def test_relu_input_must_be_a_bool():
+    x = rand(np.random.default_rng(3), (1, 5, 5, 2))
+    y = ops.pool_forward(NUMPY, x)
+    with pytest.raises(TypeError, match="relu_input"):
+        ops.pool_backward(NUMPY, x, y, y, mode="max", window=3, stride=2, padding=0, relu_input=1)

@@ -75,6 +75,18 @@ float* out(Floats& a, const char* name, i64 size) {
   return a.mutable_data();
 }
 
+using Bytes = py::array_t<std::uint8_t, py::array::c_style>;
+
+// A dropout mask: exactly a C-contiguous uint8 array of `size` elements (never a converted copy: it may be written).
+Bytes mask_or_throw(const py::object& a, i64 size) {
+  if (!py::isinstance<Bytes>(a)) throw py::type_error("mask must be a C-contiguous uint8 NumPy array");
+  auto mask = py::reinterpret_borrow<Bytes>(a);
+  if (mask.size() != size) {
+    throw py::value_error("mask: " + std::to_string(mask.size()) + " elements, expected " + std::to_string(size));
+  }
+  return mask;
+}
+
 void positive(std::initializer_list<i64> values) {
   for (i64 v : values) {
     if (v <= 0) throw py::value_error("sizes, strides and window must be positive");
@@ -240,8 +252,10 @@ inline void windows_of(i64 i, i64 k, i64 s, i64 count, i64& first, i64& last) {
 
 // The gradient of B images (B = kPoolBlock; 0: nb images, the last block) of one input: the sum over the
 // windows [oy0, oy1] x [ox0, ox1] that contain it of their dy where the input equals the window's max, added in the
-// order windows by row, then column (the order a scatter over the windows adds them in).
-template <i64 B>
+// order windows by row, then column (the order a scatter over the windows adds them in). ReluInput: x is a ReLU's
+// output and the sum is kept only where x > 0 (else +0): relu_backward(x, sum)'s select, so the ReLU's backward pass
+// is done here, with its bits.
+template <i64 B, bool ReluInput>
 inline void window_grad(const float* __restrict__ xs, const float* __restrict__ y, const float* __restrict__ dy,
                         float* __restrict__ d, i64 nb, i64 oy0, i64 oy1, i64 ox0, i64 ox1, i64 OW, i64 N) {
   const i64 count = B > 0 ? B : nb;
@@ -257,13 +271,13 @@ inline void window_grad(const float* __restrict__ xs, const float* __restrict__ 
       }
     }
   }
-  for (i64 n = 0; n < count; ++n) d[n] = acc[n];
+  for (i64 n = 0; n < count; ++n) d[n] = ReluInput ? (xs[n] > 0.0f ? acc[n] : 0.0f) : acc[n];
 }
 
 // One channel of the max-pooling gradient, gathered: each dx element is written once (window_grad).
 SIMD_CLONES void maxpool_backward_plane(const float* __restrict__ x, const float* __restrict__ y,
                                         const float* __restrict__ dy, float* __restrict__ dx, i64 H, i64 W, i64 N,
-                                        i64 KH, i64 KW, i64 sh, i64 sw, i64 OH, i64 OW) {
+                                        i64 KH, i64 KW, i64 sh, i64 sw, i64 OH, i64 OW, bool relu_input) {
   for (i64 iy = 0; iy < H; ++iy) {
     i64 oy0, oy1;
     windows_of(iy, KH, sh, OH, oy0, oy1);
@@ -273,17 +287,28 @@ SIMD_CLONES void maxpool_backward_plane(const float* __restrict__ x, const float
       const i64 at = (iy * W + ix) * N;
       i64 n0 = 0;
       for (; n0 + kPoolBlock <= N; n0 += kPoolBlock) {
-        window_grad<kPoolBlock>(x + at + n0, y + n0, dy + n0, dx + at + n0, 0, oy0, oy1, ox0, ox1, OW, N);
+        if (relu_input) {
+          window_grad<kPoolBlock, true>(x + at + n0, y + n0, dy + n0, dx + at + n0, 0, oy0, oy1, ox0, ox1, OW, N);
+        } else {
+          window_grad<kPoolBlock, false>(x + at + n0, y + n0, dy + n0, dx + at + n0, 0, oy0, oy1, ox0, ox1, OW, N);
+        }
       }
-      if (n0 < N) window_grad<0>(x + at + n0, y + n0, dy + n0, dx + at + n0, N - n0, oy0, oy1, ox0, ox1, OW, N);
+      if (n0 < N) {
+        if (relu_input) {
+          window_grad<0, true>(x + at + n0, y + n0, dy + n0, dx + at + n0, N - n0, oy0, oy1, ox0, ox1, OW, N);
+        } else {
+          window_grad<0, false>(x + at + n0, y + n0, dy + n0, dx + at + n0, N - n0, oy0, oy1, ox0, ox1, OW, N);
+        }
+      }
     }
   }
 }
 
 // dx = for every window and every input equal to the window's maximum, the window's dy (cuda-convnet's tie rule,
-// the reference's: no argmax is stored, ties all receive it). No padding. Parallel over channels.
+// the reference's: no argmax is stored, ties all receive it). No padding. Parallel over channels. relu_input: x is
+// the output of a ReLU, whose backward is fused here: dx = x > 0 ? that sum : +0 (relu_backward(x, dx)'s bits).
 void maxpool_backward(const Floats& x, const Floats& y, const Floats& dy, Floats& dx, i64 C, i64 H, i64 W, i64 N,
-                      i64 KH, i64 KW, i64 sh, i64 sw, i64 OH, i64 OW) {
+                      i64 KH, i64 KW, i64 sh, i64 sw, i64 OH, i64 OW, bool relu_input) {
   positive({C, H, W, N, KH, KW, sh, sw, OH, OW});
   if ((OH - 1) * sh + KH > H || (OW - 1) * sw + KW > W) throw py::value_error("maxpool: window outside the image");
   const float* xp = in(x, "x", C * H * W * N);
@@ -294,7 +319,7 @@ void maxpool_backward(const Floats& x, const Floats& y, const Floats& dy, Floats
 #pragma omp parallel for schedule(static) num_threads(threads_for(C * H * W * N))
   for (i64 c = 0; c < C; ++c) {
     maxpool_backward_plane(xp + c * H * W * N, yp + c * OH * OW * N, gp + c * OH * OW * N, dp + c * H * W * N, H, W,
-                           N, KH, KW, sh, sw, OH, OW);
+                           N, KH, KW, sh, sw, OH, OW, relu_input);
   }
 }
 
@@ -371,17 +396,28 @@ inline void philox_lanes(std::uint64_t g0, std::uint64_t offset, std::uint64_t s
 }
 
 // y[i] = x[i] * scale where stream element start + i is kept (its word < threshold; all: keep = 1, every element),
-// else +0, for i in [i0, i1), at most kDropoutChunk elements. Two passes: every word of the range first, then the
-// elements -- reading a word right after its narrow interleaving stores would stall on store forwarding.
-SIMD_CLONES void dropout_range(const float* x, float* y, i64 i0, i64 i1, std::uint64_t start, std::uint32_t threshold,
-                               bool all, float scale, std::uint64_t seed, std::uint64_t offset) {
+// else +0, for i in [i0, i1), at most kDropoutChunk elements; and, when mask is not null, mask[i] = 1 if kept, else 0.
+// Two passes: every word of the range first, then the elements -- reading a word right after its narrow
+// interleaving stores would stall on store forwarding.
+SIMD_CLONES void dropout_range(const float* x, float* y, std::uint8_t* mask, i64 i0, i64 i1, std::uint64_t start,
+                               std::uint32_t threshold, bool all, float scale, std::uint64_t seed,
+                               std::uint64_t offset) {
   alignas(64) std::uint32_t words[kDropoutChunk + 4 * kPhiloxLanes];  // a range's groups, rounded up to whole blocks
   const std::uint64_t g0 = (start + std::uint64_t(i0)) / 4, groups = (start + std::uint64_t(i1) - 1) / 4 - g0 + 1;
   for (std::uint64_t g = 0; g < groups; g += kPhiloxLanes) philox_lanes(g0 + g, offset, seed, words + 4 * g);
   const std::uint32_t* w = words + (start + std::uint64_t(i0) - 4 * g0) - i0;  // w[i]: element i's word
-  for (i64 i = i0; i < i1; ++i) {
-    const float v = x[i];  // loaded unconditionally: the select vectorises instead of branching
-    y[i] = (all || w[i] < threshold) ? v * scale : 0.0f;
+  if (mask == nullptr) {
+    for (i64 i = i0; i < i1; ++i) {
+      const float v = x[i];  // loaded unconditionally: the select vectorises instead of branching
+      y[i] = (all || w[i] < threshold) ? v * scale : 0.0f;
+    }
+  } else {
+    for (i64 i = i0; i < i1; ++i) {
+      const float v = x[i];
+      const bool kept = all || w[i] < threshold;
+      y[i] = kept ? v * scale : 0.0f;
+      mask[i] = kept;
+    }
   }
 }
 
@@ -391,12 +427,19 @@ SIMD_CLONES void dropout_range(const float* x, float* y, i64 i0, i64 i1, std::ui
 // (s, batch, first), x (..., cols) a data-parallel shard, images [first, first + cols) of a batch of `batch`: its
 // row r (the leading axes) is stream elements s + r * batch + first + [0, cols). y may be x. Work items start on a
 // multiple of 4 stream elements within a row, so that no Philox group of a row is drawn twice; short rows are
-// grouped several to an item.
+// grouped several to an item. mask (uint8, x's size, or None): also the mask, 1 where kept (for dropout_apply_mask).
 void dropout_apply(const Floats& x, Floats& y, std::uint64_t threshold, float scale, std::uint64_t seed,
-                   std::uint64_t offset, const py::object& start_arg) {
+                   std::uint64_t offset, const py::object& start_arg, const py::object& mask_arg) {
   const i64 n = x.size();
   const float* xp = in(x, "x", n);
   float* yp = out(y, "y", n);
+  std::uint8_t* mp = nullptr;
+  py::array_t<std::uint8_t, py::array::c_style> mask_array;
+  if (!mask_arg.is_none()) {
+    mask_array = mask_or_throw(mask_arg, n);
+    if (!mask_array.writeable()) throw py::value_error("mask is read-only");
+    mp = mask_array.mutable_data();
+  }
   std::uint64_t start = 0, batch = std::uint64_t(n), first = 0;
   i64 rows = 1, cols = n;
   if (py::isinstance<py::tuple>(start_arg)) {
@@ -426,9 +469,29 @@ void dropout_apply(const Floats& x, Floats& y, std::uint64_t threshold, float sc
       const i64 skew = i64(s % 4);  // item c of a row: its elements [c * chunk - skew, (c + 1) * chunk - skew)
       const i64 i0 = std::max<i64>(c * kDropoutChunk - skew, 0), i1 = std::min(cols, (c + 1) * kDropoutChunk - skew);
       if (i0 < i1)
-        dropout_range(xp + r * cols, yp + r * cols, i0, i1, s, std::uint32_t(threshold), all, scale, seed, offset);
+        dropout_range(xp + r * cols, yp + r * cols, mp ? mp + r * cols : nullptr, i0, i1, s, std::uint32_t(threshold),
+                      all, scale, seed, offset);
     }
   }
+}
+
+SIMD_CLONES void masked_scale_range(const float* x, const std::uint8_t* mask, float* y, float scale, i64 i0, i64 i1) {
+  for (i64 i = i0; i < i1; ++i) {
+    const float v = x[i];  // loaded unconditionally: the select vectorises instead of branching
+    y[i] = mask[i] ? v * scale : 0.0f;
+  }
+}
+
+// y = mask ? x * scale : +0 with a mask dropout_apply wrote: the same values as dropout_apply with that mask's
+// parameters (the same select and product), without drawing the Philox words again. y may be x.
+void dropout_apply_mask(const Floats& x, const py::object& mask_arg, Floats& y, float scale) {
+  const i64 n = x.size();
+  const float* xp = in(x, "x", n);
+  float* yp = out(y, "y", n);
+  const auto mask_array = mask_or_throw(mask_arg, n);
+  const std::uint8_t* mp = mask_array.data();
+  py::gil_scoped_release release;
+  parallel_chunks(n, kChunk, [&](i64 i0, i64 i1) { masked_scale_range(xp, mp, yp, scale, i0, i1); });
 }
 
 SIMD_CLONES void sgd_range(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ v, i64 i0, i64 i1,
@@ -589,11 +652,14 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("c0"), py::arg("Cg"), py::arg("n0"), py::arg("nb"), py::arg("KH"), py::arg("KW"), py::arg("sh"),
         py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("OH"), py::arg("OW"));
   m.def("maxpool_forward", &maxpool_forward);
-  m.def("maxpool_backward", &maxpool_backward);
+  m.def("maxpool_backward", &maxpool_backward, py::arg("x"), py::arg("y"), py::arg("dy"), py::arg("dx"), py::arg("C"),
+        py::arg("H"), py::arg("W"), py::arg("N"), py::arg("KH"), py::arg("KW"), py::arg("sh"), py::arg("sw"),
+        py::arg("OH"), py::arg("OW"), py::arg("relu_input") = false);
   m.def("relu_forward", &relu_forward);
   m.def("relu_backward", &relu_backward);
   m.def("dropout_apply", &dropout_apply, py::arg("x"), py::arg("y"), py::arg("threshold"), py::arg("scale"),
-        py::arg("seed"), py::arg("offset"), py::arg("start"));
+        py::arg("seed"), py::arg("offset"), py::arg("start"), py::arg("mask") = py::none());
+  m.def("dropout_apply_mask", &dropout_apply_mask, py::arg("x"), py::arg("mask"), py::arg("y"), py::arg("scale"));
   m.def("sgd_update", &sgd_update, py::arg("w"), py::arg("g"), py::arg("v"), py::arg("momentum"),
         py::arg("decay_lr"), py::arg("decay"), py::arg("lr"));
   m.def("sgd_update_many", &sgd_update_many, py::arg("ws"), py::arg("gs"), py::arg("vs"), py::arg("momentum"),

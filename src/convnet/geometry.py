@@ -51,7 +51,14 @@ def lrn_scale(alpha: float, size: int, convention: str) -> float:
 def _plain(v) -> bool:
     """A Python int (not a bool) or a tuple of them: an argument a built geometry can be looked up by exactly."""
     t = type(v)
-    return t is int or (t is tuple and all(type(e) is int for e in v))
+    if t is int:
+        return True
+    if t is not tuple:
+        return False
+    for e in v:  # a loop, not all() over a generator: this runs for every argument of every op call
+        if type(e) is not int:
+            return False
+    return True
 
 
 def _memoized(build):
@@ -63,8 +70,9 @@ def _memoized(build):
 
     @functools.wraps(build)
     def of(cls, *args, **kwargs):
-        if not (all(_plain(a) for a in args) and all(_plain(v) for v in kwargs.values())):
-            return build(cls, *args, **kwargs)
+        for a in (*args, *kwargs.values()):
+            if not _plain(a):
+                return build(cls, *args, **kwargs)
         key = (cls, args, tuple(sorted(kwargs.items())))
         g = built.get(key)
         if g is None:

@@ -127,6 +127,7 @@ class Net:
         if init_params:
             self._init_params(np.random.default_rng(self.seed))
         self._check_reachable()
+        self._fuse_relu_backward()
         self.num_classes = self.cost_layer.out_shape[0]
 
     def _ends(self):
@@ -173,6 +174,20 @@ class Net:
         for name, cons in self.consumers.items():
             if not cons and self.layers[name] is not self.cost_layer:
                 raise LayerError(f"layer '{name}' feeds nothing (every layer must lead to the softmax layer)")
+
+    def _fuse_relu_backward(self):
+        """A ReLU's output read by one layer only, which can apply the ReLU's mask in its own backward (a max pool:
+        its gradient kept where its input > 0): that layer does it (``relu_input``) and the producer skips its ReLU
+        backward (``relu_grad_fused``), one pass over the activations less, the same bits (the mask is the one
+        ``relu_backward`` applies, on the same values: the consumer's input is the ReLU's output)."""
+        for l in self.order:
+            l.relu_input = l.relu_grad_fused = False
+        for l in self.order:
+            if len(l.inputs) != 1 or not l.applies_relu_mask():
+                continue
+            src = self.layers[l.inputs[0]]
+            if src.relu_output() and self.consumers[src.name] == [l.name]:
+                l.relu_input = src.relu_grad_fused = True
 
     def exchange_plan(self, images=1, label_bytes=4):
         """{"src->dst": bytes} one training step of ``images`` images copies between placements, from the shapes

@@ -296,6 +296,10 @@ class Layer:
         self.in_shape = None
         self.out_shape = None
         self.needs_input_grad = True
+        # set by the net (Net._fuse_relu_backward), for a ReLU output read only by a max pool: the pool's backward
+        # applies the ReLU's mask (relu_input) and the producer's backward skips its ReLU backward (relu_grad_fused)
+        self.relu_input = False
+        self.relu_grad_fused = False
         self._set_keys(values)
 
     def _set_keys(self, values):
@@ -348,6 +352,17 @@ class Layer:
     def backward(self, dy, ctx):
         """Fill ``self.grads``; return dx (or None when ``needs_input_grad`` is False)."""
         raise NotImplementedError
+
+    def relu_output(self) -> bool:
+        """Is the output a ReLU's, whose backward (``relu_backward`` on the output) begins this layer's backward? Then
+        a layer reading it that can apply the ReLU's mask in its own backward (``applies_relu_mask``) may do it
+        instead (``relu_input``, ``relu_grad_fused``)."""
+        return False
+
+    def applies_relu_mask(self) -> bool:
+        """Can the backward apply a ReLU's mask to its input gradient (dx where the input > 0, else +0) when told
+        (``relu_input``) that its input is a ReLU's output, at no extra pass?"""
+        return False
 
     def describe(self):
         return self.type
@@ -439,7 +454,10 @@ class _Learnable(Layer):
         return _neuron_forward(self.device, self.neuron, y, ctx, own=True)
 
     def _neuron_backward(self, dy, ctx):
-        return _neuron_backward(self.device, self.neuron, dy, ctx)
+        return _neuron_backward(self.device, self.neuron, dy, ctx, self.relu_grad_fused)
+
+    def relu_output(self):
+        return self.neuron is not None and self.neuron.name == "relu"
 
     def _neuron_flops(self):
         return int(np.prod(self.out_shape)) if self.neuron else 0
@@ -723,11 +741,12 @@ def _neuron_forward(device, neuron, x, ctx, own=False):
     return y
 
 
-def _neuron_backward(device, neuron, dy, ctx):
+def _neuron_backward(device, neuron, dy, ctx, relu_grad_fused=False):
+    """dx of the neuron; ``relu_grad_fused``: a ReLU's, already applied by the layer reading the output (dy itself)."""
     if neuron is None:
         return dy
     if neuron.name == "relu":
-        return ops.relu_backward(device, ctx["y"], dy)
+        return dy if relu_grad_fused else ops.relu_backward(device, ctx["y"], dy)
     return ops.neuron_backward(device, ctx.get("neuron_x"), ctx.get("y"), dy, neuron)
 
 
@@ -748,7 +767,10 @@ class NeuronLayer(Layer):
         return _neuron_forward(self.device, self.neuron, x, ctx)
 
     def backward(self, dy, ctx):
-        return _neuron_backward(self.device, self.neuron, dy, ctx)
+        return _neuron_backward(self.device, self.neuron, dy, ctx, self.relu_grad_fused)
+
+    def relu_output(self):
+        return self.neuron is not None and self.neuron.name == "relu"
 
     def describe(self):
         return f"neuron {self.neuron or 'ident'}"
@@ -769,7 +791,10 @@ class ReLU(Layer):
         return y
 
     def backward(self, dy, ctx):
-        return ops.relu_backward(self.device, ctx["y"], dy)
+        return dy if self.relu_grad_fused else ops.relu_backward(self.device, ctx["y"], dy)
+
+    def relu_output(self):
+        return True
 
 
 class Pool(Layer):
@@ -867,12 +892,16 @@ class Pool(Layer):
             y = ops.multiply(self.device, y, self._avg_factor(y.dtype))
         return y
 
+    def applies_relu_mask(self):
+        return self.pool == "max"  # (the window's -inf padding is masked too, then cut off)
+
     def backward(self, dy, ctx):
         if ctx["direct"]:
-            return ops.pool_backward(self.device, ctx["x"], ctx["y"], dy, **self._geom())
+            return ops.pool_backward(self.device, ctx["x"], ctx["y"], dy, relu_input=self.relu_input,
+                                     **self._geom())
         if self.pool == "avg":
             dy = ops.multiply(self.device, dy, self._avg_factor(dy.dtype))
-        dx = ops.pool_backward(self.device, ctx["x"], ctx["y"], dy, **self._geom())
+        dx = ops.pool_backward(self.device, ctx["x"], ctx["y"], dy, relu_input=self.relu_input, **self._geom())
         (h0, _, _), (w0, _, _) = self.windows(self.in_shape)
         return ops.window(self.device, dx, (-h0, -w0), tuple(self.in_shape[1:]), 0.0)
 

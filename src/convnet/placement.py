@@ -123,7 +123,8 @@ class Placements:
 
     def stream_of(self, l):
         """The stream layer ``l``'s work is issued on (None: the current stream)."""
-        return self._placement_streams().get(self._stream_key(l))
+        streams = self._placement_streams()
+        return streams.get(self._stream_key(l)) if streams else None  # one host device: no key to look up
 
     def same_stream(self, a, b) -> bool:
         """Whether layers ``a`` and ``b`` issue their work on one stream (ordered without an event)."""

@@ -20,11 +20,13 @@ def pool_forward(x, *, mode="max", window=3, stride=2, padding=0):
     return y
 
 
-def pool_backward(x, y, dy, *, mode="max", window=3, stride=2, padding=0):
+def pool_backward(x, y, dy, *, mode="max", window=3, stride=2, padding=0, relu_input=False):
+    """relu_input: the ReLU's backward (dx where x > 0, else +0) in the same pass."""
     g = PoolGeometry.of(np.shape(x), window=window, stride=stride, padding=padding)
     if mode != "max" or g.padding != (0, 0):
-        return reference.pool_backward(x, y, dy, mode=mode, window=window, stride=stride, padding=padding)
+        return reference.pool_backward(x, y, dy, mode=mode, window=window, stride=stride, padding=padding,
+                                       relu_input=relu_input)
     x, y, dy = contiguous(x, y, dy)
     dx = np.empty(g.x_shape, dtype=np.float32)
-    lib().maxpool_backward(x, y, dy, dx, g.C, g.H, g.W, g.N, *g.window, *g.stride, g.OH, g.OW)
+    lib().maxpool_backward(x, y, dy, dx, g.C, g.H, g.W, g.N, *g.window, *g.stride, g.OH, g.OW, bool(relu_input))
     return dx

@@ -29,7 +29,10 @@ def _float32_loops(fast, reference):
     runs the reference instead."""
     @functools.wraps(fast)
     def run(*args, **kwargs):
-        return (reference if any(is_bf16(a) for a in (*args, *kwargs.values())) else fast)(*args, **kwargs)
+        for a in (*args, *kwargs.values()):  # a loop, not any() over a generator: this runs on every such op call
+            if is_bf16(a):
+                return reference(*args, **kwargs)
+        return fast(*args, **kwargs)
     return run
 
 

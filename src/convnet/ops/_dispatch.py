@@ -89,18 +89,18 @@ def produce(dev: Device, outputs, *, reference, kernel, inputs=None, alpha=1.0, 
     """
     single = isinstance(outputs, Output)
     specs = (outputs,) if single else tuple(outputs)
-    inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
-    for spec in specs:  # a caller's out is validated before any work
-        if spec is not None and spec.given is not None:
-            check_output(dev, spec)
     given = [s for s in specs if s is not None and s.given is not None]
-    for i, spec in enumerate(given):
-        if elementwise:
-            check_in_place_or_disjoint(dev, spec.name, spec.given, **inputs)
-        else:
-            check_disjoint(dev, spec.name, spec.given, **inputs)
-        for other in given[i + 1:]:
-            check_disjoint(dev, other.name, other.given, **{spec.name: spec.given})
+    if given:  # a caller's out is validated before any work
+        for spec in given:
+            check_output(dev, spec)
+        inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
+        for i, spec in enumerate(given):
+            if elementwise:
+                check_in_place_or_disjoint(dev, spec.name, spec.given, **inputs)
+            else:
+                check_disjoint(dev, spec.name, spec.given, **inputs)
+            for other in given[i + 1:]:
+                check_disjoint(dev, other.name, other.given, **{spec.name: spec.given})
     if dev.runs_reference:
         results = reference()
         results = (results,) if single else tuple(results)

@@ -88,12 +88,14 @@ def _dropout_params(keep, seed, offset, start, shape, batch):
     return keep, seed, offset, start, rows, shape[-1], global_n, first
 
 
-def _dropout(dev, name, a, keep, seed, offset, start, batch, out, stream):
+def _dropout(dev, name, a, keep, seed, offset, start, batch, out, stream, host=ref.dropout_forward):
+    """``host``: the reference of the call (the backward's is the forward's mask and scale too; the cpu device applies
+    the mask its forward kept instead of drawing it again)."""
     check_array(name, a, dev, dtypes=storage_dtypes(dev))
     keep, seed, offset, start, rows, cols, global_n, first = _dropout_params(keep, seed, offset, start, a.shape, batch)
     host_batch = None if rows == 1 else (global_n, first)
     return produce(dev, Output("out", out, a.shape, a.dtype), inputs={name: a}, elementwise=True, stream=stream,
-                   reference=lambda: dev.host_function(ref.dropout_forward)(a, keep, seed, offset, start, host_batch),
+                   reference=lambda: dev.host_function(host)(a, keep, seed, offset, start, host_batch),
                    kernel=lambda b: launch(dev, storage_kernel("dropout_apply", a.dtype), a, b, rows, cols, global_n,
                                            first, ref.keep_threshold(keep), float(ref.dropout_scale(keep)), seed,
                                            offset, start, stream=stream))
@@ -109,7 +111,7 @@ def dropout_forward(device, x, keep, seed, offset=0, start=0, batch=None, out=No
 def dropout_backward(device, dy, keep, seed, offset=0, start=0, batch=None, out=None, stream=None):
     """dx = dy * mask / keep with the mask of the forward call that had the same (keep, seed, offset, start,
     batch)."""
-    return _dropout(as_device(device), "dy", dy, keep, seed, offset, start, batch, out, stream)
+    return _dropout(as_device(device), "dy", dy, keep, seed, offset, start, batch, out, stream, ref.dropout_backward)
 
 
 def _shape(shape) -> tuple:

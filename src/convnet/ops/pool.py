@@ -48,10 +48,14 @@ def pool_forward(device, x, *, mode="max", window=3, stride=2, padding=0, out=No
         kernel=lambda y: launch(dev, storage_kernel("pool_forward", x.dtype), x, y, g, _MODES[mode], stream=stream))
 
 
-def pool_backward(device, x, y, dy, *, mode, window, stride, padding, out=None, stream=None):
-    """dx (shape of x). ``y`` (the forward output) is needed for max (ties are recomputed); for avg it may be None."""
+def pool_backward(device, x, y, dy, *, mode, window, stride, padding, relu_input=False, out=None, stream=None):
+    """dx (shape of x). ``y`` (the forward output) is needed for max (ties are recomputed); for avg it may be None.
+    ``relu_input``: x is a ReLU's output and dx is also that ReLU's backward, ``relu_backward(x, dx)`` (dx where
+    x > 0, else +0), the same bits; on the cpu device one pass (the max pool's), elsewhere a second kernel."""
     dev = as_device(device)
     mode = _mode(mode)
+    if not isinstance(relu_input, bool):
+        raise TypeError(f"relu_input must be True or False, got {relu_input!r}")
     check_array("x", x, dev, ndim=4, dtypes=storage_dtypes(dev))
     g = PoolGeometry.of(x.shape, window=window, stride=stride, padding=padding)
     check_array("dy", dy, dev, shape=g.y_shape, dtypes=storage_dtypes(dev))
@@ -62,6 +66,13 @@ def pool_backward(device, x, y, dy, *, mode, window, stride, padding, out=None, 
     check_same_dtype(x=x, y=y, dy=dy)
     return produce(
         dev, Output("out", out, x.shape, x.dtype), inputs=dict(x=x, y=y, dy=dy), stream=stream,
-        reference=lambda: dev.host_function(ref.pool_backward)(x, y, dy, mode=mode, **_params(g)),
-        kernel=lambda dx: launch(dev, storage_kernel("pool_backward", x.dtype), x, y if y is not None else 0, dy, dx,
-                                 g, _MODES[mode], stream=stream))
+        reference=lambda: dev.host_function(ref.pool_backward)(x, y, dy, mode=mode, relu_input=relu_input,
+                                                               **_params(g)),
+        kernel=lambda dx: _pool_backward_kernels(dev, x, y, dy, dx, g, mode, relu_input, stream))
+
+
+def _pool_backward_kernels(dev, x, y, dy, dx, g, mode, relu_input, stream):
+    launch(dev, storage_kernel("pool_backward", x.dtype), x, y if y is not None else 0, dy, dx, g, _MODES[mode],
+           stream=stream)
+    if relu_input:  # the ReLU's backward in place: dx = x > 0 ? dx : 0
+        launch(dev, storage_kernel("relu_backward", x.dtype), x, dx, dx, x.size, stream=stream)

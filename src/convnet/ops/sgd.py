@@ -18,6 +18,8 @@ others, the same bits. The cpu device runs it as one compiled loop (no Python pe
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from convnet.ops._checks import as_device, check_all_disjoint, check_array, check_same_dtype, scalar
@@ -45,6 +47,12 @@ def sgd_update(device, w, g, v, *, lr, momentum, weight_decay, stream=None):
                                                                         weight_decay=weight_decay))
 
 
+@functools.lru_cache(maxsize=1024)
+def _names(k: int, lists: tuple) -> tuple:
+    """("ws[k]", ...): the names errors give the k-th entries of ``lists``, built once (every step checks them all)."""
+    return tuple(f"{name}[{k}]" for name in lists)
+
+
 def sgd_update_many(device, ws, gs, vs, *, lrs, momentums, weight_decays, stream=None):
     """``sgd_update`` of every ``(ws[k], gs[k], vs[k])`` with its own ``lrs[k]``, ``momentums[k]`` and
     ``weight_decays[k]`` (parallel sequences), in place; returns ``(ws, vs)`` as lists."""
@@ -56,14 +64,16 @@ def sgd_update_many(device, ws, gs, vs, *, lrs, momentums, weight_decays, stream
     dtypes = (np.float32, np.float64) if dev.runs_reference else None
     named = {}
     for k, (w, g, v) in enumerate(zip(ws, gs, vs)):
-        check_array(f"ws[{k}]", w, dev, dtypes=dtypes, writeable=True)
-        check_array(f"gs[{k}]", g, dev, shape=w.shape, dtypes=dtypes)
-        check_array(f"vs[{k}]", v, dev, shape=w.shape, dtypes=dtypes, writeable=True)
-        check_same_dtype(**{f"ws[{k}]": w, f"gs[{k}]": g, f"vs[{k}]": v})
-        named.update({f"ws[{k}]": w, f"gs[{k}]": g, f"vs[{k}]": v})
-    lrs = [scalar(f"lrs[{k}]", x) for k, x in enumerate(lrs)]
-    momentums = [scalar(f"momentums[{k}]", x) for k, x in enumerate(momentums)]
-    weight_decays = [scalar(f"weight_decays[{k}]", x) for k, x in enumerate(weight_decays)]
+        w_name, g_name, v_name = _names(k, ("ws", "gs", "vs"))
+        check_array(w_name, w, dev, dtypes=dtypes, writeable=True)
+        check_array(g_name, g, dev, shape=w.shape, dtypes=dtypes)
+        check_array(v_name, v, dev, shape=w.shape, dtypes=dtypes, writeable=True)
+        if not w.dtype == g.dtype == v.dtype:
+            check_same_dtype(**{w_name: w, g_name: g, v_name: v})  # raises, naming them
+        named[w_name], named[g_name], named[v_name] = w, g, v
+    lrs, momentums, weight_decays = ([scalar(_names(k, (what,))[0], x) for k, x in enumerate(values)]
+                                     for what, values in (("lrs", lrs), ("momentums", momentums),
+                                                          ("weight_decays", weight_decays)))
     check_all_disjoint(dev, named)  # updated in any order (on cpu, in parallel): no array may be another's
     kw = dict(lrs=lrs, momentums=momentums, weight_decays=weight_decays)
     if dev.runs_reference:

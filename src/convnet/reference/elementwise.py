@@ -92,5 +92,6 @@ def dropout_forward(x, keep: float, seed: int, offset: int = 0, start: int = 0, 
     return np.where(mask, x * dropout_scale(keep, x.dtype), np.zeros((), x.dtype))
 
 
+@bf16_storage  # (as the forward it calls: one rounding)
 def dropout_backward(dy, keep: float, seed: int, offset: int = 0, start: int = 0, batch=None):
     return dropout_forward(dy, keep, seed, offset, start, batch)  # the same mask and scale: d(x m / keep)/dx = m / keep

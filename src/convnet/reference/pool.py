@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from convnet.geometry import PoolGeometry
+from convnet.reference.elementwise import relu_backward
 from convnet.reference.storage import bf16_storage
 
 __all__ = ["pool_forward", "pool_backward"]
@@ -72,7 +73,8 @@ def pool_forward(x, *, mode="max", window=3, stride=2, padding=0):
 
 
 @bf16_storage
-def pool_backward(x, y, dy, *, mode="max", window=3, stride=2, padding=0):
+def pool_backward(x, y, dy, *, mode="max", window=3, stride=2, padding=0, relu_input=False):
+    """dx; ``relu_input``: x is a ReLU's output, and dx is also that ReLU's backward (``relu_backward(x, dx)``)."""
     x = np.asarray(x)
     (C, H, W, N), win, st, pad, (OH, OW) = _geometry(x.shape, window, stride, padding)
     if mode not in ("max", "avg"):
@@ -93,4 +95,5 @@ def pool_backward(x, y, dy, *, mode="max", window=3, stride=2, padding=0):
                 dxp[sl] += np.where(xp[sl] == y, dy, 0)
             else:
                 dxp[sl] += g
-    return np.ascontiguousarray(dxp[:, pad[0]:pad[0] + H, pad[1]:pad[1] + W, :])
+    dx = np.ascontiguousarray(dxp[:, pad[0]:pad[0] + H, pad[1]:pad[1] + W, :])
+    return relu_backward(x, dx) if relu_input else dx
