@@ -61,28 +61,46 @@ void positive(std::initializer_list<i64> values) {
   }
 }
 
-// winograd_apply (winograd_matrices.h) on floats.
+// kBlock filters' values side by side: winograd_apply's arithmetic on each lane, in loops GCC vectorises.
+struct Lanes {
+  float v[kBlock];
+};
+
 template <bool transposed, int R, int K>
-inline void apply(const float (&mat)[R][K], const float* in, int is, float* out, int os) {
+inline void apply(const float (&mat)[R][K], const Lanes* in, int is, Lanes* out, int os) {
   winograd_apply<transposed>(
-      mat, in, is, out, os, 0.0f, [](float x, float y) { return x + y; }, [](float x, float y) { return x - y; },
-      [](float c, float x) { return c * x; });
+      mat, in, is, out, os, Lanes{},
+      [](const Lanes& x, const Lanes& y) {
+        Lanes r;
+        for (int l = 0; l < kBlock; ++l) r.v[l] = x.v[l] + y.v[l];
+        return r;
+      },
+      [](const Lanes& x, const Lanes& y) {
+        Lanes r;
+        for (int l = 0; l < kBlock; ++l) r.v[l] = x.v[l] - y.v[l];
+        return r;
+      },
+      [](float c, const Lanes& x) {
+        Lanes r;
+        for (int l = 0; l < kBlock; ++l) r.v[l] = c * x.v[l];
+        return r;
+      });
 }
 
 // One input channel's filter transforms, t[e][f] = (G g_f G^T)[e] for f < count (at most kBlock), g_f[ky][kx] =
-// taps[3 ky + kx][f]: vectorised along f (the block-local output is what lets GCC vectorise it).
+// taps[3 ky + kx][f]: each filter one lane.
 template <int M>
-SIMD_CLONES void filter_block(const float* const* taps_in, float (*__restrict__ t)[kBlock], i64 count) {
+SIMD_CLONES void filter_block(const float* const* taps, float (*__restrict__ t)[kBlock], i64 count) {
   using W = WinogradMatrices<M>;
   constexpr int AL = W::kAlpha;
-  const float* taps[9];
-  for (int k = 0; k < 9; ++k) taps[k] = taps_in[k];
-  for (i64 f = 0; f < count; ++f) {
-    float g[9], col[3 * AL], r[AL * AL];
-    for (int k = 0; k < 9; ++k) g[k] = taps[k][f];
-    for (int kx = 0; kx < 3; ++kx) apply<false>(W::G, g + kx, 3, col + kx * AL, 1);  // col[kx][a] = (G g)[a][kx]
-    for (int a = 0; a < AL; ++a) apply<false>(W::G, col + a, AL, r + a * AL, 1);
-    for (int e = 0; e < AL * AL; ++e) t[e][f] = r[e];
+  Lanes g[9], col[3 * AL], r[AL * AL];
+  for (int k = 0; k < 9; ++k) {
+    for (i64 f = 0; f < kBlock; ++f) g[k].v[f] = f < count ? taps[k][f] : 0.0f;
+  }
+  for (int kx = 0; kx < 3; ++kx) apply<false>(W::G, g + kx, 3, col + kx * AL, 1);  // col[kx][a] = (G g)[a][kx]
+  for (int a = 0; a < AL; ++a) apply<false>(W::G, col + a, AL, r + a * AL, 1);
+  for (int e = 0; e < AL * AL; ++e) {
+    for (i64 f = 0; f < kBlock; ++f) t[e][f] = r[e].v[f];
   }
 }
 
@@ -125,19 +143,20 @@ void filter_transform(const Floats& w, Floats& u, i64 Cg, i64 F, i64 f0, i64 Fg,
   }
 }
 
-// t[3 ky + kx][f] = (G^T D_f G)[ky][kx] for f < count (at most kBlock), D_f[a][b] = rows[ALPHA a + b][f].
+// t[3 ky + kx][f] = (G^T D_f G)[ky][kx] for f < count (at most kBlock), D_f[a][b] = rows[ALPHA a + b][f]: each
+// filter one lane.
 template <int M>
-SIMD_CLONES void filter_grad_block(const float* const* rows_in, float (*__restrict__ t)[kBlock], i64 count) {
+SIMD_CLONES void filter_grad_block(const float* const* rows, float (*__restrict__ t)[kBlock], i64 count) {
   using W = WinogradMatrices<M>;
   constexpr int AL = W::kAlpha;
-  const float* rows[AL * AL];
-  for (int k = 0; k < AL * AL; ++k) rows[k] = rows_in[k];
-  for (i64 f = 0; f < count; ++f) {
-    float dv[AL * AL], col[AL * 3], r[9];
-    for (int k = 0; k < AL * AL; ++k) dv[k] = rows[k][f];
-    for (int b = 0; b < AL; ++b) apply<true>(W::G, dv + b, AL, col + b * 3, 1);  // col[b][ky] = (G^T D)[ky][b]
-    for (int ky = 0; ky < 3; ++ky) apply<true>(W::G, col + ky, 3, r + ky * 3, 1);
-    for (int k = 0; k < 9; ++k) t[k][f] = r[k];
+  Lanes dv[AL * AL], col[AL * 3], r[9];
+  for (int k = 0; k < AL * AL; ++k) {
+    for (i64 f = 0; f < kBlock; ++f) dv[k].v[f] = f < count ? rows[k][f] : 0.0f;
+  }
+  for (int b = 0; b < AL; ++b) apply<true>(W::G, dv + b, AL, col + b * 3, 1);  // col[b][ky] = (G^T D)[ky][b]
+  for (int ky = 0; ky < 3; ++ky) apply<true>(W::G, col + ky, 3, r + ky * 3, 1);
+  for (int k = 0; k < 9; ++k) {
+    for (i64 f = 0; f < kBlock; ++f) t[k][f] = r[k].v[f];
   }
 }
 
