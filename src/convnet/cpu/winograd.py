@@ -77,20 +77,18 @@ MATRICES = {
 }
 TILES = tuple(MATRICES)
 
-# The cost model of ``auto``, measured on a 2-vCPU AMD EPYC with AVX-512 at 1 and 2 threads, Winograd against
-# direct (docs/training.md, "Winograd convolutions"). The forward and the data gradient are 1.2-2.2x faster from 4
-# channels on both sides (fmnist's conv2 and conv3 1.5-1.9x, AlexNet's conv3-5 at batch 64 1.8-2.0x); they lose with
-# 1-3 channels on either side (0.3-0.6x: a micro-tile of filters or a product of depth 3 mostly idle) and with fewer
-# than 32 images (0.8x: the blocks of images are 32 wide with AVX-512, half empty at 16). The filter gradient pays
-# from 32 channels on both sides (fmnist's conv2, 32 -> 64: 1.0-1.4x; its conv3, 64 -> 128: 1.5-2.1x; 128 -> 128:
-# 1.7x), not below (16 -> 32: 0.6-1.0x; 8 -> 16: 0.3x: the transforms' and panels' work per product grows as
-# the channels shrink) nor once each half's D (16 x channels x filters floats) outgrows the caches (AlexNet's
-# conv3, 1.6 M floats: 1.85x on 1 thread but 0.9x on 2).
+# The cost model of ``auto``, measured with benchmarks/winograd_bench.py on a 2-vCPU AMD EPYC with AVX-512 at 1 and
+# 2 threads, Winograd (F(3x3) for all of these) against direct (docs/results.md, "Winograd on the cpu device"): the
+# forward and data gradient 1.4-2.2x faster (fmnist's conv2 1.4-1.7x, conv3 1.8-2.1x, AlexNet's conv3-5 at batch 32
+# 1.7-2.2x) and the filter gradient 1.1-2.4x (fmnist's conv2, 32 -> 64: 1.1-1.3x; AlexNet's: 1.5-2.0x). They lose
+# with 1-3 channels on either side (forward and data gradient 0.3-0.6x: a micro-tile of filters or a product of
+# depth 3 mostly idle), the forward and data gradient with fewer than 32 images (0.8x: the blocks of images are 32
+# wide with AVX-512, half empty at 16), the filter gradient below 32 channels on either side (16 -> 32: 0.6-1.0x;
+# 8 -> 16: 0.3x: the transforms' and panels' work per product grows as the channels shrink).
 # The rule reads the geometry only, never the CPU or the threads: the same bits on every machine.
 MIN_CHANNELS = 4             # forward / data gradient: input channels and filters per group, at least
 MIN_IMAGES = 32              # forward / data gradient: images, at least
 MIN_FILTER_CHANNELS = 32     # filter gradient: input channels and filters per group, at least
-MAX_FILTER_PRODUCTS = 512 * 1024  # filter gradient: floats of D (16 x channels x filters per group), at most
 
 
 def prefers_winograd(g: ConvGeometry, pass_: str = "forward") -> bool:
@@ -101,7 +99,7 @@ def prefers_winograd(g: ConvGeometry, pass_: str = "forward") -> bool:
         return False
     fg = g.F // g.groups
     if pass_ == "filter":
-        return min(g.Cg, fg) >= MIN_FILTER_CHANNELS and 16 * g.Cg * fg <= MAX_FILTER_PRODUCTS
+        return min(g.Cg, fg) >= MIN_FILTER_CHANNELS
     return min(g.Cg, fg) >= MIN_CHANNELS and g.N >= MIN_IMAGES
 
 
