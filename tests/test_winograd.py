@@ -305,6 +305,12 @@ def test_bad_input_is_a_clear_error():
         _cpu.winograd_conv(x, u, y, 2, 5, 5, 3, 0, 2, 1, 1, 4, 0, 4, 4, 5)
     with pytest.raises(ValueError, match="x has 150 elements, expected 200"):
         _cpu.winograd_conv(x, u, y, 2, 5, 5, 4, 0, 2, 1, 1, 4, 0, 4, 5, 5)
+    with pytest.raises(ValueError, match="m \\(the output tile\\) must be 2 or 3"):
+        _cpu.winograd_conv(x, u, y, 2, 5, 5, 3, 0, 2, 1, 1, 4, 0, 4, 5, 5, m=4)
+    with pytest.raises(ValueError, match="m \\(the output tile\\) must be 2 or 3"):
+        _cpu.winograd_filter_products(x, dy, d, 2, 5, 5, 3, 0, 2, 1, 1, 4, 0, 4, 5, 5, m=1)
+    with pytest.raises(ValueError, match="m \\(the output tile\\) must be 2 or 3"):
+        _cpu.winograd_filter(w, u, 2, 4, 0, 4, False, m=5)
     with pytest.raises(ValueError, match="u_layout must be"):
         _cpu.winograd_conv(x, u, y, 2, 5, 5, 3, 0, 2, 1, 1, 4, 0, 4, 5, 5, u_layout="cf")
     with pytest.raises(ValueError, match="bias must have shape"):
