@@ -53,9 +53,7 @@ LOOPS = {"im2col": "im2col (NumPy GEMM path)", "col2im": "col2im", "maxpool_forw
          "maxpool_backward": "max pooling", "relu_forward": "ReLU", "relu_backward": "ReLU",
          "dropout_apply": "dropout", "dropout_apply_mask": "dropout", "bias_add": "bias (add, sum)",
          "bias_sum": "bias (add, sum)", "sgd_update": "SGD update", "sgd_update_many": "SGD update",
-         "winograd_input": "Winograd transforms", "winograd_output": "Winograd transforms",
-         "winograd_grad": "Winograd transforms", "winograd_filter": "Winograd transforms",
-         "winograd_filter_grad": "Winograd transforms"}
+         "winograd_filter": "Winograd transforms", "winograd_filter_grad": "Winograd transforms"}
 GEMMS = ("gemm", "conv_gemm_forward", "conv_gemm_filter", "winograd_conv", "winograd_filter_products")
 # op -> the pass its GEMMs compute
 PASS = {"conv_forward": "forward", "fc_forward": "forward", "conv_backward_data": "data grad",
