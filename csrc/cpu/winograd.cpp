@@ -87,6 +87,30 @@ inline void apply(const float (&mat)[R][K], const Lanes* in, int is, Lanes* out,
       });
 }
 
+// dst[r * stride + f] = t[r][f] for f < count: a whole block by fixed-size copies (a copy of a runtime size is a
+// library call, which cost more than the block's transform).
+template <int Rows>
+inline void store_rows(const float (*t)[kBlock], float* dst, i64 stride, i64 count) {
+  if (count == kBlock) {
+    for (int r = 0; r < Rows; ++r) std::memcpy(dst + r * stride, t[r], sizeof(float) * kBlock);
+  } else {
+    for (int r = 0; r < Rows; ++r) std::memcpy(dst + r * stride, t[r], sizeof(float) * count);
+  }
+}
+
+// out[r].v[f] = rows[r][f] for f < count, zeros past it (fixed-size copies for a whole block, as store_rows).
+template <int Rows>
+inline void load_rows(const float* const* rows, Lanes* out, i64 count) {
+  for (int r = 0; r < Rows; ++r) {
+    if (count == kBlock) {
+      std::memcpy(out[r].v, rows[r], sizeof(float) * kBlock);
+    } else {
+      out[r] = Lanes{};
+      std::memcpy(out[r].v, rows[r], sizeof(float) * count);
+    }
+  }
+}
+
 // One input channel's filter transforms, t[e][f] = (G g_f G^T)[e] for f < count (at most kBlock), g_f[ky][kx] =
 // taps[3 ky + kx][f]: each filter one lane.
 template <int M>
@@ -94,9 +118,7 @@ SIMD_CLONES void filter_block(const float* const* taps, float (*__restrict__ t)[
   using W = WinogradMatrices<M>;
   constexpr int AL = W::kAlpha;
   Lanes g[9], col[3 * AL], r[AL * AL];
-  for (int k = 0; k < 9; ++k) {
-    for (i64 f = 0; f < kBlock; ++f) g[k].v[f] = f < count ? taps[k][f] : 0.0f;
-  }
+  load_rows<9>(taps, g, count);
   for (int kx = 0; kx < 3; ++kx) apply<false>(W::G, g + kx, 3, col + kx * AL, 1);  // col[kx][a] = (G g)[a][kx]
   for (int a = 0; a < AL; ++a) apply<false>(W::G, col + a, AL, r + a * AL, 1);
   for (int e = 0; e < AL * AL; ++e) {
@@ -120,7 +142,7 @@ void filter_transform_m(const float* wp, float* up, i64 Cg, i64 F, i64 f0, i64 F
       const i64 count = std::min(kBlock, Fg - fb);
       for (int k = 0; k < 9; ++k) taps[k] = wp + (c * 9 + tap[k]) * F + f0 + fb;
       filter_block<M>(taps, t, count);
-      for (int e = 0; e < E; ++e) std::memcpy(up + (e * Cg + c) * Fg + fb, t[e], sizeof(float) * count);
+      store_rows<E>(t, up + c * Fg + fb, Cg * Fg, count);
     }
   }
 }
@@ -150,9 +172,7 @@ SIMD_CLONES void filter_grad_block(const float* const* rows, float (*__restrict_
   using W = WinogradMatrices<M>;
   constexpr int AL = W::kAlpha;
   Lanes dv[AL * AL], col[AL * 3], r[9];
-  for (int k = 0; k < AL * AL; ++k) {
-    for (i64 f = 0; f < kBlock; ++f) dv[k].v[f] = f < count ? rows[k][f] : 0.0f;
-  }
+  load_rows<AL * AL>(rows, dv, count);
   for (int b = 0; b < AL; ++b) apply<true>(W::G, dv + b, AL, col + b * 3, 1);  // col[b][ky] = (G^T D)[ky][b]
   for (int ky = 0; ky < 3; ++ky) apply<true>(W::G, col + ky, 3, r + ky * 3, 1);
   for (int k = 0; k < 9; ++k) {
@@ -171,7 +191,7 @@ void filter_grad_transform_m(const float* dp, float* wp, i64 Cg, i64 F, i64 f0, 
       const i64 count = std::min(kBlock, Fg - fb);
       for (int e = 0; e < E; ++e) rows[e] = dp + (e * Cg + c) * Fg + fb;
       filter_grad_block<M>(rows, t, count);
-      for (int k = 0; k < 9; ++k) std::memcpy(wp + (c * 9 + k) * F + f0 + fb, t[k], sizeof(float) * count);
+      store_rows<9>(t, wp + c * 9 * F + f0 + fb, F, count);
     }
   }
 }
