@@ -284,6 +284,25 @@ def test_the_switch_and_the_cost_model():
         winograd.chosen(fm2, "backward")
 
 
+def test_ragged_last_tiles_are_f1_where_m_leaves_one_output():
+    """tile_kinds: the last tile along an axis is F(1, 3) (the direct products along it) where m leaves one output,
+    whole otherwise; the C++ transform lays out the same kinds (its size check agrees on every small output), and
+    output_tile counts them: fmnist's 13x13 by F(3x3) is 23 x 23 transformed rows, not 25 x 25."""
+    assert winograd.tile_kinds(3, 13, 13) == [(3, 3), (3, 1), (1, 3), (1, 1)]
+    assert winograd.tile_kinds(3, 6, 6) == [(3, 3)] and winograd.tile_kinds(3, 14, 13) == [(3, 3), (3, 1)]
+    assert winograd.tile_kinds(2, 7, 8) == [(2, 2), (1, 2)] and winograd.tile_kinds(2, 1, 1) == [(1, 1)]
+    w = rand(RNG, (2, 3, 3, 4))
+    for m in TILES:
+        for oh in range(1, 8):
+            for ow in range(1, 8):
+                elements = sum((a + 2) * (b + 2) for a, b in winograd.tile_kinds(m, oh, ow))
+                _cpu.winograd_filter(w, np.empty(elements * 8, np.float32), 2, 4, 0, 4, False, m=m, oh=oh, ow=ow)
+                with pytest.raises(ValueError, match="U has"):
+                    _cpu.winograd_filter(w, np.empty(elements * 8 - 8, np.float32), 2, 4, 0, 4, False, m=m, oh=oh,
+                                         ow=ow)
+    assert winograd.output_tile(13, 13) == 3 and winograd.output_tile(7, 7) == 3 and winograd.output_tile(5, 5) == 3
+
+
 def test_bad_input_is_a_clear_error():
     x, w, _ = _case(2, 5, 5, 3, 4, 1, 1)
     with pytest.raises(ValueError, match="algorithm 'fast': expected one of direct, winograd, auto"):
@@ -291,11 +310,12 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="needs 3x3 filters, stride 1"):
         winograd.conv_forward(x, w, ConvGeometry.of(x.shape, w.shape, stride=2, padding=1))
     g = ConvGeometry.of(x.shape, w.shape, padding=1)
-    u, y, d = np.zeros((16, 2, 4), np.float32), np.empty(g.y_shape, np.float32), np.empty((16, 2, 4), np.float32)
+    # u for a 5x5 output by F(2x2): 2x2 tiles, F(1) last columns and rows, 49 elements (tile_kinds)
+    u, y, d = np.zeros(49 * 2 * 4, np.float32), np.empty(g.y_shape, np.float32), np.empty((16, 2, 4), np.float32)
     dy = rand(RNG, g.y_shape)
     _cpu.winograd_conv(x, u, y, 2, 5, 5, 3, 0, 2, 1, 1, 4, 0, 4, 5, 5)  # the right sizes: fine
     _cpu.winograd_filter_products(x, dy, d, 2, 5, 5, 3, 0, 2, 1, 1, 4, 0, 4, 5, 5)
-    with pytest.raises(ValueError, match="u has 128 elements, expected 256"):
+    with pytest.raises(ValueError, match="u has 392 elements, expected 784"):
         _cpu.winograd_conv(x, u, y, 2, 5, 5, 3, 0, 2, 1, 1, 8, 0, 8, 5, 5)
     with pytest.raises(ValueError, match="bad channel range"):
         _cpu.winograd_conv(x, u, y, 2, 5, 5, 3, 1, 2, 1, 1, 4, 0, 4, 5, 5)
@@ -310,13 +330,13 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="m \\(the output tile\\) must be 2 or 3"):
         _cpu.winograd_filter_products(x, dy, d, 2, 5, 5, 3, 0, 2, 1, 1, 4, 0, 4, 5, 5, m=1)
     with pytest.raises(ValueError, match="m \\(the output tile\\) must be 2 or 3"):
-        _cpu.winograd_filter(w, u, 2, 4, 0, 4, False, m=5)
+        _cpu.winograd_filter(w, u, 2, 4, 0, 4, False, m=5, oh=5, ow=5)
     with pytest.raises(ValueError, match="u_layout must be"):
         _cpu.winograd_conv(x, u, y, 2, 5, 5, 3, 0, 2, 1, 1, 4, 0, 4, 5, 5, u_layout="cf")
     with pytest.raises(ValueError, match="bias must have shape"):
         _cpu.winograd_conv(x, u, y, 2, 5, 5, 3, 0, 2, 1, 1, 4, 0, 4, 5, 5, bias=np.zeros(3, np.float32))
     with pytest.raises(ValueError, match="overlaps x"):
-        _cpu.winograd_conv(x, np.zeros((16, 2, 2), np.float32), x, 2, 5, 5, 3, 0, 2, 1, 1, 2, 0, 2, 5, 5)
+        _cpu.winograd_conv(x, np.zeros(49 * 2 * 2, np.float32), x, 2, 5, 5, 3, 0, 2, 1, 1, 2, 0, 2, 5, 5)
     with pytest.raises(ValueError, match="sizes must be positive"):
         _cpu.winograd_filter_products(x, dy, d, 2, 5, 5, 0, 0, 2, 1, 1, 4, 0, 4, 5, 5)
     with pytest.raises(ValueError, match="dy has 300 elements, expected 600"):
@@ -326,9 +346,11 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="read-only"):
         ro = np.empty((16, 4, 2), np.float32)
         ro.flags.writeable = False
-        _cpu.winograd_filter(w, ro, 2, 4, 0, 4, False)
+        _cpu.winograd_filter(w, ro, 2, 4, 0, 4, False, m=2, oh=4, ow=4)
+    with pytest.raises(ValueError, match="U has 128 elements, expected 224"):
+        _cpu.winograd_filter(w, np.empty((16, 4, 2), np.float32), 2, 4, 0, 4, False, m=2, oh=4, ow=5)
     with pytest.raises(TypeError):
-        _cpu.winograd_filter(w.astype(np.float64), np.empty((16, 4, 2)), 2, 4, 0, 4, False)
+        _cpu.winograd_filter(w.astype(np.float64), np.empty((16, 4, 2)), 2, 4, 0, 4, False, m=2, oh=4, ow=4)
 
 
 def test_the_benchmark_runs(capsys):

@@ -6,6 +6,7 @@
 // thread; each thread packs and multiplies its own part. The k order of every element is the same for any split,
 // so the result does not depend on the thread count.
 #include "cpu/gemm.h"
+#include "cpu/winograd_matrices.h"
 
 #include <omp.h>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -337,15 +338,15 @@ void py_conv_filter(const Floats& x, const Array& dy, Array& dw, i64 C, i64 H, i
 }
 
 // y[f0 .. f0 + Fg) (y is (F, OH, OW, N)) = the Winograd F(m x m, 3x3) convolution of channels [c0, c0 + Cg) of x
-// (C, H, W, N) with the transformed filters u: (E, Cg, Fg) (u_layout "ck") or (E, Fg, Cg) ("kc"), padding
-// (ph, pw) in 0..2, [+ bias (Fg,)], [then the ReLU]. The jobs (tiles x blocks of images) are cut into one
+// (C, H, W, N) with the transformed filters u: per kind of tile (winograd_tile_kinds) a block (E_q, Cg, Fg)
+// (u_layout "ck") or (E_q, Fg, Cg) ("kc"), padding (ph, pw) in 0..2, [+ bias (Fg,)], [then the ReLU]. The jobs (tiles x blocks of images) are cut into one
 // contiguous range per thread; every output element is one job's, so the bits do not depend on the split.
 void py_winograd_conv(const Floats& x, const Floats& u, Floats& y, i64 C, i64 H, i64 W, i64 N, i64 c0, i64 Cg, i64 ph,
                       i64 pw, i64 F, i64 f0, i64 Fg, i64 OH, i64 OW, const std::string& u_layout,
                       const std::optional<Floats>& bias, bool relu, int m, const std::string& isa) {
   const Isa* chosen = pick(isa);
   if (m != 2 && m != 3) throw py::value_error("winograd_conv: m (the output tile) must be 2 or 3");
-  const i64 E = (m + 2) * (m + 2);
+  const i64 E = winograd_tile_kinds(m, OH, OW).total_elements();  // every kind of tile's elements
   for (i64 v : {C, H, W, N, Cg, F, Fg, OH, OW}) {
     if (v <= 0) throw py::value_error("winograd_conv: sizes must be positive");
   }

@@ -3,8 +3,9 @@
 // The convolutions themselves, with their input, output and gradient transforms, are fused:
 // csrc/cpu/winograd_fused.inc; the matrices: csrc/cpu/winograd_matrices.h; src/convnet/cpu/winograd.py runs both.
 //
-// Layouts: filters w (Cg, 3, 3, F); U and D (E, Cg, Fg), E = (m + 2)^2, e = (m + 2) a + b the element (a, b) of
-// a transformed tile. The data gradient uses the filters rotated by 180 degrees (rotate).
+// Layouts: filters w (Cg, 3, 3, F); D (E, Cg, Fg), E = (m + 2)^2, e = (m + 2) a + b the element (a, b) of a
+// transformed tile; U one such block per kind of tile (winograd_tile_kinds: the ragged last tiles' own elements).
+// The data gradient uses the filters rotated by 180 degrees (rotate).
 //
 // Deterministic: every transformed element is winograd_apply's fixed sequence of float operations (compiled with
 // -ffp-contract=off, CMakeLists.txt: no fused multiply-add), the same at any SIMD width (the vector loops run
@@ -111,27 +112,29 @@ inline void load_rows(const float* const* rows, Lanes* out, i64 count) {
   }
 }
 
-// One input channel's filter transforms, t[e][f] = (G g_f G^T)[e] for f < count (at most kBlock), g_f[ky][kx] =
-// taps[3 ky + kx][f]: each filter one lane.
-template <int M>
+// One input channel's filter transforms for MY x MX tiles, t[e][f] = (G_MY g_f G_MX^T)[e] for f < count (at most
+// kBlock), g_f[ky][kx] = taps[3 ky + kx][f]: each filter one lane (G_1, F(1, 3)'s, is the identity).
+template <int MY, int MX>
 SIMD_CLONES void filter_block(const float* const* taps, float (*__restrict__ t)[kBlock], i64 count) {
-  using W = WinogradMatrices<M>;
-  constexpr int AL = W::kAlpha;
-  Lanes g[9], col[3 * AL], r[AL * AL];
+  using WY = WinogradMatrices<MY>;
+  using WX = WinogradMatrices<MX>;
+  constexpr int AY = WY::kAlpha, AX = WX::kAlpha;
+  Lanes g[9], col[3 * AY], r[AY * AX];
   load_rows<9>(taps, g, count);
-  for (int kx = 0; kx < 3; ++kx) apply<false>(W::G, g + kx, 3, col + kx * AL, 1);  // col[kx][a] = (G g)[a][kx]
-  for (int a = 0; a < AL; ++a) apply<false>(W::G, col + a, AL, r + a * AL, 1);
-  for (int e = 0; e < AL * AL; ++e) {
+  for (int kx = 0; kx < 3; ++kx) apply<false>(WY::G, g + kx, 3, col + kx * AY, 1);  // col[kx][a] = (G g)[a][kx]
+  for (int a = 0; a < AY; ++a) apply<false>(WX::G, col + a, AY, r + a * AX, 1);
+  for (int e = 0; e < AY * AX; ++e) {
     for (i64 f = 0; f < kBlock; ++f) t[e][f] = r[e].v[f];
   }
 }
 
-// U (E, Cg, Fg) = G g G^T of filters [f0, f0 + Fg) of w (Cg, 3, 3, F): g = w[c, :, :, f] (the forward, which
-// multiplies by U_e.T), or rotated by 180 degrees, g[ky][kx] = w[c, 2 - ky, 2 - kx, f] (the data gradient's
-// transposed convolution, which multiplies by U_e).
-template <int M>
-void filter_transform_m(const float* wp, float* up, i64 Cg, i64 F, i64 f0, i64 Fg, bool rotate) {
-  constexpr int E = WinogradMatrices<M>::kAlpha * WinogradMatrices<M>::kAlpha;
+// U = G g G^T of filters [f0, f0 + Fg) of w (Cg, 3, 3, F), one (E_q, Cg, Fg) block per kind q of tile
+// (winograd_tile_kinds) one after the other: g = w[c, :, :, f] (the forward, which multiplies by U_e.T), or rotated
+// by 180 degrees, g[ky][kx] = w[c, 2 - ky, 2 - kx, f] (the data gradient's transposed convolution, which
+// multiplies by U_e).
+template <int MY, int MX>
+void filter_transform_kind(const float* wp, float* up, i64 Cg, i64 F, i64 f0, i64 Fg, bool rotate) {
+  constexpr int E = (MY + 2) * (MX + 2);
   int tap[9];
   for (int k = 0; k < 9; ++k) tap[k] = rotate ? 8 - k : k;
 #pragma omp parallel for schedule(static) num_threads(loop_threads())
@@ -141,8 +144,26 @@ void filter_transform_m(const float* wp, float* up, i64 Cg, i64 F, i64 f0, i64 F
     for (i64 fb = 0; fb < Fg; fb += kBlock) {
       const i64 count = std::min(kBlock, Fg - fb);
       for (int k = 0; k < 9; ++k) taps[k] = wp + (c * 9 + tap[k]) * F + f0 + fb;
-      filter_block<M>(taps, t, count);
+      filter_block<MY, MX>(taps, t, count);
       store_rows<E>(t, up + c * Fg + fb, Cg * Fg, count);
+    }
+  }
+}
+
+template <int M>
+void filter_transform_m(const float* wp, float* up, i64 Cg, i64 F, i64 f0, i64 Fg, bool rotate,
+                        const WinogradTileKinds& kinds) {
+  for (int q = 0; q < kinds.count; ++q) {
+    float* block = up + kinds.elements_before(q) * Cg * Fg;
+    const int my = kinds.my[q], mx = kinds.mx[q];
+    if (my == M && mx == M) {
+      filter_transform_kind<M, M>(wp, block, Cg, F, f0, Fg, rotate);
+    } else if (my == M) {
+      filter_transform_kind<M, 1>(wp, block, Cg, F, f0, Fg, rotate);
+    } else if (mx == M) {
+      filter_transform_kind<1, M>(wp, block, Cg, F, f0, Fg, rotate);
+    } else {
+      filter_transform_kind<1, 1>(wp, block, Cg, F, f0, Fg, rotate);
     }
   }
 }
@@ -152,16 +173,19 @@ i64 elements(int m) {
   return (m + 2) * (m + 2);
 }
 
-void filter_transform(const Floats& w, Floats& u, i64 Cg, i64 F, i64 f0, i64 Fg, bool rotate, int m) {
-  positive({Cg, F, Fg});
+// oh x ow: the output of the convolution the filters are for (its tile kinds, winograd_tile_kinds).
+void filter_transform(const Floats& w, Floats& u, i64 Cg, i64 F, i64 f0, i64 Fg, bool rotate, int m, i64 oh, i64 ow) {
+  positive({Cg, F, Fg, oh, ow});
   if (f0 < 0 || f0 + Fg > F) throw py::value_error("winograd: bad filter range");
+  elements(m);
+  const WinogradTileKinds kinds = winograd_tile_kinds(m, oh, ow);
   const float* wp = in(w, "w", Cg * 9 * F);
-  float* up = out(u, "U", elements(m) * Fg * Cg);
+  float* up = out(u, "U", kinds.total_elements() * Fg * Cg);
   py::gil_scoped_release release;
   if (m == 3) {
-    filter_transform_m<3>(wp, up, Cg, F, f0, Fg, rotate);
+    filter_transform_m<3>(wp, up, Cg, F, f0, Fg, rotate, kinds);
   } else {
-    filter_transform_m<2>(wp, up, Cg, F, f0, Fg, rotate);
+    filter_transform_m<2>(wp, up, Cg, F, f0, Fg, rotate, kinds);
   }
 }
 
@@ -214,7 +238,8 @@ void filter_grad_transform(const Floats& d, Floats& dw, i64 Cg, i64 F, i64 f0, i
 
 void register_winograd(py::module_& m) {
   m.def("winograd_filter", &filter_transform, py::arg("w"), py::arg("U"), py::arg("Cg"), py::arg("F"), py::arg("f0"),
-        py::arg("Fg"), py::arg("rotate"), py::arg("m") = 2, "U = G g G^T");
+        py::arg("Fg"), py::arg("rotate"), py::arg("m"), py::arg("oh"), py::arg("ow"),
+        "U = G g G^T, one block per kind of tile of an oh x ow output");
   m.def("winograd_filter_grad", &filter_grad_transform, py::arg("D"), py::arg("dw"), py::arg("Cg"), py::arg("F"),
         py::arg("f0"), py::arg("Fg"), py::arg("m") = 2, "dw = G^T D G");
 }

@@ -9,10 +9,22 @@
 // 36 and 81). B^T and A^T are dyadic (exact in float); G's thirds round.
 #pragma once
 
+#include <initializer_list>
+
 namespace convnet_cpu {
 
 template <int M>
 struct WinogradMatrices;
+
+// F(1, 3) along one axis: the direct products (alpha 3, identity transforms, the output the sum of the 3), for the
+// last tile of an axis where m leaves a single output (winograd_tile_kinds).
+template <>
+struct WinogradMatrices<1> {
+  static constexpr int kAlpha = 3;
+  static constexpr float BT[3][3] = {{1, 0, 0}, {0, 1, 0}, {0, 0, 1}};
+  static constexpr float G[3][3] = {{1, 0, 0}, {0, 1, 0}, {0, 0, 1}};
+  static constexpr float AT[1][3] = {{1, 1, 1}};
+};
 
 template <>
 struct WinogradMatrices<2> {
@@ -37,6 +49,41 @@ struct WinogradMatrices<3> {
                                     {0, 0, 1}};
   static constexpr float AT[3][5] = {{1, 1, 1, 1, 0}, {0, 1, -1, 2, 0}, {0, 1, 1, 4, 1}};
 };
+
+// The kinds of tile of F(m x m, 3x3) on an oh x ow output: m x m tiles, and where m leaves one output along an axis
+// (oh % m == 1, m > 1) the last tile there is F(1, 3) along it (alpha 3 instead of m + 2: 13 outputs by F(3) take
+// 4 x 5 + 3 = 23 transformed rows instead of 25); a last tile with 2 of 3 outputs stays whole. Kind q is (my[q],
+// mx[q]) tiles with (my + 2) (mx + 2) elements; the order (m x m; m x 1; 1 x m; 1 x 1, those present: no m along an
+// axis of one output) is the layout of the transformed filters, one (elements, Cg, Fg) block per kind (winograd.cpp;
+// the fused kernels read them so).
+struct WinogradTileKinds {
+  int count = 0;
+  int my[4] = {}, mx[4] = {};
+  long long elements(int q) const { return (my[q] + 2LL) * (mx[q] + 2LL); }
+  long long elements_before(int q) const {
+    long long e = 0;
+    for (int i = 0; i < q; ++i) e += elements(i);
+    return e;
+  }
+  long long total_elements() const { return elements_before(count); }
+};
+
+inline int winograd_last_tile(long long out, int m) { return m > 1 && out % m == 1 ? 1 : m; }
+
+inline WinogradTileKinds winograd_tile_kinds(int m, long long oh, long long ow) {
+  WinogradTileKinds k;
+  const int ly = winograd_last_tile(oh, m), lx = winograd_last_tile(ow, m);
+  // an axis's sizes: m where it has an m-wide tile, 1 where its last tile is F(1)
+  const bool my = oh >= m || ly == m, mx = ow >= m || lx == m;
+  for (int y : {m, 1}) {
+    if (y == m ? !my : ly != 1) continue;
+    for (int x : {m, 1}) {
+      if (x == m ? !mx : lx != 1) continue;
+      k.my[k.count] = y, k.mx[k.count] = x, ++k.count;
+    }
+  }
+  return k;
+}
 
 // out[i * os] = sum over j of mat[i][j] * in[j * is] (or of mat[j][i] with transposed), a fixed sequence of
 // roundings: the nonzero terms in order of j, the first one the start (-x for -1), then a coefficient of +-1 an

@@ -120,19 +120,38 @@ def _check(g: ConvGeometry):
                          f"{g.KH}x{g.KW} filters, stride {tuple(g.stride)}, padding {tuple(g.padding)}")
 
 
+def last_tile(out: int, m: int) -> int:
+    """The last tile along an axis of ``out`` outputs: F(1, 3) (1: the direct products along it, alpha 3) where m
+    leaves one output, else m (csrc/cpu/winograd_matrices.h's winograd_last_tile)."""
+    return 1 if m > 1 and out % m == 1 else m
+
+
+def tile_kinds(m: int, oh: int, ow: int) -> list[tuple[int, int]]:
+    """The kinds of tile (rows, columns) of F(m x m, 3x3) on an oh x ow output, in the transformed filters' order
+    (winograd_tile_kinds): m x m; m x 1; 1 x m; 1 x 1, those present (no m along an axis of one output)."""
+    def sizes(out):
+        last = last_tile(out, m)
+        return ([m] if out >= m or last == m else []) + ([1] if last == 1 else [])
+    return [(y, x) for y in sizes(oh) for x in sizes(ow)]
+
+
 def output_tile(oh: int, ow: int) -> int:
-    """The output tile m of F(m x m, 3x3) for an output of oh x ow: the one with the fewest products, (m + 2)^2 per
-    tile, the ragged last tiles counted whole (ties: 2). fmnist's 13x13: 625 x 25 against 784 x 16... 3; its 6x6: 3;
-    a 4x4 output: 2. The geometry alone decides: the same bits on every machine."""
-    def products(m):
-        return (m + 2) ** 2 * -(-oh // m) * -(-ow // m)
-    return min(TILES, key=lambda m: (products(m), m))
+    """The output tile m of F(m x m, 3x3) for an output of oh x ow: the one with the fewest products, the
+    transformed rows (alpha per tile: m + 2, 3 for an F(1) last tile) along one axis times those along the other
+    (ties: 2). fmnist's 13x13: 23 x 23 against 27 x 27... 3; its 6x6: 3; a 4x4 output: 2. The geometry alone
+    decides: the same bits on every machine."""
+    def rows(out, m):
+        whole, rest = divmod(out, m)
+        return whole * (m + 2) + (0 if rest == 0 else last_tile(out, m) + 2)
+    return min(TILES, key=lambda m: (rows(oh, m) * rows(ow, m), m))
 
 
-def _filters(w, g: ConvGeometry, group: int, m: int, rotate: bool):
+def _filters(w, g: ConvGeometry, group: int, m: int, rotate: bool, oh: int, ow: int):
+    """The transformed filters of one group for an oh x ow output: per kind of tile a block (E, Cg, Fg)."""
     fg = g.F // g.groups
-    u = np.empty(((m + 2) ** 2, g.Cg, fg), dtype=np.float32)
-    lib().winograd_filter(w, u, g.Cg, g.F, group * fg, fg, rotate, m=m)
+    elements = sum((y + 2) * (x + 2) for y, x in tile_kinds(m, oh, ow))
+    u = np.empty(elements * g.Cg * fg, dtype=np.float32)
+    lib().winograd_filter(w, u, g.Cg, g.F, group * fg, fg, rotate, m=m, oh=oh, ow=ow)
     return u
 
 
@@ -145,10 +164,10 @@ def conv_forward(x, w, g: ConvGeometry, bias=None, relu: bool = False, m: int | 
     fg = g.F // g.groups
     y = np.empty(g.y_shape, dtype=np.float32)
     for group in range(g.groups):
-        lib().winograd_conv(x, _filters(w, g, group, m, False), y, g.C, g.H, g.W, g.N, group * g.Cg, g.Cg,
-                            *g.padding, g.F, group * fg, fg, g.OH, g.OW, u_layout="ck",
-                            bias=None if bias is None else bias[group * fg:(group + 1) * fg], relu=relu, m=m,
-                            isa=gemm.isa())
+        u = _filters(w, g, group, m, False, g.OH, g.OW)
+        lib().winograd_conv(x, u, y, g.C, g.H, g.W, g.N, group * g.Cg, g.Cg, *g.padding, g.F, group * fg, fg, g.OH,
+                            g.OW, u_layout="ck", bias=None if bias is None else bias[group * fg:(group + 1) * fg],
+                            relu=relu, m=m, isa=gemm.isa())
     return y
 
 
@@ -161,8 +180,9 @@ def conv_backward_data(dy, w, g: ConvGeometry, m: int | None = None):
     dx = np.empty(g.x_shape, dtype=np.float32)
     ph, pw = g.padding
     for group in range(g.groups):
-        lib().winograd_conv(dy, _filters(w, g, group, m, True), dx, g.F, g.OH, g.OW, g.N, group * fg, fg, 2 - ph,
-                            2 - pw, g.C, group * g.Cg, g.Cg, g.H, g.W, u_layout="kc", m=m, isa=gemm.isa())
+        u = _filters(w, g, group, m, True, g.H, g.W)
+        lib().winograd_conv(dy, u, dx, g.F, g.OH, g.OW, g.N, group * fg, fg, 2 - ph, 2 - pw, g.C, group * g.Cg, g.Cg,
+                            g.H, g.W, u_layout="kc", m=m, isa=gemm.isa())
     return dx
 
 
