@@ -310,8 +310,8 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="needs 3x3 filters, stride 1"):
         winograd.conv_forward(x, w, ConvGeometry.of(x.shape, w.shape, stride=2, padding=1))
     g = ConvGeometry.of(x.shape, w.shape, padding=1)
-    # u for a 5x5 output by F(2x2): 2x2 tiles, F(1) last columns and rows, 49 elements (tile_kinds)
-    u, y, d = np.zeros(49 * 2 * 4, np.float32), np.empty(g.y_shape, np.float32), np.empty((16, 2, 4), np.float32)
+    # u and D for a 5x5 output by F(2x2): 2x2 tiles, F(1) last columns and rows, 49 elements (tile_kinds)
+    u, y, d = np.zeros(49 * 2 * 4, np.float32), np.empty(g.y_shape, np.float32), np.empty(49 * 2 * 4, np.float32)
     dy = rand(RNG, g.y_shape)
     _cpu.winograd_conv(x, u, y, 2, 5, 5, 3, 0, 2, 1, 1, 4, 0, 4, 5, 5)  # the right sizes: fine
     _cpu.winograd_filter_products(x, dy, d, 2, 5, 5, 3, 0, 2, 1, 1, 4, 0, 4, 5, 5)
@@ -341,7 +341,7 @@ def test_bad_input_is_a_clear_error():
         _cpu.winograd_filter_products(x, dy, d, 2, 5, 5, 0, 0, 2, 1, 1, 4, 0, 4, 5, 5)
     with pytest.raises(ValueError, match="dy has 300 elements, expected 600"):
         _cpu.winograd_filter_products(x, dy, d, 2, 5, 5, 3, 0, 2, 1, 1, 8, 0, 4, 5, 5)
-    with pytest.raises(ValueError, match="D has 128 elements, expected 64"):
+    with pytest.raises(ValueError, match="D has 392 elements, expected 196"):
         _cpu.winograd_filter_products(x, dy, d, 2, 5, 5, 3, 0, 1, 1, 1, 4, 0, 4, 5, 5)
     with pytest.raises(ValueError, match="read-only"):
         ro = np.empty((16, 4, 2), np.float32)

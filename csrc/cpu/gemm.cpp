@@ -448,16 +448,16 @@ void transpose(const float* src, i64 rows, i64 cols, float* dst) {
   }
 }
 
-// D (E, Cg, Fg) = the Winograd F(m x m, 3x3) filter gradient's products, summed over the tiles and images, of
-// channels [c0, c0 + Cg) of x (C, H, W, N) and filters [f0, f0 + Fg) of dy (F, OH, OW, N), padding (ph, pw) in
-// 0..2 (convnet/cpu/winograd.py turns D into dw). The filters' NR-wide panels are cut into one contiguous range per
+// D = the Winograd F(m x m, 3x3) filter gradient's products, summed over the tiles and images, per kind of tile of
+// the OH x OW output (winograd_tile_kinds) a block (E_q, Cg, Fg), of channels [c0, c0 + Cg) of x (C, H, W, N) and
+// filters [f0, f0 + Fg) of dy (F, OH, OW, N), padding (ph, pw) in 0..2 (convnet/cpu/winograd.py turns D into dw). The filters' NR-wide panels are cut into one contiguous range per
 // thread; every element of D is one thread's chain over the tiles in order, so the bits do not depend on the split.
 void py_winograd_filter_products(const Floats& x, const Floats& dy, Floats& d, i64 C, i64 H, i64 W, i64 N, i64 c0,
                                  i64 Cg, i64 ph, i64 pw, i64 F, i64 f0, i64 Fg, i64 OH, i64 OW, int m,
                                  const std::string& isa) {
   const Isa* chosen = pick(isa);
   if (m != 2 && m != 3) throw py::value_error("winograd_filter_products: m (the output tile) must be 2 or 3");
-  const i64 E = (m + 2) * (m + 2);
+  const i64 E = winograd_tile_kinds(m, OH, OW).total_elements();  // every kind of tile's elements
   for (i64 v : {C, H, W, N, Cg, F, Fg, OH, OW}) {
     if (v <= 0) throw py::value_error("winograd_filter_products: sizes must be positive");
   }
@@ -560,7 +560,8 @@ void register_gemm(py::module_& m) {
         py::arg("C"), py::arg("H"), py::arg("W"), py::arg("N"), py::arg("c0"), py::arg("Cg"), py::arg("ph"),
         py::arg("pw"), py::arg("F"), py::arg("f0"), py::arg("Fg"), py::arg("OH"), py::arg("OW"), py::arg("m") = 2,
         py::arg("isa") = "",
-        "D (E, Cg, Fg) = the fused Winograd F(m x m, 3x3) filter gradient's products, summed over tiles and images");
+        "D (a block (E, Cg, Fg) per kind of tile) = the fused Winograd F(m x m, 3x3) filter gradient's products, summed "
+        "over tiles and images");
   std::apply([&](auto&&... args) {
     m.def("conv_gemm_filter", &py_conv_filter, args..., py::arg("form") = "",
           "dw = im2col(x) @ dy.T, the im2col matrix never built");

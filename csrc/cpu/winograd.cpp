@@ -189,48 +189,77 @@ void filter_transform(const Floats& w, Floats& u, i64 Cg, i64 F, i64 f0, i64 Fg,
   }
 }
 
-// t[3 ky + kx][f] = (G^T D_f G)[ky][kx] for f < count (at most kBlock), D_f[a][b] = rows[ALPHA a + b][f]: each
-// filter one lane.
-template <int M>
+// t[3 ky + kx][f] = (G_MY^T D_f G_MX)[ky][kx] for f < count (at most kBlock), D_f[a][b] = rows[AX a + b][f]:
+// each filter one lane.
+template <int MY, int MX>
 SIMD_CLONES void filter_grad_block(const float* const* rows, float (*__restrict__ t)[kBlock], i64 count) {
-  using W = WinogradMatrices<M>;
-  constexpr int AL = W::kAlpha;
-  Lanes dv[AL * AL], col[AL * 3], r[9];
-  load_rows<AL * AL>(rows, dv, count);
-  for (int b = 0; b < AL; ++b) apply<true>(W::G, dv + b, AL, col + b * 3, 1);  // col[b][ky] = (G^T D)[ky][b]
-  for (int ky = 0; ky < 3; ++ky) apply<true>(W::G, col + ky, 3, r + ky * 3, 1);
+  using WY = WinogradMatrices<MY>;
+  using WX = WinogradMatrices<MX>;
+  constexpr int AY = WY::kAlpha, AX = WX::kAlpha;
+  Lanes dv[AY * AX], col[AX * 3], r[9];
+  load_rows<AY * AX>(rows, dv, count);
+  for (int b = 0; b < AX; ++b) apply<true>(WY::G, dv + b, AX, col + b * 3, 1);  // col[b][ky] = (G^T D)[ky][b]
+  for (int ky = 0; ky < 3; ++ky) apply<true>(WX::G, col + ky, 3, r + ky * 3, 1);
   for (int k = 0; k < 9; ++k) {
     for (i64 f = 0; f < kBlock; ++f) t[k][f] = r[k].v[f];
   }
 }
 
+// One kind's G^T D_q G for channel c and filters [fb, fb + count) into t.
 template <int M>
-void filter_grad_transform_m(const float* dp, float* wp, i64 Cg, i64 F, i64 f0, i64 Fg) {
-  constexpr int E = WinogradMatrices<M>::kAlpha * WinogradMatrices<M>::kAlpha;
+void filter_grad_kind(const float* dq, int my, int mx, i64 Cg, i64 Fg, i64 c, i64 fb, i64 count,
+                      float (*__restrict__ t)[kBlock]) {
+  const float* rows[(M + 2) * (M + 2)];
+  const i64 E = (my + 2) * (mx + 2);
+  for (i64 e = 0; e < E; ++e) rows[e] = dq + (e * Cg + c) * Fg + fb;
+  if (my == M && mx == M) {
+    filter_grad_block<M, M>(rows, t, count);
+  } else if (my == M) {
+    filter_grad_block<M, 1>(rows, t, count);
+  } else if (mx == M) {
+    filter_grad_block<1, M>(rows, t, count);
+  } else {
+    filter_grad_block<1, 1>(rows, t, count);
+  }
+}
+
+// dw = the sum over the kinds of tile q, in order, of G_q^T D_q G_q (one float add per kind after the first).
+template <int M>
+void filter_grad_transform_m(const float* dp, float* wp, i64 Cg, i64 F, i64 f0, i64 Fg,
+                             const WinogradTileKinds& kinds) {
 #pragma omp parallel for schedule(static) num_threads(loop_threads())
   for (i64 c = 0; c < Cg; ++c) {
-    alignas(64) float t[9][kBlock];
-    const float* rows[E];
+    alignas(64) float t[9][kBlock], part[9][kBlock];
     for (i64 fb = 0; fb < Fg; fb += kBlock) {
       const i64 count = std::min(kBlock, Fg - fb);
-      for (int e = 0; e < E; ++e) rows[e] = dp + (e * Cg + c) * Fg + fb;
-      filter_grad_block<M>(rows, t, count);
+      for (int q = 0; q < kinds.count; ++q) {
+        const float* dq = dp + kinds.elements_before(q) * Cg * Fg;
+        filter_grad_kind<M>(dq, kinds.my[q], kinds.mx[q], Cg, Fg, c, fb, count, q == 0 ? t : part);
+        if (q > 0) {
+          for (int k = 0; k < 9; ++k) {
+            for (i64 f = 0; f < kBlock; ++f) t[k][f] += part[k][f];
+          }
+        }
+      }
       store_rows<9>(t, wp + c * 9 * F + f0 + fb, F, count);
     }
   }
 }
 
-// dw[c, :, :, f0 + f] (dw is (Cg, 3, 3, F)) = G^T D G of D (E, Cg, Fg).
-void filter_grad_transform(const Floats& d, Floats& dw, i64 Cg, i64 F, i64 f0, i64 Fg, int m) {
-  positive({Cg, F, Fg});
+// dw[c, :, :, f0 + f] (dw is (Cg, 3, 3, F)) from D: per kind of tile of the oh x ow output (dy's) a block (E_q, Cg,
+// Fg) (winograd_tile_kinds), dw = sum over q of G_q^T D_q G_q.
+void filter_grad_transform(const Floats& d, Floats& dw, i64 Cg, i64 F, i64 f0, i64 Fg, int m, i64 oh, i64 ow) {
+  positive({Cg, F, Fg, oh, ow});
   if (f0 < 0 || f0 + Fg > F) throw py::value_error("winograd: bad filter range");
-  const float* dp = in(d, "D", elements(m) * Cg * Fg);
+  elements(m);
+  const WinogradTileKinds kinds = winograd_tile_kinds(m, oh, ow);
+  const float* dp = in(d, "D", kinds.total_elements() * Cg * Fg);
   float* wp = out(dw, "dw", Cg * 9 * F);
   py::gil_scoped_release release;
   if (m == 3) {
-    filter_grad_transform_m<3>(dp, wp, Cg, F, f0, Fg);
+    filter_grad_transform_m<3>(dp, wp, Cg, F, f0, Fg, kinds);
   } else {
-    filter_grad_transform_m<2>(dp, wp, Cg, F, f0, Fg);
+    filter_grad_transform_m<2>(dp, wp, Cg, F, f0, Fg, kinds);
   }
 }
 
@@ -241,7 +270,8 @@ void register_winograd(py::module_& m) {
         py::arg("Fg"), py::arg("rotate"), py::arg("m"), py::arg("oh"), py::arg("ow"),
         "U = G g G^T, one block per kind of tile of an oh x ow output");
   m.def("winograd_filter_grad", &filter_grad_transform, py::arg("D"), py::arg("dw"), py::arg("Cg"), py::arg("F"),
-        py::arg("f0"), py::arg("Fg"), py::arg("m") = 2, "dw = G^T D G");
+        py::arg("f0"), py::arg("Fg"), py::arg("m"), py::arg("oh"), py::arg("ow"),
+        "dw = the sum over the kinds of tile of G^T D G");
 }
 
 }  // namespace convnet_cpu

@@ -135,6 +135,11 @@ def tile_kinds(m: int, oh: int, ow: int) -> list[tuple[int, int]]:
     return [(y, x) for y in sizes(oh) for x in sizes(ow)]
 
 
+def _elements(m: int, oh: int, ow: int) -> int:
+    """The transformed elements of every kind of tile together (the blocks of U and of D)."""
+    return sum((y + 2) * (x + 2) for y, x in tile_kinds(m, oh, ow))
+
+
 def output_tile(oh: int, ow: int) -> int:
     """The output tile m of F(m x m, 3x3) for an output of oh x ow: the one with the fewest products, the
     transformed rows (alpha per tile: m + 2, 3 for an F(1) last tile) along one axis times those along the other
@@ -149,8 +154,7 @@ def output_tile(oh: int, ow: int) -> int:
 def _filters(w, g: ConvGeometry, group: int, m: int, rotate: bool, oh: int, ow: int):
     """The transformed filters of one group for an oh x ow output: per kind of tile a block (E, Cg, Fg)."""
     fg = g.F // g.groups
-    elements = sum((y + 2) * (x + 2) for y, x in tile_kinds(m, oh, ow))
-    u = np.empty(elements * g.Cg * fg, dtype=np.float32)
+    u = np.empty(_elements(m, oh, ow) * g.Cg * fg, dtype=np.float32)
     lib().winograd_filter(w, u, g.Cg, g.F, group * fg, fg, rotate, m=m, oh=oh, ow=ow)
     return u
 
@@ -187,16 +191,17 @@ def conv_backward_data(dy, w, g: ConvGeometry, m: int | None = None):
 
 
 def conv_backward_filter(x, dy, g: ConvGeometry, m: int | None = None):
-    """dw (C/groups, 3, 3, F) from x (C, H, W, N) and dy (F, OH, OW, N): per group the fused products D (E, Cg, Fg)
-    (``convnet._cpu.winograd_filter_products``: each element one chain over the tiles and images in order, in two
-    fixed halves of tile rows), then dw = G^T D G; m: the tile of dy (default ``output_tile``)."""
+    """dw (C/groups, 3, 3, F) from x (C, H, W, N) and dy (F, OH, OW, N): per group the fused products D, a block
+    (E, Cg, Fg) per kind of tile (``convnet._cpu.winograd_filter_products``: each element one chain over the tiles and
+    images in order, in two fixed halves of tile rows), then dw = the kinds' G^T D G summed; m: the tile of dy
+    (default ``output_tile``)."""
     _check(g)
     m = m or output_tile(g.OH, g.OW)
     fg = g.F // g.groups
     dw = np.empty(g.w_shape, dtype=np.float32)
-    d = np.empty(((m + 2) ** 2, g.Cg, fg), dtype=np.float32)
+    d = np.empty(_elements(m, g.OH, g.OW) * g.Cg * fg, dtype=np.float32)
     for group in range(g.groups):
         lib().winograd_filter_products(x, dy, d, g.C, g.H, g.W, g.N, group * g.Cg, g.Cg, *g.padding, g.F, group * fg,
                                        fg, g.OH, g.OW, m=m, isa=gemm.isa())
-        lib().winograd_filter_grad(d, dw, g.Cg, g.F, group * fg, fg, m=m)
+        lib().winograd_filter_grad(d, dw, g.Cg, g.F, group * fg, fg, m=m, oh=g.OH, ow=g.OW)
     return dw
