@@ -337,6 +337,34 @@ void py_conv_filter(const Floats& x, const Array& dy, Array& dw, i64 C, i64 H, i
   }
 }
 
+// The work of each Winograd tile, row-major over the TH x TW tiles of an OH x OW output: its kind's elements (an F(1)
+// last tile has fewer), so that splits by it balance.
+std::vector<i64> tile_costs(int m, i64 OH, i64 OW) {
+  const i64 TH = (OH + m - 1) / m, TW = (OW + m - 1) / m;
+  const i64 ly = winograd_last_tile(OH, m), lx = winograd_last_tile(OW, m);
+  std::vector<i64> cost(static_cast<std::size_t>(TH * TW));
+  for (i64 ty = 0; ty < TH; ++ty) {
+    for (i64 tx = 0; tx < TW; ++tx) cost[ty * TW + tx] = ((ty == TH - 1 ? ly : m) + 2) * ((tx == TW - 1 ? lx : m) + 2);
+  }
+  return cost;
+}
+
+// Cuts items [0, n) (item i costs cost[i / per]) into `parts` contiguous ranges of about equal cost: range t is
+// [bounds[t], bounds[t + 1]); an item goes to the earlier range when its middle falls within that range's share.
+std::vector<i64> balanced_ranges(const std::vector<i64>& cost, i64 per, i64 n, i64 parts) {
+  i64 total = 0;
+  for (i64 i = 0; i < n; ++i) total += cost[i / per];
+  std::vector<i64> bounds(static_cast<std::size_t>(parts + 1), n);
+  bounds[0] = 0;
+  i64 sum = 0, t = 1;
+  for (i64 i = 0; i < n; ++i) {
+    const i64 c = cost[i / per];
+    while (t < parts && (2 * sum + c) * parts > 2 * t * total) bounds[t++] = i;
+    sum += c;
+  }
+  return bounds;
+}
+
 // y[f0 .. f0 + Fg) (y is (F, OH, OW, N)) = the Winograd F(m x m, 3x3) convolution of channels [c0, c0 + Cg) of x
 // (C, H, W, N) with the transformed filters u: per kind of tile (winograd_tile_kinds) a block (E_q, Cg, Fg)
 // (u_layout "ck") or (E_q, Fg, Cg) ("kc"), padding (ph, pw) in 0..2, [+ bias (Fg,)], [then the ReLU]. The jobs (tiles x blocks of images) are cut into one
@@ -382,6 +410,7 @@ void py_winograd_conv(const Floats& x, const Floats& u, Floats& y, i64 C, i64 H,
   }
   const i64 jobs = (OH + m - 1) / m * ((OW + m - 1) / m) * ((N + chosen->nr - 1) / chosen->nr);
   const i64 parts = std::min<i64>(loop_threads(), jobs);
+  const std::vector<i64> ranges = balanced_ranges(tile_costs(m, OH, OW), (N + chosen->nr - 1) / chosen->nr, jobs, parts);
   py::gil_scoped_release release;
   thread_local std::vector<float> packed;
   packed.resize(static_cast<std::size_t>(E * ((Fg + chosen->mr - 1) / chosen->mr) * chosen->mr * Cg));
@@ -393,7 +422,7 @@ void py_winograd_conv(const Floats& x, const Floats& u, Floats& y, i64 C, i64 H,
     const i64 t = omp_get_thread_num();
     try {
       thread_local AlignedFloats scratch;
-      chosen->winograd_run(conv, pk, t * jobs / parts, (t + 1) * jobs / parts,
+      chosen->winograd_run(conv, pk, ranges[t], ranges[t + 1],
                            scratch.at_least(chosen->winograd_scratch(Cg, m)));
     } catch (const std::exception& e) {
 #pragma omp critical
@@ -483,11 +512,13 @@ void py_winograd_filter_products(const Floats& x, const Floats& dy, Floats& d, i
   grad.m = m;
   grad.C = Cg, grad.H = H, grad.W = W, grad.N = N, grad.ph = ph, grad.pw = pw;
   grad.K = Fg, grad.OH = OH, grad.OW = OW;
-  // The tiles are cut into two halves of tile rows (one where there is one row), fixed by the shapes: each half
-  // sums into its own D, and D = D_0 + D_1 at the end. The halves run side by side on two threads, each half's
-  // filters split further over more; one thread runs them in turn. Either way, the same bits.
+  // The tiles (row-major) are cut into two halves of about equal work (one where there is one tile), fixed by the
+  // shapes: each half sums into its own D, and D = D_0 + D_1 at the end. The halves run side by side on two
+  // threads, each half's filters split further over more; one thread runs them in turn. Either way, the same bits.
   const i64 mr = chosen->mr, nr = chosen->nr, rows = (Cg + mr - 1) / mr * mr, panels = (Fg + nr - 1) / nr;
-  const i64 TH = (OH + m - 1) / m, halves = TH >= 2 ? 2 : 1, ldd = panels * nr, size = E * rows * ldd;
+  const i64 tiles = (OH + m - 1) / m * ((OW + m - 1) / m), halves = tiles >= 2 ? 2 : 1;
+  const i64 ldd = panels * nr, size = E * rows * ldd;
+  const std::vector<i64> half = balanced_ranges(tile_costs(m, OH, OW), 1, tiles, halves);
   const i64 kparts = std::max<i64>(1, std::min<i64>(loop_threads() / halves, panels)), jobs = halves * kparts;
   float* dp = d.mutable_data();
   py::gil_scoped_release release;
@@ -506,7 +537,7 @@ void py_winograd_filter_products(const Floats& x, const Floats& dy, Floats& d, i
     const i64 k0 = part * panels / kparts * nr, k1 = std::min(Fg, (part + 1) * panels / kparts * nr);
     try {
       thread_local AlignedFloats scratch;
-      chosen->winograd_grad_run(grad, h * TH / halves, (h + 1) * TH / halves, k0, k1, pd + h * size, ldd,
+      chosen->winograd_grad_run(grad, half[h], half[h + 1], k0, k1, pd + h * size, ldd,
                                 scratch.at_least(chosen->winograd_grad_scratch(Cg, k1 - k0, m)));
     } catch (const std::exception& e) {
 #pragma omp critical

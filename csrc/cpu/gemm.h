@@ -87,9 +87,9 @@ struct Isa {
   void (*winograd_pack)(const WinogradConv& conv, float* packed);
   void (*winograd_run)(const WinogradConv& conv, const float* packed, i64 job0, i64 job1, float* scratch);
   i64 winograd_scratch(i64 C, int m) const { return (m + 2) * (m + 2) * (C * nr + mr * nr + nr); }
-  // The fused filter gradient of the tile rows [ty0, ty1) and filters [k0, k1) into d (E, ceil(C / mr) * mr, ldd),
+  // The fused filter gradient of the tiles [t0, t1) (row-major) and filters [k0, k1) into d (E, ceil(C / mr) * mr, ldd),
   // zero on entry.
-  void (*winograd_grad_run)(const WinogradGrad& grad, i64 ty0, i64 ty1, i64 k0, i64 k1, float* d, i64 ldd,
+  void (*winograd_grad_run)(const WinogradGrad& grad, i64 t0, i64 t1, i64 k0, i64 k1, float* d, i64 ldd,
                             float* scratch);
   i64 winograd_grad_scratch(i64 C, i64 k_count, int m) const {
     const i64 jb = WINOGRAD_GRAD_IMAGES, e = (m + 2) * (m + 2), cp = (C + mr - 1) / mr;
