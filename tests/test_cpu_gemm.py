@@ -178,6 +178,26 @@ def test_gemm_bits_do_not_depend_on_width_or_threads(threads):
         np.testing.assert_array_equal(c, results[0])
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("a_layout", ["row-major", "column-major"])
+def test_an_unpacked_a_gives_the_packed_bits(isa, a_layout):
+    """A plain A that few column tiles use (a fully-connected layer's weights against a batch) is read where it lies
+    (rows past the last whole micro-panel packed); the same chains as the packed A of a wide product, bit for bit:
+    M not a multiple of either micro-tile, K over two k blocks, with and without accumulation."""
+    a = rand(RNG, (53, 700))
+    if a_layout == "column-major":
+        a = np.asfortranarray(a)
+    b = rand(RNG, (700, 640))
+    c0 = rand(RNG, (53, 640))
+    for accumulate in (False, True):
+        narrow, wide = c0[:, :40].copy(), c0.copy()
+        _cpu.gemm(a, np.ascontiguousarray(b[:, :40]), narrow, accumulate=accumulate, isa=isa)  # unpacked A
+        _cpu.gemm(a, b, wide, accumulate=accumulate, isa=isa)  # 20 column tiles: A packed
+        np.testing.assert_array_equal(narrow, wide[:, :40])
+        np.testing.assert_allclose(narrow, a.astype(np.float64) @ b[:, :40] + (c0[:, :40] if accumulate else 0),
+                                   rtol=1e-4, atol=1e-4)
+
+
 # (x shape (C, H, W, N), filter (KH, KW), F, stride, padding, groups, images [n0, n1))
 CONVS = [((1, 28, 28, 64), (5, 5), 32, 1, 2, 1, (0, 64)),      # the default net's conv1
          ((32, 13, 13, 64), (3, 3), 64, 1, 1, 1, (0, 64)),     # conv2
