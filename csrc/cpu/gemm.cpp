@@ -414,12 +414,13 @@ void py_winograd_conv(const Floats& x, const Floats& u, Floats& y, i64 C, i64 H,
   py::gil_scoped_release release;
   thread_local std::vector<float> packed;
   packed.resize(static_cast<std::size_t>(E * ((Fg + chosen->mr - 1) / chosen->mr) * chosen->mr * Cg));
-  chosen->winograd_pack(conv, packed.data());
-  const float* pk = packed.data();
+  float* pk = packed.data();
   std::string error;
 #pragma omp parallel num_threads(static_cast<int>(parts)) if (parts > 1)
   {
     const i64 t = omp_get_thread_num();
+    chosen->winograd_pack(conv, pk, t * E / parts, (t + 1) * E / parts);  // the filters' elements split too
+#pragma omp barrier
     try {
       thread_local AlignedFloats scratch;
       chosen->winograd_run(conv, pk, ranges[t], ranges[t + 1],

@@ -81,10 +81,11 @@ struct Isa {
   void (*run_dot)(i64 m0, i64 m1, i64 n0, i64 n1, i64 K, const Operand& a, const Operand& bt, const Output& c,
                   bool accumulate, float* lanes);
   i64 dot_mr, dot_nr;
-  // The fused Winograd convolution: winograd_pack packs U into (E * ceil(K / mr) * mr * C) floats, then
+  // The fused Winograd convolution: winograd_pack packs U's elements [e0, e1) (of E: every kind of tile's) into
+  // the (E * ceil(K / mr) * mr * C) floats of packed, then
   // winograd_run does jobs [job0, job1) of the (TH * TW * ceil(N / nr)) (tile, block of nr images) with scratch of
   // winograd_scratch(C, m) floats (64-byte aligned).
-  void (*winograd_pack)(const WinogradConv& conv, float* packed);
+  void (*winograd_pack)(const WinogradConv& conv, float* packed, i64 e0, i64 e1);
   void (*winograd_run)(const WinogradConv& conv, const float* packed, i64 job0, i64 job1, float* scratch);
   i64 winograd_scratch(i64 C, int m) const { return (m + 2) * (m + 2) * (C * nr + mr * nr + nr); }
   // The fused filter gradient of the tiles [t0, t1) (row-major) and filters [k0, k1) into d (E, ceil(C / mr) * mr, ldd),
