@@ -145,12 +145,13 @@ Scratch& scratch() {
 }
 
 // Runs part(m0, m1, n0, n1) on parts of C cut along its tiles (mr x nr): one contiguous range of tile columns (or
-// rows, when C has more of those) per thread; an error on any thread is raised after the region.
+// rows, when C has more of those and columns are not preferred) per thread; an error on any thread is raised after
+// the region.
 template <class Part>
-void split_over_tiles(i64 M, i64 N, i64 K, i64 mr, i64 nr, Part part) {
+void split_over_tiles(i64 M, i64 N, i64 K, i64 mr, i64 nr, Part part, bool prefer_columns = false) {
   if (M == 0 || N == 0) return;
   const i64 tiles_m = (M + mr - 1) / mr, tiles_n = (N + nr - 1) / nr;
-  const bool split_n = tiles_n >= tiles_m;
+  const bool split_n = tiles_n >= tiles_m || (prefer_columns && tiles_n >= loop_threads());
   const i64 tiles = split_n ? tiles_n : tiles_m;
   // Below ~4 MFLOP a second thread costs more than it saves.
   const i64 parts = 2.0 * M * N * K < 4e6 ? 1 : std::min<i64>(loop_threads(), tiles);
@@ -174,10 +175,14 @@ void split_over_tiles(i64 M, i64 N, i64 K, i64 mr, i64 nr, Part part) {
 
 void gemm(i64 M, i64 N, i64 K, const Operand& a, const Operand& b, const Output& c, bool accumulate, const Isa* isa,
           const Epilogue& epilogue = {}) {
+  // A plain A against a few columns (read where it lies, gemm_blocked.inc) and a large B: split the columns, so that
+  // each thread packs its part of B instead of all of it (measured: fmnist's fc3 forward, 4608 x 64, on 2 threads
+  // 0.72 ms against 0.89).
+  const bool prefer_columns = !a.conv && (a.rs == 1 || a.cs == 1) && N <= 4 * isa->nr && K * N > 64 * 1024;
   split_over_tiles(M, N, K, isa->mr, isa->nr, [&](i64 m0, i64 m1, i64 n0, i64 n1) {
     Scratch& s = scratch();
     isa->run(m0, m1, n0, n1, K, a, b, c, accumulate, epilogue, s.a, s.b);
-  });
+  }, prefer_columns);
 }
 
 // C (M, N) = A @ Bt.T by the dot form.
