@@ -155,16 +155,9 @@ void filter_transform_m(const float* wp, float* up, i64 Cg, i64 F, i64 f0, i64 F
                         const WinogradTileKinds& kinds) {
   for (int q = 0; q < kinds.count; ++q) {
     float* block = up + kinds.elements_before(q) * Cg * Fg;
-    const int my = kinds.my[q], mx = kinds.mx[q];
-    if (my == M && mx == M) {
-      filter_transform_kind<M, M>(wp, block, Cg, F, f0, Fg, rotate);
-    } else if (my == M) {
-      filter_transform_kind<M, 1>(wp, block, Cg, F, f0, Fg, rotate);
-    } else if (mx == M) {
-      filter_transform_kind<1, M>(wp, block, Cg, F, f0, Fg, rotate);
-    } else {
-      filter_transform_kind<1, 1>(wp, block, Cg, F, f0, Fg, rotate);
-    }
+    for_tile_kind<M>(kinds.my[q] == 1, kinds.mx[q] == 1, [&](auto my, auto mx) {
+      filter_transform_kind<decltype(my)::value, decltype(mx)::value>(wp, block, Cg, F, f0, Fg, rotate);
+    });
   }
 }
 
@@ -212,15 +205,9 @@ void filter_grad_kind(const float* dq, int my, int mx, i64 Cg, i64 Fg, i64 c, i6
   const float* rows[(M + 2) * (M + 2)];
   const i64 E = (my + 2) * (mx + 2);
   for (i64 e = 0; e < E; ++e) rows[e] = dq + (e * Cg + c) * Fg + fb;
-  if (my == M && mx == M) {
-    filter_grad_block<M, M>(rows, t, count);
-  } else if (my == M) {
-    filter_grad_block<M, 1>(rows, t, count);
-  } else if (mx == M) {
-    filter_grad_block<1, M>(rows, t, count);
-  } else {
-    filter_grad_block<1, 1>(rows, t, count);
-  }
+  for_tile_kind<M>(my == 1, mx == 1, [&](auto y, auto x) {
+    filter_grad_block<decltype(y)::value, decltype(x)::value>(rows, t, count);
+  });
 }
 
 // dw = the sum over the kinds of tile q, in order, of G_q^T D_q G_q (one float add per kind after the first).

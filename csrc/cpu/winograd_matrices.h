@@ -10,6 +10,7 @@
 #pragma once
 
 #include <initializer_list>
+#include <type_traits>
 
 namespace convnet_cpu {
 
@@ -66,6 +67,12 @@ struct WinogradTileKinds {
     return e;
   }
   long long total_elements() const { return elements_before(count); }
+  int index(int y, int x) const {  // the kind of y x x tiles (-1: none)
+    for (int q = 0; q < count; ++q) {
+      if (my[q] == y && mx[q] == x) return q;
+    }
+    return -1;
+  }
 };
 
 inline int winograd_last_tile(long long out, int m) { return m > 1 && out % m == 1 ? 1 : m; }
@@ -83,6 +90,23 @@ inline WinogradTileKinds winograd_tile_kinds(int m, long long oh, long long ow) 
     }
   }
   return k;
+}
+
+// f(my, mx) with the tile sizes as std::integral_constants: m x m, or 1 along the axes where the tile is the last
+// and F(1) (f1y: rows, f1x: columns), so that each kind's kernel is compiled for its sizes.
+template <int M, class F>
+inline void for_tile_kind(bool f1y, bool f1x, F&& f) {
+  using Whole = std::integral_constant<int, M>;
+  using One = std::integral_constant<int, 1>;
+  if (!f1y && !f1x) {
+    f(Whole{}, Whole{});
+  } else if (!f1y) {
+    f(Whole{}, One{});
+  } else if (!f1x) {
+    f(One{}, Whole{});
+  } else {
+    f(One{}, One{});
+  }
 }
 
 // out[i * os] = sum over j of mat[i][j] * in[j * is] (or of mat[j][i] with transposed), a fixed sequence of
