@@ -148,8 +148,9 @@ def test_the_float64_algorithm_is_the_convolution(m):
 
 
 def test_the_output_tile_has_the_fewest_products():
-    """output_tile: F(3x3) for fmnist's 13x13 (25 x 25 products against 16 x 49) and 6x6 (25 x 4 against 16 x 9),
-    F(2x2) for a 4x4 output (16 x 4 against 25 x 4) and a 2x2 one, per axis too."""
+    """output_tile: F(3x3) for fmnist's 13x13 (23 x 23 transformed positions, F(1) last tiles counted, against 27 x 27)
+    and 6x6 (10 x 10 against 12 x 12), F(2x2) for a 4x4 output (8 x 8 each: ties go to 2) and a 2x2 one, per axis
+    too."""
     assert winograd.output_tile(13, 13) == winograd.output_tile(6, 6) == 3
     assert winograd.output_tile(4, 4) == winograd.output_tile(2, 2) == winograd.output_tile(1, 1) == 2
     assert winograd.output_tile(2, 5) == 2 and winograd.output_tile(3, 9) == 3

@@ -193,7 +193,7 @@ def conv_backward_data(dy, w, g: ConvGeometry, m: int | None = None):
 def conv_backward_filter(x, dy, g: ConvGeometry, m: int | None = None):
     """dw (C/groups, 3, 3, F) from x (C, H, W, N) and dy (F, OH, OW, N): per group the fused products D, a block
     (E, Cg, Fg) per kind of tile (``convnet._cpu.winograd_filter_products``: each element one chain over the tiles and
-    images in order, in two fixed halves of tile rows), then dw = the kinds' G^T D G summed; m: the tile of dy
+    images in order, in two fixed halves of the tiles), then dw = the kinds' G^T D G summed; m: the tile of dy
     (default ``output_tile``)."""
     _check(g)
     m = m or output_tile(g.OH, g.OW)
