@@ -372,8 +372,9 @@ std::vector<i64> balanced_ranges(const std::vector<i64>& cost, i64 per, i64 n, i
 
 // y[f0 .. f0 + Fg) (y is (F, OH, OW, N)) = the Winograd F(m x m, 3x3) convolution of channels [c0, c0 + Cg) of x
 // (C, H, W, N) with the transformed filters u: per kind of tile (winograd_tile_kinds) a block (E_q, Cg, Fg)
-// (u_layout "ck") or (E_q, Fg, Cg) ("kc"), padding (ph, pw) in 0..2, [+ bias (Fg,)], [then the ReLU]. The jobs (tiles x blocks of images) are cut into one
-// contiguous range per thread; every output element is one job's, so the bits do not depend on the split.
+// (u_layout "ck") or (E_q, Fg, Cg) ("kc"), padding (ph, pw) in 0..2, [+ bias (Fg,)], [then the ReLU]. The jobs
+// (tiles x blocks of images) are cut into one contiguous range of about equal work per thread; every output
+// element is one job's, so the bits do not depend on the split.
 void py_winograd_conv(const Floats& x, const Floats& u, Floats& y, i64 C, i64 H, i64 W, i64 N, i64 c0, i64 Cg, i64 ph,
                       i64 pw, i64 F, i64 f0, i64 Fg, i64 OH, i64 OW, const std::string& u_layout,
                       const std::optional<Floats>& bias, bool relu, int m, const std::string& isa) {
@@ -413,9 +414,10 @@ void py_winograd_conv(const Floats& x, const Floats& u, Floats& y, i64 C, i64 H,
                                                                          std::to_string(Fg) + ",)");
     conv.bias = bias->data();
   }
-  const i64 jobs = (OH + m - 1) / m * ((OW + m - 1) / m) * ((N + chosen->nr - 1) / chosen->nr);
+  const i64 blocks = (N + chosen->nr - 1) / chosen->nr;  // of images, per tile
+  const i64 jobs = (OH + m - 1) / m * ((OW + m - 1) / m) * blocks;
   const i64 parts = std::min<i64>(loop_threads(), jobs);
-  const std::vector<i64> ranges = balanced_ranges(tile_costs(m, OH, OW), (N + chosen->nr - 1) / chosen->nr, jobs, parts);
+  const std::vector<i64> ranges = balanced_ranges(tile_costs(m, OH, OW), blocks, jobs, parts);
   py::gil_scoped_release release;
   thread_local std::vector<float> packed;
   packed.resize(static_cast<std::size_t>(E * ((Fg + chosen->mr - 1) / chosen->mr) * chosen->mr * Cg));
@@ -485,8 +487,9 @@ void transpose(const float* src, i64 rows, i64 cols, float* dst) {
 
 // D = the Winograd F(m x m, 3x3) filter gradient's products, summed over the tiles and images, per kind of tile of
 // the OH x OW output (winograd_tile_kinds) a block (E_q, Cg, Fg), of channels [c0, c0 + Cg) of x (C, H, W, N) and
-// filters [f0, f0 + Fg) of dy (F, OH, OW, N), padding (ph, pw) in 0..2 (convnet/cpu/winograd.py turns D into dw). The filters' NR-wide panels are cut into one contiguous range per
-// thread; every element of D is one thread's chain over the tiles in order, so the bits do not depend on the split.
+// filters [f0, f0 + Fg) of dy (F, OH, OW, N), padding (ph, pw) in 0..2 (convnet/cpu/winograd.py turns D into dw).
+// The filters' NR-wide panels are cut into one contiguous range per thread; every element of D is one thread's chain
+// over the tiles in order, so the bits do not depend on the split.
 void py_winograd_filter_products(const Floats& x, const Floats& dy, Floats& d, i64 C, i64 H, i64 W, i64 N, i64 c0,
                                  i64 Cg, i64 ph, i64 pw, i64 F, i64 f0, i64 Fg, i64 OH, i64 OW, int m,
                                  const std::string& isa) {
@@ -597,8 +600,8 @@ void register_gemm(py::module_& m) {
         py::arg("C"), py::arg("H"), py::arg("W"), py::arg("N"), py::arg("c0"), py::arg("Cg"), py::arg("ph"),
         py::arg("pw"), py::arg("F"), py::arg("f0"), py::arg("Fg"), py::arg("OH"), py::arg("OW"), py::arg("m") = 2,
         py::arg("isa") = "",
-        "D (a block (E, Cg, Fg) per kind of tile) = the fused Winograd F(m x m, 3x3) filter gradient's products, summed "
-        "over tiles and images");
+        "D (a block (E, Cg, Fg) per kind of tile) = the fused Winograd F(m x m, 3x3) filter gradient's products, "
+        "summed over tiles and images");
   std::apply([&](auto&&... args) {
     m.def("conv_gemm_filter", &py_conv_filter, args..., py::arg("form") = "",
           "dw = im2col(x) @ dy.T, the im2col matrix never built");

@@ -161,16 +161,15 @@ void filter_transform_m(const float* wp, float* up, i64 Cg, i64 F, i64 f0, i64 F
   }
 }
 
-i64 elements(int m) {
+void check_tile(int m) {
   if (m != 2 && m != 3) throw py::value_error("winograd: m (the output tile) must be 2 or 3");
-  return (m + 2) * (m + 2);
 }
 
 // oh x ow: the output of the convolution the filters are for (its tile kinds, winograd_tile_kinds).
 void filter_transform(const Floats& w, Floats& u, i64 Cg, i64 F, i64 f0, i64 Fg, bool rotate, int m, i64 oh, i64 ow) {
   positive({Cg, F, Fg, oh, ow});
   if (f0 < 0 || f0 + Fg > F) throw py::value_error("winograd: bad filter range");
-  elements(m);
+  check_tile(m);
   const WinogradTileKinds kinds = winograd_tile_kinds(m, oh, ow);
   const float* wp = in(w, "w", Cg * 9 * F);
   float* up = out(u, "U", kinds.total_elements() * Fg * Cg);
@@ -238,7 +237,7 @@ void filter_grad_transform_m(const float* dp, float* wp, i64 Cg, i64 F, i64 f0, 
 void filter_grad_transform(const Floats& d, Floats& dw, i64 Cg, i64 F, i64 f0, i64 Fg, int m, i64 oh, i64 ow) {
   positive({Cg, F, Fg, oh, ow});
   if (f0 < 0 || f0 + Fg > F) throw py::value_error("winograd: bad filter range");
-  elements(m);
+  check_tile(m);
   const WinogradTileKinds kinds = winograd_tile_kinds(m, oh, ow);
   const float* dp = in(d, "D", kinds.total_elements() * Cg * Fg);
   float* wp = out(dw, "dw", Cg * 9 * F);
