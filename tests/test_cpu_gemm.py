@@ -338,9 +338,12 @@ def test_conv_filter_gemm_packs_the_image(form, isa, case):
 
 @pytest.mark.parametrize("form", ["packed", "dot"])
 @pytest.mark.parametrize("case", [CONVS[1], CONVS[2], ((5, 9, 9, 24), (3, 3), 16, 1, 1, 1, (0, 24)),
-                                  ((3, 10, 10, 48), (5, 5), 9, 1, 2, 1, (0, 48))])
+                                  ((3, 10, 10, 48), (5, 5), 9, 1, 2, 1, (0, 48)),
+                                  ((3, 16, 16, 20), (3, 3), 7, 1, 1, 1, (0, 20))], ids=str)
 def test_conv_filter_bits_do_not_depend_on_width_or_threads(form, case):
-    """The dot form's lanes take the same k whatever the tile's rows (the width's tile height, the thread split)."""
+    """The dot form's lanes take the same k whatever the tile's rows (the width's tile height, the thread split) and
+    blocks of k (the last case: runs of 20 images, which a block's end cuts off their lane pattern, over several
+    blocks)."""
     x, g, n0, n1 = _conv_case(case)
     dy = rand(RNG, (g.F, g.OH * g.OW * g.N))
     results = []

@@ -86,14 +86,16 @@ struct Isa {
   // ceil(N / nr)) (tile, block of nr images) with scratch of winograd_scratch(C, m) floats (64-byte aligned).
   void (*winograd_pack)(const WinogradConv& conv, float* packed, i64 e0, i64 e1);
   void (*winograd_run)(const WinogradConv& conv, const float* packed, i64 job0, i64 job1, float* scratch);
-  i64 winograd_scratch(i64 C, int m) const { return (m + 2) * (m + 2) * (C * nr + mr * nr + nr); }
+  i64 winograd_scratch(i64 C, int m) const {  // V (its element stride padded by nr), M, the stage
+    return (m + 2) * (m + 2) * (C * nr + nr + mr * nr + 16 + nr);
+  }
   // The fused filter gradient of the tiles [t0, t1) (row-major) and filters [k0, k1) into d (E, ceil(C / mr) * mr,
   // ldd; E: every kind of tile's elements), zero on entry.
   void (*winograd_grad_run)(const WinogradGrad& grad, i64 t0, i64 t1, i64 k0, i64 k1, float* d, i64 ldd,
                             float* scratch);
   i64 winograd_grad_scratch(i64 C, i64 k_count, int m) const {
     const i64 jb = WINOGRAD_GRAD_IMAGES, e = (m + 2) * (m + 2), cp = (C + mr - 1) / mr;
-    return e * (cp * jb * mr + (k_count + nr - 1) / nr * jb * nr + (cp * mr + 15) / 16 * 16);
+    return e * (cp * jb * mr + 16 + (k_count + nr - 1) / nr * jb * nr + 16 + (cp * mr + 15) / 16 * 16);
   }
 };
 
