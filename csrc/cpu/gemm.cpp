@@ -440,8 +440,8 @@ void py_winograd_conv(const Floats& x, const Floats& u, Floats& y, i64 C, i64 H,
   if (!error.empty()) throw std::runtime_error("winograd_conv: " + error);
 }
 
-// dst (cols, rows) = src (rows, cols) transposed: 8 x 8 blocks in AVX registers (the GEMM's ISAs all have AVX2),
-// the edges one element at a time; the blocks' column strips split over the threads.
+// The 8 x 8 block of src (row stride ld_src) transposed into dst (row stride ld_dst), in AVX registers (the GEMM's
+// ISAs all have AVX2).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 __attribute__((target("avx2"))) void transpose8(const float* src, i64 ld_src, float* dst, i64 ld_dst) {
   __m256 r[8], t[8], u[8];
@@ -463,24 +463,27 @@ __attribute__((target("avx2"))) void transpose8(const float* src, i64 ld_src, fl
 }
 #endif
 
-void transpose(const float* src, i64 rows, i64 cols, float* dst) {
+// dst = src (rows, pixels * n) transposed pixel by pixel: pixel p's (n, rows) block at dst + p * ps (ps >= n * rows;
+// the filter gradient pads it so that a patch's pixels do not lie a multiple of 4 KB apart).
+void transpose_pixels(const float* src, i64 rows, i64 pixels, i64 n, float* dst, i64 ps) {
   constexpr i64 B = 8;
-  const i64 full_r = rows / B * B, strips = (cols + 63) / 64;
+  const i64 cols = pixels * n, full_r = rows / B * B, full_n = n / B * B;
   const int threads = rows * cols < 64 * 1024 ? 1 : loop_threads();
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (i64 strip = 0; strip < strips; ++strip) {
-    const i64 c0 = strip * 64, c1 = std::min(cols, c0 + 64), full_c = c0 + (c1 - c0) / B * B;
+  for (i64 p = 0; p < pixels; ++p) {
+    const float* s = src + p * n;
+    float* d = dst + p * ps;
     for (i64 r = 0; r < full_r; r += B) {
-      i64 c = c0;
+      i64 c = 0;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-      for (; c < full_c; c += B) transpose8(src + r * cols + c, cols, dst + c * rows + r, rows);
+      for (; c < full_n; c += B) transpose8(s + r * cols + c, cols, d + c * rows + r, rows);
 #endif
-      for (; c < c1; ++c) {
-        for (i64 i = r; i < r + B; ++i) dst[c * rows + i] = src[i * cols + c];
+      for (; c < n; ++c) {
+        for (i64 i = r; i < r + B; ++i) d[c * rows + i] = s[i * cols + c];
       }
     }
-    for (i64 c = c0; c < c1; ++c) {
-      for (i64 i = full_r; i < rows; ++i) dst[c * rows + i] = src[i * cols + c];
+    for (i64 c = 0; c < n; ++c) {
+      for (i64 i = full_r; i < rows; ++i) d[c * rows + i] = s[i * cols + c];
     }
   }
 }
@@ -533,8 +536,9 @@ void py_winograd_filter_products(const Floats& x, const Floats& dy, Floats& d, i
   py::gil_scoped_release release;
   thread_local AlignedFloats padded, xt, dyt;  // the halves' D, padded to whole micro-tiles; x and dy pixel-major
   float* pd = padded.at_least(halves * size);
-  transpose(x.data() + c0 * H * W * N, Cg, H * W * N, xt.at_least(H * W * N * Cg));
-  transpose(dy.data() + f0 * OH * OW * N, Fg, OH * OW * N, dyt.at_least(OH * OW * N * Fg));
+  grad.x_ps = N * Cg + 16, grad.dy_ps = N * Fg + 16;  // a line more than a pixel's (N, C) and (N, K)
+  transpose_pixels(x.data() + c0 * H * W * N, Cg, H * W, N, xt.at_least(H * W * grad.x_ps), grad.x_ps);
+  transpose_pixels(dy.data() + f0 * OH * OW * N, Fg, OH * OW, N, dyt.at_least(OH * OW * grad.dy_ps), grad.dy_ps);
   grad.x = xt.p;
   grad.dy = dyt.p;
   std::fill(pd, pd + halves * size, 0.0f);

@@ -59,13 +59,14 @@ struct WinogradConv {
 };
 // The fused Winograd filter gradient (winograd_fused.inc): D_e[c][k] = sum over the m x m tiles and images of
 // (B^T d B)_e[c] (A dY A^T)_e[k] for the inputs pixel-major, channels fastest: x (H, W, N, C) and dy (OH, OW, N, K)
-// (a group's channels only), 3x3, stride 1, padding (ph, pw) <= 2.
+// (a group's channels only; pixel strides x_ps and dy_ps), 3x3, stride 1, padding (ph, pw) <= 2.
 struct WinogradGrad {
   int m = 2;
   const float* x = nullptr;
   i64 C = 0, H = 0, W = 0, N = 0, ph = 0, pw = 0;
   const float* dy = nullptr;
   i64 K = 0, OH = 0, OW = 0;
+  i64 x_ps = 0, dy_ps = 0;  // the pixel strides of x and dy (>= N * C and N * K floats)
 };
 constexpr i64 WINOGRAD_GRAD_IMAGES = 32;  // images per block of the fused filter gradient (a multiple of 16)
 // Per-ISA entry point: the blocked GEMM of C's rows [m0, m1) and columns [n0, n1) on the calling thread, the
