@@ -274,6 +274,46 @@ inline void window_grad(const float* __restrict__ xs, const float* __restrict__ 
   for (i64 n = 0; n < count; ++n) d[n] = ReluInput ? (xs[n] > 0.0f ? acc[n] : 0.0f) : acc[n];
 }
 
+// window_grad for an input that NY x NX windows contain (1 or 2 along each axis: every input of a window at most
+// twice its stride), all N images in one loop: the windows unrolled inside it, so each image's sum stays in a
+// register (window_grad's blocks keep theirs in memory across its runtime window loops). The same additions in the
+// same order: the same bits.
+template <int NY, int NX, bool ReluInput>
+inline void window_grad_few(const float* __restrict__ xs, const float* __restrict__ y, const float* __restrict__ dy,
+                            float* __restrict__ d, i64 oy0, i64 ox0, i64 OW, i64 N) {
+  const float* __restrict__ ys[NY * NX];
+  const float* __restrict__ gs[NY * NX];
+  for (int a = 0; a < NY; ++a) {
+    for (int b = 0; b < NX; ++b) {
+      ys[a * NX + b] = y + ((oy0 + a) * OW + ox0 + b) * N;
+      gs[a * NX + b] = dy + ((oy0 + a) * OW + ox0 + b) * N;
+    }
+  }
+#pragma omp simd
+  for (i64 n = 0; n < N; ++n) {
+    float acc = 0.0f;
+#pragma GCC unroll 4
+    for (int w = 0; w < NY * NX; ++w) {
+      const float g = gs[w][n];  // loaded unconditionally: the select vectorises instead of branching
+      acc += xs[n] == ys[w][n] ? g : 0.0f;
+    }
+    d[n] = ReluInput ? (xs[n] > 0.0f ? acc : 0.0f) : acc;
+  }
+}
+
+template <bool ReluInput>
+inline bool window_grad_fixed(const float* xs, const float* y, const float* dy, float* d, i64 ny, i64 nx, i64 oy0,
+                              i64 ox0, i64 OW, i64 N) {
+  const i64 kind = ny * 4 + nx;
+  switch (kind) {
+    case 5: window_grad_few<1, 1, ReluInput>(xs, y, dy, d, oy0, ox0, OW, N); return true;
+    case 6: window_grad_few<1, 2, ReluInput>(xs, y, dy, d, oy0, ox0, OW, N); return true;
+    case 9: window_grad_few<2, 1, ReluInput>(xs, y, dy, d, oy0, ox0, OW, N); return true;
+    case 10: window_grad_few<2, 2, ReluInput>(xs, y, dy, d, oy0, ox0, OW, N); return true;
+    default: return false;
+  }
+}
+
 // One channel of the max-pooling gradient, gathered: each dx element is written once (window_grad).
 SIMD_CLONES void maxpool_backward_plane(const float* __restrict__ x, const float* __restrict__ y,
                                         const float* __restrict__ dy, float* __restrict__ dx, i64 H, i64 W, i64 N,
@@ -285,6 +325,12 @@ SIMD_CLONES void maxpool_backward_plane(const float* __restrict__ x, const float
       i64 ox0, ox1;
       windows_of(ix, KW, sw, OW, ox0, ox1);
       const i64 at = (iy * W + ix) * N;
+      const i64 ny = oy1 - oy0 + 1, nx = ox1 - ox0 + 1;
+      if (ny > 0 && nx > 0 &&
+          (relu_input ? window_grad_fixed<true>(x + at, y, dy, dx + at, ny, nx, oy0, ox0, OW, N)
+                      : window_grad_fixed<false>(x + at, y, dy, dx + at, ny, nx, oy0, ox0, OW, N))) {
+        continue;
+      }
       i64 n0 = 0;
       for (; n0 + kPoolBlock <= N; n0 += kPoolBlock) {
         if (relu_input) {
