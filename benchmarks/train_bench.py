@@ -42,6 +42,13 @@ PyTorch, ...) so that a machine's drift hits both; each row gives the median rou
 fresh process (``--side``), so that no thread pool of one side spins beside the other, and PyTorch is timed in its
 default NCHW layout and in channels_last (its fastest CPU layout). On emu ours runs as a smoke and the
 PyTorch row is skipped with the reason printed.
+
+``--isa avx2`` (CPU devices) limits both sides to AVX2 on a machine that has AVX-512: ours multiplies with its AVX2
+GEMM and Winograd kernels (``CONVNET_CPU_GEMM=avx2``), PyTorch dispatches to its AVX2 kernels
+(``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``). It estimates the ratio on an AVX2-only CPU; that CPU's
+own caches and clocks are not in it, so its own run is the real figure::
+
+    python benchmarks/train_bench.py --device cpu --model fmnist --batch-size 64 --threads 2 --isa avx2
 """
 from __future__ import annotations
 
@@ -441,6 +448,12 @@ def towers_rows(a, dev) -> list[dict]:
     return rows
 
 
+# --isa: the environment that limits both sides to an instruction set (convnet.cpu.gemm's CONVNET_CPU_GEMM; PyTorch's
+# ATen dispatch and oneDNN's, read when torch loads). Our element-wise loops (pooling, dropout, the update) pick their
+# SIMD clone from the CPU itself and keep the widest: memory-bound loops, where the width matters little.
+ISA_LIMITS = {"avx2": {"CONVNET_CPU_GEMM": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+
 def _round_in_subprocess(argv, side) -> float:
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--side", side]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -472,10 +485,16 @@ def main(argv=None):
                         "with two streams and on two devices, and the copies (see the module docstring)")
     p.add_argument("--towers-model", default="alexnet-2gpu", help="--towers: the two-tower form of --model")
     p.add_argument("--size", type=int, default=None, help="--towers: the input size (default: the model's, 224)")
+    p.add_argument("--isa", choices=sorted(ISA_LIMITS), default=None,
+                   help="CPU devices: both sides limited to this instruction set (ours: its GEMM and Winograd "
+                        "kernels; PyTorch: ATen's and oneDNN's kernels) -- an AVX-512 machine's estimate of an AVX2 "
+                        "one (see the module docstring)")
     p.add_argument("--side", help=argparse.SUPPRESS)  # internal: one CPU timing round in a child process
     a = p.parse_args(argv)
     if a.side:
         return run_side(a)
+    if a.isa:  # the timed rounds run in child processes, which inherit these
+        os.environ.update(ISA_LIMITS[a.isa])
     if a.towers:
         return run_towers(a)
     dev, net, opt, ld, x, y = _setup(a)
@@ -525,8 +544,8 @@ def main(argv=None):
                 net.precision = precision  # the graph reads it at every forward
                 seconds[f"ours {precision}"].append(
                     timed_steps(_our_step(net, opt, x, y), dev.synchronize, a.warmup, a.steps))
-    res = [step_row(f"train step (compute), ours, {p}", str(dev) + (f", {a.threads} thread(s)" if on_host else ""),
-                    a, net, seconds[f"ours {p}"]) for p in precisions]
+    where = str(dev) + (f", {a.threads} thread(s)" if on_host else "") + (f", {a.isa} only" if a.isa else "")
+    res = [step_row(f"train step (compute), ours, {p}", where, a, net, seconds[f"ours {p}"]) for p in precisions]
     ours = len(res)
     check = None
     for name, (_, _, twin_check, per_layer, settings) in twins.items():
@@ -559,6 +578,8 @@ def main(argv=None):
         columns = ["what", "model", "device", "batch", "images_per_s", "ms_per_step", "gflop_per_s",
                    *[f"ours/torch {name} images_per_s" for name in twins], "same_model_rel_diff"]
         extra = {"steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "threads": a.threads if on_host else None,
+                 "instruction_set": (f"both sides limited to {a.isa}: {ISA_LIMITS[a.isa]}" if a.isa else
+                                     "each side's default: the widest this CPU runs") if on_host else None,
                  "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
                  "timing": ("per round: warm-up steps, sync, N back-to-back steps, sync; wall clock; rounds alternate "
                             "PyTorch and ours" + (", each round in its own process" if cpu_path else "") +
@@ -568,7 +589,8 @@ def main(argv=None):
                                 "FP32 accumulation and weights); "
                                 "PyTorch on a GPU: FP32 (TF32 off), TF32 (cuDNN and matmul), BF16 autocast"},
                  "torch_plan": torch_plan(net)}
-        path = common.write_results(f"train-{net.name}" + (f"-b{a.batch_size}-t{a.threads}" if cpu_path else ""),
+        path = common.write_results(f"train-{net.name}" + (f"-b{a.batch_size}-t{a.threads}" if cpu_path else "") +
+                                    (f"-{a.isa}" if a.isa else ""),
                                     dev, res, columns, extra)
         print(f"wrote {path}")
     return 1 if check is not None and not check < SAME_MODEL_TOL else 0

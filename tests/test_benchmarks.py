@@ -1,6 +1,7 @@
 """The benchmarks run end to end on the emulator (correctness smokes: tiny shapes, every result against the NumPy
 reference) and write their JSON + markdown like a GPU run, to an ignored folder."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -227,6 +228,33 @@ def test_train_bench_times_ours_in_each_precision_asked(tmp_path, monkeypatch, c
     lines = [json.loads(line) for line in rows.read_text().splitlines()]
     assert [r["what"] for r in lines[:3]] == ["train step (compute), ours, fp32", "train step (compute), ours, tf32",
                                               "train step (compute), ours, bf16"]
+
+
+def test_train_bench_isa_limits_both_sides_in_the_timed_rounds(tmp_path, monkeypatch):
+    """--isa avx2: every timed round (a child process) runs with both sides limited to AVX2, and the results say so
+    in the rows, the settings and the file name."""
+    bench = load_benchmark("train_bench")
+    monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
+    limits = bench.ISA_LIMITS["avx2"]
+    for key in limits:  # restored after the test: main sets them for its children
+        monkeypatch.setenv(key, "unset")
+    seen = []
+
+    def fake_round(argv, side):
+        seen.append((side, {key: os.environ.get(key) for key in limits}))
+        return 0.01
+
+    monkeypatch.setattr(bench, "_round_in_subprocess", fake_round)
+    assert bench.main(["--device", "numpy", "--model", "fmnist", "--batch-size", "4", "--steps", "1", "--warmup", "0",
+                       "--repeats", "2", "--no-torch", "--isa", "avx2"]) == 0
+    assert [side for side, _ in seen] == ["ours:fp32", "ours:fp32"]
+    assert all(env == limits for _, env in seen)
+    (js,) = tmp_path.glob("train-fmnist-b4-t1-avx2-*.json")
+    data = json.loads(js.read_text())
+    assert data["rows"][0]["device"].endswith("avx2 only")
+    assert "limited to avx2" in data["instruction_set"]
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "numpy", "--isa", "sse2"])
 
 
 def test_train_bench_towers_smoke_on_emu(tmp_path, monkeypatch, capsys):
