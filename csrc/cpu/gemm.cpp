@@ -431,7 +431,7 @@ void py_winograd_conv(const Floats& x, const Floats& u, Floats& y, i64 C, i64 H,
     try {
       thread_local AlignedFloats scratch;
       chosen->winograd_run(conv, pk, ranges[t], ranges[t + 1],
-                           scratch.at_least(chosen->winograd_scratch(Cg, m)));
+                           scratch.at_least(chosen->winograd_scratch(Cg, Fg, m)));
     } catch (const std::exception& e) {
 #pragma omp critical
       error = e.what();

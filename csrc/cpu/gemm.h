@@ -84,11 +84,11 @@ struct Isa {
   i64 dot_mr, dot_nr;
   // The fused Winograd convolution: winograd_pack packs U's elements [e0, e1) (of E: every kind of tile's) into
   // the (E * ceil(K / mr) * mr * C) floats of packed, then winograd_run does jobs [job0, job1) of the (TH * TW *
-  // ceil(N / nr)) (tile, block of nr images) with scratch of winograd_scratch(C, m) floats (64-byte aligned).
+  // ceil(N / nr)) (tile, block of nr images) with scratch of winograd_scratch(C, K, m) floats (64-byte aligned).
   void (*winograd_pack)(const WinogradConv& conv, float* packed, i64 e0, i64 e1);
   void (*winograd_run)(const WinogradConv& conv, const float* packed, i64 job0, i64 job1, float* scratch);
-  i64 winograd_scratch(i64 C, int m) const {  // V (its element stride padded by nr), M, the stage
-    return (m + 2) * (m + 2) * (C * nr + nr + mr * nr + 16 + nr);
+  i64 winograd_scratch(i64 C, i64 K, int m) const {  // V, M (element strides padded), the stage
+    return (m + 2) * (m + 2) * (C * nr + nr + (K + mr - 1) / mr * (mr * nr + 16) + nr);
   }
   // The fused filter gradient of the tiles [t0, t1) (row-major) and filters [k0, k1) into d (E, ceil(C / mr) * mr,
   // ldd; E: every kind of tile's elements), zero on entry.
