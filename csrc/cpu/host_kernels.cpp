@@ -274,10 +274,10 @@ inline void window_grad(const float* __restrict__ xs, const float* __restrict__ 
   for (i64 n = 0; n < count; ++n) d[n] = ReluInput ? (xs[n] > 0.0f ? acc[n] : 0.0f) : acc[n];
 }
 
-// window_grad for an input that NY x NX windows contain (1 or 2 along each axis: every input of a window at most
-// twice its stride), all N images in one loop: the windows unrolled inside it, so each image's sum stays in a
-// register (window_grad's blocks keep theirs in memory across its runtime window loops). The same additions in the
-// same order: the same bits.
+// window_grad for an input that NY x NX windows contain (1 or 2 along each axis, as in any pool whose window is at
+// most twice its stride: the overlapping 3x3/2), all N images in one loop with the windows unrolled inside it, so
+// each image's sum stays in a register (window_grad's blocks keep theirs in memory across its runtime window loops).
+// The same additions in the same order: the same bits.
 template <int NY, int NX, bool ReluInput>
 inline void window_grad_few(const float* __restrict__ xs, const float* __restrict__ y, const float* __restrict__ dy,
                             float* __restrict__ d, i64 oy0, i64 ox0, i64 OW, i64 N) {
@@ -301,17 +301,23 @@ inline void window_grad_few(const float* __restrict__ xs, const float* __restric
   }
 }
 
+// window_grad_few for ny x nx windows where it has a form (true), else false (window_grad's general loops then).
 template <bool ReluInput>
 inline bool window_grad_fixed(const float* xs, const float* y, const float* dy, float* d, i64 ny, i64 nx, i64 oy0,
                               i64 ox0, i64 OW, i64 N) {
-  const i64 kind = ny * 4 + nx;
-  switch (kind) {
-    case 5: window_grad_few<1, 1, ReluInput>(xs, y, dy, d, oy0, ox0, OW, N); return true;
-    case 6: window_grad_few<1, 2, ReluInput>(xs, y, dy, d, oy0, ox0, OW, N); return true;
-    case 9: window_grad_few<2, 1, ReluInput>(xs, y, dy, d, oy0, ox0, OW, N); return true;
-    case 10: window_grad_few<2, 2, ReluInput>(xs, y, dy, d, oy0, ox0, OW, N); return true;
-    default: return false;
+  if (ny < 1 || ny > 2 || nx < 1 || nx > 2) return false;
+  if (ny == 1) {
+    if (nx == 1) {
+      window_grad_few<1, 1, ReluInput>(xs, y, dy, d, oy0, ox0, OW, N);
+    } else {
+      window_grad_few<1, 2, ReluInput>(xs, y, dy, d, oy0, ox0, OW, N);
+    }
+  } else if (nx == 1) {
+    window_grad_few<2, 1, ReluInput>(xs, y, dy, d, oy0, ox0, OW, N);
+  } else {
+    window_grad_few<2, 2, ReluInput>(xs, y, dy, d, oy0, ox0, OW, N);
   }
+  return true;
 }
 
 // One channel of the max-pooling gradient, gathered: each dx element is written once (window_grad).
@@ -326,9 +332,8 @@ SIMD_CLONES void maxpool_backward_plane(const float* __restrict__ x, const float
       windows_of(ix, KW, sw, OW, ox0, ox1);
       const i64 at = (iy * W + ix) * N;
       const i64 ny = oy1 - oy0 + 1, nx = ox1 - ox0 + 1;
-      if (ny > 0 && nx > 0 &&
-          (relu_input ? window_grad_fixed<true>(x + at, y, dy, dx + at, ny, nx, oy0, ox0, OW, N)
-                      : window_grad_fixed<false>(x + at, y, dy, dx + at, ny, nx, oy0, ox0, OW, N))) {
+      if (relu_input ? window_grad_fixed<true>(x + at, y, dy, dx + at, ny, nx, oy0, ox0, OW, N)
+                     : window_grad_fixed<false>(x + at, y, dy, dx + at, ny, nx, oy0, ox0, OW, N)) {
         continue;
       }
       i64 n0 = 0;
